@@ -1,0 +1,804 @@
+"""The operations carried inside encrypted transport frames, as msgpack.
+
+Each transport frame's plaintext is one msgpack array of ops; each op is an
+array whose first element is its opcode (:class:`Op`)::
+
+    client -> relay   [1, id bin16, to str, body bin, cls int]   SEND
+                      [2, upto_seq int]                          DACK
+                      [3, token int]                             PING
+                      [4]                                        BYE
+    relay -> client   [16, address str, device str, server_time_ms int]   WELCOME
+                      [17, id bin16, code int]                   SACK (0 = stored)
+                      [18, seq int, from str, id bin16, body bin, ts_ms int, cls int]  DELIVER
+                      [19, code int, reason str]                 ERROR
+                      [20, token int]                            PONG
+                      [21, code int, reason str]                 SERVER_BYE
+
+Decoded ops are **plain tuples** in exactly that layout (``op[0]`` is the
+opcode): msgpack builds them anyway, and wrapping each in a named tuple
+would cost more than the decode itself at a million ops a second.  The
+``*_op`` builders return one op already packed (bytes); :func:`pack_frames`
+and :class:`OpBatcher` join packed ops into frames of at most
+:data:`MAX_PLAINTEXT` bytes.
+
+The decoder treats every byte as hostile.  Lengths are bounded before
+msgpack allocates anything; ext types and maps never form a valid op; bools
+are not integers; every field's type and range is checked.  Errors are
+reported per op (:class:`OpError` in place of the op) so one bad op does not
+cost the valid ops sharing its frame.  Only a frame msgpack itself cannot
+decode within the limits raises :class:`~fastroute.errors.ProtocolError`:
+not msgpack or trailing bytes, top level not an array, more than
+:data:`MAX_PLAINTEXT` bytes (``FRAME_TOO_LARGE``), any array longer than
+:data:`MAX_OPS_PER_FRAME`, any string longer than :data:`MAX_REASON_LEN`
+bytes or not UTF-8, a map key that is not a string.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Iterable, TypedDict, Union
+
+import msgpack
+
+from .errors import (
+    ErrorCode,
+    FastrouteError,
+    InvalidArgument,
+    ProtocolError,
+    WrongType,
+    error_for_code,
+)
+from .identity import MAX_CREDENTIAL_LEN, is_valid_address, is_valid_device
+
+__all__ = [
+    "CLS_EPHEMERAL",
+    "CLS_PERSISTENT",
+    "ID_LEN",
+    "MAX_BODY",
+    "MAX_FRAME",
+    "MAX_HELLO_LEN",
+    "MAX_OPS_PER_FRAME",
+    "MAX_PLAINTEXT",
+    "MAX_REASON_LEN",
+    "PROTOCOL_VERSION",
+    "TAG_LEN",
+    "ClientHello",
+    "DecodedOp",
+    "Op",
+    "OpBatcher",
+    "OpError",
+    "ServerHello",
+    "bye_op",
+    "dack_op",
+    "decode_client_frame",
+    "decode_client_hello",
+    "decode_server_frame",
+    "decode_server_hello",
+    "deliver_op",
+    "encode_client_hello",
+    "encode_frames",
+    "encode_ops",
+    "encode_server_hello",
+    "error_op",
+    "pack_frames",
+    "ping_op",
+    "pong_op",
+    "sack_op",
+    "send_op",
+    "server_bye_op",
+    "welcome_op",
+]
+
+PROTOCOL_VERSION = 1
+"""Version carried in both hello payloads."""
+
+MAX_FRAME = 65535
+"""Largest Noise transport message (the 2-byte length prefix's limit)."""
+
+TAG_LEN = 16
+"""ChaCha20-Poly1305 tag appended to every transport message."""
+
+MAX_PLAINTEXT = MAX_FRAME - TAG_LEN
+"""Largest frame plaintext, i.e. largest encoded op array: 65519 bytes."""
+
+MAX_BODY = 60 * 1024
+"""Largest message body (61440 bytes); larger payloads go to the media store."""
+
+MAX_OPS_PER_FRAME = 8192
+"""Most ops one frame may carry; bounds the decoder's work per frame."""
+
+MAX_REASON_LEN = 1024
+"""Longest string (in UTF-8 bytes) the decoder accepts anywhere in a frame;
+the encoders cut ``reason`` texts to fit."""
+
+ID_LEN = 16
+"""Length of a client message id (random bytes)."""
+
+CLS_PERSISTENT = 0
+"""Message class: stored until the recipient device acks it."""
+
+CLS_EPHEMERAL = 1
+"""Message class: receipts, typing, presence; never stored, dropped if the
+recipient is offline."""
+
+
+class Op(enum.IntEnum):
+    """Opcodes.  1-15 flow client -> relay, 16-31 relay -> client."""
+
+    SEND = 1
+    DACK = 2
+    PING = 3
+    BYE = 4
+    WELCOME = 16
+    SACK = 17
+    DELIVER = 18
+    ERROR = 19
+    PONG = 20
+    SERVER_BYE = 21
+
+
+# Plain ints for the hot loops: comparing with IntEnum members is slower.
+_SEND, _DACK, _PING, _BYE = 1, 2, 3, 4
+_WELCOME, _SACK, _DELIVER, _ERROR, _PONG, _SERVER_BYE = 16, 17, 18, 19, 20, 21
+
+
+class OpError:
+    """Stands in the decoded list for an op that failed validation.
+
+    ``code`` is the :class:`~fastroute.errors.ErrorCode` to report;
+    ``opcode`` and ``id`` are filled in when they could be recovered, so the
+    relay can answer a bad SEND with a SACK carrying ``code``.  Deliberately
+    not a tuple: code that indexes ops (``op[0]``) fails loudly on it.
+    """
+
+    __slots__ = ("code", "reason", "opcode", "id")
+
+    def __init__(self, code: ErrorCode, reason: str, opcode: int | None = None,
+                 id: bytes | None = None) -> None:  # noqa: A002 - wire field name
+        self.code = code
+        self.reason = reason
+        self.opcode = opcode
+        self.id = id
+
+    def exception(self) -> FastrouteError:
+        """The exception matching :attr:`code` (e.g. ``BodyTooLarge``)."""
+        return error_for_code(self.code, self.reason)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, OpError):
+            return NotImplemented
+        return (self.code, self.reason, self.opcode, self.id) == (
+            other.code, other.reason, other.opcode, other.id)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return (f"OpError({self.code!r}, {self.reason!r}, opcode={self.opcode!r}, "
+                f"id={self.id!r})")
+
+
+DecodedOp = Union[tuple, OpError]
+"""An element of a decoded frame: the op tuple, or the error replacing it."""
+
+
+# -- decoding ---------------------------------------------------------------
+
+class _Invalid:
+    """Stands in for a decoded map or ext value: never valid in an op."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<invalid map/ext>"
+
+
+_INVALID = _Invalid()
+
+
+def _invalid_ext(code: int, data: bytes) -> _Invalid:
+    return _INVALID
+
+
+def _invalid_map(pairs: list[tuple[Any, Any]]) -> _Invalid:
+    # never builds a dict: no duplicate-key ambiguity, no hashing work
+    return _INVALID
+
+
+def _unpack_frame(plaintext: bytes) -> tuple:
+    if not isinstance(plaintext, (bytes, bytearray, memoryview)):
+        raise WrongType(f"frame must be bytes, not {type(plaintext).__name__}")
+    if len(plaintext) > MAX_PLAINTEXT:
+        raise ProtocolError("frame larger than MAX_PLAINTEXT", code=ErrorCode.FRAME_TOO_LARGE)
+    try:
+        # unpackb on a buffer whose length is already bounded is the
+        # Unpacker(max_buffer_size=MAX_PLAINTEXT) contract, without the
+        # streaming overhead.  Bins may be as long as a frame so that an
+        # oversized body is reported on its op (BODY_TOO_LARGE), not the frame.
+        # Timestamps (ext -1) bypass ext_hook and come back as
+        # msgpack.Timestamp; the field checks reject those like any non-int.
+        frame = msgpack.unpackb(
+            plaintext, raw=False, use_list=False, strict_map_key=True,
+            max_str_len=MAX_REASON_LEN, max_bin_len=MAX_PLAINTEXT,
+            max_array_len=MAX_OPS_PER_FRAME, max_map_len=MAX_OPS_PER_FRAME,
+            max_ext_len=MAX_PLAINTEXT, ext_hook=_invalid_ext,
+            object_pairs_hook=_invalid_map)
+    except Exception as exc:  # msgpack raises many ValueError kinds, plus UnicodeDecodeError
+        raise ProtocolError(f"frame is not valid msgpack ({type(exc).__name__})",
+                            code=ErrorCode.MALFORMED) from None
+    if type(frame) is not tuple:
+        raise ProtocolError("frame must be a msgpack array of ops", code=ErrorCode.MALFORMED)
+    return frame
+
+
+# Addresses seen valid recently: a set lookup is ~8x cheaper than the regex
+# and recipients repeat a lot.  Bounded; cleared wholesale when full.
+_ADDR_OK: set[str] = set()
+_ADDR_CACHE_MAX = 1 << 16
+
+
+def _address_ok(address: object) -> bool:
+    if type(address) is not str:
+        return False
+    if address in _ADDR_OK:
+        return True
+    if not is_valid_address(address):
+        return False
+    if len(_ADDR_OK) >= _ADDR_CACHE_MAX:
+        _ADDR_OK.clear()
+    _ADDR_OK.add(address)
+    return True
+
+
+def _is_uint(v: object) -> bool:
+    return type(v) is int and v >= 0
+
+
+def _is_id(v: object) -> bool:
+    return type(v) is bytes and len(v) == ID_LEN
+
+
+def _is_cls(v: object) -> bool:
+    return type(v) is int and 0 <= v <= 1
+
+
+_M, _F = ErrorCode.MALFORMED, ErrorCode.BAD_FIELD
+
+
+def _check_send(op: tuple) -> OpError | None:
+    mid = op[1] if len(op) > 1 and _is_id(op[1]) else None
+    if len(op) != 5:
+        return OpError(_M, "SEND takes 4 fields", _SEND, mid)
+    if mid is None:
+        return OpError(_F, "SEND id must be 16 bytes of bin", _SEND)
+    _, _, to, body, cls = op
+    if not _address_ok(to):
+        return OpError(_F, "SEND recipient is not a valid address", _SEND, mid)
+    if type(body) is not bytes:
+        return OpError(_F, "SEND body must be bin", _SEND, mid)
+    if len(body) > MAX_BODY:
+        return OpError(ErrorCode.BODY_TOO_LARGE, f"SEND body over {MAX_BODY} bytes", _SEND, mid)
+    if not _is_cls(cls):
+        return OpError(_F, "SEND cls must be 0 or 1", _SEND, mid)
+    return None
+
+
+def _check_dack(op: tuple) -> OpError | None:
+    if len(op) != 2:
+        return OpError(_M, "DACK takes 1 field", _DACK)
+    if not _is_uint(op[1]):
+        return OpError(_F, "DACK upto_seq must be a non-negative integer", _DACK)
+    return None
+
+
+def _check_token(op: tuple) -> OpError | None:
+    name = "PING" if op[0] == _PING else "PONG"
+    if len(op) != 2:
+        return OpError(_M, f"{name} takes 1 field", op[0])
+    if type(op[1]) is not int:
+        return OpError(_F, f"{name} token must be an integer", op[0])
+    return None
+
+
+def _check_bye(op: tuple) -> OpError | None:
+    if len(op) != 1:
+        return OpError(_M, "BYE takes no fields", _BYE)
+    return None
+
+
+def _check_welcome(op: tuple) -> OpError | None:
+    if len(op) != 4:
+        return OpError(_M, "WELCOME takes 3 fields", _WELCOME)
+    _, address, device, t = op
+    if not _address_ok(address):
+        return OpError(_F, "WELCOME address is not a valid address", _WELCOME)
+    if not is_valid_device(device):
+        return OpError(_F, "WELCOME device is not a valid device name", _WELCOME)
+    if not _is_uint(t):
+        return OpError(_F, "WELCOME server_time_ms must be a non-negative integer", _WELCOME)
+    return None
+
+
+def _check_sack(op: tuple) -> OpError | None:
+    mid = op[1] if len(op) > 1 and _is_id(op[1]) else None
+    if len(op) != 3:
+        return OpError(_M, "SACK takes 2 fields", _SACK, mid)
+    if mid is None:
+        return OpError(_F, "SACK id must be 16 bytes of bin", _SACK)
+    if not _is_uint(op[2]):
+        return OpError(_F, "SACK code must be a non-negative integer", _SACK, mid)
+    return None
+
+
+def _check_deliver(op: tuple) -> OpError | None:
+    mid = op[3] if len(op) > 3 and _is_id(op[3]) else None
+    if len(op) != 7:
+        return OpError(_M, "DELIVER takes 6 fields", _DELIVER, mid)
+    _, seq, sender, _, body, ts, cls = op
+    if not _is_uint(seq):
+        return OpError(_F, "DELIVER seq must be a non-negative integer", _DELIVER, mid)
+    if not _address_ok(sender):
+        return OpError(_F, "DELIVER sender is not a valid address", _DELIVER, mid)
+    if mid is None:
+        return OpError(_F, "DELIVER id must be 16 bytes of bin", _DELIVER)
+    if type(body) is not bytes:
+        return OpError(_F, "DELIVER body must be bin", _DELIVER, mid)
+    if len(body) > MAX_BODY:
+        return OpError(ErrorCode.BODY_TOO_LARGE, f"DELIVER body over {MAX_BODY} bytes",
+                       _DELIVER, mid)
+    if not _is_uint(ts):
+        return OpError(_F, "DELIVER ts_ms must be a non-negative integer", _DELIVER, mid)
+    if not _is_cls(cls):
+        return OpError(_F, "DELIVER cls must be 0 or 1", _DELIVER, mid)
+    return None
+
+
+def _check_code_reason(op: tuple) -> OpError | None:
+    name = "ERROR" if op[0] == _ERROR else "SERVER_BYE"
+    if len(op) != 3:
+        return OpError(_M, f"{name} takes 2 fields", op[0])
+    if not _is_uint(op[1]):
+        return OpError(_F, f"{name} code must be a non-negative integer", op[0])
+    if type(op[2]) is not str:
+        return OpError(_F, f"{name} reason must be str", op[0])
+    return None
+
+
+_CLIENT_CHECKS = {_SEND: _check_send, _DACK: _check_dack, _PING: _check_token,
+                  _BYE: _check_bye}
+_SERVER_CHECKS = {_WELCOME: _check_welcome, _SACK: _check_sack, _DELIVER: _check_deliver,
+                  _ERROR: _check_code_reason, _PONG: _check_token,
+                  _SERVER_BYE: _check_code_reason}
+
+
+def _check_op(op: object, checks: dict[int, Any]) -> DecodedOp:
+    """Slow path: full validation with a precise error."""
+    if type(op) is not tuple:
+        return OpError(_M, "op must be an array")
+    if not op:
+        return OpError(_M, "op must not be empty")
+    opcode = op[0]
+    if type(opcode) is not int:
+        return OpError(_M, "opcode must be an integer")
+    check = checks.get(opcode)
+    if check is None:
+        return OpError(ErrorCode.UNKNOWN_OP, "unknown opcode for this direction", opcode)
+    err = check(op)
+    return op if err is None else err
+
+
+def _slow(frame: tuple, start: int, checks: dict[int, Any]) -> list[DecodedOp]:
+    """Validate ``frame[start:]`` op by op; ``frame[:start]`` is known good."""
+    ops = list(frame)
+    for i in range(start, len(ops)):
+        op = ops[i]
+        checked = _check_op(op, checks)
+        if checked is not op:
+            ops[i] = checked
+    return ops
+
+
+def decode_client_frame(plaintext: bytes) -> list[DecodedOp]:
+    """Decode a client -> relay frame into op tuples and :class:`OpError`\\ s.
+
+    The list keeps the frame's order; each element is the op tuple itself
+    (``(1, id, to, body, cls)`` for SEND ...) or an :class:`OpError` in its
+    place.  Raises :class:`~fastroute.errors.ProtocolError` (``MALFORMED``,
+    ``FRAME_TOO_LARGE``) only if the frame as a whole is unusable.
+    """
+    frame = _unpack_frame(plaintext)
+    # Fast path: a run of valid SENDs whose recipients are cached, checked
+    # inline (locals and literals: global lookups cost more than the checks).
+    # The first op that misses it -- an error, another opcode, a new
+    # recipient -- hands the rest of the frame to the precise checks.
+    addr_ok = _ADDR_OK
+    max_body = MAX_BODY
+    i = 0
+    for op in frame:
+        if type(op) is tuple and len(op) == 5:
+            opcode, mid, to, body, cls = op
+            if (opcode == 1 and type(opcode) is int                  # SEND
+                    and type(mid) is bytes and len(mid) == 16        # ID_LEN
+                    and type(to) is str and to in addr_ok
+                    and type(body) is bytes and len(body) <= max_body
+                    and type(cls) is int and 0 <= cls <= 1):
+                i += 1
+                continue
+        return _slow(frame, i, _CLIENT_CHECKS)
+    return list(frame)
+
+
+def decode_server_frame(plaintext: bytes) -> list[DecodedOp]:
+    """Decode a relay -> client frame; the client-side twin of
+    :func:`decode_client_frame` (fast path: DELIVER)."""
+    frame = _unpack_frame(plaintext)
+    addr_ok = _ADDR_OK
+    max_body = MAX_BODY
+    i = 0
+    for op in frame:
+        if type(op) is tuple and len(op) == 7:
+            opcode, seq, sender, mid, body, ts, cls = op
+            if (opcode == 18 and type(opcode) is int                 # DELIVER
+                    and type(seq) is int and seq >= 0
+                    and type(sender) is str and sender in addr_ok
+                    and type(mid) is bytes and len(mid) == 16        # ID_LEN
+                    and type(body) is bytes and len(body) <= max_body
+                    and type(ts) is int and ts >= 0
+                    and type(cls) is int and 0 <= cls <= 1):
+                i += 1
+                continue
+        return _slow(frame, i, _SERVER_CHECKS)
+    return list(frame)
+
+
+# -- building ops -------------------------------------------------------------
+#
+# Builders return the msgpack encoding of ONE op (bytes).  A frame is then an
+# array header plus the concatenation of its packed ops (pack_frames), so a
+# writer can queue packed ops as they are produced, size frames exactly and
+# keep an op's bytes for a retransmission without packing twice.
+
+# One Packer reused: constructing one per call (what msgpack.packb does)
+# costs more than packing a small op.  Packer.pack never releases the GIL and
+# these tuples hold no objects with Python-level hooks, so sharing it between
+# threads is safe on the GIL build.
+_pack = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+
+
+def send_op(id: bytes, to: str, body: bytes, cls: int = CLS_PERSISTENT) -> bytes:  # noqa: A002
+    """A packed SEND op, checked (client side: mistakes surface before the relay)."""
+    if type(id) is not bytes or type(to) is not str or type(body) is not bytes:
+        raise WrongType("SEND needs id: bytes, to: str, body: bytes")
+    if len(id) != ID_LEN:
+        raise InvalidArgument(f"message id must be {ID_LEN} bytes")
+    if not is_valid_address(to):
+        raise InvalidArgument("recipient is not a valid address")
+    if len(body) > MAX_BODY:
+        raise InvalidArgument(f"body over {MAX_BODY} bytes: send it via the media store")
+    if type(cls) is bool or cls not in (CLS_PERSISTENT, CLS_EPHEMERAL):
+        raise InvalidArgument("cls must be CLS_PERSISTENT or CLS_EPHEMERAL")
+    return _pack((_SEND, id, to, body, int(cls)))
+
+
+def dack_op(upto_seq: int) -> bytes:
+    """A packed DACK op: every delivered message with seq <= ``upto_seq`` is handled."""
+    return _pack((_DACK, upto_seq))
+
+
+def ping_op(token: int) -> bytes:
+    """A packed PING op; the relay answers PONG with the same token."""
+    return _pack((_PING, token))
+
+
+def bye_op() -> bytes:
+    """The client's packed BYE op (orderly close)."""
+    return b"\x91\x04"
+
+
+# Relay-side builders do no checks: they run per delivered message and their
+# inputs were validated when the SEND came in.
+
+def welcome_op(address: str, device: str, server_time_ms: int) -> bytes:
+    """The packed WELCOME op sent after a successful handshake."""
+    return _pack((_WELCOME, address, device, server_time_ms))
+
+
+def sack_op(id: bytes, code: int = 0) -> bytes:  # noqa: A002
+    """A packed SACK op: 0 = stored (persistent) / accepted (ephemeral), else an error code."""
+    return _pack((_SACK, id, int(code)))
+
+
+def deliver_op(seq: int, from_: str, id: bytes, body: bytes, ts_ms: int,  # noqa: A002
+               cls: int = CLS_PERSISTENT) -> bytes:
+    """A packed DELIVER op for the recipient device."""
+    return _pack((_DELIVER, seq, from_, id, body, ts_ms, cls))
+
+
+def _cut(reason: str) -> str:
+    # the decoder rejects strings over MAX_REASON_LEN UTF-8 bytes
+    data = reason.encode("utf-8", "replace")
+    if len(data) <= MAX_REASON_LEN:
+        return reason
+    return data[:MAX_REASON_LEN].decode("utf-8", "ignore")
+
+
+def error_op(code: int, reason: str = "") -> bytes:
+    """A packed ERROR op (a problem that does not close the link).
+
+    ``reason`` is cut to :data:`MAX_REASON_LEN` bytes; never put bodies or
+    addresses in it.
+    """
+    return _pack((_ERROR, int(code), _cut(reason)))
+
+
+def pong_op(token: int) -> bytes:
+    """The packed PONG answering a PING."""
+    return _pack((_PONG, token))
+
+
+def server_bye_op(code: int, reason: str = "") -> bytes:
+    """The relay's packed BYE op (opcode 21): the relay closes the link after it."""
+    return _pack((_SERVER_BYE, int(code), _cut(reason)))
+
+
+# -- frames ---------------------------------------------------------------------
+
+def _array_header(n: int) -> bytes:
+    if n <= 15:
+        return bytes((0x90 | n,))
+    return b"\xdc" + n.to_bytes(2, "big")
+
+
+# A frame of 16+ ops needs the 3-byte array16 header; sizing always reserves it.
+_HEADER = 3
+
+
+def _check_limits(max_plaintext: int, max_ops: int) -> None:
+    if not 16 <= max_plaintext <= MAX_PLAINTEXT:
+        raise InvalidArgument(f"max_plaintext must be in 16..{MAX_PLAINTEXT}")
+    if not 1 <= max_ops <= MAX_OPS_PER_FRAME:
+        raise InvalidArgument(f"max_ops must be in 1..{MAX_OPS_PER_FRAME}")
+
+
+def pack_frames(packed_ops: list[bytes], max_plaintext: int = MAX_PLAINTEXT,
+                max_ops: int = MAX_OPS_PER_FRAME) -> list[bytes]:
+    """Join packed ops (from the ``*_op`` builders) into frame plaintexts.
+
+    Greedy and order-preserving: each frame takes as many ops as fit in
+    ``max_plaintext`` bytes and ``max_ops`` ops.  :class:`InvalidArgument` if
+    one op alone does not fit.  ``[]`` for no ops.
+    """
+    _check_limits(max_plaintext, max_ops)
+    limit = max_plaintext - _HEADER
+    frames = []
+    start = 0
+    size = 0
+    for i, op in enumerate(packed_ops):
+        n = len(op)
+        if n > limit:
+            raise InvalidArgument("op does not fit in a frame")
+        if size + n > limit or i - start >= max_ops:
+            frames.append(_array_header(i - start) + b"".join(packed_ops[start:i]))
+            start = i
+            size = 0
+        size += n
+    if start < len(packed_ops):
+        frames.append(_array_header(len(packed_ops) - start) + b"".join(packed_ops[start:]))
+    return frames
+
+
+def encode_ops(ops: Iterable[tuple]) -> bytes:
+    """Encode op tuples (the decoders' layout) as one frame plaintext.
+
+    :class:`InvalidArgument` if they do not fit one frame (use
+    :func:`encode_frames` or :class:`OpBatcher` for that).
+    """
+    if not isinstance(ops, (list, tuple)):
+        ops = list(ops)
+    if len(ops) > MAX_OPS_PER_FRAME:
+        raise InvalidArgument(f"more than {MAX_OPS_PER_FRAME} ops in one frame")
+    data = _pack(ops)
+    if len(data) > MAX_PLAINTEXT:
+        raise InvalidArgument("ops do not fit in one frame; use encode_frames()")
+    return data
+
+
+def encode_frames(ops: Iterable[tuple], max_plaintext: int = MAX_PLAINTEXT) -> list[bytes]:
+    """Encode op tuples into as many frames as needed (usually one).
+
+    Packs the whole batch at once first, the fast path when it fits one
+    frame; otherwise packs op by op and splits.  ``[]`` for no ops.
+    """
+    if not isinstance(ops, (list, tuple)):
+        ops = list(ops)
+    if not ops:
+        return []
+    if len(ops) <= MAX_OPS_PER_FRAME:
+        data = _pack(ops)
+        if len(data) <= max_plaintext:
+            return [data]
+    return pack_frames([_pack(op) for op in ops], max_plaintext)
+
+
+class OpBatcher:
+    """Packs ops into as few frames as possible, each a valid frame plaintext.
+
+    Each op is encoded when added (so sizes are exact); a frame is closed as
+    soon as the next op would push it past ``max_plaintext`` bytes or
+    ``max_ops`` ops, so :attr:`ready` frames can be encrypted and written
+    while more ops arrive::
+
+        b = OpBatcher()
+        for seq, msg in popped:
+            b.add_packed(deliver_op(seq, ...))
+        for plaintext in b.flush():
+            writer.write(frame(cipher.encrypt(plaintext)))
+
+    Not thread-safe; one per connection writer.
+    """
+
+    __slots__ = ("_parts", "_size", "_frames", "_limit", "_max_ops", "_count")
+
+    def __init__(self, max_plaintext: int = MAX_PLAINTEXT,
+                 max_ops: int = MAX_OPS_PER_FRAME) -> None:
+        _check_limits(max_plaintext, max_ops)
+        self._limit = max_plaintext - _HEADER
+        self._max_ops = max_ops
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._frames: list[bytes] = []
+        self._count = 0
+
+    def add(self, op: tuple) -> None:
+        """Append an op tuple (decoder layout); packs it now."""
+        data = _pack(op)
+        n = len(data)
+        if n > self._limit:
+            raise InvalidArgument("op does not fit in a frame")
+        if self._size + n > self._limit or len(self._parts) >= self._max_ops:
+            self._close_frame()
+        self._parts.append(data)
+        self._size += n
+        self._count += 1
+
+    def add_packed(self, data: bytes) -> None:
+        """Append an op already packed by a ``*_op`` builder.
+
+        :class:`InvalidArgument` if it alone exceeds a frame.
+        """
+        n = len(data)
+        if n > self._limit:
+            raise InvalidArgument("op does not fit in a frame")
+        if self._size + n > self._limit or len(self._parts) >= self._max_ops:
+            self._close_frame()
+        self._parts.append(data)
+        self._size += n
+        self._count += 1
+
+    def extend(self, ops: Iterable[tuple]) -> None:
+        """:meth:`add` each op tuple in order."""
+        add = self.add
+        for op in ops:
+            add(op)
+
+    def _close_frame(self) -> None:
+        parts = self._parts
+        if parts:
+            self._frames.append(_array_header(len(parts)) + b"".join(parts))
+            self._parts = []
+            self._size = 0
+
+    @property
+    def ready(self) -> int:
+        """Frames already full (closed), not counting the one being filled."""
+        return len(self._frames)
+
+    def flush(self) -> list[bytes]:
+        """Every frame built so far (the last may be partly filled); resets."""
+        self._close_frame()
+        frames, self._frames = self._frames, []
+        self._count = 0
+        return frames
+
+    def __len__(self) -> int:
+        """Ops added since the last :meth:`flush`."""
+        return self._count
+
+
+# -- hello payloads (inside Noise handshake messages 2 and 3) ----------------
+
+MAX_HELLO_LEN = 2048
+"""Largest hello payload accepted."""
+
+
+class ServerHello(TypedDict):
+    """Decoded payload of handshake message 2 (relay -> client)."""
+
+    v: int
+    t: int
+
+
+class ClientHello(TypedDict):
+    """Decoded payload of handshake message 3 (client -> relay)."""
+
+    v: int
+    cred: bytes
+
+
+def encode_server_hello(server_time_ms: int) -> bytes:
+    """``{"v": PROTOCOL_VERSION, "t": server_time_ms}`` as msgpack."""
+    return msgpack.packb({"v": PROTOCOL_VERSION, "t": int(server_time_ms)})
+
+
+def encode_client_hello(credential: bytes) -> bytes:
+    """``{"v": PROTOCOL_VERSION, "cred": credential}`` as msgpack."""
+    if type(credential) is not bytes:
+        raise WrongType("credential must be bytes")
+    return msgpack.packb({"v": PROTOCOL_VERSION, "cred": credential}, use_bin_type=True)
+
+
+def _unique_pairs(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        raise ProtocolError("duplicate key in hello map", code=ErrorCode.MALFORMED)
+    return d
+
+
+def _reject_ext(code: int, data: bytes) -> Any:
+    raise ProtocolError("msgpack ext types are not allowed", code=ErrorCode.MALFORMED)
+
+
+def _decode_hello(data: bytes, keys: tuple[str, ...], what: str) -> dict[str, Any]:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ProtocolError(f"{what} must be bytes", code=ErrorCode.MALFORMED)
+    if len(data) > MAX_HELLO_LEN:
+        raise ProtocolError(f"{what} too long", code=ErrorCode.MALFORMED)
+    try:
+        hello = msgpack.unpackb(data, raw=False, strict_map_key=True, max_str_len=64,
+                                max_bin_len=MAX_CREDENTIAL_LEN, max_array_len=0,
+                                max_map_len=8, max_ext_len=0, ext_hook=_reject_ext,
+                                object_pairs_hook=_unique_pairs)
+    except ProtocolError:
+        raise
+    except Exception as exc:
+        raise ProtocolError(f"{what} is not valid msgpack ({type(exc).__name__})",
+                            code=ErrorCode.MALFORMED) from None
+    if type(hello) is not dict:
+        raise ProtocolError(f"{what} must be a map", code=ErrorCode.MALFORMED)
+    v = hello.get("v")
+    if type(v) is not int:
+        raise ProtocolError(f"{what} needs an integer 'v'", code=ErrorCode.BAD_FIELD)
+    if v != PROTOCOL_VERSION:
+        raise ProtocolError(f"unsupported protocol version {v}", code=ErrorCode.BAD_FIELD)
+    # the peer's version is known by now (the server hello goes first), so an
+    # unknown key is a bug, not a newer feature
+    if set(hello) != set(keys):
+        raise ProtocolError(f"{what} must have exactly the keys {', '.join(keys)}",
+                            code=ErrorCode.BAD_FIELD)
+    return hello
+
+
+def decode_server_hello(data: bytes) -> ServerHello:
+    """Strictly decode the relay's hello (handshake message 2 payload).
+
+    Returns ``{"v": 1, "t": server_time_ms}``; :class:`ProtocolError` for a
+    duplicate, missing or unknown key, a wrong type or another version.
+    """
+    hello = _decode_hello(data, ("v", "t"), "server hello")
+    t = hello["t"]
+    if not _is_uint(t):
+        raise ProtocolError("server hello 't' must be a non-negative integer",
+                            code=ErrorCode.BAD_FIELD)
+    return hello  # type: ignore[return-value]
+
+
+def decode_client_hello(data: bytes) -> ClientHello:
+    """Strictly decode the client's hello (handshake message 3 payload).
+
+    Returns ``{"v": 1, "cred": credential}``.  The credential is returned undecoded: pass it to
+    :func:`fastroute.identity.verify_credential`.
+    """
+    hello = _decode_hello(data, ("v", "cred"), "client hello")
+    cred = hello["cred"]
+    if type(cred) is not bytes:
+        raise ProtocolError("client hello 'cred' must be bin", code=ErrorCode.BAD_FIELD)
+    return hello  # type: ignore[return-value]

@@ -1,0 +1,382 @@
+"""The wire codec: round trips, every rejection with its code, frame splitting."""
+
+from __future__ import annotations
+
+import os
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fastroute import wire
+from fastroute.errors import BodyTooLarge, ErrorCode, ProtocolError
+from fastroute.wire import (
+    MAX_BODY,
+    MAX_OPS_PER_FRAME,
+    MAX_PLAINTEXT,
+    Op,
+    OpBatcher,
+    OpError,
+    decode_client_frame,
+    decode_server_frame,
+)
+
+MID = bytes(range(16))
+ADDR = "alice@home.example"
+
+
+def frame_of(*ops: object) -> bytes:
+    """Pack arbitrary (possibly invalid) ops as a frame, bypassing the builders."""
+    return msgpack.packb(list(ops), use_bin_type=True)
+
+
+def test_constants_match_the_contract():
+    assert MAX_PLAINTEXT == 65535 - 16
+    assert MAX_BODY == 61440
+    assert (wire.CLS_PERSISTENT, wire.CLS_EPHEMERAL, wire.PROTOCOL_VERSION) == (0, 1, 1)
+    assert [int(o) for o in Op] == [1, 2, 3, 4, 16, 17, 18, 19, 20, 21]
+
+
+def test_client_ops_round_trip():
+    ops = [wire.send_op(MID, ADDR, b"body", wire.CLS_EPHEMERAL), wire.dack_op(7),
+           wire.ping_op(-3), wire.bye_op()]
+    [plaintext] = wire.pack_frames(ops)
+    assert decode_client_frame(plaintext) == [
+        (1, MID, ADDR, b"body", 1), (2, 7), (3, -3), (4,)]
+
+
+def test_server_ops_round_trip():
+    ops = [wire.welcome_op(ADDR, "phone-1", 1_700_000_000_000), wire.sack_op(MID, 0),
+           wire.sack_op(MID, ErrorCode.UNKNOWN_RECIPIENT),
+           wire.deliver_op(9, "bob@other.example", MID, b"\x00" * 100, 123, 0),
+           wire.error_op(ErrorCode.MALFORMED, "bad"), wire.pong_op(5),
+           wire.server_bye_op(ErrorCode.SHUTTING_DOWN, "later")]
+    [plaintext] = wire.pack_frames(ops)
+    assert decode_server_frame(plaintext) == [
+        (16, ADDR, "phone-1", 1_700_000_000_000), (17, MID, 0), (17, MID, 300),
+        (18, 9, "bob@other.example", MID, b"\x00" * 100, 123, 0), (19, 100, "bad"),
+        (20, 5), (21, 503, "later")]
+
+
+def test_encode_ops_takes_tuples_in_the_decoded_layout():
+    ops = [(1, MID, ADDR, b"x", 0), (2, 1)]
+    assert decode_client_frame(wire.encode_ops(ops)) == ops
+    assert decode_client_frame(wire.encode_ops([])) == []
+
+
+def test_directions_are_not_interchangeable():
+    [f] = wire.pack_frames([wire.sack_op(MID)])
+    [err] = decode_client_frame(f)
+    assert err.code == ErrorCode.UNKNOWN_OP and err.opcode == 17
+    [f] = wire.pack_frames([wire.dack_op(1)])
+    assert decode_server_frame(f)[0].code == ErrorCode.UNKNOWN_OP
+
+
+BAD_CLIENT_OPS = [
+    # (op, expected code, id recoverable)
+    ([], ErrorCode.MALFORMED, False),
+    ("not an array", ErrorCode.MALFORMED, False),
+    (7, ErrorCode.MALFORMED, False),
+    (["1", MID, ADDR, b"x", 0], ErrorCode.MALFORMED, False),
+    ([True, MID, ADDR, b"x", 0], ErrorCode.MALFORMED, False),  # bool is no opcode
+    ([1.0, MID, ADDR, b"x", 0], ErrorCode.MALFORMED, False),
+    ([99], ErrorCode.UNKNOWN_OP, False),
+    ([-1, 2], ErrorCode.UNKNOWN_OP, False),
+    ([2**64 - 1], ErrorCode.UNKNOWN_OP, False),
+    ([1, MID, ADDR, b"x"], ErrorCode.MALFORMED, True),  # arity
+    ([1, MID, ADDR, b"x", 0, 0], ErrorCode.MALFORMED, True),
+    ([1], ErrorCode.MALFORMED, False),
+    ([1, MID[:15], ADDR, b"x", 0], ErrorCode.BAD_FIELD, False),
+    ([1, MID + b"\x00", ADDR, b"x", 0], ErrorCode.BAD_FIELD, False),
+    ([1, MID.hex()[:16], ADDR, b"x", 0], ErrorCode.BAD_FIELD, False),  # str, not bin
+    ([1, MID, "no-at-sign", b"x", 0], ErrorCode.BAD_FIELD, True),
+    ([1, MID, "a@UPPER", b"x", 0], ErrorCode.BAD_FIELD, True),
+    ([1, MID, "a@b@c", b"x", 0], ErrorCode.BAD_FIELD, True),
+    ([1, MID, "@b", b"x", 0], ErrorCode.BAD_FIELD, True),
+    ([1, MID, "a" * 65 + "@b", b"x", 0], ErrorCode.BAD_FIELD, True),
+    ([1, MID, "alice@home.example\n", b"x", 0], ErrorCode.BAD_FIELD, True),
+    ([1, MID, b"alice@b", b"x", 0], ErrorCode.BAD_FIELD, True),
+    ([1, MID, ADDR, "text body", 0], ErrorCode.BAD_FIELD, True),
+    ([1, MID, ADDR, b"x" * (MAX_BODY + 1), 0], ErrorCode.BODY_TOO_LARGE, True),
+    ([1, MID, ADDR, b"x", 2], ErrorCode.BAD_FIELD, True),
+    ([1, MID, ADDR, b"x", -1], ErrorCode.BAD_FIELD, True),
+    ([1, MID, ADDR, b"x", True], ErrorCode.BAD_FIELD, True),
+    ([1, MID, ADDR, b"x", None], ErrorCode.BAD_FIELD, True),
+    ([1, MID, ADDR, b"x", {"k": 1}], ErrorCode.BAD_FIELD, True),  # maps are never fields
+    ([1, MID, ADDR, b"x", msgpack.ExtType(5, b"e")], ErrorCode.BAD_FIELD, True),
+    ([1, MID, ADDR, msgpack.Timestamp(1, 0), 0], ErrorCode.BAD_FIELD, True),  # ext -1
+    ([2], ErrorCode.MALFORMED, False),
+    ([2, 1, 2], ErrorCode.MALFORMED, False),
+    ([2, -1], ErrorCode.BAD_FIELD, False),  # negative seq
+    ([2, False], ErrorCode.BAD_FIELD, False),
+    ([2, 1.5], ErrorCode.BAD_FIELD, False),
+    ([2, "3"], ErrorCode.BAD_FIELD, False),
+    ([3], ErrorCode.MALFORMED, False),
+    ([3, "t"], ErrorCode.BAD_FIELD, False),
+    ([3, True], ErrorCode.BAD_FIELD, False),
+    ([4, 0], ErrorCode.MALFORMED, False),
+]
+
+
+@pytest.mark.parametrize("op, code, has_id", BAD_CLIENT_OPS,
+                         ids=[f"{i}-{c.name}" for i, (_, c, _) in enumerate(BAD_CLIENT_OPS)])
+def test_bad_client_op_gives_its_code(op, code, has_id):
+    [result] = decode_client_frame(frame_of(op))
+    assert isinstance(result, OpError)
+    assert result.code == code
+    assert result.id == (MID if has_id else None)
+
+
+BAD_SERVER_OPS = [
+    ([16, ADDR, "phone"], ErrorCode.MALFORMED),
+    ([16, "nobody", "phone", 1], ErrorCode.BAD_FIELD),
+    ([16, ADDR, "bad device", 1], ErrorCode.BAD_FIELD),
+    ([16, ADDR, "phone", -1], ErrorCode.BAD_FIELD),
+    ([17, MID], ErrorCode.MALFORMED),
+    ([17, MID, -2], ErrorCode.BAD_FIELD),
+    ([17, b"short", 0], ErrorCode.BAD_FIELD),
+    ([18, 1, ADDR, MID, b"x", 0], ErrorCode.MALFORMED),
+    ([18, -1, ADDR, MID, b"x", 0, 0], ErrorCode.BAD_FIELD),
+    ([18, True, ADDR, MID, b"x", 0, 0], ErrorCode.BAD_FIELD),
+    ([18, 1, "x", MID, b"x", 0, 0], ErrorCode.BAD_FIELD),
+    ([18, 1, ADDR, b"", b"x", 0, 0], ErrorCode.BAD_FIELD),
+    ([18, 1, ADDR, MID, b"x" * (MAX_BODY + 1), 0, 0], ErrorCode.BODY_TOO_LARGE),
+    ([18, 1, ADDR, MID, b"x", -5, 0], ErrorCode.BAD_FIELD),
+    ([18, 1, ADDR, MID, b"x", 0, 3], ErrorCode.BAD_FIELD),
+    ([19, 100], ErrorCode.MALFORMED),
+    ([19, "100", "r"], ErrorCode.BAD_FIELD),
+    ([19, 100, b"r"], ErrorCode.BAD_FIELD),
+    ([20, None], ErrorCode.BAD_FIELD),
+    ([21, 0], ErrorCode.MALFORMED),
+    ([1, MID, ADDR, b"x", 0], ErrorCode.UNKNOWN_OP),
+]
+
+
+@pytest.mark.parametrize("op, code", BAD_SERVER_OPS,
+                         ids=[f"{i}-{c.name}" for i, (_, c) in enumerate(BAD_SERVER_OPS)])
+def test_bad_server_op_gives_its_code(op, code):
+    [result] = decode_server_frame(frame_of(op))
+    assert isinstance(result, OpError) and result.code == code
+
+
+def test_bad_op_in_the_middle_keeps_its_neighbours():
+    good1 = (1, MID, ADDR, b"one", 0)
+    good3 = (1, bytes(16), ADDR, b"three", 1)
+    ops = decode_client_frame(frame_of(good1, [1, MID, ADDR, b"two", 7], good3))
+    assert ops[0] == good1 and ops[2] == good3
+    assert isinstance(ops[1], OpError)
+    assert (ops[1].code, ops[1].opcode, ops[1].id) == (ErrorCode.BAD_FIELD, 1, MID)
+
+
+def test_body_limit_is_inclusive_and_maps_to_body_too_large():
+    [ok] = decode_client_frame(frame_of([1, MID, ADDR, b"x" * MAX_BODY, 0]))
+    [big] = decode_client_frame(frame_of([1, MID, ADDR, b"x" * (MAX_BODY + 1), 0]))
+    assert ok[3] == b"x" * MAX_BODY
+    assert isinstance(big.exception(), BodyTooLarge)
+
+
+def test_op_error_is_not_indexable_like_an_op():
+    [err] = decode_client_frame(frame_of([99]))
+    with pytest.raises(TypeError):
+        err[0]
+
+
+@pytest.mark.parametrize("plaintext", [
+    b"",                                   # empty
+    b"\xc1",                               # never-used byte
+    b"\x93\x01",                           # truncated array
+    frame_of([2, 1]) + b"\x00",            # trailing bytes
+    msgpack.packb({"op": 1}),              # a map, not an array
+    msgpack.packb(5),
+    msgpack.packb(b"ops"),
+    msgpack.packb(msgpack.ExtType(1, b"x")),
+    b"\x91\xa2\xff\xfe",                   # invalid UTF-8 in a str
+    b"\x91" * 5000,                        # nesting deeper than msgpack's stack
+    b"\xdd\xff\xff\xff\xff",               # array32 claiming 4G elements
+    frame_of([19, 1, "r" * (wire.MAX_REASON_LEN + 1)]),  # longer than any allowed str
+    b"\x91\x81\x91\x01\x02",               # map with a non-str key (strict_map_key)
+])
+def test_unusable_frame_raises_malformed(plaintext):
+    with pytest.raises(ProtocolError) as info:
+        decode_client_frame(plaintext)
+    assert info.value.code == ErrorCode.MALFORMED
+
+
+def test_oversized_frame_is_rejected_before_decoding():
+    with pytest.raises(ProtocolError) as info:
+        decode_client_frame(b"\x90" + b"\x00" * MAX_PLAINTEXT)
+    assert info.value.code == ErrorCode.FRAME_TOO_LARGE
+
+
+def test_ops_per_frame_limit():
+    def byes(n: int) -> bytes:
+        return b"\xdc" + n.to_bytes(2, "big") + b"\x91\x04" * n
+
+    assert len(decode_client_frame(byes(MAX_OPS_PER_FRAME))) == MAX_OPS_PER_FRAME
+    with pytest.raises(ProtocolError):
+        decode_client_frame(byes(MAX_OPS_PER_FRAME + 1))
+
+
+def test_duplicate_map_keys_inside_an_op_are_rejected():
+    # {"a": 1, "a": 2} hand-encoded: msgpack-python would never produce it
+    dup = b"\x82\xa1a\x01\xa1a\x02"
+    send = b"\x95\x01\xc4\x10" + MID + b"\xa3a@b\xc4\x00" + dup  # dup map as cls
+    plaintext = b"\x92" + frame_of((2, 1))[1:] + send
+    ops = decode_client_frame(plaintext)
+    assert ops[0] == (2, 1)
+    assert ops[1].code == ErrorCode.BAD_FIELD and ops[1].id == MID
+
+
+def test_deep_nesting_inside_an_op_is_a_field_error():
+    [err] = decode_client_frame(frame_of([1, MID, ADDR, [[[[b"x"]]]], 0]))
+    assert err.code == ErrorCode.BAD_FIELD
+
+
+# -- frames --------------------------------------------------------------------
+
+def test_pack_frames_splits_and_keeps_order():
+    body = os.urandom(MAX_BODY)
+    ops = [wire.deliver_op(i, ADDR, MID, body, i, 0) for i in range(5)]
+    frames = wire.pack_frames(ops)
+    assert len(frames) == 5  # two max-size bodies never share a frame
+    assert all(len(f) <= MAX_PLAINTEXT for f in frames)
+    seqs = [op[1] for f in frames for op in decode_server_frame(f)]
+    assert seqs == list(range(5))
+
+
+def test_pack_frames_fills_frames_and_respects_max_ops():
+    ops = [wire.deliver_op(i, ADDR, MID, b"b" * 100, i) for i in range(2000)]
+    frames = wire.pack_frames(ops)
+    assert all(len(f) <= MAX_PLAINTEXT for f in frames)
+    # greedy: every frame but the last could not take the next op
+    assert len(frames) == -(-sum(len(o) for o in ops) // (MAX_PLAINTEXT - 3))
+    assert [op[1] for f in frames for op in decode_server_frame(f)] == list(range(2000))
+    small = wire.pack_frames([wire.dack_op(i) for i in range(10)], max_ops=4)
+    assert [len(decode_client_frame(f)) for f in small] == [4, 4, 2]
+
+
+def test_op_batcher_matches_pack_frames():
+    ops = [(18, i, ADDR, MID, os.urandom(i * 37 % 3000), i, i & 1) for i in range(300)]
+    b = OpBatcher(max_plaintext=20000)
+    b.extend(ops[:150])
+    for op in ops[150:]:
+        b.add_packed(msgpack.packb(op))
+    assert len(b) == 300 and b.ready > 0
+    frames = b.flush()
+    assert len(b) == 0 and b.flush() == []
+    assert all(len(f) <= 20000 for f in frames)
+    assert frames == wire.pack_frames([msgpack.packb(op) for op in ops], 20000)
+    assert [op for f in frames for op in decode_server_frame(f)] == ops
+
+
+def test_encode_frames_single_and_split():
+    ops = [(18, i, ADDR, MID, b"x" * 1000, 0, 0) for i in range(100)]
+    [one] = wire.encode_frames(ops[:10])
+    assert decode_server_frame(one) == ops[:10]
+    many = wire.encode_frames(ops)
+    assert len(many) == 2 and [op for f in many for op in decode_server_frame(f)] == ops
+    assert wire.encode_frames([]) == []
+
+
+def test_oversized_op_is_refused_by_the_encoders():
+    huge = (1, MID, ADDR, b"x" * MAX_PLAINTEXT, 0)
+    with pytest.raises(wire.InvalidArgument):
+        wire.encode_ops([huge])
+    with pytest.raises(wire.InvalidArgument):
+        OpBatcher().add(huge)
+    with pytest.raises(wire.InvalidArgument):
+        wire.pack_frames([msgpack.packb(huge)])
+
+
+def test_send_op_checks_its_arguments():
+    with pytest.raises(wire.InvalidArgument):
+        wire.send_op(b"short", ADDR, b"x")
+    with pytest.raises(wire.InvalidArgument):
+        wire.send_op(MID, "nobody", b"x")
+    with pytest.raises(wire.InvalidArgument):
+        wire.send_op(MID, ADDR, b"x" * (MAX_BODY + 1))
+    with pytest.raises(wire.InvalidArgument):
+        wire.send_op(MID, ADDR, b"x", True)
+    with pytest.raises(wire.WrongType):
+        wire.send_op(MID, ADDR, "text")
+
+
+def test_long_reasons_are_cut_to_what_the_decoder_accepts():
+    [f] = wire.pack_frames([wire.error_op(ErrorCode.INTERNAL, "é" * 5000)])
+    [op] = decode_server_frame(f)
+    assert op[0] == Op.ERROR and len(op[2].encode()) <= wire.MAX_REASON_LEN
+
+
+# -- hellos --------------------------------------------------------------------
+
+def test_hellos_round_trip():
+    assert wire.decode_server_hello(wire.encode_server_hello(1234)) == {"v": 1, "t": 1234}
+    assert wire.decode_client_hello(wire.encode_client_hello(b"cred")) == {"v": 1, "cred": b"cred"}
+
+
+@pytest.mark.parametrize("payload", [
+    b"\x82\xa1v\x01\xa1v\x01",                                # duplicate key
+    b"\x83\xa1v\x01\xa1t\x05\xa1t\x06",                        # duplicate key, other value
+    msgpack.packb({"v": 2, "t": 1}),                          # another version
+    msgpack.packb({"v": True, "t": 1}),
+    msgpack.packb({"v": 1}),                                  # missing key
+    msgpack.packb({"v": 1, "t": 1, "x": 0}),                  # unknown key
+    msgpack.packb({"v": 1, "t": -1}),
+    msgpack.packb({"v": 1, "t": "1"}),
+    msgpack.packb({"v": 1, "t": msgpack.Timestamp(1, 0)}),    # ext
+    msgpack.packb({"v": 1, "t": msgpack.ExtType(3, b"")}),
+    msgpack.packb([1, 1]),
+    msgpack.packb({1: 1}),
+    b"\x82",
+    b"\x80" * 3000,
+])
+def test_bad_server_hello(payload):
+    with pytest.raises(ProtocolError):
+        wire.decode_server_hello(payload)
+
+
+@pytest.mark.parametrize("payload", [
+    b"\x83\xa1v\x01\xa4cred\xc4\x01x\xa4cred\xc4\x01y",  # duplicate key
+    msgpack.packb({"v": 1, "cred": "text"}),
+    msgpack.packb({"v": 1, "cred": b"x" * 5000}),
+    msgpack.packb({"v": 1, "t": 5}),
+])
+def test_bad_client_hello(payload):
+    with pytest.raises(ProtocolError):
+        wire.decode_client_hello(payload)
+
+
+# -- fuzz ------------------------------------------------------------------------
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=512))
+def test_random_bytes_only_ever_raise_protocol_errors(data):
+    for decode in (decode_client_frame, decode_server_frame):
+        try:
+            result = decode(data)
+        except ProtocolError:
+            continue
+        assert isinstance(result, list)
+    for decode in (wire.decode_client_hello, wire.decode_server_hello):
+        try:
+            decode(data)
+        except ProtocolError:
+            pass
+
+
+_leaf = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64 - 1),
+                  st.floats(allow_nan=False), st.text(max_size=80),
+                  st.binary(max_size=40), st.sampled_from([MID, ADDR, 0, 1, 2, 16, 18]))
+_values = st.recursive(_leaf, lambda inner: st.lists(inner, max_size=3), max_leaves=6)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.lists(_values, max_size=8), max_size=4))
+def test_structured_garbage_is_reported_per_op(ops):
+    plaintext = msgpack.packb(ops, use_bin_type=True)
+    for decode in (decode_client_frame, decode_server_frame):
+        result = decode(plaintext)
+        assert len(result) == len(ops)
+        for got, sent in zip(result, ops):
+            assert isinstance(got, OpError) or list(got) == sent
