@@ -36,6 +36,8 @@ __all__ = [
     "BodyTooLarge",
     "ConsentRequired",
     "TraceFormatError",
+    "ConnectionClosed",
+    "StoreFailed",
     "error_for_code",
 ]
 
@@ -245,6 +247,18 @@ class TraceFormatError(FastrouteError, ValueError):
         self.lineno = lineno
 
 
+class ConnectionClosed(FastrouteError, ConnectionError):
+    """The link to the relay ended; ``code`` is the relay's reason (0 = orderly)."""
+
+    code = ErrorCode.OK
+
+
+class StoreFailed(FastrouteError, OSError):
+    """The message store could not read or write (disk full, closed, I/O error)."""
+
+    code = ErrorCode.STORE_FAILED
+
+
 def _index() -> dict[int, type[FastrouteError]]:
     table: dict[int, type[FastrouteError]] = {}
     stack: list[type[FastrouteError]] = [FastrouteError]
@@ -268,7 +282,7 @@ def error_for_code(code: int, reason: str = "") -> FastrouteError:
         exc = FastrouteError(reason or f"error {code}")
         exc.code = code  # type: ignore[assignment]
         return exc
-    if cls is None or cls in (MailboxFull, TraceFormatError):
+    if cls is None or cls in (MailboxFull, TraceFormatError, ConnectionClosed):
         # codes without a class of their own fall back on their range's class
         cls = {1: ProtocolError, 2: AuthError, 4: PolicyError}.get(
             int(code) // 100, FastrouteError)

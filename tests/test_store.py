@@ -1,0 +1,510 @@
+"""Behaviour of the message store, for both implementations and both loops.
+
+Every behavioural test runs against SqliteStore (a real file in tmp_path) and
+MemoryStore, under the asyncio and the uvloop event loop.  Durability, group
+commit and failure handling are SQLite-only.  No test asserts a timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fastroute.errors import (
+    ErrorCode,
+    FastrouteError,
+    InvalidArgument,
+    UnknownDevice,
+    WrongType,
+)
+from fastroute.store import MemoryStore, SqliteStore
+
+LOOPS = {"asyncio": asyncio.new_event_loop}
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
+    pass
+else:
+    LOOPS["uvloop"] = uvloop.new_event_loop
+
+CID = bytes(range(16))
+T0 = 1_700_000_000_000
+
+
+@pytest.fixture(params=sorted(LOOPS))
+def run(request):
+    """Run a coroutine to completion on a fresh loop of the given kind."""
+    def run(coro):
+        with asyncio.Runner(loop_factory=LOOPS[request.param]) as runner:
+            return runner.run(coro)
+    return run
+
+
+@pytest.fixture
+def db(tmp_path):
+    return str(tmp_path / "store.db")
+
+
+@pytest.fixture(params=["sqlite", "memory"])
+def opener(request, db):
+    """``await opener(**options)`` opens the implementation under test."""
+    cls = SqliteStore if request.param == "sqlite" else MemoryStore
+
+    def open_(**options):
+        return cls.open(db, **options)
+    open_.cls = cls
+    return open_
+
+
+def raw(db):
+    """An independent connection: sees only what is committed."""
+    return sqlite3.connect(db, isolation_level=None)
+
+
+def count(db, sql, *params):
+    conn = raw(db)
+    try:
+        return conn.execute(sql, params).fetchone()[0]
+    finally:
+        conn.close()
+
+
+def store_failed(excinfo) -> bool:
+    return (isinstance(excinfo.value, FastrouteError)
+            and excinfo.value.code == ErrorCode.STORE_FAILED)
+
+
+# -- behaviour shared by both implementations --------------------------------
+
+def test_put_then_load_round_trips(run, opener):
+    async def main():
+        async with await opener() as store:
+            dev = store.register_device("bob@home", "phone")
+            assert store.register_device("bob@home", "phone") == dev
+            mid = await store.put("ann@third", CID, b"\x00body", T0, [dev])
+            mid2 = await store.put("ann@third", CID, bytearray(b"two"), T0 + 1, [dev])
+            assert mid2 > mid
+            assert await store.load(dev, 0, 10) == [
+                (mid, "ann@third", CID, b"\x00body", T0),
+                (mid2, "ann@third", CID, b"two", T0 + 1)]
+            assert await store.count_pending(dev) == 2
+    run(main())
+
+
+def test_put_many_returns_mids_in_order(run, opener):
+    async def main():
+        async with await opener() as store:
+            a = store.register_device("a@p", "1")
+            b = store.register_device("b@p", "1")
+            assert await store.put_many([]) == []
+            mids = await store.put_many(
+                [("s@p", CID, bytes([i]), T0 + i, [a, b][: 1 + i % 2]) for i in range(50)])
+            assert mids == sorted(mids) and len(set(mids)) == 50
+            assert [m[0] for m in await store.load(a, 0, 100)] == mids
+            assert [m[0] for m in await store.load(b, 0, 100)] == mids[1::2]
+    run(main())
+
+
+def test_ack_deletes_message_only_after_last_device(run, opener, db):
+    async def main():
+        async with await opener() as store:
+            devs = [store.register_device("bob@home", d) for d in ("a", "b", "c")]
+            mid = await store.put("ann@p", CID, b"x", T0, devs)
+            other = await store.put("ann@p", CID, b"y", T0, devs)
+            sqlite = isinstance(store, SqliteStore)
+            if sqlite:  # the body is stored once for the three devices
+                assert count(db, "SELECT count(*) FROM messages") == 2
+            for i, dev in enumerate(devs):
+                store.ack(dev, [mid])
+                store.ack(dev, [mid])  # repeated acks are harmless
+                await store.flush()
+                assert [m[0] for m in await store.load(dev, 0, 10)] == [other]
+                for later in devs[i + 1:]:
+                    assert [m[0] for m in await store.load(later, 0, 10)] == [mid, other]
+                if sqlite:
+                    alive = count(db, "SELECT count(*) FROM messages WHERE mid = ?", mid)
+                    assert alive == (0 if dev == devs[-1] else 1)
+            assert await store.count_pending() == 3
+            for dev in devs:
+                store.ack(dev, [other])
+            assert await store.count_pending() == 0
+            if sqlite:
+                await store.flush()
+                assert count(db, "SELECT count(*) FROM messages") == 0
+    run(main())
+
+
+def test_load_is_in_mid_order_and_pages(run, opener):
+    async def main():
+        async with await opener() as store:
+            me = store.register_device("me@p", "d")
+            noise = store.register_device("you@p", "d")
+            mids = []
+            for i in range(25):
+                mids.append(await store.put("s@p", CID, b"%d" % i, T0, [me]))
+                await store.put("s@p", CID, b"not mine", T0, [noise])
+            pages, after = [], 0
+            while page := await store.load(me, after, 10):
+                pages.append([m[0] for m in page])
+                after = page[-1][0]
+            assert [len(p) for p in pages] == [10, 10, 5]
+            assert sum(pages, []) == mids
+            assert [m[3] for m in await store.load(me, mids[3], 2)] == [b"4", b"5"]
+            assert await store.load(me, mids[-1], 10) == []
+            assert await store.load(12345, 0, 10) == []  # unknown device: nothing
+    run(main())
+
+
+def test_expire_deletes_expired_messages_and_inbox_rows(run, opener):
+    async def main():
+        async with await opener(ttl_s=10) as store:
+            a = store.register_device("a@p", "1")
+            b = store.register_device("b@p", "1")
+            old = await store.put("s@p", CID, b"old", T0, [a, b])
+            new = await store.put("s@p", CID, b"new", T0 + 5_000, [a])
+            assert await store.expire(T0 + 9_999) == 0
+            assert await store.expire(T0 + 10_000) == 1  # expiry is inclusive
+            assert [m[0] for m in await store.load(a, 0, 10)] == [new]
+            assert await store.load(b, 0, 10) == []
+            assert await store.count_pending() == 1
+            store.ack(b, [old])  # a late ack of an expired message is a no-op
+            assert await store.expire(T0 + 10_000) == 0
+            assert await store.expire(T0 + 15_000) == 1
+            assert await store.count_pending() == 0
+    run(main())
+
+
+def test_forget_device_drops_its_inbox_and_orphans(run, opener, db):
+    async def main():
+        async with await opener() as store:
+            a = store.register_device("a@p", "1")
+            b = store.register_device("b@p", "1")
+            only_a = await store.put("s@p", CID, b"1", T0, [a])
+            shared = await store.put("s@p", CID, b"2", T0, [a, b])
+            store.forget_device(a)
+            store.forget_device(a)  # unknown by now: ignored
+            assert [k for k, _, _ in store.known_devices()] == [b]
+            with pytest.raises(UnknownDevice):
+                store.put("s@p", CID, b"3", T0, [a])
+            assert await store.count_pending() == 1
+            assert await store.load(a, 0, 10) == []
+            assert [m[0] for m in await store.load(b, 0, 10)] == [shared]
+            if isinstance(store, SqliteStore):
+                await store.flush()
+                assert count(db, "SELECT count(*) FROM messages WHERE mid = ?", only_a) == 0
+            again = store.register_device("a@p", "1")
+            assert again not in (a, b)  # keys are never reused
+    run(main())
+
+
+def test_closed_store_refuses_everything(run, opener):
+    async def main():
+        store = await opener()
+        dev = store.register_device("a@p", "1")
+        await store.close()
+        await store.close()  # idempotent
+        assert store.closed
+        calls = [lambda: store.put("s@p", CID, b"", T0, [dev]),
+                 lambda: store.put_many([]),
+                 lambda: store.ack(dev, [1]),
+                 lambda: store.forget_device(dev),
+                 lambda: store.register_device("b@p", "1")]
+        for call in calls:
+            with pytest.raises(FastrouteError) as excinfo:
+                call()
+            assert store_failed(excinfo) and "closed" in str(excinfo.value)
+        for coro in (store.load(dev, 0, 1), store.flush(), store.expire(T0),
+                     store.count_pending()):
+            with pytest.raises(FastrouteError) as excinfo:
+                await coro
+            assert store_failed(excinfo)
+    run(main())
+
+
+def test_bad_input_is_a_typed_error_and_stores_nothing(run, opener):
+    async def main():
+        async with await opener() as store:
+            dev = store.register_device("a@p", "1")
+            ok = ("s@p", CID, b"b", T0, [dev])
+            bad = [
+                (WrongType, ("s@p", CID, "text body", T0, [dev])),
+                (WrongType, (b"s@p", CID, b"b", T0, [dev])),
+                (WrongType, ("s@p", CID, b"b", 1.5, [dev])),
+                (WrongType, ("s@p", CID, b"b", True, [dev])),
+                (WrongType, ("s@p", CID, b"b", T0, dev)),
+                (WrongType, ("s@p", CID, b"b", T0, [[dev]])),
+                (InvalidArgument, ("s@p", CID[:15], b"b", T0, [dev])),
+                (InvalidArgument, ("s@p", CID, b"b", -1, [dev])),
+                (InvalidArgument, ("s@p", CID, b"b", 1 << 63, [dev])),
+                (InvalidArgument, ("s@p", CID, b"b", T0, [])),
+                (InvalidArgument, ("\ud800@p", CID, b"b", T0, [dev])),
+                (InvalidArgument, ("", CID, b"b", T0, [dev])),
+                (UnknownDevice, ("s@p", CID, b"b", T0, [dev + 1])),
+            ]
+            for exc, args in bad:
+                with pytest.raises(exc) as excinfo:
+                    store.put(*args)
+                assert excinfo.value.code == exc.code
+                with pytest.raises(exc):  # one bad item rejects the whole batch
+                    store.put_many([ok, args])
+            with pytest.raises(WrongType):
+                store.put_many([ok[:4]])
+            with pytest.raises(WrongType):
+                store.ack(dev, [1.0])
+            with pytest.raises(InvalidArgument):
+                store.ack(dev, [-1])
+            with pytest.raises(InvalidArgument):
+                await store.load(dev, 0, 0)
+            with pytest.raises(WrongType):
+                store.register_device("a@p", None)
+            with pytest.raises(InvalidArgument):
+                store.register_device("", "1")
+            assert await store.count_pending() == 0
+            # fan-out listing one device twice stores it once
+            mid = await store.put("s@p", CID, b"b", T0, [dev, dev])
+            assert await store.count_pending(dev) == 1
+            # the caller's buffer is copied, not borrowed
+            buf = bytearray(b"orig")
+            await store.put("s@p", CID, memoryview(buf), T0, [dev])
+            buf[:] = b"XXXX"
+            assert [m[3] for m in await store.load(dev, mid, 1)] == [b"orig"]
+    run(main())
+
+
+def test_cancelled_put_does_not_disturb_the_store(run, opener):
+    async def main():
+        async with await opener() as store:
+            dev = store.register_device("a@p", "1")
+            fut = store.put("s@p", CID, b"b", T0, [dev])
+            fut.cancel()
+            assert await store.put("s@p", CID, b"c", T0, [dev]) > 0
+    run(main())
+
+
+# -- SQLite only: durability, group commit, failures --------------------------
+
+@pytest.mark.parametrize("sync", ["NORMAL", "FULL"])
+def test_sqlite_survives_close_and_reopen(run, db, sync):
+    async def main():
+        async with await SqliteStore.open(db, synchronous=sync) as store:
+            a = store.register_device("bob@home", "phone")
+            b = store.register_device("bob@home", "laptop")
+            m1 = await store.put("ann@p", CID, b"kept", T0, [a, b])
+            m2 = await store.put("ann@p", CID, b"acked", T0, [a])
+            store.ack(a, [m2])  # queued only: close must commit it
+        async with await SqliteStore.open(db, synchronous=sync) as store:
+            assert store.known_devices() == [(a, "bob@home", "phone"),
+                                             (b, "bob@home", "laptop")]
+            assert store.register_device("bob@home", "laptop") == b
+            assert await store.load(a, 0, 10) == [(m1, "ann@p", CID, b"kept", T0)]
+            assert await store.count_pending() == 2
+            # the newest message was deleted: its mid must still not come back
+            assert await store.put("ann@p", CID, b"new", T0, [a]) > m2
+            assert store.register_device("carl@p", "1") > b
+    run(main())
+
+
+def test_sqlite_put_resolves_only_after_commit(run, db):
+    async def main():
+        async with await SqliteStore.open(db) as store:
+            dev = store.register_device("a@p", "1")
+            await store.flush()
+            blocker = raw(db)
+            blocker.execute("BEGIN IMMEDIATE")  # the writer cannot commit now
+            try:
+                fut = store.put("s@p", CID, b"b", T0, [dev])
+                for _ in range(5):
+                    await asyncio.sleep(0.01)
+                    assert not fut.done()
+            finally:
+                blocker.execute("ROLLBACK")
+                blocker.close()
+            mid = await fut
+            # visible to an independent connection the moment the future is done
+            assert count(db, "SELECT count(*) FROM messages WHERE mid = ?", mid) == 1
+            assert count(db, "SELECT count(*) FROM inbox WHERE mid = ? AND device_key = ?",
+                         mid, dev) == 1
+    run(main())
+
+
+@pytest.mark.parametrize("max_batch", [4096, 100])
+def test_sqlite_group_commit_groups_concurrent_puts(run, db, max_batch):
+    async def main():
+        async with await SqliteStore.open(db, max_batch=max_batch) as store:
+            dev = store.register_device("a@p", "1")
+            await store.flush()
+            before = store.commits
+            # Hold the write lock so the first transaction waits: every put
+            # below queues up behind it, whatever the machine's speed.
+            blocker = raw(db)
+            blocker.execute("BEGIN IMMEDIATE")
+            try:
+                futs = [store.put("s@p", CID, b"b", T0, [dev]) for _ in range(1000)]
+                await asyncio.sleep(0.01)
+            finally:
+                blocker.execute("ROLLBACK")
+                blocker.close()
+            mids = await asyncio.gather(*futs)
+            commits = store.commits - before
+            assert len(set(mids)) == 1000
+            if max_batch == 4096:
+                assert 1 <= commits <= 2
+            else:  # no transaction takes more than max_batch messages
+                assert 10 <= commits <= 11
+            # without the lock, still far fewer transactions than puts
+            before = store.commits
+            await asyncio.gather(*[store.put("s@p", CID, b"b", T0, [dev])
+                                   for _ in range(1000)])
+            assert store.commits - before <= 100
+    run(main())
+
+
+def _disk_full(store: SqliteStore) -> None:
+    # Cap the database at its current size on the writer's connection: the
+    # next write that needs a page fails with SQLITE_FULL, as on a full disk.
+    store._wconn.execute("PRAGMA max_page_count = 1")
+
+
+def _disk_ok(store: SqliteStore) -> None:
+    store._wconn.execute("PRAGMA max_page_count = 1073741823")
+
+
+def test_sqlite_failed_batch_fails_its_futures_and_recovers(run, db):
+    async def main():
+        async with await SqliteStore.open(db) as store:
+            dev = store.register_device("a@p", "1")
+            kept = await store.put("s@p", CID, b"kept", T0, [dev])
+            await store.flush()  # the writer is idle: safe to touch its connection
+            _disk_full(store)
+            big = b"x" * 200_000
+            futs = [store.put("s@p", CID, big, T0, [dev]),
+                    store.put_many([("s@p", CID, big, T0, [dev])])]
+            late = store.register_device("late@p", "1")  # same failing batch
+            store.ack(dev, [kept])
+            for fut in futs:
+                with pytest.raises(FastrouteError) as excinfo:
+                    await fut
+                assert store_failed(excinfo)
+                assert "disk full" in str(excinfo.value)
+            with pytest.raises(FastrouteError) as excinfo:
+                await store.flush()  # reports the failed ack
+            assert store_failed(excinfo)
+            await store.flush()  # reported once, not forever
+            assert store.failed_batches >= 1
+            _disk_ok(store)
+            # the writer survived, nothing of the failed batch was half-applied
+            mid = await store.put("s@p", CID, b"after", T0, [dev, late])
+            assert [m[0] for m in await store.load(dev, 0, 10)] == [kept, mid]
+            assert [m[0] for m in await store.load(late, 0, 10)] == [mid]
+        # the registration from the failed batch was retried and persisted
+        async with await SqliteStore.open(db) as store:
+            assert (late, "late@p", "1") in store.known_devices()
+    run(main())
+
+
+def test_sqlite_close_reports_a_failed_final_flush(run, db):
+    async def main():
+        store = await SqliteStore.open(db)
+        dev = store.register_device("a@p", "1")
+        await store.flush()
+        _disk_full(store)
+        fut = store.put("s@p", CID, b"x" * 200_000, T0, [dev])
+        with pytest.raises(FastrouteError) as excinfo:
+            await store.close()
+        assert store_failed(excinfo)
+        with pytest.raises(FastrouteError):
+            await fut
+        assert store.closed
+    run(main())
+
+
+def test_sqlite_open_errors_are_clear(run, tmp_path):
+    async def main():
+        with pytest.raises(FastrouteError) as excinfo:
+            await SqliteStore.open(tmp_path / "no" / "such" / "dir.db")
+        assert store_failed(excinfo) and "cannot open store" in str(excinfo.value)
+        junk = tmp_path / "junk.db"
+        junk.write_bytes(b"this is not a database" * 100)
+        with pytest.raises(FastrouteError) as excinfo:
+            await SqliteStore.open(junk)
+        assert store_failed(excinfo)
+        with pytest.raises(InvalidArgument):
+            await SqliteStore.open(tmp_path / "a.db", synchronous="OFF")
+        with pytest.raises(InvalidArgument):
+            await SqliteStore.open(":memory:")
+        with pytest.raises(InvalidArgument):
+            await SqliteStore.open(tmp_path / "a.db", max_batch=0)
+    run(main())
+
+
+def test_sqlite_uses_wal_and_the_documented_schema(run, db):
+    async def main():
+        async with await SqliteStore.open(db) as store:
+            store.register_device("a@p", "1")
+            await store.flush()
+        conn = raw(db)
+        try:
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            cols = {t: [r[1] for r in conn.execute(f"PRAGMA table_info({t})")]
+                    for t in ("messages", "inbox", "devices")}
+        finally:
+            conn.close()
+        assert cols == {"messages": ["mid", "sender", "cid", "body", "ts_ms", "exp_ms"],
+                        "inbox": ["device_key", "mid"],
+                        "devices": ["device_key", "address", "device"]}
+    run(main())
+
+
+# -- the two implementations agree on any sequence of operations --------------
+
+_OPS = st.lists(st.one_of(
+    st.tuples(st.just("put"), st.lists(st.integers(0, 3), min_size=1, max_size=4),
+              st.integers(0, 20)),
+    st.tuples(st.just("ack"), st.integers(0, 3), st.lists(st.integers(0, 25), max_size=6)),
+    st.tuples(st.just("forget"), st.integers(0, 3)),
+    st.tuples(st.just("expire"), st.integers(0, 40)),
+), max_size=30)
+
+
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=_OPS)
+def test_sqlite_matches_memory_model(tmp_path_factory, ops):
+    path = str(tmp_path_factory.mktemp("model") / "store.db")
+
+    async def apply(store, op):
+        kind, *args = op
+        try:
+            if kind == "put":
+                devs, dt = args
+                return await store.put("s@p", CID, b"%d" % dt, T0 + dt * 1000,
+                                       [keys[d] for d in devs])
+            if kind == "ack":
+                store.ack(keys[args[0]], args[1])
+            elif kind == "forget":
+                store.forget_device(keys[args[0]])
+            else:
+                return await store.expire(T0 + args[0] * 1000)
+        except FastrouteError as exc:
+            return type(exc)
+
+    async def main():
+        async with await SqliteStore.open(path, ttl_s=10) as real, \
+                await MemoryStore.open(ttl_s=10) as model:
+            nonlocal keys
+            keys = [real.register_device("a@p", str(i)) for i in range(4)]
+            assert [model.register_device("a@p", str(i)) for i in range(4)] == keys
+            for op in ops:
+                assert await apply(real, op) == await apply(model, op), op
+            for key in keys:
+                assert await real.count_pending(key) == await model.count_pending(key)
+                assert await real.load(key, 0, 100) == await model.load(key, 0, 100)
+                assert await real.load(key, 3, 2) == await model.load(key, 3, 2)
+            assert real.known_devices() == model.known_devices()
+
+    keys: list[int] = []
+    asyncio.run(main())
