@@ -41,6 +41,7 @@ from typing import Any, Iterable, TypedDict, Union
 import msgpack
 
 from .errors import (
+    BodyTooLarge,
     ErrorCode,
     FastrouteError,
     InvalidArgument,
@@ -473,7 +474,7 @@ def send_op(id: bytes, to: str, body: bytes, cls: int = CLS_PERSISTENT) -> bytes
     if not is_valid_address(to):
         raise InvalidArgument("recipient is not a valid address")
     if len(body) > MAX_BODY:
-        raise InvalidArgument(f"body over {MAX_BODY} bytes: send it via the media store")
+        raise BodyTooLarge(f"body over {MAX_BODY} bytes: send it via the media store")
     if type(cls) is bool or cls not in (CLS_PERSISTENT, CLS_EPHEMERAL):
         raise InvalidArgument("cls must be CLS_PERSISTENT or CLS_EPHEMERAL")
     return _pack((_SEND, id, to, body, int(cls)))

@@ -1,0 +1,473 @@
+"""An asyncio client for fastroute relays, for devices and provider services.
+
+::
+
+    client = await Client.connect("127.0.0.1", 7474, credential=cred, static=device_key)
+    await client.send("bob@other", ciphertext)          # returns once durably stored
+    async for msg in client:                             # Message(seq, sender, id, body, ...)
+        ...
+
+Sends issued in the same event-loop iteration share one encrypted frame, so
+``send_nowait`` in a loop is the fast path.  Delivery is at-least-once on the
+link and exactly-once to the application: the client drops a message whose
+id it has already handed out (a window of recent ids), and acks it anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections import OrderedDict
+from typing import AsyncIterator, NamedTuple
+
+from . import wire
+from .errors import (
+    ConnectionClosed,
+    ErrorCode,
+    FastrouteError,
+    HandshakeError,
+    ProtocolError,
+    error_for_code,
+)
+from .noise import PROLOGUE, FrameReader, HandshakeState, KeyPair, frame
+
+__all__ = ["Client", "Message"]
+
+
+class Message(NamedTuple):
+    """A delivered message.  ``body`` is the sender's opaque (encrypted) blob."""
+
+    seq: int
+    sender: str
+    id: bytes
+    body: bytes
+    ts_ms: int
+    ephemeral: bool
+
+
+class _Proto(asyncio.Protocol):
+    def __init__(self, client: "Client") -> None:
+        self.client = client
+        self.reader = FrameReader()
+        self.transport: asyncio.Transport | None = None
+        self.handshake: asyncio.Queue[bytes] = asyncio.Queue()
+        self.open = False
+        self.lost = asyncio.get_running_loop().create_future()
+        self.can_write = asyncio.Event()
+        self.can_write.set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            msgs = self.reader.feed(data)
+        except ProtocolError as exc:
+            self.client._link_failed(exc)
+            return
+        for msg in msgs:
+            if self.open:
+                self.client._on_frame(msg)
+            else:
+                self.handshake.put_nowait(msg)
+
+    def pause_writing(self) -> None:
+        self.can_write.clear()
+
+    def resume_writing(self) -> None:
+        self.can_write.set()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.open = False
+        if not self.lost.done():
+            self.lost.set_result(exc)
+        self.handshake.put_nowait(b"")
+        self.can_write.set()
+        self.client._on_lost(self, exc)
+
+
+class Client:
+    """A connected device (use :meth:`connect`).
+
+    Parameters of :meth:`connect`:
+
+    * ``credential``: the bytes a provider issued with
+      :func:`fastroute.identity.issue_credential` for this device's key;
+    * ``static``: the device's X25519 :class:`~fastroute.noise.KeyPair`;
+    * ``server_key``: the relay's public key to pin (recommended); without
+      it any relay key is accepted on first use;
+    * ``auto_ack``: ack each message when the application takes it (the
+      default); with False call :meth:`ack` yourself;
+    * ``reconnect``: reconnect with backoff when the link drops, resending
+      every send the relay has not acked yet with the same id (the relay's
+      dedup window makes that safe).
+    """
+
+    def __init__(self, host: str, port: int, *, credential: bytes, static: KeyPair,
+                 server_key: bytes | None = None, auto_ack: bool = True,
+                 reconnect: bool = False, timeout: float = 10.0,
+                 prologue: bytes = PROLOGUE, dedup_window: int = 65536) -> None:
+        self.host = host
+        self.port = port
+        self.credential = credential
+        self.static = static
+        self.server_key = server_key
+        self.auto_ack = auto_ack
+        self.reconnect = reconnect
+        self.timeout = timeout
+        self.prologue = prologue
+        self.address = ""
+        self.device = ""
+        self.server_time_ms = 0
+        self._loop = asyncio.get_running_loop()
+        self._proto: _Proto | None = None
+        self._tx = None
+        self._rx = None
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+        self._pending: dict[bytes, tuple[asyncio.Future, bytes]] = {}
+        self._inbox: asyncio.Queue = asyncio.Queue()
+        self._seen: OrderedDict[bytes, None] = OrderedDict()
+        self._dedup_window = dedup_window
+        self._ack_upto = 0
+        self._acked = 0
+        self._pings: dict[int, asyncio.Future] = {}
+        self._ping_token = 0
+        self._closed = False
+        self._closing_error: FastrouteError | None = None
+        self._welcome: asyncio.Future | None = None
+        self._reconnect_task: asyncio.Task | None = None
+        #: duplicates dropped by the client's own dedup window (for tests and metrics)
+        self.duplicates_dropped = 0
+
+    # ----------------------------------------------------------- connecting
+    @classmethod
+    async def connect(cls, host: str, port: int, **kwargs) -> "Client":
+        """Connect, run the Noise XX handshake, present the credential, await WELCOME.
+
+        Raises the relay's refusal as a typed exception (e.g.
+        :class:`~fastroute.errors.CredentialExpired`), or
+        :class:`~fastroute.errors.HandshakeError`.
+        """
+        client = cls(host, port, **kwargs)
+        await client._connect()
+        return client
+
+    async def _connect(self) -> None:
+        loop = self._loop
+        try:
+            _, proto = await asyncio.wait_for(
+                loop.create_connection(lambda: _Proto(self), self.host, self.port),
+                self.timeout)
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise ConnectionClosed(f"cannot connect to relay: {exc}",
+                                   code=ErrorCode.INTERNAL) from None
+        try:
+            await asyncio.wait_for(self._handshake(proto), self.timeout)
+        except asyncio.TimeoutError:
+            proto.transport.abort()
+            raise HandshakeError("relay did not complete the handshake in time",
+                                 code=ErrorCode.HANDSHAKE_TIMEOUT) from None
+        except BaseException:
+            proto.transport.abort()
+            raise
+
+    async def _handshake(self, proto: _Proto) -> None:
+        hs = HandshakeState(initiator=True, static=self.static, prologue=self.prologue)
+        proto.transport.write(frame(hs.write_message(b"")))
+        msg2 = await proto.handshake.get()
+        if not msg2:
+            raise HandshakeError("relay closed the connection during the handshake")
+        payload = hs.read_message(msg2)
+        if self.server_key is not None and hs.remote_static != self.server_key:
+            raise HandshakeError("relay's static key does not match the pinned key",
+                                 code=ErrorCode.KEY_MISMATCH)
+        hello = wire.decode_server_hello(payload)
+        self.server_time_ms = hello["t"]
+        proto.transport.write(frame(hs.write_message(wire.encode_client_hello(self.credential))))
+        self._tx, self._rx = hs.split()
+        if self.server_key is None:
+            self.server_key = hs.remote_static  # trust on first use, pinned from now on
+        self._welcome = self._loop.create_future()
+        self._proto = proto
+        proto.open = True
+        # frames that arrived together with msg2 cannot exist (the relay
+        # waits for msg3), so nothing is left in the handshake queue.
+        await asyncio.shield(self._welcome)
+        # Resend whatever the relay had not acked on the previous link.
+        if self._pending:
+            self._out.extend(op for _, op in self._pending.values())
+            self._schedule_flush()
+
+    # ------------------------------------------------------------- sending
+    def send_nowait(self, to: str, body: bytes, *, ephemeral: bool = False,
+                    id: bytes | None = None) -> asyncio.Future:
+        """Queue a message; the future resolves to its id once the relay acked it.
+
+        The future fails with the relay's typed error (e.g.
+        :class:`~fastroute.errors.UnknownAddress` for an unknown recipient).
+        """
+        if self._closed:
+            raise ConnectionClosed("client is closed", code=ErrorCode.OK)
+        cid = os.urandom(16) if id is None else id
+        entry = self._pending.get(cid)
+        if entry is not None:
+            return entry[0]  # already on its way: one id, one message
+        op = wire.send_op(cid, to, body, wire.CLS_EPHEMERAL if ephemeral else wire.CLS_PERSISTENT)
+        fut = self._loop.create_future()
+        self._pending[cid] = (fut, op)
+        if self._proto is not None and self._proto.open:
+            self._out.append(op)
+            self._schedule_flush()
+        return fut
+
+    async def send(self, to: str, body: bytes, *, ephemeral: bool = False,
+                   id: bytes | None = None) -> bytes:
+        """Send one message and wait until the relay acked it (stored durably)."""
+        return await self.send_nowait(to, body, ephemeral=ephemeral, id=id)
+
+    @property
+    def unacked_sends(self) -> int:
+        """Sends the relay has not acked yet."""
+        return len(self._pending)
+
+    async def drain(self) -> None:
+        """Wait until the socket's write buffer is below its high-water mark."""
+        if self._proto is not None:
+            await self._proto.can_write.wait()
+
+    async def ping(self) -> float:
+        """Round trip to the relay, in seconds."""
+        self._ping_token += 1
+        token = self._ping_token
+        fut = self._loop.create_future()
+        self._pings[token] = fut
+        t0 = time.perf_counter()
+        self._out.append(wire.ping_op(token))
+        self._schedule_flush()
+        await fut
+        return time.perf_counter() - t0
+
+    # ----------------------------------------------------------- receiving
+    async def recv(self) -> Message:
+        """The next message (raises :class:`ConnectionClosed` when the link ends for good)."""
+        msg = await self._inbox.get()
+        if msg is None:
+            self._inbox.put_nowait(None)  # later calls see the end too
+            raise self._closing_error or ConnectionClosed("connection closed", code=ErrorCode.OK)
+        self._taken(msg)
+        return msg
+
+    def recv_nowait_many(self, max_n: int = 1 << 30) -> list[Message]:
+        """Every message already received (up to ``max_n``), without waiting."""
+        out = []
+        inbox = self._inbox
+        while len(out) < max_n and not inbox.empty():
+            msg = inbox.get_nowait()
+            if msg is None:
+                inbox.put_nowait(None)
+                break
+            out.append(msg)
+        if out:
+            self._taken(out[-1])
+        return out
+
+    async def recv_many(self, max_n: int = 1 << 30) -> list[Message]:
+        """Wait for at least one message, then return all that are already here."""
+        first = await self.recv()
+        rest = self.recv_nowait_many(max_n - 1)
+        return [first, *rest]
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        return self._iter()
+
+    async def _iter(self) -> AsyncIterator[Message]:
+        while True:
+            try:
+                msg = await self.recv()
+            except ConnectionClosed:
+                return
+            yield msg
+
+    def _taken(self, msg: Message) -> None:
+        if self.auto_ack and msg.seq > self._ack_upto:
+            self._ack_upto = msg.seq
+            self._schedule_flush()
+
+    def ack(self, upto_seq: int) -> None:
+        """Ack every delivered message with ``seq <= upto_seq`` (auto_ack=False)."""
+        if upto_seq > self._ack_upto:
+            self._ack_upto = upto_seq
+            self._schedule_flush()
+
+    # ------------------------------------------------------------- closing
+    async def close(self) -> None:
+        """Say BYE and close; pending sends fail with :class:`ConnectionClosed`."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._reconnect_task is not None:
+            self._reconnect_task.cancel()
+        proto = self._proto
+        if proto is not None and proto.open:
+            self._flush()
+            self._write([wire.bye_op()])
+            proto.transport.close()
+            try:
+                await asyncio.wait_for(asyncio.shield(proto.lost), 2.0)
+            except asyncio.TimeoutError:
+                proto.transport.abort()
+        self._finish(ConnectionClosed("client closed", code=ErrorCode.OK))
+
+    async def __aenter__(self) -> "Client":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------ internals
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        proto = self._proto
+        if proto is None or not proto.open:
+            return
+        out = self._out
+        if self._ack_upto > self._acked:
+            self._acked = self._ack_upto
+            out.append(wire.dack_op(self._ack_upto))
+        if out:
+            self._out = []
+            self._write(out)
+
+    def _write(self, ops: list[bytes]) -> None:
+        encrypt = self._tx.encrypt
+        frames = [frame(encrypt(body)) for body in wire.pack_frames(ops)]
+        self._proto.transport.write(b"".join(frames))
+
+    def _on_frame(self, msg: bytes) -> None:
+        try:
+            plaintext = self._rx.decrypt(msg)
+            ops = wire.decode_server_frame(plaintext)
+        except FastrouteError as exc:
+            self._link_failed(exc)
+            return
+        pending = self._pending
+        for op in ops:
+            if isinstance(op, wire.OpError):
+                # A relay that speaks a newer or broken dialect: skip that op.
+                continue
+            kind = op[0]
+            if kind == wire.Op.DELIVER:
+                _, seq, sender, cid, body, ts_ms, cls = op
+                seen = self._seen
+                if cid in seen:
+                    # Redelivered after a lost ack: the application had it.
+                    self.duplicates_dropped += 1
+                    if self.auto_ack and seq > self._ack_upto:
+                        self._ack_upto = seq
+                        self._schedule_flush()
+                    continue
+                seen[cid] = None
+                if len(seen) > self._dedup_window:
+                    seen.popitem(last=False)
+                self._inbox.put_nowait(Message(seq, sender, cid, body, ts_ms, cls == 1))
+            elif kind == wire.Op.SACK:
+                entry = pending.pop(op[1], None)
+                if entry is None:
+                    continue
+                fut = entry[0]
+                if fut.done():
+                    continue
+                if op[2] == 0:
+                    fut.set_result(op[1])
+                else:
+                    fut.set_exception(error_for_code(op[2], f"relay refused the message: "
+                                                     f"{_code_name(op[2])}"))
+            elif kind == wire.Op.WELCOME:
+                self.address, self.device = op[1], op[2]
+                if self._welcome is not None and not self._welcome.done():
+                    self._welcome.set_result(None)
+            elif kind == wire.Op.PONG:
+                fut = self._pings.pop(op[1], None)
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
+            elif kind == wire.Op.ERROR:
+                # A per-frame protocol error: the relay kept the link open.
+                pass
+            elif kind == wire.Op.SERVER_BYE:
+                code = op[1]
+                err = error_for_code(code, op[2]) if code else ConnectionClosed(
+                    op[2] or "relay closed the connection", code=ErrorCode.OK)
+                if code == ErrorCode.SHUTTING_DOWN:
+                    err = ConnectionClosed(op[2], code=ErrorCode.SHUTTING_DOWN)
+                self._closing_error = err if isinstance(err, FastrouteError) else None
+                if self._welcome is not None and not self._welcome.done():
+                    self._welcome.set_exception(err)
+                self._proto.transport.close()
+
+    def _link_failed(self, exc: FastrouteError) -> None:
+        self._closing_error = exc
+        if self._welcome is not None and not self._welcome.done():
+            self._welcome.set_exception(exc)
+        if self._proto is not None and self._proto.transport is not None:
+            self._proto.transport.abort()
+
+    def _on_lost(self, proto: _Proto, exc: BaseException | None) -> None:
+        if proto is not self._proto:
+            return
+        if self._welcome is not None and not self._welcome.done():
+            self._welcome.set_exception(self._closing_error or ConnectionClosed(
+                "relay closed the connection", code=ErrorCode.OK))
+        if self._closed:
+            return
+        err = self._closing_error
+        retryable = err is None or err.code in (ErrorCode.OK, ErrorCode.SHUTTING_DOWN,
+                                                ErrorCode.INTERNAL)
+        if self.reconnect and retryable and self._welcome is not None and self._welcome.done():
+            self._reconnect_task = self._loop.create_task(self._reconnect_loop())
+            return
+        self._finish(err or ConnectionClosed("connection lost", code=ErrorCode.OK))
+
+    async def _reconnect_loop(self) -> None:
+        delay = 0.05
+        while not self._closed:
+            await asyncio.sleep(delay)
+            self._closing_error = None
+            self._welcome = None
+            # acks of the old link are void; the relay redelivers what we had not acked
+            self._ack_upto = self._acked = 0
+            try:
+                await self._connect()
+                return
+            except FastrouteError as exc:
+                if exc.code not in (ErrorCode.OK, ErrorCode.SHUTTING_DOWN, ErrorCode.INTERNAL,
+                                    ErrorCode.HANDSHAKE_TIMEOUT):
+                    self._finish(exc)
+                    return
+            delay = min(delay * 2, 2.0)
+
+    def _finish(self, err: FastrouteError) -> None:
+        self._closed = True
+        self._closing_error = self._closing_error or err
+        for fut, _ in self._pending.values():
+            if not fut.done():
+                fut.set_exception(ConnectionClosed("connection closed before the relay acked",
+                                                   code=err.code))
+        self._pending.clear()
+        for fut in self._pings.values():
+            if not fut.done():
+                fut.set_exception(ConnectionClosed("connection closed", code=err.code))
+        self._inbox.put_nowait(None)
+
+
+def _code_name(code: int) -> str:
+    try:
+        return ErrorCode(code).name
+    except ValueError:
+        return str(code)

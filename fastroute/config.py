@@ -1,0 +1,165 @@
+"""Relay configuration: defaults, a TOML file, then command-line flags.
+
+Precedence is the usual one: built-in defaults < ``fastroute.toml`` (or the
+file given with ``--config``) < explicit flags.  Every field is documented in
+``README.md`` ("Configuration").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import InvalidArgument
+
+__all__ = ["RelayConfig", "Limits", "parse_hostport"]
+
+DEFAULT_PORT = 7474
+
+
+def parse_hostport(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
+    """Split ``host:port``, ``[v6]:port`` or a bare host into ``(host, port)``."""
+    text = text.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    else:
+        host, port = text, ""
+    try:
+        port_n = int(port) if port else default_port
+    except ValueError:
+        raise InvalidArgument(f"bad port in {text!r}") from None
+    if not 0 <= port_n <= 65535:
+        raise InvalidArgument(f"port out of range in {text!r}")
+    return host or "127.0.0.1", port_n
+
+
+@dataclass
+class Limits:
+    """Per-device integrity limits, the same for every provider's clients.
+
+    A provider's enrolment may lower (never raise) the rates; see
+    :meth:`fastroute.identity.Registry.add_provider`.
+    """
+
+    #: largest accepted body in bytes (also bounded by one Noise frame)
+    max_body: int = 61440
+    #: sustained messages per second per device, and the bucket's burst
+    msgs_per_s: float = 5000.0
+    msgs_burst: float = 20000.0
+    #: sustained body bytes per second per device, and the burst
+    bytes_per_s: float = 32 * 1024 * 1024
+    bytes_burst: float = 64 * 1024 * 1024
+    #: protocol errors tolerated on one connection before it is closed
+    max_protocol_errors: int = 32
+
+
+@dataclass
+class RelayConfig:
+    """Everything a :class:`fastroute.Relay` needs to start.
+
+    ``data_dir`` holds the server key (``server.key``), the provider registry
+    (``registry.db``) and the message store (``store.db``).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    data_dir: str = "fastroute-data"
+    #: "sqlite" (durable, the default) or "memory" (nothing survives a restart)
+    store: str = "sqlite"
+    #: SQLite synchronous mode: "NORMAL" survives a process crash, "FULL" also power loss
+    synchronous: str = "NORMAL"
+    #: queued + unacked messages per online device kept in RAM; the rest stay in the store
+    mailbox_capacity: int = 4096
+    max_connections: int = 100_000
+    handshake_timeout: float = 5.0
+    #: a connection that sends nothing (not even a ping) for this long is closed
+    idle_timeout: float = 300.0
+    #: resent client message ids within this window are acked again, not routed twice
+    dedup_window_s: float = 600.0
+    dedup_max_entries: int = 1_000_000
+    #: undelivered messages are deleted after this long
+    ttl_s: int = 30 * 86400
+    #: how often the relay re-reads the registry for revocations and enrolments
+    registry_poll_s: float = 0.5
+    #: listen on ``data_dir/admin.sock`` (mode 0600) for ``fastroute record``; off by default
+    admin_socket: bool = False
+    limits: Limits = field(default_factory=Limits)
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike[str]) -> "RelayConfig":
+        """Read a TOML file with a ``[relay]`` table and an optional ``[limits]`` table."""
+        with open(path, "rb") as fh:
+            try:
+                doc = tomllib.load(fh)
+            except tomllib.TOMLDecodeError as exc:
+                raise InvalidArgument(f"{path}: {exc}") from None
+        return cls.from_mapping(doc, source=str(path))
+
+    @classmethod
+    def from_mapping(cls, doc: dict[str, Any], source: str = "config") -> "RelayConfig":
+        """Build a config from nested dicts (as read from TOML), rejecting unknown keys."""
+        unknown = set(doc) - {"relay", "limits"}
+        if unknown:
+            raise InvalidArgument(f"{source}: unknown tables {sorted(unknown)}")
+        cfg = cls()
+        relay = dict(doc.get("relay", {}))
+        if "listen" in relay:
+            cfg.host, cfg.port = parse_hostport(str(relay.pop("listen")))
+        cfg._update(relay, source, "relay")
+        cfg.limits = _replace_checked(cfg.limits, doc.get("limits", {}), source, "limits")
+        cfg.validate()
+        return cfg
+
+    def _update(self, values: dict[str, Any], source: str, table: str) -> None:
+        names = {f.name for f in dataclasses.fields(self)} - {"limits"}
+        for key, value in values.items():
+            if key not in names:
+                raise InvalidArgument(f"{source}: unknown key [{table}].{key}")
+            setattr(self, key, _coerce(getattr(self, key), value, f"[{table}].{key}"))
+
+    def with_overrides(self, **overrides: Any) -> "RelayConfig":
+        """Return a copy with the non-None ``overrides`` applied (flags beat the file)."""
+        new = dataclasses.replace(self, limits=dataclasses.replace(self.limits))
+        new._update({k: v for k, v in overrides.items() if v is not None}, "flags", "relay")
+        new.validate()
+        return new
+
+    def validate(self) -> None:
+        """Raise :class:`InvalidArgument` on values that cannot work."""
+        if self.store not in ("sqlite", "memory"):
+            raise InvalidArgument("store must be 'sqlite' or 'memory'")
+        if self.synchronous.upper() not in ("NORMAL", "FULL"):
+            raise InvalidArgument("synchronous must be NORMAL or FULL")
+        if self.mailbox_capacity < 1:
+            raise InvalidArgument("mailbox_capacity must be >= 1")
+        if not 0 < self.limits.max_body <= 61440:
+            raise InvalidArgument("limits.max_body must be in 1..61440")
+        for name in ("handshake_timeout", "idle_timeout", "dedup_window_s", "registry_poll_s"):
+            if getattr(self, name) <= 0:
+                raise InvalidArgument(f"{name} must be > 0")
+
+
+def _coerce(current: Any, value: Any, name: str) -> Any:
+    if isinstance(current, bool) or not isinstance(current, (int, float, str)):
+        return value
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if type(value) is not type(current):
+        raise InvalidArgument(f"{name} must be {type(current).__name__}, got {type(value).__name__}")
+    return value
+
+
+def _replace_checked(obj: Any, values: dict[str, Any], source: str, table: str) -> Any:
+    names = {f.name for f in dataclasses.fields(obj)}
+    out = dataclasses.replace(obj)
+    for key, value in values.items():
+        if key not in names:
+            raise InvalidArgument(f"{source}: unknown key [{table}].{key}")
+        setattr(out, key, _coerce(getattr(out, key), value, f"[{table}].{key}"))
+    return out

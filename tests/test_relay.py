@@ -1,0 +1,433 @@
+"""End-to-end tests: a real relay on loopback TCP, real Noise, real SQLite, real clients.
+
+Each test runs under both the asyncio and the uvloop event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import msgpack
+import pytest
+
+from fastroute import Relay, RelayConfig
+from fastroute.errors import (
+    BadSignature,
+    BodyTooLarge,
+    ConnectionClosed,
+    CredentialExpired,
+    CredentialRevoked,
+    ErrorCode,
+    FastrouteError,
+    HandshakeError,
+    KeyMismatch,
+    UnknownAddress,
+    UnknownProvider,
+)
+from fastroute.identity import ProviderKey, Registry
+from fastroute.noise import KeyPair
+from relayutil import LOOPS, nothing_arrives, recv_n, run, world
+
+pytestmark = pytest.mark.parametrize("loop", LOOPS)
+
+
+def test_home_and_third_party_exchange_both_ways(loop, tmp_path):
+    async def main():
+        async with world(tmp_path) as w:
+            alice = await w.connect("alice@home")
+            bob = await w.connect("bob@acme")
+            assert (alice.address, bob.address) == ("alice@home", "bob@acme")
+            mid = await alice.send("bob@acme", b"ciphertext-1")
+            got = (await recv_n(bob, 1))[0]
+            assert (got.sender, got.id, got.body, got.ephemeral) == \
+                ("alice@home", mid, b"ciphertext-1", False)
+            await bob.send("alice@home", b"ciphertext-2")
+            back = (await recv_n(alice, 1))[0]
+            assert (back.sender, back.body) == ("bob@acme", b"ciphertext-2")
+            # a read receipt travels as an ephemeral signal
+            await alice.send("bob@acme", b"receipt", ephemeral=True)
+            rec = (await recv_n(bob, 1))[0]
+            assert rec.ephemeral and rec.body == b"receipt"
+            stats = w.relay.stats()
+            assert stats["accepted"] == 3
+            assert "alice" not in repr(stats) and "bob" not in repr(stats)
+    run(loop, main())
+
+
+def test_every_device_of_an_address_gets_the_message(loop, tmp_path):
+    async def main():
+        async with world(tmp_path) as w:
+            phone = await w.connect("alice@home", "phone")
+            laptop = await w.connect("alice@home", "laptop")
+            bob = await w.connect("bob@acme")
+            await bob.send("alice@home", b"to both")
+            for dev in (phone, laptop):
+                assert (await recv_n(dev, 1))[0].body == b"to both"
+            # a message from one of alice's devices reaches her other device too
+            await phone.send("alice@home", b"sync")
+            assert (await recv_n(laptop, 1))[0].body == b"sync"
+            assert (await recv_n(phone, 1))[0].body == b"sync"
+    run(loop, main())
+
+
+def test_per_device_fifo_and_exactly_once_under_load(loop, tmp_path):
+    async def main():
+        async with world(tmp_path, mailbox_capacity=64) as w:
+            alice = await w.connect("alice@home")
+            bob = await w.connect("bob@acme")
+            n = 3000
+            futs = [alice.send_nowait("bob@acme", i.to_bytes(4, "big")) for i in range(n)]
+            got = await recv_n(bob, n, timeout=30)
+            await asyncio.gather(*futs)
+            assert [int.from_bytes(m.body, "big") for m in got] == list(range(n))
+            seqs = [m.seq for m in got]
+            assert seqs == sorted(seqs) and len(set(seqs)) == n
+            assert await nothing_arrives(bob)
+    run(loop, main())
+
+
+def test_offline_recipient_gets_backlog_in_order_after_restart(loop, tmp_path):
+    async def main():
+        async with world(tmp_path) as w:
+            carol = await w.connect("carol@acme")  # the device becomes known
+            await carol.close()
+            alice = await w.connect("alice@home")
+            for i in range(50):
+                await alice.send("carol@acme", b"m%d" % i)
+            data_dir, keys = w.data_dir, w.keys
+        # a new relay process on the same data directory: the store kept them
+        relay = Relay(RelayConfig(port=0, data_dir=data_dir))
+        await relay.start()
+        try:
+            from relayutil import World
+            w2 = World(relay, data_dir, keys)
+            carol = await w2.connect("carol@acme")
+            got = await recv_n(carol, 50)
+            assert [m.body for m in got] == [b"m%d" % i for i in range(50)]
+            assert all(m.sender == "alice@home" for m in got)
+            await carol.close()
+        finally:
+            await relay.close()
+    run(loop, main())
+
+
+def test_unacked_messages_are_redelivered_on_reconnect_and_acked_ones_are_not(loop, tmp_path):
+    async def main():
+        async with world(tmp_path) as w:
+            alice = await w.connect("alice@home")
+            bob = await w.connect("bob@acme", "phone", auto_ack=False)
+            ids = [await alice.send("bob@acme", b"x%d" % i) for i in range(4)]
+            got = await recv_n(bob, 4)
+            bob.ack(got[1].seq)  # acks the first two
+            await bob.ping()  # the ack has reached the relay
+            await bob.close()
+            bob2 = await w.connect("bob@acme", "phone")
+            again = await recv_n(bob2, 2)
+            assert [m.id for m in again] == ids[2:]
+            assert await nothing_arrives(bob2)
+    run(loop, main())
+
+
+def test_resent_id_is_acked_again_but_delivered_once(loop, tmp_path):
+    async def main():
+        async with world(tmp_path) as w:
+            alice = await w.connect("alice@home")
+            bob = await w.connect("bob@acme")
+            cid = os.urandom(16)
+            assert await alice.send("bob@acme", b"once", id=cid) == cid
+            assert await alice.send("bob@acme", b"once", id=cid) == cid
+            # the same id twice in one frame, the second before the first is stored
+            from fastroute import wire
+            cid2 = os.urandom(16)
+            f1 = alice.send_nowait("bob@acme", b"twice", id=cid2)
+            assert alice.send_nowait("bob@acme", b"twice", id=cid2) is f1
+            alice._out.append(wire.send_op(cid2, "bob@acme", b"twice"))
+            assert await f1 == cid2
+            got = await recv_n(bob, 2)
+            assert [m.body for m in got] == [b"once", b"twice"]
+            assert await nothing_arrives(bob)
+    run(loop, main())
+
+
+def test_unknown_recipient_and_oversize_body_are_refused_with_codes(loop, tmp_path):
+    async def main():
+        async with world(tmp_path) as w:
+            alice = await w.connect("alice@home")
+            with pytest.raises(UnknownAddress) as err:
+                await alice.send("nobody@acme", b"x")
+            assert err.value.code == ErrorCode.UNKNOWN_RECIPIENT
+            bob = await w.connect("bob@acme")
+            with pytest.raises(BodyTooLarge):  # caught by the client library
+                await alice.send("bob@acme", b"x" * 61441)
+            # ... and by the relay, for a client that does not check
+            from fastroute import wire
+            big_id = os.urandom(16)
+            big = alice._loop.create_future()
+            alice._pending[big_id] = (big, b"")
+            alice._write([msgpack.packb([1, big_id, "bob@acme", b"x" * 61441, 0])])
+            with pytest.raises(BodyTooLarge):
+                await big
+            # the link survives refusals
+            await alice.send("bob@acme", b"fine")
+            assert [m.body for m in await recv_n(bob, 1)] == [b"fine"]
+            assert w.relay.stats()["refused"][int(ErrorCode.UNKNOWN_RECIPIENT)] == 1
+    run(loop, main())
+
+
+def test_credential_failures_get_their_code_and_no_delivery(loop, tmp_path):
+    async def main():
+        async with world(tmp_path) as w:
+            bob = await w.connect("bob@acme")
+            port, pin = w.port, w.relay.server_key.public
+            from fastroute import Client
+            from fastroute.identity import issue_credential
+
+            async def attempt(cred, static):
+                return await Client.connect("127.0.0.1", port, credential=cred,
+                                            static=static, server_key=pin)
+
+            # expired
+            with pytest.raises(CredentialExpired):
+                await w.connect("mallory@home", now=int(time.time()) - 7200, ttl_s=60)
+            # forged: signed by a key that is not acme's
+            with pytest.raises(BadSignature):
+                await w.connect("mallory@acme", key=ProviderKey.generate())
+            # unenrolled provider
+            rogue = ProviderKey.generate()
+            kp = KeyPair.generate()
+            with pytest.raises(UnknownProvider):
+                await attempt(issue_credential(rogue, "rogue", "m@rogue", "d", kp.public), kp)
+            # credential for one static key, handshake with another
+            kp1, cred = w.credential("mallory@home", "d")
+            with pytest.raises(KeyMismatch):
+                await attempt(cred, KeyPair.generate())
+            # revoked device
+            with Registry(os.path.join(w.data_dir, "registry.db")) as reg:
+                reg.revoke_device("mallory@home", "stolen")
+            with pytest.raises(CredentialRevoked):
+                await w.connect("mallory@home", "stolen")
+            assert await nothing_arrives(bob)
+            stats = w.relay.stats()
+            for code in (ErrorCode.CREDENTIAL_EXPIRED, ErrorCode.BAD_SIGNATURE,
+                         ErrorCode.UNKNOWN_PROVIDER, ErrorCode.KEY_MISMATCH,
+                         ErrorCode.CREDENTIAL_REVOKED):
+                assert stats["refused"].get(int(code)) == 1, code
+            # none of them became a known address
+            alice = await w.connect("alice@home")
+            with pytest.raises(UnknownAddress):
+                await alice.send("mallory@home", b"x")
+    run(loop, main())
+
+
+def test_revocation_closes_live_connections(loop, tmp_path):
+    async def main():
+        async with world(tmp_path) as w:
+            eve = await w.connect("eve@acme", "tablet")
+            alice = await w.connect("alice@home")
+            with Registry(os.path.join(w.data_dir, "registry.db")) as reg:
+                reg.revoke_device("eve@acme", "tablet")
+            with pytest.raises(CredentialRevoked):
+                await asyncio.wait_for(eve.recv(), 5)
+            # a whole provider
+            bob = await w.connect("bob@acme")
+            with Registry(os.path.join(w.data_dir, "registry.db")) as reg:
+                reg.revoke_provider("acme")
+            with pytest.raises(CredentialRevoked):
+                await asyncio.wait_for(bob.recv(), 5)
+            with pytest.raises(CredentialRevoked):
+                await w.connect("bob@acme", "other")
+            await alice.ping()  # home is unaffected
+    run(loop, main())
+
+
+def test_slow_consumer_spills_to_store_and_catches_up_in_order(loop, tmp_path):
+    async def main():
+        async with world(tmp_path, mailbox_capacity=4) as w:
+            alice = await w.connect("alice@home")
+            bob = await w.connect("bob@acme", auto_ack=False)
+            n = 200
+            await asyncio.gather(*(alice.send_nowait("bob@acme", b"%04d" % i)
+                                   for i in range(n)))
+            got = []
+            while len(got) < n:
+                batch = await asyncio.wait_for(bob.recv_many(), 10)
+                # never more in flight than the mailbox holds
+                assert len(batch) <= 4
+                got.extend(batch)
+                bob.ack(batch[-1].seq)
+            assert [m.body for m in got] == [b"%04d" % i for i in range(n)]
+            assert w.relay.router.stats()["queued"] == 0 if "queued" in \
+                w.relay.router.stats() else True
+    run(loop, main())
+
+
+def test_ephemeral_signal_to_offline_device_is_dropped_not_stored(loop, tmp_path):
+    async def main():
+        async with world(tmp_path) as w:
+            carol = await w.connect("carol@acme")
+            await carol.close()
+            alice = await w.connect("alice@home")
+            await alice.send("carol@acme", b"typing", ephemeral=True)
+            await alice.send("carol@acme", b"stored")
+            carol = await w.connect("carol@acme")
+            got = await recv_n(carol, 1)
+            assert [m.body for m in got] == [b"stored"]
+            assert await nothing_arrives(carol)
+    run(loop, main())
+
+
+def test_graceful_shutdown_tells_clients(loop, tmp_path):
+    async def main():
+        async with world(tmp_path) as w:
+            alice = await w.connect("alice@home")
+            await w.relay.close()
+            with pytest.raises(ConnectionClosed) as err:
+                await asyncio.wait_for(alice.recv(), 5)
+            assert err.value.code == ErrorCode.SHUTTING_DOWN
+    run(loop, main())
+
+
+def test_wrong_prologue_fails_closed(loop, tmp_path):
+    async def main():
+        async with world(tmp_path) as w:
+            kp, cred = w.credential("alice@home", "phone")
+            from fastroute import Client
+            with pytest.raises(HandshakeError):
+                await Client.connect("127.0.0.1", w.port, credential=cred, static=kp,
+                                     prologue=b"fastroute/0", timeout=5)
+            await asyncio.sleep(0.05)
+            assert w.relay.stats()["connections"] == 0
+    run(loop, main())
+
+
+def test_pinned_key_mismatch_is_refused_by_the_client(loop, tmp_path):
+    async def main():
+        async with world(tmp_path) as w:
+            kp, cred = w.credential("alice@home", "phone")
+            from fastroute import Client
+            with pytest.raises(HandshakeError):
+                await Client.connect("127.0.0.1", w.port, credential=cred, static=kp,
+                                     server_key=KeyPair.generate().public)
+    run(loop, main())
+
+
+def test_silent_and_garbage_connections_are_closed_and_leave_nothing(loop, tmp_path):
+    async def main():
+        async with world(tmp_path, handshake_timeout=0.3) as w:
+            # silent: closed by the handshake timeout
+            r, wr = await asyncio.open_connection("127.0.0.1", w.port)
+            assert await asyncio.wait_for(r.read(), 5) == b""
+            wr.close()
+            # garbage first frame: closed at once
+            r, wr = await asyncio.open_connection("127.0.0.1", w.port)
+            wr.write(b"\x00\x05hello")
+            assert await asyncio.wait_for(r.read(), 5) == b""
+            wr.close()
+            # an oversize length prefix with nothing behind it
+            r, wr = await asyncio.open_connection("127.0.0.1", w.port)
+            wr.write(b"\xff\xff" + b"\x00" * 100)
+            assert await asyncio.wait_for(r.read(), 5) == b""
+            wr.close()
+            await asyncio.sleep(0.05)
+            assert w.relay.stats()["connections"] == 0
+            # the relay still serves real clients
+            alice = await w.connect("alice@home")
+            await alice.ping()
+    run(loop, main())
+
+
+def test_replayed_handshake_is_refused(loop, tmp_path):
+    async def main():
+        from fastroute import wire
+        from fastroute.noise import FrameReader, HandshakeState, frame
+        async with world(tmp_path) as w:
+            kp, cred = w.credential("alice@home", "phone")
+            # a real handshake, recorded
+            r, wr = await asyncio.open_connection("127.0.0.1", w.port)
+            hs = HandshakeState(initiator=True, static=kp)
+            m1 = frame(hs.write_message())
+            wr.write(m1)
+            fr = FrameReader()
+            msgs = []
+            while not msgs:
+                msgs = fr.feed(await r.read(65536))
+            hs.read_message(msgs[0])
+            m3 = frame(hs.write_message(wire.encode_client_hello(cred)))
+            wr.write(m3)
+            await asyncio.sleep(0.1)
+            wr.close()
+            # replaying the recorded client messages on a new connection: the relay
+            # chose a new ephemeral key, so msg3 no longer authenticates
+            r, wr = await asyncio.open_connection("127.0.0.1", w.port)
+            wr.write(m1)
+            await asyncio.sleep(0.05)
+            wr.write(m3)
+            data = b""
+            while True:
+                chunk = await asyncio.wait_for(r.read(65536), 5)
+                if not chunk:
+                    break
+                data += chunk
+            # only msg2 came back, then the close: no WELCOME, no transport frame
+            assert len(FrameReader().feed(data)) == 1
+            assert w.relay.stats()["refused"].get(int(ErrorCode.HANDSHAKE_FAILED)) == 1
+    run(loop, main())
+
+
+def test_malformed_ops_get_errors_and_valid_ops_in_the_same_frame_survive(loop, tmp_path):
+    async def main():
+        import msgpack
+
+        from fastroute import wire
+        async with world(tmp_path) as w:
+            alice = await w.connect("alice@home")
+            bob = await w.connect("bob@acme")
+            good = os.urandom(16)
+            bad_id = os.urandom(16)
+            ops = [wire.send_op(good, "bob@acme", b"ok"),
+                   msgpack.packb([1, bad_id, "bob@acme", b"x", 7]),  # class 7 does not exist
+                   msgpack.packb([99, 1])]  # unknown opcode
+            fut = alice.send_nowait("bob@acme", b"placeholder", id=good)
+            alice._out.clear()
+            bad_fut = alice._loop.create_future()
+            alice._pending[bad_id] = (bad_fut, b"")
+            alice._write(ops)
+            assert await fut == good
+            with pytest.raises(FastrouteError) as err:
+                await bad_fut
+            assert err.value.code == ErrorCode.BAD_FIELD
+            assert [m.body for m in await recv_n(bob, 1)] == [b"ok"]
+            await alice.ping()  # still connected
+    run(loop, main())
+
+
+def test_tampered_transport_frame_closes_the_connection(loop, tmp_path):
+    async def main():
+        async with world(tmp_path) as w:
+            alice = await w.connect("alice@home")
+            alice._proto.transport.write(b"\x00\x20" + os.urandom(32))
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(alice.recv(), 5)
+            await asyncio.sleep(0.05)
+            assert w.relay.stats()["connections"] == 0
+            assert w.relay.stats()["refused"].get(int(ErrorCode.DECRYPT_FAILED)) == 1
+    run(loop, main())
+
+
+def test_rate_limit_refuses_with_code_and_keeps_accepted(loop, tmp_path):
+    async def main():
+        from fastroute.config import Limits
+        from fastroute.errors import RateLimited
+        lim = Limits(msgs_per_s=1.0, msgs_burst=5.0)
+        async with world(tmp_path, limits=lim) as w:
+            alice = await w.connect("alice@home")
+            bob = await w.connect("bob@acme")
+            results = await asyncio.gather(*(alice.send_nowait("bob@acme", b"%d" % i)
+                                             for i in range(8)), return_exceptions=True)
+            ok = [r for r in results if isinstance(r, bytes)]
+            limited = [r for r in results if isinstance(r, RateLimited)]
+            assert len(ok) == 5 and len(limited) == 3
+            assert [m.body for m in await recv_n(bob, 5)] == [b"%d" % i for i in range(5)]
+    run(loop, main())
