@@ -101,13 +101,16 @@ class Client:
       default); with False call :meth:`ack` yourself;
     * ``reconnect``: reconnect with backoff when the link drops, resending
       every send the relay has not acked yet with the same id (the relay's
-      dedup window makes that safe).
+      dedup window makes that safe);
+    * ``keepalive``: seconds between PINGs, so a device that only receives
+      is not closed as idle (None: never).
     """
 
     def __init__(self, host: str, port: int, *, credential: bytes, static: KeyPair,
                  server_key: bytes | None = None, auto_ack: bool = True,
                  reconnect: bool = False, timeout: float = 10.0,
-                 prologue: bytes = PROLOGUE, dedup_window: int = 65536) -> None:
+                 prologue: bytes = PROLOGUE, dedup_window: int = 65536,
+                 keepalive: float | None = 60.0) -> None:
         self.host = host
         self.port = port
         self.credential = credential
@@ -138,6 +141,8 @@ class Client:
         self._closing_error: FastrouteError | None = None
         self._welcome: asyncio.Future | None = None
         self._reconnect_task: asyncio.Task | None = None
+        self._keepalive_s = keepalive
+        self._keepalive: asyncio.Task | None = None
         #: duplicates dropped by the client's own dedup window (for tests and metrics)
         self.duplicates_dropped = 0
 
@@ -195,6 +200,8 @@ class Client:
         # frames that arrived together with msg2 cannot exist (the relay
         # waits for msg3), so nothing is left in the handshake queue.
         await asyncio.shield(self._welcome)
+        if self._keepalive_s and self._keepalive is None:
+            self._keepalive = self._loop.create_task(self._keepalive_loop())
         # Resend whatever the relay had not acked on the previous link.
         if self._pending:
             self._out.extend(op for _, op in self._pending.values())
@@ -309,9 +316,14 @@ class Client:
         self._closed = True
         if self._reconnect_task is not None:
             self._reconnect_task.cancel()
+        if self._keepalive is not None:
+            self._keepalive.cancel()
         proto = self._proto
         if proto is not None and proto.open:
             self._flush()
+            if self._pending:
+                # let the relay answer what is in flight (it does so before BYE too)
+                await asyncio.wait([f for f, _ in self._pending.values()], timeout=2.0)
             self._write([wire.bye_op()])
             proto.transport.close()
             try:
@@ -366,14 +378,15 @@ class Client:
             if kind == wire.Op.DELIVER:
                 _, seq, sender, cid, body, ts_ms, cls = op
                 seen = self._seen
-                if cid in seen:
+                key = (sender, cid)  # ids are unique per sender, not globally
+                if key in seen:
                     # Redelivered after a lost ack: the application had it.
                     self.duplicates_dropped += 1
                     if self.auto_ack and seq > self._ack_upto:
                         self._ack_upto = seq
                         self._schedule_flush()
                     continue
-                seen[cid] = None
+                seen[key] = None
                 if len(seen) > self._dedup_window:
                     seen.popitem(last=False)
                 self._inbox.put_nowait(Message(seq, sender, cid, body, ts_ms, cls == 1))
@@ -428,11 +441,21 @@ class Client:
             return
         err = self._closing_error
         retryable = err is None or err.code in (ErrorCode.OK, ErrorCode.SHUTTING_DOWN,
-                                                ErrorCode.INTERNAL)
+                                                ErrorCode.INTERNAL, ErrorCode.IDLE_TIMEOUT)
         if self.reconnect and retryable and self._welcome is not None and self._welcome.done():
             self._reconnect_task = self._loop.create_task(self._reconnect_loop())
             return
         self._finish(err or ConnectionClosed("connection lost", code=ErrorCode.OK))
+
+    async def _keepalive_loop(self) -> None:
+        # The relay closes links that stay silent for its idle timeout (300 s
+        # by default); a device that only receives must still speak now and then.
+        while not self._closed:
+            await asyncio.sleep(self._keepalive_s)
+            if self._proto is not None and self._proto.open:
+                self._ping_token += 1
+                self._out.append(wire.ping_op(self._ping_token))
+                self._schedule_flush()
 
     async def _reconnect_loop(self) -> None:
         delay = 0.05

@@ -60,6 +60,7 @@ class ErrorCode(enum.IntEnum):
     DECRYPT_FAILED = 105
     BAD_PROLOGUE = 106
     HANDSHAKE_TIMEOUT = 107
+    IDLE_TIMEOUT = 108
     INVALID_ARGUMENT = 110
     WRONG_TYPE = 111
     # 2xx: who is this device
@@ -69,6 +70,7 @@ class ErrorCode(enum.IntEnum):
     KEY_MISMATCH = 203
     CREDENTIAL_EXPIRED = 204
     CREDENTIAL_REVOKED = 205
+    SESSION_REPLACED = 206
     # 3xx: where does it go
     UNKNOWN_RECIPIENT = 300
     UNKNOWN_DEVICE = 301

@@ -60,8 +60,8 @@ _OP_BYE = int(wire.Op.BYE)
 # (the "tail") and each delivery only packs its own sequence number.
 _DELIVER_HEAD = b"\x97" + msgpack.packb(int(wire.Op.DELIVER))
 
-# connection states
-_HS_WAIT1, _HS_WAIT3, _OPEN, _CLOSED = range(4)
+# connection states (_DRAINING: the client said BYE, its SACKs are still due)
+_HS_WAIT1, _HS_WAIT3, _OPEN, _CLOSED, _DRAINING = range(5)
 
 
 def load_or_create_server_key(data_dir: str) -> tuple[KeyPair, bool]:
@@ -112,6 +112,8 @@ class _Conn(asyncio.Protocol):
         self.inflight: deque = deque()  # (seq, mid) popped, waiting for DACK
         self.paused = False
         self.errors = 0
+        self.storing = 0  # store batches of this link not yet committed
+        self.bye_requested = False
         self.last_rx = time.monotonic()
         self.timer: asyncio.TimerHandle | None = None
         self.msg_bucket: TokenBucket | None = None
@@ -167,7 +169,7 @@ class _Conn(asyncio.Protocol):
                     return
                 self.last_rx = time.monotonic()
                 self._on_frame(plaintext)
-            elif self.state == _CLOSED:
+            elif self.state in (_CLOSED, _DRAINING):
                 return
             else:
                 self._on_handshake(msg)
@@ -260,7 +262,12 @@ class _Conn(asyncio.Protocol):
                 if sends:
                     relay._accept(self, sends)
                     sends = None
-                self._bye(ErrorCode.OK, "bye")
+                if self.storing:
+                    # answer every SEND of this link before saying goodbye
+                    self.bye_requested = True
+                    self.state = _DRAINING
+                else:
+                    self._bye(ErrorCode.OK, "bye")
                 return
         if sends:
             relay._accept(self, sends)
@@ -319,7 +326,7 @@ class _Conn(asyncio.Protocol):
     def flush(self) -> None:
         """Encrypt the outgoing ops into as few frames as fit, and write once."""
         out = self.out
-        if not out or self.state != _OPEN:
+        if not out or self.state not in (_OPEN, _DRAINING):
             out.clear()
             return
         self.out = []
@@ -332,6 +339,7 @@ class _Conn(asyncio.Protocol):
         """Send a final BYE (if the link is up) and close after it is written."""
         if self.state == _CLOSED:
             return
+        self.state = _OPEN  # a draining link may still flush
         if self.tx is not None:
             self.out.append(wire.server_bye_op(int(code), reason))
             self.flush()
@@ -457,6 +465,7 @@ class Relay:
         self._online: dict[int, _Conn] = {}  # engine device id -> connection
         self._by_device: dict[tuple[str, str], _Conn] = {}
         self._known: dict[str, list[int]] = {}  # address -> store device keys
+        self._buckets: dict[tuple[str, str], tuple[TokenBucket, TokenBucket]] = {}
         self._dedup = DedupWindow(self.config.dedup_window_s, self.config.dedup_max_entries)
         self._dirty: set[_Conn] = set()
         self._flush_scheduled = False
@@ -611,7 +620,7 @@ class Relay:
                 conn._bye(exc.code, str(exc))
                 continue
             if conn.last_rx < idle_limit:
-                conn._bye(ErrorCode.OK, "idle timeout")
+                conn._bye(ErrorCode.IDLE_TIMEOUT, "idle timeout")
 
     async def _housekeeping(self) -> None:
         cfg = self.config
@@ -638,7 +647,8 @@ class Relay:
         key = (cred.address, cred.device)
         old = self._by_device.get(key)
         if old is not None:
-            old._bye(ErrorCode.OK, "replaced by a newer connection of the same device")
+            old._bye(ErrorCode.SESSION_REPLACED,
+                     "replaced by a newer connection of the same device")
             self._drop_conn(old)
         conn.cred = cred
         conn.address = cred.address
@@ -654,10 +664,16 @@ class Relay:
         self._by_device[key] = conn
         lim = self.config.limits
         quota = self.trust.quota(cred.provider)
-        conn.msg_bucket = TokenBucket(min(lim.msgs_per_s, quota.get("msgs_per_s") or lim.msgs_per_s),
-                                      lim.msgs_burst)
-        conn.byte_bucket = TokenBucket(min(lim.bytes_per_s, quota.get("bytes_per_s") or lim.bytes_per_s),
-                                       lim.bytes_burst)
+        # Buckets belong to the device, not the link: reconnecting must not
+        # refill a burst.  (Kept in memory: bounded by the known devices.)
+        buckets = self._buckets.get(key)
+        if buckets is None:
+            buckets = self._buckets[key] = (
+                TokenBucket(min(lim.msgs_per_s, quota.get("msgs_per_s") or lim.msgs_per_s),
+                            lim.msgs_burst),
+                TokenBucket(min(lim.bytes_per_s, quota.get("bytes_per_s") or lim.bytes_per_s),
+                            lim.bytes_burst))
+        conn.msg_bucket, conn.byte_bucket = buckets
         conn.max_body = min(lim.max_body, quota.get("max_body") or lim.max_body)
         conn.out.append(wire.welcome_op(cred.address, cred.device, int(time.time() * 1000)))
         self._mark(conn)
@@ -714,7 +730,10 @@ class Relay:
                 code = ErrorCode.BODY_TOO_LARGE
             elif to not in known:
                 code = ErrorCode.UNKNOWN_RECIPIENT
-            elif not msg_bucket.take(1.0) or not byte_bucket.take(len(body)):
+            elif not msg_bucket.take(1.0):
+                code = ErrorCode.RATE_LIMITED
+            elif not byte_bucket.take(len(body)):
+                msg_bucket.tokens += 1.0  # refused: the message costs no quota
                 code = ErrorCode.RATE_LIMITED
             else:
                 code = 0
@@ -739,12 +758,26 @@ class Relay:
         if stored:
             fut = self.store.put_many([s[:5] for s in stored])
             self._puts_in_flight += 1
+            conn.storing += 1
             fut.add_done_callback(lambda f: self._stored(conn, stored, f))
         self._mark(conn)
 
     def _stored(self, conn: _Conn, items: list, fut: asyncio.Future) -> None:
         """The store committed a batch: route it, then ack every sender."""
         self._puts_in_flight -= 1
+        conn.storing -= 1
+        try:
+            self._stored_batch(conn, items, fut)
+        finally:
+            if conn.bye_requested and not conn.storing:
+                self._flush_conn_then_bye(conn)
+
+    def _flush_conn_then_bye(self, conn: _Conn) -> None:
+        conn.bye_requested = False
+        self._dirty.discard(conn)
+        conn._bye(ErrorCode.OK, "bye")
+
+    def _stored_batch(self, conn: _Conn, items: list, fut: asyncio.Future) -> None:
         dedup = self._dedup
         exc = fut.exception() if not fut.cancelled() else FastrouteError(
             "store closed", code=ErrorCode.STORE_FAILED)
@@ -769,11 +802,11 @@ class Relay:
             self._ack_all(conn, item[1], 0, waiters)
 
     def _ack_all(self, conn: _Conn, cid: bytes, code: int, waiters: list | None) -> None:
-        if conn.state == _OPEN:
+        if conn.state in (_OPEN, _DRAINING):
             conn.out.append(wire.sack_op(cid, code))
             self._mark(conn)
         for other, wcid in waiters or ():
-            if other.state == _OPEN:
+            if other.state in (_OPEN, _DRAINING):
                 other.out.append(wire.sack_op(wcid, code))
                 self._mark(other)
 
@@ -829,7 +862,7 @@ class Relay:
                 dirty.add(conn)
         self._dirty = set()
         for conn in dirty:
-            if conn.state == _OPEN:
+            if conn.state in (_OPEN, _DRAINING):
                 conn.flush()
 
 

@@ -431,3 +431,34 @@ def test_rate_limit_refuses_with_code_and_keeps_accepted(loop, tmp_path):
             assert len(ok) == 5 and len(limited) == 3
             assert [m.body for m in await recv_n(bob, 5)] == [b"%d" % i for i in range(5)]
     run(loop, main())
+
+
+def test_bye_right_after_sends_still_gets_every_sack(loop, tmp_path):
+    async def main():
+        from fastroute import wire
+        async with world(tmp_path) as w:
+            alice = await w.connect("alice@home")
+            bob = await w.connect("bob@acme")
+            futs = [alice.send_nowait("bob@acme", b"%d" % i) for i in range(100)]
+            # SENDs and BYE in one frame: the relay must answer the SENDs first
+            alice._out.append(wire.bye_op())
+            alice._flush()
+            assert len(await asyncio.gather(*futs)) == 100
+            assert len(await recv_n(bob, 100)) == 100
+    run(loop, main())
+
+
+def test_second_connection_of_a_device_replaces_the_first(loop, tmp_path):
+    async def main():
+        from fastroute.errors import AuthError
+        async with world(tmp_path) as w:
+            kp, cred = w.credential("alice@home", "phone")
+            from fastroute import Client
+            first = await Client.connect("127.0.0.1", w.port, credential=cred, static=kp)
+            second = await Client.connect("127.0.0.1", w.port, credential=cred, static=kp)
+            with pytest.raises(AuthError) as err:
+                await asyncio.wait_for(first.recv(), 5)
+            assert err.value.code == ErrorCode.SESSION_REPLACED
+            await second.ping()
+            await second.close()
+    run(loop, main())
