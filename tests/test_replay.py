@@ -1,0 +1,104 @@
+"""Replay end to end: the whole CollegeMsg trace against a real relay on loopback.
+
+The relay runs in this process's thread-free event loop in a child process
+(``fastroute serve``), the load generator in its own worker processes, as a
+user would run them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fastroute.loadtest.trace import TraceRecord, write_trace
+
+SHARED = Path(os.environ.get("FASTROUTE_SHARED",
+                             Path(__file__).resolve().parents[2] / "shared"))
+COLLEGE = SHARED / "data" / "CollegeMsg.txt"
+
+
+@pytest.fixture
+def relay_proc(tmp_path):
+    """``fastroute serve`` on a free loopback port, stopped with SIGTERM afterwards."""
+    data = tmp_path / "relay"
+    proc = subprocess.Popen([sys.executable, "-m", "fastroute.cli", "serve", "--data-dir",
+                             str(data), "--listen", "127.0.0.1:0", "--admin-socket"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=tmp_path)
+    port = None
+    deadline = time.monotonic() + 20
+    lines = []
+    while port is None and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if "listening on" in line and not line.startswith("20"):
+            port = int(line.rsplit(":", 1)[1])
+    assert port, "".join(lines)
+    yield data, port, lines
+    proc.terminate()
+    try:
+        out, _ = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == 0, out
+    assert "shutting down" in out
+
+
+def replay(args, timeout=240):
+    # cwd outside the checkout: the installed package is the one under test
+    return subprocess.run([sys.executable, "-m", "fastroute.cli", "replay", *args],
+                          capture_output=True, text=True, timeout=timeout, cwd="/")
+
+
+@pytest.mark.skipif(not COLLEGE.exists(), reason="shared/data/CollegeMsg.txt not present")
+def test_collegemsg_replayed_with_nothing_lost_or_duplicated(relay_proc, tmp_path):
+    data, port, lines = relay_proc
+    assert any("fingerprint" in ln for ln in lines)
+    # 194 days at 2,000,000x is about 8.4 s of schedule: paced, open loop
+    res = replay([str(COLLEGE), "--target", f"127.0.0.1:{port}", "--data-dir", str(data),
+                  "--speed", "2000000", "--processes", "2", "--report", str(tmp_path / "rep"),
+                  "--no-progress"])
+    assert res.returncode == 0, res.stdout + res.stderr
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert rep["scheduled"] == rep["sent"] == rep["acked"] == 59835
+    assert rep["delivered"] == 59835
+    assert rep["lost"] == 0 and rep["duplicates"] == 0
+    assert (tmp_path / "rep" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert rep["latency_ms"]["p99"] is not None
+    assert rep["meta"]["processes"] == 2
+
+
+def test_small_trace_and_record_tap_round_trip(relay_proc, tmp_path):
+    """Replay a tiny trace while `fastroute record` taps the relay: metadata only."""
+    data, port, _ = relay_proc
+    trace = tmp_path / "t.trace"
+    recs = [TraceRecord(i * 1000, f"u{i % 3}", (f"u{(i + 1) % 3}",), 100 + i, "p")
+            for i in range(30)]
+    write_trace(trace, recs)
+    out = tmp_path / "recorded.trace"
+    rec = subprocess.Popen([sys.executable, "-m", "fastroute.cli", "record", "--data-dir",
+                            str(data), "--out", str(out), "--duration", "20", "--count", "30"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           cwd=tmp_path)
+    time.sleep(1.0)
+    res = replay([str(trace), "--target", f"127.0.0.1:{port}", "--data-dir", str(data),
+                  "--speed", "1", "--no-progress"])
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "lost 0" in res.stdout and "duplicates 0" in res.stdout
+    rout, _ = rec.communicate(timeout=30)
+    assert rec.returncode == 0, rout
+    text = out.read_text()
+    from fastroute.loadtest.trace import read_trace
+    got = list(read_trace(out))
+    assert len(got) == 30
+    assert sorted(r.size for r in got) == sorted(r.size for r in recs)
+    # pseudonyms, never the replayed addresses
+    assert "@" not in text and "u0" not in text.split()
+    assert len({r.sender for r in got}) == 3
