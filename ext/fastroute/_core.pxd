@@ -1,0 +1,151 @@
+# cython: language_level=3
+#
+# Interface of the compiled routing engine, fastroute._core.
+#
+# Read this file as the map of the engine; _core.pyx has the Python-visible
+# methods, _ring.pxi the mailbox ring primitives, _args.pxi argument checks.
+# The pure-Python model fastroute/_model.py is the specification both follow.
+#
+# Ownership in one paragraph: the Router owns dicts of _Device, _Address and
+# _Group objects.  A _Device embeds its Mailbox (a C struct); _Address.devs
+# and _Group.cache are C arrays of Mailbox* *borrowed* from those _Device
+# objects, valid only while the device is registered: removing a device
+# rewrites its address's array and invalidates the cache of every group that
+# names the address.  A queued payload is one strong reference in a ring slot.
+#
+# Re-entrancy rule: a Py_DECREF of a payload, or any allocation of a Python
+# object (which may run the cyclic GC and so arbitrary __del__ code), may
+# call back into this Router.  Loops that can do either re-read the Mailbox
+# fields on every iteration and commit their position before the call; loops
+# over borrowed Mailbox* arrays (route, fan-out) allocate no Python object.
+
+from cpython.object cimport PyObject
+from libc.stdint cimport int64_t, uint64_t
+
+
+cdef enum:
+    # Smallest ring allocated; an idle device keeps this many slots (64 bytes)
+    # so that a 1:1 push/pop/ack cycle never touches the allocator.
+    RING_MIN = 8
+    READY_MIN = 64
+    # route_many plans this many items without a heap allocation
+    PLAN_STACK = 32
+
+
+cdef enum Offer:
+    # outcome of offering one payload to one mailbox (route/fan-out)
+    OFFER_NOMEM = -1     # allocation failed; nothing changed
+    OFFER_FULL = 0       # device full or sticky-overflowed; nothing placed
+    OFFER_PLACED = 1
+
+
+ctypedef struct Mailbox:
+    # Ring of payload references.  Positions are absolute and per device:
+    # the message at position p has sequence number p + 1 and lives in
+    # buf[p & (size - 1)].  Because one mailbox's seqs are consecutive, no
+    # seq is stored: 8 bytes per queued message.
+    #     acked <= popped <= tail,  tail - acked <= size
+    #     [acked, popped)  popped, waiting for ack
+    #     [popped, tail)   queued, poppable
+    PyObject** buf       # NULL until the first message; freed on removal
+    uint64_t size        # 0 or a power of two >= RING_MIN
+    uint64_t acked
+    uint64_t popped
+    uint64_t tail
+    int64_t dev_id
+    bint overflowed      # sticky: route/fan-out report it full until resume()
+    bint in_ready        # listed in Router.ready since the last take_ready()
+
+
+ctypedef struct ReadyList:
+    # device ids that became poppable, in order, each once (Mailbox.in_ready);
+    # ids of devices removed meanwhile are skipped by take_ready()
+    int64_t* ids
+    Py_ssize_t n
+    Py_ssize_t size
+    Py_ssize_t dead      # entries whose device was removed (compaction hint)
+
+
+ctypedef struct FullList:
+    # (item index, device id) pairs of one call's MailboxFull; heap storage
+    # is taken only when a mailbox is actually full
+    int64_t* pairs
+    Py_ssize_t n
+    Py_ssize_t size
+
+
+ctypedef struct Counters:
+    int64_t overflowed   # devices currently flagged
+    int64_t queued       # sum of tail - popped
+    int64_t unacked      # sum of popped - acked
+    int64_t delivered    # messages ever placed (route, fan-out, push)
+    int64_t popped
+    int64_t acked
+    int64_t requeued
+    int64_t returned     # handed back by remove_device()
+
+
+cdef class _Device:
+    # one registered device; dropped (and its ring freed) on remove_device
+    cdef Mailbox mb
+    cdef str address
+    cdef str name
+
+
+cdef class _Address:
+    # An interned address: the record is the address's identity inside the
+    # engine.  It exists while it has devices or a group names it.
+    cdef str address
+    cdef dict by_name        # device_name -> _Device (owns the devices)
+    cdef Mailbox** devs      # same devices in id order (borrowed)
+    cdef Py_ssize_t ndevs
+    cdef Py_ssize_t size_devs
+    cdef set groups          # ids of the groups naming this address
+
+    cdef int append(self, _Device dev) except -1
+    cdef void discard(self, Mailbox* m) noexcept
+
+
+cdef class _Group:
+    cdef object gid
+    cdef dict members        # address -> _Address, insertion order
+    # Flattened Mailbox* of every device of every member, built on the first
+    # fan-out after a change so that fan-out is one tight C loop.
+    cdef Mailbox** cache
+    cdef Py_ssize_t ncache
+    cdef bint valid
+
+
+cdef class Router:
+    cdef uint64_t cap
+    cdef dict _devices       # device id (int) -> _Device
+    cdef dict _addrs         # address (str) -> _Address
+    cdef dict _groups        # group id (int) -> _Group
+    cdef int64_t next_dev    # ids start at 1 and are never reused
+    cdef int64_t next_group
+    cdef int64_t live_addrs  # addresses with at least one device
+    cdef ReadyList ready
+    cdef Counters c
+
+    # lookups raising the contract's errors (object returns propagate them)
+    cdef _Device _device(self, object device_id)
+    cdef _Group _group(self, object group_id)
+    cdef _Address _route_target(self, object address)
+    cdef _Address _intern(self, str address)
+    # drop an _Address with no devices and no groups
+    cdef int _release(self, _Address a) except -1
+    # drop ids of removed devices from the ready list (bounded memory for
+    # embedders that never call take_ready)
+    cdef int _compact_ready(self) except -1
+    # mark the caches of the groups naming `a` stale
+    cdef int _invalidate(self, _Address a) except -1
+    cdef int _rebuild(self, _Group g) except -1
+    # pop up to max_n queued messages of one device as [(seq, payload)]
+    cdef list _pop(self, _Device dev, Py_ssize_t max_n)
+    # raise MemoryError / MailboxFull for a finished placement loop
+    cdef int _finish(self, FullList* full, bint nomem, int64_t entered) except -1
+    # check every (address, payload) of a batch before anything is placed;
+    # fills plan[i] with the borrowed _Address of item i.  Returns 1 (and
+    # fills nothing usable) when an address is a str subclass: the caller
+    # normalises the batch to plain str, allocating, then plans again.
+    cdef int _plan(self, list items, PyObject** plan) except -1
