@@ -294,8 +294,10 @@ def test_send_op_checks_its_arguments():
         wire.send_op(b"short", ADDR, b"x")
     with pytest.raises(wire.InvalidArgument):
         wire.send_op(MID, "nobody", b"x")
-    with pytest.raises(wire.InvalidArgument):
+    # the same class and code the relay would answer with
+    with pytest.raises(BodyTooLarge) as err:
         wire.send_op(MID, ADDR, b"x" * (MAX_BODY + 1))
+    assert err.value.code == ErrorCode.BODY_TOO_LARGE
     with pytest.raises(wire.InvalidArgument):
         wire.send_op(MID, ADDR, b"x", True)
     with pytest.raises(wire.WrongType):
