@@ -1,49 +1,109 @@
-"""Types of the compiled routing engine (ext/fastroute/_core.pyx).
+"""Types and contract of the routing engine (compiled from ext/fastroute/_core.pyx).
 
-``fastroute._model.Router`` has the same interface and semantics.
+``fastroute._model.Router`` has the same interface and semantics, errors
+included.  Errors are the classes of :mod:`fastroute.errors`: WrongType for a
+wrong argument type (bool is not accepted as an int), InvalidArgument for a
+bad value (negative count, address not shaped ``user@provider``),
+UnknownAddress / UnknownDevice / UnknownGroup, and MailboxFull.
 """
 
 from collections.abc import Iterable
 
 __all__ = ["Router", "MAX_MAILBOX_CAPACITY"]
 
+#: Largest accepted ``mailbox_capacity``.
 MAX_MAILBOX_CAPACITY: int
 
 class Router:
-    """Address table, per-device bounded mailboxes, groups and fan-out."""
+    """Address table, per-device bounded mailboxes, groups and fan-out.
+
+    Device and group ids are ints from 1, never reused.  Payloads are any
+    objects, stored by reference.  Capacity counts queued plus
+    popped-but-unacked messages of a device.
+    """
 
     def __init__(self, mailbox_capacity: int = 1024) -> None: ...
     @property
-    def mailbox_capacity(self) -> int: ...
-    # devices
-    def add_device(self, address: str, device_name: str) -> int: ...
-    def remove_device(self, device_id: int) -> list[tuple[int, object]]: ...
-    def device_id(self, address: str, device_name: str) -> int: ...
-    def devices(self, address: str) -> list[int]: ...
-    def device_info(self, device_id: int) -> tuple[str, str]: ...
-    def has_address(self, address: str) -> bool: ...
-    # routing
-    def route(self, address: str, payload: object) -> int: ...
-    def route_many(self, items: Iterable[tuple[str, object]]) -> int: ...
-    def push(self, device_id: int, payload: object) -> int: ...
-    # groups
-    def create_group(self, addresses: Iterable[str] = ()) -> int: ...
-    def add_member(self, group_id: int, address: str) -> bool: ...
-    def remove_member(self, group_id: int, address: str) -> None: ...
-    def delete_group(self, group_id: int) -> None: ...
-    def group_members(self, group_id: int) -> list[str]: ...
+    def mailbox_capacity(self) -> int:
+        """Per-device limit on queued + popped-unacked messages."""
+
+    # -- devices
+    def add_device(self, address: str, device_name: str) -> int:
+        """Register a device; idempotent per (address, device_name)."""
+    def remove_device(self, device_id: int) -> list[tuple[int, object]]:
+        """Unregister; return held messages (seq, payload), unacked then queued."""
+    def device_id(self, address: str, device_name: str) -> int:
+        """Id of (address, device_name); UnknownDevice if absent."""
+    def devices(self, address: str) -> list[int]:
+        """Ids of the address's devices, ascending; UnknownAddress if none."""
+    def device_info(self, device_id: int) -> tuple[str, str]:
+        """(address, device_name) of a device."""
+    def has_address(self, address: str) -> bool:
+        """True if the address has at least one device."""
+
+    # -- routing
+    def route(self, address: str, payload: object) -> int:
+        """Enter every device of the address; return the count.
+
+        Full or overflowed devices are skipped and flagged overflowed; then
+        MailboxFull(entered, full=[(0, device_id), ...]) is raised.
+        """
+    def route_many(self, items: Iterable[tuple[str, object]]) -> int:
+        """route() a batch; all items checked before anything is placed.
+
+        Refusals raise MailboxFull(entered, full=[(item_index, device_id)])
+        at the end.
+        """
+    def push(self, device_id: int, payload: object) -> int:
+        """Enter one device regardless of its overflow flag; return the seq.
+
+        MailboxFull(0, [(0, device_id)]) at capacity.
+        """
+
+    # -- groups (members are addresses; fan-out reaches their current devices)
+    def create_group(self, addresses: Iterable[str] = ()) -> int:
+        """New group of member addresses (deduplicated, in order); its id."""
+    def add_member(self, group_id: int, address: str) -> bool:
+        """Add a member; False if it already was one."""
+    def remove_member(self, group_id: int, address: str) -> None:
+        """Remove a member; UnknownAddress if it was not one."""
+    def delete_group(self, group_id: int) -> None:
+        """Forget the group."""
+    def group_members(self, group_id: int) -> list[str]:
+        """Member addresses in the order they were added."""
     def fanout(self, group_id: int, payload: object,
-               exclude_device: int | None = None) -> int: ...
-    # draining
-    def pop(self, device_id: int, max_n: int) -> list[tuple[int, object]]: ...
-    def pop_batch(self, device_id: int, max_n: int) -> tuple[int, list[object]]: ...
+               exclude_device: int | None = None) -> int:
+        """Enter every device of every member with the same payload object.
+
+        ``exclude_device`` (an unknown id excludes nothing) is skipped; full
+        devices as in route().
+        """
+
+    # -- draining
+    def pop(self, device_id: int, max_n: int) -> list[tuple[int, object]]:
+        """Up to max_n queued messages, FIFO, as (seq, payload); held until acked."""
+    def pop_batch(self, device_id: int, max_n: int) -> tuple[int, list[object]]:
+        """pop() as (first_seq, payloads): payloads[i] has seq first_seq + i.
+
+        No per-message tuple; with nothing queued, first_seq is the seq the
+        next popped message will have.
+        """
     def pop_many(self, device_ids: Iterable[int], max_n: int
-                 ) -> list[tuple[int, list[tuple[int, object]]]]: ...
-    def ack(self, device_id: int, upto_seq: int) -> int: ...
-    def requeue(self, device_id: int) -> int: ...
-    def take_ready(self) -> list[int]: ...
-    def overflowed(self, device_id: int) -> bool: ...
-    def suspend(self, device_id: int) -> bool: ...
-    def resume(self, device_id: int) -> bool: ...
-    def pending(self, device_id: int) -> tuple[int, int]: ...
-    def stats(self) -> dict[str, int]: ...
+                 ) -> list[tuple[int, list[tuple[int, object]]]]:
+        """pop() over devices; (device_id, messages) for those that had some."""
+    def ack(self, device_id: int, upto_seq: int) -> int:
+        """Release popped messages with seq <= upto_seq; return how many."""
+    def requeue(self, device_id: int) -> int:
+        """Popped-unacked messages become poppable again, first, same seqs."""
+    def take_ready(self) -> list[int]:
+        """Devices that got poppable messages since the last call, each once."""
+    def overflowed(self, device_id: int) -> bool:
+        """Sticky overflow flag: route/fan-out refuse the device until resume()."""
+    def suspend(self, device_id: int) -> bool:
+        """Set the overflow flag by hand; return whether it was clear."""
+    def resume(self, device_id: int) -> bool:
+        """Clear the overflow flag; return whether it was set."""
+    def pending(self, device_id: int) -> tuple[int, int]:
+        """(queued-not-popped, popped-not-acked)."""
+    def stats(self) -> dict[str, int]:
+        """Counters only (devices, addresses, groups, queued, unacked, ...)."""

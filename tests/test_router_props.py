@@ -168,7 +168,10 @@ class Twins(RuleBasedStateMachine):
     @rule(data=st.data())
     def resume_live(self, data):
         dev = self.live(data)
-        self.same(lambda r: r.resume(dev), "resume")
+        if data.draw(st.booleans()):
+            self.same(lambda r: r.resume(dev), "resume")
+        else:
+            self.same(lambda r: r.suspend(dev), "suspend")
 
     @precondition(lambda self: self.m._groups)
     @rule(data=st.data(), exclude=st.booleans(), drain=st.booleans())
@@ -235,6 +238,10 @@ class Twins(RuleBasedStateMachine):
     @rule(dev=ids)
     def resume(self, dev):
         self.same(lambda r: r.resume(dev), "resume")
+
+    @rule(dev=ids)
+    def suspend(self, dev):
+        self.same(lambda r: r.suspend(dev), "suspend")
 
     @invariant()
     def stats_agree(self):

@@ -7,11 +7,14 @@
 # The pure-Python model fastroute/_model.py is the specification both follow.
 #
 # Ownership in one paragraph: the Router owns dicts of _Device, _Address and
-# _Group objects.  A _Device embeds its Mailbox (a C struct); _Address.devs
-# and _Group.cache are C arrays of Mailbox* *borrowed* from those _Device
-# objects, valid only while the device is registered: removing a device
-# rewrites its address's array and invalidates the cache of every group that
-# names the address.  A queued payload is one strong reference in a ring slot.
+# _Group objects; an _Address also owns its _Device objects.  A _Device
+# embeds its Mailbox (a C struct); _Group.cache is a C array of Mailbox*
+# *borrowed* from those _Device objects, valid only while the device is
+# registered: adding or removing a device invalidates the cache of every
+# group that names its address.  A queued payload is one strong reference in
+# a ring slot.  No reference cycles: dropping a Router frees it at once.
+# Ring slots are invisible to the cyclic GC, so a payload that refers back
+# to its own Router would keep both alive: payloads should be plain data.
 #
 # Re-entrancy rule: a Py_DECREF of a payload, or any allocation of a Python
 # object (which may run the cyclic GC and so arbitrary __del__ code), may
@@ -94,16 +97,20 @@ cdef class _Device:
 
 cdef class _Address:
     # An interned address: the record is the address's identity inside the
-    # engine.  It exists while it has devices or a group names it.
+    # engine.  It exists while it has devices or a group names it.  Kept
+    # small (an idle device costs a few hundred bytes in all): a user has
+    # few devices, so a name lookup scans `devs` instead of a dict.
     cdef str address
-    cdef dict by_name        # device_name -> _Device (owns the devices)
-    cdef Mailbox** devs      # same devices in id order (borrowed)
+    cdef PyObject** devs     # owned references to _Device, in id order
     cdef Py_ssize_t ndevs
     cdef Py_ssize_t size_devs
-    cdef set groups          # ids of the groups naming this address
+    cdef set groups          # ids of the groups naming it; None when none
 
     cdef int append(self, _Device dev) except -1
-    cdef void discard(self, Mailbox* m) noexcept
+    # drop the array's reference to `dev`; the caller must hold its own
+    cdef void discard(self, _Device dev) noexcept
+    # borrowed _Device named `name`, or NULL
+    cdef PyObject* find(self, str name) except? NULL
 
 
 cdef class _Group:

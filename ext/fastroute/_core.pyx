@@ -11,7 +11,7 @@ The data layout and its invariants are described in ``_core.pxd``.
 cimport cython
 from cpython.bool cimport PyBool_Check
 from cpython.dict cimport PyDict_GetItemWithError
-from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE, PyList_New, PyList_SET_ITEM
+from cpython.list cimport PyList_GET_SIZE, PyList_New
 from cpython.long cimport (
     PyLong_AsLongLongAndOverflow,
     PyLong_Check,
@@ -61,42 +61,57 @@ cdef class _Device:
         m.size = 0
 
 
+cdef inline Mailbox* mbox(PyObject* dev) noexcept:
+    """The mailbox of a borrowed _Device pointer."""
+    return &(<_Device>dev).mb
+
+
 @cython.auto_pickle(False)
 cdef class _Address:
     """An interned address: its devices, and the groups naming it (internal)."""
 
     def __cinit__(self, str address):
         self.address = address
-        self.by_name = {}
-        self.groups = set()
 
     def __dealloc__(self):
+        cdef Py_ssize_t i
+        for i in range(self.ndevs):
+            Py_DECREF_p(self.devs[i])
         PyMem_Free(self.devs)
 
     cdef int append(self, _Device dev) except -1:
         """Add a device at the end (ids grow, so the array stays in id order)."""
         cdef Py_ssize_t size
-        cdef Mailbox** devs
+        cdef PyObject** devs
         if self.ndevs == self.size_devs:
-            size = self.size_devs * 2 if self.size_devs else 2
-            devs = <Mailbox**>PyMem_Realloc(self.devs, size * sizeof(Mailbox*))
+            size = self.size_devs * 2 if self.size_devs else 1
+            devs = <PyObject**>PyMem_Realloc(self.devs, size * sizeof(PyObject*))
             if devs is NULL:
                 raise MemoryError()
             self.devs = devs
             self.size_devs = size
-        self.devs[self.ndevs] = &dev.mb
+        Py_INCREF(dev)
+        self.devs[self.ndevs] = <PyObject*>dev
         self.ndevs += 1
         return 0
 
-    cdef void discard(self, Mailbox* m) noexcept:
-        """Remove a device's mailbox, keeping the others in order."""
+    cdef void discard(self, _Device dev) noexcept:
+        """Remove a device, keeping the others in order."""
         cdef Py_ssize_t i
         for i in range(self.ndevs):
-            if self.devs[i] == m:
+            if self.devs[i] == <PyObject*>dev:
                 memmove(&self.devs[i], &self.devs[i + 1],
-                        (self.ndevs - i - 1) * sizeof(Mailbox*))
+                        (self.ndevs - i - 1) * sizeof(PyObject*))
                 self.ndevs -= 1
+                Py_DECREF_p(<PyObject*>dev)    # the caller still holds one
                 return
+
+    cdef PyObject* find(self, str name) except? NULL:
+        cdef Py_ssize_t i
+        for i in range(self.ndevs):
+            if (<_Device>self.devs[i]).name == name:
+                return self.devs[i]
+        return NULL
 
 
 @cython.auto_pickle(False)
@@ -109,6 +124,14 @@ cdef class _Group:
 
     def __dealloc__(self):
         PyMem_Free(self.cache)
+
+
+cdef int _forget_group(_Address a, object gid) except -1:
+    """Drop a group id from an address (the set goes when it empties)."""
+    a.groups.discard(gid)
+    if not a.groups:
+        a.groups = None
+    return 0
 
 
 cdef object _plain_item(object item):
@@ -187,14 +210,15 @@ cdef class Router:
         return a
 
     cdef int _release(self, _Address a) except -1:
-        if a.ndevs == 0 and not a.groups:
+        if a.ndevs == 0 and a.groups is None:
             del self._addrs[a.address]
         return 0
 
     cdef int _invalidate(self, _Address a) except -1:
         cdef object gid
-        for gid in a.groups:
-            (<_Group>self._groups[gid]).valid = False
+        if a.groups is not None:
+            for gid in a.groups:
+                (<_Group>self._groups[gid]).valid = False
         return 0
 
     cdef int _rebuild(self, _Group g) except -1:
@@ -210,7 +234,7 @@ cdef class Router:
         for a in g.members.values():
             for i in range(a.ndevs):
                 if k < total:
-                    cache[k] = a.devs[i]
+                    cache[k] = mbox(a.devs[i])
                     k += 1
         g.ncache = k
         g.valid = True
@@ -234,9 +258,9 @@ cdef class Router:
         cdef str addr = check_address(address)
         cdef str name = check_name(device_name)
         cdef _Address a = self._intern(addr)
-        cdef object found = a.by_name.get(name)
+        cdef PyObject* found = a.find(name)
         cdef _Device dev
-        if found is not None:
+        if found is not NULL:
             return (<_Device>found).mb.dev_id
         dev = _Device.__new__(_Device)
         dev.address = addr
@@ -249,7 +273,6 @@ cdef class Router:
             raise
         self.next_dev += 1
         key = PyLong_FromLongLong(dev.mb.dev_id)
-        a.by_name[name] = dev
         self._devices[key] = dev
         if a.ndevs == 1:
             self.live_addrs += 1
@@ -273,8 +296,7 @@ cdef class Router:
         # Detach first: once nothing in the Router can reach the device, the
         # allocations below (and any code they run) cannot disturb its ring.
         del self._devices[device_id]
-        del a.by_name[dev.name]
-        a.discard(m)
+        a.discard(dev)
         if a.ndevs == 0:
             self.live_addrs -= 1
         self._invalidate(a)
@@ -319,7 +341,7 @@ cdef class Router:
         cdef PyObject* a = PyDict_GetItemWithError(self._addrs, addr)
         cdef PyObject* dev
         if a is not NULL:
-            dev = PyDict_GetItemWithError((<_Address>a).by_name, name)
+            dev = (<_Address>a).find(name)
             if dev is not NULL:
                 return (<_Device>dev).mb.dev_id
         raise UnknownDevice("no such device")
@@ -332,7 +354,7 @@ cdef class Router:
         if found is NULL or (<_Address>found).ndevs == 0:
             raise UnknownAddress("address has no devices")
         a = <_Address>found
-        return [a.devs[i].dev_id for i in range(a.ndevs)]
+        return [mbox(a.devs[i]).dev_id for i in range(a.ndevs)]
 
     def device_info(self, device_id):
         """(address, device_name) of a registered device."""
@@ -378,7 +400,7 @@ cdef class Router:
         full.pairs = NULL
         full.n = full.size = 0
         for i in range(a.ndevs):
-            m = a.devs[i]
+            m = mbox(a.devs[i])
             r = mb_offer(m, <PyObject*>payload, self.cap, &self.ready, &self.c)
             if r == OFFER_PLACED:
                 entered += 1
@@ -443,7 +465,7 @@ cdef class Router:
         cdef int64_t entered = 0, k
         cdef bint nomem = False
         cdef int r
-        cdef Mailbox** devs
+        cdef PyObject** devs
         cdef Mailbox* m
         cdef PyObject* payload
         if type(items) is list:
@@ -471,7 +493,7 @@ cdef class Router:
                 devs = (<_Address>plan[i]).devs
                 k = 0
                 for j in range((<_Address>plan[i]).ndevs):
-                    m = devs[j]
+                    m = mbox(devs[j])
                     r = mb_offer(m, payload, self.cap, &self.ready, &self.c)
                     if r == OFFER_PLACED:
                         k += 1
@@ -528,6 +550,8 @@ cdef class Router:
             if s not in members:
                 a = self._intern(s)
                 members[s] = a
+                if a.groups is None:
+                    a.groups = set()
                 a.groups.add(gid)
         g = _Group(gid, members)
         self._groups[gid] = g
@@ -542,6 +566,8 @@ cdef class Router:
             return False
         a = self._intern(s)
         g.members[s] = a
+        if a.groups is None:
+            a.groups = set()
         a.groups.add(g.gid)
         g.valid = False
         return True
@@ -553,7 +579,7 @@ cdef class Router:
         cdef object found = g.members.pop(s, None)
         if found is None:
             raise UnknownAddress("address is not a member of the group")
-        (<_Address>found).groups.discard(g.gid)
+        _forget_group(<_Address>found, g.gid)
         g.valid = False
         self._release(<_Address>found)
 
@@ -563,7 +589,7 @@ cdef class Router:
         cdef _Address a
         del self._groups[g.gid]
         for a in g.members.values():
-            a.groups.discard(g.gid)
+            _forget_group(a, g.gid)
             self._release(a)
 
     def group_members(self, group_id):

@@ -1,0 +1,490 @@
+"""End-to-end comparison on loopback: fastroute relay vs nats-server + nats-py.
+
+Run (each run is bounded by message counts and timeouts; the whole script
+takes well under a minute with ``--quick``)::
+
+    PYTHONPATH=. python benches/e2e_compare.py [--messages N] [--quick]
+        [--only fastroute|nats] [--profile DIR]
+
+What is measured, for each system:
+
+* ``1:1``: one sender device -> one recipient device (NATS: one publisher,
+  one subscriber connection);
+* ``1:10``: one sender -> one address with 10 connected devices (NATS: one
+  subject with 10 subscriber connections);
+* bodies of 100 B and 4 KiB.
+
+``thr msg/s`` is *delivered* messages per second (fan-out counts each copy)
+in an open-loop run: the sender queues batches with ``send_nowait`` (NATS:
+``publish``) and yields after each batch (``drain``), with at most ``WINDOW``
+unacked sends in flight on fastroute so memory stays bounded.  ``p50``/``p99``
+are per-message latencies (send -> receipt, a ``perf_counter`` stamp in the
+body) from a separate paced run at ~50 % of the measured maximum send rate.
+
+fastroute runs with the relay in a separate process (``fastroute serve``,
+uvloop) with ``--store memory`` and with the default SQLite store; the
+clients run here, also on uvloop.  The per-device rate limits are raised in
+the relay's config so the benchmark measures the data path, not the limiter.
+NATS is core NATS (no JetStream): no persistence, no per-message ack, no
+end-to-end Noise session -- it is the reference ceiling, not a like-for-like
+feature match.  All clients share this one process, so with fan-out 10 the
+receiving side (10 decrypting clients) is part of what is measured, for both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import cProfile
+import os
+import pstats
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+import uvloop
+
+from fastroute import Client
+from fastroute.identity import ProviderKey, Registry, issue_credential
+from fastroute.noise import KeyPair
+
+BATCH = 256          # sends queued per drain in the throughput run
+WINDOW = 8192        # fastroute: max unacked sends in flight
+RUN_TIMEOUT = 20.0   # seconds, per run
+FANOUT = 10
+SIZES = (100, 4096)
+STAMP = struct.Struct("<d")
+
+# The relay process: ``fastroute serve`` plus, for diagnosis, a stack dump of all
+# threads on SIGUSR1 (into relay.log), death with this script (PR_SET_PDEATHSIG),
+# and an optional cProfile of the whole run (FR_PROFILE=path).
+RELAY_MAIN = """\
+import cProfile, ctypes, faulthandler, os, signal, sys
+try:
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+except Exception:
+    pass
+faulthandler.register(signal.SIGUSR1, all_threads=True)
+from fastroute.cli import main
+prof = os.environ.get("FR_PROFILE")
+pr = cProfile.Profile() if prof else None
+if pr:
+    pr.enable()
+try:
+    rc = main(sys.argv[1:])
+finally:
+    if pr:
+        pr.disable()
+        pr.dump_stats(prof)
+sys.exit(rc)
+"""
+
+BENCH_TOML = """\
+[relay]
+registry_poll_s = 5.0
+[limits]
+msgs_per_s = 10000000.0
+msgs_burst = 10000000.0
+bytes_per_s = 10000000000
+bytes_burst = 10000000000
+"""
+
+
+def body_of(size: int) -> bytes:
+    return STAMP.pack(time.perf_counter()) + b"x" * (size - STAMP.size)
+
+
+def pct(sorted_vals: list[float], q: float) -> float:
+    if not sorted_vals:
+        return float("nan")
+    return sorted_vals[min(len(sorted_vals) - 1, int(q * len(sorted_vals)))]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def machine_info() -> str:
+    la = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return f"nproc={os.cpu_count()} loadavg={la}"
+
+
+# ------------------------------------------------------------------ fastroute
+class FastrouteRelay:
+    """``fastroute serve`` in a subprocess, providers enrolled beforehand."""
+
+    def __init__(self, store: str, profile_to: str | None = None) -> None:
+        self.store = store
+        self.profile_to = profile_to
+        self.dir = tempfile.mkdtemp(prefix=f"fr-e2e-{store}-")
+        self.key = ProviderKey.generate()
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+        self.n = 0
+
+    def start(self) -> "FastrouteRelay":
+        with Registry(os.path.join(self.dir, "registry.db")) as reg:
+            reg.add_provider("home", self.key.public_key)
+        cfg = os.path.join(self.dir, "bench.toml")
+        with open(cfg, "w") as fh:
+            fh.write(BENCH_TOML)
+        cmd = [sys.executable, "-c", RELAY_MAIN, "serve", "--data-dir", self.dir, "--config", cfg,
+                     "--listen", "127.0.0.1:0", "--store", self.store]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if self.profile_to:
+            env["FR_PROFILE"] = self.profile_to
+        # output to a file, not a pipe nobody drains (a full pipe would stall the relay)
+        self.log = os.path.join(self.dir, "relay.log")
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            with open(self.log) as fh:
+                for line in fh:
+                    if line.startswith("fastroute relay listening on"):
+                        self.port = int(line.strip().rsplit(":", 1)[1])
+                        return self
+            time.sleep(0.05)
+        with open(self.log) as fh:
+            out = fh.read()
+        self.stop()
+        raise RuntimeError(f"fastroute relay did not start: {out}")
+
+    def dump_stack(self) -> str:
+        """Ask the relay for a stack dump of all its threads (faulthandler) and return it."""
+        if self.proc is None or self.proc.poll() is not None:
+            return "(relay exited)"
+        with open(self.log) as fh:
+            fh.seek(0, 2)
+            start = fh.tell()
+        self.proc.send_signal(signal.SIGUSR1)
+        time.sleep(0.5)
+        with open(self.log) as fh:
+            fh.seek(start)
+            return fh.read()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                print(f"relay pid {self.proc.pid} ignored SIGTERM for 5 s: killed", file=sys.stderr)
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    async def connect(self, address: str, device: str) -> Client:
+        kp = KeyPair.generate()
+        cred = issue_credential(self.key, "home", address, device, kp.public, ttl_s=3600)
+        return await Client.connect("127.0.0.1", self.port, credential=cred, static=kp,
+                                    keepalive=None)
+
+    async def pair(self, fanout: int) -> tuple[Client, list[Client]]:
+        self.n += 1
+        rx = [await self.connect(f"r{self.n}@home", f"d{i}") for i in range(fanout)]
+        tx = await self.connect(f"s{self.n}@home", "d0")
+        return tx, rx
+
+
+async def fr_receive(client: Client, n: int, lat: list[float] | None,
+                     count: list[int] | None = None) -> float:
+    """Receive ``n`` messages; returns the time of the last receipt."""
+    got = 0
+    while got < n:
+        msgs = await client.recv_many(n - got)
+        now = time.perf_counter()
+        if lat is not None:
+            for m in msgs:
+                lat.append(now - STAMP.unpack_from(m.body)[0])
+        got += len(msgs)
+        if count is not None:
+            count[0] += len(msgs)
+    return time.perf_counter()
+
+
+class Stalled(Exception):
+    """The relay stopped acking or delivering within RUN_TIMEOUT."""
+
+
+async def fr_run(relay: FastrouteRelay, fanout: int, size: int, n: int,
+                 rate: float | None) -> dict:
+    """One run: open-loop throughput (``rate`` None) or paced at ``rate`` sends/s."""
+    tx, rx = await relay.pair(fanout)
+    to = rx[0].address
+    lat: list[float] | None = [] if rate else None
+    count = [0]
+    try:
+        recvs = [asyncio.ensure_future(fr_receive(c, n, lat, count)) for c in rx]
+        futs: list[asyncio.Future] = []
+        t0 = time.perf_counter()
+        sent = 0
+        while sent < n:
+            if rate:
+                due = min(n, int((time.perf_counter() - t0) * rate) + 1)
+                k = due - sent
+                if k <= 0:
+                    await asyncio.sleep(0.0005)
+                    continue
+            else:
+                k = min(BATCH, n - sent)
+            for _ in range(k):
+                futs.append(tx.send_nowait(to, body_of(size)))
+            sent += k
+            await asyncio.wait_for(tx.drain(), RUN_TIMEOUT)
+            await asyncio.sleep(0)
+            if tx.unacked_sends > WINDOW:
+                await asyncio.wait_for(asyncio.shield(futs[sent - WINDOW // 2 - 1]),
+                                       RUN_TIMEOUT)
+        done = await asyncio.wait_for(asyncio.gather(*recvs), RUN_TIMEOUT)
+        await asyncio.wait_for(asyncio.gather(*futs), RUN_TIMEOUT)
+        elapsed = max(done) - t0
+    except asyncio.TimeoutError:
+        acked = sum(1 for f in futs if f.done() and not f.cancelled() and f.exception() is None)
+        raise Stalled(f"sent {sent}/{n}, relay acked {acked}, delivered {count[0]}/"
+                      f"{n * fanout} after {RUN_TIMEOUT:.0f} s without progress") from None
+    finally:
+        for f in futs:
+            if f.done() and not f.cancelled():
+                f.exception()  # retrieved: no "never retrieved" noise after a stall
+            else:
+                f.add_done_callback(lambda f: f.cancelled() or f.exception())
+        for c in [tx, *rx]:
+            await c.close()
+    return _result(n, fanout, elapsed, lat)
+
+
+def _result(n: int, fanout: int, elapsed: float, lat: list[float] | None,
+            delivered: int | None = None) -> dict:
+    delivered = n * fanout if delivered is None else delivered
+    res = {"sent": n, "delivered": delivered, "elapsed": elapsed,
+           "thr": delivered / elapsed, "send_rate": n / elapsed}
+    if lat is not None:
+        lat.sort()
+        res["p50"] = pct(lat, 0.50) * 1e3
+        res["p99"] = pct(lat, 0.99) * 1e3
+    return res
+
+
+# ----------------------------------------------------------------------- nats
+class NatsServer:
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+
+    def start(self) -> "NatsServer":
+        exe = shutil.which("nats-server") or (
+            "/usr/sbin/nats-server" if os.path.exists("/usr/sbin/nats-server") else None)
+        if exe is None:
+            print("nats-server not found: apt-get install -y nats-server", flush=True)
+            subprocess.run(["apt-get", "install", "-y", "nats-server"], check=True,
+                           stdout=subprocess.DEVNULL, timeout=300)
+            exe = shutil.which("nats-server") or "/usr/sbin/nats-server"
+        self.port = free_port()
+        self.proc = subprocess.Popen([exe, "-a", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(
+                    ("127.0.0.1", self.port), timeout=0.5):
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("nats-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+async def nats_run(server: NatsServer, fanout: int, size: int, n: int,
+                   rate: float | None, subject: str) -> dict:
+    import nats
+
+    url = f"nats://127.0.0.1:{server.port}"
+    lat: list[float] | None = [] if rate else None
+    subs = []
+    counts = [0] * fanout
+    last = [0.0] * fanout
+    all_done = asyncio.get_running_loop().create_future()
+    remaining = [fanout]
+
+    def make_cb(i: int):
+        async def cb(msg) -> None:
+            now = time.perf_counter()
+            if lat is not None:
+                lat.append(now - STAMP.unpack_from(msg.data)[0])
+            counts[i] += 1
+            if counts[i] == n:
+                last[i] = now
+                remaining[0] -= 1
+                if remaining[0] == 0 and not all_done.done():
+                    all_done.set_result(None)
+        return cb
+
+    try:
+        for i in range(fanout):
+            nc = await nats.connect(url)
+            await nc.subscribe(subject, cb=make_cb(i), pending_msgs_limit=10_000_000,
+                               pending_bytes_limit=2**34)
+            await nc.flush()
+            subs.append(nc)
+        pub = await nats.connect(url, pending_size=64 * 1024 * 1024)
+        t0 = time.perf_counter()
+        sent = 0
+        while sent < n:
+            if rate:
+                due = min(n, int((time.perf_counter() - t0) * rate) + 1)
+                k = due - sent
+                if k <= 0:
+                    await asyncio.sleep(0.0005)
+                    continue
+            else:
+                k = min(BATCH, n - sent)
+            for _ in range(k):
+                await pub.publish(subject, body_of(size))
+            sent += k
+            await asyncio.sleep(0)
+        await pub.flush()
+        try:
+            await asyncio.wait_for(all_done, RUN_TIMEOUT)
+            elapsed = max(last) - t0
+        except asyncio.TimeoutError:
+            elapsed = time.perf_counter() - t0
+        await pub.close()
+    finally:
+        for nc in subs:
+            await nc.close()
+    return _result(n, fanout, elapsed, lat, delivered=sum(counts))
+
+
+# ----------------------------------------------------------------------- main
+def fmt_row(name: str, r: dict) -> str:
+    return (f"{name:<24} {r['thr']:>10,.0f} {r['send_rate']:>10,.0f} "
+            f"{r.get('p50', float('nan')):>8.2f} {r.get('p99', float('nan')):>8.2f} "
+            f"{r.get('lat_rate', 0):>9,.0f}")
+
+
+async def scenario(runner, fanout: int, size: int, n: int) -> dict:
+    """Throughput run, then a latency run at ~50 % of the measured send rate."""
+    n_send = max(500, n // 4) if fanout > 1 else n
+    thr = await runner(fanout, size, n_send, None)
+    lat_rate = max(50.0, thr["send_rate"] * 0.5)
+    n_lat = int(max(200, min(n_send, lat_rate * 2.0)))  # ~2 s paced
+    lat = await runner(fanout, size, n_lat, lat_rate)
+    thr.update(p50=lat["p50"], p99=lat["p99"], lat_rate=lat_rate,
+               lat_delivered=lat["delivered"], lat_sent=lat["sent"])
+    return thr
+
+
+async def main_async(args, stalls: list[str]) -> list[tuple[str, str, dict]]:
+    rows = []
+    cases = [(f, s) for f in (1, FANOUT) for s in SIZES]
+    n = args.messages
+    if args.only in (None, "fastroute"):
+        for store in ("memory", "sqlite"):
+            prof = os.path.join(args.profile, f"relay-{store}.prof") if args.profile else None
+            relays = [FastrouteRelay(store, prof).start()]
+            try:
+                for fanout, size in cases:
+                    key = f"1:{fanout} {size}B"
+                    relay = relays[-1]
+                    runner = lambda f, s, k, r: fr_run(relay, f, s, k, r)  # noqa: E731
+                    pr = None
+                    if args.profile and store == "memory" and (fanout, size) == (1, 100):
+                        pr = cProfile.Profile()
+                        pr.enable()
+                    try:
+                        res = await scenario(runner, fanout, size, n)
+                    except Stalled as exc:
+                        print(f"fastroute-{store} {key}: STALLED: {exc}; relay stack:\n"
+                              f"{relay.dump_stack()}", flush=True)
+                        stalls.append(f"fastroute-{store} {key}: {exc}")
+                        relay.stop()
+                        relays.append(FastrouteRelay(store).start())
+                        continue
+                    finally:
+                        if pr is not None:
+                            pr.disable()
+                            pr.dump_stats(os.path.join(args.profile, "client.prof"))
+                    rows.append((f"fastroute-{store}", key, res))
+                    print(fmt_row(f"fastroute-{store} {key}", res), flush=True)
+            finally:
+                for relay in relays:
+                    relay.stop()
+    if args.only in (None, "nats"):
+        server = NatsServer().start()
+        try:
+            for i, (fanout, size) in enumerate(cases):
+                key = f"1:{fanout} {size}B"
+                runner = lambda f, s, k, r, i=i: nats_run(  # noqa: E731
+                    server, f, s, k, r, f"bench.{i}.{time.monotonic_ns()}")
+                res = await scenario(runner, fanout, size, n)
+                rows.append(("nats-py", key, res))
+                print(fmt_row(f"nats-py {key}", res), flush=True)
+        finally:
+            server.stop()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--messages", type=int, default=20000,
+                    help="sends per 1:1 throughput run (fan-out runs send N/4, i.e. 2.5 N deliveries)")
+    ap.add_argument("--quick", action="store_true", help="small runs (N=3000)")
+    ap.add_argument("--only", choices=["fastroute", "nats"], default=None)
+    ap.add_argument("--profile", default=None,
+                    help="directory: cProfile the relay (per store) and the client side of "
+                         "fastroute-memory 1:1 100B into .prof files there")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.messages = min(args.messages, 3000)
+    if args.profile:
+        os.makedirs(args.profile, exist_ok=True)
+    before = machine_info()
+    print(f"machine: {before}  python {sys.version.split()[0]}  uvloop {uvloop.__version__}")
+    print(f"{'system / case':<24} {'thr msg/s':>10} {'send/s':>10} {'p50 ms':>8} "
+          f"{'p99 ms':>8} {'lat@ msg/s':>9}")
+    stalls: list[str] = []
+    rows = uvloop.run(main_async(args, stalls))
+    after = machine_info()
+    print()
+    print(f"{'case':<12} {'system':<18} {'deliv msg/s':>11} {'p50 ms':>8} {'p99 ms':>8}"
+          f" {'thr ratio fr/nats':>18} {'p50 ratio':>9}")
+    nats_rows = {k: r for s, k, r in rows if s == "nats-py"}
+    for sysname, key, r in sorted(rows, key=lambda x: (x[1], x[0])):
+        ratio = p50r = ""
+        ref = nats_rows.get(key)
+        if ref and sysname != "nats-py":
+            ratio = f"{r['thr'] / ref['thr']:.2f}"
+            p50r = f"{r['p50'] / ref['p50']:.2f}"
+        lost = "" if r["delivered"] == r["sent"] * (FANOUT if "1:10" in key else 1) \
+            else f"  (delivered {r['delivered']}/{r['sent'] * (FANOUT if '1:10' in key else 1)})"
+        print(f"{key:<12} {sysname:<18} {r['thr']:>11,.0f} {r['p50']:>8.2f} {r['p99']:>8.2f}"
+              f" {ratio:>18} {p50r:>9}{lost}")
+    for line in stalls:
+        print(f"STALLED (no row): {line}")
+    print(f"\nmachine before: {before}\nmachine after:  {after}")
+    if args.profile:
+        for name in sorted(os.listdir(args.profile)):
+            if name.endswith(".prof"):
+                print(f"\n== {name} (top 25 by tottime)")
+                pstats.Stats(os.path.join(args.profile, name)).sort_stats("tottime").print_stats(25)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
