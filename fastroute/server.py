@@ -388,6 +388,7 @@ class _Conn(asyncio.Protocol):
                     await self.room.wait()
                     continue
                 limit = min(room, 1024)
+                missed_before = self.missed_mid
                 rows = await store.load(self.dkey, self.last_mid, limit)
                 if self.dev < 0:
                     return
@@ -395,26 +396,42 @@ class _Conn(asyncio.Protocol):
                 # (it runs after this in commit order), so none is pushed twice.
                 # With no store batch in flight, every committed row was routed.
                 routed = relay._routed_mid if relay._puts_in_flight else 1 << 62
-                full = False
+                full = blocked = False
+                pushed = 0
+                tail = relay._tail
                 for mid, sender, cid, body, ts_ms in rows:
                     if mid > routed:
+                        blocked = True
                         break
                     try:
-                        router.push(self.dev, (mid, relay._tail(sender, cid, body, ts_ms, 0)))
+                        router.push(self.dev, (mid, tail(sender, cid, body, ts_ms, 0)))
                     except MailboxFull:
                         full = True
                         break
                     self.last_mid = mid
-                relay._wake()  # the writer drains what was just pushed
-                if full or len(rows) >= limit:
+                    pushed += 1
+                if pushed:
+                    relay._wake()  # the writer drains what was just pushed
+                if full:
+                    continue  # the room check above waits for acks
+                if blocked:
+                    # The store is ahead of the live route: wait for the next
+                    # routed batch instead of reloading the same rows.
+                    await relay._next_routed()
                     continue
-                if self.last_mid >= self.missed_mid and (not rows or rows[-1][0] <= routed):
+                if len(rows) >= limit:
+                    continue
+                # Every row up to what had been missed when the load started
+                # was returned (or has expired): the cursor may pass it.
+                if missed_before > self.last_mid:
+                    self.last_mid = missed_before
+                if self.last_mid >= self.missed_mid:
                     router.resume(self.dev)
                     self.live = True
                     relay._wake()
                     return
-                # something was routed past what we loaded: yield and reload
-                await asyncio.sleep(0)
+                # new misses arrived while loading: load again (each pass
+                # needs a routed batch in between, so this cannot spin)
         except asyncio.CancelledError:
             raise
         except FastrouteError as exc:
@@ -471,6 +488,7 @@ class Relay:
         self._flush_scheduled = False
         self._routed_mid = 0
         self._puts_in_flight = 0
+        self._routed_waiters: list[asyncio.Future] = []
         self._closing = False
         self._tasks: list[asyncio.Task] = []
         self._taps: list = []
@@ -769,6 +787,7 @@ class Relay:
         try:
             self._stored_batch(conn, items, fut)
         finally:
+            self._notify_routed()  # syncs waiting for the live route to catch up
             if conn.bye_requested and not conn.storing:
                 self._flush_conn_then_bye(conn)
 
@@ -800,6 +819,18 @@ class Relay:
         for item in items:
             waiters = dedup.finish((item[0], item[1]), 0)
             self._ack_all(conn, item[1], 0, waiters)
+
+    def _next_routed(self) -> asyncio.Future:
+        """A future resolved after the next store batch is routed (or failed)."""
+        fut = self._loop.create_future()
+        self._routed_waiters.append(fut)
+        return fut
+
+    def _notify_routed(self) -> None:
+        waiters, self._routed_waiters = self._routed_waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
 
     def _ack_all(self, conn: _Conn, cid: bytes, code: int, waiters: list | None) -> None:
         if conn.state in (_OPEN, _DRAINING):

@@ -72,9 +72,12 @@ def test_every_device_of_an_address_gets_the_message(loop, tmp_path):
     run(loop, main())
 
 
-def test_per_device_fifo_and_exactly_once_under_load(loop, tmp_path):
+@pytest.mark.parametrize("store", ["sqlite", "memory"])
+def test_per_device_fifo_and_exactly_once_under_load(loop, store, tmp_path):
+    # the mailbox overflows again and again while stored batches are still
+    # being routed: the sync from the store must wait for them, not spin
     async def main():
-        async with world(tmp_path, mailbox_capacity=64) as w:
+        async with world(tmp_path, mailbox_capacity=64, store=store) as w:
             alice = await w.connect("alice@home")
             bob = await w.connect("bob@acme")
             n = 3000
@@ -242,9 +245,10 @@ def test_revocation_closes_live_connections(loop, tmp_path):
     run(loop, main())
 
 
-def test_slow_consumer_spills_to_store_and_catches_up_in_order(loop, tmp_path):
+@pytest.mark.parametrize("store", ["sqlite", "memory"])
+def test_slow_consumer_spills_to_store_and_catches_up_in_order(loop, store, tmp_path):
     async def main():
-        async with world(tmp_path, mailbox_capacity=4) as w:
+        async with world(tmp_path, mailbox_capacity=4, store=store) as w:
             alice = await w.connect("alice@home")
             bob = await w.connect("bob@acme", auto_ack=False)
             n = 200
@@ -258,8 +262,8 @@ def test_slow_consumer_spills_to_store_and_catches_up_in_order(loop, tmp_path):
                 got.extend(batch)
                 bob.ack(batch[-1].seq)
             assert [m.body for m in got] == [b"%04d" % i for i in range(n)]
-            assert w.relay.router.stats()["queued"] == 0 if "queued" in \
-                w.relay.router.stats() else True
+            await bob.ping()
+            assert w.relay.router.stats()["queued"] == 0
     run(loop, main())
 
 
