@@ -57,8 +57,31 @@ _OP_PING = int(wire.Op.PING)
 _OP_BYE = int(wire.Op.BYE)
 # A DELIVER op is [18, seq, from, id, body, ts_ms, cls]; everything after seq
 # is the same for every recipient device, so it is packed once per message
-# (the "tail") and each delivery only packs its own sequence number.
-_DELIVER_HEAD = b"\x97" + msgpack.packb(int(wire.Op.DELIVER))
+# (the "tail") and each delivery only adds its own sequence number, always as
+# a msgpack uint32 (any msgpack int encoding is valid on the wire).
+_DELIVER_HEAD = b"\x97" + msgpack.packb(int(wire.Op.DELIVER)) + b"\xce"
+_SACK_OK = (b"\x93" + msgpack.packb(int(wire.Op.SACK)) + b"\xc4\x10", b"\x00")
+_BIN8 = [b"\xc4" + bytes((i,)) for i in range(256)]
+_ID_HEAD = b"\xc4\x10"
+_CLS_BYTE = (b"\x00", b"\x01")
+_FRAME_LEN = [n.to_bytes(2, "big") for n in range(65536)]
+
+
+def _bin_header(n: int) -> bytes:
+    if n < 256:
+        return _BIN8[n]
+    return b"\xc5" + n.to_bytes(2, "big") if n < 65536 else b"\xc6" + n.to_bytes(4, "big")
+
+
+def _ts_packed(ts_ms: int) -> bytes:
+    return b"\xcf" + ts_ms.to_bytes(8, "big")
+
+
+def make_tail(sender_packed: bytes, cid: bytes, body: bytes, ts_packed: bytes,
+              cls: int) -> bytes:
+    """The packed DELIVER fields after seq: from, id, body, ts_ms, cls."""
+    return b"".join((sender_packed, _ID_HEAD, cid, _bin_header(len(body)), body,
+                     ts_packed, _CLS_BYTE[cls]))
 
 # connection states (_DRAINING: the client said BYE, its SACKs are still due)
 _HS_WAIT1, _HS_WAIT3, _OPEN, _CLOSED, _DRAINING = range(5)
@@ -109,7 +132,11 @@ class _Conn(asyncio.Protocol):
         self.address = ""
         self.provider = ""
         self.out: list[bytes] = []  # packed ops waiting for the next flush
-        self.inflight: deque = deque()  # (seq, mid) popped, waiting for DACK
+        # mids of popped messages waiting for DACK; seqs are consecutive from
+        # inflight_seq (one mailbox, popped in order, never requeued)
+        self.inflight: deque = deque()
+        self.inflight_seq = 1
+        self.sender_packed = b""
         self.paused = False
         self.errors = 0
         self.storing = 0  # store batches of this link not yet committed
@@ -290,37 +317,41 @@ class _Conn(asyncio.Protocol):
         if not n:
             return
         inflight = self.inflight
-        mids = []
-        while inflight and inflight[0][0] <= upto:
-            mid = inflight.popleft()[1]
-            if mid:
-                mids.append(mid)
+        k = min(upto - self.inflight_seq + 1, len(inflight))
+        if k <= 0:
+            return
+        self.inflight_seq += k
+        popleft = inflight.popleft
+        mids = [mid for mid in [popleft() for _ in range(k)] if mid]
         relay.delivered += n
         if mids:
-            relay.store.ack(self.dkey, mids)
+            relay.store.ack(self.dkey, mids, validate=False)
         if not self.room.is_set():
             self.room.set()
 
     # ----------------------------------------------------------------- writer
     def pull(self) -> None:
         """Move this device's poppable messages into the outgoing batch."""
-        relay = self.relay
-        router = relay.router
+        pop_batch = self.relay.router.pop_batch
         out = self.out
-        inflight = self.inflight
+        append = out.append
+        mids = self.inflight.append
         dev = self.dev
         head = _DELIVER_HEAD
-        packb = msgpack.packb
         # Stop pulling while the socket's buffer is full: the messages stay
         # in the (bounded) mailbox and, past its capacity, in the store.
         while not self.paused:
-            batch = router.pop(dev, 512)
+            seq, batch = pop_batch(dev, 1024)
             if not batch:
                 break
-            for seq, payload in batch:
-                out.append(head + packb(seq) + payload[1])
-                inflight.append((seq, payload[0]))
-            if len(batch) < 512:
+            if seq + len(batch) >= 1 << 32:  # pragma: no cover - 4 G messages on one link
+                self._bye(ErrorCode.OK, "sequence space exhausted; reconnect")
+                return
+            for mid, tail in batch:
+                append(b"".join((head, seq.to_bytes(4, "big"), tail)))
+                mids(mid)
+                seq += 1
+            if len(batch) < 1024:
                 break
 
     def flush(self) -> None:
@@ -331,8 +362,13 @@ class _Conn(asyncio.Protocol):
             return
         self.out = []
         encrypt = self.tx.encrypt
-        frames = [frame(encrypt(body)) for body in wire.pack_frames(out)]
-        self.transport.write(b"".join(frames))
+        lens = _FRAME_LEN
+        bufs = []
+        for body in wire.pack_frames(out):
+            ct = encrypt(body)
+            bufs.append(lens[len(ct)])
+            bufs.append(ct)
+        self.transport.writelines(bufs)
 
     # --------------------------------------------------------------- closing
     def _bye(self, code: int, reason: str) -> None:
@@ -398,13 +434,13 @@ class _Conn(asyncio.Protocol):
                 routed = relay._routed_mid if relay._puts_in_flight else 1 << 62
                 full = blocked = False
                 pushed = 0
-                tail = relay._tail
                 for mid, sender, cid, body, ts_ms in rows:
                     if mid > routed:
                         blocked = True
                         break
                     try:
-                        router.push(self.dev, (mid, tail(sender, cid, body, ts_ms, 0)))
+                        router.push(self.dev, (mid, make_tail(
+                            msgpack.packb(sender), cid, body, _ts_packed(ts_ms), 0)))
                     except MailboxFull:
                         full = True
                         break
@@ -670,6 +706,7 @@ class Relay:
             self._drop_conn(old)
         conn.cred = cred
         conn.address = cred.address
+        conn.sender_packed = msgpack.packb(cred.address)
         conn.provider = cred.provider
         conn.dkey = self.store.register_device(cred.address, cred.device)
         keys = self._known.setdefault(cred.address, [])
@@ -716,27 +753,35 @@ class Relay:
                 del self._by_device[key]
             conn.room.set()
 
-    def _tail(self, sender: str, cid: bytes, body: bytes, ts_ms: int, cls: int) -> bytes:
-        return msgpack.packb(sender) + msgpack.packb(cid) + msgpack.packb(body) + \
-            msgpack.packb(ts_ms) + (b"\x01" if cls else b"\x00")
-
     def _accept(self, conn: _Conn, sends: list) -> None:
-        """Run a frame's SEND ops through the gate; store and route what passes."""
+        """Run a frame's SEND ops through the gate; store and route what passes.
+
+        The hot loop of the relay: everything per message is inlined here
+        (dedup entries, quota arithmetic, the packed DELIVER tail), and the
+        bookkeeping that can be done once per frame is.
+        """
         out = conn.out
         sender = conn.address
+        sender_packed = conn.sender_packed
         known = self._known
         dedup = self._dedup
-        msg_bucket = conn.msg_bucket
-        byte_bucket = conn.byte_bucket
+        entries = dedup.entries
+        window = dedup.window_s
+        now = time.monotonic()
+        msg_tokens = conn.msg_bucket.refill()
+        byte_tokens = conn.byte_bucket.refill()
         max_body = conn.max_body
         now_ms = int(time.time() * 1000)
-        stored = []
-        ephemeral = []
-        for op in sends:
-            _, cid, to, body, cls = op
+        ts_packed = _ts_packed(now_ms)
+        sack_head, sack_ok = _SACK_OK
+        taps = self._taps
+        store_items = []
+        meta = []
+        ephemeral = None
+        for _, cid, to, body, cls in sends:
             dkey = (sender, cid)
-            entry = dedup.get(dkey)
-            if entry is not None:
+            entry = entries.get(dkey)
+            if entry is not None and (entry[0] == PENDING or now - entry[1] <= window):
                 if entry[0] == PENDING:
                     if entry[2] is None:
                         entry[2] = []
@@ -744,40 +789,49 @@ class Relay:
                 else:
                     out.append(wire.sack_op(cid, entry[0]))
                 continue
-            if len(body) > max_body:
+            size = len(body)
+            if size > max_body:
                 code = ErrorCode.BODY_TOO_LARGE
             elif to not in known:
                 code = ErrorCode.UNKNOWN_RECIPIENT
-            elif not msg_bucket.take(1.0):
-                code = ErrorCode.RATE_LIMITED
-            elif not byte_bucket.take(len(body)):
-                msg_bucket.tokens += 1.0  # refused: the message costs no quota
-                code = ErrorCode.RATE_LIMITED
+            elif msg_tokens < 1.0 or byte_tokens < size:
+                code = ErrorCode.RATE_LIMITED  # a refused message costs no quota
             else:
+                msg_tokens -= 1.0
+                byte_tokens -= size
                 code = 0
             if code:
                 # A refusal is not remembered: the sender may retry the same id.
                 self._count_error(code)
                 out.append(wire.sack_op(cid, int(code)))
                 continue
+            tail = b"".join((sender_packed, _ID_HEAD, cid, _bin_header(size), body,
+                             ts_packed, _CLS_BYTE[cls]))
             if cls == _CLS_EPHEMERAL:
-                ephemeral.append((to, (0, self._tail(sender, cid, body, now_ms, 1))))
-                out.append(wire.sack_op(cid, 0))
-                dedup.finish(dkey, 0)
+                if ephemeral is None:
+                    ephemeral = []
+                ephemeral.append((to, (0, tail)))
+                out.append(b"".join((sack_head, cid, sack_ok)))
+                entries[dkey] = [0, now, None]
             else:
-                dedup.begin(dkey)
-                stored.append((sender, cid, body, now_ms, known[to], to))
-            if self._taps:
-                for tap in self._taps:
-                    tap(now_ms, sender, to, len(body), cls)
-        self.accepted += len(ephemeral)
+                entries[dkey] = [PENDING, now, None]
+                store_items.append((sender, cid, body, now_ms, known[to]))
+                meta.append((to, tail, dkey))
+            if taps:
+                for tap in taps:
+                    tap(now_ms, sender, to, size, cls)
+        conn.msg_bucket.tokens = msg_tokens
+        conn.byte_bucket.tokens = byte_tokens
+        if len(entries) > dedup.max_entries:
+            dedup.trim()
         if ephemeral:
+            self.accepted += len(ephemeral)
             self._route(ephemeral, ephemeral=True)
-        if stored:
-            fut = self.store.put_many([s[:5] for s in stored])
+        if store_items:
+            fut = self.store.put_many(store_items, validate=False)
             self._puts_in_flight += 1
             conn.storing += 1
-            fut.add_done_callback(lambda f: self._stored(conn, stored, f))
+            fut.add_done_callback(lambda f: self._stored(conn, meta, f))
         self._mark(conn)
 
     def _stored(self, conn: _Conn, items: list, fut: asyncio.Future) -> None:
@@ -796,29 +850,37 @@ class Relay:
         self._dirty.discard(conn)
         conn._bye(ErrorCode.OK, "bye")
 
-    def _stored_batch(self, conn: _Conn, items: list, fut: asyncio.Future) -> None:
-        dedup = self._dedup
+    def _stored_batch(self, conn: _Conn, meta: list, fut: asyncio.Future) -> None:
+        entries = self._dedup.entries
         exc = fut.exception() if not fut.cancelled() else FastrouteError(
             "store closed", code=ErrorCode.STORE_FAILED)
         if exc is not None:
             code = int(getattr(exc, "code", ErrorCode.STORE_FAILED))
-            log.error("store refused a batch of %d messages (code %d)", len(items), code)
-            for item in items:
-                waiters = dedup.finish((item[0], item[1]), code)
-                dedup.forget((item[0], item[1]))
-                self._ack_all(conn, item[1], code, waiters)
+            log.error("store refused a batch of %d messages (code %d)", len(meta), code)
+            for _, _, dkey in meta:
+                # refused, so not remembered: the sender may retry the same id
+                entry = entries.pop(dkey, None)
+                self._ack_all(conn, dkey[1], code, entry[2] if entry else None)
             return
         mids = fut.result()
-        batch = []
-        for item, mid in zip(items, mids):
-            sender, cid, body, ts_ms, _keys, to = item
-            batch.append((to, (mid, self._tail(sender, cid, body, ts_ms, 0))))
-        self._route(batch, ephemeral=False)
+        self._route([(to, (mid, tail)) for (to, tail, _), mid in zip(meta, mids)],
+                    ephemeral=False)
         self._routed_mid = max(self._routed_mid, mids[-1])
-        self.accepted += len(items)
-        for item in items:
-            waiters = dedup.finish((item[0], item[1]), 0)
-            self._ack_all(conn, item[1], 0, waiters)
+        self.accepted += len(meta)
+        now = time.monotonic()
+        sack_head, sack_ok = _SACK_OK
+        out = conn.out if conn.state in (_OPEN, _DRAINING) else []
+        append = out.append
+        for _, _, dkey in meta:
+            entry = entries.get(dkey)
+            if entry is not None:
+                entry[0] = 0
+                entry[1] = now
+                if entry[2] is not None:
+                    self._ack_all(None, dkey[1], 0, entry[2])
+                    entry[2] = None
+            append(b"".join((sack_head, dkey[1], sack_ok)))
+        self._mark(conn)
 
     def _next_routed(self) -> asyncio.Future:
         """A future resolved after the next store batch is routed (or failed)."""
@@ -832,8 +894,9 @@ class Relay:
             if not fut.done():
                 fut.set_result(None)
 
-    def _ack_all(self, conn: _Conn, cid: bytes, code: int, waiters: list | None) -> None:
-        if conn.state in (_OPEN, _DRAINING):
+    def _ack_all(self, conn: _Conn | None, cid: bytes, code: int,
+                 waiters: list | None) -> None:
+        if conn is not None and conn.state in (_OPEN, _DRAINING):
             conn.out.append(wire.sack_op(cid, code))
             self._mark(conn)
         for other, wcid in waiters or ():
@@ -844,31 +907,36 @@ class Relay:
     def _route(self, batch: list, ephemeral: bool) -> None:
         """Route ``(address, payload)`` pairs to the online devices of each address."""
         router = self.router
-        items = [it for it in batch if router.has_address(it[0])]
-        if not items:
-            return
         try:
-            router.route_many(items)
+            router.route_many(batch)
+        except UnknownAddress:
+            # Some recipients have no device online (the store has their
+            # copy): route the rest.  route_many applied nothing.
+            batch = [it for it in batch if router.has_address(it[0])]
+            if batch:
+                self._route(batch, ephemeral)
+            return
         except MailboxFull as exc:
-            if ephemeral:
-                return  # signals are never stored: a full or syncing device misses them
-            online = self._online
-            for index, dev in exc.full:
-                conn = online.get(dev)
-                if conn is not None:
-                    mid = items[index][1][0]
-                    if conn.live:
-                        # The first miss: everything of this device's before it
-                        # went through the live route, everything from it on
-                        # (in mid order) is the store's to feed.
-                        conn.live = False
-                        conn.last_mid = mid - 1
-                    if mid > conn.missed_mid:
-                        conn.missed_mid = mid
-                    conn.start_sync()
-        except UnknownAddress:  # pragma: no cover - filtered above
-            log.error("routing raced with a device leaving")
+            if not ephemeral:  # signals are never stored: a full device misses them
+                self._missed(batch, exc.full)
         self._wake()
+
+    def _missed(self, batch: list, full: list) -> None:
+        online = self._online
+        for index, dev in full:
+            conn = online.get(dev)
+            if conn is None:
+                continue
+            mid = batch[index][1][0]
+            if conn.live:
+                # The first miss: everything of this device's before it went
+                # through the live route, everything from it on (in mid
+                # order) is the store's to feed.
+                conn.live = False
+                conn.last_mid = mid - 1
+            if mid > conn.missed_mid:
+                conn.missed_mid = mid
+            conn.start_sync()
 
     def _mark(self, conn: _Conn) -> None:
         self._dirty.add(conn)

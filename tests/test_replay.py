@@ -16,7 +16,14 @@ from pathlib import Path
 
 import pytest
 
+import fastroute
 from fastroute.loadtest.trace import TraceRecord, write_trace
+
+# Child processes import the same fastroute as this test (installed, or the
+# source tree in a development checkout), whatever their working directory.
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
+    [str(Path(fastroute.__file__).resolve().parents[1])] +
+    [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
 
 SHARED = Path(os.environ.get("FASTROUTE_SHARED",
                              Path(__file__).resolve().parents[2] / "shared"))
@@ -30,7 +37,7 @@ def relay_proc(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "fastroute.cli", "serve", "--data-dir",
                              str(data), "--listen", "127.0.0.1:0", "--admin-socket"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            cwd=tmp_path)
+                            cwd=tmp_path, env=ENV)
     port = None
     deadline = time.monotonic() + 20
     lines = []
@@ -54,7 +61,7 @@ def relay_proc(tmp_path):
 def replay(args, timeout=240):
     # cwd outside the checkout: the installed package is the one under test
     return subprocess.run([sys.executable, "-m", "fastroute.cli", "replay", *args],
-                          capture_output=True, text=True, timeout=timeout, cwd="/")
+                          capture_output=True, text=True, timeout=timeout, cwd="/", env=ENV)
 
 
 @pytest.mark.skipif(not COLLEGE.exists(), reason="shared/data/CollegeMsg.txt not present")
@@ -86,7 +93,7 @@ def test_small_trace_and_record_tap_round_trip(relay_proc, tmp_path):
     rec = subprocess.Popen([sys.executable, "-m", "fastroute.cli", "record", "--data-dir",
                             str(data), "--out", str(out), "--duration", "20", "--count", "30"],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           cwd=tmp_path)
+                           cwd=tmp_path, env=ENV)
     time.sleep(1.0)
     res = replay([str(trace), "--target", f"127.0.0.1:{port}", "--data-dir", str(data),
                   "--speed", "1", "--no-progress"])
