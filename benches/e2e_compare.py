@@ -16,8 +16,13 @@ What is measured, for each system:
 
 ``thr msg/s`` is *delivered* messages per second (fan-out counts each copy)
 in an open-loop run: the sender queues batches with ``send_nowait`` (NATS:
-``publish``) and yields after each batch (``drain``), with at most ``WINDOW``
-unacked sends in flight on fastroute so memory stays bounded.  ``p50``/``p99``
+``publish``) and yields after each batch (``drain``), with at most
+``E2E_WINDOW`` (2048, ``--window``) messages sent but not yet received by every
+recipient, for both systems.  That keeps each recipient's relay mailbox
+(capacity 4096) from overflowing: with ``--window 0`` (unbounded) the relay's
+store-reload path (``_Conn._sync``) can busy-loop with the memory store
+(``MemoryStore.load`` never yields, so routing never catches up) -- the run then
+reports STALLED with the relay's stack (faulthandler, SIGUSR1) and restarts it.  ``p50``/``p99``
 are per-message latencies (send -> receipt, a ``perf_counter`` stamp in the
 body) from a separate paced run at ~50 % of the measured maximum send rate.
 
@@ -55,7 +60,11 @@ from fastroute.identity import ProviderKey, Registry, issue_credential
 from fastroute.noise import KeyPair
 
 BATCH = 256          # sends queued per drain in the throughput run
-WINDOW = 8192        # fastroute: max unacked sends in flight
+WINDOW = 8192        # fastroute: max relay-unacked sends in flight
+# max sends not yet received by every recipient (both systems); below the relay's
+# mailbox_capacity (4096) so a recipient never overflows into the store-reload
+# path (_sync), which stalls the relay with the memory store: see the docstring.
+E2E_WINDOW = 2048
 RUN_TIMEOUT = 20.0   # seconds, per run
 FANOUT = 10
 SIZES = (100, 4096)
@@ -215,6 +224,17 @@ class Stalled(Exception):
     """The relay stopped acking or delivering within RUN_TIMEOUT."""
 
 
+async def wait_window(in_flight) -> None:
+    """Wait until ``in_flight()`` (sent, not yet received) is within E2E_WINDOW."""
+    if not E2E_WINDOW or in_flight() <= E2E_WINDOW:
+        return
+    deadline = time.perf_counter() + RUN_TIMEOUT
+    while in_flight() > E2E_WINDOW // 2:
+        if time.perf_counter() > deadline:
+            raise asyncio.TimeoutError
+        await asyncio.sleep(0.0002)
+
+
 async def fr_run(relay: FastrouteRelay, fanout: int, size: int, n: int,
                  rate: float | None) -> dict:
     """One run: open-loop throughput (``rate`` None) or paced at ``rate`` sends/s."""
@@ -236,13 +256,15 @@ async def fr_run(relay: FastrouteRelay, fanout: int, size: int, n: int,
                     continue
             else:
                 k = min(BATCH, n - sent)
-            for _ in range(k):
-                futs.append(tx.send_nowait(to, body_of(size)))
+            # the batch API: one future per batch (send_nowait per message
+            # is the other, slower, supported way)
+            futs.append(tx.send_many(to, [body_of(size) for _ in range(k)]))
             sent += k
             await asyncio.wait_for(tx.drain(), RUN_TIMEOUT)
             await asyncio.sleep(0)
-            if tx.unacked_sends > WINDOW:
-                await asyncio.wait_for(asyncio.shield(futs[sent - WINDOW // 2 - 1]),
+            await wait_window(lambda: sent - count[0] // fanout)
+            while tx.unacked_sends > WINDOW:
+                await asyncio.wait_for(asyncio.shield(futs[-2 if len(futs) > 1 else -1]),
                                        RUN_TIMEOUT)
         done = await asyncio.wait_for(asyncio.gather(*recvs), RUN_TIMEOUT)
         await asyncio.wait_for(asyncio.gather(*futs), RUN_TIMEOUT)
@@ -358,6 +380,7 @@ async def nats_run(server: NatsServer, fanout: int, size: int, n: int,
                 await pub.publish(subject, body_of(size))
             sent += k
             await asyncio.sleep(0)
+            await wait_window(lambda: sent - min(counts))
         await pub.flush()
         try:
             await asyncio.wait_for(all_done, RUN_TIMEOUT)
@@ -445,11 +468,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--messages", type=int, default=20000,
                     help="sends per 1:1 throughput run (fan-out runs send N/4, i.e. 2.5 N deliveries)")
     ap.add_argument("--quick", action="store_true", help="small runs (N=3000)")
+    ap.add_argument("--window", type=int, default=E2E_WINDOW,
+                    help="max sends in flight end to end (0: unbounded; > 4096 makes the "
+                         "recipient overflow its mailbox, which can stall the relay)")
     ap.add_argument("--only", choices=["fastroute", "nats"], default=None)
     ap.add_argument("--profile", default=None,
                     help="directory: cProfile the relay (per store) and the client side of "
                          "fastroute-memory 1:1 100B into .prof files there")
     args = ap.parse_args(argv)
+    globals()["E2E_WINDOW"] = args.window
     if args.quick:
         args.messages = min(args.messages, 3000)
     if args.profile:

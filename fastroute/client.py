@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import asyncio
 import os
+
+import msgpack
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import AsyncIterator, NamedTuple
 
 from . import wire
 from .errors import (
+    BodyTooLarge,
     ConnectionClosed,
     ErrorCode,
     FastrouteError,
@@ -44,6 +47,37 @@ class Message(NamedTuple):
     body: bytes
     ts_ms: int
     ephemeral: bool
+
+
+class _Batch:
+    """The shared outcome of a :meth:`Client.send_many` call."""
+
+    __slots__ = ("fut", "ids", "left")
+
+    def __init__(self, fut: asyncio.Future, ids: list[bytes]) -> None:
+        self.fut = fut
+        self.ids = ids
+        self.left = len(ids)
+
+    def done(self) -> bool:
+        return self.fut.done()
+
+    def set_result(self, _cid: bytes) -> None:
+        self.left -= 1
+        if not self.left and not self.fut.done():
+            self.fut.set_result(self.ids)
+
+    def set_exception(self, exc: BaseException) -> None:
+        # the first refusal decides the batch; the other messages may still
+        # have been stored, which their ids (in exc.ids) let the caller check
+        if not self.fut.done():
+            exc.ids = self.ids
+            self.fut.set_exception(exc)
+
+
+_BIN8 = [b"\xc4" + bytes((i,)) for i in range(256)]
+_SEND_HEAD = b"\x95\x01\xc4\x10"
+_ID_POOL = 16 * 4096
 
 
 class _Proto(asyncio.Protocol):
@@ -71,6 +105,8 @@ class _Proto(asyncio.Protocol):
                 self.client._on_frame(msg)
             else:
                 self.handshake.put_nowait(msg)
+        if self.client._inbox:
+            self.client._wake_reader()  # once per read, not per message
 
     def pause_writing(self) -> None:
         self.can_write.clear()
@@ -130,7 +166,13 @@ class Client:
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self._pending: dict[bytes, tuple[asyncio.Future, bytes]] = {}
-        self._inbox: asyncio.Queue = asyncio.Queue()
+        # received messages, and the one recv() waiting for more (if any)
+        self._inbox: deque = deque()
+        self._inbox_waiter: asyncio.Future | None = None
+        self._eof = False
+        self._ids = b""
+        self._ids_at = 0
+        self._to_packed: dict[str, bytes] = {}
         self._seen: OrderedDict[bytes, None] = OrderedDict()
         self._dedup_window = dedup_window
         self._ack_upto = 0
@@ -208,6 +250,40 @@ class Client:
             self._schedule_flush()
 
     # ------------------------------------------------------------- sending
+    def _new_id(self) -> bytes:
+        # one getrandom() call per 4096 ids instead of one per message
+        at = self._ids_at
+        if at >= len(self._ids):
+            self._ids = os.urandom(_ID_POOL)
+            at = 0
+        self._ids_at = at + 16
+        return self._ids[at:at + 16]
+
+    def _packed_to(self, to: str) -> bytes:
+        packed = self._to_packed.get(to)
+        if packed is None:
+            # validated once per recipient, through the same checks as send_op
+            wire.send_op(bytes(16), to, b"")
+            if len(self._to_packed) > 4096:
+                self._to_packed.clear()
+            packed = self._to_packed[to] = msgpack.packb(to)
+        return packed
+
+    def _op(self, cid: bytes, to_packed: bytes, body: bytes, cls: bytes) -> bytes:
+        if type(body) is not bytes or type(cid) is not bytes or len(cid) != 16:
+            # the slow path says precisely what is wrong
+            return wire.send_op(cid, "x@x", body)
+        n = len(body)
+        if n > wire.MAX_BODY:
+            raise BodyTooLarge(f"body over {wire.MAX_BODY} bytes: send it via the media store")
+        hdr = _BIN8[n] if n < 256 else b"\xc5" + n.to_bytes(2, "big")
+        return b"".join((_SEND_HEAD, cid, to_packed, hdr, body, cls))
+
+    def _queue(self, cid: bytes, target, op: bytes) -> None:
+        self._pending[cid] = (target, op)
+        if self._proto is not None and self._proto.open:
+            self._out.append(op)
+
     def send_nowait(self, to: str, body: bytes, *, ephemeral: bool = False,
                     id: bytes | None = None) -> asyncio.Future:
         """Queue a message; the future resolves to its id once the relay acked it.
@@ -217,16 +293,44 @@ class Client:
         """
         if self._closed:
             raise ConnectionClosed("client is closed", code=ErrorCode.OK)
-        cid = os.urandom(16) if id is None else id
+        cid = self._new_id() if id is None else id
         entry = self._pending.get(cid)
-        if entry is not None:
+        if entry is not None and type(entry[0]) is not _Batch:
             return entry[0]  # already on its way: one id, one message
-        op = wire.send_op(cid, to, body, wire.CLS_EPHEMERAL if ephemeral else wire.CLS_PERSISTENT)
+        op = self._op(cid, self._packed_to(to), body, b"\x01" if ephemeral else b"\x00")
         fut = self._loop.create_future()
-        self._pending[cid] = (fut, op)
+        self._queue(cid, fut, op)
+        self._schedule_flush()
+        return fut
+
+    def send_many(self, to: str, bodies: list[bytes], *,
+                  ephemeral: bool = False) -> asyncio.Future:
+        """Queue several messages to one address; one future for all of them.
+
+        The future resolves to their ids (in order) once the relay acked every
+        one, or fails with the first refusal (its ``ids`` attribute lists the
+        batch).  This is the fast path for a provider service: one future and
+        one recipient check per batch instead of per message.
+        """
+        if self._closed:
+            raise ConnectionClosed("client is closed", code=ErrorCode.OK)
+        fut = self._loop.create_future()
+        if not bodies:
+            fut.set_result([])
+            return fut
+        to_packed = self._packed_to(to)
+        cls = b"\x01" if ephemeral else b"\x00"
+        new_id = self._new_id
+        op = self._op
+        ids = [new_id() for _ in bodies]
+        ops = [op(cid, to_packed, body, cls) for cid, body in zip(ids, bodies)]
+        batch = _Batch(fut, ids)
+        pending = self._pending
+        for cid, o in zip(ids, ops):
+            pending[cid] = (batch, o)
         if self._proto is not None and self._proto.open:
-            self._out.append(op)
-            self._schedule_flush()
+            self._out.extend(ops)
+        self._schedule_flush()
         return fut
 
     async def send(self, to: str, body: bytes, *, ephemeral: bool = False,
@@ -259,26 +363,36 @@ class Client:
     # ----------------------------------------------------------- receiving
     async def recv(self) -> Message:
         """The next message (raises :class:`ConnectionClosed` when the link ends for good)."""
-        msg = await self._inbox.get()
-        if msg is None:
-            self._inbox.put_nowait(None)  # later calls see the end too
-            raise self._closing_error or ConnectionClosed("connection closed", code=ErrorCode.OK)
+        while not self._inbox:
+            if self._eof:
+                raise self._closing_error or ConnectionClosed("connection closed",
+                                                              code=ErrorCode.OK)
+            self._inbox_waiter = self._loop.create_future()
+            try:
+                await self._inbox_waiter
+            finally:
+                self._inbox_waiter = None
+        msg = self._inbox.popleft()
         self._taken(msg)
         return msg
 
     def recv_nowait_many(self, max_n: int = 1 << 30) -> list[Message]:
         """Every message already received (up to ``max_n``), without waiting."""
-        out = []
         inbox = self._inbox
-        while len(out) < max_n and not inbox.empty():
-            msg = inbox.get_nowait()
-            if msg is None:
-                inbox.put_nowait(None)
-                break
-            out.append(msg)
+        if len(inbox) <= max_n:
+            out = list(inbox)
+            inbox.clear()
+        else:
+            popleft = inbox.popleft
+            out = [popleft() for _ in range(max_n)]
         if out:
             self._taken(out[-1])
         return out
+
+    def _wake_reader(self) -> None:
+        w = self._inbox_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
 
     async def recv_many(self, max_n: int = 1 << 30) -> list[Message]:
         """Wait for at least one message, then return all that are already here."""
@@ -359,8 +473,12 @@ class Client:
 
     def _write(self, ops: list[bytes]) -> None:
         encrypt = self._tx.encrypt
-        frames = [frame(encrypt(body)) for body in wire.pack_frames(ops)]
-        self._proto.transport.write(b"".join(frames))
+        bufs = []
+        for body in wire.pack_frames(ops):
+            ct = encrypt(body)
+            bufs.append(len(ct).to_bytes(2, "big"))
+            bufs.append(ct)
+        self._proto.transport.writelines(bufs)
 
     def _on_frame(self, msg: bytes) -> None:
         try:
@@ -370,6 +488,7 @@ class Client:
             self._link_failed(exc)
             return
         pending = self._pending
+        inbox_append = self._inbox.append
         for op in ops:
             if isinstance(op, wire.OpError):
                 # A relay that speaks a newer or broken dialect: skip that op.
@@ -389,12 +508,12 @@ class Client:
                 seen[key] = None
                 if len(seen) > self._dedup_window:
                     seen.popitem(last=False)
-                self._inbox.put_nowait(Message(seq, sender, cid, body, ts_ms, cls == 1))
+                inbox_append(Message(seq, sender, cid, body, ts_ms, cls == 1))
             elif kind == wire.Op.SACK:
                 entry = pending.pop(op[1], None)
                 if entry is None:
                     continue
-                fut = entry[0]
+                fut = entry[0]  # a Future, or the _Batch of send_many
                 if fut.done():
                     continue
                 if op[2] == 0:
@@ -483,10 +602,11 @@ class Client:
                 fut.set_exception(ConnectionClosed("connection closed before the relay acked",
                                                    code=err.code))
         self._pending.clear()
+        self._eof = True
+        self._wake_reader()
         for fut in self._pings.values():
             if not fut.done():
                 fut.set_exception(ConnectionClosed("connection closed", code=err.code))
-        self._inbox.put_nowait(None)
 
 
 def _code_name(code: int) -> str:

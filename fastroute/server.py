@@ -140,6 +140,8 @@ class _Conn(asyncio.Protocol):
         self.paused = False
         self.errors = 0
         self.storing = 0  # store batches of this link not yet committed
+        self.sends: list | None = None  # SENDs of the read being processed
+        self.bye_after_sends = False
         self.bye_requested = False
         self.last_rx = time.monotonic()
         self.timer: asyncio.TimerHandle | None = None
@@ -185,6 +187,9 @@ class _Conn(asyncio.Protocol):
         except ProtocolError as exc:
             self._fail(exc)
             return
+        # The SENDs of every frame in this read go to the gate and the store
+        # together: one store batch and one commit for all of them.
+        self.sends = []
         for msg in msgs:
             if self.state == _OPEN:
                 try:
@@ -194,12 +199,17 @@ class _Conn(asyncio.Protocol):
                     # peer is not who did the handshake, or bytes were altered.
                     self._fail(exc)
                     return
-                self.last_rx = time.monotonic()
                 self._on_frame(plaintext)
             elif self.state in (_CLOSED, _DRAINING):
-                return
+                break
             else:
                 self._on_handshake(msg)
+        self.last_rx = time.monotonic()
+        if self.sends:
+            self.relay._accept(self, self.sends)
+            if self.bye_after_sends:
+                self._on_bye()
+        self.sends = None
 
     # -------------------------------------------------------------- handshake
     def _on_handshake(self, msg: bytes) -> None:
@@ -256,7 +266,7 @@ class _Conn(asyncio.Protocol):
         except ProtocolError as exc:
             self._protocol_error(exc.code, str(exc))
             return
-        sends = None
+        sends = self.sends
         for op in ops:
             if isinstance(op, wire.OpError):
                 if op.id is not None:
@@ -274,30 +284,26 @@ class _Conn(asyncio.Protocol):
                 continue
             kind = op[0]
             if kind == _OP_SEND:
-                if sends is None:
-                    sends = []
                 sends.append(op)
             elif kind == _OP_DACK:
-                if sends:
-                    relay._accept(self, sends)
-                    sends = None
-                self._dack(op[1])
+                self._dack(op[1])  # acks and sends are independent: no order to keep
             elif kind == _OP_PING:
                 self.out.append(wire.pong_op(op[1]))
                 relay._mark(self)
             elif kind == _OP_BYE:
-                if sends:
-                    relay._accept(self, sends)
-                    sends = None
-                if self.storing:
-                    # answer every SEND of this link before saying goodbye
-                    self.bye_requested = True
-                    self.state = _DRAINING
-                else:
-                    self._bye(ErrorCode.OK, "bye")
+                # after the SENDs already read: data_received accepts them first
+                self.bye_after_sends = True
+                self.state = _DRAINING
+                if not sends:
+                    self._on_bye()
                 return
-        if sends:
-            relay._accept(self, sends)
+
+    def _on_bye(self) -> None:
+        if self.storing:
+            # answer every SEND of this link before saying goodbye
+            self.bye_requested = True
+        else:
+            self._bye(ErrorCode.OK, "bye")
 
     def _protocol_error(self, code: int, reason: str) -> None:
         relay = self.relay

@@ -466,3 +466,23 @@ def test_second_connection_of_a_device_replaces_the_first(loop, tmp_path):
             await second.ping()
             await second.close()
     run(loop, main())
+
+
+def test_send_many_one_future_for_a_batch_and_typed_refusal(loop, tmp_path):
+    async def main():
+        async with world(tmp_path) as w:
+            alice = await w.connect("alice@home")
+            bob = await w.connect("bob@acme")
+            bodies = [b"%05d" % i for i in range(5000)]
+            ids = await alice.send_many("bob@acme", bodies)
+            assert len(ids) == len(set(ids)) == 5000
+            got = await recv_n(bob, 5000)
+            assert [m.body for m in got] == bodies
+            assert [m.id for m in got] == ids
+            with pytest.raises(UnknownAddress) as err:
+                await alice.send_many("nobody@acme", [b"a", b"b"])
+            assert len(err.value.ids) == 2
+            with pytest.raises(BodyTooLarge):
+                alice.send_many("bob@acme", [b"ok", b"x" * 61441])
+            assert await alice.send_many("bob@acme", []) == []
+    run(loop, main())
