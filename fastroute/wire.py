@@ -430,13 +430,21 @@ def decode_client_frame(plaintext: bytes) -> list[DecodedOp]:
 
 def decode_server_frame(plaintext: bytes) -> list[DecodedOp]:
     """Decode a relay -> client frame; the client-side twin of
-    :func:`decode_client_frame` (fast path: DELIVER)."""
+    :func:`decode_client_frame` (fast paths: DELIVER and SACK, the ops that
+    come by the thousand)."""
     frame = _unpack_frame(plaintext)
     addr_ok = _ADDR_OK
     max_body = MAX_BODY
     i = 0
     for op in frame:
-        if type(op) is tuple and len(op) == 7:
+        if type(op) is tuple and len(op) == 3:
+            opcode, mid, code = op
+            if (opcode == 17 and type(opcode) is int                 # SACK
+                    and type(mid) is bytes and len(mid) == 16        # ID_LEN
+                    and type(code) is int and code >= 0):
+                i += 1
+                continue
+        elif type(op) is tuple and len(op) == 7:
             opcode, seq, sender, mid, body, ts, cls = op
             if (opcode == 18 and type(opcode) is int                 # DELIVER
                     and type(seq) is int and seq >= 0
