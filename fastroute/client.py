@@ -177,6 +177,10 @@ class Client:
         self._dedup_window = dedup_window
         self._ack_upto = 0
         self._acked = 0
+        self._ack_timer: asyncio.TimerHandle | None = None
+        #: acks are sent when this many messages are unacked, or after ack_delay s
+        self.ack_every = 256
+        self.ack_delay = 0.005
         self._pings: dict[int, asyncio.Future] = {}
         self._ping_token = 0
         self._closed = False
@@ -413,14 +417,12 @@ class Client:
 
     def _taken(self, msg: Message) -> None:
         if self.auto_ack and msg.seq > self._ack_upto:
-            self._ack_upto = msg.seq
-            self._schedule_flush()
+            self._note_ack(msg.seq)
 
     def ack(self, upto_seq: int) -> None:
         """Ack every delivered message with ``seq <= upto_seq`` (auto_ack=False)."""
         if upto_seq > self._ack_upto:
-            self._ack_upto = upto_seq
-            self._schedule_flush()
+            self._note_ack(upto_seq)
 
     # ------------------------------------------------------------- closing
     async def close(self) -> None:
@@ -458,6 +460,21 @@ class Client:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
+    def _note_ack(self, seq: int) -> None:
+        # Delayed, cumulative acks (as TCP does): a DACK frame costs the relay
+        # a read, a decryption and a store write, so one per batch of 256
+        # messages or per 5 ms, whichever comes first; any frame the client
+        # sends meanwhile carries the ack anyway.
+        self._ack_upto = seq
+        if seq - self._acked >= self.ack_every:
+            self._schedule_flush()
+        elif self._ack_timer is None:
+            self._ack_timer = self._loop.call_later(self.ack_delay, self._ack_due)
+
+    def _ack_due(self) -> None:
+        self._ack_timer = None
+        self._schedule_flush()
+
     def _flush(self) -> None:
         self._flush_scheduled = False
         proto = self._proto
@@ -467,6 +484,9 @@ class Client:
         if self._ack_upto > self._acked:
             self._acked = self._ack_upto
             out.append(wire.dack_op(self._ack_upto))
+            if self._ack_timer is not None:
+                self._ack_timer.cancel()
+                self._ack_timer = None
         if out:
             self._out = []
             self._write(out)
@@ -502,8 +522,7 @@ class Client:
                     # Redelivered after a lost ack: the application had it.
                     self.duplicates_dropped += 1
                     if self.auto_ack and seq > self._ack_upto:
-                        self._ack_upto = seq
-                        self._schedule_flush()
+                        self._note_ack(seq)
                     continue
                 seen[key] = None
                 if len(seen) > self._dedup_window:

@@ -100,6 +100,10 @@ def test_report_of_a_clean_run_is_ok():
     assert exit_status(rep) == 0
     assert rep["meta"]["speed"] is None and rep["meta"]["trace"] == "t"
     assert "OK" in summary_text(rep)
+    assert " speed max " in summary_text(rep)
+    # replay passes the word "max" for an unpaced run; it is not a factor
+    assert " speed max " in summary_text(build_report(replay(), {"speed": "max"}))
+    assert " speed 10.0x " in summary_text(build_report(replay(), {"speed": 10.0}))
 
 
 def test_exit_status_and_summary_flag_failures():

@@ -109,7 +109,7 @@ def summary_text(report: dict) -> str:
     meta = r.get("meta", {})
     lines = [
         f"trace {meta.get('trace') or '-'}  speed "
-        f"{'max' if meta.get('speed') is None else str(meta.get('speed')) + 'x'}  "
+        f"{'max' if meta.get('speed') in (None, 'max') else str(meta.get('speed')) + 'x'}  "
         f"duration {_fmt(meta.get('duration_s'), 's')}",
         f"messages  scheduled {r['scheduled']}  sent {r['sent']}  acked {r['acked']}  "
         f"refused {r['refused_total']}  unacked {r['unacked']}",
