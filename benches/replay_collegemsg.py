@@ -19,6 +19,14 @@ import tempfile
 import time
 from pathlib import Path
 
+try:
+    import fastroute
+except ImportError:  # a source checkout, not installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import fastroute
+
+# the relay and replay subprocesses run the same fastroute as this script
+ENV = dict(os.environ, PYTHONPATH=str(Path(fastroute.__file__).resolve().parents[1]))
 SHARED = Path(os.environ.get("FASTROUTE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 TRACE = SHARED / "data" / "CollegeMsg.txt"
 
@@ -26,7 +34,8 @@ TRACE = SHARED / "data" / "CollegeMsg.txt"
 def start_relay(data: str, store: str) -> tuple[subprocess.Popen, int]:
     proc = subprocess.Popen([sys.executable, "-m", "fastroute.cli", "serve", "--data-dir", data,
                              "--listen", "127.0.0.1:0", "--store", store],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=data)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=data,
+                            env=ENV)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
@@ -40,7 +49,7 @@ def run_replay(port: int, data: str, speed: str, processes: int, out: str) -> di
     subprocess.run([sys.executable, "-m", "fastroute.cli", "replay", str(TRACE), "--target",
                     f"127.0.0.1:{port}", "--data-dir", data, "--speed", speed, "--processes",
                     str(processes), "--report", out, "--no-progress"],
-                   check=False, timeout=600, cwd=data, capture_output=True)
+                   check=False, timeout=600, cwd=data, capture_output=True, env=ENV)
     return json.loads(Path(out, "report.json").read_text())
 
 
