@@ -342,6 +342,22 @@ class Client:
         """Send one message and wait until the relay acked it (stored durably)."""
         return await self.send_nowait(to, body, ephemeral=ephemeral, id=id)
 
+    async def set_consent(self, provider: str, allow: bool = True) -> None:
+        """Opt this user in to (or out of) messages from ``provider``'s users.
+
+        ``"*"`` means every other provider.  Returns once the relay stored
+        the choice; relays that require consent (the default) refuse other
+        providers' messages to this user with
+        :class:`~fastroute.errors.ConsentRequired` until then.
+        """
+        if self._closed:
+            raise ConnectionClosed("client is closed", code=ErrorCode.OK)
+        cid = self._new_id()
+        fut = self._loop.create_future()
+        self._queue(cid, fut, wire.consent_op(cid, provider, allow))
+        self._schedule_flush()
+        await fut
+
     @property
     def unacked_sends(self) -> int:
         """Sends the relay has not acked yet."""

@@ -87,6 +87,9 @@ class RelayConfig:
     ttl_s: int = 30 * 86400
     #: how often the relay re-reads the registry for revocations and enrolments
     registry_poll_s: float = 0.5
+    #: a user receives messages from another provider's users only after opting in
+    #: (CONSENT op); off only for closed deployments and tests
+    require_consent: bool = True
     #: listen on ``data_dir/admin.sock`` (mode 0600) for ``fastroute record``; off by default
     admin_socket: bool = False
     limits: Limits = field(default_factory=Limits)

@@ -61,6 +61,10 @@ async def _exchange(relay: Relay, home: ProviderKey, acme: ProviderKey, messages
     alice_laptop = await connect(home, "home", "alice@home", "laptop")
     bob = await connect(acme, "acme", "bob@acme", "phone")
     print_fn("connected: alice@home (phone, laptop), bob@acme (phone)")
+    # Opt-in first: a user hears from another provider's users only after choosing to.
+    await alice_phone.set_consent("acme")
+    await bob.set_consent("home")
+    print_fn("alice opted in to acme's users, bob to home's")
 
     # The relay never reads bodies: here they stand for end-to-end ciphertext.
     await alice_phone.send("bob@acme", b"<e2e ciphertext: hi bob>")

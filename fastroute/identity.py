@@ -573,6 +573,12 @@ CREATE TABLE IF NOT EXISTS revoked_devices (
     revoked_at INTEGER NOT NULL,
     PRIMARY KEY (address, device)
 );
+CREATE TABLE IF NOT EXISTS consent (
+    address    TEXT NOT NULL,
+    provider   TEXT NOT NULL,
+    granted_at INTEGER NOT NULL,
+    PRIMARY KEY (address, provider)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -621,13 +627,13 @@ class Registry:
 
     # -- writing ---------------------------------------------------------
 
-    def _write(self, sql: str, args: tuple[Any, ...]) -> int:
+    def _write(self, sql: str, args: tuple[Any, ...], bump: bool = True) -> int:
         """Run one statement in its own transaction and bump the generation."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 n = self._db.execute(sql, args).rowcount
-                if n:
+                if n and bump:
                     self._db.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
                 self._db.execute("COMMIT")
             except BaseException:
@@ -704,6 +710,34 @@ class Registry:
         now = int(time.time()) if now is None else _check_int(now, "now", 0)
         self._write("INSERT OR IGNORE INTO revoked_devices (provider, address, device, revoked_at) "
                     "VALUES (?, ?, ?, ?)", (provider, address, device, now))
+
+    def set_consent(self, address: str, provider: str, allow: bool, *,
+                    now: int | None = None) -> None:
+        """Record a user's opt-in (``allow``) or opt-out for a provider's senders.
+
+        ``provider`` is a provider name, or ``"*"`` for every third-party
+        provider.  Durable when this returns (the relay acks the user's
+        CONSENT op only then).  Consent is not a trust change, so it does not
+        bump :meth:`version`; the relay that wrote it keeps its own copy.
+        """
+        parse_address(address)
+        if provider != "*":
+            _check_provider(provider)
+        if allow:
+            now = int(time.time()) if now is None else _check_int(now, "now", 0)
+            self._write("INSERT OR REPLACE INTO consent (address, provider, granted_at) "
+                        "VALUES (?, ?, ?)", (address, provider, now), bump=False)
+        else:
+            self._write("DELETE FROM consent WHERE address = ? AND provider = ?",
+                        (address, provider), bump=False)
+
+    def consents(self) -> dict[str, frozenset[str]]:
+        """Every opt-in: address -> the providers (or ``"*"``) it accepts messages from."""
+        out: dict[str, set[str]] = {}
+        with self._lock:
+            for address, provider in self._db.execute("SELECT address, provider FROM consent"):
+                out.setdefault(address, set()).add(provider)
+        return {a: frozenset(p) for a, p in out.items()}
 
     # -- reading ---------------------------------------------------------
 

@@ -55,6 +55,7 @@ _OP_SEND = int(wire.Op.SEND)
 _OP_DACK = int(wire.Op.DACK)
 _OP_PING = int(wire.Op.PING)
 _OP_BYE = int(wire.Op.BYE)
+_OP_CONSENT = int(wire.Op.CONSENT)
 # A DELIVER op is [18, seq, from, id, body, ts_ms, cls]; everything after seq
 # is the same for every recipient device, so it is packed once per message
 # (the "tail") and each delivery only adds its own sequence number, always as
@@ -85,6 +86,10 @@ def make_tail(sender_packed: bytes, cid: bytes, body: bytes, ts_packed: bytes,
 
 # connection states (_DRAINING: the client said BYE, its SACKs are still due)
 _HS_WAIT1, _HS_WAIT3, _OPEN, _CLOSED, _DRAINING = range(5)
+
+
+def _consents(accepted: frozenset[str] | None, provider: str) -> bool:
+    return accepted is not None and (provider in accepted or "*" in accepted)
 
 
 def load_or_create_server_key(data_dir: str) -> tuple[KeyPair, bool]:
@@ -287,6 +292,8 @@ class _Conn(asyncio.Protocol):
                 sends.append(op)
             elif kind == _OP_DACK:
                 self._dack(op[1])  # acks and sends are independent: no order to keep
+            elif kind == _OP_CONSENT:
+                relay._set_consent(self, op[1], op[2], op[3])
             elif kind == _OP_PING:
                 self.out.append(wire.pong_op(op[1]))
                 relay._mark(self)
@@ -525,6 +532,8 @@ class Relay:
         self._by_device: dict[tuple[str, str], _Conn] = {}
         self._known: dict[str, list[int]] = {}  # address -> store device keys
         self._buckets: dict[tuple[str, str], tuple[TokenBucket, TokenBucket]] = {}
+        #: address -> providers (or "*") whose users it accepts messages from
+        self._consent: dict[str, frozenset[str]] = {}
         self._dedup = DedupWindow(self.config.dedup_window_s, self.config.dedup_max_entries)
         self._dirty: set[_Conn] = set()
         self._flush_scheduled = False
@@ -561,6 +570,7 @@ class Relay:
             os.makedirs(cfg.data_dir, exist_ok=True)
             self.registry = identity.Registry(os.path.join(cfg.data_dir, "registry.db"))
         self._reload_trust()
+        self._consent = self.registry.consents()
         if self.store is None:
             if cfg.store == "memory":
                 self.store = await MemoryStore.open(":memory:", ttl_s=cfg.ttl_s)
@@ -781,6 +791,8 @@ class Relay:
         ts_packed = _ts_packed(now_ms)
         sack_head, sack_ok = _SACK_OK
         taps = self._taps
+        consent = self._consent if self.config.require_consent else None
+        own = "@" + conn.provider
         store_items = []
         meta = []
         ephemeral = None
@@ -800,6 +812,9 @@ class Relay:
                 code = ErrorCode.BODY_TOO_LARGE
             elif to not in known:
                 code = ErrorCode.UNKNOWN_RECIPIENT
+            elif consent is not None and not to.endswith(own) and not _consents(
+                    consent.get(to), conn.provider):
+                code = ErrorCode.CONSENT_REQUIRED
             elif msg_tokens < 1.0 or byte_tokens < size:
                 code = ErrorCode.RATE_LIMITED  # a refused message costs no quota
             else:
@@ -887,6 +902,32 @@ class Relay:
                     entry[2] = None
             append(b"".join((sack_head, dkey[1], sack_ok)))
         self._mark(conn)
+
+    def _set_consent(self, conn: _Conn, cid: bytes, provider: str, allow: bool) -> None:
+        """A user opts in to (or out of) another provider's senders; ack once durable."""
+        address = conn.address
+
+        def done(fut: asyncio.Future) -> None:
+            if fut.exception() is not None:
+                log.error("could not record a consent change: %s", type(fut.exception()).__name__)
+                code = int(ErrorCode.STORE_FAILED)
+            else:
+                accepted = set(self._consent.get(address, ()))
+                if allow:
+                    accepted.add(provider)
+                else:
+                    accepted.discard(provider)
+                if accepted:
+                    self._consent[address] = frozenset(accepted)
+                else:
+                    self._consent.pop(address, None)
+                code = 0
+            self._ack_all(conn, cid, code, None)
+
+        # The registry commits with fsync: off the event loop.
+        fut = self._loop.run_in_executor(None, self.registry.set_consent, address, provider,
+                                         allow)
+        fut.add_done_callback(done)
 
     def _next_routed(self) -> asyncio.Future:
         """A future resolved after the next store batch is routed (or failed)."""

@@ -49,7 +49,7 @@ from .errors import (
     WrongType,
     error_for_code,
 )
-from .identity import MAX_CREDENTIAL_LEN, is_valid_address, is_valid_device
+from .identity import MAX_CREDENTIAL_LEN, is_valid_address, is_valid_device, is_valid_provider
 
 __all__ = [
     "CLS_EPHEMERAL",
@@ -70,6 +70,7 @@ __all__ = [
     "OpError",
     "ServerHello",
     "bye_op",
+    "consent_op",
     "dack_op",
     "decode_client_frame",
     "decode_client_hello",
@@ -130,6 +131,7 @@ class Op(enum.IntEnum):
     DACK = 2
     PING = 3
     BYE = 4
+    CONSENT = 5
     WELCOME = 16
     SACK = 17
     DELIVER = 18
@@ -139,7 +141,7 @@ class Op(enum.IntEnum):
 
 
 # Plain ints for the hot loops: comparing with IntEnum members is slower.
-_SEND, _DACK, _PING, _BYE = 1, 2, 3, 4
+_SEND, _DACK, _PING, _BYE, _CONSENT = 1, 2, 3, 4, 5
 _WELCOME, _SACK, _DELIVER, _ERROR, _PONG, _SERVER_BYE = 16, 17, 18, 19, 20, 21
 
 
@@ -283,6 +285,20 @@ def _check_send(op: tuple) -> OpError | None:
     return None
 
 
+def _check_consent(op: tuple) -> OpError | None:
+    mid = op[1] if len(op) > 1 and _is_id(op[1]) else None
+    if len(op) != 4:
+        return OpError(_M, "CONSENT takes 3 fields", _CONSENT, mid)
+    if mid is None:
+        return OpError(_F, "CONSENT id must be 16 bytes of bin", _CONSENT)
+    _, _, provider, allow = op
+    if not (provider == "*" or is_valid_provider(provider)):
+        return OpError(_F, "CONSENT provider must be a provider name or '*'", _CONSENT, mid)
+    if type(allow) is not bool:
+        return OpError(_F, "CONSENT allow must be a boolean", _CONSENT, mid)
+    return None
+
+
 def _check_dack(op: tuple) -> OpError | None:
     if len(op) != 2:
         return OpError(_M, "DACK takes 1 field", _DACK)
@@ -364,8 +380,8 @@ def _check_code_reason(op: tuple) -> OpError | None:
     return None
 
 
-_CLIENT_CHECKS = {_SEND: _check_send, _DACK: _check_dack, _PING: _check_token,
-                  _BYE: _check_bye}
+_CLIENT_CHECKS = {_SEND: _check_send, _CONSENT: _check_consent, _DACK: _check_dack,
+                  _PING: _check_token, _BYE: _check_bye}
 _SERVER_CHECKS = {_WELCOME: _check_welcome, _SACK: _check_sack, _DELIVER: _check_deliver,
                   _ERROR: _check_code_reason, _PONG: _check_token,
                   _SERVER_BYE: _check_code_reason}
@@ -486,6 +502,15 @@ def send_op(id: bytes, to: str, body: bytes, cls: int = CLS_PERSISTENT) -> bytes
     if type(cls) is bool or cls not in (CLS_PERSISTENT, CLS_EPHEMERAL):
         raise InvalidArgument("cls must be CLS_PERSISTENT or CLS_EPHEMERAL")
     return _pack((_SEND, id, to, body, int(cls)))
+
+
+def consent_op(id: bytes, provider: str, allow: bool) -> bytes:  # noqa: A002
+    """A packed CONSENT op: opt in to (or out of) messages from ``provider`` ("*": all)."""
+    if type(id) is not bytes or len(id) != ID_LEN:
+        raise InvalidArgument(f"consent id must be {ID_LEN} bytes")
+    if not (provider == "*" or is_valid_provider(provider)):
+        raise InvalidArgument("provider must be a provider name or '*'")
+    return _pack((_CONSENT, id, provider, bool(allow)))
 
 
 def dack_op(upto_seq: int) -> bytes:

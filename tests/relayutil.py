@@ -68,6 +68,8 @@ async def world(tmp_path, **cfg_kw):
         for name, key in keys.items():
             reg.add_provider(name, key.public_key)
     cfg_kw.setdefault("registry_poll_s", 0.05)
+    # most tests exchange messages across providers; opt-in has tests of its own
+    cfg_kw.setdefault("require_consent", False)
     relay = Relay(RelayConfig(port=0, data_dir=data_dir, **cfg_kw))
     await relay.start()
     w = World(relay, data_dir, keys)

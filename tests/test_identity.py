@@ -390,3 +390,18 @@ def test_version_changes_when_another_process_writes(tmp_path, key):
         assert relay.version() != before
         assert not trust.is_revoked("u@p.example", "d")  # snapshots are immutable
         assert relay.trust().is_revoked("u@p.example", "d")
+
+
+def test_consent_is_durable_and_not_a_trust_change(tmp_path):
+    path = tmp_path / "reg.db"
+    with Registry(path) as reg:
+        v = reg.version()
+        reg.set_consent("alice@home", "acme", True)
+        reg.set_consent("alice@home", "*", True)
+        reg.set_consent("bob@acme", "home", True)
+        reg.set_consent("bob@acme", "home", False)
+        assert reg.version() == v  # relays need not reload trust for it
+        with pytest.raises(InvalidArgument):
+            reg.set_consent("not-an-address", "acme", True)
+    with Registry(path) as reg:
+        assert reg.consents() == {"alice@home": frozenset({"acme", "*"})}

@@ -486,3 +486,50 @@ def test_send_many_one_future_for_a_batch_and_typed_refusal(loop, tmp_path):
                 alice.send_many("bob@acme", [b"ok", b"x" * 61441])
             assert await alice.send_many("bob@acme", []) == []
     run(loop, main())
+
+
+def test_third_party_messages_need_the_recipients_opt_in(loop, tmp_path):
+    async def main():
+        from fastroute.errors import ConsentRequired
+        async with world(tmp_path, require_consent=True) as w:
+            alice = await w.connect("alice@home")
+            bob = await w.connect("bob@acme")
+            carol = await w.connect("carol@home")
+            # same provider: no opt-in needed
+            await carol.send("alice@home", b"hi")
+            # another provider's user: refused, with its code, and not delivered
+            with pytest.raises(ConsentRequired) as err:
+                await bob.send("alice@home", b"spam?")
+            assert err.value.code == ErrorCode.CONSENT_REQUIRED
+            with pytest.raises(ConsentRequired):
+                await bob.send("alice@home", b"typing", ephemeral=True)
+            assert [m.body for m in await recv_n(alice, 1)] == [b"hi"]
+            assert await nothing_arrives(alice)
+            await alice.set_consent("acme")
+            await bob.send("alice@home", b"hello")
+            assert [m.body for m in await recv_n(alice, 1)] == [b"hello"]
+            await alice.set_consent("acme", allow=False)
+            with pytest.raises(ConsentRequired):
+                await bob.send("alice@home", b"again")
+            await alice.set_consent("*")  # every other provider
+            await bob.send("alice@home", b"star")
+            assert [m.body for m in await recv_n(alice, 1)] == [b"star"]
+            data_dir, keys = w.data_dir, w.keys
+        # the opt-in is durable: a restarted relay still honours it
+        relay = Relay(RelayConfig(port=0, data_dir=data_dir, require_consent=True))
+        await relay.start()
+        try:
+            from relayutil import World
+            w2 = World(relay, data_dir, keys)
+            alice = await w2.connect("alice@home")
+            bob = await w2.connect("bob@acme")
+            await bob.send("alice@home", b"after restart")
+            assert [m.body for m in await recv_n(alice, 1)] == [b"after restart"]
+            # and bob never opted in to home's users
+            with pytest.raises(ConsentRequired):
+                await alice.send("bob@acme", b"x")
+            for c in w2.clients:
+                await c.close()
+        finally:
+            await relay.close()
+    run(loop, main())

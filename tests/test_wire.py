@@ -31,11 +31,30 @@ def frame_of(*ops: object) -> bytes:
     return msgpack.packb(list(ops), use_bin_type=True)
 
 
+def encode_raw(ops) -> bytes:
+    return msgpack.packb(ops, use_bin_type=True)
+
+
 def test_constants_match_the_contract():
     assert MAX_PLAINTEXT == 65535 - 16
     assert MAX_BODY == 61440
     assert (wire.CLS_PERSISTENT, wire.CLS_EPHEMERAL, wire.PROTOCOL_VERSION) == (0, 1, 1)
-    assert [int(o) for o in Op] == [1, 2, 3, 4, 16, 17, 18, 19, 20, 21]
+    assert [int(o) for o in Op] == [1, 2, 3, 4, 5, 16, 17, 18, 19, 20, 21]
+
+
+def test_consent_op_round_trip_and_checks():
+    from fastroute.errors import ErrorCode as EC
+    ops = wire.decode_client_frame(encode_raw([[5, MID, "acme", True], [5, MID, "*", False]]))
+    assert ops == [(5, MID, "acme", True), (5, MID, "*", False)]
+    bad = wire.decode_client_frame(encode_raw([[5, MID, "acme", 1], [5, MID, "Not A Provider", True],
+                                               [5, MID, "acme"]]))
+    assert [(type(o).__name__, o.code, o.id) for o in bad] == [
+        ("OpError", EC.BAD_FIELD, MID), ("OpError", EC.BAD_FIELD, MID),
+        ("OpError", EC.MALFORMED, MID)]
+    assert wire.decode_client_frame(wire.pack_frames([wire.consent_op(MID, "*", True)])[0]) == \
+        [(5, MID, "*", True)]
+    with pytest.raises(wire.InvalidArgument):
+        wire.consent_op(MID, "UPPER", True)
 
 
 def test_client_ops_round_trip():
