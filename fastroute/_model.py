@@ -223,16 +223,21 @@ class Router:
             raise UnknownAddress("address has no devices")
         return devs
 
-    def route(self, address: str, payload: object) -> int:
-        """Put ``payload`` in every mailbox of ``address``; return how many."""
-        devs = self._lookup_route(address)
+    def _offer_all(self, devs: Iterable[_Device], payload: object, index: int,
+                   full: list[tuple[int, int]]) -> int:
+        """Offer ``payload`` to each device; note refusals in ``full``; return placed."""
         entered = 0
-        full = []
-        for dev in devs.values():
+        for dev in devs:
             if self._offer(dev, payload):
                 entered += 1
             else:
-                full.append((0, dev.id))
+                full.append((index, dev.id))
+        return entered
+
+    def route(self, address: str, payload: object) -> int:
+        """Put ``payload`` in every mailbox of ``address``; return how many."""
+        full: list[tuple[int, int]] = []
+        entered = self._offer_all(self._lookup_route(address).values(), payload, 0, full)
         if full:
             raise MailboxFull("mailbox full", entered, full)
         return entered
@@ -251,13 +256,9 @@ class Router:
                 raise InvalidArgument("each item must be (address, payload)")
             plan.append((self._lookup_route(item[0]), item[1]))
         entered = 0
-        full = []
+        full: list[tuple[int, int]] = []
         for index, (devs, payload) in enumerate(plan):
-            for dev in devs.values():
-                if self._offer(dev, payload):
-                    entered += 1
-                else:
-                    full.append((index, dev.id))
+            entered += self._offer_all(devs.values(), payload, index, full)
         if full:
             raise MailboxFull("mailbox full", entered, full)
         return entered
@@ -322,16 +323,10 @@ class Router:
         members = self._group(group_id)
         if exclude_device is not None:
             _check_int(exclude_device, "exclude_device")
-        entered = 0
-        full = []
-        for address in members:
-            for dev in self._addrs.get(address, {}).values():
-                if dev.id == exclude_device:
-                    continue
-                if self._offer(dev, payload):
-                    entered += 1
-                else:
-                    full.append((0, dev.id))
+        full: list[tuple[int, int]] = []
+        devs = (dev for address in members for dev in self._addrs.get(address, {}).values()
+                if dev.id != exclude_device)
+        entered = self._offer_all(devs, payload, 0, full)
         if full:
             raise MailboxFull("mailbox full", entered, full)
         return entered

@@ -88,44 +88,32 @@ def cmd_provider_add(args: argparse.Namespace) -> int:
         public = ProviderKey.load(args.key_file).public_key
     else:
         raise SystemExit("give --public-key HEX|PEM-FILE, --key-file FILE, or --generate")
-    reg = _registry(args)
-    try:
+    with _registry(args) as reg:
         reg.add_provider(args.name, public, msgs_per_s=args.max_msgs_per_s,
                          bytes_per_s=args.max_bytes_per_s, max_body=args.max_body)
         rec = reg.get_provider(args.name)
-    finally:
-        reg.close()
     print(f"enrolled provider {args.name}, key fingerprint {rec.fingerprint}")
     return 0
 
 
 def cmd_provider_list(args: argparse.Namespace) -> int:
-    reg = _registry(args)
-    try:
+    with _registry(args) as reg:
         for rec in reg.list_providers():
             state = "revoked" if rec.revoked else "active"
             print(f"{rec.name}\t{state}\t{rec.fingerprint}")
-    finally:
-        reg.close()
     return 0
 
 
 def cmd_provider_revoke(args: argparse.Namespace) -> int:
-    reg = _registry(args)
-    try:
+    with _registry(args) as reg:
         reg.revoke_provider(args.name)
-    finally:
-        reg.close()
     print(f"revoked provider {args.name}; its live connections close within the poll interval")
     return 0
 
 
 def cmd_device_revoke(args: argparse.Namespace) -> int:
-    reg = _registry(args)
-    try:
+    with _registry(args) as reg:
         reg.revoke_device(args.address, args.device)
-    finally:
-        reg.close()
     print("revoked the device; its live connection closes within the poll interval")
     return 0
 

@@ -33,7 +33,7 @@ from .errors import (
     ProtocolError,
     error_for_code,
 )
-from .noise import PROLOGUE, FrameReader, HandshakeState, KeyPair, frame
+from .noise import PROLOGUE, FrameReader, HandshakeState, KeyPair, frame, seal_frames
 
 __all__ = ["Client", "Message"]
 
@@ -508,13 +508,7 @@ class Client:
             self._write(out)
 
     def _write(self, ops: list[bytes]) -> None:
-        encrypt = self._tx.encrypt
-        bufs = []
-        for body in wire.pack_frames(ops):
-            ct = encrypt(body)
-            bufs.append(len(ct).to_bytes(2, "big"))
-            bufs.append(ct)
-        self._proto.transport.writelines(bufs)
+        self._proto.transport.writelines(seal_frames(self._tx, wire.pack_frames(ops)))
 
     def _on_frame(self, msg: bytes) -> None:
         try:

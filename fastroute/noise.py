@@ -59,6 +59,7 @@ __all__ = [
     "SymmetricState",
     "HandshakeState",
     "frame",
+    "seal_frames",
     "FrameReader",
 ]
 
@@ -525,6 +526,26 @@ def frame(msg: bytes) -> bytes:
         raise ProtocolError(f"frame of {size} bytes exceeds {MAX_MESSAGE_LEN}",
                             code=ErrorCode.FRAME_TOO_LARGE)
     return _frame_len(size) + msg
+
+
+_LEN_PREFIX = [n.to_bytes(2, "big") for n in range(MAX_MESSAGE_LEN + 1)]
+
+
+def seal_frames(cipher: "CipherState", plaintexts: list[bytes]) -> list[bytes]:
+    """Encrypt each plaintext and frame it, as buffers for ``transport.writelines``.
+
+    Returns ``[len1, ct1, len2, ct2, ...]``: the length prefixes are shared
+    constants and no ciphertext is copied again to join it to its prefix.
+    Plaintexts must fit one Noise message (``CipherState.encrypt`` checks).
+    """
+    encrypt = cipher.encrypt
+    lens = _LEN_PREFIX
+    out = []
+    for plaintext in plaintexts:
+        ct = encrypt(plaintext)
+        out.append(lens[len(ct)])
+        out.append(ct)
+    return out
 
 
 class FrameReader:

@@ -43,7 +43,7 @@ from .errors import (
     UnknownAddress,
 )
 from .gate import PENDING, DedupWindow, TokenBucket
-from .noise import FrameReader, HandshakeState, KeyPair, frame
+from .noise import FrameReader, HandshakeState, KeyPair, frame, seal_frames
 from .store import MemoryStore, SqliteStore
 
 __all__ = ["Relay", "load_or_create_server_key"]
@@ -65,7 +65,6 @@ _SACK_OK = (b"\x93" + msgpack.packb(int(wire.Op.SACK)) + b"\xc4\x10", b"\x00")
 _BIN8 = [b"\xc4" + bytes((i,)) for i in range(256)]
 _ID_HEAD = b"\xc4\x10"
 _CLS_BYTE = (b"\x00", b"\x01")
-_FRAME_LEN = [n.to_bytes(2, "big") for n in range(65536)]
 
 
 def _bin_header(n: int) -> bytes:
@@ -374,13 +373,7 @@ class _Conn(asyncio.Protocol):
             out.clear()
             return
         self.out = []
-        encrypt = self.tx.encrypt
-        lens = _FRAME_LEN
-        bufs = []
-        for body in wire.pack_frames(out):
-            ct = encrypt(body)
-            bufs.append(lens[len(ct)])
-            bufs.append(ct)
+        bufs = seal_frames(self.tx, wire.pack_frames(out))
         self.transport.writelines(bufs)
 
     # --------------------------------------------------------------- closing

@@ -521,3 +521,14 @@ def test_encrypted_frames_end_to_end():
     for k in range(0, len(stream), 7001):
         got += [r_recv.decrypt(m) for m in reader.feed(stream[k:k + 7001])]
     assert got == [bytes([s % 251]) * s for s in sizes]
+
+
+def test_seal_frames_gives_length_prefixed_ciphertexts_a_peer_can_read():
+    from fastroute.noise import seal_frames
+    key = bytes(range(32))
+    tx, rx = CipherState(key), CipherState(key)
+    bufs = seal_frames(tx, [b"", b"a" * 100, b"b" * 65519])
+    reader = FrameReader()
+    msgs = reader.feed(b"".join(bufs))
+    assert [rx.decrypt(m) for m in msgs] == [b"", b"a" * 100, b"b" * 65519]
+    assert [len(b) for b in bufs[::2]] == [2, 2, 2]

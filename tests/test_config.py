@@ -1,0 +1,45 @@
+"""Relay configuration: TOML file, flags over file, and refusal of bad values."""
+
+from __future__ import annotations
+
+import pytest
+
+from fastroute.config import RelayConfig, parse_hostport
+from fastroute.errors import InvalidArgument
+
+
+def test_toml_then_flags(tmp_path):
+    path = tmp_path / "fastroute.toml"
+    path.write_text('[relay]\nlisten = "127.0.0.2:9000"\nstore = "memory"\n'
+                    'mailbox_capacity = 16\nrequire_consent = false\n'
+                    '[limits]\nmsgs_per_s = 10\nmax_body = 1000\n')
+    cfg = RelayConfig.from_toml(path)
+    assert (cfg.host, cfg.port, cfg.store, cfg.mailbox_capacity) == ("127.0.0.2", 9000, "memory", 16)
+    assert cfg.require_consent is False
+    assert cfg.limits.msgs_per_s == 10.0 and cfg.limits.max_body == 1000
+    over = cfg.with_overrides(store="sqlite", mailbox_capacity=None)
+    assert over.store == "sqlite" and over.mailbox_capacity == 16
+    assert cfg.store == "memory"  # the original is untouched
+
+
+@pytest.mark.parametrize("text", [
+    '[relay]\nnope = 1\n',                 # unknown key
+    '[other]\n',                           # unknown table
+    '[relay]\nstore = "tape"\n',           # bad value
+    '[relay]\nmailbox_capacity = "big"\n', # wrong type
+    '[limits]\nmax_body = 100000\n',       # over one frame
+    '[relay\n',                            # not TOML
+])
+def test_bad_files_are_refused_clearly(tmp_path, text):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(InvalidArgument):
+        RelayConfig.from_toml(path)
+
+
+def test_hostport_forms():
+    assert parse_hostport("127.0.0.1:1") == ("127.0.0.1", 1)
+    assert parse_hostport("[::1]:7") == ("::1", 7)
+    assert parse_hostport("localhost") == ("localhost", 7474)
+    with pytest.raises(InvalidArgument):
+        parse_hostport("h:99999")
