@@ -158,7 +158,8 @@ def main(rounds: int = 10) -> None:
                     if impl != "memory":  # start every case from an empty file
                         os.unlink(os.path.join(directory, f"{impl}.db"))
                     n = rounds * N
-                    per_10k = f"{commits / n * 10_000:.1f}" if case == "put" and impl != "memory" else "-"
+                    per_10k = (f"{commits / n * 10_000:.1f}"
+                               if case == "put" and impl != "memory" else "-")
                     print(f"{case + f' fanout={fanout}':<22}{impl:<13}{n / dt:>10,.0f}"
                           f"{dt / n * 1e6:>9.2f}{per_10k:>13}")
 

@@ -466,7 +466,8 @@ async def main_async(args, stalls: list[str]) -> list[tuple[str, str, dict]]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--messages", type=int, default=20000,
-                    help="sends per 1:1 throughput run (fan-out runs send N/4, i.e. 2.5 N deliveries)")
+                    help="sends per 1:1 throughput run "
+                         "(fan-out runs send N/4, i.e. 2.5 N deliveries)")
     ap.add_argument("--quick", action="store_true", help="small runs (N=3000)")
     ap.add_argument("--window", type=int, default=E2E_WINDOW,
                     help="max sends in flight end to end (0: unbounded; > 4096 makes the "

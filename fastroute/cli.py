@@ -19,7 +19,6 @@ import asyncio
 import logging
 import os
 import sys
-import time
 
 from .config import RelayConfig, parse_hostport
 from .errors import FastrouteError
@@ -192,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = psub.add_parser("add", help="enrol a provider by its Ed25519 public key")
     a.add_argument("name")
     a.add_argument("--public-key", help="hex, or a PEM file of the public key")
-    a.add_argument("--key-file", help="the provider's private key file (only its public half is used)")
+    a.add_argument("--key-file",
+                   help="the provider's private key file (only its public half is used)")
     a.add_argument("--generate", action="store_true", help="generate the key pair too")
     a.add_argument("--key-out", help="with --generate: where to write the private key")
     a.add_argument("--max-msgs-per-s", type=float, default=None)
@@ -215,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--address", required=True, help="user@provider")
     i.add_argument("--device", required=True, help="device name")
     i.add_argument("--static-pub", help="device X25519 public key, hex")
-    i.add_argument("--device-key-out", help="generate the device key pair, write the private key here")
+    i.add_argument("--device-key-out",
+                   help="generate the device key pair, write the private key here")
     i.add_argument("--ttl", type=int, default=30 * 86400, help="validity in seconds")
     i.add_argument("--out", required=True, help="where to write the credential")
     i.set_defaults(func=cmd_credential_issue)

@@ -154,7 +154,8 @@ def _coerce(current: Any, value: Any, name: str) -> Any:
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if type(value) is not type(current):
-        raise InvalidArgument(f"{name} must be {type(current).__name__}, got {type(value).__name__}")
+        raise InvalidArgument(f"{name} must be {type(current).__name__}, "
+                              f"got {type(value).__name__}")
     return value
 
 

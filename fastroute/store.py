@@ -32,7 +32,6 @@ import threading
 from typing import Iterable, Sequence
 
 from .errors import (
-    ErrorCode,
     FastrouteError,
     InvalidArgument,
     StoreFailed,

@@ -14,7 +14,8 @@ def test_toml_then_flags(tmp_path):
                     'mailbox_capacity = 16\nrequire_consent = false\n'
                     '[limits]\nmsgs_per_s = 10\nmax_body = 1000\n')
     cfg = RelayConfig.from_toml(path)
-    assert (cfg.host, cfg.port, cfg.store, cfg.mailbox_capacity) == ("127.0.0.2", 9000, "memory", 16)
+    assert (cfg.host, cfg.port, cfg.store, cfg.mailbox_capacity) == \
+        ("127.0.0.2", 9000, "memory", 16)
     assert cfg.require_consent is False
     assert cfg.limits.msgs_per_s == 10.0 and cfg.limits.max_body == 1000
     over = cfg.with_overrides(store="sqlite", mailbox_capacity=None)

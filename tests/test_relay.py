@@ -165,7 +165,6 @@ def test_unknown_recipient_and_oversize_body_are_refused_with_codes(loop, tmp_pa
             with pytest.raises(BodyTooLarge):  # caught by the client library
                 await alice.send("bob@acme", b"x" * 61441)
             # ... and by the relay, for a client that does not check
-            from fastroute import wire
             big_id = os.urandom(16)
             big = alice._loop.create_future()
             alice._pending[big_id] = (big, b"")

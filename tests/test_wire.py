@@ -46,7 +46,8 @@ def test_consent_op_round_trip_and_checks():
     from fastroute.errors import ErrorCode as EC
     ops = wire.decode_client_frame(encode_raw([[5, MID, "acme", True], [5, MID, "*", False]]))
     assert ops == [(5, MID, "acme", True), (5, MID, "*", False)]
-    bad = wire.decode_client_frame(encode_raw([[5, MID, "acme", 1], [5, MID, "Not A Provider", True],
+    bad = wire.decode_client_frame(encode_raw([[5, MID, "acme", 1],
+                                               [5, MID, "Not A Provider", True],
                                                [5, MID, "acme"]]))
     assert [(type(o).__name__, o.code, o.id) for o in bad] == [
         ("OpError", EC.BAD_FIELD, MID), ("OpError", EC.BAD_FIELD, MID),
