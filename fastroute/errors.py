@@ -38,6 +38,12 @@ __all__ = [
     "TraceFormatError",
     "ConnectionClosed",
     "StoreFailed",
+    "MediaError",
+    "UnknownBlob",
+    "UnknownUpload",
+    "ChunkRejected",
+    "BlobMismatch",
+    "UploadIncomplete",
     "error_for_code",
 ]
 
@@ -63,6 +69,9 @@ class ErrorCode(enum.IntEnum):
     IDLE_TIMEOUT = 108
     INVALID_ARGUMENT = 110
     WRONG_TYPE = 111
+    BAD_CHUNK = 112
+    MEDIA_MISMATCH = 113
+    UPLOAD_INCOMPLETE = 114
     # 2xx: who is this device
     AUTH_FAILED = 200
     UNKNOWN_PROVIDER = 201
@@ -76,6 +85,8 @@ class ErrorCode(enum.IntEnum):
     UNKNOWN_DEVICE = 301
     UNKNOWN_GROUP = 302
     MAILBOX_FULL = 303
+    MEDIA_NOT_FOUND = 304
+    UPLOAD_NOT_FOUND = 305
     # 4xx: may it be sent
     RATE_LIMITED = 400
     BODY_TOO_LARGE = 401
@@ -261,31 +272,93 @@ class StoreFailed(FastrouteError, OSError):
     code = ErrorCode.STORE_FAILED
 
 
+class MediaError(FastrouteError, ValueError):
+    """A media upload or download was refused."""
+
+    code = ErrorCode.INVALID_ARGUMENT
+
+
+class UnknownBlob(MediaError, KeyError):
+    """No blob with that id is stored (never uploaded, or expired)."""
+
+    code = ErrorCode.MEDIA_NOT_FOUND
+
+    def __str__(self) -> str:  # KeyError would repr() the argument
+        return Exception.__str__(self)
+
+
+class UnknownUpload(MediaError, KeyError):
+    """No upload in progress has that id (never begun, finished, aborted or timed out)."""
+
+    code = ErrorCode.UPLOAD_NOT_FOUND
+
+    def __str__(self) -> str:
+        return Exception.__str__(self)
+
+
+class ChunkRejected(MediaError):
+    """A chunk has the wrong size, an index out of range, or differs from an
+    earlier chunk with the same index.  The upload itself is kept."""
+
+    code = ErrorCode.BAD_CHUNK
+
+
+class BlobMismatch(MediaError):
+    """The assembled upload does not have the declared size or SHA-256.
+
+    The upload is discarded and nothing of it is left on disk.
+    """
+
+    code = ErrorCode.MEDIA_MISMATCH
+
+
+class UploadIncomplete(MediaError):
+    """``finish`` was called before every chunk arrived; the upload is kept.
+
+    ``missing`` is how many chunks are still missing.
+    """
+
+    code = ErrorCode.UPLOAD_INCOMPLETE
+
+    def __init__(self, message: str, missing: int = 0, *,
+                 code: ErrorCode | int | None = None) -> None:
+        super().__init__(message, code=code)
+        self.missing = missing
+
+
 def _index() -> dict[int, type[FastrouteError]]:
+    # The class for a code is the first one in __all__ that declares it
+    # itself: stable, whatever other modules subclass later.
     table: dict[int, type[FastrouteError]] = {}
-    stack: list[type[FastrouteError]] = [FastrouteError]
-    while stack:
-        cls = stack.pop()
-        table.setdefault(int(cls.code), cls)
-        stack.extend(cls.__subclasses__())
+    for name in __all__:
+        cls = globals()[name]
+        if isinstance(cls, type) and issubclass(cls, FastrouteError) and "code" in vars(cls):
+            table.setdefault(int(cls.code), cls)
     return table
+
+
+_TABLE: dict[int, type[FastrouteError]] | None = None
 
 
 def error_for_code(code: int, reason: str = "") -> FastrouteError:
     """Build the exception that best matches a wire error ``code``.
 
-    Unknown codes (from a newer relay) give a plain :class:`FastrouteError`
-    that still carries the numeric code.
+    A code without a class of its own, or unknown to this version (from a
+    newer relay), gives the class of its range (1xx :class:`ProtocolError`,
+    2xx :class:`AuthError`, 4xx :class:`PolicyError`, else
+    :class:`FastrouteError`) still carrying the numeric code.
     """
-    cls = _index().get(int(code))
+    global _TABLE
+    if _TABLE is None:
+        _TABLE = _index()
+    code = int(code)
+    cls = _TABLE.get(code)
+    if cls is None or cls in (MailboxFull, TraceFormatError, ConnectionClosed):
+        cls = {1: ProtocolError, 2: AuthError, 4: PolicyError}.get(code // 100, FastrouteError)
     try:
         ecode = ErrorCode(code)
     except ValueError:
-        exc = FastrouteError(reason or f"error {code}")
+        exc = cls(reason or f"error {code}")
         exc.code = code  # type: ignore[assignment]
         return exc
-    if cls is None or cls in (MailboxFull, TraceFormatError, ConnectionClosed):
-        # codes without a class of their own fall back on their range's class
-        cls = {1: ProtocolError, 2: AuthError, 4: PolicyError}.get(
-            int(code) // 100, FastrouteError)
     return cls(reason or ecode.name, code=ecode)
