@@ -107,3 +107,49 @@ class Router:
         """(queued-not-popped, popped-not-acked)."""
     def stats(self) -> dict[str, int]:
         """Counters only (devices, addresses, groups, queued, unacked, ...)."""
+
+# -- relay hot-path helpers (ext/fastroute/_wire.pxi, _gate.pxi); internal:
+# use them through fastroute._fastpath, which has the pure-Python twins.
+
+def pack_frames(packed_ops: list[bytes], max_plaintext: int = 65519,
+                max_ops: int = 8192) -> list[bytes] | None:
+    """fastroute.wire.pack_frames for a list of exact bytes.
+
+    Same greedy split and bytes; None (nothing built) when an element is not
+    exactly bytes.  InvalidArgument for bad limits or an op too big for a frame.
+    """
+def pack_delivers(seq: int, batch: list[tuple[object, bytes]], out: list[bytes]) -> list[object]:
+    """Append one packed DELIVER per (mid, tail) to out, seqs from seq (uint32).
+
+    Returns the mids in order; OverflowError if a seq passes 2**32 - 1.
+    """
+def deliver_tail(sender_packed: bytes, cid: bytes, body: bytes, ts_packed: bytes,
+                 cls: int) -> bytes:
+    """The packed DELIVER fields after seq: from, id, body, ts_ms, cls (0 or 1)."""
+def sack_ok_op(cid: bytes) -> bytes:
+    """The packed SACK [17, cid, 0] for a 16-byte id."""
+def stored_sacks(meta: list[tuple[str, bytes, tuple[str, bytes]]], entries: dict,
+                 now: float, out: list[bytes], ack_all: object) -> None:
+    """After a store commit: mark dedup entries, answer waiters, SACK-ok each message."""
+def route_items(meta: list[tuple[str, bytes, object]], mids: list[int]
+                ) -> list[tuple[str, tuple[int, bytes]]]:
+    """[(to, (mid, tail)) ...] from the relay's meta and the store's mids."""
+def decode_sends(plaintext: object, addr_ok: set[str]) -> list[tuple] | None:
+    """decode_client_frame's fast path: a frame of valid SENDs to cached recipients.
+
+    None for anything else (the caller decodes it the slow, precise way).
+    """
+def accept_sends(sends: list[tuple], conn: object, out: list[bytes], sender: str,
+                 sender_packed: bytes, known: dict[str, list[int]], entries: dict,
+                 window: float, now: float, msg_tokens: float, byte_tokens: float,
+                 max_body: int, now_ms: int, ts_packed: bytes, taps: list,
+                 consent: dict[str, frozenset[str]] | None, own: str, provider: str,
+                 count_error: object, sack_op: object, pending: int,
+                 refusals: tuple[int, int, int, int], store_items: list,
+                 meta: list) -> tuple[list | None, float, float]:
+    """The relay's per-SEND gate loop; returns (ephemeral items, msg_tokens, byte_tokens)."""
+def decode_server_ops(plaintext: object, addr_ok: set[str]) -> list[tuple] | None:
+    """decode_server_frame's fast path: a frame of valid SACKs and DELIVERs.
+
+    None for anything else (the caller decodes it the slow, precise way).
+    """

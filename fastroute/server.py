@@ -21,6 +21,7 @@ the live route (see :meth:`_Conn._sync`).
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -31,7 +32,7 @@ from typing import Any
 import msgpack
 
 from . import Router
-from . import identity, wire
+from . import _fastpath, identity, wire
 from .config import RelayConfig
 from .errors import (
     AuthError,
@@ -50,7 +51,6 @@ __all__ = ["Relay", "load_or_create_server_key"]
 
 log = logging.getLogger("fastroute.relay")
 
-_CLS_EPHEMERAL = wire.CLS_EPHEMERAL
 _OP_SEND = int(wire.Op.SEND)
 _OP_DACK = int(wire.Op.DACK)
 _OP_PING = int(wire.Op.PING)
@@ -59,36 +59,31 @@ _OP_CONSENT = int(wire.Op.CONSENT)
 # A DELIVER op is [18, seq, from, id, body, ts_ms, cls]; everything after seq
 # is the same for every recipient device, so it is packed once per message
 # (the "tail") and each delivery only adds its own sequence number, always as
-# a msgpack uint32 (any msgpack int encoding is valid on the wire).
-_DELIVER_HEAD = b"\x97" + msgpack.packb(int(wire.Op.DELIVER)) + b"\xce"
-_SACK_OK = (b"\x93" + msgpack.packb(int(wire.Op.SACK)) + b"\xc4\x10", b"\x00")
-_BIN8 = [b"\xc4" + bytes((i,)) for i in range(256)]
-_ID_HEAD = b"\xc4\x10"
-_CLS_BYTE = (b"\x00", b"\x01")
-
-
-def _bin_header(n: int) -> bytes:
-    if n < 256:
-        return _BIN8[n]
-    return b"\xc5" + n.to_bytes(2, "big") if n < 65536 else b"\xc6" + n.to_bytes(4, "big")
+# a msgpack uint32 (any msgpack int encoding is valid on the wire).  The byte
+# packers live in fastroute._fastpath (compiled twins in ext/fastroute/_wire.pxi).
+_deliver_tail = _fastpath.deliver_tail
+_pack_delivers = _fastpath.pack_delivers
+_sack_ok_op = _fastpath.sack_ok_op
+_stored_sacks = _fastpath.stored_sacks
+_route_items = _fastpath.route_items
+_accept_sends = _fastpath.accept_sends
+_decode_sends = _fastpath.decode_sends_c  # None without the compiled core
+_ADDR_OK = wire._ADDR_OK
+# the gate's refusal codes, in the order _fastpath.accept_sends takes them
+_REFUSALS = (ErrorCode.BODY_TOO_LARGE, ErrorCode.UNKNOWN_RECIPIENT,
+             ErrorCode.CONSENT_REQUIRED, ErrorCode.RATE_LIMITED)
 
 
 def _ts_packed(ts_ms: int) -> bytes:
     return b"\xcf" + ts_ms.to_bytes(8, "big")
 
 
-def make_tail(sender_packed: bytes, cid: bytes, body: bytes, ts_packed: bytes,
-              cls: int) -> bytes:
-    """The packed DELIVER fields after seq: from, id, body, ts_ms, cls."""
-    return b"".join((sender_packed, _ID_HEAD, cid, _bin_header(len(body)), body,
-                     ts_packed, _CLS_BYTE[cls]))
+#: make_tail(sender_packed, cid, body, ts_packed, cls) -> the packed DELIVER
+#: fields after seq: from, id, body, ts_ms, cls
+make_tail = _deliver_tail
 
 # connection states (_DRAINING: the client said BYE, its SACKs are still due)
 _HS_WAIT1, _HS_WAIT3, _OPEN, _CLOSED, _DRAINING = range(5)
-
-
-def _consents(accepted: frozenset[str] | None, provider: str) -> bool:
-    return accepted is not None and (provider in accepted or "*" in accepted)
 
 
 def load_or_create_server_key(data_dir: str) -> tuple[KeyPair, bool]:
@@ -264,6 +259,12 @@ class _Conn(asyncio.Protocol):
 
     # ---------------------------------------------------------------- op loop
     def _on_frame(self, plaintext: bytes) -> None:
+        if _decode_sends is not None:
+            # compiled fast path: a frame of valid SENDs only (None otherwise)
+            fast = _decode_sends(plaintext, _ADDR_OK)
+            if fast is not None:
+                self.sends.extend(fast)
+                return
         relay = self.relay
         try:
             ops = wire.decode_client_frame(plaintext)
@@ -346,10 +347,8 @@ class _Conn(asyncio.Protocol):
         """Move this device's poppable messages into the outgoing batch."""
         pop_batch = self.relay.router.pop_batch
         out = self.out
-        append = out.append
-        mids = self.inflight.append
+        mids = self.inflight.extend
         dev = self.dev
-        head = _DELIVER_HEAD
         # Stop pulling while the socket's buffer is full: the messages stay
         # in the (bounded) mailbox and, past its capacity, in the store.
         while not self.paused:
@@ -359,10 +358,8 @@ class _Conn(asyncio.Protocol):
             if seq + len(batch) >= 1 << 32:  # pragma: no cover - 4 G messages on one link
                 self._bye(ErrorCode.OK, "sequence space exhausted; reconnect")
                 return
-            for mid, tail in batch:
-                append(b"".join((head, seq.to_bytes(4, "big"), tail)))
-                mids(mid)
-                seq += 1
+            # one packed DELIVER per message, appended to out (in C when compiled)
+            mids(_pack_delivers(seq, batch, out))
             if len(batch) < 1024:
                 break
 
@@ -765,9 +762,10 @@ class Relay:
     def _accept(self, conn: _Conn, sends: list) -> None:
         """Run a frame's SEND ops through the gate; store and route what passes.
 
-        The hot loop of the relay: everything per message is inlined here
-        (dedup entries, quota arithmetic, the packed DELIVER tail), and the
-        bookkeeping that can be done once per frame is.
+        The hot loop of the relay: everything per message happens in one
+        call (:func:`fastroute._fastpath.accept_sends`: dedup entries, quota
+        arithmetic, the packed DELIVER tail), and the bookkeeping that can be
+        done once per frame is done here.
         """
         out = conn.out
         sender = conn.address
@@ -782,58 +780,18 @@ class Relay:
         max_body = conn.max_body
         now_ms = int(time.time() * 1000)
         ts_packed = _ts_packed(now_ms)
-        sack_head, sack_ok = _SACK_OK
         taps = self._taps
         consent = self._consent if self.config.require_consent else None
         own = "@" + conn.provider
         store_items = []
         meta = []
-        ephemeral = None
-        for _, cid, to, body, cls in sends:
-            dkey = (sender, cid)
-            entry = entries.get(dkey)
-            if entry is not None and (entry[0] == PENDING or now - entry[1] <= window):
-                if entry[0] == PENDING:
-                    if entry[2] is None:
-                        entry[2] = []
-                    entry[2].append((conn, cid))
-                else:
-                    out.append(wire.sack_op(cid, entry[0]))
-                continue
-            size = len(body)
-            if size > max_body:
-                code = ErrorCode.BODY_TOO_LARGE
-            elif to not in known:
-                code = ErrorCode.UNKNOWN_RECIPIENT
-            elif consent is not None and not to.endswith(own) and not _consents(
-                    consent.get(to), conn.provider):
-                code = ErrorCode.CONSENT_REQUIRED
-            elif msg_tokens < 1.0 or byte_tokens < size:
-                code = ErrorCode.RATE_LIMITED  # a refused message costs no quota
-            else:
-                msg_tokens -= 1.0
-                byte_tokens -= size
-                code = 0
-            if code:
-                # A refusal is not remembered: the sender may retry the same id.
-                self._count_error(code)
-                out.append(wire.sack_op(cid, int(code)))
-                continue
-            tail = b"".join((sender_packed, _ID_HEAD, cid, _bin_header(size), body,
-                             ts_packed, _CLS_BYTE[cls]))
-            if cls == _CLS_EPHEMERAL:
-                if ephemeral is None:
-                    ephemeral = []
-                ephemeral.append((to, (0, tail)))
-                out.append(b"".join((sack_head, cid, sack_ok)))
-                entries[dkey] = [0, now, None]
-            else:
-                entries[dkey] = [PENDING, now, None]
-                store_items.append((sender, cid, body, now_ms, known[to]))
-                meta.append((to, tail, dkey))
-            if taps:
-                for tap in taps:
-                    tap(now_ms, sender, to, size, cls)
+        # the per-SEND loop (dedup, size, recipient, consent, quota, DELIVER
+        # tail, store item): fastroute._fastpath, compiled when available
+        ephemeral, msg_tokens, byte_tokens = _accept_sends(
+            sends, conn, out, sender, sender_packed, known, entries, window, now,
+            msg_tokens, byte_tokens, max_body, now_ms, ts_packed, taps, consent, own,
+            conn.provider, self._count_error, wire.sack_op, PENDING, _REFUSALS,
+            store_items, meta)
         conn.msg_bucket.tokens = msg_tokens
         conn.byte_bucket.tokens = byte_tokens
         if len(entries) > dedup.max_entries:
@@ -877,23 +835,12 @@ class Relay:
                 self._ack_all(conn, dkey[1], code, entry[2] if entry else None)
             return
         mids = fut.result()
-        self._route([(to, (mid, tail)) for (to, tail, _), mid in zip(meta, mids)],
-                    ephemeral=False)
+        self._route(_route_items(meta, mids), ephemeral=False)
         self._routed_mid = max(self._routed_mid, mids[-1])
         self.accepted += len(meta)
-        now = time.monotonic()
-        sack_head, sack_ok = _SACK_OK
         out = conn.out if conn.state in (_OPEN, _DRAINING) else []
-        append = out.append
-        for _, _, dkey in meta:
-            entry = entries.get(dkey)
-            if entry is not None:
-                entry[0] = 0
-                entry[1] = now
-                if entry[2] is not None:
-                    self._ack_all(None, dkey[1], 0, entry[2])
-                    entry[2] = None
-            append(b"".join((sack_head, dkey[1], sack_ok)))
+        # per message: dedup entry stored, its waiters answered, SACK-ok to the sender
+        _stored_sacks(meta, entries, time.monotonic(), out, self._ack_all)
         self._mark(conn)
 
     def _set_consent(self, conn: _Conn, cid: bytes, provider: str, allow: bool) -> None:
@@ -1006,7 +953,15 @@ class Relay:
 
 
 async def run_relay(config: RelayConfig, *, print_fn=print) -> None:
-    """Run a relay until SIGINT/SIGTERM, then shut down gracefully (CLI helper)."""
+    """Run a relay until SIGINT/SIGTERM, then shut down gracefully (CLI helper).
+
+    As a process of its own, the relay also tunes the garbage collector: it
+    allocates many short-lived objects (ops, frames, futures) and almost no
+    reference cycles, so collecting the young generation every 700
+    allocations (Python's default) is mostly wasted work.  An embedding
+    service keeps its own settings; ``Relay`` never touches them.
+    """
+    gc.set_threshold(50_000, 20, 100)
     relay = Relay(config)
     await relay.start()
     if relay.key_created:

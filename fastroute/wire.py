@@ -40,6 +40,9 @@ from typing import Any, Iterable, TypedDict, Union
 
 import msgpack
 
+from ._fastpath import decode_sends_c as _c_decode_sends
+from ._fastpath import decode_server_ops_c as _c_decode_server_ops
+from ._fastpath import pack_frames_c as _c_pack_frames
 from .errors import (
     BodyTooLarge,
     ErrorCode,
@@ -422,6 +425,17 @@ def decode_client_frame(plaintext: bytes) -> list[DecodedOp]:
     place.  Raises :class:`~fastroute.errors.ProtocolError` (``MALFORMED``,
     ``FRAME_TOO_LARGE``) only if the frame as a whole is unusable.
     """
+    if _c_decode_sends is not None:
+        # compiled: the common frame (only valid SENDs to known-good
+        # recipients) decoded in one C pass; None means "not that frame"
+        ops = _c_decode_sends(plaintext, _ADDR_OK)
+        if ops is not None:
+            return ops
+    return _py_decode_client_frame(plaintext)
+
+
+def _py_decode_client_frame(plaintext: bytes) -> list[DecodedOp]:
+    """The pure-Python :func:`decode_client_frame` (the compiled fast path's oracle)."""
     frame = _unpack_frame(plaintext)
     # Fast path: a run of valid SENDs whose recipients are cached, checked
     # inline (locals and literals: global lookups cost more than the checks).
@@ -448,6 +462,16 @@ def decode_server_frame(plaintext: bytes) -> list[DecodedOp]:
     """Decode a relay -> client frame; the client-side twin of
     :func:`decode_client_frame` (fast paths: DELIVER and SACK, the ops that
     come by the thousand)."""
+    if _c_decode_server_ops is not None:
+        # compiled: a frame of valid SACKs and DELIVERs from cached senders
+        ops = _c_decode_server_ops(plaintext, _ADDR_OK)
+        if ops is not None:
+            return ops
+    return _py_decode_server_frame(plaintext)
+
+
+def _py_decode_server_frame(plaintext: bytes) -> list[DecodedOp]:
+    """The pure-Python :func:`decode_server_frame` (the compiled fast path's oracle)."""
     frame = _unpack_frame(plaintext)
     addr_ok = _ADDR_OK
     max_body = MAX_BODY
@@ -601,6 +625,17 @@ def pack_frames(packed_ops: list[bytes], max_plaintext: int = MAX_PLAINTEXT,
     ``max_plaintext`` bytes and ``max_ops`` ops.  :class:`InvalidArgument` if
     one op alone does not fit.  ``[]`` for no ops.
     """
+    if _c_pack_frames is not None and type(packed_ops) is list:
+        # the compiled twin (fastroute._fastpath); None: not all exact bytes
+        frames = _c_pack_frames(packed_ops, max_plaintext, max_ops)
+        if frames is not None:
+            return frames
+    return _py_pack_frames(packed_ops, max_plaintext, max_ops)
+
+
+def _py_pack_frames(packed_ops: list[bytes], max_plaintext: int = MAX_PLAINTEXT,
+                    max_ops: int = MAX_OPS_PER_FRAME) -> list[bytes]:
+    """The pure-Python :func:`pack_frames` (the specification of the compiled one)."""
     _check_limits(max_plaintext, max_ops)
     limit = max_plaintext - _HEADER
     frames = []

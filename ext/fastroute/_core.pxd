@@ -156,3 +156,19 @@ cdef class Router:
     # fills nothing usable) when an address is a str subclass: the caller
     # normalises the batch to plain str, allocating, then plans again.
     cdef int _plan(self, list items, PyObject** plan) except -1
+
+
+# -- relay hot-path packers (_wire.pxi, _gate.pxi) ---------------------------
+# They work on exact bytes only and write with memcpy into a bytes object
+# allocated at its final size.  An allocation may run the GC and so any
+# code: loops over caller lists re-check their length and item types after
+# each allocation instead of trusting what they saw before it.
+
+# frame plaintext: msgpack array header + ops[start:end], `size` op bytes
+cdef bytes join_frame(list ops, Py_ssize_t start, Py_ssize_t end, Py_ssize_t size)
+# packed DELIVER fields after seq; WrongType unless cid and body are bytes,
+# InvalidArgument unless cls is 0 or 1
+cdef bytes c_deliver_tail(bytes sender_packed, object cid, object body, bytes ts_packed,
+                          int cls)
+# packed [17, cid, 0]; InvalidArgument unless cid is 16 bytes
+cdef bytes make_sack_ok(object cid)

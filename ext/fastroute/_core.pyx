@@ -37,6 +37,8 @@ from fastroute.errors import (
 
 include "_args.pxi"
 include "_ring.pxi"
+include "_wire.pxi"
+include "_gate.pxi"
 
 __all__ = ["Router", "MAX_MAILBOX_CAPACITY"]
 

@@ -1,0 +1,86 @@
+# The relay's per-SEND gate loop (fastroute.server.Relay._accept), compiled.
+# Included by _core.pyx after _wire.pxi.  fastroute/_fastpath.py has the
+# Python twin, py_accept_sends, line for line; keep the two in step (the
+# tests drive both with the same frames and compare every output).
+
+
+def accept_sends(list sends, object conn, list out, str sender, bytes sender_packed,
+                 dict known, dict entries, double window, object now,
+                 object msg_tokens, object byte_tokens, Py_ssize_t max_body,
+                 object now_ms, bytes ts_packed, list taps, object consent, str own,
+                 str provider, object count_error, object sack_op, object pending,
+                 tuple refusals, list store_items, list meta):
+    """Gate a read's SEND ops: dedup, size, recipient, consent, quota.
+
+    ``sends`` are decoded SEND tuples ``(1, id, to, body, cls)``.  Duplicates
+    of a decided id get their old answer in ``out``; duplicates of a pending
+    one are queued on its dedup entry as ``(conn, id)``.  A refusal (codes
+    from ``refusals``: body too large, unknown recipient, consent required,
+    rate limited) is counted with ``count_error`` and answered with
+    ``sack_op(id, code)``; it is not remembered.  Accepted persistent
+    messages get a PENDING entry and one item in ``store_items`` and ``meta``
+    each; accepted ephemeral ones are acked at once.  ``consent`` is the
+    consent table, or None when consent is not required.
+
+    Returns ``(ephemeral, msg_tokens, byte_tokens)``: the ephemeral
+    ``(to, (0, tail))`` items (or None) and the quota left (the objects
+    passed in when nothing was spent).
+    """
+    cdef object op, cid, to, body, cls, dkey, entry, code, tail, accepted, tap
+    cdef Py_ssize_t size
+    cdef double mt = msg_tokens
+    cdef double bt = byte_tokens
+    cdef double tnow = now
+    cdef bint spent = False
+    cdef list ephemeral = None
+    too_large, unknown, consent_required, rate_limited = refusals
+    for op in sends:
+        _, cid, to, body, cls = op
+        dkey = (sender, cid)
+        entry = entries.get(dkey)
+        if entry is not None and (entry[0] == pending or tnow - <double>entry[1] <= window):
+            if entry[0] == pending:
+                if entry[2] is None:
+                    entry[2] = []
+                entry[2].append((conn, cid))
+            else:
+                out.append(sack_op(cid, entry[0]))
+            continue
+        size = len(body)
+        if size > max_body:
+            code = too_large
+        elif to not in known:
+            code = unknown
+        elif consent is not None and not to.endswith(own) and not (
+                (accepted := consent.get(to)) is not None
+                and (provider in accepted or "*" in accepted)):
+            code = consent_required
+        elif mt < 1.0 or bt < <double>size:
+            code = rate_limited  # a refused message costs no quota
+        else:
+            mt -= 1.0
+            bt -= <double>size
+            spent = True
+            code = None
+        if code is not None:
+            # A refusal is not remembered: the sender may retry the same id.
+            count_error(code)
+            out.append(sack_op(cid, int(code)))
+            continue
+        tail = c_deliver_tail(sender_packed, cid, body, ts_packed, cls)
+        if cls == 1:  # CLS_EPHEMERAL
+            if ephemeral is None:
+                ephemeral = []
+            ephemeral.append((to, (0, tail)))
+            out.append(make_sack_ok(cid))
+            entries[dkey] = [0, now, None]
+        else:
+            entries[dkey] = [pending, now, None]
+            store_items.append((sender, cid, body, now_ms, known[to]))
+            meta.append((to, tail, dkey))
+        if taps:
+            for tap in taps:
+                tap(now_ms, sender, to, size, cls)
+    if spent:
+        return ephemeral, mt, bt
+    return ephemeral, msg_tokens, byte_tokens

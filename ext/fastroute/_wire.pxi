@@ -1,0 +1,523 @@
+# Byte-level packers of the relay's hot path.  Included by _core.pyx.
+#
+# Each function here has a pure-Python twin in fastroute/wire.py (same name
+# without the leading underscore of the wire module's private copy); the
+# relay picks the compiled one when fastroute.COMPILED, and
+# tests/test_fastpath.py checks that both give the same bytes, or the same
+# exception class, for the same input.  The wire format is docs/PROTOCOL.md:
+# a frame plaintext is a msgpack array header followed by the packed ops.
+
+from cpython.bytes cimport (
+    PyBytes_AS_STRING,
+    PyBytes_CheckExact,
+    PyBytes_FromStringAndSize,
+    PyBytes_GET_SIZE,
+)
+from cpython.list cimport PyList_GET_ITEM
+from libc.stdint cimport uint32_t
+from libc.string cimport memcmp, memcpy
+
+
+cdef enum:
+    WIRE_MAX_PLAINTEXT = 65519   # wire.MAX_PLAINTEXT
+    WIRE_MAX_OPS = 8192          # wire.MAX_OPS_PER_FRAME
+    WIRE_HEADER = 3              # pack_frames always reserves an array16 header
+    WIRE_DELIVER_HEAD = 7        # 0x97 0x12 0xce + 4-byte seq
+    WIRE_SACK_LEN = 21           # 0x93 0x11 0xc4 0x10 + 16-byte id + 0x00 (for a 16-byte id)
+
+
+cdef inline void put_be16(unsigned char* p, uint32_t v) noexcept:
+    p[0] = <unsigned char>(v >> 8)
+    p[1] = <unsigned char>v
+
+
+cdef inline void put_be32(unsigned char* p, uint32_t v) noexcept:
+    p[0] = <unsigned char>(v >> 24)
+    p[1] = <unsigned char>(v >> 16)
+    p[2] = <unsigned char>(v >> 8)
+    p[3] = <unsigned char>v
+
+
+cdef inline Py_ssize_t bin_header(unsigned char* p, Py_ssize_t n) noexcept:
+    """Write the msgpack bin header for ``n`` bytes at ``p``; return its length."""
+    if n < 256:
+        p[0] = 0xc4
+        p[1] = <unsigned char>n
+        return 2
+    if n < 65536:
+        p[0] = 0xc5
+        put_be16(p + 1, <uint32_t>n)
+        return 3
+    p[0] = 0xc6
+    put_be32(p + 1, <uint32_t>n)
+    return 5
+
+
+cdef bytes join_frame(list ops, Py_ssize_t start, Py_ssize_t end, Py_ssize_t size):
+    """One frame plaintext: array header + ops[start:end] (``size`` bytes in all).
+
+    The bytes allocation may run the GC, hence arbitrary code: the list and
+    its items are re-checked while copying instead of trusted.
+    """
+    cdef Py_ssize_t count = end - start
+    cdef Py_ssize_t hdr = 1 if count <= 15 else 3
+    cdef bytes frame = PyBytes_FromStringAndSize(NULL, hdr + size)
+    cdef unsigned char* p = <unsigned char*>PyBytes_AS_STRING(frame)
+    cdef Py_ssize_t pos = hdr, j, k
+    cdef PyObject* op
+    if hdr == 1:
+        p[0] = <unsigned char>(0x90 | count)
+    else:
+        p[0] = 0xdc
+        put_be16(p + 1, <uint32_t>count)
+    if PyList_GET_SIZE(ops) < end:
+        raise RuntimeError("op list changed while packing")
+    for j in range(start, end):
+        op = <PyObject*>PyList_GET_ITEM(ops, j)
+        if not PyBytes_CheckExact(<object>op):
+            raise RuntimeError("op list changed while packing")
+        k = PyBytes_GET_SIZE(<object>op)
+        if pos + k > hdr + size:
+            raise RuntimeError("op list changed while packing")
+        memcpy(p + pos, PyBytes_AS_STRING(<object>op), <size_t>k)
+        pos += k
+    if pos != hdr + size:
+        raise RuntimeError("op list changed while packing")
+    return frame
+
+
+def pack_frames(list packed_ops, Py_ssize_t max_plaintext=WIRE_MAX_PLAINTEXT,
+                Py_ssize_t max_ops=WIRE_MAX_OPS):
+    """Compiled :func:`fastroute.wire.pack_frames` for a list of exact bytes.
+
+    Same greedy split and bytes as the Python version; returns ``None`` (and
+    builds nothing) if an element is not exactly ``bytes``, so the caller can
+    fall back to the Python version for other buffers.
+    """
+    cdef Py_ssize_t n = PyList_GET_SIZE(packed_ops)
+    cdef Py_ssize_t i, k, start = 0, size = 0, limit
+    cdef PyObject* op
+    cdef list frames
+    if not 16 <= max_plaintext <= WIRE_MAX_PLAINTEXT:
+        raise InvalidArgument(f"max_plaintext must be in 16..{WIRE_MAX_PLAINTEXT}")
+    if not 1 <= max_ops <= WIRE_MAX_OPS:
+        raise InvalidArgument(f"max_ops must be in 1..{WIRE_MAX_OPS}")
+    for i in range(n):
+        if not PyBytes_CheckExact(<object>PyList_GET_ITEM(packed_ops, i)):
+            return None
+    limit = max_plaintext - WIRE_HEADER
+    frames = []
+    for i in range(n):
+        if i >= PyList_GET_SIZE(packed_ops):
+            raise RuntimeError("op list changed while packing")
+        op = <PyObject*>PyList_GET_ITEM(packed_ops, i)
+        if not PyBytes_CheckExact(<object>op):
+            raise RuntimeError("op list changed while packing")
+        k = PyBytes_GET_SIZE(<object>op)
+        if k > limit:
+            raise InvalidArgument("op does not fit in a frame")
+        if size + k > limit or i - start >= max_ops:
+            frames.append(join_frame(packed_ops, start, i, size))
+            start = i
+            size = 0
+        size += k
+    if start < n:
+        frames.append(join_frame(packed_ops, start, n, size))
+    return frames
+
+
+def pack_delivers(seq, list batch, list out):
+    """Append one packed DELIVER op per ``(mid, tail)`` of ``batch`` to ``out``.
+
+    ``tail`` is the packed fields after seq (:func:`deliver_tail`); the i-th
+    op gets seq ``seq + i`` as a msgpack uint32.  Returns the list of mids,
+    in order.  OverflowError if a seq does not fit 32 bits (nothing appended).
+    """
+    cdef unsigned long long first = seq
+    cdef Py_ssize_t n = PyList_GET_SIZE(batch), i, k
+    cdef list mids
+    cdef object item, mid, tail
+    cdef bytes op
+    cdef unsigned char* p
+    if n and first + <unsigned long long>(n - 1) > 0xffffffffULL:
+        raise OverflowError("DELIVER seq does not fit 32 bits")
+    mids = [None] * n
+    for i in range(n):
+        if i >= PyList_GET_SIZE(batch):
+            raise RuntimeError("batch changed while packing")
+        item = <object>PyList_GET_ITEM(batch, i)
+        if not PyTuple_Check(item) or PyTuple_GET_SIZE(item) != 2:
+            raise WrongType("DELIVER payloads must be (mid, tail) tuples")
+        mid = <object>PyTuple_GET_ITEM(item, 0)
+        tail = <object>PyTuple_GET_ITEM(item, 1)
+        if not PyBytes_CheckExact(tail):
+            raise WrongType("DELIVER tail must be bytes")
+        k = PyBytes_GET_SIZE(tail)
+        op = PyBytes_FromStringAndSize(NULL, WIRE_DELIVER_HEAD + k)
+        p = <unsigned char*>PyBytes_AS_STRING(op)
+        p[0] = 0x97
+        p[1] = 0x12
+        p[2] = 0xce
+        put_be32(p + 3, <uint32_t>(first + <unsigned long long>i))
+        memcpy(p + WIRE_DELIVER_HEAD, PyBytes_AS_STRING(tail), <size_t>k)
+        out.append(op)
+        mids[i] = mid
+    return mids
+
+
+cdef bytes c_deliver_tail(bytes sender_packed, object cid, object body, bytes ts_packed,
+                          int cls):
+    """:func:`deliver_tail` for C callers (``cid`` and ``body`` checked here)."""
+    if not PyBytes_CheckExact(cid) or not PyBytes_CheckExact(body):
+        raise WrongType("SEND id and body must be bytes")
+    if cls != 0 and cls != 1:
+        raise InvalidArgument("cls must be 0 or 1")
+    cdef Py_ssize_t ns = PyBytes_GET_SIZE(sender_packed)
+    cdef Py_ssize_t nc = PyBytes_GET_SIZE(cid)
+    cdef Py_ssize_t nb = PyBytes_GET_SIZE(body)
+    cdef Py_ssize_t nt = PyBytes_GET_SIZE(ts_packed)
+    cdef Py_ssize_t hb = 2 if nb < 256 else (3 if nb < 65536 else 5)
+    cdef bytes tail = PyBytes_FromStringAndSize(NULL, ns + 2 + nc + hb + nb + nt + 1)
+    cdef unsigned char* p = <unsigned char*>PyBytes_AS_STRING(tail)
+    memcpy(p, PyBytes_AS_STRING(sender_packed), <size_t>ns)
+    p += ns
+    p[0] = 0xc4
+    p[1] = 0x10
+    p += 2
+    memcpy(p, PyBytes_AS_STRING(cid), <size_t>nc)
+    p += nc
+    p += bin_header(p, nb)
+    memcpy(p, PyBytes_AS_STRING(body), <size_t>nb)
+    p += nb
+    memcpy(p, PyBytes_AS_STRING(ts_packed), <size_t>nt)
+    p += nt
+    p[0] = <unsigned char>cls
+    return tail
+
+
+def deliver_tail(bytes sender_packed not None, bytes cid not None, bytes body not None,
+                 bytes ts_packed not None, int cls):
+    """The packed DELIVER fields after seq: from, id (bin8 of 16), body, ts_ms, cls.
+
+    ``sender_packed`` and ``ts_packed`` are already msgpack; ``cid`` is copied
+    after a bin8 length-16 header as is (the gate checked its length).
+    """
+    return c_deliver_tail(sender_packed, cid, body, ts_packed, cls)
+
+
+cdef bytes make_sack_ok(object cid):
+    """``[17, cid, 0]`` packed, ``cid`` as bin8 (the relay's ids are 16 bytes)."""
+    if not PyBytes_CheckExact(cid) or PyBytes_GET_SIZE(cid) != 16:
+        raise InvalidArgument("message id must be 16 bytes")
+    cdef bytes op = PyBytes_FromStringAndSize(NULL, WIRE_SACK_LEN)
+    cdef unsigned char* p = <unsigned char*>PyBytes_AS_STRING(op)
+    p[0] = 0x93
+    p[1] = 0x11
+    p[2] = 0xc4
+    p[3] = 0x10
+    memcpy(p + 4, PyBytes_AS_STRING(cid), 16)
+    p[20] = 0
+    return op
+
+
+def sack_ok_op(cid):
+    """The packed SACK ``[17, cid, 0]`` for a 16-byte id (InvalidArgument otherwise)."""
+    return make_sack_ok(cid)
+
+
+def stored_sacks(list meta, dict entries, now, list out, ack_all):
+    """The relay's per-message bookkeeping after a store batch committed.
+
+    For each ``(to, tail, dkey)`` of ``meta``: mark the dedup entry
+    ``entries[dkey]`` (a list ``[code, time, waiters]``) stored at ``now``,
+    answer its waiters through ``ack_all(None, cid, 0, waiters)``, then
+    append the sender's SACK-ok to ``out`` -- in that order, per message.
+    """
+    cdef Py_ssize_t i
+    cdef object item, dkey, entry, cid
+    for i in range(PyList_GET_SIZE(meta)):
+        item = meta[i]
+        dkey = item[2]
+        cid = dkey[1]
+        entry = entries.get(dkey)
+        if entry is not None:
+            entry[0] = 0
+            entry[1] = now
+            if entry[2] is not None:
+                ack_all(None, cid, 0, entry[2])
+                entry[2] = None
+        out.append(make_sack_ok(cid))
+
+
+def route_items(list meta, list mids):
+    """``[(to, (mid, tail)) ...]`` from the relay's ``meta`` and the store's mids."""
+    cdef Py_ssize_t n = min(PyList_GET_SIZE(meta), PyList_GET_SIZE(mids)), i
+    cdef list out = []
+    cdef object item
+    for i in range(n):
+        item = meta[i]
+        out.append((item[0], (mids[i], item[1])))
+    return out
+
+
+# -- client frames: runs of SEND ops ----------------------------------------
+
+from cpython.set cimport PySet_Contains
+from cpython.unicode cimport PyUnicode_DecodeUTF8
+
+cdef enum:
+    WIRE_MAX_STR = 1024          # wire.MAX_REASON_LEN
+    WIRE_MAX_BODY = 61440        # wire.MAX_BODY
+
+
+ctypedef struct Cursor:
+    # a read position in a borrowed frame buffer; never moves past end
+    const unsigned char* p
+    const unsigned char* end
+
+
+cdef inline uint32_t get_be16(const unsigned char* p) noexcept:
+    return (<uint32_t>p[0] << 8) | p[1]
+
+
+cdef inline uint32_t get_be32(const unsigned char* p) noexcept:
+    return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
+
+
+cdef inline Py_ssize_t take_len(Cursor* c, unsigned char marker8, Py_ssize_t fixbase,
+                                Py_ssize_t fixmax) noexcept:
+    """Read a str (marker8 = 0xd9) or bin (0xc4) header; -1 if it is neither
+    or the buffer ends.  ``fixbase..fixbase+fixmax`` are the fix forms (str)."""
+    cdef unsigned char b
+    cdef Py_ssize_t n
+    if c.p >= c.end:
+        return -1
+    b = c.p[0]
+    if fixmax and fixbase <= b <= fixbase + fixmax:
+        c.p += 1
+        return b - fixbase
+    if b == marker8:
+        if c.end - c.p < 2:
+            return -1
+        n = c.p[1]
+        c.p += 2
+        return n
+    if b == marker8 + 1:
+        if c.end - c.p < 3:
+            return -1
+        n = get_be16(c.p + 1)
+        c.p += 3
+        return n
+    if b == marker8 + 2:
+        if c.end - c.p < 5:
+            return -1
+        n = get_be32(c.p + 1)
+        c.p += 5
+        return n
+    return -1
+
+
+def decode_sends(plaintext, set addr_ok):
+    """The fast path of :func:`fastroute.wire.decode_client_frame`, in C.
+
+    Returns the decoded list when ``plaintext`` (exact bytes) is a msgpack
+    array of valid SEND ops in their usual encoding -- ``[1, id bin8 of 16,
+    to str, body bin, cls 0|1]`` as fixints -- whose recipients are all in
+    ``addr_ok`` (addresses already known valid); ``None`` for anything else,
+    including every error, so the caller decodes that frame the slow way and
+    reports exactly what it always did.
+    """
+    if not PyBytes_CheckExact(plaintext):
+        return None
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(plaintext)
+    cdef Cursor c
+    cdef Py_ssize_t n, i, k
+    cdef unsigned char b
+    cdef list ops
+    cdef object cid, to, body, cls, prev_to = None
+    cdef const unsigned char* prev_p = NULL
+    cdef Py_ssize_t prev_n = -1
+    if size > WIRE_MAX_PLAINTEXT or size < 1:
+        return None
+    c.p = <const unsigned char*>PyBytes_AS_STRING(plaintext)
+    c.end = c.p + size
+    b = c.p[0]
+    if 0x90 <= b <= 0x9f:
+        n = b & 0x0f
+        c.p += 1
+    elif b == 0xdc and size >= 3:
+        n = get_be16(c.p + 1)
+        c.p += 3
+    elif b == 0xdd and size >= 5:
+        n = get_be32(c.p + 1)
+        c.p += 5
+    else:
+        return None
+    if n > WIRE_MAX_OPS:
+        return None
+    # the bytes object is immutable and we hold a reference: the cursor stays
+    # valid across the allocations below whatever they run
+    ops = []
+    for i in range(n):
+        # [1, id: bin8 of 16, ...
+        if c.end - c.p < 20 or c.p[0] != 0x95 or c.p[1] != 0x01 \
+                or c.p[2] != 0xc4 or c.p[3] != 0x10:
+            return None
+        cid = PyBytes_FromStringAndSize(<const char*>c.p + 4, 16)
+        c.p += 20
+        k = take_len(&c, 0xd9, 0xa0, 31)
+        if k < 0 or k > WIRE_MAX_STR or c.end - c.p < k:
+            return None
+        # recipients repeat: reuse the str decoded for the same bytes
+        if k == prev_n and memcmp(c.p, prev_p, <size_t>k) == 0:
+            to = prev_to
+        else:
+            try:
+                to = PyUnicode_DecodeUTF8(<const char*>c.p, k, NULL)
+            except UnicodeDecodeError:
+                return None
+            if not PySet_Contains(addr_ok, to):
+                return None
+            prev_to = to
+            prev_p = c.p
+            prev_n = k
+        c.p += k
+        k = take_len(&c, 0xc4, 0, 0)
+        if k < 0 or k > WIRE_MAX_BODY or c.end - c.p < k + 1:
+            return None
+        body = PyBytes_FromStringAndSize(<const char*>c.p, k)
+        c.p += k
+        b = c.p[0]
+        if b > 1:
+            return None
+        c.p += 1
+        ops.append((1, cid, to, body, b))
+    if c.p != c.end:
+        return None
+    return ops
+
+
+cdef inline int take_uint(Cursor* c, unsigned long long* out) noexcept:
+    """Read a msgpack unsigned int (fixint, uint8..uint64) into ``out[0]``.
+
+    Returns 1, or 0 (cursor unmoved) for any other encoding or a short buffer.
+    """
+    cdef unsigned char b
+    if c.p >= c.end:
+        return 0
+    b = c.p[0]
+    if b <= 0x7f:
+        out[0] = b
+        c.p += 1
+        return 1
+    if b == 0xcc and c.end - c.p >= 2:
+        out[0] = c.p[1]
+        c.p += 2
+        return 1
+    if b == 0xcd and c.end - c.p >= 3:
+        out[0] = get_be16(c.p + 1)
+        c.p += 3
+        return 1
+    if b == 0xce and c.end - c.p >= 5:
+        out[0] = get_be32(c.p + 1)
+        c.p += 5
+        return 1
+    if b == 0xcf and c.end - c.p >= 9:
+        out[0] = (<unsigned long long>get_be32(c.p + 1) << 32) | get_be32(c.p + 5)
+        c.p += 9
+        return 1
+    return 0
+
+
+def decode_server_ops(plaintext, set addr_ok):
+    """The fast path of :func:`fastroute.wire.decode_server_frame`, in C.
+
+    Returns the decoded list when ``plaintext`` (exact bytes) is a msgpack
+    array of valid SACK ``[17, id bin8 of 16, code]`` and DELIVER ``[18, seq,
+    from str, id bin8 of 16, body bin, ts_ms, cls 0|1]`` ops (ints unsigned,
+    any width) whose senders are all in ``addr_ok``; ``None`` for anything
+    else, so the caller decodes that frame the slow, precise way.
+    """
+    if not PyBytes_CheckExact(plaintext):
+        return None
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(plaintext)
+    cdef Cursor c
+    cdef Py_ssize_t n, i, k
+    cdef unsigned char b
+    cdef list ops
+    cdef object cid, sender, body, prev = None
+    cdef unsigned long long seq = 0, ts = 0, code = 0
+    cdef const unsigned char* prev_p = NULL
+    cdef Py_ssize_t prev_n = -1
+    if size > WIRE_MAX_PLAINTEXT or size < 1:
+        return None
+    c.p = <const unsigned char*>PyBytes_AS_STRING(plaintext)
+    c.end = c.p + size
+    b = c.p[0]
+    if 0x90 <= b <= 0x9f:
+        n = b & 0x0f
+        c.p += 1
+    elif b == 0xdc and size >= 3:
+        n = get_be16(c.p + 1)
+        c.p += 3
+    elif b == 0xdd and size >= 5:
+        n = get_be32(c.p + 1)
+        c.p += 5
+    else:
+        return None
+    if n > WIRE_MAX_OPS:
+        return None
+    ops = []
+    for i in range(n):
+        if c.end - c.p < 2:
+            return None
+        if c.p[0] == 0x93 and c.p[1] == 0x11:          # SACK
+            if c.end - c.p < 20 or c.p[2] != 0xc4 or c.p[3] != 0x10:
+                return None
+            cid = PyBytes_FromStringAndSize(<const char*>c.p + 4, 16)
+            c.p += 20
+            if not take_uint(&c, &code):
+                return None
+            ops.append((17, cid, PyLong_FromUnsignedLongLong(code)))
+            continue
+        if c.p[0] != 0x97 or c.p[1] != 0x12:            # DELIVER
+            return None
+        c.p += 2
+        if not take_uint(&c, &seq):
+            return None
+        k = take_len(&c, 0xd9, 0xa0, 31)
+        if k < 0 or k > WIRE_MAX_STR or c.end - c.p < k:
+            return None
+        if k == prev_n and memcmp(c.p, prev_p, <size_t>k) == 0:
+            sender = prev
+        else:
+            try:
+                sender = PyUnicode_DecodeUTF8(<const char*>c.p, k, NULL)
+            except UnicodeDecodeError:
+                return None
+            if not PySet_Contains(addr_ok, sender):
+                return None
+            prev = sender
+            prev_p = c.p
+            prev_n = k
+        c.p += k
+        if c.end - c.p < 18 or c.p[0] != 0xc4 or c.p[1] != 0x10:
+            return None
+        cid = PyBytes_FromStringAndSize(<const char*>c.p + 2, 16)
+        c.p += 18
+        k = take_len(&c, 0xc4, 0, 0)
+        if k < 0 or k > WIRE_MAX_BODY or c.end - c.p < k:
+            return None
+        body = PyBytes_FromStringAndSize(<const char*>c.p, k)
+        c.p += k
+        if not take_uint(&c, &ts):
+            return None
+        if c.p >= c.end or c.p[0] > 1:
+            return None
+        b = c.p[0]
+        c.p += 1
+        ops.append((18, PyLong_FromUnsignedLongLong(seq), sender, cid, body,
+                    PyLong_FromUnsignedLongLong(ts), b))
+    if c.p != c.end:
+        return None
+    return ops

@@ -1,0 +1,179 @@
+"""Byte packers of the relay's hot path, in pure Python and compiled.
+
+Every helper here is written twice: the Python version below is the
+specification, and ``ext/fastroute/_wire.pxi`` (part of ``fastroute._core``)
+has a C twin producing the same bytes.  The module-level names are bound to
+the compiled twins when :data:`fastroute.COMPILED`, to the Python versions
+otherwise (``FASTROUTE_NO_EXTENSIONS=1``); ``tests/test_fastpath.py`` runs
+both on the same inputs.
+
+The layouts are those of :mod:`fastroute.wire` (``docs/PROTOCOL.md``):
+
+* a DELIVER op is ``[18, seq, from, id, body, ts_ms, cls]``; everything after
+  seq is the same for every recipient device, so the relay packs it once per
+  message (the *tail*, :func:`deliver_tail`) and each delivery only adds its
+  head and its own seq, always as a msgpack uint32 (:func:`pack_delivers`);
+* a SACK-ok is ``[17, id, 0]`` with the id as bin8 (:func:`sack_ok_op`).
+"""
+
+from __future__ import annotations
+
+from . import COMPILED
+from .errors import InvalidArgument, WrongType
+
+__all__ = ["COMPILED_FASTPATH", "accept_sends", "decode_sends_c", "decode_server_ops_c",
+           "deliver_tail", "pack_delivers", "pack_frames_c", "route_items", "sack_ok_op",
+           "stored_sacks"]
+
+_DELIVER_HEAD = b"\x97\x12\xce"  # fixarray(7), 18, uint32 marker
+_SACK_HEAD = b"\x93\x11\xc4\x10"  # fixarray(3), 17, bin8 of 16
+_ID_HEAD = b"\xc4\x10"
+_CLS_BYTE = (b"\x00", b"\x01")
+_BIN8 = [b"\xc4" + bytes((i,)) for i in range(256)]
+
+
+def _bin_header(n: int) -> bytes:
+    if n < 256:
+        return _BIN8[n]
+    return b"\xc5" + n.to_bytes(2, "big") if n < 65536 else b"\xc6" + n.to_bytes(4, "big")
+
+
+def _py_deliver_tail(sender_packed: bytes, cid: bytes, body: bytes, ts_packed: bytes,
+                     cls: int) -> bytes:
+    """The packed DELIVER fields after seq: from, id, body, ts_ms, cls."""
+    if cls != 0 and cls != 1:
+        raise InvalidArgument("cls must be 0 or 1")
+    return b"".join((sender_packed, _ID_HEAD, cid, _bin_header(len(body)), body,
+                     ts_packed, _CLS_BYTE[cls]))
+
+
+def _py_pack_delivers(seq: int, batch: list, out: list) -> list:
+    """Append a packed DELIVER per ``(mid, tail)`` of ``batch`` (seqs from ``seq``)
+    to ``out``; return the mids in order."""
+    if batch and seq + len(batch) - 1 > 0xFFFFFFFF:
+        raise OverflowError("DELIVER seq does not fit 32 bits")
+    mids = []
+    append = out.append
+    head = _DELIVER_HEAD
+    for item in batch:
+        if type(item) is not tuple or len(item) != 2:
+            raise WrongType("DELIVER payloads must be (mid, tail) tuples")
+        mid, tail = item
+        if type(tail) is not bytes:
+            raise WrongType("DELIVER tail must be bytes")
+        append(b"".join((head, seq.to_bytes(4, "big"), tail)))
+        mids.append(mid)
+        seq += 1
+    return mids
+
+
+def _py_sack_ok_op(cid: bytes) -> bytes:
+    """The packed SACK ``[17, cid, 0]`` for a 16-byte id."""
+    if type(cid) is not bytes or len(cid) != 16:
+        raise InvalidArgument("message id must be 16 bytes")
+    return b"".join((_SACK_HEAD, cid, b"\x00"))
+
+
+def _py_stored_sacks(meta: list, entries: dict, now: float, out: list, ack_all) -> None:
+    """Mark each stored message's dedup entry, answer its waiters, SACK the sender."""
+    append = out.append
+    for _, _, dkey in meta:
+        entry = entries.get(dkey)
+        if entry is not None:
+            entry[0] = 0
+            entry[1] = now
+            if entry[2] is not None:
+                ack_all(None, dkey[1], 0, entry[2])
+                entry[2] = None
+        append(_py_sack_ok_op(dkey[1]))
+
+
+def _py_route_items(meta: list, mids: list) -> list:
+    """``[(to, (mid, tail)) ...]`` from the relay's ``meta`` and the store's mids."""
+    return [(to, (mid, tail)) for (to, tail, _), mid in zip(meta, mids)]
+
+
+def _py_accept_sends(sends: list, conn, out: list, sender: str, sender_packed: bytes,
+                     known: dict, entries: dict, window: float, now: float, msg_tokens,
+                     byte_tokens, max_body: int, now_ms: int, ts_packed: bytes, taps: list,
+                     consent, own: str, provider: str, count_error, sack_op, pending,
+                     refusals: tuple, store_items: list, meta: list):
+    """Gate a read's SEND ops (the relay's hot loop); see ``_gate.pxi`` for the contract.
+
+    Returns ``(ephemeral, msg_tokens, byte_tokens)``.
+    """
+    too_large, unknown, consent_required, rate_limited = refusals
+    ephemeral = None
+    for _, cid, to, body, cls in sends:
+        dkey = (sender, cid)
+        entry = entries.get(dkey)
+        if entry is not None and (entry[0] == pending or now - entry[1] <= window):
+            if entry[0] == pending:
+                if entry[2] is None:
+                    entry[2] = []
+                entry[2].append((conn, cid))
+            else:
+                out.append(sack_op(cid, entry[0]))
+            continue
+        size = len(body)
+        if size > max_body:
+            code = too_large
+        elif to not in known:
+            code = unknown
+        elif consent is not None and not to.endswith(own) and not (
+                (accepted := consent.get(to)) is not None
+                and (provider in accepted or "*" in accepted)):
+            code = consent_required
+        elif msg_tokens < 1.0 or byte_tokens < size:
+            code = rate_limited  # a refused message costs no quota
+        else:
+            msg_tokens -= 1.0
+            byte_tokens -= size
+            code = None
+        if code is not None:
+            # A refusal is not remembered: the sender may retry the same id.
+            count_error(code)
+            out.append(sack_op(cid, int(code)))
+            continue
+        tail = _py_deliver_tail(sender_packed, cid, body, ts_packed, cls)
+        if cls == 1:  # CLS_EPHEMERAL
+            if ephemeral is None:
+                ephemeral = []
+            ephemeral.append((to, (0, tail)))
+            out.append(_py_sack_ok_op(cid))
+            entries[dkey] = [0, now, None]
+        else:
+            entries[dkey] = [pending, now, None]
+            store_items.append((sender, cid, body, now_ms, known[to]))
+            meta.append((to, tail, dkey))
+        if taps:
+            for tap in taps:
+                tap(now_ms, sender, to, size, cls)
+    return ephemeral, msg_tokens, byte_tokens
+
+
+if COMPILED:
+    from ._core import (  # type: ignore[attr-defined]
+        accept_sends,
+        deliver_tail,
+        pack_delivers,
+        route_items,
+        sack_ok_op,
+        stored_sacks,
+    )
+    from ._core import decode_sends as decode_sends_c  # type: ignore[attr-defined]
+    from ._core import decode_server_ops as decode_server_ops_c  # type: ignore[attr-defined]
+    from ._core import pack_frames as pack_frames_c  # type: ignore[attr-defined]
+else:
+    accept_sends = _py_accept_sends
+    deliver_tail = _py_deliver_tail
+    pack_delivers = _py_pack_delivers
+    route_items = _py_route_items
+    sack_ok_op = _py_sack_ok_op
+    stored_sacks = _py_stored_sacks
+    pack_frames_c = None
+    decode_sends_c = None
+    decode_server_ops_c = None
+
+#: True when the helpers above are the compiled ones.
+COMPILED_FASTPATH = COMPILED

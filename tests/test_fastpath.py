@@ -1,0 +1,468 @@
+"""The relay's byte packers and gate loop: compiled twins against the Python ones.
+
+``fastroute._fastpath`` holds the pure-Python specification of each helper;
+``fastroute._core`` (ext/fastroute/_wire.pxi, _gate.pxi) the compiled twins.
+Every test runs the Python version against msgpack as the oracle, and, when
+the extension is built, checks the compiled version gives the same bytes (or
+raises the same exception class) on the same input.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import msgpack
+import pytest
+
+import fastroute
+from fastroute import _fastpath, wire
+from fastroute.errors import ErrorCode, InvalidArgument, ProtocolError
+from fastroute.gate import PENDING
+
+if fastroute.COMPILED:
+    from fastroute import _core
+else:  # pragma: no cover - FASTROUTE_NO_EXTENSIONS=1
+    _core = None
+
+needs_c = pytest.mark.skipif(not fastroute.COMPILED, reason="compiled core not built")
+
+MID = bytes(range(16))
+ADDR = "bob@example.org"
+SENDER_PACKED = msgpack.packb("alice@example.org")
+TS = 1_700_000_000_123
+TS_PACKED = b"\xcf" + TS.to_bytes(8, "big")
+BODY_SIZES = [0, 1, 15, 31, 32, 255, 256, 257, 65535, 65536, 70000]
+
+
+def _same(fn_py, fn_c, *args):
+    """Both raise the same exception class, or return equal values; returns py's."""
+    try:
+        want = fn_py(*copy.deepcopy(args))
+    except Exception as exc:  # noqa: BLE001 - compared below
+        if fn_c is not None:
+            with pytest.raises(type(exc)):
+                fn_c(*copy.deepcopy(args))
+        return exc
+    if fn_c is not None:
+        assert fn_c(*copy.deepcopy(args)) == want
+    return want
+
+
+def test_compiled_twins_loaded():
+    assert _fastpath.COMPILED_FASTPATH is fastroute.COMPILED
+    if fastroute.COMPILED:
+        assert _fastpath.pack_delivers is _core.pack_delivers
+        assert _fastpath.accept_sends is _core.accept_sends
+        assert _fastpath.pack_frames_c is _core.pack_frames
+        assert _fastpath.decode_sends_c is _core.decode_sends
+    else:
+        assert _fastpath.pack_frames_c is None and _fastpath.decode_sends_c is None
+
+
+# -- DELIVER tails and ops ------------------------------------------------------
+
+@pytest.mark.parametrize("size", BODY_SIZES)
+@pytest.mark.parametrize("cls", [0, 1])
+def test_deliver_tail_matches_msgpack(size, cls):
+    body = bytes(i & 0xFF for i in range(size))
+    tail = _same(_fastpath._py_deliver_tail, _core and _core.deliver_tail,
+                 SENDER_PACKED, MID, body, TS_PACKED, cls)
+    op = b"\x97\x12\xce" + (7).to_bytes(4, "big") + tail
+    assert msgpack.unpackb(op) == [18, 7, "alice@example.org", MID, body, TS, cls]
+
+
+@pytest.mark.parametrize("cls", [-1, 2])
+def test_deliver_tail_refuses_bad_cls(cls):
+    exc = _same(_fastpath._py_deliver_tail, _core and _core.deliver_tail,
+                SENDER_PACKED, MID, b"x", TS_PACKED, cls)
+    assert isinstance(exc, InvalidArgument)
+
+
+@pytest.mark.parametrize("seq,n", [(1, 0), (0, 1), (1, 1000), (2**32 - 1, 1), (2**32 - 3, 3),
+                                   (2**32 - 2, 3), (2**32, 1)])
+def test_pack_delivers(seq, n):
+    tails = [_fastpath._py_deliver_tail(SENDER_PACKED, MID, b"b" * i, TS_PACKED, i & 1)
+             for i in range(n)]
+    batch = [(i * 3, t) for i, t in enumerate(tails)]
+
+    def run(fn):
+        def call(seq, batch):
+            out = [b"keep"]
+            mids = fn(seq, batch, out)
+            return mids, out
+        return call
+
+    got = _same(run(_fastpath._py_pack_delivers), _core and run(_core.pack_delivers),
+                seq, batch)
+    if seq + max(n, 1) - 1 > 0xFFFFFFFF:
+        assert isinstance(got, OverflowError)
+        return
+    mids, out = got
+    assert mids == [i * 3 for i in range(n)]
+    assert out[0] == b"keep" and len(out) == n + 1
+    for i, op in enumerate(out[1:]):
+        assert msgpack.unpackb(op) == [18, seq + i, "alice@example.org", MID, b"b" * i, TS,
+                                       i & 1]
+
+
+@pytest.mark.parametrize("batch", [[(1, "str")], [(1,)], [[1, b"x"]], [None]])
+def test_pack_delivers_refuses_bad_payloads(batch):
+    assert isinstance(_same(_fastpath._py_pack_delivers, _core and _core.pack_delivers,
+                            1, batch, []), TypeError)
+
+
+# -- SACKs ----------------------------------------------------------------------------
+
+def test_sack_ok_op():
+    want = wire.sack_op(MID, 0)
+    assert _same(_fastpath._py_sack_ok_op, _core and _core.sack_ok_op, MID) == want
+    for bad in (MID[:15], MID + b"x", bytearray(MID), "x" * 16):
+        assert isinstance(_same(_fastpath._py_sack_ok_op, _core and _core.sack_ok_op, bad),
+                          InvalidArgument)
+
+
+def _stored_case(fn):
+    def call(meta, entries):
+        calls = []
+        out = []
+        fn(meta, entries, 12.5, out, lambda *a: calls.append(a))
+        return out, entries, calls
+    return call
+
+
+def test_stored_sacks():
+    ids = [bytes([i]) * 16 for i in range(5)]
+    meta = [(ADDR, b"tail", ("a@b.c", cid)) for cid in ids]
+    entries = {("a@b.c", ids[0]): [PENDING, 1.0, None],
+               ("a@b.c", ids[1]): [PENDING, 1.0, [("conn", ids[1])]],
+               ("a@b.c", ids[3]): [PENDING, 2.0, [("c1", ids[3]), ("c2", ids[3])]]}
+    out, entries, calls = _same(_stored_case(_fastpath._py_stored_sacks),
+                                _core and _stored_case(_core.stored_sacks), meta, entries)
+    assert out == [wire.sack_op(cid, 0) for cid in ids]
+    assert entries[("a@b.c", ids[1])] == [0, 12.5, None]
+    assert calls == [(None, ids[1], 0, [("conn", ids[1])]),
+                     (None, ids[3], 0, [("c1", ids[3]), ("c2", ids[3])])]
+
+
+def test_route_items():
+    meta = [(ADDR, b"t%d" % i, ("s", b"%d" % i)) for i in range(4)]
+    assert _same(_fastpath._py_route_items, _core and _core.route_items, meta,
+                 [10, 11, 12, 13]) == [(ADDR, (10 + i, b"t%d" % i)) for i in range(4)]
+    assert _same(_fastpath._py_route_items, _core and _core.route_items, [], []) == []
+
+
+# -- frames ------------------------------------------------------------------------------
+
+def _ops(sizes):
+    return [bytes([0xC4, 0]) if n == 2 else b"\xc5" + (n - 3).to_bytes(2, "big") + b"z" * (n - 3)
+            for n in sizes]
+
+
+LIMIT = wire.MAX_PLAINTEXT - 3
+
+
+@pytest.mark.parametrize("sizes", [
+    [], [2], [2] * 15, [2] * 16, [2] * 17, [LIMIT], [LIMIT, 2], [LIMIT - 2, 2],
+    [LIMIT - 2, 2, 2], [30000, 30000, 5516, 3], [LIMIT + 1], [2, LIMIT + 1],
+    [2] * 8192, [2] * 8193, [2] * 20000,
+])
+@pytest.mark.parametrize("limits", [(wire.MAX_PLAINTEXT, wire.MAX_OPS_PER_FRAME), (16, 1),
+                                    (40000, 7), (15, 1), (wire.MAX_PLAINTEXT + 1, 1),
+                                    (100, 0), (100, 8193)])
+def test_pack_frames_twins(sizes, limits):
+    ops = _ops(sizes)
+    frames = _same(wire._py_pack_frames, _core and _core.pack_frames, ops, *limits)
+    if isinstance(frames, Exception):
+        assert isinstance(frames, InvalidArgument)
+        return
+    joined = []
+    for f in frames:
+        count = len(msgpack.unpackb(f))
+        assert 1 <= count <= limits[1] and len(f) <= limits[0]
+        joined.append(f[1 if count <= 15 else 3:])
+    assert b"".join(joined) == b"".join(ops)
+
+
+def test_pack_frames_other_buffers_fall_back():
+    ops = [b"\x91\x04", bytearray(b"\x91\x04"), memoryview(b"\x91\x04")]
+    if fastroute.COMPILED:
+        assert _core.pack_frames(ops) is None
+    assert wire.pack_frames(ops) == wire._py_pack_frames(ops) == [b"\x93" + b"\x91\x04" * 3]
+    assert wire.pack_frames(tuple(ops)) == wire._py_pack_frames(ops)
+
+
+# -- client frames: the SEND fast path --------------------------------------------------
+
+def _send(cid=MID, to=ADDR, body=b"hello", cls=0):
+    return msgpack.packb((1, cid, to, body, cls), use_bin_type=True)
+
+
+def _frame(ops, header=None):
+    return (header or wire._array_header(len(ops))) + b"".join(ops)
+
+
+def _check_decode(plaintext):
+    """C (if built) either declines or agrees with the Python decoder."""
+    try:
+        want = wire._py_decode_client_frame(plaintext)
+    except ProtocolError as exc:
+        want = exc
+    if fastroute.COMPILED:
+        got = _core.decode_sends(plaintext, wire._ADDR_OK)
+        if got is not None:
+            assert not isinstance(want, Exception), plaintext[:64]
+            assert got == want
+            assert all(type(op) is tuple for op in got)
+    try:
+        public = wire.decode_client_frame(plaintext)
+    except ProtocolError as exc:
+        assert isinstance(want, ProtocolError) and exc.code == want.code
+    else:
+        assert public == want
+    return want
+
+
+@pytest.fixture(autouse=True)
+def _known_recipient():
+    wire._ADDR_OK.add(ADDR)
+
+
+FAST_FRAMES = [
+    _frame([]),
+    _frame([_send()]),
+    _frame([_send(cls=1)] * 15),
+    _frame([_send(body=bytes(n)) for n in (0, 1, 255, 256, 4096, 65535 - 64, wire.MAX_BODY)
+            if n <= wire.MAX_BODY][:3]),
+    _frame([_send(body=bytes(wire.MAX_BODY))]),
+    _frame([_send(cid=bytes([i]) * 16) for i in range(16)]),
+    _frame([_send()] * 3, header=b"\xdd\x00\x00\x00\x03"),
+]
+
+
+@pytest.mark.parametrize("plaintext", FAST_FRAMES)
+def test_decode_sends_fast_frames(plaintext):
+    ops = _check_decode(plaintext)
+    assert all(op[0] == 1 for op in ops)
+    if fastroute.COMPILED:
+        assert _core.decode_sends(plaintext, wire._ADDR_OK) is not None
+
+
+def _exactly(size):
+    """A frame of SENDs exactly ``size`` bytes long (array16 header)."""
+    one = _send(body=bytes(1000))
+    n = (size - 3) // len(one)
+    rest = size - 3 - n * len(one) - len(_send(body=b""))
+    ops = [one] * n + [_send(body=bytes(rest - (1 if rest > 255 else 0)))]
+    frame = b"\xdc" + len(ops).to_bytes(2, "big") + b"".join(ops)
+    return frame
+
+
+@pytest.mark.parametrize("size", [wire.MAX_PLAINTEXT, wire.MAX_PLAINTEXT + 1])
+def test_decode_sends_frame_size_limit(size):
+    frame = _exactly(size)
+    assert len(frame) == size
+    got = _check_decode(frame)
+    if size > wire.MAX_PLAINTEXT:
+        assert isinstance(got, ProtocolError) and got.code == ErrorCode.FRAME_TOO_LARGE
+    elif fastroute.COMPILED:
+        assert _core.decode_sends(frame, wire._ADDR_OK) is not None
+
+
+SLOW_FRAMES = [
+    b"",
+    b"\xc0",
+    b"\x81\xa1a\x01",
+    _frame([_send()]) + b"\x00",                       # trailing byte
+    _frame([_send()])[:-1],                            # truncated
+    _frame([_send(body=bytes(wire.MAX_BODY + 1))]),    # body too large (per op)
+    _frame([_send(cls=2)]),
+    _frame([_send(cls=True)]),
+    _frame([_send(cid=MID[:15])]),
+    _frame([_send(cid="x" * 16)]),
+    _frame([_send(to="carol@example.org")]),           # not yet cached: precise check
+    _frame([_send(to="not an address")]),
+    _frame([_send()[:-1] + b"\xcc\x01"]),              # cls as uint8
+    _frame([b"\x95\xcc\x01" + _send()[2:]]),           # opcode as uint8
+    _frame([_send(), wire.dack_op(3)]),
+    _frame([_send(), wire.bye_op()]),
+    _frame([wire.ping_op(1)]),
+    _frame([b"\x95\x01\xc4\x10" + MID + b"\xa3\xff\xfe\xfd\xc4\x00\x00"]),  # bad UTF-8
+    _frame([b"\x95\x01\xc4\x10" + MID + b"\xd9\x05" + b"a@b.c" + b"\xc4\x00\x00"]),  # str8
+    _frame([_send()] * 3, header=b"\xdc\x00\x04"),     # count says 4
+    _frame([_send()] * 3, header=b"\xdc\x00\x02"),     # count says 2
+    b"\xdd\x00\x00\x20\x01" + _send() * 8193,          # too many ops
+    bytearray(_frame([_send()])),
+]
+
+
+@pytest.mark.parametrize("plaintext", SLOW_FRAMES)
+def test_decode_sends_declines_the_rest(plaintext):
+    _check_decode(bytes(plaintext) if isinstance(plaintext, bytearray) else plaintext)
+    if isinstance(plaintext, bytearray):
+        wire.decode_client_frame(plaintext)  # other buffers keep working
+
+
+def test_decode_sends_fuzz():
+    rng = random.Random(1234)
+    base = [_frame([_send(cid=bytes([i]) * 16, body=bytes(rng.randrange(300)), cls=i & 1)
+                    for i in range(k)]) for k in (1, 2, 5, 17)]
+    for _ in range(3000):
+        data = bytearray(rng.choice(base))
+        for _ in range(rng.randrange(1, 4)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        if rng.random() < 0.2:
+            del data[rng.randrange(len(data)):]
+        _check_decode(bytes(data))
+
+
+# -- the gate loop ------------------------------------------------------------------------
+
+def _gate_case(fn):
+    def call(sends, state):
+        out = []
+        counted = []
+        tapped = []
+        store_items = []
+        meta = []
+        taps = [lambda *a: tapped.append(a)] if state["taps"] else []
+        res = fn(sends, "conn", out, "alice@example.org", SENDER_PACKED, state["known"],
+                 state["entries"], 30.0, 100.0, state["mt"], state["bt"], 1000, TS,
+                 TS_PACKED, taps, state["consent"], "@example.org", "example.org",
+                 counted.append, wire.sack_op, PENDING,
+                 (ErrorCode.BODY_TOO_LARGE, ErrorCode.UNKNOWN_RECIPIENT,
+                  ErrorCode.CONSENT_REQUIRED, ErrorCode.RATE_LIMITED), store_items, meta)
+        return res, out, counted, tapped, store_items, meta, state["entries"]
+    return call
+
+
+@pytest.mark.parametrize("require_consent", [False, True])
+@pytest.mark.parametrize("tokens", [(1000.0, 1e9), (3.0, 1e9), (1000.0, 2000.0), (0, 0),
+                                    (5, 10**6)])
+@pytest.mark.parametrize("taps", [False, True])
+def test_accept_sends_twins(require_consent, tokens, taps):
+    ids = [bytes([i]) * 16 for i in range(12)]
+    sends = [
+        (1, ids[0], ADDR, b"a" * 10, 0),
+        (1, ids[1], ADDR, b"b" * 1001, 0),                 # too large
+        (1, ids[2], "nobody@example.org", b"c", 0),      # unknown recipient
+        (1, ids[3], "carol@other.net", b"d" * 500, 0),    # other provider: consent
+        (1, ids[4], "dave@other.net", b"e", 1),           # consents to example.org
+        (1, ids[5], "erin@other.net", b"f", 0),           # consents to "*"
+        (1, ids[6], ADDR, b"", 1),                        # ephemeral
+        (1, ids[7], ADDR, b"g", 0),                       # duplicate: pending
+        (1, ids[8], ADDR, b"h", 0),                       # duplicate: decided, recent
+        (1, ids[9], ADDR, b"i", 0),                       # duplicate: decided, expired
+        (1, ids[0], ADDR, b"a" * 10, 0),                  # duplicate within the read
+        (1, ids[10], ADDR, b"j" * 999, 1),
+    ]
+    state = {
+        "known": {ADDR: [1, 2], "carol@other.net": [3], "dave@other.net": [4],
+                  "erin@other.net": [5]},
+        "entries": {("alice@example.org", ids[7]): [PENDING, 99.0, None],
+                    ("alice@example.org", ids[8]): [0, 80.0, None],
+                    ("alice@example.org", ids[9]): [17, 10.0, None]},
+        "consent": ({"dave@other.net": frozenset({"example.org"}),
+                     "erin@other.net": frozenset({"*"})} if require_consent else None),
+        "mt": tokens[0], "bt": tokens[1], "taps": taps,
+    }
+    got = _same(_gate_case(_fastpath._py_accept_sends),
+                _core and _gate_case(_core.accept_sends), sends, state)
+    (ephemeral, mt, bt), out, counted, tapped, store_items, meta, entries = got
+    assert entries[("alice@example.org", ids[7])][2] == [("conn", ids[7])]
+    if tokens == (1000.0, 1e9):
+        want = [0, 5, 9] if require_consent else [0, 3, 5, 9]
+        assert [it[1] for it in store_items] == [ids[i] for i in want]
+        assert [it[0] for it in meta] == [sends[i][2] for i in want]
+        assert [to for to, _ in ephemeral] == ["dave@other.net", ADDR, ADDR]
+        assert entries[("alice@example.org", ids[0])][2] == [("conn", ids[0])]
+        assert wire.sack_op(ids[8], 0) in out
+        assert counted == [ErrorCode.BODY_TOO_LARGE, ErrorCode.UNKNOWN_RECIPIENT] + (
+            [ErrorCode.CONSENT_REQUIRED] if require_consent else [])
+        assert len(tapped) == len(want) + 3 if taps else not tapped
+    if tokens == (0, 0):
+        assert not store_items and ephemeral is None
+        assert (mt, bt) == (0, 0) and type(mt) is int
+
+
+# -- relay frames: the SACK/DELIVER fast path (client side) --------------------------------
+
+SENDER = "alice@example.org"
+
+
+def _deliver(seq=1, sender=SENDER, cid=MID, body=b"hi", ts=TS, cls=0):
+    return msgpack.packb((18, seq, sender, cid, body, ts, cls), use_bin_type=True)
+
+
+def _check_server_decode(plaintext):
+    try:
+        want = wire._py_decode_server_frame(plaintext)
+    except ProtocolError as exc:
+        want = exc
+    if fastroute.COMPILED:
+        got = _core.decode_server_ops(plaintext, wire._ADDR_OK)
+        if got is not None:
+            assert not isinstance(want, Exception)
+            assert got == want
+            assert [type(x) for op in got for x in op] == [type(x) for op in want for x in op]
+    try:
+        public = wire.decode_server_frame(plaintext)
+    except ProtocolError as exc:
+        assert isinstance(want, ProtocolError) and exc.code == want.code
+    else:
+        assert public == want
+    return want
+
+
+SERVER_FAST = [
+    _frame([]),
+    _frame([wire.sack_op(MID, 0), wire.sack_op(MID, 2**32 + 5)]),
+    _frame([_deliver(seq=s) for s in (0, 127, 128, 255, 256, 65535, 65536, 2**32 - 1)]),
+    _frame([b"\x97\x12\xce" + (2**32 - 1).to_bytes(4, "big")
+            + _fastpath._py_deliver_tail(msgpack.packb(SENDER), MID, bytes(n), TS_PACKED, 1)
+            for n in (0, 255, 256, wire.MAX_BODY)]),
+    _frame([_deliver(ts=0), _deliver(ts=2**64 - 1), wire.sack_op(MID, 17)] * 6),
+]
+
+
+@pytest.fixture
+def _known_sender():
+    wire._ADDR_OK.add(SENDER)
+
+
+@pytest.mark.parametrize("plaintext", SERVER_FAST)
+def test_decode_server_ops_fast(plaintext, _known_sender):
+    _check_server_decode(plaintext)
+    if fastroute.COMPILED:
+        assert _core.decode_server_ops(plaintext, wire._ADDR_OK) is not None
+
+
+SERVER_SLOW = [
+    b"", b"\x90\x00", _frame([_deliver()])[:-1],
+    _frame([_deliver(seq=-1)]), _frame([_deliver(cls=2)]), _frame([_deliver(ts=-5)]),
+    _frame([_deliver(body=bytes(wire.MAX_BODY + 1))]), _frame([_deliver(cid=MID[:15])]),
+    _frame([_deliver(sender="zed@nowhere.example")]), _frame([_deliver(sender="bad")]),
+    _frame([msgpack.packb((17, MID, -1))]), _frame([msgpack.packb((17, MID))]),
+    _frame([wire.pong_op(3)]), _frame([wire.welcome_op(SENDER, "phone", 1)]),
+    _frame([wire.error_op(1, "x"), _deliver()]), _frame([_deliver(), wire.server_bye_op(0)]),
+    _frame([_deliver(cls=True)]),
+]
+
+
+@pytest.mark.parametrize("plaintext", SERVER_SLOW)
+def test_decode_server_ops_declines_the_rest(plaintext, _known_sender):
+    _check_server_decode(plaintext)
+
+
+def test_decode_server_ops_fuzz(_known_sender):
+    rng = random.Random(99)
+    base = [_frame([(_deliver(seq=rng.randrange(2**33), body=bytes(rng.randrange(300)))
+                     if rng.random() < 0.7 else wire.sack_op(MID, rng.randrange(70)))
+                    for _ in range(k)]) for k in (1, 3, 16)]
+    for _ in range(3000):
+        data = bytearray(rng.choice(base))
+        for _ in range(rng.randrange(1, 4)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        if rng.random() < 0.2:
+            del data[rng.randrange(len(data)):]
+        _check_server_decode(bytes(data))
