@@ -63,8 +63,8 @@ class _Batch:
         return self.fut.done()
 
     def set_result(self, _cid: bytes) -> None:
-        self.left -= 1
-        if not self.left and not self.fut.done():
+        # called for the last SACK only: _on_frame counts the others down
+        if not self.fut.done():
             self.fut.set_result(self.ids)
 
     def set_exception(self, exc: BaseException) -> None:
@@ -519,14 +519,16 @@ class Client:
             return
         pending = self._pending
         inbox_append = self._inbox.append
+        seen = self._seen
+        window = self._dedup_window
+        new = tuple.__new__  # Message(...) would run namedtuple's Python-level __new__
         for op in ops:
-            if isinstance(op, wire.OpError):
-                # A relay that speaks a newer or broken dialect: skip that op.
+            if type(op) is not tuple:
+                # an OpError: a relay that speaks a newer or broken dialect
                 continue
             kind = op[0]
-            if kind == wire.Op.DELIVER:
+            if kind == 18:  # DELIVER, the common case first
                 _, seq, sender, cid, body, ts_ms, cls = op
-                seen = self._seen
                 key = (sender, cid)  # ids are unique per sender, not globally
                 if key in seen:
                     # Redelivered after a lost ack: the application had it.
@@ -535,21 +537,26 @@ class Client:
                         self._note_ack(seq)
                     continue
                 seen[key] = None
-                if len(seen) > self._dedup_window:
+                if len(seen) > window:
                     seen.popitem(last=False)
-                inbox_append(Message(seq, sender, cid, body, ts_ms, cls == 1))
-            elif kind == wire.Op.SACK:
+                inbox_append(new(Message, (seq, sender, cid, body, ts_ms, cls == 1)))
+            elif kind == 17:  # SACK
                 entry = pending.pop(op[1], None)
                 if entry is None:
                     continue
-                fut = entry[0]  # a Future, or the _Batch of send_many
-                if fut.done():
+                target = entry[0]  # a Future, or the _Batch of send_many
+                code = op[2]
+                if type(target) is _Batch and not code:
+                    target.left -= 1
+                    if target.left:
+                        continue
+                if target.done():
                     continue
-                if op[2] == 0:
-                    fut.set_result(op[1])
+                if not code:
+                    target.set_result(op[1])
                 else:
-                    fut.set_exception(error_for_code(op[2], f"relay refused the message: "
-                                                     f"{_code_name(op[2])}"))
+                    target.set_exception(error_for_code(code, f"relay refused the message: "
+                                                        f"{_code_name(code)}"))
             elif kind == wire.Op.WELCOME:
                 self.address, self.device = op[1], op[2]
                 if self._welcome is not None and not self._welcome.done():
