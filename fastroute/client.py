@@ -16,6 +16,7 @@ id it has already handed out (a window of recent ids), and acks it anyway.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 
 import msgpack
@@ -25,11 +26,13 @@ from typing import AsyncIterator, NamedTuple
 
 from . import wire
 from .errors import (
+    BlobMismatch,
     BodyTooLarge,
     ConnectionClosed,
     ErrorCode,
     FastrouteError,
     HandshakeError,
+    InvalidArgument,
     ProtocolError,
     error_for_code,
 )
@@ -187,6 +190,7 @@ class Client:
         self._closing_error: FastrouteError | None = None
         self._welcome: asyncio.Future | None = None
         self._reconnect_task: asyncio.Task | None = None
+        self._media: dict[bytes, asyncio.Future] = {}  # request id -> MREPLY
         self._keepalive_s = keepalive
         self._keepalive: asyncio.Task | None = None
         #: duplicates dropped by the client's own dedup window (for tests and metrics)
@@ -440,6 +444,60 @@ class Client:
         if upto_seq > self._ack_upto:
             self._note_ack(upto_seq)
 
+    # --------------------------------------------------------------- media
+    def _media_call(self, build, *args) -> asyncio.Future:
+        if self._closed or self._proto is None or not self._proto.open:
+            raise ConnectionClosed("not connected", code=ErrorCode.OK)
+        rid = self._new_id()
+        fut = self._loop.create_future()
+        self._media[rid] = fut
+        self._out.append(build(rid, *args))
+        self._schedule_flush()
+        return fut
+
+    async def upload(self, blob: bytes, *, window: int = 8) -> bytes:
+        """Store an attachment on the relay; return its id (the blob's SHA-256).
+
+        ``blob`` must already be encrypted by the client: the relay stores
+        and serves it as opaque bytes.  Send the id, with the key, inside an
+        end-to-end encrypted message; the recipient calls :meth:`download`.
+        ``window`` chunks travel at once.  Refusals raise the relay's typed
+        error (:class:`~fastroute.errors.BodyTooLarge`,
+        :class:`~fastroute.errors.RateLimited`, ...).
+        """
+        if type(blob) is not bytes or not blob:
+            raise InvalidArgument("blob must be non-empty bytes")
+        digest = hashlib.sha256(blob).digest()
+        upload_id, chunk = await self._media_call(wire.mbegin_op, len(blob), digest)
+        n = -(-len(blob) // chunk)
+        sem = asyncio.Semaphore(window)
+
+        async def put(i: int) -> None:
+            async with sem:
+                await self._media_call(wire.mchunk_op, upload_id, i,
+                                       blob[i * chunk:(i + 1) * chunk])
+
+        await asyncio.gather(*(put(i) for i in range(n)))
+        blob_id = await self._media_call(wire.mfinish_op, upload_id)
+        if blob_id != digest:
+            raise BlobMismatch("relay returned another blob id than the content's SHA-256")
+        return blob_id
+
+    async def download(self, blob_id: bytes, *, window: int = 8) -> bytes:
+        """Fetch an attachment by id; its SHA-256 is checked against the id."""
+        size, n, first = await self._media_call(wire.mget_op, blob_id, 0)
+        sem = asyncio.Semaphore(window)
+
+        async def get(i: int) -> bytes:
+            async with sem:
+                return (await self._media_call(wire.mget_op, blob_id, i))[2]
+
+        parts = [first, *await asyncio.gather(*(get(i) for i in range(1, n)))]
+        blob = b"".join(parts)
+        if len(blob) != size or hashlib.sha256(blob).digest() != blob_id:
+            raise BlobMismatch("downloaded blob does not match its id")
+        return blob
+
     # ------------------------------------------------------------- closing
     async def close(self) -> None:
         """Say BYE and close; pending sends fail with :class:`ConnectionClosed`."""
@@ -557,6 +615,14 @@ class Client:
                 else:
                     target.set_exception(error_for_code(code, f"relay refused the message: "
                                                         f"{_code_name(code)}"))
+            elif kind == 22:  # MREPLY, the answer to a media request
+                fut = self._media.pop(op[1], None)
+                if fut is not None and not fut.done():
+                    if op[2]:
+                        fut.set_exception(error_for_code(op[2], f"media request refused: "
+                                                         f"{_code_name(op[2])}"))
+                    else:
+                        fut.set_result(op[3])
             elif kind == wire.Op.WELCOME:
                 self.address, self.device = op[1], op[2]
                 if self._welcome is not None and not self._welcome.done():
@@ -638,6 +704,10 @@ class Client:
                 fut.set_exception(ConnectionClosed("connection closed before the relay acked",
                                                    code=err.code))
         self._pending.clear()
+        for fut in self._media.values():
+            if not fut.done():
+                fut.set_exception(ConnectionClosed("connection closed", code=err.code))
+        self._media.clear()
         self._eof = True
         self._wake_reader()
         for fut in self._pings.values():

@@ -87,6 +87,11 @@ class RelayConfig:
     ttl_s: int = 30 * 86400
     #: how often the relay re-reads the registry for revocations and enrolments
     registry_poll_s: float = 0.5
+    #: attachments (media store in ``data_dir/media``): largest blob, bytes one
+    #: address may upload per day, and how long a blob is kept
+    media_max_blob: int = 100 * 1024 * 1024
+    media_daily_bytes: int = 1024 * 1024 * 1024
+    media_ttl_s: int = 30 * 86400
     #: a user receives messages from another provider's users only after opting in
     #: (CONSENT op); off only for closed deployments and tests
     require_consent: bool = True

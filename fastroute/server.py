@@ -41,10 +41,12 @@ from .errors import (
     FastrouteError,
     MailboxFull,
     ProtocolError,
+    RateLimited,
     UnknownAddress,
 )
 from .gate import PENDING, DedupWindow, TokenBucket
 from .noise import FrameReader, HandshakeState, KeyPair, frame, seal_frames
+from .media import MediaStore
 from .store import MemoryStore, SqliteStore
 
 __all__ = ["Relay", "load_or_create_server_key"]
@@ -56,6 +58,10 @@ _OP_DACK = int(wire.Op.DACK)
 _OP_PING = int(wire.Op.PING)
 _OP_BYE = int(wire.Op.BYE)
 _OP_CONSENT = int(wire.Op.CONSENT)
+_MEDIA_OPS = frozenset((int(wire.Op.MBEGIN), int(wire.Op.MCHUNK), int(wire.Op.MFINISH),
+                        int(wire.Op.MGET)))
+#: media requests one connection may have in progress; more are refused
+_MAX_MEDIA_IN_FLIGHT = 32
 # A DELIVER op is [18, seq, from, id, body, ts_ms, cls]; everything after seq
 # is the same for every recipient device, so it is packed once per message
 # (the "tail") and each delivery only adds its own sequence number, always as
@@ -141,6 +147,7 @@ class _Conn(asyncio.Protocol):
         self.storing = 0  # store batches of this link not yet committed
         self.sends: list | None = None  # SENDs of the read being processed
         self.bye_after_sends = False
+        self.media_in_flight = 0
         self.bye_requested = False
         self.last_rx = time.monotonic()
         self.timer: asyncio.TimerHandle | None = None
@@ -294,6 +301,8 @@ class _Conn(asyncio.Protocol):
                 self._dack(op[1])  # acks and sends are independent: no order to keep
             elif kind == _OP_CONSENT:
                 relay._set_consent(self, op[1], op[2], op[3])
+            elif kind in _MEDIA_OPS:
+                relay._media_request(self, op)
             elif kind == _OP_PING:
                 self.out.append(wire.pong_op(op[1]))
                 relay._mark(self)
@@ -504,7 +513,7 @@ class Relay:
     def __init__(self, config: RelayConfig | None = None, *,
                  server_key: KeyPair | None = None,
                  registry: "identity.Registry | None" = None,
-                 store: Any = None) -> None:
+                 store: Any = None, media: "MediaStore | None" = None) -> None:
         self.config = config or RelayConfig()
         self.server_key = server_key
         self.key_created = False
@@ -512,6 +521,8 @@ class Relay:
         self._own_registry = registry is None
         self.store = store
         self._own_store = store is None
+        self.media = media
+        self._own_media = media is None
         self.router = Router(mailbox_capacity=self.config.mailbox_capacity)
         self.trust: identity.Trust | None = None
         self._trust_version = None
@@ -530,6 +541,7 @@ class Relay:
         self._routed_mid = 0
         self._puts_in_flight = 0
         self._routed_waiters: list[asyncio.Future] = []
+        self._media_tasks: set[asyncio.Task] = set()
         self._closing = False
         self._tasks: list[asyncio.Task] = []
         self._taps: list = []
@@ -569,6 +581,10 @@ class Relay:
                 self.store = await SqliteStore.open(os.path.join(cfg.data_dir, "store.db"),
                                                     synchronous=cfg.synchronous,
                                                     ttl_s=cfg.ttl_s)
+        if self.media is None:
+            self.media = await MediaStore.open(
+                os.path.join(cfg.data_dir, "media"), max_blob=cfg.media_max_blob,
+                daily_quota=cfg.media_daily_bytes, ttl_s=cfg.media_ttl_s)
         for dkey, address, _device in self.store.known_devices():
             self._known.setdefault(address, []).append(dkey)
         self._server = await self._loop.create_server(lambda: _Conn(self), cfg.host, cfg.port,
@@ -607,7 +623,7 @@ class Relay:
                 conn._bye(ErrorCode.SHUTTING_DOWN, "relay shutting down")
             else:
                 conn._abort()
-        for task in self._tasks:
+        for task in [*self._tasks, *self._media_tasks]:
             task.cancel()
         for conn in list(self._all_conns):
             if conn.sync_task is not None:
@@ -620,6 +636,8 @@ class Relay:
                 pass
         if self.store is not None and self._own_store:
             await self.store.close()
+        if self.media is not None and self._own_media:
+            await self.media.close()
         if self.registry is not None and self._own_registry:
             self.registry.close()
 
@@ -697,6 +715,7 @@ class Relay:
                     last_expire = now
                     self._dedup.expire()
                     await self.store.expire(int(time.time() * 1000))
+                    await self.media.expire()
             except asyncio.CancelledError:
                 raise
             except Exception:  # housekeeping must never take the relay down
@@ -842,6 +861,53 @@ class Relay:
         # per message: dedup entry stored, its waiters answered, SACK-ok to the sender
         _stored_sacks(meta, entries, time.monotonic(), out, self._ack_all)
         self._mark(conn)
+
+    def _media_request(self, conn: _Conn, op: tuple) -> None:
+        """Start one media op (MBEGIN, MCHUNK, MFINISH, MGET); it answers with MREPLY."""
+        rid = op[1]
+        if conn.media_in_flight >= _MAX_MEDIA_IN_FLIGHT:
+            self._count_error(ErrorCode.RATE_LIMITED)
+            conn.out.append(wire.mreply_op(rid, ErrorCode.RATE_LIMITED))
+            self._mark(conn)
+            return
+        conn.media_in_flight += 1
+        task = self._loop.create_task(self._media_op(conn, op))
+        self._media_tasks.add(task)
+        task.add_done_callback(self._media_tasks.discard)
+
+    async def _media_op(self, conn: _Conn, op: tuple) -> None:
+        media = self.media
+        kind, rid = op[0], op[1]
+        result: object = None
+        try:
+            if kind == wire.Op.MBEGIN:
+                upload = await media.begin(conn.address, op[2], op[3])
+                result = [upload, media.chunk_size]
+            elif kind == wire.Op.MCHUNK:
+                # attachment bytes count against the same byte quota as messages
+                if not conn.byte_bucket.take(len(op[4])):
+                    raise RateLimited("byte quota exhausted")
+                await media.put_chunk(op[2], op[3], op[4])
+            elif kind == wire.Op.MFINISH:
+                result = await media.finish(op[2])
+            else:
+                data = await media.read_chunk(op[2], op[3])
+                size, chunks = media.stat(op[2])
+                result = [size, chunks, data]
+            code = 0
+        except FastrouteError as exc:
+            code = int(exc.code)
+            result = None
+            self._count_error(code)
+        except Exception:  # a bug must cost one request, never the relay
+            log.exception("media request failed")
+            code = int(ErrorCode.INTERNAL)
+            result = None
+        finally:
+            conn.media_in_flight -= 1
+        if conn.state in (_OPEN, _DRAINING):
+            conn.out.append(wire.mreply_op(rid, code, result))
+            self._mark(conn)
 
     def _set_consent(self, conn: _Conn, cid: bytes, provider: str, allow: bool) -> None:
         """A user opts in to (or out of) another provider's senders; ack once durable."""

@@ -88,6 +88,12 @@ __all__ = [
     "pack_frames",
     "ping_op",
     "pong_op",
+    "mbegin_op",
+    "mchunk_op",
+    "mfinish_op",
+    "mget_op",
+    "mreply_op",
+    "MEDIA_ID_LEN",
     "sack_op",
     "send_op",
     "server_bye_op",
@@ -135,17 +141,26 @@ class Op(enum.IntEnum):
     PING = 3
     BYE = 4
     CONSENT = 5
+    MBEGIN = 6
+    MCHUNK = 7
+    MFINISH = 8
+    MGET = 9
     WELCOME = 16
     SACK = 17
     DELIVER = 18
     ERROR = 19
     PONG = 20
     SERVER_BYE = 21
+    MREPLY = 22
 
 
 # Plain ints for the hot loops: comparing with IntEnum members is slower.
 _SEND, _DACK, _PING, _BYE, _CONSENT = 1, 2, 3, 4, 5
 _WELCOME, _SACK, _DELIVER, _ERROR, _PONG, _SERVER_BYE = 16, 17, 18, 19, 20, 21
+_MBEGIN, _MCHUNK, _MFINISH, _MGET, _MREPLY = 6, 7, 8, 9, 22
+
+MEDIA_ID_LEN = 32
+"""Length of a blob id: the SHA-256 of the (client-encrypted) blob."""
 
 
 class OpError:
@@ -383,11 +398,77 @@ def _check_code_reason(op: tuple) -> OpError | None:
     return None
 
 
+def _check_mbegin(op: tuple) -> OpError | None:
+    rid = op[1] if len(op) > 1 and _is_id(op[1]) else None
+    if len(op) != 4:
+        return OpError(_M, "MBEGIN takes 3 fields", _MBEGIN, rid)
+    if rid is None:
+        return OpError(_F, "MBEGIN id must be 16 bytes of bin", _MBEGIN)
+    if not _is_uint(op[2]) or op[2] == 0:
+        return OpError(_F, "MBEGIN size must be a positive integer", _MBEGIN, rid)
+    if type(op[3]) is not bytes or len(op[3]) != MEDIA_ID_LEN:
+        return OpError(_F, "MBEGIN sha256 must be 32 bytes of bin", _MBEGIN, rid)
+    return None
+
+
+def _check_mchunk(op: tuple) -> OpError | None:
+    rid = op[1] if len(op) > 1 and _is_id(op[1]) else None
+    if len(op) != 5:
+        return OpError(_M, "MCHUNK takes 4 fields", _MCHUNK, rid)
+    if rid is None:
+        return OpError(_F, "MCHUNK id must be 16 bytes of bin", _MCHUNK)
+    if not _is_id(op[2]):
+        return OpError(_F, "MCHUNK upload id must be 16 bytes of bin", _MCHUNK, rid)
+    if not _is_uint(op[3]):
+        return OpError(_F, "MCHUNK index must be a non-negative integer", _MCHUNK, rid)
+    if type(op[4]) is not bytes:
+        return OpError(_F, "MCHUNK data must be bin", _MCHUNK, rid)
+    if len(op[4]) > MAX_BODY:
+        return OpError(ErrorCode.BAD_CHUNK, f"MCHUNK data over {MAX_BODY} bytes", _MCHUNK, rid)
+    return None
+
+
+def _check_mfinish(op: tuple) -> OpError | None:
+    rid = op[1] if len(op) > 1 and _is_id(op[1]) else None
+    if len(op) != 3:
+        return OpError(_M, "MFINISH takes 2 fields", _MFINISH, rid)
+    if rid is None:
+        return OpError(_F, "MFINISH id must be 16 bytes of bin", _MFINISH)
+    if not _is_id(op[2]):
+        return OpError(_F, "MFINISH upload id must be 16 bytes of bin", _MFINISH, rid)
+    return None
+
+
+def _check_mget(op: tuple) -> OpError | None:
+    rid = op[1] if len(op) > 1 and _is_id(op[1]) else None
+    if len(op) != 4:
+        return OpError(_M, "MGET takes 3 fields", _MGET, rid)
+    if rid is None:
+        return OpError(_F, "MGET id must be 16 bytes of bin", _MGET)
+    if type(op[2]) is not bytes or len(op[2]) != MEDIA_ID_LEN:
+        return OpError(_F, "MGET blob id must be 32 bytes of bin", _MGET, rid)
+    if not _is_uint(op[3]):
+        return OpError(_F, "MGET index must be a non-negative integer", _MGET, rid)
+    return None
+
+
+def _check_mreply(op: tuple) -> OpError | None:
+    rid = op[1] if len(op) > 1 and _is_id(op[1]) else None
+    if len(op) != 4:
+        return OpError(_M, "MREPLY takes 3 fields", _MREPLY, rid)
+    if rid is None:
+        return OpError(_F, "MREPLY id must be 16 bytes of bin", _MREPLY)
+    if not _is_uint(op[2]):
+        return OpError(_F, "MREPLY code must be a non-negative integer", _MREPLY, rid)
+    return None
+
+
 _CLIENT_CHECKS = {_SEND: _check_send, _CONSENT: _check_consent, _DACK: _check_dack,
-                  _PING: _check_token, _BYE: _check_bye}
+                  _PING: _check_token, _BYE: _check_bye, _MBEGIN: _check_mbegin,
+                  _MCHUNK: _check_mchunk, _MFINISH: _check_mfinish, _MGET: _check_mget}
 _SERVER_CHECKS = {_WELCOME: _check_welcome, _SACK: _check_sack, _DELIVER: _check_deliver,
                   _ERROR: _check_code_reason, _PONG: _check_token,
-                  _SERVER_BYE: _check_code_reason}
+                  _SERVER_BYE: _check_code_reason, _MREPLY: _check_mreply}
 
 
 def _check_op(op: object, checks: dict[int, Any]) -> DecodedOp:
@@ -591,6 +672,47 @@ def error_op(code: int, reason: str = "") -> bytes:
 def pong_op(token: int) -> bytes:
     """The packed PONG answering a PING."""
     return _pack((_PONG, token))
+
+
+def _media_id(value: object, length: int, what: str) -> bytes:
+    if type(value) is not bytes or len(value) != length:
+        raise InvalidArgument(f"{what} must be {length} bytes")
+    return value
+
+
+def mbegin_op(id: bytes, size: int, sha256: bytes) -> bytes:  # noqa: A002
+    """A packed MBEGIN: start uploading a blob of ``size`` bytes with this SHA-256."""
+    if type(size) is not int or size <= 0:
+        raise InvalidArgument("size must be a positive int")
+    return _pack((_MBEGIN, _media_id(id, ID_LEN, "request id"), size,
+                  _media_id(sha256, MEDIA_ID_LEN, "sha256")))
+
+
+def mchunk_op(id: bytes, upload_id: bytes, index: int, data: bytes) -> bytes:  # noqa: A002
+    """A packed MCHUNK: chunk ``index`` of an upload."""
+    if type(index) is not int or index < 0 or type(data) is not bytes or len(data) > MAX_BODY:
+        raise InvalidArgument(f"chunk index must be an int >= 0 and data <= {MAX_BODY} bytes")
+    return _pack((_MCHUNK, _media_id(id, ID_LEN, "request id"),
+                  _media_id(upload_id, ID_LEN, "upload id"), index, data))
+
+
+def mfinish_op(id: bytes, upload_id: bytes) -> bytes:  # noqa: A002
+    """A packed MFINISH: every chunk is sent, verify and store the blob."""
+    return _pack((_MFINISH, _media_id(id, ID_LEN, "request id"),
+                  _media_id(upload_id, ID_LEN, "upload id")))
+
+
+def mget_op(id: bytes, blob_id: bytes, index: int) -> bytes:  # noqa: A002
+    """A packed MGET: chunk ``index`` of a stored blob."""
+    if type(index) is not int or index < 0:
+        raise InvalidArgument("chunk index must be an int >= 0")
+    return _pack((_MGET, _media_id(id, ID_LEN, "request id"),
+                  _media_id(blob_id, MEDIA_ID_LEN, "blob id"), index))
+
+
+def mreply_op(id: bytes, code: int, result: object = None) -> bytes:  # noqa: A002
+    """The relay's packed answer to a media request (``result`` depends on the request)."""
+    return _pack((_MREPLY, id, int(code), result))
 
 
 def server_bye_op(code: int, reason: str = "") -> bytes:

@@ -532,3 +532,32 @@ def test_third_party_messages_need_the_recipients_opt_in(loop, tmp_path):
         finally:
             await relay.close()
     run(loop, main())
+
+
+def test_attachment_travels_out_of_band_and_only_its_reference_in_the_message(loop, tmp_path):
+    async def main():
+        import hashlib
+
+        from fastroute import wire
+        from fastroute.errors import BlobMismatch, UnknownBlob
+        async with world(tmp_path) as w:
+            alice = await w.connect("alice@home")
+            bob = await w.connect("bob@acme")
+            photo = os.urandom(200_000)  # stands for a client-encrypted file
+            blob_id = await alice.upload(photo)
+            assert blob_id == hashlib.sha256(photo).digest()
+            # the message carries the reference (and, end to end, its key)
+            await alice.send("bob@acme", b"attachment:" + blob_id)
+            msg = (await recv_n(bob, 1))[0]
+            assert await bob.download(msg.body[len(b"attachment:"):]) == photo
+            # the same content uploaded again is the same blob
+            assert await bob.upload(photo) == blob_id
+            with pytest.raises(UnknownBlob):
+                await bob.download(hashlib.sha256(b"never uploaded").digest())
+            # an upload whose bytes do not match the declared hash leaves nothing
+            upload, chunk = await alice._media_call(wire.mbegin_op, 10, bytes(32))
+            await alice._media_call(wire.mchunk_op, upload, 0, b"0123456789")
+            with pytest.raises(BlobMismatch):
+                await alice._media_call(wire.mfinish_op, upload)
+            assert w.relay.media.stats()["blobs"] == 1
+    run(loop, main())

@@ -39,7 +39,32 @@ def test_constants_match_the_contract():
     assert MAX_PLAINTEXT == 65535 - 16
     assert MAX_BODY == 61440
     assert (wire.CLS_PERSISTENT, wire.CLS_EPHEMERAL, wire.PROTOCOL_VERSION) == (0, 1, 1)
-    assert [int(o) for o in Op] == [1, 2, 3, 4, 5, 16, 17, 18, 19, 20, 21]
+    assert [int(o) for o in Op] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 17, 18, 19, 20, 21, 22]
+
+
+def test_media_ops_round_trip_and_checks():
+    from fastroute.errors import ErrorCode as EC
+    up, blob = bytes(range(16)), bytes(range(32))
+    data = b"x" * MAX_BODY
+    ops = [wire.mbegin_op(MID, 10, blob), wire.mchunk_op(MID, up, 3, data),
+           wire.mfinish_op(MID, up), wire.mget_op(MID, blob, 0)]
+    assert wire.decode_client_frame(wire.pack_frames(ops[:1] + ops[2:])[0]) == [
+        (6, MID, 10, blob), (8, MID, up), (9, MID, blob, 0)]
+    assert wire.decode_client_frame(wire.pack_frames(ops[1:2])[0]) == [(7, MID, up, 3, data)]
+    bad = wire.decode_client_frame(encode_raw([
+        [6, MID, 0, blob], [6, MID, 5, b"short"], [7, MID, up, -1, b""],
+        [7, MID, up, 0, b"y" * (MAX_BODY + 1)], [8, MID], [9, MID, blob]]))
+    assert [(o.code, o.id) for o in bad] == [
+        (EC.BAD_FIELD, MID), (EC.BAD_FIELD, MID), (EC.BAD_FIELD, MID),
+        (EC.BAD_CHUNK, MID), (EC.MALFORMED, MID), (EC.MALFORMED, MID)]
+    # the relay's answers, including a full chunk of data
+    replies = [wire.mreply_op(MID, 0, [up, MAX_BODY]), wire.mreply_op(MID, 0, blob),
+               wire.mreply_op(MID, 0, [100, 1, data]), wire.mreply_op(MID, 304)]
+    got = [op for f in wire.pack_frames(replies) for op in wire.decode_server_frame(f)]
+    assert got == [(22, MID, 0, (up, MAX_BODY)), (22, MID, 0, blob),
+                   (22, MID, 0, (100, 1, data)), (22, MID, 304, None)]
+    with pytest.raises(wire.InvalidArgument):
+        wire.mget_op(MID, b"short", 0)
 
 
 def test_consent_op_round_trip_and_checks():
