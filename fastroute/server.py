@@ -67,9 +67,7 @@ _MAX_MEDIA_IN_FLIGHT = 32
 # (the "tail") and each delivery only adds its own sequence number, always as
 # a msgpack uint32 (any msgpack int encoding is valid on the wire).  The byte
 # packers live in fastroute._fastpath (compiled twins in ext/fastroute/_wire.pxi).
-_deliver_tail = _fastpath.deliver_tail
 _pack_delivers = _fastpath.pack_delivers
-_sack_ok_op = _fastpath.sack_ok_op
 _stored_sacks = _fastpath.stored_sacks
 _route_items = _fastpath.route_items
 _accept_sends = _fastpath.accept_sends
@@ -86,7 +84,7 @@ def _ts_packed(ts_ms: int) -> bytes:
 
 #: make_tail(sender_packed, cid, body, ts_packed, cls) -> the packed DELIVER
 #: fields after seq: from, id, body, ts_ms, cls
-make_tail = _deliver_tail
+make_tail = _fastpath.deliver_tail
 
 # connection states (_DRAINING: the client said BYE, its SACKs are still due)
 _HS_WAIT1, _HS_WAIT3, _OPEN, _CLOSED, _DRAINING = range(5)
@@ -446,13 +444,17 @@ class _Conn(asyncio.Protocol):
                 routed = relay._routed_mid if relay._puts_in_flight else 1 << 62
                 full = blocked = False
                 pushed = 0
+                senders: dict[str, bytes] = {}  # a backlog has few distinct senders
                 for mid, sender, cid, body, ts_ms in rows:
                     if mid > routed:
                         blocked = True
                         break
+                    sender_packed = senders.get(sender)
+                    if sender_packed is None:
+                        sender_packed = senders[sender] = msgpack.packb(sender)
                     try:
                         router.push(self.dev, (mid, make_tail(
-                            msgpack.packb(sender), cid, body, _ts_packed(ts_ms), 0)))
+                            sender_packed, cid, body, _ts_packed(ts_ms), 0)))
                     except MailboxFull:
                         full = True
                         break
