@@ -151,6 +151,7 @@ class _Conn(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.msg_bucket: TokenBucket | None = None
         self.byte_bucket: TokenBucket | None = None
+        self.max_body = 0  # the device's body limit, set with its quotas
         # sync state: see _sync()
         self.last_mid = 0  # newest stored message already in the engine (sync cursor)
         self.missed_mid = 0  # newest message the live route could not place
