@@ -153,3 +153,13 @@ def decode_server_ops(plaintext: object, addr_ok: set[str]) -> list[tuple] | Non
 
     None for anything else (the caller decodes it the slow, precise way).
     """
+
+# -- client hot paths (ext/fastroute/_client.pxi) ------------------------------
+
+def pack_sends(pool: bytes, at: int, to_packed: bytes, bodies: list[bytes], cls: int,
+               target: object, pending: dict | None) -> tuple[list[bytes], list[bytes]]:
+    """Client.send_many's SEND ops: (ids from pool[at:], packed ops); pending[id] = (target, op)."""
+def dispatch_frame(plaintext: object, addr_ok: set[str], seen: object, window: int,
+                   inbox: object, pending: dict, batch_type: type, msg_type: type,
+                   client: object, dropped: object, refused: object) -> bool | None:
+    """Client._on_frame's loop for a frame of SACKs and DELIVERs; None (no effect) otherwise."""

@@ -13,23 +13,30 @@ The layouts are those of :mod:`fastroute.wire` (``docs/PROTOCOL.md``):
   seq is the same for every recipient device, so the relay packs it once per
   message (the *tail*, :func:`deliver_tail`) and each delivery only adds its
   head and its own seq, always as a msgpack uint32 (:func:`pack_delivers`);
-* a SACK-ok is ``[17, id, 0]`` with the id as bin8 (:func:`sack_ok_op`).
+* a SACK-ok is ``[17, id, 0]`` with the id as bin8 (:func:`sack_ok_op`);
+* the client's SEND is ``[1, id, to, body, cls]``, the id as bin8 and ``to``
+  packed once per recipient (:func:`pack_sends`).
+
+The client's frame dispatch (``dispatch_frame_c``, ``ext/fastroute/_client.pxi``)
+has no twin here: its specification is the loop of ``Client._on_frame``.
 """
 
 from __future__ import annotations
 
 from . import COMPILED
-from .errors import InvalidArgument, WrongType
+from .errors import BodyTooLarge, InvalidArgument, WrongType
 
 __all__ = ["COMPILED_FASTPATH", "accept_sends", "decode_sends_c", "decode_server_ops_c",
-           "deliver_tail", "pack_delivers", "pack_frames_c", "route_items", "sack_ok_op",
-           "stored_sacks"]
+           "deliver_tail", "dispatch_frame_c", "pack_delivers", "pack_frames_c", "pack_sends",
+           "route_items", "sack_ok_op", "stored_sacks"]
 
 _DELIVER_HEAD = b"\x97\x12\xce"  # fixarray(7), 18, uint32 marker
 _SACK_HEAD = b"\x93\x11\xc4\x10"  # fixarray(3), 17, bin8 of 16
 _ID_HEAD = b"\xc4\x10"
 _CLS_BYTE = (b"\x00", b"\x01")
 _BIN8 = [b"\xc4" + bytes((i,)) for i in range(256)]
+_SEND_HEAD = b"\x95\x01\xc4\x10"  # fixarray(5), 1, bin8 of 16
+_MAX_BODY = 61440  # wire.MAX_BODY (wire imports this module)
 
 
 def _bin_header(n: int) -> bytes:
@@ -72,6 +79,35 @@ def _py_sack_ok_op(cid: bytes) -> bytes:
     if type(cid) is not bytes or len(cid) != 16:
         raise InvalidArgument("message id must be 16 bytes")
     return b"".join((_SACK_HEAD, cid, b"\x00"))
+
+
+def _py_pack_sends(pool: bytes, at: int, to_packed: bytes, bodies: list, cls: int,
+                   target, pending: dict | None) -> tuple[list, list]:
+    """The packed SEND ops of a batch to one recipient: ``(ids, ops)``.
+
+    Ids are consecutive 16-byte slices of ``pool`` from ``at``; ``to_packed``
+    is the recipient as a packed msgpack str.  Every body is checked first;
+    then ``pending[id] = (target, op)`` per message unless ``pending`` is None.
+    """
+    if cls != 0 and cls != 1:
+        raise InvalidArgument("cls must be 0 or 1")
+    n = len(bodies)
+    if at < 0 or n > (len(pool) - at) // 16:
+        raise InvalidArgument("id pool too short for the batch")
+    for body in bodies:
+        if type(body) is not bytes:
+            raise WrongType("SEND needs id: bytes, to: str, body: bytes")
+        if len(body) > _MAX_BODY:
+            raise BodyTooLarge(f"body over {_MAX_BODY} bytes: send it via the media store")
+    ids = [pool[i:i + 16] for i in range(at, at + 16 * n, 16)]
+    head = _SEND_HEAD
+    tail = _CLS_BYTE[cls]
+    ops = [b"".join((head, cid, to_packed, _bin_header(len(body)), body, tail))
+           for cid, body in zip(ids, bodies)]
+    if pending is not None:
+        for cid, op in zip(ids, ops):
+            pending[cid] = (target, op)
+    return ids, ops
 
 
 def _py_stored_sacks(meta: list, entries: dict, now: float, out: list, ack_all) -> None:
@@ -157,23 +193,27 @@ if COMPILED:
         accept_sends,
         deliver_tail,
         pack_delivers,
+        pack_sends,
         route_items,
         sack_ok_op,
         stored_sacks,
     )
     from ._core import decode_sends as decode_sends_c  # type: ignore[attr-defined]
     from ._core import decode_server_ops as decode_server_ops_c  # type: ignore[attr-defined]
+    from ._core import dispatch_frame as dispatch_frame_c  # type: ignore[attr-defined]
     from ._core import pack_frames as pack_frames_c  # type: ignore[attr-defined]
 else:
     accept_sends = _py_accept_sends
     deliver_tail = _py_deliver_tail
     pack_delivers = _py_pack_delivers
+    pack_sends = _py_pack_sends
     route_items = _py_route_items
     sack_ok_op = _py_sack_ok_op
     stored_sacks = _py_stored_sacks
     pack_frames_c = None
     decode_sends_c = None
     decode_server_ops_c = None
+    dispatch_frame_c = None
 
 #: True when the helpers above are the compiled ones.
 COMPILED_FASTPATH = COMPILED

@@ -25,6 +25,8 @@ from collections import OrderedDict, deque
 from typing import AsyncIterator, NamedTuple
 
 from . import wire
+from ._fastpath import dispatch_frame_c as _dispatch_frame
+from ._fastpath import pack_sends as _pack_sends
 from .errors import (
     BlobMismatch,
     BodyTooLarge,
@@ -81,6 +83,19 @@ class _Batch:
 _BIN8 = [b"\xc4" + bytes((i,)) for i in range(256)]
 _SEND_HEAD = b"\x95\x01\xc4\x10"
 _ID_POOL = 16 * 4096
+
+
+def _drop_duplicate(client: "Client", seq: int) -> None:
+    # a DELIVER redelivered after a lost ack: the application had it
+    client.duplicates_dropped += 1
+    if client.auto_ack and seq > client._ack_upto:
+        client._note_ack(seq)
+
+
+def _refused(target, code: int) -> None:
+    # a SACK with an error code, for a future or _Batch not done yet
+    target.set_exception(error_for_code(code, f"relay refused the message: "
+                                              f"{_code_name(code)}"))
 
 
 class _Proto(asyncio.Protocol):
@@ -323,19 +338,24 @@ class Client:
         if self._closed:
             raise ConnectionClosed("client is closed", code=ErrorCode.OK)
         fut = self._loop.create_future()
+        if type(bodies) is not list:
+            bodies = list(bodies)
         if not bodies:
             fut.set_result([])
             return fut
         to_packed = self._packed_to(to)
-        cls = b"\x01" if ephemeral else b"\x00"
-        new_id = self._new_id
-        op = self._op
-        ids = [new_id() for _ in bodies]
-        ops = [op(cid, to_packed, body, cls) for cid, body in zip(ids, bodies)]
-        batch = _Batch(fut, ids)
-        pending = self._pending
-        for cid, o in zip(ids, ops):
-            pending[cid] = (batch, o)
+        # ids: consecutive slices of the random pool (a fresh one when short)
+        n = 16 * len(bodies)
+        at = self._ids_at
+        if at + n > len(self._ids):
+            self._ids = os.urandom(max(_ID_POOL, n))
+            at = 0
+        batch = _Batch(fut, bodies)  # left = len(bodies); ids set below
+        # checks every body, then packs and registers each (batch, op) in _pending
+        ids, ops = _pack_sends(self._ids, at, to_packed, bodies, 1 if ephemeral else 0,
+                               batch, self._pending)
+        self._ids_at = at + n
+        batch.ids = ids
         if self._proto is not None and self._proto.open:
             self._out.extend(ops)
         self._schedule_flush()
@@ -571,6 +591,15 @@ class Client:
     def _on_frame(self, msg: bytes) -> None:
         try:
             plaintext = self._rx.decrypt(msg)
+        except FastrouteError as exc:
+            self._link_failed(exc)
+            return
+        # compiled: a frame of SACKs and DELIVERs, handled as the loop below does
+        if _dispatch_frame is not None and _dispatch_frame(
+                plaintext, wire._ADDR_OK, self._seen, self._dedup_window, self._inbox,
+                self._pending, _Batch, Message, self, _drop_duplicate, _refused) is not None:
+            return
+        try:
             ops = wire.decode_server_frame(plaintext)
         except FastrouteError as exc:
             self._link_failed(exc)

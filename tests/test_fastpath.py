@@ -9,6 +9,7 @@ raises the same exception class) on the same input.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import random
 
@@ -17,7 +18,13 @@ import pytest
 
 import fastroute
 from fastroute import _fastpath, wire
-from fastroute.errors import ErrorCode, InvalidArgument, ProtocolError
+from fastroute.errors import (
+    BodyTooLarge,
+    ErrorCode,
+    InvalidArgument,
+    ProtocolError,
+    UnknownAddress,
+)
 from fastroute.gate import PENDING
 
 if fastroute.COMPILED:
@@ -56,6 +63,8 @@ def test_compiled_twins_loaded():
         assert _fastpath.accept_sends is _core.accept_sends
         assert _fastpath.pack_frames_c is _core.pack_frames
         assert _fastpath.decode_sends_c is _core.decode_sends
+        assert _fastpath.pack_sends is _core.pack_sends
+        assert _fastpath.dispatch_frame_c is _core.dispatch_frame
     else:
         assert _fastpath.pack_frames_c is None and _fastpath.decode_sends_c is None
 
@@ -466,3 +475,189 @@ def test_decode_server_ops_fuzz(_known_sender):
         if rng.random() < 0.2:
             del data[rng.randrange(len(data)):]
         _check_server_decode(bytes(data))
+
+
+# -- the client: SEND batches ----------------------------------------------------------------
+
+POOL = bytes(range(256)) * 2
+
+
+@pytest.mark.parametrize("cls", [0, 1])
+@pytest.mark.parametrize("at", [0, 16, 40])
+def test_pack_sends_twins(cls, at):
+    bodies = [bytes([i]) * n for i, n in enumerate([0, 1, 31, 255, 256, 4096, wire.MAX_BODY])]
+    to_packed = msgpack.packb(ADDR)
+
+    def run(fn):
+        def call(pool, at, bodies):
+            pending = {b"old": 1}
+            ids, ops = fn(pool, at, to_packed, bodies, cls, "target", pending)
+            return ids, ops, pending
+        return call
+
+    ids, ops, pending = _same(run(_fastpath._py_pack_sends), _core and run(_core.pack_sends),
+                              POOL, at, bodies)
+    assert ids == [POOL[at + 16 * i:at + 16 * i + 16] for i in range(len(bodies))]
+    assert ops == [wire.send_op(cid, ADDR, body, cls) for cid, body in zip(ids, bodies)]
+    assert list(pending.items()) == [(b"old", 1)] + [(cid, ("target", op))
+                                                     for cid, op in zip(ids, ops)]
+    if fastroute.COMPILED:
+        assert _core.pack_sends(POOL, at, to_packed, bodies, cls, None, None)[1] == ops
+
+
+@pytest.mark.parametrize("bodies,at,cls,exc", [
+    ([b"x", bytearray(b"y")], 0, 0, TypeError),
+    ([b"x", "y"], 0, 0, TypeError),
+    ([b"x", bytes(wire.MAX_BODY + 1)], 0, 0, BodyTooLarge),
+    ([b"x"] * 33, 0, 0, InvalidArgument),              # pool has 32 ids
+    ([b"x"], 512 - 15, 0, InvalidArgument),
+    ([b"x"], -1, 0, InvalidArgument),
+    ([b"x"], 0, 2, InvalidArgument),
+])
+def test_pack_sends_refusals(bodies, at, cls, exc):
+    def run(fn):
+        def call(bodies):
+            pending = {}
+            try:
+                return fn(POOL, at, b"\xa3a@b", bodies, cls, None, pending)
+            finally:
+                assert pending == {}  # nothing registered on a refusal
+        return call
+
+    got = _same(run(_fastpath._py_pack_sends), _core and run(_core.pack_sends), bodies)
+    assert isinstance(got, exc)
+
+
+# -- the client: SACK/DELIVER dispatch against Client._on_frame's Python loop ------------------
+
+class _Plain:
+    def decrypt(self, msg):
+        return msg
+
+
+class _Transport:
+    def close(self):
+        pass
+
+    abort = close
+
+
+class _Proto:
+    open = True
+    transport = _Transport()
+
+
+def _run_client(frames, compiled, pending_spec, window):
+    """Feed ``frames`` to a fresh client; return everything _on_frame may change."""
+    from fastroute import client as client_mod
+
+    async def go():
+        c = client_mod.Client("h", 1, credential=b"", static=None, dedup_window=window)
+        c._rx = _Plain()
+        c._proto = _Proto()
+        targets = []
+        for ids in pending_spec:
+            if len(ids) == 1:
+                target = c._loop.create_future()
+            else:
+                target = client_mod._Batch(c._loop.create_future(), list(ids))
+            if ids and ids[0] == b"done" * 4:
+                (target if len(ids) == 1 else target.fut).set_result(None)
+            targets.append(target)
+            for cid in ids:
+                c._pending[cid] = (target, b"op")
+        saved = client_mod._dispatch_frame
+        client_mod._dispatch_frame = _core.dispatch_frame if compiled else None
+        try:
+            for f in frames:
+                c._on_frame(f)
+        finally:
+            client_mod._dispatch_frame = saved
+        outcome = []
+        for t in targets:
+            fut = t if isinstance(t, asyncio.Future) else t.fut
+            state = (fut.done(), getattr(t, "left", None))
+            if fut.done():
+                exc = fut.exception()
+                state += ((type(exc), str(exc), getattr(exc, "code", None),
+                           getattr(exc, "ids", None)) if exc else fut.result(),)
+            outcome.append(state)
+        if c._ack_timer is not None:
+            c._ack_timer.cancel()
+        inbox = list(c._inbox)
+        return (inbox, [type(m) for m in inbox], [type(m.ephemeral) for m in inbox],
+                list(c._seen), c.duplicates_dropped, c._ack_upto, c._flush_scheduled,
+                c._ack_timer is not None, list(c._pending), outcome, c.address)
+
+    return asyncio.run(go())
+
+
+def _ids(k, tag=0):
+    return [bytes([tag, i]) * 8 for i in range(k)]
+
+
+def _dispatch_case(frames, pending_spec=(), window=4):
+    want = _run_client(frames, False, pending_spec, window)
+    if fastroute.COMPILED:
+        assert _run_client(frames, True, pending_spec, window) == want
+    return want
+
+
+def test_dispatch_frame_delivers_and_dedups(_known_sender):
+    a, b = _ids(6, 1), _ids(2, 2)
+    frames = [_frame([_deliver(seq=i + 1, cid=cid, cls=i & 1) for i, cid in enumerate(a)]),
+              _frame([_deliver(seq=7, cid=a[5]), _deliver(seq=8, cid=a[0]),   # a[0] evicted
+                      _deliver(seq=9, cid=b[0], sender="carol@example.org"),
+                      _deliver(seq=10, cid=b[0], sender=SENDER), _deliver(seq=3, cid=b[0])]),
+              _frame([_deliver(seq=2**40, cid=b[1], body=bytes(300), ts=0)] * 3)]
+    wire._ADDR_OK.add("carol@example.org")
+    inbox, *_rest = _dispatch_case(frames)
+    assert [m.seq for m in inbox] == [1, 2, 3, 4, 5, 6, 8, 9, 10, 2**40]
+    assert _dispatch_case(frames, window=1000)[4] == 5
+    assert _dispatch_case(frames, window=0)[0][-1].body == bytes(300)
+
+
+def test_dispatch_frame_sacks(_known_sender):
+    batch, refused_batch, single, bad = _ids(5, 1), _ids(3, 2), _ids(1, 3), _ids(1, 4)
+    done = [b"done" * 4]
+    spec = [batch, refused_batch, single, bad, done, [b"done" * 4, b"x" * 16]]
+    frames = [_frame([wire.sack_op(cid, 0) for cid in batch[:3]]
+                     + [wire.sack_op(refused_batch[1], ErrorCode.UNKNOWN_RECIPIENT),
+                        wire.sack_op(single[0], 0), wire.sack_op(bad[0], 999),
+                        wire.sack_op(done[0], 0), wire.sack_op(b"u" * 16, 0)]),
+              _frame([wire.sack_op(cid, 0) for cid in batch[3:] + refused_batch]
+                     + [wire.sack_op(single[0], 0), _deliver(seq=5), wire.sack_op(b"x" * 16, 0)])]
+    *_, pending, outcome, _ = _dispatch_case(frames, spec)
+    assert outcome[0] == (True, 0, batch)
+    assert outcome[1][2][0] is UnknownAddress
+    assert pending == []
+
+
+@pytest.mark.parametrize("plaintext", SERVER_FAST + SERVER_SLOW + [
+    _frame([wire.sack_op(MID, 0), wire.welcome_op(SENDER, "phone", 1), _deliver()]),
+    _frame([_deliver(), wire.server_bye_op(ErrorCode.SHUTTING_DOWN, "bye")]),
+    _frame([_deliver(), wire.pong_op(1)]),
+])
+def test_dispatch_frame_declines_the_rest(plaintext, _known_sender):
+    # declined exactly when decode_server_ops declines, before any effect
+    if fastroute.COMPILED and _core.decode_server_ops(plaintext, wire._ADDR_OK) is None:
+        assert _core.dispatch_frame(plaintext, wire._ADDR_OK, None, 0, None, {}, object,
+                                    tuple, None, None, None) is None
+    _dispatch_case([plaintext, plaintext], [[MID]])
+
+
+def test_dispatch_frame_fuzz(_known_sender):
+    rng = random.Random(7)
+    ids = _ids(8, 9)
+    base = [_frame([(_deliver(seq=rng.randrange(2**33), cid=rng.choice(ids),
+                              body=bytes(rng.randrange(300)))
+                     if rng.random() < 0.6 else wire.sack_op(rng.choice(ids), rng.randrange(3)))
+                    for _ in range(k)]) for k in (1, 3, 16)]
+    frames = []
+    for _ in range(300):
+        data = bytearray(rng.choice(base))
+        if rng.random() < 0.5:
+            for _ in range(rng.randrange(1, 3)):
+                data[rng.randrange(len(data))] = rng.randrange(256)
+        frames.append(bytes(data))
+    _dispatch_case(frames, [ids[:4], [ids[4]], ids[5:]], window=5)

@@ -172,3 +172,8 @@ cdef bytes c_deliver_tail(bytes sender_packed, object cid, object body, bytes ts
                           int cls)
 # packed [17, cid, 0]; InvalidArgument unless cid is 16 bytes
 cdef bytes make_sack_ok(object cid)
+
+# -- client hot paths (_client.pxi) -------------------------------------------
+# msg_type(seq, sender, cid, body, ts, eph) for a tuple subclass, one allocation
+cdef object new_message(type msg_type, object seq, object sender, object cid, object body,
+                        object ts, object eph)

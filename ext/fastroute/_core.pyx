@@ -39,6 +39,7 @@ include "_args.pxi"
 include "_ring.pxi"
 include "_wire.pxi"
 include "_gate.pxi"
+include "_client.pxi"
 
 __all__ = ["Router", "MAX_MAILBOX_CAPACITY"]
 

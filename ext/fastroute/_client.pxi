@@ -1,0 +1,293 @@
+# The client library's per-message paths (fastroute.client.Client), compiled.
+# Included by _core.pyx after _wire.pxi (it uses its Cursor, take_len,
+# take_uint and bin_header).
+#
+# * pack_sends: the SEND ops of Client.send_many; the Python twin is
+#   fastroute/_fastpath.py:_py_pack_sends (same bytes, same exceptions).
+# * dispatch_frame: Client._on_frame for a frame of SACKs and DELIVERs; it
+#   declines (returns None, having done nothing) any other frame, and the
+#   client's Python loop -- the oracle the tests compare against -- does it.
+
+from cpython.object cimport PyTypeObject
+from cpython.type cimport PyType_IsSubtype
+from cpython.tuple cimport PyTuple_SET_ITEM
+
+from fastroute.errors import BodyTooLarge
+
+
+cdef extern from *:
+    """
+    /* a tuple subclass instance is a bare tuple up to 3.13; later versions
+       may add fields that PyType_GenericAlloc would leave zeroed */
+    #if PY_VERSION_HEX < 0x030E0000
+    #define FR_TUPLE_GENERIC_ALLOC 1
+    #else
+    #define FR_TUPLE_GENERIC_ALLOC 0
+    #endif
+    #define fr_generic_alloc(t, n) PyType_GenericAlloc((PyTypeObject*)(t), (n))
+    """
+    bint FR_TUPLE_GENERIC_ALLOC
+    object fr_generic_alloc(object t, Py_ssize_t n)
+
+
+def pack_sends(bytes pool not None, Py_ssize_t at, bytes to_packed not None,
+               list bodies not None, int cls, object target, dict pending):
+    """The packed SEND ops of a batch to one recipient: ``(ids, ops)``.
+
+    The i-th message gets id ``pool[at + 16 i : at + 16 (i + 1)]`` and op
+    ``[1, id (bin8 of 16), to, body (bin), cls]`` where ``to_packed`` is the
+    recipient already packed as a msgpack str.  Every body is checked before
+    anything is built (WrongType unless exact bytes, BodyTooLarge over
+    MAX_BODY); then, unless ``pending`` is None, ``pending[id] = (target, op)``
+    for each message, in order.
+    """
+    cdef Py_ssize_t n = PyList_GET_SIZE(bodies), i, k, hb
+    cdef Py_ssize_t nt = PyBytes_GET_SIZE(to_packed)
+    cdef object body
+    cdef bytes cid, op
+    cdef list ids, ops
+    cdef unsigned char* p
+    cdef const char* src
+    if cls != 0 and cls != 1:
+        raise InvalidArgument("cls must be 0 or 1")
+    if at < 0 or n > (PyBytes_GET_SIZE(pool) - at) // 16:
+        raise InvalidArgument("id pool too short for the batch")
+    for i in range(n):
+        body = <object>PyList_GET_ITEM(bodies, i)
+        if not PyBytes_CheckExact(body):
+            raise WrongType("SEND needs id: bytes, to: str, body: bytes")
+        if PyBytes_GET_SIZE(body) > WIRE_MAX_BODY:
+            raise BodyTooLarge(f"body over {WIRE_MAX_BODY} bytes: send it via the media store")
+    ids = []
+    ops = []
+    src = PyBytes_AS_STRING(pool) + at
+    for i in range(n):
+        # allocations may run the GC, hence any code: re-check what we read
+        if i >= PyList_GET_SIZE(bodies):
+            raise RuntimeError("bodies changed while packing")
+        body = <object>PyList_GET_ITEM(bodies, i)
+        if not PyBytes_CheckExact(body) or PyBytes_GET_SIZE(body) > WIRE_MAX_BODY:
+            raise RuntimeError("bodies changed while packing")
+        k = PyBytes_GET_SIZE(body)
+        hb = 2 if k < 256 else 3
+        cid = PyBytes_FromStringAndSize(src + 16 * i, 16)
+        op = PyBytes_FromStringAndSize(NULL, 20 + nt + hb + k + 1)
+        p = <unsigned char*>PyBytes_AS_STRING(op)
+        p[0] = 0x95
+        p[1] = 0x01
+        p[2] = 0xc4
+        p[3] = 0x10
+        memcpy(p + 4, PyBytes_AS_STRING(cid), 16)
+        memcpy(p + 20, PyBytes_AS_STRING(to_packed), <size_t>nt)
+        p += 20 + nt
+        p += bin_header(p, k)
+        memcpy(p, PyBytes_AS_STRING(body), <size_t>k)
+        p[k] = <unsigned char>cls
+        ids.append(cid)
+        ops.append(op)
+    if pending is not None:
+        for i in range(n):
+            cid = ids[i]
+            pending[cid] = (target, ops[i])
+    return ids, ops
+
+
+ctypedef struct ServerOp:
+    # one SACK (kind 17) or DELIVER (kind 18), pointing into the frame
+    int kind
+    unsigned long long seq
+    unsigned long long ts
+    unsigned long long code
+    const unsigned char* cid      # 16 bytes
+    const unsigned char* sender
+    Py_ssize_t nsender
+    const unsigned char* body
+    Py_ssize_t nbody
+    int cls
+
+
+cdef inline Py_ssize_t frame_ops(Cursor* c) noexcept:
+    """Read a frame's array header; the op count, or -1."""
+    cdef Py_ssize_t size = c.end - c.p, n
+    cdef unsigned char b
+    if size > WIRE_MAX_PLAINTEXT or size < 1:
+        return -1
+    b = c.p[0]
+    if 0x90 <= b <= 0x9f:
+        n = b & 0x0f
+        c.p += 1
+    elif b == 0xdc and size >= 3:
+        n = get_be16(c.p + 1)
+        c.p += 3
+    elif b == 0xdd and size >= 5:
+        n = get_be32(c.p + 1)
+        c.p += 5
+    else:
+        return -1
+    return n if n <= WIRE_MAX_OPS else -1
+
+
+cdef inline int parse_server_op(Cursor* c, ServerOp* op) noexcept:
+    """One SACK or DELIVER in the encodings decode_server_ops accepts; 0 otherwise."""
+    cdef Py_ssize_t k
+    if c.end - c.p < 2:
+        return 0
+    if c.p[0] == 0x93 and c.p[1] == 0x11:              # SACK
+        if c.end - c.p < 20 or c.p[2] != 0xc4 or c.p[3] != 0x10:
+            return 0
+        op.kind = 17
+        op.cid = c.p + 4
+        c.p += 20
+        return take_uint(c, &op.code)
+    if c.p[0] != 0x97 or c.p[1] != 0x12:               # DELIVER
+        return 0
+    c.p += 2
+    if not take_uint(c, &op.seq):
+        return 0
+    k = take_len(c, 0xd9, 0xa0, 31)
+    if k < 0 or k > WIRE_MAX_STR or c.end - c.p < k:
+        return 0
+    op.sender = c.p
+    op.nsender = k
+    c.p += k
+    if c.end - c.p < 18 or c.p[0] != 0xc4 or c.p[1] != 0x10:
+        return 0
+    op.cid = c.p + 2
+    c.p += 18
+    k = take_len(c, 0xc4, 0, 0)
+    if k < 0 or k > WIRE_MAX_BODY or c.end - c.p < k:
+        return 0
+    op.body = c.p
+    op.nbody = k
+    c.p += k
+    if not take_uint(c, &op.ts):
+        return 0
+    if c.p >= c.end or c.p[0] > 1:
+        return 0
+    op.cls = c.p[0]
+    c.p += 1
+    op.kind = 18
+    return 1
+
+
+cdef object new_message(type msg_type, object seq, object sender, object cid, object body,
+                        object ts, object eph):
+    """``tuple.__new__(msg_type, (seq, sender, cid, body, ts, eph))``, one allocation."""
+    cdef object m
+    if not FR_TUPLE_GENERIC_ALLOC:
+        return tuple.__new__(msg_type, (seq, sender, cid, body, ts, eph))
+    m = fr_generic_alloc(msg_type, 6)
+    # no allocation below: the GC never sees the tuple half filled
+    Py_INCREF(seq)
+    PyTuple_SET_ITEM(m, 0, seq)
+    Py_INCREF(sender)
+    PyTuple_SET_ITEM(m, 1, sender)
+    Py_INCREF(cid)
+    PyTuple_SET_ITEM(m, 2, cid)
+    Py_INCREF(body)
+    PyTuple_SET_ITEM(m, 3, body)
+    Py_INCREF(ts)
+    PyTuple_SET_ITEM(m, 4, ts)
+    Py_INCREF(eph)
+    PyTuple_SET_ITEM(m, 5, eph)
+    return m
+
+
+def dispatch_frame(plaintext, set addr_ok, object seen, Py_ssize_t window, object inbox,
+                   dict pending, type batch_type, type msg_type, object client,
+                   object dropped, object refused):
+    """Client._on_frame's per-op loop for a frame of SACKs and DELIVERs.
+
+    Returns True when ``plaintext`` is a frame that decode_server_ops would
+    decode entirely (SACK and DELIVER ops, senders in ``addr_ok``) and every
+    op was handled, in order, exactly as the client's Python loop does:
+
+    * DELIVER: ``(sender, id)`` already in the OrderedDict ``seen`` ->
+      ``dropped(client, seq)``; else it is added (the oldest key popped past
+      ``window``) and ``msg_type(seq, sender, id, body, ts_ms, cls == 1)``
+      appended to ``inbox``;
+    * SACK: ``pending.pop(id)``'s target, a ``batch_type`` (counted down on
+      code 0; settled at 0) or a future: ``set_result(id)`` on code 0,
+      ``refused(target, code)`` otherwise, unless already done.
+
+    Returns None, having done nothing, for any other frame.
+    """
+    cdef Cursor c
+    cdef ServerOp op
+    cdef Py_ssize_t n, i
+    cdef object sender = None, cid, body, key, entry, target, left, code
+    cdef object seen_popitem, inbox_append
+    cdef const unsigned char* prev_p = NULL
+    cdef Py_ssize_t prev_n = -1
+    cdef PyTypeObject* mt = <PyTypeObject*>msg_type
+    cdef PyTypeObject* tt = <PyTypeObject*>tuple
+    if not PyType_IsSubtype(msg_type, tuple) or mt.tp_basicsize != tt.tp_basicsize \
+            or mt.tp_itemsize != tt.tp_itemsize or mt.tp_dictoffset != 0:
+        raise WrongType("msg_type must be a tuple subclass without instance dict")
+    if not PyBytes_CheckExact(plaintext):
+        return None
+    # pass 1: the whole frame is ours, or we decline before any effect
+    c.p = <const unsigned char*>PyBytes_AS_STRING(plaintext)
+    c.end = c.p + PyBytes_GET_SIZE(plaintext)
+    n = frame_ops(&c)
+    if n < 0:
+        return None
+    for i in range(n):
+        if not parse_server_op(&c, &op):
+            return None
+        if op.kind == 18 and not (op.nsender == prev_n
+                                  and memcmp(op.sender, prev_p, <size_t>prev_n) == 0):
+            try:
+                sender = PyUnicode_DecodeUTF8(<const char*>op.sender, op.nsender, NULL)
+            except UnicodeDecodeError:
+                return None
+            if not PySet_Contains(addr_ok, sender):
+                return None
+            prev_p = op.sender
+            prev_n = op.nsender
+    if c.p != c.end:
+        return None
+    # pass 2: the effects (the bytes object is immutable and held: the
+    # cursor stays valid whatever the calls below run)
+    seen_popitem = seen.popitem
+    inbox_append = inbox.append
+    c.p = <const unsigned char*>PyBytes_AS_STRING(plaintext)
+    frame_ops(&c)
+    prev_n = -1
+    for i in range(n):
+        parse_server_op(&c, &op)
+        cid = PyBytes_FromStringAndSize(<const char*>op.cid, 16)
+        if op.kind == 18:
+            if not (op.nsender == prev_n and memcmp(op.sender, prev_p, <size_t>prev_n) == 0):
+                sender = PyUnicode_DecodeUTF8(<const char*>op.sender, op.nsender, NULL)
+                prev_p = op.sender
+                prev_n = op.nsender
+            key = (sender, cid)  # ids are unique per sender, not globally
+            if key in seen:
+                dropped(client, PyLong_FromUnsignedLongLong(op.seq))
+                continue
+            seen[key] = None
+            if len(seen) > window:
+                seen_popitem(False)
+            body = PyBytes_FromStringAndSize(<const char*>op.body, op.nbody)
+            inbox_append(new_message(msg_type, PyLong_FromUnsignedLongLong(op.seq), sender,
+                                     cid, body, PyLong_FromUnsignedLongLong(op.ts),
+                                     True if op.cls == 1 else False))
+            continue
+        entry = pending.pop(cid, None)
+        if entry is None:
+            continue
+        target = entry[0]
+        if type(target) is batch_type and op.code == 0:
+            left = target.left - 1
+            target.left = left
+            if left:
+                continue
+        if target.done():
+            continue
+        if op.code == 0:
+            target.set_result(cid)
+        else:
+            code = PyLong_FromUnsignedLongLong(op.code)
+            refused(target, code)
+    return True
