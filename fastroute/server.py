@@ -1037,6 +1037,7 @@ async def run_relay(config: RelayConfig, *, print_fn=print) -> None:
         print_fn(f"generated server key in {os.path.join(config.data_dir, 'server.key')}")
     print_fn(f"fastroute relay listening on {config.host}:{relay.port}")
     print_fn(f"server key fingerprint: {relay.fingerprint}")
+    print_fn(f"server public key (for clients to pin): {relay.server_key.public.hex()}")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
