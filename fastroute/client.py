@@ -600,7 +600,10 @@ class Client:
                 self._pending, _Batch, Message, self, _drop_duplicate, _refused) is not None:
             return
         try:
-            ops = wire.decode_server_frame(plaintext)
+            # the compiled dispatch above accepts exactly what the compiled
+            # decoder would; past it, only the Python decoder can help
+            ops = (wire._py_decode_server_frame if _dispatch_frame is not None
+                   else wire.decode_server_frame)(plaintext)
         except FastrouteError as exc:
             self._link_failed(exc)
             return

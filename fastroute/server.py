@@ -273,7 +273,10 @@ class _Conn(asyncio.Protocol):
                 return
         relay = self.relay
         try:
-            ops = wire.decode_client_frame(plaintext)
+            # the compiled pass above already said "not only SENDs": go
+            # straight to the precise decoder instead of trying it again
+            ops = (wire._py_decode_client_frame if _decode_sends is not None
+                   else wire.decode_client_frame)(plaintext)
         except ProtocolError as exc:
             self._protocol_error(exc.code, str(exc))
             return
