@@ -235,6 +235,21 @@ async def wait_window(in_flight) -> None:
         await asyncio.sleep(0.0002)
 
 
+async def batch_due(t0: float, sent: int, n: int, rate: float | None) -> int:
+    """How many sends are due now: a BATCH when unpaced, else what ``rate`` allows.
+
+    Returns 0 after a short sleep when nothing is due yet.  Both systems'
+    loops use it, so they are paced identically.
+    """
+    if not rate:
+        return min(BATCH, n - sent)
+    k = min(n, int((time.perf_counter() - t0) * rate) + 1) - sent
+    if k <= 0:
+        await asyncio.sleep(0.0005)
+        return 0
+    return k
+
+
 async def fr_run(relay: FastrouteRelay, fanout: int, size: int, n: int,
                  rate: float | None) -> dict:
     """One run: open-loop throughput (``rate`` None) or paced at ``rate`` sends/s."""
@@ -248,14 +263,9 @@ async def fr_run(relay: FastrouteRelay, fanout: int, size: int, n: int,
         t0 = time.perf_counter()
         sent = 0
         while sent < n:
-            if rate:
-                due = min(n, int((time.perf_counter() - t0) * rate) + 1)
-                k = due - sent
-                if k <= 0:
-                    await asyncio.sleep(0.0005)
-                    continue
-            else:
-                k = min(BATCH, n - sent)
+            k = await batch_due(t0, sent, n, rate)
+            if not k:
+                continue
             # the batch API: one future per batch (send_nowait per message
             # is the other, slower, supported way)
             futs.append(tx.send_many(to, [body_of(size) for _ in range(k)]))
@@ -371,14 +381,9 @@ async def nats_run(server: NatsServer, fanout: int, size: int, n: int,
         t0 = time.perf_counter()
         sent = 0
         while sent < n:
-            if rate:
-                due = min(n, int((time.perf_counter() - t0) * rate) + 1)
-                k = due - sent
-                if k <= 0:
-                    await asyncio.sleep(0.0005)
-                    continue
-            else:
-                k = min(BATCH, n - sent)
+            k = await batch_due(t0, sent, n, rate)
+            if not k:
+                continue
             for _ in range(k):
                 await pub.publish(subject, body_of(size))
             sent += k

@@ -98,6 +98,13 @@ class ErrorCode(enum.IntEnum):
     STORE_FAILED = 504
 
 
+class _NotFound(KeyError):
+    """KeyError whose message reads as written (KeyError would repr() it)."""
+
+    def __str__(self) -> str:
+        return Exception.__str__(self)
+
+
 class FastrouteError(Exception):
     """Root of every exception fastroute raises on purpose.
 
@@ -125,31 +132,25 @@ class WrongType(FastrouteError, TypeError):
     code = ErrorCode.WRONG_TYPE
 
 
-class UnknownAddress(FastrouteError, KeyError):
+class UnknownAddress(FastrouteError, _NotFound):
     """The address has no registered device (routing) or is not known."""
 
     code = ErrorCode.UNKNOWN_RECIPIENT
 
-    def __str__(self) -> str:  # KeyError would repr() the argument
-        return Exception.__str__(self)
 
 
-class UnknownDevice(FastrouteError, KeyError):
+class UnknownDevice(FastrouteError, _NotFound):
     """No device with that id (or name) is registered."""
 
     code = ErrorCode.UNKNOWN_DEVICE
 
-    def __str__(self) -> str:
-        return Exception.__str__(self)
 
 
-class UnknownGroup(FastrouteError, KeyError):
+class UnknownGroup(FastrouteError, _NotFound):
     """No group with that id exists."""
 
     code = ErrorCode.UNKNOWN_GROUP
 
-    def __str__(self) -> str:
-        return Exception.__str__(self)
 
 
 class MailboxFull(FastrouteError, BufferError):
@@ -278,22 +279,18 @@ class MediaError(FastrouteError, ValueError):
     code = ErrorCode.INVALID_ARGUMENT
 
 
-class UnknownBlob(MediaError, KeyError):
+class UnknownBlob(MediaError, _NotFound):
     """No blob with that id is stored (never uploaded, or expired)."""
 
     code = ErrorCode.MEDIA_NOT_FOUND
 
-    def __str__(self) -> str:  # KeyError would repr() the argument
-        return Exception.__str__(self)
 
 
-class UnknownUpload(MediaError, KeyError):
+class UnknownUpload(MediaError, _NotFound):
     """No upload in progress has that id (never begun, finished, aborted or timed out)."""
 
     code = ErrorCode.UPLOAD_NOT_FOUND
 
-    def __str__(self) -> str:
-        return Exception.__str__(self)
 
 
 class ChunkRejected(MediaError):
