@@ -128,9 +128,24 @@ def deliver_tail(sender_packed: bytes, cid: bytes, body: bytes, ts_packed: bytes
     """The packed DELIVER fields after seq: from, id, body, ts_ms, cls (0 or 1)."""
 def sack_ok_op(cid: bytes) -> bytes:
     """The packed SACK [17, cid, 0] for a 16-byte id."""
-def stored_sacks(meta: list[tuple[str, bytes, tuple[str, bytes]]], entries: dict,
+class DedupTable:
+    """Recently seen (sender, id) pairs and their codes; see fastroute.gate.DedupWindow."""
+    window_s: float
+    max_entries: int
+    def __init__(self, window_s: float = ..., max_entries: int = ...,
+                 clock: object = ...) -> None: ...
+    def __len__(self) -> int: ...
+    def lookup(self, sender: str, cid: bytes, now: float) -> int | None: ...
+    def begin(self, sender: str, cid: bytes, code: int, now: float) -> None: ...
+    def wait(self, sender: str, cid: bytes, waiter: object) -> None: ...
+    def finish(self, sender: str, cid: bytes, code: int, now: float) -> list | None: ...
+    def forget(self, sender: str, cid: bytes) -> list | None: ...
+    def get(self, sender: str, cid: bytes) -> tuple[int, float] | None: ...
+    def keys(self) -> list[tuple[str, bytes]]: ...
+    def expire(self, now: float | None = ...) -> int: ...
+def stored_sacks(meta: list[tuple[str, bytes, bytes]], sender: str, dedup: DedupTable,
                  now: float, out: list[bytes], ack_all: object) -> None:
-    """After a store commit: mark dedup entries, answer waiters, SACK-ok each message."""
+    """After a store commit: decide dedup entries, answer waiters, SACK-ok each message."""
 def route_items(meta: list[tuple[str, bytes, object]], mids: list[int]
                 ) -> list[tuple[str, tuple[int, bytes]]]:
     """[(to, (mid, tail)) ...] from the relay's meta and the store's mids."""
@@ -140,11 +155,11 @@ def decode_sends(plaintext: object, addr_ok: set[str]) -> list[tuple] | None:
     None for anything else (the caller decodes it the slow, precise way).
     """
 def accept_sends(sends: list[tuple], conn: object, out: list[bytes], sender: str,
-                 sender_packed: bytes, known: dict[str, list[int]], entries: dict,
-                 window: float, now: float, msg_tokens: float, byte_tokens: float,
+                 sender_packed: bytes, known: dict[str, list[int]], dedup: DedupTable,
+                 now: float, msg_tokens: float, byte_tokens: float,
                  max_body: int, now_ms: int, ts_packed: bytes, taps: list,
                  consent: dict[str, frozenset[str]] | None, own: str, provider: str,
-                 count_error: object, sack_op: object, pending: int,
+                 count_error: object, sack_op: object,
                  refusals: tuple[int, int, int, int], store_items: list,
                  meta: list) -> tuple[list | None, float, float]:
     """The relay's per-SEND gate loop; returns (ephemeral items, msg_tokens, byte_tokens)."""
@@ -159,7 +174,7 @@ def decode_server_ops(plaintext: object, addr_ok: set[str]) -> list[tuple] | Non
 def pack_sends(pool: bytes, at: int, to_packed: bytes, bodies: list[bytes], cls: int,
                target: object, pending: dict | None) -> tuple[list[bytes], list[bytes]]:
     """Client.send_many's SEND ops: (ids from pool[at:], packed ops); pending[id] = (target, op)."""
-def dispatch_frame(plaintext: object, addr_ok: set[str], seen: object, window: int,
+def dispatch_frame(plaintext: object, addr_ok: set[str], seen: DedupTable,
                    inbox: object, pending: dict, batch_type: type, msg_type: type,
                    client: object, dropped: object, refused: object) -> bool | None:
     """Client._on_frame's loop for a frame of SACKs and DELIVERs; None (no effect) otherwise."""

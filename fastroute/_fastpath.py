@@ -19,16 +19,19 @@ The layouts are those of :mod:`fastroute.wire` (``docs/PROTOCOL.md``):
 
 The client's frame dispatch (``dispatch_frame_c``, ``ext/fastroute/_client.pxi``)
 has no twin here: its specification is the loop of ``Client._on_frame``.
+:data:`DedupTable` is ``ext/fastroute/_dedup.pxi``'s compiled dedup window,
+or its specification :class:`fastroute.gate.DedupWindow`.
 """
 
 from __future__ import annotations
 
 from . import COMPILED
 from .errors import BodyTooLarge, InvalidArgument, WrongType
+from .gate import PENDING, DedupWindow
 
-__all__ = ["COMPILED_FASTPATH", "accept_sends", "decode_sends_c", "decode_server_ops_c",
-           "deliver_tail", "dispatch_frame_c", "pack_delivers", "pack_frames_c", "pack_sends",
-           "route_items", "sack_ok_op", "stored_sacks"]
+__all__ = ["COMPILED_FASTPATH", "DedupTable", "accept_sends", "decode_sends_c",
+           "decode_server_ops_c", "deliver_tail", "dispatch_frame_c", "pack_delivers",
+           "pack_frames_c", "pack_sends", "route_items", "sack_ok_op", "stored_sacks"]
 
 _DELIVER_HEAD = b"\x97\x12\xce"  # fixarray(7), 18, uint32 marker
 _SACK_HEAD = b"\x93\x11\xc4\x10"  # fixarray(3), 17, bin8 of 16
@@ -110,18 +113,15 @@ def _py_pack_sends(pool: bytes, at: int, to_packed: bytes, bodies: list, cls: in
     return ids, ops
 
 
-def _py_stored_sacks(meta: list, entries: dict, now: float, out: list, ack_all) -> None:
-    """Mark each stored message's dedup entry, answer its waiters, SACK the sender."""
+def _py_stored_sacks(meta: list, sender: str, dedup, now: float, out: list,
+                     ack_all) -> None:
+    """Decide each stored message's dedup entry, answer its waiters, SACK the sender."""
     append = out.append
-    for _, _, dkey in meta:
-        entry = entries.get(dkey)
-        if entry is not None:
-            entry[0] = 0
-            entry[1] = now
-            if entry[2] is not None:
-                ack_all(None, dkey[1], 0, entry[2])
-                entry[2] = None
-        append(_py_sack_ok_op(dkey[1]))
+    for _, _, cid in meta:
+        waiters = dedup.finish(sender, cid, 0, now)
+        if waiters is not None:
+            ack_all(None, cid, 0, waiters)
+        append(_py_sack_ok_op(cid))
 
 
 def _py_route_items(meta: list, mids: list) -> list:
@@ -130,9 +130,9 @@ def _py_route_items(meta: list, mids: list) -> list:
 
 
 def _py_accept_sends(sends: list, conn, out: list, sender: str, sender_packed: bytes,
-                     known: dict, entries: dict, window: float, now: float, msg_tokens,
+                     known: dict, dedup, now: float, msg_tokens,
                      byte_tokens, max_body: int, now_ms: int, ts_packed: bytes, taps: list,
-                     consent, own: str, provider: str, count_error, sack_op, pending,
+                     consent, own: str, provider: str, count_error, sack_op,
                      refusals: tuple, store_items: list, meta: list):
     """Gate a read's SEND ops (the relay's hot loop); see ``_gate.pxi`` for the contract.
 
@@ -141,15 +141,14 @@ def _py_accept_sends(sends: list, conn, out: list, sender: str, sender_packed: b
     too_large, unknown, consent_required, rate_limited = refusals
     ephemeral = None
     for _, cid, to, body, cls in sends:
-        dkey = (sender, cid)
-        entry = entries.get(dkey)
-        if entry is not None and (entry[0] == pending or now - entry[1] <= window):
-            if entry[0] == pending:
-                if entry[2] is None:
-                    entry[2] = []
-                entry[2].append((conn, cid))
+        if type(cid) is not bytes or len(cid) != 16:
+            raise InvalidArgument("message id must be 16 bytes")
+        seen = dedup.lookup(sender, cid, now)
+        if seen is not None:
+            if seen == PENDING:
+                dedup.wait(sender, cid, (conn, cid))
             else:
-                out.append(sack_op(cid, entry[0]))
+                out.append(sack_op(cid, seen))
             continue
         size = len(body)
         if size > max_body:
@@ -177,11 +176,11 @@ def _py_accept_sends(sends: list, conn, out: list, sender: str, sender_packed: b
                 ephemeral = []
             ephemeral.append((to, (0, tail)))
             out.append(_py_sack_ok_op(cid))
-            entries[dkey] = [0, now, None]
+            dedup.begin(sender, cid, 0, now)
         else:
-            entries[dkey] = [pending, now, None]
+            dedup.begin(sender, cid, PENDING, now)
             store_items.append((sender, cid, body, now_ms, known[to]))
-            meta.append((to, tail, dkey))
+            meta.append((to, tail, cid))
         if taps:
             for tap in taps:
                 tap(now_ms, sender, to, size, cls)
@@ -190,6 +189,7 @@ def _py_accept_sends(sends: list, conn, out: list, sender: str, sender_packed: b
 
 if COMPILED:
     from ._core import (  # type: ignore[attr-defined]
+        DedupTable,
         accept_sends,
         deliver_tail,
         pack_delivers,
@@ -203,6 +203,7 @@ if COMPILED:
     from ._core import dispatch_frame as dispatch_frame_c  # type: ignore[attr-defined]
     from ._core import pack_frames as pack_frames_c  # type: ignore[attr-defined]
 else:
+    DedupTable = DedupWindow  # type: ignore[misc,assignment]
     accept_sends = _py_accept_sends
     deliver_tail = _py_deliver_tail
     pack_delivers = _py_pack_delivers

@@ -21,10 +21,11 @@ import os
 
 import msgpack
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from typing import AsyncIterator, NamedTuple
 
 from . import wire
+from ._fastpath import DedupTable
 from ._fastpath import dispatch_frame_c as _dispatch_frame
 from ._fastpath import pack_sends as _pack_sends
 from .errors import (
@@ -157,7 +158,9 @@ class Client:
       every send the relay has not acked yet with the same id (the relay's
       dedup window makes that safe);
     * ``keepalive``: seconds between PINGs, so a device that only receives
-      is not closed as idle (None: never).
+      is not closed as idle (None: never);
+    * ``dedup_window``: how many ``(sender, id)`` pairs of received messages
+      are remembered to drop redeliveries (at least 1; about 48 bytes each).
     """
 
     def __init__(self, host: str, port: int, *, credential: bytes, static: KeyPair,
@@ -191,8 +194,9 @@ class Client:
         self._ids = b""
         self._ids_at = 0
         self._to_packed: dict[str, bytes] = {}
-        self._seen: OrderedDict[bytes, None] = OrderedDict()
-        self._dedup_window = dedup_window
+        # (sender, id) of the messages already handed to the application:
+        # the last dedup_window of them, whatever their age
+        self._seen = DedupTable(float("inf"), dedup_window)
         self._ack_upto = 0
         self._acked = 0
         self._ack_timer: asyncio.TimerHandle | None = None
@@ -596,7 +600,7 @@ class Client:
             return
         # compiled: a frame of SACKs and DELIVERs, handled as the loop below does
         if _dispatch_frame is not None and _dispatch_frame(
-                plaintext, wire._ADDR_OK, self._seen, self._dedup_window, self._inbox,
+                plaintext, wire._ADDR_OK, self._seen, self._inbox,
                 self._pending, _Batch, Message, self, _drop_duplicate, _refused) is not None:
             return
         try:
@@ -610,7 +614,6 @@ class Client:
         pending = self._pending
         inbox_append = self._inbox.append
         seen = self._seen
-        window = self._dedup_window
         new = tuple.__new__  # Message(...) would run namedtuple's Python-level __new__
         for op in ops:
             if type(op) is not tuple:
@@ -619,16 +622,14 @@ class Client:
             kind = op[0]
             if kind == 18:  # DELIVER, the common case first
                 _, seq, sender, cid, body, ts_ms, cls = op
-                key = (sender, cid)  # ids are unique per sender, not globally
-                if key in seen:
+                # ids are unique per sender, not globally
+                if seen.lookup(sender, cid, 0.0) is not None:
                     # Redelivered after a lost ack: the application had it.
                     self.duplicates_dropped += 1
                     if self.auto_ack and seq > self._ack_upto:
                         self._note_ack(seq)
                     continue
-                seen[key] = None
-                if len(seen) > window:
-                    seen.popitem(last=False)
+                seen.begin(sender, cid, 0, 0.0)
                 inbox_append(new(Message, (seq, sender, cid, body, ts_ms, cls == 1)))
             elif kind == 17:  # SACK
                 entry = pending.pop(op[1], None)

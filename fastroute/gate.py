@@ -9,7 +9,10 @@ Nothing here touches sockets or crypto, so it is tested on its own.
 from __future__ import annotations
 
 import time
-from typing import Callable, Hashable
+from collections import OrderedDict
+from typing import Callable
+
+from .errors import InvalidArgument, WrongType
 
 __all__ = ["TokenBucket", "DedupWindow", "PENDING"]
 
@@ -56,91 +59,144 @@ PENDING = -1
 
 
 class DedupWindow:
-    """Recently seen client message ids with the result the relay gave them.
+    """Recently seen client message ids with the result each one got.
 
-    Bounded twice: entries older than ``window_s`` are forgotten, and so is
-    the oldest entry when ``max_entries`` is reached.  A resent id within the
-    window is answered with the recorded result instead of being routed
-    again, which together with the client's own dedup gives exactly-once
-    delivery to the application.  Keys are ``(sender address, id)``; they
-    are kept in memory only and never logged.
+    Bounded twice: decided entries older than ``window_s`` count as absent
+    (and :meth:`expire` forgets them), and at most ``max_entries`` entries
+    are kept: the oldest decided one goes first, while a :data:`PENDING` one
+    is never dropped (it moves to the young end instead: forgetting it would
+    let a resend be routed twice).  A resent id within the window is
+    answered with the recorded result instead of being routed again, which
+    together with the client's own dedup gives exactly-once delivery to the
+    application.  Keys are ``(sender address, 16-byte id)``; they are kept in
+    memory only and never logged.
+
+    This is the specification; the relay and the client use
+    ``fastroute._fastpath.DedupTable``, the compiled twin with the same
+    methods and answers (``tests/test_dedup.py`` compares them), unless
+    :data:`fastroute.COMPILED` is False.  Every operation is O(1): eviction
+    pops the oldest key of an :class:`~collections.OrderedDict`.
     """
 
     __slots__ = ("window_s", "max_entries", "entries", "_clock")
 
     def __init__(self, window_s: float = 600.0, max_entries: int = 1_000_000,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.window_s = window_s
+        if max_entries < 1:
+            raise InvalidArgument("max_entries must be positive")
+        if not window_s >= 0.0:
+            raise InvalidArgument("window_s must be >= 0")
+        self.window_s = float(window_s)
         self.max_entries = max_entries
-        #: key -> ``[code, stamp, waiters]`` in insertion order (oldest
-        #: first).  The relay's hot loop reads and writes it directly, with
-        #: the same rules as :meth:`get`, :meth:`begin` and :meth:`finish`,
-        #: then calls :meth:`trim` once per batch.
-        self.entries: dict[Hashable, list] = {}
+        #: ``(sender, id) -> [code, stamp, waiters]``, oldest first
+        self.entries: OrderedDict[tuple[str, bytes], list] = OrderedDict()
         self._clock = clock
 
     def __len__(self) -> int:
         return len(self.entries)
 
-    def get(self, key: Hashable) -> list | None:
-        """Return ``[code, stamp, waiters]`` for a key seen in the window, else None."""
-        entry = self.entries.get(key)
-        if entry is not None and entry[0] != PENDING and \
-                self._clock() - entry[1] > self.window_s:
-            del self.entries[key]
-            return None
-        return entry
+    @staticmethod
+    def _check(sender: str, cid: bytes) -> None:
+        if type(sender) is not str:
+            raise WrongType("sender must be a str")
+        if type(cid) is not bytes or len(cid) != 16:
+            raise InvalidArgument("message id must be 16 bytes")
 
-    def begin(self, key: Hashable) -> list:
-        """Record ``key`` as accepted but not yet decided (code :data:`PENDING`)."""
-        entry = [PENDING, self._clock(), None]
-        self.entries[key] = entry
-        if len(self.entries) > self.max_entries:
-            self.trim()
-        return entry
+    def lookup(self, sender: str, cid: bytes, now: float) -> int | None:
+        """The code recorded for ``(sender, cid)``, or None if absent or expired.
 
-    def finish(self, key: Hashable, code: int) -> list | None:
-        """Set the final result code; return the waiters that resent meanwhile."""
-        entry = self.entries.get(key)
-        if entry is None:
-            entry = self.entries[key] = [code, self._clock(), None]
-            return None
-        waiters = entry[2]
-        entry[0] = code
-        entry[1] = self._clock()
-        entry[2] = None
-        return waiters
-
-    def forget(self, key: Hashable) -> None:
-        """Drop a key (a refused message may be resent and tried again)."""
-        self.entries.pop(key, None)
-
-    def trim(self) -> None:
-        """Forget the oldest entries beyond ``max_entries``.
-
-        Pending entries are never evicted while a commit is outstanding: that
-        would let a resend be routed twice.
+        A pending entry never expires: it answers :data:`PENDING`.
         """
+        self._check(sender, cid)
+        entry = self.entries.get((sender, cid))
+        if entry is None or (entry[0] != PENDING and now - entry[1] > self.window_s):
+            return None
+        return entry[0]
+
+    def _make_room(self) -> None:
         d = self.entries
         budget = len(d)  # each entry is looked at once at most
-        while len(d) > self.max_entries and budget > 0:
+        while len(d) >= self.max_entries and budget > 0:
             budget -= 1
-            key = next(iter(d))
-            if d[key][0] == PENDING:
-                d[key] = d.pop(key)  # keep it, at the young end
+            key, entry = next(iter(d.items()))
+            if entry[0] == PENDING:
+                d.move_to_end(key)
             else:
                 del d[key]
 
-    def expire(self) -> int:
-        """Forget decided entries older than the window; return how many."""
-        cutoff = self._clock() - self.window_s
+    def begin(self, sender: str, cid: bytes, code: int, now: float) -> None:
+        """Record ``(sender, cid)`` with ``code`` (PENDING or a final code) at ``now``.
+
+        An existing entry is updated in place (it keeps its age rank).
+        """
+        self._check(sender, cid)
+        key = (sender, cid)
+        entry = self.entries.get(key)
+        if entry is not None:
+            entry[0] = code
+            entry[1] = float(now)
+            return
+        self._make_room()
+        self.entries[key] = [code, float(now), None]
+
+    def wait(self, sender: str, cid: bytes, waiter: object) -> None:
+        """Queue ``waiter`` on a pending entry; :meth:`finish` or :meth:`forget` returns it."""
+        self._check(sender, cid)
+        entry = self.entries.get((sender, cid))
+        if entry is None or entry[0] != PENDING:
+            raise InvalidArgument("only a pending id has waiters")
+        if entry[2] is None:
+            entry[2] = []
+        entry[2].append(waiter)
+
+    def finish(self, sender: str, cid: bytes, code: int, now: float) -> list | None:
+        """Set the final code (recording the id if absent); return the waiters or None."""
+        self._check(sender, cid)
+        entry = self.entries.get((sender, cid))
+        if entry is None:
+            self._make_room()
+            self.entries[(sender, cid)] = [code, float(now), None]
+            return None
+        waiters = entry[2]
+        entry[0] = code
+        entry[1] = float(now)
+        entry[2] = None
+        return waiters
+
+    def forget(self, sender: str, cid: bytes) -> list | None:
+        """Drop ``(sender, cid)`` (a refused id may be tried again); return its waiters."""
+        self._check(sender, cid)
+        entry = self.entries.pop((sender, cid), None)
+        return None if entry is None else entry[2]
+
+    def get(self, sender: str, cid: bytes) -> tuple[int, float] | None:
+        """``(code, stamp)`` of the entry, expired or not, or None (for inspection)."""
+        self._check(sender, cid)
+        entry = self.entries.get((sender, cid))
+        return None if entry is None else (entry[0], entry[1])
+
+    def keys(self) -> list[tuple[str, bytes]]:
+        """The ``(sender, id)`` keys, oldest first (for inspection and tests)."""
+        return list(self.entries)
+
+    def expire(self, now: float | None = None) -> int:
+        """Forget decided entries older than the window, oldest first; return how many.
+
+        Stops at the first entry still inside the window (entries are
+        roughly in age order); a pending one moves to the young end.
+        """
+        cutoff = (self._clock() if now is None else now) - self.window_s
         d = self.entries
+        budget = len(d)
         n = 0
-        for key in list(d):
-            entry = d[key]
+        while budget > 0:
+            key, entry = next(iter(d.items()))
             if entry[1] > cutoff:
                 break
-            if entry[0] != PENDING:
+            budget -= 1
+            if entry[0] == PENDING:
+                d.move_to_end(key)
+            else:
                 del d[key]
                 n += 1
         return n

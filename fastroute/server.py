@@ -44,7 +44,7 @@ from .errors import (
     RateLimited,
     UnknownAddress,
 )
-from .gate import PENDING, DedupWindow, TokenBucket
+from .gate import TokenBucket
 from .noise import FrameReader, HandshakeState, KeyPair, frame, seal_frames
 from .media import MediaStore
 from .store import MemoryStore, SqliteStore
@@ -541,7 +541,8 @@ class Relay:
         self._buckets: dict[tuple[str, str], tuple[TokenBucket, TokenBucket]] = {}
         #: address -> providers (or "*") whose users it accepts messages from
         self._consent: dict[str, frozenset[str]] = {}
-        self._dedup = DedupWindow(self.config.dedup_window_s, self.config.dedup_max_entries)
+        self._dedup = _fastpath.DedupTable(self.config.dedup_window_s,
+                                           self.config.dedup_max_entries)
         self._dirty: set[_Conn] = set()
         self._flush_scheduled = False
         self._routed_mid = 0
@@ -796,9 +797,6 @@ class Relay:
         sender = conn.address
         sender_packed = conn.sender_packed
         known = self._known
-        dedup = self._dedup
-        entries = dedup.entries
-        window = dedup.window_s
         now = time.monotonic()
         msg_tokens = conn.msg_bucket.refill()
         byte_tokens = conn.byte_bucket.refill()
@@ -813,14 +811,12 @@ class Relay:
         # the per-SEND loop (dedup, size, recipient, consent, quota, DELIVER
         # tail, store item): fastroute._fastpath, compiled when available
         ephemeral, msg_tokens, byte_tokens = _accept_sends(
-            sends, conn, out, sender, sender_packed, known, entries, window, now,
+            sends, conn, out, sender, sender_packed, known, self._dedup, now,
             msg_tokens, byte_tokens, max_body, now_ms, ts_packed, taps, consent, own,
-            conn.provider, self._count_error, wire.sack_op, PENDING, _REFUSALS,
+            conn.provider, self._count_error, wire.sack_op, _REFUSALS,
             store_items, meta)
         conn.msg_bucket.tokens = msg_tokens
         conn.byte_bucket.tokens = byte_tokens
-        if len(entries) > dedup.max_entries:
-            dedup.trim()
         if ephemeral:
             self.accepted += len(ephemeral)
             self._route(ephemeral, ephemeral=True)
@@ -848,16 +844,16 @@ class Relay:
         conn._bye(ErrorCode.OK, "bye")
 
     def _stored_batch(self, conn: _Conn, meta: list, fut: asyncio.Future) -> None:
-        entries = self._dedup.entries
+        dedup = self._dedup
+        sender = conn.address
         exc = fut.exception() if not fut.cancelled() else FastrouteError(
             "store closed", code=ErrorCode.STORE_FAILED)
         if exc is not None:
             code = int(getattr(exc, "code", ErrorCode.STORE_FAILED))
             log.error("store refused a batch of %d messages (code %d)", len(meta), code)
-            for _, _, dkey in meta:
+            for _, _, cid in meta:
                 # refused, so not remembered: the sender may retry the same id
-                entry = entries.pop(dkey, None)
-                self._ack_all(conn, dkey[1], code, entry[2] if entry else None)
+                self._ack_all(conn, cid, code, dedup.forget(sender, cid))
             return
         mids = fut.result()
         self._route(_route_items(meta, mids), ephemeral=False)
@@ -865,7 +861,7 @@ class Relay:
         self.accepted += len(meta)
         out = conn.out if conn.state in (_OPEN, _DRAINING) else []
         # per message: dedup entry stored, its waiters answered, SACK-ok to the sender
-        _stored_sacks(meta, entries, time.monotonic(), out, self._ack_all)
+        _stored_sacks(meta, sender, dedup, time.monotonic(), out, self._ack_all)
         self._mark(conn)
 
     def _media_request(self, conn: _Conn, op: tuple) -> None:

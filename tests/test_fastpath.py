@@ -25,6 +25,7 @@ from fastroute.errors import (
     ProtocolError,
     UnknownAddress,
 )
+from fastroute import gate
 from fastroute.gate import PENDING
 
 if fastroute.COMPILED:
@@ -131,27 +132,56 @@ def test_sack_ok_op():
                           InvalidArgument)
 
 
-def _stored_case(fn):
-    def call(meta, entries):
-        calls = []
-        out = []
-        fn(meta, entries, 12.5, out, lambda *a: calls.append(a))
-        return out, entries, calls
-    return call
+def _table(impl, entries):
+    """A dedup table of ``impl`` holding ``entries``: (sender, id, code, stamp, waiters)."""
+    t = impl(30.0, 1000)
+    for sender, cid, code, stamp, waiters in entries:
+        t.begin(sender, cid, code, stamp)
+        for w in waiters or ():
+            t.wait(sender, cid, w)
+    return t
+
+
+def _contents(t):
+    """Every entry as (key, (code, stamp), waiters); empties the table's waiters."""
+    return [(k, t.get(*k), t.forget(*k)) for k in t.keys()]
+
+
+def _twins():
+    """The dedup table classes: (specification, compiled or None)."""
+    return gate.DedupWindow, (_core.DedupTable if _core else None)
+
+
+def _stored_run(fn, impl, meta, entries):
+    calls = []
+    out = []
+    table = _table(impl, entries)
+    fn(copy.deepcopy(meta), "a@b.c", table, 12.5, out, lambda *a: calls.append(a))
+    return out, calls, _contents(table)
 
 
 def test_stored_sacks():
     ids = [bytes([i]) * 16 for i in range(5)]
-    meta = [(ADDR, b"tail", ("a@b.c", cid)) for cid in ids]
-    entries = {("a@b.c", ids[0]): [PENDING, 1.0, None],
-               ("a@b.c", ids[1]): [PENDING, 1.0, [("conn", ids[1])]],
-               ("a@b.c", ids[3]): [PENDING, 2.0, [("c1", ids[3]), ("c2", ids[3])]]}
-    out, entries, calls = _same(_stored_case(_fastpath._py_stored_sacks),
-                                _core and _stored_case(_core.stored_sacks), meta, entries)
+    meta = [(ADDR, b"tail", cid) for cid in ids]
+    entries = [("a@b.c", ids[0], PENDING, 1.0, None),
+               ("a@b.c", ids[1], PENDING, 1.0, [("conn", ids[1])]),
+               ("a@b.c", ids[3], PENDING, 2.0, [("c1", ids[3]), ("c2", ids[3])])]
+    py, c = _twins()
+    got = _stored_run(_fastpath._py_stored_sacks, py, meta, entries)
+    if c is not None:
+        assert _stored_run(_core.stored_sacks, c, meta, entries) == got
+    out, calls, contents = got
     assert out == [wire.sack_op(cid, 0) for cid in ids]
-    assert entries[("a@b.c", ids[1])] == [0, 12.5, None]
     assert calls == [(None, ids[1], 0, [("conn", ids[1])]),
                      (None, ids[3], 0, [("c1", ids[3]), ("c2", ids[3])])]
+    # every stored id is now decided at 12.5, absent ones recorded too
+    assert [(k[1], v) for k, v, _ in contents] == [(cid, (0, 12.5)) for cid in
+                                                   (ids[0], ids[1], ids[3], ids[2], ids[4])]
+    bad = [(ADDR, b"tail", ids[0][:15])]
+    for fn, impl in ((_fastpath._py_stored_sacks, py), (c and _core.stored_sacks, c)):
+        if fn is not None:
+            with pytest.raises(InvalidArgument):
+                _stored_run(fn, impl, bad, [])
 
 
 def test_route_items():
@@ -327,21 +357,23 @@ def test_decode_sends_fuzz():
 
 # -- the gate loop ------------------------------------------------------------------------
 
-def _gate_case(fn):
+def _gate_case(fn, impl):
     def call(sends, state):
+        state = copy.deepcopy(state)
         out = []
         counted = []
         tapped = []
         store_items = []
         meta = []
         taps = [lambda *a: tapped.append(a)] if state["taps"] else []
+        table = _table(impl, state["entries"])
         res = fn(sends, "conn", out, "alice@example.org", SENDER_PACKED, state["known"],
-                 state["entries"], 30.0, 100.0, state["mt"], state["bt"], 1000, TS,
+                 table, 100.0, state["mt"], state["bt"], 1000, TS,
                  TS_PACKED, taps, state["consent"], "@example.org", "example.org",
-                 counted.append, wire.sack_op, PENDING,
+                 counted.append, wire.sack_op,
                  (ErrorCode.BODY_TOO_LARGE, ErrorCode.UNKNOWN_RECIPIENT,
                   ErrorCode.CONSENT_REQUIRED, ErrorCode.RATE_LIMITED), store_items, meta)
-        return res, out, counted, tapped, store_items, meta, state["entries"]
+        return res, out, counted, tapped, store_items, meta, _contents(table)
     return call
 
 
@@ -368,23 +400,28 @@ def test_accept_sends_twins(require_consent, tokens, taps):
     state = {
         "known": {ADDR: [1, 2], "carol@other.net": [3], "dave@other.net": [4],
                   "erin@other.net": [5]},
-        "entries": {("alice@example.org", ids[7]): [PENDING, 99.0, None],
-                    ("alice@example.org", ids[8]): [0, 80.0, None],
-                    ("alice@example.org", ids[9]): [17, 10.0, None]},
+        "entries": [("alice@example.org", ids[7], PENDING, 99.0, None),
+                    ("alice@example.org", ids[8], 0, 80.0, None),
+                    ("alice@example.org", ids[9], 17, 10.0, None)],
         "consent": ({"dave@other.net": frozenset({"example.org"}),
                      "erin@other.net": frozenset({"*"})} if require_consent else None),
         "mt": tokens[0], "bt": tokens[1], "taps": taps,
     }
-    got = _same(_gate_case(_fastpath._py_accept_sends),
-                _core and _gate_case(_core.accept_sends), sends, state)
-    (ephemeral, mt, bt), out, counted, tapped, store_items, meta, entries = got
-    assert entries[("alice@example.org", ids[7])][2] == [("conn", ids[7])]
+    py, c = _twins()
+    got = _same(_gate_case(_fastpath._py_accept_sends, py),
+                c and _gate_case(_core.accept_sends, c), sends, state)
+    (ephemeral, mt, bt), out, counted, tapped, store_items, meta, contents = got
+    entries = {k[1]: (v, w) for k, v, w in contents}
+    assert entries[ids[7]] == ((PENDING, 99.0), [("conn", ids[7])])
     if tokens == (1000.0, 1e9):
         want = [0, 5, 9] if require_consent else [0, 3, 5, 9]
         assert [it[1] for it in store_items] == [ids[i] for i in want]
         assert [it[0] for it in meta] == [sends[i][2] for i in want]
         assert [to for to, _ in ephemeral] == ["dave@other.net", ADDR, ADDR]
-        assert entries[("alice@example.org", ids[0])][2] == [("conn", ids[0])]
+        assert entries[ids[0]] == ((PENDING, 100.0), [("conn", ids[0])])
+        assert entries[ids[9]] == ((PENDING, 100.0), None)  # expired: taken anew
+        assert entries[ids[6]] == ((0, 100.0), None)  # ephemeral: decided at once
+        assert [it[2] for it in meta] == [ids[i] for i in want]
         assert wire.sack_op(ids[8], 0) in out
         assert counted == [ErrorCode.BODY_TOO_LARGE, ErrorCode.UNKNOWN_RECIPIENT] + (
             [ErrorCode.CONSENT_REQUIRED] if require_consent else [])
@@ -586,7 +623,7 @@ def _run_client(frames, compiled, pending_spec, window):
             c._ack_timer.cancel()
         inbox = list(c._inbox)
         return (inbox, [type(m) for m in inbox], [type(m.ephemeral) for m in inbox],
-                list(c._seen), c.duplicates_dropped, c._ack_upto, c._flush_scheduled,
+                c._seen.keys(), c.duplicates_dropped, c._ack_upto, c._flush_scheduled,
                 c._ack_timer is not None, list(c._pending), outcome, c.address)
 
     return asyncio.run(go())
@@ -613,8 +650,11 @@ def test_dispatch_frame_delivers_and_dedups(_known_sender):
     wire._ADDR_OK.add("carol@example.org")
     inbox, *_rest = _dispatch_case(frames)
     assert [m.seq for m in inbox] == [1, 2, 3, 4, 5, 6, 8, 9, 10, 2**40]
-    assert _dispatch_case(frames, window=1000)[4] == 5
-    assert _dispatch_case(frames, window=0)[0][-1].body == bytes(300)
+    assert _dispatch_case(frames)[4] == 4
+    assert _dispatch_case(frames, window=1000)[4] == 5  # a[0] is still known
+    inbox, _, _, seen, dropped, *_ = _dispatch_case(frames, window=1)
+    assert (len(inbox), dropped) == (10, 4)
+    assert seen == [(SENDER, b[1])]  # the newest only
 
 
 def test_dispatch_frame_sacks(_known_sender):
@@ -641,8 +681,8 @@ def test_dispatch_frame_sacks(_known_sender):
 def test_dispatch_frame_declines_the_rest(plaintext, _known_sender):
     # declined exactly when decode_server_ops declines, before any effect
     if fastroute.COMPILED and _core.decode_server_ops(plaintext, wire._ADDR_OK) is None:
-        assert _core.dispatch_frame(plaintext, wire._ADDR_OK, None, 0, None, {}, object,
-                                    tuple, None, None, None) is None
+        assert _core.dispatch_frame(plaintext, wire._ADDR_OK, _core.DedupTable(1.0, 4), None,
+                                    {}, object, tuple, None, None, None) is None
     _dispatch_case([plaintext, plaintext], [[MID]])
 
 

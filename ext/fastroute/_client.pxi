@@ -193,7 +193,7 @@ cdef object new_message(type msg_type, object seq, object sender, object cid, ob
     return m
 
 
-def dispatch_frame(plaintext, set addr_ok, object seen, Py_ssize_t window, object inbox,
+def dispatch_frame(plaintext, set addr_ok, DedupTable seen not None, object inbox,
                    dict pending, type batch_type, type msg_type, object client,
                    object dropped, object refused):
     """Client._on_frame's per-op loop for a frame of SACKs and DELIVERs.
@@ -202,10 +202,11 @@ def dispatch_frame(plaintext, set addr_ok, object seen, Py_ssize_t window, objec
     decode entirely (SACK and DELIVER ops, senders in ``addr_ok``) and every
     op was handled, in order, exactly as the client's Python loop does:
 
-    * DELIVER: ``(sender, id)`` already in the OrderedDict ``seen`` ->
-      ``dropped(client, seq)``; else it is added (the oldest key popped past
-      ``window``) and ``msg_type(seq, sender, id, body, ts_ms, cls == 1)``
-      appended to ``inbox``;
+    * DELIVER: ``(sender, id)`` already in ``seen`` (a :class:`DedupTable`
+      whose window is its size: looked up at time 0) ->
+      ``dropped(client, seq)``; else it is recorded with code 0 and
+      ``msg_type(seq, sender, id, body, ts_ms, cls == 1)`` appended to
+      ``inbox``;
     * SACK: ``pending.pop(id)``'s target, a ``batch_type`` (counted down on
       code 0; settled at 0) or a future: ``set_result(id)`` on code 0,
       ``refused(target, code)`` otherwise, unless already done.
@@ -215,8 +216,9 @@ def dispatch_frame(plaintext, set addr_ok, object seen, Py_ssize_t window, objec
     cdef Cursor c
     cdef ServerOp op
     cdef Py_ssize_t n, i
-    cdef object sender = None, cid, body, key, entry, target, left, code
-    cdef object seen_popitem, inbox_append
+    cdef object sender = None, cid, body, entry, target, left, code
+    cdef object inbox_append
+    cdef int seen_code
     cdef const unsigned char* prev_p = NULL
     cdef Py_ssize_t prev_n = -1
     cdef PyTypeObject* mt = <PyTypeObject*>msg_type
@@ -249,7 +251,6 @@ def dispatch_frame(plaintext, set addr_ok, object seen, Py_ssize_t window, objec
         return None
     # pass 2: the effects (the bytes object is immutable and held: the
     # cursor stays valid whatever the calls below run)
-    seen_popitem = seen.popitem
     inbox_append = inbox.append
     c.p = <const unsigned char*>PyBytes_AS_STRING(plaintext)
     frame_ops(&c)
@@ -262,13 +263,11 @@ def dispatch_frame(plaintext, set addr_ok, object seen, Py_ssize_t window, objec
                 sender = PyUnicode_DecodeUTF8(<const char*>op.sender, op.nsender, NULL)
                 prev_p = op.sender
                 prev_n = op.nsender
-            key = (sender, cid)  # ids are unique per sender, not globally
-            if key in seen:
+            # ids are unique per sender, not globally
+            if seen.c_lookup(sender, cid, 0.0, &seen_code):
                 dropped(client, PyLong_FromUnsignedLongLong(op.seq))
                 continue
-            seen[key] = None
-            if len(seen) > window:
-                seen_popitem(False)
+            seen.c_put(sender, cid, 0, 0.0)
             body = PyBytes_FromStringAndSize(<const char*>op.body, op.nbody)
             inbox_append(new_message(msg_type, PyLong_FromUnsignedLongLong(op.seq), sender,
                                      cid, body, PyLong_FromUnsignedLongLong(op.ts),

@@ -37,6 +37,7 @@ from fastroute.errors import (
 
 include "_args.pxi"
 include "_ring.pxi"
+include "_dedup.pxi"
 include "_wire.pxi"
 include "_gate.pxi"
 include "_client.pxi"

@@ -5,29 +5,32 @@
 
 
 def accept_sends(list sends, object conn, list out, str sender, bytes sender_packed,
-                 dict known, dict entries, double window, object now,
+                 dict known, DedupTable dedup not None, object now,
                  object msg_tokens, object byte_tokens, Py_ssize_t max_body,
                  object now_ms, bytes ts_packed, list taps, object consent, str own,
-                 str provider, object count_error, object sack_op, object pending,
+                 str provider, object count_error, object sack_op,
                  tuple refusals, list store_items, list meta):
     """Gate a read's SEND ops: dedup, size, recipient, consent, quota.
 
     ``sends`` are decoded SEND tuples ``(1, id, to, body, cls)``.  Duplicates
-    of a decided id get their old answer in ``out``; duplicates of a pending
-    one are queued on its dedup entry as ``(conn, id)``.  A refusal (codes
+    of a decided id (``dedup``, a :class:`DedupTable`, within its window)
+    get their old answer in ``out``; duplicates of a pending one are queued
+    on its entry as ``(conn, id)`` (:meth:`DedupTable.wait`).  A refusal (codes
     from ``refusals``: body too large, unknown recipient, consent required,
     rate limited) is counted with ``count_error`` and answered with
     ``sack_op(id, code)``; it is not remembered.  Accepted persistent
-    messages get a PENDING entry and one item in ``store_items`` and ``meta``
-    each; accepted ephemeral ones are acked at once.  ``consent`` is the
-    consent table, or None when consent is not required.
+    messages get a PENDING entry and one item in ``store_items`` and
+    ``meta`` (``(to, tail, id)``) each; accepted ephemeral ones are acked at
+    once and recorded with code 0.  ``consent`` is the consent table, or
+    None when consent is not required.
 
     Returns ``(ephemeral, msg_tokens, byte_tokens)``: the ephemeral
     ``(to, (0, tail))`` items (or None) and the quota left (the objects
     passed in when nothing was spent).
     """
-    cdef object op, cid, to, body, cls, dkey, entry, code, tail, accepted, tap
+    cdef object op, cid, to, body, cls, code, tail, accepted, tap
     cdef Py_ssize_t size
+    cdef int seen_code
     cdef double mt = msg_tokens
     cdef double bt = byte_tokens
     cdef double tnow = now
@@ -36,15 +39,13 @@ def accept_sends(list sends, object conn, list out, str sender, bytes sender_pac
     too_large, unknown, consent_required, rate_limited = refusals
     for op in sends:
         _, cid, to, body, cls = op
-        dkey = (sender, cid)
-        entry = entries.get(dkey)
-        if entry is not None and (entry[0] == pending or tnow - <double>entry[1] <= window):
-            if entry[0] == pending:
-                if entry[2] is None:
-                    entry[2] = []
-                entry[2].append((conn, cid))
+        if not PyBytes_CheckExact(cid) or PyBytes_GET_SIZE(cid) != 16:
+            raise InvalidArgument("message id must be 16 bytes")
+        if dedup.c_lookup(sender, cid, tnow, &seen_code):
+            if seen_code == DEDUP_PENDING:
+                dedup.c_wait(sender, cid, (conn, cid))
             else:
-                out.append(sack_op(cid, entry[0]))
+                out.append(sack_op(cid, seen_code))
             continue
         size = len(body)
         if size > max_body:
@@ -73,11 +74,11 @@ def accept_sends(list sends, object conn, list out, str sender, bytes sender_pac
                 ephemeral = []
             ephemeral.append((to, (0, tail)))
             out.append(make_sack_ok(cid))
-            entries[dkey] = [0, now, None]
+            dedup.c_put(sender, cid, 0, tnow)
         else:
-            entries[dkey] = [pending, now, None]
+            dedup.c_put(sender, cid, DEDUP_PENDING, tnow)
             store_items.append((sender, cid, body, now_ms, known[to]))
-            meta.append((to, tail, dkey))
+            meta.append((to, tail, cid))
         if taps:
             for tap in taps:
                 tap(now_ms, sender, to, size, cls)

@@ -225,27 +225,25 @@ def sack_ok_op(cid):
     return make_sack_ok(cid)
 
 
-def stored_sacks(list meta, dict entries, now, list out, ack_all):
-    """The relay's per-message bookkeeping after a store batch committed.
+def stored_sacks(list meta, str sender, DedupTable dedup not None, double now, list out,
+                 ack_all):
+    """The relay's per-message bookkeeping after a store batch of ``sender``'s committed.
 
-    For each ``(to, tail, dkey)`` of ``meta``: mark the dedup entry
-    ``entries[dkey]`` (a list ``[code, time, waiters]``) stored at ``now``,
-    answer its waiters through ``ack_all(None, cid, 0, waiters)``, then
-    append the sender's SACK-ok to ``out`` -- in that order, per message.
+    For each ``(to, tail, id)`` of ``meta``: decide the id's dedup entry
+    (code 0 at ``now``), answer the waiters that resent it meanwhile through
+    ``ack_all(None, id, 0, waiters)``, then append the sender's SACK-ok to
+    ``out`` -- in that order, per message.
     """
     cdef Py_ssize_t i
-    cdef object item, dkey, entry, cid
+    cdef object item, cid, waiters
     for i in range(PyList_GET_SIZE(meta)):
         item = meta[i]
-        dkey = item[2]
-        cid = dkey[1]
-        entry = entries.get(dkey)
-        if entry is not None:
-            entry[0] = 0
-            entry[1] = now
-            if entry[2] is not None:
-                ack_all(None, cid, 0, entry[2])
-                entry[2] = None
+        cid = item[2]
+        if not PyBytes_CheckExact(cid) or PyBytes_GET_SIZE(cid) != 16:
+            raise InvalidArgument("message id must be 16 bytes")
+        waiters = dedup.c_finish(sender, cid, 0, now)
+        if waiters is not None:
+            ack_all(None, cid, 0, waiters)
         out.append(make_sack_ok(cid))
 
 

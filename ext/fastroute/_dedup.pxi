@@ -1,0 +1,424 @@
+# The dedup window of the relay's gate and of the client (DedupTable),
+# compiled.  Included by _core.pyx before _wire.pxi, _gate.pxi and _client.pxi, which
+# call its cdef methods per message.  fastroute/gate.py:DedupWindow is the
+# Python twin and the specification; tests/test_dedup.py drives both with
+# the same operations and compares every answer.
+#
+# Why not a dict: the relay keeps up to a million recent ids.  As a dict of
+# (sender, id) -> [code, stamp, waiters] that is five Python objects per
+# entry (about 250 bytes, all tracked by the cyclic GC), a lookup that
+# misses the cache several times, and FIFO eviction by deleting a dict's
+# first key, which leaves a dummy that every later "first key" walks past:
+# quadratic once the window is full.  Here an entry is one 48-byte slot in a
+# ring (oldest at ``tail``, newest at ``head - 1``), found through an
+# open-addressing index of int32 slot numbers; eviction pops the tail.
+#
+# Ownership: a live slot holds one strong reference to its sender (an exact
+# str, so comparing senders never runs Python code); the ids are copied in.
+# Waiters (rare: an id resent while its first copy is still being stored)
+# live in a dict keyed by (sender, id), flagged on the slot.
+
+from cpython.bytes cimport (
+    PyBytes_AS_STRING,
+    PyBytes_CheckExact,
+    PyBytes_FromStringAndSize,
+    PyBytes_GET_SIZE,
+)
+from cpython.object cimport PyObject_Hash
+from cpython.ref cimport Py_DECREF
+from libc.stdint cimport int32_t
+from libc.string cimport memcmp, memcpy, memset
+
+cdef extern from "Python.h":
+    int PyUnicode_Compare(object left, object right) except? -1
+
+
+cdef enum:
+    DEDUP_MIN_CAP = 64
+    DEDUP_PENDING = -1   # fastroute.gate.PENDING
+
+
+cdef struct DSlot:
+    PyObject* sender     # strong reference; NULL: a hole left by forget()
+    Py_hash_t hash
+    double stamp
+    int code
+    int has_waiters
+    unsigned char cid[16]
+
+
+cdef inline Py_hash_t dedup_hash(object sender, object cid) except? -1:
+    # str and bytes hashes are SipHash with the process's random key (no
+    # chosen-collision floods) and are cached in the objects
+    return PyObject_Hash(cid) ^ (PyObject_Hash(sender) * <Py_hash_t>0x5bd1e995)
+
+
+cdef class DedupTable:
+    """Recently seen client message ids and the result each one got (compiled).
+
+    The same contract as :class:`fastroute.gate.DedupWindow`, its Python
+    twin: keys are ``(sender, id)`` with ``sender`` a str and ``id`` 16
+    bytes; codes are ints, :data:`~fastroute.gate.PENDING` while a message
+    is accepted but not yet stored.  At most ``max_entries`` entries are
+    kept: the oldest decided one goes first, a pending one is never dropped
+    (it moves to the young end instead).  Decided entries older than
+    ``window_s`` count as absent.
+    """
+
+    cdef DSlot* slots
+    cdef Py_ssize_t cap          # ring slots, a power of two
+    cdef long long head, tail    # logical ring positions
+    cdef Py_ssize_t live
+    cdef int32_t* index          # slot + 1, 0 = empty; 2 * cap entries
+    cdef Py_ssize_t imask
+    cdef readonly double window_s
+    cdef readonly Py_ssize_t max_entries
+    cdef dict _waiters
+    cdef object _clock
+
+    def __cinit__(self, double window_s=600.0, Py_ssize_t max_entries=1_000_000,
+                  clock=None):
+        if max_entries < 1:
+            raise InvalidArgument("max_entries must be positive")
+        if not window_s >= 0.0:
+            raise InvalidArgument("window_s must be >= 0")
+        self.window_s = window_s
+        self.max_entries = max_entries
+        self._waiters = {}
+        if clock is None:
+            import time
+            clock = time.monotonic
+        self._clock = clock
+        self._alloc(DEDUP_MIN_CAP)
+
+    def __dealloc__(self):
+        cdef long long pos
+        cdef DSlot* s
+        if self.slots != NULL:
+            for pos in range(self.tail, self.head):
+                s = &self.slots[pos & (self.cap - 1)]
+                if s.sender != NULL:
+                    Py_DECREF(<object>s.sender)
+                    s.sender = NULL
+            PyMem_Free(self.slots)
+            self.slots = NULL
+        PyMem_Free(self.index)
+        self.index = NULL
+
+    cdef int _alloc(self, Py_ssize_t cap) except -1:
+        cdef DSlot* slots = <DSlot*>PyMem_Malloc(cap * sizeof(DSlot))
+        cdef int32_t* index = <int32_t*>PyMem_Malloc(2 * cap * sizeof(int32_t))
+        if slots == NULL or index == NULL:
+            PyMem_Free(slots)
+            PyMem_Free(index)
+            raise MemoryError()
+        memset(slots, 0, cap * sizeof(DSlot))
+        memset(index, 0, 2 * cap * sizeof(int32_t))
+        self.slots = slots
+        self.index = index
+        self.cap = cap
+        self.imask = 2 * cap - 1
+        self.head = self.tail = 0
+        return 0
+
+    def __len__(self):
+        return self.live
+
+    # ------------------------------------------------------------ internals
+    cdef Py_ssize_t _find(self, object sender, object cid, Py_hash_t h,
+                          Py_ssize_t* at) except -2:
+        """The slot of (sender, cid), or -1; ``at`` gets its index position
+        (or the empty position where it would go)."""
+        cdef Py_ssize_t i = <Py_ssize_t>(<size_t>h & <size_t>self.imask)
+        cdef int32_t v
+        cdef DSlot* s
+        cdef const char* c = PyBytes_AS_STRING(cid)
+        while True:
+            v = self.index[i]
+            if v == 0:
+                at[0] = i
+                return -1
+            s = &self.slots[v - 1]
+            if s.hash == h and memcmp(s.cid, c, 16) == 0 and (
+                    s.sender == <PyObject*>sender
+                    or PyUnicode_Compare(<object>s.sender, sender) == 0):
+                at[0] = i
+                return v - 1
+            i = (i + 1) & self.imask
+
+    cdef Py_ssize_t _index_of(self, Py_ssize_t slot) noexcept:
+        cdef Py_ssize_t i = <Py_ssize_t>(<size_t>self.slots[slot].hash & <size_t>self.imask)
+        while self.index[i] != slot + 1:
+            i = (i + 1) & self.imask
+        return i
+
+    cdef void _unindex(self, Py_ssize_t i) noexcept:
+        # linear probing: shift later members of the probe run back so that
+        # no lookup ever stops at the hole (no tombstones in the index)
+        cdef Py_ssize_t j = i, k
+        cdef int32_t v
+        while True:
+            j = (j + 1) & self.imask
+            v = self.index[j]
+            if v == 0:
+                break
+            k = <Py_ssize_t>(<size_t>self.slots[v - 1].hash & <size_t>self.imask)
+            if (i <= j and i < k <= j) or (i > j and (k > i or k <= j)):
+                continue  # its home is after the hole: it stays
+            self.index[i] = v
+            i = j
+        self.index[i] = 0
+
+    cdef void _drop(self, Py_ssize_t slot, Py_ssize_t i) noexcept:
+        """Remove a live slot (index position ``i``); leaves a hole in the ring."""
+        cdef DSlot* s = &self.slots[slot]
+        cdef PyObject* sender = s.sender
+        self._unindex(i)
+        s.sender = NULL
+        s.has_waiters = 0
+        self.live -= 1
+        Py_DECREF(<object>sender)  # a str: no code runs
+
+    cdef void _skip_holes(self) noexcept:
+        while self.tail < self.head and self.slots[self.tail & (self.cap - 1)].sender == NULL:
+            self.tail += 1
+
+    cdef void _rotate(self) noexcept:
+        """Move the (live, pending) tail entry to the young end."""
+        cdef Py_ssize_t p = <Py_ssize_t>(self.tail & (self.cap - 1))
+        cdef Py_ssize_t q = <Py_ssize_t>(self.head & (self.cap - 1))
+        if p != q:  # else the ring is full and the slot already is the young end
+            self.index[self._index_of(p)] = <int32_t>(q + 1)
+            self.slots[q] = self.slots[p]
+            self.slots[p].sender = NULL
+            self.slots[p].has_waiters = 0
+        self.tail += 1
+        self.head += 1
+
+    cdef int _grow(self) except -1:
+        cdef DSlot* old = self.slots
+        cdef int32_t* old_index = self.index
+        cdef Py_ssize_t old_cap = self.cap, i
+        cdef long long pos, tail = self.tail, head = self.head
+        cdef DSlot* s
+        self.slots = NULL
+        self.index = NULL
+        try:
+            self._alloc(old_cap * 2)
+        except MemoryError:
+            self.slots = old
+            self.index = old_index
+            self.cap = old_cap
+            self.imask = 2 * old_cap - 1
+            self.head = head
+            self.tail = tail
+            raise
+        # compact in ring order: the live entries, oldest first
+        for pos in range(tail, head):
+            s = &old[pos & (old_cap - 1)]
+            if s.sender == NULL:
+                continue
+            self.slots[self.head] = s[0]
+            i = <Py_ssize_t>(<size_t>s.hash & <size_t>self.imask)
+            while self.index[i] != 0:
+                i = (i + 1) & self.imask
+            self.index[i] = <int32_t>(self.head + 1)
+            self.head += 1
+        PyMem_Free(old)
+        PyMem_Free(old_index)
+        return 0
+
+    cdef int _make_room(self) except -1:
+        cdef Py_ssize_t budget, p
+        cdef DSlot* s
+        self._skip_holes()
+        budget = self.live
+        while self.live >= self.max_entries and budget > 0:
+            budget -= 1
+            self._skip_holes()
+            p = <Py_ssize_t>(self.tail & (self.cap - 1))
+            s = &self.slots[p]
+            if s.code == DEDUP_PENDING:
+                self._rotate()
+            else:
+                self._drop(p, self._index_of(p))
+                self.tail += 1
+        self._skip_holes()
+        if self.head - self.tail >= self.cap:
+            self._grow()
+        return 0
+
+    cdef Py_ssize_t _add(self, object sender, object cid, Py_hash_t h, int code,
+                         double stamp) except -1:
+        """Append a new entry (the key must be absent)."""
+        cdef Py_ssize_t at, q
+        cdef DSlot* s
+        self._make_room()
+        self._find(sender, cid, h, &at)  # the table may have been rebuilt
+        q = <Py_ssize_t>(self.head & (self.cap - 1))
+        s = &self.slots[q]
+        Py_INCREF(sender)
+        s.sender = <PyObject*>sender
+        s.hash = h
+        s.stamp = stamp
+        s.code = code
+        s.has_waiters = 0
+        memcpy(s.cid, PyBytes_AS_STRING(cid), 16)
+        self.index[at] = <int32_t>(q + 1)
+        self.head += 1
+        self.live += 1
+        return q
+
+    cdef inline int c_lookup(self, object sender, object cid, double now,
+                             int* code) except -1:
+        """1 and ``code`` if (sender, cid) counts as seen at ``now``, else 0."""
+        cdef Py_ssize_t at
+        cdef Py_ssize_t slot = self._find(sender, cid, dedup_hash(sender, cid), &at)
+        cdef DSlot* s
+        if slot < 0:
+            return 0
+        s = &self.slots[slot]
+        if s.code != DEDUP_PENDING and now - s.stamp > self.window_s:
+            return 0
+        code[0] = s.code
+        return 1
+
+    cdef int c_put(self, object sender, object cid, int code, double now) except -1:
+        """Record (sender, cid) with ``code`` at ``now`` (in place if present)."""
+        cdef Py_ssize_t at
+        cdef Py_hash_t h = dedup_hash(sender, cid)
+        cdef Py_ssize_t slot = self._find(sender, cid, h, &at)
+        if slot >= 0:
+            self.slots[slot].code = code
+            self.slots[slot].stamp = now
+        else:
+            self._add(sender, cid, h, code, now)
+        return 0
+
+    cdef object c_finish(self, object sender, object cid, int code, double now):
+        """Decide (sender, cid); returns its waiters (or None)."""
+        cdef Py_ssize_t at
+        cdef Py_hash_t h = dedup_hash(sender, cid)
+        cdef Py_ssize_t slot = self._find(sender, cid, h, &at)
+        cdef DSlot* s
+        if slot < 0:
+            self._add(sender, cid, h, code, now)
+            return None
+        s = &self.slots[slot]
+        s.code = code
+        s.stamp = now
+        if s.has_waiters:
+            s.has_waiters = 0
+            return self._waiters.pop((sender, cid), None)
+        return None
+
+    cdef int c_wait(self, object sender, object cid, object waiter) except -1:
+        cdef Py_ssize_t at
+        cdef Py_ssize_t slot = self._find(sender, cid, dedup_hash(sender, cid), &at)
+        cdef list lst
+        if slot < 0 or self.slots[slot].code != DEDUP_PENDING:
+            raise InvalidArgument("only a pending id has waiters")
+        key = (sender, cid)
+        lst = self._waiters.get(key)
+        if lst is None:
+            lst = self._waiters[key] = []
+        lst.append(waiter)
+        self.slots[slot].has_waiters = 1
+        return 0
+
+    # ------------------------------------------------------------ Python API
+    cdef inline int _check(self, object sender, object cid) except -1:
+        if not PyUnicode_CheckExact(sender):
+            raise WrongType("sender must be a str")
+        if not PyBytes_CheckExact(cid) or PyBytes_GET_SIZE(cid) != 16:
+            raise InvalidArgument("message id must be 16 bytes")
+        return 0
+
+    def lookup(self, sender, cid, double now):
+        """The code recorded for ``(sender, cid)``, or None if absent or expired.
+
+        A pending entry never expires: it answers :data:`~fastroute.gate.PENDING`.
+        """
+        cdef int code
+        self._check(sender, cid)
+        if self.c_lookup(sender, cid, now, &code):
+            return code
+        return None
+
+    def begin(self, sender, cid, int code, double now):
+        """Record ``(sender, cid)`` with ``code`` (PENDING or a final code) at ``now``.
+
+        An existing entry is updated in place (it keeps its age rank).
+        """
+        self._check(sender, cid)
+        self.c_put(sender, cid, code, now)
+
+    def wait(self, sender, cid, waiter):
+        """Queue ``waiter`` on a pending entry; :meth:`finish` or :meth:`forget` returns it."""
+        self._check(sender, cid)
+        self.c_wait(sender, cid, waiter)
+
+    def finish(self, sender, cid, int code, double now):
+        """Set the final code (recording the id if absent); return the waiters or None."""
+        self._check(sender, cid)
+        return self.c_finish(sender, cid, code, now)
+
+    def forget(self, sender, cid):
+        """Drop ``(sender, cid)`` (a refused id may be tried again); return its waiters."""
+        cdef Py_ssize_t at, slot
+        cdef bint had
+        self._check(sender, cid)
+        slot = self._find(sender, cid, dedup_hash(sender, cid), &at)
+        if slot < 0:
+            return None
+        had = self.slots[slot].has_waiters
+        self._drop(slot, at)
+        return self._waiters.pop((sender, cid), None) if had else None
+
+    def get(self, sender, cid):
+        """``(code, stamp)`` of the entry, expired or not, or None (for inspection)."""
+        cdef Py_ssize_t at, slot
+        self._check(sender, cid)
+        slot = self._find(sender, cid, dedup_hash(sender, cid), &at)
+        if slot < 0:
+            return None
+        return (self.slots[slot].code, self.slots[slot].stamp)
+
+    def keys(self):
+        """The ``(sender, id)`` keys, oldest first (for inspection and tests)."""
+        cdef long long pos
+        cdef DSlot* s
+        out = []
+        for pos in range(self.tail, self.head):
+            s = &self.slots[pos & (self.cap - 1)]
+            if s.sender != NULL:
+                out.append((<object>s.sender, PyBytes_FromStringAndSize(<char*>s.cid, 16)))
+        return out
+
+    def expire(self, now=None):
+        """Forget decided entries older than the window, oldest first; return how many.
+
+        Stops at the first entry still inside the window (entries are
+        roughly in age order); a pending one moves to the young end.
+        """
+        cdef double cutoff = (self._clock() if now is None else <double>now) - self.window_s
+        cdef Py_ssize_t budget = self.live, n = 0, p
+        cdef DSlot* s
+        while budget > 0:
+            self._skip_holes()
+            p = <Py_ssize_t>(self.tail & (self.cap - 1))
+            s = &self.slots[p]
+            if s.stamp > cutoff:
+                break
+            budget -= 1
+            if s.code == DEDUP_PENDING:
+                self._rotate()
+            else:
+                self._drop(p, self._index_of(p))
+                self.tail += 1
+                n += 1
+        self._skip_holes()
+        return n
+
+    def __repr__(self):
+        return f"<DedupTable entries={self.live} max_entries={self.max_entries}>"
