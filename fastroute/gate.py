@@ -56,6 +56,8 @@ class TokenBucket:
 
 #: marker stored while a message is accepted but not yet durable
 PENDING = -1
+# entries DedupWindow looks at per insert to make room (DEDUP_EVICT_STEP in _dedup.pxi)
+_EVICT_STEP = 8
 
 
 class DedupWindow:
@@ -63,8 +65,8 @@ class DedupWindow:
 
     Bounded twice: decided entries older than ``window_s`` count as absent
     (and :meth:`expire` forgets them), and at most ``max_entries`` entries
-    are kept: the oldest decided one goes first, while a :data:`PENDING` one
-    is never dropped (it moves to the young end instead: forgetting it would
+    are kept, plus pending ones: the oldest decided one goes first, while a
+    :data:`PENDING` one is never dropped (it moves to the young end instead: forgetting it would
     let a resend be routed twice).  A resent id within the window is
     answered with the recorded result instead of being routed again, which
     together with the client's own dedup gives exactly-once delivery to the
@@ -115,7 +117,10 @@ class DedupWindow:
 
     def _make_room(self) -> None:
         d = self.entries
-        budget = len(d)  # each entry is looked at once at most
+        # a bounded step per insert: pending entries at the old end are
+        # rotated, not dropped, and walking all of them on every insert would
+        # make a window full of pending ids quadratic
+        budget = min(_EVICT_STEP, len(d))
         while len(d) >= self.max_entries and budget > 0:
             budget -= 1
             key, entry = next(iter(d.items()))

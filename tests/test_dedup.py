@@ -177,3 +177,18 @@ def test_random_walk_matches_the_specification(impl, seed):
 def test_fastpath_exports_the_compiled_table(impl):
     want = "DedupTable" if fastroute.COMPILED else "DedupWindow"
     assert _fastpath.DedupTable.__name__ == want
+
+
+def test_a_window_full_of_pending_ids_grows_then_shrinks_back(impl):
+    # pending ids are never dropped; making room must not walk all of them
+    # on every insert (20,000 pending ids: 2 * 10^8 steps if it did)
+    d = impl(1e9, 10)
+    for i in range(20_000):
+        d.begin("a@x", cid(i), PENDING, 1.0)
+    assert len(d) == 20_000
+    for i in range(20_000):
+        d.finish("a@x", cid(i), 0, 2.0)
+    for i in range(20_000, 25_000):  # each insert drops up to 8 old decided ids
+        d.begin("a@x", cid(i), 0, 3.0)
+    assert len(d) == 10
+    assert d.keys() == [("a@x", cid(i)) for i in range(24_990, 25_000)]

@@ -11,7 +11,7 @@
 # first key, which leaves a dummy that every later "first key" walks past:
 # quadratic once the window is full.  Here an entry is one 48-byte slot in a
 # ring (oldest at ``tail``, newest at ``head - 1``), found through an
-# open-addressing index of int32 slot numbers; eviction pops the tail.
+# open-addressing index of slot numbers; eviction pops the tail.
 #
 # Ownership: a live slot holds one strong reference to its sender (an exact
 # str, so comparing senders never runs Python code); the ids are copied in.
@@ -26,7 +26,7 @@ from cpython.bytes cimport (
 )
 from cpython.object cimport PyObject_Hash
 from cpython.ref cimport Py_DECREF
-from libc.stdint cimport int32_t
+from libc.stdint cimport uint64_t
 from libc.string cimport memcmp, memcpy, memset
 
 cdef extern from "Python.h":
@@ -36,6 +36,7 @@ cdef extern from "Python.h":
 cdef enum:
     DEDUP_MIN_CAP = 64
     DEDUP_PENDING = -1   # fastroute.gate.PENDING
+    DEDUP_EVICT_STEP = 8  # fastroute.gate._EVICT_STEP
 
 
 cdef struct DSlot:
@@ -53,6 +54,14 @@ cdef inline Py_hash_t dedup_hash(object sender, object cid) except? -1:
     return PyObject_Hash(cid) ^ (PyObject_Hash(sender) * <Py_hash_t>0x5bd1e995)
 
 
+cdef uint64_t DEDUP_SLOT_MASK = 0xffffffffULL
+cdef uint64_t DEDUP_TAG_MASK = 0xffffffff00000000ULL
+
+
+cdef inline uint64_t dedup_tag(Py_hash_t h) noexcept:
+    return (<uint64_t>h) & DEDUP_TAG_MASK
+
+
 cdef class DedupTable:
     """Recently seen client message ids and the result each one got (compiled).
 
@@ -60,8 +69,8 @@ cdef class DedupTable:
     twin: keys are ``(sender, id)`` with ``sender`` a str and ``id`` 16
     bytes; codes are ints, :data:`~fastroute.gate.PENDING` while a message
     is accepted but not yet stored.  At most ``max_entries`` entries are
-    kept: the oldest decided one goes first, a pending one is never dropped
-    (it moves to the young end instead).  Decided entries older than
+    kept, plus pending ones: the oldest decided one goes first, a pending
+    one is never dropped (it moves to the young end instead).  Decided entries older than
     ``window_s`` count as absent.
     """
 
@@ -69,7 +78,10 @@ cdef class DedupTable:
     cdef Py_ssize_t cap          # ring slots, a power of two
     cdef long long head, tail    # logical ring positions
     cdef Py_ssize_t live
-    cdef int32_t* index          # slot + 1, 0 = empty; 2 * cap entries
+    # 2 * cap entries: the hash's high 32 bits << 32 | slot + 1; 0 = empty.
+    # Probing compares those hash bits here, so a lookup touches a slot (one
+    # more cache miss in a table of a million) only when they match.
+    cdef uint64_t* index
     cdef Py_ssize_t imask
     cdef readonly double window_s
     cdef readonly Py_ssize_t max_entries
@@ -107,13 +119,13 @@ cdef class DedupTable:
 
     cdef int _alloc(self, Py_ssize_t cap) except -1:
         cdef DSlot* slots = <DSlot*>PyMem_Malloc(cap * sizeof(DSlot))
-        cdef int32_t* index = <int32_t*>PyMem_Malloc(2 * cap * sizeof(int32_t))
+        cdef uint64_t* index = <uint64_t*>PyMem_Malloc(2 * cap * sizeof(uint64_t))
         if slots == NULL or index == NULL:
             PyMem_Free(slots)
             PyMem_Free(index)
             raise MemoryError()
         memset(slots, 0, cap * sizeof(DSlot))
-        memset(index, 0, 2 * cap * sizeof(int32_t))
+        memset(index, 0, 2 * cap * sizeof(uint64_t))
         self.slots = slots
         self.index = index
         self.cap = cap
@@ -130,7 +142,7 @@ cdef class DedupTable:
         """The slot of (sender, cid), or -1; ``at`` gets its index position
         (or the empty position where it would go)."""
         cdef Py_ssize_t i = <Py_ssize_t>(<size_t>h & <size_t>self.imask)
-        cdef int32_t v
+        cdef uint64_t v, tag = dedup_tag(h)
         cdef DSlot* s
         cdef const char* c = PyBytes_AS_STRING(cid)
         while True:
@@ -138,17 +150,18 @@ cdef class DedupTable:
             if v == 0:
                 at[0] = i
                 return -1
-            s = &self.slots[v - 1]
-            if s.hash == h and memcmp(s.cid, c, 16) == 0 and (
-                    s.sender == <PyObject*>sender
-                    or PyUnicode_Compare(<object>s.sender, sender) == 0):
-                at[0] = i
-                return v - 1
+            if (v & DEDUP_TAG_MASK) == tag:
+                s = &self.slots[<Py_ssize_t>(v & DEDUP_SLOT_MASK) - 1]
+                if s.hash == h and memcmp(s.cid, c, 16) == 0 and (
+                        s.sender == <PyObject*>sender
+                        or PyUnicode_Compare(<object>s.sender, sender) == 0):
+                    at[0] = i
+                    return <Py_ssize_t>(v & DEDUP_SLOT_MASK) - 1
             i = (i + 1) & self.imask
 
     cdef Py_ssize_t _index_of(self, Py_ssize_t slot) noexcept:
         cdef Py_ssize_t i = <Py_ssize_t>(<size_t>self.slots[slot].hash & <size_t>self.imask)
-        while self.index[i] != slot + 1:
+        while (self.index[i] & DEDUP_SLOT_MASK) != <uint64_t>(slot + 1):
             i = (i + 1) & self.imask
         return i
 
@@ -156,13 +169,14 @@ cdef class DedupTable:
         # linear probing: shift later members of the probe run back so that
         # no lookup ever stops at the hole (no tombstones in the index)
         cdef Py_ssize_t j = i, k
-        cdef int32_t v
+        cdef uint64_t v
         while True:
             j = (j + 1) & self.imask
             v = self.index[j]
             if v == 0:
                 break
-            k = <Py_ssize_t>(<size_t>self.slots[v - 1].hash & <size_t>self.imask)
+            k = <Py_ssize_t>(<size_t>self.slots[(v & DEDUP_SLOT_MASK) - 1].hash
+                             & <size_t>self.imask)
             if (i <= j and i < k <= j) or (i > j and (k > i or k <= j)):
                 continue  # its home is after the hole: it stays
             self.index[i] = v
@@ -188,7 +202,7 @@ cdef class DedupTable:
         cdef Py_ssize_t p = <Py_ssize_t>(self.tail & (self.cap - 1))
         cdef Py_ssize_t q = <Py_ssize_t>(self.head & (self.cap - 1))
         if p != q:  # else the ring is full and the slot already is the young end
-            self.index[self._index_of(p)] = <int32_t>(q + 1)
+            self.index[self._index_of(p)] = dedup_tag(self.slots[p].hash) | <uint64_t>(q + 1)
             self.slots[q] = self.slots[p]
             self.slots[p].sender = NULL
             self.slots[p].has_waiters = 0
@@ -197,10 +211,12 @@ cdef class DedupTable:
 
     cdef int _grow(self) except -1:
         cdef DSlot* old = self.slots
-        cdef int32_t* old_index = self.index
+        cdef uint64_t* old_index = self.index
         cdef Py_ssize_t old_cap = self.cap, i
         cdef long long pos, tail = self.tail, head = self.head
         cdef DSlot* s
+        if old_cap >= (1 << 30):
+            raise MemoryError("dedup table over 2**30 entries")
         self.slots = NULL
         self.index = NULL
         try:
@@ -222,7 +238,7 @@ cdef class DedupTable:
             i = <Py_ssize_t>(<size_t>s.hash & <size_t>self.imask)
             while self.index[i] != 0:
                 i = (i + 1) & self.imask
-            self.index[i] = <int32_t>(self.head + 1)
+            self.index[i] = dedup_tag(s.hash) | <uint64_t>(self.head + 1)
             self.head += 1
         PyMem_Free(old)
         PyMem_Free(old_index)
@@ -232,7 +248,11 @@ cdef class DedupTable:
         cdef Py_ssize_t budget, p
         cdef DSlot* s
         self._skip_holes()
-        budget = self.live
+        # a bounded step per insert: pending entries at the tail are rotated,
+        # not dropped, and walking all of them on every insert would make a
+        # window full of pending ids quadratic; the next inserts go on from
+        # where this one stopped
+        budget = min(<Py_ssize_t>DEDUP_EVICT_STEP, self.live)
         while self.live >= self.max_entries and budget > 0:
             budget -= 1
             self._skip_holes()
@@ -264,7 +284,7 @@ cdef class DedupTable:
         s.code = code
         s.has_waiters = 0
         memcpy(s.cid, PyBytes_AS_STRING(cid), 16)
-        self.index[at] = <int32_t>(q + 1)
+        self.index[at] = dedup_tag(h) | <uint64_t>(q + 1)
         self.head += 1
         self.live += 1
         return q

@@ -3,6 +3,8 @@
 # Python twin, py_accept_sends, line for line; keep the two in step (the
 # tests drive both with the same frames and compare every output).
 
+from cpython.unicode cimport PyUnicode_Tailmatch
+
 
 def accept_sends(list sends, object conn, list out, str sender, bytes sender_packed,
                  dict known, DedupTable dedup not None, object now,
@@ -52,9 +54,10 @@ def accept_sends(list sends, object conn, list out, str sender, bytes sender_pac
             code = too_large
         elif to not in known:
             code = unknown
-        elif consent is not None and not to.endswith(own) and not (
-                (accepted := consent.get(to)) is not None
-                and (provider in accepted or "*" in accepted)):
+        elif consent is not None and not (
+                PyUnicode_Tailmatch(to, own, 0, PY_SSIZE_T_MAX, 1) == 1
+                or ((accepted := consent.get(to)) is not None
+                    and (provider in accepted or "*" in accepted))):
             code = consent_required
         elif mt < 1.0 or bt < <double>size:
             code = rate_limited  # a refused message costs no quota
