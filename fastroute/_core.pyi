@@ -178,3 +178,11 @@ def dispatch_frame(plaintext: object, addr_ok: set[str], seen: DedupTable,
                    inbox: object, pending: dict, batch_type: type, msg_type: type,
                    client: object, dropped: object, refused: object) -> bool | None:
     """Client._on_frame's loop for a frame of SACKs and DELIVERs; None (no effect) otherwise."""
+
+# -- MemoryStore loops (ext/fastroute/_memstore.pxi) ------------------------------
+
+def mem_put(items: list[tuple], msgs: dict, inbox: dict, first: int, ttl_ms: int,
+            mids: list[int]) -> None:
+    """Store (sender, id, body, ts_ms, device_keys) items from mid first on; mids gets each."""
+def mem_ack(box: dict, msgs: dict, mids: object) -> None:
+    """Drop mids from one device's inbox box, and unreferenced messages from msgs."""

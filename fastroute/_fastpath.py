@@ -30,7 +30,8 @@ from .errors import BodyTooLarge, InvalidArgument, WrongType
 from .gate import PENDING, DedupWindow
 
 __all__ = ["COMPILED_FASTPATH", "DedupTable", "accept_sends", "decode_sends_c",
-           "decode_server_ops_c", "deliver_tail", "dispatch_frame_c", "pack_delivers",
+           "decode_server_ops_c", "deliver_tail", "dispatch_frame_c", "mem_ack", "mem_put",
+           "pack_delivers",
            "pack_frames_c", "pack_sends", "route_items", "sack_ok_op", "stored_sacks"]
 
 _DELIVER_HEAD = b"\x97\x12\xce"  # fixarray(7), 18, uint32 marker
@@ -187,11 +188,40 @@ def _py_accept_sends(sends: list, conn, out: list, sender: str, sender_packed: b
     return ephemeral, msg_tokens, byte_tokens
 
 
+def _py_mem_put(items: list, msgs: dict, inbox: dict, first: int, ttl_ms: int,
+                mids: list) -> None:
+    """MemoryStore's put loop: store ``(sender, id, body, ts_ms, device_keys)``
+    items from mid ``first`` on, appending each mid to ``mids`` once stored."""
+    mid = first
+    for sender, cid, body, ts, devs in items:
+        msgs[mid] = [sender, cid, body, ts, ts + ttl_ms, len(devs)]
+        for d in devs:
+            box = inbox.get(d)
+            if box is None:
+                box = inbox[d] = {}
+            box[mid] = None
+        mids.append(mid)
+        mid += 1
+
+
+def _py_mem_ack(box: dict, msgs: dict, mids) -> None:
+    """MemoryStore's ack loop: drop ``mids`` from one device's inbox ``box``,
+    and from ``msgs`` the messages no inbox holds any more."""
+    for m in mids:
+        if box.pop(m, 0) is None:  # present (values are None), not a repeat
+            msg = msgs[m]
+            msg[5] -= 1
+            if msg[5] == 0:
+                del msgs[m]
+
+
 if COMPILED:
     from ._core import (  # type: ignore[attr-defined]
         DedupTable,
         accept_sends,
         deliver_tail,
+        mem_ack,
+        mem_put,
         pack_delivers,
         pack_sends,
         route_items,
@@ -205,6 +235,8 @@ if COMPILED:
 else:
     DedupTable = DedupWindow  # type: ignore[misc,assignment]
     accept_sends = _py_accept_sends
+    mem_ack = _py_mem_ack
+    mem_put = _py_mem_put
     deliver_tail = _py_deliver_tail
     pack_delivers = _py_pack_delivers
     pack_sends = _py_pack_sends

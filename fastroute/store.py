@@ -38,6 +38,8 @@ from .errors import (
     UnknownDevice,
     WrongType,
 )
+from ._fastpath import mem_ack as _mem_ack
+from ._fastpath import mem_put as _mem_put
 
 __all__ = ["SqliteStore", "MemoryStore", "StoredMessage", "PutItem", "DEFAULT_TTL_S",
            "CID_LEN"]
@@ -881,23 +883,14 @@ class MemoryStore(_BaseStore):
 
     def _store_trusted(self, items: Sequence[PutItem]) -> list[int]:
         # The relay's hot path (validate=False): _check_many's expiry and
-        # _store inlined, with no intermediate row tuples.
-        ttl = self._ttl_ms
-        msgs = self._msgs
-        inbox = self._inbox
-        first = mid = self._next_mid
+        # _store in one loop, compiled when fastroute._core is
+        mids: list[int] = []
         try:
-            for sender, cid, body, ts, devs in items:
-                msgs[mid] = [sender, cid, body, ts, ts + ttl, len(devs)]
-                for d in devs:
-                    box = inbox.get(d)
-                    if box is None:
-                        box = inbox[d] = {}
-                    box[mid] = None
-                mid += 1
+            _mem_put(items if type(items) is list else list(items), self._msgs, self._inbox,
+                     self._next_mid, self._ttl_ms, mids)
         finally:
-            self._next_mid = mid  # mids stay unique even if an item was bad
-        return list(range(first, mid))
+            self._next_mid += len(mids)  # mids stay unique even if an item was bad
+        return mids
 
     def _unref(self, mid: int) -> None:
         msg = self._msgs[mid]
@@ -915,14 +908,8 @@ class MemoryStore(_BaseStore):
         box = self._inbox.get(key)
         if box is None:
             return
-        pop = box.pop
-        msgs = self._msgs
-        for m in mids:
-            if pop(m, 0) is None:  # present (values are None), not a repeat
-                msg = msgs[m]  # _unref, inlined: this runs per delivered message
-                msg[5] -= 1
-                if msg[5] == 0:
-                    del msgs[m]
+        # per delivered message: compiled when fastroute._core is
+        _mem_ack(box, self._msgs, mids)
 
     def forget_device(self, device_key: int) -> None:
         """Remove a device and its inbox; unknown keys are ignored."""

@@ -565,6 +565,51 @@ def test_pack_sends_refusals(bodies, at, cls, exc):
     assert isinstance(got, exc)
 
 
+# -- MemoryStore's loops ------------------------------------------------------------------
+
+def _mem_run(put, ack, script):
+    """Run puts and acks on fresh dicts; return every result and the final dicts."""
+    msgs, inbox, log = {}, {}, []
+    nxt = 1
+    for step in script:
+        if step[0] == "put":
+            mids = []
+            try:
+                put(step[1], msgs, inbox, nxt, 1000, mids)
+                log.append(list(mids))
+            except Exception as exc:  # noqa: BLE001 - compared between twins
+                log.append((type(exc), list(mids)))
+            nxt += len(mids)
+        else:
+            box = inbox.get(step[1])
+            if box is not None:
+                ack(box, msgs, step[2])
+    return log, msgs, {k: list(v) for k, v in inbox.items()}
+
+
+def test_mem_put_and_ack_twins():
+    rng = random.Random(5)
+    script = []
+    for _ in range(300):
+        if rng.random() < 0.5:
+            script.append(("put", [("a@x", bytes([i]) * 16, b"b%d" % i, 10 * i,
+                                    rng.sample(range(1, 6), rng.randrange(1, 4)))
+                                   for i in range(rng.randrange(6))]))
+        else:
+            script.append(("ack", rng.randrange(1, 7),
+                           [rng.randrange(1, 400) for _ in range(rng.randrange(8))]))
+    script.append(("put", [("a@x", MID, b"x", 1, [1]), ("bad",)]))  # malformed item
+    want = _mem_run(_fastpath._py_mem_put, _fastpath._py_mem_ack, script)
+    if _core is not None:
+        assert _mem_run(_core.mem_put, _core.mem_ack, script) == want
+    log, msgs, inbox = want
+    assert log[-1] == (ValueError, [log[-1][1][0]])  # the good item before it was stored
+    # every message in msgs is in exactly as many inboxes as its count says
+    for mid, msg in msgs.items():
+        assert msg[5] == sum(mid in box for box in inbox.values()) > 0
+        assert msg[4] == msg[3] + 1000
+
+
 # -- the client: SACK/DELIVER dispatch against Client._on_frame's Python loop ------------------
 
 class _Plain:

@@ -41,6 +41,7 @@ include "_dedup.pxi"
 include "_wire.pxi"
 include "_gate.pxi"
 include "_client.pxi"
+include "_memstore.pxi"
 
 __all__ = ["Router", "MAX_MAILBOX_CAPACITY"]
 

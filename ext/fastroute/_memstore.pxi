@@ -1,0 +1,49 @@
+# MemoryStore's per-message loops (fastroute.store.MemoryStore), compiled.
+# Included by _core.pyx.  fastroute/_fastpath.py has the Python twins
+# (_py_mem_put, _py_mem_ack), the specification; tests/test_fastpath.py runs
+# both on the same inputs and compares the dicts they leave.
+#
+# The layout is MemoryStore's: ``msgs`` maps mid -> [sender, id, body, ts_ms,
+# exp_ms, recipients left]; ``inbox`` maps device key -> {mid: None, ...} in
+# mid order.
+
+
+def mem_put(list items, dict msgs, dict inbox, long long first, long long ttl_ms,
+            list mids):
+    """Store ``items`` ``(sender, id, body, ts_ms, device_keys)`` from mid ``first`` on.
+
+    Each stored mid is appended to ``mids`` as soon as its message is in
+    ``msgs`` and every inbox, so after an exception (a malformed item)
+    ``mids`` still tells which mids were used.
+    """
+    cdef long long mid = first
+    cdef object item, sender, cid, body, ts, devs, d, key
+    cdef object box
+    for item in items:
+        sender, cid, body, ts, devs = item
+        key = PyLong_FromLongLong(mid)
+        msgs[key] = [sender, cid, body, ts, ts + ttl_ms, len(devs)]
+        for d in devs:
+            box = inbox.get(d)
+            if box is None:
+                box = inbox[d] = {}
+            (<dict?>box)[key] = None
+        mids.append(key)
+        mid += 1
+
+
+def mem_ack(dict box, dict msgs, mids):
+    """Delete ``mids`` from one device's inbox ``box``; a message no inbox
+    holds any more leaves ``msgs``.  Mids not in ``box`` are ignored."""
+    cdef object m
+    cdef list msg
+    cdef Py_ssize_t left
+    for m in mids:
+        if box.pop(m, 0) is None:  # present (values are None), not a repeat
+            msg = msgs[m]
+            left = msg[5]
+            left -= 1
+            if left == 0:
+                del msgs[m]
+            else:
+                msg[5] = left
