@@ -59,7 +59,10 @@ cdef uint64_t DEDUP_TAG_MASK = 0xffffffff00000000ULL
 
 
 cdef inline uint64_t dedup_tag(Py_hash_t h) noexcept:
-    return (<uint64_t>h) & DEDUP_TAG_MASK
+    # the hash's low 32 bits, which include its home position in the index
+    # (the index never has 2**32 entries): shifting entries back after a
+    # removal needs no slot read
+    return (<uint64_t>h) << 32
 
 
 cdef class DedupTable:
@@ -78,7 +81,7 @@ cdef class DedupTable:
     cdef Py_ssize_t cap          # ring slots, a power of two
     cdef long long head, tail    # logical ring positions
     cdef Py_ssize_t live
-    # 2 * cap entries: the hash's high 32 bits << 32 | slot + 1; 0 = empty.
+    # 2 * cap entries: the hash's low 32 bits << 32 | slot + 1; 0 = empty.
     # Probing compares those hash bits here, so a lookup touches a slot (one
     # more cache miss in a table of a million) only when they match.
     cdef uint64_t* index
@@ -175,8 +178,7 @@ cdef class DedupTable:
             v = self.index[j]
             if v == 0:
                 break
-            k = <Py_ssize_t>(<size_t>self.slots[(v & DEDUP_SLOT_MASK) - 1].hash
-                             & <size_t>self.imask)
+            k = <Py_ssize_t>(<size_t>(v >> 32) & <size_t>self.imask)
             if (i <= j and i < k <= j) or (i > j and (k > i or k <= j)):
                 continue  # its home is after the hole: it stays
             self.index[i] = v
