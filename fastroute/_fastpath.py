@@ -31,8 +31,8 @@ from .gate import PENDING, DedupWindow
 
 __all__ = ["COMPILED_FASTPATH", "DedupTable", "accept_sends", "decode_sends_c",
            "decode_server_ops_c", "deliver_tail", "dispatch_frame_c", "mem_ack", "mem_put",
-           "pack_delivers",
-           "pack_frames_c", "pack_sends", "route_items", "sack_ok_op", "stored_sacks"]
+           "pack_delivers", "pack_frames_c", "pack_sends", "route_items", "sack_ok_op",
+           "stored_sacks"]
 
 _DELIVER_HEAD = b"\x97\x12\xce"  # fixarray(7), 18, uint32 marker
 _SACK_HEAD = b"\x93\x11\xc4\x10"  # fixarray(3), 17, bin8 of 16

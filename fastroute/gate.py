@@ -66,8 +66,8 @@ class DedupWindow:
     Bounded twice: decided entries older than ``window_s`` count as absent
     (and :meth:`expire` forgets them), and at most ``max_entries`` entries
     are kept, plus pending ones: the oldest decided one goes first, while a
-    :data:`PENDING` one is never dropped (it moves to the young end instead: forgetting it would
-    let a resend be routed twice).  A resent id within the window is
+    :data:`PENDING` one is never dropped (it moves to the young end instead:
+    forgetting it would let a resend be routed twice).  A resent id within the window is
     answered with the recorded result instead of being routed again, which
     together with the client's own dedup gives exactly-once delivery to the
     application.  Keys are ``(sender address, 16-byte id)``; they are kept in
@@ -76,8 +76,8 @@ class DedupWindow:
     This is the specification; the relay and the client use
     ``fastroute._fastpath.DedupTable``, the compiled twin with the same
     methods and answers (``tests/test_dedup.py`` compares them), unless
-    :data:`fastroute.COMPILED` is False.  Every operation is O(1): eviction
-    pops the oldest key of an :class:`~collections.OrderedDict`.
+    :data:`fastroute.COMPILED` is False.  Lookups and inserts are O(1):
+    eviction pops the oldest key of an :class:`~collections.OrderedDict`.
     """
 
     __slots__ = ("window_s", "max_entries", "entries", "_clock")
