@@ -26,13 +26,13 @@ or its specification :class:`fastroute.gate.DedupWindow`.
 from __future__ import annotations
 
 from . import COMPILED
-from .errors import BodyTooLarge, InvalidArgument, WrongType
+from .errors import BodyTooLarge, InvalidArgument, MailboxFull, WrongType
 from .gate import PENDING, DedupWindow
 
 __all__ = ["COMPILED_FASTPATH", "DedupTable", "accept_sends", "decode_sends_c",
-           "decode_server_ops_c", "deliver_tail", "dispatch_frame_c", "mem_ack", "mem_put",
-           "pack_delivers", "pack_frames_c", "pack_sends", "route_items", "sack_ok_op",
-           "stored_sacks"]
+           "decode_server_ops_c", "deliver_tail", "dispatch_frame_c", "mem_ack", "mem_load",
+           "mem_put", "pack_delivers", "pack_frames_c", "pack_sends", "route_items",
+           "sack_ok_op", "stored_sacks", "sync_rows"]
 
 _DELIVER_HEAD = b"\x97\x12\xce"  # fixarray(7), 18, uint32 marker
 _SACK_HEAD = b"\x93\x11\xc4\x10"  # fixarray(3), 17, bin8 of 16
@@ -188,6 +188,31 @@ def _py_accept_sends(sends: list, conn, out: list, sender: str, sender_packed: b
     return ephemeral, msg_tokens, byte_tokens
 
 
+def _py_sync_rows(router, dev, rows: list, routed, senders: dict, pack_sender):
+    """Push stored ``(mid, sender, id, body, ts_ms)`` rows into a device's mailbox.
+
+    Returns ``(pushed, last_mid, state)``: state 1 at the first row above
+    ``routed``, 2 when the mailbox is full, 0 when every row was pushed.
+    """
+    pushed = 0
+    last = None
+    push = router.push
+    for mid, sender, cid, body, ts_ms in rows:
+        if mid > routed:
+            return pushed, last, 1
+        sp = senders.get(sender)
+        if sp is None:
+            sp = senders[sender] = pack_sender(sender)
+        tail = _py_deliver_tail(sp, cid, body, b"\xcf" + ts_ms.to_bytes(8, "big"), 0)
+        try:
+            push(dev, (mid, tail))
+        except MailboxFull:
+            return pushed, last, 2
+        last = mid
+        pushed += 1
+    return pushed, last, 0
+
+
 def _py_mem_put(items: list, msgs: dict, inbox: dict, first: int, ttl_ms: int,
                 mids: list) -> None:
     """MemoryStore's put loop: store ``(sender, id, body, ts_ms, device_keys)``
@@ -202,6 +227,21 @@ def _py_mem_put(items: list, msgs: dict, inbox: dict, first: int, ttl_ms: int,
             box[mid] = None
         mids.append(mid)
         mid += 1
+
+
+def _py_mem_load(box: dict, msgs: dict, after_mid: int, limit: int) -> list:
+    """MemoryStore's load loop: up to ``limit`` rows ``(mid, sender, id, body,
+    ts_ms)`` of one device's inbox ``box`` with mid > ``after_mid``, in order."""
+    out: list = []
+    if limit <= 0:
+        return out
+    for m in box:
+        if m > after_mid:
+            s, c, b, t, _, _ = msgs[m]
+            out.append((m, s, c, b, t))
+            if len(out) >= limit:
+                break
+    return out
 
 
 def _py_mem_ack(box: dict, msgs: dict, mids) -> None:
@@ -221,12 +261,14 @@ if COMPILED:
         accept_sends,
         deliver_tail,
         mem_ack,
+        mem_load,
         mem_put,
         pack_delivers,
         pack_sends,
         route_items,
         sack_ok_op,
         stored_sacks,
+        sync_rows,
     )
     from ._core import decode_sends as decode_sends_c  # type: ignore[attr-defined]
     from ._core import decode_server_ops as decode_server_ops_c  # type: ignore[attr-defined]
@@ -235,7 +277,9 @@ if COMPILED:
 else:
     DedupTable = DedupWindow  # type: ignore[misc,assignment]
     accept_sends = _py_accept_sends
+    sync_rows = _py_sync_rows
     mem_ack = _py_mem_ack
+    mem_load = _py_mem_load
     mem_put = _py_mem_put
     deliver_tail = _py_deliver_tail
     pack_delivers = _py_pack_delivers

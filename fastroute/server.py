@@ -71,6 +71,7 @@ _pack_delivers = _fastpath.pack_delivers
 _stored_sacks = _fastpath.stored_sacks
 _route_items = _fastpath.route_items
 _accept_sends = _fastpath.accept_sends
+_sync_rows = _fastpath.sync_rows
 _decode_sends = _fastpath.decode_sends_c  # None without the compiled core
 _ADDR_OK = wire._ADDR_OK
 # the gate's refusal codes, in the order _fastpath.accept_sends takes them
@@ -81,10 +82,6 @@ _REFUSALS = (ErrorCode.BODY_TOO_LARGE, ErrorCode.UNKNOWN_RECIPIENT,
 def _ts_packed(ts_ms: int) -> bytes:
     return b"\xcf" + ts_ms.to_bytes(8, "big")
 
-
-#: make_tail(sender_packed, cid, body, ts_packed, cls) -> the packed DELIVER
-#: fields after seq: from, id, body, ts_ms, cls
-make_tail = _fastpath.deliver_tail
 
 # connection states (_DRAINING: the client said BYE, its SACKs are still due)
 _HS_WAIT1, _HS_WAIT3, _OPEN, _CLOSED, _DRAINING = range(5)
@@ -446,29 +443,16 @@ class _Conn(asyncio.Protocol):
                 # (it runs after this in commit order), so none is pushed twice.
                 # With no store batch in flight, every committed row was routed.
                 routed = relay._routed_mid if relay._puts_in_flight else 1 << 62
-                full = blocked = False
-                pushed = 0
-                senders: dict[str, bytes] = {}  # a backlog has few distinct senders
-                for mid, sender, cid, body, ts_ms in rows:
-                    if mid > routed:
-                        blocked = True
-                        break
-                    sender_packed = senders.get(sender)
-                    if sender_packed is None:
-                        sender_packed = senders[sender] = msgpack.packb(sender)
-                    try:
-                        router.push(self.dev, (mid, make_tail(
-                            sender_packed, cid, body, _ts_packed(ts_ms), 0)))
-                    except MailboxFull:
-                        full = True
-                        break
-                    self.last_mid = mid
-                    pushed += 1
+                # per row: DELIVER tail, push (compiled when fastroute._core is);
+                # a backlog has few distinct senders, packed once each
+                pushed, last, state = _sync_rows(router, self.dev, rows, routed, {},
+                                                 msgpack.packb)
                 if pushed:
+                    self.last_mid = last
                     relay._wake()  # the writer drains what was just pushed
-                if full:
-                    continue  # the room check above waits for acks
-                if blocked:
+                if state == 2:
+                    continue  # full: the room check above waits for acks
+                if state == 1:
                     # The store is ahead of the live route: wait for the next
                     # routed batch instead of reloading the same rows.
                     await relay._next_routed()

@@ -565,6 +565,37 @@ def test_pack_sends_refusals(bodies, at, cls, exc):
     assert isinstance(got, exc)
 
 
+# -- the backlog sync ---------------------------------------------------------------------
+
+def _sync_run(fn, rows, routed, cap):
+    from fastroute import Router
+
+    router = Router(mailbox_capacity=cap)
+    dev = router.add_device("bob@example.org", "phone")
+    packed = []
+    res = fn(router, dev, rows, routed, {}, lambda s: packed.append(s) or msgpack.packb(s))
+    popped = router.pop_many([dev], 100)
+    return res, popped[0][1] if popped else [], packed
+
+
+@pytest.mark.parametrize("routed,cap", [(1 << 62, 100), (12, 100), (1 << 62, 3), (10, 3)])
+def test_sync_rows_twins(routed, cap):
+    rows = [(10 + i, "alice@example.org" if i % 2 else "carol@other.net", bytes([i]) * 16,
+             b"b" * i, TS + i) for i in range(6)]
+    got = _same(lambda *a: _sync_run(_fastpath._py_sync_rows, *a),
+                _core and (lambda *a: _sync_run(_core.sync_rows, *a)), rows, routed, cap)
+    (pushed, last, state), queued, packed = got
+    want = min(len(rows), cap, routed - 9)
+    assert pushed == want and len(queued) == want
+    assert state == (0 if want == len(rows) else 1 if routed - 9 <= cap else 2)
+    assert last == (9 + want if want else None)
+    assert packed == ["carol@other.net", "alice@example.org"][:want]  # packed once each
+    for i, ((seq, (mid, tail)), (rmid, sender, cid, body, ts)) in enumerate(zip(queued, rows)):
+        assert (seq, mid) == (i + 1, rmid)
+        assert tail == _fastpath._py_deliver_tail(msgpack.packb(sender), cid, body,
+                                                  b"\xcf" + ts.to_bytes(8, "big"), 0)
+
+
 # -- MemoryStore's loops ------------------------------------------------------------------
 
 def _mem_run(put, ack, script):
@@ -604,6 +635,16 @@ def test_mem_put_and_ack_twins():
         assert _mem_run(_core.mem_put, _core.mem_ack, script) == want
     log, msgs, inbox = want
     assert log[-1] == (ValueError, [log[-1][1][0]])  # the good item before it was stored
+    # loads: the same rows from both, for every device, cursor and limit
+    for dk in range(1, 7):
+        box = {m: None for m in inbox.get(dk, [])}
+        for after in (0, 5, 150, 10**6):
+            for limit in (0, 1, 3, 1000):
+                rows = _fastpath._py_mem_load(box, msgs, after, limit)
+                assert [r[0] for r in rows] == [m for m in box if m > after][:limit]
+                assert all(r[1:] == tuple(msgs[r[0]][:4]) for r in rows)
+                if _core is not None:
+                    assert _core.mem_load(box, msgs, after, limit) == rows
     # every message in msgs is in exactly as many inboxes as its count says
     for mid, msg in msgs.items():
         assert msg[5] == sum(mid in box for box in inbox.values()) > 0

@@ -88,3 +88,43 @@ def accept_sends(list sends, object conn, list out, str sender, bytes sender_pac
     if spent:
         return ephemeral, mt, bt
     return ephemeral, msg_tokens, byte_tokens
+
+
+def sync_rows(object router, object dev, list rows, object routed, dict senders,
+              object pack_sender):
+    """The relay's backlog sync (``_Conn._sync``): push stored rows into a mailbox.
+
+    ``rows`` are the store's ``(mid, sender, id, body, ts_ms)`` in mid order.
+    Each becomes the payload ``(mid, DELIVER tail)`` (cls 0) pushed with
+    ``router.push(dev, ...)``, until a row's mid is above ``routed`` (the
+    live route has not placed it yet: state 1) or the mailbox is full
+    (MailboxFull: state 2).  ``senders`` caches ``pack_sender(sender)``.
+    Returns ``(pushed, last_mid, state)``; ``last_mid`` is the mid of the
+    last row pushed (None if none), state 0 when every row was pushed.
+    """
+    cdef Py_ssize_t pushed = 0
+    cdef object row, mid, sender, cid, body, ts_ms, sp, last = None
+    cdef unsigned long long ts
+    cdef bytes ts_packed
+    cdef unsigned char* p
+    push = router.push
+    for row in rows:
+        mid, sender, cid, body, ts_ms = row
+        if mid > routed:
+            return pushed, last, 1
+        sp = senders.get(sender)
+        if sp is None:
+            sp = senders[sender] = pack_sender(sender)
+        ts = ts_ms
+        ts_packed = PyBytes_FromStringAndSize(NULL, 9)
+        p = <unsigned char*>PyBytes_AS_STRING(ts_packed)
+        p[0] = 0xcf
+        put_be32(p + 1, <uint32_t>(ts >> 32))
+        put_be32(p + 5, <uint32_t>(ts & 0xffffffffULL))
+        try:
+            push(dev, (mid, c_deliver_tail(sp, cid, body, ts_packed, 0)))
+        except MailboxFull:
+            return pushed, last, 2
+        last = mid
+        pushed += 1
+    return pushed, last, 0

@@ -7,6 +7,8 @@
 # exp_ms, recipients left]; ``inbox`` maps device key -> {mid: None, ...} in
 # mid order.
 
+from cpython.dict cimport PyDict_Next
+
 
 def mem_put(list items, dict msgs, dict inbox, long long first, long long ttl_ms,
             list mids):
@@ -47,3 +49,27 @@ def mem_ack(dict box, dict msgs, mids):
                 del msgs[m]
             else:
                 msg[5] = left
+
+
+def mem_load(dict box, dict msgs, after_mid, Py_ssize_t limit):
+    """Up to ``limit`` rows ``(mid, sender, id, body, ts_ms)`` of one device's
+    inbox ``box`` with mid > ``after_mid``, in mid order."""
+    cdef list out = []
+    cdef Py_ssize_t pos = 0
+    cdef PyObject* key
+    cdef PyObject* value
+    cdef object m
+    cdef list msg
+    cdef Py_ssize_t size = len(box)
+    if limit <= 0:
+        return out
+    while PyDict_Next(box, &pos, &key, &value):
+        if len(box) != size:  # as a Python loop would (an allocation may run the GC)
+            raise RuntimeError("dictionary changed size during iteration")
+        m = <object>key
+        if m > after_mid:
+            msg = msgs[m]
+            out.append((m, msg[0], msg[1], msg[2], msg[3]))
+            if PyList_GET_SIZE(out) >= limit:
+                break
+    return out
