@@ -60,8 +60,13 @@ CID_LEN = 16
 # SQLite integers are signed 64-bit; a bigger Python int would fail inside the
 # writer and take a whole batch of innocent messages down with it.
 _INT_MAX = (1 << 63) - 1
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
 
+# Version 2 added messages.dev: a message for exactly one device (most of
+# them) names it there and has no inbox row, so storing it and deleting it on
+# ack touch one table instead of two and need no orphan check.  Messages for
+# several devices keep dev NULL and one inbox row per device, as in version 1
+# (whose stores are migrated by adding the column: their rows stay valid).
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages(
     mid INTEGER PRIMARY KEY,
@@ -69,8 +74,10 @@ CREATE TABLE IF NOT EXISTS messages(
     cid BLOB NOT NULL,
     body BLOB NOT NULL,
     ts_ms INTEGER NOT NULL,
-    exp_ms INTEGER NOT NULL);
+    exp_ms INTEGER NOT NULL,
+    dev INTEGER);
 CREATE INDEX IF NOT EXISTS messages_exp ON messages(exp_ms);
+CREATE INDEX IF NOT EXISTS messages_dev ON messages(dev, mid) WHERE dev IS NOT NULL;
 CREATE TABLE IF NOT EXISTS inbox(
     device_key INTEGER NOT NULL,
     mid INTEGER NOT NULL,
@@ -93,17 +100,22 @@ CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v INTEGER NOT NULL) WITHOUT 
 # one per row.  Each statement is one sqlite3_step, and the sqlite3 module
 # releases the GIL around every step; per row, the writer thread had to win
 # the GIL back from the busy event loop thread once per row and statement.
-_SQL_PUT_MSG = "INSERT INTO messages(mid, sender, cid, body, ts_ms, exp_ms) VALUES "
+_SQL_PUT_MSG = "INSERT INTO messages(mid, dev, sender, cid, body, ts_ms, exp_ms) VALUES "
 _SQL_PUT_INBOX = "INSERT OR IGNORE INTO inbox(device_key, mid) VALUES "
+_SQL_ACK_DIRECT = "DELETE FROM messages WHERE dev = ? AND mid IN "
 _SQL_ACK = "DELETE FROM inbox WHERE device_key = ? AND mid IN "
-_SQL_ORPHAN = ("DELETE FROM messages WHERE NOT EXISTS "
+_SQL_ORPHAN = ("DELETE FROM messages WHERE dev IS NULL AND NOT EXISTS "
                "(SELECT 1 FROM inbox WHERE inbox.mid = messages.mid) AND mid IN ")
-# 6 columns x 128 rows stays under 999, the variable limit of SQLite before 3.32
+# 7 columns x 128 rows stays under 999, the variable limit of SQLite before 3.32
 _ROWS_PER_STATEMENT = 128
 _SQL_META = "INSERT OR REPLACE INTO meta(k, v) VALUES (?, ?)"
-_SQL_LOAD = ("SELECT m.mid, m.sender, m.cid, m.body, m.ts_ms FROM inbox i "
-             "JOIN messages m ON m.mid = i.mid "
-             "WHERE i.device_key = ? AND i.mid > ? ORDER BY i.mid LIMIT ?")
+# each side reads at most LIMIT rows through its index, then the two merge
+_SQL_LOAD = ("SELECT * FROM (SELECT mid, sender, cid, body, ts_ms FROM messages "
+             "WHERE dev = ?1 AND mid > ?2 ORDER BY mid LIMIT ?3) "
+             "UNION ALL SELECT * FROM (SELECT m.mid, m.sender, m.cid, m.body, m.ts_ms "
+             "FROM inbox i JOIN messages m ON m.mid = i.mid "
+             "WHERE i.device_key = ?1 AND i.mid > ?2 ORDER BY i.mid LIMIT ?3) "
+             "ORDER BY 1 LIMIT ?3")
 
 # Writer request kinds.  A request is a tuple (kind, arg, future-or-None).
 _PUT, _PUT_MANY, _ACK, _REG, _FORGET, _EXPIRE, _FLUSH, _STOP = range(8)
@@ -577,9 +589,11 @@ class SqliteStore(_BaseStore):
         """
         self._check_open()
         if device_key is None:
-            sql, params = "SELECT count(*) FROM inbox", ()
+            sql, params = ("SELECT (SELECT count(*) FROM inbox) + "
+                           "(SELECT count(*) FROM messages WHERE dev IS NOT NULL)"), ()
         else:
-            sql = "SELECT count(*) FROM inbox WHERE device_key = ?"
+            sql = ("SELECT (SELECT count(*) FROM inbox WHERE device_key = ?1) + "
+                   "(SELECT count(*) FROM messages WHERE dev = ?1)")
             params = (_check_int(device_key, "device_key"),)
         fut = self._loop.create_future()
         self._submit(_FLUSH, False, fut)
@@ -633,7 +647,8 @@ class SqliteStore(_BaseStore):
         if version > _SCHEMA_VERSION:
             raise sqlite3.DatabaseError(
                 f"store format {version} is newer than this fastroute ({_SCHEMA_VERSION})")
-        conn.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}"
+        migrate = "ALTER TABLE messages ADD COLUMN dev INTEGER;" if version == 1 else ""
+        conn.executescript(f"BEGIN IMMEDIATE;{migrate}{_SCHEMA}"
                            f"PRAGMA user_version = {_SCHEMA_VERSION}; COMMIT;")
         meta = dict(conn.execute("SELECT k, v FROM meta"))
         top_mid = conn.execute("SELECT max(mid) FROM messages").fetchone()[0] or 0
@@ -642,7 +657,8 @@ class SqliteStore(_BaseStore):
             "SELECT device_key, address, device FROM devices ORDER BY device_key").fetchall()
         top_key = max(
             conn.execute("SELECT max(device_key) FROM devices").fetchone()[0] or 0,
-            conn.execute("SELECT max(device_key) FROM inbox").fetchone()[0] or 0)
+            conn.execute("SELECT max(device_key) FROM inbox").fetchone()[0] or 0,
+            conn.execute("SELECT max(dev) FROM messages").fetchone()[0] or 0)
         return devices, max(meta.get("next_device", 1), top_key + 1)
 
     def _post(self, callback, *args) -> None:
@@ -721,17 +737,23 @@ class SqliteStore(_BaseStore):
         for kind, arg, fut in batch:
             if kind == _PUT:
                 sender, cid, body, ts, exp, devs = arg
-                msg_rows += (mid, sender, cid, body, ts, exp)
-                for d in devs:
-                    inbox_rows += (d, mid)
+                if len(devs) == 1:
+                    msg_rows += (mid, devs[0], sender, cid, body, ts, exp)
+                else:
+                    msg_rows += (mid, None, sender, cid, body, ts, exp)
+                    for d in devs:
+                        inbox_rows += (d, mid)
                 done.append((fut, mid))
                 mid += 1
             elif kind == _PUT_MANY:
                 first = mid
                 for sender, cid, body, ts, exp, devs in arg:
-                    msg_rows += (mid, sender, cid, body, ts, exp)
-                    for d in devs:
-                        inbox_rows += (d, mid)
+                    if len(devs) == 1:
+                        msg_rows += (mid, devs[0], sender, cid, body, ts, exp)
+                    else:
+                        msg_rows += (mid, None, sender, cid, body, ts, exp)
+                        for d in devs:
+                            inbox_rows += (d, mid)
                     mid += 1
                 done.append((fut, list(range(first, mid))))
             elif kind == _ACK:
@@ -768,7 +790,7 @@ class SqliteStore(_BaseStore):
                         "VALUES (?,?,?)", regs)
                     conn.execute(_SQL_META, ("next_device", max(r[0] for r in regs) + 1))
                 if msg_rows:
-                    _execute_rows(conn, _SQL_PUT_MSG, 6, msg_rows)
+                    _execute_rows(conn, _SQL_PUT_MSG, 7, msg_rows)
                     _execute_rows(conn, _SQL_PUT_INBOX, 2, inbox_rows)
                     conn.execute(_SQL_META, ("next_mid", mid))
                 if acks or forgets:
@@ -818,11 +840,18 @@ class SqliteStore(_BaseStore):
         touched: set[int] = set()
         for key, mids in acks.items():
             if mids:
-                touched.update(mids)
-                _execute_in(conn, _SQL_ACK, [key], mids)
+                # the device's own messages go at once; of the shared ones,
+                # its inbox rows, then (below) those no device is left for.
+                # When every mid was its own (1:1 traffic) there is none.
+                before = conn.total_changes
+                _execute_in(conn, _SQL_ACK_DIRECT, [key], mids)
+                if conn.total_changes - before < len(mids):
+                    touched.update(mids)
+                    _execute_in(conn, _SQL_ACK, [key], mids)
         for key in forgets:
             touched.update(m for (m,) in conn.execute(
                 "SELECT mid FROM inbox WHERE device_key = ?", (key,)))
+            conn.execute("DELETE FROM messages WHERE dev = ?", (key,))
             conn.execute("DELETE FROM inbox WHERE device_key = ?", (key,))
             conn.execute("DELETE FROM devices WHERE device_key = ?", (key,))
         if touched:

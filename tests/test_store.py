@@ -325,8 +325,8 @@ def test_sqlite_put_resolves_only_after_commit(run, db):
                 blocker.close()
             mid = await fut
             # visible to an independent connection the moment the future is done
-            assert count(db, "SELECT count(*) FROM messages WHERE mid = ?", mid) == 1
-            assert count(db, "SELECT count(*) FROM inbox WHERE mid = ? AND device_key = ?",
+            # (a message for one device names it in its own row: no inbox row)
+            assert count(db, "SELECT count(*) FROM messages WHERE mid = ? AND dev = ?",
                          mid, dev) == 1
     run(main())
 
@@ -453,7 +453,7 @@ def test_sqlite_uses_wal_and_the_documented_schema(run, db):
                     for t in ("messages", "inbox", "devices")}
         finally:
             conn.close()
-        assert cols == {"messages": ["mid", "sender", "cid", "body", "ts_ms", "exp_ms"],
+        assert cols == {"messages": ["mid", "sender", "cid", "body", "ts_ms", "exp_ms", "dev"],
                         "inbox": ["device_key", "mid"],
                         "devices": ["device_key", "address", "device"]}
     run(main())
@@ -541,10 +541,54 @@ def test_sqlite_large_batches_match_memory_model(tmp_path):
             model_msgs = model.stats()["messages"]
         with sqlite3.connect(path) as conn:
             n_msgs = conn.execute("SELECT count(*) FROM messages").fetchone()[0]
-            orphans = conn.execute("SELECT count(*) FROM messages m WHERE NOT EXISTS "
-                                   "(SELECT 1 FROM inbox i WHERE i.mid = m.mid)").fetchone()[0]
+            orphans = conn.execute("SELECT count(*) FROM messages m WHERE dev IS NULL AND "
+                                   "NOT EXISTS (SELECT 1 FROM inbox i WHERE i.mid = m.mid)"
+                                   ).fetchone()[0]
         return n_msgs, orphans, model_msgs
 
     n_msgs, orphans, model_msgs = asyncio.run(main())
     assert orphans == 0  # every fully acked message is gone
     assert n_msgs == model_msgs > 0  # and the others are all still there
+
+
+_V1_SCHEMA = """
+CREATE TABLE messages(mid INTEGER PRIMARY KEY, sender TEXT NOT NULL, cid BLOB NOT NULL,
+    body BLOB NOT NULL, ts_ms INTEGER NOT NULL, exp_ms INTEGER NOT NULL);
+CREATE INDEX messages_exp ON messages(exp_ms);
+CREATE TABLE inbox(device_key INTEGER NOT NULL, mid INTEGER NOT NULL,
+    PRIMARY KEY(device_key, mid)) WITHOUT ROWID;
+CREATE INDEX inbox_mid ON inbox(mid);
+CREATE TABLE devices(device_key INTEGER PRIMARY KEY, address TEXT NOT NULL,
+    device TEXT NOT NULL, UNIQUE(address, device));
+CREATE TABLE meta(k TEXT PRIMARY KEY, v INTEGER NOT NULL) WITHOUT ROWID;
+INSERT INTO devices VALUES (1, 'a@p', 'phone'), (2, 'a@p', 'laptop');
+INSERT INTO messages VALUES (1, 's@p', x'00000000000000000000000000000001', x'6f6c64', 1, 9e15);
+INSERT INTO messages VALUES (2, 's@p', x'00000000000000000000000000000002', x'6f6c6432', 2, 9e15);
+INSERT INTO inbox VALUES (1, 1), (2, 1), (1, 2);
+INSERT INTO meta VALUES ('next_mid', 3), ('next_device', 3);
+PRAGMA user_version = 1;
+"""
+
+
+def test_sqlite_migrates_a_version_1_store(run, db):
+    # version 1 kept every recipient in inbox; its rows must stay deliverable
+    # and ackable after the upgrade, next to new single-device rows
+    conn = raw(db)
+    conn.executescript(_V1_SCHEMA)
+    conn.close()
+
+    async def main():
+        async with await SqliteStore.open(db) as store:
+            assert [r[0] for r in await store.load(1, 0, 10)] == [1, 2]
+            mid = await store.put("s@p", CID, b"new", T0, [1])
+            assert mid == 3
+            assert [(r[0], r[3]) for r in await store.load(1, 0, 10)] == [
+                (1, b"old"), (2, b"old2"), (3, b"new")]
+            assert await store.count_pending(1) == 3
+            store.ack(1, [1, 2, 3])
+            await store.flush()
+            assert await store.load(1, 0, 10) == []
+            assert [r[0] for r in await store.load(2, 0, 10)] == [1]  # still device 2's
+        assert count(db, "SELECT count(*) FROM messages") == 1
+        assert count(db, "PRAGMA user_version") == 2
+    run(main())
