@@ -1,0 +1,62 @@
+"""The store alone under 1:1 relay-like load: put_many batches, then ack them.
+
+Run: ``PYTHONPATH=. python benches/store_put_ack.py [--size 100] [--messages 100000]
+[--store sqlite|memory]``.  Batches of 256 messages to one device; at most 8
+batches in flight, each acked as soon as its mids are known, as the relay
+does for a recipient that keeps up.  Prints messages/s, CPU seconds of the
+whole process (event loop plus writer thread) and commits; a ratio against
+``--store memory`` in the same shell session is the comparison to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import time
+
+from fastroute.store import MemoryStore, SqliteStore
+
+
+async def run(store_kind: str, n: int, size: int, batch: int = 256) -> None:
+    with tempfile.TemporaryDirectory(prefix="fr-store-probe-") as d:
+        cls = SqliteStore if store_kind == "sqlite" else MemoryStore
+        store = await cls.open(os.path.join(d, "store.db"))
+        try:
+            dk = store.register_device("r@x", "d")
+            body = os.urandom(size)
+            ids = [os.urandom(16) for _ in range(batch)]
+            t0 = time.perf_counter()
+            c0 = time.process_time()
+            inflight: list[asyncio.Future] = []
+            done = 0
+            while done < n:
+                items = [("s@x", cid, body, 1, [dk]) for cid in ids]
+                inflight.append(store.put_many(items, validate=False))
+                if len(inflight) > 8:
+                    store.ack(dk, await inflight.pop(0), validate=False)
+                done += batch
+            for fut in inflight:
+                store.ack(dk, await fut, validate=False)
+            await store.flush()
+            dt = time.perf_counter() - t0
+            print(f"{store_kind} {size} B put+ack 1:1: {done / dt:,.0f} msg/s, "
+                  f"cpu {time.process_time() - c0:.2f} s, commits {store.stats()['commits']}")
+        finally:
+            await store.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--store", choices=["sqlite", "memory"], default="sqlite")
+    ap.add_argument("--messages", type=int, default=100_000)
+    ap.add_argument("--size", type=int, default=100)
+    args = ap.parse_args(argv)
+    asyncio.run(run(args.store, args.messages, args.size))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
