@@ -91,7 +91,7 @@ def _py_pack_sends(pool: bytes, at: int, to_packed: bytes, bodies: list, cls: in
 
     Ids are consecutive 16-byte slices of ``pool`` from ``at``; ``to_packed``
     is the recipient as a packed msgpack str.  Every body is checked first;
-    then ``pending[id] = (target, op)`` per message unless ``pending`` is None.
+    then ``pending[id] = target`` per message unless ``pending`` is None.
     """
     if cls != 0 and cls != 1:
         raise InvalidArgument("cls must be 0 or 1")
@@ -109,8 +109,8 @@ def _py_pack_sends(pool: bytes, at: int, to_packed: bytes, bodies: list, cls: in
     ops = [b"".join((head, cid, to_packed, _bin_header(len(body)), body, tail))
            for cid, body in zip(ids, bodies)]
     if pending is not None:
-        for cid, op in zip(ids, ops):
-            pending[cid] = (target, op)
+        for cid in ids:
+            pending[cid] = target
     return ids, ops
 
 

@@ -58,11 +58,12 @@ class Message(NamedTuple):
 class _Batch:
     """The shared outcome of a :meth:`Client.send_many` call."""
 
-    __slots__ = ("fut", "ids", "left")
+    __slots__ = ("fut", "ids", "ops", "left")
 
     def __init__(self, fut: asyncio.Future, ids: list[bytes]) -> None:
         self.fut = fut
         self.ids = ids
+        self.ops: list[bytes] = []  # the packed SENDs, in ids order, for resending
         self.left = len(ids)
 
     def done(self) -> bool:
@@ -186,7 +187,9 @@ class Client:
         self._rx = None
         self._out: list[bytes] = []
         self._flush_scheduled = False
-        self._pending: dict[bytes, tuple[asyncio.Future, bytes]] = {}
+        # id -> what its SACK settles: the _Batch of a send_many (which keeps
+        # the ops), or (future, op) for a single send
+        self._pending: dict[bytes, _Batch | tuple[asyncio.Future, bytes]] = {}
         # received messages, and the one recv() waiting for more (if any)
         self._inbox: deque = deque()
         self._inbox_waiter: asyncio.Future | None = None
@@ -273,8 +276,29 @@ class Client:
             self._keepalive = self._loop.create_task(self._keepalive_loop())
         # Resend whatever the relay had not acked on the previous link.
         if self._pending:
-            self._out.extend(op for _, op in self._pending.values())
+            self._out.extend(self._unacked_ops())
             self._schedule_flush()
+
+    def _unacked_ops(self) -> list[bytes]:
+        """The SEND ops of every id still pending, in the order they were queued."""
+        pending = self._pending
+        out: list[bytes] = []
+        batches: set[int] = set()
+        for entry in pending.values():
+            if type(entry) is _Batch:
+                if id(entry) in batches:
+                    continue
+                batches.add(id(entry))
+                out.extend(op for cid, op in zip(entry.ids, entry.ops)
+                           if pending.get(cid) is entry)
+            else:
+                out.append(entry[1])
+        return out
+
+    def _pending_targets(self) -> list:
+        """Each distinct future or _Batch that SACKs still have to settle."""
+        return list({id(t): t for t in (e if type(e) is _Batch else e[0]
+                                          for e in self._pending.values())}.values())
 
     # ------------------------------------------------------------- sending
     def _new_id(self) -> bytes:
@@ -322,7 +346,7 @@ class Client:
             raise ConnectionClosed("client is closed", code=ErrorCode.OK)
         cid = self._new_id() if id is None else id
         entry = self._pending.get(cid)
-        if entry is not None and type(entry[0]) is not _Batch:
+        if entry is not None and type(entry) is not _Batch:
             return entry[0]  # already on its way: one id, one message
         op = self._op(cid, self._packed_to(to), body, b"\x01" if ephemeral else b"\x00")
         fut = self._loop.create_future()
@@ -355,11 +379,12 @@ class Client:
             self._ids = os.urandom(max(_ID_POOL, n))
             at = 0
         batch = _Batch(fut, bodies)  # left = len(bodies); ids set below
-        # checks every body, then packs and registers each (batch, op) in _pending
+        # checks every body, then packs each op and registers _pending[id] = batch
         ids, ops = _pack_sends(self._ids, at, to_packed, bodies, 1 if ephemeral else 0,
                                batch, self._pending)
         self._ids_at = at + n
         batch.ids = ids
+        batch.ops = ops
         if self._proto is not None and self._proto.open:
             self._out.extend(ops)
         self._schedule_flush()
@@ -537,7 +562,8 @@ class Client:
             self._flush()
             if self._pending:
                 # let the relay answer what is in flight (it does so before BYE too)
-                await asyncio.wait([f for f, _ in self._pending.values()], timeout=2.0)
+                await asyncio.wait([t.fut if type(t) is _Batch else t
+                                    for t in self._pending_targets()], timeout=2.0)
             self._write([wire.bye_op()])
             proto.transport.close()
             try:
@@ -635,7 +661,8 @@ class Client:
                 entry = pending.pop(op[1], None)
                 if entry is None:
                     continue
-                target = entry[0]  # a Future, or the _Batch of send_many
+                # the _Batch of send_many, or (future, op) of a single send
+                target = entry if type(entry) is _Batch else entry[0]
                 code = op[2]
                 if type(target) is _Batch and not code:
                     target.left -= 1
@@ -732,10 +759,10 @@ class Client:
     def _finish(self, err: FastrouteError) -> None:
         self._closed = True
         self._closing_error = self._closing_error or err
-        for fut, _ in self._pending.values():
-            if not fut.done():
-                fut.set_exception(ConnectionClosed("connection closed before the relay acked",
-                                                   code=err.code))
+        for target in self._pending_targets():
+            if not target.done():
+                target.set_exception(ConnectionClosed("connection closed before the relay acked",
+                                                      code=err.code))
         self._pending.clear()
         for fut in self._media.values():
             if not fut.done():

@@ -536,8 +536,7 @@ def test_pack_sends_twins(cls, at):
                               POOL, at, bodies)
     assert ids == [POOL[at + 16 * i:at + 16 * i + 16] for i in range(len(bodies))]
     assert ops == [wire.send_op(cid, ADDR, body, cls) for cid, body in zip(ids, bodies)]
-    assert list(pending.items()) == [(b"old", 1)] + [(cid, ("target", op))
-                                                     for cid, op in zip(ids, ops)]
+    assert list(pending.items()) == [(b"old", 1)] + [(cid, "target") for cid in ids]
     if fastroute.COMPILED:
         assert _core.pack_sends(POOL, at, to_packed, bodies, cls, None, None)[1] == ops
 
@@ -688,7 +687,7 @@ def _run_client(frames, compiled, pending_spec, window):
                 (target if len(ids) == 1 else target.fut).set_result(None)
             targets.append(target)
             for cid in ids:
-                c._pending[cid] = (target, b"op")
+                c._pending[cid] = target if len(ids) > 1 else (target, b"op")
         saved = client_mod._dispatch_frame
         client_mod._dispatch_frame = _core.dispatch_frame if compiled else None
         try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import time
 
 import msgpack
@@ -560,4 +561,53 @@ def test_attachment_travels_out_of_band_and_only_its_reference_in_the_message(lo
             with pytest.raises(BlobMismatch):
                 await alice._media_call(wire.mfinish_op, upload)
             assert w.relay.media.stats()["blobs"] == 1
+    run(loop, main())
+
+
+def test_close_waits_for_unacked_batches_then_says_bye(loop, tmp_path):
+    # close() lets the relay answer what is in flight, send_many batches too
+    async def main():
+        async with world(tmp_path) as w:
+            alice = await w.connect("alice@home")
+            bob = await w.connect("bob@acme")
+            fut = alice.send_many("bob@acme", [b"%d" % i for i in range(300)])
+            single = alice.send_nowait("bob@acme", b"single")
+            await alice.close()
+            assert len(fut.result()) == 300 and single.result()
+            got = await recv_n(bob, 301)
+            assert got[-1].body == b"single"
+    run(loop, main())
+
+
+def test_reconnect_resends_unacked_sends_and_each_arrives_once(loop, tmp_path):
+    # The link drops while the relay cannot commit (a lock on its store):
+    # the client reconnects by itself and resends every unacked id, batches
+    # and single sends, in order; the relay's dedup window and the store make
+    # that deliver each message exactly once.
+    async def main():
+        async with world(tmp_path) as w:
+            alice = await w.connect("alice@home", reconnect=True)
+            bob = await w.connect("bob@acme")
+            lock = sqlite3.connect(os.path.join(w.data_dir, "store.db"), isolation_level=None)
+            lock.execute("BEGIN IMMEDIATE")  # the relay's writer cannot commit now
+            try:
+                first = alice.send_many("bob@acme", [b"a%d" % i for i in range(200)])
+                single = alice.send_nowait("bob@acme", b"single")
+                second = alice.send_many("bob@acme", [b"b%d" % i for i in range(3)])
+                await asyncio.sleep(0.2)
+                assert not first.done() and alice.unacked_sends == 204
+                alice._proto.transport.abort()  # the link drops, nothing acked
+                await asyncio.sleep(0.3)  # the client is back (and has resent)
+            finally:
+                lock.execute("ROLLBACK")
+                lock.close()
+            ids = await asyncio.wait_for(first, 10)
+            assert await asyncio.wait_for(single, 10)
+            assert len(await asyncio.wait_for(second, 10)) == 3
+            got = await recv_n(bob, 204)
+            assert [m.body for m in got] == ([b"a%d" % i for i in range(200)] + [b"single"]
+                                             + [b"b%d" % i for i in range(3)])
+            assert [m.id for m in got[:200]] == ids
+            assert await nothing_arrives(bob)
+            assert alice.unacked_sends == 0
     run(loop, main())

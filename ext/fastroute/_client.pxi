@@ -38,8 +38,8 @@ def pack_sends(bytes pool not None, Py_ssize_t at, bytes to_packed not None,
     ``[1, id (bin8 of 16), to, body (bin), cls]`` where ``to_packed`` is the
     recipient already packed as a msgpack str.  Every body is checked before
     anything is built (WrongType unless exact bytes, BodyTooLarge over
-    MAX_BODY); then, unless ``pending`` is None, ``pending[id] = (target, op)``
-    for each message, in order.
+    MAX_BODY); then, unless ``pending`` is None, ``pending[id] = target``
+    for each message, in order (the caller keeps the ops, for resending).
     """
     cdef Py_ssize_t n = PyList_GET_SIZE(bodies), i, k, hb
     cdef Py_ssize_t nt = PyBytes_GET_SIZE(to_packed)
@@ -86,9 +86,10 @@ def pack_sends(bytes pool not None, Py_ssize_t at, bytes to_packed not None,
         ids.append(cid)
         ops.append(op)
     if pending is not None:
+        # the target itself, not a (target, op) tuple: one container object
+        # per message less for the cyclic GC to track and traverse
         for i in range(n):
-            cid = ids[i]
-            pending[cid] = (target, ops[i])
+            pending[ids[i]] = target
     return ids, ops
 
 
@@ -207,9 +208,9 @@ def dispatch_frame(plaintext, set addr_ok, DedupTable seen not None, object inbo
       ``dropped(client, seq)``; else it is recorded with code 0 and
       ``msg_type(seq, sender, id, body, ts_ms, cls == 1)`` appended to
       ``inbox``;
-    * SACK: ``pending.pop(id)``'s target, a ``batch_type`` (counted down on
-      code 0; settled at 0) or a future: ``set_result(id)`` on code 0,
-      ``refused(target, code)`` otherwise, unless already done.
+    * SACK: ``pending.pop(id)`` is a ``batch_type`` (counted down on code 0;
+      settled at 0) or a ``(future, op)`` tuple: ``set_result(id)`` on code
+      0, ``refused(target, code)`` otherwise, unless already done.
 
     Returns None, having done nothing, for any other frame.
     """
@@ -276,7 +277,7 @@ def dispatch_frame(plaintext, set addr_ok, DedupTable seen not None, object inbo
         entry = pending.pop(cid, None)
         if entry is None:
             continue
-        target = entry[0]
+        target = entry if type(entry) is batch_type else entry[0]
         if type(target) is batch_type and op.code == 0:
             left = target.left - 1
             target.left = left
