@@ -38,7 +38,7 @@ _DELIVER_HEAD = b"\x97\x12\xce"  # fixarray(7), 18, uint32 marker
 _SACK_HEAD = b"\x93\x11\xc4\x10"  # fixarray(3), 17, bin8 of 16
 _ID_HEAD = b"\xc4\x10"
 _CLS_BYTE = (b"\x00", b"\x01")
-_BIN8 = [b"\xc4" + bytes((i,)) for i in range(256)]
+_BIN8 = tuple(b"\xc4" + bytes((i,)) for i in range(256))
 _SEND_HEAD = b"\x95\x01\xc4\x10"  # fixarray(5), 1, bin8 of 16
 _MAX_BODY = 61440  # wire.MAX_BODY (wire imports this module)
 

@@ -82,7 +82,7 @@ class _Batch:
             self.fut.set_exception(exc)
 
 
-_BIN8 = [b"\xc4" + bytes((i,)) for i in range(256)]
+_BIN8 = tuple(b"\xc4" + bytes((i,)) for i in range(256))
 _SEND_HEAD = b"\x95\x01\xc4\x10"
 _ID_POOL = 16 * 4096
 
