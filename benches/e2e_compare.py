@@ -14,9 +14,10 @@ What is measured, for each system:
   subject with 10 subscriber connections);
 * bodies of 100 B and 4 KiB.
 
-``thr msg/s`` is *delivered* messages per second (fan-out counts each copy)
-in an open-loop run: the sender queues batches with ``send_many`` (NATS:
-``publish`` per message) and yields after each batch (``drain``), with at most
+``thr msg/s`` is *delivered* messages per second (fan-out counts each copy),
+the median of ``--repeat`` (3) open-loop runs per case and system: the sender
+queues batches with ``send_many`` (NATS: ``publish`` per message) and yields
+after each batch (``drain``), with at most
 ``E2E_WINDOW`` (2048, ``--window``) messages sent but not yet received by every
 recipient, for both systems (:class:`Window`).  That is how a sender paced by
 its receivers behaves, and it keeps each recipient's relay mailbox (capacity
@@ -468,13 +469,19 @@ async def nats_run(server: NatsServer, fanout: int, size: int, n: int,
 def fmt_row(name: str, r: dict) -> str:
     return (f"{name:<24} {r['thr']:>10,.0f} {r['send_rate']:>10,.0f} "
             f"{r.get('p50', float('nan')):>8.2f} {r.get('p99', float('nan')):>8.2f} "
-            f"{r.get('lat_rate', 0):>9,.0f}")
+            f"{r.get('lat_rate', 0):>9,.0f}"
+            + (f"  runs {min(r['thr_runs']) / 1e3:,.0f}-{max(r['thr_runs']) / 1e3:,.0f} k"
+               if len(r.get("thr_runs", ())) > 1 else ""))
 
 
-async def scenario(runner, fanout: int, size: int, n: int) -> dict:
-    """Throughput run, then a latency run at ~50 % of the measured send rate."""
+async def scenario(runner, fanout: int, size: int, n: int, repeat: int = 1) -> dict:
+    """Throughput runs (the median of ``repeat``), then a latency run at ~50 % of
+    that send rate.  ``thr_runs`` lists every throughput run's rate."""
     n_send = max(500, n // 4) if fanout > 1 else n
-    thr = await runner(fanout, size, n_send, None)
+    runs = [await runner(fanout, size, n_send, None) for _ in range(max(1, repeat))]
+    runs.sort(key=lambda r: r["thr"])
+    thr = runs[len(runs) // 2]
+    thr["thr_runs"] = [r["thr"] for r in runs]
     lat_rate = max(50.0, thr["send_rate"] * 0.5)
     n_lat = int(max(200, min(n_send, lat_rate * 2.0)))  # ~2 s paced
     lat = await runner(fanout, size, n_lat, lat_rate)
@@ -501,7 +508,7 @@ async def main_async(args, stalls: list[str]) -> list[tuple[str, str, dict]]:
                         pr = cProfile.Profile()
                         pr.enable()
                     try:
-                        res = await scenario(runner, fanout, size, n)
+                        res = await scenario(runner, fanout, size, n, args.repeat)
                     except Stalled as exc:
                         print(f"fastroute-{store} {key}: STALLED: {exc}; relay stack:\n"
                               f"{relay.dump_stack()}", flush=True)
@@ -525,7 +532,7 @@ async def main_async(args, stalls: list[str]) -> list[tuple[str, str, dict]]:
                 key = f"1:{fanout} {size}B"
                 runner = lambda f, s, k, r, i=i: nats_run(  # noqa: E731
                     server, f, s, k, r, f"bench.{i}.{time.monotonic_ns()}")
-                res = await scenario(runner, fanout, size, n)
+                res = await scenario(runner, fanout, size, n, args.repeat)
                 rows.append(("nats-py", key, res))
                 print(fmt_row(f"nats-py {key}", res), flush=True)
         finally:
@@ -539,6 +546,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="sends per 1:1 throughput run "
                          "(fan-out runs send N/4, i.e. 2.5 N deliveries)")
     ap.add_argument("--quick", action="store_true", help="small runs (N=3000)")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="throughput runs per case and system; the median is reported "
+                         "(this machine's noise moves single runs by a third)")
     ap.add_argument("--window", type=int, default=E2E_WINDOW,
                     help="max sends in flight end to end (0: unbounded; > 4096 lets the "
                          "recipient overflow its mailbox into the store-fed path)")
