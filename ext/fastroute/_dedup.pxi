@@ -50,8 +50,11 @@ cdef struct DSlot:
 
 cdef inline Py_hash_t dedup_hash(object sender, object cid) except? -1:
     # str and bytes hashes are SipHash with the process's random key (no
-    # chosen-collision floods) and are cached in the objects
-    return PyObject_Hash(cid) ^ (PyObject_Hash(sender) * <Py_hash_t>0x5bd1e995)
+    # chosen-collision floods) and are cached in the objects; mixed in
+    # unsigned arithmetic, where overflow wraps instead of being undefined
+    cdef uint64_t hc = <uint64_t>PyObject_Hash(cid)
+    cdef uint64_t hs = <uint64_t>PyObject_Hash(sender)
+    return <Py_hash_t>(hc ^ (hs * <uint64_t>0x5bd1e995ULL))
 
 
 cdef uint64_t DEDUP_SLOT_MASK = 0xffffffffULL
