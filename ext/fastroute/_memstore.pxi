@@ -1,6 +1,6 @@
 # MemoryStore's per-message loops (fastroute.store.MemoryStore), compiled.
 # Included by _core.pyx.  fastroute/_fastpath.py has the Python twins
-# (_py_mem_put, _py_mem_ack), the specification; tests/test_fastpath.py runs
+# (_py_mem_put, _py_mem_ack, _py_mem_load), the specification; tests/test_fastpath.py runs
 # both on the same inputs and compares the dicts they leave.
 #
 # The layout is MemoryStore's: ``msgs`` maps mid -> [sender, id, body, ts_ms,
