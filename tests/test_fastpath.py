@@ -66,6 +66,10 @@ def test_compiled_twins_loaded():
         assert _fastpath.decode_sends_c is _core.decode_sends
         assert _fastpath.pack_sends is _core.pack_sends
         assert _fastpath.dispatch_frame_c is _core.dispatch_frame
+        assert _fastpath.sync_rows is _core.sync_rows
+        assert (_fastpath.mem_put, _fastpath.mem_ack, _fastpath.mem_load) == (
+            _core.mem_put, _core.mem_ack, _core.mem_load)
+        assert _fastpath.DedupTable is _core.DedupTable
     else:
         assert _fastpath.pack_frames_c is None and _fastpath.decode_sends_c is None
 
