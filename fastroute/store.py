@@ -735,19 +735,9 @@ class SqliteStore(_BaseStore):
         flushes: list[tuple] = []       # (future, report deferred errors)
         stop = False
         for kind, arg, fut in batch:
-            if kind == _PUT:
-                sender, cid, body, ts, exp, devs = arg
-                if len(devs) == 1:
-                    msg_rows += (mid, devs[0], sender, cid, body, ts, exp)
-                else:
-                    msg_rows += (mid, None, sender, cid, body, ts, exp)
-                    for d in devs:
-                        inbox_rows += (d, mid)
-                done.append((fut, mid))
-                mid += 1
-            elif kind == _PUT_MANY:
+            if kind == _PUT or kind == _PUT_MANY:
                 first = mid
-                for sender, cid, body, ts, exp, devs in arg:
+                for sender, cid, body, ts, exp, devs in ((arg,) if kind == _PUT else arg):
                     if len(devs) == 1:
                         msg_rows += (mid, devs[0], sender, cid, body, ts, exp)
                     else:
@@ -755,7 +745,7 @@ class SqliteStore(_BaseStore):
                         for d in devs:
                             inbox_rows += (d, mid)
                     mid += 1
-                done.append((fut, list(range(first, mid))))
+                done.append((fut, first if kind == _PUT else list(range(first, mid))))
             elif kind == _ACK:
                 # Inserts run before deletes below; so that this equals queue
                 # order, an ack only reaches mids that existed when it was
@@ -929,25 +919,18 @@ class MemoryStore(_BaseStore):
         self._msgs.clear()
         self._inbox.clear()
 
-    def _store(self, row: tuple) -> int:
-        sender, cid, body, ts, exp, devs = row
-        mid = self._next_mid
-        self._next_mid = mid + 1
-        self._msgs[mid] = [sender, cid, body, ts, exp, len(devs)]
-        inbox = self._inbox
-        for d in devs:
-            box = inbox.get(d)
-            if box is None:
-                box = inbox[d] = {}
-            box[mid] = None
-        return mid
+    def _store_rows(self, rows: list[tuple]) -> list[int]:
+        # validated rows carry their expiry, always ts_ms + ttl, which the
+        # shared put loop computes again
+        return self._store_trusted([(s, c, b, t, d) for s, c, b, t, _, d in rows])
 
     def put(self, sender: str, cid: bytes, body: bytes, ts_ms: int,
             device_keys: Sequence[int]) -> asyncio.Future[int]:
         """Store one message; the returned future is already resolved."""
         self._check_open()
         fut = self._loop.create_future()
-        fut.set_result(self._store(self._check_put(sender, cid, body, ts_ms, device_keys)))
+        fut.set_result(self._store_rows([self._check_put(sender, cid, body, ts_ms,
+                                                          device_keys)])[0])
         return fut
 
     def put_many(self, items: Sequence[PutItem], *,
@@ -955,7 +938,7 @@ class MemoryStore(_BaseStore):
         """Store several messages; the returned future is already resolved."""
         self._check_open()
         if validate:
-            mids = [self._store(r) for r in self._check_many(items, True)]
+            mids = self._store_rows(self._check_many(items, True))
         else:
             mids = self._store_trusted(items)
         fut = self._loop.create_future()
@@ -963,8 +946,9 @@ class MemoryStore(_BaseStore):
         return fut
 
     def _store_trusted(self, items: Sequence[PutItem]) -> list[int]:
-        # The relay's hot path (validate=False): _check_many's expiry and
-        # _store in one loop, compiled when fastroute._core is
+        # every put ends here; the relay's hot path (validate=False) comes
+        # straight: the expiry and the inboxes in one loop, compiled when
+        # fastroute._core is
         mids: list[int] = []
         try:
             _mem_put(items if type(items) is list else list(items), self._msgs, self._inbox,
