@@ -123,11 +123,18 @@ class DedupWindow:
         budget = min(_EVICT_STEP, len(d))
         while len(d) >= self.max_entries and budget > 0:
             budget -= 1
-            key, entry = next(iter(d.items()))
-            if entry[0] == PENDING:
-                d.move_to_end(key)
-            else:
-                del d[key]
+            self._retire_oldest()
+
+    def _retire_oldest(self) -> bool:
+        """Drop the oldest entry if it is decided and return True; a pending
+        one moves to the young end instead (False)."""
+        d = self.entries
+        key, entry = next(iter(d.items()))
+        if entry[0] == PENDING:
+            d.move_to_end(key)
+            return False
+        del d[key]
+        return True
 
     def begin(self, sender: str, cid: bytes, code: int, now: float) -> None:
         """Record ``(sender, cid)`` with ``code`` (PENDING or a final code) at ``now``.
@@ -195,13 +202,8 @@ class DedupWindow:
         budget = len(d)
         n = 0
         while budget > 0:
-            key, entry = next(iter(d.items()))
-            if entry[1] > cutoff:
+            if next(iter(d.values()))[1] > cutoff:
                 break
             budget -= 1
-            if entry[0] == PENDING:
-                d.move_to_end(key)
-            else:
-                del d[key]
-                n += 1
+            n += self._retire_oldest()
         return n

@@ -214,6 +214,17 @@ cdef class DedupTable:
         self.tail += 1
         self.head += 1
 
+    cdef bint _retire_oldest(self) noexcept:
+        """Drop the (live) tail entry if it is decided and return True; a
+        pending one moves to the young end instead (False)."""
+        cdef Py_ssize_t p = <Py_ssize_t>(self.tail & (self.cap - 1))
+        if self.slots[p].code == DEDUP_PENDING:
+            self._rotate()
+            return False
+        self._drop(p, self._index_of(p))
+        self.tail += 1
+        return True
+
     cdef int _grow(self) except -1:
         cdef DSlot* old = self.slots
         cdef uint64_t* old_index = self.index
@@ -250,8 +261,7 @@ cdef class DedupTable:
         return 0
 
     cdef int _make_room(self) except -1:
-        cdef Py_ssize_t budget, p
-        cdef DSlot* s
+        cdef Py_ssize_t budget
         self._skip_holes()
         # a bounded step per insert: pending entries at the tail are rotated,
         # not dropped, and walking all of them on every insert would make a
@@ -261,13 +271,7 @@ cdef class DedupTable:
         while self.live >= self.max_entries and budget > 0:
             budget -= 1
             self._skip_holes()
-            p = <Py_ssize_t>(self.tail & (self.cap - 1))
-            s = &self.slots[p]
-            if s.code == DEDUP_PENDING:
-                self._rotate()
-            else:
-                self._drop(p, self._index_of(p))
-                self.tail += 1
+            self._retire_oldest()
         self._skip_holes()
         if self.head - self.tail >= self.cap:
             self._grow()
@@ -427,21 +431,13 @@ cdef class DedupTable:
         roughly in age order); a pending one moves to the young end.
         """
         cdef double cutoff = (self._clock() if now is None else <double>now) - self.window_s
-        cdef Py_ssize_t budget = self.live, n = 0, p
-        cdef DSlot* s
+        cdef Py_ssize_t budget = self.live, n = 0
         while budget > 0:
             self._skip_holes()
-            p = <Py_ssize_t>(self.tail & (self.cap - 1))
-            s = &self.slots[p]
-            if s.stamp > cutoff:
+            if self.slots[self.tail & (self.cap - 1)].stamp > cutoff:
                 break
             budget -= 1
-            if s.code == DEDUP_PENDING:
-                self._rotate()
-            else:
-                self._drop(p, self._index_of(p))
-                self.tail += 1
-                n += 1
+            n += self._retire_oldest()
         self._skip_holes()
         return n
 
