@@ -32,7 +32,7 @@ from .gate import PENDING, DedupWindow
 __all__ = ["COMPILED_FASTPATH", "DedupTable", "accept_sends", "decode_sends_c",
            "decode_server_ops_c", "deliver_tail", "dispatch_frame_c", "mem_ack", "mem_load",
            "mem_put", "pack_delivers", "pack_frames_c", "pack_sends", "route_items",
-           "sack_ok_op", "stored_sacks", "sync_rows"]
+           "sack_ok_op", "stored_sacks", "sync_rows", "ts_packed"]
 
 _DELIVER_HEAD = b"\x97\x12\xce"  # fixarray(7), 18, uint32 marker
 _SACK_HEAD = b"\x93\x11\xc4\x10"  # fixarray(3), 17, bin8 of 16
@@ -47,6 +47,11 @@ def _bin_header(n: int) -> bytes:
     if n < 256:
         return _BIN8[n]
     return b"\xc5" + n.to_bytes(2, "big") if n < 65536 else b"\xc6" + n.to_bytes(4, "big")
+
+
+def ts_packed(ts_ms: int) -> bytes:
+    """``ts_ms`` packed as a msgpack uint64 (the DELIVER tail's timestamp field)."""
+    return b"\xcf" + ts_ms.to_bytes(8, "big")
 
 
 def _py_deliver_tail(sender_packed: bytes, cid: bytes, body: bytes, ts_packed: bytes,
@@ -203,7 +208,7 @@ def _py_sync_rows(router, dev, rows: list, routed, senders: dict, pack_sender):
         sp = senders.get(sender)
         if sp is None:
             sp = senders[sender] = pack_sender(sender)
-        tail = _py_deliver_tail(sp, cid, body, b"\xcf" + ts_ms.to_bytes(8, "big"), 0)
+        tail = _py_deliver_tail(sp, cid, body, ts_packed(ts_ms), 0)
         try:
             push(dev, (mid, tail))
         except MailboxFull:

@@ -72,15 +72,12 @@ _stored_sacks = _fastpath.stored_sacks
 _route_items = _fastpath.route_items
 _accept_sends = _fastpath.accept_sends
 _sync_rows = _fastpath.sync_rows
+_ts_packed = _fastpath.ts_packed
 _decode_sends = _fastpath.decode_sends_c  # None without the compiled core
 _ADDR_OK = wire._ADDR_OK
 # the gate's refusal codes, in the order _fastpath.accept_sends takes them
 _REFUSALS = (ErrorCode.BODY_TOO_LARGE, ErrorCode.UNKNOWN_RECIPIENT,
              ErrorCode.CONSENT_REQUIRED, ErrorCode.RATE_LIMITED)
-
-
-def _ts_packed(ts_ms: int) -> bytes:
-    return b"\xcf" + ts_ms.to_bytes(8, "big")
 
 
 # connection states (_DRAINING: the client said BYE, its SACKs are still due)
