@@ -142,20 +142,19 @@ def _chunks(n: int):
         n -= k
 
 
-def _execute_rows(conn: sqlite3.Connection, head: str, ncols: int, flat: list) -> None:
-    """Run ``head VALUES (...), ...`` over ``flat`` (``ncols`` values a row)."""
+def _execute_rows(conn: sqlite3.Connection, head: str, ncols: int, first: list,
+                  flat: list) -> None:
+    """Run ``head`` completed by :func:`_rows_sql` over ``flat`` (``ncols``
+    values a row), ``first`` bound before each statement's rows."""
     at = 0
     for k in _chunks(len(flat) // ncols):
-        conn.execute(_rows_sql(head, ncols, k), flat[at:at + k * ncols])
+        conn.execute(_rows_sql(head, ncols, k), first + flat[at:at + k * ncols])
         at += k * ncols
 
 
 def _execute_in(conn: sqlite3.Connection, head: str, first: list, values: list) -> None:
     """Run ``head (?, ...)`` (an ``IN`` list) over ``values``, ``first`` bound before."""
-    at = 0
-    for k in _chunks(len(values)):
-        conn.execute(_rows_sql(head, 1, k), first + values[at:at + k])
-        at += k
+    _execute_rows(conn, head, 1, first, values)
 
 
 def _store_error(reason: str) -> FastrouteError:
@@ -780,8 +779,8 @@ class SqliteStore(_BaseStore):
                         "VALUES (?,?,?)", regs)
                     conn.execute(_SQL_META, ("next_device", max(r[0] for r in regs) + 1))
                 if msg_rows:
-                    _execute_rows(conn, _SQL_PUT_MSG, 7, msg_rows)
-                    _execute_rows(conn, _SQL_PUT_INBOX, 2, inbox_rows)
+                    _execute_rows(conn, _SQL_PUT_MSG, 7, [], msg_rows)
+                    _execute_rows(conn, _SQL_PUT_INBOX, 2, [], inbox_rows)
                     conn.execute(_SQL_META, ("next_mid", mid))
                 if acks or forgets:
                     self._delete(conn, acks, forgets)
