@@ -36,7 +36,7 @@ bytes or not UTF-8, a map key that is not a string.
 from __future__ import annotations
 
 import enum
-from typing import Any, Iterable, TypedDict, Union
+from typing import Any, Callable, Iterable, NamedTuple, TypedDict, Union
 
 import msgpack
 
@@ -282,196 +282,119 @@ def _is_cls(v: object) -> bool:
     return type(v) is int and 0 <= v <= 1
 
 
+# -- op validation: one table, one interpreter -----------------------------------
+#
+# Every op is checked the same way: its arity, then its fields in wire order,
+# each with one predicate and one reason, stopping at the first failure.  So
+# the rules are data (_OP_TABLE, one row per opcode) and _check_op is their
+# only interpreter: a new op is a row, and an error's code and wording cannot
+# drift between ops that check the same kind of field.  The reasons go on the
+# wire (SACK/ERROR) and tests pin them; the table reproduces them exactly.
+
+class _Kind(NamedTuple):
+    """What one op field may hold: the predicate and how its reason ends."""
+
+    ok: Callable[[Any], bool]
+    requirement: str
+
+
+_ID = _Kind(_is_id, f"must be {ID_LEN} bytes of bin")
+_MEDIA_ID = _Kind(lambda v: type(v) is bytes and len(v) == MEDIA_ID_LEN,
+                  f"must be {MEDIA_ID_LEN} bytes of bin")
+_UINT = _Kind(_is_uint, "must be a non-negative integer")
+_POSITIVE = _Kind(lambda v: _is_uint(v) and v != 0, "must be a positive integer")
+_INT = _Kind(lambda v: type(v) is int, "must be an integer")
+_CLS = _Kind(_is_cls, "must be 0 or 1")
+_BOOL = _Kind(lambda v: type(v) is bool, "must be a boolean")
+_STR = _Kind(lambda v: type(v) is str, "must be str")
+_ADDRESS = _Kind(_address_ok, "is not a valid address")
+_DEVICE = _Kind(is_valid_device, "is not a valid device name")
+_PROVIDER = _Kind(lambda v: v == "*" or is_valid_provider(v),
+                  "must be a provider name or '*'")
+_BIN = _Kind(lambda v: type(v) is bytes, "must be bin")
+# A body is two checks: bin (BAD_FIELD), then at most MAX_BODY bytes, under
+# the op's own ``oversize`` code (the relay answers BODY_TOO_LARGE for a
+# message, BAD_CHUNK for a media chunk).
+_BODY = _Kind(lambda v: len(v) <= MAX_BODY, f"over {MAX_BODY} bytes")
+_ANY = None  # a field the decoder passes through unchecked
+
+
+class _OpSpec(NamedTuple):
+    """One row of the op table: how one opcode is validated.
+
+    ``fields`` are the op's elements after the opcode, in wire order, each a
+    ``(label, kind)`` whose label is the word used in the reason.
+    ``id_field`` names the field reported as :attr:`OpError.id` (when it is
+    valid) so the relay can answer a bad request with its id.
+    """
+
+    op: Op
+    fields: tuple[tuple[str, _Kind | None], ...]
+    id_field: str | None = None
+    oversize: ErrorCode = ErrorCode.BODY_TOO_LARGE
+
+
+_OP_TABLE = (
+    # client -> relay
+    _OpSpec(Op.SEND, (("id", _ID), ("recipient", _ADDRESS), ("body", _BODY),
+                      ("cls", _CLS)), "id"),
+    _OpSpec(Op.DACK, (("upto_seq", _UINT),)),
+    _OpSpec(Op.PING, (("token", _INT),)),
+    _OpSpec(Op.BYE, ()),
+    _OpSpec(Op.CONSENT, (("id", _ID), ("provider", _PROVIDER), ("allow", _BOOL)), "id"),
+    _OpSpec(Op.MBEGIN, (("id", _ID), ("size", _POSITIVE), ("sha256", _MEDIA_ID)), "id"),
+    _OpSpec(Op.MCHUNK, (("id", _ID), ("upload id", _ID), ("index", _UINT),
+                        ("data", _BODY)), "id", ErrorCode.BAD_CHUNK),
+    _OpSpec(Op.MFINISH, (("id", _ID), ("upload id", _ID)), "id"),
+    _OpSpec(Op.MGET, (("id", _ID), ("blob id", _MEDIA_ID), ("index", _UINT)), "id"),
+    # relay -> client
+    _OpSpec(Op.WELCOME, (("address", _ADDRESS), ("device", _DEVICE),
+                         ("server_time_ms", _UINT))),
+    _OpSpec(Op.SACK, (("id", _ID), ("code", _UINT)), "id"),
+    _OpSpec(Op.DELIVER, (("seq", _UINT), ("sender", _ADDRESS), ("id", _ID), ("body", _BODY),
+                         ("ts_ms", _UINT), ("cls", _CLS)), "id"),
+    _OpSpec(Op.ERROR, (("code", _UINT), ("reason", _STR))),
+    _OpSpec(Op.PONG, (("token", _INT),)),
+    _OpSpec(Op.SERVER_BYE, (("code", _UINT), ("reason", _STR))),
+    _OpSpec(Op.MREPLY, (("id", _ID), ("code", _UINT), ("result", _ANY)), "id"),
+)
+
+
+class _Check(NamedTuple):
+    """An :class:`_OpSpec` compiled for :func:`_check_op`: reasons prebuilt."""
+
+    arity: int
+    arity_reason: str
+    id_index: int  # 0: the op has no id to report
+    steps: tuple[tuple[int, Callable[[Any], bool], ErrorCode, str], ...]
+
+
 _M, _F = ErrorCode.MALFORMED, ErrorCode.BAD_FIELD
 
 
-def _check_send(op: tuple) -> OpError | None:
-    mid = op[1] if len(op) > 1 and _is_id(op[1]) else None
-    if len(op) != 5:
-        return OpError(_M, "SEND takes 4 fields", _SEND, mid)
-    if mid is None:
-        return OpError(_F, "SEND id must be 16 bytes of bin", _SEND)
-    _, _, to, body, cls = op
-    if not _address_ok(to):
-        return OpError(_F, "SEND recipient is not a valid address", _SEND, mid)
-    if type(body) is not bytes:
-        return OpError(_F, "SEND body must be bin", _SEND, mid)
-    if len(body) > MAX_BODY:
-        return OpError(ErrorCode.BODY_TOO_LARGE, f"SEND body over {MAX_BODY} bytes", _SEND, mid)
-    if not _is_cls(cls):
-        return OpError(_F, "SEND cls must be 0 or 1", _SEND, mid)
-    return None
+def _compile(spec: _OpSpec) -> _Check:
+    name = spec.op.name
+    n = len(spec.fields)
+    arity_reason = f"{name} takes {n or 'no'} field{'' if n == 1 else 's'}"
+    steps: list[tuple[int, Callable[[Any], bool], ErrorCode, str]] = []
+    id_index = 0
+    for index, (label, kind) in enumerate(spec.fields, 1):
+        if label == spec.id_field:
+            id_index = index
+        if kind is _BODY:
+            steps.append((index, _BIN.ok, _F, f"{name} {label} {_BIN.requirement}"))
+            steps.append((index, kind.ok, spec.oversize, f"{name} {label} {kind.requirement}"))
+        elif kind is not None:
+            steps.append((index, kind.ok, _F, f"{name} {label} {kind.requirement}"))
+    return _Check(n + 1, arity_reason, id_index, tuple(steps))
 
 
-def _check_consent(op: tuple) -> OpError | None:
-    mid = op[1] if len(op) > 1 and _is_id(op[1]) else None
-    if len(op) != 4:
-        return OpError(_M, "CONSENT takes 3 fields", _CONSENT, mid)
-    if mid is None:
-        return OpError(_F, "CONSENT id must be 16 bytes of bin", _CONSENT)
-    _, _, provider, allow = op
-    if not (provider == "*" or is_valid_provider(provider)):
-        return OpError(_F, "CONSENT provider must be a provider name or '*'", _CONSENT, mid)
-    if type(allow) is not bool:
-        return OpError(_F, "CONSENT allow must be a boolean", _CONSENT, mid)
-    return None
+# Opcodes 1-15 flow client -> relay, 16-31 relay -> client (see Op).
+_CLIENT_CHECKS = {int(s.op): _compile(s) for s in _OP_TABLE if s.op < 16}
+_SERVER_CHECKS = {int(s.op): _compile(s) for s in _OP_TABLE if s.op >= 16}
 
 
-def _check_dack(op: tuple) -> OpError | None:
-    if len(op) != 2:
-        return OpError(_M, "DACK takes 1 field", _DACK)
-    if not _is_uint(op[1]):
-        return OpError(_F, "DACK upto_seq must be a non-negative integer", _DACK)
-    return None
-
-
-def _check_token(op: tuple) -> OpError | None:
-    name = "PING" if op[0] == _PING else "PONG"
-    if len(op) != 2:
-        return OpError(_M, f"{name} takes 1 field", op[0])
-    if type(op[1]) is not int:
-        return OpError(_F, f"{name} token must be an integer", op[0])
-    return None
-
-
-def _check_bye(op: tuple) -> OpError | None:
-    if len(op) != 1:
-        return OpError(_M, "BYE takes no fields", _BYE)
-    return None
-
-
-def _check_welcome(op: tuple) -> OpError | None:
-    if len(op) != 4:
-        return OpError(_M, "WELCOME takes 3 fields", _WELCOME)
-    _, address, device, t = op
-    if not _address_ok(address):
-        return OpError(_F, "WELCOME address is not a valid address", _WELCOME)
-    if not is_valid_device(device):
-        return OpError(_F, "WELCOME device is not a valid device name", _WELCOME)
-    if not _is_uint(t):
-        return OpError(_F, "WELCOME server_time_ms must be a non-negative integer", _WELCOME)
-    return None
-
-
-def _check_sack(op: tuple) -> OpError | None:
-    mid = op[1] if len(op) > 1 and _is_id(op[1]) else None
-    if len(op) != 3:
-        return OpError(_M, "SACK takes 2 fields", _SACK, mid)
-    if mid is None:
-        return OpError(_F, "SACK id must be 16 bytes of bin", _SACK)
-    if not _is_uint(op[2]):
-        return OpError(_F, "SACK code must be a non-negative integer", _SACK, mid)
-    return None
-
-
-def _check_deliver(op: tuple) -> OpError | None:
-    mid = op[3] if len(op) > 3 and _is_id(op[3]) else None
-    if len(op) != 7:
-        return OpError(_M, "DELIVER takes 6 fields", _DELIVER, mid)
-    _, seq, sender, _, body, ts, cls = op
-    if not _is_uint(seq):
-        return OpError(_F, "DELIVER seq must be a non-negative integer", _DELIVER, mid)
-    if not _address_ok(sender):
-        return OpError(_F, "DELIVER sender is not a valid address", _DELIVER, mid)
-    if mid is None:
-        return OpError(_F, "DELIVER id must be 16 bytes of bin", _DELIVER)
-    if type(body) is not bytes:
-        return OpError(_F, "DELIVER body must be bin", _DELIVER, mid)
-    if len(body) > MAX_BODY:
-        return OpError(ErrorCode.BODY_TOO_LARGE, f"DELIVER body over {MAX_BODY} bytes",
-                       _DELIVER, mid)
-    if not _is_uint(ts):
-        return OpError(_F, "DELIVER ts_ms must be a non-negative integer", _DELIVER, mid)
-    if not _is_cls(cls):
-        return OpError(_F, "DELIVER cls must be 0 or 1", _DELIVER, mid)
-    return None
-
-
-def _check_code_reason(op: tuple) -> OpError | None:
-    name = "ERROR" if op[0] == _ERROR else "SERVER_BYE"
-    if len(op) != 3:
-        return OpError(_M, f"{name} takes 2 fields", op[0])
-    if not _is_uint(op[1]):
-        return OpError(_F, f"{name} code must be a non-negative integer", op[0])
-    if type(op[2]) is not str:
-        return OpError(_F, f"{name} reason must be str", op[0])
-    return None
-
-
-def _check_mbegin(op: tuple) -> OpError | None:
-    rid = op[1] if len(op) > 1 and _is_id(op[1]) else None
-    if len(op) != 4:
-        return OpError(_M, "MBEGIN takes 3 fields", _MBEGIN, rid)
-    if rid is None:
-        return OpError(_F, "MBEGIN id must be 16 bytes of bin", _MBEGIN)
-    if not _is_uint(op[2]) or op[2] == 0:
-        return OpError(_F, "MBEGIN size must be a positive integer", _MBEGIN, rid)
-    if type(op[3]) is not bytes or len(op[3]) != MEDIA_ID_LEN:
-        return OpError(_F, "MBEGIN sha256 must be 32 bytes of bin", _MBEGIN, rid)
-    return None
-
-
-def _check_mchunk(op: tuple) -> OpError | None:
-    rid = op[1] if len(op) > 1 and _is_id(op[1]) else None
-    if len(op) != 5:
-        return OpError(_M, "MCHUNK takes 4 fields", _MCHUNK, rid)
-    if rid is None:
-        return OpError(_F, "MCHUNK id must be 16 bytes of bin", _MCHUNK)
-    if not _is_id(op[2]):
-        return OpError(_F, "MCHUNK upload id must be 16 bytes of bin", _MCHUNK, rid)
-    if not _is_uint(op[3]):
-        return OpError(_F, "MCHUNK index must be a non-negative integer", _MCHUNK, rid)
-    if type(op[4]) is not bytes:
-        return OpError(_F, "MCHUNK data must be bin", _MCHUNK, rid)
-    if len(op[4]) > MAX_BODY:
-        return OpError(ErrorCode.BAD_CHUNK, f"MCHUNK data over {MAX_BODY} bytes", _MCHUNK, rid)
-    return None
-
-
-def _check_mfinish(op: tuple) -> OpError | None:
-    rid = op[1] if len(op) > 1 and _is_id(op[1]) else None
-    if len(op) != 3:
-        return OpError(_M, "MFINISH takes 2 fields", _MFINISH, rid)
-    if rid is None:
-        return OpError(_F, "MFINISH id must be 16 bytes of bin", _MFINISH)
-    if not _is_id(op[2]):
-        return OpError(_F, "MFINISH upload id must be 16 bytes of bin", _MFINISH, rid)
-    return None
-
-
-def _check_mget(op: tuple) -> OpError | None:
-    rid = op[1] if len(op) > 1 and _is_id(op[1]) else None
-    if len(op) != 4:
-        return OpError(_M, "MGET takes 3 fields", _MGET, rid)
-    if rid is None:
-        return OpError(_F, "MGET id must be 16 bytes of bin", _MGET)
-    if type(op[2]) is not bytes or len(op[2]) != MEDIA_ID_LEN:
-        return OpError(_F, "MGET blob id must be 32 bytes of bin", _MGET, rid)
-    if not _is_uint(op[3]):
-        return OpError(_F, "MGET index must be a non-negative integer", _MGET, rid)
-    return None
-
-
-def _check_mreply(op: tuple) -> OpError | None:
-    rid = op[1] if len(op) > 1 and _is_id(op[1]) else None
-    if len(op) != 4:
-        return OpError(_M, "MREPLY takes 3 fields", _MREPLY, rid)
-    if rid is None:
-        return OpError(_F, "MREPLY id must be 16 bytes of bin", _MREPLY)
-    if not _is_uint(op[2]):
-        return OpError(_F, "MREPLY code must be a non-negative integer", _MREPLY, rid)
-    return None
-
-
-_CLIENT_CHECKS = {_SEND: _check_send, _CONSENT: _check_consent, _DACK: _check_dack,
-                  _PING: _check_token, _BYE: _check_bye, _MBEGIN: _check_mbegin,
-                  _MCHUNK: _check_mchunk, _MFINISH: _check_mfinish, _MGET: _check_mget}
-_SERVER_CHECKS = {_WELCOME: _check_welcome, _SACK: _check_sack, _DELIVER: _check_deliver,
-                  _ERROR: _check_code_reason, _PONG: _check_token,
-                  _SERVER_BYE: _check_code_reason, _MREPLY: _check_mreply}
-
-
-def _check_op(op: object, checks: dict[int, Any]) -> DecodedOp:
+def _check_op(op: object, checks: dict[int, _Check]) -> DecodedOp:
     """Slow path: full validation with a precise error."""
     if type(op) is not tuple:
         return OpError(_M, "op must be an array")
@@ -483,11 +406,19 @@ def _check_op(op: object, checks: dict[int, Any]) -> DecodedOp:
     check = checks.get(opcode)
     if check is None:
         return OpError(ErrorCode.UNKNOWN_OP, "unknown opcode for this direction", opcode)
-    err = check(op)
-    return op if err is None else err
+    # the id is reported with any error once it is itself valid, even when
+    # the arity is wrong: the relay can still answer that request by its id
+    at = check.id_index
+    mid = op[at] if at and len(op) > at and _is_id(op[at]) else None
+    if len(op) != check.arity:
+        return OpError(_M, check.arity_reason, opcode, mid)
+    for index, ok, code, reason in check.steps:
+        if not ok(op[index]):
+            return OpError(code, reason, opcode, mid)
+    return op
 
 
-def _slow(frame: tuple, start: int, checks: dict[int, Any]) -> list[DecodedOp]:
+def _slow(frame: tuple, start: int, checks: dict[int, _Check]) -> list[DecodedOp]:
     """Validate ``frame[start:]`` op by op; ``frame[:start]`` is known good."""
     ops = list(frame)
     for i in range(start, len(ops)):

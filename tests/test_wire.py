@@ -427,3 +427,103 @@ def test_structured_garbage_is_reported_per_op(ops):
         assert len(result) == len(ops)
         for got, sent in zip(result, ops):
             assert isinstance(got, OpError) or list(got) == sent
+
+
+# -- the exact error of every op rule -------------------------------------------
+
+UP, BLOB, BIG = bytes(range(16, 32)), bytes(range(32)), b"x" * (MAX_BODY + 1)
+_C, _S = "client", "server"
+_M, _F = ErrorCode.MALFORMED, ErrorCode.BAD_FIELD
+
+# One row per reason the decoders can give: (direction, op, code, reason,
+# opcode, id).  The reasons reach peers in SACK and ERROR ops, so their exact
+# wording, and which id comes back with them, are part of the contract.
+OP_ERRORS = [
+    (_C, 7, _M, "op must be an array", None, None),
+    (_C, [], _M, "op must not be empty", None, None),
+    (_C, ["1", MID], _M, "opcode must be an integer", None, None),
+    (_C, [99], ErrorCode.UNKNOWN_OP, "unknown opcode for this direction", 99, None),
+    (_C, [17, MID, 0], ErrorCode.UNKNOWN_OP, "unknown opcode for this direction", 17, None),
+    (_S, [2, 1], ErrorCode.UNKNOWN_OP, "unknown opcode for this direction", 2, None),
+    (_C, [1, MID, ADDR, b"x"], _M, "SEND takes 4 fields", 1, MID),
+    (_C, [1, MID[:15], ADDR, b"x", 0], _F, "SEND id must be 16 bytes of bin", 1, None),
+    (_C, [1, MID, "nobody", b"x", 0], _F, "SEND recipient is not a valid address", 1, MID),
+    (_C, [1, MID, ADDR, "x", 0], _F, "SEND body must be bin", 1, MID),
+    (_C, [1, MID, ADDR, BIG, 0], ErrorCode.BODY_TOO_LARGE, "SEND body over 61440 bytes", 1,
+     MID),
+    (_C, [1, MID, ADDR, b"x", True], _F, "SEND cls must be 0 or 1", 1, MID),
+    (_C, [2], _M, "DACK takes 1 field", 2, None),
+    (_C, [2, -1], _F, "DACK upto_seq must be a non-negative integer", 2, None),
+    (_C, [3, 1, 2], _M, "PING takes 1 field", 3, None),
+    (_C, [3, True], _F, "PING token must be an integer", 3, None),
+    (_C, [4, 0], _M, "BYE takes no fields", 4, None),
+    (_C, [5, MID, "acme"], _M, "CONSENT takes 3 fields", 5, MID),
+    (_C, [5, b"", "acme", True], _F, "CONSENT id must be 16 bytes of bin", 5, None),
+    (_C, [5, MID, "UPPER", True], _F, "CONSENT provider must be a provider name or '*'", 5,
+     MID),
+    (_C, [5, MID, "*", 1], _F, "CONSENT allow must be a boolean", 5, MID),
+    (_C, [6, MID, 1], _M, "MBEGIN takes 3 fields", 6, MID),
+    (_C, [6, None, 1, BLOB], _F, "MBEGIN id must be 16 bytes of bin", 6, None),
+    (_C, [6, MID, 0, BLOB], _F, "MBEGIN size must be a positive integer", 6, MID),
+    (_C, [6, MID, 1, MID], _F, "MBEGIN sha256 must be 32 bytes of bin", 6, MID),
+    (_C, [7, MID, UP, 0], _M, "MCHUNK takes 4 fields", 7, MID),
+    (_C, [7, 1, UP, 0, b""], _F, "MCHUNK id must be 16 bytes of bin", 7, None),
+    (_C, [7, MID, BLOB, 0, b""], _F, "MCHUNK upload id must be 16 bytes of bin", 7, MID),
+    (_C, [7, MID, UP, -1, b""], _F, "MCHUNK index must be a non-negative integer", 7, MID),
+    (_C, [7, MID, UP, 0, "d"], _F, "MCHUNK data must be bin", 7, MID),
+    (_C, [7, MID, UP, 0, BIG], ErrorCode.BAD_CHUNK, "MCHUNK data over 61440 bytes", 7, MID),
+    (_C, [8, MID], _M, "MFINISH takes 2 fields", 8, MID),
+    (_C, [8, "id", UP], _F, "MFINISH id must be 16 bytes of bin", 8, None),
+    (_C, [8, MID, b"up"], _F, "MFINISH upload id must be 16 bytes of bin", 8, MID),
+    (_C, [9, MID, BLOB], _M, "MGET takes 3 fields", 9, MID),
+    (_C, [9, MID[:1], BLOB, 0], _F, "MGET id must be 16 bytes of bin", 9, None),
+    (_C, [9, MID, MID, 0], _F, "MGET blob id must be 32 bytes of bin", 9, MID),
+    (_C, [9, MID, BLOB, 1.0], _F, "MGET index must be a non-negative integer", 9, MID),
+    (_S, [16, ADDR, "phone"], _M, "WELCOME takes 3 fields", 16, None),
+    (_S, [16, "nobody", "phone", 1], _F, "WELCOME address is not a valid address", 16, None),
+    (_S, [16, ADDR, "bad device", 1], _F, "WELCOME device is not a valid device name", 16,
+     None),
+    (_S, [16, ADDR, "phone", -1], _F,
+     "WELCOME server_time_ms must be a non-negative integer", 16, None),
+    (_S, [17, MID], _M, "SACK takes 2 fields", 17, MID),
+    (_S, [17, b"short", 0], _F, "SACK id must be 16 bytes of bin", 17, None),
+    (_S, [17, MID, -2], _F, "SACK code must be a non-negative integer", 17, MID),
+    (_S, [18, 1, ADDR, MID, b"x", 0], _M, "DELIVER takes 6 fields", 18, MID),
+    (_S, [18, -1, ADDR, MID, b"x", 0, 0], _F, "DELIVER seq must be a non-negative integer",
+     18, MID),
+    # the id comes after the sender: an error before it still reports it only if valid
+    (_S, [18, 1, "x", b"", b"x", 0, 0], _F, "DELIVER sender is not a valid address", 18,
+     None),
+    (_S, [18, 1, ADDR, b"", b"x", 0, 0], _F, "DELIVER id must be 16 bytes of bin", 18, None),
+    (_S, [18, 1, ADDR, MID, "x", 0, 0], _F, "DELIVER body must be bin", 18, MID),
+    (_S, [18, 1, ADDR, MID, BIG, 0, 0], ErrorCode.BODY_TOO_LARGE,
+     "DELIVER body over 61440 bytes", 18, MID),
+    (_S, [18, 1, ADDR, MID, b"x", -5, 0], _F, "DELIVER ts_ms must be a non-negative integer",
+     18, MID),
+    (_S, [18, 1, ADDR, MID, b"x", 0, 3], _F, "DELIVER cls must be 0 or 1", 18, MID),
+    (_S, [19, 100], _M, "ERROR takes 2 fields", 19, None),
+    (_S, [19, "100", "r"], _F, "ERROR code must be a non-negative integer", 19, None),
+    (_S, [19, 100, b"r"], _F, "ERROR reason must be str", 19, None),
+    (_S, [20], _M, "PONG takes 1 field", 20, None),
+    (_S, [20, None], _F, "PONG token must be an integer", 20, None),
+    (_S, [21, 0], _M, "SERVER_BYE takes 2 fields", 21, None),
+    (_S, [21, -1, "r"], _F, "SERVER_BYE code must be a non-negative integer", 21, None),
+    (_S, [21, 0, None], _F, "SERVER_BYE reason must be str", 21, None),
+    (_S, [22, MID, 0], _M, "MREPLY takes 3 fields", 22, MID),
+    (_S, [22, 5, 0, None], _F, "MREPLY id must be 16 bytes of bin", 22, None),
+    (_S, [22, MID, "0", None], _F, "MREPLY code must be a non-negative integer", 22, MID),
+]
+
+
+@pytest.mark.parametrize("direction, op, code, reason, opcode, op_id", OP_ERRORS,
+                         ids=[row[3] for row in OP_ERRORS])
+def test_each_op_rule_gives_its_exact_error(direction, op, code, reason, opcode, op_id):
+    decode = decode_client_frame if direction == _C else decode_server_frame
+    [got] = decode(frame_of(op))
+    assert got == OpError(code, reason, opcode, op_id)
+    assert type(got.code) is ErrorCode and (opcode is None or type(got.opcode) is int)
+
+
+def test_every_opcode_has_its_error_rows():
+    # a new op needs rows above: its reasons are on the wire too
+    assert {int(o) for o in Op} <= {row[4] for row in OP_ERRORS}
