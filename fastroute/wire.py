@@ -154,10 +154,15 @@ class Op(enum.IntEnum):
     MREPLY = 22
 
 
-# Plain ints for the hot loops: comparing with IntEnum members is slower.
-_SEND, _DACK, _PING, _BYE, _CONSENT = 1, 2, 3, 4, 5
-_WELCOME, _SACK, _DELIVER, _ERROR, _PONG, _SERVER_BYE = 16, 17, 18, 19, 20, 21
-_MBEGIN, _MCHUNK, _MFINISH, _MGET, _MREPLY = 6, 7, 8, 9, 22
+# Module-level ints for the builders, which run once per message: looking up
+# Op.DELIVER costs more than packing the whole op.  Taken from Op, the one
+# table of opcodes, never written out again.
+_SEND, _DACK, _PING, _CONSENT = Op.SEND.value, Op.DACK.value, Op.PING.value, Op.CONSENT.value
+_MBEGIN, _MCHUNK = Op.MBEGIN.value, Op.MCHUNK.value
+_MFINISH, _MGET = Op.MFINISH.value, Op.MGET.value
+_WELCOME, _SACK, _DELIVER = Op.WELCOME.value, Op.SACK.value, Op.DELIVER.value
+_ERROR, _PONG = Op.ERROR.value, Op.PONG.value
+_SERVER_BYE, _MREPLY = Op.SERVER_BYE.value, Op.MREPLY.value
 
 MEDIA_ID_LEN = 32
 """Length of a blob id: the SHA-256 of the (client-encrypted) blob."""
@@ -452,7 +457,8 @@ def _py_decode_client_frame(plaintext: bytes) -> list[DecodedOp]:
     # Fast path: a run of valid SENDs whose recipients are cached, checked
     # inline (locals and literals: global lookups cost more than the checks).
     # The first op that misses it -- an error, another opcode, a new
-    # recipient -- hands the rest of the frame to the precise checks.
+    # recipient -- hands the rest of the frame to the precise checks.  The
+    # opcode is a literal for the same reason: 1 is Op.SEND, defined there.
     addr_ok = _ADDR_OK
     max_body = MAX_BODY
     i = 0
@@ -485,6 +491,8 @@ def decode_server_frame(plaintext: bytes) -> list[DecodedOp]:
 def _py_decode_server_frame(plaintext: bytes) -> list[DecodedOp]:
     """The pure-Python :func:`decode_server_frame` (the compiled fast path's oracle)."""
     frame = _unpack_frame(plaintext)
+    # Literal opcodes (17 is Op.SACK, 18 is Op.DELIVER) and locals, as in the
+    # client frame's fast path: global lookups cost more than the checks.
     addr_ok = _ADDR_OK
     max_body = MAX_BODY
     i = 0
@@ -561,7 +569,7 @@ def ping_op(token: int) -> bytes:
 
 def bye_op() -> bytes:
     """The client's packed BYE op (orderly close)."""
-    return b"\x91\x04"
+    return b"\x91\x04"  # fixarray(1), Op.BYE: constant, so packed once by hand
 
 
 # Relay-side builders do no checks: they run per delivered message and their
