@@ -37,11 +37,8 @@ from fastroute.noise import (
 
 # ---------------------------------------------------------------- vectors
 
-# shared/ sits beside the checkout (../shared from the repo root), in the dev
-# tree and in CI alike; FASTROUTE_SHARED points elsewhere when it does not.
-SHARED = Path(os.environ.get("FASTROUTE_SHARED")
-              or Path(__file__).resolve().parents[2] / "shared")
-VECTORS_FILE = SHARED / "data" / "noise-cacophony-vectors.json"
+# Committed with the tests (tests/data/README.md: source, licence, subset).
+VECTORS_FILE = Path(__file__).resolve().parent / "data" / "noise-cacophony-vectors.json"
 
 
 def _load_vectors() -> list[dict]:
@@ -58,7 +55,7 @@ VECTORS = _load_vectors()
 def test_vectors_present():
     # A missing file or a renamed protocol must fail loudly, not leave the
     # parametrized test below with nothing to run.
-    assert VECTORS_FILE.is_file(), f"vectors not found at {VECTORS_FILE} (set FASTROUTE_SHARED)"
+    assert VECTORS_FILE.is_file(), f"vectors not found at {VECTORS_FILE}"
     assert len(VECTORS) > 0, f"no {PROTOCOL_NAME.decode()} vector in {VECTORS_FILE}"
 
 

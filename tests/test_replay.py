@@ -25,9 +25,8 @@ ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
     [str(Path(fastroute.__file__).resolve().parents[1])] +
     [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
 
-SHARED = Path(os.environ.get("FASTROUTE_SHARED",
-                             Path(__file__).resolve().parents[2] / "shared"))
-COLLEGE = SHARED / "data" / "CollegeMsg.txt"
+# Committed with the tests (tests/data/README.md: source, licence).
+COLLEGE = Path(__file__).resolve().parent / "data" / "CollegeMsg.txt"
 
 
 @pytest.fixture
@@ -64,8 +63,8 @@ def replay(args, timeout=240):
                           capture_output=True, text=True, timeout=timeout, cwd="/", env=ENV)
 
 
-@pytest.mark.skipif(not COLLEGE.exists(), reason="shared/data/CollegeMsg.txt not present")
 def test_collegemsg_replayed_with_nothing_lost_or_duplicated(relay_proc, tmp_path):
+    assert COLLEGE.is_file(), f"trace not found at {COLLEGE}"
     data, port, lines = relay_proc
     assert any("fingerprint" in ln for ln in lines)
     # 194 days at 2,000,000x is about 8.4 s of schedule: paced, open loop

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
 import re
 import statistics
 from collections import Counter, defaultdict
@@ -25,12 +24,10 @@ from fastroute.loadtest.trace import (
 )
 
 
-def shared_data(name: str) -> Path:
-    base = os.environ.get("FASTROUTE_SHARED")
-    root = Path(base) if base else Path(__file__).resolve().parents[2] / "shared"
-    path = root / "data" / name
-    if not path.exists():
-        pytest.skip(f"{path} not available")
+def data_file(name: str) -> Path:
+    """A file committed under tests/data/ (see its README.md); missing fails the test."""
+    path = Path(__file__).resolve().parent / "data" / name
+    assert path.is_file(), f"{path} not found"
     return path
 
 
@@ -204,7 +201,7 @@ def test_read_snap_malformed_lines(text, lineno):
 
 
 def test_read_snap_collegemsg():
-    path = shared_data("CollegeMsg.txt")
+    path = data_file("CollegeMsg.txt")
     recs = read_snap(path)
     assert len(recs) == 59_835
     users = {r.sender for r in recs} | {u for r in recs for u in r.recipients}
