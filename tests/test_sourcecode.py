@@ -4,40 +4,61 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import pkgutil
-import shutil
 import subprocess
+import sys
+import sysconfig
+import tomllib
 from pathlib import Path
-
-import pytest
 
 import fastroute
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.skip(f"{name} is not installed (pip install '.[test]')")
-    return path
+# Each tool runs as a module of this interpreter: `.venv/bin/pytest` does not
+# put .venv/bin on PATH, so looking the console script up there would miss it
+# (and a skip would hide the check).  A tool that is not installed fails with
+# "No module named ...": pip install '.[test]'.  The environment's scripts
+# directory goes first on PATH for tools that start others (cython-lint runs
+# `pycodestyle`).
+def _run(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    path = os.pathsep.join([sysconfig.get_path("scripts"), os.environ.get("PATH", "")])
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT,
+                          capture_output=True, text=True, env=dict(os.environ, PATH=path))
+
+
+def _pyproject() -> dict:
+    path = ROOT / "pyproject.toml"
+    assert path.is_file(), f"{path} not found: the tests run from a source checkout"
+    with path.open("rb") as f:
+        return tomllib.load(f)
 
 
 def test_ruff_is_clean():
+    _pyproject()
     targets = [p for p in ("fastroute", "tests", "benches", "tools") if (ROOT / p).exists()]
-    if not (ROOT / "pyproject.toml").exists():
-        pytest.skip("not a source checkout")
-    res = subprocess.run([_tool("ruff"), "check", *targets], cwd=ROOT,
-                         capture_output=True, text=True)
+    res = _run("ruff", "check", *targets)
     assert res.returncode == 0, res.stdout + res.stderr
 
 
 def test_cython_lint_is_clean():
     sources = sorted(str(p) for p in (ROOT / "ext").rglob("*.p[xy][dxi]"))
-    if not sources:
-        pytest.skip("not a source checkout")
-    res = subprocess.run([_tool("cython-lint"), "--max-line-length", "100", *sources],
-                         cwd=ROOT, capture_output=True, text=True)
+    assert sources, f"no Cython source under {ROOT / 'ext'}"
+    # cython-lint has no __main__.py; its console script calls cython_lint.cython_lint:main
+    res = _run("cython_lint.cython_lint", "--max-line-length", "100", *sources)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_mypy_is_clean():
+    # mypy reads [tool.mypy] from pyproject.toml and checks its `files`; a
+    # configured path that is missing is a failure, not something to skip.
+    files = _pyproject().get("tool", {}).get("mypy", {}).get("files")
+    assert files, "pyproject.toml [tool.mypy] names no files"
+    missing = [f for f in files if not (ROOT / f).exists()]
+    assert not missing, f"[tool.mypy] files not found: {missing}"
+    res = _run("mypy", "--config-file", "pyproject.toml")
     assert res.returncode == 0, res.stdout + res.stderr
 
 
