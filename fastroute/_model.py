@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 
+from ._args import check_int, check_str
 from .errors import (
     InvalidArgument,
     MailboxFull,
@@ -31,28 +32,13 @@ __all__ = ["Router", "MAX_MAILBOX_CAPACITY"]
 MAX_MAILBOX_CAPACITY = 1 << 40
 
 
-def _check_int(value: object, what: str) -> int:
-    # bool is an int subclass, but True as a device id is always a bug
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise WrongType(f"{what} must be int, not {type(value).__name__}")
-    return value
-
+# The argument checks are fastroute._args's (the compiled engine's twins are in
+# ext/fastroute/_args.pxi); what follows is only the engine's own rules.
 
 def _check_count(value: object, what: str) -> int:
-    _check_int(value, what)
-    if value < 0:
-        raise InvalidArgument(f"{what} must be >= 0")
-    return value
-
-
-def _as_str(value: object, what: str) -> str:
-    if type(value) is str:
-        return value
-    if isinstance(value, str):
-        # a str subclass could override __hash__/__eq__ and run code inside
-        # the engine's dict lookups; work on a plain copy
-        return str.__str__(value)
-    raise WrongType(f"{what} must be str, not {type(value).__name__}")
+    # the compiled twin (as_count) saturates huge counts to Py_ssize_t, which
+    # means the same thing as the unbounded int here: "all of them"
+    return check_int(value, what, 0)
 
 
 def _check_address_format(address: str) -> None:
@@ -62,16 +48,13 @@ def _check_address_format(address: str) -> None:
 
 
 def _check_address(value: object) -> str:
-    address = _as_str(value, "address")
+    address = check_str(value, "address")
     _check_address_format(address)
     return address
 
 
 def _check_name(value: object) -> str:
-    name = _as_str(value, "device_name")
-    if not name:
-        raise InvalidArgument("device_name must not be empty")
-    return name
+    return check_str(value, "device_name", nonempty=True)
 
 
 class _Device:
@@ -98,11 +81,7 @@ class Router:
     """
 
     def __init__(self, mailbox_capacity: int = 1024) -> None:
-        _check_int(mailbox_capacity, "mailbox_capacity")
-        if not 1 <= mailbox_capacity <= MAX_MAILBOX_CAPACITY:
-            raise InvalidArgument(
-                f"mailbox_capacity must be in 1..{MAX_MAILBOX_CAPACITY}")
-        self._cap = mailbox_capacity
+        self._cap = check_int(mailbox_capacity, "mailbox_capacity", 1, MAX_MAILBOX_CAPACITY)
         self._devices: dict[int, _Device] = {}
         # address -> {device_name: _Device}, insertion (= id) order
         self._addrs: dict[str, dict[str, _Device]] = {}
@@ -143,8 +122,7 @@ class Router:
         return dev.id
 
     def _device(self, device_id: object) -> _Device:
-        _check_int(device_id, "device_id")
-        dev = self._devices.get(device_id)  # type: ignore[arg-type]
+        dev = self._devices.get(check_int(device_id, "device_id"))
         if dev is None:
             raise UnknownDevice(f"no device {device_id}")
         return dev
@@ -216,7 +194,7 @@ class Router:
         return True
 
     def _lookup_route(self, address: object) -> dict[str, _Device]:
-        address = _as_str(address, "address")
+        address = check_str(address, "address")
         devs = self._addrs.get(address)
         if devs is None:
             _check_address_format(address)
@@ -275,8 +253,7 @@ class Router:
     # ------------------------------------------------------------ groups
 
     def _group(self, group_id: object) -> dict[str, None]:
-        _check_int(group_id, "group_id")
-        members = self._groups.get(group_id)  # type: ignore[arg-type]
+        members = self._groups.get(check_int(group_id, "group_id"))
         if members is None:
             raise UnknownGroup(f"no group {group_id}")
         return members
@@ -322,7 +299,7 @@ class Router:
         """Put the same ``payload`` in every device of every member."""
         members = self._group(group_id)
         if exclude_device is not None:
-            _check_int(exclude_device, "exclude_device")
+            check_int(exclude_device, "exclude_device")
         full: list[tuple[int, int]] = []
         devs = (dev for address in members for dev in self._addrs.get(address, {}).values()
                 if dev.id != exclude_device)

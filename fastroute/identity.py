@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
+from ._args import check_bytes, check_int, check_str
 from .errors import (
     AuthError,
     BadSignature,
@@ -120,9 +121,7 @@ def is_valid_address(address: object) -> bool:
 
 def parse_address(address: str) -> tuple[str, str]:
     """Split ``user@provider``; :class:`InvalidArgument` if it is not one."""
-    if not isinstance(address, str):
-        raise WrongType(f"address must be str, not {type(address).__name__}")
-    m = _ADDRESS_RE.fullmatch(address)
+    m = _ADDRESS_RE.fullmatch(check_str(address, "address"))
     if m is None:
         raise InvalidArgument("address must be user@provider "
                               "(user: 1-64 of A-Z a-z 0-9 . _ -; provider: "
@@ -131,37 +130,17 @@ def parse_address(address: str) -> tuple[str, str]:
 
 
 def _check_provider(name: object) -> str:
-    if not isinstance(name, str):
-        raise WrongType(f"provider must be str, not {type(name).__name__}")
+    name = check_str(name, "provider")
     if _PROVIDER_RE.fullmatch(name) is None:
         raise InvalidArgument("provider name must match [a-z0-9][a-z0-9.-]{0,62}")
     return name
 
 
 def _check_device(name: object) -> str:
-    if not isinstance(name, str):
-        raise WrongType(f"device must be str, not {type(name).__name__}")
+    name = check_str(name, "device")
     if _NAME_RE.fullmatch(name) is None:
         raise InvalidArgument("device name must be 1-64 of A-Z a-z 0-9 . _ -")
     return name
-
-
-def _check_key32(value: object, what: str) -> bytes:
-    if not isinstance(value, (bytes, bytearray, memoryview)):
-        raise WrongType(f"{what} must be bytes, not {type(value).__name__}")
-    value = bytes(value)
-    if len(value) != 32:
-        raise InvalidArgument(f"{what} must be 32 bytes, got {len(value)}")
-    return value
-
-
-def _check_int(value: object, what: str, minimum: int | None = None) -> int:
-    # bool is an int subclass; True as a timestamp is always a bug
-    if type(value) is not int:
-        raise WrongType(f"{what} must be int, not {type(value).__name__}")
-    if minimum is not None and value < minimum:
-        raise InvalidArgument(f"{what} must be >= {minimum}")
-    return value
 
 
 def fingerprint(public_key: bytes) -> str:
@@ -254,7 +233,7 @@ class ProviderKey:
     @classmethod
     def from_raw(cls, data: bytes) -> ProviderKey:
         """Load from the 32-byte raw private key (the RFC 8032 seed)."""
-        return cls(Ed25519PrivateKey.from_private_bytes(_check_key32(data, "private key")))
+        return cls(Ed25519PrivateKey.from_private_bytes(check_bytes(data, "private key", 32)))
 
     def to_raw(self) -> bytes:
         """The 32-byte raw private key.  Secret: handle like the PEM file."""
@@ -372,9 +351,9 @@ def issue_credential(provider_key: ProviderKey, provider: str, address: str,
     if addr_provider != provider:
         raise InvalidArgument("address does not belong to the provider")
     _check_device(device)
-    static_pub = _check_key32(static_pub, "static_pub")
-    _check_int(ttl_s, "ttl_s", 1)
-    now = int(time.time()) if now is None else _check_int(now, "now", 0)
+    static_pub = check_bytes(static_pub, "static_pub", 32)
+    ttl_s = check_int(ttl_s, "ttl_s", 1)
+    now = int(time.time()) if now is None else check_int(now, "now", 0)
     body = msgpack.packb([CREDENTIAL_VERSION, provider, address, device, static_pub,
                           now, now + ttl_s], use_bin_type=True)
     sig = provider_key.sign(CREDENTIAL_DOMAIN + body)
@@ -655,15 +634,15 @@ class Registry:
         name with a different key raises :class:`InvalidArgument`.
         """
         _check_provider(name)
-        public_key = _check_key32(public_key, "public_key")
+        public_key = check_bytes(public_key, "public_key", 32)
         _load_public(public_key)
         quotas = (("max_msgs_per_s", "msgs_per_s", msgs_per_s),
                   ("max_bytes_per_s", "bytes_per_s", bytes_per_s),
                   ("max_body", "max_body", max_body))
         for _, what, value in quotas:
             if value is not None:
-                _check_int(value, what, 1)
-        now = int(time.time()) if now is None else _check_int(now, "now", 0)
+                check_int(value, what, 1)
+        now = int(time.time()) if now is None else check_int(now, "now", 0)
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -694,7 +673,7 @@ class Registry:
         :class:`UnknownProvider` if the name is not enrolled.
         """
         _check_provider(name)
-        now = int(time.time()) if now is None else _check_int(now, "now", 0)
+        now = int(time.time()) if now is None else check_int(now, "now", 0)
         self.get_provider(name)
         self._write("UPDATE providers SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
                     (now, name))
@@ -707,7 +686,7 @@ class Registry:
         """
         _, provider = parse_address(address)
         _check_device(device)
-        now = int(time.time()) if now is None else _check_int(now, "now", 0)
+        now = int(time.time()) if now is None else check_int(now, "now", 0)
         self._write("INSERT OR IGNORE INTO revoked_devices (provider, address, device, revoked_at) "
                     "VALUES (?, ?, ?, ?)", (provider, address, device, now))
 
@@ -724,7 +703,7 @@ class Registry:
         if provider != "*":
             _check_provider(provider)
         if allow:
-            now = int(time.time()) if now is None else _check_int(now, "now", 0)
+            now = int(time.time()) if now is None else check_int(now, "now", 0)
             self._write("INSERT OR REPLACE INTO consent (address, provider, granted_at) "
                         "VALUES (?, ?, ?)", (address, provider, now), bump=False)
         else:

@@ -40,6 +40,7 @@ import shutil
 import time
 from typing import Callable
 
+from ._args import check_bytes, check_int, check_str
 from .errors import (  # noqa: F401 - the media errors are re-exported here
     BlobMismatch,
     BodyTooLarge,
@@ -93,16 +94,7 @@ def _io_error(what: str, exc: OSError) -> FastrouteError:
     return StoreFailed(f"media {what} failed: {name}")
 
 
-# -- argument checks ------------------------------------------------------------
-
-
-def _check_int(value: object, what: str, low: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise WrongType(f"{what} must be int, not {type(value).__name__}")
-    value = int(value)
-    if value < low:
-        raise InvalidArgument(f"{what} must be >= {low}")
-    return value
+# -- argument checks (the shared ones are fastroute._args) ----------------------
 
 
 def _check_pos(value: object, what: str) -> float:
@@ -111,24 +103,6 @@ def _check_pos(value: object, what: str) -> float:
     if not value > 0 or value != value or value == float("inf"):
         raise InvalidArgument(f"{what} must be a positive finite number")
     return value
-
-
-def _check_id(value: object, length: int, what: str) -> bytes:
-    if type(value) is not bytes:
-        if not isinstance(value, (bytes, bytearray, memoryview)):
-            raise WrongType(f"{what} must be bytes, not {type(value).__name__}")
-        value = bytes(value)
-    if len(value) != length:
-        raise InvalidArgument(f"{what} must be {length} bytes, not {len(value)}")
-    return value
-
-
-def _check_data(value: object) -> bytes:
-    if type(value) is bytes:
-        return value
-    if isinstance(value, (bytearray, memoryview)):
-        return bytes(value)  # the caller may reuse its buffer
-    raise WrongType(f"chunk data must be bytes, not {type(value).__name__}")
 
 
 # -- blocking helpers (run in the store's thread pool) ------------------------
@@ -312,16 +286,16 @@ class MediaStore:
         root = os.fspath(root)
         if not root:
             raise InvalidArgument("root must name a directory")
-        max_blob = _check_int(max_blob, "max_blob", 1)
-        chunk_size = _check_int(chunk_size, "chunk_size", 1)
-        max_uploads_per_owner = _check_int(max_uploads_per_owner, "max_uploads_per_owner", 1)
+        max_blob = check_int(max_blob, "max_blob", 1)
+        chunk_size = check_int(chunk_size, "chunk_size", 1)
+        max_uploads_per_owner = check_int(max_uploads_per_owner, "max_uploads_per_owner", 1)
         ttl_s = _check_pos(ttl_s, "ttl_s")
         upload_timeout_s = _check_pos(upload_timeout_s, "upload_timeout_s")
         if daily_quota is not None:
-            daily_quota = _check_int(daily_quota, "daily_quota", 1)
+            daily_quota = check_int(daily_quota, "daily_quota", 1)
         if not callable(clock):
             raise WrongType("clock must be callable")
-        io_threads = _check_int(io_threads, "io_threads", 1)
+        io_threads = check_int(io_threads, "io_threads", 1)
         self = cls(loop, root, max_blob=max_blob, chunk_size=chunk_size,
                    max_uploads_per_owner=max_uploads_per_owner, ttl_s=ttl_s,
                    upload_timeout_s=upload_timeout_s, daily_quota=daily_quota,
@@ -415,11 +389,7 @@ class MediaStore:
         done.set_result(exc)
 
     def _owner_key(self, owner: object) -> bytes:
-        if type(owner) is not str:
-            raise WrongType(f"owner must be str, not {type(owner).__name__}")
-        if not owner:
-            raise InvalidArgument("owner must not be empty")
-        raw = owner.encode("utf-8", "surrogatepass")
+        raw = check_str(owner, "owner", nonempty=True).encode("utf-8", "surrogatepass")
         return hashlib.blake2b(raw, key=self._salt, digest_size=16).digest()
 
     def _blob_path(self, blob_id: bytes) -> str:
@@ -433,7 +403,7 @@ class MediaStore:
         return min(self.chunk_size, size - index * self.chunk_size)
 
     def _upload(self, upload_id: object) -> _Upload:
-        uid = _check_id(upload_id, UPLOAD_ID_LEN, "upload_id")
+        uid = check_bytes(upload_id, "upload_id", UPLOAD_ID_LEN)
         up = self._uploads.get(uid)
         if up is None:
             raise UnknownUpload("no such upload in progress")
@@ -464,8 +434,8 @@ class MediaStore:
         """
         self._check_open()
         key = self._owner_key(owner)
-        size = _check_int(size, "size", 1)
-        sha256 = _check_id(sha256, BLOB_ID_LEN, "sha256")
+        size = check_int(size, "size", 1)
+        sha256 = check_bytes(sha256, "sha256", BLOB_ID_LEN)
         if size > self.max_blob:
             raise BodyTooLarge(f"blob of {size} bytes exceeds the limit of {self.max_blob}")
         if self._active.get(key, 0) >= self.max_uploads_per_owner:
@@ -510,8 +480,8 @@ class MediaStore:
         """
         self._check_open()
         up = self._upload(upload_id)
-        index = _check_int(index, "index")
-        data = _check_data(data)
+        index = check_int(index, "index", 0)
+        data = check_bytes(data, "chunk data")
         if index >= up.n_chunks:
             raise ChunkRejected(f"chunk index {index} out of range (upload has "
                                 f"{up.n_chunks} chunks)")
@@ -667,7 +637,7 @@ class MediaStore:
         Answers from memory, without I/O.
         """
         self._check_open()
-        blob_id = _check_id(blob_id, BLOB_ID_LEN, "blob_id")
+        blob_id = check_bytes(blob_id, "blob_id", BLOB_ID_LEN)
         size = self._index.get(blob_id)
         if size is None:
             raise UnknownBlob("no such blob")
@@ -678,9 +648,9 @@ class MediaStore:
 
     async def read_chunk(self, blob_id: bytes, index: int) -> bytes:
         """Chunk ``index`` of a stored blob (``chunk_size`` bytes, the last one shorter)."""
-        blob_id = _check_id(blob_id, BLOB_ID_LEN, "blob_id")
+        blob_id = check_bytes(blob_id, "blob_id", BLOB_ID_LEN)
         size, n = self.stat(blob_id)
-        index = _check_int(index, "index")
+        index = check_int(index, "index", 0)
         if index >= n:
             raise ChunkRejected(f"chunk index {index} out of range (blob has {n} chunks)")
         try:

@@ -32,6 +32,7 @@ import sqlite3
 import threading
 from typing import Iterable, Sequence
 
+from ._args import check_bytes, check_int, check_str
 from .errors import (
     FastrouteError,
     InvalidArgument,
@@ -177,37 +178,21 @@ def _reason(exc: BaseException) -> str:
 
 
 def _check_text(value: object, what: str) -> str:
-    if type(value) is not str:
-        raise WrongType(f"{what} must be str, not {type(value).__name__}")
-    if not value:
-        raise InvalidArgument(f"{what} must not be empty")
+    text = check_str(value, what, nonempty=True)
     # a lone surrogate cannot be encoded as UTF-8 and would fail the writer's
     # whole batch; refuse it here, where only its own caller is affected
-    if not value.isascii():
+    if not text.isascii():
         try:
-            value.encode("utf-8")
+            text.encode("utf-8")
         except UnicodeEncodeError:
             raise InvalidArgument(f"{what} is not valid Unicode") from None
-    return value
+    return text
 
 
-def _check_bytes(value: object, what: str) -> bytes:
-    if type(value) is bytes:
-        return value
-    if isinstance(value, (bytearray, memoryview)):
-        # copy: the caller may reuse its buffer before the writer runs
-        return bytes(value)
-    raise WrongType(f"{what} must be bytes, not {type(value).__name__}")
-
-
-def _check_int(value: object, what: str) -> int:
-    if type(value) is not int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return _check_int(int(value), what)
-        raise WrongType(f"{what} must be int, not {type(value).__name__}")
-    if not 0 <= value <= _INT_MAX:
-        raise InvalidArgument(f"{what} out of range")
-    return value
+def _check_sql_int(value: object, what: str, minimum: int = 0) -> int:
+    # the bounds of a SQLite integer: a bigger Python int would fail inside
+    # the writer and take a whole batch down with it (see _INT_MAX)
+    return check_int(value, what, minimum, _INT_MAX)
 
 
 def _check_seq(value: object, what: str) -> Sequence:
@@ -281,7 +266,7 @@ class _BaseStore:
         return [(k, a, d) for k, (a, d) in sorted(self._by_key.items())]
 
     def _drop_device(self, device_key: object) -> int | None:
-        key = _check_int(device_key, "device_key")
+        key = _check_sql_int(device_key, "device_key")
         name = self._by_key.pop(key, None)
         if name is None:
             return None
@@ -292,28 +277,25 @@ class _BaseStore:
 
     def _check_put(self, sender, cid, body, ts_ms, device_keys) -> tuple:
         sender = _check_text(sender, "sender")
-        cid = _check_bytes(cid, "cid")
-        if len(cid) != CID_LEN:
-            raise InvalidArgument(f"cid must be {CID_LEN} bytes, not {len(cid)}")
-        body = _check_bytes(body, "body")
-        ts_ms = _check_int(ts_ms, "ts_ms")
-        if ts_ms > _INT_MAX - self._ttl_ms:
-            raise InvalidArgument("ts_ms out of range")
-        devs = _check_seq(device_keys, "device_keys")
-        if not devs:
+        # copies of a bytearray or memoryview: the caller may reuse its buffer
+        # before the writer runs
+        cid = check_bytes(cid, "cid", CID_LEN)
+        body = check_bytes(body, "body")
+        # its expiry, ts_ms + ttl, has to be a SQLite integer too
+        ts_ms = check_int(ts_ms, "ts_ms", 0, _INT_MAX - self._ttl_ms)
+        seq = _check_seq(device_keys, "device_keys")
+        if not seq:
             # a message nobody will ack would sit on disk until it expires
             raise InvalidArgument("device_keys must not be empty")
         by_key = self._by_key
-        for d in devs:
-            if type(d) is not int:
-                raise WrongType(f"device key must be int, not {type(d).__name__}")
-            if d not in by_key:
-                raise UnknownDevice(f"unknown device key {d}")
-        if len(devs) > 1:
-            # fan-out twice to one device is a no-op, not an error
-            devs = tuple(dict.fromkeys(devs))
-        else:
-            devs = tuple(devs)
+        keys: list[int] = []
+        for d in seq:
+            key = check_int(d, "device key")
+            if key not in by_key:
+                raise UnknownDevice(f"unknown device key {key}")
+            keys.append(key)
+        # fan-out twice to one device is a no-op, not an error
+        devs = tuple(dict.fromkeys(keys)) if len(keys) > 1 else tuple(keys)
         return (sender, cid, body, ts_ms, ts_ms + self._ttl_ms, devs)
 
     def _check_many(self, items, validate: bool = True) -> list[tuple]:
@@ -333,15 +315,13 @@ class _BaseStore:
 
     @staticmethod
     def _check_mids(mids) -> list[int]:
-        return [_check_int(m, "mid") for m in _check_seq(mids, "mids")]
+        return [_check_sql_int(m, "mid") for m in _check_seq(mids, "mids")]
 
     @staticmethod
     def _check_load(device_key, after_mid, limit) -> None:
-        _check_int(device_key, "device_key")
-        _check_int(after_mid, "after_mid")
-        _check_int(limit, "limit")
-        if limit == 0:
-            raise InvalidArgument("limit must be positive")
+        _check_sql_int(device_key, "device_key")
+        _check_sql_int(after_mid, "after_mid")
+        _check_sql_int(limit, "limit", 1)
 
 
 class SqliteStore(_BaseStore):
@@ -418,10 +398,8 @@ class SqliteStore(_BaseStore):
             raise InvalidArgument("path must name a database file")
         if not isinstance(synchronous, str) or synchronous.upper() not in _SYNC_MODES:
             raise InvalidArgument(f"synchronous must be one of {_SYNC_MODES}")
-        if _check_int(max_batch, "max_batch") < 1:
-            raise InvalidArgument("max_batch must be positive")
-        if _check_int(ttl_s, "ttl_s") < 1:
-            raise InvalidArgument("ttl_s must be positive")
+        max_batch = _check_sql_int(max_batch, "max_batch", 1)
+        ttl_s = _check_sql_int(ttl_s, "ttl_s", 1)
         self = cls(loop, path, synchronous.upper(), max_batch, ttl_s)
         ready = loop.create_future()
         self._thread = threading.Thread(target=self._writer_main, args=(ready,),
@@ -527,7 +505,7 @@ class SqliteStore(_BaseStore):
         self._check_open()
         key = device_key
         if validate:  # the relay passes ints it got from the store itself
-            key = _check_int(device_key, "device_key")
+            key = _check_sql_int(device_key, "device_key")
             mids = self._check_mids(mids)
         if mids and key in self._by_key:
             self._submit(_ACK, (key, mids), None)
@@ -561,7 +539,7 @@ class SqliteStore(_BaseStore):
         it, so call it often (e.g. every minute) to keep each run small.
         """
         self._check_open()
-        now_ms = _check_int(now_ms, "now_ms")
+        now_ms = _check_sql_int(now_ms, "now_ms")
         fut = self._loop.create_future()
         self._submit(_EXPIRE, now_ms, fut)
         return await fut
@@ -593,7 +571,7 @@ class SqliteStore(_BaseStore):
         else:
             sql = ("SELECT (SELECT count(*) FROM inbox WHERE device_key = ?1) + "
                    "(SELECT count(*) FROM messages WHERE dev = ?1)")
-            params = (_check_int(device_key, "device_key"),)
+            params = (_check_sql_int(device_key, "device_key"),)
         fut = self._loop.create_future()
         self._submit(_FLUSH, False, fut)
         await fut
@@ -908,8 +886,7 @@ class MemoryStore(_BaseStore):
                    ttl_s: int = DEFAULT_TTL_S) -> "MemoryStore":
         """Create an empty store.  ``path``, ``synchronous`` and
         ``max_batch`` are accepted for API compatibility and ignored."""
-        if _check_int(ttl_s, "ttl_s") < 1:
-            raise InvalidArgument("ttl_s must be positive")
+        ttl_s = _check_sql_int(ttl_s, "ttl_s", 1)
         return cls(asyncio.get_running_loop(), ttl_s)
 
     async def close(self) -> None:
@@ -967,7 +944,7 @@ class MemoryStore(_BaseStore):
         self._check_open()
         key = device_key
         if validate:  # the relay passes ints it got from the store itself
-            key = _check_int(device_key, "device_key")
+            key = _check_sql_int(device_key, "device_key")
             mids = self._check_mids(mids)
         box = self._inbox.get(key)
         if box is None:
@@ -991,7 +968,7 @@ class MemoryStore(_BaseStore):
     async def expire(self, now_ms: int) -> int:
         """Delete messages with expiry ``<= now_ms``; return how many."""
         self._check_open()
-        now_ms = _check_int(now_ms, "now_ms")
+        now_ms = _check_sql_int(now_ms, "now_ms")
         dead = [m for m, msg in self._msgs.items() if msg[4] <= now_ms]
         if dead:
             for box in self._inbox.values():
@@ -1017,7 +994,7 @@ class MemoryStore(_BaseStore):
         self._check_open()
         if device_key is None:
             return sum(len(b) for b in self._inbox.values())
-        return len(self._inbox.get(_check_int(device_key, "device_key"), ()))
+        return len(self._inbox.get(_check_sql_int(device_key, "device_key"), ()))
 
     def stats(self) -> dict[str, int]:
         """Counters for metrics (no personal data)."""
@@ -1027,3 +1004,4 @@ class MemoryStore(_BaseStore):
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return f"<MemoryStore {state} messages={len(self._msgs)}>"
+

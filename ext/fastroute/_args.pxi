@@ -1,6 +1,8 @@
 # Argument checks shared by the Router methods.  Included by _core.pyx.
-# They raise exactly what fastroute._model raises for the same input: the
-# property tests compare exception classes.
+# Their Python specification is fastroute/_args.py (check_int; check_str for
+# as_str) and fastroute/_model.py (_check_count for as_count, the address and
+# device-name checks): they raise exactly what those raise for the same input,
+# and the property tests compare the exception classes.
 
 from collections.abc import Iterable as _Iterable
 
