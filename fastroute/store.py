@@ -30,7 +30,7 @@ import os
 import queue
 import sqlite3
 import threading
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Protocol, Sequence, runtime_checkable
 
 from ._args import check_bytes, check_int, check_str
 from .errors import (
@@ -44,8 +44,8 @@ from ._fastpath import mem_ack as _mem_ack
 from ._fastpath import mem_load as _mem_load
 from ._fastpath import mem_put as _mem_put
 
-__all__ = ["SqliteStore", "MemoryStore", "StoredMessage", "PutItem", "DEFAULT_TTL_S",
-           "CID_LEN"]
+__all__ = ["Store", "SqliteStore", "MemoryStore", "StoredMessage", "PutItem",
+           "DEFAULT_TTL_S", "CID_LEN"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,50 @@ log = logging.getLogger(__name__)
 StoredMessage = tuple[int, str, bytes, bytes, int]
 #: One message for ``put_many``: ``(sender, cid, body, ts_ms, device_keys)``.
 PutItem = tuple[str, bytes, bytes, int, Sequence[int]]
+
+
+@runtime_checkable
+class Store(Protocol):
+    """What the relay needs of a message store: exactly the calls it makes.
+
+    :class:`SqliteStore` and :class:`MemoryStore` provide it (mypy checks that
+    below, ``tests/test_store.py`` at run time); so may any object an
+    embedder passes to the relay as its ``store``.  Every call comes from the
+    thread of the event loop the store was opened on.  The relay calls
+    ``put_many`` and ``ack`` with ``validate=False``: it built the items
+    itself, from device keys ``register_device`` gave it.
+    """
+
+    def register_device(self, address: str, device: str) -> int:
+        """The device key of ``(address, device)``, created if new; stable
+        across restarts and never reused."""
+
+    def known_devices(self) -> list[tuple[int, str, str]]:
+        """Every registered device as ``(device_key, address, device)``, by key."""
+
+    def put_many(self, items: Sequence[PutItem], *,
+                 validate: bool = True) -> asyncio.Future[list[int]]:
+        """Queue messages; the future gives their mids, in order, once every
+        one of them is stored (that is when their senders may be acked)."""
+
+    def ack(self, device_key: int, mids: Sequence[int], *, validate: bool = True) -> None:
+        """Record, fire-and-forget, that ``device_key`` received ``mids``;
+        :meth:`flush` reports a failure."""
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far is stored; ``STORE_FAILED`` if a
+        fire-and-forget write since the previous flush failed."""
+
+    async def load(self, device_key: int, after_mid: int,
+                   limit: int) -> list[StoredMessage]:
+        """Up to ``limit`` messages for ``device_key`` with mid > ``after_mid``,
+        in mid order."""
+
+    async def expire(self, now_ms: int) -> int:
+        """Delete the messages whose expiry is ``<= now_ms``; return how many."""
+
+    async def close(self) -> None:
+        """Store everything queued, then release the store; idempotent."""
 
 #: How long an undelivered message is kept, in seconds (30 days).
 DEFAULT_TTL_S = 30 * 86400
@@ -565,9 +609,10 @@ class SqliteStore(_BaseStore):
         For tests and metrics; it is a full count, not a cheap call.
         """
         self._check_open()
+        params: tuple[int, ...] = ()
         if device_key is None:
-            sql, params = ("SELECT (SELECT count(*) FROM inbox) + "
-                           "(SELECT count(*) FROM messages WHERE dev IS NOT NULL)"), ()
+            sql = ("SELECT (SELECT count(*) FROM inbox) + "
+                   "(SELECT count(*) FROM messages WHERE dev IS NOT NULL)")
         else:
             sql = ("SELECT (SELECT count(*) FROM inbox WHERE device_key = ?1) + "
                    "(SELECT count(*) FROM messages WHERE dev = ?1)")
@@ -664,6 +709,7 @@ class SqliteStore(_BaseStore):
             log.exception("fastroute store writer stopped")
             self._fail_queued()
         finally:
+            assert self._wconn is not None  # _setup made it
             self._wconn.close()
 
     def _fail_queued(self) -> None:  # pragma: no cover - see _writer_main
@@ -746,6 +792,7 @@ class SqliteStore(_BaseStore):
         error: str | None = None
         if msg_rows or acks or regs or forgets or expires:
             conn = self._wconn
+            assert conn is not None  # _setup made it, before the first batch
             try:
                 conn.execute("BEGIN")
                 # Order inside the transaction follows the queue's causality:
@@ -1005,3 +1052,8 @@ class MemoryStore(_BaseStore):
         state = "closed" if self._closed else "open"
         return f"<MemoryStore {state} messages={len(self._msgs)}>"
 
+
+if TYPE_CHECKING:
+    # mypy checks here that both implementations satisfy Store (the tests do
+    # it at run time, signatures included)
+    _IMPLEMENTATIONS: tuple[type[Store], ...] = (SqliteStore, MemoryStore)

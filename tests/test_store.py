@@ -8,6 +8,7 @@ commit and failure handling are SQLite-only.  No test asserts a timing.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import sqlite3
 
 import pytest
@@ -21,7 +22,7 @@ from fastroute.errors import (
     UnknownDevice,
     WrongType,
 )
-from fastroute.store import MemoryStore, SqliteStore
+from fastroute.store import MemoryStore, SqliteStore, Store
 
 LOOPS = {"asyncio": asyncio.new_event_loop}
 try:
@@ -58,6 +59,45 @@ def opener(request, db):
         return cls.open(db, **options)
     open_.cls = cls
     return open_
+
+
+# -- the Store protocol --------------------------------------------------------------
+
+def _protocol_methods() -> list[str]:
+    return sorted(name for name, member in vars(Store).items()
+                  if inspect.isfunction(member) and not name.startswith("_"))
+
+
+def test_store_protocol_is_what_the_relay_calls():
+    # the relay's calls, no more: a method added here is one every store
+    # (and every embedder's) must then provide
+    assert _protocol_methods() == ["ack", "close", "expire", "flush", "known_devices",
+                                   "load", "put_many", "register_device"]
+
+
+def _shape(func) -> tuple:
+    sig = inspect.signature(func)
+    params = [(p.name, p.kind, p.default, p.annotation) for p in sig.parameters.values()]
+    return inspect.iscoroutinefunction(func), params, sig.return_annotation
+
+
+@pytest.mark.parametrize("cls", [SqliteStore, MemoryStore], ids=lambda c: c.__name__)
+def test_both_stores_satisfy_the_store_protocol(cls):
+    assert issubclass(cls, Store)  # runtime_checkable: every member is present
+    for name in _protocol_methods():
+        # same parameters (names, kinds, defaults, annotations), same
+        # return type, async where the protocol is
+        assert _shape(getattr(cls, name)) == _shape(getattr(Store, name)), name
+
+
+def test_an_open_store_is_a_store(run, opener):
+    async def go():
+        store = await opener()
+        try:
+            assert isinstance(store, Store)
+        finally:
+            await store.close()
+    run(go())
 
 
 def raw(db):
