@@ -7,8 +7,7 @@ semantics).  The network side is :class:`Relay` (server) and :class:`Client`.
 
 from __future__ import annotations
 
-import os as _os
-
+from ._compiled import COMPILED, twin
 from .errors import (
     AuthError,
     ErrorCode,
@@ -22,18 +21,10 @@ from .errors import (
     WrongType,
 )
 
-if _os.environ.get("FASTROUTE_NO_EXTENSIONS", "") not in ("", "0"):
-    from ._model import Router
-    COMPILED = False
-else:
-    try:
-        from ._core import Router
-    except ImportError as _err:  # pragma: no cover - depends on the install
-        raise ImportError(
-            "fastroute's compiled core (fastroute._core) is not built: reinstall "
-            "with a C compiler (pip install .), or set FASTROUTE_NO_EXTENSIONS=1 "
-            "to use the pure-Python model") from _err
-    COMPILED = True
+from ._model import Router as _ModelRouter
+
+#: the routing engine: compiled, or its specification (the pure-Python model)
+Router = twin(_ModelRouter, "Router")
 
 __version__ = "0.1.0"
 
@@ -58,7 +49,7 @@ __all__ = [
 
 # The network layer pulls in uvloop, cryptography and msgpack; an embedder
 # that only wants the engine should not pay for them at import time.
-_LAZY = {"Relay": "server", "RelayConfig": "config", "Client": "client"}
+_LAZY = {"Relay": "relay", "RelayConfig": "config", "Client": "client"}
 
 
 def __getattr__(name: str):

@@ -109,7 +109,8 @@ class Router:
         """Counters only (devices, addresses, groups, queued, unacked, ...)."""
 
 # -- relay hot-path helpers (ext/fastroute/_wire.pxi, _gate.pxi); internal:
-# use them through fastroute._fastpath, which has the pure-Python twins.
+# use them through the stage modules, which choose between them and their
+# Python specifications (fastroute/_compiled.py).
 
 def pack_frames(packed_ops: list[bytes], max_plaintext: int = 65519,
                 max_ops: int = 8192) -> list[bytes] | None:
@@ -129,7 +130,7 @@ def deliver_tail(sender_packed: bytes, cid: bytes, body: bytes, ts_packed: bytes
 def sack_ok_op(cid: bytes) -> bytes:
     """The packed SACK [17, cid, 0] for a 16-byte id."""
 class DedupTable:
-    """Recently seen (sender, id) pairs and their codes; see fastroute.gate.DedupWindow."""
+    """Recently seen (sender, id) pairs and their codes; see fastroute.dedup.DedupWindow."""
     window_s: float
     max_entries: int
     def __init__(self, window_s: float = ..., max_entries: int = ...,
@@ -154,15 +155,37 @@ def decode_sends(plaintext: object, addr_ok: set[str]) -> list[tuple] | None:
 
     None for anything else (the caller decodes it the slow, precise way).
     """
-def accept_sends(sends: list[tuple], conn: object, out: list[bytes], sender: str,
-                 sender_packed: bytes, known: dict[str, list[int]], dedup: DedupTable,
-                 now: float, msg_tokens: float, byte_tokens: float,
-                 max_body: int, now_ms: int, ts_packed: bytes, taps: list,
-                 consent: dict[str, frozenset[str]] | None, own: str, provider: str,
-                 count_error: object, sack_op: object,
-                 refusals: tuple[int, int, int, int], store_items: list,
-                 meta: list) -> tuple[list | None, float, float]:
-    """The relay's per-SEND gate loop; returns (ephemeral items, msg_tokens, byte_tokens)."""
+class SendGate:
+    """What the SEND check reads of the relay (one per relay)."""
+    known: dict[str, list[int]]
+    dedup: DedupTable
+    consent: dict[str, frozenset[str]] | None
+    taps: list
+    count_error: object
+    sack_op: object
+    refusals: tuple[int, int, int, int]
+    def __init__(self, known: dict[str, list[int]], dedup: DedupTable,
+                 consent: dict[str, frozenset[str]] | None, taps: list, count_error: object,
+                 sack_op: object, refusals: tuple[int, int, int, int]) -> None: ...
+class LinkGate:
+    """One link's sender as the SEND check sees it."""
+    link: object
+    out: list[bytes]
+    sender: str
+    sender_packed: bytes
+    provider: str
+    own: str
+    max_body: int
+    msg_bucket: object
+    byte_bucket: object
+    msg_tokens: float
+    byte_tokens: float
+    def __init__(self, link: object, out: list[bytes], sender: str, sender_packed: bytes,
+                 provider: str, max_body: int, msg_bucket: object,
+                 byte_bucket: object) -> None: ...
+def accept_sends(gate: SendGate, lg: LinkGate, sends: list[tuple], now: float, now_ms: int,
+                 ts_packed: bytes, store_items: list, meta: list) -> list | None:
+    """The relay's per-SEND gate loop; returns the ephemeral items (quota left in ``lg``)."""
 def decode_server_ops(plaintext: object, addr_ok: set[str]) -> list[tuple] | None:
     """decode_server_frame's fast path: a frame of valid SACKs and DELIVERs.
 

@@ -63,7 +63,7 @@ def _use_uvloop() -> None:
 
 # ------------------------------------------------------------------ commands
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .server import run_relay
+    from .relay import run_relay
 
     cfg = _load_config(args)
     _use_uvloop()

@@ -25,9 +25,8 @@ from collections import deque
 from typing import AsyncIterator, NamedTuple
 
 from . import wire
-from ._fastpath import DedupTable
-from ._fastpath import dispatch_frame_c as _dispatch_frame
-from ._fastpath import pack_sends as _pack_sends
+from ._compiled import twin
+from .dedup import DedupTable
 from .errors import (
     BlobMismatch,
     BodyTooLarge,
@@ -38,6 +37,7 @@ from .errors import (
     InvalidArgument,
     ProtocolError,
     error_for_code,
+    WrongType,
 )
 from .noise import PROLOGUE, FrameReader, HandshakeState, KeyPair, frame, seal_frames
 
@@ -82,9 +82,52 @@ class _Batch:
             self.fut.set_exception(exc)
 
 
-_BIN8 = tuple(b"\xc4" + bytes((i,)) for i in range(256))
-_SEND_HEAD = b"\x95\x01\xc4\x10"
 _ID_POOL = 16 * 4096
+_CLS_BYTE = (b"\x00", b"\x01")
+
+
+def py_pack_sends(pool: bytes, at: int, to_packed: bytes, bodies: list, cls: int,
+                  target, pending: dict | None) -> tuple[list, list]:
+    """The packed SEND ops of a batch to one recipient: ``(ids, ops)``.
+
+    Ids are consecutive 16-byte slices of ``pool`` from ``at``; ``to_packed``
+    is the recipient as a packed msgpack str.  Every body is checked first;
+    then ``pending[id] = target`` per message unless ``pending`` is None.
+    The specification of ``_client.pxi``'s ``pack_sends``.
+    """
+    if cls != 0 and cls != 1:
+        raise InvalidArgument("cls must be 0 or 1")
+    n = len(bodies)
+    if at < 0 or n > (len(pool) - at) // 16:
+        raise InvalidArgument("id pool too short for the batch")
+    for body in bodies:
+        if type(body) is not bytes:
+            raise WrongType("SEND needs id: bytes, to: str, body: bytes")
+        if len(body) > wire.MAX_BODY:
+            raise BodyTooLarge(f"body over {wire.MAX_BODY} bytes: send it via the media store")
+    ids = [pool[i:i + 16] for i in range(at, at + 16 * n, 16)]
+    cls_byte = _CLS_BYTE[cls]
+    ops = [wire.pack_send(cid, to_packed, body, cls_byte) for cid, body in zip(ids, bodies)]
+    if pending is not None:
+        for cid in ids:
+            pending[cid] = target
+    return ids, ops
+
+
+def py_dispatch_frame(plaintext, addr_ok, seen, inbox, pending, batch_type, message_type,
+                      client, drop_duplicate, refused):
+    """Specification of ``_client.pxi``'s ``dispatch_frame``: decline the frame (None).
+
+    The compiled twin handles a frame of SACKs and DELIVERs exactly as the
+    loop of :meth:`Client._on_frame` does and declines every other frame;
+    declining every frame is therefore a correct (if slow) implementation,
+    and the loop is the oracle ``tests/test_fastpath.py`` compares against.
+    """
+    return None
+
+
+_pack_sends = twin(py_pack_sends)
+_dispatch_frame = twin(py_dispatch_frame)
 
 
 def _drop_duplicate(client: "Client", seq: int) -> None:
@@ -327,8 +370,7 @@ class Client:
         n = len(body)
         if n > wire.MAX_BODY:
             raise BodyTooLarge(f"body over {wire.MAX_BODY} bytes: send it via the media store")
-        hdr = _BIN8[n] if n < 256 else b"\xc5" + n.to_bytes(2, "big")
-        return b"".join((_SEND_HEAD, cid, to_packed, hdr, body, cls))
+        return wire.pack_send(cid, to_packed, body, cls)
 
     def _queue(self, cid: bytes, target, op: bytes) -> None:
         self._pending[cid] = (target, op)
@@ -625,15 +667,14 @@ class Client:
             self._link_failed(exc)
             return
         # compiled: a frame of SACKs and DELIVERs, handled as the loop below does
-        if _dispatch_frame is not None and _dispatch_frame(
-                plaintext, wire._ADDR_OK, self._seen, self._inbox,
-                self._pending, _Batch, Message, self, _drop_duplicate, _refused) is not None:
+        if _dispatch_frame(plaintext, wire._ADDR_OK, self._seen, self._inbox,
+                           self._pending, _Batch, Message, self, _drop_duplicate,
+                           _refused) is not None:
             return
         try:
             # the compiled dispatch above accepts exactly what the compiled
-            # decoder would; past it, only the Python decoder can help
-            ops = (wire._py_decode_server_frame if _dispatch_frame is not None
-                   else wire.decode_server_frame)(plaintext)
+            # decoder would; past it, only the precise decoder can help
+            ops = wire.decode_server_frame_precise(plaintext)
         except FastrouteError as exc:
             self._link_failed(exc)
             return

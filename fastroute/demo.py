@@ -17,7 +17,7 @@ from .client import Client
 from .config import RelayConfig
 from .identity import ProviderKey, Registry, issue_credential
 from .noise import KeyPair
-from .server import Relay
+from .relay import Relay
 
 __all__ = ["run_demo", "make_device"]
 

@@ -40,9 +40,7 @@ from .errors import (
     UnknownDevice,
     WrongType,
 )
-from ._fastpath import mem_ack as _mem_ack
-from ._fastpath import mem_load as _mem_load
-from ._fastpath import mem_put as _mem_put
+from ._compiled import twin
 
 __all__ = ["Store", "SqliteStore", "MemoryStore", "StoredMessage", "PutItem",
            "DEFAULT_TTL_S", "CID_LEN"]
@@ -906,6 +904,56 @@ def _fail_all(futs: Iterable[asyncio.Future], reason: str) -> None:
             # one exception object per waiter: a shared one would collect
             # every awaiting task's traceback
             fut.set_exception(_store_error(reason))
+
+
+# -- MemoryStore's per-message loops: the specifications of _store.pxi's twins --
+
+
+def py_mem_put(items: list, msgs: dict, inbox: dict, first: int, ttl_ms: int,
+                mids: list) -> None:
+    """MemoryStore's put loop: store ``(sender, id, body, ts_ms, device_keys)``
+    items from mid ``first`` on, appending each mid to ``mids`` once stored."""
+    mid = first
+    for sender, cid, body, ts, devs in items:
+        msgs[mid] = [sender, cid, body, ts, ts + ttl_ms, len(devs)]
+        for d in devs:
+            box = inbox.get(d)
+            if box is None:
+                box = inbox[d] = {}
+            box[mid] = None
+        mids.append(mid)
+        mid += 1
+
+
+def py_mem_load(box: dict, msgs: dict, after_mid: int, limit: int) -> list:
+    """MemoryStore's load loop: up to ``limit`` rows ``(mid, sender, id, body,
+    ts_ms)`` of one device's inbox ``box`` with mid > ``after_mid``, in order."""
+    out: list = []
+    if limit <= 0:
+        return out
+    for m in box:
+        if m > after_mid:
+            s, c, b, t, _, _ = msgs[m]
+            out.append((m, s, c, b, t))
+            if len(out) >= limit:
+                break
+    return out
+
+
+def py_mem_ack(box: dict, msgs: dict, mids) -> None:
+    """MemoryStore's ack loop: drop ``mids`` from one device's inbox ``box``,
+    and from ``msgs`` the messages no inbox holds any more."""
+    for m in mids:
+        if box.pop(m, 0) is None:  # present (values are None), not a repeat
+            msg = msgs[m]
+            msg[5] -= 1
+            if msg[5] == 0:
+                del msgs[m]
+
+
+_mem_put = twin(py_mem_put)
+_mem_load = twin(py_mem_load)
+_mem_ack = twin(py_mem_ack)
 
 
 class MemoryStore(_BaseStore):

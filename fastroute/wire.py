@@ -7,12 +7,18 @@ array whose first element is its opcode (:class:`Op`)::
                       [2, upto_seq int]                          DACK
                       [3, token int]                             PING
                       [4]                                        BYE
+                      [5, id bin16, provider str, allow bool]    CONSENT
+                      [6, id bin16, size int, sha256 bin32]      MBEGIN
+                      [7, id bin16, upload bin16, index int, data bin]  MCHUNK
+                      [8, id bin16, upload bin16]                MFINISH
+                      [9, id bin16, blob bin32, index int]       MGET
     relay -> client   [16, address str, device str, server_time_ms int]   WELCOME
                       [17, id bin16, code int]                   SACK (0 = stored)
                       [18, seq int, from str, id bin16, body bin, ts_ms int, cls int]  DELIVER
                       [19, code int, reason str]                 ERROR
                       [20, token int]                            PONG
                       [21, code int, reason str]                 SERVER_BYE
+                      [22, id bin16, code int, result]           MREPLY
 
 Decoded ops are **plain tuples** in exactly that layout (``op[0]`` is the
 opcode): msgpack builds them anyway, and wrapping each in a named tuple
@@ -40,9 +46,7 @@ from typing import Any, Callable, Iterable, NamedTuple, TypedDict, Union
 
 import msgpack
 
-from ._fastpath import decode_sends_c as _c_decode_sends
-from ._fastpath import decode_server_ops_c as _c_decode_server_ops
-from ._fastpath import pack_frames_c as _c_pack_frames
+from ._compiled import twin
 from .errors import (
     BodyTooLarge,
     ErrorCode,
@@ -442,17 +446,48 @@ def decode_client_frame(plaintext: bytes) -> list[DecodedOp]:
     place.  Raises :class:`~fastroute.errors.ProtocolError` (``MALFORMED``,
     ``FRAME_TOO_LARGE``) only if the frame as a whole is unusable.
     """
-    if _c_decode_sends is not None:
-        # compiled: the common frame (only valid SENDs to known-good
-        # recipients) decoded in one C pass; None means "not that frame"
-        ops = _c_decode_sends(plaintext, _ADDR_OK)
-        if ops is not None:
-            return ops
-    return _py_decode_client_frame(plaintext)
+    # the common frame (only valid SENDs to known-good recipients) in one
+    # pass; None means "not that frame", and the precise decoder takes it
+    ops = decode_sends(plaintext)
+    return ops if ops is not None else decode_client_frame_precise(plaintext)
 
 
-def _py_decode_client_frame(plaintext: bytes) -> list[DecodedOp]:
-    """The pure-Python :func:`decode_client_frame` (the compiled fast path's oracle)."""
+def decode_sends(plaintext: bytes) -> list[DecodedOp] | None:
+    """The ops of a frame made only of valid SENDs to cached recipients, else None.
+
+    The relay's fast path (compiled when the core is built): a None answer
+    says nothing about the frame, which :func:`decode_client_frame_precise` then decodes.
+    """
+    return _decode_sends(plaintext, _ADDR_OK)
+
+
+def py_decode_sends(plaintext: object, addr_ok: set[str]) -> list[DecodedOp] | None:
+    """Specification of the compiled ``decode_sends``: the ops of ``plaintext``
+    (exact bytes) when every op is a valid SEND whose recipient is in ``addr_ok``;
+    None for any other frame, errors included.  Either twin may decline more
+    (the compiled one declines unusual integer encodings), never answer else."""
+    if type(plaintext) is not bytes:
+        return None
+    try:
+        frame = _unpack_frame(plaintext)
+    except ProtocolError:
+        return None
+    for op in frame:
+        if not (type(op) is tuple and len(op) == 5):
+            return None
+        opcode, mid, to, body, cls = op
+        if not (opcode == 1 and type(opcode) is int                     # Op.SEND
+                and type(mid) is bytes and len(mid) == ID_LEN
+                and type(to) is str and to in addr_ok
+                and type(body) is bytes and len(body) <= MAX_BODY
+                and type(cls) is int and 0 <= cls <= 1):
+            return None
+    return list(frame)
+
+
+def decode_client_frame_precise(plaintext: bytes) -> list[DecodedOp]:
+    """:func:`decode_client_frame` without its SEND fast path: every op checked
+    precisely (the oracle the fast path is tested against)."""
     frame = _unpack_frame(plaintext)
     # Fast path: a run of valid SENDs whose recipients are cached, checked
     # inline (locals and literals: global lookups cost more than the checks).
@@ -480,16 +515,43 @@ def decode_server_frame(plaintext: bytes) -> list[DecodedOp]:
     """Decode a relay -> client frame; the client-side twin of
     :func:`decode_client_frame` (fast paths: DELIVER and SACK, the ops that
     come by the thousand)."""
-    if _c_decode_server_ops is not None:
-        # compiled: a frame of valid SACKs and DELIVERs from cached senders
-        ops = _c_decode_server_ops(plaintext, _ADDR_OK)
-        if ops is not None:
-            return ops
-    return _py_decode_server_frame(plaintext)
+    ops = _decode_server_ops(plaintext, _ADDR_OK)
+    return ops if ops is not None else decode_server_frame_precise(plaintext)
 
 
-def _py_decode_server_frame(plaintext: bytes) -> list[DecodedOp]:
-    """The pure-Python :func:`decode_server_frame` (the compiled fast path's oracle)."""
+def py_decode_server_ops(plaintext: object, addr_ok: set[str]) -> list[DecodedOp] | None:
+    """Specification of the compiled ``decode_server_ops``: the ops of a frame made
+    only of valid SACKs and DELIVERs (senders in ``addr_ok``), else None."""
+    if type(plaintext) is not bytes:
+        return None
+    try:
+        frame = _unpack_frame(plaintext)
+    except ProtocolError:
+        return None
+    for op in frame:
+        if type(op) is tuple and len(op) == 3:
+            opcode, mid, code = op
+            if (opcode == 17 and type(opcode) is int                 # Op.SACK
+                    and type(mid) is bytes and len(mid) == ID_LEN
+                    and type(code) is int and code >= 0):
+                continue
+        elif type(op) is tuple and len(op) == 7:
+            opcode, seq, sender, mid, body, ts, cls = op
+            if (opcode == 18 and type(opcode) is int                 # Op.DELIVER
+                    and type(seq) is int and seq >= 0
+                    and type(sender) is str and sender in addr_ok
+                    and type(mid) is bytes and len(mid) == ID_LEN
+                    and type(body) is bytes and len(body) <= MAX_BODY
+                    and type(ts) is int and ts >= 0
+                    and type(cls) is int and 0 <= cls <= 1):
+                continue
+        return None
+    return list(frame)
+
+
+def decode_server_frame_precise(plaintext: bytes) -> list[DecodedOp]:
+    """:func:`decode_server_frame` without its fast path: every op checked
+    precisely (the oracle the fast path is tested against)."""
     frame = _unpack_frame(plaintext)
     # Literal opcodes (17 is Op.SACK, 18 is Op.DELIVER) and locals, as in the
     # client frame's fast path: global lookups cost more than the checks.
@@ -545,7 +607,7 @@ def send_op(id: bytes, to: str, body: bytes, cls: int = CLS_PERSISTENT) -> bytes
         raise BodyTooLarge(f"body over {MAX_BODY} bytes: send it via the media store")
     if type(cls) is bool or cls not in (CLS_PERSISTENT, CLS_EPHEMERAL):
         raise InvalidArgument("cls must be CLS_PERSISTENT or CLS_EPHEMERAL")
-    return _pack((_SEND, id, to, body, int(cls)))
+    return pack_send(id, _pack(to), body, _CLS_BYTE[cls])
 
 
 def consent_op(id: bytes, provider: str, allow: bool) -> bytes:  # noqa: A002
@@ -686,16 +748,16 @@ def pack_frames(packed_ops: list[bytes], max_plaintext: int = MAX_PLAINTEXT,
     ``max_plaintext`` bytes and ``max_ops`` ops.  :class:`InvalidArgument` if
     one op alone does not fit.  ``[]`` for no ops.
     """
-    if _c_pack_frames is not None and type(packed_ops) is list:
-        # the compiled twin (fastroute._fastpath); None: not all exact bytes
-        frames = _c_pack_frames(packed_ops, max_plaintext, max_ops)
+    if type(packed_ops) is list:
+        # the compiled twin declines (None) a list of other buffers than bytes
+        frames = _pack_frames(packed_ops, max_plaintext, max_ops)
         if frames is not None:
             return frames
-    return _py_pack_frames(packed_ops, max_plaintext, max_ops)
+    return py_pack_frames(packed_ops, max_plaintext, max_ops)
 
 
-def _py_pack_frames(packed_ops: list[bytes], max_plaintext: int = MAX_PLAINTEXT,
-                    max_ops: int = MAX_OPS_PER_FRAME) -> list[bytes]:
+def py_pack_frames(packed_ops: list[bytes], max_plaintext: int = MAX_PLAINTEXT,
+                   max_ops: int = MAX_OPS_PER_FRAME) -> list[bytes]:
     """The pure-Python :func:`pack_frames` (the specification of the compiled one)."""
     _check_limits(max_plaintext, max_ops)
     limit = max_plaintext - _HEADER
@@ -932,3 +994,68 @@ def decode_client_hello(data: bytes) -> ClientHello:
     if type(cred) is not bytes:
         raise ProtocolError("client hello 'cred' must be bin", code=ErrorCode.BAD_FIELD)
     return hello  # type: ignore[return-value]
+
+
+# -- the hot path's packers ---------------------------------------------------
+#
+# The relay packs a DELIVER's fields after seq once per message (the *tail*,
+# the same for every recipient device) and each delivery only adds its own
+# head and seq (fastroute.relay.delivery.py_pack_delivers); a SACK-ok is a
+# fixed 21 bytes.  These are the specifications of the compiled twins in
+# ext/fastroute/_wire.pxi.
+
+_ID_HEAD = b"\xc4\x10"  # bin8 of 16
+_SACK_OK_HEAD = b"\x93\x11\xc4\x10"  # fixarray(3), SACK, bin8 of 16
+_CLS_BYTE = (b"\x00", b"\x01")
+_BIN8 = tuple(b"\xc4" + bytes((i,)) for i in range(256))
+
+
+def bin_header(n: int) -> bytes:
+    """The msgpack bin header for ``n`` bytes (bin8, bin16 or bin32)."""
+    if n < 256:
+        return _BIN8[n]
+    return b"\xc5" + n.to_bytes(2, "big") if n < 65536 else b"\xc6" + n.to_bytes(4, "big")
+
+
+_SEND_HEAD = b"\x95\x01\xc4\x10"  # fixarray(5), SEND, bin8 of 16
+
+
+def pack_send(cid: bytes, to_packed: bytes, body: bytes, cls_byte: bytes) -> bytes:
+    """The one SEND packer: ``[1, cid, to, body, cls]`` from checked parts.
+
+    ``cid`` is 16 bytes, ``to_packed`` the recipient already packed as a
+    msgpack str, ``cls_byte`` ``b"\\x00"`` or ``b"\\x01"``; nothing is checked
+    here (:func:`send_op` is the checked form).
+    """
+    return b"".join((_SEND_HEAD, cid, to_packed, bin_header(len(body)), body, cls_byte))
+
+
+def ts_packed(ts_ms: int) -> bytes:
+    """``ts_ms`` packed as a msgpack uint64 (the DELIVER tail's timestamp field)."""
+    return b"\xcf" + ts_ms.to_bytes(8, "big")
+
+
+def py_deliver_tail(sender_packed: bytes, cid: bytes, body: bytes, ts_packed: bytes,
+                    cls: int) -> bytes:
+    """The packed DELIVER fields after seq: from, id, body, ts_ms, cls."""
+    if cls != 0 and cls != 1:
+        raise InvalidArgument("cls must be 0 or 1")
+    return b"".join((sender_packed, _ID_HEAD, cid, bin_header(len(body)), body,
+                     ts_packed, _CLS_BYTE[cls]))
+
+
+def py_sack_ok_op(cid: bytes) -> bytes:
+    """The packed SACK ``[17, cid, 0]`` for a 16-byte id."""
+    if type(cid) is not bytes or len(cid) != ID_LEN:
+        raise InvalidArgument("message id must be 16 bytes")
+    return b"".join((_SACK_OK_HEAD, cid, b"\x00"))
+
+
+# the implementations in use: compiled (fastroute._core) or the specs above
+_decode_sends = twin(py_decode_sends)
+_decode_server_ops = twin(py_decode_server_ops)
+_pack_frames = twin(py_pack_frames)
+#: :func:`py_deliver_tail`, compiled when the core is built
+deliver_tail = twin(py_deliver_tail)
+#: :func:`py_sack_ok_op`, compiled when the core is built
+sack_ok_op = twin(py_sack_ok_op)

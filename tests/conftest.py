@@ -75,3 +75,35 @@ def pytest_make_collect_report(collector: pytest.Collector):
     item = _SkippedModule.from_parent(collector, name="skipped-at-collection",
                                       reason=_skip_reason(report.longrepr))
     return pytest.CollectReport(report.nodeid, "passed", None, [item])
+
+
+# -- twins: one fixture runs a test on both implementations ---------------------------
+
+class Impl:
+    """One implementation of fastroute's twins: ``"py"`` (the specifications) or ``"c"``.
+
+    ``impl.of(spec)`` is what this run uses for ``spec`` (a ``py_`` function,
+    a ``Py`` class, or a named specification such as ``DedupWindow``): the
+    spec itself, or its compiled twin from ``fastroute._core``.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def of(self, spec):
+        from fastroute import _compiled
+
+        return spec if self.name == "py" else _compiled.compiled_twin(spec)
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+@pytest.fixture(params=["py", "c"])
+def impl(request: pytest.FixtureRequest) -> Impl:
+    """Runs the requesting test once per implementation (yarl/multidict style)."""
+    from fastroute import _compiled
+
+    if request.param == "c" and not _compiled.COMPILED:
+        pytest.skip("the compiled core is not built (FASTROUTE_NO_EXTENSIONS=1)")
+    return Impl(request.param)

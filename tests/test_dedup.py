@@ -11,17 +11,15 @@ import random
 import pytest
 
 import fastroute
-from fastroute import _fastpath
+from fastroute import dedup
+from fastroute.dedup import PENDING, DedupWindow
 from fastroute.errors import InvalidArgument, WrongType
-from fastroute.gate import PENDING, DedupWindow
 
-IMPLS = [DedupWindow]
-if fastroute.COMPILED:
-    from fastroute._core import DedupTable
 
-    IMPLS.append(DedupTable)
-
-pytestmark = pytest.mark.parametrize("impl", IMPLS, ids=lambda c: c.__name__)
+@pytest.fixture
+def impl(impl):
+    """The dedup table class under test: the conftest's ``impl`` picks which twin."""
+    return impl.of(DedupWindow)
 
 
 def cid(i: int) -> bytes:
@@ -174,9 +172,9 @@ def test_random_walk_matches_the_specification(impl, seed):
     assert len(t) == len(t.keys()) == len(set(t.keys()))
 
 
-def test_fastpath_exports_the_compiled_table(impl):
+def test_dedup_module_exports_the_compiled_table(impl):
     want = "DedupTable" if fastroute.COMPILED else "DedupWindow"
-    assert _fastpath.DedupTable.__name__ == want
+    assert dedup.DedupTable.__name__ == want
 
 
 def test_a_window_full_of_pending_ids_grows_then_shrinks_back(impl):

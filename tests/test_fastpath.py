@@ -1,7 +1,9 @@
 """The relay's byte packers and gate loop: compiled twins against the Python ones.
 
-``fastroute._fastpath`` holds the pure-Python specification of each helper;
-``fastroute._core`` (ext/fastroute/_wire.pxi, _gate.pxi) the compiled twins.
+Each helper's pure-Python specification sits in the module of the stage that
+uses it (``fastroute.wire``, ``fastroute.relay.gate``, ``fastroute.relay.delivery``,
+``fastroute.store``, ``fastroute.client``); ``fastroute._core`` (the ``.pxi``
+part named after that stage) has the compiled twin.
 Every test runs the Python version against msgpack as the oracle, and, when
 the extension is built, checks the compiled version gives the same bytes (or
 raises the same exception class) on the same input.
@@ -17,7 +19,10 @@ import msgpack
 import pytest
 
 import fastroute
-from fastroute import _fastpath, wire
+from fastroute import _compiled, store, wire
+from fastroute import client as client_mod
+from fastroute.relay import delivery
+from fastroute.relay import gate as gate_mod
 from fastroute.errors import (
     BodyTooLarge,
     ErrorCode,
@@ -25,8 +30,8 @@ from fastroute.errors import (
     ProtocolError,
     UnknownAddress,
 )
-from fastroute import gate
-from fastroute.gate import PENDING
+from fastroute import dedup
+from fastroute.dedup import PENDING
 
 if fastroute.COMPILED:
     from fastroute import _core
@@ -57,21 +62,40 @@ def _same(fn_py, fn_c, *args):
     return want
 
 
+def _both(spec):
+    """``(spec, compiled twin or None)``."""
+    return spec, _compiled.compiled_twin(spec)
+
+
+def _run_or_none(run):
+    """``run`` applied to a twin, None kept as None (no compiled core)."""
+    return lambda fn: fn and run(fn)
+
+
 def test_compiled_twins_loaded():
-    assert _fastpath.COMPILED_FASTPATH is fastroute.COMPILED
-    if fastroute.COMPILED:
-        assert _fastpath.pack_delivers is _core.pack_delivers
-        assert _fastpath.accept_sends is _core.accept_sends
-        assert _fastpath.pack_frames_c is _core.pack_frames
-        assert _fastpath.decode_sends_c is _core.decode_sends
-        assert _fastpath.pack_sends is _core.pack_sends
-        assert _fastpath.dispatch_frame_c is _core.dispatch_frame
-        assert _fastpath.sync_rows is _core.sync_rows
-        assert (_fastpath.mem_put, _fastpath.mem_ack, _fastpath.mem_load) == (
-            _core.mem_put, _core.mem_ack, _core.mem_load)
-        assert _fastpath.DedupTable is _core.DedupTable
-    else:
-        assert _fastpath.pack_frames_c is None and _fastpath.decode_sends_c is None
+    # the stage modules use the compiled twins whenever the core is built
+    pairs = [(wire.deliver_tail, wire.py_deliver_tail), (wire.sack_ok_op, wire.py_sack_ok_op),
+             (wire._pack_frames, wire.py_pack_frames), (wire._decode_sends, wire.py_decode_sends),
+             (wire._decode_server_ops, wire.py_decode_server_ops),
+             (gate_mod.accept_sends, gate_mod.py_accept_sends),
+             (gate_mod.stored_sacks, gate_mod.py_stored_sacks),
+             (gate_mod.route_items, gate_mod.py_route_items),
+             (gate_mod.SendGate, gate_mod.PySendGate), (gate_mod.LinkGate, gate_mod.PyLinkGate),
+             (delivery.pack_delivers, delivery.py_pack_delivers),
+             (delivery.sync_rows, delivery.py_sync_rows),
+             (store._mem_put, store.py_mem_put), (store._mem_ack, store.py_mem_ack),
+             (store._mem_load, store.py_mem_load),
+             (client_mod._pack_sends, client_mod.py_pack_sends),
+             (client_mod._dispatch_frame, client_mod.py_dispatch_frame),
+             (dedup.DedupTable, dedup.DedupWindow), (fastroute.Router, fastroute._model.Router)]
+    assert _compiled.COMPILED is fastroute.COMPILED
+    for used, spec in pairs:
+        if fastroute.COMPILED:
+            assert used is _compiled.compiled_twin(spec) is not None
+            assert type(used).__name__ in ("cython_function_or_method", "type")
+            assert getattr(_core, used.__name__) is used
+        else:
+            assert used is spec
 
 
 # -- DELIVER tails and ops ------------------------------------------------------
@@ -80,7 +104,7 @@ def test_compiled_twins_loaded():
 @pytest.mark.parametrize("cls", [0, 1])
 def test_deliver_tail_matches_msgpack(size, cls):
     body = bytes(i & 0xFF for i in range(size))
-    tail = _same(_fastpath._py_deliver_tail, _core and _core.deliver_tail,
+    tail = _same(*_both(wire.py_deliver_tail),
                  SENDER_PACKED, MID, body, TS_PACKED, cls)
     op = b"\x97\x12\xce" + (7).to_bytes(4, "big") + tail
     assert msgpack.unpackb(op) == [18, 7, "alice@example.org", MID, body, TS, cls]
@@ -88,7 +112,7 @@ def test_deliver_tail_matches_msgpack(size, cls):
 
 @pytest.mark.parametrize("cls", [-1, 2])
 def test_deliver_tail_refuses_bad_cls(cls):
-    exc = _same(_fastpath._py_deliver_tail, _core and _core.deliver_tail,
+    exc = _same(*_both(wire.py_deliver_tail),
                 SENDER_PACKED, MID, b"x", TS_PACKED, cls)
     assert isinstance(exc, InvalidArgument)
 
@@ -96,7 +120,7 @@ def test_deliver_tail_refuses_bad_cls(cls):
 @pytest.mark.parametrize("seq,n", [(1, 0), (0, 1), (1, 1000), (2**32 - 1, 1), (2**32 - 3, 3),
                                    (2**32 - 2, 3), (2**32, 1)])
 def test_pack_delivers(seq, n):
-    tails = [_fastpath._py_deliver_tail(SENDER_PACKED, MID, b"b" * i, TS_PACKED, i & 1)
+    tails = [wire.py_deliver_tail(SENDER_PACKED, MID, b"b" * i, TS_PACKED, i & 1)
              for i in range(n)]
     batch = [(i * 3, t) for i, t in enumerate(tails)]
 
@@ -107,7 +131,7 @@ def test_pack_delivers(seq, n):
             return mids, out
         return call
 
-    got = _same(run(_fastpath._py_pack_delivers), _core and run(_core.pack_delivers),
+    got = _same(*map(_run_or_none(run), _both(delivery.py_pack_delivers)),
                 seq, batch)
     if seq + max(n, 1) - 1 > 0xFFFFFFFF:
         assert isinstance(got, OverflowError)
@@ -122,7 +146,7 @@ def test_pack_delivers(seq, n):
 
 @pytest.mark.parametrize("batch", [[(1, "str")], [(1,)], [[1, b"x"]], [None]])
 def test_pack_delivers_refuses_bad_payloads(batch):
-    assert isinstance(_same(_fastpath._py_pack_delivers, _core and _core.pack_delivers,
+    assert isinstance(_same(*_both(delivery.py_pack_delivers),
                             1, batch, []), TypeError)
 
 
@@ -130,9 +154,9 @@ def test_pack_delivers_refuses_bad_payloads(batch):
 
 def test_sack_ok_op():
     want = wire.sack_op(MID, 0)
-    assert _same(_fastpath._py_sack_ok_op, _core and _core.sack_ok_op, MID) == want
+    assert _same(*_both(wire.py_sack_ok_op), MID) == want
     for bad in (MID[:15], MID + b"x", bytearray(MID), "x" * 16):
-        assert isinstance(_same(_fastpath._py_sack_ok_op, _core and _core.sack_ok_op, bad),
+        assert isinstance(_same(*_both(wire.py_sack_ok_op), bad),
                           InvalidArgument)
 
 
@@ -153,7 +177,7 @@ def _contents(t):
 
 def _twins():
     """The dedup table classes: (specification, compiled or None)."""
-    return gate.DedupWindow, (_core.DedupTable if _core else None)
+    return dedup.DedupWindow, _compiled.compiled_twin(dedup.DedupWindow)
 
 
 def _stored_run(fn, impl, meta, entries):
@@ -171,7 +195,7 @@ def test_stored_sacks():
                ("a@b.c", ids[1], PENDING, 1.0, [("conn", ids[1])]),
                ("a@b.c", ids[3], PENDING, 2.0, [("c1", ids[3]), ("c2", ids[3])])]
     py, c = _twins()
-    got = _stored_run(_fastpath._py_stored_sacks, py, meta, entries)
+    got = _stored_run(gate_mod.py_stored_sacks, py, meta, entries)
     if c is not None:
         assert _stored_run(_core.stored_sacks, c, meta, entries) == got
     out, calls, contents = got
@@ -182,7 +206,7 @@ def test_stored_sacks():
     assert [(k[1], v) for k, v, _ in contents] == [(cid, (0, 12.5)) for cid in
                                                    (ids[0], ids[1], ids[3], ids[2], ids[4])]
     bad = [(ADDR, b"tail", ids[0][:15])]
-    for fn, impl in ((_fastpath._py_stored_sacks, py), (c and _core.stored_sacks, c)):
+    for fn, impl in ((gate_mod.py_stored_sacks, py), (c and _core.stored_sacks, c)):
         if fn is not None:
             with pytest.raises(InvalidArgument):
                 _stored_run(fn, impl, bad, [])
@@ -190,9 +214,9 @@ def test_stored_sacks():
 
 def test_route_items():
     meta = [(ADDR, b"t%d" % i, ("s", b"%d" % i)) for i in range(4)]
-    assert _same(_fastpath._py_route_items, _core and _core.route_items, meta,
+    assert _same(*_both(gate_mod.py_route_items), meta,
                  [10, 11, 12, 13]) == [(ADDR, (10 + i, b"t%d" % i)) for i in range(4)]
-    assert _same(_fastpath._py_route_items, _core and _core.route_items, [], []) == []
+    assert _same(*_both(gate_mod.py_route_items), [], []) == []
 
 
 # -- frames ------------------------------------------------------------------------------
@@ -215,7 +239,7 @@ LIMIT = wire.MAX_PLAINTEXT - 3
                                     (100, 0), (100, 8193)])
 def test_pack_frames_twins(sizes, limits):
     ops = _ops(sizes)
-    frames = _same(wire._py_pack_frames, _core and _core.pack_frames, ops, *limits)
+    frames = _same(wire.py_pack_frames, _core and _core.pack_frames, ops, *limits)
     if isinstance(frames, Exception):
         assert isinstance(frames, InvalidArgument)
         return
@@ -231,8 +255,8 @@ def test_pack_frames_other_buffers_fall_back():
     ops = [b"\x91\x04", bytearray(b"\x91\x04"), memoryview(b"\x91\x04")]
     if fastroute.COMPILED:
         assert _core.pack_frames(ops) is None
-    assert wire.pack_frames(ops) == wire._py_pack_frames(ops) == [b"\x93" + b"\x91\x04" * 3]
-    assert wire.pack_frames(tuple(ops)) == wire._py_pack_frames(ops)
+    assert wire.pack_frames(ops) == wire.py_pack_frames(ops) == [b"\x93" + b"\x91\x04" * 3]
+    assert wire.pack_frames(tuple(ops)) == wire.py_pack_frames(ops)
 
 
 # -- client frames: the SEND fast path --------------------------------------------------
@@ -248,11 +272,11 @@ def _frame(ops, header=None):
 def _check_decode(plaintext):
     """C (if built) either declines or agrees with the Python decoder."""
     try:
-        want = wire._py_decode_client_frame(plaintext)
+        want = wire.decode_client_frame_precise(plaintext)
     except ProtocolError as exc:
         want = exc
-    if fastroute.COMPILED:
-        got = _core.decode_sends(plaintext, wire._ADDR_OK)
+    for fn in _both(wire.py_decode_sends):
+        got = fn and fn(plaintext, wire._ADDR_OK)
         if got is not None:
             assert not isinstance(want, Exception), plaintext[:64]
             assert got == want
@@ -361,7 +385,7 @@ def test_decode_sends_fuzz():
 
 # -- the gate loop ------------------------------------------------------------------------
 
-def _gate_case(fn, impl):
+def _gate_case(fn, impl, gate_cls, link_cls):
     def call(sends, state):
         state = copy.deepcopy(state)
         out = []
@@ -371,12 +395,14 @@ def _gate_case(fn, impl):
         meta = []
         taps = [lambda *a: tapped.append(a)] if state["taps"] else []
         table = _table(impl, state["entries"])
-        res = fn(sends, "conn", out, "alice@example.org", SENDER_PACKED, state["known"],
-                 table, 100.0, state["mt"], state["bt"], 1000, TS,
-                 TS_PACKED, taps, state["consent"], "@example.org", "example.org",
-                 counted.append, wire.sack_op,
-                 (ErrorCode.BODY_TOO_LARGE, ErrorCode.UNKNOWN_RECIPIENT,
-                  ErrorCode.CONSENT_REQUIRED, ErrorCode.RATE_LIMITED), store_items, meta)
+        gate = gate_cls(state["known"], table, state["consent"], taps, counted.append,
+                        wire.sack_op, (ErrorCode.BODY_TOO_LARGE, ErrorCode.UNKNOWN_RECIPIENT,
+                                       ErrorCode.CONSENT_REQUIRED, ErrorCode.RATE_LIMITED))
+        lg = link_cls("conn", out, "alice@example.org", SENDER_PACKED, "example.org", 1000,
+                      None, None)
+        lg.msg_tokens, lg.byte_tokens = state["mt"], state["bt"]
+        ephemeral = fn(gate, lg, sends, 100.0, TS, TS_PACKED, store_items, meta)
+        res = (ephemeral, lg.msg_tokens, lg.byte_tokens)
         return res, out, counted, tapped, store_items, meta, _contents(table)
     return call
 
@@ -412,8 +438,10 @@ def test_accept_sends_twins(require_consent, tokens, taps):
         "mt": tokens[0], "bt": tokens[1], "taps": taps,
     }
     py, c = _twins()
-    got = _same(_gate_case(_fastpath._py_accept_sends, py),
-                c and _gate_case(_core.accept_sends, c), sends, state)
+    got = _same(_gate_case(gate_mod.py_accept_sends, py, gate_mod.PySendGate,
+                           gate_mod.PyLinkGate),
+                c and _gate_case(_core.accept_sends, c, _core.SendGate, _core.LinkGate),
+                sends, state)
     (ephemeral, mt, bt), out, counted, tapped, store_items, meta, contents = got
     entries = {k[1]: (v, w) for k, v, w in contents}
     assert entries[ids[7]] == ((PENDING, 99.0), [("conn", ids[7])])
@@ -446,11 +474,11 @@ def _deliver(seq=1, sender=SENDER, cid=MID, body=b"hi", ts=TS, cls=0):
 
 def _check_server_decode(plaintext):
     try:
-        want = wire._py_decode_server_frame(plaintext)
+        want = wire.decode_server_frame_precise(plaintext)
     except ProtocolError as exc:
         want = exc
-    if fastroute.COMPILED:
-        got = _core.decode_server_ops(plaintext, wire._ADDR_OK)
+    for fn in _both(wire.py_decode_server_ops):
+        got = fn and fn(plaintext, wire._ADDR_OK)
         if got is not None:
             assert not isinstance(want, Exception)
             assert got == want
@@ -469,7 +497,7 @@ SERVER_FAST = [
     _frame([wire.sack_op(MID, 0), wire.sack_op(MID, 2**32 + 5)]),
     _frame([_deliver(seq=s) for s in (0, 127, 128, 255, 256, 65535, 65536, 2**32 - 1)]),
     _frame([b"\x97\x12\xce" + (2**32 - 1).to_bytes(4, "big")
-            + _fastpath._py_deliver_tail(msgpack.packb(SENDER), MID, bytes(n), TS_PACKED, 1)
+            + wire.py_deliver_tail(msgpack.packb(SENDER), MID, bytes(n), TS_PACKED, 1)
             for n in (0, 255, 256, wire.MAX_BODY)]),
     _frame([_deliver(ts=0), _deliver(ts=2**64 - 1), wire.sack_op(MID, 17)] * 6),
 ]
@@ -536,7 +564,7 @@ def test_pack_sends_twins(cls, at):
             return ids, ops, pending
         return call
 
-    ids, ops, pending = _same(run(_fastpath._py_pack_sends), _core and run(_core.pack_sends),
+    ids, ops, pending = _same(*map(_run_or_none(run), _both(client_mod.py_pack_sends)),
                               POOL, at, bodies)
     assert ids == [POOL[at + 16 * i:at + 16 * i + 16] for i in range(len(bodies))]
     assert ops == [wire.send_op(cid, ADDR, body, cls) for cid, body in zip(ids, bodies)]
@@ -564,7 +592,7 @@ def test_pack_sends_refusals(bodies, at, cls, exc):
                 assert pending == {}  # nothing registered on a refusal
         return call
 
-    got = _same(run(_fastpath._py_pack_sends), _core and run(_core.pack_sends), bodies)
+    got = _same(*map(_run_or_none(run), _both(client_mod.py_pack_sends)), bodies)
     assert isinstance(got, exc)
 
 
@@ -585,7 +613,7 @@ def _sync_run(fn, rows, routed, cap):
 def test_sync_rows_twins(routed, cap):
     rows = [(10 + i, "alice@example.org" if i % 2 else "carol@other.net", bytes([i]) * 16,
              b"b" * i, TS + i) for i in range(6)]
-    got = _same(lambda *a: _sync_run(_fastpath._py_sync_rows, *a),
+    got = _same(lambda *a: _sync_run(delivery.py_sync_rows, *a),
                 _core and (lambda *a: _sync_run(_core.sync_rows, *a)), rows, routed, cap)
     (pushed, last, state), queued, packed = got
     want = min(len(rows), cap, routed - 9)
@@ -595,7 +623,7 @@ def test_sync_rows_twins(routed, cap):
     assert packed == ["carol@other.net", "alice@example.org"][:want]  # packed once each
     for i, ((seq, (mid, tail)), (rmid, sender, cid, body, ts)) in enumerate(zip(queued, rows)):
         assert (seq, mid) == (i + 1, rmid)
-        assert tail == _fastpath._py_deliver_tail(msgpack.packb(sender), cid, body,
+        assert tail == wire.py_deliver_tail(msgpack.packb(sender), cid, body,
                                                   b"\xcf" + ts.to_bytes(8, "big"), 0)
 
 
@@ -633,7 +661,7 @@ def test_mem_put_and_ack_twins():
             script.append(("ack", rng.randrange(1, 7),
                            [rng.randrange(1, 400) for _ in range(rng.randrange(8))]))
     script.append(("put", [("a@x", MID, b"x", 1, [1]), ("bad",)]))  # malformed item
-    want = _mem_run(_fastpath._py_mem_put, _fastpath._py_mem_ack, script)
+    want = _mem_run(store.py_mem_put, store.py_mem_ack, script)
     if _core is not None:
         assert _mem_run(_core.mem_put, _core.mem_ack, script) == want
     log, msgs, inbox = want
@@ -643,7 +671,7 @@ def test_mem_put_and_ack_twins():
         box = {m: None for m in inbox.get(dk, [])}
         for after in (0, 5, 150, 10**6):
             for limit in (0, 1, 3, 1000):
-                rows = _fastpath._py_mem_load(box, msgs, after, limit)
+                rows = store.py_mem_load(box, msgs, after, limit)
                 assert [r[0] for r in rows] == [m for m in box if m > after][:limit]
                 assert all(r[1:] == tuple(msgs[r[0]][:4]) for r in rows)
                 if _core is not None:
@@ -675,8 +703,6 @@ class _Proto:
 
 def _run_client(frames, compiled, pending_spec, window):
     """Feed ``frames`` to a fresh client; return everything _on_frame may change."""
-    from fastroute import client as client_mod
-
     async def go():
         c = client_mod.Client("h", 1, credential=b"", static=None, dedup_window=window)
         c._rx = _Plain()
@@ -693,7 +719,8 @@ def _run_client(frames, compiled, pending_spec, window):
             for cid in ids:
                 c._pending[cid] = target if len(ids) > 1 else (target, b"op")
         saved = client_mod._dispatch_frame
-        client_mod._dispatch_frame = _core.dispatch_frame if compiled else None
+        client_mod._dispatch_frame = (_core.dispatch_frame if compiled
+                                      else client_mod.py_dispatch_frame)
         try:
             for f in frames:
                 c._on_frame(f)

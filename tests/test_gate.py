@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastroute.gate import TokenBucket
+from fastroute.relay.gate import TokenBucket
 
 
 class Clock:

@@ -1,6 +1,6 @@
-# Argument checks shared by the Router methods.  Included by _core.pyx.
-# Their Python specification is fastroute/_args.py (check_int; check_str for
-# as_str) and fastroute/_model.py (_check_count for as_count, the address and
+# Argument checks shared by the Router methods.  Part of fastroute._core; no
+# Python-visible names.  Specification: fastroute/_args.py (check_int; check_str
+# for as_str) and fastroute/_model.py (_check_count for as_count, the address and
 # device-name checks): they raise exactly what those raise for the same input,
 # and the property tests compare the exception classes.
 

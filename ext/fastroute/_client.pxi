@@ -1,12 +1,16 @@
 # The client library's per-message paths (fastroute.client.Client), compiled.
-# Included by _core.pyx after _wire.pxi (it uses its Cursor, take_len,
-# take_uint and bin_header).
+# Part of fastroute._core, included after _wire.pxi (it uses its Cursor,
+# take_len, take_uint and bin_header).
 #
-# * pack_sends: the SEND ops of Client.send_many; the Python twin is
-#   fastroute/_fastpath.py:_py_pack_sends (same bytes, same exceptions).
+# Compiled twins of fastroute/client.py (the specification):
+#   pack_sends      = py_pack_sends
+#   dispatch_frame  = py_dispatch_frame
+#
+# * pack_sends: the SEND ops of Client.send_many (same bytes, same exceptions).
 # * dispatch_frame: Client._on_frame for a frame of SACKs and DELIVERs; it
 #   declines (returns None, having done nothing) any other frame, and the
 #   client's Python loop -- the oracle the tests compare against -- does it.
+#   Its specification declines every frame.
 
 from cpython.object cimport PyTypeObject
 from cpython.type cimport PyType_IsSubtype

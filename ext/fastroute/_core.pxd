@@ -6,6 +6,16 @@
 # methods, _ring.pxi the mailbox ring primitives, _args.pxi argument checks.
 # The pure-Python model fastroute/_model.py is the specification both follow.
 #
+# The same extension module carries the compiled twins of the relay's and
+# the client's per-message paths, one part per stage, each header naming
+# its Python specification:
+#   _dedup.pxi     DedupTable                       fastroute/dedup.py
+#   _wire.pxi      frame packers and fast decoders  fastroute/wire.py
+#   _gate.pxi      the SEND check                   fastroute/relay/gate.py
+#   _store.pxi     MemoryStore's loops              fastroute/store.py
+#   _delivery.pxi  DELIVER packing, backlog sync    fastroute/relay/delivery.py
+#   _client.pxi    the client's send and dispatch   fastroute/client.py
+#
 # Ownership in one paragraph: the Router owns dicts of _Device, _Address and
 # _Group objects; an _Address also owns its _Device objects.  A _Device
 # embeds its Mailbox (a C struct); _Group.cache is a C array of Mailbox*

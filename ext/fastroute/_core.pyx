@@ -1,4 +1,7 @@
 # cython: language_level=3, embedsignature=True
+#
+# Compiled twins of fastroute/_model.py (the specification):
+#   Router = Router
 """The compiled routing engine of fastroute.
 
 :class:`Router` keeps the address table, one bounded mailbox per device,
@@ -35,13 +38,16 @@ from fastroute.errors import (
     WrongType,
 )
 
+# The engine's own parts first, then the stage parts in data-path order;
+# each part's header names the Python module that is its specification.
 include "_args.pxi"
 include "_ring.pxi"
 include "_dedup.pxi"
 include "_wire.pxi"
 include "_gate.pxi"
+include "_store.pxi"
+include "_delivery.pxi"
 include "_client.pxi"
-include "_memstore.pxi"
 
 __all__ = ["Router", "MAX_MAILBOX_CAPACITY"]
 

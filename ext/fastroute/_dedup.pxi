@@ -1,8 +1,12 @@
 # The dedup window of the relay's gate and of the client (DedupTable),
-# compiled.  Included by _core.pyx before _wire.pxi, _gate.pxi and _client.pxi, which
-# call its cdef methods per message.  fastroute/gate.py:DedupWindow is the
-# Python twin and the specification; tests/test_dedup.py drives both with
-# the same operations and compares every answer.
+# compiled.  Part of fastroute._core, included before _gate.pxi and
+# _client.pxi, which call its cdef methods per message.
+#
+# Compiled twins of fastroute/dedup.py (the specification):
+#   DedupTable = DedupWindow
+#
+# tests/test_dedup.py drives both with the same operations and compares
+# every answer.
 #
 # Why not a dict: the relay keeps up to a million recent ids.  As a dict of
 # (sender, id) -> [code, stamp, waiters] that is five Python objects per

@@ -1,35 +1,124 @@
-# The relay's per-SEND gate loop (fastroute.server.Relay._accept), compiled.
-# Included by _core.pyx after _wire.pxi.  fastroute/_fastpath.py has the
-# Python twin, py_accept_sends, line for line; keep the two in step (the
-# tests drive both with the same frames and compare every output).
+# The gate stage's per-message loops, compiled.  Part of fastroute._core
+# (included by _core.pyx after _dedup.pxi and _wire.pxi, whose cdef helpers
+# it calls).
+#
+# Compiled twins of fastroute/relay/gate.py (the specification):
+#   SendGate      = PySendGate
+#   LinkGate      = PyLinkGate
+#   accept_sends  = py_accept_sends
+#   stored_sacks  = py_stored_sacks
+#   route_items   = py_route_items
+#
+# The Python versions are written line for line like these; keep the two in
+# step (tests/test_fastpath.py drives both with the same frames and compares
+# every output).
 
 from cpython.unicode cimport PyUnicode_Tailmatch
 
 
-def accept_sends(list sends, object conn, list out, str sender, bytes sender_packed,
-                 dict known, DedupTable dedup not None, object now,
-                 object msg_tokens, object byte_tokens, Py_ssize_t max_body,
-                 object now_ms, bytes ts_packed, list taps, object consent, str own,
-                 str provider, object count_error, object sack_op,
-                 tuple refusals, list store_items, list meta):
+cdef class SendGate:
+    """What the SEND check reads of the relay: one per relay, shared by every link.
+
+    ``known``: address -> store device keys; ``dedup``: the relay's
+    :class:`DedupTable`; ``consent``: address -> providers it accepts (None
+    when consent is not required); ``taps``: callables told of each accepted
+    message; ``count_error(code)``; ``sack_op(id, code)`` packs a refusal;
+    ``refusals``: the codes for body too large, unknown recipient, consent
+    required, rate limited, in that order.
+    """
+
+    cdef public dict known
+    cdef public DedupTable dedup
+    cdef public object consent
+    cdef public list taps
+    cdef public object count_error
+    cdef public object sack_op
+    cdef public tuple refusals
+
+    def __init__(self, dict known, DedupTable dedup not None, consent, list taps,
+                 count_error, sack_op, tuple refusals):
+        self.known = known
+        self.dedup = dedup
+        self.consent = consent
+        self.taps = taps
+        self.count_error = count_error
+        self.sack_op = sack_op
+        self.refusals = refusals
+
+
+cdef class LinkGate:
+    """One link's sender as the SEND check sees it.
+
+    ``link`` is the waiter token's owner (a resent pending id is queued as
+    ``(link, id)``); ``out`` the link's outgoing op list; ``sender`` and
+    ``sender_packed`` its address (str and packed); ``provider`` and ``own``
+    (``"@" + provider``); ``max_body``; ``msg_bucket`` and ``byte_bucket``
+    the device's quotas (token buckets, kept across its reconnections);
+    ``msg_tokens`` and ``byte_tokens`` the quota available to this read (the
+    caller refills them from the buckets before, and stores them back after).
+    """
+
+    cdef public object link
+    cdef public list out
+    cdef public str sender
+    cdef public bytes sender_packed
+    cdef public str provider
+    cdef public str own
+    cdef public Py_ssize_t max_body
+    cdef public object msg_bucket
+    cdef public object byte_bucket
+    cdef public object msg_tokens
+    cdef public object byte_tokens
+
+    def __init__(self, link, list out, str sender, bytes sender_packed, str provider,
+                 Py_ssize_t max_body, msg_bucket, byte_bucket):
+        self.link = link
+        self.out = out
+        self.sender = sender
+        self.sender_packed = sender_packed
+        self.provider = provider
+        self.own = "@" + provider
+        self.max_body = max_body
+        self.msg_bucket = msg_bucket
+        self.byte_bucket = byte_bucket
+        self.msg_tokens = 0.0
+        self.byte_tokens = 0.0
+
+
+def accept_sends(SendGate gate not None, LinkGate lg not None, list sends, object now,
+                 object now_ms, bytes ts_packed, list store_items, list meta):
     """Gate a read's SEND ops: dedup, size, recipient, consent, quota.
 
     ``sends`` are decoded SEND tuples ``(1, id, to, body, cls)``.  Duplicates
-    of a decided id (``dedup``, a :class:`DedupTable`, within its window)
-    get their old answer in ``out``; duplicates of a pending one are queued
-    on its entry as ``(conn, id)`` (:meth:`DedupTable.wait`).  A refusal (codes
-    from ``refusals``: body too large, unknown recipient, consent required,
-    rate limited) is counted with ``count_error`` and answered with
-    ``sack_op(id, code)``; it is not remembered.  Accepted persistent
-    messages get a PENDING entry and one item in ``store_items`` and
+    of a decided id (``gate.dedup``, within its window) get their old answer
+    in ``lg.out``; duplicates of a pending one are queued on its entry as
+    ``(lg.link, id)`` (:meth:`DedupTable.wait`).  A refusal is counted with
+    ``gate.count_error`` and answered with ``gate.sack_op(id, code)``; it is
+    not remembered.  Accepted persistent messages get a PENDING entry and one
+    item in ``store_items`` (``(sender, id, body, ts_ms, device_keys)``) and
     ``meta`` (``(to, tail, id)``) each; accepted ephemeral ones are acked at
-    once and recorded with code 0.  ``consent`` is the consent table, or
-    None when consent is not required.
+    once and recorded with code 0.
 
-    Returns ``(ephemeral, msg_tokens, byte_tokens)``: the ephemeral
-    ``(to, (0, tail))`` items (or None) and the quota left (the objects
-    passed in when nothing was spent).
+    Returns the ephemeral ``(to, (0, tail))`` items (or None).  The quota
+    left is written back to ``lg.msg_tokens`` and ``lg.byte_tokens`` (left
+    as they were, the very objects, when nothing was spent).
     """
+    cdef list out = lg.out
+    cdef str sender = lg.sender
+    cdef bytes sender_packed = lg.sender_packed
+    cdef str provider = lg.provider
+    cdef str own = lg.own
+    cdef Py_ssize_t max_body = lg.max_body
+    cdef object conn = lg.link
+    cdef object msg_tokens = lg.msg_tokens
+    cdef object byte_tokens = lg.byte_tokens
+    cdef dict known = gate.known
+    cdef DedupTable dedup = gate.dedup
+    cdef object consent = gate.consent
+    cdef list taps = gate.taps
+    cdef object count_error = gate.count_error
+    cdef object sack_op = gate.sack_op
+    cdef tuple refusals = gate.refusals
     cdef object op, cid, to, body, cls, code, tail, accepted, tap
     cdef Py_ssize_t size
     cdef int seen_code
@@ -86,45 +175,39 @@ def accept_sends(list sends, object conn, list out, str sender, bytes sender_pac
             for tap in taps:
                 tap(now_ms, sender, to, size, cls)
     if spent:
-        return ephemeral, mt, bt
-    return ephemeral, msg_tokens, byte_tokens
+        lg.msg_tokens = mt
+        lg.byte_tokens = bt
+    return ephemeral
 
 
-def sync_rows(object router, object dev, list rows, object routed, dict senders,
-              object pack_sender):
-    """The relay's backlog sync (``_Conn._sync``): push stored rows into a mailbox.
+def stored_sacks(list meta, str sender, DedupTable dedup not None, double now, list out,
+                 ack_all):
+    """The relay's per-message bookkeeping after a store batch of ``sender``'s committed.
 
-    ``rows`` are the store's ``(mid, sender, id, body, ts_ms)`` in mid order.
-    Each becomes the payload ``(mid, DELIVER tail)`` (cls 0) pushed with
-    ``router.push(dev, ...)``, until a row's mid is above ``routed`` (the
-    live route has not placed it yet: state 1) or the mailbox is full
-    (MailboxFull: state 2).  ``senders`` caches ``pack_sender(sender)``.
-    Returns ``(pushed, last_mid, state)``; ``last_mid`` is the mid of the
-    last row pushed (None if none), state 0 when every row was pushed.
+    For each ``(to, tail, id)`` of ``meta``: decide the id's dedup entry
+    (code 0 at ``now``), answer the waiters that resent it meanwhile through
+    ``ack_all(None, id, 0, waiters)``, then append the sender's SACK-ok to
+    ``out`` -- in that order, per message.
     """
-    cdef Py_ssize_t pushed = 0
-    cdef object row, mid, sender, cid, body, ts_ms, sp, last = None
-    cdef unsigned long long ts
-    cdef bytes ts_packed
-    cdef unsigned char* p
-    push = router.push
-    for row in rows:
-        mid, sender, cid, body, ts_ms = row
-        if mid > routed:
-            return pushed, last, 1
-        sp = senders.get(sender)
-        if sp is None:
-            sp = senders[sender] = pack_sender(sender)
-        ts = ts_ms
-        ts_packed = PyBytes_FromStringAndSize(NULL, 9)
-        p = <unsigned char*>PyBytes_AS_STRING(ts_packed)
-        p[0] = 0xcf
-        put_be32(p + 1, <uint32_t>(ts >> 32))
-        put_be32(p + 5, <uint32_t>(ts & 0xffffffffULL))
-        try:
-            push(dev, (mid, c_deliver_tail(sp, cid, body, ts_packed, 0)))
-        except MailboxFull:
-            return pushed, last, 2
-        last = mid
-        pushed += 1
-    return pushed, last, 0
+    cdef Py_ssize_t i
+    cdef object item, cid, waiters
+    for i in range(PyList_GET_SIZE(meta)):
+        item = meta[i]
+        cid = item[2]
+        if not PyBytes_CheckExact(cid) or PyBytes_GET_SIZE(cid) != 16:
+            raise InvalidArgument("message id must be 16 bytes")
+        waiters = dedup.c_finish(sender, cid, 0, now)
+        if waiters is not None:
+            ack_all(None, cid, 0, waiters)
+        out.append(make_sack_ok(cid))
+
+
+def route_items(list meta, list mids):
+    """``[(to, (mid, tail)) ...]`` from the relay's ``meta`` and the store's mids."""
+    cdef Py_ssize_t n = min(PyList_GET_SIZE(meta), PyList_GET_SIZE(mids)), i
+    cdef list out = []
+    cdef object item
+    for i in range(n):
+        item = meta[i]
+        out.append((item[0], (mids[i], item[1])))
+    return out

@@ -1,5 +1,6 @@
 # Mailbox ring, ready list and full list: the C primitives of the engine.
-# Included by _core.pyx.  None of these functions touches a Python object
+# Part of fastroute._core; no Python-visible names.  Specification: the
+# mailboxes of fastroute/_model.py (Router).  None of these functions touches a Python object
 # other than by Py_INCREF (never a DECREF), so none can run Python code:
 # route and fan-out loops may call them while iterating borrowed arrays.
 

@@ -1,11 +1,18 @@
-# Byte-level packers of the relay's hot path.  Included by _core.pyx.
+# Wire codecs of the hot path, compiled.  Part of fastroute._core (included
+# by _core.pyx before the stage parts, which call its cdef helpers).
 #
-# Each function here has a pure-Python twin in fastroute/wire.py (same name
-# without the leading underscore of the wire module's private copy); the
-# relay picks the compiled one when fastroute.COMPILED, and
+# Compiled twins of fastroute/wire.py (the specification):
+#   pack_frames         = py_pack_frames
+#   decode_sends        = py_decode_sends
+#   decode_server_ops   = py_decode_server_ops
+#   deliver_tail        = py_deliver_tail
+#   sack_ok_op          = py_sack_ok_op
+#
 # tests/test_fastpath.py checks that both give the same bytes, or the same
 # exception class, for the same input.  The wire format is docs/PROTOCOL.md:
 # a frame plaintext is a msgpack array header followed by the packed ops.
+# The two decoders are fast paths that may decline a frame (None): the
+# caller then decodes it with wire's precise decoder.
 
 from cpython.bytes cimport (
     PyBytes_AS_STRING,
@@ -126,45 +133,6 @@ def pack_frames(list packed_ops, Py_ssize_t max_plaintext=WIRE_MAX_PLAINTEXT,
     return frames
 
 
-def pack_delivers(seq, list batch, list out):
-    """Append one packed DELIVER op per ``(mid, tail)`` of ``batch`` to ``out``.
-
-    ``tail`` is the packed fields after seq (:func:`deliver_tail`); the i-th
-    op gets seq ``seq + i`` as a msgpack uint32.  Returns the list of mids,
-    in order.  OverflowError if a seq does not fit 32 bits (nothing appended).
-    """
-    cdef unsigned long long first = seq
-    cdef Py_ssize_t n = PyList_GET_SIZE(batch), i, k
-    cdef list mids
-    cdef object item, mid, tail
-    cdef bytes op
-    cdef unsigned char* p
-    if n and first + <unsigned long long>(n - 1) > 0xffffffffULL:
-        raise OverflowError("DELIVER seq does not fit 32 bits")
-    mids = [None] * n
-    for i in range(n):
-        if i >= PyList_GET_SIZE(batch):
-            raise RuntimeError("batch changed while packing")
-        item = <object>PyList_GET_ITEM(batch, i)
-        if not PyTuple_Check(item) or PyTuple_GET_SIZE(item) != 2:
-            raise WrongType("DELIVER payloads must be (mid, tail) tuples")
-        mid = <object>PyTuple_GET_ITEM(item, 0)
-        tail = <object>PyTuple_GET_ITEM(item, 1)
-        if not PyBytes_CheckExact(tail):
-            raise WrongType("DELIVER tail must be bytes")
-        k = PyBytes_GET_SIZE(tail)
-        op = PyBytes_FromStringAndSize(NULL, WIRE_DELIVER_HEAD + k)
-        p = <unsigned char*>PyBytes_AS_STRING(op)
-        p[0] = 0x97
-        p[1] = 0x12
-        p[2] = 0xce
-        put_be32(p + 3, <uint32_t>(first + <unsigned long long>i))
-        memcpy(p + WIRE_DELIVER_HEAD, PyBytes_AS_STRING(tail), <size_t>k)
-        out.append(op)
-        mids[i] = mid
-    return mids
-
-
 cdef bytes c_deliver_tail(bytes sender_packed, object cid, object body, bytes ts_packed,
                           int cls):
     """:func:`deliver_tail` for C callers (``cid`` and ``body`` checked here)."""
@@ -223,39 +191,6 @@ cdef bytes make_sack_ok(object cid):
 def sack_ok_op(cid):
     """The packed SACK ``[17, cid, 0]`` for a 16-byte id (InvalidArgument otherwise)."""
     return make_sack_ok(cid)
-
-
-def stored_sacks(list meta, str sender, DedupTable dedup not None, double now, list out,
-                 ack_all):
-    """The relay's per-message bookkeeping after a store batch of ``sender``'s committed.
-
-    For each ``(to, tail, id)`` of ``meta``: decide the id's dedup entry
-    (code 0 at ``now``), answer the waiters that resent it meanwhile through
-    ``ack_all(None, id, 0, waiters)``, then append the sender's SACK-ok to
-    ``out`` -- in that order, per message.
-    """
-    cdef Py_ssize_t i
-    cdef object item, cid, waiters
-    for i in range(PyList_GET_SIZE(meta)):
-        item = meta[i]
-        cid = item[2]
-        if not PyBytes_CheckExact(cid) or PyBytes_GET_SIZE(cid) != 16:
-            raise InvalidArgument("message id must be 16 bytes")
-        waiters = dedup.c_finish(sender, cid, 0, now)
-        if waiters is not None:
-            ack_all(None, cid, 0, waiters)
-        out.append(make_sack_ok(cid))
-
-
-def route_items(list meta, list mids):
-    """``[(to, (mid, tail)) ...]`` from the relay's ``meta`` and the store's mids."""
-    cdef Py_ssize_t n = min(PyList_GET_SIZE(meta), PyList_GET_SIZE(mids)), i
-    cdef list out = []
-    cdef object item
-    for i in range(n):
-        item = meta[i]
-        out.append((item[0], (mids[i], item[1])))
-    return out
 
 
 # -- client frames: runs of SEND ops ----------------------------------------

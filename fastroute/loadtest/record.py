@@ -17,51 +17,10 @@ import asyncio
 import os
 import time
 
-from ..errors import ErrorCode, FastrouteError, InvalidArgument
-from .trace import TraceRecord, pseudonymize, write_trace
+from ..errors import ErrorCode, FastrouteError
+from .trace import TraceRecord, write_trace
 
-__all__ = ["serve_admin", "record", "cli_record"]
-
-
-async def serve_admin(relay, path: str) -> asyncio.AbstractServer:
-    """Serve the relay's admin socket at ``path`` (``record KEYHEX`` streams taps)."""
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        tap = None
-        try:
-            line = await asyncio.wait_for(reader.readline(), 5.0)
-            cmd, _, arg = line.decode("ascii", "replace").strip().partition(" ")
-            if cmd != "record":
-                writer.write(b"error unknown command\n")
-                return
-            try:
-                key = bytes.fromhex(arg)
-                pseudonymize(key, "probe@probe")
-            except (ValueError, InvalidArgument):
-                writer.write(b"error bad key\n")
-                return
-            writer.write(b"ok\n")
-
-            def tap(ts_ms: int, sender: str, to: str, size: int, cls: int) -> None:
-                # the relay thread never blocks on a slow recorder: past 1 MiB
-                # buffered, records are dropped and the recorder sees a gap
-                if writer.transport.get_write_buffer_size() < 1 << 20:
-                    writer.write(f"{ts_ms * 1000} {pseudonymize(key, sender)} "
-                                 f"{pseudonymize(key, to)} {size} {'e' if cls else 'p'}\n"
-                                 .encode())
-
-            relay.add_tap(tap)
-            await reader.read()  # until the recorder disconnects
-        except (asyncio.TimeoutError, ConnectionError):
-            pass
-        finally:
-            if tap is not None:
-                relay.remove_tap(tap)
-            writer.close()
-
-    server = await asyncio.start_unix_server(handle, path=path)
-    os.chmod(path, 0o600)
-    return server
+__all__ = ["record", "cli_record"]
 
 
 async def record(path: str, out: str, *, duration: float, count: int = 0,

@@ -1,9 +1,10 @@
-"""The integrity gate: checks applied identically to every device's operations.
+"""The dedup window: recently seen client message ids and the answer each one got.
 
-The relay runs each SEND through the same gate whatever provider made the
-client: body size (in the wire decoder), recipient known, rate and byte quotas
-(:class:`TokenBucket`), and duplicate client message ids (:class:`DedupWindow`).
-Nothing here touches sockets or crypto, so it is tested on its own.
+Used by the relay's gate (a resent id is answered, not routed twice) and by
+the client (a redelivered message is acked, not handed to the application
+twice).  :class:`DedupWindow` is the specification; :data:`DedupTable` is
+the implementation in use: the compiled twin from ``ext/fastroute/_dedup.pxi``
+when the core is built, the specification otherwise.
 """
 
 from __future__ import annotations
@@ -12,46 +13,10 @@ import time
 from collections import OrderedDict
 from typing import Callable
 
+from ._compiled import twin
 from .errors import InvalidArgument, WrongType
 
-__all__ = ["TokenBucket", "DedupWindow", "PENDING"]
-
-
-class TokenBucket:
-    """A token bucket: ``rate`` tokens per second, holding at most ``burst``.
-
-    ``take(n)`` either takes ``n`` tokens and returns True, or takes nothing
-    and returns False, so a refused message costs the sender no quota.  A
-    batch of messages may instead call :meth:`refill` once, spend from the
-    returned count locally, and store what is left in ``tokens``.
-    """
-
-    __slots__ = ("rate", "burst", "tokens", "stamp", "_clock")
-
-    def __init__(self, rate: float, burst: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.rate = float(rate)
-        self.burst = float(burst)
-        self.tokens = float(burst)
-        self._clock = clock
-        self.stamp = clock()
-
-    def refill(self) -> float:
-        """Add the tokens earned since the last call; return how many there are."""
-        now = self._clock()
-        tokens = self.tokens + (now - self.stamp) * self.rate
-        self.stamp = now
-        if tokens > self.burst:
-            tokens = self.burst
-        self.tokens = tokens
-        return tokens
-
-    def take(self, n: float = 1.0) -> bool:
-        """Take ``n`` tokens if available; return whether it did."""
-        if self.refill() >= n:
-            self.tokens -= n
-            return True
-        return False
+__all__ = ["PENDING", "DedupTable", "DedupWindow"]
 
 
 #: marker stored while a message is accepted but not yet durable
@@ -74,9 +39,9 @@ class DedupWindow:
     memory only and never logged.
 
     This is the specification; the relay and the client use
-    ``fastroute._fastpath.DedupTable``, the compiled twin with the same
-    methods and answers (``tests/test_dedup.py`` compares them), unless
-    :data:`fastroute.COMPILED` is False.  Lookups and inserts are O(1):
+    :data:`DedupTable`, the compiled twin with the same methods and answers
+    (``tests/test_dedup.py`` compares them), unless :data:`fastroute.COMPILED`
+    is False.  Lookups and inserts are O(1):
     eviction pops the oldest key of an :class:`~collections.OrderedDict`.
     """
 
@@ -207,3 +172,7 @@ class DedupWindow:
             budget -= 1
             n += self._retire_oldest()
         return n
+
+
+#: the dedup window in use: ``fastroute._core.DedupTable``, or :class:`DedupWindow`
+DedupTable = twin(DedupWindow, "DedupTable")

@@ -1,7 +1,13 @@
-# MemoryStore's per-message loops (fastroute.store.MemoryStore), compiled.
-# Included by _core.pyx.  fastroute/_fastpath.py has the Python twins
-# (_py_mem_put, _py_mem_ack, _py_mem_load), the specification; tests/test_fastpath.py runs
-# both on the same inputs and compares the dicts they leave.
+# The store stage's per-message loops (fastroute.store.MemoryStore), compiled.
+# Part of fastroute._core.
+#
+# Compiled twins of fastroute/store.py (the specification):
+#   mem_put   = py_mem_put
+#   mem_ack   = py_mem_ack
+#   mem_load  = py_mem_load
+#
+# tests/test_fastpath.py runs both on the same inputs and compares the dicts
+# they leave.
 #
 # The layout is MemoryStore's: ``msgs`` maps mid -> [sender, id, body, ts_ms,
 # exp_ms, recipients left]; ``inbox`` maps device key -> {mid: None, ...} in

@@ -1,0 +1,87 @@
+# The delivery stage's per-message loops, compiled.  Part of fastroute._core
+# (included by _core.pyx after _wire.pxi, whose cdef helpers it calls).
+#
+# Compiled twins of fastroute/relay/delivery.py (the specification):
+#   pack_delivers  = py_pack_delivers
+#   sync_rows      = py_sync_rows
+#
+# tests/test_fastpath.py runs both on the same inputs and compares.
+
+
+def pack_delivers(seq, list batch, list out):
+    """Append one packed DELIVER op per ``(mid, tail)`` of ``batch`` to ``out``.
+
+    ``tail`` is the packed fields after seq (:func:`deliver_tail`); the i-th
+    op gets seq ``seq + i`` as a msgpack uint32.  Returns the list of mids,
+    in order.  OverflowError if a seq does not fit 32 bits (nothing appended).
+    """
+    cdef unsigned long long first = seq
+    cdef Py_ssize_t n = PyList_GET_SIZE(batch), i, k
+    cdef list mids
+    cdef object item, mid, tail
+    cdef bytes op
+    cdef unsigned char* p
+    if n and first + <unsigned long long>(n - 1) > 0xffffffffULL:
+        raise OverflowError("DELIVER seq does not fit 32 bits")
+    mids = [None] * n
+    for i in range(n):
+        if i >= PyList_GET_SIZE(batch):
+            raise RuntimeError("batch changed while packing")
+        item = <object>PyList_GET_ITEM(batch, i)
+        if not PyTuple_Check(item) or PyTuple_GET_SIZE(item) != 2:
+            raise WrongType("DELIVER payloads must be (mid, tail) tuples")
+        mid = <object>PyTuple_GET_ITEM(item, 0)
+        tail = <object>PyTuple_GET_ITEM(item, 1)
+        if not PyBytes_CheckExact(tail):
+            raise WrongType("DELIVER tail must be bytes")
+        k = PyBytes_GET_SIZE(tail)
+        op = PyBytes_FromStringAndSize(NULL, WIRE_DELIVER_HEAD + k)
+        p = <unsigned char*>PyBytes_AS_STRING(op)
+        p[0] = 0x97
+        p[1] = 0x12
+        p[2] = 0xce
+        put_be32(p + 3, <uint32_t>(first + <unsigned long long>i))
+        memcpy(p + WIRE_DELIVER_HEAD, PyBytes_AS_STRING(tail), <size_t>k)
+        out.append(op)
+        mids[i] = mid
+    return mids
+
+
+def sync_rows(object router, object dev, list rows, object routed, dict senders,
+              object pack_sender):
+    """The relay's backlog sync (``Delivery._sync``): push stored rows into a mailbox.
+
+    ``rows`` are the store's ``(mid, sender, id, body, ts_ms)`` in mid order.
+    Each becomes the payload ``(mid, DELIVER tail)`` (cls 0) pushed with
+    ``router.push(dev, ...)``, until a row's mid is above ``routed`` (the
+    live route has not placed it yet: state 1) or the mailbox is full
+    (MailboxFull: state 2).  ``senders`` caches ``pack_sender(sender)``.
+    Returns ``(pushed, last_mid, state)``; ``last_mid`` is the mid of the
+    last row pushed (None if none), state 0 when every row was pushed.
+    """
+    cdef Py_ssize_t pushed = 0
+    cdef object row, mid, sender, cid, body, ts_ms, sp, last = None
+    cdef unsigned long long ts
+    cdef bytes ts_packed
+    cdef unsigned char* p
+    push = router.push
+    for row in rows:
+        mid, sender, cid, body, ts_ms = row
+        if mid > routed:
+            return pushed, last, 1
+        sp = senders.get(sender)
+        if sp is None:
+            sp = senders[sender] = pack_sender(sender)
+        ts = ts_ms
+        ts_packed = PyBytes_FromStringAndSize(NULL, 9)
+        p = <unsigned char*>PyBytes_AS_STRING(ts_packed)
+        p[0] = 0xcf
+        put_be32(p + 1, <uint32_t>(ts >> 32))
+        put_be32(p + 5, <uint32_t>(ts & 0xffffffffULL))
+        try:
+            push(dev, (mid, c_deliver_tail(sp, cid, body, ts_packed, 0)))
+        except MailboxFull:
+            return pushed, last, 2
+        last = mid
+        pushed += 1
+    return pushed, last, 0

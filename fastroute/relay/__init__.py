@@ -1,0 +1,14 @@
+"""The relay, as a pipeline of stages: one module per step of the data path.
+
+``link`` (handshake, frames, op dispatch) -> ``gate`` (credential and every
+check an op passes) -> the store (:mod:`fastroute.store`) -> ``delivery``
+(engine, live route, backlog sync, writer); beside them ``media_ops``
+(attachments) and ``upkeep`` (timers, revocations, admin socket); ``server``
+wires them together and owns the lifecycle.
+"""
+
+from __future__ import annotations
+
+from .server import Relay, fingerprint, load_or_create_server_key, run_relay
+
+__all__ = ["Relay", "fingerprint", "load_or_create_server_key", "run_relay"]

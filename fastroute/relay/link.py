@@ -1,0 +1,341 @@
+"""The link stage: one device's connection, from bytes on the socket to ops and back.
+
+A :class:`Link` runs the Noise XX handshake (responder), authenticates the
+device through the gate, then decrypts frames, decodes their ops and hands
+each kind to the stage that owns it: SENDs to the gate (one call per read,
+so one store batch per read), DACKs to delivery, CONSENT to the gate, media
+requests to the media stage.  Going out, it encrypts the ops the other
+stages queued in :attr:`Link.out` into as few frames as fit and writes them
+with one call (:meth:`Link.flush`, run by the delivery stage's writer once
+per loop turn).
+
+A link knows the other stages only through :class:`LinkWiring`, which the
+server fills in; it never reaches into their state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+from .. import wire
+from ..errors import DecryptError, ErrorCode, FastrouteError, ProtocolError
+from ..noise import FrameReader, HandshakeState, KeyPair, frame, seal_frames
+
+if TYPE_CHECKING:
+    from ..identity import Credential
+    from .delivery import Delivery, Feed
+    from .gate import Gate
+    from .media_ops import MediaOps
+
+__all__ = ["Link", "LinkState", "LinkWiring"]
+
+log = logging.getLogger("fastroute.relay")
+
+
+class LinkState(enum.IntEnum):
+    """Where a link is in its life."""
+
+    #: waiting for the handshake's first message
+    HS_WAIT1 = 0
+    #: waiting for the handshake's third message (the client's credential)
+    HS_WAIT3 = 1
+    #: authenticated (or refused, with its BYE still to flush): ops flow
+    OPEN = 2
+    #: closed or closing: nothing more is read or written
+    CLOSED = 3
+    #: the client said BYE; its SENDs' SACKs are still due
+    DRAINING = 4
+
+
+_HS_WAIT1, _HS_WAIT3, _OPEN, _CLOSED, _DRAINING = LinkState
+_OP_SEND = int(wire.Op.SEND)
+_OP_DACK = int(wire.Op.DACK)
+_OP_PING = int(wire.Op.PING)
+_OP_BYE = int(wire.Op.BYE)
+_OP_CONSENT = int(wire.Op.CONSENT)
+_MEDIA_OPS = frozenset((int(wire.Op.MBEGIN), int(wire.Op.MCHUNK), int(wire.Op.MFINISH),
+                        int(wire.Op.MGET)))
+
+
+class LinkWiring:
+    """What a link may call in the rest of the relay; filled in by the server.
+
+    ``admit(link)`` says whether a new connection may stay (connection
+    limit, shutdown); ``online(link, cred)`` puts an authenticated device
+    online; ``lost(link)`` takes a link out of every table.
+    """
+
+    __slots__ = ("server_key", "config", "gate", "delivery", "media_ops", "count_error",
+                 "admit", "online", "lost")
+
+    def __init__(self, server_key: KeyPair, config: Any, gate: "Gate", delivery: "Delivery",
+                 media_ops: "MediaOps", count_error: Callable[[int], None],
+                 admit: Callable[["Link"], bool],
+                 online: Callable[["Link", "Credential"], None],
+                 lost: Callable[["Link"], None]) -> None:
+        self.server_key = server_key
+        self.config = config
+        self.gate = gate
+        self.delivery = delivery
+        self.media_ops = media_ops
+        self.count_error = count_error
+        self.admit = admit
+        self.online = online
+        self.lost = lost
+
+
+class Link(asyncio.Protocol):
+    """One device connection: handshake, then the op loop; its writer is :meth:`flush`."""
+
+    def __init__(self, wiring: LinkWiring) -> None:
+        self.wiring = wiring
+        self.state = _HS_WAIT1
+        self.transport: Any = None
+        self.reader = FrameReader()
+        self.hs: HandshakeState | None = None
+        self.tx: Any = None  # CipherState, this side -> peer
+        self.rx: Any = None
+        self.cred: "Credential | None" = None
+        self.address = ""
+        self.provider = ""
+        #: packed ops waiting for the next flush (the list object never changes)
+        self.out: list[bytes] = []
+        self.paused = False
+        self.errors = 0
+        self.storing = 0  # store batches of this link not yet answered
+        self.sends: list | None = None  # SENDs of the read being processed
+        self.bye_after_sends = False
+        self.bye_requested = False
+        self.media_in_flight = 0
+        self.last_rx = time.monotonic()
+        self.timer: asyncio.TimerHandle | None = None
+        # the other stages' per-link state, set when the device is online
+        self.feed: "Feed | None" = None
+        self.gate_state: Any = None  # the gate's LinkGate: sender, limits, quotas
+
+    # ---------------------------------------------------------------- asyncio
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Admit the connection (or abort it) and start the handshake timer."""
+        self.transport = transport
+        if not self.wiring.admit(self):
+            self.transport.abort()
+            return
+        self.hs = HandshakeState(initiator=False, static=self.wiring.server_key)
+        self.timer = asyncio.get_running_loop().call_later(
+            self.wiring.config.handshake_timeout, self._handshake_timeout)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        """Forget the link everywhere; unacked messages stay in the store."""
+        self.state = _CLOSED
+        if self.timer is not None:
+            self.timer.cancel()
+        self.wiring.lost(self)
+
+    def pause_writing(self) -> None:
+        """The socket's buffer is full: stop pulling from the mailbox."""
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        """The socket drained: pull again."""
+        self.paused = False
+        self.wiring.delivery.resume(self)
+
+    def data_received(self, data: bytes) -> None:
+        """Decrypt and dispatch every complete frame of this read."""
+        try:
+            msgs = self.reader.feed(data)
+        except ProtocolError as exc:
+            self.fail(exc)
+            return
+        # The SENDs of every frame in this read go to the gate and the store
+        # together: one store batch and one commit for all of them.
+        self.sends = []
+        for msg in msgs:
+            if self.state == _OPEN:
+                try:
+                    plaintext = self.rx.decrypt(msg)
+                except DecryptError as exc:
+                    # A bad tag means the link is no longer trustworthy: the
+                    # peer is not who did the handshake, or bytes were altered.
+                    self.fail(exc)
+                    return
+                self._on_frame(plaintext)
+            elif self.state in (_CLOSED, _DRAINING):
+                break
+            else:
+                self._on_handshake(msg)
+        self.last_rx = time.monotonic()
+        if self.sends:
+            self.wiring.gate.accept(self, self.sends)
+            if self.bye_after_sends:
+                self._on_bye()
+        self.sends = None
+
+    # -------------------------------------------------------------- handshake
+    def _on_handshake(self, msg: bytes) -> None:
+        wiring = self.wiring
+        hs = self.hs
+        assert hs is not None
+        try:
+            if self.state == _HS_WAIT1:
+                hs.read_message(msg)
+                hello = wire.encode_server_hello(int(time.time() * 1000))
+                self.transport.write(frame(hs.write_message(hello)))
+                self.state = _HS_WAIT3
+                return
+            payload = hs.read_message(msg)
+        except FastrouteError as exc:
+            wiring.count_error(exc.code)
+            log.debug("handshake failed: %s", exc)
+            self.abort()
+            return
+        # msg3 authenticated the client's static key; the link keys exist, so
+        # every refusal from here on reaches the client as an encrypted BYE.
+        self.tx, self.rx = hs.split()
+        self.hs = None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        assert hs.remote_static is not None  # msg3 carried it
+        try:
+            cred = wiring.gate.authenticate(payload, hs.remote_static)
+        except FastrouteError as exc:
+            wiring.count_error(exc.code)
+            log.info("device refused: code %d (%s)", int(exc.code), exc.code.name
+                     if isinstance(exc.code, ErrorCode) else exc.code)
+            self.state = _OPEN
+            self.close(exc.code, str(exc))
+            return
+        self.state = _OPEN
+        wiring.online(self, cred)
+
+    def _handshake_timeout(self) -> None:
+        self.timer = None
+        if self.state in (_HS_WAIT1, _HS_WAIT3):
+            self.wiring.count_error(ErrorCode.HANDSHAKE_TIMEOUT)
+            self.abort()
+
+    # ---------------------------------------------------------------- op loop
+    def _on_frame(self, plaintext: bytes) -> None:
+        # fast path (compiled when the core is built): a frame of valid SENDs only
+        fast = wire.decode_sends(plaintext)
+        if fast is not None:
+            assert self.sends is not None
+            self.sends.extend(fast)
+            return
+        wiring = self.wiring
+        try:
+            # the fast path said "not only SENDs": go straight to the precise
+            # decoder instead of trying it again
+            ops = wire.decode_client_frame_precise(plaintext)
+        except ProtocolError as exc:
+            self._protocol_error(exc.code, str(exc))
+            return
+        sends = self.sends
+        assert sends is not None
+        for op in ops:
+            if isinstance(op, wire.OpError):
+                if op.id is not None:
+                    self.out.append(wire.sack_op(op.id, op.code))
+                    wiring.count_error(op.code)
+                    wiring.delivery.mark(self)
+                    self.errors += 1
+                    if self.errors > wiring.config.limits.max_protocol_errors:
+                        self.close(ErrorCode.MALFORMED, "too many protocol errors")
+                        return
+                else:
+                    self._protocol_error(op.code, op.reason)
+                    if self.state == _CLOSED:
+                        return
+                continue
+            kind = op[0]
+            if kind == _OP_SEND:
+                sends.append(op)
+            elif kind == _OP_DACK:
+                # acks and sends are independent: no order to keep
+                wiring.delivery.dack(self, op[1])
+            elif kind == _OP_CONSENT:
+                wiring.gate.set_consent(self, op[1], op[2], op[3])
+            elif kind in _MEDIA_OPS:
+                wiring.media_ops.request(self, op)
+            elif kind == _OP_PING:
+                self.out.append(wire.pong_op(op[1]))
+                wiring.delivery.mark(self)
+            elif kind == _OP_BYE:
+                # after the SENDs already read: data_received accepts them first
+                self.bye_after_sends = True
+                self.state = _DRAINING
+                if not sends:
+                    self._on_bye()
+                return
+
+    def _on_bye(self) -> None:
+        if self.storing:
+            # answer every SEND of this link before saying goodbye
+            self.bye_requested = True
+        else:
+            self.close(ErrorCode.OK, "bye")
+
+    def _protocol_error(self, code: int, reason: str) -> None:
+        wiring = self.wiring
+        wiring.count_error(code)
+        self.errors += 1
+        if self.errors > wiring.config.limits.max_protocol_errors:
+            self.close(ErrorCode.MALFORMED, "too many protocol errors")
+            return
+        self.out.append(wire.error_op(code, reason))
+        wiring.delivery.mark(self)
+
+    def stored_all(self) -> None:
+        """A store batch of this link was answered; a pending BYE may go out now."""
+        if self.bye_requested and not self.storing:
+            self.bye_requested = False
+            self.close(ErrorCode.OK, "bye")
+
+    # ----------------------------------------------------------------- writer
+    def is_open(self) -> bool:
+        """Whether ops queued in :attr:`out` will still be written."""
+        return self.state == _OPEN or self.state == _DRAINING
+
+    def flush(self) -> None:
+        """Encrypt the outgoing ops into as few frames as fit, and write once."""
+        out = self.out
+        if not out:
+            return
+        if self.state != _OPEN and self.state != _DRAINING:
+            out.clear()
+            return
+        bufs = seal_frames(self.tx, wire.pack_frames(out))
+        out.clear()
+        self.transport.writelines(bufs)
+
+    # --------------------------------------------------------------- closing
+    def close(self, code: int, reason: str) -> None:
+        """Send a final BYE (if the link is up) and close after it is written."""
+        if self.state == _CLOSED:
+            return
+        self.state = _OPEN  # a draining link may still flush
+        if self.tx is not None:
+            self.out.append(wire.server_bye_op(int(code), reason))
+            self.flush()
+        self.state = _CLOSED
+        self.transport.close()
+
+    def fail(self, exc: FastrouteError) -> None:
+        """Close after a link-level error: with a BYE when the link keys exist."""
+        self.wiring.count_error(exc.code)
+        log.debug("closing connection: %s", exc)
+        if isinstance(exc, DecryptError) or self.tx is None:
+            self.abort()
+        else:
+            self.close(exc.code, str(exc))
+
+    def abort(self) -> None:
+        """Drop the connection at once, saying nothing."""
+        self.state = _CLOSED
+        if self.transport is not None:
+            self.transport.abort()

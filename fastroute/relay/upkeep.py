@@ -1,0 +1,142 @@
+"""The upkeep stage: what the relay does on a timer, and its admin socket.
+
+Every ``registry_poll_s``: reload the trust registry if it changed (a
+revocation or enrolment made with the CLI), and close links whose credential
+was revoked or has expired, or that have been idle past ``idle_timeout``.
+Every minute: expire the dedup window, undelivered messages past their TTL
+and old attachments.  The admin socket (``admin_socket = true``) streams
+pseudonymised traffic metadata to ``fastroute record``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..errors import AuthError, ErrorCode, InvalidArgument
+
+if TYPE_CHECKING:
+    from ..media import MediaStore
+    from ..store import Store
+    from .delivery import Delivery
+    from .gate import Gate
+
+__all__ = ["Upkeep", "serve_admin"]
+
+log = logging.getLogger("fastroute.relay")
+
+#: seconds between expiry passes (dedup window, message TTL, media TTL)
+EXPIRE_EVERY_S = 60.0
+
+
+class Upkeep:
+    """The housekeeping task of one relay."""
+
+    def __init__(self, config: Any, gate: "Gate", delivery: "Delivery", store: "Store",
+                 media: "MediaStore", count_error: Callable[[int], None]) -> None:
+        self.config = config
+        self.gate = gate
+        self.delivery = delivery
+        self.store = store
+        self.media = media
+        self.count_error = count_error
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        """Start the housekeeping loop in the running event loop."""
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def stop(self) -> None:
+        """Stop the housekeeping loop."""
+        if self._task is not None:
+            self._task.cancel()
+
+    def recheck_live(self) -> None:
+        """Close links whose credential was revoked or has expired, or that went idle."""
+        gate = self.gate
+        now = int(time.time())
+        idle_limit = time.monotonic() - self.config.idle_timeout
+        for feed in self.delivery.feeds():
+            link = feed.link
+            assert link.cred is not None  # online links are authenticated
+            try:
+                gate.check_live(link.cred, now)
+            except AuthError as exc:
+                self.count_error(exc.code)
+                link.close(exc.code, str(exc))
+                continue
+            if link.last_rx < idle_limit:
+                link.close(ErrorCode.IDLE_TIMEOUT, "idle timeout")
+
+    async def _run(self) -> None:
+        last_expire = 0.0
+        while True:
+            await asyncio.sleep(self.config.registry_poll_s)
+            try:
+                # the trust may not have changed, but credentials expire
+                # and links go idle all the same: recheck every time
+                self.gate.reload_trust()
+                self.recheck_live()
+                now = time.monotonic()
+                if now - last_expire > EXPIRE_EVERY_S:
+                    last_expire = now
+                    self.gate.expire()
+                    await self.store.expire(int(time.time() * 1000))
+                    await self.media.expire()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # housekeeping must never take the relay down
+                log.exception("housekeeping step failed")
+
+
+async def serve_admin(relay: Any, path: str) -> asyncio.AbstractServer:
+    """Serve the relay's admin socket at ``path`` (``record KEYHEX`` streams taps).
+
+    Only root or the relay's user can open it (mode 0600).  What leaves the
+    relay per accepted message: its time, keyed-hash pseudonyms of sender
+    and recipient (the key is the recorder's, for this session only), body
+    size and class; never a body, an id or an address.
+    """
+    # the trace format owns the pseudonyms; imported here, off the relay's
+    # start-up path unless an operator turned the socket on
+    from ..loadtest.trace import pseudonymize
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        tap = None
+        try:
+            line = await asyncio.wait_for(reader.readline(), 5.0)
+            cmd, _, arg = line.decode("ascii", "replace").strip().partition(" ")
+            if cmd != "record":
+                writer.write(b"error unknown command\n")
+                return
+            try:
+                key = bytes.fromhex(arg)
+                pseudonymize(key, "probe@probe")
+            except (ValueError, InvalidArgument):
+                writer.write(b"error bad key\n")
+                return
+            writer.write(b"ok\n")
+
+            def tap(ts_ms: int, sender: str, to: str, size: int, cls: int) -> None:
+                # the relay thread never blocks on a slow recorder: past 1 MiB
+                # buffered, records are dropped and the recorder sees a gap
+                if writer.transport.get_write_buffer_size() < 1 << 20:
+                    writer.write(f"{ts_ms * 1000} {pseudonymize(key, sender)} "
+                                 f"{pseudonymize(key, to)} {size} {'e' if cls else 'p'}\n"
+                                 .encode())
+
+            relay.add_tap(tap)
+            await reader.read()  # until the recorder disconnects
+        except (asyncio.TimeoutError, ConnectionError):
+            pass
+        finally:
+            if tap is not None:
+                relay.remove_tap(tap)
+            writer.close()
+
+    server = await asyncio.start_unix_server(handle, path=path)
+    os.chmod(path, 0o600)
+    return server
