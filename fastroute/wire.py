@@ -461,6 +461,28 @@ def decode_sends(plaintext: bytes) -> list[DecodedOp] | None:
     return _decode_sends(plaintext, _ADDR_OK)
 
 
+def _fast_sends(frame: tuple, addr_ok: set[str]) -> int:
+    """How many leading ops of ``frame`` are valid SENDs to recipients in ``addr_ok``.
+
+    Checked inline, locals and literals only (global lookups cost more than
+    the checks); the opcode is a literal for the same reason: 1 is Op.SEND.
+    """
+    max_body = MAX_BODY
+    i = 0
+    for op in frame:
+        if type(op) is tuple and len(op) == 5:
+            opcode, mid, to, body, cls = op
+            if (opcode == 1 and type(opcode) is int                  # Op.SEND
+                    and type(mid) is bytes and len(mid) == 16        # ID_LEN
+                    and type(to) is str and to in addr_ok
+                    and type(body) is bytes and len(body) <= max_body
+                    and type(cls) is int and 0 <= cls <= 1):
+                i += 1
+                continue
+        break
+    return i
+
+
 def py_decode_sends(plaintext: object, addr_ok: set[str]) -> list[DecodedOp] | None:
     """Specification of the compiled ``decode_sends``: the ops of ``plaintext``
     (exact bytes) when every op is a valid SEND whose recipient is in ``addr_ok``;
@@ -472,43 +494,18 @@ def py_decode_sends(plaintext: object, addr_ok: set[str]) -> list[DecodedOp] | N
         frame = _unpack_frame(plaintext)
     except ProtocolError:
         return None
-    for op in frame:
-        if not (type(op) is tuple and len(op) == 5):
-            return None
-        opcode, mid, to, body, cls = op
-        if not (opcode == 1 and type(opcode) is int                     # Op.SEND
-                and type(mid) is bytes and len(mid) == ID_LEN
-                and type(to) is str and to in addr_ok
-                and type(body) is bytes and len(body) <= MAX_BODY
-                and type(cls) is int and 0 <= cls <= 1):
-            return None
-    return list(frame)
+    return list(frame) if _fast_sends(frame, addr_ok) == len(frame) else None
 
 
 def decode_client_frame_precise(plaintext: bytes) -> list[DecodedOp]:
     """:func:`decode_client_frame` without its SEND fast path: every op checked
     precisely (the oracle the fast path is tested against)."""
     frame = _unpack_frame(plaintext)
-    # Fast path: a run of valid SENDs whose recipients are cached, checked
-    # inline (locals and literals: global lookups cost more than the checks).
-    # The first op that misses it -- an error, another opcode, a new
-    # recipient -- hands the rest of the frame to the precise checks.  The
-    # opcode is a literal for the same reason: 1 is Op.SEND, defined there.
-    addr_ok = _ADDR_OK
-    max_body = MAX_BODY
-    i = 0
-    for op in frame:
-        if type(op) is tuple and len(op) == 5:
-            opcode, mid, to, body, cls = op
-            if (opcode == 1 and type(opcode) is int                  # SEND
-                    and type(mid) is bytes and len(mid) == 16        # ID_LEN
-                    and type(to) is str and to in addr_ok
-                    and type(body) is bytes and len(body) <= max_body
-                    and type(cls) is int and 0 <= cls <= 1):
-                i += 1
-                continue
-        return _slow(frame, i, _CLIENT_CHECKS)
-    return list(frame)
+    # A run of valid SENDs whose recipients are cached needs no more checks;
+    # the first op that misses it -- an error, another opcode, a new
+    # recipient -- hands the rest of the frame to the precise checks.
+    i = _fast_sends(frame, _ADDR_OK)
+    return list(frame) if i == len(frame) else _slow(frame, i, _CLIENT_CHECKS)
 
 
 def decode_server_frame(plaintext: bytes) -> list[DecodedOp]:
@@ -517,6 +514,35 @@ def decode_server_frame(plaintext: bytes) -> list[DecodedOp]:
     come by the thousand)."""
     ops = _decode_server_ops(plaintext, _ADDR_OK)
     return ops if ops is not None else decode_server_frame_precise(plaintext)
+
+
+def _fast_server_ops(frame: tuple, addr_ok: set[str]) -> int:
+    """How many leading ops of ``frame`` are valid SACKs, or DELIVERs from senders
+    in ``addr_ok``.  Literal opcodes (17 is Op.SACK, 18 is Op.DELIVER) and
+    locals, as in :func:`_fast_sends`: global lookups cost more than the checks."""
+    max_body = MAX_BODY
+    i = 0
+    for op in frame:
+        if type(op) is tuple and len(op) == 3:
+            opcode, mid, code = op
+            if (opcode == 17 and type(opcode) is int                 # Op.SACK
+                    and type(mid) is bytes and len(mid) == 16        # ID_LEN
+                    and type(code) is int and code >= 0):
+                i += 1
+                continue
+        elif type(op) is tuple and len(op) == 7:
+            opcode, seq, sender, mid, body, ts, cls = op
+            if (opcode == 18 and type(opcode) is int                 # Op.DELIVER
+                    and type(seq) is int and seq >= 0
+                    and type(sender) is str and sender in addr_ok
+                    and type(mid) is bytes and len(mid) == 16        # ID_LEN
+                    and type(body) is bytes and len(body) <= max_body
+                    and type(ts) is int and ts >= 0
+                    and type(cls) is int and 0 <= cls <= 1):
+                i += 1
+                continue
+        break
+    return i
 
 
 def py_decode_server_ops(plaintext: object, addr_ok: set[str]) -> list[DecodedOp] | None:
@@ -528,57 +554,15 @@ def py_decode_server_ops(plaintext: object, addr_ok: set[str]) -> list[DecodedOp
         frame = _unpack_frame(plaintext)
     except ProtocolError:
         return None
-    for op in frame:
-        if type(op) is tuple and len(op) == 3:
-            opcode, mid, code = op
-            if (opcode == 17 and type(opcode) is int                 # Op.SACK
-                    and type(mid) is bytes and len(mid) == ID_LEN
-                    and type(code) is int and code >= 0):
-                continue
-        elif type(op) is tuple and len(op) == 7:
-            opcode, seq, sender, mid, body, ts, cls = op
-            if (opcode == 18 and type(opcode) is int                 # Op.DELIVER
-                    and type(seq) is int and seq >= 0
-                    and type(sender) is str and sender in addr_ok
-                    and type(mid) is bytes and len(mid) == ID_LEN
-                    and type(body) is bytes and len(body) <= MAX_BODY
-                    and type(ts) is int and ts >= 0
-                    and type(cls) is int and 0 <= cls <= 1):
-                continue
-        return None
-    return list(frame)
+    return list(frame) if _fast_server_ops(frame, addr_ok) == len(frame) else None
 
 
 def decode_server_frame_precise(plaintext: bytes) -> list[DecodedOp]:
     """:func:`decode_server_frame` without its fast path: every op checked
     precisely (the oracle the fast path is tested against)."""
     frame = _unpack_frame(plaintext)
-    # Literal opcodes (17 is Op.SACK, 18 is Op.DELIVER) and locals, as in the
-    # client frame's fast path: global lookups cost more than the checks.
-    addr_ok = _ADDR_OK
-    max_body = MAX_BODY
-    i = 0
-    for op in frame:
-        if type(op) is tuple and len(op) == 3:
-            opcode, mid, code = op
-            if (opcode == 17 and type(opcode) is int                 # SACK
-                    and type(mid) is bytes and len(mid) == 16        # ID_LEN
-                    and type(code) is int and code >= 0):
-                i += 1
-                continue
-        elif type(op) is tuple and len(op) == 7:
-            opcode, seq, sender, mid, body, ts, cls = op
-            if (opcode == 18 and type(opcode) is int                 # DELIVER
-                    and type(seq) is int and seq >= 0
-                    and type(sender) is str and sender in addr_ok
-                    and type(mid) is bytes and len(mid) == 16        # ID_LEN
-                    and type(body) is bytes and len(body) <= max_body
-                    and type(ts) is int and ts >= 0
-                    and type(cls) is int and 0 <= cls <= 1):
-                i += 1
-                continue
-        return _slow(frame, i, _SERVER_CHECKS)
-    return list(frame)
+    i = _fast_server_ops(frame, _ADDR_OK)
+    return list(frame) if i == len(frame) else _slow(frame, i, _SERVER_CHECKS)
 
 
 # -- building ops -------------------------------------------------------------
