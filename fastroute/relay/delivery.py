@@ -301,9 +301,23 @@ class Delivery:
                 self.route(batch, ephemeral)
             return
         except MailboxFull as exc:
-            if not ephemeral:  # signals are never stored: a full device misses them
+            if ephemeral:
+                self._signals_dropped(exc.full)
+            else:
                 self._missed(batch, exc.full)
         self.wake()
+
+    def _signals_dropped(self, full: list) -> None:
+        # Signals are never stored: a full device misses them.  The engine
+        # left its overflow flag set, though, and a device that was live has
+        # nothing in the store to catch up on, so no sync would ever clear
+        # it: put it back on the live route now, or it would get no signal
+        # again until a persistent message happened to overflow too.
+        online = self._online
+        for _, dev in full:
+            feed = online.get(dev)
+            if feed is not None and feed.live:
+                self.router.resume(dev)
 
     def _missed(self, batch: list, full: list) -> None:
         online = self._online
