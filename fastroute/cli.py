@@ -381,7 +381,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(["--full"] if args.full else [])
 
 
+def _needs_extra(command: str) -> None:
+    try:
+        import hdrh  # noqa: F401
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise SystemExit(f"fastroute: `fastroute {command}` needs the [replay] extra "
+                         f"(missing module {exc.name}): pip install 'fastroute[replay]', "
+                         f"or from a clone: pip install '.[replay]'") from None
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
+    _needs_extra("replay")
     from .loadtest.replay import cli_replay
 
     _use_uvloop()

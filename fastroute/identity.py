@@ -699,6 +699,28 @@ class Registry:
             "UPDATE providers SET revoked_at = NULL WHERE name = ? AND revoked_at IS NOT NULL",
             (name,)))
 
+    def remove_provider(self, name: str) -> bool:
+        """Forget a provider entirely (a test provider after a replay).
+
+        Its live connections close at the relay's next poll (the provider is
+        no longer enrolled); its devices' individual revocations go with it.
+        Returns False if it was not enrolled.
+        """
+        _check_provider(name)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                n = self._db.execute("DELETE FROM providers WHERE name = ?", (name,)).rowcount
+                self._db.execute("DELETE FROM revoked_devices WHERE provider = ?", (name,))
+                if n:
+                    self._db.execute(
+                        "UPDATE meta SET value = value + 1 WHERE key = 'generation'")
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return bool(n)
+
     def rotate_provider_key(self, name: str, public_key: bytes) -> ProviderRecord:
         """Replace a provider's signing key (a leaked or retired key).
 
