@@ -126,6 +126,10 @@ def _confirm(data_dir: str, generation: int, effect: str) -> int:
     from .datadir import running_relay
 
     info = running_relay(data_dir)
+    deadline = time.monotonic() + 10.0
+    while info == {} and time.monotonic() < deadline:
+        time.sleep(0.1)  # a relay that is starting: locked, not yet listening
+        info = running_relay(data_dir)
     if info is None:
         print(f"no relay is running on {data_dir}; the change applies when one starts")
         return 0

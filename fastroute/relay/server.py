@@ -55,6 +55,8 @@ def load_or_create_server_key(data_dir: str) -> tuple[KeyPair, bool]:
     """Load ``data_dir/server.key`` (32 raw bytes), creating it on first start.
 
     Returns ``(key_pair, created)``.  The file is written with mode 0600.
+    Its public half is written beside it as ``server.pub`` (hex, one line),
+    the value clients pin.
     """
     prepare(data_dir)
     path = os.path.join(data_dir, KEY_NAME)
@@ -64,14 +66,33 @@ def load_or_create_server_key(data_dir: str) -> tuple[KeyPair, bool]:
         if len(raw) != 32:
             raise FastrouteError(f"{path} is not a 32-byte X25519 private key",
                                  code=ErrorCode.INTERNAL)
-        return KeyPair.from_private(raw), False
+        kp = KeyPair.from_private(raw)
+        _write_public(data_dir, kp)
+        return kp, False
     except FileNotFoundError:
         pass
     kp = KeyPair.generate()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as fh:
         fh.write(kp.private)
+    _write_public(data_dir, kp)
     return kp, True
+
+
+def _write_public(data_dir: str, kp: KeyPair) -> None:
+    path = os.path.join(data_dir, "server.pub")
+    text = kp.public.hex() + "\n"
+    try:
+        with open(path) as fh:
+            if fh.read() == text:
+                return
+    except OSError:
+        pass
+    try:
+        with open(path, "w") as fh:
+            fh.write(text)
+    except OSError:  # a read-only data dir still serves; clients get the key elsewhere
+        pass
 
 
 def fingerprint(public: bytes) -> str:
