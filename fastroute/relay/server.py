@@ -452,19 +452,6 @@ async def run_relay(config: RelayConfig, *, print_fn=print,
     """
     gc.set_threshold(50_000, 20, 100)
     relay = Relay(config)
-    await relay.start()
-    if relay.key_created:
-        print_fn(f"generated server key in {os.path.join(config.data_dir, KEY_NAME)}")
-    print_fn(f"fastroute relay listening on {config.host}:{relay.port}")
-    print_fn(f"server key fingerprint: {relay.fingerprint}")
-    assert relay.server_key is not None  # start() loaded or made it
-    print_fn(f"server public key (for clients to pin): {relay.server_key.public.hex()}")
-    if relay.admin_port is not None:
-        base = f"http://{relay.admin_host}:{relay.admin_port}"
-        print_fn(f"admin listener (read only): {base}/metrics {base}/healthz {base}/readyz")
-    else:
-        print_fn("admin listener: off (admin_listen = \"off\")")
-    print_fn(f"data directory: {os.path.abspath(config.data_dir)}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
@@ -480,6 +467,8 @@ async def run_relay(config: RelayConfig, *, print_fn=print,
             return
         relay.reload(new)
 
+    # handlers first: a SIGTERM right after the start-up lines must stop the
+    # relay gracefully, not kill it with the default action
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
             loop.add_signal_handler(sig, stop.set)
@@ -489,6 +478,19 @@ async def run_relay(config: RelayConfig, *, print_fn=print,
         loop.add_signal_handler(signal.SIGHUP, on_hup)
     except (NotImplementedError, RuntimeError, AttributeError):  # pragma: no cover
         pass
+    await relay.start()
+    if relay.key_created:
+        print_fn(f"generated server key in {os.path.join(config.data_dir, KEY_NAME)}")
+    print_fn(f"fastroute relay listening on {config.host}:{relay.port}")
+    print_fn(f"server key fingerprint: {relay.fingerprint}")
+    assert relay.server_key is not None  # start() loaded or made it
+    print_fn(f"server public key (for clients to pin): {relay.server_key.public.hex()}")
+    if relay.admin_port is not None:
+        base = f"http://{relay.admin_host}:{relay.admin_port}"
+        print_fn(f"admin listener (read only): {base}/metrics {base}/healthz {base}/readyz")
+    else:
+        print_fn("admin listener: off (admin_listen = \"off\")")
+    print_fn(f"data directory: {os.path.abspath(config.data_dir)}", flush=True)
     serve = loop.create_task(relay.serve_forever())
     await stop.wait()
     print_fn("shutting down", flush=True)
