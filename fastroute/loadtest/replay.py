@@ -348,9 +348,22 @@ def _duration(results: list[dict]) -> float | None:
 
 
 def _merge(records: list[TraceRecord], results: list[dict], nonce: bytes) -> Accountant:
-    """Replay every worker's raw events into one Accountant, in a valid order."""
-    acc = Accountant(len(records), nonce=nonce)
-    acc.start(min(r["t0"] for r in results if r["t0"] is not None))
+    """Replay every worker's raw events into one Accountant, in a valid order.
+
+    The time series' bucket width follows the run's length (:func:`.report.pick_interval`):
+    a 7 s run gets 50 ms buckets, not 8 points; a long one never more than ~200.
+    """
+    from .report import pick_interval
+
+    start = min(r["t0"] for r in results if r["t0"] is not None)
+    last = start
+    for r in results:
+        for times in (r["sent"][2], r["acks"][1], r["deliveries"][2]):
+            if len(times):
+                last = max(last, max(times))
+    acc = Accountant(len(records), nonce=nonce, interval_s=pick_interval(last - start))
+    acc.span_s = last - start  # the plot's last bucket is only partly covered
+    acc.start(start)
     t_ns_of: dict[int, int] = {}
     for r in results:
         t0 = r["t0"]
