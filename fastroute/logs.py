@@ -1,9 +1,12 @@
 """Log output of the ``fastroute`` command: plain text, or JSON lines.
 
 Every line the relay logs on purpose carries a stable ``event`` name
-(``relay.listening``, ``relay.reloaded``, ``device.online``, ...): pass it as
-``extra={"event": ...}``.  A line without one gets ``"log"``.  As at info
-level everywhere, no line carries a body, a message id or an address.
+(``relay.listening``, ``relay.reloaded``, ``device.refused``, ...): either
+passed as ``extra={"event": ...}``, or looked up by the line's format string
+in :data:`EVENTS` (``tests/test_logs.py`` checks that every log call in the
+package has one or the other).  A line from elsewhere (a library) gets
+``"log"``.  As at info level everywhere, no line carries a body, a message id
+or an address.
 """
 
 from __future__ import annotations
@@ -13,7 +16,20 @@ import logging
 import sys
 import time
 
-__all__ = ["JsonFormatter", "setup_logging"]
+__all__ = ["EVENTS", "JsonFormatter", "setup_logging"]
+
+#: event names of the log lines that do not pass ``extra={"event": ...}``, by format string
+EVENTS: dict[str, str] = {
+    "closing connection: %s": "link.closing",
+    "handshake failed: %s": "link.handshake_failed",
+    "device refused: code %d (%s)": "device.refused",
+    "could not record a consent change: %s": "consent.store_failed",
+    "store refused a batch of %d messages (code %d)": "store.batch_refused",
+    "fastroute store writer stopped": "store.writer_stopped",
+    "fastroute store: batch of %d requests failed: %s": "store.batch_failed",
+    "media request failed": "media.failed",
+    "sync failed (code %d); closing the device's connection": "delivery.sync_failed",
+}
 
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "message", "asctime", "event"}
@@ -29,7 +45,7 @@ class JsonFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "event": getattr(record, "event", "log"),
+            "event": getattr(record, "event", None) or EVENTS.get(str(record.msg), "log"),
             "msg": record.getMessage(),
         }
         for key, value in vars(record).items():
