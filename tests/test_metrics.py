@@ -19,7 +19,7 @@ import pytest
 
 from cliutil import Served, fr
 from fastroute import Client
-from fastroute.errors import CredentialRevoked, FastrouteError
+from fastroute.errors import CredentialRevoked, FastrouteError, RateLimited
 from fastroute.identity import ProviderKey, issue_credential
 from fastroute.noise import KeyPair
 
@@ -147,8 +147,10 @@ def test_metrics_during_traffic_have_no_personal_data(tmp_path):
             cred = issue_credential(keys["home"], "home", "ann@home", "tab", kp.public)
             ann = await Client.connect("127.0.0.1", relay.port, credential=cred, static=kp,
                                        server_key=bytes.fromhex(relay.server_key))
+            # whole numbers for float keys, as people write them
             (tmp_path / "fastroute.toml").write_text("[relay]\nregistry_poll_s = 0.1\n"
-                                                     "[limits]\nmsgs_per_s = 100\n")
+                                                     "[limits]\nmsgs_per_s = 1\n"
+                                                     "msgs_burst = 3\n")
             relay.proc.send_signal(signal.SIGHUP)
             for _ in range(50):
                 if samples(get(relay.admin + "/metrics")[1])[
@@ -158,6 +160,16 @@ def test_metrics_during_traffic_have_no_personal_data(tmp_path):
             else:
                 raise AssertionError("no reload")
             await ann.ping()  # the link survived the reload
+            # the new limit holds for the next connection: a burst of 3, then refusals
+            kp2 = KeyPair.generate()
+            cred2 = issue_credential(keys["home"], "home", "bea@home", "tab", kp2.public)
+            bea = await Client.connect("127.0.0.1", relay.port, credential=cred2, static=kp2,
+                                       server_key=bytes.fromhex(relay.server_key))
+            for _ in range(3):
+                await bea.send("ann@home", b"x")
+            with pytest.raises(RateLimited):
+                await bea.send("ann@home", b"x")
+            await bea.close()
             await ann.close()
 
         asyncio.run(reload_keeps_links())
