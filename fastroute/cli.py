@@ -308,10 +308,10 @@ def cmd_provider_rotate(args: argparse.Namespace) -> int:
 
 
 def _device_seen(data_dir: str, address: str, device: str) -> bool | None:
-    """Whether the store knows the device (it connected once); None if unknown."""
+    """Whether the store knows the device (it connected once); None if it cannot be read."""
     path = os.path.join(data_dir, "store.db")
     if not os.path.exists(path):
-        return None
+        return False  # no relay ever served here with a SQLite store
     try:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
         try:
@@ -335,10 +335,16 @@ def cmd_device_revoke(args: argparse.Namespace) -> int:
         if reg.device_revoked_at(args.address, args.device) is not None:
             print(f"device {args.device} of {args.address} was already revoked")
             return 0
-        if not args.unseen and not _device_seen(data_dir, args.address, args.device):
+        seen = _device_seen(data_dir, args.address, args.device)
+        if not args.unseen and seen is None:
             raise UnknownDevice(
-                f"device {args.device!r} of {args.address} never connected to this relay; "
-                f"check the names, or pass --unseen to revoke it before it first connects")
+                f"cannot tell whether device {args.device!r} of {args.address} exists "
+                f"({data_dir}/store.db cannot be read); check the names and pass --unseen")
+        if not args.unseen and not seen:
+            raise UnknownDevice(
+                f"device {args.device!r} of {args.address} never connected to this relay "
+                f"(its store has no such device); check the names, or pass --unseen to "
+                f"revoke it before it first connects")
         reg.revoke_device(args.address, args.device)
         gen = reg.version()[0]
     print(f"revoked device {args.device} of {args.address}")
