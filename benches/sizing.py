@@ -5,6 +5,8 @@ Starts ``fastroute serve`` (SQLite store) in a temporary directory, connects
 ``--per-device`` messages of ``--size`` bytes to each of them while they do
 not ack (so the messages stay in the relay's mailboxes), reading the relay's
 resident memory (``/proc/PID/status`` VmRSS) and open descriptors at each step.
+It also times one ``GET /metrics`` with everything online (a scrape walks
+every link and every mailbox).
 Run: ``python benches/sizing.py`` (about 30 s; loopback only; stops by itself).
 """
 
@@ -29,7 +31,16 @@ def fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-async def run(args, port: int, pid: int, home_key, server_key: bytes) -> None:
+def scrape_ms(admin: str) -> float:
+    import urllib.request
+
+    t = time.perf_counter()
+    with urllib.request.urlopen(admin + "/metrics", timeout=30) as resp:
+        resp.read()
+    return (time.perf_counter() - t) * 1000
+
+
+async def run(args, port: int, pid: int, home_key, server_key: bytes, admin: str) -> None:
     from fastroute import Client
     from fastroute.identity import issue_credential
     from fastroute.noise import KeyPair
@@ -65,6 +76,9 @@ async def run(args, port: int, pid: int, home_key, server_key: bytes) -> None:
     n = args.devices * args.per_device
     print(f"{n} messages of {args.size} B queued unacked: RSS {queued / 1024:.1f} MiB; "
           f"{(queued - conn) * 1024 / n:.0f} B per queued message")
+    loop = asyncio.get_running_loop()
+    times = sorted([await loop.run_in_executor(None, scrape_ms, admin) for _ in range(5)])
+    print(f"GET /metrics with {args.devices + 1} devices online: median {times[2]:.1f} ms")
     for c in devices + [sender]:
         await c.close()
 
@@ -91,18 +105,20 @@ def main() -> int:
         with Registry(os.path.join(data, "registry.db")) as reg:
             reg.add_provider("home", key.public_key)
         proc = subprocess.Popen([sys.executable, "-m", "fastroute.cli", "serve", "--data-dir",
-                                 data, "--listen", "127.0.0.1:0", "--admin-listen", "off"],
+                                 data, "--listen", "127.0.0.1:0"],
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                 cwd=tmp)
         try:
-            port = None
+            port = admin = None
             deadline = time.monotonic() + 30
-            while port is None and time.monotonic() < deadline:
+            while admin is None and time.monotonic() < deadline:
                 line = proc.stdout.readline()
                 if m := re.match(r"fastroute relay listening on .*:(\d+)$", line.strip()):
                     port = int(m.group(1))
+                elif m := re.match(r"admin listener \(read only\): (http://[^/]+)/", line):
+                    admin = m.group(1)
             server_key = bytes.fromhex(open(os.path.join(data, "server.pub")).read())
-            asyncio.run(run(args, port, proc.pid, key, server_key))
+            asyncio.run(run(args, port, proc.pid, key, server_key, admin))
         finally:
             proc.terminate()
             proc.wait(30)
