@@ -238,3 +238,20 @@ def test_changes_are_confirmed_by_the_running_relay(tmp_path, verb):
         assert f"confirmed by the running relay (pid {relay.proc.pid})" in out
     finally:
         relay.stop()
+
+
+def test_a_relay_that_does_not_apply_the_change_is_not_claimed_to(tmp_path):
+    """A stopped (SIGSTOP) relay cannot confirm: the CLI says so and exits 3."""
+    import signal
+
+    relay = Served(tmp_path, "--data-dir", "d", "--listen", "127.0.0.1:0")
+    try:
+        relay.proc.send_signal(signal.SIGSTOP)
+        p = fr("provider", "add", "acme", "--generate", "--key-out", "acme.key", "--data-dir",
+               "d", cwd=tmp_path, timeout=60)
+        assert p.returncode == 3
+        assert "enrolled provider acme" in p.stdout and "confirmed" not in p.stdout
+        assert "did not confirm the change within 10 s" in p.stderr
+    finally:
+        relay.proc.send_signal(signal.SIGCONT)
+        relay.stop()
