@@ -15,9 +15,11 @@ from typing import Any
 
 from .errors import InvalidArgument
 
-__all__ = ["RelayConfig", "Limits", "parse_hostport"]
+__all__ = ["RelayConfig", "Limits", "parse_hostport", "DATA_DIR_ENV"]
 
 DEFAULT_PORT = 7474
+#: the environment variable the CLI reads for the data directory (after ``--data-dir``)
+DATA_DIR_ENV = "FASTROUTE_DATA_DIR"
 
 
 def parse_hostport(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
@@ -53,8 +55,8 @@ class Limits:
     msgs_per_s: float = 5000.0
     msgs_burst: float = 20000.0
     #: sustained body bytes per second per device, and the burst
-    bytes_per_s: float = 32 * 1024 * 1024
-    bytes_burst: float = 64 * 1024 * 1024
+    bytes_per_s: float = 32.0 * 1024 * 1024
+    bytes_burst: float = 64.0 * 1024 * 1024
     #: protocol errors tolerated on one connection before it is closed
     max_protocol_errors: int = 32
 
@@ -97,16 +99,25 @@ class RelayConfig:
     require_consent: bool = True
     #: listen on ``data_dir/admin.sock`` (mode 0600) for ``fastroute record``; off by default
     admin_socket: bool = False
+    #: the read-only HTTP listener for ``/metrics``, ``/healthz`` and ``/readyz``:
+    #: ``"auto"`` is 127.0.0.1 on the relay's port + 1 (an ephemeral port when the
+    #: relay's port is 0), ``"off"`` disables it, else ``HOST:PORT``
+    admin_listen: str = "auto"
+    #: log lines as plain text (``"text"``) or one JSON object per line (``"json"``)
+    log_format: str = "text"
     limits: Limits = field(default_factory=Limits)
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str]) -> "RelayConfig":
         """Read a TOML file with a ``[relay]`` table and an optional ``[limits]`` table."""
-        with open(path, "rb") as fh:
-            try:
+        try:
+            with open(path, "rb") as fh:
                 doc = tomllib.load(fh)
-            except tomllib.TOMLDecodeError as exc:
-                raise InvalidArgument(f"{path}: {exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise InvalidArgument(f"{path}: {exc}") from None
+        except OSError as exc:
+            raise InvalidArgument(f"cannot read the configuration file {os.fspath(path)!r}: "
+                                  f"{exc.strerror or exc}") from None
         return cls.from_mapping(doc, source=str(path))
 
     @classmethod
@@ -129,7 +140,7 @@ class RelayConfig:
         for key, value in values.items():
             if key not in names:
                 raise InvalidArgument(f"{source}: unknown key [{table}].{key}")
-            setattr(self, key, _coerce(getattr(self, key), value, f"[{table}].{key}"))
+            setattr(self, key, _coerce(_declared(self, key), value, f"[{table}].{key}"))
 
     def with_overrides(self, **overrides: Any) -> "RelayConfig":
         """Return a copy with the non-None ``overrides`` applied (flags beat the file)."""
@@ -144,6 +155,10 @@ class RelayConfig:
             raise InvalidArgument("store must be 'sqlite' or 'memory'")
         if self.synchronous.upper() not in ("NORMAL", "FULL"):
             raise InvalidArgument("synchronous must be NORMAL or FULL")
+        if self.log_format not in ("text", "json"):
+            raise InvalidArgument("log_format must be 'text' or 'json'")
+        if self.admin_listen not in ("auto", "off"):
+            parse_hostport(self.admin_listen)
         if self.mailbox_capacity < 1:
             raise InvalidArgument("mailbox_capacity must be >= 1")
         if not 0 < self.limits.max_body <= 61440:
@@ -152,10 +167,24 @@ class RelayConfig:
             if getattr(self, name) <= 0:
                 raise InvalidArgument(f"{name} must be > 0")
 
+    def admin_address(self, relay_port: int) -> tuple[str, int] | None:
+        """Where the read-only admin HTTP listener binds, or None when it is off."""
+        if self.admin_listen == "off":
+            return None
+        if self.admin_listen == "auto":
+            return ("127.0.0.1", relay_port + 1 if self.port else 0)
+        return parse_hostport(self.admin_listen, default_port=0)
+
 
 def _coerce(current: Any, value: Any, name: str) -> Any:
-    if isinstance(current, bool) or not isinstance(current, (int, float, str)):
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise InvalidArgument(f"{name} must be true or false, got {value!r}")
         return value
+    if not isinstance(current, (int, float, str)):
+        return value
+    if (type(current) is int and isinstance(value, float) and value.is_integer()):
+        value = int(value)  # 4096.0 in a TOML file means 4096
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if type(value) is not type(current):
@@ -170,5 +199,16 @@ def _replace_checked(obj: Any, values: dict[str, Any], source: str, table: str) 
     for key, value in values.items():
         if key not in names:
             raise InvalidArgument(f"{source}: unknown key [{table}].{key}")
-        setattr(out, key, _coerce(getattr(out, key), value, f"[{table}].{key}"))
+        setattr(out, key, _coerce(_declared(out, key), value, f"[{table}].{key}"))
     return out
+
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _declared(obj: Any, name: str) -> Any:
+    """A value of the field's declared type (the default may be an int for a float field)."""
+    for f in dataclasses.fields(obj):
+        if f.name == name and isinstance(f.type, str) and f.type in _TYPES:
+            return _TYPES[f.type]()
+    return getattr(obj, name)

@@ -38,6 +38,7 @@ __all__ = [
     "TraceFormatError",
     "ConnectionClosed",
     "StoreFailed",
+    "StartFailed",
     "MediaError",
     "UnknownBlob",
     "UnknownUpload",
@@ -96,6 +97,9 @@ class ErrorCode(enum.IntEnum):
     INTERNAL = 500
     SHUTTING_DOWN = 503
     STORE_FAILED = 504
+    #: never on the wire: the relay could not start (address in use, data
+    #: directory locked by another relay, unwritable or not a directory)
+    START_FAILED = 510
 
 
 class _NotFound(KeyError):
@@ -271,6 +275,13 @@ class StoreFailed(FastrouteError, OSError):
     """The message store could not read or write (disk full, closed, I/O error)."""
 
     code = ErrorCode.STORE_FAILED
+
+
+class StartFailed(FastrouteError, OSError):
+    """The relay could not start: its address is in use, another relay holds the
+    data directory, or the directory cannot be created or written."""
+
+    code = ErrorCode.START_FAILED
 
 
 class MediaError(FastrouteError, ValueError):

@@ -51,6 +51,7 @@ from .errors import (
     ErrorCode,
     InvalidArgument,
     KeyMismatch,
+    PolicyError,
     ProtocolError,
     UnknownProvider,
     WrongType,
@@ -446,7 +447,7 @@ class ProviderRecord:
 
     @property
     def revoked(self) -> bool:
-        """True once the provider was revoked (irreversible)."""
+        """True while the provider is revoked (:meth:`Registry.restore_provider` lifts it)."""
         return self.revoked_at is not None
 
     @property
@@ -630,8 +631,10 @@ class Registry:
         Quotas (``None`` = the relay's defaults): messages and bytes per
         second per device connection, and the largest body.  Enrolling the
         same name with the same key again is a no-op apart from updating the
-        quotas given (not ``None``); it never lifts a revocation.  The same
-        name with a different key raises :class:`InvalidArgument`.
+        quotas given (not ``None``).  It never lifts a revocation: a revoked
+        name raises :class:`PolicyError` (use :meth:`restore_provider`).  The
+        same name with a different key raises :class:`InvalidArgument` (use
+        :meth:`rotate_provider_key`).
         """
         _check_provider(name)
         public_key = check_bytes(public_key, "public_key", 32)
@@ -646,14 +649,18 @@ class Registry:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                row = self._db.execute("SELECT public_key FROM providers WHERE name = ?",
-                                       (name,)).fetchone()
+                row = self._db.execute("SELECT public_key, revoked_at FROM providers "
+                                       "WHERE name = ?", (name,)).fetchone()
+                if row is not None and row[1] is not None:
+                    raise PolicyError(f"provider {name!r} is revoked; restore it first "
+                                      f"(fastroute provider restore {name})")
                 if row is None:
                     self._db.execute(
                         f"INSERT INTO providers ({_PROVIDER_COLS}) VALUES (?, ?, ?, NULL, ?, ?, ?)",
                         (name, public_key, now, msgs_per_s, bytes_per_s, max_body))
                 elif not hmac.compare_digest(bytes(row[0]), public_key):
-                    raise InvalidArgument(f"provider {name!r} is already enrolled with another key")
+                    raise InvalidArgument(f"provider {name!r} is already enrolled with another "
+                                          f"key; to replace it: fastroute provider rotate {name}")
                 else:
                     for column, _, value in quotas:
                         if value is not None:
@@ -666,19 +673,81 @@ class Registry:
                 raise
         return self.get_provider(name)
 
-    def revoke_provider(self, name: str, *, now: int | None = None) -> None:
+    def revoke_provider(self, name: str, *, now: int | None = None) -> bool:
         """Revoke a provider: every credential it signed stops verifying.
 
-        Irreversible; revoking twice keeps the first time.
-        :class:`UnknownProvider` if the name is not enrolled.
+        Revoking twice keeps the first time (returns False the second time);
+        :meth:`restore_provider` lifts it.  :class:`UnknownProvider` if the
+        name is not enrolled.
         """
         _check_provider(name)
         now = int(time.time()) if now is None else check_int(now, "now", 0)
         self.get_provider(name)
-        self._write("UPDATE providers SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
-                    (now, name))
+        return bool(self._write(
+            "UPDATE providers SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
+            (now, name)))
 
-    def revoke_device(self, address: str, device: str, *, now: int | None = None) -> None:
+    def restore_provider(self, name: str) -> bool:
+        """Lift a provider's revocation; its unexpired credentials verify again.
+
+        Devices revoked one by one stay revoked.  Returns False if the provider
+        was not revoked; :class:`UnknownProvider` if it is not enrolled.
+        """
+        _check_provider(name)
+        self.get_provider(name)
+        return bool(self._write(
+            "UPDATE providers SET revoked_at = NULL WHERE name = ? AND revoked_at IS NOT NULL",
+            (name,)))
+
+    def remove_provider(self, name: str) -> bool:
+        """Forget a provider entirely (a test provider after a replay).
+
+        Its live connections close at the relay's next poll (the provider is
+        no longer enrolled); its devices' individual revocations go with it.
+        Returns False if it was not enrolled.
+        """
+        _check_provider(name)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                n = self._db.execute("DELETE FROM providers WHERE name = ?", (name,)).rowcount
+                self._db.execute("DELETE FROM revoked_devices WHERE provider = ?", (name,))
+                if n:
+                    self._db.execute(
+                        "UPDATE meta SET value = value + 1 WHERE key = 'generation'")
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return bool(n)
+
+    def rotate_provider_key(self, name: str, public_key: bytes) -> ProviderRecord:
+        """Replace a provider's signing key (a leaked or retired key).
+
+        Credentials signed by the old key stop verifying at once (live links
+        close within the relay's poll interval); the provider re-issues its
+        devices' credentials with the new key.  Quotas and the revocation
+        state are kept.  :class:`UnknownProvider` if not enrolled,
+        :class:`InvalidArgument` if the key is the current one.
+        """
+        _check_provider(name)
+        public_key = check_bytes(public_key, "public_key", 32)
+        _load_public(public_key)
+        old = self.get_provider(name)
+        if hmac.compare_digest(old.public_key, public_key):
+            raise InvalidArgument(f"provider {name!r} already has that key")
+        self._write("UPDATE providers SET public_key = ? WHERE name = ?", (public_key, name))
+        return self.get_provider(name)
+
+    def device_revoked_at(self, address: str, device: str) -> int | None:
+        """When one device was revoked by name, or None (its provider's state aside)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT revoked_at FROM revoked_devices WHERE address = ? AND device = ?",
+                (address, device)).fetchone()
+        return None if row is None else int(row[0])
+
+    def revoke_device(self, address: str, device: str, *, now: int | None = None) -> bool:
         """Revoke one device of an address (a lost phone); idempotent.
 
         Permanent for that ``(address, device)`` pair: a replacement device
@@ -687,8 +756,9 @@ class Registry:
         _, provider = parse_address(address)
         _check_device(device)
         now = int(time.time()) if now is None else check_int(now, "now", 0)
-        self._write("INSERT OR IGNORE INTO revoked_devices (provider, address, device, revoked_at) "
-                    "VALUES (?, ?, ?, ?)", (provider, address, device, now))
+        return bool(self._write(
+            "INSERT OR IGNORE INTO revoked_devices (provider, address, device, revoked_at) "
+            "VALUES (?, ?, ?, ?)", (provider, address, device, now)))
 
     def set_consent(self, address: str, provider: str, allow: bool, *,
                     now: int | None = None) -> None:

@@ -30,6 +30,10 @@ def test_toml_then_flags(tmp_path):
     '[relay]\nmailbox_capacity = "big"\n', # wrong type
     '[limits]\nmax_body = 100000\n',       # over one frame
     '[relay\n',                            # not TOML
+    '[relay]\nrequire_consent = "no"\n',   # not a bool
+    '[relay]\nmailbox_capacity = 16.5\n',  # not a whole number
+    '[relay]\nlog_format = "xml"\n',
+    '[relay]\nadmin_listen = "h:99999"\n',
 ])
 def test_bad_files_are_refused_clearly(tmp_path, text):
     path = tmp_path / "bad.toml"
@@ -44,3 +48,21 @@ def test_hostport_forms():
     assert parse_hostport("localhost") == ("localhost", 7474)
     with pytest.raises(InvalidArgument):
         parse_hostport("h:99999")
+
+
+def test_numbers_as_people_write_them(tmp_path):
+    """The README's own file writes 33554432.0 for a float and 4096 for an int; both load,
+    and a whole float for an int key (4096.0) means that int."""
+    path = tmp_path / "f.toml"
+    path.write_text("[relay]\nmailbox_capacity = 4096.0\n"
+                    "[limits]\nbytes_per_s = 33554432.0\nbytes_burst = 67108864\n")
+    cfg = RelayConfig.from_toml(path)
+    assert cfg.mailbox_capacity == 4096 and type(cfg.mailbox_capacity) is int
+    assert cfg.limits.bytes_per_s == 33554432.0 and type(cfg.limits.bytes_burst) is float
+
+
+def test_the_admin_listener_is_loopback_by_default():
+    assert RelayConfig().admin_address(7474) == ("127.0.0.1", 7475)
+    assert RelayConfig(port=0).admin_address(40000) == ("127.0.0.1", 0)  # ephemeral
+    assert RelayConfig(admin_listen="off").admin_address(7474) is None
+    assert RelayConfig(admin_listen="10.0.0.1:9100").admin_address(7474) == ("10.0.0.1", 9100)

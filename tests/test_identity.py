@@ -22,6 +22,7 @@ from fastroute.errors import (
     ErrorCode,
     InvalidArgument,
     KeyMismatch,
+    PolicyError,
     ProtocolError,
     UnknownProvider,
     WrongType,
@@ -286,9 +287,28 @@ def test_revoked_provider(registry, key):
         verify_credential(registry, cred(key), STATIC, NOW)
     assert registry.is_revoked("bob@third.example", "laptop")
     assert registry.get_provider("third.example").revoked_at == NOW
-    # enrolling the same key again does not lift the revocation
-    registry.add_provider("third.example", key.public_key)
+    # enrolling the same key again does not lift the revocation: it is refused
+    with pytest.raises(PolicyError, match="restore"):
+        registry.add_provider("third.example", key.public_key)
     assert registry.get_provider("third.example").revoked
+    # restore lifts it: the provider's credentials verify again
+    assert registry.restore_provider("third.example") is True
+    assert registry.restore_provider("third.example") is False
+    verify_credential(registry, cred(key), STATIC, NOW)
+    assert not registry.is_revoked("bob@third.example", "laptop")
+
+
+def test_rotated_provider_key(registry, key):
+    new = ProviderKey.generate()
+    with pytest.raises(InvalidArgument, match="already has"):
+        registry.rotate_provider_key("third.example", key.public_key)
+    with pytest.raises(UnknownProvider):
+        registry.rotate_provider_key("nobody.example", new.public_key)
+    registry.rotate_provider_key("third.example", new.public_key)
+    # the old key's credentials stop verifying, the new key's verify
+    with pytest.raises(BadSignature):
+        verify_credential(registry, cred(key), STATIC, NOW)
+    verify_credential(registry, cred(new), STATIC, NOW)
 
 
 def test_chain_order_checks_provider_before_signature(registry, key):

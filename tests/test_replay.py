@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import fastroute
+from fastroute.identity import Registry
 from fastroute.loadtest.trace import TraceRecord, write_trace
 
 # Child processes import the same fastroute as this test (installed, or the
@@ -79,6 +81,34 @@ def test_collegemsg_replayed_with_nothing_lost_or_duplicated(relay_proc, tmp_pat
     assert (tmp_path / "rep" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert rep["latency_ms"]["p99"] is not None
     assert rep["meta"]["processes"] == 2
+    # the throwaway provider was removed from the relay's registry
+    assert "removed the test provider replay-" in res.stdout
+    with Registry(os.path.join(data, "registry.db")) as reg:
+        assert [p.name for p in reg.list_providers()] == []
+
+
+def test_replay_errors_are_one_line_each(tmp_path):
+    """No relay at the target, the [replay] extra missing: a message, never a traceback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, not listening: connections are refused
+        res = replay([str(COLLEGE), "--target", f"127.0.0.1:{port}", "--data-dir",
+                      str(tmp_path), "--no-progress"], timeout=60)
+    assert res.returncode == 1
+    assert "Traceback" not in res.stderr + res.stdout
+    assert res.stderr.strip().startswith(f"fastroute: no relay answers at 127.0.0.1:{port}")
+    assert len(res.stderr.strip().splitlines()) == 1
+    # hdrh missing (as after a plain `pip install .`): the extra is named
+    shim = tmp_path / "shim" / "hdrh"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'hdrh'\", name='hdrh')\n")
+    env = dict(ENV, PYTHONPATH=os.pathsep.join([str(shim.parent), ENV["PYTHONPATH"]]))
+    res = subprocess.run([sys.executable, "-m", "fastroute.cli", "replay", str(COLLEGE)],
+                         capture_output=True, text=True, timeout=60, cwd="/", env=env)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert "needs the [replay] extra (missing module hdrh)" in res.stderr
+    assert "pip install 'fastroute[replay]'" in res.stderr
 
 
 def test_small_trace_and_record_tap_round_trip(relay_proc, tmp_path):

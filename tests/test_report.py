@@ -172,3 +172,63 @@ def test_unpaced_run_has_no_scheduled_rate(speed):
     rep = build_report(replay(speed=speed), {"speed": speed})
     assert rep["scheduled_rate"] is None and rep["generator_bound"] is False
     assert "speed max" in summary_text(rep)
+
+
+def stalled_run(n=700, step=0.01, stall=(3.0, 4.5)):
+    """A 7 s run whose deliveries stop for 1.5 s (sends go on), then catch up."""
+    from fastroute.loadtest.report import pick_interval
+
+    acc = Accountant(n, interval_s=pick_interval(n * step + 0.01))
+    acc.span_s = n * step + 0.01
+    acc.start(0.0)
+    for idx in range(n):
+        t = idx * step
+        acc.scheduled(idx, t, 1)
+        acc.sent(idx, t)
+        acc.acked(idx, t + 0.001, 0)
+    for idx in range(n):
+        t = idx * step
+        t_del = stall[1] + 0.002 + idx * 1e-5 if stall[0] <= t < stall[1] else t + 0.002
+        acc.delivered(idx, 0, t_del)
+    return acc
+
+
+def test_short_runs_get_fine_buckets_and_long_runs_coarse_ones():
+    from fastroute.loadtest.report import pick_interval
+
+    assert pick_interval(7.0) == 0.05          # 140 points, not 8
+    assert pick_interval(0.3) == 0.01
+    assert pick_interval(15.0) == 0.1
+    assert pick_interval(86400) == 600.0
+    for span in (0.05, 1, 7, 60, 3600, 86400):
+        assert span / pick_interval(span) <= 200
+
+
+def test_a_stall_is_shown_not_joined_over(tmp_path):
+    from fastroute.loadtest.report import stalls
+
+    acc = stalled_run()
+    rep = build_report(acc, {"speed": 1.0, "processes": 2, "trace": "stall", "duration_s": 7.0})
+    assert rep["throughput"]["interval_s"] == 0.05
+    spans = stalls(rep)
+    assert len(spans) == 1
+    a, b = spans[0]
+    assert 2.95 <= a <= 3.05 and 4.45 <= b <= 4.55
+    # the latency line has gaps (null) over the stall, which the plot does not join
+    lot = rep["latency_over_time"]["mean_ms"]
+    assert all(v is None for v in lot[int(3.05 / 0.05):int(4.45 / 0.05)])
+    _, png = write_report(tmp_path, rep, acc)
+    assert _png_chunks(png.read_bytes())[-1][0] == b"IEND"
+    # a clean run has no stall
+    clean = stalled_run(stall=(99.0, 99.0))
+    assert stalls(build_report(clean, {})) == []
+
+
+def test_the_png_summary_box_has_the_figures():
+    from fastroute.loadtest.report import _summary_box
+
+    rep = build_report(stalled_run(), {"speed": 1.0, "processes": 2, "duration_s": 7.0})
+    text = _summary_box(rep)
+    for word in ("p50", "p99 ", "p99.9", "lost 0", "duplicates 0", "speed 1x", "processes 2",
+                 "stalls 1", "RESULT OK"):
+        assert word in text, word

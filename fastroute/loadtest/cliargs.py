@@ -21,7 +21,8 @@ def add_replay_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--processes", type=int, default=1,
                    help="worker processes holding the simulated devices")
     p.add_argument("--data-dir", default=None,
-                   help="the relay's data directory: enrol a throwaway test provider there")
+                   help="the relay's data directory: enrol a throwaway test provider there "
+                        "(removed after the run)")
     p.add_argument("--provider", default=None, help="an enrolled provider's name ...")
     p.add_argument("--provider-key", default=None, help="... and its private key file")
     p.add_argument("--server-key", default=None, help="relay public key (hex) to pin")
@@ -33,8 +34,9 @@ def add_replay_args(p: argparse.ArgumentParser) -> None:
 
 def add_record_args(p: argparse.ArgumentParser) -> None:
     """Flags of ``fastroute record --data-dir DIR --out TRACE ...``."""
-    p.add_argument("--data-dir", default="fastroute-data",
-                   help="the running relay's data directory (its admin.sock)")
+    p.add_argument("--data-dir", default=None,
+                   help="the running relay's data directory (its admin.sock); default: "
+                        "$FASTROUTE_DATA_DIR, else ./fastroute-data")
     p.add_argument("--out", required=True, help="trace file to write")
     p.add_argument("--duration", type=float, default=60.0, help="seconds to record")
     p.add_argument("--count", type=int, default=0, help="stop after N messages (0: no limit)")

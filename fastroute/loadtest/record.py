@@ -67,7 +67,14 @@ def cli_record(args) -> int:
     if args.key_file:
         with open(args.key_file, "rb") as fh:
             key = fh.read()
-    n = asyncio.run(record(os.path.join(args.data_dir, "admin.sock"), args.out,
+    from ..config import DATA_DIR_ENV
+    from ..datadir import require_initialised
+
+    data_dir = args.data_dir or os.environ.get(DATA_DIR_ENV) or "fastroute-data"
+    require_initialised(data_dir, "from --data-dir" if args.data_dir else
+                        f"from ${DATA_DIR_ENV}" if os.environ.get(DATA_DIR_ENV)
+                        else "the default ./fastroute-data")
+    n = asyncio.run(record(os.path.join(data_dir, "admin.sock"), args.out,
                            duration=args.duration, count=args.count, key=key))
     print(f"recorded {n} messages (metadata only) to {args.out}")
     return 0

@@ -348,9 +348,22 @@ def _duration(results: list[dict]) -> float | None:
 
 
 def _merge(records: list[TraceRecord], results: list[dict], nonce: bytes) -> Accountant:
-    """Replay every worker's raw events into one Accountant, in a valid order."""
-    acc = Accountant(len(records), nonce=nonce)
-    acc.start(min(r["t0"] for r in results if r["t0"] is not None))
+    """Replay every worker's raw events into one Accountant, in a valid order.
+
+    The time series' bucket width follows the run's length (:func:`.report.pick_interval`):
+    a 7 s run gets 50 ms buckets, not 8 points; a long one never more than ~200.
+    """
+    from .report import pick_interval
+
+    start = min(r["t0"] for r in results if r["t0"] is not None)
+    last = start
+    for r in results:
+        for times in (r["sent"][2], r["acks"][1], r["deliveries"][2]):
+            if len(times):
+                last = max(last, max(times))
+    acc = Accountant(len(records), nonce=nonce, interval_s=pick_interval(last - start))
+    acc.span_s = last - start  # the plot's last bucket is only partly covered
+    acc.start(start)
     t_ns_of: dict[int, int] = {}
     for r in results:
         t0 = r["t0"]
@@ -427,9 +440,26 @@ def make_users(records: list[TraceRecord], provider: str, provider_key) -> dict:
     return out
 
 
+def _check_target(host: str, port: int) -> None:
+    """Fail in one line, before any worker starts, when no relay answers at the target."""
+    import socket
+
+    try:
+        socket.create_connection((host, port), timeout=5.0).close()
+    except OSError as exc:
+        raise SystemExit(f"fastroute: no relay answers at {host}:{port} "
+                         f"({exc.strerror or exc}); start one with `fastroute serve` "
+                         f"or give its address with --target") from None
+
+
 def cli_replay(args) -> int:
-    """``fastroute replay`` (arguments from :func:`.cliargs.add_replay_args`)."""
+    """``fastroute replay`` (arguments from :func:`.cliargs.add_replay_args`).
+
+    With ``--data-dir``, a throwaway provider is enrolled in the relay's
+    registry for the run and removed afterwards, whatever the outcome.
+    """
     from ..config import parse_hostport
+    from ..datadir import require_initialised
     from ..identity import ProviderKey, Registry
     from .report import exit_status, summary_text, write_report
 
@@ -438,28 +468,40 @@ def cli_replay(args) -> int:
     records = list(read_any(args.trace))
     if args.limit:
         records = records[:args.limit]
+    _check_target(host, port)
+    throwaway = None
     if args.provider_key:
         pkey = ProviderKey.load(args.provider_key)
         provider = args.provider
     elif args.data_dir:
         # enrol a throwaway test provider in the relay's own registry
+        require_initialised(args.data_dir, "from --data-dir")
         pkey = ProviderKey.generate()
         provider = args.provider or f"replay-{os.urandom(3).hex()}"
         with Registry(os.path.join(args.data_dir, "registry.db")) as reg:
             reg.add_provider(provider, pkey.public_key)
+        throwaway = provider
     else:
-        raise SystemExit("give --data-dir (the relay's, to enrol a test provider) or "
-                         "--provider NAME --provider-key FILE (an enrolled provider)")
-    server_key = bytes.fromhex(args.server_key) if args.server_key else None
-    cfg = ReplayConfig(host=host, port=port, records=records,
-                       users=make_users(records, provider, pkey), provider=provider,
-                       speed=speed, processes=args.processes, server_key=server_key,
-                       drain_timeout_s=args.drain_timeout, trace_name=os.path.basename(args.trace),
-                       progress=not args.no_progress)
-    raise_fd_limit()
-    rep, acc = replay(cfg)
+        raise InvalidArgument("give --data-dir (the relay's, to enrol a test provider) or "
+                              "--provider NAME --provider-key FILE (an enrolled provider)")
+    try:
+        server_key = bytes.fromhex(args.server_key) if args.server_key else None
+        cfg = ReplayConfig(host=host, port=port, records=records,
+                           users=make_users(records, provider, pkey), provider=provider,
+                           speed=speed, processes=args.processes, server_key=server_key,
+                           drain_timeout_s=args.drain_timeout,
+                           trace_name=os.path.basename(args.trace),
+                           progress=not args.no_progress)
+        raise_fd_limit()
+        rep, acc = replay(cfg)
+    finally:
+        if throwaway is not None:
+            with Registry(os.path.join(args.data_dir, "registry.db")) as reg:
+                reg.remove_provider(throwaway)
     if args.report:
         json_path, png_path = write_report(args.report, rep, acc)
         print(f"report: {json_path} {png_path}")
     print(summary_text(rep))
+    if throwaway is not None:
+        print(f"removed the test provider {throwaway} from the registry")
     return exit_status(rep)

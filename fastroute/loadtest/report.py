@@ -16,12 +16,55 @@ from typing import Any
 
 from ..errors import ErrorCode
 
-__all__ = ["REPORT_FORMAT", "build_report", "write_report", "summary_text", "exit_status"]
+__all__ = ["REPORT_FORMAT", "build_report", "write_report", "summary_text", "exit_status",
+           "pick_interval", "stalls"]
 
 #: Value of the report's ``format`` field; bumped if a field changes meaning.
 REPORT_FORMAT = "fastroute-report v1"
 
 _PCTS = (("p50", 50.0), ("p90", 90.0), ("p99", 99.0), ("p99_9", 99.9))
+
+
+#: bucket widths the time series may use, seconds
+_STEPS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+          600.0, 1800.0, 3600.0)
+
+
+def pick_interval(span_s: float, target: int = 200) -> float:
+    """A round bucket width giving at most ``target`` buckets over ``span_s`` seconds.
+
+    Short runs get fine buckets (a 7 s run: 50 ms, 140 points), long ones
+    coarse (a day: 10 min); never below 10 ms.
+    """
+    for step in _STEPS:
+        if span_s / step <= target:
+            return step
+    return _STEPS[-1]
+
+
+def stalls(report: dict) -> list[tuple[float, float]]:
+    """Spans ``(start_s, end_s)`` in which nothing was delivered while the run went on.
+
+    A bucket is stalled when it delivered nothing although messages had
+    been sent and were not all delivered yet (the delivered count still
+    grows after it).  Consecutive stalled buckets make one span.
+    """
+    tp = report["throughput"]
+    dt = tp["interval_s"]
+    sent, deliv = tp["sent"], tp["delivered"]
+    n = len(deliv)
+    total = sum(deliv)
+    out: list[tuple[float, float]] = []
+    sent_so_far = deliv_so_far = 0
+    for i in range(n):
+        sent_so_far += sent[i] if i < len(sent) else 0
+        if deliv[i] == 0 and sent_so_far > deliv_so_far and deliv_so_far < total:
+            if out and abs(out[-1][1] - i * dt) < 1e-9:
+                out[-1] = (out[-1][0], (i + 1) * dt)
+            else:
+                out.append((i * dt, (i + 1) * dt))
+        deliv_so_far += deliv[i]
+    return out
 
 
 def _hist_ms(hist) -> dict[str, Any]:
@@ -71,6 +114,9 @@ def build_report(accountant, meta: dict | None = None) -> dict[str, Any]:
         "sent": series["sent"],
         "acked": series["acked"],
         "delivered": series["delivered"],
+        # seconds from the start to the last event (None if the driver did not say):
+        # the last bucket covers only part of its interval
+        "span_s": _finite(getattr(accountant, "span_s", None)),
     }
     rep["latency_over_time"] = {
         "interval_s": accountant.interval_s,
@@ -157,6 +203,29 @@ def write_report(directory: str | os.PathLike, report: dict, accountant) -> tupl
     return jpath, ppath
 
 
+def _summary_box(report: dict) -> str:
+    r = report
+    meta = r.get("meta", {})
+    lat = r["latency_ms"]
+    speed = meta.get("speed")
+    speed_s = ("max" if speed in (None, "max")
+               else f"{int(speed):,}x" if float(speed).is_integer() else f"{speed:g}x")
+    rate = r.get("achieved_rate")
+    dur = meta.get("duration_s")
+    return "\n".join([
+        f"delivery latency   p50 {_fmt(lat['p50'])}   p99 {_fmt(lat['p99'])}   "
+        f"p99.9 {_fmt(lat['p99_9'])}   max {_fmt(lat['max'])}",
+        f"messages   sent {r['sent']}   acked {r['acked']}   delivered {r['delivered']}/"
+        f"{r['expected_deliveries']}   lost {r['lost']}   duplicates {r['duplicates']}   "
+        f"refused {r['refused_total']}",
+        f"speed {speed_s}   processes {meta.get('processes') or '-'}   duration "
+        f"{_fmt(dur, 's')}   achieved {'-' if rate is None else f'{rate:,.0f}'} msg/s   "
+        f"stalls {len(stalls(r))}",
+        "RESULT OK: every accepted message delivered exactly once" if r.get("ok")
+        else "RESULT FAILED: messages lost, duplicated or misdelivered",
+    ])
+
+
 def _plot(path: Path, report: dict, accountant) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -164,27 +233,38 @@ def _plot(path: Path, report: dict, accountant) -> None:
 
     # plain numbers on log axes: "5" reads better than "5 x 10^0" for ms
     plain = FuncFormatter(lambda v, _pos: f"{v:g}")
+    # minor ticks: label 2 and 5 of each decade only, or they run into each other
+    sparse = FuncFormatter(lambda v, _pos: f"{v:g}" if f"{v:.0e}"[0] in "25" else "")
+    nan = float("nan")
 
-    fig = Figure(figsize=(9, 11), dpi=100)
+    fig = Figure(figsize=(9, 12), dpi=100)
     FigureCanvasAgg(fig)
-    ax1, ax2, ax3 = fig.subplots(3, 1)
+    box, ax1, ax2, ax3 = fig.subplots(4, 1, gridspec_kw={"height_ratios": [0.32, 1, 1, 1]})
     title = report.get("meta", {}).get("trace") or "replay"
     fig.suptitle(f"fastroute replay: {title}")
+    box.axis("off")
+    box.text(0.0, 0.5, _summary_box(report), family="monospace", fontsize=8.5, va="center",
+             ha="left", transform=box.transAxes,
+             bbox={"boxstyle": "round", "facecolor": "#eef5ee" if report.get("ok")
+                   else "#f8e0e0", "edgecolor": "#888888"})
 
+    spans = stalls(report)
     lot = report["latency_over_time"]
     dt = lot["interval_s"]
-    xs = [i * dt for i in range(len(lot["mean_ms"]))]
-    pts = [(x, a, b) for x, a, b in zip(xs, lot["mean_ms"], lot["max_ms"]) if a is not None]
-    if pts:
-        ax1.plot([p[0] for p in pts], [max(p[1], 1e-3) for p in pts], label="mean")
-        ax1.plot([p[0] for p in pts], [max(p[2], 1e-3) for p in pts], label="max", alpha=0.7)
+    # a bucket without deliveries is a gap in the line (NaN), never joined across
+    xs = [(i + 0.5) * dt for i in range(len(lot["mean_ms"]))]
+    means = [nan if v is None else max(v, 1e-3) for v in lot["mean_ms"]]
+    maxes = [nan if v is None else max(v, 1e-3) for v in lot["max_ms"]]
+    if any(v == v for v in means):
+        marker = "o" if len(xs) <= 30 else None
+        ax1.plot(xs, means, label="mean", marker=marker, markersize=3)
+        ax1.plot(xs, maxes, label="max", alpha=0.7, marker=marker, markersize=3)
         ax1.set_yscale("log")
-        ax1.legend(loc="upper right")
-    ax1.set_title("delivery latency over time (from scheduled send)")
+    ax1.set_title(f"delivery latency over time (from scheduled send; {dt:g} s buckets)")
     ax1.set_xlabel("time since start (s)")
     ax1.set_ylabel("ms")
 
-    ticks = []
+    ticks: list[float] = []
     for hist, label in ((accountant.latency, "delivery"), (accountant.ack_latency, "ack")):
         curve = list(accountant.percentile_curve(hist))
         if not curve:
@@ -206,19 +286,39 @@ def _plot(path: Path, report: dict, accountant) -> None:
     ax2.set_ylabel("ms")
 
     tp = report["throughput"]
-    xs3 = [i * tp["interval_s"] for i in range(len(tp["sent"]))]
+    dt3 = tp["interval_s"]
+    n3 = len(tp["sent"])
+    duration = report.get("meta", {}).get("duration_s")
+    xs3 = [(i + 0.5) * dt3 for i in range(n3)]
+    widths = [dt3] * n3
+    if n3:
+        # the last bucket is only partly covered by the run: its rate uses the part covered
+        covered = max((tp.get("span_s") or duration or n3 * dt3) - (n3 - 1) * dt3, dt3 * 0.05)
+        widths[-1] = min(dt3, covered)
+    marker3 = "o" if n3 <= 30 else None
     for key in ("sent", "acked", "delivered"):
         if tp[key]:
-            ax3.plot(xs3, [v / tp["interval_s"] for v in tp[key]], label=key)
-    if xs3:
-        ax3.legend(loc="upper right")
-    ax3.set_title("throughput")
+            ax3.plot(xs3, [v / w for v, w in zip(tp[key], widths)], label=key,
+                     marker=marker3, markersize=3)
+    ax3.set_ylim(bottom=0)
+    if n3 and not any(any(tp[k]) for k in ("sent", "acked", "delivered")):
+        ax3.set_ylim(0, 1)
+    ax3.set_title(f"throughput ({dt3:g} s buckets)")
     ax3.set_xlabel("time since start (s)")
     ax3.set_ylabel("messages / s")
+
+    for ax in (ax1, ax3):
+        for i, (a, b) in enumerate(spans):
+            ax.axvspan(a, b, color="red", alpha=0.15, lw=0,
+                       label="stall (nothing delivered)" if i == 0 else None)
+        if n3:
+            ax.set_xlim(0, n3 * dt3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="upper right")
 
     for ax in (ax1, ax2):
         if ax.get_yscale() == "log":
             ax.yaxis.set_major_formatter(plain)
-            ax.yaxis.set_minor_formatter(plain)
+            ax.yaxis.set_minor_formatter(sparse)
     fig.tight_layout()
     fig.savefig(str(path), format="png")

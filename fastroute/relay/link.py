@@ -240,7 +240,10 @@ class Link(asyncio.Protocol):
         for op in ops:
             if isinstance(op, wire.OpError):
                 if op.id is not None:
-                    self.out.append(wire.sack_op(op.id, op.code))
+                    # a malformed request is answered like a refused one:
+                    # media requests by MREPLY (PROTOCOL.md, "Media"), the rest by SACK
+                    self.out.append(wire.mreply_op(op.id, op.code) if op.opcode in _MEDIA_OPS
+                                    else wire.sack_op(op.id, op.code))
                     wiring.count_error(op.code)
                     wiring.delivery.mark(self)
                     self.errors += 1

@@ -21,16 +21,18 @@ back here.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
 import os
 import signal
 import time
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 from .. import Router, identity, wire
 from ..config import RelayConfig
-from ..errors import ErrorCode, FastrouteError
+from ..datadir import KEY_NAME, DataDirLock, prepare
+from ..errors import ErrorCode, FastrouteError, StartFailed
 from ..media import MediaStore
 from ..noise import KeyPair
 from ..store import MemoryStore, SqliteStore
@@ -38,6 +40,7 @@ from .delivery import Delivery, LinkPort
 from .gate import Gate
 from .link import Link, LinkState, LinkWiring
 from .media_ops import MediaOps
+from .metrics import Histogram, serve_metrics
 from .upkeep import Upkeep, serve_admin
 
 if TYPE_CHECKING:
@@ -52,23 +55,44 @@ def load_or_create_server_key(data_dir: str) -> tuple[KeyPair, bool]:
     """Load ``data_dir/server.key`` (32 raw bytes), creating it on first start.
 
     Returns ``(key_pair, created)``.  The file is written with mode 0600.
+    Its public half is written beside it as ``server.pub`` (hex, one line),
+    the value clients pin.
     """
-    os.makedirs(data_dir, exist_ok=True)
-    path = os.path.join(data_dir, "server.key")
+    prepare(data_dir)
+    path = os.path.join(data_dir, KEY_NAME)
     try:
         with open(path, "rb") as fh:
             raw = fh.read()
         if len(raw) != 32:
             raise FastrouteError(f"{path} is not a 32-byte X25519 private key",
                                  code=ErrorCode.INTERNAL)
-        return KeyPair.from_private(raw), False
+        kp = KeyPair.from_private(raw)
+        _write_public(data_dir, kp)
+        return kp, False
     except FileNotFoundError:
         pass
     kp = KeyPair.generate()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as fh:
         fh.write(kp.private)
+    _write_public(data_dir, kp)
     return kp, True
+
+
+def _write_public(data_dir: str, kp: KeyPair) -> None:
+    path = os.path.join(data_dir, "server.pub")
+    text = kp.public.hex() + "\n"
+    try:
+        with open(path) as fh:
+            if fh.read() == text:
+                return
+    except OSError:
+        pass
+    try:
+        with open(path, "w") as fh:
+            fh.write(text)
+    except OSError:  # a read-only data dir still serves; clients get the key elsewhere
+        pass
 
 
 def fingerprint(public: bytes) -> str:
@@ -115,8 +139,18 @@ class Relay:
         self._admin: asyncio.AbstractServer | None = None
         self._closing = False
         self._taps: list = []
+        self._lock: DataDirLock | None = None
+        self._metrics: asyncio.base_events.Server | None = None
+        self.admin_host = ""
         # metrics: counts only, never addresses or bodies
         self.refused: dict[int, int] = {}
+        self.started_at = time.time()
+        self.accepted_connections = 0
+        self.handshake_seconds = Histogram()
+        self._accepted_at: dict[Link, float] = {}
+        #: the registry generation whose revocations were applied to live links
+        self.applied_generation = 0
+        self.reloads = 0
 
     # -------------------------------------------------------------- lifecycle
     @property
@@ -124,6 +158,18 @@ class Relay:
         """The TCP port actually bound (useful with ``port=0``)."""
         assert self._server is not None
         return self._server.sockets[0].getsockname()[1]
+
+    @property
+    def admin_port(self) -> int | None:
+        """The port of the read-only admin listener (``/metrics``), None when off."""
+        if self._metrics is None:
+            return None
+        return self._metrics.sockets[0].getsockname()[1]
+
+    @property
+    def closing(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._closing
 
     @property
     def fingerprint(self) -> str:
@@ -135,16 +181,52 @@ class Relay:
         """Open key, registry and store, build the stages, then listen on ``config.host:port``."""
         cfg = self.config
         loop = asyncio.get_running_loop()
+        # bind first: an address in use must not leave a new data directory
+        # and server key behind; connections wait until the stages exist
+        wiring_box: list[LinkWiring] = []
+        try:
+            self._server = await loop.create_server(lambda: Link(wiring_box[0]), cfg.host,
+                                                    cfg.port, reuse_address=True,
+                                                    backlog=4096, start_serving=False)
+        except OSError as exc:
+            raise StartFailed(f"cannot listen on {cfg.host}:{cfg.port}: "
+                              f"{exc.strerror or exc}") from None
+        try:
+            await self._start_stages(wiring_box)
+        except BaseException:
+            self._server.close()
+            self._server = None
+            if self._metrics is not None:
+                self._metrics.close()
+                self._metrics = None
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
+            raise
+        await self._server.start_serving()
+        if self._lock is not None:
+            self._lock.publish({"pid": os.getpid(), "listen": f"{cfg.host}:{self.port}",
+                                "admin": (f"{self.admin_host}:{self.admin_port}"
+                                          if self._metrics is not None else None)})
+        log.info("relay listening on %s:%d, key fingerprint %s", cfg.host, self.port,
+                 self.fingerprint, extra={"event": "relay.listening"})
+
+    async def _start_stages(self, wiring_box: list[LinkWiring]) -> None:
+        cfg = self.config
+        owns_dir = (self.server_key is None or self.registry is None
+                    or (self.store is None and cfg.store == "sqlite") or self.media is None)
+        if owns_dir:
+            prepare(cfg.data_dir)
+            self._lock = DataDirLock(cfg.data_dir)
+            self._lock.acquire()
         if self.server_key is None:
             self.server_key, self.key_created = load_or_create_server_key(cfg.data_dir)
         if self.registry is None:
-            os.makedirs(cfg.data_dir, exist_ok=True)
             self.registry = identity.Registry(os.path.join(cfg.data_dir, "registry.db"))
         if self.store is None:
             if cfg.store == "memory":
                 self.store = await MemoryStore.open(":memory:", ttl_s=cfg.ttl_s)
             else:
-                os.makedirs(cfg.data_dir, exist_ok=True)
                 self.store = await SqliteStore.open(os.path.join(cfg.data_dir, "store.db"),
                                                     synchronous=cfg.synchronous,
                                                     ttl_s=cfg.ttl_s)
@@ -159,18 +241,24 @@ class Relay:
         self._taps = gate.taps  # one list: taps added later reach the gate too
         self.media_ops = MediaOps(self.media, delivery, self.count_error)
         self.upkeep = Upkeep(cfg, gate, delivery, self.store, self.media, self.count_error)
-        wiring = LinkWiring(self.server_key, cfg, gate, delivery, self.media_ops,
-                            self.count_error, self._admit, self._online, self._lost)
-        self._server = await loop.create_server(lambda: Link(wiring), cfg.host, cfg.port,
-                                                reuse_address=True, backlog=4096)
+        wiring_box.append(LinkWiring(self.server_key, cfg, gate, delivery, self.media_ops,
+                                     self.count_error, self._admit, self._online, self._lost))
+        self.applied_generation = self.registry.version()[0]
+        self.upkeep.on_applied = self._applied
         self.upkeep.start()
         if cfg.admin_socket:
             path = os.path.join(cfg.data_dir, "admin.sock")
             if os.path.exists(path):
                 os.unlink(path)  # left by a relay that did not shut down cleanly
             self._admin = await serve_admin(self, path)
-        log.info("relay listening on %s:%d, key fingerprint %s", cfg.host, self.port,
-                 self.fingerprint)
+        admin = cfg.admin_address(self.port)
+        if admin is not None:
+            self.admin_host = admin[0]
+            try:
+                self._metrics = await serve_metrics(self, *admin)
+            except OSError as exc:
+                raise StartFailed(f"cannot listen for the admin listener (admin_listen) on "
+                                  f"{admin[0]}:{admin[1]}: {exc.strerror or exc}") from None
 
     async def serve_forever(self) -> None:
         """Run until :meth:`close` is called (or the task is cancelled)."""
@@ -191,6 +279,8 @@ class Relay:
             self._server.close()
         if self._admin is not None:
             self._admin.close()
+        if self._metrics is not None:
+            self._metrics.close()
         for link in list(self.links):
             if link.state == LinkState.OPEN:
                 link.close(ErrorCode.SHUTTING_DOWN, "relay shutting down")
@@ -215,6 +305,9 @@ class Relay:
             await self.media.close()
         if self.registry is not None and self._own_registry:
             self.registry.close()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     async def __aenter__(self) -> "Relay":
         await self.start()
@@ -235,6 +328,53 @@ class Relay:
             "dedup_entries": len(gate.dedup) if gate else 0,
             "engine": self.router.stats(),
         }
+
+    def ready(self) -> tuple[bool, str]:
+        """Whether the relay can take traffic now, and why not (for ``/readyz``)."""
+        if self._closing:
+            return False, "shutting down"
+        if self._server is None or not self._server.is_serving():
+            return False, "not listening"
+        if self.upkeep is None or self.upkeep.stalled():
+            return False, "housekeeping stalled"
+        return True, "ready"
+
+    @staticmethod
+    def link_state_name(link: Link) -> str:
+        """A link's state as a metrics label."""
+        state = link.state
+        if state in (LinkState.HS_WAIT1, LinkState.HS_WAIT3):
+            return "handshake"
+        return LinkState(state).name.lower()
+
+    def reload(self, new: RelayConfig) -> list[str]:
+        """Apply a re-read configuration without dropping a link (SIGHUP).
+
+        Limits and timeouts take effect at once: limits for every device's
+        next connection (live links keep the buckets they have), timeouts
+        and the connection cap on the next check.  Settings that need a
+        restart (addresses, data directory, store, mailbox capacity,
+        require_consent, ...) are kept and returned by name.
+        """
+        cfg = self.config
+        live = ("limits", "max_connections", "handshake_timeout", "idle_timeout",
+                "registry_poll_s", "ttl_s", "log_format")
+        ignored = []
+        for f in dataclasses.fields(cfg):
+            if f.name in live:
+                setattr(cfg, f.name, getattr(new, f.name))
+            elif getattr(new, f.name) != getattr(cfg, f.name):
+                ignored.append(f.name)
+        if self.gate is not None:
+            # the gate keeps one pair of token buckets per device across
+            # reconnections; forget them so the next connection gets the new rates
+            buckets = getattr(self.gate, "_buckets", None)
+            if isinstance(buckets, dict):
+                buckets.clear()
+        self.reloads += 1
+        log.info("configuration reloaded%s", f" (restart needed for: {', '.join(ignored)})"
+                 if ignored else "", extra={"event": "relay.reloaded"})
+        return ignored
 
     def add_tap(self, fn) -> None:
         """Call ``fn(ts_ms, sender, recipient, size, cls)`` for every accepted message.
@@ -259,7 +399,12 @@ class Relay:
         if len(self.links) >= self.config.max_connections or self._closing:
             return False
         self.links.add(link)
+        self.accepted_connections += 1
+        self._accepted_at[link] = time.monotonic()
         return True
+
+    def _applied(self, generation: int) -> None:
+        self.applied_generation = generation
 
     def _online(self, link: Link, cred: identity.Credential) -> None:
         """Put an authenticated device online: delivery (engine, store, sync), gate state."""
@@ -278,17 +423,26 @@ class Relay:
         link.out.append(wire.welcome_op(cred.address, cred.device, int(time.time() * 1000)))
         delivery.mark(link)
         delivery.start_sync(link.feed)
-        log.debug("device online (provider %s)", cred.provider)
+        t0 = self._accepted_at.pop(link, None)
+        if t0 is not None:
+            self.handshake_seconds.observe(time.monotonic() - t0)
+        log.debug("device online (provider %s)", cred.provider, extra={"event": "device.online"})
 
     def _lost(self, link: LinkPort) -> None:
         # every link of this relay is a Link; the stages see them as LinkPorts
         self.links.discard(cast(Link, link))
+        self._accepted_at.pop(cast(Link, link), None)
         if self.delivery is not None:
             self.delivery.detach(link)
 
 
-async def run_relay(config: RelayConfig, *, print_fn=print) -> None:
+async def run_relay(config: RelayConfig, *, print_fn=print,
+                    reload_config: Callable[[], RelayConfig] | None = None) -> None:
     """Run a relay until SIGINT/SIGTERM, then shut down gracefully (CLI helper).
+
+    SIGHUP calls ``reload_config`` (re-reading the configuration file) and
+    applies the result with :meth:`Relay.reload`; links stay up.  A file that
+    does not parse is logged and the running configuration kept.
 
     As a process of its own, the relay also tunes the garbage collector: it
     allocates many short-lived objects (ops, frames, futures) and almost no
@@ -298,22 +452,47 @@ async def run_relay(config: RelayConfig, *, print_fn=print) -> None:
     """
     gc.set_threshold(50_000, 20, 100)
     relay = Relay(config)
-    await relay.start()
-    if relay.key_created:
-        print_fn(f"generated server key in {os.path.join(config.data_dir, 'server.key')}")
-    print_fn(f"fastroute relay listening on {config.host}:{relay.port}")
-    print_fn(f"server key fingerprint: {relay.fingerprint}")
-    assert relay.server_key is not None  # start() loaded or made it
-    print_fn(f"server public key (for clients to pin): {relay.server_key.public.hex()}")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_hup() -> None:
+        if reload_config is None:
+            log.info("SIGHUP: no configuration file to re-read", extra={"event": "relay.reloaded"})
+            return
+        try:
+            new = reload_config()
+        except FastrouteError as exc:
+            log.error("configuration not reloaded: %s [%d]", exc, int(exc.code),
+                      extra={"event": "relay.reload_failed"})
+            return
+        relay.reload(new)
+
+    # handlers first: a SIGTERM right after the start-up lines must stop the
+    # relay gracefully, not kill it with the default action
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):  # pragma: no cover - non-Unix
             pass
+    try:
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
+    except (NotImplementedError, RuntimeError, AttributeError):  # pragma: no cover
+        pass
+    await relay.start()
+    if relay.key_created:
+        print_fn(f"generated server key in {os.path.join(config.data_dir, KEY_NAME)}")
+    print_fn(f"fastroute relay listening on {config.host}:{relay.port}")
+    print_fn(f"server key fingerprint: {relay.fingerprint}")
+    assert relay.server_key is not None  # start() loaded or made it
+    print_fn(f"server public key (for clients to pin): {relay.server_key.public.hex()}")
+    if relay.admin_port is not None:
+        base = f"http://{relay.admin_host}:{relay.admin_port}"
+        print_fn(f"admin listener (read only): {base}/metrics {base}/healthz {base}/readyz")
+    else:
+        print_fn("admin listener: off (admin_listen = \"off\")")
+    print_fn(f"data directory: {os.path.abspath(config.data_dir)}", flush=True)
     serve = loop.create_task(relay.serve_forever())
     await stop.wait()
-    print_fn("shutting down")
+    print_fn("shutting down", flush=True)
     await relay.close()
     serve.cancel()

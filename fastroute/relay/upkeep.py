@@ -44,6 +44,13 @@ class Upkeep:
         self.media = media
         self.count_error = count_error
         self._task: asyncio.Task | None = None
+        #: called with the registry generation once its revocations reached live links
+        self.on_applied: Callable[[int], None] | None = None
+        self.last_pass = time.monotonic()
+
+    def stalled(self) -> bool:
+        """True if no housekeeping pass completed for a long while (readiness)."""
+        return time.monotonic() - self.last_pass > max(10.0, 20 * self.config.registry_poll_s)
 
     def start(self) -> None:
         """Start the housekeeping loop in the running event loop."""
@@ -80,6 +87,10 @@ class Upkeep:
                 # and links go idle all the same: recheck every time
                 self.gate.reload_trust()
                 self.recheck_live()
+                self.last_pass = time.monotonic()
+                version = self.gate.trust.version
+                if self.on_applied is not None and isinstance(version, tuple):
+                    self.on_applied(version[0])
                 now = time.monotonic()
                 if now - last_expire > EXPIRE_EVERY_S:
                     last_expire = now
@@ -89,7 +100,7 @@ class Upkeep:
             except asyncio.CancelledError:
                 raise
             except Exception:  # housekeeping must never take the relay down
-                log.exception("housekeeping step failed")
+                log.exception("housekeeping step failed", extra={"event": "upkeep.failed"})
 
 
 async def serve_admin(relay: Any, path: str) -> asyncio.AbstractServer:

@@ -1,0 +1,238 @@
+"""The relay's read-only admin listener: ``/metrics``, ``/healthz``, ``/readyz``.
+
+Plain HTTP/1.0 on a separate socket, loopback by default (``admin_listen``),
+so the data port never speaks HTTP and a firewall can keep the two apart.
+It only reads: nothing that changes state is reachable from here (that stays
+with the CLI, which writes the registry the relay polls).
+
+The Prometheus text exposition format (version 0.0.4) is written by hand
+rather than with ``prometheus-client``: the relay exposes a few dozen series,
+all computed at scrape time from counters the stages keep anyway, so the
+library's registry, collectors and global state would add a dependency and
+an allocation on every count for no gain; the format is a few lines of text.
+
+Privacy: labels carry only provider names (enrolled organisations, not
+people), connection states and error codes; never an address, a device
+name, a message id or a body.  Mailbox depth is an aggregate across devices
+(how many online devices hold at most N messages), never a series per device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+import os
+import time
+from typing import TYPE_CHECKING
+
+from ..errors import ErrorCode
+
+if TYPE_CHECKING:
+    from .server import Relay
+
+__all__ = ["Histogram", "render_metrics", "serve_metrics"]
+
+log = logging.getLogger("fastroute.relay")
+
+#: latency buckets in seconds (1 ms .. 10 s)
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+#: mailbox depth buckets in messages
+DEPTH_BUCKETS = (0, 1, 10, 100, 1000, 4096, 16384, 65536)
+#: the engine's cumulative counts (the rest of its stats are levels)
+_ENGINE_COUNTERS = frozenset({"delivered", "popped", "acked", "requeued", "returned"})
+
+
+class Histogram:
+    """A cumulative Prometheus histogram: observe() is a bisect and two adds."""
+
+    __slots__ = ("bounds", "counts", "total", "count")
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        """Count one observation."""
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+        self.count += 1
+
+    def lines(self, name: str) -> list[str]:
+        """The ``_bucket``, ``_sum`` and ``_count`` lines of this histogram."""
+        out, acc = [], 0
+        for bound, n in zip(self.bounds, self.counts):
+            acc += n
+            out.append(f'{name}_bucket{{le="{bound:g}"}} {acc}')
+        out.append(f'{name}_bucket{{le="+Inf"}} {self.count}')
+        out.append(f"{name}_sum {self.total:.6f}")
+        out.append(f"{name}_count {self.count}")
+        return out
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+async def render_metrics(relay: "Relay") -> str:
+    """The relay's metrics in the Prometheus text format (counts only)."""
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
+        lines.append(f"# HELP {name} {help_}")
+        lines.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            lines.append(f"{name}{labels} {value!r}")
+
+    stats = relay.stats()
+    delivery, store = relay.delivery, relay.store
+    metric("fastroute_up", "gauge", "1 while the relay accepts connections.",
+           [("", 0 if relay.closing else 1)])
+    metric("fastroute_start_time_seconds", "gauge", "When the relay started (Unix time).",
+           [("", round(relay.started_at, 3))])
+    states: dict[str, int] = {}
+    providers: dict[str, int] = {}
+    for link in list(relay.links):
+        state = relay.link_state_name(link)
+        states[state] = states.get(state, 0) + 1
+        if link.provider:
+            providers[link.provider] = providers.get(link.provider, 0) + 1
+    for state in ("handshake", "open", "draining", "closed"):
+        states.setdefault(state, 0)
+    metric("fastroute_connections", "gauge", "TCP connections by link state.",
+           [(f'{{state="{s}"}}', n) for s, n in sorted(states.items())])
+    metric("fastroute_connections_authenticated", "gauge",
+           "Authenticated connections by the provider that vouched for the device.",
+           [(f'{{provider="{_label(p)}"}}', n) for p, n in sorted(providers.items())])
+    metric("fastroute_connections_accepted_total", "counter", "TCP connections accepted.",
+           [("", relay.accepted_connections)])
+    metric("fastroute_messages_accepted_total", "counter",
+           "Messages stored and acked to their sender.", [("", stats["accepted"])])
+    metric("fastroute_messages_delivered_total", "counter",
+           "Messages acked by a recipient device.", [("", stats["delivered"])])
+    refusals = []
+    for code, n in sorted(stats["refused"].items()):
+        try:
+            name = ErrorCode(code).name
+        except ValueError:
+            name = "UNKNOWN"
+        refusals.append((f'{{code="{code}",reason="{name}"}}', n))
+    metric("fastroute_refusals_total", "counter",
+           "Refusals and errors sent to clients, by error code.", refusals)
+    metric("fastroute_handshake_duration_seconds", "histogram",
+           "From TCP accept to the device being online.", [])
+    lines.extend(relay.handshake_seconds.lines("fastroute_handshake_duration_seconds"))
+    metric("fastroute_dedup_entries", "gauge", "Message ids in the dedup window.",
+           [("", stats["dedup_entries"])])
+    engine = stats["engine"]
+    for key in sorted(engine):
+        if not isinstance(engine[key], int):
+            continue
+        if key in _ENGINE_COUNTERS:
+            metric(f"fastroute_engine_{key}_total", "counter",
+                   f"Routing engine: messages {key} since start.", [("", engine[key])])
+        else:
+            metric(f"fastroute_engine_{key}", "gauge", f"Routing engine: {key} now.",
+                   [("", engine[key])])
+    # mailbox depth: an aggregate over online devices, never a series per device
+    depth_counts = [0] * (len(DEPTH_BUCKETS) + 1)
+    total_depth = 0
+    feeds = delivery.feeds() if delivery is not None else []
+    for feed in feeds:
+        queued, unacked = relay.router.pending(feed.dev)
+        d = queued + unacked
+        total_depth += d
+        depth_counts[bisect.bisect_left(DEPTH_BUCKETS, d)] += 1
+    lines.append("# HELP fastroute_mailbox_depth_messages Online devices by the messages "
+                 "queued or unacked in their mailbox (a histogram over devices, now).")
+    lines.append("# TYPE fastroute_mailbox_depth_messages histogram")
+    acc = 0
+    for bound, n in zip(DEPTH_BUCKETS, depth_counts):
+        acc += n
+        lines.append(f'fastroute_mailbox_depth_messages_bucket{{le="{bound}"}} {acc}')
+    lines.append(f'fastroute_mailbox_depth_messages_bucket{{le="+Inf"}} {len(feeds)}')
+    lines.append(f"fastroute_mailbox_depth_messages_sum {total_depth}")
+    lines.append(f"fastroute_mailbox_depth_messages_count {len(feeds)}")
+    if store is not None:
+        # stats() and count_pending() are what both stores offer beyond the
+        # Store protocol; a third-party store without them just has fewer series
+        stats_fn = getattr(store, "stats", None)
+        sstats = stats_fn() if callable(stats_fn) else {}
+        if "commits" in sstats:
+            metric("fastroute_store_commits_total", "counter", "Store group commits.",
+                   [("", sstats["commits"])])
+        if "failed_batches" in sstats:
+            metric("fastroute_store_failed_batches_total", "counter",
+                   "Store batches that failed to commit.", [("", sstats["failed_batches"])])
+        if "queued_requests" in sstats:
+            metric("fastroute_store_queued_requests", "gauge",
+                   "Requests waiting for the store's writer.", [("", sstats["queued_requests"])])
+        count_pending = getattr(store, "count_pending", None)
+        try:
+            pending = await asyncio.wait_for(count_pending(), 2.0) if count_pending else None
+        except Exception:  # noqa: BLE001 - a scrape never fails on a busy store
+            pending = None
+        if pending is not None:
+            metric("fastroute_store_pending_rows", "gauge",
+                   "Undelivered (device, message) rows in the store.", [("", pending)])
+        if relay.config.store == "sqlite":
+            size = 0
+            for suffix in ("", "-wal", "-shm"):
+                try:
+                    size += os.path.getsize(os.path.join(relay.config.data_dir,
+                                                         "store.db" + suffix))
+                except OSError:
+                    pass
+            metric("fastroute_store_size_bytes", "gauge",
+                   "Size of store.db with its WAL and shared-memory files.", [("", size)])
+    metric("fastroute_registry_generation", "gauge",
+           "Registry generation whose revocations the relay has applied to live links.",
+           [("", relay.applied_generation)])
+    metric("fastroute_config_reloads_total", "counter", "Configurations reloaded (SIGHUP).",
+           [("", relay.reloads)])
+    return "\n".join(lines) + "\n"
+
+
+async def serve_metrics(relay: "Relay", host: str, port: int) -> asyncio.base_events.Server:
+    """Start the read-only admin HTTP listener on ``host:port``."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
+            method, _, rest = head.split(b"\r\n", 1)[0].decode("latin-1").partition(" ")
+            path = rest.split(" ", 1)[0].split("?", 1)[0]
+            if method not in ("GET", "HEAD"):
+                status, ctype, body = "405 Method Not Allowed", "text/plain", "read only\n"
+            elif path == "/metrics":
+                status, ctype = "200 OK", "text/plain; version=0.0.4; charset=utf-8"
+                body = await render_metrics(relay)
+            elif path == "/healthz":
+                status, ctype, body = "200 OK", "text/plain", "ok\n"
+            elif path == "/readyz":
+                ready, why = relay.ready()
+                status = "200 OK" if ready else "503 Service Unavailable"
+                ctype, body = "text/plain", why + "\n"
+            else:
+                status, ctype, body = "404 Not Found", "text/plain", "not found\n"
+            data = body.encode()
+            writer.write(f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\n"
+                         f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode())
+            if method != "HEAD":
+                writer.write(data)
+            await writer.drain()
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                ConnectionError):
+            pass
+        except Exception:  # the admin listener must never take the relay down
+            log.exception("admin request failed", extra={"event": "admin.error"})
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(handle, host, port, reuse_address=True, limit=8192)
+
+
+def now_s() -> float:
+    """The clock latencies are measured with."""
+    return time.monotonic()

@@ -1,0 +1,80 @@
+"""Helpers for tests that use the ``fastroute`` command as a user does: subprocesses."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fastroute
+
+# Child processes import the same fastroute as this test (installed, or the
+# source tree in a development checkout), whatever their working directory.
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
+    [str(Path(fastroute.__file__).resolve().parents[1])] +
+    [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+ENV.pop("FASTROUTE_DATA_DIR", None)
+
+
+def fr(*args: str, cwd, env: dict | None = None, timeout: float = 60,
+       ok: bool | None = None) -> subprocess.CompletedProcess:
+    """Run ``fastroute ARGS`` in ``cwd``; never a traceback, whatever the outcome.
+
+    ``ok=True`` asserts exit status 0, ``ok=False`` a non-zero one.
+    """
+    proc = subprocess.run([sys.executable, "-m", "fastroute.cli", *args], cwd=cwd,
+                          env=env or ENV, capture_output=True, text=True, timeout=timeout)
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
+    if ok is True:
+        assert proc.returncode == 0, proc.stderr
+    elif ok is False:
+        assert proc.returncode != 0, proc.stdout
+    return proc
+
+
+class Served:
+    """A ``fastroute serve`` subprocess, with what it printed at start."""
+
+    def __init__(self, cwd, *args: str, env: dict | None = None) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "fastroute.cli", "serve", *args],
+                                     cwd=cwd, env=env or ENV, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self.port = self.admin = self.server_key = None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            self.lines.append(line)
+            if m := re.match(r"fastroute relay listening on .*:(\d+)$", line.strip()):
+                self.port = int(m.group(1))
+            elif m := re.match(r"server public key \(for clients to pin\): ([0-9a-f]+)", line):
+                self.server_key = m.group(1)
+            elif m := re.match(r"admin listener \(read only\): (http://[^/]+)/metrics", line):
+                self.admin = m.group(1)
+            elif line.startswith("data directory:"):
+                break
+        assert self.port, "".join(self.lines)
+
+    def stop(self, sig: int = signal.SIGTERM) -> str:
+        """Stop the relay; assert a clean exit; return the rest of its output."""
+        self.proc.send_signal(sig)
+        try:
+            out, _ = self.proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+        assert self.proc.returncode == 0, "".join(self.lines) + out
+        assert "Traceback" not in out, out
+        return out
+
+    def kill(self) -> None:
+        """Stop without checks (cleanup after a failed test)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()

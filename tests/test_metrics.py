@@ -1,0 +1,183 @@
+"""The admin listener of a real ``fastroute serve``: metrics move, nothing personal leaks.
+
+One relay process, real clients of two providers exchanging messages, scrapes
+of ``/metrics`` before and during the traffic; then a revocation confirmed
+through the running relay, a SIGHUP reload that keeps the links, and the
+JSON-lines log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import urllib.error
+import urllib.request
+
+import pytest
+
+from cliutil import Served, fr
+from fastroute import Client
+from fastroute.errors import CredentialRevoked, FastrouteError, RateLimited
+from fastroute.identity import ProviderKey, issue_credential
+from fastroute.noise import KeyPair
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def samples(text: str) -> dict[str, float]:
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def check_format(text: str) -> None:
+    """Prometheus text format: HELP and TYPE before each family, naming conventions."""
+    typed = {}
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            typed[name] = kind
+            assert name.startswith("fastroute_")
+            if kind == "counter":
+                assert name.endswith("_total"), name
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+            base = name
+            for suffix in ("_bucket", "_sum", "_count"):
+                if name.endswith(suffix) and name[: -len(suffix)] in typed:
+                    base = name[: -len(suffix)]
+            assert base in typed, line
+
+
+def test_metrics_during_traffic_have_no_personal_data(tmp_path):
+    (tmp_path / "fastroute.toml").write_text("[relay]\nregistry_poll_s = 0.1\n"
+                                             "[limits]\nmsgs_per_s = 5000.0\n")
+    relay = Served(tmp_path, "--data-dir", "d", "--listen", "127.0.0.1:0", "--log-format",
+                   "json")
+    try:
+        keys = {}
+        for name in ("home", "acme"):
+            fr("provider", "add", name, "--generate", "--key-out", f"{name}.key",
+               "--data-dir", "d", cwd=tmp_path, ok=True)
+            keys[name] = ProviderKey.load(tmp_path / f"{name}.key")
+        status, text = get(relay.admin + "/healthz")
+        assert (status, text) == (200, "ok\n")
+        assert get(relay.admin + "/readyz")[0] == 200
+        assert get(relay.admin + "/nothing")[0] == 404
+        req = urllib.request.Request(relay.admin + "/metrics", method="POST", data=b"x")
+        try:
+            urllib.request.urlopen(req, timeout=5)
+            raise AssertionError("POST accepted")
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 405  # reads only
+        before = get(relay.admin + "/metrics")[1]
+        check_format(before)
+        b = samples(before)
+        addresses = ["zoe.private@home", "quentin.secret@acme"]
+        devices = ["zoes-pixel", "quentins-laptop"]
+        bodies = [b"BODY-" + os.urandom(6).hex().encode() for _ in range(20)]
+        ids: list[bytes] = []
+
+        async def traffic() -> tuple[str, Client]:
+            clients = []
+            for address, device in zip(addresses, devices):
+                provider = address.split("@")[1]
+                kp = KeyPair.generate()
+                cred = issue_credential(keys[provider], provider, address, device, kp.public)
+                clients.append(await Client.connect(
+                    "127.0.0.1", relay.port, credential=cred, static=kp,
+                    server_key=bytes.fromhex(relay.server_key)))
+            zoe, quentin = clients
+            # before the opt-in: a refusal by code
+            with pytest.raises(FastrouteError):
+                await zoe.send("quentin.secret@acme", b"too early")
+            await quentin.set_consent("home")
+            for body in bodies:
+                ids.append(await zoe.send("quentin.secret@acme", body))
+            got = []
+            while len(got) < len(bodies):
+                got.extend(await asyncio.wait_for(quentin.recv_many(100), 10))
+            assert sorted(m.body for m in got) == sorted(bodies)
+            await asyncio.sleep(0.3)  # the delivery acks reach the relay
+            during = get(relay.admin + "/metrics")[1]
+            await zoe.close()
+            return during, quentin
+
+        async def main() -> None:
+            during, quentin = await traffic()
+            check_format(during)
+            d = samples(during)
+            assert d["fastroute_messages_accepted_total"] - \
+                b["fastroute_messages_accepted_total"] == len(bodies)
+            assert d["fastroute_messages_delivered_total"] >= len(bodies)
+            assert d['fastroute_connections{state="open"}'] == 2
+            assert d['fastroute_connections_authenticated{provider="home"}'] == 1
+            assert d["fastroute_handshake_duration_seconds_count"] == 2
+            assert d['fastroute_refusals_total{code="402",reason="CONSENT_REQUIRED"}'] == 1
+            assert d["fastroute_mailbox_depth_messages_count"] == 2
+            assert d["fastroute_store_commits_total"] > b["fastroute_store_commits_total"]
+            for secret in [*addresses, *devices, *(x.decode() for x in bodies),
+                           *(i.hex() for i in ids), "zoe", "quentin"]:
+                assert secret not in during, secret
+            # a revocation is confirmed by the running relay, and the link is gone
+            out = fr("device", "revoke", "quentin.secret@acme", "quentins-laptop",
+                     "--data-dir", "d", cwd=tmp_path, ok=True).stdout
+            assert "confirmed by the running relay" in out
+            with pytest.raises(CredentialRevoked):
+                await asyncio.wait_for(quentin.recv(), 5)
+            await quentin.close()
+
+        asyncio.run(main())
+
+        # SIGHUP: a new limit is read, the relay keeps running and its links stay up
+        async def reload_keeps_links() -> None:
+            kp = KeyPair.generate()
+            cred = issue_credential(keys["home"], "home", "ann@home", "tab", kp.public)
+            ann = await Client.connect("127.0.0.1", relay.port, credential=cred, static=kp,
+                                       server_key=bytes.fromhex(relay.server_key))
+            # whole numbers for float keys, as people write them
+            (tmp_path / "fastroute.toml").write_text("[relay]\nregistry_poll_s = 0.1\n"
+                                                     "[limits]\nmsgs_per_s = 1\n"
+                                                     "msgs_burst = 3\n")
+            relay.proc.send_signal(signal.SIGHUP)
+            for _ in range(50):
+                if samples(get(relay.admin + "/metrics")[1])[
+                        "fastroute_config_reloads_total"] == 1:
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("no reload")
+            await ann.ping()  # the link survived the reload
+            # the new limit holds for the next connection: a burst of 3, then refusals
+            kp2 = KeyPair.generate()
+            cred2 = issue_credential(keys["home"], "home", "bea@home", "tab", kp2.public)
+            bea = await Client.connect("127.0.0.1", relay.port, credential=cred2, static=kp2,
+                                       server_key=bytes.fromhex(relay.server_key))
+            for _ in range(3):
+                await bea.send("ann@home", b"x")
+            with pytest.raises(RateLimited):
+                await bea.send("ann@home", b"x")
+            await bea.close()
+            await ann.close()
+
+        asyncio.run(reload_keeps_links())
+    finally:
+        out = relay.stop()
+    events = [json.loads(line)["event"] for line in "".join(relay.lines).splitlines()
+              + out.splitlines() if line.startswith("{")]
+    assert "relay.listening" in events and "relay.reloaded" in events
+    log_text = "".join(relay.lines) + out
+    for secret in addresses + devices:
+        assert secret not in log_text
