@@ -10,6 +10,7 @@ Subcommands::
     fastroute bench        the routing core's summary benchmark
     fastroute replay       replay a trace against a relay (see docs/TRACES.md)
     fastroute record       write a metadata-only trace from a running relay
+    fastroute conformance  check a relay (--target) or grade a client (--listen)
 """
 
 from __future__ import annotations
@@ -170,6 +171,12 @@ def cmd_record(args: argparse.Namespace) -> int:
     return cli_record(args)
 
 
+def cmd_conformance(args: argparse.Namespace) -> int:
+    from .conformance.cli import cmd_conformance as run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and documentation)."""
     p = argparse.ArgumentParser(prog="fastroute", description=__doc__.split("\n\n")[0])
@@ -244,6 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.choices["replay"].set_defaults(func=cmd_replay)
     add_record_args(sub.add_parser("record", help="metadata-only trace from a running relay"))
     sub.choices["record"].set_defaults(func=cmd_record)
+
+    from .conformance.cli import add_conformance_args
+
+    conf = sub.add_parser("conformance", help="check a relay treats every provider's clients "
+                                              "alike, or grade a vendor's client")
+    add_conformance_args(conf)
+    conf.set_defaults(func=cmd_conformance)
     return p
 
 
