@@ -30,6 +30,7 @@ from fastroute.conformance.relay import (ProviderSetup, RelayTarget, _compare, p
                                          run_relay_suite)
 from fastroute.conformance.vendor import CLIENT_BEHAVIOURS, VendorKit
 from fastroute.identity import ProviderKey, Registry
+from fastroute.noise import KeyPair
 from fastroute.relay import gate as gate_mod
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,9 +68,26 @@ def test_relay_direction_passes_against_fastroute_serve_with_identical_columns(t
         rc = cli_main(["conformance", "--target", f"127.0.0.1:{port}", "--data-dir", str(data),
                        "--rate-probe", "500", "--json", str(out)])
         report = json.loads(out.read_text())
+        # the other way in: two providers enrolled beforehand, their key files, the relay key
+        keys = {}
+        for name in ("keyhome", "keythird"):
+            keys[name] = str(tmp_path / f"{name}.key")
+            assert cli_main(["provider", "add", name, "--generate", "--key-out", keys[name],
+                             "--data-dir", str(data)]) == 0
+        time.sleep(0.3)  # the relay polls its registry every 0.05 s here
+        server_key = KeyPair.from_private((data / "server.key").read_bytes()).public.hex()
+        out2 = tmp_path / "report2.json"
+        rc2 = cli_main(["conformance", "--target", f"127.0.0.1:{port}", "--server-key",
+                        server_key, "--home-provider", "keyhome", "--home-key", keys["keyhome"],
+                        "--third-provider", "keythird", "--third-key", keys["keythird"],
+                        "--only", "consent", "--only", "credential.revoked-device",
+                        "--json", str(out2)])
+        report2 = json.loads(out2.read_text())
     finally:
         proc.terminate()
         proc.wait(10)
+    statuses = {r["check"]: r["status"] for r in report2["checks"]}
+    assert rc2 == 0 and statuses == {"consent": "pass", "credential.revoked-device": "n/a"}
     assert rc == 0, [r for r in report["checks"] if r["status"] != "pass"]
     assert report["passed"] and not report["failed"]
     assert {r["check"] for r in report["checks"]} == {c.name for c in RELAY_CHECKS}
@@ -295,3 +313,17 @@ def test_the_docs_example_check_runs(tmp_path):
         RELAY_CHECKS[:] = before
     assert report["checks"][0]["status"] == "pass", report["checks"]
     assert report["checks"][0]["home"]["observed"] == "SACK 0"
+
+
+def test_a_client_command_that_dies_fails_at_once(tmp_path):
+    cmd = [sys.executable, "-m", "fastroute.cli", "conformance", "--listen", "127.0.0.1:0",
+           "--client-cmd", f"{sys.executable} -c 'raise SystemExit(3)'",
+           "--out-dir", str(tmp_path / "files"), "--json", str(tmp_path / "r.json")]
+    t0 = time.monotonic()
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert res.returncode == 1, res.stdout + res.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["client_exit_status"] == 3
+    assert _grades(report)["pinning"] == "fail"
+    assert "never connected" in report["behaviours"][0]["detail"]
+    assert time.monotonic() - t0 < 30  # not the 120 s --wait

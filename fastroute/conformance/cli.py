@@ -82,9 +82,9 @@ def _relay(args: argparse.Namespace) -> int:
             server_key = KeyPair.from_private(fh.read()).public
     else:
         raise SystemExit("give --server-key HEX (printed by `fastroute serve`) or --data-dir")
+    if args.data_dir and not os.path.exists(os.path.join(args.data_dir, "registry.db")):
+        raise SystemExit(f"no registry.db in {args.data_dir}: is it a relay's data directory?")
     reg_path, (home, third) = _providers(args)
-    if args.data_dir and not os.path.exists(reg_path or ""):
-        raise SystemExit(f"no registry in {args.data_dir}")
     if reg_path:
         # a running relay polls its registry (registry_poll_s, 0.5 s by default)
         import time

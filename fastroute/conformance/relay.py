@@ -320,6 +320,12 @@ _op_check("bye.wrong-arity", "10.2", "ERROR 100",
           lambda s, link: ([[BYE, 1]], None), _error_of)
 _op_check("consent.bad-provider", "8.1 CONSENT, 10.2", "SACK 102",
           lambda s, link: ([[CONSENT, _ID, "Not A Provider", True]], _ID), _sack_of)
+_op_check("consent.allow-not-bool", "8.1 CONSENT, 13", "SACK 102",
+          lambda s, link: ([[CONSENT, _ID, "*", 1]], _ID), _sack_of)
+_op_check("send.body-as-str", "8.1 SEND, 13", "SACK 102",
+          lambda s, link: ([[SEND, _ID, s.fresh("x"), "text", 0]], _ID), _sack_of)
+_op_check("ping.wrong-arity", "10.2", "ERROR 100",
+          lambda s, link: ([[PING]], None), _error_of)
 
 
 @relay_check("frame.malformed", "8.2 ERROR, 10.2")
@@ -568,6 +574,32 @@ async def _media_codes(s: Subject) -> Outcome:
         rep = await link.op(MREPLY, op[1], timeout=s.t.timeout)
         out.append(f"{name} {rep[2] if rep else None}")
     return expect(", ".join(out), "mget 304, mchunk 305, mfinish 305, mbegin-huge 401")
+
+
+@relay_check("media.upload-refusals", "8.1 Media, 12")
+async def _media_refusals(s: Subject) -> Outcome:
+    """Upload refusals in turn: short chunk 112, early finish 114, wrong hash 113, then 305."""
+    link = await s.connect(s.fresh("u"))
+
+    async def call(*op: Any) -> list:
+        rid = new_id()
+        link.send([op[0], rid, *op[1:]])
+        rep = await link.op(MREPLY, rid, timeout=s.t.timeout)
+        if rep is None:
+            raise CheckFailed(f"no MREPLY to opcode {op[0]}")
+        return rep
+
+    blob = os.urandom(100)
+    rep = await call(MBEGIN, len(blob), hashlib.sha256(b"other bytes").digest())
+    if rep[2] != 0 or rep[3][1] < len(blob):
+        return Outcome(FAIL, f"MBEGIN {rep[2]} {rep[3]!r}")
+    upload = rep[3][0]
+    codes = [(await call(MCHUNK, upload, 0, blob[:-1]))[2],  # the only chunk is 100 bytes
+             (await call(MFINISH, upload))[2],  # before every chunk arrived
+             (await call(MCHUNK, upload, 0, blob))[2],
+             (await call(MFINISH, upload))[2],  # the declared hash is not the content's
+             (await call(MFINISH, upload))[2]]  # a mismatch discards the upload
+    return expect(", ".join(map(str, codes)), "112, 114, 0, 113, 305")
 
 
 # ------------------------------------------------------------------- runner
