@@ -352,15 +352,23 @@ async def _ping(s: Subject) -> Outcome:
 
 @relay_check("bye.orderly", "8.1 BYE")
 async def _bye(s: Subject) -> Outcome:
-    """BYE: the SENDs before it are SACKed, then SERVER_BYE 0 and the relay closes."""
+    """BYE: the SENDs before it are SACKed, what follows it is ignored, then SERVER_BYE 0."""
     link = await s.connect(s.fresh("u"))
-    to = await s.known()
-    cid = new_id()
-    link.send([SEND, cid, to, b"last", 0], [BYE])
+    to = s.fresh("peer")
+    peer = await s.connect(to)
+    before, after = new_id(), new_id()
+    link.send([SEND, before, to, b"last", 0], [BYE], [SEND, after, to, b"ignored", 0])
     closed = await link.until_closed(s.t.timeout)
-    order = [o[0] for o in link.ops if o[0] in (SACK, 21)]
-    seen = f"{order}, bye={link.bye[0] if link.bye else None}, closed={closed}"
-    return expect(seen, f"{[SACK, 21]}, bye=0, closed=True")
+    await asyncio.sleep(0.1)
+
+    def name(op: list) -> str:
+        if op[0] == SACK:
+            return "SACK" if op[1] == before else "SACK after BYE"
+        return f"SERVER_BYE {op[1]}"
+    order = [name(o) for o in link.ops if o[0] in (SACK, 21)]
+    got = [o[4] for o in peer.ops if o[0] == DELIVER]
+    seen = f"{', '.join(order)}; closed={closed}; delivered {got}"
+    return expect(seen, f"SACK, SERVER_BYE 0; closed=True; delivered {[b'last']}")
 
 
 @relay_check("errors.budget", "10.2")
@@ -442,16 +450,19 @@ async def _consent(s: Subject) -> Outcome:
     peer = await s.connect(peer_addr)
     same = await s.known()
 
-    async def send(to: str) -> int | None:
-        cid = new_id()
+    async def send(to: str, cid: bytes | None = None) -> int | None:
+        cid = cid or new_id()
+        mark = len(me.ops)
         me.send([SEND, cid, to, b"c", 0])
-        return await s.sack(me, cid)
+        return await s.sack(me, cid, after=mark)
 
-    seq = [await send(peer_addr), await send(same)]
+    refused = new_id()
+    seq = [await send(peer_addr, refused), await send(same)]
     cid = new_id()
     peer.send([CONSENT, cid, s.me.name, True])
     seq.append(await s.sack(peer, cid))
-    seq.append(await send(peer_addr))
+    # a refused SEND is not remembered (8.1): the same id is taken once allowed
+    seq.append(await send(peer_addr, refused))
     got = await peer.op(DELIVER, timeout=s.t.timeout)
     cid = new_id()
     peer.send([CONSENT, cid, s.me.name, False])

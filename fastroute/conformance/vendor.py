@@ -570,7 +570,7 @@ async def _resend(kit: VendorKit, lk: Link) -> dict[str, tuple[bool, str]]:
     return {"resend-same-id": (same_ok, f"{len(resent)} of {len(original)} unacked SENDs "
                                         f"resent with their id; {len(new)} with a new id"),
             "resend-in-order": (order_ok and same_ok,
-                                "resent in the original order" if order_ok else
+                                "resent in the original order" if order_ok and same_ok else
                                 f"resent in the order {[original.index(c) + 1 for c in resent]}"
                                 f" (sent as 1..{len(original)})")}
 
