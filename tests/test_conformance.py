@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 
+import msgpack
 import pytest
 
 from fastroute import Client, Relay, RelayConfig, wire
@@ -201,7 +202,7 @@ def test_fastroute_client_passes_every_other_behaviour(tmp_path):
     assert report["passed"], report["behaviours"]
     assert set(grades) >= {"pinning", "handshake", "dedup", "acks-only-taken", "resend-same-id",
                            "resend-in-order", "backoff-rate-limited", "backoff-store-failed",
-                           "error-op-and-encodings", "no-ops-after-bye"}
+                           "error-op-and-encodings", "no-ops-after-bye", "well-formed-ops"}
     assert report["client_exit_status"] == 0
 
 
@@ -258,6 +259,11 @@ class _NoDedup(Client):
         super()._on_frame(msg)
 
 
+class _BadDack(Client):
+    def _write(self, ops):
+        super()._write([*ops, msgpack.packb([2, -1])])  # DACK needs an int >= 0 (8.1)
+
+
 def _broken(cls=Client, **kw):
     return lambda env: run_adapter(env, client_cls=cls, **kw)
 
@@ -271,8 +277,10 @@ def _broken(cls=Client, **kw):
     (_broken(_TrustsAnyRelayKey), "adapter", "pinning"),
     (_broken(_NoDedup), "dedup", "dedup"),
     (_broken(first_retry_s=0.0), "store-failed", "backoff-store-failed"),
+    (_broken(_BadDack), "wire", "well-formed-ops"),
 ], ids=["no-resend", "reordered-resend", "ack-before-take", "ignores-rate-limits",
-        "sends-after-bye", "no-pinning", "no-dedup", "retries-store-failed-at-once"])
+        "sends-after-bye", "no-pinning", "no-dedup", "retries-store-failed-at-once",
+        "malformed-op"])
 def test_broken_clients_fail_the_behaviour_they_break(tmp_path, client, scenario, behaviour):
     report = _run(_kit(tmp_path).run(client=client, only=["adapter", scenario],
                                      print_fn=lambda *a: None))

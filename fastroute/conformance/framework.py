@@ -89,20 +89,22 @@ class Behaviour:
     name: str
     grades: tuple[tuple[str, str], ...]  # (behaviour name, PROTOCOL.md section)
     fn: Callable[..., Awaitable[dict[str, tuple[bool, str]]]]
+    live: bool = True  # needs a connected client (False: grades the session's record)
 
 
 CLIENT_BEHAVIOURS: list[Behaviour] = []
 
 
-def client_behaviour(name: str, *grades: tuple[str, str]):
+def client_behaviour(name: str, *grades: tuple[str, str], live: bool = True):
     """Register a client scenario, run in registration order on a live link.
 
     The scenario returns ``{behaviour: (ok, detail)}`` for each of the
     ``grades`` it declares ``(behaviour, section)``; a behaviour it does not
-    return is reported as failed ("not observed").
+    return is reported as failed ("not observed").  With ``live=False`` it
+    runs after the others, link or not, on what the session recorded.
     """
     def deco(fn):
-        CLIENT_BEHAVIOURS.append(Behaviour(name, tuple(grades) or ((name, ""),), fn))
+        CLIENT_BEHAVIOURS.append(Behaviour(name, tuple(grades) or ((name, ""),), fn, live))
         return fn
     return deco
 

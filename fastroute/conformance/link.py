@@ -132,10 +132,11 @@ class RawLink:
                     return
                 try:
                     plaintext = self._rx.decrypt(msg)
+                    ops = decode_ops(plaintext)
                 except Exception:
-                    return  # section 4.3: fatal, without a reply
+                    return  # section 4.3: fatal, without a reply (or not msgpack: broken)
                 self.frames_in += 1
-                for op in decode_ops(plaintext):
+                for op in ops:
                     self.ops.append(op)
                     if isinstance(op, list) and op and op[0] == SERVER_BYE and len(op) == 3:
                         self.bye = (op[1], op[2])

@@ -31,7 +31,7 @@ from typing import Any, Awaitable, Callable
 
 import msgpack
 
-from ..identity import ProviderKey, issue_credential
+from ..identity import ProviderKey, is_valid_address, is_valid_provider, issue_credential
 from ..noise import KeyPair
 from .framework import CLIENT_BEHAVIOURS, FAIL, PASS, Verdict, client_behaviour
 from .link import BYE, CONSENT, DACK, ERROR, PING, SEND, ServerSide, pack
@@ -272,7 +272,7 @@ class VendorKit:
                 for seq in [s for s in lk.inflight if s <= op[1]]:
                     del lk.inflight[seq]
             elif kind == SEND and len(op) == 5:
-                code = self.sack_policy(lk, op, t)
+                code = self.sack_policy(lk, op, t) if _op_problem(op) is None else 102
                 if code is not None:
                     out.append(pack([17, op[1], code]))
             elif kind == CONSENT and len(op) == 4:
@@ -407,13 +407,15 @@ class VendorKit:
         first = await self.next_link(0, self.connect_timeout if got else 0.1)
         add("handshake", "4.2, 5, 6", first is not None and self.handshake[:1] == ["ok"],
             "; ".join(self.handshake[:1]) or "no handshake after the pinning probe")
-        for beh in CLIENT_BEHAVIOURS:
+        ordered = [b for b in CLIENT_BEHAVIOURS if b.live] + [
+            b for b in CLIENT_BEHAVIOURS if not b.live]
+        for beh in ordered:
             if only is not None and beh.name not in only:
                 continue
             lk = self.link
-            if lk is None and self.links and not self._gone():
+            if lk is None and beh.live and self.links and not self._gone():
                 lk = await self.next_link(len(self.links))
-            if lk is None:
+            if lk is None and beh.live:
                 for name, section in beh.grades:
                     add(name, section, False, "not run: the client is not connected")
                 continue
@@ -445,6 +447,49 @@ def render_grades(report: dict[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------- scenarios
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # bools are not ints (13)
+
+
+def _is_uint(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _is_bin(n: int | None = None) -> Callable[[object], bool]:
+    return lambda v: type(v) is bytes and (n is None or len(v) == n)
+
+
+# the client -> relay ops of PROTOCOL.md 7 and 8.1: each field's check
+_CLIENT_OPS: dict[int, tuple[Callable[[object], bool], ...]] = {
+    1: (_is_bin(16), lambda v: type(v) is str and is_valid_address(v),
+        lambda v: type(v) is bytes and len(v) <= 61440, lambda v: _is_int(v) and v in (0, 1)),
+    2: (_is_uint,),
+    3: (_is_int,),
+    4: (),
+    5: (_is_bin(16), lambda v: v == "*" or is_valid_provider(v), lambda v: type(v) is bool),
+    6: (_is_bin(16), lambda v: _is_uint(v) and v != 0, _is_bin(32)),
+    7: (_is_bin(16), _is_bin(16), _is_uint, _is_bin()),
+    8: (_is_bin(16), _is_bin(16)),
+    9: (_is_bin(16), _is_bin(32), _is_uint),
+}
+
+
+def _op_problem(op: Any) -> str | None:
+    """Why a client op breaks PROTOCOL.md 7/8.1/13, or None."""
+    if not isinstance(op, list) or not op or not _is_int(op[0]):
+        return "not an op array with an integer opcode"
+    fields = _CLIENT_OPS.get(op[0])
+    if fields is None:
+        return f"opcode {op[0]} is not a client op"
+    if len(op) != 1 + len(fields):
+        return f"opcode {op[0]} with {len(op) - 1} fields instead of {len(fields)}"
+    for i, (check, value) in enumerate(zip(fields, op[1:]), 1):
+        if not check(value):
+            return f"opcode {op[0]} field {i} is {type(value).__name__} {value!r:.40}"
+    return None
+
+
+
 def _echoes(kit: VendorKit, body: bytes) -> list[Seen]:
     return [s for s in kit.sends(body) if s.op[3] == body]
 
@@ -669,6 +714,16 @@ async def _bye(kit: VendorKit, lk: Link) -> dict[str, tuple[bool, str]]:
         problems.append("reconnected after its own BYE")
     return {"no-ops-after-bye": (not problems, "; ".join(problems) or
                                  "nothing after BYE, no reconnection")}
+
+
+@client_behaviour("wire", ("well-formed-ops", "7, 8.1, 13"), live=False)
+async def _wire(kit: VendorKit, lk: Link | None) -> dict[str, tuple[bool, str]]:
+    bad = [(s.link, _op_problem(s.op)) for s in kit.log]
+    bad = [(no, why) for no, why in bad if why is not None]
+    n = len(kit.log)
+    return {"well-formed-ops": (not bad and n > 0, (
+        f"{len(bad)} of {n} ops malformed, e.g. link {bad[0][0]}: {bad[0][1]}" if bad else
+        f"all {n} ops the client sent were well formed" if n else "the client sent no op"))}
 
 
 def main_vendor(args: Any) -> int:
