@@ -351,3 +351,18 @@ def test_a_client_command_that_dies_fails_at_once(tmp_path):
     assert _grades(report)["pinning"] == "fail"
     assert "never connected" in report["behaviours"][0]["detail"]
     assert time.monotonic() - t0 < 30  # not the 120 s --wait
+
+
+def test_usage_errors_exit_2_before_touching_the_relay(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["conformance", "--target", "127.0.0.1:1"])
+    assert exc.value.code == 2 and "--server-key" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["conformance", "--target", "127.0.0.1:1", "--data-dir", str(tmp_path),
+                  "--only", "no.such-check"])
+    assert exc.value.code == 2 and "no.such-check" in capsys.readouterr().err
+    # nothing listens on port 1: said once, not 45 failed checks
+    assert cli_main(["conformance", "--target", f"127.0.0.1:{_free_port()}", "--server-key",
+                     "00" * 32, "--home-provider", "a", "--home-key", __file__,
+                     "--third-provider", "b", "--third-key", __file__]) == 2
+    assert "cannot reach the relay" in capsys.readouterr().err

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import socket
 import sys
+import time
 
 from ..config import parse_hostport
 from ..identity import ProviderKey, Registry
@@ -13,6 +15,12 @@ from ..noise import KeyPair
 from .framework import RELAY_CHECKS, write_json
 
 __all__ = ["add_conformance_args", "cmd_conformance"]
+
+
+def usage_error(message: str) -> SystemExit:
+    """Print ``message`` and return the exit (status 2, as argparse uses) to raise."""
+    print(f"fastroute conformance: {message}", file=sys.stderr)
+    return SystemExit(2)
 
 
 def add_conformance_args(p: argparse.ArgumentParser) -> None:
@@ -57,8 +65,11 @@ def _providers(args: argparse.Namespace):
         name, key_file = getattr(args, f"{col}_provider"), getattr(args, f"{col}_key")
         if key_file:
             if not name:
-                raise SystemExit(f"--{col}-key needs --{col}-provider NAME")
-            key = ProviderKey.load(key_file)
+                raise usage_error(f"--{col}-key needs --{col}-provider NAME")
+            try:
+                key = ProviderKey.load(key_file)
+            except (OSError, ValueError) as exc:
+                raise usage_error(f"--{col}-key {key_file}: {exc}") from None
         elif reg_path:
             name = name or f"conformance-{col}-{os.urandom(3).hex()}"
             key = ProviderKey.generate()
@@ -66,7 +77,7 @@ def _providers(args: argparse.Namespace):
                 reg.add_provider(name, key.public_key)
             print(f"enrolled test provider {name}")
         else:
-            raise SystemExit(f"give --data-dir, or --{col}-provider and --{col}-key")
+            raise usage_error(f"give --data-dir, or --{col}-provider and --{col}-key")
         setups.append(ProviderSetup(name, key, policy_of(reg_path, name)))
     return reg_path, setups
 
@@ -75,25 +86,38 @@ def _relay(args: argparse.Namespace) -> int:
     from .relay import RelayTarget, render_table, run_relay_suite
 
     host, port = parse_hostport(args.target)
+    unknown = set(args.only or ()) - {c.name for c in RELAY_CHECKS}
+    if unknown:
+        raise usage_error(f"unknown check(s): {', '.join(sorted(unknown))}")
     if args.server_key:
-        server_key = bytes.fromhex(args.server_key)
+        try:
+            server_key = bytes.fromhex(args.server_key)
+        except ValueError:
+            server_key = b""
+        if len(server_key) != 32:
+            raise usage_error("--server-key must be 64 hex digits (the relay's X25519 key)")
     elif args.data_dir:
-        with open(os.path.join(args.data_dir, "server.key"), "rb") as fh:
-            server_key = KeyPair.from_private(fh.read()).public
+        try:
+            with open(os.path.join(args.data_dir, "server.key"), "rb") as fh:
+                server_key = KeyPair.from_private(fh.read()).public
+        except (OSError, ValueError) as exc:
+            raise usage_error(f"cannot read the relay key in {args.data_dir}: {exc}") from None
     else:
-        raise SystemExit("give --server-key HEX (printed by `fastroute serve`) or --data-dir")
+        raise usage_error("give --server-key HEX (printed by `fastroute serve`) or --data-dir")
     if args.data_dir and not os.path.exists(os.path.join(args.data_dir, "registry.db")):
-        raise SystemExit(f"no registry.db in {args.data_dir}: is it a relay's data directory?")
+        raise usage_error(f"no registry.db in {args.data_dir}: is it a relay's data directory?")
+    try:
+        socket.create_connection((host, port), 5.0).close()
+    except OSError as exc:
+        print(f"fastroute conformance: cannot reach the relay at {args.target}: {exc}",
+              file=sys.stderr)
+        return 2
     reg_path, (home, third) = _providers(args)
-    if reg_path:
-        # a running relay polls its registry (registry_poll_s, 0.5 s by default)
-        import time
+    if reg_path and not (args.home_key and args.third_key):
+        # the relay sees the new providers at its next registry poll (0.5 s by default)
         time.sleep(1.0)
     target = RelayTarget(host, port, server_key, reg_path, relay_max_body=args.max_body,
                          rate_probe=args.rate_probe)
-    unknown = set(args.only or ()) - {c.name for c in RELAY_CHECKS}
-    if unknown:
-        raise SystemExit(f"unknown check(s): {', '.join(sorted(unknown))}")
     report = asyncio.run(run_relay_suite(target, home, third, args.only))
     print(render_table(report))
     if args.json:

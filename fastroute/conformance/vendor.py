@@ -734,7 +734,8 @@ def main_vendor(args: Any) -> int:
     host, port = parse_hostport(args.listen)
     unknown = set(args.only or ()) - {b.name for b in CLIENT_BEHAVIOURS}
     if unknown:
-        raise SystemExit(f"unknown scenario(s): {', '.join(sorted(unknown))}")
+        from .cli import usage_error
+        raise usage_error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
     kit = VendorKit(host, port, args.out_dir, connect_timeout=args.wait)
     report = asyncio.run(kit.run(client_cmd=args.client_cmd, only=args.only))
     print(render_grades(report))
