@@ -11,6 +11,7 @@ Subcommands::
     fastroute bench        the routing core's summary benchmark
     fastroute replay       replay a trace against a relay (see docs/TRACES.md)
     fastroute record       write a metadata-only trace from a running relay
+    fastroute conformance  check a relay (--target) or grade a client (--listen)
 
 The admin verbs (provider, device) act on the data directory named by
 ``--data-dir``, else ``FASTROUTE_DATA_DIR``, else the ``data_dir`` of the
@@ -415,6 +416,12 @@ def cmd_record(args: argparse.Namespace) -> int:
     return cli_record(args)
 
 
+def cmd_conformance(args: argparse.Namespace) -> int:
+    from .conformance.cli import cmd_conformance as run
+
+    return run(args)
+
+
 def _level(args: argparse.Namespace, floor: int = logging.WARNING) -> int:
     level = {0: logging.WARNING, 1: logging.INFO}.get(getattr(args, "verbose", 0),
                                                       logging.DEBUG)
@@ -531,6 +538,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.choices["replay"].set_defaults(func=cmd_replay)
     add_record_args(verb(sub, "record", "metadata-only trace from a running relay"))
     sub.choices["record"].set_defaults(func=cmd_record)
+
+    from .conformance.cli import add_conformance_args
+
+    conf = verb(sub, "conformance", "check a relay treats every provider's clients alike, "
+                                    "or grade a vendor's client")
+    add_conformance_args(conf)
+    conf.set_defaults(func=cmd_conformance)
     return p
 
 

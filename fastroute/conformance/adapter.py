@@ -1,0 +1,101 @@
+"""The reference conformance adapter: :class:`fastroute.Client` as an echo device.
+
+Run by the kit (``fastroute conformance --listen 127.0.0.1:0 --client-cmd
+"python -m fastroute.conformance.adapter"``) with the paths in the
+``FASTROUTE_CONFORMANCE_*`` environment variables.  A vendor writes the same
+few lines on top of its own client library (``docs/CONFORMANCE.md``).
+
+:class:`fastroute.Client` hands a refused send (``RateLimited``,
+``StoreFailed``) to the application as an exception; retrying it later with
+the same id is therefore done here, as the spec asks of the application
+(sections 9.2 and 12).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+from typing import Any
+
+from .. import Client
+from ..errors import FastrouteError, RateLimited, StoreFailed
+from ..noise import KeyPair
+from .vendor import ENV_CREDENTIAL, ENV_DEVICE_KEY, ENV_HOST, ENV_PORT, ENV_SERVER_KEY
+
+__all__ = ["run_adapter", "main"]
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+async def run_adapter(env: dict[str, str] | None = None, *, client_cls: Any = Client,
+                      first_retry_s: float = 0.1) -> int:
+    """Connect as the kit's device and follow the adapter contract until ``bye``.
+
+    ``client_cls`` and ``first_retry_s`` let tests build deliberately broken
+    clients (a ``Client`` subclass, or no backoff at all).
+    """
+    env = dict(os.environ if env is None else env)
+    host, port = env[ENV_HOST], int(env[ENV_PORT])
+    kw = dict(credential=_read(env[ENV_CREDENTIAL]),
+              static=KeyPair.from_private(_read(env[ENV_DEVICE_KEY])),
+              server_key=bytes.fromhex(_read(env[ENV_SERVER_KEY]).decode().strip()),
+              reconnect=True)
+    delay = first_retry_s
+    while True:
+        try:
+            client = await client_cls.connect(host, port, **kw)
+            break
+        except FastrouteError:  # e.g. the pinning probe: never sends msg3, tries again
+            await asyncio.sleep(delay)
+            delay = min(max(delay * 2, 0.05), 2.0)
+
+    pending: set[asyncio.Task] = set()
+
+    async def echo(to: str, body: bytes, fut: asyncio.Future, cid: bytes) -> None:
+        wait = first_retry_s
+        while True:
+            try:
+                await fut
+                return
+            except (RateLimited, StoreFailed):
+                await asyncio.sleep(wait)  # "resend later with the same id" (12)
+                wait = min(wait * 2, 2.0)
+                fut = client.send_nowait(to, body, id=cid)
+
+    try:
+        async for msg in client:  # taking a message is what acks it (auto_ack)
+            body = msg.body
+            if body.startswith(b"echo:"):
+                cid = os.urandom(16)
+                # queued now, so echoes leave in the order the messages were taken
+                fut = client.send_nowait(msg.sender, body, id=cid)
+                task = asyncio.ensure_future(echo(msg.sender, body, fut, cid))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+            elif body.startswith(b"pause:"):
+                await asyncio.sleep(int(body[6:]) / 1000)
+            elif body == b"bye":
+                await asyncio.gather(*pending)
+                await client.close()
+                return 0
+        return 1
+    finally:
+        for task in pending:
+            task.cancel()
+        # stopped from outside (the kit gave up on us): do not leave reconnect loops behind
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(client.close(), 1.0)
+
+
+def main() -> int:
+    """``python -m fastroute.conformance.adapter``."""
+    return asyncio.run(run_adapter())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

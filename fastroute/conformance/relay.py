@@ -1,0 +1,696 @@
+"""Direction 1: prove a relay gives a home-provider client and a third-party
+client the same checks.
+
+Every check below runs twice, once with a *subject* device of the home
+provider and once with one of the third-party provider (the *other*
+provider is then the home one).  Each run yields an :class:`Outcome`; the
+report puts the two side by side.  A check fails when it fails on its own
+against ``docs/PROTOCOL.md``, or when the two columns observed different
+things, unless the difference is explained by the two providers' enrolled
+policy (``fastroute provider add --max-body/--max-msgs-per-s/...``) on a
+key the check declares.
+
+Everything is written from the spec: raw Noise, raw msgpack ops
+(:mod:`fastroute.conformance.link`); the relay's internals are not used.
+The only operator actions are the documented ones on the relay's data
+directory (enrolling the two test providers, revoking a test device).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ..identity import ProviderKey, Registry
+from ..noise import KeyPair
+from .framework import FAIL, NA, PASS, RELAY_CHECKS, CheckFailed, Outcome, outcome_dict, relay_check
+from .link import (BYE, CONSENT, DACK, DELIVER, ERROR, MBEGIN, MCHUNK, MFINISH, MGET, MREPLY,
+                   PING, PONG, SACK, SEND, WELCOME, Closed, RawLink, frame_of, pack)
+
+__all__ = ["ProviderSetup", "RelayTarget", "run_relay_suite", "render_table"]
+
+CRED_DOMAIN = b"fastroute/cred/1\x00"  # section 6.1
+PROTOCOL_MAX_BODY = 61440  # section 11
+
+
+@dataclass
+class ProviderSetup:
+    """One test provider: its name, signing key and enrolled policy."""
+
+    name: str
+    key: ProviderKey
+    policy: dict[str, Any]
+
+
+@dataclass
+class RelayTarget:
+    """What the kit knows about the relay under test."""
+
+    host: str
+    port: int
+    server_key: bytes
+    registry_path: str | None = None  # the data dir's registry, for revocations
+    relay_max_body: int = PROTOCOL_MAX_BODY
+    rate_probe: int = 25000
+    timeout: float = 3.0
+
+
+def make_credential(key: ProviderKey, provider: str, address: str, device: str,
+                    static_pub: bytes, issued_at: int, expires_at: int) -> bytes:
+    """A credential built from section 6.1 (so invalid ones can be built too)."""
+    body = pack([1, provider, address, device, static_pub, issued_at, expires_at])
+    return pack([body, key.sign(CRED_DOMAIN + body)])
+
+
+def hello(cred: Any, v: Any = 1, **extra: Any) -> bytes:
+    """A client hello (section 5); ``cred`` may be of any type, to provoke errors."""
+    return pack({"v": v, "cred": cred, **extra})
+
+
+class Subject:
+    """One column: a device of ``me`` facing users of ``me`` and of ``other``."""
+
+    def __init__(self, target: RelayTarget, me: ProviderSetup, other: ProviderSetup,
+                 column: str) -> None:
+        self.t = target
+        self.me = me
+        self.other = other
+        self.column = column
+        self._links: list[RawLink] = []
+
+    def fresh(self, tag: str, provider: str | None = None) -> str:
+        """A new address of ``provider`` (default: the subject's)."""
+        return f"{tag}-{os.urandom(5).hex()}@{provider or self.me.name}"
+
+    def credential(self, address: str, device: str, static: KeyPair, *,
+                   key: ProviderKey | None = None, provider: str | None = None,
+                   issued_at: int | None = None, expires_at: int | None = None) -> bytes:
+        """A valid credential unless told otherwise."""
+        prov = provider or address.split("@", 1)[1]
+        if key is None:
+            key = self.me.key if prov == self.me.name else self.other.key
+        now = int(time.time())
+        issued = now - 60 if issued_at is None else issued_at
+        return make_credential(key, prov, address, device, static.public, issued,
+                               now + 3600 if expires_at is None else expires_at)
+
+    async def raw(self, hello_payload: bytes, static: KeyPair, **kw: Any) -> RawLink:
+        """Open a link with the given client hello (no WELCOME awaited)."""
+        link = await RawLink.open(self.t.host, self.t.port, static, hello_payload,
+                                  timeout=self.t.timeout, **kw)
+        self._links.append(link)
+        return link
+
+    async def connect(self, address: str, device: str = "d1",
+                      static: KeyPair | None = None) -> RawLink:
+        """A device online (WELCOME received), or :class:`CheckFailed`."""
+        kp = static or KeyPair.generate()
+        link = await self.raw(hello(self.credential(address, device, kp)), kp)
+        w = await link.wait(lambda o: o[0] in (WELCOME, 21), self.t.timeout)
+        if w is None or w[0] != WELCOME:
+            raise CheckFailed(f"no WELCOME for a valid credential (got {w!r})")
+        return link
+
+    async def refusal(self, hello_payload: bytes, static: KeyPair) -> str:
+        """How the relay answers a handshake: ``"BYE <code>"``, ``"silent close"``, ..."""
+        try:
+            link = await self.raw(hello_payload, static)
+        except Closed:
+            return "closed before msg2"
+        op = await link.wait(lambda o: o[0] in (WELCOME, 21), self.t.timeout)
+        if op is None:
+            return "silent close" if link.silent else "no answer"
+        if op[0] == WELCOME:
+            return "WELCOME"
+        closed = await link.until_closed(self.t.timeout)
+        return f"BYE {op[1]}" + ("" if closed else " (link left open)")
+
+    async def known(self, provider: str | None = None) -> str:
+        """An address the relay knows (a device connected once), now offline."""
+        addr = self.fresh("known", provider)
+        link = await self.connect(addr)
+        await link.close()
+        return addr
+
+    async def sack(self, link: RawLink, cid: bytes, timeout: float | None = None,
+                   after: int = 0) -> int | None:
+        """The code of the SACK for ``cid`` (the first from op index ``after``), or None."""
+        op = await link.op(SACK, cid, timeout=timeout or self.t.timeout, after=after)
+        return None if op is None else op[2]
+
+    async def close_all(self) -> None:
+        """Drop every link the check opened."""
+        await asyncio.gather(*(link.close() for link in self._links), return_exceptions=True)
+        self._links.clear()
+
+    def registry(self) -> Registry:
+        """The relay's registry (only for checks marked ``needs_registry``)."""
+        assert self.t.registry_path is not None
+        return Registry(self.t.registry_path)
+
+
+def new_id() -> bytes:
+    """16 random bytes: a message or request id."""
+    return os.urandom(16)
+
+
+def expect(observed: str, wanted: str, detail: str = "") -> Outcome:
+    """Pass when ``observed == wanted``."""
+    ok = observed == wanted
+    return Outcome(PASS if ok else FAIL, observed,
+                   detail or ("" if ok else f"expected {wanted}"))
+
+
+# ----------------------------------------------------- handshake, credentials
+@relay_check("handshake.welcome", "2, 5, 8.2")
+async def _welcome(s: Subject) -> Outcome:
+    """A valid credential gets a strict server hello and a WELCOME naming the device."""
+    addr = s.fresh("u")
+    kp = KeyPair.generate()
+    link = await s.raw(hello(s.credential(addr, "phone-1", kp)), kp)
+    w = await link.op(WELCOME, timeout=s.t.timeout)
+    sh = link.server_hello
+    hello_ok = (isinstance(sh, dict) and set(sh) == {"v", "t"} and sh["v"] == 1
+                and type(sh["t"]) is int and sh["t"] >= 0)
+    ok = (w is not None and w[1:3] == [addr, "phone-1"] and type(w[3]) is int and hello_ok)
+    return Outcome(PASS if ok else FAIL, "WELCOME" if ok else f"{w!r}/{sh!r}")
+
+
+@relay_check("handshake.pinned-key", "4.2")
+async def _pinned(s: Subject) -> Outcome:
+    """The relay's static key is the pinned one."""
+    link = await s.connect(s.fresh("u"))
+    ok = link.remote_static == s.t.server_key
+    return Outcome(PASS if ok else FAIL, "pinned key" if ok else "other key")
+
+
+@relay_check("handshake.tampered-msg3", "4.4")
+async def _tampered(s: Subject) -> Outcome:
+    """A msg3 that does not authenticate is closed without a byte."""
+    kp = KeyPair.generate()
+    link = await s.raw(hello(s.credential(s.fresh("u"), "d1", kp)), kp, msg3_tamper=True)
+    closed = await link.until_closed(s.t.timeout)
+    return expect("silent close" if closed and link.silent else "answered", "silent close")
+
+
+def _refusal_check(name: str, section: str, wanted: str, build):
+    async def check(s: Subject) -> Outcome:
+        kp = KeyPair.generate()
+        return expect(await s.refusal(build(s, kp), kp), wanted)
+    check.__doc__ = f"refused with {wanted} (section {section})"
+    relay_check(name, section)(check)
+
+
+_refusal_check("hello.version", "5", "BYE 102",
+               lambda s, kp: hello(s.credential(s.fresh("u"), "d1", kp), v=2))
+_refusal_check("hello.unknown-key", "5", "BYE 102",
+               lambda s, kp: hello(s.credential(s.fresh("u"), "d1", kp), x=1))
+_refusal_check("hello.cred-not-bin", "6.3 #0", "BYE 102",
+               lambda s, kp: pack({"v": 1, "cred": "not bin"}))
+_refusal_check("credential.malformed", "6.3 #1a", "BYE 100",
+               lambda s, kp: hello(pack([1, 2, 3])))
+_refusal_check("credential.unknown-provider", "6.3 #2", "BYE 201",
+               lambda s, kp: hello(make_credential(
+                   s.me.key, "not-enrolled-" + os.urandom(3).hex(),
+                   "u@x", "d1", kp.public, int(time.time()) - 60, int(time.time()) + 60)))
+_refusal_check("credential.bad-signature", "6.3 #4", "BYE 202",
+               lambda s, kp: hello(s.credential(s.fresh("u"), "d1", kp,
+                                                key=ProviderKey.generate())))
+
+
+def _address_elsewhere(s: Subject, kp: KeyPair) -> bytes:
+    # signed by the subject's provider for an address of the other provider
+    now = int(time.time())
+    return hello(make_credential(s.me.key, s.me.name, s.fresh("u", s.other.name), "d1",
+                                 kp.public, now - 60, now + 3600))
+
+
+_refusal_check("credential.address-provider", "6.3 #5", "BYE 200", _address_elsewhere)
+_refusal_check("credential.key-mismatch", "6.3 #6", "BYE 203",
+               lambda s, kp: hello(s.credential(s.fresh("u"), "d1", KeyPair.generate())))
+_refusal_check("credential.expired", "6.3 #7a", "BYE 204",
+               lambda s, kp: hello(s.credential(s.fresh("u"), "d1", kp,
+                                                issued_at=int(time.time()) - 7200,
+                                                expires_at=int(time.time()) - 3600)))
+_refusal_check("credential.issued-in-future", "6.3 #7b", "BYE 110",
+               lambda s, kp: hello(s.credential(s.fresh("u"), "d1", kp,
+                                                issued_at=int(time.time()) + 3600,
+                                                expires_at=int(time.time()) + 7200)))
+
+
+@relay_check("credential.revoked-device", "6.3 #8, 10.4", needs_registry=True)
+async def _revoked(s: Subject) -> Outcome:
+    """A revoked device is refused at the handshake, and a live link of it is closed."""
+    addr = s.fresh("u")
+    kp = KeyPair.generate()
+    live = await s.connect(addr, "d1", kp)
+    with s.registry() as reg:
+        reg.revoke_device(addr, "d1")
+    closed = await live.until_closed(5.0)
+    live_seen = f"live: BYE {live.bye[0]}" if closed and live.bye else "live: not closed"
+    again = await s.refusal(hello(s.credential(addr, "d1", kp)), kp)
+    return expect(f"{live_seen}; reconnect: {again}", "live: BYE 205; reconnect: BYE 205")
+
+
+@relay_check("session.replaced", "6.3")
+async def _replaced(s: Subject) -> Outcome:
+    """A newer connection of the same device closes the older one with 206."""
+    addr = s.fresh("u")
+    kp = KeyPair.generate()
+    old = await s.connect(addr, "d1", kp)
+    await s.connect(addr, "d1", kp)
+    closed = await old.until_closed(s.t.timeout)
+    return expect(f"BYE {old.bye[0]}" if closed and old.bye else "old link kept", "BYE 206")
+
+
+# ------------------------------------------------------------ op validation
+def _op_check(name: str, section: str, wanted: str, frame_ops, answer):
+    """An op-level check: send ``frame_ops(addr)``, read the answer ``answer(link, ids)``."""
+    async def check(s: Subject) -> Outcome:
+        link = await s.connect(s.fresh("u"))
+        ops, key = frame_ops(s, link)
+        if isinstance(ops, bytes):
+            link.send_plain(ops)
+        else:
+            link.send(*ops)
+        return expect(await answer(s, link, key), wanted)
+    check.__doc__ = f"answered {wanted} (section {section})"
+    relay_check(name, section)(check)
+
+
+async def _sack_of(s: Subject, link: RawLink, cid: bytes) -> str:
+    code = await s.sack(link, cid)
+    return "no SACK" if code is None else f"SACK {code}"
+
+
+async def _error_of(s: Subject, link: RawLink, _key: Any) -> str:
+    op = await link.op(ERROR, timeout=s.t.timeout)
+    return "no ERROR" if op is None else f"ERROR {op[1]}"
+
+
+_ID = b"\x11" * 16
+_op_check("send.wrong-arity", "10.2", "SACK 100",
+          lambda s, link: ([[SEND, _ID, s.fresh("x"), b"b"]], _ID), _sack_of)
+_op_check("send.bad-cls", "8.1, 10.2", "SACK 102",
+          lambda s, link: ([[SEND, _ID, s.fresh("x"), b"b", 2]], _ID), _sack_of)
+_op_check("send.bad-address", "8.1, 10.2", "SACK 102",
+          lambda s, link: ([[SEND, _ID, "no-at-sign", b"b", 0]], _ID), _sack_of)
+_op_check("send.body-over-protocol-limit", "10.2, 11", "SACK 401",
+          lambda s, link: ([[SEND, _ID, s.fresh("x"), bytes(PROTOCOL_MAX_BODY + 1), 0]], _ID),
+          _sack_of)
+_op_check("send.no-usable-id", "10.2", "ERROR 102",
+          lambda s, link: ([[SEND, b"short", s.fresh("x"), b"b", 0]], None), _error_of)
+_op_check("op.unknown-client-opcode", "10.2, 14", "ERROR 101",
+          lambda s, link: ([[15, 1]], None), _error_of)
+_op_check("op.relay-opcode-from-client", "7, 10.2", "ERROR 101",
+          lambda s, link: ([[SACK, _ID, 0]], None), _error_of)
+_op_check("op.not-an-array", "10.2", "ERROR 100",
+          lambda s, link: ([7], None), _error_of)
+_op_check("dack.bad-field", "10.2", "ERROR 102",
+          lambda s, link: ([[DACK, -1]], None), _error_of)
+_op_check("dack.wrong-arity", "10.2", "ERROR 100",
+          lambda s, link: ([[DACK]], None), _error_of)
+_op_check("ping.bad-field", "10.2", "ERROR 102",
+          lambda s, link: ([[PING, "x"]], None), _error_of)
+_op_check("bye.wrong-arity", "10.2", "ERROR 100",
+          lambda s, link: ([[BYE, 1]], None), _error_of)
+_op_check("consent.bad-provider", "8.1 CONSENT, 10.2", "SACK 102",
+          lambda s, link: ([[CONSENT, _ID, "Not A Provider", True]], _ID), _sack_of)
+_op_check("consent.allow-not-bool", "8.1 CONSENT, 13", "SACK 102",
+          lambda s, link: ([[CONSENT, _ID, "*", 1]], _ID), _sack_of)
+_op_check("send.body-as-str", "8.1 SEND, 13", "SACK 102",
+          lambda s, link: ([[SEND, _ID, s.fresh("x"), "text", 0]], _ID), _sack_of)
+_op_check("ping.wrong-arity", "10.2", "ERROR 100",
+          lambda s, link: ([[PING]], None), _error_of)
+
+
+@relay_check("frame.malformed", "8.2 ERROR, 10.2")
+async def _bad_frame(s: Subject) -> Outcome:
+    """A frame that is not one msgpack array gets ERROR 100 and none of its SENDs is taken."""
+    link = await s.connect(s.fresh("u"))
+    to = await s.known()
+    cid = new_id()
+    link.send_plain(frame_of([pack([SEND, cid, to, b"x", 1])]) + b"\xc1")  # trailing byte
+    err = await link.op(ERROR, timeout=s.t.timeout)
+    sack = await s.sack(link, cid, 0.3)
+    return expect(f"{'ERROR %d' % err[1] if err else 'no ERROR'}, "
+                  f"{'no SACK' if sack is None else 'SACK'}", "ERROR 100, no SACK")
+
+
+@relay_check("ping.pong", "8.1 PING")
+async def _ping(s: Subject) -> Outcome:
+    """PING is answered with PONG carrying the same token, at both ends of its range."""
+    link = await s.connect(s.fresh("u"))
+    link.send([PING, 2**64 - 1], [PING, -2**63])
+    got = [await link.op(PONG, t, timeout=s.t.timeout) for t in (2**64 - 1, -2**63)]
+    return expect("PONG x2" if all(got) else f"{got!r}", "PONG x2")
+
+
+@relay_check("bye.orderly", "8.1 BYE")
+async def _bye(s: Subject) -> Outcome:
+    """BYE: the SENDs before it are SACKed, what follows it is ignored, then SERVER_BYE 0."""
+    link = await s.connect(s.fresh("u"))
+    to = s.fresh("peer")
+    peer = await s.connect(to)
+    before, after = new_id(), new_id()
+    link.send([SEND, before, to, b"last", 0], [BYE], [SEND, after, to, b"ignored", 0])
+    closed = await link.until_closed(s.t.timeout)
+    await asyncio.sleep(0.1)
+
+    def name(op: list) -> str:
+        if op[0] == SACK:
+            return "SACK" if op[1] == before else "SACK after BYE"
+        return f"SERVER_BYE {op[1]}"
+    order = [name(o) for o in link.ops if o[0] in (SACK, 21)]
+    got = [o[4] for o in peer.ops if o[0] == DELIVER]
+    seen = f"{', '.join(order)}; closed={closed}; delivered {got}"
+    return expect(seen, f"SACK, SERVER_BYE 0; closed=True; delivered {[b'last']}")
+
+
+@relay_check("errors.budget", "10.2")
+async def _budget(s: Subject) -> Outcome:
+    """Protocol errors beyond the budget end the link with SERVER_BYE 100."""
+    link = await s.connect(s.fresh("u"))
+    link.send(*([[PING, "x"]] * 200))
+    closed = await link.until_closed(s.t.timeout)
+    n_err = sum(1 for o in link.ops if o[0] == ERROR)
+    seen = f"BYE {link.bye[0]}" if closed and link.bye else "not closed"
+    out = expect(seen, "BYE 100")
+    out.detail = (out.detail + f" after {n_err} ERRORs").strip()
+    out.observed += f" after {n_err} ERRORs"
+    return out
+
+
+# ------------------------------------------------------------------- limits
+@relay_check("limits.max-body", "8.1 SEND, 11", policy=("max_body",))
+async def _max_body(s: Subject) -> Outcome:
+    """A body of exactly the sender's limit is taken, one byte more is refused with 401."""
+    limit = min(s.t.relay_max_body, s.me.policy.get("max_body") or PROTOCOL_MAX_BODY)
+    link = await s.connect(s.fresh("u"))
+    to = await s.known()
+    a, b = new_id(), new_id()
+    link.send([SEND, a, to, bytes(limit), 1])
+    link.send([SEND, b, to, bytes(limit + 1), 1])
+    seen = f"limit {limit}: {await s.sack(link, a)}, {await s.sack(link, b)}"
+    out = expect(seen, f"limit {limit}: 0, 401")
+    out.policy = {"max_body": s.me.policy.get("max_body")}
+    return out
+
+
+@relay_check("limits.rate", "8.1 SEND, 11", policy=("msgs_per_s", "bytes_per_s"))
+async def _rate(s: Subject) -> Outcome:
+    """A burst over the message quota is refused with 400; the same id is taken later."""
+    link = await s.connect(s.fresh("u"))
+    to = await s.known()
+    ids = [new_id() for _ in range(s.t.rate_probe)]
+    for i in range(0, len(ids), 500):  # 500 ops of <= 130 bytes fit in a frame
+        link.send(*[[SEND, cid, to, b"r", 1] for cid in ids[i:i + 500]])
+    last = await s.sack(link, ids[-1], 10.0)
+    codes = {o[1]: o[2] for o in link.ops if o[0] == SACK}
+    refused = [cid for cid in ids if codes.get(cid) == 400]
+    policy = {k: s.me.policy.get(k) for k in ("msgs_per_s", "bytes_per_s")}
+    if last is None:
+        return Outcome(FAIL, "SACKs missing", f"{len(codes)} of {len(ids)} SACKs", policy)
+    if not refused:
+        return Outcome(NA, f"no refusal in {len(ids)} sends",
+                       "the burst is above --rate-probe", policy)
+    others = sorted({c for c in codes.values() if c not in (0, 400)})
+    again = None
+    for _ in range(30):  # "resend later with the same id" (section 12): it is taken once refilled
+        await asyncio.sleep(0.2)
+        mark = len(link.ops)
+        link.send([SEND, refused[0], to, b"r", 1])
+        again = await s.sack(link, refused[0], after=mark)
+        if again != 400:
+            break
+    seen = f"refused 400{' and %s' % others if others else ''}; later same id: {again}"
+    return Outcome(PASS if again == 0 and not others else FAIL, seen, "", policy)
+
+
+# ---------------------------------------------------------- routing, consent
+@relay_check("route.unknown-recipient", "8.1 SEND, 9.4")
+async def _unknown(s: Subject) -> Outcome:
+    """A SEND to an address no device ever used is refused with 300, either provider."""
+    link = await s.connect(s.fresh("u"))
+    a, b = new_id(), new_id()
+    link.send([SEND, a, s.fresh("nobody"), b"x", 0],
+              [SEND, b, s.fresh("nobody", s.other.name), b"x", 0])
+    return expect(f"{await s.sack(link, a)}, {await s.sack(link, b)}", "300, 300")
+
+
+@relay_check("consent", "8.1 CONSENT, 8.1 SEND")
+async def _consent(s: Subject) -> Outcome:
+    """Cross-provider SENDs need the recipient's opt-in: 402 until CONSENT and after withdrawal."""
+    me = await s.connect(s.fresh("u"))
+    peer_addr = s.fresh("peer", s.other.name)
+    peer = await s.connect(peer_addr)
+    same = await s.known()
+
+    async def send(to: str, cid: bytes | None = None) -> int | None:
+        cid = cid or new_id()
+        mark = len(me.ops)
+        me.send([SEND, cid, to, b"c", 0])
+        return await s.sack(me, cid, after=mark)
+
+    refused = new_id()
+    seq = [await send(peer_addr, refused), await send(same)]
+    cid = new_id()
+    peer.send([CONSENT, cid, s.me.name, True])
+    seq.append(await s.sack(peer, cid))
+    # a refused SEND is not remembered (8.1): the same id is taken once allowed
+    seq.append(await send(peer_addr, refused))
+    got = await peer.op(DELIVER, timeout=s.t.timeout)
+    cid = new_id()
+    peer.send([CONSENT, cid, s.me.name, False])
+    seq.append(await s.sack(peer, cid))
+    seq.append(await send(peer_addr))
+    seen = ", ".join(map(str, seq)) + (", delivered" if got else ", not delivered")
+    if seq[0] == 0 and seq[-1] == 0:
+        # a relay configured with require_consent = false (documented, relay-wide)
+        return expect(seen, "0, 0, 0, 0, 0, 0, delivered",
+                      "the relay does not require consent (require_consent = false)")
+    return expect(seen, "402, 0, 0, 0, 0, 402, delivered")
+
+
+@relay_check("dedup.resend", "9.2")
+async def _dedup(s: Subject) -> Outcome:
+    """A resent id is SACKed again and not routed twice."""
+    me = await s.connect(s.fresh("u"))
+    to = s.fresh("peer")
+    peer = await s.connect(to)
+    cid = new_id()
+    me.send([SEND, cid, to, b"once", 0])
+    first = await s.sack(me, cid)
+    mark = len(me.ops)
+    me.send([SEND, cid, to, b"once", 0])
+    second = await me.op(SACK, cid, timeout=s.t.timeout, after=mark)
+    await asyncio.sleep(0.3)
+    n = sum(1 for o in peer.ops if o[0] == DELIVER and o[3] == cid)
+    return expect(f"SACK {first}, SACK {second[2] if second else None}, delivered {n}x",
+                  "SACK 0, SACK 0, delivered 1x")
+
+
+@relay_check("delivery.fifo-redelivery", "9.3, 9.5")
+async def _fifo(s: Subject) -> Outcome:
+    """Messages from the other provider arrive in order; unacked ones are redelivered in order."""
+    addr = s.fresh("u")
+    kp = KeyPair.generate()
+    me = await s.connect(addr, "d1", kp)
+    cid = new_id()
+    me.send([CONSENT, cid, s.other.name, True])
+    await s.sack(me, cid)
+    sender = await s.connect(s.fresh("peer", s.other.name))
+    ids = [new_id() for _ in range(10)]
+    sender.send(*[[SEND, m, addr, b"%d" % i, 0] for i, m in enumerate(ids)])
+    await sender.wait(lambda o: sum(1 for x in sender.ops if x[0] == SACK) >= 10, s.t.timeout)
+    await me.wait(lambda o: sum(1 for x in me.ops if x[0] == DELIVER) >= 10, s.t.timeout)
+    first = [o for o in me.ops if o[0] == DELIVER]
+    order1 = [ids.index(o[3]) for o in first if o[3] in ids]
+    me.send([DACK, first[3][1]] if len(first) > 3 else [DACK, 0])
+    await asyncio.sleep(0.1)
+    await me.close()
+    again = await s.connect(addr, "d1", kp)
+    await again.wait(lambda o: sum(1 for x in again.ops if x[0] == DELIVER) >= 6, s.t.timeout)
+    await asyncio.sleep(0.1)
+    second = [o for o in again.ops if o[0] == DELIVER]
+    order2 = [ids.index(o[3]) for o in second if o[3] in ids]
+    seqs = [o[1] for o in second]
+    return expect(f"first {order1}; after reconnect {order2} seq {seqs}",
+                  f"first {list(range(10))}; after reconnect {list(range(4, 10))} "
+                  f"seq {list(range(1, 7))}")
+
+
+@relay_check("ephemeral.offline-dropped", "7 classes, 9.4")
+async def _ephemeral(s: Subject) -> Outcome:
+    """An ephemeral SEND to a known offline address is accepted and never delivered."""
+    addr = s.fresh("u")
+    kp = KeyPair.generate()
+    first = await s.connect(addr, "d1", kp)
+    await first.close()
+    me = await s.connect(s.fresh("u"))
+    cid = new_id()
+    me.send([SEND, cid, addr, b"typing", 1])
+    code = await s.sack(me, cid)
+    back = await s.connect(addr, "d1", kp)
+    got = await back.op(DELIVER, timeout=0.4)
+    return expect(f"SACK {code}, {'delivered' if got else 'dropped'}", "SACK 0, dropped")
+
+
+# -------------------------------------------------------------------- media
+@relay_check("media.roundtrip", "8.1 Media")
+async def _media(s: Subject) -> Outcome:
+    """A blob uploads with MBEGIN/MCHUNK/MFINISH and comes back whole with MGET."""
+    link = await s.connect(s.fresh("u"))
+    blob = os.urandom(3000)
+    digest = hashlib.sha256(blob).digest()
+
+    async def call(*op: Any) -> list:
+        rid = new_id()
+        link.send([op[0], rid, *op[1:]])
+        rep = await link.op(MREPLY, rid, timeout=s.t.timeout)
+        if rep is None:
+            raise CheckFailed(f"no MREPLY to opcode {op[0]}")
+        return rep
+
+    rep = await call(MBEGIN, len(blob), digest)
+    if rep[2] != 0:
+        return Outcome(FAIL, f"MBEGIN {rep[2]}")
+    upload, chunk = rep[3]
+    codes = []
+    for i in range(0, len(blob), chunk):
+        codes.append((await call(MCHUNK, upload, i // chunk, blob[i:i + chunk]))[2])
+    fin = await call(MFINISH, upload)
+    got = await call(MGET, digest, 0)
+    ok_data = got[2] == 0 and got[3][0] == len(blob)
+    return expect(f"chunks {set(codes)}, finish {fin[2]} id ok={fin[3] == digest}, "
+                  f"get {got[2]} size ok={ok_data}",
+                  "chunks {0}, finish 0 id ok=True, get 0 size ok=True")
+
+
+@relay_check("media.codes", "8.1 Media, 12")
+async def _media_codes(s: Subject) -> Outcome:
+    """Media refusals: unknown blob 304, unknown upload 305, oversized 401."""
+    link = await s.connect(s.fresh("u"))
+    reqs = {"mget": [MGET, new_id(), os.urandom(32), 0],
+            "mchunk": [MCHUNK, new_id(), os.urandom(16), 0, b"x"],
+            "mfinish": [MFINISH, new_id(), os.urandom(16)],
+            "mbegin-huge": [MBEGIN, new_id(), 2**50, os.urandom(32)]}
+    link.send(*reqs.values())
+    out = []
+    for name, op in reqs.items():
+        rep = await link.op(MREPLY, op[1], timeout=s.t.timeout)
+        out.append(f"{name} {rep[2] if rep else None}")
+    return expect(", ".join(out), "mget 304, mchunk 305, mfinish 305, mbegin-huge 401")
+
+
+@relay_check("media.upload-refusals", "8.1 Media, 12")
+async def _media_refusals(s: Subject) -> Outcome:
+    """Upload refusals in turn: short chunk 112, early finish 114, wrong hash 113, then 305."""
+    link = await s.connect(s.fresh("u"))
+
+    async def call(*op: Any) -> list:
+        rid = new_id()
+        link.send([op[0], rid, *op[1:]])
+        rep = await link.op(MREPLY, rid, timeout=s.t.timeout)
+        if rep is None:
+            raise CheckFailed(f"no MREPLY to opcode {op[0]}")
+        return rep
+
+    blob = os.urandom(100)
+    rep = await call(MBEGIN, len(blob), hashlib.sha256(b"other bytes").digest())
+    if rep[2] != 0 or rep[3][1] < len(blob):
+        return Outcome(FAIL, f"MBEGIN {rep[2]} {rep[3]!r}")
+    upload = rep[3][0]
+    codes = [(await call(MCHUNK, upload, 0, blob[:-1]))[2],  # the only chunk is 100 bytes
+             (await call(MFINISH, upload))[2],  # before every chunk arrived
+             (await call(MCHUNK, upload, 0, blob))[2],
+             (await call(MFINISH, upload))[2],  # the declared hash is not the content's
+             (await call(MFINISH, upload))[2]]  # a mismatch discards the upload
+    return expect(", ".join(map(str, codes)), "112, 114, 0, 113, 305")
+
+
+# ------------------------------------------------------------------- runner
+async def _run_one(check, subject: Subject, has_registry: bool) -> Outcome:
+    if check.needs_registry and not has_registry:
+        return Outcome(NA, "not run", "needs the relay's --data-dir")
+    try:
+        return await asyncio.wait_for(check.fn(subject), 30.0)
+    except CheckFailed as exc:
+        return Outcome(FAIL, f"failed: {exc}")
+    except Exception as exc:  # a relay that breaks the kit's expectations fails the check
+        return Outcome(FAIL, f"failed: {type(exc).__name__}: {exc}")
+    finally:
+        await subject.close_all()
+
+
+def _compare(check, home: Outcome, third: Outcome, hp: ProviderSetup,
+             tp: ProviderSetup) -> tuple[str, str]:
+    """The row's verdict: ``(status, note)``."""
+    if home.observed != third.observed:
+        differing = [k for k in check.policy_keys if hp.policy.get(k) != tp.policy.get(k)]
+        if differing and home.status != FAIL and third.status != FAIL:
+            return "policy", "differs by enrolled policy: " + ", ".join(
+                f"{k} {hp.policy.get(k)} vs {tp.policy.get(k)}" for k in differing)
+        return FAIL, "the columns differ"
+    if FAIL in (home.status, third.status):
+        return FAIL, "fails the spec"
+    if home.status == NA:
+        return NA, home.detail
+    return PASS, ""
+
+
+async def run_relay_suite(target: RelayTarget, home: ProviderSetup, third: ProviderSetup,
+                          only: list[str] | None = None) -> dict[str, Any]:
+    """Run every registered relay check for both columns; the report as a dict."""
+    rows = []
+    has_reg = target.registry_path is not None
+    for check in RELAY_CHECKS:
+        if only and check.name not in only:
+            continue
+        h = await _run_one(check, Subject(target, home, third, "home"), has_reg)
+        t = await _run_one(check, Subject(target, third, home, "third"), has_reg)
+        status, note = _compare(check, h, t, home, third)
+        rows.append({"check": check.name, "section": check.section, "summary": check.summary,
+                     "status": status, "note": note,
+                     "home": outcome_dict(h), "third_party": outcome_dict(t)})
+    failed = [r["check"] for r in rows if r["status"] == FAIL]
+    return {"direction": "relay", "target": f"{target.host}:{target.port}",
+            "providers": {"home": {"name": home.name, "policy": home.policy},
+                          "third_party": {"name": third.name, "policy": third.policy}},
+            "checks": rows, "failed": failed, "passed": not failed}
+
+
+def render_table(report: dict[str, Any]) -> str:
+    """The side-by-side table of a relay report."""
+    rows = report["checks"]
+    w = max([len(r["check"]) for r in rows] + [5])
+    out = [f"{'check':<{w}}  {'home':<6} {'third':<6} verdict"]
+    for r in rows:
+        verdict = r["status"].upper() + (f" ({r['note']})" if r["note"] else "")
+        out.append(f"{r['check']:<{w}}  {r['home']['status']:<6} "
+                   f"{r['third_party']['status']:<6} {verdict}")
+        if r["status"] == FAIL:
+            out.append(f"{'':<{w}}    home:  {r['home']['observed']} {r['home']['detail']}")
+            out.append(f"{'':<{w}}    third: {r['third_party']['observed']} "
+                       f"{r['third_party']['detail']}")
+    n_fail = len(report["failed"])
+    out.append(f"{len(rows)} checks, {n_fail} failed" + (
+        ": " + ", ".join(report["failed"]) if n_fail else ""))
+    return "\n".join(out)
+
+
+def policy_of(registry_path: str | None, name: str) -> dict[str, Any]:
+    """A provider's enrolled policy from the relay's registry (all None without one)."""
+    keys = ("max_body", "msgs_per_s", "bytes_per_s")
+    if registry_path is None:
+        return dict.fromkeys(keys)
+    with Registry(registry_path) as reg:
+        rec = reg.get_provider(name)
+    return {k: getattr(rec, k) for k in keys}
+
+
+__all__ += ["make_credential", "policy_of", "Subject", "RELAY_CHECKS", "expect", "new_id"]
