@@ -522,6 +522,62 @@ cdef class Router:
             self._finish(&full, nomem, entered)
         return entered
 
+    def offer_many(self, items):
+        """Route a batch of ``(device_id, payload)`` items, each to one device, in order.
+
+        The per-device twin of :meth:`route_many`: every item is checked first
+        (a wrong item or an UnknownDevice raises before anything is placed);
+        a device that is full or flagged overflowed (:meth:`suspend`) is
+        skipped and flagged, and the refusals are raised at the end as
+        MailboxFull with ``full=[(item_index, device_id), ...]``.  Unlike
+        :meth:`push` it honours the sticky overflow flag, so per-device FIFO
+        order holds while the caller feeds a device from its store.
+        """
+        cdef list lst
+        cdef list devs
+        cdef Py_ssize_t n, i
+        cdef FullList full
+        cdef int64_t entered = 0
+        cdef bint nomem = False
+        cdef int r
+        cdef Mailbox* m
+        cdef object item
+        if type(items) is list:
+            lst = <list>items
+        elif isinstance(items, (list, tuple)):
+            lst = list(items)
+        else:
+            check_iterable(items, "items")
+            lst = list(items)
+        n = PyList_GET_SIZE(lst)
+        devs = [None] * n
+        for i in range(n):
+            item = lst[i]
+            if not PyTuple_Check(item):
+                raise WrongType("each item must be a tuple (device_id, payload)")
+            if PyTuple_GET_SIZE(item) != 2:
+                raise InvalidArgument("each item must be (device_id, payload)")
+            devs[i] = self._device(item[0])
+        full.pairs = NULL
+        full.n = full.size = 0
+        # devs holds a reference to every device and lst to every payload, so
+        # nothing placed below can go away while the loop runs
+        for i in range(n):
+            payload = (<tuple>lst[i])[1]
+            m = &(<_Device>devs[i]).mb
+            r = mb_offer(m, <PyObject*>payload, self.cap, &self.ready, &self.c)
+            if r == OFFER_PLACED:
+                entered += 1
+                placed(&self.c, <PyObject*>payload, 1)
+            elif r == OFFER_FULL:
+                if full_add(&full, i, m.dev_id) < 0:
+                    nomem = True
+            else:
+                nomem = True
+        if full.n or nomem:
+            self._finish(&full, nomem, entered)
+        return entered
+
     def push(self, device_id, payload):
         """Put ``payload`` in one device's mailbox; return its sequence number.
 
