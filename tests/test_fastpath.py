@@ -817,3 +817,63 @@ def test_dispatch_frame_fuzz(_known_sender):
                 data[rng.randrange(len(data))] = rng.randrange(256)
         frames.append(bytes(data))
     _dispatch_case(frames, [ids[:4], [ids[4]], ids[5:]], window=5)
+
+
+# -- feature e2ee: ops of DELIVER's shape, and stored rows a link may not get ---------
+
+def test_pack_delivers_with_a_head_packs_ddeliver_and_event():
+    from fastroute.relay.keys import DDELIVER_HEAD, EVENT_HEAD
+
+    sp = msgpack.packb("alice@example.org") + msgpack.packb(3)
+    batch = [(5, wire.py_deliver_tail(sp, MID, b"copy", TS_PACKED, 0), DDELIVER_HEAD),
+             (6, wire.py_deliver_tail(SENDER_PACKED, MID, b"v1", TS_PACKED, 0)),
+             (7, wire.py_deliver_tail(msgpack.packb(2), MID, b"\x92\x01\x0b", TS_PACKED, 0),
+              EVENT_HEAD)]
+
+    def run(fn):
+        def call(seq, batch):
+            out = []
+            return fn(seq, batch, out), out
+        return call
+
+    mids, out = _same(*map(run, _both(delivery.py_pack_delivers)), 40, batch)
+    assert mids == [5, 6, 7]
+    assert [msgpack.unpackb(op) for op in out] == [
+        [2001, 40, "alice@example.org", 3, MID, b"copy", TS, 0],
+        [18, 41, "alice@example.org", MID, b"v1", TS, 0],
+        [2002, 42, 2, MID, b"\x92\x01\x0b", TS, 0]]
+    for bad in ([(1, b"t", b"")], [(1, b"t", "h")], [(1, b"t", b"h", 4)]):
+        assert isinstance(_same(*_both(delivery.py_pack_delivers), 1, bad, []), TypeError)
+
+
+@pytest.mark.parametrize("negotiated", [False, True])
+def test_sync_rows_twins_with_per_device_copies(negotiated):
+    from fastroute.relay.keys import pack_stored_sender
+
+    rows = [(10, "alice@example.org", b"a" * 16, b"v1", TS),
+            (11, "alice@example.org/3", b"b" * 16, b"copy", TS),
+            (12, "/1", b"c" * 16, b"\x92\x00\x05", TS),
+            (13, "carol@other.net", b"d" * 16, b"v1b", TS)]
+
+    def run(fn):
+        from fastroute import Router
+
+        router = Router(mailbox_capacity=10)
+        dev = router.add_device("bob@example.org", "phone")
+        res = fn(router, dev, rows, 1 << 62, {},
+                 lambda s: pack_stored_sender(s, negotiated))
+        popped = router.pop_many([dev], 100)
+        out: list = []
+        delivery.py_pack_delivers(1, [p for _, p in popped[0][1]], out)
+        return res, [msgpack.unpackb(op) for op in out]
+
+    (pushed, last, state), ops = _same(lambda: run(delivery.py_sync_rows),
+                                       _core and (lambda: run(_core.sync_rows)))
+    assert (last, state) == (13, 0)
+    if negotiated:
+        assert pushed == 4
+        assert [op[0] for op in ops] == [18, 2001, 2002, 18]
+        assert ops[1][2:4] == ["alice@example.org", 3]
+    else:  # a v1 link: the copy and the event are passed over, left in the store
+        assert pushed == 2
+        assert [(op[0], op[4]) for op in ops] == [(18, b"v1"), (18, b"v1b")]
