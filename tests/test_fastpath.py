@@ -23,6 +23,7 @@ from fastroute import _compiled, store, wire
 from fastroute import client as client_mod
 from fastroute.relay import delivery
 from fastroute.relay import gate as gate_mod
+from fastroute.relay import keys as keys_mod
 from fastroute.errors import (
     BodyTooLarge,
     ErrorCode,
@@ -83,6 +84,7 @@ def test_compiled_twins_loaded():
              (gate_mod.SendGate, gate_mod.PySendGate), (gate_mod.LinkGate, gate_mod.PyLinkGate),
              (delivery.pack_delivers, delivery.py_pack_delivers),
              (delivery.sync_rows, delivery.py_sync_rows),
+             (keys_mod.dsend_copies, keys_mod.py_dsend_copies),
              (store._mem_put, store.py_mem_put), (store._mem_ack, store.py_mem_ack),
              (store._mem_load, store.py_mem_load),
              (client_mod._pack_sends, client_mod.py_pack_sends),
@@ -877,3 +879,44 @@ def test_sync_rows_twins_with_per_device_copies(negotiated):
     else:  # a v1 link: the copy and the event are passed over, left in the store
         assert pushed == 2
         assert [(op[0], op[4]) for op in ops] == [(18, b"v1"), (18, b"v1b")]
+
+
+def _dsend_case(fn, entries, skip):
+    from fastroute.relay.keys import Slot
+
+    devs = {1: Slot("r@x.org", "phone", 1, 11), 2: Slot("r@x.org", "laptop", 2, 12),
+            5: Slot("r@x.org", "tablet", 5, 15)}
+    keys = {"phone": 101, "laptop": 102, "tablet": 105}
+    items: list = []
+    copies: list = []
+    ok = fn(devs, entries, skip, "r@x.org", lambda a, n: keys[n], "s@x.org/3", MID, TS,
+            SENDER_PACKED, TS_PACKED, items, copies)
+    return ok, items, copies
+
+
+@pytest.mark.parametrize("entries,skip,ok", [
+    ([(1, 11, b"a"), (2, 12, b"b"), (5, 15, b"c")], 0, True),
+    ([(5, 15, b"c"), (1, 11, b"a"), (2, 12, b"b")], 0, True),     # any order
+    ([(1, 11, b"a"), (5, 15, b"c")], 2, True),                   # the sender's own device
+    ([(1, 11, b"a"), (2, 12, b"b")], 0, False),                  # missing
+    ([(1, 11, b"a"), (2, 12, b"b"), (5, 15, b"c"), (7, 1, b"")], 0, False),  # extra
+    ([(1, 11, b"a"), (2, 13, b"b"), (5, 15, b"c")], 0, False),   # stale
+    ([(1, 11, b"a"), (1, 11, b"b"), (5, 15, b"c")], 0, False),   # repeated
+    ([(1, 11, b"a"), (2, 12, b"b"), (5, 15, b"c")], 2, False),   # names the sender
+    ([], 0, False),
+])
+def test_dsend_copies_twins(entries, skip, ok):
+    from fastroute.relay import keys
+
+    got = _same(lambda: _dsend_case(keys.py_dsend_copies, entries, skip),
+                _core and (lambda: _dsend_case(_core.dsend_copies, entries, skip)))
+    assert got[0] is ok
+    if not ok:
+        assert got[1:] == ([], [])
+        return
+    names = {1: "phone", 2: "laptop", 5: "tablet"}
+    assert [(i[0], i[2], i[4]) for i in got[1]] == [
+        ("s@x.org/3", e[2], [100 + e[0]]) for e in entries]
+    for (did, _, body), (target, name, (head, tail)) in zip(entries, got[2]):
+        assert (target, name, head) == ("r@x.org", names[did], keys.DDELIVER_HEAD)
+        assert tail == wire.py_deliver_tail(SENDER_PACKED, MID, body, TS_PACKED, 0)

@@ -47,6 +47,7 @@ include "_wire.pxi"
 include "_gate.pxi"
 include "_store.pxi"
 include "_delivery.pxi"
+include "_keys.pxi"
 include "_client.pxi"
 
 __all__ = ["Router", "MAX_MAILBOX_CAPACITY"]

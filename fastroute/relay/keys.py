@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import msgpack
 
 from .. import wire
+from .._compiled import twin
 from ..dedup import PENDING, DedupTable
 from ..errors import (
     DuplicateId,
@@ -56,7 +57,8 @@ if TYPE_CHECKING:
     from .gate import Gate
 
 __all__ = ["KeyDirectory", "Keys", "Slot", "EVENT_POOL_LOW", "EVENT_DEVICE_JOINED",
-           "EVENT_DEVICE_LEFT", "copy_sender", "event_sender"]
+           "EVENT_DEVICE_LEFT", "copy_sender", "dsend_copies", "event_sender",
+           "py_dsend_copies"]
 
 log = logging.getLogger("fastroute.relay")
 
@@ -125,6 +127,40 @@ def pack_stored_sender(sender: str, negotiated: bool) -> Any:
     if not address:
         return (EVENT_HEAD, msgpack.packb(int(rest)))
     return (DDELIVER_HEAD, msgpack.packb(address) + msgpack.packb(int(rest)))
+
+
+def py_dsend_copies(devs: dict, entries: list, skip: int, target: str, register: Callable,
+                    stored_sender: str, cid: bytes, now_ms: int, sp: bytes, ts_packed: bytes,
+                    items: list, copies: list) -> bool:
+    """The per-copy loop of a DSEND (compiled twin in ``_keys.pxi``).
+
+    True when ``entries`` (``(device_id, reg_id, ciphertext)``) name exactly
+    the devices of ``devs`` (device id -> :class:`Slot`) but ``skip``, each once
+    and with its current registration id; then each copy's store item
+    ``(stored_sender, cid, body, now_ms, [device key])`` is appended to
+    ``items`` and ``(target, device name, (DDELIVER head, tail))`` to
+    ``copies``.  False otherwise, with nothing appended: the caller then
+    works out what differs (duplicates, missing, extra, stale).
+    """
+    n = len(devs) - (1 if skip in devs else 0)
+    if len(entries) != n:
+        return False
+    seen = set()
+    for did, reg, _ in entries:
+        slot = devs.get(did)
+        if slot is None or did == skip or slot.reg_id != reg or did in seen:
+            return False
+        seen.add(did)
+    for did, _, body in entries:
+        name = devs[did].name
+        items.append((stored_sender, cid, body, now_ms, [register(target, name)]))
+        copies.append((target, name,
+                       (DDELIVER_HEAD, wire.py_deliver_tail(sp, cid, body, ts_packed, 0))))
+    return True
+
+
+#: :func:`py_dsend_copies`, compiled when the core is built
+dsend_copies = twin(py_dsend_copies)
 
 
 class Slot:
@@ -414,6 +450,10 @@ class Keys:
         self.dedup = DedupTable(config.dedup_window_s, config.dedup_max_entries)
         # per requester address: bundles it may still fetch (each consumes prekeys)
         self._fetch_buckets: dict[str, TokenBucket] = {}
+        # DSENDs accepted in this loop turn, stored together by _persist_batch
+        self._batch_items: list = []
+        self._batch_meta: list = []
+        self._batch_scheduled = False
         # pools whose owner was told they run low: (address, device name, kind)
         self._told_low: set[tuple[str, str, int]] = set()
         self.accepted = 0
@@ -628,28 +668,27 @@ class Keys:
         if not entries:
             self._reply(link, cid, ErrorCode.BAD_FIELD)
             return
-        if (len({e[0] for e in entries}) != len(entries)
-                or len({e[0] for e in own}) != len(own)):
-            self._reply(link, cid, ErrorCode.DUPLICATE_ID)
-            return
         lists = self.dir.lists
         skip = mine.device_id
         theirs = lists[to]
-        missing, extra, stale = _mismatch(theirs, entries, skip if to == sender else 0)
-        own_missing: list = []
-        own_extra: list = []
-        own_stale: list = []
-        if own:
-            if to == sender:
-                own_extra = sorted(e[0] for e in own)
-            else:
-                own_missing, own_extra, own_stale = _mismatch(lists.get(sender, {}), own, skip)
-        if missing or extra or stale or own_missing or own_extra or own_stale:
-            self._reply(link, cid, ErrorCode.DEVICE_MISMATCH,
-                        [missing, extra, stale, own_missing, own_extra, own_stale])
+        own_list = lists.get(sender, {}) if own else {}
+        now_ms = int(time.time() * 1000)
+        ts = wire.ts_packed(now_ms)
+        sp = msgpack.packb(sender) + msgpack.packb(skip)
+        stored_sender = copy_sender(sender, skip)
+        register = self.delivery.store.register_device
+        items: list = []
+        copies: list = []
+        # the common case in one compiled call per list: every entry current
+        if not (dsend_copies(theirs, entries, skip if to == sender else 0, to, register,
+                             stored_sender, cid, now_ms, sp, ts, items, copies)
+                and (not own or (to != sender and dsend_copies(
+                    own_list, own, skip, sender, register, stored_sender, cid, now_ms, sp, ts,
+                    items, copies)))):
+            self._refuse_dsend(link, cid, to, entries, own, skip)
             return
         size = sum(len(e[2]) for e in entries) + sum(len(e[2]) for e in own)
-        n = len(entries) + len(own)
+        n = len(items)
         lg = link.gate_state
         msg_tokens = lg.msg_bucket.refill()
         byte_tokens = lg.byte_bucket.refill()
@@ -658,49 +697,78 @@ class Keys:
             return
         lg.msg_bucket.tokens = msg_tokens - n
         lg.byte_bucket.tokens = byte_tokens - size
-        now_ms = int(time.time() * 1000)
-        ts = wire.ts_packed(now_ms)
-        stored_sender = copy_sender(sender, skip)
-        sp = msgpack.packb(sender) + msgpack.packb(skip)
-        register = self.delivery.store.register_device
-        items = []
-        copies = []
-        own_list = lists.get(sender, {})
-        for target, devs, group in ((to, theirs, entries), (sender, own_list, own)):
-            for did, _, body in group:
-                name = devs[did].name
-                items.append((stored_sender, cid, body, now_ms, [register(target, name)]))
-                copies.append((target, name,
-                               (DDELIVER_HEAD, wire.deliver_tail(sp, cid, body, ts, 0))))
         self.dedup.begin(sender, cid, PENDING, now)
         link.storing += 1
-        fut = self.delivery.persist(items)
-        fut.add_done_callback(lambda f: self._stored(link, cid, copies, f))
+        # every DSEND accepted in this loop turn goes to the store in one batch
+        self._batch_items.extend(items)
+        self._batch_meta.append((link, cid, copies))
+        if not self._batch_scheduled:
+            self._batch_scheduled = True
+            asyncio.get_running_loop().call_soon(self._persist_batch)
 
-    def _stored(self, link: "LinkPort", cid: bytes, copies: list, fut: asyncio.Future) -> None:
-        link.storing -= 1
+    def _refuse_dsend(self, link: "LinkPort", cid: bytes, to: str, entries: list, own: list,
+                      skip: int) -> None:
+        """The precise answer to a DSEND whose entries are not exactly current."""
+        if (len({e[0] for e in entries}) != len(entries)
+                or len({e[0] for e in own}) != len(own)):
+            self._reply(link, cid, ErrorCode.DUPLICATE_ID)
+            return
+        lists = self.dir.lists
         sender = link.address
-        try:
-            exc = fut.exception() if not fut.cancelled() else StoreFailed("store closed")
-            if exc is not None:
-                self.delivery.persisted(None, 0)
-                code = int(getattr(exc, "code", ErrorCode.STORE_FAILED))
-                waiters = self.dedup.forget(sender, cid)
+        missing, extra, stale = _mismatch(lists[to], entries, skip if to == sender else 0)
+        own_missing: list = []
+        own_extra: list = []
+        own_stale: list = []
+        if own:
+            if to == sender:
+                own_extra = sorted(e[0] for e in own)
+            else:
+                own_missing, own_extra, own_stale = _mismatch(lists.get(sender, {}), own, skip)
+        self._reply(link, cid, ErrorCode.DEVICE_MISMATCH,
+                    [missing, extra, stale, own_missing, own_extra, own_stale])
+
+    def _persist_batch(self) -> None:
+        self._batch_scheduled = False
+        items, self._batch_items = self._batch_items, []
+        meta, self._batch_meta = self._batch_meta, []
+        if not meta:
+            return
+        fut = self.delivery.persist(items)
+        fut.add_done_callback(lambda f: self._stored(meta, f))
+
+    def _stored(self, meta: list, fut: asyncio.Future) -> None:
+        """A batch of DSENDs was stored (or refused): route, then answer each sender."""
+        exc = fut.exception() if not fut.cancelled() else StoreFailed("store closed")
+        if exc is not None:
+            self.delivery.persisted(None, 0)
+            code = int(getattr(exc, "code", ErrorCode.STORE_FAILED))
+            log.error("store refused a batch of %d per-device sends (code %d)", len(meta), code)
+        else:
+            mids = fut.result()
+            routed = []
+            at = 0
+            for _, _, copies in meta:
+                for (a, n, (head, tail)) in copies:
+                    routed.append((a, n, (mids[at], tail, head)))
+                    at += 1
+            self.delivery.persisted_copies(routed, mids[-1])
+            self.accepted += len(mids)
+            code = 0
+        now = time.monotonic()
+        for link, cid, _ in meta:
+            link.storing -= 1
+            try:
+                sender = link.address
+                if code:
+                    # refused, so not remembered: the sender may retry the same id
+                    waiters = self.dedup.forget(sender, cid)
+                else:
+                    waiters = self.dedup.finish(sender, cid, 0, now)
                 self._reply(link, cid, code)
                 for other, wcid in waiters or ():
                     self._reply(other, wcid, code)
-                return
-            mids = fut.result()
-            self.delivery.persisted_copies(
-                [(a, n, (mid, tail, head)) for (a, n, (head, tail)), mid in zip(copies, mids)],
-                mids[-1])
-            self.accepted += len(mids)
-            waiters = self.dedup.finish(sender, cid, 0, time.monotonic())
-            self._reply(link, cid, 0)
-            for other, wcid in waiters or ():
-                self._reply(other, wcid, 0)
-        finally:
-            link.stored_all()
+            finally:
+                link.stored_all()
 
     # ------------------------------------------------------------ events
     def event(self, address: str, name: str, kind: int, data: list) -> None:
