@@ -35,7 +35,7 @@ from fastroute.errors import (
 )
 from fastroute.identity import ProviderKey, Registry, issue_credential
 from fastroute.noise import KeyPair
-from relayutil import nothing_arrives, run, world
+from relayutil import LOOPS, nothing_arrives, run, world
 
 EC, KEM = wire.PREKEY_EC, wire.PREKEY_KEM
 
@@ -207,10 +207,18 @@ def test_device_ids_stay_in_1_to_127_and_revocation_frees_them_for_new_reg_ids(t
             bob = await e2ee(w, "bob@home", "phone", 30)
             ev = await recv(a1)  # the other device is told: one joined
             assert isinstance(ev, Event) and (ev.kind, ev.data) == (2, [a2.did, 20])
+            await a2.close()  # offline: its copy waits in the store
+            await bob.send_to_devices("alice@home", [(1, 10, b"x"), (2, 20, b"y")])
+            laptop = w.relay.store.register_device("alice@home", "laptop")
+            assert await w.relay.store.count_pending(laptop) == 1
             with Registry(os.path.join(w.data_dir, "registry.db")) as reg:
                 reg.revoke_device("alice@home", "laptop")
+            assert (await recv_msg(a1)).body == b"x"
             ev = await recv(a1)  # and one left
             assert isinstance(ev, Event) and (ev.kind, ev.data) == (3, [a2.did])
+            await w.relay.store.flush()
+            assert [k for k, *_ in w.relay.store.known_devices()].count(laptop) == 0
+            assert await w.relay.store.count_pending(laptop) == 0  # its undelivered copy went
             for _ in range(50):
                 if await bob.devices("alice@home") == [(1, 10)]:
                     break
@@ -227,7 +235,8 @@ def test_device_ids_stay_in_1_to_127_and_revocation_frees_them_for_new_reg_ids(t
 
 # -- per-device send -----------------------------------------------------------------
 
-def test_per_device_send_reaches_each_device_once_with_the_sender_device(tmp_path):
+@pytest.mark.parametrize("loop", LOOPS)
+def test_per_device_send_reaches_each_device_once_with_the_sender_device(loop, tmp_path):
     async def main():
         async with world(tmp_path) as w:
             a1 = await e2ee(w, "alice@home", "phone", 11)
@@ -254,10 +263,11 @@ def test_per_device_send_reaches_each_device_once_with_the_sender_device(tmp_pat
             await b1.send_to_devices("alice@home", [(1, 11, bodies[0]), (2, 12, bodies[1])])
             assert (await recv_msg(a1)).body == bodies[0]
             assert (await recv_msg(a2)).body == bodies[1]
-    run("asyncio", main())
+    run(loop, main())
 
 
-def test_mismatches_missing_extra_stale_then_refresh_and_resend_once(tmp_path):
+@pytest.mark.parametrize("loop", LOOPS)
+def test_mismatches_missing_extra_stale_then_refresh_and_resend_once(loop, tmp_path):
     async def main():
         async with world(tmp_path) as w:
             a1 = await e2ee(w, "alice@home", "phone", 11)
@@ -307,7 +317,7 @@ def test_mismatches_missing_extra_stale_then_refresh_and_resend_once(tmp_path):
                 await b1.send_to_devices("alice@home", [(1, 11, b"x")], own=[(3, 5, b"y")])
             assert (err.value.own_missing, err.value.own_extra) == ([2], [3])
             assert await nothing_arrives(b2, 0.1)
-    run("asyncio", main())
+    run(loop, main())
 
 
 def test_offline_devices_get_their_copies_in_order_and_v1_links_never_do(tmp_path):

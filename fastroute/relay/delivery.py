@@ -251,6 +251,24 @@ class Delivery:
         self._by_device[(address, device)] = feed
         return feed
 
+    def forget_device(self, address: str, device: str) -> None:
+        """Drop a revoked device's undelivered messages; later SENDs no longer store for it.
+
+        A store without ``forget_device`` (the :class:`~fastroute.store.Store`
+        protocol does not require it) keeps them until their TTL.
+        """
+        store = self.store
+        forget = getattr(store, "forget_device", None)
+        if forget is None:
+            return
+        dkey = store.register_device(address, device)
+        keys = self.known.get(address)
+        if keys is not None and dkey in keys:
+            keys.remove(dkey)
+            if not keys:
+                del self.known[address]
+        forget(dkey)
+
     def detach(self, link: "LinkPort") -> None:
         """Take a link's device offline (idempotent).
 

@@ -813,10 +813,7 @@ class Keys:
         for slot in [s for s in self.dir.by_name.values() if is_revoked(s.address, s.name)]:
             self.dir._forget(slot)
             fut = self.dir.submit(self.dir.remove_work(slot.address, slot.name))
-            store = self.delivery.store
-            forget = getattr(store, "forget_device", None)
-            if forget is not None:
-                forget(store.register_device(slot.address, slot.name))
+            self.delivery.forget_device(slot.address, slot.name)
 
             def done(f: asyncio.Future, slot: Slot = slot) -> None:
                 if not f.cancelled() and f.exception() is None and f.result() is not None:
