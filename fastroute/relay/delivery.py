@@ -153,6 +153,8 @@ class LinkPort(Protocol):
     features: frozenset[str]
     #: multi-op DSENDs being gathered, by id (the keys stage's)
     dsends: dict
+    #: set while the backlog sync waits for the link's first frame (see Link.hold_sync)
+    sync_hold: Any
 
     def is_open(self) -> bool:
         """Whether ops queued in :attr:`out` will still be written."""
@@ -411,8 +413,10 @@ class Delivery:
 
     # ---------------------------------------------------------- sync
     def start_sync(self, feed: Feed) -> None:
-        """Run :meth:`_sync` for ``feed`` unless it is already running."""
-        if feed.sync_task is None and feed.dev >= 0:
+        """Run :meth:`_sync` for ``feed`` unless it is already running, or held
+        until the link's first frame (:meth:`~fastroute.relay.link.Link.hold_sync`,
+        whose release calls this again)."""
+        if feed.sync_task is None and feed.dev >= 0 and feed.link.sync_hold is None:
             assert self._loop is not None
             feed.sync_task = self._loop.create_task(self._sync(feed))
 
