@@ -102,6 +102,8 @@ class RelayConfig:
     prekey_ec_cap: int = 500
     prekey_kem_cap: int = 200
     prekey_low_water: int = 10
+    #: a device offline and silent this long leaves its address's device list
+    device_retention_s: int = 30 * 86400
     prekey_fetches_per_s: float = 2.0
     prekey_fetch_burst: float = 200.0
     #: listen on ``data_dir/admin.sock`` (mode 0600) for ``fastroute record``; off by default

@@ -529,3 +529,26 @@ def test_no_one_time_prekey_is_handed_out_twice_across_sigkill(tmp_path):
     assert len(handed) == len(set(handed)) == 30 and len(kems) == len(set(kems)) == 30
     assert sorted(handed) == sorted(ks["one_time_prekeys"])
     assert [b.one_time_prekey for b in before] == ks["one_time_prekeys"][:10]
+
+
+def test_a_device_silent_past_the_retention_period_leaves_the_list(tmp_path):
+    async def main():
+        async with world(tmp_path) as w:
+            a1 = await e2ee(w, "alice@home", "phone", 10)
+            a2 = await e2ee(w, "alice@home", "laptop", 20)
+            bob = await e2ee(w, "bob@home", "phone", 30)
+            assert (await recv(a1)).kind == 2
+            keys = w.relay.keys
+            await a2.close()
+            await asyncio.sleep(0.05)
+            cutoff = keys.dir.slot("alice@home", "laptop").seen + 1
+            assert keys.dir.slot("alice@home", "phone").seen < cutoff
+            keys.prune(lambda a, d: False, cutoff)  # a1 is online, a2 silent since cutoff
+            ev = await recv(a1)
+            assert (ev.kind, ev.data) == (3, [a2.did])
+            assert await bob.devices("alice@home") == [(1, 10)]
+            # the slot is gone on disk too: a restarted relay would not list it
+            rows = keys.dir._conn.execute("SELECT name FROM slots WHERE address = ?",
+                                          ("alice@home",)).fetchall()
+            assert rows == [("phone",)]
+    run("asyncio", main())

@@ -80,6 +80,7 @@ CREATE TABLE IF NOT EXISTS slots(
     identity BLOB NOT NULL,
     signed BLOB NOT NULL,        -- msgpack [key id, public, signature]
     last_resort BLOB NOT NULL,   -- msgpack [key id, public, signature]
+    seen_s INTEGER NOT NULL DEFAULT 0,  -- last connection or disconnection, Unix s
     PRIMARY KEY(address, name),
     UNIQUE(address, device_id));
 -- device ids given up by revocation, with the registration id they had
@@ -166,13 +167,16 @@ dsend_copies = twin(py_dsend_copies)
 class Slot:
     """One device's place in its address's device list (what memory keeps of it)."""
 
-    __slots__ = ("address", "name", "device_id", "reg_id")
+    __slots__ = ("address", "name", "device_id", "reg_id", "seen")
 
-    def __init__(self, address: str, name: str, device_id: int, reg_id: int) -> None:
+    def __init__(self, address: str, name: str, device_id: int, reg_id: int,
+                 seen: int = 0) -> None:
         self.address = address
         self.name = name
         self.device_id = device_id
         self.reg_id = reg_id
+        #: when the device last connected or disconnected (Unix s), for retention
+        self.seen = seen
 
 
 class KeyDirectory:
@@ -200,12 +204,13 @@ class KeyDirectory:
         self._conn.executescript(_SCHEMA)
         self.lists: dict[str, dict[int, Slot]] = {}
         self.by_name: dict[tuple[str, str], Slot] = {}
-        for address, name, did, reg in self._conn.execute(
-                "SELECT address, name, device_id, reg_id FROM slots"):
-            self._remember(Slot(address, name, did, reg))
+        for address, name, did, reg, seen in self._conn.execute(
+                "SELECT address, name, device_id, reg_id, seen_s FROM slots"):
+            self._remember(Slot(address, name, did, reg, seen))
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fastroute-keys")
         self._queue: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future]] = []
         self._busy = False
+        self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self.commits = 0
 
@@ -233,6 +238,9 @@ class KeyDirectory:
         loop = self._loop or asyncio.get_running_loop()
         self._loop = loop
         fut = loop.create_future()
+        if self._closed:
+            fut.set_exception(StoreFailed("key directory is closed"))
+            return fut
         self._queue.append((work, fut))
         if not self._busy:
             self._busy = True
@@ -242,6 +250,12 @@ class KeyDirectory:
     def _start(self) -> None:
         batch, self._queue = self._queue, []
         if not batch:
+            self._busy = False
+            return
+        if self._closed:
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(StoreFailed("key directory is closed"))
             self._busy = False
             return
         assert self._loop is not None
@@ -287,7 +301,8 @@ class KeyDirectory:
         self._start()
 
     def close(self) -> None:
-        """Finish queued work and close the file (the loop must not submit more)."""
+        """Finish the running batch and close the file; later work is refused."""
+        self._closed = True
         self._pool.shutdown(wait=True)
         self._conn.close()
 
@@ -301,6 +316,7 @@ class KeyDirectory:
         """
         signed_b = msgpack.packb(list(signed))
         last_b = msgpack.packb(list(last_resort))
+        now = int(time.time())
 
         def work(conn: sqlite3.Connection) -> tuple[int, int]:
             row = conn.execute("SELECT device_id, reg_id FROM slots WHERE address = ? AND "
@@ -308,8 +324,8 @@ class KeyDirectory:
             if row is not None:
                 did, old_reg = row
                 conn.execute("UPDATE slots SET reg_id = ?, identity = ?, signed = ?, "
-                             "last_resort = ? WHERE address = ? AND name = ?",
-                             (reg_id, identity, signed_b, last_b, address, name))
+                             "last_resort = ?, seen_s = ? WHERE address = ? AND name = ?",
+                             (reg_id, identity, signed_b, last_b, now, address, name))
                 if clear or old_reg != reg_id:
                     # a re-created device's old one-time prekeys belong to keys it lost
                     conn.execute("DELETE FROM prekeys WHERE address = ? AND device_id = ?",
@@ -329,8 +345,8 @@ class KeyDirectory:
             conn.execute("DELETE FROM prekeys WHERE address = ? AND device_id = ?",
                          (address, did))
             conn.execute("INSERT INTO slots(address, name, device_id, reg_id, identity, "
-                         "signed, last_resort) VALUES (?,?,?,?,?,?,?)",
-                         (address, name, did, reg_id, identity, signed_b, last_b))
+                         "signed, last_resort, seen_s) VALUES (?,?,?,?,?,?,?,?)",
+                         (address, name, did, reg_id, identity, signed_b, last_b, now))
             return did, EVENT_DEVICE_JOINED
 
         return work
@@ -398,6 +414,15 @@ class KeyDirectory:
                     kem if kem is not None else last_resort,
                     b"\xc2" if kem is not None else b"\xc3")))
             return out, low
+
+        return work
+
+    def seen_work(self, address: str, name: str, now: int) -> Callable:
+        """Record that a device connected or disconnected (for retention)."""
+
+        def work(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE slots SET seen_s = ? WHERE address = ? AND name = ?",
+                         (now, address, name))
 
         return work
 
@@ -533,7 +558,7 @@ class Keys:
             old = self.dir.slot(address, name)
             if old is not None:
                 self.dir._forget(old)
-            self.dir._remember(Slot(address, name, did, reg_id))
+            self.dir._remember(Slot(address, name, did, reg_id, int(time.time())))
             self._reply(link, cid, 0, did)
             if event:
                 self._event_to_others(address, did, EVENT_DEVICE_JOINED, [did, reg_id])
@@ -808,9 +833,24 @@ class Keys:
         fut.add_done_callback(done)
 
     # ------------------------------------------------------------ upkeep
-    def prune(self, is_revoked: Callable[[str, str], bool]) -> None:
-        """Take revoked devices out of their lists, drop their undelivered messages."""
-        for slot in [s for s in self.dir.by_name.values() if is_revoked(s.address, s.name)]:
+    def seen(self, address: str, name: str) -> None:
+        """A device with a slot connected or disconnected: it is not silent."""
+        slot = self.dir.slot(address, name)
+        if slot is not None:
+            slot.seen = now = int(time.time())
+            fut = self.dir.submit(self.dir.seen_work(address, name, now))
+            # best effort: a lost update only makes the device look older
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    def prune(self, is_revoked: Callable[[str, str], bool],
+              silent_before: float | None = None) -> None:
+        """Take revoked devices out of their lists, and (with ``silent_before``, Unix s)
+        devices offline and silent since before then; drop their undelivered messages."""
+        online = self.delivery.feed_of
+        gone = [s for s in self.dir.by_name.values() if is_revoked(s.address, s.name) or (
+            silent_before is not None and s.seen < silent_before
+            and online(s.address, s.name) is None)]
+        for slot in gone:
             self.dir._forget(slot)
             fut = self.dir.submit(self.dir.remove_work(slot.address, slot.name))
             self.delivery.forget_device(slot.address, slot.name)

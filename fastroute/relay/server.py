@@ -292,6 +292,7 @@ class Relay:
         link.out.append(wire.welcome_op(cred.address, cred.device, int(time.time() * 1000)))
         delivery.mark(link)
         if self.keys is not None and self.keys.dir.slot(cred.address, cred.device) is not None:
+            self.keys.seen(cred.address, cred.device)
             # Its backlog may hold per-device copies, which only a link that
             # negotiated e2ee may get: a client sends FEATURES in its first
             # frame (docs/PROTOCOL.md 14.2), so the sync waits for that frame
@@ -304,6 +305,8 @@ class Relay:
     def _lost(self, link: LinkPort) -> None:
         # every link of this relay is a Link; the stages see them as LinkPorts
         self.links.discard(cast(Link, link))
+        if self.keys is not None and link.feed is not None and link.cred is not None:
+            self.keys.seen(link.cred.address, link.cred.device)
         if self.delivery is not None:
             self.delivery.detach(link)
 

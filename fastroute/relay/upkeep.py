@@ -92,6 +92,10 @@ class Upkeep:
                 if now - last_expire > EXPIRE_EVERY_S:
                     last_expire = now
                     self.gate.expire()
+                    if self.keys is not None:
+                        # devices silent past the retention period leave their lists
+                        self.keys.prune(self.gate.trust.is_revoked,
+                                        time.time() - self.config.device_retention_s)
                     await self.store.expire(int(time.time() * 1000))
                     await self.media.expire()
             except asyncio.CancelledError:
