@@ -552,3 +552,57 @@ def test_a_device_silent_past_the_retention_period_leaves_the_list(tmp_path):
                                           ("alice@home",)).fetchall()
             assert rows == [("phone",)]
     run("asyncio", main())
+
+
+def test_feature_ops_with_bad_fields_follow_the_negotiation_rule(tmp_path):
+    async def main():
+        async with world(tmp_path) as w:
+            v1 = await recorder(w, "bob@home", "phone")
+            e = await recorder(w, "carol@home", "phone", features=("e2ee",))
+            bad = msgpack.packb([1003, b"r" * 16, "alice@home", [0]])  # device id 0
+            for c in (v1, e):
+                c._write([bad, msgpack.packb([10, b"f" * 16, ["e2ee", 7]])])
+                await c.ping()
+            ops = [op for pt in v1.plaintexts[1:] for op in wire.decode_server_frame(pt)]
+            # v1 link: the feature op is unknown whatever its fields, the bad FEATURES an ERROR
+            assert [(op[0], op[1]) for op in ops[:2]] == [
+                (wire.Op.ERROR, ErrorCode.UNKNOWN_OP), (wire.Op.ERROR, ErrorCode.BAD_FIELD)]
+            ops = [op for pt in e.plaintexts[1:] for op in wire.decode_server_frame(pt)]
+            ops = [op for op in ops if op[0] != wire.Op.FEATURES_OK]
+            assert ops[0][:3] == (wire.Op.REPLY, b"r" * 16, ErrorCode.BAD_FIELD)
+            assert (ops[1][0], ops[1][1]) == (wire.Op.ERROR, ErrorCode.BAD_FIELD)
+    run("asyncio", main())
+
+
+def test_multi_part_dsend_limits_and_parts_for_another_recipient(tmp_path):
+    async def main():
+        async with world(tmp_path) as w:
+            a1 = await e2ee(w, "alice@home", "phone", 11)
+            bob = await e2ee(w, "bob@home", "phone", 21)
+            cid = os.urandom(16)
+            # a part for one recipient, the rest for another: refused, nothing stored
+            with pytest.raises(FastrouteError) as err:
+                await bob._request([wire.dsend_op(cid, "alice@home", True, [(1, 11, b"a")], []),
+                                    wire.dsend_op(cid, "carol@home", False, [], [])], cid)
+            assert err.value.code == ErrorCode.BAD_FIELD
+            # more entries over the parts than a device list can hold
+            cid = os.urandom(16)
+            parts = [wire.dsend_op(cid, "alice@home", True,
+                                   [(d, 11, b"x") for d in range(1, 101)], [])
+                     for _ in range(2)]
+            with pytest.raises(FastrouteError) as err:
+                await bob._request(parts, cid)
+            assert err.value.code == ErrorCode.BAD_FIELD
+            # at most 4 unfinished multi-part sends per link
+            for _ in range(4):
+                bob._write([wire.dsend_op(os.urandom(16), "alice@home", True, [], [])])
+            cid = os.urandom(16)
+            with pytest.raises(RateLimited):
+                await bob._request([wire.dsend_op(cid, "alice@home", True, [], [])], cid)
+            assert await no_message(a1)
+            # a sender without keys cannot send per device
+            nokeys = await e2ee(w, "dave@home", "phone")
+            with pytest.raises(FastrouteError) as err:
+                await nokeys.send_to_devices("alice@home", [(1, 11, b"x")])
+            assert err.value.code == ErrorCode.NO_KEYS
+    run("asyncio", main())
