@@ -886,11 +886,12 @@ def _dsend_case(fn, entries, skip):
 
     devs = {1: Slot("r@x.org", "phone", 1, 11), 2: Slot("r@x.org", "laptop", 2, 12),
             5: Slot("r@x.org", "tablet", 5, 15)}
-    keys = {"phone": 101, "laptop": 102, "tablet": 105}
+    for did, slot in devs.items():
+        slot.dkey = 100 + did
     items: list = []
     copies: list = []
-    ok = fn(devs, entries, skip, "r@x.org", lambda a, n: keys[n], "s@x.org/3", MID, TS,
-            SENDER_PACKED, TS_PACKED, items, copies)
+    ok = fn(devs, entries, skip, "r@x.org", "s@x.org/3", MID, TS, SENDER_PACKED, TS_PACKED,
+            items, copies)
     return ok, items, copies
 
 

@@ -585,3 +585,14 @@ def test_each_op_rule_gives_its_exact_error(direction, op, code, reason, opcode,
 def test_every_opcode_has_its_error_rows():
     # a new op needs rows above: its reasons are on the wire too
     assert {int(o) for o in Op} <= {row[4] for row in OP_ERRORS}
+
+
+def test_reply_builders_agree_with_msgpack():
+    assert wire.reply_ok_op(MID) == wire.reply_op(MID, 0) == msgpack.packb(
+        [2000, MID, 0, True, None])
+    items = [msgpack.packb([1, b"k"]), msgpack.packb([2, b"kk"])]
+    for last in (False, True):
+        assert msgpack.unpackb(wire.reply_packed_op(MID, 0, last, items)) == [
+            2000, MID, 0, last, [[1, b"k"], [2, b"kk"]]]
+    many = [msgpack.packb(i) for i in range(20)]  # array16 header past 15 items
+    assert msgpack.unpackb(wire.reply_packed_op(MID, 0, True, many))[4] == list(range(20))

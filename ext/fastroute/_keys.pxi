@@ -11,9 +11,9 @@
 cdef bytes DDELIVER_HEAD_BYTES = b"\x98\xcd\x07\xd1"
 
 
-def dsend_copies(dict devs, list entries, long skip, str target, object register,
-                 str stored_sender, bytes cid, object now_ms, bytes sp, bytes ts_packed,
-                 list items, list copies):
+def dsend_copies(dict devs, list entries, long skip, str target, str stored_sender,
+                 bytes cid, object now_ms, bytes sp, bytes ts_packed, list items,
+                 list copies):
     """Check a DSEND's entries against a device list; build its store items and copies.
 
     True when ``entries`` name exactly the devices of ``devs`` (device id ->
@@ -45,8 +45,9 @@ def dsend_copies(dict devs, list entries, long skip, str target, object register
     for i in range(n):
         entry = entries[i]
         body = entry[2]
-        name = (<object>devs[entry[0]]).name
-        items.append((stored_sender, cid, body, now_ms, [register(target, name)]))
+        slot = devs[entry[0]]
+        name = slot.name
+        items.append((stored_sender, cid, body, now_ms, [slot.dkey]))
         copies.append((target, name,
                        (DDELIVER_HEAD_BYTES, c_deliver_tail(sp, cid, body, ts_packed, 0))))
     return True

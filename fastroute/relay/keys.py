@@ -130,15 +130,15 @@ def pack_stored_sender(sender: str, negotiated: bool) -> Any:
     return (DDELIVER_HEAD, msgpack.packb(address) + msgpack.packb(int(rest)))
 
 
-def py_dsend_copies(devs: dict, entries: list, skip: int, target: str, register: Callable,
-                    stored_sender: str, cid: bytes, now_ms: int, sp: bytes, ts_packed: bytes,
-                    items: list, copies: list) -> bool:
+def py_dsend_copies(devs: dict, entries: list, skip: int, target: str, stored_sender: str,
+                    cid: bytes, now_ms: int, sp: bytes, ts_packed: bytes, items: list,
+                    copies: list) -> bool:
     """The per-copy loop of a DSEND (compiled twin in ``_keys.pxi``).
 
     True when ``entries`` (``(device_id, reg_id, ciphertext)``) name exactly
     the devices of ``devs`` (device id -> :class:`Slot`) but ``skip``, each once
     and with its current registration id; then each copy's store item
-    ``(stored_sender, cid, body, now_ms, [device key])`` is appended to
+    ``(stored_sender, cid, body, now_ms, [slot.dkey])`` is appended to
     ``items`` and ``(target, device name, (DDELIVER head, tail))`` to
     ``copies``.  False otherwise, with nothing appended: the caller then
     works out what differs (duplicates, missing, extra, stale).
@@ -153,8 +153,9 @@ def py_dsend_copies(devs: dict, entries: list, skip: int, target: str, register:
             return False
         seen.add(did)
     for did, _, body in entries:
-        name = devs[did].name
-        items.append((stored_sender, cid, body, now_ms, [register(target, name)]))
+        slot = devs[did]
+        name = slot.name
+        items.append((stored_sender, cid, body, now_ms, [slot.dkey]))
         copies.append((target, name,
                        (DDELIVER_HEAD, wire.py_deliver_tail(sp, cid, body, ts_packed, 0))))
     return True
@@ -167,7 +168,7 @@ dsend_copies = twin(py_dsend_copies)
 class Slot:
     """One device's place in its address's device list (what memory keeps of it)."""
 
-    __slots__ = ("address", "name", "device_id", "reg_id", "seen")
+    __slots__ = ("address", "name", "device_id", "reg_id", "seen", "dkey")
 
     def __init__(self, address: str, name: str, device_id: int, reg_id: int,
                  seen: int = 0) -> None:
@@ -177,6 +178,8 @@ class Slot:
         self.reg_id = reg_id
         #: when the device last connected or disconnected (Unix s), for retention
         self.seen = seen
+        #: its key in the message store (the keys stage fills it in)
+        self.dkey = 0
 
 
 class KeyDirectory:
@@ -473,6 +476,11 @@ class Keys:
         self.delivery = delivery
         self.count_error = count_error
         self.dedup = DedupTable(config.dedup_window_s, config.dedup_max_entries)
+        register = delivery.store.register_device
+        for slot in directory.by_name.values():
+            slot.dkey = register(slot.address, slot.name)
+        # per sending device: its DDELIVER fields and the store's sender (packed once)
+        self._senders: dict[tuple[str, int], tuple[bytes, str]] = {}
         # per requester address: bundles it may still fetch (each consumes prekeys)
         self._fetch_buckets: dict[str, TokenBucket] = {}
         # DSENDs accepted in this loop turn, stored together by _persist_batch
@@ -489,7 +497,8 @@ class Keys:
         if code:
             self.count_error(code)
         if link.is_open():
-            link.out.append(wire.reply_op(cid, code, last, result))
+            link.out.append(wire.reply_ok_op(cid) if not code and result is None and last
+                            else wire.reply_op(cid, code, last, result))
             self.delivery.mark(link)
 
     def _reply_parts(self, link: "LinkPort", cid: bytes, packed: list[bytes]) -> None:
@@ -558,7 +567,9 @@ class Keys:
             old = self.dir.slot(address, name)
             if old is not None:
                 self.dir._forget(old)
-            self.dir._remember(Slot(address, name, did, reg_id, int(time.time())))
+            slot = Slot(address, name, did, reg_id, int(time.time()))
+            slot.dkey = self.delivery.store.register_device(address, name)
+            self.dir._remember(slot)
             self._reply(link, cid, 0, did)
             if event:
                 self._event_to_others(address, did, EVENT_DEVICE_JOINED, [did, reg_id])
@@ -699,16 +710,20 @@ class Keys:
         own_list = lists.get(sender, {}) if own else {}
         now_ms = int(time.time() * 1000)
         ts = wire.ts_packed(now_ms)
-        sp = msgpack.packb(sender) + msgpack.packb(skip)
-        stored_sender = copy_sender(sender, skip)
-        register = self.delivery.store.register_device
+        packed = self._senders.get((sender, skip))
+        if packed is None:
+            if len(self._senders) > 1 << 16:
+                self._senders.clear()
+            packed = self._senders[(sender, skip)] = (
+                msgpack.packb(sender) + msgpack.packb(skip), copy_sender(sender, skip))
+        sp, stored_sender = packed
         items: list = []
         copies: list = []
         # the common case in one compiled call per list: every entry current
-        if not (dsend_copies(theirs, entries, skip if to == sender else 0, to, register,
+        if not (dsend_copies(theirs, entries, skip if to == sender else 0, to,
                              stored_sender, cid, now_ms, sp, ts, items, copies)
                 and (not own or (to != sender and dsend_copies(
-                    own_list, own, skip, sender, register, stored_sender, cid, now_ms, sp, ts,
+                    own_list, own, skip, sender, stored_sender, cid, now_ms, sp, ts,
                     items, copies)))):
             self._refuse_dsend(link, cid, to, entries, own, skip)
             return
