@@ -615,6 +615,19 @@ def py_decode_sends(plaintext: object, addr_ok: set[str]) -> list[DecodedOp] | N
     return list(frame)
 
 
+def py_dsend_ok(op: object, addr_ok: set[str]) -> bool:
+    """Specification of the compiled ``dsend_ok``: whether a decoded op is a valid
+    DSEND (what :func:`_check_op` would accept) whose recipient is in
+    ``addr_ok``.  False says nothing about the op: the precise check follows."""
+    if type(op) is not tuple or len(op) != 6:
+        return False
+    opcode, mid, to, more, entries, own = op
+    return (opcode == 1004 and type(opcode) is int                      # Op.DSEND
+            and type(mid) is bytes and len(mid) == ID_LEN
+            and type(to) is str and to in addr_ok and type(more) is bool
+            and _is_entries(entries) and _is_entries(own))
+
+
 def decode_client_frame_precise(plaintext: bytes) -> list[DecodedOp]:
     """:func:`decode_client_frame` without its SEND fast path: every op checked
     precisely (the oracle the fast path is tested against)."""
@@ -626,6 +639,7 @@ def decode_client_frame_precise(plaintext: bytes) -> list[DecodedOp]:
     # opcode is a literal for the same reason: 1 is Op.SEND, defined there.
     addr_ok = _ADDR_OK
     max_body = MAX_BODY
+    dsend = dsend_ok
     i = 0
     for op in frame:
         if type(op) is tuple and len(op) == 5:
@@ -637,6 +651,9 @@ def decode_client_frame_precise(plaintext: bytes) -> list[DecodedOp]:
                     and type(cls) is int and 0 <= cls <= 1):
                 i += 1
                 continue
+        elif dsend(op, addr_ok):  # a per-device send: compiled when the core is built
+            i += 1
+            continue
         return _slow(frame, i, _CLIENT_CHECKS)
     return list(frame)
 
@@ -1261,6 +1278,8 @@ def py_sack_ok_op(cid: bytes) -> bytes:
 
 # the implementations in use: compiled (fastroute._core) or the specs above
 _decode_sends = twin(py_decode_sends)
+#: :func:`py_dsend_ok`, compiled when the core is built
+dsend_ok = twin(py_dsend_ok)
 _decode_server_ops = twin(py_decode_server_ops)
 _pack_frames = twin(py_pack_frames)
 #: :func:`py_deliver_tail`, compiled when the core is built

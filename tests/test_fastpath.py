@@ -78,6 +78,7 @@ def test_compiled_twins_loaded():
     pairs = [(wire.deliver_tail, wire.py_deliver_tail), (wire.sack_ok_op, wire.py_sack_ok_op),
              (wire._pack_frames, wire.py_pack_frames), (wire._decode_sends, wire.py_decode_sends),
              (wire._decode_server_ops, wire.py_decode_server_ops),
+             (wire.dsend_ok, wire.py_dsend_ok),
              (gate_mod.accept_sends, gate_mod.py_accept_sends),
              (gate_mod.stored_sacks, gate_mod.py_stored_sacks),
              (gate_mod.route_items, gate_mod.py_route_items),
@@ -921,3 +922,37 @@ def test_dsend_copies_twins(entries, skip, ok):
     for (did, _, body), (target, name, (head, tail)) in zip(entries, got[2]):
         assert (target, name, head) == ("r@x.org", names[did], keys.DDELIVER_HEAD)
         assert tail == wire.py_deliver_tail(SENDER_PACKED, MID, body, TS_PACKED, 0)
+
+
+_DSENDS = [
+    (1004, MID, "bob@example.org", False, ((1, 5, b"c"),), ()),
+    (1004, MID, "bob@example.org", True, ((1, 5, b"c"), (127, 16383, b"")), ((2, 1, b"o"),)),
+    (1004, MID, "bob@example.org", False, (), ()),
+    (1004, MID, "bob@example.org", 0, ((1, 5, b"c"),), ()),            # more not a bool
+    (1004, MID, "bob@example.org", False, ((0, 5, b"c"),), ()),        # device id 0
+    (1004, MID, "bob@example.org", False, ((128, 5, b"c"),), ()),      # device id 128
+    (1004, MID, "bob@example.org", False, ((True, 5, b"c"),), ()),     # a bool is no int
+    (1004, MID, "bob@example.org", False, ((1, 16384, b"c"),), ()),    # reg id 15 bits
+    (1004, MID, "bob@example.org", False, ((1, 5, "c"),), ()),         # str body
+    (1004, MID, "bob@example.org", False, ((1, 5, b"c" * 61441),), ()),
+    (1004, MID, "bob@example.org", False, tuple((1, 5, b"") for _ in range(128)), ()),
+    (1004, MID, "bob@example.org", False, ((1, 5),), ()),
+    (1004, MID, "bob@example.org", False, [(1, 5, b"c")], ()),         # a list is no array here
+    (1004, MID[:15], "bob@example.org", False, (), ()),
+    (1004, MID, "not cached@x.org", False, (), ()),
+    (1004, MID, "bob@example.org", False, ()),                         # arity
+    (1003, MID, "bob@example.org", False, (), ()),
+    (True, MID, "bob@example.org", False, (), ()),
+    [1004, MID, "bob@example.org", False, (), ()],
+]
+
+
+@pytest.mark.parametrize("op", _DSENDS, ids=range(len(_DSENDS)))
+def test_dsend_ok_twins_accept_only_what_the_precise_check_accepts(op):
+    addr_ok = {"bob@example.org"}
+    got = _same(*_both(wire.py_dsend_ok), op, addr_ok)
+    precise = wire._check_op(op, wire._CLIENT_CHECKS)
+    if got:
+        assert precise is op  # the fast path never accepts what the checker refuses
+    elif precise is op:
+        assert op[2] not in addr_ok  # it only declines what it cannot vouch for

@@ -18,13 +18,19 @@ from cpython.list cimport PyList_GET_SIZE, PyList_New
 from cpython.long cimport (
     PyLong_AsLongLongAndOverflow,
     PyLong_Check,
+    PyLong_CheckExact,
     PyLong_FromLongLong,
     PyLong_FromUnsignedLongLong,
 )
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_INCREF
-from cpython.tuple cimport PyTuple_Check, PyTuple_GET_ITEM, PyTuple_GET_SIZE
+from cpython.tuple cimport (
+    PyTuple_Check,
+    PyTuple_CheckExact,
+    PyTuple_GET_ITEM,
+    PyTuple_GET_SIZE,
+)
 from cpython.unicode cimport PyUnicode_Check, PyUnicode_CheckExact
 from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memmove
