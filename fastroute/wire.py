@@ -661,7 +661,7 @@ def decode_client_frame_precise(plaintext: bytes) -> list[DecodedOp]:
 def decode_server_frame(plaintext: bytes) -> list[DecodedOp]:
     """Decode a relay -> client frame; the client-side twin of
     :func:`decode_client_frame` (fast paths: DELIVER and SACK, the ops that
-    come by the thousand)."""
+    come by the thousand, then DDELIVER and REPLY)."""
     ops = _decode_server_ops(plaintext, _ADDR_OK)
     return ops if ops is not None else decode_server_frame_precise(plaintext)
 
@@ -722,6 +722,26 @@ def decode_server_frame_precise(plaintext: bytes) -> list[DecodedOp]:
                     and type(body) is bytes and len(body) <= max_body
                     and type(ts) is int and ts >= 0
                     and type(cls) is int and 0 <= cls <= 1):
+                i += 1
+                continue
+        elif type(op) is tuple and len(op) == 8:
+            opcode, seq, sender, sdev, mid, body, ts, cls = op
+            if (opcode == 2001 and type(opcode) is int               # DDELIVER
+                    and type(seq) is int and seq >= 0
+                    and type(sender) is str and sender in addr_ok
+                    and type(sdev) is int and sdev >= 0
+                    and type(mid) is bytes and len(mid) == 16        # ID_LEN
+                    and type(body) is bytes and len(body) <= max_body
+                    and type(ts) is int and ts >= 0
+                    and type(cls) is int and 0 <= cls <= 1):
+                i += 1
+                continue
+        elif type(op) is tuple and len(op) == 5:
+            # REPLY (the answer to each per-device send); its result is any value
+            opcode, mid, code, last = op[:4]
+            if (opcode == 2000 and type(opcode) is int
+                    and type(mid) is bytes and len(mid) == 16
+                    and type(code) is int and code >= 0 and type(last) is bool):
                 i += 1
                 continue
         return _slow(frame, i, _SERVER_CHECKS)

@@ -596,3 +596,16 @@ def test_reply_builders_agree_with_msgpack():
             2000, MID, 0, last, [[1, b"k"], [2, b"kk"]]]
     many = [msgpack.packb(i) for i in range(20)]  # array16 header past 15 items
     assert msgpack.unpackb(wire.reply_packed_op(MID, 0, True, many))[4] == list(range(20))
+
+
+@pytest.mark.parametrize("op", [
+    [2001, 1, ADDR, 3, MID, b"c", 5, 0], [2001, 1, ADDR, -3, MID, b"c", 5, 0],
+    [2001, 1, ADDR, 3, MID, b"c", 5, 2], [2001, 1, ADDR, True, MID, b"c", 5, 0],
+    [2000, MID, 0, True, None], [2000, MID, 306, True, [[1], [], [], [], [], []]],
+    [2000, MID, 0, 1, None], [2000, MID[:3], 0, True, None], [2000, MID, -1, True, None]])
+def test_server_fast_path_agrees_with_the_precise_checks(op):
+    # the same op after a DELIVER-free prefix (fast path) and alone through the checker
+    frame = msgpack.packb([op])
+    got = wire.decode_server_frame_precise(frame)
+    assert got == [wire._check_op(tuple(msgpack.unpackb(frame, use_list=False)[0]),
+                                  wire._SERVER_CHECKS)]
