@@ -773,6 +773,17 @@ class Client:
         await self._request(ops, cid)
         return cid
 
+    async def refresh(self, address: str, mismatch: DeviceMismatch) -> list[Bundle]:
+        """After a :class:`~fastroute.errors.DeviceMismatch` for ``address``: the
+        bundles of its missing and stale devices (to start new sessions with),
+        fetched in one request; drop the sessions with ``mismatch.extra``
+        yourself, then resend with the same id.  Pass this user's own address
+        for the ``own_*`` lists."""
+        own = address == self.address
+        want = sorted(set(mismatch.own_missing if own else mismatch.missing)
+                      | set(mismatch.own_stale if own else mismatch.stale))
+        return await self.bundles(address, want) if want else []
+
     def _on_reply(self, op: tuple) -> None:
         entry = self._requests.get(op[1])
         if entry is None:
@@ -963,8 +974,15 @@ class Client:
                 if fut is not None and not fut.done():
                     fut.set_result(None)
             elif kind == wire.Op.ERROR:
-                # A per-frame protocol error: the relay kept the link open.
-                pass
+                # A per-frame protocol error: the relay kept the link open.  The
+                # first UNKNOWN_OP while FEATURES is unanswered is a relay without
+                # negotiation (v1), answering the FEATURES of our first frame.
+                fut = self._features_fut
+                if op[1] == ErrorCode.UNKNOWN_OP and fut is not None and not fut.done():
+                    for cid, (f, _) in list(self._requests.items()):
+                        if f is fut:
+                            del self._requests[cid]
+                    fut.set_result([])
             elif kind == wire.Op.SERVER_BYE:
                 code = op[1]
                 err = error_for_code(code, op[2]) if code else ConnectionClosed(

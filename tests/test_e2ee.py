@@ -248,6 +248,16 @@ def test_per_device_send_reaches_each_device_once_with_the_sender_device(loop, t
             assert isinstance(m1, DeviceMessage) and isinstance(m2, DeviceMessage)
             assert (m1.sender, m1.device, m1.id, m1.body) == ("bob@acme", 1, cid, b"for a1")
             assert (m2.sender, m2.device, m2.id, m2.body) == ("bob@acme", 1, cid, b"a2")
+            # each copy is deleted on its own device's ack (the clients ack on receipt)
+            store = w.relay.store
+            for name in ("phone", "laptop"):
+                key = store.register_device("alice@home", name)
+                for _ in range(100):
+                    await store.flush()
+                    if await store.count_pending(key) == 0:
+                        break
+                    await asyncio.sleep(0.02)
+                assert await store.count_pending(key) == 0
             # own other devices in the same send
             cid = await a2.send_to_devices("bob@acme", [(1, 21, b"hi")], own=[(1, 11, b"sync")])
             assert (await recv_msg(b1)).body == b"hi"
@@ -282,7 +292,8 @@ def test_mismatches_missing_extra_stale_then_refresh_and_resend_once(loop, tmp_p
                 await b1.send_to_devices("alice@home", [(1, 11, b"m1")], id=cid)
             assert (err.value.missing, err.value.extra, err.value.stale) == ([2], [], [])
             assert await nothing_arrives(a1, 0.1)  # nothing stored on refusal
-            [b] = await b1.bundles("alice@home", err.value.missing)  # only what it lacks
+            [b] = await b1.refresh("alice@home", err.value)  # fetches only what it lacks
+            assert b.device_id == 2
             sessions[b.device_id] = b.registration_id
             await b1.send_to_devices("alice@home", [(d, r, b"m1") for d, r in
                                                     sessions.items()], id=cid)
@@ -295,8 +306,8 @@ def test_mismatches_missing_extra_stale_then_refresh_and_resend_once(loop, tmp_p
                 await b1.send_to_devices("alice@home", [(d, r, b"m2") for d, r in
                                                         sessions.items()], id=cid)
             assert (err.value.missing, err.value.extra, err.value.stale) == ([], [], [2])
-            [b] = await b1.bundles("alice@home", err.value.stale)
-            assert b.registration_id == 13
+            [b] = await b1.refresh("alice@home", err.value)
+            assert (b.device_id, b.registration_id) == (2, 13)
             sessions[2] = 13
             # a device revoked: extra
             with Registry(os.path.join(w.data_dir, "registry.db")) as reg:
@@ -605,4 +616,19 @@ def test_multi_part_dsend_limits_and_parts_for_another_recipient(tmp_path):
             with pytest.raises(FastrouteError) as err:
                 await nokeys.send_to_devices("alice@home", [(1, 11, b"x")])
             assert err.value.code == ErrorCode.NO_KEYS
+    run("asyncio", main())
+
+
+def test_a_relay_without_negotiation_leaves_the_client_on_v1(tmp_path, monkeypatch):
+    async def main():
+        async with world(tmp_path) as w:
+            # what a v1 relay does with FEATURES: an opcode it does not know
+            monkeypatch.delitem(wire._CLIENT_CHECKS, int(wire.Op.FEATURES))
+            c = await w.connect("alice@home", "phone", features=("e2ee",))
+            assert c.features == frozenset()
+            with pytest.raises(FastrouteError):
+                await c.devices("bob@home")
+            bob = await w.connect("bob@home", "phone")
+            await c.send("bob@home", b"v1 still works")
+            assert (await recv_msg(bob)).body == b"v1 still works"
     run("asyncio", main())
