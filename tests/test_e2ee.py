@@ -632,3 +632,25 @@ def test_a_relay_without_negotiation_leaves_the_client_on_v1(tmp_path, monkeypat
             await c.send("bob@home", b"v1 still works")
             assert (await recv_msg(bob)).body == b"v1 still works"
     run("asyncio", main())
+
+
+def test_pool_low_is_told_once_until_a_top_up_and_replace_false_keeps_the_pools(tmp_path):
+    async def main():
+        async with world(tmp_path, prekey_low_water=3) as w:
+            a = await e2ee(w, "alice@home", "phone", 1, n_ec=4, n_kem=10)
+            bob = await e2ee(w, "bob@home", "phone", 2)
+            for _ in range(4):  # EC pool 4 -> 0: below 3 after the second fetch
+                await bob.bundles("alice@home")
+            ev = await recv(a)
+            assert (ev.kind, ev.data) == (1, [EC, 2])
+            assert await nothing_arrives(a)  # once, not at every fetch below the mark
+            assert await a.add_prekeys(EC, [(50, os.urandom(33))]) == 1
+            # a new signed prekey without clearing: the pools stay
+            ks = keyset(1)
+            await a.publish_keys(ks["registration_id"], ks["identity_key"], ks["signed_prekey"],
+                                 ks["last_resort_kem_prekey"], replace=False)
+            [b] = await bob.bundles("alice@home")
+            assert b.one_time_prekey[0] == 50 and b.signed_prekey == ks["signed_prekey"]
+            ev = await recv(a)  # told again after the top-up: 1 left, then 0
+            assert (ev.kind, ev.data) == (1, [EC, 0])
+    run("asyncio", main())
