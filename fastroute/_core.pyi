@@ -54,6 +54,11 @@ class Router:
         Refusals raise MailboxFull(entered, full=[(item_index, device_id)])
         at the end.
         """
+    def offer_many(self, items: list[tuple[int, object]]) -> int:
+        """Route ``(device_id, payload)`` items, each to one device, in order; how many
+        entered.  Every item is checked first (UnknownDevice before anything is placed);
+        like route_many it honours the sticky overflow flag and raises
+        MailboxFull(entered, [(item_index, device_id), ...]) at the end."""
     def push(self, device_id: int, payload: object) -> int:
         """Enter one device regardless of its overflow flag; return the seq.
 

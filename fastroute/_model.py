@@ -241,6 +241,30 @@ class Router:
             raise MailboxFull("mailbox full", entered, full)
         return entered
 
+    def offer_many(self, items: list[tuple[int, object]]) -> int:
+        """Route a batch of ``(device_id, payload)`` items, each to one device, in order."""
+        if not isinstance(items, (list, tuple)):
+            if not isinstance(items, Iterable) or isinstance(items, (str, bytes)):
+                raise WrongType("items must be a list of (device_id, payload)")
+            items = list(items)
+        plan = []
+        for item in items:
+            if not isinstance(item, tuple):
+                raise WrongType("each item must be a tuple (device_id, payload)")
+            if len(item) != 2:
+                raise InvalidArgument("each item must be (device_id, payload)")
+            plan.append((self._device(item[0]), item[1]))
+        entered = 0
+        full: list[tuple[int, int]] = []
+        for index, (dev, payload) in enumerate(plan):
+            if self._offer(dev, payload):
+                entered += 1
+            else:
+                full.append((index, dev.id))
+        if full:
+            raise MailboxFull("mailbox full", entered, full)
+        return entered
+
     def push(self, device_id: int, payload: object) -> int:
         """Put ``payload`` in one device's mailbox; return its sequence number."""
         dev = self._device(device_id)

@@ -31,6 +31,7 @@ from .errors import (
     BlobMismatch,
     BodyTooLarge,
     ConnectionClosed,
+    DeviceMismatch,
     ErrorCode,
     FastrouteError,
     HandshakeError,
@@ -41,7 +42,7 @@ from .errors import (
 )
 from .noise import PROLOGUE, FrameReader, HandshakeState, KeyPair, frame, seal_frames
 
-__all__ = ["Client", "Message"]
+__all__ = ["Bundle", "Client", "DeviceMessage", "Event", "Message"]
 
 
 class Message(NamedTuple):
@@ -53,6 +54,48 @@ class Message(NamedTuple):
     body: bytes
     ts_ms: int
     ephemeral: bool
+
+
+class DeviceMessage(NamedTuple):
+    """A per-device copy (feature "e2ee"): ``device`` is the sending device's id,
+    which the recipient needs to find its session with that device."""
+
+    seq: int
+    sender: str
+    device: int
+    id: bytes
+    body: bytes
+    ts_ms: int
+
+
+class Event(NamedTuple):
+    """A relay event of feature "e2ee" (``docs/PROTOCOL.md`` 17.6).
+
+    ``kind`` 1 pool low: ``data`` is ``[pool kind, prekeys left]``; 2 device
+    joined (or re-created): ``[device id, registration id]``; 3 device left:
+    ``[device id]``.
+    """
+
+    seq: int
+    kind: int
+    data: list
+
+
+class Bundle(NamedTuple):
+    """One device's prekey bundle, every key byte for byte as its device uploaded it.
+
+    ``one_time_prekey`` is ``(id, public)`` or None when the pool was empty;
+    ``kem_prekey`` is ``(id, public, signature)``, the last-resort one when
+    ``kem_last_resort``.
+    """
+
+    device_id: int
+    registration_id: int
+    identity_key: bytes
+    signed_prekey: tuple
+    one_time_prekey: tuple | None
+    kem_prekey: tuple
+    kem_last_resort: bool
 
 
 class _Batch:
@@ -211,7 +254,7 @@ class Client:
                  server_key: bytes | None = None, auto_ack: bool = True,
                  reconnect: bool = False, timeout: float = 10.0,
                  prologue: bytes = PROLOGUE, dedup_window: int = 65536,
-                 keepalive: float | None = 60.0) -> None:
+                 keepalive: float | None = 60.0, features: tuple[str, ...] = ()) -> None:
         self.host = host
         self.port = port
         self.credential = credential
@@ -260,6 +303,12 @@ class Client:
         self._keepalive: asyncio.Task | None = None
         #: duplicates dropped by the client's own dedup window (for tests and metrics)
         self.duplicates_dropped = 0
+        #: features to negotiate on every link (FEATURES, sent with the handshake)
+        self.want_features = tuple(features)
+        #: features the relay granted on the current link
+        self.features: frozenset[str] = frozenset()
+        self._features_fut: asyncio.Future | None = None
+        self._requests: dict[bytes, tuple[asyncio.Future, list]] = {}  # id -> (fut, parts)
 
     # ----------------------------------------------------------- connecting
     @classmethod
@@ -307,6 +356,15 @@ class Client:
         self.server_time_ms = hello["t"]
         proto.transport.write(frame(hs.write_message(wire.encode_client_hello(self.credential))))
         self._tx, self._rx = hs.split()
+        self.features = frozenset()
+        if self.want_features:
+            # pipelined with msg3, so the relay knows the link's features
+            # before it feeds the device its backlog (docs/PROTOCOL.md 14.2)
+            cid = self._new_id()
+            self._features_fut = self._loop.create_future()
+            self._requests[cid] = (self._features_fut, [])
+            proto.transport.writelines(seal_frames(self._tx, wire.pack_frames(
+                [wire.features_op(cid, self.want_features)])))
         if self.server_key is None:
             self.server_key = hs.remote_static  # trust on first use, pinned from now on
         self._welcome = self._loop.create_future()
@@ -315,6 +373,9 @@ class Client:
         # frames that arrived together with msg2 cannot exist (the relay
         # waits for msg3), so nothing is left in the handshake queue.
         await asyncio.shield(self._welcome)
+        if self._features_fut is not None:
+            self.features = frozenset(await asyncio.shield(self._features_fut))
+            self._features_fut = None
         if self._keepalive_s and self._keepalive is None:
             self._keepalive = self._loop.create_task(self._keepalive_loop())
         # Resend whatever the relay had not acked on the previous link.
@@ -589,6 +650,165 @@ class Client:
             raise BlobMismatch("downloaded blob does not match its id")
         return blob
 
+    # ------------------------------------------------- end-to-end encryption
+    def _request(self, ops: list[bytes], cid: bytes) -> asyncio.Future:
+        if self._closed or self._proto is None or not self._proto.open:
+            raise ConnectionClosed("not connected", code=ErrorCode.OK)
+        fut = self._loop.create_future()
+        self._requests[cid] = (fut, [])
+        self._out.extend(ops)
+        self._schedule_flush()
+        return fut
+
+    def _need(self, feature: str) -> None:
+        if feature not in self.features:
+            raise FastrouteError(f"feature {feature!r} was not negotiated with the relay "
+                                 f"(connect with features=({feature!r},))",
+                                 code=ErrorCode.UNKNOWN_OP)
+
+    async def negotiate(self, features: tuple[str, ...] = ("e2ee",)) -> frozenset[str]:
+        """Ask the relay for ``features`` on this link; return all granted so far.
+
+        Prefer ``Client.connect(..., features=...)``: it negotiates with the
+        handshake, before the relay feeds the device its stored backlog, and
+        again after every reconnection.
+        """
+        cid = self._new_id()
+        granted = await self._request([wire.features_op(cid, features)], cid)
+        self.features = self.features.union(granted)
+        return self.features
+
+    async def publish_keys(self, registration_id: int, identity_key: bytes,
+                           signed_prekey: tuple, last_resort_kem_prekey: tuple,
+                           one_time_prekeys: list = (), kem_prekeys: list = (),  # type: ignore
+                           *, replace: bool = True) -> int:
+        """Publish this device's keys; return the device id the relay assigned (1..127).
+
+        ``signed_prekey`` and ``last_resort_kem_prekey`` are ``(id, public,
+        signature)``; ``one_time_prekeys`` ``(id, public)`` pairs and
+        ``kem_prekeys`` ``(id, public, signature)`` triples, as serialized by
+        libsignal.  ``replace`` empties both pools first (a new registration
+        id always does).  Pools larger than a frame go in several ops.
+        """
+        self._need("e2ee")
+        cid = self._new_id()
+        did = await self._request([wire.keys_set_op(
+            cid, registration_id, identity_key, signed_prekey, last_resort_kem_prekey,
+            replace)], cid)
+        if one_time_prekeys:
+            await self.add_prekeys(wire.PREKEY_EC, one_time_prekeys)
+        if kem_prekeys:
+            await self.add_prekeys(wire.PREKEY_KEM, kem_prekeys)
+        return did
+
+    async def add_prekeys(self, kind: int, prekeys: list) -> int:
+        """Top up a one-time prekey pool (``wire.PREKEY_EC`` or ``PREKEY_KEM``); its new size."""
+        self._need("e2ee")
+        prekeys = list(prekeys)
+        size = 0
+        at = 0
+        while at < len(prekeys):
+            # as many keys as fit one frame
+            room = wire.MAX_PLAINTEXT - 64
+            end = at
+            used = 0
+            while end < len(prekeys):
+                n = sum(len(x) + 9 for x in prekeys[end] if type(x) is bytes) + 12
+                if used + n > room and end > at:
+                    break
+                used += n
+                end += 1
+            cid = self._new_id()
+            size = await self._request([wire.keys_add_op(cid, kind, prekeys[at:end])], cid)
+            at = end
+        return size
+
+    async def devices(self, address: str) -> list[tuple[int, int]]:
+        """``[(device id, registration id), ...]`` of ``address``'s devices; consumes
+        no keys.  :class:`~fastroute.errors.UnknownAddress` when there is none the
+        relay lets this user see."""
+        self._need("e2ee")
+        cid = self._new_id()
+        return [tuple(d) for d in await self._request([wire.devices_op(cid, address)], cid)]
+
+    async def bundles(self, address: str, device_ids: list[int] = ()) -> list[Bundle]:  # type: ignore
+        """Prekey bundles of ``address``'s devices (all when ``device_ids`` is empty).
+
+        Each fetch consumes one one-time prekey of each pool of each device.
+        """
+        self._need("e2ee")
+        cid = self._new_id()
+        rows = await self._request([wire.bundles_op(cid, address, list(device_ids))], cid)
+        return [Bundle(d, r, ik, tuple(spk), tuple(otk) if otk is not None else None,
+                       tuple(kem), last) for d, r, ik, spk, otk, kem, last in rows]
+
+    async def send_to_devices(self, to: str, entries: list, own: list = (),  # type: ignore
+                              *, id: bytes | None = None) -> bytes:  # noqa: A002
+        """Send one ciphertext per device: ``entries`` are ``(device id, registration
+        id, ciphertext)`` for every current device of ``to``, ``own`` for this user's
+        other devices (optional).  Returns the id once every copy is durably stored.
+
+        :class:`~fastroute.errors.DeviceMismatch` (nothing stored) lists the
+        missing, extra and stale devices: refresh the sessions and call again
+        with the same ``id``.
+        """
+        self._need("e2ee")
+        cid = id if id is not None else self._new_id()
+        entries = [tuple(e) for e in entries]
+        own = [tuple(e) for e in own]
+        # split the copies over ops that each fit a frame; the last says more=False
+        parts: list[tuple[list, list]] = [([], [])]
+        used = 0
+        room = wire.MAX_PLAINTEXT - 256
+        for which, group in ((0, entries), (1, own)):
+            for e in group:
+                n = len(e[2]) + 16
+                if used + n > room and (parts[-1][0] or parts[-1][1]):
+                    parts.append(([], []))
+                    used = 0
+                parts[-1][which].append(e)
+                used += n
+        ops = [wire.dsend_op(cid, to, i < len(parts) - 1, ents, owns)
+               for i, (ents, owns) in enumerate(parts)]
+        await self._request(ops, cid)
+        return cid
+
+    async def refresh(self, address: str, mismatch: DeviceMismatch) -> list[Bundle]:
+        """After a :class:`~fastroute.errors.DeviceMismatch` for ``address``: the
+        bundles of its missing and stale devices (to start new sessions with),
+        fetched in one request; drop the sessions with ``mismatch.extra``
+        yourself, then resend with the same id.  Pass this user's own address
+        for the ``own_*`` lists."""
+        own = address == self.address
+        want = sorted(set(mismatch.own_missing if own else mismatch.missing)
+                      | set(mismatch.own_stale if own else mismatch.stale))
+        return await self.bundles(address, want) if want else []
+
+    def _on_reply(self, op: tuple) -> None:
+        entry = self._requests.get(op[1])
+        if entry is None:
+            return
+        fut, parts = entry
+        _, _, code, last, result = op
+        if code:
+            self._requests.pop(op[1], None)
+            if not fut.done():
+                if code == ErrorCode.DEVICE_MISMATCH and type(result) is tuple:
+                    fut.set_exception(DeviceMismatch("device list changed", result))
+                else:
+                    fut.set_exception(error_for_code(code, f"relay refused the request: "
+                                                     f"{_code_name(code)}"))
+            return
+        if not last:
+            parts.extend(result)
+            return
+        self._requests.pop(op[1], None)
+        if parts:
+            parts.extend(result)
+            result = parts
+        if not fut.done():
+            fut.set_result(list(result) if type(result) is tuple else result)
+
     # ------------------------------------------------------------- closing
     async def close(self) -> None:
         """Say BYE and close; pending sends fail with :class:`ConnectionClosed`."""
@@ -724,6 +944,27 @@ class Client:
                                                          f"{_code_name(op[2])}"))
                     else:
                         fut.set_result(op[3])
+            elif kind == 2001:  # DDELIVER: a per-device copy
+                _, seq, sender, sdev, cid, body, ts_ms, _cls = op
+                if seen.lookup(sender, cid, 0.0) is not None:
+                    self.duplicates_dropped += 1
+                    if self.auto_ack and seq > self._ack_upto:
+                        self._note_ack(seq)
+                    continue
+                seen.begin(sender, cid, 0, 0.0)
+                inbox_append(DeviceMessage(seq, sender, sdev, cid, body, ts_ms))
+            elif kind == 2000:  # REPLY to a feature request
+                self._on_reply(op)
+            elif kind == 2002:  # EVENT: [2002, seq, kind, id, data (msgpack), ts_ms, cls]
+                try:
+                    data = msgpack.unpackb(op[4])
+                except Exception:  # an event this client cannot read: handed over raw
+                    data = op[4]
+                inbox_append(Event(op[1], op[2], data))
+            elif kind == 23:  # FEATURES_OK
+                entry = self._requests.pop(op[1], None)
+                if entry is not None and not entry[0].done():
+                    entry[0].set_result(list(op[2]))
             elif kind == wire.Op.WELCOME:
                 self.address, self.device = op[1], op[2]
                 if self._welcome is not None and not self._welcome.done():
@@ -733,8 +974,15 @@ class Client:
                 if fut is not None and not fut.done():
                     fut.set_result(None)
             elif kind == wire.Op.ERROR:
-                # A per-frame protocol error: the relay kept the link open.
-                pass
+                # A per-frame protocol error: the relay kept the link open.  The
+                # first UNKNOWN_OP while FEATURES is unanswered is a relay without
+                # negotiation (v1), answering the FEATURES of our first frame.
+                fut = self._features_fut
+                if op[1] == ErrorCode.UNKNOWN_OP and fut is not None and not fut.done():
+                    for cid, (f, _) in list(self._requests.items()):
+                        if f is fut:
+                            del self._requests[cid]
+                    fut.set_result([])
             elif kind == wire.Op.SERVER_BYE:
                 code = op[1]
                 err = error_for_code(code, op[2]) if code else ConnectionClosed(
@@ -764,6 +1012,11 @@ class Client:
         err = self._closing_error
         retryable = err is None or err.code in (ErrorCode.OK, ErrorCode.SHUTTING_DOWN,
                                                 ErrorCode.INTERNAL, ErrorCode.IDLE_TIMEOUT)
+        for fut, _ in self._requests.values():
+            # key directory requests are not resent: their callers retry
+            if not fut.done():
+                fut.set_exception(ConnectionClosed("connection lost", code=ErrorCode.OK))
+        self._requests.clear()
         if self.reconnect and retryable and self._welcome is not None and self._welcome.done():
             self._reconnect_task = self._loop.create_task(self._reconnect_loop())
             return
@@ -809,6 +1062,10 @@ class Client:
             if not fut.done():
                 fut.set_exception(ConnectionClosed("connection closed", code=err.code))
         self._media.clear()
+        for fut, _ in self._requests.values():
+            if not fut.done():
+                fut.set_exception(ConnectionClosed("connection closed", code=err.code))
+        self._requests.clear()
         self._eof = True
         self._wake_reader()
         for fut in self._pings.values():

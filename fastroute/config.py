@@ -97,6 +97,17 @@ class RelayConfig:
     #: a user receives messages from another provider's users only after opting in
     #: (CONSENT op); off only for closed deployments and tests
     require_consent: bool = True
+    #: end-to-end encryption key directory (``data_dir/keys.db``): the most one-time
+    #: EC and KEM prekeys a device's pools hold, and prekey bundles one requester
+    #: address may fetch (each consumes one-time prekeys): a token bucket; a device
+    #: is told (an EVENT) when one of its pools falls below prekey_low_water
+    prekey_ec_cap: int = 500
+    prekey_kem_cap: int = 200
+    prekey_low_water: int = 10
+    #: a device offline and silent this long leaves its address's device list
+    device_retention_s: int = 30 * 86400
+    prekey_fetches_per_s: float = 2.0
+    prekey_fetch_burst: float = 200.0
     #: listen on ``data_dir/admin.sock`` (mode 0600) for ``fastroute record``; off by default
     admin_socket: bool = False
     #: the read-only HTTP listener for ``/metrics``, ``/healthz`` and ``/readyz``:
@@ -161,6 +172,10 @@ class RelayConfig:
             parse_hostport(self.admin_listen)
         if self.mailbox_capacity < 1:
             raise InvalidArgument("mailbox_capacity must be >= 1")
+        if min(self.prekey_ec_cap, self.prekey_kem_cap) < 1:
+            raise InvalidArgument("prekey caps must be >= 1")
+        if self.prekey_fetches_per_s <= 0 or self.prekey_fetch_burst < 1:
+            raise InvalidArgument("prekey_fetches_per_s must be > 0, prekey_fetch_burst >= 1")
         if not 0 < self.limits.max_body <= 61440:
             raise InvalidArgument("limits.max_body must be in 1..61440")
         for name in ("handshake_timeout", "idle_timeout", "dedup_window_s", "registry_poll_s"):

@@ -45,6 +45,11 @@ __all__ = [
     "ChunkRejected",
     "BlobMismatch",
     "UploadIncomplete",
+    "BadKey",
+    "DuplicateId",
+    "DeviceMismatch",
+    "NoKeys",
+    "KeyLimit",
     "error_for_code",
 ]
 
@@ -73,6 +78,8 @@ class ErrorCode(enum.IntEnum):
     BAD_CHUNK = 112
     MEDIA_MISMATCH = 113
     UPLOAD_INCOMPLETE = 114
+    BAD_KEY = 115
+    DUPLICATE_ID = 116
     # 2xx: who is this device
     AUTH_FAILED = 200
     UNKNOWN_PROVIDER = 201
@@ -88,11 +95,14 @@ class ErrorCode(enum.IntEnum):
     MAILBOX_FULL = 303
     MEDIA_NOT_FOUND = 304
     UPLOAD_NOT_FOUND = 305
+    DEVICE_MISMATCH = 306
+    NO_KEYS = 307
     # 4xx: may it be sent
     RATE_LIMITED = 400
     BODY_TOO_LARGE = 401
     CONSENT_REQUIRED = 402
     POLICY = 403
+    KEY_LIMIT = 404
     # 5xx: the relay's side
     INTERNAL = 500
     SHUTTING_DOWN = 503
@@ -346,6 +356,52 @@ def _index() -> dict[int, type[FastrouteError]]:
 
 
 _TABLE: dict[int, type[FastrouteError]] | None = None
+
+
+class BadKey(ProtocolError):
+    """Key material of the wrong shape or size (an oversized key, a missing
+    signature); nothing of the request was stored."""
+
+    code = ErrorCode.BAD_KEY
+
+
+class DuplicateId(ProtocolError):
+    """A request repeats a prekey id or a device id (within itself, or a
+    prekey id already in the pool); nothing of the request was stored."""
+
+    code = ErrorCode.DUPLICATE_ID
+
+
+class DeviceMismatch(FastrouteError, LookupError):
+    """A per-device send named other devices than the recipient's current ones.
+
+    Nothing was stored.  ``missing``, ``extra`` and ``stale`` are device ids of
+    the recipient; ``own_missing``, ``own_extra``, ``own_stale`` those of the
+    sender's own other devices.  Refresh (list devices, fetch bundles for the
+    missing and stale ones, drop sessions with the extra ones) and resend
+    with the same id.
+    """
+
+    code = ErrorCode.DEVICE_MISMATCH
+
+    def __init__(self, message: str = "device list changed", lists: tuple = ((),) * 6, *,
+                 code: ErrorCode | int | None = None) -> None:
+        super().__init__(message, code=code)
+        (self.missing, self.extra, self.stale,
+         self.own_missing, self.own_extra, self.own_stale) = (list(x) for x in lists)
+
+
+class NoKeys(FastrouteError, LookupError):
+    """The sending device has published no keys, so it has no device id to
+    send per-device copies from (publish keys first)."""
+
+    code = ErrorCode.NO_KEYS
+
+
+class KeyLimit(PolicyError):
+    """A prekey pool or an address's device list is at its cap."""
+
+    code = ErrorCode.KEY_LIMIT
 
 
 def error_for_code(code: int, reason: str = "") -> FastrouteError:

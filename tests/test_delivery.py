@@ -16,6 +16,8 @@ class FakeLink:
         self.out: list[bytes] = []
         self.paused = False
         self.feed = None
+        self.features: frozenset[str] = frozenset()  # a v1 link
+        self.sync_hold = None
         self.flushed: list[bytes] = []
 
     def flush(self) -> None:

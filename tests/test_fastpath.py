@@ -23,6 +23,7 @@ from fastroute import _compiled, store, wire
 from fastroute import client as client_mod
 from fastroute.relay import delivery
 from fastroute.relay import gate as gate_mod
+from fastroute.relay import keys as keys_mod
 from fastroute.errors import (
     BodyTooLarge,
     ErrorCode,
@@ -77,12 +78,14 @@ def test_compiled_twins_loaded():
     pairs = [(wire.deliver_tail, wire.py_deliver_tail), (wire.sack_ok_op, wire.py_sack_ok_op),
              (wire._pack_frames, wire.py_pack_frames), (wire._decode_sends, wire.py_decode_sends),
              (wire._decode_server_ops, wire.py_decode_server_ops),
+             (wire.dsend_ok, wire.py_dsend_ok),
              (gate_mod.accept_sends, gate_mod.py_accept_sends),
              (gate_mod.stored_sacks, gate_mod.py_stored_sacks),
              (gate_mod.route_items, gate_mod.py_route_items),
              (gate_mod.SendGate, gate_mod.PySendGate), (gate_mod.LinkGate, gate_mod.PyLinkGate),
              (delivery.pack_delivers, delivery.py_pack_delivers),
              (delivery.sync_rows, delivery.py_sync_rows),
+             (keys_mod.dsend_copies, keys_mod.py_dsend_copies),
              (store._mem_put, store.py_mem_put), (store._mem_ack, store.py_mem_ack),
              (store._mem_load, store.py_mem_load),
              (client_mod._pack_sends, client_mod.py_pack_sends),
@@ -817,3 +820,139 @@ def test_dispatch_frame_fuzz(_known_sender):
                 data[rng.randrange(len(data))] = rng.randrange(256)
         frames.append(bytes(data))
     _dispatch_case(frames, [ids[:4], [ids[4]], ids[5:]], window=5)
+
+
+# -- feature e2ee: ops of DELIVER's shape, and stored rows a link may not get ---------
+
+def test_pack_delivers_with_a_head_packs_ddeliver_and_event():
+    from fastroute.relay.keys import DDELIVER_HEAD, EVENT_HEAD
+
+    sp = msgpack.packb("alice@example.org") + msgpack.packb(3)
+    batch = [(5, wire.py_deliver_tail(sp, MID, b"copy", TS_PACKED, 0), DDELIVER_HEAD),
+             (6, wire.py_deliver_tail(SENDER_PACKED, MID, b"v1", TS_PACKED, 0)),
+             (7, wire.py_deliver_tail(msgpack.packb(2), MID, b"\x92\x01\x0b", TS_PACKED, 0),
+              EVENT_HEAD)]
+
+    def run(fn):
+        def call(seq, batch):
+            out = []
+            return fn(seq, batch, out), out
+        return call
+
+    mids, out = _same(*map(run, _both(delivery.py_pack_delivers)), 40, batch)
+    assert mids == [5, 6, 7]
+    assert [msgpack.unpackb(op) for op in out] == [
+        [2001, 40, "alice@example.org", 3, MID, b"copy", TS, 0],
+        [18, 41, "alice@example.org", MID, b"v1", TS, 0],
+        [2002, 42, 2, MID, b"\x92\x01\x0b", TS, 0]]
+    for bad in ([(1, b"t", b"")], [(1, b"t", "h")], [(1, b"t", b"h", 4)]):
+        assert isinstance(_same(*_both(delivery.py_pack_delivers), 1, bad, []), TypeError)
+
+
+@pytest.mark.parametrize("negotiated", [False, True])
+def test_sync_rows_twins_with_per_device_copies(negotiated):
+    from fastroute.relay.keys import pack_stored_sender
+
+    rows = [(10, "alice@example.org", b"a" * 16, b"v1", TS),
+            (11, "alice@example.org/3", b"b" * 16, b"copy", TS),
+            (12, "/1", b"c" * 16, b"\x92\x00\x05", TS),
+            (13, "carol@other.net", b"d" * 16, b"v1b", TS)]
+
+    def run(fn):
+        from fastroute import Router
+
+        router = Router(mailbox_capacity=10)
+        dev = router.add_device("bob@example.org", "phone")
+        res = fn(router, dev, rows, 1 << 62, {},
+                 lambda s: pack_stored_sender(s, negotiated))
+        popped = router.pop_many([dev], 100)
+        out: list = []
+        delivery.py_pack_delivers(1, [p for _, p in popped[0][1]], out)
+        return res, [msgpack.unpackb(op) for op in out]
+
+    (pushed, last, state), ops = _same(lambda: run(delivery.py_sync_rows),
+                                       _core and (lambda: run(_core.sync_rows)))
+    assert (last, state) == (13, 0)
+    if negotiated:
+        assert pushed == 4
+        assert [op[0] for op in ops] == [18, 2001, 2002, 18]
+        assert ops[1][2:4] == ["alice@example.org", 3]
+    else:  # a v1 link: the copy and the event are passed over, left in the store
+        assert pushed == 2
+        assert [(op[0], op[4]) for op in ops] == [(18, b"v1"), (18, b"v1b")]
+
+
+def _dsend_case(fn, entries, skip):
+    from fastroute.relay.keys import Slot
+
+    devs = {1: Slot("r@x.org", "phone", 1, 11), 2: Slot("r@x.org", "laptop", 2, 12),
+            5: Slot("r@x.org", "tablet", 5, 15)}
+    for did, slot in devs.items():
+        slot.dkey = 100 + did
+    items: list = []
+    copies: list = []
+    ok = fn(devs, entries, skip, "r@x.org", "s@x.org/3", MID, TS, SENDER_PACKED, TS_PACKED,
+            items, copies)
+    return ok, items, copies
+
+
+@pytest.mark.parametrize("entries,skip,ok", [
+    ([(1, 11, b"a"), (2, 12, b"b"), (5, 15, b"c")], 0, True),
+    ([(5, 15, b"c"), (1, 11, b"a"), (2, 12, b"b")], 0, True),     # any order
+    ([(1, 11, b"a"), (5, 15, b"c")], 2, True),                   # the sender's own device
+    ([(1, 11, b"a"), (2, 12, b"b")], 0, False),                  # missing
+    ([(1, 11, b"a"), (2, 12, b"b"), (5, 15, b"c"), (7, 1, b"")], 0, False),  # extra
+    ([(1, 11, b"a"), (2, 13, b"b"), (5, 15, b"c")], 0, False),   # stale
+    ([(1, 11, b"a"), (1, 11, b"b"), (5, 15, b"c")], 0, False),   # repeated
+    ([(1, 11, b"a"), (2, 12, b"b"), (5, 15, b"c")], 2, False),   # names the sender
+    ([], 0, False),
+])
+def test_dsend_copies_twins(entries, skip, ok):
+    from fastroute.relay import keys
+
+    got = _same(lambda: _dsend_case(keys.py_dsend_copies, entries, skip),
+                _core and (lambda: _dsend_case(_core.dsend_copies, entries, skip)))
+    assert got[0] is ok
+    if not ok:
+        assert got[1:] == ([], [])
+        return
+    names = {1: "phone", 2: "laptop", 5: "tablet"}
+    assert [(i[0], i[2], i[4]) for i in got[1]] == [
+        ("s@x.org/3", e[2], [100 + e[0]]) for e in entries]
+    for (did, _, body), (target, name, (head, tail)) in zip(entries, got[2]):
+        assert (target, name, head) == ("r@x.org", names[did], keys.DDELIVER_HEAD)
+        assert tail == wire.py_deliver_tail(SENDER_PACKED, MID, body, TS_PACKED, 0)
+
+
+_DSENDS = [
+    (1004, MID, "bob@example.org", False, ((1, 5, b"c"),), ()),
+    (1004, MID, "bob@example.org", True, ((1, 5, b"c"), (127, 16383, b"")), ((2, 1, b"o"),)),
+    (1004, MID, "bob@example.org", False, (), ()),
+    (1004, MID, "bob@example.org", 0, ((1, 5, b"c"),), ()),            # more not a bool
+    (1004, MID, "bob@example.org", False, ((0, 5, b"c"),), ()),        # device id 0
+    (1004, MID, "bob@example.org", False, ((128, 5, b"c"),), ()),      # device id 128
+    (1004, MID, "bob@example.org", False, ((True, 5, b"c"),), ()),     # a bool is no int
+    (1004, MID, "bob@example.org", False, ((1, 16384, b"c"),), ()),    # reg id 15 bits
+    (1004, MID, "bob@example.org", False, ((1, 5, "c"),), ()),         # str body
+    (1004, MID, "bob@example.org", False, ((1, 5, b"c" * 61441),), ()),
+    (1004, MID, "bob@example.org", False, tuple((1, 5, b"") for _ in range(128)), ()),
+    (1004, MID, "bob@example.org", False, ((1, 5),), ()),
+    (1004, MID, "bob@example.org", False, [(1, 5, b"c")], ()),         # a list is no array here
+    (1004, MID[:15], "bob@example.org", False, (), ()),
+    (1004, MID, "not cached@x.org", False, (), ()),
+    (1004, MID, "bob@example.org", False, ()),                         # arity
+    (1003, MID, "bob@example.org", False, (), ()),
+    (True, MID, "bob@example.org", False, (), ()),
+    [1004, MID, "bob@example.org", False, (), ()],
+]
+
+
+@pytest.mark.parametrize("op", _DSENDS, ids=range(len(_DSENDS)))
+def test_dsend_ok_twins_accept_only_what_the_precise_check_accepts(op):
+    addr_ok = {"bob@example.org"}
+    got = _same(*_both(wire.py_dsend_ok), op, addr_ok)
+    precise = wire._check_op(op, wire._CLIENT_CHECKS)
+    if got:
+        assert precise is op  # the fast path never accepts what the checker refuses
+    elif precise is op:
+        assert op[2] not in addr_ok  # it only declines what it cannot vouch for

@@ -130,6 +130,20 @@ class Twins(RuleBasedStateMachine):
         p = self.payload()
         self.same(lambda r: r.push(dev, p), "push")
 
+    @rule(devs=st.lists(st.one_of(ids, st.sampled_from([("x",), None])), max_size=8))
+    def offer_many(self, devs):
+        # per-device routing: bad items and unknown devices first, then sticky overflow
+        items = [(d, self.payload()) if not isinstance(d, tuple) and d is not None else d
+                 for d in devs]
+        self.same(lambda r: r.offer_many(items), "offer_many")
+
+    @precondition(lambda self: self.m._devices)
+    @rule(data=st.data())
+    def offer_many_live(self, data):
+        devs = data.draw(st.lists(st.sampled_from(sorted(self.m._devices)), max_size=6))
+        items = [(d, self.payload()) for d in devs]
+        self.same(lambda r: r.offer_many(items), "offer_many")
+
     # Steps on devices that exist right now, so that runs keep reaching full
     # mailboxes, redelivery and sticky overflow rather than UnknownDevice.
 

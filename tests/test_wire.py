@@ -39,7 +39,11 @@ def test_constants_match_the_contract():
     assert MAX_PLAINTEXT == 65535 - 16
     assert MAX_BODY == 61440
     assert (wire.CLS_PERSISTENT, wire.CLS_EPHEMERAL, wire.PROTOCOL_VERSION) == (0, 1, 1)
-    assert [int(o) for o in Op] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 17, 18, 19, 20, 21, 22]
+    assert [int(o) for o in Op] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1000, 1001, 1002, 1003, 1004,
+                                    16, 17, 18, 19, 20, 21, 22, 23, 2000, 2001, 2002]
+    # every client opcode in a client range, every relay one outside them
+    client = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1000, 1001, 1002, 1003, 1004}
+    assert {int(o) for o in Op if wire.is_client_opcode(o)} == client
 
 
 def test_media_ops_round_trip_and_checks():
@@ -438,6 +442,19 @@ _M, _F = ErrorCode.MALFORMED, ErrorCode.BAD_FIELD
 # One row per reason the decoders can give: (direction, op, code, reason,
 # opcode, id).  The reasons reach peers in SACK and ERROR ops, so their exact
 # wording, and which id comes back with them, are part of the contract.
+IK = b"k" * 33
+SPK = [1, b"p" * 33, b"s" * 64]
+KEM = [2, b"q" * 1569, b"s" * 64]
+PREKEYS_REASON = ("KEYS_ADD prekeys must be a non-empty array of [key id, public key] (EC) or "
+                  "[key id, public key, signature] (KEM) within the size limits")
+DEVICE_IDS_REASON = "BUNDLES device ids must be an array of at most 127 device ids 1..127"
+
+
+def ENTRIES_REASON(label):
+    return (f"DSEND {label} must be an array of at most 127 [device id, registration id, "
+            f"ciphertext <= 61440 bytes]")
+
+
 OP_ERRORS = [
     (_C, 7, _M, "op must be an array", None, None),
     (_C, [], _M, "op must not be empty", None, None),
@@ -512,6 +529,47 @@ OP_ERRORS = [
     (_S, [22, MID, 0], _M, "MREPLY takes 3 fields", 22, MID),
     (_S, [22, 5, 0, None], _F, "MREPLY id must be 16 bytes of bin", 22, None),
     (_S, [22, MID, "0", None], _F, "MREPLY code must be a non-negative integer", 22, MID),
+    # negotiation and feature "e2ee" (docs/PROTOCOL.md sections 14 and 17)
+    (_C, [10, MID], _M, "FEATURES takes 2 fields", 10, MID),
+    (_C, [10, MID, ["e2ee", 3]], _F, "FEATURES features must be an array of at most 64 "
+     "feature names", 10, MID),
+    (_C, [10, MID, ["x" * 33]], _F, "FEATURES features must be an array of at most 64 "
+     "feature names", 10, MID),
+    (_S, [23, MID, "e2ee"], _F, "FEATURES_OK features must be an array of at most 64 "
+     "feature names", 23, MID),
+    (_C, [1000, MID, 0, IK, SPK, KEM, True], _F,
+     "KEYS_SET registration id must be an integer 1..16383", 1000, MID),
+    (_C, [1000, MID, 16384, IK, SPK, KEM, True], _F,
+     "KEYS_SET registration id must be an integer 1..16383", 1000, MID),
+    (_C, [1000, MID, 7, b"k" * 65, SPK, KEM, True], ErrorCode.BAD_KEY,
+     "KEYS_SET identity key must be 1..64 bytes of bin", 1000, MID),
+    (_C, [1000, MID, 7, IK, [1, b"p" * 33, b"s" * 129], KEM, True], ErrorCode.BAD_KEY,
+     "KEYS_SET signed prekey must be [key id, public key <= 64 bytes, signature <= 128 "
+     "bytes]", 1000, MID),
+    (_C, [1000, MID, 7, IK, SPK, [1, b"q" * 2049, b"s" * 64], True], ErrorCode.BAD_KEY,
+     "KEYS_SET last resort kem prekey must be [key id, public key <= 2048 bytes, "
+     "signature <= 128 bytes]", 1000, MID),
+    (_C, [1000, MID, 7, IK, SPK, KEM, 1], _F, "KEYS_SET clear must be a boolean", 1000, MID),
+    (_C, [1001, MID, 2, [[1, IK]]], _F, "KEYS_ADD kind must be 0 (EC) or 1 (KEM)", 1001, MID),
+    (_C, [1001, MID, 0, []], ErrorCode.BAD_KEY, PREKEYS_REASON, 1001, MID),
+    (_C, [1001, MID, 0, [[1, b"k" * 65]]], ErrorCode.BAD_KEY, PREKEYS_REASON, 1001, MID),
+    (_C, [1001, MID, 0, [[-1, IK]]], ErrorCode.BAD_KEY, PREKEYS_REASON, 1001, MID),
+    (_C, [1002, MID, "nobody"], _F, "DEVICES address is not a valid address", 1002, MID),
+    (_C, [1003, MID, ADDR, [0]], _F, DEVICE_IDS_REASON, 1003, MID),
+    (_C, [1003, MID, ADDR, list(range(1, 129))], _F, DEVICE_IDS_REASON, 1003, MID),
+    (_C, [1004, MID, ADDR, False, [[128, 1, b"c"]], []], _F, ENTRIES_REASON("entries"),
+     1004, MID),
+    (_C, [1004, MID, ADDR, False, [[1, 0, b"c"]], []], _F, ENTRIES_REASON("entries"),
+     1004, MID),
+    (_C, [1004, MID, ADDR, False, [[1, 1, BIG]], []], _F, ENTRIES_REASON("entries"),
+     1004, MID),
+    (_C, [1004, MID, ADDR, False, [], [[1, 1]]], _F, ENTRIES_REASON("own entries"),
+     1004, MID),
+    (_S, [2000, MID, 0, 1, None], _F, "REPLY last must be a boolean", 2000, MID),
+    (_S, [2001, 1, ADDR, -1, MID, b"x", 0, 0], _F,
+     "DDELIVER sender device must be a non-negative integer", 2001, MID),
+    (_S, [2002, 1, "x", MID, b"", 0, 0], _F, "EVENT kind must be a non-negative integer",
+     2002, MID),
 ]
 
 
@@ -527,3 +585,27 @@ def test_each_op_rule_gives_its_exact_error(direction, op, code, reason, opcode,
 def test_every_opcode_has_its_error_rows():
     # a new op needs rows above: its reasons are on the wire too
     assert {int(o) for o in Op} <= {row[4] for row in OP_ERRORS}
+
+
+def test_reply_builders_agree_with_msgpack():
+    assert wire.reply_ok_op(MID) == wire.reply_op(MID, 0) == msgpack.packb(
+        [2000, MID, 0, True, None])
+    items = [msgpack.packb([1, b"k"]), msgpack.packb([2, b"kk"])]
+    for last in (False, True):
+        assert msgpack.unpackb(wire.reply_packed_op(MID, 0, last, items)) == [
+            2000, MID, 0, last, [[1, b"k"], [2, b"kk"]]]
+    many = [msgpack.packb(i) for i in range(20)]  # array16 header past 15 items
+    assert msgpack.unpackb(wire.reply_packed_op(MID, 0, True, many))[4] == list(range(20))
+
+
+@pytest.mark.parametrize("op", [
+    [2001, 1, ADDR, 3, MID, b"c", 5, 0], [2001, 1, ADDR, -3, MID, b"c", 5, 0],
+    [2001, 1, ADDR, 3, MID, b"c", 5, 2], [2001, 1, ADDR, True, MID, b"c", 5, 0],
+    [2000, MID, 0, True, None], [2000, MID, 306, True, [[1], [], [], [], [], []]],
+    [2000, MID, 0, 1, None], [2000, MID[:3], 0, True, None], [2000, MID, -1, True, None]])
+def test_server_fast_path_agrees_with_the_precise_checks(op):
+    # the same op after a DELIVER-free prefix (fast path) and alone through the checker
+    frame = msgpack.packb([op])
+    got = wire.decode_server_frame_precise(frame)
+    assert got == [wire._check_op(tuple(msgpack.unpackb(frame, use_list=False)[0]),
+                                  wire._SERVER_CHECKS)]

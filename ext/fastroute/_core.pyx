@@ -18,13 +18,19 @@ from cpython.list cimport PyList_GET_SIZE, PyList_New
 from cpython.long cimport (
     PyLong_AsLongLongAndOverflow,
     PyLong_Check,
+    PyLong_CheckExact,
     PyLong_FromLongLong,
     PyLong_FromUnsignedLongLong,
 )
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_INCREF
-from cpython.tuple cimport PyTuple_Check, PyTuple_GET_ITEM, PyTuple_GET_SIZE
+from cpython.tuple cimport (
+    PyTuple_Check,
+    PyTuple_CheckExact,
+    PyTuple_GET_ITEM,
+    PyTuple_GET_SIZE,
+)
 from cpython.unicode cimport PyUnicode_Check, PyUnicode_CheckExact
 from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memmove
@@ -47,6 +53,7 @@ include "_wire.pxi"
 include "_gate.pxi"
 include "_store.pxi"
 include "_delivery.pxi"
+include "_keys.pxi"
 include "_client.pxi"
 
 __all__ = ["Router", "MAX_MAILBOX_CAPACITY"]
@@ -518,6 +525,62 @@ cdef class Router:
         finally:
             if plan is not stack_plan:
                 PyMem_Free(plan)
+        if full.n or nomem:
+            self._finish(&full, nomem, entered)
+        return entered
+
+    def offer_many(self, items):
+        """Route a batch of ``(device_id, payload)`` items, each to one device, in order.
+
+        The per-device twin of :meth:`route_many`: every item is checked first
+        (a wrong item or an UnknownDevice raises before anything is placed);
+        a device that is full or flagged overflowed (:meth:`suspend`) is
+        skipped and flagged, and the refusals are raised at the end as
+        MailboxFull with ``full=[(item_index, device_id), ...]``.  Unlike
+        :meth:`push` it honours the sticky overflow flag, so per-device FIFO
+        order holds while the caller feeds a device from its store.
+        """
+        cdef list lst
+        cdef list devs
+        cdef Py_ssize_t n, i
+        cdef FullList full
+        cdef int64_t entered = 0
+        cdef bint nomem = False
+        cdef int r
+        cdef Mailbox* m
+        cdef object item
+        if type(items) is list:
+            lst = <list>items
+        elif isinstance(items, (list, tuple)):
+            lst = list(items)
+        else:
+            check_iterable(items, "items")
+            lst = list(items)
+        n = PyList_GET_SIZE(lst)
+        devs = [None] * n
+        for i in range(n):
+            item = lst[i]
+            if not PyTuple_Check(item):
+                raise WrongType("each item must be a tuple (device_id, payload)")
+            if PyTuple_GET_SIZE(item) != 2:
+                raise InvalidArgument("each item must be (device_id, payload)")
+            devs[i] = self._device(item[0])
+        full.pairs = NULL
+        full.n = full.size = 0
+        # devs holds a reference to every device and lst to every payload, so
+        # nothing placed below can go away while the loop runs
+        for i in range(n):
+            payload = (<tuple>lst[i])[1]
+            m = &(<_Device>devs[i]).mb
+            r = mb_offer(m, <PyObject*>payload, self.cap, &self.ready, &self.c)
+            if r == OFFER_PLACED:
+                entered += 1
+                placed(&self.c, <PyObject*>payload, 1)
+            elif r == OFFER_FULL:
+                if full_add(&full, i, m.dev_id) < 0:
+                    nomem = True
+            else:
+                nomem = True
         if full.n or nomem:
             self._finish(&full, nomem, entered)
         return entered

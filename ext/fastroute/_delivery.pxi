@@ -16,9 +16,9 @@ def pack_delivers(seq, list batch, list out):
     in order.  OverflowError if a seq does not fit 32 bits (nothing appended).
     """
     cdef unsigned long long first = seq
-    cdef Py_ssize_t n = PyList_GET_SIZE(batch), i, k
+    cdef Py_ssize_t n = PyList_GET_SIZE(batch), i, k, h
     cdef list mids
-    cdef object item, mid, tail
+    cdef object item, mid, tail, head
     cdef bytes op
     cdef unsigned char* p
     if n and first + <unsigned long long>(n - 1) > 0xffffffffULL:
@@ -28,13 +28,29 @@ def pack_delivers(seq, list batch, list out):
         if i >= PyList_GET_SIZE(batch):
             raise RuntimeError("batch changed while packing")
         item = <object>PyList_GET_ITEM(batch, i)
-        if not PyTuple_Check(item) or PyTuple_GET_SIZE(item) != 2:
-            raise WrongType("DELIVER payloads must be (mid, tail) tuples")
+        if not PyTuple_Check(item) or not 2 <= PyTuple_GET_SIZE(item) <= 3:
+            raise WrongType(
+                "DELIVER payloads must be (mid, tail) or (mid, tail, head) tuples")
         mid = <object>PyTuple_GET_ITEM(item, 0)
         tail = <object>PyTuple_GET_ITEM(item, 1)
         if not PyBytes_CheckExact(tail):
             raise WrongType("DELIVER tail must be bytes")
         k = PyBytes_GET_SIZE(tail)
+        if PyTuple_GET_SIZE(item) == 3:
+            # another op of DELIVER's shape: its own array header and opcode
+            head = <object>PyTuple_GET_ITEM(item, 2)
+            if not PyBytes_CheckExact(head) or PyBytes_GET_SIZE(head) == 0:
+                raise WrongType("DELIVER head must be non-empty bytes")
+            h = PyBytes_GET_SIZE(head)
+            op = PyBytes_FromStringAndSize(NULL, h + 5 + k)
+            p = <unsigned char*>PyBytes_AS_STRING(op)
+            memcpy(p, PyBytes_AS_STRING(head), <size_t>h)
+            p[h] = 0xce
+            put_be32(p + h + 1, <uint32_t>(first + <unsigned long long>i))
+            memcpy(p + h + 5, PyBytes_AS_STRING(tail), <size_t>k)
+            out.append(op)
+            mids[i] = mid
+            continue
         op = PyBytes_FromStringAndSize(NULL, WIRE_DELIVER_HEAD + k)
         p = <unsigned char*>PyBytes_AS_STRING(op)
         p[0] = 0x97
@@ -51,8 +67,10 @@ def sync_rows(object router, object dev, list rows, object routed, dict senders,
               object pack_sender):
     """The relay's backlog sync (``Delivery._sync``): push stored rows into a mailbox.
 
-    ``rows`` are the store's ``(mid, sender, id, body, ts_ms)`` in mid order.
-    Each becomes the payload ``(mid, DELIVER tail)`` (cls 0) pushed with
+    ``rows`` are the store's ``(mid, sender, id, body, ts_ms)`` in mid order;
+    ``pack_sender`` may also give ``(head, fields)`` (pushed as ``(mid, tail,
+    head)``) or None (the row is passed over, left in the store).  Each
+    other row becomes the payload ``(mid, DELIVER tail)`` (cls 0) pushed with
     ``router.push(dev, ...)``, until a row's mid is above ``routed`` (the
     live route has not placed it yet: state 1) or the mailbox is full
     (MailboxFull: state 2).  ``senders`` caches ``pack_sender(sender)``.
@@ -69,9 +87,14 @@ def sync_rows(object router, object dev, list rows, object routed, dict senders,
         mid, sender, cid, body, ts_ms = row
         if mid > routed:
             return pushed, last, 1
-        sp = senders.get(sender)
-        if sp is None:
+        if sender in senders:
+            sp = senders[sender]
+        else:
             sp = senders[sender] = pack_sender(sender)
+        if sp is None:
+            # left in the store for a link that can read it
+            last = mid
+            continue
         ts = ts_ms
         ts_packed = PyBytes_FromStringAndSize(NULL, 9)
         p = <unsigned char*>PyBytes_AS_STRING(ts_packed)
@@ -79,7 +102,11 @@ def sync_rows(object router, object dev, list rows, object routed, dict senders,
         put_be32(p + 1, <uint32_t>(ts >> 32))
         put_be32(p + 5, <uint32_t>(ts & 0xffffffffULL))
         try:
-            push(dev, (mid, c_deliver_tail(sp, cid, body, ts_packed, 0)))
+            if PyTuple_Check(sp):
+                push(dev, (mid, c_deliver_tail((<tuple>sp)[1], cid, body, ts_packed, 0),
+                           (<tuple>sp)[0]))
+            else:
+                push(dev, (mid, c_deliver_tail(sp, cid, body, ts_packed, 0)))
         except MailboxFull:
             return pushed, last, 2
         last = mid

@@ -7,6 +7,7 @@
 #   decode_server_ops   = py_decode_server_ops
 #   deliver_tail        = py_deliver_tail
 #   sack_ok_op          = py_sack_ok_op
+#   dsend_ok            = py_dsend_ok
 #
 # tests/test_fastpath.py checks that both give the same bytes, or the same
 # exception class, for the same input.  The wire format is docs/PROTOCOL.md:
@@ -454,3 +455,46 @@ def decode_server_ops(plaintext, set addr_ok):
     if c.p != c.end:
         return None
     return ops
+
+
+cdef inline bint _entries_ok(object v) except -1:
+    # [device id 1..127, registration id 1..16383, ciphertext bin <= MAX_BODY], at most 127
+    cdef Py_ssize_t n, i
+    cdef object e, did, reg, body
+    if not PyTuple_CheckExact(v):
+        return False
+    n = PyTuple_GET_SIZE(v)
+    if n > 127:
+        return False
+    for i in range(n):
+        e = <object>PyTuple_GET_ITEM(v, i)
+        if not PyTuple_CheckExact(e) or PyTuple_GET_SIZE(e) != 3:
+            return False
+        did = <object>PyTuple_GET_ITEM(e, 0)
+        reg = <object>PyTuple_GET_ITEM(e, 1)
+        body = <object>PyTuple_GET_ITEM(e, 2)
+        if not (PyLong_CheckExact(did) and 1 <= did <= 127 and PyLong_CheckExact(reg)
+                and 1 <= reg <= 0x3FFF and PyBytes_CheckExact(body)
+                and PyBytes_GET_SIZE(body) <= WIRE_MAX_BODY):
+            return False
+    return True
+
+
+def dsend_ok(object op, set addr_ok):
+    """:func:`fastroute.wire.py_dsend_ok` in C: whether a decoded op is a valid
+    DSEND ``[1004, id, to, more, entries, own]`` whose recipient is in
+    ``addr_ok``.  False says nothing: the caller checks the op precisely."""
+    cdef object opcode, mid, to, more
+    if not PyTuple_CheckExact(op) or PyTuple_GET_SIZE(op) != 6:
+        return False
+    opcode = <object>PyTuple_GET_ITEM(op, 0)
+    mid = <object>PyTuple_GET_ITEM(op, 1)
+    to = <object>PyTuple_GET_ITEM(op, 2)
+    more = <object>PyTuple_GET_ITEM(op, 3)
+    if not (PyLong_CheckExact(opcode) and opcode == 1004
+            and PyBytes_CheckExact(mid) and PyBytes_GET_SIZE(mid) == 16
+            and PyUnicode_CheckExact(to) and PySet_Contains(addr_ok, to)
+            and (more is True or more is False)):
+        return False
+    return _entries_ok(<object>PyTuple_GET_ITEM(op, 4)) and _entries_ok(
+        <object>PyTuple_GET_ITEM(op, 5))

@@ -28,11 +28,11 @@ import logging
 from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
 
-import msgpack
 
 from .. import wire
 from .._compiled import twin
 from ..errors import ErrorCode, FastrouteError, MailboxFull, UnknownAddress, WrongType
+from .keys import pack_stored_sender
 
 if TYPE_CHECKING:
     from ..identity import Credential
@@ -51,20 +51,30 @@ _POP_BATCH = 1024
 # -- per-message loops: specification -------------------------------------------
 
 def py_pack_delivers(seq: int, batch: list, out: list) -> list:
-    """Append a packed DELIVER per ``(mid, tail)`` of ``batch`` (seqs from ``seq``)
-    to ``out``; return the mids in order."""
+    """Append a packed DELIVER per ``(mid, tail)`` of ``batch`` to ``out``
+    (seqs from ``seq``); return the mids in order.
+
+    A ``(mid, tail, head)`` item is another op with DELIVER's shape (a
+    feature's DDELIVER or EVENT): ``head`` is its array header and opcode,
+    written before the uint32 seq in place of DELIVER's.
+    """
     if batch and seq + len(batch) - 1 > 0xFFFFFFFF:
         raise OverflowError("DELIVER seq does not fit 32 bits")
     mids = []
     append = out.append
-    head = _DELIVER_HEAD
     for item in batch:
-        if type(item) is not tuple or len(item) != 2:
-            raise WrongType("DELIVER payloads must be (mid, tail) tuples")
-        mid, tail = item
+        if type(item) is not tuple or not 2 <= len(item) <= 3:
+            raise WrongType("DELIVER payloads must be (mid, tail) or (mid, tail, head) tuples")
+        mid, tail = item[0], item[1]
         if type(tail) is not bytes:
             raise WrongType("DELIVER tail must be bytes")
-        append(b"".join((head, seq.to_bytes(4, "big"), tail)))
+        if len(item) == 3:
+            head = item[2]
+            if type(head) is not bytes or not head:
+                raise WrongType("DELIVER head must be non-empty bytes")
+            append(b"".join((head, b"\xce", seq.to_bytes(4, "big"), tail)))
+        else:
+            append(b"".join((_DELIVER_HEAD, seq.to_bytes(4, "big"), tail)))
         mids.append(mid)
         seq += 1
     return mids
@@ -73,8 +83,12 @@ def py_pack_delivers(seq: int, batch: list, out: list) -> list:
 def py_sync_rows(router, dev, rows: list, routed, senders: dict, pack_sender):
     """Push stored ``(mid, sender, id, body, ts_ms)`` rows into a device's mailbox.
 
-    Returns ``(pushed, last_mid, state)``: state 1 at the first row above
-    ``routed``, 2 when the mailbox is full, 0 when every row was pushed.
+    ``pack_sender(sender)`` (cached in ``senders``) gives the packed fields
+    before the id: bytes for a DELIVER, ``(head, fields)`` for an op of
+    DELIVER's shape (pushed as ``(mid, tail, head)``), or None to leave the
+    row in the store (passed over, not pushed).  Returns ``(pushed,
+    last_mid, state)``: state 1 at the first row above ``routed``, 2 when
+    the mailbox is full, 0 when every row was pushed or passed over.
     """
     pushed = 0
     last = None
@@ -82,12 +96,21 @@ def py_sync_rows(router, dev, rows: list, routed, senders: dict, pack_sender):
     for mid, sender, cid, body, ts_ms in rows:
         if mid > routed:
             return pushed, last, 1
-        sp = senders.get(sender)
-        if sp is None:
+        if sender in senders:
+            sp = senders[sender]
+        else:
             sp = senders[sender] = pack_sender(sender)
-        tail = wire.py_deliver_tail(sp, cid, body, wire.ts_packed(ts_ms), 0)
+        if sp is None:
+            last = mid
+            continue
+        payload: tuple
+        if type(sp) is tuple:
+            payload = (mid, wire.py_deliver_tail(sp[1], cid, body, wire.ts_packed(ts_ms), 0),
+                       sp[0])
+        else:
+            payload = (mid, wire.py_deliver_tail(sp, cid, body, wire.ts_packed(ts_ms), 0))
         try:
-            push(dev, (mid, tail))
+            push(dev, payload)
         except MailboxFull:
             return pushed, last, 2
         last = mid
@@ -116,6 +139,7 @@ class LinkPort(Protocol):
     #: the socket's buffer is full: stop pulling from the mailbox
     paused: bool
     address: str
+    provider: str
     cred: "Credential | None"
     last_rx: float
     #: the delivery stage's state while the device is online
@@ -125,6 +149,12 @@ class LinkPort(Protocol):
     #: store batches of this link's SENDs not yet answered
     storing: int
     media_in_flight: int
+    #: feature names this link negotiated (FEATURES); empty for a v1 client
+    features: frozenset[str]
+    #: multi-op DSENDs being gathered, by id (the keys stage's)
+    dsends: dict
+    #: set while the backlog sync waits for the link's first frame (see Link.hold_sync)
+    sync_hold: Any
 
     def is_open(self) -> bool:
         """Whether ops queued in :attr:`out` will still be written."""
@@ -223,6 +253,24 @@ class Delivery:
         self._by_device[(address, device)] = feed
         return feed
 
+    def forget_device(self, address: str, device: str) -> None:
+        """Drop a revoked device's undelivered messages; later SENDs no longer store for it.
+
+        A store without ``forget_device`` (the :class:`~fastroute.store.Store`
+        protocol does not require it) keeps them until their TTL.
+        """
+        store = self.store
+        forget = getattr(store, "forget_device", None)
+        if forget is None:
+            return
+        dkey = store.register_device(address, device)
+        keys = self.known.get(address)
+        if keys is not None and dkey in keys:
+            keys.remove(dkey)
+            if not keys:
+                del self.known[address]
+        forget(dkey)
+
     def detach(self, link: "LinkPort") -> None:
         """Take a link's device offline (idempotent).
 
@@ -319,6 +367,34 @@ class Delivery:
             if feed is not None and feed.live:
                 self.router.resume(dev)
 
+    def persisted_copies(self, copies: list, last_mid: int) -> None:
+        """Like :meth:`persisted` for per-device copies ``(address, device name,
+        (mid, tail, head))``: each goes to its one device, if it is online on a
+        link that negotiated e2ee; the store keeps it for the others."""
+        self._puts_in_flight -= 1
+        try:
+            by_device = self._by_device
+            items = []
+            for address, name, payload in copies:
+                feed = by_device.get((address, name))
+                # a device online on a link that cannot read the copy gets it
+                # from the store on its next link that negotiated e2ee
+                if feed is not None and "e2ee" in feed.link.features:
+                    items.append((feed.dev, payload))
+            if items:
+                try:
+                    self.router.offer_many(items)
+                except MailboxFull as exc:
+                    self._missed(items, exc.full)
+                self.wake()
+            if last_mid > self._routed_mid:
+                self._routed_mid = last_mid
+        finally:
+            waiters, self._routed_waiters = self._routed_waiters, []
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
+
     def _missed(self, batch: list, full: list) -> None:
         online = self._online
         for index, dev in full:
@@ -343,10 +419,18 @@ class Delivery:
         self._routed_waiters.append(fut)
         return fut
 
+    @staticmethod
+    def _sender_packer(feed: Feed) -> Any:
+        """``sync_rows``' ``pack_sender`` for this device's link."""
+        negotiated = "e2ee" in feed.link.features
+        return lambda sender: pack_stored_sender(sender, negotiated)
+
     # ---------------------------------------------------------- sync
     def start_sync(self, feed: Feed) -> None:
-        """Run :meth:`_sync` for ``feed`` unless it is already running."""
-        if feed.sync_task is None and feed.dev >= 0:
+        """Run :meth:`_sync` for ``feed`` unless it is already running, or held
+        until the link's first frame (:meth:`~fastroute.relay.link.Link.hold_sync`,
+        whose release calls this again)."""
+        if feed.sync_task is None and feed.dev >= 0 and feed.link.sync_hold is None:
             assert self._loop is not None
             feed.sync_task = self._loop.create_task(self._sync(feed))
 
@@ -388,7 +472,7 @@ class Delivery:
                 # per row: DELIVER tail, push (compiled when fastroute._core is);
                 # a backlog has few distinct senders, packed once each
                 pushed, last, state = sync_rows(router, feed.dev, rows, routed, {},
-                                                msgpack.packb)
+                                                self._sender_packer(feed))
                 if pushed:
                     feed.last_mid = last
                     self.wake()  # the writer drains what was just pushed

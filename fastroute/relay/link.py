@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from ..identity import Credential
     from .delivery import Delivery, Feed
     from .gate import Gate
+    from .keys import Keys
     from .media_ops import MediaOps
 
 __all__ = ["Link", "LinkState", "LinkWiring"]
@@ -59,6 +60,12 @@ _OP_BYE = int(wire.Op.BYE)
 _OP_CONSENT = int(wire.Op.CONSENT)
 _MEDIA_OPS = frozenset((int(wire.Op.MBEGIN), int(wire.Op.MCHUNK), int(wire.Op.MFINISH),
                         int(wire.Op.MGET)))
+_OP_FEATURES = int(wire.Op.FEATURES)
+#: opcode -> the feature a link must have negotiated to use it
+_FEATURE_OF = {int(op): name for name, ops in wire.FEATURE_OPS.items() for op in ops}
+#: the features this relay grants (FEATURES answers with the intersection)
+SUPPORTED_FEATURES = frozenset(wire.FEATURE_OPS)
+_NO_FEATURES: frozenset[str] = frozenset()
 
 
 class LinkWiring:
@@ -70,13 +77,13 @@ class LinkWiring:
     """
 
     __slots__ = ("server_key", "config", "gate", "delivery", "media_ops", "count_error",
-                 "admit", "online", "lost")
+                 "admit", "online", "lost", "keys")
 
     def __init__(self, server_key: KeyPair, config: Any, gate: "Gate", delivery: "Delivery",
                  media_ops: "MediaOps", count_error: Callable[[int], None],
                  admit: Callable[["Link"], bool],
                  online: Callable[["Link", "Credential"], None],
-                 lost: Callable[["Link"], None]) -> None:
+                 lost: Callable[["Link"], None], keys: "Keys | None" = None) -> None:
         self.server_key = server_key
         self.config = config
         self.gate = gate
@@ -86,6 +93,7 @@ class LinkWiring:
         self.admit = admit
         self.online = online
         self.lost = lost
+        self.keys = keys
 
 
 class Link(asyncio.Protocol):
@@ -116,6 +124,10 @@ class Link(asyncio.Protocol):
         # the other stages' per-link state, set when the device is online
         self.feed: "Feed | None" = None
         self.gate_state: Any = None  # the gate's LinkGate: sender, limits, quotas
+        #: features negotiated with FEATURES (docs/PROTOCOL.md 14.2); empty: v1
+        self.features = _NO_FEATURES
+        self.dsends: dict = {}  # the keys stage's multi-op DSENDs being gathered
+        self.sync_hold: asyncio.TimerHandle | None = None
 
     # ---------------------------------------------------------------- asyncio
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -133,6 +145,9 @@ class Link(asyncio.Protocol):
         self.state = _CLOSED
         if self.timer is not None:
             self.timer.cancel()
+        if self.sync_hold is not None:
+            self.sync_hold.cancel()
+            self.sync_hold = None
         self.wiring.lost(self)
 
     def pause_writing(self) -> None:
@@ -164,6 +179,8 @@ class Link(asyncio.Protocol):
                     self.fail(exc)
                     return
                 self._on_frame(plaintext)
+                if self.sync_hold is not None:
+                    self.release_sync()
             elif self.state in (_CLOSED, _DRAINING):
                 break
             else:
@@ -213,6 +230,18 @@ class Link(asyncio.Protocol):
         self.state = _OPEN
         wiring.online(self, cred)
 
+    def hold_sync(self, timeout: float) -> None:
+        """Start the device's backlog sync after its first transport frame (or ``timeout``)."""
+        self.sync_hold = asyncio.get_running_loop().call_later(timeout, self.release_sync)
+
+    def release_sync(self) -> None:
+        """Start the backlog sync held by :meth:`hold_sync` (idempotent)."""
+        if self.sync_hold is not None:
+            self.sync_hold.cancel()
+            self.sync_hold = None
+            if self.feed is not None:
+                self.wiring.delivery.start_sync(self.feed)
+
     def _handshake_timeout(self) -> None:
         self.timer = None
         if self.state in (_HS_WAIT1, _HS_WAIT3):
@@ -239,10 +268,19 @@ class Link(asyncio.Protocol):
         assert sends is not None
         for op in ops:
             if isinstance(op, wire.OpError):
-                if op.id is not None:
-                    # a malformed request is answered like a refused one:
-                    # media requests by MREPLY (PROTOCOL.md, "Media"), the rest by SACK
-                    self.out.append(wire.mreply_op(op.id, op.code) if op.opcode in _MEDIA_OPS
+                feature = _FEATURE_OF.get(op.opcode) if op.opcode is not None else None
+                if feature is not None and feature not in self.features:
+                    # not negotiated: unknown here, whatever its fields
+                    self._protocol_error(ErrorCode.UNKNOWN_OP, "unknown opcode for this direction")
+                    if self.state == _CLOSED:
+                        return
+                    continue
+                if op.id is not None and op.opcode != _OP_FEATURES:
+                    # a malformed request is answered like a refused one: a
+                    # feature's in the feature's REPLY, media requests by MREPLY
+                    # (PROTOCOL.md, "Media"), the other v1 ones by SACK
+                    self.out.append(wire.reply_op(op.id, op.code) if feature is not None
+                                    else wire.mreply_op(op.id, op.code) if op.opcode in _MEDIA_OPS
                                     else wire.sack_op(op.id, op.code))
                     wiring.count_error(op.code)
                     wiring.delivery.mark(self)
@@ -268,6 +306,18 @@ class Link(asyncio.Protocol):
             elif kind == _OP_PING:
                 self.out.append(wire.pong_op(op[1]))
                 wiring.delivery.mark(self)
+            elif kind == _OP_FEATURES:
+                self._features(op[1], op[2])
+            elif kind in _FEATURE_OF:
+                # a feature's op is unknown to a link that did not negotiate
+                # it, exactly as to a relay without the feature
+                if _FEATURE_OF[kind] not in self.features or wiring.keys is None:
+                    self._protocol_error(ErrorCode.UNKNOWN_OP,
+                                         "unknown opcode for this direction")
+                    if self.state == _CLOSED:
+                        return
+                else:
+                    wiring.keys.request(self, op)
             elif kind == _OP_BYE:
                 # after the SENDs already read: data_received accepts them first
                 self.bye_after_sends = True
@@ -275,6 +325,14 @@ class Link(asyncio.Protocol):
                 if not sends:
                     self._on_bye()
                 return
+
+    def _features(self, cid: bytes, names: tuple) -> None:
+        """FEATURES: grant the known subset; later FEATURES ops may add more."""
+        supported = SUPPORTED_FEATURES if self.wiring.keys is not None else _NO_FEATURES
+        granted = sorted(supported.intersection(names))
+        self.features = self.features.union(granted)
+        self.out.append(wire.features_ok_op(cid, granted))
+        self.wiring.delivery.mark(self)
 
     def _on_bye(self) -> None:
         if self.storing:

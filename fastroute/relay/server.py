@@ -38,6 +38,7 @@ from ..noise import KeyPair
 from ..store import MemoryStore, SqliteStore
 from .delivery import Delivery, LinkPort
 from .gate import Gate
+from .keys import KeyDirectory, Keys
 from .link import Link, LinkState, LinkWiring
 from .media_ops import MediaOps
 from .metrics import Histogram, serve_metrics
@@ -134,6 +135,8 @@ class Relay:
         self.delivery: Delivery | None = None
         self.media_ops: MediaOps | None = None
         self.upkeep: Upkeep | None = None
+        self.keys: Keys | None = None
+        self._key_dir: KeyDirectory | None = None
         self.links: set[Link] = set()
         self._server: asyncio.base_events.Server | None = None
         self._admin: asyncio.AbstractServer | None = None
@@ -199,6 +202,9 @@ class Relay:
             if self._metrics is not None:
                 self._metrics.close()
                 self._metrics = None
+            if self._key_dir is not None:
+                self._key_dir.close()
+                self._key_dir = None
             if self._lock is not None:
                 self._lock.release()
                 self._lock = None
@@ -240,9 +246,18 @@ class Relay:
         gate.taps.extend(self._taps)
         self._taps = gate.taps  # one list: taps added later reach the gate too
         self.media_ops = MediaOps(self.media, delivery, self.count_error)
-        self.upkeep = Upkeep(cfg, gate, delivery, self.store, self.media, self.count_error)
+        os.makedirs(cfg.data_dir, exist_ok=True)
+        # the key directory is durable whatever the message store is: a
+        # consumed one-time prekey must never be handed out again
+        self._key_dir = KeyDirectory(os.path.join(cfg.data_dir, "keys.db"),
+                                     ec_cap=cfg.prekey_ec_cap, kem_cap=cfg.prekey_kem_cap,
+                                     low_water=cfg.prekey_low_water)
+        self.keys = Keys(cfg, self._key_dir, gate, delivery, self.count_error)
+        self.upkeep = Upkeep(cfg, gate, delivery, self.store, self.media, self.count_error,
+                             self.keys)
         wiring_box.append(LinkWiring(self.server_key, cfg, gate, delivery, self.media_ops,
-                                     self.count_error, self._admit, self._online, self._lost))
+                                     self.count_error, self._admit, self._online, self._lost,
+                                     self.keys))
         self.applied_generation = self.registry.version()[0]
         self.upkeep.on_applied = self._applied
         self.upkeep.start()
@@ -299,6 +314,9 @@ class Relay:
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
             except asyncio.TimeoutError:
                 pass
+        if self._key_dir is not None:
+            # its writer thread finishes what is queued; off the loop
+            await asyncio.get_running_loop().run_in_executor(None, self._key_dir.close)
         if self.store is not None and self._own_store:
             await self.store.close()
         if self.media is not None and self._own_media:
@@ -422,7 +440,15 @@ class Relay:
         link.gate_state = gate.admit(link, cred)
         link.out.append(wire.welcome_op(cred.address, cred.device, int(time.time() * 1000)))
         delivery.mark(link)
-        delivery.start_sync(link.feed)
+        if self.keys is not None and self.keys.dir.slot(cred.address, cred.device) is not None:
+            self.keys.seen(cred.address, cred.device)
+            # Its backlog may hold per-device copies, which only a link that
+            # negotiated e2ee may get: a client sends FEATURES in its first
+            # frame (docs/PROTOCOL.md 14.2), so the sync waits for that frame
+            # (or a second, for a downgraded client that says nothing).
+            link.hold_sync(1.0)
+        else:
+            delivery.start_sync(link.feed)
         t0 = self._accepted_at.pop(link, None)
         if t0 is not None:
             self.handshake_seconds.observe(time.monotonic() - t0)
@@ -432,6 +458,8 @@ class Relay:
         # every link of this relay is a Link; the stages see them as LinkPorts
         self.links.discard(cast(Link, link))
         self._accepted_at.pop(cast(Link, link), None)
+        if self.keys is not None and link.feed is not None and link.cred is not None:
+            self.keys.seen(link.cred.address, link.cred.device)
         if self.delivery is not None:
             self.delivery.detach(link)
 

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from ..store import Store
     from .delivery import Delivery
     from .gate import Gate
+    from .keys import Keys
 
 __all__ = ["Upkeep", "serve_admin"]
 
@@ -36,13 +37,16 @@ class Upkeep:
     """The housekeeping task of one relay."""
 
     def __init__(self, config: Any, gate: "Gate", delivery: "Delivery", store: "Store",
-                 media: "MediaStore", count_error: Callable[[int], None]) -> None:
+                 media: "MediaStore", count_error: Callable[[int], None],
+                 keys: "Keys | None" = None) -> None:
         self.config = config
         self.gate = gate
         self.delivery = delivery
         self.store = store
         self.media = media
         self.count_error = count_error
+        self.keys = keys
+        self._pruned_for: Any = None  # the Trust the device lists were last pruned against
         self._task: asyncio.Task | None = None
         #: called with the registry generation once its revocations reached live links
         self.on_applied: Callable[[int], None] | None = None
@@ -87,6 +91,10 @@ class Upkeep:
                 # and links go idle all the same: recheck every time
                 self.gate.reload_trust()
                 self.recheck_live()
+                if self.keys is not None and self.gate.trust is not self._pruned_for:
+                    # revoked devices leave their device lists
+                    self._pruned_for = self.gate.trust
+                    self.keys.prune(self.gate.trust.is_revoked)
                 self.last_pass = time.monotonic()
                 version = self.gate.trust.version
                 if self.on_applied is not None and isinstance(version, tuple):
@@ -95,6 +103,10 @@ class Upkeep:
                 if now - last_expire > EXPIRE_EVERY_S:
                     last_expire = now
                     self.gate.expire()
+                    if self.keys is not None:
+                        # devices silent past the retention period leave their lists
+                        self.keys.prune(self.gate.trust.is_revoked,
+                                        time.time() - self.config.device_retention_s)
                     await self.store.expire(int(time.time() * 1000))
                     await self.media.expire()
             except asyncio.CancelledError:

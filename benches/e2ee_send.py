@@ -1,0 +1,171 @@
+"""Per-device send (DSEND, feature "e2ee") against today's SEND: end to end and relay CPU.
+
+Run (bounded: fixed message counts and a timeout on every wait)::
+
+    PYTHONPATH=. python benches/e2ee_send.py [--messages N] [--runs R] [--store memory|sqlite]
+
+For 1, 3 and 10 recipient devices, two ways of reaching all of them:
+
+* ``send``: today's v1 SEND, one body to the address, which the relay stores
+  once per device and fans out;
+* ``dsend``: one DSEND carrying one ciphertext per device (what a Signal
+  Protocol client sends), checked against the device list, each copy stored
+  and routed to its own device as DDELIVER.
+
+Each run starts a fresh ``fastroute serve`` (a process of its own, uvloop)
+and connects the sender and the recipient's devices from this process.
+After a warm-up, ``N`` messages are sent with at most ``WINDOW`` in flight
+(waiting for the relay's answers), and the run ends when every device has
+every copy.  Reported per case, as the median of ``--runs`` runs: delivered
+copies per second end to end (send to last receipt) and the relay
+process's own CPU per delivered copy -- the CPU time of all its threads
+(``/proc/<pid>/task/*/schedstat``, nanoseconds) read before the first send
+and after the last receipt -- and the dsend/send ratio of both.  Threads
+that ended during the run (none in the relay) would be missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+    uvloop = None
+
+from fastroute import Client
+from fastroute.identity import ProviderKey, Registry, issue_credential
+from fastroute.noise import KeyPair
+
+WINDOW = 256  # sends in flight
+BODY = 100
+
+
+def relay_cpu(pid: int) -> float:
+    """CPU time of a process, all threads, in seconds: the sum of each thread's
+    ``/proc/<pid>/task/<tid>/schedstat`` (ns resolution; ``/proc/<pid>/stat``'s
+    utime + stime count 10 ms ticks, too coarse for short runs)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as fh:
+                total += int(fh.read().split()[0])
+        except FileNotFoundError:  # a thread that just ended
+            pass
+    return total / 1e9
+
+
+def start_relay(data: str, store: str) -> tuple[subprocess.Popen, int]:
+    with open(os.path.join(data, "fastroute.toml"), "w") as fh:
+        fh.write(f'[relay]\nstore = "{store}"\nrequire_consent = false\n'
+                 "prekey_fetch_burst = 1000000.0\n"
+                 "[limits]\nmsgs_per_s = 10000000.0\nmsgs_burst = 10000000.0\n"
+                 "bytes_per_s = 1000000000000\nbytes_burst = 1000000000000\n")
+    proc = subprocess.Popen([sys.executable, "-m", "fastroute.cli", "serve", "--config",
+                             os.path.join(data, "fastroute.toml"), "--data-dir", data,
+                             "--listen", "127.0.0.1:0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if "listening on" in line and not line.startswith("20"):
+            return proc, int(line.rsplit(":", 1)[1])
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    raise SystemExit("relay did not start")
+
+
+async def one_run(mode: str, n_dev: int, messages: int, store: str) -> tuple[float, float]:
+    with tempfile.TemporaryDirectory() as data:
+        pkey = ProviderKey.generate()
+        with Registry(os.path.join(data, "registry.db")) as reg:
+            reg.add_provider("home", pkey.public_key)
+        proc, port = start_relay(data, store)
+        clients: list[Client] = []
+        try:
+            async def connect(address: str, device: str) -> Client:
+                kp = KeyPair.generate()
+                cred = issue_credential(pkey, "home", address, device, kp.public)
+                c = await Client.connect("127.0.0.1", port, credential=cred, static=kp,
+                                         features=("e2ee",), keepalive=None)
+                clients.append(c)
+                await c.publish_keys(1 + len(clients), os.urandom(33),
+                                     (1, os.urandom(33), os.urandom(64)),
+                                     (2, os.urandom(1569), os.urandom(64)))
+                return c
+
+            sender = await connect("s@home", "phone")
+            devices = [await connect("r@home", f"d{i}") for i in range(n_dev)]
+            listed = await sender.devices("r@home")
+            body = os.urandom(BODY)
+            entries = [(d, r, body) for d, r in listed]
+
+            async def receive(c: Client, want: int) -> None:
+                got = 0
+                while got < want:
+                    got += len(await asyncio.wait_for(c.recv_many(), 30))
+
+            async def send_all(count: int) -> None:
+                if mode == "send":
+                    for at in range(0, count, WINDOW):
+                        await sender.send_many("r@home", [body] * min(WINDOW, count - at))
+                else:
+                    for at in range(0, count, WINDOW):
+                        await asyncio.gather(*(sender.send_to_devices("r@home", entries)
+                                               for _ in range(min(WINDOW, count - at))))
+
+            warm = 200
+            await asyncio.gather(send_all(warm), *(receive(c, warm) for c in devices))
+            cpu0 = relay_cpu(proc.pid)
+            t0 = time.perf_counter()
+            await asyncio.gather(send_all(messages), *(receive(c, messages) for c in devices))
+            wall = time.perf_counter() - t0
+            cpu = relay_cpu(proc.pid) - cpu0
+            copies = messages * n_dev
+            return copies / wall, cpu / copies * 1e6
+        finally:
+            for c in clients:
+                await c.close()
+            proc.terminate()
+            proc.wait(20)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--messages", type=int, default=3000)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--store", choices=("memory", "sqlite"), default="memory")
+    args = ap.parse_args()
+    run = uvloop.run if uvloop is not None else asyncio.run
+    print(f"store={args.store} messages={args.messages} runs={args.runs} body={BODY} B "
+          f"window={WINDOW}")
+    print(f"{'devices':>7} {'mode':>6} {'copies/s':>10} {'relay us/copy':>14} "
+          f"{'(min-max)':>14}")
+    results = {}
+    for n_dev in (1, 3, 10):
+        for mode in ("send", "dsend"):
+            rates, cpus = [], []
+            for _ in range(args.runs):
+                rate, cpu = run(one_run(mode, n_dev, args.messages, args.store))
+                rates.append(rate)
+                cpus.append(cpu)
+            results[(n_dev, mode)] = (statistics.median(rates), statistics.median(cpus))
+            print(f"{n_dev:>7} {mode:>6} {statistics.median(rates):>10.0f} "
+                  f"{statistics.median(cpus):>14.2f} {min(cpus):>6.2f}-{max(cpus):<6.2f}",
+                  flush=True)
+    print("\ndsend / send (same devices):")
+    for n_dev in (1, 3, 10):
+        (rs, cs), (rd, cd) = results[(n_dev, "send")], results[(n_dev, "dsend")]
+        print(f"  {n_dev:>2} devices: throughput x{rd / rs:.2f}, relay CPU per copy x{cd / cs:.2f}")
+
+
+if __name__ == "__main__":
+    main()

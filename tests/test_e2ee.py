@@ -1,0 +1,656 @@
+"""Feature "e2ee" end to end: negotiation, key directory, device lists, per-device send.
+
+A real relay on loopback with real SQLite files and real clients; key
+material here is random bytes of libsignal's sizes (the relay never looks
+inside it), and tests/test_libsignal.py runs the real Signal Protocol over
+the same ops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import msgpack
+import pytest
+
+import fastroute
+from fastroute import wire
+from fastroute.client import Client, DeviceMessage, Event, Message
+from fastroute.errors import (
+    BadKey,
+    ConsentRequired,
+    DeviceMismatch,
+    DuplicateId,
+    ErrorCode,
+    FastrouteError,
+    KeyLimit,
+    RateLimited,
+    UnknownAddress,
+)
+from fastroute.identity import ProviderKey, Registry, issue_credential
+from fastroute.noise import KeyPair
+from relayutil import LOOPS, nothing_arrives, run, world
+
+EC, KEM = wire.PREKEY_EC, wire.PREKEY_KEM
+
+
+def keyset(reg: int, n_ec: int = 5, n_kem: int = 5, first: int = 1):
+    """Random key material of libsignal's sizes: identity 33, EC 33, Kyber1024 1569."""
+    return dict(registration_id=reg, identity_key=os.urandom(33),
+                signed_prekey=(7, os.urandom(33), os.urandom(64)),
+                last_resort_kem_prekey=(99999, os.urandom(1569), os.urandom(64)),
+                one_time_prekeys=[(i, os.urandom(33)) for i in range(first, first + n_ec)],
+                kem_prekeys=[(i, os.urandom(1569), os.urandom(64))
+                             for i in range(first, first + n_kem)])
+
+
+async def e2ee(w, address: str, device: str, reg: int | None = None, **kw) -> Client:
+    c = await w.connect(address, device, features=("e2ee",))
+    if reg is not None:
+        c.did = await c.publish_keys(**keyset(reg, **kw))
+    return c
+
+
+async def recv(c: Client, timeout: float = 5.0):
+    return await asyncio.wait_for(c.recv(), timeout)
+
+
+async def no_message(c: Client, wait: float = 0.3) -> bool:
+    """True if nothing but events arrives within ``wait`` seconds."""
+    try:
+        await recv_msg(c, wait)
+    except asyncio.TimeoutError:
+        return True
+    return False
+
+
+async def recv_msg(c: Client, timeout: float = 5.0):
+    """The next message, past the events (pool low, device joined/left)."""
+    while True:
+        m = await recv(c, timeout)
+        if not isinstance(m, Event):
+            return m
+
+
+# -- negotiation -----------------------------------------------------------------------
+
+def test_features_grant_the_known_subset_and_gate_the_ops(tmp_path):
+    async def main():
+        async with world(tmp_path) as w:
+            a = await w.connect("alice@home", "phone", features=("groups-v9", "e2ee"))
+            assert a.features == {"e2ee"}
+            v1 = await recorder(w, "bob@home", "phone")
+            assert v1.features == frozenset()
+            # an e2ee op on a link that did not negotiate it: UNKNOWN_OP, as from a v1 relay
+            v1._write([wire.devices_op(os.urandom(16), "alice@home")])
+            await v1.ping()
+            ops = [op for pt in v1.plaintexts for op in wire.decode_server_frame(pt)]
+            assert [op[0] for op in ops] == [wire.Op.WELCOME, wire.Op.ERROR, wire.Op.PONG]
+            assert ops[1][1] == ErrorCode.UNKNOWN_OP
+            with pytest.raises(FastrouteError):
+                await v1.devices("alice@home")  # the client knows it was not granted
+            # negotiating later on the same link works too
+            assert await v1.negotiate() == {"e2ee"}
+            with pytest.raises(UnknownAddress):  # no device list: no such address
+                await v1.devices("alice@home")
+    run("asyncio", main())
+
+
+# -- key directory ---------------------------------------------------------------------
+
+def test_publish_list_and_fetch_serve_keys_byte_for_byte_and_consume_once(tmp_path):
+    async def main():
+        async with world(tmp_path) as w:
+            a1 = await w.connect("alice@home", "phone", features=("e2ee",))
+            ks = keyset(1234, n_ec=2, n_kem=1)
+            assert await a1.publish_keys(**ks) == 1
+            a2 = await e2ee(w, "alice@home", "laptop", 55)
+            assert a2.did == 2
+            bob = await e2ee(w, "bob@home", "phone", 77)
+            assert await bob.devices("alice@home") == [(1, 1234), (2, 55)]
+            assert await bob.devices("alice@home") == [(1, 1234), (2, 55)]  # consumed nothing
+            got = []
+            for _ in range(3):
+                [b] = await bob.bundles("alice@home", [1])
+                got.append(b)
+            b = got[0]
+            assert (b.device_id, b.registration_id, b.identity_key, b.signed_prekey) == (
+                1, 1234, ks["identity_key"], ks["signed_prekey"])
+            assert [g.one_time_prekey for g in got] == ks["one_time_prekeys"] + [None]
+            assert [g.kem_prekey for g in got] == ks["kem_prekeys"] + [
+                ks["last_resort_kem_prekey"]] * 2
+            assert [g.kem_last_resort for g in got] == [False, True, True]
+            both = await bob.bundles("alice@home")
+            assert [x.device_id for x in both] == [1, 2]
+            # renewing the credential (a new connection of the same name) keeps the slot
+            await a1.close()
+            a1b = await e2ee(w, "alice@home", "phone")
+            assert await a1b.publish_keys(**keyset(1234)) == 1
+    run("asyncio", main())
+
+
+def test_uploads_and_answers_larger_than_a_frame(tmp_path):
+    async def main():
+        async with world(tmp_path, prekey_kem_cap=200) as w:
+            a = await e2ee(w, "alice@home", "phone")
+            ks = keyset(9, n_ec=100, n_kem=100)  # 100 Kyber keys: ~169 KB, several frames
+            await a.publish_keys(**ks)
+            # the bundles of 45 devices, each with a 1569-byte KEM key, need two REPLY parts
+            devs = [await e2ee(w, "carol@home", f"d{i}", 100 + i, n_ec=1, n_kem=1)
+                    for i in range(45)]
+            bob = await e2ee(w, "bob@home", "phone", 5)
+            bundles = await bob.bundles("carol@home")
+            assert [b.device_id for b in bundles] == [d.did for d in devs] == list(range(1, 46))
+            assert sum(len(b.kem_prekey[1]) for b in bundles) > wire.MAX_PLAINTEXT
+            [mine] = await bob.bundles("alice@home")
+            assert mine.kem_prekey == ks["kem_prekeys"][0]
+    run("asyncio", main())
+
+
+def test_bad_key_material_gets_typed_codes_and_stores_nothing(tmp_path):
+    async def main():
+        async with world(tmp_path, prekey_ec_cap=10, prekey_kem_cap=4) as w:
+            a = await e2ee(w, "alice@home", "phone", 1, n_ec=3, n_kem=2)
+            bob = await e2ee(w, "bob@home", "phone", 2, n_kem=2)
+
+            async def raw(op_builder, *args):
+                cid = os.urandom(16)
+                return await a._request([op_builder(cid, *args)], cid)
+
+            ks = keyset(1)
+            with pytest.raises(BadKey):  # oversized identity key
+                await raw(wire.keys_set_op, 1, os.urandom(65), ks["signed_prekey"],
+                          ks["last_resort_kem_prekey"], True)
+            with pytest.raises(BadKey):  # oversized KEM key
+                await a.add_prekeys(KEM, [(50, os.urandom(2049), os.urandom(64))])
+            with pytest.raises(BadKey):  # a KEM prekey without its signature
+                await a.add_prekeys(KEM, [(50, os.urandom(1569))])
+            with pytest.raises(KeyLimit):  # too many prekeys: 3 + 8 > 10
+                await a.add_prekeys(EC, [(100 + i, os.urandom(33)) for i in range(8)])
+            with pytest.raises(DuplicateId):  # duplicate ids in one upload
+                await a.add_prekeys(EC, [(100, os.urandom(33)), (100, os.urandom(33))])
+            with pytest.raises(DuplicateId):  # an id already in the pool
+                await a.add_prekeys(EC, [(1, os.urandom(33))])
+            # nothing of the refused uploads was stored: still the 3 + 2 first keys
+            got = [await bob.bundles("alice@home") for _ in range(4)]
+            assert [g[0].one_time_prekey[0] if g[0].one_time_prekey else None
+                    for g in got] == [1, 2, 3, None]
+            assert [g[0].kem_last_resort for g in got] == [False, False, True, True]
+            # device lists that are empty, huge or repeated
+            with pytest.raises(DuplicateId):
+                await bob.bundles("alice@home", [1, 1])
+            with pytest.raises(FastrouteError) as err:
+                await bob._request([wire.bundles_op(b"x" * 16, "alice@home",
+                                                    list(range(1, 129)))], b"x" * 16)
+            assert err.value.code == ErrorCode.BAD_FIELD
+            with pytest.raises(FastrouteError) as err:
+                await bob.send_to_devices("alice@home", [])
+            assert err.value.code == ErrorCode.BAD_FIELD
+            with pytest.raises(DuplicateId):
+                await bob.send_to_devices("alice@home", [(1, 1, b"x"), (1, 1, b"y")])
+            assert await no_message(a)
+            await a.ping()  # the link is still up
+    run("asyncio", main())
+
+
+def test_device_ids_stay_in_1_to_127_and_revocation_frees_them_for_new_reg_ids(tmp_path):
+    async def main():
+        async with world(tmp_path) as w:
+            a1 = await e2ee(w, "alice@home", "phone", 10)
+            a2 = await e2ee(w, "alice@home", "laptop", 20)
+            bob = await e2ee(w, "bob@home", "phone", 30)
+            ev = await recv(a1)  # the other device is told: one joined
+            assert isinstance(ev, Event) and (ev.kind, ev.data) == (2, [a2.did, 20])
+            await a2.close()  # offline: its copy waits in the store
+            await bob.send_to_devices("alice@home", [(1, 10, b"x"), (2, 20, b"y")])
+            laptop = w.relay.store.register_device("alice@home", "laptop")
+            assert await w.relay.store.count_pending(laptop) == 1
+            with Registry(os.path.join(w.data_dir, "registry.db")) as reg:
+                reg.revoke_device("alice@home", "laptop")
+            assert (await recv_msg(a1)).body == b"x"
+            ev = await recv(a1)  # and one left
+            assert isinstance(ev, Event) and (ev.kind, ev.data) == (3, [a2.did])
+            await w.relay.store.flush()
+            assert [k for k, *_ in w.relay.store.known_devices()].count(laptop) == 0
+            assert await w.relay.store.count_pending(laptop) == 0  # its undelivered copy went
+            for _ in range(50):
+                if await bob.devices("alice@home") == [(1, 10)]:
+                    break
+                await asyncio.sleep(0.05)
+            assert await bob.devices("alice@home") == [(1, 10)]
+            # id 2 was freed with registration id 20: a new device with reg 20 gets 3,
+            # one with another reg id may take 2
+            a3 = await e2ee(w, "alice@home", "tablet", 20)
+            assert a3.did == 3
+            a4 = await e2ee(w, "alice@home", "watch", 21)
+            assert a4.did == 2
+    run("asyncio", main())
+
+
+# -- per-device send -----------------------------------------------------------------
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_per_device_send_reaches_each_device_once_with_the_sender_device(loop, tmp_path):
+    async def main():
+        async with world(tmp_path) as w:
+            a1 = await e2ee(w, "alice@home", "phone", 11)
+            a2 = await e2ee(w, "alice@home", "laptop", 12)
+            b1 = await e2ee(w, "bob@acme", "phone", 21)
+            await recv(a1)  # a2 joined
+            cid = await b1.send_to_devices("alice@home", [(1, 11, b"for a1"), (2, 12, b"a2")])
+            m1, m2 = await recv_msg(a1), await recv_msg(a2)
+            assert isinstance(m1, DeviceMessage) and isinstance(m2, DeviceMessage)
+            assert (m1.sender, m1.device, m1.id, m1.body) == ("bob@acme", 1, cid, b"for a1")
+            assert (m2.sender, m2.device, m2.id, m2.body) == ("bob@acme", 1, cid, b"a2")
+            # each copy is deleted on its own device's ack (the clients ack on receipt)
+            store = w.relay.store
+            for name in ("phone", "laptop"):
+                key = store.register_device("alice@home", name)
+                for _ in range(100):
+                    await store.flush()
+                    if await store.count_pending(key) == 0:
+                        break
+                    await asyncio.sleep(0.02)
+                assert await store.count_pending(key) == 0
+            # own other devices in the same send
+            cid = await a2.send_to_devices("bob@acme", [(1, 21, b"hi")], own=[(1, 11, b"sync")])
+            assert (await recv_msg(b1)).body == b"hi"
+            m = await recv_msg(a1)
+            assert (m.sender, m.device, m.body) == ("alice@home", 2, b"sync")
+            assert await nothing_arrives(a2)
+            # a resend with the same id is answered again, never delivered twice
+            await a2.send_to_devices("bob@acme", [(1, 21, b"hi")], own=[(1, 11, b"sync")],
+                                     id=cid)
+            assert await nothing_arrives(b1) and await nothing_arrives(a1)
+            # copies larger than a frame in total
+            bodies = [os.urandom(wire.MAX_BODY) for _ in range(2)]
+            await b1.send_to_devices("alice@home", [(1, 11, bodies[0]), (2, 12, bodies[1])])
+            assert (await recv_msg(a1)).body == bodies[0]
+            assert (await recv_msg(a2)).body == bodies[1]
+    run(loop, main())
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_mismatches_missing_extra_stale_then_refresh_and_resend_once(loop, tmp_path):
+    async def main():
+        async with world(tmp_path) as w:
+            a1 = await e2ee(w, "alice@home", "phone", 11)
+            b1 = await e2ee(w, "bob@home", "phone", 21)
+            sessions = {d: r for d, r in await b1.devices("alice@home")}
+            assert sessions == {1: 11}
+            # a device is added: missing
+            a2 = await e2ee(w, "alice@home", "laptop", 12)
+            assert isinstance(await recv(a1), Event)
+            cid = os.urandom(16)
+            with pytest.raises(DeviceMismatch) as err:
+                await b1.send_to_devices("alice@home", [(1, 11, b"m1")], id=cid)
+            assert (err.value.missing, err.value.extra, err.value.stale) == ([2], [], [])
+            assert await nothing_arrives(a1, 0.1)  # nothing stored on refusal
+            [b] = await b1.refresh("alice@home", err.value)  # fetches only what it lacks
+            assert b.device_id == 2
+            sessions[b.device_id] = b.registration_id
+            await b1.send_to_devices("alice@home", [(d, r, b"m1") for d, r in
+                                                    sessions.items()], id=cid)
+            assert (await recv_msg(a1)).body == (await recv_msg(a2)).body == b"m1"
+            # a device re-created with a new registration id: stale
+            await a2.publish_keys(**keyset(13))
+            assert (await recv(a1)).kind == 2
+            cid = os.urandom(16)
+            with pytest.raises(DeviceMismatch) as err:
+                await b1.send_to_devices("alice@home", [(d, r, b"m2") for d, r in
+                                                        sessions.items()], id=cid)
+            assert (err.value.missing, err.value.extra, err.value.stale) == ([], [], [2])
+            [b] = await b1.refresh("alice@home", err.value)
+            assert (b.device_id, b.registration_id) == (2, 13)
+            sessions[2] = 13
+            # a device revoked: extra
+            with Registry(os.path.join(w.data_dir, "registry.db")) as reg:
+                reg.revoke_device("alice@home", "laptop")
+            assert (await recv(a1)).kind == 3
+            with pytest.raises(DeviceMismatch) as err:
+                await b1.send_to_devices("alice@home", [(d, r, b"m2") for d, r in
+                                                        sessions.items()], id=cid)
+            assert (err.value.missing, err.value.extra, err.value.stale) == ([], [2], [])
+            del sessions[2]
+            await b1.send_to_devices("alice@home", [(d, r, b"m2") for d, r in
+                                                    sessions.items()], id=cid)
+            assert (await recv_msg(a1)).body == b"m2"
+            assert await nothing_arrives(a1)
+            # the sender's own devices are checked too
+            b2 = await e2ee(w, "bob@home", "laptop", 22)
+            with pytest.raises(DeviceMismatch) as err:
+                await b1.send_to_devices("alice@home", [(1, 11, b"x")], own=[(3, 5, b"y")])
+            assert (err.value.own_missing, err.value.own_extra) == ([2], [3])
+            assert await nothing_arrives(b2, 0.1)
+    run(loop, main())
+
+
+def test_offline_devices_get_their_copies_in_order_and_v1_links_never_do(tmp_path):
+    async def main():
+        async with world(tmp_path, mailbox_capacity=4) as w:
+            a1 = await e2ee(w, "alice@home", "phone", 11)
+            b1 = await e2ee(w, "bob@home", "phone", 21)
+            await a1.close()
+            sent = []
+            for i in range(12):  # more than the mailbox: the store feeds the rest
+                sent.append(await b1.send_to_devices("alice@home", [(1, 11, b"%d" % i)]))
+                await b1.send("alice@home", b"v1-%d" % i)
+            # the same device back without negotiating: v1 messages only, the
+            # copies wait in the store
+            v1 = await w.connect("alice@home", "phone")
+            got = [await recv_msg(v1) for _ in range(12)]
+            assert [m.body for m in got] == [b"v1-%d" % i for i in range(12)]
+            assert all(type(m) is Message for m in got)
+            assert await nothing_arrives(v1)
+            await v1.close()
+            back = await e2ee(w, "alice@home", "phone")
+            got = [await recv_msg(back) for _ in range(12)]
+            assert [m.id for m in got] == sent
+            assert [m.body for m in got] == [b"%d" % i for i in range(12)]
+            assert await nothing_arrives(back)
+    run("asyncio", main())
+
+
+class Recorder(Client):
+    """A client that keeps every frame plaintext the relay sent it (v1 unless
+    connected with ``features``)."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.plaintexts = []
+
+    def _on_frame(self, msg):
+        rx = self._rx
+        n = rx.n
+        self.plaintexts.append(rx.decrypt(msg))
+        rx.n = n
+        super()._on_frame(msg)
+
+
+async def recorder(w, address, device, **kw) -> Recorder:
+    kp, cred = w.credential(address, device)
+    c = await Recorder.connect("127.0.0.1", w.port, credential=cred, static=kp,
+                               server_key=w.relay.server_key.public, **kw)
+    w.clients.append(c)
+    return c
+
+
+def test_a_v1_device_sees_v1_bytes_beside_e2ee_devices_of_its_address(tmp_path):
+    async def main():
+        async with world(tmp_path) as w:
+            old = await recorder(w, "alice@home", "old")
+            a1 = await e2ee(w, "alice@home", "phone", 11)
+            b1 = await e2ee(w, "bob@home", "phone", 21)
+            assert await b1.devices("alice@home") == [(1, 11)]  # the v1 device is not listed
+            await b1.send_to_devices("alice@home", [(1, 11, b"copy")])
+            await b1.bundles("alice@home")
+            with pytest.raises(DeviceMismatch):  # the v1 device cannot be addressed
+                await b1.send_to_devices("alice@home", [(1, 11, b"x"), (2, 1, b"y")])
+            ids = [await b1.send("alice@home", b"v1-%d" % i) for i in range(3)]
+            assert [(await recv_msg(a1)).body for _ in range(4)] == [b"copy", b"v1-0", b"v1-1",
+                                                                 b"v1-2"]
+            got = [await recv_msg(old) for _ in range(3)]
+            assert [m.id for m in got] == ids
+            assert await nothing_arrives(old)
+            # byte for byte what a v1 relay sends: WELCOME, then DELIVERs packed as v1
+            ops = [op for pt in old.plaintexts for op in msgpack.unpackb(pt)]
+            assert [op[0] for op in ops] == [16, 18, 18, 18]
+            seen = b"".join(old.plaintexts[1:])
+            for m in got:
+                packed = (b"\x97\x12\xce" + m.seq.to_bytes(4, "big") + wire.py_deliver_tail(
+                    msgpack.packb("bob@home"), m.id, m.body, wire.ts_packed(m.ts_ms), 0))
+                assert packed in seen
+    run("asyncio", main())
+
+
+# -- gating ------------------------------------------------------------------------
+
+def test_no_enumeration_without_consent_and_per_requester_fetch_limits(tmp_path):
+    async def main():
+        async with world(tmp_path, require_consent=True, prekey_fetch_burst=3.0,
+                         prekey_fetches_per_s=0.001) as w:
+            alice = await e2ee(w, "alice@home", "phone", 11)
+            mallory = await recorder(w, "mallory@acme", "phone", features=("e2ee",))
+            await mallory.publish_keys(**keyset(66))
+            cid = b"\x01" * 16
+            answers = {}
+            for target in ("alice@home", "nobody@home"):
+                frames = []
+                for op in (wire.devices_op(cid, target), wire.bundles_op(cid, target, []),
+                           wire.dsend_op(cid, target, False, [(1, 11, b"x")], [])):
+                    with pytest.raises(UnknownAddress):
+                        await mallory._request([op], cid)
+                    frames.append(mallory.plaintexts[-1])
+                answers[target] = frames
+            assert answers["alice@home"] == answers["nobody@home"]
+            assert answers["alice@home"][0] == b"\x91" + wire.reply_op(
+                cid, ErrorCode.UNKNOWN_RECIPIENT)
+            # after alice opts in, the same requests see her
+            await alice.set_consent("acme")
+            assert await mallory.devices("alice@home") == [(1, 11)]
+            for _ in range(3):
+                await mallory.bundles("alice@home")
+            with pytest.raises(RateLimited):  # past its limit: nothing more is consumed
+                await mallory.bundles("alice@home")
+            # v1 SEND keeps its v1 answers
+            with pytest.raises(UnknownAddress):
+                await mallory.send("nobody@home", b"x")
+            await e2ee(w, "bob@home", "phone", 3)
+            with pytest.raises(ConsentRequired):
+                await mallory.send("bob@home", b"x")
+    run("asyncio", main())
+
+
+# -- one-time prekeys under load and across a crash ------------------------------------
+
+def test_1000_concurrent_fetches_against_pools_of_100(tmp_path):
+    async def main():
+        async with world(tmp_path, prekey_fetch_burst=10000.0) as w:
+            ks = keyset(5, n_ec=100, n_kem=100)
+            a = await e2ee(w, "alice@home", "phone")
+            await a.publish_keys(**ks)
+            fetchers = [await e2ee(w, f"f{i}@home", "phone") for i in range(10)]
+            results = await asyncio.gather(*(
+                fetchers[i % 10].bundles("alice@home") for i in range(1000)))
+            bundles = [b for [b] in results]
+            ec = [b.one_time_prekey for b in bundles if b.one_time_prekey is not None]
+            kem = [b.kem_prekey for b in bundles if not b.kem_last_resort]
+            assert sorted(ec) == sorted(ks["one_time_prekeys"])  # 100 distinct, each once
+            assert sorted(kem) == sorted(ks["kem_prekeys"])
+            rest = [b for b in bundles if b.one_time_prekey is None]
+            assert len(rest) == 900
+            assert all(b.kem_last_resort and b.kem_prekey == ks["last_resort_kem_prekey"]
+                       for b in rest)
+            ev = await recv(a)  # the owner was told once that its pools ran low
+            assert isinstance(ev, Event) and ev.kind == 1
+    run("asyncio", main())
+
+
+SRC = str(Path(fastroute.__file__).resolve().parents[1])
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
+    [SRC] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+
+
+def _serve(data: Path, port: int = 0):
+    proc = subprocess.Popen([sys.executable, "-m", "fastroute.cli", "serve", "--data-dir",
+                             str(data), "--listen", f"127.0.0.1:{port}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=ENV)
+    deadline = time.monotonic() + 20
+    lines = []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if "listening on" in line and not line.startswith("20"):
+            return proc, int(line.rsplit(":", 1)[1])
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    raise AssertionError("".join(lines))
+
+
+def test_no_one_time_prekey_is_handed_out_twice_across_sigkill(tmp_path):
+    data = tmp_path / "relay"
+    data.mkdir()
+    pkey = ProviderKey.generate()
+    with Registry(str(data / "registry.db")) as reg:
+        reg.add_provider("home", pkey.public_key)
+    ks = keyset(5, n_ec=30, n_kem=30)
+
+    async def connect(port, address, device):
+        kp = KeyPair.generate()
+        cred = issue_credential(pkey, "home", address, device, kp.public)
+        return await Client.connect("127.0.0.1", port, credential=cred, static=kp,
+                                    features=("e2ee",), keepalive=None)
+
+    async def first(port):
+        a = await connect(port, "alice@home", "phone")
+        await a.publish_keys(**ks)
+        b = await connect(port, "bob@home", "phone")
+        # answered means committed: the relay dies right after these
+        got = [await b.bundles("alice@home") for _ in range(10)]
+        return [g[0] for g in got]
+
+    async def second(port):
+        b = await connect(port, "bob@home", "phone")
+        got = await asyncio.gather(*(b.bundles("alice@home") for _ in range(25)))
+        await b.close()
+        return [g[0] for g in got]
+
+    proc, port = _serve(data)
+    try:
+        before = asyncio.run(first(port))
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    proc, port = _serve(data)
+    try:
+        after = asyncio.run(second(port))
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    handed = [b.one_time_prekey for b in before + after if b.one_time_prekey]
+    kems = [b.kem_prekey for b in before + after if not b.kem_last_resort]
+    assert len(handed) == len(set(handed)) == 30 and len(kems) == len(set(kems)) == 30
+    assert sorted(handed) == sorted(ks["one_time_prekeys"])
+    assert [b.one_time_prekey for b in before] == ks["one_time_prekeys"][:10]
+
+
+def test_a_device_silent_past_the_retention_period_leaves_the_list(tmp_path):
+    async def main():
+        async with world(tmp_path) as w:
+            a1 = await e2ee(w, "alice@home", "phone", 10)
+            a2 = await e2ee(w, "alice@home", "laptop", 20)
+            bob = await e2ee(w, "bob@home", "phone", 30)
+            assert (await recv(a1)).kind == 2
+            keys = w.relay.keys
+            await a2.close()
+            await asyncio.sleep(0.05)
+            cutoff = keys.dir.slot("alice@home", "laptop").seen + 1
+            assert keys.dir.slot("alice@home", "phone").seen < cutoff
+            keys.prune(lambda a, d: False, cutoff)  # a1 is online, a2 silent since cutoff
+            ev = await recv(a1)
+            assert (ev.kind, ev.data) == (3, [a2.did])
+            assert await bob.devices("alice@home") == [(1, 10)]
+            # the slot is gone on disk too: a restarted relay would not list it
+            rows = keys.dir._conn.execute("SELECT name FROM slots WHERE address = ?",
+                                          ("alice@home",)).fetchall()
+            assert rows == [("phone",)]
+    run("asyncio", main())
+
+
+def test_feature_ops_with_bad_fields_follow_the_negotiation_rule(tmp_path):
+    async def main():
+        async with world(tmp_path) as w:
+            v1 = await recorder(w, "bob@home", "phone")
+            e = await recorder(w, "carol@home", "phone", features=("e2ee",))
+            bad = msgpack.packb([1003, b"r" * 16, "alice@home", [0]])  # device id 0
+            for c in (v1, e):
+                c._write([bad, msgpack.packb([10, b"f" * 16, ["e2ee", 7]])])
+                await c.ping()
+            ops = [op for pt in v1.plaintexts[1:] for op in wire.decode_server_frame(pt)]
+            # v1 link: the feature op is unknown whatever its fields, the bad FEATURES an ERROR
+            assert [(op[0], op[1]) for op in ops[:2]] == [
+                (wire.Op.ERROR, ErrorCode.UNKNOWN_OP), (wire.Op.ERROR, ErrorCode.BAD_FIELD)]
+            ops = [op for pt in e.plaintexts[1:] for op in wire.decode_server_frame(pt)]
+            ops = [op for op in ops if op[0] != wire.Op.FEATURES_OK]
+            assert ops[0][:3] == (wire.Op.REPLY, b"r" * 16, ErrorCode.BAD_FIELD)
+            assert (ops[1][0], ops[1][1]) == (wire.Op.ERROR, ErrorCode.BAD_FIELD)
+    run("asyncio", main())
+
+
+def test_multi_part_dsend_limits_and_parts_for_another_recipient(tmp_path):
+    async def main():
+        async with world(tmp_path) as w:
+            a1 = await e2ee(w, "alice@home", "phone", 11)
+            bob = await e2ee(w, "bob@home", "phone", 21)
+            cid = os.urandom(16)
+            # a part for one recipient, the rest for another: refused, nothing stored
+            with pytest.raises(FastrouteError) as err:
+                await bob._request([wire.dsend_op(cid, "alice@home", True, [(1, 11, b"a")], []),
+                                    wire.dsend_op(cid, "carol@home", False, [], [])], cid)
+            assert err.value.code == ErrorCode.BAD_FIELD
+            # more entries over the parts than a device list can hold
+            cid = os.urandom(16)
+            parts = [wire.dsend_op(cid, "alice@home", True,
+                                   [(d, 11, b"x") for d in range(1, 101)], [])
+                     for _ in range(2)]
+            with pytest.raises(FastrouteError) as err:
+                await bob._request(parts, cid)
+            assert err.value.code == ErrorCode.BAD_FIELD
+            # at most 4 unfinished multi-part sends per link
+            for _ in range(4):
+                bob._write([wire.dsend_op(os.urandom(16), "alice@home", True, [], [])])
+            cid = os.urandom(16)
+            with pytest.raises(RateLimited):
+                await bob._request([wire.dsend_op(cid, "alice@home", True, [], [])], cid)
+            assert await no_message(a1)
+            # a sender without keys cannot send per device
+            nokeys = await e2ee(w, "dave@home", "phone")
+            with pytest.raises(FastrouteError) as err:
+                await nokeys.send_to_devices("alice@home", [(1, 11, b"x")])
+            assert err.value.code == ErrorCode.NO_KEYS
+    run("asyncio", main())
+
+
+def test_a_relay_without_negotiation_leaves_the_client_on_v1(tmp_path, monkeypatch):
+    async def main():
+        async with world(tmp_path) as w:
+            # what a v1 relay does with FEATURES: an opcode it does not know
+            monkeypatch.delitem(wire._CLIENT_CHECKS, int(wire.Op.FEATURES))
+            c = await w.connect("alice@home", "phone", features=("e2ee",))
+            assert c.features == frozenset()
+            with pytest.raises(FastrouteError):
+                await c.devices("bob@home")
+            bob = await w.connect("bob@home", "phone")
+            await c.send("bob@home", b"v1 still works")
+            assert (await recv_msg(bob)).body == b"v1 still works"
+    run("asyncio", main())
+
+
+def test_pool_low_is_told_once_until_a_top_up_and_replace_false_keeps_the_pools(tmp_path):
+    async def main():
+        async with world(tmp_path, prekey_low_water=3) as w:
+            a = await e2ee(w, "alice@home", "phone", 1, n_ec=4, n_kem=10)
+            bob = await e2ee(w, "bob@home", "phone", 2)
+            for _ in range(4):  # EC pool 4 -> 0: below 3 after the second fetch
+                await bob.bundles("alice@home")
+            ev = await recv(a)
+            assert (ev.kind, ev.data) == (1, [EC, 2])
+            assert await nothing_arrives(a)  # once, not at every fetch below the mark
+            assert await a.add_prekeys(EC, [(50, os.urandom(33))]) == 1
+            # a new signed prekey without clearing: the pools stay
+            ks = keyset(1)
+            await a.publish_keys(ks["registration_id"], ks["identity_key"], ks["signed_prekey"],
+                                 ks["last_resort_kem_prekey"], replace=False)
+            [b] = await bob.bundles("alice@home")
+            assert b.one_time_prekey[0] == 50 and b.signed_prekey == ks["signed_prekey"]
+            ev = await recv(a)  # told again after the top-up: 1 left, then 0
+            assert (ev.kind, ev.data) == (1, [EC, 0])
+    run("asyncio", main())
