@@ -79,11 +79,12 @@ class Store(Protocol):
 
     def ack(self, device_key: int, mids: Sequence[int], *, validate: bool = True) -> None:
         """Record, fire-and-forget, that ``device_key`` received ``mids``;
-        :meth:`flush` reports a failure."""
+        a delete that fails (disk full) is retried until it succeeds."""
 
     async def flush(self) -> None:
-        """Wait until everything queued so far is stored; ``STORE_FAILED`` if a
-        fire-and-forget write since the previous flush failed."""
+        """Wait until everything queued so far was written or, for a
+        fire-and-forget write that failed, kept for a retry.  Never raises
+        another caller's failure."""
 
     async def load(self, device_key: int, after_mid: int,
                    limit: int) -> list[StoredMessage]:
@@ -164,6 +165,10 @@ _SQL_LOAD = ("SELECT * FROM (SELECT mid, sender, cid, body, ts_ms FROM messages 
 _PUT, _PUT_MANY, _ACK, _REG, _FORGET, _EXPIRE, _FLUSH, _STOP = range(8)
 
 _SYNC_MODES = ("NORMAL", "FULL", "EXTRA")
+# the flush of close(): it reports what the final batch could not write
+_STOP_REPORT = "stop"
+# seconds between retries of deletes that failed (disk full), when idle
+_RETRY_S = 0.5
 
 
 @functools.lru_cache(maxsize=64)
@@ -387,11 +392,15 @@ class SqliteStore(_BaseStore):
     WAL on every commit and survives those too, at a higher cost per batch
     (group commit makes that cost per batch, not per message).
 
-    Failures: a batch that fails (disk full, I/O error) is rolled back and
-    fails only its own futures, with :class:`~fastroute.errors.FastrouteError`
-    of code ``STORE_FAILED``; the writer keeps serving later requests.
-    Fire-and-forget operations (:meth:`ack`, :meth:`forget_device`) report a
-    failure through the next :meth:`flush`.
+    Failures: a batch that fails (disk full, I/O error) is rolled back; its
+    new messages and its deletes are then retried apart, so each failure is
+    attributed to the operation that failed: a put's future fails with
+    :class:`~fastroute.errors.FastrouteError` of code ``STORE_FAILED``;
+    fire-and-forget writes (:meth:`ack`, :meth:`forget_device`, device
+    registrations) that fail are kept and retried (every 0.5 s when idle)
+    until they succeed, and are never reported to an unrelated caller
+    (``deletes_waiting`` counts them).  The writer keeps serving later
+    requests.
 
     The store is bound to the event loop it was opened on; call its methods
     from that loop's thread only.
@@ -412,7 +421,8 @@ class SqliteStore(_BaseStore):
         self._wconn: sqlite3.Connection | None = None
         self._next_mid = 1
         self._carry: list[tuple] = []
-        self._deferred: str | None = None
+        #: acked mids and forgotten devices whose delete failed and waits for a retry
+        self.deletes_waiting = 0
         self._dead: str | None = None
         #: Number of committed write transactions since open (metrics, tests).
         self.commits = 0
@@ -464,9 +474,9 @@ class SqliteStore(_BaseStore):
     async def close(self) -> None:
         """Commit everything queued, stop the writer and close the database.
 
-        Idempotent.  Raises ``STORE_FAILED`` if the final writes (or an
-        earlier fire-and-forget write not yet reported by :meth:`flush`)
-        failed.
+        Idempotent.  Raises ``STORE_FAILED`` if the final writes failed
+        (new messages, or deletes still waiting for their retry: those are
+        lost with the process, so the messages are redelivered next time).
         """
         if self._closed:
             return
@@ -542,7 +552,7 @@ class SqliteStore(_BaseStore):
 
         Deletes the device's inbox rows, and a message once no device is left
         to receive it.  Unknown pairs are ignored (acks may be repeated).
-        Use :meth:`flush` to wait for, and learn the outcome of, the deletes.
+        A delete that fails (disk full) is kept and retried until it succeeds.
         """
         self._check_open()
         key = device_key
@@ -564,10 +574,11 @@ class SqliteStore(_BaseStore):
             self._submit(_FORGET, key, None)
 
     async def flush(self) -> None:
-        """Wait until everything queued so far is committed.
+        """Wait until everything queued so far is committed (or, for a
+        fire-and-forget write that failed, kept for its retry).
 
-        Raises ``STORE_FAILED`` if a fire-and-forget write (ack, forget,
-        device registration) queued since the previous flush failed.
+        Never raises another caller's failure: an ack that failed is
+        retried, not reported to whoever flushes next.
         """
         self._check_open()
         fut = self._loop.create_future()
@@ -726,7 +737,14 @@ class SqliteStore(_BaseStore):
         q = self._queue
         batch = self._carry
         self._carry = []
-        batch.append(q.get())
+        if batch:
+            # writes kept for a retry go again at least every _RETRY_S
+            try:
+                batch.append(q.get(timeout=_RETRY_S))
+            except queue.Empty:
+                return batch
+        else:
+            batch.append(q.get())
         n = 0
         limit = self._max_batch
         while True:
@@ -753,7 +771,7 @@ class SqliteStore(_BaseStore):
         acks: dict[int, list[int]] = {}  # device_key -> mids
         forgets: list[int] = []
         expires: list[tuple] = []
-        flushes: list[tuple] = []       # (future, report deferred errors)
+        flushes: list[tuple] = []       # (future, kind of flush)
         stop = False
         for kind, arg, fut in batch:
             if kind == _PUT or kind == _PUT_MANY:
@@ -785,67 +803,107 @@ class SqliteStore(_BaseStore):
             elif kind == _FLUSH:
                 flushes.append((fut, arg))
             elif kind == _STOP:
-                flushes.append((fut, arg))
+                flushes.append((fut, _STOP_REPORT if arg else False))
                 stop = True
-        error: str | None = None
+        puts_error: str | None = None   # the puts' own failure, for their senders
+        other_error: str | None = None  # registrations, deletes, expiries
+        expired: list[int] = []
         if msg_rows or acks or regs or forgets or expires:
-            conn = self._wconn
-            assert conn is not None  # _setup made it, before the first batch
             try:
-                conn.execute("BEGIN")
-                # Order inside the transaction follows the queue's causality:
-                # a device exists before messages for it, messages exist
-                # before anything can ack them.
-                if regs:
-                    conn.executemany(
-                        "INSERT OR IGNORE INTO devices(device_key, address, device) "
-                        "VALUES (?,?,?)", regs)
-                    conn.execute(_SQL_META, ("next_device", max(r[0] for r in regs) + 1))
-                if msg_rows:
-                    _execute_rows(conn, _SQL_PUT_MSG, 7, [], msg_rows)
-                    _execute_rows(conn, _SQL_PUT_INBOX, 2, [], inbox_rows)
-                    conn.execute(_SQL_META, ("next_mid", mid))
-                if acks or forgets:
-                    self._delete(conn, acks, forgets)
-                for i, (fut, now, bound) in enumerate(expires):
-                    expires[i] = (fut, self._expire(conn, now, bound))
-                conn.execute("COMMIT")
+                # the common case: everything in one transaction, one commit
+                expired = self._transaction(regs, msg_rows, inbox_rows, mid, acks,
+                                            forgets, expires)
             except Exception as exc:
-                error = f"store write failed: {_reason(exc)}"
-                try:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
                 self.failed_batches += 1
-                log.warning("fastroute store: batch of %d requests failed: %s",
-                            len(batch), error)
-                if regs:
-                    # Registrations have no waiter; retry them first in the
-                    # next batch so the devices table never lacks a key the
-                    # registry handed out.
-                    self._carry = [(_REG, r, None) for r in regs]
-                if any(report for _, report in flushes):
-                    self._deferred = None  # reported right now, by this batch
-                elif acks or forgets or regs:
-                    self._deferred = error
-            else:
-                self.commits += 1
-                self._next_mid = mid
-                done.extend(expires)
-        if error is not None:
-            futs = [f for f, _ in done] + [e[0] for e in expires] + [f for f, _ in flushes]
-            self._post(_fail_all, futs, error)
-        else:
-            for fut, report in flushes:
-                if report and self._deferred is not None:
-                    self._post(_fail_all, [fut], self._deferred)
-                    self._deferred = None
+                reason = f"store write failed: {_reason(exc)}"
+                if msg_rows and (regs or acks or forgets or expires):
+                    # Say which failed: a full disk refuses new messages but
+                    # usually still lets deletes through (they free pages);
+                    # one must not take the other down, nor be reported to
+                    # someone else.
+                    try:
+                        expired = self._transaction(regs, [], [], mid, acks, forgets,
+                                                    expires)
+                    except Exception as exc2:
+                        other_error = f"store write failed: {_reason(exc2)}"
+                    try:
+                        self._transaction([], msg_rows, inbox_rows, mid, {}, [], [])
+                    except Exception as exc3:
+                        puts_error = f"store write failed: {_reason(exc3)}"
+                elif msg_rows:
+                    puts_error = reason
                 else:
-                    done.append((fut, None))
-            if done:
-                self._post(_settle_all, done)
+                    other_error = reason
+        if puts_error is not None:
+            log.warning("fastroute store: %d messages refused: %s",
+                        len(msg_rows) // 7, puts_error)
+            self._post(_fail_all, [f for f, _ in done], puts_error)
+            done = []
+        elif msg_rows:
+            self._next_mid = mid
+        if other_error is not None:
+            # Registrations and deletes have no waiter: keep them, first in
+            # the next batch, until they succeed (a delete dropped here would
+            # leave a delivered message on disk until its TTL).
+            self._carry = ([(_REG, r, None) for r in regs]
+                           + [(_ACK, (k, m), None) for k, m in acks.items() if m]
+                           + [(_FORGET, k, None) for k in forgets])
+            self.deletes_waiting = sum(len(m) for m in acks.values()) + len(forgets)
+            log.warning("fastroute store: %d deletes and %d registrations kept for retry: %s",
+                        self.deletes_waiting, len(regs), other_error)
+            self._post(_fail_all, [e[0] for e in expires], other_error)
+        else:
+            self.deletes_waiting = 0
+            done.extend((fut, n) for (fut, _, _), n in zip(expires, expired))
+        for fut, report in flushes:
+            if report == _STOP_REPORT and other_error is not None:
+                # the store closes with deletes it could not apply: say so
+                self._post(_fail_all, [fut], other_error)
+            elif report == _STOP_REPORT and puts_error is not None:
+                self._post(_fail_all, [fut], puts_error)
+            else:
+                done.append((fut, None))
+        if done:
+            self._post(_settle_all, done)
         return stop
+
+    def _transaction(self, regs: list, msg_rows: list, inbox_rows: list, mid: int,
+                     acks: dict, forgets: list, expires: list) -> list[int]:
+        """Apply one set of writes in one transaction; the expiries' counts.
+
+        Rolls back and raises on any failure, leaving nothing half-applied.
+        """
+        conn = self._wconn
+        assert conn is not None  # _setup made it, before the first batch
+        expired: list[int] = []
+        try:
+            conn.execute("BEGIN")
+            # Order inside the transaction follows the queue's causality:
+            # a device exists before messages for it, messages exist
+            # before anything can ack them.
+            if regs:
+                conn.executemany(
+                    "INSERT OR IGNORE INTO devices(device_key, address, device) "
+                    "VALUES (?,?,?)", regs)
+                conn.execute(_SQL_META, ("next_device", max(r[0] for r in regs) + 1))
+            if msg_rows:
+                _execute_rows(conn, _SQL_PUT_MSG, 7, [], msg_rows)
+                _execute_rows(conn, _SQL_PUT_INBOX, 2, [], inbox_rows)
+                conn.execute(_SQL_META, ("next_mid", mid))
+            if acks or forgets:
+                self._delete(conn, acks, forgets)
+            for _, now, bound in expires:
+                expired.append(self._expire(conn, now, bound))
+            conn.execute("COMMIT")
+        except BaseException:
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            raise
+        self.commits += 1
+        return expired
 
     @staticmethod
     def _delete(conn: sqlite3.Connection, acks: dict, forgets: list) -> None:

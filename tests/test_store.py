@@ -430,19 +430,49 @@ def test_sqlite_failed_batch_fails_its_futures_and_recovers(run, db):
                     await fut
                 assert store_failed(excinfo)
                 assert "disk full" in str(excinfo.value)
-            with pytest.raises(FastrouteError) as excinfo:
-                await store.flush()  # reports the failed ack
-            assert store_failed(excinfo)
-            await store.flush()  # reported once, not forever
+            # the ack was in the failing batch: it is the puts' failure, not
+            # its own, and not the next flusher's either (issue 12)
+            await store.flush()
             assert store.failed_batches >= 1
+            assert await store.load(dev, 0, 10) == []  # the ack was applied
             _disk_ok(store)
             # the writer survived, nothing of the failed batch was half-applied
             mid = await store.put("s@p", CID, b"after", T0, [dev, late])
-            assert [m[0] for m in await store.load(dev, 0, 10)] == [kept, mid]
+            assert [m[0] for m in await store.load(dev, 0, 10)] == [mid]
             assert [m[0] for m in await store.load(late, 0, 10)] == [mid]
         # the registration from the failed batch was retried and persisted
         async with await SqliteStore.open(db) as store:
             assert (late, "late@p", "1") in store.known_devices()
+    run(main())
+
+
+def test_sqlite_failed_deletes_are_retried_not_reported_to_the_next_flush(run, db):
+    # Issue 12: during a disk-full episode an ack batch failed; its error went
+    # to whichever device flushed next (a SERVER_BYE 504 for an uninvolved
+    # device) and the deletes were dropped (delivered bodies stayed on disk).
+    async def main():
+        async with await SqliteStore.open(db) as store:
+            a = store.register_device("a@p", "1")
+            b = store.register_device("b@p", "1")
+            mids = await store.put_many([("s@p", CID, b"m%d" % i, T0, [a]) for i in range(10)])
+            await store.flush()  # the writer is idle: safe to touch its connection
+            store._wconn.execute("PRAGMA busy_timeout = 50")
+            lock = sqlite3.connect(db, isolation_level=None)
+            lock.execute("BEGIN IMMEDIATE")  # nothing can be written now
+            try:
+                store.ack(a, mids)
+                await asyncio.sleep(0.3)  # the ack batch fails (SQLITE_BUSY)
+                assert store.failed_batches >= 1
+                waiting = getattr(store, "deletes_waiting", None)
+            finally:
+                lock.execute("ROLLBACK")
+                lock.close()
+            await store.flush()  # device b connects: not told about a's ack
+            await asyncio.sleep(1.0)  # the retry runs every 0.5 s when idle
+            await store.flush()
+            assert await store.count_pending(a) == 0  # retried, applied
+            assert waiting == 10 and store.deletes_waiting == 0
+            assert await store.count_pending(b) == 0
     run(main())
 
 
