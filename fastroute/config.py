@@ -85,6 +85,9 @@ class RelayConfig:
     dedup_max_entries: int = 1_000_000
     #: undelivered messages are deleted after this long
     ttl_s: int = 30 * 86400
+    #: a deleted (delivered, expired) message's body, id and sender leave every
+    #: file of the store within this many seconds (secure_delete + WAL truncation)
+    erase_s: float = 20.0
     #: how often the relay re-reads the registry for revocations and enrolments
     registry_poll_s: float = 0.5
     #: attachments (media store in ``data_dir/media``): largest blob, bytes one
@@ -148,6 +151,9 @@ class RelayConfig:
             raise InvalidArgument("mailbox_capacity must be >= 1")
         if not 0 < self.limits.max_body <= 61440:
             raise InvalidArgument("limits.max_body must be in 1..61440")
+        if not 0 < self.erase_s <= 40:
+            raise InvalidArgument("erase_s must be in (0, 40]: deleted messages must leave "
+                                  "the disk within 60 s")
         for name in ("handshake_timeout", "idle_timeout", "dedup_window_s", "registry_poll_s"):
             if getattr(self, name) <= 0:
                 raise InvalidArgument(f"{name} must be > 0")

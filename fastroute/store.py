@@ -30,6 +30,7 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 from typing import TYPE_CHECKING, Iterable, Protocol, Sequence, runtime_checkable
 
 from ._args import check_bytes, check_int, check_str
@@ -402,13 +403,35 @@ class SqliteStore(_BaseStore):
     (``deletes_waiting`` counts them).  The writer keeps serving later
     requests.
 
+    Erasure: a message deleted (acked by its last device, forgotten or
+    expired) leaves no readable trace in ``store.db``, ``store.db-wal`` or
+    ``store.db-shm`` after ``erase_s`` (20 s by default).  The writer sets
+    ``PRAGMA secure_delete = ON`` itself (the build's default may be OFF or
+    FAST), so deleted rows are zeroed in their pages and freed pages; and at
+    most ``erase_s`` after a delete commits it runs ``wal_checkpoint(TRUNCATE)``,
+    which writes the zeroed pages into the database and empties the WAL,
+    where the pages' older images (bodies, ids, senders) would otherwise
+    stay.  A reader with an open snapshot delays that (retried every
+    second); the relay's only reader is its own short backlog loads.  A
+    clean close checkpoints too.  Threat model and limits: this protects
+    against someone who later reads the data directory (a stolen disk image,
+    a backup or copy made after the bound); it does not scrub blocks the
+    filesystem already released (a truncated WAL's old blocks on the device,
+    SSD remapping), nor a copy taken while the message was still stored.
+
     The store is bound to the event loop it was opened on; call its methods
     from that loop's thread only.
     """
 
     def __init__(self, loop, path: str, synchronous: str, max_batch: int,
-                 ttl_s: int) -> None:
+                 ttl_s: int, erase_s: float = 20.0) -> None:
         super().__init__(loop, ttl_s)
+        self._erase_s = erase_s
+        # monotonic time by which the WAL must be checkpointed and truncated
+        # (writer thread only); None: nothing deleted since the last one
+        self._erase_due: float | None = None
+        #: TRUNCATE checkpoints run to erase deleted messages from the WAL
+        self.checkpoints = 0
         self._path = path
         self._synchronous = synchronous
         self._max_batch = max_batch
@@ -433,13 +456,16 @@ class SqliteStore(_BaseStore):
 
     @classmethod
     async def open(cls, path: str | os.PathLike, *, synchronous: str = "NORMAL",
-                   max_batch: int = 4096, ttl_s: int = DEFAULT_TTL_S) -> "SqliteStore":
+                   max_batch: int = 4096, ttl_s: int = DEFAULT_TTL_S,
+                   erase_s: float = 20.0) -> "SqliteStore":
         """Open (creating if needed) the store at ``path`` and start its writer.
 
         ``synchronous`` is SQLite's ``PRAGMA synchronous`` for the WAL:
         ``"NORMAL"`` or ``"FULL"`` (``"EXTRA"`` also accepted).  ``max_batch``
         bounds how many messages one transaction takes.  ``ttl_s`` is how long
-        an undelivered message is kept.
+        an undelivered message is kept.  ``erase_s``: a deleted message's
+        body, id and sender leave every file of the store at most this long
+        after the delete committed (see "Erasure" in the class docstring).
         """
         loop = asyncio.get_running_loop()
         if not isinstance(path, (str, os.PathLike)):
@@ -452,7 +478,10 @@ class SqliteStore(_BaseStore):
             raise InvalidArgument(f"synchronous must be one of {_SYNC_MODES}")
         max_batch = _check_sql_int(max_batch, "max_batch", 1)
         ttl_s = _check_sql_int(ttl_s, "ttl_s", 1)
-        self = cls(loop, path, synchronous.upper(), max_batch, ttl_s)
+        if isinstance(erase_s, bool) or not isinstance(erase_s, (int, float)) \
+                or not 0 < erase_s <= 3600:
+            raise InvalidArgument("erase_s must be a number of seconds in (0, 3600]")
+        self = cls(loop, path, synchronous.upper(), max_batch, ttl_s, float(erase_s))
         ready = loop.create_future()
         self._thread = threading.Thread(target=self._writer_main, args=(ready,),
                                         name="fastroute-store-write", daemon=True)
@@ -657,7 +686,8 @@ class SqliteStore(_BaseStore):
     def stats(self) -> dict[str, int]:
         """Counters for metrics (no personal data)."""
         return {"commits": self.commits, "failed_batches": self.failed_batches,
-                "queued_requests": self._queue.qsize(), "devices": len(self._by_key)}
+                "queued_requests": self._queue.qsize(), "devices": len(self._by_key),
+                "checkpoints": self.checkpoints, "deletes_waiting": self.deletes_waiting}
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -672,6 +702,12 @@ class SqliteStore(_BaseStore):
         if str(mode).lower() != "wal":
             raise sqlite3.OperationalError(f"cannot enable WAL (journal_mode={mode})")
         conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        # Zero deleted rows in their pages and in freed pages, whatever this
+        # SQLite build's default (ON, OFF or FAST, which leaves freed pages
+        # as they were): delivered bodies must not stay in the file.
+        conn.execute("PRAGMA secure_delete = ON")
+        if conn.execute("PRAGMA secure_delete").fetchone()[0] != 1:
+            raise sqlite3.OperationalError("cannot enable secure_delete")
         conn.execute("PRAGMA busy_timeout = 5000")
         conn.execute("PRAGMA temp_store = MEMORY")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -710,8 +746,14 @@ class SqliteStore(_BaseStore):
         self._post(_settle_one, ready, result, None)
         try:
             while True:
-                if self._write_batch(self._take_batch()):
+                batch = self._take_batch()
+                if batch and self._write_batch(batch):
+                    # a clean stop leaves no WAL behind: its frames hold the
+                    # bodies of messages deleted since the last checkpoint
+                    self._erase_due = 0.0
+                    self._checkpoint()
                     break
+                self._checkpoint()
         except BaseException as exc:  # pragma: no cover - a bug, not I/O
             # Never die silently: fail every waiter and refuse new requests.
             self._dead = f"store writer stopped: {type(exc).__name__}"
@@ -734,17 +776,20 @@ class SqliteStore(_BaseStore):
             self._post(_fail_all, futs, self._dead)
 
     def _take_batch(self) -> list[tuple]:
+        """The next batch of requests; [] when a checkpoint falls due first."""
         q = self._queue
         batch = self._carry
         self._carry = []
-        if batch:
-            # writes kept for a retry go again at least every _RETRY_S
-            try:
-                batch.append(q.get(timeout=_RETRY_S))
-            except queue.Empty:
-                return batch
-        else:
-            batch.append(q.get())
+        # writes kept for a retry go again at least every _RETRY_S; a due
+        # checkpoint runs even when no request comes
+        timeout = _RETRY_S if batch else None
+        if self._erase_due is not None:
+            wait = max(0.0, self._erase_due - time.monotonic())
+            timeout = wait if timeout is None else min(timeout, wait)
+        try:
+            batch.append(q.get(timeout=timeout))
+        except queue.Empty:
+            return batch
         n = 0
         limit = self._max_batch
         while True:
@@ -808,6 +853,8 @@ class SqliteStore(_BaseStore):
         puts_error: str | None = None   # the puts' own failure, for their senders
         other_error: str | None = None  # registrations, deletes, expiries
         expired: list[int] = []
+        if acks or forgets or expires:
+            self._deleted()
         if msg_rows or acks or regs or forgets or expires:
             try:
                 # the common case: everything in one transaction, one commit
@@ -815,6 +862,7 @@ class SqliteStore(_BaseStore):
                                             forgets, expires)
             except Exception as exc:
                 self.failed_batches += 1
+                self._deleted()  # a rolled back write may leave frames in the WAL
                 reason = f"store write failed: {_reason(exc)}"
                 if msg_rows and (regs or acks or forgets or expires):
                     # Say which failed: a full disk refuses new messages but
@@ -866,6 +914,37 @@ class SqliteStore(_BaseStore):
         if done:
             self._post(_settle_all, done)
         return stop
+
+    def _checkpoint(self) -> None:
+        """Erase what deletes left in the WAL, once the bound says it is time.
+
+        Deleted rows are zeroed in their pages (``secure_delete = ON``), but
+        the WAL still holds the older page images, bodies and ids included,
+        until a checkpoint copies the pages back and a TRUNCATE empties the
+        file (a PASSIVE checkpoint or a WAL reset only rewinds it: old frames
+        beyond the new end stay readable).  A reader holding an old snapshot
+        blocks TRUNCATE; then it is retried every second.
+        """
+        due = self._erase_due
+        if due is None or time.monotonic() < due:
+            return
+        conn = self._wconn
+        assert conn is not None
+        try:
+            busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        except sqlite3.Error as exc:
+            log.warning("fastroute store: checkpoint failed: %s", _reason(exc))
+            busy = 1
+        if busy:
+            self._erase_due = time.monotonic() + 1.0
+        else:
+            self._erase_due = None
+            self.checkpoints += 1
+
+    def _deleted(self) -> None:
+        # a delete (or a rolled back write) left old page images in the WAL
+        if self._erase_due is None:
+            self._erase_due = time.monotonic() + self._erase_s
 
     def _transaction(self, regs: list, msg_rows: list, inbox_rows: list, mid: int,
                      acks: dict, forgets: list, expires: list) -> list[int]:

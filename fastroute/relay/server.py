@@ -147,7 +147,7 @@ class Relay:
                 os.makedirs(cfg.data_dir, exist_ok=True)
                 self.store = await SqliteStore.open(os.path.join(cfg.data_dir, "store.db"),
                                                     synchronous=cfg.synchronous,
-                                                    ttl_s=cfg.ttl_s)
+                                                    ttl_s=cfg.ttl_s, erase_s=cfg.erase_s)
         if self.media is None:
             self.media = await MediaStore.open(
                 os.path.join(cfg.data_dir, "media"), max_blob=cfg.media_max_blob,
