@@ -72,8 +72,9 @@ class RelayConfig:
     data_dir: str = "fastroute-data"
     #: "sqlite" (durable, the default) or "memory" (nothing survives a restart)
     store: str = "sqlite"
-    #: SQLite synchronous mode: "NORMAL" survives a process crash, "FULL" also power loss
-    synchronous: str = "NORMAL"
+    #: SQLite synchronous mode: "FULL" (a SACK survives power loss too, as the
+    #: protocol promises) or "NORMAL" (survives a process crash only)
+    synchronous: str = "FULL"
     #: queued + unacked messages per online device kept in RAM; the rest stay in the store
     mailbox_capacity: int = 4096
     max_connections: int = 100_000

@@ -387,11 +387,14 @@ class SqliteStore(_BaseStore):
     :meth:`count_pending`) run on a second connection in a reader thread; WAL
     lets them proceed while the writer commits.
 
-    Durability: with ``synchronous="NORMAL"`` (default) a committed message
-    survives a crash of the process; after a power loss or OS crash the last
-    transactions before the crash may be rolled back.  ``"FULL"`` syncs the
-    WAL on every commit and survives those too, at a higher cost per batch
-    (group commit makes that cost per batch, not per message).
+    Durability: with ``synchronous="FULL"`` (the default) the WAL is synced
+    on every commit, so a message whose future resolved survives a process
+    crash, an OS crash and a power loss (as far as the disk honours fsync):
+    what the sender's SACK promises.  ``"NORMAL"`` survives a process crash
+    only: after a power loss or OS crash the last transactions before it may
+    be rolled back, acked messages included.  Group commit makes the sync a
+    cost per batch, not per message (``benches/store_put_ack.py
+    --synchronous``).
 
     Failures: a batch that fails (disk full, I/O error) is rolled back; its
     new messages and its deletes are then retried apart, so each failure is
@@ -455,7 +458,7 @@ class SqliteStore(_BaseStore):
     # -- lifecycle ----------------------------------------------------------
 
     @classmethod
-    async def open(cls, path: str | os.PathLike, *, synchronous: str = "NORMAL",
+    async def open(cls, path: str | os.PathLike, *, synchronous: str = "FULL",
                    max_batch: int = 4096, ttl_s: int = DEFAULT_TTL_S,
                    erase_s: float = 20.0) -> "SqliteStore":
         """Open (creating if needed) the store at ``path`` and start its writer.
@@ -1114,7 +1117,7 @@ class MemoryStore(_BaseStore):
 
     @classmethod
     async def open(cls, path: str | os.PathLike | None = None, *,
-                   synchronous: str = "NORMAL", max_batch: int = 4096,
+                   synchronous: str = "FULL", max_batch: int = 4096,
                    ttl_s: int = DEFAULT_TTL_S) -> "MemoryStore":
         """Create an empty store.  ``path``, ``synchronous`` and
         ``max_batch`` are accepted for API compatibility and ignored."""
