@@ -96,6 +96,12 @@ class RelayConfig:
     media_max_blob: int = 100 * 1024 * 1024
     media_daily_bytes: int = 1024 * 1024 * 1024
     media_ttl_s: int = 30 * 86400
+    #: disk budgets: the message store's database file (0: the disk's), all
+    #: attachments together (0: no budget of their own), and the free space an
+    #: attachment upload must leave on the data directory's disk for messages
+    store_max_bytes: int = 0
+    media_max_bytes: int = 0
+    disk_reserve_bytes: int = 256 * 1024 * 1024
     #: a user receives messages from another provider's users only after opting in
     #: (CONSENT op); off only for closed deployments and tests
     require_consent: bool = True
@@ -152,6 +158,11 @@ class RelayConfig:
             raise InvalidArgument("mailbox_capacity must be >= 1")
         if not 0 < self.limits.max_body <= 61440:
             raise InvalidArgument("limits.max_body must be in 1..61440")
+        for name in ("store_max_bytes", "media_max_bytes", "disk_reserve_bytes"):
+            if getattr(self, name) < 0:
+                raise InvalidArgument(f"{name} must be >= 0")
+        if 0 < self.store_max_bytes < 1 << 16:
+            raise InvalidArgument("store_max_bytes must be 0 or at least 65536")
         if not 0 < self.erase_s <= 40:
             raise InvalidArgument("erase_s must be in (0, 40]: deleted messages must leave "
                                   "the disk within 60 s")

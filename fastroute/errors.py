@@ -38,6 +38,7 @@ __all__ = [
     "TraceFormatError",
     "ConnectionClosed",
     "StoreFailed",
+    "StoreFull",
     "MediaError",
     "UnknownBlob",
     "UnknownUpload",
@@ -96,6 +97,7 @@ class ErrorCode(enum.IntEnum):
     INTERNAL = 500
     SHUTTING_DOWN = 503
     STORE_FAILED = 504
+    STORE_FULL = 505
 
 
 class _NotFound(KeyError):
@@ -271,6 +273,13 @@ class StoreFailed(FastrouteError, OSError):
     """The message store could not read or write (disk full, closed, I/O error)."""
 
     code = ErrorCode.STORE_FAILED
+
+
+class StoreFull(StoreFailed):
+    """The message store reached its disk budget (or the disk is full); so
+    did the media store.  Nothing was stored; resend later with the same id."""
+
+    code = ErrorCode.STORE_FULL
 
 
 class MediaError(FastrouteError, ValueError):

@@ -38,6 +38,7 @@ from .errors import (
     FastrouteError,
     InvalidArgument,
     StoreFailed,
+    StoreFull,
     UnknownDevice,
     WrongType,
 )
@@ -207,7 +208,9 @@ def _execute_in(conn: sqlite3.Connection, head: str, first: list, values: list) 
 
 
 def _store_error(reason: str) -> FastrouteError:
-    return StoreFailed(reason)
+    # a full disk or budget has its own code: the sender should wait, not
+    # suspect the relay (see _reason)
+    return StoreFull(reason) if "(SQLITE_FULL)" in reason else StoreFailed(reason)
 
 
 def _closed_error() -> FastrouteError:
@@ -427,8 +430,9 @@ class SqliteStore(_BaseStore):
     """
 
     def __init__(self, loop, path: str, synchronous: str, max_batch: int,
-                 ttl_s: int, erase_s: float = 20.0) -> None:
+                 ttl_s: int, erase_s: float = 20.0, max_bytes: int | None = None) -> None:
         super().__init__(loop, ttl_s)
+        self._max_bytes = max_bytes
         self._erase_s = erase_s
         # monotonic time by which the WAL must be checkpointed and truncated
         # (writer thread only); None: nothing deleted since the last one
@@ -460,7 +464,7 @@ class SqliteStore(_BaseStore):
     @classmethod
     async def open(cls, path: str | os.PathLike, *, synchronous: str = "FULL",
                    max_batch: int = 4096, ttl_s: int = DEFAULT_TTL_S,
-                   erase_s: float = 20.0) -> "SqliteStore":
+                   erase_s: float = 20.0, max_bytes: int | None = None) -> "SqliteStore":
         """Open (creating if needed) the store at ``path`` and start its writer.
 
         ``synchronous`` is SQLite's ``PRAGMA synchronous`` for the WAL:
@@ -469,6 +473,11 @@ class SqliteStore(_BaseStore):
         an undelivered message is kept.  ``erase_s``: a deleted message's
         body, id and sender leave every file of the store at most this long
         after the delete committed (see "Erasure" in the class docstring).
+        ``max_bytes``: the database file's budget (``None``: the disk's);
+        a put that would grow it further fails with
+        :class:`~fastroute.errors.StoreFull` (code ``STORE_FULL``) while
+        deletes still go through, so space comes back as devices ack.  The
+        WAL comes on top (it is truncated at least every ``erase_s``).
         """
         loop = asyncio.get_running_loop()
         if not isinstance(path, (str, os.PathLike)):
@@ -484,7 +493,10 @@ class SqliteStore(_BaseStore):
         if isinstance(erase_s, bool) or not isinstance(erase_s, (int, float)) \
                 or not 0 < erase_s <= 3600:
             raise InvalidArgument("erase_s must be a number of seconds in (0, 3600]")
-        self = cls(loop, path, synchronous.upper(), max_batch, ttl_s, float(erase_s))
+        if max_bytes is not None:
+            max_bytes = _check_sql_int(max_bytes, "max_bytes", 1 << 16)
+        self = cls(loop, path, synchronous.upper(), max_batch, ttl_s, float(erase_s),
+                   max_bytes)
         ready = loop.create_future()
         self._thread = threading.Thread(target=self._writer_main, args=(ready,),
                                         name="fastroute-store-write", daemon=True)
@@ -713,6 +725,9 @@ class SqliteStore(_BaseStore):
             raise sqlite3.OperationalError("cannot enable secure_delete")
         conn.execute("PRAGMA busy_timeout = 5000")
         conn.execute("PRAGMA temp_store = MEMORY")
+        if self._max_bytes is not None:
+            page = conn.execute("PRAGMA page_size").fetchone()[0]
+            conn.execute(f"PRAGMA max_page_count = {max(1, self._max_bytes // page)}")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > _SCHEMA_VERSION:
             raise sqlite3.DatabaseError(

@@ -19,6 +19,7 @@ from fastroute.errors import (
     ErrorCode,
     FastrouteError,
     InvalidArgument,
+    StoreFailed,
     UnknownDevice,
     WrongType,
 )
@@ -116,6 +117,12 @@ def count(db, sql, *params):
 def store_failed(excinfo) -> bool:
     return (isinstance(excinfo.value, FastrouteError)
             and excinfo.value.code == ErrorCode.STORE_FAILED)
+
+
+def store_full(excinfo) -> bool:
+    # a full disk or budget: STORE_FULL, still a StoreFailed for Python callers
+    return (isinstance(excinfo.value, StoreFailed)
+            and excinfo.value.code == ErrorCode.STORE_FULL)
 
 
 # -- behaviour shared by both implementations --------------------------------
@@ -428,7 +435,7 @@ def test_sqlite_failed_batch_fails_its_futures_and_recovers(run, db):
             for fut in futs:
                 with pytest.raises(FastrouteError) as excinfo:
                     await fut
-                assert store_failed(excinfo)
+                assert store_full(excinfo)
                 assert "disk full" in str(excinfo.value)
             # the ack was in the failing batch: it is the puts' failure, not
             # its own, and not the next flusher's either (issue 12)
@@ -485,7 +492,7 @@ def test_sqlite_close_reports_a_failed_final_flush(run, db):
         fut = store.put("s@p", CID, b"x" * 200_000, T0, [dev])
         with pytest.raises(FastrouteError) as excinfo:
             await store.close()
-        assert store_failed(excinfo)
+        assert store_full(excinfo)
         with pytest.raises(FastrouteError):
             await fut
         assert store.closed

@@ -147,11 +147,13 @@ class Relay:
                 os.makedirs(cfg.data_dir, exist_ok=True)
                 self.store = await SqliteStore.open(os.path.join(cfg.data_dir, "store.db"),
                                                     synchronous=cfg.synchronous,
-                                                    ttl_s=cfg.ttl_s, erase_s=cfg.erase_s)
+                                                    ttl_s=cfg.ttl_s, erase_s=cfg.erase_s,
+                                                    max_bytes=cfg.store_max_bytes or None)
         if self.media is None:
             self.media = await MediaStore.open(
                 os.path.join(cfg.data_dir, "media"), max_blob=cfg.media_max_blob,
-                daily_quota=cfg.media_daily_bytes, ttl_s=cfg.media_ttl_s)
+                daily_quota=cfg.media_daily_bytes, ttl_s=cfg.media_ttl_s,
+                max_bytes=cfg.media_max_bytes or None, disk_reserve=cfg.disk_reserve_bytes)
         self.delivery = delivery = Delivery(self.router, self.store, cfg.mailbox_capacity)
         delivery.start()
         self.gate = gate = Gate(cfg, delivery, self.registry, self.count_error)
