@@ -117,6 +117,19 @@ def cmd_device_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_address_erase(args: argparse.Namespace) -> int:
+    from .erase import erase_address
+
+    cfg = _load_config(args)
+    removed = erase_address(cfg.data_dir, args.address)
+    print("erased the address from the relay's data directory (the relay must be stopped):")
+    for what, n in removed.items():
+        print(f"  {what}: {n}")
+    print("  attachments: not attributable (the media store records no uploader); "
+          "they expire after media_ttl_s")
+    return 0
+
+
 def cmd_credential_issue(args: argparse.Namespace) -> int:
     from .identity import ProviderKey, issue_credential, parse_address
     from .noise import KeyPair
@@ -228,6 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("device")
     _data_dir_arg(dr)
     dr.set_defaults(func=cmd_device_revoke)
+
+    ad = sub.add_parser("address", help="erase an address from a stopped relay's data")
+    asub = ad.add_subparsers(dest="action", required=True)
+    ae = asub.add_parser("erase", help="remove its devices, stored messages to and from "
+                         "it, and its consent choices; say what was removed")
+    ae.add_argument("address")
+    _data_dir_arg(ae)
+    ae.set_defaults(func=cmd_address_erase)
 
     d = sub.add_parser("demo", help="a relay, two providers and their users, in one process")
     d.add_argument("--messages", type=int, default=20000)

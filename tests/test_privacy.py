@@ -14,7 +14,7 @@ import os
 
 import pytest
 
-from relayutil import LOOPS, recv_n, run, world
+from relayutil import LOOPS, World, nothing_arrives, recv_n, run, world
 
 ERASE_S = 1.0
 
@@ -152,3 +152,65 @@ def test_erasure_does_not_depend_on_the_sqlite_builds_secure_delete_default(
     stopped = scan(str(tmp_path), needles)
     assert running == {}, f"{len(running)} needles found while open"
     assert stopped == {}, f"{len(stopped)} needles found after close"
+
+
+def test_operator_erasure_leaves_nothing_of_the_address(tmp_path, capsys):
+    # `fastroute address erase`: its devices, messages to and from it and its
+    # consent go; the scan then finds neither its address, nor its bodies,
+    # nor its ids, in any file; other users' data stays.
+    from fastroute import Relay, RelayConfig
+    from fastroute.cli import main as cli
+
+    needles: dict[str, bytes] = {"address": b"erin@home"}
+    state: dict = {}
+
+    async def main():
+        async with world(tmp_path) as w:
+            state["dir"] = w.data_dir
+            erin = await w.connect("erin@home")
+            bob = await w.connect("bob@acme")
+            await erin.set_consent("acme")
+            for i in range(20):  # waiting for erin, not delivered (erin does not take)
+                cid = os.urandom(16)
+                body = b"TO-ERIN-%02d-" % i + os.urandom(8).hex().encode()
+                needles[f"to{i}"] = body
+                needles[f"to-id{i}"] = cid
+                await bob.send("erin@home", body, id=cid)
+            await erin.close()
+            laptop = await w.connect("bob@acme", "laptop")
+            await laptop.close()  # bob has an offline device: erin's messages wait for it
+            for i in range(20):
+                cid = os.urandom(16)
+                body = b"FROM-ERIN-%02d-" % i + os.urandom(8).hex().encode()
+                needles[f"from{i}"] = body
+                needles[f"from-id{i}"] = cid
+            erin = await w.connect("erin@home", "tablet")
+            for i in range(20):
+                await erin.send("bob@acme", needles[f"from{i}"], id=needles[f"from-id{i}"])
+            await erin.close()
+            carol = await w.connect("carol@home")
+            await carol.send("bob@acme", b"KEEP-carol-to-bob")  # waits for bob's laptop
+            state["keys"] = w.keys
+            state["before"] = scan(w.data_dir, needles)
+        # the relay is stopped: erase
+        assert cli(["address", "erase", "erin@home", "--data-dir", state["dir"]]) == 0
+        out = capsys.readouterr().out
+        assert "devices: 2" in out and "consent_choices: 1" in out
+        assert "messages_from_it: 20" in out
+        state["after"] = scan(state["dir"], needles)
+        # bob's laptop still gets what others sent it, none of erin's
+        relay = Relay(RelayConfig(port=0, data_dir=state["dir"], require_consent=False))
+        await relay.start()
+        w2 = World(relay, state["dir"], state["keys"])
+        try:
+            laptop = await w2.connect("bob@acme", "laptop")
+            assert [m.body for m in await recv_n(laptop, 1)] == [b"KEEP-carol-to-bob"]
+            assert await nothing_arrives(laptop)
+        finally:
+            for c in w2.clients:
+                await c.close()
+            await relay.close()
+
+    run("asyncio", main())
+    assert state["before"], "the scan must see the data before the erasure"
+    assert state["after"] == {}, f"left after erasure: {sorted(state['after'].items())[:5]}"
