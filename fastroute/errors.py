@@ -35,6 +35,7 @@ __all__ = [
     "RateLimited",
     "BodyTooLarge",
     "ConsentRequired",
+    "RecipientFull",
     "TraceFormatError",
     "ConnectionClosed",
     "StoreFailed",
@@ -93,6 +94,7 @@ class ErrorCode(enum.IntEnum):
     BODY_TOO_LARGE = 401
     CONSENT_REQUIRED = 402
     POLICY = 403
+    RECIPIENT_FULL = 404
     # 5xx: the relay's side
     INTERNAL = 500
     SHUTTING_DOWN = 503
@@ -251,6 +253,13 @@ class ConsentRequired(PolicyError):
     """The recipient has not opted in to messages from this provider."""
 
     code = ErrorCode.CONSENT_REQUIRED
+
+
+class RecipientFull(PolicyError):
+    """The recipient's stored backlog is at its cap (messages or bytes, per
+    device or per address); resend later with the same id."""
+
+    code = ErrorCode.RECIPIENT_FULL
 
 
 class TraceFormatError(FastrouteError, ValueError):

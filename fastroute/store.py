@@ -163,6 +163,12 @@ _SQL_LOAD = ("SELECT * FROM (SELECT mid, sender, cid, body, ts_ms FROM messages 
              "WHERE i.device_key = ?1 AND i.mid > ?2 ORDER BY i.mid LIMIT ?3) "
              "ORDER BY 1 LIMIT ?3")
 
+# length() of a blob reads its size from the record header, not the blob
+_SQL_BACKLOG = ("SELECT dev, count(*), sum(length(body)) FROM messages "
+                "WHERE dev IS NOT NULL GROUP BY dev UNION ALL "
+                "SELECT i.device_key, count(*), sum(length(m.body)) FROM inbox i "
+                "JOIN messages m ON m.mid = i.mid GROUP BY i.device_key")
+
 # Writer request kinds.  A request is a tuple (kind, arg, future-or-None).
 _PUT, _PUT_MANY, _ACK, _REG, _FORGET, _EXPIRE, _FLUSH, _STOP = range(8)
 
@@ -695,6 +701,17 @@ class SqliteStore(_BaseStore):
             return conn.execute(sql, params).fetchall()
         except sqlite3.Error as exc:
             raise _store_error(f"store read failed: {_reason(exc)}") from None
+
+    async def backlog_counts(self) -> dict[int, tuple[int, int]]:
+        """``device key -> (messages, body bytes)`` still stored for each device
+        (for the relay's caps, :mod:`fastroute.relay.caps`)."""
+        self._check_open()
+        rows = await self._read(_SQL_BACKLOG, ())
+        out: dict[int, tuple[int, int]] = {}
+        for dkey, n, nbytes in rows:
+            m, b = out.get(dkey, (0, 0))
+            out[dkey] = (m + n, b + (nbytes or 0))
+        return out
 
     # -- metrics ------------------------------------------------------------
 
@@ -1238,6 +1255,15 @@ class MemoryStore(_BaseStore):
             return []
         # compiled when fastroute._core is: a backlog sync calls this per 1024 rows
         return _mem_load(box, self._msgs, after_mid, limit)
+
+    async def backlog_counts(self) -> dict[int, tuple[int, int]]:
+        """``device key -> (messages, body bytes)`` still stored for each device."""
+        self._check_open()
+        out: dict[int, tuple[int, int]] = {}
+        for key, box in self._inbox.items():
+            if box:
+                out[key] = (len(box), sum(len(self._msgs[m][2]) for m in box))
+        return out
 
     async def count_pending(self, device_key: int | None = None) -> int:
         """Inbox entries not yet acked, for one device or in total."""

@@ -32,6 +32,7 @@ import msgpack
 
 from .. import wire
 from .._compiled import twin
+from .caps import Caps
 from ..errors import ErrorCode, FastrouteError, MailboxFull, UnknownAddress, WrongType
 
 if TYPE_CHECKING:
@@ -170,9 +171,13 @@ class Feed:
 class Delivery:
     """The delivery stage of one relay: engine, store, live route, sync, writer."""
 
-    def __init__(self, router: Any, store: Store, mailbox_capacity: int) -> None:
+    def __init__(self, router: Any, store: Store, mailbox_capacity: int,
+                 caps: Caps | None = None) -> None:
         self.router = router
         self.store = store
+        #: what the store keeps per recipient, and the addresses at a cap
+        self.caps = caps if caps is not None else Caps((0, 0, 0, 0))
+        self._puts_begun = 0
         self.mailbox_capacity = mailbox_capacity
         #: address -> store device keys of every device the store knows
         self.known: dict[str, list[int]] = {}
@@ -191,6 +196,7 @@ class Delivery:
         self._loop = asyncio.get_running_loop()
         for dkey, address, _device in self.store.known_devices():
             self.known.setdefault(address, []).append(dkey)
+            self.caps.device(dkey, address)
 
     @property
     def online(self) -> int:
@@ -213,6 +219,7 @@ class Delivery:
         route must not overtake it.
         """
         dkey = self.store.register_device(address, device)
+        self.caps.device(dkey, address)
         keys = self.known.setdefault(address, [])
         if dkey not in keys:
             keys.append(dkey)
@@ -263,6 +270,7 @@ class Delivery:
         self.delivered += n
         if mids:
             self.store.ack(feed.dkey, mids, validate=False)
+            self.caps.acked(feed.dkey, len(mids))
         if not feed.room.is_set():
             feed.room.set()
 
@@ -271,7 +279,28 @@ class Delivery:
         """Store accepted messages; :meth:`persisted` must follow when the future is done."""
         fut = self.store.put_many(items, validate=False)
         self._puts_in_flight += 1
+        self._puts_begun += 1
+        caps = self.caps
+        if caps.enabled:
+            caps.stored(items)
+            # a refused batch was never stored: give its counts back
+            fut.add_done_callback(
+                lambda f: caps.stored(items, -1) if f.cancelled() or f.exception() else None)
         return fut
+
+    async def refresh_caps(self) -> None:
+        """Set the caps' counts from the store (expiry, drift), if it can count.
+
+        Only from a quiet moment: a batch in flight during the read would be
+        counted by neither side (in memory, replaced; on disk, not yet).
+        """
+        counts = getattr(self.store, "backlog_counts", None)
+        if counts is None or not self.caps.enabled or self._puts_in_flight:
+            return
+        begun = self._puts_begun
+        result = await counts()
+        if self._puts_begun == begun and not self._puts_in_flight:
+            self.caps.load(result)
 
     def persisted(self, items: list | None, last_mid: int) -> None:
         """A store batch from :meth:`persist` was committed (route ``items``) or refused (None)."""

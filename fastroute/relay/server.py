@@ -34,6 +34,7 @@ from ..errors import ErrorCode, FastrouteError
 from ..media import MediaStore
 from ..noise import KeyPair
 from ..store import MemoryStore, SqliteStore
+from .caps import Caps
 from .delivery import Delivery, LinkPort
 from .gate import Gate
 from .link import Link, LinkState, LinkWiring
@@ -154,7 +155,10 @@ class Relay:
                 os.path.join(cfg.data_dir, "media"), max_blob=cfg.media_max_blob,
                 daily_quota=cfg.media_daily_bytes, ttl_s=cfg.media_ttl_s,
                 max_bytes=cfg.media_max_bytes or None, disk_reserve=cfg.disk_reserve_bytes)
-        self.delivery = delivery = Delivery(self.router, self.store, cfg.mailbox_capacity)
+        caps = Caps((cfg.max_stored_msgs_per_device, cfg.max_stored_bytes_per_device,
+                     cfg.max_stored_msgs_per_address, cfg.max_stored_bytes_per_address))
+        self.delivery = delivery = Delivery(self.router, self.store, cfg.mailbox_capacity,
+                                            caps)
         delivery.start()
         self.gate = gate = Gate(cfg, delivery, self.registry, self.count_error)
         gate.taps.extend(self._taps)

@@ -86,6 +86,8 @@ class Upkeep:
                     self.gate.expire()
                     await self.store.expire(int(time.time() * 1000))
                     await self.media.expire()
+                    # the caps' counts from the store itself: expiry, drift
+                    await self.delivery.refresh_caps()
             except asyncio.CancelledError:
                 raise
             except Exception:  # housekeeping must never take the relay down
