@@ -59,3 +59,46 @@ def test_caps_per_address_count_every_device_and_reload_from_the_store():
     assert bytes_cap.full == {"bob@x"}
     bytes_cap.stored([("a@x", b"i" * 16, b"x" * 10, 0, [1])], -1)  # refused by the store
     assert bytes_cap.full == set()
+
+
+@pytest.mark.parametrize("loop", LOOPS[:1])
+def test_a_revoked_device_is_purged_with_what_waits_for_it(loop, tmp_path):
+    # issue 12: messages for revoked devices waited until their TTL and the
+    # devices table kept every device forever
+    import os
+
+    from fastroute.errors import UnknownAddress
+    from fastroute.identity import Registry
+    from test_privacy import scan
+
+    async def main():
+        async with world(tmp_path, erase_s=1.0) as w:
+            frank = await w.connect("frank@acme", "old-phone")
+            await frank.close()
+            alice = await w.connect("alice@home")
+            bodies = [b"FOR-REVOKED-%02d" % i for i in range(10)]
+            for b in bodies:
+                await alice.send("frank@acme", b)
+            store = w.relay.store
+            dkey = store.register_device("frank@acme", "old-phone")
+            assert await store.count_pending(dkey) == 10
+            with Registry(os.path.join(w.data_dir, "registry.db")) as reg:
+                reg.revoke_device("frank@acme", "old-phone")
+            for _ in range(100):
+                if "frank@acme" not in w.relay.delivery.known:
+                    break
+                await asyncio.sleep(0.05)
+            assert all(a != "frank@acme" for _, a, _ in store.known_devices())
+            assert await store.count_pending(dkey) == 0
+            # an address with no device left is forgotten
+            with pytest.raises(UnknownAddress):
+                await alice.send("frank@acme", b"anyone?")
+            await store.flush()
+            await asyncio.sleep(2.5)  # erase_s=1 below: the WAL is truncated by now
+            needles = {f"b{i}": b for i, b in enumerate(bodies)}
+            needles["address"] = b"frank@acme"
+            hits = scan(w.data_dir, needles)
+            # the revocation itself is kept in the registry (by design), nothing else
+            assert set(hits) <= {"address"}, hits
+            assert all(f.startswith("registry.db") for f in hits.get("address", [])), hits
+    run(loop, main())

@@ -288,6 +288,33 @@ class Delivery:
                 lambda f: caps.stored(items, -1) if f.cancelled() or f.exception() else None)
         return fut
 
+    def purge_revoked(self, is_revoked: Any) -> int:
+        """Forget every offline device ``is_revoked(address, device)`` says is revoked.
+
+        A revoked credential never connects again, so what the store keeps
+        for it would only wait for its TTL: the device, its stored messages
+        and (once no device is left) its address go now.  Online ones are
+        being closed by the upkeep; a later pass takes them.  Returns how
+        many devices were forgotten.
+        """
+        n = 0
+        forget = getattr(self.store, "forget_device", None)
+        if forget is None:
+            return 0
+        for dkey, address, device in self.store.known_devices():
+            if (address, device) in self._by_device or not is_revoked(address, device):
+                continue
+            forget(dkey)
+            keys = self.known.get(address)
+            if keys is not None and dkey in keys:
+                keys.remove(dkey)
+                if not keys:
+                    del self.known[address]  # unknown from now on: UNKNOWN_RECIPIENT
+            n += 1
+        if n:
+            log.info("forgot %d revoked devices and what was stored for them", n)
+        return n
+
     async def refresh_caps(self) -> None:
         """Set the caps' counts from the store (expiry, drift), if it can count.
 

@@ -265,12 +265,17 @@ class Gate:
                                 self.taps, count_error, wire.sack_op, REFUSALS)
 
     # ------------------------------------------------------------ identity
-    def reload_trust(self) -> None:
-        """Reload providers and revocations if the registry changed (one cheap PRAGMA)."""
+    def reload_trust(self) -> bool:
+        """Reload providers and revocations if the registry changed (one cheap PRAGMA).
+
+        True when it did.
+        """
         version = self.registry.version()
         if version != self._trust_version:
             self.trust = identity.Trust.load(self.registry)
             self._trust_version = version
+            return True
+        return False
 
     def authenticate(self, hello: bytes, remote_static: bytes) -> identity.Credential:
         """Who is this device: its credential chain, checked against the handshake's key.

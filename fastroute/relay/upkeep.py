@@ -73,6 +73,8 @@ class Upkeep:
 
     async def _run(self) -> None:
         last_expire = 0.0
+        purge_again = False
+        purged_version = self.gate.trust.version
         while True:
             await asyncio.sleep(self.config.registry_poll_s)
             try:
@@ -81,8 +83,17 @@ class Upkeep:
                 self.gate.reload_trust()
                 self.recheck_live()
                 now = time.monotonic()
+                # (a handshake may have reloaded the trust first: compare versions)
+                changed = self.gate.trust.version != purged_version
+                if changed or purge_again:
+                    purged_version = self.gate.trust.version
+                    # revoked devices online now are closed above; they are
+                    # purged on the next pass, once offline
+                    purge_again = changed
+                    self.delivery.purge_revoked(self.gate.trust.is_revoked)
                 if now - last_expire > EXPIRE_EVERY_S:
                     last_expire = now
+                    self.delivery.purge_revoked(self.gate.trust.is_revoked)
                     self.gate.expire()
                     await self.store.expire(int(time.time() * 1000))
                     await self.media.expire()
