@@ -966,7 +966,13 @@ class SqliteStore(_BaseStore):
         conn = self._wconn
         assert conn is not None
         try:
-            busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            # a reader would otherwise hold the writer (and every put) for the
+            # whole busy timeout: wait briefly, retry in a second instead
+            conn.execute("PRAGMA busy_timeout = 100")
+            try:
+                busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            finally:
+                conn.execute("PRAGMA busy_timeout = 5000")
         except sqlite3.Error as exc:
             log.warning("fastroute store: checkpoint failed: %s", _reason(exc))
             busy = 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 import sqlite3
 
 import pytest
@@ -668,4 +669,34 @@ def test_sqlite_migrates_a_version_1_store(run, db):
             assert [r[0] for r in await store.load(2, 0, 10)] == [1]  # still device 2's
         assert count(db, "SELECT count(*) FROM messages") == 1
         assert count(db, "PRAGMA user_version") == 2
+    run(main())
+
+
+def test_sqlite_a_reader_delays_the_erase_checkpoint_without_stalling_puts(run, db):
+    # A TRUNCATE checkpoint waits for readers; an outside reader (a backup
+    # tool) must neither stall the writer nor cancel the erasure for good.
+    async def main():
+        async with await SqliteStore.open(db, erase_s=0.1) as store:
+            dev = store.register_device("a@p", "1")
+            mids = await store.put_many([("s@p", CID, b"x" * 100, T0, [dev])] * 10)
+            reader = sqlite3.connect(db, isolation_level=None)
+            reader.execute("BEGIN")
+            reader.execute("SELECT count(*) FROM messages").fetchone()  # holds a snapshot
+            try:
+                store.ack(dev, mids)
+                await store.flush()
+                await asyncio.sleep(0.5)  # checkpoints due, blocked by the reader
+                t0 = asyncio.get_running_loop().time()
+                await store.put("s@p", CID, b"y", T0, [dev])
+                assert asyncio.get_running_loop().time() - t0 < 2.5  # not the 5 s busy timeout
+                before = store.checkpoints
+            finally:
+                reader.execute("COMMIT")
+                reader.close()
+            await asyncio.sleep(1.5)  # retried once the reader is gone
+            store.ack(dev, [m for m, *_ in await store.load(dev, 0, 10)])
+            await store.flush()
+            await asyncio.sleep(0.5)
+            assert store.checkpoints > before
+            assert os.path.getsize(db + "-wal") == 0
     run(main())
