@@ -939,9 +939,10 @@ class Client:
                 self._schedule_flush()
 
     async def _reconnect_loop(self) -> None:
-        # Full jitter (a random wait up to a doubling, capped bound): after a
-        # relay restart its devices come back spread out, not in one wave.
-        # A link that stayed up a while resets the bound.
+        # Jitter (a random wait between half and all of a doubling, capped
+        # bound): after a relay restart its devices come back spread out, not
+        # in one wave.  Only a link that stayed up 2 s resets the bound, so a
+        # relay that closes right after WELCOME is not hammered.
         attempt = 0
         if self._loop.time() - self._up_since < 2.0:
             attempt = self._fast_drops = self._fast_drops + 1

@@ -258,3 +258,27 @@ def test_manual_ack_cannot_cover_what_the_application_did_not_take(loop, tmp_pat
             assert first.body == b"x0"
             assert await nothing_arrives(alice, 0.05)
     run(loop, main())
+
+
+def test_reconnect_backoff_doubles_is_jittered_and_capped(loop, tmp_path, monkeypatch):
+    # connection refused, again and again: the waits grow to the cap and stay there
+    import fastroute.client as client_mod
+    bounds: list[tuple[float, float]] = []
+    real_uniform = client_mod.random.uniform
+
+    def recording(lo: float, hi: float) -> float:
+        bounds.append((lo, hi))
+        return real_uniform(lo, hi)
+    monkeypatch.setattr(client_mod.random, "uniform", recording)
+
+    async def main():
+        async with world(tmp_path) as w:
+            alice = fast(await w.connect("alice@home", reconnect=True))
+            await w.relay.close()  # nothing listens on the port any more
+            await _wait_for(lambda: len(bounds) >= 8)
+            assert not alice.closed
+            await alice.close()
+    run(loop, main())
+    highs = [hi for _, hi in bounds]
+    assert highs == sorted(highs) and highs[-1] == 0.2 and highs[0] < 0.2
+    assert all(lo == hi / 2 for lo, hi in bounds)
