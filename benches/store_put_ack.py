@@ -1,11 +1,12 @@
 """The store alone under 1:1 relay-like load: put_many batches, then ack them.
 
 Run: ``PYTHONPATH=. python benches/store_put_ack.py [--size 100] [--messages 100000]
-[--store sqlite|memory]``.  Batches of 256 messages to one device; at most 8
-batches in flight, each acked as soon as its mids are known, as the relay
-does for a recipient that keeps up.  Prints messages/s, CPU seconds of the
-whole process (event loop plus writer thread) and commits; a ratio against
-``--store memory`` in the same shell session is the comparison to read.
+[--store sqlite|memory] [--synchronous FULL|NORMAL]``.  Batches of 256
+messages to one device; at most 8 batches in flight, each acked as soon as
+its mids are known, as the relay does for a recipient that keeps up.
+Prints messages/s, CPU seconds of the whole process (event loop plus writer
+thread) and commits; a ratio against ``--store memory`` (or the other
+``--synchronous``) in the same shell session is the comparison to read.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ import time
 from fastroute.store import MemoryStore, SqliteStore
 
 
-async def run(store_kind: str, n: int, size: int, batch: int = 256) -> None:
+async def run(store_kind: str, n: int, size: int, batch: int = 256,
+              synchronous: str | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="fr-store-probe-") as d:
         cls = SqliteStore if store_kind == "sqlite" else MemoryStore
-        store = await cls.open(os.path.join(d, "store.db"))
+        kw = {} if synchronous is None else {"synchronous": synchronous}
+        store = await cls.open(os.path.join(d, "store.db"), **kw)
         try:
             dk = store.register_device("r@x", "d")
             body = os.urandom(size)
@@ -42,7 +45,8 @@ async def run(store_kind: str, n: int, size: int, batch: int = 256) -> None:
                 store.ack(dk, await fut, validate=False)
             await store.flush()
             dt = time.perf_counter() - t0
-            print(f"{store_kind} {size} B put+ack 1:1: {done / dt:,.0f} msg/s, "
+            mode = getattr(store, "_synchronous", "-")
+            print(f"{store_kind} ({mode}) {size} B put+ack 1:1: {done / dt:,.0f} msg/s, "
                   f"cpu {time.process_time() - c0:.2f} s, commits {store.stats()['commits']}")
         finally:
             await store.close()
@@ -53,8 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--store", choices=["sqlite", "memory"], default="sqlite")
     ap.add_argument("--messages", type=int, default=100_000)
     ap.add_argument("--size", type=int, default=100)
+    ap.add_argument("--synchronous", choices=["NORMAL", "FULL"], default=None,
+                    help="the store's default when not given")
     args = ap.parse_args(argv)
-    asyncio.run(run(args.store, args.messages, args.size))
+    asyncio.run(run(args.store, args.messages, args.size, synchronous=args.synchronous))
     return 0
 
 

@@ -352,6 +352,27 @@ def cmd_device_revoke(args: argparse.Namespace) -> int:
     return _confirm(data_dir, gen, "the device's live connection, if any, is closed")
 
 
+def cmd_address_erase(args: argparse.Namespace) -> int:
+    from .datadir import DataDirLock
+    from .erase import erase_address
+
+    data_dir = _admin_data_dir(args)
+    # the relay must be stopped: holding its lock proves it is, and keeps
+    # one from starting on the directory while rows are being removed
+    lock = DataDirLock(data_dir)
+    lock.acquire()
+    try:
+        removed = erase_address(data_dir, args.address)
+    finally:
+        lock.release()
+    print("erased the address from the relay's data directory:")
+    for what, n in removed.items():
+        print(f"  {what}: {n}")
+    print("  attachments: not attributable (the media store records no uploader); "
+          "they expire after media_ttl_s")
+    return 0
+
+
 def cmd_credential_issue(args: argparse.Namespace) -> int:
     from .identity import ProviderKey, issue_credential, parse_address
     from .noise import KeyPair
@@ -521,6 +542,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="revoke a device that never connected to this relay")
     _data_dir_arg(dr)
     dr.set_defaults(func=cmd_device_revoke)
+
+    ad = verb(sub, "address", "erase an address from a stopped relay's data")
+    asub = ad.add_subparsers(dest="action", required=True)
+    ae = verb(asub, "erase", "remove its devices, stored messages to and from it, and its "
+                             "consent choices; say what was removed")
+    ae.add_argument("address")
+    _data_dir_arg(ae)
+    ae.set_defaults(func=cmd_address_erase)
 
     d = verb(sub, "demo", "a relay, two providers and their users, in one process")
     d.add_argument("--messages", type=int, default=20000, help="messages in the timed burst")

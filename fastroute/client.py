@@ -10,7 +10,29 @@
 Sends issued in the same event-loop iteration share one encrypted frame, so
 ``send_nowait`` in a loop is the fast path.  Delivery is at-least-once on the
 link and exactly-once to the application: the client drops a message whose
-id it has already handed out (a window of recent ids), and acks it anyway.
+id it has already received (a window of recent ids).
+
+What the client guarantees (``README.md`` "Client guarantees"; each is a test
+in ``tests/test_client_guarantees.py``):
+
+* **Per-device FIFO of its own sends**, across any number of reconnects:
+  after a reconnect every unacked send goes out again, in the order it was
+  first queued, *before* any send made since; nothing is written on a new
+  link before its WELCOME.
+* **Reconnect forever** (``reconnect=True``) with capped, jittered
+  exponential backoff after every transient failure: any close before or
+  after WELCOME, a refused connection, a SERVER_BYE with a 5xx code
+  (``SHUTTING_DOWN``, ``STORE_FAILED``, ...) or ``IDLE_TIMEOUT``, any
+  ``OSError``/``RuntimeError`` of the transport, until :meth:`Client.close`.
+  Only what the protocol calls final ends it (:data:`FATAL_CODES`: a
+  credential revoked, expired or refused, a replaced session, a client the
+  relay calls broken); pending sends then fail with that error.
+* **Acks only for what the application took**: a DACK never covers a
+  message still in the client's inbox.  A redelivery dropped as a
+  duplicate is acked only once every message before it was taken, and
+  messages received on an earlier link are never acked with the new link's
+  numbers (the relay redelivers them; they are dropped as duplicates and
+  acked once taken).
 """
 
 from __future__ import annotations
@@ -18,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import random
 
 import msgpack
 import time
@@ -42,7 +65,26 @@ from .errors import (
 )
 from .noise import PROLOGUE, FrameReader, HandshakeState, KeyPair, frame, seal_frames
 
-__all__ = ["Bundle", "Client", "DeviceMessage", "Event", "Message"]
+__all__ = ["Bundle", "Client", "DeviceMessage", "Event", "FATAL_CODES", "Message"]
+
+#: SERVER_BYE codes after which a client must not reconnect (docs/PROTOCOL.md
+#: 10.4): the credential was refused, revoked or expired, a newer connection
+#: of the same device took over, or the relay says the client is broken
+#: (bad hello, error budget spent).  Every other close is transient.
+FATAL_CODES = frozenset({
+    ErrorCode.MALFORMED, ErrorCode.BAD_FIELD, ErrorCode.INVALID_ARGUMENT,
+    ErrorCode.AUTH_FAILED, ErrorCode.UNKNOWN_PROVIDER, ErrorCode.BAD_SIGNATURE,
+    ErrorCode.KEY_MISMATCH, ErrorCode.CREDENTIAL_EXPIRED, ErrorCode.CREDENTIAL_REVOKED,
+    ErrorCode.SESSION_REPLACED})
+
+
+def _is_fatal(err: BaseException | None) -> bool:
+    """True for a close the protocol says not to retry."""
+    if not isinstance(err, FastrouteError):
+        return False
+    code = int(err.code)
+    # an unknown 2xx (authentication) code is final by its range
+    return code in FATAL_CODES or 200 <= code < 300
 
 
 class Message(NamedTuple):
@@ -174,10 +216,12 @@ _dispatch_frame = twin(py_dispatch_frame)
 
 
 def _drop_duplicate(client: "Client", seq: int) -> None:
-    # a DELIVER redelivered after a lost ack: the application had it
+    # A DELIVER whose (sender, id) the client already received: redelivered
+    # after a lost ack or a reconnect, or stored twice by a relay that lost
+    # its dedup window.  Its original may still wait, untaken, in the inbox;
+    # acking this seq (cumulatively) would then ack the original too.
     client.duplicates_dropped += 1
-    if client.auto_ack and seq > client._ack_upto:
-        client._note_ack(seq)
+    client._covered(seq)
 
 
 def _refused(target, code: int) -> None:
@@ -192,7 +236,10 @@ class _Proto(asyncio.Protocol):
         self.reader = FrameReader()
         self.transport: asyncio.Transport | None = None
         self.handshake: asyncio.Queue[bytes] = asyncio.Queue()
+        # open: transport keys exist (frames go to Client._on_frame);
+        # ready: WELCOME arrived and the resends are queued, the client may write
         self.open = False
+        self.ready = False
         self.lost = asyncio.get_running_loop().create_future()
         self.can_write = asyncio.Event()
         self.can_write.set()
@@ -222,6 +269,7 @@ class _Proto(asyncio.Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.open = False
+        self.ready = False
         if not self.lost.done():
             self.lost.set_result(exc)
         self.handshake.put_nowait(b"")
@@ -241,9 +289,12 @@ class Client:
       it any relay key is accepted on first use;
     * ``auto_ack``: ack each message when the application takes it (the
       default); with False call :meth:`ack` yourself;
-    * ``reconnect``: reconnect with backoff when the link drops, resending
-      every send the relay has not acked yet with the same id (the relay's
-      dedup window makes that safe);
+    * ``reconnect``: reconnect when the link drops, forever, with jittered
+      exponential backoff capped at ``reconnect_max_delay`` seconds, until
+      :meth:`close` or a close in :data:`FATAL_CODES`; every send the relay
+      has not acked is resent with the same id (the relay's dedup window
+      makes that safe), before any newer send.  The first connection is
+      :meth:`connect`'s: its failure is raised to the caller;
     * ``keepalive``: seconds between PINGs, so a device that only receives
       is not closed as idle (None: never);
     * ``dedup_window``: how many ``(sender, id)`` pairs of received messages
@@ -254,7 +305,8 @@ class Client:
                  server_key: bytes | None = None, auto_ack: bool = True,
                  reconnect: bool = False, timeout: float = 10.0,
                  prologue: bytes = PROLOGUE, dedup_window: int = 65536,
-                 keepalive: float | None = 60.0, features: tuple[str, ...] = ()) -> None:
+                 keepalive: float | None = 60.0, features: tuple[str, ...] = (),
+                 reconnect_max_delay: float = 5.0) -> None:
         self.host = host
         self.port = port
         self.credential = credential
@@ -262,6 +314,10 @@ class Client:
         self.server_key = server_key
         self.auto_ack = auto_ack
         self.reconnect = reconnect
+        #: the backoff between reconnect attempts doubles from 50 ms up to this
+        self.reconnect_max_delay = reconnect_max_delay
+        #: links that reached WELCOME so far (1 after connect, +1 per reconnect)
+        self.links = 0
         self.timeout = timeout
         self.prologue = prologue
         self.address = ""
@@ -288,6 +344,14 @@ class Client:
         self._seen = DedupTable(float("inf"), dedup_window)
         self._ack_upto = 0
         self._acked = 0
+        # This link's seqs up to which every message was taken by the
+        # application or dropped as a duplicate: the most a DACK may cover.
+        self._ackable = 0
+        # the highest seq dropped as a duplicate while the inbox was not empty
+        self._dup_upto = 0
+        # messages at the head of the inbox that came on an earlier link:
+        # their seqs mean nothing on this one
+        self._old_left = 0
         self._ack_timer: asyncio.TimerHandle | None = None
         #: acks are sent when this many messages are unacked, or after ack_delay s
         self.ack_every = 256
@@ -301,6 +365,8 @@ class Client:
         self._media: dict[bytes, asyncio.Future] = {}  # request id -> MREPLY
         self._keepalive_s = keepalive
         self._keepalive: asyncio.Task | None = None
+        self._up_since = 0.0  # loop time of the last WELCOME
+        self._fast_drops = 0  # links in a row that dropped within 2 s of WELCOME
         #: duplicates dropped by the client's own dedup window (for tests and metrics)
         self.duplicates_dropped = 0
         #: features to negotiate on every link (FEATURES, sent with the handshake)
@@ -329,8 +395,8 @@ class Client:
             _, proto = await asyncio.wait_for(
                 loop.create_connection(lambda: _Proto(self), self.host, self.port),
                 self.timeout)
-        except (OSError, asyncio.TimeoutError) as exc:
-            raise ConnectionClosed(f"cannot connect to relay: {exc}",
+        except (OSError, RuntimeError, asyncio.TimeoutError) as exc:
+            raise ConnectionClosed(f"cannot connect to relay: {type(exc).__name__}",
                                    code=ErrorCode.INTERNAL) from None
         try:
             await asyncio.wait_for(self._handshake(proto), self.timeout)
@@ -338,6 +404,16 @@ class Client:
             proto.transport.abort()
             raise HandshakeError("relay did not complete the handshake in time",
                                  code=ErrorCode.HANDSHAKE_TIMEOUT) from None
+        except FastrouteError:
+            # typed refusals (some derive from OSError, as the builtins they mirror)
+            proto.transport.abort()
+            raise
+        except (OSError, RuntimeError) as exc:
+            # uvloop raises a bare RuntimeError when writing to a transport
+            # the relay already closed: a lost connection like any other
+            proto.transport.abort()
+            raise HandshakeError(f"connection lost during the handshake: "
+                                 f"{type(exc).__name__}") from None
         except BaseException:
             proto.transport.abort()
             raise
@@ -372,16 +448,31 @@ class Client:
         proto.open = True
         # frames that arrived together with msg2 cannot exist (the relay
         # waits for msg3), so nothing is left in the handshake queue.
+        # Nothing is written before WELCOME: _welcomed queues the resends
+        # first, in the same step as it lets newer sends through.
         await asyncio.shield(self._welcome)
         if self._features_fut is not None:
             self.features = frozenset(await asyncio.shield(self._features_fut))
             self._features_fut = None
         if self._keepalive_s and self._keepalive is None:
             self._keepalive = self._loop.create_task(self._keepalive_loop())
-        # Resend whatever the relay had not acked on the previous link.
-        if self._pending:
-            self._out.extend(self._unacked_ops())
-            self._schedule_flush()
+
+    def _welcomed(self, proto: _Proto) -> None:
+        """WELCOME arrived on ``proto``: a fresh link state, resends first, then open."""
+        self.links += 1
+        # seqs restart at 1 on every link: acks of the old one are void, and
+        # what the inbox still holds came on an earlier link
+        self._ack_upto = self._acked = self._ackable = self._dup_upto = 0
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
+        self._old_left = len(self._inbox)
+        # Whatever the old link had not written is void too (its sends are
+        # all in _pending); resend every unacked send in its first order.
+        self._out = self._unacked_ops()
+        proto.ready = True
+        self._up_since = self._loop.time()
+        self._schedule_flush()
 
     def _unacked_ops(self) -> list[bytes]:
         """The SEND ops of every id still pending, in the order they were queued."""
@@ -435,7 +526,9 @@ class Client:
 
     def _queue(self, cid: bytes, target, op: bytes) -> None:
         self._pending[cid] = (target, op)
-        if self._proto is not None and self._proto.open:
+        # not ready: the op waits in _pending; _welcomed sends it after the
+        # older unacked ones
+        if self._proto is not None and self._proto.ready:
             self._out.append(op)
 
     def send_nowait(self, to: str, body: bytes, *, ephemeral: bool = False,
@@ -488,7 +581,7 @@ class Client:
         self._ids_at = at + n
         batch.ids = ids
         batch.ops = ops
-        if self._proto is not None and self._proto.open:
+        if self._proto is not None and self._proto.ready:
             self._out.extend(ops)
         self._schedule_flush()
         return fut
@@ -524,8 +617,19 @@ class Client:
         if self._proto is not None:
             await self._proto.can_write.wait()
 
+    @property
+    def closed(self) -> bool:
+        """True once the client ended for good (:meth:`close` or a fatal close)."""
+        return self._closed
+
     async def ping(self) -> float:
-        """Round trip to the relay, in seconds."""
+        """Round trip to the relay, in seconds.
+
+        Raises :class:`ConnectionClosed` when no link is up (also if the link
+        drops before the PONG).
+        """
+        if self._closed or self._proto is None or not self._proto.ready:
+            raise ConnectionClosed("not connected", code=ErrorCode.OK)
         self._ping_token += 1
         token = self._ping_token
         fut = self._loop.create_future()
@@ -549,7 +653,7 @@ class Client:
             finally:
                 self._inbox_waiter = None
         msg = self._inbox.popleft()
-        self._taken(msg)
+        self._took(1, msg)
         return msg
 
     def recv_nowait_many(self, max_n: int = 1 << 30) -> list[Message]:
@@ -562,7 +666,7 @@ class Client:
             popleft = inbox.popleft
             out = [popleft() for _ in range(max_n)]
         if out:
-            self._taken(out[-1])
+            self._took(len(out), out[-1])
         return out
 
     def _wake_reader(self) -> None:
@@ -587,18 +691,54 @@ class Client:
                 return
             yield msg
 
-    def _taken(self, msg: Message) -> None:
-        if self.auto_ack and msg.seq > self._ack_upto:
-            self._note_ack(msg.seq)
+    def _took(self, n: int, last: Message) -> None:
+        """The application took ``n`` messages from the inbox, ``last`` the newest."""
+        old = self._old_left
+        upto = 0
+        if n > old:
+            # the newest one came on this link: every earlier one is taken
+            self._old_left = 0
+            upto = last.seq
+        else:
+            self._old_left = old - n
+        dup = self._dup_upto
+        if dup > upto and not self._old_left:
+            inbox = self._inbox
+            # duplicates dropped earlier are covered once nothing before them waits
+            if not inbox or inbox[0].seq > dup:
+                upto = dup
+        if upto:
+            self._advance(upto)
+
+    def _covered(self, seq: int) -> None:
+        """A duplicate was dropped at ``seq``: ackable once nothing before it waits."""
+        if self._inbox:
+            if seq > self._dup_upto:
+                self._dup_upto = seq
+        else:
+            self._advance(seq)
+
+    def _advance(self, seq: int) -> None:
+        if seq > self._ackable:
+            self._ackable = seq
+            if self.auto_ack:
+                self._note_ack(seq)
 
     def ack(self, upto_seq: int) -> None:
-        """Ack every delivered message with ``seq <= upto_seq`` (auto_ack=False)."""
-        if upto_seq > self._ack_upto:
-            self._note_ack(upto_seq)
+        """Ack every delivered message with ``seq <= upto_seq`` (auto_ack=False).
+
+        Seqs number the messages of the current link only (see :attr:`links`:
+        a seq taken before a reconnect is void; the relay redelivers what was
+        not acked).  The ack never reaches past what the application has
+        taken from the inbox on this link.
+        """
+        upto = min(upto_seq, self._ackable)
+        if upto > self._ack_upto:
+            self._note_ack(upto)
 
     # --------------------------------------------------------------- media
     def _media_call(self, build, *args) -> asyncio.Future:
-        if self._closed or self._proto is None or not self._proto.open:
+        if self._closed or self._proto is None or not self._proto.ready:
             raise ConnectionClosed("not connected", code=ErrorCode.OK)
         rid = self._new_id()
         fut = self._loop.create_future()
@@ -820,7 +960,7 @@ class Client:
         if self._keepalive is not None:
             self._keepalive.cancel()
         proto = self._proto
-        if proto is not None and proto.open:
+        if proto is not None and proto.ready:
             self._flush()
             if self._pending:
                 # let the relay answer what is in flight (it does so before BYE too)
@@ -864,7 +1004,7 @@ class Client:
     def _flush(self) -> None:
         self._flush_scheduled = False
         proto = self._proto
-        if proto is None or not proto.open:
+        if proto is None or not proto.ready or proto.transport.is_closing():
             return
         out = self._out
         if self._ack_upto > self._acked:
@@ -878,7 +1018,12 @@ class Client:
             self._write(out)
 
     def _write(self, ops: list[bytes]) -> None:
-        self._proto.transport.writelines(seal_frames(self._tx, wire.pack_frames(ops)))
+        try:
+            self._proto.transport.writelines(seal_frames(self._tx, wire.pack_frames(ops)))
+        except (OSError, RuntimeError):
+            # the transport died under us (uvloop raises RuntimeError): its
+            # connection_lost follows; unacked sends are still in _pending
+            self._proto.transport.abort()
 
     def _on_frame(self, msg: bytes) -> None:
         try:
@@ -911,10 +1056,7 @@ class Client:
                 _, seq, sender, cid, body, ts_ms, cls = op
                 # ids are unique per sender, not globally
                 if seen.lookup(sender, cid, 0.0) is not None:
-                    # Redelivered after a lost ack: the application had it.
-                    self.duplicates_dropped += 1
-                    if self.auto_ack and seq > self._ack_upto:
-                        self._note_ack(seq)
+                    _drop_duplicate(self, seq)
                     continue
                 seen.begin(sender, cid, 0, 0.0)
                 inbox_append(new(Message, (seq, sender, cid, body, ts_ms, cls == 1)))
@@ -969,6 +1111,8 @@ class Client:
                 self.address, self.device = op[1], op[2]
                 if self._welcome is not None and not self._welcome.done():
                     self._welcome.set_result(None)
+                    if self._proto is not None and not self._proto.ready:
+                        self._welcomed(self._proto)
             elif kind == wire.Op.PONG:
                 fut = self._pings.pop(op[1], None)
                 if fut is not None and not fut.done():
@@ -990,6 +1134,8 @@ class Client:
                 if code == ErrorCode.SHUTTING_DOWN:
                     err = ConnectionClosed(op[2], code=ErrorCode.SHUTTING_DOWN)
                 self._closing_error = err if isinstance(err, FastrouteError) else None
+                if self._proto is not None:
+                    self._proto.ready = False  # nothing more is read: write nothing
                 if self._welcome is not None and not self._welcome.done():
                     self._welcome.set_exception(err)
                 self._proto.transport.close()
@@ -1004,51 +1150,79 @@ class Client:
     def _on_lost(self, proto: _Proto, exc: BaseException | None) -> None:
         if proto is not self._proto:
             return
+        welcomed = self._welcome is not None and self._welcome.done() \
+            and not self._welcome.exception()
         if self._welcome is not None and not self._welcome.done():
+            # a handshake in progress: _connect raises, its caller decides
             self._welcome.set_exception(self._closing_error or ConnectionClosed(
                 "relay closed the connection", code=ErrorCode.OK))
-        if self._closed:
+        if self._closed or not welcomed:
             return
+        # the link was up: fail what only it could answer (sends stay pending)
+        self._link_down()
         err = self._closing_error
-        retryable = err is None or err.code in (ErrorCode.OK, ErrorCode.SHUTTING_DOWN,
-                                                ErrorCode.INTERNAL, ErrorCode.IDLE_TIMEOUT)
         for fut, _ in self._requests.values():
             # key directory requests are not resent: their callers retry
             if not fut.done():
                 fut.set_exception(ConnectionClosed("connection lost", code=ErrorCode.OK))
         self._requests.clear()
-        if self.reconnect and retryable and self._welcome is not None and self._welcome.done():
-            self._reconnect_task = self._loop.create_task(self._reconnect_loop())
+        if self.reconnect and not _is_fatal(err):
+            if self._reconnect_task is None or self._reconnect_task.done():
+                self._reconnect_task = self._loop.create_task(self._reconnect_loop())
             return
         self._finish(err or ConnectionClosed("connection lost", code=ErrorCode.OK))
+
+    def _link_down(self) -> None:
+        """Fail the requests of a lost link that a new link would not answer."""
+        err = ConnectionClosed("connection lost", code=ErrorCode.OK)
+        for futs in (self._media, self._pings):
+            for fut in futs.values():
+                if not fut.done():
+                    fut.set_exception(err)
+            futs.clear()
 
     async def _keepalive_loop(self) -> None:
         # The relay closes links that stay silent for its idle timeout (300 s
         # by default); a device that only receives must still speak now and then.
         while not self._closed:
             await asyncio.sleep(self._keepalive_s)
-            if self._proto is not None and self._proto.open:
+            if self._proto is not None and self._proto.ready:
                 self._ping_token += 1
                 self._out.append(wire.ping_op(self._ping_token))
                 self._schedule_flush()
 
     async def _reconnect_loop(self) -> None:
-        delay = 0.05
+        # Jitter (a random wait between half and all of a doubling, capped
+        # bound): after a relay restart its devices come back spread out, not
+        # in one wave.  Only a link that stayed up 2 s resets the bound, so a
+        # relay that closes right after WELCOME is not hammered.
+        attempt = 0
+        if self._loop.time() - self._up_since < 2.0:
+            attempt = self._fast_drops = self._fast_drops + 1
+        else:
+            self._fast_drops = 0
         while not self._closed:
-            await asyncio.sleep(delay)
+            bound = min(self.reconnect_max_delay, 0.05 * (1 << min(attempt, 16)))
+            await asyncio.sleep(random.uniform(bound / 2, bound))
+            if self._closed:
+                return
             self._closing_error = None
             self._welcome = None
-            # acks of the old link are void; the relay redelivers what we had not acked
-            self._ack_upto = self._acked = 0
+            self._proto = None  # the old link's late callbacks are ignored
             try:
                 await self._connect()
-                return
-            except FastrouteError as exc:
-                if exc.code not in (ErrorCode.OK, ErrorCode.SHUTTING_DOWN, ErrorCode.INTERNAL,
-                                    ErrorCode.HANDSHAKE_TIMEOUT):
-                    self._finish(exc)
+                proto = self._proto
+                if self._closed or (proto is not None and proto.ready):
                     return
-            delay = min(delay * 2, 2.0)
+                # lost right after WELCOME, before this task resumed: its
+                # _on_lost saw this loop still running and left it to us
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any transport failure is transient
+                if _is_fatal(exc):
+                    self._finish(exc)  # type: ignore[arg-type]
+                    return
+            attempt += 1
 
     def _finish(self, err: FastrouteError) -> None:
         self._closed = True

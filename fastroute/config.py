@@ -74,8 +74,9 @@ class RelayConfig:
     data_dir: str = "fastroute-data"
     #: "sqlite" (durable, the default) or "memory" (nothing survives a restart)
     store: str = "sqlite"
-    #: SQLite synchronous mode: "NORMAL" survives a process crash, "FULL" also power loss
-    synchronous: str = "NORMAL"
+    #: SQLite synchronous mode: "FULL" (a SACK survives power loss too, as the
+    #: protocol promises) or "NORMAL" (survives a process crash only)
+    synchronous: str = "FULL"
     #: queued + unacked messages per online device kept in RAM; the rest stay in the store
     mailbox_capacity: int = 4096
     max_connections: int = 100_000
@@ -87,6 +88,9 @@ class RelayConfig:
     dedup_max_entries: int = 1_000_000
     #: undelivered messages are deleted after this long
     ttl_s: int = 30 * 86400
+    #: a deleted (delivered, expired) message's body, id and sender leave every
+    #: file of the store within this many seconds (secure_delete + WAL truncation)
+    erase_s: float = 20.0
     #: how often the relay re-reads the registry for revocations and enrolments
     registry_poll_s: float = 0.5
     #: attachments (media store in ``data_dir/media``): largest blob, bytes one
@@ -94,6 +98,20 @@ class RelayConfig:
     media_max_blob: int = 100 * 1024 * 1024
     media_daily_bytes: int = 1024 * 1024 * 1024
     media_ttl_s: int = 30 * 86400
+    #: disk budgets: the message store's database file (0: the disk's), all
+    #: attachments together (0: no budget of their own), and the free space an
+    #: attachment upload must leave on the data directory's disk for messages
+    store_max_bytes: int = 0
+    #: caps on what is stored for one recipient (0: none, the default: the
+    #: accounting costs ~0.9 us per stored delivery, still in Python): messages
+    #: and body bytes per device and per address; past one, SENDs to it get
+    #: RECIPIENT_FULL (408)
+    max_stored_msgs_per_device: int = 0
+    max_stored_bytes_per_device: int = 0
+    max_stored_msgs_per_address: int = 0
+    max_stored_bytes_per_address: int = 0
+    media_max_bytes: int = 0
+    disk_reserve_bytes: int = 256 * 1024 * 1024
     #: a user receives messages from another provider's users only after opting in
     #: (CONSENT op); off only for closed deployments and tests
     require_consent: bool = True
@@ -178,6 +196,16 @@ class RelayConfig:
             raise InvalidArgument("prekey_fetches_per_s must be > 0, prekey_fetch_burst >= 1")
         if not 0 < self.limits.max_body <= 61440:
             raise InvalidArgument("limits.max_body must be in 1..61440")
+        for name in ("store_max_bytes", "media_max_bytes", "disk_reserve_bytes",
+                     "max_stored_msgs_per_device", "max_stored_bytes_per_device",
+                     "max_stored_msgs_per_address", "max_stored_bytes_per_address"):
+            if getattr(self, name) < 0:
+                raise InvalidArgument(f"{name} must be >= 0")
+        if 0 < self.store_max_bytes < 1 << 16:
+            raise InvalidArgument("store_max_bytes must be 0 or at least 65536")
+        if not 0 < self.erase_s <= 40:
+            raise InvalidArgument("erase_s must be in (0, 40]: deleted messages must leave "
+                                  "the disk within 60 s")
         for name in ("handshake_timeout", "idle_timeout", "dedup_window_s", "registry_poll_s"):
             if getattr(self, name) <= 0:
                 raise InvalidArgument(f"{name} must be > 0")

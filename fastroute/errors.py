@@ -35,10 +35,12 @@ __all__ = [
     "RateLimited",
     "BodyTooLarge",
     "ConsentRequired",
+    "RecipientFull",
     "TraceFormatError",
     "ConnectionClosed",
     "StoreFailed",
     "StartFailed",
+    "StoreFull",
     "MediaError",
     "UnknownBlob",
     "UnknownUpload",
@@ -103,10 +105,12 @@ class ErrorCode(enum.IntEnum):
     CONSENT_REQUIRED = 402
     POLICY = 403
     KEY_LIMIT = 404
+    RECIPIENT_FULL = 408
     # 5xx: the relay's side
     INTERNAL = 500
     SHUTTING_DOWN = 503
     STORE_FAILED = 504
+    STORE_FULL = 505
     #: never on the wire: the relay could not start (address in use, data
     #: directory locked by another relay, unwritable or not a directory)
     START_FAILED = 510
@@ -265,6 +269,13 @@ class ConsentRequired(PolicyError):
     code = ErrorCode.CONSENT_REQUIRED
 
 
+class RecipientFull(PolicyError):
+    """The recipient's stored backlog is at its cap (messages or bytes, per
+    device or per address); resend later with the same id."""
+
+    code = ErrorCode.RECIPIENT_FULL
+
+
 class TraceFormatError(FastrouteError, ValueError):
     """A trace file line could not be parsed; ``lineno`` says which."""
 
@@ -292,6 +303,13 @@ class StartFailed(FastrouteError, OSError):
     data directory, or the directory cannot be created or written."""
 
     code = ErrorCode.START_FAILED
+
+
+class StoreFull(StoreFailed):
+    """The message store reached its disk budget (or the disk is full); so
+    did the media store.  Nothing was stored; resend later with the same id."""
+
+    code = ErrorCode.STORE_FULL
 
 
 class MediaError(FastrouteError, ValueError):

@@ -26,7 +26,10 @@ EVENTS: dict[str, str] = {
     "could not record a consent change: %s": "consent.store_failed",
     "store refused a batch of %d messages (code %d)": "store.batch_refused",
     "fastroute store writer stopped": "store.writer_stopped",
-    "fastroute store: batch of %d requests failed: %s": "store.batch_failed",
+    "fastroute store: %d messages refused: %s": "store.batch_failed",
+    "forgot %d revoked devices and what was stored for them": "device.purged",
+    "fastroute store: %d deletes and %d registrations kept for retry: %s": "store.deletes_retried",
+    "fastroute store: checkpoint failed: %s": "store.checkpoint_failed",
     "media request failed": "media.failed",
     "sync failed (code %d); closing the device's connection": "delivery.sync_failed",
 }

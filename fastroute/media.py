@@ -50,6 +50,7 @@ from .errors import (  # noqa: F401 - the media errors are re-exported here
     MediaError,
     RateLimited,
     StoreFailed,
+    StoreFull,
     UnknownBlob,
     UnknownUpload,
     UploadIncomplete,
@@ -256,6 +257,9 @@ class MediaStore:
             max_workers=io_threads, thread_name_prefix="fastroute-media")
         self._salt = os.urandom(32)
         self._closed = False
+        #: budget of blobs + uploads in progress, and free bytes to leave on the disk
+        self.max_bytes: int | None = None
+        self.disk_reserve = 0
         self._index: dict[bytes, int] = {}          # blob id -> size
         self._bytes = 0                             # sum of the index's sizes
         self._uploads: dict[bytes, _Upload] = {}    # uploads accepting chunks
@@ -273,8 +277,16 @@ class MediaStore:
                    ttl_s: float = 30 * _DAY_S, upload_timeout_s: float = 600.0,
                    daily_quota: int | None = None,
                    clock: Callable[[], float] = time.time,
-                   io_threads: int = 4) -> "MediaStore":
+                   io_threads: int = 4, max_bytes: int | None = None,
+                   disk_reserve: int = 0) -> "MediaStore":
         """Open (creating if needed) the store in directory ``root``.
+
+        ``max_bytes``: the most all blobs and uploads in progress (at their
+        declared sizes) may take (``None``: no budget of its own);
+        ``disk_reserve``: bytes an upload must leave free on ``root``'s
+        filesystem, which the message store shares (attachments must not
+        starve messages).  Either refuses ``begin`` with
+        :class:`~fastroute.errors.StoreFull`.
 
         Empties ``root/tmp`` (uploads interrupted by a restart are gone) and
         indexes the blobs already stored.  Raises ``STORE_FAILED`` if the
@@ -296,10 +308,15 @@ class MediaStore:
         if not callable(clock):
             raise WrongType("clock must be callable")
         io_threads = check_int(io_threads, "io_threads", 1)
+        if max_bytes is not None:
+            max_bytes = check_int(max_bytes, "max_bytes", 1)
+        disk_reserve = check_int(disk_reserve, "disk_reserve", 0)
         self = cls(loop, root, max_blob=max_blob, chunk_size=chunk_size,
                    max_uploads_per_owner=max_uploads_per_owner, ttl_s=ttl_s,
                    upload_timeout_s=upload_timeout_s, daily_quota=daily_quota,
                    clock=clock, io_threads=io_threads)
+        self.max_bytes = max_bytes
+        self.disk_reserve = disk_reserve
         try:
             self._index = await loop.run_in_executor(self._pool, self._open_sync)
             self._bytes = sum(self._index.values())
@@ -441,6 +458,7 @@ class MediaStore:
         if self._active.get(key, 0) >= self.max_uploads_per_owner:
             raise RateLimited(
                 f"too many uploads in progress (limit {self.max_uploads_per_owner})")
+        self._check_space(size)
         now = self._clock()
         day = int(now // _DAY_S)
         entry = None
@@ -470,6 +488,22 @@ class MediaStore:
             raise _closed_error()
         self._uploads[uid] = up
         return uid
+
+    def _check_space(self, size: int) -> None:
+        """Refuse an upload that would pass the budget or eat the disk's reserve."""
+        if self.max_bytes is None and not self.disk_reserve:
+            return
+        # uploads in progress hold their declared size (sparse files fill up)
+        pending = sum(up.size for up in self._uploads.values())
+        if self.max_bytes is not None and self._bytes + pending + size > self.max_bytes:
+            raise StoreFull("media store full: its budget is used up")
+        if self.disk_reserve:
+            try:
+                st = os.statvfs(self._root)
+            except OSError as exc:
+                raise _io_error("space check", exc) from None
+            if st.f_bavail * st.f_frsize - pending - size < self.disk_reserve:
+                raise StoreFull("media store full: the disk's reserve for messages is reached")
 
     async def put_chunk(self, upload_id: bytes, index: int, data: bytes) -> None:
         """Store chunk ``index`` of an upload.

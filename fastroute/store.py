@@ -30,6 +30,7 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 from typing import TYPE_CHECKING, Iterable, Protocol, Sequence, runtime_checkable
 
 from ._args import check_bytes, check_int, check_str
@@ -37,6 +38,7 @@ from .errors import (
     FastrouteError,
     InvalidArgument,
     StoreFailed,
+    StoreFull,
     UnknownDevice,
     WrongType,
 )
@@ -79,11 +81,12 @@ class Store(Protocol):
 
     def ack(self, device_key: int, mids: Sequence[int], *, validate: bool = True) -> None:
         """Record, fire-and-forget, that ``device_key`` received ``mids``;
-        :meth:`flush` reports a failure."""
+        a delete that fails (disk full) is retried until it succeeds."""
 
     async def flush(self) -> None:
-        """Wait until everything queued so far is stored; ``STORE_FAILED`` if a
-        fire-and-forget write since the previous flush failed."""
+        """Wait until everything queued so far was written or, for a
+        fire-and-forget write that failed, kept for a retry.  Never raises
+        another caller's failure."""
 
     async def load(self, device_key: int, after_mid: int,
                    limit: int) -> list[StoredMessage]:
@@ -160,10 +163,20 @@ _SQL_LOAD = ("SELECT * FROM (SELECT mid, sender, cid, body, ts_ms FROM messages 
              "WHERE i.device_key = ?1 AND i.mid > ?2 ORDER BY i.mid LIMIT ?3) "
              "ORDER BY 1 LIMIT ?3")
 
+# length() of a blob reads its size from the record header, not the blob
+_SQL_BACKLOG = ("SELECT dev, count(*), sum(length(body)) FROM messages "
+                "WHERE dev IS NOT NULL GROUP BY dev UNION ALL "
+                "SELECT i.device_key, count(*), sum(length(m.body)) FROM inbox i "
+                "JOIN messages m ON m.mid = i.mid GROUP BY i.device_key")
+
 # Writer request kinds.  A request is a tuple (kind, arg, future-or-None).
 _PUT, _PUT_MANY, _ACK, _REG, _FORGET, _EXPIRE, _FLUSH, _STOP = range(8)
 
 _SYNC_MODES = ("NORMAL", "FULL", "EXTRA")
+# the flush of close(): it reports what the final batch could not write
+_STOP_REPORT = "stop"
+# seconds between retries of deletes that failed (disk full), when idle
+_RETRY_S = 0.5
 
 
 @functools.lru_cache(maxsize=64)
@@ -201,7 +214,9 @@ def _execute_in(conn: sqlite3.Connection, head: str, first: list, values: list) 
 
 
 def _store_error(reason: str) -> FastrouteError:
-    return StoreFailed(reason)
+    # a full disk or budget has its own code: the sender should wait, not
+    # suspect the relay (see _reason)
+    return StoreFull(reason) if "(SQLITE_FULL)" in reason else StoreFailed(reason)
 
 
 def _closed_error() -> FastrouteError:
@@ -381,25 +396,55 @@ class SqliteStore(_BaseStore):
     :meth:`count_pending`) run on a second connection in a reader thread; WAL
     lets them proceed while the writer commits.
 
-    Durability: with ``synchronous="NORMAL"`` (default) a committed message
-    survives a crash of the process; after a power loss or OS crash the last
-    transactions before the crash may be rolled back.  ``"FULL"`` syncs the
-    WAL on every commit and survives those too, at a higher cost per batch
-    (group commit makes that cost per batch, not per message).
+    Durability: with ``synchronous="FULL"`` (the default) the WAL is synced
+    on every commit, so a message whose future resolved survives a process
+    crash, an OS crash and a power loss (as far as the disk honours fsync):
+    what the sender's SACK promises.  ``"NORMAL"`` survives a process crash
+    only: after a power loss or OS crash the last transactions before it may
+    be rolled back, acked messages included.  Group commit makes the sync a
+    cost per batch, not per message (``benches/store_put_ack.py
+    --synchronous``).
 
-    Failures: a batch that fails (disk full, I/O error) is rolled back and
-    fails only its own futures, with :class:`~fastroute.errors.FastrouteError`
-    of code ``STORE_FAILED``; the writer keeps serving later requests.
-    Fire-and-forget operations (:meth:`ack`, :meth:`forget_device`) report a
-    failure through the next :meth:`flush`.
+    Failures: a batch that fails (disk full, I/O error) is rolled back; its
+    new messages and its deletes are then retried apart, so each failure is
+    attributed to the operation that failed: a put's future fails with
+    :class:`~fastroute.errors.FastrouteError` of code ``STORE_FAILED``;
+    fire-and-forget writes (:meth:`ack`, :meth:`forget_device`, device
+    registrations) that fail are kept and retried (every 0.5 s when idle)
+    until they succeed, and are never reported to an unrelated caller
+    (``deletes_waiting`` counts them).  The writer keeps serving later
+    requests.
+
+    Erasure: a message deleted (acked by its last device, forgotten or
+    expired) leaves no readable trace in ``store.db``, ``store.db-wal`` or
+    ``store.db-shm`` after ``erase_s`` (20 s by default).  The writer sets
+    ``PRAGMA secure_delete = ON`` itself (the build's default may be OFF or
+    FAST), so deleted rows are zeroed in their pages and freed pages; and at
+    most ``erase_s`` after a delete commits it runs ``wal_checkpoint(TRUNCATE)``,
+    which writes the zeroed pages into the database and empties the WAL,
+    where the pages' older images (bodies, ids, senders) would otherwise
+    stay.  A reader with an open snapshot delays that (retried every
+    second); the relay's only reader is its own short backlog loads.  A
+    clean close checkpoints too.  Threat model and limits: this protects
+    against someone who later reads the data directory (a stolen disk image,
+    a backup or copy made after the bound); it does not scrub blocks the
+    filesystem already released (a truncated WAL's old blocks on the device,
+    SSD remapping), nor a copy taken while the message was still stored.
 
     The store is bound to the event loop it was opened on; call its methods
     from that loop's thread only.
     """
 
     def __init__(self, loop, path: str, synchronous: str, max_batch: int,
-                 ttl_s: int) -> None:
+                 ttl_s: int, erase_s: float = 20.0, max_bytes: int | None = None) -> None:
         super().__init__(loop, ttl_s)
+        self._max_bytes = max_bytes
+        self._erase_s = erase_s
+        # monotonic time by which the WAL must be checkpointed and truncated
+        # (writer thread only); None: nothing deleted since the last one
+        self._erase_due: float | None = None
+        #: TRUNCATE checkpoints run to erase deleted messages from the WAL
+        self.checkpoints = 0
         self._path = path
         self._synchronous = synchronous
         self._max_batch = max_batch
@@ -412,7 +457,8 @@ class SqliteStore(_BaseStore):
         self._wconn: sqlite3.Connection | None = None
         self._next_mid = 1
         self._carry: list[tuple] = []
-        self._deferred: str | None = None
+        #: acked mids and forgotten devices whose delete failed and waits for a retry
+        self.deletes_waiting = 0
         self._dead: str | None = None
         #: Number of committed write transactions since open (metrics, tests).
         self.commits = 0
@@ -422,14 +468,22 @@ class SqliteStore(_BaseStore):
     # -- lifecycle ----------------------------------------------------------
 
     @classmethod
-    async def open(cls, path: str | os.PathLike, *, synchronous: str = "NORMAL",
-                   max_batch: int = 4096, ttl_s: int = DEFAULT_TTL_S) -> "SqliteStore":
+    async def open(cls, path: str | os.PathLike, *, synchronous: str = "FULL",
+                   max_batch: int = 4096, ttl_s: int = DEFAULT_TTL_S,
+                   erase_s: float = 20.0, max_bytes: int | None = None) -> "SqliteStore":
         """Open (creating if needed) the store at ``path`` and start its writer.
 
         ``synchronous`` is SQLite's ``PRAGMA synchronous`` for the WAL:
         ``"NORMAL"`` or ``"FULL"`` (``"EXTRA"`` also accepted).  ``max_batch``
         bounds how many messages one transaction takes.  ``ttl_s`` is how long
-        an undelivered message is kept.
+        an undelivered message is kept.  ``erase_s``: a deleted message's
+        body, id and sender leave every file of the store at most this long
+        after the delete committed (see "Erasure" in the class docstring).
+        ``max_bytes``: the database file's budget (``None``: the disk's);
+        a put that would grow it further fails with
+        :class:`~fastroute.errors.StoreFull` (code ``STORE_FULL``) while
+        deletes still go through, so space comes back as devices ack.  The
+        WAL comes on top (it is truncated at least every ``erase_s``).
         """
         loop = asyncio.get_running_loop()
         if not isinstance(path, (str, os.PathLike)):
@@ -442,7 +496,13 @@ class SqliteStore(_BaseStore):
             raise InvalidArgument(f"synchronous must be one of {_SYNC_MODES}")
         max_batch = _check_sql_int(max_batch, "max_batch", 1)
         ttl_s = _check_sql_int(ttl_s, "ttl_s", 1)
-        self = cls(loop, path, synchronous.upper(), max_batch, ttl_s)
+        if isinstance(erase_s, bool) or not isinstance(erase_s, (int, float)) \
+                or not 0 < erase_s <= 3600:
+            raise InvalidArgument("erase_s must be a number of seconds in (0, 3600]")
+        if max_bytes is not None:
+            max_bytes = _check_sql_int(max_bytes, "max_bytes", 1 << 16)
+        self = cls(loop, path, synchronous.upper(), max_batch, ttl_s, float(erase_s),
+                   max_bytes)
         ready = loop.create_future()
         self._thread = threading.Thread(target=self._writer_main, args=(ready,),
                                         name="fastroute-store-write", daemon=True)
@@ -464,9 +524,9 @@ class SqliteStore(_BaseStore):
     async def close(self) -> None:
         """Commit everything queued, stop the writer and close the database.
 
-        Idempotent.  Raises ``STORE_FAILED`` if the final writes (or an
-        earlier fire-and-forget write not yet reported by :meth:`flush`)
-        failed.
+        Idempotent.  Raises ``STORE_FAILED`` if the final writes failed
+        (new messages, or deletes still waiting for their retry: those are
+        lost with the process, so the messages are redelivered next time).
         """
         if self._closed:
             return
@@ -542,7 +602,7 @@ class SqliteStore(_BaseStore):
 
         Deletes the device's inbox rows, and a message once no device is left
         to receive it.  Unknown pairs are ignored (acks may be repeated).
-        Use :meth:`flush` to wait for, and learn the outcome of, the deletes.
+        A delete that fails (disk full) is kept and retried until it succeeds.
         """
         self._check_open()
         key = device_key
@@ -564,10 +624,11 @@ class SqliteStore(_BaseStore):
             self._submit(_FORGET, key, None)
 
     async def flush(self) -> None:
-        """Wait until everything queued so far is committed.
+        """Wait until everything queued so far is committed (or, for a
+        fire-and-forget write that failed, kept for its retry).
 
-        Raises ``STORE_FAILED`` if a fire-and-forget write (ack, forget,
-        device registration) queued since the previous flush failed.
+        Never raises another caller's failure: an ack that failed is
+        retried, not reported to whoever flushes next.
         """
         self._check_open()
         fut = self._loop.create_future()
@@ -641,12 +702,24 @@ class SqliteStore(_BaseStore):
         except sqlite3.Error as exc:
             raise _store_error(f"store read failed: {_reason(exc)}") from None
 
+    async def backlog_counts(self) -> dict[int, tuple[int, int]]:
+        """``device key -> (messages, body bytes)`` still stored for each device
+        (for the relay's caps, :mod:`fastroute.relay.caps`)."""
+        self._check_open()
+        rows = await self._read(_SQL_BACKLOG, ())
+        out: dict[int, tuple[int, int]] = {}
+        for dkey, n, nbytes in rows:
+            m, b = out.get(dkey, (0, 0))
+            out[dkey] = (m + n, b + (nbytes or 0))
+        return out
+
     # -- metrics ------------------------------------------------------------
 
     def stats(self) -> dict[str, int]:
         """Counters for metrics (no personal data)."""
         return {"commits": self.commits, "failed_batches": self.failed_batches,
-                "queued_requests": self._queue.qsize(), "devices": len(self._by_key)}
+                "queued_requests": self._queue.qsize(), "devices": len(self._by_key),
+                "checkpoints": self.checkpoints, "deletes_waiting": self.deletes_waiting}
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -661,8 +734,17 @@ class SqliteStore(_BaseStore):
         if str(mode).lower() != "wal":
             raise sqlite3.OperationalError(f"cannot enable WAL (journal_mode={mode})")
         conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        # Zero deleted rows in their pages and in freed pages, whatever this
+        # SQLite build's default (ON, OFF or FAST, which leaves freed pages
+        # as they were): delivered bodies must not stay in the file.
+        conn.execute("PRAGMA secure_delete = ON")
+        if conn.execute("PRAGMA secure_delete").fetchone()[0] != 1:
+            raise sqlite3.OperationalError("cannot enable secure_delete")
         conn.execute("PRAGMA busy_timeout = 5000")
         conn.execute("PRAGMA temp_store = MEMORY")
+        if self._max_bytes is not None:
+            page = conn.execute("PRAGMA page_size").fetchone()[0]
+            conn.execute(f"PRAGMA max_page_count = {max(1, self._max_bytes // page)}")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > _SCHEMA_VERSION:
             raise sqlite3.DatabaseError(
@@ -699,8 +781,14 @@ class SqliteStore(_BaseStore):
         self._post(_settle_one, ready, result, None)
         try:
             while True:
-                if self._write_batch(self._take_batch()):
+                batch = self._take_batch()
+                if batch and self._write_batch(batch):
+                    # a clean stop leaves no WAL behind: its frames hold the
+                    # bodies of messages deleted since the last checkpoint
+                    self._erase_due = 0.0
+                    self._checkpoint()
                     break
+                self._checkpoint()
         except BaseException as exc:  # pragma: no cover - a bug, not I/O
             # Never die silently: fail every waiter and refuse new requests.
             self._dead = f"store writer stopped: {type(exc).__name__}"
@@ -723,10 +811,20 @@ class SqliteStore(_BaseStore):
             self._post(_fail_all, futs, self._dead)
 
     def _take_batch(self) -> list[tuple]:
+        """The next batch of requests; [] when a checkpoint falls due first."""
         q = self._queue
         batch = self._carry
         self._carry = []
-        batch.append(q.get())
+        # writes kept for a retry go again at least every _RETRY_S; a due
+        # checkpoint runs even when no request comes
+        timeout = _RETRY_S if batch else None
+        if self._erase_due is not None:
+            wait = max(0.0, self._erase_due - time.monotonic())
+            timeout = wait if timeout is None else min(timeout, wait)
+        try:
+            batch.append(q.get(timeout=timeout))
+        except queue.Empty:
+            return batch
         n = 0
         limit = self._max_batch
         while True:
@@ -753,7 +851,7 @@ class SqliteStore(_BaseStore):
         acks: dict[int, list[int]] = {}  # device_key -> mids
         forgets: list[int] = []
         expires: list[tuple] = []
-        flushes: list[tuple] = []       # (future, report deferred errors)
+        flushes: list[tuple] = []       # (future, kind of flush)
         stop = False
         for kind, arg, fut in batch:
             if kind == _PUT or kind == _PUT_MANY:
@@ -785,67 +883,147 @@ class SqliteStore(_BaseStore):
             elif kind == _FLUSH:
                 flushes.append((fut, arg))
             elif kind == _STOP:
-                flushes.append((fut, arg))
+                flushes.append((fut, _STOP_REPORT if arg else False))
                 stop = True
-        error: str | None = None
+        puts_error: str | None = None   # the puts' own failure, for their senders
+        other_error: str | None = None  # registrations, deletes, expiries
+        expired: list[int] = []
+        if acks or forgets or expires:
+            self._deleted()
         if msg_rows or acks or regs or forgets or expires:
-            conn = self._wconn
-            assert conn is not None  # _setup made it, before the first batch
             try:
-                conn.execute("BEGIN")
-                # Order inside the transaction follows the queue's causality:
-                # a device exists before messages for it, messages exist
-                # before anything can ack them.
-                if regs:
-                    conn.executemany(
-                        "INSERT OR IGNORE INTO devices(device_key, address, device) "
-                        "VALUES (?,?,?)", regs)
-                    conn.execute(_SQL_META, ("next_device", max(r[0] for r in regs) + 1))
-                if msg_rows:
-                    _execute_rows(conn, _SQL_PUT_MSG, 7, [], msg_rows)
-                    _execute_rows(conn, _SQL_PUT_INBOX, 2, [], inbox_rows)
-                    conn.execute(_SQL_META, ("next_mid", mid))
-                if acks or forgets:
-                    self._delete(conn, acks, forgets)
-                for i, (fut, now, bound) in enumerate(expires):
-                    expires[i] = (fut, self._expire(conn, now, bound))
-                conn.execute("COMMIT")
+                # the common case: everything in one transaction, one commit
+                expired = self._transaction(regs, msg_rows, inbox_rows, mid, acks,
+                                            forgets, expires)
             except Exception as exc:
-                error = f"store write failed: {_reason(exc)}"
-                try:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
                 self.failed_batches += 1
-                log.warning("fastroute store: batch of %d requests failed: %s",
-                            len(batch), error)
-                if regs:
-                    # Registrations have no waiter; retry them first in the
-                    # next batch so the devices table never lacks a key the
-                    # registry handed out.
-                    self._carry = [(_REG, r, None) for r in regs]
-                if any(report for _, report in flushes):
-                    self._deferred = None  # reported right now, by this batch
-                elif acks or forgets or regs:
-                    self._deferred = error
-            else:
-                self.commits += 1
-                self._next_mid = mid
-                done.extend(expires)
-        if error is not None:
-            futs = [f for f, _ in done] + [e[0] for e in expires] + [f for f, _ in flushes]
-            self._post(_fail_all, futs, error)
-        else:
-            for fut, report in flushes:
-                if report and self._deferred is not None:
-                    self._post(_fail_all, [fut], self._deferred)
-                    self._deferred = None
+                self._deleted()  # a rolled back write may leave frames in the WAL
+                reason = f"store write failed: {_reason(exc)}"
+                if msg_rows and (regs or acks or forgets or expires):
+                    # Say which failed: a full disk refuses new messages but
+                    # usually still lets deletes through (they free pages);
+                    # one must not take the other down, nor be reported to
+                    # someone else.
+                    try:
+                        expired = self._transaction(regs, [], [], mid, acks, forgets,
+                                                    expires)
+                    except Exception as exc2:
+                        other_error = f"store write failed: {_reason(exc2)}"
+                    try:
+                        self._transaction([], msg_rows, inbox_rows, mid, {}, [], [])
+                    except Exception as exc3:
+                        puts_error = f"store write failed: {_reason(exc3)}"
+                elif msg_rows:
+                    puts_error = reason
                 else:
-                    done.append((fut, None))
-            if done:
-                self._post(_settle_all, done)
+                    other_error = reason
+        if puts_error is not None:
+            log.warning("fastroute store: %d messages refused: %s",
+                        len(msg_rows) // 7, puts_error)
+            self._post(_fail_all, [f for f, _ in done], puts_error)
+            done = []
+        elif msg_rows:
+            self._next_mid = mid
+        if other_error is not None:
+            # Registrations and deletes have no waiter: keep them, first in
+            # the next batch, until they succeed (a delete dropped here would
+            # leave a delivered message on disk until its TTL).
+            self._carry = ([(_REG, r, None) for r in regs]
+                           + [(_ACK, (k, m), None) for k, m in acks.items() if m]
+                           + [(_FORGET, k, None) for k in forgets])
+            self.deletes_waiting = sum(len(m) for m in acks.values()) + len(forgets)
+            log.warning("fastroute store: %d deletes and %d registrations kept for retry: %s",
+                        self.deletes_waiting, len(regs), other_error)
+            self._post(_fail_all, [e[0] for e in expires], other_error)
+        else:
+            self.deletes_waiting = 0
+            done.extend((fut, n) for (fut, _, _), n in zip(expires, expired))
+        for fut, report in flushes:
+            if report == _STOP_REPORT and other_error is not None:
+                # the store closes with deletes it could not apply: say so
+                self._post(_fail_all, [fut], other_error)
+            elif report == _STOP_REPORT and puts_error is not None:
+                self._post(_fail_all, [fut], puts_error)
+            else:
+                done.append((fut, None))
+        if done:
+            self._post(_settle_all, done)
         return stop
+
+    def _checkpoint(self) -> None:
+        """Erase what deletes left in the WAL, once the bound says it is time.
+
+        Deleted rows are zeroed in their pages (``secure_delete = ON``), but
+        the WAL still holds the older page images, bodies and ids included,
+        until a checkpoint copies the pages back and a TRUNCATE empties the
+        file (a PASSIVE checkpoint or a WAL reset only rewinds it: old frames
+        beyond the new end stay readable).  A reader holding an old snapshot
+        blocks TRUNCATE; then it is retried every second.
+        """
+        due = self._erase_due
+        if due is None or time.monotonic() < due:
+            return
+        conn = self._wconn
+        assert conn is not None
+        try:
+            # a reader would otherwise hold the writer (and every put) for the
+            # whole busy timeout: wait briefly, retry in a second instead
+            conn.execute("PRAGMA busy_timeout = 100")
+            try:
+                busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            finally:
+                conn.execute("PRAGMA busy_timeout = 5000")
+        except sqlite3.Error as exc:
+            log.warning("fastroute store: checkpoint failed: %s", _reason(exc))
+            busy = 1
+        if busy:
+            self._erase_due = time.monotonic() + 1.0
+        else:
+            self._erase_due = None
+            self.checkpoints += 1
+
+    def _deleted(self) -> None:
+        # a delete (or a rolled back write) left old page images in the WAL
+        if self._erase_due is None:
+            self._erase_due = time.monotonic() + self._erase_s
+
+    def _transaction(self, regs: list, msg_rows: list, inbox_rows: list, mid: int,
+                     acks: dict, forgets: list, expires: list) -> list[int]:
+        """Apply one set of writes in one transaction; the expiries' counts.
+
+        Rolls back and raises on any failure, leaving nothing half-applied.
+        """
+        conn = self._wconn
+        assert conn is not None  # _setup made it, before the first batch
+        expired: list[int] = []
+        try:
+            conn.execute("BEGIN")
+            # Order inside the transaction follows the queue's causality:
+            # a device exists before messages for it, messages exist
+            # before anything can ack them.
+            if regs:
+                conn.executemany(
+                    "INSERT OR IGNORE INTO devices(device_key, address, device) "
+                    "VALUES (?,?,?)", regs)
+                conn.execute(_SQL_META, ("next_device", max(r[0] for r in regs) + 1))
+            if msg_rows:
+                _execute_rows(conn, _SQL_PUT_MSG, 7, [], msg_rows)
+                _execute_rows(conn, _SQL_PUT_INBOX, 2, [], inbox_rows)
+                conn.execute(_SQL_META, ("next_mid", mid))
+            if acks or forgets:
+                self._delete(conn, acks, forgets)
+            for _, now, bound in expires:
+                expired.append(self._expire(conn, now, bound))
+            conn.execute("COMMIT")
+        except BaseException:
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            raise
+        self.commits += 1
+        return expired
 
     @staticmethod
     def _delete(conn: sqlite3.Connection, acks: dict, forgets: list) -> None:
@@ -977,7 +1155,7 @@ class MemoryStore(_BaseStore):
 
     @classmethod
     async def open(cls, path: str | os.PathLike | None = None, *,
-                   synchronous: str = "NORMAL", max_batch: int = 4096,
+                   synchronous: str = "FULL", max_batch: int = 4096,
                    ttl_s: int = DEFAULT_TTL_S) -> "MemoryStore":
         """Create an empty store.  ``path``, ``synchronous`` and
         ``max_batch`` are accepted for API compatibility and ignored."""
@@ -1083,6 +1261,15 @@ class MemoryStore(_BaseStore):
             return []
         # compiled when fastroute._core is: a backlog sync calls this per 1024 rows
         return _mem_load(box, self._msgs, after_mid, limit)
+
+    async def backlog_counts(self) -> dict[int, tuple[int, int]]:
+        """``device key -> (messages, body bytes)`` still stored for each device."""
+        self._check_open()
+        out: dict[int, tuple[int, int]] = {}
+        for key, box in self._inbox.items():
+            if box:
+                out[key] = (len(box), sum(len(self._msgs[m][2]) for m in box))
+        return out
 
     async def count_pending(self, device_key: int | None = None) -> int:
         """Inbox entries not yet acked, for one device or in total."""

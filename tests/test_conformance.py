@@ -192,11 +192,8 @@ def _grades(report) -> dict[str, str]:
     return {b["name"]: b["status"] for b in report["behaviours"]}
 
 
-KNOWN_FAILING = ("acks-reconnect", "shutdown")  # see the two xfail tests below
-
-
-def test_fastroute_client_passes_every_other_behaviour(tmp_path):
-    only = [b.name for b in CLIENT_BEHAVIOURS if b.name not in KNOWN_FAILING]
+def test_fastroute_client_passes_every_behaviour(tmp_path):
+    only = [b.name for b in CLIENT_BEHAVIOURS]
     report = _run(_kit(tmp_path).run(client=run_adapter, only=only, print_fn=lambda *a: None))
     grades = _grades(report)
     assert report["passed"], report["behaviours"]
@@ -206,17 +203,12 @@ def test_fastroute_client_passes_every_other_behaviour(tmp_path):
     assert report["client_exit_status"] == 0
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12: after a reconnect fastroute.Client acks a "
-                   "redelivery of a message still waiting in its inbox (dedup drop), and acks "
-                   "the old link's seq numbers on the new link")
 def test_fastroute_client_acks_only_taken_across_a_reconnect(tmp_path):
     report = _run(_kit(tmp_path).run(client=run_adapter, only=["adapter", "acks-reconnect"],
                                      print_fn=lambda *a: None))
     assert report["passed"], report["behaviours"]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12: on SERVER_BYE 503 fastroute.Client starts a "
-                   "new reconnect loop per failed attempt (too many attempts) and may give up")
 def test_fastroute_client_backs_off_while_the_relay_shuts_down(tmp_path):
     report = _run(_kit(tmp_path).run(client=run_adapter, only=["adapter", "shutdown"],
                                      print_fn=lambda *a: None))
@@ -237,7 +229,9 @@ class _AcksOnReceipt(Client):
     def _on_frame(self, msg):
         super()._on_frame(msg)
         if self._inbox:
-            self.ack(self._inbox[-1].seq)  # before the application took anything
+            # before the application took anything; on the wire, since the
+            # client's own ack() refuses to cover what was not taken
+            self._write([wire.dack_op(self._inbox[-1].seq)])
 
 
 class _SendsAfterBye(Client):

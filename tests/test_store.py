@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 import sqlite3
 
 import pytest
@@ -19,6 +20,7 @@ from fastroute.errors import (
     ErrorCode,
     FastrouteError,
     InvalidArgument,
+    StoreFailed,
     UnknownDevice,
     WrongType,
 )
@@ -116,6 +118,12 @@ def count(db, sql, *params):
 def store_failed(excinfo) -> bool:
     return (isinstance(excinfo.value, FastrouteError)
             and excinfo.value.code == ErrorCode.STORE_FAILED)
+
+
+def store_full(excinfo) -> bool:
+    # a full disk or budget: STORE_FULL, still a StoreFailed for Python callers
+    return (isinstance(excinfo.value, StoreFailed)
+            and excinfo.value.code == ErrorCode.STORE_FULL)
 
 
 # -- behaviour shared by both implementations --------------------------------
@@ -428,21 +436,51 @@ def test_sqlite_failed_batch_fails_its_futures_and_recovers(run, db):
             for fut in futs:
                 with pytest.raises(FastrouteError) as excinfo:
                     await fut
-                assert store_failed(excinfo)
+                assert store_full(excinfo)
                 assert "disk full" in str(excinfo.value)
-            with pytest.raises(FastrouteError) as excinfo:
-                await store.flush()  # reports the failed ack
-            assert store_failed(excinfo)
-            await store.flush()  # reported once, not forever
+            # the ack was in the failing batch: it is the puts' failure, not
+            # its own, and not the next flusher's either (issue 12)
+            await store.flush()
             assert store.failed_batches >= 1
+            assert await store.load(dev, 0, 10) == []  # the ack was applied
             _disk_ok(store)
             # the writer survived, nothing of the failed batch was half-applied
             mid = await store.put("s@p", CID, b"after", T0, [dev, late])
-            assert [m[0] for m in await store.load(dev, 0, 10)] == [kept, mid]
+            assert [m[0] for m in await store.load(dev, 0, 10)] == [mid]
             assert [m[0] for m in await store.load(late, 0, 10)] == [mid]
         # the registration from the failed batch was retried and persisted
         async with await SqliteStore.open(db) as store:
             assert (late, "late@p", "1") in store.known_devices()
+    run(main())
+
+
+def test_sqlite_failed_deletes_are_retried_not_reported_to_the_next_flush(run, db):
+    # Issue 12: during a disk-full episode an ack batch failed; its error went
+    # to whichever device flushed next (a SERVER_BYE 504 for an uninvolved
+    # device) and the deletes were dropped (delivered bodies stayed on disk).
+    async def main():
+        async with await SqliteStore.open(db) as store:
+            a = store.register_device("a@p", "1")
+            b = store.register_device("b@p", "1")
+            mids = await store.put_many([("s@p", CID, b"m%d" % i, T0, [a]) for i in range(10)])
+            await store.flush()  # the writer is idle: safe to touch its connection
+            store._wconn.execute("PRAGMA busy_timeout = 50")
+            lock = sqlite3.connect(db, isolation_level=None)
+            lock.execute("BEGIN IMMEDIATE")  # nothing can be written now
+            try:
+                store.ack(a, mids)
+                await asyncio.sleep(0.3)  # the ack batch fails (SQLITE_BUSY)
+                assert store.failed_batches >= 1
+                waiting = getattr(store, "deletes_waiting", None)
+            finally:
+                lock.execute("ROLLBACK")
+                lock.close()
+            await store.flush()  # device b connects: not told about a's ack
+            await asyncio.sleep(1.0)  # the retry runs every 0.5 s when idle
+            await store.flush()
+            assert await store.count_pending(a) == 0  # retried, applied
+            assert waiting == 10 and store.deletes_waiting == 0
+            assert await store.count_pending(b) == 0
     run(main())
 
 
@@ -455,7 +493,7 @@ def test_sqlite_close_reports_a_failed_final_flush(run, db):
         fut = store.put("s@p", CID, b"x" * 200_000, T0, [dev])
         with pytest.raises(FastrouteError) as excinfo:
             await store.close()
-        assert store_failed(excinfo)
+        assert store_full(excinfo)
         with pytest.raises(FastrouteError):
             await fut
         assert store.closed
@@ -631,4 +669,34 @@ def test_sqlite_migrates_a_version_1_store(run, db):
             assert [r[0] for r in await store.load(2, 0, 10)] == [1]  # still device 2's
         assert count(db, "SELECT count(*) FROM messages") == 1
         assert count(db, "PRAGMA user_version") == 2
+    run(main())
+
+
+def test_sqlite_a_reader_delays_the_erase_checkpoint_without_stalling_puts(run, db):
+    # A TRUNCATE checkpoint waits for readers; an outside reader (a backup
+    # tool) must neither stall the writer nor cancel the erasure for good.
+    async def main():
+        async with await SqliteStore.open(db, erase_s=0.1) as store:
+            dev = store.register_device("a@p", "1")
+            mids = await store.put_many([("s@p", CID, b"x" * 100, T0, [dev])] * 10)
+            reader = sqlite3.connect(db, isolation_level=None)
+            reader.execute("BEGIN")
+            reader.execute("SELECT count(*) FROM messages").fetchone()  # holds a snapshot
+            try:
+                store.ack(dev, mids)
+                await store.flush()
+                await asyncio.sleep(0.5)  # checkpoints due, blocked by the reader
+                t0 = asyncio.get_running_loop().time()
+                await store.put("s@p", CID, b"y", T0, [dev])
+                assert asyncio.get_running_loop().time() - t0 < 2.5  # not the 5 s busy timeout
+                before = store.checkpoints
+            finally:
+                reader.execute("COMMIT")
+                reader.close()
+            await asyncio.sleep(1.5)  # retried once the reader is gone
+            store.ack(dev, [m for m, *_ in await store.load(dev, 0, 10)])
+            await store.flush()
+            await asyncio.sleep(0.5)
+            assert store.checkpoints > before
+            assert os.path.getsize(db + "-wal") == 0
     run(main())

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .. import wire
 from .._compiled import twin
+from .caps import Caps
 from ..errors import ErrorCode, FastrouteError, MailboxFull, UnknownAddress, WrongType
 from .keys import pack_stored_sender
 
@@ -200,9 +201,13 @@ class Feed:
 class Delivery:
     """The delivery stage of one relay: engine, store, live route, sync, writer."""
 
-    def __init__(self, router: Any, store: Store, mailbox_capacity: int) -> None:
+    def __init__(self, router: Any, store: Store, mailbox_capacity: int,
+                 caps: Caps | None = None) -> None:
         self.router = router
         self.store = store
+        #: what the store keeps per recipient, and the addresses at a cap
+        self.caps = caps if caps is not None else Caps((0, 0, 0, 0))
+        self._puts_begun = 0
         self.mailbox_capacity = mailbox_capacity
         #: address -> store device keys of every device the store knows
         self.known: dict[str, list[int]] = {}
@@ -221,6 +226,7 @@ class Delivery:
         self._loop = asyncio.get_running_loop()
         for dkey, address, _device in self.store.known_devices():
             self.known.setdefault(address, []).append(dkey)
+            self.caps.device(dkey, address)
 
     @property
     def online(self) -> int:
@@ -243,6 +249,7 @@ class Delivery:
         route must not overtake it.
         """
         dkey = self.store.register_device(address, device)
+        self.caps.device(dkey, address)
         keys = self.known.setdefault(address, [])
         if dkey not in keys:
             keys.append(dkey)
@@ -311,6 +318,7 @@ class Delivery:
         self.delivered += n
         if mids:
             self.store.ack(feed.dkey, mids, validate=False)
+            self.caps.acked(feed.dkey, len(mids))
         if not feed.room.is_set():
             feed.room.set()
 
@@ -319,7 +327,55 @@ class Delivery:
         """Store accepted messages; :meth:`persisted` must follow when the future is done."""
         fut = self.store.put_many(items, validate=False)
         self._puts_in_flight += 1
+        self._puts_begun += 1
+        caps = self.caps
+        if caps.enabled:
+            caps.stored(items)
+            # a refused batch was never stored: give its counts back
+            fut.add_done_callback(
+                lambda f: caps.stored(items, -1) if f.cancelled() or f.exception() else None)
         return fut
+
+    def purge_revoked(self, is_revoked: Any) -> int:
+        """Forget every offline device ``is_revoked(address, device)`` says is revoked.
+
+        A revoked credential never connects again, so what the store keeps
+        for it would only wait for its TTL: the device, its stored messages
+        and (once no device is left) its address go now.  Online ones are
+        being closed by the upkeep; a later pass takes them.  Returns how
+        many devices were forgotten.
+        """
+        n = 0
+        forget = getattr(self.store, "forget_device", None)
+        if forget is None:
+            return 0
+        for dkey, address, device in self.store.known_devices():
+            if (address, device) in self._by_device or not is_revoked(address, device):
+                continue
+            forget(dkey)
+            keys = self.known.get(address)
+            if keys is not None and dkey in keys:
+                keys.remove(dkey)
+                if not keys:
+                    del self.known[address]  # unknown from now on: UNKNOWN_RECIPIENT
+            n += 1
+        if n:
+            log.info("forgot %d revoked devices and what was stored for them", n)
+        return n
+
+    async def refresh_caps(self) -> None:
+        """Set the caps' counts from the store (expiry, drift), if it can count.
+
+        Only from a quiet moment: a batch in flight during the read would be
+        counted by neither side (in memory, replaced; on disk, not yet).
+        """
+        counts = getattr(self.store, "backlog_counts", None)
+        if counts is None or not self.caps.enabled or self._puts_in_flight:
+            return
+        begun = self._puts_begun
+        result = await counts()
+        if self._puts_begun == begun and not self._puts_in_flight:
+            self.caps.load(result)
 
     def persisted(self, items: list | None, last_mid: int) -> None:
         """A store batch from :meth:`persist` was committed (route ``items``) or refused (None)."""

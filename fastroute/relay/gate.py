@@ -265,12 +265,17 @@ class Gate:
                                 self.taps, count_error, wire.sack_op, REFUSALS)
 
     # ------------------------------------------------------------ identity
-    def reload_trust(self) -> None:
-        """Reload providers and revocations if the registry changed (one cheap PRAGMA)."""
+    def reload_trust(self) -> bool:
+        """Reload providers and revocations if the registry changed (one cheap PRAGMA).
+
+        True when it did.
+        """
         version = self.registry.version()
         if version != self._trust_version:
             self.trust = identity.Trust.load(self.registry)
             self._trust_version = version
+            return True
+        return False
 
     def authenticate(self, hello: bytes, remote_static: bytes) -> identity.Credential:
         """Who is this device: its credential chain, checked against the handshake's key.
@@ -321,6 +326,8 @@ class Gate:
         now_ms = int(time.time() * 1000)
         store_items: list = []
         meta: list = []
+        if self.delivery.caps.full:
+            sends = self._refuse_full(link, sends)
         ephemeral = accept_sends(self._tables, lg, sends, time.monotonic(), now_ms,
                                  wire.ts_packed(now_ms), store_items, meta)
         msg_bucket.tokens = lg.msg_tokens
@@ -334,6 +341,30 @@ class Gate:
             fut = delivery.persist(store_items)
             fut.add_done_callback(lambda f: self._stored(link, meta, f))
         delivery.mark(link)
+
+    def _refuse_full(self, link: "LinkPort", sends: list) -> list:
+        """SACK ``RECIPIENT_FULL`` to persistent SENDs for a recipient at a cap.
+
+        Runs only while some recipient is at a cap.  A resend of an id already
+        in the dedup window passes: it gets its first answer, not a refusal.
+        """
+        full = self.delivery.caps.full
+        dedup = self.dedup
+        sender = link.address
+        now = time.monotonic()
+        keep = []
+        code = int(ErrorCode.RECIPIENT_FULL)
+        for op in sends:
+            cid = op[1]
+            if (op[2] in full and op[4] == 0 and type(cid) is bytes and len(cid) == 16
+                    and dedup.lookup(sender, cid, now) is None):
+                self.count_error(code)
+                link.out.append(wire.sack_op(cid, code))
+                continue
+            keep.append(op)
+        if len(keep) < len(sends):
+            self.delivery.mark(link)
+        return keep
 
     def _stored(self, link: "LinkPort", meta: list, fut: asyncio.Future) -> None:
         """The store answered a batch: route it, then answer every sender."""

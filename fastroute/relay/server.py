@@ -36,6 +36,7 @@ from ..errors import ErrorCode, FastrouteError, StartFailed
 from ..media import MediaStore
 from ..noise import KeyPair
 from ..store import MemoryStore, SqliteStore
+from .caps import Caps
 from .delivery import Delivery, LinkPort
 from .gate import Gate
 from .keys import KeyDirectory, Keys
@@ -235,12 +236,17 @@ class Relay:
             else:
                 self.store = await SqliteStore.open(os.path.join(cfg.data_dir, "store.db"),
                                                     synchronous=cfg.synchronous,
-                                                    ttl_s=cfg.ttl_s)
+                                                    ttl_s=cfg.ttl_s, erase_s=cfg.erase_s,
+                                                    max_bytes=cfg.store_max_bytes or None)
         if self.media is None:
             self.media = await MediaStore.open(
                 os.path.join(cfg.data_dir, "media"), max_blob=cfg.media_max_blob,
-                daily_quota=cfg.media_daily_bytes, ttl_s=cfg.media_ttl_s)
-        self.delivery = delivery = Delivery(self.router, self.store, cfg.mailbox_capacity)
+                daily_quota=cfg.media_daily_bytes, ttl_s=cfg.media_ttl_s,
+                max_bytes=cfg.media_max_bytes or None, disk_reserve=cfg.disk_reserve_bytes)
+        caps = Caps((cfg.max_stored_msgs_per_device, cfg.max_stored_bytes_per_device,
+                     cfg.max_stored_msgs_per_address, cfg.max_stored_bytes_per_address))
+        self.delivery = delivery = Delivery(self.router, self.store, cfg.mailbox_capacity,
+                                            caps)
         delivery.start()
         self.gate = gate = Gate(cfg, delivery, self.registry, self.count_error)
         gate.taps.extend(self._taps)

@@ -84,6 +84,8 @@ class Upkeep:
 
     async def _run(self) -> None:
         last_expire = 0.0
+        purge_again = False
+        purged_version = self.gate.trust.version
         while True:
             await asyncio.sleep(self.config.registry_poll_s)
             try:
@@ -100,8 +102,17 @@ class Upkeep:
                 if self.on_applied is not None and isinstance(version, tuple):
                     self.on_applied(version[0])
                 now = time.monotonic()
+                # (a handshake may have reloaded the trust first: compare versions)
+                changed = self.gate.trust.version != purged_version
+                if changed or purge_again:
+                    purged_version = self.gate.trust.version
+                    # revoked devices online now are closed above; they are
+                    # purged on the next pass, once offline
+                    purge_again = changed
+                    self.delivery.purge_revoked(self.gate.trust.is_revoked)
                 if now - last_expire > EXPIRE_EVERY_S:
                     last_expire = now
+                    self.delivery.purge_revoked(self.gate.trust.is_revoked)
                     self.gate.expire()
                     if self.keys is not None:
                         # devices silent past the retention period leave their lists
@@ -109,6 +120,8 @@ class Upkeep:
                                         time.time() - self.config.device_retention_s)
                     await self.store.expire(int(time.time() * 1000))
                     await self.media.expire()
+                    # the caps' counts from the store itself: expiry, drift
+                    await self.delivery.refresh_caps()
             except asyncio.CancelledError:
                 raise
             except Exception:  # housekeeping must never take the relay down

@@ -1,0 +1,117 @@
+"""Erasure of an address from a relay's data directory (``fastroute address erase``).
+
+An operator's answer to an erasure request: everything the relay keeps about
+one address goes, and the command says what it removed.  It works on the
+files of a **stopped** relay (the relay keeps its device registry in memory
+and would write the address back).
+
+What is removed, each with ``secure_delete = ON`` on the connection that
+deletes it and a ``wal_checkpoint(TRUNCATE)`` afterwards, so neither freed
+pages nor WAL frames keep a readable copy:
+
+* ``store.db``: the address's devices; every message still waiting for one
+  of them; every message the address sent that is still waiting for anyone;
+* ``registry.db``: its consent choices (opt-ins).
+
+What is not, and why:
+
+* revocations of its devices (``revoked_devices``): security records; erasing
+  one would make a revoked credential valid again;
+* attachments it uploaded: the media store never records who uploaded a blob
+  (blobs are content-addressed, encrypted by the client, and expire after
+  ``media_ttl_s``), so there is nothing that ties a blob to the address;
+* key-directory entries, blocks and groups: not in this relay version.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+
+from .errors import InvalidArgument, StoreFailed
+from .identity import parse_address
+
+__all__ = ["erase_address"]
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, timeout=10.0)
+    conn.execute("PRAGMA secure_delete = ON")
+    return conn
+
+
+def _in(n: int) -> str:
+    return "(" + ",".join("?" * n) + ")"
+
+
+def _erase_store(path: str, address: str) -> dict[str, int]:
+    conn = _connect(path)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        keys = [k for (k,) in conn.execute(
+            "SELECT device_key FROM devices WHERE address = ?", (address,))]
+        to_devices = 0
+        touched: set[int] = set()
+        for key in keys:
+            to_devices += conn.execute("DELETE FROM messages WHERE dev = ?", (key,)).rowcount
+            touched.update(m for (m,) in conn.execute(
+                "SELECT mid FROM inbox WHERE device_key = ?", (key,)))
+            to_devices += conn.execute("DELETE FROM inbox WHERE device_key = ?",
+                                       (key,)).rowcount
+        sent = [m for (m,) in conn.execute("SELECT mid FROM messages WHERE sender = ?",
+                                           (address,))]
+        for i in range(0, len(sent), 500):
+            chunk = sent[i:i + 500]
+            conn.execute(f"DELETE FROM inbox WHERE mid IN {_in(len(chunk))}", chunk)
+            conn.execute(f"DELETE FROM messages WHERE mid IN {_in(len(chunk))}", chunk)
+        # shared messages no device is left for
+        orphans = sorted(touched - set(sent))
+        for i in range(0, len(orphans), 500):
+            chunk = orphans[i:i + 500]
+            conn.execute("DELETE FROM messages WHERE dev IS NULL AND NOT EXISTS "
+                         "(SELECT 1 FROM inbox WHERE inbox.mid = messages.mid) "
+                         f"AND mid IN {_in(len(chunk))}", chunk)
+        devices = conn.execute("DELETE FROM devices WHERE address = ?", (address,)).rowcount
+        conn.execute("COMMIT")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        conn.close()
+    return {"devices": devices, "deliveries_to_it": to_devices, "messages_from_it": len(sent)}
+
+
+def _erase_registry(path: str, address: str) -> dict[str, int]:
+    conn = _connect(path)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        consent = conn.execute("DELETE FROM consent WHERE address = ?", (address,)).rowcount
+        kept = conn.execute("SELECT count(*) FROM revoked_devices WHERE address = ?",
+                            (address,)).fetchone()[0]
+        conn.execute("COMMIT")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        conn.close()
+    return {"consent_choices": consent, "revocations_kept": kept}
+
+
+def erase_address(data_dir: str, address: str) -> dict[str, int]:
+    """Remove ``address`` from the stopped relay's ``data_dir``; counts of what went.
+
+    The keys of the result: ``devices``, ``deliveries_to_it`` (stored
+    deliveries waiting for its devices), ``messages_from_it`` (stored
+    messages it sent), ``consent_choices``, and ``revocations_kept`` (kept
+    on purpose, see the module docstring).
+    """
+    parse_address(address)
+    if not os.path.isdir(data_dir):
+        raise InvalidArgument(f"no data directory at {data_dir!r}")
+    out: dict[str, int] = {}
+    try:
+        store = os.path.join(data_dir, "store.db")
+        if os.path.exists(store):
+            out.update(_erase_store(store, address))
+        registry = os.path.join(data_dir, "registry.db")
+        if os.path.exists(registry):
+            out.update(_erase_registry(registry, address))
+    except sqlite3.Error as exc:
+        raise StoreFailed(f"erase failed: {type(exc).__name__}: {exc}") from None
+    return out
