@@ -43,6 +43,7 @@ from .errors import (
     WrongType,
 )
 from ._compiled import twin
+from .histogram import Histogram
 
 __all__ = ["Store", "SqliteStore", "MemoryStore", "StoredMessage", "PutItem",
            "DEFAULT_TTL_S", "CID_LEN"]
@@ -464,6 +465,8 @@ class SqliteStore(_BaseStore):
         self.commits = 0
         #: Number of batches that failed and were rolled back.
         self.failed_batches = 0
+        #: seconds from BEGIN to the end of COMMIT (fsync included), per transaction
+        self.commit_seconds = Histogram()
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -996,6 +999,7 @@ class SqliteStore(_BaseStore):
         conn = self._wconn
         assert conn is not None  # _setup made it, before the first batch
         expired: list[int] = []
+        t0 = time.perf_counter()
         try:
             conn.execute("BEGIN")
             # Order inside the transaction follows the queue's causality:
@@ -1022,6 +1026,7 @@ class SqliteStore(_BaseStore):
             except sqlite3.Error:
                 pass
             raise
+        self.commit_seconds.observe(time.perf_counter() - t0)
         self.commits += 1
         return expired
 

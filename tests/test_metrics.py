@@ -128,6 +128,16 @@ def test_metrics_during_traffic_have_no_personal_data(tmp_path):
             assert d['fastroute_refusals_total{code="402",reason="CONSENT_REQUIRED"}'] == 1
             assert d["fastroute_mailbox_depth_messages_count"] == 2
             assert d["fastroute_store_commits_total"] > b["fastroute_store_commits_total"]
+            # per-op counts, store commit and delivery latencies move with the traffic
+            assert d['fastroute_ops_received_total{op="SEND"}'] >= len(bodies) + 1
+            assert d['fastroute_ops_received_total{op="CONSENT"}'] == 1
+            assert d['fastroute_ops_received_total{op="DACK"}'] >= 1
+            assert (d["fastroute_store_commit_duration_seconds_count"]
+                    > b["fastroute_store_commit_duration_seconds_count"])
+            assert d["fastroute_store_commit_duration_seconds_sum"] > 0
+            assert d["fastroute_delivery_latency_seconds_count"] >= 1
+            assert (d['fastroute_delivery_latency_seconds_bucket{le="+Inf"}']
+                    == d["fastroute_delivery_latency_seconds_count"])
             for secret in [*addresses, *devices, *(x.decode() for x in bodies),
                            *(i.hex() for i in ids), "zoe", "quentin"]:
                 assert secret not in during, secret

@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
 
 
 from .. import wire
 from .._compiled import twin
+from ..histogram import Histogram
 from .caps import Caps
 from ..errors import ErrorCode, FastrouteError, MailboxFull, UnknownAddress, WrongType
 from .keys import pack_stored_sender
@@ -212,6 +214,8 @@ class Delivery:
         #: address -> store device keys of every device the store knows
         self.known: dict[str, list[int]] = {}
         self.delivered = 0
+        #: acceptance to DELIVER written, one sample per mailbox pull
+        self.latency = Histogram()
         self._online: dict[int, Feed] = {}  # engine device id -> feed
         self._by_device: dict[tuple[str, str], Feed] = {}
         self._dirty: set = set()
@@ -581,6 +585,12 @@ class Delivery:
                 return
             # one packed DELIVER per message, appended to out (in C when compiled)
             mids(pack_delivers(seq, batch, out))
+            # Latency from acceptance to this write, sampled once per pull:
+            # the newest message's tail ends with its ts_ms (uint64) and cls.
+            tail = batch[-1][1]
+            if len(tail) >= 10 and tail[-10] == 0xCF:
+                self.latency.observe(max(0.0, time.time()
+                                         - int.from_bytes(tail[-9:-1], "big") / 1000.0))
             if len(batch) < _POP_BATCH:
                 break
 

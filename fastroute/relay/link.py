@@ -73,11 +73,12 @@ class LinkWiring:
 
     ``admit(link)`` says whether a new connection may stay (connection
     limit, shutdown); ``online(link, cred)`` puts an authenticated device
-    online; ``lost(link)`` takes a link out of every table.
+    online; ``lost(link)`` takes a link out of every table.  ``op_counts``
+    counts the well-formed ops links received, by opcode (for the metrics).
     """
 
     __slots__ = ("server_key", "config", "gate", "delivery", "media_ops", "count_error",
-                 "admit", "online", "lost", "keys")
+                 "admit", "online", "lost", "keys", "op_counts")
 
     def __init__(self, server_key: KeyPair, config: Any, gate: "Gate", delivery: "Delivery",
                  media_ops: "MediaOps", count_error: Callable[[int], None],
@@ -94,6 +95,7 @@ class LinkWiring:
         self.online = online
         self.lost = lost
         self.keys = keys
+        self.op_counts: dict[int, int] = {}
 
 
 class Link(asyncio.Protocol):
@@ -255,6 +257,8 @@ class Link(asyncio.Protocol):
         if fast is not None:
             assert self.sends is not None
             self.sends.extend(fast)
+            counts = self.wiring.op_counts
+            counts[_OP_SEND] = counts.get(_OP_SEND, 0) + len(fast)
             return
         wiring = self.wiring
         try:
@@ -266,6 +270,7 @@ class Link(asyncio.Protocol):
             return
         sends = self.sends
         assert sends is not None
+        op_counts = wiring.op_counts
         for op in ops:
             if isinstance(op, wire.OpError):
                 feature = _FEATURE_OF.get(op.opcode) if op.opcode is not None else None
@@ -294,6 +299,7 @@ class Link(asyncio.Protocol):
                         return
                 continue
             kind = op[0]
+            op_counts[kind] = op_counts.get(kind, 0) + 1
             if kind == _OP_SEND:
                 sends.append(op)
             elif kind == _OP_DACK:

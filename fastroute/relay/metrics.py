@@ -26,7 +26,9 @@ import os
 import time
 from typing import TYPE_CHECKING
 
+from .. import wire
 from ..errors import ErrorCode
+from ..histogram import Histogram
 
 if TYPE_CHECKING:
     from .server import Relay
@@ -35,41 +37,10 @@ __all__ = ["Histogram", "render_metrics", "serve_metrics"]
 
 log = logging.getLogger("fastroute.relay")
 
-#: latency buckets in seconds (1 ms .. 10 s)
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 #: mailbox depth buckets in messages
 DEPTH_BUCKETS = (0, 1, 10, 100, 1000, 4096, 16384, 65536)
 #: the engine's cumulative counts (the rest of its stats are levels)
 _ENGINE_COUNTERS = frozenset({"delivered", "popped", "acked", "requeued", "returned"})
-
-
-class Histogram:
-    """A cumulative Prometheus histogram: observe() is a bisect and two adds."""
-
-    __slots__ = ("bounds", "counts", "total", "count")
-
-    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)
-        self.total = 0.0
-        self.count = 0
-
-    def observe(self, value: float) -> None:
-        """Count one observation."""
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.total += value
-        self.count += 1
-
-    def lines(self, name: str) -> list[str]:
-        """The ``_bucket``, ``_sum`` and ``_count`` lines of this histogram."""
-        out, acc = [], 0
-        for bound, n in zip(self.bounds, self.counts):
-            acc += n
-            out.append(f'{name}_bucket{{le="{bound:g}"}} {acc}')
-        out.append(f'{name}_bucket{{le="+Inf"}} {self.count}')
-        out.append(f"{name}_sum {self.total:.6f}")
-        out.append(f"{name}_count {self.count}")
-        return out
 
 
 def _label(value: str) -> str:
@@ -124,6 +95,20 @@ async def render_metrics(relay: "Relay") -> str:
     metric("fastroute_handshake_duration_seconds", "histogram",
            "From TCP accept to the device being online.", [])
     lines.extend(relay.handshake_seconds.lines("fastroute_handshake_duration_seconds"))
+    ops: list[tuple[str, float]] = []
+    for opcode, n in sorted(relay.op_counts.items()):
+        try:
+            name = wire.Op(opcode).name
+        except ValueError:  # pragma: no cover - only known opcodes pass the decoder
+            name = "UNKNOWN"
+        ops.append((f'{{op="{name}"}}', n))
+    metric("fastroute_ops_received_total", "counter",
+           "Well-formed ops received from clients, by op.", ops)
+    if delivery is not None:
+        metric("fastroute_delivery_latency_seconds", "histogram",
+               "From acceptance by the relay to the DELIVER written to the recipient's link "
+               "(one sample per mailbox pull; backlog from the store included).", [])
+        lines.extend(delivery.latency.lines("fastroute_delivery_latency_seconds"))
     metric("fastroute_dedup_entries", "gauge", "Message ids in the dedup window.",
            [("", stats["dedup_entries"])])
     engine = stats["engine"]
@@ -163,6 +148,11 @@ async def render_metrics(relay: "Relay") -> str:
         if "commits" in sstats:
             metric("fastroute_store_commits_total", "counter", "Store group commits.",
                    [("", sstats["commits"])])
+        commit_seconds = getattr(store, "commit_seconds", None)
+        if commit_seconds is not None:
+            metric("fastroute_store_commit_duration_seconds", "histogram",
+                   "One store transaction, BEGIN to COMMIT (fsync included).", [])
+            lines.extend(commit_seconds.lines("fastroute_store_commit_duration_seconds"))
         if "failed_batches" in sstats:
             metric("fastroute_store_failed_batches_total", "counter",
                    "Store batches that failed to commit.", [("", sstats["failed_batches"])])

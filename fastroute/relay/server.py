@@ -151,6 +151,8 @@ class Relay:
         self.started_at = time.time()
         self.accepted_connections = 0
         self.handshake_seconds = Histogram()
+        #: well-formed ops received, by opcode (the links count into it)
+        self.op_counts: dict[int, int] = {}
         self._accepted_at: dict[Link, float] = {}
         #: the registry generation whose revocations were applied to live links
         self.applied_generation = 0
@@ -261,9 +263,10 @@ class Relay:
         self.keys = Keys(cfg, self._key_dir, gate, delivery, self.count_error)
         self.upkeep = Upkeep(cfg, gate, delivery, self.store, self.media, self.count_error,
                              self.keys)
-        wiring_box.append(LinkWiring(self.server_key, cfg, gate, delivery, self.media_ops,
-                                     self.count_error, self._admit, self._online, self._lost,
-                                     self.keys))
+        wiring = LinkWiring(self.server_key, cfg, gate, delivery, self.media_ops,
+                            self.count_error, self._admit, self._online, self._lost, self.keys)
+        wiring.op_counts = self.op_counts  # one table for every link: the metrics read it
+        wiring_box.append(wiring)
         self.applied_generation = self.registry.version()[0]
         self.upkeep.on_applied = self._applied
         self.upkeep.start()
