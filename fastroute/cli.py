@@ -6,6 +6,7 @@ Subcommands::
     fastroute provider     add | list | revoke   enrolled providers
     fastroute credential   issue                 device credentials
     fastroute device       revoke                one device
+    fastroute sender       quarantined | lift    senders quarantined for abuse
     fastroute demo         a relay, two providers, messages, receipts, in one process
     fastroute bench        the routing core's summary benchmark
     fastroute replay       replay a trace against a relay (see docs/TRACES.md)
@@ -88,8 +89,14 @@ def cmd_provider_add(args: argparse.Namespace) -> int:
     else:
         raise SystemExit("give --public-key HEX|PEM-FILE, --key-file FILE, or --generate")
     with _registry(args) as reg:
+        withhold = None
+        if args.withhold is not None:
+            withhold = [f for f in args.withhold.split(",") if f.strip()]
         reg.add_provider(args.name, public, msgs_per_s=args.max_msgs_per_s,
-                         bytes_per_s=args.max_bytes_per_s, max_body=args.max_body)
+                         bytes_per_s=args.max_bytes_per_s, max_body=args.max_body,
+                         provider_msgs_per_s=args.provider_msgs_per_s,
+                         provider_bytes_per_s=args.provider_bytes_per_s,
+                         provider_ops_per_s=args.provider_ops_per_s, withhold=withhold)
         rec = reg.get_provider(args.name)
     print(f"enrolled provider {args.name}, key fingerprint {rec.fingerprint}")
     return 0
@@ -114,6 +121,29 @@ def cmd_device_revoke(args: argparse.Namespace) -> int:
     with _registry(args) as reg:
         reg.revoke_device(args.address, args.device)
     print("revoked the device; its live connection closes within the poll interval")
+    return 0
+
+
+def cmd_sender_quarantined(args: argparse.Namespace) -> int:
+    import time
+
+    with _registry(args) as reg:
+        rows = reg.quarantined()
+    for address, since, reason in rows:
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since))
+        print(f"{address}\t{when}\t{reason}")
+    if not rows:
+        print("no quarantined senders")
+    return 0
+
+
+def cmd_sender_lift(args: argparse.Namespace) -> int:
+    with _registry(args) as reg:
+        lifted = reg.lift_quarantine(args.address)
+    if not lifted:
+        print(f"{args.address} was not quarantined")
+        return 1
+    print("lifted; a running relay applies it within the poll interval")
     return 0
 
 
@@ -198,6 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--max-msgs-per-s", type=float, default=None)
     a.add_argument("--max-bytes-per-s", type=float, default=None)
     a.add_argument("--max-body", type=int, default=None)
+    a.add_argument("--provider-msgs-per-s", type=int, default=None,
+                   help="messages per second of all its devices together (0: the default)")
+    a.add_argument("--provider-bytes-per-s", type=int, default=None)
+    a.add_argument("--provider-ops-per-s", type=int, default=None)
+    a.add_argument("--withhold", default=None,
+                   help="comma-separated DELIVER fields its devices do not receive "
+                        "(ts_ms); '' clears the policy")
     _data_dir_arg(a)
     a.set_defaults(func=cmd_provider_add)
     ls = psub.add_parser("list", help="list enrolled providers")
@@ -228,6 +265,16 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("device")
     _data_dir_arg(dr)
     dr.set_defaults(func=cmd_device_revoke)
+
+    snd = sub.add_parser("sender", help="quarantined senders")
+    ssub = snd.add_subparsers(dest="action", required=True)
+    sq = ssub.add_parser("quarantined", help="list quarantined senders and why")
+    _data_dir_arg(sq)
+    sq.set_defaults(func=cmd_sender_quarantined)
+    sl = ssub.add_parser("lift", help="lift a sender's quarantine")
+    sl.add_argument("address")
+    _data_dir_arg(sl)
+    sl.set_defaults(func=cmd_sender_lift)
 
     d = sub.add_parser("demo", help="a relay, two providers and their users, in one process")
     d.add_argument("--messages", type=int, default=20000)

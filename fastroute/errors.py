@@ -35,6 +35,7 @@ __all__ = [
     "RateLimited",
     "BodyTooLarge",
     "ConsentRequired",
+    "Quarantined",
     "TraceFormatError",
     "ConnectionClosed",
     "StoreFailed",
@@ -92,6 +93,10 @@ class ErrorCode(enum.IntEnum):
     BODY_TOO_LARGE = 401
     CONSENT_REQUIRED = 402
     POLICY = 403
+    QUARANTINED = 404
+    OUTPUT_LIMIT = 405
+    DEVICE_LIMIT = 406
+    NEW_DEVICE_LIMIT = 407
     # 5xx: the relay's side
     INTERNAL = 500
     SHUTTING_DOWN = 503
@@ -249,6 +254,12 @@ class ConsentRequired(PolicyError):
     """The recipient has not opted in to messages from this provider."""
 
     code = ErrorCode.CONSENT_REQUIRED
+
+
+class Quarantined(PolicyError):
+    """The sender is quarantined for abuse; an operator may lift it."""
+
+    code = ErrorCode.QUARANTINED
 
 
 class TraceFormatError(FastrouteError, ValueError):

@@ -46,6 +46,8 @@ log = logging.getLogger("fastroute.relay")
 _DELIVER_HEAD = b"\x97\x12\xce"  # fixarray(7), DELIVER, uint32 marker
 #: DELIVERs popped from a mailbox per call (one packing call each)
 _POP_BATCH = 1024
+#: ts_ms = 0 as the DELIVER tail packs it (uint64), for a withheld timestamp
+_TS_ZERO = b"\xcf" + bytes(8)
 
 
 # -- per-message loops: specification -------------------------------------------
@@ -122,6 +124,10 @@ class LinkPort(Protocol):
     feed: "Feed | None"
     #: the gate's state (a ``LinkGate``) while the device is online
     gate_state: Any
+    #: the gate's layered budgets (a ``Budgets``) while the device is online
+    budgets: Any
+    #: ops refused past the op budget (counted by link and gate)
+    refused_ops: int
     #: store batches of this link's SENDs not yet answered
     storing: int
     media_in_flight: int
@@ -146,11 +152,13 @@ class Feed:
     the mids of popped messages waiting for the device's DACK; their seqs
     are consecutive from ``inflight_seq`` (one mailbox, popped in order,
     never requeued).  ``last_mid``, ``missed_mid`` and ``live`` are the
-    sync's cursor (see :meth:`Delivery._sync`).
+    sync's cursor (see :meth:`Delivery._sync`).  ``qbytes`` counts the DELIVER
+    tails the engine holds for it (the relay-wide memory budget).
     """
 
     __slots__ = ("link", "dev", "dkey", "address", "device", "inflight", "inflight_seq",
-                 "last_mid", "missed_mid", "live", "sync_task", "room")
+                 "last_mid", "missed_mid", "live", "sync_task", "room", "qbytes", "sizes",
+                 "provider", "no_ts")
 
     def __init__(self, link: "LinkPort", dev: int, dkey: int, address: str, device: str) -> None:
         self.link = link
@@ -165,15 +173,31 @@ class Feed:
         self.live = False  # False while suspended/overflowed: the store feeds the device
         self.sync_task: asyncio.Task | None = None
         self.room = asyncio.Event()
+        #: bytes of this device's messages held by the engine (queued + unacked),
+        #: and the sizes of the popped ones, in inflight's order
+        self.qbytes = 0
+        self.sizes: deque = deque()
+        self.provider = address.rpartition("@")[2]
+        #: its provider's header policy withholds the relay's timestamp
+        self.no_ts = False
 
 
 class Delivery:
     """The delivery stage of one relay: engine, store, live route, sync, writer."""
 
-    def __init__(self, router: Any, store: Store, mailbox_capacity: int) -> None:
+    def __init__(self, router: Any, store: Store, mailbox_capacity: int,
+                 memory_budget: int = 1 << 62, provider_share: float = 1.0) -> None:
         self.router = router
         self.store = store
         self.mailbox_capacity = mailbox_capacity
+        #: bytes of DELIVER tails the engine may hold, relay-wide; past it the
+        #: fullest mailboxes (first those of providers over their share)
+        #: spill: their new messages wait in the store, not in RAM
+        self.memory_budget = memory_budget
+        self.provider_share = provider_share
+        self.queued_bytes = 0
+        self.spills = 0
+        self._by_address: dict[str, list[Feed]] = {}
         #: address -> store device keys of every device the store knows
         self.known: dict[str, list[int]] = {}
         self.delivered = 0
@@ -221,6 +245,7 @@ class Delivery:
         feed = Feed(link, dev, dkey, address, device)
         self._online[dev] = feed
         self._by_device[(address, device)] = feed
+        self._by_address.setdefault(address, []).append(feed)
         return feed
 
     def detach(self, link: "LinkPort") -> None:
@@ -242,6 +267,13 @@ class Delivery:
         key = (feed.address, feed.device)
         if self._by_device.get(key) is feed:
             del self._by_device[key]
+        feeds = self._by_address.get(feed.address)
+        if feeds is not None and feed in feeds:
+            feeds.remove(feed)
+            if not feeds:
+                del self._by_address[feed.address]
+        self.queued_bytes -= feed.qbytes
+        feed.qbytes = 0
         feed.dev = -1
         feed.room.set()
 
@@ -260,6 +292,10 @@ class Delivery:
         feed.inflight_seq += k
         popleft = inflight.popleft
         mids = [mid for mid in [popleft() for _ in range(k)] if mid]
+        popsize = feed.sizes.popleft
+        freed = sum([popsize() for _ in range(k)])
+        feed.qbytes -= freed
+        self.queued_bytes -= freed
         self.delivered += n
         if mids:
             self.store.ack(feed.dkey, mids, validate=False)
@@ -301,9 +337,61 @@ class Delivery:
                 self.route(batch, ephemeral)
             return
         except MailboxFull as exc:
+            self._held(batch, exc.full)
             if not ephemeral:  # signals are never stored: a full device misses them
                 self._missed(batch, exc.full)
+        else:
+            self._held(batch, ())
+        if self.queued_bytes > self.memory_budget:
+            self.spill()
         self.wake()
+
+    def _held(self, batch: list, full: Any) -> None:
+        """Count the bytes the engine now holds for each live device of the batch."""
+        by_address = self._by_address
+        added = 0
+        for to, payload in batch:
+            feeds = by_address.get(to)
+            if feeds is None:
+                continue
+            size = len(payload[1])
+            for feed in feeds:
+                if feed.live:
+                    feed.qbytes += size
+                    added += size
+        online = self._online
+        for index, dev in full:
+            skipped = online.get(dev)
+            if skipped is not None and skipped.live:  # it was skipped, not filled
+                size = len(batch[index][1][1])
+                skipped.qbytes -= size
+                added -= size
+        self.queued_bytes += added
+
+    def spill(self) -> None:
+        """Over the memory budget: the fullest mailboxes stop taking live
+        messages (first those of providers over their share); what is sent
+        to them meanwhile waits in the store and reaches them by sync, as
+        for any slow consumer.  Ephemeral signals to them are dropped."""
+        online = list(self._online.values())
+        per_provider: dict[str, int] = {}
+        for feed in online:
+            per_provider[feed.provider] = per_provider.get(feed.provider, 0) + feed.qbytes
+        share = self.memory_budget * self.provider_share
+        excess = self.queued_bytes - self.memory_budget
+        order = sorted((f for f in online if f.live and f.qbytes),
+                       key=lambda f: (per_provider[f.provider] <= share, -f.qbytes))
+        router = self.router
+        for feed in order:
+            if excess <= 0:
+                break
+            router.suspend(feed.dev)
+            feed.live = False
+            # everything routed so far is in the engine; the sync starts
+            # after the newest routed message once this device misses one
+            feed.last_mid = self._routed_mid
+            excess -= feed.qbytes
+            self.spills += 1
 
     def _missed(self, batch: list, full: list) -> None:
         online = self._online
@@ -358,11 +446,13 @@ class Delivery:
             while feed.dev >= 0:
                 queued, unacked = router.pending(feed.dev)
                 room = cap - queued - unacked
-                if room <= 0:
+                over = self.queued_bytes > self.memory_budget
+                if room <= 0 or (over and queued + unacked):
+                    # over the memory budget only an empty mailbox is refilled
                     feed.room.clear()
                     await feed.room.wait()
                     continue
-                limit = min(room, 1024)
+                limit = min(room, 16 if over else 1024)
                 missed_before = feed.missed_mid
                 rows = await store.load(feed.dkey, feed.last_mid, limit)
                 if feed.dev < 0:
@@ -373,10 +463,19 @@ class Delivery:
                 routed = self._routed_mid if self._puts_in_flight else 1 << 62
                 # per row: DELIVER tail, push (compiled when fastroute._core is);
                 # a backlog has few distinct senders, packed once each
-                pushed, last, state = sync_rows(router, feed.dev, rows, routed, {},
+                senders: dict[str, bytes] = {}
+                pushed, last, state = sync_rows(router, feed.dev, rows, routed, senders,
                                                 msgpack.packb)
                 if pushed:
                     feed.last_mid = last
+                    size = 0
+                    for row in rows[:pushed]:
+                        # the exact length of the DELIVER tail sync_rows packed
+                        blen = len(row[3])
+                        size += (len(senders[row[1]]) + 18 + blen + 10
+                                 + (2 if blen < 256 else 3 if blen < 65536 else 5))
+                    feed.qbytes += size
+                    self.queued_bytes += size
                     self.wake()  # the writer drains what was just pushed
                 if state == 2:
                     continue  # full: the room check above waits for acks
@@ -415,6 +514,8 @@ class Delivery:
         pop_batch = self.router.pop_batch
         out = link.out
         mids = feed.inflight.extend
+        sizes = feed.sizes.extend
+        no_ts = feed.no_ts
         dev = feed.dev
         # Stop pulling while the socket's buffer is full: the messages stay
         # in the (bounded) mailbox and, past its capacity, in the store.
@@ -426,7 +527,16 @@ class Delivery:
                 link.close(ErrorCode.OK, "sequence space exhausted; reconnect")
                 return
             # one packed DELIVER per message, appended to out (in C when compiled)
+            start = len(out)
             mids(pack_delivers(seq, batch, out))
+            # the bytes each holds in the engine until acked (the tail's length)
+            sizes([len(x) - 7 for x in out[start:]])
+            if no_ts:
+                # header policy: the relay's timestamp is withheld; DELIVER v1
+                # is positional, so ts_ms stays, as 0 (same length)
+                for i in range(start, len(out)):
+                    x = out[i]
+                    out[i] = x[:-10] + _TS_ZERO + x[-1:]
             if len(batch) < _POP_BATCH:
                 break
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from .. import wire
 from ..errors import DecryptError, ErrorCode, FastrouteError, ProtocolError
 from ..noise import FrameReader, HandshakeState, KeyPair, frame, seal_frames
+from .gate import take_upto
 
 if TYPE_CHECKING:
     from ..identity import Credential
@@ -116,6 +117,16 @@ class Link(asyncio.Protocol):
         # the other stages' per-link state, set when the device is online
         self.feed: "Feed | None" = None
         self.gate_state: Any = None  # the gate's LinkGate: sender, limits, quotas
+        self.budgets: Any = None  # the gate's Budgets: op, message, byte layers
+        #: frames read but not processed yet: (frames, next index), while
+        #: reading is paused because this link used its share of a loop turn
+        self.backlog: tuple[list, int] | None = None
+        #: ops processed on this link, and those refused past its op budget
+        self.ops = 0
+        self.refused_ops = 0
+        #: source IP while the link is in its handshake (the server's per-IP count)
+        self.preauth_ip: str | None = None
+        self.closing = False
 
     # ---------------------------------------------------------------- asyncio
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -145,16 +156,30 @@ class Link(asyncio.Protocol):
         self.wiring.delivery.resume(self)
 
     def data_received(self, data: bytes) -> None:
-        """Decrypt and dispatch every complete frame of this read."""
+        """Decrypt and dispatch the complete frames of this read (a turn's share)."""
         try:
             msgs = self.reader.feed(data)
         except ProtocolError as exc:
             self.fail(exc)
             return
-        # The SENDs of every frame in this read go to the gate and the store
-        # together: one store batch and one commit for all of them.
+        self.last_rx = time.monotonic()
+        if self.backlog is not None:
+            # read while paused (a transport may deliver what it already had)
+            frames, at = self.backlog
+            frames.extend(msgs)
+            return
+        self._process(msgs, 0)
+
+    def _process(self, msgs: list, at: int) -> None:
+        # The SENDs of every frame processed in this turn go to the gate and
+        # the store together: one store batch and one commit for all of them.
         self.sends = []
-        for msg in msgs:
+        share = self.wiring.config.limits.max_ops_per_turn
+        done = 0
+        n = len(msgs)
+        while at < n:
+            msg = msgs[at]
+            at += 1
             if self.state == _OPEN:
                 try:
                     plaintext = self.rx.decrypt(msg)
@@ -163,17 +188,35 @@ class Link(asyncio.Protocol):
                     # peer is not who did the handshake, or bytes were altered.
                     self.fail(exc)
                     return
-                self._on_frame(plaintext)
+                done += self._on_frame(plaintext)
+                if done >= share and at < n and self.state == _OPEN:
+                    # Fair scheduling: this link had its share of the turn;
+                    # the rest of its frames wait for the next one, and its
+                    # socket is not read meanwhile (TCP pushes back).
+                    self.backlog = (msgs, at)
+                    self.transport.pause_reading()
+                    asyncio.get_running_loop().call_soon(self._next_share)
+                    break
             elif self.state in (_CLOSED, _DRAINING):
                 break
             else:
                 self._on_handshake(msg)
-        self.last_rx = time.monotonic()
+        self.ops += done
         if self.sends:
             self.wiring.gate.accept(self, self.sends)
             if self.bye_after_sends:
                 self._on_bye()
         self.sends = None
+
+    def _next_share(self) -> None:
+        """Process the next share of frames left by an earlier turn."""
+        backlog = self.backlog
+        self.backlog = None
+        if backlog is None or self.state != _OPEN:
+            return
+        self._process(*backlog)
+        if self.backlog is None and self.state == _OPEN:
+            self.transport.resume_reading()
 
     # -------------------------------------------------------------- handshake
     def _on_handshake(self, msg: bytes) -> None:
@@ -220,13 +263,15 @@ class Link(asyncio.Protocol):
             self.abort()
 
     # ---------------------------------------------------------------- op loop
-    def _on_frame(self, plaintext: bytes) -> None:
+    def _on_frame(self, plaintext: bytes) -> int:
+        """Dispatch one frame's ops; return how many it had (SENDs are charged
+        to the op budget by the gate, the other ops here)."""
         # fast path (compiled when the core is built): a frame of valid SENDs only
         fast = wire.decode_sends(plaintext)
         if fast is not None:
             assert self.sends is not None
             self.sends.extend(fast)
-            return
+            return len(fast)
         wiring = self.wiring
         try:
             # the fast path said "not only SENDs": go straight to the precise
@@ -234,9 +279,23 @@ class Link(asyncio.Protocol):
             ops = wire.decode_client_frame_precise(plaintext)
         except ProtocolError as exc:
             self._protocol_error(exc.code, str(exc))
-            return
+            return 1
         sends = self.sends
         assert sends is not None
+        # every op but SEND takes one token of the op budget, taken for the
+        # whole frame at once; past it PING, CONSENT and media ops are refused
+        others = 0
+        for op in ops:
+            if type(op) is tuple and op[0] != _OP_SEND:
+                others += 1
+        granted = others
+        if others and self.budgets is not None:
+            granted = take_upto(self.budgets.ops, others)
+            if granted < others:
+                # DACKs are never refused, so they are not counted here
+                wiring.count_error(ErrorCode.RATE_LIMITED)
+        over = 0  # PINGs refused past the budget: one ERROR for the frame
+        dack = -1  # DACKs are cumulative: one per frame does the work of all
         for op in ops:
             if isinstance(op, wire.OpError):
                 if op.id is not None:
@@ -246,18 +305,41 @@ class Link(asyncio.Protocol):
                     self.errors += 1
                     if self.errors > wiring.config.limits.max_protocol_errors:
                         self.close(ErrorCode.MALFORMED, "too many protocol errors")
-                        return
+                        return len(ops)
                 else:
                     self._protocol_error(op.code, op.reason)
                     if self.state == _CLOSED:
-                        return
+                        return len(ops)
                 continue
             kind = op[0]
             if kind == _OP_SEND:
                 sends.append(op)
-            elif kind == _OP_DACK:
-                # acks and sends are independent: no order to keep
-                wiring.delivery.dack(self, op[1])
+                continue
+            if kind == _OP_DACK:
+                # charged, never refused: a refused ack would only cost a redelivery
+                granted -= 1
+                if op[1] > dack:
+                    dack = op[1]
+                continue
+            if kind == _OP_BYE:
+                # after the SENDs already read: data_received accepts them first
+                if dack >= 0:
+                    wiring.delivery.dack(self, dack)
+                self.bye_after_sends = True
+                self.state = _DRAINING
+                if not sends:
+                    self._on_bye()
+                return len(ops)
+            granted -= 1
+            if granted < 0:
+                self.refused_ops += 1
+                if kind == _OP_PING:
+                    over += 1
+                elif kind == _OP_CONSENT:
+                    self.out.append(wire.sack_op(op[1], ErrorCode.RATE_LIMITED))
+                else:  # a media request
+                    self.out.append(wire.mreply_op(op[1], ErrorCode.RATE_LIMITED))
+                wiring.delivery.mark(self)
             elif kind == _OP_CONSENT:
                 wiring.gate.set_consent(self, op[1], op[2], op[3])
             elif kind in _MEDIA_OPS:
@@ -265,13 +347,13 @@ class Link(asyncio.Protocol):
             elif kind == _OP_PING:
                 self.out.append(wire.pong_op(op[1]))
                 wiring.delivery.mark(self)
-            elif kind == _OP_BYE:
-                # after the SENDs already read: data_received accepts them first
-                self.bye_after_sends = True
-                self.state = _DRAINING
-                if not sends:
-                    self._on_bye()
-                return
+        if dack >= 0:
+            # acks and sends are independent: no order to keep
+            wiring.delivery.dack(self, dack)
+        if over:
+            self.out.append(wire.error_op(ErrorCode.RATE_LIMITED,
+                                          f"{over} PINGs over the op budget"))
+        return len(ops)
 
     def _on_bye(self) -> None:
         if self.storing:
@@ -311,13 +393,30 @@ class Link(asyncio.Protocol):
             return
         bufs = seal_frames(self.tx, wire.pack_frames(out))
         out.clear()
-        self.transport.writelines(bufs)
+        transport = self.transport
+        transport.writelines(bufs)
+        if (transport.get_write_buffer_size() > self.wiring.config.limits.max_output_bytes
+                and not self.closing):
+            self._output_limit()
+
+    def _output_limit(self) -> None:
+        """The client does not read its replies: close with a reason.
+
+        Nothing accepted is lost: stored messages stay in the store until
+        acked, and a SEND whose SACK did not arrive is resent with its id.
+        """
+        self.wiring.count_error(ErrorCode.OUTPUT_LIMIT)
+        log.info("closing a connection that does not read its replies")
+        self.close(ErrorCode.OUTPUT_LIMIT, "replies not read: output limit reached")
+        # the BYE may never be read either: drop the buffer soon
+        asyncio.get_running_loop().call_later(1.0, self.transport.abort)
 
     # --------------------------------------------------------------- closing
     def close(self, code: int, reason: str) -> None:
         """Send a final BYE (if the link is up) and close after it is written."""
         if self.state == _CLOSED:
             return
+        self.closing = True
         self.state = _OPEN  # a draining link may still flush
         if self.tx is not None:
             self.out.append(wire.server_bye_op(int(code), reason))

@@ -43,7 +43,7 @@ from .upkeep import Upkeep, serve_admin
 if TYPE_CHECKING:
     from ..store import Store
 
-__all__ = ["Relay", "fingerprint", "load_or_create_server_key", "run_relay"]
+__all__ = ["Relay", "fingerprint", "fit_fd_limit", "load_or_create_server_key", "run_relay"]
 
 log = logging.getLogger("fastroute.relay")
 
@@ -69,6 +69,44 @@ def load_or_create_server_key(data_dir: str) -> tuple[KeyPair, bool]:
     with os.fdopen(fd, "wb") as fh:
         fh.write(kp.private)
     return kp, True
+
+
+#: file descriptors kept for the relay's own files (store, registry, media,
+#: admin socket, executor threads) on top of one per connection
+FD_RESERVE = 256
+
+
+def fit_fd_limit(max_connections: int) -> int:
+    """Raise this process's open-file limit to fit ``max_connections``; return
+    the number of connections the relay may hold.
+
+    ``max_connections`` 0 means "as many as the hard limit allows".  An
+    explicit value the hard limit cannot fit raises :class:`FastrouteError`
+    saying what to change, instead of failing later with EMFILE while
+    legitimate clients are locked out.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    ceiling = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    want = ceiling if max_connections == 0 else max_connections + FD_RESERVE
+    if want > ceiling:
+        raise FastrouteError(
+            f"max_connections = {max_connections} needs {want} file descriptors, but this "
+            f"process may open at most {ceiling} (hard limit).  Raise the hard limit "
+            f"(ulimit -Hn, or LimitNOFILE= in a systemd unit) or set max_connections to "
+            f"{max(0, ceiling - FD_RESERVE)} or less.", code=ErrorCode.INVALID_ARGUMENT)
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        got = want if soft == resource.RLIM_INFINITY else soft
+    else:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        got = want
+    if max_connections:
+        return max_connections
+    if got <= FD_RESERVE:
+        raise FastrouteError(f"the open-file limit ({got}) leaves no room for connections",
+                             code=ErrorCode.INVALID_ARGUMENT)
+    return got - FD_RESERVE
 
 
 def fingerprint(public: bytes) -> str:
@@ -117,6 +155,12 @@ class Relay:
         self._taps: list = []
         # metrics: counts only, never addresses or bodies
         self.refused: dict[int, int] = {}
+        #: connections refused at accept (limits), and the connections still in
+        #: their handshake, in all and per source IP
+        self.refused_connections = 0
+        self.max_connections = self.config.max_connections
+        self._preauth = 0
+        self._preauth_by_ip: dict[str, int] = {}
 
     # -------------------------------------------------------------- lifecycle
     @property
@@ -135,6 +179,7 @@ class Relay:
         """Open key, registry and store, build the stages, then listen on ``config.host:port``."""
         cfg = self.config
         loop = asyncio.get_running_loop()
+        self.max_connections = fit_fd_limit(cfg.max_connections)
         if self.server_key is None:
             self.server_key, self.key_created = load_or_create_server_key(cfg.data_dir)
         if self.registry is None:
@@ -152,7 +197,8 @@ class Relay:
             self.media = await MediaStore.open(
                 os.path.join(cfg.data_dir, "media"), max_blob=cfg.media_max_blob,
                 daily_quota=cfg.media_daily_bytes, ttl_s=cfg.media_ttl_s)
-        self.delivery = delivery = Delivery(self.router, self.store, cfg.mailbox_capacity)
+        self.delivery = delivery = Delivery(self.router, self.store, cfg.mailbox_capacity,
+                                            cfg.queue_memory_bytes, cfg.provider_memory_share)
         delivery.start()
         self.gate = gate = Gate(cfg, delivery, self.registry, self.count_error)
         gate.taps.extend(self._taps)
@@ -232,7 +278,12 @@ class Relay:
             "accepted": gate.accepted if gate else 0,
             "delivered": delivery.delivered if delivery else 0,
             "refused": dict(self.refused),
+            "refused_connections": self.refused_connections,
+            "handshaking": self._preauth,
             "dedup_entries": len(gate.dedup) if gate else 0,
+            "queued_bytes": delivery.queued_bytes if delivery else 0,
+            "spills": delivery.spills if delivery else 0,
+            "quarantined": len(gate.quarantined()) if gate else 0,
             "engine": self.router.stats(),
         }
 
@@ -256,15 +307,45 @@ class Relay:
 
     # ---------------------------------------------------------- wiring
     def _admit(self, link: Link) -> bool:
-        if len(self.links) >= self.config.max_connections or self._closing:
+        """A new TCP connection: within the connection limit, the limit on
+        connections still in their handshake (the last ``auth_reserve`` slots
+        are kept for authenticated devices) and the per-source-IP limit?"""
+        cfg = self.config
+        if self._closing:
+            return False
+        limit = self.max_connections
+        peer = link.transport.get_extra_info("peername")
+        ip = peer[0] if isinstance(peer, tuple) and peer else "?"
+        per_ip = self._preauth_by_ip.get(ip, 0)
+        if (len(self.links) >= limit
+                or self._preauth >= max(1, limit - cfg.auth_reserve)
+                or per_ip >= cfg.limits.max_preauth_per_ip):
+            self.refused_connections += 1
             return False
         self.links.add(link)
+        link.preauth_ip = ip
+        self._preauth += 1
+        self._preauth_by_ip[ip] = per_ip + 1
         return True
+
+    def _authenticated(self, link: Link) -> None:
+        """The link left its handshake (authenticated, refused or lost)."""
+        ip = link.preauth_ip
+        if ip is None:
+            return
+        link.preauth_ip = None
+        self._preauth -= 1
+        left = self._preauth_by_ip[ip] - 1
+        if left:
+            self._preauth_by_ip[ip] = left
+        else:
+            del self._preauth_by_ip[ip]
 
     def _online(self, link: Link, cred: identity.Credential) -> None:
         """Put an authenticated device online: delivery (engine, store, sync), gate state."""
         delivery, gate = self.delivery, self.gate
         assert delivery is not None and gate is not None
+        self._authenticated(link)
         old = delivery.feed_of(cred.address, cred.device)
         if old is not None:
             old.link.close(ErrorCode.SESSION_REPLACED,
@@ -275,6 +356,7 @@ class Relay:
         link.provider = cred.provider
         link.feed = delivery.attach(link, cred.address, cred.device)
         link.gate_state = gate.admit(link, cred)
+        link.feed.no_ts = gate.withholds_ts(cred.provider)
         link.out.append(wire.welcome_op(cred.address, cred.device, int(time.time() * 1000)))
         delivery.mark(link)
         delivery.start_sync(link.feed)
@@ -283,6 +365,7 @@ class Relay:
     def _lost(self, link: LinkPort) -> None:
         # every link of this relay is a Link; the stages see them as LinkPorts
         self.links.discard(cast(Link, link))
+        self._authenticated(cast(Link, link))
         if self.delivery is not None:
             self.delivery.detach(link)
 
