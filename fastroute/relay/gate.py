@@ -344,6 +344,9 @@ class Gate:
         self._abuckets: dict[str, tuple[TokenBucket, TokenBucket]] = {}
         self._pbuckets: dict[str, tuple[TokenBucket, TokenBucket, TokenBucket]] = {}
         self._senders: dict[str, Sender] = {}
+        # (address, provider) -> consent writes: [allow, [(link, id) ...]], the
+        # first in flight, at most one more queued
+        self._consent_writes: dict[tuple[str, str], list] = {}
         # devices the relay has seen: address -> {device: first_seen}; the
         # per-provider times of the last hour's new devices
         self._seen: dict[str, dict[str, int]] = {}
@@ -742,8 +745,40 @@ class Gate:
                 self.delivery.mark(other)
 
     def set_consent(self, link: "LinkPort", cid: bytes, provider: str, allow: bool) -> None:
-        """A user opts in to (or out of) another provider's senders; ack once durable."""
+        """A user opts in to (or out of) another provider's senders; ack once durable.
+
+        One registry write (fsync'd) per change, not per op: a CONSENT that
+        changes nothing is acked at once, and CONSENTs arriving while a write
+        for the same (address, provider) is in flight wait for it (the same
+        choice) or are written once after it (the opposite one, the last
+        wins), so a flood of them costs op tokens, not fsyncs.
+        """
         address = link.address
+        key = (address, provider)
+        queue = self._consent_writes.get(key)
+        if queue is None:
+            if (provider in self.consent.get(address, ())) == allow:
+                self.ack_all(link, cid, 0, None)
+                return
+            self._consent_writes[key] = queue = []
+            queue.append([allow, [(link, cid)]])
+            self._write_consent(key)
+            return
+        last = queue[-1]
+        if last[0] == allow:
+            last[1].append((link, cid))
+        elif len(queue) == 1:
+            queue.append([allow, [(link, cid)]])
+        else:
+            # [written, opposite, ...]: the queued opposite of the opposite is
+            # this one again: the last word wins, all of them wait for it
+            queue[1][0] = allow
+            queue[1][1].append((link, cid))
+
+    def _write_consent(self, key: tuple[str, str]) -> None:
+        address, provider = key
+        queue = self._consent_writes[key]
+        allow, waiters = queue[0]
 
         def done(fut: asyncio.Future) -> None:
             if fut.exception() is not None:
@@ -760,12 +795,30 @@ class Gate:
                 else:
                     self.consent.pop(address, None)
                 code = 0
-            self.ack_all(link, cid, code, None)
+            for link, cid in waiters:
+                self.ack_all(link, cid, code, None)
+            queue.pop(0)
+            if queue:
+                self._write_consent(key)
+            else:
+                del self._consent_writes[key]
 
         # The registry commits with fsync: off the event loop.
         fut = asyncio.get_running_loop().run_in_executor(
             None, self.registry.set_consent, address, provider, allow)
         fut.add_done_callback(done)
+
+    def standing(self, address: str) -> str:
+        """``"quarantined"``, ``"throttled"``, ``"new"`` or ``"ok"``: how the
+        sender rules treat ``address`` now (operators and tests)."""
+        sender = self._senders.get(address)
+        if sender is None:
+            return "quarantined" if address in self.trust.quarantined else "ok"
+        if sender.quarantined is not None:
+            return "quarantined"
+        if sender.throttle is not None:
+            return "throttled"
+        return "new" if sender.born is not None else "ok"
 
     def quarantined(self) -> dict[str, str]:
         """Quarantined senders known to this relay: address -> reason (operators only)."""

@@ -160,7 +160,7 @@ class Relay:
         self.refused_connections = 0
         self.max_connections = self.config.max_connections
         self._preauth = 0
-        self._preauth_by_ip: dict[str, int] = {}
+        self._preauth_by_ip: dict[str, dict[Link, None]] = {}
 
     # -------------------------------------------------------------- lifecycle
     @property
@@ -309,23 +309,45 @@ class Relay:
     def _admit(self, link: Link) -> bool:
         """A new TCP connection: within the connection limit, the limit on
         connections still in their handshake (the last ``auth_reserve`` slots
-        are kept for authenticated devices) and the per-source-IP limit?"""
+        are kept for authenticated devices) and the per-source-IP limit?
+
+        At a limit, the oldest handshaking connection of the source IP that
+        holds the most of them makes room, if that IP holds more than the
+        newcomer's: idle sockets cannot lock legitimate clients out.
+        """
         cfg = self.config
         if self._closing:
             return False
         limit = self.max_connections
         peer = link.transport.get_extra_info("peername")
         ip = peer[0] if isinstance(peer, tuple) and peer else "?"
-        per_ip = self._preauth_by_ip.get(ip, 0)
-        if (len(self.links) >= limit
-                or self._preauth >= max(1, limit - cfg.auth_reserve)
-                or per_ip >= cfg.limits.max_preauth_per_ip):
+        mine = self._preauth_by_ip.get(ip)
+        if mine is not None and len(mine) >= cfg.limits.max_preauth_per_ip:
             self.refused_connections += 1
             return False
+        while (len(self.links) >= limit
+               or self._preauth >= max(1, limit - cfg.auth_reserve)):
+            if not self._evict_handshaking(len(mine) if mine is not None else 0):
+                self.refused_connections += 1
+                return False
         self.links.add(link)
         link.preauth_ip = ip
         self._preauth += 1
-        self._preauth_by_ip[ip] = per_ip + 1
+        self._preauth_by_ip.setdefault(ip, {})[link] = None
+        return True
+
+    def _evict_handshaking(self, newcomer_holds: int) -> bool:
+        by_ip = self._preauth_by_ip
+        if not by_ip:
+            return False
+        ip = max(by_ip, key=lambda k: len(by_ip[k]))
+        if len(by_ip[ip]) <= newcomer_holds:
+            return False
+        victim = next(iter(by_ip[ip]))
+        self.refused_connections += 1
+        self._authenticated(victim)
+        self.links.discard(victim)
+        victim.abort()
         return True
 
     def _authenticated(self, link: Link) -> None:
@@ -335,10 +357,9 @@ class Relay:
             return
         link.preauth_ip = None
         self._preauth -= 1
-        left = self._preauth_by_ip[ip] - 1
-        if left:
-            self._preauth_by_ip[ip] = left
-        else:
+        links = self._preauth_by_ip[ip]
+        links.pop(link, None)
+        if not links:
             del self._preauth_by_ip[ip]
 
     def _online(self, link: Link, cred: identity.Credential) -> None:
