@@ -38,8 +38,8 @@ if TYPE_CHECKING:
     from ..identity import Credential
     from ..store import Store
 
-__all__ = ["Delivery", "Feed", "LinkPort", "pack_delivers", "py_pack_delivers", "py_sync_rows",
-           "sync_rows"]
+__all__ = ["Delivery", "Feed", "LinkPort", "bytes_by_address", "pack_delivers",
+           "py_bytes_by_address", "py_pack_delivers", "py_sync_rows", "sync_rows"]
 
 log = logging.getLogger("fastroute.relay")
 
@@ -97,9 +97,24 @@ def py_sync_rows(router, dev, rows: list, routed, senders: dict, pack_sender):
     return pushed, last, 0
 
 
+def py_bytes_by_address(batch: list) -> dict:
+    """``{address: total length of its tails}`` of a routed batch of
+    ``(address, (mid, tail))`` items (the memory budget's accounting)."""
+    out: dict = {}
+    for to, payload in batch:
+        if type(payload) is not tuple or len(payload) != 2:
+            raise WrongType("DELIVER payloads must be (mid, tail) tuples")
+        tail = payload[1]
+        if type(tail) is not bytes:
+            raise WrongType("DELIVER tail must be bytes")
+        out[to] = out.get(to, 0) + len(tail)
+    return out
+
+
 #: the implementations in use: compiled (``_delivery.pxi``) or the specifications above
 pack_delivers = twin(py_pack_delivers)
 sync_rows = twin(py_sync_rows)
+bytes_by_address = twin(py_bytes_by_address)
 
 
 # -- the stage ---------------------------------------------------------------------
@@ -157,8 +172,8 @@ class Feed:
     """
 
     __slots__ = ("link", "dev", "dkey", "address", "device", "inflight", "inflight_seq",
-                 "last_mid", "missed_mid", "live", "sync_task", "room", "qbytes", "sizes",
-                 "provider", "no_ts")
+                 "last_mid", "missed_mid", "live", "sync_task", "room", "qbytes",
+                 "inflight_bytes", "provider", "no_ts")
 
     def __init__(self, link: "LinkPort", dev: int, dkey: int, address: str, device: str) -> None:
         self.link = link
@@ -174,9 +189,9 @@ class Feed:
         self.sync_task: asyncio.Task | None = None
         self.room = asyncio.Event()
         #: bytes of this device's messages held by the engine (queued + unacked),
-        #: and the sizes of the popped ones, in inflight's order
+        #: and of the popped ones among them
         self.qbytes = 0
-        self.sizes: deque = deque()
+        self.inflight_bytes = 0
         self.provider = address.rpartition("@")[2]
         #: its provider's header policy withholds the relay's timestamp
         self.no_ts = False
@@ -292,8 +307,16 @@ class Delivery:
         feed.inflight_seq += k
         popleft = inflight.popleft
         mids = [mid for mid in [popleft() for _ in range(k)] if mid]
-        popsize = feed.sizes.popleft
-        freed = sum([popsize() for _ in range(k)])
+        # popped bytes are known per pop batch, not per message: an ack of
+        # part of them frees its share (exact once all are acked)
+        if inflight:
+            freed = feed.inflight_bytes * k // (k + len(inflight))
+        else:
+            freed = feed.inflight_bytes
+            if not self.router.pending(feed.dev)[0]:
+                # nothing held at all: whatever estimate is left goes too
+                freed = feed.qbytes
+        feed.inflight_bytes -= min(freed, feed.inflight_bytes)
         feed.qbytes -= freed
         self.queued_bytes -= freed
         self.delivered += n
@@ -350,11 +373,11 @@ class Delivery:
         """Count the bytes the engine now holds for each live device of the batch."""
         by_address = self._by_address
         added = 0
-        for to, payload in batch:
+        # per address in C, then per device of each address here
+        for to, size in bytes_by_address(batch).items():
             feeds = by_address.get(to)
             if feeds is None:
                 continue
-            size = len(payload[1])
             for feed in feeds:
                 if feed.live:
                     feed.qbytes += size
@@ -468,12 +491,9 @@ class Delivery:
                                                 msgpack.packb)
                 if pushed:
                     feed.last_mid = last
-                    size = 0
-                    for row in rows[:pushed]:
-                        # the exact length of the DELIVER tail sync_rows packed
-                        blen = len(row[3])
-                        size += (len(senders[row[1]]) + 18 + blen + 10
-                                 + (2 if blen < 256 else 3 if blen < 65536 else 5))
+                    # the bodies plus a tail's overhead (sender, id, ts, cls;
+                    # ~40 bytes): an estimate, reset when the device is empty
+                    size = sum([len(row[3]) for row in rows[:pushed]]) + 40 * pushed
                     feed.qbytes += size
                     self.queued_bytes += size
                     self.wake()  # the writer drains what was just pushed
@@ -514,7 +534,6 @@ class Delivery:
         pop_batch = self.router.pop_batch
         out = link.out
         mids = feed.inflight.extend
-        sizes = feed.sizes.extend
         no_ts = feed.no_ts
         dev = feed.dev
         # Stop pulling while the socket's buffer is full: the messages stay
@@ -529,8 +548,8 @@ class Delivery:
             # one packed DELIVER per message, appended to out (in C when compiled)
             start = len(out)
             mids(pack_delivers(seq, batch, out))
-            # the bytes each holds in the engine until acked (the tail's length)
-            sizes([len(x) - 7 for x in out[start:]])
+            # what they hold in the engine until acked: their tails' lengths
+            feed.inflight_bytes += sum(map(len, out[start:])) - 7 * len(batch)
             if no_ts:
                 # header policy: the relay's timestamp is withheld; DELIVER v1
                 # is positional, so ts_ms stays, as 0 (same length)

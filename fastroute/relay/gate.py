@@ -6,9 +6,10 @@ the client.  The frame and op shapes are checked by the wire decoder
 needs the relay's state:
 
 * SEND: duplicate ids (the dedup window, :mod:`fastroute.dedup`), the
-  device's body limit, a known recipient, the recipient's consent (DMA
-  opt-in for other providers' users), the device's message and byte quotas
-  (:class:`TokenBucket`).  Accepted persistent messages go to the delivery
+  device's body limit, the recipient's consent (DMA opt-in for other
+  providers' users; an unknown address answers the same, so it cannot be
+  told apart: no enumeration), a known recipient, the message and byte
+  quotas (:class:`TokenBucket`).  Accepted persistent messages go to the delivery
   stage, which stores them durably and routes them; the sender's SACK goes
   out once they are stored.
 * CONSENT: a user opts in to (or out of) another provider's senders.
@@ -601,6 +602,8 @@ class Gate:
         me = sender.address
         contacts, old = self._contacts, self._contacts_old
         started = sender.started
+        if {op[2] for op in sends} <= started:
+            return sends  # only conversations it already has: the common case
         keep = []
         refused = []
         for op in sends:
@@ -721,9 +724,8 @@ class Gate:
             if young:
                 # who wrote to a new sender: its answers to them are not to strangers
                 contacts = self._contacts
-                for item in meta:
-                    if item[0] in young:
-                        contacts.add((sender, item[0]))
+                for to in {item[0] for item in meta} & young:
+                    contacts.add((sender, to))
                 if len(contacts) > _MAX_CONTACTS:
                     self._contacts_old, self._contacts = contacts, set()
             out = link.out if link.is_open() else []
