@@ -59,8 +59,8 @@ class Limits:
     max_protocol_errors: int = 32
     #: every op (SEND, refused or not, PING, CONSENT, DACK, media) takes one token
     #: of the device's op budget; past it ops are refused with RATE_LIMITED
-    ops_per_s: float = 20000.0
-    ops_burst: float = 40000.0
+    ops_per_s: float = 10000.0
+    ops_burst: float = 20000.0
     #: the same buckets shared by every device of one address (0: no such layer)
     address_msgs_per_s: float = 10000.0
     address_msgs_burst: float = 40000.0
@@ -73,9 +73,13 @@ class Limits:
     provider_ops_per_s: float = 0.0
     #: a provider bucket holds this many seconds of its rate
     provider_burst_s: float = 2.0
-    #: ops one connection may have processed per event-loop turn; the rest of
-    #: its read waits for the next turn, so one busy link cannot delay others
-    max_ops_per_turn: int = 2048
+    #: ops one connection may have processed per event-loop turn (plus the
+    #: frame that crosses it); the rest of its read waits for the next turn,
+    #: so one busy link cannot delay others
+    max_ops_per_turn: int = 256
+    #: ops all connections together may have processed per event-loop turn
+    #: before the busy ones wait for the next (a fresh read gets one frame)
+    max_relay_ops_per_turn: int = 1024
     #: bytes of replies a client has not read (the socket's send buffer)
     #: past which its connection is closed with OUTPUT_LIMIT
     max_output_bytes: int = 8 * 1024 * 1024
@@ -205,7 +209,8 @@ class RelayConfig:
         if self.queue_memory_bytes < 1 or not 0 < self.provider_memory_share <= 1:
             raise InvalidArgument("queue_memory_bytes must be >= 1 and "
                                   "provider_memory_share in (0, 1]")
-        if self.limits.max_ops_per_turn < 1 or self.limits.max_output_bytes < 65536:
+        if (self.limits.max_ops_per_turn < 1 or self.limits.max_relay_ops_per_turn < 1
+                or self.limits.max_output_bytes < 65536):
             raise InvalidArgument("limits.max_ops_per_turn must be >= 1 and "
                                   "limits.max_output_bytes >= 65536")
         if not 0 < self.limits.max_body <= 61440:

@@ -19,6 +19,7 @@ import asyncio
 import enum
 import logging
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
 
 from .. import wire
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from .gate import Gate
     from .media_ops import MediaOps
 
-__all__ = ["Link", "LinkState", "LinkWiring"]
+__all__ = ["Link", "LinkState", "LinkWiring", "Turns"]
 
 log = logging.getLogger("fastroute.relay")
 
@@ -62,6 +63,62 @@ _MEDIA_OPS = frozenset((int(wire.Op.MBEGIN), int(wire.Op.MCHUNK), int(wire.Op.MF
                         int(wire.Op.MGET)))
 
 
+class Turns:
+    """The relay's fair scheduler: how many ops the links processed this loop turn.
+
+    A link processes at most its share (``limits.max_ops_per_turn``) per
+    callback, and stops early once the relay as a whole has processed
+    ``limits.max_relay_ops_per_turn`` in this turn; a read that arrives when
+    the turn is used up waits whole.  Waiting links are served once per turn
+    by :meth:`_turn`: first every link whose read waited (a quiet link's
+    message is served in the next turn), then the links that still have
+    frames from an earlier share, round robin, up to the relay's budget.  So
+    the work between two turns is bounded whatever number of links flood.
+    """
+
+    __slots__ = ("budget", "used", "queue", "fresh", "armed")
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.used = 0
+        self.queue: deque = deque()  # links with frames left after a share
+        self.fresh: deque = deque()  # links whose read waited for a turn
+        self.armed = False
+
+    def room(self, extra: int) -> bool:
+        """Whether ``extra`` more ops fit in this turn."""
+        return self.used + extra < self.budget
+
+    def spend(self, n: int) -> None:
+        """Count ``n`` ops processed in this turn."""
+        self.used += n
+        self._arm()
+
+    def enqueue(self, link: "Link", fresh: bool = False) -> None:
+        """``link`` has frames left (``fresh``: a read that waited): serve it soon."""
+        (self.fresh if fresh else self.queue).append(link)
+        self._arm()
+
+    def _arm(self) -> None:
+        if not self.armed:
+            self.armed = True
+            asyncio.get_running_loop().call_soon(self._turn)
+
+    def _turn(self) -> None:
+        self.armed = False
+        self.used = 0
+        fresh, self.fresh = self.fresh, deque()
+        for link in fresh:
+            link._next_share()
+        queue = self.queue
+        for _ in range(len(queue)):
+            if self.used >= self.budget:
+                break
+            queue.popleft()._next_share()
+        if queue or self.fresh:
+            self._arm()
+
+
 class LinkWiring:
     """What a link may call in the rest of the relay; filled in by the server.
 
@@ -71,7 +128,7 @@ class LinkWiring:
     """
 
     __slots__ = ("server_key", "config", "gate", "delivery", "media_ops", "count_error",
-                 "admit", "online", "lost")
+                 "admit", "online", "lost", "turns")
 
     def __init__(self, server_key: KeyPair, config: Any, gate: "Gate", delivery: "Delivery",
                  media_ops: "MediaOps", count_error: Callable[[int], None],
@@ -87,6 +144,8 @@ class LinkWiring:
         self.admit = admit
         self.online = online
         self.lost = lost
+        #: the fair scheduler shared by every link of the relay
+        self.turns = Turns(config.limits.max_relay_ops_per_turn)
 
 
 class Link(asyncio.Protocol):
@@ -121,6 +180,9 @@ class Link(asyncio.Protocol):
         #: frames read but not processed yet: (frames, next index), while
         #: reading is paused because this link used its share of a loop turn
         self.backlog: tuple[list, int] | None = None
+        #: reading is paused until :meth:`_next_share` runs (its share of a
+        #: turn is used, or its op budget is spent)
+        self.waiting = False
         #: ops processed on this link, and those refused past its op budget
         self.ops = 0
         self.refused_ops = 0
@@ -168,6 +230,17 @@ class Link(asyncio.Protocol):
             frames, at = self.backlog
             frames.extend(msgs)
             return
+        if self.waiting:
+            self.backlog = (msgs, 0)
+            return
+        turns = self.wiring.turns
+        if not turns.room(0) and self.state == _OPEN:
+            # this turn's work is done: the read waits for the next turn
+            self.backlog = (msgs, 0)
+            self.waiting = True
+            self.transport.pause_reading()
+            turns.enqueue(self, fresh=True)
+            return
         self._process(msgs, 0)
 
     def _process(self, msgs: list, at: int) -> None:
@@ -175,6 +248,7 @@ class Link(asyncio.Protocol):
         # the store together: one store batch and one commit for all of them.
         self.sends = []
         share = self.wiring.config.limits.max_ops_per_turn
+        turns = self.wiring.turns
         done = 0
         n = len(msgs)
         while at < n:
@@ -189,33 +263,56 @@ class Link(asyncio.Protocol):
                     self.fail(exc)
                     return
                 done += self._on_frame(plaintext)
-                if done >= share and at < n and self.state == _OPEN:
+                if at < n and self.state == _OPEN and (done >= share or not turns.room(done)):
                     # Fair scheduling: this link had its share of the turn;
                     # the rest of its frames wait for the next one, and its
                     # socket is not read meanwhile (TCP pushes back).
                     self.backlog = (msgs, at)
-                    self.transport.pause_reading()
-                    asyncio.get_running_loop().call_soon(self._next_share)
                     break
             elif self.state in (_CLOSED, _DRAINING):
                 break
             else:
                 self._on_handshake(msg)
         self.ops += done
+        turns.spend(done)
         if self.sends:
             self.wiring.gate.accept(self, self.sends)
             if self.bye_after_sends:
                 self._on_bye()
         self.sends = None
+        if self.state == _OPEN and not self.waiting:
+            # Past its op budget a link is not read until the budget refills:
+            # a flooder cannot make the relay decode more than it may send.
+            delay = self._budget_wait()
+            if self.backlog is not None or delay:
+                self.waiting = True
+                self.transport.pause_reading()
+                if delay:
+                    asyncio.get_running_loop().call_later(delay, self._next_share)
+                else:
+                    turns.enqueue(self)
+
+    def _budget_wait(self) -> float:
+        """Seconds until the op budget has a token again (0: it has), at most 1."""
+        budgets = self.budgets
+        if budgets is None:
+            return 0.0
+        wait = 0.0
+        for bucket in budgets.ops:
+            if bucket.tokens < 1.0:
+                wait = max(wait, (1.0 - bucket.tokens) / bucket.rate if bucket.rate > 0 else 1.0)
+        return min(wait, 1.0)
 
     def _next_share(self) -> None:
-        """Process the next share of frames left by an earlier turn."""
+        """Process the next share of frames left by an earlier turn (or read again)."""
+        self.waiting = False
         backlog = self.backlog
         self.backlog = None
-        if backlog is None or self.state != _OPEN:
+        if self.state != _OPEN:
             return
-        self._process(*backlog)
-        if self.backlog is None and self.state == _OPEN:
+        if backlog is not None:
+            self._process(*backlog)
+        if not self.waiting and self.state == _OPEN:
             self.transport.resume_reading()
 
     # -------------------------------------------------------------- handshake
