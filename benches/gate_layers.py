@@ -279,13 +279,22 @@ async def flooder(port: int, key_path: str, n: int, seconds: float) -> None:
 
 
 async def flood(args) -> None:
-    relay = Relay(HERE, "[relay]\nregistry_poll_s = 0.5\n")
+    toml = "[relay]\nregistry_poll_s = 0.5\n"
+    if args.turn_ops:
+        toml += f"[limits]\nmax_relay_ops_per_turn = {args.turn_ops}\n"
+    relay = Relay(HERE, toml)
+    if args.provider_ops:
+        # the operator's provider-wide budget for the flooding provider
+        with Registry(os.path.join(relay.dir, "registry.db")) as reg:
+            reg.add_provider("acme", relay.acme.public_key, provider_ops_per_s=args.provider_ops)
+        await asyncio.sleep(0.7)  # the relay polls the registry every 0.5 s
     try:
         print(f"loadavg before: {loadavg()}")
         quiet = await quiet_pair(relay, args.quiet_messages)
         t0 = time.monotonic()
+        nice = ["nice", "-n", str(args.nice)] if args.nice else []
         worker = await asyncio.create_subprocess_exec(
-            sys.executable, os.path.abspath(__file__), "flooder", str(relay.port),
+            *nice, sys.executable, os.path.abspath(__file__), "flooder", str(relay.port),
             os.path.join(relay.dir, "acme.key"), str(args.flooders), str(args.seconds))
         await asyncio.sleep(1.0)  # the flood is under way
         ticks0 = proc_ticks(relay.proc.pid)
@@ -327,6 +336,14 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--quiet-messages", type=int, default=1000)
     f.add_argument("--flooders", type=int, default=8)
     f.add_argument("--seconds", type=float, default=60.0)
+    f.add_argument("--provider-ops", type=int, default=10000,
+                   help="provider_ops_per_s of the flooding provider in the registry "
+                        "(0: none, only the per-device defaults)")
+    f.add_argument("--turn-ops", type=int, default=0,
+                   help="limits.max_relay_ops_per_turn of the relay (default: the default)")
+    f.add_argument("--nice", type=int, default=0,
+                   help="run the flooder process at this nice level (separates the relay's "
+                        "scheduling from CPU contention on a small machine)")
     args = p.parse_args(argv)
     import uvloop
 

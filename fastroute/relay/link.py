@@ -251,7 +251,12 @@ class Link(asyncio.Protocol):
         turns = self.wiring.turns
         done = 0
         n = len(msgs)
+        budgets = self.budgets
         while at < n:
+            if budgets is not None and self.state == _OPEN and self._budget_wait():
+                # spent: its frames are not even decrypted until it refills
+                self.backlog = (msgs, at)
+                break
             msg = msgs[at]
             at += 1
             if self.state == _OPEN:
@@ -293,14 +298,19 @@ class Link(asyncio.Protocol):
                     turns.enqueue(self)
 
     def _budget_wait(self) -> float:
-        """Seconds until the op budget has a token again (0: it has), at most 1."""
+        """0 while the op budget has a token; once spent, the seconds until it
+        holds a share's worth again (at most 1): a spent link is not woken for
+        every single token."""
         budgets = self.budgets
         if budgets is None:
             return 0.0
         wait = 0.0
+        share = self.wiring.config.limits.max_ops_per_turn
         for bucket in budgets.ops:
-            if bucket.tokens < 1.0:
-                wait = max(wait, (1.0 - bucket.tokens) / bucket.rate if bucket.rate > 0 else 1.0)
+            tokens = bucket.refill()
+            if tokens < 1.0:
+                need = min(float(share), bucket.burst)
+                wait = max(wait, (need - tokens) / bucket.rate if bucket.rate > 0 else 1.0)
         return min(wait, 1.0)
 
     def _next_share(self) -> None:
