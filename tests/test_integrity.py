@@ -557,3 +557,32 @@ def test_repeated_consents_cost_no_registry_write(loop, tmp_path):
             assert await fut == cid and len(writes) == n
             assert "acme" in w.relay.gate.consent["alice@home"]
     run(loop, main())
+
+
+def test_opposite_consents_in_flight_end_in_the_last_choice(loop, tmp_path):
+    async def main():
+        async with world(tmp_path, require_consent=True) as w:
+            alice = await w.connect("alice@home")
+            writes = []
+            reg = w.relay.registry
+            orig = reg.set_consent
+
+            def counting(*a, **kw):
+                writes.append(a[2])
+                return orig(*a, **kw)
+
+            reg.set_consent = counting
+            futs, ops = [], []
+            for allow in (True, False, True, False, True, False):
+                cid = os.urandom(16)
+                fut = alice._loop.create_future()
+                alice._pending[cid] = (fut, b"")
+                futs.append(fut)
+                ops.append(wire.consent_op(cid, "acme", allow))
+            _raw(alice, ops)
+            assert all(isinstance(r, bytes) for r in await asyncio.gather(*futs))
+            # the first choice is written, then only the last of the others
+            assert writes == [True, False]
+            assert "alice@home" not in w.relay.gate.consent
+            assert "alice@home" not in reg.consents()
+    run(loop, main())
