@@ -93,10 +93,11 @@ class ErrorCode(enum.IntEnum):
     BODY_TOO_LARGE = 401
     CONSENT_REQUIRED = 402
     POLICY = 403
-    QUARANTINED = 404
-    OUTPUT_LIMIT = 405
-    DEVICE_LIMIT = 406
-    NEW_DEVICE_LIMIT = 407
+    # 404 is KEY_LIMIT on main (issue 9): these follow it
+    QUARANTINED = 405
+    OUTPUT_LIMIT = 406
+    DEVICE_LIMIT = 407
+    NEW_DEVICE_LIMIT = 408
     # 5xx: the relay's side
     INTERNAL = 500
     SHUTTING_DOWN = 503
