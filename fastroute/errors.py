@@ -93,11 +93,11 @@ class ErrorCode(enum.IntEnum):
     BODY_TOO_LARGE = 401
     CONSENT_REQUIRED = 402
     POLICY = 403
-    # 404 is KEY_LIMIT on main (issue 9): these follow it
+    # on main, 404 is KEY_LIMIT (issue 9) and 408 RECIPIENT_FULL (issue 12)
     QUARANTINED = 405
     OUTPUT_LIMIT = 406
     DEVICE_LIMIT = 407
-    NEW_DEVICE_LIMIT = 408
+    NEW_DEVICE_LIMIT = 409
     # 5xx: the relay's side
     INTERNAL = 500
     SHUTTING_DOWN = 503
