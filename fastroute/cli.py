@@ -7,6 +7,7 @@ Subcommands::
     fastroute provider     add | list | revoke | restore | rotate   enrolled providers
     fastroute credential   issue                 device credentials
     fastroute device       revoke                one device
+    fastroute sender       quarantined | lift    senders quarantined for abuse
     fastroute demo         a relay, two providers, messages, receipts, in one process
     fastroute bench        the routing core's summary benchmark
     fastroute replay       replay a trace against a relay (see docs/TRACES.md)
@@ -240,8 +241,14 @@ def cmd_provider_add(args: argparse.Namespace) -> int:
         if new_key is not None:
             _write_key(new_key, args.key_out)
         try:
+            withhold = None
+            if args.withhold is not None:
+                withhold = [f for f in args.withhold.split(",") if f.strip()]
             reg.add_provider(args.name, public, msgs_per_s=args.max_msgs_per_s,
-                             bytes_per_s=args.max_bytes_per_s, max_body=args.max_body)
+                             bytes_per_s=args.max_bytes_per_s, max_body=args.max_body,
+                             provider_msgs_per_s=args.provider_msgs_per_s,
+                             provider_bytes_per_s=args.provider_bytes_per_s,
+                             provider_ops_per_s=args.provider_ops_per_s, withhold=withhold)
         except BaseException:
             if new_key is not None:
                 os.unlink(args.key_out)
@@ -373,6 +380,31 @@ def cmd_address_erase(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sender_quarantined(args: argparse.Namespace) -> int:
+    import time
+
+    with _registry(_admin_data_dir(args)) as reg:
+        rows = reg.quarantined()
+    for address, since, reason in rows:
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since))
+        print(f"{address}\t{when}\t{reason}")
+    if not rows:
+        print("no quarantined senders")
+    return 0
+
+
+def cmd_sender_lift(args: argparse.Namespace) -> int:
+    data_dir = _admin_data_dir(args)
+    with _registry(data_dir) as reg:
+        lifted = reg.lift_quarantine(args.address)
+        gen = reg.version()[0]
+    if not lifted:
+        print(f"{args.address} was not quarantined")
+        return 1
+    print(f"lifted the quarantine of {args.address}")
+    return _confirm(data_dir, gen, "its sends are accepted again")
+
+
 def cmd_credential_issue(args: argparse.Namespace) -> int:
     from .identity import ProviderKey, issue_credential, parse_address
     from .noise import KeyPair
@@ -499,6 +531,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lower the per-device byte rate for this provider's devices")
     a.add_argument("--max-body", type=_positive_int, default=None,
                    help="lower the largest body for this provider's devices")
+    a.add_argument("--provider-msgs-per-s", type=int, default=None,
+                   help="messages per second of all its devices together (0: the default)")
+    a.add_argument("--provider-bytes-per-s", type=int, default=None,
+                   help="bytes per second of all its devices together (0: the default)")
+    a.add_argument("--provider-ops-per-s", type=int, default=None,
+                   help="ops per second of all its devices together (0: the default)")
+    a.add_argument("--withhold", default=None,
+                   help="comma-separated DELIVER fields its devices do not receive "
+                        "(ts_ms); '' clears the policy")
     _data_dir_arg(a)
     a.set_defaults(func=cmd_provider_add)
     ls = verb(psub, "list", "list enrolled providers: name, state, key fingerprint")
@@ -550,6 +591,16 @@ def build_parser() -> argparse.ArgumentParser:
     ae.add_argument("address")
     _data_dir_arg(ae)
     ae.set_defaults(func=cmd_address_erase)
+
+    snd = verb(sub, "sender", "quarantined senders")
+    ssub = snd.add_subparsers(dest="action", required=True)
+    sq = verb(ssub, "quarantined", "list quarantined senders and why")
+    _data_dir_arg(sq)
+    sq.set_defaults(func=cmd_sender_quarantined)
+    sl = verb(ssub, "lift", "lift a sender's quarantine")
+    sl.add_argument("address")
+    _data_dir_arg(sl)
+    sl.set_defaults(func=cmd_sender_lift)
 
     d = verb(sub, "demo", "a relay, two providers and their users, in one process")
     d.add_argument("--messages", type=int, default=20000, help="messages in the timed burst")

@@ -59,6 +59,52 @@ class Limits:
     bytes_burst: float = 64.0 * 1024 * 1024
     #: protocol errors tolerated on one connection before it is closed
     max_protocol_errors: int = 32
+    #: every op (SEND, refused or not, PING, CONSENT, DACK, media) takes one token
+    #: of the device's op budget; past it ops are refused with RATE_LIMITED
+    ops_per_s: float = 10000.0
+    ops_burst: float = 20000.0
+    #: the same buckets shared by every device of one address (0: no such layer)
+    address_msgs_per_s: float = 10000.0
+    address_msgs_burst: float = 40000.0
+    address_bytes_per_s: float = 64 * 1024 * 1024
+    address_bytes_burst: float = 128 * 1024 * 1024
+    #: shared by every device of one provider; 0 = unlimited unless the
+    #: provider's enrolment sets it (the registry is the per-provider source)
+    provider_msgs_per_s: float = 0.0
+    provider_bytes_per_s: float = 0.0
+    provider_ops_per_s: float = 0.0
+    #: a provider bucket holds this many seconds of its rate
+    provider_burst_s: float = 2.0
+    #: ops one connection may have processed per event-loop turn (plus the
+    #: frame that crosses it); the rest of its read waits for the next turn,
+    #: so one busy link cannot delay others
+    max_ops_per_turn: int = 256
+    #: ops all connections together may have processed per event-loop turn
+    #: before the busy ones wait for the next (a fresh read gets one frame)
+    max_relay_ops_per_turn: int = 1024
+    #: bytes of replies a client has not read (the socket's send buffer)
+    #: past which its connection is closed with OUTPUT_LIMIT
+    max_output_bytes: int = 8 * 1024 * 1024
+    #: distinct devices one address may have (0: no cap)
+    max_devices_per_address: int = 16
+    #: device credentials never seen before, per provider per hour (0: no cap)
+    new_devices_per_provider_per_hour: int = 10000
+    #: connections still in their handshake, per source IP address
+    max_preauth_per_ip: int = 256
+    #: an address younger than this (since the relay first saw one of its
+    #: devices) is a new sender: each stranger (an address that never wrote
+    #: to it) it starts writing to takes a token of a tight bucket, relaxing
+    #: linearly with age (0: the rule is off, e.g. for trace replays)
+    new_sender_age_s: float = 7 * 86400.0
+    new_sender_msgs_per_s: float = 0.2
+    new_sender_burst: float = 20.0
+    #: the abuse score (one point per SEND refused by the new-sender rule or
+    #: sent to an address that has not opted in; halves every hour): past
+    #: ``throttle_score`` the sender is held to ``throttled_msgs_per_s``,
+    #: past ``quarantine_score`` it is quarantined until an operator lifts it
+    throttle_score: float = 50.0
+    quarantine_score: float = 200.0
+    throttled_msgs_per_s: float = 1.0
 
 
 @dataclass
@@ -79,7 +125,19 @@ class RelayConfig:
     synchronous: str = "FULL"
     #: queued + unacked messages per online device kept in RAM; the rest stay in the store
     mailbox_capacity: int = 4096
-    max_connections: int = 100_000
+    #: open connections; 0 = as many as the file-descriptor limit allows.  The
+    #: relay raises its fd limit at start to fit, and refuses to start when it
+    #: cannot
+    max_connections: int = 0
+    #: connections kept for authenticated devices: past ``max_connections``
+    #: minus this, connections still in their handshake are refused
+    auth_reserve: int = 64
+    #: bytes of queued and unacknowledged messages held in RAM, relay-wide;
+    #: past it the fullest mailboxes spill to the store first
+    queue_memory_bytes: int = 512 * 1024 * 1024
+    #: the part of ``queue_memory_bytes`` one provider's devices may hold
+    #: before its mailboxes are the first to spill
+    provider_memory_share: float = 0.5
     handshake_timeout: float = 5.0
     #: a connection that sends nothing (not even a ping) for this long is closed
     idle_timeout: float = 300.0
@@ -194,6 +252,15 @@ class RelayConfig:
             raise InvalidArgument("prekey caps must be >= 1")
         if self.prekey_fetches_per_s <= 0 or self.prekey_fetch_burst < 1:
             raise InvalidArgument("prekey_fetches_per_s must be > 0, prekey_fetch_burst >= 1")
+        if self.max_connections < 0 or self.auth_reserve < 0:
+            raise InvalidArgument("max_connections and auth_reserve must be >= 0")
+        if self.queue_memory_bytes < 1 or not 0 < self.provider_memory_share <= 1:
+            raise InvalidArgument("queue_memory_bytes must be >= 1 and "
+                                  "provider_memory_share in (0, 1]")
+        if (self.limits.max_ops_per_turn < 1 or self.limits.max_relay_ops_per_turn < 1
+                or self.limits.max_output_bytes < 65536):
+            raise InvalidArgument("limits.max_ops_per_turn must be >= 1 and "
+                                  "limits.max_output_bytes >= 65536")
         if not 0 < self.limits.max_body <= 61440:
             raise InvalidArgument("limits.max_body must be in 1..61440")
         for name in ("store_max_bytes", "media_max_bytes", "disk_reserve_bytes",

@@ -11,16 +11,21 @@ pages nor WAL frames keep a readable copy:
 
 * ``store.db``: the address's devices; every message still waiting for one
   of them; every message the address sent that is still waiting for anyone;
-* ``registry.db``: its consent choices (opt-ins).
+* ``registry.db``: its consent choices (opt-ins) and the record of its
+  devices first seen (the gate's new-device caps);
+* ``keys.db``: its device slots in the key directory (identity keys, signed
+  and last-resort prekeys), its one-time prekeys, and its freed device ids.
 
 What is not, and why:
 
 * revocations of its devices (``revoked_devices``): security records; erasing
   one would make a revoked credential valid again;
+* a quarantine of the address as a sender: erasing it would lift the abuse
+  protection (an operator lifts it with ``fastroute sender lift``);
 * attachments it uploaded: the media store never records who uploaded a blob
   (blobs are content-addressed, encrypted by the client, and expire after
   ``media_ttl_s``), so there is nothing that ties a blob to the address;
-* key-directory entries, blocks and groups: not in this relay version.
+* blocks and groups: not in this relay version.
 """
 
 from __future__ import annotations
@@ -84,13 +89,31 @@ def _erase_registry(path: str, address: str) -> dict[str, int]:
     try:
         conn.execute("BEGIN IMMEDIATE")
         consent = conn.execute("DELETE FROM consent WHERE address = ?", (address,)).rowcount
+        seen = conn.execute("DELETE FROM devices_seen WHERE address = ?", (address,)).rowcount
         kept = conn.execute("SELECT count(*) FROM revoked_devices WHERE address = ?",
                             (address,)).fetchone()[0]
+        quarantine = conn.execute("SELECT count(*) FROM quarantine WHERE address = ?",
+                                  (address,)).fetchone()[0]
         conn.execute("COMMIT")
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     finally:
         conn.close()
-    return {"consent_choices": consent, "revocations_kept": kept}
+    return {"consent_choices": consent, "devices_seen": seen, "revocations_kept": kept,
+            "quarantine_kept": quarantine}
+
+
+def _erase_keys(path: str, address: str) -> dict[str, int]:
+    conn = _connect(path)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        slots = conn.execute("DELETE FROM slots WHERE address = ?", (address,)).rowcount
+        prekeys = conn.execute("DELETE FROM prekeys WHERE address = ?", (address,)).rowcount
+        conn.execute("DELETE FROM freed WHERE address = ?", (address,))
+        conn.execute("COMMIT")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        conn.close()
+    return {"key_directory_devices": slots, "one_time_prekeys": prekeys}
 
 
 def erase_address(data_dir: str, address: str) -> dict[str, int]:
@@ -98,8 +121,10 @@ def erase_address(data_dir: str, address: str) -> dict[str, int]:
 
     The keys of the result: ``devices``, ``deliveries_to_it`` (stored
     deliveries waiting for its devices), ``messages_from_it`` (stored
-    messages it sent), ``consent_choices``, and ``revocations_kept`` (kept
-    on purpose, see the module docstring).
+    messages it sent), ``consent_choices``, ``devices_seen``,
+    ``key_directory_devices`` and ``one_time_prekeys`` (with a key
+    directory), and ``revocations_kept`` and ``quarantine_kept`` (kept on
+    purpose, see the module docstring).
     """
     parse_address(address)
     if not os.path.isdir(data_dir):
@@ -112,6 +137,9 @@ def erase_address(data_dir: str, address: str) -> dict[str, int]:
         registry = os.path.join(data_dir, "registry.db")
         if os.path.exists(registry):
             out.update(_erase_registry(registry, address))
+        keys = os.path.join(data_dir, "keys.db")
+        if os.path.exists(keys):
+            out.update(_erase_keys(keys, address))
     except sqlite3.Error as exc:
         raise StoreFailed(f"erase failed: {type(exc).__name__}: {exc}") from None
     return out

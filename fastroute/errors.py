@@ -36,6 +36,7 @@ __all__ = [
     "BodyTooLarge",
     "ConsentRequired",
     "RecipientFull",
+    "Quarantined",
     "TraceFormatError",
     "ConnectionClosed",
     "StoreFailed",
@@ -105,7 +106,11 @@ class ErrorCode(enum.IntEnum):
     CONSENT_REQUIRED = 402
     POLICY = 403
     KEY_LIMIT = 404
+    QUARANTINED = 405
+    OUTPUT_LIMIT = 406
+    DEVICE_LIMIT = 407
     RECIPIENT_FULL = 408
+    NEW_DEVICE_LIMIT = 409
     # 5xx: the relay's side
     INTERNAL = 500
     SHUTTING_DOWN = 503
@@ -274,6 +279,12 @@ class RecipientFull(PolicyError):
     device or per address); resend later with the same id."""
 
     code = ErrorCode.RECIPIENT_FULL
+
+
+class Quarantined(PolicyError):
+    """The sender is quarantined for abuse; an operator may lift it."""
+
+    code = ErrorCode.QUARANTINED
 
 
 class TraceFormatError(FastrouteError, ValueError):

@@ -444,6 +444,13 @@ class ProviderRecord:
     msgs_per_s: int | None
     bytes_per_s: int | None
     max_body: int | None
+    #: limits shared by all of the provider's devices together (None: the
+    #: relay's ``limits.provider_*`` defaults)
+    provider_msgs_per_s: int | None = None
+    provider_bytes_per_s: int | None = None
+    provider_ops_per_s: int | None = None
+    #: optional DELIVER header fields its devices do not receive
+    withhold: tuple[str, ...] = ()
 
     @property
     def revoked(self) -> bool:
@@ -466,15 +473,18 @@ class Trust:
     share between threads.
     """
 
-    __slots__ = ("_providers", "_keys", "_revoked_devices", "version")
+    __slots__ = ("_providers", "_keys", "_revoked_devices", "version", "quarantined")
 
     def __init__(self, providers: Iterable[ProviderRecord],
                  revoked_devices: Iterable[tuple[str, str]] = (),
-                 version: object = None) -> None:
+                 version: object = None,
+                 quarantined: dict[str, tuple[int, str]] | None = None) -> None:
         self._providers = {p.name: p for p in providers}
         self._keys = {name: _load_public(p.public_key) for name, p in self._providers.items()}
         self._revoked_devices = frozenset(revoked_devices)
         self.version = version
+        #: quarantined sender address -> (since, reason)
+        self.quarantined = dict(quarantined or {})
 
     @classmethod
     def load(cls, registry: Registry) -> Trust:
@@ -500,13 +510,20 @@ class Trust:
             raise UnknownProvider("provider is not enrolled") from None
 
     def quota(self, name: str) -> dict[str, int | None]:
-        """``{"msgs_per_s", "bytes_per_s", "max_body"}`` of provider ``name``.
+        """The per-device and provider-wide quotas of provider ``name``.
+
+        Keys: ``msgs_per_s``, ``bytes_per_s``, ``max_body`` (per device; may
+        only lower the relay's defaults) and ``provider_msgs_per_s``,
+        ``provider_bytes_per_s``, ``provider_ops_per_s`` (all its devices
+        together).
 
         ``None`` values mean the relay's defaults apply.
         """
         rec = self.provider(name)
         return {"msgs_per_s": rec.msgs_per_s, "bytes_per_s": rec.bytes_per_s,
-                "max_body": rec.max_body}
+                "max_body": rec.max_body, "provider_msgs_per_s": rec.provider_msgs_per_s,
+                "provider_bytes_per_s": rec.provider_bytes_per_s,
+                "provider_ops_per_s": rec.provider_ops_per_s}
 
     def check_live(self, cred: Credential, now: int) -> None:
         """Re-check an already verified credential of a live connection.
@@ -559,6 +576,18 @@ CREATE TABLE IF NOT EXISTS consent (
     granted_at INTEGER NOT NULL,
     PRIMARY KEY (address, provider)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS devices_seen (
+    address    TEXT NOT NULL,
+    device     TEXT NOT NULL,
+    provider   TEXT NOT NULL,
+    first_seen INTEGER NOT NULL,
+    PRIMARY KEY (address, device)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS quarantine (
+    address TEXT PRIMARY KEY,
+    since   INTEGER NOT NULL,
+    reason  TEXT NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -567,7 +596,35 @@ INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', 1), ('generation', 0);
 """
 
 _PROVIDER_COLS = ("name, public_key, enrolled_at, revoked_at, "
-                  "max_msgs_per_s, max_bytes_per_s, max_body")
+                  "max_msgs_per_s, max_bytes_per_s, max_body, "
+                  "provider_msgs_per_s, provider_bytes_per_s, provider_ops_per_s, withhold")
+
+#: columns added after schema 1 (ALTER TABLE on open when missing)
+_ADDED_PROVIDER_COLS = (("provider_msgs_per_s", "INTEGER"), ("provider_bytes_per_s", "INTEGER"),
+                        ("provider_ops_per_s", "INTEGER"), ("withhold", "TEXT"))
+
+#: DELIVER header fields a provider's policy may withhold from its devices (v1:
+#: the relay's timestamp, sent as 0 so the op keeps its fixed positions)
+WITHHOLDABLE = frozenset({"ts_ms"})
+#: fields a client needs to decrypt or deduplicate: never withheld
+REQUIRED_FIELDS = frozenset({"from", "id", "device", "group", "seq", "body", "cls"})
+
+
+def check_withhold(fields: Iterable[str]) -> tuple[str, ...]:
+    """A header policy's field list, checked: InvalidArgument for a field that
+    may never be withheld (sender address, message id, sending device, group
+    id, ...) or one the relay does not know."""
+    out = []
+    for f in fields:
+        if f in REQUIRED_FIELDS:
+            raise InvalidArgument(f"header field {f!r} can never be withheld: clients "
+                                  "need it to decrypt or deduplicate")
+        if f not in WITHHOLDABLE:
+            raise InvalidArgument(f"unknown header field {f!r} (withholdable: "
+                                  f"{sorted(WITHHOLDABLE)})")
+        if f not in out:
+            out.append(f)
+    return tuple(sorted(out))
 
 
 class Registry:
@@ -600,6 +657,10 @@ class Registry:
                 for stmt in _SCHEMA.split(";"):
                     if stmt.strip():
                         self._db.execute(stmt)
+                have = {r[1] for r in self._db.execute("PRAGMA table_info(providers)")}
+                for column, kind in _ADDED_PROVIDER_COLS:
+                    if column not in have:
+                        self._db.execute(f"ALTER TABLE providers ADD COLUMN {column} {kind}")
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -625,11 +686,21 @@ class Registry:
                      msgs_per_s: int | None = None,
                      bytes_per_s: int | None = None,
                      max_body: int | None = None,
+                     provider_msgs_per_s: int | None = None,
+                     provider_bytes_per_s: int | None = None,
+                     provider_ops_per_s: int | None = None,
+                     withhold: Iterable[str] | None = None,
                      now: int | None = None) -> ProviderRecord:
         """Enrol a provider; returns its record.
 
         Quotas (``None`` = the relay's defaults): messages and bytes per
-        second per device connection, and the largest body.  Enrolling the
+        second per device, and the largest body (these may only lower the
+        relay's defaults); ``provider_*``: messages, body bytes and ops per
+        second of all the provider's devices together; ``withhold``: the
+        optional DELIVER header fields its devices do not receive (see
+        :func:`check_withhold`; ``[]`` clears it).  The registry is the one
+        source of per-provider limits: a running relay applies a change to
+        live connections within ``registry_poll_s``.  Enrolling the
         same name with the same key again is a no-op apart from updating the
         quotas given (not ``None``).  It never lifts a revocation: a revoked
         name raises :class:`PolicyError` (use :meth:`restore_provider`).  The
@@ -639,12 +710,19 @@ class Registry:
         _check_provider(name)
         public_key = check_bytes(public_key, "public_key", 32)
         _load_public(public_key)
-        quotas = (("max_msgs_per_s", "msgs_per_s", msgs_per_s),
-                  ("max_bytes_per_s", "bytes_per_s", bytes_per_s),
-                  ("max_body", "max_body", max_body))
-        for _, what, value in quotas:
+        quotas: tuple[tuple[str, str, Any], ...] = (
+            ("max_msgs_per_s", "msgs_per_s", msgs_per_s),
+            ("max_bytes_per_s", "bytes_per_s", bytes_per_s),
+            ("max_body", "max_body", max_body),
+            ("provider_msgs_per_s", "provider_msgs_per_s", provider_msgs_per_s),
+            ("provider_bytes_per_s", "provider_bytes_per_s", provider_bytes_per_s),
+            ("provider_ops_per_s", "provider_ops_per_s", provider_ops_per_s))
+        for column, what, value in quotas:
             if value is not None:
-                check_int(value, what, 1)
+                # a provider-wide rate of 0 clears it (the relay's default applies)
+                check_int(value, what, 0 if column.startswith("provider_") else 1)
+        if withhold is not None:
+            quotas += (("withhold", "withhold", ",".join(check_withhold(withhold))),)
         now = int(time.time()) if now is None else check_int(now, "now", 0)
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -656,16 +734,16 @@ class Registry:
                                       f"(fastroute provider restore {name})")
                 if row is None:
                     self._db.execute(
-                        f"INSERT INTO providers ({_PROVIDER_COLS}) VALUES (?, ?, ?, NULL, ?, ?, ?)",
-                        (name, public_key, now, msgs_per_s, bytes_per_s, max_body))
+                        "INSERT INTO providers (name, public_key, enrolled_at) VALUES (?, ?, ?)",
+                        (name, public_key, now))
                 elif not hmac.compare_digest(bytes(row[0]), public_key):
                     raise InvalidArgument(f"provider {name!r} is already enrolled with another "
                                           f"key; to replace it: fastroute provider rotate {name}")
-                else:
-                    for column, _, value in quotas:
-                        if value is not None:
-                            self._db.execute(f"UPDATE providers SET {column} = ? WHERE name = ?",
-                                             (value, name))
+                # new or re-enrolled with the same key: the quotas given apply
+                for column, _, value in quotas:
+                    if value is not None:
+                        self._db.execute(f"UPDATE providers SET {column} = ? WHERE name = ?",
+                                         (value or None, name))
                 self._db.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
                 self._db.execute("COMMIT")
             except BaseException:
@@ -788,6 +866,47 @@ class Registry:
                 out.setdefault(address, set()).add(provider)
         return {a: frozenset(p) for a, p in out.items()}
 
+    def note_devices(self, rows: Iterable[tuple[str, str, str, int]]) -> None:
+        """Record ``(address, device, provider, first_seen)`` of devices the relay
+        saw for the first time (kept: the age of a sender and the per-provider
+        cap on new devices are counted from them)."""
+        rows = list(rows)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    "INSERT OR IGNORE INTO devices_seen (address, device, provider, first_seen) "
+                    "VALUES (?, ?, ?, ?)", rows)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def devices_seen(self) -> list[tuple[str, str, str, int]]:
+        """Every device ever seen: ``(address, device, provider, first_seen)``."""
+        with self._lock:
+            return self._db.execute(
+                "SELECT address, device, provider, first_seen FROM devices_seen").fetchall()
+
+    def quarantine(self, address: str, reason: str, *, now: int | None = None) -> None:
+        """Quarantine a sender address: the relay refuses its sends with QUARANTINED
+        until :meth:`lift_quarantine`.  Keeps the first time and reason."""
+        parse_address(address)
+        now = int(time.time()) if now is None else check_int(now, "now", 0)
+        self._write("INSERT OR IGNORE INTO quarantine (address, since, reason) VALUES (?, ?, ?)",
+                    (address, now, str(reason)[:200]))
+
+    def lift_quarantine(self, address: str) -> bool:
+        """Lift a sender's quarantine; False if it was not quarantined."""
+        parse_address(address)
+        return self._write("DELETE FROM quarantine WHERE address = ?", (address,)) > 0
+
+    def quarantined(self) -> list[tuple[str, int, str]]:
+        """Quarantined senders as ``(address, since, reason)``, oldest first."""
+        with self._lock:
+            return self._db.execute(
+                "SELECT address, since, reason FROM quarantine ORDER BY since, address").fetchall()
+
     # -- reading ---------------------------------------------------------
 
     def get_provider(self, name: str) -> ProviderRecord:
@@ -844,9 +963,11 @@ class Registry:
                     f"SELECT {_PROVIDER_COLS} FROM providers")]
                 devices = self._db.execute(
                     "SELECT address, device FROM revoked_devices").fetchall()
+                quarantined = {a: (since, why) for a, since, why in self._db.execute(
+                    "SELECT address, since, reason FROM quarantine")}
             finally:
                 self._db.execute("COMMIT")
-            trust = Trust(providers, devices, version)
+            trust = Trust(providers, devices, version, quarantined)
             self._trust = trust
             return trust
 
@@ -863,8 +984,11 @@ class Registry:
 
 
 def _record(row: tuple[Any, ...]) -> ProviderRecord:
-    name, key, enrolled, revoked, mps, bps, body = row
-    return ProviderRecord(name, bytes(key), enrolled, revoked, mps, bps, body)
+    name, key, enrolled, revoked, mps, bps, body, pmps, pbps, pops, withhold = row
+    # a policy written by hand past add_provider is checked when it is loaded
+    fields = check_withhold(withhold.split(",")) if withhold else ()
+    return ProviderRecord(name, bytes(key), enrolled, revoked, mps, bps, body, pmps, pbps, pops,
+                          fields)
 
 
 def verify_credential(trust: Trust | Registry, data: bytes, handshake_static: bytes,

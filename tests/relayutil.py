@@ -59,14 +59,19 @@ class World:
 
 
 @contextlib.asynccontextmanager
-async def world(tmp_path, **cfg_kw):
-    """Start a relay (SQLite store in ``tmp_path``) with providers home and acme."""
+async def world(tmp_path, setup=None, **cfg_kw):
+    """Start a relay (SQLite store in ``tmp_path``) with providers home and acme.
+
+    ``setup(registry, keys)``, if given, runs on the registry before the relay starts.
+    """
     data_dir = str(tmp_path / "relay")
     os.makedirs(data_dir, exist_ok=True)
     keys = {"home": ProviderKey.generate(), "acme": ProviderKey.generate()}
     with Registry(os.path.join(data_dir, "registry.db")) as reg:
         for name, key in keys.items():
             reg.add_provider(name, key.public_key)
+        if setup is not None:
+            setup(reg, keys)
     cfg_kw.setdefault("registry_poll_s", 0.05)
     # most tests exchange messages across providers; opt-in has tests of its own
     cfg_kw.setdefault("require_consent", False)

@@ -35,6 +35,7 @@ from fastroute.errors import (
 )
 from fastroute.identity import ProviderKey, Registry, issue_credential
 from fastroute.noise import KeyPair
+from fastroute.config import Limits
 from relayutil import LOOPS, nothing_arrives, run, world
 
 EC, KEM = wire.PREKEY_EC, wire.PREKEY_KEM
@@ -137,7 +138,9 @@ def test_publish_list_and_fetch_serve_keys_byte_for_byte_and_consume_once(tmp_pa
 
 def test_uploads_and_answers_larger_than_a_frame(tmp_path):
     async def main():
-        async with world(tmp_path, prekey_kem_cap=200) as w:
+        # 45 devices on one address: above the gate's default cap of 16 devices
+        async with world(tmp_path, prekey_kem_cap=200,
+                         limits=Limits(max_devices_per_address=64)) as w:
             a = await e2ee(w, "alice@home", "phone")
             ks = keyset(9, n_ec=100, n_kem=100)  # 100 Kyber keys: ~169 KB, several frames
             await a.publish_keys(**ks)
@@ -438,8 +441,9 @@ def test_no_enumeration_without_consent_and_per_requester_fetch_limits(tmp_path)
                 await mallory.bundles("alice@home")
             with pytest.raises(RateLimited):  # past its limit: nothing more is consumed
                 await mallory.bundles("alice@home")
-            # v1 SEND keeps its v1 answers
-            with pytest.raises(UnknownAddress):
+            # v1 SEND: an unknown address and one that has not opted in get the
+            # same answer too (PROTOCOL.md, SEND, "No enumeration"): 402
+            with pytest.raises(ConsentRequired):
                 await mallory.send("nobody@home", b"x")
             await e2ee(w, "bob@home", "phone", 3)
             with pytest.raises(ConsentRequired):

@@ -86,6 +86,7 @@ def test_compiled_twins_loaded():
              (delivery.pack_delivers, delivery.py_pack_delivers),
              (delivery.sync_rows, delivery.py_sync_rows),
              (keys_mod.dsend_copies, keys_mod.py_dsend_copies),
+             (delivery.bytes_by_address, delivery.py_bytes_by_address),
              (store._mem_put, store.py_mem_put), (store._mem_ack, store.py_mem_ack),
              (store._mem_load, store.py_mem_load),
              (client_mod._pack_sends, client_mod.py_pack_sends),
@@ -429,6 +430,7 @@ def test_accept_sends_twins(require_consent, tokens, taps):
         (1, ids[9], ADDR, b"i", 0),                       # duplicate: decided, expired
         (1, ids[0], ADDR, b"a" * 10, 0),                  # duplicate within the read
         (1, ids[10], ADDR, b"j" * 999, 1),
+        (1, ids[11], "ghost@other.net", b"k", 0),       # unknown, other provider
     ]
     state = {
         "known": {ADDR: [1, 2], "carol@other.net": [3], "dave@other.net": [4],
@@ -458,8 +460,11 @@ def test_accept_sends_twins(require_consent, tokens, taps):
         assert entries[ids[6]] == ((0, 100.0), None)  # ephemeral: decided at once
         assert [it[2] for it in meta] == [ids[i] for i in want]
         assert wire.sack_op(ids[8], 0) in out
+        # no enumeration: for a sender the address never accepted, unknown
+        # answers like not opted in (the same code from the same check)
         assert counted == [ErrorCode.BODY_TOO_LARGE, ErrorCode.UNKNOWN_RECIPIENT] + (
-            [ErrorCode.CONSENT_REQUIRED] if require_consent else [])
+            [ErrorCode.CONSENT_REQUIRED] * 2 if require_consent
+            else [ErrorCode.UNKNOWN_RECIPIENT])
         assert len(tapped) == len(want) + 3 if taps else not tapped
     if tokens == (0, 0):
         assert not store_items and ephemeral is None
@@ -956,3 +961,17 @@ def test_dsend_ok_twins_accept_only_what_the_precise_check_accepts(op):
         assert precise is op  # the fast path never accepts what the checker refuses
     elif precise is op:
         assert op[2] not in addr_ok  # it only declines what it cannot vouch for
+
+
+@pytest.mark.parametrize("batch", [
+    [],
+    [("a@x", (1, b"abc")), ("b@y", (2, b"")), ("a@x", (3, b"z" * 70000))],
+    [("a@x", (0, b"t")) for _ in range(100)],
+    [("a@x", (1, "not bytes"))],          # WrongType from both
+    [("a@x", (1,))],                      # WrongType from both
+    [("a@x", [1, b"list"])],
+])
+def test_bytes_by_address_twins(batch):
+    got = _same(delivery.py_bytes_by_address, _core and _core.bytes_by_address, batch)
+    if not isinstance(got, Exception):
+        assert sum(got.values()) == sum(len(p[1]) for _, p in batch)

@@ -343,7 +343,8 @@ def test_add_provider_rules(registry, key):
     rec = registry.add_provider("third.example", key.public_key, msgs_per_s=50, max_body=1000)
     assert (rec.msgs_per_s, rec.bytes_per_s, rec.max_body) == (50, None, 1000)
     assert registry.trust().quota("third.example") == {
-        "msgs_per_s": 50, "bytes_per_s": None, "max_body": 1000}
+        "msgs_per_s": 50, "bytes_per_s": None, "max_body": 1000,
+        "provider_msgs_per_s": None, "provider_bytes_per_s": None, "provider_ops_per_s": None}
     with pytest.raises(InvalidArgument):
         registry.add_provider("Bad Name", key.public_key)
     with pytest.raises(InvalidArgument):

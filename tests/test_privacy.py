@@ -155,9 +155,10 @@ def test_erasure_does_not_depend_on_the_sqlite_builds_secure_delete_default(
 
 
 def test_operator_erasure_leaves_nothing_of_the_address(tmp_path, capsys):
-    # `fastroute address erase`: its devices, messages to and from it and its
-    # consent go; the scan then finds neither its address, nor its bodies,
-    # nor its ids, in any file; other users' data stays.
+    # `fastroute address erase`: its devices, messages to and from it, its
+    # consent and its keys in the key directory go; the scan then finds
+    # neither its address, nor its bodies, ids or keys, in any file; other
+    # users' data stays.
     from fastroute import Relay, RelayConfig
     from fastroute.cli import main as cli
 
@@ -184,7 +185,14 @@ def test_operator_erasure_leaves_nothing_of_the_address(tmp_path, capsys):
                 body = b"FROM-ERIN-%02d-" % i + os.urandom(8).hex().encode()
                 needles[f"from{i}"] = body
                 needles[f"from-id{i}"] = cid
-            erin = await w.connect("erin@home", "tablet")
+            erin = await w.connect("erin@home", "tablet", features=("e2ee",))
+            # her keys in the key directory (keys.db) go with the rest
+            ident, one_time = b"ERIN-IDENTITY-" + os.urandom(19), b"ERIN-PREKEY-" + os.urandom(21)
+            needles["identity key"], needles["one-time prekey"] = ident, one_time
+            await erin.publish_keys(registration_id=77, identity_key=ident,
+                                    signed_prekey=(7, os.urandom(33), os.urandom(64)),
+                                    last_resort_kem_prekey=(9, os.urandom(1569), os.urandom(64)),
+                                    one_time_prekeys=[(1, one_time)], kem_prekeys=[])
             for i in range(20):
                 await erin.send("bob@acme", needles[f"from{i}"], id=needles[f"from-id{i}"])
             await erin.close()
@@ -197,6 +205,7 @@ def test_operator_erasure_leaves_nothing_of_the_address(tmp_path, capsys):
         out = capsys.readouterr().out
         assert "devices: 2" in out and "consent_choices: 1" in out
         assert "messages_from_it: 20" in out
+        assert "key_directory_devices: 1" in out and "one_time_prekeys: 1" in out
         state["after"] = scan(state["dir"], needles)
         # bob's laptop still gets what others sent it, none of erin's
         relay = Relay(RelayConfig(port=0, data_dir=state["dir"], require_consent=False))
@@ -213,4 +222,6 @@ def test_operator_erasure_leaves_nothing_of_the_address(tmp_path, capsys):
 
     run("asyncio", main())
     assert state["before"], "the scan must see the data before the erasure"
+    # the key directory held them (in its WAL or its main file)
+    assert any(f.startswith("keys.db") for f in state["before"]["identity key"])
     assert state["after"] == {}, f"left after erasure: {sorted(state['after'].items())[:5]}"

@@ -35,6 +35,9 @@ COLLEGE = Path(__file__).resolve().parent / "data" / "CollegeMsg.txt"
 def relay_proc(tmp_path):
     """``fastroute serve`` on a free loopback port, stopped with SIGTERM afterwards."""
     data = tmp_path / "relay"
+    # every user of a replayed trace is brand new to this relay and writes to
+    # strangers at 2,000,000x speed: the new-sender rule is off for load tests
+    (tmp_path / "fastroute.toml").write_text("[limits]\nnew_sender_age_s = 0.0\n")
     proc = subprocess.Popen([sys.executable, "-m", "fastroute.cli", "serve", "--data-dir",
                              str(data), "--listen", "127.0.0.1:0", "--admin-socket"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

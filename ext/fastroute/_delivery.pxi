@@ -4,6 +4,7 @@
 # Compiled twins of fastroute/relay/delivery.py (the specification):
 #   pack_delivers  = py_pack_delivers
 #   sync_rows      = py_sync_rows
+#   bytes_by_address = py_bytes_by_address
 #
 # tests/test_fastpath.py runs both on the same inputs and compares.
 
@@ -112,3 +113,26 @@ def sync_rows(object router, object dev, list rows, object routed, dict senders,
         last = mid
         pushed += 1
     return pushed, last, 0
+
+
+def bytes_by_address(list batch):
+    """``{address: total length of its tails}`` of a routed batch of
+    ``(address, (mid, tail))`` items (the memory budget's accounting)."""
+    cdef dict out = {}
+    cdef Py_ssize_t i, n = PyList_GET_SIZE(batch)
+    cdef object item, to, payload, tail, have
+    for i in range(n):
+        item = <object>PyList_GET_ITEM(batch, i)
+        to, payload = item
+        # checked before indexing: the core is compiled without bounds checks
+        if type(payload) is not tuple or PyTuple_GET_SIZE(payload) != 2:
+            raise WrongType("DELIVER payloads must be (mid, tail) tuples")
+        tail = payload[1]
+        if not PyBytes_CheckExact(tail):
+            raise WrongType("DELIVER tail must be bytes")
+        have = out.get(to)
+        if have is None:
+            out[to] = PyBytes_GET_SIZE(tail)
+        else:
+            out[to] = <Py_ssize_t>have + PyBytes_GET_SIZE(tail)
+    return out

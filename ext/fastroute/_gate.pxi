@@ -141,13 +141,15 @@ def accept_sends(SendGate gate not None, LinkGate lg not None, list sends, objec
         size = len(body)
         if size > max_body:
             code = too_large
-        elif to not in known:
-            code = unknown
         elif consent is not None and not (
                 PyUnicode_Tailmatch(to, own, 0, PY_SSIZE_T_MAX, 1) == 1
-                or ((accepted := consent.get(to)) is not None
+                or (to in known and (accepted := consent.get(to)) is not None
                     and (provider in accepted or "*" in accepted))):
+            # an unknown address gets the same answer as one that did not
+            # opt in: a sender the recipient never accepted cannot tell them apart
             code = consent_required
+        elif to not in known:
+            code = unknown
         elif mt < 1.0 or bt < <double>size:
             code = rate_limited  # a refused message costs no quota
         else:

@@ -41,14 +41,16 @@ if TYPE_CHECKING:
     from ..identity import Credential
     from ..store import Store
 
-__all__ = ["Delivery", "Feed", "LinkPort", "pack_delivers", "py_pack_delivers", "py_sync_rows",
-           "sync_rows"]
+__all__ = ["Delivery", "Feed", "LinkPort", "bytes_by_address", "pack_delivers",
+           "py_bytes_by_address", "py_pack_delivers", "py_sync_rows", "sync_rows"]
 
 log = logging.getLogger("fastroute.relay")
 
 _DELIVER_HEAD = b"\x97\x12\xce"  # fixarray(7), DELIVER, uint32 marker
 #: DELIVERs popped from a mailbox per call (one packing call each)
 _POP_BATCH = 1024
+#: ts_ms = 0 as the DELIVER tail packs it (uint64), for a withheld timestamp
+_TS_ZERO = b"\xcf" + bytes(8)
 
 
 # -- per-message loops: specification -------------------------------------------
@@ -121,9 +123,24 @@ def py_sync_rows(router, dev, rows: list, routed, senders: dict, pack_sender):
     return pushed, last, 0
 
 
+def py_bytes_by_address(batch: list) -> dict:
+    """``{address: total length of its tails}`` of a routed batch of
+    ``(address, (mid, tail))`` items (the memory budget's accounting)."""
+    out: dict = {}
+    for to, payload in batch:
+        if type(payload) is not tuple or len(payload) != 2:
+            raise WrongType("DELIVER payloads must be (mid, tail) tuples")
+        tail = payload[1]
+        if type(tail) is not bytes:
+            raise WrongType("DELIVER tail must be bytes")
+        out[to] = out.get(to, 0) + len(tail)
+    return out
+
+
 #: the implementations in use: compiled (``_delivery.pxi``) or the specifications above
 pack_delivers = twin(py_pack_delivers)
 sync_rows = twin(py_sync_rows)
+bytes_by_address = twin(py_bytes_by_address)
 
 
 # -- the stage ---------------------------------------------------------------------
@@ -149,6 +166,10 @@ class LinkPort(Protocol):
     feed: "Feed | None"
     #: the gate's state (a ``LinkGate``) while the device is online
     gate_state: Any
+    #: the gate's layered budgets (a ``Budgets``) while the device is online
+    budgets: Any
+    #: ops refused past the op budget (counted by link and gate)
+    refused_ops: int
     #: store batches of this link's SENDs not yet answered
     storing: int
     media_in_flight: int
@@ -179,11 +200,13 @@ class Feed:
     the mids of popped messages waiting for the device's DACK; their seqs
     are consecutive from ``inflight_seq`` (one mailbox, popped in order,
     never requeued).  ``last_mid``, ``missed_mid`` and ``live`` are the
-    sync's cursor (see :meth:`Delivery._sync`).
+    sync's cursor (see :meth:`Delivery._sync`).  ``qbytes`` counts the DELIVER
+    tails the engine holds for it (the relay-wide memory budget).
     """
 
     __slots__ = ("link", "dev", "dkey", "address", "device", "inflight", "inflight_seq",
-                 "last_mid", "missed_mid", "live", "sync_task", "room")
+                 "last_mid", "missed_mid", "live", "sync_task", "room", "qbytes",
+                 "inflight_bytes", "provider", "no_ts")
 
     def __init__(self, link: "LinkPort", dev: int, dkey: int, address: str, device: str) -> None:
         self.link = link
@@ -198,19 +221,35 @@ class Feed:
         self.live = False  # False while suspended/overflowed: the store feeds the device
         self.sync_task: asyncio.Task | None = None
         self.room = asyncio.Event()
+        #: bytes of this device's messages held by the engine (queued + unacked),
+        #: and of the popped ones among them
+        self.qbytes = 0
+        self.inflight_bytes = 0
+        self.provider = address.rpartition("@")[2]
+        #: its provider's header policy withholds the relay's timestamp
+        self.no_ts = False
 
 
 class Delivery:
     """The delivery stage of one relay: engine, store, live route, sync, writer."""
 
     def __init__(self, router: Any, store: Store, mailbox_capacity: int,
-                 caps: Caps | None = None) -> None:
+                 caps: Caps | None = None, memory_budget: int = 1 << 62,
+                 provider_share: float = 1.0) -> None:
         self.router = router
         self.store = store
         #: what the store keeps per recipient, and the addresses at a cap
         self.caps = caps if caps is not None else Caps((0, 0, 0, 0))
         self._puts_begun = 0
         self.mailbox_capacity = mailbox_capacity
+        #: bytes of DELIVER tails the engine may hold, relay-wide; past it the
+        #: fullest mailboxes (first those of providers over their share)
+        #: spill: their new messages wait in the store, not in RAM
+        self.memory_budget = memory_budget
+        self.provider_share = provider_share
+        self.queued_bytes = 0
+        self.spills = 0
+        self._by_address: dict[str, list[Feed]] = {}
         #: address -> store device keys of every device the store knows
         self.known: dict[str, list[int]] = {}
         self.delivered = 0
@@ -262,6 +301,7 @@ class Delivery:
         feed = Feed(link, dev, dkey, address, device)
         self._online[dev] = feed
         self._by_device[(address, device)] = feed
+        self._by_address.setdefault(address, []).append(feed)
         return feed
 
     def forget_device(self, address: str, device: str) -> None:
@@ -301,6 +341,13 @@ class Delivery:
         key = (feed.address, feed.device)
         if self._by_device.get(key) is feed:
             del self._by_device[key]
+        feeds = self._by_address.get(feed.address)
+        if feeds is not None and feed in feeds:
+            feeds.remove(feed)
+            if not feeds:
+                del self._by_address[feed.address]
+        self.queued_bytes -= feed.qbytes
+        feed.qbytes = 0
         feed.dev = -1
         feed.room.set()
 
@@ -319,6 +366,18 @@ class Delivery:
         feed.inflight_seq += k
         popleft = inflight.popleft
         mids = [mid for mid in [popleft() for _ in range(k)] if mid]
+        # popped bytes are known per pop batch, not per message: an ack of
+        # part of them frees its share (exact once all are acked)
+        if inflight:
+            freed = feed.inflight_bytes * k // (k + len(inflight))
+        else:
+            freed = feed.inflight_bytes
+            if not self.router.pending(feed.dev)[0]:
+                # nothing held at all: whatever estimate is left goes too
+                freed = feed.qbytes
+        feed.inflight_bytes -= min(freed, feed.inflight_bytes)
+        feed.qbytes -= freed
+        self.queued_bytes -= freed
         self.delivered += n
         if mids:
             self.store.ack(feed.dkey, mids, validate=False)
@@ -409,10 +468,15 @@ class Delivery:
                 self.route(batch, ephemeral)
             return
         except MailboxFull as exc:
+            self._held(batch, exc.full)
             if ephemeral:
                 self._signals_dropped(exc.full)
             else:
                 self._missed(batch, exc.full)
+        else:
+            self._held(batch, ())
+        if self.queued_bytes > self.memory_budget:
+            self.spill()
         self.wake()
 
     def _signals_dropped(self, full: list) -> None:
@@ -454,6 +518,53 @@ class Delivery:
             for fut in waiters:
                 if not fut.done():
                     fut.set_result(None)
+
+    def _held(self, batch: list, full: Any) -> None:
+        """Count the bytes the engine now holds for each live device of the batch."""
+        by_address = self._by_address
+        added = 0
+        # per address in C, then per device of each address here
+        for to, size in bytes_by_address(batch).items():
+            feeds = by_address.get(to)
+            if feeds is None:
+                continue
+            for feed in feeds:
+                if feed.live:
+                    feed.qbytes += size
+                    added += size
+        online = self._online
+        for index, dev in full:
+            skipped = online.get(dev)
+            if skipped is not None and skipped.live:  # it was skipped, not filled
+                size = len(batch[index][1][1])
+                skipped.qbytes -= size
+                added -= size
+        self.queued_bytes += added
+
+    def spill(self) -> None:
+        """Over the memory budget: the fullest mailboxes stop taking live
+        messages (first those of providers over their share); what is sent
+        to them meanwhile waits in the store and reaches them by sync, as
+        for any slow consumer.  Ephemeral signals to them are dropped."""
+        online = list(self._online.values())
+        per_provider: dict[str, int] = {}
+        for feed in online:
+            per_provider[feed.provider] = per_provider.get(feed.provider, 0) + feed.qbytes
+        share = self.memory_budget * self.provider_share
+        excess = self.queued_bytes - self.memory_budget
+        order = sorted((f for f in online if f.live and f.qbytes),
+                       key=lambda f: (per_provider[f.provider] <= share, -f.qbytes))
+        router = self.router
+        for feed in order:
+            if excess <= 0:
+                break
+            router.suspend(feed.dev)
+            feed.live = False
+            # everything routed so far is in the engine; the sync starts
+            # after the newest routed message once this device misses one
+            feed.last_mid = self._routed_mid
+            excess -= feed.qbytes
+            self.spills += 1
 
     def _missed(self, batch: list, full: list) -> None:
         online = self._online
@@ -516,11 +627,13 @@ class Delivery:
             while feed.dev >= 0:
                 queued, unacked = router.pending(feed.dev)
                 room = cap - queued - unacked
-                if room <= 0:
+                over = self.queued_bytes > self.memory_budget
+                if room <= 0 or (over and queued + unacked):
+                    # over the memory budget only an empty mailbox is refilled
                     feed.room.clear()
                     await feed.room.wait()
                     continue
-                limit = min(room, 1024)
+                limit = min(room, 16 if over else 1024)
                 missed_before = feed.missed_mid
                 rows = await store.load(feed.dkey, feed.last_mid, limit)
                 if feed.dev < 0:
@@ -535,6 +648,11 @@ class Delivery:
                                                 self._sender_packer(feed))
                 if pushed:
                     feed.last_mid = last
+                    # the bodies plus a tail's overhead (sender, id, ts, cls;
+                    # ~40 bytes): an estimate, reset when the device is empty
+                    size = sum([len(row[3]) for row in rows[:pushed]]) + 40 * pushed
+                    feed.qbytes += size
+                    self.queued_bytes += size
                     self.wake()  # the writer drains what was just pushed
                 if state == 2:
                     continue  # full: the room check above waits for acks
@@ -573,6 +691,7 @@ class Delivery:
         pop_batch = self.router.pop_batch
         out = link.out
         mids = feed.inflight.extend
+        no_ts = feed.no_ts
         dev = feed.dev
         # Stop pulling while the socket's buffer is full: the messages stay
         # in the (bounded) mailbox and, past its capacity, in the store.
@@ -584,6 +703,7 @@ class Delivery:
                 link.close(ErrorCode.OK, "sequence space exhausted; reconnect")
                 return
             # one packed DELIVER per message, appended to out (in C when compiled)
+            start = len(out)
             mids(pack_delivers(seq, batch, out))
             # Latency from acceptance to this write, sampled once per pull:
             # the newest message's tail ends with its ts_ms (uint64) and cls.
@@ -591,6 +711,14 @@ class Delivery:
             if len(tail) >= 10 and tail[-10] == 0xCF:
                 self.latency.observe(max(0.0, time.time()
                                          - int.from_bytes(tail[-9:-1], "big") / 1000.0))
+            # what they hold in the engine until acked: their tails' lengths
+            feed.inflight_bytes += sum(map(len, out[start:])) - 7 * len(batch)
+            if no_ts:
+                # header policy: the relay's timestamp is withheld; DELIVER v1
+                # is positional, so ts_ms stays, as 0 (same length)
+                for i in range(start, len(out)):
+                    x = out[i]
+                    out[i] = x[:-10] + _TS_ZERO + x[-1:]
             if len(batch) < _POP_BATCH:
                 break
 

@@ -6,12 +6,21 @@ the client.  The frame and op shapes are checked by the wire decoder
 needs the relay's state:
 
 * SEND: duplicate ids (the dedup window, :mod:`fastroute.dedup`), the
-  device's body limit, a known recipient, the recipient's consent (DMA
-  opt-in for other providers' users), the device's message and byte quotas
-  (:class:`TokenBucket`).  Accepted persistent messages go to the delivery
+  device's body limit, the recipient's consent (DMA opt-in for other
+  providers' users; an unknown address answers the same, so it cannot be
+  told apart: no enumeration), a known recipient, the message and byte
+  quotas (:class:`TokenBucket`).  Accepted persistent messages go to the delivery
   stage, which stores them durably and routes them; the sender's SACK goes
   out once they are stored.
 * CONSENT: a user opts in to (or out of) another provider's senders.
+* Budgets (:class:`Budgets`): every op a link reads costs one token of its
+  device's op budget (and its provider's); messages and body bytes are
+  taken from layered buckets: device, address, provider.  Devices are
+  capped per address, new devices per provider per hour.
+* Abuse (:class:`Sender`): an address younger than ``new_sender_age_s``
+  has a tight bucket for messages to strangers; refusals feed a decaying
+  score; past thresholds the sender is throttled, then quarantined (durably,
+  in the registry, until an operator lifts it).
 
 Nothing here touches sockets or crypto.  The per-message loop is written
 twice: :func:`py_accept_sends`, :func:`py_stored_sacks` and
@@ -25,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
 
 import msgpack
@@ -32,12 +42,13 @@ import msgpack
 from .. import identity, wire
 from .._compiled import twin
 from ..dedup import PENDING, DedupTable
-from ..errors import ErrorCode, FastrouteError, InvalidArgument
+from ..errors import ErrorCode, FastrouteError, InvalidArgument, PolicyError
 
 if TYPE_CHECKING:
     from .delivery import Delivery, LinkPort
 
-__all__ = ["Gate", "LinkGate", "PyLinkGate", "PySendGate", "SendGate", "TokenBucket",
+__all__ = ["Budgets", "Gate", "LinkGate", "PyLinkGate", "PySendGate", "SendGate", "Sender",
+           "TokenBucket", "take_all", "take_upto",
            "accept_sends", "py_accept_sends", "py_route_items", "py_stored_sacks",
            "route_items", "stored_sacks"]
 
@@ -83,6 +94,73 @@ class TokenBucket:
             self.tokens -= n
             return True
         return False
+
+
+def take_upto(buckets: tuple, n: int) -> int:
+    """Take up to ``n`` whole tokens from every bucket of a layered budget at
+    once; return how many were taken (the least any layer had)."""
+    avail = n
+    for b in buckets:
+        t = b.refill()
+        if t < avail:
+            avail = int(t) if t > 0 else 0
+    if avail > 0:
+        for b in buckets:
+            b.tokens -= avail
+    return avail
+
+
+def take_all(buckets: tuple, n: float) -> bool:
+    """Take ``n`` tokens from every bucket of a layered budget, or none at all."""
+    for b in buckets:
+        if b.refill() < n:
+            return False
+    for b in buckets:
+        b.tokens -= n
+    return True
+
+
+class Sender:
+    """What the gate knows of one sender address, shared by all its links.
+
+    ``born``: when the relay first saw a device of the address (wall
+    seconds), None once it is older than ``new_sender_age_s``;
+    ``strangers``: the new-sender bucket, one token per stranger (an
+    address that never wrote to it) it starts writing to; ``score``
+    (decaying, see :meth:`Gate.score`);
+    ``throttle``: a bucket added to its message layers while throttled;
+    ``quarantined``: the reason, while quarantined.
+    """
+
+    __slots__ = ("address", "born", "strangers", "started", "score", "stamp", "throttle",
+                 "quarantined")
+
+    def __init__(self, address: str, born: float | None) -> None:
+        self.address = address
+        self.born = born
+        self.strangers: TokenBucket | None = None
+        #: strangers it already wrote to while new (each cost one token)
+        self.started: set[str] = set()
+        self.score = 0.0
+        self.stamp = time.monotonic()
+        self.throttle: TokenBucket | None = None
+        self.quarantined: str | None = None
+
+
+class Budgets:
+    """One link's layered budgets: ``ops``, ``msgs`` and ``bytes`` are tuples of
+    :class:`TokenBucket` (device, then address and provider layers);
+    ``sender`` is the address's :class:`Sender`."""
+
+    __slots__ = ("ops", "msgs", "bytes", "sender", "watched")
+
+    def __init__(self, ops: tuple, msgs: tuple, bytes_: tuple, sender: Sender) -> None:
+        self.ops = ops
+        self.msgs = msgs
+        self.bytes = bytes_
+        self.sender = sender
+        #: the SENDs of this link go through the sender screen first
+        self.watched = sender.born is not None or sender.quarantined is not None
 
 
 # -- the per-message loop: specification ---------------------------------------
@@ -171,12 +249,14 @@ def py_accept_sends(gate: PySendGate, lg: PyLinkGate, sends: list, now: float, n
         size = len(body)
         if size > max_body:
             code = too_large
+        elif consent is not None and not to.endswith(own) and not (
+                to in known and (accepted := consent.get(to)) is not None
+                and (provider in accepted or "*" in accepted)):
+            # an unknown address gets the same answer as one that did not
+            # opt in: a sender the recipient never accepted cannot tell them apart
+            code = consent_required
         elif to not in known:
             code = unknown
-        elif consent is not None and not to.endswith(own) and not (
-                (accepted := consent.get(to)) is not None
-                and (provider in accepted or "*" in accepted)):
-            code = consent_required
         elif msg_tokens < 1.0 or byte_tokens < size:
             code = rate_limited  # a refused message costs no quota
         else:
@@ -236,7 +316,7 @@ route_items = twin(py_route_items)
 # -- the stage -----------------------------------------------------------------
 
 class Gate:
-    """The gate stage of one relay: its SEND check, consent table and quotas.
+    """The gate stage of one relay: its SEND check, consent table, budgets and abuse rules.
 
     ``accept(link, sends)`` is the SEND path: checks, then hands accepted
     persistent messages to the delivery stage (store, then route) and
@@ -249,7 +329,7 @@ class Gate:
         self.config = config
         self.delivery = delivery
         self.registry = registry
-        self.count_error = count_error
+        self._count_error = count_error
         self.trust: identity.Trust = identity.Trust.load(registry)
         self._trust_version = registry.version()
         self.dedup = DedupTable(config.dedup_window_s, config.dedup_max_entries)
@@ -257,59 +337,314 @@ class Gate:
         self.consent: dict[str, frozenset[str]] = registry.consents()
         self.taps: list = []
         self.accepted = 0
+        #: SENDs refused because the recipient had not opted in (feeds the score)
+        self.consent_refusals = 0
         # Buckets belong to the device, not the link: reconnecting must not
         # refill a burst.  (Kept in memory: bounded by the known devices.)
-        self._buckets: dict[tuple[str, str], tuple[TokenBucket, TokenBucket]] = {}
+        self._buckets: dict[tuple[str, str], tuple[TokenBucket, TokenBucket, TokenBucket]] = {}
+        self._abuckets: dict[str, tuple[TokenBucket, TokenBucket]] = {}
+        self._pbuckets: dict[str, tuple[TokenBucket, TokenBucket, TokenBucket]] = {}
+        self._senders: dict[str, Sender] = {}
+        # (address, provider) -> consent writes: [allow, [(link, id) ...]], the
+        # first in flight, at most one more queued
+        self._consent_writes: dict[tuple[str, str], list] = {}
+        # devices the relay has seen: address -> {device: first_seen}; the
+        # per-provider times of the last hour's new devices
+        self._seen: dict[str, dict[str, int]] = {}
+        self._new_devices: dict[str, deque] = {}
+        now = int(time.time())
+        for address, device, provider, first in registry.devices_seen():
+            self._seen.setdefault(address, {})[device] = first
+            if first > now - 3600:
+                self._new_devices.setdefault(provider, deque()).append(first)
+        for q in self._new_devices.values():
+            q_sorted = sorted(q)
+            q.clear()
+            q.extend(q_sorted)
+        # (writer, reader) pairs of messages to new senders: a new sender's
+        # message to someone who wrote to it first is not to a stranger
+        self._contacts: set[tuple[str, str]] = set()
+        self._contacts_old: set[tuple[str, str]] = set()
+        self._young: set[str] = set()
         self._tables = SendGate(delivery.known, self.dedup,
                                 self.consent if config.require_consent else None,
-                                self.taps, count_error, wire.sack_op, REFUSALS)
+                                self.taps, self.count_error, wire.sack_op, REFUSALS)
+
+    def count_error(self, code: int) -> None:
+        """Count a refusal (the relay's counter), noting consent refusals for the score."""
+        if code == _CONSENT_REQUIRED:
+            self.consent_refusals += 1
+        self._count_error(code)
 
     # ------------------------------------------------------------ identity
     def reload_trust(self) -> bool:
         """Reload providers and revocations if the registry changed (one cheap PRAGMA).
 
-        True when it did.
+        True when it did.  A quota or quarantine change reaches the devices
+        already online.
         """
         version = self.registry.version()
         if version != self._trust_version:
-            self.trust = identity.Trust.load(self.registry)
+            try:
+                trust = identity.Trust.load(self.registry)
+            except FastrouteError as exc:
+                # e.g. a header policy written past add_provider: keep the old trust
+                log.error("registry refused: %s", exc, extra={"event": "registry.refused"})
+                self._trust_version = version
+                return False
+            self.trust = trust
             self._trust_version = version
+            self._apply_limits()
             return True
         return False
 
     def authenticate(self, hello: bytes, remote_static: bytes) -> identity.Credential:
         """Who is this device: its credential chain, checked against the handshake's key.
 
+        Then the device caps: a device never seen before must fit the
+        address's device cap and its provider's hourly cap on new devices.
         Raises the typed refusal (AuthError and kin) the link sends in its BYE.
         """
         # A revocation or enrolment written a moment ago must count for
         # this device already.
         self.reload_trust()
-        cred = wire.decode_client_hello(hello)["cred"]
-        return identity.verify_credential(self.trust, cred, remote_static, int(time.time()))
+        raw = wire.decode_client_hello(hello)["cred"]
+        cred = identity.verify_credential(self.trust, raw, remote_static, int(time.time()))
+        self._note_device(cred)
+        return cred
+
+    def _note_device(self, cred: identity.Credential) -> None:
+        address, device, provider = cred.address, cred.device, cred.provider
+        devices = self._seen.get(address)
+        if devices is not None and device in devices:
+            return
+        lim = self.config.limits
+        now = int(time.time())
+        cap = lim.max_devices_per_address
+        if cap and devices is not None:
+            live = sum(1 for d in devices if not self.trust.is_revoked(address, d))
+            if live >= cap:
+                raise PolicyError(f"this address has {cap} devices already",
+                                  code=ErrorCode.DEVICE_LIMIT)
+        hourly = lim.new_devices_per_provider_per_hour
+        recent = self._new_devices.setdefault(provider, deque())
+        while recent and recent[0] <= now - 3600:
+            recent.popleft()
+        if hourly and len(recent) >= hourly:
+            raise PolicyError("too many new devices of this provider in the last hour; "
+                              "retry later", code=ErrorCode.NEW_DEVICE_LIMIT)
+        recent.append(now)
+        self._seen.setdefault(address, {})[device] = now
+        # durable off the event loop (the registry fsyncs); the in-memory
+        # copy above already counts
+        row = (address, device, provider, now)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # pragma: no cover - the relay always runs in a loop
+            self.registry.note_devices([row])
+            return
+        fut = loop.run_in_executor(None, self.registry.note_devices, [row])
+        fut.add_done_callback(_log_failure)
 
     def check_live(self, cred: identity.Credential, now: int) -> None:
         """AuthError if ``cred`` was revoked or has expired since its link opened."""
         self.trust.check_live(cred, now)
 
+    # ------------------------------------------------------------ budgets
+    def _device_rates(self, provider: str) -> tuple[float, float]:
+        lim = self.config.limits
+        try:
+            quota = self.trust.quota(provider)
+        except FastrouteError:
+            quota = {}
+        return (min(lim.msgs_per_s, quota.get("msgs_per_s") or lim.msgs_per_s),
+                min(lim.bytes_per_s, quota.get("bytes_per_s") or lim.bytes_per_s))
+
+    def _provider_rates(self, provider: str) -> tuple[float, float, float]:
+        lim = self.config.limits
+        try:
+            quota = self.trust.quota(provider)
+        except FastrouteError:
+            quota = {}
+        return (float(quota.get("provider_msgs_per_s") or lim.provider_msgs_per_s),
+                float(quota.get("provider_bytes_per_s") or lim.provider_bytes_per_s),
+                float(quota.get("provider_ops_per_s") or lim.provider_ops_per_s))
+
+    def _apply_limits(self) -> None:
+        """Set every existing bucket's rate from the current trust (live links too)."""
+        lim = self.config.limits
+        for (address, _), (msgs, nbytes, _ops) in self._buckets.items():
+            msgs.rate, nbytes.rate = self._device_rates(address.rpartition("@")[2])
+        burst_s = lim.provider_burst_s
+        for provider, buckets in self._pbuckets.items():
+            for b, rate in zip(buckets, self._provider_rates(provider)):
+                # a rate of 0 means no such layer: a bucket that never runs dry
+                b.rate = rate if rate > 0 else _UNLIMITED
+                b.burst = rate * burst_s if rate > 0 else _UNLIMITED
+        quarantined = self.trust.quarantined
+        for address, sender in self._senders.items():
+            why = quarantined.get(address)
+            was = sender.quarantined
+            sender.quarantined = why[1] if why is not None else None
+            if was is not None and why is None:
+                # lifted by an operator: a fresh start
+                sender.score = 0.0
+                sender.throttle = None
+                if sender.strangers is not None:
+                    sender.strangers.tokens = sender.strangers.burst
+        for feed in self.delivery.feeds():
+            feed.no_ts = self.withholds_ts(feed.provider)
+            budgets = getattr(feed.link, "budgets", None)
+            if budgets is not None:
+                budgets.watched = (budgets.sender.born is not None
+                                   or budgets.sender.quarantined is not None)
+
+    def withholds_ts(self, provider: str) -> bool:
+        """Whether ``provider``'s header policy withholds the relay's timestamp."""
+        try:
+            return "ts_ms" in self.trust.provider(provider).withhold
+        except FastrouteError:
+            return False
+
+    def _sender(self, address: str) -> Sender:
+        sender = self._senders.get(address)
+        if sender is None:
+            devices = self._seen.get(address)
+            born: float | None = float(min(devices.values())) if devices else time.time()
+            assert born is not None
+            if time.time() - born >= self.config.limits.new_sender_age_s:
+                born = None
+            else:
+                self._young.add(address)
+            sender = self._senders[address] = Sender(address, born)
+            why = self.trust.quarantined.get(address)
+            if why is not None:
+                sender.quarantined = why[1]
+        return sender
+
+    def budgets(self, cred: identity.Credential) -> Budgets:
+        """The layered budgets of a device that just authenticated."""
+        lim = self.config.limits
+        address, device, provider = cred.address, cred.device, cred.provider
+        key = (address, device)
+        dev = self._buckets.get(key)
+        if dev is None:
+            mps, bps = self._device_rates(provider)
+            dev = self._buckets[key] = (TokenBucket(mps, lim.msgs_burst),
+                                        TokenBucket(bps, lim.bytes_burst),
+                                        TokenBucket(lim.ops_per_s, lim.ops_burst))
+        addr = self._abuckets.get(address)
+        if addr is None:
+            addr = self._abuckets[address] = (
+                _bucket(lim.address_msgs_per_s, lim.address_msgs_burst),
+                _bucket(lim.address_bytes_per_s, lim.address_bytes_burst))
+        prov = self._pbuckets.get(provider)
+        if prov is None:
+            rates = self._provider_rates(provider)
+            prov = self._pbuckets[provider] = tuple(  # type: ignore[assignment]
+                _bucket(r, r * lim.provider_burst_s) for r in rates)
+        assert prov is not None
+        return Budgets((dev[2], prov[2]), (dev[0], addr[0], prov[0]),
+                       (dev[1], addr[1], prov[1]), self._sender(address))
+
+    def charge_op(self, link: "LinkPort") -> bool:
+        """Charge one non-SEND op to the link's op budget; False past it."""
+        budgets = link.budgets
+        if budgets is None:
+            return True
+        if take_upto(budgets.ops, 1):
+            return True
+        self.count_error(ErrorCode.RATE_LIMITED)
+        return False
+
     # ------------------------------------------------------------ SEND
     def admit(self, link: "LinkPort", cred: identity.Credential) -> Any:
         """The SEND-check state (a :data:`LinkGate`) of a link whose device just
-        authenticated: its sender, limits and quotas."""
-        address, device, provider = cred.address, cred.device, cred.provider
+        authenticated: its sender, limits and quotas; sets ``link.budgets``."""
+        address, provider = cred.address, cred.provider
         quota = self.trust.quota(provider)
         lim = self.config.limits
-        key = (address, device)
-        buckets = self._buckets.get(key)
-        if buckets is None:
-            buckets = self._buckets[key] = (
-                TokenBucket(min(lim.msgs_per_s, quota.get("msgs_per_s") or lim.msgs_per_s),
-                            lim.msgs_burst),
-                TokenBucket(min(lim.bytes_per_s, quota.get("bytes_per_s") or lim.bytes_per_s),
-                            lim.bytes_burst))
+        budgets = link.budgets = self.budgets(cred)
         max_body = min(lim.max_body, quota.get("max_body") or lim.max_body)
         return LinkGate(link, link.out, address, msgpack.packb(address), provider, max_body,
-                        *buckets)
+                        budgets.msgs[0], budgets.bytes[0])
+
+    def _refuse(self, link: "LinkPort", sends: list, code: int) -> None:
+        out = link.out
+        for op in sends:
+            self.count_error(code)
+            out.append(wire.sack_op(op[1], code))
+
+    def _screen(self, link: "LinkPort", budgets: Budgets, sends: list) -> list:
+        """The sender rules, for links whose address is new or quarantined:
+        quarantine refuses everything; a new sender's messages to strangers
+        take the new-sender bucket (relaxing with age); refusals feed its score."""
+        sender = budgets.sender
+        if sender.quarantined is not None:
+            self._refuse(link, sends, ErrorCode.QUARANTINED)
+            return []
+        born = sender.born
+        if born is None:
+            budgets.watched = False
+            return sends
+        lim = self.config.limits
+        age = time.time() - born
+        if age >= lim.new_sender_age_s:
+            sender.born = None
+            self._young.discard(sender.address)
+            budgets.watched = False
+            return sends
+        # tighter limits that relax linearly with age, to 10x at new_sender_age_s
+        factor = 1.0 + 9.0 * age / lim.new_sender_age_s
+        bucket = sender.strangers
+        if bucket is None:
+            bucket = sender.strangers = TokenBucket(lim.new_sender_msgs_per_s,
+                                                    lim.new_sender_burst)
+        bucket.rate = lim.new_sender_msgs_per_s * factor
+        bucket.burst = lim.new_sender_burst * factor
+        me = sender.address
+        contacts, old = self._contacts, self._contacts_old
+        started = sender.started
+        if {op[2] for op in sends} <= started:
+            return sends  # only conversations it already has: the common case
+        keep = []
+        refused = []
+        for op in sends:
+            to = op[2]
+            if to == me or to in started or (to, me) in contacts or (to, me) in old:
+                keep.append(op)
+            elif len(started) < _MAX_STARTED and bucket.take(1.0):
+                # the first message to each stranger costs a token; the rest
+                # of that conversation is held to the ordinary limits
+                started.add(to)
+                keep.append(op)
+            else:
+                refused.append(op)
+        if refused:
+            self._refuse(link, refused, ErrorCode.RATE_LIMITED)
+            self.score(sender, len(refused))
+        return keep
+
+    def score(self, sender: Sender, points: float) -> None:
+        """Add ``points`` to a sender's abuse score (halving every hour);
+        throttle or quarantine it past the thresholds."""
+        lim = self.config.limits
+        now = time.monotonic()
+        sender.score = sender.score * 0.5 ** ((now - sender.stamp) / 3600.0) + points
+        sender.stamp = now
+        if sender.quarantined is not None:
+            return
+        if sender.score >= lim.quarantine_score:
+            reason = f"abuse score {sender.score:.0f}"
+            sender.quarantined = reason
+            log.warning("a sender was quarantined (%s)", reason)
+            fut = asyncio.get_running_loop().run_in_executor(
+                None, self.registry.quarantine, sender.address, reason)
+            fut.add_done_callback(_log_failure)
+        elif sender.score >= lim.throttle_score and sender.throttle is None:
+            rate = lim.throttled_msgs_per_s
+            sender.throttle = TokenBucket(rate, max(1.0, rate * 5))
+            log.info("a sender was throttled (abuse score %.0f)", sender.score)
 
     def accept(self, link: "LinkPort", sends: list) -> None:
         """Run a read's SEND ops through the check; store and route what passes.
@@ -317,12 +652,33 @@ class Gate:
         The hot loop of the relay: everything per message happens in one
         call (:func:`accept_sends`: dedup entries, quota arithmetic, the
         packed DELIVER tail), and the bookkeeping that can be done once per
-        read is done here.
+        read is done here: the op budget (every SEND, refused or not, costs
+        one op), the sender screen, and the layered message and byte budgets
+        (the least any layer has is what the loop may spend).
         """
         lg = link.gate_state
-        msg_bucket, byte_bucket = lg.msg_bucket, lg.byte_bucket
-        lg.msg_tokens = msg_bucket.refill()
-        lg.byte_tokens = byte_bucket.refill()
+        budgets = link.budgets
+        n = len(sends)
+        allowed = take_upto(budgets.ops, n)
+        if allowed < n:
+            link.refused_ops += n - allowed
+            self._refuse(link, sends[allowed:], ErrorCode.RATE_LIMITED)
+            sends = sends[:allowed]
+        if budgets.watched:
+            sends = self._screen(link, budgets, sends)
+        delivery = self.delivery
+        if not sends:
+            delivery.mark(link)
+            return
+        msgs, nbytes = budgets.msgs, budgets.bytes
+        throttle = budgets.sender.throttle
+        if throttle is not None:
+            msgs = msgs + (throttle,)
+        m0 = min([b.refill() for b in msgs])
+        b0 = min([b.refill() for b in nbytes])
+        lg.msg_tokens = m0
+        lg.byte_tokens = b0
+        refusals = self.consent_refusals
         now_ms = int(time.time() * 1000)
         store_items: list = []
         meta: list = []
@@ -330,9 +686,16 @@ class Gate:
             sends = self._refuse_full(link, sends)
         ephemeral = accept_sends(self._tables, lg, sends, time.monotonic(), now_ms,
                                  wire.ts_packed(now_ms), store_items, meta)
-        msg_bucket.tokens = lg.msg_tokens
-        byte_bucket.tokens = lg.byte_tokens
-        delivery = self.delivery
+        spent = m0 - lg.msg_tokens
+        if spent:
+            for b in msgs:
+                b.tokens -= spent
+            spent = b0 - lg.byte_tokens
+            for b in nbytes:
+                b.tokens -= spent
+        if self.consent_refusals != refusals:
+            # probing addresses that did not opt in is what a spammer does
+            self.score(budgets.sender, self.consent_refusals - refusals)
         if ephemeral:
             self.accepted += len(ephemeral)
             delivery.route(ephemeral, ephemeral=True)
@@ -386,6 +749,14 @@ class Gate:
             mids = fut.result()
             delivery.persisted(route_items(meta, mids), mids[-1])
             self.accepted += len(meta)
+            young = self._young
+            if young:
+                # who wrote to a new sender: its answers to them are not to strangers
+                contacts = self._contacts
+                for to in {item[0] for item in meta} & young:
+                    contacts.add((sender, to))
+                if len(contacts) > _MAX_CONTACTS:
+                    self._contacts_old, self._contacts = contacts, set()
             out = link.out if link.is_open() else []
             # per message: dedup entry stored, its waiters answered, SACK-ok to the sender
             stored_sacks(meta, sender, dedup, time.monotonic(), out, self.ack_all)
@@ -405,8 +776,40 @@ class Gate:
                 self.delivery.mark(other)
 
     def set_consent(self, link: "LinkPort", cid: bytes, provider: str, allow: bool) -> None:
-        """A user opts in to (or out of) another provider's senders; ack once durable."""
+        """A user opts in to (or out of) another provider's senders; ack once durable.
+
+        One registry write (fsync'd) per change, not per op: a CONSENT that
+        changes nothing is acked at once, and CONSENTs arriving while a write
+        for the same (address, provider) is in flight wait for it (the same
+        choice) or are written once after it (the opposite one, the last
+        wins), so a flood of them costs op tokens, not fsyncs.
+        """
         address = link.address
+        key = (address, provider)
+        queue = self._consent_writes.get(key)
+        if queue is None:
+            if (provider in self.consent.get(address, ())) == allow:
+                self.ack_all(link, cid, 0, None)
+                return
+            self._consent_writes[key] = queue = []
+            queue.append([allow, [(link, cid)]])
+            self._write_consent(key)
+            return
+        last = queue[-1]
+        if last[0] == allow:
+            last[1].append((link, cid))
+        elif len(queue) == 1:
+            queue.append([allow, [(link, cid)]])
+        else:
+            # [written, opposite, ...]: the queued opposite of the opposite is
+            # this one again: the last word wins, all of them wait for it
+            queue[1][0] = allow
+            queue[1][1].append((link, cid))
+
+    def _write_consent(self, key: tuple[str, str]) -> None:
+        address, provider = key
+        queue = self._consent_writes[key]
+        allow, waiters = queue[0]
 
         def done(fut: asyncio.Future) -> None:
             if fut.exception() is not None:
@@ -423,13 +826,60 @@ class Gate:
                 else:
                     self.consent.pop(address, None)
                 code = 0
-            self.ack_all(link, cid, code, None)
+            for link, cid in waiters:
+                self.ack_all(link, cid, code, None)
+            queue.pop(0)
+            if queue:
+                self._write_consent(key)
+            else:
+                del self._consent_writes[key]
 
         # The registry commits with fsync: off the event loop.
         fut = asyncio.get_running_loop().run_in_executor(
             None, self.registry.set_consent, address, provider, allow)
         fut.add_done_callback(done)
 
+    def standing(self, address: str) -> str:
+        """``"quarantined"``, ``"throttled"``, ``"new"`` or ``"ok"``: how the
+        sender rules treat ``address`` now (operators and tests)."""
+        sender = self._senders.get(address)
+        if sender is None:
+            return "quarantined" if address in self.trust.quarantined else "ok"
+        if sender.quarantined is not None:
+            return "quarantined"
+        if sender.throttle is not None:
+            return "throttled"
+        return "new" if sender.born is not None else "ok"
+
+    def quarantined(self) -> dict[str, str]:
+        """Quarantined senders known to this relay: address -> reason (operators only)."""
+        out = {a: why for a, (_, why) in self.trust.quarantined.items()}
+        for address, sender in self._senders.items():
+            if sender.quarantined is not None:
+                out.setdefault(address, sender.quarantined)
+        return out
+
     def expire(self) -> None:
         """Forget dedup entries older than the window (housekeeping)."""
         self.dedup.expire()
+
+
+#: a rate that never runs dry: a layer configured off
+_UNLIMITED = 1e18
+_CONSENT_REQUIRED = int(ErrorCode.CONSENT_REQUIRED)
+#: (writer, reader) pairs remembered for the new-sender rule, per generation
+_MAX_CONTACTS = 1_000_000
+#: strangers one new sender may have started writing to (past it, refused)
+_MAX_STARTED = 10_000
+
+
+def _bucket(rate: float, burst: float) -> TokenBucket:
+    """A token bucket, or one that never runs dry when ``rate`` is 0 (layer off)."""
+    if rate <= 0:
+        return TokenBucket(_UNLIMITED, _UNLIMITED)
+    return TokenBucket(rate, burst)
+
+
+def _log_failure(fut: asyncio.Future) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.error("registry write failed: %s", type(fut.exception()).__name__)

@@ -19,11 +19,13 @@ import asyncio
 import enum
 import logging
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
 
 from .. import wire
 from ..errors import DecryptError, ErrorCode, FastrouteError, ProtocolError
 from ..noise import FrameReader, HandshakeState, KeyPair, frame, seal_frames
+from .gate import take_upto
 
 if TYPE_CHECKING:
     from ..identity import Credential
@@ -32,7 +34,7 @@ if TYPE_CHECKING:
     from .keys import Keys
     from .media_ops import MediaOps
 
-__all__ = ["Link", "LinkState", "LinkWiring"]
+__all__ = ["Link", "LinkState", "LinkWiring", "Turns"]
 
 log = logging.getLogger("fastroute.relay")
 
@@ -68,6 +70,62 @@ SUPPORTED_FEATURES = frozenset(wire.FEATURE_OPS)
 _NO_FEATURES: frozenset[str] = frozenset()
 
 
+class Turns:
+    """The relay's fair scheduler: how many ops the links processed this loop turn.
+
+    A link processes at most its share (``limits.max_ops_per_turn``) per
+    callback, and stops early once the relay as a whole has processed
+    ``limits.max_relay_ops_per_turn`` in this turn; a read that arrives when
+    the turn is used up waits whole.  Waiting links are served once per turn
+    by :meth:`_turn`: first every link whose read waited (a quiet link's
+    message is served in the next turn), then the links that still have
+    frames from an earlier share, round robin, up to the relay's budget.  So
+    the work between two turns is bounded whatever number of links flood.
+    """
+
+    __slots__ = ("budget", "used", "queue", "fresh", "armed")
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.used = 0
+        self.queue: deque = deque()  # links with frames left after a share
+        self.fresh: deque = deque()  # links whose read waited for a turn
+        self.armed = False
+
+    def room(self, extra: int) -> bool:
+        """Whether ``extra`` more ops fit in this turn."""
+        return self.used + extra < self.budget
+
+    def spend(self, n: int) -> None:
+        """Count ``n`` ops processed in this turn."""
+        self.used += n
+        self._arm()
+
+    def enqueue(self, link: "Link", fresh: bool = False) -> None:
+        """``link`` has frames left (``fresh``: a read that waited): serve it soon."""
+        (self.fresh if fresh else self.queue).append(link)
+        self._arm()
+
+    def _arm(self) -> None:
+        if not self.armed:
+            self.armed = True
+            asyncio.get_running_loop().call_soon(self._turn)
+
+    def _turn(self) -> None:
+        self.armed = False
+        self.used = 0
+        fresh, self.fresh = self.fresh, deque()
+        for link in fresh:
+            link._next_share()
+        queue = self.queue
+        for _ in range(len(queue)):
+            if self.used >= self.budget:
+                break
+            queue.popleft()._next_share()
+        if queue or self.fresh:
+            self._arm()
+
+
 class LinkWiring:
     """What a link may call in the rest of the relay; filled in by the server.
 
@@ -78,7 +136,7 @@ class LinkWiring:
     """
 
     __slots__ = ("server_key", "config", "gate", "delivery", "media_ops", "count_error",
-                 "admit", "online", "lost", "keys", "op_counts")
+                 "admit", "online", "lost", "keys", "op_counts", "turns")
 
     def __init__(self, server_key: KeyPair, config: Any, gate: "Gate", delivery: "Delivery",
                  media_ops: "MediaOps", count_error: Callable[[int], None],
@@ -96,6 +154,8 @@ class LinkWiring:
         self.lost = lost
         self.keys = keys
         self.op_counts: dict[int, int] = {}
+        #: the fair scheduler shared by every link of the relay
+        self.turns = Turns(config.limits.max_relay_ops_per_turn)
 
 
 class Link(asyncio.Protocol):
@@ -130,6 +190,19 @@ class Link(asyncio.Protocol):
         self.features = _NO_FEATURES
         self.dsends: dict = {}  # the keys stage's multi-op DSENDs being gathered
         self.sync_hold: asyncio.TimerHandle | None = None
+        self.budgets: Any = None  # the gate's Budgets: op, message, byte layers
+        #: frames read but not processed yet: (frames, next index), while
+        #: reading is paused because this link used its share of a loop turn
+        self.backlog: tuple[list, int] | None = None
+        #: reading is paused until :meth:`_next_share` runs (its share of a
+        #: turn is used, or its op budget is spent)
+        self.waiting = False
+        #: ops processed on this link, and those refused past its op budget
+        self.ops = 0
+        self.refused_ops = 0
+        #: source IP while the link is in its handshake (the server's per-IP count)
+        self.preauth_ip: str | None = None
+        self.closing = False
 
     # ---------------------------------------------------------------- asyncio
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -162,16 +235,47 @@ class Link(asyncio.Protocol):
         self.wiring.delivery.resume(self)
 
     def data_received(self, data: bytes) -> None:
-        """Decrypt and dispatch every complete frame of this read."""
+        """Decrypt and dispatch the complete frames of this read (a turn's share)."""
         try:
             msgs = self.reader.feed(data)
         except ProtocolError as exc:
             self.fail(exc)
             return
-        # The SENDs of every frame in this read go to the gate and the store
-        # together: one store batch and one commit for all of them.
+        self.last_rx = time.monotonic()
+        if self.backlog is not None:
+            # read while paused (a transport may deliver what it already had)
+            frames, at = self.backlog
+            frames.extend(msgs)
+            return
+        if self.waiting:
+            self.backlog = (msgs, 0)
+            return
+        turns = self.wiring.turns
+        if not turns.room(0) and self.state == _OPEN:
+            # this turn's work is done: the read waits for the next turn
+            self.backlog = (msgs, 0)
+            self.waiting = True
+            self.transport.pause_reading()
+            turns.enqueue(self, fresh=True)
+            return
+        self._process(msgs, 0)
+
+    def _process(self, msgs: list, at: int) -> None:
+        # The SENDs of every frame processed in this turn go to the gate and
+        # the store together: one store batch and one commit for all of them.
         self.sends = []
-        for msg in msgs:
+        share = self.wiring.config.limits.max_ops_per_turn
+        turns = self.wiring.turns
+        done = 0
+        n = len(msgs)
+        budgets = self.budgets
+        while at < n:
+            if budgets is not None and self.state == _OPEN and self._budget_wait():
+                # spent: its frames are not even decrypted until it refills
+                self.backlog = (msgs, at)
+                break
+            msg = msgs[at]
+            at += 1
             if self.state == _OPEN:
                 try:
                     plaintext = self.rx.decrypt(msg)
@@ -180,19 +284,66 @@ class Link(asyncio.Protocol):
                     # peer is not who did the handshake, or bytes were altered.
                     self.fail(exc)
                     return
-                self._on_frame(plaintext)
+                done += self._on_frame(plaintext)
                 if self.sync_hold is not None:
+                    # the first frame said FEATURES or not: the backlog may go
                     self.release_sync()
+                if at < n and self.state == _OPEN and (done >= share or not turns.room(done)):
+                    # Fair scheduling: this link had its share of the turn;
+                    # the rest of its frames wait for the next one, and its
+                    # socket is not read meanwhile (TCP pushes back).
+                    self.backlog = (msgs, at)
+                    break
             elif self.state in (_CLOSED, _DRAINING):
                 break
             else:
                 self._on_handshake(msg)
-        self.last_rx = time.monotonic()
+        self.ops += done
+        turns.spend(done)
         if self.sends:
             self.wiring.gate.accept(self, self.sends)
             if self.bye_after_sends:
                 self._on_bye()
         self.sends = None
+        if self.state == _OPEN and not self.waiting:
+            # Past its op budget a link is not read until the budget refills:
+            # a flooder cannot make the relay decode more than it may send.
+            delay = self._budget_wait()
+            if self.backlog is not None or delay:
+                self.waiting = True
+                self.transport.pause_reading()
+                if delay:
+                    asyncio.get_running_loop().call_later(delay, self._next_share)
+                else:
+                    turns.enqueue(self)
+
+    def _budget_wait(self) -> float:
+        """0 while the op budget has a token; once spent, the seconds until it
+        holds a share's worth again (at most 1): a spent link is not woken for
+        every single token."""
+        budgets = self.budgets
+        if budgets is None:
+            return 0.0
+        wait = 0.0
+        share = self.wiring.config.limits.max_ops_per_turn
+        for bucket in budgets.ops:
+            tokens = bucket.refill()
+            if tokens < 1.0:
+                need = min(float(share), bucket.burst)
+                wait = max(wait, (need - tokens) / bucket.rate if bucket.rate > 0 else 1.0)
+        return min(wait, 1.0)
+
+    def _next_share(self) -> None:
+        """Process the next share of frames left by an earlier turn (or read again)."""
+        self.waiting = False
+        backlog = self.backlog
+        self.backlog = None
+        if self.state != _OPEN:
+            return
+        if backlog is not None:
+            self._process(*backlog)
+        if not self.waiting and self.state == _OPEN:
+            self.transport.resume_reading()
 
     # -------------------------------------------------------------- handshake
     def _on_handshake(self, msg: bytes) -> None:
@@ -251,7 +402,9 @@ class Link(asyncio.Protocol):
             self.abort()
 
     # ---------------------------------------------------------------- op loop
-    def _on_frame(self, plaintext: bytes) -> None:
+    def _on_frame(self, plaintext: bytes) -> int:
+        """Dispatch one frame's ops; return how many it had (SENDs are charged
+        to the op budget by the gate, the other ops here)."""
         # fast path (compiled when the core is built): a frame of valid SENDs only
         fast = wire.decode_sends(plaintext)
         if fast is not None:
@@ -259,7 +412,7 @@ class Link(asyncio.Protocol):
             self.sends.extend(fast)
             counts = self.wiring.op_counts
             counts[_OP_SEND] = counts.get(_OP_SEND, 0) + len(fast)
-            return
+            return len(fast)
         wiring = self.wiring
         try:
             # the fast path said "not only SENDs": go straight to the precise
@@ -267,10 +420,24 @@ class Link(asyncio.Protocol):
             ops = wire.decode_client_frame_precise(plaintext)
         except ProtocolError as exc:
             self._protocol_error(exc.code, str(exc))
-            return
+            return 1
         sends = self.sends
         assert sends is not None
         op_counts = wiring.op_counts
+        # every op but SEND takes one token of the op budget, taken for the
+        # whole frame at once; past it PING, CONSENT and media ops are refused
+        others = 0
+        for op in ops:
+            if type(op) is tuple and op[0] != _OP_SEND:
+                others += 1
+        granted = others
+        if others and self.budgets is not None:
+            granted = take_upto(self.budgets.ops, others)
+            if granted < others:
+                # DACKs are never refused, so they are not counted here
+                wiring.count_error(ErrorCode.RATE_LIMITED)
+        over = 0  # PINGs refused past the budget: one ERROR for the frame
+        dack = -1  # DACKs are cumulative: one per frame does the work of all
         for op in ops:
             if isinstance(op, wire.OpError):
                 feature = _FEATURE_OF.get(op.opcode) if op.opcode is not None else None
@@ -278,7 +445,7 @@ class Link(asyncio.Protocol):
                     # not negotiated: unknown here, whatever its fields
                     self._protocol_error(ErrorCode.UNKNOWN_OP, "unknown opcode for this direction")
                     if self.state == _CLOSED:
-                        return
+                        return len(ops)
                     continue
                 if op.id is not None and op.opcode != _OP_FEATURES:
                     # a malformed request is answered like a refused one: a
@@ -292,19 +459,57 @@ class Link(asyncio.Protocol):
                     self.errors += 1
                     if self.errors > wiring.config.limits.max_protocol_errors:
                         self.close(ErrorCode.MALFORMED, "too many protocol errors")
-                        return
+                        return len(ops)
                 else:
                     self._protocol_error(op.code, op.reason)
                     if self.state == _CLOSED:
-                        return
+                        return len(ops)
                 continue
             kind = op[0]
             op_counts[kind] = op_counts.get(kind, 0) + 1
             if kind == _OP_SEND:
                 sends.append(op)
-            elif kind == _OP_DACK:
-                # acks and sends are independent: no order to keep
-                wiring.delivery.dack(self, op[1])
+                continue
+            if kind == _OP_DACK:
+                # charged, never refused: a refused ack would only cost a redelivery
+                granted -= 1
+                if op[1] > dack:
+                    dack = op[1]
+                continue
+            if kind == _OP_BYE:
+                # after the SENDs already read: data_received accepts them first
+                if dack >= 0:
+                    wiring.delivery.dack(self, dack)
+                self.bye_after_sends = True
+                self.state = _DRAINING
+                if not sends:
+                    self._on_bye()
+                return len(ops)
+            feature = _FEATURE_OF.get(kind)
+            if feature is not None and (feature not in self.features or wiring.keys is None):
+                # a feature's op is unknown to a link that did not negotiate
+                # it, exactly as to a relay without the feature
+                self._protocol_error(ErrorCode.UNKNOWN_OP, "unknown opcode for this direction")
+                if self.state == _CLOSED:
+                    return len(ops)
+                continue
+            if kind == _OP_FEATURES:
+                # charged, never refused: a client must be able to negotiate
+                granted -= 1
+                self._features(op[1], op[2])
+                continue
+            granted -= 1
+            if granted < 0:
+                self.refused_ops += 1
+                if kind == _OP_PING:
+                    over += 1
+                elif kind == _OP_CONSENT:
+                    self.out.append(wire.sack_op(op[1], ErrorCode.RATE_LIMITED))
+                elif feature is not None:  # a feature's request: its REPLY
+                    self.out.append(wire.reply_op(op[1], ErrorCode.RATE_LIMITED))
+                else:  # a media request
+                    self.out.append(wire.mreply_op(op[1], ErrorCode.RATE_LIMITED))
+                wiring.delivery.mark(self)
             elif kind == _OP_CONSENT:
                 wiring.gate.set_consent(self, op[1], op[2], op[3])
             elif kind in _MEDIA_OPS:
@@ -312,25 +517,16 @@ class Link(asyncio.Protocol):
             elif kind == _OP_PING:
                 self.out.append(wire.pong_op(op[1]))
                 wiring.delivery.mark(self)
-            elif kind == _OP_FEATURES:
-                self._features(op[1], op[2])
-            elif kind in _FEATURE_OF:
-                # a feature's op is unknown to a link that did not negotiate
-                # it, exactly as to a relay without the feature
-                if _FEATURE_OF[kind] not in self.features or wiring.keys is None:
-                    self._protocol_error(ErrorCode.UNKNOWN_OP,
-                                         "unknown opcode for this direction")
-                    if self.state == _CLOSED:
-                        return
-                else:
-                    wiring.keys.request(self, op)
-            elif kind == _OP_BYE:
-                # after the SENDs already read: data_received accepts them first
-                self.bye_after_sends = True
-                self.state = _DRAINING
-                if not sends:
-                    self._on_bye()
-                return
+            elif feature is not None:
+                assert wiring.keys is not None  # checked before the budget above
+                wiring.keys.request(self, op)
+        if dack >= 0:
+            # acks and sends are independent: no order to keep
+            wiring.delivery.dack(self, dack)
+        if over:
+            self.out.append(wire.error_op(ErrorCode.RATE_LIMITED,
+                                          f"{over} PINGs over the op budget"))
+        return len(ops)
 
     def _features(self, cid: bytes, names: tuple) -> None:
         """FEATURES: grant the known subset; later FEATURES ops may add more."""
@@ -378,13 +574,30 @@ class Link(asyncio.Protocol):
             return
         bufs = seal_frames(self.tx, wire.pack_frames(out))
         out.clear()
-        self.transport.writelines(bufs)
+        transport = self.transport
+        transport.writelines(bufs)
+        if (transport.get_write_buffer_size() > self.wiring.config.limits.max_output_bytes
+                and not self.closing):
+            self._output_limit()
+
+    def _output_limit(self) -> None:
+        """The client does not read its replies: close with a reason.
+
+        Nothing accepted is lost: stored messages stay in the store until
+        acked, and a SEND whose SACK did not arrive is resent with its id.
+        """
+        self.wiring.count_error(ErrorCode.OUTPUT_LIMIT)
+        log.info("closing a connection that does not read its replies")
+        self.close(ErrorCode.OUTPUT_LIMIT, "replies not read: output limit reached")
+        # the BYE may never be read either: drop the buffer soon
+        asyncio.get_running_loop().call_later(1.0, self.transport.abort)
 
     # --------------------------------------------------------------- closing
     def close(self, code: int, reason: str) -> None:
         """Send a final BYE (if the link is up) and close after it is written."""
         if self.state == _CLOSED:
             return
+        self.closing = True
         self.state = _OPEN  # a draining link may still flush
         if self.tx is not None:
             self.out.append(wire.server_bye_op(int(code), reason))

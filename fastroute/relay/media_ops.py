@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Callable
 from .. import wire
 from ..errors import ErrorCode, FastrouteError, RateLimited
 from ..media import MediaStore
+from .gate import take_all
 
 if TYPE_CHECKING:
     from .delivery import Delivery, LinkPort
@@ -61,7 +62,7 @@ class MediaOps:
                 result = [upload, media.chunk_size]
             elif kind == wire.Op.MCHUNK:
                 # attachment bytes count against the same byte quota as messages
-                if not link.gate_state.byte_bucket.take(len(op[4])):
+                if not take_all(link.budgets.bytes, len(op[4])):
                     raise RateLimited("byte quota exhausted")
                 await media.put_chunk(op[2], op[3], op[4])
             elif kind == wire.Op.MFINISH:

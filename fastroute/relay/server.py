@@ -48,7 +48,7 @@ from .upkeep import Upkeep, serve_admin
 if TYPE_CHECKING:
     from ..store import Store
 
-__all__ = ["Relay", "fingerprint", "load_or_create_server_key", "run_relay"]
+__all__ = ["Relay", "fingerprint", "fit_fd_limit", "load_or_create_server_key", "run_relay"]
 
 log = logging.getLogger("fastroute.relay")
 
@@ -95,6 +95,44 @@ def _write_public(data_dir: str, kp: KeyPair) -> None:
             fh.write(text)
     except OSError:  # a read-only data dir still serves; clients get the key elsewhere
         pass
+
+
+#: file descriptors kept for the relay's own files (store, registry, media,
+#: admin socket, executor threads) on top of one per connection
+FD_RESERVE = 256
+
+
+def fit_fd_limit(max_connections: int) -> int:
+    """Raise this process's open-file limit to fit ``max_connections``; return
+    the number of connections the relay may hold.
+
+    ``max_connections`` 0 means "as many as the hard limit allows".  An
+    explicit value the hard limit cannot fit raises :class:`FastrouteError`
+    saying what to change, instead of failing later with EMFILE while
+    legitimate clients are locked out.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    ceiling = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    want = ceiling if max_connections == 0 else max_connections + FD_RESERVE
+    if want > ceiling:
+        raise FastrouteError(
+            f"max_connections = {max_connections} needs {want} file descriptors, but this "
+            f"process may open at most {ceiling} (hard limit).  Raise the hard limit "
+            f"(ulimit -Hn, or LimitNOFILE= in a systemd unit) or set max_connections to "
+            f"{max(0, ceiling - FD_RESERVE)} or less.", code=ErrorCode.INVALID_ARGUMENT)
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        got = want if soft == resource.RLIM_INFINITY else soft
+    else:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        got = want
+    if max_connections:
+        return max_connections
+    if got <= FD_RESERVE:
+        raise FastrouteError(f"the open-file limit ({got}) leaves no room for connections",
+                             code=ErrorCode.INVALID_ARGUMENT)
+    return got - FD_RESERVE
 
 
 def fingerprint(public: bytes) -> str:
@@ -157,6 +195,12 @@ class Relay:
         #: the registry generation whose revocations were applied to live links
         self.applied_generation = 0
         self.reloads = 0
+        #: connections refused at accept (limits), and the connections still in
+        #: their handshake, in all and per source IP
+        self.refused_connections = 0
+        self.max_connections = self.config.max_connections
+        self._preauth = 0
+        self._preauth_by_ip: dict[str, dict[Link, None]] = {}
 
     # -------------------------------------------------------------- lifecycle
     @property
@@ -187,6 +231,8 @@ class Relay:
         """Open key, registry and store, build the stages, then listen on ``config.host:port``."""
         cfg = self.config
         loop = asyncio.get_running_loop()
+        # the fd limit first: a relay that cannot hold its connections says so
+        self.max_connections = fit_fd_limit(cfg.max_connections)
         # bind first: an address in use must not leave a new data directory
         # and server key behind; connections wait until the stages exist
         wiring_box: list[LinkWiring] = []
@@ -248,7 +294,8 @@ class Relay:
         caps = Caps((cfg.max_stored_msgs_per_device, cfg.max_stored_bytes_per_device,
                      cfg.max_stored_msgs_per_address, cfg.max_stored_bytes_per_address))
         self.delivery = delivery = Delivery(self.router, self.store, cfg.mailbox_capacity,
-                                            caps)
+                                            caps, cfg.queue_memory_bytes,
+                                            cfg.provider_memory_share)
         delivery.start()
         self.gate = gate = Gate(cfg, delivery, self.registry, self.count_error)
         gate.taps.extend(self._taps)
@@ -352,7 +399,12 @@ class Relay:
             "accepted": gate.accepted if gate else 0,
             "delivered": delivery.delivered if delivery else 0,
             "refused": dict(self.refused),
+            "refused_connections": self.refused_connections,
+            "handshaking": self._preauth,
             "dedup_entries": len(gate.dedup) if gate else 0,
+            "queued_bytes": delivery.queued_bytes if delivery else 0,
+            "spills": delivery.spills if delivery else 0,
+            "quarantined": len(gate.quarantined()) if gate else 0,
             "engine": self.router.stats(),
         }
 
@@ -423,20 +475,72 @@ class Relay:
 
     # ---------------------------------------------------------- wiring
     def _admit(self, link: Link) -> bool:
-        if len(self.links) >= self.config.max_connections or self._closing:
+        """A new TCP connection: within the connection limit, the limit on
+        connections still in their handshake (the last ``auth_reserve`` slots
+        are kept for authenticated devices) and the per-source-IP limit?
+
+        At a limit, the oldest handshaking connection of the source IP that
+        holds the most of them makes room, if that IP holds more than the
+        newcomer's: idle sockets cannot lock legitimate clients out.
+        """
+        cfg = self.config
+        if self._closing:
             return False
+        limit = self.max_connections
+        peer = link.transport.get_extra_info("peername")
+        ip = peer[0] if isinstance(peer, tuple) and peer else "?"
+        mine = self._preauth_by_ip.get(ip)
+        if mine is not None and len(mine) >= cfg.limits.max_preauth_per_ip:
+            self.refused_connections += 1
+            return False
+        while (len(self.links) >= limit
+               or self._preauth >= max(1, limit - cfg.auth_reserve)):
+            if not self._evict_handshaking(len(mine) if mine is not None else 0):
+                self.refused_connections += 1
+                return False
         self.links.add(link)
         self.accepted_connections += 1
         self._accepted_at[link] = time.monotonic()
+        link.preauth_ip = ip
+        self._preauth += 1
+        self._preauth_by_ip.setdefault(ip, {})[link] = None
         return True
 
     def _applied(self, generation: int) -> None:
         self.applied_generation = generation
 
+
+    def _evict_handshaking(self, newcomer_holds: int) -> bool:
+        by_ip = self._preauth_by_ip
+        if not by_ip:
+            return False
+        ip = max(by_ip, key=lambda k: len(by_ip[k]))
+        if len(by_ip[ip]) <= newcomer_holds:
+            return False
+        victim = next(iter(by_ip[ip]))
+        self.refused_connections += 1
+        self._authenticated(victim)
+        self.links.discard(victim)
+        victim.abort()
+        return True
+
+    def _authenticated(self, link: Link) -> None:
+        """The link left its handshake (authenticated, refused or lost)."""
+        ip = link.preauth_ip
+        if ip is None:
+            return
+        link.preauth_ip = None
+        self._preauth -= 1
+        links = self._preauth_by_ip[ip]
+        links.pop(link, None)
+        if not links:
+            del self._preauth_by_ip[ip]
+
     def _online(self, link: Link, cred: identity.Credential) -> None:
         """Put an authenticated device online: delivery (engine, store, sync), gate state."""
         delivery, gate = self.delivery, self.gate
         assert delivery is not None and gate is not None
+        self._authenticated(link)
         old = delivery.feed_of(cred.address, cred.device)
         if old is not None:
             old.link.close(ErrorCode.SESSION_REPLACED,
@@ -447,6 +551,7 @@ class Relay:
         link.provider = cred.provider
         link.feed = delivery.attach(link, cred.address, cred.device)
         link.gate_state = gate.admit(link, cred)
+        link.feed.no_ts = gate.withholds_ts(cred.provider)
         link.out.append(wire.welcome_op(cred.address, cred.device, int(time.time() * 1000)))
         delivery.mark(link)
         if self.keys is not None and self.keys.dir.slot(cred.address, cred.device) is not None:
@@ -469,6 +574,7 @@ class Relay:
         self._accepted_at.pop(cast(Link, link), None)
         if self.keys is not None and link.feed is not None and link.cred is not None:
             self.keys.seen(link.cred.address, link.cred.device)
+        self._authenticated(cast(Link, link))
         if self.delivery is not None:
             self.delivery.detach(link)
 

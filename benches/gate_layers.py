@@ -1,0 +1,356 @@
+"""The integrity gate's new layers: their cost, and what they buy under a flood.
+
+Two measurements, each against a baseline run beside it in the same invocation:
+
+``cost``  (default)
+    Throughput and the relay's own CPU per delivered message (utime + stime
+    of ``/proc/<pid>/stat``, all threads) with the new layers **on** (this
+    tree) and **off** (the same relay before them: the tree of ``--base``,
+    default the commit this work started from, exported with ``git archive``
+    and built in a cache directory).  Runs alternate off/on ``--repeat``
+    times; the medians are compared.  Same client (this tree), same load:
+    ``--pairs`` 1:1 pairs, ``--messages`` 100-byte messages in all, a window
+    of ``--window`` unacked sends per sender, memory store, limits raised so
+    that nothing is refused in either tree.
+
+``flood``
+    Latency of a quiet pair (one message at a time, send to receipt) on one
+    relay (this tree, default limits), first alone, then while a flooding
+    provider runs in another process (``--flooders`` devices sending PINGs,
+    SENDs to unknown addresses, CONSENTs and SENDs within their limits, one
+    of them never reading).  p50/p99 of both, and their ratio.
+
+Usage::
+
+    python benches/gate_layers.py cost [--messages 200000] [--repeat 3]
+    python benches/gate_layers.py flood [--quiet-messages 1000] [--flooders 8]
+
+Figures, with the machine's load, go in ``benches/README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, HERE)
+
+from fastroute import Client, wire  # noqa: E402
+from fastroute.identity import ProviderKey, Registry, issue_credential  # noqa: E402
+from fastroute.noise import KeyPair  # noqa: E402
+
+DEFAULT_BASE = "f170cd6"
+RELAY_MAIN = """\
+import ctypes, signal, sys
+try:
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # die with the bench
+except Exception:
+    pass
+sys.path.insert(0, sys.argv.pop(1))
+from fastroute.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+COMMON_TOML = """\
+[relay]
+registry_poll_s = 5.0
+[limits]
+msgs_per_s = 10000000.0
+msgs_burst = 10000000.0
+bytes_per_s = 10000000000
+bytes_burst = 10000000000
+"""
+# the new layers stay on, with limits nothing in this load reaches
+LAYERS_TOML = """\
+ops_per_s = 10000000.0
+ops_burst = 10000000.0
+address_msgs_per_s = 10000000.0
+address_msgs_burst = 10000000.0
+address_bytes_per_s = 10000000000
+address_bytes_burst = 10000000000
+"""
+
+
+def proc_ticks(pid: int) -> int:
+    """utime + stime of the whole process (every thread), in clock ticks."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def loadavg() -> str:
+    with open("/proc/loadavg") as fh:
+        return " ".join(fh.read().split()[:3])
+
+
+def pct(vals: list[float], q: float) -> float:
+    vals = sorted(vals)
+    return vals[min(len(vals) - 1, int(q * len(vals)))]
+
+
+def base_tree(ref: str) -> str:
+    """The tree of ``ref``, exported and built once (cached by commit)."""
+    commit = subprocess.run(["git", "rev-parse", ref], cwd=HERE, capture_output=True,
+                            text=True, check=True).stdout.strip()
+    path = os.path.join(tempfile.gettempdir(), f"fastroute-base-{commit[:12]}")
+    if not os.path.exists(os.path.join(path, ".built")):
+        shutil.rmtree(path, ignore_errors=True)
+        os.makedirs(path)
+        archive = subprocess.run(["git", "archive", commit], cwd=HERE, capture_output=True,
+                                 check=True).stdout
+        subprocess.run(["tar", "-x", "-C", path], input=archive, check=True)
+        print(f"building the baseline tree {commit[:12]} in {path} ...", flush=True)
+        subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=path,
+                       check=True, capture_output=True)
+        open(os.path.join(path, ".built"), "w").close()
+    return path
+
+
+class Relay:
+    """``fastroute serve`` from ``tree`` in a subprocess, provider ``home`` enrolled."""
+
+    def __init__(self, tree: str, toml: str) -> None:
+        self.tree = tree
+        self.dir = tempfile.mkdtemp(prefix="fr-gate-")
+        self.key = ProviderKey.generate()
+        self.acme = ProviderKey.generate()
+        with Registry(os.path.join(self.dir, "registry.db")) as reg:
+            reg.add_provider("home", self.key.public_key)
+            reg.add_provider("acme", self.acme.public_key)
+        self.acme.save(os.path.join(self.dir, "acme.key"))
+        cfg = os.path.join(self.dir, "bench.toml")
+        with open(cfg, "w") as fh:
+            fh.write(toml)
+        self.log = os.path.join(self.dir, "relay.log")
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", RELAY_MAIN, tree, "serve", "--data-dir", self.dir,
+                 "--config", cfg, "--listen", "127.0.0.1:0", "--store", "memory"],
+                stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                cwd=self.dir)
+        deadline = time.monotonic() + 20
+        self.port = 0
+        while not self.port and time.monotonic() < deadline and self.proc.poll() is None:
+            with open(self.log) as fh:
+                for line in fh:
+                    if line.startswith("fastroute relay listening on"):
+                        self.port = int(line.strip().rsplit(":", 1)[1])
+            time.sleep(0.05)
+        if not self.port:
+            with open(self.log) as fh:
+                out = fh.read()
+            self.stop()
+            raise RuntimeError(f"relay did not start: {out}")
+
+    async def connect(self, address: str, device: str = "d0") -> Client:
+        kp = KeyPair.generate()
+        cred = issue_credential(self.key, "home", address, device, kp.public, ttl_s=3600)
+        return await Client.connect("127.0.0.1", self.port, credential=cred, static=kp,
+                                    keepalive=None)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- cost
+async def load(relay: Relay, pairs: int, n: int, window: int) -> tuple[float, float]:
+    """``n`` messages over ``pairs`` 1:1 pairs; returns (msg/s, relay CPU us per message)."""
+    txs, rxs = [], []
+    for i in range(pairs):
+        rxs.append(await relay.connect(f"r{i}@home"))
+        txs.append(await relay.connect(f"s{i}@home"))
+    body = os.urandom(100)
+    per = n // pairs
+
+    async def send(tx: Client, to: str) -> None:
+        sent = 0
+        inflight: list = []
+        while sent < per:
+            k = min(100, per - sent)
+            inflight.append(tx.send_many(to, [body] * k))
+            sent += k
+            if len(inflight) * 100 >= window:
+                await inflight.pop(0)
+        await asyncio.gather(*inflight)
+
+    async def recv(rx: Client) -> None:
+        got = 0
+        while got < per:
+            got += len(await rx.recv_many(per - got))
+
+    ticks0 = proc_ticks(relay.proc.pid)
+    t0 = time.perf_counter()
+    await asyncio.gather(*(send(tx, f"r{i}@home") for i, tx in enumerate(txs)),
+                         *(recv(rx) for rx in rxs))
+    elapsed = time.perf_counter() - t0
+    ticks = proc_ticks(relay.proc.pid) - ticks0
+    for c in txs + rxs:
+        await c.close()
+    total = per * pairs
+    return total / elapsed, ticks / os.sysconf("SC_CLK_TCK") / total * 1e6
+
+
+async def cost(args) -> None:
+    base = base_tree(args.base)
+    runs: dict[str, list[tuple[float, float]]] = {"off": [], "on": []}
+    print(f"loadavg before: {loadavg()}")
+    for r in range(args.repeat):
+        for name, tree, toml in (("off", base, COMMON_TOML),
+                                 ("on", HERE, COMMON_TOML + LAYERS_TOML)):
+            relay = Relay(tree, toml)
+            try:
+                rate, cpu = await load(relay, args.pairs, args.messages, args.window)
+            finally:
+                relay.stop()
+            runs[name].append((rate, cpu))
+            print(f"  run {r + 1} layers {name:3}: {rate:9.0f} msg/s, "
+                  f"relay CPU {cpu:6.2f} us/msg", flush=True)
+    med = {k: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v))
+           for k, v in runs.items()}
+    spread = {k: (max(x[1] for x in v) - min(x[1] for x in v)) / med[k][1] * 100
+              for k, v in runs.items()}
+    print(f"loadavg after: {loadavg()}")
+    print(f"median layers off: {med['off'][0]:.0f} msg/s, {med['off'][1]:.2f} us CPU/msg "
+          f"(spread {spread['off']:.0f}%)")
+    print(f"median layers on:  {med['on'][0]:.0f} msg/s, {med['on'][1]:.2f} us CPU/msg "
+          f"(spread {spread['on']:.0f}%)")
+    print(f"cost of the layers: CPU/msg {100 * (med['on'][1] / med['off'][1] - 1):+.1f}%, "
+          f"throughput {100 * (med['on'][0] / med['off'][0] - 1):+.1f}%")
+
+
+# --------------------------------------------------------------------- flood
+async def quiet_pair(relay: Relay, n: int) -> list[float]:
+    t0 = time.perf_counter()
+    alice = await relay.connect("alice@home")
+    bob = await relay.connect("bob@home")
+    print(f"  the quiet pair connected in {(time.perf_counter() - t0) * 1e3:.1f} ms")
+    lat = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        alice.send_nowait("bob@home", b"q%d" % i)
+        await bob.recv()
+        lat.append((time.perf_counter() - t0) * 1e3)
+    t0 = time.perf_counter()
+    await alice.close()
+    await bob.close()
+    print(f"  {n} messages took {sum(lat) / 1e3:.2f} s; closing {time.perf_counter() - t0:.2f} s")
+    return lat
+
+
+async def flooder(port: int, key_path: str, n: int, seconds: float) -> None:
+    """Worker: ``n`` acme devices flooding for ``seconds`` (one never reads)."""
+    key = ProviderKey.load(key_path)
+    clients = []
+    for i in range(n):
+        kp = KeyPair.generate()
+        cred = issue_credential(key, "acme", f"f{i}@acme", "d0", kp.public, ttl_s=3600)
+        clients.append(await Client.connect("127.0.0.1", port, credential=cred, static=kp,
+                                            keepalive=None))
+    clients[-1]._proto.transport.pause_reading()
+    pings = [wire.ping_op(1 << 62)] * 2000
+    unknown = [wire.send_op(os.urandom(16), f"nobody{i}@home", b"x", 0) for i in range(500)]
+    consents = [wire.consent_op(os.urandom(16), "home", True) for _ in range(500)]
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for c in clients:
+            if c._proto is None or c._proto.transport.is_closing():
+                continue
+            if c._proto.transport.get_write_buffer_size() > 1 << 20:
+                continue  # the relay stopped reading it: packing more only burns this CPU
+            c.send_many("f0@acme", [b"ok"] * 20).add_done_callback(lambda f: f.exception())
+            c._write(pings)
+            c._write(unknown)
+            c._write(consents)
+        await asyncio.sleep(0.005)
+
+
+async def flood(args) -> None:
+    toml = "[relay]\nregistry_poll_s = 0.5\n"
+    if args.turn_ops:
+        toml += f"[limits]\nmax_relay_ops_per_turn = {args.turn_ops}\n"
+    relay = Relay(HERE, toml)
+    if args.provider_ops:
+        # the operator's provider-wide budget for the flooding provider
+        with Registry(os.path.join(relay.dir, "registry.db")) as reg:
+            reg.add_provider("acme", relay.acme.public_key, provider_ops_per_s=args.provider_ops)
+        await asyncio.sleep(0.7)  # the relay polls the registry every 0.5 s
+    try:
+        print(f"loadavg before: {loadavg()}")
+        quiet = await quiet_pair(relay, args.quiet_messages)
+        t0 = time.monotonic()
+        nice = ["nice", "-n", str(args.nice)] if args.nice else []
+        worker = await asyncio.create_subprocess_exec(
+            *nice, sys.executable, os.path.abspath(__file__), "flooder", str(relay.port),
+            os.path.join(relay.dir, "acme.key"), str(args.flooders), str(args.seconds))
+        await asyncio.sleep(1.0)  # the flood is under way
+        ticks0 = proc_ticks(relay.proc.pid)
+        flooded = await quiet_pair(relay, args.quiet_messages)
+        print(f"flooded quiet run took {time.monotonic() - t0 - 1.0:.1f} s")
+        cpu = (proc_ticks(relay.proc.pid) - ticks0) / os.sysconf("SC_CLK_TCK")
+        flood_ran = worker.returncode is None  # still flooding when the quiet run ended
+        if flood_ran:
+            worker.terminate()
+        await worker.wait()
+        if not flood_ran:
+            print("warning: the flood ended before the quiet run did (raise --seconds)")
+        print(f"loadavg after: {loadavg()}; relay CPU during the flooded run: {cpu:.1f} s")
+        for name, lat in (("quiet", quiet), ("flooded", flooded)):
+            print(f"{name:8} p50 {pct(lat, 0.5):7.2f} ms  p99 {pct(lat, 0.99):7.2f} ms  "
+                  f"max {max(lat):7.2f} ms")
+        print(f"flooded/quiet: p50 {pct(flooded, 0.5) / pct(quiet, 0.5):.2f}x, "
+              f"p99 {pct(flooded, 0.99) / pct(quiet, 0.99):.2f}x")
+    finally:
+        relay.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "flooder":
+        import uvloop
+
+        uvloop.run(flooder(int(argv[1]), argv[2], int(argv[3]), float(argv[4])))
+        return 0
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="what")
+    c = sub.add_parser("cost")
+    c.add_argument("--base", default=DEFAULT_BASE)
+    c.add_argument("--messages", type=int, default=200_000)
+    c.add_argument("--pairs", type=int, default=4)
+    c.add_argument("--window", type=int, default=2048)
+    c.add_argument("--repeat", type=int, default=3)
+    f = sub.add_parser("flood")
+    f.add_argument("--quiet-messages", type=int, default=1000)
+    f.add_argument("--flooders", type=int, default=8)
+    f.add_argument("--seconds", type=float, default=60.0)
+    f.add_argument("--provider-ops", type=int, default=10000,
+                   help="provider_ops_per_s of the flooding provider in the registry "
+                        "(0: none, only the per-device defaults)")
+    f.add_argument("--turn-ops", type=int, default=0,
+                   help="limits.max_relay_ops_per_turn of the relay (default: the default)")
+    f.add_argument("--nice", type=int, default=0,
+                   help="run the flooder process at this nice level (separates the relay's "
+                        "scheduling from CPU contention on a small machine)")
+    args = p.parse_args(argv)
+    import uvloop
+
+    uvloop.run(flood(args) if args.what == "flood" else cost(args if args.what else
+                                                             p.parse_args(["cost"])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,593 @@
+"""The integrity gate against hostile clients: budgets, fairness, bounds, abuse rules.
+
+Real relay on loopback, real Noise, real SQLite.  Assertions are counts and
+bounds, never timings (the latencies are in ``benches/bench_flood.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import time
+
+import pytest
+
+from fastroute import wire
+from fastroute.config import Limits
+from fastroute.errors import ErrorCode
+from fastroute.identity import Registry
+from relayutil import LOOPS, recv_n, run, world
+
+pytestmark = pytest.mark.parametrize("loop", LOOPS)
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _raw(client, ops: list[bytes]) -> None:
+    """Write packed ops on a client's link as they are (a hostile client)."""
+    client._write(ops)
+
+
+PINGS_PER_FRAME = 500
+
+
+def test_flooding_provider_is_charged_and_cannot_starve_a_quiet_pair(loop, tmp_path):
+    lim = Limits(ops_per_s=2000.0, ops_burst=3000.0, msgs_per_s=300.0, msgs_burst=300.0,
+                 max_ops_per_turn=256, max_output_bytes=256 * 1024)
+
+    async def main():
+        async with world(tmp_path, limits=lim, require_consent=True,
+                         queue_memory_bytes=8 << 20) as w:
+            with Registry(os.path.join(w.data_dir, "registry.db")) as reg:
+                # acme's devices together: 5000 ops/s (the registry is the source)
+                reg.add_provider("acme", w.keys["acme"].public_key, provider_ops_per_s=5000)
+            await asyncio.sleep(0.2)  # the relay polls the registry
+            relay = w.relay
+            alice = await w.connect("alice@home")
+            bob = await w.connect("bob@home")
+            flooders = [await w.connect(f"f{i}@acme") for i in range(6)]
+            # one more that never reads what the relay answers
+            deaf = await w.connect("deaf@acme")
+            links = {ln.address: ln for ln in relay.links}
+            acme_links = [links[f.address] for f in flooders] + [links["deaf@acme"]]
+            rss0 = _rss()
+
+            loop_ = asyncio.get_running_loop()
+            turns: list[int] = []  # flooder ops processed, sampled once per loop turn
+            stop = False
+
+            def tick():
+                turns.append(sum(ln.ops for ln in acme_links))
+                if not stop:
+                    loop_.call_soon(tick)
+
+            at_quiet: list[tuple[int, int]] = []  # (turn index, flooder ops) per quiet SEND
+
+            def tap(ts_ms, sender, to, size, cls):
+                if sender == "alice@home":
+                    at_quiet.append((len(turns), sum(ln.ops for ln in acme_links)))
+
+            relay.add_tap(tap)
+            loop_.call_soon(tick)
+            pings = [wire.ping_op(1 << 62) for _ in range(PINGS_PER_FRAME)]
+            unknown = [wire.send_op(os.urandom(16), f"nobody{i}@home", b"x", 0)
+                       for i in range(500)]
+            consents = [wire.consent_op(os.urandom(16), "home", True) for _ in range(500)]
+            deaf._proto.transport.pause_reading()
+
+            sent: list = []
+
+            async def flood(c, rounds):
+                for _ in range(rounds):
+                    if c._proto is None or c._proto.transport.is_closing():
+                        return
+                    if c._proto.transport.get_write_buffer_size() > 1 << 20:
+                        # the relay stopped reading this flooder (its budget is
+                        # spent): what it would write piles up in this process
+                        await asyncio.sleep(0.01)
+                        continue
+                    # sends within limits, to another flooder (same provider)
+                    sent.append(c.send_many("f0@acme", [b"ok"] * 20))
+                    await asyncio.sleep(0)
+                    for _ in range(16):  # 16 frames in one write: one read for the relay
+                        _raw(c, pings)
+                    _raw(c, unknown)
+                    _raw(c, consents)
+                    await asyncio.sleep(0.01)
+
+            async def deafen(c, rounds):
+                # refused SENDs: every one is answered, and nothing is read
+                for _ in range(rounds):
+                    if c._proto.transport.is_closing() or relay.refused.get(
+                            ErrorCode.OUTPUT_LIMIT):
+                        return
+                    if c._proto.transport.get_write_buffer_size() > 1 << 20:
+                        await asyncio.sleep(0.01)  # not read by the relay: spent
+                        continue
+                    for _ in range(4):
+                        _raw(c, unknown)
+                    await asyncio.sleep(0.01)
+
+            t0 = time.monotonic()
+            tasks = [asyncio.ensure_future(flood(c, 60)) for c in flooders]
+            tasks.append(asyncio.ensure_future(deafen(deaf, 400)))
+            # the quiet pair: one message at a time, each waiting for its SACK
+            n = 100
+            for i in range(n):
+                await alice.send("bob@home", b"q%d" % i)
+            got = await recv_n(bob, n, timeout=30)
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if not deaf._proto.transport.is_closing():
+                deaf._proto.transport.resume_reading()  # so it sees its link end
+            results = await asyncio.wait_for(asyncio.gather(*sent, return_exceptions=True), 10)
+            # some sends within limits went through, past the limits they were refused
+            assert any(not isinstance(r, BaseException) for r in results)
+            stop = True
+            relay.remove_tap(tap)
+
+            # every message of the quiet pair arrived, in order
+            assert [m.body for m in got] == [b"q%d" % i for i in range(n)]
+            # fairness: in no loop turn did a flooder link process more than
+            # its share plus the frame that crossed it, twice (a read and the
+            # continuation of an earlier one: uvloop runs call_soon callbacks
+            # in the same iteration as the I/O that scheduled them)
+            share = 2 * (lim.max_ops_per_turn + PINGS_PER_FRAME)
+            per_turn = [b - a for a, b in zip(turns, turns[1:])]
+            assert max(per_turn) <= len(acme_links) * share
+            # and between two quiet messages, only as many turns' worth of
+            # flooder ops as there were turns in between
+            for (t1, o1), (t2, o2) in zip(at_quiet, at_quiet[1:]):
+                assert o2 - o1 <= (t2 - t1 + 1) * len(acme_links) * share
+            flooded = [b - a for (_, a), (_, b) in zip(at_quiet, at_quiet[1:])]
+            assert max(flooded) > 0  # the flood really ran between quiet messages
+
+            # charged and refused past the budget, per device and for the provider
+            granted = [ln.ops - ln.refused_ops for ln in acme_links]
+            elapsed = time.monotonic() - t0  # tokens refill until the counters are read
+            assert all(ln.refused_ops > 0 for ln in acme_links[:-1])
+            for g in granted:
+                assert g <= lim.ops_burst + lim.ops_per_s * elapsed + 1
+            assert sum(granted) <= 5000 * 2.0 + 5000 * elapsed + 1
+            assert relay.refused[ErrorCode.RATE_LIMITED] > 0
+            # refused SENDs to unknown addresses got the consent code (no enumeration)
+            assert relay.refused[ErrorCode.CONSENT_REQUIRED] > 0
+            # the deaf device cannot make the relay hold more than the output
+            # cap for it: its budget bounds what it is answered, and past the
+            # cap it is closed with a reason (test_a_client_that_never_reads...)
+            deaf_link = links["deaf@acme"]
+            assert (relay.refused.get(ErrorCode.OUTPUT_LIMIT) == 1
+                    or deaf_link.transport.get_write_buffer_size() <= lim.max_output_bytes)
+            # memory: what the relay holds is under the queue budget and the
+            # output caps; the process's RSS (clients included: they share this
+            # process) grew by less than those plus 128 MiB of interpreter churn
+            # (unbounded, the same flood grew a relay by 343 MB in 30 s)
+            stats = relay.stats()
+            assert stats["queued_bytes"] <= 8 << 20
+            assert all(ln.transport.get_write_buffer_size() <= lim.max_output_bytes
+                       for ln in relay.links)
+            gc.collect()
+            grown = _rss() - rss0
+            assert grown < (8 << 20) + len(acme_links) * lim.max_output_bytes + (128 << 20), grown
+    run(loop, main())
+
+
+def test_a_client_that_never_reads_is_closed_with_a_reason(loop, tmp_path):
+    lim = Limits(ops_per_s=1e6, ops_burst=1e6, max_output_bytes=65536)
+
+    async def main():
+        async with world(tmp_path, limits=lim) as w:
+            bob = await w.connect("bob@home")
+            deaf = await w.connect("deaf@home")
+            # accepted for deaf, but never read nor acked by it
+            deaf._proto.transport.pause_reading()
+            for i in range(5):
+                await bob.send("deaf@home", b"m%d" % i)
+            frame_ = [wire.ping_op(1 << 62)] * 5000
+            for _ in range(400):
+                if w.relay.refused.get(ErrorCode.OUTPUT_LIMIT):
+                    break
+                _raw(deaf, frame_)
+                await asyncio.sleep(0.005)
+            assert w.relay.refused[ErrorCode.OUTPUT_LIMIT] == 1
+            for _ in range(300):
+                if len(w.relay.links) == 1:
+                    break
+                await asyncio.sleep(0.01)
+            assert [ln.address for ln in w.relay.links] == ["bob@home"]
+            # nothing accepted was lost: the device gets them on its next connection
+            again = await w.connect("deaf@home")
+            assert [m.body for m in await recv_n(again, 5)] == [b"m%d" % i for i in range(5)]
+    run(loop, main())
+
+
+def test_op_budget_refuses_pings_consents_and_sends_with_codes(loop, tmp_path):
+    lim = Limits(ops_per_s=0.01, ops_burst=10.0)
+
+    def pending(client, cid):
+        fut = client._loop.create_future()
+        client._pending[cid] = (fut, b"")
+        return fut
+
+    async def main():
+        async with world(tmp_path, limits=lim) as w:
+            a = await w.connect("alice@home")
+            await w.connect("bob@home")
+            link = next(iter(ln for ln in w.relay.links if ln.address == "alice@home"))
+            # 10 ops of budget in one frame of 13 others and a SEND: 8 PINGs, a
+            # CONSENT and a PING fit; 2 PINGs, a CONSENT and the SEND are refused
+            c1, c2, c3 = (os.urandom(16) for _ in range(3))
+            f1, f2, f3 = pending(a, c1), pending(a, c2), pending(a, c3)
+            _raw(a, [wire.ping_op(i) for i in range(8)] + [wire.consent_op(c1, "acme", True)]
+                 + [wire.ping_op(8 + i) for i in range(3)] + [wire.consent_op(c2, "acme", True)]
+                 + [wire.send_op(c3, "bob@home", b"over", 0)])
+            res = await asyncio.gather(f1, f2, f3, return_exceptions=True)
+            assert res[0] == c1
+            assert [getattr(r, "code", None) for r in res[1:]] == [ErrorCode.RATE_LIMITED] * 2
+            assert link.refused_ops == 2 + 1 + 1
+            assert link.ops == 14
+            # spent: the link is not read (not even decrypted) until it refills,
+            # so a flood past the budget costs the relay nothing
+            c4 = os.urandom(16)
+            f4 = pending(a, c4)
+            _raw(a, [wire.send_op(c4, "bob@home", b"later", 0)])
+            await asyncio.sleep(0.3)
+            assert not f4.done() and link.ops == 14
+    run(loop, main())
+
+
+
+class _Recorder:
+    """Stands in for a client's receiving CipherState and keeps every plaintext."""
+
+    def __init__(self, inner, seen: list) -> None:
+        self.inner = inner
+        self.seen = seen
+
+    def decrypt(self, msg: bytes) -> bytes:
+        plaintext = self.inner.decrypt(msg)
+        self.seen.append(plaintext)
+        return plaintext
+
+
+def test_no_enumeration_unknown_and_not_opted_in_answer_the_same_bytes(loop, tmp_path):
+    async def main():
+        async with world(tmp_path, require_consent=True) as w:
+            bob = await w.connect("bob@acme")  # exists, never opted in to home
+            await bob.close()
+            alice = await w.connect("alice@home")
+            seen: list[bytes] = []
+            alice._rx = _Recorder(alice._rx, seen)
+            cid = os.urandom(16)  # refusals are not remembered: the same id twice
+            answers = []
+            for to in ("bob@acme", "nobody@acme"):
+                seen.clear()
+                with pytest.raises(Exception) as err:
+                    await alice.send(to, b"probe", id=cid)
+                assert err.value.code == ErrorCode.CONSENT_REQUIRED
+                answers.append(b"".join(seen))
+            assert answers[0] == answers[1] and cid in answers[0]
+            # a sender of the address's own provider still learns it is unknown
+            carol = await w.connect("carol@acme")
+            with pytest.raises(Exception) as err:
+                await carol.send("nobody@acme", b"x")
+            assert err.value.code == ErrorCode.UNKNOWN_RECIPIENT
+    run(loop, main())
+
+
+def _strangers(relay, names):
+    """Make addresses known to the relay (a device registered in its store)."""
+    for name in names:
+        dkey = relay.store.register_device(name, "phone")
+        relay.delivery.known.setdefault(name, []).append(dkey)
+
+
+def test_new_sender_rule_throttle_quarantine_and_lift(loop, tmp_path, capsys):
+    from fastroute.cli import main as cli
+
+    month_ago = int(time.time()) - 30 * 86400
+
+    def setup(reg, keys):
+        reg.note_devices([("old@home", "phone", "home", month_ago)])
+
+    async def main():
+        async with world(tmp_path, setup=setup) as w:
+            gate = w.relay.gate
+            strangers = [f"s{i}@home" for i in range(250)]
+            _strangers(w.relay, strangers)
+            newbie = await w.connect("newbie@home")
+            old = await w.connect("old@home")
+            assert gate.standing("newbie@home") == "new"
+            assert gate.standing("old@home") == "ok"
+            # a device registered a moment ago writes to 100 strangers at once: it trips
+            res = await asyncio.gather(*(newbie.send_nowait(s, b"hi") for s in strangers[:100]),
+                                       return_exceptions=True)
+            ok = [r for r in res if isinstance(r, bytes)]
+            codes = {getattr(r, "code", None) for r in res if not isinstance(r, bytes)}
+            # 20 strangers fit the new-sender bucket; the 80 refusals throttle
+            # it at once (5 messages of burst), within the same read
+            assert 5 <= len(ok) <= 22 and codes == {ErrorCode.RATE_LIMITED}
+            assert gate.standing("newbie@home") == "throttled"
+            # an address the relay has known for a month does the same: it does not
+            res = await asyncio.gather(*(old.send_nowait(s, b"hi") for s in strangers[:100]))
+            assert len(res) == 100
+            # nor does a new device that answers people who wrote to it first
+            fresh = await w.connect("fresh@home")
+            await old.send("fresh@home", b"hello")
+            await recv_n(fresh, 1)
+            await asyncio.gather(*(fresh.send_nowait("old@home", b"r%d" % i) for i in range(100)))
+            assert gate.standing("fresh@home") == "new"
+            # the newbie keeps at it: quarantined, and told so
+            await asyncio.gather(*(newbie.send_nowait(s, b"hi") for s in strangers[100:]),
+                                 return_exceptions=True)
+            assert gate.standing("newbie@home") == "quarantined"
+            with pytest.raises(Exception) as err:
+                await newbie.send("old@home", b"anything")
+            assert err.value.code == ErrorCode.QUARANTINED
+            # the operator lists it, with the reason, and lifts it
+            for _ in range(200):
+                if w.relay.registry.quarantined():
+                    break
+                await asyncio.sleep(0.01)
+            capsys.readouterr()
+            assert cli(["sender", "quarantined", "--data-dir", w.data_dir]) == 0
+            out = capsys.readouterr().out
+            assert "newbie@home" in out and "abuse score" in out and "old@home" not in out
+            # in a thread: the CLI waits for this relay (on this loop) to confirm
+            assert await asyncio.to_thread(
+                cli, ["sender", "lift", "newbie@home", "--data-dir", w.data_dir]) == 0
+            assert "confirmed by the running relay" in capsys.readouterr().out
+            for _ in range(200):
+                if gate.standing("newbie@home") != "quarantined":
+                    break
+                await asyncio.sleep(0.01)
+            assert await newbie.send("old@home", b"sorry")
+            assert cli(["sender", "lift", "newbie@home", "--data-dir", w.data_dir]) == 1
+    run(loop, main())
+
+
+def test_layered_buckets_and_a_live_provider_limit_change(loop, tmp_path):
+    lim = Limits(address_msgs_per_s=0.01, address_msgs_burst=30.0)
+
+    async def main():
+        async with world(tmp_path, limits=lim) as w:
+            # two devices of one address share the address's bucket
+            phone = await w.connect("alice@home", "phone")
+            laptop = await w.connect("alice@home", "laptop")
+            await w.connect("bob@home")
+            a = await asyncio.gather(*(phone.send_nowait("bob@home", b"p") for _ in range(20)),
+                                     return_exceptions=True)
+            b = await asyncio.gather(*(laptop.send_nowait("bob@home", b"l") for _ in range(20)),
+                                     return_exceptions=True)
+            assert sum(isinstance(r, bytes) for r in a + b) == 30
+            # acme's devices together, set in the registry while they are online
+            devs = [await w.connect(f"u{i}@acme") for i in range(3)]
+            await w.connect("z@acme")
+            with Registry(os.path.join(w.data_dir, "registry.db")) as reg:
+                reg.add_provider("acme", w.keys["acme"].public_key, provider_msgs_per_s=5)
+            await asyncio.sleep(0.3)  # the relay polls the registry every 0.05 s
+            t0 = time.monotonic()
+            res = await asyncio.gather(*(d.send_nowait("z@acme", b"x") for d in devs
+                                         for _ in range(20)), return_exceptions=True)
+            elapsed = time.monotonic() - t0
+            ok = sum(isinstance(r, bytes) for r in res)
+            # a fresh provider bucket holds provider_burst_s (2) seconds of its rate
+            assert 10 <= ok <= 10 + 5 * (elapsed + 0.5) + 1
+            assert {r.code for r in res if not isinstance(r, bytes)} == {ErrorCode.RATE_LIMITED}
+    run(loop, main())
+
+
+def test_device_caps_per_address_and_new_devices_per_provider(loop, tmp_path):
+    from fastroute.errors import PolicyError
+
+    lim = Limits(max_devices_per_address=2, new_devices_per_provider_per_hour=4)
+
+    async def main():
+        async with world(tmp_path, limits=lim) as w:
+            await w.connect("alice@home", "a")
+            await w.connect("alice@home", "b")
+            with pytest.raises(PolicyError) as err:
+                await w.connect("alice@home", "c")
+            assert err.value.code == ErrorCode.DEVICE_LIMIT
+            # a device already seen comes back without counting again
+            c = await w.connect("alice@home", "a")
+            assert c.address == "alice@home"
+            await w.connect("bob@home")
+            await w.connect("carol@home")
+            with pytest.raises(PolicyError) as err:
+                await w.connect("dave@home")
+            assert err.value.code == ErrorCode.NEW_DEVICE_LIMIT
+            # another provider has its own hourly allowance
+            assert (await w.connect("dave@acme")).address == "dave@acme"
+    run(loop, main())
+
+
+def test_header_policy_withholds_the_timestamp_and_never_a_required_field(loop, tmp_path):
+    from fastroute import Relay, RelayConfig
+    from fastroute.errors import InvalidArgument
+
+    def setup(reg, keys):
+        reg.add_provider("acme", keys["acme"].public_key, withhold=["ts_ms"])
+        for field in ("from", "id", "device", "group"):
+            with pytest.raises(InvalidArgument):
+                reg.add_provider("acme", keys["acme"].public_key, withhold=[field])
+
+    async def main():
+        async with world(tmp_path, setup=setup) as w:
+            alice = await w.connect("alice@home")
+            bob = await w.connect("bob@acme")
+            mid = await alice.send("bob@acme", b"to acme")
+            got = (await recv_n(bob, 1))[0]
+            # exactly the withheld field differs: ts_ms is 0, the rest as sent
+            assert (got.sender, got.id, got.body, got.ts_ms) == ("alice@home", mid, b"to acme", 0)
+            await bob.send("alice@home", b"to home")
+            back = (await recv_n(alice, 1))[0]
+            assert back.ts_ms > 0 and back.sender == "bob@acme"
+            # the policy is cleared in the registry: live links follow
+            with Registry(os.path.join(w.data_dir, "registry.db")) as reg:
+                reg.add_provider("acme", w.keys["acme"].public_key, withhold=[])
+            await asyncio.sleep(0.3)
+            await alice.send("bob@acme", b"again")
+            assert (await recv_n(bob, 1))[0].ts_ms > 0
+            # a policy naming a required field, written past the registry's
+            # checks, is refused when loaded: the relay does not start on it
+            with Registry(os.path.join(w.data_dir, "registry.db")) as reg:
+                reg._write("UPDATE providers SET withhold = 'from' WHERE name = 'acme'", ())
+                with pytest.raises(InvalidArgument):
+                    reg.trust()
+            data_dir = w.data_dir
+        # once the first relay is stopped (it holds the data directory's lock)
+        relay = Relay(RelayConfig(port=0, data_dir=data_dir))
+        with pytest.raises(InvalidArgument):
+            await relay.start()
+        await relay.close()
+    run(loop, main())
+
+
+def test_relay_wide_queue_memory_budget_spills_the_fullest_to_the_store(loop, tmp_path):
+    budget = 2 << 20
+
+    async def main():
+        async with world(tmp_path, queue_memory_bytes=budget) as w:
+            sender = await w.connect("alice@home")
+            slow = [await w.connect(f"slow{i}@home") for i in range(3)]
+            for c in slow:
+                c._proto.transport.pause_reading()
+            body = b"x" * 30000
+            peak = 0
+            for _ in range(10):  # 3 x 100 x 30 KB = 9 MB for devices that do not read
+                for c in slow:
+                    await sender.send_many(c.address, [body] * 10)
+                peak = max(peak, w.relay.delivery.queued_bytes)
+            # never more than the budget plus one store batch (10 x 30 KB) per device
+            assert peak <= budget + 3 * 10 * 30100
+            assert w.relay.delivery.spills > 0
+            for c in slow:
+                c._proto.transport.resume_reading()
+            for c in slow:
+                got = await recv_n(c, 100, timeout=30)
+                assert len(got) == 100 and all(m.body == body for m in got)
+    run(loop, main())
+
+
+def test_fd_limit_is_raised_to_fit_or_refused_clearly(loop, tmp_path):
+    import resource
+
+    from fastroute import Relay, RelayConfig
+    from fastroute.errors import FastrouteError
+    from fastroute.relay.server import FD_RESERVE, fit_fd_limit
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert fit_fd_limit(100) == 100
+    assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= 100 + FD_RESERVE
+    if hard != resource.RLIM_INFINITY:
+        assert fit_fd_limit(0) == hard - FD_RESERVE
+        with pytest.raises(FastrouteError, match="hard limit"):
+            fit_fd_limit(hard)
+
+    async def main():
+        relay = Relay(RelayConfig(port=0, data_dir=str(tmp_path / "r"),
+                                  max_connections=1 << 40))
+        with pytest.raises(FastrouteError, match="max_connections"):
+            await relay.start()
+        await relay.close()
+    run(loop, main())
+
+
+def test_idle_handshakes_cannot_lock_out_legitimate_clients(loop, tmp_path):
+    lim = Limits(max_preauth_per_ip=16)
+
+    async def main():
+        async with world(tmp_path, limits=lim, max_connections=64, auth_reserve=8) as w:
+            idle = []
+            refused = 0
+            # 5 x 20 idle sockets from 127.0.0.2..6 that never say a word
+            for host in range(2, 7):
+                for _ in range(20):
+                    r, wr = await asyncio.open_connection(
+                        "127.0.0.1", w.port, local_addr=(f"127.0.0.{host}", 0))
+                    idle.append((r, wr))
+            await asyncio.sleep(0.1)
+            for r, _ in idle:
+                try:
+                    if await asyncio.wait_for(r.read(1), 0.01) == b"":
+                        refused += 1
+                except asyncio.TimeoutError:
+                    pass
+                except ConnectionError:
+                    refused += 1
+            stats = w.relay.stats()
+            assert stats["handshaking"] <= 64 - 8
+            assert refused >= 100 - 5 * 16
+            # 14 legitimate clients from 127.0.0.1 all get in
+            clients = [await w.connect(f"u{i}@home") for i in range(14)]
+            assert all(c.address for c in clients)
+            assert w.relay.stats()["refused_connections"] >= refused
+            for _, wr in idle:
+                wr.close()
+    run(loop, main())
+
+
+def test_repeated_consents_cost_no_registry_write(loop, tmp_path):
+    async def main():
+        async with world(tmp_path, require_consent=True) as w:
+            alice = await w.connect("alice@home")
+            writes = []
+            reg = w.relay.registry
+            orig = reg.set_consent
+
+            def counting(*a, **kw):
+                writes.append(a)
+                return orig(*a, **kw)
+
+            reg.set_consent = counting
+            futs = []
+            for _ in range(200):
+                cid = os.urandom(16)
+                fut = alice._loop.create_future()
+                alice._pending[cid] = (fut, b"")
+                futs.append(fut)
+                _raw(alice, [wire.consent_op(cid, "acme", True)])
+            assert all(isinstance(r, bytes) for r in await asyncio.gather(*futs))
+            # one write for the change; the repeats wait for it or are no-ops
+            assert len(writes) == 1
+            n = len(writes)
+            cid = os.urandom(16)
+            fut = alice._loop.create_future()
+            alice._pending[cid] = (fut, b"")
+            _raw(alice, [wire.consent_op(cid, "acme", True)])
+            assert await fut == cid and len(writes) == n
+            assert "acme" in w.relay.gate.consent["alice@home"]
+    run(loop, main())
+
+
+def test_opposite_consents_in_flight_end_in_the_last_choice(loop, tmp_path):
+    async def main():
+        async with world(tmp_path, require_consent=True) as w:
+            alice = await w.connect("alice@home")
+            writes = []
+            reg = w.relay.registry
+            orig = reg.set_consent
+
+            def counting(*a, **kw):
+                writes.append(a[2])
+                return orig(*a, **kw)
+
+            reg.set_consent = counting
+            futs, ops = [], []
+            for allow in (True, False, True, False, True, False):
+                cid = os.urandom(16)
+                fut = alice._loop.create_future()
+                alice._pending[cid] = (fut, b"")
+                futs.append(fut)
+                ops.append(wire.consent_op(cid, "acme", allow))
+            _raw(alice, ops)
+            assert all(isinstance(r, bytes) for r in await asyncio.gather(*futs))
+            # the first choice is written, then only the last of the others
+            assert writes == [True, False]
+            assert "alice@home" not in w.relay.gate.consent
+            assert "alice@home" not in reg.consents()
+    run(loop, main())
