@@ -260,6 +260,24 @@ def run_cli(cmd: list[str], cwd: str) -> str:
     return out.stdout
 
 
+_HAS_INIT: dict[tuple[str, ...], bool] = {}
+
+
+def init_data_dir(cli: list[str], data_dir: str, cwd: str) -> None:
+    """``fastroute init`` the data dir where the CLI has that verb.
+
+    Since the operator release, admin verbs refuse a directory that is not an
+    initialised relay data dir; older checkouts (the baselines this script is
+    run against) have no ``init`` and create the directory themselves.
+    """
+    key = tuple(cli)
+    if key not in _HAS_INIT:
+        probe = subprocess.run([*cli, "init", "--help"], capture_output=True, timeout=60)
+        _HAS_INIT[key] = probe.returncode == 0
+    if _HAS_INIT[key]:
+        run_cli([*cli, "init", "--data-dir", data_dir], cwd=cwd)
+
+
 def stop_process(proc: subprocess.Popen | None, grace: float = 5.0) -> None:
     """SIGTERM, then SIGKILL after ``grace`` seconds."""
     if proc is None or proc.poll() is not None:
@@ -308,6 +326,7 @@ class FastrouteServer:
         cfg = os.path.join(self.dir, "bench.toml")
         with open(cfg, "w") as fh:
             fh.write(RELAY_TOML.format(mailbox=MAILBOX))
+        init_data_dir(cli, self.dir, self.dir)
         run_cli([*cli, "provider", "add", "home", "--key-file", self.ctx["provider_key"],
                  "--data-dir", self.dir, "--config", cfg], cwd=self.dir)
         log = os.path.join(self.dir, "relay.log")
@@ -863,6 +882,7 @@ def prepare(args: argparse.Namespace, workdir: str) -> dict:
     cli = fastroute_cli()
     seed = os.path.join(workdir, "seed")
     key = os.path.join(workdir, "home.key")
+    init_data_dir(cli, seed, workdir)
     run_cli([*cli, "provider", "add", "home", "--generate", "--key-out", key,
              "--data-dir", seed], cwd=workdir)
     creds = {}
