@@ -109,7 +109,7 @@ def pack_group_sender(sender: str) -> tuple[bytes, bytes]:
 class Group:
     """What memory keeps of one group (mirrors the tables once a change committed)."""
 
-    __slots__ = ("gid", "version", "members", "invites", "bucket", "since")
+    __slots__ = ("gid", "version", "members", "invites", "bucket")
 
     def __init__(self, gid: bytes, version: int) -> None:
         self.gid = gid
@@ -120,7 +120,6 @@ class Group:
         self.invites: dict[str, str] = {}
         #: group SENDs of all members together (per-group rate)
         self.bucket: TokenBucket | None = None
-        self.since = 0
 
 
 class Groups:
@@ -155,12 +154,11 @@ class Groups:
             conn.executescript(_SCHEMA)
             for gid, version in conn.execute("SELECT gid, version FROM groups"):
                 self.groups[gid] = Group(gid, version)
-            for gid, address, admin, since in conn.execute(
-                    "SELECT gid, address, admin, since FROM group_members ORDER BY gid, since"):
+            for gid, address, admin in conn.execute(
+                    "SELECT gid, address, admin FROM group_members ORDER BY gid, since"):
                 g = self.groups.get(gid)
                 if g is not None:
                     g.members[address] = bool(admin)
-                    g.since = max(g.since, since)
                     self.member_of.setdefault(address, set()).add(gid)
             for gid, address, inviter in conn.execute(
                     "SELECT gid, address, inviter FROM group_invites"):
@@ -178,7 +176,6 @@ class Groups:
         return bool(ga and gb and not ga.isdisjoint(gb))
 
     def _join(self, g: Group, address: str, admin: bool) -> None:
-        g.since += 1
         g.members[address] = admin
         self.member_of.setdefault(address, set()).add(g.gid)
 
