@@ -163,14 +163,16 @@ async def nats_run(n_sub: int, messages: int, server: str) -> tuple[float, float
     conns = []
     try:
         url = f"nats://127.0.0.1:{port}"
-        for _ in range(50):
+        for _ in range(100):  # until nats-server listens
             try:
-                pub = await nats.connect(url)
+                _, w = await asyncio.open_connection("127.0.0.1", port)
+                w.close()
                 break
-            except Exception:
-                await asyncio.sleep(0.1)
+            except OSError:
+                await asyncio.sleep(0.05)
         else:
             raise SystemExit("nats-server did not start")
+        pub = await nats.connect(url)
         conns.append(pub)
         counts = [0] * n_sub
         events = [asyncio.Event() for _ in range(n_sub)]

@@ -40,6 +40,7 @@ from fastroute.relay.groups import (
     GEV_CREATED,
     GEV_DECLINED,
     GEV_DEVICE_JOINED,
+    GEV_DEVICE_LEFT,
     GEV_INVITED,
     GEV_JOINED,
     GEV_LEFT,
@@ -261,6 +262,38 @@ def test_late_member_gets_nothing_from_before_and_a_new_device_changes_the_versi
             assert [k for k, _ in kinds(got)] == [GEV_ADDED, "msg", "msg", "msg", GEV_ADDED,
                                                   "msg", GEV_DEVICE_JOINED, "msg"]
             assert await quiet(back)
+    run("asyncio", main())
+
+
+def test_a_revoked_member_device_leaves_the_set_and_gets_nothing_more(tmp_path):
+    async def main():
+        async with world(tmp_path) as w:
+            a = await member(w, "alice@home", "phone", 11)
+            b1 = await member(w, "bob@home", "phone", 21)
+            b2 = await member(w, "bob@home", "tablet", 22)
+            gid = await a.create_group()
+            await a.group_add(gid, "bob@home")
+            v, _, _ = await a.group_members(gid)
+            await a.group_send(gid, v, b"to both")  # fills the fan-out list of (alice, 1)
+            for c in (b1, b2):
+                assert kinds(await take(c, 2))[-1] == ("msg", b"to both")
+            with Registry(os.path.join(w.data_dir, "registry.db")) as reg:
+                reg.revoke_device("bob@home", "tablet")
+            got = await take(a, 3)  # alice's device hears bob's tablet left the group's set
+            assert kinds(got) == [(GEV_CREATED, ["alice@home"]),
+                                  (GEV_ADDED, ["alice@home", "bob@home"]),
+                                  (GEV_DEVICE_LEFT, ["bob@home", b2.did])]
+            assert got[2].data[1] == v + 1
+            with pytest.raises(GroupMismatch):
+                await a.group_send(gid, v, b"old set")
+            await a.group_send(gid, v + 1, b"without the tablet")
+            assert kinds(await take(b1, 2)) == [(GEV_DEVICE_LEFT, ["bob@home", b2.did]),
+                                                ("msg", b"without the tablet")]
+            tablet = w.relay.store.register_device("bob@home", "tablet")
+            await w.relay.store.flush()
+            assert await w.relay.store.count_pending(tablet) == 0
+            v, members, _ = await a.group_members(gid)
+            assert members[1] == ("bob@home", False, [(1, 21)])
     run("asyncio", main())
 
 

@@ -109,7 +109,7 @@ def pack_group_sender(sender: str) -> tuple[bytes, bytes]:
 class Group:
     """What memory keeps of one group (mirrors the tables once a change committed)."""
 
-    __slots__ = ("gid", "version", "members", "invites", "bucket")
+    __slots__ = ("gid", "version", "members", "invites", "bucket", "fanout")
 
     def __init__(self, gid: bytes, version: int) -> None:
         self.gid = gid
@@ -120,6 +120,9 @@ class Group:
         self.invites: dict[str, str] = {}
         #: group SENDs of all members together (per-group rate)
         self.bucket: TokenBucket | None = None
+        #: (sender address, sending device id) -> (recipient devices, their store keys);
+        #: emptied whenever a member or a member's device list changes
+        self.fanout: dict[tuple[str, int], tuple[list, list]] = {}
 
 
 class Groups:
@@ -175,11 +178,20 @@ class Groups:
         gb = self.member_of.get(b)
         return bool(ga and gb and not ga.isdisjoint(gb))
 
+    def devices_changing(self, address: str) -> None:
+        """A member's device list is changing now: forget the fan-out lists of its groups."""
+        for gid in self.member_of.get(address, ()):
+            g = self.groups.get(gid)
+            if g is not None:
+                g.fanout.clear()
+
     def _join(self, g: Group, address: str, admin: bool) -> None:
+        g.fanout.clear()
         g.members[address] = admin
         self.member_of.setdefault(address, set()).add(g.gid)
 
     def _drop_member(self, g: Group, address: str) -> None:
+        g.fanout.clear()
         g.members.pop(address, None)
         mine = self.member_of.get(address)
         if mine is not None:
@@ -565,18 +577,20 @@ class Groups:
         lg.msg_bucket.tokens -= 1
         lg.byte_bucket.tokens -= size
         skip = mine.device_id
-        lists = self.dir.lists
-        targets: list = []
-        dkeys: list = []
-        for address in g.members:
-            devs = lists.get(address)
-            if not devs:
-                continue
-            for did, slot in devs.items():
-                if address == sender and did == skip:
-                    continue
-                targets.append((address, slot.name))
-                dkeys.append(slot.dkey)
+        cached = g.fanout.get((sender, skip))
+        if cached is None:
+            lists = self.dir.lists
+            targets: list = []
+            dkeys: list = []
+            for address in g.members:
+                for did, slot in lists.get(address, {}).items():
+                    if address != sender or did != skip:
+                        targets.append((address, slot.name))
+                        dkeys.append(slot.dkey)
+            if len(g.fanout) > 64:
+                g.fanout.clear()
+            cached = g.fanout[(sender, skip)] = (targets, dkeys)
+        targets, dkeys = cached
         key = (gid, sender, skip)
         packed = self._senders.get(key)
         if packed is None:
@@ -674,6 +688,7 @@ class Groups:
         gids = sorted(self.member_of.get(address, ()))
         if not gids:
             return
+        self.devices_changing(address)
 
         def work(conn: sqlite3.Connection) -> list:
             out = []

@@ -583,6 +583,8 @@ class Keys:
             old = self.dir.slot(address, name)
             if old is not None:
                 self.dir._forget(old)
+            if self.groups is not None:
+                self.groups.devices_changing(address)
             slot = Slot(address, name, did, reg_id, int(time.time()))
             slot.dkey = self.delivery.store.register_device(address, name)
             self.dir._remember(slot)
@@ -887,6 +889,8 @@ class Keys:
             and online(s.address, s.name) is None)]
         for slot in gone:
             self.dir._forget(slot)
+            if self.groups is not None:
+                self.groups.devices_changing(slot.address)
             fut = self.dir.submit(self.dir.remove_work(slot.address, slot.name))
             self.delivery.forget_device(slot.address, slot.name)
 
