@@ -131,7 +131,10 @@ class RelayConfig:
     group_max_members: int = 1024
     groups_per_user: int = 1024
     group_invites_per_user: int = 64
-    #: group SENDs per sender address and per group (token buckets: rate, burst),
+    #: invite (never add directly) users of the adder's own provider too
+    group_invite_own_users: bool = False
+    #: group SENDs per sender address, and per group and senders' provider (token
+    #: buckets: rate, burst; one provider's flood cannot spend another's share),
     #: and membership changes (create, add, remove, admin) per acting address
     group_msgs_per_s: float = 100.0
     group_msgs_burst: float = 1000.0

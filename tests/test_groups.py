@@ -29,6 +29,7 @@ from fastroute.errors import (
     NotAdmin,
     NotInvited,
     NotMember,
+    RateLimited,
     UnknownAddress,
     UnknownGroup,
 )
@@ -294,6 +295,46 @@ def test_a_revoked_member_device_leaves_the_set_and_gets_nothing_more(tmp_path):
             assert await w.relay.store.count_pending(tablet) == 0
             v, members, _ = await a.group_members(gid)
             assert members[1] == ("bob@home", False, [(1, 21)])
+    run("asyncio", main())
+
+
+def test_one_providers_flood_spends_only_its_own_share_of_a_groups_rate(tmp_path):
+    async def main():
+        async with world(tmp_path, group_msgs_per_group_s=0.001,
+                         group_msgs_per_group_burst=3) as w:
+            a = await member(w, "alice@home", "phone", 11)
+            c = await member(w, "carol@acme", "phone", 31)
+            d = await member(w, "dave@acme", "phone", 41)
+            gid = await a.create_group()
+            for x in (c, d):
+                assert await a.group_add(gid, x.address) == 1
+                await x.group_answer(gid, True)
+            v, _, _ = await a.group_members(gid)
+            # acme's two users together get 3 sends, not 3 each
+            for x in (c, d, c):
+                await x.group_send(gid, v, b"acme")
+            with pytest.raises(RateLimited):
+                await d.group_send(gid, v, b"one too many")
+            # home's share is untouched by acme's flood
+            for i in range(3):
+                await a.group_send(gid, v, b"home %d" % i)
+            with pytest.raises(RateLimited):
+                await a.group_send(gid, v, b"home again")
+    run("asyncio", main())
+
+
+def test_a_provider_policy_may_require_invites_for_its_own_users(tmp_path):
+    async def main():
+        async with world(tmp_path, group_invite_own_users=True) as w:
+            a = await member(w, "alice@home", "phone", 11)
+            b = await member(w, "bob@home", "phone", 21)
+            gid = await a.create_group()
+            assert await a.group_add(gid, "bob@home") == 1  # invited, not added
+            with pytest.raises(NotMember):
+                await b.group_members(gid)
+            await b.group_answer(gid, True)
+            _, members, _ = await b.group_members(gid)
+            assert [m[0] for m in members] == ["alice@home", "bob@home"]
     run("asyncio", main())
 
 

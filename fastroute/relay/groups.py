@@ -109,7 +109,7 @@ def pack_group_sender(sender: str) -> tuple[bytes, bytes]:
 class Group:
     """What memory keeps of one group (mirrors the tables once a change committed)."""
 
-    __slots__ = ("gid", "version", "members", "invites", "bucket", "fanout")
+    __slots__ = ("gid", "version", "members", "invites", "buckets", "fanout")
 
     def __init__(self, gid: bytes, version: int) -> None:
         self.gid = gid
@@ -118,8 +118,9 @@ class Group:
         self.members: dict[str, bool] = {}
         #: invitee address -> inviter address
         self.invites: dict[str, str] = {}
-        #: group SENDs of all members together (per-group rate)
-        self.bucket: TokenBucket | None = None
+        #: group SENDs per provider of the senders (one provider's flood spends
+        #: only its own share of the group's rate)
+        self.buckets: dict[str, TokenBucket] = {}
         #: (sender address, sending device id) -> (recipient devices, their store keys);
         #: emptied whenever a member or a member's device list changes
         self.fanout: dict[tuple[str, int], tuple[list, list]] = {}
@@ -328,7 +329,8 @@ class Groups:
         if len(g.members) + len(g.invites) >= cfg.group_max_members:
             self._reply(link, cid, ErrorCode.GROUP_FULL)
             return
-        direct = address.endswith("@" + link.provider)
+        # a provider's policy may require invites for its own users too
+        direct = address.endswith("@" + link.provider) and not cfg.group_invite_own_users
         if direct and len(self.member_of.get(address, ())) >= cfg.groups_per_user or (
                 not direct and len(self.invited_to.get(address, ())) >= cfg.group_invites_per_user):
             self._reply(link, cid, ErrorCode.GROUP_LIMIT)
@@ -562,18 +564,20 @@ class Groups:
             self._reply(link, cid, ErrorCode.DEVICE_MISMATCH, [g.version])
             return
         cfg = self.config
-        if g.bucket is None:
-            g.bucket = TokenBucket(cfg.group_msgs_per_group_s, cfg.group_msgs_per_group_burst)
+        group_bucket = g.buckets.get(link.provider)
+        if group_bucket is None:
+            group_bucket = g.buckets[link.provider] = TokenBucket(
+                cfg.group_msgs_per_group_s, cfg.group_msgs_per_group_burst)
         mine_bucket = self._bucket(self._send_buckets, sender, cfg.group_msgs_per_s,
                                    cfg.group_msgs_burst)
         lg = link.gate_state
         size = len(body)
-        if (mine_bucket.refill() < 1 or g.bucket.refill() < 1
+        if (mine_bucket.refill() < 1 or group_bucket.refill() < 1
                 or lg.msg_bucket.refill() < 1 or lg.byte_bucket.refill() < size):
             self._reply(link, cid, ErrorCode.RATE_LIMITED)
             return
         mine_bucket.tokens -= 1
-        g.bucket.tokens -= 1
+        group_bucket.tokens -= 1
         lg.msg_bucket.tokens -= 1
         lg.byte_bucket.tokens -= size
         skip = mine.device_id
