@@ -45,7 +45,7 @@ import random
 import msgpack
 import time
 from collections import deque
-from typing import AsyncIterator, NamedTuple
+from typing import Any, AsyncIterator, NamedTuple
 
 from . import wire
 from ._compiled import twin
@@ -55,6 +55,7 @@ from .errors import (
     BodyTooLarge,
     ConnectionClosed,
     DeviceMismatch,
+    GroupMismatch,
     ErrorCode,
     FastrouteError,
     HandshakeError,
@@ -65,7 +66,8 @@ from .errors import (
 )
 from .noise import PROLOGUE, FrameReader, HandshakeState, KeyPair, frame, seal_frames
 
-__all__ = ["Bundle", "Client", "DeviceMessage", "Event", "FATAL_CODES", "Message"]
+__all__ = ["Bundle", "Client", "DeviceMessage", "Event", "FATAL_CODES", "GroupEvent",
+           "GroupMessage", "Message"]
 
 #: SERVER_BYE codes after which a client must not reconnect (docs/PROTOCOL.md
 #: 10.4): the credential was refused, revoked or expired, a newer connection
@@ -116,6 +118,34 @@ class Event(NamedTuple):
     ``kind`` 1 pool low: ``data`` is ``[pool kind, prekeys left]``; 2 device
     joined (or re-created): ``[device id, registration id]``; 3 device left:
     ``[device id]``.
+    """
+
+    seq: int
+    kind: int
+    data: list
+
+
+class GroupMessage(NamedTuple):
+    """A group message (feature "groups"): one ciphertext for every member device.
+
+    ``group`` is the group's id, ``device`` the sending device's id (its
+    sender key is the one to decrypt with).
+    """
+
+    seq: int
+    group: bytes
+    sender: str
+    device: int
+    id: bytes
+    body: bytes
+    ts_ms: int
+
+
+class GroupEvent(NamedTuple):
+    """A membership event of feature "groups" (``docs/PROTOCOL.md`` 18.6).
+
+    ``data`` starts with ``[group id, member-device-set version, ...]``; the
+    rest depends on ``kind`` (``fastroute.relay.groups.GEV_*``).
     """
 
     seq: int
@@ -924,6 +954,58 @@ class Client:
                       | set(mismatch.own_stale if own else mismatch.stale))
         return await self.bundles(address, want) if want else []
 
+    # ------------------------------------------------------------- groups
+    async def _group(self, opcode: int, *fields: object) -> Any:
+        self._need("groups")
+        cid = self._new_id()
+        return await self._request([wire.group_op(opcode, cid, *fields)], cid)
+
+    async def create_group(self) -> bytes:
+        """Create a group whose only member (an admin) is this user; its 16-byte id."""
+        return await self._group(wire.Op.GCREATE)
+
+    async def group_add(self, group: bytes, address: str) -> int:
+        """Add a user of this user's provider, or invite a user of another one (admins
+        only).  0 added, 1 invited, 2 already a member or invitee."""
+        return await self._group(wire.Op.GADD, group, address)
+
+    async def group_answer(self, group: bytes, accept: bool) -> None:
+        """Accept (become a member) or decline a pending invite to ``group``."""
+        await self._group(wire.Op.GANSWER, group, bool(accept))
+
+    async def group_remove(self, group: bytes, address: str) -> None:
+        """Remove a member, or withdraw a pending invite (admins only)."""
+        await self._group(wire.Op.GREMOVE, group, address)
+
+    async def group_leave(self, group: bytes) -> None:
+        """Leave ``group``."""
+        await self._group(wire.Op.GLEAVE, group)
+
+    async def group_admin(self, group: bytes, address: str, admin: bool) -> None:
+        """Promote (``admin`` true) or demote a member (admins only)."""
+        await self._group(wire.Op.GADMIN, group, address, bool(admin))
+
+    async def group_members(self, group: bytes) -> tuple[int, list, list]:
+        """``(version, members, invitees)``: members are ``(address, admin,
+        [(device id, registration id), ...])`` (members only may ask)."""
+        result = await self._group(wire.Op.GMEMBERS, group)
+        version, rest = result[0], result[1:]
+        members = [(a, admin, [tuple(d) for d in devs]) for a, admin, devs in rest
+                   if admin is not None]
+        invitees = [a for a, admin, _ in rest if admin is None]
+        return version, members, invitees
+
+    async def group_send(self, group: bytes, version: int, body: bytes, *,
+                         id: bytes | None = None) -> bytes:  # noqa: A002
+        """Send one ciphertext to every member device but this one; ``version`` is
+        the member-device-set version the sender key went to.  Returns the id
+        once stored.  :class:`~fastroute.errors.GroupMismatch` (nothing stored)
+        carries the current version: distribute, then resend with the same id."""
+        self._need("groups")
+        cid = id if id is not None else self._new_id()
+        await self._request([wire.group_op(wire.Op.GSEND, cid, group, version, body)], cid)
+        return cid
+
     def _on_reply(self, op: tuple) -> None:
         entry = self._requests.get(op[1])
         if entry is None:
@@ -933,7 +1015,10 @@ class Client:
         if code:
             self._requests.pop(op[1], None)
             if not fut.done():
-                if code == ErrorCode.DEVICE_MISMATCH and type(result) is tuple:
+                if (code == ErrorCode.DEVICE_MISMATCH and type(result) is tuple
+                        and len(result) == 1):
+                    fut.set_exception(GroupMismatch("member device set changed", result[0]))
+                elif code == ErrorCode.DEVICE_MISMATCH and type(result) is tuple:
                     fut.set_exception(DeviceMismatch("device list changed", result))
                 else:
                     fut.set_exception(error_for_code(code, f"relay refused the request: "
@@ -1095,6 +1180,21 @@ class Client:
                     continue
                 seen.begin(sender, cid, 0, 0.0)
                 inbox_append(DeviceMessage(seq, sender, sdev, cid, body, ts_ms))
+            elif kind == 2100:  # GDELIVER: [2100, seq, group, from, from_device, id, body, ...]
+                _, seq, group, sender, sdev, cid, body, ts_ms, _cls = op
+                if seen.lookup(sender, cid, 0.0) is not None:
+                    self.duplicates_dropped += 1
+                    if self.auto_ack and seq > self._ack_upto:
+                        self._note_ack(seq)
+                    continue
+                seen.begin(sender, cid, 0, 0.0)
+                inbox_append(GroupMessage(seq, group, sender, sdev, cid, body, ts_ms))
+            elif kind == 2101:  # GEVENT: as EVENT
+                try:
+                    data = msgpack.unpackb(op[4])
+                except Exception:  # an event this client cannot read: handed over raw
+                    data = op[4]
+                inbox_append(GroupEvent(op[1], op[2], data))
             elif kind == 2000:  # REPLY to a feature request
                 self._on_reply(op)
             elif kind == 2002:  # EVENT: [2002, seq, kind, id, data (msgpack), ts_ms, cls]

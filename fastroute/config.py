@@ -184,6 +184,22 @@ class RelayConfig:
     device_retention_s: int = 30 * 86400
     prekey_fetches_per_s: float = 2.0
     prekey_fetch_burst: float = 200.0
+    #: feature "groups": members (and pending invites) per group (WhatsApp: 1024),
+    #: groups one user may be a member of, invites pending for one user
+    group_max_members: int = 1024
+    groups_per_user: int = 1024
+    group_invites_per_user: int = 64
+    #: invite (never add directly) users of the adder's own provider too
+    group_invite_own_users: bool = False
+    #: group SENDs per sender address, and per group and senders' provider (token
+    #: buckets: rate, burst; one provider's flood cannot spend another's share),
+    #: and membership changes (create, add, remove, admin) per acting address
+    group_msgs_per_s: float = 100.0
+    group_msgs_burst: float = 1000.0
+    group_msgs_per_group_s: float = 1000.0
+    group_msgs_per_group_burst: float = 5000.0
+    group_changes_per_s: float = 5.0
+    group_changes_burst: float = 200.0
     #: listen on ``data_dir/admin.sock`` (mode 0600) for ``fastroute record``; off by default
     admin_socket: bool = False
     #: the read-only HTTP listener for ``/metrics``, ``/healthz`` and ``/readyz``:
@@ -250,6 +266,13 @@ class RelayConfig:
             raise InvalidArgument("mailbox_capacity must be >= 1")
         if min(self.prekey_ec_cap, self.prekey_kem_cap) < 1:
             raise InvalidArgument("prekey caps must be >= 1")
+        if min(self.group_max_members, self.groups_per_user, self.group_invites_per_user) < 1:
+            raise InvalidArgument("group_max_members, groups_per_user and "
+                                  "group_invites_per_user must be >= 1")
+        if min(self.group_msgs_per_s, self.group_msgs_burst, self.group_msgs_per_group_s,
+               self.group_msgs_per_group_burst, self.group_changes_per_s,
+               self.group_changes_burst) <= 0:
+            raise InvalidArgument("group rates and bursts must be > 0")
         if self.prekey_fetches_per_s <= 0 or self.prekey_fetch_burst < 1:
             raise InvalidArgument("prekey_fetches_per_s must be > 0, prekey_fetch_burst >= 1")
         if self.max_connections < 0 or self.auth_reserve < 0:

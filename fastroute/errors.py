@@ -53,6 +53,13 @@ __all__ = [
     "DeviceMismatch",
     "NoKeys",
     "KeyLimit",
+    "NotMember",
+    "NotInvited",
+    "NotAdmin",
+    "GroupFull",
+    "GroupLimit",
+    "LastAdmin",
+    "GroupMismatch",
     "error_for_code",
 ]
 
@@ -100,6 +107,8 @@ class ErrorCode(enum.IntEnum):
     UPLOAD_NOT_FOUND = 305
     DEVICE_MISMATCH = 306
     NO_KEYS = 307
+    NOT_MEMBER = 308
+    NOT_INVITED = 309
     # 4xx: may it be sent
     RATE_LIMITED = 400
     BODY_TOO_LARGE = 401
@@ -111,6 +120,10 @@ class ErrorCode(enum.IntEnum):
     DEVICE_LIMIT = 407
     RECIPIENT_FULL = 408
     NEW_DEVICE_LIMIT = 409
+    NOT_ADMIN = 410
+    GROUP_FULL = 411
+    GROUP_LIMIT = 412
+    LAST_ADMIN = 413
     # 5xx: the relay's side
     INTERNAL = 500
     SHUTTING_DOWN = 503
@@ -431,6 +444,57 @@ class KeyLimit(PolicyError):
     """A prekey pool or an address's device list is at its cap."""
 
     code = ErrorCode.KEY_LIMIT
+
+
+class NotMember(FastrouteError, LookupError):
+    """The requester is not a member of the group (feature "groups")."""
+
+    code = ErrorCode.NOT_MEMBER
+
+
+class NotInvited(FastrouteError, LookupError):
+    """An answer to a group invite that is not (or no longer) pending."""
+
+    code = ErrorCode.NOT_INVITED
+
+
+class NotAdmin(PolicyError):
+    """Only the group's admins may do that (add, remove, promote, demote)."""
+
+    code = ErrorCode.NOT_ADMIN
+
+
+class GroupFull(PolicyError):
+    """The group is at its member cap (members and pending invites)."""
+
+    code = ErrorCode.GROUP_FULL
+
+
+class GroupLimit(PolicyError):
+    """A user is at its cap of groups, or of pending invites."""
+
+    code = ErrorCode.GROUP_LIMIT
+
+
+class LastAdmin(PolicyError):
+    """Demoting the group's last admin is refused (leaving is not)."""
+
+    code = ErrorCode.LAST_ADMIN
+
+
+class GroupMismatch(FastrouteError, LookupError):
+    """A group SEND named an out-of-date member-device-set version; nothing stored.
+
+    ``version`` is the current one: fetch the members (their devices), send
+    the sender key to the devices that lack it, and resend with the same id.
+    """
+
+    code = ErrorCode.DEVICE_MISMATCH
+
+    def __init__(self, message: str = "member device set changed", version: int = 0, *,
+                 code: ErrorCode | int | None = None) -> None:
+        super().__init__(message, code=code)
+        self.version = version
 
 
 def error_for_code(code: int, reason: str = "") -> FastrouteError:

@@ -157,6 +157,15 @@ class Op(enum.IntEnum):
     DEVICES = 1002
     BUNDLES = 1003
     DSEND = 1004
+    # feature "groups" (membership, admins, one ciphertext fanned out): 1100-1199
+    GCREATE = 1100
+    GADD = 1101
+    GANSWER = 1102
+    GREMOVE = 1103
+    GLEAVE = 1104
+    GADMIN = 1105
+    GMEMBERS = 1106
+    GSEND = 1107
     WELCOME = 16
     SACK = 17
     DELIVER = 18
@@ -170,6 +179,9 @@ class Op(enum.IntEnum):
     REPLY = 2000
     DDELIVER = 2001
     EVENT = 2002
+    # feature "groups", relay -> client: 2100-2199
+    GDELIVER = 2100
+    GEVENT = 2101
 
 
 def is_client_opcode(opcode: int) -> bool:
@@ -182,7 +194,12 @@ def is_client_opcode(opcode: int) -> bool:
 FEATURE_OPS: dict[str, frozenset[int]] = {
     "e2ee": frozenset((Op.KEYS_SET, Op.KEYS_ADD, Op.DEVICES, Op.BUNDLES, Op.DSEND,
                        Op.REPLY, Op.DDELIVER, Op.EVENT)),
+    # requires "e2ee" on the same link (its requests are answered with REPLY)
+    "groups": frozenset((Op.GCREATE, Op.GADD, Op.GANSWER, Op.GREMOVE, Op.GLEAVE, Op.GADMIN,
+                         Op.GMEMBERS, Op.GSEND, Op.GDELIVER, Op.GEVENT)),
 }
+#: feature -> the features a link must be granted with it (or before it)
+FEATURE_NEEDS: dict[str, frozenset[str]] = {"groups": frozenset(("e2ee",))}
 #: most feature names one FEATURES op may carry, and longest name
 MAX_FEATURES = 64
 MAX_FEATURE_NAME = 32
@@ -480,6 +497,16 @@ _OP_TABLE = (
             "id"),
     _OpSpec(Op.DSEND, (("id", _ID), ("recipient", _ADDRESS), ("more", _BOOL),
                        ("entries", _ENTRIES), ("own entries", _ENTRIES)), "id"),
+    _OpSpec(Op.GCREATE, (("id", _ID),), "id"),
+    _OpSpec(Op.GADD, (("id", _ID), ("group", _ID), ("address", _ADDRESS)), "id"),
+    _OpSpec(Op.GANSWER, (("id", _ID), ("group", _ID), ("accept", _BOOL)), "id"),
+    _OpSpec(Op.GREMOVE, (("id", _ID), ("group", _ID), ("address", _ADDRESS)), "id"),
+    _OpSpec(Op.GLEAVE, (("id", _ID), ("group", _ID)), "id"),
+    _OpSpec(Op.GADMIN, (("id", _ID), ("group", _ID), ("address", _ADDRESS),
+                        ("admin", _BOOL)), "id"),
+    _OpSpec(Op.GMEMBERS, (("id", _ID), ("group", _ID)), "id"),
+    _OpSpec(Op.GSEND, (("id", _ID), ("group", _ID), ("version", _UINT),
+                       ("body", _BODY)), "id"),
     # relay -> client
     _OpSpec(Op.WELCOME, (("address", _ADDRESS), ("device", _DEVICE),
                          ("server_time_ms", _UINT))),
@@ -496,6 +523,11 @@ _OP_TABLE = (
                           ("id", _ID), ("body", _BODY), ("ts_ms", _UINT), ("cls", _CLS)), "id"),
     _OpSpec(Op.EVENT, (("seq", _UINT), ("kind", _UINT), ("id", _ID), ("data", _BODY),
                        ("ts_ms", _UINT), ("cls", _CLS)), "id"),
+    _OpSpec(Op.GDELIVER, (("seq", _UINT), ("group", _ID), ("sender", _ADDRESS),
+                          ("sender device", _UINT), ("id", _ID), ("body", _BODY),
+                          ("ts_ms", _UINT), ("cls", _CLS)), "id"),
+    _OpSpec(Op.GEVENT, (("seq", _UINT), ("kind", _UINT), ("id", _ID), ("data", _BODY),
+                        ("ts_ms", _UINT), ("cls", _CLS)), "id"),
 )
 
 
@@ -946,6 +978,14 @@ def dsend_op(id: bytes, to: str, more: bool, entries: list, own: list) -> bytes:
     ``to`` and for the sender's own other devices; ``more``: further parts follow."""
     return _pack((Op.DSEND.value, id, to, bool(more), [list(e) for e in entries],
                   [list(e) for e in own]))
+
+
+def group_op(opcode: int, id: bytes, *fields: object) -> bytes:  # noqa: A002
+    """A packed request of feature "groups" (docs/PROTOCOL.md 18): ``[opcode, id,
+    *fields]``, e.g. ``group_op(Op.GADD, id, group, address)``."""
+    if int(opcode) not in FEATURE_OPS["groups"] or not is_client_opcode(int(opcode)):
+        raise InvalidArgument("not a client op of feature 'groups'")
+    return _pack((int(opcode), id, *fields))
 
 
 def server_bye_op(code: int, reason: str = "") -> bytes:

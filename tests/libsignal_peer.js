@@ -15,6 +15,12 @@
 //            one_time | null, kem, last_resort]}   PQXDH from a relay-served bundle
 //   encrypt  {name, peer, device_id, plaintext}  -> {body}: 1 type byte + ciphertext
 //   decrypt  {name, peer, device_id, body}       -> {plaintext}
+//   skdm     {name, group}                 this device's SenderKeyDistributionMessage for
+//            a group (distribution id: the 16-byte group id as a UUID) -> {body}
+//   sk_process {name, peer, device_id, body}   a received SenderKeyDistributionMessage
+//   sk_reset {name, group}                 forget this device's own sender key (rotation)
+//   gencrypt {name, group, plaintext}      -> {body}: a SenderKeyMessage
+//   gdecrypt {name, peer, device_id, body} -> {plaintext}
 'use strict';
 
 const S = require('@signalapp/libsignal-client');
@@ -83,6 +89,21 @@ class KyberPreKeys extends S.KyberPreKeyStore {
   async markKyberPreKeyUsed(id) { if (id !== this.lastResort) this.m.delete(id); }
 }
 
+class SenderKeys extends S.SenderKeyStore {
+  constructor() { super(); this.m = new Map(); }
+  async saveSenderKey(a, id, r) { this.m.set(`${key(a)}/${id}`, r.serialize()); }
+  async getSenderKey(a, id) {
+    const r = this.m.get(`${key(a)}/${id}`);
+    return r ? S.SenderKeyRecord.deserialize(r) : null;
+  }
+}
+
+// the 16-byte group id (base64) as the UUID libsignal names a distribution by
+const dist = (g) => {
+  const h = Buffer.from(g, 'base64').toString('hex');
+  return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
+};
+
 const devices = new Map();
 
 function newDevice({ name, address, n_ec, n_kem }) {
@@ -91,7 +112,7 @@ function newDevice({ name, address, n_ec, n_kem }) {
   const d = {
     address, deviceId: 0, pair, reg,
     sessions: new Sessions(), identities: new Identities(pair, reg), prekeys: new PreKeys(),
-    signed: new SignedPreKeys(), kyber: new KyberPreKeys(1000),
+    signed: new SignedPreKeys(), kyber: new KyberPreKeys(1000), senderKeys: new SenderKeys(),
   };
   const now = Date.now();
   const spk = S.PrivateKey.generate();
@@ -166,6 +187,33 @@ async function handle(req) {
         pt = await S.signalDecrypt(S.SignalMessage.deserialize(msg), from, me(d), d.sessions,
           d.identities);
       }
+      return { plaintext: b64(pt) };
+    }
+    case 'skdm': {
+      const d = dev(req.name);
+      const m = await S.SenderKeyDistributionMessage.create(me(d), dist(req.group), d.senderKeys);
+      return { body: b64(m.serialize()) };
+    }
+    case 'sk_process': {
+      const d = dev(req.name);
+      await S.processSenderKeyDistributionMessage(S.ProtocolAddress.new(req.peer, req.device_id),
+        S.SenderKeyDistributionMessage.deserialize(bytes(req.body)), d.senderKeys);
+      return {};
+    }
+    case 'sk_reset': {
+      const d = dev(req.name);
+      d.senderKeys.m.delete(`${key(me(d))}/${dist(req.group)}`);
+      return {};
+    }
+    case 'gencrypt': {
+      const d = dev(req.name);
+      const ct = await S.groupEncrypt(me(d), dist(req.group), d.senderKeys, bytes(req.plaintext));
+      return { body: b64(ct.serialize()) };
+    }
+    case 'gdecrypt': {
+      const d = dev(req.name);
+      const pt = await S.groupDecrypt(S.ProtocolAddress.new(req.peer, req.device_id),
+        d.senderKeys, bytes(req.body));
       return { plaintext: b64(pt) };
     }
     default:

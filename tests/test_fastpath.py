@@ -869,7 +869,8 @@ def test_sync_rows_twins_with_per_device_copies(negotiated):
         router = Router(mailbox_capacity=10)
         dev = router.add_device("bob@example.org", "phone")
         res = fn(router, dev, rows, 1 << 62, {},
-                 lambda s: pack_stored_sender(s, negotiated))
+                 lambda s: pack_stored_sender(
+                     s, frozenset(("e2ee",)) if negotiated else frozenset()))
         popped = router.pop_many([dev], 100)
         out: list = []
         delivery.py_pack_delivers(1, [p for _, p in popped[0][1]], out)

@@ -18,6 +18,8 @@ import json
 import os
 import subprocess
 
+import pytest
+
 from libsignal_install import ensure
 from relayutil import run, world
 
@@ -148,6 +150,169 @@ def test_libsignal_pqxdh_sessions_from_relay_bundles_both_ways(tmp_path):
                 for did, reg in listed])
             for name in ("a1", "a2"):
                 assert decrypt(name, await _msg(devs[name][0])) == b"again %d" % devs[name][1]
+
+    try:
+        run("asyncio", main())
+    finally:
+        peer.close()
+
+
+def test_libsignal_sender_keys_over_a_group(tmp_path):
+    """Sender Keys by the official libsignal over feature "groups": each member
+    device's SenderKeyDistributionMessage goes pairwise (DSEND, permitted by the
+    shared group even across providers without CONSENT), then each group message
+    is one SenderKeyMessage that every other member device decrypts, exactly
+    once and in order; a removed member gets nothing after its removal and the
+    sender rotates; a new device makes the old set version fail, then gets the
+    key and decrypts."""
+    from fastroute.client import GroupEvent, GroupMessage
+    from fastroute.errors import GroupMismatch, NotMember
+    from fastroute.relay.groups import GEV_DEVICE_JOINED, GEV_REMOVED
+
+    peer = Peer()
+
+    async def main():
+        async with world(tmp_path, require_consent=True) as w:
+            devs = {}
+
+            async def new_device(name, address, device):
+                keys = peer.call(op="device", name=name, address=address, n_ec=5, n_kem=5)
+                c = await w.connect(address, device, features=("e2ee", "groups"))
+                did = await c.publish_keys(
+                    keys["reg_id"], _b(keys["identity"]),
+                    (keys["signed"][0], _b(keys["signed"][1]), _b(keys["signed"][2])),
+                    tuple([keys["last_resort"][0]] + [_b(x) for x in keys["last_resort"][1:]]),
+                    [(i, _b(p)) for i, p in keys["ec"]],
+                    [(i, _b(p), _b(s)) for i, p, s in keys["kem"]])
+                peer.call(op="set_id", name=name, device_id=did)
+                devs[name] = (c, did, keys["reg_id"], address)
+                return c
+
+            for name, address, device in (("a1", "alice@home", "phone"),
+                                          ("a2", "alice@home", "laptop"),
+                                          ("b1", "bob@acme", "phone"),
+                                          ("c1", "carol@home", "phone")):
+                await new_device(name, address, device)
+            a1, b1, c1 = (devs[n][0] for n in ("a1", "b1", "c1"))
+            await b1.set_consent("home")  # bob accepts 1:1 from home: he may be invited
+            gid = await a1.create_group()
+            assert await a1.group_add(gid, "carol@home") == 0
+            assert await a1.group_add(gid, "bob@acme") == 1
+            await b1.group_answer(gid, True)
+            sessions: set = set()
+            got: dict = {n: [] for n in devs}
+
+            async def pump(name, want, kind=GroupMessage, timeout=10.0):
+                """The next ``want`` items of ``kind`` for device ``name``."""
+                c = devs[name][0]
+                out = []
+                while len(out) < want:
+                    m = await asyncio.wait_for(c.recv(), timeout)
+                    if isinstance(m, kind):
+                        out.append(m)
+                    elif isinstance(m, DeviceMessage):
+                        # a pairwise copy: a sender key distribution message
+                        body = peer.call(op="decrypt", name=name, peer=m.sender,
+                                         device_id=m.device, body=_s(m.body))["plaintext"]
+                        peer.call(op="sk_process", name=name, peer=m.sender,
+                                  device_id=m.device, body=body)
+                return out
+
+            async def distribute(name, to_names):
+                """Send ``name``'s SKDM to the devices ``to_names`` over pairwise sessions."""
+                c, _, _, address = devs[name]
+                skdm = peer.call(op="skdm", name=name, group=_s(gid))["body"]
+                by_address: dict = {}
+                for t in to_names:
+                    by_address.setdefault(devs[t][3], []).append(t)
+                for to, names in by_address.items():
+                    want = [devs[t][1] for t in names]
+                    fresh = [d for d in want if (name, to, d) not in sessions]
+                    if fresh:
+                        for bundle in await c.bundles(to, fresh):
+                            peer.call(op="session", name=name, peer=to,
+                                      device_id=bundle.device_id,
+                                      bundle=[bundle.device_id, bundle.registration_id,
+                                              _s(bundle.identity_key),
+                                              [bundle.signed_prekey[0],
+                                               _s(bundle.signed_prekey[1]),
+                                               _s(bundle.signed_prekey[2])],
+                                              None if bundle.one_time_prekey is None else
+                                              [bundle.one_time_prekey[0],
+                                               _s(bundle.one_time_prekey[1])],
+                                              [bundle.kem_prekey[0], _s(bundle.kem_prekey[1]),
+                                               _s(bundle.kem_prekey[2])]])
+                            sessions.add((name, to, bundle.device_id))
+                    entries = [(devs[t][1], devs[t][2], _b(peer.call(
+                        op="encrypt", name=name, peer=to, device_id=devs[t][1],
+                        plaintext=skdm)["body"])) for t in names]
+                    await c.send_to_devices(to, entries)
+
+            async def gsend(name, text, version, **kw):
+                body = _b(peer.call(op="gencrypt", name=name, group=_s(gid),
+                                    plaintext=_s(text))["body"])
+                return await devs[name][0].group_send(gid, version, body, **kw)
+
+            def gdecrypt(name, m):
+                assert m.group == gid
+                return _b(peer.call(op="gdecrypt", name=name, peer=m.sender,
+                                    device_id=m.device, body=_s(m.body))["plaintext"])
+
+            members = ["a1", "a2", "b1", "c1"]
+            # bob (acme) and alice (home) never consented to each other: the group permits it
+            for sender in ("a1", "b1"):
+                await distribute(sender, [n for n in members if n != sender])
+            v, _, _ = await a1.group_members(gid)
+            await gsend("a1", b"one from alice", v)
+            await gsend("b1", b"one from bob", v)
+            await gsend("a1", b"two from alice", v)
+            for name in members:
+                want = [t for s, t in (("a1", b"one from alice"), ("b1", b"one from bob"),
+                                       ("a1", b"two from alice")) if s != name]
+                ms = await pump(name, len(want))
+                got[name] += [gdecrypt(name, m) for m in ms]
+                assert got[name] == want, name  # in order, exactly once
+
+            # carol removed: her removal event is her last; alice rotates her key
+            await a1.group_remove(gid, "carol@home")
+            [ev] = await pump("c1", 1, GroupEvent)
+            assert ev.kind == GEV_REMOVED
+            with pytest.raises(NotMember):
+                await c1.group_send(gid, v, b"still here?")
+            peer.call(op="sk_reset", name="a1", group=_s(gid))
+            v, _, _ = await a1.group_members(gid)
+            await distribute("a1", ["a2", "b1"])
+            await gsend("a1", b"after carol", v)
+            for name in ("a2", "b1"):
+                assert [gdecrypt(name, m) for m in await pump(name, 1)] == [b"after carol"]
+            assert await _quiet(c1)
+
+            # bob adds a tablet: alice's send with the old version is refused until
+            # she gave the tablet her sender key
+            b2 = await new_device("b2", "bob@acme", "tablet")
+            with pytest.raises(GroupMismatch) as mismatch:
+                await gsend("a1", b"to the new set", v, id=b"n" * 16)
+            assert mismatch.value.version == v + 1
+            [ev] = await pump("a2", 1, GroupEvent)
+            assert ev.kind == GEV_DEVICE_JOINED and ev.data[2:] == ["bob@acme", devs["b2"][1],
+                                                                   devs["b2"][2]]
+            # a DSEND names every current device of bob: b1 gets the same key again
+            await distribute("a1", ["b1", "b2"])
+            body = _b(peer.call(op="gencrypt", name="a1", group=_s(gid),
+                                plaintext=_s(b"to the new set"))["body"])
+            await a1.group_send(gid, v + 1, body, id=b"n" * 16)
+            for name in ("a2", "b1", "b2"):
+                assert [gdecrypt(name, m) for m in await pump(name, 1)] == [b"to the new set"]
+            assert await _quiet(c1) and await _quiet(b2) and await _quiet(a1)  # never its own
+
+    async def _quiet(c, wait=0.3):
+        try:
+            while True:
+                m = await asyncio.wait_for(c.recv(), wait)
+                if not isinstance(m, (Event,)) and type(m).__name__ != "GroupEvent":
+                    return False
+        except asyncio.TimeoutError:
+            return True
 
     try:
         run("asyncio", main())

@@ -40,9 +40,10 @@ def test_constants_match_the_contract():
     assert MAX_BODY == 61440
     assert (wire.CLS_PERSISTENT, wire.CLS_EPHEMERAL, wire.PROTOCOL_VERSION) == (0, 1, 1)
     assert [int(o) for o in Op] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1000, 1001, 1002, 1003, 1004,
-                                    16, 17, 18, 19, 20, 21, 22, 23, 2000, 2001, 2002]
+                                    *range(1100, 1108),
+                                    16, 17, 18, 19, 20, 21, 22, 23, 2000, 2001, 2002, 2100, 2101]
     # every client opcode in a client range, every relay one outside them
-    client = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1000, 1001, 1002, 1003, 1004}
+    client = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1000, 1001, 1002, 1003, 1004, *range(1100, 1108)}
     assert {int(o) for o in Op if wire.is_client_opcode(o)} == client
 
 
@@ -570,6 +571,23 @@ OP_ERRORS = [
      "DDELIVER sender device must be a non-negative integer", 2001, MID),
     (_S, [2002, 1, "x", MID, b"", 0, 0], _F, "EVENT kind must be a non-negative integer",
      2002, MID),
+    # feature "groups"
+    (_C, [1100], _M, "GCREATE takes 1 field", 1100, None),
+    (_C, [1101, MID, b"short", ADDR], _F, "GADD group must be 16 bytes of bin", 1101, MID),
+    (_C, [1102, MID, MID, 1], _F, "GANSWER accept must be a boolean", 1102, MID),
+    (_C, [1103, MID, MID, "not an address"], _F, "GREMOVE address is not a valid address",
+     1103, MID),
+    (_C, [1104, MID], _M, "GLEAVE takes 2 fields", 1104, MID),
+    (_C, [1105, MID, MID, ADDR, 0], _F, "GADMIN admin must be a boolean", 1105, MID),
+    (_C, [1106, MID, b""], _F, "GMEMBERS group must be 16 bytes of bin", 1106, MID),
+    (_C, [1107, MID, MID, -1, b"x"], _F, "GSEND version must be a non-negative integer",
+     1107, MID),
+    (_C, [1107, MID, MID, 1, BIG], ErrorCode.BODY_TOO_LARGE, "GSEND body over 61440 bytes",
+     1107, MID),
+    (_S, [2100, 1, b"short", ADDR, 1, MID, b"x", 0, 0], _F,
+     "GDELIVER group must be 16 bytes of bin", 2100, MID),
+    (_S, [2101, 1, "x", MID, b"", 0, 0], _F, "GEVENT kind must be a non-negative integer",
+     2101, MID),
 ]
 
 

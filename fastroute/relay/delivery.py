@@ -566,6 +566,39 @@ class Delivery:
             excess -= feed.qbytes
             self.spills += 1
 
+    def persisted_shared(self, shared: list, last_mid: int, feature: str) -> int:
+        """Like :meth:`persisted` for rows stored once for many devices:
+        ``(mid, (tail, head, [(address, device name), ...]))``.  One payload
+        object per row goes to every listed device online on a link that
+        negotiated ``feature`` (the engine shares it, copies nothing); the
+        store keeps the row for the others.  Returns how many were placed."""
+        self._puts_in_flight -= 1
+        placed = 0
+        try:
+            by_device = self._by_device
+            items = []
+            for mid, (tail, head, targets) in shared:
+                payload = (mid, tail, head)
+                for key in targets:
+                    feed = by_device.get(key)
+                    if feed is not None and feature in feed.link.features:
+                        items.append((feed.dev, payload))
+            if items:
+                try:
+                    placed = self.router.offer_many(items)
+                except MailboxFull as exc:
+                    placed = exc.entered
+                    self._missed(items, exc.full)
+                self.wake()
+            if last_mid > self._routed_mid:
+                self._routed_mid = last_mid
+        finally:
+            waiters, self._routed_waiters = self._routed_waiters, []
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
+        return placed
+
     def _missed(self, batch: list, full: list) -> None:
         online = self._online
         for index, dev in full:
@@ -593,8 +626,8 @@ class Delivery:
     @staticmethod
     def _sender_packer(feed: Feed) -> Any:
         """``sync_rows``' ``pack_sender`` for this device's link."""
-        negotiated = "e2ee" in feed.link.features
-        return lambda sender: pack_stored_sender(sender, negotiated)
+        features = feed.link.features
+        return lambda sender: pack_stored_sender(sender, features)
 
     # ---------------------------------------------------------- sync
     def start_sync(self, feed: Feed) -> None:

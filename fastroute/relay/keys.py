@@ -55,6 +55,7 @@ from .gate import TokenBucket
 if TYPE_CHECKING:
     from .delivery import Delivery, LinkPort
     from .gate import Gate
+    from .groups import Groups
 
 __all__ = ["KeyDirectory", "Keys", "Slot", "EVENT_POOL_LOW", "EVENT_DEVICE_JOINED",
            "EVENT_DEVICE_LEFT", "copy_sender", "dsend_copies", "event_sender",
@@ -113,17 +114,23 @@ def event_sender(kind: int) -> str:
     return f"/{kind}"
 
 
-def pack_stored_sender(sender: str, negotiated: bool) -> Any:
+def pack_stored_sender(sender: str, features: frozenset[str]) -> Any:
     """What the backlog sync puts before a stored row's id (``sync_rows``' ``pack_sender``).
 
     A v1 message's sender packs as before (bytes); a per-device copy or an
-    event gives ``(head, packed fields)`` on a link that negotiated e2ee, and
-    None (leave it in the store) on any other link.
+    event gives ``(head, packed fields)`` on a link that negotiated e2ee, a
+    group message or group event (sender ``#...``) on a link that negotiated
+    groups; None (leave it in the store) on any other link.
     """
+    if sender[:1] == "#":
+        if "groups" not in features:
+            return None
+        from .groups import pack_group_sender
+        return pack_group_sender(sender)
     address, slash, rest = sender.rpartition("/")
     if not slash:
         return msgpack.packb(sender)
-    if not negotiated:
+    if "e2ee" not in features:
         return None
     if not address:
         return (EVENT_HEAD, msgpack.packb(int(rest)))
@@ -491,6 +498,8 @@ class Keys:
         # pools whose owner was told they run low: (address, device name, kind)
         self._told_low: set[tuple[str, str, int]] = set()
         self.accepted = 0
+        #: the groups stage (feature "groups"), told of device list changes
+        self.groups: "Groups | None" = None
 
     # ------------------------------------------------------------ helpers
     def _reply(self, link: "LinkPort", cid: bytes, code: int, result: Any = None,
@@ -529,7 +538,11 @@ class Keys:
         if address.endswith("@" + link.provider) or not self.config.require_consent:
             return True
         accepted = self.gate.consent.get(address)
-        return accepted is not None and (link.provider in accepted or "*" in accepted)
+        if accepted is not None and (link.provider in accepted or "*" in accepted):
+            return True
+        # members of one group may send each other their sender keys (DSEND)
+        groups = self.groups
+        return groups is not None and groups.shares_group(link.address, address)
 
     def _my_slot(self, link: "LinkPort") -> Slot | None:
         assert link.cred is not None
@@ -549,6 +562,8 @@ class Keys:
             self.publish(link, op)
         elif kind == wire.Op.KEYS_ADD:
             self.add(link, op[1], op[2], op[3])
+        elif self.groups is not None:
+            self.groups.request(link, op)
 
     def publish(self, link: "LinkPort", op: tuple) -> None:
         """KEYS_SET: this device's registration id, identity, signed and last-resort keys."""
@@ -568,12 +583,16 @@ class Keys:
             old = self.dir.slot(address, name)
             if old is not None:
                 self.dir._forget(old)
+            if self.groups is not None:
+                self.groups.devices_changing(address)
             slot = Slot(address, name, did, reg_id, int(time.time()))
             slot.dkey = self.delivery.store.register_device(address, name)
             self.dir._remember(slot)
             self._reply(link, cid, 0, did)
             if event:
                 self._event_to_others(address, did, EVENT_DEVICE_JOINED, [did, reg_id])
+                if self.groups is not None:
+                    self.groups.device_changed(address, did, reg_id)
 
         fut.add_done_callback(done)
 
@@ -870,6 +889,8 @@ class Keys:
             and online(s.address, s.name) is None)]
         for slot in gone:
             self.dir._forget(slot)
+            if self.groups is not None:
+                self.groups.devices_changing(slot.address)
             fut = self.dir.submit(self.dir.remove_work(slot.address, slot.name))
             self.delivery.forget_device(slot.address, slot.name)
 
@@ -877,6 +898,8 @@ class Keys:
                 if not f.cancelled() and f.exception() is None and f.result() is not None:
                     self._event_to_others(slot.address, slot.device_id, EVENT_DEVICE_LEFT,
                                           [slot.device_id])
+                    if self.groups is not None:
+                        self.groups.device_changed(slot.address, slot.device_id, None)
 
             fut.add_done_callback(done)
 

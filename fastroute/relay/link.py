@@ -531,7 +531,11 @@ class Link(asyncio.Protocol):
     def _features(self, cid: bytes, names: tuple) -> None:
         """FEATURES: grant the known subset; later FEATURES ops may add more."""
         supported = SUPPORTED_FEATURES if self.wiring.keys is not None else _NO_FEATURES
-        granted = sorted(supported.intersection(names))
+        wanted = supported.intersection(names)
+        # a feature built on others is granted only with them (or after them)
+        have = self.features.union(wanted)
+        granted = sorted(n for n in wanted
+                         if wire.FEATURE_NEEDS.get(n, _NO_FEATURES).issubset(have))
         self.features = self.features.union(granted)
         self.out.append(wire.features_ok_op(cid, granted))
         self.wiring.delivery.mark(self)

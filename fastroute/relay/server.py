@@ -39,6 +39,7 @@ from ..store import MemoryStore, SqliteStore
 from .caps import Caps
 from .delivery import Delivery, LinkPort
 from .gate import Gate
+from .groups import Groups
 from .keys import KeyDirectory, Keys
 from .link import Link, LinkState, LinkWiring
 from .media_ops import MediaOps
@@ -175,6 +176,8 @@ class Relay:
         self.media_ops: MediaOps | None = None
         self.upkeep: Upkeep | None = None
         self.keys: Keys | None = None
+        #: the groups stage (feature "groups"), with the keys stage
+        self.groups: Groups | None = None
         self._key_dir: KeyDirectory | None = None
         self.links: set[Link] = set()
         self._server: asyncio.base_events.Server | None = None
@@ -308,6 +311,8 @@ class Relay:
                                      ec_cap=cfg.prekey_ec_cap, kem_cap=cfg.prekey_kem_cap,
                                      low_water=cfg.prekey_low_water)
         self.keys = Keys(cfg, self._key_dir, gate, delivery, self.count_error)
+        self.groups = self.keys.groups = Groups(cfg, self._key_dir, self.keys, delivery,
+                                                self.count_error)
         self.upkeep = Upkeep(cfg, gate, delivery, self.store, self.media, self.count_error,
                              self.keys)
         wiring = LinkWiring(self.server_key, cfg, gate, delivery, self.media_ops,

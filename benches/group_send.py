@@ -1,0 +1,273 @@
+"""Group SEND fan-out (feature "groups") to 10, 100 and 1000 devices: end to end and relay CPU.
+
+Run (bounded: fixed message counts and a timeout on every wait)::
+
+    PYTHONPATH=. python benches/group_send.py [--runs R] [--store memory|sqlite] [--no-nats]
+
+For each fan-out N, three ways of getting one 100-byte body to N devices:
+
+* ``gsend``: one GSEND to a group whose members have N devices besides the
+  sending one (users of at most 100 devices each), stored once with a
+  delivery record per device and fanned out by the engine as GDELIVER;
+* ``send``: the baseline in the same script: today's v1 SEND to one address
+  with N devices online (stored once with a record per device too, fanned
+  out by the same engine);
+* ``nats``: nats-server (core NATS, no JetStream) publishing to N
+  subscriber connections on one subject, for comparison.
+
+Each run starts a fresh server process and connects every device from this
+process (one connection each).  After a warm-up, ``M`` messages are sent
+with at most ``WINDOW`` in flight (fastroute: waiting for the relay's
+answers; NATS: a flush every WINDOW publishes), and the run ends when every
+device has every message.  Reported per case, as the median of ``--runs``
+runs: deliveries per second end to end (first send to last receipt) and
+the server process's CPU per delivery, all threads
+(``/proc/<pid>/task/*/schedstat``), read before the first send and after
+the last receipt.  The clients share the machine's cores with the server:
+on 2 cores the clients, not the server, set the end-to-end rate, so the CPU
+per delivery is the figure that speaks for the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+    uvloop = None
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from e2ee_send import relay_cpu  # noqa: E402
+from server_cpu import find_nats_server  # noqa: E402
+
+from fastroute import Client  # noqa: E402
+from fastroute.identity import ProviderKey, Registry, issue_credential  # noqa: E402
+from fastroute.noise import KeyPair  # noqa: E402
+
+WINDOW = 64  # messages in flight
+BODY = 100
+#: messages per run for each fan-out (about 20-40 k deliveries each)
+MESSAGES = {10: 2000, 100: 300, 1000: 40}
+TIMEOUT = 60.0
+
+
+def start_relay(data: str, store: str) -> tuple[subprocess.Popen, int]:
+    with open(os.path.join(data, "fastroute.toml"), "w") as fh:
+        fh.write(f'[relay]\nstore = "{store}"\nrequire_consent = false\n'
+                 "group_msgs_per_s = 10000000.0\ngroup_msgs_burst = 10000000.0\n"
+                 "group_msgs_per_group_s = 10000000.0\ngroup_msgs_per_group_burst = 10000000.0\n"
+                 "group_changes_burst = 100000.0\nmailbox_capacity = 8192\n"
+                 "[limits]\nmsgs_per_s = 10000000.0\nmsgs_burst = 10000000.0\n"
+                 "bytes_per_s = 1000000000000\nbytes_burst = 1000000000000\n")
+    proc = subprocess.Popen([sys.executable, "-m", "fastroute.cli", "serve", "--config",
+                             os.path.join(data, "fastroute.toml"), "--data-dir", data,
+                             "--listen", "127.0.0.1:0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if "listening on" in line and not line.startswith("20"):
+            return proc, int(line.rsplit(":", 1)[1])
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    raise SystemExit("relay did not start")
+
+
+async def _receive(c: Client, want: int) -> None:
+    got = 0
+    while got < want:
+        got += sum(1 for m in await asyncio.wait_for(c.recv_many(), TIMEOUT)
+                   if type(m).__name__ in ("GroupMessage", "Message"))
+
+
+async def fastroute_run(mode: str, n_dev: int, messages: int, store: str) -> tuple[float, float]:
+    with tempfile.TemporaryDirectory() as data:
+        pkey = ProviderKey.generate()
+        with Registry(os.path.join(data, "registry.db")) as reg:
+            reg.add_provider("home", pkey.public_key)
+        proc, port = start_relay(data, store)
+        clients: list[Client] = []
+        features = ("e2ee", "groups") if mode == "gsend" else ()
+        try:
+            async def connect(address: str, device: str) -> Client:
+                kp = KeyPair.generate()
+                cred = issue_credential(pkey, "home", address, device, kp.public)
+                c = await Client.connect("127.0.0.1", port, credential=cred, static=kp,
+                                         features=features, keepalive=None)
+                clients.append(c)
+                if mode == "gsend":
+                    await c.publish_keys(1 + len(clients) % 16000, os.urandom(33),
+                                         (1, os.urandom(33), os.urandom(64)),
+                                         (2, os.urandom(1569), os.urandom(64)))
+                return c
+
+            sender = await connect("s@home", "phone")
+            devices: list[Client] = []
+            users = [f"u{i}@home" for i in range((n_dev + 99) // 100)] if mode == "gsend" \
+                else ["r@home"]
+            for i in range(n_dev):
+                devices.append(await connect(users[i * len(users) // n_dev], f"d{i}"))
+            body = os.urandom(BODY)
+            if mode == "gsend":
+                gid = await sender.create_group()
+                for u in users:
+                    await sender.group_add(gid, u)
+                version, members, _ = await sender.group_members(gid)
+                assert sum(len(m[2]) for m in members) == n_dev + 1
+
+                async def send_all(count: int) -> None:
+                    for at in range(0, count, WINDOW):
+                        await asyncio.gather(*(sender.group_send(gid, version, body)
+                                               for _ in range(min(WINDOW, count - at))))
+            else:
+                async def send_all(count: int) -> None:
+                    for at in range(0, count, WINDOW):
+                        await sender.send_many("r@home", [body] * min(WINDOW, count - at))
+
+            warm = max(5, messages // 10)
+            await asyncio.gather(send_all(warm), *(_receive(c, warm) for c in devices))
+            cpu0 = relay_cpu(proc.pid)
+            t0 = time.perf_counter()
+            await asyncio.gather(send_all(messages), *(_receive(c, messages) for c in devices))
+            wall = time.perf_counter() - t0
+            cpu = relay_cpu(proc.pid) - cpu0
+            n = messages * n_dev
+            return n / wall, cpu / n * 1e6
+        finally:
+            for c in clients:
+                await c.close()
+            proc.terminate()
+            proc.wait(20)
+
+
+async def nats_run(n_sub: int, messages: int, server: str) -> tuple[float, float]:
+    import socket
+
+    import nats
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([server, "-a", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    conns = []
+    try:
+        url = f"nats://127.0.0.1:{port}"
+        for _ in range(100):  # until nats-server listens
+            try:
+                _, w = await asyncio.open_connection("127.0.0.1", port)
+                w.close()
+                break
+            except OSError:
+                await asyncio.sleep(0.05)
+        else:
+            raise SystemExit("nats-server did not start")
+        pub = await nats.connect(url)
+        conns.append(pub)
+        counts = [0] * n_sub
+        events = [asyncio.Event() for _ in range(n_sub)]
+        target = [0]
+
+        def handler(i: int):
+            async def cb(_msg) -> None:
+                counts[i] += 1
+                if counts[i] >= target[0]:
+                    events[i].set()
+            return cb
+
+        for i in range(n_sub):
+            c = await nats.connect(url, pending_size=64 * 1024 * 1024)
+            conns.append(c)
+            await c.subscribe("g", cb=handler(i), pending_msgs_limit=1 << 20)
+            await c.flush()
+        body = os.urandom(BODY)
+
+        async def send_all(count: int) -> None:
+            for at in range(0, count, WINDOW):
+                for _ in range(min(WINDOW, count - at)):
+                    await pub.publish("g", body)
+                await pub.flush()
+
+        async def wait_all() -> None:
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), TIMEOUT)
+
+        warm = max(5, messages // 10)
+        target[0] = warm
+        await send_all(warm)
+        await wait_all()
+        for e in events:
+            e.clear()
+        target[0] = warm + messages
+        cpu0 = relay_cpu(proc.pid)
+        t0 = time.perf_counter()
+        await send_all(messages)
+        await wait_all()
+        wall = time.perf_counter() - t0
+        cpu = relay_cpu(proc.pid) - cpu0
+        n = messages * n_sub
+        return n / wall, cpu / n * 1e6
+    finally:
+        for c in conns:
+            try:
+                await c.close()
+            except Exception:
+                pass
+        proc.terminate()
+        proc.wait(20)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--store", choices=("memory", "sqlite"), default="sqlite")
+    ap.add_argument("--fanout", type=int, nargs="*", default=[10, 100, 1000])
+    ap.add_argument("--no-nats", action="store_true")
+    args = ap.parse_args()
+    run = uvloop.run if uvloop is not None else asyncio.run
+    server = None if args.no_nats else find_nats_server()
+    print(f"store={args.store} runs={args.runs} body={BODY} B window={WINDOW} "
+          f"cores={os.cpu_count()} loadavg={open('/proc/loadavg').read().split()[:3]} "
+          f"nats-server={server or 'not found'}")
+    print(f"{'devices':>7} {'mode':>6} {'msgs':>5} {'deliveries/s':>13} {'server us/deliv':>16} "
+          f"{'(min-max)':>14}")
+    results = {}
+    for n in args.fanout:
+        modes = ["send", "gsend"] + (["nats"] if server else [])
+        for mode in modes:
+            rates, cpus = [], []
+            for _ in range(args.runs):
+                if mode == "nats":
+                    assert server is not None
+                    rate, cpu = run(nats_run(n, MESSAGES.get(n, 100), server))
+                else:
+                    rate, cpu = run(fastroute_run(mode, n, MESSAGES.get(n, 100), args.store))
+                rates.append(rate)
+                cpus.append(cpu)
+            results[(n, mode)] = (statistics.median(rates), statistics.median(cpus))
+            print(f"{n:>7} {mode:>6} {MESSAGES.get(n, 100):>5} {statistics.median(rates):>13.0f} "
+                  f"{statistics.median(cpus):>16.3f} {min(cpus):>6.3f}-{max(cpus):<6.3f}",
+                  flush=True)
+    print("\nratios against v1 send to the same number of devices (same script, same machine):")
+    for n in args.fanout:
+        rs, cs = results[(n, "send")]
+        rg, cg = results[(n, "gsend")]
+        line = (f"  {n:>4} devices: gsend throughput x{rg / rs:.2f}, "
+                f"server CPU per delivery x{cg / cs:.2f}")
+        if (n, "nats") in results:
+            rn, cn = results[(n, "nats")]
+            line += f"; nats-server CPU per delivery / gsend's x{cn / cg:.2f}"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,725 @@
+"""The groups stage: membership, admins, and one ciphertext fanned out to every member device.
+
+Feature ``"groups"`` of ``docs/PROTOCOL.md`` (section 18), which needs
+``"e2ee"`` on the same link.  Groups use Sender Keys: each member device
+distributes its sender key to the other member devices with per-device sends
+(DSEND, which a shared group permits), then every group message is **one**
+ciphertext that the relay stores once and fans out to every member device.
+
+* A group has a relay-assigned random 16-byte id, members (each an admin or
+  not), pending invites and a **member-device-set version** that changes
+  whenever a member joins or goes, or a member's device joins or leaves its
+  device list.  The relay stores nothing else of a group (no title, no
+  avatar: those travel end-to-end encrypted inside group messages).
+* State lives in the key directory's SQLite file (its writer thread and
+  group commit, ``synchronous=FULL``); memory mirrors it once a change
+  committed, and every change is then told to the member devices as a
+  persistent GEVENT, one stored row for all of them, in the same per-device
+  stream as messages.  A change commits, then its event is stored, then the
+  next change's: events reach every device in the order of the changes.
+* GSEND names the version the sender distributed its key to; a stale version
+  is refused whole (``DEVICE_MISMATCH`` with the current version).  The
+  accepted message is stored once with an inbox row per recipient device, and
+  the engine gets the same payload object for each online recipient device
+  (``Router.offer_many``): one tail, shared, never copied per device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sqlite3
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+import msgpack
+
+from .. import wire
+from ..dedup import PENDING, DedupTable
+from ..errors import ErrorCode, GroupFull, NotInvited, StoreFailed
+from .gate import TokenBucket
+
+if TYPE_CHECKING:
+    from .delivery import Delivery, LinkPort
+    from .keys import KeyDirectory, Keys
+
+__all__ = ["Group", "Groups", "GDELIVER_HEAD", "GEVENT_HEAD", "group_sender",
+           "group_event_sender", "GEV_CREATED", "GEV_INVITED", "GEV_JOINED", "GEV_DECLINED",
+           "GEV_ADDED", "GEV_REMOVED", "GEV_LEFT", "GEV_ADMIN", "GEV_DEVICE_JOINED",
+           "GEV_DEVICE_LEFT"]
+
+log = logging.getLogger("fastroute.relay")
+
+#: GEVENT kinds (docs/PROTOCOL.md 18.6)
+(GEV_CREATED, GEV_INVITED, GEV_JOINED, GEV_DECLINED, GEV_ADDED, GEV_REMOVED, GEV_LEFT,
+ GEV_ADMIN, GEV_DEVICE_JOINED, GEV_DEVICE_LEFT) = range(1, 11)
+
+#: heads of the feature's persistent relay ops, before the uint32 seq marker:
+#: fixarray(9) + uint16 2100 (GDELIVER), fixarray(7) + uint16 2101 (GEVENT)
+GDELIVER_HEAD = b"\x99\xcd" + int(wire.Op.GDELIVER).to_bytes(2, "big")
+GEVENT_HEAD = b"\x97\xcd" + int(wire.Op.GEVENT).to_bytes(2, "big")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS groups(
+    gid BLOB PRIMARY KEY,
+    version INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS group_members(
+    gid BLOB NOT NULL,
+    address TEXT NOT NULL,
+    admin INTEGER NOT NULL,
+    since INTEGER NOT NULL,      -- join order within the group
+    PRIMARY KEY(gid, address)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS group_invites(
+    gid BLOB NOT NULL,
+    address TEXT NOT NULL,
+    inviter TEXT NOT NULL,
+    PRIMARY KEY(gid, address)) WITHOUT ROWID;
+"""
+
+#: GADD's result: added as a member, invited, or already a member or invitee
+ADDED, INVITED, ALREADY = 0, 1, 2
+
+
+def group_sender(gid: bytes, address: str, device_id: int) -> str:
+    """The store's ``sender`` of a group message: ``#<gid hex>:<address>/<device id>``.
+
+    ``#`` is outside the address grammar: the backlog sync tells group rows
+    from the others by it (:func:`fastroute.relay.keys.pack_stored_sender`).
+    """
+    return f"#{gid.hex()}:{address}/{device_id}"
+
+
+def group_event_sender(kind: int) -> str:
+    """The store's ``sender`` of a GEVENT: ``#<kind>``."""
+    return f"#{kind}"
+
+
+def pack_group_sender(sender: str) -> tuple[bytes, bytes]:
+    """``(head, packed fields before the id)`` of a stored group row (see above)."""
+    rest = sender[1:]
+    gid_hex, colon, tail = rest.partition(":")
+    if not colon:
+        return (GEVENT_HEAD, msgpack.packb(int(rest)))
+    address, _, did = tail.rpartition("/")
+    return (GDELIVER_HEAD, msgpack.packb(bytes.fromhex(gid_hex)) + msgpack.packb(address)
+            + msgpack.packb(int(did)))
+
+
+class Group:
+    """What memory keeps of one group (mirrors the tables once a change committed)."""
+
+    __slots__ = ("gid", "version", "members", "invites", "buckets", "fanout")
+
+    def __init__(self, gid: bytes, version: int) -> None:
+        self.gid = gid
+        self.version = version
+        #: address -> admin, in join order
+        self.members: dict[str, bool] = {}
+        #: invitee address -> inviter address
+        self.invites: dict[str, str] = {}
+        #: group SENDs per provider of the senders (one provider's flood spends
+        #: only its own share of the group's rate)
+        self.buckets: dict[str, TokenBucket] = {}
+        #: (sender address, sending device id) -> (recipient devices, their store keys);
+        #: emptied whenever a member or a member's device list changes
+        self.fanout: dict[tuple[str, int], tuple[list, list]] = {}
+
+
+class Groups:
+    """The groups stage of one relay: group ops, membership events, group SEND."""
+
+    def __init__(self, config: Any, directory: "KeyDirectory", keys: "Keys",
+                 delivery: "Delivery", count_error: Callable[[int], None]) -> None:
+        self.config = config
+        self.dir = directory
+        self.keys = keys
+        self.delivery = delivery
+        self.count_error = count_error
+        self.dedup = DedupTable(config.dedup_window_s, config.dedup_max_entries)
+        self.groups: dict[bytes, Group] = {}
+        #: address -> ids of the groups it is a member of / invited to
+        self.member_of: dict[str, set[bytes]] = {}
+        self.invited_to: dict[str, set[bytes]] = {}
+        self._send_buckets: dict[str, TokenBucket] = {}
+        self._change_buckets: dict[str, TokenBucket] = {}
+        self._senders: dict[tuple[bytes, str, int], tuple[bytes, str]] = {}
+        self._batch_items: list = []
+        self._batch_meta: list = []
+        self._batch_scheduled = False
+        self.accepted = 0
+        self.fanned_out = 0
+        self._load()
+
+    # ------------------------------------------------------------ state
+    def _load(self) -> None:
+        conn = sqlite3.connect(self.dir.path)
+        try:
+            conn.executescript(_SCHEMA)
+            for gid, version in conn.execute("SELECT gid, version FROM groups"):
+                self.groups[gid] = Group(gid, version)
+            for gid, address, admin in conn.execute(
+                    "SELECT gid, address, admin FROM group_members ORDER BY gid, since"):
+                g = self.groups.get(gid)
+                if g is not None:
+                    g.members[address] = bool(admin)
+                    self.member_of.setdefault(address, set()).add(gid)
+            for gid, address, inviter in conn.execute(
+                    "SELECT gid, address, inviter FROM group_invites"):
+                g = self.groups.get(gid)
+                if g is not None:
+                    g.invites[address] = inviter
+                    self.invited_to.setdefault(address, set()).add(gid)
+        finally:
+            conn.close()
+
+    def shares_group(self, a: str, b: str) -> bool:
+        """Whether ``a`` and ``b`` are members of one group (permits their DSENDs)."""
+        ga = self.member_of.get(a)
+        gb = self.member_of.get(b)
+        return bool(ga and gb and not ga.isdisjoint(gb))
+
+    def devices_changing(self, address: str) -> None:
+        """A member's device list is changing now: forget the fan-out lists of its groups."""
+        for gid in self.member_of.get(address, ()):
+            g = self.groups.get(gid)
+            if g is not None:
+                g.fanout.clear()
+
+    def _join(self, g: Group, address: str, admin: bool) -> None:
+        g.fanout.clear()
+        g.members[address] = admin
+        self.member_of.setdefault(address, set()).add(g.gid)
+
+    def _drop_member(self, g: Group, address: str) -> None:
+        g.fanout.clear()
+        g.members.pop(address, None)
+        mine = self.member_of.get(address)
+        if mine is not None:
+            mine.discard(g.gid)
+            if not mine:
+                del self.member_of[address]
+
+    def _drop_invite(self, g: Group, address: str) -> None:
+        g.invites.pop(address, None)
+        mine = self.invited_to.get(address)
+        if mine is not None:
+            mine.discard(g.gid)
+            if not mine:
+                del self.invited_to[address]
+
+    def _forget_group(self, g: Group) -> None:
+        for address in list(g.members):
+            self._drop_member(g, address)
+        for address in list(g.invites):
+            self._drop_invite(g, address)
+        self.groups.pop(g.gid, None)
+
+    # ------------------------------------------------------------ helpers
+    def _reply(self, link: "LinkPort", cid: bytes, code: int, result: Any = None) -> None:
+        self.keys._reply(link, cid, code, result)
+
+    @staticmethod
+    def _bucket(table: dict, key: str, rate: float, burst: float) -> TokenBucket:
+        bucket = table.get(key)
+        if bucket is None:
+            if len(table) > 1 << 20:
+                table.clear()  # bounded; a refill for all is harmless
+            bucket = table[key] = TokenBucket(rate, burst)
+        return bucket
+
+    def _change_allowed(self, link: "LinkPort", cid: bytes) -> bool:
+        cfg = self.config
+        if self._bucket(self._change_buckets, link.address, cfg.group_changes_per_s,
+                        cfg.group_changes_burst).take():
+            return True
+        self._reply(link, cid, ErrorCode.RATE_LIMITED)
+        return False
+
+    def _member_group(self, link: "LinkPort", cid: bytes, gid: bytes,
+                      admin: bool = False) -> Group | None:
+        """The group if the requester is a member (an admin, with ``admin``); else answer."""
+        g = self.groups.get(gid)
+        if g is None:
+            self._reply(link, cid, ErrorCode.UNKNOWN_GROUP)
+            return None
+        is_admin = g.members.get(link.address)
+        if is_admin is None:
+            self._reply(link, cid, ErrorCode.NOT_MEMBER)
+            return None
+        if admin and not is_admin:
+            self._reply(link, cid, ErrorCode.NOT_ADMIN)
+            return None
+        return g
+
+    def _submit(self, link: "LinkPort", cid: bytes, work: Callable,
+                then: Callable[[Any], Any]) -> None:
+        """Run ``work`` in the directory's writer; ``then(result)`` gives the REPLY result."""
+        fut = self.dir.submit(work)
+
+        def done(f: asyncio.Future) -> None:
+            exc = f.exception() if not f.cancelled() else StoreFailed("closed")
+            if exc is not None:
+                self._reply(link, cid, int(getattr(exc, "code", ErrorCode.STORE_FAILED)))
+                return
+            self._reply(link, cid, 0, then(f.result()))
+
+        fut.add_done_callback(done)
+
+    # ------------------------------------------------------------ requests
+    def request(self, link: "LinkPort", op: tuple) -> None:
+        """Handle one op of feature "groups" (the link negotiated it)."""
+        kind = op[0]
+        if kind == wire.Op.GSEND:
+            self.gsend(link, op[1], op[2], op[3], op[4])
+        elif kind == wire.Op.GMEMBERS:
+            self.members(link, op[1], op[2])
+        elif kind == wire.Op.GCREATE:
+            self.create(link, op[1])
+        elif kind == wire.Op.GADD:
+            self.add(link, op[1], op[2], op[3])
+        elif kind == wire.Op.GANSWER:
+            self.answer(link, op[1], op[2], op[3])
+        elif kind == wire.Op.GREMOVE:
+            self.remove(link, op[1], op[2], op[3])
+        elif kind == wire.Op.GLEAVE:
+            self.leave(link, op[1], op[2])
+        elif kind == wire.Op.GADMIN:
+            self.admin(link, op[1], op[2], op[3], op[4])
+
+    def create(self, link: "LinkPort", cid: bytes) -> None:
+        """GCREATE: a new group whose only member, an admin, is the requester."""
+        if self.keys._my_slot(link) is None:
+            self._reply(link, cid, ErrorCode.NO_KEYS)
+            return
+        address = link.address
+        if len(self.member_of.get(address, ())) >= self.config.groups_per_user:
+            self._reply(link, cid, ErrorCode.GROUP_LIMIT)
+            return
+        if not self._change_allowed(link, cid):
+            return
+        gid = os.urandom(16)
+
+        def work(conn: sqlite3.Connection) -> None:
+            conn.execute("INSERT INTO groups(gid, version) VALUES (?, 1)", (gid,))
+            conn.execute("INSERT INTO group_members(gid, address, admin, since) "
+                         "VALUES (?, ?, 1, 1)", (gid, address))
+
+        def then(_: None) -> bytes:
+            g = self.groups[gid] = Group(gid, 1)
+            self._join(g, address, True)
+            self._event(g, [address], GEV_CREATED, [gid, 1, address])
+            return gid
+
+        self._submit(link, cid, work, then)
+
+    def add(self, link: "LinkPort", cid: bytes, gid: bytes, address: str) -> None:
+        """GADD: an admin adds a user of its own provider, or invites anyone else's."""
+        g = self._member_group(link, cid, gid, admin=True)
+        if g is None:
+            return
+        if address in g.members or address in g.invites:
+            self._reply(link, cid, 0, ALREADY)
+            return
+        # the same bytes as for an address that does not exist: no directory
+        if not self.keys.may_reach(link, address):
+            self._reply(link, cid, ErrorCode.UNKNOWN_RECIPIENT)
+            return
+        cfg = self.config
+        if len(g.members) + len(g.invites) >= cfg.group_max_members:
+            self._reply(link, cid, ErrorCode.GROUP_FULL)
+            return
+        # a provider's policy may require invites for its own users too
+        direct = address.endswith("@" + link.provider) and not cfg.group_invite_own_users
+        if direct and len(self.member_of.get(address, ())) >= cfg.groups_per_user or (
+                not direct and len(self.invited_to.get(address, ())) >= cfg.group_invites_per_user):
+            self._reply(link, cid, ErrorCode.GROUP_LIMIT)
+            return
+        if not self._change_allowed(link, cid):
+            return
+        by = link.address
+        cap = cfg.group_max_members
+
+        def work(conn: sqlite3.Connection) -> int:
+            (n,) = conn.execute("SELECT (SELECT count(*) FROM group_members WHERE gid = ?1) + "
+                                "(SELECT count(*) FROM group_invites WHERE gid = ?1)",
+                                (gid,)).fetchone()
+            if n >= cap:
+                raise GroupFull(f"a group has at most {cap} members and invites")
+            if direct:
+                (since,) = conn.execute("SELECT coalesce(max(since), 0) + 1 FROM group_members "
+                                        "WHERE gid = ?", (gid,)).fetchone()
+                if not conn.execute("INSERT OR IGNORE INTO group_members(gid, address, admin, "
+                                    "since) VALUES (?, ?, 0, ?)",
+                                    (gid, address, since)).rowcount:
+                    return -1  # a concurrent GADD added it first
+                (version,) = conn.execute("UPDATE groups SET version = version + 1 "
+                                          "WHERE gid = ? RETURNING version", (gid,)).fetchone()
+                return int(version)
+            if not conn.execute("INSERT OR IGNORE INTO group_invites(gid, address, inviter) "
+                                "VALUES (?, ?, ?)", (gid, address, by)).rowcount:
+                return -1
+            return 0
+
+        def then(version: int) -> int:
+            if self.groups.get(gid) is not g or version < 0:
+                return ALREADY
+            if direct:
+                g.version = version
+                self._join(g, address, False)
+                self._event(g, list(g.members), GEV_ADDED, [gid, version, by, address])
+                return ADDED
+            g.invites[address] = by
+            self.invited_to.setdefault(address, set()).add(gid)
+            self._event(g, [*g.members, address], GEV_INVITED, [gid, g.version, by, address])
+            return INVITED
+
+        self._submit(link, cid, work, then)
+
+    def answer(self, link: "LinkPort", cid: bytes, gid: bytes, accept: bool) -> None:
+        """GANSWER: the invitee accepts (becomes a member) or declines an invite."""
+        address = link.address
+        g = self.groups.get(gid)
+        if g is None or address not in g.invites:
+            self._reply(link, cid, ErrorCode.NOT_INVITED)
+            return
+        if accept and len(self.member_of.get(address, ())) >= self.config.groups_per_user:
+            self._reply(link, cid, ErrorCode.GROUP_LIMIT)
+            return
+        if accept and self.keys._my_slot(link) is None:
+            self._reply(link, cid, ErrorCode.NO_KEYS)
+            return
+
+        def work(conn: sqlite3.Connection) -> int:
+            if not conn.execute("DELETE FROM group_invites WHERE gid = ? AND address = ?",
+                                (gid, address)).rowcount:
+                raise NotInvited("the invite is no longer pending")
+            if not accept:
+                return 0
+            (since,) = conn.execute("SELECT coalesce(max(since), 0) + 1 FROM group_members "
+                                    "WHERE gid = ?", (gid,)).fetchone()
+            conn.execute("INSERT INTO group_members(gid, address, admin, since) "
+                         "VALUES (?, ?, 0, ?)", (gid, address, since))
+            (version,) = conn.execute("UPDATE groups SET version = version + 1 WHERE gid = ? "
+                                      "RETURNING version", (gid,)).fetchone()
+            return int(version)
+
+        def then(version: int) -> None:
+            if self.groups.get(gid) is not g or address not in g.invites:
+                return
+            self._drop_invite(g, address)
+            if accept:
+                g.version = version
+                self._join(g, address, False)
+                self._event(g, list(g.members), GEV_JOINED, [gid, version, address])
+            else:
+                self._event(g, [*g.members, address], GEV_DECLINED, [gid, g.version, address])
+
+        self._submit(link, cid, work, then)
+
+    def remove(self, link: "LinkPort", cid: bytes, gid: bytes, address: str) -> None:
+        """GREMOVE: an admin removes a member, or withdraws a pending invite."""
+        g = self._member_group(link, cid, gid, admin=True)
+        if g is None:
+            return
+        if address not in g.members and address not in g.invites:
+            self._reply(link, cid, ErrorCode.NOT_MEMBER)
+            return
+        if not self._change_allowed(link, cid):
+            return
+        self._take_out(link, cid, g, address, link.address, GEV_REMOVED)
+
+    def leave(self, link: "LinkPort", cid: bytes, gid: bytes) -> None:
+        """GLEAVE: the requester leaves; the last admin's leaving promotes the oldest member."""
+        g = self._member_group(link, cid, gid)
+        if g is None:
+            return
+        self._take_out(link, cid, g, link.address, link.address, GEV_LEFT)
+
+    def _take_out(self, link: "LinkPort", cid: bytes, g: Group, address: str, by: str,
+                  kind: int) -> None:
+        gid = g.gid
+        invite = address not in g.members
+
+        def work(conn: sqlite3.Connection) -> tuple[int, str | None]:
+            if invite:
+                conn.execute("DELETE FROM group_invites WHERE gid = ? AND address = ?",
+                             (gid, address))
+                return 0, None
+            conn.execute("DELETE FROM group_members WHERE gid = ? AND address = ?",
+                         (gid, address))
+            left = conn.execute("SELECT address, admin FROM group_members WHERE gid = ? "
+                                "ORDER BY since", (gid,)).fetchall()
+            if not left:
+                conn.execute("DELETE FROM group_invites WHERE gid = ?", (gid,))
+                conn.execute("DELETE FROM groups WHERE gid = ?", (gid,))
+                return 0, None
+            promoted = None
+            if not any(admin for _, admin in left):
+                promoted = left[0][0]
+                conn.execute("UPDATE group_members SET admin = 1 WHERE gid = ? AND address = ?",
+                             (gid, promoted))
+            (version,) = conn.execute("UPDATE groups SET version = version + 1 WHERE gid = ? "
+                                      "RETURNING version", (gid,)).fetchone()
+            return int(version), promoted
+
+        def then(result: tuple[int, str | None]) -> None:
+            version, promoted = result
+            if self.groups.get(gid) is not g:
+                return
+            if invite:
+                if address in g.invites:
+                    self._drop_invite(g, address)
+                    self._event(g, [*g.members, address], GEV_REMOVED,
+                                [gid, g.version, by, address])
+                return
+            if address not in g.members:
+                return
+            # the removed member's devices get this event last of the group
+            targets = list(g.members)
+            self._drop_member(g, address)
+            if not version:
+                self._event(g, targets, kind, [gid, 0, by, address] if kind == GEV_REMOVED
+                            else [gid, 0, address])
+                self._forget_group(g)
+                return
+            g.version = version
+            self._event(g, targets, kind, [gid, version, by, address] if kind == GEV_REMOVED
+                        else [gid, version, address])
+            if promoted is not None:
+                g.members[promoted] = True
+                self._event(g, list(g.members), GEV_ADMIN, [gid, version, "", promoted, True])
+
+        self._submit(link, cid, work, then)
+
+    def admin(self, link: "LinkPort", cid: bytes, gid: bytes, address: str,
+              admin: bool) -> None:
+        """GADMIN: an admin promotes or demotes a member (never the last admin)."""
+        g = self._member_group(link, cid, gid, admin=True)
+        if g is None:
+            return
+        if address not in g.members:
+            self._reply(link, cid, ErrorCode.NOT_MEMBER)
+            return
+        if g.members[address] == admin:
+            self._reply(link, cid, 0, ALREADY)
+            return
+        if not admin and sum(g.members.values()) <= 1:
+            self._reply(link, cid, ErrorCode.LAST_ADMIN)
+            return
+        if not self._change_allowed(link, cid):
+            return
+        by = link.address
+
+        def work(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE group_members SET admin = ? WHERE gid = ? AND address = ?",
+                         (int(admin), gid, address))
+
+        def then(_: None) -> int:
+            if self.groups.get(gid) is g and address in g.members:
+                g.members[address] = admin
+                self._event(g, list(g.members), GEV_ADMIN, [gid, g.version, by, address, admin])
+            return 0
+
+        self._submit(link, cid, work, then)
+
+    def members(self, link: "LinkPort", cid: bytes, gid: bytes) -> None:
+        """GMEMBERS: ``[version, [address, admin, [[device id, reg id], ...]], ...,
+        [invitee, nil, []], ...]``, members only; split over REPLYs past a frame."""
+        g = self._member_group(link, cid, gid)
+        if g is None:
+            return
+        lists = self.dir.lists
+        packb = msgpack.packb
+        items = [packb(g.version)]
+        for address, is_admin in g.members.items():
+            devs = lists.get(address, {})
+            items.append(packb([address, is_admin,
+                                [[d, devs[d].reg_id] for d in sorted(devs)]]))
+        for address in g.invites:
+            items.append(packb([address, None, []]))
+        self.keys._reply_parts(link, cid, items)
+
+    # ------------------------------------------------------------ GSEND
+    def gsend(self, link: "LinkPort", cid: bytes, gid: bytes, version: int,
+              body: bytes) -> None:
+        """GSEND: one ciphertext for every member device but the sender's (module doc)."""
+        sender = link.address
+        now = time.monotonic()
+        seen = self.dedup.lookup(sender, cid, now)
+        if seen is not None:
+            if seen == PENDING:
+                self.dedup.wait(sender, cid, (link, cid))
+            else:
+                self._reply(link, cid, seen)
+            return
+        g = self._member_group(link, cid, gid)
+        if g is None:
+            return
+        mine = self.keys._my_slot(link)
+        if mine is None:
+            self._reply(link, cid, ErrorCode.NO_KEYS)
+            return
+        if version != g.version:
+            self._reply(link, cid, ErrorCode.DEVICE_MISMATCH, [g.version])
+            return
+        cfg = self.config
+        group_bucket = g.buckets.get(link.provider)
+        if group_bucket is None:
+            group_bucket = g.buckets[link.provider] = TokenBucket(
+                cfg.group_msgs_per_group_s, cfg.group_msgs_per_group_burst)
+        mine_bucket = self._bucket(self._send_buckets, sender, cfg.group_msgs_per_s,
+                                   cfg.group_msgs_burst)
+        lg = link.gate_state
+        size = len(body)
+        if (mine_bucket.refill() < 1 or group_bucket.refill() < 1
+                or lg.msg_bucket.refill() < 1 or lg.byte_bucket.refill() < size):
+            self._reply(link, cid, ErrorCode.RATE_LIMITED)
+            return
+        mine_bucket.tokens -= 1
+        group_bucket.tokens -= 1
+        lg.msg_bucket.tokens -= 1
+        lg.byte_bucket.tokens -= size
+        skip = mine.device_id
+        cached = g.fanout.get((sender, skip))
+        if cached is None:
+            lists = self.dir.lists
+            targets: list = []
+            dkeys: list = []
+            for address in g.members:
+                for did, slot in lists.get(address, {}).items():
+                    if address != sender or did != skip:
+                        targets.append((address, slot.name))
+                        dkeys.append(slot.dkey)
+            if len(g.fanout) > 64:
+                g.fanout.clear()
+            cached = g.fanout[(sender, skip)] = (targets, dkeys)
+        targets, dkeys = cached
+        key = (gid, sender, skip)
+        packed = self._senders.get(key)
+        if packed is None:
+            if len(self._senders) > 1 << 16:
+                self._senders.clear()
+            packed = self._senders[key] = (
+                msgpack.packb(gid) + msgpack.packb(sender) + msgpack.packb(skip),
+                group_sender(gid, sender, skip))
+        sp, stored_sender = packed
+        if not targets:
+            # no other member device: accepted, nothing to store
+            self.dedup.begin(sender, cid, 0, now)
+            self._reply(link, cid, 0)
+            return
+        now_ms = int(time.time() * 1000)
+        tail = wire.deliver_tail(sp, cid, body, wire.ts_packed(now_ms), 0)
+        self.dedup.begin(sender, cid, PENDING, now)
+        link.storing += 1
+        self._batch_items.append((stored_sender, cid, body, now_ms, dkeys))
+        self._batch_meta.append((link, cid, (tail, GDELIVER_HEAD, targets)))
+        if not self._batch_scheduled:
+            self._batch_scheduled = True
+            asyncio.get_running_loop().call_soon(self._persist_batch)
+
+    def _persist_batch(self) -> None:
+        self._batch_scheduled = False
+        items, self._batch_items = self._batch_items, []
+        meta, self._batch_meta = self._batch_meta, []
+        if not meta:
+            return
+        fut = self.delivery.persist(items)
+        fut.add_done_callback(lambda f: self._stored(meta, f))
+
+    def _stored(self, meta: list, fut: asyncio.Future) -> None:
+        """A batch of GSENDs was stored (or refused): fan out, then answer each sender."""
+        exc = fut.exception() if not fut.cancelled() else StoreFailed("store closed")
+        if exc is not None:
+            self.delivery.persisted(None, 0)
+            code = int(getattr(exc, "code", ErrorCode.STORE_FAILED))
+            log.error("store refused a batch of %d group sends (code %d)", len(meta), code,
+                      extra={"event": "groups.store_failed"})
+        else:
+            mids = fut.result()
+            self.fanned_out += self.delivery.persisted_shared(
+                [(mid, shared) for mid, (_, _, shared) in zip(mids, meta)], mids[-1], "groups")
+            self.accepted += len(mids)
+            code = 0
+        now = time.monotonic()
+        for link, cid, _ in meta:
+            link.storing -= 1
+            try:
+                sender = link.address
+                if code:
+                    waiters = self.dedup.forget(sender, cid)
+                else:
+                    waiters = self.dedup.finish(sender, cid, 0, now)
+                self._reply(link, cid, code)
+                for other, wcid in waiters or ():
+                    self._reply(other, wcid, code)
+            finally:
+                link.stored_all()
+
+    # ------------------------------------------------------------ events
+    def _event(self, g: Group, addresses: list, kind: int, data: list) -> None:
+        """Store one GEVENT row for every device of ``addresses``; route it."""
+        lists = self.dir.lists
+        targets = []
+        dkeys = []
+        for address in addresses:
+            for slot in lists.get(address, {}).values():
+                targets.append((address, slot.name))
+                dkeys.append(slot.dkey)
+        if not targets:
+            return
+        now_ms = int(time.time() * 1000)
+        body = msgpack.packb(data)
+        eid = os.urandom(16)
+        tail = wire.deliver_tail(msgpack.packb(kind), eid, body, wire.ts_packed(now_ms), 0)
+        fut = self.delivery.persist([(group_event_sender(kind), eid, body, now_ms, dkeys)])
+
+        def done(f: asyncio.Future) -> None:
+            if f.cancelled() or f.exception() is not None:
+                self.delivery.persisted(None, 0)
+                log.warning("a group event could not be stored",
+                            extra={"event": "groups.event_failed"})
+                return
+            (mid,) = f.result()
+            self.delivery.persisted_shared([(mid, (tail, GEVENT_HEAD, targets))], mid, "groups")
+
+        fut.add_done_callback(done)
+
+    def device_changed(self, address: str, device_id: int, reg_id: int | None) -> None:
+        """A member's device joined its list (``reg_id``) or left it (None): every
+        group of the address gets a new version and tells its member devices."""
+        gids = sorted(self.member_of.get(address, ()))
+        if not gids:
+            return
+        self.devices_changing(address)
+
+        def work(conn: sqlite3.Connection) -> list:
+            out = []
+            for gid in gids:
+                row = conn.execute("UPDATE groups SET version = version + 1 WHERE gid = ? "
+                                   "RETURNING version", (gid,)).fetchone()
+                if row is not None:
+                    out.append((gid, int(row[0])))
+            return out
+
+        fut = self.dir.submit(work)
+
+        def done(f: asyncio.Future) -> None:
+            if f.cancelled() or f.exception() is not None:
+                log.warning("a group version could not be stored",
+                            extra={"event": "groups.version_failed"})
+                return
+            for gid, version in f.result():
+                g = self.groups.get(gid)
+                if g is None:
+                    continue
+                g.version = version
+                if reg_id is not None:
+                    self._event(g, list(g.members), GEV_DEVICE_JOINED,
+                                [gid, version, address, device_id, reg_id])
+                else:
+                    self._event(g, list(g.members), GEV_DEVICE_LEFT,
+                                [gid, version, address, device_id])
+
+        fut.add_done_callback(done)

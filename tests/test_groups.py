@@ -1,0 +1,514 @@
+"""Feature "groups" end to end: membership, admins, events, one ciphertext fanned out.
+
+A real relay on loopback with real SQLite files and real clients.  Bodies
+are random bytes standing in for sender-key ciphertexts (the relay never
+looks inside them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fastroute import Relay, RelayConfig, wire
+from fastroute.client import Client, GroupEvent, GroupMessage
+from fastroute.config import Limits
+from fastroute.errors import (
+    ErrorCode,
+    FastrouteError,
+    GroupFull,
+    GroupMismatch,
+    LastAdmin,
+    NotAdmin,
+    NotInvited,
+    NotMember,
+    RateLimited,
+    UnknownAddress,
+    UnknownGroup,
+)
+from fastroute.identity import ProviderKey, Registry, issue_credential
+from fastroute.noise import KeyPair
+from fastroute.relay.groups import (
+    GEV_ADDED,
+    GEV_ADMIN,
+    GEV_CREATED,
+    GEV_DECLINED,
+    GEV_DEVICE_JOINED,
+    GEV_DEVICE_LEFT,
+    GEV_INVITED,
+    GEV_JOINED,
+    GEV_LEFT,
+    GEV_REMOVED,
+)
+from relayutil import run, world
+from test_e2ee import keyset, recorder
+
+FEATURES = ("e2ee", "groups")
+
+
+async def member(w, address: str, device: str, reg: int | None = None, **kw) -> Client:
+    """A client that negotiated e2ee and groups (and published keys with ``reg``)."""
+    c = await w.connect(address, device, features=FEATURES, **kw)
+    if reg is not None:
+        c.did = await c.publish_keys(**keyset(reg, n_ec=1, n_kem=1))
+    return c
+
+
+async def take(c: Client, n: int, timeout: float = 5.0) -> list:
+    """The next ``n`` group messages and group events (other events skipped)."""
+    out: list = []
+    while len(out) < n:
+        m = await asyncio.wait_for(c.recv(), timeout)
+        if isinstance(m, (GroupEvent, GroupMessage)):
+            out.append(m)
+    return out
+
+
+async def quiet(c: Client, wait: float = 0.3) -> bool:
+    """True if no group message or group event arrives within ``wait`` seconds."""
+    try:
+        await take(c, 1, wait)
+    except asyncio.TimeoutError:
+        return True
+    return False
+
+
+def kinds(items: list) -> list:
+    return [(m.kind, m.data[2:]) if isinstance(m, GroupEvent) else ("msg", m.body)
+            for m in items]
+
+
+def test_negotiation_needs_e2ee_and_group_ops_are_unknown_elsewhere(tmp_path):
+    async def main():
+        async with world(tmp_path) as w:
+            only = await w.connect("alice@home", "phone", features=("groups",))
+            assert only.features == frozenset()  # groups builds on e2ee
+            assert await only.negotiate(FEATURES) == {"e2ee", "groups"}  # later: both
+            e = await w.connect("bob@home", "phone", features=("e2ee",))
+            with pytest.raises(FastrouteError):
+                await e.create_group()  # the client knows it was not granted
+            v1 = await recorder(w, "carol@home", "phone", features=("e2ee",))
+            v1._write([wire.group_op(wire.Op.GCREATE, os.urandom(16))])
+            await v1.ping()
+            ops = [op for pt in v1.plaintexts for op in wire.decode_server_frame(pt)]
+            assert [op[0] for op in ops][-2:] == [wire.Op.ERROR, wire.Op.PONG]
+            assert ops[-2][1] == ErrorCode.UNKNOWN_OP
+    run("asyncio", main())
+
+
+def test_lifecycle_checks_consent_and_events_in_order(tmp_path):
+    async def main():
+        async with world(tmp_path, require_consent=True) as w:
+            a1 = await member(w, "alice@home", "phone", 11)
+            a2 = await member(w, "alice@home", "laptop", 12)
+            b = await member(w, "bob@home", "phone", 21)
+            c = await member(w, "carol@acme", "phone", 31)
+            d = await member(w, "dave@acme", "phone", 41)
+            old = await recorder(w, "bob@home", "v1")  # a v1 device of a member
+            await c.set_consent("home")
+            gid = await a1.create_group()
+            assert type(gid) is bytes and len(gid) == 16
+            with pytest.raises(UnknownGroup):
+                await a1.group_members(os.urandom(16))
+            with pytest.raises(NotMember):
+                await b.group_members(gid)
+            with pytest.raises(NotMember):
+                await b.group_send(gid, 1, b"x")
+            assert await a1.group_add(gid, "bob@home") == 0  # same provider: added
+            assert await a1.group_add(gid, "bob@home") == 2  # already
+            assert await a1.group_add(gid, "carol@acme") == 1  # other provider: invited
+            # dave did not opt in to home: the same answer as for no such user
+            with pytest.raises(UnknownAddress) as no_consent:
+                await a1.group_add(gid, "dave@acme")
+            with pytest.raises(UnknownAddress) as nobody:
+                await a1.group_add(gid, "nobody@acme")
+            assert no_consent.value.code == nobody.value.code == ErrorCode.UNKNOWN_RECIPIENT
+            with pytest.raises(NotAdmin):
+                await b.group_add(gid, "erin@home")
+            with pytest.raises(NotInvited):
+                await d.group_answer(gid, True)
+            # carol is not a member until she accepts: nothing of the group reaches her
+            v, members, invitees = await a1.group_members(gid)
+            assert invitees == ["carol@acme"] and v == 2
+            await a1.group_send(gid, v, b"before carol")
+            await c.group_answer(gid, True)
+            v, members, _ = await a1.group_members(gid)
+            assert v == 3
+            assert members == [("alice@home", True, [(1, 11), (2, 12)]),
+                               ("bob@home", False, [(1, 21)]),
+                               ("carol@acme", False, [(1, 31)])]
+            # membership permits the per-device sends of sender-key distribution
+            await c.send_to_devices("bob@home", [(1, 21, b"skdm")])
+            await a1.group_send(gid, v, b"hello all")
+            with pytest.raises(GroupMismatch) as stale:
+                await a1.group_send(gid, v - 1, b"stale")
+            assert stale.value.version == v and stale.value.code == ErrorCode.DEVICE_MISMATCH
+            # a1's other device and the others, in order; the sender's device nothing
+            got = await take(a2, 5)
+            assert kinds(got) == [(GEV_CREATED, ["alice@home"]),
+                                  (GEV_ADDED, ["alice@home", "bob@home"]),
+                                  (GEV_INVITED, ["alice@home", "carol@acme"]),
+                                  ("msg", b"before carol"),
+                                  (GEV_JOINED, ["carol@acme"])]
+            assert kinds(await take(a2, 1)) == [("msg", b"hello all")]
+            m = got[3]
+            assert (m.group, m.sender, m.device) == (gid, "alice@home", a1.did)
+            assert [g.data[1] for g in got if isinstance(g, GroupEvent)] == [1, 2, 2, 3]
+            gc = await take(c, 3)
+            assert kinds(gc) == [(GEV_INVITED, ["alice@home", "carol@acme"]),
+                                 (GEV_JOINED, ["carol@acme"]), ("msg", b"hello all")]
+            got_b = await take(b, 5)
+            assert [k for k, _ in kinds(got_b)] == [GEV_ADDED, GEV_INVITED, "msg", GEV_JOINED,
+                                                    "msg"]
+            # admins: bob promoted, adds erin, demoted; the last admin stays
+            await a1.group_admin(gid, "bob@home", True)
+            erin = await member(w, "erin@home", "phone", 51)
+            assert await b.group_add(gid, "erin@home") == 0
+            await a1.group_admin(gid, "bob@home", False)
+            with pytest.raises(NotAdmin):
+                await b.group_remove(gid, "erin@home")
+            with pytest.raises(LastAdmin):
+                await a1.group_admin(gid, "alice@home", False)
+            # an invite declined
+            await d.set_consent("home")
+            assert await a1.group_add(gid, "dave@acme") == 1
+            await d.group_answer(gid, False)
+            with pytest.raises(NotInvited):
+                await d.group_answer(gid, True)
+            # carol removed: her removal event is the last of the group she gets
+            await a1.group_remove(gid, "carol@acme")
+            v, members, invitees = await a1.group_members(gid)
+            assert [m[0] for m in members] == ["alice@home", "bob@home", "erin@home"]
+            assert invitees == []
+            await a1.group_send(gid, v, b"after carol")
+            with pytest.raises(NotMember):
+                await c.group_send(gid, v, b"me too")
+            with pytest.raises(UnknownAddress):  # no group shared with bob any more
+                await c.send_to_devices("bob@home", [(1, 21, b"skdm")])
+            got_c = await take(c, 6)  # what happened while she was a member, then her removal
+            assert [k for k, _ in kinds(got_c)] == [GEV_ADMIN, GEV_ADDED, GEV_ADMIN, GEV_INVITED,
+                                                    GEV_DECLINED, GEV_REMOVED]
+            assert kinds(got_c)[-1] == (GEV_REMOVED, ["alice@home", "carol@acme"])
+            assert await quiet(c)
+            got_b = await take(b, 7)
+            assert kinds(got_b) == [
+                (GEV_ADMIN, ["alice@home", "bob@home", True]),
+                (GEV_ADDED, ["bob@home", "erin@home"]),
+                (GEV_ADMIN, ["alice@home", "bob@home", False]),
+                (GEV_INVITED, ["alice@home", "dave@acme"]),
+                (GEV_DECLINED, ["dave@acme"]),
+                (GEV_REMOVED, ["alice@home", "carol@acme"]),
+                ("msg", b"after carol")]
+            assert kinds(await take(erin, 6))[-1] == ("msg", b"after carol")
+            # erin leaves; alice leaves last-admin-wise: bob, the oldest member, is promoted
+            await erin.group_leave(gid)
+            await a1.group_leave(gid)
+            got_b = await take(b, 3)
+            assert kinds(got_b) == [(GEV_LEFT, ["erin@home"]), (GEV_LEFT, ["alice@home"]),
+                                    (GEV_ADMIN, ["", "bob@home", True])]
+            assert await b.group_add(gid, "alice@home") == 0
+            # the v1 device of a member never saw a group op
+            await old.ping()
+            assert {op[0] for pt in old.plaintexts for op in wire.decode_server_frame(pt)} <= {
+                wire.Op.WELCOME, wire.Op.PONG, wire.Op.FEATURES_OK, wire.Op.REPLY,
+                wire.Op.DDELIVER, wire.Op.EVENT}
+    run("asyncio", main())
+
+
+def test_late_member_gets_nothing_from_before_and_a_new_device_changes_the_version(tmp_path):
+    async def main():
+        async with world(tmp_path, group_max_members=3) as w:
+            a = await member(w, "alice@home", "phone", 11)
+            b = await member(w, "bob@home", "phone", 21)
+            gid = await a.create_group()
+            await a.group_add(gid, "bob@home")
+            v, _, _ = await a.group_members(gid)
+            for i in range(3):
+                await a.group_send(gid, v, b"early %d" % i)
+            c = await member(w, "carol@home", "phone", 31)
+            await a.group_add(gid, "carol@home")
+            await member(w, "dave@home", "phone", 41)
+            with pytest.raises(GroupFull):
+                await a.group_add(gid, "dave@home")
+            with pytest.raises(GroupMismatch):
+                await a.group_send(gid, v, b"old set")  # carol joined since
+            v, _, _ = await a.group_members(gid)
+            await a.group_send(gid, v, b"late")
+            assert kinds(await take(c, 2)) == [(GEV_ADDED, ["alice@home", "carol@home"]),
+                                               ("msg", b"late")]
+            assert await quiet(c)
+            # bob offline; a device joins his list: a new version, told in order
+            await b.close()
+            b2 = await member(w, "bob@home", "tablet", 22)
+            with pytest.raises(GroupMismatch) as changed:
+                await a.group_send(gid, v, b"to the old set")
+            assert changed.value.version == v + 1
+            got = await take(c, 1)
+            assert kinds(got) == [(GEV_DEVICE_JOINED, ["bob@home", 2, 22])]
+            await a.group_send(gid, v + 1, b"to the new set", id=b"r" * 16)
+            assert kinds(await take(b2, 2)) == [(GEV_DEVICE_JOINED, ["bob@home", 2, 22]),
+                                                ("msg", b"to the new set")]
+            back = await member(w, "bob@home", "phone")
+            got = await take(back, 8)
+            assert [x for x in kinds(got) if x[0] == "msg"] == [
+                ("msg", b"early 0"), ("msg", b"early 1"), ("msg", b"early 2"),
+                ("msg", b"late"), ("msg", b"to the new set")]
+            assert [k for k, _ in kinds(got)] == [GEV_ADDED, "msg", "msg", "msg", GEV_ADDED,
+                                                  "msg", GEV_DEVICE_JOINED, "msg"]
+            assert await quiet(back)
+    run("asyncio", main())
+
+
+def test_a_revoked_member_device_leaves_the_set_and_gets_nothing_more(tmp_path):
+    async def main():
+        async with world(tmp_path) as w:
+            a = await member(w, "alice@home", "phone", 11)
+            b1 = await member(w, "bob@home", "phone", 21)
+            b2 = await member(w, "bob@home", "tablet", 22)
+            gid = await a.create_group()
+            await a.group_add(gid, "bob@home")
+            v, _, _ = await a.group_members(gid)
+            await a.group_send(gid, v, b"to both")  # fills the fan-out list of (alice, 1)
+            for c in (b1, b2):
+                assert kinds(await take(c, 2))[-1] == ("msg", b"to both")
+            with Registry(os.path.join(w.data_dir, "registry.db")) as reg:
+                reg.revoke_device("bob@home", "tablet")
+            got = await take(a, 3)  # alice's device hears bob's tablet left the group's set
+            assert kinds(got) == [(GEV_CREATED, ["alice@home"]),
+                                  (GEV_ADDED, ["alice@home", "bob@home"]),
+                                  (GEV_DEVICE_LEFT, ["bob@home", b2.did])]
+            assert got[2].data[1] == v + 1
+            with pytest.raises(GroupMismatch):
+                await a.group_send(gid, v, b"old set")
+            await a.group_send(gid, v + 1, b"without the tablet")
+            assert kinds(await take(b1, 2)) == [(GEV_DEVICE_LEFT, ["bob@home", b2.did]),
+                                                ("msg", b"without the tablet")]
+            tablet = w.relay.store.register_device("bob@home", "tablet")
+            await w.relay.store.flush()
+            assert await w.relay.store.count_pending(tablet) == 0
+            v, members, _ = await a.group_members(gid)
+            assert members[1] == ("bob@home", False, [(1, 21)])
+    run("asyncio", main())
+
+
+def test_one_providers_flood_spends_only_its_own_share_of_a_groups_rate(tmp_path):
+    async def main():
+        async with world(tmp_path, group_msgs_per_group_s=0.001,
+                         group_msgs_per_group_burst=3) as w:
+            a = await member(w, "alice@home", "phone", 11)
+            c = await member(w, "carol@acme", "phone", 31)
+            d = await member(w, "dave@acme", "phone", 41)
+            gid = await a.create_group()
+            for x in (c, d):
+                assert await a.group_add(gid, x.address) == 1
+                await x.group_answer(gid, True)
+            v, _, _ = await a.group_members(gid)
+            # acme's two users together get 3 sends, not 3 each
+            for x in (c, d, c):
+                await x.group_send(gid, v, b"acme")
+            with pytest.raises(RateLimited):
+                await d.group_send(gid, v, b"one too many")
+            # home's share is untouched by acme's flood
+            for i in range(3):
+                await a.group_send(gid, v, b"home %d" % i)
+            with pytest.raises(RateLimited):
+                await a.group_send(gid, v, b"home again")
+    run("asyncio", main())
+
+
+def test_a_provider_policy_may_require_invites_for_its_own_users(tmp_path):
+    async def main():
+        async with world(tmp_path, group_invite_own_users=True) as w:
+            a = await member(w, "alice@home", "phone", 11)
+            b = await member(w, "bob@home", "phone", 21)
+            gid = await a.create_group()
+            assert await a.group_add(gid, "bob@home") == 1  # invited, not added
+            with pytest.raises(NotMember):
+                await b.group_members(gid)
+            await b.group_answer(gid, True)
+            _, members, _ = await b.group_members(gid)
+            assert [m[0] for m in members] == ["alice@home", "bob@home"]
+    run("asyncio", main())
+
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def _serve(data: Path):
+    proc = subprocess.Popen([sys.executable, "-m", "fastroute.cli", "serve", "--data-dir",
+                             str(data), "--listen", "127.0.0.1:0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=ENV)
+    deadline = time.monotonic() + 20
+    lines = []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if "listening on" in line and not line.startswith("20"):
+            return proc, int(line.rsplit(":", 1)[1])
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    raise AssertionError("".join(lines))
+
+
+def test_groups_survive_sigkill_and_an_offline_member_catches_up_in_order(tmp_path):
+    data = tmp_path / "relay"
+    data.mkdir()
+    pkey = ProviderKey.generate()
+    with Registry(str(data / "registry.db")) as reg:
+        reg.add_provider("home", pkey.public_key)
+    statics = {}
+
+    async def connect(port, address, device):
+        kp = statics.setdefault((address, device), KeyPair.generate())
+        cred = issue_credential(pkey, "home", address, device, kp.public)
+        return await Client.connect("127.0.0.1", port, credential=cred, static=kp,
+                                    features=FEATURES, keepalive=None)
+
+    async def first(port):
+        a = await connect(port, "alice@home", "phone")
+        await a.publish_keys(**keyset(11, n_ec=1, n_kem=1))
+        b = await connect(port, "bob@home", "phone")
+        await b.publish_keys(**keyset(21, n_ec=1, n_kem=1))
+        c = await connect(port, "carol@home", "phone")
+        await c.publish_keys(**keyset(31, n_ec=1, n_kem=1))
+        await b.close()
+        await c.close()
+        gid = await a.create_group()
+        await a.group_add(gid, "bob@home")
+        await a.group_add(gid, "carol@home")
+        await a.group_admin(gid, "carol@home", True)
+        v, members, _ = await a.group_members(gid)
+        for i in range(5):
+            await a.group_send(gid, v, b"m%d" % i)  # answered: durably stored
+        return gid, v, members
+
+    async def second(port, gid, v):
+        a = await connect(port, "alice@home", "phone")
+        assert await a.group_members(gid) == (v, members, [])
+        b = await connect(port, "bob@home", "phone")
+        await a.group_send(gid, v, b"after the crash")
+        got = await take(b, 9)
+        # carol, an admin, may still remove
+        c = await connect(port, "carol@home", "phone")
+        await c.group_remove(gid, "bob@home")
+        for x in (a, b, c):
+            await x.close()
+        return got
+
+    proc, port = _serve(data)
+    try:
+        gid, v, members = asyncio.run(first(port))
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    proc, port = _serve(data)
+    try:
+        got = asyncio.run(second(port, gid, v))
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    assert kinds(got) == [(GEV_ADDED, ["alice@home", "bob@home"]),
+                          (GEV_ADDED, ["alice@home", "carol@home"]),
+                          (GEV_ADMIN, ["alice@home", "carol@home", True])] + [
+        ("msg", b"m%d" % i) for i in range(5)] + [("msg", b"after the crash")]
+    assert len({m.id for m in got if isinstance(m, GroupMessage)}) == 6
+
+
+def test_a_1000_device_group_stores_one_body_and_every_device_receives(tmp_path):
+    """1 sender + 8 users x 125 devices: the store holds the body once, with an
+    inbox row per device, and all 1000 devices get it."""
+    users, per_user = 8, 125
+
+    async def main():
+        data = tmp_path / "relay"
+        # 125 devices on each address: above the gate's default cap of 16
+        async with world(tmp_path, group_changes_burst=1000,
+                         limits=Limits(max_devices_per_address=128)) as w:
+            sender = await member(w, "alice@home", "phone", 11)
+            gid = await sender.create_group()
+
+            async def join(u: int, d: int) -> None:
+                c = await Client.connect("127.0.0.1", w.port, **creds[(u, d)],
+                                         server_key=w.relay.server_key.public,
+                                         features=FEATURES, keepalive=None)
+                await c.publish_keys(**keyset(1 + d, n_ec=0, n_kem=0))
+                await c.close()
+
+            creds = {}
+            for u in range(users):
+                for d in range(per_user):
+                    kp, cred = w.credential(f"u{u}@home", f"d{d}")
+                    creds[(u, d)] = {"credential": cred, "static": kp}
+            for u in range(users):
+                await asyncio.gather(*(join(u, d) for d in range(per_user)))
+                assert await sender.group_add(gid, f"u{u}@home") == 0
+            v, members, _ = await sender.group_members(gid)
+            assert sum(len(m[2]) for m in members) == 1 + users * per_user
+            body = os.urandom(3000)
+            mid = await sender.group_send(gid, v, body)
+            server_key = w.relay.server_key.public
+        # the relay is closed: its store file holds everything it kept
+        db = sqlite3.connect(str(data / "store.db"))
+        rows = db.execute("SELECT mid FROM messages WHERE cid = ?", (mid,)).fetchall()
+        assert len(rows) == 1
+        (inbox,) = db.execute("SELECT count(*) FROM inbox WHERE mid = ?", rows[0]).fetchone()
+        assert inbox == users * per_user
+        db.close()
+        raw = b"".join(p.read_bytes() for p in data.glob("store.db*"))
+        assert raw.count(body) == 1
+        relay = Relay(RelayConfig(port=0, data_dir=str(data), require_consent=False))
+        await relay.start()
+        try:
+            async def receive(u: int, d: int) -> bytes:
+                c = await Client.connect("127.0.0.1", relay.port, **creds[(u, d)],
+                                         server_key=server_key, features=FEATURES,
+                                         keepalive=None)
+                try:
+                    while True:
+                        m = await asyncio.wait_for(c.recv(), 20)
+                        if isinstance(m, GroupMessage):
+                            return m.body
+                finally:
+                    await c.close()
+
+            got = []
+            for u in range(users):
+                got += await asyncio.gather(*(receive(u, d) for d in range(per_user)))
+            assert got == [body] * (users * per_user)
+        finally:
+            await relay.close()
+
+    run("asyncio", main())
+
+
+def test_the_worked_bytes_of_the_spec_are_the_codes():
+    """docs/PROTOCOL.md 18.8, byte for byte from the code that builds them."""
+    import re
+
+    import msgpack
+
+    from fastroute.relay.groups import GDELIVER_HEAD
+
+    doc = (Path(__file__).parent.parent / "docs" / "PROTOCOL.md").read_text()
+    section = doc[doc.index("### 18.8 Worked bytes"):]
+    tokens = [t for block in re.findall(r"```\n(.*?)```", section, re.S)
+              for line in block.splitlines() for t in line.split("(")[0].split()
+              if re.fullmatch(r"[0-9a-f]{2}", t)]
+    cid, gid = bytes(range(16)), b"\xaa" * 16
+    sp = msgpack.packb(gid) + msgpack.packb("alice@home") + msgpack.packb(2)
+    expected = b"".join((
+        wire.group_op(wire.Op.GCREATE, cid), wire.group_op(wire.Op.GADD, cid, gid, "bob@home"),
+        wire.group_op(wire.Op.GSEND, cid, gid, 3, b"hi"), wire.reply_op(cid, 306, True, [4]),
+        GDELIVER_HEAD, b"\xce", (5).to_bytes(4, "big"),
+        wire.py_deliver_tail(sp, cid, b"hi", wire.ts_packed(1700000000000), 0)))
+    assert bytes.fromhex("".join(tokens)) == expected
