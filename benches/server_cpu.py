@@ -146,11 +146,26 @@ registry_poll_s = 60.0
 synchronous = "NORMAL"
 mailbox_capacity = {mailbox}
 [limits]
-msgs_per_s = 10000000.0
-msgs_burst = 10000000.0
-bytes_per_s = 10000000000
-bytes_burst = 10000000000
-"""
+{limits}"""
+
+# Every rate limit far above the offered load, so the measurement is of the
+# relay's work, not of its refusals.  The gate's layers still run (buckets
+# are charged); they just never bind.  Only the keys the installed fastroute
+# knows are written: older checkouts refuse unknown keys.
+_UNBOUND_LIMITS = {
+    "msgs_per_s": 1e7, "msgs_burst": 1e7, "bytes_per_s": 1e10, "bytes_burst": 1e10,
+    "ops_per_s": 1e7, "ops_burst": 1e7,                       # the op budget (issue 11)
+    "address_msgs_per_s": 1e7, "address_msgs_burst": 1e7,
+    "address_bytes_per_s": 1e10, "address_bytes_burst": 1e10,
+}
+
+
+def relay_limits_toml() -> str:
+    """The ``[limits]`` lines that lift every rate limit this fastroute has."""
+    from fastroute.config import Limits
+
+    known = getattr(Limits, "__dataclass_fields__", {})
+    return "".join(f"{k} = {v!r}\n" for k, v in _UNBOUND_LIMITS.items() if k in known)
 
 NATS_CONF = """\
 listen: "127.0.0.1:-1"
@@ -325,7 +340,7 @@ class FastrouteServer:
         cli = self.ctx["cli"]
         cfg = os.path.join(self.dir, "bench.toml")
         with open(cfg, "w") as fh:
-            fh.write(RELAY_TOML.format(mailbox=MAILBOX))
+            fh.write(RELAY_TOML.format(mailbox=MAILBOX, limits=relay_limits_toml()))
         init_data_dir(cli, self.dir, self.dir)
         run_cli([*cli, "provider", "add", "home", "--key-file", self.ctx["provider_key"],
                  "--data-dir", self.dir, "--config", cfg], cwd=self.dir)
