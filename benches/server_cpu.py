@@ -153,10 +153,11 @@ mailbox_capacity = {mailbox}
 # are charged); they just never bind.  Only the keys the installed fastroute
 # knows are written: older checkouts refuse unknown keys.
 _UNBOUND_LIMITS = {
-    "msgs_per_s": 1e7, "msgs_burst": 1e7, "bytes_per_s": 1e10, "bytes_burst": 1e10,
+    # byte limits as ints: older checkouts refuse a float there
+    "msgs_per_s": 1e7, "msgs_burst": 1e7, "bytes_per_s": 10**10, "bytes_burst": 10**10,
     "ops_per_s": 1e7, "ops_burst": 1e7,                       # the op budget (issue 11)
     "address_msgs_per_s": 1e7, "address_msgs_burst": 1e7,
-    "address_bytes_per_s": 1e10, "address_bytes_burst": 1e10,
+    "address_bytes_per_s": 10**10, "address_bytes_burst": 10**10,
 }
 
 
