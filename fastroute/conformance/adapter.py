@@ -44,7 +44,7 @@ async def run_adapter(env: dict[str, str] | None = None, *, client_cls: Any = Cl
     kw = dict(credential=_read(env[ENV_CREDENTIAL]),
               static=KeyPair.from_private(_read(env[ENV_DEVICE_KEY])),
               server_key=bytes.fromhex(_read(env[ENV_SERVER_KEY]).decode().strip()),
-              reconnect=True)
+              reconnect=True, features=("e2ee",))
     delay = first_retry_s
     while True:
         try:

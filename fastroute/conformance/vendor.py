@@ -33,8 +33,9 @@ import msgpack
 
 from ..identity import ProviderKey, is_valid_address, is_valid_provider, issue_credential
 from ..noise import KeyPair
-from .framework import CLIENT_BEHAVIOURS, FAIL, PASS, Verdict, client_behaviour
-from .link import BYE, CONSENT, DACK, ERROR, PING, SEND, ServerSide, pack
+from .framework import CLIENT_BEHAVIOURS, FAIL, NA, PASS, Verdict, client_behaviour
+from .link import (BYE, CONSENT, DACK, ERROR, FEATURES, FEATURES_OK, KEYS_ADD, KEYS_SET, PING,
+                   REPLY, SEND, ServerSide, pack)
 
 __all__ = ["VendorKit", "ENV_HOST", "ENV_PORT", "ENV_CREDENTIAL", "ENV_DEVICE_KEY",
            "ENV_SERVER_KEY", "ENV_ADDRESS", "render_grades"]
@@ -54,6 +55,10 @@ DEVICE = "conformance-1"
 # refusal and doubles makes 4 attempts in 0.8 s; one that ignores the refusal
 # makes hundreds.
 MAX_ATTEMPTS = 6
+# What the kit grants a client that asks (14.2); it answers the "e2ee" requests
+# a client makes on its own (key publishing, 17.3) and serves no directory.
+KIT_FEATURES = ("e2ee",)
+UNREGISTERED_OP = 2099  # the last opcode of e2ee's relay -> client block, never assigned
 
 
 @dataclass
@@ -87,6 +92,7 @@ class Link:
     delivered: list[tuple[int, Msg, float]] = field(default_factory=list)
     bye_at: float | None = None
     open: bool = True
+    features: set[str] = field(default_factory=set)  # granted on this link (14.2)
 
 
 def _deliver_op(seq: int, m: Msg, wide_seq: bool = False) -> bytes:
@@ -277,6 +283,13 @@ class VendorKit:
                     out.append(pack([17, op[1], code]))
             elif kind == CONSENT and len(op) == 4:
                 out.append(pack([17, op[1], 0]))
+            elif kind == FEATURES and len(op) == 3 and isinstance(op[2], list):
+                granted = sorted(set(KIT_FEATURES).intersection(
+                    n for n in op[2] if isinstance(n, str)))
+                lk.features.update(granted)
+                out.append(pack([FEATURES_OK, op[1], granted]))
+            elif "e2ee" in lk.features and kind in (KEYS_SET, KEYS_ADD) and len(op) > 1:
+                out.append(pack([REPLY, op[1], 0, True, 1]))
             elif kind == PING and len(op) == 2:
                 out.append(pack([20, op[1]]))
             elif kind == BYE:
@@ -394,8 +407,8 @@ class VendorKit:
     async def _grade(self, print_fn, only: list[str] | None) -> list[Verdict]:
         verdicts: list[Verdict] = []
 
-        def add(name: str, section: str, ok: bool, detail: str) -> None:
-            v = Verdict(name, section, PASS if ok else FAIL, detail)
+        def add(name: str, section: str, ok: bool | None, detail: str) -> None:
+            v = Verdict(name, section, NA if ok is None else PASS if ok else FAIL, detail)
             verdicts.append(v)
             print_fn(f"{v.status.upper():4}  {name} ({_where(section)}): {detail}")
 
@@ -471,6 +484,13 @@ _CLIENT_OPS: dict[int, tuple[Callable[[object], bool], ...]] = {
     7: (_is_bin(16), _is_bin(16), _is_uint, _is_bin()),
     8: (_is_bin(16), _is_bin(16)),
     9: (_is_bin(16), _is_bin(32), _is_uint),
+    10: (_is_bin(16), lambda v: isinstance(v, list) and len(v) <= 64 and all(
+        type(n) is str and 1 <= len(n.encode()) <= 32 for n in v)),
+    # "e2ee" (17.3): the shapes of the two publishing ops
+    1000: (_is_bin(16), lambda v: type(v) is int and 1 <= v <= 16383, _is_bin(),
+           lambda v: isinstance(v, list) and len(v) == 3,
+           lambda v: isinstance(v, list) and len(v) == 3, lambda v: type(v) is bool),
+    1001: (_is_bin(16), lambda v: v in (0, 1), lambda v: isinstance(v, list)),
 }
 
 
@@ -694,6 +714,30 @@ async def _shutdown(kit: VendorKit, lk: Link) -> dict[str, tuple[bool, str]]:
                                           + ("reconnected after" if back else "never came back"))}
 
 
+@client_behaviour("unknown-op", ("unknown-relay-op", "14.3, 15.10, 15.11"))
+async def _unknown_op(kit: VendorKit, lk: Link) -> dict[str, tuple[bool | None, str]]:
+    # 14.3: an op a client cannot read reaches it only on a link that negotiated a
+    # feature, and is acked by its seq like any delivery; the link goes on
+    if not lk.features:
+        return {"unknown-relay-op": (None, "the client negotiated no feature: the kit "
+                                           "sends unknown ops only on negotiated links")}
+    seq = lk.next_seq
+    lk.next_seq += 1
+    unknown = pack([UNREGISTERED_OP, seq, os.urandom(16), b"future", 0])
+    m = kit.msg(b"echo:after-unknown")
+    (s2,) = kit.deliver(lk, [m], before=[unknown])
+    echoed = await kit.until(lambda: any(s.link == lk.no for s in _echoes(kit, m.body)))
+    acked = await kit.until(lambda: any(d.op[1] >= s2 for d in kit.dacks(lk.no)))
+    same = lk.open and kit.link is lk
+    ok = echoed and acked and same
+    return {"unknown-relay-op": (ok, (
+        f"skipped opcode {UNREGISTERED_OP} (seq {seq}), acked past it and went on"
+        if ok else "after an unknown op on a negotiated link: " + ", ".join(
+            w for w, bad in (("no echo of the next DELIVER", not echoed),
+                             ("its seq never acked", not acked),
+                             ("the link was dropped", not same)) if bad)))}
+
+
 @client_behaviour("bye", ("no-ops-after-bye", "8.1 BYE, 10.4, 15.9"))
 async def _bye(kit: VendorKit, lk: Link) -> dict[str, tuple[bool, str]]:
     kit.deliver(lk, [kit.msg(b"bye")])
@@ -743,3 +787,4 @@ def main_vendor(args: Any) -> int:
         write_json(args.json, report)
     sys.stdout.flush()
     return 0 if report["passed"] else 1
+
