@@ -24,6 +24,7 @@ import pytest
 
 from fastroute import Client, Relay, RelayConfig, wire
 from fastroute.cli import main as cli_main
+from fastroute.client import Event
 from fastroute.config import Limits
 from fastroute.dedup import DedupTable
 from fastroute.conformance.adapter import run_adapter
@@ -294,7 +295,8 @@ def test_fastroute_client_passes_every_behaviour(tmp_path):
                            "resend-in-order", "backoff-rate-limited", "backoff-store-failed",
                            "error-op-and-encodings", "no-ops-after-bye", "well-formed-ops"}
     # the reference adapter negotiates "e2ee", so these are graded, not n/a
-    assert grades["unknown-relay-op"] == "pass", report["behaviours"]
+    for name in ("unknown-relay-op", "key-publishing", "pool-top-up", "mismatch-refresh-resend"):
+        assert grades[name] == "pass", report["behaviours"]
     assert report["client_exit_status"] == 0
 
 
@@ -372,6 +374,19 @@ class _DropsOnUnknownOps(Client):
             self._rx = rx
 
 
+class _IgnoresPoolLow(Client):
+    async def recv(self):
+        while True:  # takes (and so acks) a pool-low EVENT, but never hands it on
+            msg = await super().recv()
+            if not (isinstance(msg, Event) and msg.kind == 1):
+                return msg
+
+
+class _NewIdAfterMismatch(Client):
+    async def send_to_devices(self, to, entries, own=(), *, id=None):  # noqa: A002
+        return await super().send_to_devices(to, entries, own)  # a fresh id every time
+
+
 def _broken(cls=Client, **kw):
     return lambda env: run_adapter(env, client_cls=cls, **kw)
 
@@ -387,9 +402,12 @@ def _broken(cls=Client, **kw):
     (_broken(first_retry_s=0.0), "store-failed", "backoff-store-failed"),
     (_broken(_BadDack), "wire", "well-formed-ops"),
     (_broken(_DropsOnUnknownOps), "unknown-op", "unknown-relay-op"),
+    (_broken(_IgnoresPoolLow), "keys", "pool-top-up"),
+    (_broken(_NewIdAfterMismatch), "mismatch", "mismatch-refresh-resend"),
 ], ids=["no-resend", "reordered-resend", "ack-before-take", "ignores-rate-limits",
         "sends-after-bye", "no-pinning", "no-dedup", "retries-store-failed-at-once",
-        "malformed-op", "drops-link-on-unknown-op"])
+        "malformed-op", "drops-link-on-unknown-op", "no-pool-top-up",
+        "new-id-after-mismatch"])
 def test_broken_clients_fail_the_behaviour_they_break(tmp_path, client, scenario, behaviour):
     report = _run(_kit(tmp_path).run(client=client, only=["adapter", scenario],
                                      print_fn=lambda *a: None))
