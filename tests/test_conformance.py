@@ -24,6 +24,7 @@ import pytest
 
 from fastroute import Client, Relay, RelayConfig, wire
 from fastroute.cli import main as cli_main
+from fastroute.client import Event
 from fastroute.config import Limits
 from fastroute.dedup import DedupTable
 from fastroute.conformance.adapter import run_adapter
@@ -34,6 +35,8 @@ from fastroute.conformance.vendor import CLIENT_BEHAVIOURS, VendorKit
 from fastroute.identity import ProviderKey, Registry
 from fastroute.noise import KeyPair
 from fastroute.relay import gate as gate_mod
+from fastroute.relay import keys as keys_mod
+from fastroute.relay import link as link_mod
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -169,6 +172,97 @@ def test_a_relay_refusing_the_third_partys_sends_fails_naming_the_checks(tmp_pat
     assert rows["send.wrong-arity"]["status"] == rows["ping.pong"]["status"] == "pass"
 
 
+_NEW_CHECKS = ["features.negotiation", "features.ops-need-negotiation", "e2ee.keys-roundtrip",
+               "e2ee.dsend", "e2ee.dsend-mismatch", "enumeration.no-directory",
+               "limits.op-budget"]
+
+
+def _grant_everything_to_acme(monkeypatch):
+    original = link_mod.Link._features
+
+    def biased(self, cid, names):
+        original(self, cid, names)
+        if self.address.endswith("@acme"):  # also "grants" names it does not support
+            self.out[-1] = wire.features_ok_op(cid, sorted(set(names)))
+    monkeypatch.setattr(link_mod.Link, "_features", biased)
+
+
+def _wrong_reg_ids_for_acme(monkeypatch):
+    original = keys_mod.Keys.devices
+
+    def biased(self, link, cid, address):
+        if link.address.endswith("@acme") and self.may_reach(link, address):
+            devs = self.dir.lists[address]  # the third party is served other bytes
+            self._reply(link, cid, 0, [[d, devs[d].reg_id ^ 1] for d in sorted(devs)])
+            return
+        original(self, link, cid, address)
+    monkeypatch.setattr(keys_mod.Keys, "devices", biased)
+
+
+def _stale_reported_as_missing(monkeypatch):
+    original = keys_mod._mismatch
+
+    def merged(current, entries, skip):
+        missing, extra, stale = original(current, entries, skip)
+        return sorted(missing + stale), extra, []
+    monkeypatch.setattr(keys_mod, "_mismatch", merged)
+
+
+def _devices_tell_existing_addresses_apart(monkeypatch):
+    original = keys_mod.Keys.devices
+
+    def leaky(self, link, cid, address):
+        if not self.may_reach(link, address) and address in self.dir.lists:
+            self._reply(link, cid, 402)  # "exists, but has not opted in": a directory
+            return
+        original(self, link, cid, address)
+    monkeypatch.setattr(keys_mod.Keys, "devices", leaky)
+
+
+def _dropped_pings_reported_as_503(monkeypatch):
+    original = wire.error_op
+
+    def wrong(code, reason=""):
+        return original(503 if code == 400 else code, reason)
+    monkeypatch.setattr(wire, "error_op", wrong)
+
+
+@pytest.mark.parametrize("patch, failed, differ", [
+    (_grant_everything_to_acme, "features.negotiation", True),
+    (_wrong_reg_ids_for_acme, "e2ee.keys-roundtrip", True),
+    (_stale_reported_as_missing, "e2ee.dsend-mismatch", False),
+    (_devices_tell_existing_addresses_apart, "enumeration.no-directory", False),
+    (_dropped_pings_reported_as_503, "limits.op-budget", False),
+], ids=lambda v: getattr(v, "__name__", str(v)))
+def test_broken_relays_fail_the_new_checks_by_name(tmp_path, monkeypatch, patch, failed, differ):
+    patch(monkeypatch)
+    report = _run(_suite(tmp_path, _NEW_CHECKS, limits=Limits(ops_burst=2000.0,
+                                                               ops_per_s=2000.0)))
+    rows = {r["check"]: r for r in report["checks"]}
+    assert report["failed"] == [failed], {k: (r["status"], r["home"]["observed"],
+                                             r["third_party"]["observed"])
+                                         for k, r in rows.items()}
+    row = rows[failed]
+    assert row["note"] == ("the columns differ" if differ else "fails the spec"), row
+    if differ:  # only the third party is treated differently
+        assert row["home"]["status"] == "pass" and row["third_party"]["status"] == "fail", row
+    for name in _NEW_CHECKS:
+        if name != failed:
+            assert rows[name]["status"] == "pass", rows[name]
+
+
+def test_the_new_checks_pass_against_a_relay_with_identical_columns(tmp_path):
+    report = _run(_suite(tmp_path, _NEW_CHECKS, limits=Limits(ops_burst=2000.0,
+                                                               ops_per_s=2000.0)))
+    assert [r["check"] for r in report["checks"]] == _NEW_CHECKS
+    for row in report["checks"]:
+        assert row["status"] == "pass", row
+        assert row["home"]["observed"] == row["third_party"]["observed"], row
+    rows = {r["check"]: r for r in report["checks"]}
+    assert rows["limits.op-budget"]["home"]["observed"].startswith("CONSENT 400")
+    assert rows["e2ee.dsend-mismatch"]["home"]["observed"].startswith("306 [b] [x] [a]")
+
+
 def test_columns_that_differ_fail_even_when_both_pass():
     check = Check("x", "1", "", None, policy_keys=("max_body",))  # type: ignore[arg-type]
     a = ProviderSetup("a", None, {"max_body": None})  # type: ignore[arg-type]
@@ -200,6 +294,9 @@ def test_fastroute_client_passes_every_behaviour(tmp_path):
     assert set(grades) >= {"pinning", "handshake", "dedup", "acks-only-taken", "resend-same-id",
                            "resend-in-order", "backoff-rate-limited", "backoff-store-failed",
                            "error-op-and-encodings", "no-ops-after-bye", "well-formed-ops"}
+    # the reference adapter negotiates "e2ee", so these are graded, not n/a
+    for name in ("unknown-relay-op", "key-publishing", "pool-top-up", "mismatch-refresh-resend"):
+        assert grades[name] == "pass", report["behaviours"]
     assert report["client_exit_status"] == 0
 
 
@@ -258,6 +355,38 @@ class _BadDack(Client):
         super()._write([*ops, msgpack.packb([2, -1])])  # DACK needs an int >= 0 (8.1)
 
 
+class _DropsOnUnknownOps(Client):
+    def _on_frame(self, msg):
+        rx = self._rx
+        plaintext = rx.decrypt(msg)
+        if any(isinstance(op, list) and op and op[0] == 2099 for op in msgpack.unpackb(plaintext)):
+            self._proto.transport.abort()  # takes an op it cannot read for a broken link
+            return
+
+        class _Decrypted:  # the frame is already decrypted: hand its plaintext on
+            @staticmethod
+            def decrypt(_msg):
+                return plaintext
+        self._rx = _Decrypted
+        try:
+            super()._on_frame(msg)
+        finally:
+            self._rx = rx
+
+
+class _IgnoresPoolLow(Client):
+    async def recv(self):
+        while True:  # takes (and so acks) a pool-low EVENT, but never hands it on
+            msg = await super().recv()
+            if not (isinstance(msg, Event) and msg.kind == 1):
+                return msg
+
+
+class _NewIdAfterMismatch(Client):
+    async def send_to_devices(self, to, entries, own=(), *, id=None):  # noqa: A002
+        return await super().send_to_devices(to, entries, own)  # a fresh id every time
+
+
 def _broken(cls=Client, **kw):
     return lambda env: run_adapter(env, client_cls=cls, **kw)
 
@@ -272,9 +401,13 @@ def _broken(cls=Client, **kw):
     (_broken(_NoDedup), "dedup", "dedup"),
     (_broken(first_retry_s=0.0), "store-failed", "backoff-store-failed"),
     (_broken(_BadDack), "wire", "well-formed-ops"),
+    (_broken(_DropsOnUnknownOps), "unknown-op", "unknown-relay-op"),
+    (_broken(_IgnoresPoolLow), "keys", "pool-top-up"),
+    (_broken(_NewIdAfterMismatch), "mismatch", "mismatch-refresh-resend"),
 ], ids=["no-resend", "reordered-resend", "ack-before-take", "ignores-rate-limits",
         "sends-after-bye", "no-pinning", "no-dedup", "retries-store-failed-at-once",
-        "malformed-op"])
+        "malformed-op", "drops-link-on-unknown-op", "no-pool-top-up",
+        "new-id-after-mismatch"])
 def test_broken_clients_fail_the_behaviour_they_break(tmp_path, client, scenario, behaviour):
     report = _run(_kit(tmp_path).run(client=client, only=["adapter", scenario],
                                      print_fn=lambda *a: None))

@@ -47,6 +47,8 @@ def add_conformance_args(p: argparse.ArgumentParser) -> None:
                    help="the relay's configured limits.max_body (default 61440)")
     r.add_argument("--rate-probe", type=int, default=25000,
                    help="SENDs fired to find the rate limit (above the relay's msgs_burst)")
+    r.add_argument("--ops-probe", type=int, default=48000,
+                   help="PINGs fired to find the op budget (above the relay's ops_burst)")
     c = p.add_argument_group("for a vendor's client (--listen)")
     c.add_argument("--client-cmd", help="command that starts the client's adapter (the "
                                         "paths are in FASTROUTE_CONFORMANCE_* variables)")
@@ -117,7 +119,7 @@ def _relay(args: argparse.Namespace) -> int:
         # the relay sees the new providers at its next registry poll (0.5 s by default)
         time.sleep(1.0)
     target = RelayTarget(host, port, server_key, reg_path, relay_max_body=args.max_body,
-                         rate_probe=args.rate_probe)
+                         rate_probe=args.rate_probe, ops_probe=args.ops_probe)
     report = asyncio.run(run_relay_suite(target, home, third, args.only))
     print(render_table(report))
     if args.json:

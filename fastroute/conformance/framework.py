@@ -88,7 +88,7 @@ class Behaviour:
 
     name: str
     grades: tuple[tuple[str, str], ...]  # (behaviour name, PROTOCOL.md section)
-    fn: Callable[..., Awaitable[dict[str, tuple[bool, str]]]]
+    fn: Callable[..., Awaitable[dict[str, tuple[bool | None, str]]]]
     live: bool = True  # needs a connected client (False: grades the session's record)
 
 
@@ -99,7 +99,8 @@ def client_behaviour(name: str, *grades: tuple[str, str], live: bool = True):
     """Register a client scenario, run in registration order on a live link.
 
     The scenario returns ``{behaviour: (ok, detail)}`` for each of the
-    ``grades`` it declares ``(behaviour, section)``; a behaviour it does not
+    ``grades`` it declares ``(behaviour, section)``, ``ok`` None for n/a (the
+    client does not use what the behaviour is about); a behaviour it does not
     return is reported as failed ("not observed").  With ``live=False`` it
     runs after the others, link or not, on what the session recorded.
     """

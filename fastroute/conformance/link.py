@@ -22,6 +22,9 @@ __all__ = ["Closed", "RawLink", "ServerSide", "pack", "frame_of", "decode_ops"]
 
 SEND, DACK, PING, BYE, CONSENT, MBEGIN, MCHUNK, MFINISH, MGET = range(1, 10)
 WELCOME, SACK, DELIVER, ERROR, PONG, SERVER_BYE, MREPLY = range(16, 23)
+FEATURES, FEATURES_OK = 10, 23  # section 14.2
+KEYS_SET, KEYS_ADD, DEVICES, BUNDLES, DSEND = range(1000, 1005)  # feature "e2ee", 17
+REPLY, DDELIVER, EVENT = range(2000, 2003)
 
 
 def pack(obj: Any) -> bytes:

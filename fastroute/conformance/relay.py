@@ -28,8 +28,10 @@ from typing import Any
 from ..identity import ProviderKey, Registry
 from ..noise import KeyPair
 from .framework import FAIL, NA, PASS, RELAY_CHECKS, CheckFailed, Outcome, outcome_dict, relay_check
-from .link import (BYE, CONSENT, DACK, DELIVER, ERROR, MBEGIN, MCHUNK, MFINISH, MGET, MREPLY,
-                   PING, PONG, SACK, SEND, WELCOME, Closed, RawLink, frame_of, pack)
+from .link import (BUNDLES, BYE, CONSENT, DACK, DDELIVER, DELIVER, DEVICES, DSEND, ERROR,
+                   FEATURES, FEATURES_OK, KEYS_ADD, KEYS_SET, MBEGIN, MCHUNK, MFINISH, MGET,
+                   MREPLY, PING, PONG, REPLY, SACK, SEND, SERVER_BYE, WELCOME, Closed, RawLink,
+                   frame_of, pack)
 
 __all__ = ["ProviderSetup", "RelayTarget", "run_relay_suite", "render_table"]
 
@@ -56,6 +58,7 @@ class RelayTarget:
     registry_path: str | None = None  # the data dir's registry, for revocations
     relay_max_body: int = PROTOCOL_MAX_BODY
     rate_probe: int = 25000
+    ops_probe: int = 48000  # PINGs sent to find the op budget (default burst 20000)
     timeout: float = 3.0
 
 
@@ -613,6 +616,282 @@ async def _media_refusals(s: Subject) -> Outcome:
              (await call(MFINISH, upload))[2],  # the declared hash is not the content's
              (await call(MFINISH, upload))[2]]  # a mismatch discards the upload
     return expect(", ".join(map(str, codes)), "112, 114, 0, 113, 305")
+
+
+# ------------------------------------------- features and "e2ee" (14, 17)
+async def e2ee_link(s: Subject, address: str, device: str = "d1") -> RawLink:
+    """A device online with "e2ee" granted: FEATURES in its first frame (14.2)."""
+    kp = KeyPair.generate()
+    link = await s.raw(hello(s.credential(address, device, kp)), kp)
+    fid = new_id()
+    link.send([FEATURES, fid, ["e2ee"]])  # pipelined right after msg3
+    w = await link.wait(lambda o: o[0] in (WELCOME, SERVER_BYE), s.t.timeout)
+    if w is None or w[0] != WELCOME:
+        raise CheckFailed(f"no WELCOME for a valid credential (got {w!r})")
+    ok = await link.op(FEATURES_OK, fid, timeout=s.t.timeout)
+    if ok is None or "e2ee" not in ok[2]:
+        raise CheckFailed(f"feature e2ee not granted (got {ok!r})")
+    return link
+
+
+async def request(s: Subject, link: RawLink, opcode: int, *fields: Any,
+                  rid: bytes | None = None) -> tuple[int, Any]:
+    """Send one request of feature "e2ee" (id ``rid``, default a fresh one) and gather
+    its REPLY parts (17.2): ``(code, result)``, array results of several parts concatenated."""
+    rid = rid or new_id()
+    mark = len(link.ops)
+    link.send([opcode, rid, *fields])
+    last = await link.wait(lambda o: o[0] == REPLY and o[1] == rid and o[3] is True,
+                           s.t.timeout, after=mark)
+    if last is None:
+        raise CheckFailed(f"no final REPLY to op {opcode}")
+    parts = [o for o in link.ops[mark:] if isinstance(o, list) and o[:2] == [REPLY, rid]]
+    if len(parts) == 1:
+        return last[2], last[4]
+    return last[2], [x for p in parts for x in (p[4] or [])]
+
+
+def key_set(reg_id: int) -> list:
+    """KEYS_SET fields (17.3) with random key material of libsignal's sizes."""
+    return [reg_id, b"\x05" + os.urandom(32), [7, b"\x05" + os.urandom(32), os.urandom(64)],
+            [9, os.urandom(1569), os.urandom(64)], False]
+
+
+async def publish(s: Subject, link: RawLink, reg_id: int) -> tuple[int, list]:
+    """KEYS_SET on ``link``: the device id it was given and the fields sent."""
+    fields = key_set(reg_id)
+    code, dev = await request(s, link, KEYS_SET, *fields)
+    if code != 0 or type(dev) is not int:
+        raise CheckFailed(f"KEYS_SET answered {code}, {dev!r}")
+    return dev, fields
+
+
+async def consent(s: Subject, link: RawLink, provider: str) -> None:
+    """Opt ``link``'s address in to ``provider`` (8.1 CONSENT), or CheckFailed."""
+    cid = new_id()
+    link.send([CONSENT, cid, provider, True])
+    code = await s.sack(link, cid)
+    if code != 0:
+        raise CheckFailed(f"CONSENT answered {code}")
+
+
+@relay_check("features.negotiation", "14.2")
+async def _negotiation(s: Subject) -> Outcome:
+    """FEATURES in the first frame is answered FEATURES_OK with the same id and the
+    granted subset of the names asked (an unknown name is ignored, not an error)."""
+    kp = KeyPair.generate()
+    link = await s.raw(hello(s.credential(s.fresh("u"), "d1", kp)), kp)
+    fid = new_id()
+    asked = ["e2ee", "zz-no-such-feature"]
+    link.send([FEATURES, fid, asked])
+    ok = await link.op(FEATURES_OK, fid, timeout=s.t.timeout)
+    err = [o for o in link.ops if o[0] == ERROR]
+    if ok is None:
+        return Outcome(FAIL, "no FEATURES_OK", f"errors: {err!r}")
+    granted = ok[2]
+    subset = isinstance(granted, list) and set(granted) <= set(asked)
+    seen = (f"granted {sorted(granted) if isinstance(granted, list) else granted!r}"
+            + ("" if subset else " (not a subset of the request)")
+            + (f", ERROR {err[0][1]}" if err else ""))
+    return expect(seen, "granted ['e2ee']")
+
+
+@relay_check("features.ops-need-negotiation", "14.1, 14.3")
+async def _ops_need_negotiation(s: Subject) -> Outcome:
+    """A feature op on a link that did not negotiate the feature, and an unregistered
+    opcode of the feature's block on one that did, get ERROR UNKNOWN_OP; the link goes on."""
+    to = s.fresh("u")
+    v1 = await s.connect(s.fresh("u"))
+    v1.send([DEVICES, new_id(), to])
+    first = await v1.wait(lambda o: o[0] in (ERROR, REPLY), s.t.timeout)
+    neg = await e2ee_link(s, s.fresh("u"))
+    mark = len(neg.ops)
+    neg.send([1099, new_id(), to])
+    second = await neg.wait(lambda o: o[0] in (ERROR, REPLY), s.t.timeout, after=mark)
+    neg.send([PING, 77])
+    pong = await neg.op(PONG, 77, timeout=s.t.timeout)
+
+    def name(op: list | None) -> str:
+        if op is None:
+            return "nothing"
+        return f"ERROR {op[1]}" if op[0] == ERROR else f"REPLY {op[2]}"
+    seen = f"v1 link DEVICES: {name(first)}; e2ee link op 1099: {name(second)}; " + (
+        "PONG" if pong else "no PONG")
+    return expect(seen, "v1 link DEVICES: ERROR 101; e2ee link op 1099: ERROR 101; PONG")
+
+
+@relay_check("e2ee.keys-roundtrip", "17.3, 17.4")
+async def _keys_roundtrip(s: Subject) -> Outcome:
+    """Published keys come back byte for byte (DEVICES, BUNDLES) to a user of the other
+    provider; each one-time prekey is handed out once, then nil / the last-resort KEM key."""
+    addr = s.fresh("keys", s.other.name)
+    owner = await e2ee_link(s, addr)
+    dev, fields = await publish(s, owner, 4242)
+    ec = [[11, b"\x05" + os.urandom(32)], [12, b"\x05" + os.urandom(32)]]
+    kem = [[21, os.urandom(1569), os.urandom(64)]]
+    adds = [await request(s, owner, KEYS_ADD, 0, ec), await request(s, owner, KEYS_ADD, 1, kem)]
+    await consent(s, owner, s.me.name)
+    me = await e2ee_link(s, s.fresh("u"))
+    steps = [f"KEYS_SET id {dev}", "KEYS_ADD " + ", ".join(f"{c}/{r}" for c, r in adds)]
+    code, devs = await request(s, me, DEVICES, addr)
+    steps.append("DEVICES " + ("exact" if (code, devs) == (0, [[dev, 4242]]) else
+                               f"{code} {devs!r}"))
+    head = [dev, 4242, fields[1], fields[2]]
+    handed = []
+    for _ in range(3):
+        code, res = await request(s, me, BUNDLES, addr, [])
+        if code != 0 or not isinstance(res, list) or len(res) != 1 or len(res[0]) != 7:
+            steps.append(f"BUNDLES {code} {res!r:.80}")
+            continue
+        b = res[0]
+        parts = ["head exact" if b[:4] == head else "head differs"]
+        parts.append("nil" if b[4] is None else
+                     "ec" if b[4] in ec else f"unknown ec {b[4]!r:.40}")
+        parts.append("kem" if (b[5], b[6]) == (kem[0], False) else
+                     "last-resort" if (b[5], b[6]) == (fields[3], True) else "kem differs")
+        handed.append(b[4])
+        steps.append("BUNDLES " + " ".join(parts))
+    once = [x for x in handed if x is not None]
+    steps.append("one-time EC keys distinct" if len(once) == len({bytes(x[1]) for x in once})
+                 else "a one-time EC key handed out twice")
+    return expect("; ".join(steps), "; ".join([
+        "KEYS_SET id 1", "KEYS_ADD 0/2, 0/1", "DEVICES exact",
+        "BUNDLES head exact ec kem", "BUNDLES head exact ec last-resort",
+        "BUNDLES head exact nil last-resort", "one-time EC keys distinct"]))
+
+
+@relay_check("e2ee.dsend", "17.5, 17.6, 9.2")
+async def _dsend(s: Subject) -> Outcome:
+    """A DSEND naming exactly the recipient's devices is accepted and delivered as a
+    DDELIVER carrying the sending device's id; a resend of the id is not delivered twice."""
+    addr = s.fresh("peer", s.other.name)
+    peer = await e2ee_link(s, addr)
+    pdev, _ = await publish(s, peer, 101)
+    await consent(s, peer, s.me.name)
+    me_addr = s.fresh("u")
+    me = await e2ee_link(s, me_addr)
+    mdev, _ = await publish(s, me, 202)
+    mid, body = new_id(), os.urandom(300)
+    code, _res = await request(s, me, DSEND, addr, False, [[pdev, 101, body]], [], rid=mid)
+    got = await peer.op(DDELIVER, timeout=s.t.timeout)
+    if got is None:
+        dd = "no DDELIVER"
+    else:
+        dd = ", ".join([
+            "from ok" if got[2] == me_addr else "from differs",
+            "device id ok" if got[3] == mdev else f"device id {got[3]!r} not {mdev}",
+            "id ok" if got[4] == mid else "id differs",
+            "body exact" if got[5] == body else "body differs", f"cls {got[7]}"])
+    again, _res = await request(s, me, DSEND, addr, False, [[pdev, 101, body]], [], rid=mid)
+    await asyncio.sleep(0.3)
+    copies = sum(1 for o in peer.ops if o[0] == DDELIVER and o[4] == mid)
+    seen = f"REPLY {code}; DDELIVER {dd}; resend: REPLY {again}, delivered {copies}x"
+    return expect(seen, "REPLY 0; DDELIVER from ok, device id ok, id ok, body exact, cls 0; "
+                  "resend: REPLY 0, delivered 1x")
+
+
+@relay_check("e2ee.dsend-mismatch", "17.5")
+async def _dsend_mismatch(s: Subject) -> Outcome:
+    """A DSEND that misses a device, names one that is not listed and one with an old
+    registration id is refused whole with DEVICE_MISMATCH and the three lists; the same
+    id resent with the right entries is accepted and reaches every device."""
+    addr = s.fresh("peer", s.other.name)
+    a = await e2ee_link(s, addr, "pa")
+    b = await e2ee_link(s, addr, "pb")
+    da, _ = await publish(s, a, 301)
+    db, _ = await publish(s, b, 302)
+    await consent(s, a, s.me.name)
+    me = await e2ee_link(s, s.fresh("u"))
+    await publish(s, me, 303)
+    dx = next(i for i in range(1, 128) if i not in (da, db))
+    names = {da: "a", db: "b", dx: "x"}
+    mid = new_id()
+    code, res = await request(s, me, DSEND, addr, False,
+                              [[da, 999, b"old"], [dx, 5, b"ghost"]], [], rid=mid)
+    if code == 306 and isinstance(res, list) and len(res) == 6:
+        lists = " ".join("[" + ",".join(names.get(d, "?") for d in sorted(lst)) + "]"
+                         for lst in res)
+    else:
+        lists = repr(res)[:80]
+    early = sum(1 for link in (a, b) for o in link.ops if o[0] == DDELIVER)
+    code2, _r = await request(s, me, DSEND, addr, False,
+                              [[da, 301, b"to a"], [db, 302, b"to b"]], [], rid=mid)
+    got = [await link.op(DDELIVER, timeout=s.t.timeout) for link in (a, b)]
+    bodies = [o[5] if o and o[4] == mid else None for o in got]
+    seen = (f"{code} {lists}; stored before: {early}; same id resent: {code2}, "
+            f"delivered {'each its copy' if bodies == [b'to a', b'to b'] else bodies}")
+    return expect(seen, "306 [b] [x] [a] [] [] []; stored before: 0; same id resent: 0, "
+                  "delivered each its copy")
+
+
+@relay_check("enumeration.no-directory", "8.1 SEND (No enumeration), 17.8")
+async def _no_directory(s: Subject) -> Outcome:
+    """An address of the other provider that never existed and one with published keys
+    that has not opted in get the same answers to SEND, DEVICES, BUNDLES and DSEND."""
+    hidden = s.fresh("hidden", s.other.name)
+    h = await e2ee_link(s, hidden)
+    hdev, _ = await publish(s, h, 404)
+    nobody = s.fresh("nobody", s.other.name)
+    me = await e2ee_link(s, s.fresh("u"))
+    await publish(s, me, 405)
+    answers = []
+    for to in (nobody, hidden):
+        mark = len(me.ops)
+        cid = new_id()
+        me.send([SEND, cid, to, b"x", 0])
+        sack = await s.sack(me, cid, after=mark)
+        got = [f"SEND {sack}"]
+        for opcode, fields in ((DEVICES, [to]), (BUNDLES, [to, []]),
+                               (DSEND, [to, False, [[hdev, 404, b"c"]], []])):
+            rid = new_id()
+            mark = len(me.ops)
+            me.send([opcode, rid, *fields])
+            rep = await me.wait(lambda o, rid=rid: o[0] == REPLY and o[1] == rid,
+                                s.t.timeout, after=mark)
+            # the whole op but its id: "the same bytes" (17.8)
+            got.append(f"{opcode}: {'none' if rep is None else [rep[0], *rep[2:]]}")
+        answers.append("; ".join(got))
+    if answers[0] != answers[1]:
+        return Outcome(FAIL, f"unknown: {answers[0]} | not opted in: {answers[1]}",
+                       "the answers tell the two addresses apart")
+    return expect(answers[0], "SEND 402; 1002: [2000, 300, True, None]; "
+                  "1003: [2000, 300, True, None]; 1004: [2000, 300, True, None]")
+
+
+@relay_check("limits.op-budget", "8.1 PING, 8.1 CONSENT, 11")
+async def _op_budget(s: Subject) -> Outcome:
+    """Past the op budget PINGs go unanswered with one ERROR 400 per frame and a CONSENT
+    gets SACK 400; the link stays open and the same CONSENT id is taken later."""
+    link = await s.connect(s.fresh("u"))
+    cid = new_id()
+    refused = None
+    sent = 0
+    for _frame in range(max(1, s.t.ops_probe // 8000)):
+        mark = len(link.ops)
+        link.send(*[[PING, sent + i] for i in range(8000)], [CONSENT, cid, s.other.name, True])
+        sent += 8000
+        refused = await s.sack(link, cid, after=mark)
+        if refused != 0:
+            break
+    if refused == 0:
+        return Outcome(NA, f"no refusal in {sent} PINGs", "the budget is above --ops-probe")
+    errors = sorted({o[1] for o in link.ops if o[0] == ERROR})
+    pongs = sum(1 for o in link.ops if o[0] == PONG)
+    again = None
+    for _ in range(30):  # the budget refills: the same CONSENT id is taken
+        await asyncio.sleep(0.2)
+        mark = len(link.ops)
+        link.send([CONSENT, cid, s.other.name, True])
+        again = await s.sack(link, cid, after=mark)
+        if again != 400:
+            break
+    link.send([PING, -1])
+    pong = await link.op(PONG, -1, timeout=s.t.timeout)
+    seen = (f"CONSENT {refused}; PING errors {errors}; "
+            f"{'some PINGs unanswered' if pongs < sent else 'every PING answered'}; "
+            f"later same CONSENT id: {again}; {'PONG' if pong else 'no PONG'}")
+    return expect(seen, "CONSENT 400; PING errors [400]; some PINGs unanswered; "
+                  "later same CONSENT id: 0; PONG")
 
 
 # ------------------------------------------------------------------- runner

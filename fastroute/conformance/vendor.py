@@ -33,8 +33,9 @@ import msgpack
 
 from ..identity import ProviderKey, is_valid_address, is_valid_provider, issue_credential
 from ..noise import KeyPair
-from .framework import CLIENT_BEHAVIOURS, FAIL, PASS, Verdict, client_behaviour
-from .link import BYE, CONSENT, DACK, ERROR, PING, SEND, ServerSide, pack
+from .framework import CLIENT_BEHAVIOURS, FAIL, NA, PASS, Verdict, client_behaviour
+from .link import (BUNDLES, BYE, CONSENT, DACK, DEVICES, DSEND, ERROR, EVENT, FEATURES,
+                   FEATURES_OK, KEYS_ADD, KEYS_SET, PING, REPLY, SEND, ServerSide, pack)
 
 __all__ = ["VendorKit", "ENV_HOST", "ENV_PORT", "ENV_CREDENTIAL", "ENV_DEVICE_KEY",
            "ENV_SERVER_KEY", "ENV_ADDRESS", "render_grades"]
@@ -54,6 +55,10 @@ DEVICE = "conformance-1"
 # refusal and doubles makes 4 attempts in 0.8 s; one that ignores the refusal
 # makes hundreds.
 MAX_ATTEMPTS = 6
+# What the kit grants a client that asks (14.2); it answers the "e2ee" requests
+# a client makes on its own (key publishing, 17.3) and serves no directory.
+KIT_FEATURES = ("e2ee",)
+UNREGISTERED_OP = 2099  # the last opcode of e2ee's relay -> client block, never assigned
 
 
 @dataclass
@@ -87,6 +92,7 @@ class Link:
     delivered: list[tuple[int, Msg, float]] = field(default_factory=list)
     bye_at: float | None = None
     open: bool = True
+    features: set[str] = field(default_factory=set)  # granted on this link (14.2)
 
 
 def _deliver_op(seq: int, m: Msg, wide_seq: bool = False) -> bytes:
@@ -120,6 +126,9 @@ class VendorKit:
         self.handshake: list[str] = []
         self.sack_policy: Callable[[Link, list, float], int | None] = lambda lk, op, t: 0
         self.news = asyncio.Event()
+        self.pools = [0, 0]  # one-time EC and KEM prekeys the client published (17.3)
+        self.peer_devices: dict[int, int] = {1: 111, 2: 222}  # the peer's list (17.1)
+        self.dsends: list[tuple[bytes, dict[int, int], int]] = []  # id, entries, REPLY code
         self.files: dict[str, str] = {}
         self._server: asyncio.base_events.Server | None = None
         self._gone: Callable[[], bool] = lambda: False  # the client process has exited
@@ -277,6 +286,21 @@ class VendorKit:
                     out.append(pack([17, op[1], code]))
             elif kind == CONSENT and len(op) == 4:
                 out.append(pack([17, op[1], 0]))
+            elif kind == FEATURES and len(op) == 3 and isinstance(op[2], list):
+                granted = sorted(set(KIT_FEATURES).intersection(
+                    n for n in op[2] if isinstance(n, str)))
+                lk.features.update(granted)
+                out.append(pack([FEATURES_OK, op[1], granted]))
+            elif "e2ee" in lk.features and kind == KEYS_SET and _op_problem(op) is None:
+                if op[6]:
+                    self.pools = [0, 0]
+                out.append(pack([REPLY, op[1], 0, True, 1]))  # the device id (17.3)
+            elif "e2ee" in lk.features and kind == KEYS_ADD and _op_problem(op) is None:
+                self.pools[op[2]] += len(op[3])
+                out.append(pack([REPLY, op[1], 0, True, self.pools[op[2]]]))
+            elif "e2ee" in lk.features and kind in (DEVICES, BUNDLES, DSEND) \
+                    and _op_problem(op) is None:
+                out.append(self._directory(op))
             elif kind == PING and len(op) == 2:
                 out.append(pack([20, op[1]]))
             elif kind == BYE:
@@ -285,6 +309,27 @@ class VendorKit:
         if out and lk.open:
             lk.side.send(out)
         self._notify()
+
+    def _directory(self, op: list) -> bytes:
+        """The kit's answer to DEVICES, BUNDLES and DSEND (17.4, 17.5): only the
+        scripted peer has a device list."""
+        if op[2] != PEER:
+            return pack([REPLY, op[1], 300, True, None])
+        devs = self.peer_devices
+        if op[0] == DEVICES:
+            return pack([REPLY, op[1], 0, True, [[d, devs[d]] for d in sorted(devs)]])
+        if op[0] == BUNDLES:
+            ids = sorted(d for d in (op[3] or devs) if d in devs)
+            return pack([REPLY, op[1], 0, True, [
+                [d, devs[d], b"\x05" + bytes(32), [1, b"\x05" + bytes(32), bytes(64)],
+                 None, [2, bytes(1569), bytes(64)], True] for d in ids]])
+        given = {e[0]: e[1] for e in op[4]}
+        lists = [sorted(d for d in devs if d not in given),
+                 sorted(d for d in given if d not in devs),
+                 sorted(d for d in given if d in devs and devs[d] != given[d]), [], [], []]
+        code = 306 if any(lists) else 0
+        self.dsends.append((op[1], given, code))
+        return pack([REPLY, op[1], code, True, lists if code else None])
 
     async def _answer_bye(self, lk: Link) -> None:
         # hold the link a moment to see whether anything follows the BYE (8.1)
@@ -394,8 +439,8 @@ class VendorKit:
     async def _grade(self, print_fn, only: list[str] | None) -> list[Verdict]:
         verdicts: list[Verdict] = []
 
-        def add(name: str, section: str, ok: bool, detail: str) -> None:
-            v = Verdict(name, section, PASS if ok else FAIL, detail)
+        def add(name: str, section: str, ok: bool | None, detail: str) -> None:
+            v = Verdict(name, section, NA if ok is None else PASS if ok else FAIL, detail)
             verdicts.append(v)
             print_fn(f"{v.status.upper():4}  {name} ({_where(section)}): {detail}")
 
@@ -460,6 +505,13 @@ def _is_bin(n: int | None = None) -> Callable[[object], bool]:
 
 
 # the client -> relay ops of PROTOCOL.md 7 and 8.1: each field's check
+def _entries(v: object) -> bool:
+    """DSEND's ``entries``/``own``: ``[device_id, reg_id, ciphertext]`` arrays (17.5)."""
+    return isinstance(v, list) and len(v) <= 127 and all(
+        isinstance(e, list) and len(e) == 3 and _is_uint(e[0]) and _is_uint(e[1])
+        and type(e[2]) is bytes and len(e[2]) <= 61440 for e in v)
+
+
 _CLIENT_OPS: dict[int, tuple[Callable[[object], bool], ...]] = {
     1: (_is_bin(16), lambda v: type(v) is str and is_valid_address(v),
         lambda v: type(v) is bytes and len(v) <= 61440, lambda v: _is_int(v) and v in (0, 1)),
@@ -471,6 +523,18 @@ _CLIENT_OPS: dict[int, tuple[Callable[[object], bool], ...]] = {
     7: (_is_bin(16), _is_bin(16), _is_uint, _is_bin()),
     8: (_is_bin(16), _is_bin(16)),
     9: (_is_bin(16), _is_bin(32), _is_uint),
+    10: (_is_bin(16), lambda v: isinstance(v, list) and len(v) <= 64 and all(
+        type(n) is str and 1 <= len(n.encode()) <= 32 for n in v)),
+    # "e2ee" (17.3): the shapes of the two publishing ops
+    1000: (_is_bin(16), lambda v: type(v) is int and 1 <= v <= 16383, _is_bin(),
+           lambda v: isinstance(v, list) and len(v) == 3,
+           lambda v: isinstance(v, list) and len(v) == 3, lambda v: type(v) is bool),
+    1001: (_is_bin(16), lambda v: v in (0, 1), lambda v: isinstance(v, list)),
+    1002: (_is_bin(16), lambda v: type(v) is str and is_valid_address(v)),
+    1003: (_is_bin(16), lambda v: type(v) is str and is_valid_address(v),
+           lambda v: isinstance(v, list) and len(v) <= 127 and all(_is_uint(d) for d in v)),
+    1004: (_is_bin(16), lambda v: type(v) is str and is_valid_address(v),
+           lambda v: type(v) is bool, _entries, _entries),
 }
 
 
@@ -694,6 +758,115 @@ async def _shutdown(kit: VendorKit, lk: Link) -> dict[str, tuple[bool, str]]:
                                           + ("reconnected after" if back else "never came back"))}
 
 
+def _keys_ops(kit: VendorKit, opcode: int, after: int = 0) -> list[Seen]:
+    return [s for s in kit.log[after:] if isinstance(s.op, list) and s.op
+            and s.op[0] == opcode and _op_problem(s.op) is None]
+
+
+@client_behaviour("keys", ("key-publishing", "17.3, 15.11"), ("pool-top-up", "17.3, 17.7, 15.11"))
+async def _keys(kit: VendorKit, lk: Link) -> dict[str, tuple[bool | None, str]]:
+    # a client that negotiated "e2ee" publishes its keys (KEYS_SET, then both
+    # one-time pools with KEYS_ADD) and tops a pool up when EVENT 1 says it runs low
+    if "e2ee" not in lk.features:
+        na = 'the client did not negotiate "e2ee"'
+        return {"key-publishing": (None, na), "pool-top-up": (None, na)}
+
+    def published() -> bool:
+        sets = _keys_ops(kit, KEYS_SET)
+        return bool(sets) and {s.op[2] for s in _keys_ops(kit, KEYS_ADD)
+                               if s.t >= sets[0].t} >= {0, 1}
+    ok = await kit.until(published)
+    sets, adds = _keys_ops(kit, KEYS_SET), _keys_ops(kit, KEYS_ADD)
+    early = [s for s in adds if sets and s.t < sets[0].t]
+    pub = ok and not early
+    counts = {k: sum(len(s.op[3]) for s in adds if s.op[2] == k) for k in (0, 1)}
+    res: dict[str, tuple[bool | None, str]] = {"key-publishing": (pub, (
+        f"KEYS_SET, then {counts[0]} one-time EC and {counts[1]} KEM prekeys" if pub else
+        "KEYS_ADD before KEYS_SET" if early else
+        "no KEYS_SET" if not sets else "not both one-time pools filled after KEYS_SET"))}
+    used = {k[0] for s in adds for k in s.op[3] if isinstance(k, list) and k}
+    mark = len(kit.log)
+    seq = lk.next_seq
+    lk.next_seq += 1
+    lk.side.send([pack([EVENT, seq, 1, os.urandom(16), pack([0, 3]),
+                        int(time.time() * 1000), 0])])
+
+    def topped() -> list[Seen]:
+        return [s for s in _keys_ops(kit, KEYS_ADD, mark) if s.op[2] == 0 and s.op[3]]
+    got = await kit.until(lambda: bool(topped()))
+    acked = await kit.until(lambda: any(d.op[1] >= seq for d in kit.dacks(lk.no)))
+    new = [k for s in topped() for k in s.op[3] if isinstance(k, list) and k]
+    reused = [k[0] for k in new if k[0] in used]
+    ok = got and acked and not reused
+    res["pool-top-up"] = (ok, (
+        f"EVENT 1 (EC pool, 3 left): {len(new)} new EC prekeys, the event acked" if ok else
+        "after EVENT 1: " + ", ".join(w for w, bad in (
+            ("no KEYS_ADD for the EC pool", not got), ("the event never acked", not acked),
+            (f"key ids reused {reused[:3]}", bool(reused))) if bad)))
+    return res
+
+
+@client_behaviour("mismatch", ("mismatch-refresh-resend", "17.4, 17.5, 15.11"))
+async def _mismatch(kit: VendorKit, lk: Link) -> dict[str, tuple[bool | None, str]]:
+    # 17.5: on DEVICE_MISMATCH the sender refreshes (DEVICES / BUNDLES) and
+    # resends with the same id, to exactly the current devices
+    if "e2ee" not in lk.features:
+        return {"mismatch-refresh-resend": (None, 'the client did not negotiate "e2ee"')}
+    kit.peer_devices = {1: 111, 2: 222}
+    kit.deliver(lk, [kit.msg(b"dsend:warm-up")])
+    if not await kit.until(lambda: any(c == 0 for _, _, c in kit.dsends)):
+        return {"mismatch-refresh-resend": (False, "no accepted DSEND for a dsend: message "
+                                                   "(the adapter contract, step 3)")}
+    # device 1 re-created, 2 gone, 3 new: stale [1], extra [2], missing [3]
+    kit.peer_devices = {1: 112, 3: 333}
+    mark, n = len(kit.log), len(kit.dsends)
+    kit.deliver(lk, [kit.msg(b"dsend:after-change")])
+    await kit.until(lambda: any(c == 0 for _, _, c in kit.dsends[n:]))
+    tries = kit.dsends[n:]
+    refused = [cid for cid, _, c in tries if c == 306]
+    done = [(cid, given) for cid, given, c in tries if c == 0]
+    refresh = [s for s in kit.log[mark:] if isinstance(s.op, list) and s.op
+               and s.op[0] in (DEVICES, BUNDLES)]
+    problems = []
+    if not refused:
+        problems.append("the first DSEND after the change was not refused (kit error)")
+    if not done:
+        problems.append("no DSEND accepted after the DEVICE_MISMATCH")
+    elif refused and done[0][0] != refused[0]:
+        problems.append("resent with a new id")
+    if not refresh:
+        problems.append("no DEVICES or BUNDLES between the refusal and the resend")
+    if len(tries) > 4:
+        problems.append(f"{len(tries)} DSENDs for one message")
+    return {"mismatch-refresh-resend": (not problems, "; ".join(problems) or (
+        f"DEVICE_MISMATCH, then {len(refresh)} refresh request(s) and the same id "
+        "to exactly the current devices"))}
+
+
+@client_behaviour("unknown-op", ("unknown-relay-op", "14.3, 15.10, 15.11"))
+async def _unknown_op(kit: VendorKit, lk: Link) -> dict[str, tuple[bool | None, str]]:
+    # 14.3: an op a client cannot read reaches it only on a link that negotiated a
+    # feature, and is acked by its seq like any delivery; the link goes on
+    if not lk.features:
+        return {"unknown-relay-op": (None, "the client negotiated no feature: the kit "
+                                           "sends unknown ops only on negotiated links")}
+    seq = lk.next_seq
+    lk.next_seq += 1
+    unknown = pack([UNREGISTERED_OP, seq, os.urandom(16), b"future", 0])
+    m = kit.msg(b"echo:after-unknown")
+    (s2,) = kit.deliver(lk, [m], before=[unknown])
+    echoed = await kit.until(lambda: any(s.link == lk.no for s in _echoes(kit, m.body)))
+    acked = await kit.until(lambda: any(d.op[1] >= s2 for d in kit.dacks(lk.no)))
+    same = lk.open and kit.link is lk
+    ok = echoed and acked and same
+    return {"unknown-relay-op": (ok, (
+        f"skipped opcode {UNREGISTERED_OP} (seq {seq}), acked past it and went on"
+        if ok else "after an unknown op on a negotiated link: " + ", ".join(
+            w for w, bad in (("no echo of the next DELIVER", not echoed),
+                             ("its seq never acked", not acked),
+                             ("the link was dropped", not same)) if bad)))}
+
+
 @client_behaviour("bye", ("no-ops-after-bye", "8.1 BYE, 10.4, 15.9"))
 async def _bye(kit: VendorKit, lk: Link) -> dict[str, tuple[bool, str]]:
     kit.deliver(lk, [kit.msg(b"bye")])
@@ -743,3 +916,4 @@ def main_vendor(args: Any) -> int:
         write_json(args.json, report)
     sys.stdout.flush()
     return 0 if report["passed"] else 1
+
