@@ -27,7 +27,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 
 from .. import wire
@@ -449,11 +449,37 @@ class Delivery:
                 if last_mid > self._routed_mid:
                     self._routed_mid = last_mid
         finally:
-            # syncs waiting for the live route to catch up
-            waiters, self._routed_waiters = self._routed_waiters, []
-            for fut in waiters:
-                if not fut.done():
-                    fut.set_result(None)
+            self._wake_routed()
+
+    def _wake_routed(self) -> None:
+        # syncs waiting for the live route to catch up
+        waiters, self._routed_waiters = self._routed_waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    def _offer(self, build: Callable[[], list], last_mid: int) -> int:
+        """The end of a committed batch of rows each meant for named devices:
+        ``build()`` lists ``(engine device id, payload)`` for the devices online
+        on a link that may get them, the engine places them (those it cannot
+        are the store's to feed), and the live route's cursor passes
+        ``last_mid``.  Returns how many were placed."""
+        self._puts_in_flight -= 1
+        placed = 0
+        try:
+            items = build()
+            if items:
+                try:
+                    placed = self.router.offer_many(items)
+                except MailboxFull as exc:
+                    placed = exc.entered
+                    self._missed(items, exc.full)
+                self.wake()
+            if last_mid > self._routed_mid:
+                self._routed_mid = last_mid
+        finally:
+            self._wake_routed()
+        return placed
 
     def route(self, batch: list, ephemeral: bool) -> None:
         """Route ``(address, (mid, tail))`` pairs to the online devices of each address."""
@@ -495,9 +521,9 @@ class Delivery:
         """Like :meth:`persisted` for per-device copies ``(address, device name,
         (mid, tail, head))``: each goes to its one device, if it is online on a
         link that negotiated e2ee; the store keeps it for the others."""
-        self._puts_in_flight -= 1
-        try:
-            by_device = self._by_device
+        by_device = self._by_device
+
+        def build() -> list:
             items = []
             for address, name, payload in copies:
                 feed = by_device.get((address, name))
@@ -505,19 +531,9 @@ class Delivery:
                 # from the store on its next link that negotiated e2ee
                 if feed is not None and "e2ee" in feed.link.features:
                     items.append((feed.dev, payload))
-            if items:
-                try:
-                    self.router.offer_many(items)
-                except MailboxFull as exc:
-                    self._missed(items, exc.full)
-                self.wake()
-            if last_mid > self._routed_mid:
-                self._routed_mid = last_mid
-        finally:
-            waiters, self._routed_waiters = self._routed_waiters, []
-            for fut in waiters:
-                if not fut.done():
-                    fut.set_result(None)
+            return items
+
+        self._offer(build, last_mid)
 
     def _held(self, batch: list, full: Any) -> None:
         """Count the bytes the engine now holds for each live device of the batch."""
@@ -572,10 +588,9 @@ class Delivery:
         object per row goes to every listed device online on a link that
         negotiated ``feature`` (the engine shares it, copies nothing); the
         store keeps the row for the others.  Returns how many were placed."""
-        self._puts_in_flight -= 1
-        placed = 0
-        try:
-            by_device = self._by_device
+        by_device = self._by_device
+
+        def build() -> list:
             items = []
             for mid, (tail, head, targets) in shared:
                 payload = (mid, tail, head)
@@ -583,21 +598,9 @@ class Delivery:
                     feed = by_device.get(key)
                     if feed is not None and feature in feed.link.features:
                         items.append((feed.dev, payload))
-            if items:
-                try:
-                    placed = self.router.offer_many(items)
-                except MailboxFull as exc:
-                    placed = exc.entered
-                    self._missed(items, exc.full)
-                self.wake()
-            if last_mid > self._routed_mid:
-                self._routed_mid = last_mid
-        finally:
-            waiters, self._routed_waiters = self._routed_waiters, []
-            for fut in waiters:
-                if not fut.done():
-                    fut.set_result(None)
-        return placed
+            return items
+
+        return self._offer(build, last_mid)
 
     def _missed(self, batch: list, full: list) -> None:
         online = self._online
