@@ -27,8 +27,8 @@ except ImportError:  # a source checkout, not installed
 
 # the relay and replay subprocesses run the same fastroute as this script
 ENV = dict(os.environ, PYTHONPATH=str(Path(fastroute.__file__).resolve().parents[1]))
-SHARED = Path(os.environ.get("FASTROUTE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-TRACE = SHARED / "data" / "CollegeMsg.txt"
+# committed with the tests (tests/data/README.md: source and licence)
+TRACE = Path(__file__).resolve().parents[1] / "tests" / "data" / "CollegeMsg.txt"
 
 
 def start_relay(data: str, store: str) -> tuple[subprocess.Popen, int]:
