@@ -40,6 +40,8 @@ from ..dedup import PENDING, DedupTable
 from ..errors import ErrorCode, GroupFull, NotInvited, StoreFailed
 from .gate import TokenBucket
 
+from .batch import TurnBatch
+
 if TYPE_CHECKING:
     from .delivery import Delivery, LinkPort
     from .keys import KeyDirectory, Keys
@@ -144,11 +146,11 @@ class Groups:
         self._send_buckets: dict[str, TokenBucket] = {}
         self._change_buckets: dict[str, TokenBucket] = {}
         self._senders: dict[tuple[bytes, str, int], tuple[bytes, str]] = {}
-        self._batch_items: list = []
-        self._batch_meta: list = []
-        self._batch_scheduled = False
         self.accepted = 0
         self.fanned_out = 0
+        # GSENDs accepted in this loop turn, stored together, then answered
+        self._batch = TurnBatch(delivery, self.dedup, self._reply, self._place,
+                                "group sends", "groups.store_failed")
         self._load()
 
     # ------------------------------------------------------------ state
@@ -612,50 +614,14 @@ class Groups:
         now_ms = int(time.time() * 1000)
         tail = wire.deliver_tail(sp, cid, body, wire.ts_packed(now_ms), 0)
         self.dedup.begin(sender, cid, PENDING, now)
-        link.storing += 1
-        self._batch_items.append((stored_sender, cid, body, now_ms, dkeys))
-        self._batch_meta.append((link, cid, (tail, GDELIVER_HEAD, targets)))
-        if not self._batch_scheduled:
-            self._batch_scheduled = True
-            asyncio.get_running_loop().call_soon(self._persist_batch)
+        self._batch.add([(stored_sender, cid, body, now_ms, dkeys)], link, cid,
+                        (tail, GDELIVER_HEAD, targets))
 
-    def _persist_batch(self) -> None:
-        self._batch_scheduled = False
-        items, self._batch_items = self._batch_items, []
-        meta, self._batch_meta = self._batch_meta, []
-        if not meta:
-            return
-        fut = self.delivery.persist(items)
-        fut.add_done_callback(lambda f: self._stored(meta, f))
-
-    def _stored(self, meta: list, fut: asyncio.Future) -> None:
-        """A batch of GSENDs was stored (or refused): fan out, then answer each sender."""
-        exc = fut.exception() if not fut.cancelled() else StoreFailed("store closed")
-        if exc is not None:
-            self.delivery.persisted(None, 0)
-            code = int(getattr(exc, "code", ErrorCode.STORE_FAILED))
-            log.error("store refused a batch of %d group sends (code %d)", len(meta), code,
-                      extra={"event": "groups.store_failed"})
-        else:
-            mids = fut.result()
-            self.fanned_out += self.delivery.persisted_shared(
-                [(mid, shared) for mid, (_, _, shared) in zip(mids, meta)], mids[-1], "groups")
-            self.accepted += len(mids)
-            code = 0
-        now = time.monotonic()
-        for link, cid, _ in meta:
-            link.storing -= 1
-            try:
-                sender = link.address
-                if code:
-                    waiters = self.dedup.forget(sender, cid)
-                else:
-                    waiters = self.dedup.finish(sender, cid, 0, now)
-                self._reply(link, cid, code)
-                for other, wcid in waiters or ():
-                    self._reply(other, wcid, code)
-            finally:
-                link.stored_all()
+    def _place(self, meta: list, mids: list) -> None:
+        """A batch of GSENDs was stored: fan each out to its member devices."""
+        self.fanned_out += self.delivery.persisted_shared(
+            [(mid, shared) for mid, (_, _, shared) in zip(mids, meta)], mids[-1], "groups")
+        self.accepted += len(mids)
 
     # ------------------------------------------------------------ events
     def _event(self, g: Group, addresses: list, kind: int, data: list) -> None:

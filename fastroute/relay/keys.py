@@ -52,6 +52,8 @@ from ..errors import (
 )
 from .gate import TokenBucket
 
+from .batch import TurnBatch
+
 if TYPE_CHECKING:
     from .delivery import Delivery, LinkPort
     from .gate import Gate
@@ -491,10 +493,9 @@ class Keys:
         self._senders: dict[tuple[str, int], tuple[bytes, str]] = {}
         # per requester address: bundles it may still fetch (each consumes prekeys)
         self._fetch_buckets: dict[str, TokenBucket] = {}
-        # DSENDs accepted in this loop turn, stored together by _persist_batch
-        self._batch_items: list = []
-        self._batch_meta: list = []
-        self._batch_scheduled = False
+        # DSENDs accepted in this loop turn, stored together, then answered
+        self._batch = TurnBatch(delivery, self.dedup, self._reply, self._place,
+                                "per-device sends", "keys.store_failed")
         # pools whose owner was told they run low: (address, device name, kind)
         self._told_low: set[tuple[str, str, int]] = set()
         self.accepted = 0
@@ -758,13 +759,8 @@ class Keys:
         lg.msg_bucket.tokens = msg_tokens - n
         lg.byte_bucket.tokens = byte_tokens - size
         self.dedup.begin(sender, cid, PENDING, now)
-        link.storing += 1
         # every DSEND accepted in this loop turn goes to the store in one batch
-        self._batch_items.extend(items)
-        self._batch_meta.append((link, cid, copies))
-        if not self._batch_scheduled:
-            self._batch_scheduled = True
-            asyncio.get_running_loop().call_soon(self._persist_batch)
+        self._batch.add(items, link, cid, copies)
 
     def _refuse_dsend(self, link: "LinkPort", cid: bytes, to: str, entries: list, own: list,
                       skip: int) -> None:
@@ -787,49 +783,16 @@ class Keys:
         self._reply(link, cid, ErrorCode.DEVICE_MISMATCH,
                     [missing, extra, stale, own_missing, own_extra, own_stale])
 
-    def _persist_batch(self) -> None:
-        self._batch_scheduled = False
-        items, self._batch_items = self._batch_items, []
-        meta, self._batch_meta = self._batch_meta, []
-        if not meta:
-            return
-        fut = self.delivery.persist(items)
-        fut.add_done_callback(lambda f: self._stored(meta, f))
-
-    def _stored(self, meta: list, fut: asyncio.Future) -> None:
-        """A batch of DSENDs was stored (or refused): route, then answer each sender."""
-        exc = fut.exception() if not fut.cancelled() else StoreFailed("store closed")
-        if exc is not None:
-            self.delivery.persisted(None, 0)
-            code = int(getattr(exc, "code", ErrorCode.STORE_FAILED))
-            log.error("store refused a batch of %d per-device sends (code %d)", len(meta), code,
-                      extra={"event": "keys.store_failed"})
-        else:
-            mids = fut.result()
-            routed = []
-            at = 0
-            for _, _, copies in meta:
-                for (a, n, (head, tail)) in copies:
-                    routed.append((a, n, (mids[at], tail, head)))
-                    at += 1
-            self.delivery.persisted_copies(routed, mids[-1])
-            self.accepted += len(mids)
-            code = 0
-        now = time.monotonic()
-        for link, cid, _ in meta:
-            link.storing -= 1
-            try:
-                sender = link.address
-                if code:
-                    # refused, so not remembered: the sender may retry the same id
-                    waiters = self.dedup.forget(sender, cid)
-                else:
-                    waiters = self.dedup.finish(sender, cid, 0, now)
-                self._reply(link, cid, code)
-                for other, wcid in waiters or ():
-                    self._reply(other, wcid, code)
-            finally:
-                link.stored_all()
+    def _place(self, meta: list, mids: list) -> None:
+        """A batch of DSENDs was stored: each copy to its own device."""
+        routed = []
+        at = 0
+        for _, _, copies in meta:
+            for (a, n, (head, tail)) in copies:
+                routed.append((a, n, (mids[at], tail, head)))
+                at += 1
+        self.delivery.persisted_copies(routed, mids[-1])
+        self.accepted += len(mids)
 
     # ------------------------------------------------------------ events
     def event(self, address: str, name: str, kind: int, data: list) -> None:

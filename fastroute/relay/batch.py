@@ -1,0 +1,93 @@
+"""One store batch per loop turn for the sends that are answered with a REPLY.
+
+The per-device sends of the keys stage and the group sends of the groups
+stage are accepted one by one as their ops are read, stored together at the
+end of the loop turn (one store batch, one commit), and answered once the
+store has: :class:`TurnBatch` is that bookkeeping, written once for both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..errors import ErrorCode, StoreFailed
+
+if TYPE_CHECKING:
+    from .delivery import Delivery, LinkPort
+
+__all__ = ["TurnBatch"]
+
+log = logging.getLogger("fastroute.relay")
+
+
+class TurnBatch:
+    """Requests accepted in one loop turn, stored in one store batch, then answered.
+
+    Used by the stages whose sends are answered with a REPLY (per-device and
+    group sends): :meth:`add` queues a request's store items and the request;
+    at the end of the turn they go to the store together; once it answered,
+    ``place(meta, mids)`` puts the committed rows on the live route, and every
+    sender (and every resend of the same id that waited meanwhile) gets
+    ``reply(link, id, code)``.  A refused batch is not remembered: each sender
+    may retry with the same id.
+    """
+
+    def __init__(self, delivery: "Delivery", dedup: Any, reply: Callable[..., None],
+                 place: Callable[[list, list], None], what: str, event: str) -> None:
+        self.delivery = delivery
+        self.dedup = dedup
+        self.reply = reply
+        self.place = place
+        self.what = what  # for the log line: "per-device sends", "group sends"
+        self.event = event
+        self._items: list = []
+        self._meta: list = []
+        self._scheduled = False
+
+    def add(self, items: list, link: "LinkPort", cid: bytes, extra: Any) -> None:
+        """Queue one request: its store ``items`` and ``(link, cid, extra)``."""
+        link.storing += 1
+        self._items.extend(items)
+        self._meta.append((link, cid, extra))
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._persist)
+
+    def _persist(self) -> None:
+        self._scheduled = False
+        items, self._items = self._items, []
+        meta, self._meta = self._meta, []
+        if not meta:
+            return
+        fut = self.delivery.persist(items)
+        fut.add_done_callback(lambda f: self._stored(meta, f))
+
+    def _stored(self, meta: list, fut: asyncio.Future) -> None:
+        exc = fut.exception() if not fut.cancelled() else StoreFailed("store closed")
+        if exc is not None:
+            self.delivery.persisted(None, 0)
+            code = int(getattr(exc, "code", ErrorCode.STORE_FAILED))
+            log.error("store refused a batch of %d %s (code %d)", len(meta), self.what, code,
+                      extra={"event": self.event})
+        else:
+            self.place(meta, fut.result())
+            code = 0
+        now = time.monotonic()
+        dedup, reply = self.dedup, self.reply
+        for link, cid, _ in meta:
+            link.storing -= 1
+            try:
+                sender = link.address
+                if code:
+                    # refused, so not remembered: the sender may retry the same id
+                    waiters = dedup.forget(sender, cid)
+                else:
+                    waiters = dedup.finish(sender, cid, 0, now)
+                reply(link, cid, code)
+                for other, wcid in waiters or ():
+                    reply(other, wcid, code)
+            finally:
+                link.stored_all()
