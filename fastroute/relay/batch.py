@@ -13,6 +13,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
+from ..dedup import PENDING
 from ..errors import ErrorCode, StoreFailed
 
 if TYPE_CHECKING:
@@ -46,6 +47,18 @@ class TurnBatch:
         self._items: list = []
         self._meta: list = []
         self._scheduled = False
+
+    def resent(self, link: "LinkPort", cid: bytes, now: float) -> bool:
+        """True when ``cid`` was seen from this sender: a decided one is answered
+        again, a pending one waits for its batch; either way not stored twice."""
+        seen = self.dedup.lookup(link.address, cid, now)
+        if seen is None:
+            return False
+        if seen == PENDING:
+            self.dedup.wait(link.address, cid, (link, cid))
+        else:
+            self.reply(link, cid, seen)
+        return True
 
     def add(self, items: list, link: "LinkPort", cid: bytes, extra: Any) -> None:
         """Queue one request: its store ``items`` and ``(link, cid, extra)``."""

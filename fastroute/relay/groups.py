@@ -548,12 +548,7 @@ class Groups:
         """GSEND: one ciphertext for every member device but the sender's (module doc)."""
         sender = link.address
         now = time.monotonic()
-        seen = self.dedup.lookup(sender, cid, now)
-        if seen is not None:
-            if seen == PENDING:
-                self.dedup.wait(sender, cid, (link, cid))
-            else:
-                self._reply(link, cid, seen)
+        if self._batch.resent(link, cid, now):
             return
         g = self._member_group(link, cid, gid)
         if g is None:

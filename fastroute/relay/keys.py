@@ -708,12 +708,7 @@ class Keys:
     def _dsend(self, link: "LinkPort", cid: bytes, to: str, entries: list, own: list) -> None:
         sender = link.address
         now = time.monotonic()
-        seen = self.dedup.lookup(sender, cid, now)
-        if seen is not None:
-            if seen == PENDING:
-                self.dedup.wait(sender, cid, (link, cid))
-            else:
-                self._reply(link, cid, seen)
+        if self._batch.resent(link, cid, now):
             return
         if not self.may_reach(link, to):
             self._reply(link, cid, ErrorCode.UNKNOWN_RECIPIENT)
