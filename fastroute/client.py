@@ -1174,18 +1174,14 @@ class Client:
             elif kind == 2001:  # DDELIVER: a per-device copy
                 _, seq, sender, sdev, cid, body, ts_ms, _cls = op
                 if seen.lookup(sender, cid, 0.0) is not None:
-                    self.duplicates_dropped += 1
-                    if self.auto_ack and seq > self._ack_upto:
-                        self._note_ack(seq)
+                    _drop_duplicate(self, seq)  # as for DELIVER
                     continue
                 seen.begin(sender, cid, 0, 0.0)
                 inbox_append(DeviceMessage(seq, sender, sdev, cid, body, ts_ms))
             elif kind == 2100:  # GDELIVER: [2100, seq, group, from, from_device, id, body, ...]
                 _, seq, group, sender, sdev, cid, body, ts_ms, _cls = op
                 if seen.lookup(sender, cid, 0.0) is not None:
-                    self.duplicates_dropped += 1
-                    if self.auto_ack and seq > self._ack_upto:
-                        self._note_ack(seq)
+                    _drop_duplicate(self, seq)  # as for DELIVER
                     continue
                 seen.begin(sender, cid, 0, 0.0)
                 inbox_append(GroupMessage(seq, group, sender, sdev, cid, body, ts_ms))

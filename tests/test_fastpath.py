@@ -976,3 +976,27 @@ def test_bytes_by_address_twins(batch):
     got = _same(delivery.py_bytes_by_address, _core and _core.bytes_by_address, batch)
     if not isinstance(got, Exception):
         assert sum(got.values()) == sum(len(p[1]) for _, p in batch)
+
+
+@pytest.mark.parametrize("make", [
+    # DDELIVER [2001, seq, from, from_device, id, body, ts_ms, cls]
+    lambda seq: msgpack.packb((2001, seq, SENDER, 3, MID, b"copy", TS, 0), use_bin_type=True),
+    # GDELIVER [2100, seq, group, from, from_device, id, body, ts_ms, cls]
+    lambda seq: msgpack.packb((2100, seq, b"g" * 16, SENDER, 3, MID, b"grp", TS, 0),
+                              use_bin_type=True),
+], ids=["ddeliver", "gdeliver"])
+def test_a_duplicate_feature_delivery_does_not_ack_its_untaken_original(make, _known_sender):
+    # The same rule as for DELIVER: a redelivery dropped as a duplicate must
+    # not ack (cumulatively) its original while that still waits in the inbox.
+    async def go():
+        c = client_mod.Client("h", 1, credential=b"", static=None)
+        c._rx = _Plain()
+        c._proto = _Proto()
+        c._on_frame(_frame([make(1)]))
+        c._on_frame(_frame([make(2)]))  # the same (sender, id): a duplicate
+        assert len(c._inbox) == 1 and c.duplicates_dropped == 1
+        assert c._ack_upto == 0  # nothing taken: nothing may be acked
+        if c._ack_timer is not None:
+            c._ack_timer.cancel()
+
+    asyncio.run(go())
