@@ -546,6 +546,17 @@ async def _ephemeral(s: Subject) -> Outcome:
 
 
 # -------------------------------------------------------------------- media
+
+async def _media_request(s: Subject, link: Any, *op: Any) -> list:
+    """Send one media request (its id added after the opcode) and return its MREPLY."""
+    rid = new_id()
+    link.send([op[0], rid, *op[1:]])
+    rep = await link.op(MREPLY, rid, timeout=s.t.timeout)
+    if rep is None:
+        raise CheckFailed(f"no MREPLY to opcode {op[0]}")
+    return rep
+
+
 @relay_check("media.roundtrip", "8.1 Media")
 async def _media(s: Subject) -> Outcome:
     """A blob uploads with MBEGIN/MCHUNK/MFINISH and comes back whole with MGET."""
@@ -554,12 +565,7 @@ async def _media(s: Subject) -> Outcome:
     digest = hashlib.sha256(blob).digest()
 
     async def call(*op: Any) -> list:
-        rid = new_id()
-        link.send([op[0], rid, *op[1:]])
-        rep = await link.op(MREPLY, rid, timeout=s.t.timeout)
-        if rep is None:
-            raise CheckFailed(f"no MREPLY to opcode {op[0]}")
-        return rep
+        return await _media_request(s, link, *op)
 
     rep = await call(MBEGIN, len(blob), digest)
     if rep[2] != 0:
@@ -598,12 +604,7 @@ async def _media_refusals(s: Subject) -> Outcome:
     link = await s.connect(s.fresh("u"))
 
     async def call(*op: Any) -> list:
-        rid = new_id()
-        link.send([op[0], rid, *op[1:]])
-        rep = await link.op(MREPLY, rid, timeout=s.t.timeout)
-        if rep is None:
-            raise CheckFailed(f"no MREPLY to opcode {op[0]}")
-        return rep
+        return await _media_request(s, link, *op)
 
     blob = os.urandom(100)
     rep = await call(MBEGIN, len(blob), hashlib.sha256(b"other bytes").digest())
