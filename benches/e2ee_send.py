@@ -68,7 +68,7 @@ def start_relay(data: str, store: str) -> tuple[subprocess.Popen, int]:
                  "prekey_fetch_burst = 1000000.0\n"
                  "[limits]\nmsgs_per_s = 10000000.0\nmsgs_burst = 10000000.0\n"
                  "bytes_per_s = 1000000000000\nbytes_burst = 1000000000000\n")
-    proc = subprocess.Popen([sys.executable, "-m", "fastroute.cli", "serve", "--config",
+    proc = subprocess.Popen([sys.executable, "-P", "-m", "fastroute.cli", "serve", "--config",
                              os.path.join(data, "fastroute.toml"), "--data-dir", data,
                              "--listen", "127.0.0.1:0"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)

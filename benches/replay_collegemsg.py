@@ -32,8 +32,8 @@ TRACE = Path(__file__).resolve().parents[1] / "tests" / "data" / "CollegeMsg.txt
 
 
 def start_relay(data: str, store: str) -> tuple[subprocess.Popen, int]:
-    proc = subprocess.Popen([sys.executable, "-m", "fastroute.cli", "serve", "--data-dir", data,
-                             "--listen", "127.0.0.1:0", "--store", store],
+    proc = subprocess.Popen([sys.executable, "-P", "-m", "fastroute.cli", "serve",
+                             "--data-dir", data, "--listen", "127.0.0.1:0", "--store", store],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=data,
                             env=ENV)
     deadline = time.monotonic() + 20
@@ -46,7 +46,7 @@ def start_relay(data: str, store: str) -> tuple[subprocess.Popen, int]:
 
 
 def run_replay(port: int, data: str, speed: str, processes: int, out: str) -> dict:
-    subprocess.run([sys.executable, "-m", "fastroute.cli", "replay", str(TRACE), "--target",
+    subprocess.run([sys.executable, "-P", "-m", "fastroute.cli", "replay", str(TRACE), "--target",
                     f"127.0.0.1:{port}", "--data-dir", data, "--speed", speed, "--processes",
                     str(processes), "--report", out, "--no-progress"],
                    check=False, timeout=600, cwd=data, capture_output=True, env=ENV)

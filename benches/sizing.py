@@ -95,7 +95,7 @@ def main() -> int:
     raise_fd_limit()
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "data")
-        subprocess.run([sys.executable, "-m", "fastroute.cli", "init", "--data-dir", data],
+        subprocess.run([sys.executable, "-P", "-m", "fastroute.cli", "init", "--data-dir", data],
                        check=True, capture_output=True)
         # one sender fills every mailbox: lift its per-device quota for the run
         with open(os.path.join(tmp, "fastroute.toml"), "w") as fh:
@@ -104,7 +104,7 @@ def main() -> int:
         key = ProviderKey.generate()
         with Registry(os.path.join(data, "registry.db")) as reg:
             reg.add_provider("home", key.public_key)
-        proc = subprocess.Popen([sys.executable, "-m", "fastroute.cli", "serve", "--data-dir",
+        proc = subprocess.Popen([sys.executable, "-P", "-m", "fastroute.cli", "serve", "--data-dir",
                                  data, "--listen", "127.0.0.1:0"],
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                 cwd=tmp)

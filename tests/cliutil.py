@@ -14,7 +14,10 @@ import fastroute
 
 # Child processes import the same fastroute as this test (installed, or the
 # source tree in a development checkout), whatever their working directory.
-ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
+# PYTHONSAFEPATH keeps ``python -m`` (and its own children) from putting the
+# working directory first on sys.path: run from a fresh clone, that directory
+# holds the unbuilt source tree, which would shadow the installed package.
+ENV = dict(os.environ, PYTHONSAFEPATH="1", PYTHONPATH=os.pathsep.join(
     [str(Path(fastroute.__file__).resolve().parents[1])] +
     [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
 ENV.pop("FASTROUTE_DATA_DIR", None)

@@ -38,6 +38,8 @@ from fastroute.relay import gate as gate_mod
 from fastroute.relay import keys as keys_mod
 from fastroute.relay import link as link_mod
 
+from cliutil import ENV
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -62,7 +64,7 @@ def test_relay_direction_passes_against_fastroute_serve_with_identical_columns(t
                    "[limits]\nmsgs_burst = 200.0\nmsgs_per_s = 400.0\n")
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "fastroute.cli", "serve", "--config", str(cfg),
-                             "--listen", f"127.0.0.1:{port}"], cwd=tmp_path,
+                             "--listen", f"127.0.0.1:{port}"], cwd=tmp_path, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 15
@@ -426,7 +428,8 @@ def test_client_direction_runs_a_client_command_and_writes_json(tmp_path):
            "--client-cmd", f"{sys.executable} -m fastroute.conformance.adapter",
            "--out-dir", str(tmp_path / "files"), "--only", "adapter", "--only", "bye",
            "--json", str(out)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT,
+                         env=ENV)
     assert res.returncode == 0, res.stdout + res.stderr
     report = json.loads(out.read_text())
     assert _grades(report) == {"pinning": "pass", "handshake": "pass", "adapter-echo": "pass",
@@ -471,7 +474,8 @@ def test_a_client_command_that_dies_fails_at_once(tmp_path):
            "--client-cmd", f"{sys.executable} -c 'raise SystemExit(3)'",
            "--out-dir", str(tmp_path / "files"), "--json", str(tmp_path / "r.json")]
     t0 = time.monotonic()
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT,
+                         env=ENV)
     assert res.returncode == 1, res.stdout + res.stderr
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["client_exit_status"] == 3

@@ -35,6 +35,8 @@ from fastroute.identity import ProviderKey, Registry, issue_credential
 from fastroute.noise import KeyPair
 from fastroute.relay.server import load_or_create_server_key
 
+from cliutil import ENV
+
 KILLS = 5
 SENDERS = ["alice@home", "carol@home", "eve@acme"]
 
@@ -60,7 +62,7 @@ class RelayProcess:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
+                                     stderr=subprocess.DEVNULL, env=ENV)
 
     def kill(self) -> None:
         assert self.proc is not None
@@ -215,7 +217,7 @@ async def _crash_run(tmp: str) -> None:
         bob_phone = await connect("bob@acme", "phone")
         bob_laptop = await connect("bob@acme", "laptop")
         device_proc = subprocess.Popen(device_cmd, stdout=subprocess.PIPE,
-                                       stderr=subprocess.DEVNULL)
+                                       stderr=subprocess.DEVNULL, env=ENV)
         await asyncio.get_running_loop().run_in_executor(None, device_proc.stdout.readline)
         senders = [await connect(s, "phone") for s in SENDERS]
         recv = {"phone": Receiver("phone"), "laptop": Receiver("laptop")}
@@ -280,7 +282,7 @@ async def _crash_run(tmp: str) -> None:
             relay.start()
             if k == 2:
                 device_proc = subprocess.Popen(device_cmd, stdout=subprocess.PIPE,
-                                               stderr=subprocess.DEVNULL)
+                                               stderr=subprocess.DEVNULL, env=ENV)
                 await asyncio.get_running_loop().run_in_executor(
                     None, device_proc.stdout.readline)
             if k == 3:

@@ -19,7 +19,6 @@ from pathlib import Path
 import msgpack
 import pytest
 
-import fastroute
 from fastroute import wire
 from fastroute.client import Client, DeviceMessage, Event, Message
 from fastroute.errors import (
@@ -36,6 +35,8 @@ from fastroute.errors import (
 from fastroute.identity import ProviderKey, Registry, issue_credential
 from fastroute.noise import KeyPair
 from fastroute.config import Limits
+
+from cliutil import ENV
 from relayutil import LOOPS, nothing_arrives, run, world
 
 EC, KEM = wire.PREKEY_EC, wire.PREKEY_KEM
@@ -474,11 +475,6 @@ def test_1000_concurrent_fetches_against_pools_of_100(tmp_path):
             ev = await recv(a)  # the owner was told once that its pools ran low
             assert isinstance(ev, Event) and ev.kind == 1
     run("asyncio", main())
-
-
-SRC = str(Path(fastroute.__file__).resolve().parents[1])
-ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
-    [SRC] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
 
 
 def _serve(data: Path, port: int = 0):

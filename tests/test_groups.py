@@ -36,6 +36,8 @@ from fastroute.errors import (
 )
 from fastroute.identity import ProviderKey, Registry, issue_credential
 from fastroute.noise import KeyPair
+
+from cliutil import ENV as CHILD_ENV
 from fastroute.relay.groups import (
     GEV_ADDED,
     GEV_ADMIN,
@@ -339,7 +341,7 @@ def test_a_provider_policy_may_require_invites_for_its_own_users(tmp_path):
     run("asyncio", main())
 
 
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+ENV = {**CHILD_ENV, "PYTHONUNBUFFERED": "1"}
 
 
 def _serve(data: Path):

@@ -17,15 +17,10 @@ from pathlib import Path
 
 import pytest
 
-import fastroute
 from fastroute.identity import Registry
 from fastroute.loadtest.trace import TraceRecord, write_trace
 
-# Child processes import the same fastroute as this test (installed, or the
-# source tree in a development checkout), whatever their working directory.
-ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(
-    [str(Path(fastroute.__file__).resolve().parents[1])] +
-    [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+from cliutil import ENV
 
 # Committed with the tests (tests/data/README.md: source, licence).
 COLLEGE = Path(__file__).resolve().parent / "data" / "CollegeMsg.txt"
