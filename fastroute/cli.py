@@ -164,6 +164,27 @@ def _confirm(data_dir: str, generation: int, effect: str) -> int:
 
 
 # ------------------------------------------------------------------ commands
+def cmd_status(args: argparse.Namespace) -> int:
+    """Say whether a relay runs on the data directory; ``--wait`` until it listens."""
+    from .datadir import running_relay
+
+    data_dir = _admin_data_dir(args)
+    deadline = time.monotonic() + args.wait
+    info = running_relay(data_dir)
+    # {} is a relay that holds the lock but does not listen yet
+    while not info and time.monotonic() < deadline:
+        time.sleep(0.1)
+        info = running_relay(data_dir)
+    if not info:
+        state = "starting, not listening yet" if info == {} else "no relay is running"
+        print(f"{state} on {data_dir}")
+        return 1
+    admin = info.get("admin") or "off"
+    print(f"relay running (pid {info.get('pid', '?')}), listening on {info.get('listen')}, "
+          f"admin listener {admin}")
+    return 0
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     from .datadir import is_initialised, prepare
     from .relay.server import fingerprint, load_or_create_server_key
@@ -519,6 +540,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="log lines as text (default) or JSON lines with an event name")
     _data_dir_arg(s)
     s.set_defaults(func=cmd_serve)
+
+    st = verb(sub, "status", "tell whether a relay runs on the data directory and where it "
+                             "listens (exit 0), or not (exit 1)")
+    st.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                    help="wait up to SECONDS for a starting relay to listen (for scripts)")
+    _data_dir_arg(st)
+    st.set_defaults(func=cmd_status)
 
     prov = verb(sub, "provider", "enrol, list, revoke, restore providers and rotate their keys")
     psub = prov.add_subparsers(dest="action", required=True, metavar="ACTION")

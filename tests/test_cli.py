@@ -226,6 +226,20 @@ def test_a_second_relay_on_the_same_data_dir_is_refused(tmp_path):
     Served(tmp_path, "--data-dir", "d", "--listen", "127.0.0.1:0").stop()
 
 
+def test_status_tells_whether_a_relay_listens_and_where(tmp_path):
+    fr("init", "--data-dir", "d", cwd=tmp_path, ok=True)
+    p = fr("status", "--data-dir", "d", "--wait", "0.3", cwd=tmp_path, ok=False)
+    assert p.returncode == 1 and "no relay is running" in p.stdout
+    relay = Served(tmp_path, "--data-dir", "d", "--listen", "127.0.0.1:0")
+    try:
+        out = fr("status", "--data-dir", "d", cwd=tmp_path, ok=True).stdout
+        assert f"relay running (pid {relay.proc.pid}), listening on 127.0.0.1:{relay.port}" \
+            in out
+    finally:
+        relay.stop()
+    assert fr("status", "--data-dir", "d", cwd=tmp_path, ok=False).returncode == 1
+
+
 @pytest.mark.parametrize("verb", ["revoke", "restore"])
 def test_changes_are_confirmed_by_the_running_relay(tmp_path, verb):
     relay = Served(tmp_path, "--data-dir", "d", "--listen", "127.0.0.1:0")

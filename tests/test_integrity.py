@@ -123,7 +123,9 @@ def test_flooding_provider_is_charged_and_cannot_starve_a_quiet_pair(loop, tmp_p
             await asyncio.gather(*tasks, return_exceptions=True)
             if not deaf._proto.transport.is_closing():
                 deaf._proto.transport.resume_reading()  # so it sees its link end
-            results = await asyncio.wait_for(asyncio.gather(*sent, return_exceptions=True), 10)
+            # the flooders' own sends wait behind what they queued; the bound only
+            # makes the test stop by itself (10 s was too short on a loaded CI box)
+            results = await asyncio.wait_for(asyncio.gather(*sent, return_exceptions=True), 60)
             # some sends within limits went through, past the limits they were refused
             assert any(not isinstance(r, BaseException) for r in results)
             stop = True
