@@ -41,6 +41,7 @@ from .delivery import Delivery, LinkPort
 from .gate import Gate
 from .groups import Groups
 from .keys import KeyDirectory, Keys
+from .safety import Safety, SafetyBook
 from .link import Link, LinkState, LinkWiring
 from .media_ops import MediaOps
 from .metrics import Histogram, serve_metrics
@@ -178,6 +179,8 @@ class Relay:
         self.keys: Keys | None = None
         #: the groups stage (feature "groups"), with the keys stage
         self.groups: Groups | None = None
+        #: the safety stage (feature "safety": blocks, spam reports)
+        self.safety: Safety | None = None
         self._key_dir: KeyDirectory | None = None
         self.links: set[Link] = set()
         self._server: asyncio.base_events.Server | None = None
@@ -257,6 +260,10 @@ class Relay:
             if self._key_dir is not None:
                 self._key_dir.close()
                 self._key_dir = None
+            if self.safety is not None:
+                self.safety.stop()
+                self.safety.close()
+                self.safety = None
             if self._lock is not None:
                 self._lock.release()
                 self._lock = None
@@ -313,6 +320,11 @@ class Relay:
         self.keys = Keys(cfg, self._key_dir, gate, delivery, self.count_error)
         self.groups = self.keys.groups = Groups(cfg, self._key_dir, self.keys, delivery,
                                                 self.count_error)
+        # blocks and spam-report records: durable whatever the message store is
+        self.safety = Safety(cfg, SafetyBook(os.path.join(cfg.data_dir, "safety.db")), gate,
+                             self.keys, self.count_error)
+        gate.safety = self.keys.safety = self.safety
+        self.safety.start()
         self.upkeep = Upkeep(cfg, gate, delivery, self.store, self.media, self.count_error,
                              self.keys)
         wiring = LinkWiring(self.server_key, cfg, gate, delivery, self.media_ops,
@@ -378,6 +390,9 @@ class Relay:
         if self._key_dir is not None:
             # its writer thread finishes what is queued; off the loop
             await asyncio.get_running_loop().run_in_executor(None, self._key_dir.close)
+        if self.safety is not None:
+            self.safety.stop()
+            await asyncio.get_running_loop().run_in_executor(None, self.safety.close)
         if self.store is not None and self._own_store:
             await self.store.close()
         if self.media is not None and self._own_media:
