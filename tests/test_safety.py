@@ -328,3 +328,32 @@ def test_a_new_reporter_counts_for_almost_nothing_and_reports_survive_a_restart(
     raw = b"".join(open(os.path.join(data_dir, f), "rb").read()
                    for f in os.listdir(data_dir) if f.startswith("safety.db"))
     assert b"spam@acme" not in raw and b"old@home" not in raw
+
+
+def test_the_worked_bytes_of_section_19_are_what_the_code_packs():
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "PROTOCOL.md"),
+               encoding="utf-8").read()
+    section = doc[doc.index("### 19.4 Worked bytes"):]
+    blocks = section.split("```")[1::2]
+    hexes: list[bytes] = []
+    for block in blocks:
+        for line in block.strip("\n").splitlines():
+            words = line.split("(")[0].split()
+            if words[0].isalpha() and len(words[0]) > 2:  # "BLOCK ...": a new op
+                hexes.append(bytes.fromhex("".join(words[1:])))
+            elif not line[0].isspace() and words[:2] in (["95", "cd"], ["93", "11"]):
+                hexes.append(bytes.fromhex("".join(words)))  # a new relay op
+            else:
+                hexes[-1] += bytes.fromhex("".join(words))
+    cid = bytes(range(16))
+    want = [wire.safety_op(wire.Op.BLOCK, cid, "mallory@acme", True),
+            wire.safety_op(wire.Op.BLOCK, cid, "@acme", True),
+            wire.safety_op(wire.Op.BLOCKS, cid),
+            wire.safety_op(wire.Op.REPORT, cid, "spam@acme"),
+            wire.reply_op(cid, 0, True, 0),
+            wire.reply_op(cid, 0, True, ["@acme", "mallory@acme"]),
+            wire.reply_op(cid, 0, True, True),
+            wire.reply_op(cid, ErrorCode.BLOCK_LIMIT),
+            wire.sack_op(cid, ErrorCode.CONSENT_REQUIRED),
+            wire.reply_op(cid, ErrorCode.UNKNOWN_RECIPIENT)]
+    assert hexes == want
