@@ -333,7 +333,7 @@ def test_a_new_reporter_counts_for_almost_nothing_and_reports_survive_a_restart(
 def test_the_worked_bytes_of_section_19_are_what_the_code_packs():
     doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "PROTOCOL.md"),
                encoding="utf-8").read()
-    section = doc[doc.index("### 19.4 Worked bytes"):]
+    section = doc[doc.index("### 19.4 Worked bytes"):].split("\n## ")[0]
     blocks = section.split("```")[1::2]
     hexes: list[bytes] = []
     for block in blocks:
@@ -357,3 +357,25 @@ def test_the_worked_bytes_of_section_19_are_what_the_code_packs():
             wire.sack_op(cid, ErrorCode.CONSENT_REQUIRED),
             wire.reply_op(cid, ErrorCode.UNKNOWN_RECIPIENT)]
     assert hexes == want
+
+
+def test_a_blocker_at_its_backlog_cap_still_answers_as_unknown(tmp_path):
+    # RECIPIENT_FULL would tell that the address exists: a blocked sender gets 300
+    async def main():
+        async with world(tmp_path, max_stored_msgs_per_device=3) as w:
+            bob = await user(w, "bob@acme")
+            await bob.block("carol@home")
+            await bob.close()  # offline: everything for bob is stored
+            alice = await w.connect("alice@home")
+            carol = await w.connect("carol@home")
+            for i in range(3):
+                await alice.send("bob@acme", b"m%d" % i)
+            codes = {}
+            for who, to in ((alice, "bob@acme"), (carol, "bob@acme"), (carol, "nobody@acme")):
+                with pytest.raises(FastrouteError) as err:
+                    await who.send(to, b"more")
+                codes[(who.address, to)] = err.value.code
+            assert codes == {("alice@home", "bob@acme"): ErrorCode.RECIPIENT_FULL,
+                             ("carol@home", "bob@acme"): ErrorCode.UNKNOWN_RECIPIENT,
+                             ("carol@home", "nobody@acme"): ErrorCode.UNKNOWN_RECIPIENT}
+    run("asyncio", main())

@@ -755,6 +755,7 @@ class Gate:
         for op in sends:
             cid = op[1]
             if (op[2] in full and op[4] == 0 and type(cid) is bytes and len(cid) == 16
+                    and self._may_write(link, op[2])
                     and dedup.lookup(sender, cid, now) is None):
                 self.count_error(code)
                 link.out.append(wire.sack_op(cid, code))
@@ -763,6 +764,19 @@ class Gate:
         if len(keep) < len(sends):
             self.delivery.mark(link)
         return keep
+
+    def _may_write(self, link: "LinkPort", to: str) -> bool:
+        """Whether ``link``'s user may message ``to`` (consent, blocks): a sender who
+        may not gets the unknown-address answer from the SEND loop, never a code
+        that tells the address exists (such as ``RECIPIENT_FULL``)."""
+        blocked = self.blocks.get(to)
+        if blocked is not None and to != link.address and (
+                link.address in blocked or "@" + link.provider in blocked):
+            return False
+        if not self.config.require_consent or to.endswith("@" + link.provider):
+            return True
+        accepted = self.consent.get(to)
+        return accepted is not None and (link.provider in accepted or "*" in accepted)
 
     def _stored(self, link: "LinkPort", meta: list, fut: asyncio.Future) -> None:
         """The store answered a batch: route it, then answer every sender."""
