@@ -123,7 +123,8 @@ def accept_sends(SendGate gate not None, LinkGate lg not None, list sends, objec
     cdef object sack_op = gate.sack_op
     cdef tuple refusals = gate.refusals
     cdef dict blocks = gate.blocks
-    cdef object op, cid, to, body, cls, code, tail, accepted, tap, blocked
+    cdef object op, cid, to, body, cls, code, tail, accepted, tap
+    cdef set blocked
     cdef bint hidden
     cdef Py_ssize_t size
     cdef int seen_code
@@ -150,7 +151,8 @@ def accept_sends(SendGate gate not None, LinkGate lg not None, list sends, objec
         hidden = False
         if blocks:
             blocked = blocks.get(to)
-            if blocked is not None and to != sender and (sender in blocked or own in blocked):
+            # typed set: two PySet_Contains; the own-address test only when it matters
+            if blocked is not None and (sender in blocked or own in blocked) and to != sender:
                 hidden = True
         if size > max_body:
             code = too_large

@@ -258,7 +258,7 @@ def py_accept_sends(gate: PySendGate, lg: PyLinkGate, sends: list, now: float, n
         hidden = False
         if blocks:
             blocked = blocks.get(to)
-            if blocked is not None and to != sender and (sender in blocked or own in blocked):
+            if blocked is not None and (sender in blocked or own in blocked) and to != sender:
                 hidden = True
         if size > max_body:
             code = too_large

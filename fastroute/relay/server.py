@@ -11,6 +11,8 @@ Data flows down, acks flow up (``docs/PROTOCOL.md`` has the bytes)::
                      backlog sync from the store, the writer   (relay.delivery)
            media     attachment requests, out of band          (relay.media_ops)
            upkeep    revocations, idle links, expiry, admin    (relay.upkeep)
+           keys, groups, safety   features e2ee, groups, safety (blocks,
+                     spam reports)   (relay.keys, relay.groups, relay.safety)
 
 :class:`Relay` owns the lifecycle (start, close), the configuration, the
 counters, and the wiring: it builds each stage and gives each link a
