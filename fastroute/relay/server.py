@@ -43,10 +43,10 @@ from .delivery import Delivery, LinkPort
 from .gate import Gate
 from .groups import Groups
 from .keys import KeyDirectory, Keys
-from .safety import Safety, SafetyBook
 from .link import Link, LinkState, LinkWiring
 from .media_ops import MediaOps
 from .metrics import Histogram, serve_metrics
+from .safety import Safety, SafetyBook
 from .upkeep import Upkeep, serve_admin
 
 if TYPE_CHECKING:
