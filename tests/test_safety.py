@@ -299,6 +299,12 @@ def test_a_new_reporter_counts_for_almost_nothing_and_reports_survive_a_restart(
             assert sender.score < 0.01  # weight: age / report_mature_s
             assert await old.report_spam("spam@acme") is True
             assert 9.9 < sender.score < 10.1
+            # a per-device send (DSEND) is a delivery too
+            spam2 = await user(w, "spam2@acme", 61)
+            dana = await user(w, "dana@home", 71)
+            assert await dana.report_spam("spam2@acme") is False
+            await spam2.send_to_devices("dana@home", [(dana.did, 71, b"ciphertext")])
+            assert await dana.report_spam("spam2@acme") is True
         # what the relay delivered and who reported survive a restart
         relay = Relay(RelayConfig(port=0, data_dir=w.data_dir, limits=limits,
                                   registry_poll_s=0.05))
@@ -323,7 +329,7 @@ def test_a_new_reporter_counts_for_almost_nothing_and_reports_survive_a_restart(
     (n_delivered,) = conn.execute("SELECT count(*) FROM delivered").fetchone()
     (n_reports,) = conn.execute("SELECT count(*) FROM reports").fetchone()
     conn.close()
-    assert (n_delivered, n_reports) == (3, 3)
+    assert (n_delivered, n_reports) == (4, 4)
     # the digests name no address
     raw = b"".join(open(os.path.join(data_dir, f), "rb").read()
                    for f in os.listdir(data_dir) if f.startswith("safety.db"))
