@@ -23,6 +23,7 @@ Two measurements, each against a baseline run beside it in the same invocation:
 Usage::
 
     python benches/gate_layers.py cost [--messages 200000] [--repeat 3]
+    python benches/gate_layers.py cost --base COMMIT --base-has-layers   # two later trees
     python benches/gate_layers.py flood [--quiet-messages 1000] [--flooders 8]
 
 Figures, with the machine's load, go in ``benches/README.md``.
@@ -209,7 +210,9 @@ async def cost(args) -> None:
     runs: dict[str, list[tuple[float, float]]] = {"off": [], "on": []}
     print(f"loadavg before: {loadavg()}")
     for r in range(args.repeat):
-        for name, tree, toml in (("off", base, COMMON_TOML),
+        # a base that has the layers too must have them lifted the same way
+        base_toml = COMMON_TOML + (LAYERS_TOML if args.base_has_layers else "")
+        for name, tree, toml in (("off", base, base_toml),
                                  ("on", HERE, COMMON_TOML + LAYERS_TOML)):
             relay = Relay(tree, toml)
             try:
@@ -332,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--pairs", type=int, default=4)
     c.add_argument("--window", type=int, default=2048)
     c.add_argument("--repeat", type=int, default=3)
+    c.add_argument("--base-has-layers", action="store_true",
+                   help="the base tree has the layers too (compare two later commits)")
     f = sub.add_parser("flood")
     f.add_argument("--quiet-messages", type=int, default=1000)
     f.add_argument("--flooders", type=int, default=8)

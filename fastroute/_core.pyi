@@ -169,9 +169,11 @@ class SendGate:
     count_error: object
     sack_op: object
     refusals: tuple[int, int, int, int]
+    blocks: dict[str, set[str]]
     def __init__(self, known: dict[str, list[int]], dedup: DedupTable,
                  consent: dict[str, frozenset[str]] | None, taps: list, count_error: object,
-                 sack_op: object, refusals: tuple[int, int, int, int]) -> None: ...
+                 sack_op: object, refusals: tuple[int, int, int, int],
+                 blocks: dict[str, set[str]]) -> None: ...
 class LinkGate:
     """One link's sender as the SEND check sees it."""
     link: object

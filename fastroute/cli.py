@@ -615,7 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
     ad = verb(sub, "address", "erase an address from a stopped relay's data")
     asub = ad.add_subparsers(dest="action", required=True)
     ae = verb(asub, "erase", "remove its devices, stored messages to and from it, and its "
-                             "consent choices; say what was removed")
+                             "consent choices and blocks; say what was removed")
     ae.add_argument("address")
     _data_dir_arg(ae)
     ae.set_defaults(func=cmd_address_erase)

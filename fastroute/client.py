@@ -1006,6 +1006,40 @@ class Client:
         await self._request([wire.group_op(wire.Op.GSEND, cid, group, version, body)], cid)
         return cid
 
+    # ------------------------------------------------------------- safety
+    async def _safety(self, opcode: int, *fields: object) -> Any:
+        self._need("safety")
+        cid = self._new_id()
+        return await self._request([wire.safety_op(opcode, cid, *fields)], cid)
+
+    async def block(self, target: str) -> bool:
+        """Block an address (``"user@provider"``) or a whole provider
+        (``"@provider"``) for this user, from any of its devices; durable.
+
+        To the blocked party this user then looks like an address that does
+        not exist (messages, device lists, bundles, group invites).  Returns
+        False when it was blocked already.  Needs the feature ``"safety"``.
+        """
+        return await self._safety(wire.Op.BLOCK, target, True) == 0
+
+    async def unblock(self, target: str) -> bool:
+        """Lift a block; False when ``target`` was not blocked."""
+        return await self._safety(wire.Op.BLOCK, target, False) == 0
+
+    async def blocked(self) -> list[str]:
+        """This user's blocks, sorted: addresses and ``"@provider"`` names."""
+        return list(await self._safety(wire.Op.BLOCKS))
+
+    async def report_spam(self, sender: str) -> bool:
+        """Report ``sender`` as a spammer; True when the report counted.
+
+        It counts only when the relay delivered a message from ``sender`` to
+        this user within its report window, once per sender and window, and
+        while the cap of this user's provider for that sender is not reached
+        (docs/PROTOCOL.md 19.3).
+        """
+        return bool(await self._safety(wire.Op.REPORT, sender))
+
     def _on_reply(self, op: tuple) -> None:
         entry = self._requests.get(op[1])
         if entry is None:

@@ -105,6 +105,19 @@ class Limits:
     throttle_score: float = 50.0
     quarantine_score: float = 200.0
     throttled_msgs_per_s: float = 1.0
+    #: feature "safety": a spam report counts only for a sender the relay
+    #: delivered a persistent message from to the reporter within
+    #: ``report_window_s`` (0: reports are off and nothing is recorded); a
+    #: counted report adds ``report_points`` to the sender's abuse score,
+    #: scaled by the reporter's age (since the relay first saw its address)
+    #: up to ``report_mature_s``; at most ``reports_per_provider`` reports
+    #: from one provider's users count per sender per window
+    report_window_s: float = 86400.0
+    report_points: float = 10.0
+    report_mature_s: float = 7 * 86400.0
+    reports_per_provider: int = 15
+    #: addresses and providers one address may block
+    max_blocks: int = 10000
 
 
 @dataclass
@@ -284,6 +297,10 @@ class RelayConfig:
                 or self.limits.max_output_bytes < 65536):
             raise InvalidArgument("limits.max_ops_per_turn must be >= 1 and "
                                   "limits.max_output_bytes >= 65536")
+        lim = self.limits
+        if (lim.report_window_s < 0 or lim.report_points < 0 or lim.report_mature_s < 0
+                or lim.reports_per_provider < 0 or lim.max_blocks < 0):
+            raise InvalidArgument("limits.report_* and limits.max_blocks must be >= 0")
         if not 0 < self.limits.max_body <= 61440:
             raise InvalidArgument("limits.max_body must be in 1..61440")
         for name in ("store_max_bytes", "media_max_bytes", "disk_reserve_bytes",

@@ -14,7 +14,8 @@ pages nor WAL frames keep a readable copy:
 * ``registry.db``: its consent choices (opt-ins) and the record of its
   devices first seen (the gate's new-device caps);
 * ``keys.db``: its device slots in the key directory (identity keys, signed
-  and last-resort prekeys), its one-time prekeys, and its freed device ids.
+  and last-resort prekeys), its one-time prekeys, and its freed device ids;
+* ``safety.db``: its blocks (the addresses and providers it blocked).
 
 What is not, and why:
 
@@ -25,7 +26,12 @@ What is not, and why:
 * attachments it uploaded: the media store never records who uploaded a blob
   (blobs are content-addressed, encrypted by the client, and expire after
   ``media_ttl_s``), so there is nothing that ties a blob to the address;
-* blocks and groups: not in this relay version.
+* other users' blocks of the address: their choice, not its data to take
+  away (erasing one would let the address reach them again);
+* spam-report records: keyed hashes of (sender, recipient) pairs and of
+  counted reports, which cannot be found for one address without the other
+  party's; they go with their key after at most two ``report_window_s``;
+* groups: its memberships are changed by the groups' own ops, not here.
 """
 
 from __future__ import annotations
@@ -116,6 +122,20 @@ def _erase_keys(path: str, address: str) -> dict[str, int]:
     return {"key_directory_devices": slots, "one_time_prekeys": prekeys}
 
 
+def _erase_safety(path: str, address: str) -> dict[str, int]:
+    conn = _connect(path)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        blocks = conn.execute("DELETE FROM blocks WHERE address = ?", (address,)).rowcount
+        kept = conn.execute("SELECT count(*) FROM blocks WHERE target = ?",
+                            (address,)).fetchone()[0]
+        conn.execute("COMMIT")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        conn.close()
+    return {"blocks": blocks, "blocks_of_it_kept": kept}
+
+
 def erase_address(data_dir: str, address: str) -> dict[str, int]:
     """Remove ``address`` from the stopped relay's ``data_dir``; counts of what went.
 
@@ -123,8 +143,9 @@ def erase_address(data_dir: str, address: str) -> dict[str, int]:
     deliveries waiting for its devices), ``messages_from_it`` (stored
     messages it sent), ``consent_choices``, ``devices_seen``,
     ``key_directory_devices`` and ``one_time_prekeys`` (with a key
-    directory), and ``revocations_kept`` and ``quarantine_kept`` (kept on
-    purpose, see the module docstring).
+    directory), ``blocks`` (its own), and ``revocations_kept``,
+    ``quarantine_kept`` and ``blocks_of_it_kept`` (kept on purpose, see the
+    module docstring).
     """
     parse_address(address)
     if not os.path.isdir(data_dir):
@@ -140,6 +161,9 @@ def erase_address(data_dir: str, address: str) -> dict[str, int]:
         keys = os.path.join(data_dir, "keys.db")
         if os.path.exists(keys):
             out.update(_erase_keys(keys, address))
+        safety = os.path.join(data_dir, "safety.db")
+        if os.path.exists(safety):
+            out.update(_erase_safety(safety, address))
     except sqlite3.Error as exc:
         raise StoreFailed(f"erase failed: {type(exc).__name__}: {exc}") from None
     return out

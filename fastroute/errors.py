@@ -58,6 +58,7 @@ __all__ = [
     "NotAdmin",
     "GroupFull",
     "GroupLimit",
+    "BlockLimit",
     "LastAdmin",
     "GroupMismatch",
     "error_for_code",
@@ -124,6 +125,7 @@ class ErrorCode(enum.IntEnum):
     GROUP_FULL = 411
     GROUP_LIMIT = 412
     LAST_ADMIN = 413
+    BLOCK_LIMIT = 414
     # 5xx: the relay's side
     INTERNAL = 500
     SHUTTING_DOWN = 503
@@ -480,6 +482,12 @@ class LastAdmin(PolicyError):
     """Demoting the group's last admin is refused (leaving is not)."""
 
     code = ErrorCode.LAST_ADMIN
+
+
+class BlockLimit(PolicyError):
+    """An address is at its cap of blocked addresses and providers (feature "safety")."""
+
+    code = ErrorCode.BLOCK_LIMIT
 
 
 class GroupMismatch(FastrouteError, LookupError):

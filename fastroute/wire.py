@@ -166,6 +166,10 @@ class Op(enum.IntEnum):
     GADMIN = 1105
     GMEMBERS = 1106
     GSEND = 1107
+    # feature "safety" (blocks, spam reports): 1200-1299; answered by REPLY
+    BLOCK = 1200
+    BLOCKS = 1201
+    REPORT = 1202
     WELCOME = 16
     SACK = 17
     DELIVER = 18
@@ -197,9 +201,12 @@ FEATURE_OPS: dict[str, frozenset[int]] = {
     # requires "e2ee" on the same link (its requests are answered with REPLY)
     "groups": frozenset((Op.GCREATE, Op.GADD, Op.GANSWER, Op.GREMOVE, Op.GLEAVE, Op.GADMIN,
                          Op.GMEMBERS, Op.GSEND, Op.GDELIVER, Op.GEVENT)),
+    # requires "e2ee" on the same link (its requests are answered with REPLY)
+    "safety": frozenset((Op.BLOCK, Op.BLOCKS, Op.REPORT)),
 }
 #: feature -> the features a link must be granted with it (or before it)
-FEATURE_NEEDS: dict[str, frozenset[str]] = {"groups": frozenset(("e2ee",))}
+FEATURE_NEEDS: dict[str, frozenset[str]] = {"groups": frozenset(("e2ee",)),
+                                            "safety": frozenset(("e2ee",))}
 #: most feature names one FEATURES op may carry, and longest name
 MAX_FEATURES = 64
 MAX_FEATURE_NAME = 32
@@ -370,6 +377,10 @@ _DEVICE = _Kind(is_valid_device, "is not a valid device name")
 _PROVIDER = _Kind(lambda v: v == "*" or is_valid_provider(v),
                   "must be a provider name or '*'")
 _BIN = _Kind(lambda v: type(v) is bytes, "must be bin")
+#: what BLOCK names: an address, or a whole provider as ``"@provider"``
+_BLOCK_TARGET = _Kind(lambda v: type(v) is str and (
+    _address_ok(v) or (v[:1] == "@" and is_valid_provider(v[1:]))),
+    "must be an address or '@' and a provider name")
 # A body is two checks: bin (BAD_FIELD), then at most MAX_BODY bytes, under
 # the op's own ``oversize`` code (the relay answers BODY_TOO_LARGE for a
 # message, BAD_CHUNK for a media chunk).
@@ -507,6 +518,9 @@ _OP_TABLE = (
     _OpSpec(Op.GMEMBERS, (("id", _ID), ("group", _ID)), "id"),
     _OpSpec(Op.GSEND, (("id", _ID), ("group", _ID), ("version", _UINT),
                        ("body", _BODY)), "id"),
+    _OpSpec(Op.BLOCK, (("id", _ID), ("target", _BLOCK_TARGET), ("block", _BOOL)), "id"),
+    _OpSpec(Op.BLOCKS, (("id", _ID),), "id"),
+    _OpSpec(Op.REPORT, (("id", _ID), ("sender", _ADDRESS)), "id"),
     # relay -> client
     _OpSpec(Op.WELCOME, (("address", _ADDRESS), ("device", _DEVICE),
                          ("server_time_ms", _UINT))),
@@ -985,6 +999,14 @@ def group_op(opcode: int, id: bytes, *fields: object) -> bytes:  # noqa: A002
     *fields]``, e.g. ``group_op(Op.GADD, id, group, address)``."""
     if int(opcode) not in FEATURE_OPS["groups"] or not is_client_opcode(int(opcode)):
         raise InvalidArgument("not a client op of feature 'groups'")
+    return _pack((int(opcode), id, *fields))
+
+
+def safety_op(opcode: int, id: bytes, *fields: object) -> bytes:  # noqa: A002
+    """A packed request of feature "safety" (docs/PROTOCOL.md 19): ``[opcode, id,
+    *fields]``, e.g. ``safety_op(Op.BLOCK, id, "mallory@acme", True)``."""
+    if int(opcode) not in FEATURE_OPS["safety"]:
+        raise InvalidArgument("not a client op of feature 'safety'")
     return _pack((int(opcode), id, *fields))
 
 

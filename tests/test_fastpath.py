@@ -401,7 +401,8 @@ def _gate_case(fn, impl, gate_cls, link_cls):
         table = _table(impl, state["entries"])
         gate = gate_cls(state["known"], table, state["consent"], taps, counted.append,
                         wire.sack_op, (ErrorCode.BODY_TOO_LARGE, ErrorCode.UNKNOWN_RECIPIENT,
-                                       ErrorCode.CONSENT_REQUIRED, ErrorCode.RATE_LIMITED))
+                                       ErrorCode.CONSENT_REQUIRED, ErrorCode.RATE_LIMITED),
+                        state.get("blocks", {}))
         lg = link_cls("conn", out, "alice@example.org", SENDER_PACKED, "example.org", 1000,
                       None, None)
         lg.msg_tokens, lg.byte_tokens = state["mt"], state["bt"]
@@ -469,6 +470,48 @@ def test_accept_sends_twins(require_consent, tokens, taps):
     if tokens == (0, 0):
         assert not store_items and ephemeral is None
         assert (mt, bt) == (0, 0) and type(mt) is int
+
+
+@pytest.mark.parametrize("require_consent", [False, True])
+def test_accept_sends_twins_blocks_answer_as_unknown(require_consent):
+    # a block (of the sender's address or of its provider) gets the answer an
+    # address that does not exist gets, whether consent is required or not
+    ids = [bytes([i]) * 16 for i in range(8)]
+    sends = [
+        (1, ids[0], ADDR, b"a", 0),                       # blocks someone else: passes
+        (1, ids[1], "grace@example.org", b"b", 0),       # blocked alice: as unknown
+        (1, ids[2], "nobody@example.org", b"c", 0),      # unknown
+        (1, ids[3], "erin@other.net", b"d", 0),           # consents "*", blocked provider
+        (1, ids[4], "ghost@other.net", b"e", 0),          # unknown, other provider
+        (1, ids[5], "dave@other.net", b"f", 1),           # consents, blocks others only
+        (1, ids[6], "alice@example.org", b"g", 0),        # herself: a block never hides it
+        (1, ids[7], "grace@example.org", b"h" * 2000, 0),  # too large comes first
+    ]
+    blocks = {ADDR: {"mallory@example.org"}, "grace@example.org": {"alice@example.org"},
+              "erin@other.net": {"@example.org"}, "dave@other.net": {"@evil.net"},
+              "alice@example.org": {"@example.org"}}
+    state = {
+        "known": {ADDR: [1], "grace@example.org": [2], "erin@other.net": [5],
+                  "dave@other.net": [4], "alice@example.org": [6]},
+        "entries": [],
+        "consent": ({"dave@other.net": frozenset({"example.org"}),
+                     "erin@other.net": frozenset({"*"})} if require_consent else None),
+        "mt": 1000.0, "bt": 1e9, "taps": False, "blocks": blocks,
+    }
+    py, c = _twins()
+    got = _same(_gate_case(gate_mod.py_accept_sends, py, gate_mod.PySendGate,
+                           gate_mod.PyLinkGate),
+                c and _gate_case(_core.accept_sends, c, _core.SendGate, _core.LinkGate),
+                sends, state)
+    (ephemeral, _, _), out, counted, _, store_items, meta, _ = got
+    assert [it[1] for it in store_items] == [ids[0], ids[6]]
+    assert [to for to, _ in ephemeral] == ["dave@other.net"]
+    other = ErrorCode.CONSENT_REQUIRED if require_consent else ErrorCode.UNKNOWN_RECIPIENT
+    assert counted == [ErrorCode.UNKNOWN_RECIPIENT, ErrorCode.UNKNOWN_RECIPIENT, other, other,
+                       ErrorCode.BODY_TOO_LARGE]
+    # byte for byte: blocked and unknown get the same SACK (but for the id)
+    assert out[0] == wire.sack_op(ids[1], ErrorCode.UNKNOWN_RECIPIENT)
+    assert out[2] == wire.sack_op(ids[3], other) and out[3] == wire.sack_op(ids[4], other)
 
 
 # -- relay frames: the SACK/DELIVER fast path (client side) --------------------------------

@@ -185,7 +185,10 @@ def test_operator_erasure_leaves_nothing_of_the_address(tmp_path, capsys):
                 body = b"FROM-ERIN-%02d-" % i + os.urandom(8).hex().encode()
                 needles[f"from{i}"] = body
                 needles[f"from-id{i}"] = cid
-            erin = await w.connect("erin@home", "tablet", features=("e2ee",))
+            erin = await w.connect("erin@home", "tablet", features=("e2ee", "safety"))
+            # her blocks (safety.db) go too
+            needles["her block"] = b"blockedbyerin@acme"
+            await erin.block("blockedbyerin@acme")
             # her keys in the key directory (keys.db) go with the rest
             ident, one_time = b"ERIN-IDENTITY-" + os.urandom(19), b"ERIN-PREKEY-" + os.urandom(21)
             needles["identity key"], needles["one-time prekey"] = ident, one_time
@@ -206,6 +209,7 @@ def test_operator_erasure_leaves_nothing_of_the_address(tmp_path, capsys):
         assert "devices: 2" in out and "consent_choices: 1" in out
         assert "messages_from_it: 20" in out
         assert "key_directory_devices: 1" in out and "one_time_prekeys: 1" in out
+        assert "blocks: 1" in out
         state["after"] = scan(state["dir"], needles)
         # bob's laptop still gets what others sent it, none of erin's
         relay = Relay(RelayConfig(port=0, data_dir=state["dir"], require_consent=False))
@@ -224,4 +228,5 @@ def test_operator_erasure_leaves_nothing_of_the_address(tmp_path, capsys):
     assert state["before"], "the scan must see the data before the erasure"
     # the key directory held them (in its WAL or its main file)
     assert any(f.startswith("keys.db") for f in state["before"]["identity key"])
+    assert any(f.startswith("safety.db") for f in state["before"]["her block"])
     assert state["after"] == {}, f"left after erasure: {sorted(state['after'].items())[:5]}"

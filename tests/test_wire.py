@@ -40,10 +40,11 @@ def test_constants_match_the_contract():
     assert MAX_BODY == 61440
     assert (wire.CLS_PERSISTENT, wire.CLS_EPHEMERAL, wire.PROTOCOL_VERSION) == (0, 1, 1)
     assert [int(o) for o in Op] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1000, 1001, 1002, 1003, 1004,
-                                    *range(1100, 1108),
+                                    *range(1100, 1108), 1200, 1201, 1202,
                                     16, 17, 18, 19, 20, 21, 22, 23, 2000, 2001, 2002, 2100, 2101]
     # every client opcode in a client range, every relay one outside them
-    client = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1000, 1001, 1002, 1003, 1004, *range(1100, 1108)}
+    client = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1000, 1001, 1002, 1003, 1004, *range(1100, 1108),
+              1200, 1201, 1202}
     assert {int(o) for o in Op if wire.is_client_opcode(o)} == client
 
 
@@ -588,6 +589,12 @@ OP_ERRORS = [
      "GDELIVER group must be 16 bytes of bin", 2100, MID),
     (_S, [2101, 1, "x", MID, b"", 0, 0], _F, "GEVENT kind must be a non-negative integer",
      2101, MID),
+    # feature "safety"
+    (_C, [1200, MID, "@", True], _F,
+     "BLOCK target must be an address or '@' and a provider name", 1200, MID),
+    (_C, [1200, MID, ADDR, 1], _F, "BLOCK block must be a boolean", 1200, MID),
+    (_C, [1201, MID, ADDR], _M, "BLOCKS takes 1 field", 1201, MID),
+    (_C, [1202, MID, "@acme"], _F, "REPORT sender is not a valid address", 1202, MID),
 ]
 
 

@@ -24,7 +24,8 @@ cdef class SendGate:
     when consent is not required); ``taps``: callables told of each accepted
     message; ``count_error(code)``; ``sack_op(id, code)`` packs a refusal;
     ``refusals``: the codes for body too large, unknown recipient, consent
-    required, rate limited, in that order.
+    required, rate limited, in that order; ``blocks``: address -> the
+    addresses and ``"@provider"`` names it blocked (no entry when none).
     """
 
     cdef public dict known
@@ -34,9 +35,11 @@ cdef class SendGate:
     cdef public object count_error
     cdef public object sack_op
     cdef public tuple refusals
+    cdef public dict blocks
 
     def __init__(self, dict known, DedupTable dedup not None, consent, list taps,
-                 count_error, sack_op, tuple refusals):
+                 count_error, sack_op, tuple refusals, dict blocks not None):
+        self.blocks = blocks
         self.known = known
         self.dedup = dedup
         self.consent = consent
@@ -119,7 +122,10 @@ def accept_sends(SendGate gate not None, LinkGate lg not None, list sends, objec
     cdef object count_error = gate.count_error
     cdef object sack_op = gate.sack_op
     cdef tuple refusals = gate.refusals
+    cdef dict blocks = gate.blocks
     cdef object op, cid, to, body, cls, code, tail, accepted, tap
+    cdef set blocked
+    cdef bint hidden
     cdef Py_ssize_t size
     cdef int seen_code
     cdef double mt = msg_tokens
@@ -139,16 +145,25 @@ def accept_sends(SendGate gate not None, LinkGate lg not None, list sends, objec
                 out.append(sack_op(cid, seen_code))
             continue
         size = len(body)
+        # a recipient that blocked the sender (its address or provider) is,
+        # to that sender, an address that does not exist; nobody's blocks:
+        # one size test, a recipient without blocks: one lookup
+        hidden = False
+        if blocks:
+            blocked = blocks.get(to)
+            # typed set: two PySet_Contains; the own-address test only when it matters
+            if blocked is not None and (sender in blocked or own in blocked) and to != sender:
+                hidden = True
         if size > max_body:
             code = too_large
         elif consent is not None and not (
                 PyUnicode_Tailmatch(to, own, 0, PY_SSIZE_T_MAX, 1) == 1
-                or (to in known and (accepted := consent.get(to)) is not None
+                or (to in known and not hidden and (accepted := consent.get(to)) is not None
                     and (provider in accepted or "*" in accepted))):
             # an unknown address gets the same answer as one that did not
             # opt in: a sender the recipient never accepted cannot tell them apart
             code = consent_required
-        elif to not in known:
+        elif hidden or to not in known:
             code = unknown
         elif mt < 1.0 or bt < <double>size:
             code = rate_limited  # a refused message costs no quota

@@ -8,7 +8,8 @@ needs the relay's state:
 * SEND: duplicate ids (the dedup window, :mod:`fastroute.dedup`), the
   device's body limit, the recipient's consent (DMA opt-in for other
   providers' users; an unknown address answers the same, so it cannot be
-  told apart: no enumeration), a known recipient, the message and byte
+  told apart: no enumeration), a known recipient that did not block the
+  sender (a block answers as an unknown address does), the message and byte
   quotas (:class:`TokenBucket`).  Accepted persistent messages go to the delivery
   stage, which stores them durably and routes them; the sender's SACK goes
   out once they are stored.
@@ -46,6 +47,7 @@ from ..errors import ErrorCode, FastrouteError, InvalidArgument, PolicyError
 
 if TYPE_CHECKING:
     from .delivery import Delivery, LinkPort
+    from .safety import Safety
 
 __all__ = ["Budgets", "Gate", "LinkGate", "PyLinkGate", "PySendGate", "SendGate", "Sender",
            "TokenBucket", "take_all", "take_upto",
@@ -173,14 +175,17 @@ class PySendGate:
     is not required); ``taps``: callables told of each accepted message;
     ``count_error(code)``; ``sack_op(id, code)`` packs a refusal;
     ``refusals``: the codes for body too large, unknown recipient, consent
-    required, rate limited, in that order.
+    required, rate limited, in that order; ``blocks``: address -> the
+    addresses and ``"@provider"`` names it blocked (no entry when none).
     """
 
-    __slots__ = ("known", "dedup", "consent", "taps", "count_error", "sack_op", "refusals")
+    __slots__ = ("known", "dedup", "consent", "taps", "count_error", "sack_op", "refusals",
+                 "blocks")
 
     def __init__(self, known: dict, dedup: Any, consent: dict | None, taps: list,
                  count_error: Callable[[int], None], sack_op: Callable[..., bytes],
-                 refusals: tuple) -> None:
+                 refusals: tuple, blocks: dict) -> None:
+        self.blocks = blocks
         self.known = known
         self.dedup = dedup
         self.consent = consent
@@ -230,7 +235,7 @@ def py_accept_sends(gate: PySendGate, lg: PyLinkGate, sends: list, now: float, n
     """
     out, sender, conn = lg.out, lg.sender, lg.link
     known, dedup, consent, taps = gate.known, gate.dedup, gate.consent, gate.taps
-    count_error, sack_op = gate.count_error, gate.sack_op
+    count_error, sack_op, blocks = gate.count_error, gate.sack_op, gate.blocks
     too_large, unknown, consent_required, rate_limited = gate.refusals
     msg_tokens, byte_tokens = lg.msg_tokens, lg.byte_tokens
     max_body, own, provider = lg.max_body, lg.own, lg.provider
@@ -247,15 +252,23 @@ def py_accept_sends(gate: PySendGate, lg: PyLinkGate, sends: list, now: float, n
                 out.append(sack_op(cid, seen))
             continue
         size = len(body)
+        # a recipient that blocked the sender (its address or provider) is,
+        # to that sender, an address that does not exist; nobody's blocks:
+        # one size test, a recipient without blocks: one lookup
+        hidden = False
+        if blocks:
+            blocked = blocks.get(to)
+            if blocked is not None and (sender in blocked or own in blocked) and to != sender:
+                hidden = True
         if size > max_body:
             code = too_large
         elif consent is not None and not to.endswith(own) and not (
-                to in known and (accepted := consent.get(to)) is not None
+                to in known and not hidden and (accepted := consent.get(to)) is not None
                 and (provider in accepted or "*" in accepted)):
             # an unknown address gets the same answer as one that did not
             # opt in: a sender the recipient never accepted cannot tell them apart
             code = consent_required
-        elif to not in known:
+        elif hidden or to not in known:
             code = unknown
         elif msg_tokens < 1.0 or byte_tokens < size:
             code = rate_limited  # a refused message costs no quota
@@ -366,9 +379,15 @@ class Gate:
         self._contacts: set[tuple[str, str]] = set()
         self._contacts_old: set[tuple[str, str]] = set()
         self._young: set[str] = set()
+        #: address -> the addresses and "@provider" names it blocked (the
+        #: safety stage fills it; the SEND loop reads it)
+        self.blocks: dict[str, set[str]] = {}
+        #: the safety stage, told of each stored batch (spam reports), or None
+        self.safety: "Safety | None" = None
         self._tables = SendGate(delivery.known, self.dedup,
                                 self.consent if config.require_consent else None,
-                                self.taps, self.count_error, wire.sack_op, REFUSALS)
+                                self.taps, self.count_error, wire.sack_op, REFUSALS,
+                                self.blocks)
 
     def count_error(self, code: int) -> None:
         """Count a refusal (the relay's counter), noting consent refusals for the score."""
@@ -522,6 +541,15 @@ class Gate:
                 sender.quarantined = why[1]
         return sender
 
+    def sender_of(self, address: str) -> Sender:
+        """What the sender rules know of ``address`` (created on first use)."""
+        return self._sender(address)
+
+    def first_seen(self, address: str) -> float | None:
+        """When the relay first saw a device of ``address`` (wall seconds), or None."""
+        devices = self._seen.get(address)
+        return float(min(devices.values())) if devices else None
+
     def budgets(self, cred: identity.Credential) -> Budgets:
         """The layered budgets of a device that just authenticated."""
         lim = self.config.limits
@@ -625,9 +653,10 @@ class Gate:
             self.score(sender, len(refused))
         return keep
 
-    def score(self, sender: Sender, points: float) -> None:
+    def score(self, sender: Sender, points: float, cause: str = "") -> None:
         """Add ``points`` to a sender's abuse score (halving every hour);
-        throttle or quarantine it past the thresholds."""
+        throttle or quarantine it past the thresholds (``cause`` goes in the
+        quarantine's reason)."""
         lim = self.config.limits
         now = time.monotonic()
         sender.score = sender.score * 0.5 ** ((now - sender.stamp) / 3600.0) + points
@@ -635,9 +664,15 @@ class Gate:
         if sender.quarantined is not None:
             return
         if sender.score >= lim.quarantine_score:
-            reason = f"abuse score {sender.score:.0f}"
+            reason = f"abuse score {sender.score:.0f}" + (f" ({cause})" if cause else "")
             sender.quarantined = reason
             log.warning("a sender was quarantined (%s)", reason)
+            # its live links screen their next SENDs at once, not after the
+            # registry write comes back (rare: a scan of the links is fine)
+            for feed in self.delivery.feeds():
+                budgets = getattr(feed.link, "budgets", None)
+                if budgets is not None and budgets.sender is sender:
+                    budgets.watched = True
             fut = asyncio.get_running_loop().run_in_executor(
                 None, self.registry.quarantine, sender.address, reason)
             fut.add_done_callback(_log_failure)
@@ -720,6 +755,7 @@ class Gate:
         for op in sends:
             cid = op[1]
             if (op[2] in full and op[4] == 0 and type(cid) is bytes and len(cid) == 16
+                    and self._may_write(link, op[2])
                     and dedup.lookup(sender, cid, now) is None):
                 self.count_error(code)
                 link.out.append(wire.sack_op(cid, code))
@@ -728,6 +764,19 @@ class Gate:
         if len(keep) < len(sends):
             self.delivery.mark(link)
         return keep
+
+    def _may_write(self, link: "LinkPort", to: str) -> bool:
+        """Whether ``link``'s user may message ``to`` (consent, blocks): a sender who
+        may not gets the unknown-address answer from the SEND loop, never a code
+        that tells the address exists (such as ``RECIPIENT_FULL``)."""
+        blocked = self.blocks.get(to)
+        if blocked is not None and to != link.address and (
+                link.address in blocked or "@" + link.provider in blocked):
+            return False
+        if not self.config.require_consent or to.endswith("@" + link.provider):
+            return True
+        accepted = self.consent.get(to)
+        return accepted is not None and (link.provider in accepted or "*" in accepted)
 
     def _stored(self, link: "LinkPort", meta: list, fut: asyncio.Future) -> None:
         """The store answered a batch: route it, then answer every sender."""
@@ -757,6 +806,10 @@ class Gate:
                     contacts.add((sender, to))
                 if len(contacts) > _MAX_CONTACTS:
                     self._contacts_old, self._contacts = contacts, set()
+            safety = self.safety
+            if safety is not None and safety.window > 0:
+                # spam reports count only for pairs the relay really carried
+                safety.delivered(sender, {item[0] for item in meta})
             out = link.out if link.is_open() else []
             # per message: dedup entry stored, its waiters answered, SACK-ok to the sender
             stored_sacks(meta, sender, dedup, time.monotonic(), out, self.ack_all)

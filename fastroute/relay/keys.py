@@ -58,6 +58,7 @@ if TYPE_CHECKING:
     from .delivery import Delivery, LinkPort
     from .gate import Gate
     from .groups import Groups
+    from .safety import Safety
 
 __all__ = ["KeyDirectory", "Keys", "Slot", "EVENT_POOL_LOW", "EVENT_DEVICE_JOINED",
            "EVENT_DEVICE_LEFT", "copy_sender", "dsend_copies", "event_sender",
@@ -73,6 +74,9 @@ EVENT_POOL_LOW, EVENT_DEVICE_JOINED, EVENT_DEVICE_LEFT = 1, 2, 3
 #: fixarray(7) + uint16 2002 (EVENT).  See ``delivery.py_pack_delivers``.
 DDELIVER_HEAD = b"\x98\xcd" + int(wire.Op.DDELIVER).to_bytes(2, "big")
 EVENT_HEAD = b"\x97\xcd" + int(wire.Op.EVENT).to_bytes(2, "big")
+
+#: the ops of feature "safety" (its stage answers them with this stage's REPLY)
+_SAFETY_OPS = frozenset(int(op) for op in wire.FEATURE_OPS["safety"])
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS slots(
@@ -501,6 +505,9 @@ class Keys:
         self.accepted = 0
         #: the groups stage (feature "groups"), told of device list changes
         self.groups: "Groups | None" = None
+        #: the safety stage (feature "safety"): its requests come through
+        #: :meth:`request`; its blocks hide addresses (:meth:`may_reach`)
+        self.safety: "Safety | None" = None
 
     # ------------------------------------------------------------ helpers
     def _reply(self, link: "LinkPort", cid: bytes, code: int, result: Any = None,
@@ -536,6 +543,11 @@ class Keys:
         """
         if address not in self.dir.lists:
             return False
+        # a user who blocked the requester (or its provider) does not exist
+        # for it, whatever else would let it through (a shared group included)
+        safety = self.safety
+        if safety is not None and safety.blocks and safety.hides(address, link.address):
+            return False
         if address.endswith("@" + link.provider) or not self.config.require_consent:
             return True
         accepted = self.gate.consent.get(address)
@@ -563,6 +575,9 @@ class Keys:
             self.publish(link, op)
         elif kind == wire.Op.KEYS_ADD:
             self.add(link, op[1], op[2], op[3])
+        elif kind in _SAFETY_OPS:
+            if self.safety is not None:
+                self.safety.request(link, op)
         elif self.groups is not None:
             self.groups.request(link, op)
 
@@ -755,7 +770,7 @@ class Keys:
         lg.byte_bucket.tokens = byte_tokens - size
         self.dedup.begin(sender, cid, PENDING, now)
         # every DSEND accepted in this loop turn goes to the store in one batch
-        self._batch.add(items, link, cid, copies)
+        self._batch.add(items, link, cid, (to, copies))
 
     def _refuse_dsend(self, link: "LinkPort", cid: bytes, to: str, entries: list, own: list,
                       skip: int) -> None:
@@ -782,11 +797,16 @@ class Keys:
         """A batch of DSENDs was stored: each copy to its own device."""
         routed = []
         at = 0
-        for _, _, copies in meta:
+        for _, _, (_, copies) in meta:
             for (a, n, (head, tail)) in copies:
                 routed.append((a, n, (mids[at], tail, head)))
                 at += 1
         self.delivery.persisted_copies(routed, mids[-1])
+        safety = self.safety
+        if safety is not None and safety.window > 0:
+            # spam reports count only for pairs the relay really carried
+            for link, _, (to, _) in meta:
+                safety.delivered(link.address, (to,))
         self.accepted += len(mids)
 
     # ------------------------------------------------------------ events

@@ -11,6 +11,8 @@ Data flows down, acks flow up (``docs/PROTOCOL.md`` has the bytes)::
                      backlog sync from the store, the writer   (relay.delivery)
            media     attachment requests, out of band          (relay.media_ops)
            upkeep    revocations, idle links, expiry, admin    (relay.upkeep)
+           keys, groups, safety   features e2ee, groups, safety (blocks,
+                     spam reports)   (relay.keys, relay.groups, relay.safety)
 
 :class:`Relay` owns the lifecycle (start, close), the configuration, the
 counters, and the wiring: it builds each stage and gives each link a
@@ -44,6 +46,7 @@ from .keys import KeyDirectory, Keys
 from .link import Link, LinkState, LinkWiring
 from .media_ops import MediaOps
 from .metrics import Histogram, serve_metrics
+from .safety import Safety, SafetyBook
 from .upkeep import Upkeep, serve_admin
 
 if TYPE_CHECKING:
@@ -178,6 +181,8 @@ class Relay:
         self.keys: Keys | None = None
         #: the groups stage (feature "groups"), with the keys stage
         self.groups: Groups | None = None
+        #: the safety stage (feature "safety": blocks, spam reports)
+        self.safety: Safety | None = None
         self._key_dir: KeyDirectory | None = None
         self.links: set[Link] = set()
         self._server: asyncio.base_events.Server | None = None
@@ -257,6 +262,10 @@ class Relay:
             if self._key_dir is not None:
                 self._key_dir.close()
                 self._key_dir = None
+            if self.safety is not None:
+                self.safety.stop()
+                self.safety.close()
+                self.safety = None
             if self._lock is not None:
                 self._lock.release()
                 self._lock = None
@@ -313,6 +322,11 @@ class Relay:
         self.keys = Keys(cfg, self._key_dir, gate, delivery, self.count_error)
         self.groups = self.keys.groups = Groups(cfg, self._key_dir, self.keys, delivery,
                                                 self.count_error)
+        # blocks and spam-report records: durable whatever the message store is
+        self.safety = Safety(cfg, SafetyBook(os.path.join(cfg.data_dir, "safety.db")), gate,
+                             self.keys, self.count_error)
+        gate.safety = self.keys.safety = self.safety
+        self.safety.start()
         self.upkeep = Upkeep(cfg, gate, delivery, self.store, self.media, self.count_error,
                              self.keys)
         wiring = LinkWiring(self.server_key, cfg, gate, delivery, self.media_ops,
@@ -378,6 +392,9 @@ class Relay:
         if self._key_dir is not None:
             # its writer thread finishes what is queued; off the loop
             await asyncio.get_running_loop().run_in_executor(None, self._key_dir.close)
+        if self.safety is not None:
+            self.safety.stop()
+            await asyncio.get_running_loop().run_in_executor(None, self.safety.close)
         if self.store is not None and self._own_store:
             await self.store.close()
         if self.media is not None and self._own_media:
