@@ -593,7 +593,9 @@ class Keys:
             if event:
                 self._event_to_others(address, did, EVENT_DEVICE_JOINED, [did, reg_id])
                 if self.groups is not None:
-                    self.groups.device_changed(address, did, reg_id)
+                    self.groups.device_changed(
+                        address, did, reg_id,
+                        old.reg_id if old is not None and old.device_id == did else None)
 
         fut.add_done_callback(done)
 
@@ -857,7 +859,8 @@ class Keys:
                     self._event_to_others(slot.address, slot.device_id, EVENT_DEVICE_LEFT,
                                           [slot.device_id])
                     if self.groups is not None:
-                        self.groups.device_changed(slot.address, slot.device_id, None)
+                        self.groups.device_changed(slot.address, slot.device_id, None,
+                                                   slot.reg_id)
 
             fut.add_done_callback(done)
 
