@@ -294,8 +294,8 @@ class Groups:
         self.keys._reply(link, cid, code, result)
 
     @staticmethod
-    def _refund(*buckets_and_size: Any) -> None:
-        mine, group, lg, size = buckets_and_size
+    def _refund(mine: TokenBucket, group: TokenBucket, lg: Any, size: int) -> None:
+        """Give back what a GSEND refused after its quotas were taken had spent."""
         mine.tokens += 1
         group.tokens += 1
         lg.msg_bucket.tokens += 1
