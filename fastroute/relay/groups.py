@@ -756,44 +756,53 @@ class Groups:
 
         fut.add_done_callback(done)
 
+    @staticmethod
+    def bump_work(conn: sqlite3.Connection, address: str) -> list:
+        """In a directory transaction: a new version for every group ``address``
+        is a member of (read from the tables, so it is exact within the
+        transaction); ``[(group id, version), ...]`` for :meth:`device_bumped`."""
+        return [(gid, int(version)) for gid, version in conn.execute(
+            "UPDATE groups SET version = version + 1 WHERE gid IN "
+            "(SELECT gid FROM group_members WHERE address = ?) RETURNING gid, version",
+            (address,)).fetchall()]
+
+    def device_bumped(self, address: str, device_id: int, reg_id: int | None,
+                      before: int | None, bumps: list) -> None:
+        """The versions :meth:`bump_work` committed for a device of ``address``
+        that joined (``reg_id``) or left (None): mirror them, log the change,
+        tell the member devices."""
+        self.devices_changing(address)
+        for gid, version in sorted(bumps):
+            g = self.groups.get(gid)
+            if g is None:
+                continue
+            g.version = version
+            g.log(version, address, [(device_id, before, reg_id)])
+            if reg_id is not None:
+                self._event(g, list(g.members), GEV_DEVICE_JOINED,
+                            [gid, version, address, device_id, reg_id])
+            else:
+                self._event(g, list(g.members), GEV_DEVICE_LEFT,
+                            [gid, version, address, device_id])
+
     def device_changed(self, address: str, device_id: int, reg_id: int | None,
                        before: int | None = None) -> None:
         """A member's device joined its list (``reg_id``) or left it (None): every
         group of the address gets a new version and tells its member devices.
         ``before`` is the device's registration id until now (a re-created
-        device, or one that left), None if it is new."""
-        gids = sorted(self.member_of.get(address, ()))
-        if not gids:
+        device, or one that left), None if it is new.  (A joining device is
+        bumped in the transaction that lists it, :meth:`bump_work`, so no
+        GSEND at the old version can reach it; this is for devices leaving.)"""
+        if not self.member_of.get(address):
             return
         self.devices_changing(address)
-
-        def work(conn: sqlite3.Connection) -> list:
-            out = []
-            for gid in gids:
-                row = conn.execute("UPDATE groups SET version = version + 1 WHERE gid = ? "
-                                   "RETURNING version", (gid,)).fetchone()
-                if row is not None:
-                    out.append((gid, int(row[0])))
-            return out
-
-        fut = self.dir.submit(work)
+        fut = self.dir.submit(lambda conn: self.bump_work(conn, address))
 
         def done(f: asyncio.Future) -> None:
             if f.cancelled() or f.exception() is not None:
                 log.warning("a group version could not be stored",
                             extra={"event": "groups.version_failed"})
                 return
-            for gid, version in f.result():
-                g = self.groups.get(gid)
-                if g is None:
-                    continue
-                g.version = version
-                g.log(version, address, [(device_id, before, reg_id)])
-                if reg_id is not None:
-                    self._event(g, list(g.members), GEV_DEVICE_JOINED,
-                                [gid, version, address, device_id, reg_id])
-                else:
-                    self._event(g, list(g.members), GEV_DEVICE_LEFT,
-                                [gid, version, address, device_id])
+            self.device_bumped(address, device_id, reg_id, before, f.result())
 
         fut.add_done_callback(done)
