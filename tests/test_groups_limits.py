@@ -335,3 +335,26 @@ def test_group_lists_alone_or_without_e2ee_grants_nothing(tmp_path):
             assert await x.negotiate(FEATURES) == {"e2ee", "groups"}
             assert await x.negotiate(("group_lists",)) == {"e2ee", "groups", "group_lists"}
     run("asyncio", main())
+
+
+def test_the_change_log_is_bounded_and_says_when_it_cannot_tell():
+    from types import SimpleNamespace
+
+    from fastroute.relay.groups import CHANGE_LOG, Group
+
+    g = Group(b"g" * 16, 1)
+    g.members = {"a@x": True, "b@x": False}
+    lists = {"a@x": {1: SimpleNamespace(reg_id=10)}, "b@x": {}}
+    # b's device d joins at version 1 + d, one change each, past the bound
+    for d in range(1, CHANGE_LOG + 11):
+        g.version += 1
+        g.log(g.version, "b@x", [(d, None, 100 + d)])
+        lists["b@x"][d] = SimpleNamespace(reg_id=100 + d)
+    assert len(g.changes) == CHANGE_LOG and g.log_from == 11
+    recent = g.mismatch(lists, "a@x", 1, g.version - 2)
+    assert recent == [g.version, [["b@x", CHANGE_LOG + 9, 109 + CHANGE_LOG],
+                                  ["b@x", CHANGE_LOG + 10, 110 + CHANGE_LOG]], [], [], True]
+    edge = g.mismatch(lists, "a@x", 1, g.log_from)
+    assert edge[4] is True and len(edge[1]) == CHANGE_LOG
+    old = g.mismatch(lists, "a@x", 1, g.log_from - 1)  # its changes were dropped
+    assert old[4] is False and len(old[1]) == CHANGE_LOG + 10 and old[2:4] == [[], []]

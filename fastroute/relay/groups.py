@@ -93,7 +93,7 @@ ADDED, INVITED, ALREADY = 0, 1, 2
 LISTS = "group_lists"
 #: member-device-set changes remembered per group, for the mismatch lists
 #: (older versions are answered with every current device, ``complete`` false)
-CHANGE_LOG = 4096
+CHANGE_LOG = 512
 
 
 def group_sender(gid: bytes, address: str, device_id: int) -> str:
