@@ -67,7 +67,9 @@ def start_relay(data: str, store: str) -> tuple[subprocess.Popen, int]:
                  "group_msgs_per_group_s = 10000000.0\ngroup_msgs_per_group_burst = 10000000.0\n"
                  "group_changes_burst = 100000.0\nmailbox_capacity = 8192\n"
                  "[limits]\nmsgs_per_s = 10000000.0\nmsgs_burst = 10000000.0\n"
-                 "bytes_per_s = 1000000000000\nbytes_burst = 1000000000000\n")
+                 "bytes_per_s = 1000000000000\nbytes_burst = 1000000000000\n"
+                 # the v1 baseline puts every device on one address
+                 "max_devices_per_address = 1000\n")
     proc = subprocess.Popen([sys.executable, "-P", "-m", "fastroute.cli", "serve", "--config",
                              os.path.join(data, "fastroute.toml"), "--data-dir", data,
                              "--listen", "127.0.0.1:0"], stdout=subprocess.PIPE,

@@ -401,6 +401,9 @@ class Client:
         self.duplicates_dropped = 0
         #: features to negotiate on every link (FEATURES, sent with the handshake)
         self.want_features = tuple(features)
+        if "groups" in features and "group_lists" not in features:
+            # this library reads GSEND's lists (docs/PROTOCOL.md 18.4): ask for them
+            self.want_features += ("group_lists",)
         #: features the relay granted on the current link
         self.features: frozenset[str] = frozenset()
         self._features_fut: asyncio.Future | None = None
@@ -996,14 +999,23 @@ class Client:
         return version, members, invitees
 
     async def group_send(self, group: bytes, version: int, body: bytes, *,
-                         id: bytes | None = None) -> bytes:  # noqa: A002
+                         id: bytes | None = None,  # noqa: A002
+                         skipped: list | None = None) -> bytes:
         """Send one ciphertext to every member device but this one; ``version`` is
         the member-device-set version the sender key went to.  Returns the id
         once stored.  :class:`~fastroute.errors.GroupMismatch` (nothing stored)
-        carries the current version: distribute, then resend with the same id."""
+        carries the current version (and, with ``"group_lists"``, the devices
+        missing, extra and stale since ``version``): distribute, then resend
+        with the same id.  Members whose backlog is at the relay's cap get no
+        copy; with ``"group_lists"`` their addresses are appended to
+        ``skipped``.  :class:`~fastroute.errors.RecipientFull` when every
+        recipient is at a cap (nothing stored)."""
         self._need("groups")
         cid = id if id is not None else self._new_id()
-        await self._request([wire.group_op(wire.Op.GSEND, cid, group, version, body)], cid)
+        result = await self._request(
+            [wire.group_op(wire.Op.GSEND, cid, group, version, body)], cid)
+        if skipped is not None and type(result) is list:
+            skipped.extend(result)
         return cid
 
     # ------------------------------------------------------------- safety
@@ -1050,8 +1062,10 @@ class Client:
             self._requests.pop(op[1], None)
             if not fut.done():
                 if (code == ErrorCode.DEVICE_MISMATCH and type(result) is tuple
-                        and len(result) == 1):
-                    fut.set_exception(GroupMismatch("member device set changed", result[0]))
+                        and len(result) in (1, 5)):
+                    # 5: with the lists of "group_lists" (docs/PROTOCOL.md 18.4)
+                    fut.set_exception(GroupMismatch("member device set changed", result[0],
+                                                    result[1:] if len(result) == 5 else None))
                 elif code == ErrorCode.DEVICE_MISMATCH and type(result) is tuple:
                     fut.set_exception(DeviceMismatch("device list changed", result))
                 else:

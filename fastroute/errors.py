@@ -493,16 +493,34 @@ class BlockLimit(PolicyError):
 class GroupMismatch(FastrouteError, LookupError):
     """A group SEND named an out-of-date member-device-set version; nothing stored.
 
-    ``version`` is the current one: fetch the members (their devices), send
-    the sender key to the devices that lack it, and resend with the same id.
+    ``version`` is the current one.  On a link that negotiated
+    ``"group_lists"`` the relay also says what changed since the version the
+    sender named: ``missing`` and ``stale`` are ``(address, device id, reg
+    id)`` of the member devices to send the sender key to (stale: re-created,
+    start a new session), ``extra`` ``(address, device id)`` of those gone
+    (rotate the sender key if one was removed); ``complete`` is False when
+    the relay could not tell (``missing`` is then every current member
+    device).  Without the lists (``complete`` None) fetch the members.  Then
+    resend with the same id and the new version.
     """
 
     code = ErrorCode.DEVICE_MISMATCH
 
-    def __init__(self, message: str = "member device set changed", version: int = 0, *,
+    def __init__(self, message: str = "member device set changed", version: int = 0,
+                 lists: tuple | None = None, *,
                  code: ErrorCode | int | None = None) -> None:
         super().__init__(message, code=code)
         self.version = version
+        self.missing: list = []
+        self.extra: list = []
+        self.stale: list = []
+        self.complete: bool | None = None
+        if lists is not None:
+            missing, extra, stale, complete = lists
+            self.missing = [tuple(x) for x in missing]
+            self.extra = [tuple(x) for x in extra]
+            self.stale = [tuple(x) for x in stale]
+            self.complete = bool(complete)
 
 
 def error_for_code(code: int, reason: str = "") -> FastrouteError:

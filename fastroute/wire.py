@@ -203,10 +203,14 @@ FEATURE_OPS: dict[str, frozenset[int]] = {
                          Op.GMEMBERS, Op.GSEND, Op.GDELIVER, Op.GEVENT)),
     # requires "e2ee" on the same link (its requests are answered with REPLY)
     "safety": frozenset((Op.BLOCK, Op.BLOCKS, Op.REPORT)),
+    # no ops of its own: GSEND's REPLY gains the mismatch lists and the members
+    # skipped at a cap (docs/PROTOCOL.md 18.4), only on links that asked
+    "group_lists": frozenset(),
 }
 #: feature -> the features a link must be granted with it (or before it)
 FEATURE_NEEDS: dict[str, frozenset[str]] = {"groups": frozenset(("e2ee",)),
-                                            "safety": frozenset(("e2ee",))}
+                                            "safety": frozenset(("e2ee",)),
+                                            "group_lists": frozenset(("groups",))}
 #: most feature names one FEATURES op may carry, and longest name
 MAX_FEATURES = 64
 MAX_FEATURE_NAME = 32

@@ -511,6 +511,7 @@ def test_the_worked_bytes_of_the_spec_are_the_codes():
     expected = b"".join((
         wire.group_op(wire.Op.GCREATE, cid), wire.group_op(wire.Op.GADD, cid, gid, "bob@home"),
         wire.group_op(wire.Op.GSEND, cid, gid, 3, b"hi"), wire.reply_op(cid, 306, True, [4]),
+        wire.reply_op(cid, 306, True, [4, [["carol@acme", 1, 31]], [["dave@acme", 1]], [], True]),
         GDELIVER_HEAD, b"\xce", (5).to_bytes(4, "big"),
         wire.py_deliver_tail(sp, cid, b"hi", wire.ts_packed(1700000000000), 0)))
     assert bytes.fromhex("".join(tokens)) == expected

@@ -469,17 +469,40 @@ class Delivery:
         try:
             items = build()
             if items:
+                full: list = []
                 try:
                     placed = self.router.offer_many(items)
                 except MailboxFull as exc:
                     placed = exc.entered
-                    self._missed(items, exc.full)
+                    full = exc.full
+                    self._missed(items, full)
+                self._held_offered(items, full)
                 self.wake()
             if last_mid > self._routed_mid:
                 self._routed_mid = last_mid
+            if self.queued_bytes > self.memory_budget:
+                # after the cursor moved: what was just placed is in the engine
+                self.spill()
         finally:
             self._wake_routed()
         return placed
+
+    def _held_offered(self, items: list, full: list) -> None:
+        """Count the tails of placed ``(engine device id, (mid, tail, head))``
+        items against their devices and the relay-wide memory budget, as
+        :meth:`_held` does for routed ones (per-device and group copies too)."""
+        online = self._online
+        skip = {index for index, _ in full} if full else ()
+        added = 0
+        for index, (dev, payload) in enumerate(items):
+            if index in skip:
+                continue
+            feed = online.get(dev)
+            if feed is not None:
+                size = len(payload[1])
+                feed.qbytes += size
+                added += size
+        self.queued_bytes += added
 
     def route(self, batch: list, ephemeral: bool) -> None:
         """Route ``(address, (mid, tail))`` pairs to the online devices of each address."""
@@ -568,12 +591,23 @@ class Delivery:
             per_provider[feed.provider] = per_provider.get(feed.provider, 0) + feed.qbytes
         share = self.memory_budget * self.provider_share
         excess = self.queued_bytes - self.memory_budget
+        # A provider within its share is spilled only if the relay would be
+        # over budget even were every provider held to its share: bytes that
+        # one provider's slow devices hold (spilled or not) never push
+        # another provider's devices off the live route (a group's flood at
+        # one provider does not delay its members at the others).
+        fair_excess = sum(min(b, share) for b in per_provider.values()) - self.memory_budget
         order = sorted((f for f in online if f.live and f.qbytes),
                        key=lambda f: (per_provider[f.provider] <= share, -f.qbytes))
         router = self.router
         for feed in order:
             if excess <= 0:
                 break
+            within = per_provider[feed.provider] <= share
+            if within:
+                if fair_excess <= 0:
+                    break  # sorted: the rest are within their shares too
+                fair_excess -= feed.qbytes
             router.suspend(feed.dev)
             feed.live = False
             # everything routed so far is in the engine; the sync starts

@@ -18,10 +18,15 @@ ciphertext that the relay stores once and fans out to every member device.
   stream as messages.  A change commits, then its event is stored, then the
   next change's: events reach every device in the order of the changes.
 * GSEND names the version the sender distributed its key to; a stale version
-  is refused whole (``DEVICE_MISMATCH`` with the current version).  The
-  accepted message is stored once with an inbox row per recipient device, and
-  the engine gets the same payload object for each online recipient device
-  (``Router.offer_many``): one tail, shared, never copied per device.
+  is refused whole (``DEVICE_MISMATCH`` with the current version and, on
+  links that negotiated ``"group_lists"``, the devices missing, extra and
+  stale since that version, from a bounded in-memory log of the set's
+  changes).  The accepted message is stored once with an inbox row per
+  recipient device, and the engine gets the same payload object for each
+  online recipient device (``Router.offer_many``): one tail, shared, never
+  copied per device.  Members whose backlog is at a ``RECIPIENT_FULL`` cap
+  get no row (the others do); a send none of whose recipients could take it
+  is refused with ``RECIPIENT_FULL``.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import logging
 import os
 import sqlite3
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
 
 import msgpack
@@ -82,6 +88,13 @@ CREATE TABLE IF NOT EXISTS group_invites(
 #: GADD's result: added as a member, invited, or already a member or invitee
 ADDED, INVITED, ALREADY = 0, 1, 2
 
+#: the feature whose links get GSEND's mismatch lists and skipped members
+#: (docs/PROTOCOL.md 18.4); needs "groups"
+LISTS = "group_lists"
+#: member-device-set changes remembered per group, for the mismatch lists
+#: (older versions are answered with every current device, ``complete`` false)
+CHANGE_LOG = 512
+
 
 def group_sender(gid: bytes, address: str, device_id: int) -> str:
     """The store's ``sender`` of a group message: ``#<gid hex>:<address>/<device id>``.
@@ -111,11 +124,18 @@ def pack_group_sender(sender: str) -> tuple[bytes, bytes]:
 class Group:
     """What memory keeps of one group (mirrors the tables once a change committed)."""
 
-    __slots__ = ("gid", "version", "members", "invites", "buckets", "fanout")
+    __slots__ = ("gid", "version", "members", "invites", "buckets", "fanout", "changes",
+                 "log_from")
 
     def __init__(self, gid: bytes, version: int) -> None:
         self.gid = gid
         self.version = version
+        #: ``(version, address, device id, reg id before, reg id after)`` of every
+        #: member device that joined (before None), left (after None) or was
+        #: re-created since version :attr:`log_from`, oldest first.  Memory
+        #: only: after a restart the log starts at the current version.
+        self.changes: deque = deque()
+        self.log_from = version
         #: address -> admin, in join order
         self.members: dict[str, bool] = {}
         #: invitee address -> inviter address
@@ -126,6 +146,45 @@ class Group:
         #: (sender address, sending device id) -> (recipient devices, their store keys);
         #: emptied whenever a member or a member's device list changes
         self.fanout: dict[tuple[str, int], tuple[list, list]] = {}
+
+    def log(self, version: int, address: str, devices: list) -> None:
+        """Remember that ``devices`` (``(device id, reg before, reg after)``) of
+        ``address`` changed at ``version``; the log keeps :data:`CHANGE_LOG`."""
+        changes = self.changes
+        for did, before, after in devices:
+            changes.append((version, address, did, before, after))
+        while len(changes) > CHANGE_LOG:
+            self.log_from = max(self.log_from, changes.popleft()[0])
+
+    def mismatch(self, lists: dict, sender: str, skip: int, version: int) -> list:
+        """GSEND's ``DEVICE_MISMATCH`` result for a sender whose key went to the
+        member devices of ``version``: ``[current version, missing, extra, stale,
+        complete]`` (docs/PROTOCOL.md 18.4).  The set at ``version`` is the
+        current one with the logged changes since undone, newest first."""
+        current = {}
+        for address in self.members:
+            for did, slot in lists.get(address, {}).items():
+                current[(address, did)] = slot.reg_id
+        current.pop((sender, skip), None)
+        if not self.log_from <= version < self.version:
+            # too old for the log (or from before a restart), or never issued:
+            # every current device, so the sender redistributes to all
+            return [self.version, [[a, d, r] for (a, d), r in sorted(current.items())], [],
+                    [], False]
+        before = dict(current)
+        for v, address, did, old, _ in reversed(self.changes):
+            if v <= version:
+                break
+            if old is None:
+                before.pop((address, did), None)
+            else:
+                before[(address, did)] = old
+        before.pop((sender, skip), None)
+        missing = [[a, d, r] for (a, d), r in sorted(current.items()) if (a, d) not in before]
+        extra = [[a, d] for (a, d) in sorted(before) if (a, d) not in current]
+        stale = [[a, d, r] for (a, d), r in sorted(current.items())
+                 if (a, d) in before and before[(a, d)] != r]
+        return [self.version, missing, extra, stale, True]
 
 
 class Groups:
@@ -148,6 +207,10 @@ class Groups:
         self._senders: dict[tuple[bytes, str, int], tuple[bytes, str]] = {}
         self.accepted = 0
         self.fanned_out = 0
+        #: members skipped by accepted GSENDs because their backlog was at a cap
+        self.skipped_full = 0
+        #: (sender, id) -> addresses an accepted GSEND skipped, for its REPLY
+        self._skipped: dict[tuple[str, bytes], list] = {}
         # GSENDs accepted in this loop turn, stored together, then answered
         self._batch = TurnBatch(delivery, self.dedup, self._reply, self._place,
                                 "group sends", "groups.store_failed")
@@ -188,6 +251,10 @@ class Groups:
             if g is not None:
                 g.fanout.clear()
 
+    def _regs(self, address: str) -> list:
+        """``[(device id, reg id), ...]`` of the device list of ``address``."""
+        return [(did, slot.reg_id) for did, slot in self.dir.lists.get(address, {}).items()]
+
     def _join(self, g: Group, address: str, admin: bool) -> None:
         g.fanout.clear()
         g.members[address] = admin
@@ -219,7 +286,20 @@ class Groups:
 
     # ------------------------------------------------------------ helpers
     def _reply(self, link: "LinkPort", cid: bytes, code: int, result: Any = None) -> None:
+        if self._skipped and result is None:
+            # an accepted GSEND that skipped members at a cap says which (group_lists)
+            skipped = self._skipped.pop((link.address, cid), None)
+            if not code and skipped is not None:
+                result = skipped
         self.keys._reply(link, cid, code, result)
+
+    @staticmethod
+    def _refund(mine: TokenBucket, group: TokenBucket, lg: Any, size: int) -> None:
+        """Give back what a GSEND refused after its quotas were taken had spent."""
+        mine.tokens += 1
+        group.tokens += 1
+        lg.msg_bucket.tokens += 1
+        lg.byte_bucket.tokens += size
 
     @staticmethod
     def _bucket(table: dict, key: str, rate: float, burst: float) -> TokenBucket:
@@ -368,6 +448,7 @@ class Groups:
                 return ALREADY
             if direct:
                 g.version = version
+                g.log(version, address, [(d, None, r) for d, r in self._regs(address)])
                 self._join(g, address, False)
                 self._event(g, list(g.members), GEV_ADDED, [gid, version, by, address])
                 return ADDED
@@ -412,6 +493,7 @@ class Groups:
             self._drop_invite(g, address)
             if accept:
                 g.version = version
+                g.log(version, address, [(d, None, r) for d, r in self._regs(address)])
                 self._join(g, address, False)
                 self._event(g, list(g.members), GEV_JOINED, [gid, version, address])
             else:
@@ -486,6 +568,7 @@ class Groups:
                 self._forget_group(g)
                 return
             g.version = version
+            g.log(version, address, [(d, r, None) for d, r in self._regs(address)])
             self._event(g, targets, kind, [gid, version, by, address] if kind == GEV_REMOVED
                         else [gid, version, address])
             if promoted is not None:
@@ -557,16 +640,23 @@ class Groups:
         if mine is None:
             self._reply(link, cid, ErrorCode.NO_KEYS)
             return
-        if version != g.version:
-            self._reply(link, cid, ErrorCode.DEVICE_MISMATCH, [g.version])
-            return
         cfg = self.config
+        mine_bucket = self._bucket(self._send_buckets, sender, cfg.group_msgs_per_s,
+                                   cfg.group_msgs_burst)
+        if version != g.version:
+            if LISTS not in link.features:
+                self._reply(link, cid, ErrorCode.DEVICE_MISMATCH, [g.version])
+            elif mine_bucket.take():
+                # the lists cost a walk of the member devices: a send token each
+                self._reply(link, cid, ErrorCode.DEVICE_MISMATCH,
+                            g.mismatch(self.dir.lists, sender, mine.device_id, version))
+            else:
+                self._reply(link, cid, ErrorCode.RATE_LIMITED)
+            return
         group_bucket = g.buckets.get(link.provider)
         if group_bucket is None:
             group_bucket = g.buckets[link.provider] = TokenBucket(
                 cfg.group_msgs_per_group_s, cfg.group_msgs_per_group_burst)
-        mine_bucket = self._bucket(self._send_buckets, sender, cfg.group_msgs_per_s,
-                                   cfg.group_msgs_burst)
         lg = link.gate_state
         size = len(body)
         if (mine_bucket.refill() < 1 or group_bucket.refill() < 1
@@ -601,6 +691,25 @@ class Groups:
                 msgpack.packb(gid) + msgpack.packb(sender) + msgpack.packb(skip),
                 group_sender(gid, sender, skip))
         sp, stored_sender = packed
+        full = self.delivery.caps.full
+        if full and targets:
+            # as SEND to them would be: members whose backlog is at a cap get
+            # no row; the others get the message (one member's backlog never
+            # stops a group); none left: refused like a SEND
+            skipped = sorted({a for a, _ in targets if a in full})
+            if skipped:
+                kept = [i for i, (a, _) in enumerate(targets) if a not in full]
+                if not kept:
+                    self._refund(mine_bucket, group_bucket, lg, size)
+                    self._reply(link, cid, ErrorCode.RECIPIENT_FULL)
+                    return
+                targets = [targets[i] for i in kept]
+                dkeys = [dkeys[i] for i in kept]
+                self.skipped_full += len(skipped)
+                if LISTS in link.features:
+                    if len(self._skipped) > 1 << 16:
+                        self._skipped.clear()
+                    self._skipped[(sender, cid)] = skipped
         if not targets:
             # no other member device: accepted, nothing to store
             self.dedup.begin(sender, cid, 0, now)
@@ -647,40 +756,53 @@ class Groups:
 
         fut.add_done_callback(done)
 
-    def device_changed(self, address: str, device_id: int, reg_id: int | None) -> None:
+    @staticmethod
+    def bump_work(conn: sqlite3.Connection, address: str) -> list:
+        """In a directory transaction: a new version for every group ``address``
+        is a member of (read from the tables, so it is exact within the
+        transaction); ``[(group id, version), ...]`` for :meth:`device_bumped`."""
+        return [(gid, int(version)) for gid, version in conn.execute(
+            "UPDATE groups SET version = version + 1 WHERE gid IN "
+            "(SELECT gid FROM group_members WHERE address = ?) RETURNING gid, version",
+            (address,)).fetchall()]
+
+    def device_bumped(self, address: str, device_id: int, reg_id: int | None,
+                      before: int | None, bumps: list) -> None:
+        """The versions :meth:`bump_work` committed for a device of ``address``
+        that joined (``reg_id``) or left (None): mirror them, log the change,
+        tell the member devices."""
+        self.devices_changing(address)
+        for gid, version in sorted(bumps):
+            g = self.groups.get(gid)
+            if g is None:
+                continue
+            g.version = version
+            g.log(version, address, [(device_id, before, reg_id)])
+            if reg_id is not None:
+                self._event(g, list(g.members), GEV_DEVICE_JOINED,
+                            [gid, version, address, device_id, reg_id])
+            else:
+                self._event(g, list(g.members), GEV_DEVICE_LEFT,
+                            [gid, version, address, device_id])
+
+    def device_changed(self, address: str, device_id: int, reg_id: int | None,
+                       before: int | None = None) -> None:
         """A member's device joined its list (``reg_id``) or left it (None): every
-        group of the address gets a new version and tells its member devices."""
-        gids = sorted(self.member_of.get(address, ()))
-        if not gids:
+        group of the address gets a new version and tells its member devices.
+        ``before`` is the device's registration id until now (a re-created
+        device, or one that left), None if it is new.  (A joining device is
+        bumped in the transaction that lists it, :meth:`bump_work`, so no
+        GSEND at the old version can reach it; this is for devices leaving.)"""
+        if not self.member_of.get(address):
             return
         self.devices_changing(address)
-
-        def work(conn: sqlite3.Connection) -> list:
-            out = []
-            for gid in gids:
-                row = conn.execute("UPDATE groups SET version = version + 1 WHERE gid = ? "
-                                   "RETURNING version", (gid,)).fetchone()
-                if row is not None:
-                    out.append((gid, int(row[0])))
-            return out
-
-        fut = self.dir.submit(work)
+        fut = self.dir.submit(lambda conn: self.bump_work(conn, address))
 
         def done(f: asyncio.Future) -> None:
             if f.cancelled() or f.exception() is not None:
                 log.warning("a group version could not be stored",
                             extra={"event": "groups.version_failed"})
                 return
-            for gid, version in f.result():
-                g = self.groups.get(gid)
-                if g is None:
-                    continue
-                g.version = version
-                if reg_id is not None:
-                    self._event(g, list(g.members), GEV_DEVICE_JOINED,
-                                [gid, version, address, device_id, reg_id])
-                else:
-                    self._event(g, list(g.members), GEV_DEVICE_LEFT,
-                                [gid, version, address, device_id])
+            self.device_bumped(address, device_id, reg_id, before, f.result())
 
         fut.add_done_callback(done)

@@ -586,15 +586,26 @@ class Keys:
         _, cid, reg_id, identity, signed, last_resort, clear = op
         assert link.cred is not None
         address, name = link.address, link.cred.device
-        fut = self.dir.submit(self.dir.publish_work(address, name, reg_id, identity, signed,
-                                                    last_resort, clear))
+        work = self.dir.publish_work(address, name, reg_id, identity, signed, last_resort,
+                                     clear)
+        groups = self.groups
+
+        def publish_and_bump(conn: sqlite3.Connection) -> tuple[int, int, list]:
+            did, event = work(conn)
+            # a device joining the list changes its groups' member-device sets
+            # in the same transaction: memory learns both in one callback, so
+            # no GSEND at the old version can be fanned out to it
+            return did, event, (groups.bump_work(conn, address)
+                                if event and groups is not None else [])
+
+        fut = self.dir.submit(publish_and_bump)
 
         def done(f: asyncio.Future) -> None:
             exc = f.exception()
             if exc is not None:
                 self._reply(link, cid, int(getattr(exc, "code", ErrorCode.STORE_FAILED)))
                 return
-            did, event = f.result()
+            did, event, bumps = f.result()
             self._told_low.difference_update({(address, name, 0), (address, name, 1)})
             old = self.dir.slot(address, name)
             if old is not None:
@@ -607,8 +618,10 @@ class Keys:
             self._reply(link, cid, 0, did)
             if event:
                 self._event_to_others(address, did, EVENT_DEVICE_JOINED, [did, reg_id])
-                if self.groups is not None:
-                    self.groups.device_changed(address, did, reg_id)
+                if groups is not None:
+                    groups.device_bumped(
+                        address, did, reg_id,
+                        old.reg_id if old is not None and old.device_id == did else None, bumps)
 
         fut.add_done_callback(done)
 
@@ -877,7 +890,8 @@ class Keys:
                     self._event_to_others(slot.address, slot.device_id, EVENT_DEVICE_LEFT,
                                           [slot.device_id])
                     if self.groups is not None:
-                        self.groups.device_changed(slot.address, slot.device_id, None)
+                        self.groups.device_changed(slot.address, slot.device_id, None,
+                                                   slot.reg_id)
 
             fut.add_done_callback(done)
 

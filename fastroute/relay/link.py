@@ -533,9 +533,15 @@ class Link(asyncio.Protocol):
         supported = SUPPORTED_FEATURES if self.wiring.keys is not None else _NO_FEATURES
         wanted = supported.intersection(names)
         # a feature built on others is granted only with them (or after them)
+        # (needs of needs too: drop what is not grantable until nothing changes)
         have = self.features.union(wanted)
-        granted = sorted(n for n in wanted
-                         if wire.FEATURE_NEEDS.get(n, _NO_FEATURES).issubset(have))
+        while True:
+            ok = frozenset(n for n in have
+                           if wire.FEATURE_NEEDS.get(n, _NO_FEATURES).issubset(have))
+            if ok == have:
+                break
+            have = ok
+        granted = sorted(wanted & have)
         self.features = self.features.union(granted)
         self.out.append(wire.features_ok_op(cid, granted))
         self.wiring.delivery.mark(self)
