@@ -424,7 +424,7 @@ def test_the_group_and_abuse_checks_pass_with_identical_columns(tmp_path):
         assert row["home"]["observed"] == row["third_party"]["observed"], row
     rows = {r["check"]: r for r in report["checks"]}
     # what the checks really saw (each would be n/a, or fail, otherwise)
-    assert rows["abuse.quarantine"]["home"]["observed"].endswith("lifted: 300")
+    assert rows["abuse.quarantine"]["home"]["observed"].endswith("recorded; lifted: 300")
     assert rows["e2ee.bundle-fetch-limit"]["home"]["observed"].startswith("0 then 400")
     assert rows["limits.buckets-per-device"]["home"]["observed"] == \
         "not refilled by reconnecting"

@@ -1312,6 +1312,15 @@ async def _quarantine(s: Subject) -> Outcome:
     seen = f"burst {shape}; then a started conversation: {probes[0]}, self: {probes[1]}"
     want = "burst [300] then refusals; then a started conversation: 405, self: 405"
     if s.t.registry_path is not None:
+        recorded = False
+        for _ in range(int(s.t.timeout * 10)):  # the relay records it, with its reason
+            with s.registry() as reg:
+                recorded = any(q[0] == me_addr for q in reg.quarantined())
+            if recorded:
+                break
+            await asyncio.sleep(0.1)
+        seen += "; recorded" if recorded else "; not recorded in the registry"
+        want += "; recorded"
         with s.registry() as reg:
             reg.lift_quarantine(me_addr)
         lifted = None
