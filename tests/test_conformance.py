@@ -24,7 +24,7 @@ import pytest
 
 from fastroute import Client, Relay, RelayConfig, wire
 from fastroute.cli import main as cli_main
-from fastroute.client import Event
+from fastroute.client import DeviceMessage, Event, GroupEvent, GroupMessage
 from fastroute.config import Limits
 from fastroute.dedup import DedupTable
 from fastroute.conformance.adapter import run_adapter
@@ -472,7 +472,8 @@ def test_fastroute_client_passes_every_behaviour(tmp_path):
                            "resend-in-order", "backoff-rate-limited", "backoff-store-failed",
                            "error-op-and-encodings", "no-ops-after-bye", "well-formed-ops"}
     # the reference adapter negotiates "e2ee", so these are graded, not n/a
-    for name in ("unknown-relay-op", "key-publishing", "pool-top-up", "mismatch-refresh-resend"):
+    for name in ("unknown-relay-op", "key-publishing", "pool-top-up", "mismatch-refresh-resend",
+                 "group-events", "feature-acks-only-taken", "feature-dedup"):
         assert grades[name] == "pass", report["behaviours"]
     assert report["client_exit_status"] == 0
 
@@ -564,6 +565,24 @@ class _NewIdAfterMismatch(Client):
         return await super().send_to_devices(to, entries, own)  # a fresh id every time
 
 
+class _ReordersGroupEvents(Client):
+    def _on_frame(self, msg):
+        n = len(self._inbox)
+        super()._on_frame(msg)
+        new = list(self._inbox)[n:]
+        at = [i for i, m in enumerate(new) if isinstance(m, GroupEvent)]
+        for i, m in zip(at, [new[i] for i in reversed(at)]):  # a frame's events backwards
+            self._inbox[n + i] = m
+
+
+class _AcksFeatureDeliveriesOnReceipt(Client):
+    def _on_frame(self, msg):
+        super()._on_frame(msg)
+        taken = [m for m in self._inbox if isinstance(m, (DeviceMessage, GroupMessage))]
+        if taken:  # a per-device or group copy acked before the application took it
+            self._write([wire.dack_op(taken[-1].seq)])
+
+
 def _broken(cls=Client, **kw):
     return lambda env: run_adapter(env, client_cls=cls, **kw)
 
@@ -581,10 +600,14 @@ def _broken(cls=Client, **kw):
     (_broken(_DropsOnUnknownOps), "unknown-op", "unknown-relay-op"),
     (_broken(_IgnoresPoolLow), "keys", "pool-top-up"),
     (_broken(_NewIdAfterMismatch), "mismatch", "mismatch-refresh-resend"),
+    (_broken(_ReordersGroupEvents), "group-events", "group-events"),
+    (_broken(_AcksFeatureDeliveriesOnReceipt), "feature-deliveries", "feature-acks-only-taken"),
+    (_broken(_NoDedup), "feature-deliveries", "feature-dedup"),
 ], ids=["no-resend", "reordered-resend", "ack-before-take", "ignores-rate-limits",
         "sends-after-bye", "no-pinning", "no-dedup", "retries-store-failed-at-once",
         "malformed-op", "drops-link-on-unknown-op", "no-pool-top-up",
-        "new-id-after-mismatch"])
+        "new-id-after-mismatch", "group-events-out-of-order", "feature-ack-before-take",
+        "no-feature-dedup"])
 def test_broken_clients_fail_the_behaviour_they_break(tmp_path, client, scenario, behaviour):
     report = _run(_kit(tmp_path).run(client=client, only=["adapter", scenario],
                                      print_fn=lambda *a: None))
