@@ -1222,9 +1222,9 @@ async def _bundle_limit(s: Subject) -> Outcome:
     await me.wait(lambda o: len(wanted.intersection(
         x[1] for x in me.ops if x[0] == REPLY and x[3] is True)) == len(wanted), 10.0)
     codes = {o[1]: o[2] for o in me.ops if o[0] == REPLY and o[3] is True}
-    seq = [codes.get(rid) for rid in rids]
-    if None in seq:
-        return Outcome(FAIL, "REPLYs missing", f"{seq.count(None)} of {len(rids)}")
+    seq = [codes.get(rid, -1) for rid in rids]
+    if -1 in seq:
+        return Outcome(FAIL, "REPLYs missing", f"{seq.count(-1)} of {len(rids)}")
     if 400 not in seq:
         return Outcome(NA, f"no refusal in {len(rids)} fetches",
                        "the burst is above the probe (bundle_probe)")
@@ -1259,7 +1259,8 @@ async def _new_sender(s: Subject) -> Outcome:
     ids = [new_id() for _ in strangers]
     me.send(*[[SEND, cid, to, b"hi", 0] for cid, to in zip(ids, strangers)])
     await s.sack(me, ids[-1])
-    codes = [{o[1]: o[2] for o in me.ops if o[0] == SACK}.get(cid) for cid in ids]
+    got = {o[1]: o[2] for o in me.ops if o[0] == SACK}
+    codes = [got.get(cid, -1) for cid in ids]  # -1: no SACK
     if 400 not in codes:
         return Outcome(NA, f"no refusal for {len(ids)} strangers",
                        "the new-sender rule is off (new_sender_age_s = 0) or above the probe")
@@ -1293,7 +1294,7 @@ async def _quarantine(s: Subject) -> Outcome:
                                                                strangers[i:i + 500])])
     await s.sack(me, ids[-1], 10.0)
     codes = {o[1]: o[2] for o in me.ops if o[0] == SACK}
-    burst = [codes.get(cid) for cid in ids]
+    burst = [codes.get(cid, -1) for cid in ids]  # -1: no SACK
     # where in the burst the score crosses the threshold depends on how the relay
     # splits it into turns: only "refused from some point on" is compared
     refused = next((i for i, c in enumerate(burst) if c in (400, 405)), None)
