@@ -71,7 +71,9 @@ def test_relay_direction_passes_against_fastroute_serve_with_identical_columns(t
     try:
         deadline = time.monotonic() + 15
         while not (data / "server.key").exists() or not _listening(port):
-            assert proc.poll() is None and time.monotonic() < deadline, "relay did not start"
+            if proc.poll() is not None:  # say why (e.g. the port was taken meanwhile)
+                raise AssertionError(f"relay exited: {proc.stdout.read().decode()[-2000:]}")
+            assert time.monotonic() < deadline, "relay did not start"
             time.sleep(0.05)
         out = tmp_path / "report.json"
         rc = cli_main(["conformance", "--target", f"127.0.0.1:{port}", "--data-dir", str(data),
