@@ -121,7 +121,8 @@ def test_a_script_in_the_clone_root_is_told_it_imports_the_source_tree(tmp_path)
     (clone / "script.py").write_text("import fastroute.relay\n")
     # the dependencies, but not an editable install's import hook (-S: no site, no .pth)
     deps = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
-    env = {k: v for k, v in ENV.items() if k != "FASTROUTE_NO_EXTENSIONS"}
+    # and the script's directory on sys.path, as for a user (ENV's PYTHONSAFEPATH removes it)
+    env = {k: v for k, v in ENV.items() if k not in ("FASTROUTE_NO_EXTENSIONS", "PYTHONSAFEPATH")}
     env["PYTHONPATH"] = os.pathsep.join(sorted(deps))
     proc = subprocess.run([sys.executable, "-S", "script.py"], cwd=clone, env=env,
                           capture_output=True, text=True, timeout=60)
