@@ -24,7 +24,7 @@ import pytest
 
 from fastroute import Client, Relay, RelayConfig, wire
 from fastroute.cli import main as cli_main
-from fastroute.client import Event
+from fastroute.client import DeviceMessage, Event, GroupEvent, GroupMessage
 from fastroute.config import Limits
 from fastroute.dedup import DedupTable
 from fastroute.conformance.adapter import run_adapter
@@ -35,6 +35,7 @@ from fastroute.conformance.vendor import CLIENT_BEHAVIOURS, VendorKit
 from fastroute.identity import ProviderKey, Registry
 from fastroute.noise import KeyPair
 from fastroute.relay import gate as gate_mod
+from fastroute.relay import groups as groups_mod
 from fastroute.relay import keys as keys_mod
 from fastroute.relay import link as link_mod
 
@@ -61,6 +62,7 @@ def test_relay_direction_passes_against_fastroute_serve_with_identical_columns(t
     cfg = tmp_path / "fastroute.toml"
     # a low message burst, so the rate-limit check needs a few hundred SENDs, not 25000
     cfg.write_text(f'[relay]\ndata_dir = "{data}"\nregistry_poll_s = 0.05\n'
+                   "prekey_fetch_burst = 20.0\n"
                    "[limits]\nmsgs_burst = 200.0\nmsgs_per_s = 400.0\n")
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "fastroute.cli", "serve", "--config", str(cfg),
@@ -69,7 +71,9 @@ def test_relay_direction_passes_against_fastroute_serve_with_identical_columns(t
     try:
         deadline = time.monotonic() + 15
         while not (data / "server.key").exists() or not _listening(port):
-            assert proc.poll() is None and time.monotonic() < deadline, "relay did not start"
+            if proc.poll() is not None:  # say why (e.g. the port was taken meanwhile)
+                raise AssertionError(f"relay exited: {proc.stdout.read().decode()[-2000:]}")
+            assert time.monotonic() < deadline, "relay did not start"
             time.sleep(0.05)
         out = tmp_path / "report.json"
         rc = cli_main(["conformance", "--target", f"127.0.0.1:{port}", "--data-dir", str(data),
@@ -114,7 +118,7 @@ def _listening(port: int) -> bool:
     return True
 
 
-async def _suite(tmp_path, only, *, third_quota=None, **cfg):
+async def _suite(tmp_path, only, *, third_quota=None, timeout=3.0, **cfg):
     data = str(tmp_path / "relay")
     os.makedirs(data, exist_ok=True)
     reg = os.path.join(data, "registry.db")
@@ -126,7 +130,7 @@ async def _suite(tmp_path, only, *, third_quota=None, **cfg):
     await relay.start()
     try:
         target = RelayTarget("127.0.0.1", relay.port, relay.server_key.public, reg,
-                             rate_probe=500)
+                             rate_probe=500, timeout=timeout)
         return await run_relay_suite(
             target, ProviderSetup("home", keys["home"], policy_of(reg, "home")),
             ProviderSetup("acme", keys["acme"], policy_of(reg, "acme")), only)
@@ -265,6 +269,179 @@ def test_the_new_checks_pass_against_a_relay_with_identical_columns(tmp_path):
     assert rows["e2ee.dsend-mismatch"]["home"]["observed"].startswith("306 [b] [x] [a]")
 
 
+_GROUP_CHECKS = ["groups.membership", "groups.admin-rights", "groups.gsend",
+                 "groups.gsend-refusals"]
+_MORE_CHECKS = ["e2ee.dsend-own-mismatch", "e2ee.event-device-joined", "e2ee.event-device-left",
+                "e2ee.bundle-fetch-limit", "abuse.new-sender", "abuse.quarantine",
+                "header.ts-ms", "limits.buckets-per-device"]
+_SMALL = dict(limits=Limits(msgs_burst=200.0, msgs_per_s=400.0, ops_burst=2000.0,
+                            ops_per_s=2000.0), prekey_fetch_burst=20.0)
+
+
+def _acme(link) -> bool:
+    return link.address.endswith("@acme")
+
+
+def _no_group_events_for_acme(monkeypatch):
+    original = groups_mod.Groups._event
+
+    def biased(self, g, addresses, kind, data):
+        original(self, g, [a for a in addresses if not a.endswith("@acme")], kind, data)
+    monkeypatch.setattr(groups_mod.Groups, "_event", biased)
+
+
+def _acme_members_act_as_admins(monkeypatch):
+    original = groups_mod.Groups._member_group
+
+    def biased(self, link, cid, gid, admin=False):
+        return original(self, link, cid, gid, admin and not _acme(link))
+    monkeypatch.setattr(groups_mod.Groups, "_member_group", biased)
+
+
+def _acme_gsend_ignores_the_version(monkeypatch):
+    original = groups_mod.Groups.gsend
+
+    def biased(self, link, cid, gid, version, body):
+        g = self.groups.get(gid)
+        if _acme(link) and g is not None:
+            version = g.version
+        original(self, link, cid, gid, version, body)
+    monkeypatch.setattr(groups_mod.Groups, "gsend", biased)
+
+
+def _acme_non_members_told_unknown_group(monkeypatch):
+    original = groups_mod.Groups._member_group
+
+    def biased(self, link, cid, gid, admin=False):
+        g = self.groups.get(gid)
+        if _acme(link) and g is not None and link.address not in g.members:
+            self._reply(link, cid, 302)
+            return None
+        return original(self, link, cid, gid, admin)
+    monkeypatch.setattr(groups_mod.Groups, "_member_group", biased)
+
+
+def _acme_own_copies_unchecked(monkeypatch):
+    original = keys_mod.Keys._dsend
+
+    def biased(self, link, cid, to, entries, own):
+        original(self, link, cid, to, entries, [] if _acme(link) else own)
+    monkeypatch.setattr(keys_mod.Keys, "_dsend", biased)
+
+
+def _no_device_events_for_acme(monkeypatch):
+    original = keys_mod.Keys._event_to_others
+
+    def biased(self, address, device_id, kind, data):
+        if not address.endswith("@acme"):
+            original(self, address, device_id, kind, data)
+    monkeypatch.setattr(keys_mod.Keys, "_event_to_others", biased)
+
+
+def _acme_fetches_unlimited(monkeypatch):
+    original = keys_mod.Keys._fetch_bucket
+
+    def biased(self, link):
+        bucket = original(self, link)
+        if _acme(link):
+            bucket.tokens = bucket.burst = 1e9
+        return bucket
+    monkeypatch.setattr(keys_mod.Keys, "_fetch_bucket", biased)
+
+
+def _acme_never_new(monkeypatch):
+    original = gate_mod.Gate._screen
+
+    def biased(self, link, budgets, sends):
+        return sends if _acme(link) else original(self, link, budgets, sends)
+    monkeypatch.setattr(gate_mod.Gate, "_screen", biased)
+
+
+def _acme_scores_nothing(monkeypatch):
+    original = gate_mod.Gate.score
+
+    def biased(self, sender, points):
+        original(self, sender, 0.0 if sender.address.endswith("@acme") else points)
+    monkeypatch.setattr(gate_mod.Gate, "score", biased)
+
+
+def _acme_timestamps_withheld_unasked(monkeypatch):
+    original = gate_mod.Gate.withholds_ts
+
+    def biased(self, provider):
+        return provider == "acme" or original(self, provider)
+    monkeypatch.setattr(gate_mod.Gate, "withholds_ts", biased)
+
+
+def _acme_buckets_per_connection(monkeypatch):
+    original = gate_mod.Gate.budgets
+
+    def biased(self, cred):
+        if cred.provider == "acme":
+            self._buckets.pop((cred.address, cred.device), None)  # full again
+        return original(self, cred)
+    monkeypatch.setattr(gate_mod.Gate, "budgets", biased)
+
+
+@pytest.mark.parametrize("patch, failed", [
+    (_no_group_events_for_acme, ["groups.membership"]),
+    (_acme_members_act_as_admins, ["groups.admin-rights"]),
+    (_acme_gsend_ignores_the_version, ["groups.gsend"]),
+    # the same refusal guards GMEMBERS: both checks see it
+    (_acme_non_members_told_unknown_group, ["groups.admin-rights", "groups.gsend-refusals"]),
+    (_acme_own_copies_unchecked, ["e2ee.dsend-own-mismatch"]),
+    (_no_device_events_for_acme, ["e2ee.event-device-joined", "e2ee.event-device-left"]),
+    (_acme_fetches_unlimited, ["e2ee.bundle-fetch-limit"]),
+    (_acme_never_new, ["abuse.new-sender", "abuse.quarantine"]),
+    (_acme_scores_nothing, ["abuse.quarantine"]),
+    (_acme_timestamps_withheld_unasked, ["header.ts-ms"]),
+    (_acme_buckets_per_connection, ["limits.buckets-per-device"]),
+], ids=lambda v: getattr(v, "__name__", "-"))
+def test_relays_treating_one_provider_differently_fail_the_check_by_name(
+        tmp_path, monkeypatch, patch, failed):
+    patch(monkeypatch)
+    # the checks the patch is about, and one of each family it must leave alone
+    only = [*failed, *(c for c in ("groups.admin-rights", "e2ee.dsend-own-mismatch")
+                       if c not in failed)]
+    # a broken relay leaves the checks waiting for what never comes: wait less
+    report = _run(_suite(tmp_path, only, timeout=1.0, **_SMALL))
+    rows = {r["check"]: r for r in report["checks"]}
+    assert report["failed"] == failed, {k: (r["status"], r["home"]["observed"],
+                                           r["third_party"]["observed"])
+                                       for k, r in rows.items()}
+    for name in failed:
+        row = rows[name]
+        assert row["note"] == "the columns differ", row
+        assert row["third_party"]["status"] != "pass", row
+    for name in only:
+        if name not in failed:
+            assert rows[name]["status"] == "pass", rows[name]
+
+
+def test_the_group_and_abuse_checks_pass_with_identical_columns(tmp_path):
+    report = _run(_suite(tmp_path, _GROUP_CHECKS + _MORE_CHECKS, **_SMALL))
+    assert [r["check"] for r in report["checks"]] == _GROUP_CHECKS + _MORE_CHECKS
+    for row in report["checks"]:
+        assert row["status"] == "pass", row
+        assert row["home"]["observed"] == row["third_party"]["observed"], row
+    rows = {r["check"]: r for r in report["checks"]}
+    # what the checks really saw (each would be n/a, or fail, otherwise)
+    assert rows["abuse.quarantine"]["home"]["observed"].endswith("recorded; lifted: 300")
+    assert rows["e2ee.bundle-fetch-limit"]["home"]["observed"].startswith("0 then 400")
+    assert rows["limits.buckets-per-device"]["home"]["observed"] == \
+        "not refilled by reconnecting"
+
+
+def test_a_withheld_timestamp_shows_as_policy_not_as_a_failure(tmp_path):
+    report = _run(_suite(tmp_path, ["header.ts-ms"], third_quota={"withhold": ["ts_ms"]}))
+    row = report["checks"][0]
+    assert row["status"] == "policy", row
+    assert "withhold [] vs ['ts_ms']" in row["note"]
+    assert row["home"]["observed"] == "ts_ms ['now', 'now']"
+    assert row["third_party"]["observed"] == "ts_ms ['0', '0']"
+    assert report["passed"]
+
+
 def test_columns_that_differ_fail_even_when_both_pass():
     check = Check("x", "1", "", None, policy_keys=("max_body",))  # type: ignore[arg-type]
     a = ProviderSetup("a", None, {"max_body": None})  # type: ignore[arg-type]
@@ -297,7 +474,8 @@ def test_fastroute_client_passes_every_behaviour(tmp_path):
                            "resend-in-order", "backoff-rate-limited", "backoff-store-failed",
                            "error-op-and-encodings", "no-ops-after-bye", "well-formed-ops"}
     # the reference adapter negotiates "e2ee", so these are graded, not n/a
-    for name in ("unknown-relay-op", "key-publishing", "pool-top-up", "mismatch-refresh-resend"):
+    for name in ("unknown-relay-op", "key-publishing", "pool-top-up", "mismatch-refresh-resend",
+                 "group-events", "feature-acks-only-taken", "feature-dedup"):
         assert grades[name] == "pass", report["behaviours"]
     assert report["client_exit_status"] == 0
 
@@ -389,6 +567,24 @@ class _NewIdAfterMismatch(Client):
         return await super().send_to_devices(to, entries, own)  # a fresh id every time
 
 
+class _ReordersGroupEvents(Client):
+    def _on_frame(self, msg):
+        n = len(self._inbox)
+        super()._on_frame(msg)
+        new = list(self._inbox)[n:]
+        at = [i for i, m in enumerate(new) if isinstance(m, GroupEvent)]
+        for i, m in zip(at, [new[i] for i in reversed(at)]):  # a frame's events backwards
+            self._inbox[n + i] = m
+
+
+class _AcksFeatureDeliveriesOnReceipt(Client):
+    def _on_frame(self, msg):
+        super()._on_frame(msg)
+        taken = [m for m in self._inbox if isinstance(m, (DeviceMessage, GroupMessage))]
+        if taken:  # a per-device or group copy acked before the application took it
+            self._write([wire.dack_op(taken[-1].seq)])
+
+
 def _broken(cls=Client, **kw):
     return lambda env: run_adapter(env, client_cls=cls, **kw)
 
@@ -406,10 +602,14 @@ def _broken(cls=Client, **kw):
     (_broken(_DropsOnUnknownOps), "unknown-op", "unknown-relay-op"),
     (_broken(_IgnoresPoolLow), "keys", "pool-top-up"),
     (_broken(_NewIdAfterMismatch), "mismatch", "mismatch-refresh-resend"),
+    (_broken(_ReordersGroupEvents), "group-events", "group-events"),
+    (_broken(_AcksFeatureDeliveriesOnReceipt), "feature-deliveries", "feature-acks-only-taken"),
+    (_broken(_NoDedup), "feature-deliveries", "feature-dedup"),
 ], ids=["no-resend", "reordered-resend", "ack-before-take", "ignores-rate-limits",
         "sends-after-bye", "no-pinning", "no-dedup", "retries-store-failed-at-once",
         "malformed-op", "drops-link-on-unknown-op", "no-pool-top-up",
-        "new-id-after-mismatch"])
+        "new-id-after-mismatch", "group-events-out-of-order", "feature-ack-before-take",
+        "no-feature-dedup"])
 def test_broken_clients_fail_the_behaviour_they_break(tmp_path, client, scenario, behaviour):
     report = _run(_kit(tmp_path).run(client=client, only=["adapter", scenario],
                                      print_fn=lambda *a: None))

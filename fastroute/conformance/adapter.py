@@ -19,13 +19,15 @@ import os
 import sys
 from typing import Any
 
+import msgpack
+
 from .. import Client
-from ..client import Event
+from ..client import Event, GroupEvent
 from ..errors import DeviceMismatch, FastrouteError, RateLimited, StoreFailed
 from ..noise import KeyPair
 from .vendor import ENV_CREDENTIAL, ENV_DEVICE_KEY, ENV_HOST, ENV_PORT, ENV_SERVER_KEY
 
-__all__ = ["run_adapter", "main"]
+__all__ = ["run_adapter", "apply_group_event", "main"]
 
 
 def _read(path: str) -> bytes:
@@ -45,7 +47,7 @@ async def run_adapter(env: dict[str, str] | None = None, *, client_cls: Any = Cl
     kw = dict(credential=_read(env[ENV_CREDENTIAL]),
               static=KeyPair.from_private(_read(env[ENV_DEVICE_KEY])),
               server_key=bytes.fromhex(_read(env[ENV_SERVER_KEY]).decode().strip()),
-              reconnect=True, features=("e2ee",))
+              reconnect=True, features=("e2ee", "groups"))
     delay = first_retry_s
     while True:
         try:
@@ -70,6 +72,7 @@ async def run_adapter(env: dict[str, str] | None = None, *, client_cls: Any = Cl
         task.add_done_callback(pending.discard)
 
     sessions: dict[str, dict[int, int]] = {}  # address -> {device id: registration id}
+    groups: dict[bytes, list] = {}  # group id -> [version, members, admins]
 
     async def per_device(to: str, body: bytes) -> None:
         # the body stands in for each device's ciphertext (no libsignal here)
@@ -111,6 +114,9 @@ async def run_adapter(env: dict[str, str] | None = None, *, client_cls: Any = Cl
                 if msg.kind == 1:  # a one-time pool runs low: top it up
                     spawn(client.add_prekeys(msg.data[0], prekeys(msg.data[0], 20)))
                 continue
+            if isinstance(msg, GroupEvent):
+                apply_group_event(groups, msg.kind, msg.data)
+                continue
             body = msg.body
             if body.startswith(b"echo:"):
                 cid = os.urandom(16)
@@ -119,6 +125,12 @@ async def run_adapter(env: dict[str, str] | None = None, *, client_cls: Any = Cl
                 spawn(echo(msg.sender, body, fut, cid))
             elif body.startswith(b"dsend:") and "e2ee" in client.features:
                 spawn(per_device(msg.sender, body))
+            elif body.startswith(b"group:"):  # report what the group's events built
+                version, members, admins = groups.get(body[6:], [0, set(), set()])
+                state = msgpack.packb([version, sorted(members), sorted(admins)])
+                cid = os.urandom(16)
+                spawn(echo(msg.sender, b"group=" + state,
+                           client.send_nowait(msg.sender, b"group=" + state, id=cid), cid))
             elif body.startswith(b"pause:"):
                 await asyncio.sleep(int(body[6:]) / 1000)
             elif body == b"bye":
@@ -132,6 +144,32 @@ async def run_adapter(env: dict[str, str] | None = None, *, client_cls: Any = Cl
         # stopped from outside (the kit gave up on us): do not leave reconnect loops behind
         with contextlib.suppress(Exception):
             await asyncio.wait_for(client.close(), 1.0)
+
+
+def apply_group_event(groups: dict[bytes, list], kind: int, data: Any) -> None:
+    """Apply one GEVENT (``docs/PROTOCOL.md`` 18.6) to ``groups``: group id ->
+    ``[version, members, admins]``, as a member's application keeps it."""
+    if not isinstance(data, list) or len(data) < 2:
+        return
+    gid, version = data[0], data[1]
+    state = groups.setdefault(gid, [version, set(), set()])
+    state[0] = version
+    members, admins = state[1], state[2]
+    if kind == 1:  # created: [group, version, creator]
+        members.add(data[2])
+        admins.add(data[2])
+    elif kind == 3:  # joined: [group, version, address]
+        members.add(data[2])
+    elif kind == 5:  # added: [group, version, admin, address]
+        members.add(data[3])
+    elif kind == 6:  # removed: [group, version, admin, address]
+        members.discard(data[3])
+        admins.discard(data[3])
+    elif kind == 7:  # left: [group, version, address]
+        members.discard(data[2])
+        admins.discard(data[2])
+    elif kind == 8:  # admin changed: [group, version, by, address, admin]
+        (admins.add if data[4] else admins.discard)(data[3])
 
 
 def main() -> int:

@@ -49,6 +49,13 @@ def add_conformance_args(p: argparse.ArgumentParser) -> None:
                    help="SENDs fired to find the rate limit (above the relay's msgs_burst)")
     r.add_argument("--ops-probe", type=int, default=48000,
                    help="PINGs fired to find the op budget (above the relay's ops_burst)")
+    r.add_argument("--bundle-probe", type=int, default=260,
+                   help="BUNDLES fired to find the fetch limit (above prekey_fetch_burst)")
+    r.add_argument("--sender-probe", type=int, default=60,
+                   help="strangers a new address writes to (above new_sender_burst)")
+    r.add_argument("--quarantine-probe", type=int, default=260,
+                   help="strangers written to to be quarantined (well above "
+                        "quarantine_score + new_sender_burst)")
     c = p.add_argument_group("for a vendor's client (--listen)")
     c.add_argument("--client-cmd", help="command that starts the client's adapter (the "
                                         "paths are in FASTROUTE_CONFORMANCE_* variables)")
@@ -119,7 +126,9 @@ def _relay(args: argparse.Namespace) -> int:
         # the relay sees the new providers at its next registry poll (0.5 s by default)
         time.sleep(1.0)
     target = RelayTarget(host, port, server_key, reg_path, relay_max_body=args.max_body,
-                         rate_probe=args.rate_probe, ops_probe=args.ops_probe)
+                         rate_probe=args.rate_probe, ops_probe=args.ops_probe,
+                         bundle_probe=args.bundle_probe, sender_probe=args.sender_probe,
+                         quarantine_probe=args.quarantine_probe)
     report = asyncio.run(run_relay_suite(target, home, third, args.only))
     print(render_table(report))
     if args.json:

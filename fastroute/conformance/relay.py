@@ -25,13 +25,16 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import msgpack
+
 from ..identity import ProviderKey, Registry
 from ..noise import KeyPair
 from .framework import FAIL, NA, PASS, RELAY_CHECKS, CheckFailed, Outcome, outcome_dict, relay_check
 from .link import (BUNDLES, BYE, CONSENT, DACK, DDELIVER, DELIVER, DEVICES, DSEND, ERROR,
-                   FEATURES, FEATURES_OK, KEYS_ADD, KEYS_SET, MBEGIN, MCHUNK, MFINISH, MGET,
-                   MREPLY, PING, PONG, REPLY, SACK, SEND, SERVER_BYE, WELCOME, Closed, RawLink,
-                   frame_of, pack)
+                   EVENT, FEATURES, FEATURES_OK, GADD, GADMIN, GANSWER, GCREATE, GDELIVER,
+                   GEVENT, GLEAVE, GMEMBERS, GREMOVE, GSEND, KEYS_ADD, KEYS_SET, MBEGIN, MCHUNK,
+                   MFINISH, MGET, MREPLY, PING, PONG, REPLY, SACK, SEND, SERVER_BYE, WELCOME,
+                   Closed, RawLink, frame_of, pack)
 
 __all__ = ["ProviderSetup", "RelayTarget", "run_relay_suite", "render_table"]
 
@@ -59,6 +62,9 @@ class RelayTarget:
     relay_max_body: int = PROTOCOL_MAX_BODY
     rate_probe: int = 25000
     ops_probe: int = 48000  # PINGs sent to find the op budget (default burst 20000)
+    bundle_probe: int = 260  # BUNDLES sent to find the fetch limit (default burst 200)
+    sender_probe: int = 60  # strangers written to for the new-sender rule (default 20)
+    quarantine_probe: int = 260  # ... to be quarantined (default score 200)
     timeout: float = 3.0
 
 
@@ -620,18 +626,20 @@ async def _media_refusals(s: Subject) -> Outcome:
 
 
 # ------------------------------------------- features and "e2ee" (14, 17)
-async def e2ee_link(s: Subject, address: str, device: str = "d1") -> RawLink:
-    """A device online with "e2ee" granted: FEATURES in its first frame (14.2)."""
-    kp = KeyPair.generate()
+async def e2ee_link(s: Subject, address: str, device: str = "d1",
+                    features: tuple[str, ...] = ("e2ee",),
+                    static: KeyPair | None = None) -> RawLink:
+    """A device online with ``features`` granted: FEATURES in its first frame (14.2)."""
+    kp = static or KeyPair.generate()
     link = await s.raw(hello(s.credential(address, device, kp)), kp)
     fid = new_id()
-    link.send([FEATURES, fid, ["e2ee"]])  # pipelined right after msg3
+    link.send([FEATURES, fid, list(features)])  # pipelined right after msg3
     w = await link.wait(lambda o: o[0] in (WELCOME, SERVER_BYE), s.t.timeout)
     if w is None or w[0] != WELCOME:
         raise CheckFailed(f"no WELCOME for a valid credential (got {w!r})")
     ok = await link.op(FEATURES_OK, fid, timeout=s.t.timeout)
-    if ok is None or "e2ee" not in ok[2]:
-        raise CheckFailed(f"feature e2ee not granted (got {ok!r})")
+    if ok is None or not set(features) <= set(ok[2]):
+        raise CheckFailed(f"features {list(features)} not granted (got {ok!r})")
     return link
 
 
@@ -895,6 +903,493 @@ async def _op_budget(s: Subject) -> Outcome:
                   "later same CONSENT id: 0; PONG")
 
 
+# ------------------------------------------ feature "groups" (18), and more of 17
+async def groups_link(s: Subject, address: str, reg_id: int,
+                      device: str = "d1") -> tuple[RawLink, int]:
+    """A device with "e2ee" and "groups" granted and its keys published: ``(link, device id)``."""
+    link = await e2ee_link(s, address, device, ("e2ee", "groups"))
+    dev, _ = await publish(s, link, reg_id)
+    return link, dev
+
+
+def _unpacked(data: Any) -> Any:
+    try:
+        return msgpack.unpackb(data, raw=False) if type(data) is bytes else data
+    except Exception:  # noqa: BLE001 - an unreadable event is rendered as such
+        return None
+
+
+def _gevents(link: RawLink, gid: bytes, names: dict[str, str]) -> str:
+    """A link's GEVENTs as ``kind v version (fields)``, addresses named by ``names``."""
+    out = []
+    seqs = []
+    for o in link.ops:
+        if o[0] != GEVENT or len(o) != 7:
+            continue
+        seqs.append(o[1])
+        data = _unpacked(o[4])
+        if not isinstance(data, list) or len(data) < 2:
+            out.append(f"{o[2]}?{data!r:.30}")
+            continue
+        rest = ",".join(names.get(x, repr(x)) if isinstance(x, str) else str(x)
+                        for x in data[2:])
+        out.append(f"{o[2]}v{data[1]}({rest})" + ("" if data[0] == gid else "?group"))
+    order = "" if seqs == sorted(seqs) else " (seqs out of order)"
+    return " ".join(out) + order
+
+
+async def _until_count(link: RawLink, opcode: int, n: int, timeout: float) -> None:
+    await link.wait(lambda o: sum(1 for x in link.ops if x[0] == opcode) >= n, timeout)
+
+
+async def _group_of(s: Subject, creator: RawLink) -> bytes:
+    code, gid = await request(s, creator, GCREATE)
+    if code != 0 or type(gid) is not bytes or len(gid) != 16:
+        raise CheckFailed(f"GCREATE answered {code}, {gid!r:.40}")
+    return gid
+
+
+async def _add_own(s: Subject, admin: RawLink, gid: bytes, address: str) -> Outcome | None:
+    """GADD of a user of the admin's provider: added (0), or n/a on a relay whose
+    documented policy invites its own users (``group_invite_own_users``)."""
+    code, res = await request(s, admin, GADD, gid, address)
+    if (code, res) == (0, 1):
+        return Outcome(NA, "own users are invited",
+                       "the relay invites its own users (group_invite_own_users = true)")
+    if (code, res) != (0, 0):
+        return Outcome(FAIL, f"GADD of an own user: {code}/{res!r}", "expected 0/0 (added)")
+    return None
+
+
+@relay_check("groups.membership", "18.1, 18.2, 18.6")
+async def _group_membership(s: Subject) -> Outcome:
+    """Create, add, invite, accept, decline, re-add, remove, leave: each answered as 18.2
+    says, and every member device gets the GEVENTs in the order of the changes."""
+    addrs = {"a": s.fresh("ga"), "b": s.fresh("gb"), "c": s.fresh("gc", s.other.name),
+             "d": s.fresh("gd", s.other.name)}
+    names = {v: k for k, v in addrs.items()}
+    links = {k: (await groups_link(s, addr, 600 + i))[0]
+             for i, (k, addr) in enumerate(addrs.items())}
+    a, b, c, d = (links[k] for k in "abcd")
+    await consent(s, c, s.me.name)
+    await consent(s, d, s.me.name)
+    gid = await _group_of(s, a)
+    refused = await _add_own(s, a, gid, addrs["b"])
+    if refused is not None:
+        return refused
+    steps = ["add b 0/0"]
+    for name, link, opcode, fields in (
+            ("invite c", a, GADD, [addrs["c"]]), ("c accepts", c, GANSWER, [True]),
+            ("invite d", a, GADD, [addrs["d"]]), ("d declines", d, GANSWER, [False]),
+            ("add b again", a, GADD, [addrs["b"]]), ("remove b", a, GREMOVE, [addrs["b"]]),
+            ("c leaves", c, GLEAVE, [])):
+        code, res = await request(s, link, opcode, gid, *fields)
+        steps.append(f"{name} {code}" + ("" if res is None else f"/{res!r:.20}"))
+    code, res = await request(s, a, GMEMBERS, gid)
+    if code == 0 and isinstance(res, list) and res:
+        steps.append(f"members v{res[0]} " + " ".join(
+            f"{names.get(m[0], '?')}{'*' if m[1] else ''}" for m in res[1:]
+            if isinstance(m, list) and m))
+    else:
+        steps.append(f"GMEMBERS {code}")
+    want = {"a": 8, "b": 6, "c": 6, "d": 2}
+    for k, n in want.items():
+        await _until_count(links[k], GEVENT, n, s.t.timeout)
+    await asyncio.sleep(0.2)  # anything extra or late
+    events = [f"{k}: {_gevents(links[k], gid, names)}" for k in "abcd"]
+    return expect("; ".join(steps) + " | " + "; ".join(events), "; ".join([
+        "add b 0/0", "invite c 0/1", "c accepts 0", "invite d 0/1", "d declines 0",
+        "add b again 0/2", "remove b 0", "c leaves 0", "members v5 a*"]) + " | " + "; ".join([
+        "a: 1v1(a) 5v2(a,b) 2v2(a,c) 3v3(c) 2v3(a,d) 4v3(d) 6v4(a,b) 7v5(c)",
+        "b: 5v2(a,b) 2v2(a,c) 3v3(c) 2v3(a,d) 4v3(d) 6v4(a,b)",
+        "c: 2v2(a,c) 3v3(c) 2v3(a,d) 4v3(d) 6v4(a,b) 7v5(c)",
+        "d: 2v3(a,d) 4v3(d)"]))
+
+
+@relay_check("groups.admin-rights", "18.2")
+async def _group_admin(s: Subject) -> Outcome:
+    """Only admins add, remove and promote (410 NOT_ADMIN otherwise); the last admin
+    cannot demote itself (413); a promoted member may add; non-members get 308."""
+    a_addr = s.fresh("ga")
+    a, _ = await groups_link(s, a_addr, 701)
+    b_addr, e_addr = s.fresh("gb"), s.fresh("ge")
+    b, _ = await groups_link(s, b_addr, 702)
+    await groups_link(s, e_addr, 703)
+    x, _ = await groups_link(s, s.fresh("gx"), 704)
+    gid = await _group_of(s, a)
+    refused = await _add_own(s, a, gid, b_addr)
+    if refused is not None:
+        return refused
+    seen = []
+    for name, link, opcode, fields in (
+            ("non-admin GADD", b, GADD, [e_addr]), ("GREMOVE", b, GREMOVE, [s.fresh("ga")]),
+            ("GADMIN", b, GADMIN, [b_addr, True]),
+            ("last admin demoting itself", a, GADMIN, [a_addr, False]),
+            ("promote", a, GADMIN, [b_addr, True]), ("promoted GADD", b, GADD, [e_addr]),
+            ("non-member GMEMBERS", x, GMEMBERS, [])):
+        code, _res = await request(s, link, opcode, gid, *fields)
+        seen.append(f"{name} {code}")
+    return expect(", ".join(seen), "non-admin GADD 410, GREMOVE 410, GADMIN 410, "
+                  "last admin demoting itself 413, promote 0, promoted GADD 0, "
+                  "non-member GMEMBERS 308")
+
+
+def _address_of(s: Subject, link: RawLink) -> str:
+    """The address a link authenticated as (its WELCOME)."""
+    w = next((o for o in link.ops if o[0] == WELCOME), None)
+    if w is None:
+        raise CheckFailed("no WELCOME on the link")
+    return w[1]
+
+
+@relay_check("groups.gsend", "18.4, 18.5, 9.2")
+async def _group_send(s: Subject) -> Outcome:
+    """A GSEND with another version is refused with 306 and the current version; the
+    same id with it is stored once and delivered as GDELIVER to every other member
+    device (not the sender's), and a resend of the id is not delivered twice."""
+    a_addr = s.fresh("ga")
+    a, adev = await groups_link(s, a_addr, 801)
+    b_addr, c_addr = s.fresh("gb"), s.fresh("gc", s.other.name)
+    b, _ = await groups_link(s, b_addr, 802)
+    c, _ = await groups_link(s, c_addr, 803)
+    await consent(s, c, s.me.name)
+    gid = await _group_of(s, a)
+    refused = await _add_own(s, a, gid, b_addr)
+    if refused is not None:
+        return refused
+    await request(s, a, GADD, gid, c_addr)
+    await request(s, c, GANSWER, gid, True)
+    mid, body = new_id(), os.urandom(200)
+    code, res = await request(s, a, GSEND, gid, 1, body, rid=mid)
+    # the result starts with the current version (a relay may add lists after it)
+    current = res[0] if isinstance(res, list) and res and type(res[0]) is int else None
+    first = f"stale version: {code} current {current}"
+    code2, _ = await request(s, a, GSEND, gid, current if current else 3, body, rid=mid)
+    got = {}
+    for k, link in (("b", b), ("c", c)):
+        o = await link.op(GDELIVER, timeout=s.t.timeout)
+        got[k] = "none" if o is None else "ok" if (
+            len(o) == 9 and o[2] == gid and o[3] == a_addr and o[4] == adev and o[5] == mid
+            and o[6] == body and o[8] == 0) else f"differs {o[2:7]!r:.60}"
+    again, _ = await request(s, a, GSEND, gid, current if current else 3, body, rid=mid)
+    await asyncio.sleep(0.3)
+    copies = [sum(1 for o in link.ops if o[0] == GDELIVER) for link in (b, c)]
+    own = sum(1 for o in a.ops if o[0] == GDELIVER)
+    seen = (f"{first}; same id, current version: {code2}; GDELIVER b {got['b']}, "
+            f"c {got['c']}; to the sender's device: {own}; resend: {again}, "
+            f"delivered {copies}")
+    return expect(seen, "stale version: 306 current 3; same id, current version: 0; "
+                  "GDELIVER b ok, c ok; to the sender's device: 0; resend: 0, "
+                  "delivered [1, 1]")
+
+
+@relay_check("groups.gsend-refusals", "18.4, 18.2")
+async def _group_send_refusals(s: Subject) -> Outcome:
+    """GSEND from a non-member, a pending invitee (of the other provider) and a removed
+    member is refused with 308, to an unknown group with 302; nothing is delivered."""
+    a, _ = await groups_link(s, s.fresh("ga"), 901)
+    b_addr, c_addr = s.fresh("gb"), s.fresh("gc", s.other.name)
+    b, _ = await groups_link(s, b_addr, 902)
+    c, _ = await groups_link(s, c_addr, 903)
+    n, _ = await groups_link(s, s.fresh("gn"), 904)
+    await consent(s, c, s.me.name)
+    gid = await _group_of(s, a)
+    refused = await _add_own(s, a, gid, b_addr)
+    if refused is not None:
+        return refused
+    await request(s, a, GADD, gid, c_addr)
+    await request(s, a, GREMOVE, gid, b_addr)
+    seen = []
+    for name, link, group in (("non-member", n, gid), ("invitee", c, gid),
+                              ("removed member", b, gid), ("unknown group", a, new_id())):
+        code, _ = await request(s, link, GSEND, group, 3, b"x")
+        seen.append(f"{name} {code}")
+    await asyncio.sleep(0.2)
+    got = sum(1 for link in (a, b, c, n) for o in link.ops if o[0] == GDELIVER)
+    return expect(", ".join(seen) + f"; delivered {got}",
+                  "non-member 308, invitee 308, removed member 308, unknown group 302; "
+                  "delivered 0")
+
+
+@relay_check("e2ee.dsend-own-mismatch", "17.5")
+async def _dsend_own(s: Subject) -> Outcome:
+    """A DSEND whose ``own`` copies miss one of the sender's other devices, name an
+    unknown one and an old registration id is refused with the own_* lists; resent
+    with the same id and the right copies, each own device gets its copy."""
+    peer_addr = s.fresh("peer", s.other.name)
+    peer = await e2ee_link(s, peer_addr)
+    pdev, _ = await publish(s, peer, 111)
+    await consent(s, peer, s.me.name)
+    me_addr = s.fresh("u")
+    me = await e2ee_link(s, me_addr, "m1")
+    await publish(s, me, 121)
+    m2 = await e2ee_link(s, me_addr, "m2")
+    d2, _ = await publish(s, m2, 122)
+    m3 = await e2ee_link(s, me_addr, "m3")
+    d3, _ = await publish(s, m3, 123)
+    ghost = next(i for i in range(1, 128) if i not in (d2, d3, 1, 2, 3))
+    names = {d2: "m2", d3: "m3", ghost: "x", pdev: "p"}
+    mid = new_id()
+    entries = [[pdev, 111, b"to peer"]]
+    code, res = await request(s, me, DSEND, peer_addr, False, entries,
+                              [[d2, 999, b"old"], [ghost, 5, b"ghost"]], rid=mid)
+    if code == 306 and isinstance(res, list) and len(res) == 6:
+        lists = " ".join("[" + ",".join(names.get(x, "?") for x in sorted(lst)) + "]"
+                         for lst in res)
+    else:
+        lists = repr(res)[:80]
+    code2, _ = await request(s, me, DSEND, peer_addr, False, entries,
+                             [[d2, 122, b"to m2"], [d3, 123, b"to m3"]], rid=mid)
+    got = []
+    for link, want in ((peer, b"to peer"), (m2, b"to m2"), (m3, b"to m3")):
+        o = await link.op(DDELIVER, timeout=s.t.timeout)
+        got.append("ok" if o is not None and o[4] == mid and o[5] == want else
+                   "none" if o is None else "differs")
+    mine = sum(1 for o in me.ops if o[0] == DDELIVER)
+    seen = f"{code} {lists}; same id resent: {code2}; copies {got}; to the sender: {mine}"
+    return expect(seen, "306 [] [] [] [m3] [x] [m2]; same id resent: 0; "
+                  "copies ['ok', 'ok', 'ok']; to the sender: 0")
+
+
+def _events_of(link: RawLink) -> list[str]:
+    return [f"{o[2]}:{_unpacked(o[4])}" for o in link.ops if o[0] == EVENT and len(o) == 7]
+
+
+@relay_check("e2ee.event-device-joined", "17.7, 17.3, 17.1")
+async def _event_joined(s: Subject) -> Outcome:
+    """A device that joins its address's list, or comes back with a new registration
+    id, is announced to the address's other devices with EVENT 2; a key update with the
+    same registration id is not; the event is acked like a message."""
+    addr = s.fresh("u")
+    kp = KeyPair.generate()
+    a = await e2ee_link(s, addr, "a", static=kp)
+    adev, _ = await publish(s, a, 1201)
+    b = await e2ee_link(s, addr, "b")
+    bdev, _ = await publish(s, b, 1202)
+    await _until_count(a, EVENT, 1, s.t.timeout)
+    await publish(s, b, 1202)  # same registration id: an update, not news
+    await publish(s, b, 1203)  # re-created
+    await _until_count(a, EVENT, 2, s.t.timeout)
+    await asyncio.sleep(0.2)
+    events = [e.replace(f"[{bdev}, ", "[b, ") for e in _events_of(a)]
+    last = max([o[1] for o in a.ops if o[0] == EVENT] or [0])
+    a.send([DACK, last])
+    await asyncio.sleep(0.1)
+    await a.close()
+    again = await e2ee_link(s, addr, "a", static=kp)
+    await asyncio.sleep(0.3)
+    redone = len(_events_of(again))
+    seen = f"to a: {events}; to b: {_events_of(b)}; after DACK and reconnect: {redone}"
+    return expect(seen, "to a: ['2:[b, 1202]', '2:[b, 1203]']; to b: []; "
+                  "after DACK and reconnect: 0")
+
+
+@relay_check("e2ee.event-device-left", "17.7, 17.1, 10.4", needs_registry=True)
+async def _event_left(s: Subject) -> Outcome:
+    """A revoked device leaves its address's list: the other devices get EVENT 3 with its
+    id and DEVICES no longer lists it."""
+    addr = s.fresh("u")
+    a = await e2ee_link(s, addr, "a")
+    await publish(s, a, 1301)
+    b = await e2ee_link(s, addr, "b")
+    bdev, _ = await publish(s, b, 1302)
+    with s.registry() as reg:
+        reg.revoke_device(addr, "b")
+    await a.wait(lambda o: o[0] == EVENT and o[2] == 3, s.t.timeout + 2.0)  # a registry poll
+    await asyncio.sleep(0.1)
+    events = [e.replace(f"[{bdev}]", "[b]") for e in _events_of(a) if not e.startswith("2:")]
+    code, devs = await request(s, a, DEVICES, addr)
+    listed = "b listed" if isinstance(devs, list) and any(d[0] == bdev for d in devs) \
+        else "b not listed"
+    return expect(f"to a: {events}; DEVICES {code}, {listed}",
+                  "to a: ['3:[b]']; DEVICES 0, b not listed")
+
+
+@relay_check("e2ee.bundle-fetch-limit", "17.8, 17.4")
+async def _bundle_limit(s: Subject) -> Outcome:
+    """Bundle fetches are limited per requester: past the burst BUNDLES gets 400 and
+    consumes nothing (another requester still gets the one-time key)."""
+    t_addr = s.fresh("keys", s.other.name)
+    t = await e2ee_link(s, t_addr)
+    await publish(s, t, 1401)  # no one-time prekeys yet
+    await consent(s, t, s.me.name)
+    me = await e2ee_link(s, s.fresh("u"))
+    rids = [new_id() for _ in range(s.t.bundle_probe)]
+    for i in range(0, len(rids), 200):
+        me.send(*[[BUNDLES, rid, t_addr, []] for rid in rids[i:i + 200]])
+    # refusals are answered at once, fetches once committed: wait for every answer
+    wanted = set(rids)
+    await me.wait(lambda o: len(wanted.intersection(
+        x[1] for x in me.ops if x[0] == REPLY and x[3] is True)) == len(wanted), 10.0)
+    codes = {o[1]: o[2] for o in me.ops if o[0] == REPLY and o[3] is True}
+    seq = [codes.get(rid, -1) for rid in rids]
+    if -1 in seq:
+        return Outcome(FAIL, "REPLYs missing", f"{seq.count(-1)} of {len(rids)}")
+    if 400 not in seq:
+        return Outcome(NA, f"no refusal in {len(rids)} fetches",
+                       "the burst is above the probe (bundle_probe)")
+    n_ok = seq.index(400)
+    others = sorted({c for c in seq if c not in (0, 400)})
+    code, size = await request(s, t, KEYS_ADD, 0, [[77, b"\x05" + os.urandom(32)]])
+    again, _ = await request(s, me, BUNDLES, t_addr, [])
+    other = await e2ee_link(s, s.fresh("u2"))
+    code3, res = await request(s, other, BUNDLES, t_addr, [])
+    ec = (res[0][4] if code3 == 0 and isinstance(res, list) and res and len(res[0]) == 7
+          else "?")
+    key = "present" if isinstance(ec, list) and ec and ec[0] == 77 else repr(ec)[:30]
+    seen = (f"{'0 then ' if n_ok else ''}400{' and %s' % others if others else ''}; "
+            f"while refused: {again}; another requester: {code3}, one-time key {key}")
+    out = expect(seen, "0 then 400; while refused: 400; another requester: 0, "
+                 "one-time key present")
+    out.detail = (out.detail + f" ({n_ok} bundles before the first refusal)").strip()
+    return out
+
+
+@relay_check("abuse.new-sender", "11.1")
+async def _new_sender(s: Subject) -> Outcome:
+    """A new address may start only so many conversations with strangers (then 400);
+    a conversation it already started and an answer to who wrote first still pass."""
+    me_addr = s.fresh("new")
+    me = await s.connect(me_addr)
+    w = await s.connect(s.fresh("w"))
+    first = new_id()
+    w.send([SEND, first, me_addr, b"hello", 0])  # w writes first
+    await s.sack(w, first)
+    strangers = [s.fresh("s") for _ in range(s.t.sender_probe)]
+    ids = [new_id() for _ in strangers]
+    me.send(*[[SEND, cid, to, b"hi", 0] for cid, to in zip(ids, strangers)])
+    await s.sack(me, ids[-1])
+    got = {o[1]: o[2] for o in me.ops if o[0] == SACK}
+    codes = [got.get(cid, -1) for cid in ids]  # -1: no SACK
+    if 400 not in codes:
+        return Outcome(NA, f"no refusal for {len(ids)} strangers",
+                       "the new-sender rule is off (new_sender_age_s = 0) or above the probe")
+    n_ok = codes.index(400)
+    before = sorted({c for c in codes[:n_ok]})
+    after = sorted({c for c in codes[n_ok:]})
+    again, answer = new_id(), new_id()
+    mark = len(me.ops)
+    me.send([SEND, again, strangers[0], b"more", 0],
+            [SEND, answer, _address_of(s, w), b"answer", 0])
+    c1 = await s.sack(me, again, after=mark)
+    c2 = await s.sack(me, answer, after=mark)
+    seen = (f"strangers: {before} then {after}; started conversation: {c1}; "
+            f"answer to who wrote first: {c2}")
+    out = expect(seen, "strangers: [300] then [400]; started conversation: 300; "
+                 "answer to who wrote first: 0")
+    out.detail = (out.detail + f" ({n_ok} strangers before the first refusal)").strip()
+    return out
+
+
+@relay_check("abuse.quarantine", "11.1, 12")
+async def _quarantine(s: Subject) -> Outcome:
+    """A new address that keeps writing to strangers past its bucket is quarantined:
+    then every SEND is refused with 405, until an operator lifts it (with --data-dir)."""
+    me_addr = s.fresh("spam")
+    me = await s.connect(me_addr)
+    strangers = [s.fresh("s") for _ in range(s.t.quarantine_probe)]
+    ids = [new_id() for _ in strangers]
+    for i in range(0, len(ids), 500):
+        me.send(*[[SEND, cid, to, b"hi", 0] for cid, to in zip(ids[i:i + 500],
+                                                               strangers[i:i + 500])])
+    await s.sack(me, ids[-1], 10.0)
+    codes = {o[1]: o[2] for o in me.ops if o[0] == SACK}
+    burst = [codes.get(cid, -1) for cid in ids]  # -1: no SACK
+    # where in the burst the score crosses the threshold depends on how the relay
+    # splits it into turns: only "refused from some point on" is compared
+    refused = next((i for i, c in enumerate(burst) if c in (400, 405)), None)
+    shape = ("no refusal" if refused is None else
+             f"{sorted(set(burst[:refused]))} then refusals" + (
+                 "" if set(burst[refused:]) <= {400, 405} else " mixed with others"))
+    probes = []
+    for to in (strangers[0], me_addr):
+        cid = new_id()
+        mark = len(me.ops)
+        me.send([SEND, cid, to, b"again", 0])
+        probes.append(await s.sack(me, cid, after=mark))
+    if 405 not in probes and 405 not in burst:
+        return Outcome(NA, f"not quarantined after {len(ids)} strangers ({shape})",
+                       "the quarantine score is above the probe")
+    seen = f"burst {shape}; then a started conversation: {probes[0]}, self: {probes[1]}"
+    want = "burst [300] then refusals; then a started conversation: 405, self: 405"
+    if s.t.registry_path is not None:
+        recorded = False
+        for _ in range(int(s.t.timeout * 10)):  # the relay records it, with its reason
+            with s.registry() as reg:
+                recorded = any(q[0] == me_addr for q in reg.quarantined())
+            if recorded:
+                break
+            await asyncio.sleep(0.1)
+        seen += "; recorded" if recorded else "; not recorded in the registry"
+        want += "; recorded"
+        with s.registry() as reg:
+            reg.lift_quarantine(me_addr)
+        lifted = None
+        for _ in range(40):  # applied within registry_poll_s
+            await asyncio.sleep(0.1)
+            cid = new_id()
+            mark = len(me.ops)
+            me.send([SEND, cid, strangers[0], b"lifted", 0])
+            lifted = await s.sack(me, cid, after=mark)
+            if lifted != 405:
+                break
+        seen += f"; lifted: {lifted}"
+        want += "; lifted: 300"
+    return expect(seen, want)
+
+
+@relay_check("header.ts-ms", "11.2, 8.2 DELIVER", policy=("withhold",))
+async def _header_policy(s: Subject) -> Outcome:
+    """DELIVER carries the relay's timestamp unless the recipient's provider policy
+    withholds it: then 0, in the same position."""
+    me_addr = s.fresh("u")
+    me = await s.connect(me_addr)
+    await consent(s, me, s.other.name)
+    senders = [await s.connect(s.fresh("w")), await s.connect(s.fresh("w", s.other.name))]
+    for link in senders:
+        link.send([SEND, new_id(), me_addr, b"t", 0])
+    await me.wait(lambda o: sum(1 for x in me.ops if x[0] == DELIVER) >= 2, s.t.timeout)
+    now = int(time.time() * 1000)
+    got = []
+    for o in (o for o in me.ops if o[0] == DELIVER):
+        ts = o[5]
+        got.append("0" if ts == 0 else "now" if type(ts) is int and abs(ts - now) < 60000
+                   else f"odd {ts!r}")
+    withheld = "ts_ms" in (s.me.policy.get("withhold") or [])
+    out = expect(f"ts_ms {got}", f"ts_ms {['0', '0'] if withheld else ['now', 'now']}")
+    out.policy = {"withhold": s.me.policy.get("withhold")}
+    return out
+
+
+@relay_check("limits.buckets-per-device", "11", policy=("msgs_per_s", "bytes_per_s"))
+async def _buckets_per_device(s: Subject) -> Outcome:
+    """The message bucket belongs to the device, not the connection: after a burst
+    spends it, a reconnection of the same device does not refill it."""
+    addr = s.fresh("u")
+    kp = KeyPair.generate()
+    to = await s.known()
+    policy = {k: s.me.policy.get(k) for k in ("msgs_per_s", "bytes_per_s")}
+
+    async def burst(link: RawLink) -> int | None:
+        ids = [new_id() for _ in range(s.t.rate_probe)]
+        for i in range(0, len(ids), 500):
+            link.send(*[[SEND, cid, to, b"r", 1] for cid in ids[i:i + 500]])
+        await s.sack(link, ids[-1], 10.0)
+        codes = {o[1]: o[2] for o in link.ops if o[0] == SACK}
+        return sum(1 for cid in ids if codes.get(cid) == 0) if any(
+            codes.get(cid) == 400 for cid in ids) else None
+    first = await burst(await s.connect(addr, "d1", kp))
+    if first is None:
+        return Outcome(NA, f"no refusal in {s.t.rate_probe} sends",
+                       "the burst is above --rate-probe", policy)
+    await s.close_all()
+    second = await burst(await s.connect(addr, "d1", kp))
+    kept = second is not None and second < first / 2
+    return Outcome(PASS if kept else FAIL, "not refilled by reconnecting" if kept else
+                   "refilled by reconnecting", f"{first} taken, then {second} after "
+                   "reconnecting", policy)
+
+
 # ------------------------------------------------------------------- runner
 async def _run_one(check, subject: Subject, has_registry: bool) -> Outcome:
     if check.needs_registry and not has_registry:
@@ -969,10 +1464,10 @@ def policy_of(registry_path: str | None, name: str) -> dict[str, Any]:
     """A provider's enrolled policy from the relay's registry (all None without one)."""
     keys = ("max_body", "msgs_per_s", "bytes_per_s")
     if registry_path is None:
-        return dict.fromkeys(keys)
+        return dict.fromkeys((*keys, "withhold"))
     with Registry(registry_path) as reg:
         rec = reg.get_provider(name)
-    return {k: getattr(rec, k) for k in keys}
+    return {**{k: getattr(rec, k) for k in keys}, "withhold": sorted(rec.withhold)}
 
 
 __all__ += ["make_credential", "policy_of", "Subject", "RELAY_CHECKS", "expect", "new_id"]

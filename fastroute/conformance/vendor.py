@@ -34,8 +34,9 @@ import msgpack
 from ..identity import ProviderKey, is_valid_address, is_valid_provider, issue_credential
 from ..noise import KeyPair
 from .framework import CLIENT_BEHAVIOURS, FAIL, NA, PASS, Verdict, client_behaviour
-from .link import (BUNDLES, BYE, CONSENT, DACK, DEVICES, DSEND, ERROR, EVENT, FEATURES,
-                   FEATURES_OK, KEYS_ADD, KEYS_SET, PING, REPLY, SEND, ServerSide, pack)
+from .link import (BUNDLES, BYE, CONSENT, DACK, DDELIVER, DEVICES, DSEND, ERROR, EVENT,
+                   FEATURES, FEATURES_OK, GDELIVER, GEVENT, GMEMBERS, KEYS_ADD, KEYS_SET, PING,
+                   REPLY, SEND, ServerSide, pack)
 
 __all__ = ["VendorKit", "ENV_HOST", "ENV_PORT", "ENV_CREDENTIAL", "ENV_DEVICE_KEY",
            "ENV_SERVER_KEY", "ENV_ADDRESS", "render_grades"]
@@ -55,19 +56,26 @@ DEVICE = "conformance-1"
 # refusal and doubles makes 4 attempts in 0.8 s; one that ignores the refusal
 # makes hundreds.
 MAX_ATTEMPTS = 6
-# What the kit grants a client that asks (14.2); it answers the "e2ee" requests
-# a client makes on its own (key publishing, 17.3) and serves no directory.
-KIT_FEATURES = ("e2ee",)
+# What the kit grants a client that asks (14.2; "groups" only with "e2ee", 18); it
+# answers the "e2ee" requests a client makes on its own (key publishing, 17.3),
+# serves only the scripted peer's directory, and sends group ops, never receives them.
+KIT_FEATURES = ("e2ee", "groups")
 UNREGISTERED_OP = 2099  # the last opcode of e2ee's relay -> client block, never assigned
 
 
 @dataclass
 class Msg:
-    """A persistent message the kit's peer sends to the client."""
+    """A persistent delivery the kit sends to the client: a message of the peer
+    (DELIVER, or DDELIVER / GDELIVER with ``device`` and ``group``), or a GEVENT
+    of ``kind`` (``body`` then holds its msgpack data)."""
 
     sender: str
     id: bytes
     body: bytes
+    opcode: int = 18
+    device: int = 1
+    group: bytes = b""
+    kind: int = 0
 
 
 @dataclass
@@ -98,8 +106,18 @@ class Link:
 def _deliver_op(seq: int, m: Msg, wide_seq: bool = False) -> bytes:
     # as the relay does (section 13): seq as uint32 (uint64 when wide), ts as uint64
     seq_b = (b"\xcf" + seq.to_bytes(8, "big")) if wide_seq else b"\xce" + seq.to_bytes(4, "big")
+    ts = b"\xcf" + int(time.time() * 1000).to_bytes(8, "big")
+    if m.opcode == DDELIVER:  # 17.6
+        return (b"\x98" + pack(DDELIVER) + seq_b + pack(m.sender) + pack(m.device)
+                + pack(m.id) + pack(m.body) + ts + b"\x00")
+    if m.opcode == GDELIVER:  # 18.5
+        return (b"\x99" + pack(GDELIVER) + seq_b + pack(m.group) + pack(m.sender)
+                + pack(m.device) + pack(m.id) + pack(m.body) + ts + b"\x00")
+    if m.opcode == GEVENT:  # 18.6
+        return b"\x97" + pack(GEVENT) + seq_b + pack(m.kind) + pack(m.id) + pack(m.body) + ts \
+            + b"\x00"
     return (b"\x97\x12" + seq_b + pack(m.sender) + pack(m.id) + pack(m.body)
-            + b"\xcf" + int(time.time() * 1000).to_bytes(8, "big") + b"\x00")
+            + ts + b"\x00")
 
 
 class VendorKit:
@@ -129,6 +147,8 @@ class VendorKit:
         self.pools = [0, 0]  # one-time EC and KEM prekeys the client published (17.3)
         self.peer_devices: dict[int, int] = {1: 111, 2: 222}  # the peer's list (17.1)
         self.dsends: list[tuple[bytes, dict[int, int], int]] = []  # id, entries, REPLY code
+        # group id -> (version, members, admins) as the GEVENTs the kit sent say (18.6)
+        self.group_state: dict[bytes, tuple[int, set[str], set[str]]] = {}
         self.files: dict[str, str] = {}
         self._server: asyncio.base_events.Server | None = None
         self._gone: Callable[[], bool] = lambda: False  # the client process has exited
@@ -289,6 +309,8 @@ class VendorKit:
             elif kind == FEATURES and len(op) == 3 and isinstance(op[2], list):
                 granted = sorted(set(KIT_FEATURES).intersection(
                     n for n in op[2] if isinstance(n, str)))
+                if "e2ee" not in granted and "e2ee" not in lk.features:
+                    granted = [n for n in granted if n != "groups"]  # 18: only with e2ee
                 lk.features.update(granted)
                 out.append(pack([FEATURES_OK, op[1], granted]))
             elif "e2ee" in lk.features and kind == KEYS_SET and _op_problem(op) is None:
@@ -301,6 +323,8 @@ class VendorKit:
             elif "e2ee" in lk.features and kind in (DEVICES, BUNDLES, DSEND) \
                     and _op_problem(op) is None:
                 out.append(self._directory(op))
+            elif "groups" in lk.features and 1100 <= kind <= 1107 and _op_problem(op) is None:
+                out.append(self._group_answer(op))
             elif kind == PING and len(op) == 2:
                 out.append(pack([20, op[1]]))
             elif kind == BYE:
@@ -331,6 +355,16 @@ class VendorKit:
         self.dsends.append((op[1], given, code))
         return pack([REPLY, op[1], code, True, lists if code else None])
 
+    def _group_answer(self, op: list) -> bytes:
+        """GMEMBERS of the kit's group from its events so far (18.3); any other
+        group request is answered as the relay would a non-member's (308)."""
+        state = self.group_state.get(op[2]) if op[0] == GMEMBERS else None
+        if state is None:
+            return pack([REPLY, op[1], 308, True, None])
+        version, members, admins = state
+        return pack([REPLY, op[1], 0, True, [version, *[
+            [a, a in admins, [[1, 111]] if a == PEER else []] for a in sorted(members)]]])
+
     async def _answer_bye(self, lk: Link) -> None:
         # hold the link a moment to see whether anything follows the BYE (8.1)
         await asyncio.sleep(0.4)
@@ -353,6 +387,14 @@ class VendorKit:
             seqs.append(seq)
         lk.side.send(ops)
         return seqs
+
+    def next_seq(self, lk: Link, opcode: int) -> int:
+        """Number an op the scenario sends by hand (not kept for redelivery), so
+        that acks of it are graded as acks of a delivered seq."""
+        seq = lk.next_seq
+        lk.next_seq += 1
+        lk.delivered.append((seq, Msg("", b"", b"", opcode=opcode), self.now()))
+        return seq
 
     def drop(self, lk: Link) -> None:
         """Break the link (TCP reset), as a network failure would."""
@@ -535,6 +577,16 @@ _CLIENT_OPS: dict[int, tuple[Callable[[object], bool], ...]] = {
            lambda v: isinstance(v, list) and len(v) <= 127 and all(_is_uint(d) for d in v)),
     1004: (_is_bin(16), lambda v: type(v) is str and is_valid_address(v),
            lambda v: type(v) is bool, _entries, _entries),
+    # "groups" (18.2-18.4)
+    1100: (_is_bin(16),),
+    1101: (_is_bin(16), _is_bin(16), lambda v: type(v) is str and is_valid_address(v)),
+    1102: (_is_bin(16), _is_bin(16), lambda v: type(v) is bool),
+    1103: (_is_bin(16), _is_bin(16), lambda v: type(v) is str and is_valid_address(v)),
+    1104: (_is_bin(16), _is_bin(16)),
+    1105: (_is_bin(16), _is_bin(16), lambda v: type(v) is str and is_valid_address(v),
+           lambda v: type(v) is bool),
+    1106: (_is_bin(16), _is_bin(16)),
+    1107: (_is_bin(16), _is_bin(16), _is_int, lambda v: type(v) is bytes and len(v) <= 61440),
 }
 
 
@@ -786,8 +838,7 @@ async def _keys(kit: VendorKit, lk: Link) -> dict[str, tuple[bool | None, str]]:
         "no KEYS_SET" if not sets else "not both one-time pools filled after KEYS_SET"))}
     used = {k[0] for s in adds for k in s.op[3] if isinstance(k, list) and k}
     mark = len(kit.log)
-    seq = lk.next_seq
-    lk.next_seq += 1
+    seq = kit.next_seq(lk, EVENT)
     lk.side.send([pack([EVENT, seq, 1, os.urandom(16), pack([0, 3]),
                         int(time.time() * 1000), 0])])
 
@@ -850,8 +901,7 @@ async def _unknown_op(kit: VendorKit, lk: Link) -> dict[str, tuple[bool | None, 
     if not lk.features:
         return {"unknown-relay-op": (None, "the client negotiated no feature: the kit "
                                            "sends unknown ops only on negotiated links")}
-    seq = lk.next_seq
-    lk.next_seq += 1
+    seq = kit.next_seq(lk, UNREGISTERED_OP)
     unknown = pack([UNREGISTERED_OP, seq, os.urandom(16), b"future", 0])
     m = kit.msg(b"echo:after-unknown")
     (s2,) = kit.deliver(lk, [m], before=[unknown])
@@ -865,6 +915,97 @@ async def _unknown_op(kit: VendorKit, lk: Link) -> dict[str, tuple[bool | None, 
             w for w, bad in (("no echo of the next DELIVER", not echoed),
                              ("its seq never acked", not acked),
                              ("the link was dropped", not same)) if bad)))}
+
+
+GROUP_X, GROUP_Y = "x@conformance-kit", "y@conformance-kit"
+
+
+def _gevent(kind: int, data: list) -> Msg:
+    return Msg("", os.urandom(16), pack(data), opcode=GEVENT, kind=kind)
+
+
+@client_behaviour("group-events", ("group-events", "18.6, 8.1 DACK, 15.11"))
+async def _group_events(kit: VendorKit, lk: Link) -> dict[str, tuple[bool | None, str]]:
+    # 18.6: a member applies its group's GEVENTs in the order of the stream (the
+    # order of the changes) and acks them like messages; the adapter reports the
+    # state it holds when asked with "group:<id>" (CONFORMANCE.md, the contract)
+    if "groups" not in lk.features:
+        return {"group-events": (None, 'the client did not negotiate "groups"')}
+    gid = os.urandom(16)
+    script = [(5, [gid, 2, PEER, ADDRESS]), (5, [gid, 3, PEER, GROUP_X]),
+              (9, [gid, 4, GROUP_X, 1, 111]), (6, [gid, 5, PEER, GROUP_X]),
+              (2, [gid, 5, PEER, GROUP_Y]), (3, [gid, 6, GROUP_Y]),
+              (8, [gid, 6, PEER, GROUP_Y, True])]
+    want = [6, sorted([ADDRESS, GROUP_Y]), [GROUP_Y]]
+    kit.group_state[gid] = (6, {ADDRESS, GROUP_Y}, {GROUP_Y})
+    events = [_gevent(kind, data) for kind, data in script]
+    seqs = kit.deliver(lk, events[:4]) + kit.deliver(lk, events[4:])  # across two frames
+    ask = kit.msg(b"group:" + gid)
+    kit.deliver(lk, [ask])
+
+    def answers() -> list[Seen]:
+        return [s for s in kit.sends(b"group=") if s.link == lk.no]
+    got = await kit.until(lambda: bool(answers()))
+    acked = await kit.until(lambda: any(d.op[1] >= seqs[-1] for d in kit.dacks(lk.no)))
+    state = None
+    if got:
+        try:
+            state = msgpack.unpackb(answers()[0].op[3][6:], raw=False)
+        except Exception:  # noqa: BLE001 - graded as a wrong answer
+            state = "not msgpack"
+    problems = []
+    if not got:
+        problems.append("no group= answer to group:<id>")
+    elif state != want:
+        problems.append(f"state {state!r:.120} instead of {want!r} (the events applied "
+                        "out of order, or not all of them)")
+    if not acked:
+        problems.append("the GEVENTs were never acked")
+    return {"group-events": (not problems, "; ".join(problems) or (
+        f"{len(events)} GEVENTs over two frames applied in order (version 6, "
+        "members and admins as the events say) and acked"))}
+
+
+@client_behaviour("feature-deliveries",
+                  ("feature-acks-only-taken", "8.1 DACK, 17.6, 18.5, 15.7"),
+                  ("feature-dedup", "9.2, 17.6, 18.5, 15.7"))
+async def _feature_deliveries(kit: VendorKit, lk: Link) -> dict[str, tuple[bool | None, str]]:
+    # DDELIVER (17.6) and GDELIVER (18.5) are deliveries like DELIVER: acked only
+    # once the application took them, processed once per (from, id)
+    if "e2ee" not in lk.features:
+        na = 'the client did not negotiate "e2ee"'
+        return {"feature-acks-only-taken": (None, na), "feature-dedup": (None, na)}
+    takes = [Msg(PEER, os.urandom(16), b"echo:fd-1", opcode=DDELIVER, device=2)]
+    if "groups" in lk.features:
+        takes.append(Msg(PEER, os.urandom(16), b"echo:fg-1", opcode=GDELIVER, device=2,
+                         group=os.urandom(16)))
+    kinds = " and ".join(("DDELIVER", "GDELIVER")[:len(takes)])
+    t0 = kit.now()
+    kit.deliver(lk, [kit.msg(b"pause:%d" % int(kit.pause_s * 1000)), *takes])
+    taken_at = t0 + kit.pause_s
+    done = await kit.until(lambda: all(_echoes(kit, m.body) for m in takes),
+                           kit.pause_s + kit.timeout)
+    last = max(seq for seq, m, _ in lk.delivered if m in takes)
+    acked = await kit.until(lambda: any(d.op[1] >= last for d in kit.dacks(lk.no)))
+    bad = _early_acks(kit, [lk], takes, taken_at)
+    if not done:
+        bad.append(f"the application never took the {kinds} behind the pause")
+    elif not acked:
+        bad.append(f"the {kinds} were never acked once taken")
+    res: dict[str, tuple[bool | None, str]] = {"feature-acks-only-taken": (
+        not bad, "; ".join(bad[:3]) or f"{kinds} acked only once the application took them")}
+    # the same (from, id) again, then a marker in a frame of its own
+    dups = kit.deliver(lk, takes)
+    marker = kit.msg(b"echo:fd-marker")
+    (s3,) = kit.deliver(lk, [marker])
+    await kit.until(lambda: bool(_echoes(kit, marker.body))
+                    and any(d.op[1] >= s3 for d in kit.dacks(lk.no)))
+    times = [len({s.op[1] for s in _echoes(kit, m.body)}) for m in takes]
+    dup_acked = any(d.op[1] >= max(dups) for d in kit.dacks(lk.no))
+    ok = times == [1] * len(takes) and dup_acked
+    res["feature-dedup"] = (ok, f"redelivered {kinds} processed {times} time(s); the "
+                                f"duplicates {'acked' if dup_acked else 'never acked'}")
+    return res
 
 
 @client_behaviour("bye", ("no-ops-after-bye", "8.1 BYE, 10.4, 15.9"))
