@@ -676,6 +676,36 @@ def py_dsend_ok(op: object, addr_ok: set[str]) -> bool:
             and _is_entries(entries) and _is_entries(own))
 
 
+def decode_pings(plaintext: bytes) -> list[int] | None:
+    """The tokens of a frame made only of valid PINGs, else None.
+
+    The relay's fast path for the cheap op a flooder sends by the thousand
+    (compiled when the core is built): a None answer says nothing about the
+    frame, which :func:`decode_client_frame_precise` then decodes.
+    """
+    return _decode_pings(plaintext)
+
+
+def py_decode_pings(plaintext: object) -> list[int] | None:
+    """Specification of the compiled ``decode_pings``: the tokens of
+    ``plaintext`` (exact bytes) in order when every op is a valid PING; None
+    for any other frame, errors included.  The compiled twin may decline more
+    (negative tokens), never answer else."""
+    if type(plaintext) is not bytes:
+        return None
+    try:
+        frame = _unpack_frame(plaintext)
+    except ProtocolError:
+        return None
+    tokens = []
+    for op in frame:
+        if (type(op) is not tuple or len(op) != 2 or type(op[0]) is not int
+                or op[0] != _PING or type(op[1]) is not int):
+            return None
+        tokens.append(op[1])
+    return tokens
+
+
 def decode_client_frame_precise(plaintext: bytes) -> list[DecodedOp]:
     """:func:`decode_client_frame` without its SEND fast path: every op checked
     precisely (the oracle the fast path is tested against)."""
@@ -1325,6 +1355,7 @@ def py_sack_ok_op(cid: bytes) -> bytes:
 
 # the implementations in use: compiled (fastroute._core) or the specs above
 _decode_sends = twin(py_decode_sends)
+_decode_pings = twin(py_decode_pings)
 #: :func:`py_dsend_ok`, compiled when the core is built
 dsend_ok = twin(py_dsend_ok)
 _decode_server_ops = twin(py_decode_server_ops)
