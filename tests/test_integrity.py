@@ -123,9 +123,20 @@ def test_flooding_provider_is_charged_and_cannot_starve_a_quiet_pair(loop, tmp_p
             await asyncio.gather(*tasks, return_exceptions=True)
             if not deaf._proto.transport.is_closing():
                 deaf._proto.transport.resume_reading()  # so it sees its link end
-            results = await asyncio.wait_for(asyncio.gather(*sent, return_exceptions=True), 10)
-            # some sends within limits went through, past the limits they were refused
-            assert any(not isinstance(r, BaseException) for r in results)
+            # some sends within limits went through.  The rest are answered as
+            # the flooders' backlogs drain at their op budgets' pace, which this
+            # test does not wait for: how much is backlogged (here and in the
+            # flooders' own buffers) grows with how fast the relay reads.
+            def went_through():
+                return any(f.done() and not f.cancelled() and f.exception() is None
+                           for f in sent)
+            for f in sent:
+                f.add_done_callback(lambda f: f.cancelled() or f.exception())
+            for _ in range(1000):
+                if went_through():
+                    break
+                await asyncio.sleep(0.01)
+            assert went_through()
             stop = True
             relay.remove_tap(tap)
 
@@ -167,8 +178,9 @@ def test_flooding_provider_is_charged_and_cannot_starve_a_quiet_pair(loop, tmp_p
             # (unbounded, the same flood grew a relay by 343 MB in 30 s)
             stats = relay.stats()
             assert stats["queued_bytes"] <= 8 << 20
+            # (a link past the cap is closing: it is dropped within a second)
             assert all(ln.transport.get_write_buffer_size() <= lim.max_output_bytes
-                       for ln in relay.links)
+                       or ln.closing for ln in relay.links)
             gc.collect()
             grown = _rss() - rss0
             assert grown < (8 << 20) + len(acme_links) * lim.max_output_bytes + (128 << 20), grown
