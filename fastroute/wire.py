@@ -709,12 +709,37 @@ def py_decode_pings(plaintext: object) -> list[int] | None:
 def decode_client_frame_precise(plaintext: bytes) -> list[DecodedOp]:
     """:func:`decode_client_frame` without its SEND fast path: every op checked
     precisely (the oracle the fast path is tested against)."""
+    frame, i = unpack_client_frame(plaintext)
+    return list(frame) if i == len(frame) else _slow(frame, i, _CLIENT_CHECKS)
+
+
+def unpack_client_frame(plaintext: bytes) -> tuple[tuple, int]:
+    """The first half of :func:`decode_client_frame_precise`: the frame's ops as
+    unpacked, not checked yet, and how many leading ones need no check.
+
+    Raises like it for a frame unusable as a whole.  With
+    :func:`check_client_ops` a caller checks (and pays for) a frame's ops a
+    slice at a time: a frame of thousands of ops need not be checked in one
+    go before the relay may turn to another link.
+    """
     frame = _unpack_frame(plaintext)
     # A run of valid SENDs (and per-device sends) whose recipients are cached
     # needs no more checks; the first op that misses it -- an error, another
     # opcode, a new recipient -- hands the rest of the frame to the precise checks.
-    i = _fast_sends(frame, _ADDR_OK, dsend_ok)
-    return list(frame) if i == len(frame) else _slow(frame, i, _CLIENT_CHECKS)
+    return frame, _fast_sends(frame, _ADDR_OK, dsend_ok)
+
+
+def check_client_ops(frame: tuple, start: int, end: int, good: int) -> list[DecodedOp]:
+    """``frame[start:end]`` checked exactly as :func:`decode_client_frame_precise`
+    checks them (each op on its own); ``good`` is :func:`unpack_client_frame`'s
+    count of leading ops that need no check."""
+    ops = list(frame[start:end])
+    for i in range(max(good - start, 0), len(ops)):
+        op = ops[i]
+        checked = _check_op(op, _CLIENT_CHECKS)
+        if checked is not op:
+            ops[i] = checked
+    return ops
 
 
 def decode_server_frame(plaintext: bytes) -> list[DecodedOp]:

@@ -387,6 +387,23 @@ def test_decode_sends_fuzz():
         _check_decode(bytes(data))
 
 
+@pytest.mark.parametrize("step", [1, 3, 64])
+def test_client_frame_checked_a_slice_at_a_time_is_the_precise_decode(step):
+    # the link checks a long frame's ops a share at a time: the slices,
+    # joined, must be exactly what the precise decoder gives for the frame
+    rng = random.Random(step)
+    ops = [_send(), wire.ping_op(5), wire.dack_op(3), _send(to="bad"), msgpack.packb((3, "x")),
+           wire.consent_op(MID, "acme", True), msgpack.packb((999, 1)), _send(cls=1)]
+    for _ in range(200):
+        plaintext = _frame([rng.choice(ops) for _ in range(rng.randrange(1, 40))])
+        want = wire.decode_client_frame_precise(plaintext)
+        frame, good = wire.unpack_client_frame(plaintext)
+        got = []
+        for start in range(0, len(frame), step):
+            got += wire.check_client_ops(frame, start, min(start + step, len(frame)), good)
+        assert got == want
+
+
 def _check_pings(plaintext):
     """Both twins of decode_pings either decline or give exactly the tokens of
     the precise decoder's ops, which must then all be valid PINGs."""
