@@ -885,7 +885,21 @@ def welcome_op(address: str, device: str, server_time_ms: int) -> bytes:
 
 def sack_op(id: bytes, code: int = 0) -> bytes:  # noqa: A002
     """A packed SACK op: 0 = stored (persistent) / accepted (ephemeral), else an error code."""
-    return _pack((_SACK, id, int(code)))
+    code = int(code)
+    if type(id) is bytes and len(id) == ID_LEN:
+        # the common case (a refusal answered per op, by the thousand under a
+        # flood): the same bytes as the packer's, joined from cached parts
+        tail = _SACK_CODES.get(code)
+        if tail is None:
+            tail = _pack(code)
+            if len(_SACK_CODES) < 1024:
+                _SACK_CODES[code] = tail
+        return b"".join((_SACK_OK_HEAD, id, tail))
+    return _pack((_SACK, id, code))
+
+
+#: packed SACK codes, by code (filled as codes are used; a few dozen exist)
+_SACK_CODES: dict[int, bytes] = {}
 
 
 def deliver_op(seq: int, from_: str, id: bytes, body: bytes, ts_ms: int,  # noqa: A002
