@@ -694,15 +694,70 @@ def py_dsend_ok(op: object, addr_ok: set[str]) -> bool:
             and _is_entries(entries) and _is_entries(own))
 
 
+def decode_pings(plaintext: bytes) -> list[int] | None:
+    """The tokens of a frame made only of valid PINGs, else None.
+
+    The relay's fast path for the cheap op a flooder sends by the thousand
+    (compiled when the core is built): a None answer says nothing about the
+    frame, which :func:`decode_client_frame_precise` then decodes.
+    """
+    return _decode_pings(plaintext)
+
+
+def py_decode_pings(plaintext: object) -> list[int] | None:
+    """Specification of the compiled ``decode_pings``: the tokens of
+    ``plaintext`` (exact bytes) in order when every op is a valid PING; None
+    for any other frame, errors included.  The compiled twin may decline more
+    (negative tokens), never answer else."""
+    if type(plaintext) is not bytes:
+        return None
+    try:
+        frame = _unpack_frame(plaintext)
+    except ProtocolError:
+        return None
+    tokens = []
+    for op in frame:
+        if (type(op) is not tuple or len(op) != 2 or type(op[0]) is not int
+                or op[0] != _PING or type(op[1]) is not int):
+            return None
+        tokens.append(op[1])
+    return tokens
+
+
 def decode_client_frame_precise(plaintext: bytes) -> list[DecodedOp]:
     """:func:`decode_client_frame` without its SEND fast path: every op checked
     precisely (the oracle the fast path is tested against)."""
+    frame, i = unpack_client_frame(plaintext)
+    return list(frame) if i == len(frame) else _slow(frame, i, _CLIENT_CHECKS)
+
+
+def unpack_client_frame(plaintext: bytes) -> tuple[tuple, int]:
+    """The first half of :func:`decode_client_frame_precise`: the frame's ops as
+    unpacked, not checked yet, and how many leading ones need no check.
+
+    Raises like it for a frame unusable as a whole.  With
+    :func:`check_client_ops` a caller checks (and pays for) a frame's ops a
+    slice at a time: a frame of thousands of ops need not be checked in one
+    go before the relay may turn to another link.
+    """
     frame = _unpack_frame(plaintext)
     # A run of valid SENDs (and per-device sends) whose recipients are cached
     # needs no more checks; the first op that misses it -- an error, another
     # opcode, a new recipient -- hands the rest of the frame to the precise checks.
-    i = _fast_sends(frame, _ADDR_OK, dsend_ok)
-    return list(frame) if i == len(frame) else _slow(frame, i, _CLIENT_CHECKS)
+    return frame, _fast_sends(frame, _ADDR_OK, dsend_ok)
+
+
+def check_client_ops(frame: tuple, start: int, end: int, good: int) -> list[DecodedOp]:
+    """``frame[start:end]`` checked exactly as :func:`decode_client_frame_precise`
+    checks them (each op on its own); ``good`` is :func:`unpack_client_frame`'s
+    count of leading ops that need no check."""
+    ops = list(frame[start:end])
+    for i in range(max(good - start, 0), len(ops)):
+        op = ops[i]
+        checked = _check_op(op, _CLIENT_CHECKS)
+        if checked is not op:
+            ops[i] = checked
+    return ops
 
 
 def decode_server_frame(plaintext: bytes) -> list[DecodedOp]:
@@ -848,7 +903,21 @@ def welcome_op(address: str, device: str, server_time_ms: int) -> bytes:
 
 def sack_op(id: bytes, code: int = 0) -> bytes:  # noqa: A002
     """A packed SACK op: 0 = stored (persistent) / accepted (ephemeral), else an error code."""
-    return _pack((_SACK, id, int(code)))
+    code = int(code)
+    if type(id) is bytes and len(id) == ID_LEN:
+        # the common case (a refusal answered per op, by the thousand under a
+        # flood): the same bytes as the packer's, joined from cached parts
+        tail = _SACK_CODES.get(code)
+        if tail is None:
+            tail = _pack(code)
+            if len(_SACK_CODES) < 1024:
+                _SACK_CODES[code] = tail
+        return b"".join((_SACK_OK_HEAD, id, tail))
+    return _pack((_SACK, id, code))
+
+
+#: packed SACK codes, by code (filled as codes are used; a few dozen exist)
+_SACK_CODES: dict[int, bytes] = {}
 
 
 def deliver_op(seq: int, from_: str, id: bytes, body: bytes, ts_ms: int,  # noqa: A002
@@ -1351,6 +1420,7 @@ def py_sack_ok_op(cid: bytes) -> bytes:
 
 # the implementations in use: compiled (fastroute._core) or the specs above
 _decode_sends = twin(py_decode_sends)
+_decode_pings = twin(py_decode_pings)
 #: :func:`py_dsend_ok`, compiled when the core is built
 dsend_ok = twin(py_dsend_ok)
 _decode_server_ops = twin(py_decode_server_ops)

@@ -78,7 +78,7 @@ def test_compiled_twins_loaded():
     pairs = [(wire.deliver_tail, wire.py_deliver_tail), (wire.sack_ok_op, wire.py_sack_ok_op),
              (wire._pack_frames, wire.py_pack_frames), (wire._decode_sends, wire.py_decode_sends),
              (wire._decode_server_ops, wire.py_decode_server_ops),
-             (wire.dsend_ok, wire.py_dsend_ok),
+             (wire.dsend_ok, wire.py_dsend_ok), (wire._decode_pings, wire.py_decode_pings),
              (gate_mod.accept_sends, gate_mod.py_accept_sends),
              (gate_mod.stored_sacks, gate_mod.py_stored_sacks),
              (gate_mod.route_items, gate_mod.py_route_items),
@@ -385,6 +385,90 @@ def test_decode_sends_fuzz():
         if rng.random() < 0.2:
             del data[rng.randrange(len(data)):]
         _check_decode(bytes(data))
+
+
+@pytest.mark.parametrize("step", [1, 3, 64])
+def test_client_frame_checked_a_slice_at_a_time_is_the_precise_decode(step):
+    # the link checks a long frame's ops a share at a time: the slices,
+    # joined, must be exactly what the precise decoder gives for the frame
+    rng = random.Random(step)
+    ops = [_send(), wire.ping_op(5), wire.dack_op(3), _send(to="bad"), msgpack.packb((3, "x")),
+           wire.consent_op(MID, "acme", True), msgpack.packb((999, 1)), _send(cls=1)]
+    for _ in range(200):
+        plaintext = _frame([rng.choice(ops) for _ in range(rng.randrange(1, 40))])
+        want = wire.decode_client_frame_precise(plaintext)
+        frame, good = wire.unpack_client_frame(plaintext)
+        got = []
+        for start in range(0, len(frame), step):
+            got += wire.check_client_ops(frame, start, min(start + step, len(frame)), good)
+        assert got == want
+
+
+def _check_pings(plaintext):
+    """Both twins of decode_pings either decline or give exactly the tokens of
+    the precise decoder's ops, which must then all be valid PINGs."""
+    try:
+        want = wire.decode_client_frame_precise(plaintext)
+    except ProtocolError as exc:
+        want = exc
+    answers = []
+    for fn in _both(wire.py_decode_pings):
+        got = fn and fn(plaintext)
+        if got is not None:
+            assert not isinstance(want, Exception), plaintext[:64]
+            assert all(type(op) is tuple and op[0] == wire.Op.PING for op in want)
+            assert got == [op[1] for op in want]
+            assert all(type(t) is int for t in got)
+        answers.append(got)
+    return answers
+
+
+PING_FRAMES = [
+    _frame([wire.ping_op(t) for t in (0, 1, 127, 128, 255, 256, 65535, 65536, 1 << 32,
+                                      (1 << 62), (1 << 64) - 1)]),
+    _frame([wire.ping_op(7)] * 2000),
+    _frame([wire.ping_op(3)] * 3, header=b"\xdd\x00\x00\x00\x03"),
+]
+
+
+@pytest.mark.parametrize("plaintext", PING_FRAMES)
+def test_decode_pings_fast_frames(plaintext):
+    py, c = _check_pings(plaintext)
+    assert py is not None
+    if fastroute.COMPILED:
+        assert c == py
+
+
+@pytest.mark.parametrize("plaintext", [
+    _frame([wire.ping_op(1), wire.dack_op(1)]),
+    _frame([wire.ping_op(1), _send()]),
+    _frame([wire.ping_op(-1)]),                     # negative: C declines, spec answers
+    _frame([msgpack.packb((3, "x"))]),              # not an int token
+    _frame([msgpack.packb((3, True))]),             # bool is no token
+    _frame([msgpack.packb((3, 1, 2))]),             # extra field
+    _frame([msgpack.packb((3,))]),
+    _frame([wire.ping_op(1)] * 3, header=b"\xdc\x00\x04"),   # count says 4
+    _frame([wire.ping_op(1)] * 3, header=b"\xdc\x00\x02"),   # count says 2
+    b"\xdd\x00\x00\x20\x01" + wire.ping_op(1) * 8193,         # too many ops
+    b"\x81\x01\x02",                                            # not an array
+])
+def test_decode_pings_declines_or_agrees(plaintext):
+    py, c = _check_pings(plaintext)
+    if plaintext != _frame([wire.ping_op(-1)]):
+        assert py is None and c is None
+
+
+def test_decode_pings_fuzz():
+    rng = random.Random(4321)
+    base = [_frame([wire.ping_op(rng.randrange(1 << rng.choice((6, 8, 16, 32, 64))))
+                    for _ in range(k)]) for k in (1, 2, 5, 17)]
+    for _ in range(3000):
+        data = bytearray(rng.choice(base))
+        for _ in range(rng.randrange(1, 4)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        if rng.random() < 0.2:
+            del data[rng.randrange(len(data)):]
+        _check_pings(bytes(data))
 
 
 # -- the gate loop ------------------------------------------------------------------------

@@ -123,11 +123,20 @@ def test_flooding_provider_is_charged_and_cannot_starve_a_quiet_pair(loop, tmp_p
             await asyncio.gather(*tasks, return_exceptions=True)
             if not deaf._proto.transport.is_closing():
                 deaf._proto.transport.resume_reading()  # so it sees its link end
-            # the flooders' own sends wait behind what they queued; the bound only
-            # makes the test stop by itself (10 s was too short on a loaded CI box)
-            results = await asyncio.wait_for(asyncio.gather(*sent, return_exceptions=True), 60)
-            # some sends within limits went through, past the limits they were refused
-            assert any(not isinstance(r, BaseException) for r in results)
+            # some sends within limits went through.  The rest are answered as
+            # the flooders' backlogs drain at their op budgets' pace, which this
+            # test does not wait for: how much is backlogged (here and in the
+            # flooders' own buffers) grows with how fast the relay reads.
+            def went_through():
+                return any(f.done() and not f.cancelled() and f.exception() is None
+                           for f in sent)
+            for f in sent:
+                f.add_done_callback(lambda f: f.cancelled() or f.exception())
+            for _ in range(6000):  # at most 60 s: the test stops by itself
+                if went_through():
+                    break
+                await asyncio.sleep(0.01)
+            assert went_through()
             stop = True
             relay.remove_tap(tap)
 
@@ -169,8 +178,9 @@ def test_flooding_provider_is_charged_and_cannot_starve_a_quiet_pair(loop, tmp_p
             # (unbounded, the same flood grew a relay by 343 MB in 30 s)
             stats = relay.stats()
             assert stats["queued_bytes"] <= 8 << 20
+            # (a link past the cap is closing: it is dropped within a second)
             assert all(ln.transport.get_write_buffer_size() <= lim.max_output_bytes
-                       for ln in relay.links)
+                       or ln.closing for ln in relay.links)
             gc.collect()
             grown = _rss() - rss0
             assert grown < (8 << 20) + len(acme_links) * lim.max_output_bytes + (128 << 20), grown
@@ -592,4 +602,61 @@ def test_opposite_consents_in_flight_end_in_the_last_choice(loop, tmp_path):
             assert writes == [True, False]
             assert "alice@home" not in w.relay.gate.consent
             assert "alice@home" not in reg.consents()
+    run(loop, main())
+
+
+def test_a_frame_of_pings_past_the_budget_is_answered_in_order_then_refused(loop, tmp_path):
+    # the compiled PING-only path: the first ones get their PONGs, the rest
+    # one ERROR, exactly as the generic op loop answers them
+    lim = Limits(ops_per_s=0.01, ops_burst=10.0)
+
+    async def main():
+        async with world(tmp_path, limits=lim) as w:
+            a = await w.connect("alice@home")
+            link = next(iter(ln for ln in w.relay.links if ln.address == "alice@home"))
+            refused0 = w.relay.refused.get(ErrorCode.RATE_LIMITED, 0)
+            futs = {t: a._loop.create_future() for t in range(1, 16)}
+            a._pings.update(futs)
+            _raw(a, [wire.ping_op(t) for t in range(1, 16)])
+            await asyncio.wait_for(asyncio.gather(*(futs[t] for t in range(1, 11))), 5)
+            await asyncio.sleep(0.1)
+            assert not any(futs[t].done() for t in range(11, 16))
+            assert link.ops == 15 and link.refused_ops == 5
+            assert w.relay.refused[ErrorCode.RATE_LIMITED] == refused0 + 1
+            assert link.wiring.op_counts[int(wire.Op.PING)] >= 15
+    run(loop, main())
+
+
+def test_a_frame_of_many_ops_is_processed_a_share_per_turn(loop, tmp_path):
+    # not SENDs nor PINGs only (a DACK ends it): the precise path, which
+    # checks and dispatches the frame's ops a share at a time, so one frame
+    # cannot hold the loop for more than a share
+    lim = Limits(ops_per_s=1e6, ops_burst=1e6, max_ops_per_turn=64)
+    n = 600
+
+    async def main():
+        async with world(tmp_path, limits=lim) as w:
+            a = await w.connect("alice@home")
+            link = next(iter(ln for ln in w.relay.links if ln.address == "alice@home"))
+            loop_ = asyncio.get_running_loop()
+            samples: list[int] = []
+            stop = False
+
+            def tick():
+                samples.append(link.ops)
+                if not stop:
+                    loop_.call_soon(tick)
+
+            futs = {t: a._loop.create_future() for t in range(1, n + 1)}
+            a._pings.update(futs)
+            ops0 = link.ops
+            loop_.call_soon(tick)
+            _raw(a, [wire.ping_op(t) for t in range(1, n + 1)] + [wire.dack_op(0)])
+            await asyncio.wait_for(asyncio.gather(*futs.values()), 10)
+            stop = True
+            assert link.ops == ops0 + n + 1
+            steps = [b - a_ for a_, b in zip(samples, samples[1:]) if b != a_]
+            # a share per callback; two callbacks may share a loop iteration
+            assert max(steps) <= 2 * lim.max_ops_per_turn
+            assert len(steps) >= (n + 1) // (2 * lim.max_ops_per_turn)
     run(loop, main())

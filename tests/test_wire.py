@@ -634,3 +634,19 @@ def test_server_fast_path_agrees_with_the_precise_checks(op):
     got = wire.decode_server_frame_precise(frame)
     assert got == [wire._check_op(tuple(msgpack.unpackb(frame, use_list=False)[0]),
                                   wire._SERVER_CHECKS)]
+
+
+def test_sack_op_is_the_packers_bytes():
+    # sack_op joins cached parts for a 16-byte id: byte for byte what msgpack packs
+    import random
+
+    rng = random.Random(7)
+    codes = [0, 1, 127, 128, 255, 256, 300, 402, 510, 65535, 65536, 1 << 32, -1, -33,
+             ErrorCode.CONSENT_REQUIRED, ErrorCode.RATE_LIMITED]
+    for code in codes:
+        for cid in (bytes(16), bytes(rng.randrange(256) for _ in range(16))):
+            want = msgpack.packb((17, cid, int(code)), use_bin_type=True)
+            assert wire.sack_op(cid, code) == want
+            assert wire.sack_op(cid, code) == want  # from the cache too
+    # other ids keep the packer's path
+    assert wire.sack_op(b"short", 5) == msgpack.packb((17, b"short", 5), use_bin_type=True)

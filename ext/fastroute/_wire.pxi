@@ -8,6 +8,7 @@
 #   deliver_tail        = py_deliver_tail
 #   sack_ok_op          = py_sack_ok_op
 #   dsend_ok            = py_dsend_ok
+#   decode_pings        = py_decode_pings
 #
 # tests/test_fastpath.py checks that both give the same bytes, or the same
 # exception class, for the same input.  The wire format is docs/PROTOCOL.md:
@@ -361,6 +362,55 @@ cdef inline int take_uint(Cursor* c, unsigned long long* out) noexcept:
         c.p += 9
         return 1
     return 0
+
+
+def decode_pings(plaintext):
+    """The tokens of a frame made only of PINGs, in C: the cheap op a flooder
+    sends by the thousand, read without a Python object per op but its token.
+
+    Returns the list of tokens when ``plaintext`` (exact bytes) is a msgpack
+    array of ``[3, token]`` ops with unsigned tokens (any width); ``None`` for
+    anything else (other ops, negative tokens, errors), which the caller then
+    decodes the precise way.
+    """
+    if not PyBytes_CheckExact(plaintext):
+        return None
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(plaintext)
+    cdef Cursor c
+    cdef Py_ssize_t n, i
+    cdef unsigned char b
+    cdef list tokens
+    cdef unsigned long long token = 0
+    if size > WIRE_MAX_PLAINTEXT or size < 1:
+        return None
+    c.p = <const unsigned char*>PyBytes_AS_STRING(plaintext)
+    c.end = c.p + size
+    b = c.p[0]
+    if 0x90 <= b <= 0x9f:
+        n = b & 0x0f
+        c.p += 1
+    elif b == 0xdc and size >= 3:
+        n = get_be16(c.p + 1)
+        c.p += 3
+    elif b == 0xdd and size >= 5:
+        n = get_be32(c.p + 1)
+        c.p += 5
+    else:
+        return None
+    if n > WIRE_MAX_OPS:
+        return None
+    tokens = []
+    for i in range(n):
+        # [3, token uint]
+        if c.end - c.p < 3 or c.p[0] != 0x92 or c.p[1] != 0x03:
+            return None
+        c.p += 2
+        if not take_uint(&c, &token):
+            return None
+        tokens.append(token)
+    if c.p != c.end:
+        return None
+    return tokens
 
 
 def decode_server_ops(plaintext, set addr_ok):

@@ -197,6 +197,9 @@ class Link(asyncio.Protocol):
         #: reading is paused until :meth:`_next_share` runs (its share of a
         #: turn is used, or its op budget is spent)
         self.waiting = False
+        #: the frame whose ops are being processed a share at a time:
+        #: [unpacked ops, next index, count of leading ops needing no check]
+        self.partial: list | None = None
         #: ops processed on this link, and those refused past its op budget
         self.ops = 0
         self.refused_ops = 0
@@ -269,14 +272,18 @@ class Link(asyncio.Protocol):
         done = 0
         n = len(msgs)
         budgets = self.budgets
-        while at < n:
+        while at < n or self.partial is not None:
             if budgets is not None and self.state == _OPEN and self._budget_wait():
-                # spent: its frames are not even decrypted until it refills
+                # spent: its frames are not even decrypted (nor the rest of a
+                # frame's ops checked) until it refills
                 self.backlog = (msgs, at)
                 break
-            msg = msgs[at]
-            at += 1
-            if self.state == _OPEN:
+            if self.partial is not None and self.state == _OPEN:
+                # the rest of a frame left by an earlier share
+                done += self._run_ops(max(share - done, 1))
+            elif self.state == _OPEN:
+                msg = msgs[at]
+                at += 1
                 try:
                     plaintext = self.rx.decrypt(msg)
                 except DecryptError as exc:
@@ -284,20 +291,26 @@ class Link(asyncio.Protocol):
                     # peer is not who did the handshake, or bytes were altered.
                     self.fail(exc)
                     return
-                done += self._on_frame(plaintext)
+                done += self._on_frame(plaintext, max(share - done, 1))
                 if self.sync_hold is not None:
                     # the first frame said FEATURES or not: the backlog may go
                     self.release_sync()
-                if at < n and self.state == _OPEN and (done >= share or not turns.room(done)):
-                    # Fair scheduling: this link had its share of the turn;
-                    # the rest of its frames wait for the next one, and its
-                    # socket is not read meanwhile (TCP pushes back).
-                    self.backlog = (msgs, at)
-                    break
             elif self.state in (_CLOSED, _DRAINING):
                 break
             else:
+                msg = msgs[at]
+                at += 1
                 self._on_handshake(msg)
+                continue
+            if self.state != _OPEN:
+                self.partial = None
+            elif ((at < n or self.partial is not None)
+                  and (done >= share or not turns.room(done))):
+                # Fair scheduling: this link had its share of the turn; the
+                # rest of its frames (and of a frame of many ops) wait for the
+                # next one, and its socket is not read meanwhile (TCP pushes back).
+                self.backlog = (msgs, at)
+                break
         self.ops += done
         turns.spend(done)
         if self.sends:
@@ -313,7 +326,7 @@ class Link(asyncio.Protocol):
                 self.waiting = True
                 self.transport.pause_reading()
                 if delay:
-                    asyncio.get_running_loop().call_later(delay, self._next_share)
+                    asyncio.get_running_loop().call_later(delay, self._refilled)
                 else:
                     turns.enqueue(self)
 
@@ -332,6 +345,14 @@ class Link(asyncio.Protocol):
                 need = min(float(share), bucket.burst)
                 wait = max(wait, (need - tokens) / bucket.rate if bucket.rate > 0 else 1.0)
         return min(wait, 1.0)
+
+    def _refilled(self) -> None:
+        """The op budget holds a share again: go on in this turn if it has
+        room, else in the next (woken links queue like reads that waited)."""
+        if self.wiring.turns.room(0):
+            self._next_share()
+        else:
+            self.wiring.turns.enqueue(self, fresh=True)
 
     def _next_share(self) -> None:
         """Process the next share of frames left by an earlier turn (or read again)."""
@@ -402,9 +423,11 @@ class Link(asyncio.Protocol):
             self.abort()
 
     # ---------------------------------------------------------------- op loop
-    def _on_frame(self, plaintext: bytes) -> int:
-        """Dispatch one frame's ops; return how many it had (SENDs are charged
-        to the op budget by the gate, the other ops here)."""
+    def _on_frame(self, plaintext: bytes, room: int) -> int:
+        """Dispatch one frame's ops, at most ``room`` of them now unless they
+        are all SENDs or all PINGs (the cheap kinds: the rest wait in
+        :attr:`partial`); return how many were processed (SENDs are charged to
+        the op budget by the gate, the other ops here)."""
         # fast path (compiled when the core is built): a frame of valid SENDs only
         fast = wire.decode_sends(plaintext)
         if fast is not None:
@@ -413,14 +436,42 @@ class Link(asyncio.Protocol):
             counts = self.wiring.op_counts
             counts[_OP_SEND] = counts.get(_OP_SEND, 0) + len(fast)
             return len(fast)
-        wiring = self.wiring
+        pings = wire.decode_pings(plaintext)
+        if pings is not None:
+            self._pings(pings)
+            return len(pings)
         try:
-            # the fast path said "not only SENDs": go straight to the precise
-            # decoder instead of trying it again
-            ops = wire.decode_client_frame_precise(plaintext)
+            # the fast paths said "not only SENDs" nor PINGs: go straight to
+            # the precise decoder instead of trying them again; its ops are
+            # checked a share at a time, so that a frame of many costly ops
+            # does not hold the loop (nor its refused ones: the budget is
+            # looked at again before each share)
+            frame, good = wire.unpack_client_frame(plaintext)
         except ProtocolError as exc:
             self._protocol_error(exc.code, str(exc))
             return 1
+        self.partial = [frame, 0, good]
+        return self._run_ops(room)
+
+    def _run_ops(self, room: int) -> int:
+        """Process up to ``room`` more ops of :attr:`partial`; return how many."""
+        partial = self.partial
+        assert partial is not None
+        frame, start, good = partial
+        end = min(start + room, len(frame))
+        if end < len(frame):
+            partial[1] = end
+        else:
+            self.partial = None
+        done = self._dispatch(wire.check_client_ops(frame, start, end, good))
+        if self.state != _OPEN:
+            self.partial = None  # BYE or a close: the rest of the frame is not read
+        return done
+
+    def _dispatch(self, ops: list) -> int:
+        """Dispatch decoded ops (a frame's, or a share of one); return how many
+        there were (after a BYE or a close the rest are dropped unread)."""
+        wiring = self.wiring
         sends = self.sends
         assert sends is not None
         op_counts = wiring.op_counts
@@ -527,6 +578,33 @@ class Link(asyncio.Protocol):
             self.out.append(wire.error_op(ErrorCode.RATE_LIMITED,
                                           f"{over} PINGs over the op budget"))
         return len(ops)
+
+    def _pings(self, tokens: list) -> None:
+        """A frame of PINGs only (the cheap op a flooder sends by the thousand):
+        what :meth:`_on_frame` does for each, with no Python object per op.
+
+        The op budget grants the first ones a PONG each; those past it are
+        refused together in one ERROR, so a frame of thousands costs the relay
+        little more than its decryption.
+        """
+        wiring = self.wiring
+        n = len(tokens)
+        counts = wiring.op_counts
+        counts[_OP_PING] = counts.get(_OP_PING, 0) + n
+        granted = n
+        if self.budgets is not None:
+            granted = take_upto(self.budgets.ops, n)
+            if granted < n:
+                wiring.count_error(ErrorCode.RATE_LIMITED)
+                self.refused_ops += n - granted
+        if granted:
+            pong = wire.pong_op
+            self.out.extend([pong(t) for t in tokens[:granted]])
+        if granted < n:
+            self.out.append(wire.error_op(ErrorCode.RATE_LIMITED,
+                                          f"{n - granted} PINGs over the op budget"))
+        if n:
+            wiring.delivery.mark(self)
 
     def _features(self, cid: bytes, names: tuple) -> None:
         """FEATURES: grant the known subset; later FEATURES ops may add more."""

@@ -612,8 +612,11 @@ async def run_relay(config: RelayConfig, *, print_fn=print,
     As a process of its own, the relay also tunes the garbage collector: it
     allocates many short-lived objects (ops, frames, futures) and almost no
     reference cycles, so collecting the young generation every 700
-    allocations (Python's default) is mostly wasted work.  An embedding
-    service keeps its own settings; ``Relay`` never touches them.
+    allocations (Python's default) is mostly wasted work.  What start-up
+    built (modules, configuration, tables) lives as long as the process, so
+    it is frozen out of the collector's scans once the relay is up
+    (``gc.freeze``): a full collection then walks only what came later.  An
+    embedding service keeps its own settings; ``Relay`` never touches them.
     """
     gc.set_threshold(50_000, 20, 100)
     relay = Relay(config)
@@ -656,6 +659,8 @@ async def run_relay(config: RelayConfig, *, print_fn=print,
     else:
         print_fn("admin listener: off (admin_listen = \"off\")")
     print_fn(f"data directory: {os.path.abspath(config.data_dir)}", flush=True)
+    gc.collect()
+    gc.freeze()
     serve = loop.create_task(relay.serve_forever())
     await stop.wait()
     print_fn("shutting down", flush=True)
