@@ -605,6 +605,35 @@ def test_opposite_consents_in_flight_end_in_the_last_choice(loop, tmp_path):
     run(loop, main())
 
 
+def test_a_send_frame_past_the_budget_is_taken_as_it_refills_not_refused(loop, tmp_path):
+    # 300 SENDs in one frame, 50 ops of budget refilling at 400/s: the relay
+    # takes the frame in parts (the link unread meanwhile) and refuses none
+    lim = Limits(ops_per_s=400.0, ops_burst=50.0, msgs_per_s=1e6, msgs_burst=1e6)
+    n = 300
+
+    async def main():
+        async with world(tmp_path, limits=lim) as w:
+            a = await w.connect("alice@home")
+            b = await w.connect("bob@home")
+            link = next(iter(ln for ln in w.relay.links if ln.address == "alice@home"))
+            refused0 = dict(w.relay.refused)
+            ops0 = link.ops
+            ids = [os.urandom(16) for _ in range(n)]
+            futs = [a._loop.create_future() for _ in ids]
+            for cid, fut in zip(ids, futs):
+                a._pending[cid] = (fut, b"")
+            _raw(a, [wire.send_op(cid, "bob@home", b"m%d" % i, 0) for i, cid in enumerate(ids)])
+            await asyncio.sleep(0.05)
+            # in parts: far fewer than the frame so far (50 + 400/s x the wait)
+            assert link.ops - ops0 < n // 2
+            assert await asyncio.wait_for(asyncio.gather(*futs), 10) == ids
+            got = await recv_n(b, n)
+            assert [m.body for m in got] == [b"m%d" % i for i in range(n)]
+            assert link.ops - ops0 == n and link.refused_ops == 0
+            assert dict(w.relay.refused) == refused0
+    run(loop, main())
+
+
 def test_a_frame_of_pings_past_the_budget_is_answered_in_order_then_refused(loop, tmp_path):
     # the compiled PING-only path: the first ones get their PONGs, the rest
     # one ERROR, exactly as the generic op loop answers them

@@ -200,6 +200,9 @@ class Link(asyncio.Protocol):
         #: the frame whose ops are being processed a share at a time:
         #: [unpacked ops, next index, count of leading ops needing no check]
         self.partial: list | None = None
+        #: the SENDs of a SEND-only frame that the op budget did not cover
+        #: yet: taken as it refills (not refused: nothing to resend)
+        self.held: list | None = None
         #: ops processed on this link, and those refused past its op budget
         self.ops = 0
         self.refused_ops = 0
@@ -272,13 +275,19 @@ class Link(asyncio.Protocol):
         done = 0
         n = len(msgs)
         budgets = self.budgets
-        while at < n or self.partial is not None:
+        while at < n or self.partial is not None or self.held is not None:
             if budgets is not None and self.state == _OPEN and self._budget_wait():
                 # spent: its frames are not even decrypted (nor the rest of a
                 # frame's ops checked) until it refills
                 self.backlog = (msgs, at)
                 break
-            if self.partial is not None and self.state == _OPEN:
+            if self.held is not None and self.state == _OPEN:
+                done += self._take_held()
+                if self.held is not None:
+                    # the budget covers no more of them before it refills
+                    self.backlog = (msgs, at)
+                    break
+            elif self.partial is not None and self.state == _OPEN:
                 # the rest of a frame left by an earlier share
                 done += self._run_ops(max(share - done, 1))
             elif self.state == _OPEN:
@@ -303,8 +312,8 @@ class Link(asyncio.Protocol):
                 self._on_handshake(msg)
                 continue
             if self.state != _OPEN:
-                self.partial = None
-            elif ((at < n or self.partial is not None)
+                self.partial = self.held = None
+            elif ((at < n or self.partial is not None or self.held is not None)
                   and (done >= share or not turns.room(done))):
                 # Fair scheduling: this link had its share of the turn; the
                 # rest of its frames (and of a frame of many ops) wait for the
@@ -431,6 +440,9 @@ class Link(asyncio.Protocol):
         # fast path (compiled when the core is built): a frame of valid SENDs only
         fast = wire.decode_sends(plaintext)
         if fast is not None:
+            if self.budgets is not None:
+                self.held = fast
+                return self._take_held()
             assert self.sends is not None
             self.sends.extend(fast)
             counts = self.wiring.op_counts
@@ -452,6 +464,33 @@ class Link(asyncio.Protocol):
             return 1
         self.partial = [frame, 0, good]
         return self._run_ops(room)
+
+    def _take_held(self) -> int:
+        """Take as many of :attr:`held` as the op budget covers; return how many.
+
+        A SEND-only frame bigger than what the budget has left is taken in
+        parts as the budget refills, the link unread meanwhile, instead of
+        refusing its tail: a flooder's excess costs the relay no work (no
+        refusal to check, pack and write) and a legitimate burst loses
+        nothing it would have to resend.  SENDs already taken in this turn
+        are charged when the turn's SENDs reach the gate: count them here.
+        """
+        held = self.held
+        sends = self.sends
+        assert held is not None and sends is not None and self.budgets is not None
+        room = int(min([b.refill() for b in self.budgets.ops])) - len(sends)
+        if room >= len(held):
+            take = held
+            self.held = None
+        elif room > 0:
+            take = held[:room]
+            self.held = held[room:]
+        else:
+            return 0
+        sends.extend(take)
+        counts = self.wiring.op_counts
+        counts[_OP_SEND] = counts.get(_OP_SEND, 0) + len(take)
+        return len(take)
 
     def _run_ops(self, room: int) -> int:
         """Process up to ``room`` more ops of :attr:`partial`; return how many."""
