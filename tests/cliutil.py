@@ -81,3 +81,25 @@ class Served:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.communicate()
+
+
+def serve_data_dir(data, port: int = 0) -> tuple[subprocess.Popen, int]:
+    """``fastroute serve --data-dir DATA`` on 127.0.0.1 (``port`` 0: any free
+    one), for tests that SIGKILL it: the process and the port it listens on."""
+    proc = subprocess.Popen([sys.executable, "-m", "fastroute.cli", "serve", "--data-dir",
+                             str(data), "--listen", f"127.0.0.1:{port}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**ENV, "PYTHONUNBUFFERED": "1"})
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 20
+    lines = []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if "listening on" in line and not line.startswith("20"):
+            # the pipe is not read from now on: the relay's output stays small
+            return proc, int(line.rsplit(":", 1)[1])
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    raise AssertionError("".join(lines))

@@ -11,10 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import msgpack
 import pytest
@@ -36,7 +32,7 @@ from fastroute.identity import ProviderKey, Registry, issue_credential
 from fastroute.noise import KeyPair
 from fastroute.config import Limits
 
-from cliutil import ENV
+from cliutil import serve_data_dir
 from relayutil import LOOPS, nothing_arrives, run, world
 
 EC, KEM = wire.PREKEY_EC, wire.PREKEY_KEM
@@ -477,24 +473,6 @@ def test_1000_concurrent_fetches_against_pools_of_100(tmp_path):
     run("asyncio", main())
 
 
-def _serve(data: Path, port: int = 0):
-    proc = subprocess.Popen([sys.executable, "-m", "fastroute.cli", "serve", "--data-dir",
-                             str(data), "--listen", f"127.0.0.1:{port}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=ENV)
-    deadline = time.monotonic() + 20
-    lines = []
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        lines.append(line)
-        if "listening on" in line and not line.startswith("20"):
-            return proc, int(line.rsplit(":", 1)[1])
-        if not line and proc.poll() is not None:
-            break
-    proc.kill()
-    raise AssertionError("".join(lines))
-
-
 def test_no_one_time_prekey_is_handed_out_twice_across_sigkill(tmp_path):
     data = tmp_path / "relay"
     data.mkdir()
@@ -523,13 +501,13 @@ def test_no_one_time_prekey_is_handed_out_twice_across_sigkill(tmp_path):
         await b.close()
         return [g[0] for g in got]
 
-    proc, port = _serve(data)
+    proc, port = serve_data_dir(data)
     try:
         before = asyncio.run(first(port))
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
-    proc, port = _serve(data)
+    proc, port = serve_data_dir(data)
     try:
         after = asyncio.run(second(port))
     finally:

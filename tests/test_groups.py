@@ -11,9 +11,6 @@ import asyncio
 import os
 import signal
 import sqlite3
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -37,7 +34,7 @@ from fastroute.errors import (
 from fastroute.identity import ProviderKey, Registry, issue_credential
 from fastroute.noise import KeyPair
 
-from cliutil import ENV as CHILD_ENV
+from cliutil import serve_data_dir
 from fastroute.relay.groups import (
     GEV_ADDED,
     GEV_ADMIN,
@@ -341,27 +338,6 @@ def test_a_provider_policy_may_require_invites_for_its_own_users(tmp_path):
     run("asyncio", main())
 
 
-ENV = {**CHILD_ENV, "PYTHONUNBUFFERED": "1"}
-
-
-def _serve(data: Path):
-    proc = subprocess.Popen([sys.executable, "-m", "fastroute.cli", "serve", "--data-dir",
-                             str(data), "--listen", "127.0.0.1:0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=ENV)
-    deadline = time.monotonic() + 20
-    lines = []
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        lines.append(line)
-        if "listening on" in line and not line.startswith("20"):
-            return proc, int(line.rsplit(":", 1)[1])
-        if not line and proc.poll() is not None:
-            break
-    proc.kill()
-    raise AssertionError("".join(lines))
-
-
 def test_groups_survive_sigkill_and_an_offline_member_catches_up_in_order(tmp_path):
     data = tmp_path / "relay"
     data.mkdir()
@@ -407,13 +383,13 @@ def test_groups_survive_sigkill_and_an_offline_member_catches_up_in_order(tmp_pa
             await x.close()
         return got
 
-    proc, port = _serve(data)
+    proc, port = serve_data_dir(data)
     try:
         gid, v, members = asyncio.run(first(port))
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
-    proc, port = _serve(data)
+    proc, port = serve_data_dir(data)
     try:
         got = asyncio.run(second(port, gid, v))
     finally:

@@ -14,40 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from cliutil import ENV
+from cliutil import serve_data_dir
 from fastroute.client import Client, DeviceMessage, GroupEvent, GroupMessage
 from fastroute.errors import GroupMismatch
 from fastroute.identity import ProviderKey, Registry, issue_credential
 from fastroute.noise import KeyPair
 from fastroute.relay.groups import GEV_DEVICE_JOINED, GEV_REMOVED
 from test_libsignal import Peer, _b, _s
-
-
-def _serve(data: Path, port: int = 0) -> tuple[subprocess.Popen, int]:
-    proc = subprocess.Popen([sys.executable, "-m", "fastroute.cli", "serve", "--data-dir",
-                             str(data), "--listen", f"127.0.0.1:{port}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=ENV)
-    deadline = time.monotonic() + 20
-    lines = []
-    assert proc.stdout is not None
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        lines.append(line)
-        if "listening on" in line and not line.startswith("20"):
-            # the pipe is not read from now on: keep the relay's output small
-            return proc, int(line.rsplit(":", 1)[1])
-        if not line and proc.poll() is not None:
-            break
-    proc.kill()
-    raise AssertionError("".join(lines))
 
 
 def test_libsignal_sender_keys_survive_a_relay_sigkill_mid_run(tmp_path):
@@ -58,7 +35,7 @@ def test_libsignal_sender_keys_survive_a_relay_sigkill_mid_run(tmp_path):
         for name, key in pkeys.items():
             reg.add_provider(name, key.public_key)
     peer = Peer()
-    proc, port = _serve(data)
+    proc, port = serve_data_dir(data)
 
     async def main():
         nonlocal proc
@@ -185,7 +162,7 @@ def test_libsignal_sender_keys_survive_a_relay_sigkill_mid_run(tmp_path):
         sent.append(("a1", b"m4 after carol"))
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
-        proc, again = _serve(data, port)
+        proc, again = serve_data_dir(data, port)
         assert again == port
         deadline = time.monotonic() + 20
         while any(c.links < 2 or "groups" not in c.features for c in clients):

@@ -21,9 +21,9 @@ from fastroute.errors import BlockLimit, ErrorCode, FastrouteError
 from fastroute.identity import ProviderKey, Registry, issue_credential
 from fastroute.noise import KeyPair
 
+from cliutil import serve_data_dir
 from relayutil import LOOPS, nothing_arrives, recv_n, run, world
 from test_e2ee import keyset, recorder
-from test_groups import _serve
 
 FEATURES = ("e2ee", "groups", "safety")
 MONTH_AGO = int(time.time()) - 30 * 86400
@@ -188,13 +188,13 @@ def test_blocks_survive_sigkill_and_are_erased_with_the_address(tmp_path, capsys
         await a.close()
         await m.close()
 
-    proc, port = _serve(data)
+    proc, port = serve_data_dir(data)
     try:
         asyncio.run(first(port))
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
-    proc, port = _serve(data)
+    proc, port = serve_data_dir(data)
     try:
         asyncio.run(second(port))
     finally:
