@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from .errors import InvalidArgument, StoreFailed
 from .identity import parse_address
@@ -45,10 +47,19 @@ from .identity import parse_address
 __all__ = ["erase_address"]
 
 
-def _connect(path: str) -> sqlite3.Connection:
+@contextmanager
+def _erasing(path: str) -> Iterator[sqlite3.Connection]:
+    """One write transaction on ``path`` with secure_delete on; on success it
+    commits and truncates the WAL, so no erased row outlives it in a file."""
     conn = sqlite3.connect(path, isolation_level=None, timeout=10.0)
-    conn.execute("PRAGMA secure_delete = ON")
-    return conn
+    try:
+        conn.execute("PRAGMA secure_delete = ON")
+        conn.execute("BEGIN IMMEDIATE")
+        yield conn
+        conn.execute("COMMIT")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        conn.close()  # an exception: closing rolls back
 
 
 def _in(n: int) -> str:
@@ -56,9 +67,7 @@ def _in(n: int) -> str:
 
 
 def _erase_store(path: str, address: str) -> dict[str, int]:
-    conn = _connect(path)
-    try:
-        conn.execute("BEGIN IMMEDIATE")
+    with _erasing(path) as conn:
         keys = [k for (k,) in conn.execute(
             "SELECT device_key FROM devices WHERE address = ?", (address,))]
         to_devices = 0
@@ -83,56 +92,34 @@ def _erase_store(path: str, address: str) -> dict[str, int]:
                          "(SELECT 1 FROM inbox WHERE inbox.mid = messages.mid) "
                          f"AND mid IN {_in(len(chunk))}", chunk)
         devices = conn.execute("DELETE FROM devices WHERE address = ?", (address,)).rowcount
-        conn.execute("COMMIT")
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    finally:
-        conn.close()
     return {"devices": devices, "deliveries_to_it": to_devices, "messages_from_it": len(sent)}
 
 
 def _erase_registry(path: str, address: str) -> dict[str, int]:
-    conn = _connect(path)
-    try:
-        conn.execute("BEGIN IMMEDIATE")
+    with _erasing(path) as conn:
         consent = conn.execute("DELETE FROM consent WHERE address = ?", (address,)).rowcount
         seen = conn.execute("DELETE FROM devices_seen WHERE address = ?", (address,)).rowcount
         kept = conn.execute("SELECT count(*) FROM revoked_devices WHERE address = ?",
                             (address,)).fetchone()[0]
         quarantine = conn.execute("SELECT count(*) FROM quarantine WHERE address = ?",
                                   (address,)).fetchone()[0]
-        conn.execute("COMMIT")
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    finally:
-        conn.close()
     return {"consent_choices": consent, "devices_seen": seen, "revocations_kept": kept,
             "quarantine_kept": quarantine}
 
 
 def _erase_keys(path: str, address: str) -> dict[str, int]:
-    conn = _connect(path)
-    try:
-        conn.execute("BEGIN IMMEDIATE")
+    with _erasing(path) as conn:
         slots = conn.execute("DELETE FROM slots WHERE address = ?", (address,)).rowcount
         prekeys = conn.execute("DELETE FROM prekeys WHERE address = ?", (address,)).rowcount
         conn.execute("DELETE FROM freed WHERE address = ?", (address,))
-        conn.execute("COMMIT")
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    finally:
-        conn.close()
     return {"key_directory_devices": slots, "one_time_prekeys": prekeys}
 
 
 def _erase_safety(path: str, address: str) -> dict[str, int]:
-    conn = _connect(path)
-    try:
-        conn.execute("BEGIN IMMEDIATE")
+    with _erasing(path) as conn:
         blocks = conn.execute("DELETE FROM blocks WHERE address = ?", (address,)).rowcount
         kept = conn.execute("SELECT count(*) FROM blocks WHERE target = ?",
                             (address,)).fetchone()[0]
-        conn.execute("COMMIT")
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    finally:
-        conn.close()
     return {"blocks": blocks, "blocks_of_it_kept": kept}
 
 
