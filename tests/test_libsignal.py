@@ -63,6 +63,22 @@ def _s(b: bytes) -> str:
     return base64.b64encode(b).decode()
 
 
+async def publish_peer_device(peer: "Peer", c, name: str, address: str, devs: dict) -> int:
+    """Make device ``name``'s keys in the libsignal peer, publish them from
+    client ``c``, and tell the peer the device id the relay gave it; record
+    ``(c, device_id, registration_id, address)`` in ``devs[name]``."""
+    keys = peer.call(op="device", name=name, address=address, n_ec=5, n_kem=5)
+    did = await c.publish_keys(
+        keys["reg_id"], _b(keys["identity"]),
+        (keys["signed"][0], _b(keys["signed"][1]), _b(keys["signed"][2])),
+        tuple([keys["last_resort"][0]] + [_b(x) for x in keys["last_resort"][1:]]),
+        [(i, _b(p)) for i, p in keys["ec"]],
+        [(i, _b(p), _b(s)) for i, p, s in keys["kem"]])
+    peer.call(op="set_id", name=name, device_id=did)
+    devs[name] = (c, did, keys["reg_id"], address)
+    return did
+
+
 async def _msg(client, timeout=10.0):
     while True:
         m = await asyncio.wait_for(client.recv(), timeout)
@@ -79,16 +95,8 @@ def test_libsignal_pqxdh_sessions_from_relay_bundles_both_ways(tmp_path):
             for name, address, device in (("a1", "alice@home", "phone"),
                                           ("a2", "alice@home", "laptop"),
                                           ("b1", "bob@acme", "phone")):
-                keys = peer.call(op="device", name=name, address=address, n_ec=5, n_kem=5)
                 c = await w.connect(address, device, features=("e2ee",))
-                did = await c.publish_keys(
-                    keys["reg_id"], _b(keys["identity"]),
-                    (keys["signed"][0], _b(keys["signed"][1]), _b(keys["signed"][2])),
-                    tuple([keys["last_resort"][0]] + [_b(x) for x in keys["last_resort"][1:]]),
-                    [(i, _b(p)) for i, p in keys["ec"]],
-                    [(i, _b(p), _b(s)) for i, p, s in keys["kem"]])
-                peer.call(op="set_id", name=name, device_id=did)
-                devs[name] = (c, did, keys["reg_id"], address)
+                await publish_peer_device(peer, c, name, address, devs)
             a1, a2, b1 = (devs[n][0] for n in ("a1", "a2", "b1"))
             await a1.set_consent("acme")
             await b1.set_consent("home")
@@ -176,16 +184,8 @@ def test_libsignal_sender_keys_over_a_group(tmp_path):
             devs = {}
 
             async def new_device(name, address, device):
-                keys = peer.call(op="device", name=name, address=address, n_ec=5, n_kem=5)
                 c = await w.connect(address, device, features=("e2ee", "groups"))
-                did = await c.publish_keys(
-                    keys["reg_id"], _b(keys["identity"]),
-                    (keys["signed"][0], _b(keys["signed"][1]), _b(keys["signed"][2])),
-                    tuple([keys["last_resort"][0]] + [_b(x) for x in keys["last_resort"][1:]]),
-                    [(i, _b(p)) for i, p in keys["ec"]],
-                    [(i, _b(p), _b(s)) for i, p, s in keys["kem"]])
-                peer.call(op="set_id", name=name, device_id=did)
-                devs[name] = (c, did, keys["reg_id"], address)
+                await publish_peer_device(peer, c, name, address, devs)
                 return c
 
             for name, address, device in (("a1", "alice@home", "phone"),

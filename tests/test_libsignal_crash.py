@@ -24,7 +24,7 @@ from fastroute.errors import GroupMismatch
 from fastroute.identity import ProviderKey, Registry, issue_credential
 from fastroute.noise import KeyPair
 from fastroute.relay.groups import GEV_DEVICE_JOINED, GEV_REMOVED
-from test_libsignal import Peer, _b, _s
+from test_libsignal import Peer, _b, _s, publish_peer_device
 
 
 def test_libsignal_sender_keys_survive_a_relay_sigkill_mid_run(tmp_path):
@@ -43,7 +43,6 @@ def test_libsignal_sender_keys_survive_a_relay_sigkill_mid_run(tmp_path):
         clients: list = []
 
         async def new_device(name, address, device):
-            keys = peer.call(op="device", name=name, address=address, n_ec=5, n_kem=5)
             kp = KeyPair.generate()
             cred = issue_credential(pkeys[address.split("@")[1]], address.split("@")[1],
                                     address, device, kp.public)
@@ -51,14 +50,7 @@ def test_libsignal_sender_keys_survive_a_relay_sigkill_mid_run(tmp_path):
                                      features=("e2ee", "groups"), keepalive=None,
                                      reconnect=True, reconnect_max_delay=0.3)
             clients.append(c)
-            did = await c.publish_keys(
-                keys["reg_id"], _b(keys["identity"]),
-                (keys["signed"][0], _b(keys["signed"][1]), _b(keys["signed"][2])),
-                tuple([keys["last_resort"][0]] + [_b(x) for x in keys["last_resort"][1:]]),
-                [(i, _b(p)) for i, p in keys["ec"]],
-                [(i, _b(p), _b(s)) for i, p, s in keys["kem"]])
-            peer.call(op="set_id", name=name, device_id=did)
-            devs[name] = (c, did, keys["reg_id"], address)
+            await publish_peer_device(peer, c, name, address, devs)
             return c
 
         for name, address, device in (("a1", "alice@home", "phone"),
