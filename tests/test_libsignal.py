@@ -63,6 +63,15 @@ def _s(b: bytes) -> str:
     return base64.b64encode(b).decode()
 
 
+def peer_bundle(bundle) -> list:
+    """A :class:`fastroute.client.Bundle` as the libsignal peer takes it (JSON)."""
+    return [bundle.device_id, bundle.registration_id, _s(bundle.identity_key),
+            [bundle.signed_prekey[0], _s(bundle.signed_prekey[1]), _s(bundle.signed_prekey[2])],
+            None if bundle.one_time_prekey is None else
+            [bundle.one_time_prekey[0], _s(bundle.one_time_prekey[1])],
+            [bundle.kem_prekey[0], _s(bundle.kem_prekey[1]), _s(bundle.kem_prekey[2])]]
+
+
 async def publish_peer_device(peer: "Peer", c, name: str, address: str, devs: dict) -> int:
     """Make device ``name``'s keys in the libsignal peer, publish them from
     client ``c``, and tell the peer the device id the relay gave it; record
@@ -103,14 +112,7 @@ def test_libsignal_pqxdh_sessions_from_relay_bundles_both_ways(tmp_path):
 
             def session(name, address, bundle):
                 peer.call(op="session", name=name, peer=address, device_id=bundle.device_id,
-                          bundle=[bundle.device_id, bundle.registration_id,
-                                  _s(bundle.identity_key),
-                                  [bundle.signed_prekey[0], _s(bundle.signed_prekey[1]),
-                                   _s(bundle.signed_prekey[2])],
-                                  None if bundle.one_time_prekey is None else
-                                  [bundle.one_time_prekey[0], _s(bundle.one_time_prekey[1])],
-                                  [bundle.kem_prekey[0], _s(bundle.kem_prekey[1]),
-                                   _s(bundle.kem_prekey[2])]])
+                          bundle=peer_bundle(bundle))
 
             def encrypt(name, address, did, text):
                 return _b(peer.call(op="encrypt", name=name, peer=address, device_id=did,
@@ -232,16 +234,7 @@ def test_libsignal_sender_keys_over_a_group(tmp_path):
                         for bundle in await c.bundles(to, fresh):
                             peer.call(op="session", name=name, peer=to,
                                       device_id=bundle.device_id,
-                                      bundle=[bundle.device_id, bundle.registration_id,
-                                              _s(bundle.identity_key),
-                                              [bundle.signed_prekey[0],
-                                               _s(bundle.signed_prekey[1]),
-                                               _s(bundle.signed_prekey[2])],
-                                              None if bundle.one_time_prekey is None else
-                                              [bundle.one_time_prekey[0],
-                                               _s(bundle.one_time_prekey[1])],
-                                              [bundle.kem_prekey[0], _s(bundle.kem_prekey[1]),
-                                               _s(bundle.kem_prekey[2])]])
+                                      bundle=peer_bundle(bundle))
                             sessions.add((name, to, bundle.device_id))
                     entries = [(devs[t][1], devs[t][2], _b(peer.call(
                         op="encrypt", name=name, peer=to, device_id=devs[t][1],

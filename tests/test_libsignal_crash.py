@@ -24,7 +24,7 @@ from fastroute.errors import GroupMismatch
 from fastroute.identity import ProviderKey, Registry, issue_credential
 from fastroute.noise import KeyPair
 from fastroute.relay.groups import GEV_DEVICE_JOINED, GEV_REMOVED
-from test_libsignal import Peer, _b, _s, publish_peer_device
+from test_libsignal import Peer, _b, _s, peer_bundle, publish_peer_device
 
 
 def test_libsignal_sender_keys_survive_a_relay_sigkill_mid_run(tmp_path):
@@ -114,16 +114,7 @@ def test_libsignal_sender_keys_survive_a_relay_sigkill_mid_run(tmp_path):
                     for bundle in await c.bundles(to, fresh):
                         peer.call(op="session", name=name, peer=to,
                                   device_id=bundle.device_id,
-                                  bundle=[bundle.device_id, bundle.registration_id,
-                                          _s(bundle.identity_key),
-                                          [bundle.signed_prekey[0],
-                                           _s(bundle.signed_prekey[1]),
-                                           _s(bundle.signed_prekey[2])],
-                                          None if bundle.one_time_prekey is None else
-                                          [bundle.one_time_prekey[0],
-                                           _s(bundle.one_time_prekey[1])],
-                                          [bundle.kem_prekey[0], _s(bundle.kem_prekey[1]),
-                                           _s(bundle.kem_prekey[2])]])
+                                  bundle=peer_bundle(bundle))
                         sessions.add((name, to, bundle.device_id))
                 await c.send_to_devices(to, [(devs[t][1], devs[t][2], _b(peer.call(
                     op="encrypt", name=name, peer=to, device_id=devs[t][1],
