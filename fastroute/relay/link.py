@@ -68,6 +68,9 @@ _FEATURE_OF = {int(op): name for name, ops in wire.FEATURE_OPS.items() for op in
 #: the features this relay grants (FEATURES answers with the intersection)
 SUPPORTED_FEATURES = frozenset(wire.FEATURE_OPS)
 _NO_FEATURES: frozenset[str] = frozenset()
+#: the third field of :attr:`Link.partial` when its first holds SENDs already
+#: decoded by the fast path (else: a frame to check a share at a time)
+_DECODED_SENDS = -1
 
 
 class Turns:
@@ -198,7 +201,8 @@ class Link(asyncio.Protocol):
         #: turn is used, or its op budget is spent)
         self.waiting = False
         #: the frame whose ops are being processed a share at a time:
-        #: [unpacked ops, next index, count of leading ops needing no check]
+        #: [unpacked ops, next index, count of leading ops needing no check],
+        #: or [decoded SENDs, next index, _DECODED_SENDS]
         self.partial: list | None = None
         #: ops processed on this link, and those refused past its op budget
         self.ops = 0
@@ -425,17 +429,19 @@ class Link(asyncio.Protocol):
     # ---------------------------------------------------------------- op loop
     def _on_frame(self, plaintext: bytes, room: int) -> int:
         """Dispatch one frame's ops, at most ``room`` of them now unless they
-        are all SENDs or all PINGs (the cheap kinds: the rest wait in
-        :attr:`partial`); return how many were processed (SENDs are charged to
-        the op budget by the gate, the other ops here)."""
+        are all PINGs (the cheapest kind: the rest wait in :attr:`partial`);
+        return how many were processed (SENDs are charged to the op budget by
+        the gate, the other ops here)."""
         # fast path (compiled when the core is built): a frame of valid SENDs only
         fast = wire.decode_sends(plaintext)
         if fast is not None:
-            assert self.sends is not None
-            self.sends.extend(fast)
-            counts = self.wiring.op_counts
-            counts[_OP_SEND] = counts.get(_OP_SEND, 0) + len(fast)
-            return len(fast)
+            if len(fast) > room:
+                # a share now, the rest in later shares like any frame's ops:
+                # a frame of many SENDs (refused ones cost as much to answer)
+                # does not hold the loop either
+                self.partial = [fast, 0, _DECODED_SENDS]
+                return self._run_ops(room)
+            return self._take_sends(fast)
         pings = wire.decode_pings(plaintext)
         if pings is not None:
             self._pings(pings)
@@ -463,10 +469,20 @@ class Link(asyncio.Protocol):
             partial[1] = end
         else:
             self.partial = None
+        if good == _DECODED_SENDS:
+            return self._take_sends(frame[start:end])
         done = self._dispatch(wire.check_client_ops(frame, start, end, good))
         if self.state != _OPEN:
             self.partial = None  # BYE or a close: the rest of the frame is not read
         return done
+
+    def _take_sends(self, sends: list) -> int:
+        """Queue decoded SENDs for the gate (at the end of this share); return how many."""
+        assert self.sends is not None
+        self.sends.extend(sends)
+        counts = self.wiring.op_counts
+        counts[_OP_SEND] = counts.get(_OP_SEND, 0) + len(sends)
+        return len(sends)
 
     def _dispatch(self, ops: list) -> int:
         """Dispatch decoded ops (a frame's, or a share of one); return how many
