@@ -371,6 +371,20 @@ cdef class DedupTable:
         """
         fr_prefetch(&self.index[<Py_ssize_t>(<size_t>h & <size_t>self.imask)])
 
+    cdef void c_prefetch_evictions(self, Py_ssize_t n) noexcept:
+        """Start loading the index lines of the ``n`` oldest entries when the
+        next ``n`` inserts would evict them: a full window drops its oldest
+        entry per insert, and finding that entry's index position is one
+        more random read (the ring itself is read in order)."""
+        cdef long long pos
+        cdef DSlot* s
+        if self.live + n <= self.max_entries:
+            return
+        for pos in range(self.tail, min(self.head, self.tail + n)):
+            s = &self.slots[pos & (self.cap - 1)]
+            if s.sender != NULL:
+                fr_prefetch(&self.index[<Py_ssize_t>(<size_t>s.hash & <size_t>self.imask)])
+
     cdef inline Py_ssize_t c_find(self, object sender, object cid, Py_hash_t h,
                                   double now, int* seen, int* code,
                                   Py_ssize_t* at) except -2:
