@@ -1127,3 +1127,61 @@ def test_a_duplicate_feature_delivery_does_not_ack_its_untaken_original(make, _k
             c._ack_timer.cancel()
 
     asyncio.run(go())
+
+
+@needs_c
+@pytest.mark.parametrize("max_entries", [5, 23, 1000])
+def test_accept_sends_twins_across_prefetch_batches(max_entries):
+    # the compiled loop hashes and prefetches ids 16 at a time, probes each
+    # once and records it where that probe ended: across batch boundaries,
+    # with eviction and growth of the table between probe and record, with
+    # duplicates in other batches and a bad id mid-read, it must still
+    # answer and record exactly like the specification
+    ids = [i.to_bytes(2, "big") * 8 for i in range(60)]
+    sends = [(1, ids[i % 45], ADDR, b"x" * (i % 7), i % 3 == 0) for i in range(70)]
+    sends = [(1, cid, to, body, int(cls)) for _, cid, to, body, cls in sends]
+    gates = []
+    for fn, impl, gate_cls, link_cls in (
+            (gate_mod.py_accept_sends, dedup.DedupWindow, gate_mod.PySendGate,
+             gate_mod.PyLinkGate),
+            (_core.accept_sends, _core.DedupTable, _core.SendGate, _core.LinkGate)):
+        table = impl(30.0, max_entries)
+        for i in range(50, 60):  # older entries, some of them decided
+            table.begin("alice@example.org", ids[i], PENDING if i % 2 else 0, 90.0 + i / 10)
+        results = []
+        for batch in (sends, sends[:37] + [(1, b"short", ADDR, b"", 0)] + sends[37:]):
+            out: list = []
+            store_items: list = []
+            meta: list = []
+            gate = gate_cls({ADDR: [1]}, table, None, [], lambda code: None, wire.sack_op,
+                            (ErrorCode.BODY_TOO_LARGE, ErrorCode.UNKNOWN_RECIPIENT,
+                             ErrorCode.CONSENT_REQUIRED, ErrorCode.RATE_LIMITED), {})
+            lg = link_cls("conn", out, "alice@example.org", SENDER_PACKED, "example.org",
+                          1000, None, None)
+            lg.msg_tokens, lg.byte_tokens = 1000.0, 1e9
+            try:
+                ephemeral = fn(gate, lg, batch, 100.0, TS, TS_PACKED, store_items, meta)
+            except InvalidArgument:
+                ephemeral = "raised"
+            results.append((ephemeral, out, store_items, meta,
+                            [(k, table.get(*k)) for k in table.keys()]))
+        gates.append((results, _contents(table)))
+    assert gates[0] == gates[1]
+    (first, second), _ = gates[0]
+    assert second[0] == "raised" and len(second[1]) > 0  # the ids before it were answered
+    taken = len(first[2]) + len(first[0])
+    # a full window forgot decided ids, which are then taken anew
+    assert taken == 45 if max_entries == 1000 else taken > 45
+
+
+@needs_c
+def test_stored_sacks_twins_across_prefetch_batches():
+    ids = [i.to_bytes(2, "big") * 8 for i in range(40)]
+    meta = [(ADDR, b"tail", cid) for cid in ids]
+    entries = [("a@b.c", ids[i], PENDING, 1.0, [("conn", ids[i])] if i % 5 == 0 else None)
+               for i in range(0, 40, 2)]
+    py, c = _twins()
+    got = _stored_run(gate_mod.py_stored_sacks, py, meta, entries)
+    assert _stored_run(_core.stored_sacks, c, meta, entries) == got
+    assert got[0] == [wire.sack_op(cid, 0) for cid in ids]
+    assert len(got[1]) == 4

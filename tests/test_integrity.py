@@ -689,3 +689,43 @@ def test_a_frame_of_many_ops_is_processed_a_share_per_turn(loop, tmp_path):
             assert max(steps) <= 2 * lim.max_ops_per_turn
             assert len(steps) >= (n + 1) // (2 * lim.max_ops_per_turn)
     run(loop, main())
+
+
+def test_a_frame_of_refused_sends_is_processed_a_share_per_turn(loop, tmp_path):
+    # a frame of SENDs only takes the compiled fast path; its SENDs too go to
+    # the gate a share at a time, so a frame of refusals (each answered with
+    # its own SACK) cannot hold the loop for more than a share
+    lim = Limits(ops_per_s=1e6, ops_burst=1e6, msgs_per_s=1e6, msgs_burst=1e6,
+                 max_ops_per_turn=64)
+    n = 600
+
+    async def main():
+        async with world(tmp_path, limits=lim) as w:
+            a = await w.connect("alice@home")
+            link = next(iter(ln for ln in w.relay.links if ln.address == "alice@home"))
+            loop_ = asyncio.get_running_loop()
+            samples: list[int] = []
+            stop = False
+
+            def tick():
+                samples.append(link.ops)
+                if not stop:
+                    loop_.call_soon(tick)
+
+            refused0 = sum(w.relay.refused.values())
+            ops0 = link.ops
+            loop_.call_soon(tick)
+            _raw(a, [wire.send_op(i.to_bytes(16, "big"), f"nobody{i}@home", b"x", 0)
+                     for i in range(n)])
+            for _ in range(500):
+                if link.ops >= ops0 + n:
+                    break
+                await asyncio.sleep(0.01)
+            stop = True
+            assert link.ops == ops0 + n
+            # every one refused (unknown, or by the new-sender and abuse rules)
+            assert sum(w.relay.refused.values()) == refused0 + n
+            steps = [b - a_ for a_, b in zip(samples, samples[1:]) if b != a_]
+            assert max(steps) <= 2 * lim.max_ops_per_turn
+            assert len(steps) >= n // (2 * lim.max_ops_per_turn)
+    run(loop, main())

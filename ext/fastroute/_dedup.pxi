@@ -47,11 +47,23 @@ from posix.mman cimport (
 cdef extern from "Python.h":
     int PyUnicode_Compare(object left, object right) except? -1
 
+cdef extern from *:
+    """
+    /* a hint to the CPU (never faults): start loading the line that a later
+       probe reads and writes */
+    static inline void fr_prefetch(const void* p) { __builtin_prefetch(p, 1, 3); }
+    """
+    void fr_prefetch(const void* p) noexcept nogil
+
 
 cdef enum:
     DEDUP_MIN_CAP = 64
     DEDUP_PENDING = -1   # fastroute.gate.PENDING
     DEDUP_EVICT_STEP = 8  # fastroute.gate._EVICT_STEP
+    # ids hashed and prefetched ahead of their probes by the batch loops of
+    # _gate.pxi: enough misses in flight to overlap, few enough that the
+    # lines are still cached when probed
+    DEDUP_BATCH = 16
 
 
 cdef struct DSlot:
@@ -306,7 +318,10 @@ cdef class DedupTable:
         return 0
 
     cdef int _make_room(self) except -1:
+        """Evict or grow as needed before an insert; 1 if that moved index
+        entries (an empty position found before is then stale), else 0."""
         cdef Py_ssize_t budget
+        cdef int moved = 0
         self._skip_holes()
         # a bounded step per insert: pending entries at the tail are rotated,
         # not dropped, and walking all of them on every insert would make a
@@ -316,19 +331,23 @@ cdef class DedupTable:
         while self.live >= self.max_entries and budget > 0:
             budget -= 1
             self._skip_holes()
-            self._retire_oldest()
+            # a rotation rewrites an index entry in place; a drop shifts others
+            if self._retire_oldest():
+                moved = 1
         self._skip_holes()
         if self.head - self.tail >= self.cap:
             self._grow()
-        return 0
+            moved = 1
+        return moved
 
     cdef Py_ssize_t _add(self, object sender, object cid, Py_hash_t h, int code,
-                         double stamp) except -1:
-        """Append a new entry (the key must be absent)."""
-        cdef Py_ssize_t at, q
+                         double stamp, Py_ssize_t at) except -1:
+        """Append a new entry (the key must be absent); ``at`` is the empty
+        index position its lookup ended at, just before."""
+        cdef Py_ssize_t q
         cdef DSlot* s
-        self._make_room()
-        self._find(sender, cid, h, &at)  # the table may have been rebuilt
+        if self._make_room():
+            self._find(sender, cid, h, &at)  # eviction or growth moved entries
         q = <Py_ssize_t>(self.head & (self.cap - 1))
         s = &self.slots[q]
         Py_INCREF(sender)
@@ -342,6 +361,57 @@ cdef class DedupTable:
         self.head += 1
         self.live += 1
         return q
+
+    cdef inline void c_prefetch(self, Py_hash_t h) noexcept:
+        """Start loading the index line where the key of hash ``h`` is probed.
+
+        The batch loops hash a few ids ahead and prefetch their lines, so the
+        cache misses of a table of a million entries, read at random,
+        overlap instead of following one another.
+        """
+        fr_prefetch(&self.index[<Py_ssize_t>(<size_t>h & <size_t>self.imask)])
+
+    cdef void c_prefetch_evictions(self, Py_ssize_t n) noexcept:
+        """Start loading the index lines of the ``n`` oldest entries when the
+        next ``n`` inserts would evict them: a full window drops its oldest
+        entry per insert, and finding that entry's index position is one
+        more random read (the ring itself is read in order)."""
+        cdef long long pos
+        cdef DSlot* s
+        if self.live + n <= self.max_entries:
+            return
+        for pos in range(self.tail, min(self.head, self.tail + n)):
+            s = &self.slots[pos & (self.cap - 1)]
+            if s.sender != NULL:
+                fr_prefetch(&self.index[<Py_ssize_t>(<size_t>s.hash & <size_t>self.imask)])
+
+    cdef inline Py_ssize_t c_find(self, object sender, object cid, Py_hash_t h,
+                                  double now, int* seen, int* code,
+                                  Py_ssize_t* at) except -2:
+        """One probe for (sender, cid) of hash ``h``: its slot or -1, ``at``
+        its index position (or the empty one where it would go); ``seen`` 1
+        and ``code`` its code if it counts as seen at ``now`` (as
+        :meth:`c_lookup`), else ``seen`` 0.  Hand slot and ``at`` to
+        :meth:`c_record` if nothing else touched the table since."""
+        cdef Py_ssize_t slot = self._find(sender, cid, h, at)
+        cdef DSlot* s
+        seen[0] = 0
+        if slot >= 0:
+            s = &self.slots[slot]
+            if s.code == DEDUP_PENDING or not now - s.stamp > self.window_s:
+                seen[0] = 1
+                code[0] = s.code
+        return slot
+
+    cdef inline int c_record(self, object sender, object cid, Py_hash_t h, int code,
+                             double now, Py_ssize_t slot, Py_ssize_t at) except -1:
+        """:meth:`c_put` after :meth:`c_find` answered ``slot`` and ``at``: no second probe."""
+        if slot >= 0:
+            self.slots[slot].code = code
+            self.slots[slot].stamp = now
+        else:
+            self._add(sender, cid, h, code, now, at)
+        return 0
 
     cdef inline int c_lookup(self, object sender, object cid, double now,
                              int* code) except -1:
@@ -366,17 +436,21 @@ cdef class DedupTable:
             self.slots[slot].code = code
             self.slots[slot].stamp = now
         else:
-            self._add(sender, cid, h, code, now)
+            self._add(sender, cid, h, code, now, at)
         return 0
 
     cdef object c_finish(self, object sender, object cid, int code, double now):
         """Decide (sender, cid); returns its waiters (or None)."""
+        return self.c_finish_h(sender, cid, dedup_hash(sender, cid), code, now)
+
+    cdef object c_finish_h(self, object sender, object cid, Py_hash_t h, int code,
+                           double now):
+        """:meth:`c_finish` with the key's hash computed (and prefetched) by the caller."""
         cdef Py_ssize_t at
-        cdef Py_hash_t h = dedup_hash(sender, cid)
         cdef Py_ssize_t slot = self._find(sender, cid, h, &at)
         cdef DSlot* s
         if slot < 0:
-            self._add(sender, cid, h, code, now)
+            self._add(sender, cid, h, code, now, at)
             return None
         s = &self.slots[slot]
         s.code = code

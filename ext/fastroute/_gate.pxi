@@ -126,71 +126,92 @@ def accept_sends(SendGate gate not None, LinkGate lg not None, list sends, objec
     cdef object op, cid, to, body, cls, code, tail, accepted, tap
     cdef set blocked
     cdef bint hidden
-    cdef Py_ssize_t size
-    cdef int seen_code
+    cdef Py_ssize_t size, n = len(sends), base, i, slot, at
+    cdef int seen, seen_code
     cdef double mt = msg_tokens
     cdef double bt = byte_tokens
     cdef double tnow = now
     cdef bint spent = False
     cdef list ephemeral = None
+    cdef Py_hash_t h
+    cdef Py_hash_t hashes[DEDUP_BATCH]
     too_large, unknown, consent_required, rate_limited = refusals
-    for op in sends:
-        _, cid, to, body, cls = op
-        if not PyBytes_CheckExact(cid) or PyBytes_GET_SIZE(cid) != 16:
-            raise InvalidArgument("message id must be 16 bytes")
-        if dedup.c_lookup(sender, cid, tnow, &seen_code):
-            if seen_code == DEDUP_PENDING:
-                dedup.c_wait(sender, cid, (conn, cid))
+    for base in range(0, n, DEDUP_BATCH):
+        # hash the next few ids and prefetch their index lines: the probes
+        # below then find them cached (a bad id is left for the loop to refuse
+        # in its turn, after the ones before it are done), and in a full
+        # window those of the entries their inserts will evict
+        dedup.c_prefetch_evictions(min(n - base, <Py_ssize_t>DEDUP_BATCH))
+        for i in range(base, min(n, base + DEDUP_BATCH)):
+            op = sends[i]
+            if PyTuple_CheckExact(op) and PyTuple_GET_SIZE(op) == 5:
+                cid = <object>PyTuple_GET_ITEM(op, 1)
+                if PyBytes_CheckExact(cid) and PyBytes_GET_SIZE(cid) == 16:
+                    h = dedup_hash(sender, cid)
+                    hashes[i - base] = h
+                    dedup.c_prefetch(h)
+        for i in range(base, min(n, base + DEDUP_BATCH)):
+            op = sends[i]
+            _, cid, to, body, cls = op
+            if not PyBytes_CheckExact(cid) or PyBytes_GET_SIZE(cid) != 16:
+                raise InvalidArgument("message id must be 16 bytes")
+            h = hashes[i - base]
+            # the id's one probe: its answer, and where to record it if it passes
+            slot = dedup.c_find(sender, cid, h, tnow, &seen, &seen_code, &at)
+            if seen:
+                if seen_code == DEDUP_PENDING:
+                    dedup.c_wait(sender, cid, (conn, cid))
+                else:
+                    out.append(sack_op(cid, seen_code))
+                continue
+            size = len(body)
+            # a recipient that blocked the sender (its address or provider) is,
+            # to that sender, an address that does not exist; nobody's blocks:
+            # one size test, a recipient without blocks: one lookup
+            hidden = False
+            if blocks:
+                blocked = blocks.get(to)
+                # typed set: two PySet_Contains; the own-address test only when it matters
+                if blocked is not None and (sender in blocked or own in blocked) and to != sender:
+                    hidden = True
+            if size > max_body:
+                code = too_large
+            elif consent is not None and not (
+                    PyUnicode_Tailmatch(to, own, 0, PY_SSIZE_T_MAX, 1) == 1
+                    or (to in known and not hidden and (accepted := consent.get(to)) is not None
+                        and (provider in accepted or "*" in accepted))):
+                # an unknown address gets the same answer as one that did not
+                # opt in: a sender the recipient never accepted cannot tell them apart
+                code = consent_required
+            elif hidden or to not in known:
+                code = unknown
+            elif mt < 1.0 or bt < <double>size:
+                code = rate_limited  # a refused message costs no quota
             else:
-                out.append(sack_op(cid, seen_code))
-            continue
-        size = len(body)
-        # a recipient that blocked the sender (its address or provider) is,
-        # to that sender, an address that does not exist; nobody's blocks:
-        # one size test, a recipient without blocks: one lookup
-        hidden = False
-        if blocks:
-            blocked = blocks.get(to)
-            # typed set: two PySet_Contains; the own-address test only when it matters
-            if blocked is not None and (sender in blocked or own in blocked) and to != sender:
-                hidden = True
-        if size > max_body:
-            code = too_large
-        elif consent is not None and not (
-                PyUnicode_Tailmatch(to, own, 0, PY_SSIZE_T_MAX, 1) == 1
-                or (to in known and not hidden and (accepted := consent.get(to)) is not None
-                    and (provider in accepted or "*" in accepted))):
-            # an unknown address gets the same answer as one that did not
-            # opt in: a sender the recipient never accepted cannot tell them apart
-            code = consent_required
-        elif hidden or to not in known:
-            code = unknown
-        elif mt < 1.0 or bt < <double>size:
-            code = rate_limited  # a refused message costs no quota
-        else:
-            mt -= 1.0
-            bt -= <double>size
-            spent = True
-            code = None
-        if code is not None:
-            # A refusal is not remembered: the sender may retry the same id.
-            count_error(code)
-            out.append(sack_op(cid, int(code)))
-            continue
-        tail = c_deliver_tail(sender_packed, cid, body, ts_packed, cls)
-        if cls == 1:  # CLS_EPHEMERAL
-            if ephemeral is None:
-                ephemeral = []
-            ephemeral.append((to, (0, tail)))
-            out.append(make_sack_ok(cid))
-            dedup.c_put(sender, cid, 0, tnow)
-        else:
-            dedup.c_put(sender, cid, DEDUP_PENDING, tnow)
-            store_items.append((sender, cid, body, now_ms, known[to]))
-            meta.append((to, tail, cid))
-        if taps:
-            for tap in taps:
-                tap(now_ms, sender, to, size, cls)
+                mt -= 1.0
+                bt -= <double>size
+                spent = True
+                code = None
+            if code is not None:
+                # A refusal is not remembered: the sender may retry the same id.
+                count_error(code)
+                out.append(sack_op(cid, int(code)))
+                continue
+            tail = c_deliver_tail(sender_packed, cid, body, ts_packed, cls)
+            # nothing since c_find touched the table: slot and at still hold
+            if cls == 1:  # CLS_EPHEMERAL
+                dedup.c_record(sender, cid, h, 0, tnow, slot, at)
+                if ephemeral is None:
+                    ephemeral = []
+                ephemeral.append((to, (0, tail)))
+                out.append(make_sack_ok(cid))
+            else:
+                dedup.c_record(sender, cid, h, DEDUP_PENDING, tnow, slot, at)
+                store_items.append((sender, cid, body, now_ms, known[to]))
+                meta.append((to, tail, cid))
+            if taps:
+                for tap in taps:
+                    tap(now_ms, sender, to, size, cls)
     if spent:
         lg.msg_tokens = mt
         lg.byte_tokens = bt
@@ -206,17 +227,29 @@ def stored_sacks(list meta, str sender, DedupTable dedup not None, double now, l
     ``ack_all(None, id, 0, waiters)``, then append the sender's SACK-ok to
     ``out`` -- in that order, per message.
     """
-    cdef Py_ssize_t i
+    cdef Py_ssize_t i, base, n = PyList_GET_SIZE(meta)
     cdef object item, cid, waiters
-    for i in range(PyList_GET_SIZE(meta)):
-        item = meta[i]
-        cid = item[2]
-        if not PyBytes_CheckExact(cid) or PyBytes_GET_SIZE(cid) != 16:
-            raise InvalidArgument("message id must be 16 bytes")
-        waiters = dedup.c_finish(sender, cid, 0, now)
-        if waiters is not None:
-            ack_all(None, cid, 0, waiters)
-        out.append(make_sack_ok(cid))
+    cdef Py_hash_t hashes[DEDUP_BATCH]
+    cdef Py_hash_t h
+    for base in range(0, n, DEDUP_BATCH):
+        # as in accept_sends: hash and prefetch a few ahead so the misses overlap
+        for i in range(base, min(n, base + DEDUP_BATCH)):
+            item = meta[i]
+            if PyTuple_CheckExact(item) and PyTuple_GET_SIZE(item) >= 3:
+                cid = <object>PyTuple_GET_ITEM(item, 2)
+                if PyBytes_CheckExact(cid) and PyBytes_GET_SIZE(cid) == 16:
+                    h = dedup_hash(sender, cid)
+                    hashes[i - base] = h
+                    dedup.c_prefetch(h)
+        for i in range(base, min(n, base + DEDUP_BATCH)):
+            item = meta[i]
+            cid = item[2]
+            if not PyBytes_CheckExact(cid) or PyBytes_GET_SIZE(cid) != 16:
+                raise InvalidArgument("message id must be 16 bytes")
+            waiters = dedup.c_finish_h(sender, cid, hashes[i - base], 0, now)
+            if waiters is not None:
+                ack_all(None, cid, 0, waiters)
+            out.append(make_sack_ok(cid))
 
 
 def route_items(list meta, list mids):

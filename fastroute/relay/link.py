@@ -68,6 +68,9 @@ _FEATURE_OF = {int(op): name for name, ops in wire.FEATURE_OPS.items() for op in
 #: the features this relay grants (FEATURES answers with the intersection)
 SUPPORTED_FEATURES = frozenset(wire.FEATURE_OPS)
 _NO_FEATURES: frozenset[str] = frozenset()
+#: the third field of :attr:`Link.partial` when its first holds SENDs already
+#: decoded by the fast path (else: a frame to check a share at a time)
+_DECODED_SENDS = -1
 
 
 class Turns:
@@ -198,11 +201,9 @@ class Link(asyncio.Protocol):
         #: turn is used, or its op budget is spent)
         self.waiting = False
         #: the frame whose ops are being processed a share at a time:
-        #: [unpacked ops, next index, count of leading ops needing no check]
+        #: [unpacked ops, next index, count of leading ops needing no check],
+        #: or [decoded SENDs, next index, _DECODED_SENDS]
         self.partial: list | None = None
-        #: the SENDs of a SEND-only frame that the op budget did not cover
-        #: yet: taken as it refills (not refused: nothing to resend)
-        self.held: list | None = None
         #: ops processed on this link, and those refused past its op budget
         self.ops = 0
         self.refused_ops = 0
@@ -275,21 +276,20 @@ class Link(asyncio.Protocol):
         done = 0
         n = len(msgs)
         budgets = self.budgets
-        while at < n or self.partial is not None or self.held is not None:
+        while at < n or self.partial is not None:
             if budgets is not None and self.state == _OPEN and self._budget_wait():
                 # spent: its frames are not even decrypted (nor the rest of a
                 # frame's ops checked) until it refills
                 self.backlog = (msgs, at)
                 break
-            if self.held is not None and self.state == _OPEN:
-                done += self._take_held()
-                if self.held is not None:
-                    # the budget covers no more of them before it refills
+            if self.partial is not None and self.state == _OPEN:
+                # the rest of a frame left by an earlier share
+                took = self._run_ops(max(share - done, 1))
+                done += took
+                if not took and self.partial is not None:
+                    # SENDs the op budget covers no more of before it refills
                     self.backlog = (msgs, at)
                     break
-            elif self.partial is not None and self.state == _OPEN:
-                # the rest of a frame left by an earlier share
-                done += self._run_ops(max(share - done, 1))
             elif self.state == _OPEN:
                 msg = msgs[at]
                 at += 1
@@ -312,8 +312,8 @@ class Link(asyncio.Protocol):
                 self._on_handshake(msg)
                 continue
             if self.state != _OPEN:
-                self.partial = self.held = None
-            elif ((at < n or self.partial is not None or self.held is not None)
+                self.partial = None
+            elif ((at < n or self.partial is not None)
                   and (done >= share or not turns.room(done))):
                 # Fair scheduling: this link had its share of the turn; the
                 # rest of its frames (and of a frame of many ops) wait for the
@@ -434,20 +434,19 @@ class Link(asyncio.Protocol):
     # ---------------------------------------------------------------- op loop
     def _on_frame(self, plaintext: bytes, room: int) -> int:
         """Dispatch one frame's ops, at most ``room`` of them now unless they
-        are all SENDs or all PINGs (the cheap kinds: the rest wait in
-        :attr:`partial`); return how many were processed (SENDs are charged to
-        the op budget by the gate, the other ops here)."""
+        are all PINGs (the cheapest kind: the rest wait in :attr:`partial`);
+        return how many were processed (SENDs are charged to the op budget by
+        the gate, the other ops here)."""
         # fast path (compiled when the core is built): a frame of valid SENDs only
         fast = wire.decode_sends(plaintext)
         if fast is not None:
-            if self.budgets is not None:
-                self.held = fast
-                return self._take_held()
-            assert self.sends is not None
-            self.sends.extend(fast)
-            counts = self.wiring.op_counts
-            counts[_OP_SEND] = counts.get(_OP_SEND, 0) + len(fast)
-            return len(fast)
+            if len(fast) > room or len(fast) > self._send_room():
+                # a share now, the rest in later shares like any frame's ops:
+                # a frame of many SENDs (refused ones cost as much to answer)
+                # does not hold the loop either
+                self.partial = [fast, 0, _DECODED_SENDS]
+                return self._run_ops(room)
+            return self._take_sends(fast)
         pings = wire.decode_pings(plaintext)
         if pings is not None:
             self._pings(pings)
@@ -465,47 +464,48 @@ class Link(asyncio.Protocol):
         self.partial = [frame, 0, good]
         return self._run_ops(room)
 
-    def _take_held(self) -> int:
-        """Take as many of :attr:`held` as the op budget covers; return how many.
-
-        A SEND-only frame bigger than what the budget has left is taken in
-        parts as the budget refills, the link unread meanwhile, instead of
-        refusing its tail: a flooder's excess costs the relay no work (no
-        refusal to check, pack and write) and a legitimate burst loses
-        nothing it would have to resend.  SENDs already taken in this turn
-        are charged when the turn's SENDs reach the gate: count them here.
-        """
-        held = self.held
-        sends = self.sends
-        assert held is not None and sends is not None and self.budgets is not None
-        room = int(min([b.refill() for b in self.budgets.ops])) - len(sends)
-        if room >= len(held):
-            take = held
-            self.held = None
-        elif room > 0:
-            take = held[:room]
-            self.held = held[room:]
-        else:
-            return 0
-        sends.extend(take)
-        counts = self.wiring.op_counts
-        counts[_OP_SEND] = counts.get(_OP_SEND, 0) + len(take)
-        return len(take)
-
     def _run_ops(self, room: int) -> int:
         """Process up to ``room`` more ops of :attr:`partial`; return how many."""
         partial = self.partial
         assert partial is not None
         frame, start, good = partial
         end = min(start + room, len(frame))
+        if good == _DECODED_SENDS:
+            end = min(end, start + max(self._send_room(), 0))
         if end < len(frame):
             partial[1] = end
         else:
             self.partial = None
+        if good == _DECODED_SENDS:
+            return self._take_sends(frame[start:end])
         done = self._dispatch(wire.check_client_ops(frame, start, end, good))
         if self.state != _OPEN:
             self.partial = None  # BYE or a close: the rest of the frame is not read
         return done
+
+    def _send_room(self) -> int:
+        """How many more SENDs the op budget covers now.
+
+        SENDs are charged when the turn's SENDs reach the gate, so those
+        already taken in this turn count here.  Past it a frame of SENDs
+        waits for the budget to refill, the link unread, instead of having
+        its tail refused: a flooder's excess costs the relay no work (no
+        refusal to check, pack and write) and a legitimate burst has
+        nothing to resend.
+        """
+        budgets = self.budgets
+        if budgets is None:
+            return 1 << 30
+        assert self.sends is not None
+        return int(min([b.refill() for b in budgets.ops])) - len(self.sends)
+
+    def _take_sends(self, sends: list) -> int:
+        """Queue decoded SENDs for the gate (at the end of this share); return how many."""
+        assert self.sends is not None
+        self.sends.extend(sends)
+        counts = self.wiring.op_counts
+        counts[_OP_SEND] = counts.get(_OP_SEND, 0) + len(sends)
+        return len(sends)
 
     def _dispatch(self, ops: list) -> int:
         """Dispatch decoded ops (a frame's, or a share of one); return how many
