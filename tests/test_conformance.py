@@ -38,6 +38,7 @@ from fastroute.relay import gate as gate_mod
 from fastroute.relay import groups as groups_mod
 from fastroute.relay import keys as keys_mod
 from fastroute.relay import link as link_mod
+from fastroute.relay import safety as safety_mod
 
 from cliutil import ENV
 
@@ -274,6 +275,7 @@ _GROUP_CHECKS = ["groups.membership", "groups.admin-rights", "groups.gsend",
 _MORE_CHECKS = ["e2ee.dsend-own-mismatch", "e2ee.event-device-joined", "e2ee.event-device-left",
                 "e2ee.bundle-fetch-limit", "abuse.new-sender", "abuse.quarantine",
                 "header.ts-ms", "limits.buckets-per-device"]
+_SAFETY_CHECKS = ["safety.blocks", "safety.reports", "groups.mismatch-lists"]
 _SMALL = dict(limits=Limits(msgs_burst=200.0, msgs_per_s=400.0, ops_burst=2000.0,
                             ops_per_s=2000.0), prekey_fetch_burst=20.0)
 
@@ -383,7 +385,41 @@ def _acme_buckets_per_connection(monkeypatch):
     monkeypatch.setattr(gate_mod.Gate, "budgets", biased)
 
 
+def _acme_blocks_ignored_by_key_ops(monkeypatch):
+    original = safety_mod.Safety.hides
+
+    def biased(self, recipient, sender):
+        # an acme user's blocks stop SENDs but its keys and groups still answer
+        return not recipient.endswith("@acme") and original(self, recipient, sender)
+    monkeypatch.setattr(safety_mod.Safety, "hides", biased)
+
+
+def _acme_reports_always_count(monkeypatch):
+    original = safety_mod.Safety.report
+
+    def biased(self, link, cid, sender):
+        if _acme(link):  # no delivery needed: a weapon for one provider's users
+            self.keys._reply(link, cid, 0, True)
+            return
+        original(self, link, cid, sender)
+    monkeypatch.setattr(safety_mod.Safety, "report", biased)
+
+
+def _acme_lists_against_nothing(monkeypatch):
+    original = groups_mod.Groups.gsend
+
+    def biased(self, link, cid, gid, version, body):
+        g = self.groups.get(gid)
+        if _acme(link) and g is not None and version != g.version:
+            version = 0  # lists as if the sender had distributed to no one
+        original(self, link, cid, gid, version, body)
+    monkeypatch.setattr(groups_mod.Groups, "gsend", biased)
+
+
 @pytest.mark.parametrize("patch, failed", [
+    (_acme_blocks_ignored_by_key_ops, ["safety.blocks"]),
+    (_acme_reports_always_count, ["safety.reports"]),
+    (_acme_lists_against_nothing, ["groups.mismatch-lists"]),
     (_no_group_events_for_acme, ["groups.membership"]),
     (_acme_members_act_as_admins, ["groups.admin-rights"]),
     (_acme_gsend_ignores_the_version, ["groups.gsend"]),
@@ -418,9 +454,10 @@ def test_relays_treating_one_provider_differently_fail_the_check_by_name(
             assert rows[name]["status"] == "pass", rows[name]
 
 
-def test_the_group_and_abuse_checks_pass_with_identical_columns(tmp_path):
-    report = _run(_suite(tmp_path, _GROUP_CHECKS + _MORE_CHECKS, **_SMALL))
-    assert [r["check"] for r in report["checks"]] == _GROUP_CHECKS + _MORE_CHECKS
+def test_the_group_abuse_and_safety_checks_pass_with_identical_columns(tmp_path):
+    names = _GROUP_CHECKS + _MORE_CHECKS + _SAFETY_CHECKS
+    report = _run(_suite(tmp_path, names, **_SMALL))
+    assert [r["check"] for r in report["checks"]] == names
     for row in report["checks"]:
         assert row["status"] == "pass", row
         assert row["home"]["observed"] == row["third_party"]["observed"], row
@@ -430,6 +467,11 @@ def test_the_group_and_abuse_checks_pass_with_identical_columns(tmp_path):
     assert rows["e2ee.bundle-fetch-limit"]["home"]["observed"].startswith("0 then 400")
     assert rows["limits.buckets-per-device"]["home"]["observed"] == \
         "not refilled by reconnecting"
+    # the report cap was reached (n/a otherwise), the lists were compared
+    assert "True then False; one of another provider True" in \
+        rows["safety.reports"]["home"]["observed"]
+    assert "a at 3: 306 5 [b2/1704] [] [b1/1705] True" in \
+        rows["groups.mismatch-lists"]["home"]["observed"]
 
 
 def test_a_withheld_timestamp_shows_as_policy_not_as_a_failure(tmp_path):
