@@ -29,6 +29,7 @@ from fastroute.config import Limits
 from fastroute.dedup import DedupTable
 from fastroute.conformance.adapter import run_adapter
 from fastroute.conformance.framework import RELAY_CHECKS, Check, Outcome
+from fastroute.conformance.link import split_ops
 from fastroute.conformance.relay import (ProviderSetup, RelayTarget, _compare, policy_of,
                                          run_relay_suite)
 from fastroute.conformance.vendor import CLIENT_BEHAVIOURS, VendorKit
@@ -482,6 +483,19 @@ def test_a_withheld_timestamp_shows_as_policy_not_as_a_failure(tmp_path):
     assert row["home"]["observed"] == "ts_ms ['now', 'now']"
     assert row["third_party"]["observed"] == "ts_ms ['0', '0']"
     assert report["passed"]
+
+
+def test_the_kit_keeps_each_ops_bytes_as_the_relay_encoded_them():
+    # 300 packed wide is the same value but not the same bytes: safety.blocks compares
+    # the blocker's answers with an unknown address's by these bytes, not by value
+    narrow = msgpack.packb([2000, b"i" * 16, 300, True, None])
+    wide = b"\x95\xcd\x07\xd0\xc4\x10" + b"i" * 16 + b"\xce\x00\x00\x01\x2c\xc3\xc0"
+    got = split_ops(b"\x92" + narrow + wide)
+    assert [op for op, _ in got] == [msgpack.unpackb(narrow), msgpack.unpackb(wide)]
+    assert got[0][0] == got[1][0] and [raw for _, raw in got] == [narrow, wide]
+    with pytest.raises(msgpack.ExtraData):
+        split_ops(b"\x91" + narrow + b"\xc1")  # a trailing byte, as decode_ops refuses
+    assert split_ops(b"\x07") == [(7, b"\x07")]  # not an array: as decode_ops has it
 
 
 def test_columns_that_differ_fail_even_when_both_pass():

@@ -18,7 +18,7 @@ import msgpack
 
 from ..noise import PROLOGUE, CipherState, HandshakeState, KeyPair, frame
 
-__all__ = ["Closed", "RawLink", "ServerSide", "pack", "frame_of", "decode_ops"]
+__all__ = ["Closed", "RawLink", "ServerSide", "pack", "frame_of", "decode_ops", "split_ops"]
 
 SEND, DACK, PING, BYE, CONSENT, MBEGIN, MCHUNK, MFINISH, MGET = range(1, 10)
 WELCOME, SACK, DELIVER, ERROR, PONG, SERVER_BYE, MREPLY = range(16, 23)

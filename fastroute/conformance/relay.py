@@ -1489,7 +1489,10 @@ async def _blocks(s: Subject) -> Outcome:
         sent.append(await s.sack(link, cid, after=mark))
     await b1.wait(lambda o: sum(1 for q in b1.ops if q[0] == DELIVER) >= 2, s.t.timeout)
     got = sum(1 for o in b1.ops if o[0] == DELIVER and o[4] == b"after")
-    steps.append(f"after unblocking: SACK {sent}, delivered {got}")
+    code, devs = await request(s, x, DEVICES, b_addr)
+    listed = sorted(d[0] for d in devs) == sorted((bd1, bd2)) if isinstance(devs, list) \
+        else devs
+    steps.append(f"after unblocking: SACK {sent}, delivered {got}, DEVICES {code} {listed}")
     v1 = await s.connect(s.fresh("v1"))
     e2 = await e2ee_link(s, s.fresh("e2"))
     seen_ops = []
@@ -1502,7 +1505,7 @@ async def _blocks(s: Subject) -> Outcome:
         seen_ops.append(sorted({f"ERROR {o[1]}" if o[0] == ERROR else f"REPLY {o[2]}"
                                 for o in link.ops[mark:] if o[0] in (ERROR, REPLY)}))
     steps.append(f"v1 link: {seen_ops[0]}, e2ee-only link: {seen_ops[1]}")
-    return expect("; ".join(steps), "; ".join([
+    out = expect("; ".join(steps), "; ".join([
         "block x 0/0, @other 0/0, x again 0/2, self 102/None",
         "BLOCKS from b2 0 ['@other', 'x']",
         "to x the blocker: unknown same",
@@ -1510,8 +1513,16 @@ async def _blocks(s: Subject) -> Outcome:
         # 300 for y too on a relay with require_consent = false (the bytes compared above)
         f"SACKs x 300, y {ry['blocker'][-1] if ry['blocker'][-1] == '300' else 402}",
         "delivered while blocked: 0",
-        "unblock 0/0", "unblock 0/0", "after unblocking: SACK [0, 0], delivered 2",
+        "unblock 0/0", "unblock 0/0", "after unblocking: SACK [0, 0], delivered 2, DEVICES 0 True",
         "v1 link: ['ERROR 101'], e2ee-only link: ['ERROR 101']"]))
+    # the bytes of the first answer that told the blocker apart (for the report)
+    for rows in (rx, ry):
+        for name, answers in rows.items():
+            diff = [(a, b) for a, b in zip(rows["blocker"], answers) if a != b]
+            if diff and out.status == FAIL:
+                out.detail += f"; to the blocker {diff[0][0]}, to {name} {diff[0][1]}"
+                break
+    return out
 
 
 @relay_check("safety.reports", "19.3")
