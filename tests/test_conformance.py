@@ -276,7 +276,8 @@ _GROUP_CHECKS = ["groups.membership", "groups.admin-rights", "groups.gsend",
 _MORE_CHECKS = ["e2ee.dsend-own-mismatch", "e2ee.event-device-joined", "e2ee.event-device-left",
                 "e2ee.bundle-fetch-limit", "abuse.new-sender", "abuse.quarantine",
                 "header.ts-ms", "limits.buckets-per-device"]
-_SAFETY_CHECKS = ["safety.blocks", "safety.reports", "groups.mismatch-lists"]
+_SAFETY_CHECKS = ["safety.blocks", "safety.block-scope", "safety.reports",
+                  "groups.mismatch-lists"]
 _SMALL = dict(limits=Limits(msgs_burst=200.0, msgs_per_s=400.0, ops_burst=2000.0,
                             ops_per_s=2000.0), prekey_fetch_burst=20.0)
 
@@ -395,6 +396,16 @@ def _acme_blocks_ignored_by_key_ops(monkeypatch):
     monkeypatch.setattr(safety_mod.Safety, "hides", biased)
 
 
+def _acme_blocks_apply_to_themselves(monkeypatch):
+    original = safety_mod.Safety.hides
+
+    def biased(self, recipient, sender):
+        if recipient == sender and recipient.endswith("@acme"):  # "@acme" hides them too
+            return "@acme" in self.blocks.get(recipient, ())
+        return original(self, recipient, sender)
+    monkeypatch.setattr(safety_mod.Safety, "hides", biased)
+
+
 def _acme_reports_always_count(monkeypatch):
     original = safety_mod.Safety.report
 
@@ -418,7 +429,8 @@ def _acme_lists_against_nothing(monkeypatch):
 
 
 @pytest.mark.parametrize("patch, failed", [
-    (_acme_blocks_ignored_by_key_ops, ["safety.blocks"]),
+    (_acme_blocks_ignored_by_key_ops, ["safety.blocks", "safety.block-scope"]),
+    (_acme_blocks_apply_to_themselves, ["safety.block-scope"]),
     (_acme_reports_always_count, ["safety.reports"]),
     (_acme_lists_against_nothing, ["groups.mismatch-lists"]),
     (_no_group_events_for_acme, ["groups.membership"]),

@@ -906,10 +906,11 @@ async def _op_budget(s: Subject) -> Outcome:
 
 # ------------------------------------------ feature "groups" (18), and more of 17
 async def groups_link(s: Subject, address: str, reg_id: int, device: str = "d1", *,
-                      features: tuple[str, ...] = ("e2ee", "groups")) -> tuple[RawLink, int]:
+                      features: tuple[str, ...] = ("e2ee", "groups"),
+                      static: KeyPair | None = None) -> tuple[RawLink, int]:
     """A device with ``features`` (default "e2ee" and "groups") granted and its keys
     published: ``(link, device id)``."""
-    link = await e2ee_link(s, address, device, features)
+    link = await e2ee_link(s, address, device, features, static)
     dev, _ = await publish(s, link, reg_id)
     return link, dev
 
@@ -1524,6 +1525,47 @@ async def _blocks(s: Subject) -> Outcome:
                 break
     return out
 
+
+@relay_check("safety.block-scope", "19.1, 17.8")
+async def _block_scope(s: Subject) -> Outcome:
+    """A block wins over shared group membership, never applies to the user's own
+    address (even with its own provider blocked), and leaves messages accepted
+    before it to be delivered."""
+    b_addr, x_addr = s.fresh("blocker"), s.fresh("x", s.other.name)
+    kp = KeyPair.generate()
+    b1, bd1 = await groups_link(s, b_addr, 1511, "b1", features=SAFETY, static=kp)
+    b2, bd2 = await groups_link(s, b_addr, 1512, "b2", features=SAFETY)
+    x, _ = await groups_link(s, x_addr, 1513)
+    await consent(s, x, s.me.name)
+    gid = await _group_of(s, b1)  # x of the other provider joins the blocker's group:
+    await request(s, b1, GADD, gid, x_addr)  # it may reach the blocker's devices (17.8)
+    code, _ = await request(s, x, GANSWER, gid, True)  # without the blocker's consent
+    entries = [[bd1, 1511, b"c"], [bd2, 1512, b"c"]]
+    before = [code, (await request(s, x, DEVICES, b_addr))[0]]
+    await b1.close()  # b1 offline: what x sends now waits in the store
+    early = new_id()
+    before.append((await request(s, x, DSEND, b_addr, False, entries, [], rid=early))[0])
+    blocked = [await request(s, b2, BLOCK, target, True)
+               for target in ("@" + s.other.name, "@" + s.me.name)]  # the own provider too
+    steps = [f"group member before the block: joined {before[0]}, DEVICES {before[1]}, "
+             f"DSEND {before[2]}; block both providers {blocked}"]
+    rx = [(await request(s, x, opcode, *fields))[0] for opcode, fields in (
+        (DEVICES, [b_addr]), (BUNDLES, [b_addr, []]), (DSEND, [b_addr, False, entries, []]))]
+    steps.append(f"group member x: DEVICES/BUNDLES/DSEND {rx}")
+    own = new_id()
+    b2.send([SEND, own, b_addr, b"self", 0])
+    own_sack = await s.sack(b2, own)
+    own_dev = (await request(s, b2, DEVICES, b_addr))[0]
+    steps.append(f"to its own address: SEND {own_sack}, DEVICES {own_dev}")
+    again, _ = await groups_link(s, b_addr, 1511, "b1", features=SAFETY, static=kp)
+    got = await again.wait(lambda o: o[0] == DDELIVER and o[4] == early, s.t.timeout)
+    steps.append(f"accepted before the block: {'delivered' if got else 'not delivered'}")
+    return expect("; ".join(steps), "; ".join([
+        "group member before the block: joined 0, DEVICES 0, DSEND 0; "
+        "block both providers [(0, 0), (0, 0)]",
+        "group member x: DEVICES/BUNDLES/DSEND [300, 300, 300]",
+        "to its own address: SEND 0, DEVICES 0",
+        "accepted before the block: delivered"]))
 
 @relay_check("safety.reports", "19.3")
 async def _reports(s: Subject) -> Outcome:
