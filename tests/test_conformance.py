@@ -63,8 +63,9 @@ def test_relay_direction_passes_against_fastroute_serve_with_identical_columns(t
     data = tmp_path / "data"
     cfg = tmp_path / "fastroute.toml"
     # a low message burst, so the rate-limit check needs a few hundred SENDs, not 25000
+    # and a backlog cap, so that groups.skipped-at-cap has one to meet
     cfg.write_text(f'[relay]\ndata_dir = "{data}"\nregistry_poll_s = 0.05\n'
-                   "prekey_fetch_burst = 20.0\n"
+                   "prekey_fetch_burst = 20.0\nmax_stored_msgs_per_address = 30\n"
                    "[limits]\nmsgs_burst = 200.0\nmsgs_per_s = 400.0\n")
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "fastroute.cli", "serve", "--config", str(cfg),
@@ -277,9 +278,10 @@ _MORE_CHECKS = ["e2ee.dsend-own-mismatch", "e2ee.event-device-joined", "e2ee.eve
                 "e2ee.bundle-fetch-limit", "abuse.new-sender", "abuse.quarantine",
                 "header.ts-ms", "limits.buckets-per-device"]
 _SAFETY_CHECKS = ["safety.blocks", "safety.block-scope", "safety.reports",
-                  "groups.mismatch-lists"]
+                  "groups.mismatch-lists", "groups.skipped-at-cap"]
 _SMALL = dict(limits=Limits(msgs_burst=200.0, msgs_per_s=400.0, ops_burst=2000.0,
-                            ops_per_s=2000.0), prekey_fetch_burst=20.0)
+                            ops_per_s=2000.0), prekey_fetch_burst=20.0,
+              max_stored_msgs_per_address=30)
 
 
 def _acme(link) -> bool:
@@ -428,7 +430,21 @@ def _acme_lists_against_nothing(monkeypatch):
     monkeypatch.setattr(groups_mod.Groups, "gsend", biased)
 
 
+def _acme_gsend_stopped_by_a_full_member(monkeypatch):
+    original = groups_mod.Groups.gsend
+
+    def biased(self, link, cid, gid, version, body):
+        g = self.groups.get(gid)
+        full = self.delivery.caps.full
+        if _acme(link) and g is not None and version == g.version and full & set(g.members):
+            self._reply(link, cid, 408)  # one full member stops acme's group sends
+            return
+        original(self, link, cid, gid, version, body)
+    monkeypatch.setattr(groups_mod.Groups, "gsend", biased)
+
+
 @pytest.mark.parametrize("patch, failed", [
+    (_acme_gsend_stopped_by_a_full_member, ["groups.skipped-at-cap"]),
     (_acme_blocks_ignored_by_key_ops, ["safety.blocks", "safety.block-scope"]),
     (_acme_blocks_apply_to_themselves, ["safety.block-scope"]),
     (_acme_reports_always_count, ["safety.reports"]),

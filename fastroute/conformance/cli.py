@@ -59,6 +59,9 @@ def add_conformance_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--report-probe", type=int, default=20,
                    help="users of one provider who report one sender (above "
                         "limits.reports_per_provider)")
+    r.add_argument("--backlog-probe", type=int, default=1000,
+                   help="persistent SENDs to one address to reach the relay's backlog cap "
+                        "(above max_stored_msgs_per_address/_device, if set)")
     c = p.add_argument_group("for a vendor's client (--listen)")
     c.add_argument("--client-cmd", help="command that starts the client's adapter (the "
                                         "paths are in FASTROUTE_CONFORMANCE_* variables)")
@@ -132,7 +135,7 @@ def _relay(args: argparse.Namespace) -> int:
                          rate_probe=args.rate_probe, ops_probe=args.ops_probe,
                          bundle_probe=args.bundle_probe, sender_probe=args.sender_probe,
                          quarantine_probe=args.quarantine_probe,
-                         report_probe=args.report_probe)
+                         report_probe=args.report_probe, backlog_probe=args.backlog_probe)
     report = asyncio.run(run_relay_suite(target, home, third, args.only))
     print(render_table(report))
     if args.json:

@@ -66,6 +66,7 @@ class RelayTarget:
     sender_probe: int = 60  # strangers written to for the new-sender rule (default 20)
     quarantine_probe: int = 260  # ... to be quarantined (default score 200)
     report_probe: int = 20  # reporters of one provider (default cap 15 per provider)
+    backlog_probe: int = 1000  # persistent SENDs to one address to reach a backlog cap
     timeout: float = 3.0
 
 
@@ -1708,6 +1709,61 @@ async def _mismatch_lists(s: Subject) -> Outcome:
         "a at 5 after c left: 306 6 [] [c] [] True",
         "a at 6: 0 None"]))
 
+
+@relay_check("groups.skipped-at-cap", "18.4, 11, 12")
+async def _skipped_at_cap(s: Subject) -> Outcome:
+    """Where the relay caps a recipient's stored backlog, a GSEND skips a member at
+    the cap, names it on a "group_lists" link, still reaches the others, and is
+    refused with RECIPIENT_FULL when no recipient could take it (n/a without a cap)."""
+    lists = ("e2ee", "groups", "group_lists")
+    a, _ = await groups_link(s, s.fresh("ga"), 1801, "a1", features=lists)
+    c_addr, m_addr = s.fresh("gc"), s.fresh("gm", s.other.name)
+    c, _ = await groups_link(s, c_addr, 1802)  # no "group_lists"
+    m, _ = await groups_link(s, m_addr, 1803)
+    await consent(s, m, s.me.name)
+    g1, g2 = await _group_of(s, a), await _group_of(s, a)  # g2: a and m only
+    refused = await _add_own(s, a, g1, c_addr)
+    if refused is not None:
+        return refused
+    for gid in (g1, g2):
+        await request(s, a, GADD, gid, m_addr)
+        await request(s, m, GANSWER, gid, True)
+    await m.close()  # what comes for m now is stored
+    filler = await s.connect(s.fresh("f"))
+    ids = [new_id() for _ in range(s.t.backlog_probe)]
+    got_codes: dict[bytes, int] = {}
+    for i in range(0, len(ids), 50):
+        # a chunk at a time, every SACK awaited: the relay checks the cap per batch
+        # (section 11 allows it to be close to the cap in between), so the chunk a
+        # cap is reached in may be stored whole
+        chunk = ids[i:i + 50]
+        mark = len(filler.ops)
+        filler.send(*[[SEND, cid, m_addr, b"fill", 0] for cid in chunk])
+        await filler.wait(lambda o, chunk=chunk, mark=mark: set(chunk) <= {
+            q[1] for q in filler.ops[mark:] if q[0] == SACK}, 10.0, after=mark)
+        got_codes.update((o[1], o[2]) for o in filler.ops[mark:] if o[0] == SACK)
+        if 408 in got_codes.values():
+            break
+    codes = [got_codes[cid] for cid in ids if cid in got_codes]  # in the order sent
+    if 408 not in codes:
+        return Outcome(NA, f"no RECIPIENT_FULL in {len(codes)} SENDs",
+                       "the relay caps no backlog (max_stored_*), or above --backlog-probe")
+    n_ok = codes.index(408)
+    # 400 (the sender's own quota) says "later", not "full": left out of the shape
+    fill = f"{sorted(set(codes[:n_ok]) - {400})} then 408"
+    mid = new_id()
+    code, res = await request(s, a, GSEND, g1, 3, b"k", rid=mid)
+    named = [("m" if x == m_addr else "?") for x in res] if isinstance(res, list) else res
+    got = await c.wait(lambda o: o[0] == GDELIVER and o[5] == mid, s.t.timeout)
+    code2, res2 = await request(s, c, GSEND, g1, 3, b"k")
+    code3, res3 = await request(s, a, GSEND, g2, 2, b"k")
+    seen = (f"backlog {fill}; with lists: {code} {named}, the other member "
+            f"{'got it' if got else 'did not'}; without lists: {code2} {res2!r}; "
+            f"nobody could take it: {code3} {res3!r}")
+    out = expect(seen, "backlog [0] then 408; with lists: 0 ['m'], the other member got it; "
+                 "without lists: 0 None; nobody could take it: 408 None")
+    out.detail = (out.detail + f" ({n_ok} stored before the cap)").strip()
+    return out
 
 # ------------------------------------------------------------------- runner
 async def _run_one(check, subject: Subject, has_registry: bool) -> Outcome:
