@@ -29,6 +29,7 @@ from fastroute.config import Limits
 from fastroute.dedup import DedupTable
 from fastroute.conformance.adapter import run_adapter
 from fastroute.conformance.framework import RELAY_CHECKS, Check, Outcome
+from fastroute.conformance.link import split_ops
 from fastroute.conformance.relay import (ProviderSetup, RelayTarget, _compare, policy_of,
                                          run_relay_suite)
 from fastroute.conformance.vendor import CLIENT_BEHAVIOURS, VendorKit
@@ -38,6 +39,7 @@ from fastroute.relay import gate as gate_mod
 from fastroute.relay import groups as groups_mod
 from fastroute.relay import keys as keys_mod
 from fastroute.relay import link as link_mod
+from fastroute.relay import safety as safety_mod
 
 from cliutil import ENV
 
@@ -61,8 +63,9 @@ def test_relay_direction_passes_against_fastroute_serve_with_identical_columns(t
     data = tmp_path / "data"
     cfg = tmp_path / "fastroute.toml"
     # a low message burst, so the rate-limit check needs a few hundred SENDs, not 25000
+    # and a backlog cap, so that groups.skipped-at-cap has one to meet
     cfg.write_text(f'[relay]\ndata_dir = "{data}"\nregistry_poll_s = 0.05\n'
-                   "prekey_fetch_burst = 20.0\n"
+                   "prekey_fetch_burst = 20.0\nmax_stored_msgs_per_address = 30\n"
                    "[limits]\nmsgs_burst = 200.0\nmsgs_per_s = 400.0\n")
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "fastroute.cli", "serve", "--config", str(cfg),
@@ -274,8 +277,11 @@ _GROUP_CHECKS = ["groups.membership", "groups.admin-rights", "groups.gsend",
 _MORE_CHECKS = ["e2ee.dsend-own-mismatch", "e2ee.event-device-joined", "e2ee.event-device-left",
                 "e2ee.bundle-fetch-limit", "abuse.new-sender", "abuse.quarantine",
                 "header.ts-ms", "limits.buckets-per-device"]
+_SAFETY_CHECKS = ["safety.blocks", "safety.block-scope", "safety.reports",
+                  "groups.mismatch-lists", "groups.skipped-at-cap"]
 _SMALL = dict(limits=Limits(msgs_burst=200.0, msgs_per_s=400.0, ops_burst=2000.0,
-                            ops_per_s=2000.0), prekey_fetch_burst=20.0)
+                            ops_per_s=2000.0), prekey_fetch_burst=20.0,
+              max_stored_msgs_per_address=30)
 
 
 def _acme(link) -> bool:
@@ -383,7 +389,66 @@ def _acme_buckets_per_connection(monkeypatch):
     monkeypatch.setattr(gate_mod.Gate, "budgets", biased)
 
 
+def _acme_blocks_ignored_by_key_ops(monkeypatch):
+    original = safety_mod.Safety.hides
+
+    def biased(self, recipient, sender):
+        # an acme user's blocks stop SENDs but its keys and groups still answer
+        return not recipient.endswith("@acme") and original(self, recipient, sender)
+    monkeypatch.setattr(safety_mod.Safety, "hides", biased)
+
+
+def _acme_blocks_apply_to_themselves(monkeypatch):
+    original = safety_mod.Safety.hides
+
+    def biased(self, recipient, sender):
+        if recipient == sender and recipient.endswith("@acme"):  # "@acme" hides them too
+            return "@acme" in self.blocks.get(recipient, ())
+        return original(self, recipient, sender)
+    monkeypatch.setattr(safety_mod.Safety, "hides", biased)
+
+
+def _acme_reports_always_count(monkeypatch):
+    original = safety_mod.Safety.report
+
+    def biased(self, link, cid, sender):
+        if _acme(link):  # no delivery needed: a weapon for one provider's users
+            self.keys._reply(link, cid, 0, True)
+            return
+        original(self, link, cid, sender)
+    monkeypatch.setattr(safety_mod.Safety, "report", biased)
+
+
+def _acme_lists_against_nothing(monkeypatch):
+    original = groups_mod.Groups.gsend
+
+    def biased(self, link, cid, gid, version, body):
+        g = self.groups.get(gid)
+        if _acme(link) and g is not None and version != g.version:
+            version = 0  # lists as if the sender had distributed to no one
+        original(self, link, cid, gid, version, body)
+    monkeypatch.setattr(groups_mod.Groups, "gsend", biased)
+
+
+def _acme_gsend_stopped_by_a_full_member(monkeypatch):
+    original = groups_mod.Groups.gsend
+
+    def biased(self, link, cid, gid, version, body):
+        g = self.groups.get(gid)
+        full = self.delivery.caps.full
+        if _acme(link) and g is not None and version == g.version and full & set(g.members):
+            self._reply(link, cid, 408)  # one full member stops acme's group sends
+            return
+        original(self, link, cid, gid, version, body)
+    monkeypatch.setattr(groups_mod.Groups, "gsend", biased)
+
+
 @pytest.mark.parametrize("patch, failed", [
+    (_acme_gsend_stopped_by_a_full_member, ["groups.skipped-at-cap"]),
+    (_acme_blocks_ignored_by_key_ops, ["safety.blocks", "safety.block-scope"]),
+    (_acme_blocks_apply_to_themselves, ["safety.block-scope"]),
+    (_acme_reports_always_count, ["safety.reports"]),
+    (_acme_lists_against_nothing, ["groups.mismatch-lists"]),
     (_no_group_events_for_acme, ["groups.membership"]),
     (_acme_members_act_as_admins, ["groups.admin-rights"]),
     (_acme_gsend_ignores_the_version, ["groups.gsend"]),
@@ -418,9 +483,10 @@ def test_relays_treating_one_provider_differently_fail_the_check_by_name(
             assert rows[name]["status"] == "pass", rows[name]
 
 
-def test_the_group_and_abuse_checks_pass_with_identical_columns(tmp_path):
-    report = _run(_suite(tmp_path, _GROUP_CHECKS + _MORE_CHECKS, **_SMALL))
-    assert [r["check"] for r in report["checks"]] == _GROUP_CHECKS + _MORE_CHECKS
+def test_the_group_abuse_and_safety_checks_pass_with_identical_columns(tmp_path):
+    names = _GROUP_CHECKS + _MORE_CHECKS + _SAFETY_CHECKS
+    report = _run(_suite(tmp_path, names, **_SMALL))
+    assert [r["check"] for r in report["checks"]] == names
     for row in report["checks"]:
         assert row["status"] == "pass", row
         assert row["home"]["observed"] == row["third_party"]["observed"], row
@@ -430,6 +496,11 @@ def test_the_group_and_abuse_checks_pass_with_identical_columns(tmp_path):
     assert rows["e2ee.bundle-fetch-limit"]["home"]["observed"].startswith("0 then 400")
     assert rows["limits.buckets-per-device"]["home"]["observed"] == \
         "not refilled by reconnecting"
+    # the report cap was reached (n/a otherwise), the lists were compared
+    assert "True then False; one of another provider True" in \
+        rows["safety.reports"]["home"]["observed"]
+    assert "a at 3: 306 5 [b2/1704] [] [b1/1705] True" in \
+        rows["groups.mismatch-lists"]["home"]["observed"]
 
 
 def test_a_withheld_timestamp_shows_as_policy_not_as_a_failure(tmp_path):
@@ -440,6 +511,19 @@ def test_a_withheld_timestamp_shows_as_policy_not_as_a_failure(tmp_path):
     assert row["home"]["observed"] == "ts_ms ['now', 'now']"
     assert row["third_party"]["observed"] == "ts_ms ['0', '0']"
     assert report["passed"]
+
+
+def test_the_kit_keeps_each_ops_bytes_as_the_relay_encoded_them():
+    # 300 packed wide is the same value but not the same bytes: safety.blocks compares
+    # the blocker's answers with an unknown address's by these bytes, not by value
+    narrow = msgpack.packb([2000, b"i" * 16, 300, True, None])
+    wide = b"\x95\xcd\x07\xd0\xc4\x10" + b"i" * 16 + b"\xce\x00\x00\x01\x2c\xc3\xc0"
+    got = split_ops(b"\x92" + narrow + wide)
+    assert [op for op, _ in got] == [msgpack.unpackb(narrow), msgpack.unpackb(wide)]
+    assert got[0][0] == got[1][0] and [raw for _, raw in got] == [narrow, wide]
+    with pytest.raises(msgpack.ExtraData):
+        split_ops(b"\x91" + narrow + b"\xc1")  # a trailing byte, as decode_ops refuses
+    assert split_ops(b"\x07") == [(7, b"\x07")]  # not an array: as decode_ops has it
 
 
 def test_columns_that_differ_fail_even_when_both_pass():

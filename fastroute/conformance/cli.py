@@ -56,6 +56,12 @@ def add_conformance_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--quarantine-probe", type=int, default=260,
                    help="strangers written to to be quarantined (well above "
                         "quarantine_score + new_sender_burst)")
+    r.add_argument("--report-probe", type=int, default=20,
+                   help="users of one provider who report one sender (above "
+                        "limits.reports_per_provider)")
+    r.add_argument("--backlog-probe", type=int, default=1000,
+                   help="persistent SENDs to one address to reach the relay's backlog cap "
+                        "(above max_stored_msgs_per_address/_device, if set)")
     c = p.add_argument_group("for a vendor's client (--listen)")
     c.add_argument("--client-cmd", help="command that starts the client's adapter (the "
                                         "paths are in FASTROUTE_CONFORMANCE_* variables)")
@@ -128,7 +134,8 @@ def _relay(args: argparse.Namespace) -> int:
     target = RelayTarget(host, port, server_key, reg_path, relay_max_body=args.max_body,
                          rate_probe=args.rate_probe, ops_probe=args.ops_probe,
                          bundle_probe=args.bundle_probe, sender_probe=args.sender_probe,
-                         quarantine_probe=args.quarantine_probe)
+                         quarantine_probe=args.quarantine_probe,
+                         report_probe=args.report_probe, backlog_probe=args.backlog_probe)
     report = asyncio.run(run_relay_suite(target, home, third, args.only))
     print(render_table(report))
     if args.json:

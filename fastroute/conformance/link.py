@@ -18,7 +18,7 @@ import msgpack
 
 from ..noise import PROLOGUE, CipherState, HandshakeState, KeyPair, frame
 
-__all__ = ["Closed", "RawLink", "ServerSide", "pack", "frame_of", "decode_ops"]
+__all__ = ["Closed", "RawLink", "ServerSide", "pack", "frame_of", "decode_ops", "split_ops"]
 
 SEND, DACK, PING, BYE, CONSENT, MBEGIN, MCHUNK, MFINISH, MGET = range(1, 10)
 WELCOME, SACK, DELIVER, ERROR, PONG, SERVER_BYE, MREPLY = range(16, 23)
@@ -27,6 +27,7 @@ KEYS_SET, KEYS_ADD, DEVICES, BUNDLES, DSEND = range(1000, 1005)  # feature "e2ee
 REPLY, DDELIVER, EVENT = range(2000, 2003)
 GCREATE, GADD, GANSWER, GREMOVE, GLEAVE, GADMIN, GMEMBERS, GSEND = range(1100, 1108)  # 18
 GDELIVER, GEVENT = 2100, 2101
+BLOCK, BLOCKS, REPORT = range(1200, 1203)  # feature "safety", 19
 
 
 def pack(obj: Any) -> bytes:
@@ -45,6 +46,26 @@ def decode_ops(plaintext: bytes) -> list:
     """A frame's ops; anything that is not a list of lists comes back as is."""
     ops = msgpack.unpackb(plaintext, raw=False, strict_map_key=False)
     return ops if isinstance(ops, list) else [ops]
+
+
+def split_ops(plaintext: bytes) -> list[tuple[Any, bytes]]:
+    """A frame's ops, each with its own bytes as the relay encoded it (for checks
+    that compare answers byte for byte); raises as :func:`decode_ops` does."""
+    up = msgpack.Unpacker(raw=False, strict_map_key=False)
+    up.feed(plaintext)
+    try:
+        n = up.read_array_header()
+    except Exception:  # noqa: BLE001 - not an array: decoded (or refused) as a whole
+        return [(op, plaintext) for op in decode_ops(plaintext)]
+    out = []
+    pos = up.tell()
+    for _ in range(n):
+        op = up.unpack()
+        out.append((op, plaintext[pos:up.tell()]))
+        pos = up.tell()
+    if pos != len(plaintext):
+        raise msgpack.ExtraData(out, plaintext[pos:])
+    return out
 
 
 class Closed(Exception):
@@ -97,6 +118,7 @@ class RawLink:
         self.remote_static = remote_static
         self.server_hello = server_hello
         self.ops: list[list] = []
+        self.raw: list[bytes] = []  # each op's bytes, in step with ``ops``
         self.bye: tuple[int, str] | None = None
         self.frames_in = 0
         self.closed = asyncio.Event()
@@ -137,11 +159,12 @@ class RawLink:
                     return
                 try:
                     plaintext = self._rx.decrypt(msg)
-                    ops = decode_ops(plaintext)
+                    ops = split_ops(plaintext)
                 except Exception:
                     return  # section 4.3: fatal, without a reply (or not msgpack: broken)
                 self.frames_in += 1
-                for op in ops:
+                for op, raw in ops:
+                    self.raw.append(raw)
                     self.ops.append(op)
                     if isinstance(op, list) and op and op[0] == SERVER_BYE and len(op) == 3:
                         self.bye = (op[1], op[2])

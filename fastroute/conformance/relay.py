@@ -30,11 +30,11 @@ import msgpack
 from ..identity import ProviderKey, Registry
 from ..noise import KeyPair
 from .framework import FAIL, NA, PASS, RELAY_CHECKS, CheckFailed, Outcome, outcome_dict, relay_check
-from .link import (BUNDLES, BYE, CONSENT, DACK, DDELIVER, DELIVER, DEVICES, DSEND, ERROR,
-                   EVENT, FEATURES, FEATURES_OK, GADD, GADMIN, GANSWER, GCREATE, GDELIVER,
-                   GEVENT, GLEAVE, GMEMBERS, GREMOVE, GSEND, KEYS_ADD, KEYS_SET, MBEGIN, MCHUNK,
-                   MFINISH, MGET, MREPLY, PING, PONG, REPLY, SACK, SEND, SERVER_BYE, WELCOME,
-                   Closed, RawLink, frame_of, pack)
+from .link import (BLOCK, BLOCKS, BUNDLES, BYE, CONSENT, DACK, DDELIVER, DELIVER, DEVICES,
+                   DSEND, ERROR, EVENT, FEATURES, FEATURES_OK, GADD, GADMIN, GANSWER, GCREATE,
+                   GDELIVER, GEVENT, GLEAVE, GMEMBERS, GREMOVE, GSEND, KEYS_ADD, KEYS_SET,
+                   MBEGIN, MCHUNK, MFINISH, MGET, MREPLY, PING, PONG, REPLY, REPORT, SACK, SEND,
+                   SERVER_BYE, WELCOME, Closed, RawLink, frame_of, pack)
 
 __all__ = ["ProviderSetup", "RelayTarget", "run_relay_suite", "render_table"]
 
@@ -65,6 +65,8 @@ class RelayTarget:
     bundle_probe: int = 260  # BUNDLES sent to find the fetch limit (default burst 200)
     sender_probe: int = 60  # strangers written to for the new-sender rule (default 20)
     quarantine_probe: int = 260  # ... to be quarantined (default score 200)
+    report_probe: int = 20  # reporters of one provider (default cap 15 per provider)
+    backlog_probe: int = 1000  # persistent SENDs to one address to reach a backlog cap
     timeout: float = 3.0
 
 
@@ -904,10 +906,12 @@ async def _op_budget(s: Subject) -> Outcome:
 
 
 # ------------------------------------------ feature "groups" (18), and more of 17
-async def groups_link(s: Subject, address: str, reg_id: int,
-                      device: str = "d1") -> tuple[RawLink, int]:
-    """A device with "e2ee" and "groups" granted and its keys published: ``(link, device id)``."""
-    link = await e2ee_link(s, address, device, ("e2ee", "groups"))
+async def groups_link(s: Subject, address: str, reg_id: int, device: str = "d1", *,
+                      features: tuple[str, ...] = ("e2ee", "groups"),
+                      static: KeyPair | None = None) -> tuple[RawLink, int]:
+    """A device with ``features`` (default "e2ee" and "groups") granted and its keys
+    published: ``(link, device id)``."""
+    link = await e2ee_link(s, address, device, features, static)
     dev, _ = await publish(s, link, reg_id)
     return link, dev
 
@@ -1389,6 +1393,377 @@ async def _buckets_per_device(s: Subject) -> Outcome:
                    "refilled by reconnecting", f"{first} taken, then {second} after "
                    "reconnecting", policy)
 
+
+# ------------------------------- feature "safety" (19) and "group_lists" (18.4)
+SAFETY = ("e2ee", "groups", "safety")
+
+
+def _answer_bytes(link: RawLink, op: list | None, rid: bytes) -> str:
+    """An answer's bytes as the relay encoded them, its request id zeroed: two answers
+    print the same exactly when they are the same bytes but the id."""
+    if op is None:
+        return "none"
+    raw = link.raw[next(i for i in range(len(link.ops) - 1, -1, -1) if link.ops[i] is op)]
+    return raw.replace(rid, bytes(16)).hex()
+
+
+async def _reach(s: Subject, link: RawLink, gid: bytes, to: str,
+                 entries: list) -> list[str]:
+    """What ``link`` gets for SEND, DEVICES, BUNDLES, DSEND and GADD naming ``to``:
+    each answer's bytes (19.1 lists these five), then the SACK's code."""
+    got = []
+    cid = new_id()
+    mark = len(link.ops)
+    link.send([SEND, cid, to, b"x", 0])
+    sack = await link.op(SACK, cid, timeout=s.t.timeout, after=mark)
+    got.append(_answer_bytes(link, sack, cid))
+    for opcode, fields in ((DEVICES, [to]), (BUNDLES, [to, []]),
+                           (DSEND, [to, False, entries, []]), (GADD, [gid, to])):
+        rid = new_id()
+        mark = len(link.ops)
+        link.send([opcode, rid, *fields])
+        rep = await link.wait(lambda o, rid=rid: o[0] == REPLY and o[1] == rid,
+                              s.t.timeout, after=mark)
+        got.append(_answer_bytes(link, rep, rid))
+    return got + [str(None if sack is None else sack[2])]
+
+
+def _same(rows: dict[str, list[str]], ref: str) -> str:
+    """``rows`` (name -> answers) rendered against ``rows[ref]``: "same" or the op that
+    differs, so the observation names no address."""
+    ops = ("SEND", "DEVICES", "BUNDLES", "DSEND", "GADD")
+    out = []
+    for name, answers in rows.items():
+        if name == ref:
+            continue
+        diff = [op for op, a, b in zip(ops, answers, rows[ref]) if a != b]
+        out.append(f"{name} {'same' if not diff else 'differs in ' + '/'.join(diff)}")
+    return ", ".join(out)
+
+
+@relay_check("safety.blocks", "19.1, 19.2, 14.3")
+async def _blocks(s: Subject) -> Outcome:
+    """A block of an address and of a provider, made from one device and listed from
+    another, makes the blocker an address that does not exist to the blocked party,
+    byte for byte; unblocking restores delivery; v1 links get UNKNOWN_OP."""
+    b_addr = s.fresh("blocker")
+    b1, bd1 = await groups_link(s, b_addr, 1501, "b1", features=SAFETY)
+    b2, bd2 = await groups_link(s, b_addr, 1502, "b2", features=SAFETY)
+    await consent(s, b1, s.other.name)
+    x_addr, y_addr = s.fresh("x"), s.fresh("y", s.other.name)  # same provider, other one
+    x, _ = await groups_link(s, x_addr, 1503)
+    y, _ = await groups_link(s, y_addr, 1504)
+    hidden = s.fresh("hidden")  # keys published, never opted in to the other provider
+    await groups_link(s, hidden, 1505)
+    entries = [[bd1, 1501, b"c"], [bd2, 1502, b"c"]]
+    gx, gy = await _group_of(s, x), await _group_of(s, y)
+    names = {x_addr: "x", "@" + s.other.name: "@other"}
+    steps = []
+    for target in (x_addr, "@" + s.other.name, x_addr, b_addr):
+        code, res = await request(s, b1, BLOCK, target, True)
+        steps.append(f"{code}/{res!r}")
+    steps = [f"block x {steps[0]}, @other {steps[1]}, x again {steps[2]}, self {steps[3]}"]
+    code, listed = await request(s, b2, BLOCKS)
+    steps.append(f"BLOCKS from b2 {code} " + (
+        str([names.get(t, "?") for t in listed]) if isinstance(listed, list) else repr(listed)))
+    # the blocked party's view of the blocker, next to an address that never existed
+    # and (across providers) one that exists but did not opt in
+    rx = {"blocker": await _reach(s, x, gx, b_addr, entries),
+          "unknown": await _reach(s, x, gx, s.fresh("nobody"), entries)}
+    ry = {"blocker": await _reach(s, y, gy, b_addr, entries),
+          "unknown": await _reach(s, y, gy, s.fresh("nobody"), entries),
+          "not opted in": await _reach(s, y, gy, hidden, entries)}
+    steps.append(f"to x the blocker: {_same(rx, 'blocker')}")
+    steps.append(f"to y the blocker: {_same(ry, 'blocker')}")
+    steps.append(f"SACKs x {rx['blocker'][-1]}, y {ry['blocker'][-1]}")
+    await asyncio.sleep(0.2)
+    stored = sum(1 for link in (b1, b2) for o in link.ops
+                 if o[0] in (DELIVER, DDELIVER, GEVENT))
+    steps.append(f"delivered while blocked: {stored}")
+    for target in (x_addr, "@" + s.other.name):
+        code, res = await request(s, b2, BLOCK, target, False)
+        steps.append(f"unblock {code}/{res!r}")
+    sent = []
+    for link in (x, y):
+        cid = new_id()
+        mark = len(link.ops)
+        link.send([SEND, cid, b_addr, b"after", 0])
+        sent.append(await s.sack(link, cid, after=mark))
+    await b1.wait(lambda o: sum(1 for q in b1.ops if q[0] == DELIVER) >= 2, s.t.timeout)
+    got = sum(1 for o in b1.ops if o[0] == DELIVER and o[4] == b"after")
+    code, devs = await request(s, x, DEVICES, b_addr)
+    listed = sorted(d[0] for d in devs) == sorted((bd1, bd2)) if isinstance(devs, list) \
+        else devs
+    steps.append(f"after unblocking: SACK {sent}, delivered {got}, DEVICES {code} {listed}")
+    v1 = await s.connect(s.fresh("v1"))
+    e2 = await e2ee_link(s, s.fresh("e2"))
+    seen_ops = []
+    for link in (v1, e2):
+        mark = len(link.ops)
+        link.send([BLOCK, new_id(), x_addr, True], [BLOCKS, new_id()],
+                  [REPORT, new_id(), x_addr])
+        await link.wait(lambda o, link=link: sum(
+            1 for q in link.ops[mark:] if q[0] in (ERROR, REPLY)) >= 3, s.t.timeout)
+        seen_ops.append(sorted({f"ERROR {o[1]}" if o[0] == ERROR else f"REPLY {o[2]}"
+                                for o in link.ops[mark:] if o[0] in (ERROR, REPLY)}))
+    steps.append(f"v1 link: {seen_ops[0]}, e2ee-only link: {seen_ops[1]}")
+    out = expect("; ".join(steps), "; ".join([
+        "block x 0/0, @other 0/0, x again 0/2, self 102/None",
+        "BLOCKS from b2 0 ['@other', 'x']",
+        "to x the blocker: unknown same",
+        "to y the blocker: unknown same, not opted in same",
+        # 300 for y too on a relay with require_consent = false (the bytes compared above)
+        f"SACKs x 300, y {ry['blocker'][-1] if ry['blocker'][-1] == '300' else 402}",
+        "delivered while blocked: 0",
+        "unblock 0/0", "unblock 0/0", "after unblocking: SACK [0, 0], delivered 2, DEVICES 0 True",
+        "v1 link: ['ERROR 101'], e2ee-only link: ['ERROR 101']"]))
+    # the bytes of the first answer that told the blocker apart (for the report)
+    for rows in (rx, ry):
+        for name, answers in rows.items():
+            diff = [(a, b) for a, b in zip(rows["blocker"], answers) if a != b]
+            if diff and out.status == FAIL:
+                out.detail += f"; to the blocker {diff[0][0]}, to {name} {diff[0][1]}"
+                break
+    return out
+
+
+@relay_check("safety.block-scope", "19.1, 17.8")
+async def _block_scope(s: Subject) -> Outcome:
+    """A block wins over shared group membership, never applies to the user's own
+    address (even with its own provider blocked), and leaves messages accepted
+    before it to be delivered."""
+    b_addr, x_addr = s.fresh("blocker"), s.fresh("x", s.other.name)
+    kp = KeyPair.generate()
+    b1, bd1 = await groups_link(s, b_addr, 1511, "b1", features=SAFETY, static=kp)
+    b2, bd2 = await groups_link(s, b_addr, 1512, "b2", features=SAFETY)
+    x, _ = await groups_link(s, x_addr, 1513)
+    await consent(s, x, s.me.name)
+    gid = await _group_of(s, b1)  # x of the other provider joins the blocker's group:
+    await request(s, b1, GADD, gid, x_addr)  # it may reach the blocker's devices (17.8)
+    code, _ = await request(s, x, GANSWER, gid, True)  # without the blocker's consent
+    entries = [[bd1, 1511, b"c"], [bd2, 1512, b"c"]]
+    before = [code, (await request(s, x, DEVICES, b_addr))[0]]
+    await b1.close()  # b1 offline: what x sends now waits in the store
+    early = new_id()
+    before.append((await request(s, x, DSEND, b_addr, False, entries, [], rid=early))[0])
+    blocked = [await request(s, b2, BLOCK, target, True)
+               for target in ("@" + s.other.name, "@" + s.me.name)]  # the own provider too
+    steps = [f"group member before the block: joined {before[0]}, DEVICES {before[1]}, "
+             f"DSEND {before[2]}; block both providers {blocked}"]
+    rx = [(await request(s, x, opcode, *fields))[0] for opcode, fields in (
+        (DEVICES, [b_addr]), (BUNDLES, [b_addr, []]), (DSEND, [b_addr, False, entries, []]))]
+    steps.append(f"group member x: DEVICES/BUNDLES/DSEND {rx}")
+    own = new_id()
+    b2.send([SEND, own, b_addr, b"self", 0])
+    own_sack = await s.sack(b2, own)
+    own_dev = (await request(s, b2, DEVICES, b_addr))[0]
+    steps.append(f"to its own address: SEND {own_sack}, DEVICES {own_dev}")
+    again, _ = await groups_link(s, b_addr, 1511, "b1", features=SAFETY, static=kp)
+    got = await again.wait(lambda o: o[0] == DDELIVER and o[4] == early, s.t.timeout)
+    steps.append(f"accepted before the block: {'delivered' if got else 'not delivered'}")
+    return expect("; ".join(steps), "; ".join([
+        "group member before the block: joined 0, DEVICES 0, DSEND 0; "
+        "block both providers [(0, 0), (0, 0)]",
+        "group member x: DEVICES/BUNDLES/DSEND [300, 300, 300]",
+        "to its own address: SEND 0, DEVICES 0",
+        "accepted before the block: delivered"]))
+
+@relay_check("safety.reports", "19.3")
+async def _reports(s: Subject) -> Outcome:
+    """A spam report counts only after the relay stored a persistent message from the
+    sender to the reporter, once per pair, and for a few users of one provider only."""
+    r = await e2ee_link(s, s.fresh("reporter"), features=("e2ee", "safety"))
+    await publish(s, r, 1601)
+    await consent(s, r, s.other.name)
+    r_addr = _address_of(s, r)
+    senders = {k: await e2ee_link(s, s.fresh(k, s.other.name))
+               for k in ("send", "ephemeral", "dsend", "elsewhere")}
+    addrs = {k: _address_of(s, link) for k, link in senders.items()}
+    await publish(s, senders["dsend"], 1602)
+    to_r = []
+
+    async def report(link: RawLink, sender: str) -> str:
+        code, res = await request(s, link, REPORT, sender)
+        return f"{res!r}" if code == 0 else f"code {code}"
+
+    steps = [f"no message yet {await report(r, addrs['send'])}"]
+    for k, cls in (("send", 0), ("ephemeral", 1)):
+        cid = new_id()
+        senders[k].send([SEND, cid, r_addr, b"spam", cls])
+        to_r.append(await s.sack(senders[k], cid))
+    other_user = await s.connect(s.fresh("r2"))
+    await consent(s, other_user, s.other.name)
+    cid = new_id()
+    senders["elsewhere"].send([SEND, cid, _address_of(s, other_user), b"spam", 0])
+    to_r.append(await s.sack(senders["elsewhere"], cid))
+    rdevs = await request(s, senders["dsend"], DEVICES, r_addr)
+    entries = [[d, reg, b"spam"] for d, reg in (rdevs[1] or [])] if rdevs[0] == 0 else []
+    to_r.append((await request(s, senders["dsend"], DSEND, r_addr, False, entries, []))[0])
+    steps.append(f"sent {to_r}")
+    steps.append(f"after a SEND {await report(r, addrs['send'])}")
+    steps.append(f"again {await report(r, addrs['send'])}")
+    steps.append(f"after an ephemeral SEND {await report(r, addrs['ephemeral'])}")
+    steps.append(f"who wrote to another user {await report(r, addrs['elsewhere'])}")
+    steps.append(f"after a DSEND {await report(r, addrs['dsend'])}")
+    # the per-provider cap: one sender of the other provider writes to many users of
+    # the subject's provider, who all report it; then one of the sender's own provider
+    spammer = await s.connect(s.fresh("spammer", s.other.name))
+    sp_addr = _address_of(s, spammer)
+    reporters = []
+    for i in range(s.t.report_probe + 1):
+        provider = s.me.name if i < s.t.report_probe else s.other.name
+        link = await e2ee_link(s, s.fresh("rep", provider), features=("e2ee", "safety"))
+        if provider != s.other.name:
+            await consent(s, link, s.other.name)
+        reporters.append(link)
+    # each writes first, so the spammer's messages are answers, not a new address's
+    # writes to strangers (11.1), whatever the relay's new_sender_burst
+    await consent(s, spammer, s.me.name)
+    for link in reporters:
+        link.send([SEND, new_id(), sp_addr, b"hi", 0])
+    await asyncio.gather(*(link.op(SACK, timeout=s.t.timeout) for link in reporters))
+    ids = [new_id() for _ in reporters]
+    spammer.send(*[[SEND, cid, _address_of(s, link), b"spam", 0]
+                   for cid, link in zip(ids, reporters)])
+    await spammer.wait(lambda o: len(set(ids).intersection(
+        q[1] for q in spammer.ops if q[0] == SACK)) == len(ids), 10.0)
+    codes = sorted({c for c in (q[2] for q in spammer.ops if q[0] == SACK)})
+    counted = [await report(link, sp_addr) for link in reporters]
+    mine, theirs = counted[:-1], counted[-1]
+    if "False" not in mine:
+        cap = f"none of {len(mine)} refused"
+    else:
+        n = mine.index("False")
+        cap = ("True then False" if n and set(mine[:n]) == {"True"}
+               and set(mine[n:]) == {"False"} else f"{mine}")
+    steps.append(f"spammer's SENDs {codes}; {s.t.report_probe} reporters of one provider: "
+                 f"{cap}; one of another provider {theirs}")
+    want = "; ".join([
+        "no message yet False", "sent [0, 0, 0, 0]", "after a SEND True", "again False",
+        "after an ephemeral SEND False", "who wrote to another user False",
+        "after a DSEND True", f"spammer's SENDs [0]; {s.t.report_probe} reporters of one "
+        "provider: True then False; one of another provider True"])
+    seen = "; ".join(steps)
+    if cap.startswith("none") and seen.replace(cap, "True then False") == want:
+        return Outcome(NA, seen, "reports_per_provider is above --report-probe")
+    out = expect(seen, want)
+    if "False" in mine:
+        out.detail = (out.detail + f" ({mine.index('False')} counted before the cap)").strip()
+    return out
+
+
+@relay_check("groups.mismatch-lists", "18.4, 14.2")
+async def _mismatch_lists(s: Subject) -> Outcome:
+    """With "group_lists" a stale GSEND's refusal lists the member devices missing,
+    extra and stale relative to the version the sender named; without it only the
+    current version."""
+    lists = ("e2ee", "groups", "group_lists")
+    a_addr, c_addr, b_addr = s.fresh("ga"), s.fresh("gc"), s.fresh("gb", s.other.name)
+    a, _ = await groups_link(s, a_addr, 1701, "a1", features=lists)
+    c, cdev = await groups_link(s, c_addr, 1702)  # no "group_lists"
+    b1, bdev1 = await groups_link(s, b_addr, 1703, "b1")
+    await consent(s, b1, s.me.name)
+    gid = await _group_of(s, a)  # version 1: a
+    refused = await _add_own(s, a, gid, c_addr)  # 2: a, c
+    if refused is not None:
+        return refused
+    await request(s, a, GADD, gid, b_addr)
+    await request(s, b1, GANSWER, gid, True)  # 3: a, c, b1
+    b2 = await e2ee_link(s, b_addr, "b2", ("e2ee", "groups"))
+    bdev2, _ = await publish(s, b2, 1704)  # 4: a device joins b's list
+    await publish(s, b1, 1705)  # 5: b1 re-created (another registration id)
+    names = {(b_addr, bdev1): "b1", (b_addr, bdev2): "b2", (c_addr, cdev): "c"}
+    regs = {1702, 1703, 1704, 1705}
+
+    def render(code: int, res: Any) -> str:
+        if not isinstance(res, list) or not res:
+            return f"{code} {res!r:.60}"
+        parts = [str(res[0])]
+        for lst in res[1:4]:
+            if not isinstance(lst, list):
+                parts.append(repr(lst)[:30])
+                continue
+            parts.append("[" + ",".join(
+                names.get((e[0], e[1]), "?") + (f"/{e[2]}" if len(e) == 3 and e[2] in regs
+                                                 else "" if len(e) == 2 else "/?")
+                for e in lst if isinstance(e, list) and len(e) >= 2) + "]")
+        parts += [repr(x) for x in res[4:]]
+        return f"{code} " + " ".join(parts)
+
+    seen = []
+    for name, link, version in (("a at 4", a, 4), ("a at 3", a, 3), ("a at 2", a, 2),
+                                ("a at 99", a, 99), ("c at 2", c, 2)):
+        code, res = await request(s, link, GSEND, gid, version, b"k")
+        seen.append(f"{name}: {render(code, res) if link is a else f'{code} {res!r}'}")
+    await request(s, c, GLEAVE, gid)  # 6: c's device is extra to the sender at 5
+    code, res = await request(s, a, GSEND, gid, 5, b"k")
+    seen.append(f"a at 5 after c left: {render(code, res)}")
+    code, res = await request(s, a, GSEND, gid, 6, b"k")
+    seen.append(f"a at 6: {code} {res!r}")
+    return expect("; ".join(seen), "; ".join([
+        "a at 4: 306 5 [] [] [b1/1705] True",
+        "a at 3: 306 5 [b2/1704] [] [b1/1705] True",
+        "a at 2: 306 5 [b1/1705,b2/1704] [] [] True",
+        "a at 99: 306 5 [b1/1705,b2/1704,c/1702] [] [] False",
+        "c at 2: 306 [5]",
+        "a at 5 after c left: 306 6 [] [c] [] True",
+        "a at 6: 0 None"]))
+
+
+@relay_check("groups.skipped-at-cap", "18.4, 11, 12")
+async def _skipped_at_cap(s: Subject) -> Outcome:
+    """Where the relay caps a recipient's stored backlog, a GSEND skips a member at
+    the cap, names it on a "group_lists" link, still reaches the others, and is
+    refused with RECIPIENT_FULL when no recipient could take it (n/a without a cap)."""
+    lists = ("e2ee", "groups", "group_lists")
+    a, _ = await groups_link(s, s.fresh("ga"), 1801, "a1", features=lists)
+    c_addr, m_addr = s.fresh("gc"), s.fresh("gm", s.other.name)
+    c, _ = await groups_link(s, c_addr, 1802)  # no "group_lists"
+    m, _ = await groups_link(s, m_addr, 1803)
+    await consent(s, m, s.me.name)
+    g1, g2 = await _group_of(s, a), await _group_of(s, a)  # g2: a and m only
+    refused = await _add_own(s, a, g1, c_addr)
+    if refused is not None:
+        return refused
+    for gid in (g1, g2):
+        await request(s, a, GADD, gid, m_addr)
+        await request(s, m, GANSWER, gid, True)
+    await m.close()  # what comes for m now is stored
+    filler = await s.connect(s.fresh("f"))
+    ids = [new_id() for _ in range(s.t.backlog_probe)]
+    got_codes: dict[bytes, int] = {}
+    for i in range(0, len(ids), 50):
+        # a chunk at a time, every SACK awaited: the relay checks the cap per batch
+        # (section 11 allows it to be close to the cap in between), so the chunk a
+        # cap is reached in may be stored whole
+        chunk = ids[i:i + 50]
+        mark = len(filler.ops)
+        filler.send(*[[SEND, cid, m_addr, b"fill", 0] for cid in chunk])
+        await filler.wait(lambda o, chunk=chunk, mark=mark: set(chunk) <= {
+            q[1] for q in filler.ops[mark:] if q[0] == SACK}, 10.0, after=mark)
+        got_codes.update((o[1], o[2]) for o in filler.ops[mark:] if o[0] == SACK)
+        if 408 in got_codes.values():
+            break
+    codes = [got_codes[cid] for cid in ids if cid in got_codes]  # in the order sent
+    if 408 not in codes:
+        return Outcome(NA, f"no RECIPIENT_FULL in {len(codes)} SENDs",
+                       "the relay caps no backlog (max_stored_*), or above --backlog-probe")
+    n_ok = codes.index(408)
+    # 400 (the sender's own quota) says "later", not "full": left out of the shape
+    fill = f"{sorted(set(codes[:n_ok]) - {400})} then 408"
+    mid = new_id()
+    code, res = await request(s, a, GSEND, g1, 3, b"k", rid=mid)
+    named = [("m" if x == m_addr else "?") for x in res] if isinstance(res, list) else res
+    got = await c.wait(lambda o: o[0] == GDELIVER and o[5] == mid, s.t.timeout)
+    code2, res2 = await request(s, c, GSEND, g1, 3, b"k")
+    code3, res3 = await request(s, a, GSEND, g2, 2, b"k")
+    seen = (f"backlog {fill}; with lists: {code} {named}, the other member "
+            f"{'got it' if got else 'did not'}; without lists: {code2} {res2!r}; "
+            f"nobody could take it: {code3} {res3!r}")
+    out = expect(seen, "backlog [0] then 408; with lists: 0 ['m'], the other member got it; "
+                 "without lists: 0 None; nobody could take it: 408 None")
+    out.detail = (out.detail + f" ({n_ok} stored before the cap)").strip()
+    return out
 
 # ------------------------------------------------------------------- runner
 async def _run_one(check, subject: Subject, has_registry: bool) -> Outcome:
