@@ -174,9 +174,12 @@ def test_libsignal_sender_keys_over_a_group(tmp_path):
     is one SenderKeyMessage that every other member device decrypts, exactly
     once and in order; a removed member gets nothing after its removal and the
     sender rotates; a new device makes the old set version fail, then gets the
-    key and decrypts."""
+    key and decrypts; a declined invitee gets nothing; a member added later gets
+    nothing from before; a non-admin's add is refused, a promoted member's
+    removal works, a demoted one's add is refused again.  The same across a
+    relay SIGKILL: tests/test_libsignal_crash.py."""
     from fastroute.client import GroupEvent, GroupMessage
-    from fastroute.errors import GroupMismatch, NotMember
+    from fastroute.errors import GroupMismatch, NotAdmin, NotMember
     from fastroute.relay.groups import GEV_DEVICE_JOINED, GEV_REMOVED
 
     peer = Peer()
@@ -297,6 +300,35 @@ def test_libsignal_sender_keys_over_a_group(tmp_path):
             for name in ("a2", "b1", "b2"):
                 assert [gdecrypt(name, m) for m in await pump(name, 1)] == [b"to the new set"]
             assert await _quiet(c1) and await _quiet(b2) and await _quiet(a1)  # never its own
+            v += 1
+
+            # an invite declined: dave (acme) gets nothing of the group
+            d1 = await new_device("d1", "dave@acme", "phone")
+            await d1.set_consent("home")
+            assert await a1.group_add(gid, "dave@acme") == 1
+            await d1.group_answer(gid, False)
+            # erin (home) added later: nothing from before reaches her, then
+            # alice's key and what alice sends after
+            e1 = await new_device("e1", "erin@home", "phone")
+            assert await a1.group_add(gid, "erin@home") == 0
+            with pytest.raises(GroupMismatch):
+                await gsend("a1", b"before erin has the key", v)
+            v, _, _ = await a1.group_members(gid)
+            await distribute("a1", ["e1"])
+            await gsend("a1", b"welcome erin", v)
+            for name in ("a2", "b1", "b2", "e1"):
+                assert [gdecrypt(name, m) for m in await pump(name, 1)] == [b"welcome erin"]
+            assert await _quiet(e1) and await _quiet(d1) and await _quiet(c1)
+            # admin rights: a non-admin cannot add; promoted he can, demoted no more
+            with pytest.raises(NotAdmin):
+                await b1.group_add(gid, "carol@home")
+            await a1.group_admin(gid, "bob@acme", True)
+            await b1.group_remove(gid, "erin@home")
+            await a1.group_admin(gid, "bob@acme", False)
+            with pytest.raises(NotAdmin):
+                await b1.group_add(gid, "erin@home")
+            _, members, _ = await a1.group_members(gid)
+            assert [m[0] for m in members] == ["alice@home", "bob@acme"]
 
     async def _quiet(c, wait=0.3):
         try:
