@@ -729,3 +729,48 @@ def test_a_frame_of_refused_sends_is_processed_a_share_per_turn(loop, tmp_path):
             assert max(steps) <= 2 * lim.max_ops_per_turn
             assert len(steps) >= n // (2 * lim.max_ops_per_turn)
     run(loop, main())
+
+
+def test_offline_devices_budgets_are_pruned_only_once_a_fresh_one_would_equal_them(
+        loop, tmp_path):
+    # Without pruning, the gate kept buckets and sender records for every
+    # device ever seen.  Dropping one must change nothing: only offline, full
+    # buckets and spent-out sender records go; a drained bucket stays, so a
+    # reconnect does not refill its burst.
+    lim = Limits(msgs_per_s=2000.0, msgs_burst=20.0, new_sender_age_s=0.0)
+
+    async def main():
+        async with world(tmp_path, limits=lim) as w:
+            gate = w.relay.gate
+            bob = await w.connect("bob@home")
+            calm = await w.connect("calm@home")
+            await calm.send("bob@home", b"hi")
+            await calm.close()
+            drained = await w.connect("drained@home")
+            # drain its message bucket (refilling at 2000/s it would be full again
+            # in 10 ms: slow this device's refill down), then leave at once
+            dkey = ("drained@home", "phone")
+            gate._buckets[dkey][0].rate = 0.001
+            await asyncio.gather(*(drained.send_nowait("bob@home", b"x") for _ in range(20)),
+                                 return_exceptions=True)
+            assert gate._buckets[dkey][0].refill() < 1.0
+            await drained.close()
+            await asyncio.sleep(0.2)
+            gate.prune()  # the relay's upkeep may have pruned already: the same rule
+            assert ("calm@home", "phone") not in gate._buckets
+            assert "calm@home" not in gate._abuckets and "calm@home" not in gate._senders
+            # still drained: kept; online: kept
+            assert dkey in gate._buckets
+            assert ("bob@home", "phone") in gate._buckets and "bob@home" in gate._senders
+            # the drained device reconnects: no fresh burst
+            again = await w.connect("drained@home")
+            assert gate._buckets[dkey][0].tokens < 1.0
+            with pytest.raises(Exception) as exc:
+                await again.send("bob@home", b"more")
+            assert getattr(exc.value, "code", None) == ErrorCode.RATE_LIMITED
+            # calm comes back: a record like the one dropped, and it sends
+            calm = await w.connect("calm@home")
+            await calm.send("bob@home", b"back")
+            got = await recv_n(bob, 22)
+            assert got[0].body == b"hi" and got[-1].body == b"back"
+    run(loop, main())

@@ -913,8 +913,48 @@ class Gate:
         return out
 
     def expire(self) -> None:
-        """Forget dedup entries older than the window (housekeeping)."""
+        """Housekeeping: forget dedup entries older than the window, and the
+        budgets and sender records of devices and addresses that are offline
+        and that a fresh record would equal (full buckets, no score left)."""
         self.dedup.expire()
+        self.prune()
+
+    def prune(self) -> int:
+        """Drop what the gate keeps per device and per address when nothing
+        would change by dropping it: no live link uses it, its buckets are
+        full again (a reconnect gets a full burst either way), and its sender
+        record is old, unthrottled, unquarantined, its score decayed to ~0.
+        Without this the tables grow with every device the relay ever saw.
+        Returns how many entries went."""
+        live_buckets: set[int] = set()
+        live_addresses: set[str] = set()
+        for feed in self.delivery.feeds():
+            budgets = getattr(feed.link, "budgets", None)
+            if budgets is not None:
+                live_buckets.add(id(budgets.msgs[0]))
+                live_addresses.add(budgets.sender.address)
+        dropped = 0
+
+        def full(buckets: tuple) -> bool:
+            return all(b.refill() >= b.burst for b in buckets)
+
+        for key, dev in list(self._buckets.items()):
+            if id(dev[0]) not in live_buckets and full(dev):
+                del self._buckets[key]
+                dropped += 1
+        for address, addr in list(self._abuckets.items()):
+            if address not in live_addresses and full(addr):
+                del self._abuckets[address]
+                dropped += 1
+        now = time.monotonic()
+        for address, sender in list(self._senders.items()):
+            if (address not in live_addresses and sender.born is None
+                    and sender.quarantined is None and sender.throttle is None
+                    and sender.score * 0.5 ** ((now - sender.stamp) / 3600.0) < 0.01):
+                del self._senders[address]
+                self._young.discard(address)
+                dropped += 1
+        return dropped
 
 
 #: a rate that never runs dry: a layer configured off
