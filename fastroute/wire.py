@@ -667,16 +667,24 @@ def _fast_sends(frame: tuple, addr_ok: set[str], dsend: Any = None) -> int:
     return i
 
 
+def _frame_or_none(plaintext: object) -> tuple | None:
+    """The ops of a frame's exact bytes, or None for anything else (the fast
+    paths' specifications decline rather than raise)."""
+    if type(plaintext) is not bytes:
+        return None
+    try:
+        return _unpack_frame(plaintext)
+    except ProtocolError:
+        return None
+
+
 def py_decode_sends(plaintext: object, addr_ok: set[str]) -> list[DecodedOp] | None:
     """Specification of the compiled ``decode_sends``: the ops of ``plaintext``
     (exact bytes) when every op is a valid SEND whose recipient is in ``addr_ok``;
     None for any other frame, errors included.  Either twin may decline more
     (the compiled one declines unusual integer encodings), never answer else."""
-    if type(plaintext) is not bytes:
-        return None
-    try:
-        frame = _unpack_frame(plaintext)
-    except ProtocolError:
+    frame = _frame_or_none(plaintext)
+    if frame is None:
         return None
     return list(frame) if _fast_sends(frame, addr_ok) == len(frame) else None
 
@@ -709,11 +717,8 @@ def py_decode_pings(plaintext: object) -> list[int] | None:
     ``plaintext`` (exact bytes) in order when every op is a valid PING; None
     for any other frame, errors included.  The compiled twin may decline more
     (negative tokens), never answer else."""
-    if type(plaintext) is not bytes:
-        return None
-    try:
-        frame = _unpack_frame(plaintext)
-    except ProtocolError:
+    frame = _frame_or_none(plaintext)
+    if frame is None:
         return None
     tokens = []
     for op in frame:
@@ -823,11 +828,8 @@ def _fast_server_ops(frame: tuple, addr_ok: set[str], features: bool = False) ->
 def py_decode_server_ops(plaintext: object, addr_ok: set[str]) -> list[DecodedOp] | None:
     """Specification of the compiled ``decode_server_ops``: the ops of a frame made
     only of valid SACKs and DELIVERs (senders in ``addr_ok``), else None."""
-    if type(plaintext) is not bytes:
-        return None
-    try:
-        frame = _unpack_frame(plaintext)
-    except ProtocolError:
+    frame = _frame_or_none(plaintext)
+    if frame is None:
         return None
     return list(frame) if _fast_server_ops(frame, addr_ok) == len(frame) else None
 

@@ -656,6 +656,28 @@ def test_a_frame_of_pings_past_the_budget_is_answered_in_order_then_refused(loop
     run(loop, main())
 
 
+class _OpsPerTurn:
+    """Samples a relay link's op count once per loop iteration until stopped."""
+
+    def __init__(self, link) -> None:
+        self.link = link
+        self.samples: list[int] = []
+        self.running = True
+        self.loop = asyncio.get_running_loop()
+        self.loop.call_soon(self._tick)
+
+    def _tick(self) -> None:
+        self.samples.append(self.link.ops)
+        if self.running:
+            self.loop.call_soon(self._tick)
+
+    def stop(self) -> list[int]:
+        """Stop; the ops processed between samples, where any were."""
+        self.running = False
+        s = self.samples
+        return [b - a for a, b in zip(s, s[1:]) if b != a]
+
+
 def test_a_frame_of_many_ops_is_processed_a_share_per_turn(loop, tmp_path):
     # not SENDs nor PINGs only (a DACK ends it): the precise path, which
     # checks and dispatches the frame's ops a share at a time, so one frame
@@ -667,24 +689,14 @@ def test_a_frame_of_many_ops_is_processed_a_share_per_turn(loop, tmp_path):
         async with world(tmp_path, limits=lim) as w:
             a = await w.connect("alice@home")
             link = next(iter(ln for ln in w.relay.links if ln.address == "alice@home"))
-            loop_ = asyncio.get_running_loop()
-            samples: list[int] = []
-            stop = False
-
-            def tick():
-                samples.append(link.ops)
-                if not stop:
-                    loop_.call_soon(tick)
-
             futs = {t: a._loop.create_future() for t in range(1, n + 1)}
             a._pings.update(futs)
             ops0 = link.ops
-            loop_.call_soon(tick)
+            turns = _OpsPerTurn(link)
             _raw(a, [wire.ping_op(t) for t in range(1, n + 1)] + [wire.dack_op(0)])
             await asyncio.wait_for(asyncio.gather(*futs.values()), 10)
-            stop = True
+            steps = turns.stop()
             assert link.ops == ops0 + n + 1
-            steps = [b - a_ for a_, b in zip(samples, samples[1:]) if b != a_]
             # a share per callback; two callbacks may share a loop iteration
             assert max(steps) <= 2 * lim.max_ops_per_turn
             assert len(steps) >= (n + 1) // (2 * lim.max_ops_per_turn)
@@ -703,29 +715,19 @@ def test_a_frame_of_refused_sends_is_processed_a_share_per_turn(loop, tmp_path):
         async with world(tmp_path, limits=lim) as w:
             a = await w.connect("alice@home")
             link = next(iter(ln for ln in w.relay.links if ln.address == "alice@home"))
-            loop_ = asyncio.get_running_loop()
-            samples: list[int] = []
-            stop = False
-
-            def tick():
-                samples.append(link.ops)
-                if not stop:
-                    loop_.call_soon(tick)
-
             refused0 = sum(w.relay.refused.values())
             ops0 = link.ops
-            loop_.call_soon(tick)
+            turns = _OpsPerTurn(link)
             _raw(a, [wire.send_op(i.to_bytes(16, "big"), f"nobody{i}@home", b"x", 0)
                      for i in range(n)])
             for _ in range(500):
                 if link.ops >= ops0 + n:
                     break
                 await asyncio.sleep(0.01)
-            stop = True
+            steps = turns.stop()
             assert link.ops == ops0 + n
             # every one refused (unknown, or by the new-sender and abuse rules)
             assert sum(w.relay.refused.values()) == refused0 + n
-            steps = [b - a_ for a_, b in zip(samples, samples[1:]) if b != a_]
             assert max(steps) <= 2 * lim.max_ops_per_turn
             assert len(steps) >= n // (2 * lim.max_ops_per_turn)
     run(loop, main())
