@@ -14,13 +14,17 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import statistics
 import sys
 import time
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, HERE)
+# this checkout's fastroute when its core is built in place (development),
+# else the installed one: a clone's source tree has no compiled core
+if glob.glob(os.path.join(HERE, "fastroute", "_core*.so")):
+    sys.path.insert(0, HERE)
 
 from fastroute import _core, wire  # noqa: E402
 from fastroute.errors import ErrorCode  # noqa: E402

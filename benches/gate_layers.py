@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import glob
 import os
 import shutil
 import statistics
@@ -42,11 +43,18 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, HERE)
+# this checkout's fastroute when its core is built in place (development),
+# else the installed one: a clone's source tree has no compiled core
+if glob.glob(os.path.join(HERE, "fastroute", "_core*.so")):
+    sys.path.insert(0, HERE)
 
+import fastroute  # noqa: E402
 from fastroute import Client, wire  # noqa: E402
 from fastroute.identity import ProviderKey, Registry, issue_credential  # noqa: E402
 from fastroute.noise import KeyPair  # noqa: E402
+
+#: the tree whose fastroute the relays under test run ("layers on")
+THIS = os.path.dirname(os.path.dirname(os.path.abspath(fastroute.__file__)))
 
 DEFAULT_BASE = "f170cd6"
 RELAY_MAIN = """\
@@ -213,7 +221,7 @@ async def cost(args) -> None:
         # a base that has the layers too must have them lifted the same way
         base_toml = COMMON_TOML + (LAYERS_TOML if args.base_has_layers else "")
         for name, tree, toml in (("off", base, base_toml),
-                                 ("on", HERE, COMMON_TOML + LAYERS_TOML)):
+                                 ("on", THIS, COMMON_TOML + LAYERS_TOML)):
             relay = Relay(tree, toml)
             try:
                 rate, cpu = await load(relay, args.pairs, args.messages, args.window)
@@ -285,7 +293,7 @@ async def flood(args) -> None:
     toml = "[relay]\nregistry_poll_s = 0.5\n"
     if args.turn_ops:
         toml += f"[limits]\nmax_relay_ops_per_turn = {args.turn_ops}\n"
-    relay = Relay(HERE, toml)
+    relay = Relay(THIS, toml)
     if args.provider_ops:
         # the operator's provider-wide budget for the flooding provider
         with Registry(os.path.join(relay.dir, "registry.db")) as reg:
