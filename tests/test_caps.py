@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -109,3 +110,41 @@ def test_a_revoked_device_is_purged_with_what_waits_for_it(loop, tmp_path):
             assert set(hits) <= {"address"}, hits
             assert all(f.startswith("registry.db") for f in hits.get("address", [])), hits
     run(loop, main())
+
+
+def test_a_refresh_from_the_store_never_undoes_an_ack_not_yet_on_disk(tmp_path):
+    # CI found a caught-up recipient held at its cap: the periodic refresh
+    # read the store's counts while the deletes of acks already applied in
+    # memory were still queued, and put the acked messages back.  The refresh
+    # now flushes first and drops a read that an ack crossed.
+    async def main():
+        async with world(tmp_path, max_stored_msgs_per_device=20) as w:
+            bob = await w.connect("bob@acme")
+            await bob.close()
+            alice = await w.connect("alice@home")
+            for i in range(20):
+                await alice.send("bob@acme", b"m%d" % i)
+            caps = w.relay.delivery.caps
+            assert "bob@acme" in caps.full
+            # a slow disk: the store's writer takes 0.3 s to apply deletes
+            store = w.relay.store
+            delete = store._delete
+
+            def slow_delete(*args):
+                time.sleep(0.3)
+                return delete(*args)
+
+            store._delete = slow_delete
+            bob = await w.connect("bob@acme")
+            await recv_n(bob, 20)
+            for _ in range(200):  # bob's DACK applied in memory (bounded)
+                if "bob@acme" not in caps.full:
+                    break
+                await asyncio.sleep(0.01)
+            assert "bob@acme" not in caps.full
+            for _ in range(20):  # every refresh now: none may undo the acks
+                await w.relay.delivery.refresh_caps()
+                assert "bob@acme" not in caps.full
+            await alice.send("bob@acme", b"again")
+            assert (await recv_n(bob, 1))[0].body == b"again"
+    run("asyncio", main())

@@ -241,6 +241,8 @@ class Delivery:
         #: what the store keeps per recipient, and the addresses at a cap
         self.caps = caps if caps is not None else Caps((0, 0, 0, 0))
         self._puts_begun = 0
+        #: acks applied to the caps' counts (a store count read across one is stale)
+        self._acks_counted = 0
         self.mailbox_capacity = mailbox_capacity
         #: bytes of DELIVER tails the engine may hold, relay-wide; past it the
         #: fullest mailboxes (first those of providers over their share)
@@ -382,6 +384,7 @@ class Delivery:
         if mids:
             self.store.ack(feed.dkey, mids, validate=False)
             self.caps.acked(feed.dkey, len(mids))
+            self._acks_counted += 1
         if not feed.room.is_set():
             feed.room.set()
 
@@ -430,14 +433,20 @@ class Delivery:
         """Set the caps' counts from the store (expiry, drift), if it can count.
 
         Only from a quiet moment: a batch in flight during the read would be
-        counted by neither side (in memory, replaced; on disk, not yet).
+        counted by neither side (in memory, replaced; on disk, not yet), and
+        an ack applied in memory during the read may not be on disk yet (the
+        read would count its messages again, and hold a caught-up recipient
+        at its cap until the next refresh).
         """
         counts = getattr(self.store, "backlog_counts", None)
         if counts is None or not self.caps.enabled or self._puts_in_flight:
             return
-        begun = self._puts_begun
+        begun, acked = self._puts_begun, self._acks_counted
+        # the acks applied so far in memory: on disk before the count is read
+        await self.store.flush()
         result = await counts()
-        if self._puts_begun == begun and not self._puts_in_flight:
+        if (self._puts_begun == begun and not self._puts_in_flight
+                and self._acks_counted == acked):
             self.caps.load(result)
 
     def persisted(self, items: list | None, last_mid: int) -> None:
