@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -84,8 +86,10 @@ class Served:
 
 
 def serve_data_dir(data, port: int = 0) -> tuple[subprocess.Popen, int]:
-    """``fastroute serve --data-dir DATA`` on 127.0.0.1 (``port`` 0: any free
-    one), for tests that SIGKILL it: the process and the port it listens on."""
+    """``fastroute serve --data-dir DATA`` on 127.0.0.1 (``port`` 0: a free one
+    from :func:`listen_port`), for tests that SIGKILL it and start it again on
+    the same port: the process and the port it listens on."""
+    port = port or listen_port()
     proc = subprocess.Popen([sys.executable, "-m", "fastroute.cli", "serve", "--data-dir",
                              str(data), "--listen", f"127.0.0.1:{port}"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -103,3 +107,24 @@ def serve_data_dir(data, port: int = 0) -> tuple[subprocess.Popen, int]:
             break
     proc.kill()
     raise AssertionError("".join(lines))
+
+
+def listen_port() -> int:
+    """A free loopback port below the kernel's ephemeral range, for a relay
+    that a test restarts on the same port: a port from the ephemeral range
+    can be taken, while the relay is down, as the local port of a client's
+    reconnect attempt, and the restart then fails to bind."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as fh:
+            low = int(fh.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(100):
+        port = random.randrange(10000, max(low, 10001))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port below the ephemeral range")

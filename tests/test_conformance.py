@@ -41,7 +41,7 @@ from fastroute.relay import keys as keys_mod
 from fastroute.relay import link as link_mod
 from fastroute.relay import safety as safety_mod
 
-from cliutil import ENV
+from cliutil import ENV, listen_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,12 +50,6 @@ def _run(coro):
     async def bounded():
         return await asyncio.wait_for(coro, 60)
     return asyncio.run(bounded())
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------- direction 1
@@ -67,7 +61,7 @@ def test_relay_direction_passes_against_fastroute_serve_with_identical_columns(t
     cfg.write_text(f'[relay]\ndata_dir = "{data}"\nregistry_poll_s = 0.05\n'
                    "prekey_fetch_burst = 20.0\nmax_stored_msgs_per_address = 30\n"
                    "[limits]\nmsgs_burst = 200.0\nmsgs_per_s = 400.0\n")
-    port = _free_port()
+    port = listen_port()
     proc = subprocess.Popen([sys.executable, "-m", "fastroute.cli", "serve", "--config", str(cfg),
                              "--listen", f"127.0.0.1:{port}"], cwd=tmp_path, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -777,7 +771,7 @@ def test_usage_errors_exit_2_before_touching_the_relay(tmp_path, capsys):
                   "--only", "no.such-check"])
     assert exc.value.code == 2 and "no.such-check" in capsys.readouterr().err
     # nothing listens on port 1: said once, not 45 failed checks
-    assert cli_main(["conformance", "--target", f"127.0.0.1:{_free_port()}", "--server-key",
+    assert cli_main(["conformance", "--target", f"127.0.0.1:{listen_port()}", "--server-key",
                      "00" * 32, "--home-provider", "a", "--home-key", __file__,
                      "--third-provider", "b", "--third-key", __file__]) == 2
     assert "cannot reach the relay" in capsys.readouterr().err

@@ -22,7 +22,6 @@ import asyncio
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -35,16 +34,10 @@ from fastroute.identity import ProviderKey, Registry, issue_credential
 from fastroute.noise import KeyPair
 from fastroute.relay.server import load_or_create_server_key
 
-from cliutil import ENV
+from cliutil import ENV, listen_port
 
 KILLS = 5
 SENDERS = ["alice@home", "carol@home", "eve@acme"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RelayProcess:
@@ -181,7 +174,7 @@ async def _crash_run(tmp: str) -> None:
         for name, key in keys.items():
             reg.add_provider(name, key.public_key)
     pin = load_or_create_server_key(data_dir)[0].public
-    port = _free_port()
+    port = listen_port()
     relay = RelayProcess(data_dir, port)
 
     def cred(address: str, device: str) -> tuple[KeyPair, bytes]:
