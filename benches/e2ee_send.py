@@ -62,12 +62,15 @@ def relay_cpu(pid: int) -> float:
     return total / 1e9
 
 
-def start_relay(data: str, store: str) -> tuple[subprocess.Popen, int]:
+def start_relay(data: str, store: str, relay_toml: str = "",
+                limits_toml: str = "") -> tuple[subprocess.Popen, int]:
+    """``fastroute serve`` on ``data`` with the limits lifted (plus
+    ``relay_toml`` / ``limits_toml`` lines): the process and its port."""
     with open(os.path.join(data, "fastroute.toml"), "w") as fh:
         fh.write(f'[relay]\nstore = "{store}"\nrequire_consent = false\n'
-                 "prekey_fetch_burst = 1000000.0\n"
+                 "prekey_fetch_burst = 1000000.0\n" + relay_toml +
                  "[limits]\nmsgs_per_s = 10000000.0\nmsgs_burst = 10000000.0\n"
-                 "bytes_per_s = 1000000000000\nbytes_burst = 1000000000000\n")
+                 "bytes_per_s = 1000000000000\nbytes_burst = 1000000000000\n" + limits_toml)
     proc = subprocess.Popen([sys.executable, "-P", "-m", "fastroute.cli", "serve", "--config",
                              os.path.join(data, "fastroute.toml"), "--data-dir", data,
                              "--listen", "127.0.0.1:0"], stdout=subprocess.PIPE,

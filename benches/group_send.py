@@ -47,6 +47,7 @@ except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from e2ee_send import relay_cpu  # noqa: E402
+from e2ee_send import start_relay as e2ee_start_relay  # noqa: E402
 from server_cpu import find_nats_server  # noqa: E402
 
 from fastroute import Client  # noqa: E402
@@ -61,28 +62,14 @@ TIMEOUT = 60.0
 
 
 def start_relay(data: str, store: str) -> tuple[subprocess.Popen, int]:
-    with open(os.path.join(data, "fastroute.toml"), "w") as fh:
-        fh.write(f'[relay]\nstore = "{store}"\nrequire_consent = false\n'
-                 "group_msgs_per_s = 10000000.0\ngroup_msgs_burst = 10000000.0\n"
-                 "group_msgs_per_group_s = 10000000.0\ngroup_msgs_per_group_burst = 10000000.0\n"
-                 "group_changes_burst = 100000.0\nmailbox_capacity = 8192\n"
-                 "[limits]\nmsgs_per_s = 10000000.0\nmsgs_burst = 10000000.0\n"
-                 "bytes_per_s = 1000000000000\nbytes_burst = 1000000000000\n"
-                 # the v1 baseline puts every device on one address
-                 "max_devices_per_address = 1000\n")
-    proc = subprocess.Popen([sys.executable, "-P", "-m", "fastroute.cli", "serve", "--config",
-                             os.path.join(data, "fastroute.toml"), "--data-dir", data,
-                             "--listen", "127.0.0.1:0"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if "listening on" in line and not line.startswith("20"):
-            return proc, int(line.rsplit(":", 1)[1])
-        if not line and proc.poll() is not None:
-            break
-    proc.kill()
-    raise SystemExit("relay did not start")
+    """The relay of :mod:`e2ee_send`, with the group limits lifted too."""
+    return e2ee_start_relay(
+        data, store,
+        "group_msgs_per_s = 10000000.0\ngroup_msgs_burst = 10000000.0\n"
+        "group_msgs_per_group_s = 10000000.0\ngroup_msgs_per_group_burst = 10000000.0\n"
+        "group_changes_burst = 100000.0\nmailbox_capacity = 8192\n",
+        # the v1 baseline puts every device on one address
+        "max_devices_per_address = 1000\n")
 
 
 async def _receive(c: Client, want: int) -> None:
