@@ -88,6 +88,29 @@ async def publish_peer_device(peer: "Peer", c, name: str, address: str, devs: di
     return did
 
 
+async def distribute_sender_key(peer: "Peer", devs: dict, sessions: set, gid: bytes,
+                                name: str, to_names: list) -> None:
+    """Send device ``name``'s SenderKeyDistributionMessage for group ``gid`` to
+    the devices ``to_names`` by DSEND, one per address, over pairwise
+    sessions built from fetched bundles the first time (kept in ``sessions``);
+    ``devs``: name -> (client, device id, registration id, address)."""
+    c = devs[name][0]
+    skdm = peer.call(op="skdm", name=name, group=_s(gid))["body"]
+    by_address: dict = {}
+    for t in to_names:
+        by_address.setdefault(devs[t][3], []).append(t)
+    for to, names in by_address.items():
+        fresh = [devs[t][1] for t in names if (name, to, devs[t][1]) not in sessions]
+        if fresh:
+            for bundle in await c.bundles(to, fresh):
+                peer.call(op="session", name=name, peer=to, device_id=bundle.device_id,
+                          bundle=peer_bundle(bundle))
+                sessions.add((name, to, bundle.device_id))
+        await c.send_to_devices(to, [(devs[t][1], devs[t][2], _b(peer.call(
+            op="encrypt", name=name, peer=to, device_id=devs[t][1],
+            plaintext=skdm)["body"])) for t in names])
+
+
 async def _msg(client, timeout=10.0):
     while True:
         m = await asyncio.wait_for(client.recv(), timeout)
@@ -224,25 +247,7 @@ def test_libsignal_sender_keys_over_a_group(tmp_path):
                 return out
 
             async def distribute(name, to_names):
-                """Send ``name``'s SKDM to the devices ``to_names`` over pairwise sessions."""
-                c, _, _, address = devs[name]
-                skdm = peer.call(op="skdm", name=name, group=_s(gid))["body"]
-                by_address: dict = {}
-                for t in to_names:
-                    by_address.setdefault(devs[t][3], []).append(t)
-                for to, names in by_address.items():
-                    want = [devs[t][1] for t in names]
-                    fresh = [d for d in want if (name, to, d) not in sessions]
-                    if fresh:
-                        for bundle in await c.bundles(to, fresh):
-                            peer.call(op="session", name=name, peer=to,
-                                      device_id=bundle.device_id,
-                                      bundle=peer_bundle(bundle))
-                            sessions.add((name, to, bundle.device_id))
-                    entries = [(devs[t][1], devs[t][2], _b(peer.call(
-                        op="encrypt", name=name, peer=to, device_id=devs[t][1],
-                        plaintext=skdm)["body"])) for t in names]
-                    await c.send_to_devices(to, entries)
+                await distribute_sender_key(peer, devs, sessions, gid, name, to_names)
 
             async def gsend(name, text, version, **kw):
                 body = _b(peer.call(op="gencrypt", name=name, group=_s(gid),

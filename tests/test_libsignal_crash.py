@@ -24,7 +24,7 @@ from fastroute.errors import GroupMismatch
 from fastroute.identity import ProviderKey, Registry, issue_credential
 from fastroute.noise import KeyPair
 from fastroute.relay.groups import GEV_DEVICE_JOINED, GEV_REMOVED
-from test_libsignal import Peer, _b, _s, peer_bundle, publish_peer_device
+from test_libsignal import Peer, _b, _s, distribute_sender_key, publish_peer_device
 
 
 def test_libsignal_sender_keys_survive_a_relay_sigkill_mid_run(tmp_path):
@@ -103,22 +103,7 @@ def test_libsignal_sender_keys_survive_a_relay_sigkill_mid_run(tmp_path):
                 return True
 
         async def distribute(name, to_names):
-            c, _, _, _ = devs[name]
-            skdm = peer.call(op="skdm", name=name, group=_s(gid))["body"]
-            by_address: dict = {}
-            for t in to_names:
-                by_address.setdefault(devs[t][3], []).append(t)
-            for to, names in by_address.items():
-                fresh = [devs[t][1] for t in names if (name, to, devs[t][1]) not in sessions]
-                if fresh:
-                    for bundle in await c.bundles(to, fresh):
-                        peer.call(op="session", name=name, peer=to,
-                                  device_id=bundle.device_id,
-                                  bundle=peer_bundle(bundle))
-                        sessions.add((name, to, bundle.device_id))
-                await c.send_to_devices(to, [(devs[t][1], devs[t][2], _b(peer.call(
-                    op="encrypt", name=name, peer=to, device_id=devs[t][1],
-                    plaintext=skdm)["body"])) for t in names])
+            await distribute_sender_key(peer, devs, sessions, gid, name, to_names)
 
         async def gsend(name, text, version, **kw):
             body = _b(peer.call(op="gencrypt", name=name, group=_s(gid),
