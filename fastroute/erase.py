@@ -139,18 +139,11 @@ def erase_address(data_dir: str, address: str) -> dict[str, int]:
         raise InvalidArgument(f"no data directory at {data_dir!r}")
     out: dict[str, int] = {}
     try:
-        store = os.path.join(data_dir, "store.db")
-        if os.path.exists(store):
-            out.update(_erase_store(store, address))
-        registry = os.path.join(data_dir, "registry.db")
-        if os.path.exists(registry):
-            out.update(_erase_registry(registry, address))
-        keys = os.path.join(data_dir, "keys.db")
-        if os.path.exists(keys):
-            out.update(_erase_keys(keys, address))
-        safety = os.path.join(data_dir, "safety.db")
-        if os.path.exists(safety):
-            out.update(_erase_safety(safety, address))
+        for name, erase in (("store.db", _erase_store), ("registry.db", _erase_registry),
+                            ("keys.db", _erase_keys), ("safety.db", _erase_safety)):
+            path = os.path.join(data_dir, name)
+            if os.path.exists(path):
+                out.update(erase(path, address))
     except sqlite3.Error as exc:
         raise StoreFailed(f"erase failed: {type(exc).__name__}: {exc}") from None
     return out
