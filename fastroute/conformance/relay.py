@@ -1249,6 +1249,19 @@ async def _bundle_limit(s: Subject) -> Outcome:
     return out
 
 
+async def _write_to_strangers(s: Subject, me: RawLink, strangers: list,
+                              timeout: float | None = None) -> tuple[list, list]:
+    """SEND "hi" from ``me`` to each of ``strangers`` (at most 500 per frame);
+    the ids and the SACK code of each, in order (-1: no SACK)."""
+    ids = [new_id() for _ in strangers]
+    for i in range(0, len(ids), 500):
+        me.send(*[[SEND, cid, to, b"hi", 0] for cid, to in zip(ids[i:i + 500],
+                                                               strangers[i:i + 500])])
+    await s.sack(me, ids[-1], timeout)
+    got = {o[1]: o[2] for o in me.ops if o[0] == SACK}
+    return ids, [got.get(cid, -1) for cid in ids]
+
+
 @relay_check("abuse.new-sender", "11.1")
 async def _new_sender(s: Subject) -> Outcome:
     """A new address may start only so many conversations with strangers (then 400);
@@ -1260,11 +1273,7 @@ async def _new_sender(s: Subject) -> Outcome:
     w.send([SEND, first, me_addr, b"hello", 0])  # w writes first
     await s.sack(w, first)
     strangers = [s.fresh("s") for _ in range(s.t.sender_probe)]
-    ids = [new_id() for _ in strangers]
-    me.send(*[[SEND, cid, to, b"hi", 0] for cid, to in zip(ids, strangers)])
-    await s.sack(me, ids[-1])
-    got = {o[1]: o[2] for o in me.ops if o[0] == SACK}
-    codes = [got.get(cid, -1) for cid in ids]  # -1: no SACK
+    ids, codes = await _write_to_strangers(s, me, strangers)
     if 400 not in codes:
         return Outcome(NA, f"no refusal for {len(ids)} strangers",
                        "the new-sender rule is off (new_sender_age_s = 0) or above the probe")
@@ -1292,13 +1301,7 @@ async def _quarantine(s: Subject) -> Outcome:
     me_addr = s.fresh("spam")
     me = await s.connect(me_addr)
     strangers = [s.fresh("s") for _ in range(s.t.quarantine_probe)]
-    ids = [new_id() for _ in strangers]
-    for i in range(0, len(ids), 500):
-        me.send(*[[SEND, cid, to, b"hi", 0] for cid, to in zip(ids[i:i + 500],
-                                                               strangers[i:i + 500])])
-    await s.sack(me, ids[-1], 10.0)
-    codes = {o[1]: o[2] for o in me.ops if o[0] == SACK}
-    burst = [codes.get(cid, -1) for cid in ids]  # -1: no SACK
+    ids, burst = await _write_to_strangers(s, me, strangers, 10.0)
     # where in the burst the score crosses the threshold depends on how the relay
     # splits it into turns: only "refused from some point on" is compared
     refused = next((i for i, c in enumerate(burst) if c in (400, 405)), None)

@@ -668,18 +668,26 @@ def _pause_then(kit: VendorKit, lk: Link, tag: bytes) -> tuple[list[Msg], float]
     return takes, t0 + kit.pause_s  # the application cannot take them earlier
 
 
-@client_behaviour("acks", ("acks-only-taken", "8.1 DACK, 15.7"))
-async def _acks(kit: VendorKit, lk: Link) -> dict[str, tuple[bool, str]]:
-    takes, taken_at = _pause_then(kit, lk, b"take")
+async def _taken_then_acked(kit: VendorKit, lk: Link, takes: list, taken_at: float,
+                            what: str) -> list[str]:
+    """Wait until the application took ``takes`` (queued behind a pause) and
+    acked them; what went wrong: early acks, never taken, never acked."""
     done = await kit.until(lambda: all(_echoes(kit, m.body) for m in takes),
                            kit.pause_s + kit.timeout)
     last = max(seq for seq, m, _ in lk.delivered if m in takes)
     acked = await kit.until(lambda: any(d.op[1] >= last for d in kit.dacks(lk.no)))
     bad = _early_acks(kit, [lk], takes, taken_at)
     if not done:
-        bad.append("the application never took the messages behind the pause")
+        bad.append(f"the application never took the {what} behind the pause")
     elif not acked:
-        bad.append("the messages were never acked once taken")
+        bad.append(f"the {what} were never acked once taken")
+    return bad
+
+
+@client_behaviour("acks", ("acks-only-taken", "8.1 DACK, 15.7"))
+async def _acks(kit: VendorKit, lk: Link) -> dict[str, tuple[bool, str]]:
+    takes, taken_at = _pause_then(kit, lk, b"take")
+    bad = await _taken_then_acked(kit, lk, takes, taken_at, "messages")
     return {"acks-only-taken": (not bad, "; ".join(bad[:3]) or
                                 "acks came only after the application took each message")}
 
@@ -983,15 +991,7 @@ async def _feature_deliveries(kit: VendorKit, lk: Link) -> dict[str, tuple[bool 
     t0 = kit.now()
     kit.deliver(lk, [kit.msg(b"pause:%d" % int(kit.pause_s * 1000)), *takes])
     taken_at = t0 + kit.pause_s
-    done = await kit.until(lambda: all(_echoes(kit, m.body) for m in takes),
-                           kit.pause_s + kit.timeout)
-    last = max(seq for seq, m, _ in lk.delivered if m in takes)
-    acked = await kit.until(lambda: any(d.op[1] >= last for d in kit.dacks(lk.no)))
-    bad = _early_acks(kit, [lk], takes, taken_at)
-    if not done:
-        bad.append(f"the application never took the {kinds} behind the pause")
-    elif not acked:
-        bad.append(f"the {kinds} were never acked once taken")
+    bad = await _taken_then_acked(kit, lk, takes, taken_at, kinds)
     res: dict[str, tuple[bool | None, str]] = {"feature-acks-only-taken": (
         not bad, "; ".join(bad[:3]) or f"{kinds} acked only once the application took them")}
     # the same (from, id) again, then a marker in a frame of its own
