@@ -32,6 +32,13 @@ def _raw(client, ops: list[bytes]) -> None:
     client._write(ops)
 
 
+def _pending(client, cid: bytes):
+    """The future the client resolves with the relay's answer to a raw op ``cid``."""
+    fut = client._loop.create_future()
+    client._pending[cid] = (fut, b"")
+    return fut
+
+
 PINGS_PER_FRAME = 500
 
 
@@ -219,11 +226,6 @@ def test_a_client_that_never_reads_is_closed_with_a_reason(loop, tmp_path):
 def test_op_budget_refuses_pings_consents_and_sends_with_codes(loop, tmp_path):
     lim = Limits(ops_per_s=0.01, ops_burst=10.0)
 
-    def pending(client, cid):
-        fut = client._loop.create_future()
-        client._pending[cid] = (fut, b"")
-        return fut
-
     async def main():
         async with world(tmp_path, limits=lim) as w:
             a = await w.connect("alice@home")
@@ -232,7 +234,7 @@ def test_op_budget_refuses_pings_consents_and_sends_with_codes(loop, tmp_path):
             # 10 ops of budget in one frame of 13 others and a SEND: 8 PINGs, a
             # CONSENT and a PING fit; 2 PINGs, a CONSENT and the SEND are refused
             c1, c2, c3 = (os.urandom(16) for _ in range(3))
-            f1, f2, f3 = pending(a, c1), pending(a, c2), pending(a, c3)
+            f1, f2, f3 = _pending(a, c1), _pending(a, c2), _pending(a, c3)
             _raw(a, [wire.ping_op(i) for i in range(8)] + [wire.consent_op(c1, "acme", True)]
                  + [wire.ping_op(8 + i) for i in range(3)] + [wire.consent_op(c2, "acme", True)]
                  + [wire.send_op(c3, "bob@home", b"over", 0)])
@@ -244,7 +246,7 @@ def test_op_budget_refuses_pings_consents_and_sends_with_codes(loop, tmp_path):
             # spent: the link is not read (not even decrypted) until it refills,
             # so a flood past the budget costs the relay nothing
             c4 = os.urandom(16)
-            f4 = pending(a, c4)
+            f4 = _pending(a, c4)
             _raw(a, [wire.send_op(c4, "bob@home", b"later", 0)])
             await asyncio.sleep(0.3)
             assert not f4.done() and link.ops == 14
@@ -559,17 +561,14 @@ def test_repeated_consents_cost_no_registry_write(loop, tmp_path):
             futs = []
             for _ in range(200):
                 cid = os.urandom(16)
-                fut = alice._loop.create_future()
-                alice._pending[cid] = (fut, b"")
-                futs.append(fut)
+                futs.append(_pending(alice, cid))
                 _raw(alice, [wire.consent_op(cid, "acme", True)])
             assert all(isinstance(r, bytes) for r in await asyncio.gather(*futs))
             # one write for the change; the repeats wait for it or are no-ops
             assert len(writes) == 1
             n = len(writes)
             cid = os.urandom(16)
-            fut = alice._loop.create_future()
-            alice._pending[cid] = (fut, b"")
+            fut = _pending(alice, cid)
             _raw(alice, [wire.consent_op(cid, "acme", True)])
             assert await fut == cid and len(writes) == n
             assert "acme" in w.relay.gate.consent["alice@home"]
@@ -592,9 +591,7 @@ def test_opposite_consents_in_flight_end_in_the_last_choice(loop, tmp_path):
             futs, ops = [], []
             for allow in (True, False, True, False, True, False):
                 cid = os.urandom(16)
-                fut = alice._loop.create_future()
-                alice._pending[cid] = (fut, b"")
-                futs.append(fut)
+                futs.append(_pending(alice, cid))
                 ops.append(wire.consent_op(cid, "acme", allow))
             _raw(alice, ops)
             assert all(isinstance(r, bytes) for r in await asyncio.gather(*futs))
@@ -619,9 +616,7 @@ def test_a_send_frame_past_the_budget_is_taken_as_it_refills_not_refused(loop, t
             refused0 = dict(w.relay.refused)
             ops0 = link.ops
             ids = [os.urandom(16) for _ in range(n)]
-            futs = [a._loop.create_future() for _ in ids]
-            for cid, fut in zip(ids, futs):
-                a._pending[cid] = (fut, b"")
+            futs = [_pending(a, cid) for cid in ids]
             _raw(a, [wire.send_op(cid, "bob@home", b"m%d" % i, 0) for i, cid in enumerate(ids)])
             await asyncio.sleep(0.05)
             # in parts: far fewer than the frame so far (50 + 400/s x the wait)
