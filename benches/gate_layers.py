@@ -291,9 +291,20 @@ async def flooder(port: int, key_path: str, n: int, seconds: float) -> None:
 
 async def flood(args) -> None:
     toml = "[relay]\nregistry_poll_s = 0.5\n"
+    if args.turn_ops or args.turn_ms:
+        toml += "[limits]\n"
     if args.turn_ops:
-        toml += f"[limits]\nmax_relay_ops_per_turn = {args.turn_ops}\n"
-    relay = Relay(THIS, toml)
+        toml += f"max_relay_ops_per_turn = {args.turn_ops}\n"
+    if args.turn_ms:
+        toml += f"max_turn_ms = {args.turn_ms}\n"
+    relay = Relay(base_tree(args.base) if args.base else THIS, toml)
+    if args.pin:
+        # the relay alone on CPU 0; the quiet pair and the flooding clients on
+        # CPU 1, the flooder niced so that it does not delay the quiet pair's
+        # wake-ups there (on a real deployment the clients are not on the
+        # relay's machine at all)
+        os.sched_setaffinity(relay.proc.pid, {0})
+        os.sched_setaffinity(0, {1})
     if args.provider_ops:
         # the operator's provider-wide budget for the flooding provider
         with Registry(os.path.join(relay.dir, "registry.db")) as reg:
@@ -303,7 +314,8 @@ async def flood(args) -> None:
         print(f"loadavg before: {loadavg()}")
         quiet = await quiet_pair(relay, args.quiet_messages)
         t0 = time.monotonic()
-        nice = ["nice", "-n", str(args.nice)] if args.nice else []
+        level = args.nice or (19 if args.pin else 0)
+        nice = ["nice", "-n", str(level)] if level else []
         worker = await asyncio.create_subprocess_exec(
             *nice, sys.executable, os.path.abspath(__file__), "flooder", str(relay.port),
             os.path.join(relay.dir, "acme.key"), str(args.flooders), str(args.seconds))
@@ -354,9 +366,18 @@ def main(argv: list[str] | None = None) -> int:
                         "(0: none, only the per-device defaults)")
     f.add_argument("--turn-ops", type=int, default=0,
                    help="limits.max_relay_ops_per_turn of the relay (default: the default)")
+    f.add_argument("--turn-ms", type=float, default=0.0,
+                   help="limits.max_turn_ms of the relay (default: the default)")
     f.add_argument("--nice", type=int, default=0,
                    help="run the flooder process at this nice level (separates the relay's "
                         "scheduling from CPU contention on a small machine)")
+    f.add_argument("--base", default="",
+                   help="run the relay from this commit's tree (built once) instead of "
+                        "this one's: the same flood against an earlier relay")
+    f.add_argument("--pin", action="store_true",
+                   help="the relay alone on CPU 0, the quiet pair and the flooding process "
+                        "(at nice 19 unless --nice) on CPU 1, in both runs: the relay's "
+                        "scheduling without the clients' CPU contention with it")
     args = p.parse_args(argv)
     import uvloop
 

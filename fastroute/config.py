@@ -82,6 +82,10 @@ class Limits:
     #: ops all connections together may have processed per event-loop turn
     #: before the busy ones wait for the next (a fresh read gets one frame)
     max_relay_ops_per_turn: int = 1024
+    #: milliseconds of work all connections together may do per event-loop
+    #: turn before the busy ones wait for the next: ops differ in cost, so a
+    #: count alone does not bound how long a quiet link's read waits
+    max_turn_ms: float = 0.25
     #: bytes of replies a client has not read (the socket's send buffer)
     #: past which its connection is closed with OUTPUT_LIMIT
     max_output_bytes: int = 8 * 1024 * 1024
@@ -294,8 +298,9 @@ class RelayConfig:
             raise InvalidArgument("queue_memory_bytes must be >= 1 and "
                                   "provider_memory_share in (0, 1]")
         if (self.limits.max_ops_per_turn < 1 or self.limits.max_relay_ops_per_turn < 1
-                or self.limits.max_output_bytes < 65536):
-            raise InvalidArgument("limits.max_ops_per_turn must be >= 1 and "
+                or self.limits.max_output_bytes < 65536 or not self.limits.max_turn_ms > 0):
+            raise InvalidArgument("limits.max_ops_per_turn must be >= 1, "
+                                  "limits.max_turn_ms > 0 and "
                                   "limits.max_output_bytes >= 65536")
         lim = self.limits
         if (lim.report_window_s < 0 or lim.report_points < 0 or lim.report_mature_s < 0

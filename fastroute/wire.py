@@ -99,6 +99,7 @@ __all__ = [
     "mreply_op",
     "MEDIA_ID_LEN",
     "sack_op",
+    "sack_ops",
     "send_op",
     "server_bye_op",
     "welcome_op",
@@ -916,6 +917,18 @@ def sack_op(id: bytes, code: int = 0) -> bytes:  # noqa: A002
                 _SACK_CODES[code] = tail
         return b"".join((_SACK_OK_HEAD, id, tail))
     return _pack((_SACK, id, code))
+
+
+def sack_ops(ids: list, code: int) -> list[bytes]:
+    """Packed SACK ops answering every id of ``ids`` with the same ``code``
+    (what :func:`sack_op` makes for each, the code packed once)."""
+    code = int(code)
+    tail = _SACK_CODES.get(code)
+    if tail is None:
+        tail = _pack(code)
+    head = _SACK_OK_HEAD
+    return [b"".join((head, i, tail)) if type(i) is bytes and len(i) == ID_LEN
+            else _pack((_SACK, i, code)) for i in ids]
 
 
 #: packed SACK codes, by code (filled as codes are used; a few dozen exist)

@@ -728,6 +728,81 @@ def test_a_frame_of_refused_sends_is_processed_a_share_per_turn(loop, tmp_path):
     run(loop, main())
 
 
+def test_the_turns_clock_cuts_a_share_of_costly_ops_into_chunks(loop, tmp_path):
+    # op counts as good as unbounded: only limits.max_turn_ms can end a turn,
+    # and it must, a chunk of ops at a time (a count alone let a share of
+    # CONSENTs or refused SENDs hold the loop for a millisecond)
+    lim = Limits(ops_per_s=1e6, ops_burst=1e6, max_ops_per_turn=100_000,
+                 max_relay_ops_per_turn=1_000_000, max_turn_ms=0.001)
+    n = 600
+
+    async def main():
+        async with world(tmp_path, limits=lim) as w:
+            a = await w.connect("alice@home")
+            link = next(iter(ln for ln in w.relay.links if ln.address == "alice@home"))
+            futs = {t: a._loop.create_future() for t in range(1, n + 1)}
+            a._pings.update(futs)
+            ops0 = link.ops
+            turns = _OpsPerTurn(link)
+            _raw(a, [wire.ping_op(t) for t in range(1, n + 1)] + [wire.dack_op(0)])
+            await asyncio.wait_for(asyncio.gather(*futs.values()), 10)
+            steps = turns.stop()
+            assert link.ops == ops0 + n + 1
+            chunk = 32  # link._OPS_CHUNK
+            assert max(steps) <= 2 * chunk
+            assert len(steps) >= (n + 1) // (2 * chunk)
+    run(loop, main())
+
+
+class _FakeLink:
+    """What :class:`Turns` calls on a link: quiet() and _next_share()."""
+
+    def __init__(self, name: str, quiet: bool, served: list, turns, ops: int) -> None:
+        self.name, self._quiet, self.served, self.turns, self.ops = name, quiet, served, turns, ops
+
+    def quiet(self) -> bool:
+        return self._quiet
+
+    def _next_share(self) -> None:
+        self.served.append(self.name)
+        self.turns.begin()
+        self.turns.spend(self.ops)
+
+
+def test_a_turn_serves_a_quiet_read_first_and_writes_before_the_busy_links_work(loop):
+    from fastroute.relay.link import Turns
+
+    async def main():
+        served: list = []
+        turns = Turns(100, 1.0, lambda: served.append("write"))
+        busy = [_FakeLink(f"busy{i}", False, served, turns, 100) for i in range(3)]
+        quiet = _FakeLink("quiet", True, served, turns, 1)
+        for link in busy:
+            turns.enqueue(link)  # frames left from an earlier share
+        turns.enqueue(busy[0], fresh=True)  # a busy link's read that waited
+        turns.enqueue(quiet, fresh=True)
+        await asyncio.sleep(0)
+        # the turn: the writer first; the quiet read, though it came last;
+        # the writer again; the busy link's read (the turn has room); then
+        # the busy links, while the turn has room (100 ops: one of them)
+        assert served[:5] == ["write", "quiet", "write", "busy0", "busy0"]
+        served.clear()
+        await asyncio.sleep(0)
+        # the next turn goes on round robin: a busy link at a time
+        assert served[:2] == ["write", "busy1"]
+        served.clear()
+        # a turn whose clock runs out at once: a busy link's fresh read waits
+        # with the busy ones, and gets the one share a turn always gives
+        slow = Turns(100, 0.0, lambda: served.append("write"))
+        for link in busy + [quiet]:
+            link.turns = slow
+        slow.fresh.extend([busy[2], quiet])
+        slow.armed = True
+        slow._turn()
+        assert served == ["write", "quiet", "write", "busy2"]
+    run(loop, main())
+
+
 def test_offline_devices_budgets_are_pruned_only_once_a_fresh_one_would_equal_them(
         loop, tmp_path):
     # Without pruning, the gate kept buckets and sender records for every

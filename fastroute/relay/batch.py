@@ -76,7 +76,10 @@ class TurnBatch:
         if not meta:
             return
         fut = self.delivery.persist(items)
-        fut.add_done_callback(lambda f: self._stored(meta, f))
+        if fut.done():  # the memory store answers at once: no hop through the loop
+            self._stored(meta, fut)
+        else:
+            fut.add_done_callback(lambda f: self._stored(meta, f))
 
     def _stored(self, meta: list, fut: asyncio.Future) -> None:
         exc = fut.exception() if not fut.cancelled() else StoreFailed("store closed")

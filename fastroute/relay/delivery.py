@@ -819,6 +819,12 @@ class Delivery:
             assert self._loop is not None
             self._loop.call_soon(self._flush)
 
+    def write_pending(self) -> None:
+        """Run the writer now if it is due (the fair scheduler does, before a
+        turn's work: what earlier work delivered goes out first)."""
+        if self._flush_scheduled:
+            self._flush()
+
     def _flush(self) -> None:
         """Once per loop iteration: drain ready mailboxes, write every dirty link."""
         self._flush_scheduled = False

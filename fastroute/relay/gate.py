@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from .safety import Safety
 
 __all__ = ["Budgets", "Gate", "LinkGate", "PyLinkGate", "PySendGate", "SendGate", "Sender",
-           "TokenBucket", "take_all", "take_upto",
+           "TokenBucket", "give_back", "take_all", "take_upto",
            "accept_sends", "py_accept_sends", "py_route_items", "py_stored_sacks",
            "route_items", "stored_sacks"]
 
@@ -110,6 +110,12 @@ def take_upto(buckets: tuple, n: int) -> int:
         for b in buckets:
             b.tokens -= avail
     return avail
+
+
+def give_back(buckets: tuple, n: float) -> None:
+    """Return ``n`` tokens taken by :func:`take_upto` and not used (up to each burst)."""
+    for b in buckets:
+        b.tokens = min(b.burst, b.tokens + n)
 
 
 def take_all(buckets: tuple, n: float) -> bool:
@@ -338,7 +344,7 @@ class Gate:
     """
 
     def __init__(self, config: Any, delivery: "Delivery", registry: identity.Registry,
-                 count_error: Callable[[int], None]) -> None:
+                 count_error: Callable[[int, int], None]) -> None:
         self.config = config
         self.delivery = delivery
         self.registry = registry
@@ -389,11 +395,11 @@ class Gate:
                                 self.taps, self.count_error, wire.sack_op, REFUSALS,
                                 self.blocks)
 
-    def count_error(self, code: int) -> None:
-        """Count a refusal (the relay's counter), noting consent refusals for the score."""
+    def count_error(self, code: int, n: int = 1) -> None:
+        """Count ``n`` refusals (the relay's counter), noting consent refusals for the score."""
         if code == _CONSENT_REQUIRED:
-            self.consent_refusals += 1
-        self._count_error(code)
+            self.consent_refusals += n
+        self._count_error(code, n)
 
     # ------------------------------------------------------------ identity
     def reload_trust(self) -> bool:
@@ -598,10 +604,11 @@ class Gate:
                         budgets.msgs[0], budgets.bytes[0])
 
     def _refuse(self, link: "LinkPort", sends: list, code: int) -> None:
-        out = link.out
-        for op in sends:
-            self.count_error(code)
-            out.append(wire.sack_op(op[1], code))
+        # a flooder's refused SENDs come by the hundred: counted once, and
+        # their SACKs made in one call
+        if sends:
+            self.count_error(code, len(sends))
+            link.out.extend(wire.sack_ops([op[1] for op in sends], code))
 
     def _screen(self, link: "LinkPort", budgets: Budgets, sends: list) -> list:
         """The sender rules, for links whose address is new or quarantined:
@@ -737,7 +744,12 @@ class Gate:
         if store_items:
             link.storing += 1
             fut = delivery.persist(store_items)
-            fut.add_done_callback(lambda f: self._stored(link, meta, f))
+            if fut.done():
+                # the memory store answers at once: route and SACK now, not
+                # a loop iteration later (one hop less for every message)
+                self._stored(link, meta, fut)
+            else:
+                fut.add_done_callback(lambda f: self._stored(link, meta, f))
         delivery.mark(link)
 
     def _refuse_full(self, link: "LinkPort", sends: list) -> list:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from .. import wire
 from ..errors import DecryptError, ErrorCode, FastrouteError, ProtocolError
 from ..noise import FrameReader, HandshakeState, KeyPair, frame, seal_frames
-from .gate import take_upto
+from .gate import give_back, take_upto
 
 if TYPE_CHECKING:
     from ..identity import Credential
@@ -71,33 +71,56 @@ _NO_FEATURES: frozenset[str] = frozenset()
 #: the third field of :attr:`Link.partial` when its first holds SENDs already
 #: decoded by the fast path (else: a frame to check a share at a time)
 _DECODED_SENDS = -1
+#: ops of a frame (other than a frame of SENDs) checked and dispatched
+#: between two looks at the turn's clock: a CONSENT costs some microseconds,
+#: so a whole share of them could hold the loop for a millisecond
+_OPS_CHUNK = 32
 
 
 class Turns:
-    """The relay's fair scheduler: how many ops the links processed this loop turn.
+    """The relay's fair scheduler: how much the links processed this loop turn.
 
     A link processes at most its share (``limits.max_ops_per_turn``) per
     callback, and stops early once the relay as a whole has processed
-    ``limits.max_relay_ops_per_turn`` in this turn; a read that arrives when
-    the turn is used up waits whole.  Waiting links are served once per turn
-    by :meth:`_turn`: first every link whose read waited (a quiet link's
-    message is served in the next turn), then the links that still have
-    frames from an earlier share, round robin, up to the relay's budget.  So
-    the work between two turns is bounded whatever number of links flood.
+    ``limits.max_relay_ops_per_turn`` ops or spent ``limits.max_turn_ms`` in
+    this turn (ops differ in cost by a hundredfold: a count alone let a
+    turn of costly ones run for a millisecond); past that, a link still
+    gets a chunk of ops, never a whole share, and a read that arrives waits
+    whole.  Waiting links are served once per turn by :meth:`_turn`: the
+    relay's writer first (what earlier turns delivered goes out), then every
+    quiet link whose read waited (one that has spent little of its op
+    budget: a quiet pair's message), the writer again, then the busy links
+    (reads that waited, frames left from an earlier share, links woken by a
+    refilled op budget), round robin, while the turn has room, at least one
+    of them.  So the work between two turns is bounded whatever number of
+    links flood.
     """
 
-    __slots__ = ("budget", "used", "queue", "fresh", "armed")
+    __slots__ = ("budget", "slice", "write", "used", "start", "queue", "fresh", "armed")
 
-    def __init__(self, budget: int) -> None:
+    def __init__(self, budget: int, slice_s: float, write: Callable[[], None]) -> None:
         self.budget = budget
+        self.slice = slice_s
+        #: the relay's writer: what earlier turns delivered goes out before
+        #: this one takes more work (a quiet pair's message is not held
+        #: behind a flooder's share)
+        self.write = write
         self.used = 0
-        self.queue: deque = deque()  # links with frames left after a share
+        self.start = 0.0  # when this turn's first op was processed
+        self.queue: deque = deque()  # busy links: frames left after a share
         self.fresh: deque = deque()  # links whose read waited for a turn
         self.armed = False
 
+    def begin(self) -> None:
+        """A link is about to process ops: the turn's clock starts with its first."""
+        if self.used == 0:
+            self.start = time.perf_counter()
+
     def room(self, extra: int) -> bool:
-        """Whether ``extra`` more ops fit in this turn."""
-        return self.used + extra < self.budget
+        """Whether ``extra`` more ops fit in this turn (by count and by time)."""
+        used = self.used + extra
+        return used == 0 or (used < self.budget
+                             and time.perf_counter() - self.start < self.slice)
 
     def spend(self, n: int) -> None:
         """Count ``n`` ops processed in this turn."""
@@ -116,13 +139,28 @@ class Turns:
 
     def _turn(self) -> None:
         self.armed = False
+        self.write()
         self.used = 0
         fresh, self.fresh = self.fresh, deque()
-        for link in fresh:
-            link._next_share()
         queue = self.queue
-        for _ in range(len(queue)):
-            if self.used >= self.budget:
+        busy = []
+        for link in fresh:
+            # quiet clients' reads go first, whatever the turn has left
+            if link.quiet():
+                link._next_share()
+            else:
+                busy.append(link)
+        if len(busy) < len(fresh) and (busy or queue):
+            # what they delivered goes out before the busy links' work
+            self.write()
+        for link in busy:
+            # a busy link's read waits for room like its other frames
+            if self.room(0):
+                link._next_share()
+            else:
+                queue.append(link)
+        for i in range(len(queue)):
+            if i and not self.room(0):
                 break
             queue.popleft()._next_share()
         if queue or self.fresh:
@@ -158,7 +196,8 @@ class LinkWiring:
         self.keys = keys
         self.op_counts: dict[int, int] = {}
         #: the fair scheduler shared by every link of the relay
-        self.turns = Turns(config.limits.max_relay_ops_per_turn)
+        self.turns = Turns(config.limits.max_relay_ops_per_turn,
+                           config.limits.max_turn_ms / 1000.0, delivery.write_pending)
 
 
 class Link(asyncio.Protocol):
@@ -204,6 +243,11 @@ class Link(asyncio.Protocol):
         #: [unpacked ops, next index, count of leading ops needing no check],
         #: or [decoded SENDs, next index, _DECODED_SENDS]
         self.partial: list | None = None
+        #: ops of the current share done before the turn's clock cut it
+        self.carried = 0
+        #: op-budget tokens the current share took for its non-SEND ops and
+        #: has not used yet (-1: none taken yet)
+        self.grant = -1
         #: ops processed on this link, and those refused past its op budget
         self.ops = 0
         self.refused_ops = 0
@@ -273,18 +317,35 @@ class Link(asyncio.Protocol):
         self.sends = []
         share = self.wiring.config.limits.max_ops_per_turn
         turns = self.wiring.turns
-        done = 0
+        turns.begin()
+        # a share the turn's clock cut goes on where it stopped: to the op
+        # budget it is one share (looked at before it, not between its chunks)
+        carried = done = self.carried
+        self.carried = 0
+        if not carried:
+            self.grant = -1
         n = len(msgs)
         budgets = self.budgets
+        # a busy link (one that spent half its op budget) goes a chunk at a
+        # time, its SENDs to the gate by the chunk: the turn's clock then
+        # sees the gate's work too (a refused SEND costs microseconds to answer)
+        quiet = budgets is None or self.quiet()
         while at < n or self.partial is not None:
-            if budgets is not None and self.state == _OPEN and self._budget_wait():
+            if (budgets is not None and self.state == _OPEN
+                    and not (done and self.partial is not None) and self._budget_wait()):
                 # spent: its frames are not even decrypted (nor the rest of a
                 # frame's ops checked) until it refills
                 self.backlog = (msgs, at)
                 break
-            if self.partial is not None and self.state == _OPEN:
-                # the rest of a frame left by an earlier share
-                took = self._run_ops(max(share - done, 1))
+            # past the turn's budget a link still makes progress (a chunk),
+            # never a whole share
+            room = (max(share - done, 1) if quiet and turns.room(done - carried)
+                    else _OPS_CHUNK)
+            partial = self.partial
+            if partial is not None and self.state == _OPEN:
+                # the rest of a frame left by an earlier share (or chunk)
+                took = self._run_ops(room if partial[2] == _DECODED_SENDS
+                                     else min(room, _OPS_CHUNK))
                 done += took
                 if not took and self.partial is not None:
                     # SENDs the op budget covers no more of before it refills
@@ -300,7 +361,7 @@ class Link(asyncio.Protocol):
                     # peer is not who did the handshake, or bytes were altered.
                     self.fail(exc)
                     return
-                done += self._on_frame(plaintext, max(share - done, 1))
+                done += self._on_frame(plaintext, room)
                 if self.sync_hold is not None:
                     # the first frame said FEATURES or not: the backlog may go
                     self.release_sync()
@@ -311,26 +372,43 @@ class Link(asyncio.Protocol):
                 at += 1
                 self._on_handshake(msg)
                 continue
+            if not quiet and len(self.sends) >= _OPS_CHUNK and self.state == _OPEN:
+                sends, self.sends = self.sends, []
+                self.wiring.gate.accept(self, sends)
             if self.state != _OPEN:
                 self.partial = None
-            elif ((at < n or self.partial is not None)
-                  and (done >= share or not turns.room(done))):
-                # Fair scheduling: this link had its share of the turn; the
-                # rest of its frames (and of a frame of many ops) wait for the
-                # next one, and its socket is not read meanwhile (TCP pushes back).
-                self.backlog = (msgs, at)
-                break
+            elif at < n or self.partial is not None:
+                # Fair scheduling: this link had its share of the turn, or the
+                # turn is used up; the rest of its frames (and of a frame of
+                # many ops) wait for a later turn, and its socket is not read
+                # meanwhile (TCP pushes back).
+                if done >= share:
+                    self.backlog = (msgs, at)
+                    break
+                if not turns.room(done - carried):
+                    self.backlog = (msgs, at)
+                    self.carried = done
+                    break
+        done -= carried
         self.ops += done
-        turns.spend(done)
+        if self.grant > 0 and not self.carried:
+            # the share is over: what its grant did not use goes back (before
+            # the gate charges this share's SENDs)
+            give_back(self.budgets.ops, self.grant)
+        if not self.carried:
+            self.grant = -1
         if self.sends:
             self.wiring.gate.accept(self, self.sends)
             if self.bye_after_sends:
                 self._on_bye()
         self.sends = None
+        # after the gate: the writer it woke is scheduled before the next
+        # turn, so what this share delivered goes out before more work is taken
+        turns.spend(done)
         if self.state == _OPEN and not self.waiting:
             # Past its op budget a link is not read until the budget refills:
             # a flooder cannot make the relay decode more than it may send.
-            delay = self._budget_wait()
+            delay = 0.0 if self.carried else self._budget_wait()
             if self.backlog is not None or delay:
                 self.waiting = True
                 self.transport.pause_reading()
@@ -338,6 +416,18 @@ class Link(asyncio.Protocol):
                     asyncio.get_running_loop().call_later(delay, self._refilled)
                 else:
                     turns.enqueue(self)
+
+    def quiet(self) -> bool:
+        """Whether this link has spent little of its op budget lately (at most
+        half of every bucket's burst): a quiet client, whose read the fair
+        scheduler serves before the busy ones'."""
+        budgets = self.budgets
+        if budgets is None:
+            return False  # a handshake's work waits its turn like any
+        for bucket in budgets.ops:
+            if bucket.refill() < bucket.burst * 0.5:
+                return False
+        return True
 
     def _budget_wait(self) -> float:
         """0 while the op budget has a token; once spent, the seconds until it
@@ -357,11 +447,12 @@ class Link(asyncio.Protocol):
 
     def _refilled(self) -> None:
         """The op budget holds a share again: go on in this turn if it has
-        room, else in the next (woken links queue like reads that waited)."""
+        room, else in a later one, behind the reads that waited (a link
+        that spent its budget is a busy one, not a quiet one)."""
         if self.wiring.turns.room(0):
             self._next_share()
         else:
-            self.wiring.turns.enqueue(self, fresh=True)
+            self.wiring.turns.enqueue(self)
 
     def _next_share(self) -> None:
         """Process the next share of frames left by an earlier turn (or read again)."""
@@ -462,7 +553,7 @@ class Link(asyncio.Protocol):
             self._protocol_error(exc.code, str(exc))
             return 1
         self.partial = [frame, 0, good]
-        return self._run_ops(room)
+        return self._run_ops(min(room, _OPS_CHUNK))
 
     def _run_ops(self, room: int) -> int:
         """Process up to ``room`` more ops of :attr:`partial`; return how many."""
@@ -522,7 +613,14 @@ class Link(asyncio.Protocol):
                 others += 1
         granted = others
         if others and self.budgets is not None:
-            granted = take_upto(self.budgets.ops, others)
+            if self.grant < 0:
+                # the budget is looked at once per share, for all of it: a
+                # share taken a chunk at a time (cut by the turn's clock) is
+                # refused past the budget exactly as a share taken at once
+                self.grant = take_upto(self.budgets.ops,
+                                       self.wiring.config.limits.max_ops_per_turn)
+            granted = min(others, self.grant)
+            self.grant -= granted
             if granted < others:
                 # DACKs are never refused, so they are not counted here
                 wiring.count_error(ErrorCode.RATE_LIMITED)

@@ -490,10 +490,10 @@ class Relay:
         """Stop calling a tap installed with :meth:`add_tap`."""
         self._taps.remove(fn)
 
-    def count_error(self, code: int) -> None:
-        """Count one refusal or error by its code (the only per-code metric)."""
+    def count_error(self, code: int, n: int = 1) -> None:
+        """Count ``n`` refusals or errors by their code (the only per-code metric)."""
         code = int(code)
-        self.refused[code] = self.refused.get(code, 0) + 1
+        self.refused[code] = self.refused.get(code, 0) + n
 
     # ---------------------------------------------------------- wiring
     def _admit(self, link: Link) -> bool:
