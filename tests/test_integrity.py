@@ -769,7 +769,7 @@ class _FakeLink:
         self.turns.spend(self.ops)
 
 
-def test_a_turn_serves_a_quiet_read_first_and_writes_before_the_busy_links_work(loop):
+def test_a_turn_serves_a_quiet_read_first_and_writes_before_busy_links_work(loop):
     from fastroute.relay.link import Turns
 
     async def main():
@@ -800,6 +800,14 @@ def test_a_turn_serves_a_quiet_read_first_and_writes_before_the_busy_links_work(
         slow.armed = True
         slow._turn()
         assert served == ["write", "quiet", "write", "busy2"]
+        # no busy link waiting: no early write (one write per turn batches more)
+        served.clear()
+        calm = Turns(100, 1.0, lambda: served.append("write"))
+        quiet.turns = calm
+        calm.fresh.append(quiet)
+        calm.armed = True
+        calm._turn()
+        assert served == ["quiet"]
     run(loop, main())
 
 

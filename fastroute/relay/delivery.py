@@ -260,7 +260,8 @@ class Delivery:
         self._online: dict[int, Feed] = {}  # engine device id -> feed
         self._by_device: dict[tuple[str, str], Feed] = {}
         self._dirty: set = set()
-        self._flush_scheduled = False
+        #: the writer's pending call, if one is scheduled
+        self._flush_scheduled: asyncio.Handle | None = None
         self._routed_mid = 0
         self._puts_in_flight = 0
         self._routed_waiters: list[asyncio.Future] = []
@@ -814,20 +815,21 @@ class Delivery:
 
     def wake(self) -> None:
         """Schedule the writer for the end of this loop turn."""
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
+        if self._flush_scheduled is None:
             assert self._loop is not None
-            self._loop.call_soon(self._flush)
+            self._flush_scheduled = self._loop.call_soon(self._flush)
 
     def write_pending(self) -> None:
         """Run the writer now if it is due (the fair scheduler does, before a
         turn's work: what earlier work delivered goes out first)."""
-        if self._flush_scheduled:
+        handle = self._flush_scheduled
+        if handle is not None:
+            handle.cancel()  # one write per batch, not a second, smaller one
             self._flush()
 
     def _flush(self) -> None:
         """Once per loop iteration: drain ready mailboxes, write every dirty link."""
-        self._flush_scheduled = False
+        self._flush_scheduled = None
         online = self._online
         dirty = self._dirty
         for dev in self.router.take_ready():

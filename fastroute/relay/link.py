@@ -20,6 +20,7 @@ import enum
 import logging
 import time
 from collections import deque
+from itertools import islice
 from typing import TYPE_CHECKING, Any, Callable
 
 from .. import wire
@@ -86,10 +87,11 @@ class Turns:
     this turn (ops differ in cost by a hundredfold: a count alone let a
     turn of costly ones run for a millisecond); past that, a link still
     gets a chunk of ops, never a whole share, and a read that arrives waits
-    whole.  Waiting links are served once per turn by :meth:`_turn`: the
+    whole, unless its link is quiet (has spent less than half its op
+    budget: a quiet pair's message is taken at once).  Waiting links are
+    served once per turn by :meth:`_turn`: when busy links wait, the
     relay's writer first (what earlier turns delivered goes out), then every
-    quiet link whose read waited (one that has spent little of its op
-    budget: a quiet pair's message), the writer again, then the busy links
+    quiet link whose read waited, the writer again, then the busy links
     (reads that waited, frames left from an earlier share, links woken by a
     refilled op budget), round robin, while the turn has room, at least one
     of them.  So the work between two turns is bounded whatever number of
@@ -139,19 +141,22 @@ class Turns:
 
     def _turn(self) -> None:
         self.armed = False
-        self.write()
         self.used = 0
         fresh, self.fresh = self.fresh, deque()
         queue = self.queue
-        busy = []
+        quiet, busy = [], []
         for link in fresh:
+            (quiet if link.quiet() else busy).append(link)
+        # busy links waiting (a look at the first few is enough): what
+        # earlier turns delivered goes out before their work, and again
+        # after the quiet reads; without them, one write per turn batches more
+        flooded = bool(busy) or any(not link.quiet() for link in islice(queue, 8))
+        if flooded:
+            self.write()
+        for link in quiet:
             # quiet clients' reads go first, whatever the turn has left
-            if link.quiet():
-                link._next_share()
-            else:
-                busy.append(link)
-        if len(busy) < len(fresh) and (busy or queue):
-            # what they delivered goes out before the busy links' work
+            link._next_share()
+        if flooded and quiet:
             self.write()
         for link in busy:
             # a busy link's read waits for room like its other frames
@@ -302,8 +307,10 @@ class Link(asyncio.Protocol):
             self.backlog = (msgs, 0)
             return
         turns = self.wiring.turns
-        if not turns.room(0) and self.state == _OPEN:
-            # this turn's work is done: the read waits for the next turn
+        if not turns.room(0) and self.state == _OPEN and not self.quiet():
+            # this turn's work is done: a busy link's read waits for a later
+            # turn (a quiet one's is taken now, a frame of it at least: what
+            # waits for the next turn is only what the clock cuts off)
             self.backlog = (msgs, 0)
             self.waiting = True
             self.transport.pause_reading()
@@ -337,9 +344,10 @@ class Link(asyncio.Protocol):
                 # frame's ops checked) until it refills
                 self.backlog = (msgs, at)
                 break
-            # past the turn's budget a link still makes progress (a chunk),
-            # never a whole share
-            room = (max(share - done, 1) if quiet and turns.room(done - carried)
+            # past the turn's budget a busy link still makes progress (a
+            # chunk), never a whole share; a quiet one takes a frame (the
+            # clock cuts after it)
+            room = (max(share - done, 1) if quiet or turns.room(done - carried)
                     else _OPS_CHUNK)
             partial = self.partial
             if partial is not None and self.state == _OPEN:
@@ -391,6 +399,7 @@ class Link(asyncio.Protocol):
                     break
         done -= carried
         self.ops += done
+        turns.spend(done)
         if self.grant > 0 and not self.carried:
             # the share is over: what its grant did not use goes back (before
             # the gate charges this share's SENDs)
@@ -402,9 +411,6 @@ class Link(asyncio.Protocol):
             if self.bye_after_sends:
                 self._on_bye()
         self.sends = None
-        # after the gate: the writer it woke is scheduled before the next
-        # turn, so what this share delivered goes out before more work is taken
-        turns.spend(done)
         if self.state == _OPEN and not self.waiting:
             # Past its op budget a link is not read until the budget refills:
             # a flooder cannot make the relay decode more than it may send.
