@@ -144,7 +144,8 @@ class Turns:
         self.used = 0
         fresh, self.fresh = self.fresh, deque()
         queue = self.queue
-        quiet, busy = [], []
+        quiet: list[Link] = []
+        busy: list[Link] = []
         for link in fresh:
             (quiet if link.quiet() else busy).append(link)
         # busy links waiting (a look at the first few is enough): what
