@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import bisect
 
-__all__ = ["LATENCY_BUCKETS", "Histogram"]
+__all__ = ["LATENCY_BUCKETS", "LOOP_BUCKETS", "Histogram"]
 
 #: latency buckets in seconds (1 ms .. 10 s)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+#: buckets for the event loop's own work in seconds (50 us .. 100 ms)
+LOOP_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
 
 
 class Histogram:

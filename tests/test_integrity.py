@@ -754,6 +754,35 @@ def test_the_turns_clock_cuts_a_share_of_costly_ops_into_chunks(loop, tmp_path):
     run(loop, main())
 
 
+def test_the_turns_lengths_are_a_metric(loop, tmp_path):
+    # each turn of the fair scheduler is timed: the operator's figure for
+    # how long a quiet client's read may wait behind busy ones
+    from fastroute.relay.metrics import render_metrics
+
+    lim = Limits(ops_per_s=1e6, ops_burst=1e6, max_ops_per_turn=64)
+    n = 600
+
+    async def main():
+        async with world(tmp_path, limits=lim) as w:
+            a = await w.connect("alice@home")
+            turns = w.relay.turns
+            count0 = turns.durations.count
+            futs = {t: a._loop.create_future() for t in range(1, n + 1)}
+            a._pings.update(futs)
+            _raw(a, [wire.ping_op(t) for t in range(1, n + 1)] + [wire.dack_op(0)])
+            await asyncio.wait_for(asyncio.gather(*futs.values()), 10)
+            # a share of 64 per turn: the frame took several turns
+            assert turns.durations.count - count0 >= n // 64 - 1
+            text = await render_metrics(w.relay)
+            values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+                      for line in text.splitlines() if line.startswith("fastroute_loop_turn")}
+            assert values["fastroute_loop_turn_duration_seconds_count"] == turns.durations.count
+            assert values['fastroute_loop_turn_duration_seconds_bucket{le="+Inf"}'] == \
+                turns.durations.count
+            assert 0 < values["fastroute_loop_turn_duration_seconds_sum"] < 10
+    run(loop, main())
+
+
 class _FakeLink:
     """What :class:`Turns` calls on a link: quiet() and _next_share()."""
 

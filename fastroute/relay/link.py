@@ -24,6 +24,7 @@ from itertools import islice
 from typing import TYPE_CHECKING, Any, Callable
 
 from .. import wire
+from ..histogram import LOOP_BUCKETS, Histogram
 from ..errors import DecryptError, ErrorCode, FastrouteError, ProtocolError
 from ..noise import FrameReader, HandshakeState, KeyPair, frame, seal_frames
 from .gate import give_back, take_upto
@@ -98,7 +99,8 @@ class Turns:
     links flood.
     """
 
-    __slots__ = ("budget", "slice", "write", "used", "start", "queue", "fresh", "armed")
+    __slots__ = ("budget", "slice", "write", "used", "start", "queue", "fresh", "armed",
+                 "durations")
 
     def __init__(self, budget: int, slice_s: float, write: Callable[[], None]) -> None:
         self.budget = budget
@@ -112,6 +114,9 @@ class Turns:
         self.queue: deque = deque()  # busy links: frames left after a share
         self.fresh: deque = deque()  # links whose read waited for a turn
         self.armed = False
+        #: how long each turn held the loop (the metrics' loop-health figure:
+        #: what a quiet client's read may wait behind)
+        self.durations = Histogram(LOOP_BUCKETS)
 
     def begin(self) -> None:
         """A link is about to process ops: the turn's clock starts with its first."""
@@ -140,6 +145,7 @@ class Turns:
             asyncio.get_running_loop().call_soon(self._turn)
 
     def _turn(self) -> None:
+        t0 = time.perf_counter()
         self.armed = False
         self.used = 0
         fresh, self.fresh = self.fresh, deque()
@@ -171,6 +177,7 @@ class Turns:
             queue.popleft()._next_share()
         if queue or self.fresh:
             self._arm()
+        self.durations.observe(time.perf_counter() - t0)
 
 
 class LinkWiring:

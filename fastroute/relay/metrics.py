@@ -109,6 +109,13 @@ async def render_metrics(relay: "Relay") -> str:
                "From acceptance by the relay to the DELIVER written to the recipient's link "
                "(one sample per mailbox pull; backlog from the store included).", [])
         lines.extend(delivery.latency.lines("fastroute_delivery_latency_seconds"))
+    turns = relay.turns
+    if turns is not None:
+        metric("fastroute_loop_turn_duration_seconds", "histogram",
+               "How long each turn of the fair scheduler held the event loop (reads that "
+               "waited, busy connections' shares, the writes before them): what a quiet "
+               "connection's read may wait behind.", [])
+        lines.extend(turns.durations.lines("fastroute_loop_turn_duration_seconds"))
     metric("fastroute_dedup_entries", "gauge", "Message ids in the dedup window.",
            [("", stats["dedup_entries"])])
     engine = stats["engine"]

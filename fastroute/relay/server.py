@@ -43,7 +43,7 @@ from .delivery import Delivery, LinkPort
 from .gate import Gate
 from .groups import Groups
 from .keys import KeyDirectory, Keys
-from .link import Link, LinkState, LinkWiring
+from .link import Link, LinkState, LinkWiring, Turns
 from .media_ops import MediaOps
 from .metrics import Histogram, serve_metrics
 from .safety import Safety, SafetyBook
@@ -197,6 +197,8 @@ class Relay:
         self.started_at = time.time()
         self.accepted_connections = 0
         self.handshake_seconds = Histogram()
+        #: the links' fair scheduler (its turn lengths are a metric); set by start()
+        self.turns: Turns | None = None
         #: well-formed ops received, by opcode (the links count into it)
         self.op_counts: dict[int, int] = {}
         self._accepted_at: dict[Link, float] = {}
@@ -333,6 +335,7 @@ class Relay:
                             self.count_error, self._admit, self._online, self._lost, self.keys)
         wiring.op_counts = self.op_counts  # one table for every link: the metrics read it
         wiring_box.append(wiring)
+        self.turns = wiring.turns  # the fair scheduler, for the metrics
         self.applied_generation = self.registry.version()[0]
         self.upkeep.on_applied = self._applied
         self.upkeep.start()
