@@ -352,11 +352,12 @@ class Link(asyncio.Protocol):
                 # frame's ops checked) until it refills
                 self.backlog = (msgs, at)
                 break
-            # past the turn's budget a busy link still makes progress (a
-            # chunk), never a whole share; a quiet one takes a frame (the
-            # clock cuts after it)
-            room = (max(share - done, 1) if quiet or turns.room(done - carried)
-                    else _OPS_CHUNK)
+            # a busy link goes a chunk at a time (and its SENDs to the gate
+            # by the chunk, below), so the clock is looked at often; a quiet
+            # one takes a frame whatever the clock says (it cuts after it)
+            room = max(share - done, 1)
+            if not quiet:
+                room = min(room, _OPS_CHUNK)
             partial = self.partial
             if partial is not None and self.state == _OPEN:
                 # the rest of a frame left by an earlier share (or chunk)
