@@ -367,8 +367,15 @@ class Delivery:
         if k <= 0:
             return
         feed.inflight_seq += k
-        popleft = inflight.popleft
-        mids = [mid for mid in [popleft() for _ in range(k)] if mid]
+        if k == len(inflight):
+            # the common ack: everything outstanding, taken in one C call
+            mids = list(inflight)
+            inflight.clear()
+        else:
+            popleft = inflight.popleft
+            mids = [popleft() for _ in range(k)]
+        if not all(mids):  # ephemeral copies have no stored row to delete
+            mids = [mid for mid in mids if mid]
         # popped bytes are known per pop batch, not per message: an ack of
         # part of them frees its share (exact once all are acked)
         if inflight:

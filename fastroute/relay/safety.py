@@ -218,6 +218,9 @@ class Safety:
                 g.per_provider[provider] = g.per_provider.get(provider, 0) + 1
         #: digests new to their generation, written by the next flush
         self._pending: list[tuple[int, bytes, int]] = []
+        #: the last (generation, sender, recipient) noted, and its digest
+        self._last_pair: tuple[int, str, str] | None = None
+        self._last_digest = b""
         self._timer: asyncio.TimerHandle | None = None
         self.reports_counted = 0
         self.reports_refused = 0
@@ -340,7 +343,14 @@ class Safety:
         for to in recipients:
             if to == sender:
                 continue
-            d = g.digest(sender, to)
+            # a busy conversation stores batch after batch for one pair: its
+            # digest is kept from the last batch (one pair, not a table of them)
+            pair = (g.gen, sender, to)
+            if pair == self._last_pair:
+                d = self._last_digest
+            else:
+                d = g.digest(sender, to)
+                self._last_pair, self._last_digest = pair, d
             if d not in seen:
                 pending.append((g.gen, d, now))
             seen[d] = now
