@@ -650,3 +650,12 @@ def test_sack_op_is_the_packers_bytes():
             assert wire.sack_op(cid, code) == want  # from the cache too
     # other ids keep the packer's path
     assert wire.sack_op(b"short", 5) == msgpack.packb((17, b"short", 5), use_bin_type=True)
+
+
+def test_sack_ops_is_sack_op_for_each_id():
+    # the batch form used for a flooder's refused SENDs: the same bytes as one
+    # sack_op per id, for well-formed ids and odd ones alike
+    ids = [os.urandom(16) for _ in range(5)] + [b"short", b"", b"x" * 17]
+    for code in (0, 300, 400, 402, 1200, 70000):
+        assert wire.sack_ops(ids, code) == [wire.sack_op(i, code) for i in ids]
+    assert wire.sack_ops([], 400) == []

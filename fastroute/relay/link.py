@@ -24,8 +24,8 @@ from itertools import islice
 from typing import TYPE_CHECKING, Any, Callable
 
 from .. import wire
-from ..histogram import LOOP_BUCKETS, Histogram
 from ..errors import DecryptError, ErrorCode, FastrouteError, ProtocolError
+from ..histogram import LOOP_BUCKETS, Histogram
 from ..noise import FrameReader, HandshakeState, KeyPair, frame, seal_frames
 from .gate import give_back, take_upto
 
@@ -352,9 +352,7 @@ class Link(asyncio.Protocol):
                 # frame's ops checked) until it refills
                 self.backlog = (msgs, at)
                 break
-            # a busy link goes a chunk at a time (and its SENDs to the gate
-            # by the chunk, below), so the clock is looked at often; a quiet
-            # one takes a frame whatever the clock says (it cuts after it)
+            # a quiet link takes a frame whatever the clock says (it cuts after it)
             room = max(share - done, 1)
             if not quiet:
                 room = min(room, _OPS_CHUNK)
