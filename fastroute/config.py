@@ -85,7 +85,7 @@ class Limits:
     #: milliseconds of work all connections together may do per event-loop
     #: turn before the busy ones wait for the next: ops differ in cost, so a
     #: count alone does not bound how long a quiet link's read waits
-    max_turn_ms: float = 0.25
+    max_turn_ms: float = 0.1
     #: bytes of replies a client has not read (the socket's send buffer)
     #: past which its connection is closed with OUTPUT_LIMIT
     max_output_bytes: int = 8 * 1024 * 1024
