@@ -910,12 +910,7 @@ def sack_op(id: bytes, code: int = 0) -> bytes:  # noqa: A002
     if type(id) is bytes and len(id) == ID_LEN:
         # the common case (a refusal answered per op, by the thousand under a
         # flood): the same bytes as the packer's, joined from cached parts
-        tail = _SACK_CODES.get(code)
-        if tail is None:
-            tail = _pack(code)
-            if len(_SACK_CODES) < 1024:
-                _SACK_CODES[code] = tail
-        return b"".join((_SACK_OK_HEAD, id, tail))
+        return b"".join((_SACK_OK_HEAD, id, _sack_tail(code)))
     return _pack((_SACK, id, code))
 
 
@@ -923,12 +918,20 @@ def sack_ops(ids: list, code: int) -> list[bytes]:
     """Packed SACK ops answering every id of ``ids`` with the same ``code``
     (what :func:`sack_op` makes for each, the code packed once)."""
     code = int(code)
-    tail = _SACK_CODES.get(code)
-    if tail is None:
-        tail = _pack(code)
+    tail = _sack_tail(code)
     head = _SACK_OK_HEAD
     return [b"".join((head, i, tail)) if type(i) is bytes and len(i) == ID_LEN
             else _pack((_SACK, i, code)) for i in ids]
+
+
+def _sack_tail(code: int) -> bytes:
+    """A SACK's packed code (the bytes after its id), cached by code."""
+    tail = _SACK_CODES.get(code)
+    if tail is None:
+        tail = _pack(code)
+        if len(_SACK_CODES) < 1024:
+            _SACK_CODES[code] = tail
+    return tail
 
 
 #: packed SACK codes, by code (filled as codes are used; a few dozen exist)

@@ -337,8 +337,6 @@ class Link(asyncio.Protocol):
         # budget it is one share (looked at before it, not between its chunks)
         carried = done = self.carried
         self.carried = 0
-        if not carried:
-            self.grant = -1
         n = len(msgs)
         budgets = self.budgets
         # a busy link (one that spent half its op budget) goes a chunk at a
@@ -359,8 +357,7 @@ class Link(asyncio.Protocol):
             partial = self.partial
             if partial is not None and self.state == _OPEN:
                 # the rest of a frame left by an earlier share (or chunk)
-                took = self._run_ops(room if partial[2] == _DECODED_SENDS
-                                     else min(room, _OPS_CHUNK))
+                took = self._run_ops(room)
                 done += took
                 if not took and self.partial is not None:
                     # SENDs the op budget covers no more of before it refills
@@ -407,11 +404,11 @@ class Link(asyncio.Protocol):
         done -= carried
         self.ops += done
         turns.spend(done)
-        if self.grant > 0 and not self.carried:
+        if not self.carried:
             # the share is over: what its grant did not use goes back (before
             # the gate charges this share's SENDs)
-            give_back(self.budgets.ops, self.grant)
-        if not self.carried:
+            if self.grant > 0:
+                give_back(self.budgets.ops, self.grant)
             self.grant = -1
         if self.sends:
             self.wiring.gate.accept(self, self.sends)
@@ -566,13 +563,17 @@ class Link(asyncio.Protocol):
             self._protocol_error(exc.code, str(exc))
             return 1
         self.partial = [frame, 0, good]
-        return self._run_ops(min(room, _OPS_CHUNK))
+        return self._run_ops(room)
 
     def _run_ops(self, room: int) -> int:
-        """Process up to ``room`` more ops of :attr:`partial`; return how many."""
+        """Process up to ``room`` more ops of :attr:`partial` (of a frame with
+        other ops than SENDs, a chunk at most: the turn's clock is looked at
+        between chunks); return how many."""
         partial = self.partial
         assert partial is not None
         frame, start, good = partial
+        if good != _DECODED_SENDS:
+            room = min(room, _OPS_CHUNK)
         end = min(start + room, len(frame))
         if good == _DECODED_SENDS:
             end = min(end, start + max(self._send_room(), 0))
