@@ -673,25 +673,32 @@ class _OpsPerTurn:
         return [b - a for a, b in zip(s, s[1:]) if b != a]
 
 
+async def _ping_frame_steps(w, n: int) -> list[int]:
+    """alice sends one frame of ``n`` PINGs and a DACK (not PINGs only: the
+    precise path, checked and dispatched a share at a time); once every PONG
+    came, the ops her link processed per loop iteration."""
+    a = await w.connect("alice@home")
+    link = next(iter(ln for ln in w.relay.links if ln.address == "alice@home"))
+    futs = {t: a._loop.create_future() for t in range(1, n + 1)}
+    a._pings.update(futs)
+    ops0 = link.ops
+    turns = _OpsPerTurn(link)
+    _raw(a, [wire.ping_op(t) for t in range(1, n + 1)] + [wire.dack_op(0)])
+    await asyncio.wait_for(asyncio.gather(*futs.values()), 10)
+    steps = turns.stop()
+    assert link.ops == ops0 + n + 1
+    return steps
+
+
 def test_a_frame_of_many_ops_is_processed_a_share_per_turn(loop, tmp_path):
-    # not SENDs nor PINGs only (a DACK ends it): the precise path, which
-    # checks and dispatches the frame's ops a share at a time, so one frame
-    # cannot hold the loop for more than a share
+    # the precise path checks and dispatches the frame's ops a share at a
+    # time, so one frame cannot hold the loop for more than a share
     lim = Limits(ops_per_s=1e6, ops_burst=1e6, max_ops_per_turn=64)
     n = 600
 
     async def main():
         async with world(tmp_path, limits=lim) as w:
-            a = await w.connect("alice@home")
-            link = next(iter(ln for ln in w.relay.links if ln.address == "alice@home"))
-            futs = {t: a._loop.create_future() for t in range(1, n + 1)}
-            a._pings.update(futs)
-            ops0 = link.ops
-            turns = _OpsPerTurn(link)
-            _raw(a, [wire.ping_op(t) for t in range(1, n + 1)] + [wire.dack_op(0)])
-            await asyncio.wait_for(asyncio.gather(*futs.values()), 10)
-            steps = turns.stop()
-            assert link.ops == ops0 + n + 1
+            steps = await _ping_frame_steps(w, n)
             # a share per callback; two callbacks may share a loop iteration
             assert max(steps) <= 2 * lim.max_ops_per_turn
             assert len(steps) >= (n + 1) // (2 * lim.max_ops_per_turn)
@@ -738,16 +745,7 @@ def test_the_turns_clock_cuts_a_share_of_costly_ops_into_chunks(loop, tmp_path):
 
     async def main():
         async with world(tmp_path, limits=lim) as w:
-            a = await w.connect("alice@home")
-            link = next(iter(ln for ln in w.relay.links if ln.address == "alice@home"))
-            futs = {t: a._loop.create_future() for t in range(1, n + 1)}
-            a._pings.update(futs)
-            ops0 = link.ops
-            turns = _OpsPerTurn(link)
-            _raw(a, [wire.ping_op(t) for t in range(1, n + 1)] + [wire.dack_op(0)])
-            await asyncio.wait_for(asyncio.gather(*futs.values()), 10)
-            steps = turns.stop()
-            assert link.ops == ops0 + n + 1
+            steps = await _ping_frame_steps(w, n)
             chunk = 32  # link._OPS_CHUNK
             assert max(steps) <= 2 * chunk
             assert len(steps) >= (n + 1) // (2 * chunk)
@@ -764,13 +762,9 @@ def test_the_turns_lengths_are_a_metric(loop, tmp_path):
 
     async def main():
         async with world(tmp_path, limits=lim) as w:
-            a = await w.connect("alice@home")
             turns = w.relay.turns
             count0 = turns.durations.count
-            futs = {t: a._loop.create_future() for t in range(1, n + 1)}
-            a._pings.update(futs)
-            _raw(a, [wire.ping_op(t) for t in range(1, n + 1)] + [wire.dack_op(0)])
-            await asyncio.wait_for(asyncio.gather(*futs.values()), 10)
+            await _ping_frame_steps(w, n)
             # a share of 64 per turn: the frame took several turns
             assert turns.durations.count - count0 >= n // 64 - 1
             text = await render_metrics(w.relay)
