@@ -46,7 +46,7 @@ from typing import Any, Callable, Iterable, NamedTuple, TypedDict, Union
 
 import msgpack
 
-from ._compiled import twin
+from ._compiled import compiled_twin, twin
 from .errors import (
     BodyTooLarge,
     ErrorCode,
@@ -703,6 +703,31 @@ def py_dsend_ok(op: object, addr_ok: set[str]) -> bool:
             and _is_entries(entries) and _is_entries(own))
 
 
+def py_frame_offsets(plaintext: object) -> list[int] | None:
+    """Where each op of a client frame starts: ``[start of op 0, ..., start of
+    op n-1, len(plaintext)]`` (byte offsets) when ``plaintext`` (exact bytes)
+    unpacks as :func:`unpack_client_frame` unpacks a frame; None for any
+    other frame, errors included.
+
+    Specification of the compiled ``frame_offsets``, which may decline more
+    (maps, exts, strs past ASCII: frames the relay then unpacks whole),
+    never answer else.  The ops between two offsets, behind an array header,
+    unpack to exactly those ops of the frame (msgpack values are
+    self-delimiting).
+    """
+    if _frame_or_none(plaintext) is None:
+        return None
+    assert isinstance(plaintext, bytes)
+    unpacker = msgpack.Unpacker(max_buffer_size=max(len(plaintext), 1))
+    unpacker.feed(plaintext)
+    offsets = []
+    for _ in range(unpacker.read_array_header()):
+        offsets.append(unpacker.tell())
+        unpacker.skip()
+    offsets.append(unpacker.tell())
+    return offsets
+
+
 def decode_pings(plaintext: bytes) -> list[int] | None:
     """The tokens of a frame made only of valid PINGs, else None.
 
@@ -733,19 +758,67 @@ def py_decode_pings(plaintext: object) -> list[int] | None:
 def decode_client_frame_precise(plaintext: bytes) -> list[DecodedOp]:
     """:func:`decode_client_frame` without its SEND fast path: every op checked
     precisely (the oracle the fast path is tested against)."""
-    frame, i = unpack_client_frame(plaintext)
+    frame, i = _unpack_client_whole(plaintext)
     return list(frame) if i == len(frame) else _slow(frame, i, _CLIENT_CHECKS)
 
 
-def unpack_client_frame(plaintext: bytes) -> tuple[tuple, int]:
+class PackedOps:
+    """The ops of a client frame not unpacked yet, and where each starts
+    (:func:`py_frame_offsets`): :func:`check_client_ops` unpacks the slice it
+    checks, so a long frame costs the relay a chunk of work at a time, its
+    unpacking included.  ``len()`` is its number of ops."""
+
+    __slots__ = ("plaintext", "offsets")
+
+    def __init__(self, plaintext: bytes, offsets: list[int]) -> None:
+        self.plaintext = plaintext
+        self.offsets = offsets
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def chunk(self, start: int, end: int) -> bytes:
+        """Ops ``start:end`` as a frame plaintext of their own."""
+        offsets = self.offsets
+        return _array_header(end - start) + self.plaintext[offsets[start]:offsets[end]]
+
+    def unpack(self, start: int, end: int) -> tuple:
+        """Ops ``start:end``, unpacked exactly as the whole frame would be."""
+        return _unpack_frame(self.chunk(start, end))
+
+    def sends_only(self) -> bool:
+        """Whether every op is a SEND (by its first two bytes: a frame that
+        :func:`decode_sends` would take whole, if each is valid)."""
+        plaintext = self.plaintext
+        offsets = self.offsets
+        return all(plaintext[offsets[i]:offsets[i] + 2] == b"\x95\x01"
+                   for i in range(len(offsets) - 1))
+
+
+#: a frame of more ops than this is unpacked by the slice (when the core is
+#: built): fewer take less time to unpack whole than one slice to check
+LAZY_MIN_OPS = 64
+
+
+def unpack_client_frame(plaintext: bytes) -> tuple[tuple | PackedOps, int]:
     """The first half of :func:`decode_client_frame_precise`: the frame's ops as
     unpacked, not checked yet, and how many leading ones need no check.
 
     Raises like it for a frame unusable as a whole.  With
     :func:`check_client_ops` a caller checks (and pays for) a frame's ops a
     slice at a time: a frame of thousands of ops need not be checked in one
-    go before the relay may turn to another link.
+    go before the relay may turn to another link.  A long frame whose ops
+    the compiled :func:`py_frame_offsets` can find comes back as
+    :class:`PackedOps` (with 0), not even unpacked yet: the slices are.
     """
+    if _frame_offsets_compiled is not None:
+        offsets = _frame_offsets_compiled(plaintext)
+        if offsets is not None and len(offsets) > LAZY_MIN_OPS + 1:
+            return PackedOps(plaintext, offsets), 0
+    return _unpack_client_whole(plaintext)
+
+
+def _unpack_client_whole(plaintext: bytes) -> tuple[tuple, int]:
     frame = _unpack_frame(plaintext)
     # A run of valid SENDs (and per-device sends) whose recipients are cached
     # needs no more checks; the first op that misses it -- an error, another
@@ -753,10 +826,14 @@ def unpack_client_frame(plaintext: bytes) -> tuple[tuple, int]:
     return frame, _fast_sends(frame, _ADDR_OK, dsend_ok)
 
 
-def check_client_ops(frame: tuple, start: int, end: int, good: int) -> list[DecodedOp]:
+def check_client_ops(frame: tuple | PackedOps, start: int, end: int,
+                     good: int) -> list[DecodedOp]:
     """``frame[start:end]`` checked exactly as :func:`decode_client_frame_precise`
     checks them (each op on its own); ``good`` is :func:`unpack_client_frame`'s
     count of leading ops that need no check."""
+    if type(frame) is PackedOps:
+        chunk = frame.unpack(start, end)
+        return check_client_ops(chunk, 0, len(chunk), _fast_sends(chunk, _ADDR_OK, dsend_ok))
     ops = list(frame[start:end])
     for i in range(max(good - start, 0), len(ops)):
         op = ops[i]
@@ -1439,6 +1516,13 @@ def py_sack_ok_op(cid: bytes) -> bytes:
 # the implementations in use: compiled (fastroute._core) or the specs above
 _decode_sends = twin(py_decode_sends)
 _decode_pings = twin(py_decode_pings)
+#: the compiled :func:`py_frame_offsets`, or None: the spec costs more than
+#: it saves, so without the core frames are unpacked whole
+twin(py_frame_offsets)
+_frame_offsets_compiled = compiled_twin(py_frame_offsets)
+#: whether :func:`unpack_client_frame` gives long frames as :class:`PackedOps`
+#: (the compiled core is built)
+UNPACKS_BY_THE_SLICE = _frame_offsets_compiled is not None
 #: :func:`py_dsend_ok`, compiled when the core is built
 dsend_ok = twin(py_dsend_ok)
 _decode_server_ops = twin(py_decode_server_ops)

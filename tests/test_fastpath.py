@@ -79,6 +79,7 @@ def test_compiled_twins_loaded():
              (wire._pack_frames, wire.py_pack_frames), (wire._decode_sends, wire.py_decode_sends),
              (wire._decode_server_ops, wire.py_decode_server_ops),
              (wire.dsend_ok, wire.py_dsend_ok), (wire._decode_pings, wire.py_decode_pings),
+             (wire._frame_offsets_compiled or wire.py_frame_offsets, wire.py_frame_offsets),
              (gate_mod.accept_sends, gate_mod.py_accept_sends),
              (gate_mod.stored_sacks, gate_mod.py_stored_sacks),
              (gate_mod.route_items, gate_mod.py_route_items),
@@ -470,6 +471,97 @@ def test_decode_pings_fuzz():
                     for _ in range(k)]) for k in (1, 2, 5, 17)]
     for data in _mutants(rng, base):
         _check_pings(data)
+
+
+def _check_offsets(plaintext):
+    """Both twins of frame_offsets either decline or give offsets whose slices
+    unpack to exactly the frame's ops (the spec declines only a frame the
+    precise decoder refuses as a whole)."""
+    try:
+        whole = wire._unpack_frame(plaintext)
+    except ProtocolError:
+        whole = None
+    answers = []
+    for fn in _both(wire.py_frame_offsets):
+        got = fn and fn(plaintext)
+        if got is not None:
+            got = list(got)
+            assert whole is not None, plaintext[:64]
+            assert len(got) == len(whole) + 1 and got[-1] == len(plaintext)
+            for i, op in enumerate(whole):
+                one = wire._array_header(1) + plaintext[got[i]:got[i + 1]]
+                assert wire._unpack_frame(one) == (op,)
+            chunk = wire.PackedOps(plaintext, got).unpack(0, len(whole))
+            assert chunk == whole
+        elif fn is wire.py_frame_offsets:
+            assert whole is None
+        answers.append(got)
+    return answers
+
+
+OFFSET_FRAMES = [
+    _frame([_send(), wire.ping_op(5), wire.dack_op(3), wire.consent_op(MID, "acme", True),
+            msgpack.packb((999, 1.5, None, False, [1, [2, [3]]], -7, -(1 << 40), 1 << 63)),
+            msgpack.packb((3, "x" * 1024)), msgpack.packb((2, b"y" * 3000))]),
+    _frame([_send(to="bad")] * 3, header=b"\xdd\x00\x00\x00\x03"),
+    _frame([wire.ping_op(7)] * 2000),
+]
+
+
+@pytest.mark.parametrize("plaintext", OFFSET_FRAMES)
+def test_frame_offsets_answer_frames_of_plain_values(plaintext):
+    py, c = _check_offsets(plaintext)
+    assert py is not None
+    if fastroute.COMPILED:
+        assert c == py
+
+
+@pytest.mark.parametrize("plaintext", [
+    _frame([msgpack.packb((3, {"a": 1}))]),           # a map: C declines, spec answers
+    _frame([msgpack.packb((3, msgpack.ExtType(5, b"x")))]),  # an ext: the same
+    _frame([msgpack.packb((3, "é"))]),                # past ASCII: the same
+    _frame([msgpack.packb((3, "x" * 1025))]),         # too long a str: both decline
+    _frame([wire.ping_op(1)] * 3, header=b"\xdc\x00\x04"),   # count says 4
+    _frame([wire.ping_op(1)] * 3, header=b"\xdc\x00\x02"),   # count says 2
+    b"\xdd\x00\x00\x20\x01" + wire.ping_op(1) * 8193,         # too many ops
+    b"\x81\x01\x02",                                            # not an array
+    _frame([b"\xc1"]),                                        # the reserved byte
+    _frame([b"\x91" * 20 + b"\x01"]),                        # deep: C declines
+    _frame([b"\xc4\x05ab"]),                                  # a bin cut short
+])
+def test_frame_offsets_declines_or_agrees(plaintext):
+    py, c = _check_offsets(plaintext)
+    if fastroute.COMPILED:
+        assert c is None
+
+
+def test_frame_offsets_fuzz():
+    rng = random.Random(2468)
+    base = [_frame([rng.choice([_send(), wire.ping_op(rng.randrange(1 << 40)), wire.dack_op(2),
+                                wire.consent_op(MID, "acme", rng.random() < 0.5),
+                                msgpack.packb((7, [1.5, None, [b"z"]]))])
+                    for _ in range(k)]) for k in (1, 2, 5, 17, 70)]
+    for data in _mutants(rng, base):
+        _check_offsets(data)
+
+
+@needs_c
+def test_a_long_frame_is_unpacked_by_the_slice():
+    # past LAZY_MIN_OPS the relay unpacks only the slice it checks; the
+    # slices, joined, are the precise decode (invalid ops answered in place)
+    ops = [_send(), wire.ping_op(5), _send(to="bad"), msgpack.packb((3, "x")),
+           wire.consent_op(MID, "acme", True), msgpack.packb((999, 1))]
+    rng = random.Random(5)
+    plaintext = _frame([rng.choice(ops) for _ in range(wire.LAZY_MIN_OPS * 3)])
+    frame, good = wire.unpack_client_frame(plaintext)
+    assert type(frame) is wire.PackedOps and good == 0
+    assert len(frame) == wire.LAZY_MIN_OPS * 3
+    got = []
+    for start in range(0, len(frame), 32):
+        got += wire.check_client_ops(frame, start, min(start + 32, len(frame)), good)
+    assert got == wire.decode_client_frame_precise(plaintext)
+    short = _frame([rng.choice(ops) for _ in range(wire.LAZY_MIN_OPS)])
+    assert type(wire.unpack_client_frame(short)[0]) is tuple
 
 
 # -- the gate loop ------------------------------------------------------------------------

@@ -9,6 +9,7 @@
 #   sack_ok_op          = py_sack_ok_op
 #   dsend_ok            = py_dsend_ok
 #   decode_pings        = py_decode_pings
+#   frame_offsets       = py_frame_offsets
 #
 # tests/test_fastpath.py checks that both give the same bytes, or the same
 # exception class, for the same input.  The wire format is docs/PROTOCOL.md:
@@ -411,6 +412,121 @@ def decode_pings(plaintext):
     if c.p != c.end:
         return None
     return tokens
+
+
+cdef enum:
+    WIRE_SCAN_DEPTH = 16         # deeper nesting: declined (no op nests past 3)
+
+
+cdef int skip_value(Cursor* c, int depth) noexcept:
+    """Move past one msgpack value; 0 if it is outside what frame_offsets
+    answers for (maps, exts, non-ASCII or long strs, deep nesting, the
+    reserved byte) or the buffer ends inside it."""
+    cdef unsigned char b
+    cdef Py_ssize_t n, i
+    if c.p >= c.end:
+        return 0
+    b = c.p[0]
+    if b <= 0x7f or b >= 0xe0 or b == 0xc0 or b == 0xc2 or b == 0xc3:
+        c.p += 1
+        return 1
+    if 0xa0 <= b <= 0xbf or 0xd9 <= b <= 0xdb:
+        n = take_len(c, 0xd9, 0xa0, 31)
+        if n < 0 or n > WIRE_MAX_STR or c.end - c.p < n:
+            return 0
+        for i in range(n):
+            if c.p[i] >= 0x80:
+                return 0  # UTF-8 past ASCII: the precise decoder judges it
+        c.p += n
+        return 1
+    if 0xc4 <= b <= 0xc6:
+        n = take_len(c, 0xc4, 0, 0)
+        if n < 0 or c.end - c.p < n:
+            return 0
+        c.p += n
+        return 1
+    if b == 0xca or b == 0xcb:  # float32, float64
+        n = 5 if b == 0xca else 9
+    elif 0xcc <= b <= 0xd3:  # uint8..64, int8..64
+        n = 1 + (1 << ((b - 0xcc) & 3))
+    elif 0x90 <= b <= 0x9f or b == 0xdc or b == 0xdd:
+        if depth >= WIRE_SCAN_DEPTH:
+            return 0
+        if b <= 0x9f:
+            n = b & 0x0f
+            c.p += 1
+        elif b == 0xdc and c.end - c.p >= 3:
+            n = get_be16(c.p + 1)
+            c.p += 3
+        elif b == 0xdd and c.end - c.p >= 5:
+            n = get_be32(c.p + 1)
+            c.p += 5
+        else:
+            return 0
+        if n > WIRE_MAX_OPS:
+            return 0
+        for i in range(n):
+            if not skip_value(c, depth + 1):
+                return 0
+        return 1
+    else:
+        return 0  # maps, exts, 0xc1
+    if c.end - c.p < n:
+        return 0
+    c.p += n
+    return 1
+
+
+def frame_offsets(plaintext):
+    """Where each op of a client frame starts, in C, without decoding any:
+    the relay then unpacks a long frame a chunk of ops at a time.
+
+    Returns ``[start of op 0, ..., start of op n-1, end]`` (byte offsets, as
+    a read-only memoryview of unsigned shorts) when ``plaintext`` (exact bytes) is a msgpack array of values made of
+    ints, floats, nil, bools, bins, ASCII strs of at most ``MAX_REASON_LEN``
+    bytes and arrays, with nothing after it; ``None`` for anything else, which
+    the caller then unpacks whole (maps, exts and the rest are legal there:
+    its checks answer them op by op).
+    """
+    if not PyBytes_CheckExact(plaintext):
+        return None
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(plaintext)
+    cdef Cursor c
+    cdef Py_ssize_t n, i
+    cdef unsigned char b
+    cdef const unsigned char* base
+    cdef bytes offsets
+    cdef unsigned short* out
+    if size > WIRE_MAX_PLAINTEXT or size < 1:
+        return None
+    base = <const unsigned char*>PyBytes_AS_STRING(plaintext)
+    c.p = base
+    c.end = base + size
+    b = c.p[0]
+    if 0x90 <= b <= 0x9f:
+        n = b & 0x0f
+        c.p += 1
+    elif b == 0xdc and size >= 3:
+        n = get_be16(c.p + 1)
+        c.p += 3
+    elif b == 0xdd and size >= 5:
+        n = get_be32(c.p + 1)
+        c.p += 5
+    else:
+        return None
+    if n > WIRE_MAX_OPS or n > size:
+        return None
+    # one uint16 per offset (a frame is under 64 KiB), no Python int each
+    offsets = PyBytes_FromStringAndSize(NULL, 2 * (n + 1))
+    out = <unsigned short*>PyBytes_AS_STRING(offsets)
+    for i in range(n):
+        out[i] = <unsigned short>(c.p - base)
+        if not skip_value(&c, 1):
+            return None
+    if c.p != c.end:
+        return None
+    out[n] = <unsigned short>size
+    return memoryview(offsets).cast("H")
 
 
 def decode_server_ops(plaintext, set addr_ok):
