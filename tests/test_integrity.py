@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+import fastroute
 from fastroute import wire
 from fastroute.config import Limits
 from fastroute.errors import ErrorCode
@@ -602,9 +603,13 @@ def test_opposite_consents_in_flight_end_in_the_last_choice(loop, tmp_path):
     run(loop, main())
 
 
-def test_a_send_frame_past_the_budget_is_taken_as_it_refills_not_refused(loop, tmp_path):
+@pytest.mark.parametrize("busy", [False, True], ids=["quiet", "busy"])
+def test_a_send_frame_past_the_budget_is_taken_as_it_refills_not_refused(loop, tmp_path, busy,
+                                                                          monkeypatch):
     # 300 SENDs in one frame, 50 ops of budget refilling at 400/s: the relay
-    # takes the frame in parts (the link unread meanwhile) and refuses none
+    # takes the frame in parts (the link unread meanwhile) and refuses none;
+    # from a link already past half its budget (busy) the frame is not even
+    # decoded whole, and still none is refused
     lim = Limits(ops_per_s=400.0, ops_burst=50.0, msgs_per_s=1e6, msgs_burst=1e6)
     n = 300
 
@@ -613,6 +618,20 @@ def test_a_send_frame_past_the_budget_is_taken_as_it_refills_not_refused(loop, t
             a = await w.connect("alice@home")
             b = await w.connect("bob@home")
             link = next(iter(ln for ln in w.relay.links if ln.address == "alice@home"))
+            if busy:
+                futs = {t: a._loop.create_future() for t in range(1, 41)}
+                a._pings.update(futs)
+                _raw(a, [wire.ping_op(t) for t in futs])
+                await asyncio.wait_for(asyncio.gather(*futs.values()), 5)
+                assert not link.quiet()
+            decoded = []
+            decode = wire.decode_sends
+
+            def counted(plaintext):
+                ops = decode(plaintext)
+                decoded.append(-1 if ops is None else len(ops))
+                return ops
+            monkeypatch.setattr(wire, "decode_sends", counted)
             refused0 = dict(w.relay.refused)
             ops0 = link.ops
             ids = [os.urandom(16) for _ in range(n)]
@@ -626,6 +645,10 @@ def test_a_send_frame_past_the_budget_is_taken_as_it_refills_not_refused(loop, t
             assert [m.body for m in got] == [b"m%d" % i for i in range(n)]
             assert link.ops - ops0 == n and link.refused_ops == 0
             assert dict(w.relay.refused) == refused0
+            # decoded whole by a quiet link, 32 SENDs at a time by a busy one
+            # (when the compiled core can find a frame's ops without decoding it)
+            assert wire.UNPACKS_BY_THE_SLICE is fastroute.COMPILED
+            assert max(decoded) == (32 if busy and fastroute.COMPILED else n)
     run(loop, main())
 
 
