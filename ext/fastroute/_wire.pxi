@@ -482,9 +482,10 @@ def frame_offsets(plaintext):
     the relay then unpacks a long frame a chunk of ops at a time.
 
     Returns ``[start of op 0, ..., start of op n-1, end]`` (byte offsets, as
-    a read-only memoryview of unsigned shorts) when ``plaintext`` (exact bytes) is a msgpack array of values made of
-    ints, floats, nil, bools, bins, ASCII strs of at most ``MAX_REASON_LEN``
-    bytes and arrays, with nothing after it; ``None`` for anything else, which
+    a read-only memoryview of unsigned shorts) when ``plaintext`` (exact
+    bytes) is a msgpack array of values made of ints, floats, nil, bools,
+    bins, ASCII strs of at most ``MAX_REASON_LEN`` bytes and arrays, with
+    nothing after it; ``None`` for anything else, which
     the caller then unpacks whole (maps, exts and the rest are legal there:
     its checks answer them op by op).
     """
