@@ -42,7 +42,7 @@ bytes or not UTF-8, a map key that is not a string.
 from __future__ import annotations
 
 import enum
-from typing import Any, Callable, Iterable, NamedTuple, TypedDict, Union
+from typing import Any, Callable, Iterable, NamedTuple, Sequence, TypedDict, Union
 
 import msgpack
 
@@ -770,7 +770,7 @@ class PackedOps:
 
     __slots__ = ("plaintext", "offsets")
 
-    def __init__(self, plaintext: bytes, offsets: list[int]) -> None:
+    def __init__(self, plaintext: bytes, offsets: Sequence[int]) -> None:
         self.plaintext = plaintext
         self.offsets = offsets
 

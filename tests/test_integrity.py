@@ -696,32 +696,36 @@ class _OpsPerTurn:
         return [b - a for a, b in zip(s, s[1:]) if b != a]
 
 
-async def _ping_frame_steps(w, n: int) -> list[int]:
+async def _ping_frame_steps(w, n: int, pings_only: bool = False) -> list[int]:
     """alice sends one frame of ``n`` PINGs and a DACK (not PINGs only: the
-    precise path, checked and dispatched a share at a time); once every PONG
-    came, the ops her link processed per loop iteration."""
+    precise path, checked and dispatched a share at a time; ``pings_only``:
+    no DACK, the compiled PING path); once every PONG came, the ops her link
+    processed per loop iteration."""
     a = await w.connect("alice@home")
     link = next(iter(ln for ln in w.relay.links if ln.address == "alice@home"))
     futs = {t: a._loop.create_future() for t in range(1, n + 1)}
     a._pings.update(futs)
     ops0 = link.ops
     turns = _OpsPerTurn(link)
-    _raw(a, [wire.ping_op(t) for t in range(1, n + 1)] + [wire.dack_op(0)])
+    tail = [] if pings_only else [wire.dack_op(0)]
+    _raw(a, [wire.ping_op(t) for t in range(1, n + 1)] + tail)
     await asyncio.wait_for(asyncio.gather(*futs.values()), 10)
     steps = turns.stop()
-    assert link.ops == ops0 + n + 1
+    assert link.ops == ops0 + n + len(tail)
     return steps
 
 
-def test_a_frame_of_many_ops_is_processed_a_share_per_turn(loop, tmp_path):
+@pytest.mark.parametrize("pings_only", [False, True], ids=["precise", "pings-only"])
+def test_a_frame_of_many_ops_is_processed_a_share_per_turn(loop, tmp_path, pings_only):
     # the precise path checks and dispatches the frame's ops a share at a
-    # time, so one frame cannot hold the loop for more than a share
+    # time, and a frame of PINGs only is answered a share at a time too, so
+    # one frame cannot hold the loop for more than a share
     lim = Limits(ops_per_s=1e6, ops_burst=1e6, max_ops_per_turn=64)
     n = 600
 
     async def main():
         async with world(tmp_path, limits=lim) as w:
-            steps = await _ping_frame_steps(w, n)
+            steps = await _ping_frame_steps(w, n, pings_only)
             # a share per callback; two callbacks may share a loop iteration
             assert max(steps) <= 2 * lim.max_ops_per_turn
             assert len(steps) >= (n + 1) // (2 * lim.max_ops_per_turn)
