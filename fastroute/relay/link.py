@@ -587,19 +587,23 @@ class Link(asyncio.Protocol):
         partial = self.partial
         assert partial is not None
         frame, start, good = partial
+        n = len(frame)
+        sends = None
         if type(frame) is wire.PackedOps:
-            return self._run_packed(frame, start, room, checks)
-        if good >= 0:
-            room = min(room, checks)
-        end = min(start + room, len(frame))
-        if good == _DECODED_SENDS:
-            end = min(end, start + max(self._send_room(), 0))
-        if end < len(frame):
+            end, sends = self._packed_chunk(frame, start, room, checks)
+        else:
+            if good >= 0:
+                room = min(room, checks)
+            end = min(start + room, n)
+            if good == _DECODED_SENDS:
+                end = min(end, start + max(self._send_room(), 0))
+                sends = frame[start:end]
+        if end < n:
             partial[1] = end
         else:
             self.partial = None
-        if good == _DECODED_SENDS:
-            return self._take_sends(frame[start:end])
+        if sends is not None:
+            return self._take_sends(sends)
         if good == _DECODED_PINGS:
             return self._pings(frame, start, end)
         done = self._dispatch(wire.check_client_ops(frame, start, end, good))
@@ -607,31 +611,21 @@ class Link(asyncio.Protocol):
             self.partial = None  # BYE or a close: the rest of the frame is not read
         return done
 
-    def _run_packed(self, frame: wire.PackedOps, start: int, room: int, checks: int) -> int:
-        """:meth:`_run_ops` for a long frame not unpacked yet: a chunk of
-        SENDs is decoded by the compiled fast path (and, in a frame of only
-        SENDs, waits for the op budget as in a frame decoded whole), any
-        other chunk is unpacked and checked ``checks`` ops at a time."""
-        n = len(frame)
-        end = min(start + room, n, start + _OPS_CHUNK)
+    def _packed_chunk(self, frame: wire.PackedOps, start: int, room: int,
+                      checks: int) -> tuple[int, list | None]:
+        """Where the next chunk of a long frame not unpacked yet ends, and its
+        SENDs if it is made only of them: those are decoded by the compiled
+        fast path (and, in a frame of only SENDs, wait for the op budget as in
+        a frame decoded whole); any other chunk is ``checks`` ops at most."""
+        end = min(start + room, len(frame), start + _OPS_CHUNK)
         sends = wire.decode_sends(frame.chunk(start, end))
         if sends is None:
-            end = min(end, start + checks)
-        else:
-            spare = self._send_room()
-            if spare < end - start and frame.sends_only():
-                end = start + max(spare, 0)
-                sends = sends[:end - start]
-        if end < n:
-            self.partial[1] = end  # type: ignore[index]
-        else:
-            self.partial = None
-        if sends is not None:
-            return self._take_sends(sends)
-        done = self._dispatch(wire.check_client_ops(frame, start, end, 0))
-        if self.state != _OPEN:
-            self.partial = None  # BYE or a close: the rest of the frame is not read
-        return done
+            return min(end, start + checks), None
+        spare = self._send_room()
+        if spare < end - start and frame.sends_only():
+            end = start + max(spare, 0)
+            sends = sends[:end - start]
+        return end, sends
 
     def _send_room(self) -> int:
         """How many more SENDs the op budget covers now.
