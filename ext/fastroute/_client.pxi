@@ -111,27 +111,6 @@ ctypedef struct ServerOp:
     int cls
 
 
-cdef inline Py_ssize_t frame_ops(Cursor* c) noexcept:
-    """Read a frame's array header; the op count, or -1."""
-    cdef Py_ssize_t size = c.end - c.p, n
-    cdef unsigned char b
-    if size > WIRE_MAX_PLAINTEXT or size < 1:
-        return -1
-    b = c.p[0]
-    if 0x90 <= b <= 0x9f:
-        n = b & 0x0f
-        c.p += 1
-    elif b == 0xdc and size >= 3:
-        n = get_be16(c.p + 1)
-        c.p += 3
-    elif b == 0xdd and size >= 5:
-        n = get_be32(c.p + 1)
-        c.p += 5
-    else:
-        return -1
-    return n if n <= WIRE_MAX_OPS else -1
-
-
 cdef inline int parse_server_op(Cursor* c, ServerOp* op) noexcept:
     """One SACK or DELIVER in the encodings decode_server_ops accepts; 0 otherwise."""
     cdef Py_ssize_t k

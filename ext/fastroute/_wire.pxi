@@ -253,6 +253,27 @@ cdef inline Py_ssize_t take_len(Cursor* c, unsigned char marker8, Py_ssize_t fix
     return -1
 
 
+cdef inline Py_ssize_t frame_ops(Cursor* c) noexcept:
+    """Read a frame's array header; the op count, or -1."""
+    cdef Py_ssize_t size = c.end - c.p, n
+    cdef unsigned char b
+    if size > WIRE_MAX_PLAINTEXT or size < 1:
+        return -1
+    b = c.p[0]
+    if 0x90 <= b <= 0x9f:
+        n = b & 0x0f
+        c.p += 1
+    elif b == 0xdc and size >= 3:
+        n = get_be16(c.p + 1)
+        c.p += 3
+    elif b == 0xdd and size >= 5:
+        n = get_be32(c.p + 1)
+        c.p += 5
+    else:
+        return -1
+    return n if n <= WIRE_MAX_OPS else -1
+
+
 def decode_sends(plaintext, set addr_ok):
     """The fast path of :func:`fastroute.wire.decode_client_frame`, in C.
 
@@ -273,23 +294,10 @@ def decode_sends(plaintext, set addr_ok):
     cdef object cid, to, body, cls, prev_to = None
     cdef const unsigned char* prev_p = NULL
     cdef Py_ssize_t prev_n = -1
-    if size > WIRE_MAX_PLAINTEXT or size < 1:
-        return None
     c.p = <const unsigned char*>PyBytes_AS_STRING(plaintext)
     c.end = c.p + size
-    b = c.p[0]
-    if 0x90 <= b <= 0x9f:
-        n = b & 0x0f
-        c.p += 1
-    elif b == 0xdc and size >= 3:
-        n = get_be16(c.p + 1)
-        c.p += 3
-    elif b == 0xdd and size >= 5:
-        n = get_be32(c.p + 1)
-        c.p += 5
-    else:
-        return None
-    if n > WIRE_MAX_OPS:
+    n = frame_ops(&c)
+    if n < 0:
         return None
     # the bytes object is immutable and we hold a reference: the cursor stays
     # valid across the allocations below whatever they run
@@ -379,26 +387,12 @@ def decode_pings(plaintext):
     cdef Py_ssize_t size = PyBytes_GET_SIZE(plaintext)
     cdef Cursor c
     cdef Py_ssize_t n, i
-    cdef unsigned char b
     cdef list tokens
     cdef unsigned long long token = 0
-    if size > WIRE_MAX_PLAINTEXT or size < 1:
-        return None
     c.p = <const unsigned char*>PyBytes_AS_STRING(plaintext)
     c.end = c.p + size
-    b = c.p[0]
-    if 0x90 <= b <= 0x9f:
-        n = b & 0x0f
-        c.p += 1
-    elif b == 0xdc and size >= 3:
-        n = get_be16(c.p + 1)
-        c.p += 3
-    elif b == 0xdd and size >= 5:
-        n = get_be32(c.p + 1)
-        c.p += 5
-    else:
-        return None
-    if n > WIRE_MAX_OPS:
+    n = frame_ops(&c)
+    if n < 0:
         return None
     tokens = []
     for i in range(n):
@@ -494,28 +488,14 @@ def frame_offsets(plaintext):
     cdef Py_ssize_t size = PyBytes_GET_SIZE(plaintext)
     cdef Cursor c
     cdef Py_ssize_t n, i
-    cdef unsigned char b
     cdef const unsigned char* base
     cdef bytes offsets
     cdef unsigned short* out
-    if size > WIRE_MAX_PLAINTEXT or size < 1:
-        return None
     base = <const unsigned char*>PyBytes_AS_STRING(plaintext)
     c.p = base
     c.end = base + size
-    b = c.p[0]
-    if 0x90 <= b <= 0x9f:
-        n = b & 0x0f
-        c.p += 1
-    elif b == 0xdc and size >= 3:
-        n = get_be16(c.p + 1)
-        c.p += 3
-    elif b == 0xdd and size >= 5:
-        n = get_be32(c.p + 1)
-        c.p += 5
-    else:
-        return None
-    if n > WIRE_MAX_OPS or n > size:
+    n = frame_ops(&c)
+    if n < 0 or n > size:
         return None
     # one uint16 per offset (a frame is under 64 KiB), no Python int each
     offsets = PyBytes_FromStringAndSize(NULL, 2 * (n + 1))
@@ -550,23 +530,10 @@ def decode_server_ops(plaintext, set addr_ok):
     cdef unsigned long long seq = 0, ts = 0, code = 0
     cdef const unsigned char* prev_p = NULL
     cdef Py_ssize_t prev_n = -1
-    if size > WIRE_MAX_PLAINTEXT or size < 1:
-        return None
     c.p = <const unsigned char*>PyBytes_AS_STRING(plaintext)
     c.end = c.p + size
-    b = c.p[0]
-    if 0x90 <= b <= 0x9f:
-        n = b & 0x0f
-        c.p += 1
-    elif b == 0xdc and size >= 3:
-        n = get_be16(c.p + 1)
-        c.p += 3
-    elif b == 0xdd and size >= 5:
-        n = get_be32(c.p + 1)
-        c.p += 5
-    else:
-        return None
-    if n > WIRE_MAX_OPS:
+    n = frame_ops(&c)
+    if n < 0:
         return None
     ops = []
     for i in range(n):
