@@ -43,6 +43,7 @@ from contextlib import contextmanager
 
 from .errors import InvalidArgument, StoreFailed
 from .identity import parse_address
+from .store import _keep_pack, _pack_entries
 
 __all__ = ["erase_address"]
 
@@ -78,6 +79,20 @@ def _erase_store(path: str, address: str) -> dict[str, int]:
                 "SELECT mid FROM inbox WHERE device_key = ?", (key,)))
             to_devices += conn.execute("DELETE FROM inbox WHERE device_key = ?",
                                        (key,)).rowcount
+        # a store written by a fastroute before packs has no such table
+        packs = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' "
+                             "AND name = 'packs'").fetchone() is not None
+        from_it = 0
+        if packs:
+            for key in keys:
+                to_devices += conn.execute("SELECT coalesce(sum(n), 0) FROM packs WHERE "
+                                           "dev = ?", (key,)).fetchone()[0]
+                conn.execute("DELETE FROM packs WHERE dev = ?", (key,))
+            # the sender is inside each pack's data: every pack is read
+            for key, first, data in conn.execute(
+                    "SELECT dev, first, data FROM packs").fetchall():
+                if any(e[1] == address for e in _pack_entries(data)):
+                    from_it += _keep_pack(conn, key, first, lambda e: e[1] != address)
         sent = [m for (m,) in conn.execute("SELECT mid FROM messages WHERE sender = ?",
                                            (address,))]
         for i in range(0, len(sent), 500):
@@ -92,7 +107,8 @@ def _erase_store(path: str, address: str) -> dict[str, int]:
                          "(SELECT 1 FROM inbox WHERE inbox.mid = messages.mid) "
                          f"AND mid IN {_in(len(chunk))}", chunk)
         devices = conn.execute("DELETE FROM devices WHERE address = ?", (address,)).rowcount
-    return {"devices": devices, "deliveries_to_it": to_devices, "messages_from_it": len(sent)}
+    return {"devices": devices, "deliveries_to_it": to_devices,
+            "messages_from_it": len(sent) + from_it}
 
 
 def _erase_registry(path: str, address: str) -> dict[str, int]:

@@ -24,6 +24,7 @@ from fastroute.errors import (
     UnknownDevice,
     WrongType,
 )
+from fastroute import store as store_mod
 from fastroute.store import MemoryStore, SqliteStore, Store
 
 LOOPS = {"asyncio": asyncio.new_event_loop}
@@ -373,8 +374,8 @@ def test_sqlite_put_resolves_only_after_commit(run, db):
                 blocker.close()
             mid = await fut
             # visible to an independent connection the moment the future is done
-            # (a message for one device names it in its own row: no inbox row)
-            assert count(db, "SELECT count(*) FROM messages WHERE mid = ? AND dev = ?",
+            # (a message for one device is in that device's pack: no inbox row)
+            assert count(db, "SELECT count(*) FROM packs WHERE first = ? AND dev = ?",
                          mid, dev) == 1
     run(main())
 
@@ -528,12 +529,14 @@ def test_sqlite_uses_wal_and_the_documented_schema(run, db):
         try:
             assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
             cols = {t: [r[1] for r in conn.execute(f"PRAGMA table_info({t})")]
-                    for t in ("messages", "inbox", "devices")}
+                    for t in ("messages", "inbox", "devices", "packs")}
         finally:
             conn.close()
         assert cols == {"messages": ["mid", "sender", "cid", "body", "ts_ms", "exp_ms", "dev"],
                         "inbox": ["device_key", "mid"],
-                        "devices": ["device_key", "address", "device"]}
+                        "devices": ["device_key", "address", "device"],
+                        "packs": ["dev", "first", "last", "n", "nbytes", "exp_ms", "mids",
+                                  "data"]}
     run(main())
 
 
@@ -545,6 +548,11 @@ _OPS = st.lists(st.one_of(
     st.tuples(st.just("ack"), st.integers(0, 3), st.lists(st.integers(0, 25), max_size=6)),
     st.tuples(st.just("forget"), st.integers(0, 3)),
     st.tuples(st.just("expire"), st.integers(0, 40)),
+    # one batch: several messages for one device share a pack, with expiries
+    # of their own, acked and expired in part
+    st.tuples(st.just("many"), st.lists(st.tuples(
+        st.lists(st.integers(0, 3), min_size=1, max_size=3, unique=True), st.integers(0, 20)),
+        min_size=1, max_size=8)),
 ), max_size=30)
 
 
@@ -561,6 +569,10 @@ def test_sqlite_matches_memory_model(tmp_path_factory, ops):
                 devs, dt = args
                 return await store.put("s@p", CID, b"%d" % dt, T0 + dt * 1000,
                                        [keys[d] for d in devs])
+            if kind == "many":
+                return await store.put_many([("s@p", CID, b"%d" % dt, T0 + dt * 1000,
+                                              [keys[d] for d in devs])
+                                             for devs, dt in args[0]])
             if kind == "ack":
                 store.ack(keys[args[0]], args[1])
             elif kind == "forget":
@@ -619,6 +631,8 @@ def test_sqlite_large_batches_match_memory_model(tmp_path):
             model_msgs = model.stats()["messages"]
         with sqlite3.connect(path) as conn:
             n_msgs = conn.execute("SELECT count(*) FROM messages").fetchone()[0]
+            # the flush rewrote every pack acked in part: n is what is left
+            n_msgs += conn.execute("SELECT coalesce(sum(n), 0) FROM packs").fetchone()[0]
             orphans = conn.execute("SELECT count(*) FROM messages m WHERE dev IS NULL AND "
                                    "NOT EXISTS (SELECT 1 FROM inbox i WHERE i.mid = m.mid)"
                                    ).fetchone()[0]
@@ -668,7 +682,159 @@ def test_sqlite_migrates_a_version_1_store(run, db):
             assert await store.load(1, 0, 10) == []
             assert [r[0] for r in await store.load(2, 0, 10)] == [1]  # still device 2's
         assert count(db, "SELECT count(*) FROM messages") == 1
-        assert count(db, "PRAGMA user_version") == 2
+        assert count(db, "SELECT count(*) FROM packs") == 0
+        assert count(db, "PRAGMA user_version") == 3
+    run(main())
+
+
+_V2_SCHEMA = """
+CREATE TABLE messages(mid INTEGER PRIMARY KEY, sender TEXT NOT NULL, cid BLOB NOT NULL,
+    body BLOB NOT NULL, ts_ms INTEGER NOT NULL, exp_ms INTEGER NOT NULL, dev INTEGER);
+CREATE INDEX messages_exp ON messages(exp_ms);
+CREATE INDEX messages_dev ON messages(dev, mid) WHERE dev IS NOT NULL;
+CREATE TABLE inbox(device_key INTEGER NOT NULL, mid INTEGER NOT NULL,
+    PRIMARY KEY(device_key, mid)) WITHOUT ROWID;
+CREATE INDEX inbox_mid ON inbox(mid);
+CREATE TABLE devices(device_key INTEGER PRIMARY KEY, address TEXT NOT NULL,
+    device TEXT NOT NULL, UNIQUE(address, device));
+CREATE TABLE meta(k TEXT PRIMARY KEY, v INTEGER NOT NULL) WITHOUT ROWID;
+INSERT INTO devices VALUES (1, 'a@p', 'phone'), (2, 'a@p', 'laptop');
+INSERT INTO messages VALUES (1, 's@p', x'00000000000000000000000000000001', x'6f6c64', 1, 9e15, 1);
+INSERT INTO messages VALUES (2, 's@p', x'00000000000000000000000000000002', x'6f6c6432', 2, 9e15,
+    NULL);
+INSERT INTO inbox VALUES (1, 2), (2, 2);
+INSERT INTO meta VALUES ('next_mid', 3), ('next_device', 3);
+PRAGMA user_version = 2;
+"""
+
+
+def test_sqlite_migrates_a_version_2_store(run, db):
+    # version 2 kept a one-device message in its own row: it stays readable
+    # and ackable next to the packs a version 3 store writes, in mid order
+    conn = raw(db)
+    conn.executescript(_V2_SCHEMA)
+    conn.close()
+
+    async def main():
+        async with await SqliteStore.open(db) as store:
+            mids = await store.put_many([("s@p", CID, b"new%d" % i, T0, [1]) for i in range(3)])
+            assert mids == [3, 4, 5]
+            assert [(r[0], r[3]) for r in await store.load(1, 0, 10)] == [
+                (1, b"old"), (2, b"old2"), (3, b"new0"), (4, b"new1"), (5, b"new2")]
+            assert [r[0] for r in await store.load(1, 1, 2)] == [2, 3]
+            assert await store.count_pending(1) == 5
+            assert await store.backlog_counts() == {1: (5, 3 + 4 + 3 * 4), 2: (1, 4)}
+            store.ack(1, [1, 2, 4])
+            await store.flush()
+            assert [r[0] for r in await store.load(1, 0, 10)] == [3, 5]
+        assert count(db, "SELECT count(*) FROM messages") == 1  # device 2's
+        assert count(db, "SELECT n FROM packs WHERE dev = 1") == 2
+        assert count(db, "PRAGMA user_version") == 3
+    run(main())
+
+
+def _pack_bodies(db, dev):
+    conn = raw(db)
+    try:
+        return [e[3] for (data,) in conn.execute("SELECT data FROM packs WHERE dev = ?", (dev,))
+                for e in store_mod._pack_entries(data)]
+    finally:
+        conn.close()
+
+
+def test_sqlite_one_transaction_stores_a_devices_messages_in_one_pack(run, db):
+    async def main():
+        async with await SqliteStore.open(db) as store:
+            a = store.register_device("a@p", "1")
+            b = store.register_device("b@p", "1")
+            # interleaved recipients, one shared message: a's pack skips mids
+            items = [("s@p", CID, b"m%d" % i, T0, [[a], [b], [a, b]][i % 3]) for i in range(12)]
+            mids = await store.put_many(items)
+            assert count(db, "SELECT count(*) FROM packs") == 2
+            assert count(db, "SELECT n FROM packs WHERE dev = ?", a) == 4
+            assert count(db, "SELECT count(*) FROM messages") == 4  # the shared ones
+            mine = [m for i, m in enumerate(mids) if i % 3 != 1]
+            assert [r[0] for r in await store.load(a, 0, 100)] == mine
+            assert [r[0] for r in await store.load(a, mine[2], 3)] == mine[3:6]
+            # acked in part: the pack is rewritten without them at the flush
+            store.ack(a, mids[0:7])
+            await store.flush()
+            assert [r[0] for r in await store.load(a, 0, 100)] == [mids[8], mids[9], mids[11]]
+            assert sorted(_pack_bodies(db, a)) == [b"m9"]  # acked bodies left the pack
+            assert count(db, "SELECT n FROM packs WHERE dev = ?", a) == 1
+            assert store.rewrites == 1
+            assert await store.count_pending(a) == 3  # m9 and the shared m8, m11
+            store.ack(a, mids)
+            await store.flush()
+            assert count(db, "SELECT count(*) FROM packs WHERE dev = ?", a) == 0
+            assert store.rewrites == 1  # a pack acked whole is deleted, not rewritten
+    run(main())
+
+
+def test_sqlite_a_pack_acked_message_by_message_is_rewritten_at_most_once_a_while(run, db):
+    # A device that acks one message at a time must not make the writer
+    # rewrite its pack once per ack; the rewrite comes once, when due.
+    async def main():
+        async with await SqliteStore.open(db) as store:
+            store._rewrite_s = 3600.0  # only a flush rewrites in this part
+            dev = store.register_device("a@p", "1")
+            other = store.register_device("b@p", "1")
+            mids = await store.put_many([("s@p", CID, b"%d" % i, T0, [dev]) for i in range(50)])
+            commits = store.commits
+            for mid in mids[:-1]:
+                store.ack(dev, [mid])
+                # a put in between: every ack goes to a transaction of its own
+                await store.put("s@p", CID, b"x", T0, [other])
+            assert store.commits - commits >= 49
+            assert store.rewrites == 0
+            assert count(db, "SELECT n FROM packs WHERE dev = ?", dev) == 50
+            assert [r[0] for r in await store.load(dev, 0, 100)] == mids  # not yet flushed
+            store.ack(dev, mids[-1:])
+            await store.flush()
+            assert count(db, "SELECT count(*) FROM packs WHERE dev = ?", dev) == 0
+            assert store.rewrites == 0
+            # without a flush, the writer rewrites a part-acked pack on its own
+            store._rewrite_s = 0.05
+            mids = await store.put_many([("s@p", CID, b"%d" % i, T0, [dev]) for i in range(5)])
+            store.ack(dev, mids[:2])
+            for _ in range(200):
+                if count(db, "SELECT n FROM packs WHERE dev = ?", dev) == 3:
+                    break
+                await asyncio.sleep(0.02)
+            assert count(db, "SELECT n FROM packs WHERE dev = ?", dev) == 3
+            assert store.rewrites == 1
+    run(main())
+
+
+def test_sqlite_expiry_of_a_pack_spares_messages_queued_after_it(run, db):
+    # an expiry and puts in one transaction: the expiry's bound is the first
+    # mid queued after it, and a pack may hold mids on both sides
+    async def main():
+        async with await SqliteStore.open(db, ttl_s=10) as store:
+            dev = store.register_device("a@p", "1")
+            await store.flush()
+        conn = raw(db)
+        try:
+            rows = store_mod._pack_rows({dev: [
+                (m, "s@p", CID, b"%d" % m, T0, T0 + 10_000 + (m % 2)) for m in range(1, 9)]})
+            conn.execute(store_mod._rows_sql(store_mod._SQL_PUT_PACK, 8, 1), rows)
+            # due at T0 + 10 s: the even mids; of them only those below mid 5
+            assert SqliteStore._expire(conn, T0 + 10_000, 5, {}) == 2
+            left = [e[0] for (d,) in conn.execute("SELECT data FROM packs")
+                    for e in store_mod._pack_entries(d)]
+            assert left == [1, 3, 5, 6, 7, 8]
+            assert conn.execute("SELECT n, exp_ms FROM packs").fetchone() == (6, T0 + 10_000)
+            # acked in part (noted, not yet rewritten) and expired: both go, and
+            # only the unacked count as expired (1 and 5, not 3 and 6)
+            partial = {(dev, 1): {3, 6}}
+            assert SqliteStore._expire(conn, T0 + 10_001, 7, partial) == 2
+            assert partial == {}
+            left = [e[0] for (d,) in conn.execute("SELECT data FROM packs")
+                    for e in store_mod._pack_entries(d)]
+            assert left == [7, 8]
+            conn.commit()
+        finally:
+            conn.close()
     run(main())
 
 
