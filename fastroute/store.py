@@ -1099,6 +1099,7 @@ class SqliteStore(_BaseStore):
         # the partial acks as this transaction leaves them; kept only if it
         # commits (a set is replaced, never changed in place)
         partial = dict(self._partial)
+        rewritten = 0
         t0 = time.perf_counter()
         try:
             conn.execute("BEGIN")
@@ -1122,7 +1123,7 @@ class SqliteStore(_BaseStore):
             if rewrite:
                 for (key, first), acked in partial.items():
                     _keep_pack(conn, key, first, lambda e: e[0] not in acked)
-                self.rewrites += len(partial)
+                rewritten = len(partial)
                 partial = {}
             conn.execute("COMMIT")
         except BaseException:
@@ -1137,6 +1138,7 @@ class SqliteStore(_BaseStore):
         elif not partial:
             self._rewrite_due = None
         self._partial = partial
+        self.rewrites += rewritten
         self.commit_seconds.observe(time.perf_counter() - t0)
         self.commits += 1
         return expired
