@@ -771,7 +771,9 @@ class Keys:
                     items, copies)))):
             self._refuse_dsend(link, cid, to, entries, own, skip)
             return
-        size = sum(len(e[2]) for e in entries) + sum(len(e[2]) for e in own)
+        size = sum([len(e[2]) for e in entries])
+        if own:
+            size += sum([len(e[2]) for e in own])
         n = len(items)
         lg = link.gate_state
         msg_tokens = lg.msg_bucket.refill()
@@ -817,9 +819,17 @@ class Keys:
         self.delivery.persisted_copies(routed, mids[-1])
         safety = self.safety
         if safety is not None and safety.window > 0:
-            # spam reports count only for pairs the relay really carried
+            # spam reports count only for pairs the relay really carried;
+            # a batch is mostly one sender's: one call per sender, not per DSEND
+            pairs: dict[str, set] = {}
             for link, _, (to, _) in meta:
-                safety.delivered(link.address, (to,))
+                tos = pairs.get(link.address)
+                if tos is None:
+                    pairs[link.address] = {to}
+                else:
+                    tos.add(to)
+            for sender, tos in pairs.items():
+                safety.delivered(sender, tos)
         self.accepted += len(mids)
 
     # ------------------------------------------------------------ events
