@@ -88,6 +88,9 @@ def test_compiled_twins_loaded():
              (delivery.sync_rows, delivery.py_sync_rows),
              (keys_mod.dsend_copies, keys_mod.py_dsend_copies),
              (delivery.bytes_by_address, delivery.py_bytes_by_address),
+             (delivery.shared_items, delivery.py_shared_items),
+             (delivery.devices_of, delivery.py_devices_of),
+             (delivery.held_offered, delivery.py_held_offered),
              (store._mem_put, store.py_mem_put), (store._mem_ack, store.py_mem_ack),
              (store._mem_load, store.py_mem_load),
              (client_mod._pack_sends, client_mod.py_pack_sends),
@@ -1188,6 +1191,68 @@ def test_bytes_by_address_twins(batch):
     got = _same(delivery.py_bytes_by_address, _core and _core.bytes_by_address, batch)
     if not isinstance(got, Exception):
         assert sum(got.values()) == sum(len(p[1]) for _, p in batch)
+
+
+class _Link:
+    def __init__(self, features):
+        self.features = frozenset(features)
+
+
+class _Feed:
+    """What the shared fan-out reads of a feed: its engine id, its link's
+    features, and the bytes it holds."""
+
+    def __init__(self, dev, features):
+        self.dev = dev
+        self.link = _Link(features)
+        self.qbytes = 0
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_shared_fan_out_twins(seed):
+    # rows stored once for many devices go to every listed device online on
+    # a link with the feature, one shared payload per row, in order
+    rng = random.Random(seed)
+    devices = [(f"u{i % 7}@home", f"d{i}") for i in range(40)]
+    by_device = {key: _Feed(i, rng.sample(["groups", "e2ee"], rng.randrange(3)))
+                 for i, key in enumerate(devices) if rng.random() < 0.7}
+    shared = [(mid, (bytes([mid]) * rng.randrange(1, 50), b"\x99\xcd\x08\x34",
+                     rng.sample(devices, rng.randrange(len(devices)))))
+              for mid in range(1, 1 + rng.randrange(1, 12))]
+    runs = []
+    for resolve, fan in zip(_both(delivery.py_devices_of), _both(delivery.py_shared_items)):
+        if fan is not None:
+            runs.append(fan([(mid, tail, head, resolve(by_device, targets, "groups"))
+                             for mid, (tail, head, targets) in shared]))
+    items = runs[0]
+    assert all(r == items for r in runs)
+    want = [(by_device[k].dev, (mid, tail, head)) for mid, (tail, head, targets) in shared
+            for k in targets if k in by_device and "groups" in by_device[k].link.features]
+    assert items == want and want
+    if len(runs) == 2:  # the payload object is shared, not copied per device
+        firsts = {}
+        for _, payload in runs[1]:
+            assert firsts.setdefault(payload[0], payload) is payload
+
+    # then what the engine placed is counted against each online feed
+    online = {feed.dev: feed for feed in by_device.values() if rng.random() < 0.8}
+    skip = frozenset(i for i in range(len(items)) if rng.random() < 0.2)
+    totals = []
+    for fn in _both(delivery.py_held_offered):
+        if fn is None:
+            continue
+        for feed in by_device.values():
+            feed.qbytes = 0
+        added = fn(online, items, skip)
+        totals.append((added, {f.dev: f.qbytes for f in by_device.values()}))
+    assert all(t == totals[0] for t in totals)
+    added, per_feed = totals[0]
+    want_per_feed: dict = {}
+    for i, (dev, payload) in enumerate(items):
+        if i not in skip and dev in online:
+            want_per_feed[dev] = want_per_feed.get(dev, 0) + len(payload[1])
+    assert added == sum(want_per_feed.values()) > 0
+    assert {d: n for d, n in per_feed.items() if n} == want_per_feed
 
 
 @pytest.mark.parametrize("make", [

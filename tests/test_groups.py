@@ -80,6 +80,17 @@ async def quiet(c: Client, wait: float = 0.3) -> bool:
     return False
 
 
+async def until_message(c: Client, body: bytes, timeout: float = 5.0) -> bool:
+    """Take group messages and events until one with ``body``; False if none comes."""
+    try:
+        while True:
+            m = (await take(c, 1, timeout))[0]
+            if isinstance(m, GroupMessage) and m.body == body:
+                return True
+    except asyncio.TimeoutError:
+        return False
+
+
 def kinds(items: list) -> list:
     return [(m.kind, m.data[2:]) if isinstance(m, GroupEvent) else ("msg", m.body)
             for m in items]
@@ -263,6 +274,43 @@ def test_late_member_gets_nothing_from_before_and_a_new_device_changes_the_versi
             assert [k for k, _ in kinds(got)] == [GEV_ADDED, "msg", "msg", "msg", GEV_ADDED,
                                                   "msg", GEV_DEVICE_JOINED, "msg"]
             assert await quiet(back)
+    run("asyncio", main())
+
+
+def test_the_live_fan_out_follows_devices_that_reconnect_or_negotiate_later(tmp_path):
+    # The relay resolves a group's device list to online devices once and
+    # reuses that while nothing changes: a device that reconnects, and one
+    # that negotiates "groups" after it connected, must be on the live route
+    # of the very next group message (not only of its next link's backlog).
+    async def main():
+        async with world(tmp_path) as w:
+            a = await member(w, "alice@home", "phone", 11)
+            b = await member(w, "bob@home", "phone", 21)
+            c = await w.connect("carol@home", "phone", features=("e2ee",))
+            c.did = await c.publish_keys(**keyset(31, n_ec=1, n_kem=1))
+            gid = await a.create_group()
+            await a.group_add(gid, "bob@home")
+            await a.group_add(gid, "carol@home")
+            v, _, _ = await a.group_members(gid)
+            await a.group_send(gid, v, b"one")
+            assert await until_message(b, b"one")
+            await b.close()
+            groups = w.relay.groups
+            placed = groups.fanned_out
+            await a.group_send(gid, v, b"while away")
+            assert groups.fanned_out == placed  # nobody online to take it live
+            b = await member(w, "bob@home", "phone")  # the same device, a new link
+            assert await until_message(b, b"while away")  # from the store
+            placed = groups.fanned_out
+            await a.group_send(gid, v, b"two")
+            assert await until_message(b, b"two")
+            assert groups.fanned_out == placed + 1  # on the live route, to bob's new link
+            assert await quiet(c)  # carol's link cannot read group messages yet
+            assert "groups" in await c.negotiate(("groups",))
+            placed = groups.fanned_out
+            await a.group_send(gid, v, b"three")
+            assert await until_message(c, b"three")
+            assert groups.fanned_out == placed + 2  # live to bob and to carol
     run("asyncio", main())
 
 

@@ -5,6 +5,9 @@
 #   pack_delivers  = py_pack_delivers
 #   sync_rows      = py_sync_rows
 #   bytes_by_address = py_bytes_by_address
+#   devices_of     = py_devices_of
+#   shared_items   = py_shared_items
+#   held_offered   = py_held_offered
 #
 # tests/test_fastpath.py runs both on the same inputs and compares.
 
@@ -136,3 +139,60 @@ def bytes_by_address(list batch):
         else:
             out[to] = <Py_ssize_t>have + PyBytes_GET_SIZE(tail)
     return out
+
+
+def devices_of(dict by_device, list targets, str feature):
+    """The engine ids of the feeds in ``by_device`` named by ``targets``
+    (``(address, device name)`` keys) whose link negotiated ``feature``."""
+    cdef list devs = []
+    cdef object key, feed
+    cdef PyObject* found
+    for key in targets:
+        found = PyDict_GetItemWithError(by_device, key)
+        if found == NULL:  # (an error in the lookup is raised by Cython)
+            continue
+        feed = <object>found
+        if feature in feed.link.features:
+            devs.append(feed.dev)
+    return devs
+
+
+def shared_items(list rows):
+    """The engine's ``(device id, payload)`` items for rows stored once for many
+    devices, ``(mid, tail, head, [engine id, ...])``: one ``(mid, tail, head)``
+    payload per row, shared by its devices."""
+    cdef list items = []
+    cdef list devs
+    cdef object row, payload
+    cdef Py_ssize_t i, n
+    for row in rows:
+        mid, tail, head, devs = row
+        payload = (mid, tail, head)
+        n = PyList_GET_SIZE(devs)
+        for i in range(n):
+            items.append((<object>PyList_GET_ITEM(devs, i), payload))
+    return items
+
+
+def held_offered(dict online, list items, object skip):
+    """Add the tail length of each placed ``(engine device id, (mid, tail, head))``
+    item to its online feed's ``qbytes`` (items whose index is in ``skip`` were
+    not placed); return the bytes added in all."""
+    cdef Py_ssize_t index, n = PyList_GET_SIZE(items), size
+    cdef object item, feed, payload
+    cdef PyObject* found
+    cdef bint skipping = len(skip) > 0
+    added = 0
+    for index in range(n):
+        if skipping and index in skip:
+            continue
+        item = <object>PyList_GET_ITEM(items, index)
+        dev, payload = item
+        found = PyDict_GetItemWithError(online, dev)
+        if found == NULL:  # (an error in the lookup is raised by Cython)
+            continue
+        feed = <object>found
+        size = len(payload[1])
+        feed.qbytes += size
+        added += size
+    return added

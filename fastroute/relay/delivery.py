@@ -137,10 +137,57 @@ def py_bytes_by_address(batch: list) -> dict:
     return out
 
 
+def py_devices_of(by_device: dict, targets: list, feature: str) -> list:
+    """The engine ids of the feeds in ``by_device`` named by ``targets``
+    (``(address, device name)`` keys) whose link negotiated ``feature``."""
+    devs: list = []
+    for key in targets:
+        feed = by_device.get(key)
+        if feed is not None and feature in feed.link.features:
+            devs.append(feed.dev)
+    return devs
+
+
+def py_shared_items(rows: list) -> list:
+    """The engine's ``(device id, payload)`` items for rows stored once for many
+    devices, ``(mid, tail, head, [engine id, ...])``: one ``(mid, tail, head)``
+    payload per row, shared by its devices (a group's fan-out to a thousand
+    devices is a thousand of these, so it is compiled)."""
+    items: list = []
+    append = items.append
+    for mid, tail, head, devs in rows:
+        payload = (mid, tail, head)
+        for dev in devs:
+            append((dev, payload))
+    return items
+
+
+def py_held_offered(online: dict, items: list, skip) -> int:
+    """Add the tail length of each placed ``(engine device id, (mid, tail, head))``
+    item to its online feed's ``qbytes`` (items whose index is in ``skip`` were
+    not placed); return the bytes added in all."""
+    added = 0
+    for index, (dev, payload) in enumerate(items):
+        if index in skip:
+            continue
+        feed = online.get(dev)
+        if feed is not None:
+            size = len(payload[1])
+            feed.qbytes += size
+            added += size
+    return added
+
+
+#: cached group fan-outs kept at most (see ``Delivery._fanouts``)
+_MAX_FANOUTS = 1024
+
 #: the implementations in use: compiled (``_delivery.pxi``) or the specifications above
 pack_delivers = twin(py_pack_delivers)
 sync_rows = twin(py_sync_rows)
 bytes_by_address = twin(py_bytes_by_address)
+devices_of = twin(py_devices_of)
+shared_items = twin(py_shared_items)
+held_offered = twin(py_held_offered)
 
 
 # -- the stage ---------------------------------------------------------------------
@@ -259,6 +306,14 @@ class Delivery:
         self.latency = Histogram()
         self._online: dict[int, Feed] = {}  # engine device id -> feed
         self._by_device: dict[tuple[str, str], Feed] = {}
+        # A group's fan-out names its devices as (address, device name); a
+        # thousand dict probes and feed lookups a message cost ~0.6 us a
+        # delivery (memory-bound, compiled or not).  The same targets list
+        # (a group's, cached by the groups stage per membership) resolves to
+        # the same engine ids until a device comes, goes or gains a feature:
+        # id(targets) -> (targets, generation, feature, engine ids).
+        self._fanouts: dict[int, tuple] = {}
+        self._feeds_gen = 0
         self._dirty: set = set()
         #: the writer's pending call, if one is scheduled
         self._flush_scheduled: asyncio.Handle | None = None
@@ -304,6 +359,7 @@ class Delivery:
         feed = Feed(link, dev, dkey, address, device)
         self._online[dev] = feed
         self._by_device[(address, device)] = feed
+        self._feeds_gen += 1
         self._by_address.setdefault(address, []).append(feed)
         return feed
 
@@ -344,6 +400,7 @@ class Delivery:
         key = (feed.address, feed.device)
         if self._by_device.get(key) is feed:
             del self._by_device[key]
+        self._feeds_gen += 1
         feeds = self._by_address.get(feed.address)
         if feeds is not None and feed in feeds:
             feeds.remove(feed)
@@ -508,18 +565,8 @@ class Delivery:
         """Count the tails of placed ``(engine device id, (mid, tail, head))``
         items against their devices and the relay-wide memory budget, as
         :meth:`_held` does for routed ones (per-device and group copies too)."""
-        online = self._online
-        skip = {index for index, _ in full} if full else ()
-        added = 0
-        for index, (dev, payload) in enumerate(items):
-            if index in skip:
-                continue
-            feed = online.get(dev)
-            if feed is not None:
-                size = len(payload[1])
-                feed.qbytes += size
-                added += size
-        self.queued_bytes += added
+        skip = {index for index, _ in full} if full else frozenset()
+        self.queued_bytes += held_offered(self._online, items, skip)
 
     def route(self, batch: list, ephemeral: bool) -> None:
         """Route ``(address, (mid, tail))`` pairs to the online devices of each address."""
@@ -639,19 +686,27 @@ class Delivery:
         object per row goes to every listed device online on a link that
         negotiated ``feature`` (the engine shares it, copies nothing); the
         store keeps the row for the others.  Returns how many were placed."""
-        by_device = self._by_device
+        return self._offer(lambda: shared_items(
+            [(mid, tail, head, self._devices_of(targets, feature))
+             for mid, (tail, head, targets) in shared]), last_mid)
 
-        def build() -> list:
-            items = []
-            for mid, (tail, head, targets) in shared:
-                payload = (mid, tail, head)
-                for key in targets:
-                    feed = by_device.get(key)
-                    if feed is not None and feature in feed.link.features:
-                        items.append((feed.dev, payload))
-            return items
+    def _devices_of(self, targets: list, feature: str) -> list:
+        """The engine ids of the devices of ``targets`` (``(address, device
+        name)``) online on a link that negotiated ``feature``, cached per list."""
+        cached = self._fanouts.get(id(targets))
+        if (cached is not None and cached[0] is targets and cached[1] == self._feeds_gen
+                and cached[2] == feature):
+            return cached[3]
+        devs = devices_of(self._by_device, targets, feature)
+        if len(self._fanouts) >= _MAX_FANOUTS:
+            self._fanouts.clear()
+        # the list itself is kept: its id cannot be reused while cached
+        self._fanouts[id(targets)] = (targets, self._feeds_gen, feature, devs)
+        return devs
 
-        return self._offer(build, last_mid)
+    def features_changed(self) -> None:
+        """A link was granted features: cached fan-outs may now include its device."""
+        self._feeds_gen += 1
 
     def _missed(self, batch: list, full: list) -> None:
         online = self._online

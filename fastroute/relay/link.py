@@ -820,6 +820,7 @@ class Link(asyncio.Protocol):
             have = ok
         granted = sorted(wanted & have)
         self.features = self.features.union(granted)
+        self.wiring.delivery.features_changed()
         self.out.append(wire.features_ok_op(cid, granted))
         self.wiring.delivery.mark(self)
 
