@@ -806,6 +806,43 @@ def test_sqlite_a_pack_acked_message_by_message_is_rewritten_at_most_once_a_whil
     run(main())
 
 
+def test_sqlite_a_failed_pack_rewrite_is_retried_until_it_lands(run, db):
+    # the rewrite of a pack acked in part fails with its transaction (here
+    # the database is locked): it is tried again on the writer's own
+    # timer, not lost and not retried in a tight loop
+    async def main():
+        async with await SqliteStore.open(db, erase_s=0.4) as store:
+            dev = store.register_device("a@p", "1")
+            mids = await store.put_many([("s@p", CID, b"m%d" % i, T0, [dev])
+                                         for i in range(10)])
+            await store.flush()  # the writer is idle: safe to touch its connection
+            store._wconn.execute("PRAGMA busy_timeout = 50")
+            store._rewrite_s = 0.3
+            store.ack(dev, mids[:4])
+            for _ in range(100):  # the ack committed: the rewrite is due in 0.3 s
+                if store._partial:
+                    break
+                await asyncio.sleep(0.01)
+            assert store._partial and store.failed_batches == 0
+            lock = sqlite3.connect(db, isolation_level=None)
+            lock.execute("BEGIN IMMEDIATE")  # nothing can be written now
+            try:
+                await asyncio.sleep(1.0)  # the rewrite comes due and fails
+                assert 1 <= store.failed_batches <= 3  # again every 0.5 s, not a spin
+                assert store.rewrites == 0
+            finally:
+                lock.execute("ROLLBACK")
+                lock.close()
+            for _ in range(100):  # no flush: the writer's retry lands it
+                if count(db, "SELECT n FROM packs WHERE dev = ?", dev) == 6:
+                    break
+                await asyncio.sleep(0.05)
+            assert count(db, "SELECT n FROM packs WHERE dev = ?", dev) == 6
+            assert store.rewrites == 1 and store.deletes_waiting == 0
+            assert [r[0] for r in await store.load(dev, 0, 20)] == mids[4:]
+    run(main())
+
+
 def test_sqlite_expiry_of_a_pack_spares_messages_queued_after_it(run, db):
     # an expiry and puts in one transaction: the expiry's bound is the first
     # mid queued after it, and a pack may hold mids on both sides
