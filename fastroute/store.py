@@ -214,9 +214,6 @@ _SQL_BACKLOG = ("SELECT dev, count(*), sum(length(body)) FROM messages "
 # no new rows (a transaction of deletes only)
 _NO_PUTS: tuple = ([], [], [])
 
-# the reader's load (several statements in one snapshot), as _read's "sql"
-_LOAD = object()
-
 # Writer request kinds.  A request is a tuple (kind, arg, future-or-None).
 _PUT, _PUT_MANY, _ACK, _REG, _FORGET, _EXPIRE, _FLUSH, _STOP = range(8)
 
@@ -732,7 +729,7 @@ class SqliteStore(_BaseStore):
         """
         self._check_open()
         self._check_load(device_key, after_mid, limit)
-        return await self._read(_LOAD, (device_key, after_mid, limit))
+        return await self._read(_load, device_key, after_mid, limit)
 
     async def count_pending(self, device_key: int | None = None) -> int:
         """Inbox rows not yet acked, for one device or in total.
@@ -754,18 +751,19 @@ class SqliteStore(_BaseStore):
         fut = self._loop.create_future()
         self._submit(_FLUSH, False, fut)
         await fut
-        return (await self._read(sql, params))[0][0]
+        return (await self._read(_fetch, sql, params))[0][0]
 
-    async def _read(self, sql: str, params: tuple) -> list:
+    async def _read(self, work, *args) -> list:
+        """``work(connection, *args)`` on the reader thread's connection."""
         try:
             return await self._loop.run_in_executor(self._reader, self._read_sync,
-                                                    sql, params)
+                                                    work, args)
         except RuntimeError:
             if self._closed:  # executor already shut down
                 raise _closed_error() from None
             raise
 
-    def _read_sync(self, sql: str | object, params: tuple) -> list:
+    def _read_sync(self, work, args: tuple) -> list:
         try:
             conn = self._rconn
             if conn is None:
@@ -773,9 +771,7 @@ class SqliteStore(_BaseStore):
                     self._path, isolation_level=None, check_same_thread=False)
                 conn.execute("PRAGMA query_only = ON")
                 conn.execute("PRAGMA busy_timeout = 5000")
-            if sql is _LOAD:
-                return _load(conn, *params)
-            return conn.execute(sql, params).fetchall()
+            return work(conn, *args)
         except sqlite3.Error as exc:
             raise _store_error(f"store read failed: {_reason(exc)}") from None
 
@@ -783,7 +779,7 @@ class SqliteStore(_BaseStore):
         """``device key -> (messages, body bytes)`` still stored for each device
         (for the relay's caps, :mod:`fastroute.relay.caps`)."""
         self._check_open()
-        rows = await self._read(_SQL_BACKLOG, ())
+        rows = await self._read(_fetch, _SQL_BACKLOG, ())
         out: dict[int, tuple[int, int]] = {}
         for dkey, n, nbytes in rows:
             m, b = out.get(dkey, (0, 0))
@@ -1189,6 +1185,11 @@ class SqliteStore(_BaseStore):
                             lambda e: e[0] not in acked and (e[5] > now_ms or e[0] >= bound),
                             count=lambda e: e[0] not in acked)
         return n
+
+
+def _fetch(conn: sqlite3.Connection, sql: str, params: tuple) -> list:
+    """Every row of one query."""
+    return conn.execute(sql, params).fetchall()
 
 
 def _load(conn: sqlite3.Connection, device_key: int, after_mid: int, limit: int) -> list:
