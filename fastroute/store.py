@@ -530,6 +530,9 @@ class SqliteStore(_BaseStore):
         # after the first such ack (or at a flush, so reads after one see it).
         self._partial: dict[tuple[int, int], set[int]] = {}
         self._rewrite_due: float | None = None
+        # when the oldest of those acks committed: the erasing checkpoint
+        # after the rewrite is due erase_s after it, not after the rewrite
+        self._partial_since: float | None = None
         # well inside erase_s: the rewrite, then the checkpoint that erases it
         self._rewrite_s = min(0.5, erase_s / 4)
         #: packs rewritten without their acked messages (metrics, tests)
@@ -1130,9 +1133,18 @@ class SqliteStore(_BaseStore):
                 pass
             raise
         if partial and not self._partial:
-            self._rewrite_due = time.monotonic() + self._rewrite_s
+            self._partial_since = time.monotonic()
+            self._rewrite_due = self._partial_since + self._rewrite_s
         elif not partial:
-            self._rewrite_due = None
+            since = self._partial_since
+            if rewritten and since is not None:
+                # a checkpoint may have run since those acks (for an earlier
+                # delete): the one that erases the rewrite's old pages is due
+                # erase_s after the acks
+                due = since + self._erase_s
+                if self._erase_due is None or due < self._erase_due:
+                    self._erase_due = due
+            self._partial_since = self._rewrite_due = None
         self._partial = partial
         self.rewrites += rewritten
         self.commit_seconds.observe(time.perf_counter() - t0)

@@ -274,6 +274,52 @@ def test_a_pack_acked_in_part_keeps_no_acked_body_past_the_bound(tmp_path):
     assert scan(str(tmp_path), acked) == {}
 
 
+def test_the_erase_bound_of_a_part_acked_pack_counts_from_the_ack(tmp_path):
+    # A checkpoint that runs between a pack's partial ack and its rewrite
+    # (due for an earlier delete) does not erase the rewrite's old pages;
+    # the next one must still come erase_s after the ack, not after the
+    # rewrite (which would add up to erase_s / 4 to the bound).
+    import time
+
+    from fastroute.store import SqliteStore
+
+    path = str(tmp_path / "store.db")
+    erase_s = 2.0  # the rewrite comes 0.5 s after the ack
+    acked: dict[str, bytes] = {}
+
+    async def main():
+        store = await SqliteStore.open(path, erase_s=erase_s)
+        try:
+            a = store.register_device("bob@acme", "phone")
+            b = store.register_device("carol@acme", "phone")
+            store.ack(a, await store.put_many([("alice@home", os.urandom(16), b"first", 1, [a])]))
+            await store.flush()
+            start = time.monotonic()  # a checkpoint is due about erase_s from here
+            items = []
+            for i in range(20):
+                body = b"PART-ACKED-%02d-" % i + os.urandom(8).hex().encode()
+                if i % 2:
+                    acked[f"body{i}"] = body
+                items.append(("alice@home", os.urandom(16), body, 1, [b]))
+            mids = await store.put_many(items)
+            await asyncio.sleep(max(0.0, start + erase_s - 0.25 - time.monotonic()))
+            t_ack = time.monotonic()
+            store.ack(b, mids[1::2])
+            for _ in range(200):
+                if store.rewrites:
+                    break
+                await asyncio.sleep(0.01)
+            assert store.rewrites == 1 and store.checkpoints >= 1
+            due = store._erase_due
+            assert due is None or due <= t_ack + erase_s + 0.25, due - t_ack
+            await asyncio.sleep(max(0.0, t_ack + erase_s + 0.5 - time.monotonic()))
+            return scan(str(tmp_path), acked)
+        finally:
+            await store.close()
+
+    assert asyncio.run(main()) == {}
+
+
 def test_operator_erasure_takes_an_address_out_of_shared_packs(tmp_path):
     # a pack holds one transaction's messages for one device, from several
     # senders: erasing a sender rewrites it with the others' messages only
