@@ -191,3 +191,31 @@ def test_metrics_during_traffic_have_no_personal_data(tmp_path):
     log_text = "".join(relay.lines) + out
     for secret in addresses + devices:
         assert secret not in log_text
+
+
+def test_garbage_collections_and_their_pauses_are_metrics(tmp_path):
+    # the relay's figure for "no GC pause in the latency": how many
+    # collections of each generation ran, and how long each held everything
+    import gc
+
+    from fastroute.relay.metrics import render_metrics
+    from relayutil import run, world
+
+    async def main():
+        async with world(tmp_path) as w:
+            before = samples(await render_metrics(w.relay))
+            gc.collect()  # a full collection: generation 2
+            gc.collect(0)
+            after_text = await render_metrics(w.relay)
+            check_format(after_text)
+            after = samples(after_text)
+        key2 = 'fastroute_gc_collections_total{generation="2"}'
+        key0 = 'fastroute_gc_collections_total{generation="0"}'
+        assert after[key2] >= before[key2] + 1
+        assert after[key0] >= before[key0] + 1
+        assert after["fastroute_gc_pause_seconds_count"] >= \
+            before["fastroute_gc_pause_seconds_count"] + 2
+        assert after["fastroute_gc_pause_seconds_sum"] > before["fastroute_gc_pause_seconds_sum"]
+        assert after['fastroute_gc_pause_seconds_bucket{le="+Inf"}'] == \
+            after["fastroute_gc_pause_seconds_count"]
+    run("asyncio", main())

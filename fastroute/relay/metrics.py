@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import gc
 import logging
 import os
 import time
@@ -28,12 +29,12 @@ from typing import TYPE_CHECKING
 
 from .. import wire
 from ..errors import ErrorCode
-from ..histogram import Histogram
+from ..histogram import LOOP_BUCKETS, Histogram
 
 if TYPE_CHECKING:
     from .server import Relay
 
-__all__ = ["Histogram", "render_metrics", "serve_metrics"]
+__all__ = ["GC_PAUSES", "GcPauses", "Histogram", "render_metrics", "serve_metrics"]
 
 log = logging.getLogger("fastroute.relay")
 
@@ -41,6 +42,44 @@ log = logging.getLogger("fastroute.relay")
 DEPTH_BUCKETS = (0, 1, 10, 100, 1000, 4096, 16384, 65536)
 #: the engine's cumulative counts (the rest of its stats are levels)
 _ENGINE_COUNTERS = frozenset({"delivered", "popped", "acked", "requeued", "returned"})
+
+
+class GcPauses:
+    """This process's garbage collections: how many, by generation, and how
+    long each held the interpreter (a pause every connection waits out).
+
+    Installed once per process by the first relay that starts (a callback in
+    ``gc.callbacks``; the collector's settings are not touched).
+    """
+
+    def __init__(self) -> None:
+        #: collections finished, by generation (0, 1, 2)
+        self.collections = [0, 0, 0]
+        #: seconds from each collection's start to its end
+        self.pauses = Histogram(LOOP_BUCKETS)
+        self._started = 0.0
+        self._installed = False
+
+    def install(self) -> None:
+        """Start counting (idempotent)."""
+        if not self._installed:
+            self._installed = True
+            gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict) -> None:
+        # a collection holds the GIL from start to stop: no other thread's
+        # collection can come between the two calls
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.pauses.observe(time.perf_counter() - self._started)
+            generation = info.get("generation", 2)
+            if 0 <= generation < 3:
+                self.collections[generation] += 1
+
+
+#: the process's collector, as the metrics report it
+GC_PAUSES = GcPauses()
 
 
 def _label(value: str) -> str:
@@ -189,6 +228,13 @@ async def render_metrics(relay: "Relay") -> str:
            [("", relay.applied_generation)])
     metric("fastroute_config_reloads_total", "counter", "Configurations reloaded (SIGHUP).",
            [("", relay.reloads)])
+    metric("fastroute_gc_collections_total", "counter",
+           "Garbage collections of the relay's process, by generation.",
+           [(f'{{generation="{g}"}}', n) for g, n in enumerate(GC_PAUSES.collections)])
+    metric("fastroute_gc_pause_seconds", "histogram",
+           "How long each garbage collection held the interpreter (every connection "
+           "waits it out).", [])
+    lines.extend(GC_PAUSES.pauses.lines("fastroute_gc_pause_seconds"))
     return "\n".join(lines) + "\n"
 
 

@@ -45,7 +45,7 @@ from .groups import Groups
 from .keys import KeyDirectory, Keys
 from .link import Link, LinkState, LinkWiring, Turns
 from .media_ops import MediaOps
-from .metrics import Histogram, serve_metrics
+from .metrics import GC_PAUSES, Histogram, serve_metrics
 from .safety import Safety, SafetyBook
 from .upkeep import Upkeep, serve_admin
 
@@ -241,6 +241,7 @@ class Relay:
         """Open key, registry and store, build the stages, then listen on ``config.host:port``."""
         cfg = self.config
         loop = asyncio.get_running_loop()
+        GC_PAUSES.install()
         # the fd limit first: a relay that cannot hold its connections says so
         self.max_connections = fit_fd_limit(cfg.max_connections)
         # bind first: an address in use must not leave a new data directory
