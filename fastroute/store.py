@@ -1207,18 +1207,26 @@ def _fetch(conn: sqlite3.Connection, sql: str, params: tuple) -> list:
 def _load(conn: sqlite3.Connection, device_key: int, after_mid: int, limit: int) -> list:
     """``load`` on the reader's connection: the rows and the packs in one snapshot
     (a shared message committed between two reads would otherwise be missed)."""
+    rows: list = []
     conn.execute("BEGIN")
     try:
-        rows = conn.execute(_SQL_LOAD, (device_key, after_mid, limit)).fetchall()
-        packs = conn.execute(_SQL_LOAD_PACKS, (device_key, after_mid, limit)).fetchall()
+        shared = conn.execute(_SQL_LOAD, (device_key, after_mid, limit)).fetchall()
+        # packs come in mid order: the first `limit` messages past after_mid
+        # are in the first packs that hold `limit` of them (a backlog's pack
+        # holds hundreds: unpacking `limit` packs would be wasted work)
+        cur = conn.execute(_SQL_LOAD_PACKS, (device_key, after_mid, limit))
+        try:
+            for (data,) in cur:
+                rows += [e[:5] for e in _pack_entries(data) if e[0] > after_mid]
+                if len(rows) >= limit:
+                    break
+        finally:
+            cur.close()  # a statement left open would hold the read snapshot
     finally:
         conn.execute("COMMIT")
-    if not packs:
-        return rows
-    # packs come in mid order and each holds at least one message past
-    # after_mid, so the first `limit` of them hold the first `limit` messages
-    for (data,) in packs:
-        rows += [e[:5] for e in _pack_entries(data) if e[0] > after_mid]
+    if not rows:
+        return shared
+    rows += shared
     rows.sort()
     del rows[limit:]
     return rows

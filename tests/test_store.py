@@ -771,6 +771,27 @@ def test_sqlite_one_transaction_stores_a_devices_messages_in_one_pack(run, db):
     run(main())
 
 
+def test_sqlite_a_page_of_a_long_backlog_unpacks_only_the_packs_it_needs(run, db, monkeypatch):
+    # a device back after a while: 40 transactions of 100 messages each; a
+    # page of 150 must not unpack the 150 packs the query may return
+    unpacked = []
+    real = store_mod._pack_entries
+    monkeypatch.setattr(store_mod, "_pack_entries", lambda data: unpacked.append(1) or real(data))
+
+    async def main():
+        async with await SqliteStore.open(db) as store:
+            dev = store.register_device("a@p", "1")
+            mids = []
+            for t in range(40):
+                mids += await store.put_many([("s@p", CID, b"%d-%d" % (t, i), T0, [dev])
+                                              for i in range(100)])
+            rows = await store.load(dev, mids[49], 150)
+            assert [r[0] for r in rows] == mids[50:200]
+            assert len(unpacked) == 2  # the packs holding them, no more
+            assert [r[0] for r in await store.load(dev, mids[-2], 150)] == mids[-1:]
+    run(main())
+
+
 def test_sqlite_a_pack_acked_message_by_message_is_rewritten_at_most_once_a_while(run, db):
     # A device that acks one message at a time must not make the writer
     # rewrite its pack once per ack; the rewrite comes once, when due.
