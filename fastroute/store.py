@@ -1236,12 +1236,18 @@ def _pack_rows(packs: dict) -> list:
     """The flat ``packs`` rows (8 values each) for ``{device_key: [entry, ...]}``,
     an entry ``(mid, sender, cid, body, ts_ms, exp_ms)``."""
     rows: list = []
-    packb = msgpack.packb
     for key, entries in packs.items():
-        mids = array.array("q", [e[0] for e in entries])
-        rows += (key, mids[0], mids[-1], len(entries), sum([len(e[3]) for e in entries]),
-                 min([e[5] for e in entries]), mids.tobytes(), packb(entries))
+        rows.append(key)
+        rows += _pack_fields(entries)
     return rows
+
+
+def _pack_fields(entries: list) -> tuple:
+    """A pack's columns after ``dev`` for ``entries`` (in mid order): first,
+    last, n, nbytes, exp_ms, mids, data."""
+    mids = array.array("q", [e[0] for e in entries])
+    return (mids[0], mids[-1], len(entries), sum([len(e[3]) for e in entries]),
+            min([e[5] for e in entries]), mids.tobytes(), msgpack.packb(entries))
 
 
 def _pack_entries(data: bytes) -> list:
@@ -1256,20 +1262,20 @@ def _keep_pack(conn: sqlite3.Connection, key: int, first: int, keep, count=None)
     row = conn.execute(_SQL_PACK_DATA, (key, first)).fetchone()
     if row is None:
         return 0
-    entries = _pack_entries(row[0])
-    kept = [e for e in entries if keep(e)]
-    if len(kept) == len(entries):
+    kept: list = []
+    dropped: list = []
+    for e in _pack_entries(row[0]):
+        (kept if keep(e) else dropped).append(e)
+    if not dropped:
         return 0
     if kept:
-        mids = array.array("q", [e[0] for e in kept])
-        conn.execute(_SQL_PACK_KEEP, (mids[-1], len(kept), sum([len(e[3]) for e in kept]),
-                                      min([e[5] for e in kept]), mids.tobytes(),
-                                      msgpack.packb(kept), key, first))
+        # the key stays; every other column describes what is left
+        conn.execute(_SQL_PACK_KEEP, _pack_fields(kept)[1:] + (key, first))
     else:
         conn.execute(_SQL_PACK_DROP, (key, first))
     if count is None:
-        return len(entries) - len(kept)
-    return sum(1 for e in entries if not keep(e) and count(e))
+        return len(dropped)
+    return sum(1 for e in dropped if count(e))
 
 
 def _ack_packs(conn: sqlite3.Connection, key: int, mids: list, partial: dict) -> list:
