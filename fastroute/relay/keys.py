@@ -823,11 +823,7 @@ class Keys:
             # a batch is mostly one sender's: one call per sender, not per DSEND
             pairs: dict[str, set] = {}
             for link, _, (to, _) in meta:
-                tos = pairs.get(link.address)
-                if tos is None:
-                    pairs[link.address] = {to}
-                else:
-                    tos.add(to)
+                pairs.setdefault(link.address, set()).add(to)
             for sender, tos in pairs.items():
                 safety.delivered(sender, tos)
         self.accepted += len(mids)
