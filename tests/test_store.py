@@ -643,10 +643,8 @@ def test_sqlite_large_batches_match_memory_model(tmp_path):
     assert n_msgs == model_msgs > 0  # and the others are all still there
 
 
-_V1_SCHEMA = """
-CREATE TABLE messages(mid INTEGER PRIMARY KEY, sender TEXT NOT NULL, cid BLOB NOT NULL,
-    body BLOB NOT NULL, ts_ms INTEGER NOT NULL, exp_ms INTEGER NOT NULL);
-CREATE INDEX messages_exp ON messages(exp_ms);
+# what formats 1 and 2 have in common: inbox, devices (two of one address), meta
+_OLD_TABLES = """
 CREATE TABLE inbox(device_key INTEGER NOT NULL, mid INTEGER NOT NULL,
     PRIMARY KEY(device_key, mid)) WITHOUT ROWID;
 CREATE INDEX inbox_mid ON inbox(mid);
@@ -654,20 +652,32 @@ CREATE TABLE devices(device_key INTEGER PRIMARY KEY, address TEXT NOT NULL,
     device TEXT NOT NULL, UNIQUE(address, device));
 CREATE TABLE meta(k TEXT PRIMARY KEY, v INTEGER NOT NULL) WITHOUT ROWID;
 INSERT INTO devices VALUES (1, 'a@p', 'phone'), (2, 'a@p', 'laptop');
+INSERT INTO meta VALUES ('next_mid', 3), ('next_device', 3);
+"""
+
+_V1_SCHEMA = """
+CREATE TABLE messages(mid INTEGER PRIMARY KEY, sender TEXT NOT NULL, cid BLOB NOT NULL,
+    body BLOB NOT NULL, ts_ms INTEGER NOT NULL, exp_ms INTEGER NOT NULL);
+CREATE INDEX messages_exp ON messages(exp_ms);
+""" + _OLD_TABLES + """
 INSERT INTO messages VALUES (1, 's@p', x'00000000000000000000000000000001', x'6f6c64', 1, 9e15);
 INSERT INTO messages VALUES (2, 's@p', x'00000000000000000000000000000002', x'6f6c6432', 2, 9e15);
 INSERT INTO inbox VALUES (1, 1), (2, 1), (1, 2);
-INSERT INTO meta VALUES ('next_mid', 3), ('next_device', 3);
 PRAGMA user_version = 1;
 """
+
+
+def _old_store(db, schema: str) -> None:
+    """A store file as an earlier fastroute left it."""
+    conn = raw(db)
+    conn.executescript(schema)
+    conn.close()
 
 
 def test_sqlite_migrates_a_version_1_store(run, db):
     # version 1 kept every recipient in inbox; its rows must stay deliverable
     # and ackable after the upgrade, next to new single-device rows
-    conn = raw(db)
-    conn.executescript(_V1_SCHEMA)
-    conn.close()
+    _old_store(db, _V1_SCHEMA)
 
     async def main():
         async with await SqliteStore.open(db) as store:
@@ -692,18 +702,11 @@ CREATE TABLE messages(mid INTEGER PRIMARY KEY, sender TEXT NOT NULL, cid BLOB NO
     body BLOB NOT NULL, ts_ms INTEGER NOT NULL, exp_ms INTEGER NOT NULL, dev INTEGER);
 CREATE INDEX messages_exp ON messages(exp_ms);
 CREATE INDEX messages_dev ON messages(dev, mid) WHERE dev IS NOT NULL;
-CREATE TABLE inbox(device_key INTEGER NOT NULL, mid INTEGER NOT NULL,
-    PRIMARY KEY(device_key, mid)) WITHOUT ROWID;
-CREATE INDEX inbox_mid ON inbox(mid);
-CREATE TABLE devices(device_key INTEGER PRIMARY KEY, address TEXT NOT NULL,
-    device TEXT NOT NULL, UNIQUE(address, device));
-CREATE TABLE meta(k TEXT PRIMARY KEY, v INTEGER NOT NULL) WITHOUT ROWID;
-INSERT INTO devices VALUES (1, 'a@p', 'phone'), (2, 'a@p', 'laptop');
+""" + _OLD_TABLES + """
 INSERT INTO messages VALUES (1, 's@p', x'00000000000000000000000000000001', x'6f6c64', 1, 9e15, 1);
 INSERT INTO messages VALUES (2, 's@p', x'00000000000000000000000000000002', x'6f6c6432', 2, 9e15,
     NULL);
 INSERT INTO inbox VALUES (1, 2), (2, 2);
-INSERT INTO meta VALUES ('next_mid', 3), ('next_device', 3);
 PRAGMA user_version = 2;
 """
 
@@ -711,9 +714,7 @@ PRAGMA user_version = 2;
 def test_sqlite_migrates_a_version_2_store(run, db):
     # version 2 kept a one-device message in its own row: it stays readable
     # and ackable next to the packs a version 3 store writes, in mid order
-    conn = raw(db)
-    conn.executescript(_V2_SCHEMA)
-    conn.close()
+    _old_store(db, _V2_SCHEMA)
 
     async def main():
         async with await SqliteStore.open(db) as store:
