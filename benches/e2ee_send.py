@@ -42,7 +42,7 @@ except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from server_cpu import relay_limits_toml  # noqa: E402
+from server_cpu import proc_sched_ns, relay_limits_toml  # noqa: E402
 
 from fastroute import Client  # noqa: E402
 from fastroute.identity import ProviderKey, Registry, issue_credential  # noqa: E402
@@ -56,14 +56,7 @@ def relay_cpu(pid: int) -> float:
     """CPU time of a process, all threads, in seconds: the sum of each thread's
     ``/proc/<pid>/task/<tid>/schedstat`` (ns resolution; ``/proc/<pid>/stat``'s
     utime + stime count 10 ms ticks, too coarse for short runs)."""
-    total = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as fh:
-                total += int(fh.read().split()[0])
-        except FileNotFoundError:  # a thread that just ended
-            pass
-    return total / 1e9
+    return proc_sched_ns(pid) / 1e9
 
 
 def start_relay(data: str, store: str, relay_toml: str = "",

@@ -251,24 +251,25 @@ def proc_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])
 
 
+def task_ns(pid: int, tid: int | str) -> int:
+    """On-CPU nanoseconds of one thread (0 if it has ended)."""
+    with contextlib.suppress(OSError, ValueError), open(
+            f"/proc/{pid}/task/{tid}/schedstat") as fh:
+        return int(fh.read().split()[0])
+    return 0
+
+
 def proc_sched_ns(pid: int) -> int:
     """On-CPU nanoseconds summed over the process's live threads (cross-check only)."""
-    total = 0
     with contextlib.suppress(OSError):
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(OSError, ValueError), open(
-                    f"/proc/{pid}/task/{tid}/schedstat") as fh:
-                total += int(fh.read().split()[0])
-    return total
+        return sum(task_ns(pid, tid) for tid in os.listdir(f"/proc/{pid}/task"))
+    return 0
 
 
 def main_thread_ns(pid: int) -> int:
     """On-CPU nanoseconds of the process's main thread (its tid is its pid): the
     relay's event loop, apart from helper threads such as the store's writer."""
-    with contextlib.suppress(OSError, ValueError), open(
-            f"/proc/{pid}/task/{pid}/schedstat") as fh:
-        return int(fh.read().split()[0])
-    return 0
+    return task_ns(pid, pid)
 
 
 def loadavg() -> str:
