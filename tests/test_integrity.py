@@ -779,6 +779,64 @@ def test_the_turns_clock_cuts_a_share_of_costly_ops_into_chunks(loop, tmp_path):
     run(loop, main())
 
 
+def test_a_busy_links_pieces_are_sized_by_what_its_ops_cost(loop, tmp_path):
+    # a busy link's ops are taken a piece at a time, each piece as many ops
+    # as its kind has lately cost ~25 us for: one costly op at a time, cheap
+    # PINGs by the chunk (a count alone let a piece of CONSENTs hold the loop
+    # for ~0.1 ms, what a quiet client's read then waited behind)
+    from fastroute.relay import link as link_mod
+
+    lim = Limits(ops_per_s=1e6, ops_burst=1e6, max_ops_per_turn=100_000,
+                 max_relay_ops_per_turn=1_000_000, max_turn_ms=100.0)
+
+    async def main():
+        async with world(tmp_path, limits=lim) as w:
+            a = await w.connect("alice@home")
+            link = next(iter(ln for ln in w.relay.links if ln.address == "alice@home"))
+            link.quiet = lambda: False  # as past half its op budget
+            gate = link.wiring.gate
+            set_consent = gate.set_consent
+
+            def costly(*args):  # a CONSENT costing 0.2 ms
+                end = time.perf_counter() + 2e-4
+                while time.perf_counter() < end:
+                    pass
+                return set_consent(*args)
+
+            gate.set_consent = costly
+            pieces: list[tuple[str, int]] = []
+            dispatch, pings = link._dispatch, link._pings
+
+            def counted_dispatch(ops):
+                pieces.append(("ops", len(ops)))
+                return dispatch(ops)
+
+            def counted_pings(tokens, start, end):
+                pieces.append(("pings", end - start))
+                return pings(tokens, start, end)
+
+            link._dispatch, link._pings = counted_dispatch, counted_pings
+            n = 24
+            acks = [_pending(a, bytes([i]) * 16) for i in range(1, n + 1)]
+            _raw(a, [wire.consent_op(bytes([i]) * 16, "acme", True) for i in range(1, n + 1)])
+            await asyncio.wait_for(asyncio.gather(*acks), 10)
+            ops = [size for kind, size in pieces if kind == "ops"]
+            assert sum(ops) == n
+            # the first piece before any cost is known, then one op a piece
+            assert ops[0] == link_mod._FIRST_PIECE[link_mod._PIECE_OPS]
+            assert set(ops[1:]) == {1}
+            futs = {t: a._loop.create_future() for t in range(1, 401)}
+            a._pings.update(futs)
+            _raw(a, [wire.ping_op(t) for t in range(1, 401)])
+            await asyncio.wait_for(asyncio.gather(*futs.values()), 10)
+            sizes = [size for kind, size in pieces if kind == "pings"]
+            assert sum(sizes) == 400
+            # a PONG costs well under a microsecond: pieces stay large
+            assert max(sizes) == link_mod._OPS_CHUNK
+            assert len(sizes) <= 400 // 8
+    run(loop, main())
+
+
 def test_the_turns_lengths_are_a_metric(loop, tmp_path):
     # each turn of the fair scheduler is timed: the operator's figure for
     # how long a quiet client's read may wait behind busy ones
@@ -850,6 +908,21 @@ def test_a_turn_serves_a_quiet_read_first_and_writes_before_busy_links_work(loop
         slow.armed = True
         slow._turn()
         assert served == ["write", "quiet", "write", "busy2"]
+        # the turn's writes count on its clock: past the slice, one busy
+        # link's piece and no more, however few ops the links have
+        def slow_write():
+            served.append("write")
+            end = time.perf_counter() + 0.002
+            while time.perf_counter() < end:
+                pass
+
+        served.clear()
+        written = Turns(100, 0.001, slow_write)
+        light = [_FakeLink(f"light{i}", False, served, written, 1) for i in range(3)]
+        written.queue.extend(light)
+        written.armed = True
+        written._turn()
+        assert served == ["write", "light0"]
         # no busy link waiting: no early write (one write per turn batches more)
         served.clear()
         calm = Turns(100, 1.0, lambda: served.append("write"))
