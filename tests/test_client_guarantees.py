@@ -117,7 +117,9 @@ def test_relay_closing_during_the_reconnect_handshake_is_retried_until_it_is_bac
             await _wait_for(lambda: closer.accepted >= 6)
             assert not alice._closed and not bob._closed
             await closer.stop()
-            w.relay = Relay(RelayConfig(port=port, data_dir=w.data_dir,
+            # no admin listener: "auto" would bind port + 1, which a client's
+            # ephemeral port may hold by then
+            w.relay = Relay(RelayConfig(port=port, data_dir=w.data_dir, admin_listen="off",
                                         registry_poll_s=0.05, require_consent=False))
             await w.relay.start()
             assert await asyncio.wait_for(fut, 10)
