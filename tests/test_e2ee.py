@@ -632,3 +632,104 @@ def test_pool_low_is_told_once_until_a_top_up_and_replace_false_keeps_the_pools(
             ev = await recv(a)  # told again after the top-up: 1 left, then 0
             assert (ev.kind, ev.data) == (1, [EC, 0])
     run("asyncio", main())
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_frame_of_dsends_is_answered_as_one_dsend_at_a_time(loop, tmp_path):
+    # the link hands a frame's single-op DSENDs to the keys stage together
+    # (Keys.dsend_many: its per-link work once); the same frame through the
+    # one-at-a-time path (Keys.dsend, the specification) must get the same
+    # answers and deliver the same copies, budgets included
+    lim = Limits(msgs_per_s=0.001, msgs_burst=7.0)
+
+    async def scenario(path, one_at_a_time: bool):
+        async with world(path, limits=lim) as w:
+            keys = w.relay.keys
+            if one_at_a_time:
+                keys.dsend_many = lambda link, ops: [keys.dsend(link, op) for op in ops]
+            a1 = await e2ee(w, "alice@home", "phone", 11)
+            a2 = await e2ee(w, "alice@home", "laptop", 12)
+            await recv(a1)  # a2 joined
+            b1 = await e2ee(w, "bob@home", "phone", 21)
+            b2 = await e2ee(w, "bob@home", "laptop", 22)
+            await recv(b1)  # b2 joined
+            ids = [bytes([i]) * 16 for i in range(1, 11)]
+            both = [(1, 11, b"m1"), (2, 12, b"m2")]
+            ops = [
+                wire.dsend_op(ids[0], "alice@home", False, both, []),          # ok, 2 copies
+                wire.dsend_op(ids[1], "nobody@home", False, both, []),         # unknown
+                wire.dsend_op(ids[2], "alice@home", False, both[:1], []),      # missing 2
+                wire.dsend_op(ids[3], "alice@home", False,
+                              [(1, 11, b"x"), (2, 99, b"y")], []),              # stale 2
+                wire.dsend_op(ids[4], "alice@home", False,
+                              [(1, 11, b"x"), (1, 11, b"y")], []),              # duplicate
+                wire.dsend_op(ids[0], "alice@home", False, both, []),          # resend
+                wire.dsend_op(ids[5], "alice@home", False,
+                              [(1, 11, b"s1"), (2, 12, b"s2")], [(2, 22, b"own")]),  # ok, 3
+                wire.dsend_op(ids[6], "alice@home", False, [], []),            # no entries
+                wire.dsend_op(ids[7], "alice@home", False,
+                              [(1, 11, b"t1"), (2, 12, b"t2")], []),            # ok, 2: 7 used
+                wire.dsend_op(ids[8], "alice@home", False,
+                              [(1, 11, b"u1"), (2, 12, b"u2")], []),            # over budget
+            ]
+            futs = {}
+            for cid in ids[:9]:
+                futs[cid] = b1._loop.create_future()
+                b1._requests[cid] = (futs[cid], [])
+            replies: list[bytes] = []
+            on_reply = b1._on_reply
+
+            def counted(op):
+                replies.append(op[1])
+                on_reply(op)
+
+            b1._on_reply = counted
+            b1._write(ops)
+            answers = []
+            for cid in ids[:9]:
+                try:
+                    answers.append(("ok", await asyncio.wait_for(futs[cid], 5)))
+                except FastrouteError as exc:
+                    answers.append((int(exc.code), getattr(exc, "missing", None),
+                                    getattr(exc, "extra", None), getattr(exc, "stale", None)))
+            got = {}
+            for name, c, n in (("a1", a1, 3), ("a2", a2, 3), ("b2", b2, 1)):
+                got[name] = sorted([(m.id, m.device, m.body) for m in
+                                    [await recv_msg(c) for _ in range(n)]])
+                assert await nothing_arrives(c, 0.2)
+            # every op answered once: the resend too (it waited for the batch)
+            assert sorted(replies) == sorted(ids[:9] + ids[:1])
+            return answers, got
+
+    batched = run(loop, scenario(tmp_path / "batched", False))
+    spec = run(loop, scenario(tmp_path / "spec", True))
+    assert batched == spec
+    answers, got = batched
+    codes = [a[0] for a in answers]
+    assert codes == ["ok", int(ErrorCode.UNKNOWN_RECIPIENT), int(ErrorCode.DEVICE_MISMATCH),
+                     int(ErrorCode.DEVICE_MISMATCH), int(ErrorCode.DUPLICATE_ID), "ok",
+                     int(ErrorCode.BAD_FIELD), "ok", int(ErrorCode.RATE_LIMITED)]
+    assert answers[2][1:] == ([2], [], []) and answers[3][1:] == ([], [], [2])
+    assert [body for _, _, body in got["a1"]] == [b"m1", b"s1", b"t1"]
+    assert got["b2"] == [(bytes([6]) * 16, 1, b"own")]
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_bye_right_after_dsends_still_gets_every_reply(loop, tmp_path):
+    # DSENDs and BYE in one frame: the DSENDs the link gathered for the keys
+    # stage go to it before the BYE, which then waits for their answers
+    async def main():
+        async with world(tmp_path) as w:
+            a1 = await e2ee(w, "alice@home", "phone", 11)
+            b1 = await e2ee(w, "bob@home", "phone", 21)
+            ids = [os.urandom(16) for _ in range(20)]
+            futs = []
+            for cid in ids:
+                futs.append(b1._loop.create_future())
+                b1._requests[cid] = (futs[-1], [])
+            b1._write([wire.dsend_op(cid, "alice@home", False, [(1, 11, b"%d" % i)], [])
+                       for i, cid in enumerate(ids)] + [wire.bye_op()])
+            await asyncio.wait_for(asyncio.gather(*futs), 5)
+            bodies = sorted([(await recv_msg(a1)).body for _ in ids])
+            assert bodies == sorted(b"%d" % i for i in range(20))
+    run(loop, main())

@@ -37,10 +37,14 @@ class TurnBatch:
     """
 
     def __init__(self, delivery: "Delivery", dedup: Any, reply: Callable[..., None],
-                 place: Callable[[list, list], None], what: str, event: str) -> None:
+                 place: Callable[[list, list], None], what: str, event: str,
+                 reply_ok: Callable[[Any, list], None] | None = None) -> None:
         self.delivery = delivery
         self.dedup = dedup
         self.reply = reply
+        #: ``reply_ok(link, ids)``: what ``reply`` does for each of a link's
+        #: accepted ``ids``, for all of them at once (None: ``reply`` each)
+        self.reply_ok = reply_ok
         self.place = place
         self.what = what  # for the log line: "per-device sends", "group sends"
         self.event = event
@@ -93,6 +97,9 @@ class TurnBatch:
             code = 0
         now = time.monotonic()
         dedup, reply = self.dedup, self.reply
+        if not code and self.reply_ok is not None:
+            self._accepted(meta, now)
+            return
         for link, cid, _ in meta:
             link.storing -= 1
             try:
@@ -105,5 +112,28 @@ class TurnBatch:
                 reply(link, cid, code)
                 for other, wcid in waiters or ():
                     reply(other, wcid, code)
+            finally:
+                link.stored_all()
+
+    def _accepted(self, meta: list, now: float) -> None:
+        """Answer a stored batch: each link's run of requests at once (a
+        batch holds mostly one sender's)."""
+        finish, reply, reply_ok = self.dedup.finish, self.reply, self.reply_ok
+        assert reply_ok is not None
+        i, n = 0, len(meta)
+        while i < n:
+            link = meta[i][0]
+            sender = link.address
+            cids = []
+            while i < n and meta[i][0] is link:
+                cid = meta[i][1]
+                i += 1
+                cids.append(cid)
+                # a resend of the same id that waited for this batch
+                for other, wcid in finish(sender, cid, 0, now) or ():
+                    reply(other, wcid, 0)
+            link.storing -= len(cids)
+            try:
+                reply_ok(link, cids)
             finally:
                 link.stored_all()

@@ -499,7 +499,7 @@ class Keys:
         self._fetch_buckets: dict[str, TokenBucket] = {}
         # DSENDs accepted in this loop turn, stored together, then answered
         self._batch = TurnBatch(delivery, self.dedup, self._reply, self._place,
-                                "per-device sends", "keys.store_failed")
+                                "per-device sends", "keys.store_failed", self._replies_ok)
         # pools whose owner was told they run low: (address, device name, kind)
         self._told_low: set[tuple[str, str, int]] = set()
         self.accepted = 0
@@ -517,6 +517,13 @@ class Keys:
         if link.is_open():
             link.out.append(wire.reply_ok_op(cid) if not code and result is None and last
                             else wire.reply_op(cid, code, last, result))
+            self.delivery.mark(link)
+
+    def _replies_ok(self, link: "LinkPort", cids: list) -> None:
+        """:meth:`_reply` with code 0 for each of ``cids``, at once."""
+        if link.is_open():
+            ok = wire.reply_ok_op
+            link.out.extend([ok(cid) for cid in cids])
             self.delivery.mark(link)
 
     def _reply_parts(self, link: "LinkPort", cid: bytes, packed: list[bytes]) -> None:
@@ -754,13 +761,7 @@ class Keys:
         own_list = lists.get(sender, {}) if own else {}
         now_ms = int(time.time() * 1000)
         ts = wire.ts_packed(now_ms)
-        packed = self._senders.get((sender, skip))
-        if packed is None:
-            if len(self._senders) > 1 << 16:
-                self._senders.clear()
-            packed = self._senders[(sender, skip)] = (
-                msgpack.packb(sender) + msgpack.packb(skip), copy_sender(sender, skip))
-        sp, stored_sender = packed
+        sp, stored_sender = self._sender_fields(sender, skip)
         items: list = []
         copies: list = []
         # the common case in one compiled call per list: every entry current
@@ -786,6 +787,78 @@ class Keys:
         self.dedup.begin(sender, cid, PENDING, now)
         # every DSEND accepted in this loop turn goes to the store in one batch
         self._batch.add(items, link, cid, (to, copies))
+
+    def dsend_many(self, link: "LinkPort", ops: list) -> None:
+        """Several single-op DSENDs of one link's frame, in order: each answered
+        exactly as :meth:`dsend` would, with the per-link work done once (the
+        sender's slot and packed fields, the clocks, the two budgets, whether
+        each recipient may be reached).  The link gathers no multi-op DSEND
+        (its ``dsends`` is empty) and each op says ``more`` false."""
+        sender = link.address
+        now = time.monotonic()
+        mine = self._my_slot(link)
+        now_ms = int(time.time() * 1000)
+        ts = wire.ts_packed(now_ms)
+        skip = mine.device_id if mine is not None else 0
+        sp, stored_sender = (b"", "") if mine is None else self._sender_fields(sender, skip)
+        lists = self.dir.lists
+        batch = self._batch
+        dedup = self.dedup
+        lg = link.gate_state
+        msg_bucket, byte_bucket = lg.msg_bucket, lg.byte_bucket
+        msg_tokens = msg_bucket.refill()
+        byte_tokens = byte_bucket.refill()
+        reach: dict[str, bool] = {}
+        for _, cid, to, _, entries, own in ops:
+            if batch.resent(link, cid, now):
+                continue
+            ok = reach.get(to)
+            if ok is None:
+                ok = reach[to] = self.may_reach(link, to)
+            if not ok:
+                self._reply(link, cid, ErrorCode.UNKNOWN_RECIPIENT)
+                continue
+            if mine is None:
+                self._reply(link, cid, ErrorCode.NO_KEYS)
+                continue
+            if not entries:
+                self._reply(link, cid, ErrorCode.BAD_FIELD)
+                continue
+            entries = list(entries)
+            own = list(own)
+            items: list = []
+            copies: list = []
+            if not (dsend_copies(lists[to], entries, skip if to == sender else 0, to,
+                                 stored_sender, cid, now_ms, sp, ts, items, copies)
+                    and (not own or (to != sender and dsend_copies(
+                        lists.get(sender, {}), own, skip, sender, stored_sender, cid, now_ms,
+                        sp, ts, items, copies)))):
+                self._refuse_dsend(link, cid, to, entries, own, skip)
+                continue
+            size = sum([len(e[2]) for e in entries])
+            if own:
+                size += sum([len(e[2]) for e in own])
+            n = len(items)
+            if msg_tokens < n or byte_tokens < size:
+                self._reply(link, cid, ErrorCode.RATE_LIMITED)
+                continue
+            msg_tokens -= n
+            byte_tokens -= size
+            dedup.begin(sender, cid, PENDING, now)
+            batch.add(items, link, cid, (to, copies))
+        msg_bucket.tokens = msg_tokens
+        byte_bucket.tokens = byte_tokens
+
+    def _sender_fields(self, sender: str, device_id: int) -> tuple[bytes, str]:
+        """A sending device's packed DDELIVER fields and its store sender (kept)."""
+        packed = self._senders.get((sender, device_id))
+        if packed is None:
+            if len(self._senders) > 1 << 16:
+                self._senders.clear()
+            packed = self._senders[(sender, device_id)] = (
+                msgpack.packb(sender) + msgpack.packb(device_id),
+                copy_sender(sender, device_id))
+        return packed
 
     def _refuse_dsend(self, link: "LinkPort", cid: bytes, to: str, entries: list, own: list,
                       skip: int) -> None:

@@ -65,6 +65,7 @@ _OP_CONSENT = int(wire.Op.CONSENT)
 _MEDIA_OPS = frozenset((int(wire.Op.MBEGIN), int(wire.Op.MCHUNK), int(wire.Op.MFINISH),
                         int(wire.Op.MGET)))
 _OP_FEATURES = int(wire.Op.FEATURES)
+_OP_DSEND = int(wire.Op.DSEND)
 #: opcode -> the feature a link must have negotiated to use it
 _FEATURE_OF = {int(op): name for name, ops in wire.FEATURE_OPS.items() for op in ops}
 #: the features this relay grants (FEATURES answers with the intersection)
@@ -717,9 +718,6 @@ class Link(asyncio.Protocol):
         """Dispatch decoded ops (a frame's, or a share of one); return how many
         there were (after a BYE or a close the rest are dropped unread)."""
         wiring = self.wiring
-        sends = self.sends
-        assert sends is not None
-        op_counts = wiring.op_counts
         # every op but SEND takes one token of the op budget, taken for the
         # whole frame at once; past it PING, CONSENT and media ops are refused
         others = 0
@@ -732,6 +730,21 @@ class Link(asyncio.Protocol):
             wiring.count_error(ErrorCode.RATE_LIMITED)
         over = 0  # PINGs refused past the budget: one ERROR for the frame
         dack = -1  # DACKs are cumulative: one per frame does the work of all
+        # single-op DSENDs go to the keys stage together (its per-link work
+        # once), in order with the stage's other ops: before any of them
+        dsends: list = []
+        try:
+            return self._dispatch_ops(ops, granted, over, dack, dsends)
+        finally:
+            if dsends and wiring.keys is not None:
+                wiring.keys.dsend_many(self, dsends)
+
+    def _dispatch_ops(self, ops: list, granted: int, over: int, dack: int,
+                      dsends: list) -> int:
+        wiring = self.wiring
+        sends = self.sends
+        assert sends is not None
+        op_counts = wiring.op_counts
         for op in ops:
             if isinstance(op, wire.OpError):
                 feature = _FEATURE_OF.get(op.opcode) if op.opcode is not None else None
@@ -771,6 +784,11 @@ class Link(asyncio.Protocol):
                     dack = op[1]
                 continue
             if kind == _OP_BYE:
+                if dsends:
+                    # the DSENDs before it count among what BYE waits for
+                    assert wiring.keys is not None
+                    wiring.keys.dsend_many(self, dsends)
+                    dsends.clear()
                 # after the SENDs already read: data_received accepts them first
                 if dack >= 0:
                     wiring.delivery.dack(self, dack)
@@ -813,6 +831,12 @@ class Link(asyncio.Protocol):
                 wiring.delivery.mark(self)
             elif feature is not None:
                 assert wiring.keys is not None  # checked before the budget above
+                if kind == _OP_DSEND and not op[3] and not self.dsends:
+                    dsends.append(op)
+                    continue
+                if dsends:
+                    wiring.keys.dsend_many(self, dsends)
+                    dsends.clear()
                 wiring.keys.request(self, op)
         if dack >= 0:
             # acks and sends are independent: no order to keep
