@@ -837,6 +837,33 @@ def test_a_busy_links_pieces_are_sized_by_what_its_ops_cost(loop, tmp_path):
     run(loop, main())
 
 
+def test_the_writer_writes_the_links_with_few_ops_first(loop, tmp_path):
+    # a quiet client's delivery does not wait behind the encryption and
+    # write of a flooder's thousand replies in the same flush
+    async def main():
+        async with world(tmp_path) as w:
+            clients = [await w.connect(f"u{i}@home") for i in range(10)]
+            links = {ln.address: ln for ln in w.relay.links}
+            order: list[str] = []
+            for ln in links.values():
+                def flush(ln=ln, write=ln.flush):
+                    if ln.out:
+                        order.append(ln.address)
+                    write()
+                ln.flush = flush
+            heavy = {f"u{i}@home" for i in range(0, 10, 2)}
+            for address, ln in links.items():
+                n = 500 if address in heavy else 1
+                ln.out.extend([wire.pong_op(1 << 40)] * n)
+                w.relay.delivery.mark(ln)
+            await asyncio.sleep(0.05)
+            assert len(order) == 10
+            assert set(order[5:]) == heavy
+            for c in clients:
+                await c.close()
+    run(loop, main())
+
+
 def test_the_turns_lengths_are_a_metric(loop, tmp_path):
     # each turn of the fair scheduler is timed: the operator's figure for
     # how long a quiet client's read may wait behind busy ones

@@ -49,6 +49,8 @@ log = logging.getLogger("fastroute.relay")
 _DELIVER_HEAD = b"\x97\x12\xce"  # fixarray(7), DELIVER, uint32 marker
 #: DELIVERs popped from a mailbox per call (one packing call each)
 _POP_BATCH = 1024
+#: a link with at most this many ops to write is written first in a flush
+_LIGHT_OPS = 8
 #: ts_ms = 0 as the DELIVER tail packs it (uint64), for a withheld timestamp
 _TS_ZERO = b"\xcf" + bytes(8)
 
@@ -900,5 +902,13 @@ class Delivery:
                 self.pull(feed)
                 dirty.add(feed.link)
         self._dirty = set()
+        # links with a few ops to write go first: a quiet client's message
+        # does not wait behind the encryption of a flooder's thousand replies
+        heavy = []
         for link in dirty:
+            if len(link.out) > _LIGHT_OPS:
+                heavy.append(link)
+            else:
+                link.flush()
+        for link in heavy:
             link.flush()
