@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import os
 import random
 
 import msgpack
@@ -91,6 +92,7 @@ def test_compiled_twins_loaded():
              (delivery.shared_items, delivery.py_shared_items),
              (delivery.devices_of, delivery.py_devices_of),
              (delivery.held_offered, delivery.py_held_offered),
+             (delivery.copies_online, delivery.py_copies_online),
              (store._mem_put, store.py_mem_put), (store._mem_ack, store.py_mem_ack),
              (store._mem_load, store.py_mem_load),
              (client_mod._pack_sends, client_mod.py_pack_sends),
@@ -1253,6 +1255,35 @@ def test_shared_fan_out_twins(seed):
             want_per_feed[dev] = want_per_feed.get(dev, 0) + len(payload[1])
     assert added == sum(want_per_feed.values()) > 0
     assert {d: n for d, n in per_feed.items() if n} == want_per_feed
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_per_device_copies_online_twins(seed):
+    # a stored batch of per-device sends: each copy to its own device when
+    # it is online on a link that negotiated e2ee, with its own row id
+    rng = random.Random(seed)
+    devices = [(f"u{i % 5}@home", f"d{i}") for i in range(20)]
+    by_device = {key: _Feed(i, rng.sample(["groups", "e2ee"], rng.randrange(3)))
+                 for i, key in enumerate(devices[1:], 1) if rng.random() < 0.7}
+    by_device[devices[0]] = _Feed(0, ["e2ee"])  # online: at least one copy goes
+    meta, n = [], 0
+    for r in range(rng.randrange(1, 8)):
+        targets = rng.sample(devices[1:], rng.randrange(0 if r else 1, 6))
+        if not r:
+            targets.insert(rng.randrange(len(targets)), devices[0])
+        copies = [(a, d, (b"\x98\xcd\x07\xd1", bytes([n + j]) * 3))
+                  for j, (a, d) in enumerate(targets)]
+        n += len(copies)
+        meta.append((object(), os.urandom(16), ("to@home", copies)))
+    mids = list(range(100, 100 + n))
+    flat = [c for _, _, (_, copies) in meta for c in copies]
+    want = [(by_device[(a, d)].dev, (mid, tail, head)) for mid, (a, d, (head, tail))
+            in zip(mids, flat) if (a, d) in by_device
+            and "e2ee" in by_device[(a, d)].link.features]
+    runs = [fn(by_device, meta, mids, "e2ee") for fn in _both(delivery.py_copies_online)
+            if fn is not None]
+    assert len(runs) == (2 if fastroute.COMPILED else 1)
+    assert all(r == want for r in runs) and want
 
 
 @pytest.mark.parametrize("make", [

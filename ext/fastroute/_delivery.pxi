@@ -8,6 +8,7 @@
 #   devices_of     = py_devices_of
 #   shared_items   = py_shared_items
 #   held_offered   = py_held_offered
+#   copies_online  = py_copies_online
 #
 # tests/test_fastpath.py runs both on the same inputs and compares.
 
@@ -196,3 +197,28 @@ def held_offered(dict online, list items, object skip):
         feed.qbytes += size
         added += size
     return added
+
+
+def copies_online(dict by_device, list meta, list mids, str feature):
+    """The engine's ``(device id, (mid, tail, head))`` items for a stored batch
+    of per-device copies (``meta``: ``(link, id, (to, copies))`` per request,
+    each copy ``(address, device name, (head, tail))``; ``mids``: one row id
+    per copy), for the devices online on a link that negotiated ``feature``."""
+    cdef list items = []
+    cdef list copies
+    cdef Py_ssize_t at = 0, i, n
+    cdef object request, copy, feed, payload
+    cdef PyObject* found
+    for request in meta:
+        copies = request[2][1]
+        n = PyList_GET_SIZE(copies)
+        for i in range(n):
+            copy = <object>PyList_GET_ITEM(copies, i)
+            found = PyDict_GetItemWithError(by_device, (copy[0], copy[1]))
+            if found != NULL:
+                feed = <object>found
+                if feature in feed.link.features:
+                    payload = copy[2]
+                    items.append((feed.dev, (mids[at], payload[1], payload[0])))
+            at += 1
+    return items

@@ -164,6 +164,23 @@ def py_shared_items(rows: list) -> list:
     return items
 
 
+def py_copies_online(by_device: dict, meta: list, mids: list, feature: str) -> list:
+    """The engine's ``(device id, (mid, tail, head))`` items for a stored batch
+    of per-device copies: ``meta`` holds ``(link, id, (to, copies))`` per
+    request, each copy ``(address, device name, (head, tail))``, and ``mids``
+    one row id per copy in that order; a copy goes to its device if it is
+    online on a link that negotiated ``feature`` (the store keeps the rest)."""
+    items: list = []
+    at = 0
+    for _, _, (_, copies) in meta:
+        for address, name, (head, tail) in copies:
+            feed = by_device.get((address, name))
+            if feed is not None and feature in feed.link.features:
+                items.append((feed.dev, (mids[at], tail, head)))
+            at += 1
+    return items
+
+
 def py_held_offered(online: dict, items: list, skip) -> int:
     """Add the tail length of each placed ``(engine device id, (mid, tail, head))``
     item to its online feed's ``qbytes`` (items whose index is in ``skip`` were
@@ -190,6 +207,7 @@ bytes_by_address = twin(py_bytes_by_address)
 devices_of = twin(py_devices_of)
 shared_items = twin(py_shared_items)
 held_offered = twin(py_held_offered)
+copies_online = twin(py_copies_online)
 
 
 # -- the stage ---------------------------------------------------------------------
@@ -605,6 +623,13 @@ class Delivery:
             feed = online.get(dev)
             if feed is not None and feed.live:
                 self.router.resume(dev)
+
+    def persisted_requests(self, meta: list, mids: list) -> None:
+        """Like :meth:`persisted_copies` for a stored batch of per-device sends
+        (the keys stage's ``(link, id, (to, copies))`` per request, one row id
+        per copy in ``mids``), without a list of the copies in between."""
+        by_device = self._by_device
+        self._offer(lambda: copies_online(by_device, meta, mids, "e2ee"), mids[-1])
 
     def persisted_copies(self, copies: list, last_mid: int) -> None:
         """Like :meth:`persisted` for per-device copies ``(address, device name,

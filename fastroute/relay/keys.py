@@ -883,13 +883,7 @@ class Keys:
 
     def _place(self, meta: list, mids: list) -> None:
         """A batch of DSENDs was stored: each copy to its own device."""
-        routed = []
-        at = 0
-        for _, _, (_, copies) in meta:
-            for (a, n, (head, tail)) in copies:
-                routed.append((a, n, (mids[at], tail, head)))
-                at += 1
-        self.delivery.persisted_copies(routed, mids[-1])
+        self.delivery.persisted_requests(meta, mids)
         safety = self.safety
         if safety is not None and safety.window > 0:
             # spam reports count only for pairs the relay really carried;
