@@ -642,9 +642,10 @@ def decode_sends(plaintext: bytes) -> list[DecodedOp] | None:
     return _decode_sends(plaintext, _ADDR_OK)
 
 
-def _fast_sends(frame: tuple, addr_ok: set[str], dsend: Any = None) -> int:
+def _fast_sends(frame: tuple, addr_ok: set[str], dsend: Any = None, gsend: Any = None) -> int:
     """How many leading ops of ``frame`` are valid SENDs to recipients in ``addr_ok``
-    (or, given ``dsend`` (:data:`dsend_ok`), valid per-device sends too).
+    (or, given ``dsend`` (:data:`dsend_ok`) and ``gsend`` (:data:`gsend_ok`),
+    valid per-device and group sends too).
 
     Checked inline, locals and literals only (global lookups cost more than
     the checks); the opcode is a literal for the same reason: 1 is Op.SEND.
@@ -659,6 +660,9 @@ def _fast_sends(frame: tuple, addr_ok: set[str], dsend: Any = None) -> int:
                     and type(to) is str and to in addr_ok
                     and type(body) is bytes and len(body) <= max_body
                     and type(cls) is int and 0 <= cls <= 1):
+                i += 1
+                continue
+            if gsend is not None and gsend(op):  # compiled when the core is built
                 i += 1
                 continue
         elif dsend is not None and dsend(op, addr_ok):  # compiled when the core is built
@@ -701,6 +705,20 @@ def py_dsend_ok(op: object, addr_ok: set[str]) -> bool:
             and type(mid) is bytes and len(mid) == ID_LEN
             and type(to) is str and to in addr_ok and type(more) is bool
             and _is_entries(entries) and _is_entries(own))
+
+
+def py_gsend_ok(op: object) -> bool:
+    """Specification of the compiled ``gsend_ok``: whether a decoded op is a valid
+    GSEND ``[1107, id, group, version, body]`` (what :func:`_check_op` would
+    accept).  False says nothing about the op: the precise check follows."""
+    if type(op) is not tuple or len(op) != 5:
+        return False
+    opcode, mid, gid, version, body = op
+    return (opcode == 1107 and type(opcode) is int                      # Op.GSEND
+            and type(mid) is bytes and len(mid) == ID_LEN
+            and type(gid) is bytes and len(gid) == ID_LEN
+            and type(version) is int and version >= 0
+            and type(body) is bytes and len(body) <= MAX_BODY)
 
 
 def py_frame_offsets(plaintext: object) -> list[int] | None:
@@ -823,7 +841,7 @@ def _unpack_client_whole(plaintext: bytes) -> tuple[tuple, int]:
     # A run of valid SENDs (and per-device sends) whose recipients are cached
     # needs no more checks; the first op that misses it -- an error, another
     # opcode, a new recipient -- hands the rest of the frame to the precise checks.
-    return frame, _fast_sends(frame, _ADDR_OK, dsend_ok)
+    return frame, _fast_sends(frame, _ADDR_OK, dsend_ok, gsend_ok)
 
 
 def check_client_ops(frame: tuple | PackedOps, start: int, end: int,
@@ -833,7 +851,8 @@ def check_client_ops(frame: tuple | PackedOps, start: int, end: int,
     count of leading ops that need no check."""
     if type(frame) is PackedOps:
         chunk = frame.unpack(start, end)
-        return check_client_ops(chunk, 0, len(chunk), _fast_sends(chunk, _ADDR_OK, dsend_ok))
+        return check_client_ops(chunk, 0, len(chunk),
+                                _fast_sends(chunk, _ADDR_OK, dsend_ok, gsend_ok))
     ops = list(frame[start:end])
     for i in range(max(good - start, 0), len(ops)):
         op = ops[i]
@@ -1525,6 +1544,8 @@ _frame_offsets_compiled = compiled_twin(py_frame_offsets)
 UNPACKS_BY_THE_SLICE = _frame_offsets_compiled is not None
 #: :func:`py_dsend_ok`, compiled when the core is built
 dsend_ok = twin(py_dsend_ok)
+#: :func:`py_gsend_ok`, compiled when the core is built
+gsend_ok = twin(py_gsend_ok)
 _decode_server_ops = twin(py_decode_server_ops)
 _pack_frames = twin(py_pack_frames)
 #: :func:`py_deliver_tail`, compiled when the core is built

@@ -80,6 +80,7 @@ def test_compiled_twins_loaded():
              (wire._pack_frames, wire.py_pack_frames), (wire._decode_sends, wire.py_decode_sends),
              (wire._decode_server_ops, wire.py_decode_server_ops),
              (wire.dsend_ok, wire.py_dsend_ok), (wire._decode_pings, wire.py_decode_pings),
+             (wire.gsend_ok, wire.py_gsend_ok),
              (wire._frame_offsets_compiled or wire.py_frame_offsets, wire.py_frame_offsets),
              (gate_mod.accept_sends, gate_mod.py_accept_sends),
              (gate_mod.stored_sacks, gate_mod.py_stored_sacks),
@@ -1179,6 +1180,42 @@ def test_dsend_ok_twins_accept_only_what_the_precise_check_accepts(op):
         assert precise is op  # the fast path never accepts what the checker refuses
     elif precise is op:
         assert op[2] not in addr_ok  # it only declines what it cannot vouch for
+
+
+_GSENDS = [
+    (1107, MID, MID, 3, b"ciphertext"),
+    (1107, MID, MID, 0, b""),
+    (1107, MID, MID, 2 ** 64 - 1, b"c" * 61440),
+    (1107, MID, MID, 3, b"c" * 61441),                               # body too long
+    (1107, MID, MID, -1, b"c"),                                      # negative version
+    (1107, MID, MID, True, b"c"),                                    # a bool is no int
+    (1107, MID, MID, 3.0, b"c"),
+    (1107, MID, MID[:15], 3, b"c"),                                  # group id length
+    (1107, MID[:15], MID, 3, b"c"),
+    (1107, MID, "group", 3, b"c"),
+    (1107, MID, MID, 3, "c"),                                        # str body
+    (1107, MID, MID, 3),                                             # arity
+    (1107, MID, MID, 3, b"c", 0),
+    (1, MID, MID, 3, b"c"),
+    (True, MID, MID, 3, b"c"),
+    [1107, MID, MID, 3, b"c"],
+]
+
+
+@pytest.mark.parametrize("op", _GSENDS, ids=range(len(_GSENDS)))
+def test_gsend_ok_twins_accept_exactly_what_the_precise_check_accepts(op):
+    got = _same(*_both(wire.py_gsend_ok), op)
+    precise = wire._check_op(op, wire._CLIENT_CHECKS)
+    assert got == (precise is op)
+
+
+def test_a_frame_of_gsends_needs_no_precise_check():
+    # the run of leading ops the fast check vouches for covers GSENDs too:
+    # a frame of them is not checked field by field in Python
+    frame = tuple((1107, bytes([i]) * 16, MID, 3, b"c") for i in range(5))
+    assert wire._unpack_client_whole(msgpack.packb(frame))[1] == 5
+    bad = frame[:2] + ((1107, MID, MID, -1, b"c"),) + frame[3:]
+    assert wire._unpack_client_whole(msgpack.packb(bad))[1] == 2
 
 
 @pytest.mark.parametrize("batch", [

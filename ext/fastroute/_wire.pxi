@@ -8,6 +8,7 @@
 #   deliver_tail        = py_deliver_tail
 #   sack_ok_op          = py_sack_ok_op
 #   dsend_ok            = py_dsend_ok
+#   gsend_ok            = py_gsend_ok
 #   decode_pings        = py_decode_pings
 #   frame_offsets       = py_frame_offsets
 #
@@ -612,6 +613,25 @@ cdef inline bint _entries_ok(object v) except -1:
                 and PyBytes_GET_SIZE(body) <= WIRE_MAX_BODY):
             return False
     return True
+
+
+def gsend_ok(object op):
+    """:func:`fastroute.wire.py_gsend_ok` in C: whether a decoded op is a valid
+    GSEND ``[1107, id, group, version, body]``.  False says nothing: the
+    caller checks the op precisely."""
+    cdef object opcode, mid, gid, version, body
+    if not PyTuple_CheckExact(op) or PyTuple_GET_SIZE(op) != 5:
+        return False
+    opcode = <object>PyTuple_GET_ITEM(op, 0)
+    mid = <object>PyTuple_GET_ITEM(op, 1)
+    gid = <object>PyTuple_GET_ITEM(op, 2)
+    version = <object>PyTuple_GET_ITEM(op, 3)
+    body = <object>PyTuple_GET_ITEM(op, 4)
+    return (PyLong_CheckExact(opcode) and opcode == 1107
+            and PyBytes_CheckExact(mid) and PyBytes_GET_SIZE(mid) == 16
+            and PyBytes_CheckExact(gid) and PyBytes_GET_SIZE(gid) == 16
+            and PyLong_CheckExact(version) and version >= 0
+            and PyBytes_CheckExact(body) and PyBytes_GET_SIZE(body) <= WIRE_MAX_BODY)
 
 
 def dsend_ok(object op, set addr_ok):

@@ -58,6 +58,8 @@ __all__ = ["Group", "Groups", "GDELIVER_HEAD", "GEVENT_HEAD", "group_sender",
            "GEV_DEVICE_LEFT"]
 
 log = logging.getLogger("fastroute.relay")
+#: GSEND's opcode as a plain int (compared once per group request)
+_OP_GSEND = int(wire.Op.GSEND)
 
 #: GEVENT kinds (docs/PROTOCOL.md 18.6)
 (GEV_CREATED, GEV_INVITED, GEV_JOINED, GEV_DECLINED, GEV_ADDED, GEV_REMOVED, GEV_LEFT,
@@ -352,7 +354,7 @@ class Groups:
     def request(self, link: "LinkPort", op: tuple) -> None:
         """Handle one op of feature "groups" (the link negotiated it)."""
         kind = op[0]
-        if kind == wire.Op.GSEND:
+        if kind == _OP_GSEND:
             self.gsend(link, op[1], op[2], op[3], op[4])
         elif kind == wire.Op.GMEMBERS:
             self.members(link, op[1], op[2])

@@ -77,6 +77,11 @@ EVENT_HEAD = b"\x97\xcd" + int(wire.Op.EVENT).to_bytes(2, "big")
 
 #: the ops of feature "safety" (its stage answers them with this stage's REPLY)
 _SAFETY_OPS = frozenset(int(op) for op in wire.FEATURE_OPS["safety"])
+_GROUP_OPS = frozenset(int(op) for op in wire.FEATURE_OPS["groups"])
+# opcodes as plain ints: an op's kind is compared with them once per request
+_OP_DSEND, _OP_DEVICES, _OP_BUNDLES, _OP_KEYS_SET, _OP_KEYS_ADD = (
+    int(wire.Op.DSEND), int(wire.Op.DEVICES), int(wire.Op.BUNDLES), int(wire.Op.KEYS_SET),
+    int(wire.Op.KEYS_ADD))
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS slots(
@@ -572,21 +577,22 @@ class Keys:
     def request(self, link: "LinkPort", op: tuple) -> None:
         """Handle one e2ee op of a link that negotiated the feature."""
         kind = op[0]
-        if kind == wire.Op.DSEND:
+        if kind in _GROUP_OPS:
+            if self.groups is not None:
+                self.groups.request(link, op)
+        elif kind == _OP_DSEND:
             self.dsend(link, op)
-        elif kind == wire.Op.DEVICES:
+        elif kind == _OP_DEVICES:
             self.devices(link, op[1], op[2])
-        elif kind == wire.Op.BUNDLES:
+        elif kind == _OP_BUNDLES:
             self.bundles(link, op[1], op[2], op[3])
-        elif kind == wire.Op.KEYS_SET:
+        elif kind == _OP_KEYS_SET:
             self.publish(link, op)
-        elif kind == wire.Op.KEYS_ADD:
+        elif kind == _OP_KEYS_ADD:
             self.add(link, op[1], op[2], op[3])
         elif kind in _SAFETY_OPS:
             if self.safety is not None:
                 self.safety.request(link, op)
-        elif self.groups is not None:
-            self.groups.request(link, op)
 
     def publish(self, link: "LinkPort", op: tuple) -> None:
         """KEYS_SET: this device's registration id, identity, signed and last-resort keys."""
