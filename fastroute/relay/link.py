@@ -97,8 +97,8 @@ _PIECE_SENDS, _PIECE_PINGS, _PIECE_OPS = 0, 1, 2
 _FIRST_PIECE = (_OPS_CHUNK, _OPS_CHUNK, _BUSY_CHUNK)
 #: what one piece of a busy link should cost, in seconds: once the turn's
 #: clock says stop, a quiet client's read waits behind one piece at most
-#: (with 25 us the flood bench's quiet p99 went from 2.2x to 1.7x its
-#: unflooded one, median of 8 runs; 50 us kept 2.2x, 12 us gained nothing)
+#: (benches/gate_layers.py flood: 50 us kept most of the flooded tail, 12 us
+#: gained nothing over 25)
 _PIECE_S = 25e-6
 
 
@@ -112,11 +112,11 @@ class Turns:
     turn of costly ones run for a millisecond; the writes a turn starts with
     count on its clock); past that, a link still gets a piece of ops (a busy
     link's sized by what its ops cost: :meth:`Link._piece`), never a whole
-    share, and a read that arrives waits
-    whole, unless its link is quiet (has spent less than half its op
-    budget: a quiet pair's message is taken at once).  Waiting links are
-    served once per turn by :meth:`_turn`: when busy links wait, the
-    relay's writer first (what earlier turns delivered goes out), then every
+    share, and a read that arrives waits whole, unless its link is quiet
+    (has spent less than half its op budget: a quiet pair's message is taken
+    at once).  Waiting links are served once per turn by :meth:`_turn`: when
+    busy links wait, the relay's writer first (what earlier turns delivered
+    goes out; links with few ops to write first), then every
     quiet link whose read waited, the writer again, then the busy links
     (reads that waited, frames left from an earlier share, links woken by a
     refilled op budget), round robin, while the turn has room, at least one
@@ -670,7 +670,8 @@ class Link(asyncio.Protocol):
         """Where the next chunk of a long frame not unpacked yet ends, and its
         SENDs if it is made only of them: those are decoded by the compiled
         fast path (and, in a frame of only SENDs, wait for the op budget as in
-        a frame decoded whole); any other chunk is ``checks`` ops at most."""
+        a frame decoded whole); any other chunk is ``checks`` ops at most (a
+        busy link's, ``_BY_COST``: as many of either kind as :meth:`_piece` says)."""
         if checks == _BY_COST:
             n_sends = self._piece(_PIECE_SENDS)
             checks = self._piece(_PIECE_OPS)
@@ -741,6 +742,8 @@ class Link(asyncio.Protocol):
 
     def _dispatch_ops(self, ops: list, granted: int, over: int, dack: int,
                       dsends: list) -> int:
+        """:meth:`_dispatch`'s loop over the ops; single-op DSENDs are left in
+        ``dsends`` for the keys stage (handed over before any other of its ops)."""
         wiring = self.wiring
         sends = self.sends
         assert sends is not None
