@@ -786,11 +786,12 @@ class PackedOps:
     checks, so a long frame costs the relay a chunk of work at a time, its
     unpacking included.  ``len()`` is its number of ops."""
 
-    __slots__ = ("plaintext", "offsets")
+    __slots__ = ("plaintext", "offsets", "_sends_only")
 
     def __init__(self, plaintext: bytes, offsets: Sequence[int]) -> None:
         self.plaintext = plaintext
         self.offsets = offsets
+        self._sends_only: bool | None = None
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -806,11 +807,14 @@ class PackedOps:
 
     def sends_only(self) -> bool:
         """Whether every op is a SEND (by its first two bytes: a frame that
-        :func:`decode_sends` would take whole, if each is valid)."""
-        plaintext = self.plaintext
-        offsets = self.offsets
-        return all(plaintext[offsets[i]:offsets[i] + 2] == b"\x95\x01"
-                   for i in range(len(offsets) - 1))
+        :func:`decode_sends` would take whole, if each is valid).  Looked at
+        once per frame: a frame taken a piece at a time asks at every piece."""
+        if self._sends_only is None:
+            plaintext = self.plaintext
+            offsets = self.offsets
+            self._sends_only = all(plaintext[offsets[i]:offsets[i] + 2] == b"\x95\x01"
+                                   for i in range(len(offsets) - 1))
+        return self._sends_only
 
 
 #: a frame of more ops than this is unpacked by the slice (when the core is

@@ -1182,6 +1182,22 @@ def test_dsend_ok_twins_accept_only_what_the_precise_check_accepts(op):
         assert op[2] not in addr_ok  # it only declines what it cannot vouch for
 
 
+def test_a_packed_frame_is_judged_sends_only_once():
+    # a frame taken a piece at a time asks at every piece whether it holds
+    # only SENDs: the answer is kept (the scan walks every op of the frame)
+    frame = tuple(wire.send_op(bytes([i]) * 16, "bob@example.org", b"x", 0)
+                  for i in range(100))
+    plaintext = wire._array_header(len(frame)) + b"".join(frame)
+    offsets = wire.py_frame_offsets(plaintext)
+    packed = wire.PackedOps(plaintext, offsets)
+    assert packed.sends_only()
+    packed.plaintext = wire._array_header(1) + wire.ping_op(1)  # not looked at again
+    assert packed.sends_only()
+    other = wire.PackedOps(plaintext[:offsets[1]] + wire.ping_op(1) + plaintext[offsets[2]:],
+                           offsets)
+    assert not other.sends_only()
+
+
 _GSENDS = [
     (1107, MID, MID, 3, b"ciphertext"),
     (1107, MID, MID, 0, b""),

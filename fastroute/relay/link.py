@@ -672,6 +672,10 @@ class Link(asyncio.Protocol):
         fast path (and, in a frame of only SENDs, wait for the op budget as in
         a frame decoded whole); any other chunk is ``checks`` ops at most (a
         busy link's, ``_BY_COST``: as many of either kind as :meth:`_piece` says)."""
+        if frame.sends_only() and self._send_room() <= 0:
+            # SENDs only, and the op budget covers none now: they wait for it
+            # (nothing to decode until then)
+            return start, []
         if checks == _BY_COST:
             n_sends = self._piece(_PIECE_SENDS)
             checks = self._piece(_PIECE_OPS)
