@@ -1,7 +1,7 @@
 """The integrity gate against hostile clients: budgets, fairness, bounds, abuse rules.
 
 Real relay on loopback, real Noise, real SQLite.  Assertions are counts and
-bounds, never timings (the latencies are in ``benches/bench_flood.py``).
+bounds, never timings (the latencies are in ``benches/gate_layers.py flood``).
 """
 
 from __future__ import annotations
