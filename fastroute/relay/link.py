@@ -178,35 +178,37 @@ class Turns:
         # the writes of the turn count on its clock: they hold the loop too
         self.start = t0
         self.turning = True
-        fresh, self.fresh = self.fresh, deque()
-        queue = self.queue
-        quiet: list[Link] = []
-        busy: list[Link] = []
-        for link in fresh:
-            (quiet if link.quiet() else busy).append(link)
-        # busy links waiting (a look at the first few is enough): what
-        # earlier turns delivered goes out before their work, and again
-        # after the quiet reads; without them, one write per turn batches more
-        flooded = bool(busy) or any(not link.quiet() for link in islice(queue, 8))
-        if flooded:
-            self.write()
-        for link in quiet:
-            # quiet clients' reads go first, whatever the turn has left
-            link._next_share()
-        if flooded and quiet:
-            self.write()
-        for link in busy:
-            # a busy link's read waits for room like its other frames
-            if self.room(0):
+        try:
+            fresh, self.fresh = self.fresh, deque()
+            queue = self.queue
+            quiet: list[Link] = []
+            busy: list[Link] = []
+            for link in fresh:
+                (quiet if link.quiet() else busy).append(link)
+            # busy links waiting (a look at the first few is enough): what
+            # earlier turns delivered goes out before their work, and again
+            # after the quiet reads; without them, one write per turn batches more
+            flooded = bool(busy) or any(not link.quiet() for link in islice(queue, 8))
+            if flooded:
+                self.write()
+            for link in quiet:
+                # quiet clients' reads go first, whatever the turn has left
                 link._next_share()
-            else:
-                queue.append(link)
-        for i in range(len(queue)):
-            if i and not self.room(0):
-                break
-            queue.popleft()._next_share()
-        self.turning = False
-        if queue or self.fresh:
+            if flooded and quiet:
+                self.write()
+            for link in busy:
+                # a busy link's read waits for room like its other frames
+                if self.room(0):
+                    link._next_share()
+                else:
+                    queue.append(link)
+            for i in range(len(queue)):
+                if i and not self.room(0):
+                    break
+                queue.popleft()._next_share()
+        finally:
+            self.turning = False
+        if self.queue or self.fresh:
             self._arm()
         self.durations.observe(time.perf_counter() - t0)
 
