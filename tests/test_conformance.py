@@ -322,16 +322,11 @@ def _acme_non_members_told_unknown_group(monkeypatch):
 
 
 def _acme_own_copies_unchecked(monkeypatch):
-    original = keys_mod.Keys._dsend
+    original = keys_mod.Keys.dsend_many
 
-    def biased(self, link, cid, to, entries, own):
-        original(self, link, cid, to, entries, [] if _acme(link) else own)
-    monkeypatch.setattr(keys_mod.Keys, "_dsend", biased)
-    many = keys_mod.Keys.dsend_many
-
-    def biased_many(self, link, ops):  # a frame's single-op DSENDs: the same bias
-        many(self, link, [op[:5] + ((),) for op in ops] if _acme(link) else ops)
-    monkeypatch.setattr(keys_mod.Keys, "dsend_many", biased_many)
+    def biased(self, link, ops):
+        original(self, link, [op[:5] + ((),) for op in ops] if _acme(link) else ops)
+    monkeypatch.setattr(keys_mod.Keys, "dsend_many", biased)
 
 
 def _no_device_events_for_acme(monkeypatch):

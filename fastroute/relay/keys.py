@@ -744,62 +744,15 @@ class Keys:
                 return
             partials.pop(cid)
             entries, own = part.entries, part.own
-        self._dsend(link, cid, to, list(entries), list(own))
-
-    def _dsend(self, link: "LinkPort", cid: bytes, to: str, entries: list, own: list) -> None:
-        sender = link.address
-        now = time.monotonic()
-        if self._batch.resent(link, cid, now):
-            return
-        if not self.may_reach(link, to):
-            self._reply(link, cid, ErrorCode.UNKNOWN_RECIPIENT)
-            return
-        mine = self._my_slot(link)
-        if mine is None:
-            self._reply(link, cid, ErrorCode.NO_KEYS)
-            return
-        if not entries:
-            self._reply(link, cid, ErrorCode.BAD_FIELD)
-            return
-        lists = self.dir.lists
-        skip = mine.device_id
-        theirs = lists[to]
-        own_list = lists.get(sender, {}) if own else {}
-        now_ms = int(time.time() * 1000)
-        ts = wire.ts_packed(now_ms)
-        sp, stored_sender = self._sender_fields(sender, skip)
-        items: list = []
-        copies: list = []
-        # the common case in one compiled call per list: every entry current
-        if not (dsend_copies(theirs, entries, skip if to == sender else 0, to,
-                             stored_sender, cid, now_ms, sp, ts, items, copies)
-                and (not own or (to != sender and dsend_copies(
-                    own_list, own, skip, sender, stored_sender, cid, now_ms, sp, ts,
-                    items, copies)))):
-            self._refuse_dsend(link, cid, to, entries, own, skip)
-            return
-        size = sum([len(e[2]) for e in entries])
-        if own:
-            size += sum([len(e[2]) for e in own])
-        n = len(items)
-        lg = link.gate_state
-        msg_tokens = lg.msg_bucket.refill()
-        byte_tokens = lg.byte_bucket.refill()
-        if msg_tokens < n or byte_tokens < size:
-            self._reply(link, cid, ErrorCode.RATE_LIMITED)
-            return
-        lg.msg_bucket.tokens = msg_tokens - n
-        lg.byte_bucket.tokens = byte_tokens - size
-        self.dedup.begin(sender, cid, PENDING, now)
-        # every DSEND accepted in this loop turn goes to the store in one batch
-        self._batch.add(items, link, cid, (to, copies))
+        self.dsend_many(link, [(_OP_DSEND, cid, to, False, entries, own)])
 
     def dsend_many(self, link: "LinkPort", ops: list) -> None:
-        """Several single-op DSENDs of one link's frame, in order: each answered
-        exactly as :meth:`dsend` would, with the per-link work done once (the
+        """Whole DSENDs of one link, in order (a frame's single-op ones, which
+        the link hands over together when it gathers no multi-op DSEND, or one
+        that :meth:`dsend` gathered): each checked, charged and queued for the
+        turn's store batch, or answered, with the per-link work done once (the
         sender's slot and packed fields, the clocks, the two budgets, whether
-        each recipient may be reached).  The link gathers no multi-op DSEND
-        (its ``dsends`` is empty) and each op says ``more`` false."""
+        each recipient may be reached)."""
         sender = link.address
         now = time.monotonic()
         mine = self._my_slot(link)
