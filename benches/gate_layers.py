@@ -18,7 +18,8 @@ Two measurements, each against a baseline run beside it in the same invocation:
     relay (this tree, default limits), first alone, then while a flooding
     provider runs in another process (``--flooders`` devices sending PINGs,
     SENDs to unknown addresses, CONSENTs and SENDs within their limits, one
-    of them never reading).  p50/p99 of both, and their ratio.
+    of them never reading), the two alternated ``--rounds`` times.  p50/p99
+    of each side's pooled latencies, and their ratio.
 
 Usage::
 
@@ -363,13 +364,13 @@ async def flood(args) -> None:
         b1: dict[str, float] = {}  # turn-length buckets of the quiet runs
         b3: dict[str, float] = {}  # ... of the flooded runs
         cpu = 0.0
+        level = args.nice or (19 if args.pin else 0)
+        nice = ["nice", "-n", str(level)] if level else []
         for r in range(args.rounds):
             before = relay.turn_buckets()
             quiet += await quiet_pair(relay, args.quiet_messages)
             b1 = _add_buckets(b1, before, relay.turn_buckets())
             t0 = time.monotonic()
-            level = args.nice or (19 if args.pin else 0)
-            nice = ["nice", "-n", str(level)] if level else []
             worker = await asyncio.create_subprocess_exec(
                 *nice, sys.executable, os.path.abspath(__file__), "flooder", str(relay.port),
                 os.path.join(relay.dir, "acme.key"), str(args.flooders), str(args.seconds))
