@@ -781,13 +781,14 @@ def test_the_turns_clock_cuts_a_share_of_costly_ops_into_chunks(loop, tmp_path):
 
 def test_a_busy_links_pieces_are_sized_by_what_its_ops_cost(loop, tmp_path):
     # a busy link's ops are taken a piece at a time, each piece as many ops
-    # as its kind has lately cost ~25 us for: one costly op at a time, cheap
-    # PINGs by the chunk (a count alone let a piece of CONSENTs hold the loop
-    # for ~0.1 ms, what a quiet client's read then waited behind)
+    # as its kind has lately cost a quarter of the turn's slice for (25 us by
+    # default): one costly op at a time, cheap PINGs by the chunk (a count
+    # alone let a piece of CONSENTs hold the loop for ~0.1 ms, what a quiet
+    # client's read then waited behind)
     from fastroute.relay import link as link_mod
 
     lim = Limits(ops_per_s=1e6, ops_burst=1e6, max_ops_per_turn=100_000,
-                 max_relay_ops_per_turn=1_000_000, max_turn_ms=100.0)
+                 max_relay_ops_per_turn=1_000_000)
 
     async def main():
         async with world(tmp_path, limits=lim) as w:
@@ -834,6 +835,11 @@ def test_a_busy_links_pieces_are_sized_by_what_its_ops_cost(loop, tmp_path):
             # a PONG costs well under a microsecond: pieces stay large
             assert max(sizes) == link_mod._OPS_CHUNK
             assert len(sizes) <= 400 // 8
+            # the piece follows the slice: ops of 10 us, 2 in 25 us, 25 in 0.25 ms
+            link.costs[link_mod._PIECE_OPS] = 1e-5
+            assert link._piece(link_mod._PIECE_OPS) == 2
+            w.relay.turns.slice = 1e-3
+            assert link._piece(link_mod._PIECE_OPS) == 25
     run(loop, main())
 
 

@@ -95,11 +95,12 @@ _BY_COST = 0
 _PIECE_SENDS, _PIECE_PINGS, _PIECE_OPS = 0, 1, 2
 #: a busy link's piece before its kind's cost is known, by kind
 _FIRST_PIECE = (_OPS_CHUNK, _OPS_CHUNK, _BUSY_CHUNK)
-#: what one piece of a busy link should cost, in seconds: once the turn's
-#: clock says stop, a quiet client's read waits behind one piece at most
-#: (benches/gate_layers.py flood: 50 us kept most of the flooded tail, 12 us
-#: gained nothing over 25)
-_PIECE_S = 25e-6
+#: what one piece of a busy link should cost, as a share of the turn's time
+#: slice (``limits.max_turn_ms``): a turn overruns its slice by one piece at
+#: most, and a quiet client's read waits behind no more (with the default
+#: 0.1 ms, 25 us; benches/gate_layers.py flood: 50 us kept most of the
+#: flooded tail, 12 us gained nothing over 25)
+_PIECE_OF_SLICE = 0.25
 
 
 class Turns:
@@ -490,12 +491,14 @@ class Link(asyncio.Protocol):
         return True
 
     def _piece(self, kind: int) -> int:
-        """How many ops of ``kind`` a busy link's next piece takes: what
-        :data:`_PIECE_S` buys at their recent cost, 1 to :data:`_OPS_CHUNK`."""
+        """How many ops of ``kind`` a busy link's next piece takes: what a
+        quarter of the turn's slice buys at their recent cost (see
+        :data:`_PIECE_OF_SLICE`), 1 to :data:`_OPS_CHUNK`."""
         cost = self.costs[kind]
         if not cost:
             return _FIRST_PIECE[kind]
-        return max(1, min(_OPS_CHUNK, int(_PIECE_S / cost)))
+        return max(1, min(_OPS_CHUNK,
+                          int(self.wiring.turns.slice * _PIECE_OF_SLICE / cost)))
 
     def _budget_wait(self) -> float:
         """0 while the op budget has a token; once spent, the seconds until it
