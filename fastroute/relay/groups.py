@@ -215,7 +215,7 @@ class Groups:
         self._skipped: dict[tuple[str, bytes], list] = {}
         # GSENDs accepted in this loop turn, stored together, then answered
         self._batch = TurnBatch(delivery, self.dedup, self._reply, self._place,
-                                "group sends", "groups.store_failed")
+                                "group sends", "groups.store_failed", self._replies_ok)
         self._load()
 
     # ------------------------------------------------------------ state
@@ -294,6 +294,15 @@ class Groups:
             if not code and skipped is not None:
                 result = skipped
         self.keys._reply(link, cid, code, result)
+
+    def _replies_ok(self, link: "LinkPort", cids: list) -> None:
+        """:meth:`_reply` with code 0 for each of ``cids``, at once when no
+        accepted GSEND waits to say which members it skipped."""
+        if self._skipped:
+            for cid in cids:
+                self._reply(link, cid, 0)
+        else:
+            self.keys._replies_ok(link, cids)
 
     @staticmethod
     def _refund(mine: TokenBucket, group: TokenBucket, lg: Any, size: int) -> None:
