@@ -55,6 +55,13 @@ async def e2ee(w, address: str, device: str, reg: int | None = None, **kw) -> Cl
     return c
 
 
+def request_future(c: Client, cid: bytes) -> asyncio.Future:
+    """The future ``c`` resolves with the relay's REPLY to a raw request ``cid``."""
+    fut = c._loop.create_future()
+    c._requests[cid] = (fut, [])
+    return fut
+
+
 async def recv(c: Client, timeout: float = 5.0):
     return await asyncio.wait_for(c.recv(), timeout)
 
@@ -675,10 +682,7 @@ def test_a_frame_of_dsends_is_answered_as_one_dsend_at_a_time(loop, tmp_path):
                 wire.dsend_op(ids[8], "alice@home", False,
                               [(1, 11, b"u1"), (2, 12, b"u2")], []),            # over budget
             ]
-            futs = {}
-            for cid in ids[:9]:
-                futs[cid] = b1._loop.create_future()
-                b1._requests[cid] = (futs[cid], [])
+            futs = {cid: request_future(b1, cid) for cid in ids[:9]}
             replies: list[bytes] = []
             on_reply = b1._on_reply
 
@@ -726,10 +730,7 @@ def test_bye_right_after_dsends_still_gets_every_reply(loop, tmp_path):
             a1 = await e2ee(w, "alice@home", "phone", 11)
             b1 = await e2ee(w, "bob@home", "phone", 21)
             ids = [os.urandom(16) for _ in range(20)]
-            futs = []
-            for cid in ids:
-                futs.append(b1._loop.create_future())
-                b1._requests[cid] = (futs[-1], [])
+            futs = [request_future(b1, cid) for cid in ids]
             b1._write([wire.dsend_op(cid, "alice@home", False, [(1, 11, b"%d" % i)], [])
                        for i, cid in enumerate(ids)] + [wire.bye_op()])
             await asyncio.wait_for(asyncio.gather(*futs), 5)

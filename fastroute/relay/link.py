@@ -677,9 +677,11 @@ class Link(asyncio.Protocol):
         fast path (and, in a frame of only SENDs, wait for the op budget as in
         a frame decoded whole); any other chunk is ``checks`` ops at most (a
         busy link's, ``_BY_COST``: as many of either kind as :meth:`_piece` says)."""
-        if frame.sends_only() and self._send_room() <= 0:
-            # SENDs only, and the op budget covers none now: they wait for it
-            # (nothing to decode until then)
+        # a frame of SENDs only takes what the op budget covers now (none:
+        # they wait for it, and nothing is decoded until then)
+        only_sends = frame.sends_only()
+        spare = self._send_room() if only_sends else 0
+        if only_sends and spare <= 0:
             return start, []
         if checks == _BY_COST:
             n_sends = self._piece(_PIECE_SENDS)
@@ -694,10 +696,9 @@ class Link(asyncio.Protocol):
         if end - start > n_sends:
             end = start + n_sends
             sends = sends[:n_sends]
-        spare = self._send_room()
-        if spare < end - start and frame.sends_only():
-            end = start + max(spare, 0)
-            sends = sends[:end - start]
+        if only_sends and spare < end - start:
+            end = start + spare
+            sends = sends[:spare]
         return end, sends
 
     def _send_room(self) -> int:
@@ -738,25 +739,25 @@ class Link(asyncio.Protocol):
         if granted < others:
             # DACKs are never refused, so they are not counted here
             wiring.count_error(ErrorCode.RATE_LIMITED)
-        over = 0  # PINGs refused past the budget: one ERROR for the frame
-        dack = -1  # DACKs are cumulative: one per frame does the work of all
         # single-op DSENDs go to the keys stage together (its per-link work
         # once), in order with the stage's other ops: before any of them
         dsends: list = []
         try:
-            return self._dispatch_ops(ops, granted, over, dack, dsends)
+            return self._dispatch_ops(ops, granted, dsends)
         finally:
             if dsends and wiring.keys is not None:
                 wiring.keys.dsend_many(self, dsends)
 
-    def _dispatch_ops(self, ops: list, granted: int, over: int, dack: int,
-                      dsends: list) -> int:
-        """:meth:`_dispatch`'s loop over the ops; single-op DSENDs are left in
-        ``dsends`` for the keys stage (handed over before any other of its ops)."""
+    def _dispatch_ops(self, ops: list, granted: int, dsends: list) -> int:
+        """:meth:`_dispatch`'s loop over the ops, ``granted`` of them (not SENDs)
+        within the op budget; single-op DSENDs are left in ``dsends`` for the
+        keys stage (handed over before any other of its ops)."""
         wiring = self.wiring
         sends = self.sends
         assert sends is not None
         op_counts = wiring.op_counts
+        over = 0  # PINGs refused past the budget: one ERROR for the frame
+        dack = -1  # DACKs are cumulative: one per frame does the work of all
         for op in ops:
             if isinstance(op, wire.OpError):
                 feature = _FEATURE_OF.get(op.opcode) if op.opcode is not None else None
