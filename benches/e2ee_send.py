@@ -3,6 +3,7 @@
 Run (bounded: fixed message counts and a timeout on every wait)::
 
     PYTHONPATH=. python benches/e2ee_send.py [--messages N] [--runs R] [--store memory|sqlite]
+        [--devices 1 3 10] [--await-each]
 
 For 1, 3 and 10 recipient devices, two ways of reaching all of them:
 
@@ -10,7 +11,9 @@ For 1, 3 and 10 recipient devices, two ways of reaching all of them:
   once per device and fans out;
 * ``dsend``: one DSEND carrying one ciphertext per device (what a Signal
   Protocol client sends), checked against the device list, each copy stored
-  and routed to its own device as DDELIVER.
+  and routed to its own device as DDELIVER.  Sent with
+  ``Client.send_to_devices_nowait`` (``--await-each``: a ``send_to_devices``
+  coroutine per message, the only way on trees before that call).
 
 Each run starts a fresh ``fastroute serve`` (a process of its own, uvloop)
 and connects the sender and the recipient's devices from this process.
@@ -20,8 +23,10 @@ every copy.  Reported per case, as the median of ``--runs`` runs: delivered
 copies per second end to end (send to last receipt) and the relay
 process's own CPU per delivered copy -- the CPU time of all its threads
 (``/proc/<pid>/task/*/schedstat``, nanoseconds) read before the first send
-and after the last receipt -- and the dsend/send ratio of both.  Threads
-that ended during the run (none in the relay) would be missed.
+and after the last receipt -- the CPU of this process (the sender and
+every recipient device's client, ``time.process_time``) per delivered copy,
+and the dsend/send ratios.  Threads that ended during the run (none in the
+relay) would be missed.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from fastroute.noise import KeyPair  # noqa: E402
 
 WINDOW = 256  # sends in flight
 BODY = 100
+AWAIT_EACH = False  # --await-each
 
 
 def relay_cpu(pid: int) -> float:
@@ -84,7 +90,8 @@ def start_relay(data: str, store: str, relay_toml: str = "",
     raise SystemExit("relay did not start")
 
 
-async def one_run(mode: str, n_dev: int, messages: int, store: str) -> tuple[float, float]:
+async def one_run(mode: str, n_dev: int, messages: int,
+                  store: str) -> tuple[float, float, float]:
     with tempfile.TemporaryDirectory() as data:
         pkey = ProviderKey.generate()
         with Registry(os.path.join(data, "registry.db")) as reg:
@@ -114,24 +121,30 @@ async def one_run(mode: str, n_dev: int, messages: int, store: str) -> tuple[flo
                 while got < want:
                     got += len(await asyncio.wait_for(c.recv_many(), 30))
 
+            nowait = getattr(sender, "send_to_devices_nowait", None)
+
             async def send_all(count: int) -> None:
-                if mode == "send":
-                    for at in range(0, count, WINDOW):
-                        await sender.send_many("r@home", [body] * min(WINDOW, count - at))
-                else:
-                    for at in range(0, count, WINDOW):
+                for at in range(0, count, WINDOW):
+                    k = min(WINDOW, count - at)
+                    if mode == "send":
+                        await sender.send_many("r@home", [body] * k)
+                    elif nowait is not None and not AWAIT_EACH:
+                        await asyncio.gather(*(nowait("r@home", entries)[1] for _ in range(k)))
+                    else:  # one coroutine per message (and trees before the nowait call)
                         await asyncio.gather(*(sender.send_to_devices("r@home", entries)
-                                               for _ in range(min(WINDOW, count - at))))
+                                               for _ in range(k)))
 
             warm = 200
             await asyncio.gather(send_all(warm), *(receive(c, warm) for c in devices))
             cpu0 = relay_cpu(proc.pid)
+            mine0 = time.process_time()
             t0 = time.perf_counter()
             await asyncio.gather(send_all(messages), *(receive(c, messages) for c in devices))
             wall = time.perf_counter() - t0
             cpu = relay_cpu(proc.pid) - cpu0
+            mine = time.process_time() - mine0
             copies = messages * n_dev
-            return copies / wall, cpu / copies * 1e6
+            return copies / wall, cpu / copies * 1e6, mine / copies * 1e6
         finally:
             for c in clients:
                 await c.close()
@@ -144,28 +157,38 @@ def main() -> None:
     ap.add_argument("--messages", type=int, default=3000)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--store", choices=("memory", "sqlite"), default="memory")
+    ap.add_argument("--devices", type=int, nargs="+", default=[1, 3, 10],
+                    help="recipient device counts to run (default 1 3 10)")
+    ap.add_argument("--await-each", action="store_true",
+                    help="one coroutine per DSEND (send_to_devices) instead of "
+                         "send_to_devices_nowait")
     args = ap.parse_args()
+    global AWAIT_EACH
+    AWAIT_EACH = args.await_each
     run = uvloop.run if uvloop is not None else asyncio.run
     print(f"store={args.store} messages={args.messages} runs={args.runs} body={BODY} B "
           f"window={WINDOW}")
     print(f"{'devices':>7} {'mode':>6} {'copies/s':>10} {'relay us/copy':>14} "
-          f"{'(min-max)':>14}")
+          f"{'(min-max)':>14} {'clients us/copy':>16}")
     results = {}
-    for n_dev in (1, 3, 10):
+    for n_dev in args.devices:
         for mode in ("send", "dsend"):
-            rates, cpus = [], []
+            rates, cpus, mine = [], [], []
             for _ in range(args.runs):
-                rate, cpu = run(one_run(mode, n_dev, args.messages, args.store))
+                rate, cpu, client = run(one_run(mode, n_dev, args.messages, args.store))
                 rates.append(rate)
                 cpus.append(cpu)
-            results[(n_dev, mode)] = (statistics.median(rates), statistics.median(cpus))
+                mine.append(client)
+            results[(n_dev, mode)] = (statistics.median(rates), statistics.median(cpus),
+                                      statistics.median(mine))
             print(f"{n_dev:>7} {mode:>6} {statistics.median(rates):>10.0f} "
-                  f"{statistics.median(cpus):>14.2f} {min(cpus):>6.2f}-{max(cpus):<6.2f}",
-                  flush=True)
+                  f"{statistics.median(cpus):>14.2f} {min(cpus):>6.2f}-{max(cpus):<6.2f} "
+                  f"{statistics.median(mine):>16.2f}", flush=True)
     print("\ndsend / send (same devices):")
-    for n_dev in (1, 3, 10):
-        (rs, cs), (rd, cd) = results[(n_dev, "send")], results[(n_dev, "dsend")]
-        print(f"  {n_dev:>2} devices: throughput x{rd / rs:.2f}, relay CPU per copy x{cd / cs:.2f}")
+    for n_dev in args.devices:
+        (rs, cs, ms), (rd, cd, md) = results[(n_dev, "send")], results[(n_dev, "dsend")]
+        print(f"  {n_dev:>2} devices: throughput x{rd / rs:.2f}, relay CPU per copy "
+              f"x{cd / cs:.2f}, clients' CPU per copy x{md / ms:.2f}")
 
 
 if __name__ == "__main__":

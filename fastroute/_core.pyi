@@ -206,8 +206,12 @@ def pack_sends(pool: bytes, at: int, to_packed: bytes, bodies: list[bytes], cls:
     """Client.send_many's SEND ops: (ids from pool[at:], packed ops); pending[id] = (target, op)."""
 def dispatch_frame(plaintext: object, addr_ok: set[str], seen: DedupTable,
                    inbox: object, pending: dict, batch_type: type, msg_type: type,
-                   client: object, dropped: object, refused: object) -> bool | None:
-    """Client._on_frame's loop for a frame of SACKs and DELIVERs; None (no effect) otherwise."""
+                   client: object, dropped: object, refused: object,
+                   requests: dict | None = None, dev_type: type | None = None,
+                   group_type: type | None = None,
+                   on_reply: object = None) -> bool | None:
+    """Client._on_frame's loop for a frame of SACKs and DELIVERs (given ``requests``,
+    also accepted REPLYs, DDELIVERs and GDELIVERs); None (no effect) otherwise."""
 
 # -- MemoryStore loops (ext/fastroute/_memstore.pxi) ------------------------------
 

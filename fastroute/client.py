@@ -230,11 +230,15 @@ def py_pack_sends(pool: bytes, at: int, to_packed: bytes, bodies: list, cls: int
 
 
 def py_dispatch_frame(plaintext, addr_ok, seen, inbox, pending, batch_type, message_type,
-                      client, drop_duplicate, refused):
+                      client, drop_duplicate, refused, requests=None, device_type=None,
+                      group_type=None, on_reply=None):
     """Specification of ``_client.pxi``'s ``dispatch_frame``: decline the frame (None).
 
-    The compiled twin handles a frame of SACKs and DELIVERs exactly as the
-    loop of :meth:`Client._on_frame` does and declines every other frame;
+    The compiled twin handles a frame of SACKs and DELIVERs (given
+    ``requests``, also accepted REPLYs, DDELIVERs and GDELIVERs: the answers
+    to per-device sends and the copies an end-to-end encrypted client
+    receives) exactly as the loop of :meth:`Client._on_frame` does and
+    declines every other frame;
     declining every frame is therefore a correct (if slow) implementation,
     and the loop is the oracle ``tests/test_fastpath.py`` compares against.
     """
@@ -915,24 +919,32 @@ class Client:
         return [Bundle(d, r, ik, tuple(spk), tuple(otk) if otk is not None else None,
                        tuple(kem), last) for d, r, ik, spk, otk, kem, last in rows]
 
-    async def send_to_devices(self, to: str, entries: list, own: list = (),  # type: ignore
-                              *, id: bytes | None = None) -> bytes:  # noqa: A002
-        """Send one ciphertext per device: ``entries`` are ``(device id, registration
-        id, ciphertext)`` for every current device of ``to``, ``own`` for this user's
-        other devices (optional).  Returns the id once every copy is durably stored.
+    def send_to_devices_nowait(self, to: str, entries: list, own: list = (),  # type: ignore
+                               *, id: bytes | None = None  # noqa: A002
+                               ) -> tuple[bytes, asyncio.Future]:
+        """:meth:`send_to_devices` without waiting: ``(id, future)``, the future
+        done (result None) once every copy is durably stored, or failed as
+        that method raises.
 
-        :class:`~fastroute.errors.DeviceMismatch` (nothing stored) lists the
-        missing, extra and stale devices: refresh the sessions and call again
-        with the same ``id``.
+        For a client that sends many: no coroutine per message, as with
+        :meth:`send_nowait` for SEND.
         """
         self._need("e2ee")
         cid = id if id is not None else self._new_id()
         entries = [tuple(e) for e in entries]
         own = [tuple(e) for e in own]
+        room = wire.MAX_PLAINTEXT - 256
+        size = 0
+        for e in entries:
+            size += len(e[2]) + 16
+        for e in own:
+            size += len(e[2]) + 16
+        if size <= room:
+            # the common case: every copy fits one op
+            return cid, self._request([wire.dsend_op(cid, to, False, entries, own)], cid)
         # split the copies over ops that each fit a frame; the last says more=False
         parts: list[tuple[list, list]] = [([], [])]
         used = 0
-        room = wire.MAX_PLAINTEXT - 256
         for which, group in ((0, entries), (1, own)):
             for e in group:
                 n = len(e[2]) + 16
@@ -943,7 +955,20 @@ class Client:
                 used += n
         ops = [wire.dsend_op(cid, to, i < len(parts) - 1, ents, owns)
                for i, (ents, owns) in enumerate(parts)]
-        await self._request(ops, cid)
+        return cid, self._request(ops, cid)
+
+    async def send_to_devices(self, to: str, entries: list, own: list = (),  # type: ignore
+                              *, id: bytes | None = None) -> bytes:  # noqa: A002
+        """Send one ciphertext per device: ``entries`` are ``(device id, registration
+        id, ciphertext)`` for every current device of ``to``, ``own`` for this user's
+        other devices (optional).  Returns the id once every copy is durably stored.
+
+        :class:`~fastroute.errors.DeviceMismatch` (nothing stored) lists the
+        missing, extra and stale devices: refresh the sessions and call again
+        with the same ``id``.
+        """
+        cid, fut = self.send_to_devices_nowait(to, entries, own, id=id)
+        await fut
         return cid
 
     async def refresh(self, address: str, mismatch: DeviceMismatch) -> list[Bundle]:
@@ -1164,10 +1189,12 @@ class Client:
         except FastrouteError as exc:
             self._link_failed(exc)
             return
-        # compiled: a frame of SACKs and DELIVERs, handled as the loop below does
+        # compiled: a frame of SACKs and DELIVERs (and accepted REPLYs, DDELIVERs,
+        # GDELIVERs), handled as the loop below does
         if _dispatch_frame(plaintext, wire._ADDR_OK, self._seen, self._inbox,
                            self._pending, _Batch, Message, self, _drop_duplicate,
-                           _refused) is not None:
+                           _refused, self._requests, DeviceMessage, GroupMessage,
+                           self._on_reply) is not None:
             return
         try:
             # the compiled dispatch above accepts exactly what the compiled

@@ -1111,6 +1111,7 @@ def mreply_op(id: bytes, code: int, result: object = None) -> bytes:  # noqa: A0
 
 _FEATURES, _FEATURES_OK = Op.FEATURES.value, Op.FEATURES_OK.value
 _REPLY = Op.REPLY.value
+_DSEND = Op.DSEND.value
 
 
 def features_op(id: bytes, names: Iterable[str]) -> bytes:  # noqa: A002
@@ -1181,8 +1182,19 @@ def bundles_op(id: bytes, address: str, device_ids: list[int]) -> bytes:  # noqa
 def dsend_op(id: bytes, to: str, more: bool, entries: list, own: list) -> bytes:  # noqa: A002
     """A packed DSEND part: ``[device id, registration id, ciphertext]`` entries for
     ``to`` and for the sender's own other devices; ``more``: further parts follow."""
-    return _pack((Op.DSEND.value, id, to, bool(more), [list(e) for e in entries],
-                  [list(e) for e in own]))
+    # msgpack packs a tuple as it packs a list: only other iterables are copied
+    return _pack((_DSEND, id, to, bool(more), _as_arrays(entries),
+                  _as_arrays(own)))
+
+
+def _as_arrays(entries: Any) -> list | tuple:
+    if type(entries) is list or type(entries) is tuple:
+        for e in entries:
+            if type(e) is not tuple and type(e) is not list:
+                break
+        else:
+            return entries
+    return [list(e) for e in entries]
 
 
 def group_op(opcode: int, id: bytes, *fields: object) -> bytes:  # noqa: A002

@@ -9,6 +9,7 @@ the same ops.
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import signal
 
@@ -281,6 +282,52 @@ def test_per_device_send_reaches_each_device_once_with_the_sender_device(loop, t
             assert (await recv_msg(a1)).body == bodies[0]
             assert (await recv_msg(a2)).body == bodies[1]
     run(loop, main())
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_per_device_sends_without_waiting_arrive_in_order(loop, tmp_path):
+    # send_to_devices_nowait: no coroutine per message; each future is done
+    # once its copies are stored, a refused one fails alone, and every copy
+    # reaches its device in the order sent (the REPLYs come back on the
+    # client's compiled path, the copies too)
+    async def main():
+        async with world(tmp_path) as w:
+            a1 = await e2ee(w, "alice@home", "phone", 11)
+            a2 = await e2ee(w, "alice@home", "laptop", 12)
+            b1 = await e2ee(w, "bob@acme", "phone", 21)
+            await recv(a1)  # a2 joined
+            sent = [b1.send_to_devices_nowait("alice@home",
+                                              [(1, 11, b"a1-%d" % i), (2, 12, b"a2-%d" % i)])
+                    for i in range(40)]
+            bad_id, bad = b1.send_to_devices_nowait("alice@home", [(1, 11, b"x")])
+            big = os.urandom(wire.MAX_BODY)
+            big_id, big_fut = b1.send_to_devices_nowait("alice@home",
+                                                        [(1, 11, big), (2, 12, big)])
+            assert len({cid for cid, _ in sent} | {bad_id, big_id}) == 42
+            assert await asyncio.gather(*(f for _, f in sent), big_fut) == [None] * 41
+            with pytest.raises(DeviceMismatch) as err:
+                await bad
+            assert err.value.missing == [2]
+            for c, name in ((a1, b"a1"), (a2, b"a2")):
+                got = [await recv_msg(c) for _ in range(41)]
+                assert [m.body for m in got[:40]] == [name + b"-%d" % i for i in range(40)]
+                assert [m.id for m in got] == [cid for cid, _ in sent] + [big_id]
+                assert all(type(m) is DeviceMessage and m.device == 1 for m in got)
+                assert got[40].body == big
+            assert await nothing_arrives(a1) and not b1._requests
+    run(loop, main())
+
+
+def test_dsend_op_packs_entries_of_any_shape_alike():
+    cid = bytes(range(16))
+    want = msgpack.packb((1004, cid, "alice@home", True, [[1, 11, b"x"], [2, 12, b"y"]],
+                          [[3, 13, b"z"]]), use_bin_type=True)
+    entry = collections.namedtuple("entry", "device reg body")
+    shapes = [([(1, 11, b"x"), (2, 12, b"y")], [(3, 13, b"z")]),
+              ([[1, 11, b"x"], [2, 12, b"y"]], ([3, 13, b"z"],)),
+              (iter([(1, 11, b"x"), iter((2, 12, b"y"))]), [entry(3, 13, b"z")])]
+    for entries, own in shapes:
+        assert wire.dsend_op(cid, "alice@home", 1, entries, own) == want
 
 
 @pytest.mark.parametrize("loop", LOOPS)
@@ -684,13 +731,19 @@ def test_a_frame_of_dsends_is_answered_as_one_dsend_at_a_time(loop, tmp_path):
             ]
             futs = {cid: request_future(b1, cid) for cid in ids[:9]}
             replies: list[bytes] = []
-            on_reply = b1._on_reply
 
-            def counted(op):
-                replies.append(op[1])
-                on_reply(op)
+            class Counted:
+                # the REPLYs on the wire, whichever path the client takes them by
+                def __init__(self, rx):
+                    self.rx = rx
 
-            b1._on_reply = counted
+                def decrypt(self, msg):
+                    plaintext = self.rx.decrypt(msg)
+                    replies.extend(op[1] for op in wire.decode_server_frame_precise(plaintext)
+                                   if type(op) is tuple and op[0] == wire.Op.REPLY)
+                    return plaintext
+
+            b1._rx = Counted(b1._rx)
             b1._write(ops)
             answers = []
             for cid in ids[:9]:

@@ -927,12 +927,23 @@ class _Proto:
     transport = _Transport()
 
 
-def _run_client(frames, compiled, pending_spec, window):
-    """Feed ``frames`` to a fresh client; return everything _on_frame may change."""
+def _run_client(frames, compiled, pending_spec, window, requests_spec=(), took=None):
+    """Feed ``frames`` to a fresh client; return everything _on_frame may change.
+
+    ``requests_spec``: ``(id, state)`` of feature requests waiting for a REPLY
+    (state "open", "done" or "parts": a result begun by an earlier REPLY);
+    ``took``, a list, gets whether the compiled dispatch took each frame."""
     async def go():
         c = client_mod.Client("h", 1, credential=b"", static=None, dedup_window=window)
         c._rx = _Plain()
         c._proto = _Proto()
+        requests = []
+        for cid, state in requests_spec:
+            fut = c._loop.create_future()
+            if state == "done":
+                fut.set_result("earlier")
+            c._requests[cid] = (fut, ["begun"] if state == "parts" else [])
+            requests.append(fut)
         targets = []
         for ids in pending_spec:
             if len(ids) == 1:
@@ -945,8 +956,12 @@ def _run_client(frames, compiled, pending_spec, window):
             for cid in ids:
                 c._pending[cid] = target if len(ids) > 1 else (target, b"op")
         saved = client_mod._dispatch_frame
-        client_mod._dispatch_frame = (_core.dispatch_frame if compiled
-                                      else client_mod.py_dispatch_frame)
+        dispatch = _core.dispatch_frame if compiled else client_mod.py_dispatch_frame
+        if took is not None:
+            def dispatch(*args, _inner=dispatch):
+                took.append(_inner(*args))
+                return took[-1]
+        client_mod._dispatch_frame = dispatch
         try:
             for f in frames:
                 c._on_frame(f)
@@ -964,9 +979,16 @@ def _run_client(frames, compiled, pending_spec, window):
         if c._ack_timer is not None:
             c._ack_timer.cancel()
         inbox = list(c._inbox)
-        return (inbox, [type(m) for m in inbox], [type(m.ephemeral) for m in inbox],
+        answered = []
+        for f in requests:
+            exc = f.exception() if f.done() else None
+            answered.append((f.done(), (type(exc), str(exc)) if exc else None,
+                             f.result() if f.done() and exc is None else None))
+        return (inbox, [type(m) for m in inbox], [type(getattr(m, "ephemeral", None))
+                                                  for m in inbox],
                 c._seen.keys(), c.duplicates_dropped, c._ack_upto, c._flush_scheduled,
-                c._ack_timer is not None, list(c._pending), outcome, c.address)
+                c._ack_timer is not None, list(c._pending), outcome, c.address,
+                sorted(c._requests), answered)
 
     return asyncio.run(go())
 
@@ -975,10 +997,10 @@ def _ids(k, tag=0):
     return [bytes([tag, i]) * 8 for i in range(k)]
 
 
-def _dispatch_case(frames, pending_spec=(), window=4):
-    want = _run_client(frames, False, pending_spec, window)
+def _dispatch_case(frames, pending_spec=(), window=4, requests_spec=(), took=None):
+    want = _run_client(frames, False, pending_spec, window, requests_spec)
     if fastroute.COMPILED:
-        assert _run_client(frames, True, pending_spec, window) == want
+        assert _run_client(frames, True, pending_spec, window, requests_spec, took) == want
     return want
 
 
@@ -1009,7 +1031,7 @@ def test_dispatch_frame_sacks(_known_sender):
                         wire.sack_op(done[0], 0), wire.sack_op(b"u" * 16, 0)]),
               _frame([wire.sack_op(cid, 0) for cid in batch[3:] + refused_batch]
                      + [wire.sack_op(single[0], 0), _deliver(seq=5), wire.sack_op(b"x" * 16, 0)])]
-    *_, pending, outcome, _ = _dispatch_case(frames, spec)
+    *_, pending, outcome, _, _, _ = _dispatch_case(frames, spec)
     assert outcome[0] == (True, 0, batch)
     assert outcome[1][2][0] is UnknownAddress
     assert pending == []
@@ -1043,6 +1065,96 @@ def test_dispatch_frame_fuzz(_known_sender):
                 data[rng.randrange(len(data))] = rng.randrange(256)
         frames.append(bytes(data))
     _dispatch_case(frames, [ids[:4], [ids[4]], ids[5:]], window=5)
+
+
+def _ddeliver(seq=1, sender=SENDER, device=3, cid=MID, body=b"copy", ts=TS, cls=0):
+    # DDELIVER [2001, seq, from, from_device, id, body, ts_ms, cls]
+    return msgpack.packb((2001, seq, sender, device, cid, body, ts, cls), use_bin_type=True)
+
+
+def _gdeliver(seq=1, group=b"g" * 16, sender=SENDER, device=3, cid=MID, body=b"grp", ts=TS,
+              cls=0):
+    # GDELIVER [2100, seq, group, from, from_device, id, body, ts_ms, cls]
+    return msgpack.packb((2100, seq, group, sender, device, cid, body, ts, cls),
+                         use_bin_type=True)
+
+
+def test_dispatch_frame_takes_what_an_e2ee_client_gets(_known_sender):
+    # accepted REPLYs (the answers to DSENDs and GSENDs), DDELIVERs and
+    # GDELIVERs, mixed with SACKs and DELIVERs: the compiled dispatch takes
+    # those frames whole, with exactly the Python loop's effects
+    a, r = _ids(6, 1), _ids(6, 2)
+    sack_ids = _ids(2, 3)
+    requests = [(r[0], "open"), (r[1], "done"), (r[2], "open"), (r[3], "parts"),
+                (r[4], "open")]
+    frames = [
+        _frame([wire.reply_ok_op(r[0]), wire.reply_ok_op(r[1]), wire.reply_ok_op(b"u" * 16),
+                wire.sack_op(sack_ids[0], 0)]),
+        _frame([_ddeliver(seq=1, cid=a[0]), _ddeliver(seq=2, cid=a[1], device=127,
+                                                      body=bytes(300)),
+                _gdeliver(seq=3, cid=a[2], cls=1), _deliver(seq=4, cid=a[3]),
+                _ddeliver(seq=5, cid=a[0]),                      # a duplicate of seq 1
+                _gdeliver(seq=2**40, cid=a[4], group=bytes(16), ts=0, device=0),
+                wire.reply_ok_op(r[2]), wire.reply_ok_op(r[2])]),
+        _frame([_ddeliver(seq=7, cid=a[5], sender="carol@example.org"),
+                _gdeliver(seq=8, cid=a[0], sender="carol@example.org")]),
+        # a REPLY whose result came in parts goes to Client._on_reply as before
+        _frame([wire.reply_packed_op(r[3], 0, True, [msgpack.packb(1)])]),
+    ]
+    wire._ADDR_OK.add("carol@example.org")
+    took: list = []
+    inbox, types, *_rest = _dispatch_case(frames, [[sack_ids[0]]], 8, requests, took)
+    assert [m.seq for m in inbox] == [1, 2, 3, 4, 2**40, 7, 8]
+    assert types == [client_mod.DeviceMessage, client_mod.DeviceMessage,
+                     client_mod.GroupMessage, client_mod.Message, client_mod.GroupMessage,
+                     client_mod.DeviceMessage, client_mod.GroupMessage]
+    assert inbox[1].device == 127 and inbox[4].group == bytes(16)
+    *_, left, answered = _rest
+    assert left == [r[4]]
+    assert answered[0] == (True, None, None) and answered[1] == (True, None, "earlier")
+    assert answered[3] == (True, None, ["begun", 1]) and answered[4] == (False, None, None)
+    if fastroute.COMPILED:
+        assert took == [True, True, True, None]
+
+
+@pytest.mark.parametrize("op", [
+    wire.reply_op(MID, ErrorCode.RATE_LIMITED),                          # refused
+    wire.reply_op(MID, 0, False, [1]),                                   # not the last
+    wire.reply_op(MID, 0, True, 5),                                      # with a result
+    msgpack.packb((2001, 1, SENDER, -3, MID, b"x", TS, 0)),              # negative device
+    msgpack.packb((2001, 1, SENDER, 3, MID, b"x", TS, 2)),               # bad cls
+    msgpack.packb((2001, 1, SENDER, 3, MID[:15], b"x", TS, 0)),          # short id
+    msgpack.packb((2100, 1, b"g" * 15, SENDER, 3, MID, b"x", TS, 0)),    # short group
+    msgpack.packb((2100, 1, b"g" * 16, "no address", 3, MID, b"x", TS, 0)),  # bad sender
+    msgpack.packb((2001, 1, SENDER, 3, MID, b"x", TS)),                  # short op
+    msgpack.packb((2002, 1, 3, MID, b"x", TS, 0)),                       # EVENT
+])
+def test_dispatch_frame_declines_other_feature_ops(op, _known_sender):
+    # the loop (and its precise decoder) answers them: the compiled dispatch
+    # takes only what it can handle exactly as the loop does
+    took: list = []
+    _dispatch_case([_frame([_ddeliver(), op])], requests_spec=[(MID, "open")], took=took)
+    if fastroute.COMPILED:
+        assert took == [None]
+
+
+def test_dispatch_frame_feature_fuzz(_known_sender):
+    rng = random.Random(11)
+    ids = _ids(8, 9)
+    makers = [lambda: _ddeliver(seq=rng.randrange(2**33), cid=rng.choice(ids),
+                                device=rng.randrange(200), body=bytes(rng.randrange(300))),
+              lambda: _gdeliver(seq=rng.randrange(2**33), cid=rng.choice(ids)),
+              lambda: wire.reply_ok_op(rng.choice(ids)),
+              lambda: wire.sack_op(rng.choice(ids), rng.randrange(3))]
+    base = [_frame([rng.choice(makers)() for _ in range(k)]) for k in (1, 3, 16)]
+    frames = []
+    for _ in range(300):
+        data = bytearray(rng.choice(base))
+        if rng.random() < 0.5:
+            for _ in range(rng.randrange(1, 3)):
+                data[rng.randrange(len(data))] = rng.randrange(256)
+        frames.append(bytes(data))
+    _dispatch_case(frames, [ids[:4]], 5, [(ids[4], "open"), (ids[5], "done"), (ids[6], "open")])
 
 
 # -- feature e2ee: ops of DELIVER's shape, and stored rows a link may not get ---------

@@ -7,14 +7,15 @@
 #   dispatch_frame  = py_dispatch_frame
 #
 # * pack_sends: the SEND ops of Client.send_many (same bytes, same exceptions).
-# * dispatch_frame: Client._on_frame for a frame of SACKs and DELIVERs; it
-#   declines (returns None, having done nothing) any other frame, and the
+# * dispatch_frame: Client._on_frame for a frame of SACKs and DELIVERs (and
+#   the e2ee and groups ops a client gets by the thousand: accepted REPLYs,
+#   DDELIVERs, GDELIVERs); it declines (returns None, having done nothing) any other frame, and the
 #   client's Python loop -- the oracle the tests compare against -- does it.
 #   Its specification declines every frame.
 
 from cpython.object cimport PyTypeObject
 from cpython.type cimport PyType_IsSubtype
-from cpython.tuple cimport PyTuple_SET_ITEM
+from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 
 from fastroute.errors import BodyTooLarge
 
@@ -98,12 +99,16 @@ def pack_sends(bytes pool not None, Py_ssize_t at, bytes to_packed not None,
 
 
 ctypedef struct ServerOp:
-    # one SACK (kind 17) or DELIVER (kind 18), pointing into the frame
+    # one op of a frame dispatch_frame takes, pointing into the frame: a SACK
+    # (kind 17), DELIVER (18) or, with the e2ee and groups kinds allowed, an
+    # accepted REPLY (2000), a DDELIVER (2001) or a GDELIVER (2100)
     int kind
     unsigned long long seq
     unsigned long long ts
     unsigned long long code
+    unsigned long long sdev       # the sending device (DDELIVER, GDELIVER)
     const unsigned char* cid      # 16 bytes
+    const unsigned char* group    # 16 bytes (GDELIVER)
     const unsigned char* sender
     Py_ssize_t nsender
     const unsigned char* body
@@ -111,33 +116,33 @@ ctypedef struct ServerOp:
     int cls
 
 
-cdef inline int parse_server_op(Cursor* c, ServerOp* op) noexcept:
-    """One SACK or DELIVER in the encodings decode_server_ops accepts; 0 otherwise."""
-    cdef Py_ssize_t k
-    if c.end - c.p < 2:
+# what the relay packs for every accepted feature request: [2000, id, 0, true, nil]
+cdef const unsigned char* REPLY_OK_HEAD = b"\x95\xcd\x07\xd0\xc4\x10"
+cdef const unsigned char* REPLY_OK_TAIL = b"\x00\xc3\xc0"
+
+
+cdef inline int take_id(Cursor* c, const unsigned char** out) noexcept:
+    """A 16-byte bin8 id: ``out[0]`` points at its bytes; 0 for anything else."""
+    if c.end - c.p < 18 or c.p[0] != 0xc4 or c.p[1] != 0x10:
         return 0
-    if c.p[0] == 0x93 and c.p[1] == 0x11:              # SACK
-        if c.end - c.p < 20 or c.p[2] != 0xc4 or c.p[3] != 0x10:
-            return 0
-        op.kind = 17
-        op.cid = c.p + 4
-        c.p += 20
-        return take_uint(c, &op.code)
-    if c.p[0] != 0x97 or c.p[1] != 0x12:               # DELIVER
-        return 0
-    c.p += 2
-    if not take_uint(c, &op.seq):
-        return 0
-    k = take_len(c, 0xd9, 0xa0, 31)
+    out[0] = c.p + 2
+    c.p += 18
+    return 1
+
+
+cdef inline int take_copy(Cursor* c, ServerOp* op, bint device) noexcept:
+    """The fields a DELIVER, DDELIVER and GDELIVER share, from the sender on:
+    ``sender[, sender device], id, body, ts_ms, cls``; 0 for anything else."""
+    cdef Py_ssize_t k = take_len(c, 0xd9, 0xa0, 31)
     if k < 0 or k > WIRE_MAX_STR or c.end - c.p < k:
         return 0
     op.sender = c.p
     op.nsender = k
     c.p += k
-    if c.end - c.p < 18 or c.p[0] != 0xc4 or c.p[1] != 0x10:
+    if device and not take_uint(c, &op.sdev):
         return 0
-    op.cid = c.p + 2
-    c.p += 18
+    if not take_id(c, &op.cid):
+        return 0
     k = take_len(c, 0xc4, 0, 0)
     if k < 0 or k > WIRE_MAX_BODY or c.end - c.p < k:
         return 0
@@ -150,41 +155,87 @@ cdef inline int parse_server_op(Cursor* c, ServerOp* op) noexcept:
         return 0
     op.cls = c.p[0]
     c.p += 1
-    op.kind = 18
     return 1
 
 
-cdef object new_message(type msg_type, object seq, object sender, object cid, object body,
-                        object ts, object eph):
-    """``tuple.__new__(msg_type, (seq, sender, cid, body, ts, eph))``, one allocation."""
+cdef inline int parse_server_op(Cursor* c, ServerOp* op, bint features) noexcept:
+    """One SACK or DELIVER in the encodings decode_server_ops accepts (and,
+    with ``features``, an accepted REPLY, a DDELIVER or a GDELIVER in the
+    relay's encodings); 0 otherwise."""
+    if c.end - c.p < 2:
+        return 0
+    if c.p[0] == 0x93 and c.p[1] == 0x11:              # SACK
+        if c.end - c.p < 20 or c.p[2] != 0xc4 or c.p[3] != 0x10:
+            return 0
+        op.kind = 17
+        op.cid = c.p + 4
+        c.p += 20
+        return take_uint(c, &op.code)
+    if c.p[0] == 0x97 and c.p[1] == 0x12:              # DELIVER
+        c.p += 2
+        op.kind = 18
+        return take_uint(c, &op.seq) and take_copy(c, op, False)
+    if not features or c.end - c.p < 4 or c.p[1] != 0xcd:
+        return 0
+    if c.p[0] == 0x95 and c.end - c.p >= 25 and memcmp(c.p, REPLY_OK_HEAD, 6) == 0 \
+            and memcmp(c.p + 22, REPLY_OK_TAIL, 3) == 0:   # REPLY, code 0, last, nil
+        op.kind = 2000
+        op.cid = c.p + 6
+        c.p += 25
+        return 1
+    if c.p[0] == 0x98 and c.p[2] == 0x07 and c.p[3] == 0xd1:   # DDELIVER
+        c.p += 4
+        op.kind = 2001
+        return take_uint(c, &op.seq) and take_copy(c, op, True)
+    if c.p[0] == 0x99 and c.p[2] == 0x08 and c.p[3] == 0x34:   # GDELIVER
+        c.p += 4
+        op.kind = 2100
+        return (take_uint(c, &op.seq) and take_id(c, &op.group)
+                and take_copy(c, op, True))
+    return 0
+
+
+cdef object new_record(type rec_type, Py_ssize_t n, PyObject** items):
+    """``tuple.__new__(rec_type, items[:n])``, one allocation (a NamedTuple of n fields)."""
     cdef object m
+    cdef Py_ssize_t i
     if not FR_TUPLE_GENERIC_ALLOC:
-        return tuple.__new__(msg_type, (seq, sender, cid, body, ts, eph))
-    m = fr_generic_alloc(msg_type, 6)
+        m = PyTuple_New(n)
+        for i in range(n):
+            Py_INCREF(<object>items[i])
+            PyTuple_SET_ITEM(m, i, <object>items[i])
+        return tuple.__new__(rec_type, m)
+    m = fr_generic_alloc(rec_type, n)
     # no allocation below: the GC never sees the tuple half filled
-    Py_INCREF(seq)
-    PyTuple_SET_ITEM(m, 0, seq)
-    Py_INCREF(sender)
-    PyTuple_SET_ITEM(m, 1, sender)
-    Py_INCREF(cid)
-    PyTuple_SET_ITEM(m, 2, cid)
-    Py_INCREF(body)
-    PyTuple_SET_ITEM(m, 3, body)
-    Py_INCREF(ts)
-    PyTuple_SET_ITEM(m, 4, ts)
-    Py_INCREF(eph)
-    PyTuple_SET_ITEM(m, 5, eph)
+    for i in range(n):
+        Py_INCREF(<object>items[i])
+        PyTuple_SET_ITEM(m, i, <object>items[i])
     return m
+
+
+cdef int check_record_type(object t, str name) except -1:
+    cdef PyTypeObject* rt = <PyTypeObject*>t
+    cdef PyTypeObject* tt = <PyTypeObject*>tuple
+    if type(t) is not type or not PyType_IsSubtype(<type>t, tuple) \
+            or rt.tp_basicsize != tt.tp_basicsize or rt.tp_itemsize != tt.tp_itemsize \
+            or rt.tp_dictoffset != 0:
+        raise WrongType(f"{name} must be a tuple subclass without instance dict")
+    return 0
 
 
 def dispatch_frame(plaintext, set addr_ok, DedupTable seen not None, object inbox,
                    dict pending, type batch_type, type msg_type, object client,
-                   object dropped, object refused):
-    """Client._on_frame's per-op loop for a frame of SACKs and DELIVERs.
+                   object dropped, object refused, dict requests=None, object dev_type=None,
+                   object group_type=None, object on_reply=None):
+    """Client._on_frame's per-op loop for a frame of SACKs and DELIVERs (and,
+    given ``requests`` and the rest, accepted REPLYs, DDELIVERs and GDELIVERs).
 
     Returns True when ``plaintext`` is a frame that decode_server_ops would
-    decode entirely (SACK and DELIVER ops, senders in ``addr_ok``) and every
-    op was handled, in order, exactly as the client's Python loop does:
+    decode entirely (SACK and DELIVER ops, senders in ``addr_ok``) -- or,
+    given ``requests``, such a frame that may also hold REPLY ``[2000, id,
+    0, true, nil]``, DDELIVER and GDELIVER ops in the relay's encodings --
+    and every op was handled, in order, exactly as the client's Python loop
+    does:
 
     * DELIVER: ``(sender, id)`` already in ``seen`` (a :class:`DedupTable`
       whose window is its size: looked up at time 0) ->
@@ -193,23 +244,31 @@ def dispatch_frame(plaintext, set addr_ok, DedupTable seen not None, object inbo
       ``inbox``;
     * SACK: ``pending.pop(id)`` is a ``batch_type`` (counted down on code 0;
       settled at 0) or a ``(future, op)`` tuple: ``set_result(id)`` on code
-      0, ``refused(target, code)`` otherwise, unless already done.
+      0, ``refused(target, code)`` otherwise, unless already done;
+    * DDELIVER and GDELIVER: as DELIVER, appending ``dev_type(seq, sender,
+      device, id, body, ts_ms)`` and ``group_type(seq, group, sender,
+      device, id, body, ts_ms)``;
+    * REPLY: ``requests.get(id)`` is None -> nothing; a ``(future, parts)``
+      with parts gathered -> ``on_reply(op)`` (the loop's own handling);
+      else it is popped and the future, unless done, gets ``None``.
 
     Returns None, having done nothing, for any other frame.
     """
     cdef Cursor c
     cdef ServerOp op
     cdef Py_ssize_t n, i
-    cdef object sender = None, cid, body, entry, target, left, code
+    cdef object sender = None, cid, body, entry, target, left, code, seq, ts
+    cdef object eph, dev, group, parts
     cdef object inbox_append
     cdef int seen_code
+    cdef bint features = requests is not None
+    cdef PyObject* items[7]
     cdef const unsigned char* prev_p = NULL
     cdef Py_ssize_t prev_n = -1
-    cdef PyTypeObject* mt = <PyTypeObject*>msg_type
-    cdef PyTypeObject* tt = <PyTypeObject*>tuple
-    if not PyType_IsSubtype(msg_type, tuple) or mt.tp_basicsize != tt.tp_basicsize \
-            or mt.tp_itemsize != tt.tp_itemsize or mt.tp_dictoffset != 0:
-        raise WrongType("msg_type must be a tuple subclass without instance dict")
+    check_record_type(msg_type, "msg_type")
+    if features:
+        check_record_type(dev_type, "dev_type")
+        check_record_type(group_type, "group_type")
     if not PyBytes_CheckExact(plaintext):
         return None
     # pass 1: the whole frame is ours, or we decline before any effect
@@ -219,10 +278,10 @@ def dispatch_frame(plaintext, set addr_ok, DedupTable seen not None, object inbo
     if n < 0:
         return None
     for i in range(n):
-        if not parse_server_op(&c, &op):
+        if not parse_server_op(&c, &op, features):
             return None
-        if op.kind == 18 and not (op.nsender == prev_n
-                                  and memcmp(op.sender, prev_p, <size_t>prev_n) == 0):
+        if op.kind != 17 and op.kind != 2000 and not (
+                op.nsender == prev_n and memcmp(op.sender, prev_p, <size_t>prev_n) == 0):
             try:
                 sender = PyUnicode_DecodeUTF8(<const char*>op.sender, op.nsender, NULL)
             except UnicodeDecodeError:
@@ -240,37 +299,78 @@ def dispatch_frame(plaintext, set addr_ok, DedupTable seen not None, object inbo
     frame_ops(&c)
     prev_n = -1
     for i in range(n):
-        parse_server_op(&c, &op)
+        parse_server_op(&c, &op, features)
         cid = PyBytes_FromStringAndSize(<const char*>op.cid, 16)
+        if op.kind == 17:
+            entry = pending.pop(cid, None)
+            if entry is None:
+                continue
+            target = entry if type(entry) is batch_type else entry[0]
+            if type(target) is batch_type and op.code == 0:
+                left = target.left - 1
+                target.left = left
+                if left:
+                    continue
+            if target.done():
+                continue
+            if op.code == 0:
+                target.set_result(cid)
+            else:
+                code = PyLong_FromUnsignedLongLong(op.code)
+                refused(target, code)
+            continue
+        if op.kind == 2000:
+            entry = requests.get(cid)
+            if entry is None:
+                continue
+            target, parts = entry
+            if parts:
+                # a result gathered over several REPLYs: the loop's own way
+                on_reply((2000, cid, 0, True, None))
+                continue
+            requests.pop(cid, None)
+            if not target.done():
+                target.set_result(None)
+            continue
+        if not (op.nsender == prev_n and memcmp(op.sender, prev_p, <size_t>prev_n) == 0):
+            sender = PyUnicode_DecodeUTF8(<const char*>op.sender, op.nsender, NULL)
+            prev_p = op.sender
+            prev_n = op.nsender
+        seq = PyLong_FromUnsignedLongLong(op.seq)
+        # ids are unique per sender, not globally
+        if seen.c_lookup(sender, cid, 0.0, &seen_code):
+            dropped(client, seq)
+            continue
+        seen.c_put(sender, cid, 0, 0.0)
+        body = PyBytes_FromStringAndSize(<const char*>op.body, op.nbody)
+        ts = PyLong_FromUnsignedLongLong(op.ts)
         if op.kind == 18:
-            if not (op.nsender == prev_n and memcmp(op.sender, prev_p, <size_t>prev_n) == 0):
-                sender = PyUnicode_DecodeUTF8(<const char*>op.sender, op.nsender, NULL)
-                prev_p = op.sender
-                prev_n = op.nsender
-            # ids are unique per sender, not globally
-            if seen.c_lookup(sender, cid, 0.0, &seen_code):
-                dropped(client, PyLong_FromUnsignedLongLong(op.seq))
-                continue
-            seen.c_put(sender, cid, 0, 0.0)
-            body = PyBytes_FromStringAndSize(<const char*>op.body, op.nbody)
-            inbox_append(new_message(msg_type, PyLong_FromUnsignedLongLong(op.seq), sender,
-                                     cid, body, PyLong_FromUnsignedLongLong(op.ts),
-                                     True if op.cls == 1 else False))
+            eph = True if op.cls == 1 else False
+            items[0] = <PyObject*>seq
+            items[1] = <PyObject*>sender
+            items[2] = <PyObject*>cid
+            items[3] = <PyObject*>body
+            items[4] = <PyObject*>ts
+            items[5] = <PyObject*>eph
+            inbox_append(new_record(msg_type, 6, items))
             continue
-        entry = pending.pop(cid, None)
-        if entry is None:
+        dev = PyLong_FromUnsignedLongLong(op.sdev)
+        if op.kind == 2001:
+            items[0] = <PyObject*>seq
+            items[1] = <PyObject*>sender
+            items[2] = <PyObject*>dev
+            items[3] = <PyObject*>cid
+            items[4] = <PyObject*>body
+            items[5] = <PyObject*>ts
+            inbox_append(new_record(dev_type, 6, items))
             continue
-        target = entry if type(entry) is batch_type else entry[0]
-        if type(target) is batch_type and op.code == 0:
-            left = target.left - 1
-            target.left = left
-            if left:
-                continue
-        if target.done():
-            continue
-        if op.code == 0:
-            target.set_result(cid)
-        else:
-            code = PyLong_FromUnsignedLongLong(op.code)
-            refused(target, code)
+        group = PyBytes_FromStringAndSize(<const char*>op.group, 16)
+        items[0] = <PyObject*>seq
+        items[1] = <PyObject*>group
+        items[2] = <PyObject*>sender
+        items[3] = <PyObject*>dev
+        items[4] = <PyObject*>cid
+        items[5] = <PyObject*>body
+        items[6] = <PyObject*>ts
+        inbox_append(new_record(group_type, 7, items))
     return True

@@ -184,6 +184,5 @@ cdef bytes c_deliver_tail(bytes sender_packed, object cid, object body, bytes ts
 cdef bytes make_sack_ok(object cid)
 
 # -- client hot paths (_client.pxi) -------------------------------------------
-# msg_type(seq, sender, cid, body, ts, eph) for a tuple subclass, one allocation
-cdef object new_message(type msg_type, object seq, object sender, object cid, object body,
-                        object ts, object eph)
+# rec_type(*items[:n]) for a tuple subclass (a NamedTuple), one allocation
+cdef object new_record(type rec_type, Py_ssize_t n, PyObject** items)
