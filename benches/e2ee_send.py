@@ -3,7 +3,7 @@
 Run (bounded: fixed message counts and a timeout on every wait)::
 
     PYTHONPATH=. python benches/e2ee_send.py [--messages N] [--runs R] [--store memory|sqlite]
-        [--devices 1 3 10] [--await-each]
+        [--devices 1 3 10] [--await-each] [--relay-path TREE]
 
 For 1, 3 and 10 recipient devices, two ways of reaching all of them:
 
@@ -56,6 +56,7 @@ from fastroute.noise import KeyPair  # noqa: E402
 WINDOW = 256  # sends in flight
 BODY = 100
 AWAIT_EACH = False  # --await-each
+RELAY_PATH = ""  # --relay-path
 
 
 def relay_cpu(pid: int) -> float:
@@ -75,10 +76,13 @@ def start_relay(data: str, store: str, relay_toml: str = "",
                  # every rate limit lifted, the op budget included: a run
                  # longer than its burst would otherwise be paced by it
                  "[limits]\n" + relay_limits_toml() + limits_toml)
+    env = dict(os.environ)
+    if RELAY_PATH:
+        env["PYTHONPATH"] = RELAY_PATH
     proc = subprocess.Popen([sys.executable, "-P", "-m", "fastroute.cli", "serve", "--config",
                              os.path.join(data, "fastroute.toml"), "--data-dir", data,
                              "--listen", "127.0.0.1:0"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, env=env)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
@@ -162,9 +166,13 @@ def main() -> None:
     ap.add_argument("--await-each", action="store_true",
                     help="one coroutine per DSEND (send_to_devices) instead of "
                          "send_to_devices_nowait")
+    ap.add_argument("--relay-path", default="",
+                    help="run the relay from this source tree (its PYTHONPATH), the "
+                         "clients from this one: the relay's A/B with the same clients")
     args = ap.parse_args()
-    global AWAIT_EACH
+    global AWAIT_EACH, RELAY_PATH
     AWAIT_EACH = args.await_each
+    RELAY_PATH = args.relay_path
     run = uvloop.run if uvloop is not None else asyncio.run
     print(f"store={args.store} messages={args.messages} runs={args.runs} body={BODY} B "
           f"window={WINDOW}")

@@ -707,6 +707,19 @@ def py_dsend_ok(op: object, addr_ok: set[str]) -> bool:
             and _is_entries(entries) and _is_entries(own))
 
 
+def py_leading_dsends(ops: list) -> int:
+    """How many leading ops of ``ops`` (checked ones) are single-op DSENDs:
+    ``(1004, id, to, False, entries, own)`` tuples.  The specification of the
+    compiled ``leading_dsends``."""
+    i = 0
+    for op in ops:
+        if not (type(op) is tuple and len(op) == 6 and type(op[0]) is int and op[0] == 1004
+                and op[3] is False):
+            break
+        i += 1
+    return i
+
+
 def py_gsend_ok(op: object) -> bool:
     """Specification of the compiled ``gsend_ok``: whether a decoded op is a valid
     GSEND ``[1107, id, group, version, body]`` (what :func:`_check_op` would
@@ -1147,6 +1160,16 @@ def reply_ok_op(id: bytes) -> bytes:  # noqa: A002
     return b"".join((_REPLY_HEAD, id, _REPLY_OK_TAIL))
 
 
+def py_reply_ok_ops(cids: list) -> list[bytes]:
+    """:func:`reply_ok_op` for each id of ``cids`` (16 bytes each, else
+    InvalidArgument): a stored run of accepted requests' answers.  The
+    specification of the compiled ``reply_ok_ops``."""
+    for cid in cids:
+        if type(cid) is not bytes or len(cid) != ID_LEN:
+            raise InvalidArgument("request id must be 16 bytes")
+    return [b"".join((_REPLY_HEAD, cid, _REPLY_OK_TAIL)) for cid in cids]
+
+
 def reply_packed_op(id: bytes, code: int, last: bool, items: list[bytes]) -> bytes:  # noqa: A002
     """A REPLY whose result is an array of already packed items (spliced, not re-packed)."""
     n = len(items)
@@ -1568,3 +1591,5 @@ _pack_frames = twin(py_pack_frames)
 deliver_tail = twin(py_deliver_tail)
 #: :func:`py_sack_ok_op`, compiled when the core is built
 sack_ok_op = twin(py_sack_ok_op)
+reply_ok_ops = twin(py_reply_ok_ops)
+leading_dsends = twin(py_leading_dsends)

@@ -775,6 +775,54 @@ def test_a_frame_of_dsends_is_answered_as_one_dsend_at_a_time(loop, tmp_path):
 
 
 @pytest.mark.parametrize("loop", LOOPS)
+def test_a_run_of_dsends_is_dispatched_as_one_op_at_a_time(loop, tmp_path):
+    # the link queues a frame's leading run of DSENDs for the keys stage at
+    # once (wire.leading_dsends); with that run cut to nothing the loop takes
+    # them one by one: same answers, same op budget, same counts
+    from fastroute import wire as wire_mod
+
+    async def scenario(path, bulk: bool):
+        saved = wire_mod.leading_dsends
+        if not bulk:
+            wire_mod.leading_dsends = lambda ops: 0
+        try:
+            async with world(path) as w:
+                a1 = await e2ee(w, "alice@home", "phone", 11)
+                b1 = await e2ee(w, "bob@home", "phone", 21)
+                link = next(ln for ln in w.relay.links if ln.address == "bob@home")
+                for bucket in link.budgets.ops:
+                    bucket.rate, bucket.tokens = 1e-6, 4.0  # 4 ops left
+                ids = [bytes([i]) * 16 for i in range(1, 6)]
+                futs = {cid: request_future(b1, cid) for cid in ids}
+                ops = [wire.dsend_op(cid, "alice@home", False, [(1, 11, cid[:4])], [])
+                       for cid in ids]
+                counts0 = dict(w.relay.op_counts)
+                b1._write(ops[:3] + [wire.ping_op(7)] + ops[3:])
+                answers = []
+                for cid in ids:
+                    try:
+                        await asyncio.wait_for(futs[cid], 5)
+                        answers.append("ok")
+                    except FastrouteError as exc:
+                        answers.append(int(exc.code))
+                got = [(await recv_msg(a1)).body for _ in range(3)]
+                assert await nothing_arrives(a1, 0.2)
+                counts = {k: v - counts0.get(k, 0) for k, v in w.relay.op_counts.items()
+                          if v != counts0.get(k, 0)}
+                return answers, got, counts, [b.tokens < 1 for b in link.budgets.ops]
+        finally:
+            wire_mod.leading_dsends = saved
+
+    bulk = run(loop, scenario(tmp_path / "bulk", True))
+    assert bulk == run(loop, scenario(tmp_path / "each", False))
+    answers, got, counts, spent = bulk
+    limited = int(ErrorCode.RATE_LIMITED)
+    assert answers == ["ok", "ok", "ok", limited, limited]
+    assert got == [bytes([i]) * 4 for i in range(1, 4)]
+    assert counts == {int(wire.Op.DSEND): 5, int(wire.Op.PING): 1} and all(spent)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
 def test_bye_right_after_dsends_still_gets_every_reply(loop, tmp_path):
     # DSENDs and BYE in one frame: the DSENDs the link gathered for the keys
     # stage go to it before the BYE, which then waits for their answers

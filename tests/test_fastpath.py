@@ -24,6 +24,7 @@ from fastroute import _compiled, store, wire
 from fastroute import client as client_mod
 from fastroute.relay import delivery
 from fastroute.relay import gate as gate_mod
+from fastroute.relay import batch as batch_mod
 from fastroute.relay import keys as keys_mod
 from fastroute.errors import (
     BodyTooLarge,
@@ -89,6 +90,10 @@ def test_compiled_twins_loaded():
              (delivery.pack_delivers, delivery.py_pack_delivers),
              (delivery.sync_rows, delivery.py_sync_rows),
              (keys_mod.dsend_copies, keys_mod.py_dsend_copies),
+             (keys_mod.dsend_run, keys_mod.py_dsend_run),
+             (batch_mod.finish_run, batch_mod.py_finish_run),
+             (wire.reply_ok_ops, wire.py_reply_ok_ops),
+             (wire.leading_dsends, wire.py_leading_dsends),
              (delivery.bytes_by_address, delivery.py_bytes_by_address),
              (delivery.shared_items, delivery.py_shared_items),
              (delivery.devices_of, delivery.py_devices_of),
@@ -1258,6 +1263,149 @@ def test_dsend_copies_twins(entries, skip, ok):
     for (did, _, body), (target, name, (head, tail)) in zip(entries, got[2]):
         assert (target, name, head) == ("r@x.org", names[did], keys.DDELIVER_HEAD)
         assert tail == wire.py_deliver_tail(SENDER_PACKED, MID, body, TS_PACKED, 0)
+
+
+def _dsend_run_case(fn, table, seed):
+    """A random frame of DSENDs through ``fn`` (py_dsend_run or its twin), run
+    after run as Keys.dsend_many calls it (skipping the op a run stops at):
+    where each run stopped, the tokens, the items, the requests, the dedup
+    entries."""
+    from fastroute.relay.keys import Slot
+
+    rng = random.Random(seed)
+    lists = {}
+    for address in ("r@x.org", "s@x.org"):
+        devs = lists[address] = {}
+        for did in rng.sample(range(1, 128), rng.randrange(1, 5)):
+            devs[did] = Slot(address, f"dev{did}", did, rng.randrange(1, 16384))
+            devs[did].dkey = (address, did)
+    skip = next(iter(lists["s@x.org"]))  # the sending device
+    reach = {"r@x.org": True, "s@x.org": True, "far@x.org": False}
+    seen = table(600.0, 1000)
+    ids = _ids(6, 7)
+    seen.begin("s@x.org", ids[0], 0, 1.0)           # decided: a resend
+    seen.begin("s@x.org", ids[1], PENDING, 1.0)     # in flight
+
+    def entries(address, own):
+        devs = dict(lists[address])
+        if own or address == "s@x.org":
+            devs.pop(skip)
+        out = [(did, slot.reg_id, bytes(rng.randrange(40))) for did, slot in devs.items()]
+        rng.shuffle(out)
+        roll = rng.random()
+        if roll < 0.05 and out:
+            out.pop()                                     # missing
+        elif roll < 0.1 and out:
+            out[0] = (out[0][0], out[0][1] ^ 1, out[0][2])  # stale
+        elif roll < 0.13:
+            out.append((skip if own else 127, 1, b""))    # extra, or the sender itself
+        return tuple(out)
+
+    ops = []
+    for _ in range(rng.randrange(1, 40)):
+        to = rng.choice(["r@x.org", "r@x.org", "r@x.org", "s@x.org", "far@x.org"])
+        own = entries("s@x.org", True) if to != "s@x.org" and rng.random() < 0.4 else ()
+        ops.append((1004, rng.choice(ids) if rng.random() < 0.3 else rng.randbytes(16), to,
+                    False, entries(to if to in lists else "r@x.org", False)
+                    if rng.random() > 0.03 else (), own))
+    tokens = [float(rng.randrange(0, 120)), float(rng.randrange(0, 3000))]
+    items: list = []
+    meta: list = []
+    stops = []
+    i = 0
+    while i < len(ops):
+        i = fn(ops, i, lists, reach, skip, "s@x.org", "s@x.org/%d" % skip, TS, SENDER_PACKED,
+               TS_PACKED, tokens, seen, 2.0, items, meta, "link")
+        stops.append(i)
+        i += 1
+    return stops, tokens, items, meta, sorted(seen.keys())
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_dsend_run_twins(seed):
+    # the compiled run takes exactly the ops the specification takes, stops
+    # where it stops and leaves the same tokens, items, requests and ids
+    from fastroute.relay import keys
+
+    want = _dsend_run_case(keys.py_dsend_run, dedup.DedupWindow, seed)
+    if _core is not None:
+        assert _dsend_run_case(_core.dsend_run, _core.DedupTable, seed) == want
+    stops, tokens, items, meta, _ = want
+    assert tokens[0] >= 0 and tokens[1] >= 0
+    assert len(meta) == sum(b - a for a, b in zip([0] + [x + 1 for x in stops], stops))
+
+
+@pytest.mark.parametrize("cids", [[], [MID], [bytes([i]) * 16 for i in range(40)],
+                                  [MID, MID[:15]], [MID, "x" * 16], [bytearray(MID)]])
+def test_reply_ok_ops_twins(cids):
+    got = _same(lambda: wire.py_reply_ok_ops(list(cids)),
+                _core and (lambda: _core.reply_ok_ops(list(cids))))
+    if isinstance(got, list):
+        assert got == [wire.reply_op(cid, 0) for cid in cids]
+        assert [msgpack.unpackb(op) for op in got] == [[2000, cid, 0, True, None]
+                                                       for cid in cids]
+
+
+_LEADING = [
+    (1004, MID, "bob@example.org", False, (), ()),
+    (1004, MID, "bob@example.org", True, (), ()),      # a part of a multi-op DSEND
+    (1004, MID, "bob@example.org", 0, (), ()),         # not False itself
+    (1004, MID, "bob@example.org", False, ()),
+    (1004.0, MID, "bob@example.org", False, (), ()),
+    (1003, MID, "bob@example.org", False, (), ()),
+    [1004, MID, "bob@example.org", False, (), ()],
+    (1, MID, "bob@example.org", b"x", 0),
+    wire.OpError(1004, MID, ErrorCode.BAD_FIELD, "bad"),
+]
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_leading_dsends_twins(seed):
+    rng = random.Random(seed)
+    ops = [_LEADING[0]] * rng.randrange(5) + [rng.choice(_LEADING) for _ in range(4)]
+    want = wire.py_leading_dsends(ops)
+    assert want >= min(len(ops), 1) if ops[0] is _LEADING[0] else want == 0
+    if _core is not None:
+        assert _core.leading_dsends(ops) == want
+
+
+class _Requester:
+    def __init__(self, address):
+        self.address = address
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_finish_run_twins(seed):
+    # each link's run of stored requests decided and answered as one
+    rng = random.Random(seed)
+    links = [_Requester("a@x.org"), _Requester("b@x.org"), _Requester("a@x.org")]
+    ids = _ids(12, 5)
+    meta = [(rng.choice(links), rng.choice(ids), None) for _ in range(rng.randrange(1, 30))]
+
+    def case(table):
+        seen = table(600.0, 100)
+        for cid in ids[:4]:
+            seen.begin("a@x.org", cid, PENDING, 1.0)
+            seen.wait("a@x.org", cid, ("waiter", cid))
+        fn = batch_mod.py_finish_run if table is dedup.DedupWindow else _core.finish_run
+        out = []
+        i = 0
+        while i < len(meta):
+            cids: list = []
+            waiters: list = []
+            j = fn(meta, i, seen, 2.0, cids, waiters)
+            assert j > i and all(m[0] is meta[i][0] for m in meta[i:j])
+            out.append((i, j, cids, waiters))
+            i = j
+        return out, sorted((k, seen.get(*k)) for k in seen.keys())
+
+    want = case(dedup.DedupWindow)
+    if _core is not None:
+        assert case(_core.DedupTable) == want
+    codes = dict(want[1])
+    assert all(codes[(link.address, cid)] == (0, 2.0) for link, cid, _ in meta)
+    assert sum(len(w) for *_, w in want[0]) == len({cid for link, cid, _ in meta
+                                                    if link.address == "a@x.org"} & set(ids[:4]))
 
 
 _DSENDS = [

@@ -4,6 +4,9 @@
 #
 # Compiled twins of fastroute/relay/keys.py (the specification):
 #   dsend_copies   = py_dsend_copies
+#   dsend_run      = py_dsend_run
+# and of fastroute/relay/batch.py (the store batch of DSENDs and GSENDs):
+#   finish_run     = py_finish_run
 #
 # tests/test_fastpath.py runs both on the same inputs and compares.
 
@@ -51,3 +54,88 @@ def dsend_copies(dict devs, list entries, long skip, str target, str stored_send
         copies.append((target, name,
                        (DDELIVER_HEAD_BYTES, c_deliver_tail(sp, cid, body, ts_packed, 0))))
     return True
+
+
+def dsend_run(list ops, Py_ssize_t i, dict lists, dict reach, long skip, str sender,
+              str stored_sender, object now_ms, bytes sp, bytes ts_packed, list tokens,
+              DedupTable dedup not None, double now, list items, list meta, object link):
+    """The run of a frame's DSENDs, from ``ops[i]``, accepted without a word to say;
+    returns where it stops (see ``fastroute.relay.keys.py_dsend_run``).
+
+    ``ops`` are checked DSEND tuples ``(1004, id, to, more, entries, own)``
+    (the decoder's: id 16 bytes, entries ``(device id 1..127, reg id, body)``).
+    """
+    cdef Py_ssize_t n = PyList_GET_SIZE(ops), j, k, size
+    cdef double msg_tokens = tokens[0], byte_tokens = tokens[1]
+    cdef int code
+    cdef object op, cid, to, entries, own, devs, e
+    cdef list op_items, copies, ents, owns
+    try:
+        while i < n:
+            op = ops[i]
+            cid = op[1]
+            to = op[2]
+            if dedup.c_lookup(sender, cid, now, &code) or reach.get(to) is not True:
+                break
+            entries = op[4]
+            if not entries:
+                break
+            ents = list(entries)
+            owns = list(op[5])
+            op_items = []
+            copies = []
+            devs = lists[to]
+            if not dsend_copies(devs, ents, skip if to == sender else 0, to, stored_sender,
+                                cid, now_ms, sp, ts_packed, op_items, copies):
+                break
+            if owns and (to == sender or not dsend_copies(
+                    lists.get(sender, {}), owns, skip, sender, stored_sender, cid, now_ms,
+                    sp, ts_packed, op_items, copies)):
+                break
+            size = 0
+            for j in range(PyList_GET_SIZE(ents)):
+                size += len(ents[j][2])
+            for j in range(PyList_GET_SIZE(owns)):
+                size += len(owns[j][2])
+            k = PyList_GET_SIZE(op_items)
+            if msg_tokens < k or byte_tokens < size:
+                break
+            msg_tokens -= k
+            byte_tokens -= size
+            dedup.c_put(sender, cid, DEDUP_PENDING, now)
+            items.extend(op_items)
+            meta.append((link, cid, (to, copies)))
+            i += 1
+    finally:
+        tokens[0] = msg_tokens
+        tokens[1] = byte_tokens
+    return i
+
+
+def finish_run(list meta, Py_ssize_t i, DedupTable dedup not None, double now, list cids,
+               list waiters):
+    """The run of stored requests of one link from ``meta[i]`` (``(link, id,
+    extra)``): each id decided (code 0 at ``now``) and appended to ``cids``,
+    the waiters of each appended to ``waiters``; returns where the run ends
+    (see ``fastroute.relay.batch.py_finish_run``)."""
+    cdef Py_ssize_t n = PyList_GET_SIZE(meta)
+    cdef object link, sender, entry, cid, w
+    if i >= n:
+        return i
+    link = meta[i][0]
+    sender = link.address
+    if not PyUnicode_CheckExact(sender):
+        raise WrongType("sender must be a str")
+    while i < n:
+        entry = meta[i]
+        if entry[0] is not link:
+            break
+        cid = entry[1]
+        if not PyBytes_CheckExact(cid) or PyBytes_GET_SIZE(cid) != 16:
+            raise InvalidArgument("message id must be 16 bytes")
+        w = dedup.c_finish(sender, cid, 0, now)
+        if w is not None:
+            waiters.extend(w)
+        cids.append(cid)
+        i += 1
+    return i

@@ -197,6 +197,37 @@ def sack_ok_op(cid):
     return make_sack_ok(cid)
 
 
+def reply_ok_ops(list cids):
+    """The packed REPLY ``[2000, id, 0, true, nil]`` for each 16-byte id of ``cids``
+    (InvalidArgument for any other): the answers to a run of accepted requests."""
+    cdef Py_ssize_t i, n = PyList_GET_SIZE(cids)
+    cdef list out = PyList_New(0)
+    cdef object cid
+    cdef bytes op
+    cdef unsigned char* p
+    for i in range(n):
+        if i >= PyList_GET_SIZE(cids):
+            raise RuntimeError("ids changed while packing")
+        cid = cids[i]
+        if not PyBytes_CheckExact(cid) or PyBytes_GET_SIZE(cid) != 16:
+            raise InvalidArgument("request id must be 16 bytes")
+        op = PyBytes_FromStringAndSize(NULL, 25)
+        p = <unsigned char*>PyBytes_AS_STRING(op)
+        # fixarray(5), uint16 2000, bin8 of 16, then code 0, true, nil
+        p[0] = 0x95
+        p[1] = 0xcd
+        p[2] = 0x07
+        p[3] = 0xd0
+        p[4] = 0xc4
+        p[5] = 0x10
+        memcpy(p + 6, PyBytes_AS_STRING(cid), 16)
+        p[22] = 0x00
+        p[23] = 0xc3
+        p[24] = 0xc0
+        out.append(op)
+    return out
+
+
 # -- client frames: runs of SEND ops ----------------------------------------
 
 from cpython.set cimport PySet_Contains
@@ -613,6 +644,22 @@ cdef inline bint _entries_ok(object v) except -1:
                 and PyBytes_GET_SIZE(body) <= WIRE_MAX_BODY):
             return False
     return True
+
+
+def leading_dsends(list ops):
+    """How many leading ops of ``ops`` are single-op DSEND tuples ``(1004, id, to,
+    False, entries, own)`` (see ``fastroute.wire.py_leading_dsends``)."""
+    cdef Py_ssize_t i, n = PyList_GET_SIZE(ops)
+    cdef object op, opcode
+    for i in range(n):
+        op = <object>PyList_GET_ITEM(ops, i)
+        if not PyTuple_CheckExact(op) or PyTuple_GET_SIZE(op) != 6:
+            return i
+        opcode = <object>PyTuple_GET_ITEM(op, 0)
+        if not PyLong_CheckExact(opcode) or opcode != 1004 \
+                or <object>PyTuple_GET_ITEM(op, 3) is not False:
+            return i
+    return n
 
 
 def gsend_ok(object op):

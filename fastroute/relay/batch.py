@@ -13,15 +13,39 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
+from .._compiled import twin
 from ..dedup import PENDING
 from ..errors import ErrorCode, StoreFailed
 
 if TYPE_CHECKING:
     from .delivery import Delivery, LinkPort
 
-__all__ = ["TurnBatch"]
+__all__ = ["TurnBatch", "finish_run", "py_finish_run"]
 
 log = logging.getLogger("fastroute.relay")
+
+
+def py_finish_run(meta: list, i: int, dedup: Any, now: float, cids: list,
+                  waiters: list) -> int:
+    """The run of ``meta[i:]`` entries ``(link, id, extra)`` of one link, stored:
+    each id decided in ``dedup`` (code 0 at ``now``) and appended to ``cids``,
+    the waiters that resent it meanwhile appended to ``waiters``; returns
+    where the run ends.  The specification of the compiled ``finish_run``."""
+    n = len(meta)
+    if i >= n:
+        return i
+    link = meta[i][0]
+    sender = link.address
+    while i < n and meta[i][0] is link:
+        cid = meta[i][1]
+        waiters.extend(dedup.finish(sender, cid, 0, now) or ())
+        cids.append(cid)
+        i += 1
+    return i
+
+
+#: :func:`py_finish_run`, compiled when the core is built
+finish_run = twin(py_finish_run)
 
 
 class TurnBatch:
@@ -48,8 +72,11 @@ class TurnBatch:
         self.place = place
         self.what = what  # for the log line: "per-device sends", "group sends"
         self.event = event
-        self._items: list = []
-        self._meta: list = []
+        #: the turn's store items and ``(link, id, extra)`` requests so far:
+        #: :meth:`add` appends to them, or a compiled run does and then says
+        #: so with :meth:`added`
+        self.items: list = []
+        self.meta: list = []
         self._scheduled = False
 
     def resent(self, link: "LinkPort", cid: bytes, now: float) -> bool:
@@ -66,17 +93,21 @@ class TurnBatch:
 
     def add(self, items: list, link: "LinkPort", cid: bytes, extra: Any) -> None:
         """Queue one request: its store ``items`` and ``(link, cid, extra)``."""
-        link.storing += 1
-        self._items.extend(items)
-        self._meta.append((link, cid, extra))
+        self.items.extend(items)
+        self.meta.append((link, cid, extra))
+        self.added(link, 1)
+
+    def added(self, link: "LinkPort", n: int) -> None:
+        """``n`` requests of ``link`` were appended to :attr:`items` and :attr:`meta`."""
+        link.storing += n
         if not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._persist)
 
     def _persist(self) -> None:
         self._scheduled = False
-        items, self._items = self._items, []
-        meta, self._meta = self._meta, []
+        items, self.items = self.items, []
+        meta, self.meta = self.meta, []
         if not meta:
             return
         fut = self.delivery.persist(items)
@@ -118,22 +149,20 @@ class TurnBatch:
     def _accepted(self, meta: list, now: float) -> None:
         """Answer a stored batch: each link's run of requests at once (a
         batch holds mostly one sender's)."""
-        finish, reply, reply_ok = self.dedup.finish, self.reply, self.reply_ok
+        dedup, reply, reply_ok = self.dedup, self.reply, self.reply_ok
         assert reply_ok is not None
         i, n = 0, len(meta)
         while i < n:
             link = meta[i][0]
-            sender = link.address
-            cids = []
-            while i < n and meta[i][0] is link:
-                cid = meta[i][1]
-                i += 1
-                cids.append(cid)
-                # a resend of the same id that waited for this batch
-                for other, wcid in finish(sender, cid, 0, now) or ():
-                    reply(other, wcid, 0)
-            link.storing -= len(cids)
+            cids: list = []
+            waiters: list = []
+            end = finish_run(meta, i, dedup, now, cids, waiters)
+            link.storing -= end - i
+            i = end
             try:
+                # resends of the same ids that waited for this batch
+                for other, wcid in waiters:
+                    reply(other, wcid, 0)
                 reply_ok(link, cids)
             finally:
                 link.stored_all()

@@ -61,8 +61,8 @@ if TYPE_CHECKING:
     from .safety import Safety
 
 __all__ = ["KeyDirectory", "Keys", "Slot", "EVENT_POOL_LOW", "EVENT_DEVICE_JOINED",
-           "EVENT_DEVICE_LEFT", "copy_sender", "dsend_copies", "event_sender",
-           "py_dsend_copies"]
+           "EVENT_DEVICE_LEFT", "copy_sender", "dsend_copies", "dsend_run", "event_sender",
+           "py_dsend_copies", "py_dsend_run"]
 
 log = logging.getLogger("fastroute.relay")
 
@@ -181,6 +181,66 @@ def py_dsend_copies(devs: dict, entries: list, skip: int, target: str, stored_se
 
 #: :func:`py_dsend_copies`, compiled when the core is built
 dsend_copies = twin(py_dsend_copies)
+
+
+def py_dsend_run(ops: list, i: int, lists: dict, reach: dict, skip: int, sender: str,
+                 stored_sender: str, now_ms: int, sp: bytes, ts_packed: bytes, tokens: list,
+                 dedup: Any, now: float, items: list, meta: list, link: Any) -> int:
+    """The run of a frame's DSENDs, from ``ops[i]``, that :meth:`Keys.dsend_many`
+    accepts without a word to say: returns where the run stops (``len(ops)``
+    when it took them all), the op it stopped at untouched.
+
+    An op is taken when its id is new for ``sender`` in ``dedup``, its
+    recipient is reachable (``reach[to]`` is True), its entries (and own
+    entries) are exactly current (:func:`py_dsend_copies`, ``skip`` the
+    sending device's id) and ``tokens`` (``[messages, bytes]``) cover its
+    copies and their bytes: then the tokens are spent, the id recorded
+    PENDING at ``now``, its store items appended to ``items`` and
+    ``(link, id, (to, copies))`` to ``meta``.  Any other op ends the run (the
+    caller answers it the precise way).  The specification of the compiled
+    ``dsend_run`` (``_keys.pxi``).
+    """
+    n = len(ops)
+    msg_tokens, byte_tokens = tokens
+    try:
+        while i < n:
+            _, cid, to, _, entries, own = ops[i]
+            if dedup.lookup(sender, cid, now) is not None or reach.get(to) is not True:
+                break
+            if not entries:
+                break
+            entries = list(entries)
+            own = list(own)
+            op_items: list = []
+            copies: list = []
+            if not (dsend_copies(lists[to], entries, skip if to == sender else 0, to,
+                                 stored_sender, cid, now_ms, sp, ts_packed, op_items, copies)
+                    and (not own or (to != sender and dsend_copies(
+                        lists.get(sender, {}), own, skip, sender, stored_sender, cid, now_ms,
+                        sp, ts_packed, op_items, copies)))):
+                break
+            size = 0
+            for e in entries:
+                size += len(e[2])
+            for e in own:
+                size += len(e[2])
+            k = len(op_items)
+            if msg_tokens < k or byte_tokens < size:
+                break
+            msg_tokens -= k
+            byte_tokens -= size
+            dedup.begin(sender, cid, PENDING, now)
+            items.extend(op_items)
+            meta.append((link, cid, (to, copies)))
+            i += 1
+    finally:
+        tokens[0] = msg_tokens
+        tokens[1] = byte_tokens
+    return i
+
+
+#: :func:`py_dsend_run`, compiled when the core is built
+dsend_run = twin(py_dsend_run)
 
 
 class Slot:
@@ -527,8 +587,7 @@ class Keys:
     def _replies_ok(self, link: "LinkPort", cids: list) -> None:
         """:meth:`_reply` with code 0 for each of ``cids``, at once."""
         if link.is_open():
-            ok = wire.reply_ok_op
-            link.out.extend([ok(cid) for cid in cids])
+            link.out.extend(wire.reply_ok_ops(cids))
             self.delivery.mark(link)
 
     def _reply_parts(self, link: "LinkPort", cid: bytes, packed: list[bytes]) -> None:
@@ -752,7 +811,9 @@ class Keys:
         that :meth:`dsend` gathered): each checked, charged and queued for the
         turn's store batch, or answered, with the per-link work done once (the
         sender's slot and packed fields, the clocks, the two budgets, whether
-        each recipient may be reached)."""
+        each recipient may be reached).  Runs of ops accepted without a word
+        go through :func:`dsend_run` (compiled); the op a run stops at is
+        answered here."""
         sender = link.address
         now = time.monotonic()
         mine = self._my_slot(link)
@@ -765,48 +826,70 @@ class Keys:
         dedup = self.dedup
         lg = link.gate_state
         msg_bucket, byte_bucket = lg.msg_bucket, lg.byte_bucket
-        msg_tokens = msg_bucket.refill()
-        byte_tokens = byte_bucket.refill()
+        tokens = [msg_bucket.refill(), byte_bucket.refill()]
         reach: dict[str, bool] = {}
-        for _, cid, to, _, entries, own in ops:
-            if batch.resent(link, cid, now):
-                continue
-            ok = reach.get(to)
-            if ok is None:
-                ok = reach[to] = self.may_reach(link, to)
-            if not ok:
-                self._reply(link, cid, ErrorCode.UNKNOWN_RECIPIENT)
-                continue
-            if mine is None:
-                self._reply(link, cid, ErrorCode.NO_KEYS)
-                continue
-            if not entries:
-                self._reply(link, cid, ErrorCode.BAD_FIELD)
-                continue
-            entries = list(entries)
-            own = list(own)
-            items: list = []
-            copies: list = []
-            if not (dsend_copies(lists[to], entries, skip if to == sender else 0, to,
-                                 stored_sender, cid, now_ms, sp, ts, items, copies)
-                    and (not own or (to != sender and dsend_copies(
-                        lists.get(sender, {}), own, skip, sender, stored_sender, cid, now_ms,
-                        sp, ts, items, copies)))):
-                self._refuse_dsend(link, cid, to, entries, own, skip)
-                continue
-            size = sum([len(e[2]) for e in entries])
-            if own:
-                size += sum([len(e[2]) for e in own])
-            n = len(items)
-            if msg_tokens < n or byte_tokens < size:
-                self._reply(link, cid, ErrorCode.RATE_LIMITED)
-                continue
-            msg_tokens -= n
-            byte_tokens -= size
-            dedup.begin(sender, cid, PENDING, now)
-            batch.add(items, link, cid, (to, copies))
-        msg_bucket.tokens = msg_tokens
-        byte_bucket.tokens = byte_tokens
+        if mine is not None:
+            # may_reach has no effects: asked once per recipient of the frame
+            for op in ops:
+                to = op[2]
+                if to not in reach:
+                    reach[to] = self.may_reach(link, to)
+        items, meta = batch.items, batch.meta
+        i, n = 0, len(ops)
+        taken = 0
+        try:
+            while i < n:
+                if mine is not None:
+                    k = dsend_run(ops, i, lists, reach, skip, sender, stored_sender, now_ms,
+                                  sp, ts, tokens, dedup, now, items, meta, link)
+                    taken += k - i
+                    i = k
+                    if i == n:
+                        break
+                # the op the run stopped at: resent, refused, or (with no
+                # keys published) every op
+                _, cid, to, _, entries, own = ops[i]
+                i += 1
+                if batch.resent(link, cid, now):
+                    continue
+                ok = reach.get(to)
+                if ok is None:
+                    ok = reach[to] = self.may_reach(link, to)
+                if not ok:
+                    self._reply(link, cid, ErrorCode.UNKNOWN_RECIPIENT)
+                    continue
+                if mine is None:
+                    self._reply(link, cid, ErrorCode.NO_KEYS)
+                    continue
+                if not entries:
+                    self._reply(link, cid, ErrorCode.BAD_FIELD)
+                    continue
+                entries = list(entries)
+                own = list(own)
+                op_items: list = []
+                copies: list = []
+                if not (dsend_copies(lists[to], entries, skip if to == sender else 0, to,
+                                     stored_sender, cid, now_ms, sp, ts, op_items, copies)
+                        and (not own or (to != sender and dsend_copies(
+                            lists.get(sender, {}), own, skip, sender, stored_sender, cid,
+                            now_ms, sp, ts, op_items, copies)))):
+                    self._refuse_dsend(link, cid, to, entries, own, skip)
+                    continue
+                size = sum([len(e[2]) for e in entries])
+                if own:
+                    size += sum([len(e[2]) for e in own])
+                k = len(op_items)
+                if tokens[0] < k or tokens[1] < size:
+                    self._reply(link, cid, ErrorCode.RATE_LIMITED)
+                    continue
+                tokens[0] -= k
+                tokens[1] -= size
+                dedup.begin(sender, cid, PENDING, now)
+                batch.add(op_items, link, cid, (to, copies))
+        finally:
+            if taken:
+                batch.added(link, taken)
+            msg_bucket.tokens, byte_bucket.tokens = tokens
 
     def _sender_fields(self, sender: str, device_id: int) -> tuple[bytes, str]:
         """A sending device's packed DDELIVER fields and its store sender (kept)."""
