@@ -92,6 +92,8 @@ def test_compiled_twins_loaded():
              (keys_mod.dsend_copies, keys_mod.py_dsend_copies),
              (keys_mod.dsend_run, keys_mod.py_dsend_run),
              (batch_mod.finish_run, batch_mod.py_finish_run),
+             (keys_mod.recipients_by_sender, keys_mod.py_recipients_by_sender),
+             (gate_mod.field_set, gate_mod.py_field_set),
              (wire.reply_ok_ops, wire.py_reply_ok_ops),
              (wire.leading_dsends, wire.py_leading_dsends),
              (delivery.bytes_by_address, delivery.py_bytes_by_address),
@@ -1367,6 +1369,26 @@ def test_leading_dsends_twins(seed):
     assert want >= min(len(ops), 1) if ops[0] is _LEADING[0] else want == 0
     if _core is not None:
         assert _core.leading_dsends(ops) == want
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_field_set_and_recipients_by_sender_twins(seed):
+    rng = random.Random(seed)
+    names = ["a@x.org", "b@x.org", "c@y.org", "a@x.org".upper()]
+    # runs of one recipient (the same str object), and equal strs from elsewhere
+    meta = [(rng.choice(names) if rng.random() < 0.5 else "".join(rng.choice(names)), i, None)
+            for i in range(rng.randrange(0, 50))]
+    want = gate_mod.py_field_set(meta, 0)
+    assert want == {m[0] for m in meta}
+    assert gate_mod.py_field_set(meta, 1) == set(range(len(meta)))
+    links = [_Requester(a) for a in names] + [_Requester("a@x.org")]
+    reqs = [(rng.choice(links), bytes(16), (rng.choice(names), [])) for _ in range(len(meta))]
+    pairs = keys_mod.py_recipients_by_sender(reqs)
+    assert sum(len(v) for v in pairs.values()) == len({(r[0].address, r[2][0]) for r in reqs})
+    if _core is not None:
+        assert _core.field_set(meta, 0) == want
+        assert _core.field_set([list(m) for m in meta], 1) == set(range(len(meta)))
+        assert _core.recipients_by_sender(reqs) == pairs
 
 
 class _Requester:

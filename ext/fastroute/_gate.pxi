@@ -8,6 +8,7 @@
 #   accept_sends  = py_accept_sends
 #   stored_sacks  = py_stored_sacks
 #   route_items   = py_route_items
+#   field_set     = py_field_set
 #
 # The Python versions are written line for line like these; keep the two in
 # step (tests/test_fastpath.py drives both with the same frames and compares
@@ -260,4 +261,25 @@ def route_items(list meta, list mids):
     for i in range(n):
         item = meta[i]
         out.append((item[0], (mids[i], item[1])))
+    return out
+
+
+def field_set(list items, Py_ssize_t index):
+    """The distinct ``item[index]`` of ``items`` (see ``py_field_set``): runs of
+    the same object (a batch's messages to one recipient) are added once."""
+    cdef set out = set()
+    cdef Py_ssize_t i, n = PyList_GET_SIZE(items)
+    cdef object item, v, last = None
+    cdef bint have = False
+    for i in range(n):
+        item = <object>PyList_GET_ITEM(items, i)
+        if PyTuple_CheckExact(item) and 0 <= index < PyTuple_GET_SIZE(item):
+            v = <object>PyTuple_GET_ITEM(item, index)
+        else:
+            v = item[index]
+        if have and v is last:
+            continue
+        out.add(v)
+        last = v
+        have = True
     return out

@@ -5,6 +5,7 @@
 # Compiled twins of fastroute/relay/keys.py (the specification):
 #   dsend_copies   = py_dsend_copies
 #   dsend_run      = py_dsend_run
+#   recipients_by_sender = py_recipients_by_sender
 # and of fastroute/relay/batch.py (the store batch of DSENDs and GSENDs):
 #   finish_run     = py_finish_run
 #
@@ -110,6 +111,26 @@ def dsend_run(list ops, Py_ssize_t i, dict lists, dict reach, long skip, str sen
         tokens[0] = msg_tokens
         tokens[1] = byte_tokens
     return i
+
+
+def recipients_by_sender(list meta):
+    """A stored batch's ``(link, id, (to, ...))`` requests as sender address ->
+    the set of recipients (see ``py_recipients_by_sender``)."""
+    cdef dict pairs = {}
+    cdef Py_ssize_t i, n = PyList_GET_SIZE(meta)
+    cdef object entry, link, last = None
+    cdef set tos = None
+    for i in range(n):
+        entry = meta[i]
+        link = entry[0]
+        if tos is None or link is not last:
+            address = link.address
+            tos = pairs.get(address)
+            if tos is None:
+                tos = pairs[address] = set()
+            last = link
+        tos.add(entry[2][0])
+    return pairs
 
 
 def finish_run(list meta, Py_ssize_t i, DedupTable dedup not None, double now, list cids,

@@ -51,8 +51,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Budgets", "Gate", "LinkGate", "PyLinkGate", "PySendGate", "SendGate", "Sender",
            "TokenBucket", "give_back", "take_all", "take_upto",
-           "accept_sends", "py_accept_sends", "py_route_items", "py_stored_sacks",
-           "route_items", "stored_sacks"]
+           "accept_sends", "field_set", "py_accept_sends", "py_field_set", "py_route_items",
+           "py_stored_sacks", "route_items", "stored_sacks"]
 
 log = logging.getLogger("fastroute.relay")
 
@@ -324,12 +324,19 @@ def py_route_items(meta: list, mids: list) -> list:
     return [(to, (mid, tail)) for (to, tail, _), mid in zip(meta, mids)]
 
 
+def py_field_set(items: list, index: int) -> set:
+    """The distinct ``item[index]`` of ``items`` (the recipients of a batch's
+    SENDs or stored messages, once per batch rather than per message)."""
+    return {item[index] for item in items}
+
+
 #: the implementations in use: compiled (``_gate.pxi``) or the specifications above
 SendGate = twin(PySendGate)
 LinkGate = twin(PyLinkGate)
 accept_sends = twin(py_accept_sends)
 stored_sacks = twin(py_stored_sacks)
 route_items = twin(py_route_items)
+field_set = twin(py_field_set)
 
 
 # -- the stage -----------------------------------------------------------------
@@ -640,7 +647,7 @@ class Gate:
         me = sender.address
         contacts, old = self._contacts, self._contacts_old
         started = sender.started
-        if {op[2] for op in sends} <= started:
+        if field_set(sends, 2) <= started:
             return sends  # only conversations it already has: the common case
         keep = []
         refused = []
@@ -814,14 +821,14 @@ class Gate:
             if young:
                 # who wrote to a new sender: its answers to them are not to strangers
                 contacts = self._contacts
-                for to in {item[0] for item in meta} & young:
+                for to in field_set(meta, 0) & young:
                     contacts.add((sender, to))
                 if len(contacts) > _MAX_CONTACTS:
                     self._contacts_old, self._contacts = contacts, set()
             safety = self.safety
             if safety is not None and safety.window > 0:
                 # spam reports count only for pairs the relay really carried
-                safety.delivered(sender, {item[0] for item in meta})
+                safety.delivered(sender, field_set(meta, 0))
             out = link.out if link.is_open() else []
             # per message: dedup entry stored, its waiters answered, SACK-ok to the sender
             stored_sacks(meta, sender, dedup, time.monotonic(), out, self.ack_all)

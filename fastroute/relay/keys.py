@@ -62,7 +62,8 @@ if TYPE_CHECKING:
 
 __all__ = ["KeyDirectory", "Keys", "Slot", "EVENT_POOL_LOW", "EVENT_DEVICE_JOINED",
            "EVENT_DEVICE_LEFT", "copy_sender", "dsend_copies", "dsend_run", "event_sender",
-           "py_dsend_copies", "py_dsend_run"]
+           "py_dsend_copies", "py_dsend_run", "py_recipients_by_sender",
+           "recipients_by_sender"]
 
 log = logging.getLogger("fastroute.relay")
 
@@ -241,6 +242,20 @@ def py_dsend_run(ops: list, i: int, lists: dict, reach: dict, skip: int, sender:
 
 #: :func:`py_dsend_run`, compiled when the core is built
 dsend_run = twin(py_dsend_run)
+
+
+def py_recipients_by_sender(meta: list) -> dict[str, set]:
+    """A stored batch's ``(link, id, (to, ...))`` requests as sender address ->
+    the recipients it reached.  The specification of the compiled
+    ``recipients_by_sender``."""
+    pairs: dict[str, set] = {}
+    for link, _, extra in meta:
+        pairs.setdefault(link.address, set()).add(extra[0])
+    return pairs
+
+
+#: :func:`py_recipients_by_sender`, compiled when the core is built
+recipients_by_sender = twin(py_recipients_by_sender)
 
 
 class Slot:
@@ -930,10 +945,7 @@ class Keys:
         if safety is not None and safety.window > 0:
             # spam reports count only for pairs the relay really carried;
             # a batch is mostly one sender's: one call per sender, not per DSEND
-            pairs: dict[str, set] = {}
-            for link, _, (to, _) in meta:
-                pairs.setdefault(link.address, set()).add(to)
-            for sender, tos in pairs.items():
+            for sender, tos in recipients_by_sender(meta).items():
                 safety.delivered(sender, tos)
         self.accepted += len(mids)
 
