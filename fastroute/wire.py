@@ -759,6 +759,31 @@ def py_frame_offsets(plaintext: object) -> list[int] | None:
     return offsets
 
 
+def decode_dsends(plaintext: bytes) -> list[DecodedOp] | None:
+    """The ops of a frame made only of valid DSENDs to cached recipients, else
+    None (always None without the compiled core: unpacking the frame here
+    would cost what the precise decoder then spends again).
+
+    The relay's fast path for what an end-to-end encrypted client sends for
+    every 1:1 message: a None answer says nothing about the frame, which
+    :func:`unpack_client_frame` then takes.
+    """
+    if _decode_dsends_compiled is None:
+        return None
+    return _decode_dsends_compiled(plaintext, _ADDR_OK)
+
+
+def py_decode_dsends(plaintext: object, addr_ok: set[str]) -> list[DecodedOp] | None:
+    """Specification of the compiled ``decode_dsends``: the ops of ``plaintext``
+    (exact bytes) when every op is a valid DSEND (:func:`py_dsend_ok`) whose
+    recipient is in ``addr_ok``; None for any other frame, errors included.
+    The compiled twin may decline more (unusual encodings), never answer else."""
+    frame = _frame_or_none(plaintext)
+    if frame is None:
+        return None
+    return list(frame) if all(py_dsend_ok(op, addr_ok) for op in frame) else None
+
+
 def decode_pings(plaintext: bytes) -> list[int] | None:
     """The tokens of a frame made only of valid PINGs, else None.
 
@@ -1583,6 +1608,8 @@ _frame_offsets_compiled = compiled_twin(py_frame_offsets)
 UNPACKS_BY_THE_SLICE = _frame_offsets_compiled is not None
 #: :func:`py_dsend_ok`, compiled when the core is built
 dsend_ok = twin(py_dsend_ok)
+twin(py_decode_dsends)
+_decode_dsends_compiled = compiled_twin(py_decode_dsends)
 #: :func:`py_gsend_ok`, compiled when the core is built
 gsend_ok = twin(py_gsend_ok)
 _decode_server_ops = twin(py_decode_server_ops)

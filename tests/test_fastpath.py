@@ -83,6 +83,7 @@ def test_compiled_twins_loaded():
              (wire.dsend_ok, wire.py_dsend_ok), (wire._decode_pings, wire.py_decode_pings),
              (wire.gsend_ok, wire.py_gsend_ok),
              (wire._frame_offsets_compiled or wire.py_frame_offsets, wire.py_frame_offsets),
+             (wire._decode_dsends_compiled or wire.py_decode_dsends, wire.py_decode_dsends),
              (gate_mod.accept_sends, gate_mod.py_accept_sends),
              (gate_mod.stored_sacks, gate_mod.py_stored_sacks),
              (gate_mod.route_items, gate_mod.py_route_items),
@@ -1451,6 +1452,70 @@ _DSENDS = [
     (True, MID, "bob@example.org", False, (), ()),
     [1004, MID, "bob@example.org", False, (), ()],
 ]
+
+
+def _dsend_frames():
+    big = [(d, 16383, bytes([d]) * 300) for d in range(1, 128)]
+    return [
+        _frame([wire.dsend_op(MID, "bob@example.org", False, [(1, 5, b"c")], [])]),
+        _frame([wire.dsend_op(bytes([i]) * 16, "bob@example.org", i % 2 == 0,
+                              [(1, 5, bytes(i)), (127, 300, b"")], [(2, 1, b"own")])
+                for i in range(40)]),
+        _frame([wire.dsend_op(MID, "bob@example.org", False, big[:60], big[60:])]),
+        _frame([wire.dsend_op(MID, "bob@example.org", False, [(1, 5, bytes(wire.MAX_BODY))],
+                              [])]),
+        _frame([]),
+    ]
+
+
+_DSEND_FRAMES_DECLINED = [
+    _frame([wire.dsend_op(MID, "bob@example.org", False, [(1, 5, b"c")], []),
+            wire.ping_op(1)]),                                         # another op
+    _frame([wire.dsend_op(MID, "not cached@x.org", False, [(1, 5, b"c")], [])]),
+    _frame([wire.dsend_op(MID, "bob@example.org", False, [(0, 5, b"c")], [])]),
+    _frame([wire.dsend_op(MID, "bob@example.org", False, [(128, 5, b"c")], [])]),
+    _frame([wire.dsend_op(MID, "bob@example.org", False, [(1, 16384, b"c")], [])]),
+    _frame([wire.dsend_op(MID, "bob@example.org", False, [(1, 0, b"c")], [])]),
+    _frame([wire.dsend_op(MID, "bob@example.org", False, [(1, 5, "c")], [])]),
+    _frame([wire.dsend_op(MID, "bob@example.org", False, [(1, 5, b"c", 4)], [])]),
+    _frame([wire.dsend_op(MID, "bob@example.org", False,
+                          [(1, 5, b"")] * 128, [])]),                  # over 127 entries
+    _frame([wire.dsend_op(MID, "bob@example.org", False, [(1, 5, bytes(wire.MAX_BODY + 1))],
+                          [])]),
+    _frame([msgpack.packb((1004, MID[:15], "bob@example.org", False, [], []))]),
+    _frame([msgpack.packb((1004, MID, "bob@example.org", 0, [], []))]),
+    _frame([msgpack.packb((1004, MID, "bob@example.org", False, []))]),
+    _frame([msgpack.packb((1004, MID, "bob@example.org", False, [], [], 1))]),
+    _frame([msgpack.packb((1004, MID, "bob@example.org", False, [], []))])[:-1],
+    _frame([msgpack.packb((1004, MID, "bob@example.org", False, [], []))]) + b"\x00",
+]
+
+
+@pytest.mark.parametrize("plaintext", _dsend_frames() + _DSEND_FRAMES_DECLINED)
+def test_decode_dsends_twins(plaintext):
+    want = wire.py_decode_dsends(plaintext, wire._ADDR_OK)
+    if plaintext in _DSEND_FRAMES_DECLINED:
+        assert want is None
+    else:
+        assert want is not None and want == wire.decode_client_frame_precise(plaintext)
+    if _core is not None:
+        got = _core.decode_dsends(plaintext, wire._ADDR_OK)
+        assert got == want
+        if got:
+            assert [type(x) for op in got for x in op] == [type(x) for op in want for x in op]
+    assert wire.decode_dsends(plaintext) == (want if _core is not None else None)
+
+
+def test_decode_dsends_fuzz():
+    rng = random.Random(3)
+    frames = _dsend_frames()
+    for _ in range(2000):
+        data = bytearray(rng.choice(frames[:3]))
+        for _ in range(rng.randrange(1, 3)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        got = _core.decode_dsends(bytes(data), wire._ADDR_OK) if _core is not None else None
+        # the compiled decoder declines or agrees with the specification
+        assert got is None or got == wire.py_decode_dsends(bytes(data), wire._ADDR_OK)
 
 
 @pytest.mark.parametrize("op", _DSENDS, ids=range(len(_DSENDS)))

@@ -15,7 +15,6 @@
 
 from cpython.object cimport PyTypeObject
 from cpython.type cimport PyType_IsSubtype
-from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 
 from fastroute.errors import BodyTooLarge
 

@@ -30,6 +30,8 @@ from cpython.tuple cimport (
     PyTuple_CheckExact,
     PyTuple_GET_ITEM,
     PyTuple_GET_SIZE,
+    PyTuple_New,
+    PyTuple_SET_ITEM,
 )
 from cpython.unicode cimport PyUnicode_Check, PyUnicode_CheckExact
 from libc.stdint cimport int64_t, uint64_t

@@ -623,6 +623,104 @@ def decode_server_ops(plaintext, set addr_ok):
     return ops
 
 
+cdef object take_entries(Cursor* c):
+    """A DSEND's ``[[device id 1..127, registration id 1..16383, ciphertext bin
+    <= MAX_BODY], ...]`` (at most 127) as a tuple of tuples, or None."""
+    cdef Py_ssize_t n, i, k
+    cdef unsigned long long did = 0, reg = 0
+    cdef tuple out
+    cdef object body, e
+    if c.p >= c.end:
+        return None
+    if 0x90 <= c.p[0] <= 0x9f:
+        n = c.p[0] & 0x0f
+        c.p += 1
+    elif c.p[0] == 0xdc and c.end - c.p >= 3:
+        n = get_be16(c.p + 1)
+        c.p += 3
+    else:
+        return None
+    if n > 127:
+        return None
+    out = PyTuple_New(n)
+    for i in range(n):
+        if c.p >= c.end or c.p[0] != 0x93:
+            return None
+        c.p += 1
+        if not take_uint(c, &did) or did < 1 or did > 127:
+            return None
+        if not take_uint(c, &reg) or reg < 1 or reg > 0x3FFF:
+            return None
+        k = take_len(c, 0xc4, 0, 0)
+        if k < 0 or k > WIRE_MAX_BODY or c.end - c.p < k:
+            return None
+        body = PyBytes_FromStringAndSize(<const char*>c.p, k)
+        c.p += k
+        e = (PyLong_FromUnsignedLongLong(did), PyLong_FromUnsignedLongLong(reg), body)
+        Py_INCREF(e)
+        PyTuple_SET_ITEM(out, i, e)
+    return out
+
+
+def decode_dsends(plaintext, set addr_ok):
+    """A frame of DSENDs decoded in C (see ``fastroute.wire.py_decode_dsends``).
+
+    Returns the ops when ``plaintext`` (exact bytes) is a msgpack array of
+    valid DSEND ops ``[1004, id bin8 of 16, to str, more bool, entries,
+    own]`` in the usual encodings whose recipients are all in ``addr_ok``;
+    ``None`` for anything else, so the caller decodes that frame the precise
+    way.
+    """
+    if not PyBytes_CheckExact(plaintext):
+        return None
+    cdef Cursor c
+    cdef Py_ssize_t n, i, k
+    cdef list ops
+    cdef object cid, to = None, more, entries, own
+    cdef const unsigned char* prev_p = NULL
+    cdef Py_ssize_t prev_n = -1
+    c.p = <const unsigned char*>PyBytes_AS_STRING(plaintext)
+    c.end = c.p + PyBytes_GET_SIZE(plaintext)
+    n = frame_ops(&c)
+    if n < 0:
+        return None
+    ops = []
+    for i in range(n):
+        # [1004 (uint16), id: bin8 of 16, ...
+        if c.end - c.p < 22 or c.p[0] != 0x96 or c.p[1] != 0xcd or c.p[2] != 0x03 \
+                or c.p[3] != 0xec or c.p[4] != 0xc4 or c.p[5] != 0x10:
+            return None
+        cid = PyBytes_FromStringAndSize(<const char*>c.p + 6, 16)
+        c.p += 22
+        k = take_len(&c, 0xd9, 0xa0, 31)
+        if k < 0 or k > WIRE_MAX_STR or c.end - c.p < k:
+            return None
+        if not (k == prev_n and memcmp(c.p, prev_p, <size_t>k) == 0):
+            try:
+                to = PyUnicode_DecodeUTF8(<const char*>c.p, k, NULL)
+            except UnicodeDecodeError:
+                return None
+            if not PySet_Contains(addr_ok, to):
+                return None
+            prev_p = c.p
+            prev_n = k
+        c.p += k
+        if c.p >= c.end or (c.p[0] != 0xc2 and c.p[0] != 0xc3):
+            return None
+        more = True if c.p[0] == 0xc3 else False
+        c.p += 1
+        entries = take_entries(&c)
+        if entries is None:
+            return None
+        own = take_entries(&c)
+        if own is None:
+            return None
+        ops.append((1004, cid, to, more, entries, own))
+    if c.p != c.end:
+        return None
+    return ops
+
+
 cdef inline bint _entries_ok(object v) except -1:
     # [device id 1..127, registration id 1..16383, ciphertext bin <= MAX_BODY], at most 127
     cdef Py_ssize_t n, i
