@@ -298,15 +298,21 @@ def _acme_members_act_as_admins(monkeypatch):
     monkeypatch.setattr(groups_mod.Groups, "_member_group", biased)
 
 
-def _acme_gsend_ignores_the_version(monkeypatch):
-    original = groups_mod.Groups.gsend
+def _bias_gsends(monkeypatch, version_of):
+    """GSENDs whose version ``version_of(groups, link, group, version)`` rewrites."""
+    original = groups_mod.Groups.gsend_many
 
-    def biased(self, link, cid, gid, version, body):
+    def biased(self, link, ops):
+        original(self, link, [(op[0], op[1], op[2], version_of(self, link, op[2], op[3]),
+                               op[4]) for op in ops])
+    monkeypatch.setattr(groups_mod.Groups, "gsend_many", biased)
+
+
+def _acme_gsend_ignores_the_version(monkeypatch):
+    def version_of(self, link, gid, version):
         g = self.groups.get(gid)
-        if _acme(link) and g is not None:
-            version = g.version
-        original(self, link, cid, gid, version, body)
-    monkeypatch.setattr(groups_mod.Groups, "gsend", biased)
+        return g.version if _acme(link) and g is not None else version
+    _bias_gsends(monkeypatch, version_of)
 
 
 def _acme_non_members_told_unknown_group(monkeypatch):
@@ -414,27 +420,26 @@ def _acme_reports_always_count(monkeypatch):
 
 
 def _acme_lists_against_nothing(monkeypatch):
-    original = groups_mod.Groups.gsend
-
-    def biased(self, link, cid, gid, version, body):
+    def version_of(self, link, gid, version):
         g = self.groups.get(gid)
-        if _acme(link) and g is not None and version != g.version:
-            version = 0  # lists as if the sender had distributed to no one
-        original(self, link, cid, gid, version, body)
-    monkeypatch.setattr(groups_mod.Groups, "gsend", biased)
+        # lists as if the sender had distributed to no one
+        return 0 if _acme(link) and g is not None and version != g.version else version
+    _bias_gsends(monkeypatch, version_of)
 
 
 def _acme_gsend_stopped_by_a_full_member(monkeypatch):
-    original = groups_mod.Groups.gsend
+    original = groups_mod.Groups.gsend_many
 
-    def biased(self, link, cid, gid, version, body):
-        g = self.groups.get(gid)
-        full = self.delivery.caps.full
-        if _acme(link) and g is not None and version == g.version and full & set(g.members):
-            self._reply(link, cid, 408)  # one full member stops acme's group sends
-            return
-        original(self, link, cid, gid, version, body)
-    monkeypatch.setattr(groups_mod.Groups, "gsend", biased)
+    def biased(self, link, ops):
+        for op in ops:
+            _, cid, gid, version, _ = op
+            g = self.groups.get(gid)
+            full = self.delivery.caps.full
+            if _acme(link) and g is not None and version == g.version and full & set(g.members):
+                self._reply(link, cid, 408)  # one full member stops acme's group sends
+                continue
+            original(self, link, [op])
+    monkeypatch.setattr(groups_mod.Groups, "gsend_many", biased)
 
 
 @pytest.mark.parametrize("patch, failed", [

@@ -539,3 +539,75 @@ def test_the_worked_bytes_of_the_spec_are_the_codes():
         GDELIVER_HEAD, b"\xce", (5).to_bytes(4, "big"),
         wire.py_deliver_tail(sp, cid, b"hi", wire.ts_packed(1700000000000), 0)))
     assert bytes.fromhex("".join(tokens)) == expected
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_frame_of_gsends_is_answered_as_one_gsend_at_a_time(loop, tmp_path):
+    # the link hands a frame's GSENDs to the groups stage together
+    # (Groups.gsend_many: clocks, slot, buckets once per frame); the same frame
+    # handed over one GSEND at a time must get the same answers and fan out
+    # the same messages, budgets included
+    from fastroute.relay.groups import Groups
+    from test_e2ee import request_future
+
+    lim = Limits(msgs_per_s=0.001, msgs_burst=6.0)
+
+    async def scenario(path, one_at_a_time: bool):
+        async with world(path, limits=lim) as w:
+            groups = w.relay.keys.groups
+            if one_at_a_time:
+                groups.gsend_many = lambda link, ops: [Groups.gsend_many(groups, link, [op])
+                                                       for op in ops]
+            a1 = await member(w, "alice@home", "phone", 11)
+            b1 = await member(w, "bob@home", "phone", 21)
+            lone = await member(w, "lone@home", "phone", 41)
+            nokeys = await member(w, "carol@home", "phone")
+            gid = await a1.create_group()
+            await a1.group_add(gid, "bob@home")
+            solo = await lone.create_group()
+            v, _, _ = await a1.group_members(gid)
+            ids = [bytes([i]) * 16 for i in range(1, 11)]
+            op = wire.group_op
+            ops = [
+                op(wire.Op.GSEND, ids[0], gid, v, b"m1"),                # ok
+                op(wire.Op.GSEND, ids[1], b"u" * 16, v, b"x"),           # unknown group
+                op(wire.Op.GSEND, ids[2], gid, v - 1, b"x"),             # stale version
+                op(wire.Op.GSEND, ids[0], gid, v, b"m1"),                # resend
+                op(wire.Op.GSEND, ids[3], gid, v, b"m2"),                # ok
+                op(wire.Op.GSEND, ids[4], gid, v, b"m3"),                # ok
+                op(wire.Op.GSEND, ids[5], gid, v, b"m4"),                # ok
+                op(wire.Op.GSEND, ids[6], gid, v, b"m5"),                # ok: 5 used
+                op(wire.Op.GSEND, ids[7], gid, v, b"m6"),                # ok: 6 used
+                op(wire.Op.GSEND, ids[8], gid, v, b"m7"),                # over budget
+            ]
+            futs = {cid: request_future(a1, cid) for cid in ids[:9]}
+            a1._write(ops)
+            answers = []
+            for cid in ids[:9]:
+                try:
+                    answers.append(("ok", await asyncio.wait_for(futs[cid], 5)))
+                except FastrouteError as exc:
+                    answers.append((int(exc.code), getattr(exc, "version", None)))
+            # one lone member: accepted, nothing stored; one without keys: refused
+            lone_fut = request_future(lone, ids[9])
+            lone._write([op(wire.Op.GSEND, ids[9], solo, 1, b"alone")])
+            lone_answer = await asyncio.wait_for(lone_fut, 5)
+            with pytest.raises(FastrouteError) as nk:
+                await nokeys.group_send(gid, v, b"x")
+            got: list = []
+            while len(got) < 6:
+                got += [m.body for m in await take(b1, 1) if isinstance(m, GroupMessage)]
+            assert await quiet(b1)
+            return answers, got, lone_answer, int(nk.value.code)
+
+    batched = run(loop, scenario(tmp_path / "batched", False))
+    assert batched == run(loop, scenario(tmp_path / "spec", True))
+    answers, got, lone_answer, nokeys_code = batched
+    limited = int(ErrorCode.RATE_LIMITED)
+    assert [a[0] for a in answers] == [
+        "ok", int(ErrorCode.UNKNOWN_GROUP), int(ErrorCode.DEVICE_MISMATCH), "ok", "ok", "ok",
+        "ok", "ok", limited]
+    assert got == [b"m1", b"m2", b"m3", b"m4", b"m5", b"m6"]
+    assert lone_answer is None and nokeys_code in (int(ErrorCode.NO_KEYS),
+                                                   int(ErrorCode.NOT_MEMBER))
+

@@ -640,97 +640,118 @@ class Groups:
     def gsend(self, link: "LinkPort", cid: bytes, gid: bytes, version: int,
               body: bytes) -> None:
         """GSEND: one ciphertext for every member device but the sender's (module doc)."""
+        self.gsend_many(link, [(_OP_GSEND, cid, gid, version, body)])
+
+    def gsend_many(self, link: "LinkPort", ops: list) -> None:
+        """GSENDs ``(opcode, id, group, version, body)`` of one link, in order (a
+        frame's, which the link hands over together): each answered or queued
+        for the turn's store batch as :meth:`gsend` says, with the per-link
+        work done once: the clocks, the sender's slot, and its send bucket and
+        link budgets refilled once (each op spends from them, as a DSEND frame
+        does); a group's bucket is refilled the first time the frame names it."""
         sender = link.address
         now = time.monotonic()
-        if self._batch.resent(link, cid, now):
-            return
-        g = self._member_group(link, cid, gid)
-        if g is None:
-            return
         mine = self.keys._my_slot(link)
-        if mine is None:
-            self._reply(link, cid, ErrorCode.NO_KEYS)
-            return
         cfg = self.config
         mine_bucket = self._bucket(self._send_buckets, sender, cfg.group_msgs_per_s,
                                    cfg.group_msgs_burst)
-        if version != g.version:
-            if LISTS not in link.features:
-                self._reply(link, cid, ErrorCode.DEVICE_MISMATCH, [g.version])
-            elif mine_bucket.take():
-                # the lists cost a walk of the member devices: a send token each
-                self._reply(link, cid, ErrorCode.DEVICE_MISMATCH,
-                            g.mismatch(self.dir.lists, sender, mine.device_id, version))
-            else:
-                self._reply(link, cid, ErrorCode.RATE_LIMITED)
-            return
-        group_bucket = g.buckets.get(link.provider)
-        if group_bucket is None:
-            group_bucket = g.buckets[link.provider] = TokenBucket(
-                cfg.group_msgs_per_group_s, cfg.group_msgs_per_group_burst)
         lg = link.gate_state
-        size = len(body)
-        if (mine_bucket.refill() < 1 or group_bucket.refill() < 1
-                or lg.msg_bucket.refill() < 1 or lg.byte_bucket.refill() < size):
-            self._reply(link, cid, ErrorCode.RATE_LIMITED)
-            return
-        mine_bucket.tokens -= 1
-        group_bucket.tokens -= 1
-        lg.msg_bucket.tokens -= 1
-        lg.byte_bucket.tokens -= size
-        skip = mine.device_id
-        cached = g.fanout.get((sender, skip))
-        if cached is None:
-            lists = self.dir.lists
-            targets: list = []
-            dkeys: list = []
-            for address in g.members:
-                for did, slot in lists.get(address, {}).items():
-                    if address != sender or did != skip:
-                        targets.append((address, slot.name))
-                        dkeys.append(slot.dkey)
-            if len(g.fanout) > 64:
-                g.fanout.clear()
-            cached = g.fanout[(sender, skip)] = (targets, dkeys)
-        targets, dkeys = cached
-        key = (gid, sender, skip)
-        packed = self._senders.get(key)
-        if packed is None:
-            if len(self._senders) > 1 << 16:
-                self._senders.clear()
-            packed = self._senders[key] = (
-                msgpack.packb(gid) + msgpack.packb(sender) + msgpack.packb(skip),
-                group_sender(gid, sender, skip))
-        sp, stored_sender = packed
-        full = self.delivery.caps.full
-        if full and targets:
-            # as SEND to them would be: members whose backlog is at a cap get
-            # no row; the others get the message (one member's backlog never
-            # stops a group); none left: refused like a SEND
-            skipped = sorted({a for a, _ in targets if a in full})
-            if skipped:
-                kept = [i for i, (a, _) in enumerate(targets) if a not in full]
-                if not kept:
-                    self._refund(mine_bucket, group_bucket, lg, size)
-                    self._reply(link, cid, ErrorCode.RECIPIENT_FULL)
-                    return
-                targets = [targets[i] for i in kept]
-                dkeys = [dkeys[i] for i in kept]
-                self.skipped_full += len(skipped)
-                if LISTS in link.features:
-                    if len(self._skipped) > 1 << 16:
-                        self._skipped.clear()
-                    self._skipped[(sender, cid)] = skipped
-        if not targets:
-            # no other member device: accepted, nothing to store
-            self.dedup.begin(sender, cid, 0, now)
-            self._reply(link, cid, 0)
-            return
+        msg_bucket, byte_bucket = lg.msg_bucket, lg.byte_bucket
+        mine_bucket.refill()
+        msg_bucket.refill()
+        byte_bucket.refill()
+        refilled: set = set()
         now_ms = int(time.time() * 1000)
-        tail = wire.deliver_tail(sp, cid, body, wire.ts_packed(now_ms), 0)
-        self.dedup.begin(sender, cid, PENDING, now)
-        self._batch.add([(stored_sender, cid, body, now_ms, dkeys)], link, cid,
-                        (tail, GDELIVER_HEAD, targets))
+        ts = wire.ts_packed(now_ms)
+        batch = self._batch
+        lists = self.dir.lists
+        full = self.delivery.caps.full
+        for _, cid, gid, version, body in ops:
+            if batch.resent(link, cid, now):
+                continue
+            g = self._member_group(link, cid, gid)
+            if g is None:
+                continue
+            if mine is None:
+                self._reply(link, cid, ErrorCode.NO_KEYS)
+                continue
+            if version != g.version:
+                if LISTS not in link.features:
+                    self._reply(link, cid, ErrorCode.DEVICE_MISMATCH, [g.version])
+                elif mine_bucket.tokens >= 1:
+                    # the lists cost a walk of the member devices: a send token each
+                    mine_bucket.tokens -= 1
+                    self._reply(link, cid, ErrorCode.DEVICE_MISMATCH,
+                                g.mismatch(lists, sender, mine.device_id, version))
+                else:
+                    self._reply(link, cid, ErrorCode.RATE_LIMITED)
+                continue
+            group_bucket = g.buckets.get(link.provider)
+            if group_bucket is None:
+                group_bucket = g.buckets[link.provider] = TokenBucket(
+                    cfg.group_msgs_per_group_s, cfg.group_msgs_per_group_burst)
+            if gid not in refilled:
+                group_bucket.refill()
+                refilled.add(gid)
+            size = len(body)
+            if (mine_bucket.tokens < 1 or group_bucket.tokens < 1
+                    or msg_bucket.tokens < 1 or byte_bucket.tokens < size):
+                self._reply(link, cid, ErrorCode.RATE_LIMITED)
+                continue
+            mine_bucket.tokens -= 1
+            group_bucket.tokens -= 1
+            msg_bucket.tokens -= 1
+            byte_bucket.tokens -= size
+            skip = mine.device_id
+            cached = g.fanout.get((sender, skip))
+            if cached is None:
+                targets: list = []
+                dkeys: list = []
+                for address in g.members:
+                    for did, slot in lists.get(address, {}).items():
+                        if address != sender or did != skip:
+                            targets.append((address, slot.name))
+                            dkeys.append(slot.dkey)
+                if len(g.fanout) > 64:
+                    g.fanout.clear()
+                cached = g.fanout[(sender, skip)] = (targets, dkeys)
+            targets, dkeys = cached
+            key = (gid, sender, skip)
+            packed = self._senders.get(key)
+            if packed is None:
+                if len(self._senders) > 1 << 16:
+                    self._senders.clear()
+                packed = self._senders[key] = (
+                    msgpack.packb(gid) + msgpack.packb(sender) + msgpack.packb(skip),
+                    group_sender(gid, sender, skip))
+            sp, stored_sender = packed
+            if full and targets:
+                # as SEND to them would be: members whose backlog is at a cap get
+                # no row; the others get the message (one member's backlog never
+                # stops a group); none left: refused like a SEND
+                skipped = sorted({a for a, _ in targets if a in full})
+                if skipped:
+                    kept = [i for i, (a, _) in enumerate(targets) if a not in full]
+                    if not kept:
+                        self._refund(mine_bucket, group_bucket, lg, size)
+                        self._reply(link, cid, ErrorCode.RECIPIENT_FULL)
+                        continue
+                    targets = [targets[i] for i in kept]
+                    dkeys = [dkeys[i] for i in kept]
+                    self.skipped_full += len(skipped)
+                    if LISTS in link.features:
+                        if len(self._skipped) > 1 << 16:
+                            self._skipped.clear()
+                        self._skipped[(sender, cid)] = skipped
+            if not targets:
+                # no other member device: accepted, nothing to store
+                self.dedup.begin(sender, cid, 0, now)
+                self._reply(link, cid, 0)
+                continue
+            tail = wire.deliver_tail(sp, cid, body, ts, 0)
+            self.dedup.begin(sender, cid, PENDING, now)
+            batch.add([(stored_sender, cid, body, now_ms, dkeys)], link, cid,
+                      (tail, GDELIVER_HEAD, targets))
 
     def _place(self, meta: list, mids: list) -> None:
         """A batch of GSENDs was stored: fan each out to its member devices."""

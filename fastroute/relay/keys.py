@@ -820,6 +820,23 @@ class Keys:
             entries, own = part.entries, part.own
         self.dsend_many(link, [(_OP_DSEND, cid, to, False, entries, own)])
 
+    def sends_many(self, link: "LinkPort", ops: list) -> None:
+        """A frame's single-op DSENDs and GSENDs, in order, as the link handed
+        them over: each run of one kind to :meth:`dsend_many` or
+        :meth:`Groups.gsend_many` (the per-link work once per run)."""
+        i, n = 0, len(ops)
+        while i < n:
+            kind = ops[i][0]
+            j = i + 1
+            while j < n and ops[j][0] == kind:
+                j += 1
+            run = ops if i == 0 and j == n else ops[i:j]
+            if kind == _OP_DSEND:
+                self.dsend_many(link, run)
+            elif self.groups is not None:
+                self.groups.gsend_many(link, run)
+            i = j
+
     def dsend_many(self, link: "LinkPort", ops: list) -> None:
         """Whole DSENDs of one link, in order (a frame's single-op ones, which
         the link hands over together when it gathers no multi-op DSEND, or one

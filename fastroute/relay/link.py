@@ -66,6 +66,7 @@ _MEDIA_OPS = frozenset((int(wire.Op.MBEGIN), int(wire.Op.MCHUNK), int(wire.Op.MF
                         int(wire.Op.MGET)))
 _OP_FEATURES = int(wire.Op.FEATURES)
 _OP_DSEND = int(wire.Op.DSEND)
+_OP_GSEND = int(wire.Op.GSEND)
 #: opcode -> the feature a link must have negotiated to use it
 _FEATURE_OF = {int(op): name for name, ops in wire.FEATURE_OPS.items() for op in ops}
 #: the feature whose ops are DSENDs (a link that did not negotiate it sends none)
@@ -756,9 +757,10 @@ class Link(asyncio.Protocol):
         if granted < others:
             # DACKs are never refused, so they are not counted here
             wiring.count_error(ErrorCode.RATE_LIMITED)
-        # single-op DSENDs go to the keys stage together (its per-link work
-        # once), in order with the stage's other ops: before any of them
-        dsends: list = []
+        # single-op DSENDs and GSENDs go to the keys stage together (its
+        # per-link work once), in order with the stage's other ops: before
+        # any of them
+        sends: list = []
         try:
             if (lead and granted >= lead and not self.dsends and wiring.keys is not None
                     and _E2EE in self.features):
@@ -766,19 +768,20 @@ class Link(asyncio.Protocol):
                 counts = wiring.op_counts
                 counts[_OP_DSEND] = counts.get(_OP_DSEND, 0) + lead
                 if lead == n:
-                    dsends.extend(ops)
+                    sends.extend(ops)
                     return n
-                dsends.extend(ops[:lead])
-                return lead + self._dispatch_ops(ops[lead:], granted - lead, dsends)
-            return self._dispatch_ops(ops, granted, dsends)
+                sends.extend(ops[:lead])
+                return lead + self._dispatch_ops(ops[lead:], granted - lead, sends)
+            return self._dispatch_ops(ops, granted, sends)
         finally:
-            if dsends and wiring.keys is not None:
-                wiring.keys.dsend_many(self, dsends)
+            if sends and wiring.keys is not None:
+                wiring.keys.sends_many(self, sends)
 
-    def _dispatch_ops(self, ops: list, granted: int, dsends: list) -> int:
+    def _dispatch_ops(self, ops: list, granted: int, e2ee_sends: list) -> int:
         """:meth:`_dispatch`'s loop over the ops, ``granted`` of them (not SENDs)
-        within the op budget; single-op DSENDs are left in ``dsends`` for the
-        keys stage (handed over before any other of its ops)."""
+        within the op budget; single-op DSENDs and GSENDs are left in
+        ``e2ee_sends`` for the keys stage (handed over before any other of its
+        ops)."""
         wiring = self.wiring
         sends = self.sends
         assert sends is not None
@@ -824,11 +827,11 @@ class Link(asyncio.Protocol):
                     dack = op[1]
                 continue
             if kind == _OP_BYE:
-                if dsends:
-                    # the DSENDs before it count among what BYE waits for
+                if e2ee_sends:
+                    # the DSENDs and GSENDs before it count among what BYE waits for
                     assert wiring.keys is not None
-                    wiring.keys.dsend_many(self, dsends)
-                    dsends.clear()
+                    wiring.keys.sends_many(self, e2ee_sends)
+                    e2ee_sends.clear()
                 # after the SENDs already read: data_received accepts them first
                 if dack >= 0:
                     wiring.delivery.dack(self, dack)
@@ -871,12 +874,12 @@ class Link(asyncio.Protocol):
                 wiring.delivery.mark(self)
             elif feature is not None:
                 assert wiring.keys is not None  # checked before the budget above
-                if kind == _OP_DSEND and not op[3] and not self.dsends:
-                    dsends.append(op)
+                if (kind == _OP_DSEND and not op[3] and not self.dsends) or kind == _OP_GSEND:
+                    e2ee_sends.append(op)
                     continue
-                if dsends:
-                    wiring.keys.dsend_many(self, dsends)
-                    dsends.clear()
+                if e2ee_sends:
+                    wiring.keys.sends_many(self, e2ee_sends)
+                    e2ee_sends.clear()
                 wiring.keys.request(self, op)
         if dack >= 0:
             # acks and sends are independent: no order to keep
