@@ -3,12 +3,15 @@
 Run (bounded: fixed message counts and a timeout on every wait)::
 
     PYTHONPATH=. python benches/group_send.py [--runs R] [--store memory|sqlite] [--no-nats]
+        [--fanout 10 100 1000] [--relay-path TREE]
 
 For each fan-out N, three ways of getting one 100-byte body to N devices:
 
 * ``gsend``: one GSEND to a group whose members have N devices besides the
   sending one (users of at most 100 devices each), stored once with a
-  delivery record per device and fanned out by the engine as GDELIVER;
+  delivery record per device and fanned out by the engine as GDELIVER
+  (sent with ``Client.group_send_nowait``; trees before it: a
+  ``group_send`` coroutine each);
 * ``send``: the baseline in the same script: today's v1 SEND to one address
   with N devices online (stored once with a record per device too, fanned
   out by the same engine);
@@ -46,6 +49,7 @@ except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import e2ee_send  # noqa: E402
 from e2ee_send import relay_cpu  # noqa: E402
 from e2ee_send import start_relay as e2ee_start_relay  # noqa: E402
 from server_cpu import find_nats_server  # noqa: E402
@@ -114,10 +118,17 @@ async def fastroute_run(mode: str, n_dev: int, messages: int, store: str) -> tup
                 version, members, _ = await sender.group_members(gid)
                 assert sum(len(m[2]) for m in members) == n_dev + 1
 
+                nowait = getattr(sender, "group_send_nowait", None)
+
                 async def send_all(count: int) -> None:
                     for at in range(0, count, WINDOW):
-                        await asyncio.gather(*(sender.group_send(gid, version, body)
-                                               for _ in range(min(WINDOW, count - at))))
+                        k = min(WINDOW, count - at)
+                        if nowait is not None:
+                            await asyncio.gather(*(nowait(gid, version, body)[1]
+                                                   for _ in range(k)))
+                        else:  # trees before group_send_nowait: a coroutine each
+                            await asyncio.gather(*(sender.group_send(gid, version, body)
+                                                   for _ in range(k)))
             else:
                 async def send_all(count: int) -> None:
                     for at in range(0, count, WINDOW):
@@ -221,7 +232,11 @@ def main() -> None:
     ap.add_argument("--store", choices=("memory", "sqlite"), default="sqlite")
     ap.add_argument("--fanout", type=int, nargs="*", default=[10, 100, 1000])
     ap.add_argument("--no-nats", action="store_true")
+    ap.add_argument("--relay-path", default="",
+                    help="run the relay from this source tree (its PYTHONPATH), the "
+                         "clients from this one: the relay's A/B with the same clients")
     args = ap.parse_args()
+    e2ee_send.RELAY_PATH = args.relay_path
     run = uvloop.run if uvloop is not None else asyncio.run
     server = None if args.no_nats else find_nats_server()
     print(f"store={args.store} runs={args.runs} body={BODY} B window={WINDOW} "

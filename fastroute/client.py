@@ -1035,13 +1035,22 @@ class Client:
         copy; with ``"group_lists"`` their addresses are appended to
         ``skipped``.  :class:`~fastroute.errors.RecipientFull` when every
         recipient is at a cap (nothing stored)."""
-        self._need("groups")
-        cid = id if id is not None else self._new_id()
-        result = await self._request(
-            [wire.group_op(wire.Op.GSEND, cid, group, version, body)], cid)
+        cid, fut = self.group_send_nowait(group, version, body, id=id)
+        result = await fut
         if skipped is not None and type(result) is list:
             skipped.extend(result)
         return cid
+
+    def group_send_nowait(self, group: bytes, version: int, body: bytes, *,
+                          id: bytes | None = None  # noqa: A002
+                          ) -> tuple[bytes, asyncio.Future]:
+        """:meth:`group_send` without waiting: ``(id, future)``, the future done
+        once the message is stored (its result: the members skipped at a cap,
+        a list, when ``"group_lists"`` was negotiated and some were; else
+        None), or failed as that method raises.  No coroutine per message."""
+        self._need("groups")
+        cid = id if id is not None else self._new_id()
+        return cid, self._request([wire.gsend_op(cid, group, version, body)], cid)
 
     # ------------------------------------------------------------- safety
     async def _safety(self, opcode: int, *fields: object) -> Any:

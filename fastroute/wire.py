@@ -1150,6 +1150,7 @@ def mreply_op(id: bytes, code: int, result: object = None) -> bytes:  # noqa: A0
 _FEATURES, _FEATURES_OK = Op.FEATURES.value, Op.FEATURES_OK.value
 _REPLY = Op.REPLY.value
 _DSEND = Op.DSEND.value
+_GSEND = Op.GSEND.value
 
 
 def features_op(id: bytes, names: Iterable[str]) -> bytes:  # noqa: A002
@@ -1243,6 +1244,12 @@ def _as_arrays(entries: Any) -> list | tuple:
         else:
             return entries
     return [list(e) for e in entries]
+
+
+def gsend_op(id: bytes, group: bytes, version: int, body: bytes) -> bytes:  # noqa: A002
+    """A packed GSEND ``[1107, id, group, version, body]``: ``group_op(Op.GSEND,
+    ...)`` without looking the opcode up (a client sends it per message)."""
+    return _pack((_GSEND, id, group, version, body))
 
 
 def group_op(opcode: int, id: bytes, *fields: object) -> bytes:  # noqa: A002

@@ -611,3 +611,35 @@ def test_a_frame_of_gsends_is_answered_as_one_gsend_at_a_time(loop, tmp_path):
     assert lone_answer is None and nokeys_code in (int(ErrorCode.NO_KEYS),
                                                    int(ErrorCode.NOT_MEMBER))
 
+
+def test_group_sends_without_waiting_arrive_in_order(tmp_path):
+    # group_send_nowait: no coroutine per message; each future is done once
+    # stored, a stale one fails alone (GroupMismatch), the others fan out in order
+    async def main():
+        async with world(tmp_path) as w:
+            a1 = await member(w, "alice@home", "phone", 11)
+            b1 = await member(w, "bob@home", "phone", 21)
+            gid = await a1.create_group()
+            await a1.group_add(gid, "bob@home")
+            v, _, _ = await a1.group_members(gid)
+            sent = [a1.group_send_nowait(gid, v, b"m%d" % i) for i in range(30)]
+            stale_id, stale = a1.group_send_nowait(gid, v - 1, b"stale")
+            assert await asyncio.gather(*(f for _, f in sent)) == [None] * 30
+            with pytest.raises(GroupMismatch) as err:
+                await stale
+            assert err.value.version == v
+            got: list = []
+            while len(got) < 30:
+                got += [m for m in await take(b1, 1) if isinstance(m, GroupMessage)]
+            assert [m.body for m in got] == [b"m%d" % i for i in range(30)]
+            assert [m.id for m in got] == [cid for cid, _ in sent]
+            assert await quiet(b1) and not a1._requests
+    run("asyncio", main())
+
+
+def test_gsend_op_is_the_group_op_of_gsend():
+    gid, cid = b"g" * 16, bytes(range(16))
+    for version, body in ((0, b""), (7, b"x" * 300), (2**40, bytes(wire.MAX_BODY))):
+        assert (wire.gsend_op(cid, gid, version, body)
+                == wire.group_op(wire.Op.GSEND, cid, gid, version, body))
+
