@@ -56,6 +56,7 @@ include "_gate.pxi"
 include "_store.pxi"
 include "_delivery.pxi"
 include "_keys.pxi"
+include "_batch.pxi"
 include "_client.pxi"
 
 __all__ = ["Router", "MAX_MAILBOX_CAPACITY"]

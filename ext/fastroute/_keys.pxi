@@ -1,4 +1,4 @@
-# The keys stage's per-copy loop of a per-device send (DSEND), compiled.  Part of
+# The keys stage's per-device send (DSEND) loops, compiled.  Part of
 # fastroute._core (included by _core.pyx after _wire.pxi, whose c_deliver_tail
 # it calls).
 #
@@ -6,8 +6,6 @@
 #   dsend_copies   = py_dsend_copies
 #   dsend_run      = py_dsend_run
 #   recipients_by_sender = py_recipients_by_sender
-# and of fastroute/relay/batch.py (the store batch of DSENDs and GSENDs):
-#   finish_run     = py_finish_run
 #
 # tests/test_fastpath.py runs both on the same inputs and compares.
 
@@ -131,32 +129,3 @@ def recipients_by_sender(list meta):
             last = link
         tos.add(entry[2][0])
     return pairs
-
-
-def finish_run(list meta, Py_ssize_t i, DedupTable dedup not None, double now, list cids,
-               list waiters):
-    """The run of stored requests of one link from ``meta[i]`` (``(link, id,
-    extra)``): each id decided (code 0 at ``now``) and appended to ``cids``,
-    the waiters of each appended to ``waiters``; returns where the run ends
-    (see ``fastroute.relay.batch.py_finish_run``)."""
-    cdef Py_ssize_t n = PyList_GET_SIZE(meta)
-    cdef object link, sender, entry, cid, w
-    if i >= n:
-        return i
-    link = meta[i][0]
-    sender = link.address
-    if not PyUnicode_CheckExact(sender):
-        raise WrongType("sender must be a str")
-    while i < n:
-        entry = meta[i]
-        if entry[0] is not link:
-            break
-        cid = entry[1]
-        if not PyBytes_CheckExact(cid) or PyBytes_GET_SIZE(cid) != 16:
-            raise InvalidArgument("message id must be 16 bytes")
-        w = dedup.c_finish(sender, cid, 0, now)
-        if w is not None:
-            waiters.extend(w)
-        cids.append(cid)
-        i += 1
-    return i

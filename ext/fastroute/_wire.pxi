@@ -11,6 +11,9 @@
 #   gsend_ok            = py_gsend_ok
 #   decode_pings        = py_decode_pings
 #   frame_offsets       = py_frame_offsets
+#   decode_dsends       = py_decode_dsends
+#   leading_dsends      = py_leading_dsends
+#   reply_ok_ops        = py_reply_ok_ops
 #
 # tests/test_fastpath.py checks that both give the same bytes, or the same
 # exception class, for the same input.  The wire format is docs/PROTOCOL.md:
