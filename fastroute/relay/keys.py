@@ -879,8 +879,9 @@ class Keys:
                     if i == n:
                         break
                 # the op the run stopped at: resent, refused, or (with no
-                # keys published) every op
-                _, cid, to, _, entries, own = ops[i]
+                # keys published) every op; answered here, the precise way
+                op = ops[i]
+                _, cid, to, _, entries, own = op
                 i += 1
                 if batch.resent(link, cid, now):
                     continue
@@ -896,28 +897,14 @@ class Keys:
                 if not entries:
                     self._reply(link, cid, ErrorCode.BAD_FIELD)
                     continue
-                entries = list(entries)
-                own = list(own)
-                op_items: list = []
-                copies: list = []
-                if not (dsend_copies(lists[to], entries, skip if to == sender else 0, to,
-                                     stored_sender, cid, now_ms, sp, ts, op_items, copies)
-                        and (not own or (to != sender and dsend_copies(
-                            lists.get(sender, {}), own, skip, sender, stored_sender, cid,
-                            now_ms, sp, ts, op_items, copies)))):
-                    self._refuse_dsend(link, cid, to, entries, own, skip)
+                if py_dsend_run([op], 0, lists, reach, skip, sender, stored_sender, now_ms,
+                                sp, ts, tokens, dedup, now, items, meta, link):
+                    # taken after all: the specification is the judge
+                    taken += 1
                     continue
-                size = sum([len(e[2]) for e in entries])
-                if own:
-                    size += sum([len(e[2]) for e in own])
-                k = len(op_items)
-                if tokens[0] < k or tokens[1] < size:
+                if not self._refuse_dsend(link, cid, to, entries, own, skip):
+                    # its entries are exactly current: the budget refused it
                     self._reply(link, cid, ErrorCode.RATE_LIMITED)
-                    continue
-                tokens[0] -= k
-                tokens[1] -= size
-                dedup.begin(sender, cid, PENDING, now)
-                batch.add(op_items, link, cid, (to, copies))
         finally:
             if taken:
                 batch.added(link, taken)
@@ -935,12 +922,13 @@ class Keys:
         return packed
 
     def _refuse_dsend(self, link: "LinkPort", cid: bytes, to: str, entries: list, own: list,
-                      skip: int) -> None:
-        """The precise answer to a DSEND whose entries are not exactly current."""
+                      skip: int) -> bool:
+        """The precise answer to a DSEND whose entries are not exactly current;
+        False (nothing answered) when they are."""
         if (len({e[0] for e in entries}) != len(entries)
                 or len({e[0] for e in own}) != len(own)):
             self._reply(link, cid, ErrorCode.DUPLICATE_ID)
-            return
+            return True
         lists = self.dir.lists
         sender = link.address
         missing, extra, stale = _mismatch(lists[to], entries, skip if to == sender else 0)
@@ -952,8 +940,11 @@ class Keys:
                 own_extra = sorted(e[0] for e in own)
             else:
                 own_missing, own_extra, own_stale = _mismatch(lists.get(sender, {}), own, skip)
-        self._reply(link, cid, ErrorCode.DEVICE_MISMATCH,
-                    [missing, extra, stale, own_missing, own_extra, own_stale])
+        mismatch = [missing, extra, stale, own_missing, own_extra, own_stale]
+        if not any(mismatch):
+            return False
+        self._reply(link, cid, ErrorCode.DEVICE_MISMATCH, mismatch)
+        return True
 
     def _place(self, meta: list, mids: list) -> None:
         """A batch of DSENDs was stored: each copy to its own device."""
