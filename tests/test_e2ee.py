@@ -76,6 +76,16 @@ async def no_message(c: Client, wait: float = 0.3) -> bool:
     return False
 
 
+async def alice_twice_and_bob(w) -> tuple[Client, Client, Client]:
+    """alice@home's phone and laptop (device ids 1 and 2) and bob@acme's phone,
+    keys published, alice's phone told that her laptop joined."""
+    a1 = await e2ee(w, "alice@home", "phone", 11)
+    a2 = await e2ee(w, "alice@home", "laptop", 12)
+    b1 = await e2ee(w, "bob@acme", "phone", 21)
+    await recv(a1)  # a2 joined
+    return a1, a2, b1
+
+
 async def recv_msg(c: Client, timeout: float = 5.0):
     """The next message, past the events (pool low, device joined/left)."""
     while True:
@@ -247,10 +257,7 @@ def test_device_ids_stay_in_1_to_127_and_revocation_frees_them_for_new_reg_ids(t
 def test_per_device_send_reaches_each_device_once_with_the_sender_device(loop, tmp_path):
     async def main():
         async with world(tmp_path) as w:
-            a1 = await e2ee(w, "alice@home", "phone", 11)
-            a2 = await e2ee(w, "alice@home", "laptop", 12)
-            b1 = await e2ee(w, "bob@acme", "phone", 21)
-            await recv(a1)  # a2 joined
+            a1, a2, b1 = await alice_twice_and_bob(w)
             cid = await b1.send_to_devices("alice@home", [(1, 11, b"for a1"), (2, 12, b"a2")])
             m1, m2 = await recv_msg(a1), await recv_msg(a2)
             assert isinstance(m1, DeviceMessage) and isinstance(m2, DeviceMessage)
@@ -292,10 +299,7 @@ def test_per_device_sends_without_waiting_arrive_in_order(loop, tmp_path):
     # client's compiled path, the copies too)
     async def main():
         async with world(tmp_path) as w:
-            a1 = await e2ee(w, "alice@home", "phone", 11)
-            a2 = await e2ee(w, "alice@home", "laptop", 12)
-            b1 = await e2ee(w, "bob@acme", "phone", 21)
-            await recv(a1)  # a2 joined
+            a1, a2, b1 = await alice_twice_and_bob(w)
             sent = [b1.send_to_devices_nowait("alice@home",
                                               [(1, 11, b"a1-%d" % i), (2, 12, b"a2-%d" % i)])
                     for i in range(40)]

@@ -1065,14 +1065,19 @@ def test_dispatch_frame_fuzz(_known_sender):
                               body=bytes(rng.randrange(300)))
                      if rng.random() < 0.6 else wire.sack_op(rng.choice(ids), rng.randrange(3)))
                     for _ in range(k)]) for k in (1, 3, 16)]
+    _dispatch_case(_mutated(rng, base), [ids[:4], [ids[4]], ids[5:]], window=5)
+
+
+def _mutated(rng: random.Random, base: list, n: int = 300) -> list:
+    """``n`` frames of ``base``, half of them with one or two bytes changed."""
     frames = []
-    for _ in range(300):
+    for _ in range(n):
         data = bytearray(rng.choice(base))
         if rng.random() < 0.5:
             for _ in range(rng.randrange(1, 3)):
                 data[rng.randrange(len(data))] = rng.randrange(256)
         frames.append(bytes(data))
-    _dispatch_case(frames, [ids[:4], [ids[4]], ids[5:]], window=5)
+    return frames
 
 
 def _ddeliver(seq=1, sender=SENDER, device=3, cid=MID, body=b"copy", ts=TS, cls=0):
@@ -1155,14 +1160,8 @@ def test_dispatch_frame_feature_fuzz(_known_sender):
               lambda: wire.reply_ok_op(rng.choice(ids)),
               lambda: wire.sack_op(rng.choice(ids), rng.randrange(3))]
     base = [_frame([rng.choice(makers)() for _ in range(k)]) for k in (1, 3, 16)]
-    frames = []
-    for _ in range(300):
-        data = bytearray(rng.choice(base))
-        if rng.random() < 0.5:
-            for _ in range(rng.randrange(1, 3)):
-                data[rng.randrange(len(data))] = rng.randrange(256)
-        frames.append(bytes(data))
-    _dispatch_case(frames, [ids[:4]], 5, [(ids[4], "open"), (ids[5], "done"), (ids[6], "open")])
+    _dispatch_case(_mutated(rng, base), [ids[:4]], 5,
+                   [(ids[4], "open"), (ids[5], "done"), (ids[6], "open")])
 
 
 # -- feature e2ee: ops of DELIVER's shape, and stored rows a link may not get ---------
