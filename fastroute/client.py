@@ -230,7 +230,7 @@ def py_pack_sends(pool: bytes, at: int, to_packed: bytes, bodies: list, cls: int
 
 
 def py_dispatch_frame(plaintext, addr_ok, seen, inbox, pending, batch_type, message_type,
-                      client, drop_duplicate, refused, requests=None, device_type=None,
+                      client, drop_duplicate, refused, requests=None, dev_type=None,
                       group_type=None, on_reply=None):
     """Specification of ``_client.pxi``'s ``dispatch_frame``: decline the frame (None).
 

@@ -1615,6 +1615,7 @@ _frame_offsets_compiled = compiled_twin(py_frame_offsets)
 UNPACKS_BY_THE_SLICE = _frame_offsets_compiled is not None
 #: :func:`py_dsend_ok`, compiled when the core is built
 dsend_ok = twin(py_dsend_ok)
+#: the compiled :func:`py_decode_dsends`, or None (see :func:`decode_dsends`)
 twin(py_decode_dsends)
 _decode_dsends_compiled = compiled_twin(py_decode_dsends)
 #: :func:`py_gsend_ok`, compiled when the core is built
@@ -1625,5 +1626,7 @@ _pack_frames = twin(py_pack_frames)
 deliver_tail = twin(py_deliver_tail)
 #: :func:`py_sack_ok_op`, compiled when the core is built
 sack_ok_op = twin(py_sack_ok_op)
+#: :func:`py_reply_ok_ops`, compiled when the core is built
 reply_ok_ops = twin(py_reply_ok_ops)
+#: :func:`py_leading_dsends`, compiled when the core is built
 leading_dsends = twin(py_leading_dsends)

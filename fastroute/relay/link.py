@@ -760,7 +760,7 @@ class Link(asyncio.Protocol):
         # single-op DSENDs and GSENDs go to the keys stage together (its
         # per-link work once), in order with the stage's other ops: before
         # any of them
-        sends: list = []
+        e2ee_sends: list = []
         try:
             if (lead and granted >= lead and not self.dsends and wiring.keys is not None
                     and _E2EE in self.features):
@@ -768,14 +768,14 @@ class Link(asyncio.Protocol):
                 counts = wiring.op_counts
                 counts[_OP_DSEND] = counts.get(_OP_DSEND, 0) + lead
                 if lead == n:
-                    sends.extend(ops)
+                    e2ee_sends.extend(ops)
                     return n
-                sends.extend(ops[:lead])
-                return lead + self._dispatch_ops(ops[lead:], granted - lead, sends)
-            return self._dispatch_ops(ops, granted, sends)
+                e2ee_sends.extend(ops[:lead])
+                return lead + self._dispatch_ops(ops[lead:], granted - lead, e2ee_sends)
+            return self._dispatch_ops(ops, granted, e2ee_sends)
         finally:
-            if sends and wiring.keys is not None:
-                wiring.keys.sends_many(self, sends)
+            if e2ee_sends and wiring.keys is not None:
+                wiring.keys.sends_many(self, e2ee_sends)
 
     def _dispatch_ops(self, ops: list, granted: int, e2ee_sends: list) -> int:
         """:meth:`_dispatch`'s loop over the ops, ``granted`` of them (not SENDs)
