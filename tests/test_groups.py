@@ -548,7 +548,7 @@ def test_a_frame_of_gsends_is_answered_as_one_gsend_at_a_time(loop, tmp_path):
     # handed over one GSEND at a time must get the same answers and fan out
     # the same messages, budgets included
     from fastroute.relay.groups import Groups
-    from test_e2ee import request_future
+    from test_e2ee import answer, request_future
 
     lim = Limits(msgs_per_s=0.001, msgs_burst=6.0)
 
@@ -582,12 +582,7 @@ def test_a_frame_of_gsends_is_answered_as_one_gsend_at_a_time(loop, tmp_path):
             ]
             futs = {cid: request_future(a1, cid) for cid in ids[:9]}
             a1._write(ops)
-            answers = []
-            for cid in ids[:9]:
-                try:
-                    answers.append(("ok", await asyncio.wait_for(futs[cid], 5)))
-                except FastrouteError as exc:
-                    answers.append((int(exc.code), getattr(exc, "version", None)))
+            answers = [await answer(futs[cid], "version") for cid in ids[:9]]
             # one lone member: accepted, nothing stored; one without keys: refused
             lone_fut = request_future(lone, ids[9])
             lone._write([op(wire.Op.GSEND, ids[9], solo, 1, b"alone")])
