@@ -204,6 +204,9 @@ def decode_server_ops(plaintext: object, addr_ok: set[str]) -> list[tuple] | Non
 def pack_sends(pool: bytes, at: int, to_packed: bytes, bodies: list[bytes], cls: int,
                target: object, pending: dict | None) -> tuple[list[bytes], list[bytes]]:
     """Client.send_many's SEND ops: (ids from pool[at:], packed ops); pending[id] = (target, op)."""
+def pack_dsend(cid: bytes, to: str, entries: list | tuple, own: list | tuple,
+               room: int) -> bytes | None:
+    """Client.send_to_devices_nowait's one DSEND op if its copies weigh <= room, else None."""
 def dispatch_frame(plaintext: object, addr_ok: set[str], seen: DedupTable,
                    inbox: object, pending: dict, batch_type: type, msg_type: type,
                    client: object, dropped: object, refused: object,

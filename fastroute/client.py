@@ -199,6 +199,8 @@ class _Batch:
 
 _ID_POOL = 16 * 4096
 _CLS_BYTE = (b"\x00", b"\x01")
+#: what send_to_devices_nowait hands to the compiled packer as is
+_SEQUENCES = (list, tuple)
 
 
 def py_pack_sends(pool: bytes, at: int, to_packed: bytes, bodies: list, cls: int,
@@ -229,6 +231,27 @@ def py_pack_sends(pool: bytes, at: int, to_packed: bytes, bodies: list, cls: int
     return ids, ops
 
 
+def py_pack_dsend(cid: bytes, to: str, entries: list | tuple, own: list | tuple,
+                  room: int) -> bytes | None:
+    """The one packed DSEND ``[1004, id, to, False, entries, own]`` of a message
+    whose copies weigh at most ``room`` (a copy: its ciphertext's length + 16),
+    else None: the caller splits them over parts.
+
+    ``entries`` and ``own`` are lists or tuples of ``(device id, registration
+    id, ciphertext)``.  The specification of ``_client.pxi``'s ``pack_dsend``,
+    which packs tuples and lists of ints and bytes itself and hands any other
+    shape to this function.
+    """
+    size = 0
+    for e in entries:
+        size += len(e[2]) + 16
+    for e in own:
+        size += len(e[2]) + 16
+    if size > room:
+        return None
+    return wire.dsend_op(cid, to, False, entries, own)
+
+
 def py_dispatch_frame(plaintext, addr_ok, seen, inbox, pending, batch_type, message_type,
                       client, drop_duplicate, refused, requests=None, dev_type=None,
                       group_type=None, on_reply=None):
@@ -246,6 +269,7 @@ def py_dispatch_frame(plaintext, addr_ok, seen, inbox, pending, batch_type, mess
 
 
 _pack_sends = twin(py_pack_sends)
+_pack_dsend = twin(py_pack_dsend)
 _dispatch_frame = twin(py_dispatch_frame)
 
 
@@ -931,9 +955,14 @@ class Client:
         """
         self._need("e2ee")
         cid = id if id is not None else self._new_id()
+        room = wire.MAX_PLAINTEXT - 256
+        if type(entries) in _SEQUENCES and type(own) in _SEQUENCES:
+            # the common case: every copy fits one op, packed in one call
+            op = _pack_dsend(cid, to, entries, own, room)
+            if op is not None:
+                return cid, self._request([op], cid)
         entries = [tuple(e) for e in entries]
         own = [tuple(e) for e in own]
-        room = wire.MAX_PLAINTEXT - 256
         size = 0
         for e in entries:
             size += len(e[2]) + 16

@@ -105,6 +105,7 @@ def test_compiled_twins_loaded():
              (store._mem_put, store.py_mem_put), (store._mem_ack, store.py_mem_ack),
              (store._mem_load, store.py_mem_load),
              (client_mod._pack_sends, client_mod.py_pack_sends),
+             (client_mod._pack_dsend, client_mod.py_pack_dsend),
              (client_mod._dispatch_frame, client_mod.py_dispatch_frame),
              (dedup.DedupTable, dedup.DedupWindow), (fastroute.Router, fastroute._model.Router)]
     assert _compiled.COMPILED is fastroute.COMPILED
@@ -828,6 +829,105 @@ def test_pack_sends_refusals(bodies, at, cls, exc):
 
     got = _same(*map(_run_or_none(run), _both(client_mod.py_pack_sends)), bodies)
     assert isinstance(got, exc)
+
+
+# -- the client's DSEND -------------------------------------------------------------------
+
+# every width msgpack has for an int, at both ends of each
+DSEND_INTS = [0, 1, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**63 - 1,
+              -1, -32, -33, -128, -129, -32768, -32769, -2**31, -2**31 - 1, -2**63]
+
+
+def _dsend_want(cid, to, entries, own):
+    return msgpack.packb((1004, cid, to, False, [list(e) for e in entries],
+                          [list(e) for e in own]), use_bin_type=True)
+
+
+def _first_difference(got, want):
+    """Where two packed ops part (pytest's own diff of 100 KB of bytes takes minutes)."""
+    if got == want:
+        return None
+    if not isinstance(got, bytes):
+        return f"got {type(got).__name__}"
+    at = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+    return f"at byte {at} of {len(want)}: {got[at:at + 12].hex()} vs {want[at:at + 12].hex()}"
+
+
+def _pack_dsend_both(spec, *args):
+    """The specification's answer; the compiled twin's, if built, must be the same."""
+    want = spec(*args)
+    if _core is not None:
+        got = _core.pack_dsend(*args)
+        assert _first_difference(got, want) is None
+    return want
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_pack_dsend_twins_give_msgpack_bytes(seed, monkeypatch):
+    rng = random.Random(seed)
+    spec = client_mod.py_pack_dsend
+    if fastroute.COMPILED:
+        # these shapes are the compiled packer's own: it must not hand them on
+        def handed_on(*args):
+            raise AssertionError("pack_dsend handed a common shape to its specification")
+        monkeypatch.setattr(client_mod, "py_pack_dsend", handed_on)
+
+    def entry():
+        body = bytes([seed]) * rng.choice([0, 1, 31, 255, 256, 300, 65535, 65536])
+        e = (rng.choice(DSEND_INTS), rng.choice(DSEND_INTS), body)
+        return e if rng.random() < 0.7 else list(e)
+
+    def seq(n):
+        items = [entry() for _ in range(n)]
+        return items if rng.random() < 0.5 else tuple(items)
+
+    entries = seq(rng.choice([0, 1, 3, 15, 16, 17]))
+    own = seq(rng.choice([0, 1, 2, 16]))
+    to = rng.choice(["b@h", "x" * 31 + "@h", "y" * 250 + "@h", "z" * 300 + "@h",
+                     "élodie@höme", "\u4e16" * 40 + "@h"])
+    cid = rng.choice([MID, MID[:7], bytes(300)])
+    weight = sum(len(e[2]) + 16 for e in (*entries, *own))
+    want = _dsend_want(cid, to, entries, own)
+    for room in (weight, weight + 1, 1 << 30):
+        got = _pack_dsend_both(spec, cid, to, entries, own, room)
+        assert _first_difference(got, want) is None
+    if weight:
+        assert _pack_dsend_both(spec, cid, to, entries, own, weight - 1) is None
+
+
+class _Entry(tuple):
+    """A tuple subclass: the compiled packer hands it to the specification."""
+
+
+@pytest.mark.parametrize("entries,exc", [
+    ([_Entry((1, 11, b"x"))], None),
+    ([(True, 11, b"x")], None),                 # msgpack packs a bool as a bool
+    ([(1, 11, bytearray(b"x"))], None),
+    ([(1, 2**64 - 1, b"x")], None),            # uint64: past what C reads as signed
+    ([(1, 2**64, b"x")], OverflowError),
+    ([(1, 11)], IndexError),
+    ([5], TypeError),
+    ([(1, 11, "text")], None),                 # packed as a str, as msgpack does
+])
+def test_pack_dsend_other_shapes_as_the_specification(entries, exc, monkeypatch):
+    spec = client_mod.py_pack_dsend
+    handed = []
+
+    def counted(*args):
+        handed.append(args)
+        return spec(*args)
+
+    monkeypatch.setattr(client_mod, "py_pack_dsend", counted)
+    got = _same(spec, _core and _core.pack_dsend, MID, "b@h", entries, [], 1 << 20)
+    assert len(handed) == (1 if fastroute.COMPILED else 0)  # the compiled one handed it on
+    if exc is None:
+        assert got == msgpack.packb((1004, MID, "b@h", False, [list(e) for e in entries], []),
+                                    use_bin_type=True)
+    else:
+        assert isinstance(got, exc)
+    # a str the UTF-8 codec refuses: msgpack's own error, from both
+    assert isinstance(_same(spec, _core and _core.pack_dsend, MID, "\ud800", [(1, 1, b"")],
+                            [], 1 << 20), UnicodeEncodeError)
 
 
 # -- the backlog sync ---------------------------------------------------------------------

@@ -4,17 +4,24 @@
 #
 # Compiled twins of fastroute/client.py (the specification):
 #   pack_sends      = py_pack_sends
+#   pack_dsend      = py_pack_dsend
 #   dispatch_frame  = py_dispatch_frame
 #
 # * pack_sends: the SEND ops of Client.send_many (same bytes, same exceptions).
+# * pack_dsend: the one DSEND op of Client.send_to_devices_nowait whose copies
+#   fit a frame (same bytes as msgpack); entries of other shapes than tuples
+#   or lists of ints and bytes are handed to its specification.
 # * dispatch_frame: Client._on_frame for a frame of SACKs and DELIVERs (and
 #   the e2ee and groups ops a client gets by the thousand: accepted REPLYs,
 #   DDELIVERs, GDELIVERs); it declines (returns None, having done nothing) any other frame, and the
 #   client's Python loop -- the oracle the tests compare against -- does it.
 #   Its specification declines every frame.
 
+from cpython.list cimport PyList_CheckExact
 from cpython.object cimport PyTypeObject
+from cpython.sequence cimport PySequence_Fast_GET_ITEM, PySequence_Fast_GET_SIZE
 from cpython.type cimport PyType_IsSubtype
+from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 
 from fastroute.errors import BodyTooLarge
 
@@ -220,6 +227,222 @@ cdef int check_record_type(object t, str name) except -1:
             or rt.tp_dictoffset != 0:
         raise WrongType(f"{name} must be a tuple subclass without instance dict")
     return 0
+
+
+cdef inline Py_ssize_t int_len(long long v) noexcept:
+    """Bytes of ``v`` packed as msgpack-python packs an int (the smallest form)."""
+    if v >= 0:
+        if v < 0x80:
+            return 1
+        if v < 0x100:
+            return 2
+        if v < 0x10000:
+            return 3
+        return 5 if v < 0x100000000 else 9
+    if v >= -32:
+        return 1
+    if v >= -0x80:
+        return 2
+    if v >= -0x8000:
+        return 3
+    return 5 if v >= -0x80000000 else 9
+
+
+cdef inline Py_ssize_t put_int(unsigned char* p, long long v) noexcept:
+    """Write ``v`` as :func:`int_len` sized it; return its length."""
+    cdef unsigned long long u = <unsigned long long>v
+    if v >= 0:
+        if v < 0x80:
+            p[0] = <unsigned char>v
+            return 1
+        if v < 0x100:
+            p[0] = 0xcc
+            p[1] = <unsigned char>v
+            return 2
+        if v < 0x10000:
+            p[0] = 0xcd
+            put_be16(p + 1, <uint32_t>v)
+            return 3
+        if v < 0x100000000:
+            p[0] = 0xce
+            put_be32(p + 1, <uint32_t>v)
+            return 5
+        p[0] = 0xcf
+    elif v >= -32:
+        p[0] = <unsigned char>(v & 0xff)
+        return 1
+    elif v >= -0x80:
+        p[0] = 0xd0
+        p[1] = <unsigned char>(v & 0xff)
+        return 2
+    elif v >= -0x8000:
+        p[0] = 0xd1
+        put_be16(p + 1, <uint32_t>(u & 0xffff))
+        return 3
+    elif v >= -0x80000000:
+        p[0] = 0xd2
+        put_be32(p + 1, <uint32_t>(u & 0xffffffffULL))
+        return 5
+    else:
+        p[0] = 0xd3
+    put_be32(p + 1, <uint32_t>(u >> 32))
+    put_be32(p + 5, <uint32_t>(u & 0xffffffffULL))
+    return 9
+
+
+cdef inline Py_ssize_t array_header(unsigned char* p, Py_ssize_t n) noexcept:
+    """Write the msgpack array header for ``n`` items at ``p``; return its length."""
+    if n < 16:
+        p[0] = <unsigned char>(0x90 | n)
+        return 1
+    if n < 65536:
+        p[0] = 0xdc
+        put_be16(p + 1, <uint32_t>n)
+        return 3
+    p[0] = 0xdd
+    put_be32(p + 1, <uint32_t>n)
+    return 5
+
+
+cdef inline int fast_entry(PyObject* e, long long* did, long long* reg) except -1:
+    """1 when ``e`` is an exact tuple or list ``(int, int, bytes)`` whose ints
+    fit 64 signed bits (``did`` and ``reg`` get them), else 0."""
+    cdef int overflow = 0
+    cdef object o = <object>e, a, b
+    if not (PyTuple_CheckExact(o) or PyList_CheckExact(o)) or PySequence_Fast_GET_SIZE(o) != 3:
+        return 0
+    a = <object>PySequence_Fast_GET_ITEM(o, 0)
+    b = <object>PySequence_Fast_GET_ITEM(o, 1)
+    if not (PyLong_CheckExact(a) and PyLong_CheckExact(b)
+            and PyBytes_CheckExact(<object>PySequence_Fast_GET_ITEM(o, 2))):
+        return 0
+    did[0] = PyLong_AsLongLongAndOverflow(a, &overflow)
+    if overflow:
+        return 0
+    reg[0] = PyLong_AsLongLongAndOverflow(b, &overflow)
+    return 0 if overflow else 1
+
+
+cdef Py_ssize_t entries_len(object seq, Py_ssize_t* weight) except -2:
+    """Packed length of a list or tuple of fast entries (array header
+    included), adding each copy's weight (ciphertext + 16) to ``weight``;
+    -1 if one is not a fast entry."""
+    cdef Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), i, k
+    cdef Py_ssize_t size = 1 if n < 16 else (3 if n < 65536 else 5)
+    cdef long long did = 0, reg = 0
+    cdef PyObject* e
+    for i in range(n):
+        e = PySequence_Fast_GET_ITEM(seq, i)
+        if not fast_entry(e, &did, &reg):
+            return -1
+        k = PyBytes_GET_SIZE(<object>PySequence_Fast_GET_ITEM(<object>e, 2))
+        weight[0] += k + 16
+        size += 1 + int_len(did) + int_len(reg) + (2 if k < 256 else (3 if k < 65536 else 5)) + k
+    return size
+
+
+cdef Py_ssize_t put_entries(unsigned char* p, unsigned char* end, object seq) except -1:
+    """Write what :func:`entries_len` measured; return its length.  The
+    allocation before may have run the GC, hence any code: every entry is
+    checked again and every write bounded."""
+    cdef Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), i, k, need
+    cdef long long did = 0, reg = 0
+    cdef PyObject* e
+    cdef object body
+    cdef unsigned char* start = p
+    if end - p < (1 if n < 16 else (3 if n < 65536 else 5)):
+        raise RuntimeError("entries changed while packing")
+    p += array_header(p, n)
+    for i in range(n):
+        if i >= PySequence_Fast_GET_SIZE(seq):
+            raise RuntimeError("entries changed while packing")
+        e = PySequence_Fast_GET_ITEM(seq, i)
+        if not fast_entry(e, &did, &reg):
+            raise RuntimeError("entries changed while packing")
+        body = <object>PySequence_Fast_GET_ITEM(<object>e, 2)
+        k = PyBytes_GET_SIZE(body)
+        need = 1 + int_len(did) + int_len(reg) + (2 if k < 256 else (3 if k < 65536 else 5)) + k
+        if end - p < need:
+            raise RuntimeError("entries changed while packing")
+        p[0] = 0x93
+        p += 1
+        p += put_int(p, did)
+        p += put_int(p, reg)
+        p += bin_header(p, k)
+        memcpy(p, PyBytes_AS_STRING(body), <size_t>k)
+        p += k
+    return p - start
+
+
+def pack_dsend(cid, to, entries, own, Py_ssize_t room):
+    """The one packed DSEND ``[1004, id, to, False, entries, own]`` of a
+    message whose copies weigh at most ``room`` (a copy: its ciphertext's
+    length + 16), else None.
+
+    Entries ``(device id, registration id, ciphertext)`` as exact tuples or
+    lists of ints and bytes are packed here, the bytes msgpack would give;
+    any other shape goes to the specification (``client.py_pack_dsend``).
+    """
+    cdef Py_ssize_t weight = 0, ne, no, nc, nt, size
+    cdef const char* t
+    cdef bytes op
+    cdef unsigned char* p
+    cdef unsigned char* end
+    if (PyBytes_CheckExact(cid) and PyUnicode_CheckExact(to)
+            and (PyList_CheckExact(entries) or PyTuple_CheckExact(entries))
+            and (PyList_CheckExact(own) or PyTuple_CheckExact(own))):
+        ne = entries_len(entries, &weight)
+        no = entries_len(own, &weight) if ne >= 0 else -1
+        if no >= 0:
+            if weight > room:
+                return None
+            try:
+                t = PyUnicode_AsUTF8AndSize(to, &nt)
+            except UnicodeEncodeError:
+                t = NULL  # msgpack's error, from the specification
+            if t != NULL:
+                nc = PyBytes_GET_SIZE(cid)
+                size = (1 + 3 + (2 if nc < 256 else (3 if nc < 65536 else 5)) + nc
+                        + (1 if nt < 32 else (2 if nt < 256 else (3 if nt < 65536 else 5))) + nt
+                        + 1 + ne + no)
+                op = PyBytes_FromStringAndSize(NULL, size)
+                p = <unsigned char*>PyBytes_AS_STRING(op)
+                end = p + size
+                p[0] = 0x96
+                p[1] = 0xcd  # 1004, Op.DSEND
+                p[2] = 0x03
+                p[3] = 0xec
+                p += 4
+                # id and to are immutable: their lengths still hold
+                p += bin_header(p, nc)
+                memcpy(p, PyBytes_AS_STRING(cid), <size_t>nc)
+                p += nc
+                if nt < 32:
+                    p[0] = <unsigned char>(0xa0 | nt)
+                    p += 1
+                elif nt < 256:
+                    p[0] = 0xd9
+                    p[1] = <unsigned char>nt
+                    p += 2
+                elif nt < 65536:
+                    p[0] = 0xda
+                    put_be16(p + 1, <uint32_t>nt)
+                    p += 3
+                else:
+                    p[0] = 0xdb
+                    put_be32(p + 1, <uint32_t>nt)
+                    p += 5
+                memcpy(p, t, <size_t>nt)
+                p += nt
+                p[0] = 0xc2  # more: False
+                p += 1
+                p += put_entries(p, end, entries)
+                p += put_entries(p, end, own)
+                if p != end:
+                    raise RuntimeError("entries changed while packing")
+                return op
+    from fastroute.client import py_pack_dsend
+    return py_pack_dsend(cid, to, entries, own, room)
 
 
 def dispatch_frame(plaintext, set addr_ok, DedupTable seen not None, object inbox,
