@@ -784,6 +784,42 @@ def py_decode_dsends(plaintext: object, addr_ok: set[str]) -> list[DecodedOp] | 
     return list(frame) if all(py_dsend_ok(op, addr_ok) for op in frame) else None
 
 
+def decode_gsends(plaintext: bytes) -> list[DecodedOp] | None:
+    """The ops of a frame made only of valid GSENDs, else None (always None
+    without the compiled core, as :func:`decode_dsends`).
+
+    The relay's fast path for what a group member's client sends for every
+    group message: a None answer says nothing about the frame, which
+    :func:`unpack_client_frame` then takes.
+    """
+    if _decode_gsends_compiled is None:
+        return None
+    return _decode_gsends_compiled(plaintext)
+
+
+def py_decode_gsends(plaintext: object) -> list[DecodedOp] | None:
+    """Specification of the compiled ``decode_gsends``: the ops of ``plaintext``
+    (exact bytes) when every op is a valid GSEND (:func:`py_gsend_ok`); None
+    for any other frame, errors included.  The compiled twin may decline more
+    (unusual encodings), never answer else."""
+    frame = _frame_or_none(plaintext)
+    if frame is None:
+        return None
+    return list(frame) if all(py_gsend_ok(op) for op in frame) else None
+
+
+def py_leading_gsends(ops: list) -> int:
+    """How many leading ops of ``ops`` (checked ones) are GSENDs: ``(1107, id,
+    group, version, body)`` tuples.  The specification of the compiled
+    ``leading_gsends``."""
+    i = 0
+    for op in ops:
+        if not (type(op) is tuple and len(op) == 5 and type(op[0]) is int and op[0] == 1107):
+            break
+        i += 1
+    return i
+
+
 def decode_pings(plaintext: bytes) -> list[int] | None:
     """The tokens of a frame made only of valid PINGs, else None.
 
@@ -1618,6 +1654,9 @@ dsend_ok = twin(py_dsend_ok)
 #: the compiled :func:`py_decode_dsends`, or None (see :func:`decode_dsends`)
 twin(py_decode_dsends)
 _decode_dsends_compiled = compiled_twin(py_decode_dsends)
+#: the compiled :func:`py_decode_gsends`, or None (see :func:`decode_gsends`)
+twin(py_decode_gsends)
+_decode_gsends_compiled = compiled_twin(py_decode_gsends)
 #: :func:`py_gsend_ok`, compiled when the core is built
 gsend_ok = twin(py_gsend_ok)
 _decode_server_ops = twin(py_decode_server_ops)
@@ -1630,3 +1669,4 @@ sack_ok_op = twin(py_sack_ok_op)
 reply_ok_ops = twin(py_reply_ok_ops)
 #: :func:`py_leading_dsends`, compiled when the core is built
 leading_dsends = twin(py_leading_dsends)
+leading_gsends = twin(py_leading_gsends)

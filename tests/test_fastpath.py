@@ -97,6 +97,8 @@ def test_compiled_twins_loaded():
              (gate_mod.field_set, gate_mod.py_field_set),
              (wire.reply_ok_ops, wire.py_reply_ok_ops),
              (wire.leading_dsends, wire.py_leading_dsends),
+             (wire.leading_gsends, wire.py_leading_gsends),
+             (wire._decode_gsends_compiled or wire.py_decode_gsends, wire.py_decode_gsends),
              (delivery.bytes_by_address, delivery.py_bytes_by_address),
              (delivery.shared_items, delivery.py_shared_items),
              (delivery.devices_of, delivery.py_devices_of),
@@ -1615,6 +1617,87 @@ def test_decode_dsends_fuzz():
         got = _core.decode_dsends(bytes(data), wire._ADDR_OK) if _core is not None else None
         # the compiled decoder declines or agrees with the specification
         assert got is None or got == wire.py_decode_dsends(bytes(data), wire._ADDR_OK)
+
+
+GID = bytes(range(100, 116))
+
+
+def _gsend_frames():
+    return [
+        _frame([wire.gsend_op(MID, GID, 1, b"m")]),
+        _frame([wire.gsend_op(bytes([i]) * 16, GID, v, bytes([i]) * n)
+                for i, (v, n) in enumerate([(0, 0), (127, 1), (128, 255), (255, 256),
+                                            (65535, 300), (65536, 65535 // 4),
+                                            (2**32 - 1, 10), (2**32, 10), (2**64 - 1, 10)])]),
+        _frame([wire.gsend_op(MID, GID, 7, bytes(wire.MAX_BODY))]),
+        _frame([wire.gsend_op(bytes([i]) * 16, GID, 3, b"x" * 100) for i in range(200)]),
+    ]
+
+
+_GSEND_FRAMES_DECLINED = [
+    _frame([wire.gsend_op(MID, GID, 1, b"m"), wire.ping_op(1)]),      # another op
+    _frame([wire.ping_op(1)]),
+    _frame([wire.dsend_op(MID, "bob@example.org", False, [(1, 5, b"c")], [])]),
+    _frame([wire.gsend_op(MID, GID, 1, bytes(wire.MAX_BODY + 1))]),
+    _frame([msgpack.packb((1107, MID, GID[:15], 1, b"m"))]),
+    _frame([msgpack.packb((1107, MID[:15], GID, 1, b"m"))]),
+    _frame([msgpack.packb((1107, MID, GID, -1, b"m"))]),
+    _frame([msgpack.packb((1107, MID, GID, 1.0, b"m"))]),
+    _frame([msgpack.packb((1107, MID, GID, 1, "m"))]),
+    _frame([msgpack.packb((1107, MID, GID, 1))]),
+    _frame([msgpack.packb((1107, MID, GID, 1, b"m", 0))]),
+    _frame([msgpack.packb((1106, MID, GID, 1, b"m"))]),
+    _frame([wire.gsend_op(MID, GID, 1, b"m")])[:-1],
+    _frame([wire.gsend_op(MID, GID, 1, b"m")]) + b"\x00",
+]
+
+
+@pytest.mark.parametrize("plaintext", _gsend_frames() + _GSEND_FRAMES_DECLINED)
+def test_decode_gsends_twins(plaintext):
+    want = wire.py_decode_gsends(plaintext)
+    if plaintext in _GSEND_FRAMES_DECLINED:
+        assert want is None
+    else:
+        assert want is not None and want == wire.decode_client_frame_precise(plaintext)
+    if _core is not None:
+        got = _core.decode_gsends(plaintext)
+        assert got == want
+        if got:
+            assert [type(x) for op in got for x in op] == [type(x) for op in want for x in op]
+    assert wire.decode_gsends(plaintext) == (want if _core is not None else None)
+
+
+def test_decode_gsends_fuzz():
+    rng = random.Random(4)
+    frames = _gsend_frames()
+    for _ in range(2000):
+        data = bytearray(rng.choice(frames[:2]))
+        for _ in range(rng.randrange(1, 3)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        got = _core.decode_gsends(bytes(data)) if _core is not None else None
+        # the compiled decoder declines or agrees with the specification
+        assert got is None or got == wire.py_decode_gsends(bytes(data))
+
+
+_LEADING_G = [
+    (1107, MID, GID, 1, b"m"),
+    (1107, MID, GID, 1),                               # arity
+    (1107.0, MID, GID, 1, b"m"),
+    [1107, MID, GID, 1, b"m"],
+    (1004, MID, "bob@example.org", False, (), ()),
+    wire.OpError(1107, MID, ErrorCode.BAD_FIELD, "bad"),
+]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_leading_gsends_twins(seed):
+    rng = random.Random(seed)
+    ops = [_LEADING_G[0]] * rng.randrange(5) + [rng.choice(_LEADING_G) for _ in range(4)]
+    want = wire.py_leading_gsends(ops)
+    k = next((i for i, op in enumerate(ops) if op is not _LEADING_G[0]), len(ops))
+    assert want == k
+    if _core is not None:
+        assert _core.leading_gsends(ops) == want
 
 
 @pytest.mark.parametrize("op", _DSENDS, ids=range(len(_DSENDS)))

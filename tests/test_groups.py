@@ -47,7 +47,7 @@ from fastroute.relay.groups import (
     GEV_LEFT,
     GEV_REMOVED,
 )
-from relayutil import run, world
+from relayutil import LOOPS, run, world
 from test_e2ee import keyset, recorder
 
 FEATURES = ("e2ee", "groups")
@@ -605,6 +605,61 @@ def test_a_frame_of_gsends_is_answered_as_one_gsend_at_a_time(loop, tmp_path):
     assert got == [b"m1", b"m2", b"m3", b"m4", b"m5", b"m6"]
     assert lone_answer is None and nokeys_code in (int(ErrorCode.NO_KEYS),
                                                    int(ErrorCode.NOT_MEMBER))
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_run_of_gsends_is_dispatched_as_one_op_at_a_time(loop, tmp_path):
+    # a frame of GSENDs only is decoded by the compiled decoder
+    # (wire.decode_gsends) and a frame's leading run of GSENDs is queued for
+    # the groups stage at once (wire.leading_gsends); with both cut out, the
+    # precise decoder and the loop take them one by one: same answers, same
+    # op budget, same counts, same fan-out
+    from test_e2ee import answer, request_future
+
+    async def scenario(path, bulk: bool, decoded: bool):
+        saved = wire.leading_gsends, wire.decode_gsends
+        if not bulk:
+            wire.leading_gsends = lambda ops: 0
+        if not decoded:
+            wire.decode_gsends = lambda plaintext: None
+        try:
+            async with world(path) as w:
+                a1 = await member(w, "alice@home", "phone", 11)
+                b1 = await member(w, "bob@home", "phone", 21)
+                gid = await a1.create_group()
+                await a1.group_add(gid, "bob@home")
+                v, _, _ = await a1.group_members(gid)
+                link = next(ln for ln in w.relay.links if ln.address == "alice@home")
+                for bucket in link.budgets.ops:
+                    bucket.rate, bucket.tokens = 1e-6, 4.0  # 4 ops left
+                ids = [bytes([i]) * 16 for i in range(1, 9)]
+                futs = {cid: request_future(a1, cid) for cid in ids}
+                ops = [wire.gsend_op(cid, gid, v, cid[:4]) for cid in ids]
+                counts0 = dict(w.relay.op_counts)
+                a1._write(ops[:3] + [wire.ping_op(7)] + ops[3:5])
+                answers = [await answer(futs[cid]) for cid in ids[:5]]
+                for bucket in link.budgets.ops:
+                    bucket.tokens = 100.0
+                a1._write(ops[5:])  # GSENDs only: the compiled decoder's frame
+                answers += [await answer(futs[cid]) for cid in ids[5:]]
+                got: list = []
+                while len(got) < 6:
+                    got += [m.body for m in await take(b1, 1) if isinstance(m, GroupMessage)]
+                assert await quiet(b1, 0.2)
+                counts = {k: v - counts0.get(k, 0) for k, v in w.relay.op_counts.items()
+                          if v != counts0.get(k, 0)}
+                return answers, got, counts
+        finally:
+            wire.leading_gsends, wire.decode_gsends = saved
+
+    fast = run(loop, scenario(tmp_path / "fast", True, True))
+    assert fast == run(loop, scenario(tmp_path / "loop", False, True))
+    assert fast == run(loop, scenario(tmp_path / "precise", True, False))
+    answers, got, counts = fast
+    limited = int(ErrorCode.RATE_LIMITED)
+    assert answers == [("ok", None)] * 3 + [(limited,)] * 2 + [("ok", None)] * 3
+    assert got == [cid[:4] for cid in [bytes([i]) * 16 for i in (1, 2, 3, 6, 7, 8)]]
+    assert counts[int(wire.Op.GSEND)] == 8 and counts[int(wire.Op.PING)] == 1
 
 
 def test_group_sends_without_waiting_arrive_in_order(tmp_path):

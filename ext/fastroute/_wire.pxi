@@ -13,6 +13,8 @@
 #   frame_offsets       = py_frame_offsets
 #   decode_dsends       = py_decode_dsends
 #   leading_dsends      = py_leading_dsends
+#   decode_gsends       = py_decode_gsends
+#   leading_gsends      = py_leading_gsends
 #   reply_ok_ops        = py_reply_ok_ops
 #
 # tests/test_fastpath.py checks that both give the same bytes, or the same
@@ -722,6 +724,64 @@ def decode_dsends(plaintext, set addr_ok):
     if c.p != c.end:
         return None
     return ops
+
+
+def decode_gsends(plaintext):
+    """A frame of GSENDs decoded in C (see ``fastroute.wire.py_decode_gsends``).
+
+    Returns the ops when ``plaintext`` (exact bytes) is a msgpack array of
+    valid GSEND ops ``[1107, id bin8 of 16, group bin8 of 16, version uint,
+    body bin]`` in the usual encodings; ``None`` for anything else, so the
+    caller decodes that frame the precise way.
+    """
+    if not PyBytes_CheckExact(plaintext):
+        return None
+    cdef Cursor c
+    cdef Py_ssize_t n, i, k
+    cdef list ops
+    cdef object cid, gid, body
+    cdef unsigned long long version = 0
+    c.p = <const unsigned char*>PyBytes_AS_STRING(plaintext)
+    c.end = c.p + PyBytes_GET_SIZE(plaintext)
+    n = frame_ops(&c)
+    if n < 0:
+        return None
+    ops = []
+    for i in range(n):
+        # [1107 (uint16), id: bin8 of 16, group: bin8 of 16, ...
+        if c.end - c.p < 40 or c.p[0] != 0x95 or c.p[1] != 0xcd or c.p[2] != 0x04 \
+                or c.p[3] != 0x53 or c.p[4] != 0xc4 or c.p[5] != 0x10 \
+                or c.p[22] != 0xc4 or c.p[23] != 0x10:
+            return None
+        cid = PyBytes_FromStringAndSize(<const char*>c.p + 6, 16)
+        gid = PyBytes_FromStringAndSize(<const char*>c.p + 24, 16)
+        c.p += 40
+        if not take_uint(&c, &version):
+            return None
+        k = take_len(&c, 0xc4, 0, 0)
+        if k < 0 or k > WIRE_MAX_BODY or c.end - c.p < k:
+            return None
+        body = PyBytes_FromStringAndSize(<const char*>c.p, k)
+        c.p += k
+        ops.append((1107, cid, gid, PyLong_FromUnsignedLongLong(version), body))
+    if c.p != c.end:
+        return None
+    return ops
+
+
+def leading_gsends(list ops):
+    """How many leading ops of ``ops`` are GSEND tuples ``(1107, ...)`` of five
+    fields (see ``fastroute.wire.py_leading_gsends``)."""
+    cdef Py_ssize_t i, n = PyList_GET_SIZE(ops)
+    cdef object op, opcode
+    for i in range(n):
+        op = <object>PyList_GET_ITEM(ops, i)
+        if not PyTuple_CheckExact(op) or PyTuple_GET_SIZE(op) != 5:
+            return i
+        opcode = <object>PyTuple_GET_ITEM(op, 0)
+        if not PyLong_CheckExact(opcode) or opcode != 1107:
+            return i
+    return n
 
 
 cdef inline bint _entries_ok(object v) except -1:

@@ -71,6 +71,7 @@ _OP_GSEND = int(wire.Op.GSEND)
 _FEATURE_OF = {int(op): name for name, ops in wire.FEATURE_OPS.items() for op in ops}
 #: the feature whose ops are DSENDs (a link that did not negotiate it sends none)
 _E2EE = _FEATURE_OF[_OP_DSEND]
+_GROUPS = _FEATURE_OF[_OP_GSEND]
 #: the features this relay grants (FEATURES answers with the intersection)
 SUPPORTED_FEATURES = frozenset(wire.FEATURE_OPS)
 _NO_FEATURES: frozenset[str] = frozenset()
@@ -619,11 +620,14 @@ class Link(asyncio.Protocol):
             return self._take_sends(fast)
         if not busy_long:
             # compiled (None without the core): a frame of DSENDs, what an
-            # end-to-end encrypted client sends for every 1:1 message, checked
-            # as it is decoded; its ops go the way of any checked frame's
-            dsends = wire.decode_dsends(plaintext)
-            if dsends is not None:
-                self.partial = [dsends, 0, len(dsends)]
+            # end-to-end encrypted client sends for every 1:1 message, or of
+            # GSENDs, what it sends for every group message, checked as it is
+            # decoded; its ops go the way of any checked frame's
+            e2ee = wire.decode_dsends(plaintext)
+            if e2ee is None:
+                e2ee = wire.decode_gsends(plaintext)
+            if e2ee is not None:
+                self.partial = [e2ee, 0, len(e2ee)]
                 return self._run_ops(room, checks)
         pings = wire.decode_pings(plaintext)
         if pings is not None:
@@ -741,9 +745,13 @@ class Link(asyncio.Protocol):
         there were (after a BYE or a close the rest are dropped unread)."""
         wiring = self.wiring
         n = len(ops)
-        # a leading run of single-op DSENDs: what an end-to-end encrypted
-        # client sends by the thousand (compiled count)
+        # a leading run of single-op DSENDs or of GSENDs: what an end-to-end
+        # encrypted client sends by the thousand (compiled counts)
         lead = wire.leading_dsends(ops)
+        kind, feature = _OP_DSEND, _E2EE
+        if not lead:
+            lead = wire.leading_gsends(ops)
+            kind, feature = _OP_GSEND, _GROUPS
         # every op but SEND takes one token of the op budget, taken for the
         # whole frame at once; past it PING, CONSENT and media ops are refused
         if lead == n:
@@ -762,11 +770,11 @@ class Link(asyncio.Protocol):
         # any of them
         e2ee_sends: list = []
         try:
-            if (lead and granted >= lead and not self.dsends and wiring.keys is not None
-                    and _E2EE in self.features):
+            if (lead and granted >= lead and wiring.keys is not None and feature in self.features
+                    and (kind == _OP_GSEND or not self.dsends)):
                 # the run is queued at once, as the loop below would queue each
                 counts = wiring.op_counts
-                counts[_OP_DSEND] = counts.get(_OP_DSEND, 0) + lead
+                counts[kind] = counts.get(kind, 0) + lead
                 if lead == n:
                     e2ee_sends.extend(ops)
                     return n
