@@ -452,7 +452,7 @@ class Delivery:
             popleft = inflight.popleft
             mids = [popleft() for _ in range(k)]
         if not all(mids):  # ephemeral copies have no stored row to delete
-            mids = [mid for mid in mids if mid]
+            mids = list(filter(None, mids))  # in C: a pop batch of signals is all zeros
         # popped bytes are known per pop batch, not per message: an ack of
         # part of them frees its share (exact once all are acked)
         if inflight:
