@@ -666,92 +666,118 @@ class Groups:
         batch = self._batch
         lists = self.dir.lists
         full = self.delivery.caps.full
-        for _, cid, gid, version, body in ops:
-            if batch.resent(link, cid, now):
-                continue
-            g = self._member_group(link, cid, gid)
-            if g is None:
-                continue
-            if mine is None:
-                self._reply(link, cid, ErrorCode.NO_KEYS)
-                continue
-            if version != g.version:
-                if LISTS not in link.features:
-                    self._reply(link, cid, ErrorCode.DEVICE_MISMATCH, [g.version])
-                elif mine_bucket.tokens >= 1:
-                    # the lists cost a walk of the member devices: a send token each
-                    mine_bucket.tokens -= 1
-                    self._reply(link, cid, ErrorCode.DEVICE_MISMATCH,
-                                g.mismatch(lists, sender, mine.device_id, version))
-                else:
+        groups = self.groups
+        dedup = self.dedup
+        seen = dedup.lookup
+        # the accepted ones go to the turn's store batch together, at the end
+        items: list = []
+        meta: list = []
+        try:
+            for _, cid, gid, version, body in ops:
+                if seen(sender, cid, now) is not None and batch.resent(link, cid, now):
+                    continue
+                g = groups.get(gid)
+                if g is None or sender not in g.members:
+                    self._member_group(link, cid, gid)  # its refusal
+                    continue
+                if mine is None:
+                    self._reply(link, cid, ErrorCode.NO_KEYS)
+                    continue
+                if version != g.version:
+                    if LISTS not in link.features:
+                        self._reply(link, cid, ErrorCode.DEVICE_MISMATCH, [g.version])
+                    elif mine_bucket.tokens >= 1:
+                        # the lists cost a walk of the member devices: a send token each
+                        mine_bucket.tokens -= 1
+                        self._reply(link, cid, ErrorCode.DEVICE_MISMATCH,
+                                    g.mismatch(lists, sender, mine.device_id, version))
+                    else:
+                        self._reply(link, cid, ErrorCode.RATE_LIMITED)
+                    continue
+                group_bucket = g.buckets.get(link.provider)
+                if group_bucket is None:
+                    group_bucket = g.buckets[link.provider] = TokenBucket(
+                        cfg.group_msgs_per_group_s, cfg.group_msgs_per_group_burst)
+                if gid not in refilled:
+                    group_bucket.refill()
+                    refilled.add(gid)
+                size = len(body)
+                if (mine_bucket.tokens < 1 or group_bucket.tokens < 1
+                        or msg_bucket.tokens < 1 or byte_bucket.tokens < size):
                     self._reply(link, cid, ErrorCode.RATE_LIMITED)
-                continue
-            group_bucket = g.buckets.get(link.provider)
-            if group_bucket is None:
-                group_bucket = g.buckets[link.provider] = TokenBucket(
-                    cfg.group_msgs_per_group_s, cfg.group_msgs_per_group_burst)
-            if gid not in refilled:
-                group_bucket.refill()
-                refilled.add(gid)
-            size = len(body)
-            if (mine_bucket.tokens < 1 or group_bucket.tokens < 1
-                    or msg_bucket.tokens < 1 or byte_bucket.tokens < size):
-                self._reply(link, cid, ErrorCode.RATE_LIMITED)
-                continue
-            mine_bucket.tokens -= 1
-            group_bucket.tokens -= 1
-            msg_bucket.tokens -= 1
-            byte_bucket.tokens -= size
-            skip = mine.device_id
-            cached = g.fanout.get((sender, skip))
-            if cached is None:
-                targets: list = []
-                dkeys: list = []
-                for address in g.members:
-                    for did, slot in lists.get(address, {}).items():
-                        if address != sender or did != skip:
-                            targets.append((address, slot.name))
-                            dkeys.append(slot.dkey)
-                if len(g.fanout) > 64:
-                    g.fanout.clear()
-                cached = g.fanout[(sender, skip)] = (targets, dkeys)
-            targets, dkeys = cached
-            key = (gid, sender, skip)
-            packed = self._senders.get(key)
-            if packed is None:
-                if len(self._senders) > 1 << 16:
-                    self._senders.clear()
-                packed = self._senders[key] = (
-                    msgpack.packb(gid) + msgpack.packb(sender) + msgpack.packb(skip),
-                    group_sender(gid, sender, skip))
-            sp, stored_sender = packed
-            if full and targets:
-                # as SEND to them would be: members whose backlog is at a cap get
-                # no row; the others get the message (one member's backlog never
-                # stops a group); none left: refused like a SEND
-                skipped = sorted({a for a, _ in targets if a in full})
-                if skipped:
-                    kept = [i for i, (a, _) in enumerate(targets) if a not in full]
-                    if not kept:
-                        self._refund(mine_bucket, group_bucket, lg, size)
-                        self._reply(link, cid, ErrorCode.RECIPIENT_FULL)
-                        continue
-                    targets = [targets[i] for i in kept]
-                    dkeys = [dkeys[i] for i in kept]
-                    self.skipped_full += len(skipped)
-                    if LISTS in link.features:
-                        if len(self._skipped) > 1 << 16:
-                            self._skipped.clear()
-                        self._skipped[(sender, cid)] = skipped
-            if not targets:
-                # no other member device: accepted, nothing to store
-                self.dedup.begin(sender, cid, 0, now)
-                self._reply(link, cid, 0)
-                continue
-            tail = wire.deliver_tail(sp, cid, body, ts, 0)
-            self.dedup.begin(sender, cid, PENDING, now)
-            batch.add([(stored_sender, cid, body, now_ms, dkeys)], link, cid,
-                      (tail, GDELIVER_HEAD, targets))
+                    continue
+                mine_bucket.tokens -= 1
+                group_bucket.tokens -= 1
+                msg_bucket.tokens -= 1
+                byte_bucket.tokens -= size
+                skip = mine.device_id
+                cached = g.fanout.get((sender, skip))
+                if cached is None:
+                    cached = self._fanout(g, lists, sender, skip)
+                targets, dkeys = cached
+                packed = self._senders.get((gid, sender, skip))
+                if packed is None:
+                    packed = self._sender_fields(gid, sender, skip)
+                sp, stored_sender = packed
+                if full and targets:
+                    # as SEND to them would be: members whose backlog is at a cap get
+                    # no row; the others get the message (one member's backlog never
+                    # stops a group); none left: refused like a SEND
+                    skipped = sorted({a for a, _ in targets if a in full})
+                    if skipped:
+                        kept = [i for i, (a, _) in enumerate(targets) if a not in full]
+                        if not kept:
+                            self._refund(mine_bucket, group_bucket, lg, size)
+                            self._reply(link, cid, ErrorCode.RECIPIENT_FULL)
+                            continue
+                        targets = [targets[i] for i in kept]
+                        dkeys = [dkeys[i] for i in kept]
+                        self.skipped_full += len(skipped)
+                        if LISTS in link.features:
+                            if len(self._skipped) > 1 << 16:
+                                self._skipped.clear()
+                            self._skipped[(sender, cid)] = skipped
+                if not targets:
+                    # no other member device: accepted, nothing to store
+                    dedup.begin(sender, cid, 0, now)
+                    self._reply(link, cid, 0)
+                    continue
+                dedup.begin(sender, cid, PENDING, now)
+                items.append((stored_sender, cid, body, now_ms, dkeys))
+                meta.append((link, cid, (wire.deliver_tail(sp, cid, body, ts, 0), GDELIVER_HEAD,
+                                         targets)))
+        finally:
+            if meta:
+                # PENDING in the dedup window from here: a resend waits for this batch
+                batch.items.extend(items)
+                batch.meta.extend(meta)
+                batch.added(link, len(meta))
+
+    def _fanout(self, g: Group, lists: dict, sender: str, skip: int) -> tuple[list, list]:
+        """The ``(address, device name)`` targets and store keys of ``g``'s member
+        devices but the sender's ``skip``, cached on the group (its version
+        changes with its members, and the cache with it)."""
+        targets: list = []
+        dkeys: list = []
+        for address in g.members:
+            for did, slot in lists.get(address, {}).items():
+                if address != sender or did != skip:
+                    targets.append((address, slot.name))
+                    dkeys.append(slot.dkey)
+        if len(g.fanout) > 64:
+            g.fanout.clear()
+        cached = g.fanout[(sender, skip)] = (targets, dkeys)
+        return cached
+
+    def _sender_fields(self, gid: bytes, sender: str, skip: int) -> tuple[bytes, str]:
+        """The packed GDELIVER sender fields and the stored sender of a group
+        message from ``sender``'s device ``skip``, cached."""
+        if len(self._senders) > 1 << 16:
+            self._senders.clear()
+        packed = self._senders[(gid, sender, skip)] = (
+            msgpack.packb(gid) + msgpack.packb(sender) + msgpack.packb(skip),
+            group_sender(gid, sender, skip))
+        return packed
 
     def _place(self, meta: list, mids: list) -> None:
         """A batch of GSENDs was stored: fan each out to its member devices."""
