@@ -755,8 +755,8 @@ class Groups:
 
     def _fanout(self, g: Group, lists: dict, sender: str, skip: int) -> tuple[list, list]:
         """The ``(address, device name)`` targets and store keys of ``g``'s member
-        devices but the sender's ``skip``, cached on the group (its version
-        changes with its members, and the cache with it)."""
+        devices but the sender's ``skip``, cached on the group (cleared when a
+        member joins or leaves, or a member's device list changes)."""
         targets: list = []
         dkeys: list = []
         for address in g.members:

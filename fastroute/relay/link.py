@@ -71,6 +71,7 @@ _OP_GSEND = int(wire.Op.GSEND)
 _FEATURE_OF = {int(op): name for name, ops in wire.FEATURE_OPS.items() for op in ops}
 #: the feature whose ops are DSENDs (a link that did not negotiate it sends none)
 _E2EE = _FEATURE_OF[_OP_DSEND]
+#: the feature whose ops are GSENDs
 _GROUPS = _FEATURE_OF[_OP_GSEND]
 #: the features this relay grants (FEATURES answers with the intersection)
 SUPPORTED_FEATURES = frozenset(wire.FEATURE_OPS)
