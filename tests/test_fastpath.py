@@ -1463,16 +1463,6 @@ _LEADING = [
 ]
 
 
-@pytest.mark.parametrize("seed", range(30))
-def test_leading_dsends_twins(seed):
-    rng = random.Random(seed)
-    ops = [_LEADING[0]] * rng.randrange(5) + [rng.choice(_LEADING) for _ in range(4)]
-    want = wire.py_leading_dsends(ops)
-    assert want >= min(len(ops), 1) if ops[0] is _LEADING[0] else want == 0
-    if _core is not None:
-        assert _core.leading_dsends(ops) == want
-
-
 @pytest.mark.parametrize("seed", range(10))
 def test_field_set_and_recipients_by_sender_twins(seed):
     rng = random.Random(seed)
@@ -1592,31 +1582,52 @@ _DSEND_FRAMES_DECLINED = [
 ]
 
 
-@pytest.mark.parametrize("plaintext", _dsend_frames() + _DSEND_FRAMES_DECLINED)
-def test_decode_dsends_twins(plaintext):
-    want = wire.py_decode_dsends(plaintext, wire._ADDR_OK)
-    if plaintext in _DSEND_FRAMES_DECLINED:
+def _decoder_twins(plaintext, declined, spec, compiled, public):
+    """A frame decoder's twins on ``plaintext``: the specification declines
+    the ``declined`` frames and answers the others as the precise decoder
+    does; the compiled one (if built) answers the same, of the same types;
+    the public function answers it with the core, None without."""
+    want = spec(plaintext)
+    if plaintext in declined:
         assert want is None
     else:
         assert want is not None and want == wire.decode_client_frame_precise(plaintext)
     if _core is not None:
-        got = _core.decode_dsends(plaintext, wire._ADDR_OK)
+        got = compiled(plaintext)
         assert got == want
         if got:
             assert [type(x) for op in got for x in op] == [type(x) for op in want for x in op]
-    assert wire.decode_dsends(plaintext) == (want if _core is not None else None)
+    assert public(plaintext) == (want if _core is not None else None)
+
+
+def _decoder_fuzz(seed, frames, spec, compiled):
+    """2000 frames of ``frames`` with a byte or two changed: the compiled
+    decoder (if built) declines each or agrees with the specification."""
+    rng = random.Random(seed)
+    for _ in range(2000):
+        data = bytearray(rng.choice(frames))
+        for _ in range(rng.randrange(1, 3)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        got = compiled(bytes(data)) if _core is not None else None
+        assert got is None or got == spec(bytes(data))
+
+
+def _py_decode_dsends(plaintext):
+    return wire.py_decode_dsends(plaintext, wire._ADDR_OK)
+
+
+def _c_decode_dsends(plaintext):
+    return _core.decode_dsends(plaintext, wire._ADDR_OK)
+
+
+@pytest.mark.parametrize("plaintext", _dsend_frames() + _DSEND_FRAMES_DECLINED)
+def test_decode_dsends_twins(plaintext):
+    _decoder_twins(plaintext, _DSEND_FRAMES_DECLINED, _py_decode_dsends, _c_decode_dsends,
+                   wire.decode_dsends)
 
 
 def test_decode_dsends_fuzz():
-    rng = random.Random(3)
-    frames = _dsend_frames()
-    for _ in range(2000):
-        data = bytearray(rng.choice(frames[:3]))
-        for _ in range(rng.randrange(1, 3)):
-            data[rng.randrange(len(data))] = rng.randrange(256)
-        got = _core.decode_dsends(bytes(data), wire._ADDR_OK) if _core is not None else None
-        # the compiled decoder declines or agrees with the specification
-        assert got is None or got == wire.py_decode_dsends(bytes(data), wire._ADDR_OK)
+    _decoder_fuzz(3, _dsend_frames()[:3], _py_decode_dsends, _c_decode_dsends)
 
 
 GID = bytes(range(100, 116))
@@ -1654,29 +1665,12 @@ _GSEND_FRAMES_DECLINED = [
 
 @pytest.mark.parametrize("plaintext", _gsend_frames() + _GSEND_FRAMES_DECLINED)
 def test_decode_gsends_twins(plaintext):
-    want = wire.py_decode_gsends(plaintext)
-    if plaintext in _GSEND_FRAMES_DECLINED:
-        assert want is None
-    else:
-        assert want is not None and want == wire.decode_client_frame_precise(plaintext)
-    if _core is not None:
-        got = _core.decode_gsends(plaintext)
-        assert got == want
-        if got:
-            assert [type(x) for op in got for x in op] == [type(x) for op in want for x in op]
-    assert wire.decode_gsends(plaintext) == (want if _core is not None else None)
+    _decoder_twins(plaintext, _GSEND_FRAMES_DECLINED, wire.py_decode_gsends,
+                   _core and _core.decode_gsends, wire.decode_gsends)
 
 
 def test_decode_gsends_fuzz():
-    rng = random.Random(4)
-    frames = _gsend_frames()
-    for _ in range(2000):
-        data = bytearray(rng.choice(frames[:2]))
-        for _ in range(rng.randrange(1, 3)):
-            data[rng.randrange(len(data))] = rng.randrange(256)
-        got = _core.decode_gsends(bytes(data)) if _core is not None else None
-        # the compiled decoder declines or agrees with the specification
-        assert got is None or got == wire.py_decode_gsends(bytes(data))
+    _decoder_fuzz(4, _gsend_frames()[:2], wire.py_decode_gsends, _core and _core.decode_gsends)
 
 
 _LEADING_G = [
@@ -1689,15 +1683,19 @@ _LEADING_G = [
 ]
 
 
-@pytest.mark.parametrize("seed", range(20))
-def test_leading_gsends_twins(seed):
+@pytest.mark.parametrize("kind", ["dsend", "gsend"])
+@pytest.mark.parametrize("seed", range(25))
+def test_leading_run_twins(kind, seed):
+    # ops of the first shape of the pool, then any: the run is exactly the
+    # leading ops of that shape (none of the others counts)
+    pool, spec, name = {"dsend": (_LEADING, wire.py_leading_dsends, "leading_dsends"),
+                        "gsend": (_LEADING_G, wire.py_leading_gsends, "leading_gsends")}[kind]
     rng = random.Random(seed)
-    ops = [_LEADING_G[0]] * rng.randrange(5) + [rng.choice(_LEADING_G) for _ in range(4)]
-    want = wire.py_leading_gsends(ops)
-    k = next((i for i, op in enumerate(ops) if op is not _LEADING_G[0]), len(ops))
-    assert want == k
+    ops = [pool[0]] * rng.randrange(5) + [rng.choice(pool) for _ in range(4)]
+    want = spec(ops)
+    assert want == next((i for i, op in enumerate(ops) if op is not pool[0]), len(ops))
     if _core is not None:
-        assert _core.leading_gsends(ops) == want
+        assert getattr(_core, name)(ops) == want
 
 
 @pytest.mark.parametrize("op", _DSENDS, ids=range(len(_DSENDS)))

@@ -61,6 +61,17 @@ async def member(w, address: str, device: str, reg: int | None = None, **kw) -> 
     return c
 
 
+async def alice_and_bob(w) -> tuple[Client, Client, bytes, int]:
+    """alice's phone and bob's phone with keys, in a group alice made and added
+    bob to: ``(alice, bob, group id, its version)``."""
+    a1 = await member(w, "alice@home", "phone", 11)
+    b1 = await member(w, "bob@home", "phone", 21)
+    gid = await a1.create_group()
+    await a1.group_add(gid, "bob@home")
+    v, _, _ = await a1.group_members(gid)
+    return a1, b1, gid, v
+
+
 async def take(c: Client, n: int, timeout: float = 5.0) -> list:
     """The next ``n`` group messages and group events (other events skipped)."""
     out: list = []
@@ -624,11 +635,7 @@ def test_a_run_of_gsends_is_dispatched_as_one_op_at_a_time(loop, tmp_path):
             wire.decode_gsends = lambda plaintext: None
         try:
             async with world(path) as w:
-                a1 = await member(w, "alice@home", "phone", 11)
-                b1 = await member(w, "bob@home", "phone", 21)
-                gid = await a1.create_group()
-                await a1.group_add(gid, "bob@home")
-                v, _, _ = await a1.group_members(gid)
+                a1, b1, gid, v = await alice_and_bob(w)
                 link = next(ln for ln in w.relay.links if ln.address == "alice@home")
                 for bucket in link.budgets.ops:
                     bucket.rate, bucket.tokens = 1e-6, 4.0  # 4 ops left
@@ -667,11 +674,7 @@ def test_group_sends_without_waiting_arrive_in_order(tmp_path):
     # stored, a stale one fails alone (GroupMismatch), the others fan out in order
     async def main():
         async with world(tmp_path) as w:
-            a1 = await member(w, "alice@home", "phone", 11)
-            b1 = await member(w, "bob@home", "phone", 21)
-            gid = await a1.create_group()
-            await a1.group_add(gid, "bob@home")
-            v, _, _ = await a1.group_members(gid)
+            a1, b1, gid, v = await alice_and_bob(w)
             sent = [a1.group_send_nowait(gid, v, b"m%d" % i) for i in range(30)]
             stale_id, stale = a1.group_send_nowait(gid, v - 1, b"stale")
             assert await asyncio.gather(*(f for _, f in sent)) == [None] * 30
