@@ -1,6 +1,6 @@
 # The client library's per-message paths (fastroute.client.Client), compiled.
 # Part of fastroute._core, included after _wire.pxi (it uses its Cursor,
-# take_len, take_uint and bin_header).
+# take_len, take_uint and the msgpack header writers).
 #
 # Compiled twins of fastroute/client.py (the specification):
 #   pack_sends      = py_pack_sends
@@ -80,7 +80,7 @@ def pack_sends(bytes pool not None, Py_ssize_t at, bytes to_packed not None,
         if not PyBytes_CheckExact(body) or PyBytes_GET_SIZE(body) > WIRE_MAX_BODY:
             raise RuntimeError("bodies changed while packing")
         k = PyBytes_GET_SIZE(body)
-        hb = 2 if k < 256 else 3
+        hb = bin_header_len(k)
         cid = PyBytes_FromStringAndSize(src + 16 * i, 16)
         op = PyBytes_FromStringAndSize(NULL, 20 + nt + hb + k + 1)
         p = <unsigned char*>PyBytes_AS_STRING(op)
@@ -290,20 +290,6 @@ cdef inline Py_ssize_t put_int(unsigned char* p, long long v) noexcept:
     return 9
 
 
-cdef inline Py_ssize_t array_header(unsigned char* p, Py_ssize_t n) noexcept:
-    """Write the msgpack array header for ``n`` items at ``p``; return its length."""
-    if n < 16:
-        p[0] = <unsigned char>(0x90 | n)
-        return 1
-    if n < 65536:
-        p[0] = 0xdc
-        put_be16(p + 1, <uint32_t>n)
-        return 3
-    p[0] = 0xdd
-    put_be32(p + 1, <uint32_t>n)
-    return 5
-
-
 cdef inline int fast_entry(PyObject* e, long long* did, long long* reg) except -1:
     """1 when ``e`` is an exact tuple or list ``(int, int, bytes)`` whose ints
     fit 64 signed bits (``did`` and ``reg`` get them), else 0."""
@@ -328,7 +314,7 @@ cdef Py_ssize_t entries_len(object seq, Py_ssize_t* weight) except -2:
     included), adding each copy's weight (ciphertext + 16) to ``weight``;
     -1 if one is not a fast entry."""
     cdef Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), i, k
-    cdef Py_ssize_t size = 1 if n < 16 else (3 if n < 65536 else 5)
+    cdef Py_ssize_t size = array_header_len(n)
     cdef long long did = 0, reg = 0
     cdef PyObject* e
     for i in range(n):
@@ -337,7 +323,7 @@ cdef Py_ssize_t entries_len(object seq, Py_ssize_t* weight) except -2:
             return -1
         k = PyBytes_GET_SIZE(<object>PySequence_Fast_GET_ITEM(<object>e, 2))
         weight[0] += k + 16
-        size += 1 + int_len(did) + int_len(reg) + (2 if k < 256 else (3 if k < 65536 else 5)) + k
+        size += 1 + int_len(did) + int_len(reg) + bin_header_len(k) + k
     return size
 
 
@@ -350,7 +336,7 @@ cdef Py_ssize_t put_entries(unsigned char* p, unsigned char* end, object seq) ex
     cdef PyObject* e
     cdef object body
     cdef unsigned char* start = p
-    if end - p < (1 if n < 16 else (3 if n < 65536 else 5)):
+    if end - p < array_header_len(n):
         raise RuntimeError("entries changed while packing")
     p += array_header(p, n)
     for i in range(n):
@@ -361,7 +347,7 @@ cdef Py_ssize_t put_entries(unsigned char* p, unsigned char* end, object seq) ex
             raise RuntimeError("entries changed while packing")
         body = <object>PySequence_Fast_GET_ITEM(<object>e, 2)
         k = PyBytes_GET_SIZE(body)
-        need = 1 + int_len(did) + int_len(reg) + (2 if k < 256 else (3 if k < 65536 else 5)) + k
+        need = 1 + int_len(did) + int_len(reg) + bin_header_len(k) + k
         if end - p < need:
             raise RuntimeError("entries changed while packing")
         p[0] = 0x93
@@ -402,8 +388,7 @@ def pack_dsend(cid, to, entries, own, Py_ssize_t room):
                 t = NULL  # msgpack's error, from the specification
             if t != NULL:
                 nc = PyBytes_GET_SIZE(cid)
-                size = (1 + 3 + (2 if nc < 256 else (3 if nc < 65536 else 5)) + nc
-                        + (1 if nt < 32 else (2 if nt < 256 else (3 if nt < 65536 else 5))) + nt
+                size = (1 + 3 + bin_header_len(nc) + nc + str_header_len(nt) + nt
                         + 1 + ne + no)
                 op = PyBytes_FromStringAndSize(NULL, size)
                 p = <unsigned char*>PyBytes_AS_STRING(op)
@@ -417,21 +402,7 @@ def pack_dsend(cid, to, entries, own, Py_ssize_t room):
                 p += bin_header(p, nc)
                 memcpy(p, PyBytes_AS_STRING(cid), <size_t>nc)
                 p += nc
-                if nt < 32:
-                    p[0] = <unsigned char>(0xa0 | nt)
-                    p += 1
-                elif nt < 256:
-                    p[0] = 0xd9
-                    p[1] = <unsigned char>nt
-                    p += 2
-                elif nt < 65536:
-                    p[0] = 0xda
-                    put_be16(p + 1, <uint32_t>nt)
-                    p += 3
-                else:
-                    p[0] = 0xdb
-                    put_be32(p + 1, <uint32_t>nt)
-                    p += 5
+                p += str_header(p, nt)
                 memcpy(p, t, <size_t>nt)
                 p += nt
                 p[0] = 0xc2  # more: False

@@ -54,6 +54,53 @@ cdef inline void put_be32(unsigned char* p, uint32_t v) noexcept:
     p[3] = <unsigned char>v
 
 
+cdef inline Py_ssize_t bin_header_len(Py_ssize_t n) noexcept:
+    """Bytes of the msgpack bin header for ``n`` bytes (bin8, bin16, bin32)."""
+    return 2 if n < 256 else (3 if n < 65536 else 5)
+
+
+cdef inline Py_ssize_t str_header_len(Py_ssize_t n) noexcept:
+    """Bytes of the msgpack str header for ``n`` bytes of UTF-8 (fixstr..str32)."""
+    return 1 if n < 32 else bin_header_len(n)
+
+
+cdef inline Py_ssize_t array_header_len(Py_ssize_t n) noexcept:
+    """Bytes of the msgpack array header for ``n`` items (fixarray, array16, array32)."""
+    return 1 if n < 16 else (3 if n < 65536 else 5)
+
+
+cdef inline Py_ssize_t str_header(unsigned char* p, Py_ssize_t n) noexcept:
+    """Write the msgpack str header for ``n`` bytes at ``p``; return its length."""
+    if n < 32:
+        p[0] = <unsigned char>(0xa0 | n)
+        return 1
+    if n < 256:
+        p[0] = 0xd9
+        p[1] = <unsigned char>n
+        return 2
+    if n < 65536:
+        p[0] = 0xda
+        put_be16(p + 1, <uint32_t>n)
+        return 3
+    p[0] = 0xdb
+    put_be32(p + 1, <uint32_t>n)
+    return 5
+
+
+cdef inline Py_ssize_t array_header(unsigned char* p, Py_ssize_t n) noexcept:
+    """Write the msgpack array header for ``n`` items at ``p``; return its length."""
+    if n < 16:
+        p[0] = <unsigned char>(0x90 | n)
+        return 1
+    if n < 65536:
+        p[0] = 0xdc
+        put_be16(p + 1, <uint32_t>n)
+        return 3
+    p[0] = 0xdd
+    put_be32(p + 1, <uint32_t>n)
+    return 5
+
+
 cdef inline Py_ssize_t bin_header(unsigned char* p, Py_ssize_t n) noexcept:
     """Write the msgpack bin header for ``n`` bytes at ``p``; return its length."""
     if n < 256:
@@ -76,16 +123,12 @@ cdef bytes join_frame(list ops, Py_ssize_t start, Py_ssize_t end, Py_ssize_t siz
     its items are re-checked while copying instead of trusted.
     """
     cdef Py_ssize_t count = end - start
-    cdef Py_ssize_t hdr = 1 if count <= 15 else 3
+    cdef Py_ssize_t hdr = array_header_len(count)
     cdef bytes frame = PyBytes_FromStringAndSize(NULL, hdr + size)
     cdef unsigned char* p = <unsigned char*>PyBytes_AS_STRING(frame)
     cdef Py_ssize_t pos = hdr, j, k
     cdef PyObject* op
-    if hdr == 1:
-        p[0] = <unsigned char>(0x90 | count)
-    else:
-        p[0] = 0xdc
-        put_be16(p + 1, <uint32_t>count)
+    array_header(p, count)
     if PyList_GET_SIZE(ops) < end:
         raise RuntimeError("op list changed while packing")
     for j in range(start, end):
@@ -153,7 +196,7 @@ cdef bytes c_deliver_tail(bytes sender_packed, object cid, object body, bytes ts
     cdef Py_ssize_t nc = PyBytes_GET_SIZE(cid)
     cdef Py_ssize_t nb = PyBytes_GET_SIZE(body)
     cdef Py_ssize_t nt = PyBytes_GET_SIZE(ts_packed)
-    cdef Py_ssize_t hb = 2 if nb < 256 else (3 if nb < 65536 else 5)
+    cdef Py_ssize_t hb = bin_header_len(nb)
     cdef bytes tail = PyBytes_FromStringAndSize(NULL, ns + 2 + nc + hb + nb + nt + 1)
     cdef unsigned char* p = <unsigned char*>PyBytes_AS_STRING(tail)
     memcpy(p, PyBytes_AS_STRING(sender_packed), <size_t>ns)
