@@ -52,8 +52,10 @@ class TurnBatch:
     """Requests accepted in one loop turn, stored in one store batch, then answered.
 
     Used by the stages whose sends are answered with a REPLY (per-device and
-    group sends): :meth:`add` queues a request's store items and the request;
-    at the end of the turn they go to the store together; once it answered,
+    group sends): a stage appends a request's store items to :attr:`items`
+    and ``(link, id, extra)`` to :attr:`meta`, and says how many with
+    :meth:`added`; at the end of the turn they go to the store together;
+    once it answered,
     ``place(meta, mids)`` puts the committed rows on the live route, and every
     sender (and every resend of the same id that waited meanwhile) gets
     ``reply(link, id, code)``.  A refused batch is not remembered: each sender
@@ -72,9 +74,7 @@ class TurnBatch:
         self.place = place
         self.what = what  # for the log line: "per-device sends", "group sends"
         self.event = event
-        #: the turn's store items and ``(link, id, extra)`` requests so far:
-        #: :meth:`add` appends to them, or a compiled run does and then says
-        #: so with :meth:`added`
+        #: the turn's store items and ``(link, id, extra)`` requests so far
         self.items: list = []
         self.meta: list = []
         self._scheduled = False
@@ -90,12 +90,6 @@ class TurnBatch:
         else:
             self.reply(link, cid, seen)
         return True
-
-    def add(self, items: list, link: "LinkPort", cid: bytes, extra: Any) -> None:
-        """Queue one request: its store ``items`` and ``(link, cid, extra)``."""
-        self.items.extend(items)
-        self.meta.append((link, cid, extra))
-        self.added(link, 1)
 
     def added(self, link: "LinkPort", n: int) -> None:
         """``n`` requests of ``link`` were appended to :attr:`items` and :attr:`meta`."""

@@ -669,9 +669,8 @@ class Groups:
         groups = self.groups
         dedup = self.dedup
         seen = dedup.lookup
-        # the accepted ones go to the turn's store batch together, at the end
-        items: list = []
-        meta: list = []
+        items, meta = batch.items, batch.meta
+        taken = 0
         try:
             for _, cid, gid, version, body in ops:
                 if seen(sender, cid, now) is not None and batch.resent(link, cid, now):
@@ -746,12 +745,11 @@ class Groups:
                 items.append((stored_sender, cid, body, now_ms, dkeys))
                 meta.append((link, cid, (wire.deliver_tail(sp, cid, body, ts, 0), GDELIVER_HEAD,
                                          targets)))
+                taken += 1
         finally:
-            if meta:
-                # PENDING in the dedup window from here: a resend waits for this batch
-                batch.items.extend(items)
-                batch.meta.extend(meta)
-                batch.added(link, len(meta))
+            if taken:
+                # said once for the frame's accepted ones, as Keys.dsend_many does
+                batch.added(link, taken)
 
     def _fanout(self, g: Group, lists: dict, sender: str, skip: int) -> tuple[list, list]:
         """The ``(address, device name)`` targets and store keys of ``g``'s member
