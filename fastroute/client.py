@@ -199,8 +199,6 @@ class _Batch:
 
 _ID_POOL = 16 * 4096
 _CLS_BYTE = (b"\x00", b"\x01")
-#: what send_to_devices_nowait hands to the compiled packer as is
-_SEQUENCES = (list, tuple)
 
 
 def py_pack_sends(pool: bytes, at: int, to_packed: bytes, bodies: list, cls: int,
@@ -956,21 +954,14 @@ class Client:
         self._need("e2ee")
         cid = id if id is not None else self._new_id()
         room = wire.MAX_PLAINTEXT - 256
-        if type(entries) in _SEQUENCES and type(own) in _SEQUENCES:
-            # the common case: every copy fits one op, packed in one call
-            op = _pack_dsend(cid, to, entries, own, room)
-            if op is not None:
-                return cid, self._request([op], cid)
-        entries = [tuple(e) for e in entries]
-        own = [tuple(e) for e in own]
-        size = 0
-        for e in entries:
-            size += len(e[2]) + 16
-        for e in own:
-            size += len(e[2]) + 16
-        if size <= room:
-            # the common case: every copy fits one op
-            return cid, self._request([wire.dsend_op(cid, to, False, entries, own)], cid)
+        # lists or tuples of them as they are, any other iterables as lists:
+        # weighed by the packer, then split if they must be
+        entries = wire._as_arrays(entries)
+        own = wire._as_arrays(own)
+        # the common case: every copy fits one op, packed in one call
+        op = _pack_dsend(cid, to, entries, own, room)
+        if op is not None:
+            return cid, self._request([op], cid)
         # split the copies over ops that each fit a frame; the last says more=False
         parts: list[tuple[list, list]] = [([], [])]
         used = 0

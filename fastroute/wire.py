@@ -1273,6 +1273,8 @@ def dsend_op(id: bytes, to: str, more: bool, entries: list, own: list) -> bytes:
 
 
 def _as_arrays(entries: Any) -> list | tuple:
+    """``entries`` as they are when a list or tuple of lists or tuples (msgpack
+    packs those as arrays), else a list of lists (any iterables, read once)."""
     if type(entries) is list or type(entries) is tuple:
         for e in entries:
             if type(e) is not tuple and type(e) is not list:

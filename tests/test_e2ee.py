@@ -343,6 +343,38 @@ def test_dsend_op_packs_entries_of_any_shape_alike():
         assert wire.dsend_op(cid, "alice@home", 1, entries, own) == want
 
 
+@pytest.mark.parametrize("heavy", [False, True])
+def test_send_to_devices_nowait_packs_entries_of_any_shape_alike(heavy):
+    # tuples, lists, named tuples and one-shot iterators, in lists, tuples or
+    # generators: the same ops, whether they fit one op or are split
+    # (nothing is sent: the request is captured before it would be written)
+    cid = bytes(range(16))
+    body = bytes(wire.MAX_PLAINTEXT // 3 if heavy else 40)
+    rows = [(1, 11, body), (2, 12, body)]
+    mine = [(3, 13, body)]
+    entry = collections.namedtuple("entry", "device reg body")
+    shapes = [(rows, mine), ([list(e) for e in rows], tuple(list(e) for e in mine)),
+              ([entry(*e) for e in rows], [iter(e) for e in mine]),
+              ((e for e in rows), iter([entry(*e) for e in mine]))]
+
+    async def sent_ops(entries, own) -> list:
+        c = Client("h", 1, credential=b"", static=None)
+        c.features = frozenset({"e2ee"})
+        sent: list = []
+        c._request = lambda ops, rid: sent.append((rid, ops))  # type: ignore[method-assign]
+        c.send_to_devices_nowait("alice@home", entries, own, id=cid)
+        return sent
+
+    got = [asyncio.run(sent_ops(entries, own)) for entries, own in shapes]
+    assert all(g == got[0] for g in got)
+    [(rid, ops)] = got[0]
+    assert rid == cid and len(ops) == (2 if heavy else 1)
+    parts = [msgpack.unpackb(op) for op in ops]
+    assert [p[3] for p in parts] == [True, False][-len(ops):]
+    assert [e for p in parts for e in p[4]] == [list(e) for e in rows]
+    assert [e for p in parts for e in p[5]] == [list(e) for e in mine]
+
+
 @pytest.mark.parametrize("loop", LOOPS)
 def test_mismatches_missing_extra_stale_then_refresh_and_resend_once(loop, tmp_path):
     async def main():
