@@ -449,11 +449,12 @@ def dispatch_frame(plaintext, set addr_ok, DedupTable seen not None, object inbo
     """
     cdef Cursor c
     cdef ServerOp op
-    cdef Py_ssize_t n, i
+    cdef Py_ssize_t n, i, slot, at
     cdef object sender = None, cid, body, entry, target, left, code, seq, ts
     cdef object eph, dev, group, parts
     cdef object inbox_append
-    cdef int seen_code
+    cdef int was_seen, seen_code
+    cdef Py_hash_t h
     cdef bint features = requests is not None
     cdef PyObject* items[7]
     cdef const unsigned char* prev_p = NULL
@@ -530,11 +531,14 @@ def dispatch_frame(plaintext, set addr_ok, DedupTable seen not None, object inbo
             prev_p = op.sender
             prev_n = op.nsender
         seq = PyLong_FromUnsignedLongLong(op.seq)
-        # ids are unique per sender, not globally
-        if seen.c_lookup(sender, cid, 0.0, &seen_code):
+        # ids are unique per sender, not globally; one probe finds the id and
+        # where to record it (nothing else touches the window in between)
+        h = dedup_hash(sender, cid)
+        slot = seen.c_find(sender, cid, h, 0.0, &was_seen, &seen_code, &at)
+        if was_seen:
             dropped(client, seq)
             continue
-        seen.c_put(sender, cid, 0, 0.0)
+        seen.c_record(sender, cid, h, 0, 0.0, slot, at)
         body = PyBytes_FromStringAndSize(<const char*>op.body, op.nbody)
         ts = PyLong_FromUnsignedLongLong(op.ts)
         if op.kind == 18:

@@ -64,9 +64,10 @@ def dsend_run(list ops, Py_ssize_t i, dict lists, dict reach, long skip, str sen
     ``ops`` are checked DSEND tuples ``(1004, id, to, more, entries, own)``
     (the decoder's: id 16 bytes, entries ``(device id 1..127, reg id, body)``).
     """
-    cdef Py_ssize_t n = PyList_GET_SIZE(ops), j, k, size
+    cdef Py_ssize_t n = PyList_GET_SIZE(ops), j, k, size, slot, at
     cdef double msg_tokens = tokens[0], byte_tokens = tokens[1]
-    cdef int code
+    cdef int seen, code
+    cdef Py_hash_t h
     cdef object op, cid, to, entries, own, devs, e
     cdef list op_items, copies, ents, owns
     try:
@@ -74,7 +75,12 @@ def dsend_run(list ops, Py_ssize_t i, dict lists, dict reach, long skip, str sen
             op = ops[i]
             cid = op[1]
             to = op[2]
-            if dedup.c_lookup(sender, cid, now, &code) or reach.get(to) is not True:
+            if not PyBytes_CheckExact(cid) or PyBytes_GET_SIZE(cid) != 16:
+                break  # the decoder's ops never stop here; the precise path answers
+            # the id's one probe: whether it was seen, and where to record it
+            h = dedup_hash(sender, cid)
+            slot = dedup.c_find(sender, cid, h, now, &seen, &code, &at)
+            if seen or reach.get(to) is not True:
                 break
             entries = op[4]
             if not entries:
@@ -101,7 +107,8 @@ def dsend_run(list ops, Py_ssize_t i, dict lists, dict reach, long skip, str sen
                 break
             msg_tokens -= k
             byte_tokens -= size
-            dedup.c_put(sender, cid, DEDUP_PENDING, now)
+            # nothing since c_find touched the table: slot and at still hold
+            dedup.c_record(sender, cid, h, DEDUP_PENDING, now, slot, at)
             items.extend(op_items)
             meta.append((link, cid, (to, copies)))
             i += 1
