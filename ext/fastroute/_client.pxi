@@ -122,11 +122,6 @@ ctypedef struct ServerOp:
     int cls
 
 
-# what the relay packs for every accepted feature request: [2000, id, 0, true, nil]
-cdef const unsigned char* REPLY_OK_HEAD = b"\x95\xcd\x07\xd0\xc4\x10"
-cdef const unsigned char* REPLY_OK_TAIL = b"\x00\xc3\xc0"
-
-
 cdef inline int take_id(Cursor* c, const unsigned char** out) noexcept:
     """A 16-byte bin8 id: ``out[0]`` points at its bytes; 0 for anything else."""
     if c.end - c.p < 18 or c.p[0] != 0xc4 or c.p[1] != 0x10:

@@ -245,6 +245,12 @@ def sack_ok_op(cid):
     return make_sack_ok(cid)
 
 
+# what the relay packs for every accepted feature request, [2000, id, 0, true,
+# nil]: fixarray(5), uint16 2000, bin8 of 16, the id, then code 0, true, nil
+cdef const unsigned char* REPLY_OK_HEAD = b"\x95\xcd\x07\xd0\xc4\x10"
+cdef const unsigned char* REPLY_OK_TAIL = b"\x00\xc3\xc0"
+
+
 def reply_ok_ops(list cids):
     """The packed REPLY ``[2000, id, 0, true, nil]`` for each 16-byte id of ``cids``
     (InvalidArgument for any other): the answers to a run of accepted requests."""
@@ -261,17 +267,9 @@ def reply_ok_ops(list cids):
             raise InvalidArgument("request id must be 16 bytes")
         op = PyBytes_FromStringAndSize(NULL, 25)
         p = <unsigned char*>PyBytes_AS_STRING(op)
-        # fixarray(5), uint16 2000, bin8 of 16, then code 0, true, nil
-        p[0] = 0x95
-        p[1] = 0xcd
-        p[2] = 0x07
-        p[3] = 0xd0
-        p[4] = 0xc4
-        p[5] = 0x10
+        memcpy(p, REPLY_OK_HEAD, 6)
         memcpy(p + 6, PyBytes_AS_STRING(cid), 16)
-        p[22] = 0x00
-        p[23] = 0xc3
-        p[24] = 0xc0
+        memcpy(p + 22, REPLY_OK_TAIL, 3)
         out.append(op)
     return out
 
