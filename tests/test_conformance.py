@@ -29,7 +29,7 @@ from fastroute.config import Limits
 from fastroute.dedup import DedupTable
 from fastroute.conformance.adapter import run_adapter
 from fastroute.conformance.framework import RELAY_CHECKS, Check, Outcome
-from fastroute.conformance.link import split_ops
+from fastroute.conformance.link import RawLink, split_ops
 from fastroute.conformance.relay import (ProviderSetup, RelayTarget, _compare, policy_of,
                                          run_relay_suite)
 from fastroute.conformance.vendor import CLIENT_BEHAVIOURS, VendorKit
@@ -252,6 +252,35 @@ def test_broken_relays_fail_the_new_checks_by_name(tmp_path, monkeypatch, patch,
     for name in _NEW_CHECKS:
         if name != failed:
             assert rows[name]["status"] == "pass", rows[name]
+
+
+def test_the_op_budget_probe_sends_every_frame_before_it_waits(tmp_path, monkeypatch):
+    # A probe that waited for each frame's SACK gave the budget its own reading of 8000
+    # PONGs to refill in; on a slow CI machine the refill kept pace and no CONSENT was
+    # refused. Sent back to back, the refill has only the relay's work on them.
+    sizes: list[int] = []
+    sent_at_wait: list[int] = []
+    send_plain, wait = RawLink.send_plain, RawLink.wait
+
+    def counting_send(self, plaintext):
+        sizes.append(len(plaintext))
+        return send_plain(self, plaintext)
+
+    async def noting_wait(self, *args, **kw):
+        sent_at_wait.append(len(sizes))
+        return await wait(self, *args, **kw)
+    monkeypatch.setattr(RawLink, "send_plain", counting_send)
+    monkeypatch.setattr(RawLink, "wait", noting_wait)
+    report = _run(_suite(tmp_path, ["limits.op-budget"]))  # the default 20000 and 10000/s
+    row = report["checks"][0]
+    assert row["status"] == "pass", row
+    probes = [i for i, n in enumerate(sizes) if n > 8000 * 3]  # 8000 PINGs, 3+ bytes each
+    assert len(probes) == 2 * 6, sizes  # 48000 PINGs for each column
+    for column in (probes[:6], probes[6:]):
+        first, last = column[0], column[-1]
+        assert last - first == 5, probes
+        later = [n for n in sent_at_wait if n > first]
+        assert later[0] > last, (first, last, sent_at_wait)
 
 
 def test_the_new_checks_pass_against_a_relay_with_identical_columns(tmp_path):

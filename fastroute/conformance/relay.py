@@ -874,14 +874,19 @@ async def _op_budget(s: Subject) -> Outcome:
     """Past the op budget PINGs go unanswered with one ERROR 400 per frame and a CONSENT
     gets SACK 400; the link stays open and the same CONSENT id is taken later."""
     link = await s.connect(s.fresh("u"))
-    cid = new_id()
-    refused = None
-    sent = 0
-    for _frame in range(max(1, s.t.ops_probe // 8000)):
-        mark = len(link.ops)
-        link.send(*[[PING, sent + i] for i in range(8000)], [CONSENT, cid, s.other.name, True])
-        sent += 8000
-        refused = await s.sack(link, cid, after=mark)
+    cids = [new_id() for _ in range(max(1, s.t.ops_probe // 8000))]
+    frames = [frame_of([*(pack([PING, k * 8000 + i]) for i in range(8000)),
+                        pack([CONSENT, cid, s.other.name, True])])
+              for k, cid in enumerate(cids)]
+    # Packed first and sent back to back: a frame at a time, waiting for its SACK,
+    # gave the budget this side's reading of 8000 PONGs to refill in, and on a slow
+    # machine that refill kept pace with the probe.
+    for plaintext in frames:
+        link.send_plain(plaintext)
+    sent = 8000 * len(cids)
+    refused: int | None = 0
+    for cid in cids:  # the first refused CONSENT, if any
+        refused = await s.sack(link, cid)
         if refused != 0:
             break
     if refused == 0:
