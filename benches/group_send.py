@@ -150,82 +150,6 @@ async def fastroute_run(mode: str, n_dev: int, messages: int, store: str) -> tup
             proc.wait(20)
 
 
-async def nats_run(n_sub: int, messages: int, server: str) -> tuple[float, float]:
-    import socket
-
-    import nats
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([server, "-a", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    conns = []
-    try:
-        url = f"nats://127.0.0.1:{port}"
-        for _ in range(100):  # until nats-server listens
-            try:
-                _, w = await asyncio.open_connection("127.0.0.1", port)
-                w.close()
-                break
-            except OSError:
-                await asyncio.sleep(0.05)
-        else:
-            raise SystemExit("nats-server did not start")
-        pub = await nats.connect(url)
-        conns.append(pub)
-        counts = [0] * n_sub
-        events = [asyncio.Event() for _ in range(n_sub)]
-        target = [0]
-
-        def handler(i: int):
-            async def cb(_msg) -> None:
-                counts[i] += 1
-                if counts[i] >= target[0]:
-                    events[i].set()
-            return cb
-
-        for i in range(n_sub):
-            c = await nats.connect(url, pending_size=64 * 1024 * 1024)
-            conns.append(c)
-            await c.subscribe("g", cb=handler(i), pending_msgs_limit=1 << 20)
-            await c.flush()
-        body = os.urandom(BODY)
-
-        async def send_all(count: int) -> None:
-            for at in range(0, count, WINDOW):
-                for _ in range(min(WINDOW, count - at)):
-                    await pub.publish("g", body)
-                await pub.flush()
-
-        async def wait_all() -> None:
-            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), TIMEOUT)
-
-        warm = max(5, messages // 10)
-        target[0] = warm
-        await send_all(warm)
-        await wait_all()
-        for e in events:
-            e.clear()
-        target[0] = warm + messages
-        cpu0 = relay_cpu(proc.pid)
-        t0 = time.perf_counter()
-        await send_all(messages)
-        await wait_all()
-        wall = time.perf_counter() - t0
-        cpu = relay_cpu(proc.pid) - cpu0
-        n = messages * n_sub
-        return n / wall, cpu / n * 1e6
-    finally:
-        for c in conns:
-            try:
-                await c.close()
-            except Exception:
-                pass
-        proc.terminate()
-        proc.wait(20)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=3)
@@ -252,7 +176,8 @@ def main() -> None:
             for _ in range(args.runs):
                 if mode == "nats":
                     assert server is not None
-                    rate, cpu = run(nats_run(n, MESSAGES.get(n, 100), server))
+                    rate, cpu, _ = run(e2ee_send.nats_run(n, MESSAGES.get(n, 100), server,
+                                                          window=WINDOW))
                 else:
                     rate, cpu = run(fastroute_run(mode, n, MESSAGES.get(n, 100), args.store))
                 rates.append(rate)
