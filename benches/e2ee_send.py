@@ -3,7 +3,8 @@
 Run (bounded: fixed message counts and a timeout on every wait)::
 
     PYTHONPATH=. python benches/e2ee_send.py [--messages N] [--runs R] [--store memory|sqlite]
-        [--devices 1 3 10] [--await-each] [--relay-path TREE] [--no-nats]
+        [--devices 1 3 10] [--await-each | --nowait-each] [--relay-path TREE]
+        [--no-nats]
 
 For 1, 3 and 10 recipient devices, two ways of reaching all of them:
 
@@ -11,9 +12,11 @@ For 1, 3 and 10 recipient devices, two ways of reaching all of them:
   once per device and fans out;
 * ``dsend``: one DSEND carrying one ciphertext per device (what a Signal
   Protocol client sends), checked against the device list, each copy stored
-  and routed to its own device as DDELIVER.  Sent with
-  ``Client.send_to_devices_nowait`` (``--await-each``: a ``send_to_devices``
-  coroutine per message, the only way on trees before that call);
+  and routed to its own device as DDELIVER.  Sent a window at a time with
+  ``Client.send_to_devices_many`` (one future per window, as ``send_many``
+  for SEND; ``--nowait-each``: ``send_to_devices_nowait``, a future per
+  message; ``--await-each``: a ``send_to_devices`` coroutine per message;
+  trees without a call fall back to the next);
 * ``nats``: for comparison, nats-server (core NATS: no store, no acks, no
   encryption) carrying the same copies, one publish per device to a subject
   of its own per message, each device a subscriber connection
@@ -61,6 +64,7 @@ WINDOW = 256  # sends in flight
 BODY = 100
 TIMEOUT = 60.0  # on every wait for deliveries
 AWAIT_EACH = False  # --await-each
+NOWAIT_EACH = False  # --nowait-each
 RELAY_PATH = ""  # --relay-path
 
 
@@ -131,12 +135,16 @@ async def one_run(mode: str, n_dev: int, messages: int,
                     got += len(await asyncio.wait_for(c.recv_many(), 30))
 
             nowait = getattr(sender, "send_to_devices_nowait", None)
+            many = getattr(sender, "send_to_devices_many", None)
 
             async def send_all(count: int) -> None:
                 for at in range(0, count, WINDOW):
                     k = min(WINDOW, count - at)
                     if mode == "send":
                         await sender.send_many("r@home", [body] * k)
+                    elif many is not None and not (AWAIT_EACH or NOWAIT_EACH):
+                        outcomes = await many([("r@home", entries)] * k)[1]
+                        assert outcomes == [None] * k, outcomes
                     elif nowait is not None and not AWAIT_EACH:
                         await asyncio.gather(*(nowait("r@home", entries)[1] for _ in range(k)))
                     else:  # one coroutine per message (and trees before the nowait call)
@@ -259,15 +267,19 @@ def main() -> None:
                     help="recipient device counts to run (default 1 3 10)")
     ap.add_argument("--await-each", action="store_true",
                     help="one coroutine per DSEND (send_to_devices) instead of "
-                         "send_to_devices_nowait")
+                         "send_to_devices_many")
+    ap.add_argument("--nowait-each", action="store_true",
+                    help="one future per DSEND (send_to_devices_nowait) instead of "
+                         "send_to_devices_many")
     ap.add_argument("--relay-path", default="",
                     help="run the relay from this source tree (its PYTHONPATH), the "
                          "clients from this one: the relay's A/B with the same clients")
     ap.add_argument("--no-nats", action="store_true",
                     help="skip the nats-server rows (core NATS, a subject per device)")
     args = ap.parse_args()
-    global AWAIT_EACH, RELAY_PATH
+    global AWAIT_EACH, NOWAIT_EACH, RELAY_PATH
     AWAIT_EACH = args.await_each
+    NOWAIT_EACH = args.nowait_each
     RELAY_PATH = args.relay_path
     run = uvloop.run if uvloop is not None else asyncio.run
     server = None if args.no_nats else find_nats_server()

@@ -197,6 +197,61 @@ class _Batch:
             self.fut.set_exception(exc)
 
 
+class _DeviceBatch:
+    """The shared outcome of a :meth:`Client.send_to_devices_many` call.
+
+    Every message of the batch has its own entry in ``Client._requests``,
+    all pointing here; the dispatcher pops a message's entry before it
+    answers it, so each message is counted down once.
+    """
+
+    __slots__ = ("fut", "ids", "left", "errors")
+
+    def __init__(self, fut: asyncio.Future, ids: list[bytes]) -> None:
+        self.fut = fut
+        self.ids = ids
+        self.left = len(ids)
+        self.errors: dict[bytes, BaseException] = {}
+
+    def done(self) -> bool:
+        return self.fut.done()
+
+    def set_result(self, _result: object) -> None:
+        # one message's every copy stored
+        self.left -= 1
+        if not self.left:
+            self._settle()
+
+    def refuse(self, cid: bytes, exc: BaseException) -> None:
+        """Message ``cid`` got ``exc`` (a refusal, or the link went down first)."""
+        self.errors[cid] = exc
+        self.left -= 1
+        if not self.left:
+            self._settle()
+
+    def set_exception(self, exc: BaseException) -> None:
+        # no path of the client's answers a batch entry this way; should one
+        # appear, the whole batch fails, with its ids to check (as _Batch)
+        if not self.fut.done():
+            exc.ids = self.ids  # type: ignore[attr-defined]
+            self.fut.set_exception(exc)
+
+    def _settle(self) -> None:
+        if not self.fut.done():
+            errors = self.errors
+            self.fut.set_result([errors.get(cid) for cid in self.ids] if errors
+                                else [None] * len(self.ids))
+
+
+def _settle_request(entry: tuple, cid: bytes, exc: BaseException) -> None:
+    """Fail one request of ``Client._requests`` (a batch's: that message only)."""
+    fut = entry[0]
+    if type(fut) is _DeviceBatch:
+        fut.refuse(cid, exc)
+    elif not fut.done():
+        fut.set_exception(exc)
+
+
 _ID_POOL = 16 * 4096
 _CLS_BYTE = (b"\x00", b"\x01")
 
@@ -250,6 +305,39 @@ def py_pack_dsend(cid: bytes, to: str, entries: list | tuple, own: list | tuple,
     return wire.dsend_op(cid, to, False, entries, own)
 
 
+def _arrays(x: object) -> bool:
+    """``x`` is a list or tuple of lists or tuples (what msgpack packs as arrays)."""
+    return ((type(x) is list or type(x) is tuple)
+            and all(type(e) is tuple or type(e) is list for e in x))  # type: ignore[union-attr]
+
+
+def py_pack_dsends(pool: bytes, at: int, messages: list | tuple, room: int
+                   ) -> tuple[list, list]:
+    """The DSEND ops of :meth:`Client.send_to_devices_many`: ``(ids, ops)``.
+
+    Ids are consecutive 16-byte slices of ``pool`` from ``at``, one per
+    message.  A message ``(to, entries)`` or ``(to, entries, own)`` (a list or
+    tuple) whose entries and own copies are lists or tuples of lists or tuples
+    gets ``_pack_dsend``'s answer: its one op, or None when its copies weigh
+    more than ``room``; any other message gets None too, for the caller's
+    general path (which splits heavy messages and reads other shapes).  The
+    specification of ``_client.pxi``'s ``pack_dsends``.
+    """
+    ids: list = []
+    ops: list = []
+    for i, m in enumerate(messages):
+        cid = pool[at + 16 * i:at + 16 * i + 16]
+        ids.append(cid)
+        op = None
+        if (type(m) is tuple or type(m) is list) and len(m) in (2, 3):
+            entries = m[1]
+            own = m[2] if len(m) == 3 else ()
+            if _arrays(entries) and _arrays(own):
+                op = _pack_dsend(cid, m[0], entries, own, room)
+        ops.append(op)
+    return ids, ops
+
+
 def py_dispatch_frame(plaintext, addr_ok, seen, inbox, pending, batch_type, message_type,
                       client, drop_duplicate, refused, requests=None, dev_type=None,
                       group_type=None, on_reply=None):
@@ -268,6 +356,7 @@ def py_dispatch_frame(plaintext, addr_ok, seen, inbox, pending, batch_type, mess
 
 _pack_sends = twin(py_pack_sends)
 _pack_dsend = twin(py_pack_dsend)
+_pack_dsends = twin(py_pack_dsends)
 _dispatch_frame = twin(py_dispatch_frame)
 
 
@@ -953,6 +1042,10 @@ class Client:
         """
         self._need("e2ee")
         cid = id if id is not None else self._new_id()
+        return cid, self._request(self._dsend_ops(cid, to, entries, own), cid)
+
+    def _dsend_ops(self, cid: bytes, to: str, entries: list, own: list) -> list[bytes]:
+        """One DSEND's packed ops: one op, or (too heavy for a frame) several."""
         room = wire.MAX_PLAINTEXT - 256
         # lists or tuples of them as they are, any other iterables as lists:
         # weighed by the packer, then split if they must be
@@ -961,7 +1054,7 @@ class Client:
         # the common case: every copy fits one op, packed in one call
         op = _pack_dsend(cid, to, entries, own, room)
         if op is not None:
-            return cid, self._request([op], cid)
+            return [op]
         # split the copies over ops that each fit a frame; the last says more=False
         parts: list[tuple[list, list]] = [([], [])]
         used = 0
@@ -973,9 +1066,60 @@ class Client:
                     used = 0
                 parts[-1][which].append(e)
                 used += n
-        ops = [wire.dsend_op(cid, to, i < len(parts) - 1, ents, owns)
-               for i, (ents, owns) in enumerate(parts)]
-        return cid, self._request(ops, cid)
+        return [wire.dsend_op(cid, to, i < len(parts) - 1, ents, owns)
+                for i, (ents, owns) in enumerate(parts)]
+
+    def send_to_devices_many(self, messages: list) -> tuple[list[bytes], asyncio.Future]:
+        """Many per-device sends at once: ``(ids, future)``.
+
+        ``messages`` are ``(to, entries)`` or ``(to, entries, own)``, each as
+        for :meth:`send_to_devices`; the ids are new, in that order.  Every
+        message is checked and packed before any is sent (a bad one raises
+        and sends nothing).  The future resolves once the relay answered every
+        message, to a list in ids order: None for a message whose every copy
+        is stored, else what it got -- a :class:`~fastroute.errors.DeviceMismatch`
+        (refresh, then resend that one with ``send_to_devices(..., id=its
+        id)``), another refusal, or :class:`ConnectionClosed` when the link
+        went down before its answer (resend it the same way: a resend of a
+        message already stored is answered, not stored twice).
+
+        For a client or service that sends many: one future for the batch,
+        not one per message, as :meth:`send_many` for SEND.
+        """
+        self._need("e2ee")
+        if self._closed or self._proto is None or not self._proto.open:
+            raise ConnectionClosed("not connected", code=ErrorCode.OK)
+        if type(messages) is not list and type(messages) is not tuple:
+            messages = list(messages)
+        # ids: consecutive slices of the random pool (a fresh one when short)
+        n = 16 * len(messages)
+        at = self._ids_at
+        if at + n > len(self._ids):
+            self._ids = os.urandom(max(_ID_POOL, n))
+            at = 0
+        # every message packed (one op each, compiled) before any is queued;
+        # the others -- too heavy for one op, or of other shapes -- the general way
+        ids, ops = _pack_dsends(self._ids, at, messages, wire.MAX_PLAINTEXT - 256)
+        self._ids_at = at + n
+        if None in ops:
+            for i, op in enumerate(ops):
+                if op is None:
+                    m = messages[i]
+                    ops[i] = self._dsend_ops(ids[i], m[0], m[1], m[2] if len(m) > 2 else ())
+        fut = self._loop.create_future()
+        if not ids:
+            fut.set_result([])
+            return ids, fut
+        batch = _DeviceBatch(fut, ids)
+        requests, out = self._requests, self._out
+        for cid, op in zip(ids, ops):
+            requests[cid] = (batch, [])
+            if type(op) is bytes:
+                out.append(op)
+            else:  # a list of the parts of one message
+                out.extend(op)
+        self._schedule_flush()
+        return ids, fut
 
     async def send_to_devices(self, to: str, entries: list, own: list = (),  # type: ignore
                               *, id: bytes | None = None) -> bytes:  # noqa: A002
@@ -1115,16 +1259,17 @@ class Client:
         if code:
             self._requests.pop(op[1], None)
             if not fut.done():
+                exc: FastrouteError
                 if (code == ErrorCode.DEVICE_MISMATCH and type(result) is tuple
                         and len(result) in (1, 5)):
                     # 5: with the lists of "group_lists" (docs/PROTOCOL.md 18.4)
-                    fut.set_exception(GroupMismatch("member device set changed", result[0],
-                                                    result[1:] if len(result) == 5 else None))
+                    exc = GroupMismatch("member device set changed", result[0],
+                                        result[1:] if len(result) == 5 else None)
                 elif code == ErrorCode.DEVICE_MISMATCH and type(result) is tuple:
-                    fut.set_exception(DeviceMismatch("device list changed", result))
+                    exc = DeviceMismatch("device list changed", result)
                 else:
-                    fut.set_exception(error_for_code(code, f"relay refused the request: "
-                                                     f"{_code_name(code)}"))
+                    exc = error_for_code(code, f"relay refused the request: {_code_name(code)}")
+                _settle_request(entry, op[1], exc)
             return
         if not last:
             parts.extend(result)
@@ -1361,10 +1506,9 @@ class Client:
         # the link was up: fail what only it could answer (sends stay pending)
         self._link_down()
         err = self._closing_error
-        for fut, _ in self._requests.values():
+        for cid, entry in list(self._requests.items()):
             # key directory requests are not resent: their callers retry
-            if not fut.done():
-                fut.set_exception(ConnectionClosed("connection lost", code=ErrorCode.OK))
+            _settle_request(entry, cid, ConnectionClosed("connection lost", code=ErrorCode.OK))
         self._requests.clear()
         if self.reconnect and not _is_fatal(err):
             if self._reconnect_task is None or self._reconnect_task.done():
@@ -1436,9 +1580,8 @@ class Client:
             if not fut.done():
                 fut.set_exception(ConnectionClosed("connection closed", code=err.code))
         self._media.clear()
-        for fut, _ in self._requests.values():
-            if not fut.done():
-                fut.set_exception(ConnectionClosed("connection closed", code=err.code))
+        for cid, entry in list(self._requests.items()):
+            _settle_request(entry, cid, ConnectionClosed("connection closed", code=err.code))
         self._requests.clear()
         self._eof = True
         self._wake_reader()

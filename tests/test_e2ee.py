@@ -20,6 +20,7 @@ from fastroute import wire
 from fastroute.client import Client, DeviceMessage, Event, Message
 from fastroute.errors import (
     BadKey,
+    ConnectionClosed,
     ConsentRequired,
     DeviceMismatch,
     DuplicateId,
@@ -329,6 +330,65 @@ def test_per_device_sends_without_waiting_arrive_in_order(loop, tmp_path):
                 assert got[40].body == big
             assert await nothing_arrives(a1) and not b1._requests
     run(loop, main())
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_per_device_sends_in_one_batch_get_an_outcome_each(loop, tmp_path):
+    # send_to_devices_many: one future for the batch, resolved once every
+    # message is answered, to an outcome per message in order: None (stored),
+    # or the refusal that one got; the refused one is resent alone with its id
+    async def main():
+        async with world(tmp_path) as w:
+            a1, a2, b1 = await alice_twice_and_bob(w)
+            c1 = await e2ee(w, "carol@home", "phone", 31)
+            both = [(1, 11, b"both"), (2, 12, b"both")]
+            big = os.urandom(wire.MAX_BODY)  # two copies: more than a frame, split
+            ids, fut = b1.send_to_devices_many([
+                ("alice@home", both), ("carol@home", [(1, 31, b"c")]),
+                ("alice@home", [(1, 11, b"stale")]),  # alice's laptop is missing
+                ["alice@home", ((1, 11, big), (2, 12, big)), ()],
+                ("nobody@home", [(1, 1, b"n")])])
+            assert len(set(ids)) == 5 and all(len(i) == 16 for i in ids)
+            got = await asyncio.wait_for(fut, 10)
+            assert [type(x).__name__ for x in got] == [
+                "NoneType", "NoneType", "DeviceMismatch", "NoneType", "UnknownAddress"]
+            assert got[2].missing == [2] and not b1._requests
+            await b1.send_to_devices("alice@home", both, id=ids[2])
+            for c, want in ((a1, [b"both", big, b"both"]), (a2, [b"both", big, b"both"]),
+                            (c1, [b"c"])):
+                msgs = [await recv_msg(c) for _ in want]
+                assert [m.body for m in msgs] == want
+                assert [m.id for m in msgs] == ([ids[0], ids[3], ids[2]] if c is not c1
+                                                else [ids[1]])
+            assert await nothing_arrives(a1)
+            assert await b1.send_to_devices_many([])[1] == []
+    run(loop, main())
+
+
+def test_a_bad_message_in_a_batch_sends_none_of_it(tmp_path):
+    async def main():
+        async with world(tmp_path) as w:
+            a1, a2, b1 = await alice_twice_and_bob(w)
+            out = len(b1._out)
+            with pytest.raises(IndexError):  # an entry without its ciphertext
+                b1.send_to_devices_many([("alice@home", [(1, 11, b"ok"), (2, 12, b"ok")]),
+                                         ("alice@home", [(1, 11)])])
+            assert not b1._requests and len(b1._out) == out
+            assert await nothing_arrives(a1)
+    run("uvloop", main())
+
+
+def test_a_batch_outstanding_when_the_link_drops_answers_connection_closed(tmp_path):
+    async def main():
+        async with world(tmp_path) as w:
+            a1, a2, b1 = await alice_twice_and_bob(w)
+            b1.reconnect = False
+            ids, fut = b1.send_to_devices_many([("alice@home", [(1, 11, b"x"), (2, 12, b"x")])
+                                                for _ in range(3)])
+            b1._proto.transport.abort()  # before the frame is even written
+            got = await asyncio.wait_for(fut, 5)
+            assert [type(x) for x in got] == [ConnectionClosed] * 3 and not b1._requests
+    run("uvloop", main())
 
 
 def test_dsend_op_packs_entries_of_any_shape_alike():

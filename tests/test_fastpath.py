@@ -108,6 +108,7 @@ def test_compiled_twins_loaded():
              (store._mem_load, store.py_mem_load),
              (client_mod._pack_sends, client_mod.py_pack_sends),
              (client_mod._pack_dsend, client_mod.py_pack_dsend),
+             (client_mod._pack_dsends, client_mod.py_pack_dsends),
              (client_mod._dispatch_frame, client_mod.py_dispatch_frame),
              (dedup.DedupTable, dedup.DedupWindow), (fastroute.Router, fastroute._model.Router)]
     assert _compiled.COMPILED is fastroute.COMPILED
@@ -930,6 +931,45 @@ def test_pack_dsend_other_shapes_as_the_specification(entries, exc, monkeypatch)
     # a str the UTF-8 codec refuses: msgpack's own error, from both
     assert isinstance(_same(spec, _core and _core.pack_dsend, MID, "\ud800", [(1, 1, b"")],
                             [], 1 << 20), UnicodeEncodeError)
+
+
+def test_pack_dsends_twins_cut_the_same_ids_and_pack_the_same_ops():
+    pool = bytes(range(256)) * 2
+    body = b"c" * 40
+    heavy = [(1, 11, bytes(600)), (2, 12, bytes(600))]
+    shapes = [
+        ("b@h", [(1, 11, body)]), ["b@h", ((1, 11, body), [2, 12, body])],
+        ("b@h", [(1, 11, body)], [(3, 13, body)]), ("b@h", [], ()),
+        ("b@h", heavy),                                  # over the room: None
+        ("b@h", iter([(1, 11, body)])),                  # not a list or tuple: None
+        ("b@h", [iter((1, 11, body))]),                  # an entry to be read: None
+        ("b@h", [_Entry((1, 11, body))]),                # a tuple subclass: None
+        ("b@h", [(True, 11, body)]),                     # packed by the specification
+        ("b@h", [(1, 11, body)], [(3, 13, body)], "extra"),  # four fields: None
+        {"to": "b@h"}, ("b@h",), "b@h",                  # not a message: None
+        (5, [(1, 11, body)]),                            # msgpack packs the int
+    ]
+    for messages in (shapes, tuple(shapes), [], shapes[:1] * 20):
+        ids, ops = _same(client_mod.py_pack_dsends, _core and _core.pack_dsends,
+                         pool, 16, messages, 1000)
+        assert ids == [pool[16 + 16 * i:32 + 16 * i] for i in range(len(messages))]
+        assert len(ops) == len(messages)
+        for m, cid, op in zip(messages, ids, ops):
+            if op is not None:
+                assert msgpack.unpackb(op) == [1004, cid, m[0], False,
+                                               [list(e) for e in m[1]],
+                                               [list(e) for e in (m[2] if len(m) > 2 else ())]]
+    assert [op is None for op in ops] == [False] * 20
+    assert [op is None for op in _same(client_mod.py_pack_dsends, _core and _core.pack_dsends,
+                                       pool, 0, shapes, 1000)[1]] == [
+        False, False, False, False, True, True, True, True, False, True, True, True, True,
+        False]
+    # a pool too short, a bad entry: the specification's answers
+    for args in ((pool[:40], 16, shapes[:3], 1000), (pool, 0, [("b@h", [(1, 11)])], 1000)):
+        _same(client_mod.py_pack_dsends, _core and _core.pack_dsends, *args)
+    if _core is not None:  # a generator of messages (read once: not deep-copied)
+        assert (_core.pack_dsends(pool, 0, (m for m in shapes[:3]), 1000)
+                == client_mod.py_pack_dsends(pool, 0, (m for m in shapes[:3]), 1000))
 
 
 # -- the backlog sync ---------------------------------------------------------------------

@@ -5,12 +5,15 @@
 # Compiled twins of fastroute/client.py (the specification):
 #   pack_sends      = py_pack_sends
 #   pack_dsend      = py_pack_dsend
+#   pack_dsends     = py_pack_dsends
 #   dispatch_frame  = py_dispatch_frame
 #
 # * pack_sends: the SEND ops of Client.send_many (same bytes, same exceptions).
 # * pack_dsend: the one DSEND op of Client.send_to_devices_nowait whose copies
 #   fit a frame (same bytes as msgpack); entries of other shapes than tuples
 #   or lists of ints and bytes are handed to its specification.
+# * pack_dsends: the DSEND ops of Client.send_to_devices_many, one
+#   pack_dsend each, ids cut from the client's pool (same ids, same ops).
 # * dispatch_frame: Client._on_frame for a frame of SACKs and DELIVERs (and
 #   the e2ee and groups ops a client gets by the thousand: accepted REPLYs,
 #   DDELIVERs, GDELIVERs); it declines (returns None, having done nothing) any other frame, and the
@@ -409,6 +412,49 @@ def pack_dsend(cid, to, entries, own, Py_ssize_t room):
                 return op
     from fastroute.client import py_pack_dsend
     return py_pack_dsend(cid, to, entries, own, room)
+
+
+cdef bint all_arrays(object x):
+    """``x`` is an exact list or tuple of exact lists or tuples."""
+    cdef Py_ssize_t i
+    cdef object e
+    if not (PyList_CheckExact(x) or PyTuple_CheckExact(x)):
+        return False
+    for i in range(len(x)):
+        e = x[i]
+        if not (PyTuple_CheckExact(e) or PyList_CheckExact(e)):
+            return False
+    return True
+
+
+def pack_dsends(pool, Py_ssize_t at, messages, Py_ssize_t room):
+    """The DSEND ops of a batch (``client.py_pack_dsends``): ``(ids, ops)``, an
+    id cut from ``pool`` per message and its one op, or None where the
+    caller's general path must pack it."""
+    cdef tuple seq
+    cdef list ids = [], ops = []
+    cdef Py_ssize_t i, n
+    cdef object m, cid, entries, own, op
+    if (not PyBytes_CheckExact(pool)
+            or not (PyList_CheckExact(messages) or PyTuple_CheckExact(messages))
+            or at < 0 or at + 16 * len(messages) > PyBytes_GET_SIZE(pool)):
+        from fastroute.client import py_pack_dsends
+        return py_pack_dsends(pool, at, messages, room)
+    # a snapshot: the packer's specification may run code that changes the list
+    seq = tuple(messages)
+    n = len(seq)
+    for i in range(n):
+        m = seq[i]
+        cid = PyBytes_FromStringAndSize(PyBytes_AS_STRING(pool) + at + 16 * i, 16)
+        ids.append(cid)
+        op = None
+        if (PyTuple_CheckExact(m) or PyList_CheckExact(m)) and 2 <= len(m) <= 3:
+            entries = m[1]
+            own = m[2] if len(m) == 3 else ()
+            if all_arrays(entries) and all_arrays(own):
+                op = pack_dsend(cid, m[0], entries, own, room)
+        ops.append(op)
+    return ids, ops
 
 
 def dispatch_frame(plaintext, set addr_ok, DedupTable seen not None, object inbox,
