@@ -847,6 +847,26 @@ def py_decode_pings(plaintext: object) -> list[int] | None:
     return tokens
 
 
+def py_decode_dacks(plaintext: object) -> list[int] | None:
+    """The ``upto_seq`` of each op, in order, when ``plaintext`` (exact bytes)
+    is a frame made only of valid DACKs; None for any other frame, errors
+    included (the precise decoder then says what is wrong).
+
+    The relay's fast path for the frame every receiving client sends, often
+    holding one DACK; the specification of the compiled ``decode_dacks``.
+    """
+    frame = _frame_or_none(plaintext)
+    if frame is None:
+        return None
+    seqs = []
+    for op in frame:
+        if (type(op) is not tuple or len(op) != 2 or type(op[0]) is not int
+                or op[0] != _DACK or not _is_uint(op[1])):
+            return None
+        seqs.append(op[1])
+    return seqs
+
+
 def decode_client_frame_precise(plaintext: bytes) -> list[DecodedOp]:
     """:func:`decode_client_frame` without its SEND fast path: every op checked
     precisely (the oracle the fast path is tested against)."""
@@ -1644,6 +1664,8 @@ def py_sack_ok_op(cid: bytes) -> bytes:
 # the implementations in use: compiled (fastroute._core) or the specs above
 _decode_sends = twin(py_decode_sends)
 _decode_pings = twin(py_decode_pings)
+#: :func:`py_decode_dacks`, compiled when the core is built
+decode_dacks = twin(py_decode_dacks)
 #: the compiled :func:`py_frame_offsets`, or None: the spec costs more than
 #: it saves, so without the core frames are unpacked whole
 twin(py_frame_offsets)

@@ -81,6 +81,7 @@ def test_compiled_twins_loaded():
              (wire._pack_frames, wire.py_pack_frames), (wire._decode_sends, wire.py_decode_sends),
              (wire._decode_server_ops, wire.py_decode_server_ops),
              (wire.dsend_ok, wire.py_dsend_ok), (wire._decode_pings, wire.py_decode_pings),
+             (wire.decode_dacks, wire.py_decode_dacks),
              (wire.gsend_ok, wire.py_gsend_ok),
              (wire._frame_offsets_compiled or wire.py_frame_offsets, wire.py_frame_offsets),
              (wire._decode_dsends_compiled or wire.py_decode_dsends, wire.py_decode_dsends),
@@ -429,23 +430,32 @@ def test_client_frame_checked_a_slice_at_a_time_is_the_precise_decode(step):
         assert got == want
 
 
-def _check_pings(plaintext):
-    """Both twins of decode_pings either decline or give exactly the tokens of
-    the precise decoder's ops, which must then all be valid PINGs."""
+def _check_uint_ops(plaintext, spec, opcode):
+    """Both twins of a decoder of ``[opcode, uint]`` frames (``spec``) either
+    decline or give exactly the second fields of the precise decoder's ops,
+    which must then all be valid ops ``opcode``."""
     try:
         want = wire.decode_client_frame_precise(plaintext)
     except ProtocolError as exc:
         want = exc
     answers = []
-    for fn in _both(wire.py_decode_pings):
+    for fn in _both(spec):
         got = fn and fn(plaintext)
         if got is not None:
             assert not isinstance(want, Exception), plaintext[:64]
-            assert all(type(op) is tuple and op[0] == wire.Op.PING for op in want)
+            assert all(type(op) is tuple and op[0] == opcode for op in want)
             assert got == [op[1] for op in want]
             assert all(type(t) is int for t in got)
         answers.append(got)
     return answers
+
+
+def _check_pings(plaintext):
+    return _check_uint_ops(plaintext, wire.py_decode_pings, wire.Op.PING)
+
+
+def _check_dacks(plaintext):
+    return _check_uint_ops(plaintext, wire.py_decode_dacks, wire.Op.DACK)
 
 
 PING_FRAMES = [
@@ -473,6 +483,37 @@ def test_decode_pings_declines_or_agrees(plaintext):
     py, c = _check_pings(plaintext)
     if plaintext != _frame([wire.ping_op(-1)]):
         assert py is None and c is None
+
+
+DACK_FRAMES = [
+    _frame([wire.dack_op(t) for t in (0, 1, 127, 128, 255, 256, 65535, 65536, 1 << 32,
+                                      (1 << 62), (1 << 64) - 1)]),
+    _frame([wire.dack_op(7)]),
+    _frame([wire.dack_op(3)] * 3, header=b"\xdd\x00\x00\x00\x03"),
+]
+
+
+@pytest.mark.parametrize("plaintext", [
+    _frame([wire.dack_op(1), wire.ping_op(1)]),
+    _frame([_send(), wire.dack_op(1)]),
+    _frame([msgpack.packb((2, -1))]),               # negative: an error, for the precise path
+    _frame([msgpack.packb((2, "x"))]),
+    _frame([msgpack.packb((2, True))]),             # bool is no seq
+    _frame([msgpack.packb((2, 1, 2))]),             # extra field
+    _frame([msgpack.packb((2,))]),
+    _frame([wire.dack_op(1)] * 3, header=b"\xdc\x00\x04"),   # count says 4
+    b"\x81\x01\x02",                                            # not an array
+])
+def test_decode_dacks_declines_other_frames(plaintext):
+    assert _check_dacks(plaintext) == [None, None]  # spec and compiled twin decline
+
+
+def test_decode_dacks_fuzz():
+    rng = random.Random(8765)
+    base = [_frame([wire.dack_op(rng.randrange(1 << rng.choice((6, 8, 16, 32, 64))))
+                    for _ in range(k)]) for k in (1, 2, 5)]
+    for data in _mutants(rng, base):
+        _check_dacks(data)
 
 
 def test_decode_pings_fuzz():
@@ -520,11 +561,12 @@ OFFSET_FRAMES = [
 
 @pytest.mark.parametrize("check, plaintext",
                          [(_check_pings, f) for f in PING_FRAMES]
+                         + [(_check_dacks, f) for f in DACK_FRAMES]
                          + [(_check_offsets, f) for f in OFFSET_FRAMES],
                          ids=lambda v: getattr(v, "__name__", None) or f"{len(v)}B")
 def test_fast_scans_answer_their_frames(check, plaintext):
-    # decode_pings on frames of PINGs only, frame_offsets on frames of plain
-    # values: the spec answers, and the compiled twin gives the same
+    # decode_pings and decode_dacks on frames of their ops only, frame_offsets
+    # on frames of plain values: the spec answers, and the compiled twin too
     py, c = check(plaintext)
     assert py is not None
     if fastroute.COMPILED:

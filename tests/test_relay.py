@@ -13,7 +13,7 @@ import time
 import msgpack
 import pytest
 
-from fastroute import Relay, RelayConfig
+from fastroute import Relay, RelayConfig, wire
 from fastroute.errors import (
     BadSignature,
     BodyTooLarge,
@@ -132,6 +132,57 @@ def test_unacked_messages_are_redelivered_on_reconnect_and_acked_ones_are_not(lo
             assert [m.id for m in again] == ids[2:]
             assert await nothing_arrives(bob2)
     run(loop, main())
+
+
+def test_frames_of_dacks_are_read_in_c_with_the_loops_effects(loop, tmp_path):
+    # a frame of DACKs only (what a receiving client sends) is read by the
+    # compiled decoder (wire.decode_dacks) and acked at once; with it cut out,
+    # the precise decoder and the loop take it: the same messages acked (and not
+    # redelivered), the same op counts, the same refusal counted past the budget
+    async def scenario(path, decoded: bool):
+        saved = wire.decode_dacks
+        if not decoded:
+            wire.decode_dacks = lambda plaintext: None
+        try:
+            async with world(path) as w:
+                alice = await w.connect("alice@home")
+                bob = await w.connect("bob@acme", "phone", auto_ack=False)
+                ids = await alice.send_many("bob@acme", [b"x%d" % i for i in range(8)])
+                seqs = [m.seq for m in await recv_n(bob, 8)]
+                link = next(ln for ln in w.relay.links if ln.address == "bob@acme")
+                counts0, refused0, ops0 = dict(w.relay.op_counts), dict(w.relay.refused), link.ops
+                bob._write([wire.dack_op(seqs[1])])  # alone: the usual frame
+                bob._write([wire.dack_op(seqs[3]), wire.dack_op(seqs[2])])  # the highest counts
+                await bob.ping()
+                inflight = len(link.feed.inflight)
+                for bucket in link.budgets.ops:
+                    bucket.rate, bucket.tokens = 1e-6, 1.0  # one op left: 2 over, still acked
+                bob._write([wire.dack_op(seqs[4]), wire.dack_op(seqs[0]), wire.dack_op(seqs[5])])
+                for _ in range(100):
+                    if link.ops == ops0 + 7:  # the PING too
+                        break
+                    await asyncio.sleep(0.01)
+                left, ops = len(link.feed.inflight), link.ops - ops0
+                counts = {k: v - counts0.get(k, 0) for k, v in w.relay.op_counts.items()
+                          if v != counts0.get(k, 0)}
+                refused = {k: v - refused0.get(k, 0) for k, v in w.relay.refused.items()
+                           if v != refused0.get(k, 0)}
+                for bucket in link.budgets.ops:
+                    bucket.rate = 1e6
+                await bob.close()
+                bob2 = await w.connect("bob@acme", "phone")
+                again = [m.id for m in await recv_n(bob2, 2)]
+                assert await nothing_arrives(bob2)
+                return again == ids[6:], inflight, left, counts, refused, ops
+        finally:
+            wire.decode_dacks = saved
+
+    fast = run(loop, scenario(tmp_path / "fast", True))
+    assert fast == run(loop, scenario(tmp_path / "precise", False))
+    redelivered_the_rest, inflight, left, counts, refused, ops = fast
+    assert redelivered_the_rest and (inflight, left, ops) == (4, 2, 7)
+    assert counts == {int(wire.Op.DACK): 6, int(wire.Op.PING): 1}
+    assert refused == {int(ErrorCode.RATE_LIMITED): 1}
 
 
 def test_resent_id_is_acked_again_but_delivered_once(loop, tmp_path):

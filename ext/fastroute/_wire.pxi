@@ -10,6 +10,7 @@
 #   dsend_ok            = py_dsend_ok
 #   gsend_ok            = py_gsend_ok
 #   decode_pings        = py_decode_pings
+#   decode_dacks        = py_decode_dacks
 #   frame_offsets       = py_frame_offsets
 #   decode_dsends       = py_decode_dsends
 #   leading_dsends      = py_leading_dsends
@@ -451,6 +452,35 @@ cdef inline int take_uint(Cursor* c, unsigned long long* out) noexcept:
     return 0
 
 
+cdef object uint_ops(object plaintext, unsigned char opcode):
+    """The unsigned second fields of a frame made only of ``[opcode, uint]``
+    ops (``opcode`` a positive fixint), or None."""
+    if not PyBytes_CheckExact(plaintext):
+        return None
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(plaintext)
+    cdef Cursor c
+    cdef Py_ssize_t n, i
+    cdef list values
+    cdef unsigned long long value = 0
+    c.p = <const unsigned char*>PyBytes_AS_STRING(plaintext)
+    c.end = c.p + size
+    n = frame_ops(&c)
+    if n < 0:
+        return None
+    values = []
+    for i in range(n):
+        # [opcode, value uint]
+        if c.end - c.p < 3 or c.p[0] != 0x92 or c.p[1] != opcode:
+            return None
+        c.p += 2
+        if not take_uint(&c, &value):
+            return None
+        values.append(value)
+    if c.p != c.end:
+        return None
+    return values
+
+
 def decode_pings(plaintext):
     """The tokens of a frame made only of PINGs, in C: the cheap op a flooder
     sends by the thousand, read without a Python object per op but its token.
@@ -460,30 +490,14 @@ def decode_pings(plaintext):
     anything else (other ops, negative tokens, errors), which the caller then
     decodes the precise way.
     """
-    if not PyBytes_CheckExact(plaintext):
-        return None
-    cdef Py_ssize_t size = PyBytes_GET_SIZE(plaintext)
-    cdef Cursor c
-    cdef Py_ssize_t n, i
-    cdef list tokens
-    cdef unsigned long long token = 0
-    c.p = <const unsigned char*>PyBytes_AS_STRING(plaintext)
-    c.end = c.p + size
-    n = frame_ops(&c)
-    if n < 0:
-        return None
-    tokens = []
-    for i in range(n):
-        # [3, token uint]
-        if c.end - c.p < 3 or c.p[0] != 0x92 or c.p[1] != 0x03:
-            return None
-        c.p += 2
-        if not take_uint(&c, &token):
-            return None
-        tokens.append(token)
-    if c.p != c.end:
-        return None
-    return tokens
+    return uint_ops(plaintext, 0x03)
+
+
+def decode_dacks(plaintext):
+    """The ``upto_seq`` of each op of a frame made only of DACKs ``[2, upto
+    uint]``, in C: what every receiving client sends, most often alone in its
+    frame; ``None`` for anything else (see ``fastroute.wire.py_decode_dacks``)."""
+    return uint_ops(plaintext, 0x02)
 
 
 cdef enum:
