@@ -9,12 +9,108 @@
 #   stored_sacks  = py_stored_sacks
 #   route_items   = py_route_items
 #   field_set     = py_field_set
+#   TokenBucket   = PyTokenBucket
+#   take_upto     = py_take_upto
+#   give_back     = py_give_back
+#   take_all      = py_take_all
 #
 # The Python versions are written line for line like these; keep the two in
 # step (tests/test_fastpath.py drives both with the same frames and compares
 # every output).
 
 from cpython.unicode cimport PyUnicode_Tailmatch
+
+import time
+
+
+cdef class TokenBucket:
+    """A token bucket: ``rate`` tokens per second, holding at most ``burst``
+    (``fastroute.relay.gate.PyTokenBucket``, compiled: every read of a link
+    refills its op budget's buckets, and every read of SENDs its quotas').
+
+    ``take(n)`` takes ``n`` tokens and returns True, or takes nothing and
+    returns False; a batch may call :meth:`refill` once, spend locally and
+    store what is left in ``tokens``.
+    """
+
+    cdef public double rate
+    cdef public double burst
+    cdef public double tokens
+    cdef public double stamp
+    cdef object _clock
+
+    def __init__(self, rate, burst, clock=time.monotonic):
+        self.rate = float(rate)
+        self.burst = float(burst)
+        self.tokens = self.burst
+        self._clock = clock
+        self.stamp = clock()
+
+    cpdef double refill(self) except? -1.0:
+        """Add the tokens earned since the last call; return how many there are."""
+        cdef double now = self._clock()
+        # the specification's arithmetic, in its order (IEEE doubles both)
+        cdef double tokens = self.tokens + (now - self.stamp) * self.rate
+        self.stamp = now
+        if tokens > self.burst:
+            tokens = self.burst
+        self.tokens = tokens
+        return tokens
+
+    def take(self, double n=1.0):
+        """Take ``n`` tokens if available; return whether it did."""
+        if self.refill() >= n:
+            self.tokens -= n
+            return True
+        return False
+
+
+cdef inline double bucket_refill(object b) except? -1.0:
+    if type(b) is TokenBucket:
+        return (<TokenBucket>b).refill()
+    return b.refill()
+
+
+def take_upto(buckets, Py_ssize_t n):
+    """Take up to ``n`` whole tokens from every bucket of a layered budget at
+    once; return how many were taken (the least any layer had)."""
+    cdef Py_ssize_t avail = n
+    cdef double t
+    for b in buckets:
+        t = bucket_refill(b)
+        if t < avail:
+            avail = <Py_ssize_t>t if t > 0 else 0
+    if avail > 0:
+        for b in buckets:
+            if type(b) is TokenBucket:
+                (<TokenBucket>b).tokens -= avail
+            else:
+                b.tokens -= avail
+    return avail
+
+
+def give_back(buckets, double n):
+    """Return ``n`` tokens taken by ``take_upto`` and not used (up to each burst)."""
+    cdef double v
+    for b in buckets:
+        if type(b) is TokenBucket:
+            v = (<TokenBucket>b).tokens + n
+            (<TokenBucket>b).tokens = v if v < (<TokenBucket>b).burst else (<TokenBucket>b).burst
+        else:
+            b.tokens = min(b.burst, b.tokens + n)
+
+
+def take_all(buckets, double n):
+    """Take ``n`` tokens from every bucket of a layered budget, or none at all."""
+    for b in buckets:
+        if bucket_refill(b) < n:
+            return False
+    for b in buckets:
+        if type(b) is TokenBucket:
+            (<TokenBucket>b).tokens -= n
+        else:
+            b.tokens -= n
+    return True
 
 
 cdef class SendGate:

@@ -61,7 +61,7 @@ REFUSALS = (ErrorCode.BODY_TOO_LARGE, ErrorCode.UNKNOWN_RECIPIENT,
             ErrorCode.CONSENT_REQUIRED, ErrorCode.RATE_LIMITED)
 
 
-class TokenBucket:
+class PyTokenBucket:
     """A token bucket: ``rate`` tokens per second, holding at most ``burst``.
 
     ``take(n)`` either takes ``n`` tokens and returns True, or takes nothing
@@ -98,7 +98,7 @@ class TokenBucket:
         return False
 
 
-def take_upto(buckets: tuple, n: int) -> int:
+def py_take_upto(buckets: tuple, n: int) -> int:
     """Take up to ``n`` whole tokens from every bucket of a layered budget at
     once; return how many were taken (the least any layer had)."""
     avail = n
@@ -112,13 +112,13 @@ def take_upto(buckets: tuple, n: int) -> int:
     return avail
 
 
-def give_back(buckets: tuple, n: float) -> None:
+def py_give_back(buckets: tuple, n: float) -> None:
     """Return ``n`` tokens taken by :func:`take_upto` and not used (up to each burst)."""
     for b in buckets:
         b.tokens = min(b.burst, b.tokens + n)
 
 
-def take_all(buckets: tuple, n: float) -> bool:
+def py_take_all(buckets: tuple, n: float) -> bool:
     """Take ``n`` tokens from every bucket of a layered budget, or none at all."""
     for b in buckets:
         if b.refill() < n:
@@ -126,6 +126,17 @@ def take_all(buckets: tuple, n: float) -> bool:
     for b in buckets:
         b.tokens -= n
     return True
+
+
+# the implementations in use: compiled (every read of a link refills its op
+# budget's buckets several times) or the specifications above
+if TYPE_CHECKING:
+    TokenBucket = PyTokenBucket
+else:
+    TokenBucket = twin(PyTokenBucket)
+take_upto = twin(py_take_upto)
+give_back = twin(py_give_back)
+take_all = twin(py_take_all)
 
 
 class Sender:
