@@ -27,6 +27,7 @@ frame raises :class:`~fastroute.errors.ProtocolError` with code
 from __future__ import annotations
 
 import struct
+from typing import TYPE_CHECKING
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, hmac
@@ -36,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import (
 )
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
+from ._compiled import twin
 from .errors import (
     DecryptError,
     ErrorCode,
@@ -551,7 +553,7 @@ def seal_frames(cipher: "CipherState", plaintexts: list[bytes]) -> list[bytes]:
     return out
 
 
-class FrameReader:
+class PyFrameReader:
     """Incremental parser of length-prefixed frames from a byte stream.
 
     :meth:`feed` takes chunks as they arrive (split or merged arbitrarily)
@@ -601,3 +603,11 @@ class FrameReader:
 
     def __repr__(self) -> str:
         return f"<FrameReader buffered={len(self._buf)}>"
+
+
+# the implementation in use: compiled (every read of every link goes through
+# it, on the relay and in the client) or the specification above
+if TYPE_CHECKING:
+    FrameReader = PyFrameReader
+else:
+    FrameReader = twin(PyFrameReader)

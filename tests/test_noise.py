@@ -459,6 +459,41 @@ def test_frame_reader_byte_by_byte():
     assert out == msgs and reader.buffered == 0
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_frame_reader_twins_agree_on_any_cut(seed):
+    # the compiled reader (every read of every link) against its specification:
+    # the same frames and the same tail after every chunk, whatever the cuts
+    # and whatever bytes-like object a chunk comes as
+    from fastroute import _compiled, noise
+
+    rng = random.Random(seed)
+    sizes = [0, 1, 2, 255, 256, 1000, 65535] + [rng.randrange(3000) for _ in range(30)] * 3
+    stream = b"".join(frame(os.urandom(rng.choice(sizes))) for _ in range(60))
+    kinds = [bytes, bytearray, memoryview, lambda b: memoryview(bytearray(b))]
+    readers = [noise.PyFrameReader()]
+    compiled = _compiled.compiled_twin(noise.PyFrameReader)
+    if compiled is not None:
+        assert noise.FrameReader is compiled
+        readers.append(compiled())
+    pos, got = 0, [[] for _ in readers]
+    while pos < len(stream):
+        # small cuts first (headers split, one byte left over), then any
+        n = rng.choice([1, 2, 3] if pos < 20000 else [1, 2, 3, 17, 1500, 65536, 200000])
+        chunk, pos = stream[pos:pos + n], pos + n
+        kind = rng.choice(kinds)
+        outs = [r.feed(kind(chunk)) for r in readers]
+        assert all(o == outs[0] for o in outs)
+        assert all(type(f) is bytes for o in outs for f in o)
+        assert len({r.buffered for r in readers}) == 1 and len({repr(r) for r in readers}) == 1
+        for g, o in zip(got, outs):
+            g += o
+    assert all(g == got[0] for g in got)
+    assert b"".join(frame(m) for m in got[0]) == stream and readers[0].buffered == 0
+    for r in readers:  # not bytes-like: the same exception from both
+        with pytest.raises(TypeError):
+            r.feed("text")
+
+
 def test_frame_reader_partial_and_split_header():
     reader = FrameReader()
     assert reader.feed(b"\x00") == []
