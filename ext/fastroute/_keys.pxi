@@ -65,9 +65,11 @@ def dsend_run(list ops, Py_ssize_t i, dict lists, dict reach, long skip, str sen
     (the decoder's: id 16 bytes, entries ``(device id 1..127, reg id, body)``).
     """
     cdef Py_ssize_t n = PyList_GET_SIZE(ops), j, k, size, slot, at
+    cdef Py_ssize_t hbase = i, hend = i
     cdef double msg_tokens = tokens[0], byte_tokens = tokens[1]
     cdef int seen, code
     cdef Py_hash_t h
+    cdef Py_hash_t hashes[DEDUP_BATCH]
     cdef object op, cid, to, entries, own, devs, e
     cdef list op_items, copies, ents, owns
     try:
@@ -77,8 +79,27 @@ def dsend_run(list ops, Py_ssize_t i, dict lists, dict reach, long skip, str sen
             to = op[2]
             if not PyBytes_CheckExact(cid) or PyBytes_GET_SIZE(cid) != 16:
                 break  # the decoder's ops never stop here; the precise path answers
+            if i >= hend:
+                # hash the next few ids and prefetch their index lines (and, in a
+                # full window, those of the entries their inserts evict), as
+                # accept_sends does: the misses of a large window overlap
+                hbase = hend = i
+                while hend < n and hend - hbase < DEDUP_BATCH:
+                    e = ops[hend]
+                    if not PyTuple_CheckExact(e) or PyTuple_GET_SIZE(e) < 2:
+                        break
+                    e = <object>PyTuple_GET_ITEM(e, 1)
+                    if not PyBytes_CheckExact(e) or PyBytes_GET_SIZE(e) != 16:
+                        break
+                    hashes[hend - hbase] = dedup_hash(sender, e)
+                    dedup.c_prefetch(hashes[hend - hbase])
+                    hend += 1
+                if hend == i:  # op i is no tuple: hashed here alone
+                    hashes[0] = dedup_hash(sender, cid)
+                    hend = i + 1
+                dedup.c_prefetch_evictions(hend - hbase)
             # the id's one probe: whether it was seen, and where to record it
-            h = dedup_hash(sender, cid)
+            h = hashes[i - hbase]
             slot = dedup.c_find(sender, cid, h, now, &seen, &code, &at)
             if seen or reach.get(to) is not True:
                 break
