@@ -10,8 +10,9 @@ For each fan-out N, three ways of getting one 100-byte body to N devices:
 * ``gsend``: one GSEND to a group whose members have N devices besides the
   sending one (users of at most 100 devices each), stored once with a
   delivery record per device and fanned out by the engine as GDELIVER
-  (sent with ``Client.group_send_nowait``; trees before it: a
-  ``group_send`` coroutine each);
+  (sent a window at a time with ``Client.group_send_many``, one future per
+  window as ``send_many`` for SEND; trees before it: ``group_send_nowait``,
+  a future each, or a ``group_send`` coroutine each);
 * ``send``: the baseline in the same script: today's v1 SEND to one address
   with N devices online (stored once with a record per device too, fanned
   out by the same engine);
@@ -119,11 +120,15 @@ async def fastroute_run(mode: str, n_dev: int, messages: int, store: str) -> tup
                 assert sum(len(m[2]) for m in members) == n_dev + 1
 
                 nowait = getattr(sender, "group_send_nowait", None)
+                many = getattr(sender, "group_send_many", None)
 
                 async def send_all(count: int) -> None:
                     for at in range(0, count, WINDOW):
                         k = min(WINDOW, count - at)
-                        if nowait is not None:
+                        if many is not None:
+                            outcomes = await many(gid, version, [body] * k)[1]
+                            assert outcomes == [None] * k, outcomes
+                        elif nowait is not None:
                             await asyncio.gather(*(nowait(gid, version, body)[1]
                                                    for _ in range(k)))
                         else:  # trees before group_send_nowait: a coroutine each

@@ -197,37 +197,43 @@ class _Batch:
             self.fut.set_exception(exc)
 
 
-class _DeviceBatch:
-    """The shared outcome of a :meth:`Client.send_to_devices_many` call.
+class _RequestBatch:
+    """The shared outcome of a batch of requests answered by one REPLY each
+    (:meth:`Client.send_to_devices_many`, :meth:`Client.group_send_many`).
 
-    Every message of the batch has its own entry in ``Client._requests``,
-    all pointing here; the dispatcher pops a message's entry before it
-    answers it, so each message is counted down once.
+    Every request of the batch has its own entry in ``Client._requests``,
+    all pointing here; the dispatcher pops a request's entry before it
+    answers it, so each is counted down once.  The future's result: each
+    request's outcome in ids order (its REPLY's result, or its error).
     """
 
-    __slots__ = ("fut", "ids", "left", "errors")
+    __slots__ = ("fut", "ids", "left", "results")
 
     def __init__(self, fut: asyncio.Future, ids: list[bytes]) -> None:
         self.fut = fut
         self.ids = ids
         self.left = len(ids)
-        self.errors: dict[bytes, BaseException] = {}
+        self.results: dict[bytes, object] = {}
 
     def done(self) -> bool:
         return self.fut.done()
 
     def set_result(self, _result: object) -> None:
-        # one message's every copy stored
+        # an accepted REPLY without a result (the compiled dispatch's): None
         self.left -= 1
         if not self.left:
             self._settle()
 
+    def answer(self, cid: bytes, result: object) -> None:
+        """Request ``cid`` was accepted with ``result``."""
+        if result is not None:
+            self.results[cid] = result
+        self.set_result(None)
+
     def refuse(self, cid: bytes, exc: BaseException) -> None:
-        """Message ``cid`` got ``exc`` (a refusal, or the link went down first)."""
-        self.errors[cid] = exc
-        self.left -= 1
-        if not self.left:
-            self._settle()
+        """Request ``cid`` got ``exc`` (a refusal, or the link went down first)."""
+        self.results[cid] = exc
+        self.set_result(None)
 
     def set_exception(self, exc: BaseException) -> None:
         # no path of the client's answers a batch entry this way; should one
@@ -238,15 +244,15 @@ class _DeviceBatch:
 
     def _settle(self) -> None:
         if not self.fut.done():
-            errors = self.errors
-            self.fut.set_result([errors.get(cid) for cid in self.ids] if errors
+            results = self.results
+            self.fut.set_result([results.get(cid) for cid in self.ids] if results
                                 else [None] * len(self.ids))
 
 
 def _settle_request(entry: tuple, cid: bytes, exc: BaseException) -> None:
     """Fail one request of ``Client._requests`` (a batch's: that message only)."""
     fut = entry[0]
-    if type(fut) is _DeviceBatch:
+    if type(fut) is _RequestBatch:
         fut.refuse(cid, exc)
     elif not fut.done():
         fut.set_exception(exc)
@@ -1110,7 +1116,7 @@ class Client:
         if not ids:
             fut.set_result([])
             return ids, fut
-        batch = _DeviceBatch(fut, ids)
+        batch = _RequestBatch(fut, ids)
         requests, out = self._requests, self._out
         for cid, op in zip(ids, ops):
             requests[cid] = (batch, [])
@@ -1216,6 +1222,43 @@ class Client:
         cid = id if id is not None else self._new_id()
         return cid, self._request([wire.gsend_op(cid, group, version, body)], cid)
 
+    def group_send_many(self, group: bytes, version: int, bodies: list[bytes]
+                        ) -> tuple[list[bytes], asyncio.Future]:
+        """Many messages to one group at once: ``(ids, future)``.
+
+        ``bodies`` are Sender Key ciphertexts, each sent as by
+        :meth:`group_send` at member-list ``version``; the ids are new, in
+        that order.  The future resolves once the relay answered every one,
+        to a list in ids order: what :meth:`group_send_nowait`'s future
+        gives for that message (None, or the members skipped at a cap), or
+        the error it got -- a :class:`~fastroute.errors.GroupMismatch`
+        (refresh the member list, then resend that one with
+        ``group_send(..., id=its id)``), or :class:`ConnectionClosed` when the
+        link went down before its answer (resend it the same way).
+
+        One future for the batch, not one per message, as :meth:`send_many`.
+        """
+        self._need("groups")
+        if self._closed or self._proto is None or not self._proto.open:
+            raise ConnectionClosed("not connected", code=ErrorCode.OK)
+        if type(bodies) is not list:
+            bodies = list(bodies)
+        new_id, gsend_op = self._new_id, wire.gsend_op
+        ids = [new_id() for _ in bodies]
+        # every op packed (and checked) before any is queued
+        ops = [gsend_op(cid, group, version, body) for cid, body in zip(ids, bodies)]
+        fut = self._loop.create_future()
+        if not ids:
+            fut.set_result([])
+            return ids, fut
+        batch = _RequestBatch(fut, ids)
+        requests = self._requests
+        for cid in ids:
+            requests[cid] = (batch, [])
+        self._out.extend(ops)
+        self._schedule_flush()
+        return ids, fut
+
     # ------------------------------------------------------------- safety
     async def _safety(self, opcode: int, *fields: object) -> Any:
         self._need("safety")
@@ -1279,7 +1322,11 @@ class Client:
             parts.extend(result)
             result = parts
         if not fut.done():
-            fut.set_result(list(result) if type(result) is tuple else result)
+            result = list(result) if type(result) is tuple else result
+            if type(fut) is _RequestBatch:
+                fut.answer(op[1], result)
+            else:
+                fut.set_result(result)
 
     # ------------------------------------------------------------- closing
     async def close(self) -> None:

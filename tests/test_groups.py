@@ -669,6 +669,55 @@ def test_a_run_of_gsends_is_dispatched_as_one_op_at_a_time(loop, tmp_path):
     assert counts[int(wire.Op.GSEND)] == 8 and counts[int(wire.Op.PING)] == 1
 
 
+@pytest.mark.parametrize("loop", LOOPS)
+def test_group_sends_in_one_batch_get_an_outcome_each(loop, tmp_path):
+    # group_send_many: one future for the batch, resolved once every message
+    # is answered, to an outcome per message in order; a refused one (here a
+    # body that is no bytes) fails alone, a stale version fails them all
+    async def main():
+        async with world(tmp_path) as w:
+            a1, b1, gid, v = await alice_and_bob(w)
+            bodies = [b"m%d" % i for i in range(20)]
+            ids, fut = a1.group_send_many(gid, v, bodies[:7] + ["not bytes"] + bodies[7:])
+            got = await asyncio.wait_for(fut, 10)
+            assert len(set(ids)) == 21 and got[:7] + got[8:] == [None] * 20
+            assert isinstance(got[7], FastrouteError) and got[7].code == ErrorCode.BAD_FIELD
+            stale_ids, stale = a1.group_send_many(gid, v - 1, [b"old", b"older"])
+            assert [type(x) for x in await stale] == [GroupMismatch] * 2
+            msgs: list = []
+            while len(msgs) < 20:
+                msgs += [m for m in await take(b1, 1) if isinstance(m, GroupMessage)]
+            assert [m.body for m in msgs] == bodies
+            assert [m.id for m in msgs] == ids[:7] + ids[8:]
+            assert all(type(m) is GroupMessage and m.group == gid for m in msgs)
+            assert await quiet(b1, 0.2) and not a1._requests
+            assert await a1.group_send_many(gid, v, [])[1] == []
+    run(loop, main())
+
+
+def test_a_batch_keeps_each_replys_result_or_error():
+    # what the batch calls resolve to when REPLYs carry results (a GSEND's
+    # members skipped at a cap) or errors: the client's REPLY loop, fed by hand
+    from fastroute.client import _RequestBatch
+
+    async def main():
+        c = Client("h", 1, credential=b"", static=None)
+        ids = [bytes([i]) * 16 for i in range(4)]
+        fut = asyncio.get_running_loop().create_future()
+        batch = _RequestBatch(fut, ids)
+        for cid in ids:
+            c._requests[cid] = (batch, [])
+        c._on_reply((2000, ids[2], 0, True, ("bob@home",)))
+        c._on_reply((2000, ids[0], int(ErrorCode.DEVICE_MISMATCH), True, (7,)))  # stale: v7
+        c._on_reply((2000, ids[3], 0, True, None))
+        assert not fut.done() and list(c._requests) == [ids[1]]
+        c._on_reply((2000, ids[1], 0, True, None))
+        got = await fut
+        assert got[1:] == [None, ["bob@home"], None] and not c._requests
+        assert type(got[0]) is GroupMismatch
+    asyncio.run(main())
+
+
 def test_group_sends_without_waiting_arrive_in_order(tmp_path):
     # group_send_nowait: no coroutine per message; each future is done once
     # stored, a stale one fails alone (GroupMismatch), the others fan out in order
