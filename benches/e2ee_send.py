@@ -75,6 +75,20 @@ def relay_cpu(pid: int) -> float:
     return proc_sched_ns(pid) / 1e9
 
 
+async def measured(pid: int, copies: int, work) -> tuple[float, float, float]:
+    """Await ``work`` (the timed part of a run that delivers ``copies``):
+    copies per second, process ``pid``'s CPU per copy and this process's
+    (the clients') per copy, in us."""
+    cpu0 = relay_cpu(pid)
+    mine0 = time.process_time()
+    t0 = time.perf_counter()
+    await work
+    wall = time.perf_counter() - t0
+    cpu = relay_cpu(pid) - cpu0
+    mine = time.process_time() - mine0
+    return copies / wall, cpu / copies * 1e6, mine / copies * 1e6
+
+
 def start_relay(data: str, store: str, relay_toml: str = "",
                 limits_toml: str = "") -> tuple[subprocess.Popen, int]:
     """``fastroute serve`` on ``data`` with the limits lifted (plus
@@ -153,15 +167,8 @@ async def one_run(mode: str, n_dev: int, messages: int,
 
             warm = 200
             await asyncio.gather(send_all(warm), *(receive(c, warm) for c in devices))
-            cpu0 = relay_cpu(proc.pid)
-            mine0 = time.process_time()
-            t0 = time.perf_counter()
-            await asyncio.gather(send_all(messages), *(receive(c, messages) for c in devices))
-            wall = time.perf_counter() - t0
-            cpu = relay_cpu(proc.pid) - cpu0
-            mine = time.process_time() - mine0
-            copies = messages * n_dev
-            return copies / wall, cpu / copies * 1e6, mine / copies * 1e6
+            return await measured(proc.pid, messages * n_dev, asyncio.gather(
+                send_all(messages), *(receive(c, messages) for c in devices)))
         finally:
             for c in clients:
                 await c.close()
@@ -238,16 +245,12 @@ async def nats_run(n_sub: int, messages: int, server: str, *, per_device: bool =
         for e in events:
             e.clear()
         target[0] = warm + messages
-        cpu0 = relay_cpu(proc.pid)
-        mine0 = time.process_time()
-        t0 = time.perf_counter()
-        await send_all(messages)
-        await wait_all()
-        wall = time.perf_counter() - t0
-        cpu = relay_cpu(proc.pid) - cpu0
-        mine = time.process_time() - mine0
-        n = messages * n_sub
-        return n / wall, cpu / n * 1e6, mine / n * 1e6
+
+        async def run() -> None:
+            await send_all(messages)
+            await wait_all()
+
+        return await measured(proc.pid, messages * n_sub, run())
     finally:
         for c in conns:
             try:

@@ -830,41 +830,43 @@ def decode_pings(plaintext: bytes) -> list[int] | None:
     return _decode_pings(plaintext)
 
 
+def _second_fields(plaintext: object, opcode: int, valid: Callable[[object], bool]
+                   ) -> list[int] | None:
+    """The second fields, in order, of a frame (exact bytes) made only of
+    two-field ops ``opcode`` whose second field is ``valid``; None for any
+    other frame, errors included (the precise decoder then says what is wrong)."""
+    frame = _frame_or_none(plaintext)
+    if frame is None:
+        return None
+    out = []
+    for op in frame:
+        if (type(op) is not tuple or len(op) != 2 or type(op[0]) is not int
+                or op[0] != opcode or not valid(op[1])):
+            return None
+        out.append(op[1])
+    return out
+
+
+def _is_int(v: object) -> bool:
+    return type(v) is int
+
+
 def py_decode_pings(plaintext: object) -> list[int] | None:
     """Specification of the compiled ``decode_pings``: the tokens of
     ``plaintext`` (exact bytes) in order when every op is a valid PING; None
     for any other frame, errors included.  The compiled twin may decline more
     (negative tokens), never answer else."""
-    frame = _frame_or_none(plaintext)
-    if frame is None:
-        return None
-    tokens = []
-    for op in frame:
-        if (type(op) is not tuple or len(op) != 2 or type(op[0]) is not int
-                or op[0] != _PING or type(op[1]) is not int):
-            return None
-        tokens.append(op[1])
-    return tokens
+    return _second_fields(plaintext, _PING, _is_int)
 
 
 def py_decode_dacks(plaintext: object) -> list[int] | None:
     """The ``upto_seq`` of each op, in order, when ``plaintext`` (exact bytes)
-    is a frame made only of valid DACKs; None for any other frame, errors
-    included (the precise decoder then says what is wrong).
+    is a frame made only of valid DACKs; None for any other frame.
 
     The relay's fast path for the frame every receiving client sends, often
     holding one DACK; the specification of the compiled ``decode_dacks``.
     """
-    frame = _frame_or_none(plaintext)
-    if frame is None:
-        return None
-    seqs = []
-    for op in frame:
-        if (type(op) is not tuple or len(op) != 2 or type(op[0]) is not int
-                or op[0] != _DACK or not _is_uint(op[1])):
-            return None
-        seqs.append(op[1])
-    return seqs
+    return _second_fields(plaintext, _DACK, _is_uint)
 
 
 def decode_client_frame_precise(plaintext: bytes) -> list[DecodedOp]:
