@@ -296,6 +296,33 @@ def test_revocation_closes_live_connections(loop, tmp_path):
     run(loop, main())
 
 
+def test_live_links_are_checked_against_the_trust_only_when_it_changed(loop, tmp_path):
+    # the upkeep pass (every registry_poll_s, over every live link) checks a
+    # credential against the trust only after a change or once it expired:
+    # the same links closed for the same reasons, a few comparisons per link
+    async def main():
+        async with world(tmp_path) as w:
+            alice = await w.connect("alice@home")
+            eve = await w.connect("eve@acme", now=int(time.time()) - 57, ttl_s=60)
+            gate = w.relay.gate
+            real, calls = gate.check_live, []
+            gate.check_live = lambda cred, now: (calls.append(cred.address), real(cred, now))[1]
+            await asyncio.sleep(0.3)  # a few passes: the first after eve's handshake
+            calls.clear()
+            await asyncio.sleep(0.5)
+            assert calls == []  # ten passes, nothing changed, nobody expired
+            with pytest.raises(CredentialExpired):
+                await asyncio.wait_for(eve.recv(), 6)
+            assert set(calls) == {"eve@acme"}
+            calls.clear()
+            with Registry(os.path.join(w.data_dir, "registry.db")) as reg:
+                reg.revoke_device("alice@home", "phone")
+            with pytest.raises(CredentialRevoked):
+                await asyncio.wait_for(alice.recv(), 5)
+            assert "alice@home" in calls
+    run(loop, main())
+
+
 @pytest.mark.parametrize("store", ["sqlite", "memory"])
 def test_slow_consumer_spills_to_store_and_catches_up_in_order(loop, store, tmp_path):
     async def main():

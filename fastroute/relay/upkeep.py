@@ -47,6 +47,7 @@ class Upkeep:
         self.count_error = count_error
         self.keys = keys
         self._pruned_for: Any = None  # the Trust the device lists were last pruned against
+        self._checked_for: Any = None  # the Trust every live link was last checked against
         self._task: asyncio.Task | None = None
         #: called with the registry generation once its revocations reached live links
         self.on_applied: Callable[[int], None] | None = None
@@ -66,21 +67,35 @@ class Upkeep:
             self._task.cancel()
 
     def recheck_live(self) -> None:
-        """Close links whose credential was revoked or has expired, or that went idle."""
+        """Close links whose credential was revoked or has expired, or that went idle.
+
+        Runs every poll over every live link, so per link it is kept to a
+        few comparisons: a credential is checked against the trust (provider
+        and device revocations) only when the trust changed since the last
+        pass or the credential expired -- the trust is immutable, every link
+        online at the last pass was checked against it, and every link since
+        was verified against it at its handshake.
+        """
         gate = self.gate
+        trust = gate.trust
+        changed = trust is not self._checked_for
         now = int(time.time())
         idle_limit = time.monotonic() - self.config.idle_timeout
         for feed in self.delivery.feeds():
             link = feed.link
-            assert link.cred is not None  # online links are authenticated
-            try:
-                gate.check_live(link.cred, now)
-            except AuthError as exc:
-                self.count_error(exc.code)
-                link.close(exc.code, str(exc))
-                continue
+            cred = link.cred
+            assert cred is not None  # online links are authenticated
+            if changed or now >= cred.expires_at:
+                try:
+                    gate.check_live(cred, now)
+                except AuthError as exc:
+                    self.count_error(exc.code)
+                    link.close(exc.code, str(exc))
+                    continue
             if link.last_rx < idle_limit:
                 link.close(ErrorCode.IDLE_TIMEOUT, "idle timeout")
+        # (set once every link was looked at: a pass cut short checks all again)
+        self._checked_for = trust
 
     async def _run(self) -> None:
         last_expire = 0.0
