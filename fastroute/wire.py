@@ -859,6 +859,20 @@ def py_decode_pings(plaintext: object) -> list[int] | None:
     return _second_fields(plaintext, _PING, _is_int)
 
 
+def decode_dacks(plaintext: bytes) -> list[int] | None:
+    """The ``upto_seq`` of each op of a frame made only of valid DACKs, else
+    None (always None without the compiled core, as :func:`decode_dsends`:
+    the link tries it on every frame that is not SENDs, and unpacking here
+    would cost what the precise decoder then spends again).
+
+    The relay's fast path for the frame every receiving client sends, often
+    holding one DACK: a None answer says nothing about the frame.
+    """
+    if _decode_dacks_compiled is None:
+        return None
+    return _decode_dacks_compiled(plaintext)
+
+
 def py_decode_dacks(plaintext: object) -> list[int] | None:
     """The ``upto_seq`` of each op, in order, when ``plaintext`` (exact bytes)
     is a frame made only of valid DACKs; None for any other frame.
@@ -1666,8 +1680,9 @@ def py_sack_ok_op(cid: bytes) -> bytes:
 # the implementations in use: compiled (fastroute._core) or the specs above
 _decode_sends = twin(py_decode_sends)
 _decode_pings = twin(py_decode_pings)
-#: :func:`py_decode_dacks`, compiled when the core is built
-decode_dacks = twin(py_decode_dacks)
+#: the compiled :func:`py_decode_dacks`, or None (see :func:`decode_dacks`)
+twin(py_decode_dacks)
+_decode_dacks_compiled = compiled_twin(py_decode_dacks)
 #: the compiled :func:`py_frame_offsets`, or None: the spec costs more than
 #: it saves, so without the core frames are unpacked whole
 twin(py_frame_offsets)
