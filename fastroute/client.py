@@ -311,12 +311,6 @@ def py_pack_dsend(cid: bytes, to: str, entries: list | tuple, own: list | tuple,
     return wire.dsend_op(cid, to, False, entries, own)
 
 
-def _arrays(x: object) -> bool:
-    """``x`` is a list or tuple of lists or tuples (what msgpack packs as arrays)."""
-    return ((type(x) is list or type(x) is tuple)
-            and all(type(e) is tuple or type(e) is list for e in x))  # type: ignore[union-attr]
-
-
 def py_pack_dsends(pool: bytes, at: int, messages: list | tuple, room: int
                    ) -> tuple[list, list]:
     """The DSEND ops of :meth:`Client.send_to_devices_many`: ``(ids, ops)``.
@@ -338,7 +332,7 @@ def py_pack_dsends(pool: bytes, at: int, messages: list | tuple, room: int
         if (type(m) is tuple or type(m) is list) and len(m) in (2, 3):
             entries = m[1]
             own = m[2] if len(m) == 3 else ()
-            if _arrays(entries) and _arrays(own):
+            if wire._are_arrays(entries) and wire._are_arrays(own):
                 op = _pack_dsend(cid, m[0], entries, own, room)
         ops.append(op)
     return ids, ops

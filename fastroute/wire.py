@@ -1308,16 +1308,17 @@ def dsend_op(id: bytes, to: str, more: bool, entries: list, own: list) -> bytes:
                   _as_arrays(own)))
 
 
+def _are_arrays(entries: Any) -> bool:
+    """``entries`` is a list or tuple of lists or tuples (what msgpack packs as
+    arrays of arrays, as it is)."""
+    return ((type(entries) is list or type(entries) is tuple)
+            and all(type(e) is tuple or type(e) is list for e in entries))
+
+
 def _as_arrays(entries: Any) -> list | tuple:
-    """``entries`` as they are when a list or tuple of lists or tuples (msgpack
-    packs those as arrays), else a list of lists (any iterables, read once)."""
-    if type(entries) is list or type(entries) is tuple:
-        for e in entries:
-            if type(e) is not tuple and type(e) is not list:
-                break
-        else:
-            return entries
-    return [list(e) for e in entries]
+    """``entries`` as they are when :func:`_are_arrays`, else a list of lists
+    (any iterables, read once)."""
+    return entries if _are_arrays(entries) else [list(e) for e in entries]
 
 
 def gsend_op(id: bytes, group: bytes, version: int, body: bytes) -> bytes:  # noqa: A002

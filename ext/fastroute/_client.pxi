@@ -415,7 +415,7 @@ def pack_dsend(cid, to, entries, own, Py_ssize_t room):
 
 
 cdef bint all_arrays(object x):
-    """``x`` is an exact list or tuple of exact lists or tuples."""
+    """``x`` is an exact list or tuple of exact lists or tuples (``wire._are_arrays``)."""
     cdef Py_ssize_t i
     cdef object e
     if not (PyList_CheckExact(x) or PyTuple_CheckExact(x)):
