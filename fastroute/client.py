@@ -653,6 +653,16 @@ class Client:
         self._ids_at = at + 16
         return self._ids[at:at + 16]
 
+    def _id_room(self, n: int) -> int:
+        """Where ``n`` consecutive fresh ids start in the random pool (a fresh
+        pool when this one's rest is short); a batch takes them, once packed,
+        by moving ``_ids_at`` past them."""
+        at = self._ids_at
+        if at + 16 * n > len(self._ids):
+            self._ids = os.urandom(max(_ID_POOL, 16 * n))
+            at = 0
+        return at
+
     def _packed_to(self, to: str) -> bytes:
         packed = self._to_packed.get(to)
         if packed is None:
@@ -716,17 +726,12 @@ class Client:
             fut.set_result([])
             return fut
         to_packed = self._packed_to(to)
-        # ids: consecutive slices of the random pool (a fresh one when short)
-        n = 16 * len(bodies)
-        at = self._ids_at
-        if at + n > len(self._ids):
-            self._ids = os.urandom(max(_ID_POOL, n))
-            at = 0
+        at = self._id_room(len(bodies))
         batch = _Batch(fut, bodies)  # left = len(bodies); ids set below
         # checks every body, then packs each op and registers _pending[id] = batch
         ids, ops = _pack_sends(self._ids, at, to_packed, bodies, 1 if ephemeral else 0,
                                batch, self._pending)
-        self._ids_at = at + n
+        self._ids_at = at + 16 * len(ids)
         batch.ids = ids
         batch.ops = ops
         if self._proto is not None and self._proto.ready:
@@ -939,11 +944,31 @@ class Client:
         return blob
 
     # ------------------------------------------------- end-to-end encryption
-    def _request(self, ops: list[bytes], cid: bytes) -> asyncio.Future:
+    def _check_link(self) -> None:
+        """ConnectionClosed unless a link is open to send requests on."""
         if self._closed or self._proto is None or not self._proto.open:
             raise ConnectionClosed("not connected", code=ErrorCode.OK)
+
+    def _request(self, ops: list[bytes], cid: bytes) -> asyncio.Future:
+        self._check_link()
         fut = self._loop.create_future()
         self._requests[cid] = (fut, [])
+        self._out.extend(ops)
+        self._schedule_flush()
+        return fut
+
+    def _request_many(self, ids: list[bytes], ops: list[bytes]) -> asyncio.Future:
+        """Queue requests ``ids`` (their packed ``ops``, in order) under one
+        future: an outcome each (see :class:`_RequestBatch`).  The caller
+        checked the link before packing."""
+        fut = self._loop.create_future()
+        if not ids:
+            fut.set_result([])
+            return fut
+        batch = _RequestBatch(fut, ids)
+        requests = self._requests
+        for cid in ids:
+            requests[cid] = (batch, [])
         self._out.extend(ops)
         self._schedule_flush()
         return fut
@@ -1087,39 +1112,24 @@ class Client:
         not one per message, as :meth:`send_many` for SEND.
         """
         self._need("e2ee")
-        if self._closed or self._proto is None or not self._proto.open:
-            raise ConnectionClosed("not connected", code=ErrorCode.OK)
+        self._check_link()
         if type(messages) is not list and type(messages) is not tuple:
             messages = list(messages)
-        # ids: consecutive slices of the random pool (a fresh one when short)
-        n = 16 * len(messages)
-        at = self._ids_at
-        if at + n > len(self._ids):
-            self._ids = os.urandom(max(_ID_POOL, n))
-            at = 0
+        at = self._id_room(len(messages))
         # every message packed (one op each, compiled) before any is queued;
         # the others -- too heavy for one op, or of other shapes -- the general way
         ids, ops = _pack_dsends(self._ids, at, messages, wire.MAX_PLAINTEXT - 256)
-        self._ids_at = at + n
+        self._ids_at = at + 16 * len(ids)
         if None in ops:
+            parts: list[bytes] = []
             for i, op in enumerate(ops):
                 if op is None:
                     m = messages[i]
-                    ops[i] = self._dsend_ops(ids[i], m[0], m[1], m[2] if len(m) > 2 else ())
-        fut = self._loop.create_future()
-        if not ids:
-            fut.set_result([])
-            return ids, fut
-        batch = _RequestBatch(fut, ids)
-        requests, out = self._requests, self._out
-        for cid, op in zip(ids, ops):
-            requests[cid] = (batch, [])
-            if type(op) is bytes:
-                out.append(op)
-            else:  # a list of the parts of one message
-                out.extend(op)
-        self._schedule_flush()
-        return ids, fut
+                    parts += self._dsend_ops(ids[i], m[0], m[1], m[2] if len(m) > 2 else ())
+                else:
+                    parts.append(op)
+            ops = parts
+        return ids, self._request_many(ids, ops)
 
     async def send_to_devices(self, to: str, entries: list, own: list = (),  # type: ignore
                               *, id: bytes | None = None) -> bytes:  # noqa: A002
@@ -1233,25 +1243,14 @@ class Client:
         One future for the batch, not one per message, as :meth:`send_many`.
         """
         self._need("groups")
-        if self._closed or self._proto is None or not self._proto.open:
-            raise ConnectionClosed("not connected", code=ErrorCode.OK)
+        self._check_link()
         if type(bodies) is not list:
             bodies = list(bodies)
         new_id, gsend_op = self._new_id, wire.gsend_op
         ids = [new_id() for _ in bodies]
         # every op packed (and checked) before any is queued
         ops = [gsend_op(cid, group, version, body) for cid, body in zip(ids, bodies)]
-        fut = self._loop.create_future()
-        if not ids:
-            fut.set_result([])
-            return ids, fut
-        batch = _RequestBatch(fut, ids)
-        requests = self._requests
-        for cid in ids:
-            requests[cid] = (batch, [])
-        self._out.extend(ops)
-        self._schedule_flush()
-        return ids, fut
+        return ids, self._request_many(ids, ops)
 
     # ------------------------------------------------------------- safety
     async def _safety(self, opcode: int, *fields: object) -> Any:
