@@ -12,6 +12,7 @@ raises the same exception class) on the same input.
 from __future__ import annotations
 
 import asyncio
+import collections
 import copy
 import os
 import random
@@ -91,6 +92,8 @@ def test_compiled_twins_loaded():
              (gate_mod.SendGate, gate_mod.PySendGate), (gate_mod.LinkGate, gate_mod.PyLinkGate),
              (delivery.pack_delivers, delivery.py_pack_delivers),
              (delivery.sync_rows, delivery.py_sync_rows),
+             (delivery.pull_round, delivery.py_pull_round),
+             (delivery.ack_feed, delivery.py_ack_feed),
              (keys_mod.dsend_copies, keys_mod.py_dsend_copies),
              (keys_mod.dsend_run, keys_mod.py_dsend_run),
              (batch_mod.finish_run, batch_mod.py_finish_run),
@@ -175,6 +178,119 @@ def test_pack_delivers(seq, n):
 def test_pack_delivers_refuses_bad_payloads(batch):
     assert isinstance(_same(*_both(delivery.py_pack_delivers),
                             1, batch, []), TypeError)
+
+
+class _Popper:
+    """A mailbox's ``pop_batch`` answering a set ``(seq, batch)`` once, then
+    ``(next seq, [])`` (what both twins of ``pull_round`` call)."""
+
+    def __init__(self, seq, batch):
+        self.answers = [(seq, batch)]
+        self.calls = []
+
+    def pop_batch(self, dev, max_n):
+        self.calls.append((dev, max_n))
+        if self.answers:
+            seq, batch = self.answers.pop()
+            return seq, batch[:max_n]
+        return seq, []
+
+
+_TAILS = [wire.py_deliver_tail(SENDER_PACKED, MID, b"b" * i, TS_PACKED, i & 1) for i in range(4)]
+
+
+@pytest.mark.parametrize("seq,batch,max_n", [
+    (1, [], 8),
+    (1, [(5, _TAILS[0])], 8),                       # one message: the relay's common pull
+    (9, [(i, t) for i, t in enumerate(_TAILS)], 8),
+    (9, [(i, t) for i, t in enumerate(_TAILS)], 2),  # popped no more than max_n
+    (3, [(0, _TAILS[1]), (7, _TAILS[2], b"\x96\xcd\x03\xee")], 8),  # a DDELIVER-shaped op last
+    (3, [(0, _TAILS[1]), (7, b"no timestamp")], 8),  # the newest tail has no ts_ms
+    (3, [(0, b"\x00" * 10)], 8),                   # ten bytes, no uint64 marker
+    (2**32 - 2, [(0, _TAILS[0])], 8),                # the last seq that fits
+    (2**32 - 2, [(0, _TAILS[0]), (1, _TAILS[1])], 8),  # past it: nothing appended
+    (1, [(0, "not bytes")], 8),                      # a bad payload: WrongType, as pack_delivers
+])
+def test_pull_round_twins_agree(seq, batch, max_n):
+    def run(fn):
+        def call(seq, batch):
+            popper = _Popper(seq, batch)
+            out = [b"queued before"]
+            inflight = collections.deque([99])
+            got = fn(popper, 7, out, inflight, max_n)
+            return got, out, list(inflight), popper.calls
+        return call
+
+    got = _same(*map(_run_or_none(run), _both(delivery.py_pull_round)), seq, batch)
+    if isinstance(got, Exception):
+        assert isinstance(got, TypeError) and any(type(p[1]) is not bytes for p in batch)
+        return
+    (n, held, ts_ms), out, inflight, calls = got
+    taken = batch[:max_n]
+    assert calls == [(7, max_n)]
+    if seq + len(taken) >= 2**32:
+        assert (n, held, ts_ms) == (-1, 0, -1) and out == [b"queued before"] and inflight == [99]
+        return
+    assert n == len(taken)
+    assert inflight == [99] + [p[0] for p in taken]
+    assert out[0] == b"queued before" and len(out) == 1 + n
+    # what the engine holds: each op past DELIVER's 7-byte head (+ the head's own)
+    assert held == sum(len(p[1]) + (len(p[2]) - 2 if len(p) == 3 else 0) for p in taken)
+    for i, p in enumerate(taken):
+        assert out[1 + i].endswith(p[1]) and int.from_bytes(
+            out[1 + i][-len(p[1]) - 4:-len(p[1])], "big") == seq + i
+    newest = taken[-1][1] if taken else b""
+    assert ts_ms == (TS if newest in _TAILS else -1)
+
+
+class _Acker:
+    """An engine's ``ack`` and ``pending`` answering set values, calls recorded."""
+
+    def __init__(self, released, queued):
+        self.released, self.queued, self.calls = released, queued, []
+
+    def ack(self, dev, upto):
+        self.calls.append(("ack", dev, upto))
+        return self.released
+
+    def pending(self, dev):
+        self.calls.append(("pending", dev))
+        return self.queued, 0
+
+
+@pytest.mark.parametrize("released,queued,inflight,seq,upto", [
+    (0, 0, [4, 5], 10, 11),          # the engine released nothing: nothing else moves
+    (2, 0, [4, 5], 10, 9),           # an ack below the feed's window
+    (2, 0, [4, 5], 10, 11),          # everything outstanding, nothing queued: all bytes go
+    (2, 3, [4, 5], 10, 11),          # everything outstanding, more queued: its share goes
+    (1, 0, [0, 0, 7], 10, 10),       # part of them: their share of the popped bytes
+    (3, 0, [0, 6, 0], 10, 40),       # an ack past the window takes what there is
+    (1, 0, [0], 1, 1),               # a signal: no stored row
+])
+def test_ack_feed_twins_agree(released, queued, inflight, seq, upto):
+    def run(fn):
+        def call():
+            router = _Acker(released, queued)
+            feed = delivery.Feed(None, 3, 30, "bob@example.org", "phone")
+            feed.inflight.extend(inflight)
+            feed.inflight_seq, feed.inflight_bytes, feed.qbytes = seq, 900, 1500
+            got = fn(router, feed, upto)
+            return (got, list(feed.inflight), feed.inflight_seq, feed.inflight_bytes,
+                    feed.qbytes, router.calls)
+        return call
+
+    got = _same(*map(_run_or_none(run), _both(delivery.py_ack_feed)))
+    (n, mids, freed), left, new_seq, held, qbytes, calls = got
+    k = min(upto - seq + 1, len(inflight))
+    assert calls[0] == ("ack", 3, upto)
+    if not released or k <= 0:
+        assert (n, mids, freed, left, new_seq, held, qbytes) == (0, [], 0, inflight, seq, 900, 1500)
+        return
+    assert n == released and new_seq == seq + k and left == inflight[k:]
+    assert mids == [m for m in inflight[:k] if m]
+    want = 900 * k // len(inflight) if left else (1500 if not queued else 900)
+    assert freed == want and held == 900 - min(want, 900) and qbytes == 1500 - want
+    assert (("pending", 3) in calls) == (not left)
 
 
 # -- SACKs ----------------------------------------------------------------------------

@@ -3,6 +3,8 @@
 #
 # Compiled twins of fastroute/relay/delivery.py (the specification):
 #   pack_delivers  = py_pack_delivers
+#   pull_round     = py_pull_round
+#   ack_feed       = py_ack_feed
 #   sync_rows      = py_sync_rows
 #   bytes_by_address = py_bytes_by_address
 #   devices_of     = py_devices_of
@@ -66,6 +68,81 @@ def pack_delivers(seq, list batch, list out):
         out.append(op)
         mids[i] = mid
     return mids
+
+
+def pull_round(object router, object dev, list out, object inflight, Py_ssize_t max_n):
+    """One round of ``Delivery.pull`` (see ``py_pull_round``): pop up to
+    ``max_n`` of ``dev``'s messages, pack a DELIVER each onto ``out``, their
+    mids onto ``inflight``; returns ``(n, held bytes, newest ts_ms or -1)``,
+    n -1 when their seqs would not fit 32 bits (nothing appended)."""
+    cdef object seq
+    cdef list batch
+    cdef Py_ssize_t n, i, start, k, held = 0
+    cdef object tail
+    cdef const unsigned char* t
+    cdef unsigned long long ts
+    seq, batch = router.pop_batch(dev, max_n)
+    n = PyList_GET_SIZE(batch)
+    if n == 0:
+        return 0, 0, -1
+    if seq + n >= (1 << 32):
+        return -1, 0, -1
+    start = PyList_GET_SIZE(out)
+    inflight.extend(pack_delivers(seq, batch, out))
+    for i in range(start, PyList_GET_SIZE(out)):
+        held += len(<object>PyList_GET_ITEM(out, i))
+    held -= 7 * n
+    # pack_delivers checked every item: a tuple whose [1] is bytes
+    tail = <object>PyTuple_GET_ITEM(<object>PyList_GET_ITEM(batch, n - 1), 1)
+    k = PyBytes_GET_SIZE(tail)
+    t = <const unsigned char*>PyBytes_AS_STRING(tail)
+    if k < 10 or t[k - 10] != 0xcf:
+        return n, held, -1
+    ts = (<unsigned long long>get_be32(t + k - 9) << 32) | get_be32(t + k - 5)
+    return n, held, ts
+
+
+def ack_feed(object router, object feed, object upto):
+    """The engine's side of a DACK of an online device (see ``py_ack_feed``):
+    returns ``(n released, mids of the stored ones, bytes freed)``."""
+    cdef object n = router.ack(feed.dev, upto)
+    cdef object inflight, mids, freed, held
+    cdef Py_ssize_t k, left, i, j
+    if not n:
+        return 0, [], 0
+    inflight = feed.inflight
+    left = len(inflight)
+    k = min(upto - feed.inflight_seq + 1, left)
+    if k <= 0:
+        return 0, [], 0
+    feed.inflight_seq += k
+    if k == left:
+        mids = list(inflight)
+        inflight.clear()
+    else:
+        popleft = inflight.popleft
+        mids = [popleft() for i in range(k)]
+    left -= k
+    # ephemeral copies have no stored row (mid 0): compacted in place
+    j = 0
+    for i in range(PyList_GET_SIZE(mids)):
+        m = <object>PyList_GET_ITEM(mids, i)
+        if m:
+            if j != i:
+                mids[j] = m
+            j += 1
+    if j != PyList_GET_SIZE(mids):
+        del mids[j:]
+    held = feed.inflight_bytes
+    if left:
+        freed = held * k // (k + left)
+    else:
+        freed = held
+        if not router.pending(feed.dev)[0]:
+            freed = feed.qbytes
+    feed.inflight_bytes = held - min(freed, held)
+    feed.qbytes -= freed
+    return n, mids, freed
 
 
 def sync_rows(object router, object dev, list rows, object routed, dict senders,

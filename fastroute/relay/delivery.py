@@ -41,8 +41,9 @@ if TYPE_CHECKING:
     from ..identity import Credential
     from ..store import Store
 
-__all__ = ["Delivery", "Feed", "LinkPort", "bytes_by_address", "pack_delivers",
-           "py_bytes_by_address", "py_pack_delivers", "py_sync_rows", "sync_rows"]
+__all__ = ["Delivery", "Feed", "LinkPort", "ack_feed", "bytes_by_address", "pack_delivers",
+           "pull_round", "py_ack_feed", "py_bytes_by_address", "py_pack_delivers",
+           "py_pull_round", "py_sync_rows", "sync_rows"]
 
 log = logging.getLogger("fastroute.relay")
 
@@ -85,6 +86,72 @@ def py_pack_delivers(seq: int, batch: list, out: list) -> list:
         mids.append(mid)
         seq += 1
     return mids
+
+
+def py_pull_round(router: Any, dev: int, out: list, inflight: deque,
+                  max_n: int) -> tuple[int, int, int]:
+    """One round of :meth:`Delivery.pull`: pop up to ``max_n`` of device
+    ``dev``'s messages, append a packed DELIVER per message to ``out``
+    (:func:`py_pack_delivers`) and its mid to ``inflight``.
+
+    Returns ``(n, held, ts_ms)``: how many were popped (-1: their seqs would
+    not fit 32 bits, nothing appended), the bytes the engine holds for them
+    until acked (their packed ops' lengths past DELIVER's 7-byte head), and
+    the relay's timestamp in the newest one's tail (-1 if it has none).
+    """
+    seq, batch = router.pop_batch(dev, max_n)
+    n = len(batch)
+    if not n:
+        return 0, 0, -1
+    if seq + n >= 1 << 32:
+        return -1, 0, -1
+    start = len(out)
+    inflight.extend(py_pack_delivers(seq, batch, out))
+    # a DELIVER tail ends with ts_ms (uint64) and cls
+    tail = batch[-1][1]
+    ts_ms = int.from_bytes(tail[-9:-1], "big") if len(tail) >= 10 and tail[-10] == 0xCF else -1
+    return n, sum(map(len, out[start:])) - 7 * n, ts_ms
+
+
+def py_ack_feed(router: Any, feed: Any, upto: int) -> tuple[int, list, int]:
+    """The engine's side of a DACK up to seq ``upto`` of an online device's
+    :class:`Feed`: release its messages in the engine, pop their mids from
+    ``feed.inflight`` and take their bytes off ``feed.inflight_bytes`` and
+    ``feed.qbytes``.
+
+    Returns ``(n, mids, freed)``: how many the engine released (0: nothing
+    else was done), the row ids of the stored ones among them (ephemeral
+    copies have none) and the bytes freed.
+    """
+    n = router.ack(feed.dev, upto)
+    if not n:
+        return 0, [], 0
+    inflight = feed.inflight
+    k = min(upto - feed.inflight_seq + 1, len(inflight))
+    if k <= 0:
+        return 0, [], 0
+    feed.inflight_seq += k
+    if k == len(inflight):
+        # the common ack: everything outstanding
+        mids = list(inflight)
+        inflight.clear()
+    else:
+        popleft = inflight.popleft
+        mids = [popleft() for _ in range(k)]
+    if not all(mids):
+        mids = list(filter(None, mids))
+    # popped bytes are known per pop batch, not per message: an ack of part
+    # of them frees its share (exact once all are acked)
+    if inflight:
+        freed = feed.inflight_bytes * k // (k + len(inflight))
+    else:
+        freed = feed.inflight_bytes
+        if not router.pending(feed.dev)[0]:
+            # nothing held at all: whatever estimate is left goes too
+            freed = feed.qbytes
+    feed.inflight_bytes -= min(freed, feed.inflight_bytes)
+    feed.qbytes -= freed
+    return n, mids, freed
 
 
 def py_sync_rows(router, dev, rows: list, routed, senders: dict, pack_sender):
@@ -202,6 +269,8 @@ _MAX_FANOUTS = 1024
 
 #: the implementations in use: compiled (``_delivery.pxi``) or the specifications above
 pack_delivers = twin(py_pack_delivers)
+pull_round = twin(py_pull_round)
+ack_feed = twin(py_ack_feed)
 sync_rows = twin(py_sync_rows)
 bytes_by_address = twin(py_bytes_by_address)
 devices_of = twin(py_devices_of)
@@ -436,34 +505,11 @@ class Delivery:
         feed = link.feed
         if feed is None:
             return
-        n = self.router.ack(feed.dev, upto)
+        # the engine and the feed's bookkeeping (one C call when compiled:
+        # every receiving client acks, most often a message or two at a time)
+        n, mids, freed = ack_feed(self.router, feed, upto)
         if not n:
             return
-        inflight = feed.inflight
-        k = min(upto - feed.inflight_seq + 1, len(inflight))
-        if k <= 0:
-            return
-        feed.inflight_seq += k
-        if k == len(inflight):
-            # the common ack: everything outstanding, taken in one C call
-            mids = list(inflight)
-            inflight.clear()
-        else:
-            popleft = inflight.popleft
-            mids = [popleft() for _ in range(k)]
-        if not all(mids):  # ephemeral copies have no stored row to delete
-            mids = list(filter(None, mids))  # in C: a pop batch of signals is all zeros
-        # popped bytes are known per pop batch, not per message: an ack of
-        # part of them frees its share (exact once all are acked)
-        if inflight:
-            freed = feed.inflight_bytes * k // (k + len(inflight))
-        else:
-            freed = feed.inflight_bytes
-            if not self.router.pending(feed.dev)[0]:
-                # nothing held at all: whatever estimate is left goes too
-                freed = feed.qbytes
-        feed.inflight_bytes -= min(freed, feed.inflight_bytes)
-        feed.qbytes -= freed
         self.queued_bytes -= freed
         self.delivered += n
         if mids:
@@ -857,38 +903,34 @@ class Delivery:
     def pull(self, feed: Feed) -> None:
         """Move a device's poppable messages into its link's outgoing ops."""
         link = feed.link
-        pop_batch = self.router.pop_batch
+        router = self.router
         out = link.out
-        mids = feed.inflight.extend
+        inflight = feed.inflight
         no_ts = feed.no_ts
         dev = feed.dev
         # Stop pulling while the socket's buffer is full: the messages stay
         # in the (bounded) mailbox and, past its capacity, in the store.
         while not link.paused:
-            seq, batch = pop_batch(dev, _POP_BATCH)
-            if not batch:
-                break
-            if seq + len(batch) >= 1 << 32:  # pragma: no cover - 4 G messages on one link
-                link.close(ErrorCode.OK, "sequence space exhausted; reconnect")
-                return
-            # one packed DELIVER per message, appended to out (in C when compiled)
+            # one packed DELIVER per message appended to out, its mid to
+            # inflight (one C call when compiled: a device online on a busy
+            # relay is pulled a message or two at a time, once per turn)
             start = len(out)
-            mids(pack_delivers(seq, batch, out))
-            # Latency from acceptance to this write, sampled once per pull:
-            # the newest message's tail ends with its ts_ms (uint64) and cls.
-            tail = batch[-1][1]
-            if len(tail) >= 10 and tail[-10] == 0xCF:
-                self.latency.observe(max(0.0, time.time()
-                                         - int.from_bytes(tail[-9:-1], "big") / 1000.0))
-            # what they hold in the engine until acked: their tails' lengths
-            feed.inflight_bytes += sum(map(len, out[start:])) - 7 * len(batch)
+            n, held, ts_ms = pull_round(router, dev, out, inflight, _POP_BATCH)
+            if n <= 0:
+                if n < 0:  # pragma: no cover - 4 G messages on one link
+                    link.close(ErrorCode.OK, "sequence space exhausted; reconnect")
+                break
+            if ts_ms >= 0:
+                # latency from acceptance to this write, sampled once per pull
+                self.latency.observe(max(0.0, time.time() - ts_ms / 1000.0))
+            feed.inflight_bytes += held
             if no_ts:
                 # header policy: the relay's timestamp is withheld; DELIVER v1
                 # is positional, so ts_ms stays, as 0 (same length)
                 for i in range(start, len(out)):
                     x = out[i]
                     out[i] = x[:-10] + _TS_ZERO + x[-1:]
-            if len(batch) < _POP_BATCH:
+            if n < _POP_BATCH:
                 break
 
     def resume(self, link: "LinkPort") -> None:
