@@ -9,7 +9,7 @@ UnknownAddress / UnknownDevice / UnknownGroup, and MailboxFull.
 
 from collections.abc import Iterable
 
-__all__ = ["Router", "MAX_MAILBOX_CAPACITY"]
+__all__ = ["DedupTable", "MAX_MAILBOX_CAPACITY", "Router"]
 
 #: Largest accepted ``mailbox_capacity``.
 MAX_MAILBOX_CAPACITY: int
@@ -113,27 +113,8 @@ class Router:
     def stats(self) -> dict[str, int]:
         """Counters only (devices, addresses, groups, queued, unacked, ...)."""
 
-# -- relay hot-path helpers (ext/fastroute/_wire.pxi, _gate.pxi); internal:
-# use them through the stage modules, which choose between them and their
-# Python specifications (fastroute/_compiled.py).
+# -- the dedup window (ext/fastroute/_dedup.pxi): the relay's and the client's
 
-def pack_frames(packed_ops: list[bytes], max_plaintext: int = 65519,
-                max_ops: int = 8192) -> list[bytes] | None:
-    """fastroute.wire.pack_frames for a list of exact bytes.
-
-    Same greedy split and bytes; None (nothing built) when an element is not
-    exactly bytes.  InvalidArgument for bad limits or an op too big for a frame.
-    """
-def pack_delivers(seq: int, batch: list[tuple[object, bytes]], out: list[bytes]) -> list[object]:
-    """Append one packed DELIVER per (mid, tail) to out, seqs from seq (uint32).
-
-    Returns the mids in order; OverflowError if a seq passes 2**32 - 1.
-    """
-def deliver_tail(sender_packed: bytes, cid: bytes, body: bytes, ts_packed: bytes,
-                 cls: int) -> bytes:
-    """The packed DELIVER fields after seq: from, id, body, ts_ms, cls (0 or 1)."""
-def sack_ok_op(cid: bytes) -> bytes:
-    """The packed SACK [17, cid, 0] for a 16-byte id."""
 class DedupTable:
     """Recently seen (sender, id) pairs and their codes; see fastroute.dedup.DedupWindow."""
     window_s: float
@@ -149,77 +130,14 @@ class DedupTable:
     def get(self, sender: str, cid: bytes) -> tuple[int, float] | None: ...
     def keys(self) -> list[tuple[str, bytes]]: ...
     def expire(self, now: float | None = ...) -> int: ...
-def stored_sacks(meta: list[tuple[str, bytes, bytes]], sender: str, dedup: DedupTable,
-                 now: float, out: list[bytes], ack_all: object) -> None:
-    """After a store commit: decide dedup entries, answer waiters, SACK-ok each message."""
-def route_items(meta: list[tuple[str, bytes, object]], mids: list[int]
-                ) -> list[tuple[str, tuple[int, bytes]]]:
-    """[(to, (mid, tail)) ...] from the relay's meta and the store's mids."""
-def decode_sends(plaintext: object, addr_ok: set[str]) -> list[tuple] | None:
-    """decode_client_frame's fast path: a frame of valid SENDs to cached recipients.
 
-    None for anything else (the caller decodes it the slow, precise way).
-    """
-class SendGate:
-    """What the SEND check reads of the relay (one per relay)."""
-    known: dict[str, list[int]]
-    dedup: DedupTable
-    consent: dict[str, frozenset[str]] | None
-    taps: list
-    count_error: object
-    sack_op: object
-    refusals: tuple[int, int, int, int]
-    blocks: dict[str, set[str]]
-    def __init__(self, known: dict[str, list[int]], dedup: DedupTable,
-                 consent: dict[str, frozenset[str]] | None, taps: list, count_error: object,
-                 sack_op: object, refusals: tuple[int, int, int, int],
-                 blocks: dict[str, set[str]]) -> None: ...
-class LinkGate:
-    """One link's sender as the SEND check sees it."""
-    link: object
-    out: list[bytes]
-    sender: str
-    sender_packed: bytes
-    provider: str
-    own: str
-    max_body: int
-    msg_bucket: object
-    byte_bucket: object
-    msg_tokens: float
-    byte_tokens: float
-    def __init__(self, link: object, out: list[bytes], sender: str, sender_packed: bytes,
-                 provider: str, max_body: int, msg_bucket: object,
-                 byte_bucket: object) -> None: ...
-def accept_sends(gate: SendGate, lg: LinkGate, sends: list[tuple], now: float, now_ms: int,
-                 ts_packed: bytes, store_items: list, meta: list) -> list | None:
-    """The relay's per-SEND gate loop; returns the ephemeral items (quota left in ``lg``)."""
-def decode_server_ops(plaintext: object, addr_ok: set[str]) -> list[tuple] | None:
-    """decode_server_frame's fast path: a frame of valid SACKs and DELIVERs.
+# -- the hot-path helpers of the stages and the client (the other .pxi parts)
+#
+# Internal: the stage modules choose between each and its Python
+# specification (fastroute/_compiled.py), and the specification is the
+# contract -- same results, same exception classes.  Each part's header names
+# them (``#   pull_round = py_pull_round`` in _delivery.pxi: the spec is
+# fastroute.relay.delivery.py_pull_round), and tests/test_twins.py checks the
+# pairs, tests/test_fastpath.py their answers.  They are not listed here.
 
-    None for anything else (the caller decodes it the slow, precise way).
-    """
-
-# -- client hot paths (ext/fastroute/_client.pxi) ------------------------------
-
-def pack_sends(pool: bytes, at: int, to_packed: bytes, bodies: list[bytes], cls: int,
-               target: object, pending: dict | None) -> tuple[list[bytes], list[bytes]]:
-    """Client.send_many's SEND ops: (ids from pool[at:], packed ops); pending[id] = (target, op)."""
-def pack_dsend(cid: bytes, to: str, entries: list | tuple, own: list | tuple,
-               room: int) -> bytes | None:
-    """Client.send_to_devices_nowait's one DSEND op if its copies weigh <= room, else None."""
-def dispatch_frame(plaintext: object, addr_ok: set[str], seen: DedupTable,
-                   inbox: object, pending: dict, batch_type: type, msg_type: type,
-                   client: object, dropped: object, refused: object,
-                   requests: dict | None = None, dev_type: type | None = None,
-                   group_type: type | None = None,
-                   on_reply: object = None) -> bool | None:
-    """Client._on_frame's loop for a frame of SACKs and DELIVERs (given ``requests``,
-    also accepted REPLYs, DDELIVERs and GDELIVERs); None (no effect) otherwise."""
-
-# -- MemoryStore loops (ext/fastroute/_memstore.pxi) ------------------------------
-
-def mem_put(items: list[tuple], msgs: dict, inbox: dict, first: int, ttl_ms: int,
-            mids: list[int]) -> None:
-    """Store (sender, id, body, ts_ms, device_keys) items from mid first on; mids gets each."""
-def mem_ack(box: dict, msgs: dict, mids: object) -> None:
-    """Drop mids from one device's inbox box, and unreferenced messages from msgs."""
+def __getattr__(name: str) -> object: ...

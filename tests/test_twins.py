@@ -102,3 +102,35 @@ def test_the_compiled_core_is_the_one_loaded_unless_switched_off():
     assert fastroute.COMPILED is (not _compiled.NO_EXTENSIONS)
     if fastroute.COMPILED:
         assert fastroute.Router.__module__ == "fastroute._core"
+
+
+def _stub_classes() -> dict[str, set[str]]:
+    """The classes ``fastroute/_core.pyi`` declares, and their declared members."""
+    import ast
+
+    tree = ast.parse((ROOT / "fastroute" / "_core.pyi").read_text())
+    out = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            out[node.name] = {n.name for n in node.body if isinstance(n, ast.FunctionDef)} | {
+                n.target.id for n in node.body
+                if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+    return out
+
+
+def test_the_stub_declares_the_engine_and_dedup_window_as_they_are():
+    # README sends readers to the stub for the engine's API: a method added,
+    # renamed or dropped on either implementation without the stub fails here
+    from fastroute import _model, dedup
+
+    classes = _stub_classes()
+    assert set(classes) == {"Router", "DedupTable"}
+    impls = {"Router": [_model.Router], "DedupTable": [dedup.DedupWindow]}
+    if fastroute.COMPILED:
+        for name in classes:
+            impls[name].append(getattr(_compiled.core, name))
+    for name, declared in classes.items():
+        for impl in impls[name]:
+            public = {n for n in dir(impl) if not n.startswith("_")}
+            public.discard("entries")  # the specification's own storage, not API
+            assert declared - {"__init__", "__len__"} == public, (name, impl)
