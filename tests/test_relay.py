@@ -323,6 +323,63 @@ def test_live_links_are_checked_against_the_trust_only_when_it_changed(loop, tmp
     run(loop, main())
 
 
+def test_a_silent_link_is_closed_when_idle_and_a_talking_one_is_not(loop, tmp_path):
+    # idle_timeout: a link the relay has not heard from for that long is
+    # closed with IDLE_TIMEOUT; any frame (a PING) moves its deadline
+    async def main():
+        async with world(tmp_path, idle_timeout=0.6) as w:
+            silent = await w.connect("alice@home", keepalive=None)
+            talker = await w.connect("bob@home", keepalive=None)
+            t0 = time.monotonic()
+            for _ in range(6):
+                await talker.ping()
+                await asyncio.sleep(0.2)
+            with pytest.raises(FastrouteError) as err:
+                await asyncio.wait_for(silent.recv(), 5)
+            assert err.value.code == ErrorCode.IDLE_TIMEOUT
+            assert time.monotonic() - t0 >= 0.6 - 0.05
+            await talker.ping()  # 1.2 s in, still open
+    run(loop, main())
+
+
+def test_the_upkeep_pass_looks_only_at_links_that_are_due(loop, tmp_path):
+    # every poll looked at every live link (a few comparisons each: with a
+    # million mostly idle links, a stall of a fraction of a second per poll);
+    # now a link waits for its idle deadline or its credential's expiry, and
+    # only a change of the trust walks them all
+    async def main():
+        async with world(tmp_path, idle_timeout=60) as w:
+            delivery = w.relay.delivery
+            walks = []
+            real = delivery.feeds
+            delivery.feeds = lambda: (walks.append(1), real())[1]
+            for i in range(8):
+                await w.connect(f"u{i}@home", keepalive=None)
+            eve = await w.connect("eve@acme", keepalive=None, now=int(time.time()) - 57, ttl_s=60)
+            await asyncio.sleep(0.3)  # a pass after the handshakes (which may reload the trust)
+            walks.clear()
+            await asyncio.sleep(0.6)  # twelve passes
+            assert walks == []
+            with pytest.raises(CredentialExpired):
+                await asyncio.wait_for(eve.recv(), 6)
+            assert walks == []
+            # short-lived links leave the heap as they fall due, or all at once
+            # when they outnumber those online: it stays bounded
+            for i in range(150):
+                c = await w.connect(f"s{i}@home", keepalive=None)
+                await c.close()
+                w.clients.remove(c)
+            await asyncio.sleep(0.2)
+            upkeep = w.relay.upkeep
+            assert len(upkeep._due) <= 2 * delivery.online_count() + 64
+            with Registry(os.path.join(w.data_dir, "registry.db")) as reg:
+                reg.revoke_device("u0@home", "phone")
+            with pytest.raises(CredentialRevoked):
+                await asyncio.wait_for(w.clients[0].recv(), 5)
+            assert walks  # a change of the trust: every live link checked
+    run(loop, main())
+
+
 @pytest.mark.parametrize("store", ["sqlite", "memory"])
 def test_slow_consumer_spills_to_store_and_catches_up_in_order(loop, store, tmp_path):
     async def main():

@@ -403,6 +403,8 @@ class Delivery:
         # id(targets) -> (targets, generation, feature, engine ids).
         self._fanouts: dict[int, tuple] = {}
         self._feeds_gen = 0
+        #: feeds attached since take_attached() last ran, once watched
+        self._attached: list[Feed] | None = None
         self._dirty: set = set()
         #: the writer's pending call, if one is scheduled
         self._flush_scheduled: asyncio.Handle | None = None
@@ -427,6 +429,25 @@ class Delivery:
         """The online devices' feeds."""
         return list(self._online.values())
 
+    def online_count(self) -> int:
+        """How many devices are online."""
+        return len(self._online)
+
+    def watch_attached(self) -> None:
+        """Keep the feeds attached from now on for :meth:`take_attached`
+        (the upkeep stage schedules each new link once, instead of walking
+        every link on every pass)."""
+        if self._attached is None:
+            self._attached = []
+
+    def take_attached(self) -> list[Feed]:
+        """The feeds attached since the last call (see :meth:`watch_attached`)."""
+        attached = self._attached
+        if not attached:
+            return []
+        self._attached = []
+        return attached
+
     # ---------------------------------------------------------- devices
     def feed_of(self, address: str, device: str) -> Feed | None:
         """The feed of an online device, or None."""
@@ -449,6 +470,8 @@ class Delivery:
         self._online[dev] = feed
         self._by_device[(address, device)] = feed
         self._feeds_gen += 1
+        if self._attached is not None:
+            self._attached.append(feed)
         self._by_address.setdefault(address, []).append(feed)
         return feed
 

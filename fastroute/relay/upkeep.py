@@ -11,6 +11,8 @@ pseudonymised traffic metadata to ``fastroute record``.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
 import os
 import time
@@ -21,7 +23,7 @@ from ..errors import AuthError, ErrorCode, InvalidArgument
 if TYPE_CHECKING:
     from ..media import MediaStore
     from ..store import Store
-    from .delivery import Delivery
+    from .delivery import Delivery, Feed
     from .gate import Gate
     from .keys import Keys
 
@@ -48,6 +50,11 @@ class Upkeep:
         self.keys = keys
         self._pruned_for: Any = None  # the Trust the device lists were last pruned against
         self._checked_for: Any = None  # the Trust every live link was last checked against
+        #: (monotonic time, tie, feed): when to look at a live link next -- its
+        #: idle deadline or its credential's expiry, whichever comes first
+        self._due: list[tuple[float, int, "Feed"]] = []
+        self._tie = itertools.count()
+        delivery.watch_attached()
         self._task: asyncio.Task | None = None
         #: called with the registry generation once its revocations reached live links
         self.on_applied: Callable[[int], None] | None = None
@@ -69,33 +76,71 @@ class Upkeep:
     def recheck_live(self) -> None:
         """Close links whose credential was revoked or has expired, or that went idle.
 
-        Runs every poll over every live link, so per link it is kept to a
-        few comparisons: a credential is checked against the trust (provider
-        and device revocations) only when the trust changed since the last
-        pass or the credential expired -- the trust is immutable, every link
-        online at the last pass was checked against it, and every link since
-        was verified against it at its handshake.
+        Runs every poll, so its work is kept to what is due: each live link
+        waits in a heap for its idle deadline or its credential's expiry,
+        whichever comes first, and is looked at then (a link that talked
+        meanwhile goes back with its new deadline).  A relay of a million
+        mostly idle links then spends nothing on them between deadlines,
+        where a walk over every link would hold the loop for a fraction of
+        a second each poll.  Only a change of the trust (a revocation or a
+        reload) checks every live link's credential against it -- the trust
+        is immutable, every link online at the last pass was checked against
+        it, and every link since was verified against it at its handshake.
         """
         gate = self.gate
         trust = gate.trust
-        changed = trust is not self._checked_for
+        delivery = self.delivery
         now = int(time.time())
-        idle_limit = time.monotonic() - self.config.idle_timeout
-        for feed in self.delivery.feeds():
+        now_m = time.monotonic()
+        idle_limit = now_m - self.config.idle_timeout
+        for feed in delivery.take_attached():
+            self._schedule(feed, now, now_m)
+        if trust is not self._checked_for:
+            for feed in delivery.feeds():
+                self._check(feed.link, now)
+            # (set once every link was looked at: a pass cut short checks all again)
+            self._checked_for = trust
+        due = self._due
+        taken = []
+        while due and due[0][0] <= now_m:
+            taken.append(heapq.heappop(due)[2])
+        for feed in taken:
             link = feed.link
+            if link.feed is not feed or not link.is_open():
+                continue  # offline since, or closed above: forgotten
             cred = link.cred
             assert cred is not None  # online links are authenticated
-            if changed or now >= cred.expires_at:
-                try:
-                    gate.check_live(cred, now)
-                except AuthError as exc:
-                    self.count_error(exc.code)
-                    link.close(exc.code, str(exc))
-                    continue
+            if now >= cred.expires_at and not self._check(link, now):
+                continue
             if link.last_rx < idle_limit:
                 link.close(ErrorCode.IDLE_TIMEOUT, "idle timeout")
-        # (set once every link was looked at: a pass cut short checks all again)
-        self._checked_for = trust
+                continue
+            self._schedule(feed, now, now_m)
+        if len(due) > 2 * delivery.online_count() + 64:
+            # links that went offline wait in the heap until their time;
+            # many short-lived links would pile up (holding their objects):
+            # start over from those online
+            self._due = []
+            for feed in delivery.feeds():
+                self._schedule(feed, now, now_m)
+
+    def _check(self, link: Any, now: int) -> bool:
+        """Check a live link's credential against the trust; close it if that fails."""
+        try:
+            self.gate.check_live(link.cred, now)
+        except AuthError as exc:
+            self.count_error(exc.code)
+            link.close(exc.code, str(exc))
+            return False
+        return True
+
+    def _schedule(self, feed: "Feed", now: int, now_m: float) -> None:
+        """Put a live link in the heap at its next deadline (idle or expiry)."""
+        link = feed.link
+        cred = link.cred
+        assert cred is not None  # online links are authenticated
+        at = min(link.last_rx + self.config.idle_timeout, now_m + max(0, cred.expires_at - now))
+        heapq.heappush(self._due, (at, next(self._tie), feed))
 
     async def _run(self) -> None:
         last_expire = 0.0
