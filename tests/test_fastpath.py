@@ -27,6 +27,7 @@ from fastroute.relay import delivery
 from fastroute.relay import gate as gate_mod
 from fastroute.relay import batch as batch_mod
 from fastroute.relay import keys as keys_mod
+from fastroute.relay import groups as groups_mod
 from fastroute.errors import (
     BodyTooLarge,
     ErrorCode,
@@ -96,6 +97,7 @@ def test_compiled_twins_loaded():
              (delivery.ack_feed, delivery.py_ack_feed),
              (keys_mod.dsend_copies, keys_mod.py_dsend_copies),
              (keys_mod.dsend_run, keys_mod.py_dsend_run),
+             (groups_mod.gsend_run, groups_mod.py_gsend_run),
              (batch_mod.finish_run, batch_mod.py_finish_run),
              (keys_mod.recipients_by_sender, keys_mod.py_recipients_by_sender),
              (gate_mod.field_set, gate_mod.py_field_set),
@@ -1638,6 +1640,79 @@ def test_dsend_run_twins(seed):
     stops, tokens, items, meta, _ = want
     assert tokens[0] >= 0 and tokens[1] >= 0
     assert len(meta) == sum(b - a for a, b in zip([0] + [x + 1 for x in stops], stops))
+
+
+def _gsend_run_case(fn, table, bucket, seed):
+    """A random frame of GSENDs through ``fn`` (py_gsend_run or its twin), run
+    after run as Groups.gsend_many calls it (skipping the op a run stops at):
+    where each run stopped, the tokens left, the items, the requests, the
+    dedup entries."""
+    rng = random.Random(seed)
+    sender, skip = "s@x.org", 3
+    groups = {}
+    senders = {}
+    for k in range(3):
+        gid = bytes([k]) * 16
+        g = groups_mod.Group(gid, rng.randrange(1, 5))
+        for member in rng.sample(["s@x.org", "r@x.org", "t@y.org"], rng.randrange(1, 4)):
+            g.members[member] = False
+        if rng.random() < 0.8:
+            g.buckets["x.org"] = bucket(1000.0, float(rng.randrange(0, 40)))
+        if rng.random() < 0.85:
+            targets = [("r@x.org", f"d{d}") for d in range(rng.randrange(0, 4))]
+            g.fanout[(sender, skip)] = (targets, [(t, 7) for t in targets])
+        if rng.random() < 0.85:
+            senders[(gid, sender, skip)] = (SENDER_PACKED + bytes([k]), f"#{k}:{sender}/3")
+        groups[gid] = g
+    groups[b"\xff" * 16] = None  # named, gone
+    refilled = {gid for gid in groups if rng.random() < 0.8}
+    seen = table(600.0, 1000)
+    ids = _ids(6, 7)
+    seen.begin(sender, ids[0], 0, 1.0)           # decided: a resend
+    seen.begin(sender, ids[1], PENDING, 1.0)     # in flight
+    ops = []
+    for _ in range(rng.randrange(1, 40)):
+        gid = rng.choice(list(groups) + [b"\xee" * 16])
+        g = groups.get(gid)
+        version = g.version if g is not None and rng.random() < 0.9 else 9
+        ops.append((1107, rng.choice(ids) if rng.random() < 0.2 else rng.randbytes(16), gid,
+                    version, bytes(rng.randrange(0, 60))))
+    buckets = [bucket(1000.0, float(rng.randrange(0, 60))) for _ in range(2)]
+    buckets.append(bucket(1e6, float(rng.randrange(0, 1500))))
+    items: list = []
+    meta: list = []
+    stops = []
+    i = 0
+    while i < len(ops):
+        i = fn(ops, i, {k: v for k, v in groups.items() if v is not None}, sender, "x.org", skip,
+               senders, refilled, buckets, seen, 2.0, TS, TS_PACKED, groups_mod.GDELIVER_HEAD,
+               items, meta, "link")
+        stops.append(i)
+        i += 1
+    tokens = [b.tokens for b in buckets] + [
+        g.buckets["x.org"].tokens for g in groups.values() if g is not None and g.buckets]
+    return stops, tokens, items, meta, sorted(seen.keys())
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_gsend_run_twins(seed):
+    # the compiled run takes exactly the ops the specification takes, stops
+    # where it stops and leaves the same tokens, items, requests and ids
+    want = _gsend_run_case(groups_mod.py_gsend_run, dedup.DedupWindow, gate_mod.PyTokenBucket,
+                           seed)
+    if _core is not None:
+        assert _gsend_run_case(_core.gsend_run, _core.DedupTable, _core.TokenBucket,
+                               seed) == want
+    stops, tokens, items, meta, _ = want
+    assert min(tokens) >= 0
+    assert len(items) == len(meta) == sum(
+        b - a for a, b in zip([0] + [x + 1 for x in stops], stops))
+    for (stored, cid, body, ts, dkeys), (link, mcid, (tail, head, targets)) in zip(items, meta):
+        assert stored.startswith("#") and ts == TS
+        assert mcid == cid and link == "link" and head == groups_mod.GDELIVER_HEAD
+        assert targets and dkeys == [(t, 7) for t in targets]
+        assert tail.startswith(SENDER_PACKED) and tail.endswith(body + TS_PACKED + b"\x00")
+        assert wire.py_deliver_tail(tail[:len(SENDER_PACKED) + 1], cid, body, TS_PACKED, 0) == tail
 
 
 @pytest.mark.parametrize("cids", [[], [MID], [bytes([i]) * 16 for i in range(40)],

@@ -57,6 +57,7 @@ include "_gate.pxi"
 include "_store.pxi"
 include "_delivery.pxi"
 include "_keys.pxi"
+include "_groups.pxi"
 include "_batch.pxi"
 include "_client.pxi"
 

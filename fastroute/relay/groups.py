@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import msgpack
 
 from .. import wire
+from .._compiled import twin
 from ..dedup import PENDING, DedupTable
 from ..errors import ErrorCode, GroupFull, NotInvited, StoreFailed
 from .gate import TokenBucket
@@ -55,7 +56,7 @@ if TYPE_CHECKING:
 __all__ = ["Group", "Groups", "GDELIVER_HEAD", "GEVENT_HEAD", "group_sender",
            "group_event_sender", "GEV_CREATED", "GEV_INVITED", "GEV_JOINED", "GEV_DECLINED",
            "GEV_ADDED", "GEV_REMOVED", "GEV_LEFT", "GEV_ADMIN", "GEV_DEVICE_JOINED",
-           "GEV_DEVICE_LEFT"]
+           "GEV_DEVICE_LEFT", "gsend_run", "py_gsend_run"]
 
 log = logging.getLogger("fastroute.relay")
 #: GSEND's opcode as a plain int (compared once per group request)
@@ -121,6 +122,64 @@ def pack_group_sender(sender: str) -> tuple[bytes, bytes]:
     address, _, did = tail.rpartition("/")
     return (GDELIVER_HEAD, msgpack.packb(bytes.fromhex(gid_hex)) + msgpack.packb(address)
             + msgpack.packb(int(did)))
+
+
+def py_gsend_run(ops: list, i: int, groups: dict, sender: str, provider: str, skip: int,
+                 senders: dict, refilled: set, buckets: list, dedup: Any, now: float,
+                 now_ms: int, ts_packed: bytes, head: bytes, items: list, meta: list,
+                 link: Any) -> int:
+    """The run of a frame's GSENDs, from ``ops[i]``, that :meth:`Groups.gsend_many`
+    accepts without a word to say: returns where the run stops (``len(ops)``
+    when it took them all), the op it stopped at untouched.
+
+    An op ``(opcode, id, group, version, body)`` is taken when its id is new
+    for ``sender`` in ``dedup``, its group (in ``groups``) has ``sender`` as a
+    member at the op's version, the group's bucket for ``provider`` was
+    refilled in this frame (its id in ``refilled``), the fan-out to the
+    member devices but the sending device ``skip`` is cached on the group and
+    is not empty, the sender's fields for the group are cached in ``senders``
+    (``(group, sender, skip) -> (packed fields, store sender)``), and the
+    group's bucket and ``buckets`` (the sender's group bucket, its link's
+    message and byte buckets) cover it.  Then one token of each (and the
+    body's bytes) are spent, the id is recorded PENDING at ``now``, its store
+    item is appended to ``items`` and ``(link, id, (GDELIVER tail, head,
+    targets))`` to ``meta``.  Any other op ends the run (the caller answers
+    it, or fills the caches, the precise way).  The specification of the
+    compiled ``gsend_run`` (``_groups.pxi``).
+    """
+    n = len(ops)
+    mine_bucket, msg_bucket, byte_bucket = buckets
+    while i < n:
+        _, cid, gid, version, body = ops[i]
+        if dedup.lookup(sender, cid, now) is not None:
+            break
+        g = groups.get(gid)
+        if g is None or version != g.version or sender not in g.members or gid not in refilled:
+            break
+        group_bucket = g.buckets.get(provider)
+        cached = g.fanout.get((sender, skip))
+        packed = senders.get((gid, sender, skip))
+        if group_bucket is None or cached is None or packed is None or not cached[0]:
+            break
+        size = len(body)
+        if (mine_bucket.tokens < 1 or group_bucket.tokens < 1
+                or msg_bucket.tokens < 1 or byte_bucket.tokens < size):
+            break
+        mine_bucket.tokens -= 1
+        group_bucket.tokens -= 1
+        msg_bucket.tokens -= 1
+        byte_bucket.tokens -= size
+        targets, dkeys = cached
+        sp, stored_sender = packed
+        dedup.begin(sender, cid, PENDING, now)
+        items.append((stored_sender, cid, body, now_ms, dkeys))
+        meta.append((link, cid, (wire.deliver_tail(sp, cid, body, ts_packed, 0), head, targets)))
+        i += 1
+    return i
+
+
+#: :func:`py_gsend_run`, compiled when the core is built
+gsend_run = twin(py_gsend_run)
 
 
 class Group:
@@ -671,8 +730,25 @@ class Groups:
         seen = dedup.lookup
         items, meta = batch.items, batch.meta
         taken = 0
+        buckets = [mine_bucket, msg_bucket, byte_bucket]
+        provider = link.provider
+        i, n = 0, len(ops)
         try:
-            for _, cid, gid, version, body in ops:
+            while i < n:
+                if mine is not None and not full:
+                    # the run of ops accepted without a word to say, compiled:
+                    # what a member's client sends for every group message
+                    k = gsend_run(ops, i, groups, sender, provider, mine.device_id,
+                                  self._senders, refilled, buckets, dedup, now, now_ms, ts,
+                                  GDELIVER_HEAD, items, meta, link)
+                    taken += k - i
+                    i = k
+                    if i == n:
+                        break
+                # the op the run stopped at: answered, or the caches it
+                # missed filled, here
+                _, cid, gid, version, body = ops[i]
+                i += 1
                 if seen(sender, cid, now) is not None and batch.resent(link, cid, now):
                     continue
                 g = groups.get(gid)

@@ -1,0 +1,66 @@
+# The groups stage's group send (GSEND) loop, compiled.  Part of
+# fastroute._core (included by _core.pyx after _wire.pxi and _dedup.pxi,
+# whose c_deliver_tail and dedup probes it calls).
+#
+# Compiled twins of fastroute/relay/groups.py (the specification):
+#   gsend_run      = py_gsend_run
+#
+# tests/test_fastpath.py runs both on the same inputs and compares.
+
+
+def gsend_run(list ops, Py_ssize_t i, dict groups, str sender, str provider, long skip,
+              dict senders, set refilled, list buckets, DedupTable dedup not None,
+              double now, object now_ms, bytes ts_packed, bytes head, list items,
+              list meta, object link):
+    """The run of a frame's GSENDs, from ``ops[i]``, accepted without a word to say;
+    returns where it stops (see ``fastroute.relay.groups.py_gsend_run``)."""
+    cdef Py_ssize_t n = PyList_GET_SIZE(ops), slot, at, size
+    cdef int seen, code
+    cdef Py_hash_t h
+    cdef object op, cid, gid, version, body, g, group_bucket, cached, packed
+    cdef object mine_bucket, msg_bucket, byte_bucket
+    cdef object targets, dkeys, sp, stored_sender
+    cdef double mine_t, group_t, msg_t, byte_t
+    mine_bucket, msg_bucket, byte_bucket = buckets
+    while i < n:
+        op = ops[i]
+        if not PyTuple_CheckExact(op) or PyTuple_GET_SIZE(op) != 5:
+            break  # the decoder's ops never stop here; the precise path answers
+        cid = <object>PyTuple_GET_ITEM(op, 1)
+        gid = <object>PyTuple_GET_ITEM(op, 2)
+        version = <object>PyTuple_GET_ITEM(op, 3)
+        body = <object>PyTuple_GET_ITEM(op, 4)
+        if not PyBytes_CheckExact(cid) or PyBytes_GET_SIZE(cid) != 16:
+            break
+        h = dedup_hash(sender, cid)
+        # the id's one probe: whether it was seen, and where to record it
+        slot = dedup.c_find(sender, cid, h, now, &seen, &code, &at)
+        if seen:
+            break
+        g = groups.get(gid)
+        if g is None or version != g.version or sender not in g.members or gid not in refilled:
+            break
+        group_bucket = g.buckets.get(provider)
+        cached = g.fanout.get((sender, skip))
+        packed = senders.get((gid, sender, skip))
+        if group_bucket is None or cached is None or packed is None or not cached[0]:
+            break
+        size = len(body)
+        mine_t = mine_bucket.tokens
+        group_t = group_bucket.tokens
+        msg_t = msg_bucket.tokens
+        byte_t = byte_bucket.tokens
+        if mine_t < 1.0 or group_t < 1.0 or msg_t < 1.0 or byte_t < <double>size:
+            break
+        mine_bucket.tokens = mine_t - 1.0
+        group_bucket.tokens = group_t - 1.0
+        msg_bucket.tokens = msg_t - 1.0
+        byte_bucket.tokens = byte_t - <double>size
+        targets, dkeys = cached
+        sp, stored_sender = packed
+        # nothing since c_find touched the table: slot and at still hold
+        dedup.c_record(sender, cid, h, DEDUP_PENDING, now, slot, at)
+        items.append((stored_sender, cid, body, now_ms, dkeys))
+        meta.append((link, cid, (c_deliver_tail(sp, cid, body, ts_packed, 0), head, targets)))
+        i += 1
+    return i
