@@ -13,7 +13,7 @@
 cdef bytes DDELIVER_HEAD_BYTES = b"\x98\xcd\x07\xd1"
 
 
-def dsend_copies(dict devs, list entries, long skip, str target, str stored_sender,
+def dsend_copies(dict devs, object entries, long skip, str target, str stored_sender,
                  bytes cid, object now_ms, bytes sp, bytes ts_packed, list items,
                  list copies):
     """Check a DSEND's entries against a device list; build its store items and copies.
@@ -22,9 +22,12 @@ def dsend_copies(dict devs, list entries, long skip, str target, str stored_send
     Slot) but ``skip``, each once and with its current registration id; then
     one store item and one routed copy per entry are appended.  False with
     nothing appended otherwise.  Device ids are 1..127 (checked by the
-    decoder), so "each once" is a 128-bit mask.
+    decoder), so "each once" is a 128-bit mask.  ``entries`` is a tuple (the
+    decoder's) or any sequence.
     """
-    cdef Py_ssize_t n = PyList_GET_SIZE(entries), i
+    # the decoder's tuple as it is: no copy per DSEND
+    cdef tuple ents = entries if PyTuple_CheckExact(entries) else tuple(entries)
+    cdef Py_ssize_t n = PyTuple_GET_SIZE(ents), i
     cdef unsigned long long seen[2]
     cdef long did
     cdef object entry, slot, body, name
@@ -34,7 +37,7 @@ def dsend_copies(dict devs, list entries, long skip, str target, str stored_send
     seen[0] = 0
     seen[1] = 0
     for i in range(n):
-        entry = entries[i]
+        entry = <object>PyTuple_GET_ITEM(ents, i)
         did = entry[0]
         if did < 1 or did > 127 or did == skip:
             return False
@@ -45,7 +48,7 @@ def dsend_copies(dict devs, list entries, long skip, str target, str stored_send
         if slot is None or slot.reg_id != entry[1]:
             return False
     for i in range(n):
-        entry = entries[i]
+        entry = <object>PyTuple_GET_ITEM(ents, i)
         body = entry[2]
         slot = devs[entry[0]]
         name = slot.name
@@ -64,14 +67,15 @@ def dsend_run(list ops, Py_ssize_t i, dict lists, dict reach, long skip, str sen
     ``ops`` are checked DSEND tuples ``(1004, id, to, more, entries, own)``
     (the decoder's: id 16 bytes, entries ``(device id 1..127, reg id, body)``).
     """
-    cdef Py_ssize_t n = PyList_GET_SIZE(ops), j, k, size, slot, at
+    cdef Py_ssize_t n = PyList_GET_SIZE(ops), j, k, size, slot, at, start
     cdef Py_ssize_t hbase = i, hend = i
     cdef double msg_tokens = tokens[0], byte_tokens = tokens[1]
     cdef int seen, code
     cdef Py_hash_t h
     cdef Py_hash_t hashes[DEDUP_BATCH]
     cdef object op, cid, to, entries, own, devs, e
-    cdef list op_items, copies, ents, owns
+    cdef list copies
+    cdef tuple ents, owns
     try:
         while i < n:
             op = ops[i]
@@ -106,31 +110,36 @@ def dsend_run(list ops, Py_ssize_t i, dict lists, dict reach, long skip, str sen
             entries = op[4]
             if not entries:
                 break
-            ents = list(entries)
-            owns = list(op[5])
-            op_items = []
+            # the decoder's tuples as they are (a copy of any other sequence)
+            ents = entries if PyTuple_CheckExact(entries) else tuple(entries)
+            own = op[5]
+            owns = own if PyTuple_CheckExact(own) else tuple(own)
+            # the op's store items go straight into items, taken back if it
+            # stops the run
+            start = PyList_GET_SIZE(items)
             copies = []
             devs = lists[to]
             if not dsend_copies(devs, ents, skip if to == sender else 0, to, stored_sender,
-                                cid, now_ms, sp, ts_packed, op_items, copies):
+                                cid, now_ms, sp, ts_packed, items, copies):
                 break
             if owns and (to == sender or not dsend_copies(
                     lists.get(sender, {}), owns, skip, sender, stored_sender, cid, now_ms,
-                    sp, ts_packed, op_items, copies)):
+                    sp, ts_packed, items, copies)):
+                del items[start:]
                 break
             size = 0
-            for j in range(PyList_GET_SIZE(ents)):
-                size += len(ents[j][2])
-            for j in range(PyList_GET_SIZE(owns)):
-                size += len(owns[j][2])
-            k = PyList_GET_SIZE(op_items)
+            for j in range(PyTuple_GET_SIZE(ents)):
+                size += len((<object>PyTuple_GET_ITEM(ents, j))[2])
+            for j in range(PyTuple_GET_SIZE(owns)):
+                size += len((<object>PyTuple_GET_ITEM(owns, j))[2])
+            k = PyList_GET_SIZE(items) - start
             if msg_tokens < k or byte_tokens < size:
+                del items[start:]
                 break
             msg_tokens -= k
             byte_tokens -= size
             # nothing since c_find touched the table: slot and at still hold
             dedup.c_record(sender, cid, h, DEDUP_PENDING, now, slot, at)
-            items.extend(op_items)
             meta.append((link, cid, (to, copies)))
             i += 1
     finally:

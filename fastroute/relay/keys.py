@@ -149,7 +149,7 @@ def pack_stored_sender(sender: str, features: frozenset[str]) -> Any:
     return (DDELIVER_HEAD, msgpack.packb(address) + msgpack.packb(int(rest)))
 
 
-def py_dsend_copies(devs: dict, entries: list, skip: int, target: str, stored_sender: str,
+def py_dsend_copies(devs: dict, entries: list | tuple, skip: int, target: str, stored_sender: str,
                     cid: bytes, now_ms: int, sp: bytes, ts_packed: bytes, items: list,
                     copies: list) -> bool:
     """The per-copy loop of a DSEND (compiled twin in ``_keys.pxi``).
