@@ -48,7 +48,9 @@ class DedupWindow:
     __slots__ = ("window_s", "max_entries", "entries", "_clock")
 
     def __init__(self, window_s: float = 600.0, max_entries: int = 1_000_000,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, presize: bool = False) -> None:
+        # presize: the compiled twin allocates its whole window at once (no
+        # growth stalls); a dict has nothing to allocate ahead
         if max_entries < 1:
             raise InvalidArgument("max_entries must be positive")
         if not window_s >= 0.0:

@@ -136,7 +136,8 @@ cdef class DedupTable:
     is accepted but not yet stored.  At most ``max_entries`` entries are
     kept, plus pending ones: the oldest decided one goes first, a pending
     one is never dropped (it moves to the young end instead).  Decided entries older than
-    ``window_s`` count as absent.
+    ``window_s`` count as absent.  ``presize`` allocates room for
+    ``max_entries`` at once instead of growing (the relay's tables).
     """
 
     cdef DSlot* slots
@@ -154,7 +155,8 @@ cdef class DedupTable:
     cdef object _clock
 
     def __cinit__(self, double window_s=600.0, Py_ssize_t max_entries=1_000_000,
-                  clock=None):
+                  clock=None, bint presize=False):
+        cdef Py_ssize_t cap = DEDUP_MIN_CAP
         if max_entries < 1:
             raise InvalidArgument("max_entries must be positive")
         if not window_s >= 0.0:
@@ -166,7 +168,14 @@ cdef class DedupTable:
             import time
             clock = time.monotonic
         self._clock = clock
-        self._alloc(DEDUP_MIN_CAP)
+        if presize:
+            # room for the whole window now: growing copies every entry and
+            # rebuilds the index at once, a stall of the relay's loop of
+            # ~45 ms at half a million entries.  The arrays are mapped, so a
+            # page costs memory only once an entry lands on it.
+            while cap < max_entries and cap < (1 << 30):
+                cap *= 2
+        self._alloc(cap)
 
     def __dealloc__(self):
         cdef long long pos

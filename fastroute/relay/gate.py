@@ -369,7 +369,8 @@ class Gate:
         self._count_error = count_error
         self.trust: identity.Trust = identity.Trust.load(registry)
         self._trust_version = registry.version()
-        self.dedup = DedupTable(config.dedup_window_s, config.dedup_max_entries)
+        self.dedup = DedupTable(config.dedup_window_s, config.dedup_max_entries,
+                                presize=True)
         #: address -> providers (or "*") whose users it accepts messages from
         self.consent: dict[str, frozenset[str]] = registry.consents()
         self.taps: list = []

@@ -258,7 +258,8 @@ class Groups:
         self.keys = keys
         self.delivery = delivery
         self.count_error = count_error
-        self.dedup = DedupTable(config.dedup_window_s, config.dedup_max_entries)
+        self.dedup = DedupTable(config.dedup_window_s, config.dedup_max_entries,
+                                presize=True)
         self.groups: dict[bytes, Group] = {}
         #: address -> ids of the groups it is a member of / invited to
         self.member_of: dict[str, set[bytes]] = {}

@@ -569,7 +569,8 @@ class Keys:
         self.gate = gate
         self.delivery = delivery
         self.count_error = count_error
-        self.dedup = DedupTable(config.dedup_window_s, config.dedup_max_entries)
+        self.dedup = DedupTable(config.dedup_window_s, config.dedup_max_entries,
+                                presize=True)
         register = delivery.store.register_device
         for slot in directory.by_name.values():
             slot.dkey = register(slot.address, slot.name)
