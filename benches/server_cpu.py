@@ -504,8 +504,8 @@ class Window(asyncio.Protocol):
             self._room = None
 
 
-async def pace(t0: float, sent: int, n: int, rate: float) -> int:
-    """How many sends are due now: a BATCH unpaced, else what ``rate`` allows so far.
+async def pace(t0: float, sent: int, n: int, rate: float, batch: int = BATCH) -> int:
+    """How many sends are due now: a ``batch`` unpaced, else what ``rate`` allows so far.
 
     Paced, the sender sleeps to the next PACE_TICK boundary when nothing is
     due, so both systems get the same bursts (``rate * PACE_TICK`` messages)
@@ -513,9 +513,9 @@ async def pace(t0: float, sent: int, n: int, rate: float) -> int:
     each server's cost per wakeup.
     """
     if not rate:
-        return min(BATCH, n - sent)
+        return min(batch, n - sent)
     now = time.monotonic()
-    k = min(BATCH, min(n, int((now - t0) * rate) + 1) - sent)
+    k = min(batch, min(n, int((now - t0) * rate) + 1) - sent)
     if k <= 0:
         ticks = int((now - t0) / PACE_TICK) + 1
         await asyncio.sleep(max(0.0, t0 + ticks * PACE_TICK - now))
@@ -606,7 +606,7 @@ async def fr_sender(cfg: dict, sock: socket.socket) -> None:
     sent, stalled = 0, ""
     try:
         while sent < n:
-            k = await pace(t0, sent, n, rate)
+            k = await pace(t0, sent, n, rate, cfg["batch"])
             if not k:
                 continue
             fut = client.send_many(to, [body] * k, ephemeral=ephemeral)
@@ -720,7 +720,7 @@ async def nats_sender(cfg: dict, sock: socket.socket) -> None:
     sent, stalled = 0, ""
     try:
         while sent < n:
-            k = await pace(t0, sent, n, rate)
+            k = await pace(t0, sent, n, rate, cfg["batch"])
             if not k:
                 continue
             if js is not None:
@@ -852,7 +852,8 @@ async def run_once(system: str, args: argparse.Namespace, ctx: dict) -> dict:
     try:
         server.start()
         base = {"kind": kind, "mode": mode, "port": server.port, "n": args.messages,
-                "window": args.window, "rate": args.rate, "storage": option}
+                "window": args.window, "rate": args.rate, "batch": args.batch,
+                "storage": option}
         if kind == "fastroute":
             base.update(server_key=server.server_key, to="r@home", **ctx["creds"])
         for role, sock in (("rx", socks[0]), ("tx", socks[1])):
@@ -962,7 +963,8 @@ def span(vals: list[float], fmt: str) -> str:
 def print_table(results: dict[str, list[dict]], args: argparse.Namespace) -> None:
     """Every pair: both systems' medians and ranges, then the fastroute/nats ratios."""
     print(f"\nserver CPU per delivered message: 1:1, {BODY_SIZE} B bodies, window "
-          f"{args.window}, {'rate ' + str(args.rate) + ' msg/s, ' if args.rate else ''}"
+          f"{args.window}, batch {args.batch}, "
+          f"{'rate ' + str(args.rate) + ' msg/s, ' if args.rate else ''}"
           f"N={args.messages} per run; median [min-max] of the complete runs")
     head = (f"{'pair':<27} {'system':<24} {'runs':>4} {'CPU us/msg':>22} {'delivered':>10} "
             f"{'wall s':>18} {'k msg/s':>8}  {'CPU ratio fr/nats':>21}")
@@ -1042,6 +1044,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="max messages sent but not yet received, both systems")
     ap.add_argument("--rate", type=float, default=0.0,
                     help="also pace both senders at this many msg/s (0: window only)")
+    ap.add_argument("--batch", type=int, default=BATCH,
+                    help="messages per send call, both systems (--batch 1 --window 1: "
+                         "one message at a time, as a chat client sends)")
     ap.add_argument("--time-limit", type=float, default=1200.0,
                     help="seconds; no new run starts after this")
     ap.add_argument("--only", default="",
@@ -1052,8 +1057,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.messages = min(args.messages, 20_000)
         args.runs = 1
-    if args.messages < 1 or args.runs < 1:
-        ap.error("--messages and --runs must be positive")
+    if args.messages < 1 or args.runs < 1 or args.batch < 1:
+        ap.error("--messages, --runs and --batch must be positive")
     only = [s for s in args.only.split(",") if s]
     if set(only) - set(SYSTEMS):
         ap.error(f"--only: unknown systems {sorted(set(only) - set(SYSTEMS))}")
