@@ -385,3 +385,20 @@ def test_a_blocker_at_its_backlog_cap_still_answers_as_unknown(tmp_path):
                              ("carol@home", "bob@acme"): ErrorCode.UNKNOWN_RECIPIENT,
                              ("carol@home", "nobody@acme"): ErrorCode.UNKNOWN_RECIPIENT}
     run("asyncio", main())
+
+
+@pytest.mark.parametrize("key_len", [16, 32, 64, 65, 100])
+def test_pair_digests_are_hmac_sha256_as_kept_on_disk(key_len):
+    # the digests are kept in the safety book across restarts: computed with
+    # the key's pads absorbed once, they must stay HMAC-SHA256 (RFC 2104),
+    # the bytes earlier relays wrote, for keys of any length
+    import hmac
+
+    from fastroute.relay.safety import _Generation
+
+    key = os.urandom(key_len)
+    g = _Generation(7, key)
+    for parts in [("alice@home", "bob@acme"), ("@acme", "eve@x.org"), ("", ""), ("ü@x", "y")]:
+        want = hmac.digest(key, "\x00".join(parts).encode(), "sha256")[:16]
+        assert g.digest(*parts) == want
+        assert g.digest(*parts) == want  # the absorbed pads are copied, never spent

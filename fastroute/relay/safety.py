@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import hmac
+import hashlib
 import logging
 import os
 import sqlite3
@@ -164,11 +164,19 @@ class SafetyBook:
 class _Generation:
     """One report window's key and what was recorded under it."""
 
-    __slots__ = ("gen", "key", "delivered", "reported", "per_provider")
+    __slots__ = ("gen", "key", "delivered", "reported", "per_provider", "_inner", "_outer")
 
     def __init__(self, gen: int, key: bytes) -> None:
         self.gen = gen
         self.key = key
+        # HMAC-SHA256 (RFC 2104) with the key's pads absorbed once: a digest
+        # is then two hash copies, not a MAC set up from the key (hmac.digest
+        # fetched and keyed OpenSSL's MAC on every call: 3.2 us against 1.4,
+        # once per stored message when senders send one at a time)
+        block = hashlib.sha256(key).digest() if len(key) > 64 else key
+        block = block.ljust(64, b"\x00")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in block))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in block))
         #: pair digest -> last delivery time (wall seconds)
         self.delivered: dict[bytes, int] = {}
         #: (reporter, sender) digests of the counted reports
@@ -177,7 +185,12 @@ class _Generation:
         self.per_provider: dict[bytes, int] = {}
 
     def digest(self, *parts: str) -> bytes:
-        return hmac.digest(self.key, "\x00".join(parts).encode(), "sha256")[:16]
+        """HMAC-SHA256 of the parts joined by NUL under this window's key, cut to 16 bytes."""
+        inner = self._inner.copy()
+        inner.update("\x00".join(parts).encode())
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()[:16]
 
 
 class Safety:
