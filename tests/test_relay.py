@@ -339,6 +339,15 @@ def test_a_silent_link_is_closed_when_idle_and_a_talking_one_is_not(loop, tmp_pa
             assert err.value.code == ErrorCode.IDLE_TIMEOUT
             assert time.monotonic() - t0 >= 0.6 - 0.05
             await talker.ping()  # 1.2 s in, still open
+            # a reload's idle timeout takes effect at once, for links already
+            # waiting on the longer one too
+            w.relay.config.idle_timeout = 60.0
+            later = await w.connect("carol@home", keepalive=None)
+            await asyncio.sleep(0.3)
+            w.relay.config.idle_timeout = 0.5  # what a SIGHUP reload sets
+            with pytest.raises(FastrouteError) as err:
+                await asyncio.wait_for(later.recv(), 3)
+            assert err.value.code == ErrorCode.IDLE_TIMEOUT
     run(loop, main())
 
 

@@ -54,6 +54,8 @@ class Upkeep:
         #: idle deadline or its credential's expiry, whichever comes first
         self._due: list[tuple[float, int, "Feed"]] = []
         self._tie = itertools.count()
+        #: the idle_timeout those deadlines were set with (a reload may change it)
+        self._idle_for = config.idle_timeout
         delivery.watch_attached()
         self._task: asyncio.Task | None = None
         #: called with the registry generation once its revocations reached live links
@@ -116,10 +118,13 @@ class Upkeep:
                 link.close(ErrorCode.IDLE_TIMEOUT, "idle timeout")
                 continue
             self._schedule(feed, now, now_m)
-        if len(due) > 2 * delivery.online_count() + 64:
+        if (len(due) > 2 * delivery.online_count() + 64
+                or self.config.idle_timeout != self._idle_for):
             # links that went offline wait in the heap until their time;
             # many short-lived links would pile up (holding their objects):
-            # start over from those online
+            # start over from those online -- as when a reload changed the
+            # idle timeout, which takes effect at once
+            self._idle_for = self.config.idle_timeout
             self._due = []
             for feed in delivery.feeds():
                 self._schedule(feed, now, now_m)
