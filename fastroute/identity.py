@@ -544,6 +544,17 @@ class Trust:
         if now >= cred.expires_at:
             raise CredentialExpired("credential expired")
 
+    def revoked_since(self, old: "Trust") -> tuple[frozenset[tuple[str, str]], frozenset[str]]:
+        """What may fail :meth:`check_live` here that passed against ``old``:
+        the ``(address, device)`` pairs revoked since, and the providers gone
+        or revoked since (their every credential).  A live link's credential
+        checked against ``old`` needs checking again only if it is named."""
+        providers = frozenset(
+            name for name, rec in old._providers.items()
+            if rec.revoked_at is None and (
+                name not in self._providers or self._providers[name].revoked_at is not None))
+        return self._revoked_devices - old._revoked_devices, providers
+
     def is_revoked(self, address: str, device: str) -> bool:
         """True if the device, or the whole provider of ``address``, is revoked."""
         if (address, device) in self._revoked_devices:

@@ -328,6 +328,33 @@ def test_check_live_follows_revocations(registry, key):
         registry.trust().check_live(c, NOW)
 
 
+def test_revoked_since_names_exactly_what_check_live_may_now_refuse(registry, key):
+    # the relay rechecks live links after a registry change by this diff: a
+    # device revoked since is named, a provider revoked or removed since is
+    # named, anything else (an enrolment, a quota, a restore) names nothing
+    other = ProviderKey.generate()
+    registry.add_provider("other.example", other.public_key)
+    t0 = registry.trust()
+    assert t0.revoked_since(t0) == (frozenset(), frozenset())
+    registry.revoke_device("ann@third.example", "phone")
+    registry.add_provider("fourth.example", ProviderKey.generate().public_key)
+    t1 = registry.trust()
+    assert t1.revoked_since(t0) == (frozenset({("ann@third.example", "phone")}), frozenset())
+    registry.revoke_provider("other.example")
+    t2 = registry.trust()
+    assert t2.revoked_since(t1) == (frozenset(), frozenset({"other.example"}))
+    assert t2.revoked_since(t0) == (frozenset({("ann@third.example", "phone")}),
+                                   frozenset({"other.example"}))
+    registry.restore_provider("other.example")
+    t3 = registry.trust()
+    assert t3.revoked_since(t2) == (frozenset(), frozenset())
+    registry.remove_provider("fourth.example")
+    assert registry.trust().revoked_since(t3) == (frozenset(), frozenset({"fourth.example"}))
+    # every credential the diff leaves out still passes where it passed
+    c = verify_credential(registry, cred(key, ttl_s=100), STATIC, NOW)
+    t3.check_live(c, NOW)
+
+
 def test_verify_argument_types(registry, key):
     with pytest.raises(WrongType):
         verify_credential(registry, cred(key), STATIC[:31], NOW)

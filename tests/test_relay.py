@@ -354,8 +354,9 @@ def test_a_silent_link_is_closed_when_idle_and_a_talking_one_is_not(loop, tmp_pa
 def test_the_upkeep_pass_looks_only_at_links_that_are_due(loop, tmp_path):
     # every poll looked at every live link (a few comparisons each: with a
     # million mostly idle links, a stall of a fraction of a second per poll);
-    # now a link waits for its idle deadline or its credential's expiry, and
-    # only a change of the trust walks them all
+    # now a link waits for its idle deadline or its credential's expiry, a
+    # device revocation checks that device's link, and only a provider gone
+    # or revoked checks them all
     async def main():
         async with world(tmp_path, idle_timeout=60) as w:
             delivery = w.relay.delivery
@@ -381,11 +382,26 @@ def test_the_upkeep_pass_looks_only_at_links_that_are_due(loop, tmp_path):
             await asyncio.sleep(0.2)
             upkeep = w.relay.upkeep
             assert len(upkeep._due) <= 2 * delivery.online_count() + 64
+            # a device revoked: its link is looked up and checked, no other
+            acme = await w.connect("mallory@acme", keepalive=None)
+            await asyncio.sleep(0.2)
+            gate = w.relay.gate
+            real_check, checked = gate.check_live, []
+            gate.check_live = lambda cred, now: (checked.append(cred.address),
+                                                 real_check(cred, now))[1]
             with Registry(os.path.join(w.data_dir, "registry.db")) as reg:
                 reg.revoke_device("u0@home", "phone")
             with pytest.raises(CredentialRevoked):
                 await asyncio.wait_for(w.clients[0].recv(), 5)
-            assert walks  # a change of the trust: every live link checked
+            await w.clients[1].ping()  # the others stay
+            assert checked == ["u0@home"]
+            # a provider revoked: every live link is checked, its own closed
+            with Registry(os.path.join(w.data_dir, "registry.db")) as reg:
+                reg.revoke_provider("acme")
+            with pytest.raises(CredentialRevoked):
+                await asyncio.wait_for(acme.recv(), 5)
+            assert {"mallory@acme", "u1@home", "u7@home"} <= set(checked)
+            await w.clients[1].ping()
     run(loop, main())
 
 

@@ -19,6 +19,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import AuthError, ErrorCode, InvalidArgument
+from ..identity import Trust
 
 if TYPE_CHECKING:
     from ..media import MediaStore
@@ -84,10 +85,12 @@ class Upkeep:
         meanwhile goes back with its new deadline).  A relay of a million
         mostly idle links then spends nothing on them between deadlines,
         where a walk over every link would hold the loop for a fraction of
-        a second each poll.  Only a change of the trust (a revocation or a
-        reload) checks every live link's credential against it -- the trust
-        is immutable, every link online at the last pass was checked against
-        it, and every link since was verified against it at its handshake.
+        a second each poll.  A change of the trust checks again the live
+        links it may fail: those of the devices revoked since the last pass
+        (a provider gone or revoked: every link) -- the trust is immutable,
+        every link online at the last pass was checked against the trust of
+        that pass, and every link since was verified at its handshake against
+        a trust at least as new.
         """
         gate = self.gate
         trust = gate.trust
@@ -97,9 +100,21 @@ class Upkeep:
         idle_limit = now_m - self.config.idle_timeout
         for feed in delivery.take_attached():
             self._schedule(feed, now, now_m)
-        if trust is not self._checked_for:
-            for feed in delivery.feeds():
-                self._check(feed.link, now)
+        old = self._checked_for
+        if trust is not old:
+            revoked = (trust.revoked_since(old)
+                       if isinstance(trust, Trust) and isinstance(old, Trust) else None)
+            if revoked is None or revoked[1]:
+                # the first pass, or a provider gone: every live link
+                for feed in delivery.feeds():
+                    self._check(feed.link, now)
+            else:
+                # a device revocation (what providers do every day) looks up
+                # the links of the devices it names, not every link
+                for address, device in revoked[0]:
+                    named = delivery.feed_of(address, device)
+                    if named is not None:
+                        self._check(named.link, now)
             # (set once every link was looked at: a pass cut short checks all again)
             self._checked_for = trust
         due = self._due
