@@ -555,6 +555,12 @@ class Trust:
                 name not in self._providers or self._providers[name].revoked_at is not None))
         return self._revoked_devices - old._revoked_devices, providers
 
+    def same_policies(self, old: "Trust") -> bool:
+        """True when this snapshot's providers (keys, quotas, header policies,
+        revocations of whole providers) and quarantines are ``old``'s: what
+        differs, if anything, is device revocations alone."""
+        return self._providers == old._providers and self.quarantined == old.quarantined
+
     def is_revoked(self, address: str, device: str) -> bool:
         """True if the device, or the whole provider of ``address``, is revoked."""
         if (address, device) in self._revoked_devices:

@@ -355,6 +355,26 @@ def test_revoked_since_names_exactly_what_check_live_may_now_refuse(registry, ke
     t3.check_live(c, NOW)
 
 
+def test_same_policies_tells_a_device_revocation_from_a_policy_change(registry, key):
+    # the relay re-applies quotas, header policies and quarantines to every
+    # bucket and live link only when one of them changed
+    t0 = registry.trust()
+    registry.revoke_device("ann@third.example", "phone")
+    t1 = registry.trust()
+    assert t1.same_policies(t0)
+    registry.add_provider("third.example", key.public_key, msgs_per_s=5)  # a quota
+    t2 = registry.trust()
+    assert not t2.same_policies(t1)
+    registry.add_provider("third.example", key.public_key, withhold=["ts_ms"])
+    t3 = registry.trust()
+    assert not t3.same_policies(t2)
+    registry.quarantine("spam@third.example", "reported")
+    t4 = registry.trust()
+    assert not t4.same_policies(t3)
+    registry.revoke_provider("third.example")
+    assert not registry.trust().same_policies(t4)
+
+
 def test_verify_argument_types(registry, key):
     with pytest.raises(WrongType):
         verify_credential(registry, cred(key), STATIC[:31], NOW)

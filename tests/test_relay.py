@@ -391,10 +391,12 @@ def test_the_upkeep_pass_looks_only_at_links_that_are_due(loop, tmp_path):
                                                  real_check(cred, now))[1]
             with Registry(os.path.join(w.data_dir, "registry.db")) as reg:
                 reg.revoke_device("u0@home", "phone")
+            walks.clear()
             with pytest.raises(CredentialRevoked):
                 await asyncio.wait_for(w.clients[0].recv(), 5)
             await w.clients[1].ping()  # the others stay
             assert checked == ["u0@home"]
+            assert walks == []  # nor does the gate walk the links for it
             # a provider revoked: every live link is checked, its own closed
             with Registry(os.path.join(w.data_dir, "registry.db")) as reg:
                 reg.revoke_provider("acme")

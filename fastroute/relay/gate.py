@@ -436,9 +436,14 @@ class Gate:
                 log.error("registry refused: %s", exc, extra={"event": "registry.refused"})
                 self._trust_version = version
                 return False
-            self.trust = trust
+            old, self.trust = self.trust, trust
             self._trust_version = version
-            self._apply_limits()
+            if not trust.same_policies(old):
+                # a quota, a header policy or a quarantine changed: every
+                # bucket and live link takes it.  A device revocation (what
+                # providers do every day) changes none of them, and this walks
+                # every device the relay has seen.
+                self._apply_limits()
             return True
         return False
 
