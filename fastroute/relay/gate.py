@@ -369,6 +369,8 @@ class Gate:
         self._count_error = count_error
         self.trust: identity.Trust = identity.Trust.load(registry)
         self._trust_version = registry.version()
+        #: a sender was quarantined here since the trust was last applied
+        self._quarantined_here = False
         self.dedup = DedupTable(config.dedup_window_s, config.dedup_max_entries,
                                 presize=True)
         #: address -> providers (or "*") whose users it accepts messages from
@@ -438,11 +440,13 @@ class Gate:
                 return False
             old, self.trust = self.trust, trust
             self._trust_version = version
-            if not trust.same_policies(old):
-                # a quota, a header policy or a quarantine changed: every
+            if self._quarantined_here or not trust.same_policies(old):
+                # a quota, a header policy or a quarantine changed (or a
+                # sender was quarantined here, ahead of the registry): every
                 # bucket and live link takes it.  A device revocation (what
                 # providers do every day) changes none of them, and this walks
                 # every device the relay has seen.
+                self._quarantined_here = False
                 self._apply_limits()
             return True
         return False
@@ -697,6 +701,10 @@ class Gate:
         if sender.score >= lim.quarantine_score:
             reason = f"abuse score {sender.score:.0f}" + (f" ({cause})" if cause else "")
             sender.quarantined = reason
+            # ahead of the registry: the next reload re-applies the trust's
+            # quarantines whatever else changed (an operator may lift it
+            # before the poll sees it recorded)
+            self._quarantined_here = True
             log.warning("a sender was quarantined (%s)", reason)
             # its live links screen their next SENDs at once, not after the
             # registry write comes back (rare: a scan of the links is fine)
