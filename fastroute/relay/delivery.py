@@ -429,10 +429,6 @@ class Delivery:
         """The online devices' feeds."""
         return list(self._online.values())
 
-    def online_count(self) -> int:
-        """How many devices are online."""
-        return len(self._online)
-
     def watch_attached(self) -> None:
         """Keep the feeds attached from now on for :meth:`take_attached`
         (the upkeep stage schedules each new link once, instead of walking

@@ -133,7 +133,7 @@ class Upkeep:
                 link.close(ErrorCode.IDLE_TIMEOUT, "idle timeout")
                 continue
             self._schedule(feed, now, now_m)
-        if (len(due) > 2 * delivery.online_count() + 64
+        if (len(due) > 2 * delivery.online + 64
                 or self.config.idle_timeout != self._idle_for):
             # links that went offline wait in the heap until their time;
             # many short-lived links would pile up (holding their objects):
