@@ -115,6 +115,7 @@ def test_compiled_twins_loaded():
              (gate_mod.TokenBucket, gate_mod.PyTokenBucket),
              (gate_mod.take_upto, gate_mod.py_take_upto),
              (gate_mod.give_back, gate_mod.py_give_back), (gate_mod.take_all, gate_mod.py_take_all),
+             (gate_mod.least, gate_mod.py_least),
              (client_mod._pack_sends, client_mod.py_pack_sends),
              (client_mod._pack_dsend, client_mod.py_pack_dsend),
              (client_mod._pack_dsends, client_mod.py_pack_dsends),

@@ -30,7 +30,7 @@ def test_bucket_refuses_without_charging_and_refills_at_rate():
     assert b.refill() == 3.0  # never above the burst
 
 
-def _bucket_run(cls, take_upto, give_back, take_all, seed: int) -> list:
+def _bucket_run(cls, take_upto, give_back, take_all, seed: int, least=gate.py_least) -> list:
     """A random life of three buckets (one unlimited, as the gate's provider
     layer without a quota) on a test clock: every answer and state."""
     rng = random.Random(seed)
@@ -38,7 +38,7 @@ def _bucket_run(cls, take_upto, give_back, take_all, seed: int) -> list:
     bs = (cls(2.0, 3.0, clk), cls(1000.0, 20000.0, clk), cls(1e18, 1e18, clk))
     out: list = []
     for _ in range(300):
-        step = rng.randrange(7)
+        step = rng.randrange(8)
         if step == 0:
             clk.t += rng.choice([0.0, 0.001, 0.37, 1.0, 50.0])
         elif step == 1:
@@ -54,8 +54,10 @@ def _bucket_run(cls, take_upto, give_back, take_all, seed: int) -> list:
         elif step == 5:
             b = rng.choice(bs[:2])
             b.rate, b.burst = rng.choice([(2.0, 3.0), (0.5, 10.0), (2000.0, 5.0)])
-        else:
+        elif step == 6:
             out.append(("refill", [b.refill() for b in bs]))
+        else:
+            out.append(("least", least(rng.choice([bs, bs[:2], bs[1:], bs[:1]]))))
         out.append([(b.tokens, b.stamp, b.rate, b.burst) for b in bs])
     return out
 
@@ -69,9 +71,12 @@ def test_token_bucket_twins_answer_alike(seed):
     if fastroute.COMPILED:
         assert gate.TokenBucket is not gate.PyTokenBucket
         assert _bucket_run(gate.TokenBucket, gate.take_upto, gate.give_back,
-                           gate.take_all, seed) == want
+                           gate.take_all, seed, gate.least) == want
     # the helpers on a mixture of both kinds of bucket: the same again
     pick = random.Random(seed).random
     mixed = _bucket_run(lambda *a: (gate.PyTokenBucket if pick() < 0.5 else gate.TokenBucket)(*a),
-                        gate.take_upto, gate.give_back, gate.take_all, seed)
+                        gate.take_upto, gate.give_back, gate.take_all, seed, gate.least)
     assert mixed == want
+    for fn in {gate.least, gate.py_least}:
+        with pytest.raises(ValueError):
+            fn(())

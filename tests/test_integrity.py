@@ -1010,3 +1010,50 @@ def test_offline_devices_budgets_are_pruned_only_once_a_fresh_one_would_equal_th
             got = await recv_n(bob, 22)
             assert got[0].body == b"hi" and got[-1].body == b"back"
     run(loop, main())
+
+
+def test_reads_that_wait_for_nothing_start_no_scheduler_turn(loop, tmp_path):
+    # every read arms the next turn (it starts the next count of ops), but a
+    # turn with no link waiting is not a scheduler turn: the loop-turn metric
+    # stays the turns that served waiting work, and the count is reset
+    async def main():
+        async with world(tmp_path) as w:
+            turns = w.relay.turns
+            a = await w.connect("alice@home")
+            b = await w.connect("bob@home")
+            count0 = turns.durations.count
+            for i in range(20):
+                await a.send("bob@home", b"m%d" % i)
+            assert [m.body for m in await recv_n(b, 20)] == [b"m%d" % i for i in range(20)]
+            await asyncio.sleep(0)
+            assert turns.used == 0 and not turns.armed
+            assert turns.durations.count == count0
+    run(loop, main())
+
+
+def test_a_link_short_of_a_whole_token_is_not_quiet_and_waits(loop, tmp_path):
+    # a quiet link's first frame skips a second look at the op budget: quiet
+    # must then mean a token in every bucket, not only half the burst (with
+    # a burst under 2 the two differ); a frame read short of a token waits
+    # for the refill, and is answered, not refused
+    async def main():
+        async with world(tmp_path) as w:
+            a = await w.connect("alice@home")
+            link = next(iter(ln for ln in w.relay.links if ln.address == "alice@home"))
+            bucket = link.budgets.ops[0]
+            bucket.rate, bucket.burst = 2.0, 1.5
+            bucket.refill()
+            bucket.tokens = 1.2
+            assert link.quiet()
+            bucket.refill()
+            bucket.tokens = 0.8  # over half the burst, under one token
+            assert not link.quiet()
+            refused0 = dict(w.relay.refused)
+            fut = a._loop.create_future()
+            a._pings[7] = fut
+            t0 = time.monotonic()
+            _raw(a, [wire.ping_op(7)])
+            await asyncio.wait_for(fut, 5)
+            assert time.monotonic() - t0 > 0.05  # it waited for the refill
+            assert dict(w.relay.refused) == refused0
+    run(loop, main())

@@ -13,6 +13,7 @@
 #   take_upto     = py_take_upto
 #   give_back     = py_give_back
 #   take_all      = py_take_all
+#   least         = py_least
 #
 # The Python versions are written line for line like these; keep the two in
 # step (tests/test_fastpath.py drives both with the same frames and compares
@@ -87,6 +88,20 @@ def take_upto(buckets, Py_ssize_t n):
             else:
                 b.tokens -= avail
     return avail
+
+
+def least(buckets):
+    """Refill every bucket of a layered budget; return the least any holds."""
+    cdef double low = 0.0, t
+    cdef bint first = True
+    for b in buckets:
+        t = bucket_refill(b)
+        if first or t < low:
+            low = t
+            first = False
+    if first:
+        raise ValueError("least() of no buckets")
+    return low
 
 
 def give_back(buckets, double n):

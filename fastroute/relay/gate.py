@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from .safety import Safety
 
 __all__ = ["Budgets", "Gate", "LinkGate", "PyLinkGate", "PySendGate", "SendGate", "Sender",
-           "TokenBucket", "give_back", "take_all", "take_upto",
+           "TokenBucket", "give_back", "least", "take_all", "take_upto",
            "accept_sends", "field_set", "py_accept_sends", "py_field_set", "py_route_items",
            "py_stored_sacks", "route_items", "stored_sacks"]
 
@@ -112,6 +112,20 @@ def py_take_upto(buckets: tuple, n: int) -> int:
     return avail
 
 
+def py_least(buckets: tuple) -> float:
+    """Refill every bucket of a layered budget; return the least any holds."""
+    low = 0.0
+    first = True
+    for b in buckets:
+        t = b.refill()
+        if first or t < low:
+            low = t
+            first = False
+    if first:
+        raise ValueError("least() of no buckets")
+    return low
+
+
 def py_give_back(buckets: tuple, n: float) -> None:
     """Return ``n`` tokens taken by :func:`take_upto` and not used (up to each burst)."""
     for b in buckets:
@@ -137,6 +151,7 @@ else:
 take_upto = twin(py_take_upto)
 give_back = twin(py_give_back)
 take_all = twin(py_take_all)
+least = twin(py_least)
 
 
 class Sender:
@@ -748,8 +763,8 @@ class Gate:
         throttle = budgets.sender.throttle
         if throttle is not None:
             msgs = msgs + (throttle,)
-        m0 = min([b.refill() for b in msgs])
-        b0 = min([b.refill() for b in nbytes])
+        m0 = least(msgs)
+        b0 = least(nbytes)
         lg.msg_tokens = m0
         lg.byte_tokens = b0
         refusals = self.consent_refusals

@@ -27,7 +27,7 @@ from .. import wire
 from ..errors import DecryptError, ErrorCode, FastrouteError, ProtocolError
 from ..histogram import LOOP_BUCKETS, Histogram
 from ..noise import FrameReader, HandshakeState, KeyPair, frame, seal_frames
-from .gate import give_back, take_upto
+from .gate import give_back, least, take_upto
 
 if TYPE_CHECKING:
     from ..identity import Credential
@@ -133,7 +133,7 @@ class Turns:
     """
 
     __slots__ = ("budget", "slice", "write", "used", "start", "queue", "fresh", "armed",
-                 "durations", "turning")
+                 "durations", "turning", "_loop")
 
     def __init__(self, budget: int, slice_s: float, write: Callable[[], None]) -> None:
         self.budget = budget
@@ -152,6 +152,9 @@ class Turns:
         #: how long each turn held the loop (the metrics' loop-health figure:
         #: what a quiet client's read may wait behind)
         self.durations = Histogram(LOOP_BUCKETS)
+        #: the running loop, looked up once: asyncio checks the process id
+        #: (a system call) on every lookup, and every read arms a turn
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def begin(self) -> None:
         """A link is about to process ops: the turn's clock starts with its first."""
@@ -177,12 +180,19 @@ class Turns:
     def _arm(self) -> None:
         if not self.armed:
             self.armed = True
-            asyncio.get_running_loop().call_soon(self._turn)
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
+            loop.call_soon(self._turn)
 
     def _turn(self) -> None:
-        t0 = time.perf_counter()
         self.armed = False
         self.used = 0
+        if not self.fresh and not self.queue:
+            # nothing waited: the turn only starts the next count (every read
+            # arms one; a quiet relay's turns are not scheduler turns)
+            return
+        t0 = time.perf_counter()
         # the writes of the turn count on its clock: they hold the loop too
         self.start = t0
         self.turning = True
@@ -392,10 +402,15 @@ class Link(asyncio.Protocol):
         quiet = budgets is None or self.quiet()
         checks = _OPS_CHUNK if quiet else _BY_COST
         clock = time.perf_counter
+        # a quiet link was just seen to hold a token in every bucket: its
+        # first frame needs no second look at the budget
+        looked = quiet
         while at < n or self.partial is not None:
             t_piece = 0.0 if quiet else clock()
             before = done
-            if (budgets is not None and self.state == _OPEN
+            if looked:
+                looked = False
+            elif (budgets is not None and self.state == _OPEN
                     and not (done and self.partial is not None) and self._budget_wait()):
                 # spent: its frames are not even decrypted (nor the rest of a
                 # frame's ops checked) until it refills
@@ -487,13 +502,14 @@ class Link(asyncio.Protocol):
 
     def quiet(self) -> bool:
         """Whether this link has spent little of its op budget lately (at most
-        half of every bucket's burst): a quiet client, whose read the fair
-        scheduler serves before the busy ones'."""
+        half of every bucket's burst, and a token left in each): a quiet
+        client, whose read the fair scheduler serves before the busy ones'."""
         budgets = self.budgets
         if budgets is None:
             return False  # a handshake's work waits its turn like any
         for bucket in budgets.ops:
-            if bucket.refill() < bucket.burst * 0.5:
+            tokens = bucket.refill()
+            if tokens < bucket.burst * 0.5 or tokens < 1.0:
                 return False
         return True
 
@@ -741,7 +757,7 @@ class Link(asyncio.Protocol):
         if budgets is None:
             return 1 << 30
         assert self.sends is not None
-        return int(min([b.refill() for b in budgets.ops])) - len(self.sends)
+        return int(least(budgets.ops)) - len(self.sends)
 
     def _take_sends(self, sends: list) -> int:
         """Queue decoded SENDs for the gate (at the end of this share); return how many."""
