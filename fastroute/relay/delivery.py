@@ -961,7 +961,11 @@ class Delivery:
     def mark(self, link: "LinkPort") -> None:
         """Have ``link`` flush its outgoing ops at the end of this loop turn."""
         self._dirty.add(link)
-        self.wake()
+        # :meth:`wake`'s body: twice a message (the sender's SACK, the
+        # recipient's DELIVER), one call less each
+        if self._flush_scheduled is None:
+            assert self._loop is not None
+            self._flush_scheduled = self._loop.call_soon(self._flush)
 
     def wake(self) -> None:
         """Schedule the writer for the end of this loop turn."""

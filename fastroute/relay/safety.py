@@ -350,7 +350,10 @@ class Safety:
         if self.window <= 0:
             return
         now = int(self.clock())
-        g = self._generation(self._gen_of(now))
+        gen = int(now // self.window)
+        g = self._gens.get(gen)
+        if g is None:
+            g = self._generation(gen)
         seen = g.delivered
         pending = self._pending
         for to in recipients:
