@@ -844,8 +844,15 @@ class Gate:
         dedup = self.dedup
         sender = link.address
         try:
-            exc = fut.exception() if not fut.cancelled() else FastrouteError(
-                "store closed", code=ErrorCode.STORE_FAILED)
+            # one call for the common answer (the memory store's, a message at
+            # a time, comes here for every read); a refusal is the exception
+            try:
+                mids = fut.result()
+                exc: BaseException | None = None
+            except asyncio.CancelledError:
+                exc = FastrouteError("store closed", code=ErrorCode.STORE_FAILED)
+            except Exception as refused:  # noqa: BLE001 - any refusal is answered alike
+                exc = refused
             if exc is not None:
                 delivery.persisted(None, 0)
                 code = int(getattr(exc, "code", ErrorCode.STORE_FAILED))
@@ -854,7 +861,6 @@ class Gate:
                     # refused, so not remembered: the sender may retry the same id
                     self.ack_all(link, cid, code, dedup.forget(sender, cid))
                 return
-            mids = fut.result()
             delivery.persisted(route_items(meta, mids), mids[-1])
             self.accepted += len(meta)
             young = self._young
