@@ -62,6 +62,7 @@ __all__ = [
     "HandshakeState",
     "frame",
     "seal_frames",
+    "py_seal_frames",
     "FrameReader",
 ]
 
@@ -536,7 +537,7 @@ def frame(msg: bytes) -> bytes:
 _LEN_PREFIX = tuple(n.to_bytes(2, "big") for n in range(MAX_MESSAGE_LEN + 1))
 
 
-def seal_frames(cipher: "CipherState", plaintexts: list[bytes]) -> list[bytes]:
+def py_seal_frames(cipher: "CipherState", plaintexts: list[bytes]) -> list[bytes]:
     """Encrypt each plaintext and frame it, as buffers for ``transport.writelines``.
 
     Returns ``[len1, ct1, len2, ct2, ...]``: the length prefixes are shared
@@ -605,9 +606,11 @@ class PyFrameReader:
         return f"<FrameReader buffered={len(self._buf)}>"
 
 
-# the implementation in use: compiled (every read of every link goes through
-# it, on the relay and in the client) or the specification above
+# the implementations in use: compiled (every read and every write of every
+# link goes through them, on the relay and in the client) or the
+# specifications above
 if TYPE_CHECKING:
     FrameReader = PyFrameReader
 else:
     FrameReader = twin(PyFrameReader)
+seal_frames = twin(py_seal_frames)

@@ -21,7 +21,7 @@ import msgpack
 import pytest
 
 import fastroute
-from fastroute import _compiled, store, wire
+from fastroute import _compiled, noise, store, wire
 from fastroute import client as client_mod
 from fastroute.relay import delivery
 from fastroute.relay import gate as gate_mod
@@ -116,6 +116,7 @@ def test_compiled_twins_loaded():
              (gate_mod.take_upto, gate_mod.py_take_upto),
              (gate_mod.give_back, gate_mod.py_give_back), (gate_mod.take_all, gate_mod.py_take_all),
              (gate_mod.least, gate_mod.py_least),
+             (noise.seal_frames, noise.py_seal_frames), (noise.FrameReader, noise.PyFrameReader),
              (client_mod._pack_sends, client_mod.py_pack_sends),
              (client_mod._pack_dsend, client_mod.py_pack_dsend),
              (client_mod._pack_dsends, client_mod.py_pack_dsends),

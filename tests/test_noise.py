@@ -564,3 +564,60 @@ def test_seal_frames_gives_length_prefixed_ciphertexts_a_peer_can_read():
     msgs = reader.feed(b"".join(bufs))
     assert [rx.decrypt(m) for m in msgs] == [b"", b"a" * 100, b"b" * 65519]
     assert [len(b) for b in bufs[::2]] == [2, 2, 2]
+
+
+def _seal_life(seal, make) -> list:
+    """A cipher's life through ``seal``: every output, error and nonce after."""
+    from fastroute.noise import MAX_NONCE
+
+    key = bytes(range(1, 33))
+    out: list = []
+    cipher = make(key)
+    cases = [[], [b""], [b"x" * 40], [b"a" * 100, b"b" * 7, b""], [b"c" * 65519],
+             [bytearray(b"not bytes"), memoryview(b"nor this")], [b"d" * 65520],
+             [b"e", "a str"], [b"f" * 3]]
+    for plaintexts in cases:
+        try:
+            out.append(seal(cipher, plaintexts))
+        except Exception as exc:
+            out.append((type(exc).__name__, str(exc), getattr(exc, "code", None)))
+        out.append(cipher.n)
+    # at the end of the nonce space: the last usable nonce, then the refusal
+    cipher.n = MAX_NONCE - 1
+    for plaintexts in ([b"g"], [b"h"]):
+        try:
+            out.append(seal(cipher, plaintexts))
+        except Exception as exc:
+            out.append((type(exc).__name__, str(exc)))
+        out.append(cipher.n)
+    return out
+
+
+def test_seal_frames_twins_seal_alike():
+    # every frame the relay and the client write goes through seal_frames; the
+    # compiled one builds the nonce itself for a CipherState: same bytes, same
+    # nonces after, same errors (a plaintext too large, of another type, the
+    # nonce space spent) as the specification
+    from fastroute import _compiled, noise
+
+    want = _seal_life(noise.py_seal_frames, CipherState)
+    assert noise.seal_frames is (_compiled.compiled_twin(noise.py_seal_frames)
+                                 or noise.py_seal_frames)
+    assert _seal_life(noise.seal_frames, CipherState) == want
+
+    class Counting(CipherState):
+        __slots__ = ("calls",)
+
+        def __init__(self, key: bytes) -> None:
+            super().__init__(key)
+            self.calls = 0
+
+        def encrypt(self, plaintext, ad=b""):
+            self.calls += 1
+            return super().encrypt(plaintext, ad)
+
+    # a subclass's own encrypt is called, as the specification calls it
+    assert _seal_life(noise.seal_frames, Counting) == want
+    c = Counting(bytes(32))
+    noise.seal_frames(c, [b"1", b"2"])
+    assert c.calls == 2
