@@ -1,0 +1,239 @@
+"""The relay's own work for one message per read, without the kernel in the figure.
+
+A chat client sends one message and waits for its SACK; its recipient's
+client acknowledges what it got.  Per message the relay then runs its whole
+read path for a frame of one op: decrypt, decode, the gate, the store, the
+route, and the writer's two flushes (the SACK to the sender, the DELIVER to the
+recipient), each encrypted.  ``server_cpu.py --batch 1 --window 1`` measures
+that over loopback TCP, where the system calls and the wake-ups of four
+processes move the figure by a fifth from run to run; this bench measures the
+relay's part alone, in one process: a relay and two clients connect over
+loopback for real (handshakes, credentials), then the relay's two links get a
+transport that keeps what is written, and the bench feeds the sender's link
+frames sealed with the sender's own link keys, one message per read, letting
+the loop run its callbacks between reads as it would (the scheduler's turn,
+the writer).  Every ``--ack-every`` messages the recipient's link reads a DACK
+of all it was sent.
+
+Figures are microseconds of the relay's work per message (wall time of one
+process with nothing else to run; ``time.process_time`` agrees within a few
+per cent).  ``--relay-path OTHER_TREE`` runs that checkout's relay the same way
+in turns with this one (each run a process of its own), for a ratio measured
+under the same noise::
+
+    PYTHONPATH=. python benches/read_path.py --runs 6 --relay-path ../baseline
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is a dependency
+    uvloop = None
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from server_cpu import _UNBOUND_LIMITS  # noqa: E402
+
+from fastroute import Client, Relay, RelayConfig, wire  # noqa: E402
+from fastroute.config import Limits  # noqa: E402
+from fastroute.identity import ProviderKey, Registry, issue_credential  # noqa: E402
+from fastroute.noise import KeyPair, seal_frames  # noqa: E402
+
+
+class _Kept:
+    """A transport that keeps the byte count of what the relay writes."""
+
+    def __init__(self, real: asyncio.Transport) -> None:
+        self.real = real
+        self.written = 0
+        self.writes = 0
+
+    def writelines(self, bufs: list) -> None:
+        self.writes += 1
+        self.written += sum(len(b) for b in bufs)
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        self.written += len(data)
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def __getattr__(self, name: str):
+        return getattr(self.real, name)
+
+
+def _sealed(client: Client, ops: list[bytes]) -> bytes:
+    """``ops`` as the bytes ``client`` would put on its link (its keys, its nonces)."""
+    return b"".join(seal_frames(client._tx, wire.pack_frames(ops)))
+
+
+async def _measure(messages: int, ack_every: int, ephemeral: bool, store: str) -> dict:
+    known = getattr(Limits, "__dataclass_fields__", {})
+    # every rate limit lifted, and the sender an established one: most
+    # messages a relay carries are not from addresses created this week
+    # (a young sender's screen is the gate bench's to measure)
+    limits = Limits(**{k: v for k, v in dict(_UNBOUND_LIMITS, new_sender_age_s=0.0).items()
+                       if k in known})
+    with tempfile.TemporaryDirectory() as data:
+        pkey = ProviderKey.generate()
+        with Registry(os.path.join(data, "registry.db")) as reg:
+            reg.add_provider("home", pkey.public_key)
+        relay = Relay(RelayConfig(port=0, data_dir=data, store=store, require_consent=False,
+                                  limits=limits))
+        await relay.start()
+        try:
+            async def connect(address: str) -> Client:
+                kp = KeyPair.generate()
+                cred = issue_credential(pkey, "home", address, "phone", kp.public)
+                return await Client.connect("127.0.0.1", relay.port, credential=cred,
+                                            static=kp, keepalive=None)
+
+            alice = await connect("alice@home")
+            bob = await connect("bob@home")
+            await alice.send("bob@home", b"hello")
+            await bob.recv()
+            # bob's client acknowledges it on its own: that DACK must be in before
+            # the bench seals frames with bob's keys (their nonces follow it)
+            deadline = time.monotonic() + 10
+            while relay.delivery.delivered < 1:
+                if time.monotonic() > deadline:
+                    raise SystemExit("the first message was never acknowledged")
+                await asyncio.sleep(0.01)
+            links = {ln.address: ln for ln in relay.links}
+            a_link, b_link = links["alice@home"], links["bob@home"]
+            a_out, b_out = _Kept(a_link.transport), _Kept(b_link.transport)
+            a_link.transport, b_link.transport = a_out, b_out
+            body = os.urandom(100)
+            cls = wire.CLS_EPHEMERAL if ephemeral else wire.CLS_PERSISTENT
+            # the frames are made before the clock starts: the client's work is not timed
+            reads = [_sealed(alice, [wire.send_op(os.urandom(16), "bob@home", body, cls)])
+                     for _ in range(messages)]
+            delivered0 = relay.delivery.delivered
+            acks = {}
+            upto = 1  # bob acknowledged the first message's seq 1 already (or will)
+            for i in range(ack_every, messages + 1, ack_every):
+                acks[i] = _sealed(bob, [wire.dack_op(upto + i)])
+            feed_a, feed_b = a_link.data_received, b_link.data_received
+            pause = asyncio.sleep
+            # as ``fastroute serve`` runs it: start-up's objects frozen out of
+            # the collector's scans, the young generation collected rarely
+            gc.collect()
+            gc.freeze()
+            await pause(0)
+            t0 = time.perf_counter()
+            c0 = time.process_time()
+            for i, data_in in enumerate(reads, 1):
+                feed_a(data_in)
+                await pause(0)  # the turn and the writer run, as after a real read
+                ack = acks.get(i)
+                if ack is not None:
+                    feed_b(ack)
+                    await pause(0)
+            wall = time.perf_counter() - t0
+            cpu = time.process_time() - c0
+            await asyncio.sleep(0.05)
+            result = {
+                "us_per_msg": wall / messages * 1e6,
+                "cpu_us_per_msg": cpu / messages * 1e6,
+                "sender_writes": a_out.writes, "recipient_writes": b_out.writes,
+                "sacked_bytes": a_out.written, "delivered_bytes": b_out.written,
+                "acked": relay.delivery.delivered - delivered0,
+                "refused": sum(relay.refused.values()),
+            }
+            a_link.transport, b_link.transport = a_out.real, b_out.real
+            return result
+        finally:
+            await relay.close()
+
+
+def _child(args: argparse.Namespace) -> None:
+    gc.set_threshold(50_000, 20, 100)  # fastroute serve's setting (relay/server.py)
+    run = uvloop.run if uvloop is not None else asyncio.run
+    out = run(_measure(args.messages, args.ack_every, args.ephemeral, args.store))
+    print(json.dumps(out))
+
+
+def _spawn(tree: str, args: argparse.Namespace) -> dict:
+    env = dict(os.environ)
+    script = os.path.abspath(__file__)
+    if tree:
+        # that checkout's relay, driven by this bench (the same harness for both)
+        env["PYTHONPATH"] = os.path.abspath(tree)
+    cmd = [sys.executable, "-P", script, "--child", "--messages", str(args.messages),
+           "--ack-every", str(args.ack_every), "--store", args.store]
+    if args.ephemeral:
+        cmd.append("--ephemeral")
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise SystemExit(f"run failed ({tree or 'this tree'}):\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    ap.add_argument("--messages", type=int, default=8000)
+    ap.add_argument("--ack-every", type=int, default=8,
+                    help="the recipient's link reads a DACK every N messages")
+    ap.add_argument("--runs", type=int, default=8)
+    ap.add_argument("--ephemeral", action="store_true", help="signals (cls 1), not stored")
+    ap.add_argument("--store", default="memory", choices=("memory", "sqlite"))
+    ap.add_argument("--relay-path", default="",
+                    help="a checkout whose relay to run in turns with this one's")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    # whole rounds of DACKs: the last one acknowledges the last message
+    args.messages -= args.messages % args.ack_every
+    if args.child:
+        _child(args)
+        return
+    trees = [("this tree", "")] + ([("baseline", args.relay_path)] if args.relay_path else [])
+    figures: dict[str, list[float]] = {name: [] for name, _ in trees}
+    for r in range(args.runs):
+        # alternated (ABBA): a drift of the machine's speed hits both alike
+        order = trees if r % 2 == 0 else trees[::-1]
+        for name, tree in order:
+            got = _spawn(tree, args)
+            if got["acked"] != args.messages or got["refused"]:
+                raise SystemExit(f"{name}: {got['acked']} of {args.messages} acked, "
+                                 f"{got['refused']} refused: the run did not deliver")
+            figures[name].append(got["us_per_msg"])
+            print(f"run {r + 1} {name:9s} {got['us_per_msg']:7.2f} us a message "
+                  f"(cpu {got['cpu_us_per_msg']:.2f}; writes {got['sender_writes']} to the "
+                  f"sender, {got['recipient_writes']} to the recipient)", flush=True)
+    kind = "ephemeral" if args.ephemeral else f"{args.store} store"
+    print(f"\none SEND a read, {kind}, {args.messages} messages, DACK every {args.ack_every}:")
+    for name, values in figures.items():
+        print(f"  {name:9s} median {statistics.median(values):7.2f} us a message, "
+              f"least {min(values):.2f} (runs: {', '.join(f'{v:.2f}' for v in values)})")
+    if args.relay_path:
+        # the least too: on a shared machine a run is only ever slowed down
+        ratios = [f(figures["this tree"]) / f(figures["baseline"])
+                  for f in (statistics.median, min)]
+        # and round by round: the two runs of a round ran back to back, under
+        # the same phase of the host's load
+        paired = statistics.median(m / b for m, b in zip(figures["this tree"],
+                                                         figures["baseline"]))
+        print(f"  this tree / baseline: {ratios[0]:.3f} (medians), {ratios[1]:.3f} (least), "
+              f"{paired:.3f} (median of the rounds' ratios)")
+
+
+if __name__ == "__main__":
+    main()
