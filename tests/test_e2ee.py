@@ -941,3 +941,72 @@ def test_bye_right_after_dsends_still_gets_every_reply(loop, tmp_path):
             bodies = sorted([(await recv_msg(a1)).body for _ in ids])
             assert bodies == sorted(b"%d" % i for i in range(20))
     run(loop, main())
+
+
+class _Ticks:
+    """Loop iterations, counted by a callback that runs once in each."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self._loop = asyncio.get_running_loop()
+        self._handle = self._loop.call_soon(self._tick)
+
+    def _tick(self) -> None:
+        self.n += 1
+        self._handle = self._loop.call_soon(self._tick)
+
+    def stop(self) -> None:
+        self._handle.cancel()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_per_device_send_is_answered_and_delivered_in_the_iteration_of_its_read(
+        loop, tmp_path):
+    # the per-device sends of a turn are stored together at its end, among
+    # the loop's callbacks; with the memory store the answer and the copies
+    # are written right there, not a loop iteration later (a poll and its
+    # wait between a read and its answer), as a SEND's are
+    async def main():
+        async with world(tmp_path, store="memory") as w:
+            a = await e2ee(w, "alice@home", "phone", 11)
+            b = await e2ee(w, "bob@home", "phone", 21)
+            links = {ln.address: ln for ln in w.relay.links}
+            ticks = _Ticks()
+            seen: dict = collections.defaultdict(list)
+
+            class Reader:
+                def __init__(self, name, real):
+                    self.name, self.real = name, real
+
+                def feed(self, data):
+                    seen[self.name + " read"].append(ticks.n)
+                    return self.real.feed(data)
+
+            class Writes:
+                def __init__(self, name, real):
+                    self.name, self.real = name, real
+
+                def writelines(self, bufs):
+                    seen[self.name + " write"].append(ticks.n)
+                    self.real.writelines(bufs)
+
+                def __getattr__(self, attr):
+                    return getattr(self.real, attr)
+
+            for name, ln in links.items():
+                ln.reader = Reader(name, ln.reader)
+                ln.transport = Writes(name, ln.transport)
+            try:
+                for op in ("SEND", "DSEND"):
+                    seen.clear()
+                    if op == "SEND":
+                        await a.send("bob@home", b"plain")
+                    else:
+                        await a.send_to_devices("bob@home", [(b.did, 21, b"sealed")])
+                    assert (await recv_msg(b)).body in (b"plain", b"sealed")
+                    read = seen["alice@home read"][0]
+                    assert seen["alice@home write"][0] - read <= 1, (op, dict(seen))
+                    assert seen["bob@home write"][0] - read <= 1, (op, dict(seen))
+            finally:
+                ticks.stop()
+    run(loop, main())

@@ -107,6 +107,10 @@ class TurnBatch:
         fut = self.delivery.persist(items)
         if fut.done():  # the memory store answers at once: no hop through the loop
             self._stored(meta, fut)
+            # nor one for the writer: this runs among the loop's callbacks,
+            # where the writer it woke would run a loop iteration later (a
+            # poll, and the wait, between a read and its answer and copies)
+            self.delivery.write_pending()
         else:
             fut.add_done_callback(lambda f: self._stored(meta, f))
 
