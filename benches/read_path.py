@@ -85,53 +85,78 @@ def _sealed(client: Client, ops: list[bytes]) -> bytes:
     return b"".join(seal_frames(client._tx, wire.pack_frames(ops)))
 
 
-async def _measure(messages: int, ack_every: int, ephemeral: bool, store: str) -> dict:
+async def _measure(op: str, devices: int, messages: int, ack_every: int, ephemeral: bool,
+                   store: str) -> dict:
     known = getattr(Limits, "__dataclass_fields__", {})
     # every rate limit lifted, and the sender an established one: most
     # messages a relay carries are not from addresses created this week
     # (a young sender's screen is the gate bench's to measure)
     limits = Limits(**{k: v for k, v in dict(_UNBOUND_LIMITS, new_sender_age_s=0.0).items()
                        if k in known})
+    features = ("e2ee",) if op == "dsend" else ()
     with tempfile.TemporaryDirectory() as data:
         pkey = ProviderKey.generate()
         with Registry(os.path.join(data, "registry.db")) as reg:
             reg.add_provider("home", pkey.public_key)
         relay = Relay(RelayConfig(port=0, data_dir=data, store=store, require_consent=False,
-                                  limits=limits))
+                                  limits=limits, prekey_fetch_burst=1e6))
         await relay.start()
         try:
-            async def connect(address: str) -> Client:
+            async def connect(address: str, device: str) -> Client:
                 kp = KeyPair.generate()
-                cred = issue_credential(pkey, "home", address, "phone", kp.public)
-                return await Client.connect("127.0.0.1", relay.port, credential=cred,
-                                            static=kp, keepalive=None)
+                cred = issue_credential(pkey, "home", address, device, kp.public)
+                client = await Client.connect("127.0.0.1", relay.port, credential=cred,
+                                              static=kp, keepalive=None, features=features)
+                if features:
+                    await client.publish_keys(
+                        1, os.urandom(33), (1, os.urandom(33), os.urandom(64)),
+                        (2, os.urandom(1569), os.urandom(64)))
+                return client
 
-            alice = await connect("alice@home")
-            bob = await connect("bob@home")
-            await alice.send("bob@home", b"hello")
-            await bob.recv()
-            # bob's client acknowledges it on its own: that DACK must be in before
-            # the bench seals frames with bob's keys (their nonces follow it)
+            alice = await connect("alice@home", "phone")
+            bobs = [await connect("bob@home", f"d{i}") for i in range(devices)]
+            body = os.urandom(100)
+            # a first message to every device (and its DACK, which the clients
+            # send on their own): the seqs the bench's DACKs follow
+            if op == "dsend":
+                listed = await alice.devices("bob@home")
+                entries = [(d, r, body) for d, r in listed]
+                await alice.send_to_devices_nowait("bob@home", entries)[1]
+            else:
+                await alice.send("bob@home", b"hello")
+            seq0 = [(await b.recv()).seq for b in bobs]
             deadline = time.monotonic() + 10
-            while relay.delivery.delivered < 1:
+            while relay.delivery.delivered < devices:
                 if time.monotonic() > deadline:
                     raise SystemExit("the first message was never acknowledged")
                 await asyncio.sleep(0.01)
-            links = {ln.address: ln for ln in relay.links}
-            a_link, b_link = links["alice@home"], links["bob@home"]
-            a_out, b_out = _Kept(a_link.transport), _Kept(b_link.transport)
-            a_link.transport, b_link.transport = a_out, b_out
-            body = os.urandom(100)
+            a_link = next(ln for ln in relay.links if ln.address == "alice@home")
+            b_links = {ln.cred.device: ln for ln in relay.links
+                       if ln.address == "bob@home"}
+            a_out = _Kept(a_link.transport)
+            a_link.transport = a_out
+            b_outs = []
+            for i in range(devices):
+                link = b_links[f"d{i}"]
+                b_outs.append(_Kept(link.transport))
+                link.transport = b_outs[-1]
             cls = wire.CLS_EPHEMERAL if ephemeral else wire.CLS_PERSISTENT
             # the frames are made before the clock starts: the client's work is not timed
-            reads = [_sealed(alice, [wire.send_op(os.urandom(16), "bob@home", body, cls)])
-                     for _ in range(messages)]
+            if op == "dsend":
+                reads = [_sealed(alice, [wire.dsend_op(os.urandom(16), "bob@home", False,
+                                                       entries, [])])
+                         for _ in range(messages)]
+            else:
+                reads = [_sealed(alice, [wire.send_op(os.urandom(16), "bob@home", body, cls)])
+                         for _ in range(messages)]
             delivered0 = relay.delivery.delivered
-            acks = {}
-            upto = 1  # bob acknowledged the first message's seq 1 already (or will)
+            # every ack_every messages, each device's DACK of all it was sent
+            acks: dict[int, list] = {}
             for i in range(ack_every, messages + 1, ack_every):
-                acks[i] = _sealed(bob, [wire.dack_op(upto + i)])
-            feed_a, feed_b = a_link.data_received, b_link.data_received
+                acks[i] = [(b_links[f"d{k}"].data_received,
+                            _sealed(b, [wire.dack_op(seq0[k] + i)]))
+                           for k, b in enumerate(bobs)]
+            feed_a = a_link.data_received
             pause = asyncio.sleep
             # as ``fastroute serve`` runs it: start-up's objects frozen out of
             # the collector's scans, the young generation collected rarely
@@ -145,7 +170,11 @@ async def _measure(messages: int, ack_every: int, ephemeral: bool, store: str) -
                 await pause(0)  # the turn and the writer run, as after a real read
                 ack = acks.get(i)
                 if ack is not None:
-                    feed_b(ack)
+                    # a DACK follows its DELIVER: a per-device send's may go out a
+                    # loop iteration after its read (stored at the end of the turn)
+                    await pause(0)
+                    for feed_b, dack in ack:
+                        feed_b(dack)
                     await pause(0)
             wall = time.perf_counter() - t0
             cpu = time.process_time() - c0
@@ -153,12 +182,16 @@ async def _measure(messages: int, ack_every: int, ephemeral: bool, store: str) -
             result = {
                 "us_per_msg": wall / messages * 1e6,
                 "cpu_us_per_msg": cpu / messages * 1e6,
-                "sender_writes": a_out.writes, "recipient_writes": b_out.writes,
-                "sacked_bytes": a_out.written, "delivered_bytes": b_out.written,
+                "sender_writes": a_out.writes,
+                "recipient_writes": sum(o.writes for o in b_outs),
+                "answered_bytes": a_out.written,
+                "delivered_bytes": sum(o.written for o in b_outs),
                 "acked": relay.delivery.delivered - delivered0,
                 "refused": sum(relay.refused.values()),
             }
-            a_link.transport, b_link.transport = a_out.real, b_out.real
+            a_link.transport = a_out.real
+            for i, o in enumerate(b_outs):
+                b_links[f"d{i}"].transport = o.real
             return result
         finally:
             await relay.close()
@@ -167,7 +200,8 @@ async def _measure(messages: int, ack_every: int, ephemeral: bool, store: str) -
 def _child(args: argparse.Namespace) -> None:
     gc.set_threshold(50_000, 20, 100)  # fastroute serve's setting (relay/server.py)
     run = uvloop.run if uvloop is not None else asyncio.run
-    out = run(_measure(args.messages, args.ack_every, args.ephemeral, args.store))
+    out = run(_measure(args.op, args.devices, args.messages, args.ack_every, args.ephemeral,
+                       args.store))
     print(json.dumps(out))
 
 
@@ -178,7 +212,8 @@ def _spawn(tree: str, args: argparse.Namespace) -> dict:
         # that checkout's relay, driven by this bench (the same harness for both)
         env["PYTHONPATH"] = os.path.abspath(tree)
     cmd = [sys.executable, "-P", script, "--child", "--messages", str(args.messages),
-           "--ack-every", str(args.ack_every), "--store", args.store]
+           "--ack-every", str(args.ack_every), "--store", args.store, "--op", args.op,
+           "--devices", str(args.devices)]
     if args.ephemeral:
         cmd.append("--ephemeral")
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -193,6 +228,10 @@ def main() -> None:
     ap.add_argument("--ack-every", type=int, default=8,
                     help="the recipient's link reads a DACK every N messages")
     ap.add_argument("--runs", type=int, default=8)
+    ap.add_argument("--op", default="send", choices=("send", "dsend"),
+                    help="SEND (one body for every device of the recipient) or DSEND "
+                         "(a ciphertext per device: what an end-to-end encrypted client sends)")
+    ap.add_argument("--devices", type=int, default=1, help="the recipient's devices")
     ap.add_argument("--ephemeral", action="store_true", help="signals (cls 1), not stored")
     ap.add_argument("--store", default="memory", choices=("memory", "sqlite"))
     ap.add_argument("--relay-path", default="",
@@ -211,15 +250,17 @@ def main() -> None:
         order = trees if r % 2 == 0 else trees[::-1]
         for name, tree in order:
             got = _spawn(tree, args)
-            if got["acked"] != args.messages or got["refused"]:
-                raise SystemExit(f"{name}: {got['acked']} of {args.messages} acked, "
+            if got["acked"] != args.messages * args.devices or got["refused"]:
+                raise SystemExit(f"{name}: {got['acked']} of {args.messages * args.devices} "
+                                 f"copies acked, "
                                  f"{got['refused']} refused: the run did not deliver")
             figures[name].append(got["us_per_msg"])
             print(f"run {r + 1} {name:9s} {got['us_per_msg']:7.2f} us a message "
                   f"(cpu {got['cpu_us_per_msg']:.2f}; writes {got['sender_writes']} to the "
                   f"sender, {got['recipient_writes']} to the recipient)", flush=True)
     kind = "ephemeral" if args.ephemeral else f"{args.store} store"
-    print(f"\none SEND a read, {kind}, {args.messages} messages, DACK every {args.ack_every}:")
+    print(f"\none {args.op.upper()} a read to {args.devices} device(s), {kind}, "
+          f"{args.messages} messages, DACK every {args.ack_every}:")
     for name, values in figures.items():
         print(f"  {name:9s} median {statistics.median(values):7.2f} us a message, "
               f"least {min(values):.2f} (runs: {', '.join(f'{v:.2f}' for v in values)})")
