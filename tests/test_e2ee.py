@@ -12,6 +12,7 @@ import asyncio
 import collections
 import os
 import signal
+import traceback
 
 import msgpack
 import pytest
@@ -1009,4 +1010,34 @@ def test_a_per_device_send_is_answered_and_delivered_in_the_iteration_of_its_rea
                     assert seen["bob@home write"][0] - read <= 1, (op, dict(seen))
             finally:
                 ticks.stop()
+    run(loop, main())
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_reads_do_not_look_the_loop_up(loop, tmp_path, monkeypatch):
+    # asyncio.get_running_loop() checks the process id, a system call, on
+    # every lookup: the relay's per-read paths (the scheduler's turn, the
+    # turn's store batch) keep the loop they found the first time
+    async def main():
+        async with world(tmp_path, store="memory") as w:
+            a = await e2ee(w, "alice@home", "phone", 11)
+            b = await e2ee(w, "bob@home", "phone", 21)
+            await a.send("bob@home", b"warm")
+            await a.send_to_devices("bob@home", [(b.did, 21, b"warm")])
+            for _ in range(2):
+                await recv_msg(b)
+            calls = collections.Counter()
+            real = asyncio.get_running_loop
+
+            def counted():
+                calls[traceback.extract_stack(limit=2)[0].filename] += 1
+                return real()
+            monkeypatch.setattr(asyncio, "get_running_loop", counted)
+            for i in range(30):
+                await a.send("bob@home", b"s%d" % i)
+                await a.send_to_devices("bob@home", [(b.did, 21, b"d%d" % i)])
+            for _ in range(60):
+                await recv_msg(b)
+            relay_calls = {f: n for f, n in calls.items() if "/relay/" in f}
+            assert sum(relay_calls.values()) <= 4, relay_calls
     run(loop, main())

@@ -78,6 +78,9 @@ class TurnBatch:
         self.items: list = []
         self.meta: list = []
         self._scheduled = False
+        #: the running loop, looked up once: asyncio checks the process id
+        #: (a system call) on every lookup, and every read of these sends adds
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def resent(self, link: "LinkPort", cid: bytes, now: float) -> bool:
         """True when ``cid`` was seen from this sender: a decided one is answered
@@ -96,7 +99,10 @@ class TurnBatch:
         link.storing += n
         if not self._scheduled:
             self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._persist)
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
+            loop.call_soon(self._persist)
 
     def _persist(self) -> None:
         self._scheduled = False
