@@ -86,7 +86,7 @@ def _sealed(client: Client, ops: list[bytes]) -> bytes:
 
 
 async def _measure(op: str, devices: int, messages: int, ack_every: int, ephemeral: bool,
-                   store: str) -> dict:
+                   store: str, batch: int = 1) -> dict:
     known = getattr(Limits, "__dataclass_fields__", {})
     # every rate limit lifted, and the sender an established one: most
     # messages a relay carries are not from addresses created this week
@@ -143,19 +143,23 @@ async def _measure(op: str, devices: int, messages: int, ack_every: int, ephemer
             cls = wire.CLS_EPHEMERAL if ephemeral else wire.CLS_PERSISTENT
             # the frames are made before the clock starts: the client's work is not timed
             if op == "dsend":
-                reads = [_sealed(alice, [wire.dsend_op(os.urandom(16), "bob@home", False,
-                                                       entries, [])])
-                         for _ in range(messages)]
+                ops = [wire.dsend_op(os.urandom(16), "bob@home", False, entries, [])
+                       for _ in range(messages)]
             else:
-                reads = [_sealed(alice, [wire.send_op(os.urandom(16), "bob@home", body, cls)])
-                         for _ in range(messages)]
+                ops = [wire.send_op(os.urandom(16), "bob@home", body, cls)
+                       for _ in range(messages)]
+            # ``batch`` ops a read (in as few frames as they fit)
+            reads = [_sealed(alice, ops[k:k + batch]) for k in range(0, messages, batch)]
             delivered0 = relay.delivery.delivered
-            # every ack_every messages, each device's DACK of all it was sent
+            # after the read that passes each ack_every-th message, each
+            # device's DACK of all it was sent
             acks: dict[int, list] = {}
-            for i in range(ack_every, messages + 1, ack_every):
-                acks[i] = [(b_links[f"d{k}"].data_received,
-                            _sealed(b, [wire.dack_op(seq0[k] + i)]))
-                           for k, b in enumerate(bobs)]
+            for r in range(1, len(reads) + 1):
+                sent = min(r * batch, messages)
+                if sent // ack_every > (r - 1) * batch // ack_every:
+                    acks[r] = [(b_links[f"d{k}"].data_received,
+                                _sealed(b, [wire.dack_op(seq0[k] + sent)]))
+                               for k, b in enumerate(bobs)]
             feed_a = a_link.data_received
             pause = asyncio.sleep
             # as ``fastroute serve`` runs it: start-up's objects frozen out of
@@ -168,6 +172,8 @@ async def _measure(op: str, devices: int, messages: int, ack_every: int, ephemer
             for i, data_in in enumerate(reads, 1):
                 feed_a(data_in)
                 await pause(0)  # the turn and the writer run, as after a real read
+                while a_link.backlog is not None or a_link.partial is not None:
+                    await pause(0)  # a read of many ops may take several turns
                 ack = acks.get(i)
                 if ack is not None:
                     # a DACK follows its DELIVER: a per-device send's may go out a
@@ -201,7 +207,7 @@ def _child(args: argparse.Namespace) -> None:
     gc.set_threshold(50_000, 20, 100)  # fastroute serve's setting (relay/server.py)
     run = uvloop.run if uvloop is not None else asyncio.run
     out = run(_measure(args.op, args.devices, args.messages, args.ack_every, args.ephemeral,
-                       args.store))
+                       args.store, args.batch))
     print(json.dumps(out))
 
 
@@ -213,7 +219,7 @@ def _spawn(tree: str, args: argparse.Namespace) -> dict:
         env["PYTHONPATH"] = os.path.abspath(tree)
     cmd = [sys.executable, "-P", script, "--child", "--messages", str(args.messages),
            "--ack-every", str(args.ack_every), "--store", args.store, "--op", args.op,
-           "--devices", str(args.devices)]
+           "--devices", str(args.devices), "--batch", str(args.batch)]
     if args.ephemeral:
         cmd.append("--ephemeral")
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -232,6 +238,8 @@ def main() -> None:
                     help="SEND (one body for every device of the recipient) or DSEND "
                          "(a ciphertext per device: what an end-to-end encrypted client sends)")
     ap.add_argument("--devices", type=int, default=1, help="the recipient's devices")
+    ap.add_argument("--batch", type=int, default=1,
+                    help="ops a read (1: a chat client's; 256: server_cpu.py's batches)")
     ap.add_argument("--ephemeral", action="store_true", help="signals (cls 1), not stored")
     ap.add_argument("--store", default="memory", choices=("memory", "sqlite"))
     ap.add_argument("--relay-path", default="",
@@ -259,7 +267,7 @@ def main() -> None:
                   f"(cpu {got['cpu_us_per_msg']:.2f}; writes {got['sender_writes']} to the "
                   f"sender, {got['recipient_writes']} to the recipient)", flush=True)
     kind = "ephemeral" if args.ephemeral else f"{args.store} store"
-    print(f"\none {args.op.upper()} a read to {args.devices} device(s), {kind}, "
+    print(f"\n{args.batch} {args.op.upper()} a read to {args.devices} device(s), {kind}, "
           f"{args.messages} messages, DACK every {args.ack_every}:")
     for name, values in figures.items():
         print(f"  {name:9s} median {statistics.median(values):7.2f} us a message, "
