@@ -961,11 +961,7 @@ class Delivery:
     def mark(self, link: "LinkPort") -> None:
         """Have ``link`` flush its outgoing ops at the end of this loop turn."""
         self._dirty.add(link)
-        # :meth:`wake`'s body: twice a message (the sender's SACK, the
-        # recipient's DELIVER), one call less each
-        if self._flush_scheduled is None:
-            assert self._loop is not None
-            self._flush_scheduled = self._loop.call_soon(self._flush)
+        self.wake()
 
     def wake(self) -> None:
         """Schedule the writer for the end of this loop turn."""

@@ -350,11 +350,7 @@ class Safety:
         if self.window <= 0:
             return
         now = int(self.clock())
-        # :meth:`_gen_of` and :meth:`_generation`'s lookup, once a stored batch
-        gen = int(now // self.window)
-        g = self._gens.get(gen)
-        if g is None:
-            g = self._generation(gen)
+        g = self._generation(self._gen_of(now))
         seen = g.delivered
         pending = self._pending
         for to in recipients:
