@@ -204,3 +204,102 @@ def test_a_window_full_of_pending_ids_grows_then_shrinks_back(impl, presize):
         d.begin("a@x", cid(i), 0, 3.0)
     assert len(d) == 10
     assert d.keys() == [("a@x", cid(i)) for i in range(24_990, 25_000)]
+
+
+# ------------------------------------------------------------------ warming
+# A presized window is mapped, not written: the first write to each of its
+# pages faults, and the kernel zeroes the page on the writer's thread (the
+# relay's loop).  warm() faults them in ahead, from another thread.
+
+_MB = 1024 * 1024
+
+
+def test_a_presized_table_asks_to_be_warmed_ahead_of_its_writes(impl):
+    d = impl(600.0, 1_000_000, presize=True)
+    asks: list = []
+    d.warm_with(asks.append)
+    if impl is DedupWindow:
+        # nothing mapped, nothing to fault in: the twin never asks
+        for i in range(1000):
+            d.begin("a@x", cid(i), 0, 1.0)
+        assert (asks, d.warm(), d.resident()) == ([], 0, 0)
+        return
+    assert d.resident() == 0  # mapped, not touched
+    d.begin("a@x", cid(0), 0, 1.0)
+    assert asks == [d]  # at the first insert
+    for i in range(1, 1000):
+        d.begin("a@x", cid(i), 0, 1.0)
+    assert asks == [d]  # not again before the warm asked for has run
+    before = d.resident()
+    done = d.warm()
+    # the index (16 MB) whole, and the slots 8 MB past the newest entry
+    assert done >= 8 * _MB
+    assert d.resident() >= 24 * _MB > before
+    assert d.warm() == 0  # nothing more to do until the writes move on
+    # the next ask comes when half of what is ahead is used, not before
+    i = 1000
+    while not asks[1:]:
+        d.begin("a@x", cid(i), 0, 1.0)
+        i += 1
+    assert 4 * _MB // 48 <= i <= 8 * _MB // 48
+    assert d.warm() >= 2 * _MB
+    for k in range(0, i, 97):
+        assert d.lookup("a@x", cid(k), 2.0) == 0
+
+
+def test_warming_beside_the_writer_keeps_what_it_writes(impl):
+    import threading
+
+    d = impl(600.0, 1_000_000, presize=True)
+    asks: list = []
+    d.warm_with(asks.append)
+    d.begin("a@x", cid(0), 0, 1.0)
+    if impl is not DedupWindow:
+        assert asks == [d]
+    worker = threading.Thread(target=lambda: [t.warm() for t in list(asks)])
+    worker.start()
+    # the worker faults pages in (without the GIL) while this thread writes
+    # entries onto them: populating must not zero what is already written
+    for i in range(1, 100_000):
+        d.begin("a@x", cid(i), PENDING if i % 3 else 0, 1.0)
+    worker.join()
+    assert len(d) == 100_000
+    assert all(d.lookup("a@x", cid(i), 2.0) == (PENDING if i % 3 else 0)
+               for i in range(100_000))
+
+
+def test_an_ask_that_fails_ends_the_asking_not_the_insert(impl):
+    calls: list = []
+
+    def ask(table):
+        calls.append(table)
+        raise RuntimeError("no worker")
+
+    d = impl(600.0, 1_000_000, presize=True)
+    d.warm_with(ask)
+    for i in range(300_000):  # past where a second ask would have come
+        d.begin("a@x", cid(i), 0, 1.0)
+    assert len(d) == 300_000
+    assert len(calls) == (0 if impl is DedupWindow else 1)
+    with pytest.raises(WrongType):
+        d.warm_with(42)
+
+
+def test_a_table_that_grows_into_mapped_room_asks_for_it(impl):
+    # not presized: it starts on the heap (nothing to warm) and asks once a
+    # growth maps its arrays; the new arrays are warmed from their start
+    d = impl(600.0, 1_000_000)
+    asks: list = []
+    d.warm_with(asks.append)
+    for i in range(30_000):
+        d.begin("a@x", cid(i), 0, 1.0)
+    assert asks == []
+    for i in range(30_000, 150_000):
+        d.begin("a@x", cid(i), 0, 1.0)
+        while asks:
+            asks.pop().warm()
+    if impl is DedupWindow:
+        return
+    # 150,000 entries: a ring of 2**18 slots (12 MB) and its 4 MB index
+    assert d.resident() >= 12 * _MB
+    assert d.keys()[:2] == [("a@x", cid(0)), ("a@x", cid(1))]

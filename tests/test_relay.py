@@ -13,6 +13,8 @@ import time
 import msgpack
 import pytest
 
+import fastroute
+
 from fastroute import Relay, RelayConfig, wire
 from fastroute.errors import (
     BadSignature,
@@ -203,6 +205,37 @@ def test_resent_id_is_acked_again_but_delivered_once(loop, tmp_path):
             got = await recv_n(bob, 2)
             assert [m.body for m in got] == [b"once", b"twice"]
             assert await nothing_arrives(bob)
+    run(loop, main())
+
+
+@pytest.mark.skipif(not fastroute.COMPILED, reason="the compiled window is the mapped one")
+def test_the_dedup_window_is_warmed_off_the_loop_and_its_worker_ends_with_the_relay(
+        loop, tmp_path):
+    import threading
+
+    def warm_threads():
+        return [t for t in threading.enumerate() if t.name.startswith("fastroute-warm")]
+
+    async def main():
+        async with world(tmp_path) as w:
+            alice = await w.connect("alice@home")
+            await w.connect("bob@acme")
+            sends, dsends = w.relay.gate.dedup, w.relay.keys.dedup
+            assert sends.resident() == dsends.resident() == 0
+            await alice.send("bob@acme", b"one")
+            # the first SEND's id asked for the SEND window's room: the worker
+            # faults in its index and the slots ahead of the newest entry
+            deadline = time.monotonic() + 10
+            while sends.resident() < 24 * 1024 * 1024:
+                assert time.monotonic() < deadline, sends.resident()
+                await asyncio.sleep(0.01)
+            assert warm_threads()
+            # a window that no send used takes no memory
+            assert dsends.resident() == 0
+        deadline = time.monotonic() + 10
+        while warm_threads():
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
     run(loop, main())
 
 

@@ -30,6 +30,7 @@ from cpython.bytes cimport (
 )
 from cpython.object cimport PyObject_Hash
 from cpython.ref cimport Py_DECREF
+from libc.errno cimport errno
 from libc.stdint cimport uint64_t
 from libc.string cimport memcmp, memcpy, memset
 from posix.mman cimport (
@@ -40,6 +41,7 @@ from posix.mman cimport (
     PROT_READ,
     PROT_WRITE,
     madvise,
+    mincore,
     mmap,
     munmap,
 )
@@ -80,6 +82,17 @@ cdef enum:
     # allows: a full window is ~64 MB probed at random, and with 4 KB pages
     # nearly every lookup paid a TLB miss on top of its cache miss
     DEDUP_MAP_MIN = 2 * 1024 * 1024
+    # DedupTable.warm: pages are made resident in steps of a huge page, and
+    # this far past the newest entry (a million ids a second fill 8 MB of
+    # slots in 170 ms); the next warm is asked for when half of it is used
+    DEDUP_WARM_STEP = 2 * 1024 * 1024
+    DEDUP_WARM_AHEAD = 8 * 1024 * 1024
+    # Linux >= 5.14: fault pages in as a write would, without changing what
+    # they hold (so a thread may do it beside the loop that writes them)
+    DEDUP_MADV_POPULATE_WRITE = 23
+
+
+cdef long long DEDUP_NEVER = 0x7fffffffffffffffLL
 
 
 cdef void* dedup_zalloc(size_t size) noexcept:
@@ -105,6 +118,26 @@ cdef void dedup_free(void* p, size_t size) noexcept:
         PyMem_Free(p)
     else:
         munmap(p, size)
+
+
+cdef size_t _resident_bytes(char* p, size_t size) except? 0:
+    """Bytes of the mapping ``p[:size]`` in memory (0 unless mapped)."""
+    cdef size_t page = 4096, pages, i, n = 0
+    cdef unsigned char* vec
+    if p == NULL or size < DEDUP_MAP_MIN:
+        return 0
+    pages = (size + page - 1) // page
+    vec = <unsigned char*>PyMem_Malloc(pages)
+    if vec == NULL:
+        raise MemoryError()
+    try:
+        if mincore(p, size, vec) != 0:
+            raise OSError(errno, "mincore failed")
+        for i in range(pages):
+            n += vec[i] & 1
+    finally:
+        PyMem_Free(vec)
+    return n * page
 
 
 cdef inline Py_hash_t dedup_hash(object sender, object cid) except? -1:
@@ -153,6 +186,16 @@ cdef class DedupTable:
     cdef readonly Py_ssize_t max_entries
     cdef dict _waiters
     cdef object _clock
+    # warming (see warm_with): who is asked, at which ring position next,
+    # how far the slots are resident (bytes from the start of the first
+    # lap), whether the index is; _warm_gen changes when the arrays do
+    cdef object _warm_ask
+    cdef long long _warm_at
+    cdef size_t _warmed
+    cdef bint _index_warm
+    cdef bint _warming
+    cdef long long _warm_gen
+    cdef list _retired
 
     def __cinit__(self, double window_s=600.0, Py_ssize_t max_entries=1_000_000,
                   clock=None, bint presize=False):
@@ -164,6 +207,8 @@ cdef class DedupTable:
         self.window_s = window_s
         self.max_entries = max_entries
         self._waiters = {}
+        self._warm_at = DEDUP_NEVER
+        self._retired = []
         if clock is None:
             import time
             clock = time.monotonic
@@ -279,6 +324,8 @@ cdef class DedupTable:
             self.slots[p].has_waiters = 0
         self.tail += 1
         self.head += 1
+        if self.head >= self._warm_at:
+            self._ask_warm()
 
     cdef bint _retire_oldest(self) noexcept:
         """Drop the (live) tail entry if it is decided and return True; a
@@ -322,8 +369,20 @@ cdef class DedupTable:
                 i = (i + 1) & self.imask
             self.index[i] = dedup_tag(s.hash) | <uint64_t>(self.head + 1)
             self.head += 1
-        dedup_free(old, old_cap * sizeof(DSlot))
-        dedup_free(old_index, 2 * old_cap * sizeof(uint64_t))
+        if self._warming:
+            # a worker may be faulting pages of the old arrays in right now
+            # (without the GIL): they are unmapped when it is done
+            self._retired.append((<size_t>old, old_cap * sizeof(DSlot)))
+            self._retired.append((<size_t>old_index, 2 * old_cap * sizeof(uint64_t)))
+        else:
+            dedup_free(old, old_cap * sizeof(DSlot))
+            dedup_free(old_index, 2 * old_cap * sizeof(uint64_t))
+        # the new arrays are cold: warm them from the start, at the next insert
+        self._warm_gen += 1
+        self._warmed = 0
+        self._index_warm = False
+        if self._warm_ask is not None and self._mapped():
+            self._warm_at = self.head
         return 0
 
     cdef int _make_room(self) except -1:
@@ -369,7 +428,18 @@ cdef class DedupTable:
         self.index[at] = dedup_tag(h) | <uint64_t>(q + 1)
         self.head += 1
         self.live += 1
+        if self.head >= self._warm_at:
+            self._ask_warm()
         return q
+
+    cdef void _ask_warm(self) noexcept:
+        # once per few MB of new entries (DEDUP_NEVER until the warm asked for
+        # has run); warming is advice: an ask that fails ends it, never an insert
+        self._warm_at = DEDUP_NEVER
+        try:
+            self._warm_ask(self)
+        except Exception:
+            self._warm_ask = None
 
     cdef inline void c_prefetch(self, Py_hash_t h) noexcept:
         """Start loading the index line where the key of hash ``h`` is probed.
@@ -540,6 +610,111 @@ cdef class DedupTable:
         if slot < 0:
             return None
         return (self.slots[slot].code, self.slots[slot].stamp)
+
+    def warm_with(self, ask):
+        """Have ``ask(table)`` called whenever the next writes near memory not yet resident.
+
+        A presized table is mapped, not written: each first write to one of
+        its pages faults, and the kernel zeroes the page (2 MB in a huge
+        page, ~0.1-0.3 ms) on the thread that writes -- the relay's loop,
+        once per ~44,000 new ids until the window is full.  ``ask`` is
+        called on that thread (rarely, and never twice before the warm it
+        asked for has run) and should have :meth:`warm` run on another; it
+        must return at once.  If it raises, the table stops asking.  A table
+        whose arrays are not mapped (small ones) never asks.
+        """
+        if ask is not None and not callable(ask):
+            raise WrongType("ask must be callable or None")
+        self._warm_ask = ask
+        if ask is None:
+            self._warm_at = DEDUP_NEVER
+        elif self._warmed < self.cap * sizeof(DSlot) and self._mapped():
+            self._warm_at = self.head + 1  # at the next insert
+        return None
+
+    cdef bint _mapped(self) noexcept:
+        return (self.cap * sizeof(DSlot) >= DEDUP_MAP_MIN
+                or 2 * self.cap * sizeof(uint64_t) >= DEDUP_MAP_MIN)
+
+    cdef int _populate(self, char* base, size_t start, size_t end, long long gen) except -2:
+        """Fault ``base[start:end]`` in, a step at a time without the GIL;
+        1 when done, 0 if the arrays changed meanwhile, -1 if the kernel refuses."""
+        cdef size_t at = start, step
+        cdef int rc
+        while at < end:
+            if self._warm_gen != gen:
+                return 0
+            step = min(<size_t>DEDUP_WARM_STEP, end - at)
+            with nogil:
+                rc = madvise(base + at, step, DEDUP_MADV_POPULATE_WRITE)
+            if rc != 0:
+                return -1
+            at += step
+        return 1
+
+    def warm(self):
+        """Make resident the pages the next writes land on; the bytes faulted in.
+
+        For a worker thread (see :meth:`warm_with`): the GIL is released
+        while the kernel works.  The index first (it is written at random
+        from the first id on), then the slots from where the last warm
+        stopped to 8 MB past the newest entry.  What the pages hold is not
+        changed, so entries written meanwhile stay; arrays replaced
+        meanwhile (a growing table) are left for the next ask.  Returns 0
+        where there is nothing to do or the kernel cannot (Linux before
+        5.14: then the table stops asking).
+        """
+        cdef long long gen = self._warm_gen
+        cdef size_t slot_bytes, index_bytes, start, upto, done = 0
+        cdef int rc = 1
+        if self._warming or self.slots == NULL:
+            return 0
+        self._warming = True
+        try:
+            index_bytes = 2 * self.cap * sizeof(uint64_t)
+            if not self._index_warm and index_bytes >= DEDUP_MAP_MIN:
+                rc = self._populate(<char*>self.index, 0, index_bytes, gen)
+                if rc == 1:
+                    self._index_warm = True
+                    done += index_bytes
+            slot_bytes = self.cap * sizeof(DSlot)
+            if rc == 1 and slot_bytes >= DEDUP_MAP_MIN and self._warmed < slot_bytes:
+                start = self._warmed
+                # the head as it is now: the loop went on while the index warmed
+                upto = min(slot_bytes, <size_t>min(self.head, self.cap) * sizeof(DSlot)
+                           + <size_t>DEDUP_WARM_AHEAD)
+                upto = min(slot_bytes, (upto + DEDUP_WARM_STEP - 1)
+                           // DEDUP_WARM_STEP * DEDUP_WARM_STEP)
+                if upto > start:
+                    rc = self._populate(<char*>self.slots, start, upto, gen)
+                    if rc == 1:
+                        self._warmed = upto
+                        done += upto - start
+            if rc == -1:
+                self._warm_ask = None  # this kernel cannot: stop asking
+            elif self._warm_gen == gen and self._warm_ask is not None:
+                if self._warmed >= slot_bytes or slot_bytes < DEDUP_MAP_MIN:
+                    self._warm_at = DEDUP_NEVER  # later laps reuse the pages
+                else:
+                    # ask again when half of what is ahead is used
+                    self._warm_at = max(0, (<long long>self._warmed - DEDUP_WARM_AHEAD // 2)
+                                        // <long long>sizeof(DSlot))
+            return done
+        finally:
+            self._warming = False
+            while self._retired:
+                addr, size = self._retired.pop()
+                dedup_free(<void*><size_t>addr, <size_t>size)
+
+    def resident(self):
+        """Bytes of the table's mapped arrays that are in memory now (``mincore``).
+
+        0 for arrays that are not mapped (a small table's, on the heap).
+        """
+        cdef size_t total = 0
+        total += _resident_bytes(<char*>self.slots, self.cap * sizeof(DSlot))
+        total += _resident_bytes(<char*>self.index, 2 * self.cap * sizeof(uint64_t))
+        return total
 
     def keys(self):
         """The ``(sender, id)`` keys, oldest first (for inspection and tests)."""

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Callable, cast
 from .. import Router, identity, wire
 from ..config import RelayConfig
 from ..datadir import KEY_NAME, DataDirLock, prepare
+from ..dedup import Warmer
 from ..errors import ErrorCode, FastrouteError, StartFailed
 from ..media import MediaStore
 from ..noise import KeyPair
@@ -184,6 +185,8 @@ class Relay:
         #: the safety stage (feature "safety": blocks, spam reports)
         self.safety: Safety | None = None
         self._key_dir: KeyDirectory | None = None
+        #: faults the dedup windows' memory in ahead of their writes, off the loop
+        self._warmer = Warmer()
         self.links: set[Link] = set()
         self._server: asyncio.base_events.Server | None = None
         self._admin: asyncio.AbstractServer | None = None
@@ -325,6 +328,8 @@ class Relay:
         self.keys = Keys(cfg, self._key_dir, gate, delivery, self.count_error)
         self.groups = self.keys.groups = Groups(cfg, self._key_dir, self.keys, delivery,
                                                 self.count_error)
+        for table in (gate.dedup, self.keys.dedup, self.groups.dedup):
+            table.warm_with(self._warmer.ask)
         # blocks and spam-report records: durable whatever the message store is
         self.safety = Safety(cfg, SafetyBook(os.path.join(cfg.data_dir, "safety.db")), gate,
                              self.keys, self.count_error)
@@ -382,6 +387,7 @@ class Relay:
                 link.abort()
         if self.upkeep is not None:
             self.upkeep.stop()
+        self._warmer.close()
         if self.media_ops is not None:
             self.media_ops.cancel()
         for link in list(self.links):
