@@ -1337,13 +1337,20 @@ def _fail_all(futs: Iterable[asyncio.Future], reason: str) -> None:
 # -- MemoryStore's per-message loops: the specifications of _store.pxi's twins --
 
 
-def py_mem_put(items: list, msgs: dict, inbox: dict, first: int, ttl_ms: int,
+def py_mem_put(items: list, msgs: dict, left: dict, inbox: dict, first: int, ttl_ms: int,
                 mids: list) -> None:
     """MemoryStore's put loop: store ``(sender, id, body, ts_ms, device_keys)``
-    items from mid ``first`` on, appending each mid to ``mids`` once stored."""
+    items from mid ``first`` on, appending each mid to ``mids`` once stored.
+
+    ``msgs`` gets ``mid -> (sender, id, body, ts_ms, exp_ms)``, ``left`` the
+    number of inboxes holding a message when it is more than one (most
+    messages are for one device: their one ack deletes them).
+    """
     mid = first
     for sender, cid, body, ts, devs in items:
-        msgs[mid] = [sender, cid, body, ts, ts + ttl_ms, len(devs)]
+        msgs[mid] = (sender, cid, body, ts, ts + ttl_ms)
+        if len(devs) > 1:
+            left[mid] = len(devs)
         for d in devs:
             box = inbox.get(d)
             if box is None:
@@ -1361,22 +1368,30 @@ def py_mem_load(box: dict, msgs: dict, after_mid: int, limit: int) -> list:
         return out
     for m in box:
         if m > after_mid:
-            s, c, b, t, _, _ = msgs[m]
+            s, c, b, t, _ = msgs[m]
             out.append((m, s, c, b, t))
             if len(out) >= limit:
                 break
     return out
 
 
-def py_mem_ack(box: dict, msgs: dict, mids) -> None:
+def py_mem_ack(box: dict, msgs: dict, left: dict, mids) -> None:
     """MemoryStore's ack loop: drop ``mids`` from one device's inbox ``box``,
     and from ``msgs`` the messages no inbox holds any more."""
     for m in mids:
         if box.pop(m, 0) is None:  # present (values are None), not a repeat
-            msg = msgs[m]
-            msg[5] -= 1
-            if msg[5] == 0:
-                del msgs[m]
+            _unref(msgs, left, m)
+
+
+def _unref(msgs: dict, left: dict, mid: int) -> None:
+    """One inbox less holds ``mid``: forget the message with the last one."""
+    n = left.get(mid)
+    if n is None:
+        del msgs[mid]
+    elif n == 2:
+        del left[mid]  # one inbox left: no entry
+    else:
+        left[mid] = n - 1
 
 
 _mem_put = twin(py_mem_put)
@@ -1395,8 +1410,10 @@ class MemoryStore(_BaseStore):
 
     def __init__(self, loop, ttl_s: int) -> None:
         super().__init__(loop, ttl_s)
-        # mid -> [sender, cid, body, ts_ms, exp_ms, recipients left]
-        self._msgs: dict[int, list] = {}
+        # mid -> (sender, cid, body, ts_ms, exp_ms), and mid -> inboxes
+        # holding it for the messages more than one inbox holds
+        self._msgs: dict[int, tuple] = {}
+        self._left: dict[int, int] = {}
         # device_key -> mids in insertion (= mid) order
         self._inbox: dict[int, dict[int, None]] = {}
         self._next_mid = 1
@@ -1416,6 +1433,7 @@ class MemoryStore(_BaseStore):
         """Mark the store closed and drop its contents."""
         self._closed = True
         self._msgs.clear()
+        self._left.clear()
         self._inbox.clear()
 
     def _store_rows(self, rows: list[tuple]) -> list[int]:
@@ -1450,17 +1468,11 @@ class MemoryStore(_BaseStore):
         # fastroute._core is
         mids: list[int] = []
         try:
-            _mem_put(items if type(items) is list else list(items), self._msgs, self._inbox,
-                     self._next_mid, self._ttl_ms, mids)
+            _mem_put(items if type(items) is list else list(items), self._msgs, self._left,
+                     self._inbox, self._next_mid, self._ttl_ms, mids)
         finally:
             self._next_mid += len(mids)  # mids stay unique even if an item was bad
         return mids
-
-    def _unref(self, mid: int) -> None:
-        msg = self._msgs[mid]
-        msg[5] -= 1
-        if msg[5] == 0:
-            del self._msgs[mid]
 
     def ack(self, device_key: int, mids: Sequence[int], *, validate: bool = True) -> None:
         """Delete the device's inbox entries for ``mids`` (and orphaned messages)."""
@@ -1473,7 +1485,7 @@ class MemoryStore(_BaseStore):
         if box is None:
             return
         # per delivered message: compiled when fastroute._core is
-        _mem_ack(box, self._msgs, mids)
+        _mem_ack(box, self._msgs, self._left, mids)
 
     def forget_device(self, device_key: int) -> None:
         """Remove a device and its inbox; unknown keys are ignored."""
@@ -1482,7 +1494,7 @@ class MemoryStore(_BaseStore):
         if key is None:
             return
         for m in self._inbox.pop(key, ()):
-            self._unref(m)
+            _unref(self._msgs, self._left, m)
 
     async def flush(self) -> None:
         """Nothing to wait for; kept for API compatibility."""
@@ -1499,6 +1511,7 @@ class MemoryStore(_BaseStore):
                     box.pop(m, None)
             for m in dead:
                 del self._msgs[m]
+                self._left.pop(m, None)
         return len(dead)
 
     async def load(self, device_key: int, after_mid: int,

@@ -1172,13 +1172,13 @@ def test_sync_rows_twins(routed, cap):
 
 def _mem_run(put, ack, script):
     """Run puts and acks on fresh dicts; return every result and the final dicts."""
-    msgs, inbox, log = {}, {}, []
+    msgs, left, inbox, log = {}, {}, {}, []
     nxt = 1
     for step in script:
         if step[0] == "put":
             mids = []
             try:
-                put(step[1], msgs, inbox, nxt, 1000, mids)
+                put(step[1], msgs, left, inbox, nxt, 1000, mids)
                 log.append(list(mids))
             except Exception as exc:  # noqa: BLE001 - compared between twins
                 log.append((type(exc), list(mids)))
@@ -1186,8 +1186,8 @@ def _mem_run(put, ack, script):
         else:
             box = inbox.get(step[1])
             if box is not None:
-                ack(box, msgs, step[2])
-    return log, msgs, {k: list(v) for k, v in inbox.items()}
+                ack(box, msgs, left, step[2])
+    return log, msgs, left, {k: list(v) for k, v in inbox.items()}
 
 
 def test_mem_put_and_ack_twins():
@@ -1201,11 +1201,24 @@ def test_mem_put_and_ack_twins():
         else:
             script.append(("ack", rng.randrange(1, 7),
                            [rng.randrange(1, 400) for _ in range(rng.randrange(8))]))
+    # as the relay puts: a batch's items share one stamp object and, in runs,
+    # their recipient's device-key list (interleaved runs, equal lists that
+    # are other objects, the same stamp value in another object)
+    keys = [[1, 2], [3], [2, 4, 5], [6]]
+    for k in range(40):
+        ts = 10**12 + k
+        picks = [keys[rng.randrange(4)] for _ in range(rng.randrange(1, 5))]
+        picks = [p for p in picks for _ in range(rng.randrange(1, 4))]
+        if rng.random() < 0.3:
+            picks.append(list(picks[0]))
+        script.append(("put", [("b@y", bytes([k, i]) * 8, b"c", ts if i % 5 else int(str(ts)),
+                                p) for i, p in enumerate(picks)]))
+        script.append(("ack", rng.randrange(1, 6), [rng.randrange(300, 700) for _ in range(9)]))
     script.append(("put", [("a@x", MID, b"x", 1, [1]), ("bad",)]))  # malformed item
     want = _mem_run(store.py_mem_put, store.py_mem_ack, script)
     if _core is not None:
         assert _mem_run(_core.mem_put, _core.mem_ack, script) == want
-    log, msgs, inbox = want
+    log, msgs, left, inbox = want
     assert log[-1] == (ValueError, [log[-1][1][0]])  # the good item before it was stored
     # loads: the same rows from both, for every device, cursor and limit
     for dk in range(1, 7):
@@ -1219,8 +1232,9 @@ def test_mem_put_and_ack_twins():
                     assert _core.mem_load(box, msgs, after, limit) == rows
     # every message in msgs is in exactly as many inboxes as its count says
     for mid, msg in msgs.items():
-        assert msg[5] == sum(mid in box for box in inbox.values()) > 0
+        assert left.get(mid, 1) == sum(mid in box for box in inbox.values()) > 0
         assert msg[4] == msg[3] + 1000
+    assert set(left) <= set(msgs) and all(n > 1 for n in left.values())
 
 
 # -- the client: SACK/DELIVER dispatch against Client._on_frame's Python loop ------------------
@@ -2045,6 +2059,10 @@ def test_a_frame_of_gsends_needs_no_precise_check():
     [],
     [("a@x", (1, b"abc")), ("b@y", (2, b"")), ("a@x", (3, b"z" * 70000))],
     [("a@x", (0, b"t")) for _ in range(100)],
+    # runs, interleaved, and an equal address that is another object
+    [("a@x", (1, b"ab")), ("a@x", (2, b"c")), ("b@y", (3, b"d")), ("a@x", (4, b"efg")),
+     ("".join(["a@", "x"]), (5, b"h")), ("b@y", (6, b"")), ("b@y", (7, b"ij"))],
+    [("a@x", (1, b"ab")), ("a@x", (2, 5))],  # WrongType from both, mid-run
     [("a@x", (1, "not bytes"))],          # WrongType from both
     [("a@x", (1,))],                      # WrongType from both
     [("a@x", [1, b"list"])],

@@ -200,8 +200,8 @@ def bytes_by_address(list batch):
     """``{address: total length of its tails}`` of a routed batch of
     ``(address, (mid, tail))`` items (the memory budget's accounting)."""
     cdef dict out = {}
-    cdef Py_ssize_t i, n = PyList_GET_SIZE(batch)
-    cdef object item, to, payload, tail, have
+    cdef Py_ssize_t i, n = PyList_GET_SIZE(batch), run = 0
+    cdef object item, to, payload, tail, last = None
     for i in range(n):
         item = <object>PyList_GET_ITEM(batch, i)
         to, payload = item
@@ -211,12 +211,23 @@ def bytes_by_address(list batch):
         tail = payload[1]
         if not PyBytes_CheckExact(tail):
             raise WrongType("DELIVER tail must be bytes")
-        have = out.get(to)
-        if have is None:
-            out[to] = PyBytes_GET_SIZE(tail)
-        else:
-            out[to] = <Py_ssize_t>have + PyBytes_GET_SIZE(tail)
+        if to is not last:
+            # a batch is mostly runs to one recipient (one sender's read):
+            # the dict is written once a run, not once a message
+            if i:
+                _add_run(out, last, run)
+            last = to
+            run = 0
+        run += PyBytes_GET_SIZE(tail)
+    if n:
+        _add_run(out, last, run)
     return out
+
+
+cdef inline int _add_run(dict out, object to, Py_ssize_t run) except -1:
+    cdef object have = out.get(to)
+    out[to] = run if have is None else <Py_ssize_t>have + run
+    return 0
 
 
 def devices_of(dict by_device, list targets, str feature):

@@ -235,7 +235,8 @@ def accept_sends(SendGate gate not None, LinkGate lg not None, list sends, objec
     cdef object sack_op = gate.sack_op
     cdef tuple refusals = gate.refusals
     cdef dict blocks = gate.blocks
-    cdef object op, cid, to, body, cls, code, tail, accepted, tap
+    cdef object op, cid, to, body, cls, code, tail, accepted, tap, devs
+    cdef PyObject* pdevs
     cdef set blocked
     cdef bint hidden
     cdef Py_ssize_t size, n = len(sends), base, i, slot, at
@@ -286,24 +287,33 @@ def accept_sends(SendGate gate not None, LinkGate lg not None, list sends, objec
                 # typed set: two PySet_Contains; the own-address test only when it matters
                 if blocked is not None and (sender in blocked or own in blocked) and to != sender:
                     hidden = True
+            devs = None
             if size > max_body:
                 code = too_large
-            elif consent is not None and not (
-                    PyUnicode_Tailmatch(to, own, 0, PY_SSIZE_T_MAX, 1) == 1
-                    or (to in known and not hidden and (accepted := consent.get(to)) is not None
-                        and (provider in accepted or "*" in accepted))):
-                # an unknown address gets the same answer as one that did not
-                # opt in: a sender the recipient never accepted cannot tell them apart
-                code = consent_required
-            elif hidden or to not in known:
-                code = unknown
-            elif mt < 1.0 or bt < <double>size:
-                code = rate_limited  # a refused message costs no quota
             else:
-                mt -= 1.0
-                bt -= <double>size
-                spent = True
-                code = None
+                # the recipient's one lookup: whether it is known, and its
+                # device keys if the message is stored (a strong reference,
+                # whatever runs before they are used)
+                pdevs = PyDict_GetItemWithError(known, to)
+                if pdevs != NULL:
+                    devs = <object>pdevs
+                if consent is not None and not (
+                        PyUnicode_Tailmatch(to, own, 0, PY_SSIZE_T_MAX, 1) == 1
+                        or (devs is not None and not hidden
+                            and (accepted := consent.get(to)) is not None
+                            and (provider in accepted or "*" in accepted))):
+                    # an unknown address gets the same answer as one that did not
+                    # opt in: a sender the recipient never accepted cannot tell them apart
+                    code = consent_required
+                elif hidden or devs is None:
+                    code = unknown
+                elif mt < 1.0 or bt < <double>size:
+                    code = rate_limited  # a refused message costs no quota
+                else:
+                    mt -= 1.0
+                    bt -= <double>size
+                    spent = True
+                    code = None
             if code is not None:
                 # A refusal is not remembered: the sender may retry the same id.
                 count_error(code)
@@ -319,7 +329,7 @@ def accept_sends(SendGate gate not None, LinkGate lg not None, list sends, objec
                 out.append(make_sack_ok(cid))
             else:
                 dedup.c_record(sender, cid, h, DEDUP_PENDING, tnow, slot, at)
-                store_items.append((sender, cid, body, now_ms, known[to]))
+                store_items.append((sender, cid, body, now_ms, devs))
                 meta.append((to, tail, cid))
             if taps:
                 for tap in taps:

@@ -9,14 +9,15 @@
 # tests/test_fastpath.py runs both on the same inputs and compares the dicts
 # they leave.
 #
-# The layout is MemoryStore's: ``msgs`` maps mid -> [sender, id, body, ts_ms,
-# exp_ms, recipients left]; ``inbox`` maps device key -> {mid: None, ...} in
-# mid order.
+# The layout is MemoryStore's: ``msgs`` maps mid -> (sender, id, body, ts_ms,
+# exp_ms); ``left`` mid -> inboxes holding it, for the messages more than one
+# inbox holds (a tuple and no count: one allocation a message, not a list's
+# two); ``inbox`` maps device key -> {mid: None, ...} in mid order.
 
 from cpython.dict cimport PyDict_Next
 
 
-def mem_put(list items, dict msgs, dict inbox, long long first, long long ttl_ms,
+def mem_put(list items, dict msgs, dict left, dict inbox, long long first, long long ttl_ms,
             list mids):
     """Store ``items`` ``(sender, id, body, ts_ms, device_keys)`` from mid ``first`` on.
 
@@ -25,36 +26,53 @@ def mem_put(list items, dict msgs, dict inbox, long long first, long long ttl_ms
     ``mids`` still tells which mids were used.
     """
     cdef long long mid = first
-    cdef object item, sender, cid, body, ts, devs, d, key
-    cdef object box
+    cdef object item, sender, cid, body, ts, devs, d, key, box
+    cdef object last_ts = None, exp = None, last_devs = None
+    cdef list boxes = None
+    cdef Py_ssize_t ndevs = 0
     for item in items:
         sender, cid, body, ts, devs = item
+        # a batch's messages share their stamp, and a run of them its
+        # recipient's device keys: the sum and the inboxes once a run
+        if ts is not last_ts:
+            exp = ts + ttl_ms
+            last_ts = ts
+        if devs is not last_devs:
+            ndevs = len(devs)
+            boxes = []
+            for d in devs:
+                box = inbox.get(d)
+                if box is None:
+                    box = inbox[d] = {}
+                boxes.append(<dict?>box)
+            last_devs = devs
         key = PyLong_FromLongLong(mid)
-        msgs[key] = [sender, cid, body, ts, ts + ttl_ms, len(devs)]
-        for d in devs:
-            box = inbox.get(d)
-            if box is None:
-                box = inbox[d] = {}
-            (<dict?>box)[key] = None
+        msgs[key] = (sender, cid, body, ts, exp)
+        if ndevs > 1:
+            left[key] = ndevs
+        for box in boxes:
+            (<dict>box)[key] = None
         mids.append(key)
         mid += 1
 
 
-def mem_ack(dict box, dict msgs, mids):
+def mem_ack(dict box, dict msgs, dict left, mids):
     """Delete ``mids`` from one device's inbox ``box``; a message no inbox
     holds any more leaves ``msgs``.  Mids not in ``box`` are ignored."""
     cdef object m
-    cdef list msg
-    cdef Py_ssize_t left
+    cdef PyObject* n
+    cdef Py_ssize_t k
     for m in mids:
         if box.pop(m, 0) is None:  # present (values are None), not a repeat
-            msg = msgs[m]
-            left = msg[5]
-            left -= 1
-            if left == 0:
+            n = PyDict_GetItemWithError(left, m) if left else NULL
+            if n == NULL:
                 del msgs[m]
+                continue
+            k = <object>n
+            if k == 2:
+                del left[m]  # one inbox left: no entry
             else:
-                msg[5] = left
+                left[m] = k - 1
 
 
 def mem_load(dict box, dict msgs, after_mid, Py_ssize_t limit):
@@ -65,7 +83,7 @@ def mem_load(dict box, dict msgs, after_mid, Py_ssize_t limit):
     cdef PyObject* key
     cdef PyObject* value
     cdef object m
-    cdef list msg
+    cdef tuple msg
     cdef Py_ssize_t size = len(box)
     if limit <= 0:
         return out
