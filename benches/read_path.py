@@ -25,6 +25,12 @@ in turns with this one (each run a process of its own), for a ratio measured
 under the same noise::
 
     PYTHONPATH=. python benches/read_path.py --runs 6 --relay-path ../baseline
+
+``--instructions`` runs each measured run under valgrind's callgrind
+(Debian's ``valgrind``), instrumented only while the reads are fed, and
+reports instructions a message instead of time: slower by ~50x, but the same
+count run after run whatever else the machine does (the kernel's work, such
+as page faults, is not counted).
 """
 from __future__ import annotations
 
@@ -88,8 +94,14 @@ def _sealed(client: Client, ops: list[bytes]) -> bytes:
     return b"".join(seal_frames(client._tx, wire.pack_frames(ops)))
 
 
+def _callgrind(state: str) -> None:
+    """Switch callgrind's instrumentation of this process on or off."""
+    subprocess.run(["callgrind_control", "-i", state, str(os.getpid())], check=True,
+                   stdout=subprocess.DEVNULL)
+
+
 async def _measure(op: str, devices: int, messages: int, ack_every: int, ephemeral: bool,
-                   store: str, batch: int = 1) -> dict:
+                   store: str, batch: int = 1, counting: bool = False) -> dict:
     known = getattr(Limits, "__dataclass_fields__", {})
     # every rate limit lifted, and the sender an established one: most
     # messages a relay carries are not from addresses created this week
@@ -170,6 +182,8 @@ async def _measure(op: str, devices: int, messages: int, ack_every: int, ephemer
             gc.collect()
             gc.freeze()
             await pause(0)
+            if counting:
+                _callgrind("on")
             t0 = time.perf_counter()
             c0 = time.process_time()
             for i, data_in in enumerate(reads, 1):
@@ -187,6 +201,8 @@ async def _measure(op: str, devices: int, messages: int, ack_every: int, ephemer
                     await pause(0)
             wall = time.perf_counter() - t0
             cpu = time.process_time() - c0
+            if counting:
+                _callgrind("off")
             await asyncio.sleep(0.05)
             result = {
                 "us_per_msg": wall / messages * 1e6,
@@ -210,7 +226,7 @@ def _child(args: argparse.Namespace) -> None:
     gc.set_threshold(50_000, 20, 100)  # fastroute serve's setting (relay/server.py)
     run = uvloop.run if uvloop is not None else asyncio.run
     out = run(_measure(args.op, args.devices, args.messages, args.ack_every, args.ephemeral,
-                       args.store, args.batch))
+                       args.store, args.batch, args.instructions))
     print(json.dumps(out))
 
 
@@ -225,10 +241,22 @@ def _spawn(tree: str, args: argparse.Namespace) -> dict:
            "--devices", str(args.devices), "--batch", str(args.batch)]
     if args.ephemeral:
         cmd.append("--ephemeral")
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    if done.returncode != 0:
-        raise SystemExit(f"run failed ({tree or 'this tree'}):\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    with tempfile.TemporaryDirectory() as tmp:
+        counts = os.path.join(tmp, "callgrind.out")
+        if args.instructions:
+            cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
+                   f"--callgrind-out-file={counts}", *cmd, "--instructions"]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+        if done.returncode != 0:
+            raise SystemExit(f"run failed ({tree or 'this tree'}):\n{done.stderr[-2000:]}")
+        got = json.loads(done.stdout.strip().splitlines()[-1])
+        if args.instructions:
+            with open(counts) as fh:
+                total = next(int(line.split()[1]) for line in fh
+                             if line.startswith("totals:"))
+            # reported in the figure's place: instructions a message
+            got["us_per_msg"] = total / args.messages
+    return got
 
 
 def main() -> None:
@@ -252,6 +280,8 @@ def main() -> None:
     ap.add_argument("--store", default="memory", choices=("memory",))
     ap.add_argument("--relay-path", default="",
                     help="a checkout whose relay to run in turns with this one's")
+    ap.add_argument("--instructions", action="store_true",
+                    help="count instructions a message under callgrind instead of timing")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     # whole rounds of DACKs: the last one acknowledges the last message
@@ -259,6 +289,7 @@ def main() -> None:
     if args.child:
         _child(args)
         return
+    unit = "instructions" if args.instructions else "us"
     trees = [("this tree", "")] + ([("baseline", args.relay_path)] if args.relay_path else [])
     figures: dict[str, list[float]] = {name: [] for name, _ in trees}
     for r in range(args.runs):
@@ -271,14 +302,14 @@ def main() -> None:
                                  f"copies acked, "
                                  f"{got['refused']} refused: the run did not deliver")
             figures[name].append(got["us_per_msg"])
-            print(f"run {r + 1} {name:9s} {got['us_per_msg']:7.2f} us a message "
+            print(f"run {r + 1} {name:9s} {got['us_per_msg']:7.2f} {unit} a message "
                   f"(cpu {got['cpu_us_per_msg']:.2f}; writes {got['sender_writes']} to the "
                   f"sender, {got['recipient_writes']} to the recipient)", flush=True)
     kind = "ephemeral" if args.ephemeral else f"{args.store} store"
     print(f"\n{args.batch} {args.op.upper()} a read to {args.devices} device(s), {kind}, "
           f"{args.messages} messages, DACK every {args.ack_every}:")
     for name, values in figures.items():
-        print(f"  {name:9s} median {statistics.median(values):7.2f} us a message, "
+        print(f"  {name:9s} median {statistics.median(values):7.2f} {unit} a message, "
               f"least {min(values):.2f} (runs: {', '.join(f'{v:.2f}' for v in values)})")
     if args.relay_path:
         # the least too: on a shared machine a run is only ever slowed down
