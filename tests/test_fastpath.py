@@ -2164,6 +2164,54 @@ def test_per_device_copies_online_twins(seed):
     assert all(r == want for r in runs) and want
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_copies_in_runs_to_one_device_twins(seed):
+    # what the relay sends through these: a sender's copies in runs to one
+    # device (equal addresses that are other objects among them), devices
+    # offline or on a link without the feature between the runs
+    rng = random.Random(seed)
+    feeds = {("a@home", "d1"): _Feed(1000 + seed, ["e2ee"]),
+             ("a@home", "d2"): _Feed(2000, ["groups"]),
+             ("b@home", "d1"): _Feed(3000, ["e2ee", "groups"])}
+    keys = list(feeds) + [("c@home", "d9")]  # the last one offline
+    meta, n = [], 0
+    for _ in range(rng.randrange(3, 9)):
+        a, d = keys[rng.randrange(len(keys))]
+        copies = []
+        for _ in range(rng.randrange(1, 5)):
+            address = "".join(a) if rng.random() < 0.5 else a  # equal, not the same
+            copies.append((address, d, (b"\x98\xcd\x07\xd1", bytes([n % 256]) * (1 + n % 7))))
+            n += 1
+        meta.append((object(), os.urandom(16), (a, copies)))
+    mids = list(range(1, n + 1))
+    runs = [fn(feeds, meta, mids, "e2ee") for fn in _both(delivery.py_copies_online)
+            if fn is not None]
+    assert all(r == runs[0] for r in runs)
+    flat = [c for _, _, (_, copies) in meta for c in copies]
+    assert runs[0] == [(feeds[(a, d)].dev, (mid, tail, head))
+                       for mid, (a, d, (head, tail)) in zip(mids, flat)
+                       if (a, d) in feeds and "e2ee" in feeds[(a, d)].link.features]
+    # and what the engine placed of them is counted once per feed and run
+    online = {f.dev: f for f in feeds.values()}
+    items = runs[0] + [(9999, (1, b"offline", b""))] + runs[0][:3]
+    skip = frozenset(i for i in range(len(items)) if rng.random() < 0.25)
+    bad = items[:2] + [(items[0][0] if items else 1000 + seed, (5, None, b""))] + items[2:]
+    for batch in (items, bad):
+        totals = []
+        for fn in _both(delivery.py_held_offered):
+            if fn is None:
+                continue
+            for f in feeds.values():
+                f.qbytes = 7
+            try:
+                got = fn(online, batch, skip)
+            except TypeError as exc:  # len(None), after what came before was counted
+                got = type(exc)
+            totals.append((got, [f.qbytes for f in feeds.values()]))
+        assert all(t == totals[0] for t in totals)
+    assert totals[0][0] is TypeError or 2 in skip
+
+
 @pytest.mark.parametrize("make", [
     # DDELIVER [2001, seq, from, from_device, id, body, ts_ms, cls]
     lambda seq: msgpack.packb((2001, seq, SENDER, 3, MID, b"copy", TS, 0), use_bin_type=True),

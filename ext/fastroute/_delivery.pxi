@@ -267,23 +267,34 @@ def held_offered(dict online, list items, object skip):
     """Add the tail length of each placed ``(engine device id, (mid, tail, head))``
     item to its online feed's ``qbytes`` (items whose index is in ``skip`` were
     not placed); return the bytes added in all."""
-    cdef Py_ssize_t index, n = PyList_GET_SIZE(items), size
-    cdef object item, feed, payload
+    cdef Py_ssize_t index, n = PyList_GET_SIZE(items), size, added = 0, run = 0
+    cdef object item, feed = None, payload, dev, last_dev = None
     cdef PyObject* found
     cdef bint skipping = len(skip) > 0
-    added = 0
-    for index in range(n):
-        if skipping and index in skip:
-            continue
-        item = <object>PyList_GET_ITEM(items, index)
-        dev, payload = item
-        found = PyDict_GetItemWithError(online, dev)
-        if found == NULL:  # (an error in the lookup is raised by Cython)
-            continue
-        feed = <object>found
-        size = len(payload[1])
-        feed.qbytes += size
-        added += size
+    try:
+        for index in range(n):
+            if skipping and index in skip:
+                continue
+            item = <object>PyList_GET_ITEM(items, index)
+            dev, payload = item
+            if dev is not last_dev or last_dev is None:
+                # a batch's copies come in runs to one device: its feed is
+                # looked up, and its count written, once a run
+                if run:
+                    feed.qbytes += run
+                    run = 0
+                last_dev = dev
+                found = PyDict_GetItemWithError(online, dev)
+                feed = None if found == NULL else <object>found
+            if feed is None:
+                continue
+            size = len(payload[1])
+            run += size
+            added += size
+    finally:
+        # what was counted before an error stays counted, as item by item
+        if run:
+            feed.qbytes += run
     return added
 
 
@@ -295,18 +306,39 @@ def copies_online(dict by_device, list meta, list mids, str feature):
     cdef list items = []
     cdef list copies
     cdef Py_ssize_t at = 0, i, n
-    cdef object request, copy, feed, payload
+    cdef object request, copy, feed, payload, address, name
+    cdef object last_address = None, last_name = None, dev = None
+    cdef bint goes = False
     cdef PyObject* found
     for request in meta:
         copies = request[2][1]
         n = PyList_GET_SIZE(copies)
         for i in range(n):
             copy = <object>PyList_GET_ITEM(copies, i)
-            found = PyDict_GetItemWithError(by_device, (copy[0], copy[1]))
-            if found != NULL:
-                feed = <object>found
-                if feature in feed.link.features:
-                    payload = copy[2]
-                    items.append((feed.dev, (mids[at], payload[1], payload[0])))
+            address = copy[0]
+            name = copy[1]
+            # a batch's copies come in runs to one device (a sender's
+            # messages to one peer): its feed is looked up once a run; the
+            # key is two exact strs, so equal ones are the same entry
+            if not (last_address is not None and PyUnicode_CheckExact(address)
+                    and PyUnicode_CheckExact(name)
+                    and (address is last_address or address == last_address)
+                    and (name is last_name or name == last_name)):
+                found = PyDict_GetItemWithError(by_device, (address, name))
+                goes = False
+                if found != NULL:
+                    feed = <object>found
+                    if feature in feed.link.features:
+                        goes = True
+                        dev = feed.dev
+                # only exact strs are compared with the next copy's
+                if PyUnicode_CheckExact(address) and PyUnicode_CheckExact(name):
+                    last_address = address
+                    last_name = name
+                else:
+                    last_address = None
+            if goes:
+                payload = copy[2]
+                items.append((dev, (mids[at], payload[1], payload[0])))
             at += 1
     return items
