@@ -30,6 +30,23 @@ def test_bucket_refuses_without_charging_and_refills_at_rate():
     assert b.refill() == 3.0  # never above the burst
 
 
+@pytest.mark.parametrize("cls", [gate.PyTokenBucket, TokenBucket], ids=["py", "in-use"])
+def test_a_bucket_on_the_default_clock_reads_time_monotonic(cls):
+    # the compiled bucket reads that clock in C: the same clock, the same
+    # seconds (a stamp between two readings of time.monotonic around it)
+    import time
+
+    b = cls(rate=1e6, burst=1e12)
+    for _ in range(200):
+        b.tokens = 0.0
+        before = time.monotonic()
+        b.stamp = before
+        got = b.refill()
+        after = time.monotonic()
+        assert before <= b.stamp <= after
+        assert got == (b.stamp - before) * 1e6 >= 0.0
+
+
 def _bucket_run(cls, take_upto, give_back, take_all, seed: int, least=gate.py_least) -> list:
     """A random life of three buckets (one unlimited, as the gate's provider
     layer without a quota) on a test clock: every answer and state."""
