@@ -20,9 +20,11 @@ device's link DACKs); ``--batch N``: N ops a read instead of one (256 is what
 
 Figures are microseconds of the relay's work per message (wall time of one
 process with nothing else to run; ``time.process_time`` agrees within a few
-per cent).  ``--relay-path OTHER_TREE`` runs that checkout's relay the same way
-in turns with this one (each run a process of its own), for a ratio measured
-under the same noise::
+per cent); each run also prints the 99th percentile and the longest of its
+reads' times (from a read to its writes: a stall of the loop, such as a page
+fault the relay took itself, shows there).  ``--relay-path OTHER_TREE`` runs
+that checkout's relay the same way in turns with this one (each run a process
+of its own), for a ratio measured under the same noise::
 
     PYTHONPATH=. python benches/read_path.py --runs 6 --relay-path ../baseline
 
@@ -184,13 +186,17 @@ async def _measure(op: str, devices: int, messages: int, ack_every: int, ephemer
             await pause(0)
             if counting:
                 _callgrind("on")
-            t0 = time.perf_counter()
+            clock = time.perf_counter
+            spans = []  # each read's time to its last write: the loop's stalls show here
+            t0 = clock()
             c0 = time.process_time()
             for i, data_in in enumerate(reads, 1):
+                r0 = clock()
                 feed_a(data_in)
                 await pause(0)  # the turn and the writer run, as after a real read
                 while a_link.backlog is not None or a_link.partial is not None:
                     await pause(0)  # a read of many ops may take several turns
+                spans.append(clock() - r0)
                 ack = acks.get(i)
                 if ack is not None:
                     # a DACK follows its DELIVER: a per-device send's may go out a
@@ -199,7 +205,7 @@ async def _measure(op: str, devices: int, messages: int, ack_every: int, ephemer
                     for feed_b, dack in ack:
                         feed_b(dack)
                     await pause(0)
-            wall = time.perf_counter() - t0
+            wall = clock() - t0
             cpu = time.process_time() - c0
             if counting:
                 _callgrind("off")
@@ -213,6 +219,8 @@ async def _measure(op: str, devices: int, messages: int, ack_every: int, ephemer
                 "delivered_bytes": sum(o.written for o in b_outs),
                 "acked": relay.delivery.delivered - delivered0,
                 "refused": sum(relay.refused.values()),
+                "read_p99_us": sorted(spans)[int(len(spans) * 0.99)] * 1e6,
+                "read_max_us": max(spans) * 1e6,
             }
             a_link.transport = a_out.real
             for i, o in enumerate(b_outs):
@@ -304,7 +312,8 @@ def main() -> None:
             figures[name].append(got["us_per_msg"])
             print(f"run {r + 1} {name:9s} {got['us_per_msg']:7.2f} {unit} a message "
                   f"(cpu {got['cpu_us_per_msg']:.2f}; writes {got['sender_writes']} to the "
-                  f"sender, {got['recipient_writes']} to the recipient)", flush=True)
+                  f"sender, {got['recipient_writes']} to the recipient; a read's time "
+                  f"p99 {got['read_p99_us']:.0f} us, max {got['read_max_us']:.0f})", flush=True)
     kind = "ephemeral" if args.ephemeral else f"{args.store} store"
     print(f"\n{args.batch} {args.op.upper()} a read to {args.devices} device(s), {kind}, "
           f"{args.messages} messages, DACK every {args.ack_every}:")
