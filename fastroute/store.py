@@ -1337,61 +1337,70 @@ def _fail_all(futs: Iterable[asyncio.Future], reason: str) -> None:
 # -- MemoryStore's per-message loops: the specifications of _store.pxi's twins --
 
 
-def py_mem_put(items: list, msgs: dict, left: dict, inbox: dict, first: int, ttl_ms: int,
-                mids: list) -> None:
+def py_mem_put(items: list, left: dict, inbox: dict, first: int, ttl_ms: int,
+               mids: list) -> None:
     """MemoryStore's put loop: store ``(sender, id, body, ts_ms, device_keys)``
-    items from mid ``first`` on, appending each mid to ``mids`` once stored.
+    items from mid ``first`` on, appending each mid to ``mids`` once stored
+    (an item for no device is refused, as a validated put refuses it: every
+    stored message is in some inbox, which acks or expiry empty).
 
-    ``msgs`` gets ``mid -> (sender, id, body, ts_ms, exp_ms)``, ``left`` the
-    number of inboxes holding a message when it is more than one (most
-    messages are for one device: their one ack deletes them).
+    Each device's inbox gets ``mid -> (sender, id, body, ts_ms, exp_ms)``, one
+    tuple shared by the message's inboxes; ``left`` the number of inboxes
+    holding a message when it is more than one (most messages are for one
+    device: their one ack deletes them).
     """
     mid = first
     for sender, cid, body, ts, devs in items:
-        msgs[mid] = (sender, cid, body, ts, ts + ttl_ms)
+        if not devs:
+            raise InvalidArgument("device_keys must not be empty")
+        msg = (sender, cid, body, ts, ts + ttl_ms)
         if len(devs) > 1:
             left[mid] = len(devs)
         for d in devs:
             box = inbox.get(d)
             if box is None:
                 box = inbox[d] = {}
-            box[mid] = None
+            box[mid] = msg
         mids.append(mid)
         mid += 1
 
 
-def py_mem_load(box: dict, msgs: dict, after_mid: int, limit: int) -> list:
+def py_mem_load(box: dict, after_mid: int, limit: int) -> list:
     """MemoryStore's load loop: up to ``limit`` rows ``(mid, sender, id, body,
     ts_ms)`` of one device's inbox ``box`` with mid > ``after_mid``, in order."""
     out: list = []
     if limit <= 0:
         return out
-    for m in box:
+    for m, msg in box.items():
         if m > after_mid:
-            s, c, b, t, _ = msgs[m]
-            out.append((m, s, c, b, t))
+            if type(msg) is not tuple or len(msg) != 5:
+                raise WrongType("an inbox holds (sender, id, body, ts_ms, exp_ms) tuples")
+            out.append((m, *msg[:4]))
             if len(out) >= limit:
                 break
     return out
 
 
-def py_mem_ack(box: dict, msgs: dict, left: dict, mids) -> None:
-    """MemoryStore's ack loop: drop ``mids`` from one device's inbox ``box``,
-    and from ``msgs`` the messages no inbox holds any more."""
+def py_mem_ack(box: dict, left: dict, mids) -> int:
+    """MemoryStore's ack loop: drop ``mids`` from one device's inbox ``box``;
+    returns how many messages no inbox holds any more (they are gone)."""
+    gone = 0
     for m in mids:
-        if box.pop(m, 0) is None:  # present (values are None), not a repeat
-            _unref(msgs, left, m)
+        if box.pop(m, None) is not None:  # present, not a repeat
+            gone += _unref(left, m)
+    return gone
 
 
-def _unref(msgs: dict, left: dict, mid: int) -> None:
-    """One inbox less holds ``mid``: forget the message with the last one."""
+def _unref(left: dict, mid: int) -> int:
+    """One inbox less holds ``mid``: 1 if it was the last one."""
     n = left.get(mid)
     if n is None:
-        del msgs[mid]
-    elif n == 2:
+        return 1
+    if n == 2:
         del left[mid]  # one inbox left: no entry
     else:
         left[mid] = n - 1
+    return 0
 
 
 _mem_put = twin(py_mem_put)
@@ -1410,12 +1419,13 @@ class MemoryStore(_BaseStore):
 
     def __init__(self, loop, ttl_s: int) -> None:
         super().__init__(loop, ttl_s)
-        # mid -> (sender, cid, body, ts_ms, exp_ms), and mid -> inboxes
-        # holding it for the messages more than one inbox holds
-        self._msgs: dict[int, tuple] = {}
+        # device_key -> {mid: (sender, cid, body, ts_ms, exp_ms)} in mid
+        # order (one tuple shared by a message's inboxes), mid -> inboxes
+        # holding it for the messages more than one inbox holds, and how many
+        # messages some inbox holds
+        self._inbox: dict[int, dict[int, tuple]] = {}
         self._left: dict[int, int] = {}
-        # device_key -> mids in insertion (= mid) order
-        self._inbox: dict[int, dict[int, None]] = {}
+        self._messages = 0
         self._next_mid = 1
         #: Always 0: nothing is ever committed anywhere.
         self.commits = 0
@@ -1432,9 +1442,9 @@ class MemoryStore(_BaseStore):
     async def close(self) -> None:
         """Mark the store closed and drop its contents."""
         self._closed = True
-        self._msgs.clear()
         self._left.clear()
         self._inbox.clear()
+        self._messages = 0
 
     def _store_rows(self, rows: list[tuple]) -> list[int]:
         # validated rows carry their expiry, always ts_ms + ttl, which the
@@ -1468,10 +1478,11 @@ class MemoryStore(_BaseStore):
         # fastroute._core is
         mids: list[int] = []
         try:
-            _mem_put(items if type(items) is list else list(items), self._msgs, self._left,
-                     self._inbox, self._next_mid, self._ttl_ms, mids)
+            _mem_put(items if type(items) is list else list(items), self._left, self._inbox,
+                     self._next_mid, self._ttl_ms, mids)
         finally:
             self._next_mid += len(mids)  # mids stay unique even if an item was bad
+            self._messages += len(mids)  # each of them is in some inbox
         return mids
 
     def ack(self, device_key: int, mids: Sequence[int], *, validate: bool = True) -> None:
@@ -1485,7 +1496,7 @@ class MemoryStore(_BaseStore):
         if box is None:
             return
         # per delivered message: compiled when fastroute._core is
-        _mem_ack(box, self._msgs, self._left, mids)
+        self._messages -= _mem_ack(box, self._left, mids)
 
     def forget_device(self, device_key: int) -> None:
         """Remove a device and its inbox; unknown keys are ignored."""
@@ -1494,7 +1505,7 @@ class MemoryStore(_BaseStore):
         if key is None:
             return
         for m in self._inbox.pop(key, ()):
-            _unref(self._msgs, self._left, m)
+            self._messages -= _unref(self._left, m)
 
     async def flush(self) -> None:
         """Nothing to wait for; kept for API compatibility."""
@@ -1504,14 +1515,16 @@ class MemoryStore(_BaseStore):
         """Delete messages with expiry ``<= now_ms``; return how many."""
         self._check_open()
         now_ms = _check_sql_int(now_ms, "now_ms")
-        dead = [m for m, msg in self._msgs.items() if msg[4] <= now_ms]
-        if dead:
-            for box in self._inbox.values():
-                for m in dead:
-                    box.pop(m, None)
-            for m in dead:
-                del self._msgs[m]
-                self._left.pop(m, None)
+        dead: set[int] = set()
+        for box in self._inbox.values():
+            # a message's inboxes share its tuple, and so its expiry
+            gone = [m for m, msg in box.items() if msg[4] <= now_ms]
+            for m in gone:
+                del box[m]
+            dead.update(gone)
+        for m in dead:
+            self._left.pop(m, None)
+        self._messages -= len(dead)
         return len(dead)
 
     async def load(self, device_key: int, after_mid: int,
@@ -1523,7 +1536,7 @@ class MemoryStore(_BaseStore):
         if box is None:
             return []
         # compiled when fastroute._core is: a backlog sync calls this per 1024 rows
-        return _mem_load(box, self._msgs, after_mid, limit)
+        return _mem_load(box, after_mid, limit)
 
     async def backlog_counts(self) -> dict[int, tuple[int, int]]:
         """``device key -> (messages, body bytes)`` still stored for each device."""
@@ -1531,7 +1544,7 @@ class MemoryStore(_BaseStore):
         out: dict[int, tuple[int, int]] = {}
         for key, box in self._inbox.items():
             if box:
-                out[key] = (len(box), sum(len(self._msgs[m][2]) for m in box))
+                out[key] = (len(box), sum(len(msg[2]) for msg in box.values()))
         return out
 
     async def count_pending(self, device_key: int | None = None) -> int:
@@ -1544,11 +1557,11 @@ class MemoryStore(_BaseStore):
     def stats(self) -> dict[str, int]:
         """Counters for metrics (no personal data)."""
         return {"commits": 0, "failed_batches": 0, "queued_requests": 0,
-                "devices": len(self._by_key), "messages": len(self._msgs)}
+                "devices": len(self._by_key), "messages": self._messages}
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
-        return f"<MemoryStore {state} messages={len(self._msgs)}>"
+        return f"<MemoryStore {state} messages={self._messages}>"
 
 
 if TYPE_CHECKING:

@@ -34,6 +34,7 @@ from fastroute.errors import (
     InvalidArgument,
     ProtocolError,
     UnknownAddress,
+    WrongType,
 )
 from fastroute import dedup
 from fastroute.dedup import PENDING
@@ -1171,14 +1172,15 @@ def test_sync_rows_twins(routed, cap):
 # -- MemoryStore's loops ------------------------------------------------------------------
 
 def _mem_run(put, ack, script):
-    """Run puts and acks on fresh dicts; return every result and the final dicts."""
-    msgs, left, inbox, log = {}, {}, {}, []
+    """Run puts and acks on fresh dicts; return every result and the final dicts
+    (the inboxes with what they hold, and which of them share a tuple)."""
+    left, inbox, log = {}, {}, []
     nxt = 1
     for step in script:
         if step[0] == "put":
             mids = []
             try:
-                put(step[1], msgs, left, inbox, nxt, 1000, mids)
+                put(step[1], left, inbox, nxt, 1000, mids)
                 log.append(list(mids))
             except Exception as exc:  # noqa: BLE001 - compared between twins
                 log.append((type(exc), list(mids)))
@@ -1186,8 +1188,10 @@ def _mem_run(put, ack, script):
         else:
             box = inbox.get(step[1])
             if box is not None:
-                ack(box, msgs, left, step[2])
-    return log, msgs, left, {k: list(v) for k, v in inbox.items()}
+                log.append(ack(box, left, step[2]))
+    shared = sorted((m, k) for k, box in inbox.items() for m in box
+                    if any(b.get(m) is box[m] for j, b in inbox.items() if j < k))
+    return log, left, {k: dict(v) for k, v in inbox.items()}, shared
 
 
 def test_mem_put_and_ack_twins():
@@ -1214,27 +1218,41 @@ def test_mem_put_and_ack_twins():
         script.append(("put", [("b@y", bytes([k, i]) * 8, b"c", ts if i % 5 else int(str(ts)),
                                 p) for i, p in enumerate(picks)]))
         script.append(("ack", rng.randrange(1, 6), [rng.randrange(300, 700) for _ in range(9)]))
+    script.append(("put", [("a@x", MID, b"y", 1, [2]), ("a@x", MID, b"z", 1, [])]))  # no device
     script.append(("put", [("a@x", MID, b"x", 1, [1]), ("bad",)]))  # malformed item
     want = _mem_run(store.py_mem_put, store.py_mem_ack, script)
     if _core is not None:
         assert _mem_run(_core.mem_put, _core.mem_ack, script) == want
-    log, msgs, left, inbox = want
+    log, left, inbox, shared = want
     assert log[-1] == (ValueError, [log[-1][1][0]])  # the good item before it was stored
     # loads: the same rows from both, for every device, cursor and limit
-    for dk in range(1, 7):
-        box = {m: None for m in inbox.get(dk, [])}
+    for dk in range(1, 8):
+        box = inbox.get(dk, {})
         for after in (0, 5, 150, 10**6):
             for limit in (0, 1, 3, 1000):
-                rows = store.py_mem_load(box, msgs, after, limit)
+                rows = store.py_mem_load(box, after, limit)
                 assert [r[0] for r in rows] == [m for m in box if m > after][:limit]
-                assert all(r[1:] == tuple(msgs[r[0]][:4]) for r in rows)
+                assert all(r[1:] == box[r[0]][:4] for r in rows)
                 if _core is not None:
-                    assert _core.mem_load(box, msgs, after, limit) == rows
-    # every message in msgs is in exactly as many inboxes as its count says
-    for mid, msg in msgs.items():
-        assert left.get(mid, 1) == sum(mid in box for box in inbox.values()) > 0
-        assert msg[4] == msg[3] + 1000
-    assert set(left) <= set(msgs) and all(n > 1 for n in left.values())
+                    assert _core.mem_load(box, after, limit) == rows
+    # a message is in exactly as many inboxes as its count says, the same
+    # tuple in each, and the put and ack counts add up to the messages held
+    held: dict = {}
+    for box in inbox.values():
+        for mid, msg in box.items():
+            assert held.setdefault(mid, msg) == msg
+            assert msg[4] == msg[3] + 1000
+    for mid in held:
+        assert left.get(mid, 1) == sum(mid in box for box in inbox.values())
+    assert set(left) <= set(held) and all(n > 1 for n in left.values())
+    assert len(shared) == sum(left.get(m, 1) - 1 for m in held)
+    stored = sum(len(e if type(e) is list else e[1]) for e in log if type(e) is not int)
+    assert stored - sum(e for e in log if type(e) is int) == len(held)
+    # and a load refuses what an inbox never holds
+    for load in (store.py_mem_load, _core and _core.mem_load):
+        if load is not None:
+            with pytest.raises(WrongType):
+                load({1: None}, 0, 5)
 
 
 # -- the client: SACK/DELIVER dispatch against Client._on_frame's Python loop ------------------

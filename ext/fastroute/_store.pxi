@@ -9,24 +9,25 @@
 # tests/test_fastpath.py runs both on the same inputs and compares the dicts
 # they leave.
 #
-# The layout is MemoryStore's: ``msgs`` maps mid -> (sender, id, body, ts_ms,
-# exp_ms); ``left`` mid -> inboxes holding it, for the messages more than one
-# inbox holds (a tuple and no count: one allocation a message, not a list's
-# two); ``inbox`` maps device key -> {mid: None, ...} in mid order.
+# The layout is MemoryStore's: ``inbox`` maps device key -> {mid: (sender,
+# id, body, ts_ms, exp_ms), ...} in mid order, one tuple shared by a
+# message's inboxes (one dict write a message and device, no table of
+# messages beside); ``left`` mid -> inboxes holding it, for the messages
+# more than one inbox holds.
 
 from cpython.dict cimport PyDict_Next
 
 
-def mem_put(list items, dict msgs, dict left, dict inbox, long long first, long long ttl_ms,
-            list mids):
-    """Store ``items`` ``(sender, id, body, ts_ms, device_keys)`` from mid ``first`` on.
+def mem_put(list items, dict left, dict inbox, long long first, long long ttl_ms, list mids):
+    """Store ``items`` ``(sender, id, body, ts_ms, device_keys)`` from mid ``first`` on
+    (an item for no device is refused: InvalidArgument).
 
     Each stored mid is appended to ``mids`` as soon as its message is in
-    ``msgs`` and every inbox, so after an exception (a malformed item)
-    ``mids`` still tells which mids were used.
+    every inbox, so after an exception (a malformed item) ``mids`` still
+    tells which mids were used.
     """
     cdef long long mid = first
-    cdef object item, sender, cid, body, ts, devs, d, key, box
+    cdef object item, sender, cid, body, ts, devs, d, key, box, msg
     cdef object last_ts = None, exp = None, last_devs = None
     cdef list boxes = None
     cdef Py_ssize_t ndevs = 0
@@ -46,36 +47,39 @@ def mem_put(list items, dict msgs, dict left, dict inbox, long long first, long 
                     box = inbox[d] = {}
                 boxes.append(<dict?>box)
             last_devs = devs
+        if not ndevs:
+            raise InvalidArgument("device_keys must not be empty")
         key = PyLong_FromLongLong(mid)
-        msgs[key] = (sender, cid, body, ts, exp)
+        msg = (sender, cid, body, ts, exp)
         if ndevs > 1:
             left[key] = ndevs
         for box in boxes:
-            (<dict>box)[key] = None
+            (<dict>box)[key] = msg
         mids.append(key)
         mid += 1
 
 
-def mem_ack(dict box, dict msgs, dict left, mids):
-    """Delete ``mids`` from one device's inbox ``box``; a message no inbox
-    holds any more leaves ``msgs``.  Mids not in ``box`` are ignored."""
+def mem_ack(dict box, dict left, mids):
+    """Delete ``mids`` from one device's inbox ``box``; returns how many
+    messages no inbox holds any more.  Mids not in ``box`` are ignored."""
     cdef object m
     cdef PyObject* n
-    cdef Py_ssize_t k
+    cdef Py_ssize_t k, gone = 0
     for m in mids:
-        if box.pop(m, 0) is None:  # present (values are None), not a repeat
+        if box.pop(m, None) is not None:  # present, not a repeat
             n = PyDict_GetItemWithError(left, m) if left else NULL
             if n == NULL:
-                del msgs[m]
+                gone += 1
                 continue
             k = <object>n
             if k == 2:
                 del left[m]  # one inbox left: no entry
             else:
                 left[m] = k - 1
+    return gone
 
 
-def mem_load(dict box, dict msgs, after_mid, Py_ssize_t limit):
+def mem_load(dict box, after_mid, Py_ssize_t limit):
     """Up to ``limit`` rows ``(mid, sender, id, body, ts_ms)`` of one device's
     inbox ``box`` with mid > ``after_mid``, in mid order."""
     cdef list out = []
@@ -92,7 +96,9 @@ def mem_load(dict box, dict msgs, after_mid, Py_ssize_t limit):
             raise RuntimeError("dictionary changed size during iteration")
         m = <object>key
         if m > after_mid:
-            msg = msgs[m]
+            if not PyTuple_CheckExact(<object>value) or PyTuple_GET_SIZE(<object>value) != 5:
+                raise WrongType("an inbox holds (sender, id, body, ts_ms, exp_ms) tuples")
+            msg = <object>value
             out.append((m, msg[0], msg[1], msg[2], msg[3]))
             if PyList_GET_SIZE(out) >= limit:
                 break
