@@ -2201,6 +2201,17 @@ def test_copies_in_runs_to_one_device_twins(seed):
             copies.append((address, d, (b"\x98\xcd\x07\xd1", bytes([n % 256]) * (1 + n % 7))))
             n += 1
         meta.append((object(), os.urandom(16), (a, copies)))
+        if rng.random() < 0.5:
+            # a per-device send to every device of one address: copies in turns
+            turns = [(a2, d2, (b"\x98\xcd\x07\xd1", b"t%d" % n)) for (a2, d2) in keys
+                     if a2 == a] * 2
+            n += len(turns)
+            meta.append((object(), os.urandom(16), (a, turns)))
+    if seed == 0:  # keys that are not exact strs take the dict's own way
+        feeds[(b"x@home", "d1")] = _Feed(4000, ["e2ee"])
+        meta.append((object(), os.urandom(16), ("x", [(b"x@home", "d1", (b"h", b"bytes key")),
+                                                       ("a@home", "d1", (b"h", b"after"))])))
+        n += 2
     mids = list(range(1, n + 1))
     runs = [fn(feeds, meta, mids, "e2ee") for fn in _both(delivery.py_copies_online)
             if fn is not None]

@@ -268,33 +268,47 @@ def held_offered(dict online, list items, object skip):
     item to its online feed's ``qbytes`` (items whose index is in ``skip`` were
     not placed); return the bytes added in all."""
     cdef Py_ssize_t index, n = PyList_GET_SIZE(items), size, added = 0, run = 0
-    cdef object item, feed = None, payload, dev, last_dev = None
+    cdef object item, payload, dev, feed = None, have, last_dev = None
     cdef PyObject* found
     cdef bint skipping = len(skip) > 0
+    # a batch's copies go to a few devices, in runs (one peer's device) or
+    # in turns (a peer's devices, copy after copy): each feed is looked up
+    # once, and its count written once, at the end (or at an error: what was
+    # counted before it stays counted, as item by item)
+    cdef dict feeds = None  # engine id -> its feed (None: not online), past the first run
+    cdef dict sums = {}     # feed -> bytes to add, past the current run
     try:
         for index in range(n):
             if skipping and index in skip:
                 continue
             item = <object>PyList_GET_ITEM(items, index)
             dev, payload = item
-            if dev is not last_dev or last_dev is None:
-                # a batch's copies come in runs to one device: its feed is
-                # looked up, and its count written, once a run
+            if last_dev is None or dev is not last_dev:
                 if run:
-                    feed.qbytes += run
+                    have = sums.get(feed)
+                    sums[feed] = run if have is None else <Py_ssize_t>have + run
                     run = 0
+                if feeds is None:
+                    feeds = {}
+                found = PyDict_GetItemWithError(feeds, dev)
+                if found == NULL:
+                    found = PyDict_GetItemWithError(online, dev)
+                    feed = None if found == NULL else <object>found
+                    feeds[dev] = feed
+                else:
+                    feed = <object>found
                 last_dev = dev
-                found = PyDict_GetItemWithError(online, dev)
-                feed = None if found == NULL else <object>found
             if feed is None:
                 continue
             size = len(payload[1])
             run += size
             added += size
     finally:
-        # what was counted before an error stays counted, as item by item
         if run:
-            feed.qbytes += run
+            have = sums.get(feed)
+            sums[feed] = run if have is None else <Py_ssize_t>have + run
+        for feed, have in sums.items():
+            feed.qbytes += have
     return added
 
 
@@ -306,9 +320,9 @@ def copies_online(dict by_device, list meta, list mids, str feature):
     cdef list items = []
     cdef list copies
     cdef Py_ssize_t at = 0, i, n
-    cdef object request, copy, feed, payload, address, name
-    cdef object last_address = None, last_name = None, dev = None
-    cdef bint goes = False
+    cdef object request, copy, feed, payload, address, name, dev
+    cdef object last_address = None, last_name = None
+    cdef dict devs = None  # the last address's device names -> engine id (None: not here)
     cdef PyObject* found
     for request in meta:
         copies = request[2][1]
@@ -317,28 +331,45 @@ def copies_online(dict by_device, list meta, list mids, str feature):
             copy = <object>PyList_GET_ITEM(copies, i)
             address = copy[0]
             name = copy[1]
-            # a batch's copies come in runs to one device (a sender's
-            # messages to one peer): its feed is looked up once a run; the
-            # key is two exact strs, so equal ones are the same entry
-            if not (last_address is not None and PyUnicode_CheckExact(address)
-                    and PyUnicode_CheckExact(name)
-                    and (address is last_address or address == last_address)
-                    and (name is last_name or name == last_name)):
-                found = PyDict_GetItemWithError(by_device, (address, name))
-                goes = False
-                if found != NULL:
-                    feed = <object>found
-                    if feature in feed.link.features:
-                        goes = True
-                        dev = feed.dev
-                # only exact strs are compared with the next copy's
-                if PyUnicode_CheckExact(address) and PyUnicode_CheckExact(name):
+            # a batch's copies go to one peer's devices, in runs or in turns:
+            # each device's feed is looked up once for a run of copies to its
+            # address; the keys are exact strs, so equal ones are one entry
+            if not (PyUnicode_CheckExact(address) and PyUnicode_CheckExact(name)):
+                dev = _device_online(by_device, address, name, feature)
+                last_address = None
+            elif (last_address is not None and (name is last_name or name == last_name)
+                    and (address is last_address or address == last_address)):
+                pass  # the same device as the copy before: dev holds
+            else:
+                if last_address is None or not (address is last_address
+                                                or address == last_address):
+                    devs = {}
                     last_address = address
-                    last_name = name
+                found = PyDict_GetItemWithError(devs, name)
+                if found == NULL:
+                    dev = _device_online(by_device, address, name, feature)
+                    devs[name] = dev
                 else:
-                    last_address = None
-            if goes:
+                    dev = <object>found
+                last_name = name
+            if dev is not _OFFLINE:
                 payload = copy[2]
                 items.append((dev, (mids[at], payload[1], payload[0])))
             at += 1
     return items
+
+
+cdef object _OFFLINE = object()
+
+
+cdef object _device_online(dict by_device, object address, object name, str feature):
+    """The engine id of ``(address, name)``'s feed if it is online on a link
+    that negotiated ``feature``, else ``_OFFLINE``."""
+    cdef PyObject* found = PyDict_GetItemWithError(by_device, (address, name))
+    cdef object feed
+    if found == NULL:
+        return _OFFLINE
+    feed = <object>found
+    if feature in feed.link.features:
+        return feed.dev
+    return _OFFLINE
