@@ -1208,10 +1208,12 @@ def test_mem_put_and_ack_twins():
     # as the relay puts: a batch's items share one stamp object and, in runs,
     # their recipient's device-key list (interleaved runs, equal lists that
     # are other objects, the same stamp value in another object)
-    keys = [[1, 2], [3], [2, 4, 5], [6]]
+    # lists (a recipient's keys, shared in runs) and tuples (a device's one
+    # key, its copies in turns with other devices'; equal ones are one entry)
+    keys = [[1, 2], [3], [2, 4, 5], [6], (7,), (3,), (1, 2), tuple([7])]
     for k in range(40):
         ts = 10**12 + k
-        picks = [keys[rng.randrange(4)] for _ in range(rng.randrange(1, 5))]
+        picks = [keys[rng.randrange(len(keys))] for _ in range(rng.randrange(1, 5))]
         picks = [p for p in picks for _ in range(rng.randrange(1, 4))]
         if rng.random() < 0.3:
             picks.append(list(picks[0]))
@@ -1570,7 +1572,7 @@ def _dsend_case(fn, entries, skip):
     devs = {1: Slot("r@x.org", "phone", 1, 11), 2: Slot("r@x.org", "laptop", 2, 12),
             5: Slot("r@x.org", "tablet", 5, 15)}
     for did, slot in devs.items():
-        slot.dkey = 100 + did
+        slot.keyed(100 + did)
     items: list = []
     copies: list = []
     ok = fn(devs, entries, skip, "r@x.org", "s@x.org/3", MID, TS, SENDER_PACKED, TS_PACKED,
@@ -1602,7 +1604,7 @@ def test_dsend_copies_twins(entries, skip, ok):
         return
     names = {1: "phone", 2: "laptop", 5: "tablet"}
     assert [(i[0], i[2], i[4]) for i in got[1]] == [
-        ("s@x.org/3", e[2], [100 + e[0]]) for e in entries]
+        ("s@x.org/3", e[2], (100 + e[0],)) for e in entries]
     for (did, _, body), (target, name, (head, tail)) in zip(entries, got[2]):
         assert (target, name, head) == ("r@x.org", names[did], keys.DDELIVER_HEAD)
         assert tail == wire.py_deliver_tail(SENDER_PACKED, MID, body, TS_PACKED, 0)
@@ -1621,7 +1623,7 @@ def _dsend_run_case(fn, table, seed):
         devs = lists[address] = {}
         for did in rng.sample(range(1, 128), rng.randrange(1, 5)):
             devs[did] = Slot(address, f"dev{did}", did, rng.randrange(1, 16384))
-            devs[did].dkey = (address, did)
+            devs[did].keyed((address, did))
     skip = next(iter(lists["s@x.org"]))  # the sending device
     reach = {"r@x.org": True, "s@x.org": True, "far@x.org": False}
     seen = table(600.0, 1000)

@@ -52,7 +52,7 @@ def dsend_copies(dict devs, object entries, long skip, str target, str stored_se
         body = entry[2]
         slot = devs[entry[0]]
         name = slot.name
-        items.append((stored_sender, cid, body, now_ms, [slot.dkey]))
+        items.append((stored_sender, cid, body, now_ms, slot.dkeys))
         copies.append((target, name,
                        (DDELIVER_HEAD_BYTES, c_deliver_tail(sp, cid, body, ts_packed, 0))))
     return True

@@ -30,6 +30,8 @@ def mem_put(list items, dict left, dict inbox, long long first, long long ttl_ms
     cdef object item, sender, cid, body, ts, devs, d, key, box, msg
     cdef object last_ts = None, exp = None, last_devs = None
     cdef list boxes = None
+    cdef dict by_keys = None  # device keys (a tuple) -> their inboxes, past the first
+    cdef PyObject* found
     cdef Py_ssize_t ndevs = 0
     for item in items:
         sender, cid, body, ts, devs = item
@@ -39,13 +41,27 @@ def mem_put(list items, dict left, dict inbox, long long first, long long ttl_ms
             exp = ts + ttl_ms
             last_ts = ts
         if devs is not last_devs:
-            ndevs = len(devs)
-            boxes = []
-            for d in devs:
-                box = inbox.get(d)
-                if box is None:
-                    box = inbox[d] = {}
-                boxes.append(<dict?>box)
+            # per-device copies in turns (a peer's devices, copy after copy)
+            # are stored under each device's one tuple of keys: its inboxes
+            # are looked up once a batch
+            found = NULL
+            if PyTuple_CheckExact(devs):
+                if by_keys is None:
+                    by_keys = {}
+                found = PyDict_GetItemWithError(by_keys, devs)
+            if found != NULL:
+                boxes = <list>found
+                ndevs = PyTuple_GET_SIZE(devs)
+            else:
+                ndevs = len(devs)
+                boxes = []
+                for d in devs:
+                    box = inbox.get(d)
+                    if box is None:
+                        box = inbox[d] = {}
+                    boxes.append(<dict?>box)
+                if by_keys is not None and PyTuple_CheckExact(devs):
+                    by_keys[devs] = boxes
             last_devs = devs
         if not ndevs:
             raise InvalidArgument("device_keys must not be empty")

@@ -157,7 +157,7 @@ def py_dsend_copies(devs: dict, entries: list | tuple, skip: int, target: str, s
     True when ``entries`` (``(device_id, reg_id, ciphertext)``) name exactly
     the devices of ``devs`` (device id -> :class:`Slot`) but ``skip``, each once
     and with its current registration id; then each copy's store item
-    ``(stored_sender, cid, body, now_ms, [slot.dkey])`` is appended to
+    ``(stored_sender, cid, body, now_ms, slot.dkeys)`` is appended to
     ``items`` and ``(target, device name, (DDELIVER head, tail))`` to
     ``copies``.  False otherwise, with nothing appended: the caller then
     works out what differs (duplicates, missing, extra, stale).
@@ -174,7 +174,7 @@ def py_dsend_copies(devs: dict, entries: list | tuple, skip: int, target: str, s
     for did, _, body in entries:
         slot = devs[did]
         name = slot.name
-        items.append((stored_sender, cid, body, now_ms, [slot.dkey]))
+        items.append((stored_sender, cid, body, now_ms, slot.dkeys))
         copies.append((target, name,
                        (DDELIVER_HEAD, wire.py_deliver_tail(sp, cid, body, ts_packed, 0))))
     return True
@@ -261,7 +261,7 @@ recipients_by_sender = twin(py_recipients_by_sender)
 class Slot:
     """One device's place in its address's device list (what memory keeps of it)."""
 
-    __slots__ = ("address", "name", "device_id", "reg_id", "seen", "dkey")
+    __slots__ = ("address", "name", "device_id", "reg_id", "seen", "dkey", "dkeys")
 
     def __init__(self, address: str, name: str, device_id: int, reg_id: int,
                  seen: int = 0) -> None:
@@ -271,8 +271,16 @@ class Slot:
         self.reg_id = reg_id
         #: when the device last connected or disconnected (Unix s), for retention
         self.seen = seen
-        #: its key in the message store (the keys stage fills it in)
+        #: its key in the message store (the keys stage fills it in, :meth:`keyed`)
         self.dkey = 0
+        #: ``(dkey,)``: what a copy for this device is stored under, one
+        #: tuple for all of them
+        self.dkeys: tuple = (0,)
+
+    def keyed(self, dkey: int) -> None:
+        """Set the device's key in the message store."""
+        self.dkey = dkey
+        self.dkeys = (dkey,)
 
 
 class KeyDirectory:
@@ -573,7 +581,7 @@ class Keys:
                                 presize=True)
         register = delivery.store.register_device
         for slot in directory.by_name.values():
-            slot.dkey = register(slot.address, slot.name)
+            slot.keyed(register(slot.address, slot.name))
         # per sending device: its DDELIVER fields and the store's sender (packed once)
         self._senders: dict[tuple[str, int], tuple[bytes, str]] = {}
         # per requester address: bundles it may still fetch (each consumes prekeys)
@@ -701,7 +709,7 @@ class Keys:
             if self.groups is not None:
                 self.groups.devices_changing(address)
             slot = Slot(address, name, did, reg_id, int(time.time()))
-            slot.dkey = self.delivery.store.register_device(address, name)
+            slot.keyed(self.delivery.store.register_device(address, name))
             self.dir._remember(slot)
             self._reply(link, cid, 0, did)
             if event:
