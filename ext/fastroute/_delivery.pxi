@@ -276,7 +276,7 @@ def held_offered(dict online, list items, object skip):
     # once, and its count written once, at the end (or at an error: what was
     # counted before it stays counted, as item by item)
     cdef dict feeds = None  # engine id -> its feed (None: not online), past the first run
-    cdef dict sums = {}     # feed -> bytes to add, past the current run
+    cdef dict sums = None   # feed -> bytes to add, past the current run
     try:
         for index in range(n):
             if skipping and index in skip:
@@ -285,16 +285,23 @@ def held_offered(dict online, list items, object skip):
             dev, payload = item
             if last_dev is None or dev is not last_dev:
                 if run:
+                    if sums is None:
+                        sums = {}
                     have = sums.get(feed)
                     sums[feed] = run if have is None else <Py_ssize_t>have + run
                     run = 0
-                if feeds is None:
-                    feeds = {}
-                found = PyDict_GetItemWithError(feeds, dev)
+                found = NULL
+                if last_dev is not None:
+                    # a second device in this batch (a batch for one device's
+                    # feed makes no table)
+                    if feeds is None:
+                        feeds = {last_dev: feed}
+                    found = PyDict_GetItemWithError(feeds, dev)
                 if found == NULL:
                     found = PyDict_GetItemWithError(online, dev)
                     feed = None if found == NULL else <object>found
-                    feeds[dev] = feed
+                    if feeds is not None:
+                        feeds[dev] = feed
                 else:
                     feed = <object>found
                 last_dev = dev
@@ -304,11 +311,14 @@ def held_offered(dict online, list items, object skip):
             run += size
             added += size
     finally:
-        if run:
-            have = sums.get(feed)
-            sums[feed] = run if have is None else <Py_ssize_t>have + run
-        for feed, have in sums.items():
-            feed.qbytes += have
+        if sums is not None:
+            if run:
+                have = sums.get(feed)
+                sums[feed] = run if have is None else <Py_ssize_t>have + run
+            for feed, have in sums.items():
+                feed.qbytes += have
+        elif run:
+            feed.qbytes += run
     return added
 
 
@@ -340,11 +350,18 @@ def copies_online(dict by_device, list meta, list mids, str feature):
             elif (last_address is not None and (name is last_name or name == last_name)
                     and (address is last_address or address == last_address)):
                 pass  # the same device as the copy before: dev holds
+            elif last_address is None or not (address is last_address
+                                              or address == last_address):
+                # another address: its first device
+                devs = None
+                last_address = address
+                dev = _device_online(by_device, address, name, feature)
+                last_name = name
             else:
-                if last_address is None or not (address is last_address
-                                                or address == last_address):
-                    devs = {}
-                    last_address = address
+                # another device of the same address (copies in turns): the
+                # address's devices are kept by name from its second on
+                if devs is None:
+                    devs = {last_name: dev}
                 found = PyDict_GetItemWithError(devs, name)
                 if found == NULL:
                     dev = _device_online(by_device, address, name, feature)

@@ -45,9 +45,7 @@ def mem_put(list items, dict left, dict inbox, long long first, long long ttl_ms
             # are stored under each device's one tuple of keys: its inboxes
             # are looked up once a batch
             found = NULL
-            if PyTuple_CheckExact(devs):
-                if by_keys is None:
-                    by_keys = {}
+            if by_keys is not None and PyTuple_CheckExact(devs):
                 found = PyDict_GetItemWithError(by_keys, devs)
             if found != NULL:
                 boxes = <list>found
@@ -60,7 +58,11 @@ def mem_put(list items, dict left, dict inbox, long long first, long long ttl_ms
                     if box is None:
                         box = inbox[d] = {}
                     boxes.append(<dict?>box)
-                if by_keys is not None and PyTuple_CheckExact(devs):
+                if PyTuple_CheckExact(devs) and last_devs is not None:
+                    # a second tuple in this batch: copies in turns (a
+                    # batch of one device's copies makes no table)
+                    if by_keys is None:
+                        by_keys = {}
                     by_keys[devs] = boxes
             last_devs = devs
         if not ndevs:
