@@ -206,7 +206,7 @@ class Warmer:
     short-lived thread runs ``table.warm()``, which releases the GIL while
     the kernel zeroes the pages.  The relay's loop then never stops for a
     page fault of its windows (one per 2 MB page: ~0.1-0.3 ms each, ~15 % of
-    the relay's CPU while its first million ids arrive), and memory is
+    the loop's time while its first million ids arrive), and memory is
     still taken only as a window fills, a few MB ahead of it.  A table asks
     again only after the warm it asked for has run, so a relay's three
     windows have at most three such threads, for milliseconds, once per

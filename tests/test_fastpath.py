@@ -2108,6 +2108,24 @@ class _Feed:
         self.qbytes = 0
 
 
+def _held_runs(online, items, skip, feeds, start):
+    """held_offered by each twin on the same feeds (their counts set to ``start``
+    first): its answer (or the type of what it raised: len(None), after what
+    came before was counted) and every feed's count after."""
+    totals = []
+    for fn in _both(delivery.py_held_offered):
+        if fn is None:
+            continue
+        for f in feeds:
+            f.qbytes = start
+        try:
+            got = fn(online, items, skip)
+        except TypeError as exc:
+            got = type(exc)
+        totals.append((got, {f.dev: f.qbytes for f in feeds}))
+    return totals
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_shared_fan_out_twins(seed):
     # rows stored once for many devices go to every listed device online on
@@ -2137,14 +2155,7 @@ def test_shared_fan_out_twins(seed):
     # then what the engine placed is counted against each online feed
     online = {feed.dev: feed for feed in by_device.values() if rng.random() < 0.8}
     skip = frozenset(i for i in range(len(items)) if rng.random() < 0.2)
-    totals = []
-    for fn in _both(delivery.py_held_offered):
-        if fn is None:
-            continue
-        for feed in by_device.values():
-            feed.qbytes = 0
-        added = fn(online, items, skip)
-        totals.append((added, {f.dev: f.qbytes for f in by_device.values()}))
+    totals = _held_runs(online, items, skip, by_device.values(), 0)
     assert all(t == totals[0] for t in totals)
     added, per_feed = totals[0]
     want_per_feed: dict = {}
@@ -2228,17 +2239,7 @@ def test_copies_in_runs_to_one_device_twins(seed):
     skip = frozenset(i for i in range(len(items)) if rng.random() < 0.25)
     bad = items[:2] + [(items[0][0] if items else 1000 + seed, (5, None, b""))] + items[2:]
     for batch in (items, bad):
-        totals = []
-        for fn in _both(delivery.py_held_offered):
-            if fn is None:
-                continue
-            for f in feeds.values():
-                f.qbytes = 7
-            try:
-                got = fn(online, batch, skip)
-            except TypeError as exc:  # len(None), after what came before was counted
-                got = type(exc)
-            totals.append((got, [f.qbytes for f in feeds.values()]))
+        totals = _held_runs(online, batch, skip, feeds.values(), 7)
         assert all(t == totals[0] for t in totals)
     assert totals[0][0] is TypeError or 2 in skip
 

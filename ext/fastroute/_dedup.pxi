@@ -45,6 +45,7 @@ from posix.mman cimport (
     mmap,
     munmap,
 )
+from posix.unistd cimport _SC_PAGESIZE, sysconf
 
 cdef extern from "Python.h":
     int PyUnicode_Compare(object left, object right) except? -1
@@ -122,7 +123,7 @@ cdef void dedup_free(void* p, size_t size) noexcept:
 
 cdef size_t _resident_bytes(char* p, size_t size) except? 0:
     """Bytes of the mapping ``p[:size]`` in memory (0 unless mapped)."""
-    cdef size_t page = 4096, pages, i, n = 0
+    cdef size_t page = <size_t>sysconf(_SC_PAGESIZE), pages, i, n = 0
     cdef unsigned char* vec
     if p == NULL or size < DEDUP_MAP_MIN:
         return 0
