@@ -224,25 +224,39 @@ def bytes_by_address(list batch):
     return out
 
 
-cdef inline int _add_run(dict out, object to, Py_ssize_t run) except -1:
-    cdef object have = out.get(to)
-    out[to] = run if have is None else <Py_ssize_t>have + run
+cdef inline int _add_run(dict out, object key, Py_ssize_t run) except -1:
+    """``out[key] += run``, from 0 (a run's bytes added to its recipient's or feed's)."""
+    cdef object have = out.get(key)
+    out[key] = run if have is None else <Py_ssize_t>have + run
     return 0
+
+
+cdef object _OFFLINE = object()
+
+
+cdef inline object _device_online(dict by_device, object key, str feature):
+    """The engine id of the feed ``by_device`` holds for ``key`` (``(address,
+    device name)``) if it is online on a link that negotiated ``feature``,
+    else ``_OFFLINE``."""
+    cdef PyObject* found = PyDict_GetItemWithError(by_device, key)
+    cdef object feed
+    if found == NULL:  # (an error in the lookup is raised by Cython)
+        return _OFFLINE
+    feed = <object>found
+    if feature in feed.link.features:
+        return feed.dev
+    return _OFFLINE
 
 
 def devices_of(dict by_device, list targets, str feature):
     """The engine ids of the feeds in ``by_device`` named by ``targets``
     (``(address, device name)`` keys) whose link negotiated ``feature``."""
     cdef list devs = []
-    cdef object key, feed
-    cdef PyObject* found
+    cdef object key, dev
     for key in targets:
-        found = PyDict_GetItemWithError(by_device, key)
-        if found == NULL:  # (an error in the lookup is raised by Cython)
-            continue
-        feed = <object>found
-        if feature in feed.link.features:
-            devs.append(feed.dev)
+        dev = _device_online(by_device, key, feature)
+        if dev is not _OFFLINE:
+            devs.append(dev)
     return devs
 
 
@@ -287,8 +301,7 @@ def held_offered(dict online, list items, object skip):
                 if run:
                     if sums is None:
                         sums = {}
-                    have = sums.get(feed)
-                    sums[feed] = run if have is None else <Py_ssize_t>have + run
+                    _add_run(sums, feed, run)
                     run = 0
                 found = NULL
                 if last_dev is not None:
@@ -313,8 +326,7 @@ def held_offered(dict online, list items, object skip):
     finally:
         if sums is not None:
             if run:
-                have = sums.get(feed)
-                sums[feed] = run if have is None else <Py_ssize_t>have + run
+                _add_run(sums, feed, run)
             for feed, have in sums.items():
                 feed.qbytes += have
         elif run:
@@ -345,7 +357,7 @@ def copies_online(dict by_device, list meta, list mids, str feature):
             # each device's feed is looked up once for a run of copies to its
             # address; the keys are exact strs, so equal ones are one entry
             if not (PyUnicode_CheckExact(address) and PyUnicode_CheckExact(name)):
-                dev = _device_online(by_device, address, name, feature)
+                dev = _device_online(by_device, (address, name), feature)
                 last_address = None
             elif (last_address is not None and (name is last_name or name == last_name)
                     and (address is last_address or address == last_address)):
@@ -355,7 +367,7 @@ def copies_online(dict by_device, list meta, list mids, str feature):
                 # another address: its first device
                 devs = None
                 last_address = address
-                dev = _device_online(by_device, address, name, feature)
+                dev = _device_online(by_device, (address, name), feature)
                 last_name = name
             else:
                 # another device of the same address (copies in turns): the
@@ -364,7 +376,7 @@ def copies_online(dict by_device, list meta, list mids, str feature):
                     devs = {last_name: dev}
                 found = PyDict_GetItemWithError(devs, name)
                 if found == NULL:
-                    dev = _device_online(by_device, address, name, feature)
+                    dev = _device_online(by_device, (address, name), feature)
                     devs[name] = dev
                 else:
                     dev = <object>found
@@ -374,19 +386,3 @@ def copies_online(dict by_device, list meta, list mids, str feature):
                 items.append((dev, (mids[at], payload[1], payload[0])))
             at += 1
     return items
-
-
-cdef object _OFFLINE = object()
-
-
-cdef object _device_online(dict by_device, object address, object name, str feature):
-    """The engine id of ``(address, name)``'s feed if it is online on a link
-    that negotiated ``feature``, else ``_OFFLINE``."""
-    cdef PyObject* found = PyDict_GetItemWithError(by_device, (address, name))
-    cdef object feed
-    if found == NULL:
-        return _OFFLINE
-    feed = <object>found
-    if feature in feed.link.features:
-        return feed.dev
-    return _OFFLINE
