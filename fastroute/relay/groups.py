@@ -838,7 +838,7 @@ class Groups:
             for did, slot in lists.get(address, {}).items():
                 if address != sender or did != skip:
                     targets.append((address, slot.name))
-                    dkeys.append(slot.dkey)
+                    dkeys.append(slot.dkeys[0])
         if len(g.fanout) > 64:
             g.fanout.clear()
         cached = g.fanout[(sender, skip)] = (targets, dkeys)
@@ -869,7 +869,7 @@ class Groups:
         for address in addresses:
             for slot in lists.get(address, {}).values():
                 targets.append((address, slot.name))
-                dkeys.append(slot.dkey)
+                dkeys.append(slot.dkeys[0])
         if not targets:
             return
         now_ms = int(time.time() * 1000)

@@ -261,7 +261,7 @@ recipients_by_sender = twin(py_recipients_by_sender)
 class Slot:
     """One device's place in its address's device list (what memory keeps of it)."""
 
-    __slots__ = ("address", "name", "device_id", "reg_id", "seen", "dkey", "dkeys")
+    __slots__ = ("address", "name", "device_id", "reg_id", "seen", "dkeys")
 
     def __init__(self, address: str, name: str, device_id: int, reg_id: int,
                  seen: int = 0) -> None:
@@ -271,15 +271,12 @@ class Slot:
         self.reg_id = reg_id
         #: when the device last connected or disconnected (Unix s), for retention
         self.seen = seen
-        #: its key in the message store (the keys stage fills it in, :meth:`keyed`)
-        self.dkey = 0
-        #: ``(dkey,)``: what a copy for this device is stored under, one
-        #: tuple for all of them
+        #: ``(its key in the message store,)``, filled in by the keys stage
+        #: (:meth:`keyed`): one tuple for every copy stored for the device
         self.dkeys: tuple = (0,)
 
     def keyed(self, dkey: int) -> None:
         """Set the device's key in the message store."""
-        self.dkey = dkey
         self.dkeys = (dkey,)
 
 
