@@ -96,10 +96,16 @@ cdef enum:
 cdef long long DEDUP_NEVER = 0x7fffffffffffffffLL
 
 
+cdef inline bint dedup_mapped(size_t size) noexcept:
+    """Whether an array of ``size`` bytes is mapped (else on the heap): only
+    mapped arrays are taken page by page, so only they are warmed."""
+    return size >= DEDUP_MAP_MIN
+
+
 cdef void* dedup_zalloc(size_t size) noexcept:
     """``size`` zeroed bytes (NULL: no memory); free with :func:`dedup_free`."""
     cdef void* p
-    if size < DEDUP_MAP_MIN:
+    if not dedup_mapped(size):
         p = PyMem_Malloc(size)
         if p != NULL:
             memset(p, 0, size)
@@ -115,7 +121,7 @@ cdef void* dedup_zalloc(size_t size) noexcept:
 cdef void dedup_free(void* p, size_t size) noexcept:
     if p == NULL:
         return
-    if size < DEDUP_MAP_MIN:
+    if not dedup_mapped(size):
         PyMem_Free(p)
     else:
         munmap(p, size)
@@ -125,7 +131,7 @@ cdef size_t _resident_bytes(char* p, size_t size) except? 0:
     """Bytes of the mapping ``p[:size]`` in memory (0 unless mapped)."""
     cdef size_t page = <size_t>sysconf(_SC_PAGESIZE), pages, i, n = 0
     cdef unsigned char* vec
-    if p == NULL or size < DEDUP_MAP_MIN:
+    if p == NULL or not dedup_mapped(size):
         return 0
     pages = (size + page - 1) // page
     vec = <unsigned char*>PyMem_Malloc(pages)
@@ -634,8 +640,8 @@ cdef class DedupTable:
         return None
 
     cdef bint _mapped(self) noexcept:
-        return (self.cap * sizeof(DSlot) >= DEDUP_MAP_MIN
-                or 2 * self.cap * sizeof(uint64_t) >= DEDUP_MAP_MIN)
+        return (dedup_mapped(self.cap * sizeof(DSlot))
+                or dedup_mapped(2 * self.cap * sizeof(uint64_t)))
 
     cdef int _populate(self, char* base, size_t start, size_t end, long long gen) except -2:
         """Fault ``base[start:end]`` in, a step at a time without the GIL;
@@ -673,13 +679,13 @@ cdef class DedupTable:
         self._warming = True
         try:
             index_bytes = 2 * self.cap * sizeof(uint64_t)
-            if not self._index_warm and index_bytes >= DEDUP_MAP_MIN:
+            if not self._index_warm and dedup_mapped(index_bytes):
                 rc = self._populate(<char*>self.index, 0, index_bytes, gen)
                 if rc == 1:
                     self._index_warm = True
                     done += index_bytes
             slot_bytes = self.cap * sizeof(DSlot)
-            if rc == 1 and slot_bytes >= DEDUP_MAP_MIN and self._warmed < slot_bytes:
+            if rc == 1 and dedup_mapped(slot_bytes) and self._warmed < slot_bytes:
                 start = self._warmed
                 # the head as it is now: the loop went on while the index warmed
                 upto = min(slot_bytes, <size_t>min(self.head, self.cap) * sizeof(DSlot)
@@ -694,7 +700,7 @@ cdef class DedupTable:
             if rc == -1:
                 self._warm_ask = None  # this kernel cannot: stop asking
             elif self._warm_gen == gen and self._warm_ask is not None:
-                if self._warmed >= slot_bytes or slot_bytes < DEDUP_MAP_MIN:
+                if self._warmed >= slot_bytes or not dedup_mapped(slot_bytes):
                     self._warm_at = DEDUP_NEVER  # later laps reuse the pages
                 else:
                     # ask again when half of what is ahead is used
