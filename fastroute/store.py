@@ -110,6 +110,7 @@ CID_LEN = 16
 # SQLite integers are signed 64-bit; a bigger Python int would fail inside the
 # writer and take a whole batch of innocent messages down with it.
 _INT_MAX = (1 << 63) - 1
+_INT_MIN = -(1 << 63)
 _SCHEMA_VERSION = 3
 
 # Version 2 added messages.dev: a message for exactly one device (most of
@@ -400,14 +401,13 @@ class _BaseStore:
             keys.append(key)
         # fan-out twice to one device is a no-op, not an error
         devs = tuple(dict.fromkeys(keys)) if len(keys) > 1 else tuple(keys)
-        return (sender, cid, body, ts_ms, ts_ms + self._ttl_ms, devs)
+        return (sender, cid, body, ts_ms, devs)
 
     def _check_many(self, items, validate: bool = True) -> list[tuple]:
         if not validate:
-            # the caller built the items itself (the relay's hot path): only
-            # the expiry is added, and the device keys are trusted as given
-            ttl = self._ttl_ms
-            return [(s, c, b, t, t + ttl, d) for s, c, b, t, d in items]
+            # the caller built the items itself (the relay's hot path): taken
+            # as given (a copy of the list: the caller may reuse its own)
+            return list(items)
         items = _check_seq(items, "items")
         rows = []
         for item in items:
@@ -464,7 +464,9 @@ class SqliteStore(_BaseStore):
     Failures: a batch that fails (disk full, I/O error) is rolled back; its
     new messages and its deletes are then retried apart, so each failure is
     attributed to the operation that failed: a put's future fails with
-    :class:`~fastroute.errors.FastrouteError` of code ``STORE_FAILED``;
+    :class:`~fastroute.errors.FastrouteError` of code ``STORE_FAILED`` (a
+    ``put_many(validate=False)`` whose items are not what it vouched for
+    fails alone, with that item's error, before anything is written);
     fire-and-forget writes (:meth:`ack`, :meth:`forget_device`, device
     registrations) that fail are kept and retried (every 0.5 s when idle)
     until they succeed, and are never reported to an unrelated caller
@@ -659,7 +661,10 @@ class SqliteStore(_BaseStore):
         All of them commit in the same transaction.  Input is validated
         first: one bad item raises and queues nothing.  ``validate=False``
         skips that for items the caller built from known devices (the
-        relay's hot path); device keys must then be distinct and registered.
+        relay's hot path); device keys must then be distinct and registered,
+        and each item exactly ``(str, bytes, bytes, int, tuple or list of
+        keys)``: one that is not fails this future (``WrongType``,
+        ``InvalidArgument``), not the store.
         """
         self._check_open()
         rows = self._check_many(items, validate)
@@ -922,10 +927,7 @@ class SqliteStore(_BaseStore):
         Returns True when the batch held the stop request.
         """
         mid = self._next_mid
-        # flat parameter lists: the rows go to SQLite many per statement
-        msg_rows: list = []             # mid, dev, sender, cid, body, ts, exp; ...
-        inbox_rows: list = []           # device_key, mid; ...
-        packs: dict[int, list] = {}     # device_key -> [(mid, sender, ...), ...]
+        puts: list[list] = []           # the put requests' items, in queue order
         done: list[tuple] = []          # (future, result) settled on success
         regs: list[tuple] = []
         acks: dict[int, list[int]] = {}  # device_key -> mids
@@ -934,21 +936,15 @@ class SqliteStore(_BaseStore):
         flushes: list[tuple] = []       # (future, kind of flush)
         stop = False
         for kind, arg, fut in batch:
-            if kind == _PUT or kind == _PUT_MANY:
-                first = mid
-                for sender, cid, body, ts, exp, devs in ((arg,) if kind == _PUT else arg):
-                    if len(devs) == 1:
-                        pack = packs.get(devs[0])
-                        if pack is None:
-                            packs[devs[0]] = [(mid, sender, cid, body, ts, exp)]
-                        else:
-                            pack.append((mid, sender, cid, body, ts, exp))
-                    else:
-                        msg_rows += (mid, None, sender, cid, body, ts, exp)
-                        for d in devs:
-                            inbox_rows += (d, mid)
-                    mid += 1
-                done.append((fut, first if kind == _PUT else list(range(first, mid))))
+            if kind == _PUT_MANY:
+                # mids are given in queue order; the rows are laid out below
+                puts.append(arg)
+                done.append((fut, list(range(mid, mid + len(arg)))))
+                mid += len(arg)
+            elif kind == _PUT:
+                puts.append([arg])
+                done.append((fut, mid))
+                mid += 1
             elif kind == _ACK:
                 # Inserts run before deletes below; so that this equals queue
                 # order, an ack only reaches mids that existed when it was
@@ -973,9 +969,16 @@ class SqliteStore(_BaseStore):
         other_error: str | None = None  # registrations, deletes, expiries
         expired: list[int] = []
         # every new row: the messages' own (several devices), their inbox
-        # rows, the packs (one device)
-        puts = (msg_rows, inbox_rows, _pack_rows(packs) if packs else [])
-        new = bool(msg_rows or puts[2])
+        # rows, the packs (one device); compiled when fastroute._core is
+        rows = _NO_PUTS
+        if puts:
+            try:
+                rows = _sql_rows(puts, self._next_mid, self._ttl_ms)
+            except Exception:
+                # an item the caller vouched for (validate=False) is bad: its
+                # request fails, not the writer nor the batch's other requests
+                rows = self._rows_apart(puts, done)
+        new = bool(rows[0] or rows[2])
         # partly acked packs are rewritten when due, and before a flush
         # answers (reads after it must not see their acked messages)
         rewrite = (self._rewrite_due is not None and time.monotonic() >= self._rewrite_due) \
@@ -985,7 +988,7 @@ class SqliteStore(_BaseStore):
         if new or acks or regs or forgets or expires or (rewrite and self._partial):
             try:
                 # the common case: everything in one transaction, one commit
-                expired = self._transaction(regs, puts, mid, acks, forgets, expires,
+                expired = self._transaction(regs, rows, mid, acks, forgets, expires,
                                             rewrite)
             except Exception as exc:
                 self.failed_batches += 1
@@ -1005,7 +1008,7 @@ class SqliteStore(_BaseStore):
                     except Exception as exc2:
                         other_error = f"store write failed: {_reason(exc2)}"
                     try:
-                        self._transaction([], puts, mid, {}, [], [], False)
+                        self._transaction([], rows, mid, {}, [], [], False)
                     except Exception as exc3:
                         puts_error = f"store write failed: {_reason(exc3)}"
                 elif new:
@@ -1044,6 +1047,26 @@ class SqliteStore(_BaseStore):
         if done:
             self._post(_settle_all, done)
         return stop
+
+    def _rows_apart(self, puts: list, done: list) -> tuple:
+        """The rows of ``puts`` laid out one request at a time; a request whose
+        items cannot be is failed with that error and dropped from ``done``
+        (its future's entry, the same index), its mids left unused."""
+        rows: tuple = ([], [], [])
+        kept = []
+        first = self._next_mid
+        for items, entry in zip(puts, done):
+            try:
+                part = _sql_rows([items], first, self._ttl_ms)
+            except Exception as exc:
+                self._post(_settle_one, entry[0], None, exc)
+            else:
+                for whole, some in zip(rows, part):
+                    whole += some
+                kept.append(entry)
+            first += len(items)
+        done[:] = kept
+        return rows
 
     def _checkpoint(self) -> None:
         """Erase what deletes left in the WAL, once the bound says it is time.
@@ -1232,14 +1255,60 @@ def _load(conn: sqlite3.Connection, device_key: int, after_mid: int, limit: int)
     return rows
 
 
-def _pack_rows(packs: dict) -> list:
-    """The flat ``packs`` rows (8 values each) for ``{device_key: [entry, ...]}``,
-    an entry ``(mid, sender, cid, body, ts_ms, exp_ms)``."""
-    rows: list = []
-    for key, entries in packs.items():
-        rows.append(key)
-        rows += _pack_fields(entries)
-    return rows
+def py_sql_rows(puts: list, mid: int, ttl_ms: int) -> tuple[list, list, list]:
+    """The SQLite store's put loop: the rows of one transaction's new messages.
+
+    ``puts``: lists of items ``(sender, cid, body, ts_ms, device_keys)``, whose
+    mids run from ``mid`` on in order; a message expires at ``ts_ms + ttl_ms``.
+    Returns three flat parameter lists (the rows go to SQLite many per
+    statement): ``messages`` rows (mid, None, sender, cid, body, ts_ms,
+    exp_ms) and ``inbox`` rows (device_key, mid) for the messages for several
+    devices; and one ``packs`` row (dev, first, last, n, nbytes, exp_ms,
+    mids, data) per device that messages for it alone went to, in the order
+    of its first message.  A pack's ``mids`` are native int64s, its ``data``
+    the msgpack array of its entries ``(mid, sender, cid, body, ts_ms,
+    exp_ms)`` (as :func:`_pack_fields` writes them).
+
+    The items are trusted (the store built or checked each): ``sender`` a
+    str, ``cid`` and ``body`` bytes, ``ts_ms`` an int (``WrongType`` for
+    another type, as the compiled twin, which writes them itself).
+    """
+    msg_rows: list = []
+    inbox_rows: list = []
+    packs: dict = {}        # device key -> [first, last, n, nbytes, exp, mids, data]
+    for items in puts:
+        for sender, cid, body, ts, devs in items:
+            if (type(sender) is not str or type(cid) is not bytes or type(body) is not bytes
+                    or type(ts) is not int):
+                raise WrongType("a put item is (str, bytes, bytes, int, device keys)")
+            exp = ts + ttl_ms
+            if not (_INT_MIN <= ts and exp <= _INT_MAX):
+                raise OverflowError("ts_ms + ttl does not fit 64 bits")
+            if len(devs) == 1:
+                draft = packs.get(devs[0])
+                if draft is None:
+                    draft = packs[devs[0]] = [mid, mid, 0, 0, exp, array.array("q"), []]
+                draft[1] = mid
+                draft[2] += 1
+                draft[3] += len(body)
+                draft[4] = min(draft[4], exp)
+                draft[5].append(mid)
+                draft[6].append((mid, sender, cid, body, ts, exp))
+            elif not devs:
+                # nobody would ack it: it would sit on disk until it expires
+                raise InvalidArgument("device_keys must not be empty")
+            else:
+                msg_rows += (mid, None, sender, cid, body, ts, exp)
+                for d in devs:
+                    inbox_rows += (d, mid)
+            mid += 1
+    pack_rows: list = []
+    for key, (first, last, n, nbytes, exp, mids, entries) in packs.items():
+        pack_rows += (key, first, last, n, nbytes, exp, mids.tobytes(), msgpack.packb(entries))
+    return msg_rows, inbox_rows, pack_rows
+
+
+_sql_rows = twin(py_sql_rows)
 
 
 def _pack_fields(entries: list) -> tuple:
@@ -1446,18 +1515,13 @@ class MemoryStore(_BaseStore):
         self._inbox.clear()
         self._messages = 0
 
-    def _store_rows(self, rows: list[tuple]) -> list[int]:
-        # validated rows carry their expiry, always ts_ms + ttl, which the
-        # shared put loop computes again
-        return self._store_trusted([(s, c, b, t, d) for s, c, b, t, _, d in rows])
-
     def put(self, sender: str, cid: bytes, body: bytes, ts_ms: int,
             device_keys: Sequence[int]) -> asyncio.Future[int]:
         """Store one message; the returned future is already resolved."""
         self._check_open()
         fut = self._loop.create_future()
-        fut.set_result(self._store_rows([self._check_put(sender, cid, body, ts_ms,
-                                                          device_keys)])[0])
+        fut.set_result(self._store_trusted([self._check_put(sender, cid, body, ts_ms,
+                                                             device_keys)])[0])
         return fut
 
     def put_many(self, items: Sequence[PutItem], *,
@@ -1465,7 +1529,7 @@ class MemoryStore(_BaseStore):
         """Store several messages; the returned future is already resolved."""
         self._check_open()
         if validate:
-            mids = self._store_rows(self._check_many(items, True))
+            mids = self._store_trusted(self._check_many(items, True))
         else:
             mids = self._store_trusted(items)
         fut = self._loop.create_future()

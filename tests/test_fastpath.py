@@ -11,6 +11,7 @@ raises the same exception class) on the same input.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import collections
 import copy
@@ -112,7 +113,7 @@ def test_compiled_twins_loaded():
              (delivery.held_offered, delivery.py_held_offered),
              (delivery.copies_online, delivery.py_copies_online),
              (store._mem_put, store.py_mem_put), (store._mem_ack, store.py_mem_ack),
-             (store._mem_load, store.py_mem_load),
+             (store._mem_load, store.py_mem_load), (store._sql_rows, store.py_sql_rows),
              (gate_mod.TokenBucket, gate_mod.PyTokenBucket),
              (gate_mod.take_upto, gate_mod.py_take_upto),
              (gate_mod.give_back, gate_mod.py_give_back), (gate_mod.take_all, gate_mod.py_take_all),
@@ -1255,6 +1256,78 @@ def test_mem_put_and_ack_twins():
         if load is not None:
             with pytest.raises(WrongType):
                 load({1: None}, 0, 5)
+
+
+# -- SqliteStore's put loop ------------------------------------------------------------------
+
+def _sql_puts(rng: random.Random) -> list:
+    """One transaction's put requests as the writer gets them: runs of one
+    recipient's tuple of keys (the relay's), interleaved recipients, lists,
+    equal tuples that are other objects, messages for several devices, and
+    every msgpack size class of int, str and bin in the entries."""
+    keys = [(1,), (2,), [3], (1, 2), (4, 5, 6), tuple([1]), [2, 1]]
+    stamps = [0, 1, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 10**12, -1, -33, -129]
+    puts = []
+    for _ in range(rng.randrange(1, 5)):
+        items = []
+        for _ in range(rng.randrange(0, 30)):
+            devs = keys[rng.randrange(len(keys))]
+            sender = rng.choice(["a@x", "", "é@ü" * rng.randrange(1, 60), "s" * 300])
+            body = bytes(rng.randrange(256) for _ in range(rng.choice([0, 1, 31, 255, 256])))
+            if rng.random() < 0.02:
+                body = b"\x01" * 65536  # bin32
+            for _ in range(rng.randrange(1, 4)):  # a run
+                items.append((sender, rng.randbytes(16), body, rng.choice(stamps), devs))
+        puts.append(items)
+    return puts
+
+
+def test_sql_rows_twins():
+    rng = random.Random(11)
+    for trial in range(200):
+        puts = _sql_puts(rng)
+        first = rng.choice([1, 300, 2**31, 2**40])
+        ttl = rng.choice([0, 1000, 30 * 86400 * 1000])
+        want = store.py_sql_rows(puts, first, ttl)
+        if _core is not None:
+            assert _core.sql_rows(puts, first, ttl) == want, trial
+        msg_rows, inbox_rows, pack_rows = want
+        # every message is in exactly one place, with its mid in queue order
+        items = [it for part in puts for it in part]
+        seen = {}
+        for i in range(0, len(pack_rows), 8):
+            dev, lo, hi, n, nbytes, exp, mids, data = pack_rows[i:i + 8]
+            entries = store._pack_entries(data)
+            got = list(array.array("q", mids))
+            assert got == [e[0] for e in entries] and (lo, hi, n) == (got[0], got[-1], len(got))
+            assert nbytes == sum(len(e[3]) for e in entries)
+            assert exp == min(e[5] for e in entries)
+            for e in entries:
+                seen[e[0]] = ([dev], e[1:])
+        for i in range(0, len(msg_rows), 7):
+            mid, dev, *fields = msg_rows[i:i + 7]
+            assert dev is None
+            seen[mid] = ([inbox_rows[j] for j in range(0, len(inbox_rows), 2)
+                          if inbox_rows[j + 1] == mid], tuple(fields))
+        assert sorted(seen) == list(range(first, first + len(items)))
+        for mid, (sender, cid, body, ts, devs) in zip(range(first, first + len(items)), items):
+            assert seen[mid] == (list(devs), (sender, cid, body, ts, ts + ttl))
+
+
+@pytest.mark.parametrize("bad, error", [
+    (("a@x", MID, bytearray(b"b"), 1, (1,)), WrongType),
+    ((b"a@x", MID, b"b", 1, (1,)), WrongType),
+    (("a@x", MID, b"b", 1.0, (1,)), WrongType),
+    (("a@x", MID, b"b", 1, ()), InvalidArgument),
+    (("a@x", MID, b"b", (1 << 63) - 10, (1,)), OverflowError),
+    (("a@x", MID, b"b", 1 << 64, (1,)), OverflowError),
+])
+def test_sql_rows_twins_refuse_the_same_items(bad, error):
+    puts = [[("a@x", MID, b"ok", 1, (1,))], [bad]]
+    for fn in (store.py_sql_rows, _core and _core.sql_rows):
+        if fn is not None:
+            with pytest.raises(error):
+                fn(puts, 1, 1000)
 
 
 # -- the client: SACK/DELIVER dispatch against Client._on_frame's Python loop ------------------

@@ -878,8 +878,8 @@ def test_sqlite_expiry_of_a_pack_spares_messages_queued_after_it(run, db):
             await store.flush()
         conn = raw(db)
         try:
-            rows = store_mod._pack_rows({dev: [
-                (m, "s@p", CID, b"%d" % m, T0, T0 + 10_000 + (m % 2)) for m in range(1, 9)]})
+            rows = [dev, *store_mod._pack_fields([
+                (m, "s@p", CID, b"%d" % m, T0, T0 + 10_000 + (m % 2)) for m in range(1, 9)])]
             conn.execute(store_mod._rows_sql(store_mod._SQL_PUT_PACK, 8, 1), rows)
             # due at T0 + 10 s: the even mids; of them only those below mid 5
             assert SqliteStore._expire(conn, T0 + 10_000, 5, {}) == 2
@@ -929,3 +929,41 @@ def test_sqlite_a_reader_delays_the_erase_checkpoint_without_stalling_puts(run, 
             assert store.checkpoints > before
             assert os.path.getsize(db + "-wal") == 0
     run(main())
+
+
+def test_sqlite_a_bad_trusted_item_fails_its_own_put_only(run, db):
+    # validate=False trusts the caller; an item that is not what it vouched
+    # for fails its own request, not the writer nor the other requests that
+    # share its transaction
+    async def main():
+        async with await SqliteStore.open(db) as store:
+            dev = store.register_device("a@p", "1")
+            await store.flush()
+            other = sqlite3.connect(db, isolation_level=None)
+            other.execute("BEGIN IMMEDIATE")  # the writer's next transaction waits
+            try:
+                first = store.put_many([("s@p", CID, b"0", T0, (dev,))], validate=False)
+                while store._queue.qsize():  # taken: the next requests share a batch
+                    await asyncio.sleep(0.001)
+                good = store.put_many([("s@p", CID, b"1", T0, (dev,))] * 3, validate=False)
+                bad = store.put_many([("s@p", CID, bytearray(b"2"), T0, (dev,))],
+                                     validate=False)
+                nobody = store.put_many([("s@p", CID, b"3", T0, ())], validate=False)
+                last = store.put_many([("s@p", CID, b"4", T0, (dev,))], validate=False)
+                assert store._queue.qsize() == 4
+            finally:
+                other.execute("COMMIT")
+                other.close()
+            (m0,), mids = await first, await good
+            with pytest.raises(WrongType):
+                await bad
+            with pytest.raises(InvalidArgument):
+                await nobody
+            # the refused requests' mids are left unused
+            assert await last == [mids[-1] + 3] and mids == [m0 + 1, m0 + 2, m0 + 3]
+            assert store.failed_batches == 0 and store.commits >= 2
+            rows = await store.load(dev, 0, 10)
+            assert [r[3] for r in rows] == [b"0", b"1", b"1", b"1", b"4"]
+            await store.flush()  # the writer still serves
+    run(main())
+

@@ -5,6 +5,7 @@
 #   mem_put   = py_mem_put
 #   mem_ack   = py_mem_ack
 #   mem_load  = py_mem_load
+#   sql_rows  = py_sql_rows
 #
 # tests/test_fastpath.py runs both on the same inputs and compares the dicts
 # they leave.
@@ -16,6 +17,9 @@
 # more than one inbox holds.
 
 from cpython.dict cimport PyDict_Next
+from cpython.list cimport PyList_CheckExact
+from cpython.unicode cimport PyUnicode_AsUTF8AndSize
+from libc.stdint cimport INT64_MAX
 
 
 def mem_put(list items, dict left, dict inbox, long long first, long long ttl_ms, list mids):
@@ -121,3 +125,156 @@ def mem_load(dict box, after_mid, Py_ssize_t limit):
             if PyList_GET_SIZE(out) >= limit:
                 break
     return out
+
+
+# -- SqliteStore's put loop: one transaction's new rows -----------------------
+
+cdef struct PackDraft:
+    # one device's pack while a transaction's puts are laid out
+    long long first, last, n, nbytes, exp
+    int64_t* mids
+    Py_ssize_t mids_cap
+    # the msgpack entries after PACK_HEAD bytes kept for the array header
+    unsigned char* data
+    Py_ssize_t size, cap
+
+
+cdef enum:
+    PACK_HEAD = 5   # the longest msgpack array header (array32)
+
+
+cdef int draft_reserve(PackDraft* d, Py_ssize_t more) except -1:
+    """Room for ``more`` bytes of entries and one more mid in ``d``."""
+    cdef Py_ssize_t cap
+    cdef void* p
+    if d.n >= d.mids_cap:
+        cap = 64 if d.mids_cap == 0 else d.mids_cap * 2
+        p = PyMem_Realloc(d.mids, cap * sizeof(int64_t))
+        if p == NULL:
+            raise MemoryError()
+        d.mids = <int64_t*>p
+        d.mids_cap = cap
+    if PACK_HEAD + d.size + more > d.cap:
+        cap = max(2 * d.cap, PACK_HEAD + d.size + more, 4096)
+        p = PyMem_Realloc(d.data, cap)
+        if p == NULL:
+            raise MemoryError()
+        d.data = <unsigned char*>p
+        d.cap = cap
+    return 0
+
+
+def sql_rows(list puts, long long mid, long long ttl_ms):
+    """The rows of one transaction's new messages (see ``py_sql_rows``): the
+    messages for one device msgpack'd straight into its pack, no per-message
+    tuple; ``(messages rows, inbox rows, packs rows)``, flat lists."""
+    cdef list msg_rows = [], inbox_rows = [], pack_rows = []
+    cdef list keys = []             # the drafts' device keys, in draft order
+    cdef dict index = {}            # device key -> draft number
+    cdef PackDraft* drafts = NULL
+    cdef PackDraft* d
+    cdef Py_ssize_t ndrafts = 0, cap = 0, i = -1, j, k, ndevs, ulen, clen, blen, hlen, size
+    cdef object items, item, sender, cid, body, ts, devs, dv, key, last_devs = None
+    cdef PyObject* found
+    cdef const char* utf8
+    cdef unsigned char* p
+    cdef long long ts_v, exp
+    cdef int overflow = 0
+    cdef void* grown
+    try:
+        for items in puts:
+            if not PyList_CheckExact(items):
+                raise WrongType("puts is a list of lists of items")
+            for j in range(PyList_GET_SIZE(items)):
+                item = <object>PyList_GET_ITEM(items, j)
+                if not PyTuple_CheckExact(item) or PyTuple_GET_SIZE(item) != 5:
+                    raise WrongType("a put item is a tuple (sender, cid, body, ts_ms, "
+                                    "device keys)")
+                sender = <object>PyTuple_GET_ITEM(item, 0)
+                cid = <object>PyTuple_GET_ITEM(item, 1)
+                body = <object>PyTuple_GET_ITEM(item, 2)
+                ts = <object>PyTuple_GET_ITEM(item, 3)
+                devs = <object>PyTuple_GET_ITEM(item, 4)
+                if not (PyUnicode_CheckExact(sender) and PyBytes_CheckExact(cid)
+                        and PyBytes_CheckExact(body) and PyLong_CheckExact(ts)):
+                    raise WrongType("a put item is (str, bytes, bytes, int, device keys)")
+                ts_v = PyLong_AsLongLongAndOverflow(ts, &overflow)
+                if overflow or ts_v > INT64_MAX - ttl_ms:
+                    raise OverflowError("ts_ms + ttl does not fit 64 bits")
+                exp = ts_v + ttl_ms
+                ndevs = len(devs)
+                if ndevs == 1:
+                    # a run of messages for one recipient shares its tuple
+                    # of keys: the draft is looked up once a run
+                    if devs is not last_devs or not PyTuple_CheckExact(devs):
+                        key = devs[0]
+                        found = PyDict_GetItemWithError(index, key)
+                        if found != NULL:
+                            i = <Py_ssize_t><object>found
+                        else:
+                            if ndrafts == cap:
+                                cap = 8 if cap == 0 else 2 * cap
+                                grown = PyMem_Realloc(drafts, cap * sizeof(PackDraft))
+                                if grown == NULL:
+                                    raise MemoryError()
+                                drafts = <PackDraft*>grown
+                            i = ndrafts
+                            drafts[i] = PackDraft(mid, mid, 0, 0, exp, NULL, 0, NULL, 0, 0)
+                            ndrafts += 1
+                            index[key] = i
+                            keys.append(key)
+                        last_devs = devs
+                    d = &drafts[i]
+                    utf8 = PyUnicode_AsUTF8AndSize(sender, &ulen)
+                    clen = PyBytes_GET_SIZE(cid)
+                    blen = PyBytes_GET_SIZE(body)
+                    # (mid, sender, cid, body, ts_ms, exp_ms) as msgpack packs it
+                    draft_reserve(d, 1 + int_len(mid) + str_header_len(ulen) + ulen
+                                  + bin_header_len(clen) + clen + bin_header_len(blen) + blen
+                                  + int_len(ts_v) + int_len(exp))
+                    p = d.data + PACK_HEAD + d.size
+                    p[0] = 0x96
+                    k = 1
+                    k += put_int(p + k, mid)
+                    k += str_header(p + k, ulen)
+                    memcpy(p + k, utf8, ulen)
+                    k += ulen
+                    k += bin_header(p + k, clen)
+                    memcpy(p + k, PyBytes_AS_STRING(cid), clen)
+                    k += clen
+                    k += bin_header(p + k, blen)
+                    memcpy(p + k, PyBytes_AS_STRING(body), blen)
+                    k += blen
+                    k += put_int(p + k, ts_v)
+                    k += put_int(p + k, exp)
+                    d.size += k
+                    d.mids[d.n] = mid
+                    d.n += 1
+                    d.last = mid
+                    d.nbytes += blen
+                    if exp < d.exp:
+                        d.exp = exp
+                elif ndevs == 0:
+                    # nobody would ack it: it would sit on disk until it expires
+                    raise InvalidArgument("device_keys must not be empty")
+                else:
+                    key = PyLong_FromLongLong(mid)
+                    msg_rows += (key, None, sender, cid, body, ts, PyLong_FromLongLong(exp))
+                    for dv in devs:
+                        inbox_rows.append(dv)
+                        inbox_rows.append(key)
+                mid += 1
+        for i in range(ndrafts):
+            d = &drafts[i]
+            hlen = array_header_len(<Py_ssize_t>d.n)
+            array_header(d.data + PACK_HEAD - hlen, <Py_ssize_t>d.n)
+            pack_rows += (keys[i], d.first, d.last, d.n, d.nbytes, d.exp,
+                          PyBytes_FromStringAndSize(<char*>d.mids, d.n * sizeof(int64_t)),
+                          PyBytes_FromStringAndSize(<char*>d.data + PACK_HEAD - hlen,
+                                                    d.size + hlen))
+    finally:
+        for i in range(ndrafts):
+            PyMem_Free(drafts[i].mids)
+            PyMem_Free(drafts[i].data)
+        PyMem_Free(drafts)
+    return msg_rows, inbox_rows, pack_rows
