@@ -967,3 +967,19 @@ def test_sqlite_a_bad_trusted_item_fails_its_own_put_only(run, db):
             await store.flush()  # the writer still serves
     run(main())
 
+
+def test_sqlite_new_stores_use_16k_pages_and_old_ones_keep_theirs(run, db, monkeypatch):
+    async def fill(body):
+        async with await SqliteStore.open(db) as store:
+            dev = store.register_device("a@p", "1")
+            await store.put_many([("s@p", CID, body, T0, [dev])] * 50)
+            return [r[3] for r in await store.load(dev, 0, 200)]
+
+    monkeypatch.setattr(store_mod, "_PAGE_SIZE", 4096)  # a store made before
+    assert run(fill(b"x" * 300)) == [b"x" * 300] * 50
+    monkeypatch.undo()
+    assert run(fill(b"y" * 300)) == [b"x" * 300] * 50 + [b"y" * 300] * 50
+    assert count(db, "PRAGMA page_size") == 4096
+    os.remove(db)
+    assert run(fill(b"z")) == [b"z"] * 50
+    assert count(db, "PRAGMA page_size") == 16384
