@@ -5,7 +5,8 @@ Run: ``PYTHONPATH=. python benches/store_put_ack.py [--size 100] [--messages 100
 messages to one device; at most 8 batches in flight, each acked as soon as
 its mids are known, as the relay does for a recipient that keeps up.
 Prints messages/s, CPU seconds of the whole process (event loop plus writer
-thread) and commits; a ratio against ``--store memory`` (or the other
+thread), commits and bytes handed to write calls a message (Linux:
+``/proc/self/io``); a ratio against ``--store memory`` (or the other
 ``--synchronous``) in the same shell session is the comparison to read.
 """
 
@@ -21,6 +22,12 @@ import time
 from fastroute.store import MemoryStore, SqliteStore
 
 
+def _written() -> int:
+    """Bytes this process has handed to write calls (the WAL, checkpoints)."""
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("wchar"))
+
+
 async def run(store_kind: str, n: int, size: int, batch: int = 256,
               synchronous: str | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="fr-store-probe-") as d:
@@ -33,6 +40,7 @@ async def run(store_kind: str, n: int, size: int, batch: int = 256,
             ids = [os.urandom(16) for _ in range(batch)]
             t0 = time.perf_counter()
             c0 = time.process_time()
+            w0 = _written()
             inflight: list[asyncio.Future] = []
             done = 0
             while done < n:
@@ -47,7 +55,8 @@ async def run(store_kind: str, n: int, size: int, batch: int = 256,
             dt = time.perf_counter() - t0
             mode = getattr(store, "_synchronous", "-")
             print(f"{store_kind} ({mode}) {size} B put+ack 1:1: {done / dt:,.0f} msg/s, "
-                  f"cpu {time.process_time() - c0:.2f} s, commits {store.stats()['commits']}")
+                  f"cpu {time.process_time() - c0:.2f} s, commits {store.stats()['commits']}, "
+                  f"written {(_written() - w0) / done:.0f} B a message")
         finally:
             await store.close()
 

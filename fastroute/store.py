@@ -1142,6 +1142,15 @@ class SqliteStore(_BaseStore):
                     "INSERT OR IGNORE INTO devices(device_key, address, device) "
                     "VALUES (?,?,?)", regs)
                 conn.execute(_SQL_META, ("next_device", max(r[0] for r in regs) + 1))
+            if acks and (msg_rows or pack_rows):
+                # Acks of messages committed before this batch go first: the
+                # pages their deletes free (zeroed) are then the ones the new
+                # rows take, each written to the WAL once, not zeroes and
+                # then another page's new rows.
+                done = self._next_mid
+                early = {k: [m for m in v if m < done] for k, v in acks.items()}
+                acks = {k: v2 for k, v in acks.items() if (v2 := [m for m in v if m >= done])}
+                self._delete(conn, early, [], partial)
             if msg_rows or pack_rows:
                 _execute_rows(conn, _SQL_PUT_MSG, 7, [], msg_rows)
                 _execute_rows(conn, _SQL_PUT_INBOX, 2, [], inbox_rows)

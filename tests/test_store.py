@@ -983,3 +983,35 @@ def test_sqlite_new_stores_use_16k_pages_and_old_ones_keep_theirs(run, db, monke
     os.remove(db)
     assert run(fill(b"z")) == [b"z"] * 50
     assert count(db, "PRAGMA page_size") == 16384
+
+
+def test_sqlite_acks_in_a_batch_with_puts_reach_old_and_new_messages(run, db):
+    # the writer deletes what earlier batches committed before it inserts
+    # (freed pages are reused, written once); an ack of a mid put in the same
+    # batch, queued after its put, must still reach it
+    async def main():
+        async with await SqliteStore.open(db) as store:
+            dev = store.register_device("a@p", "1")
+            old = await store.put_many([("s@p", CID, b"old%d" % i, T0, [dev])
+                                        for i in range(40)])
+            other = sqlite3.connect(db, isolation_level=None)
+            other.execute("BEGIN IMMEDIATE")  # the writer's next transaction waits
+            try:
+                store.ack(dev, old[:3])  # taken alone
+                while store._queue.qsize():
+                    await asyncio.sleep(0.001)
+                store.ack(dev, old[3:30])
+                new = store.put_many([("s@p", CID, b"new%d" % i, T0, [dev])
+                                      for i in range(20)])
+                guess = list(range(old[-1] + 1, old[-1] + 21))  # the mids it will get
+                store.ack(dev, guess[:5] + old[30:32])
+                assert store._queue.qsize() == 3
+            finally:
+                other.execute("COMMIT")
+                other.close()
+            assert await new == guess
+            await store.flush()
+            rows = await store.load(dev, 0, 100)
+            assert [r[0] for r in rows] == old[32:] + guess[5:]
+            assert [r[3] for r in rows][-1] == b"new19"
+    run(main())
