@@ -114,6 +114,10 @@ _INT_MIN = -(1 << 63)
 _SCHEMA_VERSION = 3
 # the page size a new store file is made with
 _PAGE_SIZE = 16384
+# mids are reserved on disk this many at a time: meta's page is written once
+# a block, not in every transaction (a reopened store starts past the block,
+# so a mid is never reused; ids are 64-bit, the gap costs nothing)
+_MID_BLOCK = 1 << 16
 
 # Version 2 added messages.dev: a message for exactly one device (most of
 # them) names it there and has no inbox row, so storing it and deleting it on
@@ -517,6 +521,8 @@ class SqliteStore(_BaseStore):
         # the following are touched by the writer thread only
         self._wconn: sqlite3.Connection | None = None
         self._next_mid = 1
+        # meta's next_mid: every mid below it is reserved (writer thread only)
+        self._mid_mark = 1
         self._carry: list[tuple] = []
         #: acked mids and forgotten devices whose delete failed and waits for a retry
         self.deletes_waiting = 0
@@ -845,7 +851,7 @@ class SqliteStore(_BaseStore):
         meta = dict(conn.execute("SELECT k, v FROM meta"))
         top_mid = max(conn.execute("SELECT max(mid) FROM messages").fetchone()[0] or 0,
                       conn.execute("SELECT max(last) FROM packs").fetchone()[0] or 0)
-        self._next_mid = max(meta.get("next_mid", 1), top_mid + 1)
+        self._next_mid = self._mid_mark = max(meta.get("next_mid", 1), top_mid + 1)
         devices = conn.execute(
             "SELECT device_key, address, device FROM devices ORDER BY device_key").fetchall()
         top_key = max(
@@ -962,7 +968,7 @@ class SqliteStore(_BaseStore):
                 known = acks.get(key)
                 if known is None:
                     known = acks[key] = []
-                known.extend([m for m in mids if m < mid])
+                known.extend(mids if max(mids) < mid else [m for m in mids if m < mid])
             elif kind == _REG:
                 regs.append(arg)
             elif kind == _FORGET:
@@ -1130,6 +1136,7 @@ class SqliteStore(_BaseStore):
         # the partial acks as this transaction leaves them; kept only if it
         # commits (a set is replaced, never changed in place)
         partial = dict(self._partial)
+        mark = self._mid_mark  # kept, like partial, only if this commits
         rewritten = 0
         t0 = time.perf_counter()
         try:
@@ -1148,14 +1155,20 @@ class SqliteStore(_BaseStore):
                 # rows take, each written to the WAL once, not zeroes and
                 # then another page's new rows.
                 done = self._next_mid
-                early = {k: [m for m in v if m < done] for k, v in acks.items()}
-                acks = {k: v2 for k, v in acks.items() if (v2 := [m for m in v if m >= done])}
+                if max(max(v, default=0) for v in acks.values()) < done:
+                    early, acks = acks, {}  # as always unless a mid was guessed
+                else:
+                    early = {k: [m for m in v if m < done] for k, v in acks.items()}
+                    acks = {k: v2 for k, v in acks.items()
+                            if (v2 := [m for m in v if m >= done])}
                 self._delete(conn, early, [], partial)
             if msg_rows or pack_rows:
                 _execute_rows(conn, _SQL_PUT_MSG, 7, [], msg_rows)
                 _execute_rows(conn, _SQL_PUT_INBOX, 2, [], inbox_rows)
                 _execute_rows(conn, _SQL_PUT_PACK, 8, [], pack_rows)
-                conn.execute(_SQL_META, ("next_mid", mid))
+                if mid > mark:
+                    mark = mid + _MID_BLOCK
+                    conn.execute(_SQL_META, ("next_mid", mark))
             if acks or forgets:
                 self._delete(conn, acks, forgets, partial)
             for _, now, bound in expires:
@@ -1187,6 +1200,7 @@ class SqliteStore(_BaseStore):
                     self._erase_due = due
             self._partial_since = self._rewrite_due = None
         self._partial = partial
+        self._mid_mark = mark
         self.rewrites += rewritten
         self.commit_seconds.observe(time.perf_counter() - t0)
         self.commits += 1

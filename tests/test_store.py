@@ -1015,3 +1015,26 @@ def test_sqlite_acks_in_a_batch_with_puts_reach_old_and_new_messages(run, db):
             assert [r[0] for r in rows] == old[32:] + guess[5:]
             assert [r[3] for r in rows][-1] == b"new19"
     run(main())
+
+
+def test_sqlite_reserves_mids_a_block_at_a_time(run, db):
+    # meta's next_mid is written once a block of mids, not every transaction;
+    # a reopened store starts past the block, so no mid ever comes back
+    block = store_mod._MID_BLOCK
+
+    async def main(n):
+        async with await SqliteStore.open(db) as store:
+            dev = store.register_device("a@p", "1")
+            mids = []
+            for _ in range(n):
+                mids += await store.put_many([("s@p", CID, b"x", T0, [dev])] * 3)
+                assert count(db, "SELECT v FROM meta WHERE k = 'next_mid'") > mids[-1]
+            store.ack(dev, mids)
+            return mids, store.commits
+
+    first, commits = run(main(5))
+    assert first == list(range(1, 16)) and commits >= 5
+    assert count(db, "SELECT v FROM meta WHERE k = 'next_mid'") == 4 + block
+    again, _ = run(main(2))
+    assert again[0] == 4 + block
+    assert count(db, "SELECT v FROM meta WHERE k = 'next_mid'") == 7 + 2 * block
