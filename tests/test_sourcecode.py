@@ -6,6 +6,7 @@ import importlib
 import inspect
 import os
 import pkgutil
+import re
 import subprocess
 import sys
 import sysconfig
@@ -49,6 +50,24 @@ def test_cython_lint_is_clean():
     # cython-lint has no __main__.py; its console script calls cython_lint.cython_lint:main
     res = _run("cython_lint.cython_lint", "--max-line-length", "100", *sources)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_compiled_parts_write_no_wide_int_literal_without_a_suffix():
+    # Cython makes an integer literal that does not fit a C int a Python
+    # object: `v < 0x100000000` with `long long v` boxed v and compared
+    # objects, once per message (sql_rows spent half its time there).  A
+    # wide literal in C arithmetic carries its suffix (LL, ULL).
+    literal = re.compile(r"(?<![\w.])(0[xX][0-9a-fA-F]+|\d+)(?![\w.])")
+    wide = []
+    for path in sorted((ROOT / "ext").rglob("*.p[xy][dxi]")):
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            if '"' in code or "'" in code:
+                code = re.sub(r"(\"[^\"]*\"|'[^']*')", "", code)
+            for m in literal.finditer(code):
+                if int(m.group(1), 0) > 0x7FFFFFFF:
+                    wide.append(f"{path.name}:{n}: {line.strip()}")
+    assert not wide, "wide literals without LL/ULL:\n" + "\n".join(wide)
 
 
 def test_mypy_is_clean():

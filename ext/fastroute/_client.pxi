@@ -236,14 +236,14 @@ cdef inline Py_ssize_t int_len(long long v) noexcept:
             return 2
         if v < 0x10000:
             return 3
-        return 5 if v < 0x100000000 else 9
+        return 5 if v < 0x100000000LL else 9
     if v >= -32:
         return 1
     if v >= -0x80:
         return 2
     if v >= -0x8000:
         return 3
-    return 5 if v >= -0x80000000 else 9
+    return 5 if v >= -0x80000000LL else 9
 
 
 cdef inline Py_ssize_t put_int(unsigned char* p, long long v) noexcept:
@@ -261,7 +261,7 @@ cdef inline Py_ssize_t put_int(unsigned char* p, long long v) noexcept:
             p[0] = 0xcd
             put_be16(p + 1, <uint32_t>v)
             return 3
-        if v < 0x100000000:
+        if v < 0x100000000LL:
             p[0] = 0xce
             put_be32(p + 1, <uint32_t>v)
             return 5
@@ -277,7 +277,7 @@ cdef inline Py_ssize_t put_int(unsigned char* p, long long v) noexcept:
         p[0] = 0xd1
         put_be16(p + 1, <uint32_t>(u & 0xffff))
         return 3
-    elif v >= -0x80000000:
+    elif v >= -0x80000000LL:
         p[0] = 0xd2
         put_be32(p + 1, <uint32_t>(u & 0xffffffffULL))
         return 5
