@@ -1,8 +1,8 @@
 """The store alone under 1:1 relay-like load: put_many batches, then ack them.
 
 Run: ``PYTHONPATH=. python benches/store_put_ack.py [--size 100] [--messages 100000]
-[--store sqlite|memory] [--synchronous FULL|NORMAL]``.  Batches of 256
-messages to one device; at most 8 batches in flight, each acked as soon as
+[--store sqlite|memory] [--synchronous FULL|NORMAL] [--batch 256]``.  Batches of 256
+messages (``--batch``) to one device; at most 8 batches in flight, each acked as soon as
 its mids are known, as the relay does for a recipient that keeps up.
 Prints messages/s, CPU seconds of the whole process (event loop plus writer
 thread), commits and bytes handed to write calls a message (Linux:
@@ -68,8 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=100)
     ap.add_argument("--synchronous", choices=["NORMAL", "FULL"], default=None,
                     help="the store's default when not given")
+    ap.add_argument("--batch", type=int, default=256,
+                    help="messages a put_many (1: a chat relay's; several batches "
+                         "share a commit when they queue behind one)")
     args = ap.parse_args(argv)
-    asyncio.run(run(args.store, args.messages, args.size, synchronous=args.synchronous))
+    asyncio.run(run(args.store, args.messages, args.size, batch=args.batch,
+                    synchronous=args.synchronous))
     return 0
 
 
