@@ -1154,13 +1154,13 @@ class SqliteStore(_BaseStore):
                 # pages their deletes free (zeroed) are then the ones the new
                 # rows take, each written to the WAL once, not zeroes and
                 # then another page's new rows.
-                done = self._next_mid
-                if max(max(v, default=0) for v in acks.values()) < done:
+                committed = self._next_mid  # every mid below it was, before this batch
+                if max(max(v, default=0) for v in acks.values()) < committed:
                     early, acks = acks, {}  # as always unless a mid was guessed
                 else:
-                    early = {k: [m for m in v if m < done] for k, v in acks.items()}
+                    early = {k: [m for m in v if m < committed] for k, v in acks.items()}
                     acks = {k: v2 for k, v in acks.items()
-                            if (v2 := [m for m in v if m >= done])}
+                            if (v2 := [m for m in v if m >= committed])}
                 self._delete(conn, early, [], partial)
             if msg_rows or pack_rows:
                 _execute_rows(conn, _SQL_PUT_MSG, 7, [], msg_rows)

@@ -1321,6 +1321,7 @@ def test_sql_rows_twins():
     (("a@x", MID, b"b", 1, ()), InvalidArgument),
     (("a@x", MID, b"b", (1 << 63) - 10, (1,)), OverflowError),
     (("a@x", MID, b"b", 1 << 64, (1,)), OverflowError),
+    (("a\udc80", MID, b"b", 1, (1,)), UnicodeEncodeError),  # a lone surrogate
 ])
 def test_sql_rows_twins_refuse_the_same_items(bad, error):
     puts = [[("a@x", MID, b"ok", 1, (1,))], [bad]]
