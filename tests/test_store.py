@@ -945,6 +945,7 @@ def test_sqlite_a_bad_trusted_item_fails_its_own_put_only(run, db):
                 first = store.put_many([("s@p", CID, b"0", T0, (dev,))], validate=False)
                 while store._queue.qsize():  # taken: the next requests share a batch
                     await asyncio.sleep(0.001)
+                await asyncio.sleep(0.02)  # and the writer waits for the lock
                 good = store.put_many([("s@p", CID, b"1", T0, (dev,))] * 3, validate=False)
                 bad = store.put_many([("s@p", CID, bytearray(b"2"), T0, (dev,))],
                                      validate=False)
@@ -1000,6 +1001,7 @@ def test_sqlite_acks_in_a_batch_with_puts_reach_old_and_new_messages(run, db):
                 store.ack(dev, old[:3])  # taken alone
                 while store._queue.qsize():
                     await asyncio.sleep(0.001)
+                await asyncio.sleep(0.02)  # and the writer waits for the lock
                 store.ack(dev, old[3:30])
                 new = store.put_many([("s@p", CID, b"new%d" % i, T0, [dev])
                                       for i in range(20)])
