@@ -1299,7 +1299,7 @@ def py_sql_rows(puts: list, mid: int, ttl_ms: int) -> tuple[list, list, list]:
     mids, data) per device that messages for it alone went to, in the order
     of its first message.  A pack's ``mids`` are native int64s, its ``data``
     the msgpack array of its entries ``(mid, sender, cid, body, ts_ms,
-    exp_ms)`` (as :func:`_pack_fields` writes them).
+    exp_ms)``: the columns :func:`_pack_fields` gives.
 
     The items are trusted (the store built or checked each): ``sender`` a
     str, ``cid`` and ``body`` bytes, ``ts_ms`` an int (``WrongType`` for
@@ -1307,7 +1307,7 @@ def py_sql_rows(puts: list, mid: int, ttl_ms: int) -> tuple[list, list, list]:
     """
     msg_rows: list = []
     inbox_rows: list = []
-    packs: dict = {}        # device key -> [first, last, n, nbytes, exp, mids, data]
+    packs: dict = {}        # device key -> its entries, in mid order
     for items in puts:
         for sender, cid, body, ts, devs in items:
             if (type(sender) is not str or type(cid) is not bytes or type(body) is not bytes
@@ -1317,15 +1317,10 @@ def py_sql_rows(puts: list, mid: int, ttl_ms: int) -> tuple[list, list, list]:
             if not (_INT_MIN <= ts and exp <= _INT_MAX):
                 raise OverflowError("ts_ms + ttl does not fit 64 bits")
             if len(devs) == 1:
-                draft = packs.get(devs[0])
-                if draft is None:
-                    draft = packs[devs[0]] = [mid, mid, 0, 0, exp, array.array("q"), []]
-                draft[1] = mid
-                draft[2] += 1
-                draft[3] += len(body)
-                draft[4] = min(draft[4], exp)
-                draft[5].append(mid)
-                draft[6].append((mid, sender, cid, body, ts, exp))
+                entries = packs.get(devs[0])
+                if entries is None:
+                    entries = packs[devs[0]] = []
+                entries.append((mid, sender, cid, body, ts, exp))
             elif not devs:
                 # nobody would ack it: it would sit on disk until it expires
                 raise InvalidArgument("device_keys must not be empty")
@@ -1335,8 +1330,9 @@ def py_sql_rows(puts: list, mid: int, ttl_ms: int) -> tuple[list, list, list]:
                     inbox_rows += (d, mid)
             mid += 1
     pack_rows: list = []
-    for key, (first, last, n, nbytes, exp, mids, entries) in packs.items():
-        pack_rows += (key, first, last, n, nbytes, exp, mids.tobytes(), msgpack.packb(entries))
+    for key, entries in packs.items():
+        pack_rows.append(key)
+        pack_rows += _pack_fields(entries)
     return msg_rows, inbox_rows, pack_rows
 
 
