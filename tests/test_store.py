@@ -8,6 +8,7 @@ commit and failure handling are SQLite-only.  No test asserts a timing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import os
 import sqlite3
@@ -114,6 +115,19 @@ def count(db, sql, *params):
         return conn.execute(sql, params).fetchone()[0]
     finally:
         conn.close()
+
+
+@contextlib.contextmanager
+def write_locked(db):
+    """Another connection holds the write lock: the writer's next write waits
+    (or, past its busy timeout, fails) until the block ends."""
+    lock = raw(db)
+    lock.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
 
 
 def store_failed(excinfo) -> bool:
@@ -362,16 +376,11 @@ def test_sqlite_put_resolves_only_after_commit(run, db):
         async with await SqliteStore.open(db) as store:
             dev = store.register_device("a@p", "1")
             await store.flush()
-            blocker = raw(db)
-            blocker.execute("BEGIN IMMEDIATE")  # the writer cannot commit now
-            try:
+            with write_locked(db):  # the writer cannot commit now
                 fut = store.put("s@p", CID, b"b", T0, [dev])
                 for _ in range(5):
                     await asyncio.sleep(0.01)
                     assert not fut.done()
-            finally:
-                blocker.execute("ROLLBACK")
-                blocker.close()
             mid = await fut
             # visible to an independent connection the moment the future is done
             # (a message for one device is in that device's pack: no inbox row)
@@ -389,14 +398,9 @@ def test_sqlite_group_commit_groups_concurrent_puts(run, db, max_batch):
             before = store.commits
             # Hold the write lock so the first transaction waits: every put
             # below queues up behind it, whatever the machine's speed.
-            blocker = raw(db)
-            blocker.execute("BEGIN IMMEDIATE")
-            try:
+            with write_locked(db):
                 futs = [store.put("s@p", CID, b"b", T0, [dev]) for _ in range(1000)]
                 await asyncio.sleep(0.01)
-            finally:
-                blocker.execute("ROLLBACK")
-                blocker.close()
             mids = await asyncio.gather(*futs)
             commits = store.commits - before
             assert len(set(mids)) == 1000
@@ -466,16 +470,11 @@ def test_sqlite_failed_deletes_are_retried_not_reported_to_the_next_flush(run, d
             mids = await store.put_many([("s@p", CID, b"m%d" % i, T0, [a]) for i in range(10)])
             await store.flush()  # the writer is idle: safe to touch its connection
             store._wconn.execute("PRAGMA busy_timeout = 50")
-            lock = sqlite3.connect(db, isolation_level=None)
-            lock.execute("BEGIN IMMEDIATE")  # nothing can be written now
-            try:
+            with write_locked(db):  # nothing can be written now
                 store.ack(a, mids)
                 await asyncio.sleep(0.3)  # the ack batch fails (SQLITE_BUSY)
                 assert store.failed_batches >= 1
                 waiting = getattr(store, "deletes_waiting", None)
-            finally:
-                lock.execute("ROLLBACK")
-                lock.close()
             await store.flush()  # device b connects: not told about a's ack
             await asyncio.sleep(1.0)  # the retry runs every 0.5 s when idle
             await store.flush()
@@ -850,15 +849,10 @@ def test_sqlite_a_failed_pack_rewrite_is_retried_until_it_lands(run, db):
                     break
                 await asyncio.sleep(0.01)
             assert store._partial and store.failed_batches == 0
-            lock = sqlite3.connect(db, isolation_level=None)
-            lock.execute("BEGIN IMMEDIATE")  # nothing can be written now
-            try:
+            with write_locked(db):  # nothing can be written now
                 await asyncio.sleep(1.0)  # the rewrite comes due and fails
                 assert 1 <= store.failed_batches <= 3  # again every 0.5 s, not a spin
                 assert store.rewrites == 0
-            finally:
-                lock.execute("ROLLBACK")
-                lock.close()
             for _ in range(100):  # no flush: the writer's retry lands it
                 if count(db, "SELECT n FROM packs WHERE dev = ?", dev) == 6:
                     break
@@ -939,9 +933,7 @@ def test_sqlite_a_bad_trusted_item_fails_its_own_put_only(run, db):
         async with await SqliteStore.open(db) as store:
             dev = store.register_device("a@p", "1")
             await store.flush()
-            other = sqlite3.connect(db, isolation_level=None)
-            other.execute("BEGIN IMMEDIATE")  # the writer's next transaction waits
-            try:
+            with write_locked(db):  # the writer's next transaction waits
                 first = store.put_many([("s@p", CID, b"0", T0, (dev,))], validate=False)
                 while store._queue.qsize():  # taken: the next requests share a batch
                     await asyncio.sleep(0.001)
@@ -952,9 +944,6 @@ def test_sqlite_a_bad_trusted_item_fails_its_own_put_only(run, db):
                 nobody = store.put_many([("s@p", CID, b"3", T0, ())], validate=False)
                 last = store.put_many([("s@p", CID, b"4", T0, (dev,))], validate=False)
                 assert store._queue.qsize() == 4
-            finally:
-                other.execute("COMMIT")
-                other.close()
             (m0,), mids = await first, await good
             with pytest.raises(WrongType):
                 await bad
@@ -995,9 +984,7 @@ def test_sqlite_acks_in_a_batch_with_puts_reach_old_and_new_messages(run, db):
             dev = store.register_device("a@p", "1")
             old = await store.put_many([("s@p", CID, b"old%d" % i, T0, [dev])
                                         for i in range(40)])
-            other = sqlite3.connect(db, isolation_level=None)
-            other.execute("BEGIN IMMEDIATE")  # the writer's next transaction waits
-            try:
+            with write_locked(db):  # the writer's next transaction waits
                 store.ack(dev, old[:3])  # taken alone
                 while store._queue.qsize():
                     await asyncio.sleep(0.001)
@@ -1008,9 +995,6 @@ def test_sqlite_acks_in_a_batch_with_puts_reach_old_and_new_messages(run, db):
                 guess = list(range(old[-1] + 1, old[-1] + 21))  # the mids it will get
                 store.ack(dev, guess[:5] + old[30:32])
                 assert store._queue.qsize() == 3
-            finally:
-                other.execute("COMMIT")
-                other.close()
             assert await new == guess
             await store.flush()
             rows = await store.load(dev, 0, 100)
