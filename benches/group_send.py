@@ -3,7 +3,7 @@
 Run (bounded: fixed message counts and a timeout on every wait)::
 
     PYTHONPATH=. python benches/group_send.py [--runs R] [--store memory|sqlite] [--no-nats]
-        [--fanout 10 100 1000] [--relay-path TREE]
+        [--fanout 10 100 1000] [--relay-path TREE] [--synchronous NORMAL|FULL] [--scale K]
 
 For each fan-out N, three ways of getting one 100-byte body to N devices:
 
@@ -64,6 +64,8 @@ BODY = 100
 #: messages per run for each fan-out (about 20-40 k deliveries each)
 MESSAGES = {10: 2000, 100: 300, 1000: 40}
 TIMEOUT = 60.0
+#: the SQLite store's synchronous mode ("": the relay's default, FULL)
+SYNCHRONOUS = ""
 
 
 def start_relay(data: str, store: str) -> tuple[subprocess.Popen, int]:
@@ -72,7 +74,8 @@ def start_relay(data: str, store: str) -> tuple[subprocess.Popen, int]:
         data, store,
         "group_msgs_per_s = 10000000.0\ngroup_msgs_burst = 10000000.0\n"
         "group_msgs_per_group_s = 10000000.0\ngroup_msgs_per_group_burst = 10000000.0\n"
-        "group_changes_burst = 100000.0\nmailbox_capacity = 8192\n",
+        "group_changes_burst = 100000.0\nmailbox_capacity = 8192\n"
+        + (f'synchronous = "{SYNCHRONOUS}"\n' if SYNCHRONOUS else ""),
         # the v1 baseline puts every device on one address
         "max_devices_per_address = 1000\n")
 
@@ -164,11 +167,20 @@ def main() -> None:
     ap.add_argument("--relay-path", default="",
                     help="run the relay from this source tree (its PYTHONPATH), the "
                          "clients from this one: the relay's A/B with the same clients")
+    ap.add_argument("--synchronous", choices=("NORMAL", "FULL"), default="",
+                    help="the SQLite store's (the relay's default when not given: FULL)")
+    ap.add_argument("--scale", type=int, default=1,
+                    help="send K times the messages of a run (longer runs, less noise)")
     args = ap.parse_args()
     e2ee_send.RELAY_PATH = args.relay_path
+    global SYNCHRONOUS
+    SYNCHRONOUS = args.synchronous
+    for k in MESSAGES:
+        MESSAGES[k] *= args.scale
     run = uvloop.run if uvloop is not None else asyncio.run
     server = None if args.no_nats else find_nats_server()
-    print(f"store={args.store} runs={args.runs} body={BODY} B window={WINDOW} "
+    print(f"store={args.store} synchronous={args.synchronous or 'default'} "
+          f"runs={args.runs} body={BODY} B window={WINDOW} "
           f"cores={os.cpu_count()} loadavg={open('/proc/loadavg').read().split()[:3]} "
           f"nats-server={server or 'not found'}")
     print(f"{'devices':>7} {'mode':>6} {'msgs':>5} {'deliveries/s':>13} {'server us/deliv':>16} "

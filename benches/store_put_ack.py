@@ -1,9 +1,11 @@
-"""The store alone under 1:1 relay-like load: put_many batches, then ack them.
+"""The store alone under relay-like load: put_many batches, then ack them.
 
 Run: ``PYTHONPATH=. python benches/store_put_ack.py [--size 100] [--messages 100000]
-[--store sqlite|memory] [--synchronous FULL|NORMAL] [--batch 256]``.  Batches of 256
-messages (``--batch``) to one device; at most 8 batches in flight, each acked as soon as
-its mids are known, as the relay does for a recipient that keeps up.
+[--store sqlite|memory] [--synchronous FULL|NORMAL] [--batch 256] [--devices 1]``.
+Batches of 256 messages (``--batch``) to one device (1:1), or each message to
+``--devices`` devices (a group's fan-out, which every one of them acks); at most 8
+batches in flight, each acked as soon as its mids are known, as the relay does for
+recipients that keep up.
 Prints messages/s, CPU seconds of the whole process (event loop plus writer
 thread), commits and bytes handed to write calls a message (Linux:
 ``/proc/self/io``); a ratio against ``--store memory`` (or the other
@@ -29,13 +31,13 @@ def _written() -> int:
 
 
 async def run(store_kind: str, n: int, size: int, batch: int = 256,
-              synchronous: str | None = None) -> None:
+              synchronous: str | None = None, devices: int = 1) -> None:
     with tempfile.TemporaryDirectory(prefix="fr-store-probe-") as d:
         cls = SqliteStore if store_kind == "sqlite" else MemoryStore
         kw = {} if synchronous is None else {"synchronous": synchronous}
         store = await cls.open(os.path.join(d, "store.db"), **kw)
         try:
-            dk = store.register_device("r@x", "d")
+            dks = [store.register_device("r@x", f"d{i}") for i in range(devices)]
             body = os.urandom(size)
             ids = [os.urandom(16) for _ in range(batch)]
             t0 = time.perf_counter()
@@ -44,18 +46,25 @@ async def run(store_kind: str, n: int, size: int, batch: int = 256,
             inflight: list[asyncio.Future] = []
             done = 0
             while done < n:
-                items = [("s@x", cid, body, 1, [dk]) for cid in ids]
+                items = [("s@x", cid, body, 1, dks) for cid in ids]
                 inflight.append(store.put_many(items, validate=False))
                 if len(inflight) > 8:
-                    store.ack(dk, await inflight.pop(0), validate=False)
+                    mids = await inflight.pop(0)
+                    for dk in dks:
+                        store.ack(dk, mids, validate=False)
                 done += batch
             for fut in inflight:
-                store.ack(dk, await fut, validate=False)
+                mids = await fut
+                for dk in dks:
+                    store.ack(dk, mids, validate=False)
             await store.flush()
             dt = time.perf_counter() - t0
             mode = getattr(store, "_synchronous", "-")
-            print(f"{store_kind} ({mode}) {size} B put+ack 1:1: {done / dt:,.0f} msg/s, "
-                  f"cpu {time.process_time() - c0:.2f} s, commits {store.stats()['commits']}, "
+            cpu = time.process_time() - c0
+            to = "1:1" if devices == 1 else f"to {devices} devices"
+            print(f"{store_kind} ({mode}) {size} B put+ack {to}: {done / dt:,.0f} msg/s, "
+                  f"cpu {cpu:.2f} s ({cpu / (done * devices) * 1e6:.2f} us a delivery), "
+                  f"commits {store.stats()['commits']}, "
                   f"written {(_written() - w0) / done:.0f} B a message")
         finally:
             await store.close()
@@ -71,9 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=256,
                     help="messages a put_many (1: a chat relay's; several batches "
                          "share a commit when they queue behind one)")
+    ap.add_argument("--devices", type=int, default=1,
+                    help="devices each message goes to, each acking it (1: 1:1)")
     args = ap.parse_args(argv)
     asyncio.run(run(args.store, args.messages, args.size, batch=args.batch,
-                    synchronous=args.synchronous))
+                    synchronous=args.synchronous, devices=args.devices))
     return 0
 
 
