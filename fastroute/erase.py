@@ -43,7 +43,7 @@ from contextlib import contextmanager
 
 from .errors import InvalidArgument, StoreFailed
 from .identity import parse_address
-from .store import _keep_pack
+from .store import _keep_pack, _prune_shares
 
 __all__ = ["erase_address"]
 
@@ -67,6 +67,11 @@ def _in(n: int) -> str:
     return "(" + ",".join("?" * n) + ")"
 
 
+def _has_table(conn: sqlite3.Connection, name: str) -> bool:
+    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                        (name,)).fetchone() is not None
+
+
 def _erase_store(path: str, address: str) -> dict[str, int]:
     with _erasing(path) as conn:
         keys = [k for (k,) in conn.execute(
@@ -80,10 +85,8 @@ def _erase_store(path: str, address: str) -> dict[str, int]:
             to_devices += conn.execute("DELETE FROM inbox WHERE device_key = ?",
                                        (key,)).rowcount
         # a store written by a fastroute before packs has no such table
-        packs = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' "
-                             "AND name = 'packs'").fetchone() is not None
         from_it = 0
-        if packs:
+        if _has_table(conn, "packs"):
             for key in keys:
                 to_devices += conn.execute("SELECT coalesce(sum(n), 0) FROM packs WHERE "
                                            "dev = ?", (key,)).fetchone()[0]
@@ -92,6 +95,17 @@ def _erase_store(path: str, address: str) -> dict[str, int]:
             # by _keep_pack, which writes only a pack that loses messages)
             for key, first in conn.execute("SELECT dev, first FROM packs").fetchall():
                 from_it += _keep_pack(conn, key, first, lambda e: e[1] != address)
+        # a store written by a fastroute before shares has no such tables
+        if _has_table(conn, "shares"):
+            for key in keys:
+                to_devices += conn.execute("SELECT coalesce(sum(n), 0) FROM shares WHERE "
+                                           "dev = ?", (key,)).fetchone()[0]
+                conn.execute("DELETE FROM shares WHERE dev = ?", (key,))
+            from_it += conn.execute("DELETE FROM shared WHERE sender = ?",
+                                    (address,)).rowcount
+            # the others' shares without the mids erased, and the shared
+            # messages only its devices still held
+            _prune_shares(conn)
         sent = [m for (m,) in conn.execute("SELECT mid FROM messages WHERE sender = ?",
                                            (address,))]
         for i in range(0, len(sent), 500):

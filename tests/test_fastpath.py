@@ -114,6 +114,7 @@ def test_compiled_twins_loaded():
              (delivery.copies_online, delivery.py_copies_online),
              (store._mem_put, store.py_mem_put), (store._mem_ack, store.py_mem_ack),
              (store._mem_load, store.py_mem_load), (store._sql_rows, store.py_sql_rows),
+             (store._shares_release, store.py_shares_release),
              (gate_mod.TokenBucket, gate_mod.PyTokenBucket),
              (gate_mod.take_upto, gate_mod.py_take_upto),
              (gate_mod.give_back, gate_mod.py_give_back), (gate_mod.take_all, gate_mod.py_take_all),
@@ -1265,7 +1266,7 @@ def _sql_puts(rng: random.Random) -> list:
     recipient's tuple of keys (the relay's), interleaved recipients, lists,
     equal tuples that are other objects, messages for several devices, and
     every msgpack size class of int, str and bin in the entries."""
-    keys = [(1,), (2,), [3], (1, 2), (4, 5, 6), tuple([1]), [2, 1]]
+    keys = [(1,), (2,), [3], (1, 2), (4, 5, 6), tuple([1]), [2, 1], (1, 2), (7, 7, 8), [9, 9]]
     stamps = [0, 1, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 10**12, -1, -33, -129]
     puts = []
     for _ in range(rng.randrange(1, 5)):
@@ -1291,10 +1292,28 @@ def test_sql_rows_twins():
         want = store.py_sql_rows(puts, first, ttl)
         if _core is not None:
             assert _core.sql_rows(puts, first, ttl) == want, trial
-        msg_rows, inbox_rows, pack_rows = want
+        msg_rows, share_rows, pack_rows, blocks = want
         # every message is in exactly one place, with its mid in queue order
         items = [it for part in puts for it in part]
         seen = {}
+        shared_mids = msg_rows[0::6]
+        holders: dict = {}  # shared mid -> its devices, from the shares
+        for i in range(0, len(share_rows), 7):
+            dev, lo, hi, n, nbytes, exp, mids = share_rows[i:i + 7]
+            got = list(array.array("q", mids))
+            assert lo == shared_mids[0] and (hi, n) == (got[-1], len(got)) and got == sorted(got)
+            by_mid = {msg_rows[j]: msg_rows[j:j + 6] for j in range(0, len(msg_rows), 6)}
+            assert nbytes == sum(len(by_mid[m][3]) for m in got)
+            assert exp == min(by_mid[m][5] for m in got)
+            for m in got:
+                holders.setdefault(m, []).append(dev)
+        if shared_mids:
+            ((lo, bmids, bcounts),) = blocks
+            assert lo == shared_mids[0]
+            assert list(array.array("q", bmids)) == shared_mids
+            assert list(array.array("i", bcounts)) == [len(holders[m]) for m in shared_mids]
+        else:
+            assert blocks == [] and share_rows == []
         for i in range(0, len(pack_rows), 8):
             dev, lo, hi, n, nbytes, exp, mids, data = pack_rows[i:i + 8]
             entries = store._pack_entries(data)
@@ -1304,14 +1323,13 @@ def test_sql_rows_twins():
             assert exp == min(e[5] for e in entries)
             for e in entries:
                 seen[e[0]] = ([dev], e[1:])
-        for i in range(0, len(msg_rows), 7):
-            mid, dev, *fields = msg_rows[i:i + 7]
-            assert dev is None
-            seen[mid] = ([inbox_rows[j] for j in range(0, len(inbox_rows), 2)
-                          if inbox_rows[j + 1] == mid], tuple(fields))
+        for i in range(0, len(msg_rows), 6):
+            mid, *fields = msg_rows[i:i + 6]
+            seen[mid] = (sorted(holders[mid]), tuple(fields))
         assert sorted(seen) == list(range(first, first + len(items)))
         for mid, (sender, cid, body, ts, devs) in zip(range(first, first + len(items)), items):
-            assert seen[mid] == (list(devs), (sender, cid, body, ts, ts + ttl))
+            # a device named twice in one message holds it once
+            assert seen[mid] == (sorted(set(devs)), (sender, cid, body, ts, ts + ttl))
 
 
 @pytest.mark.parametrize("bad, error", [
@@ -1329,6 +1347,45 @@ def test_sql_rows_twins_refuse_the_same_items(bad, error):
         if fn is not None:
             with pytest.raises(error):
                 fn(puts, 1, 1000)
+
+
+def test_shares_release_twins():
+    # a block's counts as acks (repeats, unknown mids, ints past 64 bits)
+    # release them: both leave the same counts and name the same mids gone
+    rng = random.Random(5)
+    for trial in range(300):
+        mids = sorted(rng.sample(range(-5, 400), rng.randrange(0, 40)))
+        counts = [rng.randrange(0, 4) for _ in mids]
+        acks = [rng.choice(mids + [401, -6, 1 << 70, -(1 << 70), True])
+                if mids and rng.random() < 0.9 else rng.randrange(-10, 500)
+                for _ in range(rng.randrange(0, 60))]
+        runs = []
+        for fn in (store.py_shares_release, _core and _core.shares_release):
+            if fn is not None:
+                have, held = array.array("q", mids), array.array("i", counts)
+                runs.append((fn(have, held, acks), list(held)))
+        assert all(r == runs[0] for r in runs), trial
+        gone, after = runs[0]
+        for m, n0, n1 in zip(mids, counts, after):
+            k = sum(1 for a in acks if a == m)
+            assert n1 == max(0, n0 - k)
+            assert (m in gone) == (n0 > 0 and n0 - k <= 0)
+        assert len(gone) == len(set(gone))
+
+
+@pytest.mark.parametrize("have, counts, mids, error", [
+    (array.array("l", [1]), array.array("i", [1]), [1], WrongType),
+    (array.array("q", [1]), array.array("q", [1]), [1], WrongType),
+    (array.array("q", [1, 2]), array.array("i", [1]), [1], WrongType),
+    (array.array("q", [1]), array.array("i", [1]), [1.0], TypeError),
+    (array.array("q", [1]), array.array("i", [1]), ["1"], TypeError),
+])
+def test_shares_release_twins_refuse_the_same_input(have, counts, mids, error):
+    for fn in (store.py_shares_release, _core and _core.shares_release):
+        if fn is not None:
+            with pytest.raises(error):
+                fn(array.array(have.typecode, have), array.array(counts.typecode, counts),
+                   mids)
 
 
 # -- the client: SACK/DELIVER dispatch against Client._on_frame's Python loop ------------------

@@ -180,7 +180,8 @@ def test_ack_deletes_message_only_after_last_device(run, opener, db):
             other = await store.put("ann@p", CID, b"y", T0, devs)
             sqlite = isinstance(store, SqliteStore)
             if sqlite:  # the body is stored once for the three devices
-                assert count(db, "SELECT count(*) FROM messages") == 2
+                assert count(db, "SELECT count(*) FROM shared") == 2
+                assert count(db, "SELECT count(*) FROM messages") == 0
             for i, dev in enumerate(devs):
                 store.ack(dev, [mid])
                 store.ack(dev, [mid])  # repeated acks are harmless
@@ -189,7 +190,7 @@ def test_ack_deletes_message_only_after_last_device(run, opener, db):
                 for later in devs[i + 1:]:
                     assert [m[0] for m in await store.load(later, 0, 10)] == [mid, other]
                 if sqlite:
-                    alive = count(db, "SELECT count(*) FROM messages WHERE mid = ?", mid)
+                    alive = count(db, "SELECT count(*) FROM shared WHERE mid = ?", mid)
                     assert alive == (0 if dev == devs[-1] else 1)
             assert await store.count_pending() == 3
             for dev in devs:
@@ -197,7 +198,8 @@ def test_ack_deletes_message_only_after_last_device(run, opener, db):
             assert await store.count_pending() == 0
             if sqlite:
                 await store.flush()
-                assert count(db, "SELECT count(*) FROM messages") == 0
+                assert count(db, "SELECT count(*) FROM shared") == 0
+                assert count(db, "SELECT count(*) FROM shares") == 0
     run(main())
 
 
@@ -528,14 +530,16 @@ def test_sqlite_uses_wal_and_the_documented_schema(run, db):
         try:
             assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
             cols = {t: [r[1] for r in conn.execute(f"PRAGMA table_info({t})")]
-                    for t in ("messages", "inbox", "devices", "packs")}
+                    for t in ("messages", "inbox", "devices", "packs", "shared", "shares")}
         finally:
             conn.close()
         assert cols == {"messages": ["mid", "sender", "cid", "body", "ts_ms", "exp_ms", "dev"],
                         "inbox": ["device_key", "mid"],
                         "devices": ["device_key", "address", "device"],
                         "packs": ["dev", "first", "last", "n", "nbytes", "exp_ms", "mids",
-                                  "data"]}
+                                  "data"],
+                        "shared": ["mid", "sender", "cid", "body", "ts_ms", "exp_ms"],
+                        "shares": ["dev", "first", "last", "n", "nbytes", "exp_ms", "mids"]}
     run(main())
 
 
@@ -633,12 +637,15 @@ def test_sqlite_large_batches_match_memory_model(tmp_path):
             await real.flush()
             model_msgs = model.stats()["messages"]
         with sqlite3.connect(path) as conn:
-            n_msgs = conn.execute("SELECT count(*) FROM messages").fetchone()[0]
+            n_msgs = conn.execute("SELECT count(*) FROM shared").fetchone()[0]
             # the flush rewrote every pack acked in part: n is what is left
             n_msgs += conn.execute("SELECT coalesce(sum(n), 0) FROM packs").fetchone()[0]
-            orphans = conn.execute("SELECT count(*) FROM messages m WHERE dev IS NULL AND "
-                                   "NOT EXISTS (SELECT 1 FROM inbox i WHERE i.mid = m.mid)"
-                                   ).fetchone()[0]
+            listed = {m for (blob,) in conn.execute("SELECT mids FROM shares")
+                      for m in store_mod._mids(blob)}
+            stored = {m for (m,) in conn.execute("SELECT mid FROM shared")}
+            # no shared message that no share lists, no listed one that is gone
+            orphans = len(stored ^ listed)
+            assert conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 0
         return n_msgs, orphans, model_msgs
 
     n_msgs, orphans, model_msgs = asyncio.run(main())
@@ -696,7 +703,7 @@ def test_sqlite_migrates_a_version_1_store(run, db):
             assert [r[0] for r in await store.load(2, 0, 10)] == [1]  # still device 2's
         assert count(db, "SELECT count(*) FROM messages") == 1
         assert count(db, "SELECT count(*) FROM packs") == 0
-        assert count(db, "PRAGMA user_version") == 3
+        assert count(db, "PRAGMA user_version") == store_mod._SCHEMA_VERSION
     run(main())
 
 
@@ -733,7 +740,7 @@ def test_sqlite_migrates_a_version_2_store(run, db):
             assert [r[0] for r in await store.load(1, 0, 10)] == [3, 5]
         assert count(db, "SELECT count(*) FROM messages") == 1  # device 2's
         assert count(db, "SELECT n FROM packs WHERE dev = 1") == 2
-        assert count(db, "PRAGMA user_version") == 3
+        assert count(db, "PRAGMA user_version") == store_mod._SCHEMA_VERSION
     run(main())
 
 
@@ -756,7 +763,8 @@ def test_sqlite_one_transaction_stores_a_devices_messages_in_one_pack(run, db):
             mids = await store.put_many(items)
             assert count(db, "SELECT count(*) FROM packs") == 2
             assert count(db, "SELECT n FROM packs WHERE dev = ?", a) == 4
-            assert count(db, "SELECT count(*) FROM messages") == 4  # the shared ones
+            assert count(db, "SELECT count(*) FROM shared") == 4  # the shared ones
+            assert count(db, "SELECT count(*) FROM shares") == 2
             mine = [m for i, m in enumerate(mids) if i % 3 != 1]
             assert [r[0] for r in await store.load(a, 0, 100)] == mine
             assert [r[0] for r in await store.load(a, mine[2], 3)] == mine[3:6]
@@ -766,12 +774,16 @@ def test_sqlite_one_transaction_stores_a_devices_messages_in_one_pack(run, db):
             assert [r[0] for r in await store.load(a, 0, 100)] == [mids[8], mids[9], mids[11]]
             assert sorted(_pack_bodies(db, a)) == [b"m9"]  # acked bodies left the pack
             assert count(db, "SELECT n FROM packs WHERE dev = ?", a) == 1
-            assert store.rewrites == 1
+            # and a's share of the shared ones without m2 and m5 (b's is whole)
+            assert count(db, "SELECT n FROM shares WHERE dev = ?", a) == 2
+            assert count(db, "SELECT n FROM shares WHERE dev = ?", b) == 4
+            assert store.rewrites == 2
             assert await store.count_pending(a) == 3  # m9 and the shared m8, m11
             store.ack(a, mids)
             await store.flush()
             assert count(db, "SELECT count(*) FROM packs WHERE dev = ?", a) == 0
-            assert store.rewrites == 1  # a pack acked whole is deleted, not rewritten
+            assert count(db, "SELECT count(*) FROM shares WHERE dev = ?", a) == 0
+            assert store.rewrites == 2  # a pack acked whole is deleted, not rewritten
     run(main())
 
 
@@ -876,7 +888,7 @@ def test_sqlite_expiry_of_a_pack_spares_messages_queued_after_it(run, db):
                 (m, "s@p", CID, b"%d" % m, T0, T0 + 10_000 + (m % 2)) for m in range(1, 9)])]
             conn.execute(store_mod._rows_sql(store_mod._SQL_PUT_PACK, 8, 1), rows)
             # due at T0 + 10 s: the even mids; of them only those below mid 5
-            assert SqliteStore._expire(conn, T0 + 10_000, 5, {}) == 2
+            assert store._expire(conn, T0 + 10_000, 5, {}, {}) == 2
             left = [e[0] for (d,) in conn.execute("SELECT data FROM packs")
                     for e in store_mod._pack_entries(d)]
             assert left == [1, 3, 5, 6, 7, 8]
@@ -884,7 +896,7 @@ def test_sqlite_expiry_of_a_pack_spares_messages_queued_after_it(run, db):
             # acked in part (noted, not yet rewritten) and expired: both go, and
             # only the unacked count as expired (1 and 5, not 3 and 6)
             partial = {(dev, 1): {3, 6}}
-            assert SqliteStore._expire(conn, T0 + 10_001, 7, partial) == 2
+            assert store._expire(conn, T0 + 10_001, 7, partial, {}) == 2
             assert partial == {}
             left = [e[0] for (d,) in conn.execute("SELECT data FROM packs")
                     for e in store_mod._pack_entries(d)]
@@ -1024,3 +1036,173 @@ def test_sqlite_reserves_mids_a_block_at_a_time(run, db):
     again, _ = run(main(2))
     assert again[0] == 4 + block
     assert count(db, "SELECT v FROM meta WHERE k = 'next_mid'") == 7 + 2 * block
+
+
+# -- messages for several devices (format 4): stored once, counted in memory --
+
+
+def _shares_of(db, dev) -> list[int]:
+    conn = raw(db)
+    try:
+        return [m for (blob,) in conn.execute(
+            "SELECT mids FROM shares WHERE dev = ? ORDER BY first", (dev,))
+            for m in store_mod._mids(blob)]
+    finally:
+        conn.close()
+
+
+def test_sqlite_a_shared_message_goes_with_its_last_holder_across_a_reopen(run, db):
+    # the holders of each shared message are counted in memory; a reopened
+    # store counts them again from the shares, acked in part ones included
+    async def main(step):
+        async with await SqliteStore.open(db) as store:
+            a, b, c = (store.register_device("g@p", d) for d in "abc")
+            if step == 0:
+                items = [("s@p", CID, b"g%d" % i, T0, [(a, b, c), (a, b), (a,)][i % 3])
+                         for i in range(9)]
+                mids = await store.put_many(items)
+                assert count(db, "SELECT count(*) FROM shared") == 6
+                assert len(store._counts) == 6
+                assert _shares_of(db, c) == mids[0:9:3]
+                store.ack(a, mids)
+                store.ack(b, mids[:3])  # part of b's share: rewritten at close
+                await asyncio.sleep(0.05)
+                store.ack(b, mids[:3])  # again, before the rewrite: counted once
+                await store.flush()
+                assert len(store._counts) == 5  # mids[1] is gone: a and b acked it
+                assert count(db, "SELECT count(*) FROM shared") == 5
+                return mids
+            mids = step
+            assert len(store._counts) == 5
+            assert [r[0] for r in await store.load(b, 0, 10)] == [mids[3], mids[4], mids[6],
+                                                                 mids[7]]
+            store.ack(c, mids)
+            await store.flush()
+            assert count(db, "SELECT count(*) FROM shared") == 4  # b still has them
+            store.ack(b, mids[3:5])
+            await store.flush()
+            assert count(db, "SELECT count(*) FROM shared") == 2
+            store.ack(b, mids)
+            await store.flush()
+            assert len(store._counts) == 0 and store._counts.blocks == {}
+            assert await store.count_pending() == 0
+        return None
+
+    mids = run(main(0))
+    assert _shares_of(db, 2) == [mids[3], mids[4], mids[6], mids[7]]
+    run(main(mids))
+    assert count(db, "SELECT count(*) FROM shared") == 0
+    assert count(db, "SELECT count(*) FROM shares") == 0
+
+
+def test_sqlite_opens_shares_that_outlived_their_messages(run, db):
+    # a share may list a message no longer stored (it expired, it was
+    # erased) and, were a file damaged, a shared message may have no share:
+    # reads skip the first, the open deletes the second, counts stay right
+    async def main(step):
+        async with await SqliteStore.open(db) as store:
+            a, b = (store.register_device("g@p", d) for d in "ab")
+            if step == 0:
+                return await store.put_many([("s@p", CID, b"m%d" % i, T0, [a, b])
+                                             for i in range(4)])
+            mids = step
+            assert count(db, "SELECT count(*) FROM shared") == 3  # the orphan is gone
+            assert [r[3] for r in await store.load(a, 0, 10)] == [b"m0", b"m2", b"m3"]
+            assert [r[0] for r in await store.load(a, mids[0], 1)] == [mids[2]]
+            # the shares were rewritten without the message that is gone
+            assert await store.backlog_counts() == {a: (3, 6), b: (2, 4)}
+            store.ack(a, mids)
+            store.ack(b, mids)
+            await store.flush()
+            assert count(db, "SELECT count(*) FROM shared") == 0
+            assert count(db, "SELECT count(*) FROM shares") == 0
+            return None
+
+    mids = run(main(0))
+    conn = raw(db)
+    conn.execute("DELETE FROM shared WHERE mid = ?", (mids[1],))  # a's and b's share list it
+    conn.execute("UPDATE shares SET mids = ?, n = 3, nbytes = 6 WHERE dev = 2", (
+        store_mod.array.array("q", [mids[0], mids[1], mids[2]]).tobytes(),))  # not m3
+    conn.close()
+    run(main(mids))
+
+
+def test_sqlite_a_failed_ack_leaves_the_counts_as_they_were(run, db):
+    # an ack batch that fails is retried; had the rolled back transaction
+    # left its count down, the retry would take it down again and delete a
+    # message another device still has to get
+    async def main():
+        async with await SqliteStore.open(db) as store:
+            a, b = (store.register_device("g@p", d) for d in "ab")
+            mid = await store.put("s@p", CID, b"both", T0, [a, b])
+            await store.flush()  # the writer is idle: safe to touch its connection
+            store._wconn.execute("PRAGMA busy_timeout = 50")
+            with write_locked(db):
+                store.ack(a, [mid])
+                await asyncio.sleep(0.3)
+                assert store.failed_batches >= 1
+            await asyncio.sleep(1.0)  # retried every 0.5 s when idle
+            await store.flush()
+            assert store.deletes_waiting == 0
+            assert await store.load(a, 0, 10) == []
+            assert [r[3] for r in await store.load(b, 0, 10)] == [b"both"]
+            store.ack(b, [mid])
+            await store.flush()
+            assert count(db, "SELECT count(*) FROM shared") == 0
+    run(main())
+
+
+def test_sqlite_forget_and_expire_release_shared_messages(run, db):
+    async def main():
+        async with await SqliteStore.open(db, ttl_s=10) as store:
+            a, b, c = (store.register_device("g@p", d) for d in "abc")
+            old = await store.put_many([("s@p", CID, b"old", T0, [a, b, c])] * 2)
+            new = await store.put("s@p", CID, b"new", T0 + 5_000, [a, b])
+            store.ack(a, old[:1])  # a's share acked in part, not yet rewritten
+            store.forget_device(c)
+            await store.flush()
+            assert _shares_of(db, c) == []
+            assert await store.expire(T0 + 10_000) == 2  # each message once
+            assert len(store._counts) == 1
+            assert [r[0] for r in await store.load(a, 0, 10)] == [new]
+            assert _shares_of(db, a) == [new] and _shares_of(db, b) == [new]
+            store.forget_device(b)
+            store.ack(a, [new])
+            await store.flush()
+            assert count(db, "SELECT count(*) FROM shared") == 0
+            assert count(db, "SELECT count(*) FROM shares") == 0
+            assert store._counts.blocks == {}
+    run(main())
+
+
+_V3_SCHEMA = _V2_SCHEMA.replace("PRAGMA user_version = 2;", """
+CREATE TABLE packs(dev INTEGER NOT NULL, first INTEGER NOT NULL, last INTEGER NOT NULL,
+    n INTEGER NOT NULL, nbytes INTEGER NOT NULL, exp_ms INTEGER NOT NULL, mids BLOB NOT NULL,
+    data BLOB NOT NULL, PRIMARY KEY(dev, first)) WITHOUT ROWID;
+CREATE INDEX packs_exp ON packs(exp_ms);
+PRAGMA user_version = 3;
+""")
+
+
+def test_sqlite_migrates_a_version_3_store(run, db):
+    # version 3 kept a message for several devices in messages with inbox
+    # rows: it stays readable and ackable next to the shares of version 4
+    _old_store(db, _V3_SCHEMA)
+
+    async def main():
+        async with await SqliteStore.open(db) as store:
+            mids = await store.put_many([("s@p", CID, b"new%d" % i, T0, [1, 2])
+                                         for i in range(2)])
+            assert mids == [3, 4]
+            assert [(r[0], r[3]) for r in await store.load(2, 0, 10)] == [
+                (2, b"old2"), (3, b"new0"), (4, b"new1")]
+            assert await store.backlog_counts() == {1: (4, 3 + 4 + 2 * 4), 2: (3, 4 + 2 * 4)}
+            for dev in (1, 2):
+                store.ack(dev, [1, 2, 3, 4])
+            await store.flush()
+            assert await store.count_pending() == 0
+        assert count(db, "SELECT count(*) FROM messages") == 0
+        assert count(db, "SELECT count(*) FROM inbox") == 0
+        assert count(db, "SELECT count(*) FROM shared") == 0
+        assert count(db, "PRAGMA user_version") == 4
+    run(main())

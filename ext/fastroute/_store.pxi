@@ -6,6 +6,7 @@
 #   mem_ack   = py_mem_ack
 #   mem_load  = py_mem_load
 #   sql_rows  = py_sql_rows
+#   shares_release = py_shares_release
 #
 # tests/test_fastpath.py runs both on the same inputs and compares the dicts
 # they leave.
@@ -16,10 +17,11 @@
 # messages beside); ``left`` mid -> inboxes holding it, for the messages
 # more than one inbox holds.
 
+from cpython cimport array as carray
 from cpython.dict cimport PyDict_Next
 from cpython.list cimport PyList_CheckExact
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
-from libc.stdint cimport INT64_MAX
+from libc.stdint cimport INT64_MAX, int32_t
 
 
 def mem_put(list items, dict left, dict inbox, long long first, long long ttl_ms, list mids):
@@ -143,6 +145,28 @@ cdef enum:
     PACK_HEAD = 5   # the longest msgpack array header (array32)
 
 
+cdef struct ShareDraft:
+    # one device's share of a transaction's shared messages
+    long long n, nbytes, exp
+    int64_t* mids
+    Py_ssize_t cap
+
+
+cdef int grow_array(void** items, Py_ssize_t* cap, Py_ssize_t n, size_t item) except -1:
+    """Room for one more item of ``item`` bytes past ``n`` in ``*items``."""
+    cdef Py_ssize_t new
+    cdef void* p
+    if n < cap[0]:
+        return 0
+    new = 64 if cap[0] == 0 else cap[0] * 2
+    p = PyMem_Realloc(items[0], new * item)
+    if p == NULL:
+        raise MemoryError()
+    items[0] = p
+    cap[0] = new
+    return 0
+
+
 cdef int draft_reserve(PackDraft* d, Py_ssize_t more) except -1:
     """Room for ``more`` bytes of entries and one more mid in ``d``."""
     cdef Py_ssize_t cap
@@ -167,8 +191,8 @@ cdef int draft_reserve(PackDraft* d, Py_ssize_t more) except -1:
 def sql_rows(list puts, long long mid, long long ttl_ms):
     """The rows of one transaction's new messages (see ``py_sql_rows``): the
     messages for one device msgpack'd straight into its pack, no per-message
-    tuple; ``(messages rows, inbox rows, packs rows)``, flat lists."""
-    cdef list msg_rows = [], inbox_rows = [], pack_rows = []
+    tuple; ``(shared rows, shares rows, packs rows, block)``, flat lists."""
+    cdef list msg_rows = [], share_rows = [], pack_rows = [], blocks = []
     cdef list keys = []             # the drafts' device keys, in draft order
     cdef dict index = {}            # device key -> draft number
     cdef PackDraft* drafts = NULL
@@ -181,6 +205,18 @@ def sql_rows(list puts, long long mid, long long ttl_ms):
     cdef long long ts_v, exp
     cdef int overflow = 0
     cdef void* grown
+    # the shared messages: each device's share, the block of mids and counts
+    cdef list skeys = []
+    cdef dict sindex = {}
+    cdef ShareDraft* shares = NULL
+    cdef ShareDraft* sh
+    cdef Py_ssize_t nshares = 0, scap = 0, nblock = 0, bcap = 0, ccap = 0, nheld, si
+    cdef Py_ssize_t* sidx = NULL    # the last devs' shares, in their order
+    cdef Py_ssize_t nsidx = 0, sidx_cap = 0
+    cdef object last_sdevs = None
+    cdef long long first_shared = 0
+    cdef int64_t* block_mids = NULL
+    cdef int32_t* block_counts = NULL
     try:
         for items in puts:
             if not PyList_CheckExact(items):
@@ -258,11 +294,59 @@ def sql_rows(list puts, long long mid, long long ttl_ms):
                     # nobody would ack it: it would sit on disk until it expires
                     raise InvalidArgument("device_keys must not be empty")
                 else:
-                    key = PyLong_FromLongLong(mid)
-                    msg_rows += (key, None, sender, cid, body, ts, PyLong_FromLongLong(exp))
-                    for dv in devs:
-                        inbox_rows.append(dv)
-                        inbox_rows.append(key)
+                    if nblock == 0:
+                        first_shared = mid
+                    msg_rows += (PyLong_FromLongLong(mid), sender, cid, body, ts,
+                                 PyLong_FromLongLong(exp))
+                    if devs is not last_sdevs or not PyTuple_CheckExact(devs):
+                        # a run of one group's messages shares its tuple of
+                        # keys: the shares are looked up once a run
+                        if ndevs > sidx_cap:
+                            grown = PyMem_Realloc(sidx, ndevs * sizeof(Py_ssize_t))
+                            if grown == NULL:
+                                raise MemoryError()
+                            sidx = <Py_ssize_t*>grown
+                            sidx_cap = ndevs
+                        nsidx = 0
+                        for dv in devs:
+                            if nsidx == sidx_cap:  # devs grew while we iterated
+                                raise RuntimeError("device keys changed during the put")
+                            found = PyDict_GetItemWithError(sindex, dv)
+                            if found != NULL:
+                                si = <Py_ssize_t><object>found
+                            else:
+                                if nshares == scap:
+                                    scap = 8 if scap == 0 else 2 * scap
+                                    grown = PyMem_Realloc(shares, scap * sizeof(ShareDraft))
+                                    if grown == NULL:
+                                        raise MemoryError()
+                                    shares = <ShareDraft*>grown
+                                si = nshares
+                                shares[si] = ShareDraft(0, 0, exp, NULL, 0)
+                                nshares += 1
+                                sindex[dv] = si
+                                skeys.append(dv)
+                            sidx[nsidx] = si
+                            nsidx += 1
+                        last_sdevs = devs
+                    blen = PyBytes_GET_SIZE(body)
+                    nheld = 0
+                    for k in range(nsidx):
+                        sh = &shares[sidx[k]]
+                        if sh.n and sh.mids[sh.n - 1] == mid:
+                            continue  # the same device twice: one delivery
+                        grow_array(<void**>&sh.mids, &sh.cap, <Py_ssize_t>sh.n, sizeof(int64_t))
+                        sh.mids[sh.n] = mid
+                        sh.n += 1
+                        sh.nbytes += blen
+                        if exp < sh.exp:
+                            sh.exp = exp
+                        nheld += 1
+                    grow_array(<void**>&block_mids, &bcap, nblock, sizeof(int64_t))
+                    grow_array(<void**>&block_counts, &ccap, nblock, sizeof(int32_t))
+                    block_mids[nblock] = mid
+                    block_counts[nblock] = <int32_t>nheld
+                    nblock += 1
                 mid += 1
         for i in range(ndrafts):
             d = &drafts[i]
@@ -272,9 +356,62 @@ def sql_rows(list puts, long long mid, long long ttl_ms):
                           PyBytes_FromStringAndSize(<char*>d.mids, d.n * sizeof(int64_t)),
                           PyBytes_FromStringAndSize(<char*>d.data + PACK_HEAD - hlen,
                                                     d.size + hlen))
+        for i in range(nshares):
+            sh = &shares[i]
+            share_rows += (skeys[i], first_shared, sh.mids[sh.n - 1], sh.n, sh.nbytes, sh.exp,
+                           PyBytes_FromStringAndSize(<char*>sh.mids, sh.n * sizeof(int64_t)))
+        if nblock:
+            blocks.append((first_shared,
+                           PyBytes_FromStringAndSize(<char*>block_mids,
+                                                     nblock * sizeof(int64_t)),
+                           PyBytes_FromStringAndSize(<char*>block_counts,
+                                                     nblock * sizeof(int32_t))))
     finally:
         for i in range(ndrafts):
             PyMem_Free(drafts[i].mids)
             PyMem_Free(drafts[i].data)
         PyMem_Free(drafts)
-    return msg_rows, inbox_rows, pack_rows
+        for i in range(nshares):
+            PyMem_Free(shares[i].mids)
+        PyMem_Free(shares)
+        PyMem_Free(sidx)
+        PyMem_Free(block_mids)
+        PyMem_Free(block_counts)
+    return msg_rows, share_rows, pack_rows, blocks
+
+
+def shares_release(carray.array have, carray.array counts, mids):
+    """One device no longer holds ``mids``: one off the count in ``counts`` of
+    each in ``have`` (see ``py_shares_release``); the mids held by none now."""
+    cdef list gone = []
+    cdef Py_ssize_t lo, hi, at, end
+    cdef long long m
+    cdef int overflow = 0
+    cdef int64_t* keys
+    cdef int32_t* held
+    cdef object v
+    if (have.ob_descr.typecode != b'q' or counts.ob_descr.typecode != b'i'
+            or len(have) != len(counts)):
+        raise WrongType("have is an int64 array, counts an int32 array as long")
+    end = len(have)
+    keys = <int64_t*>have.data.as_voidptr
+    held = <int32_t*>counts.data.as_voidptr
+    for v in mids:
+        if not PyLong_Check(v):
+            raise TypeError("a mid is an int")
+        m = PyLong_AsLongLongAndOverflow(v, &overflow)
+        if overflow:
+            continue  # no int64 mid: not in have
+        lo = 0
+        hi = end
+        while lo < hi:
+            at = (lo + hi) >> 1
+            if keys[at] < m:
+                lo = at + 1
+            else:
+                hi = at
+        if lo < end and keys[lo] == m and held[lo] > 0:
+            held[lo] -= 1
+            if held[lo] == 0:
+                gone.append(v)
+    return gone
