@@ -139,7 +139,7 @@ _MID_BLOCK = 1 << 16
 # group message to N devices cost N inbox rows (each two b-tree entries,
 # written, then deleted with an orphan check), ~15 us of the writer's CPU
 # for 10 devices.  How many devices still hold each shared message is kept
-# in memory (SqliteStore._blocks, rebuilt from shares on open): the last
+# in memory (SqliteStore._counts, rebuilt from shares on open): the last
 # ack deletes the message.  A version 3 store's messages and inbox rows
 # stay where they are and are read and deleted as before.
 _SCHEMA = """
@@ -1438,7 +1438,7 @@ def py_sql_rows(puts: list, mid: int, ttl_ms: int) -> tuple[list, list, list, li
       exp_ms)``: the columns :func:`_pack_fields` gives;
     * the shared messages' block, ``[(first, mids, counts)]`` or ``[]``: their
       mids (int64s) and how many devices each went to (int32s), the counts
-      the writer keeps in memory (``SqliteStore._blocks``).
+      the writer keeps in memory (``SqliteStore._counts``).
 
     The items are trusted (the store built or checked each): ``sender`` a
     str, ``cid`` and ``body`` bytes, ``ts_ms`` an int (``WrongType`` for
