@@ -224,10 +224,10 @@ _SQL_ORPHAN = ("DELETE FROM messages WHERE dev IS NULL AND NOT EXISTS "
                "(SELECT 1 FROM inbox WHERE inbox.mid = messages.mid) AND mid IN ")
 _SQL_PUT_PACK = ("INSERT INTO packs(dev, first, last, n, nbytes, exp_ms, mids, data) "
                  "VALUES ")
-# the packs holding any of a device's mids in [lo, hi]: the columns before the
-# body data only, so SQLite does not read the data's overflow pages
-_SQL_PACKS_OF = ("SELECT first, mids FROM packs WHERE dev = ?1 AND first <= ?2 "
-                 "AND last >= ?3")
+# the packs (shares) holding any of a device's mids in [lo, hi]: the columns
+# before the body data only, so SQLite does not read the data's overflow pages
+_SQL_ROWS_OF = {t: (f"SELECT first, mids FROM {t} WHERE dev = ?1 AND first <= ?2 "
+                    "AND last >= ?3") for t in ("packs", "shares")}
 _SQL_PACK_DATA = "SELECT data FROM packs WHERE dev = ? AND first = ?"
 _SQL_PACK_DROP = "DELETE FROM packs WHERE dev = ? AND first = ?"
 _SQL_PACK_KEEP = ("UPDATE packs SET last = ?, n = ?, nbytes = ?, exp_ms = ?, mids = ?, "
@@ -235,8 +235,6 @@ _SQL_PACK_KEEP = ("UPDATE packs SET last = ?, n = ?, nbytes = ?, exp_ms = ?, mid
 _SQL_LOAD_PACKS = "SELECT data FROM packs WHERE dev = ? AND last > ? ORDER BY first LIMIT ?"
 _SQL_PUT_SHARED = "INSERT INTO shared(mid, sender, cid, body, ts_ms, exp_ms) VALUES "
 _SQL_PUT_SHARES = "INSERT INTO shares(dev, first, last, n, nbytes, exp_ms, mids) VALUES "
-_SQL_SHARES_OF = ("SELECT first, mids FROM shares WHERE dev = ?1 AND first <= ?2 "
-                  "AND last >= ?3")
 _SQL_SHARED_DROP = "DELETE FROM shared WHERE mid IN "
 _SQL_LOAD_SHARES = "SELECT mids FROM shares WHERE dev = ? AND last > ? ORDER BY first"
 _SQL_LOAD_SHARED = "SELECT mid, sender, cid, body, ts_ms FROM shared WHERE mid IN "
@@ -1294,9 +1292,12 @@ class SqliteStore(_BaseStore):
         gone: list[int] = []  # shared messages no device holds any more
         for key, mids in acks.items():
             if mids:
-                mids = _ack_packs(conn, key, mids, partial)
+                mids = _ack_rows(conn, "packs", key, mids, partial)
             if mids and counts.blocks:
-                mids = _ack_shares(conn, key, mids, spartial, counts, gone)
+                # each shared message the device held is released: the
+                # last holder's ack deletes it
+                mids = _ack_rows(conn, "shares", key, mids, spartial,
+                                 lambda first, new: gone.extend(counts.release(first, new)))
             if mids:
                 # a store of version 3 or older: the device's own messages go
                 # at once; of the shared ones, its inbox rows, then (below)
@@ -1535,23 +1536,37 @@ def _keep_pack(conn: sqlite3.Connection, key: int, first: int, keep, count=None)
     return sum(1 for e in dropped if count(e))
 
 
-def _ack_packs(conn: sqlite3.Connection, key: int, mids: list, partial: dict) -> list:
-    """Apply a device's acks to its packs; return the mids no pack holds.
+def _mids(blob: bytes) -> array.array:
+    """A pack's or share's mids (native int64s)."""
+    mids = array.array("q")
+    mids.frombytes(blob)
+    return mids
 
-    A pack whose every message is acked is deleted; one acked in part is
-    noted in ``partial`` (rewritten later, see ``SqliteStore._partial``).
+
+def _ack_rows(conn: sqlite3.Connection, table: str, key: int, mids: list, partial: dict,
+              release=None) -> list:
+    """Apply a device's acks to its rows of ``table`` (``packs`` or ``shares``,
+    each listing mids); return the mids none of them holds.
+
+    A row whose every mid is acked is deleted; one acked in part is noted in
+    ``partial`` (rewritten later, see ``SqliteStore._partial``).  Each mid a
+    row held and that was not acked before is passed on to ``release(first,
+    mids)`` when given.
     """
     acked = set(mids)
     found: set[int] = set()
     drop: list[int] = []
-    for first, blob in conn.execute(_SQL_PACKS_OF, (key, max(acked), min(acked))).fetchall():
-        held = array.array("q")
-        held.frombytes(blob)
+    for first, blob in conn.execute(_SQL_ROWS_OF[table], (key, max(acked), min(acked))).fetchall():
+        held = _mids(blob)
         hit = acked.intersection(held)
         if not hit:
             continue
         found |= hit
         before = partial.get((key, first))
+        if release is not None:
+            new = hit if before is None else hit - before
+            if new:
+                release(first, new)
         if before is not None:
             hit = before | hit
         if len(hit) == len(held):
@@ -1560,52 +1575,7 @@ def _ack_packs(conn: sqlite3.Connection, key: int, mids: list, partial: dict) ->
         else:
             partial[(key, first)] = hit
     if drop:
-        _execute_in(conn, "DELETE FROM packs WHERE dev = ? AND first IN ", [key], drop)
-    if len(found) == len(acked):
-        return []
-    return [m for m in acked if m not in found]
-
-
-def _mids(blob: bytes) -> array.array:
-    """A pack's or share's mids (native int64s)."""
-    mids = array.array("q")
-    mids.frombytes(blob)
-    return mids
-
-
-def _ack_shares(conn: sqlite3.Connection, key: int, mids: list, spartial: dict,
-                counts: "_Counts", gone: list) -> list:
-    """Apply a device's acks to its shares; return the mids no share holds.
-
-    Each shared message it held for the first time is released in
-    ``counts``; those no device holds any more are added to ``gone``.  A
-    share whose every mid is acked is deleted; one acked in part is noted in
-    ``spartial`` (rewritten later, as a pack).
-    """
-    acked = set(mids)
-    found: set[int] = set()
-    drop: list[int] = []
-    for first, blob in conn.execute(_SQL_SHARES_OF, (key, max(acked), min(acked))).fetchall():
-        held = _mids(blob)
-        hit = acked.intersection(held)
-        if not hit:
-            continue
-        found |= hit
-        before = spartial.get((key, first))
-        if before is not None:
-            new = hit - before
-            hit = before | hit
-        else:
-            new = hit
-        if new:
-            gone += counts.release(first, new)
-        if len(hit) == len(held):
-            drop.append(first)
-            spartial.pop((key, first), None)
-        else:
-            spartial[(key, first)] = hit
-    if drop:
-        _execute_in(conn, "DELETE FROM shares WHERE dev = ? AND first IN ", [key], drop)
+        _execute_in(conn, f"DELETE FROM {table} WHERE dev = ? AND first IN ", [key], drop)
     if len(found) == len(acked):
         return []
     return [m for m in acked if m not in found]
