@@ -216,8 +216,6 @@ CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v INTEGER NOT NULL) WITHOUT 
 # one per row.  Each statement is one sqlite3_step, and the sqlite3 module
 # releases the GIL around every step; per row, the writer thread had to win
 # the GIL back from the busy event loop thread once per row and statement.
-_SQL_PUT_MSG = "INSERT INTO messages(mid, dev, sender, cid, body, ts_ms, exp_ms) VALUES "
-_SQL_PUT_INBOX = "INSERT OR IGNORE INTO inbox(device_key, mid) VALUES "
 _SQL_ACK_DIRECT = "DELETE FROM messages WHERE dev = ? AND mid IN "
 _SQL_ACK = "DELETE FROM inbox WHERE device_key = ? AND mid IN "
 _SQL_ORPHAN = ("DELETE FROM messages WHERE dev IS NULL AND NOT EXISTS "
