@@ -1599,17 +1599,25 @@ def _keep_share(conn: sqlite3.Connection, key: int, first: int, acked) -> None:
                   min([r[2] for r in left]), mids.tobytes(), key, first))
 
 
-def _prune_shares(conn: sqlite3.Connection) -> None:
+def _prune_shares(conn: sqlite3.Connection) -> dict[int, dict[int, int]]:
     """Take the mids of messages no longer stored out of every share, and
-    delete the shared messages no share lists (after an erasure, with the
-    relay stopped: its counts are rebuilt from the file on open)."""
+    delete the shared messages no share lists (on open, and after an erasure
+    with the relay stopped).  Returns, for each transaction's first shared
+    mid, how many shares list each of its stored messages."""
     stored = {m for (m,) in conn.execute("SELECT mid FROM shared")}
-    for dev, first, blob in conn.execute("SELECT dev, first, mids FROM shares").fetchall():
-        held = _mids(blob)
-        if not stored.issuperset(held):
-            _keep_share(conn, dev, first, ())
-        stored.difference_update(held)
-    _execute_in(conn, _SQL_SHARED_DROP, [], sorted(stored))
+    tally: dict[int, dict[int, int]] = {}
+    stale: list[tuple[int, int]] = []
+    for dev, first, blob in conn.execute("SELECT dev, first, mids FROM shares"):
+        held = tally.setdefault(first, {})
+        for m in _mids(blob):
+            if m in stored:
+                held[m] = held.get(m, 0) + 1
+            elif not stale or stale[-1] != (dev, first):
+                stale.append((dev, first))
+    for dev, first in stale:
+        _keep_share(conn, dev, first, ())
+    _execute_in(conn, _SQL_SHARED_DROP, [], sorted(stored.difference(*tally.values())))
+    return tally
 
 
 class _Counts:
@@ -1634,32 +1642,18 @@ class _Counts:
         return sum(b[2] for b in self.blocks.values())
 
     def load(self, conn: sqlite3.Connection) -> None:
-        """Count from the file (on open).  A share listing messages no longer
-        stored is rewritten without them; a shared message no share lists
-        (none should be) is deleted."""
-        stored = {m for (m,) in conn.execute("SELECT mid FROM shared")}
-        tally: dict[int, dict[int, int]] = {}
-        stale: list[tuple[int, int]] = []
-        for dev, first, blob in conn.execute("SELECT dev, first, mids FROM shares"):
-            held = tally.setdefault(first, {})
-            for m in _mids(blob):
-                if m in stored:
-                    held[m] = held.get(m, 0) + 1
-                elif not stale or stale[-1] != (dev, first):
-                    stale.append((dev, first))
+        """Count from the file (on open), pruned first (:func:`_prune_shares`:
+        a share listing messages no longer stored is rewritten without them,
+        a shared message no share lists, none should be, is deleted)."""
+        conn.execute("BEGIN")
+        tally = _prune_shares(conn)
+        conn.execute("COMMIT")
         self.blocks = {}
         for first, held in tally.items():
             if held:
                 mids = sorted(held)
-                stored.difference_update(mids)
                 self.blocks[first] = [array.array("q", mids),
                                       array.array("i", [held[m] for m in mids]), len(mids)]
-        if stored or stale:
-            conn.execute("BEGIN")
-            _execute_in(conn, _SQL_SHARED_DROP, [], sorted(stored))
-            for dev, first in stale:
-                _keep_share(conn, dev, first, ())
-            conn.execute("COMMIT")
 
     def begin(self) -> None:
         """A transaction starts: what follows is undone by :meth:`rollback`."""
