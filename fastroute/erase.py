@@ -84,23 +84,21 @@ def _erase_store(path: str, address: str) -> dict[str, int]:
                 "SELECT mid FROM inbox WHERE device_key = ?", (key,)))
             to_devices += conn.execute("DELETE FROM inbox WHERE device_key = ?",
                                        (key,)).rowcount
-        # a store written by a fastroute before packs has no such table
-        from_it = 0
-        if _has_table(conn, "packs"):
+        # a store written by a fastroute before packs (or shares) has no such
+        # table; each row of either lists n messages for its device
+        rows_of = [t for t in ("packs", "shares") if _has_table(conn, t)]
+        for table in rows_of:
             for key in keys:
-                to_devices += conn.execute("SELECT coalesce(sum(n), 0) FROM packs WHERE "
+                to_devices += conn.execute(f"SELECT coalesce(sum(n), 0) FROM {table} WHERE "
                                            "dev = ?", (key,)).fetchone()[0]
-                conn.execute("DELETE FROM packs WHERE dev = ?", (key,))
+                conn.execute(f"DELETE FROM {table} WHERE dev = ?", (key,))
+        from_it = 0
+        if "packs" in rows_of:
             # the sender is inside each pack's data: every pack is read (once,
             # by _keep_pack, which writes only a pack that loses messages)
             for key, first in conn.execute("SELECT dev, first FROM packs").fetchall():
                 from_it += _keep_pack(conn, key, first, lambda e: e[1] != address)
-        # a store written by a fastroute before shares has no such tables
-        if _has_table(conn, "shares"):
-            for key in keys:
-                to_devices += conn.execute("SELECT coalesce(sum(n), 0) FROM shares WHERE "
-                                           "dev = ?", (key,)).fetchone()[0]
-                conn.execute("DELETE FROM shares WHERE dev = ?", (key,))
+        if "shares" in rows_of:
             from_it += conn.execute("DELETE FROM shared WHERE sender = ?",
                                     (address,)).rowcount
             # the others' shares without the mids erased, and the shared
