@@ -43,7 +43,7 @@ from contextlib import contextmanager
 
 from .errors import InvalidArgument, StoreFailed
 from .identity import parse_address
-from .store import _keep_pack, _prune_shares
+from .store import _keep_pack, _keep_spack, _prune_shares, _upgrade
 
 __all__ = ["erase_address"]
 
@@ -67,12 +67,15 @@ def _in(n: int) -> str:
     return "(" + ",".join("?" * n) + ")"
 
 
-def _has_table(conn: sqlite3.Connection, name: str) -> bool:
-    return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
-                        (name,)).fetchone() is not None
-
-
 def _erase_store(path: str, address: str) -> dict[str, int]:
+    # a file of an older format is brought to this one first (as the relay
+    # would on its next start): the erasure then knows every table it has
+    conn = sqlite3.connect(path, isolation_level=None, timeout=10.0)
+    try:
+        conn.execute("PRAGMA secure_delete = ON")
+        _upgrade(conn)
+    finally:
+        conn.close()
     with _erasing(path) as conn:
         keys = [k for (k,) in conn.execute(
             "SELECT device_key FROM devices WHERE address = ?", (address,))]
@@ -84,26 +87,24 @@ def _erase_store(path: str, address: str) -> dict[str, int]:
                 "SELECT mid FROM inbox WHERE device_key = ?", (key,)))
             to_devices += conn.execute("DELETE FROM inbox WHERE device_key = ?",
                                        (key,)).rowcount
-        # a store written by a fastroute before packs (or shares) has no such
-        # table; each row of either lists n messages for its device
-        rows_of = [t for t in ("packs", "shares") if _has_table(conn, t)]
-        for table in rows_of:
+        # each row of either lists n messages for its device
+        for table in ("packs", "shares"):
             for key in keys:
                 to_devices += conn.execute(f"SELECT coalesce(sum(n), 0) FROM {table} WHERE "
                                            "dev = ?", (key,)).fetchone()[0]
                 conn.execute(f"DELETE FROM {table} WHERE dev = ?", (key,))
         from_it = 0
-        if "packs" in rows_of:
-            # the sender is inside each pack's data: every pack is read (once,
-            # by _keep_pack, which writes only a pack that loses messages)
-            for key, first in conn.execute("SELECT dev, first FROM packs").fetchall():
-                from_it += _keep_pack(conn, key, first, lambda e: e[1] != address)
-        if "shares" in rows_of:
-            from_it += conn.execute("DELETE FROM shared WHERE sender = ?",
-                                    (address,)).rowcount
-            # the others' shares without the mids erased, and the shared
-            # messages only its devices still held
-            _prune_shares(conn)
+        # the sender is inside each pack's data: every pack is read (once,
+        # by _keep_pack, which writes only a pack that loses messages)
+        for key, first in conn.execute("SELECT dev, first FROM packs").fetchall():
+            from_it += _keep_pack(conn, key, first, lambda e: e[1] != address)
+        # the shared messages only its devices held go first (they were
+        # deliveries to it), then those it sent from every spack, then the
+        # others' shares lose the mids erased
+        _prune_shares(conn)
+        for (first,) in conn.execute("SELECT first FROM spacks").fetchall():
+            from_it += _keep_spack(conn, first, lambda e: e[1] != address)
+        _prune_shares(conn)
         sent = [m for (m,) in conn.execute("SELECT mid FROM messages WHERE sender = ?",
                                            (address,))]
         for i in range(0, len(sent), 500):

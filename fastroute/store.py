@@ -112,7 +112,7 @@ CID_LEN = 16
 # writer and take a whole batch of innocent messages down with it.
 _INT_MAX = (1 << 63) - 1
 _INT_MIN = -(1 << 63)
-_SCHEMA_VERSION = 4
+_SCHEMA_VERSION = 5
 # the page size a new store file is made with
 _PAGE_SIZE = 16384
 # mids are reserved on disk this many at a time: meta's page is written once
@@ -134,7 +134,7 @@ _MID_BLOCK = 1 << 16
 # stay where they are and are read and deleted as before.
 #
 # Version 4 added shared and shares: a message for several devices (a
-# group's) is one row of shared, and the shared messages that one write
+# group's) was one row of shared, and the shared messages that one write
 # transaction stores for a device are one row of shares (their mids): a
 # group message to N devices cost N inbox rows (each two b-tree entries,
 # written, then deleted with an orphan check), ~15 us of the writer's CPU
@@ -142,6 +142,13 @@ _MID_BLOCK = 1 << 16
 # in memory (SqliteStore._counts, rebuilt from shares on open): the last
 # ack deletes the message.  A version 3 store's messages and inbox rows
 # stay where they are and are read and deleted as before.
+#
+# Version 5 replaced shared with spacks: the messages one transaction stores
+# for one set of devices (a group's) are one row, as a pack is for one
+# device, and each of those devices' shares names it by its first mid.  A
+# row per message (and its expiry index entry), written and then deleted,
+# was a third of the writer's CPU at 10 devices.  A version 4 store's shared
+# rows are moved into spacks when it is opened (_upgrade).
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages(
     mid INTEGER PRIMARY KEY,
@@ -182,20 +189,28 @@ CREATE TABLE IF NOT EXISTS packs(
     data BLOB NOT NULL,
     PRIMARY KEY(dev, first)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS packs_exp ON packs(exp_ms);
--- a message for several devices, once
-CREATE TABLE IF NOT EXISTS shared(
-    mid INTEGER PRIMARY KEY,
-    sender TEXT NOT NULL,
-    cid BLOB NOT NULL,
-    body BLOB NOT NULL,
-    ts_ms INTEGER NOT NULL,
-    exp_ms INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS shared_exp ON shared(exp_ms);
--- one device's shared messages of one write transaction: first the
--- transaction's first shared mid (the same in every device's row, the key of
--- the writer's counts for them), last the device's last, mids its int64
--- array; n, nbytes and exp_ms (the earliest) describe what is left in it.
--- A mid may outlive its message here (expired, erased): reads skip it.
+-- the messages of one write transaction for one set of devices (a group's
+-- members): first its first mid (its key, kept when it is rewritten), mids
+-- the int64 array of its messages, lens their bodies' lengths (int32s), exps
+-- their expiries (int64s), data the msgpack array of its entries as a
+-- pack's; last, n, nbytes and exp_ms (the earliest) describe what is left.
+-- A message no device holds any more may stay in it for a while (see
+-- SqliteStore._sgone).
+CREATE TABLE IF NOT EXISTS spacks(
+    first INTEGER PRIMARY KEY,
+    last INTEGER NOT NULL,
+    n INTEGER NOT NULL,
+    nbytes INTEGER NOT NULL,
+    exp_ms INTEGER NOT NULL,
+    mids BLOB NOT NULL,
+    lens BLOB NOT NULL,
+    exps BLOB NOT NULL,
+    data BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS spacks_exp ON spacks(exp_ms);
+-- one device's messages of one spack: first the spack's key, last the
+-- device's last mid, mids its int64 array; n, nbytes and exp_ms (the
+-- earliest) describe what is left in it.  A mid may outlive its message
+-- here (expired, erased): reads skip it.
 CREATE TABLE IF NOT EXISTS shares(
     dev INTEGER NOT NULL,
     first INTEGER NOT NULL,
@@ -231,11 +246,16 @@ _SQL_PACK_DROP = "DELETE FROM packs WHERE dev = ? AND first = ?"
 _SQL_PACK_KEEP = ("UPDATE packs SET last = ?, n = ?, nbytes = ?, exp_ms = ?, mids = ?, "
                   "data = ? WHERE dev = ? AND first = ?")
 _SQL_LOAD_PACKS = "SELECT data FROM packs WHERE dev = ? AND last > ? ORDER BY first LIMIT ?"
-_SQL_PUT_SHARED = "INSERT INTO shared(mid, sender, cid, body, ts_ms, exp_ms) VALUES "
+_SQL_PUT_SPACK = ("INSERT INTO spacks(first, last, n, nbytes, exp_ms, mids, lens, exps, "
+                  "data) VALUES ")
 _SQL_PUT_SHARES = "INSERT INTO shares(dev, first, last, n, nbytes, exp_ms, mids) VALUES "
-_SQL_SHARED_DROP = "DELETE FROM shared WHERE mid IN "
-_SQL_LOAD_SHARES = "SELECT mids FROM shares WHERE dev = ? AND last > ? ORDER BY first"
-_SQL_LOAD_SHARED = "SELECT mid, sender, cid, body, ts_ms FROM shared WHERE mid IN "
+_SQL_SPACK_DROP = "DELETE FROM spacks WHERE first IN "
+_SQL_SPACK_DATA = "SELECT data FROM spacks WHERE first = ?"
+# a spack's columns before its data: what is in it, without its bodies
+_SQL_SPACK_META = "SELECT mids, lens, exps FROM spacks WHERE first = ?"
+_SQL_SPACK_KEEP = ("UPDATE spacks SET last = ?, n = ?, nbytes = ?, exp_ms = ?, mids = ?, "
+                   "lens = ?, exps = ?, data = ? WHERE first = ?")
+_SQL_LOAD_SHARES = "SELECT first, mids FROM shares WHERE dev = ? AND last > ? ORDER BY first"
 # SQLite before 3.32 allows 999 variables a statement: the rows per statement
 # are at most 128 and fewer for wide rows (7 columns x 128 rows = 896)
 _ROWS_PER_STATEMENT = 128
@@ -509,17 +529,18 @@ class SqliteStore(_BaseStore):
     --synchronous``).
 
     Layout: the messages one transaction stores for exactly one device (most
-    messages) share one row of ``packs`` with that device; a message for
-    several devices (a group's) is one row of ``shared``, and each of those
-    devices has one row of ``shares`` a transaction listing its mids.  An
-    ack that empties a pack (or a share) deletes it; one that reaches part of
-    one is applied in memory and the row rewritten without the acked
-    messages once, ``min(0.5, erase_s / 4)`` seconds after the first such ack
-    or at the next flush (reads after a flush never see them; a crash before
-    the rewrite redelivers them, as it would an ack not yet committed).  How
-    many devices still hold each shared message is counted in memory (about
-    16 bytes a message, rebuilt from ``shares`` on open): the ack that takes
-    it to none deletes the message in the same transaction.  A new file is
+    messages) share one row of ``packs`` with that device; those it stores
+    for one set of several devices (a group's members) share one row of
+    ``spacks``, and each of those devices has one row of ``shares`` listing
+    its mids in it.  An ack that empties a pack (or a share) deletes it; one
+    that reaches part of one is applied in memory and the row rewritten
+    without the acked messages once, ``min(0.5, erase_s / 4)`` seconds after
+    the first such ack or at the next flush (reads after a flush never see
+    them; a crash before the rewrite redelivers them, as it would an ack not
+    yet committed).  How many devices still hold each shared message is
+    counted in memory (about 12 bytes a message, rebuilt from ``shares`` on
+    open): when none does, the message leaves its spack on the same terms
+    (the whole spack goes at once when that was its last).  A new file is
     made with 16 KB pages (an existing one keeps its size).
 
     Failures: a batch that fails (disk full, I/O error) is rolled back; its
@@ -596,6 +617,9 @@ class SqliteStore(_BaseStore):
         self._partial: dict[tuple[int, int], set[int]] = {}
         # the same for the rows of shares: (device key, first) -> acked mids
         self._spartial: dict[tuple[int, int], set[int]] = {}
+        # and for spacks: a spack's first -> its messages no device holds any
+        # more (deleted at once when that is all of them)
+        self._sgone: dict[int, frozenset[int]] = {}
         # how many devices hold each shared message (writer thread only)
         self._counts = _Counts()
         self._rewrite_due: float | None = None
@@ -901,18 +925,12 @@ class SqliteStore(_BaseStore):
         if self._max_bytes is not None:
             page = conn.execute("PRAGMA page_size").fetchone()[0]
             conn.execute(f"PRAGMA max_page_count = {max(1, self._max_bytes // page)}")
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > _SCHEMA_VERSION:
-            raise sqlite3.DatabaseError(
-                f"store format {version} is newer than this fastroute ({_SCHEMA_VERSION})")
-        migrate = "ALTER TABLE messages ADD COLUMN dev INTEGER;" if version == 1 else ""
-        conn.executescript(f"BEGIN IMMEDIATE;{migrate}{_SCHEMA}"
-                           f"PRAGMA user_version = {_SCHEMA_VERSION}; COMMIT;")
+        _upgrade(conn)
         self._counts.load(conn)
         meta = dict(conn.execute("SELECT k, v FROM meta"))
         top_mid = max(conn.execute("SELECT max(mid) FROM messages").fetchone()[0] or 0,
                       conn.execute("SELECT max(last) FROM packs").fetchone()[0] or 0,
-                      conn.execute("SELECT max(mid) FROM shared").fetchone()[0] or 0,
+                      conn.execute("SELECT max(last) FROM spacks").fetchone()[0] or 0,
                       conn.execute("SELECT max(last) FROM shares").fetchone()[0] or 0)
         self._next_mid = self._mid_mark = max(meta.get("next_mid", 1), top_mid + 1)
         devices = conn.execute(
@@ -1058,7 +1076,7 @@ class SqliteStore(_BaseStore):
                 # request fails, not the writer nor the batch's other requests
                 rows = self._rows_apart(puts, done)
         new = bool(rows[0] or rows[2])
-        partial = bool(self._partial or self._spartial)
+        partial = bool(self._partial or self._spartial or self._sgone)
         # partly acked packs and shares are rewritten when due, and before a
         # flush answers (reads after it must not see their acked messages)
         rewrite = (self._rewrite_due is not None and time.monotonic() >= self._rewrite_due) \
@@ -1073,7 +1091,7 @@ class SqliteStore(_BaseStore):
             except Exception as exc:
                 self.failed_batches += 1
                 self._deleted()  # a rolled back write may leave frames in the WAL
-                if self._partial or self._spartial:
+                if self._partial or self._spartial or self._sgone:
                     # the rewrite failed with the rest: again in a while, not at once
                     self._rewrite_due = time.monotonic() + _RETRY_S
                 reason = f"store write failed: {_reason(exc)}"
@@ -1189,20 +1207,22 @@ class SqliteStore(_BaseStore):
                      expires: list, rewrite: bool) -> list[int]:
         """Apply one set of writes in one transaction; the expiries' counts.
 
-        ``puts``: the new rows, ``(shared_rows, share_rows, pack_rows,
+        ``puts``: the new rows, ``(spack_rows, share_rows, pack_rows,
         blocks)`` (:func:`py_sql_rows`).  ``rewrite``: rewrite every partly
-        acked pack and share without its acked messages.  Rolls back and
+        acked pack and share without its acked messages, and every spack
+        without the messages no device holds.  Rolls back and
         raises on any failure, leaving nothing half-applied (the partial acks
         and the counts kept in memory included).
         """
         conn = self._wconn
         assert conn is not None  # _setup made it, before the first batch
         expired: list[int] = []
-        msg_rows, share_rows, pack_rows, blocks = puts
+        spack_rows, share_rows, pack_rows, blocks = puts
         # the partial acks as this transaction leaves them; kept only if it
         # commits (a set is replaced, never changed in place)
         partial = dict(self._partial)
         spartial = dict(self._spartial)
+        sgone = dict(self._sgone)
         counts = self._counts
         mark = self._mid_mark  # kept, like partial, only if this commits
         rewritten = 0
@@ -1218,7 +1238,7 @@ class SqliteStore(_BaseStore):
                     "INSERT OR IGNORE INTO devices(device_key, address, device) "
                     "VALUES (?,?,?)", regs)
                 conn.execute(_SQL_META, ("next_device", max(r[0] for r in regs) + 1))
-            if acks and (msg_rows or pack_rows):
+            if acks and (spack_rows or pack_rows):
                 # Acks of messages committed before this batch go first: the
                 # pages their deletes free (zeroed) are then the ones the new
                 # rows take, each written to the WAL once, not zeroes and
@@ -1230,9 +1250,9 @@ class SqliteStore(_BaseStore):
                     early = {k: [m for m in v if m < committed] for k, v in acks.items()}
                     acks = {k: v2 for k, v in acks.items()
                             if (v2 := [m for m in v if m >= committed])}
-                self._delete(conn, early, [], partial, spartial)
-            if msg_rows or pack_rows:
-                _execute_rows(conn, _SQL_PUT_SHARED, 6, [], msg_rows)
+                self._delete(conn, early, [], partial, spartial, sgone)
+            if spack_rows or pack_rows:
+                _execute_rows(conn, _SQL_PUT_SPACK, 9, [], spack_rows)
                 _execute_rows(conn, _SQL_PUT_SHARES, 7, [], share_rows)
                 _execute_rows(conn, _SQL_PUT_PACK, 8, [], pack_rows)
                 for block in blocks:
@@ -1241,17 +1261,21 @@ class SqliteStore(_BaseStore):
                     mark = mid + _MID_BLOCK
                     conn.execute(_SQL_META, ("next_mid", mark))
             if acks or forgets:
-                self._delete(conn, acks, forgets, partial, spartial)
+                self._delete(conn, acks, forgets, partial, spartial, sgone)
             for _, now, bound in expires:
-                expired.append(self._expire(conn, now, bound, partial, spartial))
+                expired.append(self._expire(conn, now, bound, partial, spartial, sgone))
             if rewrite:
+                # spacks first: a share's rewrite reads what its spack holds
+                for first, gone in sgone.items():
+                    _keep_spack(conn, first, lambda e: e[0] not in gone)
                 for (key, first), acked in partial.items():
                     _keep_pack(conn, key, first, lambda e: e[0] not in acked)
                 for (key, first), acked in spartial.items():
                     _keep_share(conn, key, first, acked)
-                rewritten = len(partial) + len(spartial)
+                rewritten = len(partial) + len(spartial) + len(sgone)
                 partial = {}
                 spartial = {}
+                sgone = {}
             conn.execute("COMMIT")
         except BaseException:
             counts.rollback()
@@ -1262,10 +1286,11 @@ class SqliteStore(_BaseStore):
                 pass
             raise
         counts.commit()
-        if (partial or spartial) and not (self._partial or self._spartial):
+        if (partial or spartial or sgone) and not (self._partial or self._spartial
+                                                   or self._sgone):
             self._partial_since = time.monotonic()
             self._rewrite_due = self._partial_since + self._rewrite_s
-        elif not (partial or spartial):
+        elif not (partial or spartial or sgone):
             since = self._partial_since
             if rewritten and since is not None:
                 # a checkpoint may have run since those acks (for an earlier
@@ -1277,6 +1302,7 @@ class SqliteStore(_BaseStore):
             self._partial_since = self._rewrite_due = None
         self._partial = partial
         self._spartial = spartial
+        self._sgone = sgone
         self._mid_mark = mark
         self.rewrites += rewritten
         self.commit_seconds.observe(time.perf_counter() - t0)
@@ -1284,18 +1310,23 @@ class SqliteStore(_BaseStore):
         return expired
 
     def _delete(self, conn: sqlite3.Connection, acks: dict, forgets: list, partial: dict,
-                spartial: dict) -> None:
+                spartial: dict, sgone: dict) -> None:
         touched: set[int] = set()
         counts = self._counts
-        gone: list[int] = []  # shared messages no device holds any more
+        gone: dict[int, list[int]] = {}  # spack -> its messages no device holds now
+
+        def release(first: int, mids) -> None:
+            out = counts.release(first, mids)
+            if out:
+                gone.setdefault(first, []).extend(out)
+
         for key, mids in acks.items():
             if mids:
                 mids = _ack_rows(conn, "packs", key, mids, partial)
             if mids and counts.blocks:
                 # each shared message the device held is released: the
                 # last holder's ack deletes it
-                mids = _ack_rows(conn, "shares", key, mids, spartial,
-                                 lambda first, new: gone.extend(counts.release(first, new)))
+                mids = _ack_rows(conn, "shares", key, mids, spartial, release)
             if mids:
                 # a store of version 3 or older: the device's own messages go
                 # at once; of the shared ones, its inbox rows, then (below)
@@ -1309,7 +1340,7 @@ class SqliteStore(_BaseStore):
             for first, blob in conn.execute("SELECT first, mids FROM shares WHERE dev = ?",
                                             (key,)).fetchall():
                 acked = spartial.pop((key, first), ())
-                gone += counts.release(first, [m for m in _mids(blob) if m not in acked])
+                release(first, [m for m in _mids(blob) if m not in acked])
             conn.execute("DELETE FROM shares WHERE dev = ?", (key,))
             touched.update(m for (m,) in conn.execute(
                 "SELECT mid FROM inbox WHERE device_key = ?", (key,)))
@@ -1320,7 +1351,18 @@ class SqliteStore(_BaseStore):
             for pack in [p for p in partial if p[0] == key]:
                 del partial[pack]
         if gone:
-            _execute_in(conn, _SQL_SHARED_DROP, [], sorted(gone))
+            # a spack none of whose messages any device holds goes now; one
+            # with some still held is rewritten later (as a pack acked in
+            # part), unless the rest goes first
+            dead = []
+            for first, mids in gone.items():
+                if counts.left(first):
+                    sgone[first] = sgone.get(first, frozenset()).union(mids)
+                else:
+                    dead.append(first)
+                    sgone.pop(first, None)
+            if dead:
+                _execute_in(conn, _SQL_SPACK_DROP, [], sorted(dead))
         if touched:
             # One indexed probe per touched message (many per statement).  A
             # per-row AFTER DELETE trigger measured the same for acks but would
@@ -1329,22 +1371,35 @@ class SqliteStore(_BaseStore):
             _execute_in(conn, _SQL_ORPHAN, [], sorted(touched))
 
     def _expire(self, conn: sqlite3.Connection, now_ms: int, bound: int, partial: dict,
-                spartial: dict) -> int:
+                spartial: dict, sgone: dict) -> int:
         conn.execute("DELETE FROM inbox WHERE mid IN (SELECT mid FROM messages "
                      "WHERE exp_ms <= ? AND mid < ?)", (now_ms, bound))
         n = conn.execute("DELETE FROM messages WHERE exp_ms <= ? AND mid < ?",
                          (now_ms, bound)).rowcount
-        gone = [m for (m,) in conn.execute("SELECT mid FROM shared WHERE exp_ms <= ? "
-                                           "AND mid < ?", (now_ms, bound))]
-        if gone:
-            self._counts.drop(gone)
-            n += conn.execute("DELETE FROM shared WHERE exp_ms <= ? AND mid < ?",
-                              (now_ms, bound)).rowcount
+        counts = self._counts
+        dead = []
+        for first, blob, eblob in conn.execute(
+                "SELECT first, mids, exps FROM spacks WHERE exp_ms <= ? AND first < ?",
+                (now_ms, bound)).fetchall():
+            # a spack may hold messages not yet expired, or queued after the
+            # expiry (a mid at or above bound): they stay
+            out = [m for m, e in zip(_mids(blob), _mids(eblob)) if e <= now_ms and m < bound]
+            n += counts.drop(first, out)
+            gone = sgone.pop(first, frozenset())
+            if counts.left(first):
+                # what is left: neither expired nor held by nobody
+                out_set = set(out)
+                _keep_spack(conn, first, lambda e: e[0] not in gone and e[0] not in out_set)
+            else:
+                dead.append(first)
+        if dead:
+            _execute_in(conn, _SQL_SPACK_DROP, [], dead)
         for key, first in conn.execute("SELECT dev, first FROM shares WHERE exp_ms <= ? "
                                        "AND first < ?", (now_ms, bound)).fetchall():
             # the row keeps what is still stored (a mid at or above bound,
             # one not yet expired) and was not acked
-            _keep_share(conn, key, first, spartial.pop((key, first), ()))
+            _keep_share(conn, key, first, spartial.pop((key, first), ()),
+                        sgone.get(first, ()))
         for key, first in conn.execute("SELECT dev, first FROM packs WHERE exp_ms <= ? "
                                        "AND first < ?", (now_ms, bound)).fetchall():
             # a pack may hold messages not yet expired, or queued after the
@@ -1354,6 +1409,49 @@ class SqliteStore(_BaseStore):
                             lambda e: e[0] not in acked and (e[5] > now_ms or e[0] >= bound),
                             count=lambda e: e[0] not in acked)
         return n
+
+
+def _upgrade(conn: sqlite3.Connection) -> None:
+    """Bring a store file to this format (:data:`_SCHEMA_VERSION`): its tables
+    made, an older format's columns added and a version 4 store's ``shared``
+    rows moved into ``spacks``; a newer format is refused.  Run on open and
+    before an erasure (:mod:`fastroute.erase`), with ``secure_delete`` on."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > _SCHEMA_VERSION:
+        raise sqlite3.DatabaseError(
+            f"store format {version} is newer than this fastroute ({_SCHEMA_VERSION})")
+    migrate = "ALTER TABLE messages ADD COLUMN dev INTEGER;" if version == 1 else ""
+    conn.executescript(f"BEGIN IMMEDIATE;{migrate}{_SCHEMA}"
+                       f"PRAGMA user_version = {_SCHEMA_VERSION}; COMMIT;")
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'shared'"
+                    ).fetchone() is None:
+        return
+    # Version 4: a share's first was its transaction's first shared mid, and
+    # every shared message of that transaction is listed by shares of that
+    # first only; those messages become the spack of that key.  Idempotent
+    # (the table goes in the same transaction), so a crash in between only
+    # repeats it on the next open.
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        listed: dict[int, set[int]] = {}
+        for first, blob in conn.execute("SELECT first, mids FROM shares"):
+            listed.setdefault(first, set()).update(_mids(blob))
+        rows: list = []
+        for first in sorted(listed):
+            entries = [tuple(r) for r in _select_in(
+                conn, "SELECT mid, sender, cid, body, ts_ms, exp_ms FROM shared WHERE mid IN ",
+                sorted(listed[first]))]
+            if entries:
+                entries.sort()
+                rows += _spack_fields(first, entries)
+        _execute_rows(conn, _SQL_PUT_SPACK, 9, [], rows)
+        # the rows go first (zeroed: secure_delete), then the table
+        conn.execute("DELETE FROM shared")
+        conn.execute("DROP TABLE shared")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
 
 
 def _fetch(conn: sqlite3.Connection, sql: str, params: tuple) -> list:
@@ -1393,26 +1491,48 @@ def _load(conn: sqlite3.Connection, device_key: int, after_mid: int, limit: int)
 def _load_shared(conn: sqlite3.Connection, device_key: int, after_mid: int,
                  limit: int) -> list:
     """The first ``limit`` shared messages past ``after_mid`` that ``device_key``'s
-    shares list and are still stored (a listed mid may have expired)."""
+    shares list and are still stored (a listed mid may have expired).
+
+    A device's shares of one transaction's spacks may interleave in mids: a
+    share is read while its first could still be among the first ``limit``.
+    """
     rows: list = []
+    pending: list[tuple[int, int]] = []  # (mid, its spack) listed, not yet read
     cur = conn.execute(_SQL_LOAD_SHARES, (device_key, after_mid))
     try:
-        wanted: list[int] = []
-        more = True
+        nxt = cur.fetchone()
         while len(rows) < limit:
-            while more and len(wanted) < limit - len(rows):
-                got = cur.fetchone()
-                if got is None:
-                    more = False
-                else:
-                    wanted += [m for m in _mids(got[0]) if m > after_mid]
-            if not wanted:
+            need = limit - len(rows)
+            while nxt is not None:
+                if len(pending) >= need:
+                    pending.sort()
+                    if nxt[0] > pending[need - 1][0]:
+                        break
+                first = nxt[0]
+                pending += [(m, first) for m in _mids(nxt[1]) if m > after_mid]
+                nxt = cur.fetchone()
+            if not pending:
                 break
-            take = wanted[:limit - len(rows)]
-            del wanted[:len(take)]
-            rows += _select_in(conn, _SQL_LOAD_SHARED, take)
+            pending.sort()
+            take = pending[:need]
+            del pending[:need]
+            rows += _spack_rows(conn, take)
     finally:
         cur.close()
+    return rows
+
+
+def _spack_rows(conn: sqlite3.Connection, wanted: list[tuple[int, int]]) -> list:
+    """The rows ``(mid, sender, cid, body, ts_ms)`` of the ``(mid, spack)`` pairs
+    in ``wanted`` that are still stored, each spack read once."""
+    by_spack: dict[int, set[int]] = {}
+    for m, first in wanted:
+        by_spack.setdefault(first, set()).add(m)
+    rows: list = []
+    for first, mids in by_spack.items():
+        got = conn.execute(_SQL_SPACK_DATA, (first,)).fetchone()
+        if got is not None:
+            rows += [e[:5] for e in _pack_entries(got[0]) if e[0] in mids]
     return rows
 
 
@@ -1423,30 +1543,30 @@ def py_sql_rows(puts: list, mid: int, ttl_ms: int) -> tuple[list, list, list, li
     mids run from ``mid`` on in order; a message expires at ``ts_ms + ttl_ms``.
     Returns four flat lists (the rows go to SQLite many per statement):
 
-    * ``shared`` rows (mid, sender, cid, body, ts_ms, exp_ms), one per
-      message for several devices;
-    * ``shares`` rows (dev, first, last, n, nbytes, exp_ms, mids), one per
-      device such messages went to, in the order of its first one: ``first``
-      is the first shared mid of the call (the same for every device), the
-      others describe the device's own (``mids`` native int64s; a key named
-      twice in one message counts once);
+    * ``spacks`` rows (first, last, n, nbytes, exp_ms, mids, lens, exps,
+      data), one per set of device keys (a tuple of them; the same keys in
+      another order are another set) that messages for several devices went
+      to, in the order of its first message: its messages' mids (int64s),
+      body lengths (int32s), expiries (int64s) and its entries as a pack's;
+    * ``shares`` rows (dev, first, last, n, nbytes, exp_ms, mids), for each
+      spack one per device of its set (a key named twice counts once), in
+      the set's order: the spack's own columns (a device holds all of it);
     * ``packs`` rows (dev, first, last, n, nbytes, exp_ms, mids, data), one
       per device that messages for it alone went to, in the order of its
       first message: a pack's ``mids`` are native int64s, its ``data`` the
       msgpack array of its entries ``(mid, sender, cid, body, ts_ms,
       exp_ms)``: the columns :func:`_pack_fields` gives;
-    * the shared messages' block, ``[(first, mids, counts)]`` or ``[]``: their
-      mids (int64s) and how many devices each went to (int32s), the counts
+    * the shared messages' block, ``[(first, mids, counts, firsts, sizes)]``
+      or ``[]``: their mids (int64s) and how many devices each went to
+      (int32s), the spacks' firsts (int64s) and sizes (int32s): the counts
       the writer keeps in memory (``SqliteStore._counts``).
 
     The items are trusted (the store built or checked each): ``sender`` a
     str, ``cid`` and ``body`` bytes, ``ts_ms`` an int (``WrongType`` for
     another type, as the compiled twin, which writes them itself).
     """
-    msg_rows: list = []
     packs: dict = {}        # device key -> its entries, in mid order
-    shares: dict = {}       # device key -> [mids, nbytes, earliest expiry]
-    first = 0               # the first shared mid
+    groups: dict = {}       # device keys (a tuple) -> [entries, distinct keys]
     block_mids = array.array("q")
     counts = array.array("i")
     for items in puts:
@@ -1466,33 +1586,34 @@ def py_sql_rows(puts: list, mid: int, ttl_ms: int) -> tuple[list, list, list, li
                 # nobody would ack it: it would sit on disk until it expires
                 raise InvalidArgument("device_keys must not be empty")
             else:
-                if not msg_rows:
-                    first = mid
-                msg_rows += (mid, sender, cid, body, ts, exp)
-                n = 0
-                for d in devs:
-                    share = shares.get(d)
-                    if share is None:
-                        share = shares[d] = [array.array("q"), 0, exp]
-                    elif share[0][-1] == mid:
-                        continue  # the same device twice: one delivery
-                    share[0].append(mid)
-                    share[1] += len(body)
-                    if exp < share[2]:
-                        share[2] = exp
-                    n += 1
+                keys = devs if type(devs) is tuple else tuple(devs)
+                group = groups.get(keys)
+                if group is None:
+                    group = groups[keys] = [[], list(dict.fromkeys(keys))]
+                group[0].append((mid, sender, cid, body, ts, exp))
                 block_mids.append(mid)
-                counts.append(n)
+                counts.append(len(group[1]))
             mid += 1
+    spack_rows: list = []
     share_rows: list = []
-    for key, (mids, nbytes, exp) in shares.items():
-        share_rows += (key, first, mids[-1], len(mids), nbytes, exp, mids.tobytes())
+    firsts = array.array("q")
+    sizes = array.array("i")
+    for entries, keys in groups.values():
+        row = _spack_fields(entries[0][0], entries)
+        spack_rows += row
+        share = row[:5] + row[5:6]  # first, last, n, nbytes, exp_ms, mids
+        for key in keys:
+            share_rows.append(key)
+            share_rows += share
+        firsts.append(row[0])
+        sizes.append(row[2])
     pack_rows: list = []
     for key, entries in packs.items():
         pack_rows.append(key)
         pack_rows += _pack_fields(entries)
-    blocks = [(first, block_mids.tobytes(), counts.tobytes())] if block_mids else []
-    return msg_rows, share_rows, pack_rows, blocks
+    blocks = [(firsts[0], block_mids.tobytes(), counts.tobytes(), firsts.tobytes(),
+               sizes.tobytes())] if block_mids else []
+    return spack_rows, share_rows, pack_rows, blocks
 
 
 _sql_rows = twin(py_sql_rows)
@@ -1504,6 +1625,14 @@ def _pack_fields(entries: list) -> tuple:
     mids = array.array("q", [e[0] for e in entries])
     return (mids[0], mids[-1], len(entries), sum([len(e[3]) for e in entries]),
             min([e[5] for e in entries]), mids.tobytes(), msgpack.packb(entries))
+
+
+def _spack_fields(first: int, entries: list) -> tuple:
+    """A spack's columns for ``entries`` (in mid order) under the key ``first``:
+    first, last, n, nbytes, exp_ms, mids, lens, exps, data."""
+    fields = _pack_fields(entries)
+    return ((first,) + fields[1:6] + (array.array("i", [len(e[3]) for e in entries]).tobytes(),
+            array.array("q", [e[5] for e in entries]).tobytes(), fields[6]))
 
 
 def _pack_entries(data: bytes) -> list:
@@ -1579,19 +1708,25 @@ def _ack_rows(conn: sqlite3.Connection, table: str, key: int, mids: list, partia
     return [m for m in acked if m not in found]
 
 
-def _keep_share(conn: sqlite3.Connection, key: int, first: int, acked) -> None:
-    """Rewrite the share ``(key, first)`` without the mids in ``acked`` and those
-    whose message is no longer stored; delete it if none is left."""
+def _keep_share(conn: sqlite3.Connection, key: int, first: int, acked, gone=()) -> None:
+    """Rewrite the share ``(key, first)`` without the mids in ``acked``, those in
+    ``gone`` (no device holds them) and those its spack no longer holds;
+    delete it if none is left."""
     row = conn.execute("SELECT mids FROM shares WHERE dev = ? AND first = ?",
                        (key, first)).fetchone()
     if row is None:
         return
-    left = _select_in(conn, "SELECT mid, length(body), exp_ms FROM shared WHERE mid IN ",
-                      [m for m in _mids(row[0]) if m not in acked])
+    meta = conn.execute(_SQL_SPACK_META, (first,)).fetchone()
+    left: list = []
+    if meta is not None:
+        lens = array.array("i")
+        lens.frombytes(meta[1])
+        stored = {m: (n, e) for m, n, e in zip(_mids(meta[0]), lens, _mids(meta[2]))}
+        left = [(m, *stored[m]) for m in _mids(row[0])
+                if m in stored and m not in acked and m not in gone]
     if not left:
         conn.execute("DELETE FROM shares WHERE dev = ? AND first = ?", (key, first))
         return
-    left.sort()
     mids = array.array("q", [r[0] for r in left])
     conn.execute("UPDATE shares SET last = ?, n = ?, nbytes = ?, exp_ms = ?, mids = ? "
                  "WHERE dev = ? AND first = ?",
@@ -1599,25 +1734,51 @@ def _keep_share(conn: sqlite3.Connection, key: int, first: int, acked) -> None:
                   min([r[2] for r in left]), mids.tobytes(), key, first))
 
 
+def _keep_spack(conn: sqlite3.Connection, first: int, keep) -> int:
+    """Rewrite the spack ``first`` with the entries ``keep`` accepts (delete it
+    if none); return how many it dropped.  It keeps its key: its shares name
+    it by that."""
+    row = conn.execute(_SQL_SPACK_DATA, (first,)).fetchone()
+    if row is None:
+        return 0
+    entries = _pack_entries(row[0])
+    kept = [e for e in entries if keep(e)]
+    if len(kept) < len(entries):
+        if kept:
+            conn.execute(_SQL_SPACK_KEEP, _spack_fields(first, kept)[1:] + (first,))
+        else:
+            conn.execute("DELETE FROM spacks WHERE first = ?", (first,))
+    return len(entries) - len(kept)
+
+
 def _prune_shares(conn: sqlite3.Connection) -> dict[int, dict[int, int]]:
     """Take the mids of messages no longer stored out of every share, and
-    delete the shared messages no share lists (on open, and after an erasure
-    with the relay stopped).  Returns, for each transaction's first shared
-    mid, how many shares list each of its stored messages."""
-    stored = {m for (m,) in conn.execute("SELECT mid FROM shared")}
+    the messages no share lists out of every spack (on open, and after an
+    erasure with the relay stopped).  Returns, for each spack still stored,
+    how many shares list each of its messages."""
+    stored = {first: set(_mids(blob))
+              for first, blob in conn.execute("SELECT first, mids FROM spacks")}
     tally: dict[int, dict[int, int]] = {}
     stale: list[tuple[int, int]] = []
     for dev, first, blob in conn.execute("SELECT dev, first, mids FROM shares"):
+        have = stored.get(first, ())
         held = tally.setdefault(first, {})
         for m in _mids(blob):
-            if m in stored:
+            if m in have:
                 held[m] = held.get(m, 0) + 1
             elif not stale or stale[-1] != (dev, first):
                 stale.append((dev, first))
     for dev, first in stale:
         _keep_share(conn, dev, first, ())
-    _execute_in(conn, _SQL_SHARED_DROP, [], sorted(stored.difference(*tally.values())))
-    return tally
+    dead = []
+    for first, mids in stored.items():
+        held = tally.get(first)
+        if not held:
+            dead.append(first)
+        elif len(held) < len(mids):
+            _keep_spack(conn, first, lambda e: e[0] in held)
+    _execute_in(conn, _SQL_SPACK_DROP, [], dead)
+    return {first: held for first, held in tally.items() if held}
 
 
 class _Counts:
@@ -1625,16 +1786,25 @@ class _Counts:
     writer's, kept in memory (the ``shares`` rows say it too, but only a
     scan of them would).
 
-    ``blocks`` maps a transaction's first shared mid to ``[mids, counts,
-    live]``: its shared mids (array of int64, ascending), how many devices
-    hold each (array of int32) and how many are held at all.  Changes inside
-    a transaction are undone by :meth:`rollback` (each touched block's counts
+    ``blocks`` maps a block's first mid (a transaction's first shared mid)
+    to ``[mids, counts, live, firsts, sizes]``: its shared mids (array of
+    int64, ascending), how many devices hold each (array of int32), how many
+    are held at all, its spacks' firsts (int64s, ascending) and how many of
+    each spack's messages are held (int32s): about 12 bytes a message.  A
+    share lists messages of its own spack only, so what a device releases
+    is taken off that spack's size.  Changes inside a
+    transaction are undone by :meth:`rollback` (each touched block's counts
     copied once a transaction, not a journal entry per message).
     """
 
+    # a block rebuilt on open holds at least this many messages (a block's
+    # counts are copied whole by the first change of a transaction)
+    LOADED_BLOCK = 1024
+
     def __init__(self) -> None:
         self.blocks: dict[int, list] = {}
-        self._saved: dict[int, tuple] = {}  # first -> (block, counts, live) before
+        self._firsts: list[int] = []  # the blocks' keys, ascending
+        self._saved: dict[int, tuple] = {}  # first -> (block, counts, live, sizes) before
         self._added: list[int] = []
 
     def __len__(self) -> int:
@@ -1644,16 +1814,31 @@ class _Counts:
     def load(self, conn: sqlite3.Connection) -> None:
         """Count from the file (on open), pruned first (:func:`_prune_shares`:
         a share listing messages no longer stored is rewritten without them,
-        a shared message no share lists, none should be, is deleted)."""
+        a spack's messages no share lists, none should be, are deleted)."""
         conn.execute("BEGIN")
         tally = _prune_shares(conn)
         conn.execute("COMMIT")
         self.blocks = {}
-        for first, held in tally.items():
-            if held:
-                mids = sorted(held)
-                self.blocks[first] = [array.array("q", mids),
-                                      array.array("i", [held[m] for m in mids]), len(mids)]
+        self._firsts = []
+        spacks = sorted(tally)
+        at = 0
+        while at < len(spacks):
+            # spacks in key order, a block of whole spacks: a spack's key
+            # finds its block (the last block key at or below it)
+            rows: list = []
+            firsts = array.array("q")
+            sizes = array.array("i")
+            while at < len(spacks) and len(rows) < self.LOADED_BLOCK:
+                held = tally[spacks[at]]
+                rows += held.items()
+                firsts.append(spacks[at])
+                sizes.append(len(held))
+                at += 1
+            rows.sort()
+            self.blocks[firsts[0]] = [array.array("q", [r[0] for r in rows]),
+                                      array.array("i", [r[1] for r in rows]), len(rows),
+                                      firsts, sizes]
+            self._firsts.append(firsts[0])
 
     def begin(self) -> None:
         """A transaction starts: what follows is undone by :meth:`rollback`."""
@@ -1667,55 +1852,92 @@ class _Counts:
             block = blocks.get(first)
             if block is not None and block[2] == 0:
                 del blocks[first]
+                at = bisect.bisect_left(self._firsts, first)
+                del self._firsts[at]
         self._saved = {}
         self._added = []
 
     def rollback(self) -> None:
         """The transaction rolled back: the counts are as at :meth:`begin`."""
-        for first in self._added:
+        for first in reversed(self._added):
             self.blocks.pop(first, None)
-        for block, counts, live in self._saved.values():
+            self._firsts.pop()  # added last, in order
+        for block, counts, live, sizes in self._saved.values():
             block[1] = counts
             block[2] = live
+            block[4] = sizes
         self._saved = {}
         self._added = []
 
-    def add(self, first: int, mids: bytes, counts: bytes) -> None:
+    def add(self, first: int, mids: bytes, counts: bytes, firsts: bytes,
+            sizes: bytes) -> None:
         """A transaction's shared messages (:func:`py_sql_rows`' block)."""
-        held = array.array("i")
-        held.frombytes(counts)
-        self.blocks[first] = [_mids(mids), held, len(held)]
+        block = [_mids(mids), array.array("i"), 0, _mids(firsts), array.array("i")]
+        block[1].frombytes(counts)
+        block[2] = len(block[1])
+        block[4].frombytes(sizes)
+        self.blocks[first] = block
+        self._firsts.append(first)
         self._added.append(first)
 
-    def release(self, first: int, mids: Iterable[int]) -> list[int]:
-        """One device no longer holds ``mids`` (of block ``first``); return
+    def release(self, spack: int, mids: Iterable[int]) -> list[int]:
+        """One device no longer holds ``mids`` (of spack ``spack``); return
         those no device holds any more."""
-        block = self._touch(first)
-        if block is None:
+        found = self._find(spack)
+        if found is None:
             return []
+        block, at = found
         gone = _shares_release(block[0], block[1], mids)
         block[2] -= len(gone)
+        block[4][at] -= len(gone)
         return gone
 
-    def drop(self, mids: list[int]) -> None:
-        """``mids`` are deleted (expired): no device holds them."""
-        firsts = sorted(self.blocks)
+    def drop(self, spack: int, mids: list[int]) -> int:
+        """``mids`` of spack ``spack`` are deleted (expired): no device holds
+        them; return how many some device held."""
+        found = self._find(spack)
+        if found is None:
+            return 0
+        block, at = found
+        have, counts = block[0], block[1]
+        n = 0
         for m in mids:
-            at = bisect.bisect_right(firsts, m) - 1
-            block = self._touch(firsts[at]) if at >= 0 else None
-            if block is None:
-                continue
-            i = bisect.bisect_left(block[0], m)
-            if i < len(block[0]) and block[0][i] == m and block[1][i] > 0:
-                block[1][i] = 0
-                block[2] -= 1
+            i = bisect.bisect_left(have, m)
+            if i < len(have) and have[i] == m and counts[i] > 0:
+                counts[i] = 0
+                n += 1
+        block[2] -= n
+        block[4][at] -= n
+        return n
 
-    def _touch(self, first: int) -> list | None:
-        """Block ``first``, its counts saved for a rollback (once a transaction)."""
-        block = self.blocks.get(first)
-        if block is not None and first not in self._saved and first not in self._added:
-            self._saved[first] = (block, array.array("i", block[1]), block[2])
-        return block
+    def left(self, spack: int) -> int:
+        """How many of spack ``spack``'s messages some device holds."""
+        found = self._locate(spack)
+        return 0 if found is None else found[1][4][found[2]]
+
+    def _locate(self, spack: int) -> tuple[int, list, int] | None:
+        """Spack ``spack``'s block (its key and itself) and its number in it."""
+        firsts = self._firsts
+        if not firsts or spack < firsts[0]:
+            return None
+        first = firsts[bisect.bisect_right(firsts, spack) - 1]
+        block = self.blocks[first]
+        at = bisect.bisect_left(block[3], spack)
+        if at == len(block[3]) or block[3][at] != spack:
+            return None
+        return first, block, at
+
+    def _find(self, spack: int) -> tuple[list, int] | None:
+        """Spack ``spack``'s block, its counts saved for a rollback (once a
+        transaction), and the spack's number in it."""
+        found = self._locate(spack)
+        if found is None:
+            return None
+        first, block, at = found
+        if first not in self._saved and first not in self._added:
+            self._saved[first] = (block, array.array("i", block[1]), block[2],
+                                  array.array("i", block[4]))
+        return block, at
 
 
 def py_shares_release(have: array.array, counts: array.array, mids: Iterable[int]) -> list[int]:

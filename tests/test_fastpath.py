@@ -1292,26 +1292,36 @@ def test_sql_rows_twins():
         want = store.py_sql_rows(puts, first, ttl)
         if _core is not None:
             assert _core.sql_rows(puts, first, ttl) == want, trial
-        msg_rows, share_rows, pack_rows, blocks = want
+        spack_rows, share_rows, pack_rows, blocks = want
         # every message is in exactly one place, with its mid in queue order
         items = [it for part in puts for it in part]
         seen = {}
-        shared_mids = msg_rows[0::6]
-        holders: dict = {}  # shared mid -> its devices, from the shares
-        for i in range(0, len(share_rows), 7):
-            dev, lo, hi, n, nbytes, exp, mids = share_rows[i:i + 7]
+        spacks = {}  # a spack's first -> its columns
+        for i in range(0, len(spack_rows), 9):
+            lo, hi, n, nbytes, exp, mids, lens, exps, data = spack_rows[i:i + 9]
+            entries = store._pack_entries(data)
             got = list(array.array("q", mids))
-            assert lo == shared_mids[0] and (hi, n) == (got[-1], len(got)) and got == sorted(got)
-            by_mid = {msg_rows[j]: msg_rows[j:j + 6] for j in range(0, len(msg_rows), 6)}
-            assert nbytes == sum(len(by_mid[m][3]) for m in got)
-            assert exp == min(by_mid[m][5] for m in got)
-            for m in got:
-                holders.setdefault(m, []).append(dev)
-        if shared_mids:
-            ((lo, bmids, bcounts),) = blocks
-            assert lo == shared_mids[0]
+            assert got == [e[0] for e in entries] and (lo, hi, n) == (got[0], got[-1], len(got))
+            assert list(array.array("i", lens)) == [len(e[3]) for e in entries]
+            assert list(array.array("q", exps)) == [e[5] for e in entries]
+            assert nbytes == sum(len(e[3]) for e in entries) and exp == min(e[5] for e in entries)
+            spacks[lo] = (tuple(spack_rows[i:i + 6]), entries)
+        holders: dict = {}  # a spack's first -> its devices, from the shares
+        for i in range(0, len(share_rows), 7):
+            dev, *cols = share_rows[i:i + 7]
+            assert tuple(cols) == spacks[cols[0]][0]  # a device holds the whole spack
+            holders.setdefault(cols[0], []).append(dev)
+        for lo, (_, entries) in spacks.items():
+            assert len(set(holders[lo])) == len(holders[lo])  # each device once
+            for e in entries:
+                seen[e[0]] = (sorted(holders[lo]), e[1:])
+        if spacks:
+            ((lo, bmids, bcounts, bfirsts, bsizes),) = blocks
+            shared_mids = sorted(m for _, entries in spacks.values() for m, *_ in entries)
+            assert lo == shared_mids[0] and list(array.array("q", bfirsts)) == list(spacks)
             assert list(array.array("q", bmids)) == shared_mids
-            assert list(array.array("i", bcounts)) == [len(holders[m]) for m in shared_mids]
+            assert list(array.array("i", bcounts)) == [len(seen[m][0]) for m in shared_mids]
+            assert list(array.array("i", bsizes)) == [len(e) for _, e in spacks.values()]
         else:
             assert blocks == [] and share_rows == []
         for i in range(0, len(pack_rows), 8):
@@ -1323,9 +1333,6 @@ def test_sql_rows_twins():
             assert exp == min(e[5] for e in entries)
             for e in entries:
                 seen[e[0]] = ([dev], e[1:])
-        for i in range(0, len(msg_rows), 6):
-            mid, *fields = msg_rows[i:i + 6]
-            seen[mid] = (sorted(holders[mid]), tuple(fields))
         assert sorted(seen) == list(range(first, first + len(items)))
         for mid, (sender, cid, body, ts, devs) in zip(range(first, first + len(items)), items):
             # a device named twice in one message holds it once

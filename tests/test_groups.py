@@ -14,6 +14,7 @@ import signal
 import sqlite3
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from fastroute import Relay, RelayConfig, wire
@@ -497,10 +498,11 @@ def test_a_1000_device_group_stores_one_body_and_every_device_receives(tmp_path)
             server_key = w.relay.server_key.public
         # the relay is closed: its store file holds everything it kept
         db = sqlite3.connect(str(data / "store.db"))
-        rows = db.execute("SELECT mid FROM shared WHERE cid = ?", (mid,)).fetchall()
+        rows = [e[0] for (data,) in db.execute("SELECT data FROM spacks")
+                for e in msgpack.unpackb(data) if e[2] == mid]
         assert len(rows) == 1
         holders = {dev for dev, blob in db.execute("SELECT dev, mids FROM shares")
-                   if rows[0][0] in array.array("q", blob)}
+                   if rows[0] in array.array("q", blob)}
         assert len(holders) == users * per_user
         db.close()
         raw = b"".join(p.read_bytes() for p in data.glob("store.db*"))

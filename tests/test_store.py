@@ -117,6 +117,17 @@ def count(db, sql, *params):
         conn.close()
 
 
+def _spacked(db) -> list[int]:
+    """The mids of the messages for several devices stored in spacks (all
+    held by some device after a flush, which rewrites the spacks)."""
+    conn = raw(db)
+    try:
+        return sorted(m for (blob,) in conn.execute("SELECT mids FROM spacks")
+                      for m in store_mod._mids(blob))
+    finally:
+        conn.close()
+
+
 @contextlib.contextmanager
 def write_locked(db):
     """Another connection holds the write lock: the writer's next write waits
@@ -180,7 +191,7 @@ def test_ack_deletes_message_only_after_last_device(run, opener, db):
             other = await store.put("ann@p", CID, b"y", T0, devs)
             sqlite = isinstance(store, SqliteStore)
             if sqlite:  # the body is stored once for the three devices
-                assert count(db, "SELECT count(*) FROM shared") == 2
+                assert len(_spacked(db)) == 2
                 assert count(db, "SELECT count(*) FROM messages") == 0
             for i, dev in enumerate(devs):
                 store.ack(dev, [mid])
@@ -190,7 +201,7 @@ def test_ack_deletes_message_only_after_last_device(run, opener, db):
                 for later in devs[i + 1:]:
                     assert [m[0] for m in await store.load(later, 0, 10)] == [mid, other]
                 if sqlite:
-                    alive = count(db, "SELECT count(*) FROM shared WHERE mid = ?", mid)
+                    alive = int(mid in _spacked(db))
                     assert alive == (0 if dev == devs[-1] else 1)
             assert await store.count_pending() == 3
             for dev in devs:
@@ -198,7 +209,7 @@ def test_ack_deletes_message_only_after_last_device(run, opener, db):
             assert await store.count_pending() == 0
             if sqlite:
                 await store.flush()
-                assert count(db, "SELECT count(*) FROM shared") == 0
+                assert len(_spacked(db)) == 0
                 assert count(db, "SELECT count(*) FROM shares") == 0
     run(main())
 
@@ -530,7 +541,7 @@ def test_sqlite_uses_wal_and_the_documented_schema(run, db):
         try:
             assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
             cols = {t: [r[1] for r in conn.execute(f"PRAGMA table_info({t})")]
-                    for t in ("messages", "inbox", "devices", "packs", "shared", "shares")}
+                    for t in ("messages", "inbox", "devices", "packs", "spacks", "shares")}
         finally:
             conn.close()
         assert cols == {"messages": ["mid", "sender", "cid", "body", "ts_ms", "exp_ms", "dev"],
@@ -538,7 +549,8 @@ def test_sqlite_uses_wal_and_the_documented_schema(run, db):
                         "devices": ["device_key", "address", "device"],
                         "packs": ["dev", "first", "last", "n", "nbytes", "exp_ms", "mids",
                                   "data"],
-                        "shared": ["mid", "sender", "cid", "body", "ts_ms", "exp_ms"],
+                        "spacks": ["first", "last", "n", "nbytes", "exp_ms", "mids", "lens",
+                                   "exps", "data"],
                         "shares": ["dev", "first", "last", "n", "nbytes", "exp_ms", "mids"]}
     run(main())
 
@@ -637,12 +649,13 @@ def test_sqlite_large_batches_match_memory_model(tmp_path):
             await real.flush()
             model_msgs = model.stats()["messages"]
         with sqlite3.connect(path) as conn:
-            n_msgs = conn.execute("SELECT count(*) FROM shared").fetchone()[0]
-            # the flush rewrote every pack acked in part: n is what is left
+            stored = {m for (blob,) in conn.execute("SELECT mids FROM spacks")
+                      for m in store_mod._mids(blob)}
+            # the flush rewrote every pack and spack acked in part: n is what is left
+            n_msgs = len(stored)
             n_msgs += conn.execute("SELECT coalesce(sum(n), 0) FROM packs").fetchone()[0]
             listed = {m for (blob,) in conn.execute("SELECT mids FROM shares")
                       for m in store_mod._mids(blob)}
-            stored = {m for (m,) in conn.execute("SELECT mid FROM shared")}
             # no shared message that no share lists, no listed one that is gone
             orphans = len(stored ^ listed)
             assert conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 0
@@ -763,7 +776,7 @@ def test_sqlite_one_transaction_stores_a_devices_messages_in_one_pack(run, db):
             mids = await store.put_many(items)
             assert count(db, "SELECT count(*) FROM packs") == 2
             assert count(db, "SELECT n FROM packs WHERE dev = ?", a) == 4
-            assert count(db, "SELECT count(*) FROM shared") == 4  # the shared ones
+            assert len(_spacked(db)) == 4  # the shared ones
             assert count(db, "SELECT count(*) FROM shares") == 2
             mine = [m for i, m in enumerate(mids) if i % 3 != 1]
             assert [r[0] for r in await store.load(a, 0, 100)] == mine
@@ -888,7 +901,7 @@ def test_sqlite_expiry_of_a_pack_spares_messages_queued_after_it(run, db):
                 (m, "s@p", CID, b"%d" % m, T0, T0 + 10_000 + (m % 2)) for m in range(1, 9)])]
             conn.execute(store_mod._rows_sql(store_mod._SQL_PUT_PACK, 8, 1), rows)
             # due at T0 + 10 s: the even mids; of them only those below mid 5
-            assert store._expire(conn, T0 + 10_000, 5, {}, {}) == 2
+            assert store._expire(conn, T0 + 10_000, 5, {}, {}, {}) == 2
             left = [e[0] for (d,) in conn.execute("SELECT data FROM packs")
                     for e in store_mod._pack_entries(d)]
             assert left == [1, 3, 5, 6, 7, 8]
@@ -896,7 +909,7 @@ def test_sqlite_expiry_of_a_pack_spares_messages_queued_after_it(run, db):
             # acked in part (noted, not yet rewritten) and expired: both go, and
             # only the unacked count as expired (1 and 5, not 3 and 6)
             partial = {(dev, 1): {3, 6}}
-            assert store._expire(conn, T0 + 10_001, 7, partial, {}) == 2
+            assert store._expire(conn, T0 + 10_001, 7, partial, {}, {}) == 2
             assert partial == {}
             left = [e[0] for (d,) in conn.execute("SELECT data FROM packs")
                     for e in store_mod._pack_entries(d)]
@@ -1038,15 +1051,15 @@ def test_sqlite_reserves_mids_a_block_at_a_time(run, db):
     assert count(db, "SELECT v FROM meta WHERE k = 'next_mid'") == 7 + 2 * block
 
 
-# -- messages for several devices (format 4): stored once, counted in memory --
+# -- messages for several devices (formats 4, 5): stored once, counted in memory --
 
 
 def _shares_of(db, dev) -> list[int]:
     conn = raw(db)
     try:
-        return [m for (blob,) in conn.execute(
-            "SELECT mids FROM shares WHERE dev = ? ORDER BY first", (dev,))
-            for m in store_mod._mids(blob)]
+        return sorted(m for (blob,) in conn.execute("SELECT mids FROM shares WHERE dev = ?",
+                                                    (dev,))
+                      for m in store_mod._mids(blob))
     finally:
         conn.close()
 
@@ -1061,7 +1074,7 @@ def test_sqlite_a_shared_message_goes_with_its_last_holder_across_a_reopen(run, 
                 items = [("s@p", CID, b"g%d" % i, T0, [(a, b, c), (a, b), (a,)][i % 3])
                          for i in range(9)]
                 mids = await store.put_many(items)
-                assert count(db, "SELECT count(*) FROM shared") == 6
+                assert len(_spacked(db)) == 6
                 assert len(store._counts) == 6
                 assert _shares_of(db, c) == mids[0:9:3]
                 store.ack(a, mids)
@@ -1070,7 +1083,7 @@ def test_sqlite_a_shared_message_goes_with_its_last_holder_across_a_reopen(run, 
                 store.ack(b, mids[:3])  # again, before the rewrite: counted once
                 await store.flush()
                 assert len(store._counts) == 5  # mids[1] is gone: a and b acked it
-                assert count(db, "SELECT count(*) FROM shared") == 5
+                assert len(_spacked(db)) == 5
                 return mids
             mids = step
             assert len(store._counts) == 5
@@ -1078,10 +1091,10 @@ def test_sqlite_a_shared_message_goes_with_its_last_holder_across_a_reopen(run, 
                                                                  mids[7]]
             store.ack(c, mids)
             await store.flush()
-            assert count(db, "SELECT count(*) FROM shared") == 4  # b still has them
+            assert len(_spacked(db)) == 4  # b still has them
             store.ack(b, mids[3:5])
             await store.flush()
-            assert count(db, "SELECT count(*) FROM shared") == 2
+            assert len(_spacked(db)) == 2
             store.ack(b, mids)
             await store.flush()
             assert len(store._counts) == 0 and store._counts.blocks == {}
@@ -1091,7 +1104,7 @@ def test_sqlite_a_shared_message_goes_with_its_last_holder_across_a_reopen(run, 
     mids = run(main(0))
     assert _shares_of(db, 2) == [mids[3], mids[4], mids[6], mids[7]]
     run(main(mids))
-    assert count(db, "SELECT count(*) FROM shared") == 0
+    assert len(_spacked(db)) == 0
     assert count(db, "SELECT count(*) FROM shares") == 0
 
 
@@ -1106,7 +1119,7 @@ def test_sqlite_opens_shares_that_outlived_their_messages(run, db):
                 return await store.put_many([("s@p", CID, b"m%d" % i, T0, [a, b])
                                              for i in range(4)])
             mids = step
-            assert count(db, "SELECT count(*) FROM shared") == 3  # the orphan is gone
+            assert len(_spacked(db)) == 3  # the orphan is gone
             assert [r[3] for r in await store.load(a, 0, 10)] == [b"m0", b"m2", b"m3"]
             assert [r[0] for r in await store.load(a, mids[0], 1)] == [mids[2]]
             # the shares were rewritten without the message that is gone
@@ -1114,13 +1127,14 @@ def test_sqlite_opens_shares_that_outlived_their_messages(run, db):
             store.ack(a, mids)
             store.ack(b, mids)
             await store.flush()
-            assert count(db, "SELECT count(*) FROM shared") == 0
+            assert len(_spacked(db)) == 0
             assert count(db, "SELECT count(*) FROM shares") == 0
             return None
 
     mids = run(main(0))
     conn = raw(db)
-    conn.execute("DELETE FROM shared WHERE mid = ?", (mids[1],))  # a's and b's share list it
+    # a's and b's share list it
+    store_mod._keep_spack(conn, mids[0], lambda e: e[0] != mids[1])
     conn.execute("UPDATE shares SET mids = ?, n = 3, nbytes = 6 WHERE dev = 2", (
         store_mod.array.array("q", [mids[0], mids[1], mids[2]]).tobytes(),))  # not m3
     conn.close()
@@ -1148,7 +1162,7 @@ def test_sqlite_a_failed_ack_leaves_the_counts_as_they_were(run, db):
             assert [r[3] for r in await store.load(b, 0, 10)] == [b"both"]
             store.ack(b, [mid])
             await store.flush()
-            assert count(db, "SELECT count(*) FROM shared") == 0
+            assert len(_spacked(db)) == 0
     run(main())
 
 
@@ -1169,7 +1183,7 @@ def test_sqlite_forget_and_expire_release_shared_messages(run, db):
             store.forget_device(b)
             store.ack(a, [new])
             await store.flush()
-            assert count(db, "SELECT count(*) FROM shared") == 0
+            assert len(_spacked(db)) == 0
             assert count(db, "SELECT count(*) FROM shares") == 0
             assert store._counts.blocks == {}
     run(main())
@@ -1203,6 +1217,157 @@ def test_sqlite_migrates_a_version_3_store(run, db):
             assert await store.count_pending() == 0
         assert count(db, "SELECT count(*) FROM messages") == 0
         assert count(db, "SELECT count(*) FROM inbox") == 0
-        assert count(db, "SELECT count(*) FROM shared") == 0
-        assert count(db, "PRAGMA user_version") == 4
+        assert len(_spacked(db)) == 0
+        assert count(db, "PRAGMA user_version") == store_mod._SCHEMA_VERSION
     run(main())
+
+
+_V4_SCHEMA = _V3_SCHEMA.replace("PRAGMA user_version = 3;", """
+CREATE TABLE shared(mid INTEGER PRIMARY KEY, sender TEXT NOT NULL, cid BLOB NOT NULL,
+    body BLOB NOT NULL, ts_ms INTEGER NOT NULL, exp_ms INTEGER NOT NULL);
+CREATE INDEX shared_exp ON shared(exp_ms);
+CREATE TABLE shares(dev INTEGER NOT NULL, first INTEGER NOT NULL, last INTEGER NOT NULL,
+    n INTEGER NOT NULL, nbytes INTEGER NOT NULL, exp_ms INTEGER NOT NULL, mids BLOB NOT NULL,
+    PRIMARY KEY(dev, first)) WITHOUT ROWID;
+CREATE INDEX shares_exp ON shares(exp_ms);
+PRAGMA user_version = 4;
+""")
+
+
+def test_sqlite_moves_a_version_4_stores_shared_rows_into_spacks(run, db):
+    # version 4 kept a message for several devices in a row of its own;
+    # opening the store moves them into spacks (one a transaction, keyed as
+    # the shares name it) and drops the table, bodies included
+    _old_store(db, _V4_SCHEMA)
+    conn = raw(db)
+    mids = store_mod.array.array
+    conn.executemany("INSERT INTO shared VALUES (?, 's@p', ?, ?, 1, ?)",
+                     [(m, CID, b"V4-BODY-%d" % m, 9 * 10**15) for m in (3, 4, 5, 7)])
+    # transaction 3: 3, 4, 5 for devices 1 and 2 (2 acked 4 already); 7
+    # alone in transaction 7 for device 2; 6 was deleted (no row, listed)
+    conn.executemany("INSERT INTO shares VALUES (?, ?, ?, ?, 0, 0, ?)", [
+        (1, 3, 5, 3, mids("q", [3, 4, 5]).tobytes()),
+        (2, 3, 6, 3, mids("q", [3, 5, 6]).tobytes()),
+        (2, 7, 7, 1, mids("q", [7]).tobytes())])
+    conn.close()
+
+    async def main():
+        async with await SqliteStore.open(db) as store:
+            assert [(r[0], r[3]) for r in await store.load(2, 0, 10)] == [
+                (2, b"old2"), (3, b"V4-BODY-3"), (5, b"V4-BODY-5"), (7, b"V4-BODY-7")]
+            assert [r[0] for r in await store.load(1, 2, 2)] == [3, 4]
+            assert len(store._counts) == 4
+            new = await store.put("s@p", CID, b"new", T0, [1, 2])
+            assert new > 7
+            store.ack(1, [3, 4, 5, new])
+            await store.flush()
+            assert _spacked(db) == [3, 5, 7, new]  # 4 had no other holder
+            store.ack(2, [2, 3, 5, 7, new])
+            await store.flush()
+            assert await store.count_pending() == 2  # device 1's of version 3 (1, 2)
+        assert count(db, "SELECT count(*) FROM sqlite_master WHERE name = 'shared'") == 0
+        assert count(db, "SELECT count(*) FROM spacks") == 0
+        assert count(db, "PRAGMA user_version") == store_mod._SCHEMA_VERSION
+        raw_bytes = b"".join(open(p, "rb").read() for p in (db, db + "-wal")
+                             if os.path.exists(p))
+        assert b"V4-BODY" not in raw_bytes
+    run(main())
+
+
+def test_sqlite_one_transaction_keeps_each_groups_messages_in_a_spack(run, db):
+    # two groups' messages interleave in one transaction: a spack each, and
+    # a device in both has two shares whose mids interleave; reads still
+    # come in mid order, a page at a time
+    async def main():
+        async with await SqliteStore.open(db) as store:
+            a, b, c = (store.register_device("g@p", d) for d in "abc")
+            g1, g2 = (a, b), (a, c)
+            items = [("s@p", CID, b"m%d" % i, T0, [g1, g2, [a, b], (c, a)][i % 4])
+                     for i in range(12)]
+            mids = await store.put_many(items)
+            # (a, b) and [a, b] are one set; (a, c) and (c, a) are two
+            assert count(db, "SELECT count(*) FROM spacks") == 3
+            assert count(db, "SELECT count(*) FROM shares WHERE dev = ?", a) == 3
+            assert [r[0] for r in await store.load(a, 0, 100)] == mids
+            for after in (0, mids[2], mids[7]):
+                for limit in (1, 2, 5):
+                    want = [m for m in mids if m > after][:limit]
+                    assert [r[0] for r in await store.load(a, after, limit)] == want
+            assert [r[3] for r in await store.load(c, 0, 3)] == [b"m1", b"m3", b"m5"]
+            store.ack(a, mids)
+            store.ack(b, mids)
+            await store.flush()
+            assert _spacked(db) == [m for i, m in enumerate(mids) if i % 2]  # c's
+            store.ack(c, mids)
+            await store.flush()
+            assert count(db, "SELECT count(*) FROM spacks") == 0
+            assert store._counts.blocks == {}
+    run(main())
+
+
+def test_sqlite_a_spack_loses_what_no_device_holds_at_the_rewrite(run, db):
+    # messages every device acked leave their spack (the body with them)
+    # by the rewrite, not only when the whole spack goes; until then reads
+    # of a device that did not ack them still find the others
+    async def main():
+        async with await SqliteStore.open(db) as store:
+            a, b = (store.register_device("g@p", d) for d in "ab")
+            mids = await store.put_many([("s@p", CID, b"GONE-%d" % i, T0, [a, b])
+                                         for i in range(4)])
+            store.ack(a, mids[:2])
+            store.ack(b, mids[:2])
+            await asyncio.sleep(0.05)
+            assert count(db, "SELECT n FROM spacks") == 4  # not rewritten at once
+            assert store._sgone == {mids[0]: frozenset(mids[:2])}
+            await store.flush()
+            assert count(db, "SELECT n, nbytes, last FROM spacks") == 2
+            conn = raw(db)
+            try:
+                (first, data, lens), = conn.execute("SELECT first, data, lens FROM spacks")
+            finally:
+                conn.close()
+            assert first == mids[0]  # the key stays: the shares name it
+            assert b"GONE-0" not in data and b"GONE-2" in data
+            assert list(store_mod.array.array("i", lens)) == [6, 6]
+            assert store._sgone == {} and store.rewrites >= 1
+            assert [r[0] for r in await store.load(a, 0, 10)] == mids[2:]
+            store.ack(a, mids)
+            store.ack(b, mids[2:3])
+            await store.flush()
+            assert _spacked(db) == [mids[3]]
+            assert await store.backlog_counts() == {b: (1, 6)}
+    run(main())
+
+
+def test_sqlite_counts_loaded_in_blocks_of_whole_spacks(run, db, monkeypatch):
+    # a reopened store counts its spacks in blocks (a block's counts are
+    # copied by a transaction's first change): many small spacks across
+    # several blocks still find their counts
+    monkeypatch.setattr(store_mod._Counts, "LOADED_BLOCK", 3)
+
+    async def main(step):
+        async with await SqliteStore.open(db) as store:
+            devs = [store.register_device("g@p", d) for d in "abcd"]
+            if step is None:
+                out = []
+                for i in range(6):  # one spack a transaction, two messages each
+                    out += await store.put_many([("s@p", CID, b"x", T0, devs[:2 + i % 3])] * 2)
+                return out
+            mids = step
+            assert len(store._counts.blocks) == 3
+            assert len(store._counts) == 12
+            for dev in devs:
+                store.ack(dev, mids[::2])
+            await store.flush()
+            assert _spacked(db) == mids[1::2]
+            assert len(store._counts) == 6
+            for dev in devs[1:]:
+                store.ack(dev, mids)
+            await store.flush()
+            assert _spacked(db) == mids[1::2]  # device a still holds them
+            store.ack(devs[0], mids)
+            await store.flush()
+            assert _spacked(db) == [] and store._counts.blocks == {}
+        return None
+
+    run(main(run(main(None))))

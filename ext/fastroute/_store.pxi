@@ -145,11 +145,13 @@ cdef enum:
     PACK_HEAD = 5   # the longest msgpack array header (array32)
 
 
-cdef struct ShareDraft:
-    # one device's share of a transaction's shared messages
-    long long n, nbytes, exp
-    int64_t* mids
-    Py_ssize_t cap
+cdef struct SpackDraft:
+    # one set of devices' messages of a transaction: a pack, and its
+    # messages' body lengths and expiries
+    PackDraft pack
+    int32_t* lens
+    int64_t* exps
+    Py_ssize_t lens_cap, exps_cap
 
 
 cdef int grow_array(void** items, Py_ssize_t* cap, Py_ssize_t n, size_t item) except -1:
@@ -188,35 +190,79 @@ cdef int draft_reserve(PackDraft* d, Py_ssize_t more) except -1:
     return 0
 
 
+cdef int draft_append(PackDraft* d, long long mid, object sender, object cid, object body,
+                      long long ts_v, long long exp) except -1:
+    """Append the entry (mid, sender, cid, body, ts_ms, exp_ms) to ``d`` as
+    msgpack packs it."""
+    cdef Py_ssize_t ulen, clen, blen, k
+    cdef const char* utf8 = PyUnicode_AsUTF8AndSize(sender, &ulen)
+    cdef unsigned char* p
+    clen = PyBytes_GET_SIZE(cid)
+    blen = PyBytes_GET_SIZE(body)
+    draft_reserve(d, 1 + int_len(mid) + str_header_len(ulen) + ulen
+                  + bin_header_len(clen) + clen + bin_header_len(blen) + blen
+                  + int_len(ts_v) + int_len(exp))
+    p = d.data + PACK_HEAD + d.size
+    p[0] = 0x96
+    k = 1
+    k += put_int(p + k, mid)
+    k += str_header(p + k, ulen)
+    memcpy(p + k, utf8, ulen)
+    k += ulen
+    k += bin_header(p + k, clen)
+    memcpy(p + k, PyBytes_AS_STRING(cid), clen)
+    k += clen
+    k += bin_header(p + k, blen)
+    memcpy(p + k, PyBytes_AS_STRING(body), blen)
+    k += blen
+    k += put_int(p + k, ts_v)
+    k += put_int(p + k, exp)
+    d.size += k
+    d.mids[d.n] = mid
+    d.n += 1
+    d.last = mid
+    d.nbytes += blen
+    if exp < d.exp:
+        d.exp = exp
+    return 0
+
+
+cdef tuple draft_columns(PackDraft* d):
+    """``d``'s columns first, last, n, nbytes, exp_ms, mids, data."""
+    cdef Py_ssize_t hlen = array_header_len(<Py_ssize_t>d.n)
+    array_header(d.data + PACK_HEAD - hlen, <Py_ssize_t>d.n)
+    return (d.first, d.last, d.n, d.nbytes, d.exp,
+            PyBytes_FromStringAndSize(<char*>d.mids, d.n * sizeof(int64_t)),
+            PyBytes_FromStringAndSize(<char*>d.data + PACK_HEAD - hlen, d.size + hlen))
+
+
 def sql_rows(list puts, long long mid, long long ttl_ms):
-    """The rows of one transaction's new messages (see ``py_sql_rows``): the
-    messages for one device msgpack'd straight into its pack, no per-message
-    tuple; ``(shared rows, shares rows, packs rows, block)``, flat lists."""
-    cdef list msg_rows = [], share_rows = [], pack_rows = [], blocks = []
+    """The rows of one transaction's new messages (see ``py_sql_rows``): each
+    message msgpack'd straight into its pack or spack, no per-message tuple;
+    ``(spacks rows, shares rows, packs rows, block)``, flat lists."""
+    cdef list spack_rows = [], share_rows = [], pack_rows = [], blocks = []
     cdef list keys = []             # the drafts' device keys, in draft order
     cdef dict index = {}            # device key -> draft number
     cdef PackDraft* drafts = NULL
     cdef PackDraft* d
-    cdef Py_ssize_t ndrafts = 0, cap = 0, i = -1, j, k, ndevs, ulen, clen, blen, hlen, size
+    cdef Py_ssize_t ndrafts = 0, cap = 0, i = -1, j, ndevs
     cdef object items, item, sender, cid, body, ts, devs, dv, key, last_devs = None
     cdef PyObject* found
-    cdef const char* utf8
-    cdef unsigned char* p
     cdef long long ts_v, exp
     cdef int overflow = 0
     cdef void* grown
-    # the shared messages: each device's share, the block of mids and counts
-    cdef list skeys = []
-    cdef dict sindex = {}
-    cdef ShareDraft* shares = NULL
-    cdef ShareDraft* sh
-    cdef Py_ssize_t nshares = 0, scap = 0, nblock = 0, bcap = 0, ccap = 0, nheld, si
-    cdef Py_ssize_t* sidx = NULL    # the last devs' shares, in their order
-    cdef Py_ssize_t nsidx = 0, sidx_cap = 0
+    cdef tuple cols
+    # the shared messages: one spack a set of device keys, the block
+    cdef list skeys = []            # each spack's distinct device keys
+    cdef dict sindex = {}           # device keys (a tuple) -> spack number
+    cdef SpackDraft* spacks = NULL
+    cdef SpackDraft* sp
+    cdef Py_ssize_t nspacks = 0, scap = 0, si = -1, nblock = 0, bcap = 0, ccap = 0
     cdef object last_sdevs = None
-    cdef long long first_shared = 0
     cdef int64_t* block_mids = NULL
     cdef int32_t* block_counts = NULL
+    cdef int64_t* firsts = NULL
+    cdef int32_t* sizes = NULL
     try:
         for items in puts:
             if not PyList_CheckExact(items):
@@ -260,124 +306,97 @@ def sql_rows(list puts, long long mid, long long ttl_ms):
                             index[key] = i
                             keys.append(key)
                         last_devs = devs
-                    d = &drafts[i]
-                    utf8 = PyUnicode_AsUTF8AndSize(sender, &ulen)
-                    clen = PyBytes_GET_SIZE(cid)
-                    blen = PyBytes_GET_SIZE(body)
-                    # (mid, sender, cid, body, ts_ms, exp_ms) as msgpack packs it
-                    draft_reserve(d, 1 + int_len(mid) + str_header_len(ulen) + ulen
-                                  + bin_header_len(clen) + clen + bin_header_len(blen) + blen
-                                  + int_len(ts_v) + int_len(exp))
-                    p = d.data + PACK_HEAD + d.size
-                    p[0] = 0x96
-                    k = 1
-                    k += put_int(p + k, mid)
-                    k += str_header(p + k, ulen)
-                    memcpy(p + k, utf8, ulen)
-                    k += ulen
-                    k += bin_header(p + k, clen)
-                    memcpy(p + k, PyBytes_AS_STRING(cid), clen)
-                    k += clen
-                    k += bin_header(p + k, blen)
-                    memcpy(p + k, PyBytes_AS_STRING(body), blen)
-                    k += blen
-                    k += put_int(p + k, ts_v)
-                    k += put_int(p + k, exp)
-                    d.size += k
-                    d.mids[d.n] = mid
-                    d.n += 1
-                    d.last = mid
-                    d.nbytes += blen
-                    if exp < d.exp:
-                        d.exp = exp
+                    draft_append(&drafts[i], mid, sender, cid, body, ts_v, exp)
                 elif ndevs == 0:
                     # nobody would ack it: it would sit on disk until it expires
                     raise InvalidArgument("device_keys must not be empty")
                 else:
-                    if nblock == 0:
-                        first_shared = mid
-                    msg_rows += (PyLong_FromLongLong(mid), sender, cid, body, ts,
-                                 PyLong_FromLongLong(exp))
                     if devs is not last_sdevs or not PyTuple_CheckExact(devs):
                         # a run of one group's messages shares its tuple of
-                        # keys: the shares are looked up once a run
-                        if ndevs > sidx_cap:
-                            grown = PyMem_Realloc(sidx, ndevs * sizeof(Py_ssize_t))
-                            if grown == NULL:
-                                raise MemoryError()
-                            sidx = <Py_ssize_t*>grown
-                            sidx_cap = ndevs
-                        nsidx = 0
-                        for dv in devs:
-                            if nsidx == sidx_cap:  # devs grew while we iterated
-                                raise RuntimeError("device keys changed during the put")
-                            found = PyDict_GetItemWithError(sindex, dv)
-                            if found != NULL:
-                                si = <Py_ssize_t><object>found
-                            else:
-                                if nshares == scap:
-                                    scap = 8 if scap == 0 else 2 * scap
-                                    grown = PyMem_Realloc(shares, scap * sizeof(ShareDraft))
-                                    if grown == NULL:
-                                        raise MemoryError()
-                                    shares = <ShareDraft*>grown
-                                si = nshares
-                                shares[si] = ShareDraft(0, 0, exp, NULL, 0)
-                                nshares += 1
-                                sindex[dv] = si
-                                skeys.append(dv)
-                            sidx[nsidx] = si
-                            nsidx += 1
+                        # keys: the spack is looked up once a run
+                        key = devs if PyTuple_CheckExact(devs) else tuple(devs)
+                        found = PyDict_GetItemWithError(sindex, key)
+                        if found != NULL:
+                            si = <Py_ssize_t><object>found
+                        else:
+                            if nspacks == scap:
+                                scap = 4 if scap == 0 else 2 * scap
+                                grown = PyMem_Realloc(spacks, scap * sizeof(SpackDraft))
+                                if grown == NULL:
+                                    raise MemoryError()
+                                spacks = <SpackDraft*>grown
+                            si = nspacks
+                            spacks[si].pack = PackDraft(mid, mid, 0, 0, exp, NULL, 0, NULL,
+                                                        0, 0)
+                            spacks[si].lens = NULL
+                            spacks[si].exps = NULL
+                            spacks[si].lens_cap = 0
+                            spacks[si].exps_cap = 0
+                            nspacks += 1
+                            skeys.append(list(dict.fromkeys(key)))
+                            sindex[key] = si
                         last_sdevs = devs
-                    blen = PyBytes_GET_SIZE(body)
-                    nheld = 0
-                    for k in range(nsidx):
-                        sh = &shares[sidx[k]]
-                        if sh.n and sh.mids[sh.n - 1] == mid:
-                            continue  # the same device twice: one delivery
-                        grow_array(<void**>&sh.mids, &sh.cap, <Py_ssize_t>sh.n, sizeof(int64_t))
-                        sh.mids[sh.n] = mid
-                        sh.n += 1
-                        sh.nbytes += blen
-                        if exp < sh.exp:
-                            sh.exp = exp
-                        nheld += 1
+                    sp = &spacks[si]
+                    grow_array(<void**>&sp.lens, &sp.lens_cap, <Py_ssize_t>sp.pack.n,
+                               sizeof(int32_t))
+                    grow_array(<void**>&sp.exps, &sp.exps_cap, <Py_ssize_t>sp.pack.n,
+                               sizeof(int64_t))
+                    sp.lens[sp.pack.n] = <int32_t>PyBytes_GET_SIZE(body)
+                    sp.exps[sp.pack.n] = exp
+                    draft_append(&sp.pack, mid, sender, cid, body, ts_v, exp)
                     grow_array(<void**>&block_mids, &bcap, nblock, sizeof(int64_t))
                     grow_array(<void**>&block_counts, &ccap, nblock, sizeof(int32_t))
                     block_mids[nblock] = mid
-                    block_counts[nblock] = <int32_t>nheld
+                    block_counts[nblock] = <int32_t>PyList_GET_SIZE(skeys[si])
                     nblock += 1
                 mid += 1
         for i in range(ndrafts):
-            d = &drafts[i]
-            hlen = array_header_len(<Py_ssize_t>d.n)
-            array_header(d.data + PACK_HEAD - hlen, <Py_ssize_t>d.n)
-            pack_rows += (keys[i], d.first, d.last, d.n, d.nbytes, d.exp,
-                          PyBytes_FromStringAndSize(<char*>d.mids, d.n * sizeof(int64_t)),
-                          PyBytes_FromStringAndSize(<char*>d.data + PACK_HEAD - hlen,
-                                                    d.size + hlen))
-        for i in range(nshares):
-            sh = &shares[i]
-            share_rows += (skeys[i], first_shared, sh.mids[sh.n - 1], sh.n, sh.nbytes, sh.exp,
-                           PyBytes_FromStringAndSize(<char*>sh.mids, sh.n * sizeof(int64_t)))
+            pack_rows.append(keys[i])
+            pack_rows += draft_columns(&drafts[i])
+        if nspacks:
+            firsts = <int64_t*>PyMem_Malloc(nspacks * sizeof(int64_t))
+            sizes = <int32_t*>PyMem_Malloc(nspacks * sizeof(int32_t))
+            if firsts == NULL or sizes == NULL:
+                raise MemoryError()
+        for i in range(nspacks):
+            sp = &spacks[i]
+            cols = draft_columns(&sp.pack)
+            spack_rows += cols[:6]
+            spack_rows += (PyBytes_FromStringAndSize(<char*>sp.lens,
+                                                     sp.pack.n * sizeof(int32_t)),
+                           PyBytes_FromStringAndSize(<char*>sp.exps,
+                                                     sp.pack.n * sizeof(int64_t)),
+                           cols[6])
+            cols = cols[:6]
+            for dv in <list>skeys[i]:
+                share_rows.append(dv)
+                share_rows += cols
+            firsts[i] = sp.pack.first
+            sizes[i] = <int32_t>sp.pack.n
         if nblock:
-            blocks.append((first_shared,
+            blocks.append((firsts[0],
                            PyBytes_FromStringAndSize(<char*>block_mids,
                                                      nblock * sizeof(int64_t)),
                            PyBytes_FromStringAndSize(<char*>block_counts,
-                                                     nblock * sizeof(int32_t))))
+                                                     nblock * sizeof(int32_t)),
+                           PyBytes_FromStringAndSize(<char*>firsts, nspacks * sizeof(int64_t)),
+                           PyBytes_FromStringAndSize(<char*>sizes, nspacks * sizeof(int32_t))))
     finally:
         for i in range(ndrafts):
             PyMem_Free(drafts[i].mids)
             PyMem_Free(drafts[i].data)
         PyMem_Free(drafts)
-        for i in range(nshares):
-            PyMem_Free(shares[i].mids)
-        PyMem_Free(shares)
-        PyMem_Free(sidx)
+        for i in range(nspacks):
+            PyMem_Free(spacks[i].pack.mids)
+            PyMem_Free(spacks[i].pack.data)
+            PyMem_Free(spacks[i].lens)
+            PyMem_Free(spacks[i].exps)
+        PyMem_Free(spacks)
         PyMem_Free(block_mids)
         PyMem_Free(block_counts)
-    return msg_rows, share_rows, pack_rows, blocks
+        PyMem_Free(firsts)
+        PyMem_Free(sizes)
+    return spack_rows, share_rows, pack_rows, blocks
 
 
 def shares_release(carray.array have, carray.array counts, mids):
