@@ -237,12 +237,15 @@ _SQL_ORPHAN = ("DELETE FROM messages WHERE dev IS NULL AND NOT EXISTS "
                "(SELECT 1 FROM inbox WHERE inbox.mid = messages.mid) AND mid IN ")
 _SQL_PUT_PACK = ("INSERT INTO packs(dev, first, last, n, nbytes, exp_ms, mids, data) "
                  "VALUES ")
-# the packs (shares) holding any of a device's mids in [lo, hi]: the columns
-# before the body data only, so SQLite does not read the data's overflow pages
-_SQL_ROWS_OF = {t: (f"SELECT first, mids FROM {t} WHERE dev = ?1 AND first <= ?2 "
-                    "AND last >= ?3") for t in ("packs", "shares")}
+# the packs and shares holding any of a device's mids in [lo, hi], in one
+# statement: the columns before a pack's data only, so SQLite does not read
+# the data's overflow pages
+_SQL_ACK_ROWS = ("SELECT 0, first, mids FROM packs WHERE dev = ?1 AND first <= ?2 "
+                 "AND last >= ?3 UNION ALL SELECT 1, first, mids FROM shares "
+                 "WHERE dev = ?1 AND first <= ?2 AND last >= ?3")
 _SQL_PACK_DATA = "SELECT data FROM packs WHERE dev = ? AND first = ?"
 _SQL_PACK_DROP = "DELETE FROM packs WHERE dev = ? AND first = ?"
+_SQL_ROW_DROP = (_SQL_PACK_DROP, "DELETE FROM shares WHERE dev = ? AND first = ?")
 _SQL_PACK_KEEP = ("UPDATE packs SET last = ?, n = ?, nbytes = ?, exp_ms = ?, mids = ?, "
                   "data = ? WHERE dev = ? AND first = ?")
 _SQL_LOAD_PACKS = "SELECT data FROM packs WHERE dev = ? AND last > ? ORDER BY first LIMIT ?"
@@ -1322,11 +1325,9 @@ class SqliteStore(_BaseStore):
 
         for key, mids in acks.items():
             if mids:
-                mids = _ack_rows(conn, "packs", key, mids, partial)
-            if mids and counts.blocks:
                 # each shared message the device held is released: the
                 # last holder's ack deletes it
-                mids = _ack_rows(conn, "shares", key, mids, spartial, release)
+                mids = _ack_rows(conn, key, mids, partial, spartial, release)
             if mids:
                 # a store of version 3 or older: the device's own messages go
                 # at once; of the shared ones, its inbox rows, then (below)
@@ -1670,39 +1671,53 @@ def _mids(blob: bytes) -> array.array:
     return mids
 
 
-def _ack_rows(conn: sqlite3.Connection, table: str, key: int, mids: list, partial: dict,
-              release=None) -> list:
-    """Apply a device's acks to its rows of ``table`` (``packs`` or ``shares``,
-    each listing mids); return the mids none of them holds.
+def _ack_rows(conn: sqlite3.Connection, key: int, mids: list, partial: dict,
+              spartial: dict, release) -> list:
+    """Apply a device's acks to its packs and shares (rows listing mids);
+    return the mids none of them holds.
 
     A row whose every mid is acked is deleted; one acked in part is noted in
-    ``partial`` (rewritten later, see ``SqliteStore._partial``).  Each mid a
-    row held and that was not acked before is passed on to ``release(first,
-    mids)`` when given.
+    ``partial`` (a pack) or ``spartial`` (a share), rewritten later (see
+    ``SqliteStore._partial``).  Each mid a share held and that was not acked
+    before is passed on to ``release(first, mids)``.
     """
+    rows = conn.execute(_SQL_ACK_ROWS, (key, max(mids), min(mids))).fetchall()
+    if not rows:
+        return mids
+    if len(rows) == 1:
+        # the common case: the device acks one row's mids, all and in order
+        shared, first, blob = rows[0]
+        if (len(blob) == 8 * len(mids) and (key, first) not in (spartial if shared else partial)
+                and blob == array.array("q", mids).tobytes()):
+            conn.execute(_SQL_ROW_DROP[shared], (key, first))
+            if shared:
+                release(first, mids)
+            return []
     acked = set(mids)
     found: set[int] = set()
-    drop: list[int] = []
-    for first, blob in conn.execute(_SQL_ROWS_OF[table], (key, max(acked), min(acked))).fetchall():
+    drop: tuple[list, list] = ([], [])
+    for shared, first, blob in rows:
         held = _mids(blob)
         hit = acked.intersection(held)
         if not hit:
             continue
         found |= hit
-        before = partial.get((key, first))
-        if release is not None:
+        noted = spartial if shared else partial
+        before = noted.get((key, first))
+        if shared:
             new = hit if before is None else hit - before
             if new:
                 release(first, new)
         if before is not None:
             hit = before | hit
         if len(hit) == len(held):
-            drop.append(first)
-            partial.pop((key, first), None)
+            drop[shared].append(first)
+            noted.pop((key, first), None)
         else:
-            partial[(key, first)] = hit
-    if drop:
-        _execute_in(conn, f"DELETE FROM {table} WHERE dev = ? AND first IN ", [key], drop)
+            noted[(key, first)] = hit
+    for table, firsts in zip(("packs", "shares"), drop):
+        if firsts:
+            _execute_in(conn, f"DELETE FROM {table} WHERE dev = ? AND first IN ", [key], firsts)
     if len(found) == len(acked):
         return []
     return [m for m in acked if m not in found]
