@@ -237,15 +237,22 @@ _SQL_ORPHAN = ("DELETE FROM messages WHERE dev IS NULL AND NOT EXISTS "
                "(SELECT 1 FROM inbox WHERE inbox.mid = messages.mid) AND mid IN ")
 _SQL_PUT_PACK = ("INSERT INTO packs(dev, first, last, n, nbytes, exp_ms, mids, data) "
                  "VALUES ")
-# the packs and shares holding any of a device's mids in [lo, hi], in one
-# statement: the columns before a pack's data only, so SQLite does not read
-# the data's overflow pages
-_SQL_ACK_ROWS = ("SELECT 0, first, mids FROM packs WHERE dev = ?1 AND first <= ?2 "
-                 "AND last >= ?3 UNION ALL SELECT 1, first, mids FROM shares "
-                 "WHERE dev = ?1 AND first <= ?2 AND last >= ?3")
+# the packs and shares holding any of each device's mids in [lo, hi], for
+# many devices in one statement: the columns before a pack's data only, so
+# SQLite does not read the data's overflow pages.  Every statement (and
+# every row it returns) is a sqlite3_step, around which the writer thread
+# gives up the GIL and must win it back from the busy event loop: a
+# statement per device and table was most of the writer's cost in a relay.
+_SQL_ACK_ROWS = ("WITH a(dev, hi, lo) AS (VALUES {}) "
+                 "SELECT a.dev, 0, p.first, p.mids FROM a JOIN packs p ON p.dev = a.dev "
+                 "AND p.first <= a.hi AND p.last >= a.lo UNION ALL "
+                 "SELECT a.dev, 1, s.first, s.mids FROM a JOIN shares s ON s.dev = a.dev "
+                 "AND s.first <= a.hi AND s.last >= a.lo")
+# rows by their keys, many a statement (the primary key serves each pair)
+_SQL_ROWS_DROP = ("DELETE FROM {} WHERE (dev, first) IN "
+                  "(SELECT column1, column2 FROM (VALUES {}))")
 _SQL_PACK_DATA = "SELECT data FROM packs WHERE dev = ? AND first = ?"
 _SQL_PACK_DROP = "DELETE FROM packs WHERE dev = ? AND first = ?"
-_SQL_ROW_DROP = (_SQL_PACK_DROP, "DELETE FROM shares WHERE dev = ? AND first = ?")
 _SQL_PACK_KEEP = ("UPDATE packs SET last = ?, n = ?, nbytes = ?, exp_ms = ?, mids = ?, "
                   "data = ? WHERE dev = ? AND first = ?")
 _SQL_LOAD_PACKS = "SELECT data FROM packs WHERE dev = ? AND last > ? ORDER BY first LIMIT ?"
@@ -262,6 +269,12 @@ _SQL_LOAD_SHARES = "SELECT first, mids FROM shares WHERE dev = ? AND last > ? OR
 # SQLite before 3.32 allows 999 variables a statement: the rows per statement
 # are at most 128 and fewer for wide rows (7 columns x 128 rows = 896)
 _ROWS_PER_STATEMENT = 128
+# up to this many rows go in one statement of their exact size; a statement
+# for 10 devices' rows was two (8 and 2), each a step of its own
+_EXACT_ROWS = 32
+# the writer's statement cache: the texts of every size _chunks gives, for
+# each kind of statement (the sqlite3 module's default keeps 128)
+_CACHED_STATEMENTS = 1024
 _MAX_VARIABLES = 999
 _SQL_META = "INSERT OR REPLACE INTO meta(k, v) VALUES (?, ?)"
 # each side reads at most LIMIT rows through its index, then the two merge
@@ -293,7 +306,7 @@ _STOP_REPORT = "stop"
 _RETRY_S = 0.5
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=_CACHED_STATEMENTS)
 def _rows_sql(head: str, ncols: int, nrows: int) -> str:
     """``head`` completed with ``nrows`` groups of ``ncols`` placeholders:
     ``VALUES (?,?),(?,?)`` for a ``... VALUES `` head, ``(?,?,?)`` for ``IN ``."""
@@ -305,10 +318,16 @@ def _rows_sql(head: str, ncols: int, nrows: int) -> str:
 
 def _chunks(n: int, most: int = _ROWS_PER_STATEMENT):
     """Row counts that add up to ``n``: full statements of ``most`` rows, then
-    powers of two (so a handful of SQL texts serve every batch size from the
-    statement cache)."""
+    what is left in one statement if at most _EXACT_ROWS, else powers of two
+    (so a bounded set of SQL texts serves every batch size from the
+    statement cache, and a group's devices, usually a few, take one)."""
     while n:
-        k = most if n >= most else 1 << (n.bit_length() - 1)
+        if n >= most:
+            k = most
+        elif n <= _EXACT_ROWS:
+            k = n
+        else:
+            k = 1 << (n.bit_length() - 1)
         yield k
         n -= k
 
@@ -906,6 +925,7 @@ class SqliteStore(_BaseStore):
 
     def _setup(self) -> tuple[list, int]:
         conn = self._wconn = sqlite3.connect(self._path, isolation_level=None,
+                                             cached_statements=_CACHED_STATEMENTS,
                                              check_same_thread=False)
         # A new file only (an existing one keeps its own): a batch's pack is
         # tens of KB in overflow pages, each page a WAL frame of its own
@@ -1034,6 +1054,7 @@ class SqliteStore(_BaseStore):
         forgets: list[int] = []
         expires: list[tuple] = []
         flushes: list[tuple] = []       # (future, kind of flush)
+        acks_hi = 0                     # no acked mid is above it
         stop = False
         for kind, arg, fut in batch:
             if kind == _PUT_MANY:
@@ -1053,7 +1074,14 @@ class SqliteStore(_BaseStore):
                 known = acks.get(key)
                 if known is None:
                     known = acks[key] = []
-                known.extend(mids if max(mids) < mid else [m for m in mids if m < mid])
+                hi = max(mids)
+                if hi < mid:
+                    known.extend(mids)
+                    if hi > acks_hi:
+                        acks_hi = hi
+                else:
+                    known.extend([m for m in mids if m < mid])
+                    acks_hi = mid - 1
             elif kind == _REG:
                 regs.append(arg)
             elif kind == _FORGET:
@@ -1090,7 +1118,7 @@ class SqliteStore(_BaseStore):
             try:
                 # the common case: everything in one transaction, one commit
                 expired = self._transaction(regs, rows, mid, acks, forgets, expires,
-                                            rewrite)
+                                            rewrite, acks_hi)
             except Exception as exc:
                 self.failed_batches += 1
                 self._deleted()  # a rolled back write may leave frames in the WAL
@@ -1207,14 +1235,15 @@ class SqliteStore(_BaseStore):
             self._erase_due = time.monotonic() + self._erase_s
 
     def _transaction(self, regs: list, puts: tuple, mid: int, acks: dict, forgets: list,
-                     expires: list, rewrite: bool) -> list[int]:
+                     expires: list, rewrite: bool, acks_hi: int | None = None) -> list[int]:
         """Apply one set of writes in one transaction; the expiries' counts.
 
         ``puts``: the new rows, ``(spack_rows, share_rows, pack_rows,
         blocks)`` (:func:`py_sql_rows`).  ``rewrite``: rewrite every partly
         acked pack and share without its acked messages, and every spack
-        without the messages no device holds.  Rolls back and
-        raises on any failure, leaving nothing half-applied (the partial acks
+        without the messages no device holds.  ``acks_hi``: no mid in
+        ``acks`` is above it (None: not known).  Rolls back and raises on any
+        failure, leaving nothing half-applied (the partial acks
         and the counts kept in memory included).
         """
         conn = self._wconn
@@ -1247,7 +1276,9 @@ class SqliteStore(_BaseStore):
                 # rows take, each written to the WAL once, not zeroes and
                 # then another page's new rows.
                 committed = self._next_mid  # every mid below it was, before this batch
-                if max(max(v, default=0) for v in acks.values()) < committed:
+                if acks_hi is None:
+                    acks_hi = max(max(v, default=0) for v in acks.values())
+                if acks_hi < committed:
                     early, acks = acks, {}  # as always unless a mid was guessed
                 else:
                     early = {k: [m for m in v if m < committed] for k, v in acks.items()}
@@ -1323,11 +1354,10 @@ class SqliteStore(_BaseStore):
             if out:
                 gone.setdefault(first, []).extend(out)
 
-        for key, mids in acks.items():
-            if mids:
-                # each shared message the device held is released: the
-                # last holder's ack deletes it
-                mids = _ack_rows(conn, key, mids, partial, spartial, release)
+        # each shared message a device held is released: the last
+        # holder's ack deletes it
+        left = _ack_rows(conn, acks, partial, spartial, release) if acks else {}
+        for key, mids in left.items():
             if mids:
                 # a store of version 3 or older: the device's own messages go
                 # at once; of the shared ones, its inbox rows, then (below)
@@ -1671,56 +1701,84 @@ def _mids(blob: bytes) -> array.array:
     return mids
 
 
-def _ack_rows(conn: sqlite3.Connection, key: int, mids: list, partial: dict,
-              spartial: dict, release) -> list:
-    """Apply a device's acks to its packs and shares (rows listing mids);
-    return the mids none of them holds.
+@functools.lru_cache(maxsize=_CACHED_STATEMENTS)
+def _values_sql(sql: str, ncols: int, nrows: int) -> str:
+    """``sql`` with its ``{}`` (a ``VALUES`` list) made ``nrows`` groups of
+    ``ncols`` placeholders."""
+    return sql.format("(" + ",".join("?" * ncols) + ")" + (",(" + ",".join("?" * ncols)
+                                                          + ")") * (nrows - 1))
+
+
+def _ack_rows(conn: sqlite3.Connection, acks: dict[int, list[int]], partial: dict,
+              spartial: dict, release) -> dict[int, list[int]]:
+    """Apply the devices' acks (``key -> mids``) to their packs and shares
+    (rows listing mids); return, per device, the mids none of them holds.
 
     A row whose every mid is acked is deleted; one acked in part is noted in
     ``partial`` (a pack) or ``spartial`` (a share), rewritten later (see
     ``SqliteStore._partial``).  Each mid a share held and that was not acked
-    before is passed on to ``release(first, mids)``.
+    before is passed on to ``release(first, mids)``.  A few statements for
+    all the devices, whatever their number.
     """
-    rows = conn.execute(_SQL_ACK_ROWS, (key, max(mids), min(mids))).fetchall()
-    if not rows:
-        return mids
-    if len(rows) == 1:
-        # the common case: the device acks one row's mids, all and in order
-        shared, first, blob = rows[0]
-        if (len(blob) == 8 * len(mids) and (key, first) not in (spartial if shared else partial)
-                and blob == array.array("q", mids).tobytes()):
-            conn.execute(_SQL_ROW_DROP[shared], (key, first))
-            if shared:
-                release(first, mids)
-            return []
-    acked = set(mids)
-    found: set[int] = set()
-    drop: tuple[list, list] = ([], [])
-    for shared, first, blob in rows:
-        held = _mids(blob)
-        hit = acked.intersection(held)
-        if not hit:
+    keys = [k for k, m in acks.items() if m]
+    found_rows: dict[int, list] = {}
+    at = 0
+    for k in _chunks(len(keys)):
+        args: list = []
+        for key in keys[at:at + k]:
+            mids = acks[key]
+            args += (key, max(mids), min(mids))
+        for key, *row in conn.execute(_values_sql(_SQL_ACK_ROWS, 3, k), args):
+            found_rows.setdefault(key, []).append(row)
+        at += k
+    left: dict[int, list[int]] = {}
+    drop: tuple[list, list] = ([], [])  # (dev, first) flat, of packs and of shares
+    for key in keys:
+        mids = acks[key]
+        rows = found_rows.get(key)
+        if rows is None:
+            left[key] = mids
             continue
-        found |= hit
-        noted = spartial if shared else partial
-        before = noted.get((key, first))
-        if shared:
-            new = hit if before is None else hit - before
-            if new:
-                release(first, new)
-        if before is not None:
-            hit = before | hit
-        if len(hit) == len(held):
-            drop[shared].append(first)
-            noted.pop((key, first), None)
-        else:
-            noted[(key, first)] = hit
-    for table, firsts in zip(("packs", "shares"), drop):
-        if firsts:
-            _execute_in(conn, f"DELETE FROM {table} WHERE dev = ? AND first IN ", [key], firsts)
-    if len(found) == len(acked):
-        return []
-    return [m for m in acked if m not in found]
+        if len(rows) == 1:
+            # the common case: the device acks one row's mids, all and in order
+            shared, first, blob = rows[0]
+            if (len(blob) == 8 * len(mids)
+                    and (key, first) not in (spartial if shared else partial)
+                    and blob == array.array("q", mids).tobytes()):
+                drop[shared].extend((key, first))
+                if shared:
+                    release(first, mids)
+                continue
+        acked = set(mids)
+        found: set[int] = set()
+        for shared, first, blob in rows:
+            held = _mids(blob)
+            hit = acked.intersection(held)
+            if not hit:
+                continue
+            found |= hit
+            noted = spartial if shared else partial
+            before = noted.get((key, first))
+            if shared:
+                new = hit if before is None else hit - before
+                if new:
+                    release(first, new)
+            if before is not None:
+                hit = before | hit
+            if len(hit) == len(held):
+                drop[shared].extend((key, first))
+                noted.pop((key, first), None)
+            else:
+                noted[(key, first)] = hit
+        if len(found) < len(acked):
+            left[key] = [m for m in acked if m not in found]
+    for table, flat in zip(("packs", "shares"), drop):
+        at = 0
+        for k in _chunks(len(flat) // 2):
+            conn.execute(_values_sql(_SQL_ROWS_DROP.format(table, "{}"), 2, k),
+                         flat[at:at + 2 * k])
+            at += 2 * k
+    return left
 
 
 def _keep_share(conn: sqlite3.Connection, key: int, first: int, acked, gone=()) -> None:
