@@ -149,7 +149,24 @@ _MID_BLOCK = 1 << 16
 # row per message (and its expiry index entry), written and then deleted,
 # was a third of the writer's CPU at 10 devices.  A version 4 store's shared
 # rows are moved into spacks when it is opened (_upgrade).
-_SCHEMA = """
+_SHARES_SCHEMA = """
+-- one device's messages of one spack: first the spack's key, last the
+-- device's last mid, mids its int64 array (NULL: every message the spack
+-- holds, as when it is written), and n, nbytes and exp_ms (the earliest)
+-- describe what is left in it.  A mid may outlive its message here
+-- (expired, erased): reads skip it.
+CREATE TABLE IF NOT EXISTS shares(
+    dev INTEGER NOT NULL,
+    first INTEGER NOT NULL,
+    last INTEGER NOT NULL,
+    n INTEGER NOT NULL,
+    nbytes INTEGER NOT NULL,
+    exp_ms INTEGER NOT NULL,
+    mids BLOB,
+    PRIMARY KEY(dev, first)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS shares_exp ON shares(exp_ms);
+"""
+_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS messages(
     mid INTEGER PRIMARY KEY,
     sender TEXT NOT NULL,
@@ -207,21 +224,7 @@ CREATE TABLE IF NOT EXISTS spacks(
     exps BLOB NOT NULL,
     data BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS spacks_exp ON spacks(exp_ms);
--- one device's messages of one spack: first the spack's key, last the
--- device's last mid, mids its int64 array; n, nbytes and exp_ms (the
--- earliest) describe what is left in it.  A mid may outlive its message
--- here (expired, erased): reads skip it.
-CREATE TABLE IF NOT EXISTS shares(
-    dev INTEGER NOT NULL,
-    first INTEGER NOT NULL,
-    last INTEGER NOT NULL,
-    n INTEGER NOT NULL,
-    nbytes INTEGER NOT NULL,
-    exp_ms INTEGER NOT NULL,
-    mids BLOB NOT NULL,
-    PRIMARY KEY(dev, first)) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS shares_exp ON shares(exp_ms);
--- high-water marks, so ids are never reused even after the newest rows are
+{_SHARES_SCHEMA}-- high-water marks, so ids are never reused even after the newest rows are
 -- deleted and the store reopened
 CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v INTEGER NOT NULL) WITHOUT ROWID;
 """
@@ -237,6 +240,10 @@ _SQL_ORPHAN = ("DELETE FROM messages WHERE dev IS NULL AND NOT EXISTS "
                "(SELECT 1 FROM inbox WHERE inbox.mid = messages.mid) AND mid IN ")
 _SQL_PUT_PACK = ("INSERT INTO packs(dev, first, last, n, nbytes, exp_ms, mids, data) "
                  "VALUES ")
+# a share's mids: NULL in the row while the device holds all its spack holds
+# (as every device does when the spack is written: its rows stay small)
+_SHARE_MIDS = ("coalesce({0}.mids, (SELECT sp.mids FROM spacks sp WHERE sp.first = {0}.first), "
+               "x'')")
 # the packs and shares holding any of each device's mids in [lo, hi], for
 # many devices in one statement: the columns before a pack's data only, so
 # SQLite does not read the data's overflow pages.  Every statement (and
@@ -246,7 +253,8 @@ _SQL_PUT_PACK = ("INSERT INTO packs(dev, first, last, n, nbytes, exp_ms, mids, d
 _SQL_ACK_ROWS = ("WITH a(dev, hi, lo) AS (VALUES {}) "
                  "SELECT a.dev, 0, p.first, p.mids FROM a JOIN packs p ON p.dev = a.dev "
                  "AND p.first <= a.hi AND p.last >= a.lo UNION ALL "
-                 "SELECT a.dev, 1, s.first, s.mids FROM a JOIN shares s ON s.dev = a.dev "
+                 "SELECT a.dev, 1, s.first, " + _SHARE_MIDS.format("s") + " "
+                 "FROM a JOIN shares s ON s.dev = a.dev "
                  "AND s.first <= a.hi AND s.last >= a.lo")
 # rows by their keys, many a statement (the primary key serves each pair)
 _SQL_ROWS_DROP = ("DELETE FROM {} WHERE (dev, first) IN "
@@ -265,7 +273,8 @@ _SQL_SPACK_DATA = "SELECT data FROM spacks WHERE first = ?"
 _SQL_SPACK_META = "SELECT mids, lens, exps FROM spacks WHERE first = ?"
 _SQL_SPACK_KEEP = ("UPDATE spacks SET last = ?, n = ?, nbytes = ?, exp_ms = ?, mids = ?, "
                    "lens = ?, exps = ?, data = ? WHERE first = ?")
-_SQL_LOAD_SHARES = "SELECT first, mids FROM shares WHERE dev = ? AND last > ? ORDER BY first"
+_SQL_LOAD_SHARES = ("SELECT first, " + _SHARE_MIDS.format("shares") + " FROM shares "
+                    "WHERE dev = ? AND last > ? ORDER BY first")
 # SQLite before 3.32 allows 999 variables a statement: the rows per statement
 # are at most 128 and fewer for wide rows (7 columns x 128 rows = 896)
 _ROWS_PER_STATEMENT = 128
@@ -1368,8 +1377,9 @@ class SqliteStore(_BaseStore):
                     touched.update(mids)
                     _execute_in(conn, _SQL_ACK, [key], mids)
         for key in forgets:
-            for first, blob in conn.execute("SELECT first, mids FROM shares WHERE dev = ?",
-                                            (key,)).fetchall():
+            for first, blob in conn.execute(
+                    "SELECT first, " + _SHARE_MIDS.format("shares") + " FROM shares "
+                    "WHERE dev = ?", (key,)).fetchall():
                 acked = spartial.pop((key, first), ())
                 release(first, [m for m in _mids(blob) if m not in acked])
             conn.execute("DELETE FROM shares WHERE dev = ?", (key,))
@@ -1479,6 +1489,14 @@ def _upgrade(conn: sqlite3.Connection) -> None:
         # the rows go first (zeroed: secure_delete), then the table
         conn.execute("DELETE FROM shared")
         conn.execute("DROP TABLE shared")
+        # version 4's shares had mids NOT NULL: the table is made again
+        conn.execute("ALTER TABLE shares RENAME TO shares_v4")
+        conn.execute("DROP INDEX shares_exp")
+        for statement in _SHARES_SCHEMA.split(";\n")[:2]:  # the table, its index
+            conn.execute(statement)
+        conn.execute("INSERT INTO shares SELECT * FROM shares_v4")
+        conn.execute("DELETE FROM shares_v4")
+        conn.execute("DROP TABLE shares_v4")
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -1581,7 +1599,8 @@ def py_sql_rows(puts: list, mid: int, ttl_ms: int) -> tuple[list, list, list, li
       body lengths (int32s), expiries (int64s) and its entries as a pack's;
     * ``shares`` rows (dev, first, last, n, nbytes, exp_ms, mids), for each
       spack one per device of its set (a key named twice counts once), in
-      the set's order: the spack's own columns (a device holds all of it);
+      the set's order: the spack's own columns, mids None (a device holds
+      all of it);
     * ``packs`` rows (dev, first, last, n, nbytes, exp_ms, mids, data), one
       per device that messages for it alone went to, in the order of its
       first message: a pack's ``mids`` are native int64s, its ``data`` the
@@ -1632,7 +1651,7 @@ def py_sql_rows(puts: list, mid: int, ttl_ms: int) -> tuple[list, list, list, li
     for entries, keys in groups.values():
         row = _spack_fields(entries[0][0], entries)
         spack_rows += row
-        share = row[:5] + row[5:6]  # first, last, n, nbytes, exp_ms, mids
+        share = row[:5] + (None,)  # first, last, n, nbytes, exp_ms; mids: all
         for key in keys:
             share_rows.append(key)
             share_rows += share
@@ -1795,7 +1814,8 @@ def _keep_share(conn: sqlite3.Connection, key: int, first: int, acked, gone=()) 
         lens = array.array("i")
         lens.frombytes(meta[1])
         stored = {m: (n, e) for m, n, e in zip(_mids(meta[0]), lens, _mids(meta[2]))}
-        left = [(m, *stored[m]) for m in _mids(row[0])
+        # NULL: all the spack holds
+        left = [(m, *stored[m]) for m in _mids(meta[0] if row[0] is None else row[0])
                 if m in stored and m not in acked and m not in gone]
     if not left:
         conn.execute("DELETE FROM shares WHERE dev = ? AND first = ?", (key, first))
@@ -1833,9 +1853,16 @@ def _prune_shares(conn: sqlite3.Connection) -> dict[int, dict[int, int]]:
               for first, blob in conn.execute("SELECT first, mids FROM spacks")}
     tally: dict[int, dict[int, int]] = {}
     stale: list[tuple[int, int]] = []
-    for dev, first, blob in conn.execute("SELECT dev, first, mids FROM shares"):
+    for dev, first, blob, n in conn.execute("SELECT dev, first, mids, n FROM shares"):
         have = stored.get(first, ())
         held = tally.setdefault(first, {})
+        if blob is None:
+            # all its spack holds: n says what that was when it was written
+            for m in have:
+                held[m] = held.get(m, 0) + 1
+            if n != len(have):
+                stale.append((dev, first))
+            continue
         for m in _mids(blob):
             if m in have:
                 held[m] = held.get(m, 0) + 1

@@ -654,8 +654,9 @@ def test_sqlite_large_batches_match_memory_model(tmp_path):
             # the flush rewrote every pack and spack acked in part: n is what is left
             n_msgs = len(stored)
             n_msgs += conn.execute("SELECT coalesce(sum(n), 0) FROM packs").fetchone()[0]
-            listed = {m for (blob,) in conn.execute("SELECT mids FROM shares")
-                      for m in store_mod._mids(blob)}
+            listed = {m for (blob,) in conn.execute(
+                "SELECT " + store_mod._SHARE_MIDS.format("shares") + " FROM shares")
+                for m in store_mod._mids(blob)}
             # no shared message that no share lists, no listed one that is gone
             orphans = len(stored ^ listed)
             assert conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 0
@@ -1057,9 +1058,9 @@ def test_sqlite_reserves_mids_a_block_at_a_time(run, db):
 def _shares_of(db, dev) -> list[int]:
     conn = raw(db)
     try:
-        return sorted(m for (blob,) in conn.execute("SELECT mids FROM shares WHERE dev = ?",
-                                                    (dev,))
-                      for m in store_mod._mids(blob))
+        return sorted(m for (blob,) in conn.execute(
+            "SELECT " + store_mod._SHARE_MIDS.format("shares") + " FROM shares WHERE dev = ?",
+            (dev,)) for m in store_mod._mids(blob))
     finally:
         conn.close()
 

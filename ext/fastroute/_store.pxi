@@ -367,7 +367,7 @@ def sql_rows(list puts, long long mid, long long ttl_ms):
                            PyBytes_FromStringAndSize(<char*>sp.exps,
                                                      sp.pack.n * sizeof(int64_t)),
                            cols[6])
-            cols = cols[:6]
+            cols = cols[:5] + (None,)  # a device holds all of the spack
             for dv in <list>skeys[i]:
                 share_rows.append(dv)
                 share_rows += cols
