@@ -1,15 +1,20 @@
 """The store alone under relay-like load: put_many batches, then ack them.
 
 Run: ``PYTHONPATH=. python benches/store_put_ack.py [--size 100] [--messages 100000]
-[--store sqlite|memory] [--synchronous FULL|NORMAL] [--batch 256] [--devices 1]``.
+[--store sqlite|memory] [--synchronous FULL|NORMAL] [--batch 256] [--devices 1]
+[--inflight 9] [--ack-every 1]``.
 Batches of 256 messages (``--batch``) to one device (1:1), or each message to
-``--devices`` devices (a group's fan-out, which every one of them acks); at most 8
-batches in flight, each acked as soon as its mids are known, as the relay does for
-recipients that keep up.
+``--devices`` devices (a group's fan-out, which every one of them acks); at most
+``--inflight`` batches in flight, each acked as soon as its mids are known, as the
+relay does for recipients that keep up (``--ack-every K``: the mids of K batches
+in one ack, as a receiver that acks what one read brought).  ``--inflight 1
+--batch 50 --ack-every 5`` is what a relay's writer sees under a 10-device group's
+fan-out: a commit per put, each device acking ~250 mids at a time.
 Prints messages/s, CPU seconds of the whole process (event loop plus writer
-thread), commits and bytes handed to write calls a message (Linux:
-``/proc/self/io``); a ratio against ``--store memory`` (or the other
-``--synchronous``) in the same shell session is the comparison to read.
+thread) and of the SQLite store's writer thread alone, commits and bytes handed
+to write calls a message (Linux: ``/proc/self/io``); a ratio against ``--store
+memory`` (or the other ``--synchronous``) in the same shell session is the
+comparison to read.
 """
 
 from __future__ import annotations
@@ -24,6 +29,13 @@ import time
 from fastroute.store import MemoryStore, SqliteStore
 
 
+def _thread_cpu(tid: int) -> float:
+    """CPU seconds (user and system) of this process's thread ``tid`` (Linux)."""
+    with open(f"/proc/self/task/{tid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _written() -> int:
     """Bytes this process has handed to write calls (the WAL, checkpoints)."""
     with open("/proc/self/io") as f:
@@ -31,7 +43,8 @@ def _written() -> int:
 
 
 async def run(store_kind: str, n: int, size: int, batch: int = 256,
-              synchronous: str | None = None, devices: int = 1) -> None:
+              synchronous: str | None = None, devices: int = 1, inflight_most: int = 8,
+              ack_every: int = 1) -> None:
     with tempfile.TemporaryDirectory(prefix="fr-store-probe-") as d:
         cls = SqliteStore if store_kind == "sqlite" else MemoryStore
         kw = {} if synchronous is None else {"synchronous": synchronous}
@@ -40,30 +53,45 @@ async def run(store_kind: str, n: int, size: int, batch: int = 256,
             dks = [store.register_device("r@x", f"d{i}") for i in range(devices)]
             body = os.urandom(size)
             ids = [os.urandom(16) for _ in range(batch)]
+            writer = getattr(store, "_thread", None)
             t0 = time.perf_counter()
             c0 = time.process_time()
+            wc0 = _thread_cpu(writer.native_id) if writer is not None else 0.0
             w0 = _written()
             inflight: list[asyncio.Future] = []
+            known: list[int] = []  # mids not yet acked
+            taken = 0
             done = 0
+
+            async def take() -> None:
+                nonlocal known, taken
+                known += await inflight.pop(0)
+                taken += 1
+                if taken % ack_every == 0:
+                    for dk in dks:
+                        store.ack(dk, known, validate=False)
+                    known = []
+
             while done < n:
                 items = [("s@x", cid, body, 1, dks) for cid in ids]
                 inflight.append(store.put_many(items, validate=False))
-                if len(inflight) > 8:
-                    mids = await inflight.pop(0)
-                    for dk in dks:
-                        store.ack(dk, mids, validate=False)
+                if len(inflight) >= inflight_most:
+                    await take()
                 done += batch
-            for fut in inflight:
-                mids = await fut
+            while inflight:
+                await take()
+            if known:
                 for dk in dks:
-                    store.ack(dk, mids, validate=False)
+                    store.ack(dk, known, validate=False)
             await store.flush()
+            wcpu = _thread_cpu(writer.native_id) - wc0 if writer is not None else 0.0
             dt = time.perf_counter() - t0
             mode = getattr(store, "_synchronous", "-")
             cpu = time.process_time() - c0
             to = "1:1" if devices == 1 else f"to {devices} devices"
             print(f"{store_kind} ({mode}) {size} B put+ack {to}: {done / dt:,.0f} msg/s, "
-                  f"cpu {cpu:.2f} s ({cpu / (done * devices) * 1e6:.2f} us a delivery), "
+                  f"cpu {cpu:.2f} s ({cpu / (done * devices) * 1e6:.2f} us a delivery; "
+                  f"writer thread {wcpu / (done * devices) * 1e6:.2f}), "
                   f"commits {store.stats()['commits']}, "
                   f"written {(_written() - w0) / done:.0f} B a message")
         finally:
@@ -82,9 +110,14 @@ def main(argv: list[str] | None = None) -> int:
                          "share a commit when they queue behind one)")
     ap.add_argument("--devices", type=int, default=1,
                     help="devices each message goes to, each acking it (1: 1:1)")
+    ap.add_argument("--inflight", type=int, default=9,
+                    help="put_many calls in flight at most (1: a commit per put)")
+    ap.add_argument("--ack-every", type=int, default=1,
+                    help="batches whose mids each device acks at once")
     args = ap.parse_args(argv)
     asyncio.run(run(args.store, args.messages, args.size, batch=args.batch,
-                    synchronous=args.synchronous, devices=args.devices))
+                    synchronous=args.synchronous, devices=args.devices,
+                    inflight_most=args.inflight, ack_every=args.ack_every))
     return 0
 
 
