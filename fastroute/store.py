@@ -659,7 +659,8 @@ class SqliteStore(_BaseStore):
         self._partial_since: float | None = None
         # well inside erase_s: the rewrite, then the checkpoint that erases it
         self._rewrite_s = min(0.5, erase_s / 4)
-        #: packs rewritten without their acked messages (metrics, tests)
+        #: packs, shares and spacks rewritten without their acked (or no longer held)
+        #: messages (metrics, tests)
         self.rewrites = 0
 
     # -- lifecycle ----------------------------------------------------------

@@ -1394,3 +1394,32 @@ def test_sqlite_a_whole_share_acked_after_part_of_it_releases_each_message_once(
             await store.flush()
             assert _spacked(db) == [] and await store.count_pending() == 0
     run(main())
+
+
+def test_erasing_an_address_from_a_version_4_store_upgrades_it_first(db, tmp_path):
+    # `fastroute address erase` on a stopped relay's older store: the file is
+    # upgraded (its shared rows moved into spacks), then the address's
+    # messages are taken out of them, and the others' shares follow
+    from fastroute.erase import erase_address
+    _old_store(db, _V4_SCHEMA)
+    conn = raw(db)
+    conn.execute("INSERT INTO devices VALUES (3, 'erin@home', 'phone')")
+    conn.executemany("INSERT INTO shared VALUES (?, ?, ?, ?, 1, ?)", [
+        (m, sender, CID, b"V4-%s-%d" % (sender[:4].encode(), m), 9 * 10**15)
+        for m, sender in ((3, "carol@home"), (4, "erin@home"), (5, "carol@home"))])
+    # devices 1 and 2 hold all three; erin's own device 3 holds 5 only
+    conn.executemany("INSERT INTO shares VALUES (?, 3, ?, ?, 0, 0, ?)", [
+        (1, 5, 3, store_mod.array.array("q", [3, 4, 5]).tobytes()),
+        (2, 5, 3, store_mod.array.array("q", [3, 4, 5]).tobytes()),
+        (3, 5, 1, store_mod.array.array("q", [5]).tobytes())])
+    conn.close()
+    out = erase_address(str(tmp_path), "erin@home")
+    assert out["devices"] == 1 and out["deliveries_to_it"] == 1
+    assert out["messages_from_it"] == 1
+    assert count(db, "PRAGMA user_version") == store_mod._SCHEMA_VERSION
+    assert _spacked(db) == [3, 5] and _shares_of(db, 1) == [3, 5] == _shares_of(db, 2)
+    assert count(db, "SELECT count(*) FROM shares WHERE dev = 3") == 0
+    raw_bytes = b"".join(open(p, "rb").read() for p in (db, db + "-wal")
+                         if os.path.exists(p))
+    assert b"V4-erin" not in raw_bytes and b"erin@home" not in raw_bytes
+    assert b"V4-caro" in raw_bytes
