@@ -273,8 +273,8 @@ _SQL_SPACK_DATA = "SELECT data FROM spacks WHERE first = ?"
 _SQL_SPACK_META = "SELECT mids, lens, exps FROM spacks WHERE first = ?"
 _SQL_SPACK_KEEP = ("UPDATE spacks SET last = ?, n = ?, nbytes = ?, exp_ms = ?, mids = ?, "
                    "lens = ?, exps = ?, data = ? WHERE first = ?")
-_SQL_LOAD_SHARES = ("SELECT first, " + _SHARE_MIDS.format("shares") + " FROM shares "
-                    "WHERE dev = ? AND last > ? ORDER BY first")
+_SQL_SHARES_OF = "SELECT first, " + _SHARE_MIDS.format("shares") + " FROM shares WHERE dev = ?"
+_SQL_LOAD_SHARES = _SQL_SHARES_OF + " AND last > ? ORDER BY first"
 # SQLite before 3.32 allows 999 variables a statement: the rows per statement
 # are at most 128 and fewer for wide rows (7 columns x 128 rows = 896)
 _ROWS_PER_STATEMENT = 128
@@ -318,10 +318,14 @@ _RETRY_S = 0.5
 @functools.lru_cache(maxsize=_CACHED_STATEMENTS)
 def _rows_sql(head: str, ncols: int, nrows: int) -> str:
     """``head`` completed with ``nrows`` groups of ``ncols`` placeholders:
-    ``VALUES (?,?),(?,?)`` for a ``... VALUES `` head, ``(?,?,?)`` for ``IN ``."""
+    ``VALUES (?,?),(?,?)`` for a ``... VALUES `` head, ``(?,?,?)`` for ``IN ``;
+    a head holding ``{}`` (a ``VALUES`` list inside the statement) gets the
+    groups there."""
     if head.endswith("IN "):
         return head + "(" + ",".join("?" * nrows) + ")"
     row = "(" + ",".join("?" * ncols) + ")"
+    if "{}" in head:
+        return head.format(",".join([row] * nrows))
     return head + ",".join([row] * nrows)
 
 
@@ -1367,20 +1371,17 @@ class SqliteStore(_BaseStore):
         # each shared message a device held is released: the last
         # holder's ack deletes it
         left = _ack_rows(conn, acks, partial, spartial, release) if acks else {}
-        for key, mids in left.items():
-            if mids:
-                # a store of version 3 or older: the device's own messages go
-                # at once; of the shared ones, its inbox rows, then (below)
-                # those no device is left for
-                before = conn.total_changes
-                _execute_in(conn, _SQL_ACK_DIRECT, [key], mids)
-                if conn.total_changes - before < len(mids):
-                    touched.update(mids)
-                    _execute_in(conn, _SQL_ACK, [key], mids)
+        for key, mids in left.items():  # each non-empty
+            # a store of version 3 or older: the device's own messages go
+            # at once; of the shared ones, its inbox rows, then (below)
+            # those no device is left for
+            before = conn.total_changes
+            _execute_in(conn, _SQL_ACK_DIRECT, [key], mids)
+            if conn.total_changes - before < len(mids):
+                touched.update(mids)
+                _execute_in(conn, _SQL_ACK, [key], mids)
         for key in forgets:
-            for first, blob in conn.execute(
-                    "SELECT first, " + _SHARE_MIDS.format("shares") + " FROM shares "
-                    "WHERE dev = ?", (key,)).fetchall():
+            for first, blob in conn.execute(_SQL_SHARES_OF, (key,)).fetchall():
                 acked = spartial.pop((key, first), ())
                 release(first, [m for m in _mids(blob) if m not in acked])
             conn.execute("DELETE FROM shares WHERE dev = ?", (key,))
@@ -1721,14 +1722,6 @@ def _mids(blob: bytes) -> array.array:
     return mids
 
 
-@functools.lru_cache(maxsize=_CACHED_STATEMENTS)
-def _values_sql(sql: str, ncols: int, nrows: int) -> str:
-    """``sql`` with its ``{}`` (a ``VALUES`` list) made ``nrows`` groups of
-    ``ncols`` placeholders."""
-    return sql.format("(" + ",".join("?" * ncols) + ")" + (",(" + ",".join("?" * ncols)
-                                                          + ")") * (nrows - 1))
-
-
 def _ack_rows(conn: sqlite3.Connection, acks: dict[int, list[int]], partial: dict,
               spartial: dict, release) -> dict[int, list[int]]:
     """Apply the devices' acks (``key -> mids``) to their packs and shares
@@ -1748,7 +1741,7 @@ def _ack_rows(conn: sqlite3.Connection, acks: dict[int, list[int]], partial: dic
         for key in keys[at:at + k]:
             mids = acks[key]
             args += (key, max(mids), min(mids))
-        for key, *row in conn.execute(_values_sql(_SQL_ACK_ROWS, 3, k), args):
+        for key, *row in conn.execute(_rows_sql(_SQL_ACK_ROWS, 3, k), args):
             found_rows.setdefault(key, []).append(row)
         at += k
     left: dict[int, list[int]] = {}
@@ -1793,11 +1786,7 @@ def _ack_rows(conn: sqlite3.Connection, acks: dict[int, list[int]], partial: dic
         if len(found) < len(acked):
             left[key] = [m for m in acked if m not in found]
     for table, flat in zip(("packs", "shares"), drop):
-        at = 0
-        for k in _chunks(len(flat) // 2):
-            conn.execute(_values_sql(_SQL_ROWS_DROP.format(table, "{}"), 2, k),
-                         flat[at:at + 2 * k])
-            at += 2 * k
+        _execute_rows(conn, _SQL_ROWS_DROP.format(table, "{}"), 2, [], flat)
     return left
 
 

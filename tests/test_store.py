@@ -1241,15 +1241,15 @@ def test_sqlite_moves_a_version_4_stores_shared_rows_into_spacks(run, db):
     # the shares name it) and drops the table, bodies included
     _old_store(db, _V4_SCHEMA)
     conn = raw(db)
-    mids = store_mod.array.array
+    int64s = store_mod.array.array
     conn.executemany("INSERT INTO shared VALUES (?, 's@p', ?, ?, 1, ?)",
                      [(m, CID, b"V4-BODY-%d" % m, 9 * 10**15) for m in (3, 4, 5, 7)])
     # transaction 3: 3, 4, 5 for devices 1 and 2 (2 acked 4 already); 7
     # alone in transaction 7 for device 2; 6 was deleted (no row, listed)
     conn.executemany("INSERT INTO shares VALUES (?, ?, ?, ?, 0, 0, ?)", [
-        (1, 3, 5, 3, mids("q", [3, 4, 5]).tobytes()),
-        (2, 3, 6, 3, mids("q", [3, 5, 6]).tobytes()),
-        (2, 7, 7, 1, mids("q", [7]).tobytes())])
+        (1, 3, 5, 3, int64s("q", [3, 4, 5]).tobytes()),
+        (2, 3, 6, 3, int64s("q", [3, 5, 6]).tobytes()),
+        (2, 7, 7, 1, int64s("q", [7]).tobytes())])
     conn.close()
 
     async def main():
