@@ -927,6 +927,57 @@ def test_a_run_of_dsends_is_dispatched_as_one_op_at_a_time(loop, tmp_path):
 
 
 @pytest.mark.parametrize("loop", LOOPS)
+def test_a_frame_of_dsends_goes_to_the_keys_stage_like_a_frame_of_sends(loop, tmp_path):
+    # checked as the compiled decoder read them, a frame's DSENDs are taken
+    # like SENDs: a quiet link's frame in one piece (32 at a time cost a
+    # fifth of a DSEND's relay CPU), a busy link's in pieces sized by what
+    # its DSENDs cost, never more than a chunk (a frame short enough to be
+    # decoded whole: a busy link's longer one is decoded by the chunk)
+    from fastroute.relay import link as link_mod
+
+    lim = Limits(ops_per_s=1e6, ops_burst=1e6, max_ops_per_turn=100_000,
+                 max_relay_ops_per_turn=1_000_000)
+
+    async def main():
+        async with world(tmp_path, limits=lim) as w:
+            a1 = await e2ee(w, "alice@home", "phone", 11)
+            b1 = await e2ee(w, "bob@home", "phone", 21)
+            link = next(ln for ln in w.relay.links if ln.address == "bob@home")
+            pieces: list[int] = []
+            dispatch = link._dispatch
+
+            def counted(ops):
+                pieces.append(len(ops))
+                return dispatch(ops)
+
+            link._dispatch = counted
+            bodies = []
+            for busy, n in ((False, 200), (True, 60)):
+                if busy:
+                    link.quiet = lambda: False  # as past half its op budget
+                del pieces[:]
+                ids = [os.urandom(16) for _ in range(n)]
+                futs = [request_future(b1, cid) for cid in ids]
+                ops = [wire.dsend_op(cid, "alice@home", False, [(1, 11, b"%d %d" % (busy, i))],
+                                     []) for i, cid in enumerate(ids)]
+                assert busy == (sum(map(len, ops)) < link_mod._BUSY_DECODE_BYTES)
+                b1._write(ops)
+                assert await asyncio.wait_for(asyncio.gather(*futs), 10) == [None] * n
+                bodies += [(await recv_msg(a1)).body for _ in ids]
+                assert sum(pieces) == n
+                if not busy:
+                    assert pieces == [n]
+                else:
+                    assert pieces[0] == link_mod._FIRST_PIECE[link_mod._PIECE_E2EE]
+                    assert len(pieces) > 1 and max(pieces) <= link_mod._OPS_CHUNK
+                    assert link.costs[link_mod._PIECE_E2EE] > 0
+            # in order, none lost, none twice
+            assert bodies == ([b"0 %d" % i for i in range(200)]
+                              + [b"1 %d" % i for i in range(60)])
+    run(loop, main())
+
+
+@pytest.mark.parametrize("loop", LOOPS)
 def test_bye_right_after_dsends_still_gets_every_reply(loop, tmp_path):
     # DSENDs and BYE in one frame: the DSENDs the link gathered for the keys
     # stage go to it before the BYE, which then waits for their answers

@@ -83,6 +83,13 @@ _DECODED_SENDS = -1
 _DECODED_PINGS = -2
 #: ... when its first holds the seqs of a frame of DACKs only (fast path)
 _DECODED_DACKS = -3
+#: ... when its first holds a frame of DSENDs or GSENDs only, every op checked
+#: by the compiled decoder: taken like SENDs (a quiet link's whole frame, a
+#: busy link's pieces sized by their cost), not :data:`_OPS_CHUNK` at a time:
+#: the keys stage's compiled run costs about a microsecond an op, and its
+#: per-piece work (the sender's slot, clocks, budgets) was a fifth of a
+#: 1:1 DSEND's relay CPU in pieces of 32
+_DECODED_E2EE = -4
 #: ops of a frame (other than a frame of SENDs) checked and dispatched
 #: between two looks at the turn's clock: a CONSENT costs some microseconds,
 #: so a whole share of them could hold the loop for a millisecond
@@ -98,10 +105,15 @@ _BUSY_DECODE_BYTES = 4096
 #: :meth:`Link._piece`), not by a count
 _BY_COST = 0
 #: kinds of piece whose cost per op a busy link keeps apart: SENDs, PINGs,
-#: other ops (a PONG costs a third of a microsecond, a CONSENT ten)
-_PIECE_SENDS, _PIECE_PINGS, _PIECE_OPS = 0, 1, 2
-#: a busy link's piece before its kind's cost is known, by kind
-_FIRST_PIECE = (_OPS_CHUNK, _OPS_CHUNK, _BUSY_CHUNK)
+#: other ops, compiled DSENDs and GSENDs (a PONG costs a third of a
+#: microsecond, a CONSENT ten)
+_PIECE_SENDS, _PIECE_PINGS, _PIECE_OPS, _PIECE_E2EE = 0, 1, 2, 3
+#: a busy link's piece before its kind's cost is known, by kind (an e2ee
+#: op's cost grows with its devices: a short first piece, as for other ops)
+_FIRST_PIECE = (_OPS_CHUNK, _OPS_CHUNK, _BUSY_CHUNK, _BUSY_CHUNK)
+#: the kind of piece of each decoded frame's ``partial`` marker
+_PIECE_KINDS = {_DECODED_SENDS: _PIECE_SENDS, _DECODED_PINGS: _PIECE_PINGS,
+                _DECODED_DACKS: _PIECE_PINGS, _DECODED_E2EE: _PIECE_E2EE}
 #: what one piece of a busy link should cost, as a share of the turn's time
 #: slice (``limits.max_turn_ms``): a turn overruns its slice by one piece at
 #: most, and a quiet client's read waits behind no more (with the default
@@ -305,13 +317,14 @@ class Link(asyncio.Protocol):
         self.waiting = False
         #: the frame whose ops are being processed a share at a time:
         #: [unpacked ops, next index, count of leading ops needing no check],
-        #: or [decoded SENDs, next index, _DECODED_SENDS]
+        #: or [decoded SENDs, next index, _DECODED_SENDS] (PINGs, DACKs,
+        #: DSENDs and GSENDs likewise)
         self.partial: list | None = None
         #: ops of the current share done before the turn's clock cut it
         self.carried = 0
         #: seconds per op of this link's recent busy pieces, by kind of piece
-        #: (SENDs, PINGs, other ops; 0: not measured yet)
-        self.costs = [0.0, 0.0, 0.0]
+        #: (SENDs, PINGs, other ops, compiled e2ee sends; 0: not measured yet)
+        self.costs = [0.0, 0.0, 0.0, 0.0]
         #: the kind of the piece just processed
         self.piece_kind = _PIECE_OPS
         #: op-budget tokens the current share took for its non-SEND ops and
@@ -652,7 +665,7 @@ class Link(asyncio.Protocol):
             if e2ee is None:
                 e2ee = wire.decode_gsends(plaintext)
             if e2ee is not None:
-                self.partial = [e2ee, 0, len(e2ee)]
+                self.partial = [e2ee, 0, _DECODED_E2EE]
                 return self._run_ops(room, checks)
         pings = wire.decode_pings(plaintext)
         if pings is not None:
@@ -690,9 +703,10 @@ class Link(asyncio.Protocol):
             if good >= 0:
                 room = min(room, self._piece(_PIECE_OPS) if by_cost else checks)
                 self.piece_kind = _PIECE_OPS
-            elif by_cost:
-                self.piece_kind = _PIECE_SENDS if good == _DECODED_SENDS else _PIECE_PINGS
-                room = min(room, self._piece(self.piece_kind))
+            else:
+                self.piece_kind = _PIECE_KINDS[good]
+                if by_cost:
+                    room = min(room, self._piece(self.piece_kind))
             end = min(start + room, n)
             if good == _DECODED_SENDS:
                 end = min(end, start + max(self._send_room(), 0))
@@ -707,7 +721,12 @@ class Link(asyncio.Protocol):
             return self._pings(frame, start, end)
         if good == _DECODED_DACKS:
             return self._dacks(frame, start, end)
-        done = self._dispatch(wire.check_client_ops(frame, start, end, good))
+        if good == _DECODED_E2EE:
+            # checked as decoded: no second look at each op
+            ops = frame if start == 0 and end == n else frame[start:end]
+        else:
+            ops = wire.check_client_ops(frame, start, end, good)
+        done = self._dispatch(ops)
         if self.state != _OPEN:
             self.partial = None  # BYE or a close: the rest of the frame is not read
         return done
