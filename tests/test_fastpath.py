@@ -1723,6 +1723,8 @@ def _dsend_case(fn, entries, skip):
     ([(1, 11, b"a"), (2, 12, b"b"), (5, 15, b"c")], 0, True),
     ([(5, 15, b"c"), (1, 11, b"a"), (2, 12, b"b")], 0, True),     # any order
     (((1, 11, b"a"), (2, 12, b"b"), (5, 15, b"c")), 0, True),     # the decoder's tuple
+    ([[1, 11, b"a"], [2, 12, b"b"], [5, 15, b"c"]], 0, True),     # entries of any sequence
+    ([[1, 11, b"a"], [2, 13, b"b"], [5, 15, b"c"]], 0, False),
     (((1, 11, b"a"), (2, 13, b"b"), (5, 15, b"c")), 0, False),
     ([(1, 11, b"a"), (5, 15, b"c")], 2, True),                   # the sender's own device
     ([(1, 11, b"a"), (2, 12, b"b")], 0, False),                  # missing

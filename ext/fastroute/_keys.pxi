@@ -27,33 +27,59 @@ def dsend_copies(dict devs, object entries, long skip, str target, str stored_se
     """
     # the decoder's tuple as it is: no copy per DSEND
     cdef tuple ents = entries if PyTuple_CheckExact(entries) else tuple(entries)
+    return c_dsend_copies(devs, ents, skip, target, stored_sender, cid, now_ms, sp,
+                          ts_packed, items, copies)
+
+
+cdef bint c_dsend_copies(dict devs, tuple ents, long skip, str target, str stored_sender,
+                         bytes cid, object now_ms, bytes sp, bytes ts_packed, list items,
+                         list copies) except -1:
+    # dsend_copies, called by dsend_run without a Python call's argument
+    # parsing (eleven arguments, once or twice a DSEND)
     cdef Py_ssize_t n = PyTuple_GET_SIZE(ents), i
     cdef unsigned long long seen[2]
     cdef long did
-    cdef object entry, slot, body, name
+    cdef object entry, slot, body, reg, key
+    cdef PyObject* found
+    # each entry's slot, found once (borrowed: devs holds them, and nothing
+    # below runs code that could change it)
+    cdef PyObject* slots[127]
     cdef Py_ssize_t want = len(devs) - (1 if skip in devs else 0)
-    if n != want:
+    if n != want or n > 127:
         return False
     seen[0] = 0
     seen[1] = 0
     for i in range(n):
         entry = <object>PyTuple_GET_ITEM(ents, i)
-        did = entry[0]
+        if PyTuple_CheckExact(entry) and PyTuple_GET_SIZE(entry) == 3:
+            # the decoder's (device id, reg id, body): no generic item lookup
+            key = <object>PyTuple_GET_ITEM(entry, 0)
+            reg = <object>PyTuple_GET_ITEM(entry, 1)
+        else:
+            key = entry[0]
+            reg = entry[1]
+        did = key
         if did < 1 or did > 127 or did == skip:
             return False
         if seen[did >> 6] & (1ULL << (did & 63)):
             return False
         seen[did >> 6] |= 1ULL << (did & 63)
-        slot = devs.get(did)
-        if slot is None or slot.reg_id != entry[1]:
+        found = PyDict_GetItemWithError(devs, key)
+        if found == NULL:
             return False
+        slot = <object>found
+        if slot.reg_id != reg:
+            return False
+        slots[i] = found
     for i in range(n):
         entry = <object>PyTuple_GET_ITEM(ents, i)
-        body = entry[2]
-        slot = devs[entry[0]]
-        name = slot.name
+        if PyTuple_CheckExact(entry) and PyTuple_GET_SIZE(entry) == 3:
+            body = <object>PyTuple_GET_ITEM(entry, 2)
+        else:
+            body = entry[2]
+        slot = <object>slots[i]
         items.append((stored_sender, cid, body, now_ms, slot.dkeys))
-        copies.append((target, name,
+        copies.append((target, slot.name,
                        (DDELIVER_HEAD_BYTES, c_deliver_tail(sp, cid, body, ts_packed, 0))))
     return True
 
@@ -119,10 +145,10 @@ def dsend_run(list ops, Py_ssize_t i, dict lists, dict reach, long skip, str sen
             start = PyList_GET_SIZE(items)
             copies = []
             devs = lists[to]
-            if not dsend_copies(devs, ents, skip if to == sender else 0, to, stored_sender,
-                                cid, now_ms, sp, ts_packed, items, copies):
+            if not c_dsend_copies(devs, ents, skip if to == sender else 0, to, stored_sender,
+                                  cid, now_ms, sp, ts_packed, items, copies):
                 break
-            if owns and (to == sender or not dsend_copies(
+            if owns and (to == sender or not c_dsend_copies(
                     lists.get(sender, {}), owns, skip, sender, stored_sender, cid, now_ms,
                     sp, ts_packed, items, copies)):
                 del items[start:]
