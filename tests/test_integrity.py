@@ -851,6 +851,46 @@ def test_a_busy_links_pieces_are_sized_by_what_its_ops_cost(loop, tmp_path):
     run(loop, main())
 
 
+def test_a_piece_under_its_time_lets_the_next_grow(loop, tmp_path):
+    # a piece's cost per op counts the piece's fixed work too (a stage's
+    # setup), which a small piece pays nearly whole: sized by that cost alone,
+    # a kind whose fixed work is over half the piece's time (12.5 us of 25)
+    # kept whatever small size a slow piece once gave it (one op a piece
+    # after a cold first piece: each op then paid the fixed work again).  A
+    # piece under its time lets the next take half as many ops more; one over
+    # it shrinks the next by the cost.
+    from fastroute.relay import link as link_mod
+
+    async def main():
+        async with world(tmp_path) as w:
+            await w.connect("alice@home")
+            link = next(iter(ln for ln in w.relay.links if ln.address == "alice@home"))
+            kind = link_mod._PIECE_E2EE
+            target = w.relay.turns.slice * link_mod._PIECE_OF_SLICE  # 25 us by default
+            fixed, per_op = 0.8 * target, 0.02 * target  # 20 us a piece, 0.5 us an op
+            # a cold first piece of one op took twice the target
+            link._measured(kind, 1, 2 * target)
+            sizes = [link._piece(kind)]
+            assert sizes == [1]
+            for _ in range(12):
+                n = sizes[-1]
+                link._measured(kind, n, fixed + n * per_op)
+                sizes.append(link._piece(kind))
+            # 1, 2, 3, 4, 6, 9, 13 (26.5 us: over), then around what the
+            # target holds (10 ops, 25 us): never again the cold piece's one
+            # op, none much over the target
+            assert sizes[:7] == [1, 2, 3, 4, 6, 9, 13]
+            assert min(sizes[6:]) >= 7
+            assert max(fixed + n * per_op for n in sizes) <= 1.1 * target
+            # a kind whose one op is over the piece's time stays at one op a piece
+            heavy = [link._piece(link_mod._PIECE_OPS)]
+            for _ in range(5):
+                link._measured(link_mod._PIECE_OPS, heavy[-1], heavy[-1] * 8 * target)
+                heavy.append(link._piece(link_mod._PIECE_OPS))
+            assert heavy[1:] == [1] * 5
+    run(loop, main())
+
+
 def test_the_writer_writes_the_links_with_few_ops_first(loop, tmp_path):
     # a quiet client's delivery does not wait behind the encryption and
     # write of a flooder's thousand replies in the same flush

@@ -325,6 +325,9 @@ class Link(asyncio.Protocol):
         #: seconds per op of this link's recent busy pieces, by kind of piece
         #: (SENDs, PINGs, other ops, compiled e2ee sends; 0: not measured yet)
         self.costs = [0.0, 0.0, 0.0, 0.0]
+        #: by kind, the size the next piece may grow to since the last came
+        #: in under its time (0: none; see :meth:`_measured`)
+        self.grown = [0, 0, 0, 0]
         #: the kind of the piece just processed
         self.piece_kind = _PIECE_OPS
         #: op-budget tokens the current share took for its non-SEND ops and
@@ -468,11 +471,7 @@ class Link(asyncio.Protocol):
                     sends, self.sends = self.sends, []
                     self.wiring.gate.accept(self, sends)
                 if done > before:
-                    # what this kind of piece costs this link per op, lately
-                    kind = self.piece_kind
-                    cost = (clock() - t_piece) / (done - before)
-                    old = self.costs[kind]
-                    self.costs[kind] = cost if not old else 0.5 * (old + cost)
+                    self._measured(self.piece_kind, done - before, clock() - t_piece)
             if self.state != _OPEN:
                 self.partial = None
             elif at < n or self.partial is not None:
@@ -529,12 +528,32 @@ class Link(asyncio.Protocol):
     def _piece(self, kind: int) -> int:
         """How many ops of ``kind`` a busy link's next piece takes: what a
         quarter of the turn's slice buys at their recent cost (see
-        :data:`_PIECE_OF_SLICE`), 1 to :data:`_OPS_CHUNK`."""
+        :data:`_PIECE_OF_SLICE`), or more when the last piece came in under
+        that time (see :meth:`_measured`); 1 to :data:`_OPS_CHUNK`."""
         cost = self.costs[kind]
         if not cost:
             return _FIRST_PIECE[kind]
-        return max(1, min(_OPS_CHUNK,
-                          int(self.wiring.turns.slice * _PIECE_OF_SLICE / cost)))
+        return max(1, self.grown[kind], min(_OPS_CHUNK, int(
+            self.wiring.turns.slice * _PIECE_OF_SLICE / cost)))
+
+    def _measured(self, kind: int, ops: int, took: float) -> None:
+        """A busy link's piece of ``ops`` ops of ``kind`` took ``took`` seconds.
+
+        Its cost per op, lately, sizes the next pieces.  That cost counts the
+        piece's fixed work too (a stage's setup for the piece: the sender's
+        slot, clocks, budgets), which a piece of one op pays whole: once that
+        work alone was over half the piece's time, pieces sized by the cost
+        stayed at one op for good, each paying it again (a DSEND in the test
+        suite: 20 us a piece of one, under the 25 us the piece may take).
+        So a piece that came in under its time lets the next take half as
+        many ops more; one over it shrinks the next by the cost."""
+        cost = took / ops
+        old = self.costs[kind]
+        self.costs[kind] = cost if not old else 0.5 * (old + cost)
+        if took < self.wiring.turns.slice * _PIECE_OF_SLICE:
+            self.grown[kind] = min(_OPS_CHUNK, ops + max(1, ops // 2))
+        else:
+            self.grown[kind] = 0
 
     def _budget_wait(self) -> float:
         """0 while the op budget has a token; once spent, the seconds until it
