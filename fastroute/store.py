@@ -1752,42 +1752,66 @@ def _ack_rows(conn: sqlite3.Connection, acks: dict[int, list[int]], partial: dic
         if rows is None:
             left[key] = mids
             continue
-        if len(rows) == 1:
-            # the common case: the device acks one row's mids, all and in order
-            shared, first, blob = rows[0]
-            if (len(blob) == 8 * len(mids)
-                    and (key, first) not in (spartial if shared else partial)
-                    and blob == array.array("q", mids).tobytes()):
-                drop[shared].extend((key, first))
-                if shared:
-                    release(first, mids)
-                continue
-        acked = set(mids)
-        found: set[int] = set()
-        for shared, first, blob in rows:
-            held = _mids(blob)
-            hit = acked.intersection(held)
-            if not hit:
-                continue
-            found |= hit
-            noted = spartial if shared else partial
-            before = noted.get((key, first))
-            if shared:
-                new = hit if before is None else hit - before
-                if new:
-                    release(first, new)
-            if before is not None:
-                hit = before | hit
-            if len(hit) == len(held):
-                drop[shared].extend((key, first))
-                noted.pop((key, first), None)
-            else:
-                noted[(key, first)] = hit
-        if len(found) < len(acked):
-            left[key] = [m for m in acked if m not in found]
+        # compiled when fastroute._core is: per acking device, per row
+        out = _ack_device(key, mids, rows, partial, spartial, release, drop[0], drop[1])
+        if out:
+            left[key] = out
     for table, flat in zip(("packs", "shares"), drop):
         _execute_rows(conn, _SQL_ROWS_DROP.format(table, "{}"), 2, [], flat)
     return left
+
+
+def py_ack_device(key: int, mids: list[int], rows: list, partial: dict, spartial: dict,
+                  release, drop_packs: list, drop_shares: list) -> list[int]:
+    """One device's ack (``mids``, ints) against its rows that the ack's range
+    found, ``(shared, first, mids blob)`` each (a share if ``shared``, else a
+    pack; the blob's int64s ascending); return the acked mids none of them
+    holds (any order).
+
+    A row whose every mid is now acked has ``key, first`` appended to
+    ``drop_shares`` or ``drop_packs`` (and leaves ``spartial`` or
+    ``partial``); a row acked in part gets the set of its acked mids there.
+    Each mid a share held and that was not acked before is passed on to
+    ``release(first, mids)``.
+    """
+    if len(rows) == 1:
+        # the common case: the device acks one row's mids, all and in order
+        shared, first, blob = rows[0]
+        if (len(blob) == 8 * len(mids)
+                and (key, first) not in (spartial if shared else partial)
+                and blob == array.array("q", mids).tobytes()):
+            (drop_shares if shared else drop_packs).extend((key, first))
+            if shared:
+                release(first, mids)
+            return []
+    acked = set(mids)
+    found: set[int] = set()
+    for shared, first, blob in rows:
+        held = _mids(blob)
+        hit = acked.intersection(held)
+        if not hit:
+            continue
+        found |= hit
+        noted = spartial if shared else partial
+        before = noted.get((key, first))
+        if shared:
+            new = hit if before is None else hit - before
+            if new:
+                release(first, new)
+        if before is not None:
+            hit = before | hit
+        if len(hit) == len(held):
+            (drop_shares if shared else drop_packs).extend((key, first))
+            noted.pop((key, first), None)
+        else:
+            noted[(key, first)] = hit
+    if len(found) < len(acked):
+        return [m for m in acked if m not in found]
+    return []
+
+
+#: :func:`py_ack_device`, compiled when the core is built
+_ack_device = twin(py_ack_device)
 
 
 def _keep_share(conn: sqlite3.Connection, key: int, first: int, acked, gone=()) -> None:

@@ -115,6 +115,7 @@ def test_compiled_twins_loaded():
              (store._mem_put, store.py_mem_put), (store._mem_ack, store.py_mem_ack),
              (store._mem_load, store.py_mem_load), (store._sql_rows, store.py_sql_rows),
              (store._shares_release, store.py_shares_release),
+             (store._ack_device, store.py_ack_device),
              (gate_mod.TokenBucket, gate_mod.PyTokenBucket),
              (gate_mod.take_upto, gate_mod.py_take_upto),
              (gate_mod.give_back, gate_mod.py_give_back), (gate_mod.take_all, gate_mod.py_take_all),
@@ -1379,6 +1380,95 @@ def test_shares_release_twins():
             assert n1 == max(0, n0 - k)
             assert (m in gone) == (n0 > 0 and n0 - k <= 0)
         assert len(gone) == len(set(gone))
+
+
+def _ack_device_case(fn, key, mids, rows, partial, spartial):
+    """One device's ack through ``fn``: what it returned (as a set: any order),
+    the rows it dropped, the partial acks it left, what it released."""
+    released: list = []
+    drop_packs: list = []
+    drop_shares: list = []
+    partial, spartial = dict(partial), dict(spartial)
+    left = fn(key, mids, rows, partial, spartial,
+              lambda first, m: released.append((first, sorted(m))), drop_packs, drop_shares)
+    return sorted(left), drop_packs, drop_shares, partial, spartial, released
+
+
+def test_ack_device_twins():
+    # a device's ack (in order, out of order, repeated, past its rows) against
+    # packs and shares (acked whole, in part, in part before): both drop the
+    # same rows, leave the same partial acks, release the same mids
+    rng = random.Random(11)
+    key = 7
+    cases = 0
+    for trial in range(600):
+        rows = []
+        partial: dict = {}
+        spartial: dict = {}
+        at = rng.randrange(1, 50)
+        for _ in range(rng.randrange(1, 6)):
+            held = sorted(rng.sample(range(at, at + 40), rng.randrange(1, 12)))
+            at = held[-1] + 1 + rng.randrange(0, 5)
+            shared = rng.randrange(2)
+            first = held[0] if rng.random() < 0.8 else held[0] - rng.randrange(1, 5)
+            row = (shared, first, array.array("q", held).tobytes())
+            rows.append(row if rng.random() < 0.8 else list(row))
+            if len(held) > 1 and rng.random() < 0.3:
+                # acked in part by an earlier transaction
+                (spartial if shared else partial)[(key, first)] = set(
+                    rng.sample(held, rng.randrange(1, len(held))))
+        every = [m for _, _, b in rows for m in array.array("q", b)]
+        kind = trial % 4
+        if kind == 0 and len(rows) == 1:
+            mids = list(every)  # one row's mids, all and in order
+        elif kind == 1:
+            mids = sorted(rng.sample(every, rng.randrange(1, len(every) + 1)))
+        elif kind == 2:
+            mids = rng.sample(every, rng.randrange(1, len(every) + 1))  # out of order
+            mids += rng.sample(mids, rng.randrange(0, len(mids) + 1))   # repeated
+        else:
+            mids = every + [rng.randrange(500, 600) for _ in range(rng.randrange(0, 4))]
+            rng.shuffle(mids)
+        want = _ack_device_case(store.py_ack_device, key, mids, rows, partial, spartial)
+        if _core is not None:
+            got = _ack_device_case(_core.ack_device, key, mids, rows, partial, spartial)
+            assert got == want, trial
+        left, drop_packs, drop_shares, after, safter, released = want
+        # every acked mid a row holds is accounted for, the rest returned
+        held_all = set(every)
+        assert set(left) == set(mids) - held_all
+        dropped = set(zip(drop_packs[1::2], drop_packs[::2])) | set(
+            zip(drop_shares[1::2], drop_shares[::2]))
+        for shared, first, blob in rows:
+            held = set(array.array("q", blob))
+            noted = safter if shared else after
+            before = (spartial if shared else partial).get((key, first), set())
+            acked = (held & set(mids)) | before
+            if not held & set(mids):
+                assert noted.get((key, first), set()) == before  # not touched
+            elif acked == held:
+                assert (first, key) in dropped and (key, first) not in noted
+            elif acked:
+                assert noted[(key, first)] == acked
+        cases += 1
+    assert cases == 600
+
+
+def test_ack_device_twins_take_any_input_as_the_specification():
+    # inputs unlike the relay's (a float mid, a mid past 64 bits, a blob out
+    # of order or cut short) go the specification's way, errors included
+    rows = [(1, 1, array.array("q", [1, 2, 3]).tobytes())]
+    for mids, rows_ in (([1, 2, 3.0], rows), ([1, 1 << 70], rows), ([True, 2, 3], rows),
+                        ([2, 3], [(0, 1, array.array("q", [3, 2]).tobytes())]),
+                        ([2], [(0, 1, b"\x01" * 9)]), ([2], [(0, 1, bytearray(8))])):
+        want = _same(lambda fn: _ack_device_case(fn, 5, mids, rows_, {}, {}), None,
+                     store.py_ack_device)
+        if _core is not None:
+            if isinstance(want, Exception):
+                with pytest.raises(type(want)):
+                    _ack_device_case(_core.ack_device, 5, mids, rows_, {}, {})
+            else:
+                assert _ack_device_case(_core.ack_device, 5, mids, rows_, {}, {}) == want
 
 
 @pytest.mark.parametrize("have, counts, mids, error", [

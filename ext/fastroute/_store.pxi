@@ -7,6 +7,7 @@
 #   mem_load  = py_mem_load
 #   sql_rows  = py_sql_rows
 #   shares_release = py_shares_release
+#   ack_device = py_ack_device
 #
 # tests/test_fastpath.py runs both on the same inputs and compares the dicts
 # they leave.
@@ -22,6 +23,7 @@ from cpython.dict cimport PyDict_Next
 from cpython.list cimport PyList_CheckExact
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from libc.stdint cimport INT64_MAX, int32_t
+from libc.stdlib cimport qsort
 
 
 def mem_put(list items, dict left, dict inbox, long long first, long long ttl_ms, list mids):
@@ -434,3 +436,159 @@ def shares_release(carray.array have, carray.array counts, mids):
             if held[lo] == 0:
                 gone.append(v)
     return gone
+
+
+cdef int _cmp_int64(const void* x, const void* y) noexcept nogil:
+    cdef int64_t a = (<const int64_t*>x)[0], b = (<const int64_t*>y)[0]
+    return (a > b) - (a < b)
+
+
+cdef inline int64_t _blob_mid(const char* p, Py_ssize_t i) noexcept:
+    # the blob's i-th native int64, wherever the bytes' data is aligned
+    cdef int64_t v
+    memcpy(&v, p + 8 * i, 8)
+    return v
+
+
+cdef bint _ack_inputs_plain(list mids, list rows) except -1:
+    """Whether ``ack_device``'s inputs have the shape the relay gives them:
+    exact int mids in int64 range, rows of three with a bytes blob of
+    strictly ascending int64s.  Anything else goes to the specification."""
+    cdef Py_ssize_t i, j, n
+    cdef object m, row, blob
+    cdef int overflow
+    cdef const char* p
+    for i in range(PyList_GET_SIZE(mids)):
+        m = <object>PyList_GET_ITEM(mids, i)
+        if not PyLong_CheckExact(m):
+            return False
+        PyLong_AsLongLongAndOverflow(m, &overflow)
+        if overflow:
+            return False
+    for i in range(PyList_GET_SIZE(rows)):
+        row = <object>PyList_GET_ITEM(rows, i)
+        if not (PyTuple_CheckExact(row) or PyList_CheckExact(row)) or len(row) != 3:
+            return False
+        blob = row[2]
+        if not PyBytes_CheckExact(blob) or PyBytes_GET_SIZE(blob) % 8:
+            return False
+        p = PyBytes_AS_STRING(blob)
+        n = PyBytes_GET_SIZE(blob) // 8
+        for j in range(1, n):
+            if _blob_mid(p, j - 1) >= _blob_mid(p, j):
+                return False
+    return True
+
+
+def ack_device(object key, list mids not None, list rows not None, dict partial not None,
+               dict spartial not None, object release, list drop_packs not None,
+               list drop_shares not None):
+    """One device's ack against its rows (see ``fastroute.store.py_ack_device``):
+    each row's acked mids found by a merge of two ascending int64 runs, not
+    by sets; the acked mids none of the rows holds returned ascending."""
+    cdef Py_ssize_t n = PyList_GET_SIZE(mids), nr = PyList_GET_SIZE(rows)
+    cdef Py_ssize_t m, i, j, r, hn, nh
+    cdef int64_t* acked = NULL
+    cdef Py_ssize_t* hits = NULL
+    cdef unsigned char* found = NULL
+    cdef const char* p
+    cdef object row, shared, first, blob, tkey, before, hit, new
+    cdef dict noted
+    cdef list hit_list, out
+    cdef bint sorted_run = True
+    if not _ack_inputs_plain(mids, rows):
+        from fastroute.store import py_ack_device
+        return py_ack_device(key, mids, rows, partial, spartial, release, drop_packs,
+                             drop_shares)
+    if nr == 1:
+        # the common case: the device acks one row's mids, all and in order
+        row = rows[0]
+        shared, first, blob = row
+        p = PyBytes_AS_STRING(blob)
+        if (PyBytes_GET_SIZE(blob) == 8 * n
+                and (key, first) not in (spartial if shared else partial)):
+            for i in range(n):
+                if _blob_mid(p, i) != <int64_t>(<object>PyList_GET_ITEM(mids, i)):
+                    break
+            else:
+                (drop_shares if shared else drop_packs).extend((key, first))
+                if shared:
+                    release(first, mids)
+                return []
+    acked = <int64_t*>PyMem_Malloc((n + 1) * sizeof(int64_t))
+    found = <unsigned char*>PyMem_Malloc(n + 1)
+    hits = <Py_ssize_t*>PyMem_Malloc((n + 1) * sizeof(Py_ssize_t))
+    try:
+        if acked == NULL or found == NULL or hits == NULL:
+            raise MemoryError()
+        for i in range(n):
+            acked[i] = <int64_t>(<object>PyList_GET_ITEM(mids, i))
+            if i and acked[i - 1] >= acked[i]:
+                sorted_run = False
+        m = n
+        if not sorted_run:
+            # a set's worth: ascending, each once
+            qsort(acked, n, sizeof(int64_t), _cmp_int64)
+            m = 0
+            for i in range(n):
+                if m == 0 or acked[m - 1] != acked[i]:
+                    acked[m] = acked[i]
+                    m += 1
+        memset(found, 0, m + 1)
+        for r in range(nr):
+            row = <object>PyList_GET_ITEM(rows, r)
+            shared, first, blob = row
+            p = PyBytes_AS_STRING(blob)
+            hn = PyBytes_GET_SIZE(blob) // 8
+            # both ascending: one pass over each
+            nh = 0
+            i = 0
+            j = 0
+            while i < m and j < hn:
+                if acked[i] < _blob_mid(p, j):
+                    i += 1
+                elif acked[i] > _blob_mid(p, j):
+                    j += 1
+                else:
+                    hits[nh] = i
+                    nh += 1
+                    i += 1
+                    j += 1
+            if not nh:
+                continue
+            hit_list = PyList_New(0)
+            for i in range(nh):
+                found[hits[i]] = 1
+                hit_list.append(PyLong_FromLongLong(acked[hits[i]]))
+            noted = spartial if shared else partial
+            tkey = (key, first)
+            before = noted.get(tkey)
+            if before is None:
+                if shared:
+                    release(first, hit_list)
+                if nh == hn:
+                    (drop_shares if shared else drop_packs).extend(tkey)
+                    noted.pop(tkey, None)
+                else:
+                    noted[tkey] = set(hit_list)
+                continue
+            hit = set(hit_list)
+            if shared:
+                new = hit - before
+                if new:
+                    release(first, new)
+            hit = before | hit
+            if len(hit) == hn:
+                (drop_shares if shared else drop_packs).extend(tkey)
+                noted.pop(tkey, None)
+            else:
+                noted[tkey] = hit
+        out = []
+        for i in range(m):
+            if not found[i]:
+                out.append(PyLong_FromLongLong(acked[i]))
+        return out
+    finally:
+        PyMem_Free(acked)
+        PyMem_Free(found)
+        PyMem_Free(hits)
