@@ -102,6 +102,7 @@ def test_compiled_twins_loaded():
              (groups_mod.gsend_run, groups_mod.py_gsend_run),
              (batch_mod.finish_run, batch_mod.py_finish_run),
              (keys_mod.recipients_by_sender, keys_mod.py_recipients_by_sender),
+             (keys_mod.new_targets, keys_mod.py_new_targets),
              (gate_mod.field_set, gate_mod.py_field_set),
              (wire.reply_ok_ops, wire.py_reply_ok_ops),
              (wire.leading_dsends, wire.py_leading_dsends),
@@ -2026,6 +2027,31 @@ def test_field_set_and_recipients_by_sender_twins(seed):
         assert _core.field_set(meta, 0) == want
         assert _core.field_set([list(m) for m in meta], 1) == set(range(len(meta)))
         assert _core.recipients_by_sender(reqs) == pairs
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_new_targets_twins(seed):
+    # a frame's DSENDs in runs to one peer (one str object, as the decoder
+    # gives them) and to others (equal strs made apart), some recipients
+    # already answered: each new one once, in the order it first comes
+    rng = random.Random(seed)
+    names = ["a@x.org", "b@x.org", "c@y.org", "d@y.org"]
+    ops = []
+    for _ in range(rng.randrange(0, 60)):
+        to = rng.choice(names)
+        if rng.random() < 0.3:
+            to = "".join(list(to))  # equal, not the same object
+        op = (1004, bytes(16), to, False, (), ())
+        ops.extend([op if rng.random() < 0.8 else list(op)] * rng.randrange(1, 4))
+    reach = {n: rng.random() < 0.5 for n in names if rng.random() < 0.5}
+    want = keys_mod.py_new_targets(ops, reach)
+    firsts = []
+    for op in ops:
+        if op[2] not in reach and op[2] not in firsts:
+            firsts.append(op[2])
+    assert want == firsts
+    if _core is not None:
+        assert _core.new_targets(ops, reach) == want
 
 
 class _Requester:

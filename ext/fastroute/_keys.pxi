@@ -6,6 +6,7 @@
 #   dsend_copies   = py_dsend_copies
 #   dsend_run      = py_dsend_run
 #   recipients_by_sender = py_recipients_by_sender
+#   new_targets    = py_new_targets
 #
 # tests/test_fastpath.py runs both on the same inputs and compares.
 
@@ -192,3 +193,33 @@ def recipients_by_sender(list meta):
             last = link
         tos.add(entry[2][0])
     return pairs
+
+
+def new_targets(list ops, dict reach):
+    """The recipients (``op[2]``) of ``ops`` that ``reach`` has no answer for
+    yet, each once, in the order they first come (see
+    ``fastroute.relay.keys.py_new_targets``)."""
+    cdef list new = []
+    cdef set seen = None  # past the first new recipient
+    cdef Py_ssize_t i, n = PyList_GET_SIZE(ops)
+    cdef object op, to, last = None
+    for i in range(n):
+        op = <object>PyList_GET_ITEM(ops, i)
+        if PyTuple_CheckExact(op) and PyTuple_GET_SIZE(op) > 2:
+            to = <object>PyTuple_GET_ITEM(op, 2)
+        else:
+            to = op[2]
+        # a frame's DSENDs mostly go to one peer: the decoder's ops share
+        # its str, so the same object as the op before is known at once
+        if last is not None and to is last:
+            continue
+        last = to
+        if to in reach:
+            continue
+        if seen is None:
+            seen = set()
+        elif to in seen:
+            continue
+        seen.add(to)
+        new.append(to)
+    return new
