@@ -281,16 +281,21 @@ def held_offered(dict online, list items, object skip):
     """Add the tail length of each placed ``(engine device id, (mid, tail, head))``
     item to its online feed's ``qbytes`` (items whose index is in ``skip`` were
     not placed); return the bytes added in all."""
-    cdef Py_ssize_t index, n = PyList_GET_SIZE(items), size, added = 0, run = 0
-    cdef object item, payload, dev, feed = None, have, last_dev = None
+    cdef Py_ssize_t index, n = PyList_GET_SIZE(items), size, added = 0, k
+    cdef Py_ssize_t cur = -1, nfeeds = 0
+    cdef object item, payload, dev, feed, last_dev = None
     cdef PyObject* found
     cdef bint skipping = len(skip) > 0
-    # a batch's copies go to a few devices, in runs (one peer's device) or
-    # in turns (a peer's devices, copy after copy): each feed is looked up
-    # once, and its count written once, at the end (or at an error: what was
-    # counted before it stays counted, as item by item)
-    cdef dict feeds = None  # engine id -> its feed (None: not online), past the first run
-    cdef dict sums = None   # feed -> bytes to add, past the current run
+    # a batch's copies go to a few devices, in runs (one peer's device) or in
+    # turns (a group's devices, copy after copy): each device is looked up
+    # online once, its bytes summed in C (one dict probe an item at most,
+    # none in a run), and each feed's count written once at the end (or at
+    # an error: what was counted before it stays counted, as item by item)
+    cdef dict entry_of = None  # device -> its entry in feeds (-1: not online)
+    cdef list feeds = []
+    cdef Py_ssize_t* sums = <Py_ssize_t*>PyMem_Malloc((n + 1) * sizeof(Py_ssize_t))
+    if sums == NULL:
+        raise MemoryError()
     try:
         for index in range(n):
             if skipping and index in skip:
@@ -298,39 +303,37 @@ def held_offered(dict online, list items, object skip):
             item = <object>PyList_GET_ITEM(items, index)
             dev, payload = item
             if last_dev is None or dev is not last_dev:
-                if run:
-                    if sums is None:
-                        sums = {}
-                    _add_run(sums, feed, run)
-                    run = 0
                 found = NULL
-                if last_dev is not None:
-                    # a second device in this batch (a batch for one device's
-                    # feed makes no table)
-                    if feeds is None:
-                        feeds = {last_dev: feed}
-                    found = PyDict_GetItemWithError(feeds, dev)
-                if found == NULL:
-                    found = PyDict_GetItemWithError(online, dev)
-                    feed = None if found == NULL else <object>found
-                    if feeds is not None:
-                        feeds[dev] = feed
+                if entry_of is None:
+                    entry_of = {}
                 else:
-                    feed = <object>found
+                    found = PyDict_GetItemWithError(entry_of, dev)
+                if found != NULL:
+                    cur = <Py_ssize_t><object>found
+                else:
+                    found = PyDict_GetItemWithError(online, dev)
+                    if found == NULL:
+                        cur = -1
+                    else:
+                        cur = nfeeds
+                        feeds.append(<object>found)
+                        sums[nfeeds] = 0
+                        nfeeds += 1
+                    entry_of[dev] = cur
                 last_dev = dev
-            if feed is None:
+            if cur < 0:
                 continue
             size = len(payload[1])
-            run += size
+            sums[cur] += size
             added += size
     finally:
-        if sums is not None:
-            if run:
-                _add_run(sums, feed, run)
-            for feed, have in sums.items():
-                feed.qbytes += have
-        elif run:
-            feed.qbytes += run
+        try:
+            for k in range(nfeeds):
+                if sums[k]:
+                    feed = <object>PyList_GET_ITEM(feeds, k)
+                    feed.qbytes += sums[k]
+        finally:
+            PyMem_Free(sums)
     return added
 
 
