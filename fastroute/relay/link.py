@@ -541,12 +541,13 @@ class Link(asyncio.Protocol):
 
         Its cost per op, lately, sizes the next pieces.  That cost counts the
         piece's fixed work too (a stage's setup for the piece: the sender's
-        slot, clocks, budgets), which a piece of one op pays whole: once that
-        work alone was over half the piece's time, pieces sized by the cost
-        stayed at one op for good, each paying it again (a DSEND in the test
-        suite: 20 us a piece of one, under the 25 us the piece may take).
-        So a piece that came in under its time lets the next take half as
-        many ops more; one over it shrinks the next by the cost."""
+        slot, clocks, budgets), which a small piece pays nearly whole: where
+        that work alone is over half the piece's time, pieces sized by the
+        cost kept whatever small size one slow piece gave them, each paying
+        it again (DSENDs in the test suite: one a piece, 20 us each, under
+        the 25 us a piece may take).  So a piece that came in under its time
+        lets the next take half as many ops more; one over it shrinks the
+        next by the cost."""
         cost = took / ops
         old = self.costs[kind]
         self.costs[kind] = cost if not old else 0.5 * (old + cost)
