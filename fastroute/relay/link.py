@@ -716,9 +716,11 @@ class Link(asyncio.Protocol):
         n = len(frame)
         sends = None
         by_cost = checks == _BY_COST
+        e2ee = None
         if type(frame) is wire.PackedOps:
-            end, sends = self._packed_chunk(frame, start, room, checks)
-            self.piece_kind = _PIECE_OPS if sends is None else _PIECE_SENDS
+            end, sends, e2ee = self._packed_chunk(frame, start, room, checks)
+            self.piece_kind = (_PIECE_SENDS if sends is not None
+                               else _PIECE_E2EE if e2ee is not None else _PIECE_OPS)
         else:
             if good >= 0:
                 room = min(room, self._piece(_PIECE_OPS) if by_cost else checks)
@@ -744,6 +746,8 @@ class Link(asyncio.Protocol):
         if good == _DECODED_E2EE:
             # checked as decoded: no second look at each op
             ops = frame if start == 0 and end == n else frame[start:end]
+        elif e2ee is not None:
+            ops = e2ee
         else:
             ops = wire.check_client_ops(frame, start, end, good)
         done = self._dispatch(ops)
@@ -752,35 +756,47 @@ class Link(asyncio.Protocol):
         return done
 
     def _packed_chunk(self, frame: wire.PackedOps, start: int, room: int,
-                      checks: int) -> tuple[int, list | None]:
+                      checks: int) -> tuple[int, list | None, list | None]:
         """Where the next chunk of a long frame not unpacked yet ends, and its
-        SENDs if it is made only of them: those are decoded by the compiled
-        fast path (and, in a frame of only SENDs, wait for the op budget as in
-        a frame decoded whole); any other chunk is ``checks`` ops at most (a
-        busy link's, ``_BY_COST``: as many of either kind as :meth:`_piece` says)."""
+        SENDs if it is made only of them, or its DSENDs or GSENDs if made only
+        of one of those: those are decoded by the compiled fast paths (and,
+        in a frame of only SENDs, wait for the op budget as in a frame
+        decoded whole); any other chunk is ``checks`` ops at most (a busy
+        link's, ``_BY_COST``: as many of each kind as :meth:`_piece` says)."""
         # a frame of SENDs only takes what the op budget covers now (none:
         # they wait for it, and nothing is decoded until then)
         only_sends = frame.sends_only()
         spare = self._send_room() if only_sends else 0
         if only_sends and spare <= 0:
-            return start, []
+            return start, [], None
         if checks == _BY_COST:
             n_sends = self._piece(_PIECE_SENDS)
+            n_e2ee = self._piece(_PIECE_E2EE)
             checks = self._piece(_PIECE_OPS)
-            end = min(start + room, len(frame), start + max(n_sends, checks))
+            end = min(start + room, len(frame), start + max(n_sends, checks, n_e2ee))
         else:
-            n_sends = _OPS_CHUNK
+            n_sends = n_e2ee = _OPS_CHUNK
             end = min(start + room, len(frame), start + _OPS_CHUNK)
-        sends = wire.decode_sends(frame.chunk(start, end))
+        chunk = frame.chunk(start, end)
+        sends = wire.decode_sends(chunk)
         if sends is None:
-            return min(end, start + checks), None
+            # a busy link's long frame of DSENDs or GSENDs (what an end-to-end
+            # encrypted client sends): read by the compiled decoder as a frame
+            # of them would be (None without the core), a piece of their kind
+            e2ee = wire.decode_dsends(chunk)
+            if e2ee is None:
+                e2ee = wire.decode_gsends(chunk)
+            if e2ee is not None:
+                end = min(end, start + n_e2ee)
+                return end, None, e2ee[:end - start]
+            return min(end, start + checks), None, None
         if end - start > n_sends:
             end = start + n_sends
             sends = sends[:n_sends]
         if only_sends and spare < end - start:
             end = start + spare
             sends = sends[:spare]
-        return end, sends
+        return end, sends, None
 
     def _send_room(self) -> int:
         """How many more SENDs the op budget covers now.
