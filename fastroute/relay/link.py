@@ -122,6 +122,14 @@ _PIECE_KINDS = {_DECODED_SENDS: _PIECE_SENDS, _DECODED_PINGS: _PIECE_PINGS,
 _PIECE_OF_SLICE = 0.25
 
 
+def _decode_e2ee(plaintext: bytes) -> list | None:
+    """A frame (or a long frame's chunk) of only DSENDs or only GSENDs, decoded
+    and checked by the compiled decoders; None for anything else (always
+    without the core)."""
+    ops = wire.decode_dsends(plaintext)
+    return ops if ops is not None else wire.decode_gsends(plaintext)
+
+
 class Turns:
     """The relay's fair scheduler: how much the links processed this loop turn.
 
@@ -681,9 +689,7 @@ class Link(asyncio.Protocol):
             # end-to-end encrypted client sends for every 1:1 message, or of
             # GSENDs, what it sends for every group message, checked as it is
             # decoded; its ops go the way of any checked frame's
-            e2ee = wire.decode_dsends(plaintext)
-            if e2ee is None:
-                e2ee = wire.decode_gsends(plaintext)
+            e2ee = _decode_e2ee(plaintext)
             if e2ee is not None:
                 self.partial = [e2ee, 0, _DECODED_E2EE]
                 return self._run_ops(room, checks)
@@ -783,9 +789,7 @@ class Link(asyncio.Protocol):
             # a busy link's long frame of DSENDs or GSENDs (what an end-to-end
             # encrypted client sends): read by the compiled decoder as a frame
             # of them would be (None without the core), a piece of their kind
-            e2ee = wire.decode_dsends(chunk)
-            if e2ee is None:
-                e2ee = wire.decode_gsends(chunk)
+            e2ee = _decode_e2ee(chunk)
             if e2ee is not None:
                 end = min(end, start + n_e2ee)
                 return end, None, e2ee[:end - start]
