@@ -313,6 +313,11 @@ _SYNC_MODES = ("NORMAL", "FULL", "EXTRA")
 _STOP_REPORT = "stop"
 # seconds between retries of deletes that failed (disk full), when idle
 _RETRY_S = 0.5
+# How long a batch that nobody waits on (acks, forgets, registrations) may wait
+# for one that somebody does.  Under load a transaction of acks alone fell
+# between two of puts: a commit of its own (at FULL, a sync) for deletes that
+# the next puts' commit could carry; a few milliseconds cost an ack nothing.
+_LINGER_S = 0.004
 
 
 @functools.lru_cache(maxsize=_CACHED_STATEMENTS)
@@ -561,7 +566,10 @@ class SqliteStore(_BaseStore):
     only: after a power loss or OS crash the last transactions before it may
     be rolled back, acked messages included.  Group commit makes the sync a
     cost per batch, not per message (``benches/store_put_ack.py
-    --synchronous``).
+    --synchronous``).  A batch that nobody waits on (acks, forgotten
+    devices) waits up to 4 ms for one that somebody does (a put, a flush),
+    so that under load the deletes ride on the puts' commit instead of
+    paying one of their own.
 
     Layout: the messages one transaction stores for exactly one device (most
     messages) share one row of ``packs`` with that device; those it stores
@@ -663,6 +671,7 @@ class SqliteStore(_BaseStore):
         self._partial_since: float | None = None
         # well inside erase_s: the rewrite, then the checkpoint that erases it
         self._rewrite_s = min(0.5, erase_s / 4)
+        self._linger_s = _LINGER_S
         #: packs, shares and spacks rewritten without their acked (or no longer held)
         #: messages (metrics, tests)
         self.rewrites = 0
@@ -1045,13 +1054,31 @@ class SqliteStore(_BaseStore):
             return batch
         n = 0
         limit = self._max_batch
+        waited = False  # somebody waits on this batch: commit it at once
+        linger = None   # the end of the wait for one of those
         while True:
-            kind, arg, _ = batch[-1]
+            kind, arg, fut = batch[-1]
             n += len(arg) if kind == _PUT_MANY else 1
+            if fut is not None:
+                waited = True
             if n >= limit:
                 return batch
             try:
                 batch.append(q.get_nowait())
+                continue
+            except queue.Empty:
+                if waited:
+                    return batch
+            if linger is None:
+                linger = time.monotonic() + self._linger_s
+                for due in (self._erase_due, self._rewrite_due):
+                    if due is not None and due < linger:
+                        linger = due
+            wait = linger - time.monotonic()
+            if wait <= 0:
+                return batch
+            try:
+                batch.append(q.get(timeout=wait))
             except queue.Empty:
                 return batch
 

@@ -1029,6 +1029,39 @@ def test_sqlite_acks_in_a_batch_with_puts_reach_old_and_new_messages(run, db):
     run(main())
 
 
+def test_sqlite_acks_wait_for_the_next_puts_commit_and_commit_alone_if_none_comes(run, db):
+    # under load a transaction of acks alone fell between two of puts: a
+    # commit (at FULL, a sync) of its own for deletes the next one could carry
+    async def main():
+        async with await SqliteStore.open(db) as store:
+            dev = store.register_device("a@p", "1")
+            mids = await store.put_many([("s@p", CID, b"m%d" % i, T0, [dev])
+                                         for i in range(10)])
+            store._linger_s = 30.0  # far longer than this test: puts end the wait
+            before = store.commits
+            store.ack(dev, mids[:4])
+            while store._queue.qsize():  # the writer holds the ack ...
+                await asyncio.sleep(0.001)
+            await asyncio.sleep(0.05)
+            assert store.commits == before  # ... and has not committed it
+            more = await store.put_many([("s@p", CID, b"n", T0, [dev])])
+            assert store.commits == before + 1  # one commit for both
+            await store.flush()  # (reads see part of a pack acked after one)
+            assert [r[0] for r in await store.load(dev, 0, 100)] == mids[4:] + more
+            # with nobody to wait for, acks commit on their own after the wait
+            store._linger_s = 0.05
+            before = store.commits
+            store.ack(dev, mids[4:])
+            for _ in range(5000):
+                if store.commits > before:
+                    break
+                await asyncio.sleep(0.001)
+            assert store.commits == before + 1
+            await store.flush()
+            assert [r[0] for r in await store.load(dev, 0, 100)] == more
+    run(main())
+
+
 def test_sqlite_reserves_mids_a_block_at_a_time(run, db):
     # meta's next_mid is written once a block of mids, not every transaction;
     # a reopened store starts past the block, so no mid ever comes back
