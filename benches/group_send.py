@@ -171,6 +171,9 @@ def main() -> None:
                     help="the SQLite store's (the relay's default when not given: FULL)")
     ap.add_argument("--scale", type=int, default=1,
                     help="send K times the messages of a run (longer runs, less noise)")
+    ap.add_argument("--modes", nargs="*", choices=("send", "gsend", "nats"),
+                    help="run only these (default: all three; nats only when found);"
+                         " the ratios need send and gsend")
     args = ap.parse_args()
     e2ee_send.RELAY_PATH = args.relay_path
     global SYNCHRONOUS
@@ -188,6 +191,8 @@ def main() -> None:
     results = {}
     for n in args.fanout:
         modes = ["send", "gsend"] + (["nats"] if server else [])
+        if args.modes is not None:
+            modes = [m for m in modes if m in args.modes]
         for mode in modes:
             rates, cpus = [], []
             for _ in range(args.runs):
@@ -205,6 +210,8 @@ def main() -> None:
                   flush=True)
     print("\nratios against v1 send to the same number of devices (same script, same machine):")
     for n in args.fanout:
+        if (n, "send") not in results or (n, "gsend") not in results:
+            continue
         rs, cs = results[(n, "send")]
         rg, cg = results[(n, "gsend")]
         line = (f"  {n:>4} devices: gsend throughput x{rg / rs:.2f}, "
