@@ -1796,11 +1796,12 @@ def test_sync_rows_twins_with_per_device_copies(negotiated):
         assert [(op[0], op[4]) for op in ops] == [(18, b"v1"), (18, b"v1b")]
 
 
-def _dsend_case(fn, entries, skip):
+def _dsend_case(fn, entries, skip, slot_class=None):
     from fastroute.relay.keys import Slot
 
-    devs = {1: Slot("r@x.org", "phone", 1, 11), 2: Slot("r@x.org", "laptop", 2, 12),
-            5: Slot("r@x.org", "tablet", 5, 15)}
+    cls = slot_class or Slot  # the class in use unless told
+    devs = {1: cls("r@x.org", "phone", 1, 11), 2: cls("r@x.org", "laptop", 2, 12),
+            5: cls("r@x.org", "tablet", 5, 15)}
     for did, slot in devs.items():
         slot.keyed(100 + did)
     items: list = []
@@ -1830,6 +1831,12 @@ def test_dsend_copies_twins(entries, skip, ok):
 
     got = _same(lambda: _dsend_case(keys.py_dsend_copies, entries, skip),
                 _core and (lambda: _dsend_case(_core.dsend_copies, entries, skip)))
+    if _core is not None:
+        # the compiled loop reads its own slots' fields directly, and takes
+        # the specification's slots (any other class) through their attributes
+        for cls in (keys.PySlot, _core.Slot):
+            assert _dsend_case(_core.dsend_copies, entries, skip, cls) == got
+            assert _dsend_case(keys.py_dsend_copies, entries, skip, cls) == got
     assert got[0] is ok
     if not ok:
         assert got[1:] == ([], [])
@@ -1840,6 +1847,24 @@ def test_dsend_copies_twins(entries, skip, ok):
     for (did, _, body), (target, name, (head, tail)) in zip(entries, got[2]):
         assert (target, name, head) == ("r@x.org", names[did], keys.DDELIVER_HEAD)
         assert tail == wire.py_deliver_tail(SENDER_PACKED, MID, body, TS_PACKED, 0)
+
+
+@pytest.mark.skipif(_core is None, reason="the compiled core is not built")
+def test_slot_twins():
+    from fastroute.relay import keys
+
+    assert keys.Slot is _core.Slot
+    for cls in (keys.PySlot, _core.Slot):
+        slot = cls("r@x.org", "phone", 3, 12345)
+        assert (slot.address, slot.name, slot.device_id, slot.reg_id, slot.seen,
+                slot.dkeys) == ("r@x.org", "phone", 3, 12345, 0, (0,))
+        slot.keyed(77)
+        slot.seen = 1_700_000_000
+        slot.reg_id = 9
+        assert (slot.dkeys, slot.seen, slot.reg_id) == ((77,), 1_700_000_000, 9)
+        assert cls("a", "b", 1, 2, 5).seen == 5
+        with pytest.raises(AttributeError):
+            slot.other = 1  # a slot holds its six fields and nothing else
 
 
 def _dsend_run_case(fn, table, seed):

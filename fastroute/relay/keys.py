@@ -60,7 +60,7 @@ if TYPE_CHECKING:
     from .groups import Groups
     from .safety import Safety
 
-__all__ = ["KeyDirectory", "Keys", "Slot", "EVENT_POOL_LOW", "EVENT_DEVICE_JOINED",
+__all__ = ["KeyDirectory", "Keys", "PySlot", "Slot", "EVENT_POOL_LOW", "EVENT_DEVICE_JOINED",
            "EVENT_DEVICE_LEFT", "copy_sender", "dsend_copies", "dsend_run", "event_sender",
            "new_targets", "py_dsend_copies", "py_dsend_run", "py_new_targets",
            "py_recipients_by_sender", "recipients_by_sender"]
@@ -277,8 +277,12 @@ def py_new_targets(ops: list, reach: dict) -> list:
 new_targets = twin(py_new_targets)
 
 
-class Slot:
-    """One device's place in its address's device list (what memory keeps of it)."""
+class PySlot:
+    """One device's place in its address's device list (what memory keeps of it).
+
+    The specification of :data:`Slot`, the class in use (compiled when the
+    core is: the DSEND loop reads its fields for every copy).
+    """
 
     __slots__ = ("address", "name", "device_id", "reg_id", "seen", "dkeys")
 
@@ -297,6 +301,10 @@ class Slot:
     def keyed(self, dkey: int) -> None:
         """Set the device's key in the message store."""
         self.dkeys = (dkey,)
+
+
+#: the device slot class in use: ``fastroute._core.Slot``, or :class:`PySlot`
+Slot = twin(PySlot)
 
 
 class KeyDirectory:
@@ -322,8 +330,8 @@ class KeyDirectory:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.executescript(_SCHEMA)
-        self.lists: dict[str, dict[int, Slot]] = {}
-        self.by_name: dict[tuple[str, str], Slot] = {}
+        self.lists: dict[str, dict[int, PySlot]] = {}
+        self.by_name: dict[tuple[str, str], PySlot] = {}
         for address, name, did, reg, seen in self._conn.execute(
                 "SELECT address, name, device_id, reg_id, seen_s FROM slots"):
             self._remember(Slot(address, name, did, reg, seen))
@@ -335,11 +343,11 @@ class KeyDirectory:
         self.commits = 0
 
     # --------------------------------------------------------- memory mirror
-    def _remember(self, slot: Slot) -> None:
+    def _remember(self, slot: PySlot) -> None:
         self.lists.setdefault(slot.address, {})[slot.device_id] = slot
         self.by_name[(slot.address, slot.name)] = slot
 
-    def _forget(self, slot: Slot) -> None:
+    def _forget(self, slot: PySlot) -> None:
         devs = self.lists.get(slot.address)
         if devs is not None and devs.get(slot.device_id) is slot:
             del devs[slot.device_id]
@@ -348,7 +356,7 @@ class KeyDirectory:
         if self.by_name.get((slot.address, slot.name)) is slot:
             del self.by_name[(slot.address, slot.name)]
 
-    def slot(self, address: str, name: str) -> Slot | None:
+    def slot(self, address: str, name: str) -> PySlot | None:
         """The slot of device ``name`` of ``address``, if it published keys."""
         return self.by_name.get((address, name))
 
@@ -668,7 +676,7 @@ class Keys:
         groups = self.groups
         return groups is not None and groups.shares_group(link.address, address)
 
-    def _my_slot(self, link: "LinkPort") -> Slot | None:
+    def _my_slot(self, link: "LinkPort") -> PySlot | None:
         assert link.cred is not None
         return self.dir.slot(link.address, link.cred.device)
 
@@ -1043,7 +1051,7 @@ class Keys:
             fut = self.dir.submit(self.dir.remove_work(slot.address, slot.name))
             self.delivery.forget_device(slot.address, slot.name)
 
-            def done(f: asyncio.Future, slot: Slot = slot) -> None:
+            def done(f: asyncio.Future, slot: PySlot = slot) -> None:
                 if not f.cancelled() and f.exception() is None and f.result() is not None:
                     self._event_to_others(slot.address, slot.device_id, EVENT_DEVICE_LEFT,
                                           [slot.device_id])
