@@ -64,7 +64,7 @@ cdef bint c_dsend_copies(dict devs, tuple ents, long skip, str target, str store
     cdef Py_ssize_t n = PyTuple_GET_SIZE(ents), i
     cdef unsigned long long seen[2]
     cdef long did
-    cdef object entry, slot, body, reg, key
+    cdef object entry, slot, body, reg, key, rid, name, dkeys
     cdef Slot cs
     cdef PyObject* found
     # each entry's slot, found once (borrowed: devs holds them, and nothing
@@ -93,14 +93,15 @@ cdef bint c_dsend_copies(dict devs, tuple ents, long skip, str target, str store
         found = PyDict_GetItemWithError(devs, key)
         if found == NULL:
             return False
+        # a compiled slot's fields are struct members; a slot of any other
+        # class (the specification's, in the twin tests) has attributes
         if type(<object>found) is Slot:
             cs = <Slot>found
-            if cs.reg_id is not reg and cs.reg_id != reg:
-                return False
-        else:  # a slot of the specification's class (the twin tests)
-            slot = <object>found
-            if slot.reg_id != reg:
-                return False
+            rid = cs.reg_id
+        else:
+            rid = (<object>found).reg_id
+        if rid != reg:
+            return False
         slots[i] = found
     for i in range(n):
         entry = <object>PyTuple_GET_ITEM(ents, i)
@@ -110,14 +111,15 @@ cdef bint c_dsend_copies(dict devs, tuple ents, long skip, str target, str store
             body = entry[2]
         if type(<object>slots[i]) is Slot:
             cs = <Slot>slots[i]
-            items.append((stored_sender, cid, body, now_ms, cs.dkeys))
-            copies.append((target, cs.name,
-                           (DDELIVER_HEAD_BYTES, c_deliver_tail(sp, cid, body, ts_packed, 0))))
+            name = cs.name
+            dkeys = cs.dkeys
         else:
             slot = <object>slots[i]
-            items.append((stored_sender, cid, body, now_ms, slot.dkeys))
-            copies.append((target, slot.name,
-                           (DDELIVER_HEAD_BYTES, c_deliver_tail(sp, cid, body, ts_packed, 0))))
+            name = slot.name
+            dkeys = slot.dkeys
+        items.append((stored_sender, cid, body, now_ms, dkeys))
+        copies.append((target, name,
+                       (DDELIVER_HEAD_BYTES, c_deliver_tail(sp, cid, body, ts_packed, 0))))
     return True
 
 
