@@ -1036,6 +1036,12 @@ class SqliteStore(_BaseStore):
         if futs:
             self._post(_fail_all, futs, self._dead)
 
+    def _next_due(self) -> float | None:
+        """When the writer next has work of its own (the erasing checkpoint,
+        the rewrite of partly acked rows), monotonic; None: nothing due."""
+        dues = [d for d in (self._erase_due, self._rewrite_due) if d is not None]
+        return min(dues) if dues else None
+
     def _take_batch(self) -> list[tuple]:
         """The next batch of requests; [] when a checkpoint falls due first."""
         q = self._queue
@@ -1044,10 +1050,10 @@ class SqliteStore(_BaseStore):
         # writes kept for a retry go again at least every _RETRY_S; a due
         # checkpoint runs even when no request comes
         timeout = _RETRY_S if batch else None
-        for due in (self._erase_due, self._rewrite_due):
-            if due is not None:
-                wait = max(0.0, due - time.monotonic())
-                timeout = wait if timeout is None else min(timeout, wait)
+        due = self._next_due()
+        if due is not None:
+            wait = max(0.0, due - time.monotonic())
+            timeout = wait if timeout is None else min(timeout, wait)
         try:
             batch.append(q.get(timeout=timeout))
         except queue.Empty:
@@ -1071,9 +1077,9 @@ class SqliteStore(_BaseStore):
                     return batch
             if linger is None:
                 linger = time.monotonic() + self._linger_s
-                for due in (self._erase_due, self._rewrite_due):
-                    if due is not None and due < linger:
-                        linger = due
+                due = self._next_due()
+                if due is not None and due < linger:
+                    linger = due
             wait = linger - time.monotonic()
             if wait <= 0:
                 return batch
