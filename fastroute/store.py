@@ -1007,8 +1007,19 @@ class SqliteStore(_BaseStore):
         self._post(_settle_one, ready, result, None)
         try:
             while True:
-                batch = self._take_batch()
-                if (batch or self._rewrite_due is not None) and self._write_batch(batch):
+                # The requests' objects (the messages' tuples and bodies, the
+                # acked ids) were made on the loop's thread: they are freed
+                # there too, by emptying this holder.  Freed here, each block
+                # was a cache line that the writer's core took from the loop's
+                # and gave back when the loop reused it: in a 1:1 run the
+                # loop's allocations and the writer's frees were a tenth of
+                # each thread's profile.
+                held = [self._take_batch()]
+                stop = ((held[0] or self._rewrite_due is not None)
+                        and self._write_batch(held[0]))
+                if held[0]:
+                    self._post(held.clear)
+                if stop:
                     # a clean stop leaves no WAL behind: its frames hold the
                     # bodies of messages deleted since the last checkpoint
                     self._erase_due = 0.0
@@ -1107,7 +1118,8 @@ class SqliteStore(_BaseStore):
             if kind == _PUT_MANY:
                 # mids are given in queue order; the rows are laid out below
                 puts.append(arg)
-                done.append((fut, list(range(mid, mid + len(arg)))))
+                # a range: the loop's thread makes the list (see _settle_all)
+                done.append((fut, range(mid, mid + len(arg))))
                 mid += len(arg)
             elif kind == _PUT:
                 puts.append([arg])
@@ -2126,7 +2138,9 @@ def _settle_one(fut: asyncio.Future, result, error) -> None:
 def _settle_all(pairs: list[tuple]) -> None:
     for fut, result in pairs:
         if not fut.done():
-            fut.set_result(result)
+            # a put_many's mids come as a range: their ints are made on the
+            # thread that uses and frees them (see SqliteStore._writer_main)
+            fut.set_result(list(result) if type(result) is range else result)
 
 
 def _fail_all(futs: Iterable[asyncio.Future], reason: str) -> None:
