@@ -507,18 +507,23 @@ class Window(asyncio.Protocol):
 async def pace(t0: float, sent: int, n: int, rate: float, batch: int = BATCH) -> int:
     """How many sends are due now: a ``batch`` unpaced, else what ``rate`` allows so far.
 
-    Paced, the sender sleeps to the next PACE_TICK boundary when nothing is
-    due, so both systems get the same bursts (``rate * PACE_TICK`` messages)
-    at the same times: a sub-millisecond trickle would measure little but
-    each server's cost per wakeup.
+    Paced, a tick's messages (``rate * PACE_TICK``) are all due at its start
+    and the sender sleeps to the next PACE_TICK boundary once they are sent,
+    so both systems get the same bursts at the same times: a sub-millisecond
+    trickle would measure little but each server's cost per wakeup.  (Before
+    session 20 what was due grew with the clock inside a tick, so a sender
+    whose loop took longer than ``1 / rate`` never slept: it trickled frames
+    of one to three messages, and each system's cost per frame is what the
+    paced figures measured; ``--batch 1 --window 1`` measures that regime
+    on purpose.)
     """
     if not rate:
         return min(batch, n - sent)
     now = time.monotonic()
-    k = min(batch, min(n, int((now - t0) * rate) + 1) - sent)
+    tick = int((now - t0) / PACE_TICK) + 1
+    k = min(batch, min(n, int(tick * PACE_TICK * rate)) - sent)
     if k <= 0:
-        ticks = int((now - t0) / PACE_TICK) + 1
-        await asyncio.sleep(max(0.0, t0 + ticks * PACE_TICK - now))
+        await asyncio.sleep(max(0.0, t0 + tick * PACE_TICK - now))
         return 0
     return k
 
