@@ -1009,16 +1009,20 @@ class SqliteStore(_BaseStore):
             while True:
                 # The requests' objects (the messages' tuples and bodies, the
                 # acked ids) were made on the loop's thread: they are freed
-                # there too, by emptying this holder.  Freed here, each block
+                # there too, by emptying this holder (the writer keeps no other
+                # reference once _write_batch returns).  Freed here, each block
                 # was a cache line that the writer's core took from the loop's
                 # and gave back when the loop reused it: in a 1:1 run the
                 # loop's allocations and the writer's frees were a tenth of
                 # each thread's profile.
                 held = [self._take_batch()]
-                stop = ((held[0] or self._rewrite_due is not None)
-                        and self._write_batch(held[0]))
-                if held[0]:
-                    self._post(held.clear)
+                stop, done = (self._write_batch(held[0])
+                              if held[0] or self._rewrite_due is not None else (False, []))
+                if done:
+                    # one call on the loop's thread answers the waiters and
+                    # frees the batch (a batch nobody waits on, acks alone, is
+                    # freed here: a wake-up of the loop costs more than that)
+                    self._post(_settle_all, done, held)
                 if stop:
                     # a clean stop leaves no WAL behind: its frames hold the
                     # bodies of messages deleted since the last checkpoint
@@ -1099,11 +1103,10 @@ class SqliteStore(_BaseStore):
             except queue.Empty:
                 return batch
 
-    def _write_batch(self, batch: list[tuple]) -> bool:
-        """Apply ``batch`` in one transaction and settle its futures.
-
-        Returns True when the batch held the stop request.
-        """
+    def _write_batch(self, batch: list[tuple]) -> tuple[bool, list[tuple]]:
+        """Apply ``batch`` in one transaction; return whether it held the stop
+        request, and the ``(future, result)`` pairs the loop is to settle
+        (failures are posted here)."""
         mid = self._next_mid
         puts: list[list] = []           # the put requests' items, in queue order
         done: list[tuple] = []          # (future, result) settled on success
@@ -1232,9 +1235,7 @@ class SqliteStore(_BaseStore):
                 self._post(_fail_all, [fut], puts_error)
             else:
                 done.append((fut, None))
-        if done:
-            self._post(_settle_all, done)
-        return stop
+        return stop, done
 
     def _rows_apart(self, puts: list, done: list) -> tuple:
         """The rows of ``puts`` laid out one request at a time; a request whose
@@ -2135,12 +2136,14 @@ def _settle_one(fut: asyncio.Future, result, error) -> None:
         fut.set_exception(error)
 
 
-def _settle_all(pairs: list[tuple]) -> None:
+def _settle_all(pairs: list[tuple], held: list | None = None) -> None:
     for fut, result in pairs:
         if not fut.done():
             # a put_many's mids come as a range: their ints are made on the
             # thread that uses and frees them (see SqliteStore._writer_main)
             fut.set_result(list(result) if type(result) is range else result)
+    if held is not None:
+        held.clear()  # the batch's last reference: freed on this thread
 
 
 def _fail_all(futs: Iterable[asyncio.Future], reason: str) -> None:
