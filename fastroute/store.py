@@ -2157,23 +2157,25 @@ def _fail_all(futs: Iterable[asyncio.Future], reason: str) -> None:
 # -- MemoryStore's per-message loops: the specifications of _store.pxi's twins --
 
 
-def py_mem_put(items: list, left: dict, inbox: dict, first: int, ttl_ms: int,
-               mids: list) -> None:
+def py_mem_put(items: list, left: dict, inbox: dict, first: int, mids: list) -> None:
     """MemoryStore's put loop: store ``(sender, id, body, ts_ms, device_keys)``
     items from mid ``first`` on, appending each mid to ``mids`` once stored
     (an item for no device is refused, as a validated put refuses it: every
     stored message is in some inbox, which acks or expiry empty).
 
-    Each device's inbox gets ``mid -> (sender, id, body, ts_ms, exp_ms)``, one
-    tuple shared by the message's inboxes; ``left`` the number of inboxes
-    holding a message when it is more than one (most messages are for one
-    device: their one ack deletes them).
+    Each device's inbox gets ``mid -> (sender, id, body, ts_ms, device_keys)``,
+    the item itself (a tuple copy of one that is not exactly a tuple), shared
+    by the message's inboxes, not a tuple of its own (the store expires a
+    message by its stamp: ``MemoryStore.expire``).  ``left`` holds the number
+    of inboxes holding a message when it is more than one (most messages are
+    for one device: their one ack deletes them).
     """
     mid = first
-    for sender, cid, body, ts, devs in items:
+    for item in items:
+        sender, cid, body, ts, devs = item
         if not devs:
             raise InvalidArgument("device_keys must not be empty")
-        msg = (sender, cid, body, ts, ts + ttl_ms)
+        msg = item if type(item) is tuple else (sender, cid, body, ts, devs)
         if len(devs) > 1:
             left[mid] = len(devs)
         for d in devs:
@@ -2194,7 +2196,7 @@ def py_mem_load(box: dict, after_mid: int, limit: int) -> list:
     for m, msg in box.items():
         if m > after_mid:
             if type(msg) is not tuple or len(msg) != 5:
-                raise WrongType("an inbox holds (sender, id, body, ts_ms, exp_ms) tuples")
+                raise WrongType("an inbox holds (sender, id, body, ts_ms, device_keys) tuples")
             out.append((m, *msg[:4]))
             if len(out) >= limit:
                 break
@@ -2239,8 +2241,8 @@ class MemoryStore(_BaseStore):
 
     def __init__(self, loop, ttl_s: int) -> None:
         super().__init__(loop, ttl_s)
-        # device_key -> {mid: (sender, cid, body, ts_ms, exp_ms)} in mid
-        # order (one tuple shared by a message's inboxes), mid -> inboxes
+        # device_key -> {mid: (sender, cid, body, ts_ms, device_keys)} in
+        # mid order (the put's item, shared by a message's inboxes), mid -> inboxes
         # holding it for the messages more than one inbox holds, and how many
         # messages some inbox holds
         self._inbox: dict[int, dict[int, tuple]] = {}
@@ -2294,7 +2296,7 @@ class MemoryStore(_BaseStore):
         mids: list[int] = []
         try:
             _mem_put(items if type(items) is list else list(items), self._left, self._inbox,
-                     self._next_mid, self._ttl_ms, mids)
+                     self._next_mid, mids)
         finally:
             self._next_mid += len(mids)  # mids stay unique even if an item was bad
             self._messages += len(mids)  # each of them is in some inbox
@@ -2331,9 +2333,10 @@ class MemoryStore(_BaseStore):
         self._check_open()
         now_ms = _check_sql_int(now_ms, "now_ms")
         dead: set[int] = set()
+        # a message expires ttl after its stamp: the stamps up to this one
+        oldest = now_ms - self._ttl_ms
         for box in self._inbox.values():
-            # a message's inboxes share its tuple, and so its expiry
-            gone = [m for m, msg in box.items() if msg[4] <= now_ms]
+            gone = [m for m, msg in box.items() if msg[3] <= oldest]
             for m in gone:
                 del box[m]
             dead.update(gone)

@@ -13,10 +13,10 @@
 # they leave.
 #
 # The layout is MemoryStore's: ``inbox`` maps device key -> {mid: (sender,
-# id, body, ts_ms, exp_ms), ...} in mid order, one tuple shared by a
-# message's inboxes (one dict write a message and device, no table of
-# messages beside); ``left`` mid -> inboxes holding it, for the messages
-# more than one inbox holds.
+# id, body, ts_ms, device_keys), ...} in mid order, the put's item itself
+# shared by a message's inboxes (one dict write a message and device, no
+# table of messages beside, no tuple of its own); ``left`` mid -> inboxes
+# holding it, for the messages more than one inbox holds.
 
 from cpython cimport array as carray
 from cpython.dict cimport PyDict_Next
@@ -26,7 +26,7 @@ from libc.stdint cimport INT64_MAX, int32_t
 from libc.stdlib cimport qsort
 
 
-def mem_put(list items, dict left, dict inbox, long long first, long long ttl_ms, list mids):
+def mem_put(list items, dict left, dict inbox, long long first, list mids):
     """Store ``items`` ``(sender, id, body, ts_ms, device_keys)`` from mid ``first`` on
     (an item for no device is refused: InvalidArgument).
 
@@ -36,18 +36,18 @@ def mem_put(list items, dict left, dict inbox, long long first, long long ttl_ms
     """
     cdef long long mid = first
     cdef object item, sender, cid, body, ts, devs, d, key, box, msg
-    cdef object last_ts = None, exp = None, last_devs = None
+    cdef object last_devs = None
     cdef list boxes = None
     cdef dict by_keys = None  # device keys (a tuple) -> their inboxes, past the first
     cdef PyObject* found
     cdef Py_ssize_t ndevs = 0
     for item in items:
         sender, cid, body, ts, devs = item
-        # a batch's messages share their stamp, and a run of them its
-        # recipient's device keys: the sum and the inboxes once a run
-        if ts is not last_ts:
-            exp = ts + ttl_ms
-            last_ts = ts
+        # the item itself is what the inboxes hold (one tuple less a
+        # message); a caller's list or subclass is copied into a tuple
+        msg = item if PyTuple_CheckExact(item) else (sender, cid, body, ts, devs)
+        # a run of a batch's messages shares its recipient's device keys:
+        # the inboxes once a run
         if devs is not last_devs:
             # per-device copies in turns (a peer's devices, copy after copy)
             # are stored under each device's one tuple of keys: its inboxes
@@ -76,7 +76,6 @@ def mem_put(list items, dict left, dict inbox, long long first, long long ttl_ms
         if not ndevs:
             raise InvalidArgument("device_keys must not be empty")
         key = PyLong_FromLongLong(mid)
-        msg = (sender, cid, body, ts, exp)
         if ndevs > 1:
             left[key] = ndevs
         for box in boxes:
@@ -123,7 +122,7 @@ def mem_load(dict box, after_mid, Py_ssize_t limit):
         m = <object>key
         if m > after_mid:
             if not PyTuple_CheckExact(<object>value) or PyTuple_GET_SIZE(<object>value) != 5:
-                raise WrongType("an inbox holds (sender, id, body, ts_ms, exp_ms) tuples")
+                raise WrongType("an inbox holds (sender, id, body, ts_ms, device_keys) tuples")
             msg = <object>value
             out.append((m, msg[0], msg[1], msg[2], msg[3]))
             if PyList_GET_SIZE(out) >= limit:
