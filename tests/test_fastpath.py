@@ -342,7 +342,7 @@ def _stored_run(fn, impl, meta, entries):
 
 def test_stored_sacks():
     ids = [bytes([i]) * 16 for i in range(5)]
-    meta = [(ADDR, b"tail", cid) for cid in ids]
+    meta = [x for cid in ids for x in (ADDR, b"tail", cid)]  # flat: to, tail, id
     entries = [("a@b.c", ids[0], PENDING, 1.0, None),
                ("a@b.c", ids[1], PENDING, 1.0, [("conn", ids[1])]),
                ("a@b.c", ids[3], PENDING, 2.0, [("c1", ids[3]), ("c2", ids[3])])]
@@ -357,17 +357,20 @@ def test_stored_sacks():
     # every stored id is now decided at 12.5, absent ones recorded too
     assert [(k[1], v) for k, v, _ in contents] == [(cid, (0, 12.5)) for cid in
                                                    (ids[0], ids[1], ids[3], ids[2], ids[4])]
-    bad = [(ADDR, b"tail", ids[0][:15])]
-    for fn, impl in ((gate_mod.py_stored_sacks, py), (c and _core.stored_sacks, c)):
-        if fn is not None:
-            with pytest.raises(InvalidArgument):
-                _stored_run(fn, impl, bad, [])
+    # a short id, and a meta that is not whole triples
+    for bad in ([ADDR, b"tail", ids[0][:15]], [ADDR, b"tail", ids[0], ADDR]):
+        for fn, impl in ((gate_mod.py_stored_sacks, py), (c and _core.stored_sacks, c)):
+            if fn is not None:
+                with pytest.raises(InvalidArgument):
+                    _stored_run(fn, impl, bad, [])
 
 
 def test_route_items():
-    meta = [(ADDR, b"t%d" % i, ("s", b"%d" % i)) for i in range(4)]
+    meta = [x for i in range(4) for x in (ADDR, b"t%d" % i, ("s", b"%d" % i))]
     assert _same(*_both(gate_mod.py_route_items), meta,
                  [10, 11, 12, 13]) == [(ADDR, (10 + i, b"t%d" % i)) for i in range(4)]
+    # fewer mids than messages (a refused batch's tail): the first ones
+    assert _same(*_both(gate_mod.py_route_items), meta, [7]) == [(ADDR, (7, b"t0"))]
     assert _same(*_both(gate_mod.py_route_items), [], []) == []
 
 
@@ -816,12 +819,12 @@ def test_accept_sends_twins(require_consent, tokens, taps):
     if tokens == (1000.0, 1e9):
         want = [0, 5, 9] if require_consent else [0, 3, 5, 9]
         assert [it[1] for it in store_items] == [ids[i] for i in want]
-        assert [it[0] for it in meta] == [sends[i][2] for i in want]
+        assert meta[0::3] == [sends[i][2] for i in want]  # flat: to, tail, id
         assert [to for to, _ in ephemeral] == ["dave@other.net", ADDR, ADDR]
         assert entries[ids[0]] == ((PENDING, 100.0), [("conn", ids[0])])
         assert entries[ids[9]] == ((PENDING, 100.0), None)  # expired: taken anew
         assert entries[ids[6]] == ((0, 100.0), None)  # ephemeral: decided at once
-        assert [it[2] for it in meta] == [ids[i] for i in want]
+        assert meta[2::3] == [ids[i] for i in want]
         assert wire.sack_op(ids[8], 0) in out
         # no enumeration: for a sender the address never accepted, unknown
         # answers like not opted in (the same code from the same check)
@@ -2048,9 +2051,19 @@ def test_field_set_and_recipients_by_sender_twins(seed):
     reqs = [(rng.choice(links), bytes(16), (rng.choice(names), [])) for _ in range(len(meta))]
     pairs = keys_mod.py_recipients_by_sender(reqs)
     assert sum(len(v) for v in pairs.values()) == len({(r[0].address, r[2][0]) for r in reqs})
+    # the gate's flat meta (to, tail, id a message): every third from the first
+    flat = [x for m in meta for x in m]
+    assert gate_mod.py_field_set(flat, 0, 3) == want
+    assert gate_mod.py_field_set(flat, 1, 3) == set(range(len(meta)))
+    with pytest.raises(ValueError):
+        gate_mod.py_field_set(flat, 0, -3)
     if _core is not None:
         assert _core.field_set(meta, 0) == want
         assert _core.field_set([list(m) for m in meta], 1) == set(range(len(meta)))
+        assert _core.field_set(flat, 0, 3) == want
+        assert _core.field_set(flat, 1, 3) == set(range(len(meta)))
+        with pytest.raises(ValueError):
+            _core.field_set(flat, 0, -3)
         assert _core.recipients_by_sender(reqs) == pairs
 
 
@@ -2598,7 +2611,7 @@ def test_accept_sends_twins_across_prefetch_batches(max_entries):
 @needs_c
 def test_stored_sacks_twins_across_prefetch_batches():
     ids = [i.to_bytes(2, "big") * 8 for i in range(40)]
-    meta = [(ADDR, b"tail", cid) for cid in ids]
+    meta = [x for cid in ids for x in (ADDR, b"tail", cid)]
     entries = [("a@b.c", ids[i], PENDING, 1.0, [("conn", ids[i])] if i % 5 == 0 else None)
                for i in range(0, 40, 2)]
     py, c = _twins()

@@ -230,8 +230,8 @@ def accept_sends(SendGate gate not None, LinkGate lg not None, list sends, objec
     ``gate.count_error`` and answered with ``gate.sack_op(id, code)``; it is
     not remembered.  Accepted persistent messages get a PENDING entry and one
     item in ``store_items`` (``(sender, id, body, ts_ms, device_keys)``) and
-    ``meta`` (``(to, tail, id)``) each; accepted ephemeral ones are acked at
-    once and recorded with code 0.
+    three entries in ``meta``, ``to, tail, id`` (flat: no tuple a message);
+    accepted ephemeral ones are acked at once and recorded with code 0.
 
     Returns the ephemeral ``(to, (0, tail))`` items (or None).  The quota
     left is written back to ``lg.msg_tokens`` and ``lg.byte_tokens`` (left
@@ -349,7 +349,9 @@ def accept_sends(SendGate gate not None, LinkGate lg not None, list sends, objec
             else:
                 dedup.c_record(sender, cid, h, DEDUP_PENDING, tnow, slot, at)
                 store_items.append((sender, cid, body, now_ms, devs))
-                meta.append((to, tail, cid))
+                meta.append(to)
+                meta.append(tail)
+                meta.append(cid)
             if taps:
                 for tap in taps:
                     tap(now_ms, sender, to, size, cls)
@@ -363,28 +365,28 @@ def stored_sacks(list meta, str sender, DedupTable dedup not None, double now, l
                  ack_all):
     """The relay's per-message bookkeeping after a store batch of ``sender``'s committed.
 
-    For each ``(to, tail, id)`` of ``meta``: decide the id's dedup entry
+    For each ``to, tail, id`` of the flat ``meta``: decide the id's dedup entry
     (code 0 at ``now``), answer the waiters that resent it meanwhile through
     ``ack_all(None, id, 0, waiters)``, then append the sender's SACK-ok to
     ``out`` -- in that order, per message.
     """
     cdef Py_ssize_t i, base, n = PyList_GET_SIZE(meta)
-    cdef object item, cid, waiters
+    cdef object cid, waiters
     cdef Py_hash_t hashes[DEDUP_BATCH]
     cdef Py_hash_t h
+    if n % 3:
+        raise InvalidArgument("meta holds to, tail, id for each message")
+    n //= 3
     for base in range(0, n, DEDUP_BATCH):
         # as in accept_sends: hash and prefetch a few ahead so the misses overlap
         for i in range(base, min(n, base + DEDUP_BATCH)):
-            item = meta[i]
-            if PyTuple_CheckExact(item) and PyTuple_GET_SIZE(item) >= 3:
-                cid = <object>PyTuple_GET_ITEM(item, 2)
-                if PyBytes_CheckExact(cid) and PyBytes_GET_SIZE(cid) == 16:
-                    h = dedup_hash(sender, cid)
-                    hashes[i - base] = h
-                    dedup.c_prefetch(h)
+            cid = meta[3 * i + 2]
+            if PyBytes_CheckExact(cid) and PyBytes_GET_SIZE(cid) == 16:
+                h = dedup_hash(sender, cid)
+                hashes[i - base] = h
+                dedup.c_prefetch(h)
         for i in range(base, min(n, base + DEDUP_BATCH)):
-            item = meta[i]
-            cid = item[2]
+            cid = meta[3 * i + 2]
             if not PyBytes_CheckExact(cid) or PyBytes_GET_SIZE(cid) != 16:
                 raise InvalidArgument("message id must be 16 bytes")
             waiters = dedup.c_finish_h(sender, cid, hashes[i - base], 0, now)
@@ -394,23 +396,36 @@ def stored_sacks(list meta, str sender, DedupTable dedup not None, double now, l
 
 
 def route_items(list meta, list mids):
-    """``[(to, (mid, tail)) ...]`` from the relay's ``meta`` and the store's mids."""
-    cdef Py_ssize_t n = min(PyList_GET_SIZE(meta), PyList_GET_SIZE(mids)), i
+    """``[(to, (mid, tail)) ...]`` from the relay's flat ``meta`` (``to, tail,
+    id`` a message) and the store's mids."""
+    cdef Py_ssize_t n = min(PyList_GET_SIZE(meta) // 3, PyList_GET_SIZE(mids)), i
     cdef list out = []
-    cdef object item
     for i in range(n):
-        item = meta[i]
-        out.append((item[0], (mids[i], item[1])))
+        out.append((meta[3 * i], (mids[i], meta[3 * i + 1])))
     return out
 
 
-def field_set(list items, Py_ssize_t index):
-    """The distinct ``item[index]`` of ``items`` (see ``py_field_set``): runs of
-    the same object (a batch's messages to one recipient) are added once."""
+def field_set(list items, Py_ssize_t index, Py_ssize_t step=0):
+    """The distinct ``item[index]`` of ``items``, or with ``step`` the distinct
+    ``items[index::step]`` of a flat list (see ``py_field_set``): runs of the
+    same object (a batch's messages to one recipient) are added once."""
     cdef set out = set()
     cdef Py_ssize_t i, n = PyList_GET_SIZE(items)
     cdef object item, v, last = None
     cdef bint have = False
+    if step:
+        if step < 0 or index < 0:
+            raise ValueError("index and step are not negative")
+        i = index
+        while i < n:  # a range() with a variable step would be a Python object
+            v = <object>PyList_GET_ITEM(items, i)
+            i += step
+            if have and v is last:
+                continue
+            out.add(v)
+            last = v
+            have = True
+        return out
     for i in range(n):
         item = <object>PyList_GET_ITEM(items, i)
         if PyTuple_CheckExact(item) and 0 <= index < PyTuple_GET_SIZE(item):

@@ -324,7 +324,7 @@ def py_accept_sends(gate: PySendGate, lg: PyLinkGate, sends: list, now: float, n
         else:
             dedup.begin(sender, cid, PENDING, now)
             store_items.append((sender, cid, body, now_ms, known[to]))
-            meta.append((to, tail, cid))
+            meta += (to, tail, cid)  # flat: no tuple a message
         if taps:
             for tap in taps:
                 tap(now_ms, sender, to, size, cls)
@@ -336,9 +336,12 @@ def py_accept_sends(gate: PySendGate, lg: PyLinkGate, sends: list, now: float, n
 
 def py_stored_sacks(meta: list, sender: str, dedup: Any, now: float, out: list,
                     ack_all: Callable) -> None:
-    """Decide each stored message's dedup entry, answer its waiters, SACK the sender."""
+    """Decide each stored message's dedup entry, answer its waiters, SACK the sender
+    (``meta`` is flat: ``to, tail, id`` a message)."""
+    if len(meta) % 3:
+        raise InvalidArgument("meta holds to, tail, id for each message")
     append = out.append
-    for _, _, cid in meta:
+    for cid in meta[2::3]:
         waiters = dedup.finish(sender, cid, 0, now)
         if waiters is not None:
             ack_all(None, cid, 0, waiters)
@@ -346,13 +349,19 @@ def py_stored_sacks(meta: list, sender: str, dedup: Any, now: float, out: list,
 
 
 def py_route_items(meta: list, mids: list) -> list:
-    """``[(to, (mid, tail)) ...]`` from the gate's ``meta`` and the store's mids."""
-    return [(to, (mid, tail)) for (to, tail, _), mid in zip(meta, mids)]
+    """``[(to, (mid, tail)) ...]`` from the gate's flat ``meta`` (``to, tail, id``
+    a message) and the store's mids."""
+    return [(to, (mid, tail)) for to, tail, mid in zip(meta[0::3], meta[1::3], mids)]
 
 
-def py_field_set(items: list, index: int) -> set:
-    """The distinct ``item[index]`` of ``items`` (the recipients of a batch's
-    SENDs or stored messages, once per batch rather than per message)."""
+def py_field_set(items: list, index: int, step: int = 0) -> set:
+    """The distinct ``item[index]`` of ``items``, or with ``step`` the distinct
+    ``items[index::step]`` of a flat list (the recipients of a batch's SENDs or
+    stored messages, once per batch rather than per message)."""
+    if step:
+        if step < 0 or index < 0:
+            raise ValueError("index and step are not negative")
+        return set(items[index::step])
     return {item[index] for item in items}
 
 
@@ -856,25 +865,26 @@ class Gate:
             if exc is not None:
                 delivery.persisted(None, 0)
                 code = int(getattr(exc, "code", ErrorCode.STORE_FAILED))
-                log.error("store refused a batch of %d messages (code %d)", len(meta), code)
-                for _, _, cid in meta:
+                log.error("store refused a batch of %d messages (code %d)", len(meta) // 3,
+                          code)
+                for cid in meta[2::3]:
                     # refused, so not remembered: the sender may retry the same id
                     self.ack_all(link, cid, code, dedup.forget(sender, cid))
                 return
             delivery.persisted(route_items(meta, mids), mids[-1])
-            self.accepted += len(meta)
+            self.accepted += len(meta) // 3
             young = self._young
             if young:
                 # who wrote to a new sender: its answers to them are not to strangers
                 contacts = self._contacts
-                for to in field_set(meta, 0) & young:
+                for to in field_set(meta, 0, 3) & young:
                     contacts.add((sender, to))
                 if len(contacts) > _MAX_CONTACTS:
                     self._contacts_old, self._contacts = contacts, set()
             safety = self.safety
             if safety is not None and safety.window > 0:
                 # spam reports count only for pairs the relay really carried
-                safety.delivered(sender, field_set(meta, 0))
+                safety.delivered(sender, field_set(meta, 0, 3))
             out = link.out if link.is_open() else []
             # per message: dedup entry stored, its waiters answered, SACK-ok to the sender
             stored_sacks(meta, sender, dedup, time.monotonic(), out, self.ack_all)
