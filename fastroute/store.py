@@ -1065,7 +1065,7 @@ class SqliteStore(_BaseStore):
         # writes kept for a retry go again at least every _RETRY_S; a due
         # checkpoint runs even when no request comes
         timeout = _RETRY_S if batch else None
-        due = self._next_due()
+        due = self._next_due()  # only the writer moves it: it holds for the wait below
         if due is not None:
             wait = max(0.0, due - time.monotonic())
             timeout = wait if timeout is None else min(timeout, wait)
@@ -1092,7 +1092,6 @@ class SqliteStore(_BaseStore):
                     return batch
             if linger is None:
                 linger = time.monotonic() + self._linger_s
-                due = self._next_due()
                 if due is not None and due < linger:
                     linger = due
             wait = linger - time.monotonic()
@@ -2136,14 +2135,13 @@ def _settle_one(fut: asyncio.Future, result, error) -> None:
         fut.set_exception(error)
 
 
-def _settle_all(pairs: list[tuple], held: list | None = None) -> None:
+def _settle_all(pairs: list[tuple], held: list) -> None:
     for fut, result in pairs:
         if not fut.done():
             # a put_many's mids come as a range: their ints are made on the
             # thread that uses and frees them (see SqliteStore._writer_main)
             fut.set_result(list(result) if type(result) is range else result)
-    if held is not None:
-        held.clear()  # the batch's last reference: freed on this thread
+    held.clear()  # the batch's last reference: freed on this thread
 
 
 def _fail_all(futs: Iterable[asyncio.Future], reason: str) -> None:
