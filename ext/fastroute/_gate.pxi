@@ -410,25 +410,20 @@ def field_set(list items, Py_ssize_t index, Py_ssize_t step=0):
     ``items[index::step]`` of a flat list (see ``py_field_set``): runs of the
     same object (a batch's messages to one recipient) are added once."""
     cdef set out = set()
-    cdef Py_ssize_t i, n = PyList_GET_SIZE(items)
+    cdef Py_ssize_t i, n = PyList_GET_SIZE(items), inc = 1
     cdef object item, v, last = None
     cdef bint have = False
     if step:
         if step < 0 or index < 0:
             raise ValueError("index and step are not negative")
-        i = index
-        while i < n:  # a range() with a variable step would be a Python object
-            v = <object>PyList_GET_ITEM(items, i)
-            i += step
-            if have and v is last:
-                continue
-            out.add(v)
-            last = v
-            have = True
-        return out
-    for i in range(n):
+        inc = step
+    i = index if step else 0
+    while i < n:  # a range() with a variable step would be a Python object
         item = <object>PyList_GET_ITEM(items, i)
-        if PyTuple_CheckExact(item) and 0 <= index < PyTuple_GET_SIZE(item):
+        i += inc
+        if step:
+            v = item
+        elif PyTuple_CheckExact(item) and 0 <= index < PyTuple_GET_SIZE(item):
             v = <object>PyTuple_GET_ITEM(item, index)
         else:
             v = item[index]
