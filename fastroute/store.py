@@ -2155,6 +2155,23 @@ def _fail_all(futs: Iterable[asyncio.Future], reason: str) -> None:
 # -- MemoryStore's per-message loops: the specifications of _store.pxi's twins --
 
 
+class PyInbox(dict):
+    """One device's inbox in the memory store: ``mid -> (sender, id, body,
+    ts_ms, device_keys)``, the put's item, in mid order (a store's mids only
+    grow).
+
+    The specification of the compiled :class:`Inbox`, which answers the dict
+    methods the store uses (``len``, ``in``, iteration over the mids,
+    ``keys``, ``values``, ``items``, ``get``, ``pop``, ``[]``, ``del`` and
+    ``clear``) from two arrays in mid order instead of a hash table: a put
+    appends, an ack of the oldest entry moves its start.  Its ``keys``,
+    ``values`` and ``items`` are lists; it holds no None.
+    """
+
+    __slots__ = ()
+
+
+
 def py_mem_put(items: list, left: dict, inbox: dict, first: int, mids: list) -> None:
     """MemoryStore's put loop: store ``(sender, id, body, ts_ms, device_keys)``
     items from mid ``first`` on, appending each mid to ``mids`` once stored
@@ -2179,7 +2196,7 @@ def py_mem_put(items: list, left: dict, inbox: dict, first: int, mids: list) -> 
         for d in devs:
             box = inbox.get(d)
             if box is None:
-                box = inbox[d] = {}
+                box = inbox[d] = PyInbox()
             box[mid] = msg
         mids.append(mid)
         mid += 1
@@ -2223,6 +2240,7 @@ def _unref(left: dict, mid: int) -> int:
     return 0
 
 
+Inbox = twin(PyInbox)
 _mem_put = twin(py_mem_put)
 _mem_load = twin(py_mem_load)
 _mem_ack = twin(py_mem_ack)
@@ -2239,12 +2257,12 @@ class MemoryStore(_BaseStore):
 
     def __init__(self, loop, ttl_s: int) -> None:
         super().__init__(loop, ttl_s)
-        # device_key -> {mid: (sender, cid, body, ts_ms, device_keys)} in
-        # mid order (the put's item, shared by a message's inboxes), mid -> inboxes
+        # device_key -> its Inbox, mid -> (sender, cid, body, ts_ms, device_keys)
+        # in mid order (the put's item, shared by a message's inboxes), mid -> inboxes
         # holding it for the messages more than one inbox holds, and how many
         # messages some inbox holds
-        self._inbox: dict[int, dict[int, tuple]] = {}
-        self._left: dict[int, int] = {}
+        self._inbox: dict[int, PyInbox] = {}
+        self._left: PyInbox = Inbox()  # mids only grow here too
         self._messages = 0
         self._next_mid = 1
         #: Always 0: nothing is ever committed anywhere.

@@ -113,6 +113,7 @@ def test_compiled_twins_loaded():
              (delivery.devices_of, delivery.py_devices_of),
              (delivery.held_offered, delivery.py_held_offered),
              (delivery.copies_online, delivery.py_copies_online),
+             (store.Inbox, store.PyInbox),
              (store._mem_put, store.py_mem_put), (store._mem_ack, store.py_mem_ack),
              (store._mem_load, store.py_mem_load), (store._sql_rows, store.py_sql_rows),
              (store._shares_release, store.py_shares_release),
@@ -1178,10 +1179,12 @@ def test_sync_rows_twins(routed, cap):
 
 # -- MemoryStore's loops ------------------------------------------------------------------
 
-def _mem_run(put, ack, script):
-    """Run puts and acks on fresh dicts; return every result and the final dicts
-    (the inboxes with what they hold, and which of them share a tuple)."""
-    left, inbox, log = {}, {}, []
+def _mem_run(put, ack, script, left=None):
+    """Run puts and acks on fresh dicts (``left``: the counts' own container);
+    return every result and the final dicts (the inboxes with what they hold,
+    and which of them share a tuple)."""
+    left = {} if left is None else left
+    inbox, log = {}, []
     nxt = 1
     for step in script:
         if step[0] == "put":
@@ -1198,7 +1201,7 @@ def _mem_run(put, ack, script):
                 log.append(ack(box, left, step[2]))
     shared = sorted((m, k) for k, box in inbox.items() for m in box
                     if any(b.get(m) is box[m] for j, b in inbox.items() if j < k))
-    return log, left, {k: dict(v) for k, v in inbox.items()}, shared
+    return log, dict(left), {k: dict(v) for k, v in inbox.items()}, shared
 
 
 def test_mem_put_and_ack_twins():
@@ -1230,8 +1233,12 @@ def test_mem_put_and_ack_twins():
     script.append(("put", [("a@x", MID, b"y", 1, [2]), ("a@x", MID, b"z", 1, [])]))  # no device
     script.append(("put", [("a@x", MID, b"x", 1, [1]), ("bad",)]))  # malformed item
     want = _mem_run(store.py_mem_put, store.py_mem_ack, script)
+    assert _mem_run(store.py_mem_put, store.py_mem_ack, script, store.PyInbox()) == want
     if _core is not None:
+        # the counts in a dict (as the specification's) and in an Inbox (as
+        # MemoryStore keeps them when compiled)
         assert _mem_run(_core.mem_put, _core.mem_ack, script) == want
+        assert _mem_run(_core.mem_put, _core.mem_ack, script, _core.Inbox()) == want
     log, left, inbox, shared = want
     assert log[-1] == (ValueError, [log[-1][1][0]])  # the good item before it was stored
     # loads: the same rows from both, for every device, cursor and limit
@@ -1262,6 +1269,94 @@ def test_mem_put_and_ack_twins():
         if load is not None:
             with pytest.raises(WrongType):
                 load({1: None}, 0, 5)
+
+
+def _inbox_script(rng: random.Random, steps: int) -> list:
+    """Operations on one inbox: puts of the next mid (as a store makes them)
+    and of older ones, acks of the oldest entry and of any, repeats, lookups."""
+    script, nxt, held = [], 1, []
+    for _ in range(steps):
+        r = rng.random()
+        if r < 0.45:
+            script.append(("put", nxt))
+            held.append(nxt)
+            nxt += rng.randrange(1, 3)
+        elif r < 0.5:
+            script.append(("put", rng.randrange(-2, nxt + 2)))
+        elif r < 0.85:
+            oldest = rng.random() < 0.7 and held
+            script.append(("pop", min(held) if oldest else rng.randrange(-2, nxt + 2)))
+            if oldest:
+                held.remove(min(held))
+        else:
+            script.append(("get", rng.randrange(-2, nxt + 2)))
+    return script
+
+
+def _inbox_run(box, script) -> list:
+    """Apply an :func:`_inbox_script` to ``box``; every answer and, after each
+    step, what it holds in order."""
+    log = []
+    for i, (op, mid) in enumerate(script):
+        if op == "put":
+            box[mid] = ("a@x", MID, b"b%d" % i, mid, (1,))
+        elif op == "pop":
+            log.append(box.pop(mid, "absent"))
+        else:
+            log.append((mid in box, box.get(mid), box.get(mid, 0)))
+        # the specification is a dict: its order is the order of insertion,
+        # which is mid order as a store puts; compared here sorted
+        log.append((len(box), sorted(box.items()) == box.items() if type(box) is not
+                    store.PyInbox else True, sorted(box.items()), sorted(box)))
+    return log
+
+
+@needs_c
+def test_inbox_twin():
+    rng = random.Random(11)
+    for _ in range(40):
+        script = _inbox_script(rng, 300)
+        assert _inbox_run(_core.Inbox(), script) == _inbox_run(store.PyInbox(), script)
+    box, spec = _core.Inbox(), store.PyInbox()
+    # a backlog that grows and drains, acked oldest first and out of order,
+    # then a steady flow acked a few messages behind: the arrays grow,
+    # squeeze their holes out and shrink back
+    for mid in range(1, 20001):
+        box[mid] = spec[mid] = ("a@x", MID, b"", mid, (1,))
+    for mid in list(range(1, 19990)) + [19995, 19993]:
+        assert box.pop(mid)[3] == spec.pop(mid)[3] == mid
+    for mid in range(20001, 70001):
+        box[mid] = spec[mid] = ("a@x", MID, b"", mid, (1,))
+        if mid % 1000 != 7:  # a few left behind: holes
+            assert box.pop(mid - 3) is spec.pop(mid - 3)
+        assert len(box) == len(spec)
+    assert box.items() == list(spec.items())
+    for mid in range(20001, 69998):
+        if mid in spec:
+            assert box.pop(mid) is spec.pop(mid)
+    assert len(box) == len(spec) == 9
+    for mid in range(70001, 70500):
+        box[mid] = spec[mid] = ("a@x", MID, b"", mid, (1,))
+    assert box.keys() == list(spec) == [19990, 19991, 19992, 19994, 19996, 19997,
+                                        *range(69998, 70500)]
+    assert [v[3] for v in box.values()] == box.keys() == list(box)
+    rows = _core.mem_load(box, 19992, 3)
+    assert [r[0] for r in rows] == [19994, 19996, 19997] == [
+        r[0] for r in store.py_mem_load(spec, 19992, 3)]
+    assert _core.mem_load(box, 2**70, 5) == [] and _core.mem_load(box, 2**63 - 1, 5) == []
+    assert [r[0] for r in _core.mem_load(box, -2**70, 2)] == [19990, 19991]
+    # dict answers where a dict would answer
+    with pytest.raises(KeyError):
+        box.pop(5)
+    with pytest.raises(KeyError):
+        del box[5]
+    with pytest.raises(KeyError):
+        box[5]  # noqa: B018
+    assert box.get("x") is None and "x" not in box and box.pop(2**80, 1) == 1
+    with pytest.raises(WrongType):
+        box[1] = None
+    box.clear()
+    assert len(box) == 0 and box.items() == [] and repr(box) == "<Inbox 0 messages>"
 
 
 # -- SqliteStore's put loop ------------------------------------------------------------------

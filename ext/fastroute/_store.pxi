@@ -2,6 +2,7 @@
 # Part of fastroute._core.
 #
 # Compiled twins of fastroute/store.py (the specification):
+#   Inbox     = PyInbox
 #   mem_put   = py_mem_put
 #   mem_ack   = py_mem_ack
 #   mem_load  = py_mem_load
@@ -12,21 +13,252 @@
 # tests/test_fastpath.py runs both on the same inputs and compares the dicts
 # they leave.
 #
-# The layout is MemoryStore's: ``inbox`` maps device key -> {mid: (sender,
-# id, body, ts_ms, device_keys), ...} in mid order, the put's item itself
-# shared by a message's inboxes (one dict write a message and device, no
-# table of messages beside, no tuple of its own); ``left`` mid -> inboxes
-# holding it, for the messages more than one inbox holds.
+# The layout is MemoryStore's: ``inbox`` maps device key -> an Inbox of mid
+# -> (sender, id, body, ts_ms, device_keys) in mid order, the put's item
+# itself shared by a message's inboxes (no table of messages beside, no
+# tuple of its own); ``left`` mid -> inboxes holding it, for the messages
+# more than one inbox holds.
 
 from cpython cimport array as carray
 from cpython.dict cimport PyDict_Next
 from cpython.list cimport PyList_CheckExact
+from cpython.ref cimport Py_XDECREF
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from libc.stdint cimport INT64_MAX, int32_t
 from libc.stdlib cimport qsort
 
 
-def mem_put(list items, dict left, dict inbox, long long first, list mids):
+cdef object _NO_DEFAULT = object()
+
+cdef enum:
+    # entries an inbox's arrays keep room for however few it holds
+    INBOX_KEEP = 64
+
+
+cdef class Inbox:
+    """One device's inbox in the memory store: mid -> the put's item, in mid
+    order (compiled; its specification is ``fastroute.store.PyInbox``, a dict).
+
+    It answers the dict methods the store uses (``len``, ``in``, iteration
+    over the mids, ``keys``, ``values``, ``items``, ``get``, ``pop``, ``[]``
+    and ``del``); keys are ints.  A store's mids only grow, so the inbox is
+    two arrays in mid order: a put appends, the ack of the oldest entry moves
+    the start, any other is found by bisection and leaves a hole (NULL) that
+    the next growth squeezes out.  Per message that is no hashing, no dict
+    resize (a dict whose keys come and go is rebuilt every few hundred
+    writes) and no object for the cyclic GC to track.
+    """
+
+    cdef int64_t* mids
+    cdef PyObject** msgs    # strong references; NULL: deleted out of order
+    cdef Py_ssize_t start, end, cap, n
+
+    def __dealloc__(self):
+        self._clear()
+
+    cdef void _clear(self) noexcept:
+        cdef Py_ssize_t i
+        cdef PyObject** msgs = self.msgs
+        cdef Py_ssize_t start = self.start, end = self.end
+        # the arrays leave first: a message freed below cannot reach them
+        self.msgs = NULL
+        self.start = self.end = self.n = self.cap = 0
+        PyMem_Free(self.mids)
+        self.mids = NULL
+        if msgs != NULL:
+            for i in range(start, end):
+                Py_XDECREF(msgs[i])
+            PyMem_Free(msgs)
+
+    cdef Py_ssize_t _lower(self, int64_t mid) noexcept:
+        """The first position from ``start`` whose mid is >= ``mid`` (``end``: none)."""
+        cdef Py_ssize_t lo = self.start, hi = self.end, m
+        if lo < hi and self.mids[lo] >= mid:
+            return lo  # an ack of the oldest entry, the usual case
+        while lo < hi:
+            m = lo + (hi - lo) // 2
+            if self.mids[m] < mid:
+                lo = m + 1
+            else:
+                hi = m
+        return lo
+
+    cdef Py_ssize_t _index(self, int64_t mid) noexcept:
+        """The position of ``mid`` if the inbox holds it, else -1."""
+        cdef Py_ssize_t i = self._lower(mid)
+        if i < self.end and self.mids[i] == mid and self.msgs[i] != NULL:
+            return i
+        return -1
+
+    cdef int _reserve(self) except -1:
+        """Room for one entry at ``end``: squeeze out the holes, and double
+        the arrays when more than half of them is live."""
+        cdef Py_ssize_t cap = self.cap, i, j = 0
+        cdef int64_t* mids
+        cdef PyObject** msgs
+        if self.end < cap:
+            return 0
+        if self.n * 2 >= cap:
+            cap = max(8, cap * 2)
+            mids = <int64_t*>PyMem_Realloc(self.mids, cap * sizeof(int64_t))
+            if mids == NULL:
+                raise MemoryError()
+            self.mids = mids
+            msgs = <PyObject**>PyMem_Realloc(self.msgs, cap * sizeof(PyObject*))
+            if msgs == NULL:
+                raise MemoryError()
+            self.msgs = msgs
+            self.cap = cap
+        for i in range(self.start, self.end):
+            if self.msgs[i] != NULL:
+                self.mids[j] = self.mids[i]
+                self.msgs[j] = self.msgs[i]
+                j += 1
+        self.start = 0
+        self.end = j
+        if cap > INBOX_KEEP and j * 8 <= cap:
+            # a backlog drained: give back most of what it grew (a quarter
+            # is still twice what is held)
+            cap //= 4
+            mids = <int64_t*>PyMem_Realloc(self.mids, cap * sizeof(int64_t))
+            if mids != NULL:
+                # from here cap is the smaller size (a msgs array left
+                # larger, its shrink refused, is harmless)
+                self.mids = mids
+                self.cap = cap
+                msgs = <PyObject**>PyMem_Realloc(self.msgs, cap * sizeof(PyObject*))
+                if msgs != NULL:
+                    self.msgs = msgs
+        return 0
+
+    cdef int c_put(self, int64_t mid, object msg) except -1:
+        """Hold ``msg`` under ``mid`` (replacing what it held)."""
+        cdef Py_ssize_t i
+        cdef PyObject* old
+        if self.end == self.start or mid > self.mids[self.end - 1]:
+            self._reserve()
+            i = self.end
+            self.end += 1
+        else:
+            # not the newest mid: a store never does this, a caller may
+            i = self._lower(mid)
+            if self.mids[i] == mid:
+                old = self.msgs[i]
+                Py_INCREF(msg)
+                self.msgs[i] = <PyObject*>msg
+                if old == NULL:
+                    self.n += 1
+                else:
+                    Py_XDECREF(old)
+                return 0
+            self._reserve()
+            i = self._lower(mid)
+            memmove(&self.mids[i + 1], &self.mids[i], (self.end - i) * sizeof(int64_t))
+            memmove(&self.msgs[i + 1], &self.msgs[i], (self.end - i) * sizeof(PyObject*))
+            self.end += 1
+        Py_INCREF(msg)
+        self.mids[i] = mid
+        self.msgs[i] = <PyObject*>msg
+        self.n += 1
+        return 0
+
+    cdef object c_pop(self, int64_t mid):
+        """Remove ``mid`` and return what it held (None: not held)."""
+        cdef Py_ssize_t i = self._index(mid)
+        cdef object msg
+        if i < 0:
+            return None
+        msg = <object>self.msgs[i]  # our reference now, not the array's
+        Py_XDECREF(self.msgs[i])
+        self.msgs[i] = NULL
+        self.n -= 1
+        if self.n == 0:
+            self.start = self.end = 0
+        elif i == self.start:
+            while self.msgs[self.start] == NULL:
+                self.start += 1
+        return msg
+
+    cdef object _get(self, object key):
+        cdef int64_t mid
+        cdef Py_ssize_t i
+        if not PyLong_Check(key):
+            return None
+        try:
+            mid = key
+        except OverflowError:
+            return None
+        i = self._index(mid)
+        return None if i < 0 else <object>self.msgs[i]
+
+    def __len__(self):
+        return self.n
+
+    def __contains__(self, key):
+        return self._get(key) is not None
+
+    def __getitem__(self, key):
+        msg = self._get(key)
+        if msg is None:
+            raise KeyError(key)
+        return msg
+
+    def get(self, key, default=None):
+        """What ``key`` holds, or ``default``."""
+        msg = self._get(key)
+        return default if msg is None else msg
+
+    def __setitem__(self, key, msg):
+        if msg is None:
+            raise WrongType("an inbox does not hold None")
+        self.c_put(key, msg)
+
+    def pop(self, key, default=_NO_DEFAULT):
+        """Remove ``key`` and return what it held; ``default`` (or KeyError) if absent."""
+        msg = None
+        if PyLong_Check(key):
+            try:
+                msg = self.c_pop(key)
+            except OverflowError:
+                pass
+        if msg is None:
+            if default is _NO_DEFAULT:
+                raise KeyError(key)
+            return default
+        return msg
+
+    def __delitem__(self, key):
+        self.pop(key)
+
+    def keys(self):
+        """The mids held, in order (a list)."""
+        cdef Py_ssize_t i
+        return [self.mids[i] for i in range(self.start, self.end) if self.msgs[i] != NULL]
+
+    def values(self):
+        """What the mids hold, in mid order (a list)."""
+        cdef Py_ssize_t i
+        return [<object>self.msgs[i] for i in range(self.start, self.end)
+                if self.msgs[i] != NULL]
+
+    def items(self):
+        """``(mid, item)`` pairs in mid order (a list)."""
+        cdef Py_ssize_t i
+        return [(self.mids[i], <object>self.msgs[i]) for i in range(self.start, self.end)
+                if self.msgs[i] != NULL]
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def clear(self):
+        """Drop every entry."""
+        self._clear()
+
+    def __repr__(self):
+        return f"<Inbox {self.n} messages>"
+
+
+def mem_put(list items, left, dict inbox, long long first, list mids):
     """Store ``items`` ``(sender, id, body, ts_ms, device_keys)`` from mid ``first`` on
     (an item for no device is refused: InvalidArgument).
 
@@ -38,14 +270,21 @@ def mem_put(list items, dict left, dict inbox, long long first, list mids):
     cdef object item, sender, cid, body, ts, devs, d, key, box, msg
     cdef object last_devs = None
     cdef list boxes = None
+    cdef Inbox ib
+    cdef Inbox lb = left if type(left) is Inbox else None
+    cdef dict left_d = None if lb is not None else <dict?>left
     cdef dict by_keys = None  # device keys (a tuple) -> their inboxes, past the first
     cdef PyObject* found
     cdef Py_ssize_t ndevs = 0
     for item in items:
-        sender, cid, body, ts, devs = item
         # the item itself is what the inboxes hold (one tuple less a
         # message); a caller's list or subclass is copied into a tuple
-        msg = item if PyTuple_CheckExact(item) else (sender, cid, body, ts, devs)
+        if PyTuple_CheckExact(item) and PyTuple_GET_SIZE(item) == 5:
+            msg = item
+            devs = <object>PyTuple_GET_ITEM(item, 4)
+        else:
+            sender, cid, body, ts, devs = item
+            msg = (sender, cid, body, ts, devs)
         # a run of a batch's messages shares its recipient's device keys:
         # the inboxes once a run
         if devs is not last_devs:
@@ -64,8 +303,8 @@ def mem_put(list items, dict left, dict inbox, long long first, list mids):
                 for d in devs:
                     box = inbox.get(d)
                     if box is None:
-                        box = inbox[d] = {}
-                    boxes.append(<dict?>box)
+                        box = inbox[d] = Inbox()
+                    boxes.append(<Inbox?>box)
                 if PyTuple_CheckExact(devs) and last_devs is not None:
                     # a second tuple in this batch: copies in turns (a
                     # batch of one device's copies makes no table)
@@ -77,34 +316,78 @@ def mem_put(list items, dict left, dict inbox, long long first, list mids):
             raise InvalidArgument("device_keys must not be empty")
         key = PyLong_FromLongLong(mid)
         if ndevs > 1:
-            left[key] = ndevs
-        for box in boxes:
-            (<dict>box)[key] = msg
+            if lb is not None:
+                lb.c_put(mid, ndevs)
+            else:
+                left_d[key] = ndevs
+        for ib in boxes:
+            ib.c_put(mid, msg)
         mids.append(key)
         mid += 1
 
 
-def mem_ack(dict box, dict left, mids):
+cdef int _mem_unref(dict left_d, Inbox lb, object m) except -1:
+    """One inbox less holds ``m``: 1 if it was the last one (``store._unref``)."""
+    cdef PyObject* n
+    cdef PyObject* old
+    cdef Py_ssize_t k, i
+    cdef int overflow
+    cdef long long mid
+    cdef object fewer
+    if lb is not None:
+        if lb.n == 0 or not PyLong_Check(m):
+            return 1
+        mid = PyLong_AsLongLongAndOverflow(m, &overflow)
+        i = -1 if overflow else lb._index(mid)
+        if i < 0:
+            return 1
+        k = <object>lb.msgs[i]
+        if k == 2:
+            lb.c_pop(mid)  # one inbox left: no entry
+        else:
+            fewer = k - 1
+            Py_INCREF(fewer)
+            old = lb.msgs[i]
+            lb.msgs[i] = <PyObject*>fewer
+            Py_XDECREF(old)
+        return 0
+    n = PyDict_GetItemWithError(left_d, m) if left_d else NULL
+    if n == NULL:
+        return 1
+    k = <object>n
+    if k == 2:
+        del left_d[m]
+    else:
+        left_d[m] = k - 1
+    return 0
+
+
+def mem_ack(box, left, mids):
     """Delete ``mids`` from one device's inbox ``box``; returns how many
     messages no inbox holds any more.  Mids not in ``box`` are ignored."""
-    cdef object m
-    cdef PyObject* n
-    cdef Py_ssize_t k, gone = 0
+    cdef object m, got
+    cdef Py_ssize_t gone = 0
+    cdef Inbox ib = box if type(box) is Inbox else None
+    cdef dict d = None if ib is not None else <dict?>box
+    cdef Inbox lb = left if type(left) is Inbox else None
+    cdef dict left_d = None if lb is not None else <dict?>left
+    cdef int overflow
+    cdef long long mid
     for m in mids:
-        if box.pop(m, None) is not None:  # present, not a repeat
-            n = PyDict_GetItemWithError(left, m) if left else NULL
-            if n == NULL:
-                gone += 1
-                continue
-            k = <object>n
-            if k == 2:
-                del left[m]  # one inbox left: no entry
-            else:
-                left[m] = k - 1
+        if ib is not None:
+            got = None
+            if PyLong_Check(m):
+                mid = PyLong_AsLongLongAndOverflow(m, &overflow)
+                if not overflow:
+                    got = ib.c_pop(mid)
+        else:
+            got = d.pop(m, None)
+        if got is not None:  # present, not a repeat
+            gone += _mem_unref(left_d, lb, m)
     return gone
 
 
-def mem_load(dict box, after_mid, Py_ssize_t limit):
+def mem_load(box, after_mid, Py_ssize_t limit):
     """Up to ``limit`` rows ``(mid, sender, id, body, ts_ms)`` of one device's
     inbox ``box`` with mid > ``after_mid``, in mid order."""
     cdef list out = []
@@ -113,9 +396,30 @@ def mem_load(dict box, after_mid, Py_ssize_t limit):
     cdef PyObject* value
     cdef object m
     cdef tuple msg
-    cdef Py_ssize_t size = len(box)
+    cdef Py_ssize_t size = len(box), i
+    cdef Inbox ib
+    cdef int overflow
+    cdef long long after
     if limit <= 0:
         return out
+    if type(box) is Inbox:
+        ib = <Inbox>box
+        # a cursor beyond the int64 mids: nothing after it, or all
+        after = PyLong_AsLongLongAndOverflow(after_mid, &overflow)
+        if overflow > 0 or (overflow == 0 and after == INT64_MAX):
+            return out
+        i = ib.start if overflow < 0 else ib._lower(after + 1)
+        while i < ib.end and PyList_GET_SIZE(out) < limit:
+            if ib.msgs[i] != NULL:
+                value = ib.msgs[i]
+                if not PyTuple_CheckExact(<object>value) or PyTuple_GET_SIZE(<object>value) != 5:
+                    raise WrongType("an inbox holds (sender, id, body, ts_ms, device_keys) tuples")
+                msg = <object>value
+                out.append((ib.mids[i], msg[0], msg[1], msg[2], msg[3]))
+            i += 1
+        return out
+    if not isinstance(box, dict):
+        raise WrongType("an inbox is an Inbox or a dict")
     while PyDict_Next(box, &pos, &key, &value):
         if len(box) != size:  # as a Python loop would (an allocation may run the GC)
             raise RuntimeError("dictionary changed size during iteration")
