@@ -59,6 +59,10 @@ class Router:
         entered.  Every item is checked first (UnknownDevice before anything is placed);
         like route_many it honours the sticky overflow flag and raises
         MailboxFull(entered, [(item_index, device_id), ...]) at the end."""
+    def offer_shared(self, rows: list[tuple[object, list[int]]]) -> int:
+        """offer_many() of the ``(device_id, payload)`` items that ``(payload,
+        [device_id, ...])`` rows list, in order, without the items (a group
+        message is one row); MailboxFull's item indices count those items."""
     def push(self, device_id: int, payload: object) -> int:
         """Enter one device regardless of its overflow flag; return the seq.
 

@@ -254,6 +254,11 @@ class Router:
             if len(item) != 2:
                 raise InvalidArgument("each item must be (device_id, payload)")
             plan.append((self._device(item[0]), item[1]))
+        return self._place(plan)
+
+    def _place(self, plan: list[tuple[_Device, object]]) -> int:
+        """Offer each payload of ``plan`` to its device, in order; MailboxFull
+        at the end for the refused ones (``(index in plan, device id)``)."""
         entered = 0
         full: list[tuple[int, int]] = []
         for index, (dev, payload) in enumerate(plan):
@@ -264,6 +269,31 @@ class Router:
         if full:
             raise MailboxFull("mailbox full", entered, full)
         return entered
+
+    def offer_shared(self, rows: list[tuple[object, list[int]]]) -> int:
+        """Route a batch of ``(payload, [device_id, ...])`` rows: each payload to
+        each of its devices, in order.
+
+        Exactly :meth:`offer_many` of the ``(device_id, payload)`` items the
+        rows list, in order (MailboxFull's item indices count those items),
+        without the items: a group message is one row however many devices
+        get it.
+        """
+        if not isinstance(rows, (list, tuple)):
+            if not isinstance(rows, Iterable) or isinstance(rows, (str, bytes)):
+                raise WrongType("rows must be a list of (payload, device_ids)")
+            rows = list(rows)
+        plan = []
+        for row in rows:  # every row and device checked before any is placed
+            if not isinstance(row, tuple):
+                raise WrongType("each row must be a tuple (payload, device_ids)")
+            if len(row) != 2:
+                raise InvalidArgument("each row must be (payload, device_ids)")
+            payload, devs = row
+            if not isinstance(devs, (list, tuple)):
+                raise WrongType("device_ids must be a list or tuple")
+            plan.extend((self._device(dev), payload) for dev in devs)
+        return self._place(plan)
 
     def push(self, device_id: int, payload: object) -> int:
         """Put ``payload`` in one device's mailbox; return its sequence number."""

@@ -112,6 +112,7 @@ def test_compiled_twins_loaded():
              (delivery.shared_items, delivery.py_shared_items),
              (delivery.devices_of, delivery.py_devices_of),
              (delivery.held_offered, delivery.py_held_offered),
+             (delivery.held_shared, delivery.py_held_shared),
              (delivery.copies_online, delivery.py_copies_online),
              (store.Inbox, store.PyInbox),
              (store._mem_put, store.py_mem_put), (store._mem_ack, store.py_mem_ack),
@@ -2528,15 +2529,22 @@ def test_shared_fan_out_twins(seed):
                      rng.sample(devices, rng.randrange(len(devices)))))
               for mid in range(1, 1 + rng.randrange(1, 12))]
     runs = []
+    rows = []
+    repeats = rng.randrange(3)
     for resolve, fan in zip(_both(delivery.py_devices_of), _both(delivery.py_shared_items)):
         if fan is not None:
-            runs.append(fan([(mid, tail, head, resolve(by_device, targets, "groups"))
-                             for mid, (tail, head, targets) in shared]))
+            rows = [((mid, tail, head), resolve(by_device, targets, "groups"))
+                    for mid, (tail, head, targets) in shared]
+            # as a batch of one group's messages: rows that share one list
+            mid, tail, head = rows[-1][0]
+            rows += [((mid + 100 + r, tail, head), rows[-1][1]) for r in range(repeats)]
+            runs.append(fan(rows))
     items = runs[0]
     assert all(r == items for r in runs)
-    want = [(by_device[k].dev, (mid, tail, head)) for mid, (tail, head, targets) in shared
-            for k in targets if k in by_device and "groups" in by_device[k].link.features]
-    assert items == want and want
+    want = [(dev, payload) for payload, devs in rows for dev in devs]
+    assert items == want and len(want) >= len(
+        [k for _, (_, _, targets) in shared for k in targets
+         if k in by_device and "groups" in by_device[k].link.features]) > 0
     if len(runs) == 2:  # the payload object is shared, not copied per device
         firsts = {}
         for _, payload in runs[1]:
@@ -2547,6 +2555,13 @@ def test_shared_fan_out_twins(seed):
     skip = frozenset(i for i in range(len(items)) if rng.random() < 0.2)
     totals = _held_runs(online, items, skip, by_device.values(), 0)
     assert all(t == totals[0] for t in totals)
+    # and counted from the rows themselves (what offer_shared placed), the same
+    for fn in _both(delivery.py_held_shared):
+        if fn is not None:
+            for f in by_device.values():
+                f.qbytes = 0
+            assert (fn(online, rows, skip),
+                    {f.dev: f.qbytes for f in by_device.values()}) == totals[0]
     added, per_feed = totals[0]
     want_per_feed: dict = {}
     for i, (dev, payload) in enumerate(items):

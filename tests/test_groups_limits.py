@@ -365,3 +365,47 @@ def test_the_change_log_is_bounded_and_says_when_it_cannot_tell():
     assert edge[4] is True and len(edge[1]) == CHANGE_LOG
     old = g.mismatch(lists, "a@x", 1, g.log_from - 1)  # its changes were dropped
     assert old[4] is False and len(old[1]) == CHANGE_LOG + 10 and old[2:4] == [[], []]
+
+
+def test_a_member_whose_mailbox_fills_gets_the_rest_from_the_store_in_order(tmp_path):
+    """A group message the engine cannot place for one member device (its
+    mailbox is full: it does not read) is that device's to get from the
+    store; the others get it live, and the full one, once it reads, gets
+    every message once and in order, and the relay's count of queued bytes
+    goes back to nothing."""
+    n = 30
+
+    async def main():
+        async with world(tmp_path, mailbox_capacity=4) as w:
+            a = await member(w, "alice@home", "phone", 11)
+            b = await member(w, "bob@home", "phone", 21)
+            c = await member(w, "carol@home", "phone", 31)
+            gid = await a.create_group()
+            await a.group_add(gid, "bob@home")
+            await a.group_add(gid, "carol@home")
+            v, members, _ = await a.group_members(gid)
+            assert len(members) == 3
+            await drain(b)
+            await drain(c)
+            c._proto.transport.pause_reading()
+            delivery = w.relay.delivery
+            carol = delivery.feed_of("carol@home", "phone")
+            got = []
+            for i in range(n):
+                await a.group_send(gid, v, b"m%d" % i, id=i.to_bytes(16, "big"))
+                got += await take(b, 1)
+            ids = [i.to_bytes(16, "big") for i in range(n)]
+            assert [m.id for m in got] == ids
+            assert not carol.live and carol.missed_mid > 0  # the store has her copies
+            c._proto.transport.resume_reading()
+            msgs = await bodies_until(c, n, timeout=30)
+            assert [m.id for m in msgs] == ids
+            assert [m.body for m in msgs] == [b"m%d" % i for i in range(n)]
+            assert await quiet(c) and await quiet(b)
+            await drain(a)  # the sender's own events, read (and so acked)
+            for _ in range(100):
+                if delivery.queued_bytes == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert delivery.queued_bytes == 0
+    run("asyncio", main())

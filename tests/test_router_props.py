@@ -144,6 +144,26 @@ class Twins(RuleBasedStateMachine):
         items = [(d, self.payload()) for d in devs]
         self.same(lambda r: r.offer_many(items), "offer_many")
 
+    @rule(rows=st.lists(st.one_of(
+        st.lists(st.one_of(ids, st.sampled_from([("x",), None, True])), max_size=5),
+        st.sampled_from([("x",), None, "row", ()])), max_size=5))
+    def offer_shared(self, rows):
+        # rows of (payload, device ids): bad rows and unknown devices first
+        rows = [(self.payload(), r) if isinstance(r, list) else r for r in rows]
+        self.same(lambda r: r.offer_shared(rows), "offer_shared")
+
+    @precondition(lambda self: self.m._devices)
+    @rule(data=st.data())
+    def offer_shared_live(self, data):
+        # a group's messages: rows that share one list of its devices, and
+        # rows with lists of their own, each the same as offer_many's items
+        known = sorted(self.m._devices)
+        group = data.draw(st.lists(st.sampled_from(known), max_size=6))
+        rows = [(self.payload(), group if data.draw(st.booleans())
+                 else data.draw(st.lists(st.sampled_from(known), max_size=4)))
+                for _ in range(data.draw(st.integers(0, 6)))]
+        self.same(lambda r: r.offer_shared(rows), "offer_shared")
+
     # Steps on devices that exist right now, so that runs keep reaching full
     # mailboxes, redelivery and sticky overflow rather than UnknownDevice.
 

@@ -590,6 +590,93 @@ cdef class Router:
             self._finish(&full, nomem, entered)
         return entered
 
+    def offer_shared(self, rows):
+        """Route a batch of ``(payload, [device_id, ...])`` rows: each payload to
+        each of its devices, in order.
+
+        Exactly :meth:`offer_many` of the ``(device_id, payload)`` items the
+        rows list, in order (MailboxFull's item indices count those items),
+        without the items: a group message is one row however many devices
+        get it, and a row whose device list is the row before's (a group's
+        messages in a batch) reuses its lookups.
+        """
+        cdef list lst
+        cdef list devs = []     # a _Device per item: every device stays alive
+        cdef list pays          # a payload per row: every payload stays alive
+        cdef Py_ssize_t nrows, i, j, k, n, at, prev_at = 0, prev_n = -1
+        cdef Py_ssize_t* counts
+        cdef FullList full
+        cdef int64_t entered = 0
+        cdef bint nomem = False, plain = False
+        cdef int r
+        cdef Mailbox* m
+        cdef object row, ids, last_ids = None, d
+        cdef PyObject* payload
+        if type(rows) is list:
+            lst = <list>rows
+        elif isinstance(rows, (list, tuple)):
+            lst = list(rows)
+        else:
+            check_iterable(rows, "rows")
+            lst = list(rows)
+        nrows = PyList_GET_SIZE(lst)
+        pays = [None] * nrows
+        counts = <Py_ssize_t*>PyMem_Malloc((nrows + 1) * sizeof(Py_ssize_t))
+        if counts == NULL:
+            raise MemoryError()
+        full.pairs = NULL
+        full.n = full.size = 0
+        try:
+            for i in range(nrows):
+                row = lst[i]
+                if not PyTuple_Check(row):
+                    raise WrongType("each row must be a tuple (payload, device_ids)")
+                if PyTuple_GET_SIZE(row) != 2:
+                    raise InvalidArgument("each row must be (payload, device_ids)")
+                pays[i] = (<tuple>row)[0]
+                ids = (<tuple>row)[1]
+                if not isinstance(ids, (list, tuple)):
+                    raise WrongType("device_ids must be a list or tuple")
+                n = len(ids)
+                at = PyList_GET_SIZE(devs)
+                if ids is last_ids and plain and n == prev_n:
+                    # the row before's list, of exact ints (whose lookups ran
+                    # no Python code that could have changed it): its devices
+                    for j in range(n):
+                        devs.append(<object>PyList_GET_ITEM_p(<PyObject*>devs, prev_at + j))
+                else:
+                    plain = True
+                    for d in ids:
+                        plain = plain and PyLong_CheckExact(d)
+                        devs.append(self._device(d))
+                    n = PyList_GET_SIZE(devs) - at
+                    last_ids = ids
+                    prev_at = at
+                    prev_n = n
+                counts[i] = n
+            # devs and pays hold a reference to every device and payload, so
+            # nothing placed below can go away while the loop runs
+            k = 0
+            for i in range(nrows):
+                payload = PyList_GET_ITEM_p(<PyObject*>pays, i)
+                for j in range(k, k + counts[i]):
+                    m = &(<_Device>PyList_GET_ITEM_p(<PyObject*>devs, j)).mb
+                    r = mb_offer(m, payload, self.cap, &self.ready, &self.c)
+                    if r == OFFER_PLACED:
+                        entered += 1
+                        placed(&self.c, payload, 1)
+                    elif r == OFFER_FULL:
+                        if full_add(&full, j, m.dev_id) < 0:
+                            nomem = True
+                    else:
+                        nomem = True
+                k += counts[i]
+        finally:
+            PyMem_Free(counts)
+        if full.n or nomem:
+            self._finish(&full, nomem, entered)
+        return entered
+
     def push(self, device_id, payload):
         """Put ``payload`` in one device's mailbox; return its sequence number.
 

@@ -10,6 +10,7 @@
 #   devices_of     = py_devices_of
 #   shared_items   = py_shared_items
 #   held_offered   = py_held_offered
+#   held_shared    = py_held_shared
 #   copies_online  = py_copies_online
 #
 # tests/test_fastpath.py runs both on the same inputs and compares.
@@ -262,19 +263,92 @@ def devices_of(dict by_device, list targets, str feature):
 
 def shared_items(list rows):
     """The engine's ``(device id, payload)`` items for rows stored once for many
-    devices, ``(mid, tail, head, [engine id, ...])``: one ``(mid, tail, head)``
-    payload per row, shared by its devices."""
+    devices, ``(payload, [engine id, ...])``: what ``Router.offer_shared``
+    places for the rows, item by item."""
     cdef list items = []
-    cdef list devs
-    cdef object row, payload
-    cdef Py_ssize_t i, n
+    cdef object row, payload, devs, dev
     for row in rows:
-        mid, tail, head, devs = row
-        payload = (mid, tail, head)
-        n = PyList_GET_SIZE(devs)
-        for i in range(n):
-            items.append((<object>PyList_GET_ITEM(devs, i), payload))
+        payload, devs = row
+        for dev in devs:
+            items.append((dev, payload))
     return items
+
+
+def held_shared(dict online, list rows, object skip):
+    """``held_offered`` for rows ``((mid, tail, head), [engine id, ...])`` (what
+    ``Router.offer_shared`` placed): each placed item's tail length is added
+    to its online feed's ``qbytes``; an item's index counts the rows'
+    devices in order."""
+    cdef Py_ssize_t index = 0, size, added = 0, k, j, n, nfeeds = 0
+    cdef object row, payload, devs, dev, feed, last_devs = None
+    cdef PyObject* found
+    cdef bint skipping = len(skip) > 0
+    # a batch's rows are a group's messages, whose device lists are one
+    # cached list: its devices are looked up online once a list, their
+    # entries kept in order, and each feed's bytes summed in C and written
+    # once at the end (or at an error: what was counted stays counted)
+    cdef dict entry_of = {}  # device -> its entry in feeds (-1: not online)
+    cdef list feeds = []
+    cdef Py_ssize_t* sums = NULL
+    cdef Py_ssize_t* grown
+    cdef Py_ssize_t* entries = NULL  # the last list's devices' entries
+    cdef Py_ssize_t nentries = 0, cap = 0
+    cdef bint plain = False
+    try:
+        for row in rows:
+            payload, devs = row
+            size = len(payload[1])
+            # the row before's list, of exact ints (whose lookups ran no
+            # Python code that could have changed it): its entries hold
+            if devs is not last_devs or not plain:
+                plain = True
+                n = len(devs)
+                PyMem_Free(entries)
+                entries = <Py_ssize_t*>PyMem_Malloc((n + 1) * sizeof(Py_ssize_t))
+                if entries == NULL:
+                    raise MemoryError()
+                nentries = 0
+                for dev in devs:
+                    plain = plain and PyLong_CheckExact(dev)
+                    found = PyDict_GetItemWithError(entry_of, dev)
+                    if found != NULL:
+                        k = <Py_ssize_t><object>found
+                    else:
+                        found = PyDict_GetItemWithError(online, dev)
+                        if found == NULL:
+                            k = -1
+                        else:
+                            k = nfeeds
+                            if nfeeds == cap:
+                                cap = cap * 2 + 8
+                                grown = <Py_ssize_t*>PyMem_Realloc(sums, cap * sizeof(Py_ssize_t))
+                                if grown == NULL:
+                                    raise MemoryError()
+                                sums = grown
+                            feeds.append(<object>found)
+                            sums[k] = 0
+                            nfeeds += 1
+                        entry_of[dev] = k
+                    if nentries < n:
+                        entries[nentries] = k
+                        nentries += 1
+                last_devs = devs
+            for j in range(nentries):
+                k = entries[j]
+                if k >= 0 and not (skipping and (index + j) in skip):
+                    sums[k] += size
+                    added += size
+            index += nentries
+    finally:
+        try:
+            for k in range(nfeeds):
+                if sums[k]:
+                    feed = <object>PyList_GET_ITEM(feeds, k)
+                    feed.qbytes += sums[k]
+        finally:
+            PyMem_Free(sums)
+            PyMem_Free(entries)
+    return added
 
 
 def held_offered(dict online, list items, object skip):

@@ -219,16 +219,34 @@ def py_devices_of(by_device: dict, targets: list, feature: str) -> list:
 
 def py_shared_items(rows: list) -> list:
     """The engine's ``(device id, payload)`` items for rows stored once for many
-    devices, ``(mid, tail, head, [engine id, ...])``: one ``(mid, tail, head)``
-    payload per row, shared by its devices (a group's fan-out to a thousand
-    devices is a thousand of these, so it is compiled)."""
+    devices, ``(payload, [engine id, ...])``: what ``Router.offer_shared``
+    places for the rows, item by item (the rows' items are only made when
+    the engine refused some: :meth:`Delivery._missed` reads them)."""
     items: list = []
     append = items.append
-    for mid, tail, head, devs in rows:
-        payload = (mid, tail, head)
+    for payload, devs in rows:
         for dev in devs:
             append((dev, payload))
     return items
+
+
+def py_held_shared(online: dict, rows: list, skip) -> int:
+    """:func:`py_held_offered` for rows ``((mid, tail, head), [engine id, ...])``
+    (what ``Router.offer_shared`` placed): each placed item's tail length is
+    added to its online feed's ``qbytes``; an item's index counts the rows'
+    devices in order, as :func:`py_shared_items` lists them."""
+    added = 0
+    index = 0
+    for payload, devs in rows:
+        size = len(payload[1])
+        for dev in devs:
+            if index not in skip:
+                feed = online.get(dev)
+                if feed is not None:
+                    feed.qbytes += size
+                    added += size
+            index += 1
+    return added
 
 
 def py_copies_online(by_device: dict, meta: list, mids: list, feature: str) -> list:
@@ -276,6 +294,7 @@ bytes_by_address = twin(py_bytes_by_address)
 devices_of = twin(py_devices_of)
 shared_items = twin(py_shared_items)
 held_offered = twin(py_held_offered)
+held_shared = twin(py_held_shared)
 copies_online = twin(py_copies_online)
 
 
@@ -637,14 +656,19 @@ class Delivery:
                     self._missed(items, full)
                 self._held_offered(items, full)
                 self.wake()
-            if last_mid > self._routed_mid:
-                self._routed_mid = last_mid
-            if self.queued_bytes > self.memory_budget:
-                # after the cursor moved: what was just placed is in the engine
-                self.spill()
+            self._routed(last_mid)
         finally:
             self._wake_routed()
         return placed
+
+    def _routed(self, last_mid: int) -> None:
+        """The live route's cursor passes ``last_mid``; then spill if the
+        engine holds more than the memory budget."""
+        if last_mid > self._routed_mid:
+            self._routed_mid = last_mid
+        if self.queued_bytes > self.memory_budget:
+            # after the cursor moved: what was just placed is in the engine
+            self.spill()
 
     def _held_offered(self, items: list, full: list) -> None:
         """Count the tails of placed ``(engine device id, (mid, tail, head))``
@@ -778,9 +802,29 @@ class Delivery:
         object per row goes to every listed device online on a link that
         negotiated ``feature`` (the engine shares it, copies nothing); the
         store keeps the row for the others.  Returns how many were placed."""
-        return self._offer(lambda: shared_items(
-            [(mid, tail, head, self._devices_of(targets, feature))
-             for mid, (tail, head, targets) in shared]), last_mid)
+        self._puts_in_flight -= 1
+        placed = 0
+        try:
+            devices_of = self._devices_of
+            # one row a message, its devices a list cached per group: the
+            # engine places the payload for each, no item a delivery
+            rows = [((mid, tail, head), devices_of(targets, feature))
+                    for mid, (tail, head, targets) in shared]
+            if rows:
+                full: list = []
+                try:
+                    placed = self.router.offer_shared(rows)
+                except MailboxFull as exc:
+                    placed = exc.entered
+                    full = exc.full
+                    self._missed(shared_items(rows), full)
+                skip = {index for index, _ in full} if full else frozenset()
+                self.queued_bytes += held_shared(self._online, rows, skip)
+                self.wake()
+            self._routed(last_mid)
+        finally:
+            self._wake_routed()
+        return placed
 
     def _devices_of(self, targets: list, feature: str) -> list:
         """The engine ids of the devices of ``targets`` (``(address, device
