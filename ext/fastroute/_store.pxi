@@ -52,6 +52,7 @@ cdef class Inbox:
     cdef int64_t* mids
     cdef PyObject** msgs    # strong references; NULL: deleted out of order
     cdef Py_ssize_t start, end, cap, n
+    cdef Py_ssize_t hint    # where the next lookup looks first
 
     def __dealloc__(self):
         self._clear()
@@ -72,15 +73,22 @@ cdef class Inbox:
 
     cdef Py_ssize_t _lower(self, int64_t mid) noexcept:
         """The first position from ``start`` whose mid is >= ``mid`` (``end``: none)."""
-        cdef Py_ssize_t lo = self.start, hi = self.end, m
+        cdef Py_ssize_t lo = self.start, hi = self.end, m, h = self.hint
         if lo < hi and self.mids[lo] >= mid:
             return lo  # an ack of the oldest entry, the usual case
+        if lo < h < hi and self.mids[h] >= mid and self.mids[h - 1] < mid:
+            # the one after the last found: a device acks its mids in order,
+            # and a group message's count is found again after the oldest
+            # (any position is checked before it is trusted)
+            self.hint = h + 1
+            return h
         while lo < hi:
             m = lo + (hi - lo) // 2
             if self.mids[m] < mid:
                 lo = m + 1
             else:
                 hi = m
+        self.hint = lo + 1
         return lo
 
     cdef Py_ssize_t _index(self, int64_t mid) noexcept:
