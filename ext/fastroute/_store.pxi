@@ -33,6 +33,9 @@ cdef object _NO_DEFAULT = object()
 cdef enum:
     # entries an inbox's arrays keep room for however few it holds
     INBOX_KEEP = 64
+    # mem_put's device-key tuples found by identity (a recipient's devices,
+    # at most 16 an address)
+    MEM_SEEN = 16
 
 
 cdef class Inbox:
@@ -282,6 +285,12 @@ def mem_put(list items, left, dict inbox, long long first, list mids):
     cdef Inbox lb = left if type(left) is Inbox else None
     cdef dict left_d = None if lb is not None else <dict?>left
     cdef dict by_keys = None  # device keys (a tuple) -> their inboxes, past the first
+    # by_keys' first tuples and their inboxes, found by identity before the
+    # dict hashes a tuple (the relay's copies carry each device's one tuple);
+    # borrowed: by_keys holds both
+    cdef PyObject* seen_keys[MEM_SEEN]
+    cdef PyObject* seen_boxes[MEM_SEEN]
+    cdef int nseen = 0, j
     cdef PyObject* found
     cdef Py_ssize_t ndevs = 0
     for item in items:
@@ -300,7 +309,11 @@ def mem_put(list items, left, dict inbox, long long first, list mids):
             # are stored under each device's one tuple of keys: its inboxes
             # are looked up once a batch
             found = NULL
-            if by_keys is not None and PyTuple_CheckExact(devs):
+            for j in range(nseen):
+                if seen_keys[j] == <PyObject*>devs:
+                    found = seen_boxes[j]
+                    break
+            if found == NULL and by_keys is not None and PyTuple_CheckExact(devs):
                 found = PyDict_GetItemWithError(by_keys, devs)
             if found != NULL:
                 boxes = <list>found
@@ -319,6 +332,10 @@ def mem_put(list items, left, dict inbox, long long first, list mids):
                     if by_keys is None:
                         by_keys = {}
                     by_keys[devs] = boxes
+                    if nseen < MEM_SEEN:
+                        seen_keys[nseen] = <PyObject*>devs
+                        seen_boxes[nseen] = <PyObject*>boxes
+                        nseen += 1
             last_devs = devs
         if not ndevs:
             raise InvalidArgument("device_keys must not be empty")
