@@ -1943,7 +1943,7 @@ def test_dsend_copies_twins(entries, skip, ok):
     names = {1: "phone", 2: "laptop", 5: "tablet"}
     assert [(i[0], i[2], i[4]) for i in got[1]] == [
         ("s@x.org/3", e[2], (100 + e[0],)) for e in entries]
-    for (did, _, body), (target, name, (head, tail)) in zip(entries, got[2]):
+    for (did, _, body), (target, name, head, tail) in zip(entries, got[2]):
         assert (target, name, head) == ("r@x.org", names[did], keys.DDELIVER_HEAD)
         assert tail == wire.py_deliver_tail(SENDER_PACKED, MID, body, TS_PACKED, 0)
 
@@ -2585,13 +2585,13 @@ def test_per_device_copies_online_twins(seed):
         targets = rng.sample(devices[1:], rng.randrange(0 if r else 1, 6))
         if not r:
             targets.insert(rng.randrange(len(targets)), devices[0])
-        copies = [(a, d, (b"\x98\xcd\x07\xd1", bytes([n + j]) * 3))
+        copies = [(a, d, b"\x98\xcd\x07\xd1", bytes([n + j]) * 3)
                   for j, (a, d) in enumerate(targets)]
         n += len(copies)
         meta.append((object(), os.urandom(16), ("to@home", copies)))
     mids = list(range(100, 100 + n))
     flat = [c for _, _, (_, copies) in meta for c in copies]
-    want = [(by_device[(a, d)].dev, (mid, tail, head)) for mid, (a, d, (head, tail))
+    want = [(by_device[(a, d)].dev, (mid, tail, head)) for mid, (a, d, head, tail)
             in zip(mids, flat) if (a, d) in by_device
             and "e2ee" in by_device[(a, d)].link.features]
     runs = [fn(by_device, meta, mids, "e2ee") for fn in _both(delivery.py_copies_online)
@@ -2616,19 +2616,19 @@ def test_copies_in_runs_to_one_device_twins(seed):
         copies = []
         for _ in range(rng.randrange(1, 5)):
             address = "".join(a) if rng.random() < 0.5 else a  # equal, not the same
-            copies.append((address, d, (b"\x98\xcd\x07\xd1", bytes([n % 256]) * (1 + n % 7))))
+            copies.append((address, d, b"\x98\xcd\x07\xd1", bytes([n % 256]) * (1 + n % 7)))
             n += 1
         meta.append((object(), os.urandom(16), (a, copies)))
         if rng.random() < 0.5:
             # a per-device send to every device of one address: copies in turns
-            turns = [(a2, d2, (b"\x98\xcd\x07\xd1", b"t%d" % n)) for (a2, d2) in keys
+            turns = [(a2, d2, b"\x98\xcd\x07\xd1", b"t%d" % n) for (a2, d2) in keys
                      if a2 == a] * 2
             n += len(turns)
             meta.append((object(), os.urandom(16), (a, turns)))
     if seed == 0:  # keys that are not exact strs take the dict's own way
         feeds[(b"x@home", "d1")] = _Feed(4000, ["e2ee"])
-        meta.append((object(), os.urandom(16), ("x", [(b"x@home", "d1", (b"h", b"bytes key")),
-                                                       ("a@home", "d1", (b"h", b"after"))])))
+        meta.append((object(), os.urandom(16), ("x", [(b"x@home", "d1", b"h", b"bytes key"),
+                                                       ("a@home", "d1", b"h", b"after")])))
         n += 2
     mids = list(range(1, n + 1))
     runs = [fn(feeds, meta, mids, "e2ee") for fn in _both(delivery.py_copies_online)
@@ -2636,7 +2636,7 @@ def test_copies_in_runs_to_one_device_twins(seed):
     assert all(r == runs[0] for r in runs)
     flat = [c for _, _, (_, copies) in meta for c in copies]
     assert runs[0] == [(feeds[(a, d)].dev, (mid, tail, head))
-                       for mid, (a, d, (head, tail)) in zip(mids, flat)
+                       for mid, (a, d, head, tail) in zip(mids, flat)
                        if (a, d) in feeds and "e2ee" in feeds[(a, d)].link.features]
     # and what the engine placed of them is counted once per feed and run
     online = {f.dev: f for f in feeds.values()}

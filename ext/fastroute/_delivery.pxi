@@ -414,7 +414,7 @@ def held_offered(dict online, list items, object skip):
 def copies_online(dict by_device, list meta, list mids, str feature):
     """The engine's ``(device id, (mid, tail, head))`` items for a stored batch
     of per-device copies (``meta``: ``(link, id, (to, copies))`` per request,
-    each copy ``(address, device name, (head, tail))``; ``mids``: one row id
+    each copy ``(address, device name, head, tail)``; ``mids``: one row id
     per copy), for the devices online on a link that negotiated ``feature``."""
     cdef list items = []
     cdef list copies
@@ -459,7 +459,6 @@ def copies_online(dict by_device, list meta, list mids, str feature):
                     dev = <object>found
                 last_name = name
             if dev is not _OFFLINE:
-                payload = copy[2]
-                items.append((dev, (mids[at], payload[1], payload[0])))
+                items.append((dev, (mids[at], copy[3], copy[2])))
             at += 1
     return items

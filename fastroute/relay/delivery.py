@@ -252,13 +252,13 @@ def py_held_shared(online: dict, rows: list, skip) -> int:
 def py_copies_online(by_device: dict, meta: list, mids: list, feature: str) -> list:
     """The engine's ``(device id, (mid, tail, head))`` items for a stored batch
     of per-device copies: ``meta`` holds ``(link, id, (to, copies))`` per
-    request, each copy ``(address, device name, (head, tail))``, and ``mids``
+    request, each copy ``(address, device name, head, tail)``, and ``mids``
     one row id per copy in that order; a copy goes to its device if it is
     online on a link that negotiated ``feature`` (the store keeps the rest)."""
     items: list = []
     at = 0
     for _, _, (_, copies) in meta:
-        for address, name, (head, tail) in copies:
+        for address, name, head, tail in copies:
             feed = by_device.get((address, name))
             if feed is not None and feature in feed.link.features:
                 items.append((feed.dev, (mids[at], tail, head)))

@@ -158,8 +158,8 @@ def py_dsend_copies(devs: dict, entries: list | tuple, skip: int, target: str, s
     the devices of ``devs`` (device id -> :class:`Slot`) but ``skip``, each once
     and with its current registration id; then each copy's store item
     ``(stored_sender, cid, body, now_ms, slot.dkeys)`` is appended to
-    ``items`` and ``(target, device name, (DDELIVER head, tail))`` to
-    ``copies``.  False otherwise, with nothing appended: the caller then
+    ``items`` and ``(target, device name, DDELIVER head, tail)`` to
+    ``copies`` (flat: no tuple of its own for the head and tail).  False otherwise, with nothing appended: the caller then
     works out what differs (duplicates, missing, extra, stale).
     """
     n = len(devs) - (1 if skip in devs else 0)
@@ -175,8 +175,8 @@ def py_dsend_copies(devs: dict, entries: list | tuple, skip: int, target: str, s
         slot = devs[did]
         name = slot.name
         items.append((stored_sender, cid, body, now_ms, slot.dkeys))
-        copies.append((target, name,
-                       (DDELIVER_HEAD, wire.py_deliver_tail(sp, cid, body, ts_packed, 0))))
+        copies.append((target, name, DDELIVER_HEAD,
+                       wire.py_deliver_tail(sp, cid, body, ts_packed, 0)))
     return True
 
 
@@ -1010,7 +1010,7 @@ class Keys:
         for address, name in targets:
             eid = os.urandom(16)
             items.append((event_sender(kind), eid, body, now_ms, [register(address, name)]))
-            copies.append((address, name, (EVENT_HEAD, wire.deliver_tail(sp, eid, body, ts, 0))))
+            copies.append((address, name, EVENT_HEAD, wire.deliver_tail(sp, eid, body, ts, 0)))
         fut = self.delivery.persist(items)
 
         def done(f: asyncio.Future) -> None:
@@ -1021,7 +1021,7 @@ class Keys:
                 return
             mids = f.result()
             self.delivery.persisted_copies(
-                [(a, n, (mid, tail, head)) for (a, n, (head, tail)), mid in zip(copies, mids)],
+                [(a, n, (mid, tail, head)) for (a, n, head, tail), mid in zip(copies, mids)],
                 mids[-1])
 
         fut.add_done_callback(done)
