@@ -411,6 +411,21 @@ def held_offered(dict online, list items, object skip):
     return added
 
 
+cdef enum:
+    # copies_online's device names found by identity (an address has at most 16)
+    COPIES_SEEN = 16
+
+
+cdef inline int _copies_seen(PyObject** names, PyObject** devs, int n, object name,
+                             object dev) noexcept:
+    """Note ``name`` -> ``dev`` for copies_online's lookups by identity; the new count."""
+    if n < COPIES_SEEN:
+        names[n] = <PyObject*>name
+        devs[n] = <PyObject*>dev
+        n += 1
+    return n
+
+
 def copies_online(dict by_device, list meta, list mids, str feature):
     """The engine's ``(device id, (mid, tail, head))`` items for a stored batch
     of per-device copies (``meta``: ``(link, id, (to, copies))`` per request,
@@ -422,6 +437,12 @@ def copies_online(dict by_device, list meta, list mids, str feature):
     cdef object request, copy, feed, payload, address, name, dev
     cdef object last_address = None, last_name = None
     cdef dict devs = None  # the last address's device names -> engine id (None: not here)
+    # devs' names and engine ids found by identity first (the keys stage
+    # hands each device's one name object: a lookup without a hash or a
+    # compare); borrowed, devs holds both
+    cdef PyObject* seen_names[COPIES_SEEN]
+    cdef PyObject* seen_devs[COPIES_SEEN]
+    cdef int nseen = 0, j
     cdef PyObject* found
     for request in meta:
         copies = request[2][1]
@@ -436,27 +457,39 @@ def copies_online(dict by_device, list meta, list mids, str feature):
             if not (PyUnicode_CheckExact(address) and PyUnicode_CheckExact(name)):
                 dev = _device_online(by_device, (address, name), feature)
                 last_address = None
-            elif (last_address is not None and (name is last_name or name == last_name)
-                    and (address is last_address or address == last_address)):
-                pass  # the same device as the copy before: dev holds
-            elif last_address is None or not (address is last_address
-                                              or address == last_address):
+            elif last_address is not None and (address is last_address
+                                               or address == last_address):
+                if name is not last_name:
+                    found = NULL
+                    for j in range(nseen):
+                        if seen_names[j] == <PyObject*>name:
+                            found = seen_devs[j]
+                            break
+                    if found != NULL:
+                        dev = <object>found
+                    elif name == last_name:
+                        pass  # the same device as the copy before: dev holds
+                    else:
+                        # another device of the same address (copies in
+                        # turns): the address's devices are kept by name
+                        # from its second on
+                        if devs is None:
+                            devs = {last_name: dev}
+                            nseen = _copies_seen(seen_names, seen_devs, nseen, last_name, dev)
+                        found = PyDict_GetItemWithError(devs, name)
+                        if found == NULL:
+                            dev = _device_online(by_device, (address, name), feature)
+                            devs[name] = dev
+                            nseen = _copies_seen(seen_names, seen_devs, nseen, name, dev)
+                        else:
+                            dev = <object>found
+                    last_name = name
+            else:
                 # another address: its first device
                 devs = None
+                nseen = 0
                 last_address = address
                 dev = _device_online(by_device, (address, name), feature)
-                last_name = name
-            else:
-                # another device of the same address (copies in turns): the
-                # address's devices are kept by name from its second on
-                if devs is None:
-                    devs = {last_name: dev}
-                found = PyDict_GetItemWithError(devs, name)
-                if found == NULL:
-                    dev = _device_online(by_device, (address, name), feature)
-                    devs[name] = dev
-                else:
-                    dev = <object>found
                 last_name = name
             if dev is not _OFFLINE:
                 items.append((dev, (mids[at], copy[3], copy[2])))
