@@ -159,8 +159,9 @@ def py_dsend_copies(devs: dict, entries: list | tuple, skip: int, target: str, s
     and with its current registration id; then each copy's store item
     ``(stored_sender, cid, body, now_ms, slot.dkeys)`` is appended to
     ``items`` and ``(target, device name, DDELIVER head, tail)`` to
-    ``copies`` (flat: no tuple of its own for the head and tail).  False otherwise, with nothing appended: the caller then
-    works out what differs (duplicates, missing, extra, stale).
+    ``copies`` (flat: no tuple of its own for the head and tail).  False
+    otherwise, with nothing appended: the caller then works out what differs
+    (duplicates, missing, extra, stale).
     """
     n = len(devs) - (1 if skip in devs else 0)
     if len(entries) != n:
