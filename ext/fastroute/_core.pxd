@@ -43,6 +43,8 @@ cdef enum:
     READY_MIN = 64
     # route_many plans this many items without a heap allocation
     PLAN_STACK = 32
+    # offer_many's device ids found by identity (a batch's few devices)
+    OFFER_SEEN = 16
 
 
 cdef enum Offer:

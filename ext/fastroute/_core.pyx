@@ -551,9 +551,13 @@ cdef class Router:
         cdef FullList full
         cdef int64_t entered = 0
         cdef bint nomem = False
-        cdef int r
+        cdef int r, j, nseen = 0
         cdef Mailbox* m
-        cdef object item
+        cdef object item, key
+        cdef _Device dev
+        cdef PyObject* found
+        cdef PyObject* seen_ids[OFFER_SEEN]
+        cdef PyObject* seen_devs[OFFER_SEEN]
         if type(items) is list:
             lst = <list>items
         elif isinstance(items, (list, tuple)):
@@ -569,7 +573,24 @@ cdef class Router:
                 raise WrongType("each item must be a tuple (device_id, payload)")
             if PyTuple_GET_SIZE(item) != 2:
                 raise InvalidArgument("each item must be (device_id, payload)")
-            devs[i] = self._device(item[0])
+            key = <object>PyTuple_GET_ITEM_p(<PyObject*>item, 0)
+            # a batch's copies go to a few devices, in runs or in turns, each
+            # under its one id object: found by identity before the dict
+            found = NULL
+            for j in range(nseen):
+                if seen_ids[j] == <PyObject*>key:
+                    found = seen_devs[j]
+                    break
+            if found != NULL:
+                devs[i] = <object>found
+            else:
+                dev = self._device(key)
+                devs[i] = dev
+                if nseen < OFFER_SEEN and PyLong_CheckExact(key):
+                    # borrowed: items holds the id, devs the device
+                    seen_ids[nseen] = <PyObject*>key
+                    seen_devs[nseen] = <PyObject*>dev
+                    nseen += 1
         full.pairs = NULL
         full.n = full.size = 0
         # devs holds a reference to every device and lst to every payload, so

@@ -351,6 +351,12 @@ def held_shared(dict online, list rows, object skip):
     return added
 
 
+cdef enum:
+    # device names (copies_online) and engine ids (held_offered) found by
+    # identity: an address has at most 16 devices, a batch's copies go to a few
+    COPIES_SEEN = 16
+
+
 def held_offered(dict online, list items, object skip):
     """Add the tail length of each placed ``(engine device id, (mid, tail, head))``
     item to its online feed's ``qbytes`` (items whose index is in ``skip`` were
@@ -366,6 +372,10 @@ def held_offered(dict online, list items, object skip):
     # none in a run), and each feed's count written once at the end (or at
     # an error: what was counted before it stays counted, as item by item)
     cdef dict entry_of = None  # device -> its entry in feeds (-1: not online)
+    # entry_of's first devices and entries, by identity (borrowed: it holds them)
+    cdef PyObject* seen_devs[COPIES_SEEN]
+    cdef Py_ssize_t seen_cur[COPIES_SEEN]
+    cdef int nseen = 0, j
     cdef list feeds = []
     cdef Py_ssize_t* sums = <Py_ssize_t*>PyMem_Malloc((n + 1) * sizeof(Py_ssize_t))
     if sums == NULL:
@@ -378,22 +388,32 @@ def held_offered(dict online, list items, object skip):
             dev, payload = item
             if last_dev is None or dev is not last_dev:
                 found = NULL
-                if entry_of is None:
-                    entry_of = {}
+                # copies in turns: each device's one id object, by identity
+                for j in range(nseen):
+                    if seen_devs[j] == <PyObject*>dev:
+                        cur = seen_cur[j]
+                        break
                 else:
-                    found = PyDict_GetItemWithError(entry_of, dev)
-                if found != NULL:
-                    cur = <Py_ssize_t><object>found
-                else:
-                    found = PyDict_GetItemWithError(online, dev)
-                    if found == NULL:
-                        cur = -1
+                    if entry_of is None:
+                        entry_of = {}
                     else:
-                        cur = nfeeds
-                        feeds.append(<object>found)
-                        sums[nfeeds] = 0
-                        nfeeds += 1
-                    entry_of[dev] = cur
+                        found = PyDict_GetItemWithError(entry_of, dev)
+                    if found != NULL:
+                        cur = <Py_ssize_t><object>found
+                    else:
+                        found = PyDict_GetItemWithError(online, dev)
+                        if found == NULL:
+                            cur = -1
+                        else:
+                            cur = nfeeds
+                            feeds.append(<object>found)
+                            sums[nfeeds] = 0
+                            nfeeds += 1
+                        entry_of[dev] = cur
+                        if nseen < COPIES_SEEN:
+                            seen_devs[nseen] = <PyObject*>dev
+                            seen_cur[nseen] = cur
+                            nseen += 1
                 last_dev = dev
             if cur < 0:
                 continue
@@ -409,11 +429,6 @@ def held_offered(dict online, list items, object skip):
         finally:
             PyMem_Free(sums)
     return added
-
-
-cdef enum:
-    # copies_online's device names found by identity (an address has at most 16)
-    COPIES_SEEN = 16
 
 
 cdef inline int _copies_seen(PyObject** names, PyObject** devs, int n, object name,
