@@ -45,6 +45,17 @@ async def bodies_until(c, want: int, timeout: float = 10.0) -> list:
     return out
 
 
+async def alice_bob_carol(w) -> tuple:
+    """Three members on a phone each, and the group alice made and added the others to."""
+    a = await member(w, "alice@home", "phone", 11)
+    b = await member(w, "bob@home", "phone", 21)
+    c = await member(w, "carol@home", "phone", 31)
+    gid = await a.create_group()
+    await a.group_add(gid, "bob@home")
+    await a.group_add(gid, "carol@home")
+    return a, b, c, gid
+
+
 def test_a_stale_gsend_is_told_which_devices_are_missing_extra_and_stale(tmp_path):
     async def main():
         async with world(tmp_path) as w:
@@ -226,12 +237,7 @@ def test_membership_change_rate_limit(tmp_path):
 def test_gsend_skips_members_at_a_backlog_cap_and_refuses_when_all_are(tmp_path):
     async def main():
         async with world(tmp_path, max_stored_msgs_per_device=2) as w:
-            a = await member(w, "alice@home", "phone", 11)
-            b = await member(w, "bob@home", "phone", 21)
-            c = await member(w, "carol@home", "phone", 31)
-            gid = await a.create_group()
-            await a.group_add(gid, "bob@home")
-            await a.group_add(gid, "carol@home")
+            a, b, c, gid = await alice_bob_carol(w)
             v, _, _ = await a.group_members(gid)
             await take(c, 1)
             await b.close()  # bob's backlog: 2 events, then nothing is acked
@@ -377,12 +383,7 @@ def test_a_member_whose_mailbox_fills_gets_the_rest_from_the_store_in_order(tmp_
 
     async def main():
         async with world(tmp_path, mailbox_capacity=4) as w:
-            a = await member(w, "alice@home", "phone", 11)
-            b = await member(w, "bob@home", "phone", 21)
-            c = await member(w, "carol@home", "phone", 31)
-            gid = await a.create_group()
-            await a.group_add(gid, "bob@home")
-            await a.group_add(gid, "carol@home")
+            a, b, c, gid = await alice_bob_carol(w)
             v, members, _ = await a.group_members(gid)
             assert len(members) == 3
             await drain(b)

@@ -167,6 +167,15 @@ cdef object _plain_item(object item):
     return item
 
 
+cdef inline list _as_list(object items, str what):
+    """``items`` as a list: the list itself, else a copy (WrongType unless iterable)."""
+    if type(items) is list:
+        return <list>items
+    if not isinstance(items, (list, tuple)):
+        check_iterable(items, what)
+    return list(items)
+
+
 @cython.auto_pickle(False)
 cdef class Router:
     """Address table, per-device bounded mailboxes, groups and fan-out.
@@ -491,13 +500,7 @@ cdef class Router:
         cdef PyObject** devs
         cdef Mailbox* m
         cdef PyObject* payload
-        if type(items) is list:
-            lst = <list>items
-        elif isinstance(items, (list, tuple)):
-            lst = list(items)
-        else:
-            check_iterable(items, "items")
-            lst = list(items)
+        lst = _as_list(items, "items")
         n = PyList_GET_SIZE(lst)
         full.pairs = NULL
         full.n = full.size = 0
@@ -558,13 +561,7 @@ cdef class Router:
         cdef PyObject* found
         cdef PyObject* seen_ids[OFFER_SEEN]
         cdef PyObject* seen_devs[OFFER_SEEN]
-        if type(items) is list:
-            lst = <list>items
-        elif isinstance(items, (list, tuple)):
-            lst = list(items)
-        else:
-            check_iterable(items, "items")
-            lst = list(items)
+        lst = _as_list(items, "items")
         n = PyList_GET_SIZE(lst)
         devs = [None] * n
         for i in range(n):
@@ -633,13 +630,7 @@ cdef class Router:
         cdef Mailbox* m
         cdef object row, ids, last_ids = None, d
         cdef PyObject* payload
-        if type(rows) is list:
-            lst = <list>rows
-        elif isinstance(rows, (list, tuple)):
-            lst = list(rows)
-        else:
-            check_iterable(rows, "rows")
-            lst = list(rows)
+        lst = _as_list(rows, "rows")
         nrows = PyList_GET_SIZE(lst)
         pays = [None] * nrows
         counts = <Py_ssize_t*>PyMem_Malloc((nrows + 1) * sizeof(Py_ssize_t))

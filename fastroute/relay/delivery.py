@@ -636,46 +636,43 @@ class Delivery:
             if not fut.done():
                 fut.set_result(None)
 
-    def _offer(self, build: Callable[[], list], last_mid: int) -> int:
+    def _offer(self, build: Callable[[], list], last_mid: int, shared: bool = False) -> int:
         """The end of a committed batch of rows each meant for named devices:
         ``build()`` lists ``(engine device id, payload)`` for the devices online
-        on a link that may get them, the engine places them (those it cannot
-        are the store's to feed), and the live route's cursor passes
-        ``last_mid``.  Returns how many were placed."""
+        on a link that may get them (``shared``: ``(payload, [engine device id,
+        ...])`` rows, one a message stored once for many devices), the engine
+        places them (those it cannot are the store's to feed), and the live
+        route's cursor passes ``last_mid``.  Returns how many were placed."""
         self._puts_in_flight -= 1
         placed = 0
         try:
-            items = build()
-            if items:
+            batch = build()
+            if batch:
                 full: list = []
                 try:
-                    placed = self.router.offer_many(items)
+                    if shared:
+                        placed = self.router.offer_shared(batch)
+                    else:
+                        placed = self.router.offer_many(batch)
                 except MailboxFull as exc:
                     placed = exc.entered
                     full = exc.full
-                    self._missed(items, full)
-                self._held_offered(items, full)
+                    # the items are only made when some were refused
+                    self._missed(shared_items(batch) if shared else batch, full)
+                # the tails the engine now holds count against each live device
+                # and the relay-wide memory budget, as routed ones do (_held)
+                skip = {index for index, _ in full} if full else frozenset()
+                held = held_shared if shared else held_offered
+                self.queued_bytes += held(self._online, batch, skip)
                 self.wake()
-            self._routed(last_mid)
+            if last_mid > self._routed_mid:
+                self._routed_mid = last_mid
+            if self.queued_bytes > self.memory_budget:
+                # after the cursor moved: what was just placed is in the engine
+                self.spill()
         finally:
             self._wake_routed()
         return placed
-
-    def _routed(self, last_mid: int) -> None:
-        """The live route's cursor passes ``last_mid``; then spill if the
-        engine holds more than the memory budget."""
-        if last_mid > self._routed_mid:
-            self._routed_mid = last_mid
-        if self.queued_bytes > self.memory_budget:
-            # after the cursor moved: what was just placed is in the engine
-            self.spill()
-
-    def _held_offered(self, items: list, full: list) -> None:
-        """Count the tails of placed ``(engine device id, (mid, tail, head))``
-        items against their devices and the relay-wide memory budget, as
-        :meth:`_held` does for routed ones (per-device and group copies too)."""
-        skip = {index for index, _ in full} if full else frozenset()
-        self.queued_bytes += held_offered(self._online, items, skip)
 
     def route(self, batch: list, ephemeral: bool) -> None:
         """Route ``(address, (mid, tail))`` pairs to the online devices of each address."""
@@ -802,29 +799,12 @@ class Delivery:
         object per row goes to every listed device online on a link that
         negotiated ``feature`` (the engine shares it, copies nothing); the
         store keeps the row for the others.  Returns how many were placed."""
-        self._puts_in_flight -= 1
-        placed = 0
-        try:
-            devices_of = self._devices_of
-            # one row a message, its devices a list cached per group: the
-            # engine places the payload for each, no item a delivery
-            rows = [((mid, tail, head), devices_of(targets, feature))
-                    for mid, (tail, head, targets) in shared]
-            if rows:
-                full: list = []
-                try:
-                    placed = self.router.offer_shared(rows)
-                except MailboxFull as exc:
-                    placed = exc.entered
-                    full = exc.full
-                    self._missed(shared_items(rows), full)
-                skip = {index for index, _ in full} if full else frozenset()
-                self.queued_bytes += held_shared(self._online, rows, skip)
-                self.wake()
-            self._routed(last_mid)
-        finally:
-            self._wake_routed()
-        return placed
+        devices_of = self._devices_of
+        # one row a message, its devices a list cached per group: the engine
+        # places the payload for each, no item a delivery
+        return self._offer(lambda: [((mid, tail, head), devices_of(targets, feature))
+                                    for mid, (tail, head, targets) in shared],
+                           last_mid, shared=True)
 
     def _devices_of(self, targets: list, feature: str) -> list:
         """The engine ids of the devices of ``targets`` (``(address, device
