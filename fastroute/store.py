@@ -2164,12 +2164,12 @@ class PyInbox(dict):
     methods the store uses (``len``, ``in``, iteration over the mids,
     ``keys``, ``values``, ``items``, ``get``, ``pop``, ``[]``, ``del`` and
     ``clear``) from two arrays in mid order instead of a hash table: a put
-    appends, an ack of the oldest entry moves its start.  Its ``keys``,
-    ``values`` and ``items`` are lists; it holds no None.
+    appends, an ack of the oldest entry moves its start.  The compiled one's
+    ``keys``, ``values`` and ``items`` are lists, its keys ints, and it holds
+    no None.
     """
 
     __slots__ = ()
-
 
 
 def py_mem_put(items: list, left: dict, inbox: dict, first: int, mids: list) -> None:
