@@ -274,14 +274,48 @@ def shared_items(list rows):
     return items
 
 
+cdef Py_ssize_t _feed_entry(dict online, dict entry_of, list feeds, object dev,
+                            bint* added) except -2:
+    """``dev``'s entry in ``feeds`` (-1: not online), for held_offered and
+    held_shared: each device is looked up online once a call (``entry_of``
+    keeps the answers, ``feeds`` the online feeds in order of first sight);
+    ``added`` tells whether this lookup made the entry."""
+    cdef PyObject* found = PyDict_GetItemWithError(entry_of, dev)
+    cdef Py_ssize_t k
+    added[0] = False
+    if found != NULL:
+        return <Py_ssize_t><object>found
+    found = PyDict_GetItemWithError(online, dev)
+    if found == NULL:
+        k = -1
+    else:
+        k = PyList_GET_SIZE(feeds)
+        feeds.append(<object>found)
+    entry_of[dev] = k
+    added[0] = True
+    return k
+
+
+cdef int _credit_feeds(list feeds, const Py_ssize_t* sums, Py_ssize_t nfeeds) except -1:
+    """Add the bytes summed for each of the first ``nfeeds`` feeds to its
+    ``qbytes``: one write a feed, whatever its number of items."""
+    cdef Py_ssize_t k
+    cdef object feed
+    for k in range(nfeeds):
+        if sums[k]:
+            feed = <object>PyList_GET_ITEM(feeds, k)
+            feed.qbytes += sums[k]
+    return 0
+
+
 def held_shared(dict online, list rows, object skip):
     """``held_offered`` for rows ``((mid, tail, head), [engine id, ...])`` (what
     ``Router.offer_shared`` placed): each placed item's tail length is added
     to its online feed's ``qbytes``; an item's index counts the rows'
     devices in order."""
     cdef Py_ssize_t index = 0, size, added = 0, k, j, n, nfeeds = 0
-    cdef object row, payload, devs, dev, feed, last_devs = None
-    cdef PyObject* found
+    cdef object row, payload, devs, dev, last_devs = None
+    cdef bint new
     cdef bint skipping = len(skip) > 0
     # a batch's rows are a group's messages, whose device lists are one
     # cached list: its devices are looked up online once a list, their
@@ -310,25 +344,16 @@ def held_shared(dict online, list rows, object skip):
                 nentries = 0
                 for dev in devs:
                     plain = plain and PyLong_CheckExact(dev)
-                    found = PyDict_GetItemWithError(entry_of, dev)
-                    if found != NULL:
-                        k = <Py_ssize_t><object>found
-                    else:
-                        found = PyDict_GetItemWithError(online, dev)
-                        if found == NULL:
-                            k = -1
-                        else:
-                            k = nfeeds
-                            if nfeeds == cap:
-                                cap = cap * 2 + 8
-                                grown = <Py_ssize_t*>PyMem_Realloc(sums, cap * sizeof(Py_ssize_t))
-                                if grown == NULL:
-                                    raise MemoryError()
-                                sums = grown
-                            feeds.append(<object>found)
-                            sums[k] = 0
-                            nfeeds += 1
-                        entry_of[dev] = k
+                    k = _feed_entry(online, entry_of, feeds, dev, &new)
+                    if new and k >= 0:
+                        if k == cap:
+                            cap = cap * 2 + 8
+                            grown = <Py_ssize_t*>PyMem_Realloc(sums, cap * sizeof(Py_ssize_t))
+                            if grown == NULL:
+                                raise MemoryError()
+                            sums = grown
+                        sums[k] = 0
+                        nfeeds += 1
                     if nentries < n:
                         entries[nentries] = k
                         nentries += 1
@@ -341,10 +366,7 @@ def held_shared(dict online, list rows, object skip):
             index += nentries
     finally:
         try:
-            for k in range(nfeeds):
-                if sums[k]:
-                    feed = <object>PyList_GET_ITEM(feeds, k)
-                    feed.qbytes += sums[k]
+            _credit_feeds(feeds, sums, nfeeds)
         finally:
             PyMem_Free(sums)
             PyMem_Free(entries)
@@ -363,15 +385,15 @@ def held_offered(dict online, list items, object skip):
     not placed); return the bytes added in all."""
     cdef Py_ssize_t index, n = PyList_GET_SIZE(items), size, added = 0, k
     cdef Py_ssize_t cur = -1, nfeeds = 0
-    cdef object item, payload, dev, feed, last_dev = None
-    cdef PyObject* found
+    cdef object item, payload, dev, last_dev = None
+    cdef bint new
     cdef bint skipping = len(skip) > 0
     # a batch's copies go to a few devices, in runs (one peer's device) or in
     # turns (a group's devices, copy after copy): each device is looked up
     # online once, its bytes summed in C (one dict probe an item at most,
     # none in a run), and each feed's count written once at the end (or at
     # an error: what was counted before it stays counted, as item by item)
-    cdef dict entry_of = None  # device -> its entry in feeds (-1: not online)
+    cdef dict entry_of = {}  # device -> its entry in feeds (-1: not online)
     # entry_of's first devices and entries, by identity (borrowed: it holds them)
     cdef PyObject* seen_devs[COPIES_SEEN]
     cdef Py_ssize_t seen_cur[COPIES_SEEN]
@@ -394,22 +416,11 @@ def held_offered(dict online, list items, object skip):
                         cur = seen_cur[j]
                         break
                 else:
-                    if entry_of is None:
-                        entry_of = {}
-                    else:
-                        found = PyDict_GetItemWithError(entry_of, dev)
-                    if found != NULL:
-                        cur = <Py_ssize_t><object>found
-                    else:
-                        found = PyDict_GetItemWithError(online, dev)
-                        if found == NULL:
-                            cur = -1
-                        else:
-                            cur = nfeeds
-                            feeds.append(<object>found)
-                            sums[nfeeds] = 0
+                    cur = _feed_entry(online, entry_of, feeds, dev, &new)
+                    if new:
+                        if cur >= 0:
+                            sums[cur] = 0
                             nfeeds += 1
-                        entry_of[dev] = cur
                         if nseen < COPIES_SEEN:
                             seen_devs[nseen] = <PyObject*>dev
                             seen_cur[nseen] = cur
@@ -422,10 +433,7 @@ def held_offered(dict online, list items, object skip):
             added += size
     finally:
         try:
-            for k in range(nfeeds):
-                if sums[k]:
-                    feed = <object>PyList_GET_ITEM(feeds, k)
-                    feed.qbytes += sums[k]
+            _credit_feeds(feeds, sums, nfeeds)
         finally:
             PyMem_Free(sums)
     return added
