@@ -234,19 +234,9 @@ def py_held_shared(online: dict, rows: list, skip) -> int:
     """:func:`py_held_offered` for rows ``((mid, tail, head), [engine id, ...])``
     (what ``Router.offer_shared`` placed): each placed item's tail length is
     added to its online feed's ``qbytes``; an item's index counts the rows'
-    devices in order, as :func:`py_shared_items` lists them."""
-    added = 0
-    index = 0
-    for payload, devs in rows:
-        size = len(payload[1])
-        for dev in devs:
-            if index not in skip:
-                feed = online.get(dev)
-                if feed is not None:
-                    feed.qbytes += size
-                    added += size
-            index += 1
-    return added
+    devices in order, as :func:`py_shared_items` lists them (the compiled
+    twin does it without the items)."""
+    return py_held_offered(online, py_shared_items(rows), skip)
 
 
 def py_copies_online(by_device: dict, meta: list, mids: list, feature: str) -> list:
