@@ -874,17 +874,19 @@ class Gate:
             delivery.persisted(route_items(meta, mids), mids[-1])
             self.accepted += len(meta) // 3
             young = self._young
-            if young:
-                # who wrote to a new sender: its answers to them are not to strangers
-                contacts = self._contacts
-                for to in field_set(meta, 0, 3) & young:
-                    contacts.add((sender, to))
-                if len(contacts) > _MAX_CONTACTS:
-                    self._contacts_old, self._contacts = contacts, set()
-            safety = self.safety
-            if safety is not None and safety.window > 0:
-                # spam reports count only for pairs the relay really carried
-                safety.delivered(sender, field_set(meta, 0, 3))
+            safety = self.safety if self.safety is not None and self.safety.window > 0 else None
+            if young or safety is not None:
+                tos = field_set(meta, 0, 3)  # the distinct recipients, once for both
+                if young:
+                    # who wrote to a new sender: its answers to them are not to strangers
+                    contacts = self._contacts
+                    for to in tos & young:
+                        contacts.add((sender, to))
+                    if len(contacts) > _MAX_CONTACTS:
+                        self._contacts_old, self._contacts = contacts, set()
+                if safety is not None:
+                    # spam reports count only for pairs the relay really carried
+                    safety.delivered(sender, tos)
             out = link.out if link.is_open() else []
             # per message: dedup entry stored, its waiters answered, SACK-ok to the sender
             stored_sacks(meta, sender, dedup, time.monotonic(), out, self.ack_all)
