@@ -351,19 +351,17 @@ def mem_put(list items, left, dict inbox, long long first, list mids):
         mid += 1
 
 
-cdef int _mem_unref(dict left_d, Inbox lb, object m) except -1:
-    """One inbox less holds ``m``: 1 if it was the last one (``store._unref``)."""
+cdef int _mem_unref(dict left_d, Inbox lb, object m, long long mid, bint has_mid) except -1:
+    """One inbox less holds ``m`` (``mid`` its value, if ``has_mid``: an int64):
+    1 if it was the last one (``store._unref``)."""
     cdef PyObject* n
     cdef PyObject* old
     cdef Py_ssize_t k, i
-    cdef int overflow
-    cdef long long mid
     cdef object fewer
     if lb is not None:
-        if lb.n == 0 or not PyLong_Check(m):
+        if lb.n == 0 or not has_mid:
             return 1
-        mid = PyLong_AsLongLongAndOverflow(m, &overflow)
-        i = -1 if overflow else lb._index(mid)
+        i = lb._index(mid)
         if i < 0:
             return 1
         k = <object>lb.msgs[i]
@@ -397,18 +395,21 @@ def mem_ack(box, left, mids):
     cdef Inbox lb = left if type(left) is Inbox else None
     cdef dict left_d = None if lb is not None else <dict?>left
     cdef int overflow
-    cdef long long mid
+    cdef long long mid = 0
+    cdef bint has_mid = False
     for m in mids:
-        if ib is not None:
-            got = None
+        if ib is not None or lb is not None:
+            # the mid's int64, once for the inbox and the counts
+            has_mid = False
             if PyLong_Check(m):
                 mid = PyLong_AsLongLongAndOverflow(m, &overflow)
-                if not overflow:
-                    got = ib.c_pop(mid)
+                has_mid = not overflow
+        if ib is not None:
+            got = ib.c_pop(mid) if has_mid else None
         else:
             got = d.pop(m, None)
         if got is not None:  # present, not a repeat
-            gone += _mem_unref(left_d, lb, m)
+            gone += _mem_unref(left_d, lb, m, mid, has_mid)
     return gone
 
 
