@@ -43,8 +43,8 @@ cdef enum:
     READY_MIN = 64
     # route_many plans this many items without a heap allocation
     PLAN_STACK = 32
-    # offer_many's device ids found by identity (a batch's few devices)
-    OFFER_SEEN = 16
+    # objects an IdCache holds (a batch's few devices: at most 16 an address)
+    ID_CACHE = 16
 
 
 cdef enum Offer:
@@ -79,6 +79,17 @@ ctypedef struct ReadyList:
     Py_ssize_t n
     Py_ssize_t size
     Py_ssize_t dead      # entries whose device was removed (compaction hint)
+
+
+ctypedef struct IdCache:
+    # a batch loop's lookups of the objects the relay hands again and again
+    # (a device's id, name or tuple of keys), found by identity before a
+    # dict hashes them: borrowed pointers, to objects the caller keeps alive
+    # for the call; vals or nums, whichever the caller keeps
+    PyObject* keys[ID_CACHE]
+    PyObject* vals[ID_CACHE]
+    Py_ssize_t nums[ID_CACHE]
+    int n
 
 
 ctypedef struct FullList:

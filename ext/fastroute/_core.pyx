@@ -554,13 +554,12 @@ cdef class Router:
         cdef FullList full
         cdef int64_t entered = 0
         cdef bint nomem = False
-        cdef int r, j, nseen = 0
+        cdef int r, j
         cdef Mailbox* m
         cdef object item, key
         cdef _Device dev
-        cdef PyObject* found
-        cdef PyObject* seen_ids[OFFER_SEEN]
-        cdef PyObject* seen_devs[OFFER_SEEN]
+        cdef IdCache seen  # device id -> _Device; borrowed: items holds the id, devs the device
+        seen.n = 0
         lst = _as_list(items, "items")
         n = PyList_GET_SIZE(lst)
         devs = [None] * n
@@ -573,21 +572,14 @@ cdef class Router:
             key = <object>PyTuple_GET_ITEM_p(<PyObject*>item, 0)
             # a batch's copies go to a few devices, in runs or in turns, each
             # under its one id object: found by identity before the dict
-            found = NULL
-            for j in range(nseen):
-                if seen_ids[j] == <PyObject*>key:
-                    found = seen_devs[j]
-                    break
-            if found != NULL:
-                devs[i] = <object>found
+            j = idc_find(&seen, <PyObject*>key)
+            if j >= 0:
+                devs[i] = <object>seen.vals[j]
             else:
                 dev = self._device(key)
                 devs[i] = dev
-                if nseen < OFFER_SEEN and PyLong_CheckExact(key):
-                    # borrowed: items holds the id, devs the device
-                    seen_ids[nseen] = <PyObject*>key
-                    seen_devs[nseen] = <PyObject*>dev
-                    nseen += 1
+                if PyLong_CheckExact(key):
+                    idc_add(&seen, <PyObject*>key, <PyObject*>dev, 0)
         full.pairs = NULL
         full.n = full.size = 0
         # devs holds a reference to every device and lst to every payload, so

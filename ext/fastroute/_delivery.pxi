@@ -373,12 +373,6 @@ def held_shared(dict online, list rows, object skip):
     return added
 
 
-cdef enum:
-    # device names (copies_online) and engine ids (held_offered) found by
-    # identity: an address has at most 16 devices, a batch's copies go to a few
-    COPIES_SEEN = 16
-
-
 def held_offered(dict online, list items, object skip):
     """Add the tail length of each placed ``(engine device id, (mid, tail, head))``
     item to its online feed's ``qbytes`` (items whose index is in ``skip`` were
@@ -395,13 +389,13 @@ def held_offered(dict online, list items, object skip):
     # an error: what was counted before it stays counted, as item by item)
     cdef dict entry_of = {}  # device -> its entry in feeds (-1: not online)
     # entry_of's first devices and entries, by identity (borrowed: it holds them)
-    cdef PyObject* seen_devs[COPIES_SEEN]
-    cdef Py_ssize_t seen_cur[COPIES_SEEN]
-    cdef int nseen = 0, j
+    cdef IdCache seen
+    cdef int j
     cdef list feeds = []
     cdef Py_ssize_t* sums = <Py_ssize_t*>PyMem_Malloc((n + 1) * sizeof(Py_ssize_t))
     if sums == NULL:
         raise MemoryError()
+    seen.n = 0
     try:
         for index in range(n):
             if skipping and index in skip:
@@ -411,20 +405,16 @@ def held_offered(dict online, list items, object skip):
             if last_dev is None or dev is not last_dev:
                 found = NULL
                 # copies in turns: each device's one id object, by identity
-                for j in range(nseen):
-                    if seen_devs[j] == <PyObject*>dev:
-                        cur = seen_cur[j]
-                        break
+                j = idc_find(&seen, <PyObject*>dev)
+                if j >= 0:
+                    cur = seen.nums[j]
                 else:
                     cur = _feed_entry(online, entry_of, feeds, dev, &new)
                     if new:
                         if cur >= 0:
                             sums[cur] = 0
                             nfeeds += 1
-                        if nseen < COPIES_SEEN:
-                            seen_devs[nseen] = <PyObject*>dev
-                            seen_cur[nseen] = cur
-                            nseen += 1
+                        idc_add(&seen, <PyObject*>dev, NULL, cur)
                 last_dev = dev
             if cur < 0:
                 continue
@@ -437,16 +427,6 @@ def held_offered(dict online, list items, object skip):
         finally:
             PyMem_Free(sums)
     return added
-
-
-cdef inline int _copies_seen(PyObject** names, PyObject** devs, int n, object name,
-                             object dev) noexcept:
-    """Note ``name`` -> ``dev`` for copies_online's lookups by identity; the new count."""
-    if n < COPIES_SEEN:
-        names[n] = <PyObject*>name
-        devs[n] = <PyObject*>dev
-        n += 1
-    return n
 
 
 def copies_online(dict by_device, list meta, list mids, str feature):
@@ -463,10 +443,10 @@ def copies_online(dict by_device, list meta, list mids, str feature):
     # devs' names and engine ids found by identity first (the keys stage
     # hands each device's one name object: a lookup without a hash or a
     # compare); borrowed, devs holds both
-    cdef PyObject* seen_names[COPIES_SEEN]
-    cdef PyObject* seen_devs[COPIES_SEEN]
-    cdef int nseen = 0, j
+    cdef IdCache seen
+    cdef int j
     cdef PyObject* found
+    seen.n = 0
     for request in meta:
         copies = request[2][1]
         n = PyList_GET_SIZE(copies)
@@ -483,13 +463,9 @@ def copies_online(dict by_device, list meta, list mids, str feature):
             elif last_address is not None and (address is last_address
                                                or address == last_address):
                 if name is not last_name:
-                    found = NULL
-                    for j in range(nseen):
-                        if seen_names[j] == <PyObject*>name:
-                            found = seen_devs[j]
-                            break
-                    if found != NULL:
-                        dev = <object>found
+                    j = idc_find(&seen, <PyObject*>name)
+                    if j >= 0:
+                        dev = <object>seen.vals[j]
                     elif name == last_name:
                         pass  # the same device as the copy before: dev holds
                     else:
@@ -498,19 +474,19 @@ def copies_online(dict by_device, list meta, list mids, str feature):
                         # from its second on
                         if devs is None:
                             devs = {last_name: dev}
-                            nseen = _copies_seen(seen_names, seen_devs, nseen, last_name, dev)
+                            idc_add(&seen, <PyObject*>last_name, <PyObject*>dev, 0)
                         found = PyDict_GetItemWithError(devs, name)
                         if found == NULL:
                             dev = _device_online(by_device, (address, name), feature)
                             devs[name] = dev
-                            nseen = _copies_seen(seen_names, seen_devs, nseen, name, dev)
+                            idc_add(&seen, <PyObject*>name, <PyObject*>dev, 0)
                         else:
                             dev = <object>found
                     last_name = name
             else:
                 # another address: its first device
                 devs = None
-                nseen = 0
+                seen.n = 0
                 last_address = address
                 dev = _device_online(by_device, (address, name), feature)
                 last_name = name

@@ -1,4 +1,5 @@
-# Mailbox ring, ready list and full list: the C primitives of the engine.
+# Mailbox ring, ready list, full list and identity cache: the C primitives of
+# the engine.
 # Part of fastroute._core; no Python-visible names.  Specification: the
 # mailboxes of fastroute/_model.py (Router).  None of these functions touches a Python object
 # other than by Py_INCREF (never a DECREF), so none can run Python code:
@@ -162,3 +163,21 @@ cdef int full_add(FullList* f, int64_t index, int64_t dev_id) noexcept:
     f.pairs[2 * f.n + 1] = dev_id
     f.n += 1
     return 0
+
+
+cdef inline int idc_find(IdCache* c, PyObject* key) noexcept:
+    """Where ``key`` (this very object) is in ``c``, or -1."""
+    cdef int j
+    for j in range(c.n):
+        if c.keys[j] == key:
+            return j
+    return -1
+
+
+cdef inline void idc_add(IdCache* c, PyObject* key, PyObject* val, Py_ssize_t num) noexcept:
+    """Keep ``key`` -> ``val``/``num`` in ``c`` if it has room (it is a cache)."""
+    if c.n < ID_CACHE:
+        c.keys[c.n] = key
+        c.vals[c.n] = val
+        c.nums[c.n] = num
+        c.n += 1

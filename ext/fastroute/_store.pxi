@@ -33,9 +33,6 @@ cdef object _NO_DEFAULT = object()
 cdef enum:
     # entries an inbox's arrays keep room for however few it holds
     INBOX_KEEP = 64
-    # mem_put's device-key tuples found by identity (a recipient's devices,
-    # at most 16 an address)
-    MEM_SEEN = 16
 
 
 cdef class Inbox:
@@ -288,11 +285,11 @@ def mem_put(list items, left, dict inbox, long long first, list mids):
     # by_keys' first tuples and their inboxes, found by identity before the
     # dict hashes a tuple (the relay's copies carry each device's one tuple);
     # borrowed: by_keys holds both
-    cdef PyObject* seen_keys[MEM_SEEN]
-    cdef PyObject* seen_boxes[MEM_SEEN]
-    cdef int nseen = 0, j
+    cdef IdCache seen
+    cdef int j
     cdef PyObject* found
     cdef Py_ssize_t ndevs = 0
+    seen.n = 0
     for item in items:
         # the item itself is what the inboxes hold (one tuple less a
         # message); a caller's list or subclass is copied into a tuple
@@ -308,11 +305,8 @@ def mem_put(list items, left, dict inbox, long long first, list mids):
             # per-device copies in turns (a peer's devices, copy after copy)
             # are stored under each device's one tuple of keys: its inboxes
             # are looked up once a batch
-            found = NULL
-            for j in range(nseen):
-                if seen_keys[j] == <PyObject*>devs:
-                    found = seen_boxes[j]
-                    break
+            j = idc_find(&seen, <PyObject*>devs)
+            found = seen.vals[j] if j >= 0 else NULL
             if found == NULL and by_keys is not None and PyTuple_CheckExact(devs):
                 found = PyDict_GetItemWithError(by_keys, devs)
             if found != NULL:
@@ -332,10 +326,7 @@ def mem_put(list items, left, dict inbox, long long first, list mids):
                     if by_keys is None:
                         by_keys = {}
                     by_keys[devs] = boxes
-                    if nseen < MEM_SEEN:
-                        seen_keys[nseen] = <PyObject*>devs
-                        seen_boxes[nseen] = <PyObject*>boxes
-                        nseen += 1
+                    idc_add(&seen, <PyObject*>devs, <PyObject*>boxes, 0)
             last_devs = devs
         if not ndevs:
             raise InvalidArgument("device_keys must not be empty")
