@@ -1133,16 +1133,21 @@ class SqliteStore(_BaseStore):
                 # queued (a mid is known only once its batch committed).
                 key, mids = arg
                 known = acks.get(key)
+                hi = _mid_span(mids)[1]
+                if hi >= mid:
+                    mids = [m for m in mids if m < mid]
+                    hi = mid - 1
+                elif type(mids) is not list:
+                    mids = list(mids)
                 if known is None:
-                    known = acks[key] = []
-                hi = max(mids)
-                if hi < mid:
-                    known.extend(mids)
-                    if hi > acks_hi:
-                        acks_hi = hi
+                    # the caller's list itself (not changed here): a copy
+                    # would write every int's reference count from this
+                    # thread, and the loop's thread frees them
+                    acks[key] = mids
                 else:
-                    known.extend([m for m in mids if m < mid])
-                    acks_hi = mid - 1
+                    acks[key] = known + mids
+                if hi > acks_hi:
+                    acks_hi = hi
             elif kind == _REG:
                 regs.append(arg)
             elif kind == _FORGET:
@@ -1784,8 +1789,8 @@ def _ack_rows(conn: sqlite3.Connection, acks: dict[int, list[int]], partial: dic
     for k in _chunks(len(keys)):
         args: list = []
         for key in keys[at:at + k]:
-            mids = acks[key]
-            args += (key, max(mids), min(mids))
+            lo, hi = _mid_span(acks[key])
+            args += (key, hi, lo)
         for key, *row in conn.execute(_rows_sql(_SQL_ACK_ROWS, 3, k), args):
             found_rows.setdefault(key, []).append(row)
         at += k
@@ -1857,6 +1862,16 @@ def py_ack_device(key: int, mids: list[int], rows: list, partial: dict, spartial
 
 #: :func:`py_ack_device`, compiled when the core is built
 _ack_device = twin(py_ack_device)
+
+
+def py_mid_span(mids) -> tuple[int, int]:
+    """The least and the greatest of ``mids`` (a non-empty sequence of ints)."""
+    return min(mids), max(mids)
+
+
+#: :func:`py_mid_span`, compiled when the core is built (it reads the ints
+#: without writing their reference counts from the writer's thread)
+_mid_span = twin(py_mid_span)
 
 
 def _keep_share(conn: sqlite3.Connection, key: int, first: int, acked, gone=()) -> None:

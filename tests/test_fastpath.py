@@ -118,7 +118,7 @@ def test_compiled_twins_loaded():
              (store._mem_put, store.py_mem_put), (store._mem_ack, store.py_mem_ack),
              (store._mem_load, store.py_mem_load), (store._sql_rows, store.py_sql_rows),
              (store._shares_release, store.py_shares_release),
-             (store._ack_device, store.py_ack_device),
+             (store._ack_device, store.py_ack_device), (store._mid_span, store.py_mid_span),
              (gate_mod.TokenBucket, gate_mod.PyTokenBucket),
              (gate_mod.take_upto, gate_mod.py_take_upto),
              (gate_mod.give_back, gate_mod.py_give_back), (gate_mod.take_all, gate_mod.py_take_all),
@@ -1552,6 +1552,28 @@ def test_ack_device_twins():
                 assert noted[(key, first)] == acked
         cases += 1
     assert cases == 600
+
+
+def test_mid_span_twins():
+    # the least and the greatest acked mid, in and out of order, negatives,
+    # one mid; and inputs unlike the relay's (a float, a bool, an int past
+    # 64 bits, a tuple, a list subclass, nothing) the specification's way
+    rng = random.Random(9)
+    cases = [[rng.randrange(-(1 << 63), 1 << 63) for _ in range(rng.randrange(1, 50))]
+             for _ in range(200)]
+    cases += [[7], [3, 2, 1], [1, 2, 3], [5, 5], [2, 9, 1, 9, 1], [1, 2.5], [True, 3],
+              [4, 1 << 70, 2], [-(1 << 64), 1], (4, 2, 8), type("L", (list,), {})([3, 1]),
+              [], [1, "2"]]
+    for mids in cases:
+        want = _same(lambda fn: fn(mids), None, store.py_mid_span)
+        if _core is None:
+            continue
+        if isinstance(want, Exception):
+            with pytest.raises(type(want)):
+                _core.mid_span(mids)
+        else:
+            got = _core.mid_span(mids)
+            assert got == want and type(got[0]) is type(want[0]), mids
 
 
 def test_ack_device_twins_take_any_input_as_the_specification():

@@ -568,7 +568,15 @@ def sql_rows(list puts, long long mid, long long ttl_ms):
     cdef PackDraft* drafts = NULL
     cdef PackDraft* d
     cdef Py_ssize_t ndrafts = 0, cap = 0, i = -1, j, ndevs
-    cdef object items, item, sender, cid, body, ts, devs, dv, key, last_devs = None
+    cdef object items, dv, key, last_devs = None
+    # an item's fields are read through borrowed pointers: the loop's thread
+    # made them and frees them, and a reference count written here would
+    # move each one's cache line to this thread and back
+    cdef PyObject* item
+    cdef PyObject* sender
+    cdef PyObject* cid
+    cdef PyObject* body
+    cdef PyObject* devs
     cdef PyObject* found
     cdef long long ts_v, exp
     cdef int overflow = 0
@@ -590,28 +598,29 @@ def sql_rows(list puts, long long mid, long long ttl_ms):
             if not PyList_CheckExact(items):
                 raise WrongType("puts is a list of lists of items")
             for j in range(PyList_GET_SIZE(items)):
-                item = <object>PyList_GET_ITEM(items, j)
-                if not PyTuple_CheckExact(item) or PyTuple_GET_SIZE(item) != 5:
+                item = PyList_GET_ITEM(items, j)
+                if not PyTuple_CheckExact(<object>item) or PyTuple_GET_SIZE(<object>item) != 5:
                     raise WrongType("a put item is a tuple (sender, cid, body, ts_ms, "
                                     "device keys)")
-                sender = <object>PyTuple_GET_ITEM(item, 0)
-                cid = <object>PyTuple_GET_ITEM(item, 1)
-                body = <object>PyTuple_GET_ITEM(item, 2)
-                ts = <object>PyTuple_GET_ITEM(item, 3)
-                devs = <object>PyTuple_GET_ITEM(item, 4)
-                if not (PyUnicode_CheckExact(sender) and PyBytes_CheckExact(cid)
-                        and PyBytes_CheckExact(body) and PyLong_CheckExact(ts)):
+                sender = PyTuple_GET_ITEM(<object>item, 0)
+                cid = PyTuple_GET_ITEM(<object>item, 1)
+                body = PyTuple_GET_ITEM(<object>item, 2)
+                devs = PyTuple_GET_ITEM(<object>item, 4)
+                if not (PyUnicode_CheckExact(<object>sender) and PyBytes_CheckExact(<object>cid)
+                        and PyBytes_CheckExact(<object>body)
+                        and PyLong_CheckExact(<object>PyTuple_GET_ITEM(<object>item, 3))):
                     raise WrongType("a put item is (str, bytes, bytes, int, device keys)")
-                ts_v = PyLong_AsLongLongAndOverflow(ts, &overflow)
+                ts_v = PyLong_AsLongLongAndOverflow(<object>PyTuple_GET_ITEM(<object>item, 3),
+                                                    &overflow)
                 if overflow or ts_v > INT64_MAX - ttl_ms:
                     raise OverflowError("ts_ms + ttl does not fit 64 bits")
                 exp = ts_v + ttl_ms
-                ndevs = len(devs)
+                ndevs = len(<object>devs)
                 if ndevs == 1:
                     # a run of messages for one recipient shares its tuple
                     # of keys: the draft is looked up once a run
-                    if devs is not last_devs or not PyTuple_CheckExact(devs):
-                        key = devs[0]
+                    if devs != <PyObject*>last_devs or not PyTuple_CheckExact(<object>devs):
+                        key = (<object>devs)[0]
                         found = PyDict_GetItemWithError(index, key)
                         if found != NULL:
                             i = <Py_ssize_t><object>found
@@ -627,16 +636,18 @@ def sql_rows(list puts, long long mid, long long ttl_ms):
                             ndrafts += 1
                             index[key] = i
                             keys.append(key)
-                        last_devs = devs
-                    draft_append(&drafts[i], mid, sender, cid, body, ts_v, exp)
+                        last_devs = <object>devs
+                    draft_append(&drafts[i], mid, <object>sender, <object>cid, <object>body,
+                                 ts_v, exp)
                 elif ndevs == 0:
                     # nobody would ack it: it would sit on disk until it expires
                     raise InvalidArgument("device_keys must not be empty")
                 else:
-                    if devs is not last_sdevs or not PyTuple_CheckExact(devs):
+                    if devs != <PyObject*>last_sdevs or not PyTuple_CheckExact(<object>devs):
                         # a run of one group's messages shares its tuple of
                         # keys: the spack is looked up once a run
-                        key = devs if PyTuple_CheckExact(devs) else tuple(devs)
+                        key = (<object>devs if PyTuple_CheckExact(<object>devs)
+                               else tuple(<object>devs))
                         found = PyDict_GetItemWithError(sindex, key)
                         if found != NULL:
                             si = <Py_ssize_t><object>found
@@ -657,15 +668,16 @@ def sql_rows(list puts, long long mid, long long ttl_ms):
                             nspacks += 1
                             skeys.append(list(dict.fromkeys(key)))
                             sindex[key] = si
-                        last_sdevs = devs
+                        last_sdevs = <object>devs
                     sp = &spacks[si]
                     grow_array(<void**>&sp.lens, &sp.lens_cap, <Py_ssize_t>sp.pack.n,
                                sizeof(int32_t))
                     grow_array(<void**>&sp.exps, &sp.exps_cap, <Py_ssize_t>sp.pack.n,
                                sizeof(int64_t))
-                    sp.lens[sp.pack.n] = <int32_t>PyBytes_GET_SIZE(body)
+                    sp.lens[sp.pack.n] = <int32_t>PyBytes_GET_SIZE(<object>body)
                     sp.exps[sp.pack.n] = exp
-                    draft_append(&sp.pack, mid, sender, cid, body, ts_v, exp)
+                    draft_append(&sp.pack, mid, <object>sender, <object>cid, <object>body,
+                                 ts_v, exp)
                     grow_array(<void**>&block_mids, &bcap, nblock, sizeof(int64_t))
                     grow_array(<void**>&block_counts, &ccap, nblock, sizeof(int32_t))
                     block_mids[nblock] = mid
@@ -770,19 +782,53 @@ cdef inline int64_t _blob_mid(const char* p, Py_ssize_t i) noexcept:
     return v
 
 
+def mid_span(mids):
+    """The least and the greatest of ``mids`` (see ``fastroute.store.py_mid_span``).
+
+    The writer thread reads acked mids through borrowed pointers: the loop's
+    thread made those ints and frees them, and ``min``/``max`` would write
+    each one's reference count from the writer's core."""
+    cdef Py_ssize_t i, n
+    cdef PyObject* m
+    cdef long long v, lo = 0, hi = 0
+    cdef int overflow = 0
+    if not PyList_CheckExact(mids) or PyList_GET_SIZE(mids) == 0:
+        from fastroute.store import py_mid_span
+        return py_mid_span(mids)
+    n = PyList_GET_SIZE(mids)
+    for i in range(n):
+        m = PyList_GET_ITEM(mids, i)
+        if not PyLong_CheckExact(<object>m):
+            break
+        v = PyLong_AsLongLongAndOverflow(<object>m, &overflow)
+        if overflow:
+            break
+        if i == 0:
+            lo = hi = v
+        elif v < lo:
+            lo = v
+        elif v > hi:
+            hi = v
+    else:
+        return lo, hi
+    from fastroute.store import py_mid_span
+    return py_mid_span(mids)
+
+
 cdef bint _ack_inputs_plain(list mids, list rows) except -1:
     """Whether ``ack_device``'s inputs have the shape the relay gives them:
     exact int mids in int64 range, rows of three with a bytes blob of
     strictly ascending int64s.  Anything else goes to the specification."""
     cdef Py_ssize_t i, j, n
-    cdef object m, row, blob
+    cdef object row, blob
+    cdef PyObject* m  # borrowed: see mid_span
     cdef int overflow
     cdef const char* p
     for i in range(PyList_GET_SIZE(mids)):
-        m = <object>PyList_GET_ITEM(mids, i)
-        if not PyLong_CheckExact(m):
+        m = PyList_GET_ITEM(mids, i)
+        if not PyLong_CheckExact(<object>m):
             return False
-        PyLong_AsLongLongAndOverflow(m, &overflow)
+        PyLong_AsLongLongAndOverflow(<object>m, &overflow)
         if overflow:
             return False
     for i in range(PyList_GET_SIZE(rows)):
