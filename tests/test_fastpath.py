@@ -1554,6 +1554,37 @@ def test_ack_device_twins():
     assert cases == 600
 
 
+def test_ack_device_twins_complete_rows_acked_in_part():
+    # the rest of a row acked in part before: all of it (the row goes), all
+    # but one (it stays in part), or as many mids as the rest but one of them
+    # acked before (the counts add up, the union does not: it stays)
+    rng = random.Random(12)
+    key = 3
+    for trial in range(400):
+        held = sorted(rng.sample(range(10, 90), rng.randrange(2, 20)))
+        shared = trial % 2
+        before = set(rng.sample(held, rng.randrange(1, len(held))))
+        rest = [m for m in held if m not in before]
+        kind = trial % 3
+        if kind == 0:
+            mids = rest
+        elif kind == 1:
+            mids = rest[:-1] or [rng.choice(sorted(before))]
+        else:
+            mids = rest[:-1] + [rng.choice(sorted(before))]
+        rows = [(shared, held[0], array.array("q", held).tobytes()),
+                (1 - shared, 200, array.array("q", [200, 201]).tobytes())]
+        noted = {(key, held[0]): set(before)}
+        partial, spartial = ({}, noted) if shared else (noted, {})
+        want = _ack_device_case(store.py_ack_device, key, sorted(mids), rows, partial, spartial)
+        dropped = want[2] if shared else want[1]
+        assert (dropped == [key, held[0]]) == (kind == 0), trial
+        if _core is not None:
+            got = _ack_device_case(_core.ack_device, key, sorted(mids), rows, partial,
+                                   spartial)
+            assert got == want, trial
+
+
 def test_mid_span_twins():
     # the least and the greatest acked mid, in and out of order, negatives,
     # one mid; and inputs unlike the relay's (a float, a bool, an int past

@@ -22,6 +22,7 @@
 from cpython cimport array as carray
 from cpython.dict cimport PyDict_Next
 from cpython.list cimport PyList_CheckExact
+from cpython.set cimport PySet_Contains, PySet_GET_SIZE
 from cpython.ref cimport Py_XDECREF
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from libc.stdint cimport INT64_MAX, int32_t
@@ -938,6 +939,19 @@ def ack_device(object key, list mids not None, list rows not None, dict partial 
                 else:
                     noted[tkey] = set(hit_list)
                 continue
+            if type(before) is set and PySet_GET_SIZE(before) + nh == hn:
+                # the common completion: the rest of a row acked in part
+                # before, none of it again; the row goes without building
+                # the union of the two sets
+                for i in range(nh):
+                    if PySet_Contains(before, <object>PyList_GET_ITEM(hit_list, i)):
+                        break
+                else:
+                    if shared:
+                        release(first, hit_list)
+                    (drop_shares if shared else drop_packs).extend(tkey)
+                    noted.pop(tkey, None)
+                    continue
             hit = set(hit_list)
             if shared:
                 new = hit - before
