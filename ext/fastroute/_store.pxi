@@ -9,6 +9,7 @@
 #   sql_rows  = py_sql_rows
 #   shares_release = py_shares_release
 #   ack_device = py_ack_device
+#   mid_span  = py_mid_span
 #
 # tests/test_fastpath.py runs both on the same inputs and compares the dicts
 # they leave.
