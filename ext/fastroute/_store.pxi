@@ -863,7 +863,7 @@ def ack_device(object key, list mids not None, list rows not None, dict partial 
     cdef object row, shared, first, blob, tkey, before, hit, new
     cdef dict noted
     cdef list hit_list, out
-    cdef bint sorted_run = True
+    cdef bint sorted_run = True, fresh
     if not _ack_inputs_plain(mids, rows):
         from fastroute.store import py_ack_device
         return py_ack_device(key, mids, rows, partial, spartial, release, drop_packs,
@@ -931,28 +931,28 @@ def ack_device(object key, list mids not None, list rows not None, dict partial 
             noted = spartial if shared else partial
             tkey = (key, first)
             before = noted.get(tkey)
-            if before is None:
-                if shared:
-                    release(first, hit_list)
-                if nh == hn:
-                    (drop_shares if shared else drop_packs).extend(tkey)
-                    noted.pop(tkey, None)
-                else:
-                    noted[tkey] = set(hit_list)
-                continue
-            if type(before) is set and PySet_GET_SIZE(before) + nh == hn:
-                # the common completion: the rest of a row acked in part
-                # before, none of it again; the row goes without building
-                # the union of the two sets
+            # fresh: none of these mids was acked before (so for a row not
+            # acked in part yet, and for the usual rest of one that was):
+            # all are new, and the row is complete when the counts add up,
+            # without the union of two sets
+            fresh = before is None
+            if not fresh and type(before) is set:
                 for i in range(nh):
                     if PySet_Contains(before, <object>PyList_GET_ITEM(hit_list, i)):
                         break
                 else:
-                    if shared:
-                        release(first, hit_list)
+                    fresh = True
+            if fresh:
+                if shared:
+                    release(first, hit_list)
+                if nh + (0 if before is None else PySet_GET_SIZE(before)) == hn:
                     (drop_shares if shared else drop_packs).extend(tkey)
                     noted.pop(tkey, None)
-                    continue
+                elif before is None:
+                    noted[tkey] = set(hit_list)
+                else:
+                    noted[tkey] = before.union(hit_list)
+                continue
             hit = set(hit_list)
             if shared:
                 new = hit - before
