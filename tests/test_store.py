@@ -12,6 +12,7 @@ import contextlib
 import inspect
 import os
 import sqlite3
+import sys
 import threading
 
 import pytest
@@ -127,6 +128,31 @@ def _spacked(db) -> list[int]:
                       for m in store_mod._mids(blob))
     finally:
         conn.close()
+
+
+async def writer_holds_its_batch(store, idle: bool = False) -> None:
+    """Wait until the writer thread has taken its batch and is writing it
+    (under a ``write_locked`` block: waiting for the lock); with ``idle``,
+    until it has written everything queued and waits for more.  A fixed
+    sleep was not enough on a loaded host, where the writer could still be
+    gathering and take the requests queued next into the same batch."""
+    ident = store._thread.ident
+    want, other = ("_take_batch", "_write_batch") if idle else ("_write_batch", "_take_batch")
+    for _ in range(5000):
+        # the queue first: once it is empty, a _write_batch seen after is
+        # that of the batch which took the last request
+        if store._queue.qsize():
+            await asyncio.sleep(0.001)
+            continue
+        frame = sys._current_frames().get(ident)
+        names = set()
+        while frame is not None:
+            names.add(frame.f_code.co_name)
+            frame = frame.f_back
+        if want in names and other not in names:
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError(f"the writer never reached {want}")
 
 
 @contextlib.contextmanager
@@ -962,9 +988,9 @@ def test_sqlite_a_bad_trusted_item_fails_its_own_put_only(run, db):
             await store.flush()
             with write_locked(db):  # the writer's next transaction waits
                 first = store.put_many([("s@p", CID, b"0", T0, (dev,))], validate=False)
-                while store._queue.qsize():  # taken: the next requests share a batch
-                    await asyncio.sleep(0.001)
-                await asyncio.sleep(0.02)  # and the writer waits for the lock
+                # taken, and the writer waits for the lock: the next
+                # requests share a batch
+                await writer_holds_its_batch(store)
                 good = store.put_many([("s@p", CID, b"1", T0, (dev,))] * 3, validate=False)
                 bad = store.put_many([("s@p", CID, bytearray(b"2"), T0, (dev,))],
                                      validate=False)
@@ -1009,20 +1035,24 @@ def test_sqlite_acks_in_a_batch_with_puts_reach_old_and_new_messages(run, db):
     async def main():
         async with await SqliteStore.open(db) as store:
             dev = store.register_device("a@p", "1")
+            other = store.register_device("b@p", "1")
             old = await store.put_many([("s@p", CID, b"old%d" % i, T0, [dev])
                                         for i in range(40)])
-            store._linger_s = 0.0  # the ack below goes alone, as soon as taken
+            store._linger_s = 0.0  # each request below goes as soon as taken
+            store.ack(dev, old[:3])  # the pack is acked in part before the batch
+            await writer_holds_its_batch(store, idle=True)
             with write_locked(db):  # the writer's next transaction waits
-                store.ack(dev, old[:3])  # taken alone
-                while store._queue.qsize():
-                    await asyncio.sleep(0.001)
-                await asyncio.sleep(0.02)  # and the writer waits for the lock
+                # a put always writes: the writer waits for the lock (an ack
+                # in part of a pack may write nothing and not wait)
+                blocker = store.put_many([("s@p", CID, b"x", T0, [other])])
+                await writer_holds_its_batch(store)
                 store.ack(dev, old[3:30])
                 new = store.put_many([("s@p", CID, b"new%d" % i, T0, [dev])
                                       for i in range(20)])
-                guess = list(range(old[-1] + 1, old[-1] + 21))  # the mids it will get
+                guess = list(range(old[-1] + 2, old[-1] + 22))  # the mids it will get
                 store.ack(dev, guess[:5] + old[30:32])
                 assert store._queue.qsize() == 3
+            assert await blocker == [old[-1] + 1]
             assert await new == guess
             await store.flush()
             rows = await store.load(dev, 0, 100)
