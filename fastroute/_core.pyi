@@ -54,6 +54,10 @@ class Router:
         Refusals raise MailboxFull(entered, full=[(item_index, device_id)])
         at the end.
         """
+    def route_flat(self, items: Iterable[object]) -> int:
+        """route_many() of ``address, payload, address, payload, ...`` without a
+        tuple a pair; MailboxFull indices count pairs, an odd length is an
+        InvalidArgument."""
     def offer_many(self, items: list[tuple[int, object]]) -> int:
         """Route ``(device_id, payload)`` items, each to one device, in order; how many
         entered.  Every item is checked first (UnknownDevice before anything is placed);

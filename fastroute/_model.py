@@ -241,6 +241,17 @@ class Router:
             raise MailboxFull("mailbox full", entered, full)
         return entered
 
+    def route_flat(self, items: list) -> int:
+        """:meth:`route_many` of ``address, payload, address, payload, ...``
+        (MailboxFull indices count pairs); an odd length is an InvalidArgument."""
+        if not isinstance(items, (list, tuple)):
+            if not isinstance(items, Iterable) or isinstance(items, (str, bytes)):
+                raise WrongType("items must be a list of (address, payload)")
+            items = list(items)
+        if len(items) % 2:
+            raise InvalidArgument("items must be address, payload pairs")
+        return self.route_many(list(zip(items[0::2], items[1::2])))
+
     def offer_many(self, items: list[tuple[int, object]]) -> int:
         """Route a batch of ``(device_id, payload)`` items, each to one device, in order."""
         if not isinstance(items, (list, tuple)):

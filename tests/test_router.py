@@ -355,6 +355,35 @@ def test_route_many_full_reported_at_end(Router):
     assert full_of(ei) == (1, [(1, d1)])
 
 
+def test_route_flat_is_route_many_of_its_pairs(Router):
+    # the relay's committed batches, without a tuple a message
+    class S(str):
+        pass
+
+    r = Router(2)
+    d1 = r.add_device("a@b", "p")
+    d2 = r.add_device("c@b", "p")
+    assert r.route_flat(["a@b", 1, "c@b", 2, S("a@b"), 3]) == 3
+    assert r.pop(d1, 9) == [(1, 1), (2, 3)] and r.pop(d2, 9) == [(1, 2)]
+    assert r.route_flat([]) == 0
+    assert r.route_flat(x for x in ["c@b", 4]) == 1
+    # refusals count pairs, as route_many's count items; sticky overflow
+    with pytest.raises(MailboxFull) as ei:
+        r.route_flat(["c@b", 5, "a@b", 6, "c@b", 7])
+    assert full_of(ei) == (0, [(0, d2), (1, d1), (2, d2)])
+    # checked before anything is placed: odd lengths, then the addresses
+    r.ack(d1, 2)
+    r.resume(d1)
+    for bad, exc in [(["a@b", 8, "a@b"], InvalidArgument),
+                     (["a@b", 8, "nobody@b", 9], UnknownAddress),
+                     (["a@b", 8, b"a@b", 9], WrongType),
+                     ("a@b", WrongType), (5, WrongType)]:
+        with pytest.raises(exc):
+            r.route_flat(bad)
+    assert r.pending(d1) == (0, 0)
+    assert r.route_flat(["a@b", 8]) == 1
+
+
 def test_route_many_large_batch(r):
     r2 = type(r)(5000)
     d = r2.add_device("a@b", "p")

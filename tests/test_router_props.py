@@ -125,6 +125,16 @@ class Twins(RuleBasedStateMachine):
                  else it for it in items]
         self.same(lambda r: r.route_many(items), "route_many")
 
+    @rule(addrs=st.lists(addresses, max_size=8), odd=st.booleans())
+    def route_flat(self, addrs, odd):
+        # route_many of the pairs, without their tuples (an odd length is refused)
+        flat: list = []
+        for address in addrs:
+            flat += [address, self.payload()]
+        if odd:
+            flat.append(ADDRESSES[0])
+        self.same(lambda r: r.route_flat(flat), "route_flat")
+
     @rule(dev=ids)
     def push(self, dev):
         p = self.payload()

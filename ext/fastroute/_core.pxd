@@ -43,6 +43,8 @@ cdef enum:
     READY_MIN = 64
     # route_many plans this many items without a heap allocation
     PLAN_STACK = 32
+    # _route's answer for a batch to plan again with plain str addresses
+    ROUTE_RETRY = -2
     # objects an IdCache holds (a batch's few devices: at most 16 an address)
     ID_CACHE = 16
 
@@ -174,11 +176,14 @@ cdef class Router:
     cdef list _pop(self, _Device dev, Py_ssize_t max_n)
     # raise MemoryError / MailboxFull for a finished placement loop
     cdef int _finish(self, FullList* full, bint nomem, int64_t entered) except -1
-    # check every (address, payload) of a batch before anything is placed;
-    # fills plan[i] with the borrowed _Address of item i.  Returns 1 (and
-    # fills nothing usable) when an address is a str subclass: the caller
+    # check every (address, payload) of a batch before anything is placed
+    # (flat: items is address, payload, address, payload, ...); fills
+    # plan[i] with the borrowed _Address of pair i.  Returns 1 (and fills
+    # nothing usable) when an address is a str subclass: the caller
     # normalises the batch to plain str, allocating, then plans again.
-    cdef int _plan(self, list items, PyObject** plan) except -1
+    cdef int _plan(self, list items, PyObject** plan, bint flat=*) except -1
+    # route_many / route_flat: plan, then place; ROUTE_RETRY for _plan's 1
+    cdef int64_t _route(self, list lst, bint flat) except -1
 
 
 # -- relay hot-path packers (_wire.pxi, _gate.pxi) ---------------------------

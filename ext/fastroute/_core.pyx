@@ -446,22 +446,28 @@ cdef class Router:
             self._finish(&full, nomem, entered)
         return entered
 
-    cdef int _plan(self, list items, PyObject** plan) except -1:
+    cdef int _plan(self, list items, PyObject** plan, bint flat=False) except -1:
+        # flat: ``items`` is ``address, payload, address, payload, ...``
         cdef Py_ssize_t i, n = PyList_GET_SIZE(items)
         cdef PyObject* item
         cdef PyObject* address
         cdef PyObject* found = NULL
         cdef PyObject* last = NULL
         cdef PyObject* addrs = <PyObject*>self._addrs
+        if flat:
+            n //= 2
         # Borrowed pointers throughout: nothing here can run Python code
         # until an error is raised (exact str keys hash and compare in C).
         for i in range(n):
-            item = PyList_GET_ITEM_p(<PyObject*>items, i)
-            if not PyTuple_Check_p(item):
-                raise WrongType("each item must be a tuple (address, payload)")
-            if PyTuple_GET_SIZE_p(item) != 2:
-                raise InvalidArgument("each item must be (address, payload)")
-            address = PyTuple_GET_ITEM_p(item, 0)
+            if flat:
+                address = PyList_GET_ITEM_p(<PyObject*>items, 2 * i)
+            else:
+                item = PyList_GET_ITEM_p(<PyObject*>items, i)
+                if not PyTuple_Check_p(item):
+                    raise WrongType("each item must be a tuple (address, payload)")
+                if PyTuple_GET_SIZE_p(item) != 2:
+                    raise InvalidArgument("each item must be (address, payload)")
+                address = PyTuple_GET_ITEM_p(item, 0)
             if address == last:
                 # bursts to one address skip the lookup
                 plan[i] = found
@@ -489,7 +495,35 @@ cdef class Router:
         A device refused once stays refused for the rest of the batch
         (sticky overflow), so per-device FIFO order holds.
         """
-        cdef list lst
+        cdef list lst = _as_list(items, "items")
+        cdef int64_t entered = self._route(lst, False)
+        if entered == ROUTE_RETRY:
+            entered = self._route([_plain_item(item) for item in lst], False)
+        return entered
+
+    def route_flat(self, items):
+        """:meth:`route_many` of a flat ``address, payload, address,
+        payload, ...`` list: the same checks, placement and MailboxFull
+        (its indices count pairs), without a tuple a pair.  An odd length
+        is an InvalidArgument, raised before anything is placed."""
+        cdef list lst = _as_list(items, "items")
+        cdef Py_ssize_t i
+        cdef int64_t entered
+        if PyList_GET_SIZE(lst) % 2:
+            raise InvalidArgument("items must be address, payload pairs")
+        entered = self._route(lst, True)
+        if entered == ROUTE_RETRY:
+            lst = list(lst)
+            for i in range(0, PyList_GET_SIZE(lst), 2):
+                if PyUnicode_Check(lst[i]) and not PyUnicode_CheckExact(lst[i]):
+                    lst[i] = str.__str__(lst[i])
+            entered = self._route(lst, True)
+        return entered
+
+    cdef int64_t _route(self, list lst, bint flat) except -1:
+        """route_many's work (``flat``: route_flat's): the mailboxes entered,
+        or ROUTE_RETRY when an address is a str subclass (nothing placed:
+        the caller makes it a str and calls again)."""
         cdef PyObject* stack_plan[PLAN_STACK]
         cdef PyObject** plan = stack_plan
         cdef Py_ssize_t n, i, j
@@ -500,8 +534,7 @@ cdef class Router:
         cdef PyObject** devs
         cdef Mailbox* m
         cdef PyObject* payload
-        lst = _as_list(items, "items")
-        n = PyList_GET_SIZE(lst)
+        n = PyList_GET_SIZE(lst) // 2 if flat else PyList_GET_SIZE(lst)
         full.pairs = NULL
         full.n = full.size = 0
         if n > PLAN_STACK:
@@ -509,13 +542,15 @@ cdef class Router:
             if plan is NULL:
                 raise MemoryError()
         try:
-            if self._plan(lst, plan):
-                lst = [_plain_item(item) for item in lst]
-                self._plan(lst, plan)
+            if self._plan(lst, plan, flat):
+                return ROUTE_RETRY
             # From here to the end of the loop no Python code can run (see
             # _core.pxd), so the borrowed plan and items stay valid.
             for i in range(n):
-                payload = PyTuple_GET_ITEM_p(PyList_GET_ITEM_p(<PyObject*>lst, i), 1)
+                if flat:
+                    payload = PyList_GET_ITEM_p(<PyObject*>lst, 2 * i + 1)
+                else:
+                    payload = PyTuple_GET_ITEM_p(PyList_GET_ITEM_p(<PyObject*>lst, i), 1)
                 devs = (<_Address>plan[i]).devs
                 k = 0
                 for j in range((<_Address>plan[i]).ndevs):
