@@ -42,7 +42,8 @@ async def _online(cap: int):
 
 
 def _signals(n: int, start: int = 0) -> list:
-    return [("bob@home", (0, b"tail%d" % i)) for i in range(start, start + n)]
+    # a routed batch is flat: address, payload, address, payload, ...
+    return [x for i in range(start, start + n) for x in ("bob@home", (0, b"tail%d" % i))]
 
 
 def test_ephemeral_overflow_does_not_stop_later_signals():
@@ -76,7 +77,8 @@ def test_persistent_overflow_still_goes_through_the_store():
         items = [("a@home", b"%016d" % i, b"body", 1000 + i, delivery.known["bob@home"])
                  for i in range(4)]
         mids = await delivery.persist(items)
-        delivery.persisted([("bob@home", (mid, b"t%d" % mid)) for mid in mids], mids[-1])
+        delivery.persisted([x for mid in mids for x in ("bob@home", (mid, b"t%d" % mid))],
+                           mids[-1])
         assert not link.feed.live  # overflowed: the sync owns the device now
         link.paused = False
         for _ in range(3):

@@ -198,14 +198,17 @@ def sync_rows(object router, object dev, list rows, object routed, dict senders,
 
 
 def bytes_by_address(list batch):
-    """``{address: total length of its tails}`` of a routed batch of
-    ``(address, (mid, tail))`` items (the memory budget's accounting)."""
+    """``{address: total length of its tails}`` of a routed batch, flat:
+    ``address, (mid, tail), ...`` (the memory budget's accounting)."""
     cdef dict out = {}
     cdef Py_ssize_t i, n = PyList_GET_SIZE(batch), run = 0
-    cdef object item, to, payload, tail, last = None
+    cdef object to, payload, tail, last = None
+    if n % 2:
+        raise InvalidArgument("a routed batch holds address, payload pairs")
+    n //= 2
     for i in range(n):
-        item = <object>PyList_GET_ITEM(batch, i)
-        to, payload = item
+        to = <object>PyList_GET_ITEM(batch, 2 * i)
+        payload = <object>PyList_GET_ITEM(batch, 2 * i + 1)
         # checked before indexing: the core is compiled without bounds checks
         if type(payload) is not tuple or PyTuple_GET_SIZE(payload) != 2:
             raise WrongType("DELIVER payloads must be (mid, tail) tuples")

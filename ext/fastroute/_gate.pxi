@@ -7,7 +7,7 @@
 #   LinkGate      = PyLinkGate
 #   accept_sends  = py_accept_sends
 #   stored_sacks  = py_stored_sacks
-#   route_items   = py_route_items
+#   flat_routes   = py_flat_routes
 #   field_set     = py_field_set
 #   TokenBucket   = PyTokenBucket
 #   take_upto     = py_take_upto
@@ -233,7 +233,8 @@ def accept_sends(SendGate gate not None, LinkGate lg not None, list sends, objec
     three entries in ``meta``, ``to, tail, id`` (flat: no tuple a message);
     accepted ephemeral ones are acked at once and recorded with code 0.
 
-    Returns the ephemeral ``(to, (0, tail))`` items (or None).  The quota
+    Returns the ephemeral messages as a flat ``to, (0, tail), ...`` list for
+    :meth:`Router.route_flat` (or None).  The quota
     left is written back to ``lg.msg_tokens`` and ``lg.byte_tokens`` (left
     as they were, the very objects, when nothing was spent).
     """
@@ -344,7 +345,8 @@ def accept_sends(SendGate gate not None, LinkGate lg not None, list sends, objec
                 dedup.c_record(sender, cid, h, 0, tnow, slot, at)
                 if ephemeral is None:
                     ephemeral = []
-                ephemeral.append((to, (0, tail)))
+                ephemeral.append(to)
+                ephemeral.append((0, tail))
                 out.append(make_sack_ok(cid))
             else:
                 dedup.c_record(sender, cid, h, DEDUP_PENDING, tnow, slot, at)
@@ -395,13 +397,22 @@ def stored_sacks(list meta, str sender, DedupTable dedup not None, double now, l
             out.append(make_sack_ok(cid))
 
 
-def route_items(list meta, list mids):
-    """``[(to, (mid, tail)) ...]`` from the relay's flat ``meta`` (``to, tail,
-    id`` a message) and the store's mids."""
+def flat_routes(list meta, list mids):
+    """``[to, (mid, tail), ...]`` (flat, for :meth:`Router.route_flat`) from the
+    relay's flat ``meta`` (``to, tail, id`` a message) and the store's mids."""
     cdef Py_ssize_t n = min(PyList_GET_SIZE(meta) // 3, PyList_GET_SIZE(mids)), i
-    cdef list out = []
+    # one tuple a message (the engine's payload), none for the pair
+    cdef list out = PyList_New(2 * n)
+    cdef PyObject* to
+    cdef object payload
     for i in range(n):
-        out.append((meta[3 * i], (mids[i], meta[3 * i + 1])))
+        payload = (<object>PyList_GET_ITEM_p(<PyObject*>mids, i),
+                   <object>PyList_GET_ITEM_p(<PyObject*>meta, 3 * i + 1))
+        to = PyList_GET_ITEM_p(<PyObject*>meta, 3 * i)
+        Py_INCREF_p(to)
+        PyList_SET_ITEM_steal(<PyObject*>out, 2 * i, to)
+        Py_INCREF(payload)
+        PyList_SET_ITEM_steal(<PyObject*>out, 2 * i + 1, <PyObject*>payload)
     return out
 
 

@@ -34,7 +34,8 @@ from .. import wire
 from .._compiled import twin
 from ..histogram import Histogram
 from .caps import Caps
-from ..errors import ErrorCode, FastrouteError, MailboxFull, UnknownAddress, WrongType
+from ..errors import (ErrorCode, FastrouteError, InvalidArgument, MailboxFull, UnknownAddress,
+                      WrongType)
 from .keys import pack_stored_sender
 
 if TYPE_CHECKING:
@@ -193,10 +194,12 @@ def py_sync_rows(router, dev, rows: list, routed, senders: dict, pack_sender):
 
 
 def py_bytes_by_address(batch: list) -> dict:
-    """``{address: total length of its tails}`` of a routed batch of
-    ``(address, (mid, tail))`` items (the memory budget's accounting)."""
+    """``{address: total length of its tails}`` of a routed batch, flat:
+    ``address, (mid, tail), ...`` (the memory budget's accounting)."""
+    if len(batch) % 2:
+        raise InvalidArgument("a routed batch holds address, payload pairs")
     out: dict = {}
-    for to, payload in batch:
+    for to, payload in zip(batch[0::2], batch[1::2]):
         if type(payload) is not tuple or len(payload) != 2:
             raise WrongType("DELIVER payloads must be (mid, tail) tuples")
         tail = payload[1]
@@ -609,7 +612,8 @@ class Delivery:
             self.caps.load(result)
 
     def persisted(self, items: list | None, last_mid: int) -> None:
-        """A store batch from :meth:`persist` was committed (route ``items``) or refused (None)."""
+        """A store batch from :meth:`persist` was committed (route ``items``, flat
+        ``address, (mid, tail), ...``) or refused (None)."""
         self._puts_in_flight -= 1
         try:
             if items is not None:
@@ -665,14 +669,16 @@ class Delivery:
         return placed
 
     def route(self, batch: list, ephemeral: bool) -> None:
-        """Route ``(address, (mid, tail))`` pairs to the online devices of each address."""
+        """Route a flat ``address, (mid, tail), ...`` batch to the online
+        devices of each address (no tuple a pair: ``Router.route_flat``)."""
         router = self.router
         try:
-            router.route_many(batch)
+            router.route_flat(batch)
         except UnknownAddress:
             # Some recipients have no device online (the store has their
-            # copy): route the rest.  route_many applied nothing.
-            batch = [it for it in batch if router.has_address(it[0])]
+            # copy): route the rest.  route_flat applied nothing.
+            batch = [x for to, payload in zip(batch[0::2], batch[1::2])
+                     if router.has_address(to) for x in (to, payload)]
             if batch:
                 self.route(batch, ephemeral)
             return
@@ -681,7 +687,7 @@ class Delivery:
             if ephemeral:
                 self._signals_dropped(exc.full)
             else:
-                self._missed(batch, exc.full)
+                self._missed(list(zip(batch[0::2], batch[1::2])), exc.full)
         else:
             self._held(batch, ())
         if self.queued_bytes > self.memory_budget:
@@ -726,7 +732,8 @@ class Delivery:
         self._offer(build, last_mid)
 
     def _held(self, batch: list, full: Any) -> None:
-        """Count the bytes the engine now holds for each live device of the batch."""
+        """Count the bytes the engine now holds for each live device of the
+        flat batch (``full`` indices count its pairs)."""
         by_address = self._by_address
         added = 0
         # per address in C, then per device of each address here
@@ -742,7 +749,7 @@ class Delivery:
         for index, dev in full:
             skipped = online.get(dev)
             if skipped is not None and skipped.live:  # it was skipped, not filled
-                size = len(batch[index][1][1])
+                size = len(batch[2 * index + 1][1])
                 skipped.qbytes -= size
                 added -= size
         self.queued_bytes += added

@@ -25,7 +25,7 @@ needs the relay's state:
 
 Nothing here touches sockets or crypto.  The per-message loop is written
 twice: :func:`py_accept_sends`, :func:`py_stored_sacks` and
-:func:`py_route_items` (with the state objects :class:`PySendGate` and
+:func:`py_flat_routes` (with the state objects :class:`PySendGate` and
 :class:`PyLinkGate`) are the specification; ``ext/fastroute/_gate.pxi``
 has the compiled twins that :class:`Gate` uses when the core is built.
 """
@@ -51,8 +51,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Budgets", "Gate", "LinkGate", "PyLinkGate", "PySendGate", "SendGate", "Sender",
            "TokenBucket", "give_back", "least", "take_all", "take_upto",
-           "accept_sends", "field_set", "py_accept_sends", "py_field_set", "py_route_items",
-           "py_stored_sacks", "route_items", "stored_sacks"]
+           "accept_sends", "field_set", "flat_routes", "py_accept_sends", "py_field_set",
+           "py_flat_routes", "py_stored_sacks", "stored_sacks"]
 
 log = logging.getLogger("fastroute.relay")
 
@@ -262,7 +262,8 @@ def py_accept_sends(gate: PySendGate, lg: PyLinkGate, sends: list, now: float, n
                     ts_packed: bytes, store_items: list, meta: list) -> list | None:
     """Gate a read's SEND ops (the relay's hot loop); see ``_gate.pxi`` for the contract.
 
-    Returns the ephemeral ``(to, (0, tail))`` items (or None); the quota
+    Returns the ephemeral messages as a flat ``to, (0, tail), ...`` list (or
+    None), for ``Router.route_flat``; the quota
     left is written back to ``lg`` when any was spent.
     """
     out, sender, conn = lg.out, lg.sender, lg.link
@@ -272,7 +273,7 @@ def py_accept_sends(gate: PySendGate, lg: PyLinkGate, sends: list, now: float, n
     msg_tokens, byte_tokens = lg.msg_tokens, lg.byte_tokens
     max_body, own, provider = lg.max_body, lg.own, lg.provider
     spent = False
-    ephemeral = None
+    ephemeral: list | None = None
     for _, cid, to, body, cls in sends:
         if type(cid) is not bytes or len(cid) != 16:
             raise InvalidArgument("message id must be 16 bytes")
@@ -318,7 +319,7 @@ def py_accept_sends(gate: PySendGate, lg: PyLinkGate, sends: list, now: float, n
         if cls == 1:  # CLS_EPHEMERAL
             if ephemeral is None:
                 ephemeral = []
-            ephemeral.append((to, (0, tail)))
+            ephemeral += (to, (0, tail))
             out.append(wire.py_sack_ok_op(cid))
             dedup.begin(sender, cid, 0, now)
         else:
@@ -348,10 +349,11 @@ def py_stored_sacks(meta: list, sender: str, dedup: Any, now: float, out: list,
         append(wire.py_sack_ok_op(cid))
 
 
-def py_route_items(meta: list, mids: list) -> list:
-    """``[(to, (mid, tail)) ...]`` from the gate's flat ``meta`` (``to, tail, id``
-    a message) and the store's mids."""
-    return [(to, (mid, tail)) for to, tail, mid in zip(meta[0::3], meta[1::3], mids)]
+def py_flat_routes(meta: list, mids: list) -> list:
+    """``[to, (mid, tail), ...]`` (flat, for ``Router.route_flat``) from the
+    gate's flat ``meta`` (``to, tail, id`` a message) and the store's mids."""
+    return [x for to, tail, mid in zip(meta[0::3], meta[1::3], mids)
+            for x in (to, (mid, tail))]
 
 
 def py_field_set(items: list, index: int, step: int = 0) -> set:
@@ -370,7 +372,7 @@ SendGate = twin(PySendGate)
 LinkGate = twin(PyLinkGate)
 accept_sends = twin(py_accept_sends)
 stored_sacks = twin(py_stored_sacks)
-route_items = twin(py_route_items)
+flat_routes = twin(py_flat_routes)
 field_set = twin(py_field_set)
 
 
@@ -795,7 +797,7 @@ class Gate:
             # probing addresses that did not opt in is what a spammer does
             self.score(budgets.sender, self.consent_refusals - refusals)
         if ephemeral:
-            self.accepted += len(ephemeral)
+            self.accepted += len(ephemeral) // 2
             delivery.route(ephemeral, ephemeral=True)
         if store_items:
             link.storing += 1
@@ -871,7 +873,7 @@ class Gate:
                     # refused, so not remembered: the sender may retry the same id
                     self.ack_all(link, cid, code, dedup.forget(sender, cid))
                 return
-            delivery.persisted(route_items(meta, mids), mids[-1])
+            delivery.persisted(flat_routes(meta, mids), mids[-1])
             self.accepted += len(meta) // 3
             young = self._young
             safety = self.safety if self.safety is not None and self.safety.window > 0 else None
