@@ -63,6 +63,10 @@ class Router:
         entered.  Every item is checked first (UnknownDevice before anything is placed);
         like route_many it honours the sticky overflow flag and raises
         MailboxFull(entered, [(item_index, device_id), ...]) at the end."""
+    def offer_flat(self, items: Iterable[object]) -> int:
+        """offer_many() of ``device_id, payload, device_id, payload, ...`` without
+        a tuple a pair; MailboxFull indices count pairs, an odd length is an
+        InvalidArgument."""
     def offer_shared(self, rows: list[tuple[object, list[int]]]) -> int:
         """offer_many() of the ``(device_id, payload)`` items that ``(payload,
         [device_id, ...])`` rows list, in order, without the items (a group

@@ -267,6 +267,17 @@ class Router:
             plan.append((self._device(item[0]), item[1]))
         return self._place(plan)
 
+    def offer_flat(self, items: list) -> int:
+        """:meth:`offer_many` of ``device_id, payload, device_id, payload, ...``
+        (MailboxFull indices count pairs); an odd length is an InvalidArgument."""
+        if not isinstance(items, (list, tuple)):
+            if not isinstance(items, Iterable) or isinstance(items, (str, bytes)):
+                raise WrongType("items must be a list of (device_id, payload)")
+            items = list(items)
+        if len(items) % 2:
+            raise InvalidArgument("items must be device_id, payload pairs")
+        return self.offer_many(list(zip(items[0::2], items[1::2])))
+
     def _place(self, plan: list[tuple[_Device, object]]) -> int:
         """Offer each payload of ``plan`` to its device, in order; MailboxFull
         at the end for the refused ones (``(index in plan, device id)``)."""

@@ -384,6 +384,28 @@ def test_route_flat_is_route_many_of_its_pairs(Router):
     assert r.route_flat(["a@b", 8]) == 1
 
 
+def test_offer_flat_is_offer_many_of_its_pairs(Router):
+    # per-device copies, without a tuple a copy
+    r = Router(2)
+    d1 = r.add_device("a@b", "p")
+    d2 = r.add_device("a@b", "q")
+    assert r.offer_flat([d1, 1, d2, 2, d1, 3]) == 3
+    assert r.pop(d1, 9) == [(1, 1), (2, 3)] and r.pop(d2, 9) == [(1, 2)]
+    assert r.offer_flat([]) == 0
+    assert r.offer_flat(x for x in [d2, 4]) == 1
+    with pytest.raises(MailboxFull) as ei:
+        r.offer_flat([d2, 5, d1, 6, d2, 7])
+    assert full_of(ei) == (0, [(0, d2), (1, d1), (2, d2)])
+    r.ack(d1, 2)
+    r.resume(d1)
+    for bad, exc in [([d1, 8, d1], InvalidArgument), ([d1, 8, 999, 9], UnknownDevice),
+                     ([d1, 8, "1", 9], WrongType), ("ab", WrongType), (5, WrongType)]:
+        with pytest.raises(exc):
+            r.offer_flat(bad)
+    assert r.pending(d1) == (0, 0)
+    assert r.offer_flat([d1, 8]) == 1
+
+
 def test_route_many_large_batch(r):
     r2 = type(r)(5000)
     d = r2.add_device("a@b", "p")

@@ -154,6 +154,19 @@ class Twins(RuleBasedStateMachine):
         items = [(d, self.payload()) for d in devs]
         self.same(lambda r: r.offer_many(items), "offer_many")
 
+    @rule(devs=st.lists(ids, max_size=8), live=st.booleans(), odd=st.booleans())
+    def offer_flat(self, devs, live, odd):
+        # offer_many of the pairs, without their tuples (an odd length is refused)
+        if live and self.m._devices:
+            known = sorted(self.m._devices)
+            devs = [known[d % len(known)] if type(d) is int else d for d in devs]
+        flat: list = []
+        for d in devs:
+            flat += [d, self.payload()]
+        if odd:
+            flat.append(1)
+        self.same(lambda r: r.offer_flat(flat), "offer_flat")
+
     @rule(rows=st.lists(st.one_of(
         st.lists(st.one_of(ids, st.sampled_from([("x",), None, True])), max_size=5),
         st.sampled_from([("x",), None, "row", ()])), max_size=5))

@@ -184,6 +184,8 @@ cdef class Router:
     cdef int _plan(self, list items, PyObject** plan, bint flat=*) except -1
     # route_many / route_flat: plan, then place; ROUTE_RETRY for _plan's 1
     cdef int64_t _route(self, list lst, bint flat) except -1
+    # offer_many / offer_flat: check every device, then place
+    cdef int64_t _offer(self, list lst, bint flat) except -1
 
 
 # -- relay hot-path packers (_wire.pxi, _gate.pxi) ---------------------------

@@ -583,7 +583,20 @@ cdef class Router:
         :meth:`push` it honours the sticky overflow flag, so per-device FIFO
         order holds while the caller feeds a device from its store.
         """
-        cdef list lst
+        return self._offer(_as_list(items, "items"), False)
+
+    def offer_flat(self, items):
+        """:meth:`offer_many` of a flat ``device_id, payload, device_id,
+        payload, ...`` list: the same checks, placement and MailboxFull (its
+        indices count pairs), without a tuple a pair.  An odd length is an
+        InvalidArgument, raised before anything is placed."""
+        cdef list lst = _as_list(items, "items")
+        if PyList_GET_SIZE(lst) % 2:
+            raise InvalidArgument("items must be device_id, payload pairs")
+        return self._offer(lst, True)
+
+    cdef int64_t _offer(self, list lst, bint flat) except -1:
+        """offer_many's work (``flat``: offer_flat's): the mailboxes entered."""
         cdef list devs
         cdef Py_ssize_t n, i
         cdef FullList full
@@ -591,20 +604,22 @@ cdef class Router:
         cdef bint nomem = False
         cdef int r, j
         cdef Mailbox* m
-        cdef object item, key
+        cdef object item, key, payload
         cdef _Device dev
         cdef IdCache seen  # device id -> _Device; borrowed: items holds the id, devs the device
         seen.n = 0
-        lst = _as_list(items, "items")
-        n = PyList_GET_SIZE(lst)
+        n = PyList_GET_SIZE(lst) // 2 if flat else PyList_GET_SIZE(lst)
         devs = [None] * n
         for i in range(n):
-            item = lst[i]
-            if not PyTuple_Check(item):
-                raise WrongType("each item must be a tuple (device_id, payload)")
-            if PyTuple_GET_SIZE(item) != 2:
-                raise InvalidArgument("each item must be (device_id, payload)")
-            key = <object>PyTuple_GET_ITEM_p(<PyObject*>item, 0)
+            if flat:
+                key = <object>PyList_GET_ITEM_p(<PyObject*>lst, 2 * i)
+            else:
+                item = lst[i]
+                if not PyTuple_Check(item):
+                    raise WrongType("each item must be a tuple (device_id, payload)")
+                if PyTuple_GET_SIZE(item) != 2:
+                    raise InvalidArgument("each item must be (device_id, payload)")
+                key = <object>PyTuple_GET_ITEM_p(<PyObject*>item, 0)
             # a batch's copies go to a few devices, in runs or in turns, each
             # under its one id object: found by identity before the dict
             j = idc_find(&seen, <PyObject*>key)
@@ -620,7 +635,10 @@ cdef class Router:
         # devs holds a reference to every device and lst to every payload, so
         # nothing placed below can go away while the loop runs
         for i in range(n):
-            payload = (<tuple>lst[i])[1]
+            if flat:
+                payload = <object>PyList_GET_ITEM_p(<PyObject*>lst, 2 * i + 1)
+            else:
+                payload = (<tuple>lst[i])[1]
             m = &(<_Device>devs[i]).mb
             r = mb_offer(m, <PyObject*>payload, self.cap, &self.ready, &self.c)
             if r == OFFER_PLACED:
