@@ -377,9 +377,9 @@ def held_shared(dict online, list rows, object skip):
 
 
 def held_offered(dict online, list items, object skip):
-    """Add the tail length of each placed ``(engine device id, (mid, tail, head))``
-    item to its online feed's ``qbytes`` (items whose index is in ``skip`` were
-    not placed); return the bytes added in all."""
+    """Add the tail length of each placed copy of the flat ``engine device id,
+    (mid, tail, head), ...`` batch to its online feed's ``qbytes`` (pairs whose
+    index is in ``skip`` were not placed); return the bytes added in all."""
     cdef Py_ssize_t index, n = PyList_GET_SIZE(items), size, added = 0, k
     cdef Py_ssize_t cur = -1, nfeeds = 0
     cdef object item, payload, dev, last_dev = None
@@ -395,7 +395,11 @@ def held_offered(dict online, list items, object skip):
     cdef IdCache seen
     cdef int j
     cdef list feeds = []
-    cdef Py_ssize_t* sums = <Py_ssize_t*>PyMem_Malloc((n + 1) * sizeof(Py_ssize_t))
+    cdef Py_ssize_t* sums
+    if n % 2:
+        raise InvalidArgument("a batch of copies holds device id, payload pairs")
+    n //= 2
+    sums = <Py_ssize_t*>PyMem_Malloc((n + 1) * sizeof(Py_ssize_t))
     if sums == NULL:
         raise MemoryError()
     seen.n = 0
@@ -403,8 +407,8 @@ def held_offered(dict online, list items, object skip):
         for index in range(n):
             if skipping and index in skip:
                 continue
-            item = <object>PyList_GET_ITEM(items, index)
-            dev, payload = item
+            dev = <object>PyList_GET_ITEM(items, 2 * index)
+            payload = <object>PyList_GET_ITEM(items, 2 * index + 1)
             if last_dev is None or dev is not last_dev:
                 found = NULL
                 # copies in turns: each device's one id object, by identity
@@ -433,10 +437,11 @@ def held_offered(dict online, list items, object skip):
 
 
 def copies_online(dict by_device, list meta, list mids, str feature):
-    """The engine's ``(device id, (mid, tail, head))`` items for a stored batch
-    of per-device copies (``meta``: ``(link, id, (to, copies))`` per request,
-    each copy ``(address, device name, head, tail)``; ``mids``: one row id
-    per copy), for the devices online on a link that negotiated ``feature``."""
+    """The engine's flat ``device id, (mid, tail, head), ...`` batch (for
+    :meth:`Router.offer_flat`) of a stored batch of per-device copies
+    (``meta``: ``(link, id, (to, copies))`` per request, each copy
+    ``(address, device name, head, tail)``; ``mids``: one row id per copy),
+    for the devices online on a link that negotiated ``feature``."""
     cdef list items = []
     cdef list copies
     cdef Py_ssize_t at = 0, i, n
@@ -494,6 +499,7 @@ def copies_online(dict by_device, list meta, list mids, str feature):
                 dev = _device_online(by_device, (address, name), feature)
                 last_name = name
             if dev is not _OFFLINE:
-                items.append((dev, (mids[at], copy[3], copy[2])))
+                items.append(dev)
+                items.append((mids[at], copy[3], copy[2]))
             at += 1
     return items

@@ -239,32 +239,35 @@ def py_held_shared(online: dict, rows: list, skip) -> int:
     added to its online feed's ``qbytes``; an item's index counts the rows'
     devices in order, as :func:`py_shared_items` lists them (the compiled
     twin does it without the items)."""
-    return py_held_offered(online, py_shared_items(rows), skip)
+    return py_held_offered(online, [x for item in py_shared_items(rows) for x in item], skip)
 
 
 def py_copies_online(by_device: dict, meta: list, mids: list, feature: str) -> list:
-    """The engine's ``(device id, (mid, tail, head))`` items for a stored batch
-    of per-device copies: ``meta`` holds ``(link, id, (to, copies))`` per
-    request, each copy ``(address, device name, head, tail)``, and ``mids``
-    one row id per copy in that order; a copy goes to its device if it is
-    online on a link that negotiated ``feature`` (the store keeps the rest)."""
+    """The engine's flat ``device id, (mid, tail, head), ...`` batch (for
+    ``Router.offer_flat``) of a stored batch of per-device copies: ``meta``
+    holds ``(link, id, (to, copies))`` per request, each copy ``(address,
+    device name, head, tail)``, and ``mids`` one row id per copy in that
+    order; a copy goes to its device if it is online on a link that
+    negotiated ``feature`` (the store keeps the rest)."""
     items: list = []
     at = 0
     for _, _, (_, copies) in meta:
         for address, name, head, tail in copies:
             feed = by_device.get((address, name))
             if feed is not None and feature in feed.link.features:
-                items.append((feed.dev, (mids[at], tail, head)))
+                items += (feed.dev, (mids[at], tail, head))
             at += 1
     return items
 
 
 def py_held_offered(online: dict, items: list, skip) -> int:
-    """Add the tail length of each placed ``(engine device id, (mid, tail, head))``
-    item to its online feed's ``qbytes`` (items whose index is in ``skip`` were
-    not placed); return the bytes added in all."""
+    """Add the tail length of each placed copy of the flat ``engine device id,
+    (mid, tail, head), ...`` batch to its online feed's ``qbytes`` (pairs whose
+    index is in ``skip`` were not placed); return the bytes added in all."""
+    if len(items) % 2:
+        raise InvalidArgument("a batch of copies holds device id, payload pairs")
     added = 0
-    for index, (dev, payload) in enumerate(items):
+    for index, (dev, payload) in enumerate(zip(items[0::2], items[1::2])):
         if index in skip:
             continue
         feed = online.get(dev)
@@ -632,9 +635,10 @@ class Delivery:
 
     def _offer(self, build: Callable[[], list], last_mid: int, shared: bool = False) -> int:
         """The end of a committed batch of rows each meant for named devices:
-        ``build()`` lists ``(engine device id, payload)`` for the devices online
-        on a link that may get them (``shared``: ``(payload, [engine device id,
-        ...])`` rows, one a message stored once for many devices), the engine
+        ``build()`` lists ``engine device id, payload, ...`` (flat) for the
+        devices online on a link that may get them (``shared``: ``(payload,
+        [engine device id, ...])`` rows, one a message stored once for many
+        devices), the engine
         places them (those it cannot are the store's to feed), and the live
         route's cursor passes ``last_mid``.  Returns how many were placed."""
         self._puts_in_flight -= 1
@@ -647,12 +651,13 @@ class Delivery:
                     if shared:
                         placed = self.router.offer_shared(batch)
                     else:
-                        placed = self.router.offer_many(batch)
+                        placed = self.router.offer_flat(batch)
                 except MailboxFull as exc:
                     placed = exc.entered
                     full = exc.full
                     # the items are only made when some were refused
-                    self._missed(shared_items(batch) if shared else batch, full)
+                    self._missed(shared_items(batch) if shared
+                                 else list(zip(batch[0::2], batch[1::2])), full)
                 # the tails the engine now holds count against each live device
                 # and the relay-wide memory budget, as routed ones do (_held)
                 skip = {index for index, _ in full} if full else frozenset()
@@ -720,13 +725,13 @@ class Delivery:
         by_device = self._by_device
 
         def build() -> list:
-            items = []
+            items: list = []
             for address, name, payload in copies:
                 feed = by_device.get((address, name))
                 # a device online on a link that cannot read the copy gets it
                 # from the store on its next link that negotiated e2ee
                 if feed is not None and "e2ee" in feed.link.features:
-                    items.append((feed.dev, payload))
+                    items += (feed.dev, payload)
             return items
 
         self._offer(build, last_mid)
