@@ -57,6 +57,19 @@ def _check_name(value: object) -> str:
     return check_str(value, "device_name", nonempty=True)
 
 
+def _pairs(items: object, key: str) -> list[tuple[object, object]]:
+    """The pairs of a flat ``key, payload, key, payload, ...`` batch (route_flat,
+    offer_flat): WrongType unless a list or iterable, InvalidArgument for an
+    odd length, both before anything is placed."""
+    if not isinstance(items, (list, tuple)):
+        if not isinstance(items, Iterable) or isinstance(items, (str, bytes)):
+            raise WrongType(f"items must be a list of ({key}, payload)")
+        items = list(items)
+    if len(items) % 2:
+        raise InvalidArgument(f"items must be {key}, payload pairs")
+    return list(zip(items[0::2], items[1::2]))
+
+
 class _Device:
     """One device's mailbox: queued (poppable) then popped-unacked."""
 
@@ -244,13 +257,7 @@ class Router:
     def route_flat(self, items: list) -> int:
         """:meth:`route_many` of ``address, payload, address, payload, ...``
         (MailboxFull indices count pairs); an odd length is an InvalidArgument."""
-        if not isinstance(items, (list, tuple)):
-            if not isinstance(items, Iterable) or isinstance(items, (str, bytes)):
-                raise WrongType("items must be a list of (address, payload)")
-            items = list(items)
-        if len(items) % 2:
-            raise InvalidArgument("items must be address, payload pairs")
-        return self.route_many(list(zip(items[0::2], items[1::2])))
+        return self.route_many(_pairs(items, "address"))
 
     def offer_many(self, items: list[tuple[int, object]]) -> int:
         """Route a batch of ``(device_id, payload)`` items, each to one device, in order."""
@@ -270,13 +277,7 @@ class Router:
     def offer_flat(self, items: list) -> int:
         """:meth:`offer_many` of ``device_id, payload, device_id, payload, ...``
         (MailboxFull indices count pairs); an odd length is an InvalidArgument."""
-        if not isinstance(items, (list, tuple)):
-            if not isinstance(items, Iterable) or isinstance(items, (str, bytes)):
-                raise WrongType("items must be a list of (device_id, payload)")
-            items = list(items)
-        if len(items) % 2:
-            raise InvalidArgument("items must be device_id, payload pairs")
-        return self.offer_many(list(zip(items[0::2], items[1::2])))
+        return self.offer_many(_pairs(items, "device_id"))
 
     def _place(self, plan: list[tuple[_Device, object]]) -> int:
         """Offer each payload of ``plan`` to its device, in order; MailboxFull
