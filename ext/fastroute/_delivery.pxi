@@ -382,7 +382,7 @@ def held_offered(dict online, list items, object skip):
     index is in ``skip`` were not placed); return the bytes added in all."""
     cdef Py_ssize_t index, n = PyList_GET_SIZE(items), size, added = 0, k
     cdef Py_ssize_t cur = -1, nfeeds = 0
-    cdef object item, payload, dev, last_dev = None
+    cdef object payload, dev, last_dev = None
     cdef bint new
     cdef bint skipping = len(skip) > 0
     # a batch's copies go to a few devices, in runs (one peer's device) or in

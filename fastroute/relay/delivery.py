@@ -638,9 +638,9 @@ class Delivery:
         ``build()`` lists ``engine device id, payload, ...`` (flat) for the
         devices online on a link that may get them (``shared``: ``(payload,
         [engine device id, ...])`` rows, one a message stored once for many
-        devices), the engine
-        places them (those it cannot are the store's to feed), and the live
-        route's cursor passes ``last_mid``.  Returns how many were placed."""
+        devices), the engine places them (those it cannot are the store's to
+        feed), and the live route's cursor passes ``last_mid``.  Returns how
+        many were placed."""
         self._puts_in_flight -= 1
         placed = 0
         try:
