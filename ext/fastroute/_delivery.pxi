@@ -380,7 +380,7 @@ def held_offered(dict online, list items, object skip):
     """Add the tail length of each placed copy of the flat ``engine device id,
     (mid, tail, head), ...`` batch to its online feed's ``qbytes`` (pairs whose
     index is in ``skip`` were not placed); return the bytes added in all."""
-    cdef Py_ssize_t index, n = PyList_GET_SIZE(items), size, added = 0, k
+    cdef Py_ssize_t index, n = PyList_GET_SIZE(items), size, added = 0
     cdef Py_ssize_t cur = -1, nfeeds = 0
     cdef object payload, dev, last_dev = None
     cdef bint new
@@ -410,7 +410,6 @@ def held_offered(dict online, list items, object skip):
             dev = <object>PyList_GET_ITEM(items, 2 * index)
             payload = <object>PyList_GET_ITEM(items, 2 * index + 1)
             if last_dev is None or dev is not last_dev:
-                found = NULL
                 # copies in turns: each device's one id object, by identity
                 j = idc_find(&seen, <PyObject*>dev)
                 if j >= 0:
