@@ -157,13 +157,21 @@ cdef int _forget_group(_Address a, object gid) except -1:
     return 0
 
 
+cdef inline object _plain_address(object address):
+    """A str-subclass address as a plain str; anything else as it is."""
+    if PyUnicode_Check(address) and not PyUnicode_CheckExact(address):
+        return str.__str__(address)
+    return address
+
+
 cdef object _plain_item(object item):
     """route_many item with a str-subclass address -> the same with a plain str."""
-    cdef object address
+    cdef object address, plain
     if PyTuple_Check(item) and PyTuple_GET_SIZE(item) == 2:
         address = <object>PyTuple_GET_ITEM(item, 0)
-        if PyUnicode_Check(address) and not PyUnicode_CheckExact(address):
-            return (str.__str__(address), <object>PyTuple_GET_ITEM(item, 1))
+        plain = _plain_address(address)
+        if plain is not address:
+            return (plain, <object>PyTuple_GET_ITEM(item, 1))
     return item
 
 
@@ -515,8 +523,7 @@ cdef class Router:
         if entered == ROUTE_RETRY:
             lst = list(lst)
             for i in range(0, PyList_GET_SIZE(lst), 2):
-                if PyUnicode_Check(lst[i]) and not PyUnicode_CheckExact(lst[i]):
-                    lst[i] = str.__str__(lst[i])
+                lst[i] = _plain_address(lst[i])
             entered = self._route(lst, True)
         return entered
 
