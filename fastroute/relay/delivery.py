@@ -193,13 +193,19 @@ def py_sync_rows(router, dev, rows: list, routed, senders: dict, pack_sender):
     return pushed, last, 0
 
 
+def _pairs(flat: list) -> list:
+    """The ``(key, payload)`` pairs of a flat ``key, payload, key, payload, ...``
+    batch (what Router.route_flat and offer_flat take)."""
+    return list(zip(flat[0::2], flat[1::2]))
+
+
 def py_bytes_by_address(batch: list) -> dict:
     """``{address: total length of its tails}`` of a routed batch, flat:
     ``address, (mid, tail), ...`` (the memory budget's accounting)."""
     if len(batch) % 2:
         raise InvalidArgument("a routed batch holds address, payload pairs")
     out: dict = {}
-    for to, payload in zip(batch[0::2], batch[1::2]):
+    for to, payload in _pairs(batch):
         if type(payload) is not tuple or len(payload) != 2:
             raise WrongType("DELIVER payloads must be (mid, tail) tuples")
         tail = payload[1]
@@ -267,7 +273,7 @@ def py_held_offered(online: dict, items: list, skip) -> int:
     if len(items) % 2:
         raise InvalidArgument("a batch of copies holds device id, payload pairs")
     added = 0
-    for index, (dev, payload) in enumerate(zip(items[0::2], items[1::2])):
+    for index, (dev, payload) in enumerate(_pairs(items)):
         if index in skip:
             continue
         feed = online.get(dev)
@@ -656,8 +662,7 @@ class Delivery:
                     placed = exc.entered
                     full = exc.full
                     # the items are only made when some were refused
-                    self._missed(shared_items(batch) if shared
-                                 else list(zip(batch[0::2], batch[1::2])), full)
+                    self._missed(shared_items(batch) if shared else _pairs(batch), full)
                 # the tails the engine now holds count against each live device
                 # and the relay-wide memory budget, as routed ones do (_held)
                 skip = {index for index, _ in full} if full else frozenset()
@@ -682,7 +687,7 @@ class Delivery:
         except UnknownAddress:
             # Some recipients have no device online (the store has their
             # copy): route the rest.  route_flat applied nothing.
-            batch = [x for to, payload in zip(batch[0::2], batch[1::2])
+            batch = [x for to, payload in _pairs(batch)
                      if router.has_address(to) for x in (to, payload)]
             if batch:
                 self.route(batch, ephemeral)
@@ -692,7 +697,7 @@ class Delivery:
             if ephemeral:
                 self._signals_dropped(exc.full)
             else:
-                self._missed(list(zip(batch[0::2], batch[1::2])), exc.full)
+                self._missed(_pairs(batch), exc.full)
         else:
             self._held(batch, ())
         if self.queued_bytes > self.memory_budget:
