@@ -1997,8 +1997,11 @@ def test_dsend_copies_twins(entries, skip, ok):
     names = {1: "phone", 2: "laptop", 5: "tablet"}
     assert [(i[0], i[2], i[4]) for i in got[1]] == [
         ("s@x.org/3", e[2], (100 + e[0],)) for e in entries]
-    for (did, _, body), (target, name, head, tail) in zip(entries, got[2]):
-        assert (target, name, head) == ("r@x.org", names[did], keys.DDELIVER_HEAD)
+    # flat: address, device name, tail a copy (the head is DDELIVER_HEAD's)
+    assert len(got[2]) == 3 * len(entries)
+    for (did, _, body), k in zip(entries, range(0, len(got[2]), 3)):
+        target, name, tail = got[2][k:k + 3]
+        assert (target, name) == ("r@x.org", names[did])
         assert tail == wire.py_deliver_tail(SENDER_PACKED, MID, body, TS_PACKED, 0)
 
 
@@ -2632,6 +2635,16 @@ def test_shared_fan_out_twins(seed):
     assert {d: n for d, n in per_feed.items() if n} == want_per_feed
 
 
+#: every per-device copy's head (fastroute.relay.keys.DDELIVER_HEAD)
+DDELIVER = b"\x98\xcd\x07\xd1"
+
+
+def _copies(meta: list) -> list:
+    """A stored batch's copies as ``(address, device name, tail)``, in order."""
+    return [tuple(copies[k:k + 3]) for _, _, (_, copies) in meta
+            for k in range(0, len(copies), 3)]
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_per_device_copies_online_twins(seed):
     # a stored batch of per-device sends: each copy to its own device when
@@ -2646,19 +2659,36 @@ def test_per_device_copies_online_twins(seed):
         targets = rng.sample(devices[1:], rng.randrange(0 if r else 1, 6))
         if not r:
             targets.insert(rng.randrange(len(targets)), devices[0])
-        copies = [(a, d, b"\x98\xcd\x07\xd1", bytes([n + j]) * 3)
-                  for j, (a, d) in enumerate(targets)]
-        n += len(copies)
+        copies = [x for j, (a, d) in enumerate(targets) for x in (a, d, bytes([n + j]) * 3)]
+        n += len(targets)
         meta.append((object(), os.urandom(16), ("to@home", copies)))
     mids = list(range(100, 100 + n))
-    flat = [c for _, _, (_, copies) in meta for c in copies]
-    want = [(by_device[(a, d)].dev, (mid, tail, head)) for mid, (a, d, head, tail)
+    flat = _copies(meta)
+    want = [(by_device[(a, d)].dev, (mid, tail, DDELIVER)) for mid, (a, d, tail)
             in zip(mids, flat) if (a, d) in by_device
             and "e2ee" in by_device[(a, d)].link.features]
     runs = [fn(by_device, meta, mids, "e2ee") for fn in _both(delivery.py_copies_online)
             if fn is not None]
     assert len(runs) == (2 if fastroute.COMPILED else 1)
     assert all(r == _flat(want) for r in runs) and want  # flat: device, payload
+
+
+def test_per_device_copies_online_bad_batches():
+    # a copy cut short, or fewer row ids than copies: the same error from both
+    assert DDELIVER == keys_mod.DDELIVER_HEAD
+    by_device = {("a@home", "d1"): _Feed(7, ["e2ee"])}
+    whole = ["a@home", "d1", b"tail"]
+    for fn in _both(delivery.py_copies_online):
+        if fn is None:
+            continue
+        assert fn(by_device, [(None, b"i" * 16, ("a@home", whole))], [5], "e2ee") == \
+            [7, (5, b"tail", DDELIVER)]
+        with pytest.raises(InvalidArgument, match="address, device name, tail"):
+            fn(by_device, [(None, b"i" * 16, ("a@home", whole + ["a@home"]))], [5, 6], "e2ee")
+        with pytest.raises(IndexError):
+            fn(by_device, [(None, b"i" * 16, ("a@home", whole * 2))], [5], "e2ee")
+        # an offline device's copy needs no row id to be skipped
+        assert fn({}, [(None, b"i" * 16, ("a@home", whole))], [], "e2ee") == []
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -2674,31 +2704,30 @@ def test_copies_in_runs_to_one_device_twins(seed):
     meta, n = [], 0
     for _ in range(rng.randrange(3, 9)):
         a, d = keys[rng.randrange(len(keys))]
-        copies = []
+        copies: list = []
         for _ in range(rng.randrange(1, 5)):
             address = "".join(a) if rng.random() < 0.5 else a  # equal, not the same
-            copies.append((address, d, b"\x98\xcd\x07\xd1", bytes([n % 256]) * (1 + n % 7)))
+            copies += (address, d, bytes([n % 256]) * (1 + n % 7))
             n += 1
         meta.append((object(), os.urandom(16), (a, copies)))
         if rng.random() < 0.5:
             # a per-device send to every device of one address: copies in turns
-            turns = [(a2, d2, b"\x98\xcd\x07\xd1", b"t%d" % n) for (a2, d2) in keys
-                     if a2 == a] * 2
-            n += len(turns)
+            turns = [x for (a2, d2) in keys if a2 == a for x in (a2, d2, b"t%d" % n)] * 2
+            n += len(turns) // 3
             meta.append((object(), os.urandom(16), (a, turns)))
     if seed == 0:  # keys that are not exact strs take the dict's own way
         feeds[(b"x@home", "d1")] = _Feed(4000, ["e2ee"])
-        meta.append((object(), os.urandom(16), ("x", [(b"x@home", "d1", b"h", b"bytes key"),
-                                                       ("a@home", "d1", b"h", b"after")])))
+        meta.append((object(), os.urandom(16), ("x", [b"x@home", "d1", b"bytes key",
+                                                       "a@home", "d1", b"after"])))
         n += 2
     mids = list(range(1, n + 1))
     runs = [fn(feeds, meta, mids, "e2ee") for fn in _both(delivery.py_copies_online)
             if fn is not None]
     assert all(r == runs[0] for r in runs)
-    flat = [c for _, _, (_, copies) in meta for c in copies]
+    flat = _copies(meta)
     pairs = list(zip(runs[0][0::2], runs[0][1::2]))
-    assert pairs == [(feeds[(a, d)].dev, (mid, tail, head))
-                     for mid, (a, d, head, tail) in zip(mids, flat)
+    assert pairs == [(feeds[(a, d)].dev, (mid, tail, DDELIVER))
+                     for mid, (a, d, tail) in zip(mids, flat)
                      if (a, d) in feeds and "e2ee" in feeds[(a, d)].link.features]
     # and what the engine placed of them is counted once per feed and run
     online = {f.dev: f for f in feeds.values()}

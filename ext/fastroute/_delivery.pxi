@@ -438,13 +438,14 @@ def held_offered(dict online, list items, object skip):
 def copies_online(dict by_device, list meta, list mids, str feature):
     """The engine's flat ``device id, (mid, tail, head), ...`` batch (for
     :meth:`Router.offer_flat`) of a stored batch of per-device copies
-    (``meta``: ``(link, id, (to, copies))`` per request, each copy
-    ``(address, device name, head, tail)``; ``mids``: one row id per copy),
-    for the devices online on a link that negotiated ``feature``."""
+    (``meta``: ``(link, id, (to, copies))`` per request, ``copies`` flat:
+    ``address, device name, tail`` a copy, its head the DDELIVER head;
+    ``mids``: one row id per copy), for the devices online on a link that
+    negotiated ``feature``."""
     cdef list items = []
     cdef list copies
     cdef Py_ssize_t at = 0, i, n
-    cdef object request, copy, feed, payload, address, name, dev
+    cdef object request, address, name, tail, dev
     cdef object last_address = None, last_name = None
     cdef dict devs = None  # the last address's device names -> engine id (None: not here)
     # devs' names and engine ids found by identity first (the keys stage
@@ -457,10 +458,16 @@ def copies_online(dict by_device, list meta, list mids, str feature):
     for request in meta:
         copies = request[2][1]
         n = PyList_GET_SIZE(copies)
-        for i in range(n):
-            copy = <object>PyList_GET_ITEM(copies, i)
-            address = copy[0]
-            name = copy[1]
+        if n % 3:
+            raise InvalidArgument("copies hold address, device name, tail for each copy")
+        for i in range(0, n, 3):
+            # the copy's three fields held at once: a lookup below may run
+            # code (a key that is not an exact str) that changes the list
+            if i + 3 > PyList_GET_SIZE(copies):
+                raise RuntimeError("a batch's copies changed while read")
+            address = <object>PyList_GET_ITEM(copies, i)
+            name = <object>PyList_GET_ITEM(copies, i + 1)
+            tail = <object>PyList_GET_ITEM(copies, i + 2)
             # a batch's copies go to one peer's devices, in runs or in turns:
             # each device's feed is looked up once for a run of copies to its
             # address; the keys are exact strs, so equal ones are one entry
@@ -498,7 +505,9 @@ def copies_online(dict by_device, list meta, list mids, str feature):
                 dev = _device_online(by_device, (address, name), feature)
                 last_name = name
             if dev is not _OFFLINE:
+                if at >= PyList_GET_SIZE(mids):
+                    raise IndexError("fewer row ids than copies")
                 items.append(dev)
-                items.append((mids[at], copy[3], copy[2]))
+                items.append((<object>PyList_GET_ITEM(mids, at), tail, DDELIVER_HEAD_BYTES))
             at += 1
     return items

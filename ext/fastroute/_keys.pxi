@@ -118,8 +118,11 @@ cdef bint c_dsend_copies(dict devs, tuple ents, long skip, str target, str store
             name = slot.name
             dkeys = slot.dkeys
         items.append((stored_sender, cid, body, now_ms, dkeys))
-        copies.append((target, name, DDELIVER_HEAD_BYTES,
-                       c_deliver_tail(sp, cid, body, ts_packed, 0)))
+        # flat, three entries a copy: no tuple of its own (its head is
+        # DDELIVER_HEAD_BYTES, the same for every copy)
+        copies.append(target)
+        copies.append(name)
+        copies.append(c_deliver_tail(sp, cid, body, ts_packed, 0))
     return True
 
 

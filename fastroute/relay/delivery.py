@@ -36,7 +36,7 @@ from ..histogram import Histogram
 from .caps import Caps
 from ..errors import (ErrorCode, FastrouteError, InvalidArgument, MailboxFull, UnknownAddress,
                       WrongType)
-from .keys import pack_stored_sender
+from .keys import DDELIVER_HEAD, pack_stored_sender
 
 if TYPE_CHECKING:
     from ..identity import Credential
@@ -251,17 +251,21 @@ def py_held_shared(online: dict, rows: list, skip) -> int:
 def py_copies_online(by_device: dict, meta: list, mids: list, feature: str) -> list:
     """The engine's flat ``device id, (mid, tail, head), ...`` batch (for
     ``Router.offer_flat``) of a stored batch of per-device copies: ``meta``
-    holds ``(link, id, (to, copies))`` per request, each copy ``(address,
-    device name, head, tail)``, and ``mids`` one row id per copy in that
-    order; a copy goes to its device if it is online on a link that
-    negotiated ``feature`` (the store keeps the rest)."""
+    holds ``(link, id, (to, copies))`` per request, ``copies`` flat
+    (``address, device name, tail`` a copy, as :func:`~fastroute.relay.keys.py_dsend_copies`
+    builds them; every copy's head is ``DDELIVER_HEAD``), and ``mids`` one
+    row id per copy in that order; a copy goes to its device if it is online
+    on a link that negotiated ``feature`` (the store keeps the rest)."""
     items: list = []
     at = 0
     for _, _, (_, copies) in meta:
-        for address, name, head, tail in copies:
+        if len(copies) % 3:
+            raise InvalidArgument("copies hold address, device name, tail for each copy")
+        for k in range(0, len(copies), 3):
+            address, name, tail = copies[k:k + 3]
             feed = by_device.get((address, name))
             if feed is not None and feature in feed.link.features:
-                items += (feed.dev, (mids[at], tail, head))
+                items += (feed.dev, (mids[at], tail, DDELIVER_HEAD))
             at += 1
     return items
 

@@ -158,8 +158,8 @@ def py_dsend_copies(devs: dict, entries: list | tuple, skip: int, target: str, s
     the devices of ``devs`` (device id -> :class:`Slot`) but ``skip``, each once
     and with its current registration id; then each copy's store item
     ``(stored_sender, cid, body, now_ms, slot.dkeys)`` is appended to
-    ``items`` and ``(target, device name, DDELIVER head, tail)`` to
-    ``copies`` (flat: no tuple of its own for the head and tail).  False
+    ``items`` and ``target, device name, tail`` to ``copies`` (flat: no
+    tuple a copy; the head of every copy is :data:`DDELIVER_HEAD`).  False
     otherwise, with nothing appended: the caller then works out what differs
     (duplicates, missing, extra, stale).
     """
@@ -176,8 +176,7 @@ def py_dsend_copies(devs: dict, entries: list | tuple, skip: int, target: str, s
         slot = devs[did]
         name = slot.name
         items.append((stored_sender, cid, body, now_ms, slot.dkeys))
-        copies.append((target, name, DDELIVER_HEAD,
-                       wire.py_deliver_tail(sp, cid, body, ts_packed, 0)))
+        copies += (target, name, wire.py_deliver_tail(sp, cid, body, ts_packed, 0))
     return True
 
 
