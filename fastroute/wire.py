@@ -629,12 +629,15 @@ def decode_client_frame(plaintext: bytes) -> list[DecodedOp]:
     """
     # the common frame (only valid SENDs to known-good recipients) in one
     # pass; None means "not that frame", and the precise decoder takes it
-    ops = decode_sends(plaintext)
-    return ops if ops is not None else decode_client_frame_precise(plaintext)
+    flat = decode_sends(plaintext)
+    if flat is None:
+        return decode_client_frame_precise(plaintext)
+    return [(1, *flat[k:k + 4]) for k in range(0, len(flat), 4)]
 
 
-def decode_sends(plaintext: bytes) -> list[DecodedOp] | None:
-    """The ops of a frame made only of valid SENDs to cached recipients, else None.
+def decode_sends(plaintext: bytes) -> list | None:
+    """The SENDs of a frame made only of valid SENDs to cached recipients,
+    flat (``id, to, body, cls`` a SEND: no tuple a message), else None.
 
     The relay's fast path (compiled when the core is built): a None answer
     says nothing about the frame, which :func:`decode_client_frame_precise` then decodes.
@@ -683,15 +686,16 @@ def _frame_or_none(plaintext: object) -> tuple | None:
         return None
 
 
-def py_decode_sends(plaintext: object, addr_ok: set[str]) -> list[DecodedOp] | None:
-    """Specification of the compiled ``decode_sends``: the ops of ``plaintext``
-    (exact bytes) when every op is a valid SEND whose recipient is in ``addr_ok``;
-    None for any other frame, errors included.  Either twin may decline more
-    (the compiled one declines unusual integer encodings), never answer else."""
+def py_decode_sends(plaintext: object, addr_ok: set[str]) -> list | None:
+    """Specification of the compiled ``decode_sends``: the SENDs of ``plaintext``
+    (exact bytes), flat (``id, to, body, cls`` each), when every op is a valid
+    SEND whose recipient is in ``addr_ok``; None for any other frame, errors
+    included.  Either twin may decline more (the compiled one declines unusual
+    integer encodings), never answer else."""
     frame = _frame_or_none(plaintext)
-    if frame is None:
+    if frame is None or _fast_sends(frame, addr_ok) != len(frame):
         return None
-    return list(frame) if _fast_sends(frame, addr_ok) == len(frame) else None
+    return [field for op in frame for field in op[1:]]
 
 
 def py_dsend_ok(op: object, addr_ok: set[str]) -> bool:

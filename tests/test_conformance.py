@@ -155,8 +155,8 @@ def test_a_relay_refusing_the_third_partys_sends_fails_naming_the_checks(tmp_pat
     def biased(self, link, sends):
         if link.address.endswith("@acme"):
             # the integrity gate treats one provider's clients differently
-            for op in sends:
-                link.out.append(wire.sack_op(op[1], 403))
+            for cid in sends[0::4]:  # flat: id, to, body, cls a SEND
+                link.out.append(wire.sack_op(cid, 403))
             self.delivery.mark(link)
             return None
         return original(self, link, sends)

@@ -436,9 +436,11 @@ def _check_decode(plaintext):
     for fn in _both(wire.py_decode_sends):
         got = fn and fn(plaintext, wire._ADDR_OK)
         if got is not None:
+            # flat: id, to, body, cls a SEND, in the frame's order
             assert not isinstance(want, Exception), plaintext[:64]
-            assert got == want
-            assert all(type(op) is tuple for op in got)
+            assert len(got) == 4 * len(want)
+            assert got == [field for op in want for field in op[1:]]
+            assert all(op[0] == 1 for op in want)
     try:
         public = wire.decode_client_frame(plaintext)
     except ProtocolError as exc:
@@ -757,6 +759,12 @@ def test_a_long_frame_is_unpacked_by_the_slice():
 
 # -- the gate loop ------------------------------------------------------------------------
 
+def _flat_sends(ops: list) -> list:
+    """SEND tuples ``(1, id, to, body, cls)`` as the gate takes them: flat,
+    ``id, to, body, cls`` each."""
+    return [field for op in ops for field in op[1:]]
+
+
 def _gate_case(fn, impl, gate_cls, link_cls):
     def call(sends, state):
         state = copy.deepcopy(state)
@@ -774,7 +782,7 @@ def _gate_case(fn, impl, gate_cls, link_cls):
         lg = link_cls("conn", out, "alice@example.org", SENDER_PACKED, "example.org", 1000,
                       None, None)
         lg.msg_tokens, lg.byte_tokens = state["mt"], state["bt"]
-        ephemeral = fn(gate, lg, sends, 100.0, TS, TS_PACKED, store_items, meta)
+        ephemeral = fn(gate, lg, _flat_sends(sends), 100.0, TS, TS_PACKED, store_items, meta)
         res = (ephemeral, lg.msg_tokens, lg.byte_tokens)
         return res, out, counted, tapped, store_items, meta, _contents(table)
     return call
@@ -2795,7 +2803,8 @@ def test_accept_sends_twins_across_prefetch_batches(max_entries):
                           1000, None, None)
             lg.msg_tokens, lg.byte_tokens = 1000.0, 1e9
             try:
-                ephemeral = fn(gate, lg, batch, 100.0, TS, TS_PACKED, store_items, meta)
+                ephemeral = fn(gate, lg, _flat_sends(batch), 100.0, TS, TS_PACKED,
+                               store_items, meta)
             except InvalidArgument:
                 ephemeral = "raised"
             results.append((ephemeral, out, store_items, meta,
@@ -2807,6 +2816,30 @@ def test_accept_sends_twins_across_prefetch_batches(max_entries):
     taken = len(first[2]) + len(first[0]) // 2  # the ephemeral ones are flat pairs
     # a full window forgot decided ids, which are then taken anew
     assert taken == 45 if max_entries == 1000 else taken > 45
+
+
+def test_accept_sends_refuses_a_cut_send():
+    # flat SENDs, four fields each: a list cut short is refused before any
+    # id is looked at, by both twins
+    for fn, impl, gate_cls, link_cls in (
+            (gate_mod.py_accept_sends, dedup.DedupWindow, gate_mod.PySendGate,
+             gate_mod.PyLinkGate),
+            (gate_mod.accept_sends, dedup.DedupTable, gate_mod.SendGate, gate_mod.LinkGate)):
+        table = impl(30.0, 100)
+        out: list = []
+        gate = gate_cls({ADDR: [1]}, table, None, [], lambda code: None, wire.sack_op,
+                        (ErrorCode.BODY_TOO_LARGE, ErrorCode.UNKNOWN_RECIPIENT,
+                         ErrorCode.CONSENT_REQUIRED, ErrorCode.RATE_LIMITED), {})
+        lg = link_cls("conn", out, "alice@example.org", SENDER_PACKED, "example.org",
+                      1000, None, None)
+        lg.msg_tokens, lg.byte_tokens = 1000.0, 1e9
+        sends = [MID, ADDR, b"x", 0, bytes(16), ADDR, b"y"]
+        with pytest.raises(InvalidArgument, match="id, to, body, cls"):
+            fn(gate, lg, sends, 100.0, TS, TS_PACKED, [], [])
+        assert out == [] and len(table) == 0
+        items: list = []
+        assert fn(gate, lg, sends[:4], 100.0, TS, TS_PACKED, items, []) is None
+        assert [i[:3] for i in items] == [("alice@example.org", MID, b"x")]
 
 
 @needs_c

@@ -223,7 +223,8 @@ def accept_sends(SendGate gate not None, LinkGate lg not None, list sends, objec
                  object now_ms, bytes ts_packed, list store_items, list meta):
     """Gate a read's SEND ops: dedup, size, recipient, consent, quota.
 
-    ``sends`` are decoded SEND tuples ``(1, id, to, body, cls)``.  Duplicates
+    ``sends`` are a read's decoded SENDs, flat: ``id, to, body, cls`` each
+    (:func:`decode_sends`' list; no tuple a message).  Duplicates
     of a decided id (``gate.dedup``, within its window) get their old answer
     in ``lg.out``; duplicates of a pending one are queued on its entry as
     ``(lg.link, id)`` (:meth:`DedupTable.wait`).  A refusal is counted with
@@ -255,11 +256,11 @@ def accept_sends(SendGate gate not None, LinkGate lg not None, list sends, objec
     cdef object sack_op = gate.sack_op
     cdef tuple refusals = gate.refusals
     cdef dict blocks = gate.blocks
-    cdef object op, cid, to, body, cls, code, tail, accepted, tap, devs
+    cdef object cid, to, body, cls, code, tail, accepted, tap, devs
     cdef PyObject* pdevs
     cdef set blocked
     cdef bint hidden
-    cdef Py_ssize_t size, n = len(sends), base, i, slot, at
+    cdef Py_ssize_t size, n = PyList_GET_SIZE(sends) // 4, base, i, slot, at
     cdef int seen, seen_code
     cdef double mt = msg_tokens
     cdef double bt = byte_tokens
@@ -269,6 +270,8 @@ def accept_sends(SendGate gate not None, LinkGate lg not None, list sends, objec
     cdef Py_hash_t h
     cdef Py_hash_t hashes[DEDUP_BATCH]
     too_large, unknown, consent_required, rate_limited = refusals
+    if PyList_GET_SIZE(sends) % 4:
+        raise InvalidArgument("sends hold id, to, body, cls for each SEND")
     for base in range(0, n, DEDUP_BATCH):
         # hash the next few ids and prefetch their index lines: the probes
         # below then find them cached (a bad id is left for the loop to refuse
@@ -276,16 +279,22 @@ def accept_sends(SendGate gate not None, LinkGate lg not None, list sends, objec
         # window those of the entries their inserts will evict
         dedup.c_prefetch_evictions(min(n - base, <Py_ssize_t>DEDUP_BATCH))
         for i in range(base, min(n, base + DEDUP_BATCH)):
-            op = sends[i]
-            if PyTuple_CheckExact(op) and PyTuple_GET_SIZE(op) == 5:
-                cid = <object>PyTuple_GET_ITEM(op, 1)
-                if PyBytes_CheckExact(cid) and PyBytes_GET_SIZE(cid) == 16:
-                    h = dedup_hash(sender, cid)
-                    hashes[i - base] = h
-                    dedup.c_prefetch(h)
+            if 4 * i >= PyList_GET_SIZE(sends):
+                break  # the list shrank (see below): the loop below says so
+            cid = <object>PyList_GET_ITEM(sends, 4 * i)
+            if PyBytes_CheckExact(cid) and PyBytes_GET_SIZE(cid) == 16:
+                h = dedup_hash(sender, cid)
+                hashes[i - base] = h
+                dedup.c_prefetch(h)
         for i in range(base, min(n, base + DEDUP_BATCH)):
-            op = sends[i]
-            _, cid, to, body, cls = op
+            # the SEND's fields held at once: a tap or a consent lookup may run
+            # code that changes the list
+            if 4 * i + 4 > PyList_GET_SIZE(sends):
+                raise RuntimeError("sends changed while read")
+            cid = <object>PyList_GET_ITEM(sends, 4 * i)
+            to = <object>PyList_GET_ITEM(sends, 4 * i + 1)
+            body = <object>PyList_GET_ITEM(sends, 4 * i + 2)
+            cls = <object>PyList_GET_ITEM(sends, 4 * i + 3)
             if not PyBytes_CheckExact(cid) or PyBytes_GET_SIZE(cid) != 16:
                 raise InvalidArgument("message id must be 16 bytes")
             h = hashes[i - base]

@@ -356,12 +356,13 @@ cdef inline Py_ssize_t frame_ops(Cursor* c) noexcept:
 def decode_sends(plaintext, set addr_ok):
     """The fast path of :func:`fastroute.wire.decode_client_frame`, in C.
 
-    Returns the decoded list when ``plaintext`` (exact bytes) is a msgpack
-    array of valid SEND ops in their usual encoding -- ``[1, id bin8 of 16,
-    to str, body bin, cls 0|1]`` as fixints -- whose recipients are all in
-    ``addr_ok`` (addresses already known valid); ``None`` for anything else,
-    including every error, so the caller decodes that frame the slow way and
-    reports exactly what it always did.
+    Returns the SENDs flat, ``id, to, body, cls`` each (no tuple a message),
+    when ``plaintext`` (exact bytes) is a msgpack array of valid SEND ops in
+    their usual encoding -- ``[1, id bin8 of 16, to str, body bin, cls 0|1]``
+    as fixints -- whose recipients are all in ``addr_ok`` (addresses already
+    known valid); ``None`` for anything else, including every error, so the
+    caller decodes that frame the slow way and reports exactly what it always
+    did.
     """
     if not PyBytes_CheckExact(plaintext):
         return None
@@ -414,7 +415,10 @@ def decode_sends(plaintext, set addr_ok):
         if b > 1:
             return None
         c.p += 1
-        ops.append((1, cid, to, body, b))
+        ops.append(cid)
+        ops.append(to)
+        ops.append(body)
+        ops.append(b)
     if c.p != c.end:
         return None
     return ops

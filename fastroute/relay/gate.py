@@ -262,7 +262,9 @@ def py_accept_sends(gate: PySendGate, lg: PyLinkGate, sends: list, now: float, n
                     ts_packed: bytes, store_items: list, meta: list) -> list | None:
     """Gate a read's SEND ops (the relay's hot loop); see ``_gate.pxi`` for the contract.
 
-    Returns the ephemeral messages as a flat ``to, (0, tail), ...`` list (or
+    ``sends`` are flat, ``id, to, body, cls`` a SEND (as
+    :func:`fastroute.wire.decode_sends` gives them).  Returns the ephemeral
+    messages as a flat ``to, (0, tail), ...`` list (or
     None), for ``Router.route_flat``; the quota
     left is written back to ``lg`` when any was spent.
     """
@@ -274,7 +276,10 @@ def py_accept_sends(gate: PySendGate, lg: PyLinkGate, sends: list, now: float, n
     max_body, own, provider = lg.max_body, lg.own, lg.provider
     spent = False
     ephemeral: list | None = None
-    for _, cid, to, body, cls in sends:
+    if len(sends) % 4:
+        raise InvalidArgument("sends hold id, to, body, cls for each SEND")
+    for k in range(0, len(sends), 4):
+        cid, to, body, cls = sends[k:k + 4]
         if type(cid) is not bytes or len(cid) != 16:
             raise InvalidArgument("message id must be 16 bytes")
         seen = dedup.lookup(sender, cid, now)
@@ -661,8 +666,8 @@ class Gate:
         # a flooder's refused SENDs come by the hundred: counted once, and
         # their SACKs made in one call
         if sends:
-            self.count_error(code, len(sends))
-            link.out.extend(wire.sack_ops([op[1] for op in sends], code))
+            self.count_error(code, len(sends) // 4)
+            link.out.extend(wire.sack_ops(sends[0::4], code))
 
     def _screen(self, link: "LinkPort", budgets: Budgets, sends: list) -> list:
         """The sender rules, for links whose address is new or quarantined:
@@ -694,24 +699,25 @@ class Gate:
         me = sender.address
         contacts, old = self._contacts, self._contacts_old
         started = sender.started
-        if field_set(sends, 2) <= started:
+        if field_set(sends, 1, 4) <= started:
             return sends  # only conversations it already has: the common case
-        keep = []
-        refused = []
-        for op in sends:
-            to = op[2]
+        keep: list = []
+        refused: list = []
+        for k in range(0, len(sends), 4):
+            op = sends[k:k + 4]
+            to = op[1]
             if to == me or to in started or (to, me) in contacts or (to, me) in old:
-                keep.append(op)
+                keep += op
             elif len(started) < _MAX_STARTED and bucket.take(1.0):
                 # the first message to each stranger costs a token; the rest
                 # of that conversation is held to the ordinary limits
                 started.add(to)
-                keep.append(op)
+                keep += op
             else:
-                refused.append(op)
+                refused += op
         if refused:
             self._refuse(link, refused, ErrorCode.RATE_LIMITED)
-            self.score(sender, len(refused))
+            self.score(sender, len(refused) // 4)
         return keep
 
     def score(self, sender: Sender, points: float, cause: str = "") -> None:
@@ -747,7 +753,8 @@ class Gate:
             log.info("a sender was throttled (abuse score %.0f)", sender.score)
 
     def accept(self, link: "LinkPort", sends: list) -> None:
-        """Run a read's SEND ops through the check; store and route what passes.
+        """Run a read's SEND ops (flat: ``id, to, body, cls`` a SEND) through
+        the check; store and route what passes.
 
         The hot loop of the relay: everything per message happens in one
         call (:func:`accept_sends`: dedup entries, quota arithmetic, the
@@ -758,12 +765,12 @@ class Gate:
         """
         lg = link.gate_state
         budgets = link.budgets
-        n = len(sends)
+        n = len(sends) // 4  # flat: id, to, body, cls a SEND
         allowed = take_upto(budgets.ops, n)
         if allowed < n:
             link.refused_ops += n - allowed
-            self._refuse(link, sends[allowed:], ErrorCode.RATE_LIMITED)
-            sends = sends[:allowed]
+            self._refuse(link, sends[4 * allowed:], ErrorCode.RATE_LIMITED)
+            sends = sends[:4 * allowed]
         if budgets.watched:
             sends = self._screen(link, budgets, sends)
         delivery = self.delivery
@@ -820,17 +827,17 @@ class Gate:
         dedup = self.dedup
         sender = link.address
         now = time.monotonic()
-        keep = []
+        keep: list = []
         code = int(ErrorCode.RECIPIENT_FULL)
-        for op in sends:
-            cid = op[1]
-            if (op[2] in full and op[4] == 0 and type(cid) is bytes and len(cid) == 16
-                    and self._may_write(link, op[2])
+        for k in range(0, len(sends), 4):  # flat: id, to, body, cls a SEND
+            cid, to, body, cls = sends[k:k + 4]
+            if (to in full and cls == 0 and type(cid) is bytes and len(cid) == 16
+                    and self._may_write(link, to)
                     and dedup.lookup(sender, cid, now) is None):
                 self.count_error(code)
                 link.out.append(wire.sack_op(cid, code))
                 continue
-            keep.append(op)
+            keep += (cid, to, body, cls)
         if len(keep) < len(sends):
             self.delivery.mark(link)
         return keep

@@ -303,7 +303,8 @@ class Link(asyncio.Protocol):
         self.paused = False
         self.errors = 0
         self.storing = 0  # store batches of this link not yet answered
-        self.sends: list | None = None  # SENDs of the read being processed
+        # SENDs of the read being processed, flat: id, to, body, cls a SEND
+        self.sends: list | None = None
         self.bye_after_sends = False
         self.bye_requested = False
         self.media_in_flight = 0
@@ -475,7 +476,7 @@ class Link(asyncio.Protocol):
                 self._on_handshake(msg)
                 continue
             if not quiet and self.state == _OPEN:
-                if len(self.sends) >= self._piece(_PIECE_SENDS):
+                if len(self.sends) // 4 >= self._piece(_PIECE_SENDS):
                     sends, self.sends = self.sends, []
                     self.wiring.gate.accept(self, sends)
                 if done > before:
@@ -670,8 +671,9 @@ class Link(asyncio.Protocol):
         fast = None if busy_long else wire.decode_sends(plaintext)
         if fast is not None:
             self.piece_kind = _PIECE_SENDS
-            if (len(fast) > room or len(fast) > self._send_room()
-                    or (checks == _BY_COST and len(fast) > self._piece(_PIECE_SENDS))):
+            count = len(fast) // 4  # flat: id, to, body, cls a SEND
+            if (count > room or count > self._send_room()
+                    or (checks == _BY_COST and count > self._piece(_PIECE_SENDS))):
                 # a share now, the rest in later shares like any frame's ops:
                 # a frame of many SENDs (refused ones cost as much to answer)
                 # does not hold the loop either
@@ -719,7 +721,8 @@ class Link(asyncio.Protocol):
         partial = self.partial
         assert partial is not None
         frame, start, good = partial
-        n = len(frame)
+        # a frame of SENDs decoded whole is flat: id, to, body, cls a SEND
+        n = len(frame) // 4 if good == _DECODED_SENDS else len(frame)
         sends = None
         by_cost = checks == _BY_COST
         e2ee = None
@@ -738,7 +741,7 @@ class Link(asyncio.Protocol):
             end = min(start + room, n)
             if good == _DECODED_SENDS:
                 end = min(end, start + max(self._send_room(), 0))
-                sends = frame[start:end]
+                sends = frame[4 * start:4 * end]
         if end < n:
             partial[1] = end
         else:
@@ -794,12 +797,13 @@ class Link(asyncio.Protocol):
                 end = min(end, start + n_e2ee)
                 return end, None, e2ee[:end - start]
             return min(end, start + checks), None, None
+        # flat: id, to, body, cls a SEND
         if end - start > n_sends:
             end = start + n_sends
-            sends = sends[:n_sends]
+            sends = sends[:4 * n_sends]
         if only_sends and spare < end - start:
             end = start + spare
-            sends = sends[:spare]
+            sends = sends[:4 * spare]
         return end, sends, None
 
     def _send_room(self) -> int:
@@ -816,15 +820,17 @@ class Link(asyncio.Protocol):
         if budgets is None:
             return 1 << 30
         assert self.sends is not None
-        return int(least(budgets.ops)) - len(self.sends)
+        return int(least(budgets.ops)) - len(self.sends) // 4
 
     def _take_sends(self, sends: list) -> int:
-        """Queue decoded SENDs for the gate (at the end of this share); return how many."""
+        """Queue decoded SENDs (flat: ``id, to, body, cls`` each) for the gate
+        (at the end of this share); return how many."""
         assert self.sends is not None
         self.sends.extend(sends)
+        n = len(sends) // 4
         counts = self.wiring.op_counts
-        counts[_OP_SEND] = counts.get(_OP_SEND, 0) + len(sends)
-        return len(sends)
+        counts[_OP_SEND] = counts.get(_OP_SEND, 0) + n
+        return n
 
     def _dispatch(self, ops: list) -> int:
         """Dispatch decoded ops (a frame's, or a share of one); return how many
@@ -912,7 +918,7 @@ class Link(asyncio.Protocol):
             kind = op[0]
             op_counts[kind] = op_counts.get(kind, 0) + 1
             if kind == _OP_SEND:
-                sends.append(op)
+                sends += op[1:]  # flat: id, to, body, cls
                 continue
             if kind == _OP_DACK:
                 # charged, never refused: a refused ack would only cost a redelivery
