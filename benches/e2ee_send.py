@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import secrets
 import statistics
 import subprocess
 import sys
@@ -132,7 +133,9 @@ async def one_run(mode: str, n_dev: int, messages: int,
                 c = await Client.connect("127.0.0.1", port, credential=cred, static=kp,
                                          features=("e2ee",), keepalive=None)
                 clients.append(c)
-                await c.publish_keys(1 + len(clients), os.urandom(33),
+                # registration ids as clients pick them (random, 14 bits),
+                # not small ints that Python keeps made
+                await c.publish_keys(secrets.randbelow(0x3F00) + 0x100, os.urandom(33),
                                      (1, os.urandom(33), os.urandom(64)),
                                      (2, os.urandom(1569), os.urandom(64)))
                 return c

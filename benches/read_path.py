@@ -42,6 +42,7 @@ import asyncio
 import gc
 import json
 import os
+import secrets
 import statistics
 import subprocess
 import sys
@@ -132,8 +133,11 @@ async def _measure(op: str, devices: int, messages: int, ack_every: int, ephemer
                 client = await Client.connect("127.0.0.1", relay.port, credential=cred,
                                               static=kp, keepalive=None, features=features)
                 if features:
+                    # registration ids as clients pick them (random, 14 bits),
+                    # not small ints that Python keeps made
                     await client.publish_keys(
-                        1, os.urandom(33), (1, os.urandom(33), os.urandom(64)),
+                        secrets.randbelow(0x3F00) + 0x100, os.urandom(33),
+                        (1, os.urandom(33), os.urandom(64)),
                         (2, os.urandom(1569), os.urandom(64)))
                 return client
 

@@ -2396,6 +2396,23 @@ def test_decode_dsends_twins(plaintext):
                    wire.decode_dsends)
 
 
+@needs_c
+def test_decode_dsends_keeps_one_int_a_registration_id():
+    # registration ids above Python's small ints are made once each and
+    # kept: a frame's DSENDs to the same devices share them, and the values
+    # are the specification's, at the range's ends too
+    regs = [1, 256, 257, 9001, 0x3FFF]
+    op = wire.dsend_op(MID, ADDR, False, [(d, r, b"c%d" % d) for d, r in enumerate(regs, 1)],
+                       [])
+    plaintext = _frame([op, op])
+    got = _c_decode_dsends(plaintext)
+    assert got == _py_decode_dsends(plaintext)
+    first, second = (o[4] for o in got)
+    assert [e[1] for e in first] == regs
+    assert all(a[1] is b[1] for a, b in zip(first, second))
+    assert _c_decode_dsends(plaintext)[0][4][2][1] is first[2][1]  # and from call to call
+
+
 def test_decode_dsends_fuzz():
     _decoder_fuzz(3, _dsend_frames()[:3], _py_decode_dsends, _c_decode_dsends)
 

@@ -687,6 +687,25 @@ def decode_server_ops(plaintext, set addr_ok):
     return ops
 
 
+# registration ids 1..16383 as ints, made once each and kept for the
+# process (at most 16,383 of them, ~0.6 MB): a frame of DSENDs names the same
+# few devices' ids op after op, and an int above 256 is otherwise allocated
+# (and freed a turn later) for every copy
+cdef PyObject* _REG_IDS[0x4000]
+
+
+cdef inline object reg_id_int(unsigned long long reg):
+    """``reg`` (1..0x3FFF, checked by the caller) as its one kept int."""
+    cdef object o
+    cdef PyObject* p = _REG_IDS[reg]
+    if p == NULL:
+        o = PyLong_FromUnsignedLongLong(reg)
+        Py_INCREF(o)  # the table's reference, never released
+        _REG_IDS[reg] = <PyObject*>o
+        return o
+    return <object>p
+
+
 cdef object take_entries(Cursor* c):
     """A DSEND's ``[[device id 1..127, registration id 1..16383, ciphertext bin
     <= MAX_BODY], ...]`` (at most 127) as a tuple of tuples, or None."""
@@ -720,7 +739,7 @@ cdef object take_entries(Cursor* c):
             return None
         body = PyBytes_FromStringAndSize(<const char*>c.p, k)
         c.p += k
-        e = (PyLong_FromUnsignedLongLong(did), PyLong_FromUnsignedLongLong(reg), body)
+        e = (PyLong_FromUnsignedLongLong(did), reg_id_int(reg), body)
         Py_INCREF(e)
         PyTuple_SET_ITEM(out, i, e)
     return out
