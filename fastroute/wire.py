@@ -75,6 +75,8 @@ __all__ = [
     "Op",
     "OpBatcher",
     "OpError",
+    "OpRun",
+    "PyOpRun",
     "ServerHello",
     "bye_op",
     "consent_op",
@@ -89,6 +91,8 @@ __all__ = [
     "encode_ops",
     "encode_server_hello",
     "error_op",
+    "flat_ops",
+    "op_count",
     "pack_frames",
     "ping_op",
     "pong_op",
@@ -1371,9 +1375,64 @@ def _check_limits(max_plaintext: int, max_ops: int) -> None:
         raise InvalidArgument(f"max_ops must be in 1..{MAX_OPS_PER_FRAME}")
 
 
-def pack_frames(packed_ops: list[bytes], max_plaintext: int = MAX_PLAINTEXT,
+class PyOpRun:
+    """Packed ops back to back in one bytes object: what a producer of many
+    ops at once (a stored batch's SACKs, a pull's DELIVERs) may append to a
+    link's outgoing list instead of one bytes object an op (compiled twin
+    ``OpRun``; the relay's compiled producers make them, their
+    specifications append the ops one by one).
+
+    :func:`pack_frames` reads a run as the ops it holds, in order, and splits
+    it between frames where the ops would have been split; :meth:`ops` gives
+    them one by one (:func:`flat_ops` does, for a whole list).
+    ``PyOpRun(data, ends)``: ``ends[k]`` is where op ``k`` ends in ``data``
+    (strictly increasing, the last one ``len(data)``).
+    """
+
+    __slots__ = ("data", "_ends", "count")
+
+    def __init__(self, data: bytes, ends: Sequence[int]) -> None:
+        if type(data) is not bytes:
+            raise WrongType("an op run's data must be bytes")
+        prev = 0
+        for end in ends:
+            if end <= prev:
+                raise InvalidArgument("an op run's ends must increase")
+            prev = end
+        if prev != len(data):
+            raise InvalidArgument("an op run's last end must be its length")
+        #: the ops, back to back
+        self.data = data
+        self._ends = list(ends)
+        #: how many ops the run holds
+        self.count = len(self._ends)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def ops(self) -> list[bytes]:
+        """The run's ops, one bytes object each, in order."""
+        starts = [0, *self._ends[:-1]]
+        return [self.data[a:b] for a, b in zip(starts, self._ends)]
+
+    def __repr__(self) -> str:
+        return f"<OpRun of {self.count} ops, {len(self.data)} bytes>"
+
+
+def flat_ops(out: Iterable) -> list:
+    """The ops of an outgoing list one by one: an op run gives the ops it holds."""
+    return [op for x in out for op in (x.ops() if type(x) in _RUNS else (x,))]
+
+
+def py_op_count(out: list) -> int:
+    """How many ops an outgoing list holds: one a bytes object, an op run's count."""
+    return sum(x.count if type(x) in _RUNS else 1 for x in out)
+
+
+def pack_frames(packed_ops: list, max_plaintext: int = MAX_PLAINTEXT,
                 max_ops: int = MAX_OPS_PER_FRAME) -> list[bytes]:
-    """Join packed ops (from the ``*_op`` builders) into frame plaintexts.
+    """Join packed ops (from the ``*_op`` builders, or :class:`OpRun`\\ s of
+    them) into frame plaintexts.
 
     Greedy and order-preserving: each frame takes as many ops as fit in
     ``max_plaintext`` bytes and ``max_ops`` ops.  :class:`InvalidArgument` if
@@ -1391,6 +1450,8 @@ def py_pack_frames(packed_ops: list[bytes], max_plaintext: int = MAX_PLAINTEXT,
                    max_ops: int = MAX_OPS_PER_FRAME) -> list[bytes]:
     """The pure-Python :func:`pack_frames` (the specification of the compiled one)."""
     _check_limits(max_plaintext, max_ops)
+    if any(type(x) in _RUNS for x in packed_ops):
+        packed_ops = flat_ops(packed_ops)
     limit = max_plaintext - _HEADER
     frames = []
     start = 0
@@ -1707,6 +1768,11 @@ _decode_gsends_compiled = compiled_twin(py_decode_gsends)
 gsend_ok = twin(py_gsend_ok)
 _decode_server_ops = twin(py_decode_server_ops)
 _pack_frames = twin(py_pack_frames)
+#: :class:`PyOpRun`, compiled when the core is built
+OpRun = twin(PyOpRun)
+_RUNS = (OpRun, PyOpRun)
+#: :func:`py_op_count`, compiled when the core is built
+op_count = twin(py_op_count)
 #: :func:`py_deliver_tail`, compiled when the core is built
 deliver_tail = twin(py_deliver_tail)
 #: :func:`py_sack_ok_op`, compiled when the core is built

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from fastroute import Router
+from fastroute import Router, wire
 from fastroute.relay.delivery import Delivery
 from fastroute.store import MemoryStore
 
@@ -21,7 +21,7 @@ class FakeLink:
         self.flushed: list[bytes] = []
 
     def flush(self) -> None:
-        self.flushed.extend(self.out)
+        self.flushed.extend(wire.flat_ops(self.out))  # op runs as the ops they hold
         self.out.clear()
 
     def close(self, code: int, reason: str) -> None:  # pragma: no cover - not reached

@@ -55,8 +55,20 @@ TS_PACKED = b"\xcf" + TS.to_bytes(8, "big")
 BODY_SIZES = [0, 1, 15, 31, 32, 255, 256, 257, 65535, 65536, 70000]
 
 
+def _unrun(x):
+    """``x`` with every op run in its lists read as the ops it holds: the
+    compiled producers append an ``OpRun`` where their specifications
+    append its ops one by one."""
+    if type(x) is list:
+        return [_unrun(y) for y in wire.flat_ops(x)]
+    if type(x) is tuple:
+        return tuple(_unrun(y) for y in x)
+    return x
+
+
 def _same(fn_py, fn_c, *args):
-    """Both raise the same exception class, or return equal values; returns py's."""
+    """Both raise the same exception class, or return equal values (op runs
+    read as their ops); returns py's."""
     try:
         want = fn_py(*copy.deepcopy(args))
     except Exception as exc:  # noqa: BLE001 - compared below
@@ -65,7 +77,7 @@ def _same(fn_py, fn_c, *args):
                 fn_c(*copy.deepcopy(args))
         return exc
     if fn_c is not None:
-        assert fn_c(*copy.deepcopy(args)) == want
+        assert _unrun(fn_c(*copy.deepcopy(args))) == _unrun(want)
     return want
 
 
@@ -83,6 +95,7 @@ def test_compiled_twins_loaded():
     # the stage modules use the compiled twins whenever the core is built
     pairs = [(wire.deliver_tail, wire.py_deliver_tail), (wire.sack_ok_op, wire.py_sack_ok_op),
              (wire._pack_frames, wire.py_pack_frames), (wire._decode_sends, wire.py_decode_sends),
+             (wire.OpRun, wire.PyOpRun), (wire.op_count, wire.py_op_count),
              (wire._decode_server_ops, wire.py_decode_server_ops),
              (wire.dsend_ok, wire.py_dsend_ok), (wire._decode_pings, wire.py_decode_pings),
              (wire._decode_dacks_compiled or wire.py_decode_dacks, wire.py_decode_dacks),
@@ -336,10 +349,17 @@ def _twins():
 
 def _stored_run(fn, impl, meta, entries):
     calls = []
-    out = []
+    out: list = []
+
+    def ack_all(*a):
+        # as if the waiters were on the sender's own link: where their answer
+        # lands among its SACKs is part of what is compared
+        calls.append(a)
+        out.append(b"waiters of " + a[1])
+
     table = _table(impl, entries)
-    fn(copy.deepcopy(meta), "a@b.c", table, 12.5, out, lambda *a: calls.append(a))
-    return out, calls, _contents(table)
+    fn(copy.deepcopy(meta), "a@b.c", table, 12.5, out, ack_all)
+    return wire.flat_ops(out), calls, _contents(table)
 
 
 def test_stored_sacks():
@@ -353,7 +373,10 @@ def test_stored_sacks():
     if c is not None:
         assert _stored_run(_core.stored_sacks, c, meta, entries) == got
     out, calls, contents = got
-    assert out == [wire.sack_op(cid, 0) for cid in ids]
+    # each message's waiters are answered before its own SACK
+    assert out == [wire.sack_op(ids[0], 0), b"waiters of " + ids[1], wire.sack_op(ids[1], 0),
+                   wire.sack_op(ids[2], 0), b"waiters of " + ids[3], wire.sack_op(ids[3], 0),
+                   wire.sack_op(ids[4], 0)]
     assert calls == [(None, ids[1], 0, [("conn", ids[1])]),
                      (None, ids[3], 0, [("c1", ids[3]), ("c2", ids[3])])]
     # every stored id is now decided at 12.5, absent ones recorded too
@@ -407,6 +430,66 @@ def test_pack_frames_twins(sizes, limits):
         assert 1 <= count <= limits[1] and len(f) <= limits[0]
         joined.append(f[1 if count <= 15 else 3:])
     assert b"".join(joined) == b"".join(ops)
+
+
+def _in_runs(ops, rng, run_cls):
+    """``ops`` with random stretches of them joined into op runs (some empty)."""
+    out, i = [], 0
+    while i < len(ops):
+        k = rng.choice([1, 1, 2, 3, 17, 300])
+        part = ops[i:i + k]
+        i += k
+        if len(part) == 1 and rng.random() < 0.5:
+            out.append(part[0])
+        else:
+            ends, at = [], 0
+            for op in part:
+                at += len(op)
+                ends.append(at)
+            out.append(run_cls(b"".join(part), ends))
+        if rng.random() < 0.05:
+            out.append(run_cls(b"", []))
+    return out
+
+
+@pytest.mark.parametrize("sizes", [
+    [2] * 17, [LIMIT - 2, 2, 2], [30000, 30000, 5516, 3], [2] * 8193, [2, LIMIT + 1],
+    [2, 3, 40, 2, 100, 7, 2] * 50,
+])
+@pytest.mark.parametrize("limits", [(wire.MAX_PLAINTEXT, wire.MAX_OPS_PER_FRAME), (16, 1),
+                                    (40000, 7), (120, 5)])
+def test_pack_frames_reads_op_runs_as_their_ops(sizes, limits):
+    # a run is split between frames exactly where its ops would have been:
+    # the same frames, byte for byte, as from the ops one by one
+    rng = random.Random(len(sizes) * 1000 + limits[1])
+    ops = _ops(sizes)
+    want = _same(wire.py_pack_frames, None, ops, *limits)
+    for run_cls in {wire.PyOpRun, wire.OpRun}:
+        mixed = _in_runs(ops, rng, run_cls)
+        assert wire.flat_ops(mixed) == ops
+        assert wire.py_op_count(mixed) == len(ops)
+        if run_cls is wire.OpRun:  # the compiled count knows its own runs
+            assert wire.op_count(mixed) == len(ops)
+        for fn in (wire.py_pack_frames, wire.pack_frames):
+            got = _same(fn, None, mixed, *limits)
+            if isinstance(want, Exception):
+                assert type(got) is type(want)
+            else:
+                assert got == want
+
+
+def test_op_runs_check_their_ends():
+    for cls in {wire.PyOpRun, wire.OpRun}:
+        run = cls(b"abcdef", [1, 3, 6])
+        assert (len(run), run.count, run.data) == (3, 3, b"abcdef")
+        assert run.ops() == [b"a", b"bc", b"def"]
+        assert cls(b"", []).ops() == []
+        for data, ends in ((b"abc", [1, 1, 3]), (b"abc", [2]), (b"abc", [0, 3]),
+                           (b"abc", [4])):
+            with pytest.raises(InvalidArgument):
+                cls(data, ends)
+        with pytest.raises(WrongType):
+            cls(bytearray(b"abc"), [3])
 
 
 def test_pack_frames_other_buffers_fall_back():
@@ -2868,5 +2951,6 @@ def test_stored_sacks_twins_across_prefetch_batches():
     py, c = _twins()
     got = _stored_run(gate_mod.py_stored_sacks, py, meta, entries)
     assert _stored_run(_core.stored_sacks, c, meta, entries) == got
-    assert got[0] == [wire.sack_op(cid, 0) for cid in ids]
+    assert [op for op in got[0] if not op.startswith(b"waiters")] == \
+        [wire.sack_op(cid, 0) for cid in ids]
     assert len(got[1]) == 4

@@ -194,8 +194,12 @@ cdef class Router:
 # code: loops over caller lists re-check their length and item types after
 # each allocation instead of trusting what they saw before it.
 
-# frame plaintext: msgpack array header + ops[start:end], `size` op bytes
-cdef bytes join_frame(list ops, Py_ssize_t start, Py_ssize_t end, Py_ssize_t size)
+# frame plaintext: msgpack array header + `count` ops of `ops` (exact bytes
+# and OpRuns) from op fj of element fi to op tj of element ti, `size` bytes
+cdef bytes join_frame(list ops, Py_ssize_t fi, Py_ssize_t fj, Py_ssize_t ti, Py_ssize_t tj,
+                      Py_ssize_t count, Py_ssize_t size)
+# an OpRun of `count` ops owning `ends` (PyMem_Malloc'd; freed on failure)
+cdef object op_run(bytes data, Py_ssize_t* ends, Py_ssize_t count)
 # packed DELIVER fields after seq; WrongType unless cid and body are bytes,
 # InvalidArgument unless cls is 0 or 1
 cdef bytes c_deliver_tail(bytes sender_packed, object cid, object body, bytes ts_packed,

@@ -22,52 +22,72 @@ def pack_delivers(seq, list batch, list out):
     ``tail`` is the packed fields after seq (:func:`deliver_tail`); the i-th
     op gets seq ``seq + i`` as a msgpack uint32.  Returns the list of mids,
     in order.  OverflowError if a seq does not fit 32 bits (nothing appended).
+    Two ops or more go in as one :class:`OpRun` (one allocation, not one an
+    op), one alone as bytes.
     """
     cdef unsigned long long first = seq
-    cdef Py_ssize_t n = PyList_GET_SIZE(batch), i, k, h
+    cdef Py_ssize_t n, i, k, h, total = 0
     cdef list mids
-    cdef object item, mid, tail, head
-    cdef bytes op
+    cdef tuple items
+    cdef object item, tail, head
+    cdef bytes data
     cdef unsigned char* p
+    cdef Py_ssize_t* ends = NULL
+    # the caller's list as it is now: the allocations below may run any code
+    items = tuple(batch)
+    n = PyTuple_GET_SIZE(items)
     if n and first + <unsigned long long>(n - 1) > 0xffffffffULL:
         raise OverflowError("DELIVER seq does not fit 32 bits")
     mids = [None] * n
     for i in range(n):
-        if i >= PyList_GET_SIZE(batch):
-            raise RuntimeError("batch changed while packing")
-        item = <object>PyList_GET_ITEM(batch, i)
+        item = <object>PyTuple_GET_ITEM(items, i)
         if not PyTuple_Check(item) or not 2 <= PyTuple_GET_SIZE(item) <= 3:
             raise WrongType(
                 "DELIVER payloads must be (mid, tail) or (mid, tail, head) tuples")
-        mid = <object>PyTuple_GET_ITEM(item, 0)
         tail = <object>PyTuple_GET_ITEM(item, 1)
         if not PyBytes_CheckExact(tail):
             raise WrongType("DELIVER tail must be bytes")
-        k = PyBytes_GET_SIZE(tail)
         if PyTuple_GET_SIZE(item) == 3:
             # another op of DELIVER's shape: its own array header and opcode
             head = <object>PyTuple_GET_ITEM(item, 2)
             if not PyBytes_CheckExact(head) or PyBytes_GET_SIZE(head) == 0:
                 raise WrongType("DELIVER head must be non-empty bytes")
+            total += PyBytes_GET_SIZE(head) + 5
+        else:
+            total += WIRE_DELIVER_HEAD
+        total += PyBytes_GET_SIZE(tail)
+        mids[i] = <object>PyTuple_GET_ITEM(item, 0)
+    if n == 0:
+        return mids
+    data = PyBytes_FromStringAndSize(NULL, total)
+    p = <unsigned char*>PyBytes_AS_STRING(data)
+    if n > 1:
+        ends = <Py_ssize_t*>PyMem_Malloc(n * sizeof(Py_ssize_t))
+        if ends == NULL:
+            raise MemoryError()
+    for i in range(n):
+        # checked above, held by items: their types and sizes stand
+        item = <object>PyTuple_GET_ITEM(items, i)
+        tail = <object>PyTuple_GET_ITEM(item, 1)
+        k = PyBytes_GET_SIZE(tail)
+        if PyTuple_GET_SIZE(item) == 3:
+            head = <object>PyTuple_GET_ITEM(item, 2)
             h = PyBytes_GET_SIZE(head)
-            op = PyBytes_FromStringAndSize(NULL, h + 5 + k)
-            p = <unsigned char*>PyBytes_AS_STRING(op)
             memcpy(p, PyBytes_AS_STRING(head), <size_t>h)
             p[h] = 0xce
             put_be32(p + h + 1, <uint32_t>(first + <unsigned long long>i))
-            memcpy(p + h + 5, PyBytes_AS_STRING(tail), <size_t>k)
-            out.append(op)
-            mids[i] = mid
-            continue
-        op = PyBytes_FromStringAndSize(NULL, WIRE_DELIVER_HEAD + k)
-        p = <unsigned char*>PyBytes_AS_STRING(op)
-        p[0] = 0x97
-        p[1] = 0x12
-        p[2] = 0xce
-        put_be32(p + 3, <uint32_t>(first + <unsigned long long>i))
-        memcpy(p + WIRE_DELIVER_HEAD, PyBytes_AS_STRING(tail), <size_t>k)
-        out.append(op)
-        mids[i] = mid
+            p += h + 5
+        else:
+            p[0] = 0x97
+            p[1] = 0x12
+            p[2] = 0xce
+            put_be32(p + 3, <uint32_t>(first + <unsigned long long>i))
+            p += WIRE_DELIVER_HEAD
+        memcpy(p, PyBytes_AS_STRING(tail), <size_t>k)
+        p += k
+        if ends != NULL:
+            ends[i] = <Py_ssize_t>(p - <unsigned char*>PyBytes_AS_STRING(data))
+    out.append(op_run(data, ends, n) if n > 1 else data)
     return mids
 
 
@@ -79,7 +99,7 @@ def pull_round(object router, object dev, list out, object inflight, Py_ssize_t 
     cdef object seq
     cdef list batch
     cdef Py_ssize_t n, i, start, k, held = 0
-    cdef object tail
+    cdef object tail, x
     cdef const unsigned char* t
     cdef unsigned long long ts
     seq, batch = router.pop_batch(dev, max_n)
@@ -91,7 +111,9 @@ def pull_round(object router, object dev, list out, object inflight, Py_ssize_t 
     start = PyList_GET_SIZE(out)
     inflight.extend(pack_delivers(seq, batch, out))
     for i in range(start, PyList_GET_SIZE(out)):
-        held += len(<object>PyList_GET_ITEM(out, i))
+        # bytes (one op) or an OpRun: its ops' bytes
+        x = <object>PyList_GET_ITEM(out, i)
+        held += PyBytes_GET_SIZE(x) if PyBytes_CheckExact(x) else len((<OpRun?>x).data)
     held -= 7 * n
     # pack_delivers checked every item: a tuple whose [1] is bytes
     tail = <object>PyTuple_GET_ITEM(<object>PyList_GET_ITEM(batch, n - 1), 1)

@@ -3,6 +3,8 @@
 #
 # Compiled twins of fastroute/wire.py (the specification):
 #   pack_frames         = py_pack_frames
+#   op_count            = py_op_count
+#   OpRun               = PyOpRun
 #   decode_sends        = py_decode_sends
 #   decode_server_ops   = py_decode_server_ops
 #   deliver_tail        = py_deliver_tail
@@ -117,29 +119,137 @@ cdef inline Py_ssize_t bin_header(unsigned char* p, Py_ssize_t n) noexcept:
     return 5
 
 
-cdef bytes join_frame(list ops, Py_ssize_t start, Py_ssize_t end, Py_ssize_t size):
-    """One frame plaintext: array header + ops[start:end] (``size`` bytes in all).
+cdef class OpRun:
+    """Packed ops back to back in one bytes object: what a producer of many
+    ops at once (a stored batch's SACKs, a pull's DELIVERs) appends to a
+    link's outgoing list instead of one bytes object an op.
 
-    The bytes allocation may run the GC, hence arbitrary code: the list and
-    its items are re-checked while copying instead of trusted.
+    :func:`pack_frames` reads a run as the ops it holds, in order, and splits
+    it between frames where the ops would have been split; :meth:`ops` gives
+    them one by one (``fastroute.wire.flat_ops`` does, for a whole list).
+    ``OpRun(data, ends)``: ``ends[k]`` is where op ``k`` ends in ``data``
+    (strictly increasing, the last one ``len(data)``).
     """
-    cdef Py_ssize_t count = end - start
+
+    cdef readonly bytes data
+    cdef Py_ssize_t* ends
+    cdef readonly Py_ssize_t count
+
+    def __cinit__(self):
+        self.data = b""
+        self.ends = NULL
+        self.count = 0
+
+    def __init__(self, data, ends):
+        if not PyBytes_CheckExact(data):
+            raise WrongType("an op run's data must be bytes")
+        cdef Py_ssize_t n = len(ends), k, prev = 0, end
+        cdef Py_ssize_t* arr = <Py_ssize_t*>PyMem_Malloc(max(n, 1) * sizeof(Py_ssize_t))
+        if arr == NULL:
+            raise MemoryError()
+        try:
+            for k in range(n):
+                end = ends[k]
+                if end <= prev:
+                    raise InvalidArgument("an op run's ends must increase")
+                arr[k] = end
+                prev = end
+            if prev != PyBytes_GET_SIZE(data):
+                raise InvalidArgument("an op run's last end must be its length")
+        except BaseException:
+            PyMem_Free(arr)
+            raise
+        PyMem_Free(self.ends)
+        self.ends = arr
+        self.count = n
+        self.data = data
+
+    def __dealloc__(self):
+        PyMem_Free(self.ends)
+
+    def __len__(self):
+        return self.count
+
+    def ops(self):
+        """The run's ops, one bytes object each, in order."""
+        cdef list out = []
+        cdef Py_ssize_t k, prev = 0
+        cdef const char* d = PyBytes_AS_STRING(self.data)
+        for k in range(self.count):
+            out.append(PyBytes_FromStringAndSize(d + prev, self.ends[k] - prev))
+            prev = self.ends[k]
+        return out
+
+    def __reduce__(self):
+        # copies (copy.deepcopy in the twin tests) are made from data and ends
+        return (OpRun, (self.data, [self.ends[k] for k in range(self.count)]))
+
+    def __repr__(self):
+        return f"<OpRun of {self.count} ops, {PyBytes_GET_SIZE(self.data)} bytes>"
+
+
+cdef object op_run(bytes data, Py_ssize_t* ends, Py_ssize_t count):
+    """An :class:`OpRun` of ``count`` ops taking ``ends`` (PyMem_Malloc'd,
+    owned by the run from here on, freed here if the run cannot be made)."""
+    cdef OpRun run
+    try:
+        run = OpRun.__new__(OpRun)
+    except BaseException:
+        PyMem_Free(ends)
+        raise
+    run.data = data
+    run.ends = ends
+    run.count = count
+    return run
+
+
+def op_count(list out):
+    """How many ops ``out`` holds: one a bytes object, an :class:`OpRun`'s count."""
+    cdef Py_ssize_t n = PyList_GET_SIZE(out), i, total = 0
+    cdef object x
+    for i in range(n):
+        x = <object>PyList_GET_ITEM(out, i)
+        total += (<OpRun>x).count if type(x) is OpRun else 1
+    return total
+
+
+cdef bytes join_frame(list ops, Py_ssize_t fi, Py_ssize_t fj, Py_ssize_t ti, Py_ssize_t tj,
+                      Py_ssize_t count, Py_ssize_t size):
+    """One frame plaintext: array header (``count`` ops) + the ops of
+    ``ops`` from op ``fj`` of element ``fi`` up to op ``tj`` of element ``ti``
+    (excluded), ``size`` bytes of them.  ``ops`` holds exact bytes (one op
+    each) and op runs; the caller's own copy, so no code run by the
+    allocation can change it, which the copy checks anyway."""
     cdef Py_ssize_t hdr = array_header_len(count)
     cdef bytes frame = PyBytes_FromStringAndSize(NULL, hdr + size)
     cdef unsigned char* p = <unsigned char*>PyBytes_AS_STRING(frame)
-    cdef Py_ssize_t pos = hdr, j, k
-    cdef PyObject* op
+    cdef Py_ssize_t pos = hdr, e, a, b, lo, k
+    cdef const char* src
+    cdef object x
+    cdef OpRun run
     array_header(p, count)
-    if PyList_GET_SIZE(ops) < end:
-        raise RuntimeError("op list changed while packing")
-    for j in range(start, end):
-        op = <PyObject*>PyList_GET_ITEM(ops, j)
-        if not PyBytes_CheckExact(<object>op):
+    for e in range(fi, min(ti + 1, PyList_GET_SIZE(ops))):
+        if e == ti and tj == 0:
+            break
+        x = <object>PyList_GET_ITEM(ops, e)
+        if PyBytes_CheckExact(x):
+            lo = 0
+            k = PyBytes_GET_SIZE(x)
+            src = PyBytes_AS_STRING(x)
+        elif type(x) is OpRun:
+            run = <OpRun>x
+            a = fj if e == fi else 0
+            b = tj if e == ti else run.count
+            if b <= a:
+                continue
+            lo = run.ends[a - 1] if a > 0 else 0
+            k = run.ends[b - 1] - lo
+            src = PyBytes_AS_STRING(run.data)
+        else:
             raise RuntimeError("op list changed while packing")
-        k = PyBytes_GET_SIZE(<object>op)
         if pos + k > hdr + size:
             raise RuntimeError("op list changed while packing")
-        memcpy(p + pos, PyBytes_AS_STRING(<object>op), <size_t>k)
+        memcpy(p + pos, src + lo, <size_t>k)
         pos += k
     if pos != hdr + size:
         raise RuntimeError("op list changed while packing")
@@ -148,41 +258,59 @@ cdef bytes join_frame(list ops, Py_ssize_t start, Py_ssize_t end, Py_ssize_t siz
 
 def pack_frames(list packed_ops, Py_ssize_t max_plaintext=WIRE_MAX_PLAINTEXT,
                 Py_ssize_t max_ops=WIRE_MAX_OPS):
-    """Compiled :func:`fastroute.wire.pack_frames` for a list of exact bytes.
+    """Compiled :func:`fastroute.wire.pack_frames` for a list of exact bytes
+    and op runs (:class:`OpRun`, each read as the ops it holds).
 
     Same greedy split and bytes as the Python version; returns ``None`` (and
-    builds nothing) if an element is not exactly ``bytes``, so the caller can
-    fall back to the Python version for other buffers.
+    builds nothing) if an element is anything else, so the caller can fall
+    back to the Python version for other buffers.
     """
-    cdef Py_ssize_t n = PyList_GET_SIZE(packed_ops)
-    cdef Py_ssize_t i, k, start = 0, size = 0, limit
-    cdef PyObject* op
-    cdef list frames
+    cdef Py_ssize_t n, i, j, k, m, prev, limit
+    cdef Py_ssize_t fi = 0, fj = 0, count = 0, size = 0
+    cdef object x
+    cdef OpRun run
+    cdef list frames, ops
     if not 16 <= max_plaintext <= WIRE_MAX_PLAINTEXT:
         raise InvalidArgument(f"max_plaintext must be in 16..{WIRE_MAX_PLAINTEXT}")
     if not 1 <= max_ops <= WIRE_MAX_OPS:
         raise InvalidArgument(f"max_ops must be in 1..{WIRE_MAX_OPS}")
+    # a copy of the list: the frames' allocations may run any code (the GC),
+    # which cannot change this one
+    ops = list(packed_ops)
+    n = PyList_GET_SIZE(ops)
     for i in range(n):
-        if not PyBytes_CheckExact(<object>PyList_GET_ITEM(packed_ops, i)):
+        x = <object>PyList_GET_ITEM(ops, i)
+        if not PyBytes_CheckExact(x) and type(x) is not OpRun:
             return None
     limit = max_plaintext - WIRE_HEADER
     frames = []
     for i in range(n):
-        if i >= PyList_GET_SIZE(packed_ops):
-            raise RuntimeError("op list changed while packing")
-        op = <PyObject*>PyList_GET_ITEM(packed_ops, i)
-        if not PyBytes_CheckExact(<object>op):
-            raise RuntimeError("op list changed while packing")
-        k = PyBytes_GET_SIZE(<object>op)
-        if k > limit:
-            raise InvalidArgument("op does not fit in a frame")
-        if size + k > limit or i - start >= max_ops:
-            frames.append(join_frame(packed_ops, start, i, size))
-            start = i
-            size = 0
-        size += k
-    if start < n:
-        frames.append(join_frame(packed_ops, start, n, size))
+        x = <object>PyList_GET_ITEM(ops, i)
+        if PyBytes_CheckExact(x):
+            run = None
+            m = 1
+        else:
+            run = <OpRun>x
+            m = run.count
+        prev = 0
+        for j in range(m):
+            if run is None:
+                k = PyBytes_GET_SIZE(x)
+            else:
+                k = run.ends[j] - prev
+                prev = run.ends[j]
+            if k > limit:
+                raise InvalidArgument("op does not fit in a frame")
+            if size + k > limit or count >= max_ops:
+                frames.append(join_frame(ops, fi, fj, i, j, count, size))
+                fi = i
+                fj = j
+                count = 0
+                size = 0
+            size += k
+            count += 1
+    if count:
+        frames.append(join_frame(ops, fi, fj, n, 0, count, size))
     return frames
 
 

@@ -65,23 +65,26 @@ def py_pack_delivers(seq: int, batch: list, out: list) -> list:
 
     A ``(mid, tail, head)`` item is another op with DELIVER's shape (a
     feature's DDELIVER or EVENT): ``head`` is its array header and opcode,
-    written before the uint32 seq in place of DELIVER's.
+    written before the uint32 seq in place of DELIVER's.  A bad payload
+    anywhere in ``batch`` appends nothing.  (The compiled twin appends two
+    ops or more as one ``OpRun``: :func:`fastroute.wire.flat_ops` of both
+    lists is the same.)
     """
     if batch and seq + len(batch) - 1 > 0xFFFFFFFF:
         raise OverflowError("DELIVER seq does not fit 32 bits")
-    mids = []
-    append = out.append
     for item in batch:
         if type(item) is not tuple or not 2 <= len(item) <= 3:
             raise WrongType("DELIVER payloads must be (mid, tail) or (mid, tail, head) tuples")
-        mid, tail = item[0], item[1]
-        if type(tail) is not bytes:
+        if type(item[1]) is not bytes:
             raise WrongType("DELIVER tail must be bytes")
+        if len(item) == 3 and (type(item[2]) is not bytes or not item[2]):
+            raise WrongType("DELIVER head must be non-empty bytes")
+    mids = []
+    append = out.append
+    for item in batch:
+        mid, tail = item[0], item[1]
         if len(item) == 3:
-            head = item[2]
-            if type(head) is not bytes or not head:
-                raise WrongType("DELIVER head must be non-empty bytes")
-            append(b"".join((head, b"\xce", seq.to_bytes(4, "big"), tail)))
+            append(b"".join((item[2], b"\xce", seq.to_bytes(4, "big"), tail)))
         else:
             append(b"".join((_DELIVER_HEAD, seq.to_bytes(4, "big"), tail)))
         mids.append(mid)
@@ -315,8 +318,9 @@ class LinkPort(Protocol):
     (:meth:`Delivery.mark`); only the link encrypts and writes.
     """
 
-    #: packed ops waiting for the next flush (the same list for the link's life)
-    out: list[bytes]
+    #: packed ops waiting for the next flush (the same list for the link's
+    #: life): bytes, one op each, or op runs of several (``wire.OpRun``)
+    out: list
     #: the socket's buffer is full: stop pulling from the mailbox
     paused: bool
     address: str
@@ -981,9 +985,9 @@ class Delivery:
             if no_ts:
                 # header policy: the relay's timestamp is withheld; DELIVER v1
                 # is positional, so ts_ms stays, as 0 (same length)
-                for i in range(start, len(out)):
-                    x = out[i]
-                    out[i] = x[:-10] + _TS_ZERO + x[-1:]
+                ops = wire.flat_ops(out[start:])
+                del out[start:]
+                out += [x[:-10] + _TS_ZERO + x[-1:] for x in ops]
             if n < _POP_BATCH:
                 break
 
@@ -1027,7 +1031,7 @@ class Delivery:
         # does not wait behind the encryption of a flooder's thousand replies
         heavy = []
         for link in dirty:
-            if len(link.out) > _LIGHT_OPS:
+            if wire.op_count(link.out) > _LIGHT_OPS:
                 heavy.append(link)
             else:
                 link.flush()

@@ -298,8 +298,10 @@ class Link(asyncio.Protocol):
         self.cred: "Credential | None" = None
         self.address = ""
         self.provider = ""
-        #: packed ops waiting for the next flush (the list object never changes)
-        self.out: list[bytes] = []
+        #: packed ops waiting for the next flush (the list object never changes):
+        #: bytes, one op each, or :class:`~fastroute.wire.OpRun`\ s of several
+        #: (a batch's SACKs, a pull's DELIVERs)
+        self.out: list = []
         self.paused = False
         self.errors = 0
         self.storing = 0  # store batches of this link not yet answered
