@@ -2907,7 +2907,7 @@ def test_accept_sends_twins_across_prefetch_batches(max_entries):
                                store_items, meta)
             except InvalidArgument:
                 ephemeral = "raised"
-            results.append((ephemeral, out, store_items, meta,
+            results.append((ephemeral, wire.flat_ops(out), store_items, meta,
                             [(k, table.get(*k)) for k in table.keys()]))
         gates.append((results, _contents(table)))
     assert gates[0] == gates[1]

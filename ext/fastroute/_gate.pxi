@@ -269,103 +269,131 @@ def accept_sends(SendGate gate not None, LinkGate lg not None, list sends, objec
     cdef list ephemeral = None
     cdef Py_hash_t h
     cdef Py_hash_t hashes[DEDUP_BATCH]
+    # accepted ephemeral SACK-oks not yet in out: spend of them, written at
+    # sbuf from the sfirst-th on (one op run for a stretch of them)
+    cdef unsigned char* sbuf = NULL
+    cdef Py_ssize_t sfirst = 0, spend = 0
     too_large, unknown, consent_required, rate_limited = refusals
     if PyList_GET_SIZE(sends) % 4:
         raise InvalidArgument("sends hold id, to, body, cls for each SEND")
-    for base in range(0, n, DEDUP_BATCH):
-        # hash the next few ids and prefetch their index lines: the probes
-        # below then find them cached (a bad id is left for the loop to refuse
-        # in its turn, after the ones before it are done), and in a full
-        # window those of the entries their inserts will evict
-        dedup.c_prefetch_evictions(min(n - base, <Py_ssize_t>DEDUP_BATCH))
-        for i in range(base, min(n, base + DEDUP_BATCH)):
-            if 4 * i >= PyList_GET_SIZE(sends):
-                break  # the list shrank (see below): the loop below says so
-            cid = <object>PyList_GET_ITEM(sends, 4 * i)
-            if PyBytes_CheckExact(cid) and PyBytes_GET_SIZE(cid) == 16:
-                h = dedup_hash(sender, cid)
-                hashes[i - base] = h
-                dedup.c_prefetch(h)
-        for i in range(base, min(n, base + DEDUP_BATCH)):
-            # the SEND's fields held at once: a tap or a consent lookup may run
-            # code that changes the list
-            if 4 * i + 4 > PyList_GET_SIZE(sends):
-                raise RuntimeError("sends changed while read")
-            cid = <object>PyList_GET_ITEM(sends, 4 * i)
-            to = <object>PyList_GET_ITEM(sends, 4 * i + 1)
-            body = <object>PyList_GET_ITEM(sends, 4 * i + 2)
-            cls = <object>PyList_GET_ITEM(sends, 4 * i + 3)
-            if not PyBytes_CheckExact(cid) or PyBytes_GET_SIZE(cid) != 16:
-                raise InvalidArgument("message id must be 16 bytes")
-            h = hashes[i - base]
-            # the id's one probe: its answer, and where to record it if it passes
-            slot = dedup.c_find(sender, cid, h, tnow, &seen, &seen_code, &at)
-            if seen:
-                if seen_code == DEDUP_PENDING:
-                    dedup.c_wait(sender, cid, (conn, cid))
+    try:
+        for base in range(0, n, DEDUP_BATCH):
+            # hash the next few ids and prefetch their index lines: the probes
+            # below then find them cached (a bad id is left for the loop to refuse
+            # in its turn, after the ones before it are done), and in a full
+            # window those of the entries their inserts will evict
+            dedup.c_prefetch_evictions(min(n - base, <Py_ssize_t>DEDUP_BATCH))
+            for i in range(base, min(n, base + DEDUP_BATCH)):
+                if 4 * i >= PyList_GET_SIZE(sends):
+                    break  # the list shrank (see below): the loop below says so
+                cid = <object>PyList_GET_ITEM(sends, 4 * i)
+                if PyBytes_CheckExact(cid) and PyBytes_GET_SIZE(cid) == 16:
+                    h = dedup_hash(sender, cid)
+                    hashes[i - base] = h
+                    dedup.c_prefetch(h)
+            for i in range(base, min(n, base + DEDUP_BATCH)):
+                # the SEND's fields held at once: a tap or a consent lookup may run
+                # code that changes the list
+                if 4 * i + 4 > PyList_GET_SIZE(sends):
+                    raise RuntimeError("sends changed while read")
+                cid = <object>PyList_GET_ITEM(sends, 4 * i)
+                to = <object>PyList_GET_ITEM(sends, 4 * i + 1)
+                body = <object>PyList_GET_ITEM(sends, 4 * i + 2)
+                cls = <object>PyList_GET_ITEM(sends, 4 * i + 3)
+                if not PyBytes_CheckExact(cid) or PyBytes_GET_SIZE(cid) != 16:
+                    raise InvalidArgument("message id must be 16 bytes")
+                h = hashes[i - base]
+                # the id's one probe: its answer, and where to record it if it passes
+                slot = dedup.c_find(sender, cid, h, tnow, &seen, &seen_code, &at)
+                if seen:
+                    if seen_code == DEDUP_PENDING:
+                        dedup.c_wait(sender, cid, (conn, cid))
+                    else:
+                        _sacks_out(sbuf, sfirst, spend, out)
+                        sfirst += spend
+                        spend = 0
+                        out.append(sack_op(cid, seen_code))
+                    continue
+                size = len(body)
+                # a recipient that blocked the sender (its address or provider) is,
+                # to that sender, an address that does not exist; nobody's blocks:
+                # one size test, a recipient without blocks: one lookup
+                hidden = False
+                if blocks:
+                    blocked = blocks.get(to)
+                    # typed set: two PySet_Contains; the own-address test only when it matters
+                    if (blocked is not None and (sender in blocked or own in blocked)
+                            and to != sender):
+                        hidden = True
+                devs = None
+                if size > max_body:
+                    code = too_large
                 else:
-                    out.append(sack_op(cid, seen_code))
-                continue
-            size = len(body)
-            # a recipient that blocked the sender (its address or provider) is,
-            # to that sender, an address that does not exist; nobody's blocks:
-            # one size test, a recipient without blocks: one lookup
-            hidden = False
-            if blocks:
-                blocked = blocks.get(to)
-                # typed set: two PySet_Contains; the own-address test only when it matters
-                if blocked is not None and (sender in blocked or own in blocked) and to != sender:
-                    hidden = True
-            devs = None
-            if size > max_body:
-                code = too_large
-            else:
-                # the recipient's one lookup: whether it is known, and its
-                # device keys if the message is stored (a strong reference,
-                # whatever runs before they are used)
-                pdevs = PyDict_GetItemWithError(known, to)
-                if pdevs != NULL:
-                    devs = <object>pdevs
-                if consent is not None and not (
-                        PyUnicode_Tailmatch(to, own, 0, PY_SSIZE_T_MAX, 1) == 1
-                        or (devs is not None and not hidden
-                            and (accepted := consent.get(to)) is not None
-                            and (provider in accepted or "*" in accepted))):
-                    # an unknown address gets the same answer as one that did not
-                    # opt in: a sender the recipient never accepted cannot tell them apart
-                    code = consent_required
-                elif hidden or devs is None:
-                    code = unknown
-                elif mt < 1.0 or bt < <double>size:
-                    code = rate_limited  # a refused message costs no quota
+                    # the recipient's one lookup: whether it is known, and its
+                    # device keys if the message is stored (a strong reference,
+                    # whatever runs before they are used)
+                    pdevs = PyDict_GetItemWithError(known, to)
+                    if pdevs != NULL:
+                        devs = <object>pdevs
+                    if consent is not None and not (
+                            PyUnicode_Tailmatch(to, own, 0, PY_SSIZE_T_MAX, 1) == 1
+                            or (devs is not None and not hidden
+                                and (accepted := consent.get(to)) is not None
+                                and (provider in accepted or "*" in accepted))):
+                        # an unknown address gets the same answer as one that did not
+                        # opt in: a sender the recipient never accepted cannot tell them apart
+                        code = consent_required
+                    elif hidden or devs is None:
+                        code = unknown
+                    elif mt < 1.0 or bt < <double>size:
+                        code = rate_limited  # a refused message costs no quota
+                    else:
+                        mt -= 1.0
+                        bt -= <double>size
+                        spent = True
+                        code = None
+                if code is not None:
+                    # A refusal is not remembered: the sender may retry the same id.
+                    count_error(code)
+                    _sacks_out(sbuf, sfirst, spend, out)
+                    sfirst += spend
+                    spend = 0
+                    out.append(sack_op(cid, int(code)))
+                    continue
+                tail = c_deliver_tail(sender_packed, cid, body, ts_packed, cls)
+                # nothing since c_find touched the table: slot and at still hold
+                if cls == 1:  # CLS_EPHEMERAL
+                    dedup.c_record(sender, cid, h, 0, tnow, slot, at)
+                    if ephemeral is None:
+                        ephemeral = []
+                    ephemeral.append(to)
+                    ephemeral.append((0, tail))
+                    # its SACK-ok with the ones next to it, as one op run
+                    if sbuf == NULL:
+                        sbuf = <unsigned char*>PyMem_Malloc(n * WIRE_SACK_LEN)
+                        if sbuf == NULL:
+                            raise MemoryError()
+                    _sack_ok_at(sbuf + (sfirst + spend) * WIRE_SACK_LEN, cid)
+                    spend += 1
                 else:
-                    mt -= 1.0
-                    bt -= <double>size
-                    spent = True
-                    code = None
-            if code is not None:
-                # A refusal is not remembered: the sender may retry the same id.
-                count_error(code)
-                out.append(sack_op(cid, int(code)))
-                continue
-            tail = c_deliver_tail(sender_packed, cid, body, ts_packed, cls)
-            # nothing since c_find touched the table: slot and at still hold
-            if cls == 1:  # CLS_EPHEMERAL
-                dedup.c_record(sender, cid, h, 0, tnow, slot, at)
-                if ephemeral is None:
-                    ephemeral = []
-                ephemeral.append(to)
-                ephemeral.append((0, tail))
-                out.append(make_sack_ok(cid))
-            else:
-                dedup.c_record(sender, cid, h, DEDUP_PENDING, tnow, slot, at)
-                store_items.append((sender, cid, body, now_ms, devs))
-                meta.append(to)
-                meta.append(tail)
-                meta.append(cid)
-            if taps:
-                for tap in taps:
-                    tap(now_ms, sender, to, size, cls)
+                    dedup.c_record(sender, cid, h, DEDUP_PENDING, tnow, slot, at)
+                    store_items.append((sender, cid, body, now_ms, devs))
+                    meta.append(to)
+                    meta.append(tail)
+                    meta.append(cid)
+                if taps:
+                    _sacks_out(sbuf, sfirst, spend, out)
+                    sfirst += spend
+                    spend = 0
+                    for tap in taps:
+                        tap(now_ms, sender, to, size, cls)
+    finally:
+        # the ephemeral SACK-oks not yet out (in order: every other answer
+        # above put the ones before it out first), whatever stopped the loop
+        try:
+            _sacks_out(sbuf, sfirst, spend, out)
+        finally:
+            PyMem_Free(sbuf)
     if spent:
         lg.msg_tokens = mt
         lg.byte_tokens = bt
