@@ -1268,8 +1268,10 @@ def reply_ok_op(id: bytes) -> bytes:  # noqa: A002
 
 def py_reply_ok_ops(cids: list) -> list[bytes]:
     """:func:`reply_ok_op` for each id of ``cids`` (16 bytes each, else
-    InvalidArgument): a stored run of accepted requests' answers.  The
-    specification of the compiled ``reply_ok_ops``."""
+    InvalidArgument): a stored run of accepted requests' answers, to extend
+    a link's outgoing list with.  The specification of the compiled
+    ``reply_ok_ops``, which gives two or more as one :class:`OpRun`
+    (:func:`flat_ops` of both lists is the same)."""
     for cid in cids:
         if type(cid) is not bytes or len(cid) != ID_LEN:
             raise InvalidArgument("request id must be 16 bytes")

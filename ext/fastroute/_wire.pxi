@@ -382,25 +382,37 @@ cdef const unsigned char* REPLY_OK_TAIL = b"\x00\xc3\xc0"
 
 def reply_ok_ops(list cids):
     """The packed REPLY ``[2000, id, 0, true, nil]`` for each 16-byte id of ``cids``
-    (InvalidArgument for any other): the answers to a run of accepted requests."""
-    cdef Py_ssize_t i, n = PyList_GET_SIZE(cids)
-    cdef list out = PyList_New(0)
+    (InvalidArgument for any other): the answers to a run of accepted requests,
+    to extend a link's outgoing list with.  Two or more come as one
+    :class:`OpRun` (one allocation, not one a REPLY)."""
+    cdef Py_ssize_t i, n
+    cdef tuple ids = tuple(cids)  # as it is now: the allocations below may run any code
     cdef object cid
-    cdef bytes op
+    cdef bytes data
     cdef unsigned char* p
+    cdef Py_ssize_t* ends
+    n = PyTuple_GET_SIZE(ids)
     for i in range(n):
-        if i >= PyList_GET_SIZE(cids):
-            raise RuntimeError("ids changed while packing")
-        cid = cids[i]
+        cid = <object>PyTuple_GET_ITEM(ids, i)
         if not PyBytes_CheckExact(cid) or PyBytes_GET_SIZE(cid) != 16:
             raise InvalidArgument("request id must be 16 bytes")
-        op = PyBytes_FromStringAndSize(NULL, 25)
-        p = <unsigned char*>PyBytes_AS_STRING(op)
+    if n == 0:
+        return []
+    data = PyBytes_FromStringAndSize(NULL, 25 * n)
+    p = <unsigned char*>PyBytes_AS_STRING(data)
+    for i in range(n):
         memcpy(p, REPLY_OK_HEAD, 6)
-        memcpy(p + 6, PyBytes_AS_STRING(cid), 16)
+        memcpy(p + 6, PyBytes_AS_STRING(<object>PyTuple_GET_ITEM(ids, i)), 16)
         memcpy(p + 22, REPLY_OK_TAIL, 3)
-        out.append(op)
-    return out
+        p += 25
+    if n == 1:
+        return [data]
+    ends = <Py_ssize_t*>PyMem_Malloc(n * sizeof(Py_ssize_t))
+    if ends == NULL:
+        raise MemoryError()
+    for i in range(n):
+        ends[i] = 25 * (i + 1)
+    return [op_run(data, ends, n)]
 
 
 # -- client frames: runs of SEND ops ----------------------------------------
