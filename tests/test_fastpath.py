@@ -2875,6 +2875,18 @@ def test_a_duplicate_feature_delivery_does_not_ack_its_untaken_original(make, _k
     asyncio.run(go())
 
 
+def _plain_gate(gate_cls, link_cls, table, out):
+    """A gate of one known address (no consent, taps or blocks) and a link of
+    alice's with ample quota, answering into ``out``."""
+    gate = gate_cls({ADDR: [1]}, table, None, [], lambda code: None, wire.sack_op,
+                    (ErrorCode.BODY_TOO_LARGE, ErrorCode.UNKNOWN_RECIPIENT,
+                     ErrorCode.CONSENT_REQUIRED, ErrorCode.RATE_LIMITED), {})
+    lg = link_cls("conn", out, "alice@example.org", SENDER_PACKED, "example.org",
+                  1000, None, None)
+    lg.msg_tokens, lg.byte_tokens = 1000.0, 1e9
+    return gate, lg
+
+
 @needs_c
 @pytest.mark.parametrize("max_entries", [5, 23, 1000])
 def test_accept_sends_twins_across_prefetch_batches(max_entries):
@@ -2899,12 +2911,7 @@ def test_accept_sends_twins_across_prefetch_batches(max_entries):
             out: list = []
             store_items: list = []
             meta: list = []
-            gate = gate_cls({ADDR: [1]}, table, None, [], lambda code: None, wire.sack_op,
-                            (ErrorCode.BODY_TOO_LARGE, ErrorCode.UNKNOWN_RECIPIENT,
-                             ErrorCode.CONSENT_REQUIRED, ErrorCode.RATE_LIMITED), {})
-            lg = link_cls("conn", out, "alice@example.org", SENDER_PACKED, "example.org",
-                          1000, None, None)
-            lg.msg_tokens, lg.byte_tokens = 1000.0, 1e9
+            gate, lg = _plain_gate(gate_cls, link_cls, table, out)
             try:
                 ephemeral = fn(gate, lg, _flat_sends(batch), 100.0, TS, TS_PACKED,
                                store_items, meta)
@@ -2930,12 +2937,7 @@ def test_accept_sends_refuses_a_cut_send():
             (gate_mod.accept_sends, dedup.DedupTable, gate_mod.SendGate, gate_mod.LinkGate)):
         table = impl(30.0, 100)
         out: list = []
-        gate = gate_cls({ADDR: [1]}, table, None, [], lambda code: None, wire.sack_op,
-                        (ErrorCode.BODY_TOO_LARGE, ErrorCode.UNKNOWN_RECIPIENT,
-                         ErrorCode.CONSENT_REQUIRED, ErrorCode.RATE_LIMITED), {})
-        lg = link_cls("conn", out, "alice@example.org", SENDER_PACKED, "example.org",
-                      1000, None, None)
-        lg.msg_tokens, lg.byte_tokens = 1000.0, 1e9
+        gate, lg = _plain_gate(gate_cls, link_cls, table, out)
         sends = [MID, ADDR, b"x", 0, bytes(16), ADDR, b"y"]
         with pytest.raises(InvalidArgument, match="id, to, body, cls"):
             fn(gate, lg, sends, 100.0, TS, TS_PACKED, [], [])
