@@ -119,6 +119,7 @@ cdef inline Py_ssize_t bin_header(unsigned char* p, Py_ssize_t n) noexcept:
     return 5
 
 
+@cython.final  # the packers test ``type(x) is OpRun``: no subclass may pass for one
 cdef class OpRun:
     """Packed ops back to back in one bytes object: what a producer of many
     ops at once (a stored batch's SACKs, a pull's DELIVERs) appends to a
