@@ -134,7 +134,7 @@ async def one_run(mode: str, n_dev: int, messages: int,
                                          features=("e2ee",), keepalive=None)
                 clients.append(c)
                 # registration ids as clients pick them (random, 14 bits),
-                # not small ints that Python keeps made
+                # not the small ints Python caches
                 await c.publish_keys(secrets.randbelow(0x3F00) + 0x100, os.urandom(33),
                                      (1, os.urandom(33), os.urandom(64)),
                                      (2, os.urandom(1569), os.urandom(64)))

@@ -135,7 +135,7 @@ async def _measure(op: str, devices: int, messages: int, ack_every: int, ephemer
                                               static=kp, keepalive=None, features=features)
                 if features:
                     # registration ids as clients pick them (random, 14 bits),
-                    # not small ints that Python keeps made
+                    # not the small ints Python caches
                     await client.publish_keys(
                         secrets.randbelow(0x3F00) + 0x100, os.urandom(33),
                         (1, os.urandom(33), os.urandom(64)),
