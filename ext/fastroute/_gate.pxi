@@ -269,10 +269,11 @@ def accept_sends(SendGate gate not None, LinkGate lg not None, list sends, objec
     cdef list ephemeral = None
     cdef Py_hash_t h
     cdef Py_hash_t hashes[DEDUP_BATCH]
-    # accepted ephemeral SACK-oks not yet in out: spend of them, written at
-    # sbuf from the sfirst-th on (one op run for a stretch of them)
-    cdef unsigned char* sbuf = NULL
-    cdef Py_ssize_t sfirst = 0, spend = 0
+    # accepted ephemeral SACK-oks not yet in out (one op run for a stretch of them)
+    cdef SackRun sacks
+    sacks.buf = NULL
+    sacks.cap = n
+    sacks.first = sacks.count = 0
     too_large, unknown, consent_required, rate_limited = refusals
     if PyList_GET_SIZE(sends) % 4:
         raise InvalidArgument("sends hold id, to, body, cls for each SEND")
@@ -309,9 +310,7 @@ def accept_sends(SendGate gate not None, LinkGate lg not None, list sends, objec
                     if seen_code == DEDUP_PENDING:
                         dedup.c_wait(sender, cid, (conn, cid))
                     else:
-                        _sacks_out(sbuf, sfirst, spend, out)
-                        sfirst += spend
-                        spend = 0
+                        sacks_out(&sacks, out)
                         out.append(sack_op(cid, seen_code))
                     continue
                 size = len(body)
@@ -355,9 +354,7 @@ def accept_sends(SendGate gate not None, LinkGate lg not None, list sends, objec
                 if code is not None:
                     # A refusal is not remembered: the sender may retry the same id.
                     count_error(code)
-                    _sacks_out(sbuf, sfirst, spend, out)
-                    sfirst += spend
-                    spend = 0
+                    sacks_out(&sacks, out)
                     out.append(sack_op(cid, int(code)))
                     continue
                 tail = c_deliver_tail(sender_packed, cid, body, ts_packed, cls)
@@ -369,12 +366,7 @@ def accept_sends(SendGate gate not None, LinkGate lg not None, list sends, objec
                     ephemeral.append(to)
                     ephemeral.append((0, tail))
                     # its SACK-ok with the ones next to it, as one op run
-                    if sbuf == NULL:
-                        sbuf = <unsigned char*>PyMem_Malloc(n * WIRE_SACK_LEN)
-                        if sbuf == NULL:
-                            raise MemoryError()
-                    _sack_ok_at(sbuf + (sfirst + spend) * WIRE_SACK_LEN, cid)
-                    spend += 1
+                    sacks_add(&sacks, cid, out)
                 else:
                     dedup.c_record(sender, cid, h, DEDUP_PENDING, tnow, slot, at)
                     store_items.append((sender, cid, body, now_ms, devs))
@@ -382,18 +374,16 @@ def accept_sends(SendGate gate not None, LinkGate lg not None, list sends, objec
                     meta.append(tail)
                     meta.append(cid)
                 if taps:
-                    _sacks_out(sbuf, sfirst, spend, out)
-                    sfirst += spend
-                    spend = 0
+                    sacks_out(&sacks, out)
                     for tap in taps:
                         tap(now_ms, sender, to, size, cls)
     finally:
         # the ephemeral SACK-oks not yet out (in order: every other answer
         # above put the ones before it out first), whatever stopped the loop
         try:
-            _sacks_out(sbuf, sfirst, spend, out)
+            sacks_out(&sacks, out)
         finally:
-            PyMem_Free(sbuf)
+            PyMem_Free(sacks.buf)
     if spent:
         lg.msg_tokens = mt
         lg.byte_tokens = bt
@@ -411,18 +401,17 @@ def stored_sacks(list meta, str sender, DedupTable dedup not None, double now, l
     waiters go in as one :class:`OpRun` (one allocation, not one a SACK; one
     alone as bytes).
     """
-    cdef Py_ssize_t i, base, n = PyList_GET_SIZE(meta), pending = 0, first = 0
+    cdef Py_ssize_t i, base, n = PyList_GET_SIZE(meta)
     cdef object cid, waiters
     cdef Py_hash_t hashes[DEDUP_BATCH]
     cdef Py_hash_t h
-    cdef unsigned char* buf = NULL
+    cdef SackRun sacks
     if n % 3:
         raise InvalidArgument("meta holds to, tail, id for each message")
     n //= 3
-    if n > 1:
-        buf = <unsigned char*>PyMem_Malloc(n * WIRE_SACK_LEN)
-        if buf == NULL:
-            raise MemoryError()
+    sacks.buf = NULL
+    sacks.cap = n
+    sacks.first = sacks.count = 0
     try:
         for base in range(0, n, DEDUP_BATCH):
             # as in accept_sends: hash and prefetch a few ahead so the misses overlap
@@ -439,52 +428,49 @@ def stored_sacks(list meta, str sender, DedupTable dedup not None, double now, l
                 waiters = dedup.c_finish_h(sender, cid, hashes[i - base], 0, now)
                 if waiters is not None:
                     # the SACKs so far go out first: the order stays per message
-                    _sacks_out(buf, first, pending, out)
-                    first += pending
-                    pending = 0
+                    sacks_out(&sacks, out)
                     ack_all(None, cid, 0, waiters)
-                if buf == NULL:
-                    out.append(make_sack_ok(cid))
-                else:
-                    _sack_ok_at(buf + (first + pending) * WIRE_SACK_LEN, cid)
-                    pending += 1
+                sacks_add(&sacks, cid, out)
     finally:
         # what was decided is answered, whatever stopped the loop
         try:
-            _sacks_out(buf, first, pending, out)
+            sacks_out(&sacks, out)
         finally:
-            PyMem_Free(buf)
+            PyMem_Free(sacks.buf)
 
 
-cdef inline void _sack_ok_at(unsigned char* p, object cid) noexcept:
-    # make_sack_ok's bytes, written at p (cid: exact bytes of 16, checked)
-    p[0] = 0x93
-    p[1] = 0x11
-    p[2] = 0xc4
-    p[3] = 0x10
-    memcpy(p + 4, PyBytes_AS_STRING(cid), 16)
-    p[20] = 0
+cdef struct SackRun:
+    # SACK-oks not yet in a link's list: count of them written at buf from
+    # the first-th on; room for cap (a batch's messages), allocated at need
+    unsigned char* buf
+    Py_ssize_t cap, first, count
 
 
-cdef int _sacks_out(unsigned char* buf, Py_ssize_t first, Py_ssize_t count, list out) except -1:
-    """Append the ``count`` SACK-oks written at ``buf`` from the ``first``-th on
-    to ``out``: as one OpRun, or as bytes when there is one."""
-    cdef Py_ssize_t k
-    cdef Py_ssize_t* ends
-    cdef bytes data
-    if count <= 0:
+cdef int sacks_add(SackRun* s, object cid, list out) except -1:
+    """Queue ``cid``'s SACK-ok (``cid``: exact bytes of 16, checked by the
+    caller); in a batch of one it goes to ``out`` at once, as bytes."""
+    if s.cap <= 1:
+        out.append(make_sack_ok(cid))
         return 0
-    data = PyBytes_FromStringAndSize(<const char*>buf + first * WIRE_SACK_LEN,
-                                     count * WIRE_SACK_LEN)
-    if count == 1:
-        out.append(data)
+    if s.buf == NULL:
+        s.buf = <unsigned char*>PyMem_Malloc(s.cap * WIRE_SACK_LEN)
+        if s.buf == NULL:
+            raise MemoryError()
+    sack_ok_at(s.buf + (s.first + s.count) * WIRE_SACK_LEN, PyBytes_AS_STRING(cid))
+    s.count += 1
+    return 0
+
+
+cdef int sacks_out(SackRun* s, list out) except -1:
+    """Append the queued SACK-oks to ``out`` as one op run (as bytes when
+    there is one): before anything else goes there, so the order holds."""
+    if s.count == 0:
         return 0
-    ends = <Py_ssize_t*>PyMem_Malloc(count * sizeof(Py_ssize_t))
-    if ends == NULL:
-        raise MemoryError()
-    for k in range(count):
-        ends[k] = (k + 1) * WIRE_SACK_LEN
-    out.append(op_run(data, ends, count))
+    out.append(fixed_ops(PyBytes_FromStringAndSize(
+        <const char*>s.buf + s.first * WIRE_SACK_LEN, s.count * WIRE_SACK_LEN),
+        s.count, WIRE_SACK_LEN))
+    s.first += s.count
+    s.count = 0
     return 0
 
 

@@ -355,19 +355,39 @@ def deliver_tail(bytes sender_packed not None, bytes cid not None, bytes body no
     return c_deliver_tail(sender_packed, cid, body, ts_packed, cls)
 
 
+cdef inline void sack_ok_at(unsigned char* p, const char* cid) noexcept:
+    """The ``WIRE_SACK_LEN`` bytes of ``[17, cid, 0]`` written at ``p`` (``cid``:
+    16 bytes)."""
+    p[0] = 0x93
+    p[1] = 0x11
+    p[2] = 0xc4
+    p[3] = 0x10
+    memcpy(p + 4, cid, 16)
+    p[20] = 0
+
+
 cdef bytes make_sack_ok(object cid):
     """``[17, cid, 0]`` packed, ``cid`` as bin8 (the relay's ids are 16 bytes)."""
     if not PyBytes_CheckExact(cid) or PyBytes_GET_SIZE(cid) != 16:
         raise InvalidArgument("message id must be 16 bytes")
     cdef bytes op = PyBytes_FromStringAndSize(NULL, WIRE_SACK_LEN)
-    cdef unsigned char* p = <unsigned char*>PyBytes_AS_STRING(op)
-    p[0] = 0x93
-    p[1] = 0x11
-    p[2] = 0xc4
-    p[3] = 0x10
-    memcpy(p + 4, PyBytes_AS_STRING(cid), 16)
-    p[20] = 0
+    sack_ok_at(<unsigned char*>PyBytes_AS_STRING(op), PyBytes_AS_STRING(cid))
     return op
+
+
+cdef object fixed_ops(bytes data, Py_ssize_t count, Py_ssize_t size):
+    """``count`` packed ops of ``size`` bytes each, back to back in ``data``:
+    one :class:`OpRun`, or ``data`` itself when it holds one op."""
+    cdef Py_ssize_t k
+    cdef Py_ssize_t* ends
+    if count == 1:
+        return data
+    ends = <Py_ssize_t*>PyMem_Malloc(count * sizeof(Py_ssize_t))
+    if ends == NULL:
+        raise MemoryError()
+    for k in range(count):
+        ends[k] = (k + 1) * size
+    return op_run(data, ends, count)
 
 
 def sack_ok_op(cid):
@@ -391,7 +411,6 @@ def reply_ok_ops(list cids):
     cdef object cid
     cdef bytes data
     cdef unsigned char* p
-    cdef Py_ssize_t* ends
     n = PyTuple_GET_SIZE(ids)
     for i in range(n):
         cid = <object>PyTuple_GET_ITEM(ids, i)
@@ -406,14 +425,7 @@ def reply_ok_ops(list cids):
         memcpy(p + 6, PyBytes_AS_STRING(<object>PyTuple_GET_ITEM(ids, i)), 16)
         memcpy(p + 22, REPLY_OK_TAIL, 3)
         p += 25
-    if n == 1:
-        return [data]
-    ends = <Py_ssize_t*>PyMem_Malloc(n * sizeof(Py_ssize_t))
-    if ends == NULL:
-        raise MemoryError()
-    for i in range(n):
-        ends[i] = 25 * (i + 1)
-    return [op_run(data, ends, n)]
+    return [fixed_ops(data, n, 25)]
 
 
 # -- client frames: runs of SEND ops ----------------------------------------
