@@ -446,7 +446,7 @@ cdef struct SackRun:
     Py_ssize_t cap, first, count
 
 
-cdef int sacks_add(SackRun* s, object cid, list out) except -1:
+cdef inline int sacks_add(SackRun* s, object cid, list out) except -1:
     """Queue ``cid``'s SACK-ok (``cid``: exact bytes of 16, checked by the
     caller); in a batch of one it goes to ``out`` at once, as bytes."""
     if s.cap <= 1:
