@@ -17,7 +17,10 @@ of all it was sent.  ``--op dsend --devices N``: the per-device send of an
 end-to-end encrypted client, a copy for each of the recipient's N devices (each
 device's link DACKs); ``--op gsend --devices N``: a group message to a group of
 the sender and the recipient, whose N devices each get it; ``--batch N``: N ops
-a read instead of one (256 is what ``server_cpu.py`` sends).
+a read instead of one (256 is what ``server_cpu.py`` sends); ``--full-window``:
+the relay's dedup window full before the first read, as on a relay that has
+run a while (every new id then evicts the oldest one: without it a run of a
+few thousand messages measures a window that only grows, in the cache).
 
 Figures are microseconds of the relay's work per message (wall time of one
 process with nothing else to run; ``time.process_time`` agrees within a few
@@ -110,7 +113,8 @@ def _callgrind(state: str) -> None:
 
 
 async def _measure(op: str, devices: int, messages: int, ack_every: int, ephemeral: bool,
-                   store: str, batch: int = 1, counting: bool = False) -> dict:
+                   store: str, batch: int = 1, counting: bool = False,
+                   full_window: bool = False) -> dict:
     known = getattr(Limits, "__dataclass_fields__", {})
     # every rate limit lifted, and the sender an established one: most
     # messages a relay carries are not from addresses created this week
@@ -176,6 +180,15 @@ async def _measure(op: str, devices: int, messages: int, ack_every: int, ephemer
                 before = relay.delivery.delivered
                 await asyncio.sleep(0.05)
                 still = still + 1 if relay.delivery.delivered == before else 0
+            if full_window:
+                # the window the op's ids go to, filled to its bound with
+                # another sender's decided ids (stamped now: none expires)
+                table = {"dsend": relay.keys.dedup,
+                         "gsend": relay.groups.dedup}.get(op, relay.gate.dedup)
+                now = time.monotonic()
+                begin = table.begin
+                for k in range(table.max_entries - len(table)):
+                    begin("filler@home", k.to_bytes(16, "big"), 0, now)
             a_link = next(ln for ln in relay.links if ln.address == "alice@home")
             b_links = {ln.cred.device: ln for ln in relay.links
                        if ln.address == "bob@home"}
@@ -267,7 +280,7 @@ def _child(args: argparse.Namespace) -> None:
     gc.set_threshold(50_000, 20, 100)  # fastroute serve's setting (relay/server.py)
     run = uvloop.run if uvloop is not None else asyncio.run
     out = run(_measure(args.op, args.devices, args.messages, args.ack_every, args.ephemeral,
-                       args.store, args.batch, args.instructions))
+                       args.store, args.batch, args.instructions, args.full_window))
     print(json.dumps(out))
 
 
@@ -282,6 +295,8 @@ def _spawn(tree: str, args: argparse.Namespace) -> dict:
            "--devices", str(args.devices), "--batch", str(args.batch)]
     if args.ephemeral:
         cmd.append("--ephemeral")
+    if args.full_window:
+        cmd.append("--full-window")
     with tempfile.TemporaryDirectory() as tmp:
         counts = os.path.join(tmp, "callgrind.out")
         if args.instructions:
@@ -335,6 +350,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1,
                     help="ops a read (1: a chat client's; 256: server_cpu.py's batches)")
     ap.add_argument("--ephemeral", action="store_true", help="signals (cls 1), not stored")
+    ap.add_argument("--full-window", action="store_true",
+                    help="the relay's dedup window full before the first read (each new id "
+                         "evicts the oldest, as on a relay that has run a while)")
     # the memory store only: the SQLite store answers from its writer thread,
     # a loop iteration or a commit later, which a bench that feeds the next
     # read after one iteration would not wait for (and its figure would be
@@ -375,6 +393,8 @@ def main() -> None:
                   f"sender, {got['recipient_writes']} to the recipient; a read's time "
                   f"p99 {got['read_p99_us']:.0f} us, max {got['read_max_us']:.0f})", flush=True)
     kind = "ephemeral" if args.ephemeral else f"{args.store} store"
+    if args.full_window:
+        kind += ", dedup window full"
     print(f"\n{args.batch} {args.op.upper()} a read to {args.devices} device(s), {kind}, "
           f"{args.messages} messages, DACK every {args.ack_every}:")
     for name, values in figures.items():
