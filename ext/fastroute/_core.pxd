@@ -32,6 +32,7 @@
 # fields on every iteration and commit their position before the call; loops
 # over borrowed Mailbox* arrays (route, fan-out) allocate no Python object.
 
+cimport cython
 from cpython.object cimport PyObject
 from libc.stdint cimport int64_t, uint64_t
 
@@ -120,6 +121,7 @@ cdef class _Device:
     cdef str name
 
 
+@cython.final  # its cdef methods called directly (see Router)
 cdef class _Address:
     # An interned address: the record is the address's identity inside the
     # engine.  It exists while it has devices or a group names it.  Kept
@@ -148,6 +150,9 @@ cdef class _Group:
     cdef bint valid
 
 
+# final: the per-message paths call its cdef methods directly, not through
+# the vtable, and the C compiler may inline them
+@cython.final
 cdef class Router:
     cdef uint64_t cap
     cdef dict _devices       # device id (int) -> _Device

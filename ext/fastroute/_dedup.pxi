@@ -167,6 +167,9 @@ cdef inline uint64_t dedup_tag(Py_hash_t h) noexcept:
     return (<uint64_t>h) << 32
 
 
+# final: its cdef methods are then called directly, not through the vtable,
+# and the C compiler inlines the small ones into the per-message paths
+@cython.final
 cdef class DedupTable:
     """Recently seen client message ids and the result each one got (compiled).
 

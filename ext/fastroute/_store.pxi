@@ -37,6 +37,7 @@ cdef enum:
     INBOX_KEEP = 64
 
 
+@cython.final  # the store's loops call its cdef methods directly
 cdef class Inbox:
     """One device's inbox in the memory store: mid -> the put's item, in mid
     order (compiled; its specification is ``fastroute.store.PyInbox``, a dict).
