@@ -265,8 +265,8 @@ cdef class DedupTable:
         return self.live
 
     # ------------------------------------------------------------ internals
-    cdef Py_ssize_t _find(self, object sender, object cid, Py_hash_t h,
-                          Py_ssize_t* at) except -2:
+    cdef inline Py_ssize_t _find(self, object sender, object cid, Py_hash_t h,
+                                 Py_ssize_t* at) except -2:
         """The slot of (sender, cid), or -1; ``at`` gets its index position
         (or the empty position where it would go)."""
         cdef Py_ssize_t i = <Py_ssize_t>(<size_t>h & <size_t>self.imask)
@@ -401,7 +401,6 @@ cdef class DedupTable:
         entries (an empty position found before is then stale), else 0."""
         cdef Py_ssize_t budget
         cdef int moved = 0
-        self._skip_holes()
         # a bounded step per insert: pending entries at the tail are rotated,
         # not dropped, and walking all of them on every insert would make a
         # window full of pending ids quadratic; the next inserts go on from
