@@ -5,6 +5,7 @@ limit; ``--quick`` finishes in well under a minute)::
 
     python benches/server_cpu.py [--messages N] [--runs R] [--quick]
         [--window W] [--rate MSG_PER_S] [--only SYSTEM,...] [--time-limit S]
+        [--full-window]
 
 What is measured is the server process's own CPU time -- utime + stime of
 ``/proc/<pid>/stat`` (all its threads), read just before the sender is told
@@ -14,6 +15,13 @@ Noise handshakes, NATS connects, stream and consumer creation) is outside
 that window.  Each run starts a fresh server, so no run inherits another's
 store, dedup window or consumer state; the systems are interleaved within
 every round so that drift of this shared machine's load hits both alike.
+A fresh relay's dedup window is empty, and a run of fewer messages than it
+holds (1,000,000 by default) never evicts an id: ``--full-window`` first
+sends that many through the same relay, unmeasured, so that the measured
+messages meet the window of a relay that has run a while, where every new
+id evicts the oldest (nats-server keeps no such window for these messages:
+core NATS has none, JetStream's deduplicates only ``Nats-Msg-Id``, which
+this bench does not set).
 Reported: the median of ``--runs`` runs with the min-max, the delivered
 count, the wall time (GO to last receipt) and fastroute/nats ratios.  A run
 that lost messages or stalled is printed but not counted.  Each progress
@@ -134,6 +142,7 @@ MAX_UNACKED = 8192       # sends not yet acked by the server (fastroute, JetStre
 MAILBOX = 4096           # the relay's default mailbox_capacity; JetStream max_ack_pending
 IDLE_TIMEOUT = 10.0      # seconds without progress before a worker gives up
 START_TIMEOUT = 30.0     # server start, worker connect, first message
+DEDUP_WINDOW = 1_000_000  # RelayConfig.dedup_max_entries' default (--full-window)
 PACE_TICK = 0.005        # with --rate: the sender's bursts are this far apart
 TAIL = 0.5               # then the CPU of this much more time is shown, as a check
 SETTLE = 0.1             # after the receiver's final round trip, before the CPU sample
@@ -861,6 +870,8 @@ async def run_once(system: str, args: argparse.Namespace, ctx: dict) -> dict:
                 "storage": option}
         if kind == "fastroute":
             base.update(server_key=server.server_key, to="r@home", **ctx["creds"])
+            if args.full_window:
+                await _fill_window(dict(base, n=DEDUP_WINDOW, rate=0.0), server.dir)
         for role, sock in (("rx", socks[0]), ("tx", socks[1])):
             workers.append(await Worker.spawn(dict(base, role=role, fd=sock.fileno()),
                                               server.dir))
@@ -905,6 +916,33 @@ async def run_once(system: str, args: argparse.Namespace, ctx: dict) -> dict:
         # store's writer and other helpers, nats-server: one of its threads)
         "main_us_per_msg": (main1 - main0) / 1e3 / received if received else float("nan"),
     }
+
+
+async def _fill_window(cfg: dict, errdir: str) -> None:
+    """``cfg["n"]`` messages through the relay, unmeasured, by a worker pair
+    of their own (the same sender address as the measured run's)."""
+    socks = socket.socketpair()
+    workers: list[Worker] = []
+    try:
+        for role, sock in (("rx", socks[0]), ("tx", socks[1])):
+            workers.append(await Worker.spawn(dict(cfg, role=role, fd=sock.fileno()), errdir))
+        for s in socks:
+            s.close()
+        rx, tx = workers
+        await rx.expect("ready", START_TIMEOUT)
+        await tx.expect("ready", START_TIMEOUT)
+        await tx.say("go")
+        budget = START_TIMEOUT + cfg["n"] / 2000
+        rdone, sdone = await asyncio.gather(rx.expect("done", budget),
+                                            tx.expect("done", budget))
+        if not rdone["complete"] or rdone["received"] != cfg["n"] or sdone["stalled"]:
+            raise RunFailed(f"filling the dedup window: {rdone['received']} of {cfg['n']} "
+                            f"received {sdone['stalled']}")
+    finally:
+        for s in socks:
+            s.close()
+        for w in workers:
+            await w.finish()
 
 
 def prepare(args: argparse.Namespace, workdir: str) -> dict:
@@ -967,10 +1005,12 @@ def span(vals: list[float], fmt: str) -> str:
 
 def print_table(results: dict[str, list[dict]], args: argparse.Namespace) -> None:
     """Every pair: both systems' medians and ranges, then the fastroute/nats ratios."""
+    full = (f" after {DEDUP_WINDOW} unmeasured (fastroute: dedup window full)"
+            if args.full_window else "")
     print(f"\nserver CPU per delivered message: 1:1, {BODY_SIZE} B bodies, window "
           f"{args.window}, batch {args.batch}, "
           f"{'rate ' + str(args.rate) + ' msg/s, ' if args.rate else ''}"
-          f"N={args.messages} per run; median [min-max] of the complete runs")
+          f"N={args.messages} per run{full}; median [min-max] of the complete runs")
     head = (f"{'pair':<27} {'system':<24} {'runs':>4} {'CPU us/msg':>22} {'delivered':>10} "
             f"{'wall s':>18} {'k msg/s':>8}  {'CPU ratio fr/nats':>21}")
     print(head)
@@ -1056,6 +1096,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="seconds; no new run starts after this")
     ap.add_argument("--only", default="",
                     help=f"comma-separated subset of {','.join(ORDER)}")
+    ap.add_argument("--full-window", action="store_true",
+                    help=f"fill each relay's dedup window ({DEDUP_WINDOW} messages, "
+                         "unmeasured) before its measured run")
     ap.add_argument("--data-dir", default=None,
                     help="parent dir of the servers' data dirs (default: a temp dir)")
     args = ap.parse_args(argv)
