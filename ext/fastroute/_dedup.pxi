@@ -472,10 +472,10 @@ cdef class DedupTable:
         random read (the ring itself is read in order).
 
         Loaded, not prefetched: this loop's prefetches come in a burst, more
-        than the core keeps misses in flight, and the ones over are dropped
-        (the evictions then waited for their lines one by one: ~30 ns an
-        insert in a full window of a million).  Loads wait for a free slot
-        instead, and the loop's independent loads still overlap.
+        than the core keeps misses in flight, and in a profile the evictions
+        still waited for most of these lines one by one (~25 ns an insert in
+        a bench of accept_sends on a full window of a million).  Loads wait
+        for a free slot instead, and the loop's independent loads overlap.
         """
         cdef long long pos
         cdef DSlot* s
