@@ -2184,11 +2184,11 @@ def test_dsend_run_twins(seed):
     assert len(meta) == sum(b - a for a, b in zip([0] + [x + 1 for x in stops], stops))
 
 
-def _gsend_run_case(fn, table, bucket, seed):
+def _gsend_run_case(fn, table, bucket, seed, window=1000):
     """A random frame of GSENDs through ``fn`` (py_gsend_run or its twin), run
-    after run as Groups.gsend_many calls it (skipping the op a run stops at):
-    where each run stopped, the tokens left, the items, the requests, the
-    dedup entries."""
+    after run as Groups.gsend_many calls it (skipping the op a run stops at),
+    against a dedup window of ``window`` ids: where each run stopped, the
+    tokens left, the items, the requests, the dedup entries."""
     rng = random.Random(seed)
     sender, skip = "s@x.org", 3
     groups = {}
@@ -2208,7 +2208,7 @@ def _gsend_run_case(fn, table, bucket, seed):
         groups[gid] = g
     groups[b"\xff" * 16] = None  # named, gone
     refilled = {gid for gid in groups if rng.random() < 0.8}
-    seen = table(600.0, 1000)
+    seen = table(600.0, window)
     ids = _ids(6, 7)
     seen.begin(sender, ids[0], 0, 1.0)           # decided: a resend
     seen.begin(sender, ids[1], PENDING, 1.0)     # in flight
@@ -2255,6 +2255,55 @@ def test_gsend_run_twins(seed):
         assert targets and dkeys == [(t, 7) for t in targets]
         assert tail.startswith(SENDER_PACKED) and tail.endswith(body + TS_PACKED + b"\x00")
         assert wire.py_deliver_tail(tail[:len(SENDER_PACKED) + 1], cid, body, TS_PACKED, 0) == tail
+
+
+def _gsend_long_run(fn, table, bucket, window):
+    """60 GSENDs to one group that all pass but one mid-frame that resends an
+    earlier one's id (pending: never evicted), against a window of
+    ``window`` ids already full of decided ones: where each run stopped, the
+    items, and the window's ids afterwards."""
+    sender, skip, gid = "s@x.org", 3, b"\x01" * 16
+    g = groups_mod.Group(gid, 1)
+    g.members[sender] = False
+    g.members["r@x.org"] = False
+    g.buckets["x.org"] = bucket(1000.0, 1000.0)
+    targets = [("r@x.org", "d0"), ("r@x.org", "d1")]
+    g.fanout[(sender, skip)] = (targets, [(t, 7) for t in targets])
+    senders = {(gid, sender, skip): (SENDER_PACKED, f"#1:{sender}/3")}
+    seen = table(600.0, window)
+    old = _ids(8, window)
+    for k, cid in enumerate(old):
+        seen.begin(sender, cid, 0, 1.0 + k)
+    ops = [(1107, bytes([7, k]) * 8, gid, 1, b"body") for k in range(60)]
+    ops[37] = (1107, ops[3][1], gid, 1, b"body")  # op 3's id, pending: the run stops
+    buckets = [bucket(1000.0, 1000.0), bucket(1000.0, 1000.0), bucket(1e6, 1e6)]
+    items: list = []
+    meta: list = []
+    stops = []
+    i = 0
+    while i < len(ops):
+        i = fn(ops, i, {gid: g}, sender, "x.org", skip, senders, {gid}, buckets, seen, 2.0,
+               TS, TS_PACKED, groups_mod.GDELIVER_HEAD, items, meta, "link")
+        stops.append(i)
+        i += 1
+    return stops, items, meta, sorted(seen.keys())
+
+
+@needs_c
+@pytest.mark.parametrize("window", [5, 16, 40])
+def test_gsend_run_twins_in_a_full_window(window):
+    # the compiled run hashes and prefetches ids 16 at a time and loads the
+    # lines of the entries their inserts evict: in a full window every insert
+    # drops the oldest decided id (the frame's own, pending, are rotated),
+    # across batch boundaries, and the answers stay the specification's
+    want = _gsend_long_run(groups_mod.py_gsend_run, dedup.DedupWindow, gate_mod.PyTokenBucket,
+                           window)
+    got = _gsend_long_run(_core.gsend_run, _core.DedupTable, _core.TokenBucket, window)
+    assert got == want
+    stops, items, _, ids = want
+    assert stops == [37, 60] and len(items) == 59
+    # the frame's ids, pending, are all kept; every decided one was evicted
+    assert ids == sorted(("s@x.org", bytes([7, k]) * 8) for k in range(60) if k != 37)
 
 
 @pytest.mark.parametrize("cids", [[], [MID], [bytes([i]) * 16 for i in range(40)],
