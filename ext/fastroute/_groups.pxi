@@ -40,7 +40,8 @@ def gsend_run(list ops, Py_ssize_t i, dict groups, str sender, str provider, lon
             # does: the misses of a full window overlap instead of each
             # GSEND waiting for two of its own
             hbase = hend = i
-            while hend < n and hend - hbase < DEDUP_BATCH:
+            # (the list's size read again: never an item past its end)
+            while hend < PyList_GET_SIZE(ops) and hend - hbase < DEDUP_BATCH:
                 e = <object>PyList_GET_ITEM(ops, hend)
                 if not PyTuple_CheckExact(e) or PyTuple_GET_SIZE(e) != 5:
                     break
