@@ -2184,11 +2184,11 @@ def test_dsend_run_twins(seed):
     assert len(meta) == sum(b - a for a, b in zip([0] + [x + 1 for x in stops], stops))
 
 
-def _gsend_run_case(fn, table, bucket, seed, window=1000):
+def _gsend_run_case(fn, table, bucket, seed):
     """A random frame of GSENDs through ``fn`` (py_gsend_run or its twin), run
-    after run as Groups.gsend_many calls it (skipping the op a run stops at),
-    against a dedup window of ``window`` ids: where each run stopped, the
-    tokens left, the items, the requests, the dedup entries."""
+    after run as Groups.gsend_many calls it (skipping the op a run stops at):
+    where each run stopped, the tokens left, the items, the requests, the
+    dedup entries."""
     rng = random.Random(seed)
     sender, skip = "s@x.org", 3
     groups = {}
@@ -2208,7 +2208,7 @@ def _gsend_run_case(fn, table, bucket, seed, window=1000):
         groups[gid] = g
     groups[b"\xff" * 16] = None  # named, gone
     refilled = {gid for gid in groups if rng.random() < 0.8}
-    seen = table(600.0, window)
+    seen = table(600.0, 1000)
     ids = _ids(6, 7)
     seen.begin(sender, ids[0], 0, 1.0)           # decided: a resend
     seen.begin(sender, ids[1], PENDING, 1.0)     # in flight
