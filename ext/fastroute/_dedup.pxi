@@ -491,6 +491,31 @@ cdef class DedupTable:
                 seen += self.index[i] + self.index[(i + 7) & self.imask]
         self._touched = seen  # kept: else the compiler drops the loads
 
+    cdef Py_ssize_t c_hash_ops(self, list ops, Py_ssize_t i, object sender,
+                               Py_hash_t* hashes) except -1:
+        """Hash the ids of up to DEDUP_BATCH ops from ``ops[i]`` on into
+        ``hashes`` and prefetch their index lines (and load those of the
+        entries their inserts evict), so that the probes of a large window
+        overlap their misses; returns where the hashed ops end.  An op is
+        the decoders' tuple with its 16-byte id at 1; hashing stops at the
+        first that is not (``i`` itself, if op ``i`` is not: the caller then
+        hashes its id alone)."""
+        cdef Py_ssize_t end = i
+        cdef object e
+        # the list's size read at each step: never an item past its end
+        while end < PyList_GET_SIZE(ops) and end - i < DEDUP_BATCH:
+            e = <object>PyList_GET_ITEM(ops, end)
+            if not PyTuple_CheckExact(e) or PyTuple_GET_SIZE(e) < 2:
+                break
+            e = <object>PyTuple_GET_ITEM(e, 1)
+            if not PyBytes_CheckExact(e) or PyBytes_GET_SIZE(e) != 16:
+                break
+            hashes[end - i] = dedup_hash(sender, e)
+            self.c_prefetch(hashes[end - i])
+            end += 1
+        self.c_prefetch_evictions(end - i)
+        return end
+
     cdef inline Py_ssize_t c_find(self, object sender, object cid, Py_hash_t h,
                                   double now, int* seen, int* code,
                                   Py_ssize_t* at) except -2:

@@ -19,7 +19,7 @@ def gsend_run(list ops, Py_ssize_t i, dict groups, str sender, str provider, lon
     cdef int seen, code
     cdef Py_hash_t h
     cdef Py_hash_t hashes[DEDUP_BATCH]
-    cdef object op, cid, gid, version, body, g, group_bucket, cached, packed, e
+    cdef object op, cid, gid, version, body, g, group_bucket, cached, packed
     cdef object mine_bucket, msg_bucket, byte_bucket
     cdef object targets, dkeys, sp, stored_sender
     cdef double mine_t, group_t, msg_t, byte_t
@@ -35,23 +35,12 @@ def gsend_run(list ops, Py_ssize_t i, dict groups, str sender, str provider, lon
         if not PyBytes_CheckExact(cid) or PyBytes_GET_SIZE(cid) != 16:
             break
         if i >= hend:
-            # hash the next few ids and prefetch their index lines (and load
-            # those of the entries their inserts evict), as accept_sends
-            # does: the misses of a full window overlap instead of each
-            # GSEND waiting for two of its own
-            hbase = hend = i
-            # (the list's size read again: never an item past its end)
-            while hend < PyList_GET_SIZE(ops) and hend - hbase < DEDUP_BATCH:
-                e = <object>PyList_GET_ITEM(ops, hend)
-                if not PyTuple_CheckExact(e) or PyTuple_GET_SIZE(e) != 5:
-                    break
-                e = <object>PyTuple_GET_ITEM(e, 1)
-                if not PyBytes_CheckExact(e) or PyBytes_GET_SIZE(e) != 16:
-                    break
-                hashes[hend - hbase] = dedup_hash(sender, e)
-                dedup.c_prefetch(hashes[hend - hbase])
-                hend += 1
-            dedup.c_prefetch_evictions(hend - hbase)
+            # the next few ids hashed, their lines on their way, as
+            # accept_sends does: the misses of a full window overlap instead
+            # of each GSEND waiting for two of its own (op i is a checked
+            # tuple: it is among them)
+            hbase = i
+            hend = dedup.c_hash_ops(ops, i, sender, hashes)
         h = hashes[i - hbase]
         # the id's one probe: whether it was seen, and where to record it
         slot = dedup.c_find(sender, cid, h, now, &seen, &code, &at)

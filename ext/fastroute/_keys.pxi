@@ -141,7 +141,7 @@ def dsend_run(list ops, Py_ssize_t i, dict lists, dict reach, long skip, str sen
     cdef int seen, code
     cdef Py_hash_t h
     cdef Py_hash_t hashes[DEDUP_BATCH]
-    cdef object op, cid, to, entries, own, devs, e
+    cdef object op, cid, to, entries, own, devs
     cdef list copies
     cdef tuple ents, owns
     try:
@@ -152,24 +152,13 @@ def dsend_run(list ops, Py_ssize_t i, dict lists, dict reach, long skip, str sen
             if not PyBytes_CheckExact(cid) or PyBytes_GET_SIZE(cid) != 16:
                 break  # the decoder's ops never stop here; the precise path answers
             if i >= hend:
-                # hash the next few ids and prefetch their index lines (and, in a
-                # full window, those of the entries their inserts evict), as
+                # the next few ids hashed, their lines on their way, as
                 # accept_sends does: the misses of a large window overlap
-                hbase = hend = i
-                while hend < n and hend - hbase < DEDUP_BATCH:
-                    e = ops[hend]
-                    if not PyTuple_CheckExact(e) or PyTuple_GET_SIZE(e) < 2:
-                        break
-                    e = <object>PyTuple_GET_ITEM(e, 1)
-                    if not PyBytes_CheckExact(e) or PyBytes_GET_SIZE(e) != 16:
-                        break
-                    hashes[hend - hbase] = dedup_hash(sender, e)
-                    dedup.c_prefetch(hashes[hend - hbase])
-                    hend += 1
+                hbase = i
+                hend = dedup.c_hash_ops(ops, i, sender, hashes)
                 if hend == i:  # op i is no tuple: hashed here alone
                     hashes[0] = dedup_hash(sender, cid)
                     hend = i + 1
-                dedup.c_prefetch_evictions(hend - hbase)
             # the id's one probe: whether it was seen, and where to record it
             h = hashes[i - hbase]
             slot = dedup.c_find(sender, cid, h, now, &seen, &code, &at)
