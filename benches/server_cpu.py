@@ -862,7 +862,6 @@ async def run_once(system: str, args: argparse.Namespace, ctx: dict) -> dict:
     _, kind, option, mode = SYSTEMS[system]
     server = FastrouteServer(option, ctx) if kind == "fastroute" else NatsServer(option, ctx)
     workers: list[Worker] = []
-    socks = socket.socketpair()
     try:
         server.start()
         base = {"kind": kind, "mode": mode, "port": server.port, "n": args.messages,
@@ -872,14 +871,7 @@ async def run_once(system: str, args: argparse.Namespace, ctx: dict) -> dict:
             base.update(server_key=server.server_key, to="r@home", **ctx["creds"])
             if args.full_window:
                 await _fill_window(dict(base, n=DEDUP_WINDOW, rate=0.0), server.dir)
-        for role, sock in (("rx", socks[0]), ("tx", socks[1])):
-            workers.append(await Worker.spawn(dict(base, role=role, fd=sock.fileno()),
-                                              server.dir))
-        for s in socks:
-            s.close()  # the workers hold their ends; EOF then means a worker died
-        rx, tx = workers
-        await rx.expect("ready", START_TIMEOUT)
-        await tx.expect("ready", START_TIMEOUT)
+        rx, tx = await _start_pair(base, server.dir, workers)
         pid = server.proc.pid
         ticks0, sched0, main0 = proc_ticks(pid), proc_sched_ns(pid), main_thread_ns(pid)
         t0 = time.monotonic()
@@ -894,8 +886,6 @@ async def run_once(system: str, args: argparse.Namespace, ctx: dict) -> dict:
         await asyncio.sleep(TAIL)
         tail_ns = proc_sched_ns(pid) - sched1
     finally:
-        for s in socks:
-            s.close()
         for w in workers:
             await w.finish()
         server.stop()
@@ -918,19 +908,30 @@ async def run_once(system: str, args: argparse.Namespace, ctx: dict) -> dict:
     }
 
 
-async def _fill_window(cfg: dict, errdir: str) -> None:
-    """``cfg["n"]`` messages through the relay, unmeasured, by a worker pair
-    of their own (the same sender address as the measured run's)."""
+async def _start_pair(cfg: dict, errdir: str, workers: list[Worker]) -> tuple[Worker, Worker]:
+    """A receiver and a sender for ``cfg``, joined by a socketpair, both ready.
+
+    They are appended to ``workers`` as they start: the caller finishes them
+    whatever happens."""
     socks = socket.socketpair()
-    workers: list[Worker] = []
     try:
         for role, sock in (("rx", socks[0]), ("tx", socks[1])):
             workers.append(await Worker.spawn(dict(cfg, role=role, fd=sock.fileno()), errdir))
+    finally:
         for s in socks:
-            s.close()
-        rx, tx = workers
-        await rx.expect("ready", START_TIMEOUT)
-        await tx.expect("ready", START_TIMEOUT)
+            s.close()  # the workers hold their ends; EOF then means a worker died
+    rx, tx = workers[-2:]
+    await rx.expect("ready", START_TIMEOUT)
+    await tx.expect("ready", START_TIMEOUT)
+    return rx, tx
+
+
+async def _fill_window(cfg: dict, errdir: str) -> None:
+    """``cfg["n"]`` messages through the relay, unmeasured, by a worker pair
+    of their own (the same sender address as the measured run's)."""
+    workers: list[Worker] = []
+    try:
+        rx, tx = await _start_pair(cfg, errdir, workers)
         await tx.say("go")
         budget = START_TIMEOUT + cfg["n"] / 2000
         rdone, sdone = await asyncio.gather(rx.expect("done", budget),
@@ -939,8 +940,6 @@ async def _fill_window(cfg: dict, errdir: str) -> None:
             raise RunFailed(f"filling the dedup window: {rdone['received']} of {cfg['n']} "
                             f"received {sdone['stalled']}")
     finally:
-        for s in socks:
-            s.close()
         for w in workers:
             await w.finish()
 
