@@ -2306,6 +2306,66 @@ def test_gsend_run_twins_in_a_full_window(window):
     assert ids == sorted(("s@x.org", bytes([7, k]) * 8) for k in range(60) if k != 37)
 
 
+def _gsend_two_groups(fn, table, bucket, order, group_burst=5.0):
+    """GSENDs to two groups in ``order`` (a string of ``a``/``b``), ``b`` at a
+    version of its own, each group's bucket holding ``group_burst``: where each
+    run stopped, every bucket's tokens, and the items' store senders."""
+    sender, skip = "s@x.org", 3
+    groups, senders = {}, {}
+    for k, (name, version) in enumerate((("a", 1), ("b", 7))):
+        gid = name.encode() * 16
+        g = groups_mod.Group(gid, version)
+        g.members[sender] = False
+        g.buckets["x.org"] = bucket(1000.0, group_burst)
+        targets = [("r@x.org", f"d{k}")]
+        g.fanout[(sender, skip)] = (targets, [(t, 7) for t in targets])
+        senders[(gid, sender, skip)] = (SENDER_PACKED, f"#{name}:{sender}/3")
+        groups[gid] = g
+    # each op's group id an object of its own, as the decoder makes them
+    ops = [(1107, bytes([9, k]) * 8, c.encode() * 16, 1 if c == "a" else 7, b"body")
+           for k, c in enumerate(order)]
+    buckets = [bucket(1000.0, 1000.0), bucket(1000.0, 1000.0), bucket(1e6, 1e6)]
+    seen = table(600.0, 100)
+    items: list = []
+    stops = []
+    i = 0
+    while i < len(ops):
+        i = fn(ops, i, groups, sender, "x.org", skip, senders, set(groups), buckets, seen,
+               2.0, TS, TS_PACKED, groups_mod.GDELIVER_HEAD, items, [], "link")
+        stops.append(i)
+        i += 1
+    tokens = [b.tokens for b in buckets] + [g.buckets["x.org"].tokens for g in groups.values()]
+    return stops, tokens, [item[0] for item in items]
+
+
+@needs_c
+@pytest.mark.parametrize("order", ["aaaa", "abab", "aabbba", "bbbbbbbaa", "abbbbbbba"])
+def test_gsend_run_twins_across_groups(order):
+    # the compiled run looks a group up again only when the group or the
+    # version changes from the op before: each op still spends its own
+    # group's tokens, and a group whose bucket runs out (5 tokens) stops the
+    # run at its sixth op whatever came between
+    want = _gsend_two_groups(groups_mod.py_gsend_run, dedup.DedupWindow,
+                             gate_mod.PyTokenBucket, order)
+    assert _gsend_two_groups(_core.gsend_run, _core.DedupTable, _core.TokenBucket,
+                             order) == want
+    stops, tokens, stored = want
+    assert stored == [f"#{c}:s@x.org/3" for k, c in enumerate(order)
+                      if order[:k + 1].count(c) <= 5]
+    assert tokens[3:] == [5.0 - min(5, order.count(c)) for c in "ab"]
+
+
+@needs_c
+def test_gsend_run_leaves_other_buckets_to_the_precise_path():
+    # the compiled run spends the compiled buckets in place: buckets of
+    # another kind (never the relay's when the core is built) are left to
+    # the caller's precise path, op by op, and nothing is spent or taken here
+    stops, tokens, stored = _gsend_two_groups(_core.gsend_run, _core.DedupTable,
+                                              gate_mod.PyTokenBucket, "aab")
+    assert stops == [0, 1, 2] and stored == []
+    assert tokens == [1000.0, 1000.0, 1e6, 5.0, 5.0]
+
+
 @pytest.mark.parametrize("cids", [[], [MID], [bytes([i]) * 16 for i in range(40)],
                                   [MID, MID[:15]], [MID, "x" * 16], [bytearray(MID)]])
 def test_reply_ok_ops_twins(cids):
