@@ -123,6 +123,7 @@ def test_compiled_twins_loaded():
              (wire._decode_gsends_compiled or wire.py_decode_gsends, wire.py_decode_gsends),
              (delivery.bytes_by_address, delivery.py_bytes_by_address),
              (delivery.shared_items, delivery.py_shared_items),
+             (delivery.shared_rows, delivery.py_shared_rows),
              (delivery.devices_of, delivery.py_devices_of),
              (delivery.held_offered, delivery.py_held_offered),
              (delivery.held_shared, delivery.py_held_shared),
@@ -2799,6 +2800,48 @@ def _held_runs(online, items, skip, feeds, start):
             got = type(exc)
         totals.append((got, {f.dev: f.qbytes for f in feeds}))
     return totals
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_shared_rows_twins(seed):
+    # a stored batch's shared rows: each message's payload with the devices
+    # of its targets; devices_of is asked once a run of rows that share one
+    # targets list (a group's cached fan-out), again whenever the list changes
+    rng = random.Random(seed)
+    lists = [[(f"u{k}@home", f"d{j}") for j in range(rng.randrange(0, 4))] for k in range(3)]
+    shared = []
+    for mid in range(1, 1 + rng.randrange(0, 30)):
+        # runs of one list, as a batch of one group's messages, then another
+        targets = shared[-1][1][2] if shared and rng.random() < 0.7 else rng.choice(lists)
+        shared.append((mid, (bytes([mid]) * 3, b"\x99\xcd\x08\x34", targets)))
+    calls = []
+
+    def devices_of(targets, feature):
+        calls.append(targets)
+        # a fresh list each call: a row's list shows which call made it
+        return [len(calls), feature, len(targets)]
+
+    runs = []
+    for fn in _both(delivery.py_shared_rows):
+        if fn is not None:
+            calls.clear()
+            rows = fn(shared, devices_of, "groups")
+            runs.append((rows, list(calls)))
+    rows, made = runs[0]
+    assert all(r == runs[0] for r in runs)
+    assert [payload for payload, _ in rows] == [(mid, tail, head)
+                                                for mid, (tail, head, _) in shared]
+    # one call a run of rows with the same list object, in order
+    starts = [k for k, (_, (_, _, t)) in enumerate(shared) if k == 0 or t is not
+              shared[k - 1][1][2]]
+    assert [id(t) for t in made] == [id(shared[k][1][2]) for k in starts]
+    for k, (_, devs) in enumerate(rows):
+        assert devs == [sum(1 for s in starts if s <= k), "groups",
+                        len(shared[k][1][2])]
+    for fn in _both(delivery.py_shared_rows):
+        if fn is not None:  # a row of another shape fails the same way in both
+            with pytest.raises(ValueError):
+                fn(shared + [(99, (b"t", b"h"))], devices_of, "groups")
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -8,6 +8,7 @@
 #   sync_rows      = py_sync_rows
 #   bytes_by_address = py_bytes_by_address
 #   devices_of     = py_devices_of
+#   shared_rows    = py_shared_rows
 #   shared_items   = py_shared_items
 #   held_offered   = py_held_offered
 #   held_shared    = py_held_shared
@@ -284,6 +285,22 @@ def devices_of(dict by_device, list targets, str feature):
         if dev is not _OFFLINE:
             devs.append(dev)
     return devs
+
+
+def shared_rows(shared, devices_of, str feature):
+    """The rows for ``Router.offer_shared`` of a stored batch of messages each
+    stored once for many devices (see ``py_shared_rows``): a payload and a
+    row tuple a message, ``devices_of`` called when the targets list changes."""
+    cdef list rows = []
+    cdef object entry, mid, rest, tail, head, targets, devs = None, last = None
+    for entry in shared:
+        mid, rest = entry
+        tail, head, targets = rest
+        if devs is None or targets is not last:
+            devs = devices_of(targets, feature)
+            last = targets
+        rows.append(((mid, tail, head), devs))
+    return rows
 
 
 def shared_items(list rows):

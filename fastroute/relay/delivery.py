@@ -229,6 +229,25 @@ def py_devices_of(by_device: dict, targets: list, feature: str) -> list:
     return devs
 
 
+def py_shared_rows(shared: list, devices_of: Callable[[list, str], list],
+                   feature: str) -> list:
+    """The rows for ``Router.offer_shared`` of a stored batch of messages each
+    stored once for many devices, ``(mid, (tail, head, targets))``:
+    ``((mid, tail, head), devices_of(targets, feature))`` each.  A batch's rows
+    are mostly one group's messages, whose ``targets`` are one cached list:
+    ``devices_of`` is asked again only when the list is another than the
+    row before's (the same list gets the same answer within a batch)."""
+    rows: list = []
+    last: list | None = None
+    devs: list | None = None
+    for mid, (tail, head, targets) in shared:
+        if devs is None or targets is not last:
+            devs = devices_of(targets, feature)
+            last = targets
+        rows.append(((mid, tail, head), devs))
+    return rows
+
+
 def py_shared_items(rows: list) -> list:
     """The engine's ``(device id, payload)`` items for rows stored once for many
     devices, ``(payload, [engine id, ...])``: what ``Router.offer_shared``
@@ -301,6 +320,7 @@ ack_feed = twin(py_ack_feed)
 sync_rows = twin(py_sync_rows)
 bytes_by_address = twin(py_bytes_by_address)
 devices_of = twin(py_devices_of)
+shared_rows = twin(py_shared_rows)
 shared_items = twin(py_shared_items)
 held_offered = twin(py_held_offered)
 held_shared = twin(py_held_shared)
@@ -814,11 +834,9 @@ class Delivery:
         object per row goes to every listed device online on a link that
         negotiated ``feature`` (the engine shares it, copies nothing); the
         store keeps the row for the others.  Returns how many were placed."""
-        devices_of = self._devices_of
         # one row a message, its devices a list cached per group: the engine
         # places the payload for each, no item a delivery
-        return self._offer(lambda: [((mid, tail, head), devices_of(targets, feature))
-                                    for mid, (tail, head, targets) in shared],
+        return self._offer(lambda: shared_rows(shared, self._devices_of, feature),
                            last_mid, shared=True)
 
     def _devices_of(self, targets: list, feature: str) -> list:
