@@ -199,7 +199,29 @@ def test_pack_delivers(seq, n):
                                        i & 1]
 
 
-@pytest.mark.parametrize("batch", [[(1, "str")], [(1,)], [[1, b"x"]], [None]])
+def test_pack_delivers_takes_a_signals_bare_tail_as_mid_0():
+    # a signal's payload on the live route is its tail alone: a DELIVER with
+    # mid 0, packed among stored messages' (mid, tail) and DDELIVER-shaped ones
+    head = b"\x96\xcd\x03\xee"
+    batch = [_TAILS[0], (7, _TAILS[1]), _TAILS[2], (9, _TAILS[3], head), _TAILS[1]]
+
+    def run(fn):
+        def call(seq, batch):
+            out = []
+            return fn(seq, batch, out), wire.flat_ops(out)
+        return call
+
+    mids, ops = _same(*map(_run_or_none(run), _both(delivery.py_pack_delivers)), 5, batch)
+    assert mids == [0, 7, 0, 9, 0]
+    # the very ops of (0, tail) pairs
+    _, want = run(delivery.py_pack_delivers)(5, [(0, _TAILS[0]), (7, _TAILS[1]), (0, _TAILS[2]),
+                                                 (9, _TAILS[3], head), (0, _TAILS[1])])
+    assert ops == want
+    assert [msgpack.unpackb(ops[k])[1] for k in (0, 1, 2, 4)] == [5, 6, 7, 9]
+
+
+@pytest.mark.parametrize("batch", [[(1, "str")], [(1,)], [[1, b"x"]], [None], [bytearray(b"x")],
+                                   [b"\x00" * 10, (1, "str")]])
 def test_pack_delivers_refuses_bad_payloads(batch):
     assert isinstance(_same(*_both(delivery.py_pack_delivers),
                             1, batch, []), TypeError)
@@ -235,6 +257,9 @@ _TAILS = [wire.py_deliver_tail(SENDER_PACKED, MID, b"b" * i, TS_PACKED, i & 1) f
     (2**32 - 2, [(0, _TAILS[0])], 8),                # the last seq that fits
     (2**32 - 2, [(0, _TAILS[0]), (1, _TAILS[1])], 8),  # past it: nothing appended
     (1, [(0, "not bytes")], 8),                      # a bad payload: WrongType, as pack_delivers
+    (4, [(3, _TAILS[0]), _TAILS[2]], 8),            # a signal's bare tail last: its ts_ms
+    (4, [_TAILS[1], _TAILS[3]], 8),                 # signals only: mids 0
+    (4, [_TAILS[1], b"no timestamp"], 8),           # the newest has no ts_ms
 ])
 def test_pull_round_twins_agree(seq, batch, max_n):
     def run(fn):
@@ -247,6 +272,8 @@ def test_pull_round_twins_agree(seq, batch, max_n):
         return call
 
     got = _same(*map(_run_or_none(run), _both(delivery.py_pull_round)), seq, batch)
+    # a signal's bare tail is (0, tail)
+    batch = [(0, p) if type(p) is bytes else p for p in batch]
     if isinstance(got, Exception):
         assert isinstance(got, TypeError) and any(type(p[1]) is not bytes for p in batch)
         return
@@ -916,6 +943,8 @@ def test_accept_sends_twins(require_consent, tokens, taps):
         assert [it[1] for it in store_items] == [ids[i] for i in want]
         assert meta[0::3] == [sends[i][2] for i in want]  # flat: to, tail, id
         assert ephemeral[0::2] == ["dave@other.net", ADDR, ADDR]  # flat: to, payload
+        # a signal's payload is its DELIVER tail alone (mid 0, no tuple)
+        assert all(type(t) is bytes and t.startswith(SENDER_PACKED) for t in ephemeral[1::2])
         assert entries[ids[0]] == ((PENDING, 100.0), [("conn", ids[0])])
         assert entries[ids[9]] == ((PENDING, 100.0), None)  # expired: taken anew
         assert entries[ids[6]] == ((0, 100.0), None)  # ephemeral: decided at once
@@ -2760,11 +2789,15 @@ def _flat(pairs: list) -> list:
     ["a@x", (1,)],                        # WrongType from both
     ["a@x", [1, b"list"]],
     ["a@x", (1, b"ab"), "b@y"],           # odd: InvalidArgument from both
+    # signals: the tail is the payload, among stored messages' pairs
+    _flat([("a@x", b"abc"), ("a@x", (2, b"d")), ("b@y", b""), ("a@x", b"ef")]),
+    ["a@x", bytearray(b"x")],             # WrongType from both
 ])
 def test_bytes_by_address_twins(batch):
     got = _same(delivery.py_bytes_by_address, _core and _core.bytes_by_address, batch)
     if not isinstance(got, Exception):
-        assert sum(got.values()) == sum(len(p[1]) for p in batch[1::2])
+        assert sum(got.values()) == sum(len(p if type(p) is bytes else p[1])
+                                        for p in batch[1::2])
 
 
 class _Link:

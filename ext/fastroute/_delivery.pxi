@@ -20,7 +20,8 @@
 def pack_delivers(seq, list batch, list out):
     """Append one packed DELIVER op per ``(mid, tail)`` of ``batch`` to ``out``.
 
-    ``tail`` is the packed fields after seq (:func:`deliver_tail`); the i-th
+    ``tail`` is the packed fields after seq (:func:`deliver_tail`); a bare
+    tail (bytes) is a signal's, mid 0 (see ``py_pack_delivers``); the i-th
     op gets seq ``seq + i`` as a msgpack uint32.  Returns the list of mids,
     in order.  OverflowError if a seq does not fit 32 bits (nothing appended).
     Two ops or more go in as one :class:`OpRun` (one allocation, not one an
@@ -42,9 +43,15 @@ def pack_delivers(seq, list batch, list out):
     mids = [None] * n
     for i in range(n):
         item = <object>PyTuple_GET_ITEM(items, i)
+        if PyBytes_CheckExact(item):
+            # a signal's tail alone: no stored row, no tuple
+            total += WIRE_DELIVER_HEAD + PyBytes_GET_SIZE(item)
+            mids[i] = 0
+            continue
         if not PyTuple_Check(item) or not 2 <= PyTuple_GET_SIZE(item) <= 3:
             raise WrongType(
-                "DELIVER payloads must be (mid, tail) or (mid, tail, head) tuples")
+                "DELIVER payloads must be (mid, tail) or (mid, tail, head) tuples, "
+                "or a tail (bytes)")
         tail = <object>PyTuple_GET_ITEM(item, 1)
         if not PyBytes_CheckExact(tail):
             raise WrongType("DELIVER tail must be bytes")
@@ -69,9 +76,9 @@ def pack_delivers(seq, list batch, list out):
     for i in range(n):
         # checked above, held by items: their types and sizes stand
         item = <object>PyTuple_GET_ITEM(items, i)
-        tail = <object>PyTuple_GET_ITEM(item, 1)
+        tail = item if PyBytes_CheckExact(item) else <object>PyTuple_GET_ITEM(item, 1)
         k = PyBytes_GET_SIZE(tail)
-        if PyTuple_GET_SIZE(item) == 3:
+        if not PyBytes_CheckExact(item) and PyTuple_GET_SIZE(item) == 3:
             head = <object>PyTuple_GET_ITEM(item, 2)
             h = PyBytes_GET_SIZE(head)
             memcpy(p, PyBytes_AS_STRING(head), <size_t>h)
@@ -116,8 +123,10 @@ def pull_round(object router, object dev, list out, object inflight, Py_ssize_t 
         x = <object>PyList_GET_ITEM(out, i)
         held += PyBytes_GET_SIZE(x) if PyBytes_CheckExact(x) else len((<OpRun?>x).data)
     held -= 7 * n
-    # pack_delivers checked every item: a tuple whose [1] is bytes
-    tail = <object>PyTuple_GET_ITEM(<object>PyList_GET_ITEM(batch, n - 1), 1)
+    # pack_delivers checked every item: a tail, or a tuple whose [1] is one
+    tail = <object>PyList_GET_ITEM(batch, n - 1)
+    if not PyBytes_CheckExact(tail):
+        tail = <object>PyTuple_GET_ITEM(tail, 1)
     k = PyBytes_GET_SIZE(tail)
     t = <const unsigned char*>PyBytes_AS_STRING(tail)
     if k < 10 or t[k - 10] != 0xcf:
@@ -222,7 +231,8 @@ def sync_rows(object router, object dev, list rows, object routed, dict senders,
 
 def bytes_by_address(list batch):
     """``{address: total length of its tails}`` of a routed batch, flat:
-    ``address, (mid, tail), ...`` (the memory budget's accounting)."""
+    ``address, (mid, tail), ...`` or ``address, tail, ...`` (a signal's), the
+    memory budget's accounting."""
     cdef dict out = {}
     cdef Py_ssize_t i, n = PyList_GET_SIZE(batch), run = 0
     cdef object to, payload, tail, last = None
@@ -233,9 +243,12 @@ def bytes_by_address(list batch):
         to = <object>PyList_GET_ITEM(batch, 2 * i)
         payload = <object>PyList_GET_ITEM(batch, 2 * i + 1)
         # checked before indexing: the core is compiled without bounds checks
-        if type(payload) is not tuple or PyTuple_GET_SIZE(payload) != 2:
-            raise WrongType("DELIVER payloads must be (mid, tail) tuples")
-        tail = payload[1]
+        if PyBytes_CheckExact(payload):
+            tail = payload
+        elif type(payload) is not tuple or PyTuple_GET_SIZE(payload) != 2:
+            raise WrongType("DELIVER payloads must be (mid, tail) tuples or tails")
+        else:
+            tail = payload[1]
         if not PyBytes_CheckExact(tail):
             raise WrongType("DELIVER tail must be bytes")
         if to is not last:

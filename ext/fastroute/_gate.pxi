@@ -234,8 +234,9 @@ def accept_sends(SendGate gate not None, LinkGate lg not None, list sends, objec
     three entries in ``meta``, ``to, tail, id`` (flat: no tuple a message);
     accepted ephemeral ones are acked at once and recorded with code 0.
 
-    Returns the ephemeral messages as a flat ``to, (0, tail), ...`` list for
-    :meth:`Router.route_flat` (or None).  The quota
+    Returns the ephemeral messages as a flat ``to, tail, ...`` list (a signal's
+    payload is its tail alone, mid 0) for :meth:`Router.route_flat` (or
+    None).  The quota
     left is written back to ``lg.msg_tokens`` and ``lg.byte_tokens`` (left
     as they were, the very objects, when nothing was spent).
     """
@@ -364,7 +365,7 @@ def accept_sends(SendGate gate not None, LinkGate lg not None, list sends, objec
                     if ephemeral is None:
                         ephemeral = []
                     ephemeral.append(to)
-                    ephemeral.append((0, tail))
+                    ephemeral.append(tail)
                     # its SACK-ok with the ones next to it, as one op run
                     sacks_add(&sacks, cid, out)
                 else:

@@ -65,7 +65,9 @@ def py_pack_delivers(seq: int, batch: list, out: list) -> list:
 
     A ``(mid, tail, head)`` item is another op with DELIVER's shape (a
     feature's DDELIVER or EVENT): ``head`` is its array header and opcode,
-    written before the uint32 seq in place of DELIVER's.  A bad payload
+    written before the uint32 seq in place of DELIVER's.  A bare ``tail``
+    (bytes) is a signal's (an ephemeral message, never stored): mid 0, no
+    tuple a message on the live route.  A bad payload
     anywhere in ``batch`` appends nothing.  (The compiled twin appends two
     ops or more as one ``OpRun``: :func:`fastroute.wire.flat_ops` of both
     lists is the same.)
@@ -73,8 +75,11 @@ def py_pack_delivers(seq: int, batch: list, out: list) -> list:
     if batch and seq + len(batch) - 1 > 0xFFFFFFFF:
         raise OverflowError("DELIVER seq does not fit 32 bits")
     for item in batch:
+        if type(item) is bytes:
+            continue
         if type(item) is not tuple or not 2 <= len(item) <= 3:
-            raise WrongType("DELIVER payloads must be (mid, tail) or (mid, tail, head) tuples")
+            raise WrongType("DELIVER payloads must be (mid, tail) or (mid, tail, head) tuples, "
+                            "or a tail (bytes)")
         if type(item[1]) is not bytes:
             raise WrongType("DELIVER tail must be bytes")
         if len(item) == 3 and (type(item[2]) is not bytes or not item[2]):
@@ -82,6 +87,8 @@ def py_pack_delivers(seq: int, batch: list, out: list) -> list:
     mids = []
     append = out.append
     for item in batch:
+        if type(item) is bytes:
+            item = (0, item)
         mid, tail = item[0], item[1]
         if len(item) == 3:
             append(b"".join((item[2], b"\xce", seq.to_bytes(4, "big"), tail)))
@@ -112,7 +119,7 @@ def py_pull_round(router: Any, dev: int, out: list, inflight: deque,
     start = len(out)
     inflight.extend(py_pack_delivers(seq, batch, out))
     # a DELIVER tail ends with ts_ms (uint64) and cls
-    tail = batch[-1][1]
+    tail = batch[-1] if type(batch[-1]) is bytes else batch[-1][1]
     ts_ms = int.from_bytes(tail[-9:-1], "big") if len(tail) >= 10 and tail[-10] == 0xCF else -1
     return n, sum(map(len, out[start:])) - 7 * n, ts_ms
 
@@ -204,14 +211,18 @@ def _pairs(flat: list) -> list:
 
 def py_bytes_by_address(batch: list) -> dict:
     """``{address: total length of its tails}`` of a routed batch, flat:
-    ``address, (mid, tail), ...`` (the memory budget's accounting)."""
+    ``address, (mid, tail), ...`` or ``address, tail, ...`` (a signal's), the
+    memory budget's accounting."""
     if len(batch) % 2:
         raise InvalidArgument("a routed batch holds address, payload pairs")
     out: dict = {}
     for to, payload in _pairs(batch):
-        if type(payload) is not tuple or len(payload) != 2:
-            raise WrongType("DELIVER payloads must be (mid, tail) tuples")
-        tail = payload[1]
+        if type(payload) is bytes:
+            tail = payload
+        elif type(payload) is not tuple or len(payload) != 2:
+            raise WrongType("DELIVER payloads must be (mid, tail) tuples or tails")
+        else:
+            tail = payload[1]
         if type(tail) is not bytes:
             raise WrongType("DELIVER tail must be bytes")
         out[to] = out.get(to, 0) + len(tail)
@@ -707,8 +718,9 @@ class Delivery:
         return placed
 
     def route(self, batch: list, ephemeral: bool) -> None:
-        """Route a flat ``address, (mid, tail), ...`` batch to the online
-        devices of each address (no tuple a pair: ``Router.route_flat``)."""
+        """Route a flat ``address, (mid, tail), ...`` batch (``address, tail,
+        ...`` for signals) to the online devices of each address (no tuple a
+        pair: ``Router.route_flat``)."""
         router = self.router
         try:
             router.route_flat(batch)

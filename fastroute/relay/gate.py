@@ -264,8 +264,9 @@ def py_accept_sends(gate: PySendGate, lg: PyLinkGate, sends: list, now: float, n
 
     ``sends`` are flat, ``id, to, body, cls`` a SEND (as
     :func:`fastroute.wire.decode_sends` gives them).  Returns the ephemeral
-    messages as a flat ``to, (0, tail), ...`` list (or
-    None), for ``Router.route_flat``; the quota
+    messages as a flat ``to, tail, ...`` list (or None), for
+    ``Router.route_flat``: a signal's payload is its tail alone (mid 0,
+    never stored; no tuple a message); the quota
     left is written back to ``lg`` when any was spent.
     """
     out, sender, conn = lg.out, lg.sender, lg.link
@@ -324,7 +325,7 @@ def py_accept_sends(gate: PySendGate, lg: PyLinkGate, sends: list, now: float, n
         if cls == 1:  # CLS_EPHEMERAL
             if ephemeral is None:
                 ephemeral = []
-            ephemeral += (to, (0, tail))
+            ephemeral += (to, tail)
             out.append(wire.py_sack_ok_op(cid))
             dedup.begin(sender, cid, 0, now)
         else:
