@@ -276,6 +276,8 @@ def proc_sched_ns(pid: int) -> int:
 
 
 class _Timespec(ctypes.Structure):
+    """``struct timespec`` for ``clock_gettime``."""
+
     _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
 
 
@@ -283,8 +285,9 @@ def proc_cpu_ns(pid: int) -> int:
     """CPU nanoseconds of a whole process, the threads that have ended included
     (its ``clock_getcpuclockid`` clock); where that clock cannot be read,
     :func:`proc_sched_ns` (live threads only).  A sum over the live threads
-    loses an ended thread's time: a relay whose store reads ran in a pool
-    thread that ended during a run once measured a negative CPU a message."""
+    loses an ended thread's time, all of it: the relay's short-lived threads
+    that fault in its dedup windows' memory (``fastroute.dedup.Warmer``) made
+    a run's CPU a message negative."""
     libc = ctypes.CDLL(None, use_errno=True)
     clock = ctypes.c_int()
     ts = _Timespec()
