@@ -59,7 +59,12 @@ except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from server_cpu import find_nats_server, proc_cpu_ns, relay_limits_toml  # noqa: E402
+from server_cpu import (  # noqa: E402
+    NATS_JS_CONF,
+    find_nats_server,
+    proc_cpu_ns,
+    relay_limits_toml,
+)
 
 from fastroute import Client  # noqa: E402
 from fastroute.identity import ProviderKey, Registry, issue_credential  # noqa: E402
@@ -199,8 +204,15 @@ class NatsDropped(RuntimeError):
 #: JetStream's storage and sync policy for each of the relay's stores
 #: (``--store``, and the SQLite store's ``synchronous``): like with like, as
 #: ``server_cpu.py``'s pairs 2 and 3 (FULL syncs every commit, NORMAL leaves
-#: it to the OS: JetStream's ``sync_interval`` "always" and "2m")
-JS_STORAGE = {"memory": ("memory", ""), "NORMAL": ("file", "2m"), "FULL": ("file", "always")}
+#: it to the OS: JetStream's ``sync_interval`` "always" and "2m"; a memory
+#: stream syncs nothing, its server gets server_cpu.py's "2m" unused)
+JS_STORAGE = {"memory": ("memory", "2m"), "NORMAL": ("file", "2m"), "FULL": ("file", "always")}
+
+
+def js_like(store: str, synchronous: str) -> str:
+    """The :data:`JS_STORAGE` key like the relay's ``store`` (and its SQLite
+    ``synchronous``; "": the relay's default, FULL)."""
+    return "memory" if store == "memory" else (synchronous or "FULL")
 
 
 async def nats_run(n_sub: int, messages: int, server: str, *, per_device: bool = False,
@@ -237,8 +249,7 @@ async def nats_run(n_sub: int, messages: int, server: str, *, per_device: bool =
         storage, sync = JS_STORAGE[js]
         conf = os.path.join(store_dir, "nats.conf")
         with open(conf, "w") as fh:
-            fh.write(f'jetstream {{\n  store_dir: "{store_dir}"\n'
-                     + (f'  sync_interval: "{sync}"\n' if sync else "") + "}\n")
+            fh.write(NATS_JS_CONF.format(store_dir=store_dir, sync=sync))
         argv += ["-c", conf]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     conns = []
@@ -386,7 +397,7 @@ def main() -> None:
     NOWAIT_EACH = args.nowait_each
     RELAY_PATH = args.relay_path
     SYNCHRONOUS = args.synchronous
-    js = "memory" if args.store == "memory" else (SYNCHRONOUS or "FULL")
+    js = js_like(args.store, SYNCHRONOUS)
     run = uvloop.run if uvloop is not None else asyncio.run
     server = None if args.no_nats else find_nats_server()
     print(f"store={args.store} synchronous={SYNCHRONOUS or 'default'} "

@@ -184,8 +184,7 @@ def main() -> None:
     SYNCHRONOUS = args.synchronous
     for k in MESSAGES:
         MESSAGES[k] *= args.scale
-    # JetStream like the relay's store: memory, or a file synced as SQLite is
-    js = "memory" if args.store == "memory" else (SYNCHRONOUS or "FULL")
+    js = e2ee_send.js_like(args.store, SYNCHRONOUS)
     run = uvloop.run if uvloop is not None else asyncio.run
     server = None if args.no_nats else find_nats_server()
     print(f"store={args.store} synchronous={args.synchronous or 'default'} "

@@ -188,7 +188,7 @@ listen: "127.0.0.1:-1"
 NATS_JS_CONF = """\
 jetstream {{
   store_dir: "{store_dir}"
-  sync_interval: "2m"
+  sync_interval: "{sync}"
 }}
 """
 
@@ -424,7 +424,8 @@ class NatsServer:
 
     def start(self) -> "NatsServer":
         """Write the config, start the server, read its port from its log."""
-        js = NATS_JS_CONF.format(store_dir=os.path.join(self.dir, "js")) if self.storage else ""
+        js = (NATS_JS_CONF.format(store_dir=os.path.join(self.dir, "js"), sync="2m")
+              if self.storage else "")
         conf = os.path.join(self.dir, "nats.conf")
         with open(conf, "w") as fh:
             fh.write(NATS_CONF.format(jetstream=js))
