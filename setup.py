@@ -59,8 +59,11 @@ def extensions():
         cflags = ["-O3"] if sysconfig.get_platform().startswith(("linux", "macos")) else []
         directives = {"boundscheck": False, "wraparound": False}
     directives.update(language_level=3, embedsignature=True)
+    # dlopen: the store's writer reaches the SQLite the sqlite3 module uses
+    # (ext/fastroute/_sqlfast.pxi); glibc before 2.34 keeps it in libdl
+    libraries = ["dl"] if sys.platform.startswith("linux") else []
     ext = Extension("fastroute._core", ["ext/fastroute/_core.pyx"],
-                    extra_compile_args=cflags)
+                    extra_compile_args=cflags, libraries=libraries)
     return cythonize([ext], include_path=["ext"], compiler_directives=directives,
                      annotate=DEBUG)
 

@@ -34,6 +34,7 @@ EVENTS: dict[str, str] = {
     "registry write failed: %s": "registry.write_failed",
     "fastroute store: %d deletes and %d registrations kept for retry: %s": "store.deletes_retried",
     "fastroute store: checkpoint failed: %s": "store.checkpoint_failed",
+    "fastroute store: the writer's compiled path is off: %s": "store.compiled_path_off",
     "media request failed": "media.failed",
     "sync failed (code %d); closing the device's connection": "delivery.sync_failed",
 }

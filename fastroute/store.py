@@ -557,7 +557,14 @@ class SqliteStore(_BaseStore):
     ``loop.call_soon_threadsafe``.  A future from :meth:`put` therefore
     resolves only once its message is committed.  Reads (:meth:`load`,
     :meth:`count_pending`) run on a second connection in a reader thread; WAL
-    lets them proceed while the writer commits.
+    lets them proceed while the writer commits.  The writer's most common
+    transaction (acks that each empty one pack, then new packs for single
+    devices) runs compiled in one call that releases the GIL once
+    (``fastroute._core.SqlFast``, on the same connection); the sqlite3
+    module would release and retake it around every statement, each time a
+    hand-off with the busy event loop.  Everything else, and every store
+    without the compiled core, goes through the sqlite3 module, to the same
+    rows.
 
     Durability: with ``synchronous="FULL"`` (the default) the WAL is synced
     on every commit, so a message whose future resolved survives a process
@@ -638,6 +645,8 @@ class SqliteStore(_BaseStore):
         self._rconn: sqlite3.Connection | None = None  # reader thread only
         # the following are touched by the writer thread only
         self._wconn: sqlite3.Connection | None = None
+        # the common transaction's compiled path on _wconn (None: not used)
+        self._fast: PySqlFast | None = None
         self._next_mid = 1
         # meta's next_mid: every mid below it is reserved (writer thread only)
         self._mid_mark = 1
@@ -987,6 +996,14 @@ class SqliteStore(_BaseStore):
             conn.execute("SELECT max(dev) FROM messages").fetchone()[0] or 0,
             conn.execute("SELECT max(dev) FROM packs").fetchone()[0] or 0,
             conn.execute("SELECT max(dev) FROM shares").fetchone()[0] or 0)
+        if _SqlFast is not None:
+            try:
+                self._fast = _SqlFast(conn, self._path)
+            except Exception as exc:
+                # every transaction then takes the general path (slower only
+                # by the GIL's hand-offs between the writer and the loop)
+                log.info("fastroute store: the writer's compiled path is off: %s",
+                         _reason(exc))
         return devices, max(meta.get("next_device", 1), top_key + 1)
 
     def _post(self, callback, *args) -> None:
@@ -1000,6 +1017,8 @@ class SqliteStore(_BaseStore):
             result = self._setup()
         except Exception as exc:
             if self._wconn is not None:
+                if self._fast is not None:
+                    self._fast.close()
                 self._wconn.close()
             err = _store_error(f"cannot open store: {_reason(exc)}")
             self._post(_settle_one, ready, None, err)
@@ -1037,6 +1056,8 @@ class SqliteStore(_BaseStore):
             self._fail_queued()
         finally:
             assert self._wconn is not None  # _setup made it
+            if self._fast is not None:
+                self._fast.close()  # its statements, before their connection
             self._wconn.close()
 
     def _fail_queued(self) -> None:  # pragma: no cover - see _writer_main
@@ -1111,6 +1132,7 @@ class SqliteStore(_BaseStore):
         done: list[tuple] = []          # (future, result) settled on success
         regs: list[tuple] = []
         acks: dict[int, list[int]] = {}  # device_key -> mids
+        ack_reqs: list[tuple] = []      # the same, (device_key, mids) per request
         forgets: list[int] = []
         expires: list[tuple] = []
         flushes: list[tuple] = []       # (future, kind of flush)
@@ -1146,6 +1168,7 @@ class SqliteStore(_BaseStore):
                     acks[key] = mids
                 else:
                     acks[key] = known + mids
+                ack_reqs.append((key, mids))
                 if hi > acks_hi:
                     acks_hi = hi
             elif kind == _REG:
@@ -1184,7 +1207,7 @@ class SqliteStore(_BaseStore):
             try:
                 # the common case: everything in one transaction, one commit
                 expired = self._transaction(regs, rows, mid, acks, forgets, expires,
-                                            rewrite, acks_hi)
+                                            rewrite, acks_hi, ack_reqs)
             except Exception as exc:
                 self.failed_batches += 1
                 self._deleted()  # a rolled back write may leave frames in the WAL
@@ -1299,7 +1322,8 @@ class SqliteStore(_BaseStore):
             self._erase_due = time.monotonic() + self._erase_s
 
     def _transaction(self, regs: list, puts: tuple, mid: int, acks: dict, forgets: list,
-                     expires: list, rewrite: bool, acks_hi: int | None = None) -> list[int]:
+                     expires: list, rewrite: bool, acks_hi: int | None = None,
+                     ack_reqs: list | None = None) -> list[int]:
         """Apply one set of writes in one transaction; the expiries' counts.
 
         ``puts``: the new rows, ``(spack_rows, share_rows, pack_rows,
@@ -1309,6 +1333,11 @@ class SqliteStore(_BaseStore):
         ``acks`` is above it (None: not known).  Rolls back and raises on any
         failure, leaving nothing half-applied (the partial acks
         and the counts kept in memory included).
+
+        ``ack_reqs``: ``acks`` as they were requested, ``(key, mids)`` each;
+        given, a transaction of acks of committed messages and new packs,
+        nothing else (the steady state of 1:1 and per-device traffic), runs
+        through :meth:`_transaction_fast`.
         """
         conn = self._wconn
         assert conn is not None  # _setup made it, before the first batch
@@ -1325,56 +1354,67 @@ class SqliteStore(_BaseStore):
         t0 = time.perf_counter()
         try:
             counts.begin()
-            conn.execute("BEGIN")
-            # Order inside the transaction follows the queue's causality:
-            # a device exists before messages for it, messages exist
-            # before anything can ack them.
-            if regs:
-                conn.executemany(
-                    "INSERT OR IGNORE INTO devices(device_key, address, device) "
-                    "VALUES (?,?,?)", regs)
-                conn.execute(_SQL_META, ("next_device", max(r[0] for r in regs) + 1))
-            if acks and (spack_rows or pack_rows):
-                # Acks of messages committed before this batch go first: the
-                # pages their deletes free (zeroed) are then the ones the new
-                # rows take, each written to the WAL once, not zeroes and
-                # then another page's new rows.
-                committed = self._next_mid  # every mid below it was, before this batch
-                if acks_hi is None:
-                    acks_hi = max(max(v, default=0) for v in acks.values())
-                if acks_hi < committed:
-                    early, acks = acks, {}  # as always unless a mid was guessed
-                else:
-                    early = {k: [m for m in v if m < committed] for k, v in acks.items()}
-                    acks = {k: v2 for k, v in acks.items()
-                            if (v2 := [m for m in v if m >= committed])}
-                self._delete(conn, early, [], partial, spartial, sgone)
-            if spack_rows or pack_rows:
-                _execute_rows(conn, _SQL_PUT_SPACK, 9, [], spack_rows)
-                _execute_rows(conn, _SQL_PUT_SHARES, 7, [], share_rows)
-                _execute_rows(conn, _SQL_PUT_PACK, 8, [], pack_rows)
-                for block in blocks:
-                    counts.add(*block)
-                if mid > mark:
-                    mark = mid + _MID_BLOCK
-                    conn.execute(_SQL_META, ("next_mid", mark))
-            if acks or forgets:
-                self._delete(conn, acks, forgets, partial, spartial, sgone)
-            for _, now, bound in expires:
-                expired.append(self._expire(conn, now, bound, partial, spartial, sgone))
-            if rewrite:
-                # spacks first: a share's rewrite reads what its spack holds
-                for first, gone in sgone.items():
-                    _keep_spack(conn, first, lambda e: e[0] not in gone)
-                for (key, first), acked in partial.items():
-                    _keep_pack(conn, key, first, lambda e: e[0] not in acked)
-                for (key, first), acked in spartial.items():
-                    _keep_share(conn, key, first, acked)
-                rewritten = len(partial) + len(spartial) + len(sgone)
-                partial = {}
-                spartial = {}
-                sgone = {}
-            conn.execute("COMMIT")
+            if (ack_reqs is not None and self._fast is not None and not (
+                    regs or forgets or expires or rewrite or spack_rows or share_rows
+                    or blocks) and (not acks or acks_hi is not None
+                                    and acks_hi < self._next_mid)):
+                # as below: the acks of committed messages, then the new rows
+                meta = -1
+                if pack_rows and mid > mark:
+                    mark = meta = mid + _MID_BLOCK
+                self._transaction_fast(conn, ack_reqs, pack_rows, meta, partial, spartial,
+                                       sgone)
+            else:
+                conn.execute("BEGIN")
+                # Order inside the transaction follows the queue's causality:
+                # a device exists before messages for it, messages exist
+                # before anything can ack them.
+                if regs:
+                    conn.executemany(
+                        "INSERT OR IGNORE INTO devices(device_key, address, device) "
+                        "VALUES (?,?,?)", regs)
+                    conn.execute(_SQL_META, ("next_device", max(r[0] for r in regs) + 1))
+                if acks and (spack_rows or pack_rows):
+                    # Acks of messages committed before this batch go first: the
+                    # pages their deletes free (zeroed) are then the ones the new
+                    # rows take, each written to the WAL once, not zeroes and
+                    # then another page's new rows.
+                    committed = self._next_mid  # every mid below it was, before this batch
+                    if acks_hi is None:
+                        acks_hi = max(max(v, default=0) for v in acks.values())
+                    if acks_hi < committed:
+                        early, acks = acks, {}  # as always unless a mid was guessed
+                    else:
+                        early = {k: [m for m in v if m < committed] for k, v in acks.items()}
+                        acks = {k: v2 for k, v in acks.items()
+                                if (v2 := [m for m in v if m >= committed])}
+                    self._delete(conn, early, [], partial, spartial, sgone)
+                if spack_rows or pack_rows:
+                    _execute_rows(conn, _SQL_PUT_SPACK, 9, [], spack_rows)
+                    _execute_rows(conn, _SQL_PUT_SHARES, 7, [], share_rows)
+                    _execute_rows(conn, _SQL_PUT_PACK, 8, [], pack_rows)
+                    for block in blocks:
+                        counts.add(*block)
+                    if mid > mark:
+                        mark = mid + _MID_BLOCK
+                        conn.execute(_SQL_META, ("next_mid", mark))
+                if acks or forgets:
+                    self._delete(conn, acks, forgets, partial, spartial, sgone)
+                for _, now, bound in expires:
+                    expired.append(self._expire(conn, now, bound, partial, spartial, sgone))
+                if rewrite:
+                    # spacks first: a share's rewrite reads what its spack holds
+                    for first, gone in sgone.items():
+                        _keep_spack(conn, first, lambda e: e[0] not in gone)
+                    for (key, first), acked in partial.items():
+                        _keep_pack(conn, key, first, lambda e: e[0] not in acked)
+                    for (key, first), acked in spartial.items():
+                        _keep_share(conn, key, first, acked)
+                    rewritten = len(partial) + len(spartial) + len(sgone)
+                    partial = {}
+                    spartial = {}
+                    sgone = {}
+                conn.execute("COMMIT")
         except BaseException:
             counts.rollback()
             try:
@@ -1406,6 +1446,44 @@ class SqliteStore(_BaseStore):
         self.commit_seconds.observe(time.perf_counter() - t0)
         self.commits += 1
         return expired
+
+    def _transaction_fast(self, conn: sqlite3.Connection, ack_reqs: list, pack_rows: list,
+                          mark: int, partial: dict, spartial: dict, sgone: dict) -> None:
+        """BEGIN, the acks, the new packs, ``next_mid`` (unless ``mark`` is
+        negative) and COMMIT, in one compiled call that releases the GIL once.
+
+        Only an ack that lists exactly one pack's mids, in order, is applied
+        there (the pack is deleted: what :func:`py_ack_device` does for it).
+        Any other (one that reaches part of a pack, a share, several rows, a
+        pack acked in part before) is applied after the compiled call, in
+        the same transaction, by :meth:`_delete`.
+        """
+        fast = self._fast
+        assert fast is not None
+        drops: list = []
+        tried: list[tuple] = []
+        others: dict[int, list[int]] = {}
+        for key, mids in ack_reqs:
+            if not mids:
+                continue
+            first = mids[0]
+            if (key, first) not in partial:
+                try:
+                    blob = array.array("q", mids).tobytes()
+                except (OverflowError, TypeError):
+                    pass  # not a pack's mids; _delete says what it is
+                else:
+                    drops += (key, first, blob)
+                    tried.append((key, mids))
+                    continue
+            others[key] = others.get(key, []) + mids
+        missed = fast.run(drops, pack_rows, mark, not others)
+        if missed or others:
+            for i in missed:
+                key, mids = tried[i]
+                others[key] = others.get(key, []) + mids
+            self._delete(conn, others, [], partial, spartial, sgone)
+            conn.execute("COMMIT")
 
     def _delete(self, conn: sqlite3.Connection, acks: dict, forgets: list, partial: dict,
                 spartial: dict, sgone: dict) -> None:
@@ -1862,6 +1940,92 @@ def py_ack_device(key: int, mids: list[int], rows: list, partial: dict, spartial
 
 #: :func:`py_ack_device`, compiled when the core is built
 _ack_device = twin(py_ack_device)
+
+
+class PySqlFast:
+    """The SQLite writer's common transaction (specification of
+    ``fastroute._core.SqlFast``, which runs it in one call that releases the
+    GIL once): see :meth:`run`.  Made on the writer's thread for its
+    connection ``conn`` (a ``sqlite3.Connection`` with ``isolation_level``
+    None, on the file ``path``); used there only.
+    """
+
+    #: an ack empties a pack when it lists exactly the pack's mids, in order
+    SQL_DROP = "DELETE FROM packs WHERE dev = ?1 AND first = ?2 AND mids = ?3"
+    SQL_PACK = ("INSERT INTO packs(dev, first, last, n, nbytes, exp_ms, mids, data) "
+                "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)")
+    SQL_MARK = "INSERT OR REPLACE INTO meta(k, v) VALUES ('next_mid', ?1)"
+
+    def __init__(self, conn: sqlite3.Connection, path: str) -> None:
+        if type(conn) is not sqlite3.Connection:
+            raise WrongType("conn is a sqlite3.Connection")
+        name = conn.execute("PRAGMA database_list").fetchone()[2]
+        if not name or os.path.realpath(name) != os.path.realpath(path):
+            raise RuntimeError("the connection is not on that file")
+        self._conn: sqlite3.Connection | None = conn
+        #: transactions :meth:`run` committed, and those it left open to the caller
+        self.committed = 0
+        self.handed_back = 0
+
+    def close(self) -> None:
+        """Let the connection go; :meth:`run` raises after this."""
+        self._conn = None
+
+    def run(self, drops: list, pack_rows: list, mark: int, commit: bool) -> list[int]:
+        """BEGIN; drop each pack of ``drops`` (flat ``key, first, mids blob``
+        triples) whose mids are exactly the blob's; insert ``pack_rows``
+        (flat, :func:`py_sql_rows`' layout); set meta's ``next_mid`` to
+        ``mark`` unless it is negative; then COMMIT, when ``commit`` and every
+        drop found its pack.
+
+        Returns the indexes (of triples) of the drops that found none; the
+        transaction is then left open for the caller to finish (as it is
+        whenever ``commit`` is false).  A value of the wrong type raises
+        before anything is written; an SQLite error rolls the transaction
+        back and raises.
+        """
+        conn = self._conn
+        if conn is None:
+            raise RuntimeError("closed")
+        if len(drops) % 3 or len(pack_rows) % 8:
+            raise InvalidArgument("drops are triples and pack rows have 8 columns")
+        triples = [tuple(drops[i:i + 3]) for i in range(0, len(drops), 3)]
+        rows = [tuple(pack_rows[i:i + 8]) for i in range(0, len(pack_rows), 8)]
+        for row, nints in [(t, 2) for t in triples] + [(r, 6) for r in rows]:
+            array.array("q", row[:nints])  # int64s, or TypeError / OverflowError
+            if any(type(blob) is not bytes for blob in row[nints:]):
+                raise WrongType("a blob column is bytes")
+        missed = []
+        conn.execute("BEGIN")
+        try:
+            # the acks first: the pages their deletes free (zeroed) are the
+            # ones the new rows then take, written to the WAL once
+            for i, triple in enumerate(triples):
+                if conn.execute(self.SQL_DROP, triple).rowcount != 1:
+                    missed.append(i)
+            conn.executemany(self.SQL_PACK, rows)
+            if mark >= 0:
+                conn.execute(self.SQL_MARK, (mark,))
+            if commit and not missed:
+                conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        if commit and not missed:
+            self.committed += 1
+        else:
+            self.handed_back += 1
+        return missed
+
+
+#: The writer's common transaction: :class:`PySqlFast`'s compiled twin.
+#: Without the core, None: the specification would save nothing over the
+#: general path (it is the GIL's hand-offs around each statement that the
+#: twin saves), so every transaction takes that path.
+_SqlFast: type[PySqlFast] | None = twin(PySqlFast)
+if _SqlFast is PySqlFast:
+    _SqlFast = None
 
 
 def py_mid_span(mids) -> tuple[int, int]:

@@ -1,0 +1,331 @@
+# The SQLite store's common transaction, run without the GIL.
+# Part of fastroute._core.
+#
+# Compiled twins of fastroute/store.py (the specification):
+#   SqlFast = PySqlFast
+#
+# tests/test_store_fast.py runs one store's traffic with this, with its
+# specification and with neither (SqliteStore._transaction's general path,
+# the sqlite3 module's statements), and compares what each leaves in the file.
+#
+# Why: the sqlite3 module releases the GIL around every step and every reset
+# of a statement, about a dozen times a transaction.  Under load the event
+# loop's thread holds the GIL, so each release was a hand-off between the
+# two threads (futex wake-ups and context switches on both sides), a tenth
+# of the writer's profile and two fifths of what the loop thread spends
+# more with the SQLite store than with the memory store.  Here the common
+# transaction (acks that each empty exactly one pack, then new packs, then
+# the mid mark) is one call that releases the GIL once.
+#
+# The sqlite3 C API is the one the sqlite3 module itself is linked with,
+# found at run time (dlsym) so that the build needs no SQLite headers; the
+# connection's handle is the first field of the module's Connection object,
+# as in every CPython from 3.8 to 3.14, and is checked against the file's
+# name before use.
+
+cdef extern from *:
+    """
+    #if defined(_WIN32)
+    #define FR_SQ_HAVE_DL 0
+    #else
+    #include <dlfcn.h>
+    #define FR_SQ_HAVE_DL 1
+    #endif
+    typedef struct fr_sq_db fr_sq_db;
+    typedef struct fr_sq_stmt fr_sq_stmt;
+    typedef struct {
+        int (*prepare_v2)(fr_sq_db*, const char*, int, fr_sq_stmt**, const char**);
+        int (*step)(fr_sq_stmt*);
+        int (*reset)(fr_sq_stmt*);
+        int (*finalize)(fr_sq_stmt*);
+        int (*bind_int64)(fr_sq_stmt*, int, long long);
+        int (*bind_blob)(fr_sq_stmt*, int, const void*, int, void (*)(void*));
+        int (*changes)(fr_sq_db*);
+        const char *(*errmsg)(fr_sq_db*);
+        const char *(*db_filename)(fr_sq_db*, const char*);
+        int (*get_autocommit)(fr_sq_db*);
+        const char *(*libversion)(void);
+    } fr_sq_api;
+    static fr_sq_api fr_sq;
+    /* 0: not looked up yet; 1: every symbol found; -1: unavailable */
+    static int fr_sq_state = 0;
+
+    static int fr_sq_load(const char *module_path) {
+    #if FR_SQ_HAVE_DL
+        void *h;
+        if (fr_sq_state) return fr_sq_state;
+        fr_sq_state = -1;
+        /* the sqlite3 module's own handle: a lookup through it finds the
+           library it was linked with, never another copy */
+        h = dlopen(module_path, RTLD_NOW | RTLD_NOLOAD);
+        if (!h) return fr_sq_state;
+    #define FR_SQ_SYM(f, n) if (!(*(void **)(&fr_sq.f) = dlsym(h, n))) return fr_sq_state;
+        FR_SQ_SYM(prepare_v2, "sqlite3_prepare_v2")
+        FR_SQ_SYM(step, "sqlite3_step")
+        FR_SQ_SYM(reset, "sqlite3_reset")
+        FR_SQ_SYM(finalize, "sqlite3_finalize")
+        FR_SQ_SYM(bind_int64, "sqlite3_bind_int64")
+        FR_SQ_SYM(bind_blob, "sqlite3_bind_blob")
+        FR_SQ_SYM(changes, "sqlite3_changes")
+        FR_SQ_SYM(errmsg, "sqlite3_errmsg")
+        FR_SQ_SYM(db_filename, "sqlite3_db_filename")
+        FR_SQ_SYM(get_autocommit, "sqlite3_get_autocommit")
+        FR_SQ_SYM(libversion, "sqlite3_libversion")
+    #undef FR_SQ_SYM
+        fr_sq_state = 1;
+    #else
+        (void)module_path;
+        fr_sq_state = -1;
+    #endif
+        return fr_sq_state;
+    }
+
+    /* the handle of a sqlite3.Connection: its first field after the header */
+    static fr_sq_db *fr_sq_handle(PyObject *conn) {
+        return *(fr_sq_db **)((char *)conn + sizeof(PyObject));
+    }
+
+    enum { FR_SQ_OK = 0, FR_SQ_DONE = 101, FR_SQ_ROW = 100 };
+    """
+    ctypedef struct fr_sq_db:
+        pass
+    ctypedef struct fr_sq_stmt:
+        pass
+    ctypedef struct fr_sq_api:
+        int (*prepare_v2)(fr_sq_db*, const char*, int, fr_sq_stmt**, const char**) nogil
+        int (*step)(fr_sq_stmt*) nogil
+        int (*reset)(fr_sq_stmt*) nogil
+        int (*finalize)(fr_sq_stmt*) nogil
+        int (*bind_int64)(fr_sq_stmt*, int, long long) nogil
+        int (*bind_blob)(fr_sq_stmt*, int, const void*, int, void (*)(void*)) nogil
+        int (*changes)(fr_sq_db*) nogil
+        const char *(*errmsg)(fr_sq_db*) nogil
+        const char *(*db_filename)(fr_sq_db*, const char*) nogil
+        int (*get_autocommit)(fr_sq_db*) nogil
+        const char *(*libversion)() nogil
+    fr_sq_api fr_sq
+    int fr_sq_load(const char* module_path)
+    fr_sq_db* fr_sq_handle(PyObject* conn)
+    enum:
+        FR_SQ_OK
+        FR_SQ_DONE
+        FR_SQ_ROW
+
+
+cdef enum:
+    SQ_BEGIN, SQ_COMMIT, SQ_ROLLBACK, SQ_DROP, SQ_PACK, SQ_META, SQ_COUNT
+    # a pack row's columns, as py_sql_rows lays them out: dev, first, last,
+    # n, nbytes, exp_ms (ints), mids, data (blobs)
+    PACK_INTS = 6
+    PACK_COLS = 8
+
+cdef const char* SQ_TEXT[6]
+SQ_TEXT[0] = b"BEGIN"
+SQ_TEXT[1] = b"COMMIT"
+SQ_TEXT[2] = b"ROLLBACK"
+# a pack is dropped only when the ack lists exactly its mids, in order (what
+# py_ack_device's common case checks after a SELECT)
+SQ_TEXT[3] = b"DELETE FROM packs WHERE dev = ?1 AND first = ?2 AND mids = ?3"
+SQ_TEXT[4] = (b"INSERT INTO packs(dev, first, last, n, nbytes, exp_ms, mids, data) "
+              b"VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)")
+SQ_TEXT[5] = b"INSERT OR REPLACE INTO meta(k, v) VALUES ('next_mid', ?1)"
+
+
+ctypedef struct SqDrop:
+    int64_t key
+    int64_t first
+    const char* mids
+    int nmids
+
+ctypedef struct SqPack:
+    int64_t ints[PACK_INTS]
+    const char* blobs[2]
+    int lens[2]
+
+
+# the primary result codes' names, as the sqlite3 module gives them in an
+# error's sqlite_errorname (the store tells a full disk by it)
+_SQ_NAMES = {1: "SQLITE_ERROR", 2: "SQLITE_INTERNAL", 3: "SQLITE_PERM", 4: "SQLITE_ABORT",
+             5: "SQLITE_BUSY", 6: "SQLITE_LOCKED", 7: "SQLITE_NOMEM", 8: "SQLITE_READONLY",
+             9: "SQLITE_INTERRUPT", 10: "SQLITE_IOERR", 11: "SQLITE_CORRUPT",
+             13: "SQLITE_FULL", 14: "SQLITE_CANTOPEN", 15: "SQLITE_PROTOCOL",
+             17: "SQLITE_SCHEMA", 18: "SQLITE_TOOBIG", 19: "SQLITE_CONSTRAINT",
+             20: "SQLITE_MISMATCH", 21: "SQLITE_MISUSE", 25: "SQLITE_RANGE",
+             26: "SQLITE_NOTADB"}
+
+
+cdef object _sq_error(fr_sq_db* db, int rc):
+    """The sqlite3 module's exception for ``rc``, with its code and name."""
+    import sqlite3
+    msg = fr_sq.errmsg(db).decode(errors="replace")
+    exc = (sqlite3.IntegrityError if rc & 0xff == 19 else sqlite3.OperationalError)(msg)
+    exc.sqlite_errorcode = rc
+    exc.sqlite_errorname = _SQ_NAMES.get(rc & 0xff, "SQLITE_ERROR")
+    return exc
+
+
+cdef bint _sql_fast_available() except -1:
+    # whether the sqlite3 C API the sqlite3 module uses can be reached (it
+    # cannot where the module links SQLite statically without exporting it)
+    import _sqlite3
+    return fr_sq_load(_sqlite3.__file__.encode()) == 1
+
+
+cdef inline int _blob_ptr(object value, const char** ptr, int* n) except -1:
+    if not PyBytes_CheckExact(value):
+        raise WrongType("a blob column is bytes")
+    if PyBytes_GET_SIZE(value) > 0x7fffffff:
+        raise OverflowError("a blob is larger than SQLite takes")
+    ptr[0] = PyBytes_AS_STRING(value)
+    n[0] = <int>PyBytes_GET_SIZE(value)
+    return 0
+
+
+cdef inline int _step_done(fr_sq_stmt* st) noexcept nogil:
+    cdef int rc = fr_sq.step(st)
+    fr_sq.reset(st)
+    return FR_SQ_OK if rc == FR_SQ_DONE else rc
+
+
+@cython.final
+cdef class SqlFast:
+    """The SQLite store writer's common transaction in one call, without the
+    GIL: see :meth:`run` (``fastroute.store.PySqlFast`` is the
+    specification).  Made on the writer's thread for its connection
+    (``conn``, a ``sqlite3.Connection`` on ``path``); used there only.
+    """
+    cdef fr_sq_db* db
+    cdef fr_sq_stmt* st[6]
+    cdef object conn  # kept open while the statements live
+    #: transactions :meth:`run` committed, and those it left open to the caller
+    cdef public long long committed, handed_back
+
+    def __cinit__(self, conn, str path):
+        import os
+        import sqlite3
+        cdef int i, rc
+        cdef const char* name
+        for i in range(SQ_COUNT):
+            self.st[i] = NULL
+        self.committed = self.handed_back = 0
+        if not _sql_fast_available():
+            raise RuntimeError("the sqlite3 C API is not reachable")
+        if type(conn) is not sqlite3.Connection:
+            raise WrongType("conn is a sqlite3.Connection")
+        if fr_sq.libversion().decode() != sqlite3.sqlite_version:
+            raise RuntimeError("the sqlite3 module uses another SQLite")
+        self.conn = conn
+        self.db = fr_sq_handle(<PyObject*>conn)
+        name = fr_sq.db_filename(self.db, b"main")
+        if name == NULL or os.path.realpath(name.decode()) != os.path.realpath(path):
+            # not the layout assumed above: never use what was read
+            self.db = NULL
+            raise RuntimeError("the connection's handle is not where it was expected")
+        for i in range(SQ_COUNT):
+            rc = fr_sq.prepare_v2(self.db, SQ_TEXT[i], -1, &self.st[i], NULL)
+            if rc != FR_SQ_OK:
+                exc = _sq_error(self.db, rc)
+                self.close()
+                raise exc
+
+    def close(self):
+        """Finalize the statements (before the connection closes)."""
+        cdef int i
+        for i in range(SQ_COUNT):
+            if self.st[i] != NULL:
+                fr_sq.finalize(self.st[i])
+                self.st[i] = NULL
+        self.db = NULL
+
+    def __dealloc__(self):
+        self.close()
+
+    def run(self, list drops, list pack_rows, long long mark, bint commit):
+        """BEGIN; drop each pack of ``drops`` (flat ``key, first, mids blob``
+        triples) whose mids are exactly the blob's; insert ``pack_rows``
+        (flat, :func:`py_sql_rows`' layout); set meta's ``next_mid`` to
+        ``mark`` unless it is negative; then COMMIT, when ``commit`` and every
+        drop found its pack.
+
+        Returns the indexes (of triples) of the drops that found none; the
+        transaction is then left open for the caller to finish (as it is
+        whenever ``commit`` is false).  On any SQLite error the transaction
+        is rolled back and the sqlite3 module's exception for it raised, with
+        ``sqlite_errorcode`` and ``sqlite_errorname`` set as it sets them.
+        """
+        cdef Py_ssize_t ndrop, npack, i, j
+        cdef SqDrop* dr = NULL
+        cdef SqPack* pk = NULL
+        cdef unsigned char* missed = NULL
+        cdef int rc = FR_SQ_OK, nmissed = 0, began = 0
+        if self.db == NULL:
+            raise RuntimeError("closed")
+        if len(drops) % 3 or len(pack_rows) % PACK_COLS:
+            raise InvalidArgument("drops are triples and pack rows have 8 columns")
+        ndrop = len(drops) // 3
+        npack = len(pack_rows) // PACK_COLS
+        try:
+            # every value is read here, with the GIL; the blobs stay alive in
+            # the caller's lists while the GIL is released below
+            dr = <SqDrop*>PyMem_Malloc(sizeof(SqDrop) * (ndrop + 1))
+            pk = <SqPack*>PyMem_Malloc(sizeof(SqPack) * (npack + 1))
+            missed = <unsigned char*>PyMem_Malloc(ndrop + 1)
+            if dr == NULL or pk == NULL or missed == NULL:
+                raise MemoryError()
+            for i in range(ndrop):
+                dr[i].key = drops[3 * i]
+                dr[i].first = drops[3 * i + 1]
+                _blob_ptr(drops[3 * i + 2], &dr[i].mids, &dr[i].nmids)
+                missed[i] = 0
+            for i in range(npack):
+                for j in range(PACK_INTS):
+                    pk[i].ints[j] = pack_rows[PACK_COLS * i + j]
+                for j in range(2):
+                    _blob_ptr(pack_rows[PACK_COLS * i + PACK_INTS + j], &pk[i].blobs[j],
+                              &pk[i].lens[j])
+            with nogil:
+                rc = _step_done(self.st[SQ_BEGIN])
+                began = rc == FR_SQ_OK
+                # the acks first: the pages their deletes free (zeroed) are
+                # the ones the new rows then take, written to the WAL once
+                i = 0
+                while rc == FR_SQ_OK and i < ndrop:
+                    fr_sq.bind_int64(self.st[SQ_DROP], 1, dr[i].key)
+                    fr_sq.bind_int64(self.st[SQ_DROP], 2, dr[i].first)
+                    fr_sq.bind_blob(self.st[SQ_DROP], 3, dr[i].mids, dr[i].nmids, NULL)
+                    rc = _step_done(self.st[SQ_DROP])
+                    if rc == FR_SQ_OK and fr_sq.changes(self.db) != 1:
+                        missed[i] = 1
+                        nmissed += 1
+                    i += 1
+                i = 0
+                while rc == FR_SQ_OK and i < npack:
+                    for j in range(PACK_INTS):
+                        fr_sq.bind_int64(self.st[SQ_PACK], j + 1, pk[i].ints[j])
+                    for j in range(2):
+                        fr_sq.bind_blob(self.st[SQ_PACK], PACK_INTS + j + 1, pk[i].blobs[j],
+                                        pk[i].lens[j], NULL)
+                    rc = _step_done(self.st[SQ_PACK])
+                    i += 1
+                if rc == FR_SQ_OK and mark >= 0:
+                    fr_sq.bind_int64(self.st[SQ_META], 1, mark)
+                    rc = _step_done(self.st[SQ_META])
+                if rc == FR_SQ_OK and commit and nmissed == 0:
+                    # a failed COMMIT (busy, I/O) may leave the transaction
+                    # open: it is rolled back below, as any other failure
+                    rc = _step_done(self.st[SQ_COMMIT])
+            if rc != FR_SQ_OK:
+                exc = _sq_error(self.db, rc)
+                if began and not fr_sq.get_autocommit(self.db):
+                    with nogil:
+                        _step_done(self.st[SQ_ROLLBACK])
+                raise exc
+            if commit and nmissed == 0:
+                self.committed += 1
+                return []
+            self.handed_back += 1
+            return [i for i in range(ndrop) if missed[i]]
+        finally:
+            PyMem_Free(dr)
+            PyMem_Free(pk)
+            PyMem_Free(missed)

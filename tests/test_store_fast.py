@@ -1,0 +1,251 @@
+"""The SQLite store's common transaction, compiled, specified and general.
+
+``SqliteStore`` applies a transaction of acks of committed messages and new
+packs (nothing else) in one compiled call that releases the GIL once
+(``fastroute._core.SqlFast``, specified by ``fastroute.store.PySqlFast``);
+every other transaction, and every ack that does not list exactly one
+pack's mids, takes the general path through the sqlite3 module.  These tests
+run the same traffic through a store with the twin, with its specification
+and with neither, and compare what each gives back and leaves in its file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import sqlite3
+
+import pytest
+
+import fastroute
+from fastroute import store as store_mod
+from fastroute.store import SqliteStore
+
+needs_c = pytest.mark.skipif(not fastroute.COMPILED, reason="compiled core not built")
+
+T0 = 1_700_000_000_000
+TABLES = {
+    "packs": "dev, first, last, n, nbytes, exp_ms, mids, data",
+    "shares": "dev, first, last, n, nbytes, exp_ms, mids",
+    "spacks": "first, last, n, nbytes, exp_ms, mids, lens, exps, data",
+    "messages": "mid, dev, sender, cid, body, ts_ms, exp_ms",
+    "inbox": "device_key, mid",
+    "meta": "k, v",
+}
+
+
+def _rows(path: str) -> dict[str, list]:
+    conn = sqlite3.connect(path)
+    try:
+        return {t: conn.execute(f"SELECT {cols} FROM {t} ORDER BY 1, 2").fetchall()
+                for t, cols in TABLES.items()}
+    finally:
+        conn.close()
+
+
+async def _traffic(path: str, seed: int) -> tuple[list, dict]:
+    """One seeded run of puts and acks of every shape; what the store gave
+    back (mids, loads, counts) and its counters."""
+    rng = random.Random(seed)
+    store = await SqliteStore.open(path, synchronous="NORMAL")
+    seen: list = []
+    try:
+        keys = [store.register_device(f"u{i}@p", "1") for i in range(5)]
+        await store.flush()
+        packs: dict[int, list[list[int]]] = {k: [] for k in keys}  # each put's mids a device
+        shared: dict[int, list[int]] = {k: [] for k in keys}
+        n = 0
+        for step in range(80):
+            # acks first, queued before the put: they share its transaction
+            # or come in one of their own, as under load
+            for key in keys:
+                if not packs[key] or rng.random() < 0.3:
+                    continue
+                shape = rng.random()
+                mids = packs[key].pop(rng.randrange(len(packs[key])))
+                if shape < 0.5:
+                    acked = mids                         # exactly one pack, in order
+                elif shape < 0.6:
+                    acked = mids[::-1]                   # one pack, out of order
+                elif shape < 0.7 and len(mids) > 1:
+                    cut = rng.randrange(1, len(mids))    # part of one, the rest later
+                    acked = mids[:cut]
+                    packs[key].append(mids[cut:])
+                elif shape < 0.8 and packs[key]:
+                    acked = mids + packs[key].pop()     # two packs at once
+                elif shape < 0.9:
+                    acked = mids + mids                  # the same mids twice
+                else:
+                    store.ack(key, mids)                 # one pack in two requests
+                    acked = mids[:1]
+                store.ack(key, acked)
+                if rng.random() < 0.2 and shared[key]:
+                    store.ack(key, shared[key])          # a group's share
+                    shared[key] = []
+            if step % 7 == 3:
+                # a group's messages: a spack and a share a device
+                members = rng.sample(keys, 3)
+                items = [("g@p", rng.randbytes(16), rng.randbytes(rng.randrange(1, 300)),
+                          T0 + n + i, members) for i in range(rng.randrange(1, 6))]
+                mids = await store.put_many(items)
+                for key in members:
+                    shared[key] += mids
+            else:
+                items = []
+                for _ in range(rng.randrange(1, 40)):
+                    key = rng.choice(keys)
+                    items.append(("s@p", rng.randbytes(16), rng.randbytes(rng.randrange(0, 400)),
+                                  T0 + n, [key]))
+                mids = await store.put_many(items)
+                mine: dict[int, list[int]] = {}
+                for (_, _, _, _, (key,)), mid in zip(items, mids):
+                    mine.setdefault(key, []).append(mid)
+                for key, got in mine.items():
+                    packs[key].append(got)
+            n += 100
+            seen.append(list(mids))
+            if step % 10 == 9:
+                await store.flush()
+                for key in keys:
+                    seen.append([tuple(m) for m in await store.load(key, 0, 10_000)])
+        await store.flush()
+        seen.append(sorted((await store.backlog_counts()).items()))
+        seen.append(await store.count_pending())
+        fast = store._fast
+        counters = {"committed": fast.committed if fast else 0,
+                    "handed_back": fast.handed_back if fast else 0,
+                    "commits": store.commits, "rewrites": store.rewrites}
+    finally:
+        await store.close()
+    return seen, counters
+
+
+def _ways() -> list:
+    ways = [pytest.param(store_mod.PySqlFast, id="specification")]
+    if fastroute.COMPILED:
+        from fastroute._core import SqlFast
+        ways.append(pytest.param(SqlFast, id="compiled"))
+    return ways
+
+
+@pytest.mark.parametrize("way", _ways())
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_the_common_transaction_leaves_what_the_general_path_leaves(tmp_path, monkeypatch,
+                                                                    way, seed):
+    fast_db, slow_db = str(tmp_path / "fast.db"), str(tmp_path / "slow.db")
+    monkeypatch.setattr(store_mod, "_SqlFast", way)
+    fast_seen, fast = asyncio.run(_traffic(fast_db, seed))
+    monkeypatch.setattr(store_mod, "_SqlFast", None)
+    slow_seen, slow = asyncio.run(_traffic(slow_db, seed))
+    # both ways were taken: whole transactions in one call, and ones it
+    # handed back to the general path (an ack it could not apply alone)
+    assert fast["committed"] > 0 and fast["handed_back"] > 0, fast
+    assert slow["committed"] == slow["handed_back"] == 0
+    assert fast_seen == slow_seen
+    assert _rows(fast_db) == _rows(slow_db)
+
+
+def test_without_the_core_the_store_takes_the_general_path():
+    # the specification would save nothing there: it is the GIL's hand-offs
+    # around each of the sqlite3 module's statements that the twin saves
+    if fastroute.COMPILED:
+        from fastroute._core import SqlFast
+        assert store_mod._SqlFast is SqlFast
+    else:
+        assert store_mod._SqlFast is None
+
+
+@needs_c
+def test_the_compiled_transaction_carries_a_device_that_acks_every_delivery(tmp_path):
+    # the 1:1 steady state: each transaction acks the pack the last one wrote
+    async def main():
+        store = await SqliteStore.open(str(tmp_path / "s.db"), synchronous="NORMAL")
+        key = store.register_device("a@p", "1")
+        await store.flush()
+        before = store._fast.committed
+        last = None
+        for i in range(20):
+            if last is not None:
+                store.ack(key, last, validate=False)
+            last = list(await store.put_many(
+                [("s@p", bytes([i]) * 16, b"x" * 100, T0, [key])] * 8))
+        store.ack(key, last)
+        await store.flush()
+        left = await store.count_pending(key)
+        committed = store._fast.committed - before
+        await store.close()
+        return left, committed
+    left, committed = asyncio.run(main())
+    assert left == 0
+    assert committed >= 20  # every one of them, none handed back
+    rows = _rows(str(tmp_path / "s.db"))
+    assert rows["packs"] == [] and rows["messages"] == []
+
+
+@pytest.mark.parametrize("way", _ways())
+def test_a_failing_common_transaction_rolls_back_and_says_why(tmp_path, way):
+    path = str(tmp_path / "x.db")
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.executescript(store_mod._SCHEMA)
+    fast = way(conn, path)
+    row = [1, 5, 6, 2, 10, 99, b"\x05" + bytes(7) + b"\x06" + bytes(7), b"data"]
+    assert fast.run([], row, 7, True) == []
+    assert not conn.in_transaction
+    # the same pack again: the primary key refuses it, nothing stays half-done
+    with pytest.raises(sqlite3.IntegrityError) as excinfo:
+        fast.run([1, 5, row[6]], row + [1, 8, 8, 1, 1, 99, bytes(8), b"d"] + row, -1, True)
+    # the primary code's name (the sqlite3 module may add the extended one's)
+    assert excinfo.value.sqlite_errorname.startswith("SQLITE_CONSTRAINT")
+    assert not conn.in_transaction
+    assert conn.execute("SELECT dev, first FROM packs").fetchall() == [(1, 5)]
+    # a drop that finds no pack leaves the transaction to the caller
+    assert fast.run([1, 5, b"other", 1, 5, row[6]], [], -1, True) == [0]
+    assert conn.in_transaction
+    conn.execute("ROLLBACK")
+    assert conn.execute("SELECT count(*) FROM packs").fetchone()[0] == 1
+    with pytest.raises(fastroute.errors.WrongType):
+        fast.run([1, 5, "not bytes"], [], -1, True)
+    with pytest.raises(OverflowError):
+        fast.run([1 << 63, 5, b""], [], -1, True)
+    with pytest.raises(fastroute.errors.InvalidArgument):
+        fast.run([1, 5], [], -1, True)
+    assert not conn.in_transaction
+    assert (fast.committed, fast.handed_back) == (1, 1)
+    fast.close()
+    with pytest.raises(RuntimeError):
+        fast.run([], [], -1, True)
+    conn.close()
+
+
+@pytest.mark.parametrize("way", _ways())
+def test_the_common_transaction_refuses_a_connection_it_cannot_vouch_for(tmp_path, way):
+    conn = sqlite3.connect(str(tmp_path / "a.db"))
+    with pytest.raises(RuntimeError):
+        way(conn, str(tmp_path / "b.db"))  # not the file it is on
+    with pytest.raises(fastroute.errors.WrongType):
+        way(object(), str(tmp_path / "a.db"))
+    conn.close()
+
+
+def test_without_the_compiled_transaction_the_store_still_serves(tmp_path, monkeypatch, caplog):
+    class Unavailable:
+        def __init__(self, conn, path):
+            raise RuntimeError("the sqlite3 C API is not reachable")
+
+    monkeypatch.setattr(store_mod, "_SqlFast", Unavailable)
+
+    async def main():
+        store = await SqliteStore.open(str(tmp_path / "s.db"))
+        key = store.register_device("a@p", "1")
+        mids = await store.put_many([("s@p", bytes(16), b"hi", T0, [key])])
+        store.ack(key, mids)
+        await store.flush()
+        left = await store.count_pending(key)
+        fast = store._fast
+        await store.close()
+        return left, fast
+    with caplog.at_level(logging.INFO, logger="fastroute.store"):
+        left, fast = asyncio.run(main())
+    assert left == 0 and fast is None
+    assert "compiled path is off" in caplog.text
