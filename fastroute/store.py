@@ -1132,7 +1132,6 @@ class SqliteStore(_BaseStore):
         done: list[tuple] = []          # (future, result) settled on success
         regs: list[tuple] = []
         acks: dict[int, list[int]] = {}  # device_key -> mids
-        ack_reqs: list[tuple] = []      # the same, (device_key, mids) per request
         forgets: list[int] = []
         expires: list[tuple] = []
         flushes: list[tuple] = []       # (future, kind of flush)
@@ -1168,7 +1167,6 @@ class SqliteStore(_BaseStore):
                     acks[key] = mids
                 else:
                     acks[key] = known + mids
-                ack_reqs.append((key, mids))
                 if hi > acks_hi:
                     acks_hi = hi
             elif kind == _REG:
@@ -1207,7 +1205,7 @@ class SqliteStore(_BaseStore):
             try:
                 # the common case: everything in one transaction, one commit
                 expired = self._transaction(regs, rows, mid, acks, forgets, expires,
-                                            rewrite, acks_hi, ack_reqs)
+                                            rewrite, acks_hi, common=True)
             except Exception as exc:
                 self.failed_batches += 1
                 self._deleted()  # a rolled back write may leave frames in the WAL
@@ -1323,7 +1321,7 @@ class SqliteStore(_BaseStore):
 
     def _transaction(self, regs: list, puts: tuple, mid: int, acks: dict, forgets: list,
                      expires: list, rewrite: bool, acks_hi: int | None = None,
-                     ack_reqs: list | None = None) -> list[int]:
+                     common: bool = False) -> list[int]:
         """Apply one set of writes in one transaction; the expiries' counts.
 
         ``puts``: the new rows, ``(spack_rows, share_rows, pack_rows,
@@ -1334,10 +1332,9 @@ class SqliteStore(_BaseStore):
         failure, leaving nothing half-applied (the partial acks
         and the counts kept in memory included).
 
-        ``ack_reqs``: ``acks`` as they were requested, ``(key, mids)`` each;
-        given, a transaction of acks of committed messages and new packs,
-        nothing else (the steady state of 1:1 and per-device traffic), runs
-        through :meth:`_transaction_fast`.
+        ``common``: a transaction of acks of committed messages and new
+        packs, nothing else (the steady state of 1:1 and per-device traffic),
+        may run through :meth:`_transaction_fast`.
         """
         conn = self._wconn
         assert conn is not None  # _setup made it, before the first batch
@@ -1354,7 +1351,7 @@ class SqliteStore(_BaseStore):
         t0 = time.perf_counter()
         try:
             counts.begin()
-            if (ack_reqs is not None and self._fast is not None and not (
+            if (common and self._fast is not None and not (
                     regs or forgets or expires or rewrite or spack_rows or share_rows
                     or blocks) and (not acks or acks_hi is not None
                                     and acks_hi < self._next_mid)):
@@ -1362,8 +1359,7 @@ class SqliteStore(_BaseStore):
                 meta = -1
                 if pack_rows and mid > mark:
                     mark = meta = mid + _MID_BLOCK
-                self._transaction_fast(conn, ack_reqs, pack_rows, meta, partial, spartial,
-                                       sgone)
+                self._transaction_fast(conn, acks, pack_rows, meta, partial, spartial, sgone)
             else:
                 conn.execute("BEGIN")
                 # Order inside the transaction follows the queue's causality:
@@ -1447,43 +1443,45 @@ class SqliteStore(_BaseStore):
         self.commits += 1
         return expired
 
-    def _transaction_fast(self, conn: sqlite3.Connection, ack_reqs: list, pack_rows: list,
+    def _transaction_fast(self, conn: sqlite3.Connection, acks: dict, pack_rows: list,
                           mark: int, partial: dict, spartial: dict, sgone: dict) -> None:
         """BEGIN, the acks, the new packs, ``next_mid`` (unless ``mark`` is
         negative) and COMMIT, in one compiled call that releases the GIL once.
 
-        Only an ack that lists exactly one pack's mids, in order, is applied
-        there (the pack is deleted: what :func:`py_ack_device` does for it).
-        Any other (one that reaches part of a pack, a share, several rows, a
-        pack acked in part before) is applied after the compiled call, in
-        the same transaction, by :meth:`_delete`.
+        Only a device's acks that list exactly one pack's mids, in order, are
+        applied there (the pack is deleted: what :func:`py_ack_device` does
+        for it).  Any other (part of a pack, a share, several rows, a pack
+        acked in part before) is applied by :meth:`_delete` between that call
+        and a second one for the new rows: the acks still go first, so the
+        pages their deletes free are the ones the new rows take.
         """
         fast = self._fast
         assert fast is not None
         drops: list = []
-        tried: list[tuple] = []
+        tried: list[int] = []
         others: dict[int, list[int]] = {}
-        for key, mids in ack_reqs:
+        for key, mids in acks.items():
             if not mids:
                 continue
-            first = mids[0]
-            if (key, first) not in partial:
+            if (key, mids[0]) not in partial:
                 try:
                     blob = array.array("q", mids).tobytes()
                 except (OverflowError, TypeError):
-                    pass  # not a pack's mids; _delete says what it is
+                    pass  # not a pack's mids; _delete says what they are
                 else:
-                    drops += (key, first, blob)
-                    tried.append((key, mids))
+                    drops += (key, mids[0], blob)
+                    tried.append(key)
                     continue
-            others[key] = others.get(key, []) + mids
-        missed = fast.run(drops, pack_rows, mark, not others)
+            others[key] = mids
+        if others:
+            missed = fast.run(drops, [], -1, True, False)
+        else:
+            missed = fast.run(drops, pack_rows, mark, True, True)
         if missed or others:
             for i in missed:
-                key, mids = tried[i]
-                others[key] = others.get(key, []) + mids
+                others[tried[i]] = acks[tried[i]]
             self._delete(conn, others, [], partial, spartial, sgone)
-            conn.execute("COMMIT")
+            fast.run([], pack_rows, mark, False, True)
 
     def _delete(self, conn: sqlite3.Connection, acks: dict, forgets: list, partial: dict,
                 spartial: dict, sgone: dict) -> None:
@@ -1971,18 +1969,19 @@ class PySqlFast:
         """Let the connection go; :meth:`run` raises after this."""
         self._conn = None
 
-    def run(self, drops: list, pack_rows: list, mark: int, commit: bool) -> list[int]:
-        """BEGIN; drop each pack of ``drops`` (flat ``key, first, mids blob``
-        triples) whose mids are exactly the blob's; insert ``pack_rows``
-        (flat, :func:`py_sql_rows`' layout); set meta's ``next_mid`` to
-        ``mark`` unless it is negative; then COMMIT, when ``commit`` and every
-        drop found its pack.
+    def run(self, drops: list, pack_rows: list, mark: int, begin: bool,
+            commit: bool) -> list[int]:
+        """BEGIN (when ``begin``); drop each pack of ``drops`` (flat ``key,
+        first, mids blob`` triples) whose mids are exactly the blob's; then,
+        if every drop found its pack, insert ``pack_rows`` (flat,
+        :func:`py_sql_rows`' layout), set meta's ``next_mid`` to ``mark``
+        unless it is negative, and COMMIT (when ``commit``).
 
-        Returns the indexes (of triples) of the drops that found none; the
-        transaction is then left open for the caller to finish (as it is
-        whenever ``commit`` is false).  A value of the wrong type raises
-        before anything is written; an SQLite error rolls the transaction
-        back and raises.
+        Returns the indexes (of triples) of the drops that found no pack;
+        then nothing after the drops was done, and the transaction is left
+        open for the caller to finish (as it is when ``commit`` is false).  A
+        value of the wrong type raises before anything is written; an SQLite
+        error rolls the transaction back and raises.
         """
         conn = self._conn
         if conn is None:
@@ -1996,18 +1995,20 @@ class PySqlFast:
             if any(type(blob) is not bytes for blob in row[nints:]):
                 raise WrongType("a blob column is bytes")
         missed = []
-        conn.execute("BEGIN")
         try:
+            if begin:
+                conn.execute("BEGIN")
             # the acks first: the pages their deletes free (zeroed) are the
             # ones the new rows then take, written to the WAL once
             for i, triple in enumerate(triples):
                 if conn.execute(self.SQL_DROP, triple).rowcount != 1:
                     missed.append(i)
-            conn.executemany(self.SQL_PACK, rows)
-            if mark >= 0:
-                conn.execute(self.SQL_MARK, (mark,))
-            if commit and not missed:
-                conn.execute("COMMIT")
+            if not missed:
+                conn.executemany(self.SQL_PACK, rows)
+                if mark >= 0:
+                    conn.execute(self.SQL_MARK, (mark,))
+                if commit:
+                    conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")

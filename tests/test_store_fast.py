@@ -174,11 +174,12 @@ def test_the_compiled_transaction_carries_a_device_that_acks_every_delivery(tmp_
         await store.flush()
         left = await store.count_pending(key)
         committed = store._fast.committed - before
+        handed_back = store._fast.handed_back
         await store.close()
-        return left, committed
-    left, committed = asyncio.run(main())
+        return left, committed, handed_back
+    left, committed, handed_back = asyncio.run(main())
     assert left == 0
-    assert committed >= 20  # every one of them, none handed back
+    assert committed >= 20 and handed_back == 0  # every one of them, whole
     rows = _rows(str(tmp_path / "s.db"))
     assert rows["packs"] == [] and rows["messages"] == []
 
@@ -190,31 +191,44 @@ def test_a_failing_common_transaction_rolls_back_and_says_why(tmp_path, way):
     conn.executescript(store_mod._SCHEMA)
     fast = way(conn, path)
     row = [1, 5, 6, 2, 10, 99, b"\x05" + bytes(7) + b"\x06" + bytes(7), b"data"]
-    assert fast.run([], row, 7, True) == []
+    assert fast.run([], row, 7, True, True) == []
     assert not conn.in_transaction
     # the same pack again: the primary key refuses it, nothing stays half-done
     with pytest.raises(sqlite3.IntegrityError) as excinfo:
-        fast.run([1, 5, row[6]], row + [1, 8, 8, 1, 1, 99, bytes(8), b"d"] + row, -1, True)
+        fast.run([1, 5, row[6]], row + [1, 8, 8, 1, 1, 99, bytes(8), b"d"] + row, -1, True, True)
     # the primary code's name (the sqlite3 module may add the extended one's)
     assert excinfo.value.sqlite_errorname.startswith("SQLITE_CONSTRAINT")
     assert not conn.in_transaction
     assert conn.execute("SELECT dev, first FROM packs").fetchall() == [(1, 5)]
-    # a drop that finds no pack leaves the transaction to the caller
-    assert fast.run([1, 5, b"other", 1, 5, row[6]], [], -1, True) == [0]
+    # a drop that finds no pack leaves the transaction to the caller, the
+    # rows not yet written (the caller applies the rest of the acks first)
+    later = [1, 9, 9, 1, 1, 99, bytes(8), b"e"]
+    assert fast.run([1, 5, b"other", 1, 5, row[6]], later, 12, True, True) == [0]
     assert conn.in_transaction
-    conn.execute("ROLLBACK")
-    assert conn.execute("SELECT count(*) FROM packs").fetchone()[0] == 1
-    with pytest.raises(fastroute.errors.WrongType):
-        fast.run([1, 5, "not bytes"], [], -1, True)
-    with pytest.raises(OverflowError):
-        fast.run([1 << 63, 5, b""], [], -1, True)
-    with pytest.raises(fastroute.errors.InvalidArgument):
-        fast.run([1, 5], [], -1, True)
+    assert conn.execute("SELECT dev, first FROM packs").fetchall() == []
+    # ... and finishes it with a second call
+    assert fast.run([], later, 12, False, True) == []
     assert not conn.in_transaction
-    assert (fast.committed, fast.handed_back) == (1, 1)
+    assert conn.execute("SELECT dev, first FROM packs").fetchall() == [(1, 9)]
+    assert conn.execute("SELECT v FROM meta WHERE k = 'next_mid'").fetchone() == (12,)
+    # a failure after a call that left the transaction open rolls back all of it
+    assert fast.run([1, 9, later[6]], [], -1, True, False) == []
+    assert conn.in_transaction
+    with pytest.raises(sqlite3.IntegrityError):
+        fast.run([], row + row, -1, False, True)
+    assert not conn.in_transaction
+    assert conn.execute("SELECT dev, first FROM packs").fetchall() == [(1, 9)]
+    with pytest.raises(fastroute.errors.WrongType):
+        fast.run([1, 5, "not bytes"], [], -1, True, True)
+    with pytest.raises(OverflowError):
+        fast.run([1 << 63, 5, b""], [], -1, True, True)
+    with pytest.raises(fastroute.errors.InvalidArgument):
+        fast.run([1, 5], [], -1, True, True)
+    assert not conn.in_transaction
+    assert (fast.committed, fast.handed_back) == (2, 2)
     fast.close()
     with pytest.raises(RuntimeError):
-        fast.run([], [], -1, True)
+        fast.run([], [], -1, True, True)
     conn.close()
 
 

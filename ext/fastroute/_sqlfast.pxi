@@ -240,24 +240,26 @@ cdef class SqlFast:
     def __dealloc__(self):
         self.close()
 
-    def run(self, list drops, list pack_rows, long long mark, bint commit):
-        """BEGIN; drop each pack of ``drops`` (flat ``key, first, mids blob``
-        triples) whose mids are exactly the blob's; insert ``pack_rows``
-        (flat, :func:`py_sql_rows`' layout); set meta's ``next_mid`` to
-        ``mark`` unless it is negative; then COMMIT, when ``commit`` and every
-        drop found its pack.
+    def run(self, list drops, list pack_rows, long long mark, bint begin, bint commit):
+        """BEGIN (when ``begin``); drop each pack of ``drops`` (flat ``key,
+        first, mids blob`` triples) whose mids are exactly the blob's; then,
+        if every drop found its pack, insert ``pack_rows`` (flat,
+        :func:`py_sql_rows`' layout), set meta's ``next_mid`` to ``mark``
+        unless it is negative, and COMMIT (when ``commit``).
 
-        Returns the indexes (of triples) of the drops that found none; the
-        transaction is then left open for the caller to finish (as it is
-        whenever ``commit`` is false).  On any SQLite error the transaction
-        is rolled back and the sqlite3 module's exception for it raised, with
-        ``sqlite_errorcode`` and ``sqlite_errorname`` set as it sets them.
+        Returns the indexes (of triples) of the drops that found no pack;
+        then nothing after the drops was done, and the transaction is left
+        open for the caller to finish (as it is when ``commit`` is false).
+        A value of the wrong type raises before anything is written.  On any
+        SQLite error the transaction is rolled back and the sqlite3 module's
+        exception for it raised, with ``sqlite_errorcode`` and
+        ``sqlite_errorname`` set as it sets them (the primary code's name).
         """
         cdef Py_ssize_t ndrop, npack, i, j
         cdef SqDrop* dr = NULL
         cdef SqPack* pk = NULL
         cdef unsigned char* missed = NULL
-        cdef int rc = FR_SQ_OK, nmissed = 0, began = 0
+        cdef int rc = FR_SQ_OK, nmissed = 0
         if self.db == NULL:
             raise RuntimeError("closed")
         if len(drops) % 3 or len(pack_rows) % PACK_COLS:
@@ -284,8 +286,8 @@ cdef class SqlFast:
                     _blob_ptr(pack_rows[PACK_COLS * i + PACK_INTS + j], &pk[i].blobs[j],
                               &pk[i].lens[j])
             with nogil:
-                rc = _step_done(self.st[SQ_BEGIN])
-                began = rc == FR_SQ_OK
+                if begin:
+                    rc = _step_done(self.st[SQ_BEGIN])
                 # the acks first: the pages their deletes free (zeroed) are
                 # the ones the new rows then take, written to the WAL once
                 i = 0
@@ -298,6 +300,9 @@ cdef class SqlFast:
                         missed[i] = 1
                         nmissed += 1
                     i += 1
+                if nmissed:
+                    npack = 0  # the caller applies the rest first
+                    mark = -1
                 i = 0
                 while rc == FR_SQ_OK and i < npack:
                     for j in range(PACK_INTS):
@@ -316,7 +321,7 @@ cdef class SqlFast:
                     rc = _step_done(self.st[SQ_COMMIT])
             if rc != FR_SQ_OK:
                 exc = _sq_error(self.db, rc)
-                if began and not fr_sq.get_autocommit(self.db):
+                if not fr_sq.get_autocommit(self.db):
                     with nogil:
                         _step_done(self.st[SQ_ROLLBACK])
                 raise exc
