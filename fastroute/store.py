@@ -31,6 +31,7 @@ import logging
 import os
 import queue
 import sqlite3
+import sys
 import threading
 import time
 from typing import TYPE_CHECKING, Iterable, Protocol, Sequence, runtime_checkable
@@ -558,7 +559,7 @@ class SqliteStore(_BaseStore):
     resolves only once its message is committed.  Reads (:meth:`load`,
     :meth:`count_pending`) run on a second connection in a reader thread; WAL
     lets them proceed while the writer commits.  The writer's most common
-    transaction (acks that each empty one pack, then new packs for single
+    transaction (acks that empty whole packs, then new packs for single
     devices) runs compiled in one call that releases the GIL once
     (``fastroute._core.SqlFast``, on the same connection); the sqlite3
     module would release and retake it around every statement, each time a
@@ -1448,28 +1449,31 @@ class SqliteStore(_BaseStore):
         """BEGIN, the acks, the new packs, ``next_mid`` (unless ``mark`` is
         negative) and COMMIT, in one compiled call that releases the GIL once.
 
-        Only a device's acks that list exactly one pack's mids, in order, are
-        applied there (the pack is deleted: what :func:`py_ack_device` does
-        for it).  Any other (part of a pack, a share, several rows, a pack
-        acked in part before) is applied by :meth:`_delete` between that call
-        and a second one for the new rows: the acks still go first, so the
-        pages their deletes free are the ones the new rows take.
+        A device's acks are applied there while they list whole packs, each
+        in order (each pack is deleted: what :func:`py_ack_device` does for
+        it).  The rest (part of a pack, a share, a device with a pack acked
+        in part before) is applied by :meth:`_delete` between that call and
+        a second one for the new rows: the acks still go first, so the pages
+        their deletes free are the ones the new rows take.
         """
         fast = self._fast
         assert fast is not None
         drops: list = []
         tried: list[int] = []
         others: dict[int, list[int]] = {}
+        # a device with a pack acked in part: its pack no longer has the mids
+        # its row lists, so the general path applies its acks
+        held = {key for key, _ in partial} if partial else ()
         for key, mids in acks.items():
             if not mids:
                 continue
-            if (key, mids[0]) not in partial:
+            if key not in held:
                 try:
                     blob = array.array("q", mids).tobytes()
                 except (OverflowError, TypeError):
-                    pass  # not a pack's mids; _delete says what they are
+                    pass  # no pack's mids; _delete says what they are
                 else:
-                    drops += (key, mids[0], blob)
+                    drops += (key, blob)
                     tried.append(key)
                     continue
             others[key] = mids
@@ -1478,8 +1482,8 @@ class SqliteStore(_BaseStore):
         else:
             missed = fast.run(drops, pack_rows, mark, True, True)
         if missed or others:
-            for i in missed:
-                others[tried[i]] = acks[tried[i]]
+            for i, done in missed:
+                others[tried[i]] = acks[tried[i]][done:]
             self._delete(conn, others, [], partial, spartial, sgone)
             fast.run([], pack_rows, mark, False, True)
 
@@ -1948,8 +1952,8 @@ class PySqlFast:
     None, on the file ``path``); used there only.
     """
 
-    #: an ack empties a pack when it lists exactly the pack's mids, in order
-    SQL_DROP = "DELETE FROM packs WHERE dev = ?1 AND first = ?2 AND mids = ?3"
+    SQL_FIND = "SELECT mids FROM packs WHERE dev = ?1 AND first = ?2"
+    SQL_DROP = "DELETE FROM packs WHERE dev = ?1 AND first = ?2"
     SQL_PACK = ("INSERT INTO packs(dev, first, last, n, nbytes, exp_ms, mids, data) "
                 "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)")
     SQL_MARK = "INSERT OR REPLACE INTO meta(k, v) VALUES ('next_mid', ?1)"
@@ -1970,39 +1974,53 @@ class PySqlFast:
         self._conn = None
 
     def run(self, drops: list, pack_rows: list, mark: int, begin: bool,
-            commit: bool) -> list[int]:
-        """BEGIN (when ``begin``); drop each pack of ``drops`` (flat ``key,
-        first, mids blob`` triples) whose mids are exactly the blob's; then,
-        if every drop found its pack, insert ``pack_rows`` (flat,
-        :func:`py_sql_rows`' layout), set meta's ``next_mid`` to ``mark``
-        unless it is negative, and COMMIT (when ``commit``).
+            commit: bool) -> list[tuple[int, int]]:
+        """BEGIN (when ``begin``); apply ``drops``, flat ``key, mids blob``
+        pairs (a device's acked mids, int64s); then, if every drop was
+        applied whole, insert ``pack_rows`` (flat, :func:`py_sql_rows`'
+        layout), set meta's ``next_mid`` to ``mark`` unless it is negative,
+        and COMMIT (when ``commit``).
 
-        Returns the indexes (of triples) of the drops that found no pack;
-        then nothing after the drops was done, and the transaction is left
-        open for the caller to finish (as it is when ``commit`` is false).  A
-        value of the wrong type raises before anything is written; an SQLite
-        error rolls the transaction back and raises.
+        A drop's mids are walked pack by pack: while the device has a pack
+        whose first mid is the next acked one and whose mids all come next,
+        in order, that pack is deleted.  Returns ``(index, matched)`` for
+        each drop (by its pair's index) that stopped short, ``matched`` the
+        mids it applied; then nothing after the drops was done, and the
+        transaction is left open for the caller to apply the rest and finish
+        (as it is when ``commit`` is false).  A value of the wrong type
+        raises before anything is written; an SQLite error rolls the
+        transaction back and raises.
         """
         conn = self._conn
         if conn is None:
             raise RuntimeError("closed")
-        if len(drops) % 3 or len(pack_rows) % 8:
-            raise InvalidArgument("drops are triples and pack rows have 8 columns")
-        triples = [tuple(drops[i:i + 3]) for i in range(0, len(drops), 3)]
+        if len(drops) % 2 or len(pack_rows) % 8:
+            raise InvalidArgument("drops are pairs and pack rows have 8 columns")
+        pairs = [(drops[i], drops[i + 1]) for i in range(0, len(drops), 2)]
         rows = [tuple(pack_rows[i:i + 8]) for i in range(0, len(pack_rows), 8)]
-        for row, nints in [(t, 2) for t in triples] + [(r, 6) for r in rows]:
+        for row, nints in [(p, 1) for p in pairs] + [(r, 6) for r in rows]:
             array.array("q", row[:nints])  # int64s, or TypeError / OverflowError
             if any(type(blob) is not bytes for blob in row[nints:]):
                 raise WrongType("a blob column is bytes")
+        if any(len(blob) % 8 for _, blob in pairs):
+            raise InvalidArgument("a drop's mids are int64s")
         missed = []
         try:
             if begin:
                 conn.execute("BEGIN")
             # the acks first: the pages their deletes free (zeroed) are the
             # ones the new rows then take, written to the WAL once
-            for i, triple in enumerate(triples):
-                if conn.execute(self.SQL_DROP, triple).rowcount != 1:
-                    missed.append(i)
+            for i, (key, blob) in enumerate(pairs):
+                at = 0  # bytes of blob applied
+                while at < len(blob):
+                    first = int.from_bytes(blob[at:at + 8], sys.byteorder, signed=True)
+                    row = conn.execute(self.SQL_FIND, (key, first)).fetchone()
+                    if row is None or not row[0] or row[0] != blob[at:at + len(row[0])]:
+                        break  # not this ack's next mids: the rest waits
+                    conn.execute(self.SQL_DROP, (key, first))
+                    at += len(row[0])
+                if at < len(blob):
+                    missed.append((i, at // 8))
             if not missed:
                 conn.executemany(self.SQL_PACK, rows)
                 if mark >= 0:

@@ -3,18 +3,22 @@
 ``SqliteStore`` applies a transaction of acks of committed messages and new
 packs (nothing else) in one compiled call that releases the GIL once
 (``fastroute._core.SqlFast``, specified by ``fastroute.store.PySqlFast``);
-every other transaction, and every ack that does not list exactly one
-pack's mids, takes the general path through the sqlite3 module.  These tests
+every other transaction, and every ack that does not list whole packs,
+takes the general path through the sqlite3 module.  These tests
 run the same traffic through a store with the twin, with its specification
 and with neither, and compare what each gives back and leaves in its file.
 """
 
 from __future__ import annotations
 
+import array
+import ast
 import asyncio
 import logging
 import random
+import re
 import sqlite3
+from pathlib import Path
 
 import pytest
 
@@ -64,20 +68,28 @@ async def _traffic(path: str, seed: int) -> tuple[list, dict]:
                     continue
                 shape = rng.random()
                 mids = packs[key].pop(rng.randrange(len(packs[key])))
-                if shape < 0.5:
-                    acked = mids                         # exactly one pack, in order
-                elif shape < 0.6:
+                cut = rng.randrange(1, len(mids)) if len(mids) > 1 else 1
+                if shape < 0.4:
+                    acked = mids                         # one whole pack, in order
+                elif shape < 0.5:
                     acked = mids[::-1]                   # one pack, out of order
-                elif shape < 0.7 and len(mids) > 1:
-                    cut = rng.randrange(1, len(mids))    # part of one, the rest later
-                    acked = mids[:cut]
+                elif shape < 0.6 and len(mids) > 1:
+                    acked = mids[:cut]                   # part of one, the rest later
                     packs[key].append(mids[cut:])
+                elif shape < 0.7 and packs[key]:
+                    acked = mids + packs[key].pop()      # two packs at once
                 elif shape < 0.8 and packs[key]:
-                    acked = mids + packs[key].pop()     # two packs at once
-                elif shape < 0.9:
+                    nxt = packs[key].pop()               # a pack, then part of the next
+                    acked = mids + nxt[:cut]
+                    if nxt[cut:]:
+                        packs[key].append(nxt[cut:])
+                elif shape < 0.85:
+                    store.ack(key, mids[:cut])           # one pack in two requests
+                    acked = mids[cut:]
+                elif shape < 0.93:
                     acked = mids + mids                  # the same mids twice
                 else:
-                    store.ack(key, mids)                 # one pack in two requests
+                    store.ack(key, mids)                 # a pack, then a mid of it again
                     acked = mids[:1]
                 store.ack(key, acked)
                 if rng.random() < 0.2 and shared[key]:
@@ -190,46 +202,75 @@ def test_a_failing_common_transaction_rolls_back_and_says_why(tmp_path, way):
     conn = sqlite3.connect(path, isolation_level=None)
     conn.executescript(store_mod._SCHEMA)
     fast = way(conn, path)
-    row = [1, 5, 6, 2, 10, 99, b"\x05" + bytes(7) + b"\x06" + bytes(7), b"data"]
-    assert fast.run([], row, 7, True, True) == []
+
+    def mids(*ms: int) -> bytes:
+        return array.array("q", ms).tobytes()
+
+    def pack(first: int, *rest: int) -> list:
+        return [1, first, (rest or (first,))[-1], 1 + len(rest), 10, 99, mids(first, *rest),
+                b"data"]
+
+    def packs() -> list:
+        return conn.execute("SELECT dev, first FROM packs ORDER BY 2").fetchall()
+
+    assert fast.run([], pack(5, 6) + pack(7) + pack(8, 9), 7, True, True) == []
     assert not conn.in_transaction
     # the same pack again: the primary key refuses it, nothing stays half-done
     with pytest.raises(sqlite3.IntegrityError) as excinfo:
-        fast.run([1, 5, row[6]], row + [1, 8, 8, 1, 1, 99, bytes(8), b"d"] + row, -1, True, True)
+        fast.run([1, mids(5, 6)], pack(20) + pack(7), -1, True, True)
     # the primary code's name (the sqlite3 module may add the extended one's)
     assert excinfo.value.sqlite_errorname.startswith("SQLITE_CONSTRAINT")
     assert not conn.in_transaction
-    assert conn.execute("SELECT dev, first FROM packs").fetchall() == [(1, 5)]
-    # a drop that finds no pack leaves the transaction to the caller, the
-    # rows not yet written (the caller applies the rest of the acks first)
-    later = [1, 9, 9, 1, 1, 99, bytes(8), b"e"]
-    assert fast.run([1, 5, b"other", 1, 5, row[6]], later, 12, True, True) == [0]
+    assert packs() == [(1, 5), (1, 7), (1, 8)]
+    # acks walked pack by pack: two whole packs, then one that stops short
+    # (part of a pack) and one that finds none; the rows wait for the caller
+    assert fast.run([1, mids(5, 6, 7), 1, mids(8), 2, mids(5)], pack(30), 31, True,
+                    True) == [(1, 0), (2, 0)]
     assert conn.in_transaction
-    assert conn.execute("SELECT dev, first FROM packs").fetchall() == []
-    # ... and finishes it with a second call
-    assert fast.run([], later, 12, False, True) == []
+    assert packs() == [(1, 8)]
+    # ... which applies the rest, then finishes with a second call
+    assert fast.run([], pack(30), 31, False, True) == []
     assert not conn.in_transaction
-    assert conn.execute("SELECT dev, first FROM packs").fetchall() == [(1, 9)]
-    assert conn.execute("SELECT v FROM meta WHERE k = 'next_mid'").fetchone() == (12,)
+    assert packs() == [(1, 8), (1, 30)]
+    assert conn.execute("SELECT v FROM meta WHERE k = 'next_mid'").fetchone() == (31,)
+    # whole packs until a mid no pack starts with; a pack longer than the rest
+    assert fast.run([1, mids(8, 9, 30, 31)], [], -1, True, True) == [(0, 3)]
+    assert packs() == []
+    conn.execute("ROLLBACK")
+    assert fast.run([1, mids(8)], [], -1, True, True) == [(0, 0)]
+    conn.execute("ROLLBACK")
     # a failure after a call that left the transaction open rolls back all of it
-    assert fast.run([1, 9, later[6]], [], -1, True, False) == []
+    assert fast.run([1, mids(30)], [], -1, True, False) == []
     assert conn.in_transaction
     with pytest.raises(sqlite3.IntegrityError):
-        fast.run([], row + row, -1, False, True)
+        fast.run([], pack(40) + pack(40), -1, False, True)
     assert not conn.in_transaction
-    assert conn.execute("SELECT dev, first FROM packs").fetchall() == [(1, 9)]
+    assert packs() == [(1, 8), (1, 30)]
     with pytest.raises(fastroute.errors.WrongType):
-        fast.run([1, 5, "not bytes"], [], -1, True, True)
+        fast.run([1, "not bytes"], [], -1, True, True)
     with pytest.raises(OverflowError):
-        fast.run([1 << 63, 5, b""], [], -1, True, True)
+        fast.run([1 << 63, mids(8)], [], -1, True, True)
     with pytest.raises(fastroute.errors.InvalidArgument):
-        fast.run([1, 5], [], -1, True, True)
+        fast.run([1, b"seven b"], [], -1, True, True)
+    with pytest.raises(fastroute.errors.InvalidArgument):
+        fast.run([1], [], -1, True, True)
     assert not conn.in_transaction
-    assert (fast.committed, fast.handed_back) == (2, 2)
+    assert (fast.committed, fast.handed_back) == (2, 4)
     fast.close()
     with pytest.raises(RuntimeError):
         fast.run([], [], -1, True, True)
     conn.close()
+
+
+def test_the_twin_runs_its_specification_s_statements():
+    ext = Path(__file__).resolve().parents[1] / "ext" / "fastroute"
+    text = (ext / "_sqlfast.pxi").read_text()
+    # each statement: b"..." or (b"..." b"..."), evaluated as Python reads it
+    literal = r'^SQ_TEXT\[\d+\] = (\((?:\s*b"[^"]*")+\s*\)|b"[^"]*")'
+    texts = {ast.literal_eval(m.group(1)).decode() for m in re.finditer(literal, text, re.M)}
+    spec = store_mod.PySqlFast
+    assert texts == {"BEGIN", "COMMIT", "ROLLBACK", spec.SQL_FIND, spec.SQL_DROP,
+                     spec.SQL_PACK, spec.SQL_MARK}
 
 
 @pytest.mark.parametrize("way", _ways())

@@ -10,12 +10,12 @@
 #
 # Why: the sqlite3 module releases the GIL around every step and every reset
 # of a statement, about a dozen times a transaction.  Under load the event
-# loop's thread holds the GIL, so each release was a hand-off between the
-# two threads (futex wake-ups and context switches on both sides), a tenth
-# of the writer's profile and two fifths of what the loop thread spends
-# more with the SQLite store than with the memory store.  Here the common
-# transaction (acks that each empty exactly one pack, then new packs, then
-# the mid mark) is one call that releases the GIL once.
+# loop's thread holds the GIL, so a release can be a hand-off between the
+# two threads (futex wake-ups, context switches on both sides; the
+# scheduler was about a tenth of the writer's samples).  Here the common
+# transaction (acks that empty whole packs, then new packs, then the mid
+# mark) is one call that releases the GIL once; the writer thread's CPU a
+# message fell by about a sixth (benches/README.md, session 29).
 #
 # The sqlite3 C API is the one the sqlite3 module itself is linked with,
 # found at run time (dlsym) so that the build needs no SQLite headers; the
@@ -40,6 +40,8 @@ cdef extern from *:
         int (*finalize)(fr_sq_stmt*);
         int (*bind_int64)(fr_sq_stmt*, int, long long);
         int (*bind_blob)(fr_sq_stmt*, int, const void*, int, void (*)(void*));
+        const void *(*column_blob)(fr_sq_stmt*, int);
+        int (*column_bytes)(fr_sq_stmt*, int);
         int (*changes)(fr_sq_db*);
         const char *(*errmsg)(fr_sq_db*);
         const char *(*db_filename)(fr_sq_db*, const char*);
@@ -66,6 +68,8 @@ cdef extern from *:
         FR_SQ_SYM(finalize, "sqlite3_finalize")
         FR_SQ_SYM(bind_int64, "sqlite3_bind_int64")
         FR_SQ_SYM(bind_blob, "sqlite3_bind_blob")
+        FR_SQ_SYM(column_blob, "sqlite3_column_blob")
+        FR_SQ_SYM(column_bytes, "sqlite3_column_bytes")
         FR_SQ_SYM(changes, "sqlite3_changes")
         FR_SQ_SYM(errmsg, "sqlite3_errmsg")
         FR_SQ_SYM(db_filename, "sqlite3_db_filename")
@@ -98,6 +102,8 @@ cdef extern from *:
         int (*finalize)(fr_sq_stmt*) nogil
         int (*bind_int64)(fr_sq_stmt*, int, long long) nogil
         int (*bind_blob)(fr_sq_stmt*, int, const void*, int, void (*)(void*)) nogil
+        const void *(*column_blob)(fr_sq_stmt*, int) nogil
+        int (*column_bytes)(fr_sq_stmt*, int) nogil
         int (*changes)(fr_sq_db*) nogil
         const char *(*errmsg)(fr_sq_db*) nogil
         const char *(*db_filename)(fr_sq_db*, const char*) nogil
@@ -113,29 +119,29 @@ cdef extern from *:
 
 
 cdef enum:
-    SQ_BEGIN, SQ_COMMIT, SQ_ROLLBACK, SQ_DROP, SQ_PACK, SQ_META, SQ_COUNT
+    SQ_BEGIN, SQ_COMMIT, SQ_ROLLBACK, SQ_FIND, SQ_DROP, SQ_PACK, SQ_META, SQ_COUNT
     # a pack row's columns, as py_sql_rows lays them out: dev, first, last,
     # n, nbytes, exp_ms (ints), mids, data (blobs)
     PACK_INTS = 6
     PACK_COLS = 8
 
-cdef const char* SQ_TEXT[6]
+cdef const char* SQ_TEXT[SQ_COUNT]
 SQ_TEXT[0] = b"BEGIN"
 SQ_TEXT[1] = b"COMMIT"
 SQ_TEXT[2] = b"ROLLBACK"
-# a pack is dropped only when the ack lists exactly its mids, in order (what
-# py_ack_device's common case checks after a SELECT)
-SQ_TEXT[3] = b"DELETE FROM packs WHERE dev = ?1 AND first = ?2 AND mids = ?3"
-SQ_TEXT[4] = (b"INSERT INTO packs(dev, first, last, n, nbytes, exp_ms, mids, data) "
+# the texts of PySqlFast's statements (the tests compare them)
+SQ_TEXT[3] = b"SELECT mids FROM packs WHERE dev = ?1 AND first = ?2"
+SQ_TEXT[4] = b"DELETE FROM packs WHERE dev = ?1 AND first = ?2"
+SQ_TEXT[5] = (b"INSERT INTO packs(dev, first, last, n, nbytes, exp_ms, mids, data) "
               b"VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)")
-SQ_TEXT[5] = b"INSERT OR REPLACE INTO meta(k, v) VALUES ('next_mid', ?1)"
+SQ_TEXT[6] = b"INSERT OR REPLACE INTO meta(k, v) VALUES ('next_mid', ?1)"
 
 
 ctypedef struct SqDrop:
     int64_t key
-    int64_t first
-    const char* mids
-    int nmids
+    const char* mids    # int64s, native order, as the packs' mids blobs
+    int nbytes
+    int at              # bytes of mids matched by whole packs
 
 ctypedef struct SqPack:
     int64_t ints[PACK_INTS]
@@ -195,7 +201,7 @@ cdef class SqlFast:
     (``conn``, a ``sqlite3.Connection`` on ``path``); used there only.
     """
     cdef fr_sq_db* db
-    cdef fr_sq_stmt* st[6]
+    cdef fr_sq_stmt* st[SQ_COUNT]
     cdef object conn  # kept open while the statements live
     #: transactions :meth:`run` committed, and those it left open to the caller
     cdef public long long committed, handed_back
@@ -241,44 +247,49 @@ cdef class SqlFast:
         self.close()
 
     def run(self, list drops, list pack_rows, long long mark, bint begin, bint commit):
-        """BEGIN (when ``begin``); drop each pack of ``drops`` (flat ``key,
-        first, mids blob`` triples) whose mids are exactly the blob's; then,
-        if every drop found its pack, insert ``pack_rows`` (flat,
-        :func:`py_sql_rows`' layout), set meta's ``next_mid`` to ``mark``
-        unless it is negative, and COMMIT (when ``commit``).
+        """BEGIN (when ``begin``); apply ``drops``, flat ``key, mids blob``
+        pairs (a device's acked mids, int64s); then, if every drop was
+        applied whole, insert ``pack_rows`` (flat, :func:`py_sql_rows`'
+        layout), set meta's ``next_mid`` to ``mark`` unless it is negative,
+        and COMMIT (when ``commit``).
 
-        Returns the indexes (of triples) of the drops that found no pack;
-        then nothing after the drops was done, and the transaction is left
-        open for the caller to finish (as it is when ``commit`` is false).
-        A value of the wrong type raises before anything is written.  On any
-        SQLite error the transaction is rolled back and the sqlite3 module's
-        exception for it raised, with ``sqlite_errorcode`` and
-        ``sqlite_errorname`` set as it sets them (the primary code's name).
+        A drop's mids are walked pack by pack: while the device has a pack
+        whose first mid is the next acked one and whose mids all come next,
+        in order, that pack is deleted.  Returns ``(index, matched)`` for
+        each drop (by its pair's index) that stopped short, ``matched`` the
+        mids it applied; then nothing after the drops was done, and the
+        transaction is left open for the caller to apply the rest and finish
+        (as it is when ``commit`` is false).  A value of the wrong type
+        raises before anything is written.  On any SQLite error the
+        transaction is rolled back and the sqlite3 module's exception for it
+        raised, with ``sqlite_errorcode`` and ``sqlite_errorname`` set as it
+        sets them (the primary code's name).
         """
         cdef Py_ssize_t ndrop, npack, i, j
         cdef SqDrop* dr = NULL
         cdef SqPack* pk = NULL
-        cdef unsigned char* missed = NULL
-        cdef int rc = FR_SQ_OK, nmissed = 0
+        cdef int rc = FR_SQ_OK, nmissed = 0, held
+        cdef int64_t first
+        cdef const void* blob
         if self.db == NULL:
             raise RuntimeError("closed")
-        if len(drops) % 3 or len(pack_rows) % PACK_COLS:
-            raise InvalidArgument("drops are triples and pack rows have 8 columns")
-        ndrop = len(drops) // 3
+        if len(drops) % 2 or len(pack_rows) % PACK_COLS:
+            raise InvalidArgument("drops are pairs and pack rows have 8 columns")
+        ndrop = len(drops) // 2
         npack = len(pack_rows) // PACK_COLS
         try:
             # every value is read here, with the GIL; the blobs stay alive in
             # the caller's lists while the GIL is released below
             dr = <SqDrop*>PyMem_Malloc(sizeof(SqDrop) * (ndrop + 1))
             pk = <SqPack*>PyMem_Malloc(sizeof(SqPack) * (npack + 1))
-            missed = <unsigned char*>PyMem_Malloc(ndrop + 1)
-            if dr == NULL or pk == NULL or missed == NULL:
+            if dr == NULL or pk == NULL:
                 raise MemoryError()
             for i in range(ndrop):
-                dr[i].key = drops[3 * i]
-                dr[i].first = drops[3 * i + 1]
-                _blob_ptr(drops[3 * i + 2], &dr[i].mids, &dr[i].nmids)
-                missed[i] = 0
+                dr[i].key = drops[2 * i]
+                _blob_ptr(drops[2 * i + 1], &dr[i].mids, &dr[i].nbytes)
+                if dr[i].nbytes % 8:
+                    raise InvalidArgument("a drop's mids are int64s")
+                dr[i].at = 0
             for i in range(npack):
                 for j in range(PACK_INTS):
                     pk[i].ints[j] = pack_rows[PACK_COLS * i + j]
@@ -292,12 +303,31 @@ cdef class SqlFast:
                 # the ones the new rows then take, written to the WAL once
                 i = 0
                 while rc == FR_SQ_OK and i < ndrop:
-                    fr_sq.bind_int64(self.st[SQ_DROP], 1, dr[i].key)
-                    fr_sq.bind_int64(self.st[SQ_DROP], 2, dr[i].first)
-                    fr_sq.bind_blob(self.st[SQ_DROP], 3, dr[i].mids, dr[i].nmids, NULL)
-                    rc = _step_done(self.st[SQ_DROP])
-                    if rc == FR_SQ_OK and fr_sq.changes(self.db) != 1:
-                        missed[i] = 1
+                    while dr[i].at < dr[i].nbytes:
+                        memcpy(&first, dr[i].mids + dr[i].at, 8)
+                        fr_sq.bind_int64(self.st[SQ_FIND], 1, dr[i].key)
+                        fr_sq.bind_int64(self.st[SQ_FIND], 2, first)
+                        rc = fr_sq.step(self.st[SQ_FIND])
+                        held = 0
+                        if rc == FR_SQ_ROW:
+                            rc = FR_SQ_OK
+                            held = fr_sq.column_bytes(self.st[SQ_FIND], 0)
+                            blob = fr_sq.column_blob(self.st[SQ_FIND], 0)
+                            if (held == 0 or held > dr[i].nbytes - dr[i].at
+                                    or memcmp(blob, dr[i].mids + dr[i].at, held) != 0):
+                                held = 0  # not this ack's next mids: the rest waits
+                        elif rc == FR_SQ_DONE:
+                            rc = FR_SQ_OK
+                        fr_sq.reset(self.st[SQ_FIND])
+                        if rc != FR_SQ_OK or held == 0:
+                            break
+                        fr_sq.bind_int64(self.st[SQ_DROP], 1, dr[i].key)
+                        fr_sq.bind_int64(self.st[SQ_DROP], 2, first)
+                        rc = _step_done(self.st[SQ_DROP])
+                        if rc != FR_SQ_OK:
+                            break
+                        dr[i].at += held
+                    if dr[i].at < dr[i].nbytes:
                         nmissed += 1
                     i += 1
                 if nmissed:
@@ -329,8 +359,7 @@ cdef class SqlFast:
                 self.committed += 1
                 return []
             self.handed_back += 1
-            return [i for i in range(ndrop) if missed[i]]
+            return [(i, dr[i].at // 8) for i in range(ndrop) if dr[i].at < dr[i].nbytes]
         finally:
             PyMem_Free(dr)
             PyMem_Free(pk)
-            PyMem_Free(missed)
