@@ -18,6 +18,7 @@ import logging
 import random
 import re
 import sqlite3
+import sys
 from pathlib import Path
 
 import pytest
@@ -304,3 +305,20 @@ def test_without_the_compiled_transaction_the_store_still_serves(tmp_path, monke
         left, fast = asyncio.run(main())
     assert left == 0 and fast is None
     assert "compiled path is off" in caplog.text
+
+
+@needs_c
+def test_the_twin_refuses_a_python_whose_connection_layout_it_does_not_know(tmp_path,
+                                                                          monkeypatch):
+    # the handle is read from inside the sqlite3 module's object: only where
+    # its place is known, before anything is read there
+    from fastroute._core import SqlFast
+    path = str(tmp_path / "a.db")
+    conn = sqlite3.connect(path)
+    conn.executescript(store_mod._SCHEMA)
+    monkeypatch.setattr(sys, "version_info", (3, 99, 0, "final", 0))
+    with pytest.raises(RuntimeError, match="layout is not known"):
+        SqlFast(conn, path)
+    monkeypatch.undo()
+    SqlFast(conn, path).close()
+    conn.close()

@@ -19,9 +19,12 @@
 #
 # The sqlite3 C API is the one the sqlite3 module itself is linked with,
 # found at run time (dlsym) so that the build needs no SQLite headers; the
-# connection's handle is the first field of the module's Connection object,
-# as in every CPython from 3.8 to 3.14, and is checked against the file's
-# name before use.
+# connection's handle is the first field of the module's Connection object:
+# checked at run time on CPython 3.11, and so in every connection.h read (a
+# 3.10-era one, and one of 3.12 or later, with its autocommit mode).  A
+# Python other than CPython 3.11 to 3.14 is refused before the handle is
+# read (the store then keeps the general path); otherwise the handle is
+# checked against the file's name before use.
 
 cdef extern from *:
     """
@@ -209,11 +212,14 @@ cdef class SqlFast:
     def __cinit__(self, conn, str path):
         import os
         import sqlite3
+        import sys
         cdef int i, rc
         cdef const char* name
         for i in range(SQ_COUNT):
             self.st[i] = NULL
         self.committed = self.handed_back = 0
+        if sys.implementation.name != "cpython" or not (3, 11) <= sys.version_info[:2] <= (3, 14):
+            raise RuntimeError("this Python's sqlite3.Connection layout is not known")
         if not _sql_fast_available():
             raise RuntimeError("the sqlite3 C API is not reachable")
         if type(conn) is not sqlite3.Connection:
