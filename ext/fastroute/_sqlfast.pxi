@@ -15,7 +15,7 @@
 # scheduler was about a tenth of the writer's samples).  Here the common
 # transaction (acks that empty whole packs, then new packs, then the mid
 # mark) is one call that releases the GIL once; the writer thread's CPU a
-# message fell by about a sixth (benches/README.md, session 29).
+# message fell by about a fifth (benches/README.md, session 29).
 #
 # The sqlite3 C API is the one the sqlite3 module itself is linked with,
 # found at run time (dlsym) so that the build needs no SQLite headers; the
@@ -228,6 +228,8 @@ cdef class SqlFast:
             raise RuntimeError("the sqlite3 module uses another SQLite")
         self.conn = conn
         self.db = fr_sq_handle(<PyObject*>conn)
+        if self.db == NULL:
+            raise RuntimeError("the connection is closed")  # the module clears it then
         name = fr_sq.db_filename(self.db, b"main")
         if name == NULL or os.path.realpath(name.decode()) != os.path.realpath(path):
             # not the layout assumed above: never use what was read
