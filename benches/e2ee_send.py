@@ -45,7 +45,6 @@ import argparse
 import asyncio
 import os
 import secrets
-import shutil
 import statistics
 import subprocess
 import sys
@@ -60,7 +59,7 @@ except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from server_cpu import (  # noqa: E402
-    NATS_JS_CONF,
+    NatsServer,
     find_nats_server,
     proc_cpu_ns,
     relay_limits_toml,
@@ -217,12 +216,13 @@ def js_like(store: str, synchronous: str) -> str:
 
 async def nats_run(n_sub: int, messages: int, server: str, *, per_device: bool = False,
                    window: int = WINDOW, js: str = "") -> tuple[float, float, float]:
-    """Core NATS (no JetStream) carrying ``messages`` to ``n_sub`` subscriber
-    connections: ``per_device``, one publish per device to a subject of its
-    own per message (what a DSEND carries: a ciphertext per device), else one
-    publish to the subject they all subscribe to (a group's fan-out).  A
-    flush every ``window`` messages.  Returns copies delivered per second,
-    nats-server's CPU per copy and this process's (the clients') per copy, in us.
+    """nats-server carrying ``messages`` to ``n_sub`` subscriber connections,
+    core NATS (no JetStream) unless ``js`` says otherwise: ``per_device``,
+    one publish per device to a subject of its own per message (what a DSEND
+    carries: a ciphertext per device), else one publish to the subject they
+    all subscribe to (a group's fan-out).  A flush every ``window`` messages.
+    Returns copies delivered per second, nats-server's CPU per copy and this
+    process's (the clients') per copy, in us.
 
     ``js`` (a key of :data:`JS_STORAGE`): JetStream instead, like the relay's
     store of that name -- a stream of that storage whose messages are kept
@@ -236,34 +236,15 @@ async def nats_run(n_sub: int, messages: int, server: str, *, per_device: bool =
     acking every message.  nats-py's JetStream clients cost tens of us a
     message: they, not nats-server, set the rate (see ``server_cpu.py``).
     """
-    import socket
-
     import nats
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    store_dir = tempfile.mkdtemp(prefix="e2ee-js-") if js else ""
-    argv = [server, "-a", "127.0.0.1", "-p", str(port)]
-    if js:
-        storage, sync = JS_STORAGE[js]
-        conf = os.path.join(store_dir, "nats.conf")
-        with open(conf, "w") as fh:
-            fh.write(NATS_JS_CONF.format(store_dir=store_dir, sync=sync))
-        argv += ["-c", conf]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    storage, sync = JS_STORAGE[js] if js else (None, "2m")
+    # started as server_cpu.py starts it (its config, its port from its log)
+    nats_server = NatsServer(storage, {"data_dir": None, "nats_server": server}, sync=sync)
     conns = []
     try:
-        url = f"nats://127.0.0.1:{port}"
-        for _ in range(100):  # until nats-server listens
-            try:
-                _, w = await asyncio.open_connection("127.0.0.1", port)
-                w.close()
-                break
-            except OSError:
-                await asyncio.sleep(0.05)
-        else:
-            raise SystemExit("nats-server did not start")
+        nats_server.start()
+        url = f"nats://127.0.0.1:{nats_server.port}"
         pub = await nats.connect(url)
         conns.append(pub)
         counts = [0] * n_sub
@@ -354,17 +335,15 @@ async def nats_run(n_sub: int, messages: int, server: str, *, per_device: bool =
             await send_all(messages)
             await wait_all()
 
-        return await measured(proc.pid, messages * n_sub, run())
+        assert nats_server.proc is not None
+        return await measured(nats_server.proc.pid, messages * n_sub, run())
     finally:
         for c in conns:
             try:
                 await c.close()
             except Exception:
                 pass
-        proc.terminate()
-        proc.wait(20)
-        if store_dir:
-            shutil.rmtree(store_dir, ignore_errors=True)
+        nats_server.stop()
 
 
 def main() -> None:

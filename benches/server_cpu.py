@@ -413,10 +413,12 @@ class FastrouteServer:
 class NatsServer:
     """nats-server on 127.0.0.1 (random port), optionally with JetStream."""
 
-    def __init__(self, storage: str | None, ctx: dict) -> None:
-        """Core NATS (``storage`` None) or JetStream with "memory"/"file" streams."""
+    def __init__(self, storage: str | None, ctx: dict, sync: str = "2m") -> None:
+        """Core NATS (``storage`` None) or JetStream with "memory"/"file" streams,
+        its file store synced every ``sync`` (JetStream's ``sync_interval``)."""
         self.storage = storage
         self.ctx = ctx
+        self.sync = sync
         self.dir = tempfile.mkdtemp(prefix=f"nats-cpu-{storage or 'core'}-",
                                     dir=ctx["data_dir"])
         self.proc: subprocess.Popen | None = None
@@ -424,7 +426,7 @@ class NatsServer:
 
     def start(self) -> "NatsServer":
         """Write the config, start the server, read its port from its log."""
-        js = (NATS_JS_CONF.format(store_dir=os.path.join(self.dir, "js"), sync="2m")
+        js = (NATS_JS_CONF.format(store_dir=os.path.join(self.dir, "js"), sync=self.sync)
               if self.storage else "")
         conf = os.path.join(self.dir, "nats.conf")
         with open(conf, "w") as fh:
