@@ -1954,14 +1954,17 @@ class PySqlFast:
 
     SQL_FIND = "SELECT mids FROM packs WHERE dev = ?1 AND first = ?2"
     SQL_DROP = "DELETE FROM packs WHERE dev = ?1 AND first = ?2"
-    SQL_PACK = ("INSERT INTO packs(dev, first, last, n, nbytes, exp_ms, mids, data) "
-                "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)")
+    # the general path's statement, one row: its columns, in its order
+    SQL_PACK = _SQL_PUT_PACK + "(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
     SQL_MARK = "INSERT OR REPLACE INTO meta(k, v) VALUES ('next_mid', ?1)"
 
     def __init__(self, conn: sqlite3.Connection, path: str) -> None:
         if type(conn) is not sqlite3.Connection:
             raise WrongType("conn is a sqlite3.Connection")
-        name = conn.execute("PRAGMA database_list").fetchone()[2]
+        try:
+            name = conn.execute("PRAGMA database_list").fetchone()[2]
+        except sqlite3.ProgrammingError:
+            raise RuntimeError("the connection is closed") from None
         if not name or os.path.realpath(name) != os.path.realpath(path):
             raise RuntimeError("the connection is not on that file")
         self._conn: sqlite3.Connection | None = conn

@@ -282,8 +282,8 @@ def test_the_common_transaction_refuses_a_connection_it_cannot_vouch_for(tmp_pat
     with pytest.raises(fastroute.errors.WrongType):
         way(object(), str(tmp_path / "a.db"))
     conn.close()
-    with pytest.raises((RuntimeError, sqlite3.ProgrammingError)):
-        way(conn, str(tmp_path / "a.db"))  # closed
+    with pytest.raises(RuntimeError, match="closed"):
+        way(conn, str(tmp_path / "a.db"))
 
 
 def test_without_the_compiled_transaction_the_store_still_serves(tmp_path, monkeypatch, caplog):
