@@ -173,6 +173,21 @@ _UNBOUND_LIMITS = {
 }
 
 
+# The rate limits of ``Limits`` left as they are, and why they do not pace a
+# bench (tests/test_benches.py holds _UNBOUND_LIMITS and this to the relay's
+# ``Limits``: a new layer must be lifted above, or named here).
+LIMITS_NOT_LIFTED = {
+    "provider_msgs_per_s": "0 (the default): off unless the provider's enrolment sets it",
+    "provider_bytes_per_s": "0 (the default): off unless the provider's enrolment sets it",
+    "provider_ops_per_s": "0 (the default): off unless the provider's enrolment sets it",
+    "provider_burst_s": "the provider buckets' size, which are off",
+    "new_sender_msgs_per_s": "only for a young address's first message to each stranger "
+                             "(a bench that writes to more than 20 sets new_sender_age_s = 0)",
+    "new_sender_burst": "as new_sender_msgs_per_s",
+    "throttled_msgs_per_s": "only for a sender whose abuse score passed throttle_score",
+}
+
+
 def relay_limits_toml() -> str:
     """The ``[limits]`` lines that lift every rate limit this fastroute has."""
     from fastroute.config import Limits

@@ -1,0 +1,89 @@
+"""The benches' relay set-up: every rate limit lifted, and a refusal ends a run.
+
+A bench measures the relay's data path, so its relay must not be paced by a
+limit layer added after the bench was written: ``benches/e2e_compare.py`` and
+``benches/sizing.py`` wrote the device's limits only, and once the address
+budgets landed their 1:1 runs were paced at 10,000 messages a second, their
+4 KiB runs refused and then stalled for 20 s, and ``sizing.py`` failed.
+These tests hold the benches' shared list (``server_cpu.py``) to the relay's
+``Limits``, and run ``e2e_compare.py``'s relay past the defaults' bursts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fastroute.config import Limits, RelayConfig
+from fastroute.errors import RateLimited
+
+BENCHES = Path(__file__).resolve().parents[1] / "benches"
+sys.path.insert(0, str(BENCHES))
+
+import e2e_compare  # noqa: E402
+import server_cpu  # noqa: E402
+
+
+def _rate_fields() -> set[str]:
+    return {f.name for f in dataclasses.fields(Limits)
+            if f.name.endswith(("_per_s", "_burst", "_burst_s"))}
+
+
+def test_every_rate_limit_is_lifted_or_named() -> None:
+    lifted = set(server_cpu._UNBOUND_LIMITS)
+    named = set(server_cpu.LIMITS_NOT_LIFTED)
+    assert not lifted & named
+    # a new layer of Limits must be lifted for benches, or named with why it
+    # does not pace them
+    assert _rate_fields() - lifted - named == set()
+    # and the names are the relay's: a renamed field is not lifted silently
+    assert (lifted | named) - _rate_fields() == set()
+    # the provider layers are left because they are off by default
+    defaults = Limits()
+    for name in named:
+        if name.startswith("provider_") and name.endswith("_per_s"):
+            assert getattr(defaults, name) == 0
+
+
+def test_lifted_limits_load_and_exceed_the_defaults() -> None:
+    doc = tomllib.loads("[limits]\n" + server_cpu.relay_limits_toml())
+    cfg = RelayConfig.from_mapping(doc)
+    defaults = Limits()
+    for name in server_cpu._UNBOUND_LIMITS:
+        assert getattr(cfg.limits, name) >= 50 * getattr(defaults, name), name
+
+
+def _run(coro_fn, *args):
+    async def main():
+        relay = e2e_compare.FastrouteRelay("memory").start()
+        try:
+            return await coro_fn(relay, *args)
+        finally:
+            relay.stop()
+    return asyncio.run(main())
+
+
+def test_e2e_compare_runs_past_the_default_bursts() -> None:
+    # 4 KiB bodies: 160 MiB, past the address's 128 MiB byte burst, and
+    # 41,000 messages, past its 40,000-message one
+    n = 41_000
+    res = _run(e2e_compare.fr_run, 1, 4096, n, None)
+    assert res["delivered"] == n
+
+
+def test_e2e_compare_ends_a_refused_run_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the device's limits only, as before: the address's byte burst refuses
+    monkeypatch.setattr(e2e_compare, "relay_limits_toml",
+                        lambda: "msgs_per_s = 1e7\nmsgs_burst = 1e7\n"
+                                "bytes_per_s = 10000000000\nbytes_burst = 10000000000\n")
+    t0 = time.monotonic()
+    with pytest.raises(RateLimited):
+        _run(e2e_compare.fr_run, 1, 4096, 41_000, None)
+    # not after RUN_TIMEOUT without progress (a stall): the refusal itself
+    assert time.monotonic() - t0 < e2e_compare.RUN_TIMEOUT
