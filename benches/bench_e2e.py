@@ -5,7 +5,7 @@ Run (a few seconds)::
     pytest benches/bench_e2e.py --benchmark-enable --benchmark-columns=mean,min,max,rounds
 
 The relay runs as ``fastroute serve --store memory`` in a subprocess (uvloop,
-per-device rate limits raised), the two clients in the test process on
+every rate limit raised), the two clients in the test process on
 uvloop.  One round = ``N_MSGS`` sends of 100 B bodies queued with
 ``send_nowait`` in batches of 256 (``drain`` after each), timed until the
 recipient has received them all and the relay has acked every send;
