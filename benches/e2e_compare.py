@@ -356,10 +356,14 @@ async def fr_run(relay: FastrouteRelay, fanout: int, size: int, n: int,
                 await tx.drain()
             await asyncio.sleep(0)
             await window.wait()
-            while tx.unacked_sends > WINDOW:
-                _, pending = await asyncio.wait(set(outstanding), timeout=RUN_TIMEOUT,
-                                                return_when=asyncio.FIRST_COMPLETED)
-                if pending and len(pending) == len(outstanding):
+            while tx.unacked_sends > WINDOW and outstanding:
+                if errors:
+                    raise errors[0]
+                # a batch that completes leaves outstanding (settled) before
+                # this wakes: only an empty done says that none completed
+                completed, _ = await asyncio.wait(set(outstanding), timeout=RUN_TIMEOUT,
+                                                  return_when=asyncio.FIRST_COMPLETED)
+                if not completed:
                     raise asyncio.TimeoutError
         done = await asyncio.wait_for(asyncio.gather(*recvs), RUN_TIMEOUT)
         if outstanding:

@@ -87,3 +87,16 @@ def test_e2e_compare_ends_a_refused_run_at_once(monkeypatch: pytest.MonkeyPatch)
         _run(e2e_compare.fr_run, 1, 4096, 41_000, None)
     # not after RUN_TIMEOUT without progress (a stall): the refusal itself
     assert time.monotonic() - t0 < e2e_compare.RUN_TIMEOUT
+
+
+def test_e2e_compare_unbounded_window_runs_through(monkeypatch: pytest.MonkeyPatch) -> None:
+    # --window 0: the sender waits only on the relay's acks past WINDOW
+    # unacked sends.  That wait took a batch completing for a stall (the
+    # batch left the outstanding set before the wait woke), so every such
+    # run reported STALLED, "after 20 s without progress", at its first wait
+    monkeypatch.setattr(e2e_compare, "E2E_WINDOW", 0)
+    # a small ack window, so that the sender certainly waits on it
+    monkeypatch.setattr(e2e_compare, "WINDOW", 2 * e2e_compare.BATCH)
+    n = 20_000
+    res = _run(e2e_compare.fr_run, 1, 100, n, None)
+    assert res["delivered"] == n
