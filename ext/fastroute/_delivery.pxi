@@ -194,8 +194,8 @@ def sync_rows(object router, object dev, list rows, object routed, dict senders,
     """
     cdef Py_ssize_t pushed = 0
     cdef object row, mid, sender, cid, body, ts_ms, sp, last = None
-    cdef unsigned long long ts
-    cdef bytes ts_packed
+    cdef unsigned long long ts, packed_ts = 0
+    cdef bytes ts_packed = None
     cdef unsigned char* p
     push = router.push
     for row in rows:
@@ -211,11 +211,15 @@ def sync_rows(object router, object dev, list rows, object routed, dict senders,
             last = mid
             continue
         ts = ts_ms
-        ts_packed = PyBytes_FromStringAndSize(NULL, 9)
-        p = <unsigned char*>PyBytes_AS_STRING(ts_packed)
-        p[0] = 0xcf
-        put_be32(p + 1, <uint32_t>(ts >> 32))
-        put_be32(p + 5, <uint32_t>(ts & 0xffffffffULL))
+        if ts_packed is None or ts != packed_ts:
+            # a backlog's rows come in runs of one stamp (a store batch's):
+            # packed once a run
+            ts_packed = PyBytes_FromStringAndSize(NULL, 9)
+            p = <unsigned char*>PyBytes_AS_STRING(ts_packed)
+            p[0] = 0xcf
+            put_be32(p + 1, <uint32_t>(ts >> 32))
+            put_be32(p + 5, <uint32_t>(ts & 0xffffffffULL))
+            packed_ts = ts
         try:
             if PyTuple_Check(sp):
                 push(dev, (mid, c_deliver_tail((<tuple>sp)[1], cid, body, ts_packed, 0),

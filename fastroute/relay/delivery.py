@@ -27,6 +27,8 @@ import asyncio
 import logging
 import time
 from collections import deque
+from itertools import islice
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 
@@ -55,6 +57,8 @@ _POP_BATCH = 1024
 _LIGHT_OPS = 8
 #: ts_ms = 0 as the DELIVER tail packs it (uint64), for a withheld timestamp
 _TS_ZERO = b"\xcf" + bytes(8)
+#: a stored row's body (``(mid, sender, id, body, ts_ms)``)
+_BODY = itemgetter(3)
 
 
 # -- per-message loops: specification -------------------------------------------
@@ -701,7 +705,7 @@ class Delivery:
                     placed = exc.entered
                     full = exc.full
                     # the items are only made when some were refused
-                    self._missed(shared_items(batch) if shared else _pairs(batch), full)
+                    self._missed(shared_items(batch) if shared else batch, full, not shared)
                 # the tails the engine now holds count against each live device
                 # and the relay-wide memory budget, as routed ones do (_held)
                 skip = {index for index, _ in full} if full else frozenset()
@@ -737,7 +741,7 @@ class Delivery:
             if ephemeral:
                 self._signals_dropped(exc.full)
             else:
-                self._missed(_pairs(batch), exc.full)
+                self._missed(batch, exc.full)
         else:
             self._held(batch, ())
         if self.queued_bytes > self.memory_budget:
@@ -796,9 +800,16 @@ class Delivery:
                     feed.qbytes += size
                     added += size
         online = self._online
+        # a full device's items come in runs (an overflowed one's are all
+        # refused): its feed is looked up once a run
+        last_dev = skipped = None
         for index, dev in full:
-            skipped = online.get(dev)
-            if skipped is not None and skipped.live:  # it was skipped, not filled
+            if dev != last_dev:
+                last_dev = dev
+                skipped = online.get(dev)
+                if skipped is not None and not skipped.live:
+                    skipped = None  # not live: its bytes were never counted
+            if skipped is not None:  # it was skipped, not filled
                 size = len(batch[2 * index + 1][1])
                 skipped.qbytes -= size
                 added -= size
@@ -869,13 +880,25 @@ class Delivery:
         """A link was granted features: cached fan-outs may now include its device."""
         self._feeds_gen += 1
 
-    def _missed(self, batch: list, full: list) -> None:
+    def _missed(self, batch: list, full: list, flat: bool = True) -> None:
+        """The engine could not place ``full``'s ``(index, device id)`` items
+        of ``batch`` (flat ``key, payload, ...``; ``flat`` false: ``(key,
+        payload)`` pairs): from its first miss on, the store feeds the device."""
         online = self._online
+        # a device that overflowed misses every message until its sync has
+        # caught up: per refused message only its mid is read, its feed is
+        # looked up once a run and its sync started once
+        missed: dict = {}
+        last_dev = feed = None
         for index, dev in full:
-            feed = online.get(dev)
+            if dev != last_dev:
+                last_dev = dev
+                feed = online.get(dev)
+                if feed is not None:
+                    missed[feed] = None
             if feed is None:
                 continue
-            mid = batch[index][1][0]
+            mid = (batch[2 * index + 1] if flat else batch[index][1])[0]
             if feed.live:
                 # The first miss: everything of this device's before it went
                 # through the live route, everything from it on (in mid
@@ -884,6 +907,7 @@ class Delivery:
                 feed.last_mid = mid - 1
             if mid > feed.missed_mid:
                 feed.missed_mid = mid
+        for feed in missed:
             self.start_sync(feed)
 
     def _next_routed(self) -> asyncio.Future:
@@ -953,7 +977,7 @@ class Delivery:
                     feed.last_mid = last
                     # the bodies plus a tail's overhead (sender, id, ts, cls;
                     # ~40 bytes): an estimate, reset when the device is empty
-                    size = sum([len(row[3]) for row in rows[:pushed]]) + 40 * pushed
+                    size = sum(map(len, map(_BODY, islice(rows, pushed)))) + 40 * pushed
                     feed.qbytes += size
                     self.queued_bytes += size
                     self.wake()  # the writer drains what was just pushed
