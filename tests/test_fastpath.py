@@ -35,6 +35,7 @@ from fastroute.errors import (
     InvalidArgument,
     ProtocolError,
     UnknownAddress,
+    UnknownDevice,
     WrongType,
 )
 from fastroute import dedup
@@ -1280,6 +1281,28 @@ def _sync_run(fn, rows, routed, cap):
     res = fn(router, dev, rows, routed, {}, lambda s: packed.append(s) or msgpack.packb(s))
     popped = router.pop_many([dev], 100)
     return res, popped[0][1] if popped else [], packed
+
+
+@pytest.mark.parametrize("routed", [1 << 62, 5])
+def test_sync_rows_twins_for_a_removed_device(routed):
+    # the compiled twin finds the engine's device itself, at its first push:
+    # a device removed meanwhile is UnknownDevice as push says it, and rows
+    # that are not pushed (above routed) never look it up
+    from fastroute import Router
+
+    rows = [(10, "alice@example.org", b"a" * 16, b"x", TS)]
+
+    def run(fn):
+        router = Router(mailbox_capacity=4)
+        dev = router.add_device("bob@example.org", "phone")
+        router.remove_device(dev)
+        return fn(router, dev, rows, routed, {}, msgpack.packb)
+
+    got = _same(lambda: run(delivery.py_sync_rows), _core and (lambda: run(_core.sync_rows)))
+    if routed > 10:
+        assert isinstance(got, UnknownDevice)
+    else:
+        assert got == (0, None, 1)
 
 
 @pytest.mark.parametrize("routed,cap", [(1 << 62, 100), (12, 100), (1 << 62, 3), (10, 3)])

@@ -177,6 +177,9 @@ cdef class Router:
     # mark the caches of the groups naming `a` stale
     cdef int _invalidate(self, _Address a) except -1
     cdef int _rebuild(self, _Group g) except -1
+    # push(): 1 (nothing placed) when the device is at capacity, else 0;
+    # the backlog sync calls it for every row, without a Python call
+    cdef int _push(self, _Device dev, object payload) except -1
     # pop up to max_n queued messages of one device as [(seq, payload)]
     cdef list _pop(self, _Device dev, Py_ssize_t max_n)
     # raise MemoryError / MailboxFull for a finished placement loop

@@ -751,13 +751,18 @@ cdef class Router:
         device is at capacity.
         """
         cdef _Device dev = self._device(device_id)
+        if self._push(dev, payload):
+            raise MailboxFull("mailbox full", 0, [(0, dev.mb.dev_id)])
+        return PyLong_FromUnsignedLongLong(dev.mb.tail)
+
+    cdef int _push(self, _Device dev, object payload) except -1:
         cdef Mailbox* m = &dev.mb
         if m.tail - m.acked >= self.cap:
-            raise MailboxFull("mailbox full", 0, [(0, m.dev_id)])
+            return 1
         if mb_put(m, <PyObject*>payload, &self.ready) == OFFER_NOMEM:
             raise MemoryError()
         placed(&self.c, <PyObject*>payload, 1)
-        return PyLong_FromUnsignedLongLong(m.tail)
+        return 0
 
     # ------------------------------------------------------------ groups
 
