@@ -78,13 +78,14 @@ def test_e2e_compare_runs_past_the_default_bursts() -> None:
 
 
 def test_e2e_compare_ends_a_refused_run_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    # the device's limits only, as before: the address's byte burst refuses
+    # an address allowed 1 MiB (256 of these bodies) and 1 KiB a second
+    # more: refused within the run whatever the relay's speed
     monkeypatch.setattr(e2e_compare, "relay_limits_toml",
-                        lambda: "msgs_per_s = 1e7\nmsgs_burst = 1e7\n"
-                                "bytes_per_s = 10000000000\nbytes_burst = 10000000000\n")
+                        lambda: "address_bytes_per_s = 1024.0\n"
+                                "address_bytes_burst = 1048576.0\n")
     t0 = time.monotonic()
     with pytest.raises(RateLimited):
-        _run(e2e_compare.fr_run, 1, 4096, 41_000, None)
+        _run(e2e_compare.fr_run, 1, 4096, 2_000, None)
     # not after RUN_TIMEOUT without progress (a stall): the refusal itself
     assert time.monotonic() - t0 < e2e_compare.RUN_TIMEOUT
 
