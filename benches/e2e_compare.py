@@ -161,8 +161,10 @@ class FastrouteRelay:
         cfg = os.path.join(self.dir, "bench.toml")
         with open(cfg, "w") as fh:
             fh.write(BENCH_TOML + relay_limits_toml())
-        cmd = [sys.executable, "-c", RELAY_MAIN, "serve", "--data-dir", self.dir, "--config", cfg,
-                     "--listen", "127.0.0.1:0", "--store", self.store]
+        # -P: the child imports the fastroute this script imported, not the
+        # unbuilt source tree of the directory it runs in (a clone's)
+        cmd = [sys.executable, "-P", "-c", RELAY_MAIN, "serve", "--data-dir", self.dir,
+               "--config", cfg, "--listen", "127.0.0.1:0", "--store", self.store]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if self.profile_to:
             env["FR_PROFILE"] = self.profile_to
