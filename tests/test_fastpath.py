@@ -1586,6 +1586,21 @@ def test_sql_rows_twins():
             assert seen[mid] == (sorted(set(devs)), (sender, cid, body, ts, ts + ttl))
 
 
+@pytest.mark.skipif(_core is None, reason="the drafts' buffer pool is the compiled core's")
+def test_sql_rows_keeps_a_bounded_pool_of_draft_buffers():
+    # each transaction's packs are laid out in buffers kept from the last
+    # one: at most 32 of them and 8 MiB, whatever a transaction held, and a
+    # kept buffer (larger, or holding an older transaction's bytes) lays out
+    # the next one as the specification does
+    big = [[("a@x", bytes([d]) * 16, b"x" * 100_000, 1, (d,))
+            for d in range(1, 41) for _ in range(3)]]
+    small = [[("b@y", bytes([d]) * 16, b"y" * 10, 2, (d,)) for d in range(1, 4)]]
+    for puts in (big, small, big, small):
+        assert _core.sql_rows(puts, 7, 1000) == store.py_sql_rows(puts, 7, 1000)
+        kept, nbytes = _core._draft_pool_stats()
+        assert 0 < kept <= 32 and nbytes <= 8 << 20
+
+
 @pytest.mark.parametrize("bad, error", [
     (("a@x", MID, bytearray(b"b"), 1, (1,)), WrongType),
     ((b"a@x", MID, b"b", 1, (1,)), WrongType),

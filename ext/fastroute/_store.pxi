@@ -494,10 +494,58 @@ cdef int grow_array(void** items, Py_ssize_t* cap, Py_ssize_t n, size_t item) ex
     return 0
 
 
+# The drafts' entry buffers, kept from one transaction to the next.  Each
+# transaction's packs grew from 4 KB by realloc (a copy at every doubling),
+# and the writer's arena, trimmed between transactions, had its pages
+# faulted in again.  Bounded in count and bytes; only touched with the GIL
+# held (sql_rows never lets it go).
+cdef enum:
+    DRAFT_POOL_SLOTS = 32
+cdef unsigned char* _draft_pool_buf[32]
+cdef Py_ssize_t _draft_pool_cap[32]
+cdef Py_ssize_t _draft_pool_n = 0
+cdef Py_ssize_t _draft_pool_bytes = 0
+cdef Py_ssize_t DRAFT_POOL_MAX_BYTES = 8 << 20
+
+
+cdef inline void draft_pool_take(PackDraft* d) noexcept:
+    """Give ``d`` (no buffer yet) a kept buffer, if one is kept."""
+    global _draft_pool_n, _draft_pool_bytes
+    if _draft_pool_n:
+        _draft_pool_n -= 1
+        d.data = _draft_pool_buf[_draft_pool_n]
+        d.cap = _draft_pool_cap[_draft_pool_n]
+        _draft_pool_bytes -= d.cap
+
+
+cdef inline void draft_pool_give(PackDraft* d) noexcept:
+    """Keep ``d``'s buffer for a later transaction, or free it."""
+    global _draft_pool_n, _draft_pool_bytes
+    if d.data == NULL:
+        return
+    if (_draft_pool_n < DRAFT_POOL_SLOTS
+            and _draft_pool_bytes + d.cap <= DRAFT_POOL_MAX_BYTES):
+        _draft_pool_buf[_draft_pool_n] = d.data
+        _draft_pool_cap[_draft_pool_n] = d.cap
+        _draft_pool_n += 1
+        _draft_pool_bytes += d.cap
+    else:
+        PyMem_Free(d.data)
+    d.data = NULL
+    d.cap = 0
+
+
+def _draft_pool_stats():
+    """(buffers kept, bytes kept) of the drafts' pool (for tests)."""
+    return _draft_pool_n, _draft_pool_bytes
+
+
 cdef int draft_reserve(PackDraft* d, Py_ssize_t more) except -1:
     """Room for ``more`` bytes of entries and one more mid in ``d``."""
     cdef Py_ssize_t cap
     cdef void* p
+    if d.data == NULL:
+        draft_pool_take(d)
     if d.n >= d.mids_cap:
         cap = 64 if d.mids_cap == 0 else d.mids_cap * 2
         p = PyMem_Realloc(d.mids, cap * sizeof(int64_t))
@@ -721,11 +769,11 @@ def sql_rows(list puts, long long mid, long long ttl_ms):
     finally:
         for i in range(ndrafts):
             PyMem_Free(drafts[i].mids)
-            PyMem_Free(drafts[i].data)
+            draft_pool_give(&drafts[i])
         PyMem_Free(drafts)
         for i in range(nspacks):
             PyMem_Free(spacks[i].pack.mids)
-            PyMem_Free(spacks[i].pack.data)
+            draft_pool_give(&spacks[i].pack)
             PyMem_Free(spacks[i].lens)
             PyMem_Free(spacks[i].exps)
         PyMem_Free(spacks)
