@@ -498,7 +498,17 @@ cdef int grow_array(void** items, Py_ssize_t* cap, Py_ssize_t n, size_t item) ex
 # transaction's packs grew from 4 KB by realloc (a copy at every doubling),
 # and the writer's arena, trimmed between transactions, had its pages
 # faulted in again.  Bounded in count and bytes; only touched with the GIL
-# held (sql_rows never lets it go).
+# held (sql_rows never lets it go), so a build without the GIL keeps none.
+cdef extern from *:
+    """
+    #ifdef Py_GIL_DISABLED
+    #define FASTROUTE_DRAFT_POOL 0
+    #else
+    #define FASTROUTE_DRAFT_POOL 1
+    #endif
+    """
+    const bint DRAFT_POOL "FASTROUTE_DRAFT_POOL"
+
 cdef enum:
     DRAFT_POOL_SLOTS = 32
 cdef unsigned char* _draft_pool_buf[32]
@@ -523,7 +533,7 @@ cdef inline void draft_pool_give(PackDraft* d) noexcept:
     global _draft_pool_n, _draft_pool_bytes
     if d.data == NULL:
         return
-    if (_draft_pool_n < DRAFT_POOL_SLOTS
+    if (DRAFT_POOL and _draft_pool_n < DRAFT_POOL_SLOTS
             and _draft_pool_bytes + d.cap <= DRAFT_POOL_MAX_BYTES):
         _draft_pool_buf[_draft_pool_n] = d.data
         _draft_pool_cap[_draft_pool_n] = d.cap
@@ -536,8 +546,9 @@ cdef inline void draft_pool_give(PackDraft* d) noexcept:
 
 
 def _draft_pool_stats():
-    """(buffers kept, bytes kept) of the drafts' pool (for tests)."""
-    return _draft_pool_n, _draft_pool_bytes
+    """(whether buffers are kept, buffers kept, bytes kept) of the drafts'
+    pool (for tests)."""
+    return bool(DRAFT_POOL), _draft_pool_n, _draft_pool_bytes
 
 
 cdef int draft_reserve(PackDraft* d, Py_ssize_t more) except -1:
