@@ -1953,8 +1953,9 @@ class PySqlFast:
     """
 
     SQL_FIND = "SELECT mids FROM packs WHERE dev = ?1 AND first = ?2"
-    SQL_DROP = "DELETE FROM packs WHERE dev = ?1 AND first = ?2"
-    # the general path's statement, one row: its columns, in its order
+    # the general path's statements (a pack dropped by its key; one row of
+    # new packs: its columns, in its order)
+    SQL_DROP = _SQL_PACK_DROP
     SQL_PACK = _SQL_PUT_PACK + "(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
     SQL_MARK = "INSERT OR REPLACE INTO meta(k, v) VALUES ('next_mid', ?1)"
 

@@ -134,7 +134,7 @@ SQ_TEXT[1] = b"COMMIT"
 SQ_TEXT[2] = b"ROLLBACK"
 # the texts of PySqlFast's statements (the tests compare them)
 SQ_TEXT[3] = b"SELECT mids FROM packs WHERE dev = ?1 AND first = ?2"
-SQ_TEXT[4] = b"DELETE FROM packs WHERE dev = ?1 AND first = ?2"
+SQ_TEXT[4] = b"DELETE FROM packs WHERE dev = ? AND first = ?"
 SQ_TEXT[5] = (b"INSERT INTO packs(dev, first, last, n, nbytes, exp_ms, mids, data) "
               b"VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)")
 SQ_TEXT[6] = b"INSERT OR REPLACE INTO meta(k, v) VALUES ('next_mid', ?1)"
