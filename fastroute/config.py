@@ -13,6 +13,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._model import MAX_MAILBOX_CAPACITY
 from .errors import InvalidArgument
 
 __all__ = ["RelayConfig", "Limits", "parse_hostport", "DATA_DIR_ENV"]
@@ -140,8 +141,17 @@ class RelayConfig:
     #: SQLite synchronous mode: "FULL" (a SACK survives power loss too, as the
     #: protocol promises) or "NORMAL" (survives a process crash only)
     synchronous: str = "FULL"
-    #: queued + unacked messages per online device kept in RAM; the rest stay in the store
+    #: unacked deliveries per online device (a client that never DACKs gets
+    #: no more), and with the SQLite store also the queued + unacked messages
+    #: per online device kept in RAM; the rest stay in the store
     mailbox_capacity: int = 4096
+    #: queued + unacked messages a device's mailbox holds in RAM before new
+    #: ones wait in the store and reach it by a backlog sync.  0: the
+    #: ``mailbox_capacity`` with the SQLite store; with the memory store, no
+    #: bound but ``queue_memory_bytes`` (that store keeps every message in RAM
+    #: anyway, so a device that is merely slow stays on the live route instead
+    #: of being fed again from the store).  Otherwise at least ``mailbox_capacity``
+    mailbox_queue_capacity: int = 0
     #: open connections; 0 = as many as the file-descriptor limit allows.  The
     #: relay raises its fd limit at start to fit, and refuses to start when it
     #: cannot
@@ -269,6 +279,15 @@ class RelayConfig:
         new.validate()
         return new
 
+    def queue_capacity(self, in_memory: bool) -> int:
+        """The engine's bound on one device's mailbox (``Router``'s
+        ``mailbox_capacity``): ``mailbox_queue_capacity`` if set, else
+        ``mailbox_capacity``, or no bound but the memory budget's when the
+        message store keeps its messages in RAM (``in_memory``)."""
+        if self.mailbox_queue_capacity:
+            return self.mailbox_queue_capacity
+        return MAX_MAILBOX_CAPACITY if in_memory else self.mailbox_capacity
+
     def validate(self) -> None:
         """Raise :class:`InvalidArgument` on values that cannot work."""
         if self.store not in ("sqlite", "memory"):
@@ -279,8 +298,12 @@ class RelayConfig:
             raise InvalidArgument("log_format must be 'text' or 'json'")
         if self.admin_listen not in ("auto", "off"):
             parse_hostport(self.admin_listen)
-        if self.mailbox_capacity < 1:
-            raise InvalidArgument("mailbox_capacity must be >= 1")
+        if not 1 <= self.mailbox_capacity <= MAX_MAILBOX_CAPACITY:
+            raise InvalidArgument(f"mailbox_capacity must be in 1..{MAX_MAILBOX_CAPACITY}")
+        if self.mailbox_queue_capacity and not (
+                self.mailbox_capacity <= self.mailbox_queue_capacity <= MAX_MAILBOX_CAPACITY):
+            raise InvalidArgument("mailbox_queue_capacity must be 0 or in "
+                                  f"mailbox_capacity..{MAX_MAILBOX_CAPACITY}")
         if min(self.prekey_ec_cap, self.prekey_kem_cap) < 1:
             raise InvalidArgument("prekey caps must be >= 1")
         if min(self.group_max_members, self.groups_per_user, self.group_invites_per_user) < 1:

@@ -70,7 +70,11 @@ class Store(Protocol):
     embedder passes to the relay as its ``store``.  Every call comes from the
     thread of the event loop the store was opened on.  The relay calls
     ``put_many`` and ``ack`` with ``validate=False``: it built the items
-    itself, from device keys ``register_device`` gave it.
+    itself, from device keys ``register_device`` gave it.  An optional
+    ``in_memory`` attribute, true, says that the store holds every message
+    in RAM (:class:`MemoryStore`): the relay then lets a slow device's
+    mailbox grow past ``mailbox_capacity`` instead of feeding it again from
+    the store (``RelayConfig.mailbox_queue_capacity``).
     """
 
     def register_device(self, address: str, device: str) -> int:
@@ -2456,6 +2460,11 @@ class MemoryStore(_BaseStore):
     embedders who make that choice knowingly.  Futures from :meth:`put` are
     already resolved when returned; ``commits`` stays 0.
     """
+
+    #: every message is held in RAM (the relay's mailboxes then hold a slow
+    #: device's messages too, bounded by its memory budget alone:
+    #: ``RelayConfig.mailbox_queue_capacity``)
+    in_memory = True
 
     def __init__(self, loop, ttl_s: int) -> None:
         super().__init__(loop, ttl_s)

@@ -66,3 +66,41 @@ def test_the_admin_listener_is_loopback_by_default():
     assert RelayConfig(port=0).admin_address(40000) == ("127.0.0.1", 0)  # ephemeral
     assert RelayConfig(admin_listen="off").admin_address(7474) is None
     assert RelayConfig(admin_listen="10.0.0.1:9100").admin_address(7474) == ("10.0.0.1", 9100)
+
+
+def test_mailbox_queue_capacity_bounds_the_engine_by_store_kind(tmp_path):
+    from fastroute._model import MAX_MAILBOX_CAPACITY
+
+    cfg = RelayConfig(mailbox_capacity=16)
+    # unset: the window with a store on disk, the memory budget alone in RAM
+    assert cfg.queue_capacity(in_memory=False) == 16
+    assert cfg.queue_capacity(in_memory=True) == MAX_MAILBOX_CAPACITY
+    cfg = RelayConfig(mailbox_capacity=16, mailbox_queue_capacity=100)
+    assert cfg.queue_capacity(False) == cfg.queue_capacity(True) == 100
+    for bad in (15, -1, MAX_MAILBOX_CAPACITY + 1):
+        with pytest.raises(InvalidArgument, match="mailbox_queue_capacity"):
+            RelayConfig(mailbox_capacity=16, mailbox_queue_capacity=bad).validate()
+    with pytest.raises(InvalidArgument, match="mailbox_capacity"):
+        RelayConfig(mailbox_capacity=0).validate()
+    path = tmp_path / "fastroute.toml"
+    path.write_text("[relay]\nmailbox_capacity = 16\nmailbox_queue_capacity = 8\n")
+    with pytest.raises(InvalidArgument, match="mailbox_queue_capacity"):
+        RelayConfig.from_toml(path)
+
+
+def test_the_relays_engine_takes_the_bound_of_its_store(tmp_path):
+    from fastroute import Relay
+    from fastroute._model import MAX_MAILBOX_CAPACITY
+
+    def engine_cap(**kw):
+        return Relay(RelayConfig(data_dir=str(tmp_path), mailbox_capacity=16, **kw)) \
+            .router.mailbox_capacity
+
+    assert engine_cap(store="sqlite") == 16
+    assert engine_cap(store="memory") == MAX_MAILBOX_CAPACITY
+    assert engine_cap(store="memory", mailbox_queue_capacity=32) == 32
+
+    class Kept:  # an embedder's store that says it keeps everything in RAM
+        in_memory = True
+    assert Relay(RelayConfig(data_dir=str(tmp_path), mailbox_capacity=16),
+                 store=Kept()).router.mailbox_capacity == MAX_MAILBOX_CAPACITY

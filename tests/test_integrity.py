@@ -470,11 +470,13 @@ def test_header_policy_withholds_the_timestamp_and_never_a_required_field(loop, 
     run(loop, main())
 
 
-def test_relay_wide_queue_memory_budget_spills_the_fullest_to_the_store(loop, tmp_path):
+@pytest.mark.parametrize("store", ["sqlite", "memory"])
+def test_relay_wide_queue_memory_budget_spills_the_fullest_to_the_store(loop, store, tmp_path):
+    # the memory store's mailboxes have no bound of their own but this budget
     budget = 2 << 20
 
     async def main():
-        async with world(tmp_path, queue_memory_bytes=budget) as w:
+        async with world(tmp_path, queue_memory_bytes=budget, store=store) as w:
             sender = await w.connect("alice@home")
             slow = [await w.connect(f"slow{i}@home") for i in range(3)]
             for c in slow:

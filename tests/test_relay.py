@@ -447,10 +447,16 @@ def test_the_upkeep_pass_looks_only_at_links_that_are_due(loop, tmp_path):
     run(loop, main())
 
 
-@pytest.mark.parametrize("store", ["sqlite", "memory"])
-def test_slow_consumer_spills_to_store_and_catches_up_in_order(loop, store, tmp_path):
+@pytest.mark.parametrize("store, queue, overflows", [
+    ("sqlite", 0, True),    # past mailbox_capacity the store feeds the device
+    ("memory", 4, True),    # the same when asked for
+    ("memory", 0, False),   # the memory store's default: the live route queues them
+])
+def test_slow_consumer_catches_up_in_order_within_its_window(loop, store, queue, overflows,
+                                                             tmp_path):
     async def main():
-        async with world(tmp_path, mailbox_capacity=4, store=store) as w:
+        async with world(tmp_path, mailbox_capacity=4, store=store,
+                         mailbox_queue_capacity=queue) as w:
             alice = await w.connect("alice@home")
             bob = await w.connect("bob@acme", auto_ack=False)
             n = 200
@@ -459,13 +465,40 @@ def test_slow_consumer_spills_to_store_and_catches_up_in_order(loop, store, tmp_
             got = []
             while len(got) < n:
                 batch = await asyncio.wait_for(bob.recv_many(), 10)
-                # never more in flight than the mailbox holds
+                # never more unacked than mailbox_capacity, whatever the mailbox holds
                 assert len(batch) <= 4
                 got.extend(batch)
                 bob.ack(batch[-1].seq)
             assert [m.body for m in got] == [b"%04d" % i for i in range(n)]
+            seqs = [m.seq for m in got]
+            assert seqs == list(range(seqs[0], seqs[0] + n))
             await bob.ping()
-            assert w.relay.router.stats()["queued"] == 0
+            engine = w.relay.router.stats()
+            assert engine["queued"] == 0 and engine["unacked"] == 0
+            # synced: the device left the live route and was fed from the store
+            assert (w.relay.stats()["synced"] > 0) is overflows
+            assert w.relay.delivery.queued_bytes == 0
+    run(loop, main())
+
+
+def test_a_client_that_never_dacks_gets_mailbox_capacity_messages_and_no_more(loop, tmp_path):
+    # the memory store queues past the window in the mailbox: the window still holds
+    async def main():
+        async with world(tmp_path, mailbox_capacity=4, store="memory") as w:
+            alice = await w.connect("alice@home")
+            bob = await w.connect("bob@acme", auto_ack=False)
+            await alice.send_many("bob@acme", [b"%02d" % i for i in range(10)])
+            got = await recv_n(bob, 4)
+            assert await nothing_arrives(bob)
+            assert w.relay.router.pending(w.relay.delivery.feed_of("bob@acme", "phone").dev) \
+                == (6, 4)
+            bob.ack(got[1].seq)  # two acked: two more come, no more
+            got += await recv_n(bob, 2)
+            assert await nothing_arrives(bob)
+            bob.ack(got[-1].seq)
+            got += await recv_n(bob, 4)
+            assert [m.body for m in got] == [b"%02d" % i for i in range(10)]
+            assert w.relay.stats()["synced"] == 0
     run(loop, main())
 
 

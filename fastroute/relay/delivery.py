@@ -406,7 +406,7 @@ class Feed:
 
     __slots__ = ("link", "dev", "dkey", "address", "device", "inflight", "inflight_seq",
                  "last_mid", "missed_mid", "live", "sync_task", "room", "qbytes",
-                 "inflight_bytes", "provider", "no_ts")
+                 "inflight_bytes", "provider", "no_ts", "window_full")
 
     def __init__(self, link: "LinkPort", dev: int, dkey: int, address: str, device: str) -> None:
         self.link = link
@@ -428,10 +428,20 @@ class Feed:
         self.provider = address.rpartition("@")[2]
         #: its provider's header policy withholds the relay's timestamp
         self.no_ts = False
+        #: a pull stopped at the unacked window (``mailbox_capacity``): the
+        #: next DACK pulls again
+        self.window_full = False
 
 
 class Delivery:
-    """The delivery stage of one relay: engine, store, live route, sync, writer."""
+    """The delivery stage of one relay: engine, store, live route, sync, writer.
+
+    ``mailbox_capacity`` is the most deliveries a device has unacked (the
+    protocol's flow control) and what a backlog sync fills its mailbox to.
+    The engine's own bound on a mailbox (``router.mailbox_capacity``) may be
+    larger: the live route then queues a slow device's messages past the
+    window, and the writer delivers them as DACKs make room.
+    """
 
     def __init__(self, router: Any, store: Store, mailbox_capacity: int,
                  caps: Caps | None = None, memory_budget: int = 1 << 62,
@@ -451,6 +461,9 @@ class Delivery:
         self.provider_share = provider_share
         self.queued_bytes = 0
         self.spills = 0
+        #: messages backlog syncs pushed from the store into mailboxes (an
+        #: offline, overflowed or spilled device catching up), not the live route
+        self.synced = 0
         self._by_address: dict[str, list[Feed]] = {}
         #: address -> store device keys of every device the store knows
         self.known: dict[str, list[int]] = {}
@@ -601,6 +614,12 @@ class Delivery:
             self._acks_counted += 1
         if not feed.room.is_set():
             feed.room.set()
+        if feed.window_full:
+            # messages queued past the window: the ack made room for them
+            feed.window_full = False
+            if not link.paused:
+                self.pull(feed)
+                self.mark(link)
 
     # ---------------------------------------------------------- routing
     def persist(self, items: list) -> asyncio.Future:
@@ -975,6 +994,7 @@ class Delivery:
                                                 self._sender_packer(feed))
                 if pushed:
                     feed.last_mid = last
+                    self.synced += pushed
                     # the bodies plus a tail's overhead (sender, id, ts, cls;
                     # ~40 bytes): an estimate, reset when the device is empty
                     size = sum(map(len, map(_BODY, islice(rows, pushed)))) + 40 * pushed
@@ -1020,14 +1040,23 @@ class Delivery:
         inflight = feed.inflight
         no_ts = feed.no_ts
         dev = feed.dev
+        window = self.mailbox_capacity
         # Stop pulling while the socket's buffer is full: the messages stay
         # in the (bounded) mailbox and, past its capacity, in the store.
         while not link.paused:
+            want = window - len(inflight)
+            if want <= 0:
+                # as many deliveries unacked as the device may have: the rest
+                # wait in its mailbox until a DACK makes room (dack pulls)
+                feed.window_full = True
+                break
+            if want > _POP_BATCH:
+                want = _POP_BATCH
             # one packed DELIVER per message appended to out, its mid to
             # inflight (one C call when compiled: a device online on a busy
             # relay is pulled a message or two at a time, once per turn)
             start = len(out)
-            n, held, ts_ms = pull_round(router, dev, out, inflight, _POP_BATCH)
+            n, held, ts_ms = pull_round(router, dev, out, inflight, want)
             if n <= 0:
                 if n < 0:  # pragma: no cover - 4 G messages on one link
                     link.close(ErrorCode.OK, "sequence space exhausted; reconnect")
@@ -1042,7 +1071,7 @@ class Delivery:
                 ops = wire.flat_ops(out[start:])
                 del out[start:]
                 out += [x[:-10] + _TS_ZERO + x[-1:] for x in ops]
-            if n < _POP_BATCH:
+            if n < want:
                 break
 
     def resume(self, link: "LinkPort") -> None:

@@ -161,6 +161,13 @@ async def render_metrics(relay: "Relay") -> str:
                "waited, busy connections' shares, the writes before them): what a quiet "
                "connection's read may wait behind.", [])
         lines.extend(turns.durations.lines("fastroute_loop_turn_duration_seconds"))
+    metric("fastroute_delivery_spills_total", "counter",
+           "Mailboxes taken off the live route over the relay's memory budget "
+           "(queue_memory_bytes).", [("", stats["spills"])])
+    metric("fastroute_delivery_synced_total", "counter",
+           "Messages a backlog sync pushed from the store into a mailbox (a device that "
+           "was offline, or whose mailbox overflowed or spilled, catching up).",
+           [("", stats["synced"])])
     metric("fastroute_dedup_entries", "gauge", "Message ids in the dedup window.",
            [("", stats["dedup_entries"])])
     engine = stats["engine"]

@@ -174,7 +174,12 @@ class Relay:
         self._own_store = store is None
         self.media = media
         self._own_media = media is None
-        self.router = Router(mailbox_capacity=self.config.mailbox_capacity)
+        # a store that keeps every message in RAM anyway: a slow device's
+        # mailbox may grow (up to the memory budget) rather than the device
+        # being fed again from the store
+        in_memory = (bool(getattr(store, "in_memory", False)) if store is not None
+                     else self.config.store == "memory")
+        self.router = Router(mailbox_capacity=self.config.queue_capacity(in_memory))
         self.gate: Gate | None = None
         self.delivery: Delivery | None = None
         self.media_ops: MediaOps | None = None
@@ -436,6 +441,7 @@ class Relay:
             "dedup_entries": len(gate.dedup) if gate else 0,
             "queued_bytes": delivery.queued_bytes if delivery else 0,
             "spills": delivery.spills if delivery else 0,
+            "synced": delivery.synced if delivery else 0,
             "quarantined": len(gate.quarantined()) if gate else 0,
             "engine": self.router.stats(),
         }
