@@ -43,12 +43,16 @@ mailbox (4096) counts delivered-but-not-yet-DACKed messages too, and those
 can be a whole previous window (the receiver takes a window, reports it
 and DACKs it at once; the relay may read the sender's next window before
 that DACK), so it must hold 2 x (window + one batch of 256): 2048 overflows
-it now and then.  A persistent message then goes through the store-fed
-path (costlier: with ``--window 0`` the memory store costs ~40 % more per
-message), an ephemeral one is dropped, and -- seen with fastroute at
-ba37252 -- the device then gets no ephemeral message at all: the overflow
-flag is sticky and only a store sync clears it, which ephemeral traffic
-never starts, so the sender stalls with the whole window lost.
+it now and then.  With the SQLite store a persistent message then goes
+through the store-fed path (costlier), an ephemeral one is dropped, and --
+seen with fastroute at ba37252 -- the device then got no ephemeral message
+at all: the overflow flag was sticky and only a store sync cleared it,
+which ephemeral traffic never starts, so the sender stalled with the whole
+window lost.  With the memory store the mailbox holds what is past its
+4096 unacked deliveries (``mailbox_queue_capacity``), so ``--window 0``
+(the receiver falls behind for the whole run) measures the live route with
+a growing queue; before that setting it measured the store-fed path, ~60 %
+more per message.
 
 ``--rate`` paces both senders at the same rate instead, in bursts every
 5 ms (PACE_TICK); use a rate every system sustains (JetStream's nats-py
