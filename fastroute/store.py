@@ -117,7 +117,7 @@ CID_LEN = 16
 # writer and take a whole batch of innocent messages down with it.
 _INT_MAX = (1 << 63) - 1
 _INT_MIN = -(1 << 63)
-_SCHEMA_VERSION = 5
+_SCHEMA_VERSION = 6
 # the page size a new store file is made with
 _PAGE_SIZE = 16384
 # mids are reserved on disk this many at a time: meta's page is written once
@@ -154,6 +154,34 @@ _MID_BLOCK = 1 << 16
 # row per message (and its expiry index entry), written and then deleted,
 # was a third of the writer's CPU at 10 devices.  A version 4 store's shared
 # rows are moved into spacks when it is opened (_upgrade).
+#
+# Version 6 made packs a rowid table keyed by a unique index on (dev, first).
+# A pack is tens to hundreds of KB, in overflow pages, and a WITHOUT ROWID
+# table keeps its whole row in the b-tree's key: SQLite reads a key that
+# spills to overflow pages whole to compare it, so every seek into packs
+# (an ack, a load) read several packs end to end.  A slow recipient's
+# backlog (packs of thousands of messages) cost the relay ~3x the CPU a
+# message of one that keeps up.  A version 5 store's packs are moved into
+# the new table when it is opened (_upgrade).
+_PACKS_SCHEMA = """
+-- one device's messages of one write transaction: mids its int64 array
+-- (native byte order), data the msgpack array of [mid, sender, cid, body,
+-- ts_ms, exp_ms]; n, nbytes and exp_ms (the earliest) describe what is left
+-- in it.  A device's packs never overlap in mids (each holds one
+-- transaction's, and transactions take ascending mids), so ordering them by
+-- first orders their messages.
+CREATE TABLE IF NOT EXISTS packs(
+    dev INTEGER NOT NULL,
+    first INTEGER NOT NULL,
+    last INTEGER NOT NULL,
+    n INTEGER NOT NULL,
+    nbytes INTEGER NOT NULL,
+    exp_ms INTEGER NOT NULL,
+    mids BLOB NOT NULL,
+    data BLOB NOT NULL);
+CREATE UNIQUE INDEX IF NOT EXISTS packs_key ON packs(dev, first);
+CREATE INDEX IF NOT EXISTS packs_exp ON packs(exp_ms);
+"""
 _SHARES_SCHEMA = """
 -- one device's messages of one spack: first the spack's key, last the
 -- device's last mid, mids its int64 array (NULL: every message the spack
@@ -194,23 +222,7 @@ CREATE TABLE IF NOT EXISTS devices(
     address TEXT NOT NULL,
     device TEXT NOT NULL,
     UNIQUE(address, device));
--- one device's messages of one write transaction: mids its int64 array
--- (native byte order), data the msgpack array of [mid, sender, cid, body,
--- ts_ms, exp_ms]; n, nbytes and exp_ms (the earliest) describe what is left
--- in it.  A device's packs never overlap in mids (each holds one
--- transaction's, and transactions take ascending mids), so ordering them by
--- first orders their messages.
-CREATE TABLE IF NOT EXISTS packs(
-    dev INTEGER NOT NULL,
-    first INTEGER NOT NULL,
-    last INTEGER NOT NULL,
-    n INTEGER NOT NULL,
-    nbytes INTEGER NOT NULL,
-    exp_ms INTEGER NOT NULL,
-    mids BLOB NOT NULL,
-    data BLOB NOT NULL,
-    PRIMARY KEY(dev, first)) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS packs_exp ON packs(exp_ms);
+{_PACKS_SCHEMA}
 -- the messages of one write transaction for one set of devices (a group's
 -- members): first its first mid (its key, kept when it is rewritten), mids
 -- the int64 array of its messages, lens their bodies' lengths (int32s), exps
@@ -268,7 +280,8 @@ _SQL_PACK_DATA = "SELECT data FROM packs WHERE dev = ? AND first = ?"
 _SQL_PACK_DROP = "DELETE FROM packs WHERE dev = ? AND first = ?"
 _SQL_PACK_KEEP = ("UPDATE packs SET last = ?, n = ?, nbytes = ?, exp_ms = ?, mids = ?, "
                   "data = ? WHERE dev = ? AND first = ?")
-_SQL_LOAD_PACKS = "SELECT data FROM packs WHERE dev = ? AND last > ? ORDER BY first LIMIT ?"
+_SQL_LOAD_PACKS = ("SELECT first, last, n, data FROM packs WHERE dev = ? AND last > ? "
+                   "ORDER BY first LIMIT ?")
 _SQL_PUT_SPACK = ("INSERT INTO spacks(first, last, n, nbytes, exp_ms, mids, lens, exps, "
                   "data) VALUES ")
 _SQL_PUT_SHARES = "INSERT INTO shares(dev, first, last, n, nbytes, exp_ms, mids) VALUES "
@@ -648,6 +661,9 @@ class SqliteStore(_BaseStore):
         self._reader = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="fastroute-store-read")
         self._rconn: sqlite3.Connection | None = None  # reader thread only
+        # the rest of a pack a load stopped in, per device (reader thread
+        # only): see _load
+        self._rpacks = _PackRests()
         # the following are touched by the writer thread only
         self._wconn: sqlite3.Connection | None = None
         # the common transaction's compiled path on _wconn (None: not used)
@@ -773,6 +789,7 @@ class SqliteStore(_BaseStore):
                 self._reader.shutdown(wait=False)
 
     def _close_reader(self) -> None:
+        self._rpacks.clear()
         if self._rconn is not None:
             self._rconn.close()
             self._rconn = None
@@ -850,6 +867,12 @@ class SqliteStore(_BaseStore):
         key = self._drop_device(device_key)
         if key is not None:
             self._submit(_FORGET, key, None)
+            # the reader's rows of its packs go too (its one thread runs this
+            # after the reads before it)
+            try:
+                self._reader.submit(self._rpacks.drop, key)
+            except RuntimeError:  # pragma: no cover - the reader is shutting down
+                pass
 
     async def flush(self) -> None:
         """Wait until everything queued so far is committed (or, for a
@@ -887,7 +910,7 @@ class SqliteStore(_BaseStore):
         """
         self._check_open()
         self._check_load(device_key, after_mid, limit)
-        return await self._read(_load, device_key, after_mid, limit)
+        return await self._read(_load, device_key, after_mid, limit, self._rpacks)
 
     async def count_pending(self, device_key: int | None = None) -> int:
         """Inbox rows not yet acked, for one device or in total.
@@ -1598,6 +1621,15 @@ def _upgrade(conn: sqlite3.Connection) -> None:
         raise sqlite3.DatabaseError(
             f"store format {version} is newer than this fastroute ({_SCHEMA_VERSION})")
     migrate = "ALTER TABLE messages ADD COLUMN dev INTEGER;" if version == 1 else ""
+    old = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'packs'"
+                       ).fetchone()
+    if old is not None and "WITHOUT ROWID" in old[0].upper():
+        # Version 3 to 5: the packs move into the rowid table (a crash
+        # before the COMMIT leaves the file as it was).  Its rows are deleted
+        # before the old table is dropped, so secure_delete zeroes them.
+        migrate += ("ALTER TABLE packs RENAME TO packs_v5; DROP INDEX packs_exp;"
+                    f"{_PACKS_SCHEMA}INSERT INTO packs SELECT * FROM packs_v5;"
+                    "DELETE FROM packs_v5; DROP TABLE packs_v5;")
     conn.executescript(f"BEGIN IMMEDIATE;{migrate}{_SCHEMA}"
                        f"PRAGMA user_version = {_SCHEMA_VERSION}; COMMIT;")
     if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'shared'"
@@ -1644,9 +1676,59 @@ def _fetch(conn: sqlite3.Connection, sql: str, params: tuple) -> list:
     return conn.execute(sql, params).fetchall()
 
 
-def _load(conn: sqlite3.Connection, device_key: int, after_mid: int, limit: int) -> list:
+class _PackRests(dict):
+    """What :func:`_load` keeps of the packs it stopped in: device key ->
+    ``((first, last, n), after, mids, rows, size)``, every row of the pack
+    ``(first, last, n)`` past mid ``after`` (where that load started) and
+    their mids.  A pack is written by one transaction and holds up to
+    thousands of messages: a device's backlog sync loads it a thousand rows
+    at a time, and unpacking it whole at each load cost the reader most of
+    its time (a slow recipient's store path).
+
+    The rows are used only by a load from ``after`` or later, and only while
+    the pack is still ``(first, last, n)`` in that load's snapshot (a pack is
+    only ever rewritten smaller, by acks and expiry), so a load returns what
+    a fresh unpack would.  At most :data:`_PACK_RESTS_BYTES` of packs (their
+    stored ``size``) are kept, the oldest dropped first.
+    """
+
+    __slots__ = ("nbytes",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nbytes = 0
+
+    def keep(self, key: int, pack: tuple, after: int, mids: list, rows: list,
+             size: int) -> None:
+        """Keep ``rows`` (mids ``mids``) of ``pack`` past ``after`` for ``key``."""
+        self.drop(key)
+        while self and self.nbytes + size > _PACK_RESTS_BYTES:
+            self.drop(next(iter(self)))
+        if size <= _PACK_RESTS_BYTES:
+            self[key] = (pack, after, mids, rows, size)
+            self.nbytes += size
+
+    def drop(self, key: int) -> None:
+        """Forget what is kept for ``key``."""
+        kept = self.pop(key, None)
+        if kept is not None:
+            self.nbytes -= kept[4]
+
+    def clear(self) -> None:
+        """Forget everything."""
+        super().clear()
+        self.nbytes = 0
+
+
+#: the most stored bytes of packs :class:`_PackRests` keeps rows of
+_PACK_RESTS_BYTES = 16 << 20
+
+
+def _load(conn: sqlite3.Connection, device_key: int, after_mid: int, limit: int,
+          rests: _PackRests | None = None) -> list:
     """``load`` on the reader's connection: the rows and the packs in one snapshot
-    (a shared message committed between two reads would otherwise be missed)."""
+    (a shared message committed between two reads would otherwise be missed).
+    ``rests``: the reader's :class:`_PackRests`."""
     rows: list = []
     conn.execute("BEGIN")
     try:
@@ -1656,8 +1738,25 @@ def _load(conn: sqlite3.Connection, device_key: int, after_mid: int, limit: int)
         # holds hundreds: unpacking `limit` packs would be wasted work)
         cur = conn.execute(_SQL_LOAD_PACKS, (device_key, after_mid, limit))
         try:
-            for (data,) in cur:
-                rows += [e[:5] for e in _pack_entries(data) if e[0] > after_mid]
+            for first, last, n, data in cur:
+                pack = (first, last, n)
+                kept = rests.get(device_key) if rests is not None else None
+                if kept is not None and kept[0] == pack and kept[1] <= after_mid:
+                    mids, entries = kept[2], kept[3]
+                else:
+                    entries = [e[:5] for e in _pack_entries(data)]
+                    mids = [e[0] for e in entries]
+                at = bisect.bisect_right(mids, after_mid)
+                end = at + limit - len(rows)
+                rows += entries[at:end]
+                if rests is not None:
+                    if end < len(entries):
+                        # this load stops in the pack: the next one (from
+                        # where the device's sync got to) starts in it
+                        rests.keep(device_key, pack, after_mid, mids[at:], entries[at:],
+                                   len(data))
+                    else:
+                        rests.drop(device_key)
                 if len(rows) >= limit:
                     break
         finally:

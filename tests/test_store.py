@@ -1519,3 +1519,202 @@ def test_erasing_an_address_from_a_version_4_store_upgrades_it_first(db, tmp_pat
                          if os.path.exists(p))
     assert b"V4-erin" not in raw_bytes and b"erin@home" not in raw_bytes
     assert b"V4-caro" in raw_bytes
+
+
+def test_sqlite_moves_a_version_5_stores_packs_into_a_rowid_table(run, db):
+    # version 5 kept packs WITHOUT ROWID, whose seeks read whole packs to
+    # compare keys; opening the store moves them into the rowid table and
+    # drops the old one, its rows zeroed
+    async def write():
+        async with await SqliteStore.open(db) as store:
+            _devices(store, 2)
+            await store.put_many([("s@p", CID, b"V5-BODY-%d" % i, T0, [1]) for i in range(5)])
+            await store.put_many([("s@p", CID, b"V5-BODY-%d" % i, T0, [1, 2])
+                                  for i in range(5, 7)])
+    run(write())
+    before = _pack_rows(db)
+    conn = raw(db)
+    conn.executescript("""
+        BEGIN;
+        CREATE TABLE packs_v5(dev INTEGER NOT NULL, first INTEGER NOT NULL,
+            last INTEGER NOT NULL, n INTEGER NOT NULL, nbytes INTEGER NOT NULL,
+            exp_ms INTEGER NOT NULL, mids BLOB NOT NULL, data BLOB NOT NULL,
+            PRIMARY KEY(dev, first)) WITHOUT ROWID;
+        INSERT INTO packs_v5 SELECT * FROM packs;
+        DROP TABLE packs;
+        ALTER TABLE packs_v5 RENAME TO packs;
+        CREATE INDEX packs_exp ON packs(exp_ms);
+        PRAGMA user_version = 5;
+        COMMIT;
+    """)
+    conn.close()
+    assert "WITHOUT ROWID" in _packs_sql(db) and _pack_rows(db) == before
+
+    async def main():
+        async with await SqliteStore.open(db) as store:
+            got = await store.load(1, 0, 10)
+            assert [r[3] for r in got] == [b"V5-BODY-%d" % i for i in range(7)]
+            assert [r[3] for r in await store.load(1, got[2][0], 2)] == [b"V5-BODY-3",
+                                                                          b"V5-BODY-4"]
+            store.ack(1, [r[0] for r in got])
+            store.ack(2, [r[0] for r in got[5:]])
+            await store.flush()
+            assert await store.count_pending() == 0
+    run(main())
+    assert "WITHOUT ROWID" not in _packs_sql(db)
+    assert count(db, "SELECT count(*) FROM sqlite_master WHERE name = 'packs_v5'") == 0
+    assert count(db, "SELECT count(*) FROM sqlite_master WHERE name = 'packs_key'") == 1
+    assert count(db, "PRAGMA user_version") == store_mod._SCHEMA_VERSION
+    raw_bytes = b"".join(open(p, "rb").read() for p in (db, db + "-wal")
+                         if os.path.exists(p))
+    assert b"V5-BODY" not in raw_bytes
+
+
+def _devices(store, n: int) -> None:
+    """Register devices 1 to ``n`` (device keys count from 1)."""
+    assert [store.register_device(f"d{i}@p", "phone") for i in range(1, n + 1)] == \
+        list(range(1, n + 1))
+
+
+def _packs_sql(db) -> str:
+    return count(db, "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'packs'")
+
+
+def _pack_rows(db) -> list:
+    conn = raw(db)
+    try:
+        return conn.execute("SELECT * FROM packs ORDER BY dev, first").fetchall()
+    finally:
+        conn.close()
+
+
+def _fresh_load(db, dev, after, limit) -> list:
+    """What a load returns from an independent connection, no pack's rest kept."""
+    conn = raw(db)
+    try:
+        return store_mod._load(conn, dev, after, limit)
+    finally:
+        conn.close()
+
+
+def test_a_backlog_is_loaded_from_a_pack_without_unpacking_it_again(run, db):
+    # one transaction, one pack of 3000 messages: loads of 1000 from where
+    # the last one stopped take the rest the reader kept of it
+    async def main():
+        async with await SqliteStore.open(db) as store:
+            _devices(store, 2)
+            await store.put_many([("s@p", CID, b"%04d" % i, T0 + i, [1]) for i in range(3000)])
+            assert count(db, "SELECT count(*) FROM packs") == 1
+            calls = []
+            real = store_mod._pack_entries
+
+            def counted(data):
+                calls.append(len(data))
+                return real(data)
+            store_mod._pack_entries = counted
+            loads = []
+            try:
+                got: list = []
+                after = 0
+                while True:
+                    rows = await store.load(1, after, 1000)
+                    loads.append((after, rows))
+                    if not rows:
+                        break
+                    got += rows
+                    after = rows[-1][0]
+            finally:
+                store_mod._pack_entries = real
+            for after, rows in loads:
+                assert rows == _fresh_load(db, 1, after, 1000)
+            assert [r[3] for r in got] == [b"%04d" % i for i in range(3000)]
+            assert len(calls) == 1  # unpacked once, not at each of the three loads
+            assert store._rpacks == {} and store._rpacks.nbytes == 0  # all taken
+    run(main())
+
+
+def test_a_packs_kept_rest_is_used_only_while_it_is_what_the_store_holds(run, db):
+    async def main():
+        async with await SqliteStore.open(db) as store:
+            _devices(store, 2)
+            shared = await store.put_many([("s@p", CID, b"%04d" % i, T0, [1, 2])
+                                           for i in range(5)])
+            mids = await store.put_many([("s@p", CID, b"%04d" % i, T0, [1])
+                                         for i in range(100)])
+            first = await store.load(1, 0, 30)
+            assert [r[0] for r in first] == shared + mids[:25]
+            after = first[-1][0]
+            assert 1 in store._rpacks
+            # acked ahead of the cursor: the pack is rewritten without them at
+            # the flush, and the kept rest (which still has them) is not used
+            store.ack(1, mids[50:60])
+            await store.flush()
+            rows = await store.load(1, after, 100)
+            assert rows == _fresh_load(db, 1, after, 100)
+            assert [r[0] for r in rows] == mids[25:50] + mids[60:]
+            # a load from before where the last one started reads the pack again
+            ahead = await store.load(1, mids[40], 5)
+            assert [r[0] for r in ahead] == mids[41:46]
+            again = await store.load(1, mids[10], 5)
+            assert [r[0] for r in again] == mids[11:16]
+            assert again == _fresh_load(db, 1, mids[10], 5)
+            assert 1 in store._rpacks
+            store.forget_device(1)
+            await store.load(2, 0, 1)  # the reader ran the drop before this
+            assert 1 not in store._rpacks
+            assert store._rpacks.nbytes == sum(kept[4] for kept in store._rpacks.values())
+    run(main())
+
+
+def test_the_kept_rests_of_packs_are_bounded(run, db, monkeypatch):
+    monkeypatch.setattr(store_mod, "_PACK_RESTS_BYTES", 3000)
+
+    async def main():
+        async with await SqliteStore.open(db) as store:
+            _devices(store, 3)
+            for dev in (1, 2, 3):
+                await store.put_many([("s@p", CID, b"x" * 100, T0, [dev])] * 10)
+            sizes = {}
+            for dev in (1, 2, 3):
+                assert len(await store.load(dev, 0, 5)) == 5
+                sizes[dev] = store._rpacks[dev][4]
+                assert store._rpacks.nbytes <= 3000
+            # each pack is ~1.2 KB: the oldest rest went first
+            assert list(store._rpacks) == [2, 3] and 1 not in store._rpacks
+            assert store._rpacks.nbytes == sizes[2] + sizes[3]
+            rows = await store.load(1, 5, 10)
+            assert [r[3] for r in rows] == [b"x" * 100] * 5
+    run(main())
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.sampled_from(["put", "load", "ack", "flush"]),
+                          st.integers(0, 40), st.integers(1, 60), st.integers(1, 2)),
+                min_size=1, max_size=40))
+def test_loads_with_kept_rests_equal_loads_without(tmp_path_factory, steps):
+    # the specification: every load returns what a load with nothing kept does
+    db = str(tmp_path_factory.mktemp("rests") / "store.db")
+
+    async def main():
+        async with await SqliteStore.open(db) as store:
+            _devices(store, 2)
+            mids: list = []
+            cursor = {1: 0, 2: 0}
+            for op, a, b, dev in steps:
+                if op == "put":
+                    devs = [dev] if a % 3 else [1, 2]
+                    mids += await store.put_many([("s@p", CID, b"%d" % i, T0, devs)
+                                                  for i in range(b)])
+                elif op == "load":
+                    # mostly from where the last load stopped, as a sync does
+                    after = cursor[dev] if a % 4 else (mids[a % len(mids)] if mids else 0)
+                    rows = await store.load(dev, after, b)
+                    assert rows == _fresh_load(db, dev, after, b)
+                    if rows:
+                        cursor[dev] = rows[-1][0]
+                elif op == "ack" and mids:
+                    store.ack(dev, mids[a % len(mids):][:b])
+                else:
+                    await store.flush()
+    asyncio.run(main())
