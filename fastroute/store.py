@@ -280,7 +280,7 @@ _SQL_PACK_DATA = "SELECT data FROM packs WHERE dev = ? AND first = ?"
 _SQL_PACK_DROP = "DELETE FROM packs WHERE dev = ? AND first = ?"
 _SQL_PACK_KEEP = ("UPDATE packs SET last = ?, n = ?, nbytes = ?, exp_ms = ?, mids = ?, "
                   "data = ? WHERE dev = ? AND first = ?")
-_SQL_LOAD_PACKS = ("SELECT first, last, n, data FROM packs WHERE dev = ? AND last > ? "
+_SQL_LOAD_PACKS = ("SELECT first, last, n, mids, data FROM packs WHERE dev = ? AND last > ? "
                    "ORDER BY first LIMIT ?")
 _SQL_PUT_SPACK = ("INSERT INTO spacks(first, last, n, nbytes, exp_ms, mids, lens, exps, "
                   "data) VALUES ")
@@ -1678,9 +1678,9 @@ def _fetch(conn: sqlite3.Connection, sql: str, params: tuple) -> list:
 
 class _PackRests(dict):
     """What :func:`_load` keeps of the packs it stopped in: device key ->
-    ``((first, last, n), after, mids, rows, size)``, every row of the pack
-    ``(first, last, n)`` past mid ``after`` (where that load started) and
-    their mids.  A pack is written by one transaction and holds up to
+    ``((first, last, n), after, mids, rows, size)``, the rows of the pack
+    ``(first, last, n)`` (every one past mid ``after``, where that load
+    started) and their mids.  A pack is written by one transaction and holds up to
     thousands of messages: a device's backlog sync loads it a thousand rows
     at a time, and unpacking it whole at each load cost the reader most of
     its time (a slow recipient's store path).
@@ -1738,14 +1738,23 @@ def _load(conn: sqlite3.Connection, device_key: int, after_mid: int, limit: int,
         # holds hundreds: unpacking `limit` packs would be wasted work)
         cur = conn.execute(_SQL_LOAD_PACKS, (device_key, after_mid, limit))
         try:
-            for first, last, n, data in cur:
+            for first, last, n, blob, data in cur:
+                if first > after_mid and n <= limit - len(rows):
+                    # all of it, and nothing to keep: most packs of a device
+                    # that was offline hold a message or a few
+                    rows += _pack_rows(data)
+                    if rests:
+                        rests.drop(device_key)
+                    if len(rows) >= limit:
+                        break
+                    continue
                 pack = (first, last, n)
                 kept = rests.get(device_key) if rests is not None else None
                 if kept is not None and kept[0] == pack and kept[1] <= after_mid:
                     mids, entries = kept[2], kept[3]
                 else:
-                    entries = [e[:5] for e in _pack_entries(data)]
-                    mids = [e[0] for e in entries]
+                    entries = _pack_rows(data)
+                    mids = _mids(blob)  # the entries' mids, in order
                 at = bisect.bisect_right(mids, after_mid)
                 end = at + limit - len(rows)
                 rows += entries[at:end]
@@ -1753,8 +1762,7 @@ def _load(conn: sqlite3.Connection, device_key: int, after_mid: int, limit: int,
                     if end < len(entries):
                         # this load stops in the pack: the next one (from
                         # where the device's sync got to) starts in it
-                        rests.keep(device_key, pack, after_mid, mids[at:], entries[at:],
-                                   len(data))
+                        rests.keep(device_key, pack, after_mid, mids, entries, len(data))
                     else:
                         rests.drop(device_key)
                 if len(rows) >= limit:
@@ -1923,6 +1931,17 @@ def _spack_fields(first: int, entries: list) -> tuple:
 def _pack_entries(data: bytes) -> list:
     """A pack's entries, ``(mid, sender, cid, body, ts_ms, exp_ms)`` tuples."""
     return msgpack.unpackb(data, use_list=False)
+
+
+def py_pack_rows(data: bytes) -> list:
+    """A pack's rows as a load returns them, ``(mid, sender, cid, body, ts_ms)``
+    (a backlog's packs hold thousands: the compiled twin reads them with a C
+    cursor, one tuple a row)."""
+    return [e[:5] for e in _pack_entries(data)]
+
+
+#: :func:`py_pack_rows`, compiled when the core is built
+_pack_rows = twin(py_pack_rows)
 
 
 def _keep_pack(conn: sqlite3.Connection, key: int, first: int, keep, count=None) -> int:

@@ -101,3 +101,25 @@ def test_e2e_compare_unbounded_window_runs_through(monkeypatch: pytest.MonkeyPat
     n = 20_000
     res = _run(e2e_compare.fr_run, 1, 100, n, None)
     assert res["delivered"] == n
+
+
+def test_store_load_reads_the_whole_backlog_and_compares_two_trees(tmp_path) -> None:
+    # the bench of the backlog sync's reads: every row loaded (it stops with
+    # an error otherwise), a figure a row, and a run in turns with another tree
+    import subprocess
+
+    import fastroute
+    from cliutil import ENV
+    # the fastroute under test (installed, or this checkout built in place)
+    # is both trees: a clone's unbuilt source must not be imported
+    tree = str(Path(fastroute.__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, "-P", str(BENCHES / "store_load.py"), "--runs", "2",
+                          "--messages", "3000", "--pack", "700", "--limit", "256",
+                          "--relay-path", tree],
+                         env=dict(ENV, PYTHONPATH=tree), capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    lines = out.splitlines()
+    assert lines[0].startswith("backlog of 3000 x 100 B in packs of 700, loads of 256")
+    figures = [float(line.split()[1]) for line in lines[1:3]]
+    assert all(f > 0 for f in figures), out
+    assert "this/other:" in lines[3]

@@ -134,6 +134,7 @@ def test_compiled_twins_loaded():
              (store._mem_load, store.py_mem_load), (store._sql_rows, store.py_sql_rows),
              (store._shares_release, store.py_shares_release),
              (store._ack_device, store.py_ack_device), (store._mid_span, store.py_mid_span),
+             (store._pack_rows, store.py_pack_rows),
              (gate_mod.TokenBucket, gate_mod.PyTokenBucket),
              (gate_mod.take_upto, gate_mod.py_take_upto),
              (gate_mod.give_back, gate_mod.py_give_back), (gate_mod.take_all, gate_mod.py_take_all),
@@ -3183,3 +3184,43 @@ def test_stored_sacks_twins_across_prefetch_batches():
     assert [op for op in got[0] if not op.startswith(b"waiters")] == \
         [wire.sack_op(cid, 0) for cid in ids]
     assert len(got[1]) == 4
+
+
+def test_pack_rows_twins():
+    # a pack's data as both writers make it (msgpack of (mid, sender, id,
+    # body, ts_ms, exp_ms) entries), every length encoding of its strs, bins
+    # and ints; senders in runs and not, non-ASCII ones; then data no writer
+    # makes (negative ints, a float, a list of 5, a sender as bin, invalid
+    # UTF-8, cut short, trailing bytes, not an array) the specification's way
+    rng = random.Random(11)
+    senders = ["a@p", "b@p", "é@p", "x" * 31 + "@p", "y" * 300 + "@p", "z" * 70000]
+    ints = [0, 1, 127, 128, 255, 256, 65535, 65536, (1 << 32) - 1, 1 << 32, (1 << 64) - 1]
+    cases = []
+    for _ in range(150):
+        n = rng.choice([0, 1, 2, 15, 16, 17, 300, 70000 if rng.random() < 0.02 else 3])
+        sender = rng.choice(senders)
+        entries = []
+        for _ in range(n):
+            if rng.random() < 0.3:
+                sender = rng.choice(senders)
+            size = rng.choice([0, 1, 31, 32, 255, 256, 65535, 65536]) if rng.random() < 0.2 \
+                else rng.randrange(0, 120)
+            entries.append((rng.choice(ints), sender, os.urandom(16), os.urandom(size),
+                            rng.choice(ints), rng.choice(ints)))
+        cases.append(msgpack.packb(entries))
+    good = msgpack.packb([(1, "a@p", MID, b"body", TS, TS)] * 3)
+    cases += [
+        msgpack.packb([(1, "a@p", MID, b"b", -5, TS)]),
+        msgpack.packb([(1, "a@p", MID, b"b", TS, -1)]),
+        msgpack.packb([(1, "a@p", MID, b"b", 1.5, TS)]),
+        msgpack.packb([(1, "a@p", MID, b"b", TS)]),
+        msgpack.packb([(1, b"a@p", MID, b"b", TS, TS)]),
+        msgpack.packb([(1, "a@p", "id", b"b", TS, TS)]),
+        b"\x91\x96\x01\xa2\xff\xfe\xc4\x00\xc4\x00\x01\x01",  # invalid UTF-8 sender
+        good[:-1], good[:1], good + b"\x00", msgpack.packb(5), msgpack.packb({}), b"",
+    ]
+    for data in cases:
+        want = _same(store.py_pack_rows, _core and _core.pack_rows, data)
+        if not isinstance(want, Exception):
+            assert all(type(r) is tuple and len(r) == 5 for r in want)
+            assert want == [e[:5] for e in msgpack.unpackb(data, use_list=False)]

@@ -832,8 +832,8 @@ def test_sqlite_a_page_of_a_long_backlog_unpacks_only_the_packs_it_needs(run, db
     # a device back after a while: 40 transactions of 100 messages each; a
     # page of 150 must not unpack the 150 packs the query may return
     unpacked = []
-    real = store_mod._pack_entries
-    monkeypatch.setattr(store_mod, "_pack_entries", lambda data: unpacked.append(1) or real(data))
+    real = store_mod._pack_rows
+    monkeypatch.setattr(store_mod, "_pack_rows", lambda data: unpacked.append(1) or real(data))
 
     async def main():
         async with await SqliteStore.open(db) as store:
@@ -1606,12 +1606,12 @@ def test_a_backlog_is_loaded_from_a_pack_without_unpacking_it_again(run, db):
             await store.put_many([("s@p", CID, b"%04d" % i, T0 + i, [1]) for i in range(3000)])
             assert count(db, "SELECT count(*) FROM packs") == 1
             calls = []
-            real = store_mod._pack_entries
+            real = store_mod._pack_rows
 
             def counted(data):
                 calls.append(len(data))
                 return real(data)
-            store_mod._pack_entries = counted
+            store_mod._pack_rows = counted
             loads = []
             try:
                 got: list = []
@@ -1624,7 +1624,7 @@ def test_a_backlog_is_loaded_from_a_pack_without_unpacking_it_again(run, db):
                     got += rows
                     after = rows[-1][0]
             finally:
-                store_mod._pack_entries = real
+                store_mod._pack_rows = real
             for after, rows in loads:
                 assert rows == _fresh_load(db, 1, after, 1000)
             assert [r[3] for r in got] == [b"%04d" % i for i in range(3000)]

@@ -10,6 +10,7 @@
 #   shares_release = py_shares_release
 #   ack_device = py_ack_device
 #   mid_span  = py_mid_span
+#   pack_rows = py_pack_rows
 #
 # tests/test_fastpath.py runs both on the same inputs and compares the dicts
 # they leave.
@@ -1033,3 +1034,83 @@ def ack_device(object key, list mids not None, list rows not None, dict partial 
         PyMem_Free(acked)
         PyMem_Free(found)
         PyMem_Free(hits)
+
+
+cdef inline Py_ssize_t take_array(Cursor* c) noexcept:
+    """Read an array header (fixarray, array16, array32); its length, or -1."""
+    cdef unsigned char b
+    if c.p >= c.end:
+        return -1
+    b = c.p[0]
+    if 0x90 <= b <= 0x9f:
+        c.p += 1
+        return b & 0x0f
+    if b == 0xdc and c.end - c.p >= 3:
+        c.p += 3
+        return get_be16(c.p - 2)
+    if b == 0xdd and c.end - c.p >= 5:
+        c.p += 5
+        return get_be32(c.p - 4)
+    return -1
+
+
+def pack_rows(bytes data not None):
+    """A pack's rows ``(mid, sender, id, body, ts_ms)`` (see
+    ``fastroute.store.py_pack_rows``): read with a C cursor, one tuple a
+    row and a sender decoded once a run of the same one, when the entries
+    are in the writers' encoding; anything else (or an error) by the
+    specification, which says what is wrong."""
+    cdef Cursor c
+    cdef Py_ssize_t n, i, k
+    cdef unsigned long long mid, ts, exp
+    cdef object sender = None, cid, body
+    cdef const unsigned char* prev_p = NULL
+    cdef Py_ssize_t prev_n = -1
+    cdef list rows = []
+    # the bytes object is immutable and held: the cursor stays valid
+    c.p = <const unsigned char*>PyBytes_AS_STRING(data)
+    c.end = c.p + PyBytes_GET_SIZE(data)
+    n = take_array(&c)
+    if n < 0:
+        return _pack_rows_spec(data)
+    for i in range(n):
+        if c.p >= c.end or c.p[0] != 0x96:
+            return _pack_rows_spec(data)
+        c.p += 1
+        if not take_uint(&c, &mid):
+            return _pack_rows_spec(data)
+        k = take_len(&c, 0xd9, 0xa0, 31)
+        if k < 0 or c.end - c.p < k:
+            return _pack_rows_spec(data)
+        if k != prev_n or memcmp(c.p, prev_p, <size_t>k) != 0:
+            try:
+                sender = PyUnicode_DecodeUTF8(<const char*>c.p, k, NULL)
+            except UnicodeDecodeError:
+                return _pack_rows_spec(data)
+            prev_p = c.p
+            prev_n = k
+        c.p += k
+        k = take_len(&c, 0xc4, 0, 0)
+        if k < 0 or c.end - c.p < k:
+            return _pack_rows_spec(data)
+        cid = PyBytes_FromStringAndSize(<const char*>c.p, k)
+        c.p += k
+        k = take_len(&c, 0xc4, 0, 0)
+        if k < 0 or c.end - c.p < k:
+            return _pack_rows_spec(data)
+        body = PyBytes_FromStringAndSize(<const char*>c.p, k)
+        c.p += k
+        if not take_uint(&c, &ts) or not take_uint(&c, &exp):
+            return _pack_rows_spec(data)
+        rows.append((PyLong_FromUnsignedLongLong(mid), sender, cid, body,
+                     PyLong_FromUnsignedLongLong(ts)))
+    if c.p != c.end:
+        return _pack_rows_spec(data)
+    return rows
+
+
+cdef object _pack_rows_spec(bytes data):
+    # the specification itself (imported late: fastroute.store imports this
+    # module)
+    from fastroute.store import py_pack_rows
+    return py_pack_rows(data)
