@@ -1824,7 +1824,7 @@ def _spack_rows(conn: sqlite3.Connection, wanted: list[tuple[int, int]]) -> list
     for first, mids in by_spack.items():
         got = conn.execute(_SQL_SPACK_DATA, (first,)).fetchone()
         if got is not None:
-            rows += [e[:5] for e in _pack_entries(got[0]) if e[0] in mids]
+            rows += [r for r in _pack_rows(got[0]) if r[0] in mids]
     return rows
 
 
