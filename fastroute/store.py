@@ -280,8 +280,12 @@ _SQL_PACK_DATA = "SELECT data FROM packs WHERE dev = ? AND first = ?"
 _SQL_PACK_DROP = "DELETE FROM packs WHERE dev = ? AND first = ?"
 _SQL_PACK_KEEP = ("UPDATE packs SET last = ?, n = ?, nbytes = ?, exp_ms = ?, mids = ?, "
                   "data = ? WHERE dev = ? AND first = ?")
-_SQL_LOAD_PACKS = ("SELECT first, last, n, mids, data FROM packs WHERE dev = ? AND last > ? "
-                   "ORDER BY first LIMIT ?")
+# a pack's data only when the load may take all of it (past the cursor, no
+# more than it can take): a slow device's packs of thousands are read by the
+# next statement only when the reader kept none of their rows
+_SQL_LOAD_PACKS = ("SELECT rowid, first, last, n, CASE WHEN first > ?2 AND n <= ?3 THEN data END "
+                   "FROM packs WHERE dev = ?1 AND last > ?2 ORDER BY first LIMIT ?3")
+_SQL_PACK_READ = "SELECT mids, data FROM packs WHERE rowid = ?"
 _SQL_PUT_SPACK = ("INSERT INTO spacks(first, last, n, nbytes, exp_ms, mids, lens, exps, "
                   "data) VALUES ")
 _SQL_PUT_SHARES = "INSERT INTO shares(dev, first, last, n, nbytes, exp_ms, mids) VALUES "
@@ -1738,8 +1742,8 @@ def _load(conn: sqlite3.Connection, device_key: int, after_mid: int, limit: int,
         # holds hundreds: unpacking `limit` packs would be wasted work)
         cur = conn.execute(_SQL_LOAD_PACKS, (device_key, after_mid, limit))
         try:
-            for first, last, n, blob, data in cur:
-                if first > after_mid and n <= limit - len(rows):
+            for rowid, first, last, n, data in cur:
+                if data is not None and n <= limit - len(rows):
                     # all of it, and nothing to keep: most packs of a device
                     # that was offline hold a message or a few
                     rows += _pack_rows(data)
@@ -1751,10 +1755,12 @@ def _load(conn: sqlite3.Connection, device_key: int, after_mid: int, limit: int,
                 pack = (first, last, n)
                 kept = rests.get(device_key) if rests is not None else None
                 if kept is not None and kept[0] == pack and kept[1] <= after_mid:
-                    mids, entries = kept[2], kept[3]
+                    mids, entries, size = kept[2], kept[3], kept[4]
                 else:
+                    blob, data = conn.execute(_SQL_PACK_READ, (rowid,)).fetchone()
                     entries = _pack_rows(data)
                     mids = _mids(blob)  # the entries' mids, in order
+                    size = len(data)
                 at = bisect.bisect_right(mids, after_mid)
                 end = at + limit - len(rows)
                 rows += entries[at:end]
@@ -1762,7 +1768,7 @@ def _load(conn: sqlite3.Connection, device_key: int, after_mid: int, limit: int,
                     if end < len(entries):
                         # this load stops in the pack: the next one (from
                         # where the device's sync got to) starts in it
-                        rests.keep(device_key, pack, after_mid, mids, entries, len(data))
+                        rests.keep(device_key, pack, after_mid, mids, entries, size)
                     else:
                         rests.drop(device_key)
                 if len(rows) >= limit:
