@@ -161,8 +161,8 @@ _MID_BLOCK = 1 << 16
 # spills to overflow pages whole to compare it, so every seek into packs
 # (an ack, a load) read several packs end to end.  A slow recipient's
 # backlog (packs of thousands of messages) cost the relay ~3x the CPU a
-# message of one that keeps up.  A version 5 store's packs are moved into
-# the new table when it is opened (_upgrade).
+# message of one that keeps up.  A version 3 to 5 store's packs are moved
+# into the new table when it is opened (_upgrade).
 _PACKS_SCHEMA = """
 -- one device's messages of one write transaction: mids its int64 array
 -- (native byte order), data the msgpack array of [mid, sender, cid, body,

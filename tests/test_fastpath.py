@@ -3218,6 +3218,7 @@ def test_pack_rows_twins():
         msgpack.packb([(1, "a@p", "id", b"b", TS, TS)]),
         b"\x91\x96\x01\xa2\xff\xfe\xc4\x00\xc4\x00\x01\x01",  # invalid UTF-8 sender
         good[:-1], good[:1], good + b"\x00", msgpack.packb(5), msgpack.packb({}), b"",
+        bytearray(good), memoryview(good), None,
     ]
     for data in cases:
         want = _same(store.py_pack_rows, _core and _core.pack_rows, data)

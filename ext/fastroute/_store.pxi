@@ -1054,7 +1054,7 @@ cdef inline Py_ssize_t take_array(Cursor* c) noexcept:
     return -1
 
 
-def pack_rows(bytes data not None):
+def pack_rows(object data):
     """A pack's rows ``(mid, sender, id, body, ts_ms)`` (see
     ``fastroute.store.py_pack_rows``): read with a C cursor, one tuple a
     row and a sender decoded once a run of the same one, when the entries
@@ -1067,6 +1067,8 @@ def pack_rows(bytes data not None):
     cdef const unsigned char* prev_p = NULL
     cdef Py_ssize_t prev_n = -1
     cdef list rows = []
+    if not PyBytes_CheckExact(data):
+        return _pack_rows_spec(data)
     # the bytes object is immutable and held: the cursor stays valid
     c.p = <const unsigned char*>PyBytes_AS_STRING(data)
     c.end = c.p + PyBytes_GET_SIZE(data)
@@ -1109,7 +1111,7 @@ def pack_rows(bytes data not None):
     return rows
 
 
-cdef object _pack_rows_spec(bytes data):
+cdef object _pack_rows_spec(object data):
     # the specification itself (imported late: fastroute.store imports this
     # module)
     from fastroute.store import py_pack_rows
