@@ -481,6 +481,36 @@ def test_slow_consumer_catches_up_in_order_within_its_window(loop, store, queue,
     run(loop, main())
 
 
+@pytest.mark.parametrize("store", ["sqlite", "memory"])
+def test_signals_past_a_live_devices_full_mailbox_are_dropped_not_fatal(loop, store, tmp_path):
+    # a burst of signals (typing indicators) to a device that is online and
+    # has not acked: those past its mailbox are dropped, and the sender's
+    # link lives on (the memory accounting read a signal's bare tail as a
+    # pair and failed the sender's read, closing its connection)
+    async def main():
+        async with world(tmp_path, mailbox_capacity=4, mailbox_queue_capacity=4,
+                         store=store) as w:
+            alice = await w.connect("alice@home")
+            bob = await w.connect("bob@acme", auto_ack=False)
+            await bob.ping()  # its first frame: the (empty) backlog sync runs
+            await alice.send("bob@acme", b"stored")
+            got = await recv_n(bob, 1)
+            await asyncio.wait_for(alice.send_many(
+                "bob@acme", [b"typing%d" % i for i in range(10)], ephemeral=True), 5)
+            got += await recv_n(bob, 3)
+            assert [m.body for m in got] == [b"stored", b"typing0", b"typing1", b"typing2"]
+            assert await nothing_arrives(bob)
+            assert w.relay.delivery.queued_bytes > 0
+            bob.ack(got[-1].seq)
+            await bob.ping()
+            assert w.relay.delivery.queued_bytes == 0
+            # back on the live route: the next signal and message arrive
+            await alice.send("bob@acme", b"typing again", ephemeral=True)
+            await alice.send("bob@acme", b"stored again")
+            assert [m.body for m in await recv_n(bob, 2)] == [b"typing again", b"stored again"]
+    run(loop, main())
+
+
 def test_a_client_that_never_dacks_gets_mailbox_capacity_messages_and_no_more(loop, tmp_path):
     # the memory store queues past the window in the mailbox: the window still holds
     async def main():

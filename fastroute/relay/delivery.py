@@ -829,7 +829,9 @@ class Delivery:
                 if skipped is not None and not skipped.live:
                     skipped = None  # not live: its bytes were never counted
             if skipped is not None:  # it was skipped, not filled
-                size = len(batch[2 * index + 1][1])
+                payload = batch[2 * index + 1]
+                # a signal's payload is its bare tail
+                size = len(payload) if type(payload) is bytes else len(payload[1])
                 skipped.qbytes -= size
                 added -= size
         self.queued_bytes += added
