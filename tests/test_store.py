@@ -119,6 +119,11 @@ def count(db, sql, *params):
         conn.close()
 
 
+def _on_disk(db) -> bytes:
+    """Every byte of the store's file and its WAL (what a disk image would hold)."""
+    return b"".join(open(p, "rb").read() for p in (db, db + "-wal") if os.path.exists(p))
+
+
 def _spacked(db) -> list[int]:
     """The mids of the messages for several devices stored in spacks (all
     held by some device after a flush, which rewrites the spacks)."""
@@ -1365,8 +1370,7 @@ def test_sqlite_moves_a_version_4_stores_shared_rows_into_spacks(run, db):
         assert count(db, "SELECT count(*) FROM sqlite_master WHERE name = 'shared'") == 0
         assert count(db, "SELECT count(*) FROM spacks") == 0
         assert count(db, "PRAGMA user_version") == store_mod._SCHEMA_VERSION
-        raw_bytes = b"".join(open(p, "rb").read() for p in (db, db + "-wal")
-                             if os.path.exists(p))
+        raw_bytes = _on_disk(db)
         assert b"V4-BODY" not in raw_bytes
     run(main())
 
@@ -1515,8 +1519,7 @@ def test_erasing_an_address_from_a_version_4_store_upgrades_it_first(db, tmp_pat
     assert count(db, "PRAGMA user_version") == store_mod._SCHEMA_VERSION
     assert _spacked(db) == [3, 5] and _shares_of(db, 1) == [3, 5] == _shares_of(db, 2)
     assert count(db, "SELECT count(*) FROM shares WHERE dev = 3") == 0
-    raw_bytes = b"".join(open(p, "rb").read() for p in (db, db + "-wal")
-                         if os.path.exists(p))
+    raw_bytes = _on_disk(db)
     assert b"V4-erin" not in raw_bytes and b"erin@home" not in raw_bytes
     assert b"V4-caro" in raw_bytes
 
@@ -1565,8 +1568,7 @@ def test_sqlite_moves_a_version_5_stores_packs_into_a_rowid_table(run, db):
     assert count(db, "SELECT count(*) FROM sqlite_master WHERE name = 'packs_v5'") == 0
     assert count(db, "SELECT count(*) FROM sqlite_master WHERE name = 'packs_key'") == 1
     assert count(db, "PRAGMA user_version") == store_mod._SCHEMA_VERSION
-    raw_bytes = b"".join(open(p, "rb").read() for p in (db, db + "-wal")
-                         if os.path.exists(p))
+    raw_bytes = _on_disk(db)
     assert b"V5-BODY" not in raw_bytes
 
 
@@ -1597,7 +1599,7 @@ def _fresh_load(db, dev, after, limit) -> list:
         conn.close()
 
 
-def test_a_backlog_is_loaded_from_a_pack_without_unpacking_it_again(run, db):
+def test_a_backlog_is_loaded_from_a_pack_without_unpacking_it_again(run, db, monkeypatch):
     # one transaction, one pack of 3000 messages: loads of 1000 from where
     # the last one stopped take the rest the reader kept of it
     async def main():
@@ -1607,24 +1609,19 @@ def test_a_backlog_is_loaded_from_a_pack_without_unpacking_it_again(run, db):
             assert count(db, "SELECT count(*) FROM packs") == 1
             calls = []
             real = store_mod._pack_rows
-
-            def counted(data):
-                calls.append(len(data))
-                return real(data)
-            store_mod._pack_rows = counted
+            monkeypatch.setattr(store_mod, "_pack_rows",
+                                lambda data: calls.append(len(data)) or real(data))
             loads = []
-            try:
-                got: list = []
-                after = 0
-                while True:
-                    rows = await store.load(1, after, 1000)
-                    loads.append((after, rows))
-                    if not rows:
-                        break
-                    got += rows
-                    after = rows[-1][0]
-            finally:
-                store_mod._pack_rows = real
+            got: list = []
+            after = 0
+            while True:
+                rows = await store.load(1, after, 1000)
+                loads.append((after, rows))
+                if not rows:
+                    break
+                got += rows
+                after = rows[-1][0]
+            monkeypatch.undo()
             for after, rows in loads:
                 assert rows == _fresh_load(db, 1, after, 1000)
             assert [r[3] for r in got] == [b"%04d" % i for i in range(3000)]
