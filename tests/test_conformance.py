@@ -804,6 +804,12 @@ def test_usage_errors_exit_2_before_touching_the_relay(tmp_path, capsys):
         cli_main(["conformance", "--target", "127.0.0.1:1", "--data-dir", str(tmp_path),
                   "--only", "no.such-check"])
     assert exc.value.code == 2 and "no.such-check" in capsys.readouterr().err
+    # the client kit's scenarios: refused before it listens
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["conformance", "--listen", f"127.0.0.1:{listen_port()}",
+                  "--only", "no.such-scenario"])
+    assert exc.value.code == 2 and "unknown scenario(s): no.such-scenario" in \
+        capsys.readouterr().err
     # nothing listens on port 1: said once, not 45 failed checks
     assert cli_main(["conformance", "--target", f"127.0.0.1:{listen_port()}", "--server-key",
                      "00" * 32, "--home-provider", "a", "--home-key", __file__,

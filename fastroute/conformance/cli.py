@@ -12,7 +12,7 @@ import time
 from ..config import parse_hostport
 from ..identity import ProviderKey, Registry
 from ..noise import KeyPair
-from .framework import RELAY_CHECKS, write_json
+from .framework import CLIENT_BEHAVIOURS, RELAY_CHECKS, write_json
 
 __all__ = ["add_conformance_args", "cmd_conformance"]
 
@@ -147,6 +147,10 @@ def cmd_conformance(args: argparse.Namespace) -> int:
     """Run the kit in the direction the arguments ask for; 1 on any failure."""
     if args.target:
         return _relay(args)
+    # usage errors are this module's, before the kit starts listening
+    unknown = set(args.only or ()) - {b.name for b in CLIENT_BEHAVIOURS}
+    if unknown:
+        raise usage_error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
     from .vendor import main_vendor
 
     rc = main_vendor(args)
