@@ -147,11 +147,12 @@ def cmd_conformance(args: argparse.Namespace) -> int:
     """Run the kit in the direction the arguments ask for; 1 on any failure."""
     if args.target:
         return _relay(args)
-    # usage errors are this module's, before the kit starts listening
+    # the kit's scenarios register as vendor.py is imported; usage errors are
+    # this module's, before the kit starts listening
+    from .vendor import main_vendor
     unknown = set(args.only or ()) - {b.name for b in CLIENT_BEHAVIOURS}
     if unknown:
         raise usage_error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
-    from .vendor import main_vendor
 
     rc = main_vendor(args)
     sys.stdout.flush()
