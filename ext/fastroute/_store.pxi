@@ -1036,24 +1036,6 @@ def ack_device(object key, list mids not None, list rows not None, dict partial 
         PyMem_Free(hits)
 
 
-cdef inline Py_ssize_t take_array(Cursor* c) noexcept:
-    """Read an array header (fixarray, array16, array32); its length, or -1."""
-    cdef unsigned char b
-    if c.p >= c.end:
-        return -1
-    b = c.p[0]
-    if 0x90 <= b <= 0x9f:
-        c.p += 1
-        return b & 0x0f
-    if b == 0xdc and c.end - c.p >= 3:
-        c.p += 3
-        return get_be16(c.p - 2)
-    if b == 0xdd and c.end - c.p >= 5:
-        c.p += 5
-        return get_be32(c.p - 4)
-    return -1
-
-
 def pack_rows(object data):
     """A pack's rows ``(mid, sender, id, body, ts_ms)`` (see
     ``fastroute.store.py_pack_rows``): read with a C cursor, one tuple a

@@ -485,24 +485,30 @@ cdef inline Py_ssize_t take_len(Cursor* c, unsigned char marker8, Py_ssize_t fix
     return -1
 
 
-cdef inline Py_ssize_t frame_ops(Cursor* c) noexcept:
-    """Read a frame's array header; the op count, or -1."""
-    cdef Py_ssize_t size = c.end - c.p, n
+cdef inline Py_ssize_t take_array(Cursor* c) noexcept:
+    """Read an array header (fixarray, array16, array32); its length, or -1."""
     cdef unsigned char b
-    if size > WIRE_MAX_PLAINTEXT or size < 1:
+    if c.p >= c.end:
         return -1
     b = c.p[0]
     if 0x90 <= b <= 0x9f:
-        n = b & 0x0f
         c.p += 1
-    elif b == 0xdc and size >= 3:
-        n = get_be16(c.p + 1)
+        return b & 0x0f
+    if b == 0xdc and c.end - c.p >= 3:
         c.p += 3
-    elif b == 0xdd and size >= 5:
-        n = get_be32(c.p + 1)
+        return get_be16(c.p - 2)
+    if b == 0xdd and c.end - c.p >= 5:
         c.p += 5
-    else:
+        return get_be32(c.p - 4)
+    return -1
+
+
+cdef inline Py_ssize_t frame_ops(Cursor* c) noexcept:
+    """Read a frame's array header; the op count, or -1."""
+    cdef Py_ssize_t size = c.end - c.p, n
+    if size > WIRE_MAX_PLAINTEXT or size < 1:
         return -1
+    n = take_array(c)
     return n if n <= WIRE_MAX_OPS else -1
 
 
@@ -695,18 +701,8 @@ cdef int skip_value(Cursor* c, int depth) noexcept:
     elif 0x90 <= b <= 0x9f or b == 0xdc or b == 0xdd:
         if depth >= WIRE_SCAN_DEPTH:
             return 0
-        if b <= 0x9f:
-            n = b & 0x0f
-            c.p += 1
-        elif b == 0xdc and c.end - c.p >= 3:
-            n = get_be16(c.p + 1)
-            c.p += 3
-        elif b == 0xdd and c.end - c.p >= 5:
-            n = get_be32(c.p + 1)
-            c.p += 5
-        else:
-            return 0
-        if n > WIRE_MAX_OPS:
+        n = take_array(c)
+        if n < 0 or n > WIRE_MAX_OPS:
             return 0
         for i in range(n):
             if not skip_value(c, depth + 1):
