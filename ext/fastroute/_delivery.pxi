@@ -203,7 +203,7 @@ def sync_rows(object router, object dev, list rows, object routed, dict senders,
     cdef Router engine = router if type(router) is Router else None
     cdef _Device device = None
     cdef object payload
-    push = router.push
+    cdef object push = router.push if engine is None else None
     for row in rows:
         mid, sender, cid, body, ts_ms = row
         if mid > routed:

@@ -61,6 +61,12 @@ _TS_ZERO = b"\xcf" + bytes(8)
 _BODY = itemgetter(3)
 
 
+def _tail(payload: Any) -> bytes:
+    """The DELIVER tail of a routed payload: a signal's payload is its bare
+    tail, any other ``(mid, tail[, head])``."""
+    return payload if type(payload) is bytes else payload[1]
+
+
 # -- per-message loops: specification -------------------------------------------
 
 def py_pack_delivers(seq: int, batch: list, out: list) -> list:
@@ -123,7 +129,7 @@ def py_pull_round(router: Any, dev: int, out: list, inflight: deque,
     start = len(out)
     inflight.extend(py_pack_delivers(seq, batch, out))
     # a DELIVER tail ends with ts_ms (uint64) and cls
-    tail = batch[-1] if type(batch[-1]) is bytes else batch[-1][1]
+    tail = _tail(batch[-1])
     ts_ms = int.from_bytes(tail[-9:-1], "big") if len(tail) >= 10 and tail[-10] == 0xCF else -1
     return n, sum(map(len, out[start:])) - 7 * n, ts_ms
 
@@ -829,9 +835,7 @@ class Delivery:
                 if skipped is not None and not skipped.live:
                     skipped = None  # not live: its bytes were never counted
             if skipped is not None:  # it was skipped, not filled
-                payload = batch[2 * index + 1]
-                # a signal's payload is its bare tail
-                size = len(payload) if type(payload) is bytes else len(payload[1])
+                size = len(_tail(batch[2 * index + 1]))
                 skipped.qbytes -= size
                 added -= size
         self.queued_bytes += added
