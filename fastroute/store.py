@@ -1756,10 +1756,16 @@ def _load(conn: sqlite3.Connection, device_key: int, after_mid: int, limit: int,
                 kept = rests.get(device_key) if rests is not None else None
                 if kept is not None and kept[0] == pack and kept[1] <= after_mid:
                     mids, entries, size = kept[2], kept[3], kept[4]
-                else:
+                elif data is None:
                     blob, data = conn.execute(_SQL_PACK_READ, (rowid,)).fetchone()
                     entries = _pack_rows(data)
                     mids = _mids(blob)  # the entries' mids, in order
+                    size = len(data)
+                else:
+                    # the listing read it (a pack the load takes only part
+                    # of): not read again
+                    entries = _pack_rows(data)
+                    mids = [r[0] for r in entries]
                     size = len(data)
                 at = bisect.bisect_right(mids, after_mid)
                 end = at + limit - len(rows)

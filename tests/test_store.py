@@ -1715,3 +1715,21 @@ def test_loads_with_kept_rests_equal_loads_without(tmp_path_factory, steps):
                 else:
                     await store.flush()
     asyncio.run(main())
+
+
+def test_a_load_that_ends_inside_a_short_pack_keeps_its_rest(run, db):
+    # packs of 10 and 15, loads of 20: the first load takes the first pack
+    # whole and 10 of the second, whose data the listing already read; the
+    # next load goes on from there with the rows kept of it
+    async def main():
+        async with await SqliteStore.open(db) as store:
+            _devices(store, 1)
+            mids = await store.put_many([("s@p", CID, b"a%d" % i, T0, [1]) for i in range(10)])
+            mids += await store.put_many([("s@p", CID, b"b%d" % i, T0, [1]) for i in range(15)])
+            first = await store.load(1, 0, 20)
+            assert [r[0] for r in first] == mids[:20]
+            assert store._rpacks[1][0][0] == mids[10]  # the second pack's rest
+            rest = await store.load(1, mids[19], 20)
+            assert [r[0] for r in rest] == mids[20:]
+            assert rest == _fresh_load(db, 1, mids[19], 20)
+    run(main())
