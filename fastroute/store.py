@@ -74,7 +74,11 @@ class Store(Protocol):
     ``in_memory`` attribute, true, says that the store holds every message
     in RAM (:class:`MemoryStore`): the relay then lets a slow device's
     mailbox grow past ``mailbox_capacity`` instead of feeding it again from
-    the store (``RelayConfig.mailbox_queue_capacity``).
+    the store (``RelayConfig.mailbox_queue_capacity``).  A store that takes
+    a batch at once may also offer ``next_mid()`` and ``put_now(items,
+    first_mid)`` (:class:`MemoryStore` does): the relay's SEND path then uses
+    them instead of ``put_many``, and answers each message in the same pass
+    that checks it.
     """
 
     def register_device(self, address: str, device: str) -> int:
@@ -2645,6 +2649,26 @@ class MemoryStore(_BaseStore):
         fut = self._loop.create_future()
         fut.set_result(mids)
         return fut
+
+    def next_mid(self) -> int | None:
+        """The mid :meth:`put_now` will give the first message of its next
+        batch (mids follow on from it), or None once the store is closed."""
+        return None if self._closed else self._next_mid
+
+    def put_now(self, items: list[PutItem], first_mid: int) -> int:
+        """Store the relay's own items at once, without a future; returns how many.
+
+        The relay's memory-store path: it reads :meth:`next_mid` first, and
+        decides and routes each message as it builds ``items`` (no
+        validation: the gate made them), so the batch must get mids from
+        ``first_mid`` on.  A batch that would not (another put came between,
+        or the store was closed) is refused whole, before anything is stored.
+        """
+        self._check_open()
+        if first_mid != self._next_mid:
+            raise InvalidArgument(
+                f"the batch's mids would start at {self._next_mid}, not {first_mid}")
+        return len(self._store_trusted(items))
 
     def _store_trusted(self, items: Sequence[PutItem]) -> list[int]:
         # every put ends here; the relay's hot path (validate=False) comes

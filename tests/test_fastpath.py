@@ -895,7 +895,8 @@ def _gate_case(fn, impl, gate_cls, link_cls):
         lg = link_cls("conn", out, "alice@example.org", SENDER_PACKED, "example.org", 1000,
                       None, None)
         lg.msg_tokens, lg.byte_tokens = state["mt"], state["bt"]
-        ephemeral = fn(gate, lg, _flat_sends(sends), 100.0, TS, TS_PACKED, store_items, meta)
+        ephemeral = fn(gate, lg, _flat_sends(sends), 100.0, TS, TS_PACKED, store_items, meta,
+                       state.get("first_mid"))
         res = (ephemeral, lg.msg_tokens, lg.byte_tokens)
         return res, out, counted, tapped, store_items, meta, _contents(table)
     return call
@@ -905,7 +906,8 @@ def _gate_case(fn, impl, gate_cls, link_cls):
 @pytest.mark.parametrize("tokens", [(1000.0, 1e9), (3.0, 1e9), (1000.0, 2000.0), (0, 0),
                                     (5, 10**6)])
 @pytest.mark.parametrize("taps", [False, True])
-def test_accept_sends_twins(require_consent, tokens, taps):
+@pytest.mark.parametrize("first_mid", [None, 500])
+def test_accept_sends_twins(require_consent, tokens, taps, first_mid):
     ids = [bytes([i]) * 16 for i in range(12)]
     sends = [
         (1, ids[0], ADDR, b"a" * 10, 0),
@@ -930,7 +932,7 @@ def test_accept_sends_twins(require_consent, tokens, taps):
                     ("alice@example.org", ids[9], 17, 10.0, None)],
         "consent": ({"dave@other.net": frozenset({"example.org"}),
                      "erin@other.net": frozenset({"*"})} if require_consent else None),
-        "mt": tokens[0], "bt": tokens[1], "taps": taps,
+        "mt": tokens[0], "bt": tokens[1], "taps": taps, "first_mid": first_mid,
     }
     py, c = _twins()
     got = _same(_gate_case(gate_mod.py_accept_sends, py, gate_mod.PySendGate,
@@ -940,7 +942,19 @@ def test_accept_sends_twins(require_consent, tokens, taps):
     (ephemeral, mt, bt), out, counted, tapped, store_items, meta, contents = got
     entries = {k[1]: (v, w) for k, v, w in contents}
     assert entries[ids[7]] == ((PENDING, 99.0), [("conn", ids[7])])
-    if tokens == (1000.0, 1e9):
+    if tokens == (1000.0, 1e9) and first_mid is not None:
+        # a store that takes the batch at once: decided, SACKed and routed here
+        want = [0, 5, 9] if require_consent else [0, 3, 5, 9]
+        assert [it[1] for it in store_items] == [ids[i] for i in want]
+        assert meta[0::2] == [sends[i][2] for i in want]  # flat: to, (mid, tail)
+        assert [p[0] for p in meta[1::2]] == list(range(500, 500 + len(want)))
+        assert all(type(p[1]) is bytes and p[1].startswith(SENDER_PACKED) for p in meta[1::2])
+        assert entries[ids[0]] == ((0, 100.0), None)  # no second pass to decide it
+        assert entries[ids[9]] == ((0, 100.0), None)
+        # each stored one SACKed once, the duplicate of ids[0] within the read too
+        sacks = [op for op in out if op == wire.sack_op(ids[0], 0)]
+        assert len(sacks) == 2 and all(wire.sack_op(ids[i], 0) in out for i in want)
+    elif tokens == (1000.0, 1e9):
         want = [0, 5, 9] if require_consent else [0, 3, 5, 9]
         assert [it[1] for it in store_items] == [ids[i] for i in want]
         assert meta[0::3] == [sends[i][2] for i in want]  # flat: to, tail, id

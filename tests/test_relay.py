@@ -208,6 +208,90 @@ def test_resent_id_is_acked_again_but_delivered_once(loop, tmp_path):
     run(loop, main())
 
 
+def _counting_put_now(store) -> list:
+    """Count the batches ``store.put_now`` takes (a list of their sizes)."""
+    sizes: list = []
+    real = store.put_now
+
+    def put_now(items, first_mid):
+        sizes.append(len(items))
+        return real(items, first_mid)
+    store.put_now = put_now
+    return sizes
+
+
+@pytest.mark.parametrize("store", ["sqlite", "memory"])
+def test_a_read_of_mixed_sends_is_answered_alike_by_either_store(loop, store, tmp_path):
+    # the memory store takes a batch at once, so the gate decides, SACKs and
+    # routes each stored message in its loop: what the clients see is what
+    # the SQLite store's path (a future, then a second pass) gives them
+    async def main():
+        async with world(tmp_path, store=store) as w:
+            alice = await w.connect("alice@home")
+            bob = await w.connect("bob@acme")
+            sizes = _counting_put_now(w.relay.delivery.store) if store == "memory" else None
+            await alice.send("bob@acme", b"warm")  # bob's backlog sync is done
+            assert [m.body for m in await recv_n(bob, 1)] == [b"warm"]
+            cids = [os.urandom(16) for _ in range(4)]
+            futs = [alice.send_nowait("bob@acme", b"m0", id=cids[0]),
+                    alice.send_nowait("bob@acme", b"signal", id=cids[1], ephemeral=True),
+                    alice.send_nowait("nobody@acme", b"lost", id=cids[2]),
+                    alice.send_nowait("bob@acme", b"m1", id=cids[3])]
+            # the first id again in the same frame: answered, not stored twice
+            alice._out.append(wire.send_op(cids[0], "bob@acme", b"m0"))
+            assert await futs[0] == cids[0] and await futs[1] == cids[1]
+            with pytest.raises(UnknownAddress):
+                await futs[2]
+            assert await futs[3] == cids[3]
+            got = await recv_n(bob, 3)
+            # the signal is routed with the read, the stored ones after it
+            assert [m.body for m in got] == [b"signal", b"m0", b"m1"]
+            # a resend of a stored id is answered and not delivered again
+            assert await alice.send("bob@acme", b"m1", id=cids[3]) == cids[3]
+            assert await nothing_arrives(bob)
+            relay = w.relay
+            assert relay.delivery._puts_in_flight == 0
+            assert relay.gate.accepted == 4  # warm, signal, m0, m1
+            if sizes is not None:
+                assert sizes == [1, 2]  # warm; m0 and m1 (the resend: no put)
+            await bob.ping()
+            assert await relay.store.count_pending() == 0
+    run(loop, main())
+
+
+def test_a_batch_the_memory_store_refuses_is_not_acked_and_its_resends_arrive(
+        loop, tmp_path):
+    # put_now never fails with the gate's own items; if it did, the SACK-oks
+    # the loop queued must not go out: the link closes (STORE_FAILED, a close
+    # to reconnect after), the ids are forgotten, and the client's resends
+    # are taken anew and delivered once
+    async def main():
+        async with world(tmp_path, store="memory") as w:
+            alice = await w.connect("alice@home", reconnect=True)
+            bob = await w.connect("bob@acme")
+            store = w.relay.delivery.store
+            real = store.put_now
+            calls = []
+
+            def put_now(items, first_mid):
+                calls.append(len(items))
+                if len(calls) == 1:
+                    raise RuntimeError("injected")
+                return real(items, first_mid)
+            store.put_now = put_now
+            before = alice.links
+            ids = await asyncio.wait_for(
+                alice.send_many("bob@acme", [b"a%d" % i for i in range(5)]), 10)
+            assert alice.links == before + 1  # closed once, reconnected, resent
+            got = await recv_n(bob, 5)
+            assert [m.body for m in got] == [b"a%d" % i for i in range(5)]
+            assert [m.id for m in got] == ids
+            assert await nothing_arrives(bob)
+            assert calls == [5, 5]
+            assert w.relay.stats()["refused"].get(int(ErrorCode.STORE_FAILED), 0) >= 1
+    run(loop, main())
+
+
 @pytest.mark.skipif(not fastroute.COMPILED, reason="the compiled window is the mapped one")
 def test_the_dedup_window_is_warmed_off_the_loop_and_no_warm_outlives_the_relay(
         loop, tmp_path):
@@ -702,10 +786,13 @@ def test_rate_limit_refuses_with_code_and_keeps_accepted(loop, tmp_path):
     run(loop, main())
 
 
-def test_bye_right_after_sends_still_gets_every_sack(loop, tmp_path):
+@pytest.mark.parametrize("store", ["sqlite", "memory"])
+def test_bye_right_after_sends_still_gets_every_sack(loop, store, tmp_path):
+    # (the memory store answers them in the read itself, the SQLite store
+    # after its commit: the BYE waits for that)
     async def main():
         from fastroute import wire
-        async with world(tmp_path) as w:
+        async with world(tmp_path, store=store) as w:
             alice = await w.connect("alice@home")
             bob = await w.connect("bob@acme")
             futs = [alice.send_nowait("bob@acme", b"%d" % i) for i in range(100)]

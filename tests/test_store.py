@@ -215,6 +215,29 @@ def test_put_many_returns_mids_in_order(run, opener):
     run(main())
 
 
+def test_memory_store_puts_a_batch_at_once_from_the_mid_it_named(run):
+    async def main():
+        store = await MemoryStore.open()
+        a = store.register_device("a@p", "1")
+        b = store.register_device("b@p", "1")
+        first = store.next_mid()
+        items = [("s@p", CID, b"%d" % i, T0, [a, b][: 1 + i % 2]) for i in range(5)]
+        assert store.put_now(items, first) == 5
+        assert [m[0] for m in await store.load(a, 0, 10)] == list(range(first, first + 5))
+        assert [m[3] for m in await store.load(b, 0, 10)] == [b"1", b"3"]
+        assert store.next_mid() == first + 5
+        # a batch whose mids would not be the ones its caller routed is
+        # refused whole, before anything is stored
+        with pytest.raises(InvalidArgument):
+            store.put_now(items, first)
+        assert await store.count_pending() == 7 and store.next_mid() == first + 5
+        await store.close()
+        assert store.next_mid() is None
+        with pytest.raises(FastrouteError):
+            store.put_now(items, first + 5)
+    run(main())
+
+
 def test_ack_deletes_message_only_after_last_device(run, opener, db):
     async def main():
         async with await opener() as store:

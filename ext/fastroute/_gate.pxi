@@ -220,7 +220,8 @@ cdef class LinkGate:
 
 
 def accept_sends(SendGate gate not None, LinkGate lg not None, list sends, object now,
-                 object now_ms, bytes ts_packed, list store_items, list meta):
+                 object now_ms, bytes ts_packed, list store_items, list meta,
+                 object first_mid=None):
     """Gate a read's SEND ops: dedup, size, recipient, consent, quota.
 
     ``sends`` are a read's decoded SENDs, flat: ``id, to, body, cls`` each
@@ -233,6 +234,13 @@ def accept_sends(SendGate gate not None, LinkGate lg not None, list sends, objec
     item in ``store_items`` (``(sender, id, body, ts_ms, device_keys)``) and
     three entries in ``meta``, ``to, tail, id`` (flat: no tuple a message);
     accepted ephemeral ones are acked at once and recorded with code 0.
+
+    With ``first_mid`` (an int: the store takes the batch at once and gives
+    its messages mids from there on, ``MemoryStore.put_now``), an accepted
+    persistent message is decided here as an ephemeral one is (code 0, its
+    SACK-ok in ``lg.out``), still gets its item in ``store_items``, and gets
+    two entries in ``meta``: ``to, (mid, tail)``, the flat route
+    :meth:`Router.route_flat` takes once the batch is stored.
 
     Returns the ephemeral messages as a flat ``to, tail, ...`` list (a signal's
     payload is its tail alone, mid 0) for :meth:`Router.route_flat` (or
@@ -269,6 +277,9 @@ def accept_sends(SendGate gate not None, LinkGate lg not None, list sends, objec
     cdef bint spent = False
     cdef list ephemeral = None
     cdef Py_hash_t h
+    # the store takes the batch at once: mids known now, nothing pending
+    cdef bint stored_now = first_mid is not None
+    cdef long long next_mid = first_mid if stored_now else 0
     cdef Py_hash_t hashes[DEDUP_BATCH]
     # accepted ephemeral SACK-oks not yet in out (one op run for a stretch of them)
     cdef SackRun sacks
@@ -367,6 +378,13 @@ def accept_sends(SendGate gate not None, LinkGate lg not None, list sends, objec
                     ephemeral.append(to)
                     ephemeral.append(tail)
                     # its SACK-ok with the ones next to it, as one op run
+                    sacks_add(&sacks, cid, out)
+                elif stored_now:
+                    dedup.c_record(sender, cid, h, 0, tnow, slot, at)
+                    store_items.append((sender, cid, body, now_ms, devs))
+                    meta.append(to)
+                    meta.append((next_mid, tail))
+                    next_mid += 1
                     sacks_add(&sacks, cid, out)
                 else:
                     dedup.c_record(sender, cid, h, DEDUP_PENDING, tnow, slot, at)

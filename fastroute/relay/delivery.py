@@ -700,6 +700,13 @@ class Delivery:
         finally:
             self._wake_routed()
 
+    def stored_now(self, items: list, last_mid: int) -> None:
+        """A batch the store took at once (``put_now``, no future): route
+        ``items`` (flat ``address, (mid, tail), ...``), as :meth:`persisted`."""
+        self._puts_begun += 1
+        self._puts_in_flight += 1
+        self.persisted(items, last_mid)
+
     def _wake_routed(self) -> None:
         # syncs waiting for the live route to catch up
         waiters, self._routed_waiters = self._routed_waiters, []

@@ -259,7 +259,8 @@ class PyLinkGate:
 
 
 def py_accept_sends(gate: PySendGate, lg: PyLinkGate, sends: list, now: float, now_ms: int,
-                    ts_packed: bytes, store_items: list, meta: list) -> list | None:
+                    ts_packed: bytes, store_items: list, meta: list,
+                    first_mid: int | None = None) -> list | None:
     """Gate a read's SEND ops (the relay's hot loop); see ``_gate.pxi`` for the contract.
 
     ``sends`` are flat, ``id, to, body, cls`` a SEND (as
@@ -267,7 +268,10 @@ def py_accept_sends(gate: PySendGate, lg: PyLinkGate, sends: list, now: float, n
     messages as a flat ``to, tail, ...`` list (or None), for
     ``Router.route_flat``: a signal's payload is its tail alone (mid 0,
     never stored; no tuple a message); the quota
-    left is written back to ``lg`` when any was spent.
+    left is written back to ``lg`` when any was spent.  With ``first_mid``
+    (a store that takes the batch at once, from that mid on) a persistent
+    message is decided and SACKed here, and ``meta`` gets its route,
+    ``to, (mid, tail)``.
     """
     out, sender, conn = lg.out, lg.sender, lg.link
     known, dedup, consent, taps = gate.known, gate.dedup, gate.consent, gate.taps
@@ -326,6 +330,12 @@ def py_accept_sends(gate: PySendGate, lg: PyLinkGate, sends: list, now: float, n
             if ephemeral is None:
                 ephemeral = []
             ephemeral += (to, tail)
+            out.append(wire.py_sack_ok_op(cid))
+            dedup.begin(sender, cid, 0, now)
+        elif first_mid is not None:
+            store_items.append((sender, cid, body, now_ms, known[to]))
+            meta += (to, (first_mid, tail))
+            first_mid += 1
             out.append(wire.py_sack_ok_op(cid))
             dedup.begin(sender, cid, 0, now)
         else:
@@ -792,8 +802,16 @@ class Gate:
         meta: list = []
         if self.delivery.caps.full:
             sends = self._refuse_full(link, sends)
+        store = delivery.store
+        put_now = getattr(store, "put_now", None)
+        next_mid = getattr(store, "next_mid", None)
+        # a store that takes a batch at once (the memory store): each message
+        # is decided, SACKed and given its route in the loop, with no second
+        # pass after a future (the caps count a batch through that pass)
+        first = (next_mid() if put_now is not None and next_mid is not None
+                 and not delivery.caps.enabled else None)
         ephemeral = accept_sends(self._tables, lg, sends, time.monotonic(), now_ms,
-                                 wire.ts_packed(now_ms), store_items, meta)
+                                 wire.ts_packed(now_ms), store_items, meta, first)
         spent = m0 - lg.msg_tokens
         if spent:
             for b in msgs:
@@ -807,7 +825,9 @@ class Gate:
         if ephemeral:
             self.accepted += len(ephemeral) // 2
             delivery.route(ephemeral, ephemeral=True)
-        if store_items:
+        if store_items and first is not None and put_now is not None:
+            self._stored_now(link, put_now, store_items, meta, first)
+        elif store_items:
             link.storing += 1
             fut = delivery.persist(store_items)
             if fut.done():
@@ -882,27 +902,57 @@ class Gate:
                     self.ack_all(link, cid, code, dedup.forget(sender, cid))
                 return
             delivery.persisted(flat_routes(meta, mids), mids[-1])
-            self.accepted += len(meta) // 3
-            young = self._young
-            safety = self.safety if self.safety is not None and self.safety.window > 0 else None
-            if young or safety is not None:
-                tos = field_set(meta, 0, 3)  # the distinct recipients, once for both
-                if young:
-                    # who wrote to a new sender: its answers to them are not to strangers
-                    contacts = self._contacts
-                    for to in tos & young:
-                        contacts.add((sender, to))
-                    if len(contacts) > _MAX_CONTACTS:
-                        self._contacts_old, self._contacts = contacts, set()
-                if safety is not None:
-                    # spam reports count only for pairs the relay really carried
-                    safety.delivered(sender, tos)
+            self._carried(sender, meta, 3)
             out = link.out if link.is_open() else []
             # per message: dedup entry stored, its waiters answered, SACK-ok to the sender
             stored_sacks(meta, sender, dedup, time.monotonic(), out, self.ack_all)
             delivery.mark(link)
         finally:
             link.stored_all()
+
+    def _stored_now(self, link: "LinkPort", put_now: Callable[[list, int], int],
+                    items: list, routes: list, first: int) -> None:
+        """Store a batch :func:`accept_sends` already decided (``first``: its
+        first mid, from the store's ``next_mid``) and route it.
+
+        Its SACK-oks are in ``link.out`` already.  The relay's own items never
+        make ``put_now`` fail; if it did, not one of those SACK-oks may go out:
+        the link is closed with STORE_FAILED and the ids forgotten, so the
+        client's resends (of every SEND it has no SACK for) are taken anew.
+        """
+        try:
+            n = put_now(items, first)
+        except Exception:
+            log.exception("the store refused a batch it takes at once")
+            sender = link.address
+            for item in items:
+                self.dedup.forget(sender, item[1])
+            link.out.clear()
+            self.count_error(ErrorCode.STORE_FAILED)
+            link.close(ErrorCode.STORE_FAILED, "store failed")
+            return
+        self.delivery.stored_now(routes, first + n - 1)
+        self._carried(link.address, routes, 2)
+
+    def _carried(self, sender: str, meta: list, step: int) -> None:
+        """Bookkeeping of a stored batch of ``sender``'s (flat ``meta``, its
+        recipient every ``step``-th entry from the first): counted, and
+        recorded for the new-sender rule and the spam reports."""
+        self.accepted += len(meta) // step
+        young = self._young
+        safety = self.safety if self.safety is not None and self.safety.window > 0 else None
+        if young or safety is not None:
+            tos = field_set(meta, 0, step)  # the distinct recipients, once for both
+            if young:
+                # who wrote to a new sender: its answers to them are not to strangers
+                contacts = self._contacts
+                for to in tos & young:
+                    contacts.add((sender, to))
+                if len(contacts) > _MAX_CONTACTS:
+                    self._contacts_old, self._contacts = contacts, set()
+            if safety is not None:
+                # spam reports count only for pairs the relay really carried
+                safety.delivered(sender, tos)
 
     def ack_all(self, link: "LinkPort | None", cid: bytes, code: int,
                 waiters: list | None) -> None:
