@@ -923,7 +923,8 @@ class Gate:
         try:
             n = put_now(items, first)
         except Exception:
-            log.exception("the store refused a batch it takes at once")
+            log.error("store refused a batch of %d messages (code %d)", len(items),
+                      ErrorCode.STORE_FAILED, exc_info=True)
             sender = link.address
             for item in items:
                 self.dedup.forget(sender, item[1])
