@@ -23,7 +23,9 @@ id evicts the oldest (nats-server keeps no such window for these messages:
 core NATS has none, JetStream's deduplicates only ``Nats-Msg-Id``, which
 this bench does not set).
 Reported: the median of ``--runs`` runs with the min-max, the delivered
-count, the wall time (GO to last receipt) and fastroute/nats ratios.  A run
+count, the wall time (GO to last receipt) and fastroute/nats ratios, and
+with both fastroute stores the SQLite store's CPU over the memory store's
+(the medians' ratio and each round's).  A run
 that lost messages or stalled is printed but not counted.  Each progress
 line also shows the sender's and receiver's own CPU per message and the
 server's CPU in the ``TAIL`` (0.5 s) after the window: deferred work (a
@@ -1046,6 +1048,19 @@ def span(vals: list[float], fmt: str) -> str:
     return f"{format(med, fmt)} [{format(min(vals), fmt)}-{format(max(vals), fmt)}]"
 
 
+def store_ratio(results: dict[str, list[dict]]) -> tuple[float, list[float]] | None:
+    """The SQLite store's CPU a message over the memory store's (the issue's
+    own bar: at most 2x): the ratio of the medians, and each round's ratio
+    (the two ran in the same round, seconds apart); None without both."""
+    sql, mem = results.get("fr-sqlite", []), results.get("fr-memory", [])
+    if not sql or not mem:
+        return None
+    med = (statistics.median(r["us_per_msg"] for r in sql)
+           / statistics.median(r["us_per_msg"] for r in mem))
+    by_round = {r["round"]: r["us_per_msg"] for r in mem}
+    return med, [r["us_per_msg"] / by_round[r["round"]] for r in sql if r["round"] in by_round]
+
+
 def print_table(results: dict[str, list[dict]], args: argparse.Namespace) -> None:
     """Every pair: both systems' medians and ranges, then the fastroute/nats ratios."""
     full = (f" after {DEDUP_WINDOW} unmeasured (fastroute: dedup window full)"
@@ -1084,6 +1099,13 @@ def print_table(results: dict[str, list[dict]], args: argparse.Namespace) -> Non
                   f"{ratio:>21}")
     print("(runs: complete runs counted; CPU ratio: median/median, [range] over the rounds' "
           "ratios)")
+    both = store_ratio(results)
+    if both is not None:
+        med, rounds = both
+        # the rounds spread widely on a shared host: their median is printed too
+        print(f"SQLite NORMAL / memory store: {med:.2f}x (medians)"
+              + (f"; rounds {min(rounds):.2f}-{max(rounds):.2f}, median "
+                 f"{statistics.median(rounds):.2f}x" if rounds else ""))
     for line in args.incomplete:
         print(f"NOT COUNTED (incomplete): {line}")
 

@@ -51,6 +51,18 @@ def test_every_rate_limit_is_lifted_or_named() -> None:
             assert getattr(defaults, name) == 0
 
 
+def test_server_cpu_prints_the_sqlite_over_memory_ratio_by_round() -> None:
+    # the issue's own bar (SQLite at most 2x the memory store): the medians'
+    # ratio and each round's, pairing the runs of the same round only
+    results = {"fr-memory": [{"round": 0, "us_per_msg": 1.0}, {"round": 1, "us_per_msg": 2.0},
+                             {"round": 2, "us_per_msg": 4.0}],
+               "fr-sqlite": [{"round": 0, "us_per_msg": 1.5}, {"round": 2, "us_per_msg": 5.0}]}
+    med, rounds = server_cpu.store_ratio(results)
+    assert med == pytest.approx(3.25 / 2.0)
+    assert rounds == [1.5, 1.25]
+    assert server_cpu.store_ratio({"fr-memory": results["fr-memory"]}) is None
+
+
 def test_lifted_limits_load_and_exceed_the_defaults() -> None:
     doc = tomllib.loads("[limits]\n" + server_cpu.relay_limits_toml())
     cfg = RelayConfig.from_mapping(doc)
