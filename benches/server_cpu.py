@@ -1048,17 +1048,24 @@ def span(vals: list[float], fmt: str) -> str:
     return f"{format(med, fmt)} [{format(min(vals), fmt)}-{format(max(vals), fmt)}]"
 
 
+def cpu_ratio(results: dict[str, list[dict]], num: str,
+              den: str) -> tuple[float, list[float]] | None:
+    """System ``num``'s CPU a message over ``den``'s: the ratio of the
+    medians, and each round's ratio (the two ran in the same round, minutes
+    apart at most); None without runs of both."""
+    a, b = results.get(num, []), results.get(den, [])
+    if not a or not b:
+        return None
+    med = (statistics.median(r["us_per_msg"] for r in a)
+           / statistics.median(r["us_per_msg"] for r in b))
+    by_round = {r["round"]: r["us_per_msg"] for r in b}
+    return med, [r["us_per_msg"] / by_round[r["round"]] for r in a if r["round"] in by_round]
+
+
 def store_ratio(results: dict[str, list[dict]]) -> tuple[float, list[float]] | None:
     """The SQLite store's CPU a message over the memory store's (the issue's
-    own bar: at most 2x): the ratio of the medians, and each round's ratio
-    (the two ran in the same round, seconds apart); None without both."""
-    sql, mem = results.get("fr-sqlite", []), results.get("fr-memory", [])
-    if not sql or not mem:
-        return None
-    med = (statistics.median(r["us_per_msg"] for r in sql)
-           / statistics.median(r["us_per_msg"] for r in mem))
-    by_round = {r["round"]: r["us_per_msg"] for r in mem}
-    return med, [r["us_per_msg"] / by_round[r["round"]] for r in sql if r["round"] in by_round]
+    own bar: at most 2x), as :func:`cpu_ratio` gives it."""
+    return cpu_ratio(results, "fr-sqlite", "fr-memory")
 
 
 def print_table(results: dict[str, list[dict]], args: argparse.Namespace) -> None:
@@ -1083,13 +1090,9 @@ def print_table(results: dict[str, list[dict]], args: argparse.Namespace) -> Non
                 dtext += "!"
             rate = [r["received"] / r["wall"] / 1e3 for r in rs]
             ratio = ""
-            if i == 0 and rs and results.get(nt):
-                med = statistics.median(us) / statistics.median(
-                    [r["us_per_msg"] for r in results[nt]])
-                # per-round ratios: the two systems ran minutes apart at most
-                other = {b["round"]: b["us_per_msg"] for b in results[nt]}
-                rounds = [a["us_per_msg"] / other[a["round"]] for a in rs
-                          if a["round"] in other]
+            both = cpu_ratio(results, fr, nt) if i == 0 else None
+            if both is not None:
+                med, rounds = both
                 ratio = f"{med:.2f}x" + (f" [{min(rounds):.2f}-{max(rounds):.2f}]"
                                          if len(rounds) > 1 else "")
             print(f"{title if i == 0 else '':<27} {SYSTEMS[system][0]:<24} {len(rs):>4} "
