@@ -176,6 +176,10 @@ class RelayConfig:
     #: a deleted (delivered, expired) message's body, id and sender leave every
     #: file of the store within this many seconds (secure_delete + WAL truncation)
     erase_s: float = 20.0
+    #: SQLite store: while messages come faster than the store commits them,
+    #: how long a batch may wait for more to share its commit (less CPU a
+    #: message, at most this much more latency; 0: none waits)
+    group_commit_s: float = 0.001
     #: how often the relay re-reads the registry for revocations and enrolments
     registry_poll_s: float = 0.5
     #: attachments (media store in ``data_dir/media``): largest blob, bytes one
@@ -338,6 +342,8 @@ class RelayConfig:
                 raise InvalidArgument(f"{name} must be >= 0")
         if 0 < self.store_max_bytes < 1 << 16:
             raise InvalidArgument("store_max_bytes must be 0 or at least 65536")
+        if not 0 <= self.group_commit_s <= 0.1:
+            raise InvalidArgument("group_commit_s must be in [0, 0.1]")
         if not 0 < self.erase_s <= 40:
             raise InvalidArgument("erase_s must be in (0, 40]: deleted messages must leave "
                                   "the disk within 60 s")

@@ -344,6 +344,11 @@ _RETRY_S = 0.5
 # between two of puts: a commit of its own (at FULL, a sync) for deletes that
 # the next puts' commit could carry; a few milliseconds cost an ack nothing.
 _LINGER_S = 0.004
+# How long a put somebody waits on may wait for more puts while puts come
+# faster than the writer commits them: their commit is then shared.  Under
+# load the writer otherwise committed about two puts a transaction.
+_GROUP_S = 0.001
+_MAX_GROUP_S = 0.1
 
 
 @functools.lru_cache(maxsize=_CACHED_STATEMENTS)
@@ -580,7 +585,10 @@ class SqliteStore(_BaseStore):
     event loop are queued; the writer takes everything queued (up to
     ``max_batch`` messages), applies it in **one** transaction, commits, and
     then resolves the batch's futures with a single
-    ``loop.call_soon_threadsafe``.  A future from :meth:`put` therefore
+    ``loop.call_soon_threadsafe``.  While puts come faster than it commits
+    them (its last batch had several), it first waits up to
+    ``group_commit_s`` for more, so that they share a commit; a put that
+    comes alone, or after a pause, goes at once.  A future from :meth:`put` therefore
     resolves only once its message is committed.  Reads (:meth:`load`,
     :meth:`count_pending`) run on a second connection in a reader thread; WAL
     lets them proceed while the writer commits.  The writer's most common
@@ -652,7 +660,8 @@ class SqliteStore(_BaseStore):
     """
 
     def __init__(self, loop, path: str, synchronous: str, max_batch: int,
-                 ttl_s: int, erase_s: float = 20.0, max_bytes: int | None = None) -> None:
+                 ttl_s: int, erase_s: float = 20.0, max_bytes: int | None = None,
+                 group_commit_s: float = 0.0) -> None:
         super().__init__(loop, ttl_s)
         self._max_bytes = max_bytes
         self._erase_s = erase_s
@@ -710,6 +719,9 @@ class SqliteStore(_BaseStore):
         # well inside erase_s: the rewrite, then the checkpoint that erases it
         self._rewrite_s = min(0.5, erase_s / 4)
         self._linger_s = _LINGER_S
+        self._group_s = group_commit_s
+        # how many puts the writer's last batch with any had (writer thread only)
+        self._puts_last = 0
         #: packs, shares and spacks rewritten without their acked (or no longer held)
         #: messages (metrics, tests)
         self.rewrites = 0
@@ -719,7 +731,8 @@ class SqliteStore(_BaseStore):
     @classmethod
     async def open(cls, path: str | os.PathLike, *, synchronous: str = "FULL",
                    max_batch: int = 4096, ttl_s: int = DEFAULT_TTL_S,
-                   erase_s: float = 20.0, max_bytes: int | None = None) -> "SqliteStore":
+                   erase_s: float = 20.0, max_bytes: int | None = None,
+                   group_commit_s: float = _GROUP_S) -> "SqliteStore":
         """Open (creating if needed) the store at ``path`` and start its writer.
 
         ``synchronous`` is SQLite's ``PRAGMA synchronous`` for the WAL:
@@ -733,6 +746,9 @@ class SqliteStore(_BaseStore):
         :class:`~fastroute.errors.StoreFull` (code ``STORE_FULL``) while
         deletes still go through, so space comes back as devices ack.  The
         WAL comes on top (it is truncated at least every ``erase_s``).
+        ``group_commit_s``: while puts come faster than the writer commits
+        them, how long one may wait for more to share its commit (0: none
+        waits); a put that comes alone never waits.
         """
         loop = asyncio.get_running_loop()
         if not isinstance(path, (str, os.PathLike)):
@@ -750,8 +766,12 @@ class SqliteStore(_BaseStore):
             raise InvalidArgument("erase_s must be a number of seconds in (0, 3600]")
         if max_bytes is not None:
             max_bytes = _check_sql_int(max_bytes, "max_bytes", 1 << 16)
+        if isinstance(group_commit_s, bool) or not isinstance(group_commit_s, (int, float)) \
+                or not 0 <= group_commit_s <= _MAX_GROUP_S:
+            raise InvalidArgument(f"group_commit_s must be a number of seconds in "
+                                  f"[0, {_MAX_GROUP_S}]")
         self = cls(loop, path, synchronous.upper(), max_batch, ttl_s, float(erase_s),
-                   max_bytes)
+                   max_bytes, float(group_commit_s))
         ready = loop.create_future()
         self._thread = threading.Thread(target=self._writer_main, args=(ready,),
                                         name="fastroute-store-write", daemon=True)
@@ -1126,38 +1146,54 @@ class SqliteStore(_BaseStore):
         if due is not None:
             wait = max(0.0, due - time.monotonic())
             timeout = wait if timeout is None else min(timeout, wait)
+        idle = time.monotonic()
         try:
             batch.append(q.get(timeout=timeout))
         except queue.Empty:
             return batch
         n = 0
         limit = self._max_batch
-        waited = False  # somebody waits on this batch: commit it at once
-        linger = None   # the end of the wait for one of those
+        group = self._group_s
+        # held for more puts only while that pays: the last batch had more
+        # than one (puts came while the writer was busy, or during its
+        # wait), and this one's first came without a pause of the budget
+        close = self._puts_last > 1 and time.monotonic() - idle < group
+        puts = 0
+        deadline = None  # when the batch goes, whatever else comes
         while True:
             kind, arg, fut = batch[-1]
-            n += len(arg) if kind == _PUT_MANY else 1
+            if kind == _PUT_MANY or kind == _PUT:
+                n += len(arg) if kind == _PUT_MANY else 1
+                puts += 1
+            else:
+                n += 1
             if fut is not None:
-                waited = True
+                # somebody waits: at once, or, while puts come faster than
+                # the budget, once it has waited that long for more of them
+                end = time.monotonic() + (group if close else 0.0)
+                if deadline is None or end < deadline:
+                    deadline = end
             if n >= limit:
-                return batch
+                break
             try:
                 batch.append(q.get_nowait())
                 continue
             except queue.Empty:
-                if waited:
-                    return batch
-            if linger is None:
-                linger = time.monotonic() + self._linger_s
-                if due is not None and due < linger:
-                    linger = due
-            wait = linger - time.monotonic()
+                pass
+            if deadline is None:
+                deadline = time.monotonic() + self._linger_s
+            if due is not None and due < deadline:
+                deadline = due
+            wait = deadline - time.monotonic()
             if wait <= 0:
-                return batch
+                break
             try:
                 batch.append(q.get(timeout=wait))
             except queue.Empty:
-                return batch
+                break
+        if puts:
+            self._puts_last = puts
+        return batch
 
     def _write_batch(self, batch: list[tuple]) -> tuple[bool, list[tuple]]:
         """Apply ``batch`` in one transaction; return whether it held the stop

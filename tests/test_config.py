@@ -104,3 +104,27 @@ def test_the_relays_engine_takes_the_bound_of_its_store(tmp_path):
         in_memory = True
     assert Relay(RelayConfig(data_dir=str(tmp_path), mailbox_capacity=16),
                  store=Kept()).router.mailbox_capacity == MAX_MAILBOX_CAPACITY
+
+
+def test_group_commit_is_bounded_and_reaches_the_sqlite_store(tmp_path):
+    import asyncio
+
+    from fastroute import Relay
+
+    for bad in (-0.001, 0.2):
+        with pytest.raises(InvalidArgument, match="group_commit_s"):
+            RelayConfig(group_commit_s=bad).validate()
+    path = tmp_path / "fastroute.toml"
+    path.write_text("[relay]\ngroup_commit_s = 0\n")
+    assert RelayConfig.from_toml(path).group_commit_s == 0
+
+    async def main():
+        relay = Relay(RelayConfig(port=0, data_dir=str(tmp_path), group_commit_s=0.004,
+                                  admin_listen="off"))
+        await relay.start()
+        try:
+            return relay.store._group_s
+        finally:
+            await relay.close()
+    assert asyncio.run(main()) == 0.004
+    assert RelayConfig().group_commit_s == 0.001  # the default the benches measured

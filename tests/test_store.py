@@ -1122,6 +1122,48 @@ def test_sqlite_acks_wait_for_the_next_puts_commit_and_commit_alone_if_none_come
     run(main())
 
 
+def test_sqlite_puts_wait_for_more_only_while_puts_come_faster_than_commits(run, db):
+    # under load the writer committed about two puts a transaction; while
+    # puts come faster than it commits them, one waits up to a budget for
+    # more, and their commit is shared.  A put that comes alone (a chat
+    # client's one message at a time) never waits.
+    async def main():
+        with pytest.raises(InvalidArgument, match="group_commit_s"):
+            await SqliteStore.open(db, group_commit_s=0.5)
+        async with await SqliteStore.open(db, max_batch=40, group_commit_s=0.1) as store:
+            dev = store.register_device("a@p", "1")
+            await store.flush()
+            store._group_s = 30.0  # far longer than this test: only a full batch ends it
+            # one message at a time, each awaited: a batch of one put is not
+            # held (else each of these would wait the budget)
+            for _ in range(20):
+                await asyncio.wait_for(store.put_many([("s@p", CID, b"1", T0, [dev])]), 10)
+            # puts queued while the writer is busy: a batch of several puts ...
+            await writer_holds_its_batch(store, idle=True)
+            with write_locked(db):
+                first = store.put_many([("s@p", CID, b"2", T0, [dev])])
+                await writer_holds_its_batch(store)
+                queued = [store.put_many([("s@p", CID, b"3", T0, [dev])]) for _ in range(2)]
+            await asyncio.gather(first, *queued)
+            # ... so the next put waits for more: none of it is committed
+            before = store.commits
+            held = store.put_many([("s@p", CID, b"4", T0, [dev])])
+            await asyncio.sleep(0.05)
+            assert not held.done() and store.commits == before
+            # until the batch is full (or the budget is over): one commit for both
+            full = store.put_many([("s@p", CID, b"5", T0, [dev]) for _ in range(39)])
+            assert len(await asyncio.wait_for(full, 10)) == 39
+            assert held.done() and store.commits == before + 1
+            # a budget of 0: every batch goes as soon as it is taken
+            store._group_s = 0.0
+            for _ in range(3):
+                await asyncio.wait_for(asyncio.gather(*[
+                    store.put_many([("s@p", CID, b"6", T0, [dev])]) for _ in range(3)]), 10)
+            assert [r[3] for r in await store.load(dev, 0, 1000)] == (
+                [b"1"] * 20 + [b"2", b"3", b"3", b"4"] + [b"5"] * 39 + [b"6"] * 9)
+    run(main())
+
+
 def test_sqlite_frees_what_the_loop_made_on_the_loops_thread(run, db):
     # a put's items and an ack's ids are made on the loop's thread; freed in
     # the writer, each block's cache line went from one core to the other and

@@ -308,7 +308,8 @@ class Relay:
                 self.store = await SqliteStore.open(os.path.join(cfg.data_dir, "store.db"),
                                                     synchronous=cfg.synchronous,
                                                     ttl_s=cfg.ttl_s, erase_s=cfg.erase_s,
-                                                    max_bytes=cfg.store_max_bytes or None)
+                                                    max_bytes=cfg.store_max_bytes or None,
+                                                    group_commit_s=cfg.group_commit_s)
         if self.media is None:
             self.media = await MediaStore.open(
                 os.path.join(cfg.data_dir, "media"), max_blob=cfg.media_max_blob,
