@@ -27,7 +27,9 @@ store (``_Conn._sync``), which is slower per message.  A run that makes no
 progress for ``RUN_TIMEOUT`` reports STALLED with the relay's stack
 (faulthandler, SIGUSR1) and restarts it.  ``p50``/``p99``
 are per-message latencies (send -> receipt, a ``perf_counter`` stamp in the
-body) from a separate paced run at ~50 % of the measured maximum send rate.
+body) from a separate paced run at ~50 % of the measured maximum send rate
+(``--lat-rate CASE=RATE``: at that rate instead, to compare two trees at one
+load; ``--store``: one of fastroute's stores only).
 
 fastroute runs with the relay in a separate process (``fastroute serve``,
 uvloop) with ``--store memory`` and with the default SQLite store; the
@@ -459,15 +461,20 @@ def fmt_row(name: str, r: dict) -> str:
                if len(r.get("thr_runs", ())) > 1 else ""))
 
 
-async def scenario(runner, fanout: int, size: int, n: int, repeat: int = 1) -> dict:
+async def scenario(runner, fanout: int, size: int, n: int, repeat: int = 1,
+                   lat_rate: float | None = None) -> dict:
     """Throughput runs (the median of ``repeat``), then a latency run at ~50 % of
-    that send rate.  ``thr_runs`` lists every throughput run's rate."""
+    that send rate, or at ``lat_rate`` sends/s when given (two trees compared at
+    one load: each at half its own maximum, a faster tree is paced faster, and
+    where the clients are near their limit that alone moves p99).  ``thr_runs``
+    lists every throughput run's rate."""
     n_send = max(500, n // 4) if fanout > 1 else n
     runs = [await runner(fanout, size, n_send, None) for _ in range(max(1, repeat))]
     runs.sort(key=lambda r: r["thr"])
     thr = runs[len(runs) // 2]
     thr["thr_runs"] = [r["thr"] for r in runs]
-    lat_rate = max(50.0, thr["send_rate"] * 0.5)
+    if lat_rate is None:
+        lat_rate = max(50.0, thr["send_rate"] * 0.5)
     n_lat = int(max(200, min(n_send, lat_rate * 2.0)))  # ~2 s paced
     lat = await runner(fanout, size, n_lat, lat_rate)
     thr.update(p50=lat["p50"], p99=lat["p99"], lat_rate=lat_rate,
@@ -480,7 +487,7 @@ async def main_async(args, stalls: list[str]) -> list[tuple[str, str, dict]]:
     cases = [(f, s) for f in (1, FANOUT) for s in SIZES]
     n = args.messages
     if args.only in (None, "fastroute"):
-        for store in ("memory", "sqlite"):
+        for store in args.store or ("memory", "sqlite"):
             prof = os.path.join(args.profile, f"relay-{store}.prof") if args.profile else None
             relays = [FastrouteRelay(store, prof).start()]
             try:
@@ -493,7 +500,8 @@ async def main_async(args, stalls: list[str]) -> list[tuple[str, str, dict]]:
                         pr = cProfile.Profile()
                         pr.enable()
                     try:
-                        res = await scenario(runner, fanout, size, n, args.repeat)
+                        res = await scenario(runner, fanout, size, n, args.repeat,
+                                             args.lat_rates.get(key))
                     except Stalled as exc:
                         print(f"fastroute-{store} {key}: STALLED: {exc}; relay stack:\n"
                               f"{relay.dump_stack()}", flush=True)
@@ -522,12 +530,31 @@ async def main_async(args, stalls: list[str]) -> list[tuple[str, str, dict]]:
                 key = f"1:{fanout} {size}B"
                 runner = lambda f, s, k, r, i=i: nats_run(  # noqa: E731
                     server, f, s, k, r, f"bench.{i}.{time.monotonic_ns()}")
-                res = await scenario(runner, fanout, size, n, args.repeat)
+                res = await scenario(runner, fanout, size, n, args.repeat,
+                                     args.lat_rates.get(key))
                 rows.append(("nats-py", key, res))
                 print(fmt_row(f"nats-py {key}", res), flush=True)
         finally:
             server.stop()
     return rows
+
+
+def parse_lat_rates(ap: argparse.ArgumentParser, given: list[str]) -> dict[str, float]:
+    """``--lat-rate`` values as ``{case: sends/s}``; a case this script does not
+    run, or a rate that is not a positive number, is a usage error."""
+    cases = {f"1:{f} {s}B" for f in (1, FANOUT) for s in SIZES}
+    rates: dict[str, float] = {}
+    for item in given:
+        case, _, rate = item.rpartition("=")
+        try:
+            value = float(rate)
+        except ValueError:
+            value = 0.0
+        if case not in cases or not value > 0:
+            ap.error(f"--lat-rate {item!r}: want CASE=RATE, CASE one of "
+                     f"{', '.join(sorted(cases))}, RATE > 0 sends/s")
+        rates[case] = value
+    return rates
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -546,7 +573,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", default=None,
                     help="directory: cProfile the relay (per store) and the client side of "
                          "fastroute-memory 1:1 100B into .prof files there")
+    ap.add_argument("--store", action="append", choices=["memory", "sqlite"],
+                    help="fastroute's store to run (repeatable; default both)")
+    ap.add_argument("--lat-rate", action="append", default=[], metavar="CASE=RATE",
+                    help='pace the latency run of CASE at RATE sends/s instead of half its '
+                         'maximum, e.g. "1:10 4096B=12000" (repeatable): an A/B of two '
+                         "trees at one load")
     args = ap.parse_args(argv)
+    args.lat_rates = parse_lat_rates(ap, args.lat_rate)
     globals()["E2E_WINDOW"] = args.window
     if args.quick:
         args.messages = min(args.messages, 3000)

@@ -11,6 +11,7 @@ These tests hold the benches' shared list (``server_cpu.py``) to the relay's
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import dataclasses
 import sys
@@ -135,3 +136,26 @@ def test_store_load_reads_the_whole_backlog_and_compares_two_trees(tmp_path) -> 
     figures = [float(line.split()[1]) for line in lines[1:3]]
     assert all(f > 0 for f in figures), out
     assert "this/other:" in lines[3]
+
+
+def test_e2e_compare_paces_a_latency_run_at_the_rate_given() -> None:
+    # two trees compared at one load: a fixed rate, not half of each tree's
+    # own maximum (a faster tree would be paced faster)
+    calls: list = []
+
+    async def runner(fanout, size, n, rate):
+        calls.append(rate)
+        return {"thr": 10_000.0, "send_rate": 10_000.0, "p50": 1.0, "p99": 2.0,
+                "delivered": n * fanout, "sent": n}
+
+    res = asyncio.run(e2e_compare.scenario(runner, 10, 4096, 4_000, 1))
+    assert calls == [None, 5_000.0] and res["lat_rate"] == 5_000.0
+    calls.clear()
+    res = asyncio.run(e2e_compare.scenario(runner, 10, 4096, 4_000, 1, lat_rate=1_234.0))
+    assert calls == [None, 1_234.0] and res["lat_rate"] == 1_234.0
+    ap = argparse.ArgumentParser()
+    assert e2e_compare.parse_lat_rates(ap, ["1:10 4096B=12000", "1:1 100B=9e4"]) == {
+        "1:10 4096B": 12_000.0, "1:1 100B": 90_000.0}
+    for bad in ("1:3 100B=5", "1:1 100B=0", "1:1 100B=fast", "12000"):
+        with pytest.raises(SystemExit):
+            e2e_compare.parse_lat_rates(ap, [bad])
