@@ -348,7 +348,7 @@ _LINGER_S = 0.004
 # faster than the writer commits them: their commit is then shared.  Under
 # load the writer otherwise committed about two puts a transaction.
 _GROUP_S = 0.001
-_MAX_GROUP_S = 0.1
+_MAX_GROUP_S = 0.1  # RelayConfig.group_commit_s has the same bound
 
 
 @functools.lru_cache(maxsize=_CACHED_STATEMENTS)
@@ -588,8 +588,8 @@ class SqliteStore(_BaseStore):
     ``loop.call_soon_threadsafe``.  While puts come faster than it commits
     them (its last batch had several), it first waits up to
     ``group_commit_s`` for more, so that they share a commit; a put that
-    comes alone, or after a pause, goes at once.  A future from :meth:`put` therefore
-    resolves only once its message is committed.  Reads (:meth:`load`,
+    comes alone, or after a pause, goes at once.  A future from :meth:`put`
+    therefore resolves only once its message is committed.  Reads (:meth:`load`,
     :meth:`count_pending`) run on a second connection in a reader thread; WAL
     lets them proceed while the writer commits.  The writer's most common
     transaction (acks that empty whole packs, then new packs for single
