@@ -550,7 +550,7 @@ def parse_lat_rates(ap: argparse.ArgumentParser, given: list[str]) -> dict[str, 
             value = float(rate)
         except ValueError:
             value = 0.0
-        if case not in cases or not value > 0:
+        if case not in cases or not 0 < value < float("inf"):
             ap.error(f"--lat-rate {item!r}: want CASE=RATE, CASE one of "
                      f"{', '.join(sorted(cases))}, RATE > 0 sends/s")
         rates[case] = value

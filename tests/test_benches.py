@@ -156,6 +156,6 @@ def test_e2e_compare_paces_a_latency_run_at_the_rate_given() -> None:
     ap = argparse.ArgumentParser()
     assert e2e_compare.parse_lat_rates(ap, ["1:10 4096B=12000", "1:1 100B=9e4"]) == {
         "1:10 4096B": 12_000.0, "1:1 100B": 90_000.0}
-    for bad in ("1:3 100B=5", "1:1 100B=0", "1:1 100B=fast", "12000"):
+    for bad in ("1:3 100B=5", "1:1 100B=0", "1:1 100B=fast", "1:1 100B=inf", "12000"):
         with pytest.raises(SystemExit):
             e2e_compare.parse_lat_rates(ap, [bad])
