@@ -2548,11 +2548,14 @@ class PyInbox(dict):
     __slots__ = ()
 
 
-def py_mem_put(items: list, left: dict, inbox: dict, first: int, mids: list) -> None:
+def py_mem_put(items: list, left: dict, inbox: dict, first: int, mids: list,
+               each: bool = True) -> None:
     """MemoryStore's put loop: store ``(sender, id, body, ts_ms, device_keys)``
     items from mid ``first`` on, appending each mid to ``mids`` once stored
     (an item for no device is refused, as a validated put refuses it: every
-    stored message is in some inbox, which acks or expiry empty).
+    stored message is in some inbox, which acks or expiry empty).  With
+    ``each`` false, ``mids`` gets one int instead: how many were stored,
+    after an exception too.
 
     Each device's inbox gets ``mid -> (sender, id, body, ts_ms, device_keys)``,
     the item itself (a tuple copy of one that is not exactly a tuple), shared
@@ -2562,20 +2565,25 @@ def py_mem_put(items: list, left: dict, inbox: dict, first: int, mids: list) -> 
     for one device: their one ack deletes them).
     """
     mid = first
-    for item in items:
-        sender, cid, body, ts, devs = item
-        if not devs:
-            raise InvalidArgument("device_keys must not be empty")
-        msg = item if type(item) is tuple else (sender, cid, body, ts, devs)
-        if len(devs) > 1:
-            left[mid] = len(devs)
-        for d in devs:
-            box = inbox.get(d)
-            if box is None:
-                box = inbox[d] = PyInbox()
-            box[mid] = msg
-        mids.append(mid)
-        mid += 1
+    try:
+        for item in items:
+            sender, cid, body, ts, devs = item
+            if not devs:
+                raise InvalidArgument("device_keys must not be empty")
+            msg = item if type(item) is tuple else (sender, cid, body, ts, devs)
+            if len(devs) > 1:
+                left[mid] = len(devs)
+            for d in devs:
+                box = inbox.get(d)
+                if box is None:
+                    box = inbox[d] = PyInbox()
+                box[mid] = msg
+            if each:
+                mids.append(mid)
+            mid += 1
+    finally:
+        if not each:
+            mids.append(mid - first)
 
 
 def py_mem_load(box: dict, after_mid: int, limit: int) -> list:
@@ -2704,7 +2712,16 @@ class MemoryStore(_BaseStore):
         if first_mid != self._next_mid:
             raise InvalidArgument(
                 f"the batch's mids would start at {self._next_mid}, not {first_mid}")
-        return len(self._store_trusted(items))
+        # how many were stored, not a list of their mids: the caller knows them
+        done: list[int] = []
+        try:
+            _mem_put(items if type(items) is list else list(items), self._left, self._inbox,
+                     first_mid, done, False)
+        finally:
+            n = done[0] if done else 0
+            self._next_mid += n  # mids stay unique even if an item was bad
+            self._messages += n
+        return n
 
     def _store_trusted(self, items: Sequence[PutItem]) -> list[int]:
         # every put ends here; the relay's hot path (validate=False) comes

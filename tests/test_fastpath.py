@@ -1340,8 +1340,9 @@ def test_sync_rows_twins(routed, cap):
 
 # -- MemoryStore's loops ------------------------------------------------------------------
 
-def _mem_run(put, ack, script, left=None):
-    """Run puts and acks on fresh dicts (``left``: the counts' own container);
+def _mem_run(put, ack, script, left=None, each=True):
+    """Run puts and acks on fresh dicts (``left``: the counts' own container;
+    ``each`` false: the puts report how many they stored, not each mid);
     return every result and the final dicts (the inboxes with what they hold,
     and which of them share a tuple)."""
     left = {} if left is None else left
@@ -1351,7 +1352,13 @@ def _mem_run(put, ack, script, left=None):
         if step[0] == "put":
             mids = []
             try:
-                put(step[1], left, inbox, nxt, mids)
+                try:
+                    put(step[1], left, inbox, nxt, mids, each)
+                finally:
+                    if not each:
+                        # one count, after an exception too: the mids it stood for
+                        assert len(mids) == 1
+                        mids = list(range(nxt, nxt + mids[0]))
                 log.append(list(mids))
             except Exception as exc:  # noqa: BLE001 - compared between twins
                 log.append((type(exc), list(mids)))
@@ -1395,11 +1402,15 @@ def test_mem_put_and_ack_twins():
     script.append(("put", [("a@x", MID, b"x", 1, [1]), ("bad",)]))  # malformed item
     want = _mem_run(store.py_mem_put, store.py_mem_ack, script)
     assert _mem_run(store.py_mem_put, store.py_mem_ack, script, store.PyInbox()) == want
+    # counted, not listed (MemoryStore.put_now): the same stores and answers
+    assert _mem_run(store.py_mem_put, store.py_mem_ack, script, each=False) == want
     if _core is not None:
         # the counts in a dict (as the specification's) and in an Inbox (as
         # MemoryStore keeps them when compiled)
         assert _mem_run(_core.mem_put, _core.mem_ack, script) == want
         assert _mem_run(_core.mem_put, _core.mem_ack, script, _core.Inbox()) == want
+        assert _mem_run(_core.mem_put, _core.mem_ack, script, each=False) == want
+        assert _mem_run(_core.mem_put, _core.mem_ack, script, _core.Inbox(), False) == want
     log, left, inbox, shared = want
     assert log[-1] == (ValueError, [log[-1][1][0]])  # the good item before it was stored
     # loads: the same rows from both, for every device, cursor and limit

@@ -231,6 +231,14 @@ def test_memory_store_puts_a_batch_at_once_from_the_mid_it_named(run):
         with pytest.raises(InvalidArgument):
             store.put_now(items, first)
         assert await store.count_pending() == 7 and store.next_mid() == first + 5
+        # an item that fails halfway (the gate never makes one): what came
+        # before it is stored, and the mids go on after it
+        bad = [("s@p", CID, b"ok", T0, [a]), ("s@p", CID, b"no device", T0, [])]
+        with pytest.raises(InvalidArgument):
+            store.put_now(bad, first + 5)
+        assert store.next_mid() == first + 6 and await store.count_pending() == 8
+        assert store.put_now(items[:1], first + 6) == 1
+        assert [m[3] for m in await store.load(a, first + 4, 10)] == [b"ok", b"0"]
         await store.close()
         assert store.next_mid() is None
         with pytest.raises(FastrouteError):

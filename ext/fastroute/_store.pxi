@@ -270,16 +270,18 @@ cdef class Inbox:
         return f"<Inbox {self.n} messages>"
 
 
-def mem_put(list items, left, dict inbox, long long first, list mids):
+def mem_put(list items, left, dict inbox, long long first, list mids, bint each=True):
     """Store ``items`` ``(sender, id, body, ts_ms, device_keys)`` from mid ``first`` on
     (an item for no device is refused: InvalidArgument).
 
     Each stored mid is appended to ``mids`` as soon as its message is in
     every inbox, so after an exception (a malformed item) ``mids`` still
-    tells which mids were used.
+    tells which mids were used.  With ``each`` false, ``mids`` gets one int
+    instead, how many were stored (after an exception too): no int a
+    message for a caller that knows its mids (``MemoryStore.put_now``).
     """
     cdef long long mid = first
-    cdef object item, sender, cid, body, ts, devs, d, key, box, msg
+    cdef object item, sender, cid, body, ts, devs, d, box, msg
     cdef object last_devs = None
     cdef list boxes = None
     cdef Inbox ib
@@ -294,56 +296,60 @@ def mem_put(list items, left, dict inbox, long long first, list mids):
     cdef PyObject* found
     cdef Py_ssize_t ndevs = 0
     seen.n = 0
-    for item in items:
-        # the item itself is what the inboxes hold (one tuple less a
-        # message); a caller's list or subclass is copied into a tuple
-        if PyTuple_CheckExact(item) and PyTuple_GET_SIZE(item) == 5:
-            msg = item
-            devs = <object>PyTuple_GET_ITEM(item, 4)
-        else:
-            sender, cid, body, ts, devs = item
-            msg = (sender, cid, body, ts, devs)
-        # a run of a batch's messages shares its recipient's device keys:
-        # the inboxes once a run
-        if devs is not last_devs:
-            # per-device copies in turns (a peer's devices, copy after copy)
-            # are stored under each device's one tuple of keys: its inboxes
-            # are looked up once a batch
-            j = idc_find(&seen, <PyObject*>devs)
-            found = seen.vals[j] if j >= 0 else NULL
-            if found == NULL and by_keys is not None and PyTuple_CheckExact(devs):
-                found = PyDict_GetItemWithError(by_keys, devs)
-            if found != NULL:
-                boxes = <list>found
-                ndevs = PyTuple_GET_SIZE(devs)
+    try:
+        for item in items:
+            # the item itself is what the inboxes hold (one tuple less a
+            # message); a caller's list or subclass is copied into a tuple
+            if PyTuple_CheckExact(item) and PyTuple_GET_SIZE(item) == 5:
+                msg = item
+                devs = <object>PyTuple_GET_ITEM(item, 4)
             else:
-                ndevs = len(devs)
-                boxes = []
-                for d in devs:
-                    box = inbox.get(d)
-                    if box is None:
-                        box = inbox[d] = Inbox()
-                    boxes.append(<Inbox?>box)
-                if PyTuple_CheckExact(devs) and last_devs is not None:
-                    # a second tuple in this batch: copies in turns (a
-                    # batch of one device's copies makes no table)
-                    if by_keys is None:
-                        by_keys = {}
-                    by_keys[devs] = boxes
-                    idc_add(&seen, <PyObject*>devs, <PyObject*>boxes, 0)
-            last_devs = devs
-        if not ndevs:
-            raise InvalidArgument("device_keys must not be empty")
-        key = PyLong_FromLongLong(mid)
-        if ndevs > 1:
-            if lb is not None:
-                lb.c_put(mid, ndevs)
-            else:
-                left_d[key] = ndevs
-        for ib in boxes:
-            ib.c_put(mid, msg)
-        mids.append(key)
-        mid += 1
+                sender, cid, body, ts, devs = item
+                msg = (sender, cid, body, ts, devs)
+            # a run of a batch's messages shares its recipient's device keys:
+            # the inboxes once a run
+            if devs is not last_devs:
+                # per-device copies in turns (a peer's devices, copy after copy)
+                # are stored under each device's one tuple of keys: its inboxes
+                # are looked up once a batch
+                j = idc_find(&seen, <PyObject*>devs)
+                found = seen.vals[j] if j >= 0 else NULL
+                if found == NULL and by_keys is not None and PyTuple_CheckExact(devs):
+                    found = PyDict_GetItemWithError(by_keys, devs)
+                if found != NULL:
+                    boxes = <list>found
+                    ndevs = PyTuple_GET_SIZE(devs)
+                else:
+                    ndevs = len(devs)
+                    boxes = []
+                    for d in devs:
+                        box = inbox.get(d)
+                        if box is None:
+                            box = inbox[d] = Inbox()
+                        boxes.append(<Inbox?>box)
+                    if PyTuple_CheckExact(devs) and last_devs is not None:
+                        # a second tuple in this batch: copies in turns (a
+                        # batch of one device's copies makes no table)
+                        if by_keys is None:
+                            by_keys = {}
+                        by_keys[devs] = boxes
+                        idc_add(&seen, <PyObject*>devs, <PyObject*>boxes, 0)
+                last_devs = devs
+            if not ndevs:
+                raise InvalidArgument("device_keys must not be empty")
+            if ndevs > 1:
+                if lb is not None:
+                    lb.c_put(mid, ndevs)
+                else:
+                    left_d[PyLong_FromLongLong(mid)] = ndevs
+            for ib in boxes:
+                ib.c_put(mid, msg)
+            if each:
+                mids.append(PyLong_FromLongLong(mid))
+            mid += 1
+    finally:
+        if not each:
+            mids.append(mid - first)
 
 
 cdef int _mem_unref(dict left_d, Inbox lb, object m, long long mid, bint has_mid) except -1:
