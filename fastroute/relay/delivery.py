@@ -692,6 +692,18 @@ class Delivery:
         """A store batch from :meth:`persist` was committed (route ``items``, flat
         ``address, (mid, tail), ...``) or refused (None)."""
         self._puts_in_flight -= 1
+        self._route_stored(items, last_mid)
+
+    def stored_now(self, items: list, last_mid: int) -> None:
+        """A batch the store took at once (``put_now``, no future): route
+        ``items`` (flat ``address, (mid, tail), ...``), as :meth:`persisted`
+        does (it was never in flight)."""
+        self._puts_begun += 1
+        self._route_stored(items, last_mid)
+
+    def _route_stored(self, items: list | None, last_mid: int) -> None:
+        # a stored batch goes live: the live route's cursor passes its last
+        # mid, and syncs waiting for that are woken (also when it was refused)
         try:
             if items is not None:
                 self.route(items, ephemeral=False)
@@ -699,13 +711,6 @@ class Delivery:
                     self._routed_mid = last_mid
         finally:
             self._wake_routed()
-
-    def stored_now(self, items: list, last_mid: int) -> None:
-        """A batch the store took at once (``put_now``, no future): route
-        ``items`` (flat ``address, (mid, tail), ...``), as :meth:`persisted`."""
-        self._puts_begun += 1
-        self._puts_in_flight += 1
-        self.persisted(items, last_mid)
 
     def _wake_routed(self) -> None:
         # syncs waiting for the live route to catch up
