@@ -208,13 +208,16 @@ def test_resent_id_is_acked_again_but_delivered_once(loop, tmp_path):
     run(loop, main())
 
 
-def _counting_put_now(store) -> list:
-    """Count the batches ``store.put_now`` takes (a list of their sizes)."""
+def _counting_put_now(store, fail: int = 0) -> list:
+    """Count the batches ``store.put_now`` is given (a list of their sizes);
+    the first ``fail`` of them it refuses (RuntimeError)."""
     sizes: list = []
     real = store.put_now
 
     def put_now(items, first_mid):
         sizes.append(len(items))
+        if len(sizes) <= fail:
+            raise RuntimeError("injected")
         return real(items, first_mid)
     store.put_now = put_now
     return sizes
@@ -269,16 +272,7 @@ def test_a_batch_the_memory_store_refuses_is_not_acked_and_its_resends_arrive(
         async with world(tmp_path, store="memory") as w:
             alice = await w.connect("alice@home", reconnect=True)
             bob = await w.connect("bob@acme")
-            store = w.relay.delivery.store
-            real = store.put_now
-            calls = []
-
-            def put_now(items, first_mid):
-                calls.append(len(items))
-                if len(calls) == 1:
-                    raise RuntimeError("injected")
-                return real(items, first_mid)
-            store.put_now = put_now
+            calls = _counting_put_now(w.relay.delivery.store, fail=1)
             before = alice.links
             ids = await asyncio.wait_for(
                 alice.send_many("bob@acme", [b"a%d" % i for i in range(5)]), 10)
