@@ -661,7 +661,7 @@ class SqliteStore(_BaseStore):
 
     def __init__(self, loop, path: str, synchronous: str, max_batch: int,
                  ttl_s: int, erase_s: float = 20.0, max_bytes: int | None = None,
-                 group_commit_s: float = 0.0) -> None:
+                 group_commit_s: float = _GROUP_S) -> None:
         super().__init__(loop, ttl_s)
         self._max_bytes = max_bytes
         self._erase_s = erase_s
