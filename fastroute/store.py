@@ -49,6 +49,7 @@ from .errors import (
 )
 from ._compiled import twin
 from .histogram import Histogram
+from .wire import tail_fields
 
 __all__ = ["Store", "SqliteStore", "MemoryStore", "StoredMessage", "PutItem",
            "DEFAULT_TTL_S", "CID_LEN"]
@@ -2533,8 +2534,9 @@ def _fail_all(futs: Iterable[asyncio.Future], reason: str) -> None:
 
 class PyInbox(dict):
     """One device's inbox in the memory store: ``mid -> (sender, id, body,
-    ts_ms, device_keys)``, the put's item, in mid order (a store's mids only
-    grow).
+    ts_ms, device_keys)``, the put's item (or ``mid -> (mid, tail)``, the
+    relay's route, from ``MemoryStore.put_now``), in mid order (a store's
+    mids only grow).
 
     The specification of the compiled :class:`Inbox`, which answers the dict
     methods the store uses (``len``, ``in``, iteration over the mids,
@@ -2549,7 +2551,7 @@ class PyInbox(dict):
 
 
 def py_mem_put(items: list, left: dict, inbox: dict, first: int, mids: list,
-               each: bool = True) -> None:
+               each: bool = True, routes: bool = False) -> None:
     """MemoryStore's put loop: store ``(sender, id, body, ts_ms, device_keys)``
     items from mid ``first`` on, appending each mid to ``mids`` once stored
     (an item for no device is refused, as a validated put refuses it: every
@@ -2563,14 +2565,30 @@ def py_mem_put(items: list, left: dict, inbox: dict, first: int, mids: list,
     message by its stamp: ``MemoryStore.expire``).  ``left`` holds the number
     of inboxes holding a message when it is more than one (most messages are
     for one device: their one ack deletes them).
+
+    With ``routes``, ``items`` is flat, ``device_keys, (mid, tail)`` a
+    message (``MemoryStore.put_now``): the route the relay made for it, its
+    ``tail`` the DELIVER tail, is what the inboxes hold, and its mid must be
+    the one it is stored at.
     """
     mid = first
+    if routes and len(items) % 2:
+        raise InvalidArgument("routes hold device_keys, (mid, tail) for each message")
     try:
-        for item in items:
-            sender, cid, body, ts, devs = item
+        for k in range(len(items) // 2 if routes else len(items)):
+            if routes:
+                devs, msg = items[2 * k], items[2 * k + 1]
+                if (type(msg) is not tuple or len(msg) != 2 or type(msg[0]) is not int
+                        or type(msg[1]) is not bytes):
+                    raise InvalidArgument("a route is (mid, tail bytes)")
+                if msg[0] != mid:
+                    raise InvalidArgument("a route's mid is not the one it is stored at")
+            else:
+                item = items[k]
+                sender, cid, body, ts, devs = item
+                msg = item if type(item) is tuple else (sender, cid, body, ts, devs)
             if not devs:
                 raise InvalidArgument("device_keys must not be empty")
-            msg = item if type(item) is tuple else (sender, cid, body, ts, devs)
             if len(devs) > 1:
                 left[mid] = len(devs)
             for d in devs:
@@ -2594,12 +2612,21 @@ def py_mem_load(box: dict, after_mid: int, limit: int) -> list:
         return out
     for m, msg in box.items():
         if m > after_mid:
-            if type(msg) is not tuple or len(msg) != 5:
-                raise WrongType("an inbox holds (sender, id, body, ts_ms, device_keys) tuples")
-            out.append((m, *msg[:4]))
+            out.append((m, *_stored_fields(msg)))
             if len(out) >= limit:
                 break
     return out
+
+
+def _stored_fields(msg: tuple) -> tuple:
+    """``(sender, id, body, ts_ms)`` of what a memory-store inbox holds: a
+    put's item, or a route ``(mid, tail)`` (:meth:`MemoryStore.put_now`)."""
+    if type(msg) is tuple and len(msg) == 5:
+        return msg[:4]
+    if type(msg) is tuple and len(msg) == 2:
+        return tail_fields(msg[1])
+    raise WrongType("an inbox holds (sender, id, body, ts_ms, device_keys) items "
+                    "or (mid, tail) routes")
 
 
 def py_mem_ack(box: dict, left: dict, mids) -> int:
@@ -2647,7 +2674,8 @@ class MemoryStore(_BaseStore):
     def __init__(self, loop, ttl_s: int) -> None:
         super().__init__(loop, ttl_s)
         # device_key -> its Inbox, mid -> (sender, cid, body, ts_ms, device_keys)
-        # in mid order (the put's item, shared by a message's inboxes), mid -> inboxes
+        # or (mid, tail) in mid order (the put's item or put_now's route, shared
+        # by a message's inboxes), mid -> inboxes
         # holding it for the messages more than one inbox holds, and how many
         # messages some inbox holds
         self._inbox: dict[int, PyInbox] = {}
@@ -2699,14 +2727,19 @@ class MemoryStore(_BaseStore):
         batch (mids follow on from it), or None once the store is closed."""
         return None if self._closed else self._next_mid
 
-    def put_now(self, items: list[PutItem], first_mid: int) -> int:
-        """Store the relay's own items at once, without a future; returns how many.
+    def put_now(self, routes: list, first_mid: int) -> int:
+        """Store the relay's own routes at once, without a future; returns how many.
 
         The relay's memory-store path: it reads :meth:`next_mid` first, and
-        decides and routes each message as it builds ``items`` (no
-        validation: the gate made them), so the batch must get mids from
-        ``first_mid`` on.  A batch that would not (another put came between,
-        or the store was closed) is refused whole, before anything is stored.
+        decides and routes each message as it builds ``routes``, flat
+        ``device_keys, (mid, tail)`` a message: the route it hands the engine
+        (``tail``: the DELIVER tail, which holds the sender, id, body and
+        stamp), with mids from ``first_mid`` on.  The inboxes hold that very
+        route, a tuple a message fewer than a put's item and the body once.
+        There is no validation (the gate made them) but of the mids: a batch
+        that would not get the ones its routes carry (another put came
+        between, or the store was closed) is refused whole, before anything
+        is stored.
         """
         self._check_open()
         if first_mid != self._next_mid:
@@ -2715,8 +2748,8 @@ class MemoryStore(_BaseStore):
         # how many were stored, not a list of their mids: the caller knows them
         done: list[int] = []
         try:
-            _mem_put(items if type(items) is list else list(items), self._left, self._inbox,
-                     first_mid, done, False)
+            _mem_put(routes if type(routes) is list else list(routes), self._left,
+                     self._inbox, first_mid, done, False, True)
         finally:
             n = done[0] if done else 0
             self._next_mid += n  # mids stay unique even if an item was bad
@@ -2770,7 +2803,9 @@ class MemoryStore(_BaseStore):
         # a message expires ttl after its stamp: the stamps up to this one
         oldest = now_ms - self._ttl_ms
         for box in self._inbox.values():
-            gone = [m for m, msg in box.items() if msg[3] <= oldest]
+            # a put's item holds its stamp, put_now's route (mid, tail) its tail
+            gone = [m for m, msg in box.items()
+                    if (msg[3] if len(msg) == 5 else _stored_fields(msg)[3]) <= oldest]
             for m in gone:
                 del box[m]
             dead.update(gone)
@@ -2796,7 +2831,8 @@ class MemoryStore(_BaseStore):
         out: dict[int, tuple[int, int]] = {}
         for key, box in self._inbox.items():
             if box:
-                out[key] = (len(box), sum(len(msg[2]) for msg in box.values()))
+                out[key] = (len(box), sum(len(msg[2] if len(msg) == 5 else _stored_fields(msg)[2])
+                                          for msg in box.values()))
         return out
 
     async def count_pending(self, device_key: int | None = None) -> int:

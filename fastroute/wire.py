@@ -1738,6 +1738,27 @@ def py_deliver_tail(sender_packed: bytes, cid: bytes, body: bytes, ts_packed: by
                      ts_packed, _CLS_BYTE[cls]))
 
 
+def py_tail_fields(tail: bytes) -> tuple[str, bytes, bytes, int]:
+    """``(from, id, body, ts_ms)`` of a DELIVER tail (:func:`py_deliver_tail`'s
+    inverse): how the memory store reads a message it keeps as its route."""
+    if type(tail) is not bytes:
+        raise WrongType("a DELIVER tail is bytes")
+    try:
+        # the tail is the DELIVER op's last five fields: an array of them
+        sender, cid, body, ts, cls = msgpack.unpackb(b"\x95" + tail, raw=False)
+    except (ValueError, TypeError) as exc:  # malformed, extra data, bad UTF-8
+        raise InvalidArgument(f"not a DELIVER tail: {exc}") from None
+    if type(sender) is not str:
+        raise InvalidArgument("a DELIVER tail starts with its sender (a str)")
+    if type(cid) is not bytes or len(cid) != ID_LEN:
+        raise InvalidArgument("a DELIVER tail's id is a bin of 16")
+    if type(body) is not bytes:
+        raise InvalidArgument("a DELIVER tail's body is a bin")
+    if type(ts) is not int or not 0 <= ts < 1 << 63 or type(cls) is not int or cls not in (0, 1):
+        raise InvalidArgument("a DELIVER tail ends with ts_ms and cls (0 or 1)")
+    return sender, cid, body, ts
+
+
 def py_sack_ok_op(cid: bytes) -> bytes:
     """The packed SACK ``[17, cid, 0]`` for a 16-byte id."""
     if type(cid) is not bytes or len(cid) != ID_LEN:
@@ -1777,6 +1798,8 @@ _RUNS = (OpRun, PyOpRun)
 op_count = twin(py_op_count)
 #: :func:`py_deliver_tail`, compiled when the core is built
 deliver_tail = twin(py_deliver_tail)
+#: :func:`py_tail_fields`, compiled when the core is built
+tail_fields = twin(py_tail_fields)
 #: :func:`py_sack_ok_op`, compiled when the core is built
 sack_ok_op = twin(py_sack_ok_op)
 #: :func:`py_reply_ok_ops`, compiled when the core is built

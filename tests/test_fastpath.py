@@ -174,6 +174,41 @@ def test_deliver_tail_refuses_bad_cls(cls):
     assert isinstance(exc, InvalidArgument)
 
 
+@pytest.mark.parametrize("size", BODY_SIZES)
+@pytest.mark.parametrize("sender", ["a@b", "x" * 40 + "@é.org", "s" * 300 + "@p"])
+def test_tail_fields_read_back_what_deliver_tail_packed(size, sender):
+    # what the memory store reads out of a route it keeps: every str and
+    # bin header width, stamps from 0 to the largest int64
+    body = bytes(i & 0xFF for i in range(size))
+    for ts, cls in ((TS, 0), (0, 1), (2**63 - 1, 0)):
+        tail = wire.py_deliver_tail(msgpack.packb(sender), MID, body, wire.ts_packed(ts), cls)
+        assert _same(*_both(wire.py_tail_fields), tail) == (sender, MID, body, ts)
+        # the stamp in any uint width msgpack has
+        short = wire.py_deliver_tail(msgpack.packb(sender), MID, body, msgpack.packb(ts), cls)
+        assert _same(*_both(wire.py_tail_fields), short) == (sender, MID, body, ts)
+
+
+def test_tail_fields_refuse_what_is_not_a_deliver_tail():
+    good = wire.py_deliver_tail(SENDER_PACKED, MID, b"body", TS_PACKED, 0)
+    sp = SENDER_PACKED
+    bad = [
+        b"", good[:-1], good + b"\x00", good[:len(sp) + 5],
+        msgpack.packb(b"alice") + good[len(sp):],             # sender a bin
+        b"\xa2\xff\xfe" + good[len(sp):],                     # sender not UTF-8
+        sp + b"\xc4\x0f" + MID[:15] + good[len(sp) + 18:],    # id of 15
+        sp + msgpack.packb("x" * 16) + good[len(sp) + 18:],    # id a str
+        good[:-1] + b"\x02",                                   # cls 2
+        good[:-1] + b"\xc3",                                   # cls true
+        good[:-10] + b"\xd3" + (-5).to_bytes(8, "big", signed=True) + b"\x00",  # ts < 0
+        good[:-10] + b"\xcb" + bytes(8) + b"\x00",            # ts a float
+        good[:-10] + b"\xcf" + (2**63).to_bytes(8, "big") + b"\x00",  # ts past int64
+    ]
+    for tail in bad:
+        assert isinstance(_same(*_both(wire.py_tail_fields), tail), InvalidArgument), tail
+    for tail in (None, bytearray(good), "text"):
+        assert isinstance(_same(*_both(wire.py_tail_fields), tail), WrongType)
+
+
 @pytest.mark.parametrize("seq,n", [(1, 0), (0, 1), (1, 1000), (2**32 - 1, 1), (2**32 - 3, 3),
                                    (2**32 - 2, 3), (2**32, 1)])
 def test_pack_delivers(seq, n):
@@ -945,10 +980,15 @@ def test_accept_sends_twins(require_consent, tokens, taps, first_mid):
     if tokens == (1000.0, 1e9) and first_mid is not None:
         # a store that takes the batch at once: decided, SACKed and routed here
         want = [0, 5, 9] if require_consent else [0, 3, 5, 9]
-        assert [it[1] for it in store_items] == [ids[i] for i in want]
         assert meta[0::2] == [sends[i][2] for i in want]  # flat: to, (mid, tail)
         assert [p[0] for p in meta[1::2]] == list(range(500, 500 + len(want)))
         assert all(type(p[1]) is bytes and p[1].startswith(SENDER_PACKED) for p in meta[1::2])
+        # the store gets each route itself, after its recipient's device keys,
+        # and the route's tail holds what a load gives back
+        assert store_items[0::2] == [state["known"][sends[i][2]] for i in want]
+        assert all(r is p for r, p in zip(store_items[1::2], meta[1::2], strict=True))
+        assert [wire.py_tail_fields(p[1]) for p in meta[1::2]] == [
+            ("alice@example.org", ids[i], sends[i][3], TS) for i in want]
         assert entries[ids[0]] == ((0, 100.0), None)  # no second pass to decide it
         assert entries[ids[9]] == ((0, 100.0), None)
         # each stored one SACKed once, the duplicate of ids[0] within the read too
@@ -1340,11 +1380,26 @@ def test_sync_rows_twins(routed, cap):
 
 # -- MemoryStore's loops ------------------------------------------------------------------
 
-def _mem_run(put, ack, script, left=None, each=True):
+def _as_routes(items: list, first: int) -> list:
+    """A put's items as ``MemoryStore.put_now``'s routes (flat device keys,
+    ``(mid, tail)``), mids from ``first`` on; a malformed item stays one."""
+    out: list = []
+    for i, item in enumerate(items):
+        if len(item) != 5:
+            out += (None, item)
+            continue
+        sender, cid, body, ts, devs = item
+        out += (devs, (first + i, wire.py_deliver_tail(msgpack.packb(sender), cid, body,
+                                                       wire.ts_packed(int(ts)), 0)))
+    return out
+
+
+def _mem_run(put, ack, script, left=None, each=True, routes=False):
     """Run puts and acks on fresh dicts (``left``: the counts' own container;
-    ``each`` false: the puts report how many they stored, not each mid);
-    return every result and the final dicts (the inboxes with what they hold,
-    and which of them share a tuple)."""
+    ``each`` false: the puts report how many they stored, not each mid;
+    ``routes``: the puts are given routes, as put_now gives them); return
+    every result and the final dicts (the inboxes with what they hold, and
+    which of them share a tuple)."""
     left = {} if left is None else left
     inbox, log = {}, []
     nxt = 1
@@ -1353,7 +1408,10 @@ def _mem_run(put, ack, script, left=None, each=True):
             mids = []
             try:
                 try:
-                    put(step[1], left, inbox, nxt, mids, each)
+                    if routes:
+                        put(_as_routes(step[1], nxt), left, inbox, nxt, mids, each, True)
+                    else:
+                        put(step[1], left, inbox, nxt, mids, each)
                 finally:
                     if not each:
                         # one count, after an exception too: the mids it stood for
@@ -1411,6 +1469,27 @@ def test_mem_put_and_ack_twins():
         assert _mem_run(_core.mem_put, _core.mem_ack, script, _core.Inbox()) == want
         assert _mem_run(_core.mem_put, _core.mem_ack, script, each=False) == want
         assert _mem_run(_core.mem_put, _core.mem_ack, script, _core.Inbox(), False) == want
+    # as routes (put_now's): the same mids, counts and sharing; the inboxes
+    # hold the routes, whose tails hold the items' fields
+    routed = _mem_run(store.py_mem_put, store.py_mem_ack, script, each=False, routes=True)
+    if _core is not None:
+        assert _mem_run(_core.mem_put, _core.mem_ack, script, _core.Inbox(), False,
+                        True) == routed
+        assert _mem_run(_core.mem_put, _core.mem_ack, script, None, True, True) == routed
+    assert [e if type(e) is not tuple else e[1] for e in routed[0]] == [
+        e if type(e) is not tuple else e[1] for e in want[0]]
+    assert routed[1] == want[1] and routed[3] == want[3]
+    assert routed[0][-1][0] is InvalidArgument  # the malformed one: not a route
+    assert {k: {m: store._stored_fields(v) for m, v in box.items()}
+            for k, box in routed[2].items()} == {
+        k: {m: (v[0], v[1], v[2], int(v[3])) for m, v in box.items()}
+        for k, box in want[2].items()}
+    for box in routed[2].values():
+        for after, limit in ((0, 1000), (150, 3), (10**6, 5)):
+            rows = store.py_mem_load(box, after, limit)
+            assert [r[0] for r in rows] == [m for m in box if m > after][:limit]
+            if _core is not None:
+                assert _core.mem_load(box, after, limit) == rows
     log, left, inbox, shared = want
     assert log[-1] == (ValueError, [log[-1][1][0]])  # the good item before it was stored
     # loads: the same rows from both, for every device, cursor and limit
@@ -1441,6 +1520,30 @@ def test_mem_put_and_ack_twins():
         if load is not None:
             with pytest.raises(WrongType):
                 load({1: None}, 0, 5)
+
+
+def test_mem_put_refuses_routes_that_are_not_the_mids_they_get():
+    tail = wire.py_deliver_tail(SENDER_PACKED, MID, b"b", TS_PACKED, 0)
+    cases = [
+        ([[1], (5, tail), [2], (7, tail)], [5]),   # the second's mid skips one
+        ([[1], (4, tail)], []),                    # before the first mid
+        ([[1], (5, tail), [2]], []),               # not pairs
+        ([[1], (5, bytearray(tail))], []),         # a tail not bytes
+        ([[1], (True, tail)], []),                 # a mid not an int
+        ([[1], (5, tail, b"head")], []),           # not (mid, tail)
+        ([[1], [5, tail]], []),
+        ([[1], (2**64, tail)], []),
+    ]
+    for routes, stored in cases:
+        for put, box in ((store.py_mem_put, None), (_core and _core.mem_put, None),
+                         (_core and _core.mem_put, _core and _core.Inbox())):
+            if put is None:
+                continue
+            inbox: dict = {}
+            mids: list = []
+            with pytest.raises(InvalidArgument):
+                put(routes, {} if box is None else box, inbox, 5, mids, True, True)
+            assert mids == stored and sorted(m for b in inbox.values() for m in b) == stored
 
 
 def _inbox_script(rng: random.Random, steps: int) -> list:

@@ -209,13 +209,13 @@ def test_resent_id_is_acked_again_but_delivered_once(loop, tmp_path):
 
 
 def _counting_put_now(store, fail: int = 0) -> list:
-    """Count the batches ``store.put_now`` is given (a list of their sizes);
-    the first ``fail`` of them it refuses (RuntimeError)."""
+    """Count the batches ``store.put_now`` is given (a list of how many
+    messages each had); the first ``fail`` of them it refuses (RuntimeError)."""
     sizes: list = []
     real = store.put_now
 
     def put_now(items, first_mid):
-        sizes.append(len(items))
+        sizes.append(len(items) // 2)  # flat: device keys, route a message
         if len(sizes) <= fail:
             raise RuntimeError("injected")
         return real(items, first_mid)

@@ -15,6 +15,7 @@ import sqlite3
 import sys
 import threading
 
+import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -28,6 +29,7 @@ from fastroute.errors import (
     WrongType,
 )
 from fastroute import store as store_mod
+from fastroute import wire
 from fastroute.store import MemoryStore, SqliteStore, Store
 
 LOOPS = {"asyncio": asyncio.new_event_loop}
@@ -215,34 +217,74 @@ def test_put_many_returns_mids_in_order(run, opener):
     run(main())
 
 
+def _routes(first: int, bodies: list, devs: list, sender: str = "s@p", ts: int = T0) -> list:
+    """What the relay's gate hands ``MemoryStore.put_now``: flat device keys,
+    route ``(mid, DELIVER tail)`` a message, mids from ``first`` on."""
+    out: list = []
+    for i, (body, keys) in enumerate(zip(bodies, devs, strict=True)):
+        tail = wire.deliver_tail(msgpack.packb(sender), CID, body, wire.ts_packed(ts), 0)
+        out += (keys, (first + i, tail))
+    return out
+
+
 def test_memory_store_puts_a_batch_at_once_from_the_mid_it_named(run):
     async def main():
         store = await MemoryStore.open()
         a = store.register_device("a@p", "1")
         b = store.register_device("b@p", "1")
         first = store.next_mid()
-        items = [("s@p", CID, b"%d" % i, T0, [a, b][: 1 + i % 2]) for i in range(5)]
-        assert store.put_now(items, first) == 5
-        assert [m[0] for m in await store.load(a, 0, 10)] == list(range(first, first + 5))
+        bodies = [b"%d" % i for i in range(5)]
+        routes = _routes(first, bodies, [[a, b][: 1 + i % 2] for i in range(5)])
+        assert store.put_now(routes, first) == 5
+        # a load reads each message back out of its route's tail
+        assert await store.load(a, 0, 10) == [(first + i, "s@p", CID, bodies[i], T0)
+                                              for i in range(5)]
         assert [m[3] for m in await store.load(b, 0, 10)] == [b"1", b"3"]
         assert store.next_mid() == first + 5
         # a batch whose mids would not be the ones its caller routed is
         # refused whole, before anything is stored
         with pytest.raises(InvalidArgument):
-            store.put_now(items, first)
+            store.put_now(routes, first)
+        with pytest.raises(InvalidArgument):  # routes that do not carry those mids
+            store.put_now(_routes(first + 6, [b"x"], [[a]]), first + 5)
+        with pytest.raises(InvalidArgument):  # not flat pairs
+            store.put_now(routes[:3], first + 5)
         assert await store.count_pending() == 7 and store.next_mid() == first + 5
-        # an item that fails halfway (the gate never makes one): what came
+        # a route that fails halfway (the gate never makes one): what came
         # before it is stored, and the mids go on after it
-        bad = [("s@p", CID, b"ok", T0, [a]), ("s@p", CID, b"no device", T0, [])]
+        bad = _routes(first + 5, [b"ok", b"no device"], [[a], []])
         with pytest.raises(InvalidArgument):
             store.put_now(bad, first + 5)
         assert store.next_mid() == first + 6 and await store.count_pending() == 8
-        assert store.put_now(items[:1], first + 6) == 1
+        assert store.put_now(_routes(first + 6, [b"0"], [[a]]), first + 6) == 1
         assert [m[3] for m in await store.load(a, first + 4, 10)] == [b"ok", b"0"]
         await store.close()
         assert store.next_mid() is None
         with pytest.raises(FastrouteError):
-            store.put_now(items, first + 5)
+            store.put_now(routes, first + 5)
+    run(main())
+
+
+def test_memory_store_routes_count_expire_and_mix_with_puts_as_items_do(run):
+    async def main():
+        store = await MemoryStore.open(ttl_s=60)
+        a = store.register_device("a@p", "1")
+        b = store.register_device("b@p", "1")
+        old = _routes(store.next_mid(), [b"old", b"x" * 300], [[a], [a, b]], ts=T0)
+        store.put_now(old, store.next_mid())
+        mid = (await store.put_many([("t@p", CID, b"item", T0 + 30_000, [a, b])]))[0]
+        young = _routes(store.next_mid(), [b"young"], [[b]], sender="u@p", ts=T0 + 40_000)
+        store.put_now(young, store.next_mid())
+        assert [(m[0], m[1], m[3]) for m in await store.load(b, 0, 10)] == [
+            (mid - 1, "s@p", b"x" * 300), (mid, "t@p", b"item"), (mid + 1, "u@p", b"young")]
+        # the caps' counts: messages and body bytes, a route's body from its tail
+        assert await store.backlog_counts() == {a: (3, 3 + 300 + 4), b: (3, 300 + 4 + 5)}
+        # expiry reads a route's stamp from its tail as an item's from the item
+        assert await store.expire(T0 + 60_000) == 2
+        assert [m[3] for m in await store.load(a, 0, 10)] == [b"item"]
+        assert await store.expire(T0 + 100_000) == 2
+        assert await store.count_pending() == 0 and await store.backlog_counts() == {}
+        await store.close()
     run(main())
 
 

@@ -238,9 +238,10 @@ def accept_sends(SendGate gate not None, LinkGate lg not None, list sends, objec
     With ``first_mid`` (an int: the store takes the batch at once and gives
     its messages mids from there on, ``MemoryStore.put_now``), an accepted
     persistent message is decided here as an ephemeral one is (code 0, its
-    SACK-ok in ``lg.out``), still gets its item in ``store_items``, and gets
-    two entries in ``meta``: ``to, (mid, tail)``, the flat route
-    :meth:`Router.route_flat` takes once the batch is stored.
+    SACK-ok in ``lg.out``) and gets one tuple, its route ``(mid, tail)``:
+    ``to, route`` in ``meta`` (flat, what :meth:`Router.route_flat` takes
+    once the batch is stored) and ``device_keys, route`` in ``store_items``
+    (what ``put_now`` takes).
 
     Returns the ephemeral messages as a flat ``to, tail, ...`` list (a signal's
     payload is its tail alone, mid 0) for :meth:`Router.route_flat` (or
@@ -265,7 +266,7 @@ def accept_sends(SendGate gate not None, LinkGate lg not None, list sends, objec
     cdef object sack_op = gate.sack_op
     cdef tuple refusals = gate.refusals
     cdef dict blocks = gate.blocks
-    cdef object cid, to, body, cls, code, tail, accepted, tap, devs
+    cdef object cid, to, body, cls, code, tail, accepted, tap, devs, route
     cdef PyObject* pdevs
     cdef set blocked
     cdef bint hidden
@@ -381,9 +382,13 @@ def accept_sends(SendGate gate not None, LinkGate lg not None, list sends, objec
                     sacks_add(&sacks, cid, out)
                 elif stored_now:
                     dedup.c_record(sender, cid, h, 0, tnow, slot, at)
-                    store_items.append((sender, cid, body, now_ms, devs))
+                    # one tuple, the route: the engine's payload and what
+                    # the memory store keeps (its tail holds the fields)
+                    route = (next_mid, tail)
+                    store_items.append(devs)
+                    store_items.append(route)
                     meta.append(to)
-                    meta.append((next_mid, tail))
+                    meta.append(route)
                     next_mid += 1
                     sacks_add(&sacks, cid, out)
                 else:

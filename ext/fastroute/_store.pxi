@@ -270,7 +270,8 @@ cdef class Inbox:
         return f"<Inbox {self.n} messages>"
 
 
-def mem_put(list items, left, dict inbox, long long first, list mids, bint each=True):
+def mem_put(list items, left, dict inbox, long long first, list mids, bint each=True,
+            bint routes=False):
     """Store ``items`` ``(sender, id, body, ts_ms, device_keys)`` from mid ``first`` on
     (an item for no device is refused: InvalidArgument).
 
@@ -279,6 +280,11 @@ def mem_put(list items, left, dict inbox, long long first, list mids, bint each=
     tells which mids were used.  With ``each`` false, ``mids`` gets one int
     instead, how many were stored (after an exception too): no int a
     message for a caller that knows its mids (``MemoryStore.put_now``).
+
+    With ``routes``, ``items`` is flat, ``device_keys, (mid, tail)`` a
+    message: the route the relay made for it (``tail``: its DELIVER tail),
+    which the inboxes then hold as it is.  A route whose mid is not the one
+    it is stored at is refused (InvalidArgument).
     """
     cdef long long mid = first
     cdef object item, sender, cid, body, ts, devs, d, box, msg
@@ -294,18 +300,38 @@ def mem_put(list items, left, dict inbox, long long first, list mids, bint each=
     cdef IdCache seen
     cdef int j
     cdef PyObject* found
-    cdef Py_ssize_t ndevs = 0
+    cdef Py_ssize_t ndevs = 0, k, step = 2 if routes else 1
+    cdef Py_ssize_t n = PyList_GET_SIZE(items) // step
+    cdef int overflow
     seen.n = 0
+    if routes and PyList_GET_SIZE(items) % 2:
+        raise InvalidArgument("routes hold device_keys, (mid, tail) for each message")
     try:
-        for item in items:
-            # the item itself is what the inboxes hold (one tuple less a
-            # message); a caller's list or subclass is copied into a tuple
-            if PyTuple_CheckExact(item) and PyTuple_GET_SIZE(item) == 5:
-                msg = item
-                devs = <object>PyTuple_GET_ITEM(item, 4)
+        for k in range(n):
+            if step * k + step > PyList_GET_SIZE(items):
+                raise RuntimeError("items changed while read")
+            if routes:
+                # the route itself is what the inboxes hold, as the engine
+                # does: no tuple of the store's own a message
+                devs = <object>PyList_GET_ITEM(items, 2 * k)
+                msg = <object>PyList_GET_ITEM(items, 2 * k + 1)
+                if (not PyTuple_CheckExact(msg) or PyTuple_GET_SIZE(msg) != 2
+                        or not PyLong_CheckExact(<object>PyTuple_GET_ITEM(msg, 0))
+                        or not PyBytes_CheckExact(<object>PyTuple_GET_ITEM(msg, 1))):
+                    raise InvalidArgument("a route is (mid, tail bytes)")
+                if (PyLong_AsLongLongAndOverflow(<object>PyTuple_GET_ITEM(msg, 0), &overflow)
+                        != mid or overflow):
+                    raise InvalidArgument("a route's mid is not the one it is stored at")
             else:
-                sender, cid, body, ts, devs = item
-                msg = (sender, cid, body, ts, devs)
+                item = <object>PyList_GET_ITEM(items, k)
+                # the item itself is what the inboxes hold (one tuple less a
+                # message); a caller's list or subclass is copied into a tuple
+                if PyTuple_CheckExact(item) and PyTuple_GET_SIZE(item) == 5:
+                    msg = item
+                    devs = <object>PyTuple_GET_ITEM(item, 4)
+                else:
+                    sender, cid, body, ts, devs = item
+                    msg = (sender, cid, body, ts, devs)
             # a run of a batch's messages shares its recipient's device keys:
             # the inboxes once a run
             if devs is not last_devs:
@@ -414,6 +440,20 @@ def mem_ack(box, left, mids):
     return gone
 
 
+cdef tuple mem_row(object mid, object value):
+    """A loaded row ``(mid, sender, id, body, ts_ms)`` from what an inbox
+    holds: a put's item, or a route ``(mid, tail)`` (``mem_put``'s ``routes``)."""
+    cdef tuple msg, f
+    if PyTuple_CheckExact(value) and PyTuple_GET_SIZE(value) == 5:
+        msg = <tuple>value
+        return (mid, msg[0], msg[1], msg[2], msg[3])
+    if PyTuple_CheckExact(value) and PyTuple_GET_SIZE(value) == 2:
+        f = c_tail_fields((<tuple>value)[1])
+        return (mid, f[0], f[1], f[2], f[3])
+    raise WrongType("an inbox holds (sender, id, body, ts_ms, device_keys) items "
+                    "or (mid, tail) routes")
+
+
 def mem_load(box, after_mid, Py_ssize_t limit):
     """Up to ``limit`` rows ``(mid, sender, id, body, ts_ms)`` of one device's
     inbox ``box`` with mid > ``after_mid``, in mid order."""
@@ -422,7 +462,6 @@ def mem_load(box, after_mid, Py_ssize_t limit):
     cdef PyObject* key
     cdef PyObject* value
     cdef object m
-    cdef tuple msg
     cdef Py_ssize_t size = len(box), i
     cdef Inbox ib
     cdef int overflow
@@ -438,11 +477,7 @@ def mem_load(box, after_mid, Py_ssize_t limit):
         i = ib.start if overflow < 0 else ib._lower(after + 1)
         while i < ib.end and PyList_GET_SIZE(out) < limit:
             if ib.msgs[i] != NULL:
-                value = ib.msgs[i]
-                if not PyTuple_CheckExact(<object>value) or PyTuple_GET_SIZE(<object>value) != 5:
-                    raise WrongType("an inbox holds (sender, id, body, ts_ms, device_keys) tuples")
-                msg = <object>value
-                out.append((ib.mids[i], msg[0], msg[1], msg[2], msg[3]))
+                out.append(mem_row(ib.mids[i], <object>ib.msgs[i]))
             i += 1
         return out
     if not isinstance(box, dict):
@@ -452,10 +487,7 @@ def mem_load(box, after_mid, Py_ssize_t limit):
             raise RuntimeError("dictionary changed size during iteration")
         m = <object>key
         if m > after_mid:
-            if not PyTuple_CheckExact(<object>value) or PyTuple_GET_SIZE(<object>value) != 5:
-                raise WrongType("an inbox holds (sender, id, body, ts_ms, device_keys) tuples")
-            msg = <object>value
-            out.append((m, msg[0], msg[1], msg[2], msg[3]))
+            out.append(mem_row(m, <object>value))
             if PyList_GET_SIZE(out) >= limit:
                 break
     return out

@@ -8,6 +8,7 @@
 #   decode_sends        = py_decode_sends
 #   decode_server_ops   = py_decode_server_ops
 #   deliver_tail        = py_deliver_tail
+#   tail_fields         = py_tail_fields
 #   sack_ok_op          = py_sack_ok_op
 #   dsend_ok            = py_dsend_ok
 #   gsend_ok            = py_gsend_ok
@@ -33,7 +34,7 @@ from cpython.bytes cimport (
     PyBytes_GET_SIZE,
 )
 from cpython.list cimport PyList_GET_ITEM
-from libc.stdint cimport uint32_t
+from libc.stdint cimport INT64_MAX, uint32_t
 from libc.string cimport memcmp, memcpy
 
 
@@ -613,6 +614,46 @@ cdef inline int take_uint(Cursor* c, unsigned long long* out) noexcept:
         c.p += 9
         return 1
     return 0
+
+
+cdef tuple c_tail_fields(object tail):
+    """:func:`tail_fields` for C callers."""
+    if not PyBytes_CheckExact(tail):
+        raise WrongType("a DELIVER tail is bytes")
+    cdef Cursor c
+    cdef Py_ssize_t k
+    cdef unsigned long long ts, cls
+    cdef object sender, cid, body
+    c.p = <const unsigned char*>PyBytes_AS_STRING(tail)
+    c.end = c.p + PyBytes_GET_SIZE(tail)
+    k = take_len(&c, 0xd9, 0xa0, 31)
+    if k < 0 or c.end - c.p < k:
+        raise InvalidArgument("a DELIVER tail starts with its sender (a str)")
+    try:
+        sender = PyUnicode_DecodeUTF8(<const char*>c.p, k, NULL)
+    except UnicodeDecodeError:
+        raise InvalidArgument("a DELIVER tail's sender is UTF-8") from None
+    c.p += k
+    k = take_len(&c, 0xc4, 0, 0)
+    if k != 16 or c.end - c.p < k:
+        raise InvalidArgument("a DELIVER tail's id is a bin of 16")
+    cid = PyBytes_FromStringAndSize(<const char*>c.p, 16)
+    c.p += 16
+    k = take_len(&c, 0xc4, 0, 0)
+    if k < 0 or c.end - c.p < k:
+        raise InvalidArgument("a DELIVER tail's body is a bin")
+    body = PyBytes_FromStringAndSize(<const char*>c.p, k)
+    c.p += k
+    if (not take_uint(&c, &ts) or ts > <unsigned long long>INT64_MAX
+            or not take_uint(&c, &cls) or cls > 1 or c.p != c.end):
+        raise InvalidArgument("a DELIVER tail ends with ts_ms and cls (0 or 1)")
+    return (sender, cid, body, <long long>ts)
+
+
+def tail_fields(tail):
+    """``(from, id, body, ts_ms)`` of a DELIVER tail: :func:`deliver_tail`'s
+    inverse, for the memory store, which keeps a message as its route."""
+    return c_tail_fields(tail)
 
 
 cdef object uint_ops(object plaintext, unsigned char opcode):

@@ -270,8 +270,9 @@ def py_accept_sends(gate: PySendGate, lg: PyLinkGate, sends: list, now: float, n
     never stored; no tuple a message); the quota
     left is written back to ``lg`` when any was spent.  With ``first_mid``
     (a store that takes the batch at once, from that mid on) a persistent
-    message is decided and SACKed here, and ``meta`` gets its route,
-    ``to, (mid, tail)``.
+    message is decided and SACKed here, and its route ``(mid, tail)`` goes
+    to ``meta`` as ``to, route`` and to ``store_items`` as
+    ``device_keys, route``.
     """
     out, sender, conn = lg.out, lg.sender, lg.link
     known, dedup, consent, taps = gate.known, gate.dedup, gate.consent, gate.taps
@@ -333,8 +334,9 @@ def py_accept_sends(gate: PySendGate, lg: PyLinkGate, sends: list, now: float, n
             out.append(wire.py_sack_ok_op(cid))
             dedup.begin(sender, cid, 0, now)
         elif first_mid is not None:
-            store_items.append((sender, cid, body, now_ms, known[to]))
-            meta += (to, (first_mid, tail))
+            route = (first_mid, tail)  # the engine's payload and the store's message
+            store_items += (known[to], route)
+            meta += (to, route)
             first_mid += 1
             out.append(wire.py_sack_ok_op(cid))
             dedup.begin(sender, cid, 0, now)
@@ -913,7 +915,8 @@ class Gate:
     def _stored_now(self, link: "LinkPort", put_now: Callable[[list, int], int],
                     items: list, routes: list, first: int) -> None:
         """Store a batch :func:`accept_sends` already decided (``first``: its
-        first mid, from the store's ``next_mid``) and route it.
+        first mid, from the store's ``next_mid``; ``items`` flat, device keys
+        and route a message) and route it.
 
         Its SACK-oks are in ``link.out`` already.  The relay's own items never
         make ``put_now`` fail; if it did, not one of those SACK-oks may go out:
@@ -923,11 +926,11 @@ class Gate:
         try:
             n = put_now(items, first)
         except Exception:
-            log.error("store refused a batch of %d messages (code %d)", len(items),
+            log.error("store refused a batch of %d messages (code %d)", len(items) // 2,
                       ErrorCode.STORE_FAILED, exc_info=True)
             sender = link.address
-            for item in items:
-                self.dedup.forget(sender, item[1])
+            for _mid, tail in items[1::2]:  # device keys, route (mid, tail) a message
+                self.dedup.forget(sender, wire.tail_fields(tail)[1])
             link.out.clear()
             self.count_error(ErrorCode.STORE_FAILED)
             link.close(ErrorCode.STORE_FAILED, "store failed")
