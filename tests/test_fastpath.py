@@ -1522,6 +1522,27 @@ def test_mem_put_and_ack_twins():
                 load({1: None}, 0, 5)
 
 
+def test_mem_load_reads_each_route_its_own_sender():
+    # a load shares one str among a run of one sender's routes: a sender of
+    # other bytes, of the same length, or one item among them, is read as its own
+    senders = ["a@x", "a@x", "é@x", "b@x", "a@xy", "a@x", None, "a@x", "a@x"]
+    box: dict = {}
+    for mid, sender in enumerate(senders, 1):
+        if sender is None:
+            box[mid] = ("item@x", MID, b"i", 5, [1])
+            continue
+        box[mid] = (mid, wire.py_deliver_tail(msgpack.packb(sender), MID, b"%d" % mid,
+                                              wire.ts_packed(mid), 0))
+    rows = store.py_mem_load(box, 0, 100)
+    assert [r[1] for r in rows] == [s or "item@x" for s in senders]
+    assert [r[3] for r in rows][:2] == [b"1", b"2"] and rows[1][4] == 2
+    if _core is not None:
+        for holder in (box, _core.Inbox()):
+            for m, v in box.items():
+                holder[m] = v
+            assert _core.mem_load(holder, 0, 100) == rows
+
+
 def test_mem_put_refuses_routes_that_are_not_the_mids_they_get():
     tail = wire.py_deliver_tail(SENDER_PACKED, MID, b"b", TS_PACKED, 0)
     cases = [

@@ -440,16 +440,16 @@ def mem_ack(box, left, mids):
     return gone
 
 
-cdef tuple mem_row(object mid, object value):
+cdef tuple mem_row(object mid, object value, list senders):
     """A loaded row ``(mid, sender, id, body, ts_ms)`` from what an inbox
-    holds: a put's item, or a route ``(mid, tail)`` (``mem_put``'s ``routes``)."""
-    cdef tuple msg, f
+    holds: a put's item, or a route ``(mid, tail)`` (``mem_put``'s ``routes``;
+    ``senders``: the last sender read from a tail, see ``c_tail_fields``)."""
+    cdef tuple msg
     if PyTuple_CheckExact(value) and PyTuple_GET_SIZE(value) == 5:
         msg = <tuple>value
         return (mid, msg[0], msg[1], msg[2], msg[3])
     if PyTuple_CheckExact(value) and PyTuple_GET_SIZE(value) == 2:
-        f = c_tail_fields((<tuple>value)[1])
-        return (mid, f[0], f[1], f[2], f[3])
+        return c_tail_fields((<tuple>value)[1], mid, senders)
     raise WrongType("an inbox holds (sender, id, body, ts_ms, device_keys) items "
                     "or (mid, tail) routes")
 
@@ -464,6 +464,8 @@ def mem_load(box, after_mid, Py_ssize_t limit):
     cdef object m
     cdef Py_ssize_t size = len(box), i
     cdef Inbox ib
+    # a backlog's rows come in runs of one sender's: one str a run
+    cdef list senders = [None]
     cdef int overflow
     cdef long long after
     if limit <= 0:
@@ -477,7 +479,7 @@ def mem_load(box, after_mid, Py_ssize_t limit):
         i = ib.start if overflow < 0 else ib._lower(after + 1)
         while i < ib.end and PyList_GET_SIZE(out) < limit:
             if ib.msgs[i] != NULL:
-                out.append(mem_row(ib.mids[i], <object>ib.msgs[i]))
+                out.append(mem_row(ib.mids[i], <object>ib.msgs[i], senders))
             i += 1
         return out
     if not isinstance(box, dict):
@@ -487,7 +489,7 @@ def mem_load(box, after_mid, Py_ssize_t limit):
             raise RuntimeError("dictionary changed size during iteration")
         m = <object>key
         if m > after_mid:
-            out.append(mem_row(m, <object>value))
+            out.append(mem_row(m, <object>value, senders))
             if PyList_GET_SIZE(out) >= limit:
                 break
     return out

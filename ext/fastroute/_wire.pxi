@@ -432,7 +432,7 @@ def reply_ok_ops(list cids):
 # -- client frames: runs of SEND ops ----------------------------------------
 
 from cpython.set cimport PySet_Contains
-from cpython.unicode cimport PyUnicode_DecodeUTF8
+from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_DecodeUTF8
 
 cdef enum:
     WIRE_MAX_STR = 1024          # wire.MAX_REASON_LEN
@@ -616,23 +616,35 @@ cdef inline int take_uint(Cursor* c, unsigned long long* out) noexcept:
     return 0
 
 
-cdef tuple c_tail_fields(object tail):
-    """:func:`tail_fields` for C callers."""
+cdef tuple c_tail_fields(object tail, object mid=None, list senders=None):
+    """:func:`tail_fields` for C callers; with ``mid`` (not None) the row
+    ``(mid, from, id, body, ts_ms)`` instead.  ``senders`` (a list of one, the
+    last sender read) lets a run of one sender's tails share its str."""
     if not PyBytes_CheckExact(tail):
         raise WrongType("a DELIVER tail is bytes")
     cdef Cursor c
-    cdef Py_ssize_t k
+    cdef Py_ssize_t k, have
     cdef unsigned long long ts, cls
-    cdef object sender, cid, body
+    cdef object sender = None, cid, body, last
+    cdef const char* last_p
     c.p = <const unsigned char*>PyBytes_AS_STRING(tail)
     c.end = c.p + PyBytes_GET_SIZE(tail)
     k = take_len(&c, 0xd9, 0xa0, 31)
     if k < 0 or c.end - c.p < k:
         raise InvalidArgument("a DELIVER tail starts with its sender (a str)")
-    try:
-        sender = PyUnicode_DecodeUTF8(<const char*>c.p, k, NULL)
-    except UnicodeDecodeError:
-        raise InvalidArgument("a DELIVER tail's sender is UTF-8") from None
+    if senders is not None and PyList_GET_SIZE(senders) == 1:
+        last = <object>PyList_GET_ITEM(senders, 0)
+        if PyUnicode_CheckExact(last):
+            last_p = PyUnicode_AsUTF8AndSize(last, &have)
+            if have == k and memcmp(last_p, c.p, <size_t>k) == 0:
+                sender = last
+    if sender is None:
+        try:
+            sender = PyUnicode_DecodeUTF8(<const char*>c.p, k, NULL)
+        except UnicodeDecodeError:
+            raise InvalidArgument("a DELIVER tail's sender is UTF-8") from None
+        if senders is not None and PyList_GET_SIZE(senders) == 1:
+            senders[0] = sender
     c.p += k
     k = take_len(&c, 0xc4, 0, 0)
     if k != 16 or c.end - c.p < k:
@@ -647,6 +659,8 @@ cdef tuple c_tail_fields(object tail):
     if (not take_uint(&c, &ts) or ts > <unsigned long long>INT64_MAX
             or not take_uint(&c, &cls) or cls > 1 or c.p != c.end):
         raise InvalidArgument("a DELIVER tail ends with ts_ms and cls (0 or 1)")
+    if mid is not None:
+        return (mid, sender, cid, body, <long long>ts)
     return (sender, cid, body, <long long>ts)
 
 
