@@ -1,6 +1,6 @@
 """Memory of a running relay per connection and per message queued in RAM (docs/OPERATING.md).
 
-Starts ``fastroute serve`` (SQLite store) in a temporary directory, connects
+Starts ``fastroute serve`` (SQLite store, or ``--store memory``) in a temporary directory, connects
 ``--devices`` devices from this process, then has one sender push
 ``--per-device`` messages of ``--size`` bytes to each of them while they do
 not ack (so the messages stay in the relay's mailboxes), reading the relay's
@@ -88,6 +88,8 @@ def main() -> int:
     p.add_argument("--devices", type=int, default=1000)
     p.add_argument("--per-device", type=int, default=200)
     p.add_argument("--size", type=int, default=200)
+    p.add_argument("--store", choices=("sqlite", "memory"), default="sqlite",
+                   help="the relay's store (memory: every queued message is also the store's)")
     args = p.parse_args()
     from fastroute.identity import ProviderKey, Registry
     from fastroute.loadtest.replay import raise_fd_limit
@@ -105,7 +107,8 @@ def main() -> int:
         # refused the run's 200,000 messages), and the new-sender rule, which
         # lets a young address start writing to 20 strangers, not 1,000
         with open(os.path.join(tmp, "fastroute.toml"), "w") as fh:
-            fh.write("[limits]\n" + relay_limits_toml() + "new_sender_age_s = 0.0\n")
+            fh.write(f'[relay]\nstore = "{args.store}"\n[limits]\n' + relay_limits_toml()
+                     + "new_sender_age_s = 0.0\n")
         key = ProviderKey.generate()
         with Registry(os.path.join(data, "registry.db")) as reg:
             reg.add_provider("home", key.public_key)
