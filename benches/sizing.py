@@ -32,12 +32,17 @@ def fds(pid: int) -> int:
 
 
 def scrape_ms(admin: str) -> float:
+    return scrape(admin)[0]
+
+
+def scrape(admin: str) -> tuple[float, str]:
+    """One ``GET /metrics``: how long it took (ms), and the page."""
     import urllib.request
 
     t = time.perf_counter()
     with urllib.request.urlopen(admin + "/metrics", timeout=30) as resp:
-        resp.read()
-    return (time.perf_counter() - t) * 1000
+        page = resp.read().decode()
+    return (time.perf_counter() - t) * 1000, page
 
 
 async def run(args, port: int, pid: int, home_key, server_key: bytes, admin: str) -> None:
@@ -79,6 +84,10 @@ async def run(args, port: int, pid: int, home_key, server_key: bytes, admin: str
     loop = asyncio.get_running_loop()
     times = sorted([await loop.run_in_executor(None, scrape_ms, admin) for _ in range(5)])
     print(f"GET /metrics with {args.devices + 1} devices online: median {times[2]:.1f} ms")
+    # which store held them: the memory store never commits
+    page = (await loop.run_in_executor(None, scrape, admin))[1]
+    commits = re.search(r"^fastroute_store_commits_total (\S+)$", page, re.M)
+    print(f"store commits: {commits.group(1) if commits else 'n/a'}")
     for c in devices + [sender]:
         await c.close()
 
