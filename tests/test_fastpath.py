@@ -623,6 +623,52 @@ def test_decode_sends_fast_frames(plaintext):
         assert _core.decode_sends(plaintext, wire._ADDR_OK) is not None
 
 
+@pytest.mark.skipif(_core is None, reason="the compiled decoder's run; the spec gives a list")
+def test_decode_sends_run_reads_as_the_flat_list():
+    # what the link and the gate do with a decoded frame of SENDs: lengths,
+    # items, slices of whole SENDs (runs again) and any other slice, unpacking
+    ops = [(1, bytes([i]) * 16, ADDR, bytes([i]) * i, i & 1) for i in range(6)]
+    run = _core.decode_sends(msgpack.packb([list(op) for op in ops]), wire._ADDR_OK)
+    flat = _flat_sends(ops)
+    assert type(run) is not list and run == flat and flat == run.tolist()
+    assert not (run != flat) and run != flat[:-1] and run != "text"
+    assert len(run) == 24 and bool(run) and list(run) == flat
+    assert [run[i] for i in range(-24, 24)] == flat + flat
+    for a, b in ((0, 24), (4, 12), (8, 8), (12, 4), (0, 100), (20, 24), (-8, 24)):
+        part = run[a:b]
+        assert part == flat[a:b] and len(part) == len(flat[a:b])
+        assert type(part) is type(run)  # whole SENDs: a run over the same frame
+        assert part[0:4] == flat[a:b][0:4] and part[4:] == flat[a:b][4:]
+    for sl in (slice(0, 24, 4), slice(1, 7), slice(3, None, 4), slice(None, None, -1)):
+        assert run[sl] == flat[sl] and type(run[sl]) is list
+    assert [tuple(run[k:k + 4]) for k in range(0, 24, 4)] == [op[1:] for op in ops]
+    assert not run[8:8] and len(run[8:8]) == 0
+    with pytest.raises(IndexError):
+        run[24]
+    with pytest.raises(IndexError):
+        run[-25]
+    assert copy.deepcopy(run) == flat and type(copy.deepcopy(run)) is list
+    assert _core.decode_sends(msgpack.packb([]), wire._ADDR_OK) == []
+
+
+@pytest.mark.skipif(_core is None, reason="the compiled decoder's run; the spec gives a list")
+def test_field_set_reads_a_runs_recipients_as_the_flat_lists():
+    # the sender screen's first question, on a frame as the compiled decoder
+    # read it: its distinct recipients (and any other field, the same way)
+    for tos in (["a@x.org", "b@x.org", "a@x.org", "a@x.org", "c@y.net"], ["a@x.org"], []):
+        for t in tos:
+            wire._ADDR_OK.add(t)
+        ops = [(1, bytes([i]) * 16, t, b"b%d" % i, i & 1) for i, t in enumerate(tos)]
+        run = _core.decode_sends(msgpack.packb([list(op) for op in ops]), wire._ADDR_OK)
+        flat = _flat_sends(ops)
+        for index, step in ((1, 4), (0, 4), (2, 4), (3, 4), (1, 2)):
+            want = gate_mod.py_field_set(flat, index, step)
+            assert _core.field_set(run, index, step) == want
+            assert _core.field_set(run[4:], index, step) == gate_mod.py_field_set(
+                flat[4:], index, step)
+        assert _core.field_set(run, 1, 4) == set(tos)
+
+
 def _exactly(size):
     """A frame of SENDs exactly ``size`` bytes long (array16 header)."""
     one = _send(body=bytes(1000))
@@ -913,7 +959,16 @@ def _flat_sends(ops: list) -> list:
     return [field for op in ops for field in op[1:]]
 
 
-def _gate_case(fn, impl, gate_cls, link_cls):
+def _as_run(ops: list):
+    """SEND tuples as the compiled decoder gives a frame of them: a run read
+    in place (the flat list's items, made only when asked for)."""
+    run = _core.decode_sends(msgpack.packb([list(op) for op in ops]),
+                             {op[2] for op in ops})
+    assert run is not None and type(run) is not list and run == _flat_sends(ops)
+    return run
+
+
+def _gate_case(fn, impl, gate_cls, link_cls, as_run=False):
     def call(sends, state):
         state = copy.deepcopy(state)
         out = []
@@ -930,8 +985,8 @@ def _gate_case(fn, impl, gate_cls, link_cls):
         lg = link_cls("conn", out, "alice@example.org", SENDER_PACKED, "example.org", 1000,
                       None, None)
         lg.msg_tokens, lg.byte_tokens = state["mt"], state["bt"]
-        ephemeral = fn(gate, lg, _flat_sends(sends), 100.0, TS, TS_PACKED, store_items, meta,
-                       state.get("first_mid"))
+        ephemeral = fn(gate, lg, _as_run(sends) if as_run else _flat_sends(sends), 100.0, TS,
+                       TS_PACKED, store_items, meta, state.get("first_mid"))
         res = (ephemeral, lg.msg_tokens, lg.byte_tokens)
         return res, out, counted, tapped, store_items, meta, _contents(table)
     return call
@@ -942,7 +997,8 @@ def _gate_case(fn, impl, gate_cls, link_cls):
                                     (5, 10**6)])
 @pytest.mark.parametrize("taps", [False, True])
 @pytest.mark.parametrize("first_mid", [None, 500])
-def test_accept_sends_twins(require_consent, tokens, taps, first_mid):
+@pytest.mark.parametrize("as_run", [False, True])
+def test_accept_sends_twins(require_consent, tokens, taps, first_mid, as_run):
     ids = [bytes([i]) * 16 for i in range(12)]
     sends = [
         (1, ids[0], ADDR, b"a" * 10, 0),
@@ -972,7 +1028,8 @@ def test_accept_sends_twins(require_consent, tokens, taps, first_mid):
     py, c = _twins()
     got = _same(_gate_case(gate_mod.py_accept_sends, py, gate_mod.PySendGate,
                            gate_mod.PyLinkGate),
-                c and _gate_case(_core.accept_sends, c, _core.SendGate, _core.LinkGate),
+                c and _gate_case(_core.accept_sends, c, _core.SendGate, _core.LinkGate,
+                                 as_run),
                 sends, state)
     (ephemeral, mt, bt), out, counted, tapped, store_items, meta, contents = got
     entries = {k[1]: (v, w) for k, v, w in contents}
@@ -1018,7 +1075,8 @@ def test_accept_sends_twins(require_consent, tokens, taps, first_mid):
 
 
 @pytest.mark.parametrize("require_consent", [False, True])
-def test_accept_sends_twins_blocks_answer_as_unknown(require_consent):
+@pytest.mark.parametrize("as_run", [False, True])
+def test_accept_sends_twins_blocks_answer_as_unknown(require_consent, as_run):
     # a block (of the sender's address or of its provider) gets the answer an
     # address that does not exist gets, whether consent is required or not
     ids = [bytes([i]) * 16 for i in range(8)]
@@ -1046,7 +1104,8 @@ def test_accept_sends_twins_blocks_answer_as_unknown(require_consent):
     py, c = _twins()
     got = _same(_gate_case(gate_mod.py_accept_sends, py, gate_mod.PySendGate,
                            gate_mod.PyLinkGate),
-                c and _gate_case(_core.accept_sends, c, _core.SendGate, _core.LinkGate),
+                c and _gate_case(_core.accept_sends, c, _core.SendGate, _core.LinkGate,
+                                 as_run),
                 sends, state)
     (ephemeral, _, _), out, counted, _, store_items, meta, _ = got
     assert [it[1] for it in store_items] == [ids[0], ids[6]]

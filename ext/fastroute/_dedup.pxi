@@ -147,6 +147,19 @@ cdef size_t _resident_bytes(char* p, size_t size) except? 0:
     return n * page
 
 
+cdef extern from "Python.h":
+    # what hash() of a bytes object is (and caches): the id of a frame read
+    # in place hashes as its bytes would, so both meet in one table
+    Py_hash_t _Py_HashBytes(const void* src, Py_ssize_t len)
+
+
+cdef inline Py_hash_t dedup_hash_p(object sender, const char* cid) except? -1:
+    """:func:`dedup_hash` of the 16 id bytes at ``cid``."""
+    cdef uint64_t hc = <uint64_t>_Py_HashBytes(cid, 16)
+    cdef uint64_t hs = <uint64_t>PyObject_Hash(sender)
+    return <Py_hash_t>(hc ^ (hs * <uint64_t>0x5bd1e995ULL))
+
+
 cdef inline Py_hash_t dedup_hash(object sender, object cid) except? -1:
     # str and bytes hashes are SipHash with the process's random key (no
     # chosen-collision floods) and are cached in the objects; mixed in
@@ -269,10 +282,14 @@ cdef class DedupTable:
                                  Py_ssize_t* at) except -2:
         """The slot of (sender, cid), or -1; ``at`` gets its index position
         (or the empty position where it would go)."""
+        return self._find_p(sender, PyBytes_AS_STRING(cid), h, at)
+
+    cdef inline Py_ssize_t _find_p(self, object sender, const char* c, Py_hash_t h,
+                                   Py_ssize_t* at) except -2:
+        """:meth:`_find` of the 16 id bytes at ``c`` (a frame's, read in place)."""
         cdef Py_ssize_t i = <Py_ssize_t>(<size_t>h & <size_t>self.imask)
         cdef uint64_t v, tag = dedup_tag(h)
         cdef DSlot* s
-        cdef const char* c = PyBytes_AS_STRING(cid)
         while True:
             v = self.index[i]
             if v == 0:
@@ -422,10 +439,15 @@ cdef class DedupTable:
                          double stamp, Py_ssize_t at) except -1:
         """Append a new entry (the key must be absent); ``at`` is the empty
         index position its lookup ended at, just before."""
+        return self._add_p(sender, PyBytes_AS_STRING(cid), h, code, stamp, at)
+
+    cdef Py_ssize_t _add_p(self, object sender, const char* cid, Py_hash_t h, int code,
+                           double stamp, Py_ssize_t at) except -1:
+        """:meth:`_add` of the 16 id bytes at ``cid``."""
         cdef Py_ssize_t q
         cdef DSlot* s
         if self._make_room():
-            self._find(sender, cid, h, &at)  # eviction or growth moved entries
+            self._find_p(sender, cid, h, &at)  # eviction or growth moved entries
         q = <Py_ssize_t>(self.head & (self.cap - 1))
         s = &self.slots[q]
         Py_INCREF(sender)
@@ -434,7 +456,7 @@ cdef class DedupTable:
         s.stamp = stamp
         s.code = code
         s.has_waiters = 0
-        memcpy(s.cid, PyBytes_AS_STRING(cid), 16)
+        memcpy(s.cid, cid, 16)
         self.index[at] = dedup_tag(h) | <uint64_t>(q + 1)
         self.head += 1
         self.live += 1
@@ -524,7 +546,13 @@ cdef class DedupTable:
         and ``code`` its code if it counts as seen at ``now`` (as
         :meth:`c_lookup`), else ``seen`` 0.  Hand slot and ``at`` to
         :meth:`c_record` if nothing else touched the table since."""
-        cdef Py_ssize_t slot = self._find(sender, cid, h, at)
+        return self.c_find_p(sender, PyBytes_AS_STRING(cid), h, now, seen, code, at)
+
+    cdef inline Py_ssize_t c_find_p(self, object sender, const char* cid, Py_hash_t h,
+                                    double now, int* seen, int* code,
+                                    Py_ssize_t* at) except -2:
+        """:meth:`c_find` of the 16 id bytes at ``cid``."""
+        cdef Py_ssize_t slot = self._find_p(sender, cid, h, at)
         cdef DSlot* s
         seen[0] = 0
         if slot >= 0:
@@ -537,11 +565,16 @@ cdef class DedupTable:
     cdef inline int c_record(self, object sender, object cid, Py_hash_t h, int code,
                              double now, Py_ssize_t slot, Py_ssize_t at) except -1:
         """:meth:`c_put` after :meth:`c_find` answered ``slot`` and ``at``: no second probe."""
+        return self.c_record_p(sender, PyBytes_AS_STRING(cid), h, code, now, slot, at)
+
+    cdef inline int c_record_p(self, object sender, const char* cid, Py_hash_t h, int code,
+                               double now, Py_ssize_t slot, Py_ssize_t at) except -1:
+        """:meth:`c_record` of the 16 id bytes at ``cid``."""
         if slot >= 0:
             self.slots[slot].code = code
             self.slots[slot].stamp = now
         else:
-            self._add(sender, cid, h, code, now, at)
+            self._add_p(sender, cid, h, code, now, at)
         return 0
 
     cdef inline int c_lookup(self, object sender, object cid, double now,

@@ -219,7 +219,7 @@ cdef class LinkGate:
         self.byte_tokens = 0.0
 
 
-def accept_sends(SendGate gate not None, LinkGate lg not None, list sends, object now,
+def accept_sends(SendGate gate not None, LinkGate lg not None, object sends, object now,
                  object now_ms, bytes ts_packed, list store_items, list meta,
                  object first_mid=None):
     """Gate a read's SEND ops: dedup, size, recipient, consent, quota.
@@ -270,7 +270,15 @@ def accept_sends(SendGate gate not None, LinkGate lg not None, list sends, objec
     cdef PyObject* pdevs
     cdef set blocked
     cdef bint hidden
-    cdef Py_ssize_t size, n = PyList_GET_SIZE(sends) // 4, base, i, slot, at
+    # a _SendRun (decode_sends'): each id and body read where it is in the
+    # frame, and made into bytes only where a path keeps or answers it
+    cdef _SendRun run = sends if type(sends) is _SendRun else None
+    cdef list lst = None if run is not None else <list?>sends
+    cdef const char* cidp = NULL
+    cdef const char* bodyp = NULL
+    cdef int icls = 0
+    cdef Py_ssize_t size = 0, base, i, slot, at
+    cdef Py_ssize_t n = (run.stop - run.start) if run is not None else PyList_GET_SIZE(lst) // 4
     cdef int seen, seen_code
     cdef double mt = msg_tokens
     cdef double bt = byte_tokens
@@ -288,7 +296,7 @@ def accept_sends(SendGate gate not None, LinkGate lg not None, list sends, objec
     sacks.cap = n
     sacks.first = sacks.count = 0
     too_large, unknown, consent_required, rate_limited = refusals
-    if PyList_GET_SIZE(sends) % 4:
+    if lst is not None and PyList_GET_SIZE(lst) % 4:
         raise InvalidArgument("sends hold id, to, body, cls for each SEND")
     try:
         for base in range(0, n, DEDUP_BATCH):
@@ -298,35 +306,55 @@ def accept_sends(SendGate gate not None, LinkGate lg not None, list sends, objec
             # window those of the entries their inserts will evict
             dedup.c_prefetch_evictions(min(n - base, <Py_ssize_t>DEDUP_BATCH))
             for i in range(base, min(n, base + DEDUP_BATCH)):
-                if 4 * i >= PyList_GET_SIZE(sends):
+                if run is not None:
+                    h = dedup_hash_p(sender, run.cid_at(i))
+                    hashes[i - base] = h
+                    dedup.c_prefetch(h)
+                    continue
+                if 4 * i >= PyList_GET_SIZE(lst):
                     break  # the list shrank (see below): the loop below says so
-                cid = <object>PyList_GET_ITEM(sends, 4 * i)
+                cid = <object>PyList_GET_ITEM(lst, 4 * i)
                 if PyBytes_CheckExact(cid) and PyBytes_GET_SIZE(cid) == 16:
                     h = dedup_hash(sender, cid)
                     hashes[i - base] = h
                     dedup.c_prefetch(h)
             for i in range(base, min(n, base + DEDUP_BATCH)):
-                # the SEND's fields held at once: a tap or a consent lookup may run
-                # code that changes the list
-                if 4 * i + 4 > PyList_GET_SIZE(sends):
-                    raise RuntimeError("sends changed while read")
-                cid = <object>PyList_GET_ITEM(sends, 4 * i)
-                to = <object>PyList_GET_ITEM(sends, 4 * i + 1)
-                body = <object>PyList_GET_ITEM(sends, 4 * i + 2)
-                cls = <object>PyList_GET_ITEM(sends, 4 * i + 3)
-                if not PyBytes_CheckExact(cid) or PyBytes_GET_SIZE(cid) != 16:
-                    raise InvalidArgument("message id must be 16 bytes")
+                if run is not None:
+                    # ids of 16 and bodies checked by the decoder; the bytes
+                    # objects only where kept or answered (cid None till then)
+                    cid = body = None
+                    cidp = run.cid_at(i)
+                    bodyp = run.body_at(i)
+                    size = run.size_at(i)
+                    icls = run.cls_at(i)
+                    cls = icls
+                    to = run.to_at(i)
+                else:
+                    # the SEND's fields held at once: a tap or a consent lookup may run
+                    # code that changes the list
+                    if 4 * i + 4 > PyList_GET_SIZE(lst):
+                        raise RuntimeError("sends changed while read")
+                    cid = <object>PyList_GET_ITEM(lst, 4 * i)
+                    to = <object>PyList_GET_ITEM(lst, 4 * i + 1)
+                    body = <object>PyList_GET_ITEM(lst, 4 * i + 2)
+                    cls = <object>PyList_GET_ITEM(lst, 4 * i + 3)
+                    if not PyBytes_CheckExact(cid) or PyBytes_GET_SIZE(cid) != 16:
+                        raise InvalidArgument("message id must be 16 bytes")
+                    cidp = PyBytes_AS_STRING(cid)
                 h = hashes[i - base]
                 # the id's one probe: its answer, and where to record it if it passes
-                slot = dedup.c_find(sender, cid, h, tnow, &seen, &seen_code, &at)
+                slot = dedup.c_find_p(sender, cidp, h, tnow, &seen, &seen_code, &at)
                 if seen:
+                    if cid is None:
+                        cid = PyBytes_FromStringAndSize(cidp, 16)
                     if seen_code == DEDUP_PENDING:
                         dedup.c_wait(sender, cid, (conn, cid))
                     else:
                         sacks_out(&sacks, out)
                         out.append(sack_op(cid, seen_code))
                     continue
-                size = len(body)
+                if run is None:
+                    size = len(body)
                 # a recipient that blocked the sender (its address or provider) is,
                 # to that sender, an address that does not exist; nobody's blocks:
                 # one size test, a recipient without blocks: one lookup
@@ -368,20 +396,27 @@ def accept_sends(SendGate gate not None, LinkGate lg not None, list sends, objec
                     # A refusal is not remembered: the sender may retry the same id.
                     count_error(code)
                     sacks_out(&sacks, out)
+                    if cid is None:
+                        cid = PyBytes_FromStringAndSize(cidp, 16)
                     out.append(sack_op(cid, int(code)))
                     continue
-                tail = c_deliver_tail(sender_packed, cid, body, ts_packed, cls)
+                if run is None:
+                    tail = c_deliver_tail(sender_packed, cid, body, ts_packed, cls)
+                    icls = 1 if cls == 1 else 0  # c_deliver_tail checked it is 0 or 1
+                else:
+                    tail = c_deliver_tail_p(sender_packed, cidp, 16, bodyp, size, ts_packed,
+                                            icls)
                 # nothing since c_find touched the table: slot and at still hold
-                if cls == 1:  # CLS_EPHEMERAL
-                    dedup.c_record(sender, cid, h, 0, tnow, slot, at)
+                if icls == 1:  # CLS_EPHEMERAL
+                    dedup.c_record_p(sender, cidp, h, 0, tnow, slot, at)
                     if ephemeral is None:
                         ephemeral = []
                     ephemeral.append(to)
                     ephemeral.append(tail)
                     # its SACK-ok with the ones next to it, as one op run
-                    sacks_add(&sacks, cid, out)
+                    sacks_add_p(&sacks, cidp, out)
                 elif stored_now:
-                    dedup.c_record(sender, cid, h, 0, tnow, slot, at)
+                    dedup.c_record_p(sender, cidp, h, 0, tnow, slot, at)
                     # one tuple, the route: the engine's payload and what
                     # the memory store keeps (its tail holds the fields)
                     route = (next_mid, tail)
@@ -390,9 +425,12 @@ def accept_sends(SendGate gate not None, LinkGate lg not None, list sends, objec
                     meta.append(to)
                     meta.append(route)
                     next_mid += 1
-                    sacks_add(&sacks, cid, out)
+                    sacks_add_p(&sacks, cidp, out)
                 else:
-                    dedup.c_record(sender, cid, h, DEDUP_PENDING, tnow, slot, at)
+                    if cid is None:
+                        cid = PyBytes_FromStringAndSize(cidp, 16)
+                        body = PyBytes_FromStringAndSize(bodyp, size)
+                    dedup.c_record_p(sender, cidp, h, DEDUP_PENDING, tnow, slot, at)
                     store_items.append((sender, cid, body, now_ms, devs))
                     meta.append(to)
                     meta.append(tail)
@@ -473,14 +511,22 @@ cdef struct SackRun:
 cdef inline int sacks_add(SackRun* s, object cid, list out) except -1:
     """Queue ``cid``'s SACK-ok (``cid``: exact bytes of 16, checked by the
     caller); in a batch of one it goes to ``out`` at once, as bytes."""
+    return sacks_add_p(s, PyBytes_AS_STRING(cid), out)
+
+
+cdef inline int sacks_add_p(SackRun* s, const char* cid, list out) except -1:
+    """:func:`sacks_add` of the 16 id bytes at ``cid``."""
+    cdef bytes op
     if s.cap <= 1:
-        out.append(make_sack_ok(cid))
+        op = PyBytes_FromStringAndSize(NULL, WIRE_SACK_LEN)
+        sack_ok_at(<unsigned char*>PyBytes_AS_STRING(op), cid)
+        out.append(op)
         return 0
     if s.buf == NULL:
         s.buf = <unsigned char*>PyMem_Malloc(s.cap * WIRE_SACK_LEN)
         if s.buf == NULL:
             raise MemoryError()
-    sack_ok_at(s.buf + (s.first + s.count) * WIRE_SACK_LEN, PyBytes_AS_STRING(cid))
+    sack_ok_at(s.buf + (s.first + s.count) * WIRE_SACK_LEN, cid)
     s.count += 1
     return 0
 
@@ -517,18 +563,32 @@ def flat_routes(list meta, list mids):
     return out
 
 
-def field_set(list items, Py_ssize_t index, Py_ssize_t step=0):
+def field_set(object items, Py_ssize_t index, Py_ssize_t step=0):
     """The distinct ``item[index]`` of ``items``, or with ``step`` the distinct
     ``items[index::step]`` of a flat list (see ``py_field_set``): runs of the
-    same object (a batch's messages to one recipient) are added once."""
+    same object (a batch's messages to one recipient) are added once.  The
+    recipients of a decoded frame's SENDs (``index`` 1, ``step`` 4 of the
+    decoder's run) are read from the run, not made into a list first."""
     cdef set out = set()
-    cdef Py_ssize_t i, n = PyList_GET_SIZE(items), inc = 1
+    cdef Py_ssize_t i, n, inc = 1
     cdef object item, v, last = None
     cdef bint have = False
+    cdef _SendRun run
     if step:
         if step < 0 or index < 0:
             raise ValueError("index and step are not negative")
         inc = step
+    if type(items) is _SendRun:
+        run = <_SendRun>items
+        if step == 4 and index == 1:
+            for i in range(run.stop - run.start):
+                v = run.to_at(i)
+                if v is not last:
+                    out.add(v)
+                    last = v
+            return out
+        items = run.tolist()
+    n = PyList_GET_SIZE(<list?>items)
     i = index if step else 0
     while i < n:  # a range() with a variable step would be a Python object
         item = <object>PyList_GET_ITEM(items, i)

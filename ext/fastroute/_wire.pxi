@@ -321,11 +321,17 @@ cdef bytes c_deliver_tail(bytes sender_packed, object cid, object body, bytes ts
     """:func:`deliver_tail` for C callers (``cid`` and ``body`` checked here)."""
     if not PyBytes_CheckExact(cid) or not PyBytes_CheckExact(body):
         raise WrongType("SEND id and body must be bytes")
+    return c_deliver_tail_p(sender_packed, PyBytes_AS_STRING(cid), PyBytes_GET_SIZE(cid),
+                            PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body), ts_packed, cls)
+
+
+cdef bytes c_deliver_tail_p(bytes sender_packed, const char* cid, Py_ssize_t nc,
+                            const char* body, Py_ssize_t nb, bytes ts_packed, int cls):
+    """:func:`c_deliver_tail` of an id and a body given as bytes in place
+    (``nc`` and ``nb`` long: a frame's, read by :class:`_SendRun`)."""
     if cls != 0 and cls != 1:
         raise InvalidArgument("cls must be 0 or 1")
     cdef Py_ssize_t ns = PyBytes_GET_SIZE(sender_packed)
-    cdef Py_ssize_t nc = PyBytes_GET_SIZE(cid)
-    cdef Py_ssize_t nb = PyBytes_GET_SIZE(body)
     cdef Py_ssize_t nt = PyBytes_GET_SIZE(ts_packed)
     cdef Py_ssize_t hb = bin_header_len(nb)
     cdef bytes tail = PyBytes_FromStringAndSize(NULL, ns + 2 + nc + hb + nb + nt + 1)
@@ -335,10 +341,10 @@ cdef bytes c_deliver_tail(bytes sender_packed, object cid, object body, bytes ts
     p[0] = 0xc4
     p[1] = 0x10
     p += 2
-    memcpy(p, PyBytes_AS_STRING(cid), <size_t>nc)
+    memcpy(p, cid, <size_t>nc)
     p += nc
     p += bin_header(p, nb)
-    memcpy(p, PyBytes_AS_STRING(body), <size_t>nb)
+    memcpy(p, body, <size_t>nb)
     p += nb
     memcpy(p, PyBytes_AS_STRING(ts_packed), <size_t>nt)
     p += nt
@@ -513,10 +519,125 @@ cdef inline Py_ssize_t frame_ops(Cursor* c) noexcept:
     return n if n <= WIRE_MAX_OPS else -1
 
 
+cdef struct SendRec:
+    # one SEND of a frame, read in place: where its id and body are in the
+    # frame's bytes, the body's length, and its cls
+    Py_ssize_t cid
+    Py_ssize_t body
+    Py_ssize_t size
+    int cls
+
+
+@cython.final
+cdef class _SendRun:
+    """A frame's valid SENDs, read in place: what :func:`decode_sends` gives.
+
+    It reads as the flat list the specification gives, ``id, to, body, cls``
+    a SEND (length, items, slices, iteration, ``==``), but holds no id or
+    body ``bytes`` of its own: the gate's compiled loop reads them where
+    they are in the frame, so a SEND it stores or relays makes only its
+    DELIVER tail.  A slice of whole SENDs is another run over the same
+    frame; any other slice or item is made when asked for.
+    """
+
+    cdef bytes frame          # the plaintext the records point into
+    cdef bytes recs_buf       # SendRec records, shared by a run's slices
+    cdef list tos             # each SEND's recipient, shared along runs of one
+    cdef const SendRec* recs
+    cdef Py_ssize_t start, stop
+
+    def __len__(self):
+        return 4 * (self.stop - self.start)
+
+    cdef inline const char* cid_at(self, Py_ssize_t k) noexcept:
+        return PyBytes_AS_STRING(self.frame) + self.recs[self.start + k].cid
+
+    cdef inline const char* body_at(self, Py_ssize_t k) noexcept:
+        return PyBytes_AS_STRING(self.frame) + self.recs[self.start + k].body
+
+    cdef inline Py_ssize_t size_at(self, Py_ssize_t k) noexcept:
+        return self.recs[self.start + k].size
+
+    cdef inline int cls_at(self, Py_ssize_t k) noexcept:
+        return self.recs[self.start + k].cls
+
+    cdef inline object to_at(self, Py_ssize_t k):
+        return <object>PyList_GET_ITEM(self.tos, self.start + k)
+
+    cdef object field(self, Py_ssize_t i):
+        # the i-th item of the flat list (0 <= i < len)
+        cdef Py_ssize_t k = i >> 2
+        cdef int f = <int>(i & 3)
+        if f == 0:
+            return PyBytes_FromStringAndSize(self.cid_at(k), 16)
+        if f == 1:
+            return self.to_at(k)
+        if f == 2:
+            return PyBytes_FromStringAndSize(self.body_at(k), self.size_at(k))
+        return self.cls_at(k)
+
+    cdef _SendRun view(self, Py_ssize_t a, Py_ssize_t b):
+        # SENDs a..b (relative, 0 <= a <= b <= count) over the same records
+        cdef _SendRun r = _SendRun.__new__(_SendRun)
+        r.frame = self.frame
+        r.recs_buf = self.recs_buf
+        r.tos = self.tos
+        r.recs = self.recs
+        r.start = self.start + a
+        r.stop = self.start + b
+        return r
+
+    def __getitem__(self, index):
+        cdef Py_ssize_t n = 4 * (self.stop - self.start), i, a, b, step
+        if isinstance(index, slice):
+            a, b, step = index.indices(n)
+            if step == 1 and a % 4 == 0 and (b % 4 == 0 or b == n):
+                # whole SENDs: a run over the same frame
+                b = max(a, b)
+                return self.view(a >> 2, (b + 3) >> 2)
+            return [self.field(i) for i in range(a, b, step)]
+        i = index
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError("_SendRun index out of range")
+        return self.field(i)
+
+    def __iter__(self):
+        return iter(self.tolist())
+
+    def tolist(self):
+        """The flat list ``id, to, body, cls`` a SEND (what the
+        specification's decoder gives)."""
+        cdef Py_ssize_t i
+        return [self.field(i) for i in range(4 * (self.stop - self.start))]
+
+    def __eq__(self, other):
+        if isinstance(other, _SendRun):
+            other = other.tolist()
+        if not isinstance(other, list):
+            return NotImplemented
+        return self.tolist() == other
+
+    def __ne__(self, other):
+        eq = self.__eq__(other)
+        return eq if eq is NotImplemented else not eq
+
+    __hash__ = None
+
+    def __repr__(self):
+        return f"_SendRun({self.stop - self.start} SENDs)"
+
+    def __reduce__(self):
+        # a copy (the tests deep-copy what they feed both twins) is the list
+        return (list, (self.tolist(),))
+
+
 def decode_sends(plaintext, set addr_ok):
     """The fast path of :func:`fastroute.wire.decode_client_frame`, in C.
 
-    Returns the SENDs flat, ``id, to, body, cls`` each (no tuple a message),
+    Returns the SENDs as a :class:`_SendRun` (which reads as the flat list
+    ``id, to, body, cls`` a SEND, with no tuple or ``bytes`` a message)
     when ``plaintext`` (exact bytes) is a msgpack array of valid SEND ops in
     their usual encoding -- ``[1, id bin8 of 16, to str, body bin, cls 0|1]``
     as fixints -- whose recipients are all in ``addr_ok`` (addresses already
@@ -530,24 +651,31 @@ def decode_sends(plaintext, set addr_ok):
     cdef Cursor c
     cdef Py_ssize_t n, i, k
     cdef unsigned char b
-    cdef list ops
-    cdef object cid, to, body, cls, prev_to = None
+    cdef list tos
+    cdef object to, prev_to = None
+    cdef const unsigned char* base
     cdef const unsigned char* prev_p = NULL
     cdef Py_ssize_t prev_n = -1
-    c.p = <const unsigned char*>PyBytes_AS_STRING(plaintext)
+    cdef bytes recs_buf
+    cdef SendRec* recs
+    cdef _SendRun run
+    base = <const unsigned char*>PyBytes_AS_STRING(plaintext)
+    c.p = base
     c.end = c.p + size
     n = frame_ops(&c)
     if n < 0:
         return None
-    # the bytes object is immutable and we hold a reference: the cursor stays
-    # valid across the allocations below whatever they run
-    ops = []
+    # the bytes object is immutable and we hold a reference: the cursor and
+    # the records' offsets stay valid across the allocations below
+    recs_buf = PyBytes_FromStringAndSize(NULL, n * sizeof(SendRec) if n else 1)
+    recs = <SendRec*>PyBytes_AS_STRING(recs_buf)
+    tos = []
     for i in range(n):
         # [1, id: bin8 of 16, ...
         if c.end - c.p < 20 or c.p[0] != 0x95 or c.p[1] != 0x01 \
                 or c.p[2] != 0xc4 or c.p[3] != 0x10:
             return None
-        cid = PyBytes_FromStringAndSize(<const char*>c.p + 4, 16)
+        recs[i].cid = (c.p + 4) - base
         c.p += 20
         k = take_len(&c, 0xd9, 0xa0, 31)
         if k < 0 or k > WIRE_MAX_STR or c.end - c.p < k:
@@ -569,19 +697,25 @@ def decode_sends(plaintext, set addr_ok):
         k = take_len(&c, 0xc4, 0, 0)
         if k < 0 or k > WIRE_MAX_BODY or c.end - c.p < k + 1:
             return None
-        body = PyBytes_FromStringAndSize(<const char*>c.p, k)
+        recs[i].body = c.p - base
+        recs[i].size = k
         c.p += k
         b = c.p[0]
         if b > 1:
             return None
+        recs[i].cls = b
         c.p += 1
-        ops.append(cid)
-        ops.append(to)
-        ops.append(body)
-        ops.append(b)
+        tos.append(to)
     if c.p != c.end:
         return None
-    return ops
+    run = _SendRun.__new__(_SendRun)
+    run.frame = plaintext
+    run.recs_buf = recs_buf
+    run.tos = tos
+    run.recs = recs
+    run.start = 0
+    run.stop = n
+    return run
 
 
 cdef inline int take_uint(Cursor* c, unsigned long long* out) noexcept:

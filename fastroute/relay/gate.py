@@ -714,6 +714,8 @@ class Gate:
         started = sender.started
         if field_set(sends, 1, 4) <= started:
             return sends  # only conversations it already has: the common case
+        if type(sends) is not list:
+            sends = list(sends)  # the compiled decoder's run, read op by op below
         keep: list = []
         refused: list = []
         for k in range(0, len(sends), 4):

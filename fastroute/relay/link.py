@@ -306,6 +306,8 @@ class Link(asyncio.Protocol):
         self.errors = 0
         self.storing = 0  # store batches of this link not yet answered
         # SENDs of the read being processed, flat: id, to, body, cls a SEND
+        # (a turn's one frame of SENDs: the decoder's own sequence, which the
+        # compiled one reads in place; made a list when a second one comes)
         self.sends: list | None = None
         self.bye_after_sends = False
         self.bye_requested = False
@@ -828,7 +830,15 @@ class Link(asyncio.Protocol):
         """Queue decoded SENDs (flat: ``id, to, body, cls`` each) for the gate
         (at the end of this share); return how many."""
         assert self.sends is not None
-        self.sends.extend(sends)
+        if not self.sends:
+            # the turn's first (most often only) frame of SENDs: kept as the
+            # decoder gave it (compiled: a run read in place, no id or body
+            # bytes a message), not copied into the turn's list
+            self.sends = sends
+        else:
+            if type(self.sends) is not list:
+                self.sends = list(self.sends)
+            self.sends.extend(sends)
         n = len(sends) // 4
         counts = self.wiring.op_counts
         counts[_OP_SEND] = counts.get(_OP_SEND, 0) + n
@@ -887,6 +897,10 @@ class Link(asyncio.Protocol):
         wiring = self.wiring
         sends = self.sends
         assert sends is not None
+        if type(sends) is not list:
+            # a frame of SENDs as the compiled decoder read it, then this
+            # frame's SENDs among other ops: the turn's list grows from here
+            sends = self.sends = list(sends)
         op_counts = wiring.op_counts
         over = 0  # PINGs refused past the budget: one ERROR for the frame
         dack = -1  # DACKs are cumulative: one per frame does the work of all
