@@ -645,6 +645,10 @@ def decode_sends(plaintext: bytes) -> list | None:
 
     The relay's fast path (compiled when the core is built): a None answer
     says nothing about the frame, which :func:`decode_client_frame_precise` then decodes.
+    Compiled, the answer is a sequence that reads as that list (length,
+    items, slices, ``==``) but keeps the frame and offsets into it, which the
+    compiled gate reads without an id or body ``bytes`` a message; a caller
+    that changes it in place makes a ``list`` of it first.
     """
     return _decode_sends(plaintext, _ADDR_OK)
 
