@@ -225,7 +225,9 @@ def accept_sends(SendGate gate not None, LinkGate lg not None, object sends, obj
     """Gate a read's SEND ops: dedup, size, recipient, consent, quota.
 
     ``sends`` are a read's decoded SENDs, flat: ``id, to, body, cls`` each
-    (:func:`decode_sends`' list; no tuple a message).  Duplicates
+    (no tuple a message): a list, or :func:`decode_sends`' ``_SendRun``,
+    whose ids and bodies are read in the frame and made into ``bytes`` only
+    where they are kept or answered.  Duplicates
     of a decided id (``gate.dedup``, within its window) get their old answer
     in ``lg.out``; duplicates of a pending one are queued on its entry as
     ``(lg.link, id)`` (:meth:`DedupTable.wait`).  A refusal is counted with
