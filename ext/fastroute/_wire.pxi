@@ -665,6 +665,11 @@ def decode_sends(plaintext, set addr_ok):
     n = frame_ops(&c)
     if n < 0:
         return None
+    # most frames that are not SENDs (a receiver's DACKs, an end-to-end
+    # client's DSENDs and GSENDs) say so in their first op's first bytes:
+    # declined before anything is allocated for them
+    if n and (c.end - c.p < 2 or c.p[0] != 0x95 or c.p[1] != 0x01):
+        return None
     # the bytes object is immutable and we hold a reference: the cursor and
     # the records' offsets stay valid across the allocations below
     recs_buf = PyBytes_FromStringAndSize(NULL, n * sizeof(SendRec) if n else 1)
