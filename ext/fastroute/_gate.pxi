@@ -518,11 +518,8 @@ cdef inline int sacks_add(SackRun* s, object cid, list out) except -1:
 
 cdef inline int sacks_add_p(SackRun* s, const char* cid, list out) except -1:
     """:func:`sacks_add` of the 16 id bytes at ``cid``."""
-    cdef bytes op
     if s.cap <= 1:
-        op = PyBytes_FromStringAndSize(NULL, WIRE_SACK_LEN)
-        sack_ok_at(<unsigned char*>PyBytes_AS_STRING(op), cid)
-        out.append(op)
+        out.append(make_sack_ok_p(cid))
         return 0
     if s.buf == NULL:
         s.buf = <unsigned char*>PyMem_Malloc(s.cap * WIRE_SACK_LEN)

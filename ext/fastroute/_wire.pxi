@@ -377,8 +377,13 @@ cdef bytes make_sack_ok(object cid):
     """``[17, cid, 0]`` packed, ``cid`` as bin8 (the relay's ids are 16 bytes)."""
     if not PyBytes_CheckExact(cid) or PyBytes_GET_SIZE(cid) != 16:
         raise InvalidArgument("message id must be 16 bytes")
+    return make_sack_ok_p(PyBytes_AS_STRING(cid))
+
+
+cdef bytes make_sack_ok_p(const char* cid):
+    """:func:`make_sack_ok` of the 16 id bytes at ``cid`` (a frame's, read in place)."""
     cdef bytes op = PyBytes_FromStringAndSize(NULL, WIRE_SACK_LEN)
-    sack_ok_at(<unsigned char*>PyBytes_AS_STRING(op), PyBytes_AS_STRING(cid))
+    sack_ok_at(<unsigned char*>PyBytes_AS_STRING(op), cid)
     return op
 
 
