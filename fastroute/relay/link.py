@@ -826,6 +826,16 @@ class Link(asyncio.Protocol):
         assert self.sends is not None
         return int(least(budgets.ops)) - len(self.sends) // 4
 
+    def _growing_sends(self) -> list:
+        """The turn's SENDs as a list more may be added to: a frame of them
+        kept as the compiled decoder read it becomes one when a second frame
+        of SENDs, or SENDs among other ops, come in the same turn."""
+        sends = self.sends
+        assert sends is not None
+        if type(sends) is not list:
+            sends = self.sends = list(sends)
+        return sends
+
     def _take_sends(self, sends: list) -> int:
         """Queue decoded SENDs (flat: ``id, to, body, cls`` each) for the gate
         (at the end of this share); return how many."""
@@ -836,9 +846,7 @@ class Link(asyncio.Protocol):
             # bytes a message), not copied into the turn's list
             self.sends = sends
         else:
-            if type(self.sends) is not list:
-                self.sends = list(self.sends)
-            self.sends.extend(sends)
+            self._growing_sends().extend(sends)
         n = len(sends) // 4
         counts = self.wiring.op_counts
         counts[_OP_SEND] = counts.get(_OP_SEND, 0) + n
@@ -895,12 +903,7 @@ class Link(asyncio.Protocol):
         ``e2ee_sends`` for the keys stage (handed over before any other of its
         ops)."""
         wiring = self.wiring
-        sends = self.sends
-        assert sends is not None
-        if type(sends) is not list:
-            # a frame of SENDs as the compiled decoder read it, then this
-            # frame's SENDs among other ops: the turn's list grows from here
-            sends = self.sends = list(sends)
+        sends = self._growing_sends()
         op_counts = wiring.op_counts
         over = 0  # PINGs refused past the budget: one ERROR for the frame
         dack = -1  # DACKs are cumulative: one per frame does the work of all
