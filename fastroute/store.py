@@ -79,7 +79,9 @@ class Store(Protocol):
     a batch at once may also offer ``next_mid()`` and ``put_now(items,
     first_mid)`` (:class:`MemoryStore` does): the relay's SEND path then uses
     them instead of ``put_many``, and answers each message in the same pass
-    that checks it.
+    that checks it.  A store may offer ``put_tails(items, validate=False)``
+    (both do): the relay then hands it each persistent SEND as the DELIVER
+    tail it routes, not as a ``put_many`` item made beside it.
     """
 
     def register_device(self, address: str, device: str) -> int:
@@ -333,7 +335,7 @@ _SQL_BACKLOG = ("SELECT dev, count(*), sum(length(body)) FROM messages "
 _NO_PUTS: tuple = ([], [], [], [])
 
 # Writer request kinds.  A request is a tuple (kind, arg, future-or-None).
-_PUT, _PUT_MANY, _ACK, _REG, _FORGET, _EXPIRE, _FLUSH, _STOP = range(8)
+_PUT, _PUT_MANY, _ACK, _REG, _FORGET, _EXPIRE, _FLUSH, _STOP, _PUT_TAILS = range(9)
 
 _SYNC_MODES = ("NORMAL", "FULL", "EXTRA")
 # the flush of close(): it reports what the final batch could not write
@@ -564,6 +566,15 @@ class _BaseStore:
                                 "(sender, cid, body, ts_ms, device_keys)")
             rows.append(self._check_put(*item))
         return rows
+
+    def _check_tails(self, items) -> list[tuple]:
+        """``put_tails``' flat ``device_keys, tail`` pairs, each read and
+        checked as a ``put_many`` item is: the checked items."""
+        items = _check_seq(items, "items")
+        if len(items) % 2:
+            raise InvalidArgument("items hold device keys, tail for each message")
+        return [self._check_put(*tail_fields(tail), devs)
+                for devs, tail in zip(items[0::2], items[1::2])]
 
     @staticmethod
     def _check_mids(mids) -> list[int]:
@@ -871,6 +882,38 @@ class SqliteStore(_BaseStore):
         self._submit(_PUT_MANY, rows, fut)
         return fut
 
+    def put_tails(self, items: Sequence, *,
+                  validate: bool = True) -> asyncio.Future[list[int]]:
+        """Queue messages given as their DELIVER tails; the future gives their
+        mids, in order, as :meth:`put_many`'s does.
+
+        ``items`` is flat, ``device_keys, tail`` a message: ``tail`` the packed
+        DELIVER fields after the mid (:func:`fastroute.wire.deliver_tail`),
+        which hold the sender, id, body and ``ts_ms`` it is stored with.  The
+        relay routes each stored message as that tail: handed over as it is,
+        the writer reads the fields in place, and the loop makes no item of
+        them.  ``validate=True`` reads each tail and checks it as
+        :meth:`put_many` checks an item (one bad: raises, nothing queued).
+        ``validate=False`` takes them as given (the relay's hot path): a tail
+        that is not one fails this future, not the store.
+        """
+        self._check_open()
+        fut = self._loop.create_future()
+        if validate:
+            rows = self._check_tails(items)
+            if rows:
+                self._submit(_PUT_MANY, rows, fut)
+            else:
+                fut.set_result([])
+            return fut
+        if not items:
+            fut.set_result([])
+            return fut
+        # a tuple: its own copy (the caller may reuse its list), and how the
+        # writer tells it from a put_many's list of items
+        self._submit(_PUT_TAILS, tuple(items), fut)
+        return fut
+
     def ack(self, device_key: int, mids: Sequence[int], *, validate: bool = True) -> None:
         """Record that ``device_key`` received ``mids`` (fire-and-forget).
 
@@ -1163,8 +1206,14 @@ class SqliteStore(_BaseStore):
         deadline = None  # when the batch goes, whatever else comes
         while True:
             kind, arg, fut = batch[-1]
-            if kind == _PUT_MANY or kind == _PUT:
-                n += len(arg) if kind == _PUT_MANY else 1
+            if kind == _PUT_MANY:
+                n += len(arg)
+                puts += 1
+            elif kind == _PUT_TAILS:
+                n += len(arg) // 2
+                puts += 1
+            elif kind == _PUT:
+                n += 1
                 puts += 1
             else:
                 n += 1
@@ -1217,6 +1266,10 @@ class SqliteStore(_BaseStore):
                 # a range: the loop's thread makes the list (see _settle_all)
                 done.append((fut, range(mid, mid + len(arg))))
                 mid += len(arg)
+            elif kind == _PUT_TAILS:
+                puts.append(arg)  # a tuple: sql_rows reads each tail in place
+                done.append((fut, range(mid, mid + len(arg) // 2)))
+                mid += len(arg) // 2
             elif kind == _PUT:
                 puts.append([arg])
                 done.append((fut, mid))
@@ -1351,7 +1404,7 @@ class SqliteStore(_BaseStore):
                 for whole, some in zip(rows, part):
                     whole += some
                 kept.append(entry)
-            first += len(items)
+            first += len(items) // 2 if type(items) is tuple else len(items)
         done[:] = kept
         return rows
 
@@ -1884,8 +1937,12 @@ def _spack_rows(conn: sqlite3.Connection, wanted: list[tuple[int, int]]) -> list
 def py_sql_rows(puts: list, mid: int, ttl_ms: int) -> tuple[list, list, list, list]:
     """The SQLite store's put loop: the rows of one transaction's new messages.
 
-    ``puts``: lists of items ``(sender, cid, body, ts_ms, device_keys)``, whose
-    mids run from ``mid`` on in order; a message expires at ``ts_ms + ttl_ms``.
+    ``puts``: the batch's put requests, whose messages' mids run from ``mid``
+    on in order: lists of items ``(sender, cid, body, ts_ms, device_keys)``
+    (:meth:`SqliteStore.put_many`), and tuples flat ``device_keys, tail``
+    a message, its DELIVER tail (:meth:`SqliteStore.put_tails`: the fields
+    are read from the tail, :func:`fastroute.wire.tail_fields`).  A message
+    expires at ``ts_ms + ttl_ms``.
     Returns four flat lists (the rows go to SQLite many per statement):
 
     * ``spacks`` rows (first, last, n, nbytes, exp_ms, mids, lens, exps,
@@ -1916,6 +1973,13 @@ def py_sql_rows(puts: list, mid: int, ttl_ms: int) -> tuple[list, list, list, li
     block_mids = array.array("q")
     counts = array.array("i")
     for items in puts:
+        if type(items) is tuple:
+            if len(items) % 2:
+                raise InvalidArgument("a put of tails holds device keys, tail a message")
+            # read as the loop goes (a bad tail fails where the compiled twin's does)
+            items = ((*tail_fields(tail), devs) for devs, tail in zip(items[0::2], items[1::2]))
+        elif type(items) is not list:
+            raise WrongType("puts is a list of lists of items and tuples of tails")
         for sender, cid, body, ts, devs in items:
             if (type(sender) is not str or type(cid) is not bytes or type(body) is not bytes
                     or type(ts) is not int):
@@ -2720,6 +2784,27 @@ class MemoryStore(_BaseStore):
             mids = self._store_trusted(items)
         fut = self._loop.create_future()
         fut.set_result(mids)
+        return fut
+
+    def put_tails(self, items: Sequence, *,
+                  validate: bool = True) -> asyncio.Future[list[int]]:
+        """Store messages given as their DELIVER tails (flat ``device_keys,
+        tail`` a message, as :meth:`SqliteStore.put_tails`); the returned
+        future is already resolved.  Kept as routes, as :meth:`put_now` keeps
+        them."""
+        self._check_open()
+        fut = self._loop.create_future()
+        if validate:
+            fut.set_result(self._store_trusted(self._check_tails(items)))
+            return fut
+        if len(items) % 2:
+            raise InvalidArgument("items hold device keys, tail for each message")
+        first = self._next_mid
+        routes: list = []
+        for k in range(0, len(items), 2):
+            routes += (items[k], (first + k // 2, items[k + 1]))
+        n = self.put_now(routes, first)
+        fut.set_result(list(range(first, first + n)))
         return fut
 
     def next_mid(self) -> int | None:

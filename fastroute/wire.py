@@ -1763,6 +1763,28 @@ def py_tail_fields(tail: bytes) -> tuple[str, bytes, bytes, int]:
     return sender, cid, body, ts
 
 
+def tail_body_size(tail: bytes) -> int:
+    """The length of the body in a DELIVER tail (:func:`py_deliver_tail`), from
+    its headers alone (the relay's caps count stored bytes by it, without a
+    copy of the body)."""
+    b = tail[0]
+    if 0xa0 <= b <= 0xbf:  # fixstr, str8, str16, str32: the sender
+        k = 1 + (b & 0x1F)
+    elif 0xd9 <= b <= 0xdb:
+        w = 1 << (b - 0xd9)
+        k = 1 + w + int.from_bytes(tail[1:1 + w], "big")
+    else:
+        raise InvalidArgument("a DELIVER tail starts with its sender (a str)")
+    if tail[k:k + 2] != _ID_HEAD:
+        raise InvalidArgument("a DELIVER tail's id is a bin of 16")
+    k += 2 + ID_LEN
+    b = tail[k] if k < len(tail) else 0
+    if not 0xc4 <= b <= 0xc6:  # bin8, bin16, bin32: the body
+        raise InvalidArgument("a DELIVER tail's body is a bin")
+    w = 1 << (b - 0xc4)
+    return int.from_bytes(tail[k + 1:k + 1 + w], "big")
+
+
 def py_sack_ok_op(cid: bytes) -> bytes:
     """The packed SACK ``[17, cid, 0]`` for a 16-byte id."""
     if type(cid) is not bytes or len(cid) != ID_LEN:

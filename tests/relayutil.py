@@ -59,10 +59,11 @@ class World:
 
 
 @contextlib.asynccontextmanager
-async def world(tmp_path, setup=None, **cfg_kw):
+async def world(tmp_path, setup=None, embedded_store=None, **cfg_kw):
     """Start a relay (SQLite store in ``tmp_path``) with providers home and acme.
 
     ``setup(registry, keys)``, if given, runs on the registry before the relay starts.
+    ``embedded_store``: a store object the relay is given instead (an embedder's).
     """
     data_dir = str(tmp_path / "relay")
     os.makedirs(data_dir, exist_ok=True)
@@ -75,7 +76,7 @@ async def world(tmp_path, setup=None, **cfg_kw):
     cfg_kw.setdefault("registry_poll_s", 0.05)
     # most tests exchange messages across providers; opt-in has tests of its own
     cfg_kw.setdefault("require_consent", False)
-    relay = Relay(RelayConfig(port=0, data_dir=data_dir, **cfg_kw))
+    relay = Relay(RelayConfig(port=0, data_dir=data_dir, **cfg_kw), store=embedded_store)
     await relay.start()
     w = World(relay, data_dir, keys)
     try:

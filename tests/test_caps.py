@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import time
 
+import msgpack
 import pytest
 
+from fastroute import wire
 from fastroute.errors import ErrorCode, RecipientFull
 from fastroute.relay.caps import Caps
 from relayutil import LOOPS, recv_n, run, world
@@ -67,6 +69,28 @@ def test_caps_per_address_count_every_device_and_reload_from_the_store():
     assert bytes_cap.full == {"bob@x"}
     bytes_cap.stored([("a@x", b"i" * 16, b"x" * 10, 0, [1])], -1)  # refused by the store
     assert bytes_cap.full == set()
+
+
+def test_caps_count_a_put_of_tails_as_its_items():
+    # the gate hands the store DELIVER tails (put_tails): counted by the body
+    # each tail holds, as the same message as an item
+    items = [("a@x", bytes([i]) * 16, b"x" * size, 0, devs)
+             for i, (size, devs) in enumerate([(0, [1]), (255, [1, 2]), (256, [2]),
+                                               (70_000, [1]), (5, [3])])]
+    tails: list = []
+    for sender, cid, body, ts, devs in items:
+        tails += (devs, wire.deliver_tail(msgpack.packb(sender), cid, body, wire.ts_packed(ts), 0))
+    by_item, by_tail = Caps((0, 0, 0, 0)), Caps((0, 0, 0, 0))
+    for caps in (by_item, by_tail):
+        caps.enabled = True  # counting, no cap
+        caps.device(1, "bob@x")
+        caps.device(2, "bob@x")
+    by_item.stored(items)
+    by_tail.stored_tails(tails)
+    assert by_tail._dev == by_item._dev == {1: [3, 70_255], 2: [2, 511], 3: [1, 5]}
+    assert by_tail._addr == by_item._addr == {"bob@x": [5, 70_766]}
+    by_tail.stored_tails(tails, -1)  # refused by the store
+    assert by_tail._addr == {"bob@x": [0, 0]}
 
 
 @pytest.mark.parametrize("loop", LOOPS[:1])

@@ -186,6 +186,8 @@ def test_tail_fields_read_back_what_deliver_tail_packed(size, sender):
         # the stamp in any uint width msgpack has
         short = wire.py_deliver_tail(msgpack.packb(sender), MID, body, msgpack.packb(ts), cls)
         assert _same(*_both(wire.py_tail_fields), short) == (sender, MID, body, ts)
+        # what the caps count a stored tail by, from its headers alone
+        assert wire.tail_body_size(tail) == wire.tail_body_size(short) == size
 
 
 def test_tail_fields_refuse_what_is_not_a_deliver_tail():
@@ -205,6 +207,13 @@ def test_tail_fields_refuse_what_is_not_a_deliver_tail():
     ]
     for tail in bad:
         assert isinstance(_same(*_both(wire.py_tail_fields), tail), InvalidArgument), tail
+    # the body's size is read past a sender and an id that are headers of
+    # their kind, up to the body's own header
+    for tail in (b"\x01" + good[len(sp):], msgpack.packb(b"alice") + good[len(sp):],
+                 sp + msgpack.packb("x" * 16) + good[len(sp) + 18:], good[:len(sp) + 18],
+                 good[:len(sp) + 18] + msgpack.packb("body") + good[-10:]):
+        with pytest.raises(InvalidArgument):
+            wire.tail_body_size(tail)
     for tail in (None, bytearray(good), "text"):
         assert isinstance(_same(*_both(wire.py_tail_fields), tail), WrongType)
 
@@ -1053,7 +1062,12 @@ def test_accept_sends_twins(require_consent, tokens, taps, first_mid, as_run):
         assert len(sacks) == 2 and all(wire.sack_op(ids[i], 0) in out for i in want)
     elif tokens == (1000.0, 1e9):
         want = [0, 5, 9] if require_consent else [0, 3, 5, 9]
-        assert [it[1] for it in store_items] == [ids[i] for i in want]
+        # for put_tails: each message's device keys, then its DELIVER tail,
+        # the very object routed (meta's), which holds what the store keeps
+        assert store_items[0::2] == [state["known"][sends[i][2]] for i in want]
+        assert all(t is m for t, m in zip(store_items[1::2], meta[1::3], strict=True))
+        assert [wire.py_tail_fields(t) for t in store_items[1::2]] == [
+            ("alice@example.org", ids[i], sends[i][3], TS) for i in want]
         assert meta[0::3] == [sends[i][2] for i in want]  # flat: to, tail, id
         assert ephemeral[0::2] == ["dave@other.net", ADDR, ADDR]  # flat: to, payload
         # a signal's payload is its DELIVER tail alone (mid 0, no tuple)
@@ -1108,7 +1122,7 @@ def test_accept_sends_twins_blocks_answer_as_unknown(require_consent, as_run):
                                  as_run),
                 sends, state)
     (ephemeral, _, _), out, counted, _, store_items, meta, _ = got
-    assert [it[1] for it in store_items] == [ids[0], ids[6]]
+    assert [wire.py_tail_fields(t)[1] for t in store_items[1::2]] == [ids[0], ids[6]]
     assert ephemeral[0::2] == ["dave@other.net"]
     other = ErrorCode.CONSENT_REQUIRED if require_consent else ErrorCode.UNKNOWN_RECIPIENT
     assert counted == [ErrorCode.UNKNOWN_RECIPIENT, ErrorCode.UNKNOWN_RECIPIENT, other, other,
@@ -1793,6 +1807,61 @@ def test_sql_rows_twins():
         for mid, (sender, cid, body, ts, devs) in zip(range(first, first + len(items)), items):
             # a device named twice in one message holds it once
             assert seen[mid] == (sorted(set(devs)), (sender, cid, body, ts, ts + ttl))
+
+
+def _as_tails(items: list, cls: int = 0) -> tuple | None:
+    """A put request's items as ``put_tails`` hands them to the writer, flat
+    device keys, DELIVER tail a message (None: an item with a stamp below 0,
+    which no tail carries)."""
+    if any(ts < 0 for _, _, _, ts, _ in items):
+        return None
+    flat: list = []
+    for sender, cid, body, ts, devs in items:
+        flat += (devs, wire.py_deliver_tail(msgpack.packb(sender), cid, body,
+                                            wire.ts_packed(ts), cls))
+    return tuple(flat)
+
+
+def test_sql_rows_lays_out_a_put_of_tails_as_its_items():
+    # put_tails' requests (tuples of device keys and tails) among put_many's
+    # (lists of items): both twins give the rows of the same messages as items
+    rng = random.Random(12)
+    mixed = 0
+    for trial in range(200):
+        puts = _sql_puts(rng)
+        some = [t if rng.random() < 0.7 and (t := _as_tails(items, rng.randrange(2))) is not None
+                else items for items in puts]
+        mixed += len({type(p) for p in some}) == 2
+        first = rng.choice([1, 300, 2**31, 2**40])
+        ttl = rng.choice([0, 1000, 30 * 86400 * 1000])
+        want = store.py_sql_rows(puts, first, ttl)
+        assert store.py_sql_rows(some, first, ttl) == want, trial
+        if _core is not None:
+            assert _core.sql_rows(some, first, ttl) == want, trial
+    assert mixed > 15  # trials that mixed both kinds in one transaction
+
+
+_TAIL = wire.py_deliver_tail(msgpack.packb("a@x"), MID, b"body", wire.ts_packed(5), 0)
+# another sender of the same length, whose bytes are not UTF-8
+_BAD_UTF8 = wire.py_deliver_tail(b"\xa3a\xff\xfe", MID, b"body", wire.ts_packed(5), 0)
+
+
+@pytest.mark.parametrize("bad, error", [
+    (((1,),), InvalidArgument),                          # keys without a tail
+    (((1,), bytearray(_TAIL)), WrongType),
+    (((1,), _TAIL[:-1]), InvalidArgument),               # cut
+    (((1,), _TAIL + b"\x00"), InvalidArgument),          # something after it
+    (((1,), b"\x01" + _TAIL[4:]), InvalidArgument),      # no sender
+    (((1,), _TAIL, (1,), _BAD_UTF8), InvalidArgument),    # after a good one of its length
+    (((), _TAIL), InvalidArgument),                      # nobody to deliver it to
+    ({(1,), _TAIL}, WrongType),                          # neither a list nor a tuple
+])
+def test_sql_rows_twins_refuse_the_same_tails(bad, error):
+    puts = [[("a@x", MID, b"ok", 1, (1,))], bad]
+    for fn in (store.py_sql_rows, _core and _core.sql_rows):
+        if fn is not None:
+            with pytest.raises(error):
+                fn(puts, 1, 1000)
 
 
 @pytest.mark.skipif(_core is None, reason="the drafts' buffer pool is the compiled core's")
@@ -3356,7 +3425,8 @@ def test_accept_sends_twins_across_prefetch_batches(max_entries):
     assert gates[0] == gates[1]
     (first, second), _ = gates[0]
     assert second[0] == "raised" and len(second[1]) > 0  # the ids before it were answered
-    taken = len(first[2]) + len(first[0]) // 2  # the ephemeral ones are flat pairs
+    # stored and ephemeral ones alike are flat pairs
+    taken = len(first[2]) // 2 + len(first[0]) // 2
     # a full window forgot decided ids, which are then taken anew
     assert taken == 45 if max_entries == 1000 else taken > 45
 
@@ -3377,7 +3447,8 @@ def test_accept_sends_refuses_a_cut_send():
         assert out == [] and len(table) == 0
         items: list = []
         assert fn(gate, lg, sends[:4], 100.0, TS, TS_PACKED, items, []) is None
-        assert [i[:3] for i in items] == [("alice@example.org", MID, b"x")]
+        assert [wire.py_tail_fields(t)[:3] for t in items[1::2]] == [
+            ("alice@example.org", MID, b"x")]
 
 
 @needs_c

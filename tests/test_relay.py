@@ -31,6 +31,7 @@ from fastroute.errors import (
 )
 from fastroute.identity import ProviderKey, Registry
 from fastroute.noise import KeyPair
+from fastroute.store import SqliteStore
 from relayutil import LOOPS, nothing_arrives, recv_n, run, world
 
 pytestmark = pytest.mark.parametrize("loop", LOOPS)
@@ -221,6 +222,46 @@ def _counting_put_now(store, fail: int = 0) -> list:
         return real(items, first_mid)
     store.put_now = put_now
     return sizes
+
+
+class _ItemsOnly:
+    """An embedder's store that offers the Store protocol's calls but neither
+    ``put_tails`` nor ``put_now``: a SQLite store behind it, counting puts."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.put_manys = 0
+
+    def put_many(self, items, *, validate=True):
+        self.put_manys += 1
+        assert all(type(item) is tuple and len(item) == 5 for item in items)
+        return self.inner.put_many(items, validate=validate)
+
+    def __getattr__(self, name):
+        if name in ("put_tails", "put_now", "next_mid"):
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
+def test_a_store_without_put_tails_is_given_the_sends_as_items(loop, tmp_path):
+    # the gate hands a store its SENDs as DELIVER tails (put_tails); an
+    # embedder's store that has only the protocol's put_many gets them as items
+    async def main():
+        inner = await SqliteStore.open(str(tmp_path / "embedded.db"))
+        store = _ItemsOnly(inner)
+        try:
+            async with world(tmp_path, embedded_store=store) as w:
+                alice = await w.connect("alice@home")
+                bob = await w.connect("bob@acme")
+                await bob.close()  # offline: his messages wait in the store
+                for i in range(3):
+                    await alice.send("bob@acme", b"m%d" % i)
+                assert store.put_manys >= 3 and await inner.count_pending() == 3
+                bob = await w.connect("bob@acme")
+                assert [m.body for m in await recv_n(bob, 3)] == [b"m0", b"m1", b"m2"]
+        finally:
+            await inner.close()
+    run(loop, main())
 
 
 @pytest.mark.parametrize("store", ["sqlite", "memory"])

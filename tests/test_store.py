@@ -227,6 +227,83 @@ def _routes(first: int, bodies: list, devs: list, sender: str = "s@p", ts: int =
     return out
 
 
+def _tails(items: list) -> list:
+    """``put_tails``' flat ``device_keys, DELIVER tail`` for put_many items."""
+    out: list = []
+    for sender, cid, body, ts, devs in items:
+        out += (devs, wire.deliver_tail(msgpack.packb(sender), cid, body, wire.ts_packed(ts), 0))
+    return out
+
+
+@pytest.mark.parametrize("validate", [True, False])
+def test_put_tails_stores_what_put_many_stores(run, opener, validate):
+    # the relay's SEND path hands the store each message as the DELIVER tail
+    # it routes: stored, loaded and acked as the same message as an item
+    async def main():
+        async with await opener() as store:
+            a = store.register_device("a@p", "1")
+            b = store.register_device("b@p", "1")
+            items = [("s@p", bytes([i]) * 16, b"x" * (i * 37 % 300), T0 + i, [(a,), (a, b)][i % 2])
+                     for i in range(40)]
+            assert await store.put_tails([], validate=validate) == []
+            by_tail = await store.put_tails(_tails(items[:20]), validate=validate)
+            by_item = await store.put_many(items[20:], validate=validate)
+            mids = by_tail + by_item
+            assert type(by_tail) is list and mids == list(range(mids[0], mids[0] + 40))
+            rows = await store.load(a, 0, 100)
+            assert rows == [(m, *it[:4]) for m, it in zip(mids, items)]
+            assert await store.load(b, 0, 100) == rows[1::2]
+            store.ack(a, mids)
+            store.ack(b, mids[1::2])
+            await store.flush()
+            assert await store.count_pending() == 0
+    run(main())
+
+
+def test_put_tails_checks_its_tails_as_put_many_checks_items(run, opener):
+    async def main():
+        async with await opener() as store:
+            a = store.register_device("a@p", "1")
+            good = _tails([("s@p", CID, b"ok", T0, (a,))])
+            for bad, error in ((good + [(a,)], InvalidArgument),        # keys without a tail
+                               ([(a,), good[1][:-1]], InvalidArgument),  # a cut tail
+                               ([(a,), bytearray(good[1])], WrongType),
+                               ([(a + 1,), good[1]], UnknownDevice),
+                               ([(), good[1]], InvalidArgument),
+                               ([a, good[1]], WrongType)):
+                with pytest.raises(error):
+                    store.put_tails(good + bad)  # one bad: nothing queued
+            assert await store.count_pending() == 0
+    run(main())
+
+
+def test_sqlite_a_bad_trusted_tail_fails_its_own_put_only(run, db):
+    # as a bad trusted item: its request fails, its mids stay unused, and the
+    # requests that share its transaction land
+    async def main():
+        async with await SqliteStore.open(db) as store:
+            dev = store.register_device("a@p", "1")
+            await store.flush()
+            with write_locked(db):
+                first = store.put_tails(_tails([("s@p", CID, b"0", T0, (dev,))]),
+                                        validate=False)
+                await writer_holds_its_batch(store)
+                good = store.put_tails(_tails([("s@p", CID, b"1", T0, (dev,))] * 3),
+                                       validate=False)
+                cut = _tails([("s@p", CID, b"2", T0, (dev,))] * 2)
+                cut[3] = cut[3][:-1]
+                bad = store.put_tails(cut, validate=False)
+                items = store.put_many([("s@p", CID, b"3", T0, (dev,))], validate=False)
+                assert store._queue.qsize() == 3
+            (m0,), mids = await first, await good
+            with pytest.raises(InvalidArgument):
+                await bad
+            assert await items == [mids[-1] + 3] and mids == [m0 + 1, m0 + 2, m0 + 3]
+            assert store.failed_batches == 0
+            assert [r[3] for r in await store.load(dev, 0, 10)] == [b"0", b"1", b"1", b"1", b"3"]
+    run(main())
+
+
 def test_memory_store_puts_a_batch_at_once_from_the_mid_it_named(run):
     async def main():
         store = await MemoryStore.open()

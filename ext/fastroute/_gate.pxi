@@ -232,9 +232,10 @@ def accept_sends(SendGate gate not None, LinkGate lg not None, object sends, obj
     in ``lg.out``; duplicates of a pending one are queued on its entry as
     ``(lg.link, id)`` (:meth:`DedupTable.wait`).  A refusal is counted with
     ``gate.count_error`` and answered with ``gate.sack_op(id, code)``; it is
-    not remembered.  Accepted persistent messages get a PENDING entry and one
-    item in ``store_items`` (``(sender, id, body, ts_ms, device_keys)``) and
-    three entries in ``meta``, ``to, tail, id`` (flat: no tuple a message);
+    not remembered.  Accepted persistent messages get a PENDING entry, two
+    entries in ``store_items``, ``device_keys, tail`` (what a store's
+    ``put_tails`` takes: the tail holds the sender, id, body and ``ts_ms``),
+    and three in ``meta``, ``to, tail, id`` (flat: no tuple a message);
     accepted ephemeral ones are acked at once and recorded with code 0.
 
     With ``first_mid`` (an int: the store takes the batch at once and gives
@@ -431,9 +432,11 @@ def accept_sends(SendGate gate not None, LinkGate lg not None, object sends, obj
                 else:
                     if cid is None:
                         cid = PyBytes_FromStringAndSize(cidp, 16)
-                        body = PyBytes_FromStringAndSize(bodyp, size)
                     dedup.c_record_p(sender, cidp, h, DEDUP_PENDING, tnow, slot, at)
-                    store_items.append((sender, cid, body, now_ms, devs))
+                    # the store reads the message from its tail (put_tails):
+                    # no item, no body of its own
+                    store_items.append(devs)
+                    store_items.append(tail)
                     meta.append(to)
                     meta.append(tail)
                     meta.append(cid)

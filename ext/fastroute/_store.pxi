@@ -619,11 +619,21 @@ cdef int draft_append(PackDraft* d, long long mid, object sender, object cid, ob
                       long long ts_v, long long exp) except -1:
     """Append the entry (mid, sender, cid, body, ts_ms, exp_ms) to ``d`` as
     msgpack packs it."""
-    cdef Py_ssize_t ulen, clen, blen, k
+    cdef Py_ssize_t ulen
     cdef const char* utf8 = PyUnicode_AsUTF8AndSize(sender, &ulen)
+    return draft_put(d, mid, <const unsigned char*>utf8, ulen,
+                     <const unsigned char*>PyBytes_AS_STRING(cid), PyBytes_GET_SIZE(cid),
+                     <const unsigned char*>PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body),
+                     ts_v, exp)
+
+
+cdef int draft_put(PackDraft* d, long long mid, const unsigned char* utf8, Py_ssize_t ulen,
+                   const unsigned char* cid, Py_ssize_t clen, const unsigned char* body,
+                   Py_ssize_t blen, long long ts_v, long long exp) except -1:
+    """:func:`draft_append` from the fields' bytes (an item's objects, or a
+    DELIVER tail read in place by :func:`tail_span`)."""
+    cdef Py_ssize_t k
     cdef unsigned char* p
-    clen = PyBytes_GET_SIZE(cid)
-    blen = PyBytes_GET_SIZE(body)
     draft_reserve(d, 1 + int_len(mid) + str_header_len(ulen) + ulen
                   + bin_header_len(clen) + clen + bin_header_len(blen) + blen
                   + int_len(ts_v) + int_len(exp))
@@ -635,10 +645,10 @@ cdef int draft_append(PackDraft* d, long long mid, object sender, object cid, ob
     memcpy(p + k, utf8, ulen)
     k += ulen
     k += bin_header(p + k, clen)
-    memcpy(p + k, PyBytes_AS_STRING(cid), clen)
+    memcpy(p + k, cid, clen)
     k += clen
     k += bin_header(p + k, blen)
-    memcpy(p + k, PyBytes_AS_STRING(body), blen)
+    memcpy(p + k, body, blen)
     k += blen
     k += put_int(p + k, ts_v)
     k += put_int(p + k, exp)
@@ -670,19 +680,25 @@ def sql_rows(list puts, long long mid, long long ttl_ms):
     cdef dict index = {}            # device key -> draft number
     cdef PackDraft* drafts = NULL
     cdef PackDraft* d
-    cdef Py_ssize_t ndrafts = 0, cap = 0, i = -1, j, ndevs
+    cdef Py_ssize_t ndrafts = 0, cap = 0, i = -1, j, ndevs, blen, count
     cdef object items, dv, key, last_devs = None
     # an item's fields are read through borrowed pointers: the loop's thread
     # made them and frees them, and a reference count written here would
     # move each one's cache line to this thread and back
     cdef PyObject* item
-    cdef PyObject* sender
-    cdef PyObject* cid
-    cdef PyObject* body
+    cdef PyObject* sender = NULL  # NULLs: a put of tails sets none of them
+    cdef PyObject* cid = NULL
+    cdef PyObject* body = NULL
     cdef PyObject* devs
     cdef PyObject* found
     cdef long long ts_v, exp
     cdef int overflow = 0
+    cdef bint tails
+    # a put_tails request's message, read in place from its DELIVER tail;
+    # its sender's UTF-8 checked once for a run of one sender's tails
+    cdef TailSpan span
+    cdef const unsigned char* utf8_ok = NULL
+    cdef Py_ssize_t utf8_ok_len = -1
     cdef void* grown
     cdef tuple cols
     # the shared messages: one spack a set of device keys, the block
@@ -698,23 +714,44 @@ def sql_rows(list puts, long long mid, long long ttl_ms):
     cdef int32_t* sizes = NULL
     try:
         for items in puts:
-            if not PyList_CheckExact(items):
-                raise WrongType("puts is a list of lists of items")
-            for j in range(PyList_GET_SIZE(items)):
-                item = PyList_GET_ITEM(items, j)
-                if not PyTuple_CheckExact(<object>item) or PyTuple_GET_SIZE(<object>item) != 5:
-                    raise WrongType("a put item is a tuple (sender, cid, body, ts_ms, "
-                                    "device keys)")
-                sender = PyTuple_GET_ITEM(<object>item, 0)
-                cid = PyTuple_GET_ITEM(<object>item, 1)
-                body = PyTuple_GET_ITEM(<object>item, 2)
-                devs = PyTuple_GET_ITEM(<object>item, 4)
-                if not (PyUnicode_CheckExact(<object>sender) and PyBytes_CheckExact(<object>cid)
-                        and PyBytes_CheckExact(<object>body)
-                        and PyLong_CheckExact(<object>PyTuple_GET_ITEM(<object>item, 3))):
-                    raise WrongType("a put item is (str, bytes, bytes, int, device keys)")
-                ts_v = PyLong_AsLongLongAndOverflow(<object>PyTuple_GET_ITEM(<object>item, 3),
-                                                    &overflow)
+            if PyList_CheckExact(items):
+                tails = False
+                count = PyList_GET_SIZE(items)
+            elif PyTuple_CheckExact(items):
+                tails = True
+                if PyTuple_GET_SIZE(items) % 2:
+                    raise InvalidArgument("a put of tails holds device keys, tail a message")
+                count = PyTuple_GET_SIZE(items) // 2
+            else:
+                raise WrongType("puts is a list of lists of items and tuples of tails")
+            for j in range(count):
+                if tails:
+                    devs = PyTuple_GET_ITEM(<object>items, 2 * j)
+                    tail_span(<object>PyTuple_GET_ITEM(<object>items, 2 * j + 1), &span)
+                    if span.sender_len != utf8_ok_len or memcmp(
+                            span.sender, utf8_ok, <size_t>utf8_ok_len) != 0:
+                        check_utf8(span.sender, span.sender_len)
+                        utf8_ok = span.sender
+                        utf8_ok_len = span.sender_len
+                    ts_v = span.ts
+                    blen = span.body_len
+                else:
+                    item = PyList_GET_ITEM(items, j)
+                    if not PyTuple_CheckExact(<object>item) or PyTuple_GET_SIZE(<object>item) != 5:
+                        raise WrongType("a put item is a tuple (sender, cid, body, ts_ms, "
+                                        "device keys)")
+                    sender = PyTuple_GET_ITEM(<object>item, 0)
+                    cid = PyTuple_GET_ITEM(<object>item, 1)
+                    body = PyTuple_GET_ITEM(<object>item, 2)
+                    devs = PyTuple_GET_ITEM(<object>item, 4)
+                    if not (PyUnicode_CheckExact(<object>sender)
+                            and PyBytes_CheckExact(<object>cid)
+                            and PyBytes_CheckExact(<object>body)
+                            and PyLong_CheckExact(<object>PyTuple_GET_ITEM(<object>item, 3))):
+                        raise WrongType("a put item is (str, bytes, bytes, int, device keys)")
+                    ts_v = PyLong_AsLongLongAndOverflow(
+                        <object>PyTuple_GET_ITEM(<object>item, 3), &overflow)
+                    blen = PyBytes_GET_SIZE(<object>body)
                 if overflow or ts_v > INT64_MAX - ttl_ms:
                     raise OverflowError("ts_ms + ttl does not fit 64 bits")
                 exp = ts_v + ttl_ms
@@ -740,8 +777,12 @@ def sql_rows(list puts, long long mid, long long ttl_ms):
                             index[key] = i
                             keys.append(key)
                         last_devs = <object>devs
-                    draft_append(&drafts[i], mid, <object>sender, <object>cid, <object>body,
-                                 ts_v, exp)
+                    if tails:
+                        draft_put(&drafts[i], mid, span.sender, span.sender_len, span.cid, 16,
+                                  span.body, blen, ts_v, exp)
+                    else:
+                        draft_append(&drafts[i], mid, <object>sender, <object>cid,
+                                     <object>body, ts_v, exp)
                 elif ndevs == 0:
                     # nobody would ack it: it would sit on disk until it expires
                     raise InvalidArgument("device_keys must not be empty")
@@ -777,10 +818,14 @@ def sql_rows(list puts, long long mid, long long ttl_ms):
                                sizeof(int32_t))
                     grow_array(<void**>&sp.exps, &sp.exps_cap, <Py_ssize_t>sp.pack.n,
                                sizeof(int64_t))
-                    sp.lens[sp.pack.n] = <int32_t>PyBytes_GET_SIZE(<object>body)
+                    sp.lens[sp.pack.n] = <int32_t>blen
                     sp.exps[sp.pack.n] = exp
-                    draft_append(&sp.pack, mid, <object>sender, <object>cid, <object>body,
-                                 ts_v, exp)
+                    if tails:
+                        draft_put(&sp.pack, mid, span.sender, span.sender_len, span.cid, 16,
+                                  span.body, blen, ts_v, exp)
+                    else:
+                        draft_append(&sp.pack, mid, <object>sender, <object>cid,
+                                     <object>body, ts_v, exp)
                     grow_array(<void**>&block_mids, &bcap, nblock, sizeof(int64_t))
                     grow_array(<void**>&block_counts, &ccap, nblock, sizeof(int32_t))
                     block_mids[nblock] = mid

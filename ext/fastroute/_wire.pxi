@@ -760,52 +760,87 @@ cdef inline int take_uint(Cursor* c, unsigned long long* out) noexcept:
     return 0
 
 
-cdef tuple c_tail_fields(object tail, object mid=None, list senders=None):
-    """:func:`tail_fields` for C callers; with ``mid`` (not None) the row
-    ``(mid, from, id, body, ts_ms)`` instead.  ``senders`` (a list of one, the
-    last sender read) lets a run of one sender's tails share its str."""
+cdef struct TailSpan:
+    # a DELIVER tail's fields, where they lie in its bytes (see tail_span)
+    const unsigned char* sender
+    Py_ssize_t sender_len
+    const unsigned char* cid       # 16 bytes
+    const unsigned char* body
+    Py_ssize_t body_len
+    long long ts
+
+
+cdef int tail_span(object tail, TailSpan* s) except -1:
+    """Read ``tail`` (a DELIVER tail) into ``s`` as strictly as
+    :func:`tail_fields` reads it, all but its sender's UTF-8, which the
+    caller checks (once for a run of one sender's tails, say)."""
     if not PyBytes_CheckExact(tail):
         raise WrongType("a DELIVER tail is bytes")
     cdef Cursor c
-    cdef Py_ssize_t k, have
+    cdef Py_ssize_t k
     cdef unsigned long long ts, cls
-    cdef object sender = None, cid, body, last
-    cdef const char* last_p
     c.p = <const unsigned char*>PyBytes_AS_STRING(tail)
     c.end = c.p + PyBytes_GET_SIZE(tail)
     k = take_len(&c, 0xd9, 0xa0, 31)
     if k < 0 or c.end - c.p < k:
         raise InvalidArgument("a DELIVER tail starts with its sender (a str)")
-    if senders is not None and PyList_GET_SIZE(senders) == 1:
-        last = <object>PyList_GET_ITEM(senders, 0)
-        if PyUnicode_CheckExact(last):
-            last_p = PyUnicode_AsUTF8AndSize(last, &have)
-            if have == k and memcmp(last_p, c.p, <size_t>k) == 0:
-                sender = last
-    if sender is None:
-        try:
-            sender = PyUnicode_DecodeUTF8(<const char*>c.p, k, NULL)
-        except UnicodeDecodeError:
-            raise InvalidArgument("a DELIVER tail's sender is UTF-8") from None
-        if senders is not None and PyList_GET_SIZE(senders) == 1:
-            senders[0] = sender
+    s.sender = c.p
+    s.sender_len = k
     c.p += k
     k = take_len(&c, 0xc4, 0, 0)
     if k != 16 or c.end - c.p < k:
         raise InvalidArgument("a DELIVER tail's id is a bin of 16")
-    cid = PyBytes_FromStringAndSize(<const char*>c.p, 16)
+    s.cid = c.p
     c.p += 16
     k = take_len(&c, 0xc4, 0, 0)
     if k < 0 or c.end - c.p < k:
         raise InvalidArgument("a DELIVER tail's body is a bin")
-    body = PyBytes_FromStringAndSize(<const char*>c.p, k)
+    s.body = c.p
+    s.body_len = k
     c.p += k
     if (not take_uint(&c, &ts) or ts > <unsigned long long>INT64_MAX
             or not take_uint(&c, &cls) or cls > 1 or c.p != c.end):
         raise InvalidArgument("a DELIVER tail ends with ts_ms and cls (0 or 1)")
+    s.ts = <long long>ts
+    return 0
+
+
+cdef int check_utf8(const unsigned char* p, Py_ssize_t n) except -1:
+    """InvalidArgument unless ``p[:n]`` is UTF-8 (a DELIVER tail's sender)."""
+    try:
+        PyUnicode_DecodeUTF8(<const char*>p, n, NULL)
+    except UnicodeDecodeError:
+        raise InvalidArgument("a DELIVER tail's sender is UTF-8") from None
+    return 0
+
+
+cdef tuple c_tail_fields(object tail, object mid=None, list senders=None):
+    """:func:`tail_fields` for C callers; with ``mid`` (not None) the row
+    ``(mid, from, id, body, ts_ms)`` instead.  ``senders`` (a list of one, the
+    last sender read) lets a run of one sender's tails share its str."""
+    cdef TailSpan s
+    cdef Py_ssize_t have
+    cdef object sender = None, cid, body, last
+    cdef const char* last_p
+    tail_span(tail, &s)
+    if senders is not None and PyList_GET_SIZE(senders) == 1:
+        last = <object>PyList_GET_ITEM(senders, 0)
+        if PyUnicode_CheckExact(last):
+            last_p = PyUnicode_AsUTF8AndSize(last, &have)
+            if have == s.sender_len and memcmp(last_p, s.sender, <size_t>have) == 0:
+                sender = last
+    if sender is None:
+        try:
+            sender = PyUnicode_DecodeUTF8(<const char*>s.sender, s.sender_len, NULL)
+        except UnicodeDecodeError:
+            raise InvalidArgument("a DELIVER tail's sender is UTF-8") from None
+        if senders is not None and PyList_GET_SIZE(senders) == 1:
+            senders[0] = sender
+    cid = PyBytes_FromStringAndSize(<const char*>s.cid, 16)
+    body = PyBytes_FromStringAndSize(<const char*>s.body, s.body_len)
     if mid is not None:
-        return (mid, sender, cid, body, <long long>ts)
-    return (sender, cid, body, <long long>ts)
+        return (mid, sender, cid, body, s.ts)
+    return (sender, cid, body, s.ts)
 
 
 def tail_fields(tail):

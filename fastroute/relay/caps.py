@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..wire import tail_body_size
+
 __all__ = ["Caps"]
 
 
@@ -64,16 +66,27 @@ class Caps:
     def stored(self, items: list, sign: int = 1) -> None:
         """A batch of ``(sender, id, body, ts_ms, device_keys)`` went to the store
         (``sign`` -1: the store refused it)."""
-        if not self.enabled:
-            return
+        if self.enabled:
+            self._count([(len(item[2]), item[4]) for item in items], sign)
+
+    def stored_tails(self, items: list, sign: int = 1) -> None:
+        """A batch of flat ``device_keys, tail`` (a store's ``put_tails``) went
+        to the store (``sign`` -1: the store refused it)."""
+        if self.enabled:
+            self._count([(tail_body_size(tail), devs)
+                         for devs, tail in zip(items[0::2], items[1::2])], sign)
+
+    def _count(self, sized: list, sign: int) -> None:
+        """Count ``(body size, device keys)`` a stored message (``sign`` -1:
+        take them back)."""
         # per stored delivery, on the relay's hot path: plain dict and list
         # arithmetic, and a cap check only where a count grows
         dev, addr, addr_of, full = self._dev, self._addr, self._addr_of, self.full
         dm, db, am, ab = self.dev_msgs, self.dev_bytes, self.addr_msgs, self.addr_bytes
         shrunk = set()
-        for item in items:
-            size = len(item[2]) * sign
-            for dkey in item[4]:
+        for size, devs in sized:
+            size *= sign
+            for dkey in devs:
                 d = dev.get(dkey)
                 if d is None:
                     d = dev[dkey] = [0, 0]

@@ -630,15 +630,30 @@ class Delivery:
     # ---------------------------------------------------------- routing
     def persist(self, items: list) -> asyncio.Future:
         """Store accepted messages; :meth:`persisted` must follow when the future is done."""
-        fut = self.store.put_many(items, validate=False)
+        return self._putting(self.store.put_many(items, validate=False), items,
+                             self.caps.stored)
+
+    def persist_tails(self, items: list) -> asyncio.Future:
+        """Store accepted SENDs given as flat ``device_keys, tail`` (the gate's
+        DELIVER tails); :meth:`persisted` must follow when the future is done.
+        A store without ``put_tails`` gets them as ``put_many`` items."""
+        put_tails = getattr(self.store, "put_tails", None)
+        if put_tails is None:
+            return self.persist([(*wire.tail_fields(tail), devs)
+                                 for devs, tail in zip(items[0::2], items[1::2])])
+        return self._putting(put_tails(items, validate=False), items, self.caps.stored_tails)
+
+    def _putting(self, fut: asyncio.Future, items: list,
+                 count: Callable[..., None]) -> asyncio.Future:
+        """A store batch in flight: counted, and in the caps (``count``) until
+        the store refuses it."""
         self._puts_in_flight += 1
         self._puts_begun += 1
-        caps = self.caps
-        if caps.enabled:
-            caps.stored(items)
+        if self.caps.enabled:
+            count(items)
             # a refused batch was never stored: give its counts back
             fut.add_done_callback(
-                lambda f: caps.stored(items, -1) if f.cancelled() or f.exception() else None)
+                lambda f: count(items, -1) if f.cancelled() or f.exception() else None)
         return fut
 
     def purge_revoked(self, is_revoked: Any) -> int:

@@ -272,7 +272,9 @@ def py_accept_sends(gate: PySendGate, lg: PyLinkGate, sends: list, now: float, n
     (a store that takes the batch at once, from that mid on) a persistent
     message is decided and SACKed here, and its route ``(mid, tail)`` goes
     to ``meta`` as ``to, route`` and to ``store_items`` as
-    ``device_keys, route``.
+    ``device_keys, route``.  Without it, one gets a PENDING entry, ``to,
+    tail, id`` in ``meta`` and ``device_keys, tail`` in ``store_items``
+    (what a store's ``put_tails`` takes: the tail holds what it keeps).
     """
     out, sender, conn = lg.out, lg.sender, lg.link
     known, dedup, consent, taps = gate.known, gate.dedup, gate.consent, gate.taps
@@ -342,7 +344,7 @@ def py_accept_sends(gate: PySendGate, lg: PyLinkGate, sends: list, now: float, n
             dedup.begin(sender, cid, 0, now)
         else:
             dedup.begin(sender, cid, PENDING, now)
-            store_items.append((sender, cid, body, now_ms, known[to]))
+            store_items += (known[to], tail)  # for put_tails: the tail holds the fields
             meta += (to, tail, cid)  # flat: no tuple a message
         if taps:
             for tap in taps:
@@ -833,7 +835,7 @@ class Gate:
             self._stored_now(link, put_now, store_items, meta, first)
         elif store_items:
             link.storing += 1
-            fut = delivery.persist(store_items)
+            fut = delivery.persist_tails(store_items)
             if fut.done():
                 # the memory store answers at once: route and SACK now, not
                 # a loop iteration later (one hop less for every message)
