@@ -619,10 +619,12 @@ class SqliteStore(_BaseStore):
     only: after a power loss or OS crash the last transactions before it may
     be rolled back, acked messages included.  Group commit makes the sync a
     cost per batch, not per message (``benches/store_put_ack.py
-    --synchronous``).  A batch that nobody waits on (acks, forgotten
-    devices) waits up to 4 ms for one that somebody does (a put, a flush),
-    so that under load the deletes ride on the puts' commit instead of
-    paying one of their own.
+    --synchronous``).  Acks are handed to the writer with the next request
+    of another kind, or 4 ms after the first of them; a batch that nobody
+    waits on (acks, forgotten devices) waits up to 4 ms more for one that
+    somebody does (a put, a flush).  So under load the deletes ride on the
+    puts' commit instead of paying one of their own, nor waking the writer
+    for it.
 
     Layout: the messages one transaction stores for exactly one device (most
     messages) share one row of ``packs`` with that device; those it stores
@@ -731,6 +733,10 @@ class SqliteStore(_BaseStore):
         # well inside erase_s: the rewrite, then the checkpoint that erases it
         self._rewrite_s = min(0.5, erase_s / 4)
         self._linger_s = _LINGER_S
+        # acks not yet handed to the writer, and the timer that hands them
+        # over when no other request does first (the loop's thread only)
+        self._acks_held: list[tuple] = []
+        self._acks_timer: asyncio.TimerHandle | None = None
         self._group_s = group_commit_s
         # how many puts the writer's last batch with any had (writer thread only)
         self._puts_last = 0
@@ -813,6 +819,7 @@ class SqliteStore(_BaseStore):
             return
         self._closed = True
         fut = self._loop.create_future()
+        self._hand_acks()  # what was acked is deleted before the store closes
         if self._dead is None:
             self._queue.put((_STOP, True, fut))
         else:  # pragma: no cover - the writer is gone, nobody would answer
@@ -841,7 +848,20 @@ class SqliteStore(_BaseStore):
             raise _closed_error()
         if self._dead is not None:
             raise _store_error(self._dead)
+        if self._acks_held:
+            self._hand_acks()  # first: the writer keeps the order of requests
         self._queue.put((kind, arg, fut))
+
+    def _hand_acks(self) -> None:
+        """Queue the acks :meth:`ack` held, in the order they came."""
+        timer, self._acks_timer = self._acks_timer, None
+        if timer is not None:
+            timer.cancel()
+        held, self._acks_held = self._acks_held, []
+        if self._dead is None:
+            put = self._queue.put
+            for request in held:
+                put(request)
 
     def _persist_device(self, key, name) -> None:
         # Ordered before any put that uses the key: same FIFO queue.
@@ -920,6 +940,8 @@ class SqliteStore(_BaseStore):
         Deletes the device's inbox rows, and a message once no device is left
         to receive it.  Unknown pairs are ignored (acks may be repeated).
         A delete that fails (disk full) is kept and retried until it succeeds.
+        The writer gets it with the next other request (a put, a flush), or
+        4 ms after the oldest ack it has not got yet.
         """
         self._check_open()
         key = device_key
@@ -927,7 +949,15 @@ class SqliteStore(_BaseStore):
             key = _check_sql_int(device_key, "device_key")
             mids = self._check_mids(mids)
         if mids and key in self._by_key:
-            self._submit(_ACK, (key, mids), None)
+            if self._dead is not None:
+                raise _store_error(self._dead)
+            # Held on the loop's thread until the next request of another
+            # kind, or _linger_s: an ack alone woke the writer, which then
+            # waited that long for a put to commit with (a wake-up of a
+            # thread each, under load about one a window of messages).
+            self._acks_held.append((_ACK, (key, mids), None))
+            if self._acks_timer is None:
+                self._acks_timer = self._loop.call_later(self._linger_s, self._hand_acks)
 
     def forget_device(self, device_key: int) -> None:
         """Remove a device and everything still queued for it (fire-and-forget).
@@ -1046,7 +1076,8 @@ class SqliteStore(_BaseStore):
     def stats(self) -> dict[str, int]:
         """Counters for metrics (no personal data)."""
         return {"commits": self.commits, "failed_batches": self.failed_batches,
-                "queued_requests": self._queue.qsize(), "devices": len(self._by_key),
+                "queued_requests": self._queue.qsize() + len(self._acks_held),
+                "devices": len(self._by_key),
                 "checkpoints": self.checkpoints, "deletes_waiting": self.deletes_waiting}
 
     def __repr__(self) -> str:
