@@ -2822,7 +2822,8 @@ class MemoryStore(_BaseStore):
         """Store messages given as their DELIVER tails (flat ``device_keys,
         tail`` a message, as :meth:`SqliteStore.put_tails`); the returned
         future is already resolved.  Kept as routes, as :meth:`put_now` keeps
-        them."""
+        them; ``validate=False`` takes the tails as given, as ``put_now``
+        does (a bad one would fail its load, not this call)."""
         self._check_open()
         fut = self._loop.create_future()
         if validate:
