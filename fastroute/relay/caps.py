@@ -16,7 +16,7 @@ therefore exact after each refresh and close to it in between.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 from ..wire import tail_body_size
 
@@ -67,24 +67,23 @@ class Caps:
         """A batch of ``(sender, id, body, ts_ms, device_keys)`` went to the store
         (``sign`` -1: the store refused it)."""
         if self.enabled:
-            self._count([(len(item[2]), item[4]) for item in items], sign)
+            self._count([len(item[2]) for item in items], [item[4] for item in items], sign)
 
     def stored_tails(self, items: list, sign: int = 1) -> None:
         """A batch of flat ``device_keys, tail`` (a store's ``put_tails``) went
         to the store (``sign`` -1: the store refused it)."""
         if self.enabled:
-            self._count([(tail_body_size(tail), devs)
-                         for devs, tail in zip(items[0::2], items[1::2])], sign)
+            self._count(map(tail_body_size, items[1::2]), items[0::2], sign)
 
-    def _count(self, sized: list, sign: int) -> None:
-        """Count ``(body size, device keys)`` a stored message (``sign`` -1:
-        take them back)."""
+    def _count(self, sizes: Iterable[int], devs_each: Iterable, sign: int) -> None:
+        """Count a stored message's body size for each of its device keys, the
+        two side by side (``sign`` -1: take them back)."""
         # per stored delivery, on the relay's hot path: plain dict and list
         # arithmetic, and a cap check only where a count grows
         dev, addr, addr_of, full = self._dev, self._addr, self._addr_of, self.full
         dm, db, am, ab = self.dev_msgs, self.dev_bytes, self.addr_msgs, self.addr_bytes
         shrunk = set()
-        for size, devs in sized:
+        for size, devs in zip(sizes, devs_each):
             size *= sign
             for dkey in devs:
                 d = dev.get(dkey)
