@@ -918,14 +918,9 @@ class SqliteStore(_BaseStore):
         that is not one fails this future, not the store.
         """
         self._check_open()
+        if validate:  # checked, the messages are put_many's items
+            return self.put_many(self._check_tails(items), validate=False)
         fut = self._loop.create_future()
-        if validate:
-            rows = self._check_tails(items)
-            if rows:
-                self._submit(_PUT_MANY, rows, fut)
-            else:
-                fut.set_result([])
-            return fut
         if not items:
             fut.set_result([])
             return fut
@@ -2825,10 +2820,9 @@ class MemoryStore(_BaseStore):
         them; ``validate=False`` takes the tails as given, as ``put_now``
         does (a bad one would fail its load, not this call)."""
         self._check_open()
+        if validate:  # checked, the messages are put_many's items
+            return self.put_many(self._check_tails(items), validate=False)
         fut = self._loop.create_future()
-        if validate:
-            fut.set_result(self._store_trusted(self._check_tails(items)))
-            return fut
         if len(items) % 2:
             raise InvalidArgument("items hold device keys, tail for each message")
         first = self._next_mid
