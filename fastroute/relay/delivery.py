@@ -1025,8 +1025,13 @@ class Delivery:
                 # a backlog has few distinct senders, packed once each
                 pushed, last, state = sync_rows(router, feed.dev, rows, routed, {},
                                                 self._sender_packer(feed))
-                if pushed:
+                if last is not None:
+                    # past the rows passed over too (copies a link without
+                    # the feature leaves in the store): a load made only of
+                    # them would otherwise be made again and again, a busy
+                    # loop, and with the memory store one that never yields
                     feed.last_mid = last
+                if pushed:
                     self.synced += pushed
                     # the bodies plus a tail's overhead (sender, id, ts, cls;
                     # ~40 bytes): an estimate, reset when the device is empty
