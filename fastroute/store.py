@@ -49,7 +49,7 @@ from .errors import (
 )
 from ._compiled import twin
 from .histogram import Histogram
-from .wire import tail_fields
+from .wire import DDELIVER_HEAD, copy_tail_fields, tail_fields
 
 __all__ = ["Store", "SqliteStore", "MemoryStore", "StoredMessage", "PutItem",
            "DEFAULT_TTL_S", "CID_LEN"]
@@ -2659,7 +2659,9 @@ def py_mem_put(items: list, left: dict, inbox: dict, first: int, mids: list,
     With ``routes``, ``items`` is flat, ``device_keys, (mid, tail)`` a
     message (``MemoryStore.put_now``): the route the relay made for it, its
     ``tail`` the DELIVER tail, is what the inboxes hold, and its mid must be
-    the one it is stored at.
+    the one it is stored at.  A per-device copy's route is ``(mid, tail,
+    head)``, its head :data:`~fastroute.wire.DDELIVER_HEAD` and its tail the
+    DDELIVER tail (:func:`~fastroute.wire.copy_tail_fields`).
     """
     mid = first
     if routes and len(items) % 2:
@@ -2668,9 +2670,11 @@ def py_mem_put(items: list, left: dict, inbox: dict, first: int, mids: list,
         for k in range(len(items) // 2 if routes else len(items)):
             if routes:
                 devs, msg = items[2 * k], items[2 * k + 1]
-                if (type(msg) is not tuple or len(msg) != 2 or type(msg[0]) is not int
-                        or type(msg[1]) is not bytes):
-                    raise InvalidArgument("a route is (mid, tail bytes)")
+                if (type(msg) is not tuple or not 2 <= len(msg) <= 3 or type(msg[0]) is not int
+                        or type(msg[1]) is not bytes
+                        or (len(msg) == 3 and msg[2] != DDELIVER_HEAD)):
+                    raise InvalidArgument("a route is (mid, tail bytes) or a copy's "
+                                          "(mid, tail bytes, DDELIVER head)")
                 if msg[0] != mid:
                     raise InvalidArgument("a route's mid is not the one it is stored at")
             else:
@@ -2710,13 +2714,16 @@ def py_mem_load(box: dict, after_mid: int, limit: int) -> list:
 
 def _stored_fields(msg: tuple) -> tuple:
     """``(sender, id, body, ts_ms)`` of what a memory-store inbox holds: a
-    put's item, or a route ``(mid, tail)`` (:meth:`MemoryStore.put_now`)."""
+    put's item, or a route ``(mid, tail)`` or a copy's ``(mid, tail, head)``
+    (:meth:`MemoryStore.put_now`)."""
     if type(msg) is tuple and len(msg) == 5:
         return msg[:4]
     if type(msg) is tuple and len(msg) == 2:
         return tail_fields(msg[1])
+    if type(msg) is tuple and len(msg) == 3:
+        return copy_tail_fields(msg[1])
     raise WrongType("an inbox holds (sender, id, body, ts_ms, device_keys) items "
-                    "or (mid, tail) routes")
+                    "or (mid, tail[, head]) routes")
 
 
 def py_mem_ack(box: dict, left: dict, mids) -> int:

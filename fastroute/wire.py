@@ -1752,6 +1752,12 @@ def py_tail_fields(tail: bytes) -> tuple[str, bytes, bytes, int]:
         sender, cid, body, ts, cls = msgpack.unpackb(b"\x95" + tail, raw=False)
     except (ValueError, TypeError) as exc:  # malformed, extra data, bad UTF-8
         raise InvalidArgument(f"not a DELIVER tail: {exc}") from None
+    return _tail_checked(sender, cid, body, ts, cls)
+
+
+def _tail_checked(sender: Any, cid: Any, body: Any, ts: Any,
+                  cls: Any) -> tuple[str, bytes, bytes, int]:
+    """A DELIVER tail's unpacked fields, checked: ``(from, id, body, ts_ms)``."""
     if type(sender) is not str:
         raise InvalidArgument("a DELIVER tail starts with its sender (a str)")
     if type(cid) is not bytes or len(cid) != ID_LEN:
@@ -1761,6 +1767,30 @@ def py_tail_fields(tail: bytes) -> tuple[str, bytes, bytes, int]:
     if type(ts) is not int or not 0 <= ts < 1 << 63 or type(cls) is not int or cls not in (0, 1):
         raise InvalidArgument("a DELIVER tail ends with ts_ms and cls (0 or 1)")
     return sender, cid, body, ts
+
+
+#: a DDELIVER op's head, everything before its uint32 seq marker: fixarray(8)
+#: and uint16 2001 (the memory store keeps a per-device copy's route with it)
+DDELIVER_HEAD = b"\x98\xcd" + int(Op.DDELIVER).to_bytes(2, "big")
+
+
+def py_copy_tail_fields(tail: bytes) -> tuple[str, bytes, bytes, int]:
+    """``(from, id, body, ts_ms)`` of a per-device copy's DDELIVER tail: its
+    sender's address and device id, then a DELIVER tail's fields (what the
+    keys stage makes, :func:`py_deliver_tail` after both).  ``from`` is the
+    store's sender of a copy, ``address/device_id``
+    (:func:`fastroute.relay.keys.copy_sender`): how the memory store reads a
+    copy it keeps as its route."""
+    if type(tail) is not bytes:
+        raise WrongType("a DELIVER tail is bytes")
+    try:
+        sender, device, cid, body, ts, cls = msgpack.unpackb(b"\x96" + tail, raw=False)
+    except (ValueError, TypeError) as exc:  # malformed, extra data, bad UTF-8
+        raise InvalidArgument(f"not a DDELIVER tail: {exc}") from None
+    if type(sender) is str and (type(device) is not int or not 0 <= device < 1 << 63):
+        raise InvalidArgument("a DDELIVER tail's sender device is an unsigned int")
+    sender, cid, body, ts = _tail_checked(sender, cid, body, ts, cls)
+    return f"{sender}/{device}", cid, body, ts
 
 
 def tail_body_size(tail: bytes) -> int:
@@ -1826,6 +1856,8 @@ op_count = twin(py_op_count)
 deliver_tail = twin(py_deliver_tail)
 #: :func:`py_tail_fields`, compiled when the core is built
 tail_fields = twin(py_tail_fields)
+#: :func:`py_copy_tail_fields`, compiled when the core is built
+copy_tail_fields = twin(py_copy_tail_fields)
 #: :func:`py_sack_ok_op`, compiled when the core is built
 sack_ok_op = twin(py_sack_ok_op)
 #: :func:`py_reply_ok_ops`, compiled when the core is built

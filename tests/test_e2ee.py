@@ -29,6 +29,7 @@ from fastroute.errors import (
     FastrouteError,
     KeyLimit,
     RateLimited,
+    StoreFailed,
     UnknownAddress,
 )
 from fastroute.identity import ProviderKey, Registry, issue_credential
@@ -338,13 +339,14 @@ def test_per_device_sends_without_waiting_arrive_in_order(loop, tmp_path):
     run(loop, main())
 
 
+@pytest.mark.parametrize("store", STORES)
 @pytest.mark.parametrize("loop", LOOPS)
-def test_per_device_sends_in_one_batch_get_an_outcome_each(loop, tmp_path):
+def test_per_device_sends_in_one_batch_get_an_outcome_each(loop, tmp_path, store):
     # send_to_devices_many: one future for the batch, resolved once every
     # message is answered, to an outcome per message in order: None (stored),
     # or the refusal that one got; the refused one is resent alone with its id
     async def main():
-        async with world(tmp_path) as w:
+        async with world(tmp_path, store=store) as w:
             a1, a2, b1 = await alice_twice_and_bob(w)
             c1 = await e2ee(w, "carol@home", "phone", 31)
             both = [(1, 11, b"both"), (2, 12, b"both")]
@@ -369,6 +371,34 @@ def test_per_device_sends_in_one_batch_get_an_outcome_each(loop, tmp_path):
             assert await nothing_arrives(a1)
             assert await b1.send_to_devices_many([])[1] == []
     run(loop, main())
+
+
+def test_a_store_refusing_a_batch_of_copies_stores_none_and_forgets_the_ids(tmp_path):
+    # the memory store keeps copies as their routes (put_now, no future):
+    # when it refuses a batch, every sender hears STORE_FAILED, no copy is
+    # delivered, and the ids are not remembered (a resend is taken anew)
+    async def main():
+        async with world(tmp_path, store="memory") as w:
+            a1, a2, b1 = await alice_twice_and_bob(w)
+            keys = w.relay.keys
+            real = keys._put_now
+            assert real is not None  # the memory store's way, not items
+            calls = []
+
+            def refuse(routes, first):
+                calls.append(len(routes) // 2)
+                raise StoreFailed("injected")
+            keys._put_now = refuse
+            both = [(1, 11, b"one"), (2, 12, b"two")]
+            with pytest.raises(StoreFailed):
+                await b1.send_to_devices("alice@home", both, id=b"r" * 16)
+            assert calls == [2]
+            assert await nothing_arrives(a1) and await nothing_arrives(a2)
+            assert await w.relay.store.count_pending() == 0
+            keys._put_now = real
+            await b1.send_to_devices("alice@home", both, id=b"r" * 16)
+            assert [(await recv_msg(c)).body for c in (a1, a2)] == [b"one", b"two"]
+    run("asyncio", main())
 
 
 def test_a_bad_message_in_a_batch_sends_none_of_it(tmp_path):

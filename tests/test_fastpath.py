@@ -99,6 +99,8 @@ def test_compiled_twins_loaded():
              (wire.OpRun, wire.PyOpRun), (wire.op_count, wire.py_op_count),
              (wire._decode_server_ops, wire.py_decode_server_ops),
              (wire.dsend_ok, wire.py_dsend_ok), (wire._decode_pings, wire.py_decode_pings),
+             (wire.tail_fields, wire.py_tail_fields),
+             (wire.copy_tail_fields, wire.py_copy_tail_fields),
              (wire._decode_dacks_compiled or wire.py_decode_dacks, wire.py_decode_dacks),
              (wire.gsend_ok, wire.py_gsend_ok),
              (wire._frame_offsets_compiled or wire.py_frame_offsets, wire.py_frame_offsets),
@@ -216,6 +218,44 @@ def test_tail_fields_refuse_what_is_not_a_deliver_tail():
             wire.tail_body_size(tail)
     for tail in (None, bytearray(good), "text"):
         assert isinstance(_same(*_both(wire.py_tail_fields), tail), WrongType)
+
+
+@pytest.mark.parametrize("size", BODY_SIZES)
+@pytest.mark.parametrize("sender,device", [("a@b", 1), ("x" * 40 + "@é.org", 127),
+                                           ("s" * 300 + "@p", 2**63 - 1)])
+def test_copy_tail_fields_read_back_a_copys_tail(size, sender, device):
+    # what the memory store reads out of a per-device copy's route: the
+    # store's sender of a copy (address/device) and the DELIVER fields
+    body = bytes(i & 0xFF for i in range(size))
+    sp = msgpack.packb(sender) + msgpack.packb(device)
+    for ts, cls in ((TS, 0), (0, 1), (2**63 - 1, 0)):
+        tail = wire.py_deliver_tail(sp, MID, body, wire.ts_packed(ts), cls)
+        assert _same(*_both(wire.py_copy_tail_fields), tail) == (
+            f"{sender}/{device}", MID, body, ts)
+        assert f"{sender}/{device}" == keys_mod.copy_sender(sender, device)
+
+
+def test_copy_tail_fields_refuse_what_is_not_a_copys_tail():
+    sp = msgpack.packb("alice@example.org") + b"\x03"
+    good = wire.py_deliver_tail(sp, MID, b"body", TS_PACKED, 0)
+    assert _same(*_both(wire.py_copy_tail_fields), good)[0] == "alice@example.org/3"
+    n = len(sp)
+    bad = [
+        b"", good[:-1], good + b"\x00", good[:n + 5],
+        wire.py_deliver_tail(SENDER_PACKED, MID, b"body", TS_PACKED, 0),  # a DELIVER tail
+        good[:n - 1] + b"\xff" + good[n:],                  # device -1
+        good[:n - 1] + b"\xc2" + good[n:],                  # device false
+        good[:n - 1] + b"\xcf" + (2**63).to_bytes(8, "big") + good[n:],  # past int64
+        good[:n - 1] + b"\xa1" + b"3" + good[n:],           # device a str
+        b"\xa2\xff\xfe\x03" + good[n:],                     # sender not UTF-8
+        msgpack.packb(b"alice") + b"\x03" + good[n:],        # sender a bin
+        good[:n] + b"\xc4\x0f" + MID[:15] + good[n + 18:],   # id of 15
+        good[:-1] + b"\x02",                                 # cls 2
+    ]
+    for tail in bad:
+        assert isinstance(_same(*_both(wire.py_copy_tail_fields), tail), InvalidArgument), tail
+    for tail in (None, bytearray(good), "text"):
+        assert isinstance(_same(*_both(wire.py_copy_tail_fields), tail), WrongType)
 
 
 @pytest.mark.parametrize("seq,n", [(1, 0), (0, 1), (1, 1000), (2**32 - 1, 1), (2**32 - 3, 3),
@@ -1616,6 +1656,52 @@ def test_mem_load_reads_each_route_its_own_sender():
             assert _core.mem_load(holder, 0, 100) == rows
 
 
+def test_mem_put_keeps_a_copys_route_and_loads_it_as_its_row():
+    # the keys stage's per-device copies, kept as the routes the engine got
+    # (mid, DDELIVER tail, DDELIVER head) among a gate's routes (mid, tail):
+    # a load reads each the way of its kind, the copy's sender address/device
+    rng = random.Random(7)
+    routes: list = []
+    want = {}
+    for k in range(60):
+        mid = 5 + k
+        body = rng.randbytes(rng.randrange(300))
+        ts = TS + k
+        devs = rng.sample([1, 2, 3], rng.randrange(1, 3))
+        if rng.random() < 0.5:
+            device = rng.choice([1, 2, 127])
+            sender = rng.choice(["s@x.org", "é@x.org"])
+            sp = msgpack.packb(sender) + msgpack.packb(device)
+            route = (mid, wire.py_deliver_tail(sp, MID, body, wire.ts_packed(ts), 0),
+                     wire.DDELIVER_HEAD)
+            sender = keys_mod.copy_sender(sender, device)
+        else:
+            sender = rng.choice(["s@x.org", "t@x.org"])
+            route = (mid, wire.py_deliver_tail(msgpack.packb(sender), MID, body,
+                                               wire.ts_packed(ts), 0))
+        routes += (devs, route)
+        want[mid] = ((sender, MID, body, ts), devs, route)
+    for put, load, box in ((store.py_mem_put, store.py_mem_load, None),
+                           (_core and _core.mem_put, _core and _core.mem_load, None),
+                           (_core and _core.mem_put, _core and _core.mem_load,
+                            _core and _core.Inbox())):
+        if put is None:
+            continue
+        inbox: dict = {}
+        mids: list = []
+        put(list(routes), {} if box is None else box, inbox, 5, mids, False, True)
+        assert mids == [60]
+        for dev in (1, 2, 3):
+            held = [m for m, (_, devs, _) in want.items() if dev in devs]
+            # the inbox holds the route itself, the one tuple the engine holds
+            assert all(inbox[dev][m] is want[m][2] for m in held)
+            for after, limit in ((0, 100), (20, 7)):
+                rows = load(inbox[dev], after, limit)
+                assert rows == [(m, *want[m][0]) for m in held if m > after][:limit]
+            assert [store._stored_fields(inbox[dev][m]) for m in held] == [
+                want[m][0] for m in held]
+
+
 def test_mem_put_refuses_routes_that_are_not_the_mids_they_get():
     tail = wire.py_deliver_tail(SENDER_PACKED, MID, b"b", TS_PACKED, 0)
     cases = [
@@ -1624,7 +1710,8 @@ def test_mem_put_refuses_routes_that_are_not_the_mids_they_get():
         ([[1], (5, tail), [2]], []),               # not pairs
         ([[1], (5, bytearray(tail))], []),         # a tail not bytes
         ([[1], (True, tail)], []),                 # a mid not an int
-        ([[1], (5, tail, b"head")], []),           # not (mid, tail)
+        ([[1], (5, tail, b"head")], []),           # not (mid, tail), nor a copy's
+        ([[1], (5, tail, wire.DDELIVER_HEAD, b"")], []),
         ([[1], [5, tail]], []),
         ([[1], (2**64, tail)], []),
     ]
@@ -2387,7 +2474,7 @@ def test_sync_rows_twins_with_per_device_copies(negotiated):
         assert [(op[0], op[4]) for op in ops] == [(18, b"v1"), (18, b"v1b")]
 
 
-def _dsend_case(fn, entries, skip, slot_class=None):
+def _dsend_case(fn, entries, skip, slot_class=None, items=True):
     from fastroute.relay.keys import Slot
 
     cls = slot_class or Slot  # the class in use unless told
@@ -2395,11 +2482,11 @@ def _dsend_case(fn, entries, skip, slot_class=None):
             5: cls("r@x.org", "tablet", 5, 15)}
     for did, slot in devs.items():
         slot.keyed(100 + did)
-    items: list = []
+    made: list | None = [] if items else None
     copies: list = []
     ok = fn(devs, entries, skip, "r@x.org", "s@x.org/3", MID, TS, SENDER_PACKED, TS_PACKED,
-            items, copies)
-    return ok, items, copies
+            made, copies)
+    return ok, made, copies
 
 
 @pytest.mark.parametrize("entries,skip,ok", [
@@ -2428,6 +2515,12 @@ def test_dsend_copies_twins(entries, skip, ok):
         for cls in (keys.PySlot, _core.Slot):
             assert _dsend_case(_core.dsend_copies, entries, skip, cls) == got
             assert _dsend_case(keys.py_dsend_copies, entries, skip, cls) == got
+    # without a list for the store items (a store that keeps the copies'
+    # routes), the same answer and copies, and no item made
+    bare = _same(lambda: _dsend_case(keys.py_dsend_copies, entries, skip, items=False),
+                 _core and (lambda: _dsend_case(_core.dsend_copies, entries, skip,
+                                                items=False)))
+    assert bare == (got[0], None, got[2])
     assert got[0] is ok
     if not ok:
         assert got[1:] == ([], [])
@@ -2435,11 +2528,12 @@ def test_dsend_copies_twins(entries, skip, ok):
     names = {1: "phone", 2: "laptop", 5: "tablet"}
     assert [(i[0], i[2], i[4]) for i in got[1]] == [
         ("s@x.org/3", e[2], (100 + e[0],)) for e in entries]
-    # flat: address, device name, tail a copy (the head is DDELIVER_HEAD's)
-    assert len(got[2]) == 3 * len(entries)
-    for (did, _, body), k in zip(entries, range(0, len(got[2]), 3)):
-        target, name, tail = got[2][k:k + 3]
-        assert (target, name) == ("r@x.org", names[did])
+    # flat: address, device name, tail, device keys a copy (the head is
+    # DDELIVER_HEAD's)
+    assert len(got[2]) == 4 * len(entries)
+    for (did, _, body), k in zip(entries, range(0, len(got[2]), 4)):
+        target, name, tail, dkeys = got[2][k:k + 4]
+        assert (target, name, dkeys) == ("r@x.org", names[did], (100 + did,))
         assert tail == wire.py_deliver_tail(SENDER_PACKED, MID, body, TS_PACKED, 0)
 
 
@@ -2461,7 +2555,7 @@ def test_slot_twins():
             slot.other = 1  # a slot holds its six fields and nothing else
 
 
-def _dsend_run_case(fn, table, seed):
+def _dsend_run_case(fn, table, seed, with_items=True):
     """A random frame of DSENDs through ``fn`` (py_dsend_run or its twin), run
     after run as Keys.dsend_many calls it (skipping the op a run stops at):
     where each run stopped, the tokens, the items, the requests, the dedup
@@ -2505,7 +2599,7 @@ def _dsend_run_case(fn, table, seed):
                     False, entries(to if to in lists else "r@x.org", False)
                     if rng.random() > 0.03 else (), own))
     tokens = [float(rng.randrange(0, 120)), float(rng.randrange(0, 3000))]
-    items: list = []
+    items: list | None = [] if with_items else None
     meta: list = []
     stops = []
     i = 0
@@ -2524,11 +2618,19 @@ def test_dsend_run_twins(seed):
     from fastroute.relay import keys
 
     want = _dsend_run_case(keys.py_dsend_run, dedup.DedupWindow, seed)
+    # with no list for store items (the memory store's path): the same runs
+    bare = _dsend_run_case(keys.py_dsend_run, dedup.DedupWindow, seed, False)
     if _core is not None:
         assert _dsend_run_case(_core.dsend_run, _core.DedupTable, seed) == want
+        assert _dsend_run_case(_core.dsend_run, _core.DedupTable, seed, False) == bare
+    assert bare[:2] + bare[3:] == want[:2] + want[3:] and bare[2] is None
     stops, tokens, items, meta, _ = want
     assert tokens[0] >= 0 and tokens[1] >= 0
     assert len(meta) == sum(b - a for a, b in zip([0] + [x + 1 for x in stops], stops))
+    # one store item a copy, in the order of the copies
+    copies = [c for _, _, (_, cs) in meta for c in cs]
+    assert [(i[2], i[4]) for i in items] == [
+        (wire.py_tail_fields(t)[2], k) for t, k in zip(copies[2::4], copies[3::4])]
 
 
 def _gsend_run_case(fn, table, bucket, seed):
@@ -3253,9 +3355,10 @@ DDELIVER = b"\x98\xcd\x07\xd1"
 
 
 def _copies(meta: list) -> list:
-    """A stored batch's copies as ``(address, device name, tail)``, in order."""
+    """A stored batch's copies as ``(address, device name, tail)``, in order
+    (each copy's device keys left out)."""
     return [tuple(copies[k:k + 3]) for _, _, (_, copies) in meta
-            for k in range(0, len(copies), 3)]
+            for k in range(0, len(copies), 4)]
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -3272,7 +3375,8 @@ def test_per_device_copies_online_twins(seed):
         targets = rng.sample(devices[1:], rng.randrange(0 if r else 1, 6))
         if not r:
             targets.insert(rng.randrange(len(targets)), devices[0])
-        copies = [x for j, (a, d) in enumerate(targets) for x in (a, d, bytes([n + j]) * 3)]
+        copies = [x for j, (a, d) in enumerate(targets)
+                  for x in (a, d, bytes([n + j]) * 3, (n + j,))]
         n += len(targets)
         meta.append((object(), os.urandom(16), ("to@home", copies)))
     mids = list(range(100, 100 + n))
@@ -3284,13 +3388,25 @@ def test_per_device_copies_online_twins(seed):
             if fn is not None]
     assert len(runs) == (2 if fastroute.COMPILED else 1)
     assert all(r == _flat(want) for r in runs) and want  # flat: device, payload
+    # the memory store's way: mids from an int on, and every copy's route
+    # (its device keys and the very payload the engine gets, online or not)
+    every = [x for k, (mid, (_, _, tail)) in enumerate(zip(mids, flat))
+             for x in ((k,), (mid, tail, DDELIVER))]
+    for fn in _both(delivery.py_copies_online):
+        if fn is None:
+            continue
+        routes: list = ["before"]
+        got = fn(by_device, meta, 100, "e2ee", routes)
+        assert got == _flat(want) and routes == ["before"] + every
+        payloads = {id(p) for p in routes[2::2]}
+        assert all(id(p) in payloads for p in got[1::2])
 
 
 def test_per_device_copies_online_bad_batches():
     # a copy cut short, or fewer row ids than copies: the same error from both
     assert DDELIVER == keys_mod.DDELIVER_HEAD
     by_device = {("a@home", "d1"): _Feed(7, ["e2ee"])}
-    whole = ["a@home", "d1", b"tail"]
+    whole = ["a@home", "d1", b"tail", (1,)]
     for fn in _both(delivery.py_copies_online):
         if fn is None:
             continue
@@ -3320,18 +3436,19 @@ def test_copies_in_runs_to_one_device_twins(seed):
         copies: list = []
         for _ in range(rng.randrange(1, 5)):
             address = "".join(a) if rng.random() < 0.5 else a  # equal, not the same
-            copies += (address, d, bytes([n % 256]) * (1 + n % 7))
+            copies += (address, d, bytes([n % 256]) * (1 + n % 7), (n,))
             n += 1
         meta.append((object(), os.urandom(16), (a, copies)))
         if rng.random() < 0.5:
             # a per-device send to every device of one address: copies in turns
-            turns = [x for (a2, d2) in keys if a2 == a for x in (a2, d2, b"t%d" % n)] * 2
-            n += len(turns) // 3
+            turns = [x for (a2, d2) in keys if a2 == a
+                     for x in (a2, d2, b"t%d" % n, (0,))] * 2
+            n += len(turns) // 4
             meta.append((object(), os.urandom(16), (a, turns)))
     if seed == 0:  # keys that are not exact strs take the dict's own way
         feeds[(b"x@home", "d1")] = _Feed(4000, ["e2ee"])
-        meta.append((object(), os.urandom(16), ("x", [b"x@home", "d1", b"bytes key",
-                                                       "a@home", "d1", b"after"])))
+        meta.append((object(), os.urandom(16), ("x", [b"x@home", "d1", b"bytes key", (1,),
+                                                       "a@home", "d1", b"after", (2,)])))
         n += 2
     mids = list(range(1, n + 1))
     runs = [fn(feeds, meta, mids, "e2ee") for fn in _both(delivery.py_copies_online)

@@ -365,6 +365,34 @@ def test_memory_store_routes_count_expire_and_mix_with_puts_as_items_do(run):
     run(main())
 
 
+def test_memory_store_keeps_a_per_device_copy_as_its_route(run):
+    # the keys stage's copies: (mid, DDELIVER tail, DDELIVER head), loaded
+    # with the store's sender of a copy (address/device), counted, expired
+    # and acked as any message
+    async def main():
+        store = await MemoryStore.open(ttl_s=60)
+        a = store.register_device("a@p", "1")
+        b = store.register_device("b@p", "1")
+        first = store.next_mid()
+        sp = msgpack.packb("s@p") + msgpack.packb(3)
+        routes: list = []
+        for i, (body, ts, devs) in enumerate(((b"one", T0, (a,)), (b"x" * 300, T0, (b,)),
+                                              (b"three", T0 + 40_000, (a,)))):
+            routes += (devs, (first + i, wire.deliver_tail(sp, CID, body, wire.ts_packed(ts), 0),
+                              wire.DDELIVER_HEAD))
+        assert store.put_now(routes, first) == 3
+        assert await store.load(a, 0, 10) == [(first, "s@p/3", CID, b"one", T0),
+                                              (first + 2, "s@p/3", CID, b"three", T0 + 40_000)]
+        assert await store.backlog_counts() == {a: (2, 8), b: (1, 300)}
+        with pytest.raises(InvalidArgument):  # a third field that is no copy's head
+            store.put_now([(a,), (first + 3, routes[1][1], b"\x97\xcd\x07\xd2")], first + 3)
+        assert await store.expire(T0 + 60_000) == 2
+        store.ack(a, [first + 2])
+        assert await store.count_pending() == 0 and store.stats()["messages"] == 0
+        await store.close()
+    run(main())
+
+
 def test_ack_deletes_message_only_after_last_device(run, opener, db):
     async def main():
         async with await opener() as store:

@@ -504,17 +504,21 @@ def held_offered(dict online, list items, object skip):
     return added
 
 
-def copies_online(dict by_device, list meta, list mids, str feature):
+def copies_online(dict by_device, list meta, object mids, str feature, list routes=None):
     """The engine's flat ``device id, (mid, tail, head), ...`` batch (for
     :meth:`Router.offer_flat`) of a stored batch of per-device copies
     (``meta``: ``(link, id, (to, copies))`` per request, ``copies`` flat:
-    ``address, device name, tail`` a copy, its head the DDELIVER head;
-    ``mids``: one row id per copy), for the devices online on a link that
-    negotiated ``feature``."""
+    ``address, device name, tail, device keys`` a copy, its head the
+    DDELIVER head; ``mids``: one row id per copy, or an int, the first of
+    as many in a row), for the devices online on a link that negotiated
+    ``feature``; with ``routes``, ``device keys, payload`` for every copy
+    appended to it (see ``py_copies_online``)."""
     cdef list items = []
     cdef list copies
+    cdef list mid_list = None
+    cdef long long first = 0
     cdef Py_ssize_t at = 0, i, n
-    cdef object request, address, name, tail, dev
+    cdef object request, address, name, tail, dev, payload, mid
     cdef object last_address = None, last_name = None
     cdef dict devs = None  # the last address's device names -> engine id (None: not here)
     # devs' names and engine ids found by identity first (the keys stage
@@ -524,15 +528,20 @@ def copies_online(dict by_device, list meta, list mids, str feature):
     cdef int j
     cdef PyObject* found
     seen.n = 0
+    if PyLong_CheckExact(mids):
+        first = mids
+    else:
+        mid_list = <list?>mids
     for request in meta:
         copies = request[2][1]
         n = PyList_GET_SIZE(copies)
-        if n % 3:
-            raise InvalidArgument("copies hold address, device name, tail for each copy")
-        for i in range(0, n, 3):
-            # the copy's three fields held at once: a lookup below may run
-            # code (a key that is not an exact str) that changes the list
-            if i + 3 > PyList_GET_SIZE(copies):
+        if n % 4:
+            raise InvalidArgument("copies hold address, device name, tail, device keys "
+                                  "for each copy")
+        for i in range(0, n, 4):
+            # the copy's fields held at once: a lookup below may run code (a
+            # key that is not an exact str) that changes the list
+            if i + 4 > PyList_GET_SIZE(copies):
                 raise RuntimeError("a batch's copies changed while read")
             address = <object>PyList_GET_ITEM(copies, i)
             name = <object>PyList_GET_ITEM(copies, i + 1)
@@ -573,10 +582,23 @@ def copies_online(dict by_device, list meta, list mids, str feature):
                 last_address = address
                 dev = _device_online(by_device, (address, name), feature)
                 last_name = name
-            if dev is not _OFFLINE:
-                if at >= PyList_GET_SIZE(mids):
+            if dev is not _OFFLINE or routes is not None:
+                if mid_list is None:
+                    mid = PyLong_FromLongLong(first + at)
+                elif at < PyList_GET_SIZE(mid_list):
+                    mid = <object>PyList_GET_ITEM(mid_list, at)
+                else:
                     raise IndexError("fewer row ids than copies")
-                items.append(dev)
-                items.append((<object>PyList_GET_ITEM(mids, at), tail, DDELIVER_HEAD_BYTES))
+                payload = (mid, tail, DDELIVER_HEAD_BYTES)
+                if routes is not None:
+                    # the device keys read here: the lookups above may have
+                    # changed the list (checked again)
+                    if i + 4 > PyList_GET_SIZE(copies):
+                        raise RuntimeError("a batch's copies changed while read")
+                    routes.append(<object>PyList_GET_ITEM(copies, i + 3))
+                    routes.append(payload)
+                if dev is not _OFFLINE:
+                    items.append(dev)
+                    items.append(payload)
             at += 1
     return items

@@ -11,10 +11,6 @@
 #
 # tests/test_fastpath.py runs both on the same inputs and compares.
 
-# fixarray(8) + uint16 2001: the DDELIVER head (keys.DDELIVER_HEAD)
-cdef bytes DDELIVER_HEAD_BYTES = b"\x98\xcd\x07\xd1"
-
-
 cdef class Slot:
     """One device's place in its address's device list (what memory keeps of it).
 
@@ -41,11 +37,13 @@ cdef class Slot:
 def dsend_copies(dict devs, object entries, long skip, str target, str stored_sender,
                  bytes cid, object now_ms, bytes sp, bytes ts_packed, list items,
                  list copies):
-    """Check a DSEND's entries against a device list; build its store items and copies.
+    """Check a DSEND's entries against a device list; build its copies (and store items).
 
     True when ``entries`` name exactly the devices of ``devs`` (device id ->
     Slot) but ``skip``, each once and with its current registration id; then
-    one store item and one routed copy per entry are appended.  False with
+    one routed copy per entry is appended to ``copies`` (four entries: to,
+    device name, tail, device keys) and, unless ``items`` is None, one store
+    item to ``items``.  False with
     nothing appended otherwise.  Device ids are 1..127 (checked by the
     decoder), so "each once" is a 128-bit mask.  ``entries`` is a tuple (the
     decoder's) or any sequence.
@@ -117,12 +115,14 @@ cdef bint c_dsend_copies(dict devs, tuple ents, long skip, str target, str store
             slot = <object>slots[i]
             name = slot.name
             dkeys = slot.dkeys
-        items.append((stored_sender, cid, body, now_ms, dkeys))
-        # flat, three entries a copy: no tuple of its own (its head is
+        if items is not None:
+            items.append((stored_sender, cid, body, now_ms, dkeys))
+        # flat, four entries a copy: no tuple of its own (its head is
         # DDELIVER_HEAD_BYTES, the same for every copy)
         copies.append(target)
         copies.append(name)
         copies.append(c_deliver_tail(sp, cid, body, ts_packed, 0))
+        copies.append(dkeys)
     return True
 
 
@@ -173,7 +173,7 @@ def dsend_run(list ops, Py_ssize_t i, dict lists, dict reach, long skip, str sen
             owns = own if PyTuple_CheckExact(own) else tuple(own)
             # the op's store items go straight into items, taken back if it
             # stops the run
-            start = PyList_GET_SIZE(items)
+            start = PyList_GET_SIZE(items) if items is not None else 0
             copies = []
             devs = lists[to]
             if not c_dsend_copies(devs, ents, skip if to == sender else 0, to, stored_sender,
@@ -182,16 +182,18 @@ def dsend_run(list ops, Py_ssize_t i, dict lists, dict reach, long skip, str sen
             if owns and (to == sender or not c_dsend_copies(
                     lists.get(sender, {}), owns, skip, sender, stored_sender, cid, now_ms,
                     sp, ts_packed, items, copies)):
-                del items[start:]
+                if items is not None:
+                    del items[start:]
                 break
             size = 0
             for j in range(PyTuple_GET_SIZE(ents)):
                 size += len((<object>PyTuple_GET_ITEM(ents, j))[2])
             for j in range(PyTuple_GET_SIZE(owns)):
                 size += len((<object>PyTuple_GET_ITEM(owns, j))[2])
-            k = PyList_GET_SIZE(items) - start
+            k = PyList_GET_SIZE(copies) >> 2
             if msg_tokens < k or byte_tokens < size:
-                del items[start:]
+                if items is not None:
+                    del items[start:]
                 break
             msg_tokens -= k
             byte_tokens -= size

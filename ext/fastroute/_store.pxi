@@ -283,8 +283,9 @@ def mem_put(list items, left, dict inbox, long long first, list mids, bint each=
 
     With ``routes``, ``items`` is flat, ``device_keys, (mid, tail)`` a
     message: the route the relay made for it (``tail``: its DELIVER tail),
-    which the inboxes then hold as it is.  A route whose mid is not the one
-    it is stored at is refused (InvalidArgument).
+    which the inboxes then hold as it is; a per-device copy's is ``(mid,
+    tail, DDELIVER head)``.  A route whose mid is not the one it is stored
+    at is refused (InvalidArgument).
     """
     cdef long long mid = first
     cdef object item, sender, cid, body, ts, devs, d, box, msg
@@ -315,10 +316,14 @@ def mem_put(list items, left, dict inbox, long long first, list mids, bint each=
                 # does: no tuple of the store's own a message
                 devs = <object>PyList_GET_ITEM(items, 2 * k)
                 msg = <object>PyList_GET_ITEM(items, 2 * k + 1)
-                if (not PyTuple_CheckExact(msg) or PyTuple_GET_SIZE(msg) != 2
+                if (not PyTuple_CheckExact(msg) or not 2 <= PyTuple_GET_SIZE(msg) <= 3
                         or not PyLong_CheckExact(<object>PyTuple_GET_ITEM(msg, 0))
-                        or not PyBytes_CheckExact(<object>PyTuple_GET_ITEM(msg, 1))):
-                    raise InvalidArgument("a route is (mid, tail bytes)")
+                        or not PyBytes_CheckExact(<object>PyTuple_GET_ITEM(msg, 1))
+                        or (PyTuple_GET_SIZE(msg) == 3
+                            and <object>PyTuple_GET_ITEM(msg, 2) is not DDELIVER_HEAD_BYTES
+                            and <object>PyTuple_GET_ITEM(msg, 2) != DDELIVER_HEAD_BYTES)):
+                    raise InvalidArgument("a route is (mid, tail bytes) or a copy's "
+                                          "(mid, tail bytes, DDELIVER head)")
                 if (PyLong_AsLongLongAndOverflow(<object>PyTuple_GET_ITEM(msg, 0), &overflow)
                         != mid or overflow):
                     raise InvalidArgument("a route's mid is not the one it is stored at")
@@ -442,7 +447,8 @@ def mem_ack(box, left, mids):
 
 cdef tuple mem_row(object mid, object value, list senders):
     """A loaded row ``(mid, sender, id, body, ts_ms)`` from what an inbox
-    holds: a put's item, or a route ``(mid, tail)`` (``mem_put``'s ``routes``;
+    holds: a put's item, or a route ``(mid, tail)`` or ``(mid, tail, head)``
+    (``mem_put``'s ``routes``;
     ``senders``: the last sender read from a tail, see ``c_tail_fields``)."""
     cdef tuple msg
     if PyTuple_CheckExact(value) and PyTuple_GET_SIZE(value) == 5:
@@ -450,8 +456,11 @@ cdef tuple mem_row(object mid, object value, list senders):
         return (mid, msg[0], msg[1], msg[2], msg[3])
     if PyTuple_CheckExact(value) and PyTuple_GET_SIZE(value) == 2:
         return c_tail_fields((<tuple>value)[1], mid, senders)
+    if PyTuple_CheckExact(value) and PyTuple_GET_SIZE(value) == 3:
+        # a per-device copy's route, (mid, tail, DDELIVER head)
+        return c_copy_tail_fields((<tuple>value)[1], mid)
     raise WrongType("an inbox holds (sender, id, body, ts_ms, device_keys) items "
-                    "or (mid, tail) routes")
+                    "or (mid, tail[, head]) routes")
 
 
 def mem_load(box, after_mid, Py_ssize_t limit):

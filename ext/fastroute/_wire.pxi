@@ -768,17 +768,20 @@ cdef struct TailSpan:
     const unsigned char* body
     Py_ssize_t body_len
     long long ts
+    long long device               # a DDELIVER tail's sender device (tail_span, copy)
 
 
-cdef int tail_span(object tail, TailSpan* s) except -1:
-    """Read ``tail`` (a DELIVER tail) into ``s`` as strictly as
-    :func:`tail_fields` reads it, all but its sender's UTF-8, which the
-    caller checks (once for a run of one sender's tails, say)."""
+cdef int tail_span(object tail, TailSpan* s, bint copy=False) except -1:
+    """Read ``tail`` (a DELIVER tail; with ``copy``, a DDELIVER tail, its
+    sender's device id after its sender) into ``s`` as strictly as
+    :func:`tail_fields` (:func:`copy_tail_fields`) reads it, all but its
+    sender's UTF-8, which the caller checks (once for a run of one sender's
+    tails, say)."""
     if not PyBytes_CheckExact(tail):
         raise WrongType("a DELIVER tail is bytes")
     cdef Cursor c
     cdef Py_ssize_t k
-    cdef unsigned long long ts, cls
+    cdef unsigned long long ts, cls, device
     c.p = <const unsigned char*>PyBytes_AS_STRING(tail)
     c.end = c.p + PyBytes_GET_SIZE(tail)
     k = take_len(&c, 0xd9, 0xa0, 31)
@@ -787,6 +790,11 @@ cdef int tail_span(object tail, TailSpan* s) except -1:
     s.sender = c.p
     s.sender_len = k
     c.p += k
+    s.device = 0
+    if copy:
+        if not take_uint(&c, &device) or device > <unsigned long long>INT64_MAX:
+            raise InvalidArgument("a DDELIVER tail's sender device is an unsigned int")
+        s.device = <long long>device
     k = take_len(&c, 0xc4, 0, 0)
     if k != 16 or c.end - c.p < k:
         raise InvalidArgument("a DELIVER tail's id is a bin of 16")
@@ -847,6 +855,36 @@ def tail_fields(tail):
     """``(from, id, body, ts_ms)`` of a DELIVER tail: :func:`deliver_tail`'s
     inverse, for the memory store, which keeps a message as its route."""
     return c_tail_fields(tail)
+
+
+# fixarray(8) + uint16 2001: the DDELIVER head (wire.DDELIVER_HEAD)
+cdef bytes DDELIVER_HEAD_BYTES = b"\x98\xcd\x07\xd1"
+
+
+cdef tuple c_copy_tail_fields(object tail, object mid=None):
+    """:func:`copy_tail_fields` for C callers; with ``mid`` (not None) the
+    row ``(mid, from, id, body, ts_ms)`` instead."""
+    cdef TailSpan s
+    cdef object address, sender
+    tail_span(tail, &s, True)
+    try:
+        address = PyUnicode_DecodeUTF8(<const char*>s.sender, s.sender_len, NULL)
+    except UnicodeDecodeError:
+        raise InvalidArgument("a DELIVER tail's sender is UTF-8") from None
+    # the store's sender of a copy (keys.copy_sender)
+    sender = f"{address}/{s.device}"
+    if mid is not None:
+        return (mid, sender, PyBytes_FromStringAndSize(<const char*>s.cid, 16),
+                PyBytes_FromStringAndSize(<const char*>s.body, s.body_len), s.ts)
+    return (sender, PyBytes_FromStringAndSize(<const char*>s.cid, 16),
+            PyBytes_FromStringAndSize(<const char*>s.body, s.body_len), s.ts)
+
+
+def copy_tail_fields(tail):
+    """``(from, id, body, ts_ms)`` of a per-device copy's DDELIVER tail, ``from``
+    the store's ``address/device_id`` (see
+    ``fastroute.wire.py_copy_tail_fields``)."""
+    return c_copy_tail_fields(tail)
 
 
 cdef object uint_ops(object plaintext, unsigned char opcode):

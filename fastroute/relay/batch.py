@@ -60,11 +60,17 @@ class TurnBatch:
     sender (and every resend of the same id that waited meanwhile) gets
     ``reply(link, id, code)``.  A refused batch is not remembered: each sender
     may retry with the same id.
+
+    With ``store_now``, a turn that gathered requests but no items goes to
+    ``store_now(meta)`` instead, which stores and places them at once (the
+    memory store's routes, made from ``meta`` alone; an exception is the
+    store's refusal).
     """
 
     def __init__(self, delivery: "Delivery", dedup: Any, reply: Callable[..., None],
                  place: Callable[[list, list], None], what: str, event: str,
-                 reply_ok: Callable[[Any, list], None] | None = None) -> None:
+                 reply_ok: Callable[[Any, list], None] | None = None,
+                 store_now: Callable[[list], None] | None = None) -> None:
         self.delivery = delivery
         self.dedup = dedup
         self.reply = reply
@@ -72,6 +78,7 @@ class TurnBatch:
         #: accepted ``ids``, for all of them at once (None: ``reply`` each)
         self.reply_ok = reply_ok
         self.place = place
+        self.store_now = store_now
         self.what = what  # for the log line: "per-device sends", "group sends"
         self.event = event
         #: the turn's store items and ``(link, id, extra)`` requests so far
@@ -110,6 +117,17 @@ class TurnBatch:
         meta, self.meta = self.meta, []
         if not meta:
             return
+        if not items and self.store_now is not None:
+            try:
+                self.store_now(meta)
+            except Exception as exc:  # noqa: BLE001 - any refusal is answered alike
+                log.error("store refused a batch of %d %s", len(meta), self.what,
+                          exc_info=True, extra={"event": self.event})
+                self._answer(meta, exc)
+            else:
+                self._answer(meta, None)
+            self.delivery.write_pending()
+            return
         fut = self.delivery.persist(items)
         if fut.done():  # the memory store answers at once: no hop through the loop
             self._stored(meta, fut)
@@ -124,12 +142,16 @@ class TurnBatch:
         exc = fut.exception() if not fut.cancelled() else StoreFailed("store closed")
         if exc is not None:
             self.delivery.persisted(None, 0)
-            code = int(getattr(exc, "code", ErrorCode.STORE_FAILED))
-            log.error("store refused a batch of %d %s (code %d)", len(meta), self.what, code,
+            log.error("store refused a batch of %d %s (code %d)", len(meta), self.what,
+                      int(getattr(exc, "code", ErrorCode.STORE_FAILED)),
                       extra={"event": self.event})
         else:
             self.place(meta, fut.result())
-            code = 0
+        self._answer(meta, exc)
+
+    def _answer(self, meta: list, exc: BaseException | None) -> None:
+        """Answer every request of a stored (``exc`` None) or refused batch."""
+        code = 0 if exc is None else int(getattr(exc, "code", ErrorCode.STORE_FAILED))
         now = time.monotonic()
         dedup, reply = self.dedup, self.reply
         if not code and self.reply_ok is not None:

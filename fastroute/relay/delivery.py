@@ -291,24 +291,39 @@ def py_held_shared(online: dict, rows: list, skip) -> int:
     return py_held_offered(online, [x for item in py_shared_items(rows) for x in item], skip)
 
 
-def py_copies_online(by_device: dict, meta: list, mids: list, feature: str) -> list:
+def py_copies_online(by_device: dict, meta: list, mids: list | int, feature: str,
+                     routes: list | None = None) -> list:
     """The engine's flat ``device id, (mid, tail, head), ...`` batch (for
     ``Router.offer_flat``) of a stored batch of per-device copies: ``meta``
     holds ``(link, id, (to, copies))`` per request, ``copies`` flat
-    (``address, device name, tail`` a copy, as :func:`~fastroute.relay.keys.py_dsend_copies`
-    builds them; every copy's head is ``DDELIVER_HEAD``), and ``mids`` one
-    row id per copy in that order; a copy goes to its device if it is online
-    on a link that negotiated ``feature`` (the store keeps the rest)."""
+    (``address, device name, tail, device keys`` a copy, as
+    :func:`~fastroute.relay.keys.py_dsend_copies` builds them; every copy's
+    head is ``DDELIVER_HEAD``), and ``mids`` one row id per copy in that
+    order (or an int: the first of as many in a row); a copy goes to its
+    device if it is online on a link that negotiated ``feature`` (the store
+    keeps the rest).
+
+    With ``routes`` (a list), ``device keys, (mid, tail, head)`` is appended
+    to it for every copy, online or not, its payload the one the batch
+    holds: the routes ``MemoryStore.put_now`` keeps (the store and the
+    engine then share one tuple a copy)."""
     items: list = []
     at = 0
     for _, _, (_, copies) in meta:
-        if len(copies) % 3:
-            raise InvalidArgument("copies hold address, device name, tail for each copy")
-        for k in range(0, len(copies), 3):
-            address, name, tail = copies[k:k + 3]
+        if len(copies) % 4:
+            raise InvalidArgument("copies hold address, device name, tail, device keys "
+                                  "for each copy")
+        for k in range(0, len(copies), 4):
+            address, name, tail, dkeys = copies[k:k + 4]
             feed = by_device.get((address, name))
-            if feed is not None and feature in feed.link.features:
-                items += (feed.dev, (mids[at], tail, DDELIVER_HEAD))
+            online = feed is not None and feature in feed.link.features
+            if online or routes is not None:
+                mid = mids[at] if isinstance(mids, list) else mids + at
+                payload = (mid, tail, DDELIVER_HEAD)
+                if routes is not None:
+                    routes += (dkeys, payload)
+                if online and feed is not None:
+                    items += (feed.dev, payload)
             at += 1
     return items
 
@@ -818,6 +833,21 @@ class Delivery:
         per copy in ``mids``), without a list of the copies in between."""
         by_device = self._by_device
         self._offer(lambda: copies_online(by_device, meta, mids, "e2ee"), mids[-1])
+
+    def stored_copies(self, meta: list, first: int, put_now: Callable[[list, int], int]) -> int:
+        """Store a batch of per-device sends (the keys stage's ``(link, id, (to,
+        copies))`` per request) at once with ``put_now`` (the memory store's,
+        its mids from ``first`` on, the store's ``next_mid``), as the routes
+        their online devices get: the store and the engine share one payload
+        a copy, and nothing waits for a future.  Returns how many copies were
+        stored; raises what ``put_now`` raised (then nothing was routed)."""
+        routes: list = []
+        batch = copies_online(self._by_device, meta, first, "e2ee", routes)
+        n = put_now(routes, first)
+        self._puts_begun += 1
+        self._puts_in_flight += 1  # what _offer takes back
+        self._offer(lambda: batch, first + n - 1)
+        return n
 
     def persisted_copies(self, copies: list, last_mid: int) -> None:
         """Like :meth:`persisted` for per-device copies ``(address, device name,

@@ -73,7 +73,7 @@ EVENT_POOL_LOW, EVENT_DEVICE_JOINED, EVENT_DEVICE_LEFT = 1, 2, 3
 #: DELIVER-like heads of the feature's persistent relay ops, everything
 #: before the uint32 seq marker: fixarray(8) + uint16 2001 (DDELIVER) and
 #: fixarray(7) + uint16 2002 (EVENT).  See ``delivery.py_pack_delivers``.
-DDELIVER_HEAD = b"\x98\xcd" + int(wire.Op.DDELIVER).to_bytes(2, "big")
+DDELIVER_HEAD = wire.DDELIVER_HEAD
 EVENT_HEAD = b"\x97\xcd" + int(wire.Op.EVENT).to_bytes(2, "big")
 
 #: the ops of feature "safety" (its stage answers them with this stage's REPLY)
@@ -150,18 +150,20 @@ def pack_stored_sender(sender: str, features: frozenset[str]) -> Any:
 
 
 def py_dsend_copies(devs: dict, entries: list | tuple, skip: int, target: str, stored_sender: str,
-                    cid: bytes, now_ms: int, sp: bytes, ts_packed: bytes, items: list,
+                    cid: bytes, now_ms: int, sp: bytes, ts_packed: bytes, items: list | None,
                     copies: list) -> bool:
     """The per-copy loop of a DSEND (compiled twin in ``_keys.pxi``).
 
     True when ``entries`` (``(device_id, reg_id, ciphertext)``) name exactly
     the devices of ``devs`` (device id -> :class:`Slot`) but ``skip``, each once
-    and with its current registration id; then each copy's store item
-    ``(stored_sender, cid, body, now_ms, slot.dkeys)`` is appended to
-    ``items`` and ``target, device name, tail`` to ``copies`` (flat: no
-    tuple a copy; the head of every copy is :data:`DDELIVER_HEAD`).  False
-    otherwise, with nothing appended: the caller then works out what differs
-    (duplicates, missing, extra, stale).
+    and with its current registration id; then ``target, device name, tail,
+    slot.dkeys`` is appended to ``copies`` for each copy (flat: no tuple a
+    copy; the head of every copy is :data:`DDELIVER_HEAD`) and, unless
+    ``items`` is None, its store item ``(stored_sender, cid, body, now_ms,
+    slot.dkeys)`` to ``items`` (a store that keeps copies as their routes
+    needs none: :meth:`Keys._store_now`).  False otherwise, with nothing
+    appended: the caller then works out what differs (duplicates, missing,
+    extra, stale).
     """
     n = len(devs) - (1 if skip in devs else 0)
     if len(entries) != n:
@@ -174,9 +176,10 @@ def py_dsend_copies(devs: dict, entries: list | tuple, skip: int, target: str, s
         seen.add(did)
     for did, _, body in entries:
         slot = devs[did]
-        name = slot.name
-        items.append((stored_sender, cid, body, now_ms, slot.dkeys))
-        copies += (target, name, wire.py_deliver_tail(sp, cid, body, ts_packed, 0))
+        if items is not None:
+            items.append((stored_sender, cid, body, now_ms, slot.dkeys))
+        copies += (target, slot.name, wire.py_deliver_tail(sp, cid, body, ts_packed, 0),
+                   slot.dkeys)
     return True
 
 
@@ -186,7 +189,7 @@ dsend_copies = twin(py_dsend_copies)
 
 def py_dsend_run(ops: list, i: int, lists: dict, reach: dict, skip: int, sender: str,
                  stored_sender: str, now_ms: int, sp: bytes, ts_packed: bytes, tokens: list,
-                 dedup: Any, now: float, items: list, meta: list, link: Any) -> int:
+                 dedup: Any, now: float, items: list | None, meta: list, link: Any) -> int:
     """The run of a frame's DSENDs, from ``ops[i]``, that :meth:`Keys.dsend_many`
     accepts without a word to say: returns where the run stops (``len(ops)``
     when it took them all), the op it stopped at untouched.
@@ -196,8 +199,8 @@ def py_dsend_run(ops: list, i: int, lists: dict, reach: dict, skip: int, sender:
     entries) are exactly current (:func:`py_dsend_copies`, ``skip`` the
     sending device's id) and ``tokens`` (``[messages, bytes]``) cover its
     copies and their bytes: then the tokens are spent, the id recorded
-    PENDING at ``now``, its store items appended to ``items`` and
-    ``(link, id, (to, copies))`` to ``meta``.  Any other op ends the run (the
+    PENDING at ``now``, its store items appended to ``items`` (unless it is
+    None) and ``(link, id, (to, copies))`` to ``meta``.  Any other op ends the run (the
     caller answers it the precise way).  The specification of the compiled
     ``dsend_run`` (``_keys.pxi``).
     """
@@ -212,7 +215,7 @@ def py_dsend_run(ops: list, i: int, lists: dict, reach: dict, skip: int, sender:
                 break
             entries = list(entries)
             own = list(own)
-            op_items: list = []
+            op_items: list | None = None if items is None else []
             copies: list = []
             if not (dsend_copies(lists[to], entries, skip if to == sender else 0, to,
                                  stored_sender, cid, now_ms, sp, ts_packed, op_items, copies)
@@ -225,13 +228,14 @@ def py_dsend_run(ops: list, i: int, lists: dict, reach: dict, skip: int, sender:
                 size += len(e[2])
             for e in own:
                 size += len(e[2])
-            k = len(op_items)
+            k = len(copies) // 4
             if msg_tokens < k or byte_tokens < size:
                 break
             msg_tokens -= k
             byte_tokens -= size
             dedup.begin(sender, cid, PENDING, now)
-            items.extend(op_items)
+            if items is not None and op_items is not None:
+                items.extend(op_items)
             meta.append((link, cid, (to, copies)))
             i += 1
     finally:
@@ -610,9 +614,17 @@ class Keys:
         self._senders: dict[tuple[str, int], tuple[bytes, str]] = {}
         # per requester address: bundles it may still fetch (each consumes prekeys)
         self._fetch_buckets: dict[str, TokenBucket] = {}
+        # a store that takes a batch at once (the memory store) keeps each
+        # copy as the route its device gets: no store item is made for it
+        # (unless the caps count what is stored: they count items)
+        store = delivery.store
+        self._put_now: Callable[[list, int], int] | None = (
+            getattr(store, "put_now", None) if getattr(store, "next_mid", None) is not None
+            and not delivery.caps.enabled else None)
         # DSENDs accepted in this loop turn, stored together, then answered
         self._batch = TurnBatch(delivery, self.dedup, self._reply, self._place,
-                                "per-device sends", "keys.store_failed", self._replies_ok)
+                                "per-device sends", "keys.store_failed", self._replies_ok,
+                                self._store_now if self._put_now is not None else None)
         # pools whose owner was told they run low: (address, device name, kind)
         self._told_low: set[tuple[str, str, int]] = set()
         self.accepted = 0
@@ -897,7 +909,9 @@ class Keys:
             # may_reach has no effects: asked once per recipient of the frame
             for to in new_targets(ops, reach):
                 reach[to] = self.may_reach(link, to)
-        items, meta = batch.items, batch.meta
+        # no store items when the store keeps the copies' routes (_store_now)
+        items = batch.items if self._put_now is None else None
+        meta = batch.meta
         i, n = 0, len(ops)
         taken = 0
         try:
@@ -980,13 +994,26 @@ class Keys:
     def _place(self, meta: list, mids: list) -> None:
         """A batch of DSENDs was stored: each copy to its own device."""
         self.delivery.persisted_requests(meta, mids)
+        self._placed(meta, len(mids))
+
+    def _store_now(self, meta: list) -> None:
+        """Store a batch of DSENDs with the store's ``put_now`` and place it,
+        at once (the memory store): each copy kept as the route its device
+        gets."""
+        assert self._put_now is not None
+        # a store with put_now has next_mid (checked when _put_now was set)
+        first = self.delivery.store.next_mid()  # type: ignore[attr-defined]
+        self._placed(meta, self.delivery.stored_copies(meta, first, self._put_now))
+
+    def _placed(self, meta: list, n: int) -> None:
+        """``n`` copies of a batch of DSENDs were stored and placed."""
         safety = self.safety
         if safety is not None and safety.window > 0:
             # spam reports count only for pairs the relay really carried;
             # a batch is mostly one sender's: one call per sender, not per DSEND
             for sender, tos in recipients_by_sender(meta).items():
                 safety.delivered(sender, tos)
-        self.accepted += len(mids)
+        self.accepted += n
 
     # ------------------------------------------------------------ events
     def event(self, address: str, name: str, kind: int, data: list) -> None:
