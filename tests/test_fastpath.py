@@ -2515,6 +2515,17 @@ def test_dsend_copies_twins(entries, skip, ok):
         for cls in (keys.PySlot, _core.Slot):
             assert _dsend_case(_core.dsend_copies, entries, skip, cls) == got
             assert _dsend_case(keys.py_dsend_copies, entries, skip, cls) == got
+    if _core is not None:
+        # the same entries read in place by the compiled decoder
+        frame = _frame([wire.dsend_op(MID, ADDR, False, [tuple(e) for e in entries], [])])
+        wire.decode_client_frame_precise(frame)  # its recipient known valid
+        in_place = _core.decode_dsends(frame, wire._ADDR_OK)[0][4]
+        assert type(in_place).__name__ == ("_Entries" if entries else "tuple")
+        for cls in (keys.PySlot, _core.Slot):
+            for fn in (_core.dsend_copies, keys.py_dsend_copies):
+                assert _dsend_case(fn, in_place, skip, cls) == got
+                assert _dsend_case(fn, in_place, skip, cls, items=False) == (
+                    got[0], None, got[2])
     # without a list for the store items (a store that keeps the copies'
     # routes), the same answer and copies, and no item made
     bare = _same(lambda: _dsend_case(keys.py_dsend_copies, entries, skip, items=False),
@@ -2555,7 +2566,7 @@ def test_slot_twins():
             slot.other = 1  # a slot holds its six fields and nothing else
 
 
-def _dsend_run_case(fn, table, seed, with_items=True):
+def _dsend_run_case(fn, table, seed, with_items=True, decoded=False):
     """A random frame of DSENDs through ``fn`` (py_dsend_run or its twin), run
     after run as Keys.dsend_many calls it (skipping the op a run stops at):
     where each run stopped, the tokens, the items, the requests, the dedup
@@ -2598,6 +2609,12 @@ def _dsend_run_case(fn, table, seed, with_items=True):
         ops.append((1004, rng.choice(ids) if rng.random() < 0.3 else rng.randbytes(16), to,
                     False, entries(to if to in lists else "r@x.org", False)
                     if rng.random() > 0.03 else (), own))
+    if decoded:
+        # the compiled decoder's ops: entries read in place (_Entries)
+        frame = _frame([wire.dsend_op(op[1], op[2], False, op[4], op[5]) for op in ops])
+        wire.decode_client_frame_precise(frame)  # its recipients known valid
+        ops = _core.decode_dsends(frame, wire._ADDR_OK)
+        assert ops is not None and any(type(op[4]).__name__ == "_Entries" for op in ops)
     tokens = [float(rng.randrange(0, 120)), float(rng.randrange(0, 3000))]
     items: list | None = [] if with_items else None
     meta: list = []
@@ -2623,6 +2640,10 @@ def test_dsend_run_twins(seed):
     if _core is not None:
         assert _dsend_run_case(_core.dsend_run, _core.DedupTable, seed) == want
         assert _dsend_run_case(_core.dsend_run, _core.DedupTable, seed, False) == bare
+        # the same ops decoded by the compiled decoder, their entries in place
+        assert _dsend_run_case(_core.dsend_run, _core.DedupTable, seed, True, True) == want
+        assert _dsend_run_case(_core.dsend_run, _core.DedupTable, seed, False, True) == bare
+        assert _dsend_run_case(keys.py_dsend_run, dedup.DedupWindow, seed, True, True) == want
     assert bare[:2] + bare[3:] == want[:2] + want[3:] and bare[2] is None
     stops, tokens, items, meta, _ = want
     assert tokens[0] >= 0 and tokens[1] >= 0
@@ -3010,7 +3031,9 @@ def _decoder_twins(plaintext, declined, spec, compiled, public):
         got = compiled(plaintext)
         assert got == want
         if got:
-            assert [type(x) for op in got for x in op] == [type(x) for op in want for x in op]
+            # a DSEND's entries read in place read as the spec's tuple
+            assert [tuple if type(x).__name__ == "_Entries" else type(x)
+                    for op in got for x in op] == [type(x) for op in want for x in op]
     assert public(plaintext) == (want if _core is not None else None)
 
 
@@ -3055,6 +3078,34 @@ def test_decode_dsends_keeps_one_int_a_registration_id():
     assert [e[1] for e in first] == regs
     assert all(a[1] is b[1] for a, b in zip(first, second))
     assert _c_decode_dsends(plaintext)[0][4][2][1] is first[2][1]  # and from call to call
+
+
+@needs_c
+def test_decoded_entries_read_in_place_as_the_specifications_tuples():
+    # a frame's entries: one record array for all its ops; each field reads
+    # as the specification's tuple of (device id, registration id, body)
+    ops = [wire.dsend_op(bytes([i]) * 16, ADDR, False,
+                         [(d, 300 * d, bytes([d]) * (d * 7 % 50)) for d in range(1, 4 + i)],
+                         [(9, 16383, b"own")] if i % 2 else []) for i in range(6)]
+    plaintext = _frame(ops)
+    got = _c_decode_dsends(plaintext)
+    want = _py_decode_dsends(plaintext)
+    assert got == want
+    for g, w in zip(got, want):
+        ents, own = g[4], g[5]
+        assert type(ents).__name__ == "_Entries" and len(ents) == len(w[4])
+        assert tuple(ents) == ents.totuple() == w[4] and list(ents) == list(w[4])
+        assert (ents[0], ents[-1], ents[1:], ents[::-1]) == (
+            w[4][0], w[4][-1], w[4][1:], w[4][::-1])
+        assert ents == w[4] and not ents != w[4] and ents != w[4][:-1] and ents != list(w[4])
+        assert copy.deepcopy(ents) == w[4] and type(copy.deepcopy(ents)) is tuple
+        assert own == w[5] and (type(own) is tuple) is (not w[5])  # none: ()
+        for bad in (len(ents), -len(ents) - 1):
+            with pytest.raises(IndexError):
+                ents[bad]
+        with pytest.raises(TypeError):
+            hash(ents)
+        assert "entries" in repr(ents) and bool(ents)
 
 
 def test_decode_dsends_fuzz():

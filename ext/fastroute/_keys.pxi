@@ -48,10 +48,88 @@ def dsend_copies(dict devs, object entries, long skip, str target, str stored_se
     decoder), so "each once" is a 128-bit mask.  ``entries`` is a tuple (the
     decoder's) or any sequence.
     """
-    # the decoder's tuple as it is: no copy per DSEND
+    # the decoder's entries as they are: no copy per DSEND
+    if type(entries) is _Entries:
+        return c_dsend_copies_in_place(devs, <_Entries>entries, skip, target, stored_sender,
+                                       cid, now_ms, sp, ts_packed, items, copies)
     cdef tuple ents = entries if PyTuple_CheckExact(entries) else tuple(entries)
     return c_dsend_copies(devs, ents, skip, target, stored_sender, cid, now_ms, sp,
                           ts_packed, items, copies)
+
+
+cdef inline bint c_copies_of(dict devs, object ents, long skip, str target,
+                             str stored_sender, bytes cid, object now_ms, bytes sp,
+                             bytes ts_packed, list items, list copies) except -1:
+    # dsend_copies of the decoder's entries (_Entries or a tuple), for dsend_run
+    if type(ents) is _Entries:
+        return c_dsend_copies_in_place(devs, <_Entries>ents, skip, target, stored_sender,
+                                       cid, now_ms, sp, ts_packed, items, copies)
+    return c_dsend_copies(devs, <tuple>ents, skip, target, stored_sender, cid, now_ms, sp,
+                          ts_packed, items, copies)
+
+
+cdef bint c_dsend_copies_in_place(dict devs, _Entries ents, long skip, str target,
+                                  str stored_sender, bytes cid, object now_ms, bytes sp,
+                                  bytes ts_packed, list items, list copies) except -1:
+    # c_dsend_copies of entries read in place: each copy's tail is made from
+    # its ciphertext where it lies in the frame (no tuple or bytes an entry;
+    # a store item's body is made only when one is asked for).  The decoder
+    # checked the ranges: device ids 1..127, registration ids 1..16383.
+    cdef Py_ssize_t n = ents.stop - ents.start, i
+    cdef unsigned long long seen[2]
+    cdef long did
+    cdef const EntryRec* r
+    cdef object slot, rid, name, dkeys
+    cdef Slot cs
+    cdef PyObject* found
+    cdef PyObject* slots[127]
+    cdef int overflow
+    cdef Py_ssize_t want = len(devs) - (1 if skip in devs else 0)
+    if n != want or n > 127:
+        return False
+    seen[0] = 0
+    seen[1] = 0
+    for i in range(n):
+        r = ents.rec(i)
+        did = r.did
+        if did == skip or seen[did >> 6] & (1ULL << (did & 63)):
+            return False
+        seen[did >> 6] |= 1ULL << (did & 63)
+        found = PyDict_GetItemWithError(devs, PyLong_FromLongLong(did))
+        if found == NULL:
+            return False
+        if type(<object>found) is Slot:
+            cs = <Slot>found
+            rid = cs.reg_id
+        else:
+            rid = (<object>found).reg_id
+        # a slot's registration id is an int: compared as one, without an
+        # object for the entry's
+        if PyLong_CheckExact(rid):
+            if PyLong_AsLongLongAndOverflow(rid, &overflow) != r.reg or overflow:
+                return False
+        elif rid != reg_id_int(<unsigned long long>r.reg):
+            return False
+        slots[i] = found
+    for i in range(n):
+        r = ents.rec(i)
+        if type(<object>slots[i]) is Slot:
+            cs = <Slot>slots[i]
+            name = cs.name
+            dkeys = cs.dkeys
+        else:
+            slot = <object>slots[i]
+            name = slot.name
+            dkeys = slot.dkeys
+        if items is not None:
+            items.append((stored_sender, cid,
+                          PyBytes_FromStringAndSize(ents.body_at(i), r.size), now_ms, dkeys))
+        copies.append(target)
+        copies.append(name)
+        copies.append(c_deliver_tail_p(sp, PyBytes_AS_STRING(cid), PyBytes_GET_SIZE(cid),
+                                       ents.body_at(i), r.size, ts_packed, 0))
+        copies.append(dkeys)
+    return True
 
 
 cdef bint c_dsend_copies(dict devs, tuple ents, long skip, str target, str stored_sender,
@@ -141,9 +219,8 @@ def dsend_run(list ops, Py_ssize_t i, dict lists, dict reach, long skip, str sen
     cdef int seen, code
     cdef Py_hash_t h
     cdef Py_hash_t hashes[DEDUP_BATCH]
-    cdef object op, cid, to, entries, own, devs
+    cdef object op, cid, to, entries, own, devs, ents, owns
     cdef list copies
-    cdef tuple ents, owns
     try:
         while i < n:
             op = ops[i]
@@ -167,29 +244,27 @@ def dsend_run(list ops, Py_ssize_t i, dict lists, dict reach, long skip, str sen
             entries = op[4]
             if not entries:
                 break
-            # the decoder's tuples as they are (a copy of any other sequence)
-            ents = entries if PyTuple_CheckExact(entries) else tuple(entries)
+            # the decoder's entries as they are, in place or tuples (a tuple
+            # copy of any other sequence)
+            ents = (entries if PyTuple_CheckExact(entries) or type(entries) is _Entries
+                    else tuple(entries))
             own = op[5]
-            owns = own if PyTuple_CheckExact(own) else tuple(own)
+            owns = own if PyTuple_CheckExact(own) or type(own) is _Entries else tuple(own)
             # the op's store items go straight into items, taken back if it
             # stops the run
             start = PyList_GET_SIZE(items) if items is not None else 0
             copies = []
             devs = lists[to]
-            if not c_dsend_copies(devs, ents, skip if to == sender else 0, to, stored_sender,
-                                  cid, now_ms, sp, ts_packed, items, copies):
+            if not c_copies_of(devs, ents, skip if to == sender else 0, to, stored_sender,
+                               cid, now_ms, sp, ts_packed, items, copies):
                 break
-            if owns and (to == sender or not c_dsend_copies(
+            if len(owns) and (to == sender or not c_copies_of(
                     lists.get(sender, {}), owns, skip, sender, stored_sender, cid, now_ms,
                     sp, ts_packed, items, copies)):
                 if items is not None:
                     del items[start:]
                 break
-            size = 0
-            for j in range(PyTuple_GET_SIZE(ents)):
-                size += len((<object>PyTuple_GET_ITEM(ents, j))[2])
-            for j in range(PyTuple_GET_SIZE(owns)):
-                size += len((<object>PyTuple_GET_ITEM(owns, j))[2])
+            size = _entries_bytes(ents) + _entries_bytes(owns)
             k = PyList_GET_SIZE(copies) >> 2
             if msg_tokens < k or byte_tokens < size:
                 if items is not None:
@@ -205,6 +280,16 @@ def dsend_run(list ops, Py_ssize_t i, dict lists, dict reach, long skip, str sen
         tokens[0] = msg_tokens
         tokens[1] = byte_tokens
     return i
+
+
+cdef Py_ssize_t _entries_bytes(object ents) except -1:
+    # the ciphertexts' bytes of a DSEND's entries (_Entries or a tuple)
+    cdef Py_ssize_t j, size = 0
+    if type(ents) is _Entries:
+        return (<_Entries>ents).nbytes()
+    for j in range(PyTuple_GET_SIZE(ents)):
+        size += len((<object>PyTuple_GET_ITEM(ents, j))[2])
+    return size
 
 
 def recipients_by_sender(list meta):

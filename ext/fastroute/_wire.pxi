@@ -1127,13 +1127,129 @@ cdef inline object reg_id_int(unsigned long long reg):
     return <object>p
 
 
-cdef object take_entries(Cursor* c):
+cdef struct EntryRec:
+    # one DSEND entry of a frame, read in place (see _Entries)
+    Py_ssize_t body     # where its ciphertext starts in the frame
+    Py_ssize_t size
+    int did
+    int reg
+
+
+@cython.final
+cdef class _EntryRecs:
+    """A frame's DSEND entry records, grown as the frame is read and shared by
+    its ops' :class:`_Entries` (freed with the last of them)."""
+
+    cdef EntryRec* recs
+    cdef Py_ssize_t n, cap
+
+    def __dealloc__(self):
+        PyMem_Free(self.recs)
+
+    cdef int add(self, Py_ssize_t body, Py_ssize_t size, int did, int reg) except -1:
+        cdef EntryRec* grown
+        cdef Py_ssize_t cap
+        if self.n == self.cap:
+            cap = self.cap * 2 if self.cap else 64
+            grown = <EntryRec*>PyMem_Realloc(self.recs, cap * sizeof(EntryRec))
+            if grown == NULL:
+                raise MemoryError()
+            self.recs = grown
+            self.cap = cap
+        self.recs[self.n].body = body
+        self.recs[self.n].size = size
+        self.recs[self.n].did = did
+        self.recs[self.n].reg = reg
+        self.n += 1
+        return 0
+
+
+@cython.final
+cdef class _Entries:
+    """A DSEND's entries, read in place: what :func:`decode_dsends` gives for
+    a non-empty entries (or own) field.
+
+    It reads as the tuple of ``(device id, registration id, ciphertext)``
+    tuples the specification gives (length, items, slices, iteration,
+    ``==``), but holds no tuple or ``bytes`` of its own: the keys stage's
+    compiled loop (``c_dsend_copies``) reads each ciphertext where it is in
+    the frame, so an accepted copy makes only its DDELIVER tail.  Any item
+    is made when asked for.
+    """
+
+    cdef bytes frame          # the plaintext the records point into
+    cdef _EntryRecs buf       # the frame's records (their array may move: indices here)
+    cdef Py_ssize_t start, stop
+
+    def __len__(self):
+        return self.stop - self.start
+
+    cdef inline const EntryRec* rec(self, Py_ssize_t k) noexcept:
+        return &self.buf.recs[self.start + k]
+
+    cdef inline const char* body_at(self, Py_ssize_t k) noexcept:
+        return PyBytes_AS_STRING(self.frame) + self.buf.recs[self.start + k].body
+
+    cdef Py_ssize_t nbytes(self) noexcept:
+        # the ciphertexts' bytes in all
+        cdef Py_ssize_t k, total = 0
+        for k in range(self.start, self.stop):
+            total += self.buf.recs[k].size
+        return total
+
+    cdef tuple entry(self, Py_ssize_t k):
+        cdef const EntryRec* r = self.rec(k)
+        return (PyLong_FromLongLong(r.did), reg_id_int(<unsigned long long>r.reg),
+                PyBytes_FromStringAndSize(self.body_at(k), r.size))
+
+    def totuple(self):
+        """The entries as the specification's tuple of tuples."""
+        cdef Py_ssize_t k
+        return tuple([self.entry(k) for k in range(self.stop - self.start)])
+
+    def __getitem__(self, index):
+        cdef Py_ssize_t n = self.stop - self.start, i
+        if isinstance(index, slice):
+            return self.totuple()[index]
+        i = index
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError("_Entries index out of range")
+        return self.entry(i)
+
+    def __iter__(self):
+        return iter(self.totuple())
+
+    def __eq__(self, other):
+        if isinstance(other, _Entries):
+            other = other.totuple()
+        if not isinstance(other, tuple):
+            return NotImplemented
+        return self.totuple() == other
+
+    def __ne__(self, other):
+        eq = self.__eq__(other)
+        return eq if eq is NotImplemented else not eq
+
+    __hash__ = None
+
+    def __repr__(self):
+        return f"_Entries({self.stop - self.start} entries)"
+
+    def __reduce__(self):
+        # a copy (the tests deep-copy what they feed both twins) is the tuple
+        return (tuple, (self.totuple(),))
+
+
+cdef object take_entries(Cursor* c, bytes frame, _EntryRecs buf):
     """A DSEND's ``[[device id 1..127, registration id 1..16383, ciphertext bin
-    <= MAX_BODY], ...]`` (at most 127) as a tuple of tuples, or None."""
-    cdef Py_ssize_t n, i, k
+    <= MAX_BODY], ...]`` (at most 127) as :class:`_Entries` over ``frame``
+    (records appended to ``buf``; ``()`` when there are none), or None."""
+    cdef Py_ssize_t n, i, k, start
     cdef unsigned long long did = 0, reg = 0
-    cdef tuple out
-    cdef object body, e
+    cdef _Entries out
+    cdef const unsigned char* base = <const unsigned char*>PyBytes_AS_STRING(frame)
     if c.p >= c.end:
         return None
     if 0x90 <= c.p[0] <= 0x9f:
@@ -1146,7 +1262,7 @@ cdef object take_entries(Cursor* c):
         return None
     if n > 127:
         return None
-    out = PyTuple_New(n)
+    start = buf.n
     for i in range(n):
         if c.p >= c.end or c.p[0] != 0x93:
             return None
@@ -1158,11 +1274,15 @@ cdef object take_entries(Cursor* c):
         k = take_len(c, 0xc4, 0, 0)
         if k < 0 or k > WIRE_MAX_BODY or c.end - c.p < k:
             return None
-        body = PyBytes_FromStringAndSize(<const char*>c.p, k)
+        buf.add(c.p - base, k, <int>did, <int>reg)
         c.p += k
-        e = (PyLong_FromUnsignedLongLong(did), reg_id_int(reg), body)
-        Py_INCREF(e)
-        PyTuple_SET_ITEM(out, i, e)
+    if n == 0:
+        return ()
+    out = _Entries.__new__(_Entries)
+    out.frame = frame
+    out.buf = buf
+    out.start = start
+    out.stop = buf.n
     return out
 
 
@@ -1173,7 +1293,8 @@ def decode_dsends(plaintext, set addr_ok):
     valid DSEND ops ``[1004, id bin8 of 16, to str, more bool, entries,
     own]`` in the usual encodings whose recipients are all in ``addr_ok``;
     ``None`` for anything else, so the caller decodes that frame the precise
-    way.
+    way.  Non-empty entries come as :class:`_Entries`, read in place (empty
+    ones as ``()``).
     """
     if not PyBytes_CheckExact(plaintext):
         return None
@@ -1183,6 +1304,8 @@ def decode_dsends(plaintext, set addr_ok):
     cdef object cid, to = None, more, entries, own
     cdef const unsigned char* prev_p = NULL
     cdef Py_ssize_t prev_n = -1
+    # the frame's entry records, one array for all its ops
+    cdef _EntryRecs buf = _EntryRecs.__new__(_EntryRecs)
     c.p = <const unsigned char*>PyBytes_AS_STRING(plaintext)
     c.end = c.p + PyBytes_GET_SIZE(plaintext)
     n = frame_ops(&c)
@@ -1213,10 +1336,10 @@ def decode_dsends(plaintext, set addr_ok):
             return None
         more = True if c.p[0] == 0xc3 else False
         c.p += 1
-        entries = take_entries(&c)
+        entries = take_entries(&c, <bytes>plaintext, buf)
         if entries is None:
             return None
-        own = take_entries(&c)
+        own = take_entries(&c, <bytes>plaintext, buf)
         if own is None:
             return None
         ops.append((1004, cid, to, more, entries, own))
