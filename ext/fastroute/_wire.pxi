@@ -9,6 +9,7 @@
 #   decode_server_ops   = py_decode_server_ops
 #   deliver_tail        = py_deliver_tail
 #   tail_fields         = py_tail_fields
+#   copy_tail_fields    = py_copy_tail_fields
 #   sack_ok_op          = py_sack_ok_op
 #   dsend_ok            = py_dsend_ok
 #   gsend_ok            = py_gsend_ok
