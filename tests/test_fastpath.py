@@ -1172,6 +1172,71 @@ def test_accept_sends_twins_blocks_answer_as_unknown(require_consent, as_run):
     assert out[2] == wire.sack_op(ids[3], other) and out[3] == wire.sack_op(ids[4], other)
 
 
+@pytest.mark.parametrize("as_run", [False, True])
+@pytest.mark.parametrize("require_consent", [False, True])
+def test_accept_sends_twins_read_a_recipient_again_after_python_code_ran(as_run,
+                                                                          require_consent):
+    # a run of SENDs to one recipient is decided by its first (blocks, known,
+    # consent); a tap or a refusal's count is Python code, which may change
+    # those tables: the next SEND of the run reads them again, as the
+    # specification reads them for every SEND
+    ids = [bytes([i]) * 16 for i in range(9)]
+    TO = "carol@other.net"  # another provider's: consent applies
+    sends = [(1, ids[i], TO, b"m%d" % i, 0) for i in range(9)]
+
+    def call(fn, gate_cls, link_cls, impl, run):
+        known = {TO: [1]}
+        blocks: dict = {}
+        consent = {TO: {"example.org"}} if require_consent else None
+        log: list = []
+
+        def tap(now_ms, sender, to, size, cls):
+            log.append(("tap", size))
+            taps_seen = sum(1 for e in log if e[0] == "tap")
+            if taps_seen == 2:
+                del known[TO]                          # the next is unknown
+            elif taps_seen == 4:
+                blocks[TO] = {"alice@example.org"}     # the next is hidden
+
+        def count(code):
+            log.append(("refused", int(code)))
+            refusals = sum(1 for e in log if e[0] == "refused")
+            if refusals == 1:
+                known[TO] = [1]                        # known again
+            elif refusals == 2:
+                blocks.clear()
+                if consent is not None:
+                    consent.clear()                      # no consent: refused
+            elif refusals == 3 and consent is not None:
+                consent[TO] = {"*"}
+        gate = gate_cls(known, _table(impl, []), consent, [tap], count, wire.sack_op,
+                        (ErrorCode.BODY_TOO_LARGE, ErrorCode.UNKNOWN_RECIPIENT,
+                         ErrorCode.CONSENT_REQUIRED, ErrorCode.RATE_LIMITED), blocks)
+        out: list = []
+        lg = link_cls("conn", out, "alice@example.org", SENDER_PACKED, "example.org", 1000,
+                      None, None)
+        lg.msg_tokens, lg.byte_tokens = 1000.0, 1e9
+        items: list = []
+        meta: list = []
+        fn(gate, lg, _as_run(sends) if run else _flat_sends(sends), 100.0, TS, TS_PACKED,
+           items, meta, None)
+        return log, [wire.py_tail_fields(t)[1] for t in items[1::2]], out
+
+    py, c = _twins()
+    want = call(gate_mod.py_accept_sends, gate_mod.PySendGate, gate_mod.PyLinkGate, py, False)
+    if c is not None:
+        assert call(_core.accept_sends, _core.SendGate, _core.LinkGate, c, as_run) == want
+    log, stored, _ = want
+    unknown, needs = int(ErrorCode.UNKNOWN_RECIPIENT), int(ErrorCode.CONSENT_REQUIRED)
+    assert [e[1] if e[0] == "refused" else "ok" for e in log] == (
+        # another provider's address that is unknown or hides itself answers
+        # as one that did not consent (no enumeration)
+        ["ok", "ok", needs, "ok", "ok", needs, needs, "ok", "ok"] if require_consent
+        else ["ok", "ok", unknown, "ok", "ok", unknown, "ok", "ok", "ok"])
+    assert stored == [ids[i] for i in ((0, 1, 3, 4, 7, 8) if require_consent
+                                       else (0, 1, 3, 4, 6, 7, 8))]
+
+
 # -- relay frames: the SACK/DELIVER fast path (client side) --------------------------------
 
 SENDER = "alice@example.org"

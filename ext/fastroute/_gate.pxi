@@ -219,6 +219,13 @@ cdef class LinkGate:
         self.byte_tokens = 0.0
 
 
+cdef enum:
+    # what a recipient alone decides of a SEND to it (accept_sends)
+    VERDICT_KNOWN = 0     # may be written to: the message's own checks follow
+    VERDICT_CONSENT = 1   # CONSENT_REQUIRED
+    VERDICT_UNKNOWN = 2   # UNKNOWN_RECIPIENT
+
+
 def accept_sends(SendGate gate not None, LinkGate lg not None, object sends, object now,
                  object now_ms, bytes ts_packed, list store_items, list meta,
                  object first_mid=None):
@@ -270,6 +277,10 @@ def accept_sends(SendGate gate not None, LinkGate lg not None, object sends, obj
     cdef tuple refusals = gate.refusals
     cdef dict blocks = gate.blocks
     cdef object cid, to, body, cls, code, tail, accepted, tap, devs, route
+    # the last recipient's verdict (see below); None: none yet, or Python
+    # code ran since (a refusal's count, a tap) that may have changed the tables
+    cdef object last_to = None, last_devs = None
+    cdef int last_verdict = VERDICT_UNKNOWN
     cdef PyObject* pdevs
     cdef set blocked
     cdef bint hidden
@@ -355,38 +366,55 @@ def accept_sends(SendGate gate not None, LinkGate lg not None, object sends, obj
                     else:
                         sacks_out(&sacks, out)
                         out.append(sack_op(cid, seen_code))
+                        last_to = None  # Python code ran
                     continue
                 if run is None:
                     size = len(body)
-                # a recipient that blocked the sender (its address or provider) is,
-                # to that sender, an address that does not exist; nobody's blocks:
-                # one size test, a recipient without blocks: one lookup
-                hidden = False
-                if blocks:
-                    blocked = blocks.get(to)
-                    # typed set: two PySet_Contains; the own-address test only when it matters
-                    if (blocked is not None and (sender in blocked or own in blocked)
-                            and to != sender):
-                        hidden = True
                 devs = None
                 if size > max_body:
                     code = too_large
                 else:
-                    # the recipient's one lookup: whether it is known, and its
-                    # device keys if the message is stored (a strong reference,
-                    # whatever runs before they are used)
-                    pdevs = PyDict_GetItemWithError(known, to)
-                    if pdevs != NULL:
-                        devs = <object>pdevs
-                    if consent is not None and not (
-                            PyUnicode_Tailmatch(to, own, 0, PY_SSIZE_T_MAX, 1) == 1
-                            or (devs is not None and not hidden
-                                and (accepted := consent.get(to)) is not None
-                                and (provider in accepted or "*" in accepted))):
-                        # an unknown address gets the same answer as one that did not
-                        # opt in: a sender the recipient never accepted cannot tell them apart
+                    if to is not last_to:
+                        # what the recipient alone decides (blocks, whether it
+                        # is known, consent), once for a run of SENDs to it
+                        # (the decoder hands such a run one str)
+                        last_to = to
+                        # a recipient that blocked the sender (its address or
+                        # provider) is, to that sender, an address that does
+                        # not exist; nobody's blocks: one size test, a
+                        # recipient without blocks: one lookup
+                        hidden = False
+                        if blocks:
+                            blocked = blocks.get(to)
+                            # typed set: two PySet_Contains; the own-address
+                            # test only when it matters
+                            if (blocked is not None and (sender in blocked or own in blocked)
+                                    and to != sender):
+                                hidden = True
+                        # the recipient's one lookup: whether it is known, and
+                        # its device keys if the message is stored (a strong
+                        # reference, whatever runs before they are used)
+                        last_devs = None
+                        pdevs = PyDict_GetItemWithError(known, to)
+                        if pdevs != NULL:
+                            last_devs = <object>pdevs
+                        if consent is not None and not (
+                                PyUnicode_Tailmatch(to, own, 0, PY_SSIZE_T_MAX, 1) == 1
+                                or (last_devs is not None and not hidden
+                                    and (accepted := consent.get(to)) is not None
+                                    and (provider in accepted or "*" in accepted))):
+                            # an unknown address gets the same answer as one
+                            # that did not opt in: a sender the recipient never
+                            # accepted cannot tell them apart
+                            last_verdict = VERDICT_CONSENT
+                        elif hidden or last_devs is None:
+                            last_verdict = VERDICT_UNKNOWN
+                        else:
+                            last_verdict = VERDICT_KNOWN
+                    devs = last_devs
+                    if last_verdict == VERDICT_CONSENT:
                         code = consent_required
-                    elif hidden or devs is None:
+                    elif last_verdict == VERDICT_UNKNOWN:
                         code = unknown
                     elif mt < 1.0 or bt < <double>size:
                         code = rate_limited  # a refused message costs no quota
@@ -398,6 +426,7 @@ def accept_sends(SendGate gate not None, LinkGate lg not None, object sends, obj
                 if code is not None:
                     # A refusal is not remembered: the sender may retry the same id.
                     count_error(code)
+                    last_to = None  # Python code ran: the tables are read again
                     sacks_out(&sacks, out)
                     if cid is None:
                         cid = PyBytes_FromStringAndSize(cidp, 16)
@@ -444,6 +473,7 @@ def accept_sends(SendGate gate not None, LinkGate lg not None, object sends, obj
                     sacks_out(&sacks, out)
                     for tap in taps:
                         tap(now_ms, sender, to, size, cls)
+                    last_to = None  # a tap may change the tables
     finally:
         # the ephemeral SACK-oks not yet out (in order: every other answer
         # above put the ones before it out first), whatever stopped the loop
