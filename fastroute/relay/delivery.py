@@ -38,7 +38,7 @@ from ..histogram import Histogram
 from .caps import Caps
 from ..errors import (ErrorCode, FastrouteError, InvalidArgument, MailboxFull, UnknownAddress,
                       WrongType)
-from .keys import DDELIVER_HEAD, pack_stored_sender
+from .keys import pack_stored_sender
 
 if TYPE_CHECKING:
     from ..identity import Credential
@@ -298,7 +298,7 @@ def py_copies_online(by_device: dict, meta: list, mids: list | int, feature: str
     holds ``(link, id, (to, copies))`` per request, ``copies`` flat
     (``address, device name, tail, device keys`` a copy, as
     :func:`~fastroute.relay.keys.py_dsend_copies` builds them; every copy's
-    head is ``DDELIVER_HEAD``), and ``mids`` one row id per copy in that
+    head is ``wire.DDELIVER_HEAD``), and ``mids`` one row id per copy in that
     order (or an int: the first of as many in a row); a copy goes to its
     device if it is online on a link that negotiated ``feature`` (the store
     keeps the rest).
@@ -319,7 +319,7 @@ def py_copies_online(by_device: dict, meta: list, mids: list | int, feature: str
             online = feed is not None and feature in feed.link.features
             if online or routes is not None:
                 mid = mids[at] if isinstance(mids, list) else mids + at
-                payload = (mid, tail, DDELIVER_HEAD)
+                payload = (mid, tail, wire.DDELIVER_HEAD)
                 if routes is not None:
                     routes += (dkeys, payload)
                 if online and feed is not None:
