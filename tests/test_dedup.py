@@ -121,6 +121,24 @@ def test_a_full_window_stays_cheap_and_bounded(impl):
     assert d.lookup("a@x", cid(198_999), 199_999.0) is None
 
 
+@pytest.mark.parametrize("presize", [False, True])
+def test_every_id_of_a_full_window_is_found_after_each_insert(impl, presize):
+    # a full window evicts its oldest id at each insert, which shifts index
+    # entries back; the new id's place, found by its lookup before that, may
+    # no longer be the first empty one on its probe path: it must be found
+    # again, or a lookup that stops at the new empty position would miss it
+    d = impl(1e9, 50, presize=presize) if impl is not DedupWindow else impl(1e9, 50)
+    held: list = []
+    for i in range(20_000):
+        key = cid(i * 7919 % 100_003)
+        d.begin("a@x" if i % 3 else "b@y", key, 0, float(i))
+        held.append(("a@x" if i % 3 else "b@y", key))
+        held = held[-50:]
+        for sender, k in held[-8:] if i % 50 else held:
+            assert d.lookup(sender, k, float(i)) == 0, i
+        assert len(d) == min(i + 1, 50)
+
+
 def _walk(seed: int, impls, steps: int = 4000):
     rng = random.Random(seed)
     tables = [impl(5.0, rng.choice([1, 2, 7, 64, 100, 300])) for impl in impls]
