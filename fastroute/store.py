@@ -34,7 +34,7 @@ import sqlite3
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Iterable, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Iterable, Iterator, Protocol, Sequence, runtime_checkable
 
 import msgpack
 
@@ -52,7 +52,7 @@ from .histogram import Histogram
 from .wire import DDELIVER_HEAD, copy_tail_fields, tail_fields
 
 __all__ = ["Store", "SqliteStore", "MemoryStore", "StoredMessage", "PutItem",
-           "DEFAULT_TTL_S", "CID_LEN"]
+           "DEFAULT_TTL_S", "CID_LEN", "tail_items"]
 
 log = logging.getLogger(__name__)
 
@@ -456,6 +456,14 @@ def _check_seq(value: object, what: str) -> Sequence:
     return value
 
 
+def tail_items(items: Sequence) -> Iterator[tuple]:
+    """``put_tails``' flat ``device_keys, tail`` pairs as ``put_many`` items
+    ``(sender, id, body, ts_ms, device_keys)``, each read from its DELIVER
+    tail (:func:`fastroute.wire.tail_fields`) as it is reached: a bad tail
+    raises where it stands, after the items before it."""
+    return ((*tail_fields(tail), devs) for devs, tail in zip(items[0::2], items[1::2]))
+
+
 class _BaseStore:
     """Validation and the device registry, shared by both implementations.
 
@@ -573,8 +581,7 @@ class _BaseStore:
         items = _check_seq(items, "items")
         if len(items) % 2:
             raise InvalidArgument("items hold device keys, tail for each message")
-        return [self._check_put(*tail_fields(tail), devs)
-                for devs, tail in zip(items[0::2], items[1::2])]
+        return [self._check_put(*item) for item in tail_items(items)]
 
     @staticmethod
     def _check_mids(mids) -> list[int]:
@@ -2003,7 +2010,7 @@ def py_sql_rows(puts: list, mid: int, ttl_ms: int) -> tuple[list, list, list, li
             if len(items) % 2:
                 raise InvalidArgument("a put of tails holds device keys, tail a message")
             # read as the loop goes (a bad tail fails where the compiled twin's does)
-            items = ((*tail_fields(tail), devs) for devs, tail in zip(items[0::2], items[1::2]))
+            items = tail_items(items)
         elif type(items) is not list:
             raise WrongType("puts is a list of lists of items and tuples of tails")
         for sender, cid, body, ts, devs in items:

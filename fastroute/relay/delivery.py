@@ -38,6 +38,7 @@ from ..histogram import Histogram
 from .caps import Caps
 from ..errors import (ErrorCode, FastrouteError, InvalidArgument, MailboxFull, UnknownAddress,
                       WrongType)
+from ..store import tail_items
 from .keys import pack_stored_sender
 
 if TYPE_CHECKING:
@@ -654,8 +655,7 @@ class Delivery:
         A store without ``put_tails`` gets them as ``put_many`` items."""
         put_tails = getattr(self.store, "put_tails", None)
         if put_tails is None:
-            return self.persist([(*wire.tail_fields(tail), devs)
-                                 for devs, tail in zip(items[0::2], items[1::2])])
+            return self.persist(list(tail_items(items)))
         return self._putting(put_tails(items, validate=False), items, self.caps.stored_tails)
 
     def _putting(self, fut: asyncio.Future, items: list,
