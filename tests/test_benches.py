@@ -175,3 +175,24 @@ def test_sizing_measures_the_store_it_is_given(store: str) -> None:
     assert "3 devices online" in out and "B per queued message" in out
     commits = float(re.search(r"store commits: (\S+)", out).group(1))
     assert (commits == 0) if store == "memory" else (commits > 0)
+
+
+def test_server_cpu_runs_the_interop_pair_across_two_providers() -> None:
+    # pair 5: a user of another provider writes to a user who opted in to
+    # it; a relay that refused those sends (no consent, the provider not
+    # enrolled) would deliver nothing and the run would not count (exit 1)
+    import subprocess
+
+    import fastroute
+    from cliutil import ENV
+    tree = str(Path(fastroute.__file__).resolve().parents[1])
+    proc = subprocess.run([sys.executable, "-P", str(BENCHES / "server_cpu.py"), "--quick",
+                           "--messages", "3000", "--only", "fr-interop,fr-memory"],
+                          env=dict(ENV, PYTHONPATH=tree), capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    row = [line for line in proc.stdout.splitlines()
+           if line.startswith("5 interop memory vs core")]
+    assert len(row) == 1, proc.stdout
+    runs, cpu, delivered = row[0].split("fastroute memory interop")[1].split()[:3]
+    assert (runs, delivered) == ("1", "3000") and float(cpu) > 0, proc.stdout
