@@ -196,3 +196,16 @@ def test_server_cpu_runs_the_interop_pair_across_two_providers() -> None:
     assert len(row) == 1, proc.stdout
     runs, cpu, delivered = row[0].split("fastroute memory interop")[1].split()[:3]
     assert (runs, delivered) == ("1", "3000") and float(cpu) > 0, proc.stdout
+
+
+def test_server_cpu_reverses_the_order_of_its_systems_every_other_round() -> None:
+    # what one run leaves for the next must not fall on one system of a
+    # pair in every round
+    systems = ["fr-memory", "nats-core", "fr-sqlite"]
+    orders = [server_cpu.round_order(systems, rnd) for rnd in range(4)]
+    assert orders[0] == orders[2] == systems
+    assert orders[1] == orders[3] == systems[::-1]
+    assert systems == ["fr-memory", "nats-core", "fr-sqlite"]  # the caller's list kept
+    firsts = {a: sum(o.index(a) < o.index(b) for o in orders)
+              for a, b in (("fr-memory", "nats-core"), ("nats-core", "fr-memory"))}
+    assert firsts == {"fr-memory": 2, "nats-core": 2}
