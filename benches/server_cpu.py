@@ -1138,7 +1138,7 @@ def round_order(systems: list[str], rnd: int) -> list[str]:
     fixed, the fastroute system that came right after core NATS read more
     CPU a message than its twin that came after a fastroute run: the memory
     store 11 % more than the interop system (the median of the rounds'
-    ratios, 8 rounds), in another sitting the interop system 14 % more than
+    ratios, 8 rounds), in another sitting the interop system 12 % more than
     the memory store, 6 % with a 3 s pause before each run; run side by
     side without core NATS, the two read the same (medians 0.725 and 0.725
     us).  The first sitting in this order did not show it (the memory store
