@@ -231,7 +231,7 @@ SYSTEMS = {
     "js-file": ("JetStream file 2m", "nats", "file", "js"),
     "fr-interop": ("fastroute memory interop", "fastroute", "memory", "interop"),
 }
-ORDER = list(SYSTEMS)    # fastroute and nats alternate within every round (but the last)
+ORDER = list(SYSTEMS)    # fastroute and nats alternate within every round
 PAIRS = [
     ("1 ephemeral vs core NATS", "fr-ephemeral", "nats-core"),
     ("2 memory vs JS memory", "fr-memory", "js-memory"),

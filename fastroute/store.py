@@ -2836,7 +2836,6 @@ class MemoryStore(_BaseStore):
         self._check_open()
         if validate:  # checked, the messages are put_many's items
             return self.put_many(self._check_tails(items), validate=False)
-        fut = self._loop.create_future()
         if len(items) % 2:
             raise InvalidArgument("items hold device keys, tail for each message")
         first = self._next_mid
@@ -2844,6 +2843,7 @@ class MemoryStore(_BaseStore):
         for k in range(0, len(items), 2):
             routes += (items[k], (first + k // 2, items[k + 1]))
         n = self.put_now(routes, first)
+        fut = self._loop.create_future()
         fut.set_result(list(range(first, first + n)))
         return fut
 

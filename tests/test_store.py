@@ -304,6 +304,22 @@ def test_sqlite_a_bad_trusted_tail_fails_its_own_put_only(run, db):
     run(main())
 
 
+def test_memory_store_refuses_trusted_tails_without_their_pairs_and_stores_none(run):
+    # validate=False takes the tails as given, but a flat list of odd length
+    # has lost a message's keys or tail: refused before anything is stored
+    async def main():
+        store = await MemoryStore.open()
+        a = store.register_device("a@p", "1")
+        good = _tails([("s@p", CID, b"ok", T0, (a,))] * 2)
+        first = store.next_mid()
+        with pytest.raises(InvalidArgument):
+            store.put_tails(good[:3], validate=False)
+        assert await store.count_pending() == 0 and store.next_mid() == first
+        assert await store.put_tails(good, validate=False) == [first, first + 1]
+        await store.close()
+    run(main())
+
+
 def test_memory_store_puts_a_batch_at_once_from_the_mid_it_named(run):
     async def main():
         store = await MemoryStore.open()
