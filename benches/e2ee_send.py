@@ -30,7 +30,9 @@ Each run starts a fresh ``fastroute serve`` (a process of its own, uvloop)
 and connects the sender and the recipient's devices from this process.
 After a warm-up, ``N`` messages are sent with at most ``WINDOW`` in flight
 (waiting for the relay's answers), and the run ends when every device has
-every copy.  Reported per case, as the median of ``--runs`` runs: delivered
+every copy.  The modes of a number of devices take turns, a run of each a
+round, in reverse order every other round (``server_cpu.round_order``).
+Reported per case, as the median of ``--runs`` runs: delivered
 copies per second end to end (send to last receipt) and the relay
 process's own CPU per delivered copy -- the CPU time of all its threads,
 those that ended during the run included (the process's CPU clock,
@@ -63,6 +65,7 @@ from server_cpu import (  # noqa: E402
     find_nats_server,
     proc_cpu_ns,
     relay_limits_toml,
+    round_order,
 )
 
 from fastroute import Client  # noqa: E402
@@ -389,9 +392,12 @@ def main() -> None:
     for n_dev in args.devices:
         modes = ("send", "dsend") + (("nats",) if server else ()) \
             + (("js",) if server and args.js else ())
-        for mode in modes:
-            rates, cpus, mine = [], [], []
-            for _ in range(args.runs):
+        runs: dict[str, tuple[list, list, list]] = {m: ([], [], []) for m in modes}
+        # the modes interleaved, a round a run of each, in reverse order every
+        # other round (server_cpu.round_order): the machine's drift, and what
+        # one run leaves for the next, fall on every mode alike
+        for rnd in range(args.runs):
+            for mode in round_order(list(modes), rnd):
                 if mode in ("nats", "js"):
                     assert server is not None
                     try:
@@ -403,9 +409,10 @@ def main() -> None:
                         continue
                 else:
                     rate, cpu, client = run(one_run(mode, n_dev, args.messages, args.store))
-                rates.append(rate)
-                cpus.append(cpu)
-                mine.append(client)
+                for kept, value in zip(runs[mode], (rate, cpu, client)):
+                    kept.append(value)
+        for mode in modes:
+            rates, cpus, mine = runs[mode]
             if not rates:
                 print(f"{n_dev:>7} {mode:>6} {'n/a: no complete run':>28}", flush=True)
                 continue

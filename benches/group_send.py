@@ -26,11 +26,12 @@ Each run starts a fresh server process and connects every device from this
 process (one connection each).  After a warm-up, ``M`` messages are sent
 with at most ``WINDOW`` in flight (fastroute: waiting for the relay's
 answers; NATS: a flush every WINDOW publishes), and the run ends when every
-device has every message.  Reported per case, as the median of ``--runs``
-runs: deliveries per second end to end (first send to last receipt) and
-the server process's CPU per delivery, all threads
-(its CPU clock: threads that ended count too), read before the first send and after
-the last receipt.  The clients share the machine's cores with the server:
+device has every message.  The modes of a number of devices take turns, a
+run of each a round, in reverse order every other round.  Reported per
+case, as the median of ``--runs`` runs: deliveries per second end to end
+(first send to last receipt) and the server process's CPU per delivery, all
+threads (its CPU clock: threads that ended count too), read before the first
+send and after the last receipt.  The clients share the machine's cores with the server:
 on 2 cores the clients, not the server, set the end-to-end rate, so the CPU
 per delivery is the figure that speaks for the server.
 """
@@ -56,7 +57,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import e2ee_send  # noqa: E402
 from e2ee_send import relay_cpu  # noqa: E402
 from e2ee_send import start_relay as e2ee_start_relay  # noqa: E402
-from server_cpu import find_nats_server  # noqa: E402
+from server_cpu import find_nats_server, round_order  # noqa: E402
 
 from fastroute import Client  # noqa: E402
 from fastroute.identity import ProviderKey, Registry, issue_credential  # noqa: E402
@@ -199,9 +200,10 @@ def main() -> None:
         modes = ["send", "gsend"] + (["nats", "js"] if server else [])
         modes = [m for m in modes if m in (args.modes if args.modes is not None
                                            else ("send", "gsend", "nats"))]
-        for mode in modes:
-            rates, cpus = [], []
-            for _ in range(args.runs):
+        runs: dict[str, tuple[list, list]] = {m: ([], []) for m in modes}
+        # interleaved, reversed every other round, as e2ee_send.py's
+        for rnd in range(args.runs):
+            for mode in round_order(modes, rnd):
                 if mode in ("nats", "js"):
                     assert server is not None
                     try:
@@ -213,8 +215,10 @@ def main() -> None:
                         continue
                 else:
                     rate, cpu = run(fastroute_run(mode, n, MESSAGES.get(n, 100), args.store))
-                rates.append(rate)
-                cpus.append(cpu)
+                runs[mode][0].append(rate)
+                runs[mode][1].append(cpu)
+        for mode in modes:
+            rates, cpus = runs[mode]
             if not rates:
                 print(f"{n:>7} {mode:>6} {'n/a: no complete run':>28}", flush=True)
                 continue
