@@ -194,8 +194,10 @@ def test_server_cpu_runs_the_interop_pair_across_two_providers() -> None:
     row = [line for line in proc.stdout.splitlines()
            if line.startswith("5 interop memory vs core")]
     assert len(row) == 1, proc.stdout
-    runs, cpu, delivered = row[0].split("fastroute memory interop")[1].split()[:3]
-    assert (runs, delivered) == ("1", "3000") and float(cpu) > 0, proc.stdout
+    # runs counted and delivered (its CPU is in clock ticks of 10 ms, which a
+    # run this short may not reach)
+    runs, _, delivered = row[0].split("fastroute memory interop")[1].split()[:3]
+    assert (runs, delivered) == ("1", "3000"), proc.stdout
 
 
 def test_server_cpu_reverses_the_order_of_its_systems_every_other_round() -> None:
