@@ -48,6 +48,11 @@ def py_finish_run(meta: list, i: int, dedup: Any, now: float, cids: list,
 finish_run = twin(py_finish_run)
 
 
+def _refusal_code(exc: BaseException) -> int:
+    """The code a store's refusal answers its batch's requests with."""
+    return int(getattr(exc, "code", ErrorCode.STORE_FAILED))
+
+
 class TurnBatch:
     """Requests accepted in one loop turn, stored in one store batch, then answered.
 
@@ -123,9 +128,9 @@ class TurnBatch:
             except Exception as exc:  # noqa: BLE001 - any refusal is answered alike
                 log.error("store refused a batch of %d %s", len(meta), self.what,
                           exc_info=True, extra={"event": self.event})
-                self._answer(meta, exc)
+                self._answer(meta, _refusal_code(exc))
             else:
-                self._answer(meta, None)
+                self._answer(meta, 0)
             self.delivery.write_pending()
             return
         fut = self.delivery.persist(items)
@@ -140,18 +145,18 @@ class TurnBatch:
 
     def _stored(self, meta: list, fut: asyncio.Future) -> None:
         exc = fut.exception() if not fut.cancelled() else StoreFailed("store closed")
+        code = 0
         if exc is not None:
+            code = _refusal_code(exc)
             self.delivery.persisted(None, 0)
-            log.error("store refused a batch of %d %s (code %d)", len(meta), self.what,
-                      int(getattr(exc, "code", ErrorCode.STORE_FAILED)),
+            log.error("store refused a batch of %d %s (code %d)", len(meta), self.what, code,
                       extra={"event": self.event})
         else:
             self.place(meta, fut.result())
-        self._answer(meta, exc)
+        self._answer(meta, code)
 
-    def _answer(self, meta: list, exc: BaseException | None) -> None:
-        """Answer every request of a stored (``exc`` None) or refused batch."""
-        code = 0 if exc is None else int(getattr(exc, "code", ErrorCode.STORE_FAILED))
+    def _answer(self, meta: list, code: int) -> None:
+        """Answer every request of a stored (``code`` 0) or refused batch."""
         now = time.monotonic()
         dedup, reply = self.dedup, self.reply
         if not code and self.reply_ok is not None:
