@@ -49,12 +49,39 @@ def dsend_copies(dict devs, object entries, long skip, str target, str stored_se
     decoder's) or any sequence.
     """
     # the decoder's entries as they are: no copy per DSEND
-    if type(entries) is _Entries:
-        return c_dsend_copies_in_place(devs, <_Entries>entries, skip, target, stored_sender,
-                                       cid, now_ms, sp, ts_packed, items, copies)
-    cdef tuple ents = entries if PyTuple_CheckExact(entries) else tuple(entries)
-    return c_dsend_copies(devs, ents, skip, target, stored_sender, cid, now_ms, sp,
-                          ts_packed, items, copies)
+    return c_copies_of(devs, _decoded_entries(entries), skip, target, stored_sender, cid,
+                       now_ms, sp, ts_packed, items, copies)
+
+
+cdef inline object _decoded_entries(object entries):
+    # a DSEND's entries as c_copies_of takes them: the decoder's (_Entries or
+    # a tuple) as they are, a tuple copy of any other sequence
+    if PyTuple_CheckExact(entries) or type(entries) is _Entries:
+        return entries
+    return tuple(entries)
+
+
+cdef inline bint _take_device(unsigned long long* seen, long did, long skip) noexcept:
+    # whether an entry's device id (1..127) may be taken: not the one
+    # skipped, not seen before in this DSEND (then marked seen)
+    if did == skip or seen[did >> 6] & (1ULL << (did & 63)):
+        return False
+    seen[did >> 6] |= 1ULL << (did & 63)
+    return True
+
+
+# a slot's fields: a compiled Slot's are struct members; a slot of any other
+# class (the specification's, in the twin tests) has attributes
+cdef inline object _slot_reg_id(PyObject* slot):
+    return (<Slot>slot).reg_id if type(<object>slot) is Slot else (<object>slot).reg_id
+
+
+cdef inline object _slot_name(PyObject* slot):
+    return (<Slot>slot).name if type(<object>slot) is Slot else (<object>slot).name
+
+
+cdef inline object _slot_dkeys(PyObject* slot):
+    return (<Slot>slot).dkeys if type(<object>slot) is Slot else (<object>slot).dkeys
 
 
 cdef inline bint c_copies_of(dict devs, object ents, long skip, str target,
@@ -79,8 +106,7 @@ cdef bint c_dsend_copies_in_place(dict devs, _Entries ents, long skip, str targe
     cdef unsigned long long seen[2]
     cdef long did
     cdef const EntryRec* r
-    cdef object slot, rid, name, dkeys
-    cdef Slot cs
+    cdef object rid, dkeys
     cdef PyObject* found
     cdef PyObject* slots[127]
     cdef int overflow
@@ -92,17 +118,12 @@ cdef bint c_dsend_copies_in_place(dict devs, _Entries ents, long skip, str targe
     for i in range(n):
         r = ents.rec(i)
         did = r.did
-        if did == skip or seen[did >> 6] & (1ULL << (did & 63)):
+        if not _take_device(seen, did, skip):
             return False
-        seen[did >> 6] |= 1ULL << (did & 63)
         found = PyDict_GetItemWithError(devs, PyLong_FromLongLong(did))
         if found == NULL:
             return False
-        if type(<object>found) is Slot:
-            cs = <Slot>found
-            rid = cs.reg_id
-        else:
-            rid = (<object>found).reg_id
+        rid = _slot_reg_id(found)
         # a slot's registration id is an int: compared as one, without an
         # object for the entry's
         if PyLong_CheckExact(rid):
@@ -113,19 +134,12 @@ cdef bint c_dsend_copies_in_place(dict devs, _Entries ents, long skip, str targe
         slots[i] = found
     for i in range(n):
         r = ents.rec(i)
-        if type(<object>slots[i]) is Slot:
-            cs = <Slot>slots[i]
-            name = cs.name
-            dkeys = cs.dkeys
-        else:
-            slot = <object>slots[i]
-            name = slot.name
-            dkeys = slot.dkeys
+        dkeys = _slot_dkeys(slots[i])
         if items is not None:
             items.append((stored_sender, cid,
                           PyBytes_FromStringAndSize(ents.body_at(i), r.size), now_ms, dkeys))
         copies.append(target)
-        copies.append(name)
+        copies.append(_slot_name(slots[i]))
         copies.append(c_deliver_tail_p(sp, PyBytes_AS_STRING(cid), PyBytes_GET_SIZE(cid),
                                        ents.body_at(i), r.size, ts_packed, 0))
         copies.append(dkeys)
@@ -140,8 +154,7 @@ cdef bint c_dsend_copies(dict devs, tuple ents, long skip, str target, str store
     cdef Py_ssize_t n = PyTuple_GET_SIZE(ents), i
     cdef unsigned long long seen[2]
     cdef long did
-    cdef object entry, slot, body, reg, key, rid, name, dkeys
-    cdef Slot cs
+    cdef object entry, body, reg, key, dkeys
     cdef PyObject* found
     # each entry's slot, found once (borrowed: devs holds them, and nothing
     # below runs code that could change it)
@@ -161,22 +174,12 @@ cdef bint c_dsend_copies(dict devs, tuple ents, long skip, str target, str store
             key = entry[0]
             reg = entry[1]
         did = key
-        if did < 1 or did > 127 or did == skip:
+        if did < 1 or did > 127 or not _take_device(seen, did, skip):
             return False
-        if seen[did >> 6] & (1ULL << (did & 63)):
-            return False
-        seen[did >> 6] |= 1ULL << (did & 63)
         found = PyDict_GetItemWithError(devs, key)
         if found == NULL:
             return False
-        # a compiled slot's fields are struct members; a slot of any other
-        # class (the specification's, in the twin tests) has attributes
-        if type(<object>found) is Slot:
-            cs = <Slot>found
-            rid = cs.reg_id
-        else:
-            rid = (<object>found).reg_id
-        if rid != reg:
+        if _slot_reg_id(found) != reg:
             return False
         slots[i] = found
     for i in range(n):
@@ -185,20 +188,13 @@ cdef bint c_dsend_copies(dict devs, tuple ents, long skip, str target, str store
             body = <object>PyTuple_GET_ITEM(entry, 2)
         else:
             body = entry[2]
-        if type(<object>slots[i]) is Slot:
-            cs = <Slot>slots[i]
-            name = cs.name
-            dkeys = cs.dkeys
-        else:
-            slot = <object>slots[i]
-            name = slot.name
-            dkeys = slot.dkeys
+        dkeys = _slot_dkeys(slots[i])
         if items is not None:
             items.append((stored_sender, cid, body, now_ms, dkeys))
         # flat, four entries a copy: no tuple of its own (its head is
         # DDELIVER_HEAD_BYTES, the same for every copy)
         copies.append(target)
-        copies.append(name)
+        copies.append(_slot_name(slots[i]))
         copies.append(c_deliver_tail(sp, cid, body, ts_packed, 0))
         copies.append(dkeys)
     return True
@@ -219,7 +215,7 @@ def dsend_run(list ops, Py_ssize_t i, dict lists, dict reach, long skip, str sen
     cdef int seen, code
     cdef Py_hash_t h
     cdef Py_hash_t hashes[DEDUP_BATCH]
-    cdef object op, cid, to, entries, own, devs, ents, owns
+    cdef object op, cid, to, entries, devs, ents, owns
     cdef list copies
     try:
         while i < n:
@@ -246,10 +242,8 @@ def dsend_run(list ops, Py_ssize_t i, dict lists, dict reach, long skip, str sen
                 break
             # the decoder's entries as they are, in place or tuples (a tuple
             # copy of any other sequence)
-            ents = (entries if PyTuple_CheckExact(entries) or type(entries) is _Entries
-                    else tuple(entries))
-            own = op[5]
-            owns = own if PyTuple_CheckExact(own) or type(own) is _Entries else tuple(own)
+            ents = _decoded_entries(entries)
+            owns = _decoded_entries(op[5])
             # the op's store items go straight into items, taken back if it
             # stops the run
             start = PyList_GET_SIZE(items) if items is not None else 0
