@@ -81,7 +81,9 @@ class Store(Protocol):
     them instead of ``put_many``, and answers each message in the same pass
     that checks it.  A store may offer ``put_tails(items, validate=False)``
     (both do): the relay then hands it each persistent SEND as the DELIVER
-    tail it routes, not as a ``put_many`` item made beside it.
+    tail it routes, not as a ``put_many`` item made beside it; and
+    ``put_copies(items, validate=False)`` (:class:`SqliteStore` does): the
+    keys stage then hands it each per-device copy as its DDELIVER tail.
     """
 
     def register_device(self, address: str, device: str) -> int:
@@ -464,6 +466,26 @@ def tail_items(items: Sequence) -> Iterator[tuple]:
     return ((*tail_fields(tail), devs) for devs, tail in zip(items[0::2], items[1::2]))
 
 
+def copy_items(items: Sequence) -> Iterator[tuple]:
+    """``put_copies``' flat ``device_keys, tail`` pairs as ``put_many`` items,
+    each read from its DDELIVER copy tail (:func:`fastroute.wire.copy_tail_fields`:
+    the sender is the copy's ``address/device_id``) as it is reached."""
+    return ((*copy_tail_fields(tail), devs) for devs, tail in zip(items[0::2], items[1::2]))
+
+
+class PyCopyTails(tuple):
+    """A put of per-device copies (:meth:`SqliteStore.put_copies`): flat
+    ``device_keys, tail`` a copy, each tail a DDELIVER copy's.  A tuple of
+    its own type, so that the writer's put loop (:func:`py_sql_rows`) tells
+    it from a put of DELIVER tails."""
+
+    __slots__ = ()
+
+
+#: the type the writer's put loop takes for a put of copies (compiled when the core is built)
+CopyTails = twin(PyCopyTails)
+
+
 class _BaseStore:
     """Validation and the device registry, shared by both implementations.
 
@@ -582,6 +604,14 @@ class _BaseStore:
         if len(items) % 2:
             raise InvalidArgument("items hold device keys, tail for each message")
         return [self._check_put(*item) for item in tail_items(items)]
+
+    def _check_copies(self, items) -> list[tuple]:
+        """``put_copies``' flat ``device_keys, tail`` pairs, each read and
+        checked as a ``put_many`` item is: the checked items."""
+        items = _check_seq(items, "items")
+        if len(items) % 2:
+            raise InvalidArgument("items hold device keys, tail for each copy")
+        return [self._check_put(*item) for item in copy_items(items)]
 
     @staticmethod
     def _check_mids(mids) -> list[int]:
@@ -934,6 +964,29 @@ class SqliteStore(_BaseStore):
         # a tuple: its own copy (the caller may reuse its list), and how the
         # writer tells it from a put_many's list of items
         self._submit(_PUT_TAILS, tuple(items), fut)
+        return fut
+
+    def put_copies(self, items: Sequence, *,
+                   validate: bool = True) -> asyncio.Future[list[int]]:
+        """Queue per-device copies given as their DDELIVER tails; the future
+        gives their mids, in order, as :meth:`put_many`'s does.
+
+        ``items`` is flat, ``device_keys, tail`` a copy: ``tail`` the packed
+        DDELIVER fields after the mid, the sender's address and device id
+        first (what the keys stage delivers a copy as).  Each is stored as a
+        message whose sender is ``address/device_id``
+        (:func:`fastroute.wire.copy_tail_fields`), as a ``put_many`` item of
+        those fields would be: the writer reads them in place, and the loop
+        makes no item of a copy.  ``validate`` as for :meth:`put_tails`.
+        """
+        self._check_open()
+        if validate:  # checked, the copies are put_many's items
+            return self.put_many(self._check_copies(items), validate=False)
+        fut = self._loop.create_future()
+        if not items:
+            fut.set_result([])
+            return fut
+        self._submit(_PUT_TAILS, CopyTails(items), fut)
         return fut
 
     def ack(self, device_key: int, mids: Sequence[int], *, validate: bool = True) -> None:
@@ -1437,7 +1490,7 @@ class SqliteStore(_BaseStore):
                 for whole, some in zip(rows, part):
                     whole += some
                 kept.append(entry)
-            first += len(items) // 2 if type(items) is tuple else len(items)
+            first += len(items) // 2 if isinstance(items, tuple) else len(items)
         done[:] = kept
         return rows
 
@@ -1972,10 +2025,12 @@ def py_sql_rows(puts: list, mid: int, ttl_ms: int) -> tuple[list, list, list, li
 
     ``puts``: the batch's put requests, whose messages' mids run from ``mid``
     on in order: lists of items ``(sender, cid, body, ts_ms, device_keys)``
-    (:meth:`SqliteStore.put_many`), and tuples flat ``device_keys, tail``
+    (:meth:`SqliteStore.put_many`), tuples flat ``device_keys, tail``
     a message, its DELIVER tail (:meth:`SqliteStore.put_tails`: the fields
-    are read from the tail, :func:`fastroute.wire.tail_fields`).  A message
-    expires at ``ts_ms + ttl_ms``.
+    are read from the tail, :func:`fastroute.wire.tail_fields`), and
+    :class:`CopyTails`, the same with a copy's DDELIVER tail
+    (:meth:`SqliteStore.put_copies`, :func:`fastroute.wire.copy_tail_fields`).
+    A message expires at ``ts_ms + ttl_ms``.
     Returns four flat lists (the rows go to SQLite many per statement):
 
     * ``spacks`` rows (first, last, n, nbytes, exp_ms, mids, lens, exps,
@@ -2006,11 +2061,11 @@ def py_sql_rows(puts: list, mid: int, ttl_ms: int) -> tuple[list, list, list, li
     block_mids = array.array("q")
     counts = array.array("i")
     for items in puts:
-        if type(items) is tuple:
+        if type(items) is tuple or type(items) is CopyTails:
             if len(items) % 2:
                 raise InvalidArgument("a put of tails holds device keys, tail a message")
             # read as the loop goes (a bad tail fails where the compiled twin's does)
-            items = tail_items(items)
+            items = tail_items(items) if type(items) is tuple else copy_items(items)
         elif type(items) is not list:
             raise WrongType("puts is a list of lists of items and tuples of tails")
         for sender, cid, body, ts, devs in items:

@@ -401,6 +401,53 @@ def test_a_store_refusing_a_batch_of_copies_stores_none_and_forgets_the_ids(tmp_
     run("asyncio", main())
 
 
+def test_the_sqlite_store_is_handed_the_copies_and_a_refusal_forgets_the_ids(tmp_path):
+    # the SQLite store takes a batch's copies as their DDELIVER tails
+    # (put_copies), no item a copy; when it refuses the batch (its future
+    # fails, or the call itself raises) every sender hears STORE_FAILED, no
+    # copy is delivered, and the ids are not remembered
+    async def main():
+        async with world(tmp_path, store="sqlite") as w:
+            a1, a2, b1 = await alice_twice_and_bob(w)
+            keys = w.relay.keys
+            real = keys._put_copies
+            assert real is not None and keys._put_now is None
+            handed = []
+
+            def spy(items, validate=True):
+                handed.append(list(items))
+                return real(items, validate=validate)
+
+            def refuse_later(items, validate=True):
+                fut = asyncio.get_running_loop().create_future()
+                fut.set_exception(StoreFailed("injected"))
+                return fut
+
+            def refuse_now(items, validate=True):
+                raise StoreFailed("injected")
+
+            both = [(1, 11, b"one"), (2, 12, b"two")]
+            keys._put_copies = spy
+            first = await b1.send_to_devices("alice@home", both)
+            got = [await recv_msg(c) for c in (a1, a2)]
+            assert [(m.id, m.body, m.sender, m.device) for m in got] == [
+                (first, b"one", "bob@acme", 1), (first, b"two", "bob@acme", 1)]
+            (flat,) = handed
+            assert len(flat) == 4 and all(type(k) is tuple for k in flat[0::2])
+            assert [wire.copy_tail_fields(t)[:3] for t in flat[1::2]] == [
+                ("bob@acme/1", first, b"one"), ("bob@acme/1", first, b"two")]
+            for refuse, cid in ((refuse_later, b"r" * 16), (refuse_now, b"q" * 16)):
+                keys._put_copies = refuse
+                with pytest.raises(StoreFailed):
+                    await b1.send_to_devices("alice@home", both, id=cid)
+                assert await nothing_arrives(a1) and await nothing_arrives(a2)
+                keys._put_copies = spy
+                assert await b1.send_to_devices("alice@home", both, id=cid) == cid
+                assert [(await recv_msg(c)).body for c in (a1, a2)] == [b"one", b"two"]
+            assert len(handed) == 3
+    run("asyncio", main())
+
+
 def test_a_bad_message_in_a_batch_sends_none_of_it(tmp_path):
     async def main():
         async with world(tmp_path) as w:

@@ -119,6 +119,8 @@ def test_compiled_twins_loaded():
              (batch_mod.finish_run, batch_mod.py_finish_run),
              (keys_mod.recipients_by_sender, keys_mod.py_recipients_by_sender),
              (keys_mod.new_targets, keys_mod.py_new_targets),
+             (keys_mod.copy_tails, keys_mod.py_copy_tails),
+             (store.CopyTails, store.PyCopyTails),
              (gate_mod.field_set, gate_mod.py_field_set),
              (wire.reply_ok_ops, wire.py_reply_ok_ops),
              (wire.leading_dsends, wire.py_leading_dsends),
@@ -1993,7 +1995,67 @@ def test_sql_rows_lays_out_a_put_of_tails_as_its_items():
     assert mixed > 15  # trials that mixed both kinds in one transaction
 
 
+def _as_copies(items: list, cls: int = 0) -> tuple | None:
+    """A put request's items as ``put_copies`` hands them to the writer
+    (:class:`fastroute.store.CopyTails`): each item's sender made the copy
+    of a sending device, ``address/device_id`` (None: an item with a stamp
+    below 0, or one whose sender is no ``address/device_id``)."""
+    flat: list = []
+    for sender, cid, body, ts, devs in items:
+        address, slash, device = sender.rpartition("/")
+        if ts < 0 or not slash or not device.isdigit():
+            return None
+        sp = msgpack.packb(address) + msgpack.packb(int(device))
+        flat += (devs, wire.py_deliver_tail(sp, cid, body, wire.ts_packed(ts), cls))
+    return store.CopyTails(flat)
+
+
+def test_sql_rows_lays_out_a_put_of_copies_as_its_items():
+    # put_copies' requests among put_many's and put_tails': both twins give
+    # the rows of the items whose sender is each copy's address/device_id
+    rng = random.Random(13)
+    copies = 0
+    for trial in range(200):
+        puts = _sql_puts(rng)
+        # the items' senders as copies' senders (some of several devices),
+        # their stamps as a tail carries them
+        puts = [[(f"{s}/{rng.choice([0, 1, 7, 2**40])}", c, b, abs(ts), d)
+                 for s, c, b, ts, d in items]
+                if rng.random() < 0.6 else items for items in puts]
+        some = []
+        for items in puts:
+            c = _as_copies(items, rng.randrange(2)) if rng.random() < 0.7 else None
+            t = _as_tails(items) if c is None and rng.random() < 0.5 else None
+            some.append(c if c is not None else t if t is not None else items)
+        copies += any(type(p) is store.CopyTails for p in some)
+        first = rng.choice([1, 300, 2**31, 2**40])
+        ttl = rng.choice([0, 1000, 30 * 86400 * 1000])
+        want = store.py_sql_rows(puts, first, ttl)
+        assert store.py_sql_rows(some, first, ttl) == want, trial
+        if _core is not None:
+            assert _core.sql_rows(some, first, ttl) == want, trial
+    assert copies > 50
+
+
 _TAIL = wire.py_deliver_tail(msgpack.packb("a@x"), MID, b"body", wire.ts_packed(5), 0)
+_COPY = wire.py_deliver_tail(msgpack.packb("a@x") + msgpack.packb(3), MID, b"body",
+                             wire.ts_packed(5), 0)
+
+
+@pytest.mark.parametrize("bad, error", [
+    (((1,),), InvalidArgument),                          # keys without a tail
+    (((1,), _TAIL), InvalidArgument),                    # a v1 tail: no sender device
+    (((1,), _COPY[:-1]), InvalidArgument),               # cut
+    (((1,), b"\xa3a@x\xff" + _COPY[5:]), InvalidArgument),  # a device id below 0
+    (((1,), bytearray(_COPY)), WrongType),
+    (((), _COPY), InvalidArgument),                      # nobody to deliver it to
+])
+def test_sql_rows_twins_refuse_the_same_copies(bad, error):
+    puts = [[("a@x", MID, b"ok", 1, (1,))], store.CopyTails(bad)]
+    for fn in (store.py_sql_rows, _core and _core.sql_rows):
+        if fn is not None:
+            with pytest.raises(error):
+                fn(puts, 1, 1000)
 # another sender of the same length, whose bytes are not UTF-8
 _BAD_UTF8 = wire.py_deliver_tail(b"\xa3a\xff\xfe", MID, b"body", wire.ts_packed(5), 0)
 
@@ -2956,6 +3018,29 @@ def test_field_set_and_recipients_by_sender_twins(seed):
         with pytest.raises(ValueError):
             _core.field_set(flat, 0, -3)
         assert _core.recipients_by_sender(reqs) == pairs
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_copy_tails_twins(seed):
+    # a stored batch's requests (link, id, (to, copies)), copies flat target,
+    # device name, tail, device keys: their keys and tails, flat, in order
+    rng = random.Random(seed)
+    meta = []
+    for i in range(rng.randrange(0, 20)):
+        copies: list = []
+        for d in range(rng.randrange(1, 5)):
+            copies += ("b@x", f"d{d}", rng.randbytes(rng.randrange(1, 40)), (rng.randrange(99),))
+        meta.append((object(), bytes([i]) * 16, ("b@x", copies)))
+    want = keys_mod.py_copy_tails(meta)
+    assert want == [x for _, _, (_, c) in meta for k in range(0, len(c), 4)
+                    for x in (c[k + 3], c[k + 2])]
+    bad = meta + [(object(), MID, ("b@x", ["b@x", "d0", b"t"]))]
+    for fn in (keys_mod.py_copy_tails, _core and _core.copy_tails):
+        if fn is not None:
+            got = fn(meta)
+            assert got == want and all(a is b for a, b in zip(got, want))
+            with pytest.raises(InvalidArgument):
+                fn(bad)
 
 
 @pytest.mark.parametrize("seed", range(20))

@@ -304,6 +304,80 @@ def test_sqlite_a_bad_trusted_tail_fails_its_own_put_only(run, db):
     run(main())
 
 
+def _copies(items: list) -> list:
+    """``put_copies``' flat ``device_keys, DDELIVER tail`` for copies given as
+    ``(address, sender device, cid, body, ts_ms, device_keys)``."""
+    out: list = []
+    for address, device, cid, body, ts, devs in items:
+        sp = msgpack.packb(address) + msgpack.packb(device)
+        out += (devs, wire.deliver_tail(sp, cid, body, wire.ts_packed(ts), 0))
+    return out
+
+
+@pytest.mark.parametrize("validate", [True, False])
+def test_sqlite_put_copies_stores_each_copy_as_a_message_from_its_sending_device(
+        run, db, validate):
+    # the keys stage hands the SQLite store a DSEND's copies as the DDELIVER
+    # tails it delivers: each is stored, loaded and acked as the put_many
+    # item whose sender is the copy's address/device_id
+    async def main():
+        async with await SqliteStore.open(db) as store:
+            a = store.register_device("a@p", "1")
+            b = store.register_device("a@p", "2")
+            copies = [("s@p", 1 + i % 3, bytes([i]) * 16, b"x" * (i * 37 % 300), T0 + i,
+                       [(a,), (b,)][i % 2]) for i in range(30)]
+            assert await store.put_copies([], validate=validate) == []
+            mids = await store.put_copies(_copies(copies), validate=validate)
+            assert type(mids) is list and mids == list(range(mids[0], mids[0] + 30))
+            want = [(m, f"{addr}/{dev}", cid, body, ts)
+                    for m, (addr, dev, cid, body, ts, _) in zip(mids, copies)]
+            assert await store.load(a, 0, 100) == want[0::2]
+            assert await store.load(b, 0, 100) == want[1::2]
+            # the same rows as put_many's items of those fields
+            items = [(f"{addr}/{dev}", cid, body, ts, devs)
+                     for addr, dev, cid, body, ts, devs in copies]
+            again = await store.put_many(items)
+            assert await store.load(a, mids[-1], 100) == [
+                (m, *it[:4]) for m, it in zip(again, items)][0::2]
+            store.ack(a, mids + again)
+            store.ack(b, mids + again)
+            await store.flush()
+            assert await store.count_pending() == 0
+    run(main())
+
+
+def test_sqlite_put_copies_checks_its_tails_and_a_bad_trusted_one_fails_its_put_only(run, db):
+    async def main():
+        async with await SqliteStore.open(db) as store:
+            a = store.register_device("a@p", "1")
+            good = _copies([("s@p", 3, CID, b"ok", T0, (a,))])
+            v1 = wire.deliver_tail(msgpack.packb("s@p"), CID, b"ok", wire.ts_packed(T0), 0)
+            for bad, error in ((good + [(a,)], InvalidArgument),        # keys without a tail
+                               ([(a,), v1], InvalidArgument),            # a v1 tail
+                               ([(a,), good[1][:-1]], InvalidArgument),  # a cut tail
+                               ([(a,), bytearray(good[1])], WrongType),
+                               ([(a + 1,), good[1]], UnknownDevice),
+                               ([(), good[1]], InvalidArgument)):
+                with pytest.raises(error):
+                    store.put_copies(good + bad)  # one bad: nothing queued
+            assert await store.count_pending() == 0
+            # trusted (validate=False): a bad one fails its own request, and
+            # the requests that share its transaction land
+            with write_locked(db):
+                first = store.put_copies(good, validate=False)
+                await writer_holds_its_batch(store)
+                worse = store.put_copies(good + [(a,), v1], validate=False)
+                after = store.put_copies(good * 2, validate=False)
+            (m0,) = await first
+            with pytest.raises(InvalidArgument):
+                await worse
+            assert await after == [m0 + 3, m0 + 4]  # the bad request's mids unused
+            rows = await store.load(a, 0, 10)
+            assert [r[0] for r in rows] == [m0, m0 + 3, m0 + 4]
+            assert {r[1] for r in rows} == {"s@p/3"}
+    run(main())
+
+
 def test_memory_store_refuses_trusted_tails_without_their_pairs_and_stores_none(run):
     # validate=False takes the tails as given, but a flat list of odd length
     # has lost a message's keys or tail: refused before anything is stored

@@ -29,8 +29,8 @@ PARTS = sorted([*EXT.glob("*.pxi"), EXT / "_core.pyx"])
 _HEADER = re.compile(r"^# Compiled twins of (\S+) \(the specification\):\s*$")
 _PAIR = re.compile(r"^#   (\w+) += (\w+)\s*$")
 _SPEC_ONLY = re.compile(r"Specification: .*?(fastroute/\S+?\.py)")
-# Python-visible names of a part: def, cpdef and cdef class at the top level
-_VISIBLE = re.compile(r"^(?:def|cpdef(?: \w+)?|cdef class) (\w+)", re.M)
+# Python-visible names of a part: def, cpdef, cdef class and class at the top level
+_VISIBLE = re.compile(r"^(?:def|cpdef(?: \w+)?|cdef class|class) (\w+)", re.M)
 
 
 def _header(path: Path) -> tuple[str | None, dict[str, str]]:

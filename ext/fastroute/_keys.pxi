@@ -7,6 +7,7 @@
 #   dsend_copies   = py_dsend_copies
 #   dsend_run      = py_dsend_run
 #   recipients_by_sender = py_recipients_by_sender
+#   copy_tails     = py_copy_tails
 #   new_targets    = py_new_targets
 #
 # tests/test_fastpath.py runs both on the same inputs and compares.
@@ -304,6 +305,25 @@ def recipients_by_sender(list meta):
             last = link
         tos.add(entry[2][0])
     return pairs
+
+
+def copy_tails(list meta):
+    """A stored batch's copies as a store's ``put_copies`` takes them: flat
+    ``device_keys, tail`` a copy, in order (see ``py_copy_tails``)."""
+    cdef list out = []
+    cdef Py_ssize_t i, j, n = PyList_GET_SIZE(meta)
+    cdef object entry, extra
+    cdef list copies
+    for i in range(n):
+        entry = <object>PyList_GET_ITEM(meta, i)
+        extra = entry[2]
+        copies = <list?>extra[1]
+        if PyList_GET_SIZE(copies) % 4:
+            raise InvalidArgument("copies hold target, device name, tail, device keys each")
+        for j in range(0, PyList_GET_SIZE(copies), 4):
+            out.append(<object>PyList_GET_ITEM(copies, j + 3))
+            out.append(<object>PyList_GET_ITEM(copies, j + 2))
+    return out
 
 
 def new_targets(list ops, dict reach):

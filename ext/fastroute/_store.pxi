@@ -7,6 +7,7 @@
 #   mem_ack   = py_mem_ack
 #   mem_load  = py_mem_load
 #   sql_rows  = py_sql_rows
+#   CopyTails = PyCopyTails
 #   shares_release = py_shares_release
 #   ack_device = py_ack_device
 #   mid_span  = py_mid_span
@@ -28,6 +29,7 @@ from cpython.set cimport PySet_Contains, PySet_GET_SIZE
 from cpython.ref cimport Py_XDECREF
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from libc.stdint cimport INT64_MAX, int32_t
+from libc.stdio cimport snprintf
 from libc.stdlib cimport qsort
 
 
@@ -680,6 +682,36 @@ cdef tuple draft_columns(PackDraft* d):
             PyBytes_FromStringAndSize(<char*>d.data + PACK_HEAD - hlen, d.size + hlen))
 
 
+class CopyTails(tuple):
+    """A put of per-device copies, flat ``device_keys, tail`` a copy, each tail
+    a DDELIVER copy's (see ``fastroute.store.PyCopyTails``): a tuple the
+    writer tells from a put of DELIVER tails by its type."""
+
+    __slots__ = ()
+
+
+cdef Py_ssize_t copy_sender_into(unsigned char** buf, Py_ssize_t* cap,
+                                 const unsigned char* address, Py_ssize_t alen,
+                                 long long device) except -1:
+    """Write a copy's stored sender, ``address/device`` (the store's sender of
+    a copy, ``fastroute.wire.copy_tail_fields``), into ``buf[0]`` (grown as
+    needed); returns its length."""
+    cdef char digits[24]
+    cdef Py_ssize_t k = snprintf(digits, sizeof(digits), "%lld", device)
+    cdef Py_ssize_t n = alen + 1 + k
+    cdef void* grown
+    if n > cap[0]:
+        grown = PyMem_Realloc(buf[0], n)
+        if grown == NULL:
+            raise MemoryError()
+        buf[0] = <unsigned char*>grown
+        cap[0] = n
+    memcpy(buf[0], address, alen)
+    buf[0][alen] = 0x2f  # "/"
+    memcpy(buf[0] + alen + 1, digits, k)
+    return n
+
+
 def sql_rows(list puts, long long mid, long long ttl_ms):
     """The rows of one transaction's new messages (see ``py_sql_rows``): each
     message msgpack'd straight into its pack or spack, no per-message tuple;
@@ -702,12 +734,19 @@ def sql_rows(list puts, long long mid, long long ttl_ms):
     cdef PyObject* found
     cdef long long ts_v, exp
     cdef int overflow = 0
-    cdef bint tails
+    cdef bint tails, copies = False
     # a put_tails request's message, read in place from its DELIVER tail;
     # its sender's UTF-8 checked once for a run of one sender's tails
     cdef TailSpan span
     cdef const unsigned char* utf8_ok = NULL
     cdef Py_ssize_t utf8_ok_len = -1
+    # a copy's stored sender, address/device: made once for a run of one
+    # sending device's copies
+    cdef unsigned char* cbuf = NULL
+    cdef Py_ssize_t ccap_ = 0, clen = 0
+    cdef long long cdevice = -1
+    cdef const unsigned char* sender_p = NULL
+    cdef Py_ssize_t sender_n = 0
     cdef void* grown
     cdef tuple cols
     # the shared messages: one spack a set of device keys, the block
@@ -726,8 +765,9 @@ def sql_rows(list puts, long long mid, long long ttl_ms):
             if PyList_CheckExact(items):
                 tails = False
                 count = PyList_GET_SIZE(items)
-            elif PyTuple_CheckExact(items):
+            elif PyTuple_CheckExact(items) or type(items) is CopyTails:
                 tails = True
+                copies = not PyTuple_CheckExact(items)
                 if PyTuple_GET_SIZE(items) % 2:
                     raise InvalidArgument("a put of tails holds device keys, tail a message")
                 count = PyTuple_GET_SIZE(items) // 2
@@ -736,12 +776,23 @@ def sql_rows(list puts, long long mid, long long ttl_ms):
             for j in range(count):
                 if tails:
                     devs = PyTuple_GET_ITEM(<object>items, 2 * j)
-                    tail_span(<object>PyTuple_GET_ITEM(<object>items, 2 * j + 1), &span)
+                    tail_span(<object>PyTuple_GET_ITEM(<object>items, 2 * j + 1), &span,
+                              copies)
                     if span.sender_len != utf8_ok_len or memcmp(
                             span.sender, utf8_ok, <size_t>utf8_ok_len) != 0:
                         check_utf8(span.sender, span.sender_len)
                         utf8_ok = span.sender
                         utf8_ok_len = span.sender_len
+                        cdevice = -1  # another sender: its copies' sender made anew
+                    sender_p = span.sender
+                    sender_n = span.sender_len
+                    if copies:
+                        if span.device != cdevice:
+                            clen = copy_sender_into(&cbuf, &ccap_, span.sender,
+                                                    span.sender_len, span.device)
+                            cdevice = span.device
+                        sender_p = cbuf
+                        sender_n = clen
                     ts_v = span.ts
                     blen = span.body_len
                 else:
@@ -787,7 +838,7 @@ def sql_rows(list puts, long long mid, long long ttl_ms):
                             keys.append(key)
                         last_devs = <object>devs
                     if tails:
-                        draft_put(&drafts[i], mid, span.sender, span.sender_len, span.cid, 16,
+                        draft_put(&drafts[i], mid, sender_p, sender_n, span.cid, 16,
                                   span.body, blen, ts_v, exp)
                     else:
                         draft_append(&drafts[i], mid, <object>sender, <object>cid,
@@ -830,7 +881,7 @@ def sql_rows(list puts, long long mid, long long ttl_ms):
                     sp.lens[sp.pack.n] = <int32_t>blen
                     sp.exps[sp.pack.n] = exp
                     if tails:
-                        draft_put(&sp.pack, mid, span.sender, span.sender_len, span.cid, 16,
+                        draft_put(&sp.pack, mid, sender_p, sender_n, span.cid, 16,
                                   span.body, blen, ts_v, exp)
                     else:
                         draft_append(&sp.pack, mid, <object>sender, <object>cid,
@@ -873,6 +924,7 @@ def sql_rows(list puts, long long mid, long long ttl_ms):
                            PyBytes_FromStringAndSize(<char*>firsts, nspacks * sizeof(int64_t)),
                            PyBytes_FromStringAndSize(<char*>sizes, nspacks * sizeof(int32_t))))
     finally:
+        PyMem_Free(cbuf)
         for i in range(ndrafts):
             PyMem_Free(drafts[i].mids)
             draft_pool_give(&drafts[i])

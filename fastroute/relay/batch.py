@@ -69,13 +69,16 @@ class TurnBatch:
     With ``store_now``, a turn that gathered requests but no items goes to
     ``store_now(meta)`` instead, which stores and places them at once (the
     memory store's routes, made from ``meta`` alone; an exception is the
-    store's refusal).
+    store's refusal).  With ``persist_meta``, such a turn goes to
+    ``persist_meta(meta)``, which hands the store what ``meta`` holds and
+    returns its future (as :meth:`Delivery.persist` does for items).
     """
 
     def __init__(self, delivery: "Delivery", dedup: Any, reply: Callable[..., None],
                  place: Callable[[list, list], None], what: str, event: str,
                  reply_ok: Callable[[Any, list], None] | None = None,
-                 store_now: Callable[[list], None] | None = None) -> None:
+                 store_now: Callable[[list], None] | None = None,
+                 persist_meta: Callable[[list], asyncio.Future] | None = None) -> None:
         self.delivery = delivery
         self.dedup = dedup
         self.reply = reply
@@ -84,6 +87,7 @@ class TurnBatch:
         self.reply_ok = reply_ok
         self.place = place
         self.store_now = store_now
+        self.persist_meta = persist_meta
         self.what = what  # for the log line: "per-device sends", "group sends"
         self.event = event
         #: the turn's store items and ``(link, id, extra)`` requests so far
@@ -122,18 +126,25 @@ class TurnBatch:
         meta, self.meta = self.meta, []
         if not meta:
             return
-        if not items and self.store_now is not None:
-            try:
+        try:
+            if not items and self.store_now is not None:
                 self.store_now(meta)
-            except Exception as exc:  # noqa: BLE001 - any refusal is answered alike
-                log.error("store refused a batch of %d %s", len(meta), self.what,
-                          exc_info=True, extra={"event": self.event})
-                self._answer(meta, _refusal_code(exc))
+                fut = None
+            elif not items and self.persist_meta is not None:
+                fut = self.persist_meta(meta)
             else:
-                self._answer(meta, 0)
+                fut = self.delivery.persist(items)
+        except Exception as exc:  # noqa: BLE001 - any refusal is answered alike
+            # refused at once (a closed store, say): every sender hears it
+            log.error("store refused a batch of %d %s", len(meta), self.what,
+                      exc_info=True, extra={"event": self.event})
+            self._answer(meta, _refusal_code(exc))
             self.delivery.write_pending()
             return
-        fut = self.delivery.persist(items)
+        if fut is None:  # stored and placed at once
+            self._answer(meta, 0)
+            self.delivery.write_pending()
+            return
         if fut.done():  # the memory store answers at once: no hop through the loop
             self._stored(meta, fut)
             # nor one for the writer: this runs among the loop's callbacks,

@@ -649,6 +649,17 @@ class Delivery:
         return self._putting(self.store.put_many(items, validate=False), items,
                              self.caps.stored)
 
+    def persist_copies(self, items: list, put_copies: Callable[..., asyncio.Future]
+                       ) -> asyncio.Future:
+        """Store per-device copies given flat as ``device_keys, tail`` (their
+        DDELIVER tails) with the store's ``put_copies``; :meth:`persisted`
+        (or the keys stage's placing) must follow when the future is done.
+        Only without caps: they count items or v1 tails (with caps on, the
+        keys stage hands the store items)."""
+        if self.caps.enabled:
+            raise RuntimeError("the caps cannot count copies' tails; store them as items")
+        return self._putting(put_copies(items, validate=False), items, self.caps.stored)
+
     def persist_tails(self, items: list) -> asyncio.Future:
         """Store accepted SENDs given as flat ``device_keys, tail`` (the gate's
         DELIVER tails); :meth:`persisted` must follow when the future is done.

@@ -47,6 +47,7 @@ from ..errors import (
     DuplicateId,
     ErrorCode,
     FastrouteError,
+    InvalidArgument,
     KeyLimit,
     StoreFailed,
 )
@@ -63,7 +64,7 @@ if TYPE_CHECKING:
 __all__ = ["KeyDirectory", "Keys", "PySlot", "Slot", "EVENT_POOL_LOW", "EVENT_DEVICE_JOINED",
            "EVENT_DEVICE_LEFT", "copy_sender", "dsend_copies", "dsend_run", "event_sender",
            "new_targets", "py_dsend_copies", "py_dsend_run", "py_new_targets",
-           "py_recipients_by_sender", "recipients_by_sender"]
+           "py_recipients_by_sender", "recipients_by_sender", "copy_tails", "py_copy_tails"]
 
 log = logging.getLogger("fastroute.relay")
 
@@ -260,6 +261,28 @@ def py_recipients_by_sender(meta: list) -> dict[str, set]:
 
 #: :func:`py_recipients_by_sender`, compiled when the core is built
 recipients_by_sender = twin(py_recipients_by_sender)
+
+
+def py_copy_tails(meta: list) -> list:
+    """A stored batch's ``(link, id, (to, copies))`` requests' copies as a
+    store's ``put_copies`` takes them: flat ``device_keys, tail`` a copy, in
+    the order of ``meta`` and of each request's copies (flat ``target,
+    device name, tail, device_keys`` a copy).  The specification of the
+    compiled ``copy_tails``."""
+    out: list = []
+    for _, _, extra in meta:
+        copies = extra[1]
+        if type(copies) is not list:
+            raise TypeError("a request's copies are a list")
+        if len(copies) % 4:
+            raise InvalidArgument("copies hold target, device name, tail, device keys each")
+        for k in range(0, len(copies), 4):
+            out += (copies[k + 3], copies[k + 2])
+    return out
+
+
+#: :func:`py_copy_tails`, compiled when the core is built
+copy_tails = twin(py_copy_tails)
 
 
 def py_new_targets(ops: list, reach: dict) -> list:
@@ -621,10 +644,16 @@ class Keys:
         self._put_now: Callable[[list, int], int] | None = (
             getattr(store, "put_now", None) if getattr(store, "next_mid", None) is not None
             and not delivery.caps.enabled else None)
+        # a store that takes copies as their DDELIVER tails (the SQLite store)
+        # is handed the batch's copies themselves: no store item either
+        self._put_copies: Callable[..., asyncio.Future] | None = (
+            getattr(store, "put_copies", None) if self._put_now is None
+            and not delivery.caps.enabled else None)
         # DSENDs accepted in this loop turn, stored together, then answered
         self._batch = TurnBatch(delivery, self.dedup, self._reply, self._place,
                                 "per-device sends", "keys.store_failed", self._replies_ok,
-                                self._store_now if self._put_now is not None else None)
+                                self._store_now if self._put_now is not None else None,
+                                self._persist_copies if self._put_copies is not None else None)
         # pools whose owner was told they run low: (address, device name, kind)
         self._told_low: set[tuple[str, str, int]] = set()
         self.accepted = 0
@@ -910,7 +939,8 @@ class Keys:
             for to in new_targets(ops, reach):
                 reach[to] = self.may_reach(link, to)
         # no store items when the store keeps the copies' routes (_store_now)
-        items = batch.items if self._put_now is None else None
+        # or takes the copies themselves (_persist_copies)
+        items = batch.items if self._put_now is None and self._put_copies is None else None
         meta = batch.meta
         i, n = 0, len(ops)
         taken = 0
@@ -995,6 +1025,12 @@ class Keys:
         """A batch of DSENDs was stored: each copy to its own device."""
         self.delivery.persisted_requests(meta, mids)
         self._placed(meta, len(mids))
+
+    def _persist_copies(self, meta: list) -> asyncio.Future:
+        """Store a batch of DSENDs with the store's ``put_copies``: its copies'
+        tails and device keys, from ``meta`` (:func:`copy_tails`)."""
+        assert self._put_copies is not None
+        return self.delivery.persist_copies(copy_tails(meta), self._put_copies)
 
     def _store_now(self, meta: list) -> None:
         """Store a batch of DSENDs with the store's ``put_now`` and place it,
