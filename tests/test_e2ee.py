@@ -448,6 +448,33 @@ def test_the_sqlite_store_is_handed_the_copies_and_a_refusal_forgets_the_ids(tmp
     run("asyncio", main())
 
 
+def test_a_store_that_refuses_a_batch_of_items_at_once_answers_every_sender(tmp_path):
+    # a store given the copies as put_many items (one without put_copies, or
+    # with caps on) that raises instead of returning a future (closed, say):
+    # the senders hear its code, nothing is delivered, the ids are not kept
+    async def main():
+        async with world(tmp_path, store="sqlite") as w:
+            a1, a2, b1 = await alice_twice_and_bob(w)
+            keys, store = w.relay.keys, w.relay.store
+            keys._put_copies = keys._batch.persist_meta = None  # the items' path
+            real = store.put_many
+            seen = []
+
+            def refuse(items, validate=True):
+                seen.append(len(items))
+                raise StoreFailed("injected")
+            store.put_many = refuse
+            both = [(1, 11, b"one"), (2, 12, b"two")]
+            with pytest.raises(StoreFailed):
+                await b1.send_to_devices("alice@home", both, id=b"i" * 16)
+            assert seen == [2]
+            assert await nothing_arrives(a1) and await nothing_arrives(a2)
+            store.put_many = real
+            assert await b1.send_to_devices("alice@home", both, id=b"i" * 16) == b"i" * 16
+            assert [(await recv_msg(c)).body for c in (a1, a2)] == [b"one", b"two"]
+    run("asyncio", main())
+
+
 def test_a_bad_message_in_a_batch_sends_none_of_it(tmp_path):
     async def main():
         async with world(tmp_path) as w:
