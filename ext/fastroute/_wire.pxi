@@ -829,7 +829,7 @@ cdef tuple c_tail_fields(object tail, object mid=None, list senders=None):
     last sender read) lets a run of one sender's tails share its str."""
     cdef TailSpan s
     cdef Py_ssize_t have
-    cdef object sender = None, cid, body, last
+    cdef object sender = None, last
     cdef const char* last_p
     tail_span(tail, &s)
     if senders is not None and PyList_GET_SIZE(senders) == 1:
@@ -845,8 +845,15 @@ cdef tuple c_tail_fields(object tail, object mid=None, list senders=None):
             raise InvalidArgument("a DELIVER tail's sender is UTF-8") from None
         if senders is not None and PyList_GET_SIZE(senders) == 1:
             senders[0] = sender
-    cid = PyBytes_FromStringAndSize(<const char*>s.cid, 16)
-    body = PyBytes_FromStringAndSize(<const char*>s.body, s.body_len)
+    return _span_fields(&s, sender, mid)
+
+
+cdef tuple _span_fields(TailSpan* s, object sender, object mid):
+    """``(from, id, body, ts_ms)`` of the tail read into ``s``, ``from`` given
+    as ``sender``; with ``mid`` (not None) the row ``(mid, from, id, body,
+    ts_ms)`` instead."""
+    cdef object cid = PyBytes_FromStringAndSize(<const char*>s.cid, 16)
+    cdef object body = PyBytes_FromStringAndSize(<const char*>s.body, s.body_len)
     if mid is not None:
         return (mid, sender, cid, body, s.ts)
     return (sender, cid, body, s.ts)
@@ -874,11 +881,7 @@ cdef tuple c_copy_tail_fields(object tail, object mid=None):
         raise InvalidArgument("a DELIVER tail's sender is UTF-8") from None
     # the store's sender of a copy (keys.copy_sender)
     sender = f"{address}/{s.device}"
-    if mid is not None:
-        return (mid, sender, PyBytes_FromStringAndSize(<const char*>s.cid, 16),
-                PyBytes_FromStringAndSize(<const char*>s.body, s.body_len), s.ts)
-    return (sender, PyBytes_FromStringAndSize(<const char*>s.cid, 16),
-            PyBytes_FromStringAndSize(<const char*>s.body, s.body_len), s.ts)
+    return _span_fields(&s, sender, mid)
 
 
 def copy_tail_fields(tail):
