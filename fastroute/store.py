@@ -34,7 +34,8 @@ import sqlite3
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Iterable, Iterator, Protocol, Sequence, runtime_checkable
+from typing import (TYPE_CHECKING, Callable, Iterable, Iterator, Protocol, Sequence,
+                    runtime_checkable)
 
 import msgpack
 
@@ -597,21 +598,15 @@ class _BaseStore:
             rows.append(self._check_put(*item))
         return rows
 
-    def _check_tails(self, items) -> list[tuple]:
-        """``put_tails``' flat ``device_keys, tail`` pairs, each read and
-        checked as a ``put_many`` item is: the checked items."""
+    def _check_tails(self, items, read: Callable[[Sequence], Iterator[tuple]] = tail_items
+                     ) -> list[tuple]:
+        """``put_tails``' flat ``device_keys, tail`` pairs (``put_copies``'
+        with ``read`` :func:`copy_items`), each read and checked as a
+        ``put_many`` item is: the checked items."""
         items = _check_seq(items, "items")
         if len(items) % 2:
             raise InvalidArgument("items hold device keys, tail for each message")
-        return [self._check_put(*item) for item in tail_items(items)]
-
-    def _check_copies(self, items) -> list[tuple]:
-        """``put_copies``' flat ``device_keys, tail`` pairs, each read and
-        checked as a ``put_many`` item is: the checked items."""
-        items = _check_seq(items, "items")
-        if len(items) % 2:
-            raise InvalidArgument("items hold device keys, tail for each copy")
-        return [self._check_put(*item) for item in copy_items(items)]
+        return [self._check_put(*item) for item in read(items)]
 
     @staticmethod
     def _check_mids(mids) -> list[int]:
@@ -954,17 +949,9 @@ class SqliteStore(_BaseStore):
         ``validate=False`` takes them as given (the relay's hot path): a tail
         that is not one fails this future, not the store.
         """
-        self._check_open()
-        if validate:  # checked, the messages are put_many's items
-            return self.put_many(self._check_tails(items), validate=False)
-        fut = self._loop.create_future()
-        if not items:
-            fut.set_result([])
-            return fut
         # a tuple: its own copy (the caller may reuse its list), and how the
         # writer tells it from a put_many's list of items
-        self._submit(_PUT_TAILS, tuple(items), fut)
-        return fut
+        return self._put_flat(items, validate, tail_items, tuple)
 
     def put_copies(self, items: Sequence, *,
                    validate: bool = True) -> asyncio.Future[list[int]]:
@@ -979,14 +966,22 @@ class SqliteStore(_BaseStore):
         those fields would be: the writer reads them in place, and the loop
         makes no item of a copy.  ``validate`` as for :meth:`put_tails`.
         """
+        return self._put_flat(items, validate, copy_items, CopyTails)
+
+    def _put_flat(self, items: Sequence, validate: bool,
+                  read: Callable[[Sequence], Iterator[tuple]],
+                  wrap: Callable[[Sequence], tuple]) -> asyncio.Future[list[int]]:
+        """:meth:`put_tails` and :meth:`put_copies`: checked, the messages
+        ``read`` gives go as ``put_many``'s items; trusted, the writer gets
+        ``wrap(items)`` (a tuple, or a :class:`CopyTails`)."""
         self._check_open()
-        if validate:  # checked, the copies are put_many's items
-            return self.put_many(self._check_copies(items), validate=False)
+        if validate:
+            return self.put_many(self._check_tails(items, read), validate=False)
         fut = self._loop.create_future()
         if not items:
             fut.set_result([])
             return fut
-        self._submit(_PUT_TAILS, CopyTails(items), fut)
+        self._submit(_PUT_TAILS, wrap(items), fut)
         return fut
 
     def ack(self, device_key: int, mids: Sequence[int], *, validate: bool = True) -> None:

@@ -98,6 +98,20 @@ async def alice_twice_and_bob(w) -> tuple[Client, Client, Client]:
     return a1, a2, b1
 
 
+async def refused_then_taken(a1: Client, a2: Client, b1: Client, cid: bytes,
+                             restore) -> None:
+    """b1's DSEND ``cid`` to alice's two devices, refused by the store: the
+    sender hears STORE_FAILED and no copy arrives; after ``await restore()``
+    the same id is taken anew (the refusal was not remembered) and both arrive."""
+    both = [(1, 11, b"one"), (2, 12, b"two")]
+    with pytest.raises(StoreFailed):
+        await b1.send_to_devices("alice@home", both, id=cid)
+    assert await nothing_arrives(a1) and await nothing_arrives(a2)
+    await restore()
+    assert await b1.send_to_devices("alice@home", both, id=cid) == cid
+    assert [(await recv_msg(c)).body for c in (a1, a2)] == [b"one", b"two"]
+
+
 async def recv_msg(c: Client, timeout: float = 5.0):
     """The next message, past the events (pool low, device joined/left)."""
     while True:
@@ -388,16 +402,12 @@ def test_a_store_refusing_a_batch_of_copies_stores_none_and_forgets_the_ids(tmp_
             def refuse(routes, first):
                 calls.append(len(routes) // 2)
                 raise StoreFailed("injected")
+
+            async def restore():
+                assert calls == [2] and await w.relay.store.count_pending() == 0
+                keys._put_now = real
             keys._put_now = refuse
-            both = [(1, 11, b"one"), (2, 12, b"two")]
-            with pytest.raises(StoreFailed):
-                await b1.send_to_devices("alice@home", both, id=b"r" * 16)
-            assert calls == [2]
-            assert await nothing_arrives(a1) and await nothing_arrives(a2)
-            assert await w.relay.store.count_pending() == 0
-            keys._put_now = real
-            await b1.send_to_devices("alice@home", both, id=b"r" * 16)
-            assert [(await recv_msg(c)).body for c in (a1, a2)] == [b"one", b"two"]
+            await refused_then_taken(a1, a2, b1, b"r" * 16, restore)
     run("asyncio", main())
 
 
@@ -436,14 +446,13 @@ def test_the_sqlite_store_is_handed_the_copies_and_a_refusal_forgets_the_ids(tmp
             assert len(flat) == 4 and all(type(k) is tuple for k in flat[0::2])
             assert [wire.copy_tail_fields(t)[:3] for t in flat[1::2]] == [
                 ("bob@acme/1", first, b"one"), ("bob@acme/1", first, b"two")]
+
+            async def restore():
+                keys._put_copies = spy
+
             for refuse, cid in ((refuse_later, b"r" * 16), (refuse_now, b"q" * 16)):
                 keys._put_copies = refuse
-                with pytest.raises(StoreFailed):
-                    await b1.send_to_devices("alice@home", both, id=cid)
-                assert await nothing_arrives(a1) and await nothing_arrives(a2)
-                keys._put_copies = spy
-                assert await b1.send_to_devices("alice@home", both, id=cid) == cid
-                assert [(await recv_msg(c)).body for c in (a1, a2)] == [b"one", b"two"]
+                await refused_then_taken(a1, a2, b1, cid, restore)
             assert len(handed) == 3
     run("asyncio", main())
 
@@ -463,15 +472,11 @@ def test_a_store_that_refuses_a_batch_of_items_at_once_answers_every_sender(tmp_
             def refuse(items, validate=True):
                 seen.append(len(items))
                 raise StoreFailed("injected")
+            async def restore():
+                assert seen == [2]
+                store.put_many = real
             store.put_many = refuse
-            both = [(1, 11, b"one"), (2, 12, b"two")]
-            with pytest.raises(StoreFailed):
-                await b1.send_to_devices("alice@home", both, id=b"i" * 16)
-            assert seen == [2]
-            assert await nothing_arrives(a1) and await nothing_arrives(a2)
-            store.put_many = real
-            assert await b1.send_to_devices("alice@home", both, id=b"i" * 16) == b"i" * 16
-            assert [(await recv_msg(c)).body for c in (a1, a2)] == [b"one", b"two"]
+            await refused_then_taken(a1, a2, b1, b"i" * 16, restore)
     run("asyncio", main())
 
 

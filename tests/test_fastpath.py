@@ -1986,13 +1986,20 @@ def test_sql_rows_lays_out_a_put_of_tails_as_its_items():
         some = [t if rng.random() < 0.7 and (t := _as_tails(items, rng.randrange(2))) is not None
                 else items for items in puts]
         mixed += len({type(p) for p in some}) == 2
-        first = rng.choice([1, 300, 2**31, 2**40])
-        ttl = rng.choice([0, 1000, 30 * 86400 * 1000])
-        want = store.py_sql_rows(puts, first, ttl)
-        assert store.py_sql_rows(some, first, ttl) == want, trial
-        if _core is not None:
-            assert _core.sql_rows(some, first, ttl) == want, trial
+        _laid_out_alike(rng, puts, some, trial)
     assert mixed > 15  # trials that mixed both kinds in one transaction
+
+
+def _laid_out_alike(rng: random.Random, puts: list, some: list, trial: int) -> None:
+    """Both twins lay ``some`` (``puts`` with some requests as tails or
+    copies) out as the rows of ``puts``' items, from a mid and a TTL drawn
+    from ``rng``."""
+    first = rng.choice([1, 300, 2**31, 2**40])
+    ttl = rng.choice([0, 1000, 30 * 86400 * 1000])
+    want = store.py_sql_rows(puts, first, ttl)
+    assert store.py_sql_rows(some, first, ttl) == want, trial
+    if _core is not None:
+        assert _core.sql_rows(some, first, ttl) == want, trial
 
 
 def _as_copies(items: list, cls: int = 0) -> tuple | None:
@@ -2028,12 +2035,7 @@ def test_sql_rows_lays_out_a_put_of_copies_as_its_items():
             t = _as_tails(items) if c is None and rng.random() < 0.5 else None
             some.append(c if c is not None else t if t is not None else items)
         copies += any(type(p) is store.CopyTails for p in some)
-        first = rng.choice([1, 300, 2**31, 2**40])
-        ttl = rng.choice([0, 1000, 30 * 86400 * 1000])
-        want = store.py_sql_rows(puts, first, ttl)
-        assert store.py_sql_rows(some, first, ttl) == want, trial
-        if _core is not None:
-            assert _core.sql_rows(some, first, ttl) == want, trial
+        _laid_out_alike(rng, puts, some, trial)
     assert copies > 50
 
 
