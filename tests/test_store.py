@@ -1291,14 +1291,43 @@ def test_sqlite_new_stores_use_16k_pages_and_old_ones_keep_theirs(run, db, monke
             await store.put_many([("s@p", CID, body, T0, [dev])] * 50)
             return [r[3] for r in await store.load(dev, 0, 200)]
 
-    monkeypatch.setattr(store_mod, "_PAGE_SIZE", 4096)  # a store made before
+    # a store made before: smaller pages, no auto_vacuum
+    monkeypatch.setattr(store_mod, "_PAGE_SIZE", 4096)
+    monkeypatch.setattr(store_mod, "_AUTO_VACUUM", "NONE")
     assert run(fill(b"x" * 300)) == [b"x" * 300] * 50
     monkeypatch.undo()
     assert run(fill(b"y" * 300)) == [b"x" * 300] * 50 + [b"y" * 300] * 50
-    assert count(db, "PRAGMA page_size") == 4096
+    assert count(db, "PRAGMA page_size") == 4096 and count(db, "PRAGMA auto_vacuum") == 0
     os.remove(db)
     assert run(fill(b"z")) == [b"z"] * 50
-    assert count(db, "PRAGMA page_size") == 16384
+    assert count(db, "PRAGMA page_size") == 16384 and count(db, "PRAGMA auto_vacuum") == 1
+
+
+@pytest.mark.parametrize("auto_vacuum", ["FULL", "NONE"])
+def test_sqlite_a_new_store_gives_back_the_pages_its_deletes_free(run, db, monkeypatch,
+                                                                   auto_vacuum):
+    # a new store file keeps no free pages past a commit, so the next
+    # commit's messages take those its own deletes free (each page written
+    # once, not zeroed and then another one written beside it); a file made
+    # without auto_vacuum keeps them on its freelist
+    monkeypatch.setattr(store_mod, "_AUTO_VACUUM", auto_vacuum)
+
+    async def main():
+        async with await SqliteStore.open(db) as store:
+            dev = store.register_device("a@p", "1")
+            mids = await store.put_many([("s@p", CID, os.urandom(900), T0, [dev])] * 200)
+            await store.flush()
+            full = count(db, "PRAGMA page_count")
+            store.ack(dev, mids)
+            await store.flush()
+            assert await store.count_pending() == 0
+            return full, count(db, "PRAGMA page_count"), count(db, "PRAGMA freelist_count")
+
+    full, pages, free = run(main())
+    if auto_vacuum == "FULL":
+        assert free == 0 and pages < full - 8  # the pack's pages went back
+    else:
+        assert free >= 8 and pages == full
 
 
 def test_sqlite_acks_in_a_batch_with_puts_reach_old_and_new_messages(run, db):
