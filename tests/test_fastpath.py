@@ -3785,6 +3785,70 @@ def test_stored_sacks_twins_across_prefetch_batches():
     assert len(got[1]) == 4
 
 
+@needs_c
+@pytest.mark.parametrize("seed", range(30))
+def test_stored_sacks_and_finish_run_twins_find_a_batch_where_it_lies(seed):
+    # The compiled functions look for each entry in the slot after the one
+    # before (a batch's pending entries are added in a row) and probe where
+    # it is not.  Every way an entry can be elsewhere, and the same answers
+    # as the specification's: entries of other senders (one with the same
+    # id), of ephemeral ids and holes between a batch's (forget), an entry recorded in place, ids
+    # never recorded, pending entries rotated by a full window, a table
+    # grown past its first size, a sender str equal but not the same object.
+    rng = random.Random(seed)
+    sender = "a@b.c"
+    twin_sender = "".join(["a@", "b.c"])  # equal, another object
+    ids = [rng.randbytes(16) for _ in range(rng.choice([5, 40, 200]))]
+    others = [rng.randbytes(16) for _ in range(60)]
+    max_entries = rng.choice([8, 50, 1000])
+    ops = []
+    for cid in rng.sample(ids, len(ids) // 5):  # recorded before, some decided
+        ops.append(("begin", sender, cid, rng.choice([0, PENDING]), 0.5))
+    for cid in ids:
+        r = rng.random()
+        if r < 0.1:
+            continue  # never recorded: the finish records it
+        if r < 0.2:
+            ops.append(("begin", "x@y", cid, 0, 0.7))  # another sender's same id
+        elif r < 0.25:
+            ops.append(("begin", rng.choice(["x@y", sender]), rng.choice(others), 0, 0.7))
+        if r < 0.3:
+            hole = rng.choice(others)
+            ops.append(("begin", sender, hole, 0, 0.7))
+            ops.append(("forget", sender, hole))
+        ops.append(("begin", rng.choice([sender, twin_sender]), cid, PENDING, 1.0))
+        if rng.random() < 0.1:
+            ops.append(("wait", sender, cid, ("conn", cid)))
+
+    def case(impl, fn, finish):
+        table = impl(30.0, max_entries)
+        for op in ops:
+            getattr(table, op[0])(*op[1:])
+        answered: list = []
+        if finish:
+            link = _Requester(sender)
+            meta = [(link, cid, None) for cid in ids]
+            waiters: list = []
+            cids: list = []
+            assert fn(meta, 0, table, 12.5, cids, waiters) == len(meta)
+            answered = [cids, waiters]
+        else:
+            out: list = []
+            fn([x for cid in ids for x in (ADDR, b"tail", cid)], sender, table, 12.5, out,
+               lambda *a: answered.append(a))
+            answered.append(wire.flat_ops(out))
+        return answered, _contents(table)
+
+    for finish, spec, compiled in ((False, gate_mod.py_stored_sacks, _core.stored_sacks),
+                                   (True, batch_mod.py_finish_run, _core.finish_run)):
+        want = case(dedup.DedupWindow, spec, finish)
+        assert case(_core.DedupTable, compiled, finish) == want
+        decided = {k[1]: v for k, v, _ in want[1] if k[0] == sender}
+        if max_entries >= 2 * len(ids) + len(others):
+            # room for all: none evicted by the ids the finish records
+            assert all(decided[cid] == (0, 12.5) for cid in ids)
+
+
 def test_pack_rows_twins():
     # a pack's data as both writers make it (msgpack of (mid, sender, id,
     # body, ts_ms, exp_ms) entries), every length encoding of its strs, bins

@@ -624,6 +624,44 @@ cdef class DedupTable:
             return self._waiters.pop((sender, cid), None)
         return None
 
+    cdef object c_finish_next(self, object sender, object cid, Py_ssize_t* near, int code,
+                              double now):
+        """:meth:`c_finish` of an entry looked for first in slot ``near[0]``;
+        ``near[0]`` is then the slot after the entry's.
+
+        A store batch's pending entries were added one after another, so each
+        is usually in the slot after the one before: the entry found there
+        (its sender and id compared, as a probe does: a key is in one slot at
+        most) needs neither its hash nor a probe of the index, whose lines a
+        table of a million has long dropped from the cache by the time the
+        batch committed.  Anywhere else (a first entry, one recorded in place
+        or rotated, the table grown or compacted since) it is probed for.
+        """
+        cdef Py_ssize_t p = near[0], at, slot = -1
+        cdef Py_hash_t h
+        cdef DSlot* s
+        if 0 <= p < self.cap:
+            s = &self.slots[p]
+            if s.sender != NULL and memcmp(s.cid, PyBytes_AS_STRING(cid), 16) == 0 and (
+                    s.sender == <PyObject*>sender
+                    or PyUnicode_Compare(<object>s.sender, sender) == 0):
+                slot = p
+        if slot < 0:
+            h = dedup_hash(sender, cid)
+            slot = self._find(sender, cid, h, &at)
+            if slot < 0:
+                slot = self._add(sender, cid, h, code, now, at)
+                near[0] = (slot + 1) & (self.cap - 1)
+                return None
+        near[0] = (slot + 1) & (self.cap - 1)
+        s = &self.slots[slot]
+        s.code = code
+        s.stamp = now
+        if s.has_waiters:
+            s.has_waiters = 0
+            return self._waiters.pop((sender, cid), None)
+        return None
+
     cdef int c_wait(self, object sender, object cid, object waiter) except -1:
         cdef Py_ssize_t at
         cdef Py_ssize_t slot = self._find(sender, cid, dedup_hash(sender, cid), &at)

@@ -496,12 +496,13 @@ def stored_sacks(list meta, str sender, DedupTable dedup not None, double now, l
     ``ack_all(None, id, 0, waiters)``, then append the sender's SACK-ok to
     ``out`` -- in that order, per message.  The SACKs between two answers to
     waiters go in as one :class:`OpRun` (one allocation, not one a SACK; one
-    alone as bytes).
+    alone as bytes).  Each entry is looked for first in the slot after the
+    one before (:meth:`DedupTable.c_finish_next`): :func:`accept_sends` added
+    the batch's entries in a row.
     """
-    cdef Py_ssize_t i, base, n = PyList_GET_SIZE(meta)
+    cdef Py_ssize_t i, n = PyList_GET_SIZE(meta)
+    cdef Py_ssize_t near = -1
     cdef object cid, waiters
-    cdef Py_hash_t hashes[DEDUP_BATCH]
-    cdef Py_hash_t h
     cdef SackRun sacks
     if n % 3:
         raise InvalidArgument("meta holds to, tail, id for each message")
@@ -510,24 +511,16 @@ def stored_sacks(list meta, str sender, DedupTable dedup not None, double now, l
     sacks.cap = n
     sacks.first = sacks.count = 0
     try:
-        for base in range(0, n, DEDUP_BATCH):
-            # as in accept_sends: hash and prefetch a few ahead so the misses overlap
-            for i in range(base, min(n, base + DEDUP_BATCH)):
-                cid = meta[3 * i + 2]
-                if PyBytes_CheckExact(cid) and PyBytes_GET_SIZE(cid) == 16:
-                    h = dedup_hash(sender, cid)
-                    hashes[i - base] = h
-                    dedup.c_prefetch(h)
-            for i in range(base, min(n, base + DEDUP_BATCH)):
-                cid = meta[3 * i + 2]
-                if not PyBytes_CheckExact(cid) or PyBytes_GET_SIZE(cid) != 16:
-                    raise InvalidArgument("message id must be 16 bytes")
-                waiters = dedup.c_finish_h(sender, cid, hashes[i - base], 0, now)
-                if waiters is not None:
-                    # the SACKs so far go out first: the order stays per message
-                    sacks_out(&sacks, out)
-                    ack_all(None, cid, 0, waiters)
-                sacks_add(&sacks, cid, out)
+        for i in range(n):
+            cid = meta[3 * i + 2]
+            if not PyBytes_CheckExact(cid) or PyBytes_GET_SIZE(cid) != 16:
+                raise InvalidArgument("message id must be 16 bytes")
+            waiters = dedup.c_finish_next(sender, cid, &near, 0, now)
+            if waiters is not None:
+                # the SACKs so far go out first: the order stays per message
+                sacks_out(&sacks, out)
+                ack_all(None, cid, 0, waiters)
+            sacks_add(&sacks, cid, out)
     finally:
         # what was decided is answered, whatever stopped the loop
         try:
