@@ -38,7 +38,10 @@ process's own CPU per delivered copy -- the CPU time of all its threads,
 those that ended during the run included (the process's CPU clock,
 nanoseconds) read before the first send and after the last receipt -- the
 CPU of this process (the sender and every recipient device's client,
-``time.process_time``) per delivered copy, and the dsend/send ratios.
+``time.process_time``) per delivered copy, and the relay's main thread's
+part of its CPU (its event loop; the rest is its helper threads', the
+SQLite store's writer among them; ``-`` for nats-server), and the
+dsend/send ratios.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from server_cpu import (  # noqa: E402
     NatsServer,
     find_nats_server,
+    main_thread_ns,
     proc_cpu_ns,
     relay_limits_toml,
     round_order,
@@ -89,18 +93,20 @@ def relay_cpu(pid: int) -> float:
     return proc_cpu_ns(pid) / 1e9
 
 
-async def measured(pid: int, copies: int, work) -> tuple[float, float, float]:
+async def measured(pid: int, copies: int, work) -> tuple[float, float, float, float]:
     """Await ``work`` (the timed part of a run that delivers ``copies``):
-    copies per second, process ``pid``'s CPU per copy and this process's
-    (the clients') per copy, in us."""
+    copies per second, process ``pid``'s CPU per copy, this process's (the
+    clients') per copy and ``pid``'s main thread's per copy, in us."""
     cpu0 = relay_cpu(pid)
+    main0 = main_thread_ns(pid)
     mine0 = time.process_time()
     t0 = time.perf_counter()
     await work
     wall = time.perf_counter() - t0
     cpu = relay_cpu(pid) - cpu0
+    main = main_thread_ns(pid) - main0
     mine = time.process_time() - mine0
-    return copies / wall, cpu / copies * 1e6, mine / copies * 1e6
+    return copies / wall, cpu / copies * 1e6, mine / copies * 1e6, main / copies / 1e3
 
 
 def start_relay(data: str, store: str, relay_toml: str = "",
@@ -132,7 +138,7 @@ def start_relay(data: str, store: str, relay_toml: str = "",
 
 
 async def one_run(mode: str, n_dev: int, messages: int,
-                  store: str) -> tuple[float, float, float]:
+                  store: str) -> tuple[float, float, float, float]:
     with tempfile.TemporaryDirectory() as data:
         pkey = ProviderKey.generate()
         with Registry(os.path.join(data, "registry.db")) as reg:
@@ -218,7 +224,7 @@ def js_like(store: str, synchronous: str) -> str:
 
 
 async def nats_run(n_sub: int, messages: int, server: str, *, per_device: bool = False,
-                   window: int = WINDOW, js: str = "") -> tuple[float, float, float]:
+                   window: int = WINDOW, js: str = "") -> tuple[float, float, float, float]:
     """nats-server carrying ``messages`` to ``n_sub`` subscriber connections,
     core NATS (no JetStream) unless ``js`` says otherwise: ``per_device``,
     one publish per device to a subject of its own per message (what a DSEND
@@ -387,12 +393,12 @@ def main() -> None:
           f"messages={args.messages} runs={args.runs} body={BODY} B "
           f"window={WINDOW} nats-server={server or 'not found'}")
     print(f"{'devices':>7} {'mode':>6} {'copies/s':>10} {'relay us/copy':>14} "
-          f"{'(min-max)':>14} {'clients us/copy':>16}")
+          f"{'(min-max)':>14} {'clients us/copy':>16} {'loop us/copy':>13}")
     results = {}
     for n_dev in args.devices:
         modes = ("send", "dsend") + (("nats",) if server else ()) \
             + (("js",) if server and args.js else ())
-        runs: dict[str, tuple[list, list, list]] = {m: ([], [], []) for m in modes}
+        runs: dict[str, tuple[list, list, list, list]] = {m: ([], [], [], []) for m in modes}
         # the modes interleaved, a round a run of each, in reverse order every
         # other round (server_cpu.round_order): the machine's drift, and what
         # one run leaves for the next, fall on every mode alike
@@ -401,26 +407,29 @@ def main() -> None:
                 if mode in ("nats", "js"):
                     assert server is not None
                     try:
-                        rate, cpu, client = run(nats_run(n_dev, args.messages, server,
+                        rate, cpu, client, loop = run(nats_run(n_dev, args.messages, server,
                                                          per_device=True,
                                                          js=js if mode == "js" else ""))
                     except NatsDropped as exc:
                         print(f"  (a {mode} run left out: {exc})", flush=True)
                         continue
                 else:
-                    rate, cpu, client = run(one_run(mode, n_dev, args.messages, args.store))
-                for kept, value in zip(runs[mode], (rate, cpu, client)):
+                    rate, cpu, client, loop = run(one_run(mode, n_dev, args.messages,
+                                                          args.store))
+                for kept, value in zip(runs[mode], (rate, cpu, client, loop)):
                     kept.append(value)
         for mode in modes:
-            rates, cpus, mine = runs[mode]
+            rates, cpus, mine, loops = runs[mode]
             if not rates:
                 print(f"{n_dev:>7} {mode:>6} {'n/a: no complete run':>28}", flush=True)
                 continue
             results[(n_dev, mode)] = (statistics.median(rates), statistics.median(cpus),
                                       statistics.median(mine))
+            # nats-server's main thread is not where its work is done
+            loop = "-" if mode in ("nats", "js") else f"{statistics.median(loops):.2f}"
             print(f"{n_dev:>7} {mode:>6} {statistics.median(rates):>10.0f} "
                   f"{statistics.median(cpus):>14.2f} {min(cpus):>6.2f}-{max(cpus):<6.2f} "
-                  f"{statistics.median(mine):>16.2f}", flush=True)
+                  f"{statistics.median(mine):>16.2f} {loop:>13}", flush=True)
     print("\ndsend / send (same devices):")
     for n_dev in args.devices:
         (rs, cs, ms), (rd, cd, md) = results[(n_dev, "send")], results[(n_dev, "dsend")]

@@ -31,7 +31,9 @@ run of each a round, in reverse order every other round.  Reported per
 case, as the median of ``--runs`` runs: deliveries per second end to end
 (first send to last receipt) and the server process's CPU per delivery, all
 threads (its CPU clock: threads that ended count too), read before the first
-send and after the last receipt.  The clients share the machine's cores with the server:
+send and after the last receipt, and the part of it the relay's main thread
+spent (its event loop; the rest is its helper threads', the SQLite store's
+writer among them; ``-`` for nats-server).  The clients share the machine's cores with the server:
 on 2 cores the clients, not the server, set the end-to-end rate, so the CPU
 per delivery is the figure that speaks for the server.
 """
@@ -56,6 +58,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import e2ee_send  # noqa: E402
 from e2ee_send import relay_cpu  # noqa: E402
+from server_cpu import main_thread_ns  # noqa: E402
 from e2ee_send import start_relay as e2ee_start_relay  # noqa: E402
 from server_cpu import find_nats_server, round_order  # noqa: E402
 
@@ -91,7 +94,8 @@ async def _receive(c: Client, want: int) -> None:
                    if type(m).__name__ in ("GroupMessage", "Message"))
 
 
-async def fastroute_run(mode: str, n_dev: int, messages: int, store: str) -> tuple[float, float]:
+async def fastroute_run(mode: str, n_dev: int, messages: int,
+                        store: str) -> tuple[float, float, float]:
     with tempfile.TemporaryDirectory() as data:
         pkey = ProviderKey.generate()
         with Registry(os.path.join(data, "registry.db")) as reg:
@@ -149,12 +153,14 @@ async def fastroute_run(mode: str, n_dev: int, messages: int, store: str) -> tup
             warm = max(5, messages // 10)
             await asyncio.gather(send_all(warm), *(_receive(c, warm) for c in devices))
             cpu0 = relay_cpu(proc.pid)
+            main0 = main_thread_ns(proc.pid)
             t0 = time.perf_counter()
             await asyncio.gather(send_all(messages), *(_receive(c, messages) for c in devices))
             wall = time.perf_counter() - t0
             cpu = relay_cpu(proc.pid) - cpu0
+            main = main_thread_ns(proc.pid) - main0
             n = messages * n_dev
-            return n / wall, cpu / n * 1e6
+            return n / wall, cpu / n * 1e6, main / n / 1e3
         finally:
             for c in clients:
                 await c.close()
@@ -194,38 +200,42 @@ def main() -> None:
           f"cores={os.cpu_count()} loadavg={open('/proc/loadavg').read().split()[:3]} "
           f"nats-server={server or 'not found'}")
     print(f"{'devices':>7} {'mode':>6} {'msgs':>5} {'deliveries/s':>13} {'server us/deliv':>16} "
-          f"{'(min-max)':>14}")
+          f"{'(min-max)':>14} {'loop us/deliv':>14}")
     results = {}
     for n in args.fanout:
         modes = ["send", "gsend"] + (["nats", "js"] if server else [])
         modes = [m for m in modes if m in (args.modes if args.modes is not None
                                            else ("send", "gsend", "nats"))]
-        runs: dict[str, tuple[list, list]] = {m: ([], []) for m in modes}
+        runs: dict[str, tuple[list, list, list]] = {m: ([], [], []) for m in modes}
         # interleaved, reversed every other round, as e2ee_send.py's
         for rnd in range(args.runs):
             for mode in round_order(modes, rnd):
                 if mode in ("nats", "js"):
                     assert server is not None
                     try:
-                        rate, cpu, _ = run(e2ee_send.nats_run(n, MESSAGES.get(n, 100), server,
-                                                              window=WINDOW,
-                                                              js=js if mode == "js" else ""))
+                        rate, cpu, _, loop = run(e2ee_send.nats_run(
+                            n, MESSAGES.get(n, 100), server, window=WINDOW,
+                            js=js if mode == "js" else ""))
                     except e2ee_send.NatsDropped as exc:
                         print(f"  (a {mode} run left out: {exc})", flush=True)
                         continue
                 else:
-                    rate, cpu = run(fastroute_run(mode, n, MESSAGES.get(n, 100), args.store))
+                    rate, cpu, loop = run(fastroute_run(mode, n, MESSAGES.get(n, 100),
+                                                        args.store))
                 runs[mode][0].append(rate)
                 runs[mode][1].append(cpu)
+                runs[mode][2].append(loop)
         for mode in modes:
-            rates, cpus = runs[mode]
+            rates, cpus, loops = runs[mode]
             if not rates:
                 print(f"{n:>7} {mode:>6} {'n/a: no complete run':>28}", flush=True)
                 continue
             results[(n, mode)] = (statistics.median(rates), statistics.median(cpus))
+            # nats-server's main thread is not where its work is done
+            loop = "-" if mode in ("nats", "js") else f"{statistics.median(loops):.3f}"
             print(f"{n:>7} {mode:>6} {MESSAGES.get(n, 100):>5} {statistics.median(rates):>13.0f} "
-                  f"{statistics.median(cpus):>16.3f} {min(cpus):>6.3f}-{max(cpus):<6.3f}",
-                  flush=True)
+                  f"{statistics.median(cpus):>16.3f} {min(cpus):>6.3f}-{max(cpus):<6.3f} "
+                  f"{loop:>14}", flush=True)
     print("\nratios against v1 send to the same number of devices (same script, same machine):")
     for n in args.fanout:
         if (n, "send") not in results or (n, "gsend") not in results:

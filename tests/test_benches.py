@@ -211,3 +211,31 @@ def test_server_cpu_reverses_the_order_of_its_systems_every_other_round() -> Non
     firsts = {a: sum(o.index(a) < o.index(b) for o in orders)
               for a, b in (("fr-memory", "nats-core"), ("nats-core", "fr-memory"))}
     assert firsts == {"fr-memory": 2, "nats-core": 2}
+
+
+@pytest.mark.parametrize("bench, args, mode", [
+    ("e2ee_send.py", ["--devices", "3", "--messages", "2000"], "dsend"),
+    ("group_send.py", ["--fanout", "10", "--modes", "gsend", "--scale", "5"], "gsend"),
+])
+def test_the_per_device_and_group_benches_split_off_the_loop_s_part(bench, args, mode) -> None:
+    # with the SQLite store the relay's CPU is its event loop's and its
+    # writer's: the bench says which part was the loop's (its main thread),
+    # less than the whole by what the writer spent on its commits
+    import subprocess
+
+    import fastroute
+    from cliutil import ENV
+    tree = str(Path(fastroute.__file__).resolve().parents[1])
+    proc = subprocess.run([sys.executable, "-P", str(BENCHES / bench), "--runs", "1",
+                           "--store", "sqlite", "--synchronous", "NORMAL", "--no-nats", *args],
+                          env=dict(ENV, PYTHONPATH=tree), capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    header = [line for line in proc.stdout.splitlines() if line.lstrip().startswith("devices")]
+    assert len(header) == 1 and header[0].split()[-2] == "loop", proc.stdout
+    rows = [line.split() for line in proc.stdout.splitlines()
+            if len(line.split()) > 2 and line.split()[1] == mode]
+    assert len(rows) == 1, proc.stdout
+    whole = float(rows[0][4 if bench == "group_send.py" else 3])
+    loop = float(rows[0][-1])
+    assert 0 < loop < whole, proc.stdout
