@@ -605,24 +605,8 @@ cdef class DedupTable:
 
     cdef object c_finish(self, object sender, object cid, int code, double now):
         """Decide (sender, cid); returns its waiters (or None)."""
-        return self.c_finish_h(sender, cid, dedup_hash(sender, cid), code, now)
-
-    cdef object c_finish_h(self, object sender, object cid, Py_hash_t h, int code,
-                           double now):
-        """:meth:`c_finish` with the key's hash computed (and prefetched) by the caller."""
-        cdef Py_ssize_t at
-        cdef Py_ssize_t slot = self._find(sender, cid, h, &at)
-        cdef DSlot* s
-        if slot < 0:
-            self._add(sender, cid, h, code, now, at)
-            return None
-        s = &self.slots[slot]
-        s.code = code
-        s.stamp = now
-        if s.has_waiters:
-            s.has_waiters = 0
-            return self._waiters.pop((sender, cid), None)
-        return None
+        cdef Py_ssize_t near = -1  # no slot to look in first: it is probed for
+        return self.c_finish_next(sender, cid, &near, code, now)
 
     cdef object c_finish_next(self, object sender, object cid, Py_ssize_t* near, int code,
                               double now):
