@@ -3772,7 +3772,7 @@ def test_accept_sends_refuses_a_cut_send():
 
 
 @needs_c
-def test_stored_sacks_twins_across_prefetch_batches():
+def test_stored_sacks_twins_over_many_ids():
     ids = [i.to_bytes(2, "big") * 8 for i in range(40)]
     meta = [x for cid in ids for x in (ADDR, b"tail", cid)]
     entries = [("a@b.c", ids[i], PENDING, 1.0, [("conn", ids[i])] if i % 5 == 0 else None)
@@ -3792,9 +3792,10 @@ def test_stored_sacks_and_finish_run_twins_find_a_batch_where_it_lies(seed):
     # before (a batch's pending entries are added in a row) and probe where
     # it is not.  Every way an entry can be elsewhere, and the same answers
     # as the specification's: entries of other senders (one with the same
-    # id), of ephemeral ids and holes between a batch's (forget), an entry recorded in place, ids
-    # never recorded, pending entries rotated by a full window, a table
-    # grown past its first size, a sender str equal but not the same object.
+    # id), of ephemeral ids and holes between a batch's (forget), an entry
+    # recorded in place, ids never recorded, pending entries rotated by a
+    # full window, a table grown past its first size, a sender str equal but
+    # not the same object.
     rng = random.Random(seed)
     sender = "a@b.c"
     twin_sender = "".join(["a@", "b.c"])  # equal, another object
