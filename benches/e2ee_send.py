@@ -407,9 +407,9 @@ def main() -> None:
                 if mode in ("nats", "js"):
                     assert server is not None
                     try:
-                        rate, cpu, client, loop = run(nats_run(n_dev, args.messages, server,
-                                                         per_device=True,
-                                                         js=js if mode == "js" else ""))
+                        rate, cpu, client, loop = run(nats_run(
+                            n_dev, args.messages, server, per_device=True,
+                            js=js if mode == "js" else ""))
                     except NatsDropped as exc:
                         print(f"  (a {mode} run left out: {exc})", flush=True)
                         continue

@@ -33,9 +33,10 @@ case, as the median of ``--runs`` runs: deliveries per second end to end
 threads (its CPU clock: threads that ended count too), read before the first
 send and after the last receipt, and the part of it the relay's main thread
 spent (its event loop; the rest is its helper threads', the SQLite store's
-writer among them; ``-`` for nats-server).  The clients share the machine's cores with the server:
-on 2 cores the clients, not the server, set the end-to-end rate, so the CPU
-per delivery is the figure that speaks for the server.
+writer among them; ``-`` for nats-server).  The clients share the machine's
+cores with the server: on 2 cores the clients, not the server, set the
+end-to-end rate, so the CPU per delivery is the figure that speaks for the
+server.
 """
 
 from __future__ import annotations
@@ -58,9 +59,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import e2ee_send  # noqa: E402
 from e2ee_send import relay_cpu  # noqa: E402
-from server_cpu import main_thread_ns  # noqa: E402
 from e2ee_send import start_relay as e2ee_start_relay  # noqa: E402
-from server_cpu import find_nats_server, round_order  # noqa: E402
+from server_cpu import find_nats_server, main_thread_ns, round_order  # noqa: E402
 
 from fastroute import Client  # noqa: E402
 from fastroute.identity import ProviderKey, Registry, issue_credential  # noqa: E402
