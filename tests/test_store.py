@@ -1440,6 +1440,54 @@ def test_sqlite_puts_wait_for_more_only_while_puts_come_faster_than_commits(run,
     run(main())
 
 
+def test_sqlite_waits_after_a_pause_for_the_rest_of_a_burst(run, db):
+    # a sender's burst comes as several frames, each read apart: after a
+    # pause, while puts came in bursts (the last batch had several, or its
+    # put came while the writer was busy), the first put of the next batch
+    # waits (0.2 ms) for the rest, and the burst shares one commit; a put
+    # that came alone to an idle writer goes at once after a pause
+    async def burst_shares_a_commit(store, dev, body):
+        await asyncio.sleep(0.2)  # a pause: past the group budget
+        before = store.commits
+        held = store.put_many([("s@p", CID, body, T0, [dev])])
+        await asyncio.sleep(0.1)  # two budgets: it would have gone by now
+        assert not held.done() and store.commits == before
+        rest = store.put_many([("s@p", CID, body, T0, [dev])])
+        await asyncio.wait_for(asyncio.gather(held, rest), 10)
+        assert store.commits == before + 1  # the burst's one commit
+
+    async def main():
+        async with await SqliteStore.open(db, group_commit_s=0) as store:
+            assert store._burst_s == 0.0  # a budget of 0: no wait at all
+        async with await SqliteStore.open(db, group_commit_s=0.05) as store:
+            assert store._burst_s == store_mod._BURST_S == 0.0002
+            dev = store.register_device("a@p", "1")
+            await store.flush()
+            # a put that comes while the writer is busy: puts come in bursts
+            with write_locked(db):
+                first = store.put_many([("s@p", CID, b"1", T0, [dev])])
+                await writer_holds_its_batch(store)
+                second = store.put_many([("s@p", CID, b"2", T0, [dev])])
+            await asyncio.gather(first, second)
+            store._burst_s = 0.5  # long enough to see on a loaded host
+            await burst_shares_a_commit(store, dev, b"3")
+            # that batch had two puts: so does the next burst
+            await burst_shares_a_commit(store, dev, b"4")
+            # a batch of one put that came to an idle writer (after a short wait) ...
+            store._burst_s = 0.0002
+            await asyncio.sleep(0.2)
+            await asyncio.wait_for(store.put_many([("s@p", CID, b"5", T0, [dev])]), 10)
+            # ... so a put after a pause is alone: at once, however long a burst's wait
+            store._burst_s = 30.0
+            await asyncio.sleep(0.2)
+            before = store.commits
+            await asyncio.wait_for(store.put_many([("s@p", CID, b"6", T0, [dev])]), 10)
+            assert store.commits == before + 1
+            assert [r[3] for r in await store.load(dev, 0, 100)] == [
+                b"1", b"2", b"3", b"3", b"4", b"4", b"5", b"6"]
+    run(main())
+
+
 def test_sqlite_frees_what_the_loop_made_on_the_loops_thread(run, db):
     # a put's items and an ack's ids are made on the loop's thread; freed in
     # the writer, each block's cache line went from one core to the other and
