@@ -1357,17 +1357,14 @@ class SqliteStore(_BaseStore):
             wait = deadline - time.monotonic()
             if wait <= 0:
                 break
-            if deadline == burst_end:
-                # a burst's rest, a fraction of a millisecond: slept for, not
-                # woken for at each put (a wake-up of both threads each)
-                time.sleep(wait)
-                try:
-                    batch.append(q.get_nowait())
-                    continue
-                except queue.Empty:
-                    break
             try:
-                batch.append(q.get(timeout=wait))
+                if deadline == burst_end:
+                    # a burst's rest, a fraction of a millisecond: slept for,
+                    # not woken for at each put (a wake-up of both threads each)
+                    time.sleep(wait)
+                    batch.append(q.get_nowait())
+                else:
+                    batch.append(q.get(timeout=wait))
             except queue.Empty:
                 break
         if puts:
