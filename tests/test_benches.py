@@ -32,6 +32,24 @@ import e2e_compare  # noqa: E402
 import server_cpu  # noqa: E402
 
 
+def _tree() -> str:
+    """The fastroute under test (installed, or this checkout built in place):
+    the benches run with it first on the path, since a clone's unbuilt
+    source must not be imported."""
+    import fastroute
+    return str(Path(fastroute.__file__).resolve().parents[1])
+
+
+def _bench(script: str, *args: str, timeout: float = 240):
+    """``benches/script`` run as a user runs it, with :func:`_tree`'s fastroute."""
+    import subprocess
+
+    from cliutil import ENV
+    return subprocess.run([sys.executable, "-P", str(BENCHES / script), *args],
+                          env=dict(ENV, PYTHONPATH=_tree()), capture_output=True,
+                          text=True, timeout=timeout)
+
+
 def _rate_fields() -> set[str]:
     return {f.name for f in dataclasses.fields(Limits)
             if f.name.endswith(("_per_s", "_burst", "_burst_s"))}
@@ -120,18 +138,11 @@ def test_e2e_compare_unbounded_window_runs_through(monkeypatch: pytest.MonkeyPat
 def test_store_load_reads_the_whole_backlog_and_compares_two_trees(tmp_path) -> None:
     # the bench of the backlog sync's reads: every row loaded (it stops with
     # an error otherwise), a figure a row, and a run in turns with another tree
-    import subprocess
-
-    import fastroute
-    from cliutil import ENV
-    # the fastroute under test (installed, or this checkout built in place)
-    # is both trees: a clone's unbuilt source must not be imported
-    tree = str(Path(fastroute.__file__).resolve().parents[1])
-    out = subprocess.run([sys.executable, "-P", str(BENCHES / "store_load.py"), "--runs", "2",
-                          "--messages", "3000", "--pack", "700", "--limit", "256",
-                          "--relay-path", tree],
-                         env=dict(ENV, PYTHONPATH=tree), capture_output=True, text=True,
-                         timeout=120, check=True).stdout
+    # (the fastroute under test is both trees)
+    proc = _bench("store_load.py", "--runs", "2", "--messages", "3000", "--pack", "700",
+                  "--limit", "256", "--relay-path", _tree(), timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
     lines = out.splitlines()
     assert lines[0].startswith("backlog of 3000 x 100 B in packs of 700, loads of 256")
     figures = [float(line.split()[1]) for line in lines[1:3]]
@@ -181,15 +192,8 @@ def test_server_cpu_runs_the_interop_pair_across_two_providers() -> None:
     # pair 5: a user of another provider writes to a user who opted in to
     # it; a relay that refused those sends (no consent, the provider not
     # enrolled) would deliver nothing and the run would not count (exit 1)
-    import subprocess
-
-    import fastroute
-    from cliutil import ENV
-    tree = str(Path(fastroute.__file__).resolve().parents[1])
-    proc = subprocess.run([sys.executable, "-P", str(BENCHES / "server_cpu.py"), "--quick",
-                           "--messages", "3000", "--only", "fr-interop,fr-memory"],
-                          env=dict(ENV, PYTHONPATH=tree), capture_output=True, text=True,
-                          timeout=240)
+    proc = _bench("server_cpu.py", "--quick", "--messages", "3000",
+                  "--only", "fr-interop,fr-memory")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     row = [line for line in proc.stdout.splitlines()
            if line.startswith("5 interop memory vs core")]
@@ -221,15 +225,8 @@ def test_the_per_device_and_group_benches_split_off_the_loop_s_part(bench, args,
     # with the SQLite store the relay's CPU is its event loop's and its
     # writer's: the bench says which part was the loop's (its main thread),
     # less than the whole by what the writer spent on its commits
-    import subprocess
-
-    import fastroute
-    from cliutil import ENV
-    tree = str(Path(fastroute.__file__).resolve().parents[1])
-    proc = subprocess.run([sys.executable, "-P", str(BENCHES / bench), "--runs", "1",
-                           "--store", "sqlite", "--synchronous", "NORMAL", "--no-nats", *args],
-                          env=dict(ENV, PYTHONPATH=tree), capture_output=True, text=True,
-                          timeout=240)
+    proc = _bench(bench, "--runs", "1", "--store", "sqlite", "--synchronous", "NORMAL",
+                  "--no-nats", *args)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     header = [line for line in proc.stdout.splitlines() if line.lstrip().startswith("devices")]
     assert len(header) == 1 and header[0].split()[-2] == "loop", proc.stdout
