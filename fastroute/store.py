@@ -658,13 +658,14 @@ class SqliteStore(_BaseStore):
     therefore resolves only once its message is committed.  Reads (:meth:`load`,
     :meth:`count_pending`) run on a second connection in a reader thread; WAL
     lets them proceed while the writer commits.  The writer's most common
-    transaction (acks that empty whole packs, then new packs for single
-    devices) runs compiled in one call that releases the GIL once
-    (``fastroute._core.SqlFast``, on the same connection); the sqlite3
-    module would release and retake it around every statement, each time a
-    hand-off with the busy event loop.  Everything else, and every store
-    without the compiled core, goes through the sqlite3 module, to the same
-    rows.
+    transactions (acks that empty whole packs, then new packs for single
+    devices; and with a group's traffic, its members' acks of whole shares,
+    then new spacks and shares) run compiled, in calls that each release
+    the GIL once (``fastroute._core.SqlFast``, on the same connection); the
+    sqlite3 module would release and retake it around every statement,
+    each time a hand-off with the busy event loop.  Everything else, and
+    every store without the compiled core, goes through the sqlite3 module,
+    to the same rows.
 
     Durability: with ``synchronous="FULL"`` (the default) the WAL is synced
     on every commit, so a message whose future resolved survives a process
@@ -1605,14 +1606,15 @@ class SqliteStore(_BaseStore):
         try:
             counts.begin()
             if (common and self._fast is not None and not (
-                    regs or forgets or expires or rewrite or spack_rows or share_rows
-                    or blocks) and (not acks or acks_hi is not None
-                                    and acks_hi < self._next_mid)):
+                    regs or forgets or expires or rewrite)
+                    and (not acks or acks_hi is not None and acks_hi < self._next_mid)):
                 # as below: the acks of committed messages, then the new rows
                 meta = -1
-                if pack_rows and mid > mark:
+                if (pack_rows or spack_rows) and mid > mark:
                     mark = meta = mid + _MID_BLOCK
-                self._transaction_fast(conn, acks, pack_rows, meta, partial, spartial, sgone)
+                for block in blocks:
+                    counts.add(*block)
+                self._transaction_fast(conn, acks, puts, meta, partial, spartial, sgone)
             else:
                 conn.execute("BEGIN")
                 # Order inside the transaction follows the queue's causality:
@@ -1696,18 +1698,21 @@ class SqliteStore(_BaseStore):
         self.commits += 1
         return expired
 
-    def _transaction_fast(self, conn: sqlite3.Connection, acks: dict, pack_rows: list,
+    def _transaction_fast(self, conn: sqlite3.Connection, acks: dict, puts: tuple,
                           mark: int, partial: dict, spartial: dict, sgone: dict) -> None:
-        """BEGIN, the acks, the new packs, ``next_mid`` (unless ``mark`` is
-        negative) and COMMIT, in one compiled call that releases the GIL once.
+        """BEGIN, the acks, the new rows (``puts``, :func:`py_sql_rows`'),
+        ``next_mid`` (unless ``mark`` is negative) and COMMIT, in one
+        compiled call that releases the GIL once.
 
         A device's acks are applied there while they list whole packs, each
         in order (each pack is deleted: what :func:`py_ack_device` does for
-        it).  The rest (part of a pack, a share, a device with a pack acked
+        it).  The rest (a share, part of a pack, a device with a pack acked
         in part before) is applied by :meth:`_delete` between that call and
-        a second one for the new rows: the acks still go first, so the pages
-        their deletes free are the ones the new rows take.
+        a second one for the new rows (whole shares in order by another
+        compiled call, :meth:`_drop_shares`): the acks still go first, so the
+        pages their deletes free are the ones the new rows take.
         """
+        spack_rows, share_rows, pack_rows, _ = puts
         fast = self._fast
         assert fast is not None
         drops: list = []
@@ -1732,12 +1737,12 @@ class SqliteStore(_BaseStore):
         if others:
             missed = fast.run(drops, [], -1, True, False)
         else:
-            missed = fast.run(drops, pack_rows, mark, True, True)
+            missed = fast.run(drops, pack_rows, mark, True, True, spack_rows, share_rows)
         if missed or others:
             for i, done in missed:
                 others[tried[i]] = acks[tried[i]][done:]
             self._delete(conn, others, [], partial, spartial, sgone)
-            fast.run([], pack_rows, mark, False, True)
+            fast.run([], pack_rows, mark, False, True, spack_rows, share_rows)
 
     def _delete(self, conn: sqlite3.Connection, acks: dict, forgets: list, partial: dict,
                 spartial: dict, sgone: dict) -> None:
@@ -1752,6 +1757,8 @@ class SqliteStore(_BaseStore):
 
         # each shared message a device held is released: the last
         # holder's ack deletes it
+        if acks and self._fast is not None:
+            acks = self._drop_shares(acks, spartial, release)
         left = _ack_rows(conn, acks, partial, spartial, release) if acks else {}
         for key, mids in left.items():  # each non-empty
             # a store of version 3 or older: the device's own messages go
@@ -1794,6 +1801,41 @@ class SqliteStore(_BaseStore):
             # also fire on expire's bulk inbox delete, whose messages go
             # anyway; so it is done here.
             _execute_in(conn, _SQL_ORPHAN, [], sorted(touched))
+
+    def _drop_shares(self, acks: dict, spartial: dict, release) -> dict:
+        """The devices' acks of whole shares, in order (a group member's
+        steady state), applied in one compiled call (:meth:`PySqlFast.drop_shares`),
+        their messages released; returns the acks left to the general path.
+
+        A device with a share acked in part keeps the general path: that
+        share's row still lists the mids acked before.
+        """
+        fast = self._fast
+        assert fast is not None
+        held = {key for key, _ in spartial} if spartial else ()
+        keys: list[int] = []
+        drops: list = []
+        for key, mids in acks.items():
+            if mids and key not in held:
+                try:
+                    blob = array.array("q", mids).tobytes()
+                except (OverflowError, TypeError):
+                    continue  # no share's mids; the general path says what they are
+                drops += (key, blob)
+                keys.append(key)
+        if not drops:
+            return acks
+        rest = dict(acks)
+        for key, done in zip(keys, fast.drop_shares(drops)):
+            if done:
+                mids = acks[key]
+                at = 0
+                for i in range(0, len(done), 2):
+                    n = done[i + 1]
+                    release(done[i], mids[at:at + n])
+                    at += n
+                rest[key] = mids[at:]
+        return rest
 
     def _expire(self, conn: sqlite3.Connection, now_ms: int, bound: int, partial: dict,
                 spartial: dict, sgone: dict) -> int:
@@ -2326,6 +2368,14 @@ class PySqlFast:
     SQL_DROP = _SQL_PACK_DROP
     SQL_PACK = _SQL_PUT_PACK + "(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
     SQL_MARK = "INSERT OR REPLACE INTO meta(k, v) VALUES ('next_mid', ?1)"
+    # a device's share of a spack: its mids (NULL: all the spack holds), and
+    # the share dropped by its key
+    SQL_SFIND = ("SELECT " + _SHARE_MIDS.format("s") + " FROM shares s "
+                 "WHERE s.dev = ?1 AND s.first = ?2")
+    SQL_SDROP = "DELETE FROM shares WHERE dev = ?1 AND first = ?2"
+    # one row of new spacks and of new shares (the general path's columns)
+    SQL_SPACK = _SQL_PUT_SPACK + "(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+    SQL_SHARE = _SQL_PUT_SHARES + "(?1, ?2, ?3, ?4, ?5, ?6, ?7)"
 
     def __init__(self, conn: sqlite3.Connection, path: str) -> None:
         if type(conn) is not sqlite3.Connection:
@@ -2346,12 +2396,14 @@ class PySqlFast:
         self._conn = None
 
     def run(self, drops: list, pack_rows: list, mark: int, begin: bool,
-            commit: bool) -> list[tuple[int, int]]:
+            commit: bool, spack_rows: list | None = None,
+            share_rows: list | None = None) -> list[tuple[int, int]]:
         """BEGIN (when ``begin``); apply ``drops``, flat ``key, mids blob``
         pairs (a device's acked mids, int64s); then, if every drop was
-        applied whole, insert ``pack_rows`` (flat, :func:`py_sql_rows`'
-        layout), set meta's ``next_mid`` to ``mark`` unless it is negative,
-        and COMMIT (when ``commit``).
+        applied whole, insert ``spack_rows``, ``share_rows`` and
+        ``pack_rows`` (flat, :func:`py_sql_rows`' layout), set meta's
+        ``next_mid`` to ``mark`` unless it is negative, and COMMIT (when
+        ``commit``).
 
         A drop's mids are walked pack by pack: while the device has a pack
         whose first mid is the next acked one and whose mids all come next,
@@ -2366,11 +2418,18 @@ class PySqlFast:
         conn = self._conn
         if conn is None:
             raise RuntimeError("closed")
-        if len(drops) % 2 or len(pack_rows) % 8:
-            raise InvalidArgument("drops are pairs and pack rows have 8 columns")
+        spack_rows = [] if spack_rows is None else spack_rows
+        share_rows = [] if share_rows is None else share_rows
+        if len(drops) % 2 or len(pack_rows) % 8 or len(spack_rows) % 9 or len(share_rows) % 7:
+            raise InvalidArgument("drops are pairs and pack, spack and share rows have "
+                                  "8, 9 and 7 columns")
         pairs = [(drops[i], drops[i + 1]) for i in range(0, len(drops), 2)]
         rows = [tuple(pack_rows[i:i + 8]) for i in range(0, len(pack_rows), 8)]
-        for row, nints in [(p, 1) for p in pairs] + [(r, 6) for r in rows]:
+        spacks = [tuple(spack_rows[i:i + 9]) for i in range(0, len(spack_rows), 9)]
+        shares = [tuple(share_rows[i:i + 7]) for i in range(0, len(share_rows), 7)]
+        for row, nints in ([(p, 1) for p in pairs] + [(r, 5) for r in spacks]
+                           + [(r[:6] if r[6] is None else r, 6) for r in shares]
+                           + [(r, 6) for r in rows]):
             array.array("q", row[:nints])  # int64s, or TypeError / OverflowError
             if any(type(blob) is not bytes for blob in row[nints:]):
                 raise WrongType("a blob column is bytes")
@@ -2394,6 +2453,8 @@ class PySqlFast:
                 if at < len(blob):
                     missed.append((i, at // 8))
             if not missed:
+                conn.executemany(self.SQL_SPACK, spacks)
+                conn.executemany(self.SQL_SHARE, shares)
                 conn.executemany(self.SQL_PACK, rows)
                 if mark >= 0:
                     conn.execute(self.SQL_MARK, (mark,))
@@ -2408,6 +2469,50 @@ class PySqlFast:
         else:
             self.handed_back += 1
         return missed
+
+    def drop_shares(self, drops: list) -> list[list[int]]:
+        """Apply ``drops``, flat ``key, mids blob`` pairs (a device's acked
+        mids, int64s), to the devices' shares, inside the caller's open
+        transaction.
+
+        A drop's mids are walked share by share, as :meth:`run` walks packs:
+        while the device has a share keyed by the next acked mid whose mids
+        (its spack's, when it lists none) all come next, in order, that
+        share is deleted.  Returns, for each drop, the shares deleted as
+        flat ``first, n`` pairs (``n`` its mids), in order: the caller
+        releases their messages' counts and applies the rest of the drop's
+        mids.  A value of the wrong type raises before anything is written;
+        an SQLite error raises, and the caller rolls back.
+        """
+        conn = self._conn
+        if conn is None:
+            raise RuntimeError("closed")
+        if len(drops) % 2:
+            raise InvalidArgument("drops are pairs")
+        pairs = [(drops[i], drops[i + 1]) for i in range(0, len(drops), 2)]
+        for key, blob in pairs:
+            array.array("q", [key])  # an int64, or TypeError / OverflowError
+            if type(blob) is not bytes:
+                raise WrongType("a blob column is bytes")
+            if len(blob) % 8:
+                raise InvalidArgument("a drop's mids are int64s")
+        if not conn.in_transaction:
+            raise InvalidArgument("drop_shares runs inside a transaction")
+        out = []
+        for key, blob in pairs:
+            done: list[int] = []
+            at = 0  # bytes of blob applied
+            while at < len(blob):
+                first = int.from_bytes(blob[at:at + 8], sys.byteorder, signed=True)
+                row = conn.execute(self.SQL_SFIND, (key, first)).fetchone()
+                if (row is None or not row[0] or len(row[0]) % 8
+                        or row[0] != blob[at:at + len(row[0])]):
+                    break  # not this ack's next mids: the rest waits
+                conn.execute(self.SQL_SDROP, (key, first))
+                done += (first, len(row[0]) // 8)
+                at += len(row[0])
+            out.append(done)
+        return out
 
 
 #: The writer's common transaction: :class:`PySqlFast`'s compiled twin.

@@ -1,10 +1,12 @@
 """The SQLite store's common transaction, compiled, specified and general.
 
 ``SqliteStore`` applies a transaction of acks of committed messages and new
-packs (nothing else) in one compiled call that releases the GIL once
-(``fastroute._core.SqlFast``, specified by ``fastroute.store.PySqlFast``);
-every other transaction, and every ack that does not list whole packs,
-takes the general path through the sqlite3 module.  These tests
+packs, spacks and shares (nothing else) in one compiled call that releases
+the GIL once (``fastroute._core.SqlFast``, specified by
+``fastroute.store.PySqlFast``), and group members' acks of whole shares in
+another; every other transaction, and every ack that lists neither whole
+packs nor whole shares, takes the general path through the sqlite3 module.
+These tests
 run the same traffic through a store with the twin, with its specification
 and with neither, and compare what each gives back and leaves in its file.
 """
@@ -55,6 +57,17 @@ async def _traffic(path: str, seed: int) -> tuple[list, dict]:
     rng = random.Random(seed)
     store = await SqliteStore.open(path, synchronous="NORMAL")
     seen: list = []
+    # the mids that whole shares' compiled drops applied (SqliteStore._drop_shares)
+    by_shares = 0
+    drop_shares = store._drop_shares
+
+    def counted(acks: dict, spartial: dict, release) -> dict:
+        nonlocal by_shares
+        rest = drop_shares(acks, spartial, release)
+        by_shares += sum(map(len, acks.values())) - sum(map(len, rest.values()))
+        return rest
+
+    store._drop_shares = counted
     try:
         keys = [store.register_device(f"u{i}@p", "1") for i in range(5)]
         await store.flush()
@@ -93,10 +106,34 @@ async def _traffic(path: str, seed: int) -> tuple[list, dict]:
                     store.ack(key, mids)                 # a pack, then a mid of it again
                     acked = mids[:1]
                 store.ack(key, acked)
-                if rng.random() < 0.2 and shared[key]:
-                    store.ack(key, shared[key])          # a group's share
-                    shared[key] = []
-            if step % 7 == 3:
+            for key in keys:
+                if not shared[key] or rng.random() < 0.5:
+                    continue
+                shape = rng.random()
+                held = shared[key]
+                cut = rng.randrange(1, len(held)) if len(held) > 1 else 1
+                if shape < 0.4:
+                    acked, shared[key] = held, []        # its shares, whole, in order
+                elif shape < 0.5:
+                    acked, shared[key] = held[::-1], []  # out of order
+                elif shape < 0.55:
+                    acked, shared[key] = held[:cut], held[cut:]  # part, the rest later
+                elif shape < 0.6:
+                    acked = held[:cut]                   # part, then all of it again later
+                elif shape < 0.65 and len(held) > 2:
+                    # all but its second mid, never acked: the key's share
+                    # found, but not all its mids next
+                    acked, shared[key] = held[:1] + held[2:], []
+                elif shape < 0.75:
+                    acked, shared[key] = held + held, []  # twice in one ack
+                elif shape < 0.85 and packs[key]:
+                    # a pack's and its shares' mids in one ack, in mid order
+                    acked, shared[key] = sorted(held + packs[key].pop()), []
+                else:
+                    store.ack(key, held[cut:])           # the rest first, then all
+                    acked, shared[key] = held, []
+                store.ack(key, acked)
+            if step % 4 == 3:
                 # a group's messages: a spack and a share a device
                 members = rng.sample(keys, 3)
                 items = [("g@p", rng.randbytes(16), rng.randbytes(rng.randrange(1, 300)),
@@ -128,7 +165,8 @@ async def _traffic(path: str, seed: int) -> tuple[list, dict]:
         fast = store._fast
         counters = {"committed": fast.committed if fast else 0,
                     "handed_back": fast.handed_back if fast else 0,
-                    "commits": store.commits, "rewrites": store.rewrites}
+                    "commits": store.commits, "rewrites": store.rewrites,
+                    "by_shares": by_shares}
     finally:
         await store.close()
     return seen, counters
@@ -154,7 +192,8 @@ def test_the_common_transaction_leaves_what_the_general_path_leaves(tmp_path, mo
     # both ways were taken: whole transactions in one call, and ones it
     # handed back to the general path (an ack it could not apply alone)
     assert fast["committed"] > 0 and fast["handed_back"] > 0, fast
-    assert slow["committed"] == slow["handed_back"] == 0
+    assert fast["by_shares"] > 0, fast  # group members' acks of whole shares, compiled
+    assert slow["committed"] == slow["handed_back"] == slow["by_shares"] == 0
     assert fast_seen == slow_seen
     assert _rows(fast_db) == _rows(slow_db)
 
@@ -195,6 +234,48 @@ def test_the_compiled_transaction_carries_a_device_that_acks_every_delivery(tmp_
     assert committed >= 20 and handed_back == 0  # every one of them, whole
     rows = _rows(str(tmp_path / "s.db"))
     assert rows["packs"] == [] and rows["messages"] == []
+
+
+@needs_c
+def test_the_compiled_transaction_carries_a_group_whose_members_ack_every_delivery(
+        tmp_path, monkeypatch):
+    # a group's steady state: each transaction stores a spack and its shares
+    # and applies the members' acks of the last one's, none of it through the
+    # general path's statements
+    general: list = []
+    ack_rows = store_mod._ack_rows
+
+    def spy(conn, acks, *args):
+        general.extend(m for m in acks.values() if m)
+        return ack_rows(conn, acks, *args)
+
+    monkeypatch.setattr(store_mod, "_ack_rows", spy)
+
+    async def main():
+        store = await SqliteStore.open(str(tmp_path / "s.db"), synchronous="NORMAL")
+        keys = [store.register_device(f"m{i}@p", "1") for i in range(3)]
+        await store.flush()
+        before = store._fast.committed
+        last = None
+        for i in range(20):
+            if last is not None:
+                for key in keys:
+                    store.ack(key, last, validate=False)
+            last = list(await store.put_many(
+                [("s@p", bytes([i, j]) * 8, b"x" * 100, T0, keys) for j in range(8)]))
+        for key in keys:
+            store.ack(key, last)
+        await store.flush()
+        left = await store.count_pending()
+        committed = store._fast.committed - before
+        await store.close()
+        return left, committed
+    left, committed = asyncio.run(main())
+    assert left == 0
+    assert committed >= 20
+    assert general == []
+    rows = _rows(str(tmp_path / "s.db"))
+    assert rows["spacks"] == [] and rows["shares"] == [] and rows["messages"] == []
 
 
 @pytest.mark.parametrize("way", _ways())
@@ -263,6 +344,79 @@ def test_a_failing_common_transaction_rolls_back_and_says_why(tmp_path, way):
     conn.close()
 
 
+@pytest.mark.parametrize("way", _ways())
+def test_whole_shares_in_order_are_dropped_and_the_rest_left(tmp_path, way):
+    path = str(tmp_path / "x.db")
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.executescript(store_mod._SCHEMA)
+    fast = way(conn, path)
+
+    def mids(*ms: int) -> bytes:
+        return array.array("q", ms).tobytes()
+
+    def spack(first: int, *rest: int) -> list:
+        every = (first, *rest)
+        return [first, every[-1], len(every), 10, 99, mids(*every),
+                array.array("i", [1] * len(every)).tobytes(), mids(*[99] * len(every)), b"d"]
+
+    def share(dev: int, first: int, held: bytes | None, last: int) -> list:
+        return [dev, first, last, 1, 10, 99, held]
+
+    def shares() -> list:
+        return conn.execute("SELECT dev, first FROM shares ORDER BY 1, 2").fetchall()
+
+    # spacks 10 (10-12), 20 (20-21) and 30 (30); device 1 holds all of
+    # each (mids NULL), device 2 only 11 and 12 of spack 10 (a rewritten share)
+    rows = (share(1, 10, None, 12) + share(1, 20, None, 21) + share(1, 30, None, 30)
+            + share(2, 10, mids(11, 12), 12))
+    assert fast.run([], [], -1, True, True, spack(10, 11, 12) + spack(20, 21) + spack(30),
+                    rows) == []
+    assert len(shares()) == 4
+    with pytest.raises(fastroute.errors.InvalidArgument, match="transaction"):
+        fast.drop_shares([1, mids(10, 11, 12)])
+    conn.execute("BEGIN")
+    # device 1: two whole shares in order, then 30 with a mid past it; device
+    # 2: a share not keyed by its first mid (11: the key is 10); device 3: none
+    assert fast.drop_shares([1, mids(10, 11, 12, 20, 21, 30, 31), 2, mids(11, 12),
+                             3, mids(10)]) == [[10, 3, 20, 2, 30, 1], [], []]
+    assert shares() == [(2, 10)]
+    conn.execute("ROLLBACK")
+    conn.execute("BEGIN")
+    # the key's share found, but not all its mids next (11 is not acked), or
+    # in another order, or fewer than it holds: each stops there
+    assert fast.drop_shares([1, mids(10, 12, 20), 1, mids(10, 12, 11), 1, mids(10, 11)]) \
+        == [[], [], []]
+    # a drop of the mids after a whole share's: the next share only
+    assert fast.drop_shares([1, mids(20, 21, 10, 11, 12)]) == [[20, 2, 10, 3]]
+    assert shares() == [(1, 30), (2, 10)]
+    conn.execute("ROLLBACK")
+    with pytest.raises(fastroute.errors.WrongType):
+        conn.execute("BEGIN")
+        fast.drop_shares([1, "not bytes"])
+    with pytest.raises(OverflowError):
+        fast.drop_shares([1 << 63, mids(10)])
+    with pytest.raises(fastroute.errors.InvalidArgument):
+        fast.drop_shares([1, b"seven b"])
+    with pytest.raises(fastroute.errors.InvalidArgument):
+        fast.drop_shares([1])
+    conn.execute("ROLLBACK")
+    assert len(shares()) == 4  # nothing was written by the refused calls
+    # a spack or share row of the wrong shape or type writes nothing
+    with pytest.raises(fastroute.errors.InvalidArgument):
+        fast.run([], [], -1, True, True, spack(40)[:-1], [])
+    with pytest.raises(fastroute.errors.WrongType):
+        fast.run([], [], -1, True, True, [], share(1, 40, "text", 40))
+    # a share for a key already there: refused, and its spack with it
+    with pytest.raises(sqlite3.IntegrityError):
+        fast.run([], [], -1, True, True, spack(40), share(1, 40, None, 40) * 2)
+    assert not conn.in_transaction
+    assert conn.execute("SELECT first FROM spacks ORDER BY 1").fetchall() == [(10,), (20,), (30,)]
+    fast.close()
+    with pytest.raises(RuntimeError):
+        fast.drop_shares([])
+    conn.close()
+
+
 def test_the_twin_runs_its_specification_s_statements():
     ext = Path(__file__).resolve().parents[1] / "ext" / "fastroute"
     text = (ext / "_sqlfast.pxi").read_text()
@@ -271,7 +425,8 @@ def test_the_twin_runs_its_specification_s_statements():
     texts = {ast.literal_eval(m.group(1)).decode() for m in re.finditer(literal, text, re.M)}
     spec = store_mod.PySqlFast
     assert texts == {"BEGIN", "COMMIT", "ROLLBACK", spec.SQL_FIND, spec.SQL_DROP,
-                     spec.SQL_PACK, spec.SQL_MARK}
+                     spec.SQL_PACK, spec.SQL_MARK, spec.SQL_SFIND, spec.SQL_SDROP,
+                     spec.SQL_SPACK, spec.SQL_SHARE}
 
 
 @pytest.mark.parametrize("way", _ways())

@@ -15,7 +15,11 @@
 # scheduler was about a tenth of the writer's samples).  Here the common
 # transaction (acks that empty whole packs, then new packs, then the mid
 # mark) is one call that releases the GIL once; the writer thread's CPU a
-# message fell by about a fifth (benches/README.md, session 29).
+# message fell by about a fifth (benches/README.md, session 29).  A group's
+# transaction adds its spacks and shares to that call, and its members'
+# acks of whole shares are one more (drop_shares): a group send to 10
+# devices had taken ~30 statements a transaction through the sqlite3
+# module, each row a step of its own (benches/README.md, session 41).
 #
 # The sqlite3 C API is the one the sqlite3 module itself is linked with,
 # found at run time (dlsym) so that the build needs no SQLite headers; the
@@ -43,6 +47,7 @@ cdef extern from *:
         int (*finalize)(fr_sq_stmt*);
         int (*bind_int64)(fr_sq_stmt*, int, long long);
         int (*bind_blob)(fr_sq_stmt*, int, const void*, int, void (*)(void*));
+        int (*bind_null)(fr_sq_stmt*, int);
         const void *(*column_blob)(fr_sq_stmt*, int);
         int (*column_bytes)(fr_sq_stmt*, int);
         int (*changes)(fr_sq_db*);
@@ -71,6 +76,7 @@ cdef extern from *:
         FR_SQ_SYM(finalize, "sqlite3_finalize")
         FR_SQ_SYM(bind_int64, "sqlite3_bind_int64")
         FR_SQ_SYM(bind_blob, "sqlite3_bind_blob")
+        FR_SQ_SYM(bind_null, "sqlite3_bind_null")
         FR_SQ_SYM(column_blob, "sqlite3_column_blob")
         FR_SQ_SYM(column_bytes, "sqlite3_column_bytes")
         FR_SQ_SYM(changes, "sqlite3_changes")
@@ -105,6 +111,7 @@ cdef extern from *:
         int (*finalize)(fr_sq_stmt*) nogil
         int (*bind_int64)(fr_sq_stmt*, int, long long) nogil
         int (*bind_blob)(fr_sq_stmt*, int, const void*, int, void (*)(void*)) nogil
+        int (*bind_null)(fr_sq_stmt*, int) nogil
         const void *(*column_blob)(fr_sq_stmt*, int) nogil
         int (*column_bytes)(fr_sq_stmt*, int) nogil
         int (*changes)(fr_sq_db*) nogil
@@ -122,11 +129,19 @@ cdef extern from *:
 
 
 cdef enum:
-    SQ_BEGIN, SQ_COMMIT, SQ_ROLLBACK, SQ_FIND, SQ_DROP, SQ_PACK, SQ_META, SQ_COUNT
+    SQ_BEGIN, SQ_COMMIT, SQ_ROLLBACK, SQ_FIND, SQ_DROP, SQ_PACK, SQ_META, SQ_SFIND, SQ_SDROP
+    SQ_SPACK, SQ_SHARE, SQ_COUNT
     # a pack row's columns, as py_sql_rows lays them out: dev, first, last,
     # n, nbytes, exp_ms (ints), mids, data (blobs)
     PACK_INTS = 6
     PACK_COLS = 8
+    # a spack row's: first, last, n, nbytes, exp_ms (ints), mids, lens, exps,
+    # data (blobs); a share row's: dev, first, last, n, nbytes, exp_ms
+    # (ints), mids (a blob or None)
+    SPACK_INTS = 5
+    SPACK_COLS = 9
+    SHARE_INTS = 6
+    SHARE_COLS = 7
 
 cdef const char* SQ_TEXT[SQ_COUNT]
 SQ_TEXT[0] = b"BEGIN"
@@ -138,6 +153,13 @@ SQ_TEXT[4] = b"DELETE FROM packs WHERE dev = ? AND first = ?"
 SQ_TEXT[5] = (b"INSERT INTO packs(dev, first, last, n, nbytes, exp_ms, mids, data) "
               b"VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)")
 SQ_TEXT[6] = b"INSERT OR REPLACE INTO meta(k, v) VALUES ('next_mid', ?1)"
+SQ_TEXT[7] = (b"SELECT coalesce(s.mids, (SELECT sp.mids FROM spacks sp WHERE sp.first = s.first), "
+              b"x'') FROM shares s WHERE s.dev = ?1 AND s.first = ?2")
+SQ_TEXT[8] = b"DELETE FROM shares WHERE dev = ?1 AND first = ?2"
+SQ_TEXT[9] = (b"INSERT INTO spacks(first, last, n, nbytes, exp_ms, mids, lens, exps, data) "
+              b"VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)")
+SQ_TEXT[10] = (b"INSERT INTO shares(dev, first, last, n, nbytes, exp_ms, mids) "
+               b"VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")
 
 
 ctypedef struct SqDrop:
@@ -150,6 +172,12 @@ ctypedef struct SqPack:
     int64_t ints[PACK_INTS]
     const char* blobs[2]
     int lens[2]
+
+# a spack's or a share's row (a share's one blob may be NULL: SQL NULL)
+ctypedef struct SqRow:
+    int64_t ints[SHARE_INTS]
+    const char* blobs[4]
+    int lens[4]
 
 
 # the primary result codes' names, as the sqlite3 module gives them in an
@@ -194,6 +222,44 @@ cdef inline int _step_done(fr_sq_stmt* st) noexcept nogil:
     cdef int rc = fr_sq.step(st)
     fr_sq.reset(st)
     return FR_SQ_OK if rc == FR_SQ_DONE else rc
+
+
+cdef int _read_rows(list flat, Py_ssize_t n, int ncols, int nints, bint nullable,
+                    SqRow* out) except -1:
+    # n rows of ncols columns from flat: nints ints, then blobs (the last
+    # one may be None when nullable: NULL)
+    cdef Py_ssize_t i
+    cdef int j
+    cdef object value
+    for i in range(n):
+        for j in range(nints):
+            out[i].ints[j] = flat[ncols * i + j]
+        for j in range(ncols - nints):
+            value = flat[ncols * i + nints + j]
+            if value is None and nullable and j == ncols - nints - 1:
+                out[i].blobs[j] = NULL
+                out[i].lens[j] = 0
+            else:
+                _blob_ptr(value, &out[i].blobs[j], &out[i].lens[j])
+    return 0
+
+
+cdef int _insert_rows(fr_sq_stmt* st, SqRow* rows, Py_ssize_t n, int ncols,
+                      int nints) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef int j, rc = FR_SQ_OK
+    for i in range(n):
+        for j in range(nints):
+            fr_sq.bind_int64(st, j + 1, rows[i].ints[j])
+        for j in range(ncols - nints):
+            if rows[i].blobs[j] == NULL:
+                fr_sq.bind_null(st, nints + j + 1)
+            else:
+                fr_sq.bind_blob(st, nints + j + 1, rows[i].blobs[j], rows[i].lens[j], NULL)
+        rc = _step_done(st)
+        if rc != FR_SQ_OK:
+            break
+    return rc
 
 
 @cython.final
@@ -254,12 +320,14 @@ cdef class SqlFast:
     def __dealloc__(self):
         self.close()
 
-    def run(self, list drops, list pack_rows, long long mark, bint begin, bint commit):
+    def run(self, list drops, list pack_rows, long long mark, bint begin, bint commit,
+            list spack_rows=None, list share_rows=None):
         """BEGIN (when ``begin``); apply ``drops``, flat ``key, mids blob``
         pairs (a device's acked mids, int64s); then, if every drop was
-        applied whole, insert ``pack_rows`` (flat, :func:`py_sql_rows`'
-        layout), set meta's ``next_mid`` to ``mark`` unless it is negative,
-        and COMMIT (when ``commit``).
+        applied whole, insert ``spack_rows``, ``share_rows`` and
+        ``pack_rows`` (flat, :func:`py_sql_rows`' layout), set meta's
+        ``next_mid`` to ``mark`` unless it is negative, and COMMIT (when
+        ``commit``).
 
         A drop's mids are walked pack by pack: while the device has a pack
         whose first mid is the next acked one and whose mids all come next,
@@ -273,25 +341,39 @@ cdef class SqlFast:
         raised, with ``sqlite_errorcode`` and ``sqlite_errorname`` set as it
         sets them (the primary code's name).
         """
-        cdef Py_ssize_t ndrop, npack, i, j
+        cdef Py_ssize_t ndrop, npack, nspack, nshare, i, j
         cdef SqDrop* dr = NULL
         cdef SqPack* pk = NULL
+        cdef SqRow* sp = NULL
+        cdef SqRow* sh = NULL
         cdef int rc = FR_SQ_OK, nmissed = 0, held
         cdef int64_t first
         cdef const void* blob
         if self.db == NULL:
             raise RuntimeError("closed")
-        if len(drops) % 2 or len(pack_rows) % PACK_COLS:
-            raise InvalidArgument("drops are pairs and pack rows have 8 columns")
+        if spack_rows is None:
+            spack_rows = []
+        if share_rows is None:
+            share_rows = []
+        if (len(drops) % 2 or len(pack_rows) % PACK_COLS or len(spack_rows) % SPACK_COLS
+                or len(share_rows) % SHARE_COLS):
+            raise InvalidArgument("drops are pairs and pack, spack and share rows have "
+                                  "8, 9 and 7 columns")
         ndrop = len(drops) // 2
         npack = len(pack_rows) // PACK_COLS
+        nspack = len(spack_rows) // SPACK_COLS
+        nshare = len(share_rows) // SHARE_COLS
         try:
             # every value is read here, with the GIL; the blobs stay alive in
             # the caller's lists while the GIL is released below
             dr = <SqDrop*>PyMem_Malloc(sizeof(SqDrop) * (ndrop + 1))
             pk = <SqPack*>PyMem_Malloc(sizeof(SqPack) * (npack + 1))
-            if dr == NULL or pk == NULL:
+            sp = <SqRow*>PyMem_Malloc(sizeof(SqRow) * (nspack + 1))
+            sh = <SqRow*>PyMem_Malloc(sizeof(SqRow) * (nshare + 1))
+            if dr == NULL or pk == NULL or sp == NULL or sh == NULL:
                 raise MemoryError()
+            _read_rows(spack_rows, nspack, SPACK_COLS, SPACK_INTS, False, sp)
+            _read_rows(share_rows, nshare, SHARE_COLS, SHARE_INTS, True, sh)
             for i in range(ndrop):
                 dr[i].key = drops[2 * i]
                 _blob_ptr(drops[2 * i + 1], &dr[i].mids, &dr[i].nbytes)
@@ -339,8 +421,12 @@ cdef class SqlFast:
                         nmissed += 1
                     i += 1
                 if nmissed:
-                    npack = 0  # the caller applies the rest first
+                    npack = nspack = nshare = 0  # the caller applies the rest first
                     mark = -1
+                if rc == FR_SQ_OK:
+                    rc = _insert_rows(self.st[SQ_SPACK], sp, nspack, SPACK_COLS, SPACK_INTS)
+                if rc == FR_SQ_OK:
+                    rc = _insert_rows(self.st[SQ_SHARE], sh, nshare, SHARE_COLS, SHARE_INTS)
                 i = 0
                 while rc == FR_SQ_OK and i < npack:
                     for j in range(PACK_INTS):
@@ -371,3 +457,94 @@ cdef class SqlFast:
         finally:
             PyMem_Free(dr)
             PyMem_Free(pk)
+            PyMem_Free(sp)
+            PyMem_Free(sh)
+
+    def drop_shares(self, list drops):
+        """Apply ``drops``, flat ``key, mids blob`` pairs (a device's acked
+        mids, int64s), to the devices' shares, inside the caller's open
+        transaction, without the GIL; return, for each drop, the shares
+        deleted as flat ``first, n`` pairs (see
+        ``fastroute.store.PySqlFast.drop_shares``).  On an SQLite error the
+        sqlite3 module's exception for it is raised (as :meth:`run` raises
+        it) and the caller rolls back.
+        """
+        cdef Py_ssize_t ndrop, i, j, nout = 0
+        cdef SqDrop* dr = NULL
+        cdef int64_t* done = NULL   # first, n for each share deleted, in order
+        cdef int* ends = NULL       # each drop's end in done
+        cdef int rc = FR_SQ_OK, held
+        cdef int64_t first
+        cdef const void* blob
+        if self.db == NULL:
+            raise RuntimeError("closed")
+        if len(drops) % 2:
+            raise InvalidArgument("drops are pairs")
+        ndrop = len(drops) // 2
+        try:
+            dr = <SqDrop*>PyMem_Malloc(sizeof(SqDrop) * (ndrop + 1))
+            ends = <int*>PyMem_Malloc(sizeof(int) * (ndrop + 1))
+            if dr == NULL or ends == NULL:
+                raise MemoryError()
+            for i in range(ndrop):
+                dr[i].key = drops[2 * i]
+                _blob_ptr(drops[2 * i + 1], &dr[i].mids, &dr[i].nbytes)
+                if dr[i].nbytes % 8:
+                    raise InvalidArgument("a drop's mids are int64s")
+                dr[i].at = 0
+                nout += dr[i].nbytes // 8
+            if fr_sq.get_autocommit(self.db):
+                raise InvalidArgument("drop_shares runs inside a transaction")
+            # at most one share a mid
+            done = <int64_t*>PyMem_Malloc(sizeof(int64_t) * 2 * (nout + 1))
+            if done == NULL:
+                raise MemoryError()
+            nout = 0
+            with nogil:
+                i = 0
+                while rc == FR_SQ_OK and i < ndrop:
+                    while dr[i].at < dr[i].nbytes:
+                        memcpy(&first, dr[i].mids + dr[i].at, 8)
+                        fr_sq.bind_int64(self.st[SQ_SFIND], 1, dr[i].key)
+                        fr_sq.bind_int64(self.st[SQ_SFIND], 2, first)
+                        rc = fr_sq.step(self.st[SQ_SFIND])
+                        held = 0
+                        if rc == FR_SQ_ROW:
+                            rc = FR_SQ_OK
+                            held = fr_sq.column_bytes(self.st[SQ_SFIND], 0)
+                            blob = fr_sq.column_blob(self.st[SQ_SFIND], 0)
+                            if (held == 0 or held % 8 or held > dr[i].nbytes - dr[i].at
+                                    or memcmp(blob, dr[i].mids + dr[i].at, held) != 0):
+                                held = 0  # not this ack's next mids: the rest waits
+                        elif rc == FR_SQ_DONE:
+                            rc = FR_SQ_OK
+                        fr_sq.reset(self.st[SQ_SFIND])
+                        if rc != FR_SQ_OK or held == 0:
+                            break
+                        fr_sq.bind_int64(self.st[SQ_SDROP], 1, dr[i].key)
+                        fr_sq.bind_int64(self.st[SQ_SDROP], 2, first)
+                        rc = _step_done(self.st[SQ_SDROP])
+                        if rc != FR_SQ_OK:
+                            break
+                        done[2 * nout] = first
+                        done[2 * nout + 1] = held // 8
+                        nout += 1
+                        dr[i].at += held
+                    ends[i] = <int>nout
+                    i += 1
+            if rc != FR_SQ_OK:
+                raise _sq_error(self.db, rc)
+            out = []
+            j = 0
+            for i in range(ndrop):
+                pairs = []
+                while j < ends[i]:
+                    pairs.append(done[2 * j])
+                    pairs.append(done[2 * j + 1])
+                    j += 1
+                out.append(pairs)
+            return out
+        finally:
+            PyMem_Free(dr)
+            PyMem_Free(ends)
+            PyMem_Free(done)
