@@ -188,8 +188,13 @@ def test_flooding_provider_is_charged_and_cannot_starve_a_quiet_pair(loop, tmp_p
             # memory: what the relay holds is under the queue budget and the
             # output caps; the process's RSS (clients included: they share this
             # process) grew by less than those, the dedup windows' growth and
-            # 128 MiB of interpreter churn (unbounded, the same flood grew a
-            # relay by 343 MB in 30 s)
+            # 192 MiB of churn (unbounded, the same flood grew a relay by 343 MB
+            # in 30 s).  The churn is the allocator's: ~100 MB of frames pass
+            # through this process, and what glibc keeps of them after they are
+            # freed depends on the host.  On a 2-core VM (2026-12-05) the
+            # process grew 185-204 MB on uvloop, 141-161 MB with glibc's mmap
+            # threshold fixed, 122 MB on asyncio's loop; malloc_trim gave back
+            # ~30 MB of it.
             stats = relay.stats()
             assert stats["queued_bytes"] <= 8 << 20
             # (a link past the cap is closing: it is dropped within a second)
@@ -199,7 +204,7 @@ def test_flooding_provider_is_charged_and_cannot_starve_a_quiet_pair(loop, tmp_p
             grown = _rss() - rss0
             windows = sum(d.resident() for d in tables) - windows0
             assert grown < ((8 << 20) + len(acme_links) * lim.max_output_bytes + windows
-                            + (128 << 20)), (grown, windows)
+                            + (192 << 20)), (grown, windows)
     run(loop, main())
 
 
