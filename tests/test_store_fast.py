@@ -278,15 +278,23 @@ def test_the_compiled_transaction_carries_a_group_whose_members_ack_every_delive
     assert rows["spacks"] == [] and rows["shares"] == [] and rows["messages"] == []
 
 
-@pytest.mark.parametrize("way", _ways())
-def test_a_failing_common_transaction_rolls_back_and_says_why(tmp_path, way):
+def _blank(tmp_path, way) -> tuple[sqlite3.Connection, object]:
+    """A store file with the schema and no rows, and ``way`` made on it."""
     path = str(tmp_path / "x.db")
     conn = sqlite3.connect(path, isolation_level=None)
     conn.executescript(store_mod._SCHEMA)
-    fast = way(conn, path)
+    return conn, way(conn, path)
 
-    def mids(*ms: int) -> bytes:
-        return array.array("q", ms).tobytes()
+
+def _mids(*ms: int) -> bytes:
+    """A mids blob (native int64s)."""
+    return array.array("q", ms).tobytes()
+
+
+@pytest.mark.parametrize("way", _ways())
+def test_a_failing_common_transaction_rolls_back_and_says_why(tmp_path, way):
+    conn, fast = _blank(tmp_path, way)
+    mids = _mids
 
     def pack(first: int, *rest: int) -> list:
         return [1, first, (rest or (first,))[-1], 1 + len(rest), 10, 99, mids(first, *rest),
@@ -346,13 +354,8 @@ def test_a_failing_common_transaction_rolls_back_and_says_why(tmp_path, way):
 
 @pytest.mark.parametrize("way", _ways())
 def test_whole_shares_in_order_are_dropped_and_the_rest_left(tmp_path, way):
-    path = str(tmp_path / "x.db")
-    conn = sqlite3.connect(path, isolation_level=None)
-    conn.executescript(store_mod._SCHEMA)
-    fast = way(conn, path)
-
-    def mids(*ms: int) -> bytes:
-        return array.array("q", ms).tobytes()
+    conn, fast = _blank(tmp_path, way)
+    mids = _mids
 
     def spack(first: int, *rest: int) -> list:
         every = (first, *rest)
