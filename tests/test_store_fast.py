@@ -420,6 +420,59 @@ def test_whole_shares_in_order_are_dropped_and_the_rest_left(tmp_path, way):
     conn.close()
 
 
+@pytest.mark.parametrize("way", _ways())
+def test_a_large_group_s_shares_go_a_chunk_a_statement(tmp_path, way):
+    # 2 whole chunks and 6 more: the rows are the same whichever statement
+    conn, fast = _blank(tmp_path, way)
+    n = 2 * store_mod.PySqlFast.SHARES_CHUNK + 6
+    spack = [5, 5, 1, 10, 99, _mids(5), array.array("i", [1]).tobytes(), _mids(99), b"d"]
+    shares = []
+    for dev in range(1, n + 1):
+        shares += [dev, 5, 5, 1, 10, 99, None if dev % 3 else _mids(5)]
+    assert fast.run([], [], -1, True, True, spack, shares) == []
+    got = conn.execute("SELECT dev, first, last, n, nbytes, exp_ms, mids FROM shares "
+                       "ORDER BY dev").fetchall()
+    assert got == [tuple(shares[i:i + 7]) for i in range(0, len(shares), 7)]
+    conn.close()
+
+
+@needs_c
+def test_a_large_group_s_transaction_takes_the_general_path_and_its_acks_compiled(tmp_path):
+    # past _FAST_SHARES new shares the sqlite3 module's statements of 128
+    # rows cost less than the compiled path's; the acks of whole shares are
+    # still applied by the compiled call
+    async def main():
+        store = await SqliteStore.open(str(tmp_path / "s.db"), synchronous="NORMAL")
+        many = [store.register_device(f"m{i}@p", "1") for i in range(store_mod._FAST_SHARES + 1)]
+        await store.flush()
+        fast = store._fast
+        before = fast.committed, fast.handed_back
+        mids = list(await store.put_many([("s@p", b"a" * 16, b"x", T0, many)]))
+        after_large = fast.committed, fast.handed_back
+        dropped = []
+        drop_shares = store._drop_shares
+
+        def counted(acks, spartial, release):
+            rest = drop_shares(acks, spartial, release)
+            dropped.append(sum(map(len, acks.values())) - sum(map(len, rest.values())))
+            return rest
+
+        store._drop_shares = counted
+        for key in many:
+            store.ack(key, mids, validate=False)
+        await store.put_many([("s@p", b"b" * 16, b"x", T0, many[:10])])
+        after_small = fast.committed
+        await store.flush()
+        left = await store.count_pending()
+        await store.close()
+        return before, after_large, after_small, dropped, left
+    before, after_large, after_small, dropped, left = asyncio.run(main())
+    assert after_large == before  # the large group's put: the general path
+    assert after_small == after_large[0] + 1  # a small group's: the compiled one
+    assert sum(dropped) == store_mod._FAST_SHARES + 1
+    assert left == 10
+
+
 def test_the_twin_runs_its_specification_s_statements():
     ext = Path(__file__).resolve().parents[1] / "ext" / "fastroute"
     text = (ext / "_sqlfast.pxi").read_text()
@@ -430,6 +483,9 @@ def test_the_twin_runs_its_specification_s_statements():
     assert texts == {"BEGIN", "COMMIT", "ROLLBACK", spec.SQL_FIND, spec.SQL_DROP,
                      spec.SQL_PACK, spec.SQL_MARK, spec.SQL_SFIND, spec.SQL_SDROP,
                      spec.SQL_SPACK, spec.SQL_SHARE}
+    if fastroute.COMPILED:
+        from fastroute import _core
+        assert _core.SQ_SHARES_TEXT.decode() == spec.SQL_SHARES
 
 
 @pytest.mark.parametrize("way", _ways())

@@ -130,7 +130,7 @@ cdef extern from *:
 
 cdef enum:
     SQ_BEGIN, SQ_COMMIT, SQ_ROLLBACK, SQ_FIND, SQ_DROP, SQ_PACK, SQ_META, SQ_SFIND, SQ_SDROP
-    SQ_SPACK, SQ_SHARE, SQ_COUNT
+    SQ_SPACK, SQ_SHARE, SQ_SHARES, SQ_COUNT
     # a pack row's columns, as py_sql_rows lays them out: dev, first, last,
     # n, nbytes, exp_ms (ints), mids, data (blobs)
     PACK_INTS = 6
@@ -142,6 +142,9 @@ cdef enum:
     SPACK_COLS = 9
     SHARE_INTS = 6
     SHARE_COLS = 7
+    # shares a statement while that many are left (a large group's hundreds:
+    # a step a row opened the table and its index a row, ~1 us each)
+    SHARES_CHUNK = 32
 
 cdef const char* SQ_TEXT[SQ_COUNT]
 SQ_TEXT[0] = b"BEGIN"
@@ -160,6 +163,12 @@ SQ_TEXT[9] = (b"INSERT INTO spacks(first, last, n, nbytes, exp_ms, mids, lens, e
               b"VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)")
 SQ_TEXT[10] = (b"INSERT INTO shares(dev, first, last, n, nbytes, exp_ms, mids) "
                b"VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")
+#: SHARES_CHUNK rows of shares a statement (PySqlFast.SQL_SHARES)
+SQ_SHARES_TEXT = (b"INSERT INTO shares(dev, first, last, n, nbytes, exp_ms, mids) VALUES "
+                  + b",".join([b"(?,?,?,?,?,?,?)"] * SHARES_CHUNK))
+# held here: SQ_TEXT points into it for as long as the module lives
+cdef bytes _SQ_SHARES_TEXT = SQ_SHARES_TEXT
+SQ_TEXT[11] = _SQ_SHARES_TEXT
 
 
 ctypedef struct SqDrop:
@@ -244,21 +253,32 @@ cdef int _read_rows(list flat, Py_ssize_t n, int ncols, int nints, bint nullable
     return 0
 
 
-cdef int _insert_rows(fr_sq_stmt* st, SqRow* rows, Py_ssize_t n, int ncols,
-                      int nints) noexcept nogil:
-    cdef Py_ssize_t i
-    cdef int j, rc = FR_SQ_OK
-    for i in range(n):
-        for j in range(nints):
-            fr_sq.bind_int64(st, j + 1, rows[i].ints[j])
-        for j in range(ncols - nints):
-            if rows[i].blobs[j] == NULL:
-                fr_sq.bind_null(st, nints + j + 1)
-            else:
-                fr_sq.bind_blob(st, nints + j + 1, rows[i].blobs[j], rows[i].lens[j], NULL)
-        rc = _step_done(st)
-        if rc != FR_SQ_OK:
-            break
+cdef int _insert_rows(fr_sq_stmt* st, fr_sq_stmt* chunk_st, int chunk, SqRow* rows,
+                      Py_ssize_t n, int ncols, int nints) noexcept nogil:
+    # n rows: chunk a step through chunk_st while that many are left (when
+    # chunk_st is not NULL), then one a step through st
+    cdef Py_ssize_t i = 0
+    cdef int r, j, k, at, rc = FR_SQ_OK
+    cdef fr_sq_stmt* s
+    while rc == FR_SQ_OK and i < n:
+        if chunk_st != NULL and n - i >= chunk:
+            s = chunk_st
+            k = chunk
+        else:
+            s = st
+            k = 1
+        for r in range(k):
+            at = r * ncols  # this row's first parameter, less one
+            for j in range(nints):
+                fr_sq.bind_int64(s, at + j + 1, rows[i + r].ints[j])
+            for j in range(ncols - nints):
+                if rows[i + r].blobs[j] == NULL:
+                    fr_sq.bind_null(s, at + nints + j + 1)
+                else:
+                    fr_sq.bind_blob(s, at + nints + j + 1, rows[i + r].blobs[j],
+                                    rows[i + r].lens[j], NULL)
+        rc = _step_done(s)
+        i += k
     return rc
 
 
@@ -424,9 +444,11 @@ cdef class SqlFast:
                     npack = nspack = nshare = 0  # the caller applies the rest first
                     mark = -1
                 if rc == FR_SQ_OK:
-                    rc = _insert_rows(self.st[SQ_SPACK], sp, nspack, SPACK_COLS, SPACK_INTS)
+                    rc = _insert_rows(self.st[SQ_SPACK], NULL, 1, sp, nspack, SPACK_COLS,
+                                      SPACK_INTS)
                 if rc == FR_SQ_OK:
-                    rc = _insert_rows(self.st[SQ_SHARE], sh, nshare, SHARE_COLS, SHARE_INTS)
+                    rc = _insert_rows(self.st[SQ_SHARE], self.st[SQ_SHARES], SHARES_CHUNK, sh,
+                                      nshare, SHARE_COLS, SHARE_INTS)
                 i = 0
                 while rc == FR_SQ_OK and i < npack:
                     for j in range(PACK_INTS):
