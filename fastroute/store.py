@@ -2384,9 +2384,9 @@ class PySqlFast:
     # one row of new spacks and of new shares (the general path's columns)
     SQL_SPACK = _SQL_PUT_SPACK + "(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
     SQL_SHARE = _SQL_PUT_SHARES + "(?1, ?2, ?3, ?4, ?5, ?6, ?7)"
-    # shares SHARES_CHUNK a statement while that many are left: a large
-    # group's hundreds cost ~1 us a row more a row a step (the table and its
-    # index opened for each)
+    # shares SHARES_CHUNK a statement while that many are left: a statement a
+    # row opens the table and its index for each row, ~1 us more a row for a
+    # large group's hundreds
     SHARES_CHUNK = 32
     SQL_SHARES = _rows_sql(_SQL_PUT_SHARES, 7, SHARES_CHUNK)
 

@@ -142,8 +142,9 @@ cdef enum:
     SPACK_COLS = 9
     SHARE_INTS = 6
     SHARE_COLS = 7
-    # shares a statement while that many are left (a large group's hundreds:
-    # a step a row opened the table and its index a row, ~1 us each)
+    # shares a statement while that many are left: a statement a row opens
+    # the table and its index for each row, ~1 us more a row for a large
+    # group's hundreds
     SHARES_CHUNK = 32
 
 cdef const char* SQ_TEXT[SQ_COUNT]
