@@ -1723,25 +1723,12 @@ class SqliteStore(_BaseStore):
         spack_rows, share_rows, pack_rows, _ = puts
         fast = self._fast
         assert fast is not None
-        drops: list = []
-        tried: list[int] = []
-        others: dict[int, list[int]] = {}
         # a device with a pack acked in part: its pack no longer has the mids
         # its row lists, so the general path applies its acks
-        held = {key for key, _ in partial} if partial else ()
-        for key, mids in acks.items():
-            if not mids:
-                continue
-            if key not in held:
-                try:
-                    blob = array.array("q", mids).tobytes()
-                except (OverflowError, TypeError):
-                    pass  # no pack's mids; _delete says what they are
-                else:
-                    drops += (key, blob)
-                    tried.append(key)
-                    continue
-            others[key] = mids
+        drops, tried = _ack_drops(acks, {key for key, _ in partial} if partial else ())
+        others = {key: mids for key, mids in acks.items() if mids}
+        for key in tried:
+            del others[key]
         if others:
             missed = fast.run(drops, [], -1, True, False)
         else:
@@ -1820,17 +1807,7 @@ class SqliteStore(_BaseStore):
         """
         fast = self._fast
         assert fast is not None
-        held = {key for key, _ in spartial} if spartial else ()
-        keys: list[int] = []
-        drops: list = []
-        for key, mids in acks.items():
-            if mids and key not in held:
-                try:
-                    blob = array.array("q", mids).tobytes()
-                except (OverflowError, TypeError):
-                    continue  # no share's mids; the general path says what they are
-                drops += (key, blob)
-                keys.append(key)
+        drops, keys = _ack_drops(acks, {key for key, _ in spartial} if spartial else ())
         if not drops:
             return acks
         rest = dict(acks)
@@ -1884,6 +1861,24 @@ class SqliteStore(_BaseStore):
                             lambda e: e[0] not in acked and (e[5] > now_ms or e[0] >= bound),
                             count=lambda e: e[0] not in acked)
         return n
+
+
+def _ack_drops(acks: dict, held) -> tuple[list, list[int]]:
+    """The compiled walks' input for ``acks`` (device key -> acked mids):
+    flat ``key, mids blob`` pairs (native int64s), and their keys in order.
+    A device in ``held``, one with no mids, and one whose mids are not all
+    int64s (no row's: the general path says what they are) are left out."""
+    drops: list = []
+    keys: list[int] = []
+    for key, mids in acks.items():
+        if mids and key not in held:
+            try:
+                blob = array.array("q", mids).tobytes()
+            except (OverflowError, TypeError):
+                continue
+            drops += (key, blob)
+            keys.append(key)
+    return drops, keys
 
 
 def _upgrade(conn: sqlite3.Connection) -> None:
@@ -2455,14 +2450,7 @@ class PySqlFast:
             # the acks first: the pages their deletes free (zeroed) are the
             # ones the new rows then take, written to the WAL once
             for i, (key, blob) in enumerate(pairs):
-                at = 0  # bytes of blob applied
-                while at < len(blob):
-                    first = int.from_bytes(blob[at:at + 8], sys.byteorder, signed=True)
-                    row = conn.execute(self.SQL_FIND, (key, first)).fetchone()
-                    if row is None or not row[0] or row[0] != blob[at:at + len(row[0])]:
-                        break  # not this ack's next mids: the rest waits
-                    conn.execute(self.SQL_DROP, (key, first))
-                    at += len(row[0])
+                at = self._walk(conn, self.SQL_FIND, self.SQL_DROP, key, blob, [])
                 if at < len(blob):
                     missed.append((i, at // 8))
             if not missed:
@@ -2518,18 +2506,29 @@ class PySqlFast:
         out = []
         for key, blob in pairs:
             done: list[int] = []
-            at = 0  # bytes of blob applied
-            while at < len(blob):
-                first = int.from_bytes(blob[at:at + 8], sys.byteorder, signed=True)
-                row = conn.execute(self.SQL_SFIND, (key, first)).fetchone()
-                if (row is None or not row[0] or len(row[0]) % 8
-                        or row[0] != blob[at:at + len(row[0])]):
-                    break  # not this ack's next mids: the rest waits
-                conn.execute(self.SQL_SDROP, (key, first))
-                done += (first, len(row[0]) // 8)
-                at += len(row[0])
+            self._walk(conn, self.SQL_SFIND, self.SQL_SDROP, key, blob, done)
             out.append(done)
         return out
+
+    @staticmethod
+    def _walk(conn: sqlite3.Connection, find: str, drop: str, key: int, blob: bytes,
+              done: list) -> int:
+        """One device's acked mids (``blob``) walked row by row, packs or
+        shares by the statements given: while its row keyed by the next acked
+        mid holds whole int64s that all come next, in order, that row is
+        deleted (``first, n`` appended to ``done``); returns the bytes of
+        ``blob`` applied."""
+        at = 0
+        while at < len(blob):
+            first = int.from_bytes(blob[at:at + 8], sys.byteorder, signed=True)
+            row = conn.execute(find, (key, first)).fetchone()
+            if (row is None or not row[0] or len(row[0]) % 8
+                    or row[0] != blob[at:at + len(row[0])]):
+                break  # not this ack's next mids: the rest waits
+            conn.execute(drop, (key, first))
+            done += (first, len(row[0]) // 8)
+            at += len(row[0])
+        return at
 
 
 #: The writer's common transaction: :class:`PySqlFast`'s compiled twin.

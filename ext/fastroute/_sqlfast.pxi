@@ -283,6 +283,47 @@ cdef int _insert_rows(fr_sq_stmt* st, fr_sq_stmt* chunk_st, int chunk, SqRow* ro
     return rc
 
 
+cdef int _walk_drop(fr_sq_stmt* find, fr_sq_stmt* drop, SqDrop* d, int64_t* done,
+                    Py_ssize_t* ndone) noexcept nogil:
+    # one device's acked mids walked row by row (packs or shares, by the
+    # statements given): while its row keyed by the next acked mid holds
+    # whole int64s that all come next, in order, that row is deleted and
+    # d.at moves past them; each row deleted goes to done as (first, its
+    # mids) when done is not NULL
+    cdef int rc = FR_SQ_OK, held
+    cdef int64_t first
+    cdef const void* blob
+    while d.at < d.nbytes:
+        memcpy(&first, d.mids + d.at, 8)
+        fr_sq.bind_int64(find, 1, d.key)
+        fr_sq.bind_int64(find, 2, first)
+        rc = fr_sq.step(find)
+        held = 0
+        if rc == FR_SQ_ROW:
+            rc = FR_SQ_OK
+            held = fr_sq.column_bytes(find, 0)
+            blob = fr_sq.column_blob(find, 0)
+            if (held == 0 or held % 8 or held > d.nbytes - d.at
+                    or memcmp(blob, d.mids + d.at, held) != 0):
+                held = 0  # not this ack's next mids: the rest waits
+        elif rc == FR_SQ_DONE:
+            rc = FR_SQ_OK
+        fr_sq.reset(find)
+        if rc != FR_SQ_OK or held == 0:
+            break
+        fr_sq.bind_int64(drop, 1, d.key)
+        fr_sq.bind_int64(drop, 2, first)
+        rc = _step_done(drop)
+        if rc != FR_SQ_OK:
+            break
+        if done != NULL:
+            done[2 * ndone[0]] = first
+            done[2 * ndone[0] + 1] = held // 8
+            ndone[0] += 1
+        d.at += held
+    return rc
+
+
 @cython.final
 cdef class SqlFast:
     """The SQLite store writer's common transaction in one call, without the
@@ -367,9 +408,7 @@ cdef class SqlFast:
         cdef SqPack* pk = NULL
         cdef SqRow* sp = NULL
         cdef SqRow* sh = NULL
-        cdef int rc = FR_SQ_OK, nmissed = 0, held
-        cdef int64_t first
-        cdef const void* blob
+        cdef int rc = FR_SQ_OK, nmissed = 0
         if self.db == NULL:
             raise RuntimeError("closed")
         if spack_rows is None:
@@ -414,30 +453,7 @@ cdef class SqlFast:
                 # the ones the new rows then take, written to the WAL once
                 i = 0
                 while rc == FR_SQ_OK and i < ndrop:
-                    while dr[i].at < dr[i].nbytes:
-                        memcpy(&first, dr[i].mids + dr[i].at, 8)
-                        fr_sq.bind_int64(self.st[SQ_FIND], 1, dr[i].key)
-                        fr_sq.bind_int64(self.st[SQ_FIND], 2, first)
-                        rc = fr_sq.step(self.st[SQ_FIND])
-                        held = 0
-                        if rc == FR_SQ_ROW:
-                            rc = FR_SQ_OK
-                            held = fr_sq.column_bytes(self.st[SQ_FIND], 0)
-                            blob = fr_sq.column_blob(self.st[SQ_FIND], 0)
-                            if (held == 0 or held > dr[i].nbytes - dr[i].at
-                                    or memcmp(blob, dr[i].mids + dr[i].at, held) != 0):
-                                held = 0  # not this ack's next mids: the rest waits
-                        elif rc == FR_SQ_DONE:
-                            rc = FR_SQ_OK
-                        fr_sq.reset(self.st[SQ_FIND])
-                        if rc != FR_SQ_OK or held == 0:
-                            break
-                        fr_sq.bind_int64(self.st[SQ_DROP], 1, dr[i].key)
-                        fr_sq.bind_int64(self.st[SQ_DROP], 2, first)
-                        rc = _step_done(self.st[SQ_DROP])
-                        if rc != FR_SQ_OK:
-                            break
-                        dr[i].at += held
+                    rc = _walk_drop(self.st[SQ_FIND], self.st[SQ_DROP], &dr[i], NULL, NULL)
                     if dr[i].at < dr[i].nbytes:
                         nmissed += 1
                     i += 1
@@ -496,9 +512,7 @@ cdef class SqlFast:
         cdef SqDrop* dr = NULL
         cdef int64_t* done = NULL   # first, n for each share deleted, in order
         cdef int* ends = NULL       # each drop's end in done
-        cdef int rc = FR_SQ_OK, held
-        cdef int64_t first
-        cdef const void* blob
+        cdef int rc = FR_SQ_OK
         if self.db == NULL:
             raise RuntimeError("closed")
         if len(drops) % 2:
@@ -526,33 +540,7 @@ cdef class SqlFast:
             with nogil:
                 i = 0
                 while rc == FR_SQ_OK and i < ndrop:
-                    while dr[i].at < dr[i].nbytes:
-                        memcpy(&first, dr[i].mids + dr[i].at, 8)
-                        fr_sq.bind_int64(self.st[SQ_SFIND], 1, dr[i].key)
-                        fr_sq.bind_int64(self.st[SQ_SFIND], 2, first)
-                        rc = fr_sq.step(self.st[SQ_SFIND])
-                        held = 0
-                        if rc == FR_SQ_ROW:
-                            rc = FR_SQ_OK
-                            held = fr_sq.column_bytes(self.st[SQ_SFIND], 0)
-                            blob = fr_sq.column_blob(self.st[SQ_SFIND], 0)
-                            if (held == 0 or held % 8 or held > dr[i].nbytes - dr[i].at
-                                    or memcmp(blob, dr[i].mids + dr[i].at, held) != 0):
-                                held = 0  # not this ack's next mids: the rest waits
-                        elif rc == FR_SQ_DONE:
-                            rc = FR_SQ_OK
-                        fr_sq.reset(self.st[SQ_SFIND])
-                        if rc != FR_SQ_OK or held == 0:
-                            break
-                        fr_sq.bind_int64(self.st[SQ_SDROP], 1, dr[i].key)
-                        fr_sq.bind_int64(self.st[SQ_SDROP], 2, first)
-                        rc = _step_done(self.st[SQ_SDROP])
-                        if rc != FR_SQ_OK:
-                            break
-                        done[2 * nout] = first
-                        done[2 * nout + 1] = held // 8
-                        nout += 1
-                        dr[i].at += held
+                    rc = _walk_drop(self.st[SQ_SFIND], self.st[SQ_SDROP], &dr[i], done, &nout)
                     ends[i] = <int>nout
                     i += 1
             if rc != FR_SQ_OK:
