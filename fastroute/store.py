@@ -34,7 +34,7 @@ import sqlite3
 import sys
 import threading
 import time
-from typing import (TYPE_CHECKING, Callable, Iterable, Iterator, Protocol, Sequence,
+from typing import (TYPE_CHECKING, Any, Callable, Iterable, Iterator, Protocol, Sequence,
                     runtime_checkable)
 
 import msgpack
@@ -328,8 +328,8 @@ _EXACT_ROWS = 32
 # path; a larger group's takes the general one, whose statements take up to
 # 128 rows each (a group of 700 devices: the compiled path's pack probe for
 # each acking device and its statement for 32 shares cost 4.2 ms a
-# transaction against 3.9).  Its compiled acks of whole shares
-# (_drop_shares) are taken on either path.
+# transaction against 3.9).  Its members' acks of whole shares are still
+# applied by a compiled walk (_drop_shares) on the general path.
 _FAST_SHARES = 64
 # the writer's statement cache: the texts of every size _chunks gives, for
 # each kind of statement (the sqlite3 module's default keeps 128)
@@ -1712,35 +1712,53 @@ class SqliteStore(_BaseStore):
         ``next_mid`` (unless ``mark`` is negative) and COMMIT, in one
         compiled call that releases the GIL once.
 
-        A device's acks are applied there while they list whole packs, each
-        in order (each pack is deleted: what :func:`py_ack_device` does for
-        it).  The rest (a share, part of a pack, a device with a pack acked
-        in part before) is applied by :meth:`_delete` between that call and
-        a second one for the new rows (whole shares in order by another
-        compiled call, :meth:`_drop_shares`): the acks still go first, so the
-        pages their deletes free are the ones the new rows take.
+        A device's acks are applied there while they list whole packs and
+        shares, each in order (each row is deleted: what
+        :func:`py_ack_device` does for it).  When a share was deleted (a
+        group member's steady state), or some acks were left (part of a row,
+        a device with a row acked in part before), the call hands the
+        transaction back: the shares' messages are released, the rest goes
+        to :meth:`_delete`, and a second call deletes the spacks no device
+        holds anything of, inserts the new rows and commits.  The acks still
+        go first, so the pages their deletes free are the ones the new rows
+        take.
         """
         spack_rows, share_rows, pack_rows, _ = puts
         fast = self._fast
         assert fast is not None
-        # a device with a pack acked in part: its pack no longer has the mids
-        # its row lists, so the general path applies its acks
-        drops, tried = _ack_drops(acks, {key for key, _ in partial} if partial else ())
+        # a device with a row acked in part: the row no longer has the mids
+        # it lists, so the general path applies its acks
+        held: Any = ()
+        if partial or spartial:
+            held = {key for key, _ in partial} | {key for key, _ in spartial}
+        drops, tried = _ack_drops(acks, held)
         others = {key: mids for key, mids in acks.items() if mids}
         for key in tried:
             del others[key]
+        walked: list = []
         if others:
-            missed = fast.run(drops, [], -1, True, False)
+            missed = fast.run(drops, [], -1, True, False, shares=walked)
         else:
-            missed = fast.run(drops, pack_rows, mark, True, True, spack_rows, share_rows)
-        if missed or others:
+            missed = fast.run(drops, pack_rows, mark, True, True, spack_rows, share_rows,
+                              shares=walked)
+        if missed or others or walked:
             for i, done in missed:
                 others[tried[i]] = acks[tried[i]][done:]
-            self._delete(conn, others, [], partial, spartial, sgone)
-            fast.run([], pack_rows, mark, False, True, spack_rows, share_rows)
+            dead: list[int] = []
+            self._delete(conn, others, [], partial, spartial, sgone,
+                         walked=(walked, tried, acks), dead=dead)
+            fast.run([], pack_rows, mark, False, True, spack_rows, share_rows, dead)
 
     def _delete(self, conn: sqlite3.Connection, acks: dict, forgets: list, partial: dict,
-                spartial: dict, sgone: dict) -> None:
+                spartial: dict, sgone: dict, walked: tuple | None = None,
+                dead: list | None = None) -> None:
+        """Apply ``acks`` (device key -> mids) and ``forgets`` (device keys)
+        inside the open transaction.  ``walked``: shares a compiled walk
+        already deleted, ``(flat index, first, n, keys, acks)`` as
+        :meth:`PySqlFast.run` gives them with the drops' keys and the acks
+        they came from: their messages are released here.  ``dead``: a list
+        that takes the keys of the spacks no device holds anything of now
+        (the caller deletes them); without it they are deleted here."""
         touched: set[int] = set()
         counts = self._counts
         gone: dict[int, list[int]] = {}  # spack -> its messages no device holds now
@@ -1750,6 +1768,8 @@ class SqliteStore(_BaseStore):
             if out:
                 gone.setdefault(first, []).extend(out)
 
+        if walked is not None:
+            self._release_walked(*walked, release)
         # each shared message a device held is released: the last
         # holder's ack deletes it
         if acks and self._fast is not None:
@@ -1781,15 +1801,15 @@ class SqliteStore(_BaseStore):
             # a spack none of whose messages any device holds goes now; one
             # with some still held is rewritten later (as a pack acked in
             # part), unless the rest goes first
-            dead = []
+            out = [] if dead is None else dead
             for first, mids in gone.items():
                 if counts.left(first):
                     sgone[first] = sgone.get(first, frozenset()).union(mids)
                 else:
-                    dead.append(first)
+                    out.append(first)
                     sgone.pop(first, None)
-            if dead:
-                _execute_in(conn, _SQL_SPACK_DROP, [], sorted(dead))
+            if out and dead is None:
+                _execute_in(conn, _SQL_SPACK_DROP, [], sorted(out))
         if touched:
             # One indexed probe per touched message (many per statement).  A
             # per-row AFTER DELETE trigger measured the same for acks but would
@@ -1797,10 +1817,32 @@ class SqliteStore(_BaseStore):
             # anyway; so it is done here.
             _execute_in(conn, _SQL_ORPHAN, [], sorted(touched))
 
+    @staticmethod
+    def _release_walked(walked: list, keys: list, acks: dict, release) -> None:
+        """Release the messages of the shares a compiled walk deleted:
+        ``walked`` flat ``index, first, n`` (``index`` the drop's, its key in
+        ``keys``), each share's mids the next ``n`` of its device's acks."""
+        at = 0
+        last = -1
+        for i in range(0, len(walked), 3):
+            index, first, n = walked[i], walked[i + 1], walked[i + 2]
+            if index != last:
+                last = index
+                mids = acks[keys[index]]
+                at = 0
+            if mids[at] != first:
+                # whole packs walked before it: their mids are not in walked,
+                # and none of them is this share's first
+                at = mids.index(first, at)
+            release(first, mids[at:at + n])
+            at += n
+
     def _drop_shares(self, acks: dict, spartial: dict, release) -> dict:
         """The devices' acks of whole shares, in order (a group member's
         steady state), applied in one compiled call (:meth:`PySqlFast.drop_shares`),
         their messages released; returns the acks left to the general path.
+        (The common transaction walks shares with packs in its own call:
+        this is for the acks that reach the general path.)
 
         A device with a share acked in part keeps the general path: that
         share's row still lists the mids acked before.
@@ -2384,6 +2426,8 @@ class PySqlFast:
     # large group's hundreds
     SHARES_CHUNK = 32
     SQL_SHARES = _rows_sql(_SQL_PUT_SHARES, 7, SHARES_CHUNK)
+    # a spack no device holds anything of, by its key
+    SQL_SPDROP = "DELETE FROM spacks WHERE first = ?1"
 
     def __init__(self, conn: sqlite3.Connection, path: str) -> None:
         if type(conn) is not sqlite3.Connection:
@@ -2405,61 +2449,76 @@ class PySqlFast:
 
     def run(self, drops: list, pack_rows: list, mark: int, begin: bool,
             commit: bool, spack_rows: list | None = None,
-            share_rows: list | None = None) -> list[tuple[int, int]]:
+            share_rows: list | None = None, spack_drops: list | None = None,
+            shares: list | None = None) -> list[tuple[int, int]]:
         """BEGIN (when ``begin``); apply ``drops``, flat ``key, mids blob``
         pairs (a device's acked mids, int64s); then, if every drop was
-        applied whole, insert ``spack_rows``, ``share_rows`` and
-        ``pack_rows`` (flat, :func:`py_sql_rows`' layout), set meta's
-        ``next_mid`` to ``mark`` unless it is negative, and COMMIT (when
-        ``commit``).
+        applied whole by packs, delete the spacks keyed by ``spack_drops``
+        (ints), insert ``spack_rows``, ``share_rows`` and ``pack_rows``
+        (flat, :func:`py_sql_rows`' layout), set meta's ``next_mid`` to
+        ``mark`` unless it is negative, and COMMIT (when ``commit``).
 
         A drop's mids are walked pack by pack: while the device has a pack
         whose first mid is the next acked one and whose mids all come next,
-        in order, that pack is deleted.  Returns ``(index, matched)`` for
-        each drop (by its pair's index) that stopped short, ``matched`` the
-        mids it applied; then nothing after the drops was done, and the
-        transaction is left open for the caller to apply the rest and finish
-        (as it is when ``commit`` is false).  A value of the wrong type
-        raises before anything is written; an SQLite error rolls the
-        transaction back and raises.
+        in order, that pack is deleted.  With ``shares`` (a list), the walk
+        takes the device's shares as it takes packs, one row at a time of
+        either kind, and appends each share it deleted to ``shares`` as
+        ``index, first, n`` (the drop's index, the share's key, its mids).
+        Returns ``(index, matched)`` for each drop that stopped short,
+        ``matched`` the mids it applied.  When one did, or a share was
+        deleted, nothing after the drops was done, and the transaction is
+        left open for the caller to apply the rest (the shares' counts
+        first) and finish (as it is when ``commit`` is false).  A value of
+        the wrong type raises before anything is written; an SQLite error
+        rolls the transaction back and raises.
         """
         conn = self._conn
         if conn is None:
             raise RuntimeError("closed")
         spack_rows = [] if spack_rows is None else spack_rows
         share_rows = [] if share_rows is None else share_rows
+        spack_drops = [] if spack_drops is None else spack_drops
         if len(drops) % 2 or len(pack_rows) % 8 or len(spack_rows) % 9 or len(share_rows) % 7:
             raise InvalidArgument("drops are pairs and pack, spack and share rows have "
                                   "8, 9 and 7 columns")
+        if shares is not None and type(shares) is not list:
+            raise WrongType("shares is a list")
         pairs = [(drops[i], drops[i + 1]) for i in range(0, len(drops), 2)]
         rows = [tuple(pack_rows[i:i + 8]) for i in range(0, len(pack_rows), 8)]
         spacks = [tuple(spack_rows[i:i + 9]) for i in range(0, len(spack_rows), 9)]
-        shares = [tuple(share_rows[i:i + 7]) for i in range(0, len(share_rows), 7)]
+        share_list = [tuple(share_rows[i:i + 7]) for i in range(0, len(share_rows), 7)]
         for row, nints in ([(p, 1) for p in pairs] + [(r, 5) for r in spacks]
-                           + [(r[:6] if r[6] is None else r, 6) for r in shares]
+                           + [(r[:6] if r[6] is None else r, 6) for r in share_list]
                            + [(r, 6) for r in rows]):
             array.array("q", row[:nints])  # int64s, or TypeError / OverflowError
             if any(type(blob) is not bytes for blob in row[nints:]):
                 raise WrongType("a blob column is bytes")
+        array.array("q", spack_drops)
         if any(len(blob) % 8 for _, blob in pairs):
             raise InvalidArgument("a drop's mids are int64s")
+        kinds = [(self.SQL_FIND, self.SQL_DROP)]
+        if shares is not None:
+            kinds.append((self.SQL_SFIND, self.SQL_SDROP))
         missed = []
+        done: list[int] = []
         try:
             if begin:
                 conn.execute("BEGIN")
             # the acks first: the pages their deletes free (zeroed) are the
             # ones the new rows then take, written to the WAL once
             for i, (key, blob) in enumerate(pairs):
-                at = self._walk(conn, self.SQL_FIND, self.SQL_DROP, key, blob, [])
+                # the rows of the last kind are recorded: shares, when walked
+                at = self._walk(conn, kinds, key, blob, done if shares is not None else [], i)
                 if at < len(blob):
                     missed.append((i, at // 8))
-            if not missed:
+            if not missed and not done:
+                conn.executemany(self.SQL_SPDROP, [(first,) for first in spack_drops])
                 conn.executemany(self.SQL_SPACK, spacks)
-                whole = len(shares) - len(shares) % self.SHARES_CHUNK
+                whole = len(share_list) - len(share_list) % self.SHARES_CHUNK
                 for i in range(0, whole, self.SHARES_CHUNK):
                     conn.execute(self.SQL_SHARES,
-                                 [v for r in shares[i:i + self.SHARES_CHUNK] for v in r])
-                conn.executemany(self.SQL_SHARE, shares[whole:])
+                                 [v for r in share_list[i:i + self.SHARES_CHUNK] for v in r])
+                conn.executemany(self.SQL_SHARE, share_list[whole:])
                 conn.executemany(self.SQL_PACK, rows)
                 if mark >= 0:
                     conn.execute(self.SQL_MARK, (mark,))
@@ -2469,7 +2528,9 @@ class PySqlFast:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-        if commit and not missed:
+        if shares is not None:
+            shares += done
+        if commit and not missed and not done:
             self.committed += 1
         else:
             self.handed_back += 1
@@ -2506,28 +2567,39 @@ class PySqlFast:
         out = []
         for key, blob in pairs:
             done: list[int] = []
-            self._walk(conn, self.SQL_SFIND, self.SQL_SDROP, key, blob, done)
-            out.append(done)
+            self._walk(conn, [(self.SQL_SFIND, self.SQL_SDROP)], key, blob, done, 0)
+            # index, first, n -> first, n
+            out.append([v for i in range(0, len(done), 3) for v in done[i + 1:i + 3]])
         return out
 
     @staticmethod
-    def _walk(conn: sqlite3.Connection, find: str, drop: str, key: int, blob: bytes,
-              done: list) -> int:
-        """One device's acked mids (``blob``) walked row by row, packs or
-        shares by the statements given: while its row keyed by the next acked
-        mid holds whole int64s that all come next, in order, that row is
-        deleted (``first, n`` appended to ``done``); returns the bytes of
-        ``blob`` applied."""
+    def _walk(conn: sqlite3.Connection, kinds: list, key: int, blob: bytes, done: list,
+              index: int) -> int:
+        """One device's acked mids (``blob``) walked row by row, through the
+        kinds of row that ``kinds`` find and drop (``(find, drop)``
+        statements: packs, then shares): while the device has a row of one
+        of them keyed by the next acked mid whose whole int64s all come
+        next, in order, that row is deleted; each row of the last kind
+        deleted appends ``index, first, n`` to ``done``.  Returns the bytes
+        of ``blob`` applied."""
         at = 0
         while at < len(blob):
             first = int.from_bytes(blob[at:at + 8], sys.byteorder, signed=True)
-            row = conn.execute(find, (key, first)).fetchone()
-            if (row is None or not row[0] or len(row[0]) % 8
-                    or row[0] != blob[at:at + len(row[0])]):
+            held = b""
+            kind = 0
+            while not held and kind < len(kinds):
+                row = conn.execute(kinds[kind][0], (key, first)).fetchone()
+                if (row is not None and row[0] and not len(row[0]) % 8
+                        and row[0] == blob[at:at + len(row[0])]):
+                    held = row[0]
+                else:
+                    kind += 1
+            if not held:
                 break  # not this ack's next mids: the rest waits
-            conn.execute(drop, (key, first))
-            done += (first, len(row[0]) // 8)
-            at += len(row[0])
+            conn.execute(kinds[kind][1], (key, first))
+            if kind == len(kinds) - 1:
+                done += (index, first, len(held) // 8)
+            at += len(held)
         return at
 
 

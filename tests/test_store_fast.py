@@ -51,23 +51,38 @@ def _rows(path: str) -> dict[str, list]:
         conn.close()
 
 
+def _count_compiled_shares(store: SqliteStore) -> tuple[list[int], list[int]]:
+    """Count, call by call, the mids of whole shares the store's compiled
+    walks applied: the common transaction's (released by
+    ``_release_walked``) and the general path's (``_drop_shares``)."""
+    by_walk: list[int] = []
+    by_drops: list[int] = []
+    release_walked = store._release_walked
+    drop_shares = store._drop_shares
+
+    def walked(done: list, keys: list, acks: dict, release) -> None:
+        by_walk.append(sum(done[2::3]))
+        release_walked(done, keys, acks, release)
+
+    def dropped(acks: dict, spartial: dict, release) -> dict:
+        rest = drop_shares(acks, spartial, release)
+        by_drops.append(sum(map(len, acks.values())) - sum(map(len, rest.values())))
+        return rest
+
+    store._release_walked = walked
+    store._drop_shares = dropped
+    return by_walk, by_drops
+
+
 async def _traffic(path: str, seed: int) -> tuple[list, dict]:
     """One seeded run of puts and acks of every shape; what the store gave
     back (mids, loads, counts) and its counters."""
     rng = random.Random(seed)
     store = await SqliteStore.open(path, synchronous="NORMAL")
     seen: list = []
-    # the mids that whole shares' compiled drops applied (SqliteStore._drop_shares)
-    by_shares = 0
-    drop_shares = store._drop_shares
-
-    def counted(acks: dict, spartial: dict, release) -> dict:
-        nonlocal by_shares
-        rest = drop_shares(acks, spartial, release)
-        by_shares += sum(map(len, acks.values())) - sum(map(len, rest.values()))
-        return rest
-
-    store._drop_shares = counted
+    # the mids of whole shares the compiled walks applied (the common
+    # transaction's, and the general path's SqliteStore._drop_shares)
+    by_walk, by_drops = _count_compiled_shares(store)
     try:
         keys = [store.register_device(f"u{i}@p", "1") for i in range(5)]
         await store.flush()
@@ -166,7 +181,8 @@ async def _traffic(path: str, seed: int) -> tuple[list, dict]:
         counters = {"committed": fast.committed if fast else 0,
                     "handed_back": fast.handed_back if fast else 0,
                     "commits": store.commits, "rewrites": store.rewrites,
-                    "by_shares": by_shares}
+                    "failed": store.failed_batches,
+                    "by_walk": sum(by_walk), "by_drops": sum(by_drops)}
     finally:
         await store.close()
     return seen, counters
@@ -192,8 +208,14 @@ def test_the_common_transaction_leaves_what_the_general_path_leaves(tmp_path, mo
     # both ways were taken: whole transactions in one call, and ones it
     # handed back to the general path (an ack it could not apply alone)
     assert fast["committed"] > 0 and fast["handed_back"] > 0, fast
-    assert fast["by_shares"] > 0, fast  # group members' acks of whole shares, compiled
-    assert slow["committed"] == slow["handed_back"] == slow["by_shares"] == 0
+    # group members' acks of whole shares, compiled: in the common
+    # transaction's walk, and (after a row acked in part) the general path's
+    assert fast["by_walk"] > 0 and fast["by_drops"] > 0, fast
+    assert slow["committed"] == slow["handed_back"] == 0, slow
+    assert slow["by_walk"] == slow["by_drops"] == 0, slow
+    # no transaction failed over to the general path's split (which leaves
+    # the same rows, so only this says the compiled one did its part)
+    assert fast["failed"] == slow["failed"] == 0
     assert fast_seen == slow_seen
     assert _rows(fast_db) == _rows(slow_db)
 
@@ -421,6 +443,72 @@ def test_whole_shares_in_order_are_dropped_and_the_rest_left(tmp_path, way):
 
 
 @pytest.mark.parametrize("way", _ways())
+def test_a_walk_takes_packs_and_shares_as_they_come(tmp_path, way):
+    conn, fast = _blank(tmp_path, way)
+    mids = _mids
+
+    def pack(first: int, *rest: int) -> list:
+        return [1, first, (rest or (first,))[-1], 1 + len(rest), 10, 99, mids(first, *rest),
+                b"data"]
+
+    def spack(first: int, *rest: int) -> list:
+        every = (first, *rest)
+        return [first, every[-1], len(every), 10, 99, mids(*every),
+                array.array("i", [1] * len(every)).tobytes(), mids(*[99] * len(every)), b"d"]
+
+    def share(dev: int, first: int, last: int) -> list:
+        return [dev, first, last, 1, 10, 99, None]
+
+    def rows() -> tuple:
+        return (conn.execute("SELECT dev, first FROM packs ORDER BY 1, 2").fetchall(),
+                conn.execute("SELECT dev, first FROM shares ORDER BY 1, 2").fetchall(),
+                conn.execute("SELECT first FROM spacks ORDER BY 1").fetchall())
+
+    # device 1: pack 5 (5, 6), its share of spack 10 (10, 11), pack 20, its
+    # share of spack 30 (30); device 2: its shares of spacks 10 and 30
+    assert fast.run([], pack(5, 6) + pack(20), -1, True, True, spack(10, 11) + spack(30),
+                    share(1, 10, 11) + share(2, 10, 11) + share(1, 30, 30)
+                    + share(2, 30, 30)) == []
+    # without shares the walk stops at the first share, as before
+    assert fast.run([1, mids(5, 6, 10, 11, 20)], [], -1, True, False) == [(0, 2)]
+    conn.execute("ROLLBACK")
+    # with them it takes either kind as it comes, and records the shares
+    walked: list = []
+    assert fast.run([1, mids(5, 6, 10, 11, 20, 30), 2, mids(10, 11)], pack(40), 41, True,
+                    True, shares=walked) == []
+    assert walked == [0, 10, 2, 0, 30, 1, 1, 10, 2]
+    # a share was deleted: nothing after the drops, the transaction handed back
+    assert conn.in_transaction
+    assert rows() == ([], [(2, 30)], [(10,), (30,)])
+    # the caller's second call: the spacks no device holds, the new rows, COMMIT
+    assert fast.run([], pack(40), 41, False, True, [], [], [10]) == []
+    assert not conn.in_transaction
+    assert rows() == ([(1, 40)], [(2, 30)], [(30,)])
+    assert conn.execute("SELECT v FROM meta WHERE k = 'next_mid'").fetchone() == (41,)
+    # a share acked in part stops the walk there: what it matched is counted
+    walked = []
+    assert fast.run([2, mids(40, 30, 31)], [], -1, True, True, shares=walked) == [(0, 0)]
+    conn.execute("ROLLBACK")
+    assert fast.run([1, mids(40), 2, mids(30, 31)], [], -1, True, True,
+                    shares=walked) == [(1, 1)]
+    assert walked == [1, 30, 1]
+    conn.execute("ROLLBACK")
+    # only packs walked whole, no share: one call, committed as before
+    assert fast.run([1, mids(40)], [], -1, True, True, shares=walked) == []
+    assert not conn.in_transaction and walked == [1, 30, 1]
+    # values of the wrong type write nothing
+    before = rows()
+    with pytest.raises(TypeError):
+        fast.run([], [], -1, True, True, None, None, ["30"])
+    with pytest.raises(OverflowError):
+        fast.run([], [], -1, True, True, None, None, [1 << 63])
+    with pytest.raises(TypeError):
+        fast.run([2, mids(30)], [], -1, True, True, shares=())
+    assert not conn.in_transaction and rows() == before
+    conn.close()
+
+
+@pytest.mark.parametrize("way", _ways())
 def test_a_large_group_s_shares_go_a_chunk_a_statement(tmp_path, way):
     # 2 whole chunks and 6 more: the rows are the same whichever statement
     conn, fast = _blank(tmp_path, way)
@@ -449,15 +537,7 @@ def test_a_large_group_s_transaction_takes_the_general_path_and_its_acks_compile
         before = fast.committed, fast.handed_back
         mids = list(await store.put_many([("s@p", b"a" * 16, b"x", T0, many)]))
         after_large = fast.committed, fast.handed_back
-        dropped = []
-        drop_shares = store._drop_shares
-
-        def counted(acks, spartial, release):
-            rest = drop_shares(acks, spartial, release)
-            dropped.append(sum(map(len, acks.values())) - sum(map(len, rest.values())))
-            return rest
-
-        store._drop_shares = counted
+        by_walk, by_drops = _count_compiled_shares(store)
         for key in many:
             store.ack(key, mids, validate=False)
         await store.put_many([("s@p", b"b" * 16, b"x", T0, many[:10])])
@@ -465,7 +545,7 @@ def test_a_large_group_s_transaction_takes_the_general_path_and_its_acks_compile
         await store.flush()
         left = await store.count_pending()
         await store.close()
-        return before, after_large, after_small, dropped, left
+        return before, after_large, after_small, by_walk + by_drops, left
     before, after_large, after_small, dropped, left = asyncio.run(main())
     assert after_large == before  # the large group's put: the general path
     assert after_small == after_large[0] + 1  # a small group's: the compiled one
@@ -482,7 +562,7 @@ def test_the_twin_runs_its_specification_s_statements():
     spec = store_mod.PySqlFast
     assert texts == {"BEGIN", "COMMIT", "ROLLBACK", spec.SQL_FIND, spec.SQL_DROP,
                      spec.SQL_PACK, spec.SQL_MARK, spec.SQL_SFIND, spec.SQL_SDROP,
-                     spec.SQL_SPACK, spec.SQL_SHARE}
+                     spec.SQL_SPACK, spec.SQL_SHARE, spec.SQL_SPDROP}
     if fastroute.COMPILED:
         from fastroute import _core
         assert _core.SQ_SHARES_TEXT.decode() == spec.SQL_SHARES

@@ -16,10 +16,16 @@
 # transaction (acks that empty whole packs, then new packs, then the mid
 # mark) is one call that releases the GIL once; the writer thread's CPU a
 # message fell by about a fifth (benches/README.md, session 29).  A group's
-# transaction adds its spacks and shares to that call, and its members'
-# acks of whole shares are one more (drop_shares): a group send to 10
+# transaction adds its spacks and shares to that call: a group send to 10
 # devices had taken ~30 statements a transaction through the sqlite3
-# module, each row a step of its own (benches/README.md, session 41).
+# module, each row a step of its own (benches/README.md, session 41).  Its
+# members' acks walk their shares with their packs in the first call, which
+# then hands the transaction back: the writer releases the shares' messages
+# in memory, and a second call deletes the spacks no device holds, inserts
+# the new rows and commits (session 42: a call, a statement through the
+# sqlite3 module and a rebuild of the acks fewer a transaction).  The
+# general path's acks of whole shares have a walk of their own
+# (drop_shares).
 #
 # The sqlite3 C API is the one the sqlite3 module itself is linked with,
 # found at run time (dlsym) so that the build needs no SQLite headers; the
@@ -130,7 +136,7 @@ cdef extern from *:
 
 cdef enum:
     SQ_BEGIN, SQ_COMMIT, SQ_ROLLBACK, SQ_FIND, SQ_DROP, SQ_PACK, SQ_META, SQ_SFIND, SQ_SDROP
-    SQ_SPACK, SQ_SHARE, SQ_SHARES, SQ_COUNT
+    SQ_SPACK, SQ_SHARE, SQ_SHARES, SQ_SPDROP, SQ_COUNT
     # a pack row's columns, as py_sql_rows lays them out: dev, first, last,
     # n, nbytes, exp_ms (ints), mids, data (blobs)
     PACK_INTS = 6
@@ -170,6 +176,7 @@ SQ_SHARES_TEXT = (b"INSERT INTO shares(dev, first, last, n, nbytes, exp_ms, mids
 # held here: SQ_TEXT points into it for as long as the module lives
 cdef bytes _SQ_SHARES_TEXT = SQ_SHARES_TEXT
 SQ_TEXT[11] = _SQ_SHARES_TEXT
+SQ_TEXT[12] = b"DELETE FROM spacks WHERE first = ?1"
 
 
 ctypedef struct SqDrop:
@@ -283,42 +290,59 @@ cdef int _insert_rows(fr_sq_stmt* st, fr_sq_stmt* chunk_st, int chunk, SqRow* ro
     return rc
 
 
-cdef int _walk_drop(fr_sq_stmt* find, fr_sq_stmt* drop, SqDrop* d, int64_t* done,
-                    Py_ssize_t* ndone) noexcept nogil:
-    # one device's acked mids walked row by row (packs or shares, by the
-    # statements given): while its row keyed by the next acked mid holds
-    # whole int64s that all come next, in order, that row is deleted and
-    # d.at moves past them; each row deleted goes to done as (first, its
-    # mids) when done is not NULL
-    cdef int rc = FR_SQ_OK, held
-    cdef int64_t first
+cdef inline int _probe(fr_sq_stmt* find, SqDrop* d, int64_t first, int* held) noexcept nogil:
+    # the device's row keyed by ``first`` (by the statement given): held is
+    # its mids' bytes when they are whole int64s that all come next in the
+    # drop, in order; else 0
+    cdef int rc
     cdef const void* blob
+    fr_sq.bind_int64(find, 1, d.key)
+    fr_sq.bind_int64(find, 2, first)
+    rc = fr_sq.step(find)
+    held[0] = 0
+    if rc == FR_SQ_ROW:
+        rc = FR_SQ_OK
+        held[0] = fr_sq.column_bytes(find, 0)
+        blob = fr_sq.column_blob(find, 0)
+        if (held[0] == 0 or held[0] % 8 or held[0] > d.nbytes - d.at
+                or memcmp(blob, d.mids + d.at, held[0]) != 0):
+            held[0] = 0  # not this ack's next mids: the rest waits
+    elif rc == FR_SQ_DONE:
+        rc = FR_SQ_OK
+    fr_sq.reset(find)
+    return rc
+
+
+cdef int _walk_drop(fr_sq_stmt** find, fr_sq_stmt** drop, int kinds, SqDrop* d,
+                    int64_t* done, Py_ssize_t* ndone, int64_t index) noexcept nogil:
+    # one device's acked mids walked row by row, through the ``kinds`` (1 or
+    # 2) kinds of row the statements find and drop (packs, then shares):
+    # while the device has a row of either keyed by the next acked mid whose
+    # mids all come next, in order, that row is deleted and d.at moves past
+    # them.  Each row of the last kind deleted goes to done as (index, first,
+    # its mids) when done is not NULL.  The kind that matched last is tried
+    # first: a group member's acks are all shares, and a miss is a seek.
+    cdef int rc = FR_SQ_OK, held = 0, kind = 0, k
+    cdef int64_t first
     while d.at < d.nbytes:
         memcpy(&first, d.mids + d.at, 8)
-        fr_sq.bind_int64(find, 1, d.key)
-        fr_sq.bind_int64(find, 2, first)
-        rc = fr_sq.step(find)
-        held = 0
-        if rc == FR_SQ_ROW:
-            rc = FR_SQ_OK
-            held = fr_sq.column_bytes(find, 0)
-            blob = fr_sq.column_blob(find, 0)
-            if (held == 0 or held % 8 or held > d.nbytes - d.at
-                    or memcmp(blob, d.mids + d.at, held) != 0):
-                held = 0  # not this ack's next mids: the rest waits
-        elif rc == FR_SQ_DONE:
-            rc = FR_SQ_OK
-        fr_sq.reset(find)
+        rc = _probe(find[kind], d, first, &held)
+        if rc == FR_SQ_OK and held == 0 and kinds == 2:
+            k = 1 - kind
+            rc = _probe(find[k], d, first, &held)
+            if held:
+                kind = k
         if rc != FR_SQ_OK or held == 0:
             break
-        fr_sq.bind_int64(drop, 1, d.key)
-        fr_sq.bind_int64(drop, 2, first)
-        rc = _step_done(drop)
+        fr_sq.bind_int64(drop[kind], 1, d.key)
+        fr_sq.bind_int64(drop[kind], 2, first)
+        rc = _step_done(drop[kind])
         if rc != FR_SQ_OK:
             break
-        if done != NULL:
-            done[2 * ndone[0]] = first
-            done[2 * ndone[0] + 1] = held // 8
+        if done != NULL and kind == kinds - 1:
+            done[3 * ndone[0]] = index
+            done[3 * ndone[0] + 1] = first
+            done[3 * ndone[0] + 2] = held // 8
             ndone[0] += 1
         d.at += held
     return rc
@@ -383,38 +407,49 @@ cdef class SqlFast:
         self.close()
 
     def run(self, list drops, list pack_rows, long long mark, bint begin, bint commit,
-            list spack_rows=None, list share_rows=None):
+            list spack_rows=None, list share_rows=None, list spack_drops=None,
+            list shares=None):
         """BEGIN (when ``begin``); apply ``drops``, flat ``key, mids blob``
         pairs (a device's acked mids, int64s); then, if every drop was
-        applied whole, insert ``spack_rows``, ``share_rows`` and
-        ``pack_rows`` (flat, :func:`py_sql_rows`' layout), set meta's
-        ``next_mid`` to ``mark`` unless it is negative, and COMMIT (when
-        ``commit``).
+        applied whole by packs, delete the spacks keyed by ``spack_drops``
+        (ints), insert ``spack_rows``, ``share_rows`` and ``pack_rows``
+        (flat, :func:`py_sql_rows`' layout), set meta's ``next_mid`` to
+        ``mark`` unless it is negative, and COMMIT (when ``commit``).
 
         A drop's mids are walked pack by pack: while the device has a pack
         whose first mid is the next acked one and whose mids all come next,
-        in order, that pack is deleted.  Returns ``(index, matched)`` for
-        each drop (by its pair's index) that stopped short, ``matched`` the
-        mids it applied; then nothing after the drops was done, and the
-        transaction is left open for the caller to apply the rest and finish
-        (as it is when ``commit`` is false).  A value of the wrong type
-        raises before anything is written.  On any SQLite error the
-        transaction is rolled back and the sqlite3 module's exception for it
-        raised, with ``sqlite_errorcode`` and ``sqlite_errorname`` set as it
-        sets them (the primary code's name).
+        in order, that pack is deleted.  With ``shares`` (a list), the walk
+        takes the device's shares as it takes packs, one row at a time of
+        either kind, and appends each share it deleted to ``shares`` as
+        ``index, first, n`` (the drop's index, the share's key, its mids).
+        Returns ``(index, matched)`` for each drop that stopped short,
+        ``matched`` the mids it applied.  When one did, or a share was
+        deleted, nothing after the drops was done, and the transaction is
+        left open for the caller to apply the rest (the shares' counts
+        first) and finish (as it is when ``commit`` is false).  A value of
+        the wrong type raises before anything is written.  On any SQLite
+        error the transaction is rolled back and the sqlite3 module's
+        exception for it raised, with ``sqlite_errorcode`` and
+        ``sqlite_errorname`` set as it sets them (the primary code's name).
         """
-        cdef Py_ssize_t ndrop, npack, nspack, nshare, i, j
+        cdef Py_ssize_t ndrop, npack, nspack, nshare, nkill, i, j, nout = 0, ndone = 0
         cdef SqDrop* dr = NULL
         cdef SqPack* pk = NULL
         cdef SqRow* sp = NULL
         cdef SqRow* sh = NULL
-        cdef int rc = FR_SQ_OK, nmissed = 0
+        cdef int64_t* kill = NULL   # spack_drops
+        cdef int64_t* done = NULL   # index, first, n for each share deleted, in order
+        cdef int rc = FR_SQ_OK, nmissed = 0, kinds = 1
+        cdef fr_sq_stmt* finds[2]
+        cdef fr_sq_stmt* dels[2]
         if self.db == NULL:
             raise RuntimeError("closed")
         if spack_rows is None:
             spack_rows = []
         if share_rows is None:
             share_rows = []
+        if spack_drops is None:
+            spack_drops = []
         if (len(drops) % 2 or len(pack_rows) % PACK_COLS or len(spack_rows) % SPACK_COLS
                 or len(share_rows) % SHARE_COLS):
             raise InvalidArgument("drops are pairs and pack, spack and share rows have "
@@ -423,6 +458,13 @@ cdef class SqlFast:
         npack = len(pack_rows) // PACK_COLS
         nspack = len(spack_rows) // SPACK_COLS
         nshare = len(share_rows) // SHARE_COLS
+        nkill = len(spack_drops)
+        finds[0] = self.st[SQ_FIND]
+        dels[0] = self.st[SQ_DROP]
+        finds[1] = self.st[SQ_SFIND]
+        dels[1] = self.st[SQ_SDROP]
+        if shares is not None:
+            kinds = 2
         try:
             # every value is read here, with the GIL; the blobs stay alive in
             # the caller's lists while the GIL is released below
@@ -430,22 +472,31 @@ cdef class SqlFast:
             pk = <SqPack*>PyMem_Malloc(sizeof(SqPack) * (npack + 1))
             sp = <SqRow*>PyMem_Malloc(sizeof(SqRow) * (nspack + 1))
             sh = <SqRow*>PyMem_Malloc(sizeof(SqRow) * (nshare + 1))
-            if dr == NULL or pk == NULL or sp == NULL or sh == NULL:
+            kill = <int64_t*>PyMem_Malloc(sizeof(int64_t) * (nkill + 1))
+            if dr == NULL or pk == NULL or sp == NULL or sh == NULL or kill == NULL:
                 raise MemoryError()
             _read_rows(spack_rows, nspack, SPACK_COLS, SPACK_INTS, False, sp)
             _read_rows(share_rows, nshare, SHARE_COLS, SHARE_INTS, True, sh)
+            for i in range(nkill):
+                kill[i] = spack_drops[i]
             for i in range(ndrop):
                 dr[i].key = drops[2 * i]
                 _blob_ptr(drops[2 * i + 1], &dr[i].mids, &dr[i].nbytes)
                 if dr[i].nbytes % 8:
                     raise InvalidArgument("a drop's mids are int64s")
                 dr[i].at = 0
+                nout += dr[i].nbytes // 8
             for i in range(npack):
                 for j in range(PACK_INTS):
                     pk[i].ints[j] = pack_rows[PACK_COLS * i + j]
                 for j in range(2):
                     _blob_ptr(pack_rows[PACK_COLS * i + PACK_INTS + j], &pk[i].blobs[j],
                               &pk[i].lens[j])
+            if kinds == 2:
+                # at most one share a mid
+                done = <int64_t*>PyMem_Malloc(sizeof(int64_t) * 3 * (nout + 1))
+                if done == NULL:
+                    raise MemoryError()
             with nogil:
                 if begin:
                     rc = _step_done(self.st[SQ_BEGIN])
@@ -453,13 +504,19 @@ cdef class SqlFast:
                 # the ones the new rows then take, written to the WAL once
                 i = 0
                 while rc == FR_SQ_OK and i < ndrop:
-                    rc = _walk_drop(self.st[SQ_FIND], self.st[SQ_DROP], &dr[i], NULL, NULL)
+                    rc = _walk_drop(finds, dels, kinds, &dr[i], done, &ndone, i)
                     if dr[i].at < dr[i].nbytes:
                         nmissed += 1
                     i += 1
-                if nmissed:
-                    npack = nspack = nshare = 0  # the caller applies the rest first
+                if nmissed or ndone:
+                    # the caller applies the rest (and the shares' counts) first
+                    npack = nspack = nshare = nkill = 0
                     mark = -1
+                i = 0
+                while rc == FR_SQ_OK and i < nkill:
+                    fr_sq.bind_int64(self.st[SQ_SPDROP], 1, kill[i])
+                    rc = _step_done(self.st[SQ_SPDROP])
+                    i += 1
                 if rc == FR_SQ_OK:
                     rc = _insert_rows(self.st[SQ_SPACK], NULL, 1, sp, nspack, SPACK_COLS,
                                       SPACK_INTS)
@@ -478,7 +535,7 @@ cdef class SqlFast:
                 if rc == FR_SQ_OK and mark >= 0:
                     fr_sq.bind_int64(self.st[SQ_META], 1, mark)
                     rc = _step_done(self.st[SQ_META])
-                if rc == FR_SQ_OK and commit and nmissed == 0:
+                if rc == FR_SQ_OK and commit and nmissed == 0 and ndone == 0:
                     # a failed COMMIT (busy, I/O) may leave the transaction
                     # open: it is rolled back below, as any other failure
                     rc = _step_done(self.st[SQ_COMMIT])
@@ -488,7 +545,9 @@ cdef class SqlFast:
                     with nogil:
                         _step_done(self.st[SQ_ROLLBACK])
                 raise exc
-            if commit and nmissed == 0:
+            for i in range(3 * ndone):
+                shares.append(done[i])
+            if commit and nmissed == 0 and ndone == 0:
                 self.committed += 1
                 return []
             self.handed_back += 1
@@ -498,6 +557,8 @@ cdef class SqlFast:
             PyMem_Free(pk)
             PyMem_Free(sp)
             PyMem_Free(sh)
+            PyMem_Free(kill)
+            PyMem_Free(done)
 
     def drop_shares(self, list drops):
         """Apply ``drops``, flat ``key, mids blob`` pairs (a device's acked
@@ -510,8 +571,7 @@ cdef class SqlFast:
         """
         cdef Py_ssize_t ndrop, i, j, nout = 0
         cdef SqDrop* dr = NULL
-        cdef int64_t* done = NULL   # first, n for each share deleted, in order
-        cdef int* ends = NULL       # each drop's end in done
+        cdef int64_t* done = NULL   # index, first, n for each share deleted, in order
         cdef int rc = FR_SQ_OK
         if self.db == NULL:
             raise RuntimeError("closed")
@@ -520,8 +580,7 @@ cdef class SqlFast:
         ndrop = len(drops) // 2
         try:
             dr = <SqDrop*>PyMem_Malloc(sizeof(SqDrop) * (ndrop + 1))
-            ends = <int*>PyMem_Malloc(sizeof(int) * (ndrop + 1))
-            if dr == NULL or ends == NULL:
+            if dr == NULL:
                 raise MemoryError()
             for i in range(ndrop):
                 dr[i].key = drops[2 * i]
@@ -533,29 +592,24 @@ cdef class SqlFast:
             if fr_sq.get_autocommit(self.db):
                 raise InvalidArgument("drop_shares runs inside a transaction")
             # at most one share a mid
-            done = <int64_t*>PyMem_Malloc(sizeof(int64_t) * 2 * (nout + 1))
+            done = <int64_t*>PyMem_Malloc(sizeof(int64_t) * 3 * (nout + 1))
             if done == NULL:
                 raise MemoryError()
             nout = 0
             with nogil:
                 i = 0
                 while rc == FR_SQ_OK and i < ndrop:
-                    rc = _walk_drop(self.st[SQ_SFIND], self.st[SQ_SDROP], &dr[i], done, &nout)
-                    ends[i] = <int>nout
+                    rc = _walk_drop(&self.st[SQ_SFIND], &self.st[SQ_SDROP], 1, &dr[i], done,
+                                    &nout, i)
                     i += 1
             if rc != FR_SQ_OK:
                 raise _sq_error(self.db, rc)
-            out = []
-            j = 0
-            for i in range(ndrop):
-                pairs = []
-                while j < ends[i]:
-                    pairs.append(done[2 * j])
-                    pairs.append(done[2 * j + 1])
-                    j += 1
-                out.append(pairs)
+            out = [[] for i in range(ndrop)]
+            for j in range(nout):
+                pairs = out[done[3 * j]]
+                pairs.append(done[3 * j + 1])
+                pairs.append(done[3 * j + 2])
             return out
         finally:
             PyMem_Free(dr)
-            PyMem_Free(ends)
             PyMem_Free(done)
