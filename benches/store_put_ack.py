@@ -2,14 +2,18 @@
 
 Run: ``PYTHONPATH=. python benches/store_put_ack.py [--size 100] [--messages 100000]
 [--store sqlite|memory] [--synchronous FULL|NORMAL] [--batch 256] [--devices 1]
-[--inflight 9] [--ack-every 1]``.
+[--inflight 9] [--ack-every 1] [--ack-lag 0]``.
 Batches of 256 messages (``--batch``) to one device (1:1), or each message to
 ``--devices`` devices (a group's fan-out, which every one of them acks); at most
 ``--inflight`` batches in flight, each acked as soon as its mids are known, as the
 relay does for recipients that keep up (``--ack-every K``: the mids of K batches
 in one ack, as a receiver that acks what one read brought).  ``--inflight 1
 --batch 50 --ack-every 5`` is what a relay's writer sees under a 10-device group's
-fan-out: a commit per put, each device acking ~250 mids at a time.
+fan-out: a commit per put, each device acking ~250 mids at a time.  ``--ack-lag L``
+holds each ack back until L more batches were put: in a relay, a group member's
+ack of one window usually comes after the sender's next window was handed to the
+writer (``--devices 10 --batch 64 --inflight 1 --ack-lag 1``), and the spacks of
+two windows are then live at every commit, not one.
 Prints messages/s, CPU seconds of the whole process (event loop plus writer
 thread) and of the SQLite store's writer thread alone, commits and bytes handed
 to write calls a message (Linux: ``/proc/self/io``); a ratio against ``--store
@@ -44,7 +48,7 @@ def _written() -> int:
 
 async def run(store_kind: str, n: int, size: int, batch: int = 256,
               synchronous: str | None = None, devices: int = 1, inflight_most: int = 8,
-              ack_every: int = 1) -> None:
+              ack_every: int = 1, ack_lag: int = 0) -> None:
     with tempfile.TemporaryDirectory(prefix="fr-store-probe-") as d:
         cls = SqliteStore if store_kind == "sqlite" else MemoryStore
         kw = {} if synchronous is None else {"synchronous": synchronous}
@@ -60,17 +64,23 @@ async def run(store_kind: str, n: int, size: int, batch: int = 256,
             w0 = _written()
             inflight: list[asyncio.Future] = []
             known: list[int] = []  # mids not yet acked
+            lagged: list[list[int]] = []  # acks held back by --ack-lag, oldest first
             taken = 0
             done = 0
+
+            def ack(mids: list[int]) -> None:
+                for dk in dks:
+                    store.ack(dk, mids, validate=False)
 
             async def take() -> None:
                 nonlocal known, taken
                 known += await inflight.pop(0)
                 taken += 1
                 if taken % ack_every == 0:
-                    for dk in dks:
-                        store.ack(dk, known, validate=False)
+                    lagged.append(known)
                     known = []
+                    while len(lagged) > ack_lag:
+                        ack(lagged.pop(0))
 
             while done < n:
                 items = [("s@x", cid, body, 1, dks) for cid in ids]
@@ -80,9 +90,9 @@ async def run(store_kind: str, n: int, size: int, batch: int = 256,
                 done += batch
             while inflight:
                 await take()
-            if known:
-                for dk in dks:
-                    store.ack(dk, known, validate=False)
+            for mids in lagged + [known]:
+                if mids:
+                    ack(mids)
             await store.flush()
             wcpu = _thread_cpu(writer.native_id) - wc0 if writer is not None else 0.0
             dt = time.perf_counter() - t0
@@ -114,10 +124,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="put_many calls in flight at most (1: a commit per put)")
     ap.add_argument("--ack-every", type=int, default=1,
                     help="batches whose mids each device acks at once")
+    ap.add_argument("--ack-lag", type=int, default=0,
+                    help="acks held back until this many more batches were put")
     args = ap.parse_args(argv)
     asyncio.run(run(args.store, args.messages, args.size, batch=args.batch,
                     synchronous=args.synchronous, devices=args.devices,
-                    inflight_most=args.inflight, ack_every=args.ack_every))
+                    inflight_most=args.inflight, ack_every=args.ack_every,
+                    ack_lag=args.ack_lag))
     return 0
 
 
