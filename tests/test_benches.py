@@ -236,3 +236,21 @@ def test_the_per_device_and_group_benches_split_off_the_loop_s_part(bench, args,
     whole = float(rows[0][4 if bench == "group_send.py" else 3])
     loop = float(rows[0][-1])
     assert 0 < loop < whole, proc.stdout
+
+
+def test_store_put_ack_holds_a_group_s_acks_back_a_batch() -> None:
+    # --ack-lag 1: each batch's acks come with the put after the next, as a
+    # group's members' acks reach the relay's writer; the spacks of two
+    # batches are then live at every commit, and the WAL takes about twice
+    # the frames a commit (an --ack-lag the bench ignored writes the same)
+    written = {}
+    for lag in ("0", "1"):
+        proc = _bench("store_put_ack.py", "--devices", "10", "--batch", "64", "--inflight",
+                      "1", "--synchronous", "FULL", "--messages", "6400", "--ack-lag", lag,
+                      timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        m = re.search(r"commits (\d+), written (\d+) B a message", proc.stdout)
+        assert m, proc.stdout
+        assert int(m.group(1)) >= 100, proc.stdout  # a commit a batch
+        written[lag] = int(m.group(2))
+    assert 1.5 * written["0"] < written["1"] < 2.5 * written["0"], written
