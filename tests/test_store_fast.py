@@ -313,35 +313,44 @@ def _mids(*ms: int) -> bytes:
     return array.array("q", ms).tobytes()
 
 
+def _pack(first: int, *rest: int) -> list:
+    """A pack row of device 1 holding mids ``first, *rest``."""
+    return [1, first, (rest or (first,))[-1], 1 + len(rest), 10, 99, _mids(first, *rest),
+            b"data"]
+
+
+def _spack(first: int, *rest: int) -> list:
+    """A spack row holding mids ``first, *rest``."""
+    every = (first, *rest)
+    return [first, every[-1], len(every), 10, 99, _mids(*every),
+            array.array("i", [1] * len(every)).tobytes(), _mids(*[99] * len(every)), b"d"]
+
+
 @pytest.mark.parametrize("way", _ways())
 def test_a_failing_common_transaction_rolls_back_and_says_why(tmp_path, way):
     conn, fast = _blank(tmp_path, way)
     mids = _mids
 
-    def pack(first: int, *rest: int) -> list:
-        return [1, first, (rest or (first,))[-1], 1 + len(rest), 10, 99, mids(first, *rest),
-                b"data"]
-
     def packs() -> list:
         return conn.execute("SELECT dev, first FROM packs ORDER BY 2").fetchall()
 
-    assert fast.run([], pack(5, 6) + pack(7) + pack(8, 9), 7, True, True) == []
+    assert fast.run([], _pack(5, 6) + _pack(7) + _pack(8, 9), 7, True, True) == []
     assert not conn.in_transaction
     # the same pack again: the primary key refuses it, nothing stays half-done
     with pytest.raises(sqlite3.IntegrityError) as excinfo:
-        fast.run([1, mids(5, 6)], pack(20) + pack(7), -1, True, True)
+        fast.run([1, mids(5, 6)], _pack(20) + _pack(7), -1, True, True)
     # the primary code's name (the sqlite3 module may add the extended one's)
     assert excinfo.value.sqlite_errorname.startswith("SQLITE_CONSTRAINT")
     assert not conn.in_transaction
     assert packs() == [(1, 5), (1, 7), (1, 8)]
     # acks walked pack by pack: two whole packs, then one that stops short
     # (part of a pack) and one that finds none; the rows wait for the caller
-    assert fast.run([1, mids(5, 6, 7), 1, mids(8), 2, mids(5)], pack(30), 31, True,
+    assert fast.run([1, mids(5, 6, 7), 1, mids(8), 2, mids(5)], _pack(30), 31, True,
                     True) == [(1, 0), (2, 0)]
     assert conn.in_transaction
     assert packs() == [(1, 8)]
     # ... which applies the rest, then finishes with a second call
-    assert fast.run([], pack(30), 31, False, True) == []
+    assert fast.run([], _pack(30), 31, False, True) == []
     assert not conn.in_transaction
     assert packs() == [(1, 8), (1, 30)]
     assert conn.execute("SELECT v FROM meta WHERE k = 'next_mid'").fetchone() == (31,)
@@ -355,7 +364,7 @@ def test_a_failing_common_transaction_rolls_back_and_says_why(tmp_path, way):
     assert fast.run([1, mids(30)], [], -1, True, False) == []
     assert conn.in_transaction
     with pytest.raises(sqlite3.IntegrityError):
-        fast.run([], pack(40) + pack(40), -1, False, True)
+        fast.run([], _pack(40) + _pack(40), -1, False, True)
     assert not conn.in_transaction
     assert packs() == [(1, 8), (1, 30)]
     with pytest.raises(fastroute.errors.WrongType):
@@ -379,11 +388,6 @@ def test_whole_shares_in_order_are_dropped_and_the_rest_left(tmp_path, way):
     conn, fast = _blank(tmp_path, way)
     mids = _mids
 
-    def spack(first: int, *rest: int) -> list:
-        every = (first, *rest)
-        return [first, every[-1], len(every), 10, 99, mids(*every),
-                array.array("i", [1] * len(every)).tobytes(), mids(*[99] * len(every)), b"d"]
-
     def share(dev: int, first: int, held: bytes | None, last: int) -> list:
         return [dev, first, last, 1, 10, 99, held]
 
@@ -394,7 +398,7 @@ def test_whole_shares_in_order_are_dropped_and_the_rest_left(tmp_path, way):
     # each (mids NULL), device 2 only 11 and 12 of spack 10 (a rewritten share)
     rows = (share(1, 10, None, 12) + share(1, 20, None, 21) + share(1, 30, None, 30)
             + share(2, 10, mids(11, 12), 12))
-    assert fast.run([], [], -1, True, True, spack(10, 11, 12) + spack(20, 21) + spack(30),
+    assert fast.run([], [], -1, True, True, _spack(10, 11, 12) + _spack(20, 21) + _spack(30),
                     rows) == []
     assert len(shares()) == 4
     with pytest.raises(fastroute.errors.InvalidArgument, match="transaction"):
@@ -428,12 +432,12 @@ def test_whole_shares_in_order_are_dropped_and_the_rest_left(tmp_path, way):
     assert len(shares()) == 4  # nothing was written by the refused calls
     # a spack or share row of the wrong shape or type writes nothing
     with pytest.raises(fastroute.errors.InvalidArgument):
-        fast.run([], [], -1, True, True, spack(40)[:-1], [])
+        fast.run([], [], -1, True, True, _spack(40)[:-1], [])
     with pytest.raises(fastroute.errors.WrongType):
         fast.run([], [], -1, True, True, [], share(1, 40, "text", 40))
     # a share for a key already there: refused, and its spack with it
     with pytest.raises(sqlite3.IntegrityError):
-        fast.run([], [], -1, True, True, spack(40), share(1, 40, None, 40) * 2)
+        fast.run([], [], -1, True, True, _spack(40), share(1, 40, None, 40) * 2)
     assert not conn.in_transaction
     assert conn.execute("SELECT first FROM spacks ORDER BY 1").fetchall() == [(10,), (20,), (30,)]
     fast.close()
@@ -447,15 +451,6 @@ def test_a_walk_takes_packs_and_shares_as_they_come(tmp_path, way):
     conn, fast = _blank(tmp_path, way)
     mids = _mids
 
-    def pack(first: int, *rest: int) -> list:
-        return [1, first, (rest or (first,))[-1], 1 + len(rest), 10, 99, mids(first, *rest),
-                b"data"]
-
-    def spack(first: int, *rest: int) -> list:
-        every = (first, *rest)
-        return [first, every[-1], len(every), 10, 99, mids(*every),
-                array.array("i", [1] * len(every)).tobytes(), mids(*[99] * len(every)), b"d"]
-
     def share(dev: int, first: int, last: int) -> list:
         return [dev, first, last, 1, 10, 99, None]
 
@@ -466,7 +461,7 @@ def test_a_walk_takes_packs_and_shares_as_they_come(tmp_path, way):
 
     # device 1: pack 5 (5, 6), its share of spack 10 (10, 11), pack 20, its
     # share of spack 30 (30); device 2: its shares of spacks 10 and 30
-    assert fast.run([], pack(5, 6) + pack(20), -1, True, True, spack(10, 11) + spack(30),
+    assert fast.run([], _pack(5, 6) + _pack(20), -1, True, True, _spack(10, 11) + _spack(30),
                     share(1, 10, 11) + share(2, 10, 11) + share(1, 30, 30)
                     + share(2, 30, 30)) == []
     # without shares the walk stops at the first share, as before
@@ -474,14 +469,14 @@ def test_a_walk_takes_packs_and_shares_as_they_come(tmp_path, way):
     conn.execute("ROLLBACK")
     # with them it takes either kind as it comes, and records the shares
     walked: list = []
-    assert fast.run([1, mids(5, 6, 10, 11, 20, 30), 2, mids(10, 11)], pack(40), 41, True,
+    assert fast.run([1, mids(5, 6, 10, 11, 20, 30), 2, mids(10, 11)], _pack(40), 41, True,
                     True, shares=walked) == []
     assert walked == [0, 10, 2, 0, 30, 1, 1, 10, 2]
     # a share was deleted: nothing after the drops, the transaction handed back
     assert conn.in_transaction
     assert rows() == ([], [(2, 30)], [(10,), (30,)])
     # the caller's second call: the spacks no device holds, the new rows, COMMIT
-    assert fast.run([], pack(40), 41, False, True, [], [], [10]) == []
+    assert fast.run([], _pack(40), 41, False, True, [], [], [10]) == []
     assert not conn.in_transaction
     assert rows() == ([(1, 40)], [(2, 30)], [(30,)])
     assert conn.execute("SELECT v FROM meta WHERE k = 'next_mid'").fetchone() == (41,)
