@@ -34,7 +34,7 @@ import sqlite3
 import sys
 import threading
 import time
-from typing import (TYPE_CHECKING, Any, Callable, Iterable, Iterator, Protocol, Sequence,
+from typing import (TYPE_CHECKING, Callable, Iterable, Iterator, Protocol, Sequence,
                     runtime_checkable)
 
 import msgpack
@@ -1728,7 +1728,7 @@ class SqliteStore(_BaseStore):
         assert fast is not None
         # a device with a row acked in part: the row no longer has the mids
         # it lists, so the general path applies its acks
-        held: Any = ()
+        held: set[int] | tuple = ()
         if partial or spartial:
             held = {key for key, _ in partial} | {key for key, _ in spartial}
         drops, tried = _ack_drops(acks, held)
@@ -1753,12 +1753,13 @@ class SqliteStore(_BaseStore):
                 spartial: dict, sgone: dict, walked: tuple | None = None,
                 dead: list | None = None) -> None:
         """Apply ``acks`` (device key -> mids) and ``forgets`` (device keys)
-        inside the open transaction.  ``walked``: shares a compiled walk
-        already deleted, ``(flat index, first, n, keys, acks)`` as
-        :meth:`PySqlFast.run` gives them with the drops' keys and the acks
-        they came from: their messages are released here.  ``dead``: a list
-        that takes the keys of the spacks no device holds anything of now
-        (the caller deletes them); without it they are deleted here."""
+        inside the open transaction.  ``walked``: the shares a compiled walk
+        already deleted, ``(shares, keys, acks)``: ``shares`` flat ``index,
+        first, n`` as :meth:`PySqlFast.run` gives them, ``keys`` the drops'
+        device keys by index, ``acks`` the mids they came from; their
+        messages are released here.  ``dead``: a list that takes the keys of
+        the spacks no device holds anything of now (the caller deletes
+        them); without it they are deleted here."""
         touched: set[int] = set()
         counts = self._counts
         gone: dict[int, list[int]] = {}  # spack -> its messages no device holds now
@@ -2453,10 +2454,11 @@ class PySqlFast:
             shares: list | None = None) -> list[tuple[int, int]]:
         """BEGIN (when ``begin``); apply ``drops``, flat ``key, mids blob``
         pairs (a device's acked mids, int64s); then, if every drop was
-        applied whole by packs, delete the spacks keyed by ``spack_drops``
-        (ints), insert ``spack_rows``, ``share_rows`` and ``pack_rows``
-        (flat, :func:`py_sql_rows`' layout), set meta's ``next_mid`` to
-        ``mark`` unless it is negative, and COMMIT (when ``commit``).
+        applied whole and no share deleted (see below), delete the spacks
+        keyed by ``spack_drops`` (ints), insert ``spack_rows``,
+        ``share_rows`` and ``pack_rows`` (flat, :func:`py_sql_rows`' layout),
+        set meta's ``next_mid`` to ``mark`` unless it is negative, and COMMIT
+        (when ``commit``).
 
         A drop's mids are walked pack by pack: while the device has a pack
         whose first mid is the next acked one and whose mids all come next,

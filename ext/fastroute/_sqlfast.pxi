@@ -411,10 +411,11 @@ cdef class SqlFast:
             list shares=None):
         """BEGIN (when ``begin``); apply ``drops``, flat ``key, mids blob``
         pairs (a device's acked mids, int64s); then, if every drop was
-        applied whole by packs, delete the spacks keyed by ``spack_drops``
-        (ints), insert ``spack_rows``, ``share_rows`` and ``pack_rows``
-        (flat, :func:`py_sql_rows`' layout), set meta's ``next_mid`` to
-        ``mark`` unless it is negative, and COMMIT (when ``commit``).
+        applied whole and no share deleted (see below), delete the spacks
+        keyed by ``spack_drops`` (ints), insert ``spack_rows``,
+        ``share_rows`` and ``pack_rows`` (flat, :func:`py_sql_rows`' layout),
+        set meta's ``next_mid`` to ``mark`` unless it is negative, and COMMIT
+        (when ``commit``).
 
         A drop's mids are walked pack by pack: while the device has a pack
         whose first mid is the next acked one and whose mids all come next,
