@@ -10,10 +10,9 @@ relay does for recipients that keep up (``--ack-every K``: the mids of K batches
 in one ack, as a receiver that acks what one read brought).  ``--inflight 1
 --batch 50 --ack-every 5`` is what a relay's writer sees under a 10-device group's
 fan-out: a commit per put, each device acking ~250 mids at a time.  ``--ack-lag L``
-holds each ack back until L more batches were put: in a relay, a group member's
-ack of one window usually comes after the sender's next window was handed to the
-writer (``--devices 10 --batch 64 --inflight 1 --ack-lag 1``), and the spacks of
-two windows are then live at every commit, not one.
+holds each ack back until L more batches were put (``--devices 10 --batch 64
+--inflight 1 --ack-lag 1``: the spacks of two batches are live at every commit, not
+one, and the WAL takes twice the frames).
 Prints messages/s, CPU seconds of the whole process (event loop plus writer
 thread) and of the SQLite store's writer thread alone, commits and bytes handed
 to write calls a message (Linux: ``/proc/self/io``); a ratio against ``--store

@@ -239,10 +239,10 @@ def test_the_per_device_and_group_benches_split_off_the_loop_s_part(bench, args,
 
 
 def test_store_put_ack_holds_a_group_s_acks_back_a_batch() -> None:
-    # --ack-lag 1: each batch's acks come with the put after the next, as a
-    # group's members' acks reach the relay's writer; the spacks of two
-    # batches are then live at every commit, and the WAL takes about twice
-    # the frames a commit (an --ack-lag the bench ignored writes the same)
+    # --ack-lag 1: each batch's acks come with the put after the next; the
+    # spacks of two batches are then live at every commit, and the WAL takes
+    # about twice the frames a commit (an --ack-lag the bench ignored writes
+    # the same)
     written = {}
     for lag in ("0", "1"):
         proc = _bench("store_put_ack.py", "--devices", "10", "--batch", "64", "--inflight",
