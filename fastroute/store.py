@@ -1819,10 +1819,12 @@ class SqliteStore(_BaseStore):
             _execute_in(conn, _SQL_ORPHAN, [], sorted(touched))
 
     @staticmethod
-    def _release_walked(walked: list, keys: list, acks: dict, release) -> None:
+    def _release_walked(walked: list, keys: list, acks: dict, release) -> dict[int, int]:
         """Release the messages of the shares a compiled walk deleted:
         ``walked`` flat ``index, first, n`` (``index`` the drop's, its key in
-        ``keys``), each share's mids the next ``n`` of its device's acks."""
+        ``keys``), each share's mids the next ``n`` of its device's acks.
+        Returns, by drop index, where its last share's mids end in its acks."""
+        ends: dict[int, int] = {}
         at = 0
         last = -1
         for i in range(0, len(walked), 3):
@@ -1837,6 +1839,8 @@ class SqliteStore(_BaseStore):
                 at = mids.index(first, at)
             release(first, mids[at:at + n])
             at += n
+            ends[index] = at
+        return ends
 
     def _drop_shares(self, acks: dict, spartial: dict, release) -> dict:
         """The devices' acks of whole shares, in order (a group member's
@@ -1854,15 +1858,10 @@ class SqliteStore(_BaseStore):
         if not drops:
             return acks
         rest = dict(acks)
-        for key, done in zip(keys, fast.drop_shares(drops)):
-            if done:
-                mids = acks[key]
-                at = 0
-                for i in range(0, len(done), 2):
-                    n = done[i + 1]
-                    release(done[i], mids[at:at + n])
-                    at += n
-                rest[key] = mids[at:]
+        # a walk of shares alone: each device's start at the head of its acks
+        for index, end in self._release_walked(fast.drop_shares(drops), keys, acks,
+                                               release).items():
+            rest[keys[index]] = acks[keys[index]][end:]
         return rest
 
     def _expire(self, conn: sqlite3.Connection, now_ms: int, bound: int, partial: dict,
@@ -2538,7 +2537,7 @@ class PySqlFast:
             self.handed_back += 1
         return missed
 
-    def drop_shares(self, drops: list) -> list[list[int]]:
+    def drop_shares(self, drops: list) -> list[int]:
         """Apply ``drops``, flat ``key, mids blob`` pairs (a device's acked
         mids, int64s), to the devices' shares, inside the caller's open
         transaction.
@@ -2546,11 +2545,12 @@ class PySqlFast:
         A drop's mids are walked share by share, as :meth:`run` walks packs:
         while the device has a share keyed by the next acked mid whose mids
         (its spack's, when it lists none) all come next, in order, that
-        share is deleted.  Returns, for each drop, the shares deleted as
-        flat ``first, n`` pairs (``n`` its mids), in order: the caller
-        releases their messages' counts and applies the rest of the drop's
-        mids.  A value of the wrong type raises before anything is written;
-        an SQLite error raises, and the caller rolls back.
+        share is deleted.  Returns the shares deleted, in order, flat
+        ``index, first, n`` (the drop's index, the share's key, its mids) as
+        :meth:`run` records them: the caller releases their messages' counts
+        and applies the rest of the drops' mids.  A value of the wrong type
+        raises before anything is written; an SQLite error raises, and the
+        caller rolls back.
         """
         conn = self._conn
         if conn is None:
@@ -2566,13 +2566,10 @@ class PySqlFast:
                 raise InvalidArgument("a drop's mids are int64s")
         if not conn.in_transaction:
             raise InvalidArgument("drop_shares runs inside a transaction")
-        out = []
-        for key, blob in pairs:
-            done: list[int] = []
-            self._walk(conn, [(self.SQL_SFIND, self.SQL_SDROP)], key, blob, done, 0)
-            # index, first, n -> first, n
-            out.append([v for i in range(0, len(done), 3) for v in done[i + 1:i + 3]])
-        return out
+        done: list[int] = []
+        for i, (key, blob) in enumerate(pairs):
+            self._walk(conn, [(self.SQL_SFIND, self.SQL_SDROP)], key, blob, done, i)
+        return done
 
     @staticmethod
     def _walk(conn: sqlite3.Connection, kinds: list, key: int, blob: bytes, done: list,

@@ -235,6 +235,20 @@ cdef inline int _blob_ptr(object value, const char** ptr, int* n) except -1:
     return 0
 
 
+cdef Py_ssize_t _read_drops(list drops, Py_ssize_t n, SqDrop* dr) except -1:
+    # the drops' pairs (key, mids blob) read into dr, with the GIL (the
+    # blobs stay alive in the caller's list); returns the mids in all
+    cdef Py_ssize_t i, mids = 0
+    for i in range(n):
+        dr[i].key = drops[2 * i]
+        _blob_ptr(drops[2 * i + 1], &dr[i].mids, &dr[i].nbytes)
+        if dr[i].nbytes % 8:
+            raise InvalidArgument("a drop's mids are int64s")
+        dr[i].at = 0
+        mids += dr[i].nbytes // 8
+    return mids
+
+
 cdef inline int _step_done(fr_sq_stmt* st) noexcept nogil:
     cdef int rc = fr_sq.step(st)
     fr_sq.reset(st)
@@ -480,13 +494,7 @@ cdef class SqlFast:
             _read_rows(share_rows, nshare, SHARE_COLS, SHARE_INTS, True, sh)
             for i in range(nkill):
                 kill[i] = spack_drops[i]
-            for i in range(ndrop):
-                dr[i].key = drops[2 * i]
-                _blob_ptr(drops[2 * i + 1], &dr[i].mids, &dr[i].nbytes)
-                if dr[i].nbytes % 8:
-                    raise InvalidArgument("a drop's mids are int64s")
-                dr[i].at = 0
-                nout += dr[i].nbytes // 8
+            nout = _read_drops(drops, ndrop, dr)
             for i in range(npack):
                 for j in range(PACK_INTS):
                     pk[i].ints[j] = pack_rows[PACK_COLS * i + j]
@@ -564,13 +572,13 @@ cdef class SqlFast:
     def drop_shares(self, list drops):
         """Apply ``drops``, flat ``key, mids blob`` pairs (a device's acked
         mids, int64s), to the devices' shares, inside the caller's open
-        transaction, without the GIL; return, for each drop, the shares
-        deleted as flat ``first, n`` pairs (see
+        transaction, without the GIL; return the shares deleted as flat
+        ``index, first, n`` (as :meth:`run` records them; see
         ``fastroute.store.PySqlFast.drop_shares``).  On an SQLite error the
         sqlite3 module's exception for it is raised (as :meth:`run` raises
         it) and the caller rolls back.
         """
-        cdef Py_ssize_t ndrop, i, j, nout = 0
+        cdef Py_ssize_t ndrop, i, nout = 0
         cdef SqDrop* dr = NULL
         cdef int64_t* done = NULL   # index, first, n for each share deleted, in order
         cdef int rc = FR_SQ_OK
@@ -583,13 +591,7 @@ cdef class SqlFast:
             dr = <SqDrop*>PyMem_Malloc(sizeof(SqDrop) * (ndrop + 1))
             if dr == NULL:
                 raise MemoryError()
-            for i in range(ndrop):
-                dr[i].key = drops[2 * i]
-                _blob_ptr(drops[2 * i + 1], &dr[i].mids, &dr[i].nbytes)
-                if dr[i].nbytes % 8:
-                    raise InvalidArgument("a drop's mids are int64s")
-                dr[i].at = 0
-                nout += dr[i].nbytes // 8
+            nout = _read_drops(drops, ndrop, dr)
             if fr_sq.get_autocommit(self.db):
                 raise InvalidArgument("drop_shares runs inside a transaction")
             # at most one share a mid
@@ -605,12 +607,7 @@ cdef class SqlFast:
                     i += 1
             if rc != FR_SQ_OK:
                 raise _sq_error(self.db, rc)
-            out = [[] for i in range(ndrop)]
-            for j in range(nout):
-                pairs = out[done[3 * j]]
-                pairs.append(done[3 * j + 1])
-                pairs.append(done[3 * j + 2])
-            return out
+            return [done[i] for i in range(3 * nout)]
         finally:
             PyMem_Free(dr)
             PyMem_Free(done)
