@@ -15,7 +15,8 @@
 # first key, which leaves a dummy that every later "first key" walks past:
 # quadratic once the window is full.  Here an entry is one 48-byte slot in a
 # ring (oldest at ``tail``, newest at ``head - 1``), found through an
-# open-addressing index of slot numbers; eviction pops the tail.
+# open-addressing index of ring positions; eviction pops the tail and leaves
+# the index alone (its entry is stale from then on, and swept out later).
 #
 # Ownership: a live slot holds one strong reference to its sender (an exact
 # str, so comparing senders never runs Python code); the ids are copied in.
@@ -67,6 +68,15 @@ cdef enum:
     # _gate.pxi: enough misses in flight to overlap, few enough that the
     # lines are still cached when probed
     DEDUP_BATCH = 16
+    # index positions swept for stale entries per position the ring's tail
+    # advances (see DedupTable._sweep): a lap of the index every
+    # 2 * cap / DEDUP_SWEEP evictions, so about cap / 2 stale entries at most
+    # (a full window of a million: ~260,000 on average, the index ~60 % full)
+    DEDUP_SWEEP = 4
+    # ... in runs of this many positions (64 lines; a 16th of a small
+    # table's index): a run is read ahead as a stream, where a line at a
+    # time would wait for each
+    DEDUP_SWEEP_RUN = 512
 
 
 cdef struct DSlot:
@@ -171,6 +181,9 @@ cdef inline Py_hash_t dedup_hash(object sender, object cid) except? -1:
 
 cdef uint64_t DEDUP_SLOT_MASK = 0xffffffffULL
 cdef uint64_t DEDUP_TAG_MASK = 0xffffffff00000000ULL
+# an index entry's low 32 bits: its entry's ring position modulo 2**31, + 1
+# (0 is an empty position); the ring has at most 2**30 slots
+cdef uint64_t DEDUP_POS_MASK = 0x7fffffffULL
 
 
 cdef inline uint64_t dedup_tag(Py_hash_t h) noexcept:
@@ -200,11 +213,16 @@ cdef class DedupTable:
     cdef Py_ssize_t cap          # ring slots, a power of two
     cdef long long head, tail    # logical ring positions
     cdef Py_ssize_t live
-    # 2 * cap entries: the hash's low 32 bits << 32 | slot + 1; 0 = empty.
-    # Probing compares those hash bits here, so a lookup touches a slot (one
-    # more cache miss in a table of a million) only when they match.
+    # 2 * cap entries: the hash's low 32 bits << 32 | ring position + 1 (see
+    # DEDUP_POS_MASK); 0 = empty.  Probing compares those hash bits here, so
+    # a lookup touches a slot (one more cache miss in a table of a million)
+    # only when they match.  An entry whose position the tail has passed is
+    # stale: an evicted id's, left in place (evicting touches only the ring,
+    # read in order, not the index at random) until _sweep takes it out.
     cdef uint64_t* index
     cdef Py_ssize_t imask
+    cdef Py_ssize_t _sweep_at     # where the sweep goes on in the index
+    cdef long long _swept_tail    # the tail it has kept up with
     cdef readonly double window_s
     cdef readonly Py_ssize_t max_entries
     cdef dict _waiters
@@ -219,7 +237,6 @@ cdef class DedupTable:
     cdef bint _warming
     cdef long long _warm_gen
     cdef list _retired
-    cdef uint64_t _touched  # c_prefetch_evictions' loads land here
 
     def __cinit__(self, double window_s=600.0, Py_ssize_t max_entries=1_000_000,
                   clock=None, bint presize=False):
@@ -272,6 +289,8 @@ cdef class DedupTable:
         self.cap = cap
         self.imask = 2 * cap - 1
         self.head = self.tail = 0
+        self._sweep_at = 0
+        self._swept_tail = 0
         return 0
 
     def __len__(self):
@@ -287,7 +306,7 @@ cdef class DedupTable:
     cdef inline Py_ssize_t _find_p(self, object sender, const char* c, Py_hash_t h,
                                    Py_ssize_t* at) except -2:
         """:meth:`_find` of the 16 id bytes at ``c`` (a frame's, read in place)."""
-        cdef Py_ssize_t i = <Py_ssize_t>(<size_t>h & <size_t>self.imask)
+        cdef Py_ssize_t i = <Py_ssize_t>(<size_t>h & <size_t>self.imask), slot
         cdef uint64_t v, tag = dedup_tag(h)
         cdef DSlot* s
         while True:
@@ -295,18 +314,41 @@ cdef class DedupTable:
             if v == 0:
                 at[0] = i
                 return -1
-            if (v & DEDUP_TAG_MASK) == tag:
-                s = &self.slots[<Py_ssize_t>(v & DEDUP_SLOT_MASK) - 1]
+            # a stale entry's slot may hold a newer id, or none: not read
+            if (v & DEDUP_TAG_MASK) == tag and not self._stale(v):
+                slot = self._slot_of(v)
+                s = &self.slots[slot]
                 if s.hash == h and memcmp(s.cid, c, 16) == 0 and (
                         s.sender == <PyObject*>sender
                         or PyUnicode_Compare(<object>s.sender, sender) == 0):
                     at[0] = i
-                    return <Py_ssize_t>(v & DEDUP_SLOT_MASK) - 1
+                    return slot
             i = (i + 1) & self.imask
 
-    cdef Py_ssize_t _index_of(self, Py_ssize_t slot) noexcept:
-        cdef Py_ssize_t i = <Py_ssize_t>(<size_t>self.slots[slot].hash & <size_t>self.imask)
-        while (self.index[i] & DEDUP_SLOT_MASK) != <uint64_t>(slot + 1):
+    cdef inline uint64_t _value(self, long long pos, Py_hash_t h) noexcept:
+        """The index entry of the id of hash ``h`` at ring position ``pos``."""
+        return dedup_tag(h) | ((<uint64_t>pos & DEDUP_POS_MASK) + 1)
+
+    cdef inline Py_ssize_t _slot_of(self, uint64_t v) noexcept:
+        return <Py_ssize_t>(((v & DEDUP_SLOT_MASK) - 1) & <uint64_t>(self.cap - 1))
+
+    cdef inline bint _stale(self, uint64_t v) noexcept:
+        """Whether the (non-empty) entry ``v`` is behind the tail: evicted.
+
+        Positions are compared modulo 2**31: a live one is less than
+        ``head - tail`` (at most 2**30) past the tail, and a stale one is
+        swept out within a lap of the sweep (cap / 2 evictions), long
+        before it is 2**30 behind it.
+        """
+        return (((v & DEDUP_SLOT_MASK) - 1 - <uint64_t>self.tail) & DEDUP_POS_MASK) \
+            >= <uint64_t>(self.head - self.tail)
+
+    cdef Py_ssize_t _index_of(self, long long pos) noexcept:
+        """The index position of the live entry at ring position ``pos``."""
+        cdef Py_hash_t h = self.slots[pos & (self.cap - 1)].hash
+        cdef Py_ssize_t i = <Py_ssize_t>(<size_t>h & <size_t>self.imask)
+        cdef uint64_t v = self._value(pos, h)
+        while self.index[i] != v:
             i = (i + 1) & self.imask
         return i
 
@@ -345,8 +387,9 @@ cdef class DedupTable:
         """Move the (live, pending) tail entry to the young end."""
         cdef Py_ssize_t p = <Py_ssize_t>(self.tail & (self.cap - 1))
         cdef Py_ssize_t q = <Py_ssize_t>(self.head & (self.cap - 1))
+        # its index entry names its new position, in place (no entry moves)
+        self.index[self._index_of(self.tail)] = self._value(self.head, self.slots[p].hash)
         if p != q:  # else the ring is full and the slot already is the young end
-            self.index[self._index_of(p)] = dedup_tag(self.slots[p].hash) | <uint64_t>(q + 1)
             self.slots[q] = self.slots[p]
             self.slots[p].sender = NULL
             self.slots[p].has_waiters = 0
@@ -357,14 +400,64 @@ cdef class DedupTable:
 
     cdef bint _retire_oldest(self) noexcept:
         """Drop the (live) tail entry if it is decided and return True; a
-        pending one moves to the young end instead (False)."""
-        cdef Py_ssize_t p = <Py_ssize_t>(self.tail & (self.cap - 1))
-        if self.slots[p].code == DEDUP_PENDING:
+        pending one moves to the young end instead (False).
+
+        The dropped entry's index entry stays, stale once the tail is past
+        it (see :meth:`_sweep`): finding it would be one more read of the
+        index at random, a cache miss an insert in a full window of a million.
+        """
+        cdef DSlot* s = &self.slots[self.tail & (self.cap - 1)]
+        cdef PyObject* sender
+        if s.code == DEDUP_PENDING:
             self._rotate()
             return False
-        self._drop(p, self._index_of(p))
+        sender = s.sender
+        s.sender = NULL
+        s.has_waiters = 0
+        self.live -= 1
         self.tail += 1
+        Py_DECREF(<object>sender)  # a str: no code runs
         return True
+
+    cdef void _sweep(self) noexcept:
+        """Take stale entries out of the index, ``DEDUP_SWEEP`` positions
+        for each position the tail moved since the last sweep.
+
+        The sweep goes round the index in order, in runs read ahead: a stale
+        entry is gone within a lap, 2 * cap / DEDUP_SWEEP evictions, so
+        about cap / 2 at most are left and probes stay short.  In the
+        relay at a full window of a million this cost less than the random
+        read of the index that finding each evicted entry took (a bench's
+        A/B, not a single-threaded loop of inserts, where that read hid
+        behind the probe's own miss).  It shifts entries back (:meth:`_unindex`):
+        an empty position found before a sweep may no longer be the first
+        on its probe path, so it runs only after an insert, or after
+        evictions with none to follow.
+        """
+        cdef long long due = self.tail - self._swept_tail
+        cdef Py_ssize_t n, c = self._sweep_at, imask = self.imask
+        cdef uint64_t v
+        # _stale's test, with what it reads held here (_unindex changes
+        # neither the ring's ends nor where the index is)
+        cdef uint64_t tail = <uint64_t>self.tail, span = <uint64_t>(self.head - self.tail)
+        cdef uint64_t pos_mask = DEDUP_POS_MASK, slot_mask = DEDUP_SLOT_MASK
+        cdef uint64_t* index = self.index
+        n = imask + 1
+        if due < n // DEDUP_SWEEP:
+            n = <Py_ssize_t>due * DEDUP_SWEEP
+        if n < DEDUP_SWEEP_RUN and n < (imask + 1) >> 4:
+            return  # a run's worth is not due yet
+        self._swept_tail = self.tail
+        while n > 0:
+            if (c & 7) == 0:
+                fr_prefetch(&index[(c + 256) & imask])
+            v = index[c]
+            if v != 0 and (((v & slot_mask) - 1 - tail) & pos_mask) >= span:
+                self._unindex(c)  # what followed it may now be at c: look again
+                continue
+            c = (c + 1) & imask
+            n -= 1
+        self._sweep_at = c
 
     cdef int _grow(self) except -1:
         cdef DSlot* old = self.slots
@@ -395,7 +488,7 @@ cdef class DedupTable:
             i = <Py_ssize_t>(<size_t>s.hash & <size_t>self.imask)
             while self.index[i] != 0:
                 i = (i + 1) & self.imask
-            self.index[i] = dedup_tag(s.hash) | <uint64_t>(self.head + 1)
+            self.index[i] = self._value(self.head, s.hash)
             self.head += 1
         if self._warming:
             # a worker may be faulting pages of the old arrays in right now
@@ -415,7 +508,9 @@ cdef class DedupTable:
 
     cdef int _make_room(self) except -1:
         """Evict or grow as needed before an insert; 1 if that moved index
-        entries (an empty position found before is then stale), else 0."""
+        entries (an empty position found before is then stale), else 0:
+        evictions leave their entries in place and a rotation rewrites its
+        own, so only growing does."""
         cdef Py_ssize_t budget
         cdef int moved = 0
         # a bounded step per insert: pending entries at the tail are rotated,
@@ -426,9 +521,7 @@ cdef class DedupTable:
         while self.live >= self.max_entries and budget > 0:
             budget -= 1
             self._skip_holes()
-            # a rotation rewrites an index entry in place; a drop shifts others
-            if self._retire_oldest():
-                moved = 1
+            self._retire_oldest()
         self._skip_holes()
         if self.head - self.tail >= self.cap:
             self._grow()
@@ -447,7 +540,7 @@ cdef class DedupTable:
         cdef Py_ssize_t q
         cdef DSlot* s
         if self._make_room():
-            self._find_p(sender, cid, h, &at)  # eviction or growth moved entries
+            self._find_p(sender, cid, h, &at)  # growth moved entries
         q = <Py_ssize_t>(self.head & (self.cap - 1))
         s = &self.slots[q]
         Py_INCREF(sender)
@@ -457,9 +550,10 @@ cdef class DedupTable:
         s.code = code
         s.has_waiters = 0
         memcpy(s.cid, cid, 16)
-        self.index[at] = dedup_tag(h) | <uint64_t>(q + 1)
+        self.index[at] = self._value(self.head, h)
         self.head += 1
         self.live += 1
+        self._sweep()  # after the insert: it may shift entries back past ``at``
         if self.head >= self._warm_at:
             self._ask_warm()
         return q
@@ -487,38 +581,11 @@ cdef class DedupTable:
         fr_prefetch(&self.index[i])
         fr_prefetch(&self.index[(i + 7) & self.imask])
 
-    cdef void c_prefetch_evictions(self, Py_ssize_t n) noexcept:
-        """Load the index lines of the ``n`` oldest entries when the next
-        ``n`` inserts would evict them: a full window drops its oldest entry
-        per insert, and finding that entry's index position is one more
-        random read (the ring itself is read in order).
-
-        Loaded, not prefetched: this loop's prefetches come in a burst, more
-        than the core keeps misses in flight, and in a profile the evictions
-        still waited for most of these lines one by one (~25 ns an insert in
-        a bench of accept_sends on a full window of a million).  Loads wait
-        for a free slot instead, and the loop's independent loads overlap.
-        """
-        cdef long long pos
-        cdef DSlot* s
-        cdef Py_ssize_t i
-        cdef uint64_t seen = 0
-        if self.live + n <= self.max_entries:
-            return
-        for pos in range(self.tail, min(self.head, self.tail + n)):
-            s = &self.slots[pos & (self.cap - 1)]
-            if s.sender != NULL:
-                i = <Py_ssize_t>(<size_t>s.hash & <size_t>self.imask)
-                # the probe may run on into the next line
-                seen += self.index[i] + self.index[(i + 7) & self.imask]
-        self._touched = seen  # kept: else the compiler drops the loads
-
     cdef Py_ssize_t c_hash_ops(self, list ops, Py_ssize_t i, object sender,
                                Py_hash_t* hashes) except -1:
         """Hash the ids of up to DEDUP_BATCH ops from ``ops[i]`` on into
-        ``hashes`` and prefetch their index lines (and load those of the
-        entries their inserts evict), so that the probes of a large window
-        overlap their misses; returns where the hashed ops end.  An op is
+        ``hashes`` and prefetch their index lines, so that the probes of a
+        large window overlap their misses; returns where the hashed ops end.  An op is
         the decoders' tuple with its 16-byte id at 1; hashing stops at the
         first that is not (``i`` itself, if op ``i`` is not: the caller then
         hashes its id alone)."""
@@ -535,7 +602,6 @@ cdef class DedupTable:
             hashes[end - i] = dedup_hash(sender, e)
             self.c_prefetch(hashes[end - i])
             end += 1
-        self.c_prefetch_evictions(end - i)
         return end
 
     cdef inline Py_ssize_t c_find(self, object sender, object cid, Py_hash_t h,
@@ -823,6 +889,18 @@ cdef class DedupTable:
         total += _resident_bytes(<char*>self.index, 2 * self.cap * sizeof(uint64_t))
         return total
 
+    def _index_counts(self):
+        """``(live, stale)``: the index's entries of ids in the window and of
+        evicted ones not yet swept out (for tests)."""
+        cdef Py_ssize_t i, live = 0, stale = 0
+        for i in range(self.imask + 1):
+            if self.index[i] != 0:
+                if self._stale(self.index[i]):
+                    stale += 1
+                else:
+                    live += 1
+        return live, stale
+
     def keys(self):
         """The ``(sender, id)`` keys, oldest first (for inspection and tests)."""
         cdef long long pos
@@ -849,6 +927,7 @@ cdef class DedupTable:
             budget -= 1
             n += self._retire_oldest()
         self._skip_holes()
+        self._sweep()
         return n
 
     def __repr__(self):

@@ -316,9 +316,7 @@ def accept_sends(SendGate gate not None, LinkGate lg not None, object sends, obj
         for base in range(0, n, DEDUP_BATCH):
             # hash the next few ids and prefetch their index lines: the probes
             # below then find them cached (a bad id is left for the loop to refuse
-            # in its turn, after the ones before it are done), and in a full
-            # window those of the entries their inserts will evict
-            dedup.c_prefetch_evictions(min(n - base, <Py_ssize_t>DEDUP_BATCH))
+            # in its turn, after the ones before it are done)
             for i in range(base, min(n, base + DEDUP_BATCH)):
                 if run is not None:
                     h = dedup_hash_p(sender, run.cid_at(i))
