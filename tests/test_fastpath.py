@@ -171,6 +171,18 @@ def test_deliver_tail_matches_msgpack(size, cls):
     assert msgpack.unpackb(op) == [18, 7, "alice@example.org", MID, body, TS, cls]
 
 
+def test_deliver_tail_copies_fields_of_every_length():
+    # the compiled tail copies its fields inline, in 16-, 8-, 4- and 1-byte
+    # moves chosen by length (fr_copy): every length up to past where it
+    # hands over to memcpy, for the sender, the timestamp and the body,
+    # each byte distinct so that a move one off shows
+    for n in range(0, 300):
+        body = bytes((i * 7 + n) & 0xFF for i in range(n))
+        sender = msgpack.packb("s" * (n % 40))
+        ts = msgpack.packb(n ** 3)
+        _same(*_both(wire.py_deliver_tail), sender, MID, body, ts, n & 1)
+
+
 @pytest.mark.parametrize("cls", [-1, 2])
 def test_deliver_tail_refuses_bad_cls(cls):
     exc = _same(*_both(wire.py_deliver_tail),

@@ -653,13 +653,13 @@ cdef int draft_put(PackDraft* d, long long mid, const unsigned char* utf8, Py_ss
     k = 1
     k += put_int(p + k, mid)
     k += str_header(p + k, ulen)
-    memcpy(p + k, utf8, ulen)
+    fr_copy(p + k, utf8, ulen)
     k += ulen
     k += bin_header(p + k, clen)
-    memcpy(p + k, cid, clen)
+    fr_copy(p + k, cid, clen)
     k += clen
     k += bin_header(p + k, blen)
-    memcpy(p + k, body, blen)
+    fr_copy(p + k, body, blen)
     k += blen
     k += put_int(p + k, ts_v)
     k += put_int(p + k, exp)
