@@ -84,7 +84,7 @@ def pack_sends(bytes pool not None, Py_ssize_t at, bytes to_packed not None,
             raise RuntimeError("bodies changed while packing")
         k = PyBytes_GET_SIZE(body)
         hb = bin_header_len(k)
-        cid = PyBytes_FromStringAndSize(src + 16 * i, 16)
+        cid = fr_bytes(src + 16 * i, 16)
         op = PyBytes_FromStringAndSize(NULL, 20 + nt + hb + k + 1)
         p = <unsigned char*>PyBytes_AS_STRING(op)
         p[0] = 0x95
@@ -445,7 +445,7 @@ def pack_dsends(pool, Py_ssize_t at, messages, Py_ssize_t room):
     n = len(seq)
     for i in range(n):
         m = seq[i]
-        cid = PyBytes_FromStringAndSize(PyBytes_AS_STRING(pool) + at + 16 * i, 16)
+        cid = fr_bytes(PyBytes_AS_STRING(pool) + at + 16 * i, 16)
         ids.append(cid)
         op = None
         if (PyTuple_CheckExact(m) or PyList_CheckExact(m)) and 2 <= len(m) <= 3:
@@ -535,7 +535,7 @@ def dispatch_frame(plaintext, set addr_ok, DedupTable seen not None, object inbo
     prev_n = -1
     for i in range(n):
         parse_server_op(&c, &op, features)
-        cid = PyBytes_FromStringAndSize(<const char*>op.cid, 16)
+        cid = fr_bytes(<const char*>op.cid, 16)
         if op.kind == 17:
             entry = pending.pop(cid, None)
             if entry is None:
@@ -580,7 +580,7 @@ def dispatch_frame(plaintext, set addr_ok, DedupTable seen not None, object inbo
             dropped(client, seq)
             continue
         seen.c_record(sender, cid, h, 0, 0.0, slot, at)
-        body = PyBytes_FromStringAndSize(<const char*>op.body, op.nbody)
+        body = fr_bytes(<const char*>op.body, op.nbody)
         ts = PyLong_FromUnsignedLongLong(op.ts)
         if op.kind == 18:
             eph = True if op.cls == 1 else False
@@ -602,7 +602,7 @@ def dispatch_frame(plaintext, set addr_ok, DedupTable seen not None, object inbo
             items[5] = <PyObject*>ts
             inbox_append(new_record(dev_type, 6, items))
             continue
-        group = PyBytes_FromStringAndSize(<const char*>op.group, 16)
+        group = fr_bytes(<const char*>op.group, 16)
         items[0] = <PyObject*>seq
         items[1] = <PyObject*>group
         items[2] = <PyObject*>sender

@@ -358,7 +358,7 @@ def accept_sends(SendGate gate not None, LinkGate lg not None, object sends, obj
                 slot = dedup.c_find_p(sender, cidp, h, tnow, &seen, &seen_code, &at)
                 if seen:
                     if cid is None:
-                        cid = PyBytes_FromStringAndSize(cidp, 16)
+                        cid = fr_bytes(cidp, 16)
                     if seen_code == DEDUP_PENDING:
                         dedup.c_wait(sender, cid, (conn, cid))
                     else:
@@ -427,7 +427,7 @@ def accept_sends(SendGate gate not None, LinkGate lg not None, object sends, obj
                     last_to = None  # Python code ran: the tables are read again
                     sacks_out(&sacks, out)
                     if cid is None:
-                        cid = PyBytes_FromStringAndSize(cidp, 16)
+                        cid = fr_bytes(cidp, 16)
                     out.append(sack_op(cid, int(code)))
                     continue
                 if run is None:
@@ -458,7 +458,7 @@ def accept_sends(SendGate gate not None, LinkGate lg not None, object sends, obj
                     sacks_add_p(&sacks, cidp, out)
                 else:
                     if cid is None:
-                        cid = PyBytes_FromStringAndSize(cidp, 16)
+                        cid = fr_bytes(cidp, 16)
                     dedup.c_record_p(sender, cidp, h, DEDUP_PENDING, tnow, slot, at)
                     # the store reads the message from its tail (put_tails):
                     # no item, no body of its own

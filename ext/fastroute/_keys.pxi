@@ -138,7 +138,7 @@ cdef bint c_dsend_copies_in_place(dict devs, _Entries ents, long skip, str targe
         dkeys = _slot_dkeys(slots[i])
         if items is not None:
             items.append((stored_sender, cid,
-                          PyBytes_FromStringAndSize(ents.body_at(i), r.size), now_ms, dkeys))
+                          fr_bytes(ents.body_at(i), r.size), now_ms, dkeys))
         copies.append(target)
         copies.append(_slot_name(slots[i]))
         copies.append(c_deliver_tail_p(sp, PyBytes_AS_STRING(cid), PyBytes_GET_SIZE(cid),

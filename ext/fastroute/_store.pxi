@@ -1249,12 +1249,12 @@ def pack_rows(object data):
         k = take_len(&c, 0xc4, 0, 0)
         if k < 0 or c.end - c.p < k:
             return _pack_rows_spec(data)
-        cid = PyBytes_FromStringAndSize(<const char*>c.p, k)
+        cid = fr_bytes(<const char*>c.p, k)
         c.p += k
         k = take_len(&c, 0xc4, 0, 0)
         if k < 0 or c.end - c.p < k:
             return _pack_rows_spec(data)
-        body = PyBytes_FromStringAndSize(<const char*>c.p, k)
+        body = fr_bytes(<const char*>c.p, k)
         c.p += k
         if not take_uint(&c, &ts) or not take_uint(&c, &exp):
             return _pack_rows_spec(data)

@@ -70,6 +70,15 @@ cdef extern from *:
     void fr_copy(unsigned char* d, const unsigned char* s, size_t n) noexcept nogil
 
 
+cdef inline bytes fr_bytes(const void* p, Py_ssize_t n):
+    """``bytes`` of the ``n`` bytes at ``p``, copied by :c:func:`fr_copy`:
+    what PyBytes_FromStringAndSize(p, n) makes, without its memcpy call
+    (for a message's id and body, made per message on the decode paths)."""
+    cdef bytes b = PyBytes_FromStringAndSize(NULL, n)
+    fr_copy(<unsigned char*>PyBytes_AS_STRING(b), <const unsigned char*>p, <size_t>n)
+    return b
+
+
 cdef enum:
     WIRE_MAX_PLAINTEXT = 65519   # wire.MAX_PLAINTEXT
     WIRE_MAX_OPS = 8192          # wire.MAX_OPS_PER_FRAME
@@ -606,11 +615,11 @@ cdef class _SendRun:
         cdef Py_ssize_t k = i >> 2
         cdef int f = <int>(i & 3)
         if f == 0:
-            return PyBytes_FromStringAndSize(self.cid_at(k), 16)
+            return fr_bytes(self.cid_at(k), 16)
         if f == 1:
             return self.to_at(k)
         if f == 2:
-            return PyBytes_FromStringAndSize(self.body_at(k), self.size_at(k))
+            return fr_bytes(self.body_at(k), self.size_at(k))
         return self.cls_at(k)
 
     cdef _SendRun view(self, Py_ssize_t a, Py_ssize_t b):
@@ -883,8 +892,8 @@ cdef tuple _span_fields(TailSpan* s, object sender, object mid):
     """``(from, id, body, ts_ms)`` of the tail read into ``s``, ``from`` given
     as ``sender``; with ``mid`` (not None) the row ``(mid, from, id, body,
     ts_ms)`` instead."""
-    cdef object cid = PyBytes_FromStringAndSize(<const char*>s.cid, 16)
-    cdef object body = PyBytes_FromStringAndSize(<const char*>s.body, s.body_len)
+    cdef object cid = fr_bytes(<const char*>s.cid, 16)
+    cdef object body = fr_bytes(<const char*>s.body, s.body_len)
     if mid is not None:
         return (mid, sender, cid, body, s.ts)
     return (sender, cid, body, s.ts)
@@ -1094,7 +1103,7 @@ def decode_server_ops(plaintext, set addr_ok):
         if c.p[0] == 0x93 and c.p[1] == 0x11:          # SACK
             if c.end - c.p < 20 or c.p[2] != 0xc4 or c.p[3] != 0x10:
                 return None
-            cid = PyBytes_FromStringAndSize(<const char*>c.p + 4, 16)
+            cid = fr_bytes(<const char*>c.p + 4, 16)
             c.p += 20
             if not take_uint(&c, &code):
                 return None
@@ -1123,12 +1132,12 @@ def decode_server_ops(plaintext, set addr_ok):
         c.p += k
         if c.end - c.p < 18 or c.p[0] != 0xc4 or c.p[1] != 0x10:
             return None
-        cid = PyBytes_FromStringAndSize(<const char*>c.p + 2, 16)
+        cid = fr_bytes(<const char*>c.p + 2, 16)
         c.p += 18
         k = take_len(&c, 0xc4, 0, 0)
         if k < 0 or k > WIRE_MAX_BODY or c.end - c.p < k:
             return None
-        body = PyBytes_FromStringAndSize(<const char*>c.p, k)
+        body = fr_bytes(<const char*>c.p, k)
         c.p += k
         if not take_uint(&c, &ts):
             return None
@@ -1235,7 +1244,7 @@ cdef class _Entries:
     cdef tuple entry(self, Py_ssize_t k):
         cdef const EntryRec* r = self.rec(k)
         return (PyLong_FromLongLong(r.did), reg_id_int(<unsigned long long>r.reg),
-                PyBytes_FromStringAndSize(self.body_at(k), r.size))
+                fr_bytes(self.body_at(k), r.size))
 
     def totuple(self):
         """The entries as the specification's tuple of tuples."""
@@ -1352,7 +1361,7 @@ def decode_dsends(plaintext, set addr_ok):
         if c.end - c.p < 22 or c.p[0] != 0x96 or c.p[1] != 0xcd or c.p[2] != 0x03 \
                 or c.p[3] != 0xec or c.p[4] != 0xc4 or c.p[5] != 0x10:
             return None
-        cid = PyBytes_FromStringAndSize(<const char*>c.p + 6, 16)
+        cid = fr_bytes(<const char*>c.p + 6, 16)
         c.p += 22
         k = take_len(&c, 0xd9, 0xa0, 31)
         if k < 0 or k > WIRE_MAX_STR or c.end - c.p < k:
@@ -1410,15 +1419,15 @@ def decode_gsends(plaintext):
                 or c.p[3] != 0x53 or c.p[4] != 0xc4 or c.p[5] != 0x10 \
                 or c.p[22] != 0xc4 or c.p[23] != 0x10:
             return None
-        cid = PyBytes_FromStringAndSize(<const char*>c.p + 6, 16)
-        gid = PyBytes_FromStringAndSize(<const char*>c.p + 24, 16)
+        cid = fr_bytes(<const char*>c.p + 6, 16)
+        gid = fr_bytes(<const char*>c.p + 24, 16)
         c.p += 40
         if not take_uint(&c, &version):
             return None
         k = take_len(&c, 0xc4, 0, 0)
         if k < 0 or k > WIRE_MAX_BODY or c.end - c.p < k:
             return None
-        body = PyBytes_FromStringAndSize(<const char*>c.p, k)
+        body = fr_bytes(<const char*>c.p, k)
         c.p += k
         ops.append((1107, cid, gid, PyLong_FromUnsignedLongLong(version), body))
     if c.p != c.end:
