@@ -258,8 +258,9 @@ def test_evicted_ids_leave_the_index_within_a_lap_of_the_sweep(impl, presize):
         if counts is not None and i % 500 == 0:
             live, stale = counts()
             assert live == len(d), i
-            # a lap is 2 * cap / 4 evictions, and a run of 512 positions
-            # may be due beside it
+            # a lap is 2 * cap / 4 evictions, and the evictions of a run not
+            # yet swept may be beside them (a run: 512 positions at most, a
+            # 16th of this index, 128, here)
             assert stale <= cap // 2 + 512 // 4, i
             most = max(most, stale)
         if i % 97 == 0:
