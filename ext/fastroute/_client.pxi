@@ -92,10 +92,10 @@ def pack_sends(bytes pool not None, Py_ssize_t at, bytes to_packed not None,
         p[2] = 0xc4
         p[3] = 0x10
         memcpy(p + 4, PyBytes_AS_STRING(cid), 16)
-        fr_copy(p + 20, <const unsigned char*>PyBytes_AS_STRING(to_packed), <size_t>nt)
+        fr_copy(p + 20, PyBytes_AS_STRING(to_packed), <size_t>nt)
         p += 20 + nt
         p += bin_header(p, k)
-        fr_copy(p, <const unsigned char*>PyBytes_AS_STRING(body), <size_t>k)
+        fr_copy(p, PyBytes_AS_STRING(body), <size_t>k)
         p[k] = <unsigned char>cls
         ids.append(cid)
         ops.append(op)
@@ -353,7 +353,7 @@ cdef Py_ssize_t put_entries(unsigned char* p, unsigned char* end, object seq) ex
         p += put_int(p, did)
         p += put_int(p, reg)
         p += bin_header(p, k)
-        fr_copy(p, <const unsigned char*>PyBytes_AS_STRING(body), <size_t>k)
+        fr_copy(p, PyBytes_AS_STRING(body), <size_t>k)
         p += k
     return p - start
 
@@ -398,10 +398,10 @@ def pack_dsend(cid, to, entries, own, Py_ssize_t room):
                 p += 4
                 # id and to are immutable: their lengths still hold
                 p += bin_header(p, nc)
-                fr_copy(p, <const unsigned char*>PyBytes_AS_STRING(cid), <size_t>nc)
+                fr_copy(p, PyBytes_AS_STRING(cid), <size_t>nc)
                 p += nc
                 p += str_header(p, nt)
-                fr_copy(p, <const unsigned char*>t, <size_t>nt)
+                fr_copy(p, t, <size_t>nt)
                 p += nt
                 p[0] = 0xc2  # more: False
                 p += 1

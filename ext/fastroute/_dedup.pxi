@@ -186,6 +186,12 @@ cdef uint64_t DEDUP_TAG_MASK = 0xffffffff00000000ULL
 cdef uint64_t DEDUP_POS_MASK = 0x7fffffffULL
 
 
+cdef inline bint dedup_behind(uint64_t v, uint64_t tail, uint64_t span) noexcept:
+    # whether the non-empty index entry ``v`` names a ring position behind
+    # ``tail`` (``span``: head - tail); see DedupTable._stale
+    return (((v & DEDUP_SLOT_MASK) - 1 - tail) & DEDUP_POS_MASK) >= span
+
+
 cdef inline uint64_t dedup_tag(Py_hash_t h) noexcept:
     # the hash's low 32 bits, which include its home position in the index
     # (the index never has 2**32 entries): shifting entries back after a
@@ -340,8 +346,7 @@ cdef class DedupTable:
         swept out within a lap of the sweep (cap / 2 evictions), long
         before it is 2**30 behind it.
         """
-        return (((v & DEDUP_SLOT_MASK) - 1 - <uint64_t>self.tail) & DEDUP_POS_MASK) \
-            >= <uint64_t>(self.head - self.tail)
+        return dedup_behind(v, <uint64_t>self.tail, <uint64_t>(self.head - self.tail))
 
     cdef Py_ssize_t _index_of(self, long long pos) noexcept:
         """The index position of the live entry at ring position ``pos``."""
@@ -371,9 +376,13 @@ cdef class DedupTable:
 
     cdef void _drop(self, Py_ssize_t slot, Py_ssize_t i) noexcept:
         """Remove a live slot (index position ``i``); leaves a hole in the ring."""
+        self._unindex(i)
+        self._vacate(slot)
+
+    cdef void _vacate(self, Py_ssize_t slot) noexcept:
+        """Empty a live slot, its index entry left to the caller."""
         cdef DSlot* s = &self.slots[slot]
         cdef PyObject* sender = s.sender
-        self._unindex(i)
         s.sender = NULL
         s.has_waiters = 0
         self.live -= 1
@@ -406,17 +415,12 @@ cdef class DedupTable:
         it (see :meth:`_sweep`): finding it would be one more read of the
         index at random, a cache miss an insert in a full window of a million.
         """
-        cdef DSlot* s = &self.slots[self.tail & (self.cap - 1)]
-        cdef PyObject* sender
-        if s.code == DEDUP_PENDING:
+        cdef Py_ssize_t p = <Py_ssize_t>(self.tail & (self.cap - 1))
+        if self.slots[p].code == DEDUP_PENDING:
             self._rotate()
             return False
-        sender = s.sender
-        s.sender = NULL
-        s.has_waiters = 0
-        self.live -= 1
+        self._vacate(p)
         self.tail += 1
-        Py_DECREF(<object>sender)  # a str: no code runs
         return True
 
     cdef void _sweep(self) noexcept:
@@ -440,7 +444,6 @@ cdef class DedupTable:
         # _stale's test, with what it reads held here (_unindex changes
         # neither the ring's ends nor where the index is)
         cdef uint64_t tail = <uint64_t>self.tail, span = <uint64_t>(self.head - self.tail)
-        cdef uint64_t pos_mask = DEDUP_POS_MASK, slot_mask = DEDUP_SLOT_MASK
         cdef uint64_t* index = self.index
         n = imask + 1
         if due < n // DEDUP_SWEEP:
@@ -452,7 +455,7 @@ cdef class DedupTable:
             if (c & 7) == 0:
                 fr_prefetch(&index[(c + 256) & imask])
             v = index[c]
-            if v != 0 and (((v & slot_mask) - 1 - tail) & pos_mask) >= span:
+            if v != 0 and dedup_behind(v, tail, span):
                 self._unindex(c)  # what followed it may now be at c: look again
                 continue
             c = (c + 1) & imask

@@ -81,7 +81,7 @@ def pack_delivers(seq, list batch, list out):
         if not PyBytes_CheckExact(item) and PyTuple_GET_SIZE(item) == 3:
             head = <object>PyTuple_GET_ITEM(item, 2)
             h = PyBytes_GET_SIZE(head)
-            fr_copy(p, <const unsigned char*>PyBytes_AS_STRING(head), <size_t>h)
+            fr_copy(p, PyBytes_AS_STRING(head), <size_t>h)
             p[h] = 0xce
             put_be32(p + h + 1, <uint32_t>(first + <unsigned long long>i))
             p += h + 5
@@ -91,7 +91,7 @@ def pack_delivers(seq, list batch, list out):
             p[2] = 0xce
             put_be32(p + 3, <uint32_t>(first + <unsigned long long>i))
             p += WIRE_DELIVER_HEAD
-        fr_copy(p, <const unsigned char*>PyBytes_AS_STRING(tail), <size_t>k)
+        fr_copy(p, PyBytes_AS_STRING(tail), <size_t>k)
         p += k
         if ends != NULL:
             ends[i] = <Py_ssize_t>(p - <unsigned char*>PyBytes_AS_STRING(data))

@@ -44,7 +44,9 @@ cdef extern from *:
        16-byte moves, the last one overlapping the one before.  memcpy of a
        length known only at run time is a call through the PLT and a
        dispatch on the length, per field (~6 a message on the 1:1 path). */
-    static inline void fr_copy(unsigned char* d, const unsigned char* s, size_t n) {
+    static inline void fr_copy(void* dst, const void* src, size_t n) {
+        unsigned char* d = (unsigned char*)dst;
+        const unsigned char* s = (const unsigned char*)src;
         if (n >= 16) {
             if (n > 256) {
                 memcpy(d, s, n);
@@ -67,7 +69,7 @@ cdef extern from *:
         }
     }
     """
-    void fr_copy(unsigned char* d, const unsigned char* s, size_t n) noexcept nogil
+    void fr_copy(void* dst, const void* src, size_t n) noexcept nogil
 
 
 cdef inline bytes fr_bytes(const void* p, Py_ssize_t n):
@@ -75,7 +77,7 @@ cdef inline bytes fr_bytes(const void* p, Py_ssize_t n):
     what PyBytes_FromStringAndSize(p, n) makes, without its memcpy call
     (for a message's id and body, made per message on the decode paths)."""
     cdef bytes b = PyBytes_FromStringAndSize(NULL, n)
-    fr_copy(<unsigned char*>PyBytes_AS_STRING(b), <const unsigned char*>p, <size_t>n)
+    fr_copy(PyBytes_AS_STRING(b), p, <size_t>n)
     return b
 
 
@@ -377,17 +379,17 @@ cdef bytes c_deliver_tail_p(bytes sender_packed, const char* cid, Py_ssize_t nc,
     cdef Py_ssize_t hb = bin_header_len(nb)
     cdef bytes tail = PyBytes_FromStringAndSize(NULL, ns + 2 + nc + hb + nb + nt + 1)
     cdef unsigned char* p = <unsigned char*>PyBytes_AS_STRING(tail)
-    fr_copy(p, <const unsigned char*>PyBytes_AS_STRING(sender_packed), <size_t>ns)
+    fr_copy(p, PyBytes_AS_STRING(sender_packed), <size_t>ns)
     p += ns
     p[0] = 0xc4
     p[1] = 0x10
     p += 2
-    fr_copy(p, <const unsigned char*>cid, <size_t>nc)
+    fr_copy(p, cid, <size_t>nc)
     p += nc
     p += bin_header(p, nb)
-    fr_copy(p, <const unsigned char*>body, <size_t>nb)
+    fr_copy(p, body, <size_t>nb)
     p += nb
-    fr_copy(p, <const unsigned char*>PyBytes_AS_STRING(ts_packed), <size_t>nt)
+    fr_copy(p, PyBytes_AS_STRING(ts_packed), <size_t>nt)
     p += nt
     p[0] = <unsigned char>cls
     return tail
