@@ -958,7 +958,9 @@ class SqliteStore(_BaseStore):
         skips that for items the caller built from known devices (the
         relay's hot path); device keys must then be distinct and registered,
         and each item exactly ``(str, bytes, bytes, int, tuple or list of
-        keys)``: one that is not fails this future (``WrongType``,
+        keys)``, not changed afterwards (the writer reads the items, a list
+        of keys included, when it commits them; items of one run may share
+        one list): one that is not fails this future (``WrongType``,
         ``InvalidArgument``), not the store.
         """
         self._check_open()

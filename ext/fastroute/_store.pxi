@@ -817,9 +817,11 @@ def sql_rows(list puts, long long mid, long long ttl_ms):
                 exp = ts_v + ttl_ms
                 ndevs = len(<object>devs)
                 if ndevs == 1:
-                    # a run of messages for one recipient shares its tuple
-                    # of keys: the draft is looked up once a run
-                    if devs != <PyObject*>last_devs or not PyTuple_CheckExact(<object>devs):
+                    # a run of messages for one recipient shares its keys
+                    # (a tuple, or a list: a put's keys do not change once
+                    # it is queued, see SqliteStore.put_many): the draft is
+                    # looked up once a run
+                    if devs != <PyObject*>last_devs:
                         key = (<object>devs)[0]
                         found = PyDict_GetItemWithError(index, key)
                         if found != NULL:
@@ -847,9 +849,12 @@ def sql_rows(list puts, long long mid, long long ttl_ms):
                     # nobody would ack it: it would sit on disk until it expires
                     raise InvalidArgument("device_keys must not be empty")
                 else:
-                    if devs != <PyObject*>last_sdevs or not PyTuple_CheckExact(<object>devs):
-                        # a run of one group's messages shares its tuple of
-                        # keys: the spack is looked up once a run
+                    if devs != <PyObject*>last_sdevs:
+                        # a run of one group's messages shares its keys (the
+                        # relay's group fan-out: one list a group), as a
+                        # recipient's do above: the spack is looked up once a
+                        # run, not its keys made a tuple, hashed and compared
+                        # for each message
                         key = (<object>devs if PyTuple_CheckExact(<object>devs)
                                else tuple(<object>devs))
                         found = PyDict_GetItemWithError(sindex, key)
