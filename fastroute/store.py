@@ -1917,7 +1917,7 @@ def _ack_drops(acks: dict, held) -> tuple[list, list[int]]:
     for key, mids in acks.items():
         if mids and key not in held:
             try:
-                blob = array.array("q", mids).tobytes()
+                blob = _mids_blob(mids)
             except (OverflowError, TypeError):
                 continue
             drops += (key, blob)
@@ -2621,6 +2621,17 @@ def py_mid_span(mids) -> tuple[int, int]:
 #: :func:`py_mid_span`, compiled when the core is built (it reads the ints
 #: without writing their reference counts from the writer's thread)
 _mid_span = twin(py_mid_span)
+
+
+def py_mids_blob(mids) -> bytes:
+    """``mids`` (ints) as native int64s, the blob a compiled walk takes for a
+    device's acks.  OverflowError: one does not fit 64 bits; TypeError: one
+    is not an int."""
+    return array.array("q", mids).tobytes()
+
+
+#: :func:`py_mids_blob`, compiled when the core is built (as :data:`_mid_span`)
+_mids_blob = twin(py_mids_blob)
 
 
 def _keep_share(conn: sqlite3.Connection, key: int, first: int, acked, gone=()) -> None:

@@ -17,6 +17,7 @@ import collections
 import copy
 import os
 import random
+import sys
 
 import msgpack
 import pytest
@@ -138,6 +139,7 @@ def test_compiled_twins_loaded():
              (store._mem_load, store.py_mem_load), (store._sql_rows, store.py_sql_rows),
              (store._shares_release, store.py_shares_release),
              (store._ack_device, store.py_ack_device), (store._mid_span, store.py_mid_span),
+             (store._mids_blob, store.py_mids_blob),
              (store._pack_rows, store.py_pack_rows),
              (gate_mod.TokenBucket, gate_mod.PyTokenBucket),
              (gate_mod.take_upto, gate_mod.py_take_upto),
@@ -2312,6 +2314,33 @@ def test_mid_span_twins():
         else:
             got = _core.mid_span(mids)
             assert got == want and type(got[0]) is type(want[0]), mids
+
+
+def test_mids_blob_twins():
+    # an acking device's mids as native int64s, the bounds and one past them;
+    # and inputs unlike the relay's (a float, a bool, a tuple, a list
+    # subclass, an int subclass, nothing) the specification's way
+    rng = random.Random(10)
+    cases = [[rng.randrange(-(1 << 63), 1 << 63) for _ in range(rng.randrange(0, 300))]
+             for _ in range(200)]
+    big = type("Big", (int,), {})
+    cases += [[], [0], [(1 << 63) - 1, -(1 << 63)], [1 << 63], [-(1 << 63) - 1], [1, 2.5],
+              [True, 3], [4, 1 << 70, 2], (4, 2, 8), type("L", (list,), {})([3, 1]),
+              [1, "2"], [big(5), 6], array.array("q", [9, 8])]
+    for mids in cases:
+        want = _same(lambda fn: fn(mids), None, store.py_mids_blob)
+        if isinstance(want, Exception):
+            assert isinstance(want, (OverflowError, TypeError)), mids
+        else:
+            assert want == b"".join(m.to_bytes(8, sys.byteorder, signed=True) for m in mids)
+        if _core is None:
+            continue
+        if isinstance(want, Exception):
+            with pytest.raises(type(want)):
+                _core.mids_blob(mids)
+        else:
+            got = _core.mids_blob(mids)
+            assert got == want and type(got) is bytes, mids
 
 
 def test_ack_device_twins_take_any_input_as_the_specification():
