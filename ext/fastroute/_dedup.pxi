@@ -515,7 +515,6 @@ cdef class DedupTable:
         evictions leave their entries in place and a rotation rewrites its
         own, so only growing does."""
         cdef Py_ssize_t budget
-        cdef int moved = 0
         # a bounded step per insert: pending entries at the tail are rotated,
         # not dropped, and walking all of them on every insert would make a
         # window full of pending ids quadratic; the next inserts go on from
@@ -528,8 +527,8 @@ cdef class DedupTable:
         self._skip_holes()
         if self.head - self.tail >= self.cap:
             self._grow()
-            moved = 1
-        return moved
+            return 1
+        return 0
 
     cdef Py_ssize_t _add(self, object sender, object cid, Py_hash_t h, int code,
                          double stamp, Py_ssize_t at) except -1:
