@@ -281,6 +281,38 @@ def test_spam_reports_count_only_after_a_delivery_and_quarantine_then_lift(
     run(loop, main())
 
 
+def test_a_delivery_is_recorded_in_the_window_of_its_own_time(tmp_path):
+    # Safety keeps the generation it last recorded under: a delivery made
+    # after the clock moved on (two windows: the one before is looked at
+    # too) must be recorded in its own window, and one made after the clock
+    # moved back in its own again.
+    limits = Limits(report_window_s=3600.0, report_points=10.0)
+
+    async def main():
+        async with world(tmp_path, setup=_old("r@home", "r2@home", "spam@acme"),
+                         limits=limits) as w:
+            safety = w.relay.safety
+            spam = await w.connect("spam@acme")
+            r = await user(w, "r@home")
+            r2 = await user(w, "r2@home")
+            await spam.send("r@home", b"one")
+            await recv_n(r, 1)
+            real = safety.clock
+            safety.clock = lambda: real() + 7200.0
+            # that delivery is two windows old: it no longer counts
+            assert await r.report_spam("spam@acme") is False
+            await spam.send("r@home", b"two")
+            await recv_n(r, 1)
+            assert await r.report_spam("spam@acme") is True
+            safety.clock = real
+            # back in the first window: a delivery there counts there
+            await spam.send("r2@home", b"three")
+            await recv_n(r2, 1)
+            assert await r2.report_spam("spam@acme") is True
+            assert safety.reports_counted == 2
+    run("asyncio", main())
+
+
 def test_a_new_reporter_counts_for_almost_nothing_and_reports_survive_a_restart(tmp_path):
     limits = Limits(report_window_s=3600.0, report_points=10.0)
 

@@ -231,6 +231,8 @@ class Safety:
                 g.per_provider[provider] = g.per_provider.get(provider, 0) + 1
         #: digests new to their generation, written by the next flush
         self._pending: list[tuple[int, bytes, int]] = []
+        #: the generation :meth:`delivered` last recorded under
+        self._now_gen: _Generation | None = None
         #: the last (generation, sender, recipient) noted, and its digest
         self._last_pair: tuple[int, str, str] | None = None
         self._last_digest = b""
@@ -350,7 +352,11 @@ class Safety:
         if self.window <= 0:
             return
         now = int(self.clock())
-        g = self._generation(self._gen_of(now))
+        g = self._now_gen
+        if g is None or g.gen != now // self.window:
+            # a window lasts hours: its generation is looked up when it turns
+            # (or the clock moves back), not for every stored batch
+            g = self._now_gen = self._generation(self._gen_of(now))
         seen = g.delivered
         pending = self._pending
         for to in recipients:
