@@ -751,10 +751,12 @@ class Delivery:
                 if last_mid > self._routed_mid:
                     self._routed_mid = last_mid
         finally:
-            self._wake_routed()
+            if self._routed_waiters:
+                self._wake_routed()
 
     def _wake_routed(self) -> None:
-        # syncs waiting for the live route to catch up
+        # syncs waiting for the live route to catch up (called only when
+        # some wait: most stored batches have none to wake)
         waiters, self._routed_waiters = self._routed_waiters, []
         for fut in waiters:
             if not fut.done():
@@ -796,7 +798,8 @@ class Delivery:
                 # after the cursor moved: what was just placed is in the engine
                 self.spill()
         finally:
-            self._wake_routed()
+            if self._routed_waiters:
+                self._wake_routed()
         return placed
 
     def route(self, batch: list, ephemeral: bool) -> None:
