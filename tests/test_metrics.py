@@ -297,3 +297,76 @@ def test_a_scrape_of_many_links_lets_the_loop_run_between_slices(tmp_path):
             assert got["fastroute_mailbox_depth_messages_count"] == n - len(gone)
             assert metrics.SCRAPE_SLICE == SCRAPE_SLICE
     run("asyncio", main())
+
+
+def _histograms():
+    """The histogram implementations: the specification, and its compiled twin."""
+    from fastroute import _compiled
+    from fastroute.histogram import PyHistogram
+
+    impls = [PyHistogram]
+    twin = _compiled.compiled_twin(PyHistogram)
+    if twin is not None:
+        impls.append(twin)
+    return impls
+
+
+def test_the_compiled_histogram_counts_as_its_specification():
+    import math
+    import random
+    import time
+
+    from fastroute import _compiled
+    from fastroute.histogram import LATENCY_BUCKETS, LOOP_BUCKETS, PyHistogram
+
+    if _compiled.compiled_twin(PyHistogram) is None:
+        pytest.skip("the compiled core is switched off: no twin to compare")
+    rng = random.Random(7)
+    for bounds in (LATENCY_BUCKETS, LOOP_BUCKETS, (), (0.5,), (3.0, 1.0, 2.0)):
+        # every bound itself, a hair either side, the ends, ints and bools,
+        # a NaN (below no bound: the first bucket), and random values
+        values: list = [b + d for b in bounds for d in (-1e-12, 0.0, 1e-12)]
+        values += [0.0, -1.0, 1e300, -1e300, 3, True, False, math.nan]
+        values += [rng.random() * 12.0 for _ in range(500)]
+        values += [rng.expovariate(200.0) for _ in range(500)]
+        hs = [impl(bounds) for impl in _histograms()]
+        for v in values:
+            for h in hs:
+                h.observe(v)
+        spec, comp = hs
+        assert comp.bounds == spec.bounds == tuple(bounds)
+        assert list(comp.counts) == spec.counts and sum(spec.counts) == len(values)
+        assert comp.count == spec.count == len(values)
+        assert math.isnan(comp.total) and math.isnan(spec.total)
+        assert comp.lines("x") == spec.lines("x")
+    # without NaN the sums are the same float: the same adds in the same order
+    hs = [impl() for impl in _histograms()]
+    for v in [v for v in values if not math.isnan(v)]:
+        for h in hs:
+            h.observe(v)
+    assert hs[0].total == hs[1].total and hs[0].lines("y") == hs[1].lines("y")
+    assert hs[0].bounds == hs[1].bounds == LATENCY_BUCKETS  # the default bounds
+    # since a stamp: 3 s ago lands in (2.5, 5], a stamp ahead of the clock at 0
+    hs = [impl() for impl in _histograms()]
+    now_ms = int(time.time() * 1000)
+    for h in hs:
+        h.observe_since_ms(now_ms - 3000)
+        h.observe_since_ms(now_ms + 60_000)
+    at = LATENCY_BUCKETS.index(5.0)
+    for h in hs:
+        assert list(h.counts)[0] == 1 and list(h.counts)[at] == 1 and h.count == 2
+        assert 3.0 <= h.total < 4.0
+
+
+def test_a_histogram_made_without_its_init_counts_nowhere_out_of_bounds():
+    # a subclass that skips __init__ (or __new__ alone) still has its one
+    # bucket: an observation goes there, never through a NULL
+    from fastroute import _compiled
+    from fastroute.histogram import PyHistogram
+
+    twin = _compiled.compiled_twin(PyHistogram)
+    if twin is None:
+        pytest.skip("the compiled core is switched off")
+    h = twin.__new__(twin)
+    h.observe(1.0)
+    assert list(h.counts) == [1] and h.count == 1 and h.bounds == ()
