@@ -397,6 +397,40 @@ def test_pull_round_twins_agree(seq, batch, max_n):
     assert ts_ms == (TS if newest in _TAILS else -1)
 
 
+@pytest.mark.parametrize("max_n", [1, 2, 8])
+def test_pull_round_pops_the_compiled_engine_as_its_specification_does(max_n):
+    # the compiled pull_round pops a compiled Router's mailbox without a
+    # Python call: the same payloads, seqs, mids and bytes as the
+    # specification, which calls pop_batch, and the same engine afterwards
+    if _core is None:
+        pytest.skip("the compiled core is switched off")
+    payloads = [(5, _TAILS[0]), _TAILS[1], (7, _TAILS[2], b"\x96\xcd\x03\xee"),
+                (8, b"no timestamp"), (9, _TAILS[3])]
+    results = []
+    for fn in (delivery.py_pull_round, _core.pull_round):
+        router = _core.Router(16)
+        dev = router.add_device("r@home", "phone")
+        router.route_flat([x for p in payloads for x in ("r@home", p)])
+        out: list = [b"queued before"]
+        inflight = collections.deque([99])
+        rounds = []
+        while True:
+            got = fn(router, dev, out, inflight, max_n)
+            rounds.append(got)
+            if got[0] == 0:
+                break
+        # the ops (the compiled one packs a round's two or more as one OpRun)
+        results.append((rounds, wire.flat_ops(out), list(inflight), router.pending(dev),
+                        router.stats()))
+    assert results[0] == results[1]
+    rounds, out, inflight, pending, _ = results[0]
+    assert [r[0] for r in rounds] == [len(payloads[i:i + max_n])
+                                      for i in range(0, len(payloads), max_n)] + [0]
+    assert inflight == [99, 5, 0, 7, 8, 9] and pending == (0, len(payloads))
+    with pytest.raises(UnknownDevice):
+        _core.pull_round(_core.Router(16), 42, [], collections.deque(), 1)
+
+
 class _Acker:
     """An engine's ``ack`` and ``pending`` answering set values, calls recorded."""
 

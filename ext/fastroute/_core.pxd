@@ -182,6 +182,9 @@ cdef class Router:
     cdef int _push(self, _Device dev, object payload) except -1
     # pop up to max_n queued messages of one device as [(seq, payload)]
     cdef list _pop(self, _Device dev, Py_ssize_t max_n)
+    # pop_batch's work: [payload, ...], the first one's ring position (its
+    # seq less one) in first; the delivery stage's pull_round calls it
+    cdef list _pop_list(self, _Device dev, Py_ssize_t max_count, uint64_t* first)
     # raise MemoryError / MailboxFull for a finished placement loop
     cdef int _finish(self, FullList* full, bint nomem, int64_t entered) except -1
     # check every (address, payload) of a batch before anything is placed

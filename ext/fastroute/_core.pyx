@@ -947,7 +947,13 @@ cdef class Router:
         returns ``(seq the next popped message will have, [])``.
         """
         cdef _Device dev = self._device(device_id)
-        cdef Py_ssize_t max_count = as_count(max_n, "max_n")
+        cdef uint64_t first
+        cdef list out = self._pop_list(dev, as_count(max_n, "max_n"), &first)
+        return PyLong_FromUnsignedLongLong(first + 1), out
+
+    cdef list _pop_list(self, _Device dev, Py_ssize_t max_count, uint64_t* first_out):
+        """:meth:`pop_batch`'s work: the payloads popped, and in
+        ``first_out`` the ring position of the first (its seq less one)."""
         cdef Mailbox* m = &dev.mb
         cdef Py_ssize_t n, k, i = 0
         cdef uint64_t pos, first
@@ -975,7 +981,8 @@ cdef class Router:
         self.c.queued -= n
         self.c.unacked += n
         self.c.popped += n
-        return PyLong_FromUnsignedLongLong(first + 1), out
+        first_out[0] = first
+        return out
 
     def pop_many(self, device_ids, max_n):
         """:meth:`pop` over several devices.
