@@ -6,7 +6,7 @@
 #
 # The delivery stage observes a latency for every pull of a device's mailbox:
 # a group message to ten online devices is ten observations, each a call of
-# time.time(), a bisect and three adds on Python objects, in Python (~8 % of
+# time.time(), a bisect and three adds on Python objects, in Python (~7 % of
 # the relay's instructions for a group message sent one a read).  Here an
 # observation is one call into C: the counts are C integers, the sum a
 # double, and observe_since_ms reads the wall clock itself.
