@@ -114,29 +114,27 @@ def pull_round(object router, object dev, list out, object inflight, Py_ssize_t 
     cdef object tail, x
     cdef const unsigned char* t
     cdef unsigned long long ts
-    cdef uint64_t first
+    cdef uint64_t first  # the first popped message's seq
     cdef Router engine = router if type(router) is Router else None
     if engine is not None:
         # the compiled engine's mailbox popped without a Python call (a
         # device is pulled once a message when messages come one a read)
         batch = engine._pop_list(engine._device(dev), as_count(max_n, "max_n"), &first)
+        first += 1
         n = PyList_GET_SIZE(batch)
-        if n == 0:
-            return 0, 0, -1
-        if first + 1 + <uint64_t>n >= (<uint64_t>1 << 32):
+        if n and first + <uint64_t>n >= (<uint64_t>1 << 32):
             return -1, 0, -1
-        start = PyList_GET_SIZE(out)
-        inflight.extend(c_pack_delivers(first + 1, batch, out))
     else:
         # any other router (the model's, in the twin tests)
         seq, batch = router.pop_batch(dev, max_n)
         n = PyList_GET_SIZE(batch)
-        if n == 0:
-            return 0, 0, -1
-        if seq + n >= (1 << 32):
+        if n and seq + n >= (1 << 32):
             return -1, 0, -1
-        start = PyList_GET_SIZE(out)
-        inflight.extend(pack_delivers(seq, batch, out))
+        first = seq if n else 0  # as pack_delivers takes it: its errors, if any
+    if n == 0:
+        return 0, 0, -1
+    start = PyList_GET_SIZE(out)
+    inflight.extend(c_pack_delivers(first, batch, out))
     for i in range(start, PyList_GET_SIZE(out)):
         # bytes (one op) or an OpRun: its ops' bytes
         x = <object>PyList_GET_ITEM(out, i)
