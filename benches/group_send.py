@@ -4,6 +4,7 @@ Run (bounded: fixed message counts and a timeout on every wait)::
 
     PYTHONPATH=. python benches/group_send.py [--runs R] [--store memory|sqlite] [--no-nats]
         [--fanout 10 100 1000] [--relay-path TREE] [--synchronous NORMAL|FULL] [--scale K]
+        [--senders S]
 
 For each fan-out N, three ways of getting one 100-byte body to N devices:
 
@@ -26,7 +27,12 @@ Each run starts a fresh server process and connects every device from this
 process (one connection each).  After a warm-up, ``M`` messages are sent
 with at most ``WINDOW`` in flight (fastroute: waiting for the relay's
 answers; NATS: a flush every WINDOW publishes), and the run ends when every
-device has every message.  The modes of a number of devices take turns, a
+device has every message.  With ``--senders S``, S senders send at once,
+each to a group (an address for ``send``) of its own with N devices: a
+relay's commits then hold the windows of several senders, as a relay
+with traffic from many users does (one sender, the default, is the worst
+case for a store's per-commit costs); the NATS modes are not run then.
+The modes of a number of devices take turns, a
 run of each a round, in reverse order every other round.  Reported per
 case, as the median of ``--runs`` runs: deliveries per second end to end
 (first send to last receipt) and the server process's CPU per delivery, all
@@ -85,15 +91,53 @@ def start_relay(data: str, store: str) -> tuple[subprocess.Popen, int]:
         "max_devices_per_address = 1000\n")
 
 
-async def _receive(c: Client, want: int) -> None:
+async def _receive(c: Client, want: int) -> int:
+    """Receive until ``want`` messages came to ``c``; how many came."""
     got = 0
     while got < want:
         got += sum(1 for m in await asyncio.wait_for(c.recv_many(), TIMEOUT)
                    if type(m).__name__ in ("GroupMessage", "Message"))
+    return got
 
 
-async def fastroute_run(mode: str, n_dev: int, messages: int,
-                        store: str) -> tuple[float, float, float]:
+async def _sender(mode: str, sender: Client, users: list[str], n_dev: int, body: bytes):
+    """``send_all(count)`` for one sender: ``count`` messages a window at a
+    time, to a new group of ``users`` (gsend: ``n_dev`` devices besides the
+    sender's) or to ``users[0]`` (send)."""
+    if mode != "gsend":
+        async def send_all(count: int) -> None:
+            for at in range(0, count, WINDOW):
+                await sender.send_many(users[0], [body] * min(WINDOW, count - at))
+        return send_all
+    gid = await sender.create_group()
+    for u in users:
+        await sender.group_add(gid, u)
+    version, members, _ = await sender.group_members(gid)
+    assert sum(len(m[2]) for m in members) == n_dev + 1
+
+    nowait = getattr(sender, "group_send_nowait", None)
+    many = getattr(sender, "group_send_many", None)
+
+    async def group_send_all(count: int) -> None:
+        for at in range(0, count, WINDOW):
+            k = min(WINDOW, count - at)
+            if many is not None:
+                outcomes = await many(gid, version, [body] * k)[1]
+                assert outcomes == [None] * k, outcomes
+            elif nowait is not None:
+                await asyncio.gather(*(nowait(gid, version, body)[1] for _ in range(k)))
+            else:  # trees before group_send_nowait: a coroutine each
+                await asyncio.gather(*(sender.group_send(gid, version, body)
+                                       for _ in range(k)))
+    return group_send_all
+
+
+async def fastroute_run(mode: str, n_dev: int, messages: int, store: str,
+                        senders: int = 1) -> tuple[float, float, float]:
+    """One run of ``mode`` on a fresh relay: ``senders`` senders at once, each
+    to its own group (gsend) or address (send) of ``n_dev`` devices, each
+    sending ``messages``; deliveries a second, and the relay's CPU and its
+    loop's a delivery, in us."""
     with tempfile.TemporaryDirectory() as data:
         pkey = ProviderKey.generate()
         with Registry(os.path.join(data, "registry.db")) as reg:
@@ -114,46 +158,32 @@ async def fastroute_run(mode: str, n_dev: int, messages: int,
                                          (2, os.urandom(1569), os.urandom(64)))
                 return c
 
-            sender = await connect("s@home", "phone")
-            devices: list[Client] = []
-            users = [f"u{i}@home" for i in range((n_dev + 99) // 100)] if mode == "gsend" \
-                else ["r@home"]
-            for i in range(n_dev):
-                devices.append(await connect(users[i * len(users) // n_dev], f"d{i}"))
             body = os.urandom(BODY)
-            if mode == "gsend":
-                gid = await sender.create_group()
-                for u in users:
-                    await sender.group_add(gid, u)
-                version, members, _ = await sender.group_members(gid)
-                assert sum(len(m[2]) for m in members) == n_dev + 1
+            devices: list[Client] = []
+            sends = []
+            for k in range(senders):
+                # the first sender's names are those of a run of one sender
+                tag = f"x{k}" if k else ""
+                sender = await connect(f"s{tag}@home", "phone")
+                users = ([f"u{i}{tag}@home" for i in range((n_dev + 99) // 100)]
+                         if mode == "gsend" else [f"r{tag}@home"])
+                for i in range(n_dev):
+                    devices.append(await connect(users[i * len(users) // n_dev], f"d{i}"))
+                sends.append(await _sender(mode, sender, users, n_dev, body))
 
-                nowait = getattr(sender, "group_send_nowait", None)
-                many = getattr(sender, "group_send_many", None)
-
-                async def send_all(count: int) -> None:
-                    for at in range(0, count, WINDOW):
-                        k = min(WINDOW, count - at)
-                        if many is not None:
-                            outcomes = await many(gid, version, [body] * k)[1]
-                            assert outcomes == [None] * k, outcomes
-                        elif nowait is not None:
-                            await asyncio.gather(*(nowait(gid, version, body)[1]
-                                                   for _ in range(k)))
-                        else:  # trees before group_send_nowait: a coroutine each
-                            await asyncio.gather(*(sender.group_send(gid, version, body)
-                                                   for _ in range(k)))
-            else:
-                async def send_all(count: int) -> None:
-                    for at in range(0, count, WINDOW):
-                        await sender.send_many("r@home", [body] * min(WINDOW, count - at))
+            async def send_all(count: int) -> None:
+                await asyncio.gather(*(send(count) for send in sends))
 
             warm = max(5, messages // 10)
             await asyncio.gather(send_all(warm), *(_receive(c, warm) for c in devices))
             # the relay's CPU and its loop's, a delivery (the clients' is not reported here)
-            rate, cpu, _, loop = await e2ee_send.measured(
-                proc.pid, messages * n_dev,
-                asyncio.gather(send_all(messages), *(_receive(c, messages) for c in devices)))
+            copies = messages * n_dev * senders
+            work = asyncio.gather(send_all(messages), *(_receive(c, messages) for c in devices))
+            rate, cpu, _, loop = await e2ee_send.measured(proc.pid, copies, work)
+            # the figures are a delivery's: every device got its messages, no more
+            got = sum(work.result()[1:])
+            if got != copies:
+                raise RuntimeError(f"{got} deliveries, not {copies}")
             return rate, cpu, loop
         finally:
             for c in clients:
@@ -175,11 +205,18 @@ def main() -> None:
                     help="the SQLite store's (the relay's default when not given: FULL)")
     ap.add_argument("--scale", type=int, default=1,
                     help="send K times the messages of a run (longer runs, less noise)")
+    ap.add_argument("--senders", type=int, default=1,
+                    help="senders at once, each to a group (or address) of its own "
+                         "with the fan-out's devices (default 1: the worst case for a "
+                         "store's per-commit costs); the NATS modes run one sender only, "
+                         "and are left out when it is more")
     ap.add_argument("--modes", nargs="*", choices=("send", "gsend", "nats", "js"),
                     help="run only these (default: send, gsend and nats, nats only when "
                          "found; js: JetStream like the relay's store, see "
                          "e2ee_send.nats_run); the ratios need send and gsend")
     args = ap.parse_args()
+    if args.senders < 1:
+        ap.error("--senders must be positive")
     e2ee_send.RELAY_PATH = args.relay_path
     global SYNCHRONOUS
     SYNCHRONOUS = args.synchronous
@@ -187,12 +224,12 @@ def main() -> None:
         MESSAGES[k] *= args.scale
     js = e2ee_send.js_like(args.store, SYNCHRONOUS)
     run = uvloop.run if uvloop is not None else asyncio.run
-    server = None if args.no_nats else find_nats_server()
+    server = None if args.no_nats or args.senders > 1 else find_nats_server()
     print(f"store={args.store} synchronous={args.synchronous or 'default'} "
           f"jetstream={'/'.join(e2ee_send.JS_STORAGE[js])} "
-          f"runs={args.runs} body={BODY} B window={WINDOW} "
+          f"runs={args.runs} body={BODY} B window={WINDOW} senders={args.senders} "
           f"cores={os.cpu_count()} loadavg={open('/proc/loadavg').read().split()[:3]} "
-          f"nats-server={server or 'not found'}")
+          f"nats-server={server or ('not run' if args.senders > 1 else 'not found')}")
     print(f"{'devices':>7} {'mode':>6} {'msgs':>5} {'deliveries/s':>13} {'server us/deliv':>16} "
           f"{'(min-max)':>14} {'loop us/deliv':>14}")
     results = {}
@@ -215,7 +252,7 @@ def main() -> None:
                         continue
                 else:
                     rate, cpu, loop = run(fastroute_run(mode, n, MESSAGES.get(n, 100),
-                                                        args.store))
+                                                        args.store, args.senders))
                 runs[mode][0].append(rate)
                 runs[mode][1].append(cpu)
                 runs[mode][2].append(loop)

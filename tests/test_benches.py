@@ -278,6 +278,19 @@ def test_the_per_device_and_group_benches_split_off_the_loop_s_part(bench, args,
     assert 0 < loop < whole, proc.stdout
 
 
+def test_group_send_runs_several_senders_at_once() -> None:
+    # --senders 2: two senders, each to a group (v1: an address) of three
+    # devices of its own; the run counts every device's deliveries, and a
+    # sender that did not send would leave its devices waiting
+    proc = _bench("group_send.py", "--runs", "1", "--store", "memory", "--fanout", "3",
+                  "--modes", "gsend", "send", "--senders", "2")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "senders=2" in proc.stdout and "nats-server=not run" in proc.stdout, proc.stdout
+    rows = [line.split() for line in proc.stdout.splitlines()
+            if line.split()[:2] in (["3", "gsend"], ["3", "send"])]
+    assert sorted(r[1] for r in rows) == ["gsend", "send"], proc.stdout
+
+
 def test_store_put_ack_holds_a_group_s_acks_back_a_batch() -> None:
     # --ack-lag 1: each batch's acks come with the put after the next; the
     # spacks of two batches are then live at every commit, and the WAL takes
