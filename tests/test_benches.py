@@ -213,35 +213,35 @@ def test_sizing_measures_the_store_it_is_given(store: str) -> None:
     assert (commits == 0) if store == "memory" else (commits > 0)
 
 
+def _quick_pair(only: str, title: str, label: str) -> str:
+    """``server_cpu.py --quick`` of 3,000 messages with the systems ``only``;
+    its output, once pair ``title``'s row shows the fastroute system
+    ``label`` with one complete run that delivered them all."""
+    proc = _bench("server_cpu.py", "--quick", "--messages", "3000", "--only", only)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    row = [line for line in proc.stdout.splitlines() if line.startswith(title)]
+    assert len(row) == 1, proc.stdout
+    # runs counted and delivered (its CPU is in clock ticks of 10 ms, which a
+    # run this short may not reach)
+    runs, _, delivered = row[0].split(label)[1].split()[:3]
+    assert (runs, delivered) == ("1", "3000"), proc.stdout
+    return proc.stdout
+
+
 def test_server_cpu_runs_the_interop_pair_across_two_providers() -> None:
     # pair 5: a user of another provider writes to a user who opted in to
     # it; a relay that refused those sends (no consent, the provider not
     # enrolled) would deliver nothing and the run would not count (exit 1)
-    proc = _bench("server_cpu.py", "--quick", "--messages", "3000",
-                  "--only", "fr-interop,fr-memory")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    row = [line for line in proc.stdout.splitlines()
-           if line.startswith("5 interop memory vs core")]
-    assert len(row) == 1, proc.stdout
-    # runs counted and delivered (its CPU is in clock ticks of 10 ms, which a
-    # run this short may not reach)
-    runs, _, delivered = row[0].split("fastroute memory interop")[1].split()[:3]
-    assert (runs, delivered) == ("1", "3000"), proc.stdout
+    _quick_pair("fr-interop,fr-memory", "5 interop memory vs core", "fastroute memory interop")
 
 
 def test_server_cpu_runs_the_sqlite_store_at_full_beside_the_memory_store() -> None:
     # pair 6's relay side, for real: a SQLite relay at FULL delivers every
     # message, and its CPU over the memory store's is printed
-    proc = _bench("server_cpu.py", "--quick", "--messages", "3000",
-                  "--only", "fr-sqlite-full,fr-memory")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    row = [line for line in proc.stdout.splitlines()
-           if line.startswith("6 SQLite FULL vs JS always")]
-    assert len(row) == 1, proc.stdout
-    runs, _, delivered = row[0].split("fastroute SQLite FULL")[1].split()[:3]
-    assert (runs, delivered) == ("1", "3000"), proc.stdout
-    assert "SQLite FULL / memory store: " in proc.stdout
-    assert "SQLite NORMAL / memory store" not in proc.stdout  # not run: not printed
+    out = _quick_pair("fr-sqlite-full,fr-memory", "6 SQLite FULL vs JS always",
+                      "fastroute SQLite FULL")
+    assert "SQLite FULL / memory store: " in out
+    assert "SQLite NORMAL / memory store" not in out  # not run: not printed
 
 
 def test_server_cpu_reverses_the_order_of_its_systems_every_other_round() -> None:
