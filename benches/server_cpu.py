@@ -1096,14 +1096,19 @@ def cpu_ratio(results: dict[str, list[dict]], num: str,
               den: str) -> tuple[float, list[float]] | None:
     """System ``num``'s CPU a message over ``den``'s: the ratio of the
     medians, and each round's ratio (the two ran in the same round, minutes
-    apart at most); None without runs of both."""
+    apart at most); None without runs of both, or when ``den``'s median read
+    no CPU (runs shorter than the clock's ticks; a round whose ``den`` read
+    none has no ratio either)."""
     a, b = results.get(num, []), results.get(den, [])
     if not a or not b:
         return None
-    med = (statistics.median(r["us_per_msg"] for r in a)
-           / statistics.median(r["us_per_msg"] for r in b))
+    below = statistics.median(r["us_per_msg"] for r in b)
+    if below <= 0:
+        return None
+    med = statistics.median(r["us_per_msg"] for r in a) / below
     by_round = {r["round"]: r["us_per_msg"] for r in b}
-    return med, [r["us_per_msg"] / by_round[r["round"]] for r in a if r["round"] in by_round]
+    return med, [r["us_per_msg"] / by_round[r["round"]] for r in a
+                 if by_round.get(r["round"], 0) > 0]
 
 
 def store_ratio(results: dict[str, list[dict]],
@@ -1151,6 +1156,9 @@ def print_table(results: dict[str, list[dict]], args: argparse.Namespace) -> Non
     for sqlite, sync in (("fr-sqlite", "NORMAL"), ("fr-sqlite-full", "FULL")):
         both = store_ratio(results, sqlite)
         if both is None:
+            if results.get(sqlite) and results.get("fr-memory"):
+                print(f"SQLite {sync} / memory store: n/a (the memory store's runs read no "
+                      "CPU: shorter than the clock's ticks)")
             continue
         med, rounds = both
         # the rounds spread widely on a shared host: their median is printed too

@@ -85,6 +85,27 @@ def test_server_cpu_prints_the_sqlite_over_memory_ratio_by_round() -> None:
     results["fr-sqlite-full"] = [{"round": 1, "us_per_msg": 3.0}]
     med, rounds = server_cpu.store_ratio(results, "fr-sqlite-full")
     assert (med, rounds) == (pytest.approx(3.0 / 2.0), [1.5])
+    # a run shorter than a clock tick reads no CPU: a round of it has no
+    # ratio, and a median of none gives no ratio at all (not a crash)
+    results["fr-memory"][2]["us_per_msg"] = 0.0
+    med, rounds = server_cpu.store_ratio(results)
+    assert (med, rounds) == (pytest.approx(3.25 / 1.0), [1.5])
+    results["fr-memory"] = [{"round": 0, "us_per_msg": 0.0}]
+    assert server_cpu.store_ratio(results) is None
+
+
+def test_server_cpu_prints_no_store_ratio_for_runs_too_short_to_read(capsys) -> None:
+    # a --quick run of a few thousand messages may read no clock tick of the
+    # memory store's CPU: the table says so instead of dividing by zero
+    run = {"round": 0, "received": 3000, "wall": 0.01}
+    results = {"fr-memory": [dict(run, us_per_msg=0.0)],
+               "fr-sqlite-full": [dict(run, us_per_msg=3.33)]}
+    args = argparse.Namespace(full_window=False, window=1024, batch=256, rate=0.0,
+                              messages=3000, incomplete=[])
+    server_cpu.print_table(results, args)
+    out = capsys.readouterr().out
+    assert "SQLite FULL / memory store: n/a" in out
+    assert "SQLite NORMAL" not in out.split("ratios)")[-1]  # not run: no line
 
 
 @pytest.mark.parametrize("system, relay, nats", [
