@@ -312,6 +312,17 @@ def test_group_send_runs_several_senders_at_once() -> None:
     assert sorted(r[1] for r in rows) == ["gsend", "send"], proc.stdout
 
 
+def test_handover_measures_a_round_trip_through_a_thread_against_a_loop_turn() -> None:
+    # every request is answered from the thread (a lost answer would hang
+    # the run, and the timeout fail it), and both figures are read
+    proc = _bench("handover.py", "--trips", "300", "--runs", "2", timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    figures = dict(re.findall(r"^(.+?)\s+CPU\s+([\d.]+) us", proc.stdout, re.M))
+    assert set(figures) == {"loop -> thread -> loop", "a loop turn (baseline)"}, proc.stdout
+    assert all(float(v) > 0 for v in figures.values()), proc.stdout
+    assert "a hand-over costs" in proc.stdout
+
+
 def test_store_put_ack_holds_a_group_s_acks_back_a_batch() -> None:
     # --ack-lag 1: each batch's acks come with the put after the next; the
     # spacks of two batches are then live at every commit, and the WAL takes
