@@ -11,15 +11,19 @@ for.  At one message a commit (a chat client's shape) that round trip is
 paid once a message, whatever the commit does.  This measures it alone: the
 writer does nothing but answer.  The baseline, in the same run: a turn of
 the loop with nothing to wait for (a ``call_soon`` chain), what an answer
-costs when nothing sleeps.  Reported: the process's CPU (both threads) and
-the wall time a round trip, medians of ``--runs`` runs, and their ratio to
-the baseline.
+costs when nothing sleeps.  The round trip runs twice a round: with both
+threads free to run on any CPU, and with the process held to the one CPU it
+started on (``os.sched_setaffinity``), as a relay pinned to a core of its
+own would be: then neither thread wakes the other across CPUs.  Reported:
+the process's CPU (both threads) and the wall time a round trip, medians of
+``--runs`` rounds, and their ratios to the baseline.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import queue
 import statistics
 import threading
@@ -87,19 +91,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.trips < 1 or args.runs < 1:
         ap.error("--trips and --runs must be positive")
     run = uvloop.run if uvloop is not None else asyncio.run
+    cpus = os.sched_getaffinity(0)
+    one = {os.sched_getcpu() if hasattr(os, "sched_getcpu") else min(cpus)}
     hand: list[tuple[float, float]] = []
+    held: list[tuple[float, float]] = []
     turn: list[tuple[float, float]] = []
     for _ in range(args.runs):
         hand.append(run(_handover(args.trips)))
+        os.sched_setaffinity(0, one)
+        try:
+            held.append(run(_handover(args.trips)))
+        finally:
+            os.sched_setaffinity(0, cpus)
         turn.append(run(_turns(args.trips)))
-    for name, rs in (("loop -> thread -> loop", hand), ("a loop turn (baseline)", turn)):
-        cpu = [c for c, _ in rs]
-        print(f"{name:<24} CPU {statistics.median(cpu):8.2f} us [{min(cpu):.2f}-{max(cpu):.2f}]"
-              f"  wall {statistics.median(w for _, w in rs):8.2f} us")
     base = statistics.median(c for c, _ in turn)
-    if base > 0:
-        print(f"a hand-over costs {statistics.median(c for c, _ in hand) / base:.0f}x a loop "
-              "turn in CPU")
+    for name, rs in (("loop -> thread -> loop", hand), ("the same on one CPU", held),
+                     ("a loop turn (baseline)", turn)):
+        cpu = [c for c, _ in rs]
+        ratio = statistics.median(cpu) / base if base > 0 else float("nan")
+        print(f"{name:<24} CPU {statistics.median(cpu):8.2f} us [{min(cpu):.2f}-{max(cpu):.2f}]"
+              f"  wall {statistics.median(w for _, w in rs):8.2f} us  {ratio:6.1f}x a loop turn")
     return 0
 
 

@@ -5,7 +5,7 @@ limit; ``--quick`` finishes in well under a minute)::
 
     python benches/server_cpu.py [--messages N] [--runs R] [--quick]
         [--window W] [--rate MSG_PER_S] [--only SYSTEM,...] [--time-limit S]
-        [--full-window]
+        [--full-window] [--server-cpus LIST]
 
 What is measured is the server process's own CPU time -- utime + stime of
 ``/proc/<pid>/stat`` (all its threads), read just before the sender is told
@@ -63,6 +63,13 @@ more per message.
 5 ms (PACE_TICK); use a rate every system sustains (JetStream's nats-py
 clients are the slowest).  That equalises offered load, but CPU per
 message at low rates is mostly each server's cost per wakeup.
+
+``--server-cpus 0`` holds every server (the relay's threads, nats-server's)
+to CPU 0 and this script and its clients to the others, as a relay held to
+a core of its own runs: its store's writer then answers the event loop on
+the same CPU (``benches/handover.py`` measures what a hand-over across CPUs
+costs), and the clients never take the server's CPU.  Each run prints the
+CPUs its server was held to, read back from the process.
 
 nats-py's JetStream clients are the bottleneck of pairs 2 and 3: about
 40 us of client CPU per ``publish_async`` (publish-ack futures, reply
@@ -267,6 +274,18 @@ class RunFailed(Exception):
 
 
 # ------------------------------------------------------------------ helpers
+#: the CPUs the servers are held to (``--server-cpus``); None: not held
+SERVER_CPUS: set[int] | None = None
+
+
+def server_preexec() -> None:
+    """preexec_fn of a server: held to :data:`SERVER_CPUS` when set, and
+    killed with this script."""
+    if SERVER_CPUS:
+        os.sched_setaffinity(0, SERVER_CPUS)
+    die_with_parent()
+
+
 def die_with_parent() -> None:
     """preexec_fn: SIGKILL this child when the script dies, so nothing outlives it."""
     with contextlib.suppress(Exception):
@@ -451,7 +470,7 @@ class FastrouteServer:
                 [*cli, "serve", "--data-dir", self.dir, "--config", cfg,
                  "--listen", "127.0.0.1:0", "--store", self.store],
                 stdout=out, stderr=subprocess.STDOUT, cwd=self.dir,
-                env=dict(os.environ, PYTHONUNBUFFERED="1"), preexec_fn=die_with_parent)
+                env=dict(os.environ, PYTHONUNBUFFERED="1"), preexec_fn=server_preexec)
         m = wait_for_log(self.proc, log, r"listening on [\d.]+:(\d+)", "fastroute relay")
         self.port = int(m.group(1))
         with open(log) as fh:
@@ -490,7 +509,7 @@ class NatsServer:
         with open(log, "w") as out:
             self.proc = subprocess.Popen([self.ctx["nats_server"], "-c", conf],
                                          stdout=out, stderr=subprocess.STDOUT, cwd=self.dir,
-                                         preexec_fn=die_with_parent)
+                                         preexec_fn=server_preexec)
         m = wait_for_log(self.proc, log, r"Listening for client connections on [\d.]+:(\d+)",
                          "nats-server")
         self.port = int(m.group(1))
@@ -960,6 +979,9 @@ async def run_once(system: str, args: argparse.Namespace, ctx: dict) -> dict:
                 await _fill_window(dict(base, n=DEDUP_WINDOW, rate=0.0), server.dir)
         rx, tx = await _start_pair(base, server.dir, workers)
         pid = server.proc.pid
+        if SERVER_CPUS:
+            print(f"  (server held to CPUs {sorted(os.sched_getaffinity(pid))}, its clients "
+                  f"to {sorted(os.sched_getaffinity(0))})", flush=True)
         ticks0, sched0, main0 = proc_ticks(pid), proc_sched_ns(pid), main_thread_ns(pid)
         t0 = time.monotonic()
         await tx.say("go")
@@ -1243,9 +1265,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--full-window", action="store_true",
                     help=f"fill each relay's dedup window ({DEDUP_WINDOW} messages, "
                          "unmeasured) before its measured run")
+    ap.add_argument("--server-cpus", default="",
+                    help="comma-separated CPUs every server is held to, this script and its "
+                         "clients to the others (as a relay held to its own core would run; "
+                         "default: none held)")
     ap.add_argument("--data-dir", default=None,
                     help="parent dir of the servers' data dirs (default: a temp dir)")
     args = ap.parse_args(argv)
+    if args.server_cpus:
+        global SERVER_CPUS
+        allowed = os.sched_getaffinity(0)
+        try:
+            SERVER_CPUS = {int(c) for c in args.server_cpus.split(",") if c}
+        except ValueError:
+            ap.error("--server-cpus: comma-separated CPU numbers")
+        if not SERVER_CPUS <= allowed or not allowed - SERVER_CPUS:
+            ap.error(f"--server-cpus: a subset of {sorted(allowed)} that leaves a CPU for "
+                     "the clients")
+        os.sched_setaffinity(0, allowed - SERVER_CPUS)
     if args.quick:
         args.messages = min(args.messages, 20_000)
         args.runs = 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import os
 import re
 import sys
 import time
@@ -234,11 +235,12 @@ def test_sizing_measures_the_store_it_is_given(store: str) -> None:
     assert (commits == 0) if store == "memory" else (commits > 0)
 
 
-def _quick_pair(only: str, title: str, label: str) -> str:
-    """``server_cpu.py --quick`` of 3,000 messages with the systems ``only``;
-    its output, once pair ``title``'s row shows the fastroute system
-    ``label`` with one complete run that delivered them all."""
-    proc = _bench("server_cpu.py", "--quick", "--messages", "3000", "--only", only)
+def _quick_pair(only: str, title: str, label: str, *more: str) -> str:
+    """``server_cpu.py --quick`` of 3,000 messages with the systems ``only``
+    (and the options ``more``); its output, once pair ``title``'s row shows
+    the fastroute system ``label`` with one complete run that delivered them
+    all."""
+    proc = _bench("server_cpu.py", "--quick", "--messages", "3000", "--only", only, *more)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     row = [line for line in proc.stdout.splitlines() if line.startswith(title)]
     assert len(row) == 1, proc.stdout
@@ -263,6 +265,19 @@ def test_server_cpu_runs_the_sqlite_store_at_full_beside_the_memory_store() -> N
                       "fastroute SQLite FULL")
     assert "SQLite FULL / memory store: " in out
     assert "SQLite NORMAL / memory store" not in out  # not run: not printed
+
+
+def test_server_cpu_holds_its_servers_to_the_cpus_it_is_given() -> None:
+    # --server-cpus: the relay (read back from its process) on CPU 0, the
+    # clients on the rest; a CPU the script may not use is refused
+    if len(os.sched_getaffinity(0)) < 2 or 0 not in os.sched_getaffinity(0):
+        pytest.fail("needs CPU 0 and one more (CI has 2 cores)")
+    out = _quick_pair("fr-memory", "4 HEADLINE memory vs core", "fastroute memory store",
+                      "--server-cpus", "0")
+    rest = sorted(os.sched_getaffinity(0) - {0})
+    assert f"(server held to CPUs [0], its clients to {rest})" in out, out
+    proc = _bench("server_cpu.py", "--quick", "--server-cpus", "0,100000")
+    assert proc.returncode == 2 and "--server-cpus" in proc.stderr, proc.stderr
 
 
 def test_server_cpu_reverses_the_order_of_its_systems_every_other_round() -> None:
@@ -312,15 +327,20 @@ def test_group_send_runs_several_senders_at_once() -> None:
     assert sorted(r[1] for r in rows) == ["gsend", "send"], proc.stdout
 
 
-def test_handover_measures_a_round_trip_through_a_thread_against_a_loop_turn() -> None:
+def test_handover_measures_a_round_trip_through_a_thread_against_a_loop_turn(capsys) -> None:
     # every request is answered from the thread (a lost answer would hang
-    # the run, and the timeout fail it), and both figures are read
-    proc = _bench("handover.py", "--trips", "300", "--runs", "2", timeout=60)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    figures = dict(re.findall(r"^(.+?)\s+CPU\s+([\d.]+) us", proc.stdout, re.M))
-    assert set(figures) == {"loop -> thread -> loop", "a loop turn (baseline)"}, proc.stdout
-    assert all(float(v) > 0 for v in figures.values()), proc.stdout
-    assert "a hand-over costs" in proc.stdout
+    # the run), the three figures are read, and the CPUs the process may run
+    # on are given back after the runs held to one
+    import handover
+
+    cpus = os.sched_getaffinity(0)
+    assert handover.main(["--trips", "300", "--runs", "2"]) == 0
+    assert os.sched_getaffinity(0) == cpus
+    out = capsys.readouterr().out
+    figures = dict(re.findall(r"^(.+?)\s+CPU\s+([\d.]+) us", out, re.M))
+    assert set(figures) == {"loop -> thread -> loop", "the same on one CPU",
+                            "a loop turn (baseline)"}, out
+    assert all(float(v) > 0 for v in figures.values()), out
 
 
 def test_store_put_ack_holds_a_group_s_acks_back_a_batch() -> None:
