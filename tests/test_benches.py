@@ -331,11 +331,24 @@ def test_handover_measures_a_round_trip_through_a_thread_against_a_loop_turn(cap
     # every request is answered from the thread (a lost answer would hang
     # the run), the three figures are read, and the CPUs the process may run
     # on are given back after the runs held to one
+    import threading
+
     import handover
 
     cpus = os.sched_getaffinity(0)
-    assert handover.main(["--trips", "300", "--runs", "2"]) == 0
-    assert os.sched_getaffinity(0) == cpus
+    got: dict = {}
+
+    def run() -> None:
+        # in a thread of its own, so that a hang fails the test at the join;
+        # affinity is a thread's, and this one starts with the test's
+        got["rc"] = handover.main(["--trips", "300", "--runs", "2"])
+        got["after"] = os.sched_getaffinity(0)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), "handover.py did not finish in 60 s"
+    assert got == {"rc": 0, "after": cpus}
     out = capsys.readouterr().out
     figures = dict(re.findall(r"^(.+?)\s+CPU\s+([\d.]+) us", out, re.M))
     assert set(figures) == {"loop -> thread -> loop", "the same on one CPU",
