@@ -12,9 +12,9 @@ paid once a message, whatever the commit does.  This measures it alone: the
 writer does nothing but answer.  The baseline, in the same run: a turn of
 the loop with nothing to wait for (a ``call_soon`` chain), what an answer
 costs when nothing sleeps.  The round trip runs twice a round: with both
-threads free to run on any CPU, and with the process held to the one CPU it
-started on (``os.sched_setaffinity``), as a relay pinned to a core of its
-own would be: then neither thread wakes the other across CPUs.  Reported:
+threads free to run on any CPU, and with the process held to one CPU, the
+lowest it may use (``os.sched_setaffinity``), as a relay pinned to a core of
+its own would be: then neither thread wakes the other across CPUs.  Reported:
 the process's CPU (both threads) and the wall time a round trip, medians of
 ``--runs`` rounds, and their ratios to the baseline.
 """
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--trips and --runs must be positive")
     run = uvloop.run if uvloop is not None else asyncio.run
     cpus = os.sched_getaffinity(0)
-    one = {os.sched_getcpu() if hasattr(os, "sched_getcpu") else min(cpus)}
+    one = {min(cpus)}
     hand: list[tuple[float, float]] = []
     held: list[tuple[float, float]] = []
     turn: list[tuple[float, float]] = []
