@@ -1175,7 +1175,8 @@ def print_table(results: dict[str, list[dict]], args: argparse.Namespace) -> Non
                   f"{ratio:>21}")
     print("(runs: complete runs counted; CPU ratio: median/median, [range] over the rounds' "
           "ratios)")
-    for sqlite, sync in (("fr-sqlite", "NORMAL"), ("fr-sqlite-full", "FULL")):
+    for sqlite in ("fr-sqlite", "fr-sqlite-full"):
+        sync = SYNC[sqlite]
         both = store_ratio(results, sqlite)
         if both is None:
             if results.get(sqlite) and results.get("fr-memory"):
