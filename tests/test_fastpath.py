@@ -138,6 +138,7 @@ def test_compiled_twins_loaded():
              (store._mem_put, store.py_mem_put), (store._mem_ack, store.py_mem_ack),
              (store._mem_load, store.py_mem_load), (store._sql_rows, store.py_sql_rows),
              (store._shares_release, store.py_shares_release),
+             (store._release_walked, store.py_release_walked),
              (store._ack_device, store.py_ack_device), (store._mid_span, store.py_mid_span),
              (store._mids_blob, store.py_mids_blob),
              (store._pack_rows, store.py_pack_rows),
@@ -2183,6 +2184,99 @@ def test_shares_release_twins():
             assert n1 == max(0, n0 - k)
             assert (m in gone) == (n0 > 0 and n0 - k <= 0)
         assert len(gone) == len(set(gone))
+
+
+def _walked_case(rng: random.Random) -> tuple:
+    """A writer's counts (blocks of spacks, as transactions add them) and a
+    compiled walk's output over devices' acks: each device's shares (whole
+    spacks, or some of their mids), whole packs' mids before some of them,
+    shares of spacks the counts never had, mids gone already."""
+    counts = store._Counts()
+    spacks: list[list[int]] = []
+    mid = 1 + rng.randrange(3)
+    for _ in range(rng.randrange(1, 5)):  # a transaction's block of spacks
+        firsts, sizes, block = [], [], []
+        for _ in range(rng.randrange(1, 4)):
+            sp = list(range(mid, mid + rng.randrange(1, 9)))
+            mid = sp[-1] + 1 + rng.randrange(3)  # other devices' packs between
+            spacks.append(sp)
+            firsts.append(sp[0])
+            sizes.append(len(sp))
+            block += sp
+        held = [rng.randrange(0, 4) for _ in block]
+        counts.add(block[0], array.array("q", block).tobytes(),
+                   array.array("i", held).tobytes(), array.array("q", firsts).tobytes(),
+                   array.array("i", sizes).tobytes())
+    counts.begin()
+    if rng.random() < 0.3:
+        counts._added = list(counts.blocks)[:1]  # a block this transaction added
+    stray = [mid + 5, mid + 6]  # a spack the counts do not have
+    walked: list = []
+    keys: list = []
+    acks: dict = {}
+    for index in range(rng.randrange(1, 5)):
+        key = 100 + index
+        mids: list = []
+        pool = spacks + [stray]
+        for sp in rng.sample(pool, rng.randrange(1, min(4, len(pool)) + 1)):
+            if rng.random() < 0.3:
+                mids += [mid + 50 + len(mids)]  # a whole pack's mid, before the share
+            share = sp if rng.random() < 0.6 else sp[:1] + rng.sample(sp[1:], len(sp[1:]) // 2)
+            walked += [index, share[0], len(share)]
+            mids += share
+        keys.append(key)
+        acks[key] = mids
+    return counts, walked, keys, acks
+
+
+def _walked_state(counts) -> tuple:
+    return ({k: (list(b[0]), list(b[1]), b[2], list(b[3]), list(b[4]))
+             for k, b in counts.blocks.items()},
+            {k: (list(v[1]), v[2], list(v[3])) for k, v in counts._saved.items()},
+            list(counts._firsts), list(counts._added))
+
+
+def test_release_walked_twins():
+    # the counts each twin leaves, the mids it names gone and where each
+    # device's walk ended are the same, and so is what a rollback (or a
+    # commit) of the transaction leaves after it
+    rng = random.Random(11)
+    gone_seen = ends_seen = 0
+    for trial in range(400):
+        case = _walked_case(rng)
+        runs = []
+        for fn in _both(store.py_release_walked):
+            if fn is None:
+                continue
+            counts, walked, keys, acks = copy.deepcopy(case)
+            gone: dict = {0: [7]} if trial % 7 == 0 else {}  # released before, kept
+            ends = fn(counts, walked, keys, acks, gone)
+            state = _walked_state(counts)
+            if trial % 2:
+                counts.rollback()
+            else:
+                counts.commit()
+            runs.append((ends, gone, state, _walked_state(counts)))
+        assert all(r == runs[0] for r in runs), trial
+        ends, gone, _, _ = runs[0]
+        gone_seen += sum(len(v) for k, v in gone.items() if k)
+        ends_seen += len(ends)
+    assert gone_seen > 100 and ends_seen > 400  # the cases released and walked
+
+
+def test_release_walked_twins_refuse_the_same_input():
+    counts = store._Counts()
+    counts.add(1, array.array("q", [1, 2]).tobytes(), array.array("i", [1, 1]).tobytes(),
+               array.array("q", [1]).tobytes(), array.array("i", [2]).tobytes())
+    for walked, acks, error in [([0, 1, 2], {5: [1, "2"]}, TypeError),
+                                ([0, 1, 2, 0], {5: [1, 2]}, IndexError),
+                                ([0, 3, 1], {5: [1, 2]}, ValueError),
+                                ([0, 1, 2], {5: []}, IndexError),
+                                ([0, 1, -1], {5: [1, 2]}, InvalidArgument)]:
+        for fn in _both(store.py_release_walked):
+            if fn is not None:
+                with pytest.raises(error):
+                    fn(copy.deepcopy(counts), walked, [5], acks, {})
 
 
 def _ack_device_case(fn, key, mids, rows, partial, spartial):

@@ -51,37 +51,37 @@ def _rows(path: str) -> dict[str, list]:
         conn.close()
 
 
-def _count_compiled_shares(store: SqliteStore) -> tuple[list[int], list[int]]:
+def _count_compiled_shares(store: SqliteStore, monkeypatch) -> tuple[list[int], list[int]]:
     """Count, call by call, the mids of whole shares the store's compiled
     walks applied: the common transaction's (released by
     ``_release_walked``) and the general path's (``_drop_shares``)."""
     by_walk: list[int] = []
     by_drops: list[int] = []
-    release_walked = store._release_walked
+    release_walked = store_mod._release_walked
     drop_shares = store._drop_shares
     in_drops = False  # _drop_shares releases through _release_walked too
 
-    def walked(done: list, keys: list, acks: dict, release) -> dict[int, int]:
+    def walked(counts, done: list, keys: list, acks: dict, gone: dict) -> dict[int, int]:
         if not in_drops:
             by_walk.append(sum(done[2::3]))
-        return release_walked(done, keys, acks, release)
+        return release_walked(counts, done, keys, acks, gone)
 
-    def dropped(acks: dict, spartial: dict, release) -> dict:
+    def dropped(acks: dict, spartial: dict, gone: dict) -> dict:
         nonlocal in_drops
         in_drops = True
         try:
-            rest = drop_shares(acks, spartial, release)
+            rest = drop_shares(acks, spartial, gone)
         finally:
             in_drops = False
         by_drops.append(sum(map(len, acks.values())) - sum(map(len, rest.values())))
         return rest
 
-    store._release_walked = walked
+    monkeypatch.setattr(store_mod, "_release_walked", walked)
     store._drop_shares = dropped
     return by_walk, by_drops
 
 
-async def _traffic(path: str, seed: int) -> tuple[list, dict]:
+async def _traffic(path: str, seed: int, monkeypatch) -> tuple[list, dict]:
     """One seeded run of puts and acks of every shape; what the store gave
     back (mids, loads, counts) and its counters."""
     rng = random.Random(seed)
@@ -89,7 +89,7 @@ async def _traffic(path: str, seed: int) -> tuple[list, dict]:
     seen: list = []
     # the mids of whole shares the compiled walks applied (the common
     # transaction's, and the general path's SqliteStore._drop_shares)
-    by_walk, by_drops = _count_compiled_shares(store)
+    by_walk, by_drops = _count_compiled_shares(store, monkeypatch)
     try:
         keys = [store.register_device(f"u{i}@p", "1") for i in range(5)]
         await store.flush()
@@ -209,9 +209,9 @@ def test_the_common_transaction_leaves_what_the_general_path_leaves(tmp_path, mo
                                                                     way, seed):
     fast_db, slow_db = str(tmp_path / "fast.db"), str(tmp_path / "slow.db")
     monkeypatch.setattr(store_mod, "_SqlFast", way)
-    fast_seen, fast = asyncio.run(_traffic(fast_db, seed))
+    fast_seen, fast = asyncio.run(_traffic(fast_db, seed, monkeypatch))
     monkeypatch.setattr(store_mod, "_SqlFast", None)
-    slow_seen, slow = asyncio.run(_traffic(slow_db, seed))
+    slow_seen, slow = asyncio.run(_traffic(slow_db, seed, monkeypatch))
     # both ways were taken: whole transactions in one call, and ones it
     # handed back to the general path (an ack it could not apply alone)
     assert fast["committed"] > 0 and fast["handed_back"] > 0, fast
@@ -527,7 +527,8 @@ def test_a_large_group_s_shares_go_a_chunk_a_statement(tmp_path, way):
 
 
 @needs_c
-def test_a_large_group_s_transaction_takes_the_general_path_and_its_acks_compiled(tmp_path):
+def test_a_large_group_s_transaction_takes_the_general_path_and_its_acks_compiled(tmp_path,
+                                                                                  monkeypatch):
     # past _FAST_SHARES new shares the sqlite3 module's statements of 128
     # rows cost less than the compiled path's; the acks of whole shares are
     # still applied by the compiled call
@@ -539,7 +540,7 @@ def test_a_large_group_s_transaction_takes_the_general_path_and_its_acks_compile
         before = fast.committed, fast.handed_back
         mids = list(await store.put_many([("s@p", b"a" * 16, b"x", T0, many)]))
         after_large = fast.committed, fast.handed_back
-        by_walk, by_drops = _count_compiled_shares(store)
+        by_walk, by_drops = _count_compiled_shares(store, monkeypatch)
         for key in many:
             store.ack(key, mids, validate=False)
         await store.put_many([("s@p", b"b" * 16, b"x", T0, many[:10])])

@@ -26,6 +26,7 @@
 from cpython cimport array as carray
 from cpython.dict cimport PyDict_Next
 from cpython.list cimport PyList_CheckExact
+from cpython.object cimport PyObject_GetItem
 from cpython.set cimport PySet_Contains, PySet_GET_SIZE
 from cpython.ref cimport Py_XDECREF
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
@@ -983,6 +984,145 @@ def shares_release(carray.array have, carray.array counts, mids):
             if held[lo] == 0:
                 gone.append(v)
     return gone
+
+
+def release_walked(counts, list walked, list keys, dict acks, dict gone):
+    """Release in ``counts`` the messages of the shares a compiled walk
+    deleted (see ``fastroute.store.py_release_walked``): the mids no device
+    holds any more appended to ``gone``; by drop index, where its last
+    share's mids end in its acks.
+
+    The acked mids are read through borrowed pointers (the loop's thread
+    made those ints and frees them); the mids gone are new ints.  A spack's
+    block is found and saved for a rollback as ``_Counts._find`` does."""
+    cdef dict blocks = counts.blocks
+    cdef list firsts = counts._firsts
+    cdef dict saved = counts._saved
+    cdef list added = counts._added
+    cdef dict ends = {}
+    cdef Py_ssize_t i, nwalked = len(walked), at = 0, n, j, stop, lo, hi, k, end, spack_at
+    cdef Py_ssize_t nmids = 0, ngone
+    cdef long long first, m
+    cdef int overflow = 0
+    cdef object index, last = None, block_key, out, known, value
+    cdef list mids = None, block
+    cdef carray.array have, held, bfirsts
+    cdef int64_t* have_p
+    cdef int32_t* held_p
+    cdef int64_t* bfirsts_p
+    cdef PyObject* item
+    for i in range(0, nwalked, 3):
+        # bounds checked here: the module is built without Cython's
+        if i + 2 >= nwalked:
+            raise IndexError("list index out of range")
+        index = walked[i]
+        first = walked[i + 1]
+        n = walked[i + 2]
+        if n < 0:
+            raise InvalidArgument("a share has no negative number of mids")
+        if last is None or index != last:
+            last = index
+            value = acks[PyObject_GetItem(keys, index)]
+            mids = value if type(value) is list else list(value)
+            nmids = PyList_GET_SIZE(mids)
+            at = 0
+        if at >= nmids:
+            raise IndexError("list index out of range")
+        if _borrowed_mid(mids, at) != first:
+            # whole packs walked before it: their mids are not in walked,
+            # and none of them is this share's first
+            at = mids.index(walked[i + 1], at)
+        stop = at + n if at + n < nmids else nmids
+        # the spack's block: the last block key at or below it
+        lo = 0
+        hi = PyList_GET_SIZE(firsts)
+        while lo < hi:
+            k = (lo + hi) >> 1
+            if first < <long long>firsts[k]:
+                hi = k
+            else:
+                lo = k + 1
+        if lo > 0:
+            block_key = firsts[lo - 1]
+            block = blocks[block_key]
+            if PyList_GET_SIZE(block) != 5:
+                raise WrongType("a block is [mids, counts, live, firsts, sizes]")
+            bfirsts = block[3]
+            end = len(bfirsts)
+            bfirsts_p = <int64_t*>bfirsts.data.as_voidptr
+            lo = 0
+            hi = end
+            while lo < hi:
+                k = (lo + hi) >> 1
+                if bfirsts_p[k] < first:
+                    lo = k + 1
+                else:
+                    hi = k
+            spack_at = lo
+            if spack_at < end and bfirsts_p[spack_at] == first:
+                if block_key not in saved and block_key not in added:
+                    saved[block_key] = (block, carray.copy(block[1]), block[2],
+                                        carray.copy(block[4]))
+                have = block[0]
+                held = block[1]
+                if (have.ob_descr.typecode != b'q' or held.ob_descr.typecode != b'i'
+                        or len(have) != len(held)):
+                    raise WrongType("have is an int64 array, counts an int32 array as long")
+                end = len(have)
+                have_p = <int64_t*>have.data.as_voidptr
+                held_p = <int32_t*>held.data.as_voidptr
+                out = None
+                ngone = 0
+                lo = end
+                for j in range(at, stop):
+                    item = <PyObject*>PyList_GET_ITEM(mids, j)
+                    if not PyLong_Check(<object>item):
+                        raise TypeError("a mid is an int")
+                    m = PyLong_AsLongLongAndOverflow(<object>item, &overflow)
+                    if overflow:
+                        continue  # no int64 mid: not in have
+                    # a share's mids are its spack's, ascending and next to
+                    # each other in the block: the one after the last found
+                    # first, a search only when it is not that one
+                    lo += 1
+                    if lo >= end or have_p[lo] != m:
+                        lo = 0
+                        hi = end
+                        while lo < hi:
+                            k = (lo + hi) >> 1
+                            if have_p[k] < m:
+                                lo = k + 1
+                            else:
+                                hi = k
+                    if lo < end and have_p[lo] == m and held_p[lo] > 0:
+                        held_p[lo] -= 1
+                        if held_p[lo] == 0:
+                            if out is None:
+                                out = []
+                            out.append(PyLong_FromLongLong(m))
+                            ngone += 1
+                if ngone:
+                    block[2] = block[2] - ngone
+                    block[4][spack_at] = block[4][spack_at] - ngone
+                    known = gone.get(walked[i + 1])
+                    if known is None:
+                        gone[walked[i + 1]] = out
+                    else:
+                        known.extend(out)
+        at += n
+        ends[index] = at
+    return ends
+
+
+cdef inline long long _borrowed_mid(list mids, Py_ssize_t at) except? -1:
+    # a mid of the loop's list, read without a reference of this thread's
+    cdef PyObject* item = <PyObject*>PyList_GET_ITEM(mids, at)
+    cdef int overflow = 0
+    cdef long long v
+    if not PyLong_CheckExact(<object>item):
+        return -1  # not an int64: never a share's first (the slow lookup decides)
+    v = PyLong_AsLongLongAndOverflow(<object>item, &overflow)
+    return -1 if overflow else v
 
 
 def mids_blob(mids):
