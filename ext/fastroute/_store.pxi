@@ -9,6 +9,7 @@
 #   sql_rows  = py_sql_rows
 #   CopyTails = PyCopyTails
 #   shares_release = py_shares_release
+#   release_walked = py_release_walked
 #   ack_device = py_ack_device
 #   mid_span  = py_mid_span
 #   mids_blob = py_mids_blob
