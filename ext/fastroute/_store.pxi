@@ -43,6 +43,19 @@ cdef enum:
     INBOX_KEEP = 64
 
 
+cdef inline Py_ssize_t _int64_lower_bound(const int64_t* a, Py_ssize_t lo, Py_ssize_t hi,
+                                          int64_t v) noexcept nogil:
+    # bisect_left over a[lo:hi] (ascending): the first position not below v
+    cdef Py_ssize_t k
+    while lo < hi:
+        k = lo + (hi - lo) // 2
+        if a[k] < v:
+            lo = k + 1
+        else:
+            hi = k
+    return lo
+
+
 @cython.final  # the store's loops call its cdef methods directly
 cdef class Inbox:
     """One device's inbox in the memory store: mid -> the put's item, in mid
@@ -82,7 +95,7 @@ cdef class Inbox:
 
     cdef Py_ssize_t _lower(self, int64_t mid) noexcept:
         """The first position from ``start`` whose mid is >= ``mid`` (``end``: none)."""
-        cdef Py_ssize_t lo = self.start, hi = self.end, m, h = self.hint
+        cdef Py_ssize_t lo = self.start, hi = self.end, h = self.hint
         if lo < hi and self.mids[lo] >= mid:
             return lo  # an ack of the oldest entry, the usual case
         if lo < h < hi and self.mids[h] >= mid and self.mids[h - 1] < mid:
@@ -91,12 +104,7 @@ cdef class Inbox:
             # (any position is checked before it is trusted)
             self.hint = h + 1
             return h
-        while lo < hi:
-            m = lo + (hi - lo) // 2
-            if self.mids[m] < mid:
-                lo = m + 1
-            else:
-                hi = m
+        lo = _int64_lower_bound(self.mids, lo, hi, mid)
         self.hint = lo + 1
         return lo
 
@@ -954,7 +962,7 @@ def shares_release(carray.array have, carray.array counts, mids):
     """One device no longer holds ``mids``: one off the count in ``counts`` of
     each in ``have`` (see ``py_shares_release``); the mids held by none now."""
     cdef list gone = []
-    cdef Py_ssize_t lo, hi, at, end
+    cdef Py_ssize_t lo, end
     cdef long long m
     cdef int overflow = 0
     cdef int64_t* keys
@@ -972,14 +980,7 @@ def shares_release(carray.array have, carray.array counts, mids):
         m = PyLong_AsLongLongAndOverflow(v, &overflow)
         if overflow:
             continue  # no int64 mid: not in have
-        lo = 0
-        hi = end
-        while lo < hi:
-            at = (lo + hi) >> 1
-            if keys[at] < m:
-                lo = at + 1
-            else:
-                hi = at
+        lo = _int64_lower_bound(keys, 0, end, m)
         if lo < end and keys[lo] == m and held[lo] > 0:
             held[lo] -= 1
             if held[lo] == 0:
@@ -1051,15 +1052,7 @@ def release_walked(counts, list walked, list keys, dict acks, dict gone):
             bfirsts = block[3]
             end = len(bfirsts)
             bfirsts_p = <int64_t*>bfirsts.data.as_voidptr
-            lo = 0
-            hi = end
-            while lo < hi:
-                k = (lo + hi) >> 1
-                if bfirsts_p[k] < first:
-                    lo = k + 1
-                else:
-                    hi = k
-            spack_at = lo
+            spack_at = _int64_lower_bound(bfirsts_p, 0, end, first)
             if spack_at < end and bfirsts_p[spack_at] == first:
                 if block_key not in saved and block_key not in added:
                     saved[block_key] = (block, carray.copy(block[1]), block[2],
@@ -1087,14 +1080,7 @@ def release_walked(counts, list walked, list keys, dict acks, dict gone):
                     # first, a search only when it is not that one
                     lo += 1
                     if lo >= end or have_p[lo] != m:
-                        lo = 0
-                        hi = end
-                        while lo < hi:
-                            k = (lo + hi) >> 1
-                            if have_p[k] < m:
-                                lo = k + 1
-                            else:
-                                hi = k
+                        lo = _int64_lower_bound(have_p, 0, end, m)
                     if lo < end and have_p[lo] == m and held_p[lo] > 0:
                         held_p[lo] -= 1
                         if held_p[lo] == 0:
