@@ -1716,14 +1716,15 @@ class SqliteStore(_BaseStore):
 
         A device's acks are applied there while they list whole packs and
         shares, each in order (each row is deleted: what
-        :func:`py_ack_device` does for it).  When a share was deleted (a
-        group member's steady state), or some acks were left (part of a row,
-        a device with a row acked in part before), the call hands the
-        transaction back: the shares' messages are released, the rest goes
-        to :meth:`_delete`, and a second call deletes the spacks no device
-        holds anything of, inserts the new rows and commits.  The acks still
-        go first, so the pages their deletes free are the ones the new rows
-        take.
+        :func:`py_ack_device` does for it).  The shares deleted (a group
+        member's steady state) have their messages released in the call,
+        and the spacks no device holds anything of now are deleted there.
+        When some acks were left (part of a row, a device with a row acked
+        in part before), the call hands the transaction back: the shares'
+        messages are released, the rest goes to :meth:`_delete`, and a second
+        call deletes the spacks no device holds anything of, inserts the new
+        rows and commits.  The acks still go first, so the pages their
+        deletes free are the ones the new rows take.
         """
         spack_rows, share_rows, pack_rows, _ = puts
         fast = self._fast
@@ -1741,8 +1742,13 @@ class SqliteStore(_BaseStore):
         if others:
             missed = fast.run(drops, [], -1, True, False, shares=walked)
         else:
+            gone: dict[int, list[int]] = {}
             missed = fast.run(drops, pack_rows, mark, True, True, spack_rows, share_rows,
-                              shares=walked)
+                              shares=walked, release=(self._counts, tried, acks, gone))
+            if not missed:
+                # committed; the spacks of gone no device holds were deleted
+                _settle_gone(self._counts, gone, sgone, [])
+                return
         if missed or others or walked:
             for i, done in missed:
                 others[tried[i]] = acks[tried[i]][done:]
@@ -1801,16 +1807,8 @@ class SqliteStore(_BaseStore):
             for pack in [p for p in partial if p[0] == key]:
                 del partial[pack]
         if gone:
-            # a spack none of whose messages any device holds goes now; one
-            # with some still held is rewritten later (as a pack acked in
-            # part), unless the rest goes first
             out = [] if dead is None else dead
-            for first, mids in gone.items():
-                if counts.left(first):
-                    sgone[first] = sgone.get(first, frozenset()).union(mids)
-                else:
-                    out.append(first)
-                    sgone.pop(first, None)
+            _settle_gone(counts, gone, sgone, out)
             if out and dead is None:
                 _execute_in(conn, _SQL_SPACK_DROP, [], sorted(out))
         if touched:
@@ -2430,7 +2428,8 @@ class PySqlFast:
     def run(self, drops: list, pack_rows: list, mark: int, begin: bool,
             commit: bool, spack_rows: list | None = None,
             share_rows: list | None = None, spack_drops: list | None = None,
-            shares: list | None = None) -> list[tuple[int, int]]:
+            shares: list | None = None,
+            release: tuple | None = None) -> list[tuple[int, int]]:
         """BEGIN (when ``begin``); apply ``drops``, flat ``key, mids blob``
         pairs (a device's acked mids, int64s); then, if every drop was
         applied whole and no share deleted (see below), delete the spacks
@@ -2449,9 +2448,20 @@ class PySqlFast:
         ``matched`` the mids it applied.  When one did, or a share was
         deleted, nothing after the drops was done, and the transaction is
         left open for the caller to apply the rest (the shares' counts
-        first) and finish (as it is when ``commit`` is false).  A value of
-        the wrong type raises before anything is written; an SQLite error
-        rolls the transaction back and raises.
+        first) and finish (as it is when ``commit`` is false).
+
+        With ``release``, ``(counts, keys, acks, gone)``, shares deleted by
+        drops that were all applied whole do not hand the transaction back:
+        their messages are released in ``counts`` as
+        :func:`py_release_walked` releases them (``walked`` the shares
+        deleted, as appended to ``shares``; ``keys`` the drops' device keys
+        by index, ``acks`` the mids the drops came from, ``gone`` the dict
+        that takes the mids no device holds now, by spack), the spacks in
+        ``gone`` none of whose messages a device holds now are deleted with
+        ``spack_drops``, and the rest is done: a group's steady state in one
+        call.  A value of the wrong type raises before anything is written;
+        an SQLite error, or an error of the release, rolls the transaction
+        back and raises.
         """
         conn = self._conn
         if conn is None:
@@ -2464,6 +2474,14 @@ class PySqlFast:
                                   "8, 9 and 7 columns")
         if shares is not None and type(shares) is not list:
             raise WrongType("shares is a list")
+        if release is not None:
+            if type(release) is not tuple:
+                raise WrongType("release is a tuple")
+            if shares is None:
+                raise InvalidArgument("a release needs the shares list")
+            if (len(release) != 4 or type(release[1]) is not list
+                    or type(release[2]) is not dict or type(release[3]) is not dict):
+                raise WrongType("release is (counts, keys list, acks dict, gone dict)")
         pairs = [(drops[i], drops[i + 1]) for i in range(0, len(drops), 2)]
         rows = [tuple(pack_rows[i:i + 8]) for i in range(0, len(pack_rows), 8)]
         spacks = [tuple(spack_rows[i:i + 9]) for i in range(0, len(spack_rows), 9)]
@@ -2492,7 +2510,12 @@ class PySqlFast:
                 at = self._walk(conn, kinds, key, blob, done if shares is not None else [], i)
                 if at < len(blob):
                     missed.append((i, at // 8))
-            if not missed and not done:
+            released = bool(not missed and done and release is not None)
+            if released:
+                counts, keys, acks, gone = release
+                py_release_walked(counts, list(done), keys, acks, gone)
+                spack_drops = [*spack_drops, *(f for f in gone if not counts.left(f))]
+            if not missed and (not done or released):
                 conn.executemany(self.SQL_SPDROP, [(first,) for first in spack_drops])
                 conn.executemany(self.SQL_SPACK, spacks)
                 whole = len(share_list) - len(share_list) % self.SHARES_CHUNK
@@ -2511,7 +2534,7 @@ class PySqlFast:
             raise
         if shares is not None:
             shares += done
-        if commit and not missed and not done:
+        if commit and not missed and (not done or released):
             self.committed += 1
         else:
             self.handed_back += 1
@@ -2915,6 +2938,20 @@ def py_release_walked(counts: _Counts, walked: list, keys: list, acks: dict,
 
 
 _release_walked = twin(py_release_walked)
+
+
+def _settle_gone(counts: _Counts, gone: dict, sgone: dict, dead: list) -> None:
+    """The spacks of ``gone`` (spack -> its mids no device holds now): one
+    none of whose messages any device holds is appended to ``dead`` (to be
+    deleted now); one with some still held keeps those mids in ``sgone``, to
+    be rewritten later (as a pack acked in part), unless the rest goes
+    first."""
+    for first, mids in gone.items():
+        if counts.left(first):
+            sgone[first] = sgone.get(first, frozenset()).union(mids)
+        else:
+            dead.append(first)
+            sgone.pop(first, None)
 
 
 # Callbacks run on the event loop thread (posted by the writer).

@@ -51,39 +51,47 @@ def _rows(path: str) -> dict[str, list]:
         conn.close()
 
 
-def _count_compiled_shares(store: SqliteStore, monkeypatch) -> tuple[list[int], list[int]]:
+class _CountedWalks:
+    """A store's compiled transaction (``store._fast``), counting the mids
+    of the shares each :meth:`run` walk deleted (and released, in the call
+    or, handed back, in the store's ``_delete``)."""
+
+    def __init__(self, fast, counted: list[int]) -> None:
+        self._fast = fast
+        self._counted = counted
+
+    def run(self, *args, **kwargs):
+        shares = kwargs.get("shares")
+        start = 0 if shares is None else len(shares)
+        missed = self._fast.run(*args, **kwargs)
+        if shares is not None:
+            self._counted.append(sum(shares[start + 2::3]))
+        return missed
+
+    def __getattr__(self, name: str):
+        return getattr(self._fast, name)
+
+
+def _count_compiled_shares(store: SqliteStore) -> tuple[list[int], list[int]]:
     """Count, call by call, the mids of whole shares the store's compiled
-    walks applied: the common transaction's (released by
-    ``_release_walked``) and the general path's (``_drop_shares``)."""
+    walks applied: the common transaction's (``SqlFast.run``) and the general
+    path's (``_drop_shares``)."""
     by_walk: list[int] = []
     by_drops: list[int] = []
-    # the twin itself, not an earlier store's counter of it (one test counts two runs)
-    release_walked = getattr(store_mod._release_walked, "__wrapped__", store_mod._release_walked)
     drop_shares = store._drop_shares
-    in_drops = False  # _drop_shares releases through _release_walked too
-
-    def walked(counts, done: list, keys: list, acks: dict, gone: dict) -> dict[int, int]:
-        if not in_drops:
-            by_walk.append(sum(done[2::3]))
-        return release_walked(counts, done, keys, acks, gone)
 
     def dropped(acks: dict, spartial: dict, gone: dict) -> dict:
-        nonlocal in_drops
-        in_drops = True
-        try:
-            rest = drop_shares(acks, spartial, gone)
-        finally:
-            in_drops = False
+        rest = drop_shares(acks, spartial, gone)
         by_drops.append(sum(map(len, acks.values())) - sum(map(len, rest.values())))
         return rest
 
-    walked.__wrapped__ = release_walked  # type: ignore[attr-defined]
-    monkeypatch.setattr(store_mod, "_release_walked", walked)
+    if store._fast is not None:
+        store._fast = _CountedWalks(store._fast, by_walk)
     store._drop_shares = dropped
     return by_walk, by_drops
 
 
-async def _traffic(path: str, seed: int, monkeypatch) -> tuple[list, dict]:
+async def _traffic(path: str, seed: int) -> tuple[list, dict]:
     """One seeded run of puts and acks of every shape; what the store gave
     back (mids, loads, counts) and its counters."""
     rng = random.Random(seed)
@@ -91,7 +99,7 @@ async def _traffic(path: str, seed: int, monkeypatch) -> tuple[list, dict]:
     seen: list = []
     # the mids of whole shares the compiled walks applied (the common
     # transaction's, and the general path's SqliteStore._drop_shares)
-    by_walk, by_drops = _count_compiled_shares(store, monkeypatch)
+    by_walk, by_drops = _count_compiled_shares(store)
     try:
         keys = [store.register_device(f"u{i}@p", "1") for i in range(5)]
         await store.flush()
@@ -211,9 +219,9 @@ def test_the_common_transaction_leaves_what_the_general_path_leaves(tmp_path, mo
                                                                     way, seed):
     fast_db, slow_db = str(tmp_path / "fast.db"), str(tmp_path / "slow.db")
     monkeypatch.setattr(store_mod, "_SqlFast", way)
-    fast_seen, fast = asyncio.run(_traffic(fast_db, seed, monkeypatch))
+    fast_seen, fast = asyncio.run(_traffic(fast_db, seed))
     monkeypatch.setattr(store_mod, "_SqlFast", None)
-    slow_seen, slow = asyncio.run(_traffic(slow_db, seed, monkeypatch))
+    slow_seen, slow = asyncio.run(_traffic(slow_db, seed))
     # both ways were taken: whole transactions in one call, and ones it
     # handed back to the general path (an ack it could not apply alone)
     assert fast["committed"] > 0 and fast["handed_back"] > 0, fast
@@ -271,8 +279,9 @@ def test_the_compiled_transaction_carries_a_device_that_acks_every_delivery(tmp_
 def test_the_compiled_transaction_carries_a_group_whose_members_ack_every_delivery(
         tmp_path, monkeypatch):
     # a group's steady state: each transaction stores a spack and its shares
-    # and applies the members' acks of the last one's, none of it through the
-    # general path's statements
+    # and applies the members' acks of the last one's, in one compiled call
+    # (the shares' messages released in it, the spacks acked by every member
+    # deleted in it), none of it through the general path's statements
     general: list = []
     ack_rows = store_mod._ack_rows
 
@@ -286,24 +295,30 @@ def test_the_compiled_transaction_carries_a_group_whose_members_ack_every_delive
         store = await SqliteStore.open(str(tmp_path / "s.db"), synchronous="NORMAL")
         keys = [store.register_device(f"m{i}@p", "1") for i in range(3)]
         await store.flush()
-        before = store._fast.committed
+        before = store._fast.committed, store._fast.handed_back
         last = None
+        spacks = []
         for i in range(20):
             if last is not None:
                 for key in keys:
                     store.ack(key, last, validate=False)
             last = list(await store.put_many(
                 [("s@p", bytes([i, j]) * 8, b"x" * 100, T0, keys) for j in range(8)]))
+            spacks.append(sqlite3.connect(str(tmp_path / "s.db")).execute(
+                "SELECT count(*) FROM spacks").fetchone()[0])
+        committed = store._fast.committed - before[0]
+        handed_back = store._fast.handed_back - before[1]
         for key in keys:
             store.ack(key, last)
         await store.flush()
         left = await store.count_pending()
-        committed = store._fast.committed - before
         await store.close()
-        return left, committed
-    left, committed = asyncio.run(main())
+        return left, committed, handed_back, spacks
+    left, committed, handed_back, spacks = asyncio.run(main())
     assert left == 0
-    assert committed >= 20
+    assert committed == 20 and handed_back == 0
+    # the spack every member acked went in the transaction of the next one
+    assert spacks == [1] * 20
     assert general == []
     rows = _rows(str(tmp_path / "s.db"))
     assert rows["spacks"] == [] and rows["shares"] == [] and rows["messages"] == []
@@ -455,6 +470,98 @@ def test_whole_shares_in_order_are_dropped_and_the_rest_left(tmp_path, way):
     conn.close()
 
 
+def _counts_of(*spacks: list[int], held: int) -> store_mod._Counts:
+    """A writer's counts of ``spacks`` (one transaction's block), each of
+    their messages held by ``held`` devices."""
+    counts = store_mod._Counts()
+    every = [m for sp in spacks for m in sp]
+    counts.add(every[0], _mids(*every), array.array("i", [held] * len(every)).tobytes(),
+               _mids(*[sp[0] for sp in spacks]),
+               array.array("i", [len(sp) for sp in spacks]).tobytes())
+    counts.begin()
+    counts.commit()
+    return counts
+
+
+@pytest.mark.parametrize("way", _ways())
+def test_a_group_commit_releases_its_shares_in_the_call(tmp_path, way):
+    # a group's steady state, one call: the members' acks walk their shares,
+    # the shares' messages are released in the counts, a spack no member
+    # holds anything of is deleted, and the new rows are written and committed
+    conn, fast = _blank(tmp_path, way)
+    mids = _mids
+
+    def share(dev: int, first: int, last: int) -> list:
+        return [dev, first, last, 1, 10, 99, None]
+
+    def table(name: str) -> list:
+        return conn.execute(f"SELECT * FROM {name} ORDER BY 1, 2").fetchall()
+
+    # spacks 10 (10-12) and 20 (20-21), devices 1 and 2 holding all of each
+    assert fast.run([], [], -1, True, True, _spack(10, 11, 12) + _spack(20, 21),
+                    share(1, 10, 12) + share(2, 10, 12) + share(1, 20, 21)
+                    + share(2, 20, 21)) == []
+    counts = _counts_of([10, 11, 12], [20, 21], held=2)
+    before = fast.committed, fast.handed_back
+    # device 1 acks spack 10's, device 2 spack 10's and 20's; a new spack
+    # (30) and its shares come with them
+    keys = [1, 2]
+    acks = {1: [10, 11, 12], 2: [10, 11, 12, 20, 21]}
+    gone: dict = {}
+    walked: list = []
+    assert fast.run([1, mids(10, 11, 12), 2, mids(10, 11, 12, 20, 21)], [], 40, True, True,
+                    _spack(30), share(1, 30, 30) + share(2, 30, 30), [], walked,
+                    (counts, keys, acks, gone)) == []
+    assert (fast.committed, fast.handed_back) == (before[0] + 1, before[1])
+    assert not conn.in_transaction
+    assert walked == [0, 10, 3, 1, 10, 3, 1, 20, 2]
+    # every message of spack 10 is gone, and the spack with them; spack 20's
+    # are still device 1's
+    assert gone == {10: [10, 11, 12]}
+    assert counts.left(10) == 0 and counts.left(20) == 2
+    assert [r[0] for r in table("spacks")] == [20, 30]
+    assert [r[:2] for r in table("shares")] == [(1, 20), (1, 30), (2, 30)]
+    assert table("meta") == [("next_mid", 40)]
+    # without a release the same walk hands the transaction back (as before
+    # it: the caller releases and finishes)
+    walked = []
+    assert fast.run([1, mids(20, 21)], [], -1, True, True, [], [], [], walked) == []
+    assert conn.in_transaction and walked == [0, 20, 2]
+    assert fast.handed_back == before[1] + 1
+    conn.execute("ROLLBACK")
+    # a drop that stops short hands it back too, its walked shares not
+    # released: the caller's general path does both
+    gone = {}
+    walked = []
+    assert fast.run([1, mids(20, 21, 30, 31)], [], -1, True, True, [], [], [], walked,
+                    (counts, [1], {1: [20, 21, 30, 31]}, gone)) == [(0, 3)]
+    assert conn.in_transaction and walked == [0, 20, 2, 0, 30, 1] and gone == {}
+    assert counts.left(20) == 2
+    conn.execute("ROLLBACK")
+    # an error of the release (acks without the drop's device) rolls the
+    # whole transaction back: the walk's deletes too
+    rows = table("shares"), table("spacks")
+    with pytest.raises(KeyError):
+        fast.run([1, mids(20, 21)], [], -1, True, True, _spack(40), [], [], [],
+                 (counts, [1], {}, {}))
+    assert not conn.in_transaction
+    assert (table("shares"), table("spacks")) == rows
+    # a release of the wrong shape writes nothing
+    for release, error in (([counts, [1], {}, {}], fastroute.errors.WrongType),
+                           ((counts, [1], {}), fastroute.errors.WrongType),
+                           ((counts, (1,), {}, {}), fastroute.errors.WrongType),
+                           ((counts, [1], [], {}), fastroute.errors.WrongType)):
+        with pytest.raises(error):
+            fast.run([1, mids(20, 21)], [], -1, True, True, [], [], [], [], release)
+    with pytest.raises(fastroute.errors.InvalidArgument, match="shares"):
+        fast.run([1, mids(20, 21)], [], -1, True, True, [], [], [], None,
+                 (counts, [1], {1: [20, 21]}, {}))
+    assert not conn.in_transaction
+    assert (table("shares"), table("spacks")) == rows
+    fast.close()
+    conn.close()
+
+
 @pytest.mark.parametrize("way", _ways())
 def test_a_walk_takes_packs_and_shares_as_they_come(tmp_path, way):
     conn, fast = _blank(tmp_path, way)
@@ -529,8 +636,7 @@ def test_a_large_group_s_shares_go_a_chunk_a_statement(tmp_path, way):
 
 
 @needs_c
-def test_a_large_group_s_transaction_takes_the_general_path_and_its_acks_compiled(tmp_path,
-                                                                                  monkeypatch):
+def test_a_large_group_s_transaction_takes_the_general_path_and_its_acks_compiled(tmp_path):
     # past _FAST_SHARES new shares the sqlite3 module's statements of 128
     # rows cost less than the compiled path's; the acks of whole shares are
     # still applied by the compiled call
@@ -542,7 +648,7 @@ def test_a_large_group_s_transaction_takes_the_general_path_and_its_acks_compile
         before = fast.committed, fast.handed_back
         mids = list(await store.put_many([("s@p", b"a" * 16, b"x", T0, many)]))
         after_large = fast.committed, fast.handed_back
-        by_walk, by_drops = _count_compiled_shares(store, monkeypatch)
+        by_walk, by_drops = _count_compiled_shares(store)
         for key in many:
             store.ack(key, mids, validate=False)
         await store.put_many([("s@p", b"b" * 16, b"x", T0, many[:10])])

@@ -19,11 +19,12 @@
 # transaction adds its spacks and shares to that call: a group send to 10
 # devices had taken ~30 statements a transaction through the sqlite3
 # module, each row a step of its own (benches/README.md, session 41).  Its
-# members' acks walk their shares with their packs in the first call, which
-# then hands the transaction back: the writer releases the shares' messages
-# in memory, and a second call deletes the spacks no device holds, inserts
-# the new rows and commits (session 42: a call, a statement through the
-# sqlite3 module and a rebuild of the acks fewer a transaction).  The
+# members' acks walk their shares with their packs, the call releases the
+# shares' messages in the writer's counts (taking the GIL back once, for
+# release_walked), deletes the spacks no device holds, inserts the new rows
+# and commits: one call a group commit (session 48; from session 42 to 47
+# the call handed the transaction back after the walk, and the writer's
+# Python released the shares and made a second call).  The
 # general path's acks of whole shares have a walk of their own
 # (drop_shares).
 #
@@ -422,7 +423,7 @@ cdef class SqlFast:
 
     def run(self, list drops, list pack_rows, long long mark, bint begin, bint commit,
             list spack_rows=None, list share_rows=None, list spack_drops=None,
-            list shares=None):
+            list shares=None, release=None):
         """BEGIN (when ``begin``); apply ``drops``, flat ``key, mids blob``
         pairs (a device's acked mids, int64s); then, if every drop was
         applied whole and no share deleted (see below), delete the spacks
@@ -441,11 +442,18 @@ cdef class SqlFast:
         ``matched`` the mids it applied.  When one did, or a share was
         deleted, nothing after the drops was done, and the transaction is
         left open for the caller to apply the rest (the shares' counts
-        first) and finish (as it is when ``commit`` is false).  A value of
-        the wrong type raises before anything is written.  On any SQLite
-        error the transaction is rolled back and the sqlite3 module's
-        exception for it raised, with ``sqlite_errorcode`` and
-        ``sqlite_errorname`` set as it sets them (the primary code's name).
+        first) and finish (as it is when ``commit`` is false).  With
+        ``release``, ``(counts, keys, acks, gone)``, shares deleted by drops
+        that were all applied whole do not hand it back: their messages are
+        released in ``counts`` (``release_walked(counts, deleted, keys, acks,
+        gone)``, ``deleted`` the shares as appended to ``shares``), the
+        spacks of ``gone`` none of whose messages a device holds now are
+        deleted with ``spack_drops``, and the rest is done (a group's steady
+        state in one call).  A value of the wrong type raises before anything
+        is written.  On any SQLite error, or an error of the release, the
+        transaction is rolled back and the error raised (an SQLite error as
+        the sqlite3 module's exception for it, with ``sqlite_errorcode`` and
+        ``sqlite_errorname`` set as it sets them: the primary code's name).
         """
         cdef Py_ssize_t ndrop, npack, nspack, nshare, nkill, i, j, nout = 0, ndone = 0
         cdef SqDrop* dr = NULL
@@ -455,10 +463,20 @@ cdef class SqlFast:
         cdef int64_t* kill = NULL   # spack_drops
         cdef int64_t* done = NULL   # index, first, n for each share deleted, in order
         cdef int rc = FR_SQ_OK, nmissed = 0, kinds = 1
+        cdef bint released = False
+        cdef list walked, dead
         cdef fr_sq_stmt* finds[2]
         cdef fr_sq_stmt* dels[2]
         if self.db == NULL:
             raise RuntimeError("closed")
+        if release is not None:
+            if type(release) is not tuple:
+                raise WrongType("release is a tuple")
+            if shares is None:
+                raise InvalidArgument("a release needs the shares list")
+            if (len(release) != 4 or type(release[1]) is not list
+                    or type(release[2]) is not dict or type(release[3]) is not dict):
+                raise WrongType("release is (counts, keys list, acks dict, gone dict)")
         if spack_rows is None:
             spack_rows = []
         if share_rows is None:
@@ -517,37 +535,35 @@ cdef class SqlFast:
                     if dr[i].at < dr[i].nbytes:
                         nmissed += 1
                     i += 1
-                if nmissed or ndone:
-                    # the caller applies the rest (and the shares' counts) first
-                    npack = nspack = nshare = nkill = 0
-                    mark = -1
-                i = 0
-                while rc == FR_SQ_OK and i < nkill:
-                    fr_sq.bind_int64(self.st[SQ_SPDROP], 1, kill[i])
-                    rc = _step_done(self.st[SQ_SPDROP])
-                    i += 1
-                if rc == FR_SQ_OK:
-                    rc = _insert_rows(self.st[SQ_SPACK], NULL, 1, sp, nspack, SPACK_COLS,
-                                      SPACK_INTS)
-                if rc == FR_SQ_OK:
-                    rc = _insert_rows(self.st[SQ_SHARE], self.st[SQ_SHARES], SHARES_CHUNK, sh,
-                                      nshare, SHARE_COLS, SHARE_INTS)
-                i = 0
-                while rc == FR_SQ_OK and i < npack:
-                    for j in range(PACK_INTS):
-                        fr_sq.bind_int64(self.st[SQ_PACK], j + 1, pk[i].ints[j])
-                    for j in range(2):
-                        fr_sq.bind_blob(self.st[SQ_PACK], PACK_INTS + j + 1, pk[i].blobs[j],
-                                        pk[i].lens[j], NULL)
-                    rc = _step_done(self.st[SQ_PACK])
-                    i += 1
-                if rc == FR_SQ_OK and mark >= 0:
-                    fr_sq.bind_int64(self.st[SQ_META], 1, mark)
-                    rc = _step_done(self.st[SQ_META])
-                if rc == FR_SQ_OK and commit and nmissed == 0 and ndone == 0:
-                    # a failed COMMIT (busy, I/O) may leave the transaction
-                    # open: it is rolled back below, as any other failure
-                    rc = _step_done(self.st[SQ_COMMIT])
+                if rc == FR_SQ_OK and nmissed == 0 and ndone == 0:
+                    rc = self._rest(kill, nkill, sp, nspack, sh, nshare, pk, npack, mark,
+                                    commit)
+            if rc == FR_SQ_OK and nmissed == 0 and ndone and release is not None:
+                # a group's steady state: the shares' messages released here,
+                # with the GIL taken back once, not handed back to the caller
+                try:
+                    walked = [done[i] for i in range(3 * ndone)]
+                    counts = release[0]
+                    release_walked(counts, walked, release[1], release[2], release[3])
+                    dead = [first for first in release[3] if not counts.left(first)]
+                    PyMem_Free(kill)
+                    kill = <int64_t*>PyMem_Malloc(sizeof(int64_t) * (nkill + len(dead) + 1))
+                    if kill == NULL:
+                        raise MemoryError()
+                    for i in range(nkill):
+                        kill[i] = spack_drops[i]
+                    for i in range(len(dead)):
+                        kill[nkill + i] = dead[i]
+                    nkill += len(dead)
+                except BaseException:
+                    if not fr_sq.get_autocommit(self.db):
+                        with nogil:
+                            _step_done(self.st[SQ_ROLLBACK])
+                    raise
+                released = True
+                with nogil:
+                    rc = self._rest(kill, nkill, sp, nspack, sh, nshare, pk, npack, mark,
+                                    commit)
             if rc != FR_SQ_OK:
                 exc = _sq_error(self.db, rc)
                 if not fr_sq.get_autocommit(self.db):
@@ -556,7 +572,7 @@ cdef class SqlFast:
                 raise exc
             for i in range(3 * ndone):
                 shares.append(done[i])
-            if commit and nmissed == 0 and ndone == 0:
+            if commit and nmissed == 0 and (ndone == 0 or released):
                 self.committed += 1
                 return []
             self.handed_back += 1
@@ -568,6 +584,40 @@ cdef class SqlFast:
             PyMem_Free(sh)
             PyMem_Free(kill)
             PyMem_Free(done)
+
+    cdef int _rest(self, int64_t* kill, Py_ssize_t nkill, SqRow* sp, Py_ssize_t nspack,
+                   SqRow* sh, Py_ssize_t nshare, SqPack* pk, Py_ssize_t npack,
+                   long long mark, bint commit) noexcept nogil:
+        # what follows the acks: the spacks no device holds deleted, the new
+        # spacks, shares and packs, the mid mark and the COMMIT
+        cdef Py_ssize_t i = 0
+        cdef int j, rc = FR_SQ_OK
+        while rc == FR_SQ_OK and i < nkill:
+            fr_sq.bind_int64(self.st[SQ_SPDROP], 1, kill[i])
+            rc = _step_done(self.st[SQ_SPDROP])
+            i += 1
+        if rc == FR_SQ_OK:
+            rc = _insert_rows(self.st[SQ_SPACK], NULL, 1, sp, nspack, SPACK_COLS, SPACK_INTS)
+        if rc == FR_SQ_OK:
+            rc = _insert_rows(self.st[SQ_SHARE], self.st[SQ_SHARES], SHARES_CHUNK, sh,
+                              nshare, SHARE_COLS, SHARE_INTS)
+        i = 0
+        while rc == FR_SQ_OK and i < npack:
+            for j in range(PACK_INTS):
+                fr_sq.bind_int64(self.st[SQ_PACK], j + 1, pk[i].ints[j])
+            for j in range(2):
+                fr_sq.bind_blob(self.st[SQ_PACK], PACK_INTS + j + 1, pk[i].blobs[j],
+                                pk[i].lens[j], NULL)
+            rc = _step_done(self.st[SQ_PACK])
+            i += 1
+        if rc == FR_SQ_OK and mark >= 0:
+            fr_sq.bind_int64(self.st[SQ_META], 1, mark)
+            rc = _step_done(self.st[SQ_META])
+        if rc == FR_SQ_OK and commit:
+            # a failed COMMIT (busy, I/O) may leave the transaction open:
+            # the caller rolls it back, as any other failure
+            rc = _step_done(self.st[SQ_COMMIT])
+        return rc
 
     def drop_shares(self, list drops):
         """Apply ``drops``, flat ``key, mids blob`` pairs (a device's acked
