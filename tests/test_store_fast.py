@@ -546,6 +546,18 @@ def test_a_group_commit_releases_its_shares_in_the_call(tmp_path, way):
                  (counts, [1], {}, {}))
     assert not conn.in_transaction
     assert (table("shares"), table("spacks")) == rows
+    # so does an SQLite error after the release (spack 20 deleted, then
+    # spack 30's key taken); the counts are the caller's to roll back, as
+    # the store's writer does
+    counts.begin()
+    with pytest.raises(sqlite3.IntegrityError):
+        fast.run([1, mids(20, 21)], [], -1, True, True, _spack(30), [], [], [],
+                 (counts, [1], {1: [20, 21]}, {}))
+    assert not conn.in_transaction
+    assert (table("shares"), table("spacks")) == rows
+    assert counts.left(20) == 0
+    counts.rollback()
+    assert counts.left(20) == 2
     # a release of the wrong shape writes nothing
     for release, error in (([counts, [1], {}, {}], fastroute.errors.WrongType),
                            ((counts, [1], {}), fastroute.errors.WrongType),
