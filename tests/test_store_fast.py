@@ -350,6 +350,11 @@ def _spack(first: int, *rest: int) -> list:
             array.array("i", [1] * len(every)).tobytes(), _mids(*[99] * len(every)), b"d"]
 
 
+def _share(dev: int, first: int, last: int) -> list:
+    """A share row: device ``dev`` holds all spack ``first`` holds (to ``last``)."""
+    return [dev, first, last, 1, 10, 99, None]
+
+
 @pytest.mark.parametrize("way", _ways())
 def test_a_failing_common_transaction_rolls_back_and_says_why(tmp_path, way):
     conn, fast = _blank(tmp_path, way)
@@ -491,16 +496,13 @@ def test_a_group_commit_releases_its_shares_in_the_call(tmp_path, way):
     conn, fast = _blank(tmp_path, way)
     mids = _mids
 
-    def share(dev: int, first: int, last: int) -> list:
-        return [dev, first, last, 1, 10, 99, None]
-
     def table(name: str) -> list:
         return conn.execute(f"SELECT * FROM {name} ORDER BY 1, 2").fetchall()
 
     # spacks 10 (10-12) and 20 (20-21), devices 1 and 2 holding all of each
     assert fast.run([], [], -1, True, True, _spack(10, 11, 12) + _spack(20, 21),
-                    share(1, 10, 12) + share(2, 10, 12) + share(1, 20, 21)
-                    + share(2, 20, 21)) == []
+                    _share(1, 10, 12) + _share(2, 10, 12) + _share(1, 20, 21)
+                    + _share(2, 20, 21)) == []
     counts = _counts_of([10, 11, 12], [20, 21], held=2)
     before = fast.committed, fast.handed_back
     # device 1 acks spack 10's, device 2 spack 10's and 20's; a new spack
@@ -510,7 +512,7 @@ def test_a_group_commit_releases_its_shares_in_the_call(tmp_path, way):
     gone: dict = {}
     walked: list = []
     assert fast.run([1, mids(10, 11, 12), 2, mids(10, 11, 12, 20, 21)], [], 40, True, True,
-                    _spack(30), share(1, 30, 30) + share(2, 30, 30), [], walked,
+                    _spack(30), _share(1, 30, 30) + _share(2, 30, 30), [], walked,
                     (counts, keys, acks, gone)) == []
     assert (fast.committed, fast.handed_back) == (before[0] + 1, before[1])
     assert not conn.in_transaction
@@ -579,9 +581,6 @@ def test_a_walk_takes_packs_and_shares_as_they_come(tmp_path, way):
     conn, fast = _blank(tmp_path, way)
     mids = _mids
 
-    def share(dev: int, first: int, last: int) -> list:
-        return [dev, first, last, 1, 10, 99, None]
-
     def rows() -> tuple:
         return (conn.execute("SELECT dev, first FROM packs ORDER BY 1, 2").fetchall(),
                 conn.execute("SELECT dev, first FROM shares ORDER BY 1, 2").fetchall(),
@@ -590,8 +589,8 @@ def test_a_walk_takes_packs_and_shares_as_they_come(tmp_path, way):
     # device 1: pack 5 (5, 6), its share of spack 10 (10, 11), pack 20, its
     # share of spack 30 (30); device 2: its shares of spacks 10 and 30
     assert fast.run([], _pack(5, 6) + _pack(20), -1, True, True, _spack(10, 11) + _spack(30),
-                    share(1, 10, 11) + share(2, 10, 11) + share(1, 30, 30)
-                    + share(2, 30, 30)) == []
+                    _share(1, 10, 11) + _share(2, 10, 11) + _share(1, 30, 30)
+                    + _share(2, 30, 30)) == []
     # without shares the walk stops at the first share, as before
     assert fast.run([1, mids(5, 6, 10, 11, 20)], [], -1, True, False) == [(0, 2)]
     conn.execute("ROLLBACK")
