@@ -4,7 +4,7 @@ Run (bounded: fixed message counts and a timeout on every wait)::
 
     PYTHONPATH=. python benches/group_send.py [--runs R] [--store memory|sqlite] [--no-nats]
         [--fanout 10 100 1000] [--relay-path TREE] [--synchronous NORMAL|FULL] [--scale K]
-        [--senders S]
+        [--senders S] [--window W]
 
 For each fan-out N, three ways of getting one 100-byte body to N devices:
 
@@ -25,8 +25,9 @@ For each fan-out N, three ways of getting one 100-byte body to N devices:
 
 Each run starts a fresh server process and connects every device from this
 process (one connection each).  After a warm-up, ``M`` messages are sent
-with at most ``WINDOW`` in flight (fastroute: waiting for the relay's
-answers; NATS: a flush every WINDOW publishes), and the run ends when every
+with at most ``WINDOW`` in flight (``--window``, 64 by default: the shape
+the bars were set on; fastroute: a window sent, then its answers awaited;
+NATS: a flush every WINDOW publishes), and the run ends when every
 device has every message.  With ``--senders S``, S senders send at once,
 each to a group (an address for ``send``) of its own with N devices: a
 relay's commits then hold the windows of several senders, as a relay
@@ -193,6 +194,7 @@ async def fastroute_run(mode: str, n_dev: int, messages: int, store: str,
 
 
 def main() -> None:
+    global SYNCHRONOUS, WINDOW
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--store", choices=("memory", "sqlite"), default="sqlite")
@@ -210,6 +212,10 @@ def main() -> None:
                          "with the fan-out's devices (default 1: the worst case for a "
                          "store's per-commit costs); the NATS modes run one sender only, "
                          "and are left out when it is more")
+    ap.add_argument("--window", type=int, default=WINDOW,
+                    help=f"messages a sender has in flight, sent a window at a time "
+                         f"(default {WINDOW}: the bars' shape; a larger one makes a "
+                         f"commit hold more of one sender's messages)")
     ap.add_argument("--modes", nargs="*", choices=("send", "gsend", "nats", "js"),
                     help="run only these (default: send, gsend and nats, nats only when "
                          "found; js: JetStream like the relay's store, see "
@@ -217,9 +223,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.senders < 1:
         ap.error("--senders must be positive")
+    if args.window < 1:
+        ap.error("--window must be positive")
     e2ee_send.RELAY_PATH = args.relay_path
-    global SYNCHRONOUS
     SYNCHRONOUS = args.synchronous
+    WINDOW = args.window
     for k in MESSAGES:
         MESSAGES[k] *= args.scale
     js = e2ee_send.js_like(args.store, SYNCHRONOUS)

@@ -327,6 +327,21 @@ def test_group_send_runs_several_senders_at_once() -> None:
     assert sorted(r[1] for r in rows) == ["gsend", "send"], proc.stdout
 
 
+def test_group_send_takes_the_window_it_is_given() -> None:
+    # --window 300: 2,000 messages a run, so the last window holds 200; every
+    # device still gets every message (the run counts them), and the header
+    # says the window the run had
+    proc = _bench("group_send.py", "--runs", "1", "--store", "memory", "--fanout", "10",
+                  "--modes", "gsend", "--no-nats", "--window", "300")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "window=300" in proc.stdout, proc.stdout
+    rows = [line.split() for line in proc.stdout.splitlines()
+            if line.split()[:2] == ["10", "gsend"]]
+    assert len(rows) == 1 and rows[0][2] == "2000", proc.stdout
+    proc = _bench("group_send.py", "--window", "0")
+    assert proc.returncode == 2 and "--window" in proc.stderr, proc.stderr
+
+
 def test_handover_measures_a_round_trip_through_a_thread_against_a_loop_turn(capsys) -> None:
     # every request is answered from the thread (a lost answer would hang
     # the run), the three figures are read, and the CPUs the process may run
