@@ -298,14 +298,15 @@ def test_the_compiled_transaction_carries_a_group_whose_members_ack_every_delive
         before = store._fast.committed, store._fast.handed_back
         last = None
         spacks = []
+        reader = sqlite3.connect(str(tmp_path / "s.db"))
         for i in range(20):
             if last is not None:
                 for key in keys:
                     store.ack(key, last, validate=False)
             last = list(await store.put_many(
                 [("s@p", bytes([i, j]) * 8, b"x" * 100, T0, keys) for j in range(8)]))
-            spacks.append(sqlite3.connect(str(tmp_path / "s.db")).execute(
-                "SELECT count(*) FROM spacks").fetchone()[0])
+            spacks.append(reader.execute("SELECT count(*) FROM spacks").fetchone()[0])
+        reader.close()
         committed = store._fast.committed - before[0]
         handed_back = store._fast.handed_back - before[1]
         for key in keys:
