@@ -1749,13 +1749,14 @@ class SqliteStore(_BaseStore):
                 # committed; the spacks of gone no device holds were deleted
                 _settle_gone(self._counts, gone, sgone, [])
                 return
-        if missed or others or walked:
-            for i, done in missed:
-                others[tried[i]] = acks[tried[i]][done:]
-            dead: list[int] = []
-            self._delete(conn, others, [], partial, spartial, sgone,
-                         walked=(walked, tried, acks), dead=dead)
-            fast.run([], pack_rows, mark, False, True, spack_rows, share_rows, dead)
+        # handed back: the acks left go the general way, then a second call
+        # inserts the new rows and commits
+        for i, done in missed:
+            others[tried[i]] = acks[tried[i]][done:]
+        dead: list[int] = []
+        self._delete(conn, others, [], partial, spartial, sgone,
+                     walked=(walked, tried, acks), dead=dead)
+        fast.run([], pack_rows, mark, False, True, spack_rows, share_rows, dead)
 
     def _delete(self, conn: sqlite3.Connection, acks: dict, forgets: list, partial: dict,
                 spartial: dict, sgone: dict, walked: tuple | None = None,
@@ -2513,7 +2514,7 @@ class PySqlFast:
             released = bool(not missed and done and release is not None)
             if released:
                 counts, keys, acks, gone = release
-                py_release_walked(counts, list(done), keys, acks, gone)
+                py_release_walked(counts, done, keys, acks, gone)
                 spack_drops = [*spack_drops, *(f for f in gone if not counts.left(f))]
             if not missed and (not done or released):
                 conn.executemany(self.SQL_SPDROP, [(first,) for first in spack_drops])

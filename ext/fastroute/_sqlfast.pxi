@@ -460,7 +460,8 @@ cdef class SqlFast:
         cdef SqPack* pk = NULL
         cdef SqRow* sp = NULL
         cdef SqRow* sh = NULL
-        cdef int64_t* kill = NULL   # spack_drops
+        cdef int64_t* kill = NULL   # spack_drops (then the spacks a release found dead)
+        cdef int64_t* grown
         cdef int64_t* done = NULL   # index, first, n for each share deleted, in order
         cdef int rc = FR_SQ_OK, nmissed = 0, kinds = 1
         cdef bint released = False
@@ -546,12 +547,12 @@ cdef class SqlFast:
                     counts = release[0]
                     release_walked(counts, walked, release[1], release[2], release[3])
                     dead = [first for first in release[3] if not counts.left(first)]
-                    PyMem_Free(kill)
-                    kill = <int64_t*>PyMem_Malloc(sizeof(int64_t) * (nkill + len(dead) + 1))
-                    if kill == NULL:
+                    # spack_drops stay first; on a failure kill is freed below
+                    grown = <int64_t*>PyMem_Realloc(
+                        kill, sizeof(int64_t) * (nkill + len(dead) + 1))
+                    if grown == NULL:
                         raise MemoryError()
-                    for i in range(nkill):
-                        kill[i] = spack_drops[i]
+                    kill = grown
                     for i in range(len(dead)):
                         kill[nkill + i] = dead[i]
                     nkill += len(dead)
@@ -570,8 +571,11 @@ cdef class SqlFast:
                     with nogil:
                         _step_done(self.st[SQ_ROLLBACK])
                 raise exc
-            for i in range(3 * ndone):
-                shares.append(done[i])
+            if released:
+                shares.extend(walked)  # the ints the release read
+            else:
+                for i in range(3 * ndone):
+                    shares.append(done[i])
             if commit and nmissed == 0 and (ndone == 0 or released):
                 self.committed += 1
                 return []
