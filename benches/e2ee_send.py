@@ -4,7 +4,7 @@ Run (bounded: fixed message counts and a timeout on every wait)::
 
     PYTHONPATH=. python benches/e2ee_send.py [--messages N] [--runs R] [--store memory|sqlite]
         [--devices 1 3 10] [--await-each | --nowait-each] [--relay-path TREE]
-        [--no-nats] [--js] [--synchronous NORMAL|FULL]
+        [--no-nats] [--js] [--synchronous NORMAL|FULL] [--data-dir DIR]
 
 For 1, 3 and 10 recipient devices, two ways of reaching all of them:
 
@@ -83,6 +83,7 @@ AWAIT_EACH = False  # --await-each
 NOWAIT_EACH = False  # --nowait-each
 RELAY_PATH = ""  # --relay-path
 SYNCHRONOUS = ""  # --synchronous (the SQLite store's; "": the relay's default)
+DATA_DIR: str | None = None  # --data-dir (None: the system's temporary directory)
 
 
 def relay_cpu(pid: int) -> float:
@@ -139,7 +140,7 @@ def start_relay(data: str, store: str, relay_toml: str = "",
 
 async def one_run(mode: str, n_dev: int, messages: int,
                   store: str) -> tuple[float, float, float, float]:
-    with tempfile.TemporaryDirectory() as data:
+    with tempfile.TemporaryDirectory(dir=DATA_DIR) as data:
         pkey = ProviderKey.generate()
         with Registry(os.path.join(data, "registry.db")) as reg:
             reg.add_provider("home", pkey.public_key)
@@ -217,6 +218,20 @@ class NatsDropped(RuntimeError):
 JS_STORAGE = {"memory": ("memory", "2m"), "NORMAL": ("file", "2m"), "FULL": ("file", "always")}
 
 
+#: ``--data-dir``'s help, this script's and ``group_send.py``'s
+DATA_DIR_HELP = ("where each run's store goes (a fresh directory under it, removed after "
+                 "the run; JetStream's too): the filesystem the store's syncs are "
+                 "measured on (default: the system's temporary directory; a tmpfs such "
+                 "as /dev/shm leaves the disk out)")
+
+
+def data_dir_arg(ap: argparse.ArgumentParser, data_dir: str | None) -> str | None:
+    """``--data-dir`` checked: an existing directory (``ap.error`` otherwise), or None."""
+    if data_dir is not None and not os.path.isdir(data_dir):
+        ap.error(f"--data-dir {data_dir!r} is not a directory")
+    return data_dir
+
+
 def js_like(store: str, synchronous: str) -> str:
     """The :data:`JS_STORAGE` key like the relay's ``store`` (and its SQLite
     ``synchronous``; "": the relay's default, FULL)."""
@@ -249,7 +264,7 @@ async def nats_run(n_sub: int, messages: int, server: str, *, per_device: bool =
 
     storage, sync = JS_STORAGE[js] if js else (None, "2m")
     # started as server_cpu.py starts it (its config, its port from its log)
-    nats_server = NatsServer(storage, {"data_dir": None, "nats_server": server}, sync=sync)
+    nats_server = NatsServer(storage, {"data_dir": DATA_DIR, "nats_server": server}, sync=sync)
     conns = []
     try:
         nats_server.start()
@@ -379,8 +394,10 @@ def main() -> None:
     ap.add_argument("--synchronous", choices=("NORMAL", "FULL"), default="",
                     help="the SQLite store's (the relay's default when not given: "
                          "FULL); JetStream's file store syncs alike")
+    ap.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     args = ap.parse_args()
-    global AWAIT_EACH, NOWAIT_EACH, RELAY_PATH, SYNCHRONOUS
+    global AWAIT_EACH, NOWAIT_EACH, RELAY_PATH, SYNCHRONOUS, DATA_DIR
+    DATA_DIR = data_dir_arg(ap, args.data_dir)
     AWAIT_EACH = args.await_each
     NOWAIT_EACH = args.nowait_each
     RELAY_PATH = args.relay_path
@@ -391,7 +408,8 @@ def main() -> None:
     print(f"store={args.store} synchronous={SYNCHRONOUS or 'default'} "
           f"jetstream={'/'.join(JS_STORAGE[js]) if args.js else 'no'} "
           f"messages={args.messages} runs={args.runs} body={BODY} B "
-          f"window={WINDOW} nats-server={server or 'not found'}")
+          f"window={WINDOW} data-dir={DATA_DIR or tempfile.gettempdir()} "
+          f"nats-server={server or 'not found'}")
     print(f"{'devices':>7} {'mode':>6} {'copies/s':>10} {'relay us/copy':>14} "
           f"{'(min-max)':>14} {'clients us/copy':>16} {'loop us/copy':>13}")
     results = {}

@@ -4,7 +4,7 @@ Run (bounded: fixed message counts and a timeout on every wait)::
 
     PYTHONPATH=. python benches/group_send.py [--runs R] [--store memory|sqlite] [--no-nats]
         [--fanout 10 100 1000] [--relay-path TREE] [--synchronous NORMAL|FULL] [--scale K]
-        [--senders S] [--window W]
+        [--senders S] [--window W] [--data-dir DIR]
 
 For each fan-out N, three ways of getting one 100-byte body to N devices:
 
@@ -139,7 +139,7 @@ async def fastroute_run(mode: str, n_dev: int, messages: int, store: str,
     to its own group (gsend) or address (send) of ``n_dev`` devices, each
     sending ``messages``; deliveries a second, and the relay's CPU and its
     loop's a delivery, in us."""
-    with tempfile.TemporaryDirectory() as data:
+    with tempfile.TemporaryDirectory(dir=e2ee_send.DATA_DIR) as data:
         pkey = ProviderKey.generate()
         with Registry(os.path.join(data, "registry.db")) as reg:
             reg.add_provider("home", pkey.public_key)
@@ -216,6 +216,7 @@ def main() -> None:
                     help=f"messages a sender has in flight, sent a window at a time "
                          f"(default {WINDOW}: the bars' shape; a larger one makes a "
                          f"commit hold more of one sender's messages)")
+    ap.add_argument("--data-dir", default=None, help=e2ee_send.DATA_DIR_HELP)
     ap.add_argument("--modes", nargs="*", choices=("send", "gsend", "nats", "js"),
                     help="run only these (default: send, gsend and nats, nats only when "
                          "found; js: JetStream like the relay's store, see "
@@ -226,6 +227,7 @@ def main() -> None:
     if args.window < 1:
         ap.error("--window must be positive")
     e2ee_send.RELAY_PATH = args.relay_path
+    e2ee_send.DATA_DIR = e2ee_send.data_dir_arg(ap, args.data_dir)
     SYNCHRONOUS = args.synchronous
     WINDOW = args.window
     for k in MESSAGES:
@@ -236,6 +238,7 @@ def main() -> None:
     print(f"store={args.store} synchronous={args.synchronous or 'default'} "
           f"jetstream={'/'.join(e2ee_send.JS_STORAGE[js])} "
           f"runs={args.runs} body={BODY} B window={WINDOW} senders={args.senders} "
+          f"data-dir={e2ee_send.DATA_DIR or tempfile.gettempdir()} "
           f"cores={os.cpu_count()} loadavg={open('/proc/loadavg').read().split()[:3]} "
           f"nats-server={server or ('not run' if args.senders > 1 else 'not found')}")
     print(f"{'devices':>7} {'mode':>6} {'msgs':>5} {'deliveries/s':>13} {'server us/deliv':>16} "

@@ -342,6 +342,46 @@ def test_group_send_takes_the_window_it_is_given() -> None:
     assert proc.returncode == 2 and "--window" in proc.stderr, proc.stderr
 
 
+@pytest.mark.parametrize("bench, args, runs", [
+    ("group_send.py", ["--fanout", "3", "--modes", "gsend"], 1),
+    ("e2ee_send.py", ["--devices", "3", "--messages", "300"], 2),  # send, dsend
+])
+def test_the_per_device_and_group_benches_put_their_stores_where_they_are_told(
+        bench, args, runs, tmp_path) -> None:
+    # --data-dir: each run's relay (its store.db among its files) lives in a
+    # directory of its own under the one given, for the run only, so that
+    # the store's syncs are measured on that filesystem
+    import threading
+
+    seen: set[str] = set()
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            for run_dir in os.listdir(tmp_path):
+                try:
+                    seen.update(f"{run_dir}/{f}" for f in os.listdir(tmp_path / run_dir))
+                except FileNotFoundError:
+                    pass  # the run ended meanwhile
+            done.wait(0.005)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        proc = _bench(bench, "--runs", "1", "--store", "sqlite", "--synchronous", "NORMAL",
+                      "--no-nats", "--data-dir", str(tmp_path), *args)
+    finally:
+        done.set()
+        watcher.join()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"data-dir={tmp_path} " in proc.stdout, proc.stdout
+    run_dirs = {name.split("/")[0] for name in seen if name.endswith("/store.db")}
+    assert len(run_dirs) == runs, sorted(seen)  # a fresh store a run
+    assert os.listdir(tmp_path) == []  # removed with their runs
+    proc = _bench(bench, "--data-dir", str(tmp_path / "absent"))
+    assert proc.returncode == 2 and "--data-dir" in proc.stderr, proc.stderr
+
+
 def test_handover_measures_a_round_trip_through_a_thread_against_a_loop_turn(capsys) -> None:
     # every request is answered from the thread (a lost answer would hang
     # the run), the three figures are read, and the CPUs the process may run
