@@ -443,7 +443,7 @@ class Client:
     * ``keepalive``: seconds between PINGs, so a device that only receives
       is not closed as idle (None: never);
     * ``dedup_window``: how many ``(sender, id)`` pairs of received messages
-      are remembered to drop redeliveries (at least 1; about 80 bytes each).
+      are remembered to drop redeliveries (at least 1; about 64 bytes each).
     """
 
     def __init__(self, host: str, port: int, *, credential: bytes, static: KeyPair,

@@ -68,19 +68,10 @@ cdef enum:
     # _gate.pxi: enough misses in flight to overlap, few enough that the
     # lines are still cached when probed
     DEDUP_BATCH = 16
-    # index positions per ring slot.  At 2 a full window's index was ~60 %
-    # full, its stale entries counted (see DEDUP_SWEEP), and its probe runs
-    # long: each sweep's shifts and each new id's probe went far.  At 4 it
-    # is at most half full: in a relay whose window of a million was full,
-    # _unindex's share of its CPU halved and 2-3 % less CPU a message in two
-    # A/Bs of three (benches/server_cpu.py --full-window), for 16 more bytes
-    # an entry (32 MB of index a million, against 16 MB)
-    DEDUP_INDEX_PER_SLOT = 4
     # index positions swept for stale entries per position the ring's tail
     # advances (see DedupTable._sweep): a lap of the index every
-    # DEDUP_INDEX_PER_SLOT * cap / DEDUP_SWEEP evictions, so about cap stale
-    # entries at most (a full window of a million: ~520,000 on average, the
-    # index ~36 % full)
+    # 2 * cap / DEDUP_SWEEP evictions, so about cap / 2 stale entries at most
+    # (a full window of a million: ~260,000 on average, the index ~60 % full)
     DEDUP_SWEEP = 4
     # ... in runs of this many positions (64 lines; a 16th of a small
     # table's index): a run is read ahead as a stream, where a line at a
@@ -99,7 +90,7 @@ cdef struct DSlot:
 
 cdef enum:
     # arrays this big are mapped on their own, in huge pages where the kernel
-    # allows: a full window is ~80 MB probed at random, and with 4 KB pages
+    # allows: a full window is ~64 MB probed at random, and with 4 KB pages
     # nearly every lookup paid a TLB miss on top of its cache miss
     DEDUP_MAP_MIN = 2 * 1024 * 1024
     # DedupTable.warm: pages are made resident in steps of a huge page, and
@@ -191,7 +182,7 @@ cdef inline Py_hash_t dedup_hash(object sender, object cid) except? -1:
 cdef uint64_t DEDUP_SLOT_MASK = 0xffffffffULL
 cdef uint64_t DEDUP_TAG_MASK = 0xffffffff00000000ULL
 # an index entry's low 32 bits: its entry's ring position modulo 2**31, + 1
-# (0 is an empty position); the ring has at most 2**29 slots
+# (0 is an empty position); the ring has at most 2**30 slots
 cdef uint64_t DEDUP_POS_MASK = 0x7fffffffULL
 
 
@@ -228,8 +219,7 @@ cdef class DedupTable:
     cdef Py_ssize_t cap          # ring slots, a power of two
     cdef long long head, tail    # logical ring positions
     cdef Py_ssize_t live
-    # DEDUP_INDEX_PER_SLOT * cap entries: the hash's low 32 bits << 32 | ring
-    # position + 1 (see
+    # 2 * cap entries: the hash's low 32 bits << 32 | ring position + 1 (see
     # DEDUP_POS_MASK); 0 = empty.  Probing compares those hash bits here, so
     # a lookup touches a slot (one more cache miss in a table of a million)
     # only when they match.  An entry whose position the tail has passed is
@@ -275,7 +265,7 @@ cdef class DedupTable:
             # rebuilds the index at once, a stall of the relay's loop of
             # ~45 ms at half a million entries.  The arrays are mapped, so a
             # page costs memory only once an entry lands on it.
-            while cap < max_entries and cap < (1 << 29):
+            while cap < max_entries and cap < (1 << 30):
                 cap *= 2
         self._alloc(cap)
 
@@ -290,21 +280,20 @@ cdef class DedupTable:
                     s.sender = NULL
             dedup_free(self.slots, self.cap * sizeof(DSlot))
             self.slots = NULL
-        dedup_free(self.index, DEDUP_INDEX_PER_SLOT * self.cap * sizeof(uint64_t))
+        dedup_free(self.index, 2 * self.cap * sizeof(uint64_t))
         self.index = NULL
 
     cdef int _alloc(self, Py_ssize_t cap) except -1:
         cdef DSlot* slots = <DSlot*>dedup_zalloc(cap * sizeof(DSlot))
-        cdef uint64_t* index = <uint64_t*>dedup_zalloc(
-            DEDUP_INDEX_PER_SLOT * cap * sizeof(uint64_t))
+        cdef uint64_t* index = <uint64_t*>dedup_zalloc(2 * cap * sizeof(uint64_t))
         if slots == NULL or index == NULL:
             dedup_free(slots, cap * sizeof(DSlot))
-            dedup_free(index, DEDUP_INDEX_PER_SLOT * cap * sizeof(uint64_t))
+            dedup_free(index, 2 * cap * sizeof(uint64_t))
             raise MemoryError()
         self.slots = slots
         self.index = index
         self.cap = cap
-        self.imask = DEDUP_INDEX_PER_SLOT * cap - 1
+        self.imask = 2 * cap - 1
         self.head = self.tail = 0
         self._sweep_at = 0
         self._swept_tail = 0
@@ -353,8 +342,8 @@ cdef class DedupTable:
         """Whether the (non-empty) entry ``v`` is behind the tail: evicted.
 
         Positions are compared modulo 2**31: a live one is less than
-        ``head - tail`` (at most 2**29) past the tail, and a stale one is
-        swept out within a lap of the sweep (cap evictions, at most 2**29),
+        ``head - tail`` (at most 2**30) past the tail, and a stale one is
+        swept out within a lap of the sweep (cap / 2 evictions), long
         before it is 2**30 behind it.
         """
         return dedup_behind(v, <uint64_t>self.tail, <uint64_t>(self.head - self.tail))
@@ -439,8 +428,8 @@ cdef class DedupTable:
         for each position the tail moved since the last sweep.
 
         The sweep goes round the index in order, in runs read ahead: a stale
-        entry is gone within a lap, DEDUP_INDEX_PER_SLOT * cap / DEDUP_SWEEP
-        evictions, so about cap at most are left and probes stay short.  In the
+        entry is gone within a lap, 2 * cap / DEDUP_SWEEP evictions, so
+        about cap / 2 at most are left and probes stay short.  In the
         relay at a full window of a million this cost less than the random
         read of the index that finding each evicted entry took (a bench's
         A/B, not a single-threaded loop of inserts, where that read hid
@@ -479,10 +468,8 @@ cdef class DedupTable:
         cdef Py_ssize_t old_cap = self.cap, i
         cdef long long pos, tail = self.tail, head = self.head
         cdef DSlot* s
-        if old_cap >= (1 << 29):
-            # the index would reach 2**32 entries (a tag holds a home
-            # position in 32 bits) and a lap of the sweep 2**30 evictions
-            raise MemoryError("dedup table over 2**29 entries")
+        if old_cap >= (1 << 30):
+            raise MemoryError("dedup table over 2**30 entries")
         self.slots = NULL
         self.index = NULL
         try:
@@ -491,7 +478,7 @@ cdef class DedupTable:
             self.slots = old
             self.index = old_index
             self.cap = old_cap
-            self.imask = DEDUP_INDEX_PER_SLOT * old_cap - 1
+            self.imask = 2 * old_cap - 1
             self.head = head
             self.tail = tail
             raise
@@ -510,11 +497,10 @@ cdef class DedupTable:
             # a worker may be faulting pages of the old arrays in right now
             # (without the GIL): they are unmapped when it is done
             self._retired.append((<size_t>old, old_cap * sizeof(DSlot)))
-            self._retired.append((<size_t>old_index,
-                                  DEDUP_INDEX_PER_SLOT * old_cap * sizeof(uint64_t)))
+            self._retired.append((<size_t>old_index, 2 * old_cap * sizeof(uint64_t)))
         else:
             dedup_free(old, old_cap * sizeof(DSlot))
-            dedup_free(old_index, DEDUP_INDEX_PER_SLOT * old_cap * sizeof(uint64_t))
+            dedup_free(old_index, 2 * old_cap * sizeof(uint64_t))
         # the new arrays are cold: warm them from the start, at the next insert
         self._warm_gen += 1
         self._warmed = 0
@@ -589,9 +575,8 @@ cdef class DedupTable:
         The batch loops hash a few ids ahead and prefetch their lines, so the
         cache misses of a table of a million entries, read at random,
         overlap instead of following one another.  The line after it too:
-        a probe may run on into it (an unknown id's read ~2.3 entries at
-        the index's load of two positions a slot), and in a profile of a
-        relay with a full window
+        a probe may run on into it (an unknown id's reads ~2.3 entries at
+        the index's load), and in a profile of a relay with a full window
         half of the probes' samples waited there.
         """
         cdef Py_ssize_t i = <Py_ssize_t>(<size_t>h & <size_t>self.imask)
@@ -824,7 +809,7 @@ cdef class DedupTable:
 
     cdef bint _mapped(self) noexcept:
         return (dedup_mapped(self.cap * sizeof(DSlot))
-                or dedup_mapped(DEDUP_INDEX_PER_SLOT * self.cap * sizeof(uint64_t)))
+                or dedup_mapped(2 * self.cap * sizeof(uint64_t)))
 
     cdef int _populate(self, char* base, size_t start, size_t end, long long gen) except -2:
         """Fault ``base[start:end]`` in, a step at a time without the GIL;
@@ -861,7 +846,7 @@ cdef class DedupTable:
             return 0
         self._warming = True
         try:
-            index_bytes = DEDUP_INDEX_PER_SLOT * self.cap * sizeof(uint64_t)
+            index_bytes = 2 * self.cap * sizeof(uint64_t)
             if not self._index_warm and dedup_mapped(index_bytes):
                 rc = self._populate(<char*>self.index, 0, index_bytes, gen)
                 if rc == 1:
@@ -903,8 +888,7 @@ cdef class DedupTable:
         """
         cdef size_t total = 0
         total += _resident_bytes(<char*>self.slots, self.cap * sizeof(DSlot))
-        total += _resident_bytes(<char*>self.index,
-                                 DEDUP_INDEX_PER_SLOT * self.cap * sizeof(uint64_t))
+        total += _resident_bytes(<char*>self.index, 2 * self.cap * sizeof(uint64_t))
         return total
 
     def _index_counts(self):
