@@ -2,7 +2,7 @@
 
 Run (bounded: fixed message counts and a timeout on every wait)::
 
-    PYTHONPATH=. python benches/e2ee_send.py [--messages N] [--runs R] [--store memory|sqlite]
+    PYTHONPATH=. python benches/e2ee_send.py [--messages N] [--runs R] [--store STORE[,STORE]]
         [--devices 1 3 10] [--await-each | --nowait-each] [--relay-path TREE]
         [--no-nats] [--js] [--synchronous NORMAL|FULL] [--data-dir DIR]
 
@@ -41,7 +41,9 @@ CPU of this process (the sender and every recipient device's client,
 ``time.process_time``) per delivered copy, and the relay's main thread's
 part of its CPU (its event loop; the rest is its helper threads', the
 SQLite store's writer among them; ``-`` for nats-server), and the
-dsend/send ratios.
+dsend/send ratios.  ``--store memory,sqlite``: each fastroute mode runs
+with both stores in every round, and SQLite's relay CPU a copy is printed
+over the memory store's (the medians', and the rounds' own ratios).
 """
 
 from __future__ import annotations
@@ -232,6 +234,47 @@ def data_dir_arg(ap: argparse.ArgumentParser, data_dir: str | None) -> str | Non
     return data_dir
 
 
+#: the relay's stores ``--store`` names
+STORES = ("memory", "sqlite")
+STORE_HELP = ("the relay's store; several, comma-separated (memory,sqlite), take turns "
+              "in every round, and each after the first is printed over the first: the "
+              "ratio of the medians of the relay's CPU a delivery, and the range of the "
+              "rounds' own ratios (a bar such as SQLite at most twice the memory store's, "
+              "read in one command)")
+
+
+def stores_arg(value: str) -> list[str]:
+    """``--store``'s value: one of :data:`STORES`, or several comma-separated."""
+    stores = value.split(",")
+    if any(s not in STORES for s in stores) or len(set(stores)) != len(stores):
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: {' or '.join(STORES)}, or several of them comma-separated")
+    return stores
+
+
+def store_ratios(by_round: dict[str, dict[int, float]], stores: list[str]) -> str:
+    """Each store after the first over the first: ``by_round`` maps a store
+    to its runs' CPU a delivery by round.  The ratio of the medians, then
+    the lowest and highest ratio of two runs of the same round (each round
+    runs every store once, side by side: what the host's drift moves
+    alike)."""
+    first = by_round.get(stores[0], {})
+    parts = []
+    for other in stores[1:]:
+        mine = by_round.get(other, {})
+        if not first or not mine:
+            parts.append(f"{other} / {stores[0]} n/a: no complete run")
+            continue
+        paired = [mine[r] / first[r] for r in sorted(set(first) & set(mine))]
+        line = (f"{other} / {stores[0]} "
+                f"x{statistics.median(mine.values()) / statistics.median(first.values()):.2f}")
+        if paired:
+            line += (f" (the rounds' x{min(paired):.2f}-x{max(paired):.2f}, "
+                     f"{len(paired)} {'pair' if len(paired) == 1 else 'pairs'})")
+        parts.append(line)
+    return "; ".join(parts)
+
+
 def js_like(store: str, synchronous: str) -> str:
     """The :data:`JS_STORAGE` key like the relay's ``store`` (and its SQLite
     ``synchronous``; "": the relay's default, FULL)."""
@@ -374,7 +417,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--messages", type=int, default=3000)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--store", choices=("memory", "sqlite"), default="memory")
+    ap.add_argument("--store", type=stores_arg, default=["memory"], help=STORE_HELP)
     ap.add_argument("--devices", type=int, nargs="+", default=[1, 3, 10],
                     help="recipient device counts to run (default 1 3 10)")
     ap.add_argument("--await-each", action="store_true",
@@ -396,32 +439,40 @@ def main() -> None:
                          "FULL); JetStream's file store syncs alike")
     ap.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     args = ap.parse_args()
+    stores: list[str] = args.store
+    if args.js and len(stores) > 1:
+        ap.error("--js is JetStream like one store: give --store one store with it")
     global AWAIT_EACH, NOWAIT_EACH, RELAY_PATH, SYNCHRONOUS, DATA_DIR
     DATA_DIR = data_dir_arg(ap, args.data_dir)
     AWAIT_EACH = args.await_each
     NOWAIT_EACH = args.nowait_each
     RELAY_PATH = args.relay_path
     SYNCHRONOUS = args.synchronous
-    js = js_like(args.store, SYNCHRONOUS)
+    js = js_like(stores[0], SYNCHRONOUS)
     run = uvloop.run if uvloop is not None else asyncio.run
     server = None if args.no_nats else find_nats_server()
-    print(f"store={args.store} synchronous={SYNCHRONOUS or 'default'} "
+    print(f"store={','.join(stores)} synchronous={SYNCHRONOUS or 'default'} "
           f"jetstream={'/'.join(JS_STORAGE[js]) if args.js else 'no'} "
           f"messages={args.messages} runs={args.runs} body={BODY} B "
           f"window={WINDOW} data-dir={DATA_DIR or tempfile.gettempdir()} "
           f"nats-server={server or 'not found'}")
-    print(f"{'devices':>7} {'mode':>6} {'copies/s':>10} {'relay us/copy':>14} "
+    width = 6 if len(stores) == 1 else 6 + max(map(len, stores))
+    print(f"{'devices':>7} {'mode':>{width}} {'copies/s':>10} {'relay us/copy':>14} "
           f"{'(min-max)':>14} {'clients us/copy':>16} {'loop us/copy':>13}")
     results = {}
+    by_round: dict[tuple[int, str], dict[str, dict[int, float]]] = {}
     for n_dev in args.devices:
         modes = ("send", "dsend") + (("nats",) if server else ()) \
             + (("js",) if server and args.js else ())
-        runs: dict[str, tuple[list, list, list, list]] = {m: ([], [], [], []) for m in modes}
+        # a fastroute mode runs once a round with each store; nats-server's have none
+        cases = [(m, st) for m in modes for st in (stores if m in ("send", "dsend") else ("",))]
+        runs: dict[tuple[str, str], tuple[list, list, list, list]] = {
+            c: ([], [], [], []) for c in cases}
         # the modes interleaved, a round a run of each, in reverse order every
         # other round (server_cpu.round_order): the machine's drift, and what
         # one run leaves for the next, fall on every mode alike
         for rnd in range(args.runs):
-            for mode in round_order(list(modes), rnd):
+            for mode, store in round_order(cases, rnd):
                 if mode in ("nats", "js"):
                     assert server is not None
                     try:
@@ -432,37 +483,47 @@ def main() -> None:
                         print(f"  (a {mode} run left out: {exc})", flush=True)
                         continue
                 else:
-                    rate, cpu, client, loop = run(one_run(mode, n_dev, args.messages,
-                                                          args.store))
-                for kept, value in zip(runs[mode], (rate, cpu, client, loop)):
+                    rate, cpu, client, loop = run(one_run(mode, n_dev, args.messages, store))
+                    by_round.setdefault((n_dev, mode), {}).setdefault(store, {})[rnd] = cpu
+                for kept, value in zip(runs[(mode, store)], (rate, cpu, client, loop)):
                     kept.append(value)
-        for mode in modes:
-            rates, cpus, mine, loops = runs[mode]
+        for mode, store in cases:
+            rates, cpus, mine, loops = runs[(mode, store)]
+            label = f"{mode}:{store}" if store and len(stores) > 1 else mode
             if not rates:
-                print(f"{n_dev:>7} {mode:>6} {'n/a: no complete run':>28}", flush=True)
+                print(f"{n_dev:>7} {label:>{width}} {'n/a: no complete run':>28}", flush=True)
                 continue
-            results[(n_dev, mode)] = (statistics.median(rates), statistics.median(cpus),
-                                      statistics.median(mine))
+            results[(n_dev, mode, store)] = (statistics.median(rates),
+                                             statistics.median(cpus),
+                                             statistics.median(mine))
             # nats-server's main thread is not where its work is done
             loop = "-" if mode in ("nats", "js") else f"{statistics.median(loops):.2f}"
-            print(f"{n_dev:>7} {mode:>6} {statistics.median(rates):>10.0f} "
+            print(f"{n_dev:>7} {label:>{width}} {statistics.median(rates):>10.0f} "
                   f"{statistics.median(cpus):>14.2f} {min(cpus):>6.2f}-{max(cpus):<6.2f} "
                   f"{statistics.median(mine):>16.2f} {loop:>13}", flush=True)
     print("\ndsend / send (same devices):")
     for n_dev in args.devices:
-        (rs, cs, ms), (rd, cd, md) = results[(n_dev, "send")], results[(n_dev, "dsend")]
-        line = (f"  {n_dev:>2} devices: throughput x{rd / rs:.2f}, relay CPU per copy "
-                f"x{cd / cs:.2f}, clients' CPU per copy x{md / ms:.2f}")
-        if (n_dev, "nats") in results:
-            # the issue's yardstick: the relay's CPU per copy next to nats-server's
-            cn = results[(n_dev, "nats")][1]
-            line += f"; dsend's relay CPU per copy / nats-server's x{cd / cn:.2f}"
-        if (n_dev, "js") in results:
-            # like with like: a stored copy, acked, against JetStream's
-            cj = results[(n_dev, "js")][1]
-            line += f"; / JetStream's x{cd / cj:.2f}"
-        print(line)
-
+        for store in stores:
+            if (n_dev, "send", store) not in results or (n_dev, "dsend", store) not in results:
+                continue
+            (rs, cs, ms) = results[(n_dev, "send", store)]
+            (rd, cd, md) = results[(n_dev, "dsend", store)]
+            line = (f"  {n_dev:>2} devices{f' ({store})' if len(stores) > 1 else ''}: "
+                    f"throughput x{rd / rs:.2f}, relay CPU per copy "
+                    f"x{cd / cs:.2f}, clients' CPU per copy x{md / ms:.2f}")
+            if (n_dev, "nats", "") in results:
+                # the issue's yardstick: the relay's CPU per copy next to nats-server's
+                cn = results[(n_dev, "nats", "")][1]
+                line += f"; dsend's relay CPU per copy / nats-server's x{cd / cn:.2f}"
+            if (n_dev, "js", "") in results:
+                # like with like: a stored copy, acked, against JetStream's
+                cj = results[(n_dev, "js", "")][1]
+                line += f"; / JetStream's x{cd / cj:.2f}"
+            print(line)
+    if len(stores) > 1:
+        print("\nrelay CPU per copy, store over store (same mode, same devices):")
+        for (n_dev, mode), per_store in by_round.items():
+            print(f"  {n_dev:>2} devices, {mode}: {store_ratios(per_store, stores)}")
 
 if __name__ == "__main__":
     main()

@@ -382,6 +382,57 @@ def test_the_per_device_and_group_benches_put_their_stores_where_they_are_told(
     assert proc.returncode == 2 and "--data-dir" in proc.stderr, proc.stderr
 
 
+def test_store_ratios_pair_the_runs_of_a_round() -> None:
+    # the ratio of the medians, and the range of the ratios of two runs of
+    # the same round; a round one store did not complete pairs with nothing
+    import e2ee_send
+
+    by_round = {"memory": {0: 1.0, 1: 2.0, 2: 4.0}, "sqlite": {0: 2.0, 1: 3.0}}
+    assert e2ee_send.store_ratios(by_round, ["memory", "sqlite"]) == \
+        "sqlite / memory x1.25 (the rounds' x1.50-x2.00, 2 pairs)"
+    assert e2ee_send.store_ratios({"memory": {0: 1.0}}, ["memory", "sqlite"]) == \
+        "sqlite / memory n/a: no complete run"
+    assert e2ee_send.stores_arg("sqlite,memory") == ["sqlite", "memory"]
+    for bad in ("disk", "memory,memory", "memory,"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            e2ee_send.stores_arg(bad)
+
+
+@pytest.mark.parametrize("bench, args, mode", [
+    ("group_send.py", ["--fanout", "3", "--modes", "gsend"], "gsend"),
+    ("e2ee_send.py", ["--devices", "3", "--messages", "300"], "dsend"),
+])
+def test_the_per_device_and_group_benches_read_two_stores_side_by_side(
+        bench, args, mode) -> None:
+    # --store memory,sqlite: every round runs each fastroute mode with both
+    # stores, and the SQLite store's CPU a delivery is printed over the
+    # memory store's, the ratio of the two medians printed above it
+    proc = _bench(bench, "--runs", "2", "--store", "memory,sqlite", "--synchronous", "NORMAL",
+                  "--no-nats", *args)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "store=memory,sqlite " in proc.stdout, proc.stdout
+    cpu = {}
+    for line in proc.stdout.splitlines():
+        fields = line.split()
+        if len(fields) > 3 and fields[1] in (f"{mode}:memory", f"{mode}:sqlite"):
+            assert fields[1] not in cpu, proc.stdout
+            cpu[fields[1]] = float(fields[4 if bench == "group_send.py" else 3])
+    assert len(cpu) == 2, proc.stdout
+    got = re.search(rf"^\s+3 devices, {mode}: sqlite / memory x([\d.]+) "
+                    r"\(the rounds' x([\d.]+)-x([\d.]+), 2 pairs\)$", proc.stdout, re.M)
+    assert got is not None, proc.stdout
+    ratio, low, high = map(float, got.groups())
+    # the printed medians are rounded: their ratio agrees to a few hundredths
+    assert abs(ratio - cpu[f"{mode}:sqlite"] / cpu[f"{mode}:memory"]) < 0.05, proc.stdout
+    assert 0 < low <= high, proc.stdout
+    proc = _bench(bench, "--store", "memory,disk")
+    assert proc.returncode == 2 and "--store" in proc.stderr, proc.stderr
+    # JetStream is run like one store: with two, which is not said
+    js = ["--js"] if bench == "e2ee_send.py" else ["--modes", "js"]
+    proc = _bench(bench, "--store", "memory,sqlite", *js)
+    assert proc.returncode == 2 and "one store" in proc.stderr, proc.stderr
+
+
 def test_handover_measures_a_round_trip_through_a_thread_against_a_loop_turn(capsys) -> None:
     # every request is answered from the thread (a lost answer would hang
     # the run), the three figures are read, and the CPUs the process may run
