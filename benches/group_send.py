@@ -249,7 +249,7 @@ def main() -> None:
           f"cores={os.cpu_count()} loadavg={open('/proc/loadavg').read().split()[:3]} "
           f"nats-server={server or ('not run' if args.senders > 1 else 'not found')}")
     width = 6 if len(stores) == 1 else 6 + max(map(len, stores))
-    print(f"{'devices':>7} {'mode':>{width}} {'msgs':>5} {'deliveries/s':>13} "
+    print(f"{'devices':>7} {'mode':>{width}} {'msgs':>7} {'deliveries/s':>13} "
           f"{'server us/deliv':>16} {'(min-max)':>14} {'loop us/deliv':>14}")
     results = {}
     by_round: dict[tuple[int, str], dict[str, dict[int, float]]] = {}
@@ -288,7 +288,7 @@ def main() -> None:
             results[(n, mode, store)] = (statistics.median(rates), statistics.median(cpus))
             # nats-server's main thread is not where its work is done
             loop = "-" if mode in ("nats", "js") else f"{statistics.median(loops):.3f}"
-            print(f"{n:>7} {label:>{width}} {MESSAGES.get(n, 100):>5} "
+            print(f"{n:>7} {label:>{width}} {MESSAGES.get(n, 100):>7} "
                   f"{statistics.median(rates):>13.0f} "
                   f"{statistics.median(cpus):>16.3f} {min(cpus):>6.3f}-{max(cpus):<6.3f} "
                   f"{loop:>14}", flush=True)
