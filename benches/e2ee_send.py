@@ -275,6 +275,18 @@ def store_ratios(by_round: dict[str, dict[int, float]], stores: list[str]) -> st
     return "; ".join(parts)
 
 
+def print_store_ratios(by_round: dict[tuple[int, str], dict[str, dict[int, float]]],
+                       stores: list[str], figure: str, width: int) -> None:
+    """With several stores, the last section: for each case ``(devices,
+    mode)`` of ``by_round``, :func:`store_ratios` of its stores' runs;
+    ``figure`` names the CPU figure, ``width`` the devices' column."""
+    if len(stores) < 2:
+        return
+    print(f"\n{figure}, store over store (same mode, same devices):")
+    for (devices, mode), per_store in by_round.items():
+        print(f"  {devices:>{width}} devices, {mode}: {store_ratios(per_store, stores)}")
+
+
 def js_like(store: str, synchronous: str) -> str:
     """The :data:`JS_STORAGE` key like the relay's ``store`` (and its SQLite
     ``synchronous``; "": the relay's default, FULL)."""
@@ -520,10 +532,8 @@ def main() -> None:
                 cj = results[(n_dev, "js", "")][1]
                 line += f"; / JetStream's x{cd / cj:.2f}"
             print(line)
-    if len(stores) > 1:
-        print("\nrelay CPU per copy, store over store (same mode, same devices):")
-        for (n_dev, mode), per_store in by_round.items():
-            print(f"  {n_dev:>2} devices, {mode}: {store_ratios(per_store, stores)}")
+    print_store_ratios(by_round, stores, "relay CPU per copy", 2)
+
 
 if __name__ == "__main__":
     main()

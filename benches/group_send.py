@@ -308,10 +308,8 @@ def main() -> None:
                 # like with like: a stored message kept until every device acks
                 line += f"; JetStream's / gsend's x{results[(n, 'js', '')][1] / cg:.2f}"
             print(line)
-    if len(stores) > 1:
-        print("\nserver CPU per delivery, store over store (same mode, same devices):")
-        for (n, mode), per_store in by_round.items():
-            print(f"  {n:>4} devices, {mode}: {e2ee_send.store_ratios(per_store, stores)}")
+    e2ee_send.print_store_ratios(by_round, stores, "server CPU per delivery", 4)
+
 
 if __name__ == "__main__":
     main()
