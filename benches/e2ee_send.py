@@ -67,6 +67,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from server_cpu import (  # noqa: E402
     NatsServer,
+    cpu_ratio,
     find_nats_server,
     main_thread_ns,
     proc_cpu_ns,
@@ -257,17 +258,17 @@ def store_ratios(by_round: dict[str, dict[int, float]], stores: list[str]) -> st
     to its runs' CPU a delivery by round.  The ratio of the medians, then
     the lowest and highest ratio of two runs of the same round (each round
     runs every store once, side by side: what the host's drift moves
-    alike)."""
-    first = by_round.get(stores[0], {})
+    alike), as ``server_cpu.cpu_ratio`` pairs a system's runs."""
+    runs = {store: [{"us_per_msg": cpu, "round": rnd} for rnd, cpu in cpus.items()]
+            for store, cpus in by_round.items()}
     parts = []
     for other in stores[1:]:
-        mine = by_round.get(other, {})
-        if not first or not mine:
+        both = cpu_ratio(runs, other, stores[0])
+        if both is None:
             parts.append(f"{other} / {stores[0]} n/a: no complete run")
             continue
-        paired = [mine[r] / first[r] for r in sorted(set(first) & set(mine))]
-        line = (f"{other} / {stores[0]} "
-                f"x{statistics.median(mine.values()) / statistics.median(first.values()):.2f}")
+        med, paired = both
+        line = f"{other} / {stores[0]} x{med:.2f}"
         if paired:
             line += (f" (the rounds' x{min(paired):.2f}-x{max(paired):.2f}, "
                      f"{len(paired)} {'pair' if len(paired) == 1 else 'pairs'})")
