@@ -253,14 +253,12 @@ def stores_arg(value: str) -> list[str]:
     return stores
 
 
-def store_ratios(by_round: dict[str, dict[int, float]], stores: list[str]) -> str:
-    """Each store after the first over the first: ``by_round`` maps a store
-    to its runs' CPU a delivery by round.  The ratio of the medians, then
-    the lowest and highest ratio of two runs of the same round (each round
-    runs every store once, side by side: what the host's drift moves
-    alike), as ``server_cpu.cpu_ratio`` pairs a system's runs."""
-    runs = {store: [{"us_per_msg": cpu, "round": rnd} for rnd, cpu in cpus.items()]
-            for store, cpus in by_round.items()}
+def store_ratios(runs: dict[str, list[dict]], stores: list[str]) -> str:
+    """Each store after the first over the first: ``runs`` maps a store to
+    its runs, ``{"us_per_msg": CPU a delivery, "round": round}`` each (what
+    ``server_cpu.cpu_ratio`` pairs).  The ratio of the medians, then the
+    lowest and highest ratio of two runs of the same round (each round runs
+    every store once, side by side: what the host's drift moves alike)."""
     parts = []
     for other in stores[1:]:
         both = cpu_ratio(runs, other, stores[0])
@@ -276,7 +274,7 @@ def store_ratios(by_round: dict[str, dict[int, float]], stores: list[str]) -> st
     return "; ".join(parts)
 
 
-def print_store_ratios(by_round: dict[tuple[int, str], dict[str, dict[int, float]]],
+def print_store_ratios(by_round: dict[tuple[int, str], dict[str, list[dict]]],
                        stores: list[str], figure: str, width: int) -> None:
     """With several stores, the last section: for each case ``(devices,
     mode)`` of ``by_round``, :func:`store_ratios` of its stores' runs;
@@ -473,7 +471,7 @@ def main() -> None:
     print(f"{'devices':>7} {'mode':>{width}} {'copies/s':>10} {'relay us/copy':>14} "
           f"{'(min-max)':>14} {'clients us/copy':>16} {'loop us/copy':>13}")
     results = {}
-    by_round: dict[tuple[int, str], dict[str, dict[int, float]]] = {}
+    by_round: dict[tuple[int, str], dict[str, list[dict]]] = {}
     for n_dev in args.devices:
         modes = ("send", "dsend") + (("nats",) if server else ()) \
             + (("js",) if server and args.js else ())
@@ -497,7 +495,8 @@ def main() -> None:
                         continue
                 else:
                     rate, cpu, client, loop = run(one_run(mode, n_dev, args.messages, store))
-                    by_round.setdefault((n_dev, mode), {}).setdefault(store, {})[rnd] = cpu
+                    by_round.setdefault((n_dev, mode), {}).setdefault(store, []).append(
+                        {"us_per_msg": cpu, "round": rnd})
                 for kept, value in zip(runs[(mode, store)], (rate, cpu, client, loop)):
                     kept.append(value)
         for mode, store in cases:

@@ -252,7 +252,7 @@ def main() -> None:
     print(f"{'devices':>7} {'mode':>{width}} {'msgs':>7} {'deliveries/s':>13} "
           f"{'server us/deliv':>16} {'(min-max)':>14} {'loop us/deliv':>14}")
     results = {}
-    by_round: dict[tuple[int, str], dict[str, dict[int, float]]] = {}
+    by_round: dict[tuple[int, str], dict[str, list[dict]]] = {}
     for n in args.fanout:
         modes = ["send", "gsend"] + (["nats", "js"] if server else [])
         modes = [m for m in modes if m in (args.modes if args.modes is not None
@@ -275,7 +275,8 @@ def main() -> None:
                 else:
                     rate, cpu, loop = run(fastroute_run(mode, n, MESSAGES.get(n, 100),
                                                         store, args.senders))
-                    by_round.setdefault((n, mode), {}).setdefault(store, {})[rnd] = cpu
+                    by_round.setdefault((n, mode), {}).setdefault(store, []).append(
+                        {"us_per_msg": cpu, "round": rnd})
                 runs[(mode, store)][0].append(rate)
                 runs[(mode, store)][1].append(cpu)
                 runs[(mode, store)][2].append(loop)

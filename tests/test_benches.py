@@ -387,10 +387,13 @@ def test_store_ratios_pair_the_runs_of_a_round() -> None:
     # the same round; a round one store did not complete pairs with nothing
     import e2ee_send
 
-    by_round = {"memory": {0: 1.0, 1: 2.0, 2: 4.0}, "sqlite": {0: 2.0, 1: 3.0}}
+    def runs(cpus: dict) -> list[dict]:
+        return [{"us_per_msg": cpu, "round": rnd} for rnd, cpu in cpus.items()]
+
+    by_round = {"memory": runs({0: 1.0, 1: 2.0, 2: 4.0}), "sqlite": runs({0: 2.0, 1: 3.0})}
     assert e2ee_send.store_ratios(by_round, ["memory", "sqlite"]) == \
         "sqlite / memory x1.25 (the rounds' x1.50-x2.00, 2 pairs)"
-    assert e2ee_send.store_ratios({"memory": {0: 1.0}}, ["memory", "sqlite"]) == \
+    assert e2ee_send.store_ratios({"memory": runs({0: 1.0})}, ["memory", "sqlite"]) == \
         "sqlite / memory n/a: no complete run"
     assert e2ee_send.stores_arg("sqlite,memory") == ["sqlite", "memory"]
     for bad in ("disk", "memory,memory", "memory,"):
