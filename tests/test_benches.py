@@ -280,6 +280,46 @@ def test_server_cpu_holds_its_servers_to_the_cpus_it_is_given() -> None:
     assert proc.returncode == 2 and "--server-cpus" in proc.stderr, proc.stderr
 
 
+_BURNER = """
+import sys, threading, time
+def burn():
+    while time.thread_time() < 0.15:
+        pass
+sys.stdin.readline()
+t = threading.Thread(target=burn)
+t.start()
+t.join()
+print("ended", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_server_cpu_s_cross_check_counts_threads_that_ended() -> None:
+    # the relay's dedup warmers are threads of milliseconds: a sum over the
+    # live threads' schedstat lost their time (up to ~0.1 us a message of a
+    # fresh relay), and the cross-check then read below the ticks
+    import subprocess
+    proc = subprocess.Popen([sys.executable, "-c", _BURNER], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        clock0, live0 = server_cpu.proc_cpu_ns(proc.pid), server_cpu.proc_sched_ns(proc.pid)
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline() == "ended\n"
+        clock1, live1 = server_cpu.proc_cpu_ns(proc.pid), server_cpu.proc_sched_ns(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert clock1 - clock0 >= 150_000_000  # the ended thread's 0.15 s counted
+    assert live1 - live0 < 100_000_000  # the live threads' sum lost it
+    line = server_cpu.progress_line({
+        "system": "fr-memory", "us_per_msg": 0.8, "ticks": 8, "cpu_s": 0.08,
+        "clock_us_per_msg": 0.79, "main_us_per_msg": 0.7, "received": 100_000,
+        "sent": 100_000, "n_errors": 0, "stalled": "", "wall": 0.1, "tx_cpu_s": 0.05,
+        "rx_cpu_s": 0.05, "tail_ms": 0})
+    assert "CPU clock 0.79 us/msg, main thread 0.70" in line, line
+
+
 def test_server_cpu_reverses_the_order_of_its_systems_every_other_round() -> None:
     # what one run leaves for the next must not fall on one system of a
     # pair in every round
