@@ -204,10 +204,13 @@ class Warmer:
     ``table.warm_with(warmer.ask)``: when a table's next writes near pages
     not yet resident, it calls :meth:`ask` (on the loop's thread) and a
     short-lived thread runs ``table.warm()``, which releases the GIL while
-    the kernel zeroes the pages.  The relay's loop then never stops for a
-    page fault of its windows (one per 2 MB page: ~0.1-0.3 ms each, ~15 % of
-    the loop's time while its first million ids arrive), and memory is
-    still taken only as a window fills, a few MB ahead of it.  A table asks
+    the kernel zeroes the pages.  The relay's loop then does not stop for a
+    page fault of its windows as they fill (one per 2 MB page: ~0.1-0.3 ms
+    each, ~15 % of the loop's time while its first million ids arrive), and
+    memory is still taken only as a window fills, a few MB ahead of it.
+    (The index is written at random from the first id on: the loop faults
+    most of its pages itself in the first milliseconds, before the warm
+    asked for at that id reaches them.)  A table asks
     again only after the warm it asked for has run, so a relay's three
     windows have at most three such threads, for milliseconds, once per
     ~4 MB of new entries; none is left waiting.  After :meth:`close` asks
