@@ -4,7 +4,7 @@ Run (bounded: fixed message counts and a timeout on every wait)::
 
     PYTHONPATH=. python benches/group_send.py [--runs R] [--store STORE[,STORE]] [--no-nats]
         [--fanout 10 100 1000] [--relay-path TREE] [--synchronous NORMAL|FULL] [--scale K]
-        [--senders S] [--window W] [--data-dir DIR]
+        [--senders S] [--window W] [--data-dir DIR] [--full-window | --fill N]
 
 For each fan-out N, three ways of getting one 100-byte body to N devices:
 
@@ -47,6 +47,17 @@ server.  ``--store memory,sqlite``: each fastroute mode runs with both stores
 in every round, and SQLite's CPU per delivery is printed over the memory
 store's (the medians', and the rounds' own ratios): the issue's bar of
 SQLite at most twice the memory store, read in one command.
+
+A fresh relay's dedup window is empty: a run of fewer ids than it holds
+(1,000,000 by default) never evicts one, and pays inside the measured
+window for the memory the window takes as it fills (a one-off of the
+relay's process, which on a host whose memory is not yet backed costs far
+more than on one whose is: ``benches/README.md``, session 51).
+``--full-window`` first sends that many through the relay, unmeasured, as
+``server_cpu.py --full-window`` does: the first sender's, to a group (an
+address for ``send``) of one device of its own, so the measured messages
+meet the window of a relay that has run a while, where every new id evicts
+the oldest; ``--fill N`` sends N instead.
 """
 
 from __future__ import annotations
@@ -58,6 +69,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 try:
     import uvloop
@@ -81,6 +93,8 @@ MESSAGES = {10: 2000, 100: 300, 1000: 40}
 TIMEOUT = 60.0
 #: the SQLite store's synchronous mode ("": the relay's default, FULL)
 SYNCHRONOUS = ""
+#: ids a relay's dedup window holds by default (``dedup_max_entries``)
+DEDUP_WINDOW = 1_000_000
 
 
 def start_relay(data: str, store: str) -> tuple[subprocess.Popen, int]:
@@ -137,11 +151,13 @@ async def _sender(mode: str, sender: Client, users: list[str], n_dev: int, body:
 
 
 async def fastroute_run(mode: str, n_dev: int, messages: int, store: str,
-                        senders: int = 1) -> tuple[float, float, float]:
+                        senders: int = 1, fill: int = 0) -> tuple[float, float, float]:
     """One run of ``mode`` on a fresh relay: ``senders`` senders at once, each
     to its own group (gsend) or address (send) of ``n_dev`` devices, each
     sending ``messages``; deliveries a second, and the relay's CPU and its
-    loop's a delivery, in us."""
+    loop's a delivery, in us.  ``fill``: ids sent first, unmeasured, by the
+    first sender to a group (address) of one device of its own, so that they
+    take ``fill`` places of the relay's dedup window for ``mode``."""
     with tempfile.TemporaryDirectory(dir=e2ee_send.DATA_DIR) as data:
         pkey = ProviderKey.generate()
         with Registry(os.path.join(data, "registry.db")) as reg:
@@ -174,6 +190,15 @@ async def fastroute_run(mode: str, n_dev: int, messages: int, store: str,
                 for i in range(n_dev):
                     devices.append(await connect(users[i * len(users) // n_dev], f"d{i}"))
                 sends.append(await _sender(mode, sender, users, n_dev, body))
+                if fill and not k:
+                    # its own group (address): none of the measured devices gets these
+                    filler = await connect("f@home", "d0")
+                    fill_all = await _sender(mode, sender, ["f@home"], 1, body)
+            if fill:
+                t0 = time.monotonic()
+                await asyncio.gather(fill_all(fill), _receive(filler, fill))
+                print(f"  (filled: {fill} {mode} ids through the relay first, "
+                      f"{time.monotonic() - t0:.1f} s)", flush=True)
 
             async def send_all(count: int) -> None:
                 await asyncio.gather(*(send(count) for send in sends))
@@ -221,6 +246,13 @@ def main() -> None:
                          f"(default {WINDOW}: the bars' shape; a larger one makes a "
                          f"commit hold more of one sender's messages)")
     ap.add_argument("--data-dir", default=None, help=e2ee_send.DATA_DIR_HELP)
+    fills = ap.add_mutually_exclusive_group()
+    fills.add_argument("--full-window", action="store_true",
+                       help=f"fill each relay's dedup window ({DEDUP_WINDOW} ids, "
+                            "unmeasured) before its measured run")
+    fills.add_argument("--fill", type=int, default=0, metavar="N",
+                       help="send N ids through each relay, unmeasured, before its "
+                            "measured run (--full-window: the whole window)")
     ap.add_argument("--modes", nargs="*", choices=("send", "gsend", "nats", "js"),
                     help="run only these (default: send, gsend and nats, nats only when "
                          "found; js: JetStream like the relay's store, see "
@@ -230,6 +262,9 @@ def main() -> None:
         ap.error("--senders must be positive")
     if args.window < 1:
         ap.error("--window must be positive")
+    if args.fill < 0:
+        ap.error("--fill must not be negative")
+    fill = DEDUP_WINDOW if args.full_window else args.fill
     stores: list[str] = args.store
     if len(stores) > 1 and args.modes is not None and "js" in args.modes:
         ap.error("the js mode is JetStream like one store: give --store one store with it")
@@ -245,6 +280,7 @@ def main() -> None:
     print(f"store={','.join(stores)} synchronous={args.synchronous or 'default'} "
           f"jetstream={'/'.join(e2ee_send.JS_STORAGE[js])} "
           f"runs={args.runs} body={BODY} B window={WINDOW} senders={args.senders} "
+          f"filled={fill} "
           f"data-dir={e2ee_send.DATA_DIR or tempfile.gettempdir()} "
           f"cores={os.cpu_count()} loadavg={open('/proc/loadavg').read().split()[:3]} "
           f"nats-server={server or ('not run' if args.senders > 1 else 'not found')}")
@@ -274,7 +310,7 @@ def main() -> None:
                         continue
                 else:
                     rate, cpu, loop = run(fastroute_run(mode, n, MESSAGES.get(n, 100),
-                                                        store, args.senders))
+                                                        store, args.senders, fill))
                     by_round.setdefault((n, mode), {}).setdefault(store, []).append(
                         {"us_per_msg": cpu, "round": rnd})
                 runs[(mode, store)][0].append(rate)

@@ -476,6 +476,26 @@ def test_the_per_device_and_group_benches_read_two_stores_side_by_side(
     assert proc.returncode == 2 and "one store" in proc.stderr, proc.stderr
 
 
+def test_the_group_bench_fills_the_dedup_window_before_it_measures() -> None:
+    # --fill N: N ids through the relay first, to a device of their own (a
+    # fill that did not arrive would time the run out); --full-window: the
+    # relay's whole window
+    proc = _bench("group_send.py", "--runs", "1", "--store", "memory", "--fanout", "3",
+                  "--modes", "send", "gsend", "--no-nats", "--fill", "700")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert " filled=700 " in proc.stdout, proc.stdout
+    # each run says so once its device has every filled id
+    assert len(re.findall(r"^  \(filled: 700 g?send ids through the relay first, [\d.]+ s\)$",
+                          proc.stdout, re.M)) == 2, proc.stdout
+    rows = {line.split()[1] for line in proc.stdout.splitlines()
+            if line.split()[:1] == ["3"] and line.split()[1] != "devices:"}
+    assert rows == {"send", "gsend"}, proc.stdout
+    proc = _bench("group_send.py", "--fill", "-1")
+    assert proc.returncode == 2 and "--fill" in proc.stderr, proc.stderr
+    proc = _bench("group_send.py", "--fill", "5", "--full-window")
+    assert proc.returncode == 2 and "not allowed with" in proc.stderr, proc.stderr
+
+
 def test_handover_measures_a_round_trip_through_a_thread_against_a_loop_turn(capsys) -> None:
     # every request is answered from the thread (a lost answer would hang
     # the run), the three figures are read, and the CPUs the process may run
