@@ -80,7 +80,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import e2ee_send  # noqa: E402
 from e2ee_send import start_relay as e2ee_start_relay  # noqa: E402
-from server_cpu import find_nats_server, round_order  # noqa: E402
+from server_cpu import DEDUP_WINDOW, find_nats_server, round_order  # noqa: E402
 
 from fastroute import Client  # noqa: E402
 from fastroute.identity import ProviderKey, Registry, issue_credential  # noqa: E402
@@ -93,8 +93,6 @@ MESSAGES = {10: 2000, 100: 300, 1000: 40}
 TIMEOUT = 60.0
 #: the SQLite store's synchronous mode ("": the relay's default, FULL)
 SYNCHRONOUS = ""
-#: ids a relay's dedup window holds by default (``dedup_max_entries``)
-DEDUP_WINDOW = 1_000_000
 
 
 def start_relay(data: str, store: str) -> tuple[subprocess.Popen, int]:
