@@ -5,6 +5,7 @@ Run (bounded: fixed message counts and a timeout on every wait)::
     PYTHONPATH=. python benches/e2ee_send.py [--messages N] [--runs R] [--store STORE[,STORE]]
         [--devices 1 3 10] [--await-each | --nowait-each] [--relay-path TREE]
         [--no-nats] [--js] [--synchronous NORMAL|FULL] [--data-dir DIR]
+        [--full-window | --fill N]
 
 For 1, 3 and 10 recipient devices, two ways of reaching all of them:
 
@@ -44,6 +45,9 @@ SQLite store's writer among them; ``-`` for nats-server), and the
 dsend/send ratios.  ``--store memory,sqlite``: each fastroute mode runs
 with both stores in every round, and SQLite's relay CPU a copy is printed
 over the memory store's (the medians', and the rounds' own ratios).
+``--full-window`` (or ``--fill N``) first sends a relay's whole dedup window
+(N ids) through each relay, unmeasured, to an address with one device of
+its own, as ``group_send.py --full-window`` does (see there).
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from server_cpu import (  # noqa: E402
+    DEDUP_WINDOW,
     NatsServer,
     cpu_ratio,
     find_nats_server,
@@ -87,6 +92,7 @@ NOWAIT_EACH = False  # --nowait-each
 RELAY_PATH = ""  # --relay-path
 SYNCHRONOUS = ""  # --synchronous (the SQLite store's; "": the relay's default)
 DATA_DIR: str | None = None  # --data-dir (None: the system's temporary directory)
+FILL = 0  # --fill, --full-window: ids sent through each relay before its measured run
 
 
 def relay_cpu(pid: int) -> float:
@@ -169,6 +175,10 @@ async def one_run(mode: str, n_dev: int, messages: int,
             listed = await sender.devices("r@home")
             body = os.urandom(BODY)
             entries = [(d, r, body) for d, r in listed]
+            if FILL:
+                # its own address: none of the measured devices gets these
+                filler = await connect("f@home", "d0")
+                filled = [(d, r, body) for d, r in await sender.devices("f@home")]
 
             async def receive(c: Client, want: int) -> None:
                 got = 0
@@ -178,20 +188,25 @@ async def one_run(mode: str, n_dev: int, messages: int,
             nowait = getattr(sender, "send_to_devices_nowait", None)
             many = getattr(sender, "send_to_devices_many", None)
 
-            async def send_all(count: int) -> None:
+            async def send_all(count: int, to: str = "r@home", entries=entries) -> None:
                 for at in range(0, count, WINDOW):
                     k = min(WINDOW, count - at)
                     if mode == "send":
-                        await sender.send_many("r@home", [body] * k)
+                        await sender.send_many(to, [body] * k)
                     elif many is not None and not (AWAIT_EACH or NOWAIT_EACH):
-                        outcomes = await many([("r@home", entries)] * k)[1]
+                        outcomes = await many([(to, entries)] * k)[1]
                         assert outcomes == [None] * k, outcomes
                     elif nowait is not None and not AWAIT_EACH:
-                        await asyncio.gather(*(nowait("r@home", entries)[1] for _ in range(k)))
+                        await asyncio.gather(*(nowait(to, entries)[1] for _ in range(k)))
                     else:  # one coroutine per message (and trees before the nowait call)
-                        await asyncio.gather(*(sender.send_to_devices("r@home", entries)
+                        await asyncio.gather(*(sender.send_to_devices(to, entries)
                                                for _ in range(k)))
 
+            if FILL:
+                t0 = time.monotonic()
+                await asyncio.gather(send_all(FILL, "f@home", filled), receive(filler, FILL))
+                print(f"  (filled: {FILL} {mode} ids through the relay first, "
+                      f"{time.monotonic() - t0:.1f} s)", flush=True)
             warm = 200
             await asyncio.gather(send_all(warm), *(receive(c, warm) for c in devices))
             return await measured(proc.pid, messages * n_dev, asyncio.gather(
@@ -449,11 +464,21 @@ def main() -> None:
                     help="the SQLite store's (the relay's default when not given: "
                          "FULL); JetStream's file store syncs alike")
     ap.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
+    fills = ap.add_mutually_exclusive_group()
+    fills.add_argument("--full-window", action="store_true",
+                       help=f"fill each relay's dedup window ({DEDUP_WINDOW} ids, "
+                            "unmeasured) before its measured run")
+    fills.add_argument("--fill", type=int, default=0, metavar="N",
+                       help="send N ids through each relay, unmeasured, before its "
+                            "measured run (--full-window: the whole window)")
     args = ap.parse_args()
+    if args.fill < 0:
+        ap.error("--fill must not be negative")
     stores: list[str] = args.store
     if args.js and len(stores) > 1:
         ap.error("--js is JetStream like one store: give --store one store with it")
-    global AWAIT_EACH, NOWAIT_EACH, RELAY_PATH, SYNCHRONOUS, DATA_DIR
+    global AWAIT_EACH, NOWAIT_EACH, RELAY_PATH, SYNCHRONOUS, DATA_DIR, FILL
+    FILL = DEDUP_WINDOW if args.full_window else args.fill
     DATA_DIR = data_dir_arg(ap, args.data_dir)
     AWAIT_EACH = args.await_each
     NOWAIT_EACH = args.nowait_each
@@ -465,7 +490,7 @@ def main() -> None:
     print(f"store={','.join(stores)} synchronous={SYNCHRONOUS or 'default'} "
           f"jetstream={'/'.join(JS_STORAGE[js]) if args.js else 'no'} "
           f"messages={args.messages} runs={args.runs} body={BODY} B "
-          f"window={WINDOW} data-dir={DATA_DIR or tempfile.gettempdir()} "
+          f"window={WINDOW} filled={FILL} data-dir={DATA_DIR or tempfile.gettempdir()} "
           f"nats-server={server or 'not found'}")
     width = 6 if len(stores) == 1 else 6 + max(map(len, stores))
     print(f"{'devices':>7} {'mode':>{width}} {'copies/s':>10} {'relay us/copy':>14} "

@@ -476,23 +476,29 @@ def test_the_per_device_and_group_benches_read_two_stores_side_by_side(
     assert proc.returncode == 2 and "one store" in proc.stderr, proc.stderr
 
 
-def test_the_group_bench_fills_the_dedup_window_before_it_measures() -> None:
+@pytest.mark.parametrize("bench, args, modes", [
+    ("group_send.py", ["--fanout", "3", "--modes", "send", "gsend"], ("send", "gsend")),
+    ("e2ee_send.py", ["--devices", "3", "--messages", "300"], ("send", "dsend")),
+])
+def test_the_per_device_and_group_benches_fill_the_dedup_window_before_they_measure(
+        bench, args, modes) -> None:
     # --fill N: N ids through the relay first, to a device of their own (a
     # fill that did not arrive would time the run out); --full-window: the
     # relay's whole window
-    proc = _bench("group_send.py", "--runs", "1", "--store", "memory", "--fanout", "3",
-                  "--modes", "send", "gsend", "--no-nats", "--fill", "700")
+    proc = _bench(bench, "--runs", "1", "--store", "memory", "--no-nats", "--fill", "700",
+                  *args)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert " filled=700 " in proc.stdout, proc.stdout
     # each run says so once its device has every filled id
-    assert len(re.findall(r"^  \(filled: 700 g?send ids through the relay first, [\d.]+ s\)$",
-                          proc.stdout, re.M)) == 2, proc.stdout
+    said = re.findall(r"^  \(filled: 700 (\w+) ids through the relay first, [\d.]+ s\)$",
+                      proc.stdout, re.M)
+    assert sorted(said) == sorted(modes), proc.stdout
     rows = {line.split()[1] for line in proc.stdout.splitlines()
             if line.split()[:1] == ["3"] and line.split()[1] != "devices:"}
-    assert rows == {"send", "gsend"}, proc.stdout
-    proc = _bench("group_send.py", "--fill", "-1")
+    assert rows == set(modes), proc.stdout
+    proc = _bench(bench, "--fill", "-1")
     assert proc.returncode == 2 and "--fill" in proc.stderr, proc.stderr
-    proc = _bench("group_send.py", "--fill", "5", "--full-window")
+    proc = _bench(bench, "--fill", "5", "--full-window")
     assert proc.returncode == 2 and "not allowed with" in proc.stderr, proc.stderr
 
 
