@@ -259,6 +259,25 @@ STORE_HELP = ("the relay's store; several, comma-separated (memory,sqlite), take
               "read in one command)")
 
 
+def fill_args(ap: argparse.ArgumentParser) -> None:
+    """``--full-window`` and ``--fill N``, this script's and ``group_send.py``'s."""
+    fills = ap.add_mutually_exclusive_group()
+    fills.add_argument("--full-window", action="store_true",
+                       help=f"fill each relay's dedup window ({DEDUP_WINDOW} ids, "
+                            "unmeasured) before its measured run")
+    fills.add_argument("--fill", type=int, default=0, metavar="N",
+                       help="send N ids through each relay, unmeasured, before its "
+                            "measured run (--full-window: the whole window)")
+
+
+def fill_arg(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """The ids to send through each relay before its measured run (``ap.error``
+    on a negative ``--fill``)."""
+    if args.fill < 0:
+        ap.error("--fill must not be negative")
+    return DEDUP_WINDOW if args.full_window else args.fill
+
+
 def stores_arg(value: str) -> list[str]:
     """``--store``'s value: one of :data:`STORES`, or several comma-separated."""
     stores = value.split(",")
@@ -464,21 +483,13 @@ def main() -> None:
                     help="the SQLite store's (the relay's default when not given: "
                          "FULL); JetStream's file store syncs alike")
     ap.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
-    fills = ap.add_mutually_exclusive_group()
-    fills.add_argument("--full-window", action="store_true",
-                       help=f"fill each relay's dedup window ({DEDUP_WINDOW} ids, "
-                            "unmeasured) before its measured run")
-    fills.add_argument("--fill", type=int, default=0, metavar="N",
-                       help="send N ids through each relay, unmeasured, before its "
-                            "measured run (--full-window: the whole window)")
+    fill_args(ap)
     args = ap.parse_args()
-    if args.fill < 0:
-        ap.error("--fill must not be negative")
     stores: list[str] = args.store
     if args.js and len(stores) > 1:
         ap.error("--js is JetStream like one store: give --store one store with it")
     global AWAIT_EACH, NOWAIT_EACH, RELAY_PATH, SYNCHRONOUS, DATA_DIR, FILL
-    FILL = DEDUP_WINDOW if args.full_window else args.fill
+    FILL = fill_arg(ap, args)
     DATA_DIR = data_dir_arg(ap, args.data_dir)
     AWAIT_EACH = args.await_each
     NOWAIT_EACH = args.nowait_each

@@ -80,7 +80,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import e2ee_send  # noqa: E402
 from e2ee_send import start_relay as e2ee_start_relay  # noqa: E402
-from server_cpu import DEDUP_WINDOW, find_nats_server, round_order  # noqa: E402
+from server_cpu import find_nats_server, round_order  # noqa: E402
 
 from fastroute import Client  # noqa: E402
 from fastroute.identity import ProviderKey, Registry, issue_credential  # noqa: E402
@@ -244,13 +244,7 @@ def main() -> None:
                          f"(default {WINDOW}: the bars' shape; a larger one makes a "
                          f"commit hold more of one sender's messages)")
     ap.add_argument("--data-dir", default=None, help=e2ee_send.DATA_DIR_HELP)
-    fills = ap.add_mutually_exclusive_group()
-    fills.add_argument("--full-window", action="store_true",
-                       help=f"fill each relay's dedup window ({DEDUP_WINDOW} ids, "
-                            "unmeasured) before its measured run")
-    fills.add_argument("--fill", type=int, default=0, metavar="N",
-                       help="send N ids through each relay, unmeasured, before its "
-                            "measured run (--full-window: the whole window)")
+    e2ee_send.fill_args(ap)
     ap.add_argument("--modes", nargs="*", choices=("send", "gsend", "nats", "js"),
                     help="run only these (default: send, gsend and nats, nats only when "
                          "found; js: JetStream like the relay's store, see "
@@ -260,9 +254,7 @@ def main() -> None:
         ap.error("--senders must be positive")
     if args.window < 1:
         ap.error("--window must be positive")
-    if args.fill < 0:
-        ap.error("--fill must not be negative")
-    fill = DEDUP_WINDOW if args.full_window else args.fill
+    fill = e2ee_send.fill_arg(ap, args)
     stores: list[str] = args.store
     if len(stores) > 1 and args.modes is not None and "js" in args.modes:
         ap.error("the js mode is JetStream like one store: give --store one store with it")
