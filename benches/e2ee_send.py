@@ -203,10 +203,8 @@ async def one_run(mode: str, n_dev: int, messages: int,
                                                for _ in range(k)))
 
             if FILL:
-                t0 = time.monotonic()
-                await asyncio.gather(send_all(FILL, "f@home", filled), receive(filler, FILL))
-                print(f"  (filled: {FILL} {mode} ids through the relay first, "
-                      f"{time.monotonic() - t0:.1f} s)", flush=True)
+                await fill_first(mode, FILL, send_all(FILL, "f@home", filled),
+                                 receive(filler, FILL))
             warm = 200
             await asyncio.gather(send_all(warm), *(receive(c, warm) for c in devices))
             return await measured(proc.pid, messages * n_dev, asyncio.gather(
@@ -276,6 +274,17 @@ def fill_arg(ap: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.fill < 0:
         ap.error("--fill must not be negative")
     return DEDUP_WINDOW if args.full_window else args.fill
+
+
+async def fill_first(mode: str, n: int, send, receive) -> None:
+    """The fill (``--fill``, ``--full-window``): ``send`` and ``receive``,
+    the awaitables that send ``n`` ids of ``mode`` to the filler's device and
+    take them there, run together; then a line says how long that took (a
+    run that prints none did not fill)."""
+    t0 = time.monotonic()
+    await asyncio.gather(send, receive)
+    print(f"  (filled: {n} {mode} ids through the relay first, "
+          f"{time.monotonic() - t0:.1f} s)", flush=True)
 
 
 def stores_arg(value: str) -> list[str]:

@@ -69,7 +69,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 try:
     import uvloop
@@ -193,10 +192,7 @@ async def fastroute_run(mode: str, n_dev: int, messages: int, store: str,
                     filler = await connect("f@home", "d0")
                     fill_all = await _sender(mode, sender, ["f@home"], 1, body)
             if fill:
-                t0 = time.monotonic()
-                await asyncio.gather(fill_all(fill), _receive(filler, fill))
-                print(f"  (filled: {fill} {mode} ids through the relay first, "
-                      f"{time.monotonic() - t0:.1f} s)", flush=True)
+                await e2ee_send.fill_first(mode, fill, fill_all(fill), _receive(filler, fill))
 
             async def send_all(count: int) -> None:
                 await asyncio.gather(*(send(count) for send in sends))
