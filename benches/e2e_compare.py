@@ -255,10 +255,16 @@ class Window:
         self.got = [0] * fanout
         self._room: asyncio.Future | None = None
         self._failed: BaseException | None = None
+        #: resolves to the refusal once a send is refused: the sender waits on
+        #: it beside its receivers, which would wait in vain for what was refused
+        self.failed: asyncio.Future = asyncio.get_running_loop().create_future()
 
     def fail(self, exc: BaseException) -> None:
-        """A send was refused: :meth:`wait` raises ``exc`` now and from then on."""
+        """A send was refused: :meth:`wait` raises ``exc`` now and from then on,
+        and :attr:`failed` resolves."""
         self._failed = exc
+        if not self.failed.done():
+            self.failed.set_result(exc)
         room = self._room
         if room is not None and not room.done():
             room.set_exception(exc)
@@ -298,6 +304,12 @@ async def batch_due(t0: float, sent: int, n: int, rate: float | None) -> int:
         await asyncio.sleep(0.0005)
         return 0
     return k
+
+
+def _read_outcome(fut: asyncio.Future) -> None:
+    """Read a future's outcome, so that it is not reported as never retrieved."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 async def fr_run(relay: FastrouteRelay, fanout: int, size: int, n: int,
@@ -361,7 +373,21 @@ async def fr_run(relay: FastrouteRelay, fanout: int, size: int, n: int,
                                                   return_when=asyncio.FIRST_COMPLETED)
                 if not completed:
                     raise asyncio.TimeoutError
-        done = await asyncio.wait_for(asyncio.gather(*recvs), RUN_TIMEOUT)
+        # every batch may be sent before the first refusal comes back: then
+        # only the refusal ends the wait, as the receivers never get the rest
+        received = asyncio.gather(*recvs)
+        # a refused run cancels its receivers (below): the gather's
+        # CancelledError is read here, not reported when the GC collects it
+        # (Python 3.11 formats that report with ast.parse, and an ast.parse
+        # it interrupts then fails with a SystemError)
+        received.add_done_callback(_read_outcome)
+        await asyncio.wait((received, window.failed), timeout=RUN_TIMEOUT,
+                           return_when=asyncio.FIRST_COMPLETED)
+        if errors:
+            raise errors[0]
+        if not received.done():
+            raise asyncio.TimeoutError
+        done = received.result()
         if outstanding:
             await asyncio.wait_for(asyncio.wait(set(outstanding)), RUN_TIMEOUT)
         if errors:
