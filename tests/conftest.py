@@ -8,6 +8,7 @@ failures (xfail) are left alone.  Locally, skips stay skips.
 
 from __future__ import annotations
 
+import gc
 import os
 
 import pytest
@@ -28,6 +29,16 @@ def _failure_message(reason: str) -> str:
 
 def pytest_report_header(config: pytest.Config) -> str | None:
     return "CI is set: skipped tests fail" if _CI else None
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # Objects the tests left for the GC go now, before the summary.  An
+    # asyncio future whose exception nobody read reports it when collected,
+    # and Python 3.11 formats that report with ast.parse.  Collected in the
+    # middle of another ast.parse (pytest rewriting a module the summary
+    # imports), it broke that one: SystemError "AST constructor recursion
+    # depth mismatch", the run's exit status 1 with every test passed.
+    gc.collect()
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
