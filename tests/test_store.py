@@ -1284,23 +1284,25 @@ def test_sqlite_a_bad_trusted_item_fails_its_own_put_only(run, db):
     run(main())
 
 
-def test_sqlite_new_stores_use_16k_pages_and_old_ones_keep_theirs(run, db, monkeypatch):
+def test_sqlite_new_stores_use_8k_pages_and_old_ones_keep_theirs(run, db, monkeypatch):
     async def fill(body):
         async with await SqliteStore.open(db) as store:
             dev = store.register_device("a@p", "1")
             await store.put_many([("s@p", CID, body, T0, [dev])] * 50)
             return [r[3] for r in await store.load(dev, 0, 200)]
 
-    # a store made before: smaller pages, no auto_vacuum
-    monkeypatch.setattr(store_mod, "_PAGE_SIZE", 4096)
-    monkeypatch.setattr(store_mod, "_AUTO_VACUUM", "NONE")
-    assert run(fill(b"x" * 300)) == [b"x" * 300] * 50
-    monkeypatch.undo()
-    assert run(fill(b"y" * 300)) == [b"x" * 300] * 50 + [b"y" * 300] * 50
-    assert count(db, "PRAGMA page_size") == 4096 and count(db, "PRAGMA auto_vacuum") == 0
-    os.remove(db)
+    # a store made before: other pages (16 KB until December 2026, 4 KB
+    # before that), no auto_vacuum
+    for old in (16384, 4096):
+        monkeypatch.setattr(store_mod, "_PAGE_SIZE", old)
+        monkeypatch.setattr(store_mod, "_AUTO_VACUUM", "NONE")
+        assert run(fill(b"x" * 300)) == [b"x" * 300] * 50
+        monkeypatch.undo()
+        assert run(fill(b"y" * 300)) == [b"x" * 300] * 50 + [b"y" * 300] * 50
+        assert count(db, "PRAGMA page_size") == old and count(db, "PRAGMA auto_vacuum") == 0
+        os.remove(db)
     assert run(fill(b"z")) == [b"z"] * 50
-    assert count(db, "PRAGMA page_size") == 16384 and count(db, "PRAGMA auto_vacuum") == 1
+    assert count(db, "PRAGMA page_size") == 8192 and count(db, "PRAGMA auto_vacuum") == 1
 
 
 @pytest.mark.parametrize("auto_vacuum", ["FULL", "NONE"])
