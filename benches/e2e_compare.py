@@ -254,15 +254,14 @@ class Window:
         self.sent = 0
         self.got = [0] * fanout
         self._room: asyncio.Future | None = None
-        self._failed: BaseException | None = None
-        #: resolves to the refusal once a send is refused: the sender waits on
-        #: it beside its receivers, which would wait in vain for what was refused
+        #: resolves to the first refusal once a send is refused: the sender
+        #: waits on it beside its receivers, which would wait in vain for
+        #: what was refused
         self.failed: asyncio.Future = asyncio.get_running_loop().create_future()
 
     def fail(self, exc: BaseException) -> None:
-        """A send was refused: :meth:`wait` raises ``exc`` now and from then on,
-        and :attr:`failed` resolves."""
-        self._failed = exc
+        """A send was refused: :meth:`wait` raises it now and from then on,
+        and :attr:`failed` resolves to it."""
         if not self.failed.done():
             self.failed.set_result(exc)
         room = self._room
@@ -280,8 +279,8 @@ class Window:
 
     async def wait(self) -> None:
         """Return at once while within the window, else once it drained to half."""
-        if self._failed is not None:
-            raise self._failed
+        if self.failed.done():
+            raise self.failed.result()
         if not self.limit or self.in_flight() <= self.limit:
             return
         self._room = asyncio.get_running_loop().create_future()
