@@ -127,7 +127,7 @@ CID_LEN = 16
 # writer and take a whole batch of innocent messages down with it.
 _INT_MAX = (1 << 63) - 1
 _INT_MIN = -(1 << 63)
-_SCHEMA_VERSION = 6
+_SCHEMA_VERSION = 7
 # the page size a new store file is made with (files made by earlier
 # versions have 16 KB or 4 KB pages, and keep them)
 _PAGE_SIZE = 8192
@@ -185,6 +185,16 @@ _MID_BLOCK = 1 << 16
 # backlog (packs of thousands of messages) cost the relay ~3x the CPU a
 # message of one that keeps up.  A version 3 to 5 store's packs are moved
 # into the new table when it is opened (_upgrade).
+#
+# Version 7 dropped shares' index on exp_ms and gave each spack the keys of
+# the devices it was written for (devs).  A group send wrote every member's
+# share into that index and deleted it again on the ack: a b-tree page of
+# every commit, ~6 % of the SQLite relay's CPU a delivery for a group of 10
+# (benches/README.md, session 53).  Expiry finds the shares it rewrites
+# through the spacks that expire instead: a share lists messages of its own
+# spack only, so a share holding an expired message belongs to a spack whose
+# exp_ms has passed, and to one of its devs.  A version 5 or 6 store's spacks
+# are moved into the new table, devs filled from shares, when it is opened.
 _PACKS_SCHEMA = """
 -- one device's messages of one write transaction: mids its int64 array
 -- (native byte order), data the msgpack array of [mid, sender, cid, body,
@@ -209,7 +219,8 @@ _SHARES_SCHEMA = """
 -- device's last mid, mids its int64 array (NULL: every message the spack
 -- holds, as when it is written), and n, nbytes and exp_ms (the earliest)
 -- describe what is left in it.  A mid may outlive its message here
--- (expired, erased): reads skip it.
+-- (expired, erased): reads skip it.  No index on exp_ms: expiry finds a
+-- share through its spack's (spacks.devs).
 CREATE TABLE IF NOT EXISTS shares(
     dev INTEGER NOT NULL,
     first INTEGER NOT NULL,
@@ -219,7 +230,29 @@ CREATE TABLE IF NOT EXISTS shares(
     exp_ms INTEGER NOT NULL,
     mids BLOB,
     PRIMARY KEY(dev, first)) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS shares_exp ON shares(exp_ms);
+"""
+# the messages of one write transaction for one set of devices (a group's
+# members): first its first mid (its key, kept when it is rewritten), mids
+# the int64 array of its messages, lens their bodies' lengths (int32s), exps
+# their expiries (int64s), devs the keys of the devices it was written for
+# (int64s, the set's order: a device's share of it exists only while that
+# device holds some of it), data the msgpack array of its entries as a
+# pack's; last, n, nbytes and exp_ms (the earliest) describe what is left.
+# A message no device holds any more may stay in it for a while (see
+# SqliteStore._sgone).
+_SPACKS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS spacks(
+    first INTEGER PRIMARY KEY,
+    last INTEGER NOT NULL,
+    n INTEGER NOT NULL,
+    nbytes INTEGER NOT NULL,
+    exp_ms INTEGER NOT NULL,
+    mids BLOB NOT NULL,
+    lens BLOB NOT NULL,
+    exps BLOB NOT NULL,
+    devs BLOB NOT NULL,
+    data BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS spacks_exp ON spacks(exp_ms);
 """
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS messages(
@@ -244,26 +277,8 @@ CREATE TABLE IF NOT EXISTS devices(
     address TEXT NOT NULL,
     device TEXT NOT NULL,
     UNIQUE(address, device));
-{_PACKS_SCHEMA}
--- the messages of one write transaction for one set of devices (a group's
--- members): first its first mid (its key, kept when it is rewritten), mids
--- the int64 array of its messages, lens their bodies' lengths (int32s), exps
--- their expiries (int64s), data the msgpack array of its entries as a
--- pack's; last, n, nbytes and exp_ms (the earliest) describe what is left.
--- A message no device holds any more may stay in it for a while (see
--- SqliteStore._sgone).
-CREATE TABLE IF NOT EXISTS spacks(
-    first INTEGER PRIMARY KEY,
-    last INTEGER NOT NULL,
-    n INTEGER NOT NULL,
-    nbytes INTEGER NOT NULL,
-    exp_ms INTEGER NOT NULL,
-    mids BLOB NOT NULL,
-    lens BLOB NOT NULL,
-    exps BLOB NOT NULL,
-    data BLOB NOT NULL);
-CREATE INDEX IF NOT EXISTS spacks_exp ON spacks(exp_ms);
-{_SHARES_SCHEMA}-- high-water marks, so ids are never reused even after the newest rows are
+{_PACKS_SCHEMA}{_SPACKS_SCHEMA}{_SHARES_SCHEMA}
+-- high-water marks, so ids are never reused even after the newest rows are
 -- deleted and the store reopened
 CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v INTEGER NOT NULL) WITHOUT ROWID;
 """
@@ -309,7 +324,7 @@ _SQL_LOAD_PACKS = ("SELECT rowid, first, last, n, CASE WHEN first > ?2 AND n <= 
                    "FROM packs WHERE dev = ?1 AND last > ?2 ORDER BY first LIMIT ?3")
 _SQL_PACK_READ = "SELECT mids, data FROM packs WHERE rowid = ?"
 _SQL_PUT_SPACK = ("INSERT INTO spacks(first, last, n, nbytes, exp_ms, mids, lens, exps, "
-                  "data) VALUES ")
+                  "devs, data) VALUES ")
 _SQL_PUT_SHARES = "INSERT INTO shares(dev, first, last, n, nbytes, exp_ms, mids) VALUES "
 _SQL_SPACK_DROP = "DELETE FROM spacks WHERE first IN "
 _SQL_SPACK_DATA = "SELECT data FROM spacks WHERE first = ?"
@@ -1655,7 +1670,7 @@ class SqliteStore(_BaseStore):
                                 if (v2 := [m for m in v if m >= committed])}
                     self._delete(conn, early, [], partial, spartial, sgone)
                 if spack_rows or pack_rows:
-                    _execute_rows(conn, _SQL_PUT_SPACK, 9, [], spack_rows)
+                    _execute_rows(conn, _SQL_PUT_SPACK, 10, [], spack_rows)
                     _execute_rows(conn, _SQL_PUT_SHARES, 7, [], share_rows)
                     _execute_rows(conn, _SQL_PUT_PACK, 8, [], pack_rows)
                     for block in blocks:
@@ -1855,9 +1870,14 @@ class SqliteStore(_BaseStore):
                          (now_ms, bound)).rowcount
         counts = self._counts
         dead = []
-        for first, blob, eblob in conn.execute(
-                "SELECT first, mids, exps FROM spacks WHERE exp_ms <= ? AND first < ?",
+        # the shares that may hold an expired message: a share lists messages
+        # of its own spack only, so it is one of the devs of a spack whose
+        # earliest expiry has passed (shares have no index on exp_ms)
+        sharers: list[tuple[int, int]] = []
+        for first, blob, eblob, dblob in conn.execute(
+                "SELECT first, mids, exps, devs FROM spacks WHERE exp_ms <= ? AND first < ?",
                 (now_ms, bound)).fetchall():
+            sharers += [(key, first) for key in _mids(dblob)]
             # a spack may hold messages not yet expired, or queued after the
             # expiry (a mid at or above bound): they stay
             out = [m for m, e in zip(_mids(blob), _mids(eblob)) if e <= now_ms and m < bound]
@@ -1871,12 +1891,14 @@ class SqliteStore(_BaseStore):
                 dead.append(first)
         if dead:
             _execute_in(conn, _SQL_SPACK_DROP, [], dead)
-        for key, first in conn.execute("SELECT dev, first FROM shares WHERE exp_ms <= ? "
-                                       "AND first < ?", (now_ms, bound)).fetchall():
-            # the row keeps what is still stored (a mid at or above bound,
-            # one not yet expired) and was not acked
-            _keep_share(conn, key, first, spartial.pop((key, first), ()),
-                        sgone.get(first, ()))
+        for key, first in sharers:
+            row = conn.execute("SELECT exp_ms FROM shares WHERE dev = ? AND first = ?",
+                               (key, first)).fetchone()
+            if row is not None and row[0] <= now_ms:
+                # the row keeps what is still stored (a mid at or above
+                # bound, one not yet expired) and was not acked
+                _keep_share(conn, key, first, spartial.pop((key, first), ()),
+                            sgone.get(first, ()))
         for key, first in conn.execute("SELECT dev, first FROM packs WHERE exp_ms <= ? "
                                        "AND first < ?", (now_ms, bound)).fetchall():
             # a pack may hold messages not yet expired, or queued after the
@@ -1908,9 +1930,10 @@ def _ack_drops(acks: dict, held) -> tuple[list, list[int]]:
 
 def _upgrade(conn: sqlite3.Connection) -> None:
     """Bring a store file to this format (:data:`_SCHEMA_VERSION`): its tables
-    made, an older format's columns added and a version 4 store's ``shared``
-    rows moved into ``spacks``; a newer format is refused.  Run on open and
-    before an erasure (:mod:`fastroute.erase`), with ``secure_delete`` on."""
+    made, an older format's columns added, a version 5 or 6 store's spacks
+    given their devs and a version 4 store's ``shared`` rows moved into
+    ``spacks``; a newer format is refused.  Run on open and before an
+    erasure (:mod:`fastroute.erase`), with ``secure_delete`` on."""
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version > _SCHEMA_VERSION:
         raise sqlite3.DatabaseError(
@@ -1925,8 +1948,35 @@ def _upgrade(conn: sqlite3.Connection) -> None:
         migrate += ("ALTER TABLE packs RENAME TO packs_v5; DROP INDEX packs_exp;"
                     f"{_PACKS_SCHEMA}INSERT INTO packs SELECT * FROM packs_v5;"
                     "DELETE FROM packs_v5; DROP TABLE packs_v5;")
-    conn.executescript(f"BEGIN IMMEDIATE;{migrate}{_SCHEMA}"
-                       f"PRAGMA user_version = {_SCHEMA_VERSION}; COMMIT;")
+    old = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'spacks'"
+                       ).fetchone()
+    # Version 5 and 6: the spacks move into a table with devs (before data,
+    # which spills to overflow pages), filled below from their shares
+    spacks = old is not None and "devs" not in old[0]
+    moved = ""
+    if spacks:
+        migrate += "ALTER TABLE spacks RENAME TO spacks_v6; DROP INDEX spacks_exp;"
+        moved = ("INSERT INTO spacks(first, last, n, nbytes, exp_ms, mids, lens, exps, devs, "
+                 "data) SELECT first, last, n, nbytes, exp_ms, mids, lens, exps, x'', data "
+                 "FROM spacks_v6; DELETE FROM spacks_v6; DROP TABLE spacks_v6;")
+    try:
+        # the transaction is left open to the fill (a crash before its
+        # COMMIT leaves the file as it was)
+        conn.executescript(f"BEGIN IMMEDIATE;{migrate}{_SCHEMA}{moved}"
+                           "DROP INDEX IF EXISTS shares_exp;")
+        if spacks:
+            holders: dict[int, list[int]] = {}
+            for dev, first in conn.execute("SELECT dev, first FROM shares"):
+                holders.setdefault(first, []).append(dev)
+            conn.executemany("UPDATE spacks SET devs = ? WHERE first = ?",
+                             [(array.array("q", devs).tobytes(), first)
+                              for first, devs in holders.items()])
+        conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
     if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'shared'"
                     ).fetchone() is None:
         return
@@ -1938,8 +1988,10 @@ def _upgrade(conn: sqlite3.Connection) -> None:
     conn.execute("BEGIN IMMEDIATE")
     try:
         listed: dict[int, set[int]] = {}
-        for first, blob in conn.execute("SELECT first, mids FROM shares"):
+        holders: dict[int, list[int]] = {}
+        for dev, first, blob in conn.execute("SELECT dev, first, mids FROM shares"):
             listed.setdefault(first, set()).update(_mids(blob))
+            holders.setdefault(first, []).append(dev)
         rows: list = []
         for first in sorted(listed):
             entries = [tuple(r) for r in _select_in(
@@ -1947,16 +1999,14 @@ def _upgrade(conn: sqlite3.Connection) -> None:
                 sorted(listed[first]))]
             if entries:
                 entries.sort()
-                rows += _spack_fields(first, entries)
-        _execute_rows(conn, _SQL_PUT_SPACK, 9, [], rows)
+                rows += _spack_row(first, entries, holders[first])
+        _execute_rows(conn, _SQL_PUT_SPACK, 10, [], rows)
         # the rows go first (zeroed: secure_delete), then the table
         conn.execute("DELETE FROM shared")
         conn.execute("DROP TABLE shared")
         # version 4's shares had mids NOT NULL: the table is made again
         conn.execute("ALTER TABLE shares RENAME TO shares_v4")
-        conn.execute("DROP INDEX shares_exp")
-        for statement in _SHARES_SCHEMA.split(";\n")[:2]:  # the table, its index
-            conn.execute(statement)
+        conn.execute(_SHARES_SCHEMA)
         conn.execute("INSERT INTO shares SELECT * FROM shares_v4")
         conn.execute("DELETE FROM shares_v4")
         conn.execute("DROP TABLE shares_v4")
@@ -2145,10 +2195,11 @@ def py_sql_rows(puts: list, mid: int, ttl_ms: int) -> tuple[list, list, list, li
     Returns four flat lists (the rows go to SQLite many per statement):
 
     * ``spacks`` rows (first, last, n, nbytes, exp_ms, mids, lens, exps,
-      data), one per set of device keys (a tuple of them; the same keys in
-      another order are another set) that messages for several devices went
-      to, in the order of its first message: its messages' mids (int64s),
-      body lengths (int32s), expiries (int64s) and its entries as a pack's;
+      devs, data), one per set of device keys (a tuple of them; the same keys
+      in another order are another set) that messages for several devices
+      went to, in the order of its first message: its messages' mids
+      (int64s), body lengths (int32s), expiries (int64s), the set's distinct
+      keys (int64s, in the set's order) and its entries as a pack's;
     * ``shares`` rows (dev, first, last, n, nbytes, exp_ms, mids), for each
       spack one per device of its set (a key named twice counts once), in
       the set's order: the spack's own columns, mids None (a device holds
@@ -2208,7 +2259,7 @@ def py_sql_rows(puts: list, mid: int, ttl_ms: int) -> tuple[list, list, list, li
     firsts = array.array("q")
     sizes = array.array("i")
     for entries, keys in groups.values():
-        row = _spack_fields(entries[0][0], entries)
+        row = _spack_row(entries[0][0], entries, keys)
         spack_rows += row
         share = row[:5] + (None,)  # first, last, n, nbytes, exp_ms; mids: all
         for key in keys:
@@ -2238,10 +2289,19 @@ def _pack_fields(entries: list) -> tuple:
 
 def _spack_fields(first: int, entries: list) -> tuple:
     """A spack's columns for ``entries`` (in mid order) under the key ``first``:
-    first, last, n, nbytes, exp_ms, mids, lens, exps, data."""
+    first, last, n, nbytes, exp_ms, mids, lens, exps, data (all but devs,
+    which a rewrite keeps)."""
     fields = _pack_fields(entries)
     return ((first,) + fields[1:6] + (array.array("i", [len(e[3]) for e in entries]).tobytes(),
             array.array("q", [e[5] for e in entries]).tobytes(), fields[6]))
+
+
+def _spack_row(first: int, entries: list, keys) -> tuple:
+    """A new spack's row, as :data:`_SQL_PUT_SPACK` takes it: its columns for
+    ``entries`` (:func:`_spack_fields`), devs (``keys``, the devices it goes
+    to) before its data."""
+    fields = _spack_fields(first, entries)
+    return fields[:8] + (array.array("q", keys).tobytes(), fields[8])
 
 
 def _pack_entries(data: bytes) -> list:
@@ -2402,11 +2462,11 @@ class PySqlFast:
                  "WHERE s.dev = ?1 AND s.first = ?2")
     SQL_SDROP = "DELETE FROM shares WHERE dev = ?1 AND first = ?2"
     # one row of new spacks and of new shares (the general path's columns)
-    SQL_SPACK = _SQL_PUT_SPACK + "(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+    SQL_SPACK = _SQL_PUT_SPACK + "(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
     SQL_SHARE = _SQL_PUT_SHARES + "(?1, ?2, ?3, ?4, ?5, ?6, ?7)"
     # shares SHARES_CHUNK a statement while that many are left: a statement a
-    # row opens the table and its index for each row, ~1 us more a row for a
-    # large group's hundreds
+    # row opens the table (and its index, in format 6) for each row, ~1 us
+    # more a row for a large group's hundreds (measured in format 6)
     SHARES_CHUNK = 32
     SQL_SHARES = _rows_sql(_SQL_PUT_SHARES, 7, SHARES_CHUNK)
     # a spack no device holds anything of, by its key
@@ -2474,9 +2534,9 @@ class PySqlFast:
         spack_rows = [] if spack_rows is None else spack_rows
         share_rows = [] if share_rows is None else share_rows
         spack_drops = [] if spack_drops is None else spack_drops
-        if len(drops) % 2 or len(pack_rows) % 8 or len(spack_rows) % 9 or len(share_rows) % 7:
+        if len(drops) % 2 or len(pack_rows) % 8 or len(spack_rows) % 10 or len(share_rows) % 7:
             raise InvalidArgument("drops are pairs and pack, spack and share rows have "
-                                  "8, 9 and 7 columns")
+                                  "8, 10 and 7 columns")
         if shares is not None and type(shares) is not list:
             raise WrongType("shares is a list")
         if release is not None:
@@ -2489,7 +2549,7 @@ class PySqlFast:
                 raise WrongType("release is (counts, keys list, acks dict, gone dict)")
         pairs = [(drops[i], drops[i + 1]) for i in range(0, len(drops), 2)]
         rows = [tuple(pack_rows[i:i + 8]) for i in range(0, len(pack_rows), 8)]
-        spacks = [tuple(spack_rows[i:i + 9]) for i in range(0, len(spack_rows), 9)]
+        spacks = [tuple(spack_rows[i:i + 10]) for i in range(0, len(spack_rows), 10)]
         share_list = [tuple(share_rows[i:i + 7]) for i in range(0, len(share_rows), 7)]
         for row, nints in ([(p, 1) for p in pairs] + [(r, 5) for r in spacks]
                            + [(r[:6] if r[6] is None else r, 6) for r in share_list]

@@ -1969,32 +1969,34 @@ def test_sql_rows_twins():
         items = [it for part in puts for it in part]
         seen = {}
         spacks = {}  # a spack's first -> its columns
-        for i in range(0, len(spack_rows), 9):
-            lo, hi, n, nbytes, exp, mids, lens, exps, data = spack_rows[i:i + 9]
+        for i in range(0, len(spack_rows), 10):
+            lo, hi, n, nbytes, exp, mids, lens, exps, devs, data = spack_rows[i:i + 10]
             entries = store._pack_entries(data)
             got = list(array.array("q", mids))
             assert got == [e[0] for e in entries] and (lo, hi, n) == (got[0], got[-1], len(got))
             assert list(array.array("i", lens)) == [len(e[3]) for e in entries]
             assert list(array.array("q", exps)) == [e[5] for e in entries]
             assert nbytes == sum(len(e[3]) for e in entries) and exp == min(e[5] for e in entries)
-            spacks[lo] = (tuple(spack_rows[i:i + 6]), entries)
+            spacks[lo] = (tuple(spack_rows[i:i + 6]), entries, list(array.array("q", devs)))
         holders: dict = {}  # a spack's first -> its devices, from the shares
         for i in range(0, len(share_rows), 7):
             dev, *cols = share_rows[i:i + 7]
             # a device holds the whole spack: its mids are left NULL
             assert tuple(cols) == spacks[cols[0]][0][:5] + (None,)
             holders.setdefault(cols[0], []).append(dev)
-        for lo, (_, entries) in spacks.items():
+        for lo, (_, entries, devs) in spacks.items():
             assert len(set(holders[lo])) == len(holders[lo])  # each device once
+            # devs: the devices the spack was written for, as its shares name them
+            assert devs == holders[lo]
             for e in entries:
                 seen[e[0]] = (sorted(holders[lo]), e[1:])
         if spacks:
             ((lo, bmids, bcounts, bfirsts, bsizes),) = blocks
-            shared_mids = sorted(m for _, entries in spacks.values() for m, *_ in entries)
+            shared_mids = sorted(m for _, entries, _ in spacks.values() for m, *_ in entries)
             assert lo == shared_mids[0] and list(array.array("q", bfirsts)) == list(spacks)
             assert list(array.array("q", bmids)) == shared_mids
             assert list(array.array("i", bcounts)) == [len(seen[m][0]) for m in shared_mids]
-            assert list(array.array("i", bsizes)) == [len(e) for _, e in spacks.values()]
+            assert list(array.array("i", bsizes)) == [len(e) for _, e, _ in spacks.values()]
         else:
             assert blocks == [] and share_rows == []
         for i in range(0, len(pack_rows), 8):

@@ -842,15 +842,23 @@ def test_sqlite_uses_wal_and_the_documented_schema(run, db):
             assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
             cols = {t: [r[1] for r in conn.execute(f"PRAGMA table_info({t})")]
                     for t in ("messages", "inbox", "devices", "packs", "spacks", "shares")}
+            indexes = {r[0]: r[1] for r in conn.execute(
+                "SELECT name, tbl_name FROM sqlite_master WHERE type = 'index' "
+                "AND name NOT LIKE 'sqlite_autoindex%'")}
         finally:
             conn.close()
+        # shares have none on exp_ms: every group send would write (and its
+        # acks delete) an entry of it a member
+        assert indexes == {"messages_exp": "messages", "messages_dev": "messages",
+                           "inbox_mid": "inbox", "packs_key": "packs", "packs_exp": "packs",
+                           "spacks_exp": "spacks"}
         assert cols == {"messages": ["mid", "sender", "cid", "body", "ts_ms", "exp_ms", "dev"],
                         "inbox": ["device_key", "mid"],
                         "devices": ["device_key", "address", "device"],
                         "packs": ["dev", "first", "last", "n", "nbytes", "exp_ms", "mids",
                                   "data"],
                         "spacks": ["first", "last", "n", "nbytes", "exp_ms", "mids", "lens",
-                                   "exps", "data"],
+                                   "exps", "devs", "data"],
                         "shares": ["dev", "first", "last", "n", "nbytes", "exp_ms", "mids"]}
     run(main())
 
@@ -1763,6 +1771,111 @@ def test_sqlite_moves_a_version_4_stores_shared_rows_into_spacks(run, db):
         assert count(db, "PRAGMA user_version") == store_mod._SCHEMA_VERSION
         raw_bytes = _on_disk(db)
         assert b"V4-BODY" not in raw_bytes
+    run(main())
+
+
+def test_sqlite_moved_version_4_spacks_name_their_devices(run, db):
+    # the spacks made from version 4's shared rows get devs from its shares,
+    # and an expiry finds those shares through them
+    _old_store(db, _V4_SCHEMA)
+    conn = raw(db)
+    int64s = store_mod.array.array
+    conn.executemany("INSERT INTO shared VALUES (?, 's@p', ?, x'78', 1, ?)",
+                     [(m, CID, exp) for m, exp in ((3, 50), (4, 90), (7, 50))])
+    conn.executemany("INSERT INTO shares VALUES (?, ?, ?, ?, 1, ?, ?)", [
+        (1, 3, 4, 2, 50, int64s("q", [3, 4]).tobytes()),
+        (2, 3, 4, 2, 50, int64s("q", [3, 4]).tobytes()),
+        (2, 7, 7, 1, 50, int64s("q", [7]).tobytes())])
+    conn.close()
+
+    async def main():
+        async with await SqliteStore.open(db) as store:
+            assert _devs(db) == {3: [1, 2], 7: [2]}
+            assert await store.expire(60) == 2  # 3 and 7
+            await store.flush()
+            assert [r[0] for r in await store.load(1, 0, 10)] == [1, 2, 4]  # 1, 2: version 3's
+            assert [r[0] for r in await store.load(2, 0, 10)] == [2, 4]
+        assert _share_rows(db) == [(1, 3, [4]), (2, 3, [4])]
+    run(main())
+
+
+def _devs(db) -> dict[int, list[int]]:
+    """Each spack's devs (its first -> the device keys)."""
+    conn = raw(db)
+    try:
+        return {first: list(store_mod._mids(blob))
+                for first, blob in conn.execute("SELECT first, devs FROM spacks")}
+    finally:
+        conn.close()
+
+
+def _share_rows(db) -> list[tuple[int, int, list[int] | None]]:
+    """Every share: device, spack, its own mids (None: all its spack holds)."""
+    conn = raw(db)
+    try:
+        return [(dev, first, None if blob is None else list(store_mod._mids(blob)))
+                for dev, first, blob in conn.execute(
+                    "SELECT dev, first, mids FROM shares ORDER BY dev, first")]
+    finally:
+        conn.close()
+
+
+# version 6's spacks, without devs (the rest of its schema is this one's,
+# with shares' index on exp_ms)
+_V6_SPACKS = """
+CREATE TABLE spacks_v7 AS SELECT * FROM spacks;
+DROP TABLE spacks;
+CREATE TABLE spacks(first INTEGER PRIMARY KEY, last INTEGER NOT NULL, n INTEGER NOT NULL,
+    nbytes INTEGER NOT NULL, exp_ms INTEGER NOT NULL, mids BLOB NOT NULL, lens BLOB NOT NULL,
+    exps BLOB NOT NULL, data BLOB NOT NULL);
+CREATE INDEX spacks_exp ON spacks(exp_ms);
+INSERT INTO spacks SELECT first, last, n, nbytes, exp_ms, mids, lens, exps, data FROM spacks_v7;
+DROP TABLE spacks_v7;
+CREATE INDEX shares_exp ON shares(exp_ms);
+PRAGMA user_version = 6;
+"""
+
+
+def test_sqlite_gives_a_version_6_stores_spacks_their_devices(run, db):
+    # version 6 found the shares to rewrite at an expiry by their own index
+    # on exp_ms; opening its store drops that index and fills each spack's
+    # devs from its shares, through which expiry then finds them
+    async def make():
+        async with await SqliteStore.open(db, ttl_s=10) as store:
+            a, b, c = (store.register_device("g@p", d) for d in "abc")
+            early = await store.put_many([("s@p", CID, b"EARLY-%d" % i, T0, [c, a, b])
+                                          for i in range(3)])
+            late = await store.put_many([("s@p", CID, b"LATE-%d" % i, T0 + 60_000, [a, b])
+                                         for i in range(2)])
+            store.ack(c, early)
+            store.ack(b, early[:1])
+            await store.flush()
+            # as written: the set's order, c's share gone with its ack
+            assert _devs(db) == {early[0]: [c, a, b], late[0]: [a, b]}
+        return (a, b, c), early, late
+
+    (a, b, c), early, late = run(make())
+    conn = raw(db)
+    conn.executescript(f"BEGIN;{_V6_SPACKS}COMMIT;")
+    conn.close()
+    assert count(db, "SELECT count(*) FROM sqlite_master WHERE name = 'shares_exp'") == 1
+
+    async def main():
+        async with await SqliteStore.open(db, ttl_s=10) as store:
+            assert count(db, "PRAGMA user_version") == store_mod._SCHEMA_VERSION
+            assert count(db, "SELECT count(*) FROM sqlite_master WHERE name = 'shares_exp'") == 0
+            # from the shares that are left, in key order
+            assert _devs(db) == {early[0]: [a, b], late[0]: [a, b]}
+            assert [r[3] for r in await store.load(b, 0, 10)] == [
+                b"EARLY-1", b"EARLY-2", b"LATE-0", b"LATE-1"]
+            assert await store.expire(T0 + 10_000) == 3
+            await store.flush()
+            assert [r[0] for r in await store.load(a, 0, 10)] == late
+            assert await store.backlog_counts() == {a: (2, 12), b: (2, 12)}
+        # the early spack's shares went with its messages; the late ones stay whole
+        assert _share_rows(db) == [(a, late[0], None), (b, late[0], None)]
+        assert sorted(_devs(db)) == [late[0]]
+        assert b"EARLY-" not in _on_disk(db)
     run(main())
 
 

@@ -348,7 +348,8 @@ def _spack(first: int, *rest: int) -> list:
     """A spack row holding mids ``first, *rest``."""
     every = (first, *rest)
     return [first, every[-1], len(every), 10, 99, _mids(*every),
-            array.array("i", [1] * len(every)).tobytes(), _mids(*[99] * len(every)), b"d"]
+            array.array("i", [1] * len(every)).tobytes(), _mids(*[99] * len(every)), _mids(1),
+            b"d"]
 
 
 def _share(dev: int, first: int, last: int) -> list:
@@ -636,7 +637,8 @@ def test_a_large_group_s_shares_go_a_chunk_a_statement(tmp_path, way):
     # 2 whole chunks and 6 more: the rows are the same whichever statement
     conn, fast = _blank(tmp_path, way)
     n = 2 * store_mod.PySqlFast.SHARES_CHUNK + 6
-    spack = [5, 5, 1, 10, 99, _mids(5), array.array("i", [1]).tobytes(), _mids(99), b"d"]
+    spack = [5, 5, 1, 10, 99, _mids(5), array.array("i", [1]).tobytes(), _mids(99),
+             _mids(*range(1, 2 * store_mod.PySqlFast.SHARES_CHUNK + 7)), b"d"]
     shares = []
     for dev in range(1, n + 1):
         shares += [dev, 5, 5, 1, 10, 99, None if dev % 3 else _mids(5)]

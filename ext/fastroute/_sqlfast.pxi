@@ -143,15 +143,15 @@ cdef enum:
     PACK_INTS = 6
     PACK_COLS = 8
     # a spack row's: first, last, n, nbytes, exp_ms (ints), mids, lens, exps,
-    # data (blobs); a share row's: dev, first, last, n, nbytes, exp_ms
+    # devs, data (blobs); a share row's: dev, first, last, n, nbytes, exp_ms
     # (ints), mids (a blob or None)
     SPACK_INTS = 5
-    SPACK_COLS = 9
+    SPACK_COLS = 10
     SHARE_INTS = 6
     SHARE_COLS = 7
     # shares a statement while that many are left: a statement a row opens
-    # the table and its index for each row, ~1 us more a row for a large
-    # group's hundreds
+    # the table (and its index, in format 6) for each row, ~1 us more a row
+    # for a large group's hundreds (measured in format 6)
     SHARES_CHUNK = 32
 
 cdef const char* SQ_TEXT[SQ_COUNT]
@@ -167,8 +167,8 @@ SQ_TEXT[6] = b"INSERT OR REPLACE INTO meta(k, v) VALUES ('next_mid', ?1)"
 SQ_TEXT[7] = (b"SELECT coalesce(s.mids, (SELECT sp.mids FROM spacks sp WHERE sp.first = s.first), "
               b"x'') FROM shares s WHERE s.dev = ?1 AND s.first = ?2")
 SQ_TEXT[8] = b"DELETE FROM shares WHERE dev = ?1 AND first = ?2"
-SQ_TEXT[9] = (b"INSERT INTO spacks(first, last, n, nbytes, exp_ms, mids, lens, exps, data) "
-              b"VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)")
+SQ_TEXT[9] = (b"INSERT INTO spacks(first, last, n, nbytes, exp_ms, mids, lens, exps, devs, "
+              b"data) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)")
 SQ_TEXT[10] = (b"INSERT INTO shares(dev, first, last, n, nbytes, exp_ms, mids) "
                b"VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")
 #: SHARES_CHUNK rows of shares a statement (PySqlFast.SQL_SHARES)
@@ -194,8 +194,8 @@ ctypedef struct SqPack:
 # a spack's or a share's row (a share's one blob may be NULL: SQL NULL)
 ctypedef struct SqRow:
     int64_t ints[SHARE_INTS]
-    const char* blobs[4]
-    int lens[4]
+    const char* blobs[5]
+    int lens[5]
 
 
 # the primary result codes' names, as the sqlite3 module gives them in an
@@ -487,7 +487,7 @@ cdef class SqlFast:
         if (len(drops) % 2 or len(pack_rows) % PACK_COLS or len(spack_rows) % SPACK_COLS
                 or len(share_rows) % SHARE_COLS):
             raise InvalidArgument("drops are pairs and pack, spack and share rows have "
-                                  "8, 9 and 7 columns")
+                                  "8, 10 and 7 columns")
         ndrop = len(drops) // 2
         npack = len(pack_rows) // PACK_COLS
         nspack = len(spack_rows) // SPACK_COLS

@@ -924,7 +924,7 @@ def sql_rows(list puts, long long mid, long long ttl_ms):
                                                      sp.pack.n * sizeof(int32_t)),
                            PyBytes_FromStringAndSize(<char*>sp.exps,
                                                      sp.pack.n * sizeof(int64_t)),
-                           cols[6])
+                           mids_blob(<list>skeys[i]), cols[6])
             cols = cols[:5] + (None,)  # a device holds all of the spack
             for dv in <list>skeys[i]:
                 share_rows.append(dv)
