@@ -186,15 +186,18 @@ _MID_BLOCK = 1 << 16
 # message of one that keeps up.  A version 3 to 5 store's packs are moved
 # into the new table when it is opened (_upgrade).
 #
-# Version 7 dropped shares' index on exp_ms and gave each spack the keys of
-# the devices it was written for (devs).  A group send wrote every member's
-# share into that index and deleted it again on the ack: a b-tree page of
-# every commit, ~6 % of the SQLite relay's CPU a delivery for a group of 10
-# (benches/README.md, session 53).  Expiry finds the shares it rewrites
-# through the spacks that expire instead: a share lists messages of its own
-# spack only, so a share holding an expired message belongs to a spack whose
-# exp_ms has passed, and to one of its devs.  A version 5 or 6 store's spacks
-# are moved into the new table, devs filled from shares, when it is opened.
+# Version 7 dropped the indexes on exp_ms of shares and spacks, and gave
+# each spack the keys of the devices it was written for (devs).  A group
+# send wrote its spack and every member's share into those indexes and
+# deleted them again on the acks: two of the seven b-tree pages a commit of
+# a group of 10 wrote (benches/README.md, session 53).  Expiry finds the
+# spacks it rewrites by the writer's counts, which keep a bound on each
+# spack's earliest expiry (_Counts.exps, from exp_ms on open), and the
+# shares through those spacks: a share lists messages of its own spack
+# only, so a share holding an expired message belongs to a spack whose
+# exp_ms has passed, and to one of its devs.  A version 5 or 6 store's
+# spacks are moved into the new table, devs filled from shares, when it is
+# opened.
 _PACKS_SCHEMA = """
 -- one device's messages of one write transaction: mids its int64 array
 -- (native byte order), data the msgpack array of [mid, sender, cid, body,
@@ -252,7 +255,6 @@ CREATE TABLE IF NOT EXISTS spacks(
     exps BLOB NOT NULL,
     devs BLOB NOT NULL,
     data BLOB NOT NULL);
-CREATE INDEX IF NOT EXISTS spacks_exp ON spacks(exp_ms);
 """
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS messages(
@@ -1642,7 +1644,7 @@ class SqliteStore(_BaseStore):
                 if (pack_rows or spack_rows) and mid > mark:
                     mark = meta = mid + _MID_BLOCK
                 for block in blocks:
-                    counts.add(*block)
+                    counts.add(*block, spack_rows[4::10])
                 self._transaction_fast(conn, acks, puts, meta, partial, spartial, sgone)
             else:
                 conn.execute("BEGIN")
@@ -1674,7 +1676,7 @@ class SqliteStore(_BaseStore):
                     _execute_rows(conn, _SQL_PUT_SHARES, 7, [], share_rows)
                     _execute_rows(conn, _SQL_PUT_PACK, 8, [], pack_rows)
                     for block in blocks:
-                        counts.add(*block)
+                        counts.add(*block, spack_rows[4::10])
                     if mid > mark:
                         mark = mid + _MID_BLOCK
                         conn.execute(_SQL_META, ("next_mid", mark))
@@ -1874,9 +1876,14 @@ class SqliteStore(_BaseStore):
         # of its own spack only, so it is one of the devs of a spack whose
         # earliest expiry has passed (shares have no index on exp_ms)
         sharers: list[tuple[int, int]] = []
-        for first, blob, eblob, dblob in conn.execute(
-                "SELECT first, mids, exps, devs FROM spacks WHERE exp_ms <= ? AND first < ?",
-                (now_ms, bound)).fetchall():
+        # the spacks that may hold an expired message, by the counts' bounds
+        # (spacks have no index on exp_ms either)
+        rows = _select_in(conn, "SELECT first, mids, exps, devs, exp_ms FROM spacks "
+                          "WHERE first IN ", counts.expiring(now_ms, bound))
+        for first, blob, eblob, dblob, exp in rows:
+            if exp > now_ms:
+                counts.expires(first, exp)  # rewritten since without its earliest
+                continue
             sharers += [(key, first) for key in _mids(dblob)]
             # a spack may hold messages not yet expired, or queued after the
             # expiry (a mid at or above bound): they stay
@@ -1887,6 +1894,9 @@ class SqliteStore(_BaseStore):
                 # what is left: neither expired nor held by nobody
                 out_set = set(out)
                 _keep_spack(conn, first, lambda e: e[0] not in gone and e[0] not in out_set)
+                counts.expires(first, min([e for m, e in zip(_mids(blob), _mids(eblob))
+                                           if m not in gone and m not in out_set],
+                                          default=exp))
             else:
                 dead.append(first)
         if dead:
@@ -1963,7 +1973,7 @@ def _upgrade(conn: sqlite3.Connection) -> None:
         # the transaction is left open to the fill (a crash before its
         # COMMIT leaves the file as it was)
         conn.executescript(f"BEGIN IMMEDIATE;{migrate}{_SCHEMA}{moved}"
-                           "DROP INDEX IF EXISTS shares_exp;")
+                           "DROP INDEX IF EXISTS shares_exp; DROP INDEX IF EXISTS spacks_exp;")
         if spacks:
             holders: dict[int, list[int]] = {}
             for dev, first in conn.execute("SELECT dev, first FROM shares"):
@@ -2790,7 +2800,10 @@ class _Counts:
     to ``[mids, counts, live, firsts, sizes]``: its shared mids (array of
     int64, ascending), how many devices hold each (array of int32), how many
     are held at all, its spacks' firsts (int64s, ascending) and how many of
-    each spack's messages are held (int32s): about 12 bytes a message.  A
+    each spack's messages are held (int32s): about 12 bytes a message.
+    ``exps`` maps a block's first mid to a bound on each of its spacks'
+    earliest expiry (int64s, as its firsts; at or below the spack's exp_ms,
+    which a rewrite may raise): what expiry finds the spacks by.  A
     share lists messages of its own spack only, so what a device releases
     is taken off that spack's size.  Changes inside a
     transaction are undone by :meth:`rollback` (each touched block's counts
@@ -2806,6 +2819,8 @@ class _Counts:
         self._firsts: list[int] = []  # the blocks' keys, ascending
         self._saved: dict[int, tuple] = {}  # first -> (block, counts, live, sizes) before
         self._added: list[int] = []
+        self.exps: dict[int, array.array] = {}
+        self._exps_saved: dict[int, array.array] = {}  # first -> its exps before
 
     def __len__(self) -> int:
         """Shared messages some device still holds."""
@@ -2818,8 +2833,10 @@ class _Counts:
         conn.execute("BEGIN")
         tally = _prune_shares(conn)
         conn.execute("COMMIT")
+        exp_of = dict(conn.execute("SELECT first, exp_ms FROM spacks"))
         self.blocks = {}
         self._firsts = []
+        self.exps = {}
         spacks = sorted(tally)
         at = 0
         while at < len(spacks):
@@ -2838,12 +2855,14 @@ class _Counts:
             self.blocks[firsts[0]] = [array.array("q", [r[0] for r in rows]),
                                       array.array("i", [r[1] for r in rows]), len(rows),
                                       firsts, sizes]
+            self.exps[firsts[0]] = array.array("q", [exp_of[f] for f in firsts])
             self._firsts.append(firsts[0])
 
     def begin(self) -> None:
         """A transaction starts: what follows is undone by :meth:`rollback`."""
         self._saved = {}
         self._added = []
+        self._exps_saved = {}
 
     def commit(self) -> None:
         """The transaction committed: blocks no device holds anything of go."""
@@ -2852,31 +2871,40 @@ class _Counts:
             block = blocks.get(first)
             if block is not None and block[2] == 0:
                 del blocks[first]
+                del self.exps[first]
                 at = bisect.bisect_left(self._firsts, first)
                 del self._firsts[at]
         self._saved = {}
         self._added = []
+        self._exps_saved = {}
 
     def rollback(self) -> None:
         """The transaction rolled back: the counts are as at :meth:`begin`."""
         for first in reversed(self._added):
             self.blocks.pop(first, None)
+            self.exps.pop(first, None)
             self._firsts.pop()  # added last, in order
         for block, counts, live, sizes in self._saved.values():
             block[1] = counts
             block[2] = live
             block[4] = sizes
+        for first, exps in self._exps_saved.items():
+            if first in self.exps:
+                self.exps[first] = exps
         self._saved = {}
         self._added = []
+        self._exps_saved = {}
 
     def add(self, first: int, mids: bytes, counts: bytes, firsts: bytes,
-            sizes: bytes) -> None:
-        """A transaction's shared messages (:func:`py_sql_rows`' block)."""
+            sizes: bytes, exps: list[int]) -> None:
+        """A transaction's shared messages (:func:`py_sql_rows`' block), and
+        its spacks' earliest expiries (their rows' exp_ms, in order)."""
         block = [_mids(mids), array.array("i"), 0, _mids(firsts), array.array("i")]
         block[1].frombytes(counts)
         block[2] = len(block[1])
         block[4].frombytes(sizes)
         self.blocks[first] = block
+        self.exps[first] = array.array("q", exps)
         self._firsts.append(first)
         self._added.append(first)
 
@@ -2909,6 +2937,30 @@ class _Counts:
         block[2] -= n
         block[4][at] -= n
         return n
+
+    def expiring(self, now_ms: int, bound: int) -> list[int]:
+        """The spacks below ``bound`` some device holds anything of whose
+        bound on the earliest expiry is at or below ``now_ms``: every spack
+        that may hold a message expired by then (and some rewritten since)."""
+        out: list[int] = []
+        for first, exps in self.exps.items():
+            if min(exps) > now_ms:
+                continue
+            block = self.blocks[first]
+            firsts, sizes = block[3], block[4]
+            out += [firsts[i] for i, e in enumerate(exps)
+                    if e <= now_ms and firsts[i] < bound and sizes[i] > 0]
+        return out
+
+    def expires(self, spack: int, exp_ms: int) -> None:
+        """Spack ``spack``'s earliest expiry is now ``exp_ms`` (a rewrite took
+        its earlier messages)."""
+        found = self._locate(spack)
+        if found is not None:
+            first, _, at = found
+            if first not in self._exps_saved and first not in self._added:
+                self._exps_saved[first] = array.array("q", self.exps[first])
+            self.exps[first][at] = exp_ms
 
     def left(self, spack: int) -> int:
         """How many of spack ``spack``'s messages some device holds."""

@@ -548,10 +548,10 @@ def test_handover_measures_a_round_trip_through_a_thread_against_a_loop_turn(cap
 def test_store_put_ack_holds_a_group_s_acks_back_a_batch() -> None:
     # --ack-lag 1: each batch's acks come with the put after the next; the
     # spacks of two batches are then live at every commit, and the WAL takes
-    # about twice the frames a commit (an --ack-lag the bench ignored writes
-    # the same).  Batches of 32, as new files have 8 KB pages: batches of 64
-    # showed it with 16 KB pages, and write the same bytes at either lag
-    # with 8 KB ones (910 B a message)
+    # more frames a commit (an --ack-lag the bench ignored writes the same).
+    # Batches of 32 with 8 KB pages: one batch's spack fits a leaf, two do
+    # not (format 7: 520 against 1,566 B a message; batches of 64 write 651
+    # at either lag)
     written = {}
     for lag in ("0", "1"):
         proc = _bench("store_put_ack.py", "--devices", "10", "--batch", "32", "--inflight",
@@ -562,4 +562,4 @@ def test_store_put_ack_holds_a_group_s_acks_back_a_batch() -> None:
         assert m, proc.stdout
         assert int(m.group(1)) >= 100, proc.stdout  # a commit a batch
         written[lag] = int(m.group(2))
-    assert 1.5 * written["0"] < written["1"] < 2.5 * written["0"], written
+    assert written["1"] > 1.5 * written["0"], written

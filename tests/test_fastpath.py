@@ -2208,7 +2208,7 @@ def _walked_case(rng: random.Random) -> tuple:
         held = [rng.randrange(0, 4) for _ in block]
         counts.add(block[0], array.array("q", block).tobytes(),
                    array.array("i", held).tobytes(), array.array("q", firsts).tobytes(),
-                   array.array("i", sizes).tobytes())
+                   array.array("i", sizes).tobytes(), [0] * len(firsts))
     counts.begin()
     if rng.random() < 0.3:
         counts._added = list(counts.blocks)[:1]  # a block this transaction added
@@ -2269,7 +2269,7 @@ def test_release_walked_twins():
 def test_release_walked_twins_refuse_the_same_input():
     counts = store._Counts()
     counts.add(1, array.array("q", [1, 2]).tobytes(), array.array("i", [1, 1]).tobytes(),
-               array.array("q", [1]).tobytes(), array.array("i", [2]).tobytes())
+               array.array("q", [1]).tobytes(), array.array("i", [2]).tobytes(), [0])
     for walked, acks, error in [([0, 1, 2], {5: [1, "2"]}, TypeError),
                                 ([0, 1, 2, 0], {5: [1, 2]}, IndexError),
                                 ([0, 3, 1], {5: [1, 2]}, ValueError),

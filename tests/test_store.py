@@ -847,11 +847,10 @@ def test_sqlite_uses_wal_and_the_documented_schema(run, db):
                 "AND name NOT LIKE 'sqlite_autoindex%'")}
         finally:
             conn.close()
-        # shares have none on exp_ms: every group send would write (and its
-        # acks delete) an entry of it a member
+        # spacks and shares have none on exp_ms: every group send would write
+        # (and its acks delete) an entry of it a spack and a member
         assert indexes == {"messages_exp": "messages", "messages_dev": "messages",
-                           "inbox_mid": "inbox", "packs_key": "packs", "packs_exp": "packs",
-                           "spacks_exp": "spacks"}
+                           "inbox_mid": "inbox", "packs_key": "packs", "packs_exp": "packs"}
         assert cols == {"messages": ["mid", "sender", "cid", "body", "ts_ms", "exp_ms", "dev"],
                         "inbox": ["device_key", "mid"],
                         "devices": ["device_key", "address", "device"],
@@ -922,9 +921,95 @@ def test_sqlite_matches_memory_model(tmp_path_factory, ops):
             assert real.known_devices() == model.known_devices()
             # the model counts the messages some inbox holds, whatever happened
             assert model.stats()["messages"] == len(held)
+            _expiry_bounds_hold(real, path)
+            # reopened, the writer's counts come from the file: expiries still
+            # find every spack (there is no index on exp_ms to find them by)
+            await real.close()
+            async with await SqliteStore.open(path, ttl_s=10) as again:
+                _expiry_bounds_hold(again, path)
+                for dt in (15, 25, 60):
+                    now = T0 + dt * 1000
+                    assert await again.expire(now) == await model.expire(now), dt
+                    for key in keys:
+                        assert await again.load(key, 0, 100) == await model.load(key, 0, 100)
+                _expiry_bounds_hold(again, path)
 
     keys: list[int] = []
     asyncio.run(main())
+
+
+def test_sqlite_expiry_finds_a_spack_again_by_its_next_expiry(run, db):
+    # spacks have no index on exp_ms: the writer's counts bound each one's
+    # earliest expiry, and a spack that expires in part is bound again by
+    # what it has left, so each later expiry finds it once more
+    async def main():
+        async with await SqliteStore.open(db, ttl_s=10) as store:
+            a, b = (store.register_device("g@p", d) for d in "ab")
+            mids = await store.put_many([("s@p", CID, b"m%d" % i, T0 + i * 5000, [a, b])
+                                         for i in range(3)])
+            store.ack(b, mids[1:2])
+            await store.flush()
+            first = mids[0]
+
+            def bound() -> int:
+                key, _, at = store._counts._locate(first)
+                return store._counts.exps[key][at]
+
+            assert bound() == T0 + 10_000
+            assert await store.expire(T0 + 9_999) == 0
+            assert await store.expire(T0 + 10_000) == 1
+            assert bound() == T0 + 15_000 == count(db, "SELECT exp_ms FROM spacks")
+            assert await store.expire(T0 + 15_000) == 1
+            assert bound() == T0 + 20_000
+            assert [r[0] for r in await store.load(a, 0, 10)] == mids[2:]
+            assert [r[0] for r in await store.load(b, 0, 10)] == mids[2:]
+            assert await store.expire(T0 + 20_000) == 1
+            assert await store.count_pending() == 0
+        assert count(db, "SELECT count(*) FROM spacks") == 0
+        assert count(db, "SELECT count(*) FROM shares") == 0
+    run(main())
+
+
+def test_counts_expiry_bounds_roll_back_with_their_transaction():
+    # a bound raised by an expiry's rewrite that rolls back would outrun the
+    # row's exp_ms, which did not change: it goes back with the counts
+    int64s, int32s = store_mod.array.array, store_mod.array.array
+    counts = store_mod._Counts()
+    counts.begin()
+    counts.add(10, int64s("q", [10, 11, 20]).tobytes(), int32s("i", [2, 2, 1]).tobytes(),
+               int64s("q", [10, 20]).tobytes(), int32s("i", [2, 1]).tobytes(), [500, 700])
+    counts.commit()
+    assert counts.expiring(499, 100) == [] and counts.expiring(600, 100) == [10]
+    assert counts.expiring(700, 100) == [10, 20] and counts.expiring(700, 20) == [10]
+    counts.begin()
+    counts.expires(10, 650)
+    assert counts.expiring(600, 100) == []
+    counts.rollback()
+    assert list(counts.exps[10]) == [500, 700]
+    counts.begin()
+    counts.expires(20, 900)
+    counts.commit()
+    assert list(counts.exps[10]) == [500, 900]
+    # a spack nobody holds anything of is not looked for
+    counts.begin()
+    assert counts.drop(10, [10, 11]) == 2
+    counts.commit()
+    assert counts.expiring(1000, 100) == [20]
+
+
+def _expiry_bounds_hold(store, path) -> None:
+    """Every spack in the file is in the writer's counts, with a bound on its
+    earliest expiry at or below its exp_ms (what expiry finds it by)."""
+    conn = raw(path)
+    try:
+        rows = conn.execute("SELECT first, exp_ms FROM spacks").fetchall()
+    finally:
+        conn.close()
+    counts = store._counts
+    for first, exp in rows:
+        found = counts._locate(first)
+        assert found is not None, first
+        assert counts.exps[found[0]][found[2]] <= exp, first
 
 
 def test_sqlite_large_batches_match_memory_model(tmp_path):
@@ -1858,12 +1943,14 @@ def test_sqlite_gives_a_version_6_stores_spacks_their_devices(run, db):
     conn = raw(db)
     conn.executescript(f"BEGIN;{_V6_SPACKS}COMMIT;")
     conn.close()
-    assert count(db, "SELECT count(*) FROM sqlite_master WHERE name = 'shares_exp'") == 1
+    assert count(db, "SELECT count(*) FROM sqlite_master "
+                 "WHERE name IN ('shares_exp', 'spacks_exp')") == 2
 
     async def main():
         async with await SqliteStore.open(db, ttl_s=10) as store:
             assert count(db, "PRAGMA user_version") == store_mod._SCHEMA_VERSION
-            assert count(db, "SELECT count(*) FROM sqlite_master WHERE name = 'shares_exp'") == 0
+            assert count(db, "SELECT count(*) FROM sqlite_master "
+                         "WHERE name IN ('shares_exp', 'spacks_exp')") == 0
             # from the shares that are left, in key order
             assert _devs(db) == {early[0]: [a, b], late[0]: [a, b]}
             assert [r[3] for r in await store.load(b, 0, 10)] == [

@@ -484,7 +484,7 @@ def _counts_of(*spacks: list[int], held: int) -> store_mod._Counts:
     every = [m for sp in spacks for m in sp]
     counts.add(every[0], _mids(*every), array.array("i", [held] * len(every)).tobytes(),
                _mids(*[sp[0] for sp in spacks]),
-               array.array("i", [len(sp) for sp in spacks]).tobytes())
+               array.array("i", [len(sp) for sp in spacks]).tobytes(), [0] * len(spacks))
     counts.begin()
     counts.commit()
     return counts
