@@ -32,6 +32,7 @@ sys.path.insert(0, str(BENCHES))
 
 import e2e_compare  # noqa: E402
 import server_cpu  # noqa: E402
+import wal_pages  # noqa: E402
 
 
 def _tree() -> str:
@@ -543,6 +544,38 @@ def test_handover_measures_a_round_trip_through_a_thread_against_a_loop_turn(cap
     assert set(figures) == {"loop -> thread -> loop", "the same on one CPU",
                             "a loop turn (baseline)"}, out
     assert all(float(v) > 0 for v in figures.values()), out
+
+
+def test_wal_pages_names_what_a_group_commit_writes() -> None:
+    # format 7: a group's commit writes its spack and its members' shares,
+    # and no index on exp_ms of either (each was a page of every commit)
+    proc = _bench("wal_pages.py", "--devices", "10", "--batch", "64", "--commits", "30",
+                  "--warmup", "10", timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    head = re.search(r": (\d+) commits, ([\d.]+) pages a commit of (\d+) B", proc.stdout)
+    assert head, proc.stdout
+    assert int(head.group(1)) == 30 and int(head.group(3)) == 8192, proc.stdout
+    per = {name: float(n) for n, name in re.findall(r"^\s+([\d.]+) a commit  (.+)$",
+                                                     proc.stdout, re.M)}
+    assert per["spacks"] >= 1 and per["shares"] >= 0.9, proc.stdout
+    assert per["the header and schema (page 1)"] >= 0.9, proc.stdout
+    assert not {"spacks_exp", "shares_exp"} & set(per), proc.stdout
+    assert abs(sum(per.values()) - float(head.group(2))) < 0.05, proc.stdout
+
+
+def test_wal_pages_reads_frames_and_commits_from_a_wal_image() -> None:
+    import struct
+
+    def frame(page: int, size: int, salts=(7, 9)) -> bytes:
+        return struct.pack(">4I", page, size, *salts) + bytes(8) + bytes(512)
+
+    header = struct.pack(">8I", 0x377F0682, 3007000, 512, 0, 7, 9, 0, 0)
+    # two commits, a frame not yet committed, then an earlier pass's frame
+    wal = header + frame(3, 0) + frame(1, 10) + frame(4, 11) + frame(5, 0) + frame(6, 12, (1, 2))
+    size, frames = wal_pages.wal_frames(wal)
+    assert size == 512 and frames == [(3, 0), (1, 10), (4, 11), (5, 0)]
+    assert wal_pages.commits_of(frames) == [[3, 1], [4]]
+    assert wal_pages.wal_frames(b"") == (0, [])
 
 
 def test_store_put_ack_holds_a_group_s_acks_back_a_batch() -> None:
