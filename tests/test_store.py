@@ -973,11 +973,11 @@ def test_sqlite_expiry_finds_a_spack_again_by_its_next_expiry(run, db):
 def test_counts_expiry_bounds_roll_back_with_their_transaction():
     # a bound raised by an expiry's rewrite that rolls back would outrun the
     # row's exp_ms, which did not change: it goes back with the counts
-    int64s, int32s = store_mod.array.array, store_mod.array.array
+    arr = store_mod.array.array
     counts = store_mod._Counts()
     counts.begin()
-    counts.add(10, int64s("q", [10, 11, 20]).tobytes(), int32s("i", [2, 2, 1]).tobytes(),
-               int64s("q", [10, 20]).tobytes(), int32s("i", [2, 1]).tobytes(), [500, 700])
+    counts.add(10, arr("q", [10, 11, 20]).tobytes(), arr("i", [2, 2, 1]).tobytes(),
+               arr("q", [10, 20]).tobytes(), arr("i", [2, 1]).tobytes(), [500, 700])
     counts.commit()
     assert counts.expiring(499, 100) == [] and counts.expiring(600, 100) == [10]
     assert counts.expiring(700, 100) == [10, 20] and counts.expiring(700, 20) == [10]
