@@ -9,8 +9,10 @@ What is removed, each with ``secure_delete = ON`` on the connection that
 deletes it and a ``wal_checkpoint(TRUNCATE)`` afterwards, so neither freed
 pages nor WAL frames keep a readable copy:
 
-* ``store.db``: the address's devices; every message still waiting for one
-  of them; every message the address sent that is still waiting for anyone;
+* ``store.db``: the address's devices (their keys too, where other group
+  messages name the devices they went to); every message still waiting for
+  one of them; every message the address sent that is still waiting for
+  anyone;
 * ``registry.db``: its consent choices (opt-ins) and the record of its
   devices first seen (the gate's new-device caps);
 * ``keys.db``: its device slots in the key directory (identity keys, signed
@@ -36,6 +38,7 @@ What is not, and why:
 
 from __future__ import annotations
 
+import array
 import os
 import sqlite3
 from collections.abc import Iterator
@@ -43,7 +46,7 @@ from contextlib import contextmanager
 
 from .errors import InvalidArgument, StoreFailed
 from .identity import parse_address
-from .store import _keep_pack, _keep_spack, _prune_shares, _upgrade
+from .store import _keep_pack, _keep_spack, _mids, _prune_shares, _upgrade
 
 __all__ = ["erase_address"]
 
@@ -105,6 +108,16 @@ def _erase_store(path: str, address: str) -> dict[str, int]:
         for (first,) in conn.execute("SELECT first FROM spacks").fetchall():
             from_it += _keep_spack(conn, first, lambda e: e[1] != address)
         _prune_shares(conn)
+        # the spacks left name the devices they went to (devs): its devices'
+        # keys come out of them too
+        erased = set(keys)
+        for first, blob in (conn.execute("SELECT first, devs FROM spacks").fetchall()
+                            if erased else ()):
+            devs = _mids(blob)
+            kept = [k for k in devs if k not in erased]
+            if len(kept) < len(devs):
+                conn.execute("UPDATE spacks SET devs = ? WHERE first = ?",
+                             (array.array("q", kept).tobytes(), first))
         sent = [m for (m,) in conn.execute("SELECT mid FROM messages WHERE sender = ?",
                                            (address,))]
         for i in range(0, len(sent), 500):

@@ -2110,6 +2110,8 @@ def test_erasing_an_address_from_a_version_4_store_upgrades_it_first(db, tmp_pat
     assert count(db, "PRAGMA user_version") == store_mod._SCHEMA_VERSION
     assert _spacked(db) == [3, 5] and _shares_of(db, 1) == [3, 5] == _shares_of(db, 2)
     assert count(db, "SELECT count(*) FROM shares WHERE dev = 3") == 0
+    # the spack named erin's device among those it went to: not any more
+    assert _devs(db) == {3: [1, 2]}
     raw_bytes = _on_disk(db)
     assert b"V4-erin" not in raw_bytes and b"erin@home" not in raw_bytes
     assert b"V4-caro" in raw_bytes
