@@ -38,7 +38,6 @@ What is not, and why:
 
 from __future__ import annotations
 
-import array
 import os
 import sqlite3
 from collections.abc import Iterator
@@ -46,7 +45,7 @@ from contextlib import contextmanager
 
 from .errors import InvalidArgument, StoreFailed
 from .identity import parse_address
-from .store import _keep_pack, _keep_spack, _mids, _prune_shares, _upgrade
+from .store import _keep_pack, _keep_spack, _mids, _prune_shares, _upgrade, py_mids_blob
 
 __all__ = ["erase_address"]
 
@@ -117,7 +116,7 @@ def _erase_store(path: str, address: str) -> dict[str, int]:
             kept = [k for k in devs if k not in erased]
             if len(kept) < len(devs):
                 conn.execute("UPDATE spacks SET devs = ? WHERE first = ?",
-                             (array.array("q", kept).tobytes(), first))
+                             (py_mids_blob(kept), first))
         sent = [m for (m,) in conn.execute("SELECT mid FROM messages WHERE sender = ?",
                                            (address,))]
         for i in range(0, len(sent), 500):

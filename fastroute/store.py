@@ -1979,8 +1979,7 @@ def _upgrade(conn: sqlite3.Connection) -> None:
             for dev, first in conn.execute("SELECT dev, first FROM shares"):
                 holders.setdefault(first, []).append(dev)
             conn.executemany("UPDATE spacks SET devs = ? WHERE first = ?",
-                             [(array.array("q", devs).tobytes(), first)
-                              for first, devs in holders.items()])
+                             [(py_mids_blob(devs), first) for first, devs in holders.items()])
         conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
         conn.execute("COMMIT")
     except BaseException:
@@ -2311,7 +2310,7 @@ def _spack_row(first: int, entries: list, keys) -> tuple:
     ``entries`` (:func:`_spack_fields`), devs (``keys``, the devices it goes
     to) before its data."""
     fields = _spack_fields(first, entries)
-    return fields[:8] + (array.array("q", keys).tobytes(), fields[8])
+    return fields[:8] + (py_mids_blob(keys), fields[8])
 
 
 def _pack_entries(data: bytes) -> list:
