@@ -2753,13 +2753,19 @@ def _keep_spack(conn: sqlite3.Connection, first: int, keep) -> int:
     return len(entries) - len(kept)
 
 
-def _prune_shares(conn: sqlite3.Connection) -> dict[int, dict[int, int]]:
+def _prune_shares(conn: sqlite3.Connection) -> tuple[dict[int, dict[int, int]],
+                                                     dict[int, int]]:
     """Take the mids of messages no longer stored out of every share, and
     the messages no share lists out of every spack (on open, and after an
     erasure with the relay stopped).  Returns, for each spack still stored,
-    how many shares list each of its messages."""
-    stored = {first: set(_mids(blob))
-              for first, blob in conn.execute("SELECT first, mids FROM spacks")}
+    how many shares list each of its messages; and each spack's exp_ms as
+    read before the pruning (a bound on its earliest expiry: a rewrite here
+    only takes messages out, so it can only raise it)."""
+    stored: dict[int, set[int]] = {}
+    exps: dict[int, int] = {}
+    for first, blob, exp in conn.execute("SELECT first, mids, exp_ms FROM spacks"):
+        stored[first] = set(_mids(blob))
+        exps[first] = exp
     tally: dict[int, dict[int, int]] = {}
     stale: list[tuple[int, int]] = []
     for dev, first, blob, n in conn.execute("SELECT dev, first, mids, n FROM shares"):
@@ -2787,7 +2793,7 @@ def _prune_shares(conn: sqlite3.Connection) -> dict[int, dict[int, int]]:
         elif len(held) < len(mids):
             _keep_spack(conn, first, lambda e: e[0] in held)
     _execute_in(conn, _SQL_SPACK_DROP, [], dead)
-    return {first: held for first, held in tally.items() if held}
+    return {first: held for first, held in tally.items() if held}, exps
 
 
 class _Counts:
@@ -2830,9 +2836,8 @@ class _Counts:
         a share listing messages no longer stored is rewritten without them,
         a spack's messages no share lists, none should be, are deleted)."""
         conn.execute("BEGIN")
-        tally = _prune_shares(conn)
+        tally, exp_of = _prune_shares(conn)
         conn.execute("COMMIT")
-        exp_of = dict(conn.execute("SELECT first, exp_ms FROM spacks"))
         self.blocks = {}
         self._firsts = []
         self.exps = {}
