@@ -76,6 +76,7 @@ from server_cpu import (  # noqa: E402
     find_nats_server,
     main_thread_ns,
     proc_cpu_ns,
+    ratio_interval,
     relay_limits_toml,
     round_order,
 )
@@ -301,7 +302,10 @@ def store_ratios(runs: dict[str, list[dict]], stores: list[str]) -> str:
     its runs, ``{"us_per_msg": CPU a delivery, "round": round}`` each (what
     ``server_cpu.cpu_ratio`` pairs).  The ratio of the medians, then the
     lowest and highest ratio of two runs of the same round (each round runs
-    every store once, side by side: what the host's drift moves alike)."""
+    every store once, side by side: what the host's drift moves alike), and
+    from 5 pairs on, :func:`server_cpu.ratio_interval`: where the ratio of
+    the medians lies, the host's noise allowed for (a bar such as "at most
+    2x" is met when all of it is below, and at the line when it straddles)."""
     parts = []
     for other in stores[1:]:
         both = cpu_ratio(runs, other, stores[0])
@@ -312,7 +316,11 @@ def store_ratios(runs: dict[str, list[dict]], stores: list[str]) -> str:
         line = f"{other} / {stores[0]} x{med:.2f}"
         if paired:
             line += (f" (the rounds' x{min(paired):.2f}-x{max(paired):.2f}, "
-                     f"{len(paired)} {'pair' if len(paired) == 1 else 'pairs'})")
+                     f"{len(paired)} {'pair' if len(paired) == 1 else 'pairs'}")
+            interval = ratio_interval(runs, other, stores[0])
+            if interval is not None:
+                line += f"; 95 % of resampled rounds x{interval[0]:.2f}-x{interval[1]:.2f}"
+            line += ")"
         parts.append(line)
     return "; ".join(parts)
 

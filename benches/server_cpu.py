@@ -154,6 +154,7 @@ import ctypes
 import importlib.util
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -1135,6 +1136,31 @@ def cpu_ratio(results: dict[str, list[dict]], num: str,
                  if by_round.get(r["round"], 0) > 0]
 
 
+def ratio_interval(results: dict[str, list[dict]], num: str, den: str,
+                   level: float = 0.95, draws: int = 2000) -> tuple[float, float] | None:
+    """Where :func:`cpu_ratio`'s ratio of the medians lies once the host's
+    noise is allowed for: the middle ``level`` of that ratio over ``draws``
+    resamplings of the rounds in which both ``num`` and ``den`` ran (each
+    round drawn whole, its two runs together, so that a slow quarter hour
+    moves both sides alike, as it did).  Seeded: the same runs print the
+    same interval.  None with fewer than 5 such rounds, too few for the
+    interval to say anything."""
+    by_round = {r["round"]: r["us_per_msg"] for r in results.get(den, [])}
+    pairs = [(r["us_per_msg"], by_round[r["round"]]) for r in results.get(num, [])
+             if by_round.get(r["round"], 0) > 0]
+    if len(pairs) < 5:
+        return None
+    rng = random.Random(0)
+    seen = []
+    for _ in range(draws):
+        drawn = rng.choices(pairs, k=len(pairs))
+        seen.append(statistics.median(a for a, _ in drawn)
+                    / statistics.median(b for _, b in drawn))
+    seen.sort()
+    cut = int(draws * (1 - level) / 2)
+    return seen[cut], seen[draws - 1 - cut]
+
+
 def store_ratio(results: dict[str, list[dict]],
                 sqlite: str = "fr-sqlite") -> tuple[float, list[float]] | None:
     """The SQLite store's CPU a message (system ``sqlite``: at NORMAL or at
@@ -1187,9 +1213,12 @@ def print_table(results: dict[str, list[dict]], args: argparse.Namespace) -> Non
             continue
         med, rounds = both
         # the rounds spread widely on a shared host: their median is printed too
+        interval = ratio_interval(results, sqlite, "fr-memory")
         print(f"SQLite {sync} / memory store: {med:.2f}x (medians)"
               + (f"; rounds {min(rounds):.2f}-{max(rounds):.2f}, median "
-                 f"{statistics.median(rounds):.2f}x" if rounds else ""))
+                 f"{statistics.median(rounds):.2f}x" if rounds else "")
+              + (f"; 95 % of resampled rounds {interval[0]:.2f}-{interval[1]:.2f}x"
+                 if interval is not None else ""))
     for line in args.incomplete:
         print(f"NOT COUNTED (incomplete): {line}")
 

@@ -97,6 +97,32 @@ def test_server_cpu_prints_the_sqlite_over_memory_ratio_by_round() -> None:
     assert server_cpu.store_ratio(results) is None
 
 
+def test_ratio_interval_resamples_whole_rounds() -> None:
+    # where the medians' ratio lies once the rounds' noise is allowed for:
+    # rounds are drawn whole, so a drift that moves both stores of a round
+    # alike does not widen it; fewer than 5 paired rounds give none
+    def runs(cpus: dict) -> list[dict]:
+        return [{"us_per_msg": cpu, "round": rnd} for rnd, cpu in cpus.items()]
+
+    drift = [1.0, 1.3, 0.8, 1.1, 0.9, 1.2, 1.0, 0.85]
+    results = {"fr-memory": runs({i: 0.5 * d for i, d in enumerate(drift)}),
+               "fr-sqlite": runs({i: 0.9 * d for i, d in enumerate(drift)})}
+    lo, hi = server_cpu.ratio_interval(results, "fr-sqlite", "fr-memory")
+    # every round reads 1.8x: any draw of whole rounds does too (a draw of
+    # runs that split rounds would mix slow memory with fast SQLite runs)
+    assert (lo, hi) == (pytest.approx(1.8), pytest.approx(1.8))
+    # noise of its own in one store widens it, around the medians' ratio
+    results["fr-sqlite"] = runs({i: 0.9 * d * (1.25 if i % 2 else 0.8)
+                                 for i, d in enumerate(drift)})
+    lo, hi = server_cpu.ratio_interval(results, "fr-sqlite", "fr-memory")
+    med, _ = server_cpu.cpu_ratio(results, "fr-sqlite", "fr-memory")
+    assert lo < med < hi and hi - lo > 0.1
+    assert server_cpu.ratio_interval(results, "fr-sqlite", "fr-memory") == (lo, hi)
+    # a round one store missed is not drawn; four pairs are too few
+    results["fr-sqlite"] = results["fr-sqlite"][:4] + [{"us_per_msg": 1.0, "round": 99}]
+    assert server_cpu.ratio_interval(results, "fr-sqlite", "fr-memory") is None
+
+
 def test_server_cpu_prints_no_store_ratio_for_runs_too_short_to_read(capsys) -> None:
     # a --quick run of a few thousand messages may read no clock tick of the
     # memory store's CPU: the table says so instead of dividing by zero
@@ -448,6 +474,12 @@ def test_store_ratios_pair_the_runs_of_a_round() -> None:
     by_round = {"memory": runs({0: 1.0, 1: 2.0, 2: 4.0}), "sqlite": runs({0: 2.0, 1: 3.0})}
     assert e2ee_send.store_ratios(by_round, ["memory", "sqlite"]) == \
         "sqlite / memory x1.25 (the rounds' x1.50-x2.00, 2 pairs)"
+    # from 5 pairs on, the interval of the resampled rounds follows
+    by_round = {"memory": runs({i: 1.0 for i in range(6)}),
+                "sqlite": runs({i: 1.9 for i in range(6)})}
+    assert e2ee_send.store_ratios(by_round, ["memory", "sqlite"]) == \
+        "sqlite / memory x1.90 (the rounds' x1.90-x1.90, 6 pairs; " \
+        "95 % of resampled rounds x1.90-x1.90)"
     assert e2ee_send.store_ratios({"memory": runs({0: 1.0})}, ["memory", "sqlite"]) == \
         "sqlite / memory n/a: no complete run"
     assert e2ee_send.stores_arg("sqlite,memory") == ["sqlite", "memory"]
