@@ -45,8 +45,11 @@ cores with the server: on 2 cores the clients, not the server, set the
 end-to-end rate, so the CPU per delivery is the figure that speaks for the
 server.  ``--store memory,sqlite``: each fastroute mode runs with both stores
 in every round, and SQLite's CPU per delivery is printed over the memory
-store's (the medians', and the rounds' own ratios): the issue's bar of
-SQLite at most twice the memory store, read in one command.
+store's (the medians', and the rounds' own ratios, and from 5 rounds on
+where the medians' ratio lies with the rounds resampled): the issue's bar
+of SQLite at most twice the memory store, read in one command.  The first
+and last lines say how the disk under the data directory synced
+(``server_cpu.disk_sync``), which the SQLite store's figures move with.
 
 A fresh relay's dedup window is empty: a run of fewer ids than it holds
 (1,000,000 by default) never evicts one, and pays inside the measured
@@ -79,7 +82,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import e2ee_send  # noqa: E402
 from e2ee_send import start_relay as e2ee_start_relay  # noqa: E402
-from server_cpu import find_nats_server, round_order  # noqa: E402
+from server_cpu import disk_sync, find_nats_server, round_order  # noqa: E402
 
 from fastroute import Client  # noqa: E402
 from fastroute.identity import ProviderKey, Registry, issue_credential  # noqa: E402
@@ -270,6 +273,7 @@ def main() -> None:
           f"data-dir={e2ee_send.DATA_DIR or tempfile.gettempdir()} "
           f"cores={os.cpu_count()} loadavg={open('/proc/loadavg').read().split()[:3]} "
           f"nats-server={server or ('not run' if args.senders > 1 else 'not found')}")
+    print(f"at start: {disk_sync(e2ee_send.DATA_DIR)}", flush=True)
     width = 6 if len(stores) == 1 else 6 + max(map(len, stores))
     print(f"{'devices':>7} {'mode':>{width}} {'msgs':>7} {'deliveries/s':>13} "
           f"{'server us/deliv':>16} {'(min-max)':>14} {'loop us/deliv':>14}")
@@ -332,6 +336,7 @@ def main() -> None:
                 line += f"; JetStream's / gsend's x{results[(n, 'js', '')][1] / cg:.2f}"
             print(line)
     e2ee_send.print_store_ratios(by_round, stores, "server CPU per delivery", 4)
+    print(f"at end: {disk_sync(e2ee_send.DATA_DIR)}")
 
 
 if __name__ == "__main__":

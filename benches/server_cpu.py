@@ -27,8 +27,12 @@ this bench does not set).
 Reported: the median of ``--runs`` runs with the min-max, the delivered
 count, the wall time (GO to last receipt) and fastroute/nats ratios, and
 with the memory store and a SQLite system run, the SQLite store's CPU
-over the memory store's at that sync policy (the medians' ratio and each
-round's).  A run
+over the memory store's at that sync policy (the medians' ratio, each
+round's, and from 5 rounds on where the medians' ratio lies with the
+rounds resampled: ``ratio_interval``).  Each round's line and the last
+line say how the disk under the data directories synced then
+(``disk_sync``): the SQLite store's figures move with it, the memory
+store's do not.  A run
 that lost messages or stalled is printed but not counted.  Each progress
 line also shows the sender's and receiver's own CPU per message and the
 server's CPU in the ``TAIL`` (0.5 s) after the window: deferred work (a
@@ -380,6 +384,35 @@ def main_thread_ns(pid: int) -> int:
 def loadavg() -> str:
     """The 1/5/15-minute load averages, for judging the noise of a run."""
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def disk_sync(directory: str | None = None, n: int = 100) -> str:
+    """How the disk under ``directory`` syncs now: the median wall time of
+    ``n`` rewrites of 5 pages (20 KB, about a group commit's WAL frames)
+    each followed by ``fdatasync``, and this thread's CPU for each.
+
+    The SQLite store's CPU a message moves with the host's disk from hour
+    to hour (a slower sync is more idle wake-ups of the relay's threads, and
+    on a virtual machine its own CPU moves too), the memory store's does
+    not: this line, printed with a run, says which kind of hour it was."""
+    fd, path = tempfile.mkstemp(prefix="fr-sync-probe-", dir=directory)
+    try:
+        page = os.urandom(5 * 4096)
+        os.pwrite(fd, page, 0)
+        os.fdatasync(fd)  # the blocks exist: later syncs rewrite, as a WAL's do
+        waits = []
+        cpu0 = time.thread_time()
+        for _ in range(n):
+            os.pwrite(fd, page, 0)
+            t0 = time.perf_counter()
+            os.fdatasync(fd)
+            waits.append(time.perf_counter() - t0)
+        cpu = (time.thread_time() - cpu0) / n
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return (f"disk sync {statistics.median(waits) * 1e6:.0f} us "
+            f"({cpu * 1e6:.0f} us CPU) a 20 KB rewrite")
 
 
 def run_cli(cmd: list[str], cwd: str) -> str:
@@ -1249,7 +1282,8 @@ async def main_async(args: argparse.Namespace, ctx: dict) -> dict[str, list[dict
     incomplete = args.incomplete
     deadline = time.monotonic() + args.time_limit
     for rnd in range(args.runs):
-        print(f"round {rnd + 1}/{args.runs}  (loadavg {loadavg()})", flush=True)
+        print(f"round {rnd + 1}/{args.runs}  (loadavg {loadavg()}; "
+              f"{disk_sync(ctx['data_dir'])})", flush=True)
         for system in round_order(args.systems, rnd):
             if time.monotonic() > deadline:
                 print(f"  time limit ({args.time_limit:.0f} s) reached: stopping early",
@@ -1347,9 +1381,10 @@ def main(argv: list[str] | None = None) -> int:
             # asyncio.run has cancelled the run: its finally blocks stopped everything
             print(f"\ninterrupted; loadavg {loadavg()}", file=sys.stderr)
             return 130
+        sync_end = disk_sync(ctx["data_dir"])  # while the directory is there
     print_table(results, args)
     print(f"\nloadavg at start {load_start}; at end {loadavg()}; "
-          f"total {time.monotonic() - t_start:.0f} s")
+          f"total {time.monotonic() - t_start:.0f} s; at end {sync_end}")
     return 0 if all(results.values()) else 1
 
 

@@ -442,8 +442,8 @@ def test_the_per_device_and_group_benches_put_their_stores_where_they_are_told(
             for run_dir in os.listdir(tmp_path):
                 try:
                     seen.update(f"{run_dir}/{f}" for f in os.listdir(tmp_path / run_dir))
-                except FileNotFoundError:
-                    pass  # the run ended meanwhile
+                except (FileNotFoundError, NotADirectoryError):
+                    pass  # the run ended meanwhile; the disk's sync probe (a file)
             done.wait(0.005)
 
     watcher = threading.Thread(target=watch)
@@ -456,11 +456,38 @@ def test_the_per_device_and_group_benches_put_their_stores_where_they_are_told(
         watcher.join()
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"data-dir={tmp_path} " in proc.stdout, proc.stdout
+    if bench == "group_send.py":
+        assert proc.stdout.count("disk sync ") == 2, proc.stdout  # at start and end
     run_dirs = {name.split("/")[0] for name in seen if name.endswith("/store.db")}
     assert len(run_dirs) == runs, sorted(seen)  # a fresh store a run
     assert os.listdir(tmp_path) == []  # removed with their runs
     proc = _bench(bench, "--data-dir", str(tmp_path / "absent"))
     assert proc.returncode == 2 and "--data-dir" in proc.stderr, proc.stderr
+
+
+def test_disk_sync_probes_the_directory_it_is_given(tmp_path) -> None:
+    # the line that says what kind of hour a run had for the disk: a median
+    # sync wait and its CPU, both read off real syncs of a file in the
+    # directory (then removed)
+    import re
+
+    seen: list[str] = []
+    real = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        seen.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    os.fdatasync = fdatasync
+    try:
+        line = server_cpu.disk_sync(str(tmp_path), n=20)
+    finally:
+        os.fdatasync = real
+    wait, cpu = map(int, re.fullmatch(
+        r"disk sync (\d+) us \((\d+) us CPU\) a 20 KB rewrite", line).groups())
+    assert wait >= 0 and cpu >= 0
+    assert len(seen) == 21 and all(p.startswith(f"{tmp_path}/fr-sync-probe-") for p in seen)
+    assert os.listdir(tmp_path) == []
 
 
 def test_store_ratios_pair_the_runs_of_a_round() -> None:
