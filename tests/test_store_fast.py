@@ -290,12 +290,23 @@ def test_the_compiled_transaction_carries_a_group_whose_members_ack_every_delive
         return ack_rows(conn, acks, *args)
 
     monkeypatch.setattr(store_mod, "_ack_rows", spy)
+    # the statements the writer's connection ran, the compiled call's too
+    traced: list[str] = []
+    setup = SqliteStore._setup
+
+    def traced_setup(self):
+        out = setup(self)
+        self._wconn.set_trace_callback(traced.append)
+        return out
+
+    monkeypatch.setattr(SqliteStore, "_setup", traced_setup)
 
     async def main():
         store = await SqliteStore.open(str(tmp_path / "s.db"), synchronous="NORMAL")
         keys = [store.register_device(f"m{i}@p", "1") for i in range(3)]
         await store.flush()
         before = store._fast.committed, store._fast.handed_back
+        traced.clear()
         last = None
         spacks = []
         reader = sqlite3.connect(str(tmp_path / "s.db"))
@@ -318,6 +329,13 @@ def test_the_compiled_transaction_carries_a_group_whose_members_ack_every_delive
     left, committed, handed_back, spacks = asyncio.run(main())
     assert left == 0
     assert committed == 20 and handed_back == 0
+    # each member's acks found its share without a seek in packs first: the
+    # walk starts with the kind of row it matched last (one probe of packs
+    # in all, the first drop's, where each drop began with packs: 57)
+    probes = [sql for sql in traced if sql.startswith("SELECT mids FROM packs")]
+    assert len(probes) <= 1, len(probes)
+    # and every share was deleted: the last spack's by the acks after the loop
+    assert sum(sql.startswith("DELETE FROM shares") for sql in traced) == 20 * 3
     # the spack every member acked went in the transaction of the next one
     assert spacks == [1] * 20
     assert general == []

@@ -329,15 +329,20 @@ cdef inline int _probe(fr_sq_stmt* find, SqDrop* d, int64_t first, int* held) no
 
 
 cdef int _walk_drop(fr_sq_stmt** find, fr_sq_stmt** drop, int kinds, SqDrop* d,
-                    int64_t* done, Py_ssize_t* ndone, int64_t index) noexcept nogil:
+                    int64_t* done, Py_ssize_t* ndone, int64_t index,
+                    int* last) noexcept nogil:
     # one device's acked mids walked row by row, through the ``kinds`` (1 or
     # 2) kinds of row the statements find and drop (packs, then shares):
     # while the device has a row of either keyed by the next acked mid whose
     # mids all come next, in order, that row is deleted and d.at moves past
     # them.  Each row of the last kind deleted goes to done as (index, first,
-    # its mids) when done is not NULL.  The kind that matched last is tried
-    # first: a group member's acks are all shares, and a miss is a seek.
-    cdef int rc = FR_SQ_OK, held = 0, kind = 0, k
+    # its mids) when done is not NULL.  The kind that matched last (``last``,
+    # kept across drops and calls) is tried first: a group member's acks are
+    # all shares, a 1:1 chat's all packs, and a miss is a seek (in a group's
+    # commit, a statement of ~44 for each member, when each drop began with
+    # packs).  A row is of one kind only (a mid is in a pack or in a spack),
+    # so the order changes what is probed, not what is found.
+    cdef int rc = FR_SQ_OK, held = 0, kind = last[0] if kinds == 2 else 0, k
     cdef int64_t first
     while d.at < d.nbytes:
         memcpy(&first, d.mids + d.at, 8)
@@ -360,6 +365,8 @@ cdef int _walk_drop(fr_sq_stmt** find, fr_sq_stmt** drop, int kinds, SqDrop* d,
             done[3 * ndone[0] + 2] = held // 8
             ndone[0] += 1
         d.at += held
+    if kinds == 2:
+        last[0] = kind
     return rc
 
 
@@ -373,6 +380,7 @@ cdef class SqlFast:
     cdef fr_sq_db* db
     cdef fr_sq_stmt* st[SQ_COUNT]
     cdef object conn  # kept open while the statements live
+    cdef int kind  # the kind of row (0 packs, 1 shares) a walk matched last
     #: transactions :meth:`run` committed, and those it left open to the caller
     cdef public long long committed, handed_back
 
@@ -532,7 +540,8 @@ cdef class SqlFast:
                 # the ones the new rows then take, written to the WAL once
                 i = 0
                 while rc == FR_SQ_OK and i < ndrop:
-                    rc = _walk_drop(finds, dels, kinds, &dr[i], done, &ndone, i)
+                    rc = _walk_drop(finds, dels, kinds, &dr[i], done, &ndone, i,
+                                    &self.kind)
                     if dr[i].at < dr[i].nbytes:
                         nmissed += 1
                     i += 1
@@ -657,7 +666,7 @@ cdef class SqlFast:
                 i = 0
                 while rc == FR_SQ_OK and i < ndrop:
                     rc = _walk_drop(&self.st[SQ_SFIND], &self.st[SQ_SDROP], 1, &dr[i], done,
-                                    &nout, i)
+                                    &nout, i, &self.kind)  # one kind: not read
                     i += 1
             if rc != FR_SQ_OK:
                 raise _sq_error(self.db, rc)
