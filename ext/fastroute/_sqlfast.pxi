@@ -338,10 +338,11 @@ cdef int _walk_drop(fr_sq_stmt** find, fr_sq_stmt** drop, int kinds, SqDrop* d,
     # them.  Each row of the last kind deleted goes to done as (index, first,
     # its mids) when done is not NULL.  The kind that matched last (``last``,
     # kept across drops and calls) is tried first: a group member's acks are
-    # all shares, a 1:1 chat's all packs, and a miss is a seek (in a group's
-    # commit, a statement of ~44 for each member, when each drop began with
-    # packs).  A row is of one kind only (a mid is in a pack or in a spack),
-    # so the order changes what is probed, not what is found.
+    # all shares, a 1:1 chat's all packs, and a miss is a seek (when each
+    # drop began with packs, a group commit to 10 members ran 10 such misses
+    # among its 44 statements).  A row is of one kind only (a mid is in a
+    # pack or in a spack), so the order changes what is probed, not what is
+    # found.
     cdef int rc = FR_SQ_OK, held = 0, kind = last[0] if kinds == 2 else 0, k
     cdef int64_t first
     while d.at < d.nbytes:
