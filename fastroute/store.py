@@ -1885,16 +1885,17 @@ class SqliteStore(_BaseStore):
                 counts.expires(first, exp)  # rewritten since without its earliest
                 continue
             sharers += [(key, first) for key in _mids(dblob)]
+            expiries = list(zip(_mids(blob), _mids(eblob)))  # (mid, exp_ms) each
             # a spack may hold messages not yet expired, or queued after the
             # expiry (a mid at or above bound): they stay
-            out = [m for m, e in zip(_mids(blob), _mids(eblob)) if e <= now_ms and m < bound]
+            out = [m for m, e in expiries if e <= now_ms and m < bound]
             n += counts.drop(first, out)
             gone = sgone.pop(first, frozenset())
             if counts.left(first):
                 # what is left: neither expired nor held by nobody
                 out_set = set(out)
                 _keep_spack(conn, first, lambda e: e[0] not in gone and e[0] not in out_set)
-                counts.expires(first, min([e for m, e in zip(_mids(blob), _mids(eblob))
+                counts.expires(first, min([e for m, e in expiries
                                            if m not in gone and m not in out_set],
                                           default=exp))
             else:
