@@ -1164,9 +1164,16 @@ def cpu_ratio(results: dict[str, list[dict]], num: str,
     if below <= 0:
         return None
     med = statistics.median(r["us_per_msg"] for r in a) / below
-    by_round = {r["round"]: r["us_per_msg"] for r in b}
-    return med, [r["us_per_msg"] / by_round[r["round"]] for r in a
-                 if by_round.get(r["round"], 0) > 0]
+    return med, [x / y for x, y in paired_runs(results, num, den)]
+
+
+def paired_runs(results: dict[str, list[dict]], num: str,
+                den: str) -> list[tuple[float, float]]:
+    """``(num's, den's)`` CPU a message of each round both ran, in the order
+    of ``num``'s runs (a round whose ``den`` read no CPU left out)."""
+    by_round = {r["round"]: r["us_per_msg"] for r in results.get(den, [])}
+    return [(r["us_per_msg"], by_round[r["round"]]) for r in results.get(num, [])
+            if by_round.get(r["round"], 0) > 0]
 
 
 def ratio_interval(results: dict[str, list[dict]], num: str, den: str,
@@ -1178,9 +1185,7 @@ def ratio_interval(results: dict[str, list[dict]], num: str, den: str,
     moves both sides alike, as it did).  Seeded: the same runs print the
     same interval.  None with fewer than 5 such rounds, too few for the
     interval to say anything."""
-    by_round = {r["round"]: r["us_per_msg"] for r in results.get(den, [])}
-    pairs = [(r["us_per_msg"], by_round[r["round"]]) for r in results.get(num, [])
-             if by_round.get(r["round"], 0) > 0]
+    pairs = paired_runs(results, num, den)
     if len(pairs) < 5:
         return None
     rng = random.Random(0)
