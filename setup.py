@@ -60,7 +60,7 @@ def extensions():
         directives = {"boundscheck": False, "wraparound": False}
     directives.update(language_level=3, embedsignature=True)
     # dlopen: the store's writer reaches the SQLite the sqlite3 module uses
-    # (ext/fastroute/_sqlfast.pxi); glibc before 2.34 keeps it in libdl
+    # (ext/fastroute/_sqlfast.pxi, _walvfs.pxi); glibc before 2.34 keeps it in libdl
     libraries = ["dl"] if sys.platform.startswith("linux") else []
     ext = Extension("fastroute._core", ["ext/fastroute/_core.pyx"],
                     extra_compile_args=cflags, libraries=libraries)
