@@ -2,7 +2,7 @@
 
 Run: ``PYTHONPATH=. python benches/store_put_ack.py [--size 100] [--messages 100000]
 [--store sqlite|memory] [--synchronous FULL|NORMAL] [--batch 256] [--devices 1]
-[--inflight 9] [--ack-every 1] [--ack-lag 0]``.
+[--inflight 9] [--ack-every 1] [--ack-lag 0] [--wal gathered|default]``.
 Batches of 256 messages (``--batch``) to one device (1:1), or each message to
 ``--devices`` devices (a group's fan-out, which every one of them acks); at most
 ``--inflight`` batches in flight, each acked as soon as its mids are known, as the
@@ -13,11 +13,15 @@ fan-out: a commit per put, each device acking ~250 mids at a time.  ``--ack-lag 
 holds each ack back until L more batches were put (``--devices 10 --batch 64
 --inflight 1 --ack-lag 1``: the spacks of two batches are live at every commit, not
 one, and the WAL takes twice the frames).
+``--wal default`` opens the SQLite store's writer with SQLite's default VFS
+(each WAL frame written as two calls, as without the compiled core), not the
+one that writes a commit's frames in one call (``gathered``, the store's own
+with the compiled core: ``fastroute.store.py_wal_vfs``).
 Prints messages/s, CPU seconds of the whole process (event loop plus writer
-thread) and of the SQLite store's writer thread alone, commits and bytes handed
-to write calls a message (Linux: ``/proc/self/io``); a ratio against ``--store
-memory`` (or the other ``--synchronous``) in the same shell session is the
-comparison to read.
+thread) and of the SQLite store's writer thread alone, commits, bytes handed
+to write calls a message and write calls a commit (Linux: ``/proc/self/io``);
+a ratio against ``--store memory`` (or the other ``--synchronous``, or the
+other ``--wal``) in the same shell session is the comparison to read.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import sys
 import tempfile
 import time
 
+from fastroute import store as store_mod
 from fastroute.store import MemoryStore, SqliteStore
 
 
@@ -39,10 +44,12 @@ def _thread_cpu(tid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _written() -> int:
-    """Bytes this process has handed to write calls (the WAL, checkpoints)."""
+def _io(field: str) -> int:
+    """This process's ``/proc/self/io`` counter ``field``: ``wchar``, the
+    bytes handed to write calls (the WAL, checkpoints), or ``syscw``, the
+    write calls."""
     with open("/proc/self/io") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("wchar"))
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
 async def run(store_kind: str, n: int, size: int, batch: int = 256,
@@ -60,7 +67,7 @@ async def run(store_kind: str, n: int, size: int, batch: int = 256,
             t0 = time.perf_counter()
             c0 = time.process_time()
             wc0 = _thread_cpu(writer.native_id) if writer is not None else 0.0
-            w0 = _written()
+            w0, s0 = _io("wchar"), _io("syscw")
             inflight: list[asyncio.Future] = []
             known: list[int] = []  # mids not yet acked
             lagged: list[list[int]] = []  # acks held back by --ack-lag, oldest first
@@ -97,12 +104,14 @@ async def run(store_kind: str, n: int, size: int, batch: int = 256,
             dt = time.perf_counter() - t0
             mode = getattr(store, "_synchronous", "-")
             cpu = time.process_time() - c0
+            commits = store.stats()["commits"]
             to = "1:1" if devices == 1 else f"to {devices} devices"
             print(f"{store_kind} ({mode}) {size} B put+ack {to}: {done / dt:,.0f} msg/s, "
                   f"cpu {cpu:.2f} s ({cpu / (done * devices) * 1e6:.2f} us a delivery; "
                   f"writer thread {wcpu / (done * devices) * 1e6:.2f}), "
-                  f"commits {store.stats()['commits']}, "
-                  f"written {(_written() - w0) / done:.0f} B a message")
+                  f"commits {commits}, "
+                  f"written {(_io('wchar') - w0) / done:.0f} B a message, "
+                  f"{(_io('syscw') - s0) / max(commits, 1):.1f} write calls a commit")
         finally:
             await store.close()
 
@@ -125,7 +134,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="batches whose mids each device acks at once")
     ap.add_argument("--ack-lag", type=int, default=0,
                     help="acks held back until this many more batches were put")
+    ap.add_argument("--wal", choices=["gathered", "default"], default="gathered",
+                    help="default: SQLite's own VFS for the writer (a WAL frame two "
+                         "write calls), as without the compiled core")
     args = ap.parse_args(argv)
+    if args.wal == "default":
+        store_mod._wal_vfs = store_mod.py_wal_vfs
+    elif args.store == "sqlite" and store_mod._wal_vfs() is None:
+        ap.error("--wal gathered needs the compiled core")
     asyncio.run(run(args.store, args.messages, args.size, batch=args.batch,
                     synchronous=args.synchronous, devices=args.devices,
                     inflight_most=args.inflight, ack_every=args.ack_every,

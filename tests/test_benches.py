@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+import fastroute
 from fastroute.config import Limits, RelayConfig
 from fastroute.errors import RateLimited
 
@@ -655,3 +656,19 @@ def test_store_put_ack_holds_a_group_s_acks_back_a_batch() -> None:
         assert int(m.group(1)) >= 100, proc.stdout  # a commit a batch
         written[lag] = int(m.group(2))
     assert written["1"] > 1.5 * written["0"], written
+
+
+@pytest.mark.skipif(not fastroute.COMPILED, reason="compiled core not built")
+def test_store_put_ack_writes_a_group_commit_s_frames_in_one_call() -> None:
+    # --wal default: SQLite's own VFS, two write calls a WAL frame; the
+    # store's own writes a commit's frames in one (fastroute.store.py_wal_vfs)
+    calls = {}
+    for wal in ("default", "gathered"):
+        proc = _bench("store_put_ack.py", "--devices", "10", "--batch", "64", "--inflight",
+                      "1", "--synchronous", "FULL", "--messages", "3200", "--wal", wal,
+                      timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        m = re.search(r"commits (\d+), .* ([\d.]+) write calls a commit", proc.stdout)
+        assert m and int(m.group(1)) >= 50, proc.stdout  # a commit a batch
+        calls[wal] = float(m.group(2))
+    assert calls["gathered"] <= 1.5 and calls["default"] >= 4 * calls["gathered"], calls
