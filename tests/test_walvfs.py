@@ -23,15 +23,13 @@ import threading
 import urllib.parse
 
 import pytest
+from cliutil import ENV
 
 import fastroute
 from fastroute import store as store_mod
 from fastroute.store import SqliteStore, py_wal_vfs
 
 needs_c = pytest.mark.skipif(not fastroute.COMPILED, reason="compiled core not built")
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def _vfs() -> str:
     name = store_mod._wal_vfs()
@@ -131,7 +129,8 @@ def _script(conn: sqlite3.Connection, reader: sqlite3.Connection, wal: str) -> l
         look(f"small {i}")
     # a transaction larger than the layer gathers (1 MB) and than a call
     # of the default VFS writes (128 KB), spilling SQLite's small cache:
-    # frames written before the commit, some rewritten in place
+    # frames written before the commit (a page spilled and changed again
+    # may be rewritten where it was)
     conn.execute("BEGIN")
     for i in range(100, 160):
         conn.execute("INSERT INTO t VALUES (?, ?)", (i, blob * 2))
@@ -188,14 +187,13 @@ def test_each_commit_is_in_the_file_as_the_default_vfs_leaves_it(tmp_path, synch
 
 _CHILD = textwrap.dedent("""
     import os, sqlite3, sys
-    sys.path.insert(0, {repo!r})
     from fastroute import store
     path, synchronous = sys.argv[1], sys.argv[2]
     target, uri = store._writer_target(path)
     assert uri, "the layer is not in use"
     conn = sqlite3.connect(target, uri=uri, isolation_level=None)
     conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute(f"PRAGMA synchronous = {{synchronous}}")
+    conn.execute(f"PRAGMA synchronous = {synchronous}")
     conn.execute("CREATE TABLE IF NOT EXISTS t(k INTEGER PRIMARY KEY, v BLOB)")
     for i in range(1000):
         conn.execute("BEGIN")
@@ -214,9 +212,8 @@ def test_a_process_killed_after_a_commit_returned_keeps_the_commit(tmp_path, syn
                                                                   kill_after):
     path = str(tmp_path / "k.db")
     child = subprocess.Popen(
-        [sys.executable, "-c", _CHILD.format(repo=REPO), path, synchronous],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": REPO})
+        [sys.executable, "-c", _CHILD, path, synchronous],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=ENV)
     try:
         for i in range(kill_after):
             assert child.stdout.readline().strip() == str(i)
@@ -244,9 +241,8 @@ _FULL_CHILD = textwrap.dedent("""
     import resource, signal, sqlite3, sys, urllib.parse
     path, vfs = sys.argv[1], sys.argv[2]
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a refused write fails, not kills
-    target = path if vfs == "-" else f"file:{{urllib.parse.quote(path)}}?vfs={{vfs}}"
+    target = path if vfs == "-" else f"file:{urllib.parse.quote(path)}?vfs={vfs}"
     if vfs != "-":
-        sys.path.insert(0, {repo!r})
         from fastroute import store
         assert store._wal_vfs() == vfs
     conn = sqlite3.connect(target, uri=vfs != "-", isolation_level=None)
@@ -278,9 +274,9 @@ def test_a_write_the_file_refuses_fails_its_transaction_as_without_the_layer(tmp
     outs = {}
     for vfs in ("-", _vfs()):
         path = str(tmp_path / f"{vfs}.db")
-        run = subprocess.run([sys.executable, "-c", _FULL_CHILD.format(repo=REPO), path, vfs],
-                             capture_output=True, text=True, timeout=60,
-                             env={**os.environ, "PYTHONPATH": REPO})
+        # the same fastroute as this test's (installed, or the built tree)
+        run = subprocess.run([sys.executable, "-c", _FULL_CHILD, path, vfs],
+                             capture_output=True, text=True, timeout=60, env=ENV)
         assert run.returncode == 0, run.stderr
         outs[vfs] = run.stdout
     assert outs[_vfs()] == outs["-"]
@@ -293,7 +289,7 @@ async def _store_writes(path: str) -> tuple[int, int]:
     the store made, and how many write calls its writer thread made."""
     store = await SqliteStore.open(path)
     try:
-        writer = next(t for t in threading.enumerate() if t.name == "fastroute-store-write")
+        writer = store._thread  # not by name: another test's store may still run one
         keys = [store.register_device("a", f"d{i}") for i in range(10)]
         await store.put_many([("s", bytes(16), b"x" * 100, 1, keys)])
         commits, before = store.commits, _writes_of(writer.native_id)
