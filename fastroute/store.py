@@ -2700,8 +2700,9 @@ def py_wal_vfs() -> str | None:
     writes them in one call (up to 128 KB a call), and gives its name
     (``ext/fastroute/_walvfs.pxi``): the same bytes, at the same offsets, in
     the file before the commit returns.  On the benches' host a write call
-    to an ext4 file cost ~4.5 us of CPU whatever its size: ~60 us of a group
-    commit's ~8 frames (benches/README.md, session 55).
+    to an ext4 file cost ~4.5 us of CPU whatever its size: a probe of a
+    group commit's 7 frames took ~75 us in writes, ~17 gathered
+    (benches/README.md, session 55).
     """
     return None
 

@@ -31,6 +31,7 @@ from fastroute.store import SqliteStore, py_wal_vfs
 
 needs_c = pytest.mark.skipif(not fastroute.COMPILED, reason="compiled core not built")
 
+
 def _vfs() -> str:
     name = store_mod._wal_vfs()
     assert name is not None, "the compiled twin could not register its VFS"

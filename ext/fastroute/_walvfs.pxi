@@ -115,7 +115,8 @@ cdef extern from *:
 
     static int fr_wv_flush(fr_wv_wal *w) {
         int rc = FR_WV_OK, n = w->len, done = 0;
-        w->len = 0;  /* written or failed: SQLite writes again what failed */
+        w->len = 0;  /* written, or failed: then so does the transaction, and a
+                        retry writes its frames again */
         while (done < n && rc == FR_WV_OK) {
             /* the default VFS on Unix writes the low 17 bits of a call's
                size (it masks them): more is written in parts */
