@@ -638,6 +638,18 @@ def test_wal_pages_reads_frames_and_commits_from_a_wal_image() -> None:
     assert wal_pages.wal_frames(b"") == (0, [])
 
 
+def _group_put_ack(batch: str, pattern: str, *args: str) -> re.Match:
+    """``store_put_ack.py`` for a group of 10 devices, a commit a batch of
+    ``batch`` messages at FULL (3,200 messages), plus ``args``: ``pattern``
+    matched in what it printed."""
+    proc = _bench("store_put_ack.py", "--devices", "10", "--batch", batch, "--inflight", "1",
+                  "--synchronous", "FULL", "--messages", "3200", *args, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    m = re.search(pattern, proc.stdout)
+    assert m, proc.stdout
+    return m
+
+
 def test_store_put_ack_holds_a_group_s_acks_back_a_batch() -> None:
     # --ack-lag 1: each batch's acks come with the put after the next; the
     # spacks of two batches are then live at every commit, and the WAL takes
@@ -647,13 +659,9 @@ def test_store_put_ack_holds_a_group_s_acks_back_a_batch() -> None:
     # at either lag)
     written = {}
     for lag in ("0", "1"):
-        proc = _bench("store_put_ack.py", "--devices", "10", "--batch", "32", "--inflight",
-                      "1", "--synchronous", "FULL", "--messages", "3200", "--ack-lag", lag,
-                      timeout=120)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        m = re.search(r"commits (\d+), written (\d+) B a message", proc.stdout)
-        assert m, proc.stdout
-        assert int(m.group(1)) >= 100, proc.stdout  # a commit a batch
+        m = _group_put_ack("32", r"commits (\d+), written (\d+) B a message",
+                           "--ack-lag", lag)
+        assert int(m.group(1)) >= 100, m.string  # a commit a batch
         written[lag] = int(m.group(2))
     assert written["1"] > 1.5 * written["0"], written
 
@@ -664,11 +672,8 @@ def test_store_put_ack_writes_a_group_commit_s_frames_in_one_call() -> None:
     # store's own writes a commit's frames in one (fastroute.store.py_wal_vfs)
     calls = {}
     for wal in ("default", "gathered"):
-        proc = _bench("store_put_ack.py", "--devices", "10", "--batch", "64", "--inflight",
-                      "1", "--synchronous", "FULL", "--messages", "3200", "--wal", wal,
-                      timeout=120)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        m = re.search(r"commits (\d+), .* ([\d.]+) write calls a commit", proc.stdout)
-        assert m and int(m.group(1)) >= 50, proc.stdout  # a commit a batch
+        m = _group_put_ack("64", r"commits (\d+), .* ([\d.]+) write calls a commit",
+                           "--wal", wal)
+        assert int(m.group(1)) >= 50, m.string  # a commit a batch
         calls[wal] = float(m.group(2))
     assert calls["gathered"] <= 1.5 and calls["default"] >= 4 * calls["gathered"], calls

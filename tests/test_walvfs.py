@@ -43,6 +43,15 @@ def _connect(path: str, vfs: str | None) -> sqlite3.Connection:
     return sqlite3.connect(target, uri=vfs is not None, isolation_level=None)
 
 
+def _wal_db(path: str, vfs: str | None, synchronous: str, page_size: int) -> sqlite3.Connection:
+    """A new database at ``path`` in WAL mode, opened through ``vfs``."""
+    conn = _connect(path, vfs)
+    conn.execute(f"PRAGMA page_size = {page_size}")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute(f"PRAGMA synchronous = {synchronous}")
+    return conn
+
+
 def _writes_of(tid: int) -> int:
     """The write calls (write, pwrite, writev, ...) thread ``tid`` made so far."""
     with open(f"/proc/self/task/{tid}/io") as fh:
@@ -93,11 +102,7 @@ def test_a_commit_s_frames_go_in_one_write_call(tmp_path, synchronous):
     tables, n = 8, 60
     per_commit = {}
     for vfs in (None, _vfs()):
-        path = str(tmp_path / f"{vfs}.db")
-        conn = _connect(path, vfs)
-        conn.execute("PRAGMA page_size = 8192")
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute(f"PRAGMA synchronous = {synchronous}")
+        conn = _wal_db(str(tmp_path / f"{vfs}.db"), vfs, synchronous, 8192)
         for t in range(tables):
             conn.execute(f"CREATE TABLE t{t}(k INTEGER PRIMARY KEY, v BLOB)")
         _commits(conn, 5, tables)  # the WAL and its index made, outside the count
@@ -164,10 +169,7 @@ def test_each_commit_is_in_the_file_as_the_default_vfs_leaves_it(tmp_path, synch
     results = {}
     for vfs in (None, _vfs()):
         path = str(tmp_path / f"{vfs}.db")
-        conn = _connect(path, vfs)
-        conn.execute("PRAGMA page_size = 4096")
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute(f"PRAGMA synchronous = {synchronous}")
+        conn = _wal_db(path, vfs, synchronous, 4096)
         conn.execute("PRAGMA cache_size = 20")  # spills a large transaction
         conn.execute("PRAGMA secure_delete = ON")
         reader = sqlite3.connect(path, isolation_level=None)  # the default VFS
