@@ -1194,7 +1194,7 @@ class SqliteStore(_BaseStore):
     # -- the writer thread --------------------------------------------------
 
     def _setup(self) -> tuple[list, int]:
-        target, uri = _writer_target(self._path)
+        target, uri = _writer_target(self._path, _wal_vfs())
         conn = self._wconn = sqlite3.connect(target, uri=uri, isolation_level=None,
                                              cached_statements=_CACHED_STATEMENTS,
                                              check_same_thread=False)
@@ -2710,11 +2710,11 @@ def py_wal_vfs() -> str | None:
 _wal_vfs = twin(py_wal_vfs)
 
 
-def _writer_target(path: str) -> tuple[str, bool]:
+def _writer_target(path: str, vfs: str | None) -> tuple[str, bool]:
     """What ``sqlite3.connect`` opens for the writer, and whether it is a URI:
-    ``path`` itself, or with :func:`py_wal_vfs`'s twin's VFS a ``file:`` URI
-    naming it (the path percent-encoded: ``?``, ``#`` and ``%`` are a URI's)."""
-    vfs = _wal_vfs()
+    ``path`` itself with SQLite's default VFS (``vfs`` None), or a ``file:``
+    URI naming ``vfs`` (the path percent-encoded: ``?``, ``#`` and ``%`` are
+    a URI's).  The writer passes :func:`py_wal_vfs`'s twin's name."""
     if vfs is None:
         return path, False
     return f"file:{urllib.parse.quote(os.path.abspath(path))}?vfs={vfs}", True

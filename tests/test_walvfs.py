@@ -20,7 +20,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import urllib.parse
 
 import pytest
 from cliutil import ENV
@@ -39,8 +38,8 @@ def _vfs() -> str:
 
 
 def _connect(path: str, vfs: str | None) -> sqlite3.Connection:
-    target = path if vfs is None else f"file:{urllib.parse.quote(path)}?vfs={vfs}"
-    return sqlite3.connect(target, uri=vfs is not None, isolation_level=None)
+    target, uri = store_mod._writer_target(path, vfs)  # as the store's writer opens it
+    return sqlite3.connect(target, uri=uri, isolation_level=None)
 
 
 def _wal_db(path: str, vfs: str | None, synchronous: str, page_size: int) -> sqlite3.Connection:
@@ -65,19 +64,19 @@ def test_the_specification_names_no_vfs_and_the_twin_one_that_opens():
     assert py_wal_vfs() is None
     if not fastroute.COMPILED:
         assert store_mod._wal_vfs is py_wal_vfs
-        assert store_mod._writer_target("/a/b.db") == ("/a/b.db", False)
+        assert store_mod._writer_target("/a/b.db", store_mod._wal_vfs()) == ("/a/b.db", False)
         return
     name = _vfs()
     assert name == "fastroute-wal" and store_mod._wal_vfs() == name  # registered once
     # the writer's URI keeps a path that a URI would read otherwise
-    target, uri = store_mod._writer_target("/tmp/a b?c#d%e.db")
+    target, uri = store_mod._writer_target("/tmp/a b?c#d%e.db", name)
     assert uri and target == "file:/tmp/a%20b%3Fc%23d%25e.db?vfs=fastroute-wal"
 
 
 @needs_c
 def test_a_path_a_uri_would_misread_opens_the_same_file(tmp_path):
     path = str(tmp_path / "a b?c#d%e.db")
-    target, uri = store_mod._writer_target(path)
+    target, uri = store_mod._writer_target(path, _vfs())
     conn = sqlite3.connect(target, uri=uri, isolation_level=None)
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("CREATE TABLE t(k)")
@@ -192,7 +191,7 @@ _CHILD = textwrap.dedent("""
     import os, sqlite3, sys
     from fastroute import store
     path, synchronous = sys.argv[1], sys.argv[2]
-    target, uri = store._writer_target(path)
+    target, uri = store._writer_target(path, store._wal_vfs())
     assert uri, "the layer is not in use"
     conn = sqlite3.connect(target, uri=uri, isolation_level=None)
     conn.execute("PRAGMA journal_mode = WAL")
@@ -241,14 +240,14 @@ def test_a_process_killed_after_a_commit_returned_keeps_the_commit(tmp_path, syn
 
 
 _FULL_CHILD = textwrap.dedent("""
-    import resource, signal, sqlite3, sys, urllib.parse
+    import resource, signal, sqlite3, sys
+    from fastroute import store
     path, vfs = sys.argv[1], sys.argv[2]
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a refused write fails, not kills
-    target = path if vfs == "-" else f"file:{urllib.parse.quote(path)}?vfs={vfs}"
     if vfs != "-":
-        from fastroute import store
         assert store._wal_vfs() == vfs
-    conn = sqlite3.connect(target, uri=vfs != "-", isolation_level=None)
+    target, uri = store._writer_target(path, None if vfs == "-" else vfs)
+    conn = sqlite3.connect(target, uri=uri, isolation_level=None)
     conn.execute("PRAGMA page_size = 4096")
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = FULL")
