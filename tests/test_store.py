@@ -1535,6 +1535,64 @@ def test_sqlite_puts_wait_for_more_only_while_puts_come_faster_than_commits(run,
     run(main())
 
 
+def _wakeups(thread: threading.Thread) -> int:
+    """How many times ``thread`` went to sleep and was woken so far (its
+    voluntary context switches, Linux)."""
+    with open(f"/proc/self/task/{thread.native_id}/status") as f:
+        for line in f:
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    raise AssertionError("no voluntary_ctxt_switches line")
+
+
+async def writer_naps(store) -> None:
+    """Wait until the writer naps for more puts (in ``_nap_for``)."""
+    for _ in range(5000):
+        frame = sys._current_frames().get(store._thread.ident)
+        while frame is not None and frame.f_code.co_name != "_nap_for":
+            frame = frame.f_back
+        if frame is not None:
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("the writer never napped")
+
+
+def test_sqlite_writer_naps_through_the_puts_it_waits_for(run, db):
+    # while the writer waits for more puts, the puts that come do not wake
+    # it (each was a wake-up of both threads, and the GIL taken back from a
+    # busy loop); only the one that fills its batch does
+    async def main():
+        async with await SqliteStore.open(db, max_batch=100, group_commit_s=0.1) as store:
+            dev = store.register_device("a@p", "1")
+            await store.flush()
+            # puts queued while the writer is busy: its next batch waits for more
+            await writer_holds_its_batch(store, idle=True)
+            with write_locked(db):
+                first = store.put_many([("s@p", CID, b"1", T0, [dev])])
+                await writer_holds_its_batch(store)
+                queued = [store.put_many([("s@p", CID, b"1", T0, [dev])]) for _ in range(2)]
+            await asyncio.gather(first, *queued)
+            store._group_s = 30.0  # far longer than this test: only a full batch ends it
+            before = store.commits
+            held = store.put_many([("s@p", CID, b"2", T0, [dev])])
+            await writer_naps(store)
+            woken = _wakeups(store._thread)
+            for _ in range(30):
+                store.put_many([("s@p", CID, b"3", T0, [dev])])
+                await asyncio.sleep(0.002)
+            # an ack handed to it counts too (1 of the batch's 100)
+            store.ack(dev, (await first)[:1])
+            assert _wakeups(store._thread) - woken <= 2  # not 30
+            assert not held.done() and store.commits == before
+            full = store.put_many([("s@p", CID, b"4", T0, [dev]) for _ in range(68)])
+            assert len(await asyncio.wait_for(full, 10)) == 68
+            assert held.done() and store.commits == before + 1
+            assert [r[3] for r in await store.load(dev, 0, 1000)] == (
+                [b"1"] * 2 + [b"2"] + [b"3"] * 30 + [b"4"] * 68)
+            store._group_s = 0.0  # close() does not wait the budget for more
+    run(main())
+
+
 def test_sqlite_waits_after_a_pause_for_the_rest_of_a_burst(run, db):
     # a sender's burst comes as several frames, each read apart: after a
     # pause, while puts came in bursts (the last batch had several, or its
