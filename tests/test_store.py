@@ -162,6 +162,18 @@ async def writer_holds_its_batch(store, idle: bool = False) -> None:
     raise AssertionError(f"the writer never reached {want}")
 
 
+async def several_puts_in_a_batch(store, db, dev: int, body: bytes, rest: bytes) -> list[int]:
+    """Put one message with ``body``, then two with ``rest`` while the writer
+    still writes the first, so that those two share its next batch (which
+    makes the batch after it wait for more puts); the first put's mids."""
+    await writer_holds_its_batch(store, idle=True)
+    with write_locked(db):
+        first = store.put_many([("s@p", CID, body, T0, [dev])])
+        await writer_holds_its_batch(store)
+        queued = [store.put_many([("s@p", CID, rest, T0, [dev])]) for _ in range(2)]
+    return (await asyncio.gather(first, *queued))[0]
+
+
 @contextlib.contextmanager
 def write_locked(db):
     """Another connection holds the write lock: the writer's next write waits
@@ -1510,12 +1522,7 @@ def test_sqlite_puts_wait_for_more_only_while_puts_come_faster_than_commits(run,
             for _ in range(20):
                 await asyncio.wait_for(store.put_many([("s@p", CID, b"1", T0, [dev])]), 10)
             # puts queued while the writer is busy: a batch of several puts ...
-            await writer_holds_its_batch(store, idle=True)
-            with write_locked(db):
-                first = store.put_many([("s@p", CID, b"2", T0, [dev])])
-                await writer_holds_its_batch(store)
-                queued = [store.put_many([("s@p", CID, b"3", T0, [dev])]) for _ in range(2)]
-            await asyncio.gather(first, *queued)
+            await several_puts_in_a_batch(store, db, dev, b"2", b"3")
             # ... so the next put waits for more: none of it is committed
             before = store.commits
             held = store.put_many([("s@p", CID, b"4", T0, [dev])])
@@ -1566,12 +1573,7 @@ def test_sqlite_writer_naps_through_the_puts_it_waits_for(run, db):
             dev = store.register_device("a@p", "1")
             await store.flush()
             # puts queued while the writer is busy: its next batch waits for more
-            await writer_holds_its_batch(store, idle=True)
-            with write_locked(db):
-                first = store.put_many([("s@p", CID, b"1", T0, [dev])])
-                await writer_holds_its_batch(store)
-                queued = [store.put_many([("s@p", CID, b"1", T0, [dev])]) for _ in range(2)]
-            await asyncio.gather(first, *queued)
+            first = await several_puts_in_a_batch(store, db, dev, b"1", b"1")
             store._group_s = 30.0  # far longer than this test: only a full batch ends it
             before = store.commits
             held = store.put_many([("s@p", CID, b"2", T0, [dev])])
@@ -1581,7 +1583,7 @@ def test_sqlite_writer_naps_through_the_puts_it_waits_for(run, db):
                 store.put_many([("s@p", CID, b"3", T0, [dev])])
                 await asyncio.sleep(0.002)
             # an ack handed to it counts too (1 of the batch's 100)
-            store.ack(dev, (await first)[:1])
+            store.ack(dev, first[:1])
             assert _wakeups(store._thread) - woken <= 2  # not 30
             assert not held.done() and store.commits == before
             full = store.put_many([("s@p", CID, b"4", T0, [dev]) for _ in range(68)])
