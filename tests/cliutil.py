@@ -128,3 +128,14 @@ def listen_port() -> int:
                 continue
             return port
     raise AssertionError("no free port below the ephemeral range")
+
+
+def thread_counter(tid: int, name: str, field: str) -> int:
+    """The counter ``field`` of this process's thread ``tid`` in its
+    ``/proc/self/task/TID/name`` (Linux): ``io``'s ``syscw`` (write calls),
+    ``status``'s ``voluntary_ctxt_switches`` (sleeps it was woken from)."""
+    with open(f"/proc/self/task/{tid}/{name}") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/self/task/{tid}/{name}")

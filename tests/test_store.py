@@ -17,6 +17,7 @@ import threading
 
 import msgpack
 import pytest
+from cliutil import thread_counter
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -1545,11 +1546,7 @@ def test_sqlite_puts_wait_for_more_only_while_puts_come_faster_than_commits(run,
 def _wakeups(thread: threading.Thread) -> int:
     """How many times ``thread`` went to sleep and was woken so far (its
     voluntary context switches, Linux)."""
-    with open(f"/proc/self/task/{thread.native_id}/status") as f:
-        for line in f:
-            if line.startswith("voluntary_ctxt_switches:"):
-                return int(line.split()[1])
-    raise AssertionError("no voluntary_ctxt_switches line")
+    return thread_counter(thread.native_id, "status", "voluntary_ctxt_switches")
 
 
 async def writer_naps(store) -> None:

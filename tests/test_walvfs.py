@@ -22,7 +22,7 @@ import textwrap
 import threading
 
 import pytest
-from cliutil import ENV
+from cliutil import ENV, thread_counter
 
 import fastroute
 from fastroute import store as store_mod
@@ -53,11 +53,7 @@ def _wal_db(path: str, vfs: str | None, synchronous: str, page_size: int) -> sql
 
 def _writes_of(tid: int) -> int:
     """The write calls (write, pwrite, writev, ...) thread ``tid`` made so far."""
-    with open(f"/proc/self/task/{tid}/io") as fh:
-        for line in fh:
-            if line.startswith("syscw:"):
-                return int(line.split()[1])
-    raise AssertionError("no syscw in the thread's io counters")
+    return thread_counter(tid, "io", "syscw")
 
 
 def test_the_specification_names_no_vfs_and_the_twin_one_that_opens():
