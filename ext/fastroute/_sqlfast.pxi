@@ -2,7 +2,8 @@
 # Part of fastroute._core.
 #
 # Compiled twins of fastroute/store.py (the specification):
-#   SqlFast = PySqlFast
+#   SqlFast  = PySqlFast
+#   Doorbell = PyDoorbell
 #
 # tests/test_store_fast.py runs one store's traffic with this, with its
 # specification and with neither (SqliteStore._transaction's general path,
@@ -675,3 +676,130 @@ cdef class SqlFast:
         finally:
             PyMem_Free(dr)
             PyMem_Free(done)
+
+
+# The writer's doorbell: its waits hold no GIL from start to end, so that a
+# wait for the first request and the nap for more after it cost the writer
+# one GIL hand-off with the busy loop, not two (benches/README.md, session
+# 57).  CPython's own locks (portable, and usable without the GIL): ``mu``
+# guards the counters, held briefly by either thread (the loop's thread
+# takes it with the GIL held; the writer never waits for the GIL with it);
+# ``bell`` is held but while a ring wakes the writer.
+
+from cpython.pythread cimport (
+    NOWAIT_LOCK,
+    PY_LOCK_ACQUIRED,
+    WAIT_LOCK,
+    PyLockStatus,
+    PyThread_acquire_lock,
+    PyThread_allocate_lock,
+    PyThread_free_lock,
+    PyThread_release_lock,
+    PyThread_type_lock,
+)
+
+
+cdef extern from "pythread.h":
+    PyLockStatus fr_lock_timed "PyThread_acquire_lock_timed" (
+        PyThread_type_lock, long long microseconds, int intr_flag) nogil
+
+
+cdef inline double _bell_now() noexcept nogil:
+    # time.monotonic()'s clock, read without the GIL
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+@cython.final
+cdef class Doorbell:
+    """How the event loop's thread tells the SQLite writer that requests
+    were queued, and how the writer waits for them, its waits without the
+    GIL (``fastroute.store.PyDoorbell`` is the specification)."""
+
+    cdef PyThread_type_lock mu
+    cdef PyThread_type_lock bell
+    cdef readonly long long rung
+    cdef readonly long long target
+    cdef long long waiter_rung
+    cdef double at
+
+    def __cinit__(self):
+        self.mu = PyThread_allocate_lock()
+        self.bell = PyThread_allocate_lock()
+        if self.mu == NULL or self.bell == NULL:
+            raise MemoryError()
+        PyThread_acquire_lock(self.bell, WAIT_LOCK)
+
+    def __dealloc__(self):
+        if self.bell != NULL:
+            PyThread_acquire_lock(self.bell, NOWAIT_LOCK)
+            PyThread_release_lock(self.bell)  # a lock is freed unlocked
+            PyThread_free_lock(self.bell)
+        if self.mu != NULL:
+            PyThread_free_lock(self.mu)
+
+    def ring(self, Py_ssize_t n, bint waiter):
+        """``n`` more (a request's size) were queued; ``waiter``: somebody
+        waits for that request.  The loop's thread."""
+        PyThread_acquire_lock(self.mu, WAIT_LOCK)
+        self.rung += n
+        if waiter:
+            self.waiter_rung = self.rung
+        if self.target and self.rung >= self.target:
+            self.target = 0
+            self.at = _bell_now()
+            PyThread_release_lock(self.bell)
+        PyThread_release_lock(self.mu)
+
+    cdef void _sleep(self, long long target, double timeout) noexcept nogil:
+        # with mu held, which it releases for the sleep and takes back;
+        # timeout < 0: no limit
+        PyThread_acquire_lock(self.bell, NOWAIT_LOCK)  # a late ring's release
+        self.target = target
+        PyThread_release_lock(self.mu)
+        if timeout < 0:
+            PyThread_acquire_lock(self.bell, WAIT_LOCK)
+        elif timeout > 0:
+            fr_lock_timed(self.bell, <long long>(timeout * 1e6), 0)
+        PyThread_acquire_lock(self.mu, WAIT_LOCK)
+        self.target = 0
+
+    def wait(self, long long seen, timeout, double idle, double budget, long long room):
+        """Wait up to ``timeout`` seconds (None: no limit) for a ring after
+        ``rung`` read ``seen``, then nap through ``budget``: see
+        ``PyDoorbell.wait``.  ``(came, napped)``, or None."""
+        cdef double limit = -1.0 if timeout is None else max(0.0, <double>timeout)
+        cdef double came = 0.0
+        cdef bint napped = False, none = False
+        with nogil:
+            PyThread_acquire_lock(self.mu, WAIT_LOCK)
+            if self.rung == seen:
+                self._sleep(seen + 1, limit)
+                if self.rung == seen:
+                    none = True
+                else:
+                    came = self.at if self.at else _bell_now()
+            else:
+                came = _bell_now()
+            if not none:
+                self.at = 0.0
+                napped = (budget > 0 and self.waiter_rung > seen and came - idle < budget
+                          and self.rung - seen < room)
+                if napped:
+                    self._sleep(seen + room, max(0.0, came + budget - _bell_now()))
+                    self.at = 0.0
+            PyThread_release_lock(self.mu)
+        if none:
+            return None
+        return came, napped
+
+    def nap(self, long long seen, double timeout, long long room):
+        """Sleep ``timeout`` seconds, or until ``room`` was rung since
+        ``rung`` read ``seen``."""
+        with nogil:
+            PyThread_acquire_lock(self.mu, WAIT_LOCK)
+            if self.rung - seen < room:
+                self._sleep(seen + room, max(0.0, timeout))
+                self.at = 0.0
+            PyThread_release_lock(self.mu)
