@@ -682,7 +682,11 @@ class SqliteStore(_BaseStore):
     came while the writer was busy), it waits up to 0.2 ms (never longer)
     for the rest of a burst, whose frames are read apart; a put that comes
     alone to an idle writer goes at once.  It naps through such a wait: the
-    puts that come in it do not wake it, one that fills its batch does.
+    puts that come in it do not wake it, one that fills its batch does.  It
+    waits on a doorbell the loop rings for each request it queues, not in
+    the queue's ``get``: its wait for a batch's first request and the nap
+    after it are one wait, without the GIL when ``fastroute._core`` is built
+    (:class:`PyDoorbell`).
     A future from :meth:`put`
     therefore resolves only once its message is committed.  Reads (:meth:`load`,
     :meth:`count_pending`) run on a second connection in a reader thread; WAL
@@ -1364,18 +1368,19 @@ class SqliteStore(_BaseStore):
             came = idle
         except queue.Empty:
             queued = False
-            # The first request and, while puts come faster than commits,
-            # the budget for more after it (as below, from its coming), in
-            # one wait without the GIL: taken back from the busy loop at the
+            # The first request and the budget for more after it (as below,
+            # from its coming: while puts come faster than commits, or a
+            # burst's rest), in one wait without the GIL: taken back from the busy loop at the
             # first request only to begin that nap, it put both threads to
             # sleep and woke them once more a commit.
-            woke = bell.wait(seen, timeout, idle, group if self._puts_last > 1 else 0.0,
-                             limit)
+            close_s = group if self._puts_last > 1 else 0.0
+            burst_s = self._burst_s if self._bursts else 0.0
+            woke = bell.wait(seen, timeout, idle, close_s, burst_s, limit)
             if woke is None:
                 return batch
             came, napped = woke
             if napped:
-                cap = came + group
+                cap = came + (close_s if came - idle < close_s else burst_s)
             try:
                 batch.append(q.get_nowait())
             except queue.Empty:  # pragma: no cover - a ring follows its request
@@ -2545,16 +2550,16 @@ class PyDoorbell:
             self._mu.acquire()
             self.target = 0
 
-    def wait(self, seen: int, timeout: float | None, idle: float, budget: float,
-             room: int) -> tuple[float, bool] | None:
+    def wait(self, seen: int, timeout: float | None, idle: float, close: float,
+             burst: float, room: int) -> tuple[float, bool] | None:
         """Wait up to ``timeout`` seconds (None: no limit) for a ring after
         :attr:`rung` read ``seen``; None if none came.  Then, if one of
-        the rings was for a request with a waiter, ``budget`` is over 0
-        and it came less than ``budget`` after ``idle`` (monotonic, when the
-        writer began to wait), nap until ``budget`` after it came or until
-        ``room`` was rung since ``seen``.  Returns ``(came, napped)``: when
-        the first ring came (monotonic; now, if it came before the wait),
-        and whether it napped."""
+        the rings was for a request with a waiter, nap until ``room`` was
+        rung since ``seen`` or for a budget from when the first came:
+        ``close`` if it came less than that after ``idle`` (monotonic, when
+        the writer began to wait), else ``burst`` (0: no nap).  Returns
+        ``(came, napped)``: when the first ring came (monotonic; now, if it
+        came before the wait), and whether it napped."""
         with self._mu:
             if self.rung == seen:
                 self._sleep(seen + 1, timeout)
@@ -2564,8 +2569,8 @@ class PyDoorbell:
             else:
                 came = time.monotonic()
             self._at = 0.0
-            napped = (budget > 0 and self._waiter_rung > seen and came - idle < budget
-                      and self.rung - seen < room)
+            budget = close if came - idle < close else burst
+            napped = budget > 0 and self._waiter_rung > seen and self.rung - seen < room
             if napped:
                 self._sleep(seen + room, came + budget - time.monotonic())
                 self._at = 0.0

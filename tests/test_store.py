@@ -1612,13 +1612,14 @@ def until(ok, what: str) -> None:
         time.sleep(0.001)
 
 
-def bell_waiting(bell, seen: int, budget: float, room: int, idle: float | None = None):
+def bell_waiting(bell, seen: int, close: float, room: int, idle: float | None = None,
+                 burst: float = 0.0):
     """A thread in ``bell.wait(seen, 5 s, ...)``, asleep for the first ring;
     its result in the list returned with it."""
     got: list = []
     idle = time.monotonic() if idle is None else idle
-    waiter = threading.Thread(target=lambda: got.append(bell.wait(seen, 5.0, idle, budget,
-                                                                  room)))
+    waiter = threading.Thread(target=lambda: got.append(bell.wait(seen, 5.0, idle, close,
+                                                                  burst, room)))
     waiter.start()
     until(lambda: bell.target == seen + 1, "waited for the first ring")
     return waiter, got
@@ -1628,20 +1629,20 @@ def bell_waiting(bell, seen: int, budget: float, room: int, idle: float | None =
 def test_doorbell_wakes_the_writer_for_a_ring_after_what_it_saw(cls):
     bell = cls()
     began = time.monotonic()
-    assert bell.wait(bell.rung, 0.05, began, 1.0, 10) is None  # nothing rung
+    assert bell.wait(bell.rung, 0.05, began, 1.0, 0.0, 10) is None  # nothing rung
     assert time.monotonic() - began >= 0.04 and bell.target == 0
     # rung after the writer read rung, before it waits (a put after the
     # queue looked empty): not missed, and no nap without a waiter
     seen = bell.rung
     bell.ring(3, False)
     began = time.monotonic()
-    came, napped = bell.wait(seen, 5.0, began, 1.0, 10)
+    came, napped = bell.wait(seen, 5.0, began, 1.0, 1.0, 10)
     assert not napped and time.monotonic() - began < 1 and came >= began
     assert bell.rung == seen + 3
     # a ring while nobody waits leaves nothing behind: the next wait sleeps
     bell.ring(1, True)
     began = time.monotonic()
-    assert bell.wait(bell.rung, 0.05, began, 1.0, 10) is None
+    assert bell.wait(bell.rung, 0.05, began, 1.0, 0.0, 10) is None
     assert time.monotonic() - began >= 0.04
     # woken by a ring from another thread, after the read
     seen = bell.rung
@@ -1693,13 +1694,19 @@ def test_doorbell_nap_ends_its_budget_after_the_first_ring(cls):
     waiter.join(5)
     came, napped = got[0]
     assert napped and 0.25 <= time.monotonic() - rang and came - rang < 0.1
-    # the budget counts from when the writer began to wait: a first ring
-    # that came after it (the puts paused) gets no nap
+    # that budget counts from when the writer began to wait: a first ring
+    # that came after it (the puts paused) naps for a burst's rest, if any
     seen = bell.rung
     waiter, got = bell_waiting(bell, seen, 0.3, 10, idle=time.monotonic() - 1.0)
     bell.ring(1, True)
     waiter.join(5)
     assert not waiter.is_alive() and got[0][1] is False
+    seen = bell.rung
+    waiter, got = bell_waiting(bell, seen, 0.3, 10, idle=time.monotonic() - 1.0, burst=0.2)
+    rang = time.monotonic()
+    bell.ring(1, True)
+    waiter.join(5)
+    assert got[0][1] is True and 0.15 <= time.monotonic() - rang
 
 
 @pytest.mark.skipif(not fastroute.COMPILED, reason="compiled core not built")
@@ -1747,17 +1754,20 @@ def test_sqlite_waits_after_a_pause_for_the_rest_of_a_burst(run, db):
             assert store._burst_s == store_mod._BURST_S == 0.0002
             dev = store.register_device("a@p", "1")
             await store.flush()
+            # long enough to see on a loaded host (set first: the writer
+            # reads it as it begins to wait, and these batches wait for none)
+            store._burst_s = 0.5
             # a put that comes while the writer is busy: puts come in bursts
             with write_locked(db):
                 first = store.put_many([("s@p", CID, b"1", T0, [dev])])
                 await writer_holds_its_batch(store)
                 second = store.put_many([("s@p", CID, b"2", T0, [dev])])
             await asyncio.gather(first, second)
-            store._burst_s = 0.5  # long enough to see on a loaded host
             await burst_shares_a_commit(store, dev, b"3")
             # that batch had two puts: so does the next burst
             await burst_shares_a_commit(store, dev, b"4")
-            # a batch of one put that came to an idle writer (after a short wait) ...
+            # a batch of one put that came to an idle writer (after the
+            # burst's wait of 0.5 s it began before this line) ...
             store._burst_s = 0.0002
             await asyncio.sleep(0.2)
             await asyncio.wait_for(store.put_many([("s@p", CID, b"5", T0, [dev])]), 10)

@@ -765,12 +765,13 @@ cdef class Doorbell:
         PyThread_acquire_lock(self.mu, WAIT_LOCK)
         self.target = 0
 
-    def wait(self, long long seen, timeout, double idle, double budget, long long room):
+    def wait(self, long long seen, timeout, double idle, double close, double burst,
+             long long room):
         """Wait up to ``timeout`` seconds (None: no limit) for a ring after
-        ``rung`` read ``seen``, then nap through ``budget``: see
+        ``rung`` read ``seen``, then nap through a budget: see
         ``PyDoorbell.wait``.  ``(came, napped)``, or None."""
         cdef double limit = -1.0 if timeout is None else max(0.0, <double>timeout)
-        cdef double came = 0.0
+        cdef double came = 0.0, budget
         cdef bint napped = False, none = False
         with nogil:
             PyThread_acquire_lock(self.mu, WAIT_LOCK)
@@ -784,8 +785,8 @@ cdef class Doorbell:
                 came = _bell_now()
             if not none:
                 self.at = 0.0
-                napped = (budget > 0 and self.waiter_rung > seen and came - idle < budget
-                          and self.rung - seen < room)
+                budget = close if came - idle < close else burst
+                napped = budget > 0 and self.waiter_rung > seen and self.rung - seen < room
                 if napped:
                     self._sleep(seen + room, max(0.0, came + budget - _bell_now()))
                     self.at = 0.0
