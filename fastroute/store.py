@@ -28,7 +28,6 @@ import bisect
 import concurrent.futures
 import functools
 import logging
-import math
 import os
 import queue
 import sqlite3
@@ -682,11 +681,7 @@ class SqliteStore(_BaseStore):
     came while the writer was busy), it waits up to 0.2 ms (never longer)
     for the rest of a burst, whose frames are read apart; a put that comes
     alone to an idle writer goes at once.  It naps through such a wait: the
-    puts that come in it do not wake it, one that fills its batch does.  It
-    waits on a doorbell the loop rings for each request it queues, not in
-    the queue's ``get``: its wait for a batch's first request and the nap
-    after it are one wait, without the GIL when ``fastroute._core`` is built
-    (:class:`PyDoorbell`).
+    puts that come in it do not wake it, one that fills its batch does.
     A future from :meth:`put`
     therefore resolves only once its message is committed.  Reads (:meth:`load`,
     :meth:`count_pending`) run on a second connection in a reader thread; WAL
@@ -833,13 +828,15 @@ class SqliteStore(_BaseStore):
         # writer was busy (writer thread only)
         self._puts_last = 0
         self._bursts = False
-        # What the writer waits on, not the queue's get: the loop rings it
-        # for each request it queues.  While the writer waits for more puts,
-        # a put that comes does not wake it, only one that fills its batch
-        # (woken at each put, it took the GIL back from a busy loop each
-        # time: 1:1 at full speed, ~4 puts a commit); and its wait for the
-        # first request and that nap are one wait, without the GIL.
-        self._bell = _Doorbell()
+        # While the writer waits for more puts it naps on this lock, not in
+        # the queue's get: a put that comes then does not wake it, only one
+        # that fills its batch (the loop's _came releases the lock once _room
+        # more messages came; a release after the nap ended is used up by the
+        # next).  Woken at each put, the writer took the GIL back from a busy
+        # loop each time: 1:1 at full speed, ~4 puts a commit.
+        self._nap = threading.Lock()
+        self._nap.acquire()
+        self._room = 0  # messages the napping writer's batch has room for; 0: awake
         #: packs, shares and spacks rewritten without their acked (or no longer held)
         #: messages (metrics, tests)
         self.rewrites = 0
@@ -901,7 +898,6 @@ class SqliteStore(_BaseStore):
             self._closed = True
             # a cancelled open must not leave the writer waiting forever
             self._queue.put((_STOP, False, loop.create_future()))
-            self._bell.ring(1, True)
             self._reader.shutdown(wait=False)
             raise
         for key, address, device in devices:
@@ -924,7 +920,6 @@ class SqliteStore(_BaseStore):
         self._hand_acks()  # what was acked is deleted before the store closes
         if self._dead is None:
             self._queue.put((_STOP, True, fut))
-            self._bell.ring(1, True)
         else:  # pragma: no cover - the writer is gone, nobody would answer
             fut.set_exception(_store_error(self._dead))
         try:
@@ -951,27 +946,35 @@ class SqliteStore(_BaseStore):
             raise _closed_error()
         if self._dead is not None:
             raise _store_error(self._dead)
-        # first: the writer keeps the order of requests; one ring for the
-        # acks and the request, so that a writer woken by it sees both
-        held = self._hand_acks(ring=False) if self._acks_held else 0
+        if self._acks_held:
+            self._hand_acks()  # first: the writer keeps the order of requests
         self._queue.put((kind, arg, fut))
-        self._bell.ring(held + _request_size(kind, arg), fut is not None)
+        if self._room > 0:
+            self._came(_request_size(kind, arg))
 
-    def _hand_acks(self, ring: bool = True) -> int:
-        """Queue the acks :meth:`ack` held, in the order they came; how many
-        (the writer's doorbell rung for them unless ``ring`` is false)."""
+    def _hand_acks(self) -> None:
+        """Queue the acks :meth:`ack` held, in the order they came."""
         timer, self._acks_timer = self._acks_timer, None
         if timer is not None:
             timer.cancel()
         held, self._acks_held = self._acks_held, []
-        if self._dead is not None:
-            return 0
-        put = self._queue.put
-        for request in held:
-            put(request)
-        if ring:
-            self._bell.ring(len(held), False)
-        return len(held)
+        if self._dead is None:
+            put = self._queue.put
+            for request in held:
+                put(request)
+            if self._room > 0:
+                self._came(len(held))
+
+    def _came(self, n: int) -> None:
+        """``n`` messages were queued while the writer naps: wake it once
+        they fill its batch (the loop's thread)."""
+        room = self._room - n
+        self._room = room
+        if room <= 0:
+            try:
+                self._nap.release()
+            except RuntimeError:  # released already: the writer is awake
+                pass
 
     def _persist_device(self, key, name) -> None:
         # Ordered before any put that uses the key: same FIFO queue.
@@ -1347,7 +1350,6 @@ class SqliteStore(_BaseStore):
     def _take_batch(self) -> list[tuple]:
         """The next batch of requests; [] when a checkpoint falls due first."""
         q = self._queue
-        bell = self._bell
         batch = self._carry
         self._carry = []
         # writes kept for a retry go again at least every _RETRY_S; a due
@@ -1357,41 +1359,25 @@ class SqliteStore(_BaseStore):
         if due is not None:
             wait = max(0.0, due - time.monotonic())
             timeout = wait if timeout is None else min(timeout, wait)
-        limit = self._max_batch
-        group = self._group_s
-        cap = math.inf  # no waiter's batch goes later than this
         idle = time.monotonic()
-        seen = bell.rung  # read before the queue is: a ring after it ends a wait
         try:
             batch.append(q.get_nowait())
             queued = True  # it came while the writer was busy
-            came = idle
         except queue.Empty:
             queued = False
-            # The first request and the budget for more after it (as below,
-            # from its coming: while puts come faster than commits, or a
-            # burst's rest), in one wait without the GIL: taken back from the busy loop at the
-            # first request only to begin that nap, it put both threads to
-            # sleep and woke them once more a commit.
-            close_s = group if self._puts_last > 1 else 0.0
-            burst_s = self._burst_s if self._bursts else 0.0
-            woke = bell.wait(seen, timeout, idle, close_s, burst_s, limit)
-            if woke is None:
-                return batch
-            came, napped = woke
-            if napped:
-                cap = came + (close_s if came - idle < close_s else burst_s)
             try:
-                batch.append(q.get_nowait())
-            except queue.Empty:  # pragma: no cover - a ring follows its request
+                batch.append(q.get(timeout=timeout))
+            except queue.Empty:
                 return batch
         n = 0
+        limit = self._max_batch
+        group = self._group_s
         # held for more puts only while that pays: the last batch had more
         # than one (puts came while the writer was busy, or during its
         # wait), and this one's first came without a pause of the budget;
         # after a pause, for the rest of a burst only, while puts came in
         # bursts (a put that comes alone, to an idle writer, never waits)
-        close = self._puts_last > 1 and came - idle < group
+        close = self._puts_last > 1 and time.monotonic() - idle < group
         burst = self._burst_s if self._bursts else 0.0
         puts = 0
         deadline = None  # when the batch goes, whatever else comes
@@ -1404,12 +1390,11 @@ class SqliteStore(_BaseStore):
             if fut is not None:
                 # somebody waits: at once, or, while puts come faster than
                 # the budget, once it has waited that long for more of them
-                end = min(time.monotonic() + (group if close else burst), cap)
+                end = time.monotonic() + (group if close else burst)
                 if deadline is None or end < deadline:
                     deadline = put_end = end
             if n >= limit:
                 break
-            seen = bell.rung
             try:
                 batch.append(q.get_nowait())
                 continue
@@ -1427,8 +1412,7 @@ class SqliteStore(_BaseStore):
                     # the budget's rest (for more puts, or a burst's): napped
                     # through, not woken at each put (a wake-up of both
                     # threads each), only by one that fills the batch
-                    bell.nap(seen, wait, limit - n)
-                    batch.append(q.get_nowait())
+                    batch.append(self._nap_for(wait, limit - n))
                 else:
                     batch.append(q.get(timeout=wait))
             except queue.Empty:
@@ -1437,6 +1421,18 @@ class SqliteStore(_BaseStore):
             self._puts_last = puts
             self._bursts = puts > 1 or queued
         return batch
+
+    def _nap_for(self, wait: float, room: int) -> tuple:
+        """The next request, after ``wait`` seconds or as soon as ``room``
+        more messages were queued; raises ``queue.Empty`` if none came."""
+        nap = self._nap
+        nap.acquire(False)  # a wake-up left from an earlier nap: used up
+        self._room = room
+        try:
+            nap.acquire(timeout=wait)
+        finally:
+            self._room = 0
+        return self._queue.get_nowait()
 
     def _write_batch(self, batch: list[tuple]) -> tuple[bool, list[tuple]]:
         """Apply ``batch`` in one transaction; return whether it held the stop
@@ -2497,94 +2493,6 @@ def py_ack_device(key: int, mids: list[int], rows: list, partial: dict, spartial
 _ack_device = twin(py_ack_device)
 
 
-class PyDoorbell:
-    """How the event loop's thread tells the SQLite writer that requests
-    were queued, and how the writer waits for them (specification of
-    ``fastroute._core.Doorbell``, whose waits hold no GIL from start to end).
-
-    The loop rings (:meth:`ring`) once a request is in the queue, with its
-    size in the batch limit's units.  The writer reads :attr:`rung` before
-    it looks in the queue; then, finding it empty, it waits (:meth:`wait`)
-    for a ring after that read, so that none is missed, and naps through a
-    budget (:meth:`wait`, :meth:`nap`), woken only by the ring that fills
-    its batch.  Why not the queue's ``get``: a ring wakes the writer only
-    when it is the one the writer waits for, and the wait for the first
-    request and the nap after it are one wait, so that the compiled twin
-    takes the GIL back from the busy loop once for both, not once for each
-    (a hand-off that put both threads to sleep and woke them).
-    """
-
-    def __init__(self) -> None:
-        self._mu = threading.Lock()  # rung, target and _at; held briefly
-        # held but while a ring wakes the writer; a release after its wait
-        # ended (the ring came as it timed out) is used up by the next
-        self._bell = threading.Lock()
-        self._bell.acquire()
-        #: the sizes rung so far (the loop's thread writes it, with the GIL)
-        self.rung = 0
-        self._waiter_rung = 0  # rung after the last ring for a request with a waiter
-        #: the writer sleeps until rung reaches it; 0: it does not sleep
-        self.target = 0
-        self._at = 0.0  # when the ring that woke it came, monotonic
-
-    def ring(self, n: int, waiter: bool) -> None:
-        """``n`` more (a request's size) were queued; ``waiter``: somebody
-        waits for that request (a put, a flush).  The loop's thread."""
-        with self._mu:
-            self.rung += n
-            if waiter:
-                self._waiter_rung = self.rung
-            if self.target and self.rung >= self.target:
-                self.target = 0
-                self._at = time.monotonic()
-                self._bell.release()
-
-    def _sleep(self, target: int, timeout: float | None) -> None:
-        # with _mu held, which it releases for the sleep and takes back
-        self._bell.acquire(False)
-        self.target = target
-        self._mu.release()
-        try:
-            self._bell.acquire(timeout=-1 if timeout is None else max(0.0, timeout))
-        finally:
-            self._mu.acquire()
-            self.target = 0
-
-    def wait(self, seen: int, timeout: float | None, idle: float, close: float,
-             burst: float, room: int) -> tuple[float, bool] | None:
-        """Wait up to ``timeout`` seconds (None: no limit) for a ring after
-        :attr:`rung` read ``seen``; None if none came.  Then, if one of
-        the rings was for a request with a waiter, nap until ``room`` was
-        rung since ``seen`` or for a budget from when the first came:
-        ``close`` if it came less than that after ``idle`` (monotonic, when
-        the writer began to wait), else ``burst`` (0: no nap).  Returns
-        ``(came, napped)``: when the first ring came (monotonic; now, if it
-        came before the wait), and whether it napped."""
-        with self._mu:
-            if self.rung == seen:
-                self._sleep(seen + 1, timeout)
-                if self.rung == seen:
-                    return None
-                came = self._at if self._at else time.monotonic()
-            else:
-                came = time.monotonic()
-            self._at = 0.0
-            budget = close if came - idle < close else burst
-            napped = budget > 0 and self._waiter_rung > seen and self.rung - seen < room
-            if napped:
-                self._sleep(seen + room, came + budget - time.monotonic())
-                self._at = 0.0
-            return came, napped
-
-    def nap(self, seen: int, timeout: float, room: int) -> None:
-        """Sleep ``timeout`` seconds, or until ``room`` was rung since
-        :attr:`rung` read ``seen``."""
-        with self._mu:
-            if self.rung - seen < room:
-                self._sleep(seen + room, timeout)
-                self._at = 0.0
-
-
 class PySqlFast:
     """The SQLite writer's common transaction (specification of
     ``fastroute._core.SqlFast``, which runs it in one call that releases the
@@ -2818,9 +2726,6 @@ class PySqlFast:
 #: general path (it is the GIL's hand-offs around each statement that the
 #: twin saves), so every transaction takes that path.
 _SqlFast: type[PySqlFast] | None = twin(PySqlFast)
-#: The writer's doorbell: :class:`PyDoorbell`'s compiled twin, whose waits
-#: hold no GIL (the specification's take it back at each wake-up).
-_Doorbell = twin(PyDoorbell)
 if _SqlFast is PySqlFast:
     _SqlFast = None
 

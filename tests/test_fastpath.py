@@ -141,7 +141,7 @@ def test_compiled_twins_loaded():
              (store._release_walked, store.py_release_walked),
              (store._ack_device, store.py_ack_device), (store._mid_span, store.py_mid_span),
              (store._mids_blob, store.py_mids_blob),
-             (store._pack_rows, store.py_pack_rows), (store._Doorbell, store.PyDoorbell),
+             (store._pack_rows, store.py_pack_rows),
              (gate_mod.TokenBucket, gate_mod.PyTokenBucket),
              (gate_mod.take_upto, gate_mod.py_take_upto),
              (gate_mod.give_back, gate_mod.py_give_back), (gate_mod.take_all, gate_mod.py_take_all),

@@ -14,7 +14,6 @@ import os
 import sqlite3
 import sys
 import threading
-import time
 
 import msgpack
 import pytest
@@ -30,8 +29,6 @@ from fastroute.errors import (
     UnknownDevice,
     WrongType,
 )
-import fastroute
-from fastroute import _compiled
 from fastroute import store as store_mod
 from fastroute import wire
 from fastroute.store import MemoryStore, SqliteStore, Store
@@ -1532,14 +1529,12 @@ def test_sqlite_puts_wait_for_more_only_while_puts_come_faster_than_commits(run,
             held = store.put_many([("s@p", CID, b"4", T0, [dev])])
             await asyncio.sleep(0.05)
             assert not held.done() and store.commits == before
-            # a budget of 0 from the next batch on (the writer read 30 s
-            # as it began to wait for this one): every batch goes as soon
-            # as it is taken
-            store._group_s = 0.0
             # until the batch is full (or the budget is over): one commit for both
             full = store.put_many([("s@p", CID, b"5", T0, [dev]) for _ in range(39)])
             assert len(await asyncio.wait_for(full, 10)) == 39
             assert held.done() and store.commits == before + 1
+            # a budget of 0: every batch goes as soon as it is taken
+            store._group_s = 0.0
             for _ in range(3):
                 await asyncio.wait_for(asyncio.gather(*[
                     store.put_many([("s@p", CID, b"6", T0, [dev])]) for _ in range(3)]), 10)
@@ -1555,11 +1550,12 @@ def _wakeups(thread: threading.Thread) -> int:
 
 
 async def writer_naps(store) -> None:
-    """Wait until the writer naps for more puts: it sleeps on its doorbell
-    until more than one more is rung (not for the first request)."""
-    bell = store._bell
+    """Wait until the writer naps for more puts (in ``_nap_for``)."""
     for _ in range(5000):
-        if bell.target - bell.rung > 1:
+        frame = sys._current_frames().get(store._thread.ident)
+        while frame is not None and frame.f_code.co_name != "_nap_for":
+            frame = frame.f_back
+        if frame is not None:
             return
         await asyncio.sleep(0.001)
     raise AssertionError("the writer never napped")
@@ -1573,11 +1569,9 @@ def test_sqlite_writer_naps_through_the_puts_it_waits_for(run, db):
         async with await SqliteStore.open(db, max_batch=100, group_commit_s=0.1) as store:
             dev = store.register_device("a@p", "1")
             await store.flush()
-            # far longer than this test: only a full batch ends the wait (set
-            # first: the writer reads it as it begins to wait)
-            store._group_s = 30.0
             # puts queued while the writer is busy: its next batch waits for more
             first = await several_puts_in_a_batch(store, db, dev, b"1", b"1")
+            store._group_s = 30.0  # far longer than this test: only a full batch ends it
             before = store.commits
             held = store.put_many([("s@p", CID, b"2", T0, [dev])])
             await writer_naps(store)
@@ -1596,139 +1590,6 @@ def test_sqlite_writer_naps_through_the_puts_it_waits_for(run, db):
                 [b"1"] * 2 + [b"2"] + [b"3"] * 30 + [b"4"] * 68)
             store._group_s = 0.0  # close() does not wait the budget for more
     run(main())
-
-
-# the writer's doorbell: its specification and, when built, its compiled twin
-BELLS = [store_mod.PyDoorbell] + (
-    [_compiled.compiled_twin(store_mod.PyDoorbell)] if fastroute.COMPILED else [])
-
-
-def until(ok, what: str) -> None:
-    """Wait (up to 5 s) until ``ok()``."""
-    end = time.monotonic() + 5
-    while not ok():
-        if time.monotonic() > end:
-            raise AssertionError(f"never {what}")
-        time.sleep(0.001)
-
-
-def bell_waiting(bell, seen: int, close: float, room: int, idle: float | None = None,
-                 burst: float = 0.0):
-    """A thread in ``bell.wait(seen, 5 s, ...)``, asleep for the first ring;
-    its result in the list returned with it."""
-    got: list = []
-    idle = time.monotonic() if idle is None else idle
-    waiter = threading.Thread(target=lambda: got.append(bell.wait(seen, 5.0, idle, close,
-                                                                  burst, room)))
-    waiter.start()
-    until(lambda: bell.target == seen + 1, "waited for the first ring")
-    return waiter, got
-
-
-@pytest.mark.parametrize("cls", BELLS, ids=lambda c: c.__name__)
-def test_doorbell_wakes_the_writer_for_a_ring_after_what_it_saw(cls):
-    bell = cls()
-    began = time.monotonic()
-    assert bell.wait(bell.rung, 0.05, began, 1.0, 0.0, 10) is None  # nothing rung
-    assert time.monotonic() - began >= 0.04 and bell.target == 0
-    # rung after the writer read rung, before it waits (a put after the
-    # queue looked empty): not missed, and no nap without a waiter
-    seen = bell.rung
-    bell.ring(3, False)
-    began = time.monotonic()
-    came, napped = bell.wait(seen, 5.0, began, 1.0, 1.0, 10)
-    assert not napped and time.monotonic() - began < 1 and came >= began
-    assert bell.rung == seen + 3
-    # a ring while nobody waits leaves nothing behind: the next wait sleeps
-    bell.ring(1, True)
-    began = time.monotonic()
-    assert bell.wait(bell.rung, 0.05, began, 1.0, 0.0, 10) is None
-    assert time.monotonic() - began >= 0.04
-    # woken by a ring from another thread, after the read
-    seen = bell.rung
-    waiter, got = bell_waiting(bell, seen, 0.0, 10)
-    bell.ring(1, False)
-    waiter.join(5)
-    assert not waiter.is_alive() and got[0][1] is False
-
-
-@pytest.mark.parametrize("cls", BELLS, ids=lambda c: c.__name__)
-def test_doorbell_naps_after_a_waiter_until_its_batch_is_full(cls):
-    bell = cls()
-    seen = bell.rung
-    waiter, got = bell_waiting(bell, seen, 30.0, 10)
-    rang = time.monotonic()
-    bell.ring(1, True)  # a put: its budget begins
-    until(lambda: bell.target == seen + 10, "napped for the batch's rest")
-    bell.ring(4, False)
-    time.sleep(0.05)
-    assert waiter.is_alive() and bell.target == seen + 10  # 5 of 10: still napping
-    bell.ring(5, False)
-    waiter.join(5)
-    came, napped = got[0]
-    assert not waiter.is_alive() and napped and rang <= came <= rang + 1
-    assert bell.target == 0
-    # nap(): until room more are rung, or its time is over
-    seen = bell.rung
-    napper = threading.Thread(target=bell.nap, args=(seen, 30.0, 3))
-    napper.start()
-    until(lambda: bell.target == seen + 3, "napped")
-    bell.ring(2, False)
-    time.sleep(0.02)
-    assert napper.is_alive()
-    bell.ring(1, True)
-    napper.join(5)
-    assert not napper.is_alive()
-    began = time.monotonic()
-    bell.nap(bell.rung, 0.05, 3)
-    assert time.monotonic() - began >= 0.04 and bell.target == 0
-
-
-@pytest.mark.parametrize("cls", BELLS, ids=lambda c: c.__name__)
-def test_doorbell_nap_ends_its_budget_after_the_first_ring(cls):
-    bell = cls()
-    seen = bell.rung
-    waiter, got = bell_waiting(bell, seen, 0.3, 10)
-    rang = time.monotonic()
-    bell.ring(1, True)
-    waiter.join(5)
-    came, napped = got[0]
-    assert napped and 0.25 <= time.monotonic() - rang and came - rang < 0.1
-    # that budget counts from when the writer began to wait: a first ring
-    # that came after it (the puts paused) naps for a burst's rest, if any
-    seen = bell.rung
-    waiter, got = bell_waiting(bell, seen, 0.3, 10, idle=time.monotonic() - 1.0)
-    bell.ring(1, True)
-    waiter.join(5)
-    assert not waiter.is_alive() and got[0][1] is False
-    seen = bell.rung
-    waiter, got = bell_waiting(bell, seen, 0.3, 10, idle=time.monotonic() - 1.0, burst=0.2)
-    rang = time.monotonic()
-    bell.ring(1, True)
-    waiter.join(5)
-    assert got[0][1] is True and 0.15 <= time.monotonic() - rang
-
-
-@pytest.mark.skipif(not fastroute.COMPILED, reason="compiled core not built")
-def test_compiled_doorbell_goes_from_its_first_ring_to_its_nap_without_the_gil():
-    # what the compiled twin is for: the specification takes the GIL back at
-    # the first ring only to begin its nap, a hand-off with a busy loop
-    bell = _compiled.compiled_twin(store_mod.PyDoorbell)()
-    seen = bell.rung
-    waiter, got = bell_waiting(bell, seen, 30.0, 10)
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(30.0)  # this thread keeps the GIL while it spins
-    try:
-        bell.ring(1, True)
-        end = time.monotonic() + 2.0
-        while bell.target != seen + 10 and time.monotonic() < end:
-            pass  # no call here lets the GIL go
-        napping = bell.target == seen + 10
-    finally:
-        sys.setswitchinterval(interval)
-    bell.ring(9, False)
-    waiter.join(5)
-    assert napping and got[0][1]
 
 
 def test_sqlite_waits_after_a_pause_for_the_rest_of_a_burst(run, db):
@@ -1754,20 +1615,17 @@ def test_sqlite_waits_after_a_pause_for_the_rest_of_a_burst(run, db):
             assert store._burst_s == store_mod._BURST_S == 0.0002
             dev = store.register_device("a@p", "1")
             await store.flush()
-            # long enough to see on a loaded host (set first: the writer
-            # reads it as it begins to wait, and these batches wait for none)
-            store._burst_s = 0.5
             # a put that comes while the writer is busy: puts come in bursts
             with write_locked(db):
                 first = store.put_many([("s@p", CID, b"1", T0, [dev])])
                 await writer_holds_its_batch(store)
                 second = store.put_many([("s@p", CID, b"2", T0, [dev])])
             await asyncio.gather(first, second)
+            store._burst_s = 0.5  # long enough to see on a loaded host
             await burst_shares_a_commit(store, dev, b"3")
             # that batch had two puts: so does the next burst
             await burst_shares_a_commit(store, dev, b"4")
-            # a batch of one put that came to an idle writer (after the
-            # burst's wait of 0.5 s it began before this line) ...
+            # a batch of one put that came to an idle writer (after a short wait) ...
             store._burst_s = 0.0002
             await asyncio.sleep(0.2)
             await asyncio.wait_for(store.put_many([("s@p", CID, b"5", T0, [dev])]), 10)
