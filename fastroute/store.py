@@ -819,7 +819,7 @@ class SqliteStore(_BaseStore):
         self._linger_s = _LINGER_S
         # acks not yet handed to the writer, and the timer that hands them
         # over when no other request does first (the loop's thread only)
-        self._acks_held: list[tuple] = []
+        self._acks_held: list[tuple] = []  # (device_key, mids) pairs, in order
         self._acks_timer: asyncio.TimerHandle | None = None
         self._group_s = group_commit_s
         self._burst_s = min(group_commit_s, _BURST_S)
@@ -958,10 +958,10 @@ class SqliteStore(_BaseStore):
         if timer is not None:
             timer.cancel()
         held, self._acks_held = self._acks_held, []
-        if self._dead is None:
-            put = self._queue.put
-            for request in held:
-                put(request)
+        if self._dead is None and held:
+            # one request for all of them: a group's members ack a window
+            # each, and ten requests were ten takes and checks of the writer
+            self._queue.put((_ACK, held, None))
             if self._room > 0:
                 self._came(len(held))
 
@@ -1088,7 +1088,7 @@ class SqliteStore(_BaseStore):
             # kind, or _linger_s: an ack alone woke the writer, which then
             # waited that long for a put to commit with (a wake-up of a
             # thread each, under load about one a window of messages).
-            self._acks_held.append((_ACK, (key, mids), None))
+            self._acks_held.append((key, mids))
             if self._acks_timer is None:
                 self._acks_timer = self._loop.call_later(self._linger_s, self._hand_acks)
 
@@ -1209,7 +1209,7 @@ class SqliteStore(_BaseStore):
     def stats(self) -> dict[str, int]:
         """Counters for metrics (no personal data)."""
         return {"commits": self.commits, "failed_batches": self.failed_batches,
-                "queued_requests": self._queue.qsize() + len(self._acks_held),
+                "queued_requests": self._queue.qsize() + bool(self._acks_held),
                 "devices": len(self._by_key),
                 "checkpoints": self.checkpoints, "deletes_waiting": self.deletes_waiting}
 
@@ -1341,12 +1341,6 @@ class SqliteStore(_BaseStore):
         if futs:
             self._post(_fail_all, futs, self._dead)
 
-    def _next_due(self) -> float | None:
-        """When the writer next has work of its own (the erasing checkpoint,
-        the rewrite of partly acked rows), monotonic; None: nothing due."""
-        dues = [d for d in (self._erase_due, self._rewrite_due) if d is not None]
-        return min(dues) if dues else None
-
     def _take_batch(self) -> list[tuple]:
         """The next batch of requests; [] when a checkpoint falls due first."""
         q = self._queue
@@ -1355,15 +1349,23 @@ class SqliteStore(_BaseStore):
         # writes kept for a retry go again at least every _RETRY_S; a due
         # checkpoint runs even when no request comes
         timeout = _RETRY_S if batch else None
-        due = self._next_due()  # only the writer moves it: it holds for the wait below
+        # when the writer next has work of its own (the erasing checkpoint,
+        # the rewrite of partly acked rows), monotonic; None: nothing due.
+        # Only the writer moves them: it holds for the wait below.
+        due = self._erase_due
+        if self._rewrite_due is not None and (due is None or self._rewrite_due < due):
+            due = self._rewrite_due
+        monotonic = time.monotonic
+        idle = monotonic()
         if due is not None:
-            wait = max(0.0, due - time.monotonic())
+            wait = max(0.0, due - idle)
             timeout = wait if timeout is None else min(timeout, wait)
-        idle = time.monotonic()
-        try:
+        # the writer is the queue's one taker: a size above 0 holds for the
+        # take after it (a take of an empty queue raised an exception a commit)
+        if q.qsize():
             batch.append(q.get_nowait())
             queued = True  # it came while the writer was busy
-        except queue.Empty:
+        else:
             queued = False
             try:
                 batch.append(q.get(timeout=timeout))
@@ -1377,34 +1379,36 @@ class SqliteStore(_BaseStore):
         # wait), and this one's first came without a pause of the budget;
         # after a pause, for the rest of a burst only, while puts came in
         # bursts (a put that comes alone, to an idle writer, never waits)
-        close = self._puts_last > 1 and time.monotonic() - idle < group
+        close = self._puts_last > 1 and monotonic() - idle < group
         burst = self._burst_s if self._bursts else 0.0
         puts = 0
         deadline = None  # when the batch goes, whatever else comes
         put_end = None  # the deadline, if a waiter's budget set it
         while True:
             kind, arg, fut = batch[-1]
-            n += _request_size(kind, arg)
-            if kind == _PUT_MANY or kind == _PUT_TAILS or kind == _PUT:
+            if kind == _PUT_TAILS:  # the relay's puts
+                n += len(arg) // 2
                 puts += 1
+            else:
+                n += _request_size(kind, arg)
+                if kind == _PUT_MANY or kind == _PUT:
+                    puts += 1
             if fut is not None:
                 # somebody waits: at once, or, while puts come faster than
                 # the budget, once it has waited that long for more of them
-                end = time.monotonic() + (group if close else burst)
+                end = monotonic() + (group if close else burst)
                 if deadline is None or end < deadline:
                     deadline = put_end = end
             if n >= limit:
                 break
-            try:
+            if q.qsize():
                 batch.append(q.get_nowait())
                 continue
-            except queue.Empty:
-                pass
             if deadline is None:
-                deadline = time.monotonic() + self._linger_s
+                deadline = monotonic() + self._linger_s
             if due is not None and due < deadline:
                 deadline = due
-            wait = deadline - time.monotonic()
+            wait = deadline - monotonic()
             if wait <= 0:
                 break
             try:
@@ -1467,23 +1471,23 @@ class SqliteStore(_BaseStore):
                 # Inserts run before deletes below; so that this equals queue
                 # order, an ack only reaches mids that existed when it was
                 # queued (a mid is known only once its batch committed).
-                key, mids = arg
-                known = acks.get(key)
-                hi = _mid_span(mids)[1]
-                if hi >= mid:
-                    mids = [m for m in mids if m < mid]
-                    hi = mid - 1
-                elif type(mids) is not list:
-                    mids = list(mids)
-                if known is None:
-                    # the caller's list itself (not changed here): a copy
-                    # would write every int's reference count from this
-                    # thread, and the loop's thread frees them
-                    acks[key] = mids
-                else:
-                    acks[key] = known + mids
-                if hi > acks_hi:
-                    acks_hi = hi
+                for key, mids in arg:  # (device key, mids) pairs, in order
+                    known = acks.get(key)
+                    hi = _mid_span(mids)[1]
+                    if hi >= mid:
+                        mids = [m for m in mids if m < mid]
+                        hi = mid - 1
+                    elif type(mids) is not list:
+                        mids = list(mids)
+                    if known is None:
+                        # the caller's list itself (not changed here): a
+                        # copy would write every int's reference count from
+                        # this thread, and the loop's thread frees them
+                        acks[key] = mids
+                    else:
+                        acks[key] = known + mids
+                    if hi > acks_hi:
+                        acks_hi = hi
             elif kind == _REG:
                 regs.append(arg)
             elif kind == _FORGET:
@@ -1557,8 +1561,9 @@ class SqliteStore(_BaseStore):
             # Registrations and deletes have no waiter: keep them, first in
             # the next batch, until they succeed (a delete dropped here would
             # leave a delivered message on disk until its TTL).
+            kept = [(k, m) for k, m in acks.items() if m]
             self._carry = ([(_REG, r, None) for r in regs]
-                           + [(_ACK, (k, m), None) for k, m in acks.items() if m]
+                           + ([(_ACK, kept, None)] if kept else [])
                            + [(_FORGET, k, None) for k in forgets])
             self.deletes_waiting = sum(len(m) for m in acks.values()) + len(forgets)
             log.warning("fastroute store: %d deletes and %d registrations kept for retry: %s",
@@ -1566,7 +1571,8 @@ class SqliteStore(_BaseStore):
             self._post(_fail_all, [e[0] for e in expires], other_error)
         else:
             self.deletes_waiting = 0
-            done.extend((fut, n) for (fut, _, _), n in zip(expires, expired))
+            if expires:
+                done.extend((fut, n) for (fut, _, _), n in zip(expires, expired))
         for fut, report in flushes:
             if report == _STOP_REPORT and other_error is not None:
                 # the store closes with deletes it could not apply: say so
@@ -1787,9 +1793,12 @@ class SqliteStore(_BaseStore):
         if partial or spartial:
             held = {key for key, _ in partial} | {key for key, _ in spartial}
         drops, tried = _ack_drops(acks, held)
-        others = {key: mids for key, mids in acks.items() if mids}
-        for key in tried:
-            del others[key]
+        if len(tried) == len(acks):
+            others = {}  # every device's acks in the drops (the steady state)
+        else:
+            others = {key: mids for key, mids in acks.items() if mids}
+            for key in tried:
+                del others[key]
         walked: list = []
         if others:
             missed = fast.run(drops, [], -1, True, False, shares=walked)
@@ -1954,11 +1963,11 @@ class SqliteStore(_BaseStore):
 
 def _request_size(kind: int, arg) -> int:
     """How many messages a writer's request counts for in its batch's limit
-    (a put's messages; any other request, 1)."""
-    if kind == _PUT_MANY:
-        return len(arg)
+    (a put's messages; acks, one a device's; any other request, 1)."""
     if kind == _PUT_TAILS:
         return len(arg) // 2  # flat device_keys, tail pairs
+    if kind == _PUT_MANY or kind == _ACK:
+        return len(arg)
     return 1
 
 

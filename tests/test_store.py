@@ -1506,6 +1506,33 @@ def test_sqlite_acks_wait_for_the_next_puts_commit_and_commit_alone_if_none_come
     run(main())
 
 
+def test_sqlite_held_acks_go_to_the_writer_as_one_request(run, db):
+    # a group's members each ack a window: handed to the writer with the
+    # next put as one request, in the order they came, not one a device (ten
+    # takes and checks of the writer's a commit)
+    async def main():
+        async with await SqliteStore.open(db) as store:
+            devs = [store.register_device("a@p", str(i)) for i in range(10)]
+            mids = await store.put_many([("s@p", CID, b"m%d" % i, T0, devs)
+                                         for i in range(5)])
+            store._linger_s = 30.0  # far longer than this test: the put ends the wait
+            with write_locked(db):  # the writer's next transaction waits
+                blocker = store.put_many([("s@p", CID, b"x", T0, devs[:1])])
+                await writer_holds_its_batch(store)
+                for dev in devs:
+                    store.ack(dev, mids[:3])
+                store.ack(devs[0], mids[3:])  # the same device again: after its first
+                assert store._queue.qsize() == 0 and store.stats()["queued_requests"] == 1
+                new = store.put_many([("s@p", CID, b"y", T0, devs)])
+                assert store._queue.qsize() == 2  # the acks, then the put
+            (x,), (y,) = await blocker, await new
+            await store.flush()
+            assert [r[0] for r in await store.load(devs[0], 0, 100)] == [x, y]
+            for dev in devs[1:]:
+                assert [r[0] for r in await store.load(dev, 0, 100)] == mids[3:] + [y]
+    run(main())
+
+
 def test_sqlite_puts_wait_for_more_only_while_puts_come_faster_than_commits(run, db):
     # under load the writer committed about two puts a transaction; while
     # puts come faster than it commits them, one waits up to a budget for
