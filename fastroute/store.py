@@ -1386,13 +1386,9 @@ class SqliteStore(_BaseStore):
         put_end = None  # the deadline, if a waiter's budget set it
         while True:
             kind, arg, fut = batch[-1]
-            if kind == _PUT_TAILS:  # the relay's puts
-                n += len(arg) // 2
+            n += _request_size(kind, arg)
+            if kind == _PUT_MANY or kind == _PUT_TAILS or kind == _PUT:
                 puts += 1
-            else:
-                n += _request_size(kind, arg)
-                if kind == _PUT_MANY or kind == _PUT:
-                    puts += 1
             if fut is not None:
                 # somebody waits: at once, or, while puts come faster than
                 # the budget, once it has waited that long for more of them
