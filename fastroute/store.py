@@ -1467,23 +1467,7 @@ class SqliteStore(_BaseStore):
                 # Inserts run before deletes below; so that this equals queue
                 # order, an ack only reaches mids that existed when it was
                 # queued (a mid is known only once its batch committed).
-                for key, mids in arg:  # (device key, mids) pairs, in order
-                    known = acks.get(key)
-                    hi = _mid_span(mids)[1]
-                    if hi >= mid:
-                        mids = [m for m in mids if m < mid]
-                        hi = mid - 1
-                    elif type(mids) is not list:
-                        mids = list(mids)
-                    if known is None:
-                        # the caller's list itself (not changed here): a
-                        # copy would write every int's reference count from
-                        # this thread, and the loop's thread frees them
-                        acks[key] = mids
-                    else:
-                        acks[key] = known + mids
-                    if hi > acks_hi:
-                        acks_hi = hi
+                acks_hi = _gather_acks(arg, acks, mid, acks_hi)
             elif kind == _REG:
                 regs.append(arg)
             elif kind == _FORGET:
@@ -1967,7 +1951,37 @@ def _request_size(kind: int, arg) -> int:
     return 1
 
 
-def _ack_drops(acks: dict, held) -> tuple[list, list[int]]:
+def py_gather_acks(pairs: list, acks: dict, mid: int, hi: int) -> int:
+    """Fold an ack request's ``(device key, mids)`` pairs into ``acks``
+    (device key -> mids, in the order they came), each pair's mids below
+    ``mid`` only; return the greatest mid they may hold, ``hi`` at least.
+
+    The writer's take of one ack request (a list, see
+    :meth:`SqliteStore._hand_acks`).  A device's first list goes in as the
+    caller's list itself, not a copy (a copy would write every int's
+    reference count from the writer's thread; the loop's thread frees
+    them); one with a mid at or above ``mid`` goes in as a new list of the
+    rest.  Each pair's mids: a non-empty sequence of ints."""
+    for key, mids in pairs:
+        known = acks.get(key)
+        top = _mid_span(mids)[1]
+        if top >= mid:
+            mids = [m for m in mids if m < mid]
+            top = mid - 1
+        elif type(mids) is not list:
+            mids = list(mids)
+        acks[key] = mids if known is None else known + mids
+        if top > hi:
+            hi = top
+    return hi
+
+
+#: :func:`py_gather_acks`, compiled when the core is built (a group's commit
+#: takes one ack request of a pair a member device)
+_gather_acks = twin(py_gather_acks)
+
+
+def py_ack_drops(acks: dict, held) -> tuple[list, list[int]]:
     """The compiled walks' input for ``acks`` (device key -> acked mids):
     flat ``key, mids blob`` pairs (native int64s), and their keys in order.
     A device in ``held``, one with no mids, and one whose mids are not all
@@ -1983,6 +1997,10 @@ def _ack_drops(acks: dict, held) -> tuple[list, list[int]]:
             drops += (key, blob)
             keys.append(key)
     return drops, keys
+
+
+#: :func:`py_ack_drops`, compiled when the core is built
+_ack_drops = twin(py_ack_drops)
 
 
 def _upgrade(conn: sqlite3.Connection) -> None:

@@ -141,6 +141,7 @@ def test_compiled_twins_loaded():
              (store._release_walked, store.py_release_walked),
              (store._ack_device, store.py_ack_device), (store._mid_span, store.py_mid_span),
              (store._mids_blob, store.py_mids_blob),
+             (store._gather_acks, store.py_gather_acks), (store._ack_drops, store.py_ack_drops),
              (store._pack_rows, store.py_pack_rows),
              (gate_mod.TokenBucket, gate_mod.PyTokenBucket),
              (gate_mod.take_upto, gate_mod.py_take_upto),
@@ -2473,6 +2474,93 @@ def test_mids_blob_twins():
         if _core is not None:
             got = _agrees(_core.mids_blob, mids, want)
             assert got is None or type(got) is bytes, mids
+
+
+def _gather_cases(rng: random.Random) -> list:
+    """Ack requests as the writer takes them: ``(pairs, acks before, mid)``,
+    a device acking twice, mids at and above the batch's next mid, and
+    pairs unlike the relay's (a tuple of mids, a bool, a float, an int past
+    64 bits, a list subclass, a list pair, no mids)."""
+    cases = []
+    for _ in range(300):
+        mid = rng.randrange(1, 5000)
+        pairs = []
+        for _ in range(rng.randrange(0, 12)):
+            key = rng.randrange(1, 6)
+            lo = rng.randrange(0, mid + 50)
+            mids = list(range(lo, lo + rng.randrange(1, 80)))
+            if rng.random() < 0.3:
+                rng.shuffle(mids)
+            pairs.append((key, mids))
+        before = {k: [rng.randrange(0, mid)] for k in rng.sample(range(1, 6), rng.randrange(0, 3))}
+        cases.append((pairs, before, mid))
+    lst = type("L", (list,), {})
+    cases += [([(1, (4, 2, 9))], {}, 7), ([(1, [True, 3])], {}, 9), ([(1, [1, 2.5])], {}, 9),
+              ([(1, [1 << 70, 2])], {}, 9), ([(1, lst([3, 1]))], {}, 2), ([[1, [5, 6]]], {}, 9),
+              ([(1, [])], {}, 9), ([(1, [5]), (1, [8, 2])], {1: [1]}, 6),
+              ([(1, [-(1 << 63), (1 << 63) - 1])], {}, 0), ([(1, [1, "2"])], {}, 9)]
+    return cases
+
+
+def test_gather_acks_twins():
+    # the writer's take of an ack request: each device's mids below the
+    # batch's next mid, in the order they came, the caller's list itself
+    # kept when nothing is cut; the greatest mid acked, or the bound
+    rng = random.Random(11)
+    for pairs, before, mid in _gather_cases(rng):
+        results = []
+        for fn in (store.py_gather_acks, _core and _core.gather_acks):
+            if fn is None:
+                continue
+            acks = {k: list(v) for k, v in before.items()}
+            given = copy.deepcopy(pairs)
+            try:
+                hi = fn(given, acks, mid, 0)
+            except Exception as exc:  # noqa: BLE001 - compared below
+                results.append(type(exc))
+                continue
+            for key, mids in acks.items():
+                assert all(m < mid for m in mids[len(before.get(key, ())):]), (pairs, mid)
+            for key, mids in given:
+                if key not in before and type(mids) is list and max(mids) < mid and \
+                        sum(1 for k, _ in given if k == key) == 1:
+                    assert acks[key] is mids, "the caller's list itself, not a copy"
+            results.append((hi, acks))
+        if len(results) == 2:
+            assert results[0] == results[1], (pairs, before, mid)
+        want = results[0]
+        if not isinstance(want, type):
+            got_hi, got = want
+            flat = {}
+            for key, mids in pairs:
+                flat.setdefault(key, list(before.get(key, [])))
+                flat[key] += [m for m in mids if m < mid]
+            assert got == {**before, **flat}, (pairs, mid)
+            tops = [max(mids) for _, mids in pairs]
+            assert got_hi == max([0] + [min(t, mid - 1) for t in tops]), (pairs, mid)
+
+
+def test_ack_drops_twins():
+    # the compiled walks' input: a device held back, one with no mids, one
+    # whose mids are not all int64s left out; the rest as blobs, in order
+    rng = random.Random(12)
+    cases = []
+    for _ in range(200):
+        acks = {k: [rng.randrange(-(1 << 63), 1 << 63) for _ in range(rng.randrange(0, 40))]
+                for k in rng.sample(range(1, 50), rng.randrange(0, 12))}
+        held = rng.choice([(), set(), set(rng.sample(range(1, 50), 5))])
+        cases.append((acks, held))
+    cases += [({1: [1, 2.5], 2: [3]}, ()), ({1: [1 << 64], 2: [4, 5]}, ()),
+              ({1: (4, 2), 2: [True]}, {3}), ({1: [], 2: [9]}, ()),
+              ({1: type("L", (list,), {})([3, 1])}, ()), ({1: [1, "2"], 2: [2]}, {2})]
+    for acks, held in cases:
+        want = _same(lambda a, h: store.py_ack_drops(a, h),
+                     _core and (lambda a, h: _core.ack_drops(a, h)), acks, held)
+        drops, keys = want
+        assert drops[::2] == keys
+        assert all(k not in held and acks[k] for k in keys)
+        for key, blob in zip(drops[::2], drops[1::2]):
+            assert blob == store.py_mids_blob(acks[key])
 
 
 def test_ack_device_twins_take_any_input_as_the_specification():

@@ -13,6 +13,8 @@
 #   ack_device = py_ack_device
 #   mid_span  = py_mid_span
 #   mids_blob = py_mids_blob
+#   gather_acks = py_gather_acks
+#   ack_drops = py_ack_drops
 #   pack_rows = py_pack_rows
 #
 # tests/test_fastpath.py runs both on the same inputs and compares the dicts
@@ -27,6 +29,7 @@
 from cpython cimport array as carray
 from cpython.dict cimport PyDict_Next
 from cpython.list cimport PyList_CheckExact
+from cpython.long cimport PyLong_AsLongLong
 from cpython.object cimport PyObject_GetItem
 from cpython.set cimport PySet_Contains, PySet_GET_SIZE
 from cpython.ref cimport Py_XDECREF
@@ -1112,6 +1115,25 @@ cdef inline long long _borrowed_mid(list mids, Py_ssize_t at) except? -1:
     return -1 if overflow else v
 
 
+cdef bytes _list_blob(list mids):
+    # mids_blob of a list of exact int64 ints; None for any other list
+    cdef Py_ssize_t i, n = PyList_GET_SIZE(mids)
+    cdef PyObject* m
+    cdef long long v
+    cdef int overflow = 0
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, 8 * n)
+    cdef char* p = PyBytes_AS_STRING(out)
+    for i in range(n):
+        m = PyList_GET_ITEM(mids, i)
+        if not PyLong_CheckExact(<object>m):
+            return None
+        v = PyLong_AsLongLongAndOverflow(<object>m, &overflow)
+        if overflow:
+            return None
+        memcpy(p + 8 * i, &v, 8)
+    return out
+
+
 def mids_blob(mids):
     """``mids`` as native int64s (see ``fastroute.store.py_mids_blob``).
 
@@ -1120,30 +1142,43 @@ def mids_blob(mids):
     walks, and ``array.array("q", mids)`` would write every int's reference
     count from the writer's core (the loop's thread made them and frees
     them), at ~14 ns an int where this takes ~2."""
-    cdef Py_ssize_t i, n
-    cdef PyObject* m
-    cdef long long v
-    cdef int overflow = 0
     cdef bytes out
-    cdef char* p
     if PyList_CheckExact(mids):
-        n = PyList_GET_SIZE(mids)
-        out = PyBytes_FromStringAndSize(NULL, 8 * n)
-        p = PyBytes_AS_STRING(out)
-        for i in range(n):
-            m = PyList_GET_ITEM(mids, i)
-            if not PyLong_CheckExact(<object>m):
-                break
-            v = PyLong_AsLongLongAndOverflow(<object>m, &overflow)
-            if overflow:
-                break
-            memcpy(p + 8 * i, &v, 8)
-        else:
+        out = _list_blob(<list>mids)
+        if out is not None:
             return out
     # anything else (another sequence, a bool, an int past 64 bits): the
     # specification's answer, or its error
     from fastroute.store import py_mids_blob
     return py_mids_blob(mids)
+
+
+def ack_drops(dict acks not None, held):
+    """The compiled walks' input for ``acks`` (see
+    ``fastroute.store.py_ack_drops``): each device's mids made a blob as
+    :func:`mids_blob` makes it, in one call for every device of a commit."""
+    cdef list drops = [], keys = []
+    cdef Py_ssize_t pos = 0
+    cdef PyObject* k
+    cdef PyObject* v
+    cdef object key, mids, blob
+    # the steady state's held is (): no device is in it
+    cdef bint check = not (PyTuple_CheckExact(held) and PyTuple_GET_SIZE(held) == 0)
+    while PyDict_Next(acks, &pos, &k, &v):
+        key = <object>k
+        mids = <object>v
+        if not mids or (check and key in held):
+            continue
+        blob = _list_blob(<list>mids) if PyList_CheckExact(mids) else None
+        if blob is None:
+            try:
+                blob = mids_blob(mids)
+            except (OverflowError, TypeError):
+                continue
+        drops.append(key)
+        drops.append(blob)
+        keys.append(key)
+    return drops, keys
 
 
 cdef int _cmp_int64(const void* x, const void* y) noexcept nogil:
@@ -1189,6 +1224,79 @@ def mid_span(mids):
         return lo, hi
     from fastroute.store import py_mid_span
     return py_mid_span(mids)
+
+
+cdef bint _list_top(list mids, long long* top) except -1:
+    # the greatest of a non-empty list of exact int64 ints, read through
+    # borrowed pointers (see mid_span); False: not such a list
+    cdef Py_ssize_t i, n = PyList_GET_SIZE(mids)
+    cdef PyObject* m
+    cdef long long v, hi = 0
+    cdef int overflow = 0
+    if n == 0:
+        return False
+    for i in range(n):
+        m = PyList_GET_ITEM(mids, i)
+        if not PyLong_CheckExact(<object>m):
+            return False
+        v = PyLong_AsLongLongAndOverflow(<object>m, &overflow)
+        if overflow:
+            return False
+        if i == 0 or v > hi:
+            hi = v
+    top[0] = hi
+    return True
+
+
+def gather_acks(list pairs not None, dict acks not None, long long mid, hi):
+    """Fold an ack request's ``(device key, mids)`` pairs into ``acks`` (see
+    ``fastroute.store.py_gather_acks``): the greatest mid of each list read
+    through borrowed pointers (see :func:`mid_span`), the list itself kept
+    unless some of its mids are cut.  A pair of another shape goes the
+    specification's way."""
+    cdef Py_ssize_t i, j
+    cdef object pair, key, mids
+    cdef PyObject* m
+    cdef PyObject* known
+    cdef long long top = 0, chi = 0
+    cdef int overflow = 0
+    cdef list kept
+    # the bound as a C int while it is one (the writer's always is)
+    cdef bint exact = PyLong_CheckExact(hi)
+    if exact:
+        chi = PyLong_AsLongLongAndOverflow(hi, &overflow)
+        exact = not overflow
+    for i in range(PyList_GET_SIZE(pairs)):
+        pair = <object>PyList_GET_ITEM(pairs, i)
+        if PyTuple_CheckExact(pair) and PyTuple_GET_SIZE(pair) == 2:
+            key = <object>PyTuple_GET_ITEM(pair, 0)
+            mids = <object>PyTuple_GET_ITEM(pair, 1)
+        else:
+            mids = None
+        if not exact or not PyList_CheckExact(mids) or not _list_top(<list>mids, &top):
+            from fastroute.store import py_gather_acks
+            hi = py_gather_acks([pair], acks, mid, chi if exact else hi)
+            exact = PyLong_CheckExact(hi)
+            if exact:
+                chi = PyLong_AsLongLongAndOverflow(hi, &overflow)
+                exact = not overflow
+            continue
+        if top >= mid:
+            kept = []
+            for j in range(PyList_GET_SIZE(mids)):
+                m = PyList_GET_ITEM(mids, j)
+                if PyLong_AsLongLong(<object>m) < mid:  # an int64: _list_top said so
+                    kept.append(<object>m)
+            mids = kept
+            top = mid - 1
+        known = PyDict_GetItemWithError(acks, key)
+        if known == NULL:
+            acks[key] = mids
+        else:
+            acks[key] = <object>known + mids
+        if top > chi:
+            chi = top
+    return chi if exact else hi
 
 
 cdef bint _ack_inputs_plain(list mids, list rows) except -1:
