@@ -1877,12 +1877,9 @@ class SqliteStore(_BaseStore):
         drops, keys = _ack_drops(acks, {key for key, _ in spartial} if spartial else ())
         if not drops:
             return acks
-        rest = dict(acks)
         # a walk of shares alone: each device's start at the head of its acks
-        for index, end in _release_walked(self._counts, fast.drop_shares(drops), keys, acks,
-                                          gone).items():
-            rest[keys[index]] = acks[keys[index]][end:]
-        return rest
+        ends = _release_walked(self._counts, fast.drop_shares(drops), keys, acks, gone)
+        return _acks_left(acks, keys, ends)
 
     def _expire(self, conn: sqlite3.Connection, now_ms: int, bound: int, partial: dict,
                 spartial: dict, sgone: dict) -> int:
@@ -2001,6 +1998,26 @@ def py_ack_drops(acks: dict, held) -> tuple[list, list[int]]:
 
 #: :func:`py_ack_drops`, compiled when the core is built
 _ack_drops = twin(py_ack_drops)
+
+
+def py_acks_left(acks: dict, keys: list, ends: dict) -> dict:
+    """The acks (device key -> mids) a compiled walk of shares left to the
+    general path: a walked device's (``ends``: by its index in ``keys``, how
+    many of its mids the walk took, :func:`py_release_walked`'s answer)
+    after those, any other device's as they were, in ``acks``' order; a
+    device with none left is left out (a large group's members ack whole
+    shares, and each was a line of Python a commit)."""
+    taken = {keys[index]: end for index, end in ends.items()}
+    rest = {}
+    for key, mids in acks.items():
+        end = taken.get(key, 0)
+        if end < len(mids):
+            rest[key] = mids[end:] if end else mids
+    return rest
+
+
+#: :func:`py_acks_left`, compiled when the core is built
+_acks_left = twin(py_acks_left)
 
 
 def _upgrade(conn: sqlite3.Connection) -> None:

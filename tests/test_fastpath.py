@@ -142,6 +142,7 @@ def test_compiled_twins_loaded():
              (store._ack_device, store.py_ack_device), (store._mid_span, store.py_mid_span),
              (store._mids_blob, store.py_mids_blob),
              (store._gather_acks, store.py_gather_acks), (store._ack_drops, store.py_ack_drops),
+             (store._acks_left, store.py_acks_left),
              (store._pack_rows, store.py_pack_rows),
              (gate_mod.TokenBucket, gate_mod.PyTokenBucket),
              (gate_mod.take_upto, gate_mod.py_take_upto),
@@ -2561,6 +2562,29 @@ def test_ack_drops_twins():
         assert all(k not in held and acks[k] for k in keys)
         for key, blob in zip(drops[::2], drops[1::2]):
             assert blob == store.py_mids_blob(acks[key])
+
+
+def test_acks_left_twins():
+    # what a walk of shares leaves: a walked device's mids after those it
+    # took (none: left out), an unwalked device's as they were, in order
+    rng = random.Random(13)
+    for _ in range(300):
+        acks = {k: list(range(k * 100, k * 100 + rng.randrange(0, 20)))
+                for k in rng.sample(range(1, 300), rng.randrange(0, 30))}
+        walkable = [k for k, m in acks.items() if m]
+        keys = rng.sample(walkable, rng.randrange(0, len(walkable) + 1))
+        ends = {i: rng.randrange(1, len(acks[k]) + 1) for i, k in enumerate(keys)
+                if rng.random() < 0.8}
+        taken = {keys[i]: e for i, e in ends.items()}
+        for fn in (store.py_acks_left, _core and _core.acks_left):
+            if fn is None:
+                continue
+            got = fn(acks, keys, ends)
+            assert list(got) == [k for k, m in acks.items() if len(m) > taken.get(k, 0)]
+            for key, mids in got.items():
+                assert mids == acks[key][taken.get(key, 0):]
+                if key not in taken:
+                    assert mids is acks[key], "an unwalked device's own list"
 
 
 def test_ack_device_twins_take_any_input_as_the_specification():

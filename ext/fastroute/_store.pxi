@@ -15,6 +15,7 @@
 #   mids_blob = py_mids_blob
 #   gather_acks = py_gather_acks
 #   ack_drops = py_ack_drops
+#   acks_left = py_acks_left
 #   pack_rows = py_pack_rows
 #
 # tests/test_fastpath.py runs both on the same inputs and compares the dicts
@@ -1224,6 +1225,28 @@ def mid_span(mids):
         return lo, hi
     from fastroute.store import py_mid_span
     return py_mid_span(mids)
+
+
+def acks_left(dict acks not None, list keys not None, dict ends not None):
+    """The acks a compiled walk of shares left to the general path (see
+    ``fastroute.store.py_acks_left``): a large group's commit, hundreds of
+    devices that acked whole shares, in one call."""
+    cdef dict taken = {}, rest = {}
+    cdef Py_ssize_t pos = 0, end
+    cdef PyObject* k
+    cdef PyObject* v
+    cdef PyObject* t
+    cdef object mids
+    while PyDict_Next(ends, &pos, &k, &v):
+        taken[keys[<object>k]] = <object>v
+    pos = 0
+    while PyDict_Next(acks, &pos, &k, &v):
+        mids = <object>v
+        t = PyDict_GetItemWithError(taken, <object>k)
+        end = 0 if t == NULL else <Py_ssize_t><object>t
+        if end < len(mids):
+            rest[<object>k] = mids[end:] if end else mids
+    return rest
 
 
 cdef bint _list_top(list mids, long long* top) except -1:
