@@ -2006,7 +2006,7 @@ def py_acks_left(acks: dict, keys: list, ends: dict) -> dict:
     many of its mids the walk took, :func:`py_release_walked`'s answer)
     after those, any other device's as they were, in ``acks``' order; a
     device with none left is left out (a large group's members ack whole
-    shares, and each was a line of Python a commit)."""
+    shares: most are left out, and each was two lines of Python a commit)."""
     taken = {keys[index]: end for index, end in ends.items()}
     rest = {}
     for key, mids in acks.items():
