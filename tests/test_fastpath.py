@@ -2555,8 +2555,7 @@ def test_ack_drops_twins():
               ({1: (4, 2), 2: [True]}, {3}), ({1: [], 2: [9]}, ()),
               ({1: type("L", (list,), {})([3, 1])}, ()), ({1: [1, "2"], 2: [2]}, {2})]
     for acks, held in cases:
-        want = _same(lambda a, h: store.py_ack_drops(a, h),
-                     _core and (lambda a, h: _core.ack_drops(a, h)), acks, held)
+        want = _same(store.py_ack_drops, _core and _core.ack_drops, acks, held)
         drops, keys = want
         assert drops[::2] == keys
         assert all(k not in held and acks[k] for k in keys)

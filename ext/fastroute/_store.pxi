@@ -1143,6 +1143,11 @@ def mids_blob(mids):
     walks, and ``array.array("q", mids)`` would write every int's reference
     count from the writer's core (the loop's thread made them and frees
     them), at ~14 ns an int where this takes ~2."""
+    return _mids_blob(mids)
+
+
+cdef bytes _mids_blob(object mids):
+    # mids_blob, called without a Python call by ack_drops
     cdef bytes out
     if PyList_CheckExact(mids):
         out = _list_blob(<list>mids)
@@ -1162,7 +1167,8 @@ def ack_drops(dict acks not None, held):
     cdef Py_ssize_t pos = 0
     cdef PyObject* k
     cdef PyObject* v
-    cdef object key, mids, blob
+    cdef object key, mids
+    cdef bytes blob
     # the steady state's held is (): no device is in it
     cdef bint check = not (PyTuple_CheckExact(held) and PyTuple_GET_SIZE(held) == 0)
     while PyDict_Next(acks, &pos, &k, &v):
@@ -1170,12 +1176,10 @@ def ack_drops(dict acks not None, held):
         mids = <object>v
         if not mids or (check and key in held):
             continue
-        blob = _list_blob(<list>mids) if PyList_CheckExact(mids) else None
-        if blob is None:
-            try:
-                blob = mids_blob(mids)
-            except (OverflowError, TypeError):
-                continue
+        try:
+            blob = _mids_blob(mids)
+        except (OverflowError, TypeError):
+            continue
         drops.append(key)
         drops.append(blob)
         keys.append(key)
@@ -1194,34 +1198,39 @@ cdef inline int64_t _blob_mid(const char* p, Py_ssize_t i) noexcept:
     return v
 
 
+cdef bint _list_span(list mids, long long* lo, long long* hi) except -1:
+    # the least and the greatest of a non-empty list of exact int64 ints,
+    # read through borrowed pointers (see mid_span); False: not such a list
+    cdef Py_ssize_t i, n = PyList_GET_SIZE(mids)
+    cdef PyObject* m
+    cdef long long v
+    cdef int overflow = 0
+    if n == 0:
+        return False
+    for i in range(n):
+        m = PyList_GET_ITEM(mids, i)
+        if not PyLong_CheckExact(<object>m):
+            return False
+        v = PyLong_AsLongLongAndOverflow(<object>m, &overflow)
+        if overflow:
+            return False
+        if i == 0:
+            lo[0] = hi[0] = v
+        elif v < lo[0]:
+            lo[0] = v
+        elif v > hi[0]:
+            hi[0] = v
+    return True
+
+
 def mid_span(mids):
     """The least and the greatest of ``mids`` (see ``fastroute.store.py_mid_span``).
 
     The writer thread reads acked mids through borrowed pointers: the loop's
     thread made those ints and frees them, and ``min``/``max`` would write
     each one's reference count from the writer's core."""
-    cdef Py_ssize_t i, n
-    cdef PyObject* m
-    cdef long long v, lo = 0, hi = 0
-    cdef int overflow = 0
-    if not PyList_CheckExact(mids) or PyList_GET_SIZE(mids) == 0:
-        from fastroute.store import py_mid_span
-        return py_mid_span(mids)
-    n = PyList_GET_SIZE(mids)
-    for i in range(n):
-        m = PyList_GET_ITEM(mids, i)
-        if not PyLong_CheckExact(<object>m):
-            break
-        v = PyLong_AsLongLongAndOverflow(<object>m, &overflow)
-        if overflow:
-            break
-        if i == 0:
-            lo = hi = v
-        elif v < lo:
-            lo = v
-        elif v > hi:
-            hi = v
-    else:
+    cdef long long lo = 0, hi = 0
+    if PyList_CheckExact(mids) and _list_span(<list>mids, &lo, &hi):
         return lo, hi
     from fastroute.store import py_mid_span
     return py_mid_span(mids)
@@ -1249,28 +1258,6 @@ def acks_left(dict acks not None, list keys not None, dict ends not None):
     return rest
 
 
-cdef bint _list_top(list mids, long long* top) except -1:
-    # the greatest of a non-empty list of exact int64 ints, read through
-    # borrowed pointers (see mid_span); False: not such a list
-    cdef Py_ssize_t i, n = PyList_GET_SIZE(mids)
-    cdef PyObject* m
-    cdef long long v, hi = 0
-    cdef int overflow = 0
-    if n == 0:
-        return False
-    for i in range(n):
-        m = PyList_GET_ITEM(mids, i)
-        if not PyLong_CheckExact(<object>m):
-            return False
-        v = PyLong_AsLongLongAndOverflow(<object>m, &overflow)
-        if overflow:
-            return False
-        if i == 0 or v > hi:
-            hi = v
-    top[0] = hi
-    return True
-
-
 def gather_acks(list pairs not None, dict acks not None, long long mid, hi):
     """Fold an ack request's ``(device key, mids)`` pairs into ``acks`` (see
     ``fastroute.store.py_gather_acks``): the greatest mid of each list read
@@ -1281,7 +1268,7 @@ def gather_acks(list pairs not None, dict acks not None, long long mid, hi):
     cdef object pair, key, mids
     cdef PyObject* m
     cdef PyObject* known
-    cdef long long top = 0, chi = 0
+    cdef long long low = 0, top = 0, chi = 0
     cdef int overflow = 0
     cdef list kept
     # the bound as a C int while it is one (the writer's always is)
@@ -1296,7 +1283,7 @@ def gather_acks(list pairs not None, dict acks not None, long long mid, hi):
             mids = <object>PyTuple_GET_ITEM(pair, 1)
         else:
             mids = None
-        if not exact or not PyList_CheckExact(mids) or not _list_top(<list>mids, &top):
+        if not exact or not PyList_CheckExact(mids) or not _list_span(<list>mids, &low, &top):
             from fastroute.store import py_gather_acks
             hi = py_gather_acks([pair], acks, mid, chi if exact else hi)
             exact = PyLong_CheckExact(hi)
@@ -1308,7 +1295,7 @@ def gather_acks(list pairs not None, dict acks not None, long long mid, hi):
             kept = []
             for j in range(PyList_GET_SIZE(mids)):
                 m = PyList_GET_ITEM(mids, j)
-                if PyLong_AsLongLong(<object>m) < mid:  # an int64: _list_top said so
+                if PyLong_AsLongLong(<object>m) < mid:  # an int64: _list_span said so
                     kept.append(<object>m)
             mids = kept
             top = mid - 1
