@@ -2588,9 +2588,11 @@ def test_acks_left_twins():
 
 def test_ack_device_twins_take_any_input_as_the_specification():
     # inputs unlike the relay's (a float mid, a mid past 64 bits, a blob out
-    # of order or cut short) go the specification's way, errors included
+    # of order or cut short) go the specification's way, errors included; no
+    # mids at all is the relay's shape, and answers as the specification does
     rows = [(1, 1, array.array("q", [1, 2, 3]).tobytes())]
     for mids, rows_ in (([1, 2, 3.0], rows), ([1, 1 << 70], rows), ([True, 2, 3], rows),
+                        ([], rows), ([], []), ([1 << 63], rows), ([-(1 << 63)], rows),
                         ([2, 3], [(0, 1, array.array("q", [3, 2]).tobytes())]),
                         ([2], [(0, 1, b"\x01" * 9)]), ([2], [(0, 1, bytearray(8))])):
         want = _same(lambda fn: _ack_device_case(fn, 5, mids, rows_, {}, {}), None,

@@ -1315,16 +1315,11 @@ cdef bint _ack_inputs_plain(list mids, list rows) except -1:
     strictly ascending int64s.  Anything else goes to the specification."""
     cdef Py_ssize_t i, j, n
     cdef object row, blob
-    cdef PyObject* m  # borrowed: see mid_span
-    cdef int overflow
+    cdef long long lo, hi
     cdef const char* p
-    for i in range(PyList_GET_SIZE(mids)):
-        m = PyList_GET_ITEM(mids, i)
-        if not PyLong_CheckExact(<object>m):
-            return False
-        PyLong_AsLongLongAndOverflow(<object>m, &overflow)
-        if overflow:
-            return False
+    # no mids is plain too (the span's loop refuses an empty list)
+    if PyList_GET_SIZE(mids) and not _list_span(mids, &lo, &hi):
+        return False
     for i in range(PyList_GET_SIZE(rows)):
         row = <object>PyList_GET_ITEM(rows, i)
         if not (PyTuple_CheckExact(row) or PyList_CheckExact(row)) or len(row) != 3:
