@@ -2589,8 +2589,8 @@ def test_acks_left_twins():
 def test_ack_device_twins_take_any_input_as_the_specification():
     # inputs unlike the relay's (a float mid, a mid past 64 bits, a blob out
     # of order or cut short) go the specification's way, errors included; no
-    # mids at all, and mids at the int64 bounds, are plain inputs, answered as
-    # the specification answers them
+    # mids at all, and a mid at int64's bottom, are plain inputs, one just past
+    # its top is not: each answered as the specification answers it
     rows = [(1, 1, array.array("q", [1, 2, 3]).tobytes())]
     for mids, rows_ in (([1, 2, 3.0], rows), ([1, 1 << 70], rows), ([True, 2, 3], rows),
                         ([], rows), ([], []), ([1 << 63], rows), ([-(1 << 63)], rows),
