@@ -677,3 +677,20 @@ def test_store_put_ack_writes_a_group_commit_s_frames_in_one_call() -> None:
         assert int(m.group(1)) >= 50, m.string  # a commit a batch
         calls[wal] = float(m.group(2))
     assert calls["gathered"] <= 1.5 and calls["default"] >= 4 * calls["gathered"], calls
+
+
+def test_wal_erase_crosses_erasing_checkpoints_in_both_trees() -> None:
+    # the bench of a light load across erasing checkpoints: each run spans
+    # some, every put is counted, and two trees alternate (the fastroute
+    # under test is both)
+    proc = _bench("wal_erase.py", "--rounds", "1", "--rate", "100", "--erase-s", "0.5",
+                  "--warmup", "1", "--seconds", "1.5", "--relay-path", _tree(), timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    runs = re.findall(r"round 1 (this|other): writer ([\d.]+) us a put, p50 ([\d.]+) ms, "
+                      r"p99 ([\d.]+) ms, (\d+) puts, (\d+) erasing checkpoints, WAL ([\d,]+) B",
+                      proc.stdout)
+    assert sorted(r[0] for r in runs) == ["other", "this"], proc.stdout
+    for _, cpu, p50, p99, puts, checkpoints, _wal in runs:
+        assert float(cpu) > 0 and 0 < float(p50) <= float(p99), proc.stdout
+        assert 120 <= int(puts) <= 151 and int(checkpoints) >= 1, proc.stdout
+    assert re.search(r"this / other: cpu_us x[\d.]+ \(rounds x[\d.]+\); p50_ms", proc.stdout)
