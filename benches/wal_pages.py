@@ -44,7 +44,11 @@ def wal_frames(wal: bytes) -> tuple[int, list[tuple[int, int]]]:
     their salts are the header's (frames after those are an earlier pass's)."""
     if len(wal) < _WAL_HEADER:
         return 0, []
-    _, _, page_size, _, salt1, salt2, _, _ = struct.unpack(">8I", wal[:_WAL_HEADER])
+    magic, _, page_size, _, salt1, salt2, _, _ = struct.unpack(">8I", wal[:_WAL_HEADER])
+    if magic not in (0x377F0682, 0x377F0683) or not page_size:
+        # no WAL (as SQLite reads it): the store's writer empties one by
+        # overwriting it with zeroes, not by cutting it to nothing
+        return 0, []
     frames = []
     at = _WAL_HEADER
     while at + _FRAME_HEADER + page_size <= len(wal):

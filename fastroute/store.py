@@ -744,14 +744,17 @@ class SqliteStore(_BaseStore):
     most ``erase_s`` after a delete commits it runs ``wal_checkpoint(TRUNCATE)``,
     which writes the zeroed pages into the database and empties the WAL,
     where the pages' older images (bodies, ids, senders) would otherwise
-    stay.  A reader with an open snapshot delays that (retried every
+    stay (with the compiled core, by overwriting its first 16 MB with
+    zeroes in place and cutting the rest, see :func:`py_wal_vfs`; without
+    it, by cutting the file to nothing).  A reader with an open snapshot delays that (retried every
     second); the relay's only reader is its own short backlog loads.  A
     clean close checkpoints too.  Threat model and limits: this protects
     against someone who later reads the data directory (a stolen disk image,
     a backup or copy made after the bound); it does not scrub blocks the
-    filesystem already released (a truncated WAL's old blocks on the device,
-    those the database file gives back as it shrinks, SSD remapping), nor a
-    copy taken while the message was still stored.
+    filesystem already released (a WAL's old blocks past its first 16 MB, or
+    all of them without the compiled core, those the database file gives
+    back as it shrinks, SSD remapping), nor a copy taken while the message
+    was still stored.
 
     The store is bound to the event loop it was opened on; call its methods
     from that loop's thread only.
@@ -2781,7 +2784,13 @@ def py_wal_vfs() -> str | None:
     the file before the commit returns.  On the benches' host a write call
     to an ext4 file cost ~4.5 us of CPU whatever its size: a probe of a
     group commit's 7 frames took ~75 us in writes, ~17 gathered
-    (benches/README.md, session 55).
+    (benches/README.md, session 55).  It also empties a WAL in place: where
+    ``wal_checkpoint(TRUNCATE)`` cuts it to nothing here, it overwrites its
+    first 16 MB with zeroes (synced) and cuts only what lies past them, so
+    the commits after an erasing checkpoint overwrite blocks the file has
+    instead of extending it, whose sync also writes the file's new size and
+    blocks (at a light load, every commit from one erasing checkpoint to the
+    next: benches/wal_erase.py, benches/README.md session 62).
     """
     return None
 

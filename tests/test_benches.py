@@ -636,6 +636,7 @@ def test_wal_pages_reads_frames_and_commits_from_a_wal_image() -> None:
     assert size == 512 and frames == [(3, 0), (1, 10), (4, 11), (5, 0)]
     assert wal_pages.commits_of(frames) == [[3, 1], [4]]
     assert wal_pages.wal_frames(b"") == (0, [])
+    assert wal_pages.wal_frames(bytes(len(wal))) == (0, [])  # emptied in place: zeroes
 
 
 def _group_put_ack(batch: str, pattern: str, *args: str) -> re.Match:

@@ -7,7 +7,11 @@ file.  So these tests run the same transactions both ways and compare what a
 second connection sees after each, and the files' sizes; count the write
 calls of the thread that commits; kill a process right after a commit
 returned and look for it in the file; and make the file refuse a write to
-see both ways fail alike.
+see both ways fail alike.  One difference is the layer's on purpose: a WAL
+emptied (``wal_checkpoint(TRUNCATE)``) keeps its first 16 MB as zeroes
+instead of being cut to nothing, so the commits after it do not extend the
+file; the tests read that file as no WAL, as SQLite does, and check that it
+holds nothing else.
 """
 
 from __future__ import annotations
@@ -178,8 +182,15 @@ def test_each_commit_is_in_the_file_as_the_default_vfs_leaves_it(tmp_path, synch
         results[vfs] = (seen, body)
     (seen_d, body_d), (seen_v, body_v) = results[None], results[_vfs()]
     assert [s[0] for s in seen_v] == [s[0] for s in seen_d]
+    kept = None  # the WAL's size when the layer emptied it (then it keeps it)
     for got, want in zip(seen_v, seen_d):
-        assert got == want  # rows seen by another connection, and the WAL's size
+        if got[0] == "truncated":
+            kept = seen_v[seen_v.index(got) - 1][2]
+            assert want[2] == 0 < kept  # SQLite's own way cuts it to nothing
+        # rows seen by another connection, and the WAL's size: after the
+        # layer emptied it, the larger of its kept size and SQLite's regrown one
+        assert got == (want if kept is None else (*want[:2], max(kept, want[2])))
+    assert kept is not None
     assert body_v == body_d  # the database file, page for page
 
 
@@ -310,3 +321,148 @@ def test_the_store_s_writer_writes_a_commit_in_one_call(tmp_path, monkeypatch):
     assert writes <= 2 * commits, (writes, commits)
     # frame by frame, the same commits took ten calls each here
     assert writes_d >= 4 * commits, (writes_d, commits)
+
+
+def _zeroes(path: str) -> bool:
+    """Whether the file at ``path`` holds only zero bytes."""
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            if chunk.strip(b"\0"):
+                return False
+    return True
+
+
+@needs_c
+def test_an_emptied_wal_is_zeroes_in_place_and_reads_as_no_wal(tmp_path):
+    path = str(tmp_path / "e.db")
+    wal = path + "-wal"
+    conn = _wal_db(path, _vfs(), "FULL", 4096)
+    conn.execute("PRAGMA secure_delete = ON")
+    conn.execute("CREATE TABLE t(k INTEGER PRIMARY KEY, v BLOB)")
+    for i in range(40):
+        conn.execute("INSERT INTO t VALUES (?, ?)", (i, b"SECRET%03d" % i * 300))
+    conn.execute("DELETE FROM t WHERE k >= 10")
+    size = os.path.getsize(wal)
+    with open(wal, "rb") as f:
+        assert b"SECRET039" in f.read()  # a deleted row's older page image
+    assert conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone() == (0, 0, 0)
+    # every frame overwritten, the file's blocks kept (SQLite's own way
+    # leaves a file of no bytes: see the comparison above)
+    assert os.path.getsize(wal) == size and _zeroes(wal)
+    reader = sqlite3.connect(path, isolation_level=None)  # the default VFS
+    try:
+        assert reader.execute("SELECT count(*) FROM t").fetchone() == (10,)
+        # the next commit starts the WAL over at its start, inside the kept size
+        conn.execute("INSERT INTO t VALUES (100, x'01')")
+        assert reader.execute("SELECT count(*), max(k) FROM t").fetchone() == (11, 100)
+        assert os.path.getsize(wal) == size and not _zeroes(wal)
+    finally:
+        reader.close()
+    conn.close()
+    assert not os.path.exists(wal)  # the last connection's close, as ever
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("SELECT count(*), max(k) FROM t").fetchone() == (11, 100)
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        with open(path, "rb") as f:
+            assert b"SECRET039" not in f.read()
+    finally:
+        conn.close()
+
+
+@needs_c
+def test_an_emptied_wal_keeps_16_mb_at_most(tmp_path):
+    path = str(tmp_path / "big.db")
+    wal = path + "-wal"
+    conn = _wal_db(path, _vfs(), "NORMAL", 4096)
+    conn.execute("CREATE TABLE t(k INTEGER PRIMARY KEY, v BLOB)")
+    conn.execute("BEGIN")
+    for i in range(2200):  # ~18 MB of frames in one commit
+        conn.execute("INSERT INTO t VALUES (?, randomblob(8000))", (i,))
+    conn.execute("COMMIT")
+    assert os.path.getsize(wal) > 17 << 20
+    assert conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone() == (0, 0, 0)
+    assert os.path.getsize(wal) == 16 << 20 and _zeroes(wal)
+    assert conn.execute("SELECT count(*) FROM t").fetchone() == (2200,)
+    conn.close()
+
+
+_ERASE_CHILD = textwrap.dedent("""
+    import sqlite3, sys
+    from fastroute import store
+    path, after = sys.argv[1], sys.argv[2] == "1"
+    target, uri = store._writer_target(path, store._wal_vfs())
+    assert uri, "the layer is not in use"
+    conn = sqlite3.connect(target, uri=uri, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute("CREATE TABLE t(k INTEGER PRIMARY KEY, v BLOB)")
+    for i in range(20):
+        conn.execute("INSERT INTO t VALUES (?, randomblob(3000))", (i,))
+    conn.execute("DELETE FROM t WHERE k >= 5")
+    assert conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone() == (0, 0, 0)
+    if after:
+        conn.execute("INSERT INTO t VALUES (50, randomblob(10))")
+    print("ready", flush=True)
+    sys.stdin.readline()  # killed here
+""")
+
+
+@needs_c
+@pytest.mark.parametrize("commit_after", [False, True])
+def test_a_process_killed_after_emptying_its_wal_keeps_every_commit(tmp_path, commit_after):
+    path = str(tmp_path / "k.db")
+    child = subprocess.Popen(
+        [sys.executable, "-c", _ERASE_CHILD, path, "1" if commit_after else "0"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=ENV)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        child.send_signal(signal.SIGKILL)
+        assert child.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    # left as the kill found it: zeroes, or a new pass's frames and then zeroes
+    assert os.path.getsize(path + "-wal") > 0
+    assert _zeroes(path + "-wal") != commit_after
+    conn = sqlite3.connect(path)  # recovers from the WAL (the default VFS)
+    try:
+        keys = [k for (k,) in conn.execute("SELECT k FROM t ORDER BY k")]
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    finally:
+        conn.close()
+    assert keys == list(range(5)) + ([50] if commit_after else [])
+
+
+async def _store_erase(path: str) -> tuple[int, bool, int]:
+    """A put acked, the erasing checkpoint waited for, another put: the
+    WAL's size after the erase, whether it then held only zeroes, and its
+    size after the next put."""
+    store = await SqliteStore.open(path, erase_s=0.1)
+    try:
+        key = store.register_device("a", "d")
+        mids = await store.put_many([("s", os.urandom(16), os.urandom(3000), 1, [key])
+                                     for _ in range(30)])
+        store.ack(key, mids)
+        await store.flush()
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if store.checkpoints:
+                break
+        assert store.checkpoints
+        erased = os.path.getsize(path + "-wal")
+        zeroes = _zeroes(path + "-wal")
+        await store.put_many([("s", os.urandom(16), b"x" * 100, 1, [key])])
+        return erased, zeroes, os.path.getsize(path + "-wal")
+    finally:
+        await store.close()
+
+
+@needs_c
+def test_the_store_s_erasing_checkpoint_empties_its_wal_in_place(tmp_path, monkeypatch):
+    erased, zeroes, later = asyncio.run(_store_erase(str(tmp_path / "vfs.db")))
+    assert erased > 90_000 and zeroes and later == erased
+    monkeypatch.setattr(store_mod, "_wal_vfs", py_wal_vfs)
+    erased_d, zeroes_d, later_d = asyncio.run(_store_erase(str(tmp_path / "default.db")))
+    assert erased_d == 0 and zeroes_d and 0 < later_d < erased
