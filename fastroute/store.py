@@ -746,9 +746,9 @@ class SqliteStore(_BaseStore):
     where the pages' older images (bodies, ids, senders) would otherwise
     stay (with the compiled core, by overwriting its first 16 MB with
     zeroes in place and cutting the rest, see :func:`py_wal_vfs`; without
-    it, by cutting the file to nothing).  A reader with an open snapshot delays that (retried every
-    second); the relay's only reader is its own short backlog loads.  A
-    clean close checkpoints too.  Threat model and limits: this protects
+    it, by cutting the file to nothing).  A reader with an open snapshot
+    delays that (retried every second); the relay's only reader is its own
+    short backlog loads.  A clean close checkpoints too.  Threat model and limits: this protects
     against someone who later reads the data directory (a stolen disk image,
     a backup or copy made after the bound); it does not scrub blocks the
     filesystem already released (a WAL's old blocks past its first 16 MB, or

@@ -205,8 +205,8 @@ cdef extern from *:
            FR_WV_KEEP bytes are overwritten with zeroes and synced, not
            given back.  A commit that extends a file makes its sync write
            the file's size and new blocks too: on the benches' ext4 that
-           took ~110-130 us of CPU and ~260-330 us a commit instead of ~75
-           and ~180 (benches/README.md, session 62), and a relay under
+           took ~107-117 us of CPU and ~260-330 us a commit instead of
+           ~73-76 and ~170-190 (benches/README.md, session 62), and a relay under
            light load wrote every commit that way, from each erasing
            checkpoint to the next.  Zeroes read as no WAL (its header's
            magic is wrong), as an empty file does, and the old frames'
