@@ -234,16 +234,28 @@ def test_a_process_killed_after_a_commit_returned_keeps_the_commit(tmp_path, syn
         child.send_signal(signal.SIGKILL)
         assert child.wait(timeout=30) == -signal.SIGKILL
     finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+        _reap(child)
+    keys = _recovered_keys(path)
+    assert keys == list(range(kill_after)) + list(range(10000, 10000 + kill_after))
+
+
+def _reap(child: subprocess.Popen) -> None:
+    """Kill ``child`` if it still runs (a test that failed first), and wait for it."""
+    if child.poll() is None:
+        child.kill()
+    child.wait()
+
+
+def _recovered_keys(path: str) -> list[int]:
+    """The keys of table ``t`` as a new connection (the default VFS) finds
+    them, recovering from the WAL a killed process left; integrity checked."""
     conn = sqlite3.connect(path)
     try:
         keys = [k for (k,) in conn.execute("SELECT k FROM t ORDER BY k")]
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     finally:
         conn.close()
-    assert keys == list(range(kill_after)) + list(range(10000, 10000 + kill_after))
+    return keys
 
 
 _FULL_CHILD = textwrap.dedent("""
@@ -332,13 +344,19 @@ def _zeroes(path: str) -> bool:
     return True
 
 
+def _table_db(path: str, synchronous: str) -> sqlite3.Connection:
+    """A new database at ``path`` through the layer, with a table ``t``."""
+    conn = _wal_db(path, _vfs(), synchronous, 4096)
+    conn.execute("PRAGMA secure_delete = ON")
+    conn.execute("CREATE TABLE t(k INTEGER PRIMARY KEY, v BLOB)")
+    return conn
+
+
 @needs_c
 def test_an_emptied_wal_is_zeroes_in_place_and_reads_as_no_wal(tmp_path):
     path = str(tmp_path / "e.db")
     wal = path + "-wal"
-    conn = _wal_db(path, _vfs(), "FULL", 4096)
-    conn.execute("PRAGMA secure_delete = ON")
-    conn.execute("CREATE TABLE t(k INTEGER PRIMARY KEY, v BLOB)")
+    conn = _table_db(path, "FULL")
     for i in range(40):
         conn.execute("INSERT INTO t VALUES (?, ?)", (i, b"SECRET%03d" % i * 300))
     conn.execute("DELETE FROM t WHERE k >= 10")
@@ -372,10 +390,8 @@ def test_an_emptied_wal_is_zeroes_in_place_and_reads_as_no_wal(tmp_path):
 
 @needs_c
 def test_an_emptied_wal_keeps_16_mb_at_most(tmp_path):
-    path = str(tmp_path / "big.db")
-    wal = path + "-wal"
-    conn = _wal_db(path, _vfs(), "NORMAL", 4096)
-    conn.execute("CREATE TABLE t(k INTEGER PRIMARY KEY, v BLOB)")
+    wal = str(tmp_path / "big.db-wal")
+    conn = _table_db(str(tmp_path / "big.db"), "NORMAL")
     conn.execute("BEGIN")
     for i in range(2200):  # ~18 MB of frames in one commit
         conn.execute("INSERT INTO t VALUES (?, randomblob(8000))", (i,))
@@ -420,19 +436,11 @@ def test_a_process_killed_after_emptying_its_wal_keeps_every_commit(tmp_path, co
         child.send_signal(signal.SIGKILL)
         assert child.wait(timeout=30) == -signal.SIGKILL
     finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+        _reap(child)
     # left as the kill found it: zeroes, or a new pass's frames and then zeroes
     assert os.path.getsize(path + "-wal") > 0
     assert _zeroes(path + "-wal") != commit_after
-    conn = sqlite3.connect(path)  # recovers from the WAL (the default VFS)
-    try:
-        keys = [k for (k,) in conn.execute("SELECT k FROM t ORDER BY k")]
-        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-    finally:
-        conn.close()
-    assert keys == list(range(5)) + ([50] if commit_after else [])
+    assert _recovered_keys(path) == list(range(5)) + ([50] if commit_after else [])
 
 
 async def _store_erase(path: str) -> tuple[int, bool, int]:
