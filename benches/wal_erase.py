@@ -13,13 +13,14 @@ other's ``fastroute`` first on its path, alternating, ``--rounds`` of each.  A
 run opens a ``SqliteStore`` (``synchronous = FULL``, ``erase_s`` of ``--erase-s``)
 and plays a chat at ``--rate`` messages a second, paced: a put of one message for
 one device, acked as soon as its mid is known (a recipient that keeps up), so
-every put is a commit of its own and its ack is in another.  The first ``--warmup`` seconds
-(longer than ``erase_s``: the first erasing checkpoint falls in them, and before
-it both trees write a new WAL alike) are not counted.  Then, over ``--seconds``:
-the store's writer thread's CPU a put (its commits, the acks' and the erasing
-checkpoints' included) and each put's latency (the call to its future's
-result) at p50 and p99.  Reported: each run, each tree's medians, and this
-tree's over the other's (the medians' ratio, and the rounds' own ratios).
+every put is a commit of its own and its ack is in another.  The first
+``--warmup`` seconds (longer than ``erase_s``: the first erasing checkpoint
+falls in them, and before it both trees write a new WAL alike) are not
+counted.  Then, over ``--seconds``: the store's writer thread's CPU a put (its
+commits, the acks' and the erasing checkpoints' included) and each put's
+latency (the call to its future's result) at p50 and p99.  Reported: each
+run, each tree's medians, and this tree's over the other's (the medians'
+ratio, and the rounds' own ratios).
 
 What it shows: the store's writer runs ``wal_checkpoint(TRUNCATE)`` at most
 ``erase_s`` after a delete.  SQLite then truncates the WAL to nothing, and at a
@@ -41,15 +42,14 @@ import sys
 import tempfile
 import time
 
-
-
-def _thread_cpu(thread) -> float:
-    """CPU seconds of this process's ``thread`` (its CPU clock)."""
-    return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 async def _child(rate: float, warmup: float, seconds: float, erase_s: float, size: int,
                  data_dir: str | None) -> dict:
+    # here, not at the top: the parent runs no store, only the trees' children
+    from store_put_ack import _thread_cpu
+
     from fastroute.store import SqliteStore
     with tempfile.TemporaryDirectory(prefix="fr-wal-erase-", dir=data_dir) as d:
         store = await SqliteStore.open(os.path.join(d, "store.db"), synchronous="FULL",

@@ -36,6 +36,7 @@ from fastroute.store import SqliteStore
 #: a WAL file's header and each frame's header, in bytes (sqlite.org/fileformat2.html)
 _WAL_HEADER = 32
 _FRAME_HEADER = 24
+_WAL_MAGIC = (0x377F0682, 0x377F0683)  # the header's first word (checksums' byte order)
 
 
 def wal_frames(wal: bytes) -> tuple[int, list[tuple[int, int]]]:
@@ -45,7 +46,7 @@ def wal_frames(wal: bytes) -> tuple[int, list[tuple[int, int]]]:
     if len(wal) < _WAL_HEADER:
         return 0, []
     magic, _, page_size, _, salt1, salt2, _, _ = struct.unpack(">8I", wal[:_WAL_HEADER])
-    if magic not in (0x377F0682, 0x377F0683) or not page_size:
+    if magic not in _WAL_MAGIC or not page_size:
         # no WAL (as SQLite reads it): the store's writer empties one by
         # overwriting it with zeroes, not by cutting it to nothing
         return 0, []

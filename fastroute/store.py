@@ -748,13 +748,13 @@ class SqliteStore(_BaseStore):
     zeroes in place and cutting the rest, see :func:`py_wal_vfs`; without
     it, by cutting the file to nothing).  A reader with an open snapshot
     delays that (retried every second); the relay's only reader is its own
-    short backlog loads.  A clean close checkpoints too.  Threat model and limits: this protects
-    against someone who later reads the data directory (a stolen disk image,
-    a backup or copy made after the bound); it does not scrub blocks the
-    filesystem already released (a WAL's old blocks past its first 16 MB, or
-    all of them without the compiled core, those the database file gives
-    back as it shrinks, SSD remapping), nor a copy taken while the message
-    was still stored.
+    short backlog loads.  A clean close checkpoints too.  Threat model and
+    limits: this protects against someone who later reads the data
+    directory (a stolen disk image, a backup or copy made after the bound);
+    it does not scrub blocks the filesystem already released (a WAL's old
+    blocks past its first 16 MB, or all of them without the compiled core,
+    those the database file gives back as it shrinks, SSD remapping), nor a
+    copy taken while the message was still stored.
 
     The store is bound to the event loop it was opened on; call its methods
     from that loop's thread only.
