@@ -387,6 +387,10 @@ _RETRY_S = 0.5
 # between two of puts: a commit of its own (at FULL, a sync) for deletes that
 # the next puts' commit could carry; a few milliseconds cost an ack nothing.
 _LINGER_S = 0.004
+# The WAL's frames at which the writer checkpoints it, between batches,
+# where the compiled core holds SQLite's automatic checkpoint (its default
+# mark, where SQLite ran it in a commit): a WAL of about 8 MB of 8 KB pages
+_CHECKPOINT_FRAMES = 1000
 # How long a put somebody waits on may wait for more puts while puts come
 # faster than the writer commits them: their commit is then shared.  Under
 # load the writer otherwise committed about two puts a transaction.
@@ -707,7 +711,9 @@ class SqliteStore(_BaseStore):
     waits on (acks, forgotten devices) waits up to 4 ms more for one that
     somebody does (a put, a flush).  So under load the deletes ride on the
     puts' commit instead of paying one of their own, nor waking the writer
-    for it.
+    for it.  With the compiled core the WAL's checkpoints (SQLite's, every
+    1,000 frames) run after a batch's answers are posted, not inside the
+    commit somebody waits on.
 
     Layout: the messages one transaction stores for exactly one device (most
     messages) share one row of ``packs`` with that device; those it stores
@@ -771,6 +777,11 @@ class SqliteStore(_BaseStore):
         self._erase_due: float | None = None
         #: TRUNCATE checkpoints run to erase deleted messages from the WAL
         self.checkpoints = 0
+        #: PASSIVE checkpoints the writer ran between batches (SQLite's own,
+        #: taken out of the commits where the compiled core is)
+        self.wal_checkpoints = 0
+        # the writer runs them (SqlFast.hold_checkpoints)
+        self._checkpoints_held = False
         self._path = path
         self._synchronous = synchronous
         self._max_batch = max_batch
@@ -1276,6 +1287,11 @@ class SqliteStore(_BaseStore):
                 # by the GIL's hand-offs between the writer and the loop)
                 log.info("fastroute store: the writer's compiled path is off: %s",
                          _reason(exc))
+            else:
+                # the WAL's checkpoints then run after a batch's answers are
+                # posted (_checkpoint), not inside the commit of whichever
+                # batch crossed SQLite's mark, which its waiters waited for
+                self._checkpoints_held = self._fast.hold_checkpoints()
         return devices, max(meta.get("next_device", 1), top_key + 1)
 
     def _post(self, callback, *args) -> None:
@@ -1587,7 +1603,9 @@ class SqliteStore(_BaseStore):
         return rows
 
     def _checkpoint(self) -> None:
-        """Erase what deletes left in the WAL, once the bound says it is time.
+        """Erase what deletes left in the WAL, once the bound says it is time;
+        else, where checkpoints are held (:meth:`PySqlFast.hold_checkpoints`),
+        copy the WAL into the database once it holds SQLite's mark of frames.
 
         Deleted rows are zeroed in their pages (``secure_delete = ON``), but
         the WAL still holds the older page images, bodies and ids included,
@@ -1598,6 +1616,17 @@ class SqliteStore(_BaseStore):
         """
         due = self._erase_due
         if due is None or time.monotonic() < due:
+            if self._checkpoints_held:
+                fast = self._fast
+                assert fast is not None
+                if fast.wal_frames >= _CHECKPOINT_FRAMES:
+                    try:
+                        fast.checkpoint()
+                    except sqlite3.Error as exc:
+                        # as SQLite's own in a commit: the next commit retries
+                        log.warning("fastroute store: checkpoint failed: %s", _reason(exc))
+                    else:
+                        self.wal_checkpoints += 1
             return
         conn = self._wconn
         assert conn is not None
@@ -2579,6 +2608,37 @@ class PySqlFast:
         #: transactions :meth:`run` committed, and those it left open to the caller
         self.committed = 0
         self.handed_back = 0
+
+    def hold_checkpoints(self) -> bool:
+        """Take SQLite's automatic checkpoint out of the connection's commits,
+        to be run by the caller (:meth:`checkpoint`) once :attr:`wal_frames`
+        reaches SQLite's mark; True if done.
+
+        SQLite runs it inside the commit that brings the WAL to 1,000 frames,
+        so a transaction somebody waits on takes a checkpoint's copy and
+        syncs with it.  The compiled twin replaces SQLite's WAL hook (which
+        runs it) with one that only notes the WAL's frames after each commit.
+        The sqlite3 module has no such hook: here nothing changes and this
+        returns False (SQLite keeps checkpointing in the commits).
+        """
+        return False
+
+    @property
+    def wal_frames(self) -> int:
+        """Frames in the WAL at the last commit since the last
+        :meth:`checkpoint` (0: none since), while checkpoints are held; here
+        always 0."""
+        return 0
+
+    def checkpoint(self) -> tuple[int, int]:
+        """Run a PASSIVE checkpoint: copy what the WAL holds into the
+        database as far as no reader's snapshot needs it, without waiting for
+        one.  Returns ``(frames in the WAL, frames copied)``."""
+        conn = self._conn
+        if conn is None:
+            raise RuntimeError("closed")
+        _, log, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        return log, copied
 
     def close(self) -> None:
         """Let the connection go; :meth:`run` raises after this."""

@@ -761,3 +761,106 @@ def test_the_twin_refuses_a_python_whose_connection_layout_it_does_not_know(tmp_
     monkeypatch.undo()
     SqlFast(conn, path).close()
     conn.close()
+
+
+def _commits(conn: sqlite3.Connection, n: int) -> None:
+    """``n`` transactions of a row each (a frame or more each in the WAL)."""
+    for _ in range(n):
+        conn.execute("INSERT INTO t VALUES (?)", (bytes(3000),))
+
+
+@needs_c
+@pytest.mark.parametrize("held", [True, False], ids=["held", "sqlite-s-own"])
+def test_held_checkpoints_leave_the_commits_and_run_when_asked(tmp_path, held):
+    # SQLite checkpoints inside the commit that brings the WAL to 1,000
+    # frames; held, the commits only note the frames and the writer copies
+    # them when it asks (after the batch's answers were posted)
+    from fastroute._core import SqlFast
+    path = str(tmp_path / "w.db")
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = OFF")
+    conn.executescript(store_mod._SCHEMA)  # the twin's statements are on it
+    conn.execute("CREATE TABLE t(x BLOB)")
+    fast = SqlFast(conn, path)
+    assert conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000
+    if held:
+        assert fast.hold_checkpoints() is True
+        # SQLite reads its mark from its own hook: replaced, it says 0
+        assert conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+    size = Path(path).stat().st_size
+    _commits(conn, 1200)
+    if not held:
+        # SQLite copied the WAL at its mark and started it over
+        assert fast.wal_frames == 0
+        assert Path(path).stat().st_size > size
+        _, log, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        assert log < 1000
+        fast.close()
+        conn.close()
+        return
+    frames = fast.wal_frames
+    assert frames >= 1200
+    assert Path(path).stat().st_size == size  # nothing copied in any commit
+    assert fast.checkpoint() == (frames, frames)
+    assert fast.wal_frames == 0
+    assert Path(path).stat().st_size > size
+    # all of it was copied: the next commit starts the WAL over
+    _commits(conn, 1)
+    assert 0 < fast.wal_frames < 10
+    fast.close()
+    # SQLite has its own hook back, and checkpoints in the commits again
+    assert conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000
+    conn.close()
+
+
+def test_the_specification_leaves_sqlite_s_checkpoints_in_the_commits(tmp_path):
+    # the sqlite3 module cannot replace SQLite's WAL hook: nothing held, and
+    # a checkpoint asked for still runs
+    conn, spec = _blank(tmp_path, store_mod.PySqlFast)
+    conn.execute("PRAGMA journal_mode = WAL")
+    assert spec.hold_checkpoints() is False
+    assert conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 1000
+    conn.execute("INSERT INTO meta(k, v) VALUES ('x', 1)")
+    log, copied = spec.checkpoint()
+    assert log == copied > 0
+    assert spec.wal_frames == 0
+    spec.close()
+    conn.close()
+
+
+@pytest.mark.parametrize("compiled", [pytest.param(True, marks=needs_c), False],
+                         ids=["compiled", "no-core"])
+def test_the_store_s_writer_checkpoints_the_wal_between_batches(tmp_path, monkeypatch,
+                                                                compiled):
+    # 1,500 puts of 6 KB, each a commit of a frame or more: the WAL crosses
+    # SQLite's mark at least once; held, the writer checkpoints it (and
+    # counts it), and the WAL never holds much more than the mark's frames
+    if not compiled:
+        monkeypatch.setattr(store_mod, "_SqlFast", None)
+    path = str(tmp_path / "s.db")
+
+    async def main():
+        store = await SqliteStore.open(path, synchronous="NORMAL")
+        key = store.register_device("a@p", "1")
+        body = bytes(6000)
+        for i in range(1500):
+            await store.put_many([("s@p", i.to_bytes(16, "big"), body, T0, [key])],
+                                 validate=False)
+        seen = store.wal_checkpoints, store._checkpoints_held
+        frames = store._fast.wal_frames if store._fast is not None else None
+        await store.close()
+        return seen, frames
+    (checkpoints, held), frames = asyncio.run(main())
+    assert held is compiled
+    if compiled:
+        assert checkpoints >= 1
+        assert frames < store_mod._CHECKPOINT_FRAMES
+    else:
+        assert checkpoints == 0
+    # the WAL's size is the most it held (the compiled layer empties it in
+    # place): the mark's frames and a commit's, not the 1,500 puts'
+    page = store_mod._PAGE_SIZE
+    wal = Path(path + "-wal")
+    assert not wal.exists() or wal.stat().st_size <= (store_mod._CHECKPOINT_FRAMES + 16) \
+        * (page + 24) + 32

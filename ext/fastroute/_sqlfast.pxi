@@ -62,6 +62,9 @@ cdef extern from *:
         const char *(*db_filename)(fr_sq_db*, const char*);
         int (*get_autocommit)(fr_sq_db*);
         const char *(*libversion)(void);
+        void *(*wal_hook)(fr_sq_db*, int (*)(void*, fr_sq_db*, const char*, int), void*);
+        int (*wal_checkpoint_v2)(fr_sq_db*, const char*, int, int*, int*);
+        int (*wal_autocheckpoint)(fr_sq_db*, int);
     } fr_sq_api;
     static fr_sq_api fr_sq;
     /* 0: not looked up yet; 1: every symbol found; -1: unavailable */
@@ -91,6 +94,9 @@ cdef extern from *:
         FR_SQ_SYM(db_filename, "sqlite3_db_filename")
         FR_SQ_SYM(get_autocommit, "sqlite3_get_autocommit")
         FR_SQ_SYM(libversion, "sqlite3_libversion")
+        FR_SQ_SYM(wal_hook, "sqlite3_wal_hook")
+        FR_SQ_SYM(wal_checkpoint_v2, "sqlite3_wal_checkpoint_v2")
+        FR_SQ_SYM(wal_autocheckpoint, "sqlite3_wal_autocheckpoint")
     #undef FR_SQ_SYM
         fr_sq_state = 1;
     #else
@@ -105,12 +111,25 @@ cdef extern from *:
         return *(fr_sq_db **)((char *)conn + sizeof(PyObject));
     }
 
-    enum { FR_SQ_OK = 0, FR_SQ_DONE = 101, FR_SQ_ROW = 100 };
+    /* SqlFast.hold_checkpoints' WAL hook: it runs inside every commit of
+       the connection, with or without the GIL, so it only notes the WAL's
+       frames (SQLite's own hook, which it replaces, checkpoints there) */
+    static int fr_sq_wal_note(void *frames, fr_sq_db *db, const char *name, int n) {
+        (void)db; (void)name;
+        *(int *)frames = n;
+        return 0;
+    }
+    typedef int (*fr_sq_wal_cb)(void*, fr_sq_db*, const char*, int);
+
+    enum { FR_SQ_OK = 0, FR_SQ_BUSY = 5, FR_SQ_DONE = 101, FR_SQ_ROW = 100 };
+    /* sqlite3_wal_checkpoint_v2's mode; SQLite's default auto-checkpoint */
+    enum { FR_SQ_PASSIVE = 0, FR_SQ_AUTO_FRAMES = 1000 };
     """
     ctypedef struct fr_sq_db:
         pass
     ctypedef struct fr_sq_stmt:
         pass
+    ctypedef int (*fr_sq_wal_cb)(void*, fr_sq_db*, const char*, int) noexcept nogil
     ctypedef struct fr_sq_api:
         int (*prepare_v2)(fr_sq_db*, const char*, int, fr_sq_stmt**, const char**) nogil
         int (*step)(fr_sq_stmt*) nogil
@@ -126,13 +145,20 @@ cdef extern from *:
         const char *(*db_filename)(fr_sq_db*, const char*) nogil
         int (*get_autocommit)(fr_sq_db*) nogil
         const char *(*libversion)() nogil
+        void *(*wal_hook)(fr_sq_db*, fr_sq_wal_cb, void*) nogil
+        int (*wal_checkpoint_v2)(fr_sq_db*, const char*, int, int*, int*) nogil
+        int (*wal_autocheckpoint)(fr_sq_db*, int) nogil
+    int fr_sq_wal_note(void* frames, fr_sq_db* db, const char* name, int n) noexcept nogil
     fr_sq_api fr_sq
     int fr_sq_load(const char* module_path)
     fr_sq_db* fr_sq_handle(PyObject* conn)
     enum:
         FR_SQ_OK
+        FR_SQ_BUSY
         FR_SQ_DONE
         FR_SQ_ROW
+        FR_SQ_PASSIVE
+        FR_SQ_AUTO_FRAMES
 
 
 cdef enum:
@@ -382,6 +408,8 @@ cdef class SqlFast:
     cdef fr_sq_stmt* st[SQ_COUNT]
     cdef object conn  # kept open while the statements live
     cdef int kind  # the kind of row (0 packs, 1 shares) a walk matched last
+    cdef int frames  # the WAL's frames at the last commit, while held (below)
+    cdef bint held  # hold_checkpoints() replaced SQLite's checkpointing hook
     #: transactions :meth:`run` committed, and those it left open to the caller
     cdef public long long committed, handed_back
 
@@ -394,6 +422,8 @@ cdef class SqlFast:
         for i in range(SQ_COUNT):
             self.st[i] = NULL
         self.committed = self.handed_back = 0
+        self.frames = 0
+        self.held = False
         if sys.implementation.name != "cpython" or not (3, 11) <= sys.version_info[:2] <= (3, 14):
             raise RuntimeError("this Python's sqlite3.Connection layout is not known")
         if not _sql_fast_available():
@@ -418,9 +448,54 @@ cdef class SqlFast:
                 self.close()
                 raise exc
 
+    def hold_checkpoints(self):
+        """Take SQLite's automatic checkpoint out of the connection's commits,
+        to be run by the caller (:meth:`checkpoint`) when :attr:`wal_frames`
+        says so; returns True (the specification cannot, and returns False).
+
+        SQLite runs it inside the commit that brings the WAL to 1,000 frames
+        (its default), so a transaction somebody waits on took a checkpoint's
+        copy of the pages and its syncs with it.  A hook of the connection
+        (``sqlite3_wal_hook``, which replaces SQLite's) then only notes the
+        WAL's frames after each commit.  :meth:`close` gives SQLite its hook
+        back.
+        """
+        if self.db == NULL:
+            raise RuntimeError("closed")
+        fr_sq.wal_hook(self.db, fr_sq_wal_note, &self.frames)
+        self.held = True
+        return True
+
+    @property
+    def wal_frames(self):
+        """Frames in the WAL at the last commit since the last
+        :meth:`checkpoint` (0: none since), while checkpoints are held."""
+        return self.frames
+
+    def checkpoint(self):
+        """Run a PASSIVE checkpoint, without the GIL: copy what the WAL holds
+        into the database as far as no reader's snapshot needs it, without
+        waiting for one.  Returns ``(frames in the WAL, frames copied)`` and
+        sets :attr:`wal_frames` to 0; raises the sqlite3 module's exception on
+        an SQLite error."""
+        cdef int rc, log = -1, copied = -1
+        if self.db == NULL:
+            raise RuntimeError("closed")
+        self.frames = 0
+        with nogil:
+            rc = fr_sq.wal_checkpoint_v2(self.db, b"main", FR_SQ_PASSIVE, &log, &copied)
+        # busy (another connection's checkpoint runs): as the pragma, not an error
+        if rc != FR_SQ_OK and rc & 0xff != FR_SQ_BUSY:
+            raise _sq_error(self.db, rc)
+        return log, copied
+
     def close(self):
-        """Finalize the statements (before the connection closes)."""
+        """Finalize the statements (before the connection closes); give
+        SQLite back its checkpointing hook."""
         cdef int i
+        if self.held and self.db != NULL:
+            fr_sq.wal_autocheckpoint(self.db, FR_SQ_AUTO_FRAMES)
+            self.held = False
         for i in range(SQ_COUNT):
             if self.st[i] != NULL:
                 fr_sq.finalize(self.st[i])
