@@ -688,10 +688,12 @@ def test_wal_erase_crosses_erasing_checkpoints_in_both_trees() -> None:
                   "--warmup", "1", "--seconds", "1.5", "--relay-path", _tree(), timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     runs = re.findall(r"round 1 (this|other): writer ([\d.]+) us a put, p50 ([\d.]+) ms, "
-                      r"p99 ([\d.]+) ms, (\d+) puts, (\d+) erasing checkpoints, WAL ([\d,]+) B",
+                      r"p99 ([\d.]+) ms, p99.9 ([\d.]+) ms, (\d+) puts, ([\d.]+) commits a "
+                      r"put, (\d+) erasing checkpoints, (\d+) the writer's own, WAL ([\d,]+) B",
                       proc.stdout)
     assert sorted(r[0] for r in runs) == ["other", "this"], proc.stdout
-    for _, cpu, p50, p99, puts, checkpoints, _wal in runs:
-        assert float(cpu) > 0 and 0 < float(p50) <= float(p99), proc.stdout
+    for _, cpu, p50, p99, p999, puts, commits, checkpoints, _own, _wal in runs:
+        assert float(cpu) > 0 and 0 < float(p50) <= float(p99) <= float(p999), proc.stdout
         assert 120 <= int(puts) <= 151 and int(checkpoints) >= 1, proc.stdout
+        assert float(commits) >= 0.9, proc.stdout
     assert re.search(r"this / other: cpu_us x[\d.]+ \(rounds x[\d.]+\); p50_ms", proc.stdout)
