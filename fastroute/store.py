@@ -385,8 +385,14 @@ _RETRY_S = 0.5
 # How long a batch that nobody waits on (acks, forgets, registrations) may wait
 # for one that somebody does.  Under load a transaction of acks alone fell
 # between two of puts: a commit of its own (at FULL, a sync) for deletes that
-# the next puts' commit could carry; a few milliseconds cost an ack nothing.
-_LINGER_S = 0.004
+# the next puts' commit could carry; the wait costs an ack nothing (a
+# backlog's read flushes held acks first).  At a chat's pace, puts come tens
+# of ms apart: 4 ms left every message two commits, its put's and its ack's,
+# each with its sync and both threads' wake-ups; 50 ms makes it one.  At 50
+# puts a second the writer's CPU a put fell to x0.58, and a put's latency
+# rose x1.13 at the median: its commit carries the ack's delete (~80 us of
+# the writer's CPU).  benches/README.md, sessions 62 and 63.
+_LINGER_S = 0.05
 # The WAL's frames at which the writer checkpoints it, between batches,
 # where the compiled core holds SQLite's automatic checkpoint (its default
 # mark, where SQLite ran it in a commit): a WAL of about 8 MB of 8 KB pages
@@ -707,13 +713,13 @@ class SqliteStore(_BaseStore):
     be rolled back, acked messages included.  Group commit makes the sync a
     cost per batch, not per message (``benches/store_put_ack.py
     --synchronous``).  Acks are handed to the writer with the next request
-    of another kind, or 4 ms after the first of them; a batch that nobody
-    waits on (acks, forgotten devices) waits up to 4 ms more for one that
-    somebody does (a put, a flush).  So under load the deletes ride on the
-    puts' commit instead of paying one of their own, nor waking the writer
-    for it.  With the compiled core the WAL's checkpoints (SQLite's, every
-    1,000 frames) run after a batch's answers are posted, not inside the
-    commit somebody waits on.
+    of another kind, or 50 ms after the first of them; a batch that nobody
+    waits on (acks, forgotten devices) waits up to 50 ms more for one that
+    somebody does (a put, a flush).  So the deletes ride on the puts'
+    commit instead of paying one of their own, nor waking the writer for
+    it: under load, and at a chat's pace too.  With the compiled core the
+    WAL's checkpoints (SQLite's, every 1,000 frames) run after a batch's
+    answers are posted, not inside the commit somebody waits on.
 
     Layout: the messages one transaction stores for exactly one device (most
     messages) share one row of ``packs`` with that device; those it stores
@@ -1088,7 +1094,7 @@ class SqliteStore(_BaseStore):
         to receive it.  Unknown pairs are ignored (acks may be repeated).
         A delete that fails (disk full) is kept and retried until it succeeds.
         The writer gets it with the next other request (a put, a flush), or
-        4 ms after the oldest ack it has not got yet.
+        50 ms after the oldest ack it has not got yet.
         """
         self._check_open()
         key = device_key

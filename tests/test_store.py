@@ -1509,6 +1509,25 @@ def test_sqlite_acks_wait_for_the_next_puts_commit_and_commit_alone_if_none_come
     run(main())
 
 
+def test_sqlite_at_a_chat_s_pace_each_ack_rides_the_next_put_s_commit(run, db):
+    # puts 20 ms apart, each acked as soon as it is stored: the acks wait for
+    # the next put (a commit and a sync a message, not one for the put and
+    # one for its ack), and the last one commits alone once nothing comes
+    async def main():
+        async with await SqliteStore.open(db) as store:
+            dev = store.register_device("a@p", "1")
+            await store.flush()
+            before = store.commits
+            for i in range(10):
+                mids = await store.put_many([("s@p", CID, b"m%d" % i, T0, [dev])])
+                store.ack(dev, mids)
+                await asyncio.sleep(0.02)
+            assert store.commits - before <= 11 < 20
+            await store.flush()
+            assert await store.count_pending() == 0
+    run(main())
+
+
 def test_sqlite_held_acks_go_to_the_writer_as_one_request(run, db):
     # a group's members each ack a window: handed to the writer with the
     # next put as one request, in the order they came, not one a device (ten
@@ -2093,6 +2112,7 @@ def test_sqlite_a_spack_loses_what_no_device_holds_at_the_rewrite(run, db):
             a, b = (store.register_device("g@p", d) for d in "ab")
             mids = await store.put_many([("s@p", CID, b"GONE-%d" % i, T0, [a, b])
                                          for i in range(4)])
+            store._linger_s = 0.004  # the acks commit alone within the sleep below
             store.ack(a, mids[:2])
             store.ack(b, mids[:2])
             await asyncio.sleep(0.05)
@@ -2161,6 +2181,7 @@ def test_sqlite_a_whole_share_acked_after_part_of_it_releases_each_message_once(
             a, b = (store.register_device("g@p", d) for d in "ab")
             mids = await store.put_many([("s@p", CID, b"m%d" % i, T0, [a, b])
                                          for i in range(3)])
+            store._linger_s = 0.004  # the ack commits alone within the sleep below
             store.ack(a, mids[:1])
             await asyncio.sleep(0.05)  # its own transaction, no rewrite yet
             assert store._spartial
