@@ -28,6 +28,7 @@ import bisect
 import concurrent.futures
 import functools
 import logging
+import math
 import os
 import queue
 import sqlite3
@@ -385,14 +386,21 @@ _RETRY_S = 0.5
 # How long a batch that nobody waits on (acks, forgets, registrations) may wait
 # for one that somebody does.  Under load a transaction of acks alone fell
 # between two of puts: a commit of its own (at FULL, a sync) for deletes that
-# the next puts' commit could carry; the wait costs an ack nothing (a
-# backlog's read flushes held acks first).  At a chat's pace, puts come tens
-# of ms apart: 4 ms left every message two commits, its put's and its ack's,
-# each with its sync and both threads' wake-ups; 50 ms makes it one.  At 50
+# the next puts' commit could carry; a few milliseconds cost an ack nothing.
+_LINGER_S = 0.004
+# How long the loop holds acks for the next put while puts come less than
+# that apart (otherwise _LINGER_S).  At a chat's pace puts come tens of ms
+# apart, and 4 ms left every message two commits, its put's and its ack's,
+# each with its sync and both threads' wake-ups; this makes it one.  At 50
 # puts a second the writer's CPU a put fell to x0.58, and a put's latency
 # rose x1.13 at the median: its commit carries the ack's delete (~80 us of
-# the writer's CPU).  benches/README.md, sessions 62 and 63.
-_LINGER_S = 0.05
+# the writer's CPU).  A backlog's read flushes held acks first; a crash
+# loses at most this much of them (their messages come again, and clients
+# drop repeats).  Held that long where no put came (5 puts a second),
+# the ack's commit ran ~0.1 s after the put's and cost ~70 us more of the
+# writer's CPU than 4 ms after it (a thread and caches gone cold): x1.2 a
+# put.  benches/README.md, sessions 62 and 63.
+_RIDE_S = 0.05
 # The WAL's frames at which the writer checkpoints it, between batches,
 # where the compiled core holds SQLite's automatic checkpoint (its default
 # mark, where SQLite ran it in a commit): a WAL of about 8 MB of 8 KB pages
@@ -713,13 +721,14 @@ class SqliteStore(_BaseStore):
     be rolled back, acked messages included.  Group commit makes the sync a
     cost per batch, not per message (``benches/store_put_ack.py
     --synchronous``).  Acks are handed to the writer with the next request
-    of another kind, or 50 ms after the first of them; a batch that nobody
-    waits on (acks, forgotten devices) waits up to 50 ms more for one that
-    somebody does (a put, a flush).  So the deletes ride on the puts'
-    commit instead of paying one of their own, nor waking the writer for
-    it: under load, and at a chat's pace too.  With the compiled core the
-    WAL's checkpoints (SQLite's, every 1,000 frames) run after a batch's
-    answers are posted, not inside the commit somebody waits on.
+    of another kind, or 50 ms after the first of them while puts come less
+    than 50 ms apart (4 ms otherwise); a batch that nobody waits on (acks,
+    forgotten devices) waits up to 4 ms more for one that somebody does (a
+    put, a flush).  So the deletes ride on the puts' commit instead of
+    paying one of their own, nor waking the writer for it: under load, and
+    at a chat's pace too.  With the compiled core the WAL's checkpoints
+    (SQLite's, every 1,000 frames) run after a batch's answers are posted,
+    not inside the commit somebody waits on.
 
     Layout: the messages one transaction stores for exactly one device (most
     messages) share one row of ``packs`` with that device; those it stores
@@ -837,6 +846,12 @@ class SqliteStore(_BaseStore):
         # well inside erase_s: the rewrite, then the checkpoint that erases it
         self._rewrite_s = min(0.5, erase_s / 4)
         self._linger_s = _LINGER_S
+        self._ride_s = _RIDE_S
+        # when the last put was handed to the writer (monotonic), and how
+        # long after the one before it: acks wait _ride_s for the next while
+        # puts come less than that apart
+        self._put_at = -math.inf
+        self._put_gap = math.inf
         # acks not yet handed to the writer, and the timer that hands them
         # over when no other request does first (the loop's thread only)
         self._acks_held: list[tuple] = []  # (device_key, mids) pairs, in order
@@ -968,6 +983,10 @@ class SqliteStore(_BaseStore):
             raise _store_error(self._dead)
         if self._acks_held:
             self._hand_acks()  # first: the writer keeps the order of requests
+        if kind == _PUT_MANY or kind == _PUT_TAILS or kind == _PUT:
+            now = time.monotonic()
+            self._put_gap = now - self._put_at
+            self._put_at = now
         self._queue.put((kind, arg, fut))
         if self._room > 0:
             self._came(_request_size(kind, arg))
@@ -1094,7 +1113,8 @@ class SqliteStore(_BaseStore):
         to receive it.  Unknown pairs are ignored (acks may be repeated).
         A delete that fails (disk full) is kept and retried until it succeeds.
         The writer gets it with the next other request (a put, a flush), or
-        50 ms after the oldest ack it has not got yet.
+        when the oldest ack it has not got has waited 50 ms (while puts come
+        less than 50 ms apart) or 4 ms (otherwise).
         """
         self._check_open()
         key = device_key
@@ -1105,12 +1125,15 @@ class SqliteStore(_BaseStore):
             if self._dead is not None:
                 raise _store_error(self._dead)
             # Held on the loop's thread until the next request of another
-            # kind, or _linger_s: an ack alone woke the writer, which then
-            # waited that long for a put to commit with (a wake-up of a
+            # kind, or a while (below): an ack alone woke the writer, which
+            # then waited _linger_s for a put to commit with (a wake-up of a
             # thread each, under load about one a window of messages).
             self._acks_held.append((key, mids))
             if self._acks_timer is None:
-                self._acks_timer = self._loop.call_later(self._linger_s, self._hand_acks)
+                hold = self._linger_s
+                if self._put_gap < self._ride_s and hold < self._ride_s:
+                    hold = self._ride_s  # puts come often: wait for the next
+                self._acks_timer = self._loop.call_later(hold, self._hand_acks)
 
     def forget_device(self, device_key: int) -> None:
         """Remove a device and everything still queued for it (fire-and-forget).
