@@ -1529,18 +1529,22 @@ def test_sqlite_at_a_chat_s_pace_each_ack_rides_the_next_put_s_commit(run, db):
 
 
 def test_sqlite_when_puts_come_far_apart_an_ack_commits_alone_soon(run, db):
-    # puts 80 ms apart: waiting 50 ms for the next would not catch it, and
-    # the ack's commit would run on a thread gone cold; it goes after the
-    # short wait (4 ms, and 4 more on the writer's side), as before
+    # puts further apart than the long wait: it would not catch the next,
+    # and the ack's commit would run on a thread gone cold; it goes after
+    # the short wait (4 ms, and 4 more on the writer's side), as before
     async def main():
         async with await SqliteStore.open(db) as store:
+            store._ride_s = 0.5  # the long wait, long enough to tell apart
             dev = store.register_device("a@p", "1")
             await store.put_many([("s@p", CID, b"a", T0, [dev])])
-            await asyncio.sleep(0.08)
+            await asyncio.sleep(0.6)
             mids = await store.put_many([("s@p", CID, b"b", T0, [dev])])
             before = store.commits
             store.ack(dev, mids)
-            await asyncio.sleep(0.03)
+            loop = asyncio.get_running_loop()
+            end = loop.time() + 0.3  # well before the long wait's end
+            while store.commits == before and loop.time() < end:
+                await asyncio.sleep(0.001)
             assert store.commits == before + 1
             assert await store.count_pending(dev) == 1
     run(main())
