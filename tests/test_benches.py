@@ -695,7 +695,8 @@ def test_wal_erase_crosses_erasing_checkpoints_in_both_trees() -> None:
     for _, cpu, p50, p99, p999, puts, commits, checkpoints, _own, _wal in runs:
         assert float(cpu) > 0 and 0 < float(p50) <= float(p99) <= float(p999), proc.stdout
         assert 120 <= int(puts) <= 151 and int(checkpoints) >= 1, proc.stdout
-        # each put is a commit, and its ack rides the next one's (a put
-        # each 10 ms, held acks wait 50): not two commits a put
-        assert 0.9 <= float(commits) < 1.5, proc.stdout
+        # its ack rides the next put's commit (a put each 10 ms, held acks
+        # wait 50): not two commits a put (fewer than one where the writer
+        # was held up and puts shared a commit)
+        assert 0 < float(commits) < 1.5, proc.stdout
     assert re.search(r"this / other: cpu_us x[\d.]+ \(rounds x[\d.]+\); p50_ms", proc.stdout)
