@@ -1522,7 +1522,8 @@ def test_sqlite_at_a_chat_s_pace_each_ack_rides_the_next_put_s_commit(run, db):
                 mids = await store.put_many([("s@p", CID, b"m%d" % i, T0, [dev])])
                 store.ack(dev, mids)
                 await asyncio.sleep(0.02)
-            assert store.commits - before <= 11 < 20
+            # (~20 where each ack paid a commit of its own)
+            assert store.commits - before <= 11
             await store.flush()
             assert await store.count_pending() == 0
     run(main())
