@@ -25,16 +25,90 @@ import gc
 import logging
 import os
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .. import wire
 from ..errors import ErrorCode
 from ..histogram import LOOP_BUCKETS, Histogram
 
 if TYPE_CHECKING:
-    from .server import Relay
+    from ..config import RelayConfig
+    from .delivery import Delivery
+    from .link import Link, Turns
 
-__all__ = ["GC_PAUSES", "GcPauses", "Histogram", "render_metrics", "serve_metrics"]
+__all__ = ["GC_PAUSES", "GcPauses", "Histogram", "Observed", "render_metrics",
+           "serve_metrics"]
+
+
+class Observed(Protocol):
+    """What the admin listener reads of a relay, and all it may read.
+
+    :class:`~fastroute.relay.server.Relay` is the one implementation (the
+    server starts this listener on itself).  Listing the surface here keeps
+    what a scrape can reach in one place, to be read with the privacy rule
+    above: counts, levels and states, never an address.
+    """
+
+    @property
+    def config(self) -> "RelayConfig":
+        """The relay's configuration (the store kind, the data directory)."""
+
+    @property
+    def closing(self) -> bool:
+        """True once the relay is shutting down."""
+
+    @property
+    def started_at(self) -> float:
+        """When the relay started (Unix time)."""
+
+    @property
+    def accepted_connections(self) -> int:
+        """TCP connections accepted."""
+
+    @property
+    def applied_generation(self) -> int:
+        """The registry generation the relay applied last."""
+
+    @property
+    def reloads(self) -> int:
+        """Registry reloads applied."""
+
+    @property
+    def op_counts(self) -> dict[int, int]:
+        """Well-formed ops received, by opcode."""
+
+    @property
+    def handshake_seconds(self) -> Histogram:
+        """Noise handshake durations."""
+
+    @property
+    def links(self) -> "set[Link]":
+        """The open connections (their states and providers are counted)."""
+
+    @property
+    def router(self) -> Any:
+        """The engine, compiled or its model (its mailboxes' depths are aggregated)."""
+
+    @property
+    def delivery(self) -> "Delivery | None":
+        """The delivery stage, once started (its online feeds)."""
+
+    @property
+    def store(self) -> Any:
+        """The message store (its counters)."""
+
+    @property
+    def turns(self) -> "Turns | None":
+        """The fair scheduler of the links' turns, once started."""
+
+    def stats(self) -> dict[str, Any]:
+        """The relay's counters."""
+
+    def ready(self) -> tuple[bool, str]:
+        """Whether the relay is ready, and why not."""
+
+    def link_state_name(self, link: "Link") -> str:
+        """A link's state as a metrics label."""
 
 log = logging.getLogger("fastroute.relay")
 
@@ -90,7 +164,7 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-async def render_metrics(relay: "Relay") -> str:
+async def render_metrics(relay: Observed) -> str:
     """The relay's metrics in the Prometheus text format (counts only)."""
     lines: list[str] = []
 
@@ -257,7 +331,7 @@ async def render_metrics(relay: "Relay") -> str:
     return "\n".join(lines) + "\n"
 
 
-async def serve_metrics(relay: "Relay", host: str, port: int) -> asyncio.base_events.Server:
+async def serve_metrics(relay: Observed, host: str, port: int) -> asyncio.base_events.Server:
     """Start the read-only admin HTTP listener on ``host:port``."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
