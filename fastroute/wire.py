@@ -1779,7 +1779,7 @@ def py_copy_tail_fields(tail: bytes) -> tuple[str, bytes, bytes, int]:
     sender's address and device id, then a DELIVER tail's fields (what the
     keys stage makes, :func:`py_deliver_tail` after both).  ``from`` is the
     store's sender of a copy, ``address/device_id``
-    (:func:`fastroute.relay.keys.copy_sender`): how the memory store reads a
+    (:func:`fastroute.relay.senders.copy_sender`): how the memory store reads a
     copy it keeps as its route."""
     if type(tail) is not bytes:
         raise WrongType("a DELIVER tail is bytes")

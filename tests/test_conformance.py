@@ -196,7 +196,7 @@ def _wrong_reg_ids_for_acme(monkeypatch):
     def biased(self, link, cid, address):
         if link.address.endswith("@acme") and self.may_reach(link, address):
             devs = self.dir.lists[address]  # the third party is served other bytes
-            self._reply(link, cid, 0, [[d, devs[d].reg_id ^ 1] for d in sorted(devs)])
+            self.replies.reply(link, cid, 0, [[d, devs[d].reg_id ^ 1] for d in sorted(devs)])
             return
         original(self, link, cid, address)
     monkeypatch.setattr(keys_mod.Keys, "devices", biased)
@@ -216,7 +216,7 @@ def _devices_tell_existing_addresses_apart(monkeypatch):
 
     def leaky(self, link, cid, address):
         if not self.may_reach(link, address) and address in self.dir.lists:
-            self._reply(link, cid, 402)  # "exists, but has not opted in": a directory
+            self.replies.reply(link, cid, 402)  # "exists, but has not opted in": a directory
             return
         original(self, link, cid, address)
     monkeypatch.setattr(keys_mod.Keys, "devices", leaky)
@@ -442,7 +442,7 @@ def _acme_reports_always_count(monkeypatch):
 
     def biased(self, link, cid, sender):
         if _acme(link):  # no delivery needed: a weapon for one provider's users
-            self.keys._reply(link, cid, 0, True)
+            self.replies.reply(link, cid, 0, True)
             return
         original(self, link, cid, sender)
     monkeypatch.setattr(safety_mod.Safety, "report", biased)

@@ -29,6 +29,7 @@ from fastroute.relay import delivery
 from fastroute.relay import gate as gate_mod
 from fastroute.relay import batch as batch_mod
 from fastroute.relay import keys as keys_mod
+from fastroute.relay import senders as senders_mod
 from fastroute.relay import groups as groups_mod
 from fastroute.errors import (
     BodyTooLarge,
@@ -251,7 +252,7 @@ def test_copy_tail_fields_read_back_a_copys_tail(size, sender, device):
         tail = wire.py_deliver_tail(sp, MID, body, wire.ts_packed(ts), cls)
         assert _same(*_both(wire.py_copy_tail_fields), tail) == (
             f"{sender}/{device}", MID, body, ts)
-        assert f"{sender}/{device}" == keys_mod.copy_sender(sender, device)
+        assert f"{sender}/{device}" == senders_mod.copy_sender(sender, device)
 
 
 def test_copy_tail_fields_refuse_what_is_not_a_copys_tail():
@@ -1792,7 +1793,7 @@ def test_mem_put_keeps_a_copys_route_and_loads_it_as_its_row():
             sp = msgpack.packb(sender) + msgpack.packb(device)
             route = (mid, wire.py_deliver_tail(sp, MID, body, wire.ts_packed(ts), 0),
                      wire.DDELIVER_HEAD)
-            sender = keys_mod.copy_sender(sender, device)
+            sender = senders_mod.copy_sender(sender, device)
         else:
             sender = rng.choice(["s@x.org", "t@x.org"])
             route = (mid, wire.py_deliver_tail(msgpack.packb(sender), MID, body,
@@ -2872,7 +2873,7 @@ def test_dispatch_frame_feature_fuzz(_known_sender):
 # -- feature e2ee: ops of DELIVER's shape, and stored rows a link may not get ---------
 
 def test_pack_delivers_with_a_head_packs_ddeliver_and_event():
-    from fastroute.relay.keys import DDELIVER_HEAD, EVENT_HEAD
+    from fastroute.relay.senders import DDELIVER_HEAD, EVENT_HEAD
 
     sp = msgpack.packb("alice@example.org") + msgpack.packb(3)
     batch = [(5, wire.py_deliver_tail(sp, MID, b"copy", TS_PACKED, 0), DDELIVER_HEAD),
@@ -2898,7 +2899,7 @@ def test_pack_delivers_with_a_head_packs_ddeliver_and_event():
 
 @pytest.mark.parametrize("negotiated", [False, True])
 def test_sync_rows_twins_with_per_device_copies(negotiated):
-    from fastroute.relay.keys import pack_stored_sender
+    from fastroute.relay.senders import pack_stored_sender
 
     rows = [(10, "alice@example.org", b"a" * 16, b"v1", TS),
             (11, "alice@example.org/3", b"b" * 16, b"copy", TS),
@@ -3153,7 +3154,7 @@ def _gsend_run_case(fn, table, bucket, seed):
     i = 0
     while i < len(ops):
         i = fn(ops, i, {k: v for k, v in groups.items() if v is not None}, sender, "x.org", skip,
-               senders, refilled, buckets, seen, 2.0, TS, TS_PACKED, groups_mod.GDELIVER_HEAD,
+               senders, refilled, buckets, seen, 2.0, TS, TS_PACKED, senders_mod.GDELIVER_HEAD,
                items, meta, "link")
         stops.append(i)
         i += 1
@@ -3177,7 +3178,7 @@ def test_gsend_run_twins(seed):
         b - a for a, b in zip([0] + [x + 1 for x in stops], stops))
     for (stored, cid, body, ts, dkeys), (link, mcid, (tail, head, targets)) in zip(items, meta):
         assert stored.startswith("#") and ts == TS
-        assert mcid == cid and link == "link" and head == groups_mod.GDELIVER_HEAD
+        assert mcid == cid and link == "link" and head == senders_mod.GDELIVER_HEAD
         assert targets and dkeys == [(t, 7) for t in targets]
         assert tail.startswith(SENDER_PACKED) and tail.endswith(body + TS_PACKED + b"\x00")
         assert wire.py_deliver_tail(tail[:len(SENDER_PACKED) + 1], cid, body, TS_PACKED, 0) == tail
@@ -3209,7 +3210,7 @@ def _gsend_long_run(fn, table, bucket, window):
     i = 0
     while i < len(ops):
         i = fn(ops, i, {gid: g}, sender, "x.org", skip, senders, {gid}, buckets, seen, 2.0,
-               TS, TS_PACKED, groups_mod.GDELIVER_HEAD, items, meta, "link")
+               TS, TS_PACKED, senders_mod.GDELIVER_HEAD, items, meta, "link")
         stops.append(i)
         i += 1
     return stops, items, meta, sorted(seen.keys())
@@ -3257,7 +3258,7 @@ def _gsend_two_groups(fn, table, bucket, order, group_burst=5.0):
     i = 0
     while i < len(ops):
         i = fn(ops, i, groups, sender, "x.org", skip, senders, set(groups), buckets, seen,
-               2.0, TS, TS_PACKED, groups_mod.GDELIVER_HEAD, items, [], "link")
+               2.0, TS, TS_PACKED, senders_mod.GDELIVER_HEAD, items, [], "link")
         stops.append(i)
         i += 1
     tokens = [b.tokens for b in buckets] + [g.buckets["x.org"].tokens for g in groups.values()]
@@ -3880,7 +3881,7 @@ def test_shared_fan_out_twins(seed):
     assert {d: n for d, n in per_feed.items() if n} == want_per_feed
 
 
-#: every per-device copy's head (fastroute.relay.keys.DDELIVER_HEAD)
+#: every per-device copy's head (fastroute.relay.senders.DDELIVER_HEAD)
 DDELIVER = b"\x98\xcd\x07\xd1"
 
 
@@ -3934,7 +3935,7 @@ def test_per_device_copies_online_twins(seed):
 
 def test_per_device_copies_online_bad_batches():
     # a copy cut short, or fewer row ids than copies: the same error from both
-    assert DDELIVER == keys_mod.DDELIVER_HEAD
+    assert DDELIVER == senders_mod.DDELIVER_HEAD
     by_device = {("a@home", "d1"): _Feed(7, ["e2ee"])}
     whole = ["a@home", "d1", b"tail", (1,)]
     for fn in _both(delivery.py_copies_online):

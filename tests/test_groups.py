@@ -539,7 +539,7 @@ def test_the_worked_bytes_of_the_spec_are_the_codes():
 
     import msgpack
 
-    from fastroute.relay.groups import GDELIVER_HEAD
+    from fastroute.relay.senders import GDELIVER_HEAD
 
     doc = (Path(__file__).parent.parent / "docs" / "PROTOCOL.md").read_text()
     section = doc[doc.index("### 18.8 Worked bytes"):].split("\n## ")[0]
@@ -570,7 +570,7 @@ def test_a_frame_of_gsends_is_answered_as_one_gsend_at_a_time(loop, tmp_path):
 
     async def scenario(path, one_at_a_time: bool):
         async with world(path, limits=lim) as w:
-            groups = w.relay.keys.groups
+            groups = w.relay.groups
             if one_at_a_time:
                 groups.gsend_many = lambda link, ops: [Groups.gsend_many(groups, link, [op])
                                                        for op in ops]

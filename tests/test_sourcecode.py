@@ -111,3 +111,65 @@ def test_every_public_name_has_a_docstring():
                     if not (inspect.getdoc(member) or "").strip():
                         missing.append(f"{mod.__name__}.{name}.{attr}")
     assert not missing, missing
+
+
+def _relay_imports() -> dict[str, dict[str, set[str]]]:
+    """module -> {relay module it imports from -> the names it takes}: every
+    import, at the top, under TYPE_CHECKING or inside a function (each is a
+    dependency a reader has to follow)."""
+    import ast
+
+    folder = ROOT / "fastroute" / "relay"
+    mods = {p.stem for p in folder.glob("*.py")}
+    out: dict[str, dict[str, set[str]]] = {}
+    for path in sorted(folder.glob("*.py")):
+        edges: dict[str, set[str]] = {}
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            if node.level == 1 and node.module in mods:
+                target = node.module
+            elif node.level == 0 and (node.module or "").startswith("fastroute.relay."):
+                target = node.module.split(".")[2]
+            elif node.level == 1 and node.module is None:  # from . import x
+                for alias in node.names:
+                    if alias.name in mods:
+                        edges.setdefault(alias.name, set())
+                continue
+            else:
+                continue
+            edges.setdefault(target, set()).update(a.name for a in node.names)
+        edges.pop(path.stem, None)
+        out[path.stem] = edges
+    return out
+
+
+def test_the_relay_stages_import_one_way():
+    # the relay is a pipeline: link -> the feature stages (groups -> keys ->
+    # safety) -> gate -> delivery, with batch, replies and senders below them;
+    # what flows back up (device-list changes, carried pairs) is handed in by
+    # the server, so no stage imports one above it, not even for a type
+    graph = {m: set(e) for m, e in _relay_imports().items()}
+
+    def reach(m: str) -> set[str]:
+        seen: set[str] = set()
+        todo = [m]
+        while todo:
+            for n in graph.get(todo.pop(), ()):
+                if n not in seen:
+                    seen.add(n)
+                    todo.append(n)
+        return seen
+
+    circles = sorted(m for m in graph if m in reach(m))
+    assert not circles, f"relay modules in a circle of imports: {circles}"
+    # the stages' order, which a layout without circles could still turn over
+    for above, below in (("link", "groups"), ("groups", "keys"), ("keys", "safety"),
+                         ("safety", "gate"), ("gate", "delivery"), ("server", "metrics")):
+        assert above not in reach(below), f"{below} reaches {above}"
+
+
+def test_no_relay_stage_imports_another_ones_private_names():
+    taken = {(m, t, n) for m, edges in _relay_imports().items()
+             for t, names in edges.items() for n in names if n.startswith("_")}
+    assert not taken, taken

@@ -921,7 +921,7 @@ cdef tuple c_copy_tail_fields(object tail, object mid=None):
         address = PyUnicode_DecodeUTF8(<const char*>s.sender, s.sender_len, NULL)
     except UnicodeDecodeError:
         raise InvalidArgument("a DELIVER tail's sender is UTF-8") from None
-    # the store's sender of a copy (keys.copy_sender)
+    # the store's sender of a copy (senders.copy_sender)
     sender = f"{address}/{s.device}"
     return _span_fields(&s, sender, mid)
 

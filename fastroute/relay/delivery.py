@@ -38,7 +38,7 @@ from .caps import Caps
 from ..errors import (ErrorCode, FastrouteError, InvalidArgument, MailboxFull, UnknownAddress,
                       WrongType)
 from ..store import tail_items
-from .keys import pack_stored_sender
+from .senders import pack_stored_sender
 
 if TYPE_CHECKING:
     from ..identity import Credential

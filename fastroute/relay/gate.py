@@ -47,7 +47,6 @@ from ..errors import ErrorCode, FastrouteError, InvalidArgument, PolicyError
 
 if TYPE_CHECKING:
     from .delivery import Delivery, LinkPort
-    from .safety import Safety
 
 __all__ = ["Budgets", "Gate", "LinkGate", "PyLinkGate", "PySendGate", "SendGate", "Sender",
            "TokenBucket", "give_back", "least", "take_all", "take_upto",
@@ -455,8 +454,10 @@ class Gate:
         #: address -> the addresses and "@provider" names it blocked (the
         #: safety stage fills it; the SEND loop reads it)
         self.blocks: dict[str, set[str]] = {}
-        #: the safety stage, told of each stored batch (spam reports), or None
-        self.safety: "Safety | None" = None
+        #: told of each stored batch: its sender and distinct recipients (the
+        #: safety stage's :meth:`~fastroute.relay.safety.Safety.delivered`:
+        #: spam reports count only pairs the relay carried), or None
+        self.on_carried: Callable[[str, set], None] | None = None
         self._tables = SendGate(delivery.known, self.dedup,
                                 self.consent if config.require_consent else None,
                                 self.taps, self.count_error, wire.sack_op, REFUSALS,
@@ -948,8 +949,8 @@ class Gate:
         recorded for the new-sender rule and the spam reports."""
         self.accepted += len(meta) // step
         young = self._young
-        safety = self.safety if self.safety is not None and self.safety.window > 0 else None
-        if young or safety is not None:
+        carried = self.on_carried
+        if young or carried is not None:
             tos = field_set(meta, 0, step)  # the distinct recipients, once for both
             if young:
                 # who wrote to a new sender: its answers to them are not to strangers
@@ -958,9 +959,8 @@ class Gate:
                     contacts.add((sender, to))
                 if len(contacts) > _MAX_CONTACTS:
                     self._contacts_old, self._contacts = contacts, set()
-            if safety is not None:
-                # spam reports count only for pairs the relay really carried
-                safety.delivered(sender, tos)
+            if carried is not None:
+                carried(sender, tos)
 
     def ack_all(self, link: "LinkPort | None", cid: bytes, code: int,
                 waiters: list | None) -> None:

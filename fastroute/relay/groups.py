@@ -48,13 +48,14 @@ from ..errors import ErrorCode, GroupFull, NotInvited, StoreFailed
 from .gate import TokenBucket
 
 from .batch import TurnBatch
+from .replies import Replies
+from .senders import GDELIVER_HEAD, GEVENT_HEAD, group_event_sender, group_sender
 
 if TYPE_CHECKING:
     from .delivery import Delivery, LinkPort
     from .keys import KeyDirectory, Keys
 
-__all__ = ["Group", "Groups", "GDELIVER_HEAD", "GEVENT_HEAD", "group_sender",
-           "group_event_sender", "GEV_CREATED", "GEV_INVITED", "GEV_JOINED", "GEV_DECLINED",
+__all__ = ["Group", "Groups", "GEV_CREATED", "GEV_INVITED", "GEV_JOINED", "GEV_DECLINED",
            "GEV_ADDED", "GEV_REMOVED", "GEV_LEFT", "GEV_ADMIN", "GEV_DEVICE_JOINED",
            "GEV_DEVICE_LEFT", "gsend_run", "py_gsend_run"]
 
@@ -65,11 +66,6 @@ _OP_GSEND = int(wire.Op.GSEND)
 #: GEVENT kinds (docs/PROTOCOL.md 18.6)
 (GEV_CREATED, GEV_INVITED, GEV_JOINED, GEV_DECLINED, GEV_ADDED, GEV_REMOVED, GEV_LEFT,
  GEV_ADMIN, GEV_DEVICE_JOINED, GEV_DEVICE_LEFT) = range(1, 11)
-
-#: heads of the feature's persistent relay ops, before the uint32 seq marker:
-#: fixarray(9) + uint16 2100 (GDELIVER), fixarray(7) + uint16 2101 (GEVENT)
-GDELIVER_HEAD = b"\x99\xcd" + int(wire.Op.GDELIVER).to_bytes(2, "big")
-GEVENT_HEAD = b"\x97\xcd" + int(wire.Op.GEVENT).to_bytes(2, "big")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS groups(
@@ -97,31 +93,6 @@ LISTS = "group_lists"
 #: member-device-set changes remembered per group, for the mismatch lists
 #: (older versions are answered with every current device, ``complete`` false)
 CHANGE_LOG = 512
-
-
-def group_sender(gid: bytes, address: str, device_id: int) -> str:
-    """The store's ``sender`` of a group message: ``#<gid hex>:<address>/<device id>``.
-
-    ``#`` is outside the address grammar: the backlog sync tells group rows
-    from the others by it (:func:`fastroute.relay.keys.pack_stored_sender`).
-    """
-    return f"#{gid.hex()}:{address}/{device_id}"
-
-
-def group_event_sender(kind: int) -> str:
-    """The store's ``sender`` of a GEVENT: ``#<kind>``."""
-    return f"#{kind}"
-
-
-def pack_group_sender(sender: str) -> tuple[bytes, bytes]:
-    """``(head, packed fields before the id)`` of a stored group row (see above)."""
-    rest = sender[1:]
-    gid_hex, colon, tail = rest.partition(":")
-    if not colon:
-        return (GEVENT_HEAD, msgpack.packb(int(rest)))
-    address, _, did = tail.rpartition("/")
-    return (GDELIVER_HEAD, msgpack.packb(bytes.fromhex(gid_hex)) + msgpack.packb(address)
-            + msgpack.packb(int(did)))
 
 
 def py_gsend_run(ops: list, i: int, groups: dict, sender: str, provider: str, skip: int,
@@ -258,6 +229,8 @@ class Groups:
         self.keys = keys
         self.delivery = delivery
         self.count_error = count_error
+        #: this stage's REPLY ops (counted refusals)
+        self.replies = Replies(delivery, count_error)
         self.dedup = DedupTable(config.dedup_window_s, config.dedup_max_entries,
                                 presize=True)
         self.groups: dict[bytes, Group] = {}
@@ -353,7 +326,7 @@ class Groups:
             skipped = self._skipped.pop((link.address, cid), None)
             if not code and skipped is not None:
                 result = skipped
-        self.keys._reply(link, cid, code, result)
+        self.replies.reply(link, cid, code, result)
 
     def _replies_ok(self, link: "LinkPort", cids: list) -> None:
         """:meth:`_reply` with code 0 for each of ``cids``, at once when no
@@ -362,7 +335,7 @@ class Groups:
             for cid in cids:
                 self._reply(link, cid, 0)
         else:
-            self.keys._replies_ok(link, cids)
+            self.replies.replies_ok(link, cids)
 
     @staticmethod
     def _refund(mine: TokenBucket, group: TokenBucket, lg: Any, size: int) -> None:
@@ -442,7 +415,7 @@ class Groups:
 
     def create(self, link: "LinkPort", cid: bytes) -> None:
         """GCREATE: a new group whose only member, an admin, is the requester."""
-        if self.keys._my_slot(link) is None:
+        if self.dir.slot_of(link) is None:
             self._reply(link, cid, ErrorCode.NO_KEYS)
             return
         address = link.address
@@ -540,7 +513,7 @@ class Groups:
         if accept and len(self.member_of.get(address, ())) >= self.config.groups_per_user:
             self._reply(link, cid, ErrorCode.GROUP_LIMIT)
             return
-        if accept and self.keys._my_slot(link) is None:
+        if accept and self.dir.slot_of(link) is None:
             self._reply(link, cid, ErrorCode.NO_KEYS)
             return
 
@@ -694,7 +667,7 @@ class Groups:
                                 [[d, devs[d].reg_id] for d in sorted(devs)]]))
         for address in g.invites:
             items.append(packb([address, None, []]))
-        self.keys._reply_parts(link, cid, items)
+        self.replies.reply_parts(link, cid, items)
 
     # ------------------------------------------------------------ GSEND
     def gsend(self, link: "LinkPort", cid: bytes, gid: bytes, version: int,
@@ -711,7 +684,7 @@ class Groups:
         does); a group's bucket is refilled the first time the frame names it."""
         sender = link.address
         now = time.monotonic()
-        mine = self.keys._my_slot(link)
+        mine = self.dir.slot_of(link)
         cfg = self.config
         mine_bucket = self._bucket(self._send_buckets, sender, cfg.group_msgs_per_s,
                                    cfg.group_msgs_burst)

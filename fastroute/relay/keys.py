@@ -36,7 +36,7 @@ import logging
 import os
 import sqlite3
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import msgpack
 
@@ -54,16 +54,17 @@ from ..errors import (
 from .gate import TokenBucket
 
 from .batch import TurnBatch
+from .replies import Replies
+from .senders import EVENT_HEAD, copy_sender, event_sender
 
 if TYPE_CHECKING:
     from .delivery import Delivery, LinkPort
     from .gate import Gate
-    from .groups import Groups
     from .safety import Safety
 
-__all__ = ["KeyDirectory", "Keys", "PySlot", "Slot", "EVENT_POOL_LOW", "EVENT_DEVICE_JOINED",
-           "EVENT_DEVICE_LEFT", "copy_sender", "dsend_copies", "dsend_run", "event_sender",
-           "new_targets", "py_dsend_copies", "py_dsend_run", "py_new_targets",
+__all__ = ["DeviceListWatcher", "KeyDirectory", "Keys", "PySlot", "Slot", "EVENT_POOL_LOW",
+           "EVENT_DEVICE_JOINED", "EVENT_DEVICE_LEFT", "dsend_copies", "dsend_run", "new_targets",
+           "py_dsend_copies", "py_dsend_run", "py_new_targets",
            "py_recipients_by_sender", "recipients_by_sender", "copy_tails", "py_copy_tails"]
 
 log = logging.getLogger("fastroute.relay")
@@ -71,15 +72,6 @@ log = logging.getLogger("fastroute.relay")
 #: EVENT kinds (docs/PROTOCOL.md 17.6)
 EVENT_POOL_LOW, EVENT_DEVICE_JOINED, EVENT_DEVICE_LEFT = 1, 2, 3
 
-#: DELIVER-like heads of the feature's persistent relay ops, everything
-#: before the uint32 seq marker: fixarray(8) + uint16 2001 (DDELIVER) and
-#: fixarray(7) + uint16 2002 (EVENT).  See ``delivery.py_pack_delivers``.
-DDELIVER_HEAD = wire.DDELIVER_HEAD
-EVENT_HEAD = b"\x97\xcd" + int(wire.Op.EVENT).to_bytes(2, "big")
-
-#: the ops of feature "safety" (its stage answers them with this stage's REPLY)
-_SAFETY_OPS = frozenset(int(op) for op in wire.FEATURE_OPS["safety"])
-_GROUP_OPS = frozenset(int(op) for op in wire.FEATURE_OPS["groups"])
 # opcodes as plain ints: an op's kind is compared with them once per request
 _OP_DSEND, _OP_DEVICES, _OP_BUNDLES, _OP_KEYS_SET, _OP_KEYS_ADD = (
     int(wire.Op.DSEND), int(wire.Op.DEVICES), int(wire.Op.BUNDLES), int(wire.Op.KEYS_SET),
@@ -113,43 +105,6 @@ CREATE TABLE IF NOT EXISTS prekeys(
 """
 
 
-def copy_sender(address: str, device_id: int) -> str:
-    """The store's ``sender`` of a per-device copy: ``address/device_id``.
-
-    ``/`` is outside the address grammar, so the backlog sync tells copies
-    (and events, :func:`event_sender`) from v1 messages by it.
-    """
-    return f"{address}/{device_id}"
-
-
-def event_sender(kind: int) -> str:
-    """The store's ``sender`` of an EVENT: ``/kind`` (no address)."""
-    return f"/{kind}"
-
-
-def pack_stored_sender(sender: str, features: frozenset[str]) -> Any:
-    """What the backlog sync puts before a stored row's id (``sync_rows``' ``pack_sender``).
-
-    A v1 message's sender packs as before (bytes); a per-device copy or an
-    event gives ``(head, packed fields)`` on a link that negotiated e2ee, a
-    group message or group event (sender ``#...``) on a link that negotiated
-    groups; None (leave it in the store) on any other link.
-    """
-    if sender[:1] == "#":
-        if "groups" not in features:
-            return None
-        from .groups import pack_group_sender
-        return pack_group_sender(sender)
-    address, slash, rest = sender.rpartition("/")
-    if not slash:
-        return msgpack.packb(sender)
-    if "e2ee" not in features:
-        return None
-    if not address:
-        return (EVENT_HEAD, msgpack.packb(int(rest)))
-    return (DDELIVER_HEAD, msgpack.packb(address) + msgpack.packb(int(rest)))
-
-
 def py_dsend_copies(devs: dict, entries: list | tuple, skip: int, target: str, stored_sender: str,
                     cid: bytes, now_ms: int, sp: bytes, ts_packed: bytes, items: list | None,
                     copies: list) -> bool:
@@ -159,8 +114,9 @@ def py_dsend_copies(devs: dict, entries: list | tuple, skip: int, target: str, s
     the devices of ``devs`` (device id -> :class:`Slot`) but ``skip``, each once
     and with its current registration id; then ``target, device name, tail,
     slot.dkeys`` is appended to ``copies`` for each copy (flat: no tuple a
-    copy; the head of every copy is :data:`DDELIVER_HEAD`) and, unless
-    ``items`` is None, its store item ``(stored_sender, cid, body, now_ms,
+    copy; the head of every copy is
+    :data:`~fastroute.relay.senders.DDELIVER_HEAD`) and, unless ``items`` is
+    None, its store item ``(stored_sender, cid, body, now_ms,
     slot.dkeys)`` to ``items`` (a store that keeps copies as their routes
     needs none: :meth:`Keys._store_now`).  False otherwise, with nothing
     appended: the caller then works out what differs (duplicates, missing,
@@ -387,6 +343,11 @@ class KeyDirectory:
         """The slot of device ``name`` of ``address``, if it published keys."""
         return self.by_name.get((address, name))
 
+    def slot_of(self, link: "LinkPort") -> PySlot | None:
+        """The slot of the device ``link`` authenticated as, if it published keys."""
+        assert link.cred is not None
+        return self.by_name.get((link.address, link.cred.device))
+
     # ---------------------------------------------------------- the writer
     def submit(self, work: Callable[[sqlite3.Connection], Any]) -> asyncio.Future:
         """Run ``work(conn)`` in the writer thread inside a transaction; its result."""
@@ -612,6 +573,35 @@ class _Partial:
         self.size = 0
 
 
+class DeviceListWatcher(Protocol):
+    """What the keys stage tells the stage above it of device lists.
+
+    The groups stage is the one watcher (:attr:`Keys.groups`, set by the
+    server): a member device that joins or leaves changes its groups'
+    member-device sets, and a shared group lets two users DSEND each other
+    their sender keys.  Keys knows it only through this surface.
+    """
+
+    def shares_group(self, a: str, b: str) -> bool:
+        """Whether ``a`` and ``b`` are members of one group."""
+
+    def devices_changing(self, address: str) -> None:
+        """The device list of ``address`` is changing now (before it is mirrored)."""
+
+    def bump_work(self, conn: sqlite3.Connection, address: str) -> list:
+        """In the directory's transaction that adds a device of ``address``: the
+        watcher's own changes, handed back to :meth:`device_bumped`."""
+
+    def device_bumped(self, address: str, device_id: int, reg_id: int | None,
+                      before: int | None, bumps: list) -> None:
+        """A device joined (``reg_id``) or left (None); ``bumps`` is what
+        :meth:`bump_work` returned in the same transaction."""
+
+    def device_changed(self, address: str, device_id: int, reg_id: int | None,
+                       before: int | None = None) -> None:
+        """A device joined (``reg_id``) or left (None) without a :meth:`bump_work`."""
+
+
 #: a multi-op DSEND may gather at most this many bytes of ciphertext
 MAX_DSEND_BYTES = 2 * wire.MAX_DEVICE_ID * wire.MAX_BODY
 #: multi-op DSENDs in progress per link
@@ -628,6 +618,8 @@ class Keys:
         self.gate = gate
         self.delivery = delivery
         self.count_error = count_error
+        #: this stage's REPLY ops (counted refusals)
+        self.replies = Replies(delivery, count_error)
         self.dedup = DedupTable(config.dedup_window_s, config.dedup_max_entries,
                                 presize=True)
         register = delivery.store.register_device
@@ -650,51 +642,20 @@ class Keys:
             getattr(store, "put_copies", None) if self._put_now is None
             and not delivery.caps.enabled else None)
         # DSENDs accepted in this loop turn, stored together, then answered
-        self._batch = TurnBatch(delivery, self.dedup, self._reply, self._place,
-                                "per-device sends", "keys.store_failed", self._replies_ok,
+        self._batch = TurnBatch(delivery, self.dedup, self.replies.reply, self._place,
+                                "per-device sends", "keys.store_failed", self.replies.replies_ok,
                                 self._store_now if self._put_now is not None else None,
                                 self._persist_copies if self._put_copies is not None else None)
         # pools whose owner was told they run low: (address, device name, kind)
         self._told_low: set[tuple[str, str, int]] = set()
         self.accepted = 0
         #: the groups stage (feature "groups"), told of device list changes
-        self.groups: "Groups | None" = None
-        #: the safety stage (feature "safety"): its requests come through
-        #: :meth:`request`; its blocks hide addresses (:meth:`may_reach`)
+        self.groups: DeviceListWatcher | None = None
+        #: the safety stage (feature "safety"): its blocks hide addresses
+        #: (:meth:`may_reach`), and it is told of stored copies (spam reports)
         self.safety: "Safety | None" = None
 
     # ------------------------------------------------------------ helpers
-    def _reply(self, link: "LinkPort", cid: bytes, code: int, result: Any = None,
-               last: bool = True) -> None:
-        if code:
-            self.count_error(code)
-        if link.is_open():
-            link.out.append(wire.reply_ok_op(cid) if not code and result is None and last
-                            else wire.reply_op(cid, code, last, result))
-            self.delivery.mark(link)
-
-    def _replies_ok(self, link: "LinkPort", cids: list) -> None:
-        """:meth:`_reply` with code 0 for each of ``cids``, at once."""
-        if link.is_open():
-            link.out.extend(wire.reply_ok_ops(cids))
-            self.delivery.mark(link)
-
-    def _reply_parts(self, link: "LinkPort", cid: bytes, packed: list[bytes]) -> None:
-        """Answer with a result array split over as many REPLY ops as frames need."""
-        if not link.is_open():
-            return
-        room = wire.MAX_PLAINTEXT - 64
-        part: list[bytes] = []
-        size = 0
-        for item in packed:
-            if part and size + len(item) > room:
-                link.out.append(wire.reply_packed_op(cid, 0, False, part))
-                part, size = [], 0
-            part.append(item)
-            size += len(item)
-        link.out.append(wire.reply_packed_op(cid, 0, True, part))
-        self.delivery.mark(link)
-
     def may_reach(self, link: "LinkPort", address: str) -> bool:
         """Whether ``link``'s user may message ``address``: same provider or its consent.
 
@@ -717,18 +678,11 @@ class Keys:
         groups = self.groups
         return groups is not None and groups.shares_group(link.address, address)
 
-    def _my_slot(self, link: "LinkPort") -> PySlot | None:
-        assert link.cred is not None
-        return self.dir.slot(link.address, link.cred.device)
-
     # ------------------------------------------------------------ requests
     def request(self, link: "LinkPort", op: tuple) -> None:
-        """Handle one e2ee op of a link that negotiated the feature."""
+        """Handle one op of feature "e2ee" of a link that negotiated it."""
         kind = op[0]
-        if kind in _GROUP_OPS:
-            if self.groups is not None:
-                self.groups.request(link, op)
-        elif kind == _OP_DSEND:
+        if kind == _OP_DSEND:
             self.dsend(link, op)
         elif kind == _OP_DEVICES:
             self.devices(link, op[1], op[2])
@@ -738,9 +692,6 @@ class Keys:
             self.publish(link, op)
         elif kind == _OP_KEYS_ADD:
             self.add(link, op[1], op[2], op[3])
-        elif kind in _SAFETY_OPS:
-            if self.safety is not None:
-                self.safety.request(link, op)
 
     def publish(self, link: "LinkPort", op: tuple) -> None:
         """KEYS_SET: this device's registration id, identity, signed and last-resort keys."""
@@ -764,7 +715,7 @@ class Keys:
         def done(f: asyncio.Future) -> None:
             exc = f.exception()
             if exc is not None:
-                self._reply(link, cid, int(getattr(exc, "code", ErrorCode.STORE_FAILED)))
+                self.replies.reply(link, cid, int(getattr(exc, "code", ErrorCode.STORE_FAILED)))
                 return
             did, event, bumps = f.result()
             self._told_low.difference_update({(address, name, 0), (address, name, 1)})
@@ -776,7 +727,7 @@ class Keys:
             slot = Slot(address, name, did, reg_id, int(time.time()))
             slot.keyed(self.delivery.store.register_device(address, name))
             self.dir._remember(slot)
-            self._reply(link, cid, 0, did)
+            self.replies.reply(link, cid, 0, did)
             if event:
                 self._event_to_others(address, did, EVENT_DEVICE_JOINED, [did, reg_id])
                 if groups is not None:
@@ -788,40 +739,40 @@ class Keys:
 
     def add(self, link: "LinkPort", cid: bytes, kind: int, prekeys: tuple) -> None:
         """KEYS_ADD: top up one of this device's one-time prekey pools."""
-        slot = self._my_slot(link)
+        slot = self.dir.slot_of(link)
         if slot is None:
-            self._reply(link, cid, ErrorCode.NO_KEYS)
+            self.replies.reply(link, cid, ErrorCode.NO_KEYS)
             return
         want = 3 if kind == wire.PREKEY_KEM else 2
         if any(len(k) != want for k in prekeys):
-            self._reply(link, cid, ErrorCode.BAD_KEY)
+            self.replies.reply(link, cid, ErrorCode.BAD_KEY)
             return
         if len({k[0] for k in prekeys}) != len(prekeys):
-            self._reply(link, cid, ErrorCode.DUPLICATE_ID)
+            self.replies.reply(link, cid, ErrorCode.DUPLICATE_ID)
             return
         if kind == wire.PREKEY_EC and len(prekeys) > self.dir.ec_cap or (
                 kind == wire.PREKEY_KEM and len(prekeys) > self.dir.kem_cap):
-            self._reply(link, cid, ErrorCode.KEY_LIMIT)
+            self.replies.reply(link, cid, ErrorCode.KEY_LIMIT)
             return
         fut = self.dir.submit(self.dir.add_work(slot.address, slot.device_id, kind, prekeys))
 
         def done(f: asyncio.Future) -> None:
             exc = f.exception()
             if exc is not None:
-                self._reply(link, cid, int(getattr(exc, "code", ErrorCode.STORE_FAILED)))
+                self.replies.reply(link, cid, int(getattr(exc, "code", ErrorCode.STORE_FAILED)))
             else:
                 self._told_low.discard((slot.address, slot.name, kind))
-                self._reply(link, cid, 0, f.result())
+                self.replies.reply(link, cid, 0, f.result())
 
         fut.add_done_callback(done)
 
     def devices(self, link: "LinkPort", cid: bytes, address: str) -> None:
         """DEVICES: ``[[device id, registration id], ...]`` of ``address``; consumes nothing."""
         if not self.may_reach(link, address):
-            self._reply(link, cid, ErrorCode.UNKNOWN_RECIPIENT)
+            self.replies.reply(link, cid, ErrorCode.UNKNOWN_RECIPIENT)
             return
         devs = self.dir.lists[address]
-        self._reply(link, cid, 0, [[d, devs[d].reg_id] for d in sorted(devs)])
+        self.replies.reply(link, cid, 0, [[d, devs[d].reg_id] for d in sorted(devs)])
 
     def _fetch_bucket(self, link: "LinkPort") -> TokenBucket:
         bucket = self._fetch_buckets.get(link.address)
@@ -835,25 +786,25 @@ class Keys:
     def bundles(self, link: "LinkPort", cid: bytes, address: str, device_ids: tuple) -> None:
         """BUNDLES: prekey bundles of ``address``'s devices (all when ``device_ids`` is empty)."""
         if not self.may_reach(link, address):
-            self._reply(link, cid, ErrorCode.UNKNOWN_RECIPIENT)
+            self.replies.reply(link, cid, ErrorCode.UNKNOWN_RECIPIENT)
             return
         if len(set(device_ids)) != len(device_ids):
-            self._reply(link, cid, ErrorCode.DUPLICATE_ID)
+            self.replies.reply(link, cid, ErrorCode.DUPLICATE_ID)
             return
         devs = self.dir.lists[address]
         wanted = sorted(device_ids) if device_ids else sorted(devs)
         if not self._fetch_bucket(link).take(max(1, len(wanted))):
-            self._reply(link, cid, ErrorCode.RATE_LIMITED)
+            self.replies.reply(link, cid, ErrorCode.RATE_LIMITED)
             return
         fut = self.dir.submit(self.dir.bundles_work(address, wanted))
 
         def done(f: asyncio.Future) -> None:
             exc = f.exception()
             if exc is not None:
-                self._reply(link, cid, int(getattr(exc, "code", ErrorCode.STORE_FAILED)))
+                self.replies.reply(link, cid, int(getattr(exc, "code", ErrorCode.STORE_FAILED)))
                 return
             packed, low = f.result()
-            self._reply_parts(link, cid, packed)
+            self.replies.reply_parts(link, cid, packed)
             for did, kind, left in low:
                 slot = self.dir.lists.get(address, {}).get(did)
                 # once per pool until it is topped up (memory only: a restart
@@ -872,12 +823,12 @@ class Keys:
         part = partials.get(cid)
         if part is not None and part.to != to:
             partials.pop(cid)
-            self._reply(link, cid, ErrorCode.BAD_FIELD, None)
+            self.replies.reply(link, cid, ErrorCode.BAD_FIELD, None)
             return
         if more or part is not None:
             if part is None:
                 if len(partials) >= MAX_PARTIALS:
-                    self._reply(link, cid, ErrorCode.RATE_LIMITED)
+                    self.replies.reply(link, cid, ErrorCode.RATE_LIMITED)
                     return
                 part = partials[cid] = _Partial(to)
             part.entries.extend(entries)
@@ -886,30 +837,13 @@ class Keys:
             if (part.size > MAX_DSEND_BYTES or len(part.entries) > wire.MAX_DEVICE_ID
                     or len(part.own) > wire.MAX_DEVICE_ID):
                 partials.pop(cid)
-                self._reply(link, cid, ErrorCode.BAD_FIELD)
+                self.replies.reply(link, cid, ErrorCode.BAD_FIELD)
                 return
             if more:
                 return
             partials.pop(cid)
             entries, own = part.entries, part.own
         self.dsend_many(link, [(_OP_DSEND, cid, to, False, entries, own)])
-
-    def sends_many(self, link: "LinkPort", ops: list) -> None:
-        """A frame's single-op DSENDs and GSENDs, in order, as the link handed
-        them over: each run of one kind to :meth:`dsend_many` or
-        :meth:`Groups.gsend_many` (the per-link work once per run)."""
-        i, n = 0, len(ops)
-        while i < n:
-            kind = ops[i][0]
-            j = i + 1
-            while j < n and ops[j][0] == kind:
-                j += 1
-            run = ops if i == 0 and j == n else ops[i:j]
-            if kind == _OP_DSEND:
-                self.dsend_many(link, run)
-            elif self.groups is not None:
-                self.groups.gsend_many(link, run)
-            i = j
 
     def dsend_many(self, link: "LinkPort", ops: list) -> None:
         """Whole DSENDs of one link, in order (a frame's single-op ones, which
@@ -922,7 +856,7 @@ class Keys:
         answered here."""
         sender = link.address
         now = time.monotonic()
-        mine = self._my_slot(link)
+        mine = self.dir.slot_of(link)
         now_ms = int(time.time() * 1000)
         ts = wire.ts_packed(now_ms)
         skip = mine.device_id if mine is not None else 0
@@ -964,13 +898,13 @@ class Keys:
                 if ok is None:
                     ok = reach[to] = self.may_reach(link, to)
                 if not ok:
-                    self._reply(link, cid, ErrorCode.UNKNOWN_RECIPIENT)
+                    self.replies.reply(link, cid, ErrorCode.UNKNOWN_RECIPIENT)
                     continue
                 if mine is None:
-                    self._reply(link, cid, ErrorCode.NO_KEYS)
+                    self.replies.reply(link, cid, ErrorCode.NO_KEYS)
                     continue
                 if not entries:
-                    self._reply(link, cid, ErrorCode.BAD_FIELD)
+                    self.replies.reply(link, cid, ErrorCode.BAD_FIELD)
                     continue
                 if py_dsend_run([op], 0, lists, reach, skip, sender, stored_sender, now_ms,
                                 sp, ts, tokens, dedup, now, items, meta, link):
@@ -979,7 +913,7 @@ class Keys:
                     continue
                 if not self._refuse_dsend(link, cid, to, entries, own, skip):
                     # its entries are exactly current: the budget refused it
-                    self._reply(link, cid, ErrorCode.RATE_LIMITED)
+                    self.replies.reply(link, cid, ErrorCode.RATE_LIMITED)
         finally:
             if taken:
                 batch.added(link, taken)
@@ -1002,7 +936,7 @@ class Keys:
         False (nothing answered) when they are."""
         if (len({e[0] for e in entries}) != len(entries)
                 or len({e[0] for e in own}) != len(own)):
-            self._reply(link, cid, ErrorCode.DUPLICATE_ID)
+            self.replies.reply(link, cid, ErrorCode.DUPLICATE_ID)
             return True
         lists = self.dir.lists
         sender = link.address
@@ -1018,7 +952,7 @@ class Keys:
         mismatch = [missing, extra, stale, own_missing, own_extra, own_stale]
         if not any(mismatch):
             return False
-        self._reply(link, cid, ErrorCode.DEVICE_MISMATCH, mismatch)
+        self.replies.reply(link, cid, ErrorCode.DEVICE_MISMATCH, mismatch)
         return True
 
     def _place(self, meta: list, mids: list) -> None:

@@ -33,8 +33,10 @@ if TYPE_CHECKING:
     from ..identity import Credential
     from .delivery import Delivery, Feed
     from .gate import Gate
+    from .groups import Groups
     from .keys import Keys
     from .media_ops import MediaOps
+    from .safety import Safety
 
 __all__ = ["Link", "LinkState", "LinkWiring", "Turns"]
 
@@ -261,13 +263,14 @@ class LinkWiring:
     """
 
     __slots__ = ("server_key", "config", "gate", "delivery", "media_ops", "count_error",
-                 "admit", "online", "lost", "keys", "op_counts", "turns")
+                 "admit", "online", "lost", "keys", "groups", "safety", "op_counts", "turns")
 
     def __init__(self, server_key: KeyPair, config: Any, gate: "Gate", delivery: "Delivery",
                  media_ops: "MediaOps", count_error: Callable[[int], None],
                  admit: Callable[["Link"], bool],
                  online: Callable[["Link", "Credential"], None],
-                 lost: Callable[["Link"], None], keys: "Keys | None" = None) -> None:
+                 lost: Callable[["Link"], None], keys: "Keys | None" = None,
+                 groups: "Groups | None" = None, safety: "Safety | None" = None) -> None:
         self.server_key = server_key
         self.config = config
         self.gate = gate
@@ -277,7 +280,11 @@ class LinkWiring:
         self.admit = admit
         self.online = online
         self.lost = lost
+        #: the feature stages ("e2ee", "groups", "safety"); a relay without
+        #: the keys stage grants no feature
         self.keys = keys
+        self.groups = groups
+        self.safety = safety
         self.op_counts: dict[int, int] = {}
         #: the fair scheduler shared by every link of the relay
         self.turns = Turns(config.limits.max_relay_ops_per_turn,
@@ -877,8 +884,8 @@ class Link(asyncio.Protocol):
         if granted < others:
             # DACKs are never refused, so they are not counted here
             wiring.count_error(ErrorCode.RATE_LIMITED)
-        # single-op DSENDs and GSENDs go to the keys stage together (its
-        # per-link work once), in order with the stage's other ops: before
+        # single-op DSENDs and GSENDs go to their stages together (their
+        # per-link work once), in order with the stages' other ops: before
         # any of them
         e2ee_sends: list = []
         try:
@@ -894,14 +901,14 @@ class Link(asyncio.Protocol):
                 return lead + self._dispatch_ops(ops[lead:], granted - lead, e2ee_sends)
             return self._dispatch_ops(ops, granted, e2ee_sends)
         finally:
-            if e2ee_sends and wiring.keys is not None:
-                wiring.keys.sends_many(self, e2ee_sends)
+            if e2ee_sends:
+                self._e2ee_sends(e2ee_sends)
 
     def _dispatch_ops(self, ops: list, granted: int, e2ee_sends: list) -> int:
         """:meth:`_dispatch`'s loop over the ops, ``granted`` of them (not SENDs)
         within the op budget; single-op DSENDs and GSENDs are left in
-        ``e2ee_sends`` for the keys stage (handed over before any other of its
-        ops)."""
+        ``e2ee_sends`` for :meth:`_e2ee_sends` (handed over before any other
+        op of a feature)."""
         wiring = self.wiring
         sends = self._growing_sends()
         op_counts = wiring.op_counts
@@ -948,8 +955,7 @@ class Link(asyncio.Protocol):
             if kind == _OP_BYE:
                 if e2ee_sends:
                     # the DSENDs and GSENDs before it count among what BYE waits for
-                    assert wiring.keys is not None
-                    wiring.keys.sends_many(self, e2ee_sends)
+                    self._e2ee_sends(e2ee_sends)
                     e2ee_sends.clear()
                 # after the SENDs already read: data_received accepts them first
                 if dack >= 0:
@@ -997,9 +1003,12 @@ class Link(asyncio.Protocol):
                     e2ee_sends.append(op)
                     continue
                 if e2ee_sends:
-                    wiring.keys.sends_many(self, e2ee_sends)
+                    self._e2ee_sends(e2ee_sends)
                     e2ee_sends.clear()
-                wiring.keys.request(self, op)
+                stage = (wiring.keys if feature == _E2EE else wiring.groups if feature == _GROUPS
+                         else wiring.safety)
+                if stage is not None:
+                    stage.request(self, op)
         if dack >= 0:
             # acks and sends are independent: no order to keep
             wiring.delivery.dack(self, dack)
@@ -1007,6 +1016,25 @@ class Link(asyncio.Protocol):
             self.out.append(wire.error_op(ErrorCode.RATE_LIMITED,
                                           f"{over} PINGs over the op budget"))
         return len(ops)
+
+    def _e2ee_sends(self, ops: list) -> None:
+        """A frame's single-op DSENDs and GSENDs, in order: each run of one kind
+        to the keys stage's ``dsend_many`` or the groups stage's ``gsend_many``
+        (their per-link work once a run)."""
+        wiring = self.wiring
+        i, n = 0, len(ops)
+        while i < n:
+            kind = ops[i][0]
+            j = i + 1
+            while j < n and ops[j][0] == kind:
+                j += 1
+            run = ops if i == 0 and j == n else ops[i:j]
+            if kind == _OP_DSEND:
+                assert wiring.keys is not None  # a relay without it grants no feature
+                wiring.keys.dsend_many(self, run)
+            elif wiring.groups is not None:
+                wiring.groups.gsend_many(self, run)
+            i = j
 
     def _granted(self, n: int) -> int:
         """How many of ``n`` ops (not SENDs: the gate charges those) the op

@@ -45,10 +45,11 @@ import msgpack
 from .. import wire
 from ..errors import ErrorCode
 
+from .replies import Replies
+
 if TYPE_CHECKING:
-    from .delivery import LinkPort
+    from .delivery import Delivery, LinkPort
     from .gate import Gate
-    from .keys import Keys
 
 __all__ = ["Safety", "SafetyBook"]
 
@@ -196,19 +197,21 @@ class _Generation:
 class Safety:
     """The safety stage of one relay: BLOCK, BLOCKS and REPORT, and the records they read.
 
-    ``blocks`` is the gate's table (shared, never replaced).  Its requests
-    come through the keys stage's dispatch (the feature needs ``"e2ee"`` and
-    is answered with its REPLY); :meth:`hides` is the check the keys and
-    groups stages ask before they answer about an address.
+    ``blocks`` is the gate's table (shared, never replaced).  The link hands
+    it the ops of the feature (which needs ``"e2ee"``: they are answered
+    with REPLY, as the keys stage's are); :meth:`hides` is the check the keys
+    and groups stages ask before they answer about an address, and
+    :meth:`delivered` is told of the stored persistent messages.
     """
 
-    def __init__(self, config: Any, book: SafetyBook, gate: "Gate", keys: "Keys",
+    def __init__(self, config: Any, book: SafetyBook, gate: "Gate", delivery: "Delivery",
                  count_error: Callable[[int], None]) -> None:
         self.config = config
         self.book = book
         self.gate = gate
-        self.keys = keys
         self.count_error = count_error
+        #: this stage's REPLY ops (counted refusals)
+        self.replies = Replies(delivery, count_error)
         self.blocks: dict[str, set[str]] = gate.blocks
         self.blocks.update(book.blocks())
         self._writer = concurrent.futures.ThreadPoolExecutor(1, "fastroute-safety")
@@ -301,21 +304,21 @@ class Safety:
         """BLOCK: block or unblock an address or a provider; answered once durable."""
         address = link.address
         if target == address:
-            self.keys._reply(link, cid, ErrorCode.BAD_FIELD)
+            self.replies.reply(link, cid, ErrorCode.BAD_FIELD)
             return
         mine = self.blocks.get(address)
         if (mine is not None and target in mine) == block:
-            self.keys._reply(link, cid, 0, UNCHANGED)
+            self.replies.reply(link, cid, 0, UNCHANGED)
             return
         if block and mine is not None and len(mine) >= self.config.limits.max_blocks:
-            self.keys._reply(link, cid, ErrorCode.BLOCK_LIMIT)
+            self.replies.reply(link, cid, ErrorCode.BLOCK_LIMIT)
             return
 
         def done(f: asyncio.Future) -> None:
             if f.exception() is not None:
                 log.error("could not record a block: %s", type(f.exception()).__name__,
                           extra={"event": "safety.store_failed"})
-                self.keys._reply(link, cid, ErrorCode.STORE_FAILED)
+                self.replies.reply(link, cid, ErrorCode.STORE_FAILED)
                 return
             targets = self.blocks.get(address)
             if block:
@@ -327,14 +330,14 @@ class Safety:
                 if not targets:
                     # no entry at all: the SEND loop's lookup misses at once
                     del self.blocks[address]
-            self.keys._reply(link, cid, 0, 0)
+            self.replies.reply(link, cid, 0, 0)
 
         self._write(self.book.set_block, address, target, block).add_done_callback(done)
 
     def listing(self, link: "LinkPort", cid: bytes) -> None:
         """BLOCKS: this user's blocks, sorted (split over REPLY parts when large)."""
         targets = sorted(self.blocks.get(link.address, ()))
-        self.keys._reply_parts(link, cid, [msgpack.packb(t) for t in targets])
+        self.replies.reply_parts(link, cid, [msgpack.packb(t) for t in targets])
 
     # ------------------------------------------------------------ reports
     def _gen_of(self, now: float) -> int:
@@ -388,7 +391,7 @@ class Safety:
             self.reports_counted += 1
         else:
             self.reports_refused += 1
-        self.keys._reply(link, cid, 0, counted)
+        self.replies.reply(link, cid, 0, counted)
 
     def _count(self, reporter: str, provider: str, sender: str) -> bool:
         now = self.clock()

@@ -11,11 +11,14 @@ Data flows down, acks flow up (``docs/PROTOCOL.md`` has the bytes)::
                      backlog sync from the store, the writer   (relay.delivery)
            media     attachment requests, out of band          (relay.media_ops)
            upkeep    revocations, idle links, expiry, admin    (relay.upkeep)
-           keys, groups, safety   features e2ee, groups, safety (blocks,
-                     spam reports)   (relay.keys, relay.groups, relay.safety)
+           groups -> keys -> safety   features groups, e2ee, safety (blocks,
+                     spam reports), each using only those after it, then
+                     the gate   (relay.groups, relay.keys, relay.safety)
 
 :class:`Relay` owns the lifecycle (start, close), the configuration, the
-counters, and the wiring: it builds each stage and gives each link a
+counters, and the wiring: it builds each stage, hands each stage what it
+tells the ones above it (the keys stage's device-list watcher, the gate's
+``on_carried``), and gives each link a
 :class:`~fastroute.relay.link.LinkWiring`.  The per-message path never comes
 back here.
 """
@@ -338,13 +341,16 @@ class Relay:
             table.warm_with(self._warmer.ask)
         # blocks and spam-report records: durable whatever the message store is
         self.safety = Safety(cfg, SafetyBook(os.path.join(cfg.data_dir, "safety.db")), gate,
-                             self.keys, self.count_error)
-        gate.safety = self.keys.safety = self.safety
+                             delivery, self.count_error)
+        self.keys.safety = self.safety
+        if self.safety.window > 0:
+            gate.on_carried = self.safety.delivered
         self.safety.start()
         self.upkeep = Upkeep(cfg, gate, delivery, self.store, self.media, self.count_error,
                              self.keys)
         wiring = LinkWiring(self.server_key, cfg, gate, delivery, self.media_ops,
-                            self.count_error, self._admit, self._online, self._lost, self.keys)
+                            self.count_error, self._admit, self._online, self._lost, self.keys,
+                            self.groups, self.safety)
         wiring.op_counts = self.op_counts  # one table for every link: the metrics read it
         wiring_box.append(wiring)
         self.turns = wiring.turns  # the fair scheduler, for the metrics
