@@ -144,6 +144,37 @@ def test_features_grant_the_known_subset_and_gate_the_ops(tmp_path):
     run("asyncio", main())
 
 
+def test_a_wiring_grants_only_the_features_whose_stage_it_has(tmp_path):
+    # a LinkWiring built without a feature stage (an embedder's) does not grant
+    # that feature, so its ops are refused as unknown, never dropped unanswered
+    async def main():
+        async with world(tmp_path) as w:
+            every = ("e2ee", "groups", "group_lists", "safety")
+            a = await w.connect("alice@home", "phone", features=every)
+            assert a.features == set(every)
+            wiring = next(iter(w.relay.links)).wiring
+            assert wiring.features == frozenset(every)
+            wiring.groups = wiring.safety = None
+            try:
+                assert wiring.features == {"e2ee"}
+                v1 = await recorder(w, "carol@home", "phone", features=every)
+                assert v1.features == {"e2ee"}
+                v1._write([wire.group_op(wire.Op.GCREATE, os.urandom(16)),
+                           wire.safety_op(wire.Op.BLOCK, os.urandom(16), "alice@home", True)])
+                await v1.ping()
+                ops = [op for pt in v1.plaintexts for op in wire.decode_server_frame(pt)]
+                assert [op[0] for op in ops][-3:] == [wire.Op.ERROR, wire.Op.ERROR, wire.Op.PONG]
+                assert [op[1] for op in ops[-3:-1]] == [ErrorCode.UNKNOWN_OP] * 2
+                wiring.keys = None
+                assert wiring.features == frozenset()
+            finally:
+                wiring.keys, wiring.groups, wiring.safety = (w.relay.keys, w.relay.groups,
+                                                             w.relay.safety)
+            with pytest.raises(UnknownAddress):  # e2ee still answered: no device list yet
+                await a.devices("alice@home")
+    run("asyncio", main())
+
+
 # -- key directory ---------------------------------------------------------------------
 
 def test_publish_list_and_fetch_serve_keys_byte_for_byte_and_consume_once(tmp_path):

@@ -77,6 +77,11 @@ _E2EE = _FEATURE_OF[_OP_DSEND]
 _GROUPS = _FEATURE_OF[_OP_GSEND]
 #: the features this relay grants (FEATURES answers with the intersection)
 SUPPORTED_FEATURES = frozenset(wire.FEATURE_OPS)
+#: feature -> the :class:`LinkWiring` slot of the stage that serves its ops
+#: ("group_lists" has no ops: it changes the groups stage's REPLYs); a
+#: feature whose stage a wiring lacks is not granted on its links
+_STAGE_OF = {_E2EE: "keys", _GROUPS: "groups", "group_lists": "groups",
+             _FEATURE_OF[int(wire.Op.BLOCK)]: "safety"}
 _NO_FEATURES: frozenset[str] = frozenset()
 #: the third field of :attr:`Link.partial` when its first holds SENDs already
 #: decoded by the fast path (else: a frame to check a share at a time)
@@ -280,8 +285,8 @@ class LinkWiring:
         self.admit = admit
         self.online = online
         self.lost = lost
-        #: the feature stages ("e2ee", "groups", "safety"); a relay without
-        #: the keys stage grants no feature
+        #: the feature stages ("e2ee", "groups", "safety"): a feature is
+        #: granted only where its stage is (:attr:`features`)
         self.keys = keys
         self.groups = groups
         self.safety = safety
@@ -289,6 +294,13 @@ class LinkWiring:
         #: the fair scheduler shared by every link of the relay
         self.turns = Turns(config.limits.max_relay_ops_per_turn,
                            config.limits.max_turn_ms / 1000.0, delivery.write_pending)
+
+    @property
+    def features(self) -> frozenset[str]:
+        """The features whose stage this wiring has: FEATURES grants no other,
+        so a feature's op never reaches a stage that is not there."""
+        return frozenset(f for f in SUPPORTED_FEATURES
+                         if getattr(self, _STAGE_OF.get(f, "_none"), None) is not None)
 
 
 class Link(asyncio.Protocol):
@@ -889,7 +901,7 @@ class Link(asyncio.Protocol):
         # any of them
         e2ee_sends: list = []
         try:
-            if (lead and granted >= lead and wiring.keys is not None and feature in self.features
+            if (lead and granted >= lead and feature in self.features
                     and (kind == _OP_GSEND or not self.dsends)):
                 # the run is queued at once, as the loop below would queue each
                 counts = wiring.op_counts
@@ -966,7 +978,7 @@ class Link(asyncio.Protocol):
                     self._on_bye()
                 return len(ops)
             feature = _FEATURE_OF.get(kind)
-            if feature is not None and (feature not in self.features or wiring.keys is None):
+            if feature is not None and feature not in self.features:
                 # a feature's op is unknown to a link that did not negotiate
                 # it, exactly as to a relay without the feature
                 self._protocol_error(ErrorCode.UNKNOWN_OP, "unknown opcode for this direction")
@@ -998,7 +1010,6 @@ class Link(asyncio.Protocol):
                 self.out.append(wire.pong_op(op[1]))
                 wiring.delivery.mark(self)
             elif feature is not None:
-                assert wiring.keys is not None  # checked before the budget above
                 if (kind == _OP_DSEND and not op[3] and not self.dsends) or kind == _OP_GSEND:
                     e2ee_sends.append(op)
                     continue
@@ -1007,8 +1018,8 @@ class Link(asyncio.Protocol):
                     e2ee_sends.clear()
                 stage = (wiring.keys if feature == _E2EE else wiring.groups if feature == _GROUPS
                          else wiring.safety)
-                if stage is not None:
-                    stage.request(self, op)
+                assert stage is not None  # a feature without its stage is not granted
+                stage.request(self, op)
         if dack >= 0:
             # acks and sends are independent: no order to keep
             wiring.delivery.dack(self, dack)
@@ -1029,10 +1040,12 @@ class Link(asyncio.Protocol):
             while j < n and ops[j][0] == kind:
                 j += 1
             run = ops if i == 0 and j == n else ops[i:j]
+            # a feature without its stage is not granted (LinkWiring.features)
             if kind == _OP_DSEND:
-                assert wiring.keys is not None  # a relay without it grants no feature
+                assert wiring.keys is not None
                 wiring.keys.dsend_many(self, run)
-            elif wiring.groups is not None:
+            else:
+                assert wiring.groups is not None
                 wiring.groups.gsend_many(self, run)
             i = j
 
@@ -1098,8 +1111,7 @@ class Link(asyncio.Protocol):
 
     def _features(self, cid: bytes, names: tuple) -> None:
         """FEATURES: grant the known subset; later FEATURES ops may add more."""
-        supported = SUPPORTED_FEATURES if self.wiring.keys is not None else _NO_FEATURES
-        wanted = supported.intersection(names)
+        wanted = self.wiring.features.intersection(names)
         # a feature built on others is granted only with them (or after them)
         # (needs of needs too: drop what is not grantable until nothing changes)
         have = self.features.union(wanted)
