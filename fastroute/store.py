@@ -377,6 +377,8 @@ _NO_PUTS: tuple = ([], [], [], [])
 
 # Writer request kinds.  A request is a tuple (kind, arg, future-or-None).
 _PUT, _PUT_MANY, _ACK, _REG, _FORGET, _EXPIRE, _FLUSH, _STOP, _PUT_TAILS = range(9)
+# the kinds that store messages (the loop times them, the writer counts them)
+_PUT_KINDS = frozenset((_PUT, _PUT_MANY, _PUT_TAILS))
 
 _SYNC_MODES = ("NORMAL", "FULL", "EXTRA")
 # the flush of close(): it reports what the final batch could not write
@@ -983,7 +985,7 @@ class SqliteStore(_BaseStore):
             raise _store_error(self._dead)
         if self._acks_held:
             self._hand_acks()  # first: the writer keeps the order of requests
-        if kind == _PUT_MANY or kind == _PUT_TAILS or kind == _PUT:
+        if kind in _PUT_KINDS:
             now = time.monotonic()
             self._put_gap = now - self._put_at
             self._put_at = now
@@ -1435,7 +1437,7 @@ class SqliteStore(_BaseStore):
         while True:
             kind, arg, fut = batch[-1]
             n += _request_size(kind, arg)
-            if kind == _PUT_MANY or kind == _PUT_TAILS or kind == _PUT:
+            if kind in _PUT_KINDS:
                 puts += 1
             if fut is not None:
                 # somebody waits: at once, or, while puts come faster than
