@@ -1648,16 +1648,7 @@ class SqliteStore(_BaseStore):
         due = self._erase_due
         if due is None or time.monotonic() < due:
             if self._checkpoints_held:
-                fast = self._fast
-                assert fast is not None
-                if fast.wal_frames >= _CHECKPOINT_FRAMES:
-                    try:
-                        fast.checkpoint()
-                    except sqlite3.Error as exc:
-                        # as SQLite's own in a commit: the next commit retries
-                        log.warning("fastroute store: checkpoint failed: %s", _reason(exc))
-                    else:
-                        self.wal_checkpoints += 1
+                self._copy_wal()
             return
         conn = self._wconn
         assert conn is not None
@@ -1677,6 +1668,21 @@ class SqliteStore(_BaseStore):
         else:
             self._erase_due = None
             self.checkpoints += 1
+
+    def _copy_wal(self) -> None:
+        """The checkpoint SQLite would have run inside a commit (held by the
+        compiled core): PASSIVE, once the WAL holds its mark of frames."""
+        fast = self._fast
+        assert fast is not None
+        if fast.wal_frames < _CHECKPOINT_FRAMES:
+            return
+        try:
+            fast.checkpoint()
+        except sqlite3.Error as exc:
+            # as SQLite's own in a commit: the next commit retries
+            log.warning("fastroute store: checkpoint failed: %s", _reason(exc))
+        else:
+            self.wal_checkpoints += 1
 
     def _deleted(self) -> None:
         # a delete (or a rolled back write) left old page images in the WAL
