@@ -652,8 +652,12 @@ class Keys:
         #: the groups stage (feature "groups"), told of device list changes
         self.groups: DeviceListWatcher | None = None
         #: the safety stage (feature "safety"): its blocks hide addresses
-        #: (:meth:`may_reach`), and it is told of stored copies (spam reports)
+        #: (:meth:`may_reach`)
         self.safety: "Safety | None" = None
+        #: told of each stored batch's senders and their recipients, as the
+        #: gate's :attr:`~fastroute.relay.gate.Gate.on_carried` (the server
+        #: hands both the safety stage's ``delivered``), or None
+        self.on_carried: Callable[[str, Any], None] | None = None
 
     # ------------------------------------------------------------ helpers
     def may_reach(self, link: "LinkPort", address: str) -> bool:
@@ -977,12 +981,12 @@ class Keys:
 
     def _placed(self, meta: list, n: int) -> None:
         """``n`` copies of a batch of DSENDs were stored and placed."""
-        safety = self.safety
-        if safety is not None and safety.window > 0:
+        carried = self.on_carried
+        if carried is not None:
             # spam reports count only for pairs the relay really carried;
             # a batch is mostly one sender's: one call per sender, not per DSEND
             for sender, tos in recipients_by_sender(meta).items():
-                safety.delivered(sender, tos)
+                carried(sender, tos)
         self.accepted += n
 
     # ------------------------------------------------------------ events

@@ -17,7 +17,8 @@ Data flows down, acks flow up (``docs/PROTOCOL.md`` has the bytes)::
 
 :class:`Relay` owns the lifecycle (start, close), the configuration, the
 counters, and the wiring: it builds each stage, hands each stage what it
-tells the ones above it (the keys stage's device-list watcher, the gate's
+tells the ones above it (the keys stage's device-list watcher) and the pairs
+the gate and the keys stage carried to the safety stage (their
 ``on_carried``), and gives each link a
 :class:`~fastroute.relay.link.LinkWiring`.  The per-message path never comes
 back here.
@@ -344,7 +345,7 @@ class Relay:
                              delivery, self.count_error)
         self.keys.safety = self.safety
         if self.safety.window > 0:
-            gate.on_carried = self.safety.delivered
+            gate.on_carried = self.keys.on_carried = self.safety.delivered
         self.safety.start()
         self.upkeep = Upkeep(cfg, gate, delivery, self.store, self.media, self.count_error,
                              self.keys)
