@@ -1016,10 +1016,8 @@ class Link(asyncio.Protocol):
                 if e2ee_sends:
                     self._e2ee_sends(e2ee_sends)
                     e2ee_sends.clear()
-                stage = (wiring.keys if feature == _E2EE else wiring.groups if feature == _GROUPS
-                         else wiring.safety)
-                assert stage is not None  # a feature without its stage is not granted
-                stage.request(self, op)
+                # a feature without its stage is not granted (LinkWiring.features)
+                getattr(wiring, _STAGE_OF[feature]).request(self, op)
         if dack >= 0:
             # acks and sends are independent: no order to keep
             wiring.delivery.dack(self, dack)
