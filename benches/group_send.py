@@ -48,8 +48,9 @@ in every round, and SQLite's CPU per delivery is printed over the memory
 store's (the medians', and the rounds' own ratios, and from 5 rounds on
 where the medians' ratio lies with the rounds resampled): the issue's bar
 of SQLite at most twice the memory store, read in one command.  The first
-and last lines say how the disk under the data directory synced
-(``server_cpu.disk_sync``), which the SQLite store's figures move with.
+and last lines say how the disk under the data directory synced, and
+what filesystem it is (``server_cpu.disk_sync``), which the SQLite store's
+figures move with.
 
 A fresh relay's dedup window is empty: a run of fewer ids than it holds
 (1,000,000 by default) never evicts one, and pays inside the measured

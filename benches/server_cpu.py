@@ -30,9 +30,9 @@ with the memory store and a SQLite system run, the SQLite store's CPU
 over the memory store's at that sync policy (the medians' ratio, each
 round's, and from 5 rounds on where the medians' ratio lies with the
 rounds resampled: ``ratio_interval``).  Each round's line and the last
-line say how the disk under the data directories synced then
-(``disk_sync``): the SQLite store's figures move with it, the memory
-store's do not.  A run
+line say how the disk under the data directories synced then, and what
+filesystem it is (``disk_sync``): the SQLite store's figures move with
+both, the memory store's do not.  A run
 that lost messages or stalled is printed but not counted.  Each progress
 line also shows the sender's and receiver's own CPU per message and the
 server's CPU in the ``TAIL`` (0.5 s) after the window: deferred work (a
@@ -386,10 +386,48 @@ def loadavg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def filesystem(directory: str, mountinfo: str = "/proc/self/mountinfo",
+               sysfs: str = "/sys") -> str:
+    """What ``directory``'s files live on: its mount's filesystem type (the
+    line of ``mountinfo`` with the directory's device number), and for ext4
+    whether it keeps a journal (``sysfs``'s ``fs/ext4/<device>/journal_task``
+    says ``<none>`` when it does not); ``"unknown"`` where it cannot tell.
+
+    On ext4 without a journal, ``fdatasync`` also writes the file's inode
+    whenever its mtime moved, which the writes move about once a clock tick:
+    under the bars' load one sync of the SQLite store's WAL in three writes
+    one more block (benches/README.md, session 65), which ext4 with a
+    journal or XFS does not.  Hosts that differ there read the SQLite bars
+    differently."""
+    try:
+        dev = os.stat(directory).st_dev
+        want = f"{os.major(dev)}:{os.minor(dev)}"
+        with open(mountinfo) as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 2 and fields[2] == want and "-" in fields:
+                    fstype = fields[fields.index("-") + 1]
+                    break
+            else:
+                return "unknown"
+    except (OSError, IndexError):
+        return "unknown"
+    if fstype != "ext4":
+        return fstype
+    try:
+        name = os.path.basename(os.readlink(f"{sysfs}/dev/block/{want}"))
+        with open(f"{sysfs}/fs/ext4/{name}/journal_task") as f:
+            task = f.read().strip()
+    except OSError:
+        return "ext4"
+    return "ext4 without a journal" if task == "<none>" else "ext4 with a journal"
+
+
 def disk_sync(directory: str | None = None, n: int = 100) -> str:
     """How the disk under ``directory`` syncs now: the median wall time of
     ``n`` rewrites of 5 pages (20 KB, about a group commit's WAL frames)
-    each followed by ``fdatasync``, and this thread's CPU for each.
+    each followed by ``fdatasync``, this thread's CPU for each, and what
+    filesystem it is (:func:`filesystem`).
 
     The SQLite store's CPU a message moves with the host's disk from hour
     to hour (a slower sync is more idle wake-ups of the relay's threads, and
@@ -412,7 +450,8 @@ def disk_sync(directory: str | None = None, n: int = 100) -> str:
         os.close(fd)
         os.unlink(path)
     return (f"disk sync {statistics.median(waits) * 1e6:.0f} us "
-            f"({cpu * 1e6:.0f} us CPU) a 20 KB rewrite")
+            f"({cpu * 1e6:.0f} us CPU) a 20 KB rewrite, "
+            f"{filesystem(directory or tempfile.gettempdir())}")
 
 
 def run_cli(cmd: list[str], cwd: str) -> str:

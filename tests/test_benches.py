@@ -484,11 +484,45 @@ def test_disk_sync_probes_the_directory_it_is_given(tmp_path) -> None:
         line = server_cpu.disk_sync(str(tmp_path), n=20)
     finally:
         os.fdatasync = real
-    wait, cpu = map(int, re.fullmatch(
-        r"disk sync (\d+) us \((\d+) us CPU\) a 20 KB rewrite", line).groups())
-    assert wait >= 0 and cpu >= 0
+    wait, cpu, fs = re.fullmatch(
+        r"disk sync (\d+) us \((\d+) us CPU\) a 20 KB rewrite, (.+)", line).groups()
+    assert int(wait) >= 0 and int(cpu) >= 0
+    assert fs == server_cpu.filesystem(str(tmp_path)) != "unknown"
     assert len(seen) == 21 and all(p.startswith(f"{tmp_path}/fr-sync-probe-") for p in seen)
     assert os.listdir(tmp_path) == []
+
+
+def test_filesystem_names_the_mount_and_whether_ext4_keeps_a_journal(tmp_path) -> None:
+    # the directory's mount is found by its device number in mountinfo; an
+    # ext4 one is looked up under sysfs by the block device that number names
+    dev = os.stat(tmp_path).st_dev
+    here = f"{os.major(dev)}:{os.minor(dev)}"
+    elsewhere = f"{os.major(dev) + 1}:{os.minor(dev)}"
+    sysfs = tmp_path / "sys"
+    (sysfs / "dev" / "block").mkdir(parents=True)
+    (sysfs / "devices" / "virtual" / "block" / "vdz").mkdir(parents=True)
+    os.symlink("../../devices/virtual/block/vdz", sysfs / "dev" / "block" / here)
+    (sysfs / "fs" / "ext4" / "vdz").mkdir(parents=True)
+    task = sysfs / "fs" / "ext4" / "vdz" / "journal_task"
+    mountinfo = tmp_path / "mountinfo"
+
+    def fs(*lines: str) -> str:
+        mountinfo.write_text("".join(line + "\n" for line in lines))
+        return server_cpu.filesystem(str(tmp_path), str(mountinfo), str(sysfs))
+
+    other = f"22 27 {elsewhere} / /other rw,relatime - xfs /dev/vdy rw"
+    ext4 = f"27 1 {here} / / rw,relatime shared:1 - ext4 /dev/vdz rw,discard"
+    task.write_text("<none>\n")
+    assert fs(other, ext4) == "ext4 without a journal"
+    task.write_text("8786\n")
+    assert fs(ext4, other) == "ext4 with a journal"
+    task.unlink()
+    assert fs(ext4) == "ext4"  # no word from sysfs: the type alone
+    assert fs(f"25 24 {here} / /dev/shm rw,relatime - tmpfs tmpfs rw") == "tmpfs"
+    assert fs(other) == fs() == fs("garbage") == "unknown"
+    assert server_cpu.filesystem(str(tmp_path / "absent")) == "unknown"
+    # and the real one names the directory's real mount
+    assert server_cpu.filesystem(str(tmp_path)) != "unknown"
 
 
 def test_store_ratios_pair_the_runs_of_a_round() -> None:
