@@ -1493,6 +1493,7 @@ class SqliteStore(_BaseStore):
         done: list[tuple] = []          # (future, result) settled on success
         regs: list[tuple] = []
         acks: dict[int, list[int]] = {}  # device_key -> mids
+        blobs: dict[int, bytes] = {}    # device_key -> its mids as int64s
         forgets: list[int] = []
         expires: list[tuple] = []
         flushes: list[tuple] = []       # (future, kind of flush)
@@ -1517,7 +1518,7 @@ class SqliteStore(_BaseStore):
                 # Inserts run before deletes below; so that this equals queue
                 # order, an ack only reaches mids that existed when it was
                 # queued (a mid is known only once its batch committed).
-                acks_hi = _gather_acks(arg, acks, mid, acks_hi)
+                acks_hi = _gather_acks(arg, acks, mid, acks_hi, blobs)
             elif kind == _REG:
                 regs.append(arg)
             elif kind == _FORGET:
@@ -1554,7 +1555,7 @@ class SqliteStore(_BaseStore):
             try:
                 # the common case: everything in one transaction, one commit
                 expired = self._transaction(regs, rows, mid, acks, forgets, expires,
-                                            rewrite, acks_hi, common=True)
+                                            rewrite, acks_hi, common=True, blobs=blobs)
             except Exception as exc:
                 self.failed_batches += 1
                 self._deleted()  # a rolled back write may leave frames in the WAL
@@ -1691,7 +1692,7 @@ class SqliteStore(_BaseStore):
 
     def _transaction(self, regs: list, puts: tuple, mid: int, acks: dict, forgets: list,
                      expires: list, rewrite: bool, acks_hi: int | None = None,
-                     common: bool = False) -> list[int]:
+                     common: bool = False, blobs: dict | None = None) -> list[int]:
         """Apply one set of writes in one transaction; the expiries' counts.
 
         ``puts``: the new rows, ``(spack_rows, share_rows, pack_rows,
@@ -1704,7 +1705,8 @@ class SqliteStore(_BaseStore):
 
         ``common``: a transaction of acks of committed messages and new
         packs, nothing else (the steady state of 1:1 and per-device traffic),
-        may run through :meth:`_transaction_fast`.
+        may run through :meth:`_transaction_fast`, which takes ``blobs``,
+        the acks' blobs as :func:`py_gather_acks` made them.
         """
         conn = self._wconn
         assert conn is not None  # _setup made it, before the first batch
@@ -1731,7 +1733,8 @@ class SqliteStore(_BaseStore):
                     mark = meta = mid + _MID_BLOCK
                 for block in blocks:
                     counts.add(*block, spack_rows[4::10])
-                self._transaction_fast(conn, acks, puts, meta, partial, spartial, sgone)
+                self._transaction_fast(conn, acks, puts, meta, partial, spartial, sgone,
+                                       blobs)
             else:
                 conn.execute("BEGIN")
                 # Order inside the transaction follows the queue's causality:
@@ -1816,7 +1819,8 @@ class SqliteStore(_BaseStore):
         return expired
 
     def _transaction_fast(self, conn: sqlite3.Connection, acks: dict, puts: tuple,
-                          mark: int, partial: dict, spartial: dict, sgone: dict) -> None:
+                          mark: int, partial: dict, spartial: dict, sgone: dict,
+                          blobs: dict | None = None) -> None:
         """BEGIN, the acks, the new rows (``puts``, :func:`py_sql_rows`'),
         ``next_mid`` (unless ``mark`` is negative) and COMMIT, in one
         compiled call that releases the GIL once.
@@ -1831,7 +1835,9 @@ class SqliteStore(_BaseStore):
         messages are released, the rest goes to :meth:`_delete`, and a second
         call deletes the spacks no device holds anything of, inserts the new
         rows and commits.  The acks still go first, so the pages their
-        deletes free are the ones the new rows take.
+        deletes free are the ones the new rows take.  ``blobs``: the acks'
+        int64 blobs, :func:`py_gather_acks`' (the walks and the release read
+        them, not the acks' ints).
         """
         spack_rows, share_rows, pack_rows, _ = puts
         fast = self._fast
@@ -1841,7 +1847,7 @@ class SqliteStore(_BaseStore):
         held: set[int] | tuple = ()
         if partial or spartial:
             held = {key for key, _ in partial} | {key for key, _ in spartial}
-        drops, tried = _ack_drops(acks, held)
+        drops, tried = _ack_drops(acks, held, blobs)
         if len(tried) == len(acks):
             others = {}  # every device's acks in the drops (the steady state)
         else:
@@ -1947,7 +1953,7 @@ class SqliteStore(_BaseStore):
         if not drops:
             return acks
         # a walk of shares alone: each device's start at the head of its acks
-        ends = _release_walked(self._counts, fast.drop_shares(drops), keys, acks, gone)
+        ends = _release_walked(self._counts, fast.drop_shares(drops), keys, acks, gone, drops)
         return _acks_left(acks, keys, ends)
 
     def _expire(self, conn: sqlite3.Connection, now_ms: int, bound: int, partial: dict,
@@ -2017,7 +2023,8 @@ def _request_size(kind: int, arg) -> int:
     return 1
 
 
-def py_gather_acks(pairs: list, acks: dict, mid: int, hi: int) -> int:
+def py_gather_acks(pairs: list, acks: dict, mid: int, hi: int,
+                   blobs: dict | None = None) -> int:
     """Fold an ack request's ``(device key, mids)`` pairs into ``acks``
     (device key -> mids, in the order they came), each pair's mids below
     ``mid`` only; return the greatest mid they may hold, ``hi`` at least.
@@ -2027,7 +2034,14 @@ def py_gather_acks(pairs: list, acks: dict, mid: int, hi: int) -> int:
     caller's list itself, not a copy (a copy would write every int's
     reference count from the writer's thread; the loop's thread frees
     them); one with a mid at or above ``mid`` goes in as a new list of the
-    rest.  Each pair's mids: a non-empty sequence of ints."""
+    rest.  Each pair's mids: a non-empty sequence of ints.
+
+    ``blobs`` (a dict, filled from empty with ``acks``): a device's mids as
+    well as native int64s (:func:`py_mids_blob`), while every list folded
+    in for it was of int64s; else the device has none.  The commit's walks
+    and releases take the blobs (:func:`py_ack_drops`,
+    :func:`py_release_walked`), so the compiled writer reads each acked int
+    once, here, not once more for each of them."""
     for key, mids in pairs:
         known = acks.get(key)
         top = _mid_span(mids)[1]
@@ -2037,6 +2051,13 @@ def py_gather_acks(pairs: list, acks: dict, mid: int, hi: int) -> int:
         elif type(mids) is not list:
             mids = list(mids)
         acks[key] = mids if known is None else known + mids
+        if blobs is not None and (known is None or key in blobs):
+            try:
+                blob = py_mids_blob(mids)
+            except (OverflowError, TypeError):
+                blobs.pop(key, None)
+            else:
+                blobs[key] = blob if known is None else blobs[key] + blob
         if top > hi:
             hi = top
     return hi
@@ -2047,19 +2068,24 @@ def py_gather_acks(pairs: list, acks: dict, mid: int, hi: int) -> int:
 _gather_acks = twin(py_gather_acks)
 
 
-def py_ack_drops(acks: dict, held) -> tuple[list, list[int]]:
+def py_ack_drops(acks: dict, held, blobs: dict | None = None) -> tuple[list, list[int]]:
     """The compiled walks' input for ``acks`` (device key -> acked mids):
     flat ``key, mids blob`` pairs (native int64s), and their keys in order.
     A device in ``held``, one with no mids, and one whose mids are not all
-    int64s (no row's: the general path says what they are) are left out."""
+    int64s (no row's: the general path says what they are) are left out.
+    ``blobs``: the devices' blobs :func:`py_gather_acks` made with ``acks``,
+    taken as they are (a device without one, bytes, has its blob made
+    here)."""
     drops: list = []
     keys: list[int] = []
     for key, mids in acks.items():
         if mids and key not in held:
-            try:
-                blob = _mids_blob(mids)
-            except (OverflowError, TypeError):
-                continue
+            blob = None if blobs is None else blobs.get(key)
+            if type(blob) is not bytes:
+                try:
+                    blob = _mids_blob(mids)
+                except (OverflowError, TypeError):
+                    continue
             drops += (key, blob)
             keys.append(key)
     return drops, keys
@@ -2709,7 +2735,8 @@ class PySqlFast:
         With ``release``, ``(counts, keys, acks, gone)``, shares deleted by
         drops that were all applied whole do not hand the transaction back:
         their messages are released in ``counts`` as
-        :func:`py_release_walked` releases them (``walked`` the shares
+        :func:`py_release_walked` releases them, reading each device's mids
+        from its drop (``walked`` the shares
         deleted, as appended to ``shares``; ``keys`` the drops' device keys
         by index, ``acks`` the mids the drops came from, ``gone`` the dict
         that takes the mids no device holds now, by spack), the spacks in
@@ -2769,7 +2796,7 @@ class PySqlFast:
             released = bool(not missed and done and release is not None)
             if released:
                 counts, keys, acks, gone = release
-                py_release_walked(counts, done, keys, acks, gone)
+                py_release_walked(counts, done, keys, acks, gone, drops)
                 spack_drops = [*spack_drops, *(f for f in gone if not counts.left(f))]
             if not missed and (not done or released):
                 conn.executemany(self.SQL_SPDROP, [(first,) for first in spack_drops])
@@ -3239,7 +3266,7 @@ _shares_release = twin(py_shares_release)
 
 
 def py_release_walked(counts: _Counts, walked: list, keys: list, acks: dict,
-                      gone: dict) -> dict[int, int]:
+                      gone: dict, drops: list | None = None) -> dict[int, int]:
     """Release in ``counts`` the messages of the shares a compiled walk
     deleted: ``walked`` flat ``index, first, n`` as :meth:`PySqlFast.run`
     gives them (``index`` the drop's, its device key in ``keys``; ``first``
@@ -3251,7 +3278,12 @@ def py_release_walked(counts: _Counts, walked: list, keys: list, acks: dict,
     Compiled, the acked mids are read in place (the loop's thread made those
     ints and frees them: a slice of them would write each one's reference
     count from the writer's core) and a group commit's ten devices cost one
-    call instead of a dozen each."""
+    call instead of a dozen each.
+
+    ``drops``: the walk's own input, :func:`py_ack_drops`' flat ``key, mids
+    blob`` pairs in the order of ``keys``; a device's mids are then read
+    from its blob (the same mids as its acks, as int64s) instead of its
+    acks' ints."""
     ends: dict[int, int] = {}
     at = 0
     last = -1
@@ -3261,7 +3293,14 @@ def py_release_walked(counts: _Counts, walked: list, keys: list, acks: dict,
             raise InvalidArgument("a share has no negative number of mids")
         if index != last:
             last = index
-            mids = acks[keys[index]]
+            if drops is None:
+                mids = acks[keys[index]]
+            else:
+                blob = drops[2 * index + 1]
+                if type(blob) is not bytes or len(blob) % 8:
+                    raise InvalidArgument("a drop's mids are int64s")
+                mids = array.array("q")
+                mids.frombytes(blob)
             at = 0
         if mids[at] != first:
             # whole packs walked before it: their mids are not in walked,

@@ -2262,6 +2262,22 @@ def test_release_walked_twins():
             else:
                 counts.commit()
             runs.append((ends, gone, state, _walked_state(counts)))
+        # read from the walk's drops (each device's mids as int64s, what
+        # ack_drops gives the walk) instead of the acks: the same release
+        for fn in _both(store.py_release_walked):
+            if fn is None:
+                continue
+            counts, walked, keys, acks = copy.deepcopy(case)
+            drops = [v for key in keys for v in (key, store.py_mids_blob(acks[key]))]
+            acks = {key: None for key in keys}  # not read
+            gone = {0: [7]} if trial % 7 == 0 else {}
+            ends = fn(counts, walked, keys, acks, gone, drops)
+            state = _walked_state(counts)
+            if trial % 2:
+                counts.rollback()
+            else:
+                counts.commit()
+            runs.append((ends, gone, state, _walked_state(counts)))
         assert all(r == runs[0] for r in runs), trial
         ends, gone, _, _ = runs[0]
         gone_seen += sum(len(v) for k, v in gone.items() if k)
@@ -2282,6 +2298,19 @@ def test_release_walked_twins_refuse_the_same_input():
             if fn is not None:
                 with pytest.raises(error):
                     fn(copy.deepcopy(counts), walked, [5], acks, {})
+    # and read from drops: a first not among them, a drop short of its
+    # shares, no drop at the index
+    blob = array.array("q", [1, 2]).tobytes()
+    for walked, drops, error in [([0, 3, 1], [5, blob], ValueError),
+                                 ([0, 1, 2, 0], [5, blob], IndexError),
+                                 ([0, 1, 2], [5, b""], IndexError),
+                                 ([1, 1, 2], [5, blob], IndexError),
+                                 ([0, 1, 2], [5, blob[:7]], InvalidArgument),
+                                 ([0, 1, 2], [5, list(blob)], InvalidArgument)]:
+        for fn in _both(store.py_release_walked):
+            if fn is not None:
+                with pytest.raises(error):
+                    fn(copy.deepcopy(counts), walked, [5, 6], {}, {}, drops)
 
 
 def _ack_device_case(fn, key, mids, rows, partial, spartial):
@@ -2542,6 +2571,44 @@ def test_gather_acks_twins():
             assert got_hi == max([0] + [min(t, mid - 1) for t in tops]), (pairs, mid)
 
 
+def _blob_or_none(mids):
+    try:
+        return store.py_mids_blob(mids)
+    except (OverflowError, TypeError):
+        return None
+
+
+def test_gather_acks_twins_keep_each_devices_blob():
+    # with blobs (filled from empty with acks, as the writer fills them): the
+    # same acks and bound as without, and beside each device's mids their
+    # int64 blob, while every list folded in for it was of int64s
+    rng = random.Random(11)
+    seen = 0
+    for pairs, before, mid in _gather_cases(rng):
+        results = []
+        for fn in (store.py_gather_acks, _core and _core.gather_acks):
+            if fn is None:
+                continue
+            acks = {k: list(v) for k, v in before.items()}
+            blobs = {k: store.py_mids_blob(v) for k, v in before.items()}
+            plain = {k: list(v) for k, v in before.items()}
+            try:
+                hi = fn(copy.deepcopy(pairs), acks, mid, 0, blobs)
+            except Exception as exc:  # noqa: BLE001 - compared below
+                results.append(type(exc))
+                with pytest.raises(type(exc)):
+                    fn(copy.deepcopy(pairs), plain, mid, 0)
+                continue
+            assert (hi, acks) == (fn(copy.deepcopy(pairs), plain, mid, 0), plain)
+            assert blobs == {k: b for k, v in acks.items()
+                             if (b := _blob_or_none(v)) is not None}, (pairs, before, mid)
+            seen += len(blobs)
+            results.append((hi, acks, blobs))
+        if len(results) == 2:
+            assert results[0] == results[1], (pairs, before, mid)
+    assert seen > 500
+
+
 def test_ack_drops_twins():
     # the compiled walks' input: a device held back, one with no mids, one
     # whose mids are not all int64s left out; the rest as blobs, in order
@@ -2557,7 +2624,18 @@ def test_ack_drops_twins():
               ({1: type("L", (list,), {})([3, 1])}, ()), ({1: [1, "2"], 2: [2]}, {2})]
     for acks, held in cases:
         want = _same(store.py_ack_drops, _core and _core.ack_drops, acks, held)
+        # given the blobs gather_acks keeps (one not bytes: made again), the
+        # same drops, the blobs themselves
+        blobs: dict = {k: b for k, v in acks.items() if (b := _blob_or_none(v)) is not None}
+        if blobs:
+            blobs[next(iter(blobs))] = [0]
+        assert _same(store.py_ack_drops, _core and _core.ack_drops, acks, held, blobs) == want
         drops, keys = want
+        if keys:
+            # a blob given is taken as it is: the acks' ints are not read again
+            given = {keys[0]: b"\x07" * 8}
+            got = _same(store.py_ack_drops, _core and _core.ack_drops, acks, held, given)
+            assert got == ([keys[0], b"\x07" * 8, *drops[2:]], keys)
         assert drops[::2] == keys
         assert all(k not in held and acks[k] for k in keys)
         for key, blob in zip(drops[::2], drops[1::2]):

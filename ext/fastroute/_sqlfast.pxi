@@ -530,7 +530,7 @@ cdef class SqlFast:
         ``release``, ``(counts, keys, acks, gone)``, shares deleted by drops
         that were all applied whole do not hand it back: their messages are
         released in ``counts`` (``release_walked(counts, deleted, keys, acks,
-        gone)``, ``deleted`` the shares as appended to ``shares``), the
+        gone, drops)``, ``deleted`` the shares as appended to ``shares``), the
         spacks of ``gone`` none of whose messages a device holds now are
         deleted with ``spack_drops``, and the rest is done (a group's steady
         state in one call).  A value of the wrong type raises before anything
@@ -630,7 +630,8 @@ cdef class SqlFast:
                 try:
                     walked = [done[i] for i in range(3 * ndone)]
                     counts = release[0]
-                    release_walked(counts, walked, release[1], release[2], release[3])
+                    release_walked(counts, walked, release[1], release[2], release[3],
+                                   drops)
                     dead = [first for first in release[3] if not counts.left(first)]
                     # spack_drops stay first; on a failure kill is freed below
                     grown = <int64_t*>PyMem_Realloc(

@@ -992,13 +992,14 @@ def shares_release(carray.array have, carray.array counts, mids):
     return gone
 
 
-def release_walked(counts, list walked, list keys, dict acks, dict gone):
+def release_walked(counts, list walked, list keys, dict acks, dict gone, list drops=None):
     """Release in ``counts`` the messages of the shares a compiled walk
     deleted (see ``fastroute.store.py_release_walked``): the mids no device
     holds any more appended to ``gone``; by drop index, where its last
     share's mids end in its acks.
 
-    The acked mids are read through borrowed pointers (the loop's thread
+    The acked mids are read from the walk's ``drops`` (a device's blob of
+    int64s), or without them through borrowed pointers (the loop's thread
     made those ints and frees them); the mids gone are new ints.  A spack's
     block is found and saved for a rollback as ``_Counts._find`` does."""
     cdef dict blocks = counts.blocks
@@ -1017,6 +1018,8 @@ def release_walked(counts, list walked, list keys, dict acks, dict gone):
     cdef int32_t* held_p
     cdef int64_t* bfirsts_p
     cdef PyObject* item
+    cdef object blob
+    cdef const char* bp = NULL  # the device's blob, when drops are given
     for i in range(0, nwalked, 3):
         # bounds checked here: the module is built without Cython's
         if i + 2 >= nwalked:
@@ -1028,13 +1031,30 @@ def release_walked(counts, list walked, list keys, dict acks, dict gone):
             raise InvalidArgument("a share has no negative number of mids")
         if last is None or index != last:
             last = index
-            value = acks[PyObject_GetItem(keys, index)]
-            mids = value if type(value) is list else list(value)
-            nmids = PyList_GET_SIZE(mids)
+            if drops is None:
+                value = acks[PyObject_GetItem(keys, index)]
+                mids = value if type(value) is list else list(value)
+                nmids = PyList_GET_SIZE(mids)
+            else:
+                # Python's indexing (the module's own skips the bounds)
+                blob = PyObject_GetItem(drops, 2 * index + 1)
+                if not PyBytes_CheckExact(blob) or PyBytes_GET_SIZE(blob) % 8:
+                    raise InvalidArgument("a drop's mids are int64s")
+                bp = PyBytes_AS_STRING(blob)
+                nmids = PyBytes_GET_SIZE(blob) // 8
             at = 0
         if at >= nmids:
             raise IndexError("list index out of range")
-        if _borrowed_mid(mids, at) != first:
+        if drops is not None:
+            if _blob_mid(bp, at) != first:
+                # as below: the share's first further on
+                j = at + 1
+                while j < nmids and _blob_mid(bp, j) != first:
+                    j += 1
+                if j == nmids:
+                    raise ValueError(f"{first} is not in the drop's mids")
+                at = j
+        elif _borrowed_mid(mids, at) != first:
             # whole packs walked before it: their mids are not in walked,
             # and none of them is this share's first
             at = mids.index(walked[i + 1], at)
@@ -1073,12 +1093,15 @@ def release_walked(counts, list walked, list keys, dict acks, dict gone):
                 ngone = 0
                 lo = end
                 for j in range(at, stop):
-                    item = <PyObject*>PyList_GET_ITEM(mids, j)
-                    if not PyLong_Check(<object>item):
-                        raise TypeError("a mid is an int")
-                    m = PyLong_AsLongLongAndOverflow(<object>item, &overflow)
-                    if overflow:
-                        continue  # no int64 mid: not in have
+                    if drops is not None:
+                        m = _blob_mid(bp, j)
+                    else:
+                        item = <PyObject*>PyList_GET_ITEM(mids, j)
+                        if not PyLong_Check(<object>item):
+                            raise TypeError("a mid is an int")
+                        m = PyLong_AsLongLongAndOverflow(<object>item, &overflow)
+                        if overflow:
+                            continue  # no int64 mid: not in have
                     # a share's mids are its spack's, ascending and next to
                     # each other in the block: the one after the last found
                     # first, a search only when it is not that one
@@ -1159,14 +1182,16 @@ cdef bytes _mids_blob(object mids):
     return py_mids_blob(mids)
 
 
-def ack_drops(dict acks not None, held):
+def ack_drops(dict acks not None, held, dict blobs=None):
     """The compiled walks' input for ``acks`` (see
     ``fastroute.store.py_ack_drops``): each device's mids made a blob as
-    :func:`mids_blob` makes it, in one call for every device of a commit."""
+    :func:`mids_blob` makes it, or taken from ``blobs``, in one call for
+    every device of a commit."""
     cdef list drops = [], keys = []
     cdef Py_ssize_t pos = 0
     cdef PyObject* k
     cdef PyObject* v
+    cdef PyObject* b
     cdef object key, mids
     cdef bytes blob
     # the steady state's held is (): no device is in it
@@ -1176,10 +1201,14 @@ def ack_drops(dict acks not None, held):
         mids = <object>v
         if not mids or (check and key in held):
             continue
-        try:
-            blob = _mids_blob(mids)
-        except (OverflowError, TypeError):
-            continue
+        b = NULL if blobs is None else PyDict_GetItemWithError(blobs, key)
+        if b != NULL and PyBytes_CheckExact(<object>b):
+            blob = <bytes>b
+        else:
+            try:
+                blob = _mids_blob(mids)
+            except (OverflowError, TypeError):
+                continue
         drops.append(key)
         drops.append(blob)
         keys.append(key)
@@ -1223,6 +1252,24 @@ cdef bint _list_span(list mids, long long* lo, long long* hi) except -1:
     return True
 
 
+cdef bint _blob_span(bytes blob, long long* hi) except -1:
+    # the greatest of a non-empty blob of native int64s (_list_blob's);
+    # False: no blob (a list that is not of int64s), or an empty one
+    cdef Py_ssize_t i, n
+    cdef const char* p
+    cdef int64_t v
+    if blob is None or PyBytes_GET_SIZE(blob) == 0:
+        return False
+    p = PyBytes_AS_STRING(blob)
+    n = PyBytes_GET_SIZE(blob) // 8
+    hi[0] = _blob_mid(p, 0)
+    for i in range(1, n):
+        v = _blob_mid(p, i)
+        if v > hi[0]:
+            hi[0] = v
+    return True
+
+
 def mid_span(mids):
     """The least and the greatest of ``mids`` (see ``fastroute.store.py_mid_span``).
 
@@ -1258,19 +1305,23 @@ def acks_left(dict acks not None, list keys not None, dict ends not None):
     return rest
 
 
-def gather_acks(list pairs not None, dict acks not None, long long mid, hi):
+def gather_acks(list pairs not None, dict acks not None, long long mid, hi,
+                dict blobs=None):
     """Fold an ack request's ``(device key, mids)`` pairs into ``acks`` (see
     ``fastroute.store.py_gather_acks``): the greatest mid of each list read
     through borrowed pointers (see :func:`mid_span`), the list itself kept
-    unless some of its mids are cut.  A pair of another shape goes the
-    specification's way."""
+    unless some of its mids are cut.  With ``blobs``, each list's ints are
+    read once, into its blob, and the greatest mid is read off the blob.  A
+    pair of another shape goes the specification's way."""
     cdef Py_ssize_t i, j
     cdef object pair, key, mids
     cdef PyObject* m
     cdef PyObject* known
+    cdef PyObject* had
     cdef long long low = 0, top = 0, chi = 0
     cdef int overflow = 0
     cdef list kept
+    cdef bytes blob = None
     # the bound as a C int while it is one (the writer's always is)
     cdef bint exact = PyLong_CheckExact(hi)
     if exact:
@@ -1283,9 +1334,13 @@ def gather_acks(list pairs not None, dict acks not None, long long mid, hi):
             mids = <object>PyTuple_GET_ITEM(pair, 1)
         else:
             mids = None
-        if not exact or not PyList_CheckExact(mids) or not _list_span(<list>mids, &low, &top):
+        # the list's ints read once: into its blob when blobs are kept (its
+        # greatest mid read off the blob), else for its span
+        if not exact or not PyList_CheckExact(mids) or not (
+                _list_span(<list>mids, &low, &top) if blobs is None
+                else _blob_span(blob := _list_blob(<list>mids), &top)):
             from fastroute.store import py_gather_acks
-            hi = py_gather_acks([pair], acks, mid, chi if exact else hi)
+            hi = py_gather_acks([pair], acks, mid, chi if exact else hi, blobs)
             exact = PyLong_CheckExact(hi)
             if exact:
                 chi = PyLong_AsLongLongAndOverflow(hi, &overflow)
@@ -1295,15 +1350,23 @@ def gather_acks(list pairs not None, dict acks not None, long long mid, hi):
             kept = []
             for j in range(PyList_GET_SIZE(mids)):
                 m = PyList_GET_ITEM(mids, j)
-                if PyLong_AsLongLong(<object>m) < mid:  # an int64: _list_span said so
+                if PyLong_AsLongLong(<object>m) < mid:  # an int64: read as one above
                     kept.append(<object>m)
             mids = kept
             top = mid - 1
+            if blobs is not None:
+                blob = _list_blob(kept)
         known = PyDict_GetItemWithError(acks, key)
         if known == NULL:
             acks[key] = mids
+            if blobs is not None:
+                blobs[key] = blob
         else:
             acks[key] = <object>known + mids
+            if blobs is not None:
+                had = PyDict_GetItemWithError(blobs, key)
+                if had != NULL:
+                    blobs[key] = <bytes>had + blob
         if top > chi:
             chi = top
     return chi if exact else hi
