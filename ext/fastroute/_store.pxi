@@ -1366,7 +1366,7 @@ def gather_acks(list pairs not None, dict acks not None, long long mid, hi,
             if blobs is not None:
                 had = PyDict_GetItemWithError(blobs, key)
                 if had != NULL:
-                    blobs[key] = <bytes>had + blob
+                    blobs[key] = <object>had + blob
         if top > chi:
             chi = top
     return chi if exact else hi
