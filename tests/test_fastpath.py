@@ -15,6 +15,7 @@ import array
 import asyncio
 import collections
 import copy
+import itertools
 import os
 import random
 import sys
@@ -2250,28 +2251,19 @@ def test_release_walked_twins():
     for trial in range(400):
         case = _walked_case(rng)
         runs = []
-        for fn in _both(store.py_release_walked):
+        for fn, from_drops in itertools.product(_both(store.py_release_walked), (False, True)):
             if fn is None:
                 continue
             counts, walked, keys, acks = copy.deepcopy(case)
+            drops: tuple = ()
+            if from_drops:
+                # read from the walk's drops (each device's mids as int64s,
+                # what ack_drops gives the walk) instead of the acks: the
+                # same release
+                drops = ([v for key in keys for v in (key, store.py_mids_blob(acks[key]))],)
+                acks = {key: None for key in keys}  # not read
             gone: dict = {0: [7]} if trial % 7 == 0 else {}  # released before, kept
-            ends = fn(counts, walked, keys, acks, gone)
-            state = _walked_state(counts)
-            if trial % 2:
-                counts.rollback()
-            else:
-                counts.commit()
-            runs.append((ends, gone, state, _walked_state(counts)))
-        # read from the walk's drops (each device's mids as int64s, what
-        # ack_drops gives the walk) instead of the acks: the same release
-        for fn in _both(store.py_release_walked):
-            if fn is None:
-                continue
-            counts, walked, keys, acks = copy.deepcopy(case)
-            drops = [v for key in keys for v in (key, store.py_mids_blob(acks[key]))]
-            acks = {key: None for key in keys}  # not read
-            gone = {0: [7]} if trial % 7 == 0 else {}
-            ends = fn(counts, walked, keys, acks, gone, drops)
+            ends = fn(counts, walked, keys, acks, gone, *drops)
             state = _walked_state(counts)
             if trial % 2:
                 counts.rollback()
@@ -2536,8 +2528,12 @@ def _gather_cases(rng: random.Random) -> list:
 def test_gather_acks_twins():
     # the writer's take of an ack request: each device's mids below the
     # batch's next mid, in the order they came, the caller's list itself
-    # kept when nothing is cut; the greatest mid acked, or the bound
+    # kept when nothing is cut; the greatest mid acked, or the bound.  With
+    # blobs (filled from empty with acks, as the writer fills them): the
+    # same, and beside each device's mids their int64 blob, while every
+    # list folded in for it was of int64s
     rng = random.Random(11)
+    blobs_seen = 0
     for pairs, before, mid in _gather_cases(rng):
         results = []
         for fn in (store.py_gather_acks, _core and _core.gather_acks):
@@ -2545,21 +2541,30 @@ def test_gather_acks_twins():
                 continue
             acks = {k: list(v) for k, v in before.items()}
             given = copy.deepcopy(pairs)
+            with_blobs = {k: list(v) for k, v in before.items()}
+            blobs = {k: store.py_mids_blob(v) for k, v in before.items()}
             try:
                 hi = fn(given, acks, mid, 0)
             except Exception as exc:  # noqa: BLE001 - compared below
                 results.append(type(exc))
+                with pytest.raises(type(exc)):
+                    fn(copy.deepcopy(pairs), with_blobs, mid, 0, blobs)
                 continue
+            assert (fn(copy.deepcopy(pairs), with_blobs, mid, 0, blobs), with_blobs) \
+                == (hi, acks)
+            assert blobs == {k: b for k, v in acks.items()
+                             if (b := _blob_or_none(v)) is not None}, (pairs, before, mid)
+            blobs_seen += len(blobs)
             for key, mids in acks.items():
                 assert all(m < mid for m in mids[len(before.get(key, ())):]), (pairs, mid)
             for key, mids in given:
                 if key not in before and type(mids) is list and max(mids) < mid and \
                         sum(1 for k, _ in given if k == key) == 1:
                     assert acks[key] is mids, "the caller's list itself, not a copy"
-            results.append((hi, acks))
+            results.append((hi, acks, blobs))
         if len(results) == 2:
             assert results[0] == results[1], (pairs, before, mid)
-        want = results[0]
+        want = results[0] if isinstance(results[0], type) else results[0][:2]
         if not isinstance(want, type):
             got_hi, got = want
             flat = {}
@@ -2569,6 +2574,7 @@ def test_gather_acks_twins():
             assert got == {**before, **flat}, (pairs, mid)
             tops = [max(mids) for _, mids in pairs]
             assert got_hi == max([0] + [min(t, mid - 1) for t in tops]), (pairs, mid)
+    assert blobs_seen > 500
 
 
 def _blob_or_none(mids):
@@ -2576,37 +2582,6 @@ def _blob_or_none(mids):
         return store.py_mids_blob(mids)
     except (OverflowError, TypeError):
         return None
-
-
-def test_gather_acks_twins_keep_each_devices_blob():
-    # with blobs (filled from empty with acks, as the writer fills them): the
-    # same acks and bound as without, and beside each device's mids their
-    # int64 blob, while every list folded in for it was of int64s
-    rng = random.Random(11)
-    seen = 0
-    for pairs, before, mid in _gather_cases(rng):
-        results = []
-        for fn in (store.py_gather_acks, _core and _core.gather_acks):
-            if fn is None:
-                continue
-            acks = {k: list(v) for k, v in before.items()}
-            blobs = {k: store.py_mids_blob(v) for k, v in before.items()}
-            plain = {k: list(v) for k, v in before.items()}
-            try:
-                hi = fn(copy.deepcopy(pairs), acks, mid, 0, blobs)
-            except Exception as exc:  # noqa: BLE001 - compared below
-                results.append(type(exc))
-                with pytest.raises(type(exc)):
-                    fn(copy.deepcopy(pairs), plain, mid, 0)
-                continue
-            assert (hi, acks) == (fn(copy.deepcopy(pairs), plain, mid, 0), plain)
-            assert blobs == {k: b for k, v in acks.items()
-                             if (b := _blob_or_none(v)) is not None}, (pairs, before, mid)
-            seen += len(blobs)
-            results.append((hi, acks, blobs))
-        if len(results) == 2:
-            assert results[0] == results[1], (pairs, before, mid)
-    assert seen > 500
 
 
 def test_ack_drops_twins():
