@@ -1259,6 +1259,9 @@ def test_sqlite_a_pack_acked_message_by_message_is_rewritten_at_most_once_a_whil
                     break
                 await asyncio.sleep(0.02)
             assert count(db, "SELECT n FROM packs WHERE dev = ?", dev) == 3
+            # the rewrite is on disk once its COMMIT returns, its count a few
+            # lines after, on the writer's thread: a flush answers after both
+            await store.flush()
             assert store.rewrites == 1
     run(main())
 
@@ -1290,6 +1293,7 @@ def test_sqlite_a_failed_pack_rewrite_is_retried_until_it_lands(run, db):
                     break
                 await asyncio.sleep(0.05)
             assert count(db, "SELECT n FROM packs WHERE dev = ?", dev) == 6
+            await store.flush()  # the counts: on the writer's thread, after the COMMIT
             assert store.rewrites == 1 and store.deletes_waiting == 0
             assert [r[0] for r in await store.load(dev, 0, 20)] == mids[4:]
     run(main())
