@@ -1310,18 +1310,18 @@ def gather_acks(list pairs not None, dict acks not None, long long mid, hi,
     """Fold an ack request's ``(device key, mids)`` pairs into ``acks`` (see
     ``fastroute.store.py_gather_acks``): the greatest mid of each list read
     through borrowed pointers (see :func:`mid_span`), the list itself kept
-    unless some of its mids are cut.  With ``blobs``, each list's ints are
-    read once, into its blob, and the greatest mid is read off the blob.  A
-    pair of another shape goes the specification's way."""
+    unless some of its mids are cut.  Each list's ints are read once, into
+    its blob (kept in ``blobs`` when given), and the greatest mid is read off
+    the blob.  A pair of another shape goes the specification's way."""
     cdef Py_ssize_t i, j
     cdef object pair, key, mids
     cdef PyObject* m
     cdef PyObject* known
     cdef PyObject* had
-    cdef long long low = 0, top = 0, chi = 0
+    cdef long long top = 0, chi = 0
     cdef int overflow = 0
     cdef list kept
-    cdef bytes blob = None
+    cdef bytes blob
     # the bound as a C int while it is one (the writer's always is)
     cdef bint exact = PyLong_CheckExact(hi)
     if exact:
@@ -1334,11 +1334,10 @@ def gather_acks(list pairs not None, dict acks not None, long long mid, hi,
             mids = <object>PyTuple_GET_ITEM(pair, 1)
         else:
             mids = None
-        # the list's ints read once: into its blob when blobs are kept (its
-        # greatest mid read off the blob), else for its span
-        if not exact or not PyList_CheckExact(mids) or not (
-                _list_span(<list>mids, &low, &top) if blobs is None
-                else _blob_span(blob := _list_blob(<list>mids), &top)):
+        # the list's ints read once, into its blob; its greatest mid read
+        # off the blob (the writer keeps the blob in blobs)
+        blob = _list_blob(<list>mids) if PyList_CheckExact(mids) else None
+        if not exact or not _blob_span(blob, &top):
             from fastroute.store import py_gather_acks
             hi = py_gather_acks([pair], acks, mid, chi if exact else hi, blobs)
             exact = PyLong_CheckExact(hi)
