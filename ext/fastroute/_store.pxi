@@ -1139,8 +1139,9 @@ cdef inline long long _borrowed_mid(list mids, Py_ssize_t at) except? -1:
     return -1 if overflow else v
 
 
-cdef bytes _list_blob(list mids):
-    # mids_blob of a list of exact int64 ints; None for any other list
+cdef bytes _list_blob(list mids, long long* hi=NULL):
+    # mids_blob of a list of exact int64 ints; None for any other list.
+    # With hi, the greatest mid too, read in the same pass (a non-empty list)
     cdef Py_ssize_t i, n = PyList_GET_SIZE(mids)
     cdef PyObject* m
     cdef long long v
@@ -1155,6 +1156,8 @@ cdef bytes _list_blob(list mids):
         if overflow:
             return None
         memcpy(p + 8 * i, &v, 8)
+        if hi != NULL and (i == 0 or v > hi[0]):
+            hi[0] = v
     return out
 
 
@@ -1252,24 +1255,6 @@ cdef bint _list_span(list mids, long long* lo, long long* hi) except -1:
     return True
 
 
-cdef bint _blob_span(bytes blob, long long* hi) except -1:
-    # the greatest of a non-empty blob of native int64s (_list_blob's);
-    # False: no blob (a list that is not of int64s), or an empty one
-    cdef Py_ssize_t i, n
-    cdef const char* p
-    cdef int64_t v
-    if blob is None or PyBytes_GET_SIZE(blob) == 0:
-        return False
-    p = PyBytes_AS_STRING(blob)
-    n = PyBytes_GET_SIZE(blob) // 8
-    hi[0] = _blob_mid(p, 0)
-    for i in range(1, n):
-        v = _blob_mid(p, i)
-        if v > hi[0]:
-            hi[0] = v
-    return True
-
-
 def mid_span(mids):
     """The least and the greatest of ``mids`` (see ``fastroute.store.py_mid_span``).
 
@@ -1311,8 +1296,8 @@ def gather_acks(list pairs not None, dict acks not None, long long mid, hi,
     ``fastroute.store.py_gather_acks``): the greatest mid of each list read
     through borrowed pointers (see :func:`mid_span`), the list itself kept
     unless some of its mids are cut.  Each list's ints are read once, into
-    its blob (kept in ``blobs`` when given), and the greatest mid is read off
-    the blob.  A pair of another shape goes the specification's way."""
+    its blob (kept in ``blobs`` when given), the greatest mid in the same
+    pass.  A pair of another shape goes the specification's way."""
     cdef Py_ssize_t i, j
     cdef object pair, key, mids
     cdef PyObject* m
@@ -1334,10 +1319,11 @@ def gather_acks(list pairs not None, dict acks not None, long long mid, hi,
             mids = <object>PyTuple_GET_ITEM(pair, 1)
         else:
             mids = None
-        # the list's ints read once, into its blob; its greatest mid read
-        # off the blob (the writer keeps the blob in blobs)
-        blob = _list_blob(<list>mids) if PyList_CheckExact(mids) else None
-        if not exact or not _blob_span(blob, &top):
+        # the list's ints read once, into its blob, the greatest mid with
+        # them (the writer keeps the blob in blobs)
+        blob = (_list_blob(<list>mids, &top)
+                if PyList_CheckExact(mids) and PyList_GET_SIZE(mids) else None)
+        if not exact or blob is None:
             from fastroute.store import py_gather_acks
             hi = py_gather_acks([pair], acks, mid, chi if exact else hi, blobs)
             exact = PyLong_CheckExact(hi)
