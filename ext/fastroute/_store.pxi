@@ -1144,7 +1144,7 @@ cdef bytes _list_blob(list mids, long long* hi=NULL):
     # With hi, the greatest mid too, read in the same pass (a non-empty list)
     cdef Py_ssize_t i, n = PyList_GET_SIZE(mids)
     cdef PyObject* m
-    cdef long long v, top = -0x7fffffffffffffff - 1
+    cdef long long v, top = -0x7fffffffffffffffLL - 1
     cdef int overflow = 0
     cdef bytes out = PyBytes_FromStringAndSize(NULL, 8 * n)
     cdef char* p = PyBytes_AS_STRING(out)
