@@ -52,7 +52,7 @@ from .errors import (
 )
 from ._compiled import twin
 from .histogram import Histogram
-from .wire import DDELIVER_HEAD, copy_tail_fields, tail_fields
+from .wire import DDELIVER_HEAD, copy_tail_fields, is_routed, route_parts, tail_fields
 
 __all__ = ["Store", "SqliteStore", "MemoryStore", "StoredMessage", "PutItem",
            "DEFAULT_TTL_S", "CID_LEN", "tail_items"]
@@ -3396,12 +3396,13 @@ def py_mem_put(items: list, left: dict, inbox: dict, first: int, mids: list,
     of inboxes holding a message when it is more than one (most messages are
     for one device: their one ack deletes them).
 
-    With ``routes``, ``items`` is flat, ``device_keys, (mid, tail)`` a
-    message (``MemoryStore.put_now``): the route the relay made for it, its
-    ``tail`` the DELIVER tail, is what the inboxes hold, and its mid must be
-    the one it is stored at.  A per-device copy's route is ``(mid, tail,
-    head)``, its head :data:`~fastroute.wire.DDELIVER_HEAD` and its tail the
-    DDELIVER tail (:func:`~fastroute.wire.copy_tail_fields`).
+    With ``routes``, ``items`` is flat, ``device_keys, route`` a message
+    (``MemoryStore.put_now``): the route the relay made for it, a routed tail
+    (:func:`~fastroute.wire.routed_tail`) or ``(mid, tail)``, ``tail`` the
+    DELIVER tail, is what the inboxes hold, and its mid must be the one it is
+    stored at.  A per-device copy's route is ``(mid, tail, head)``, its head
+    :data:`~fastroute.wire.DDELIVER_HEAD` and its tail the DDELIVER tail
+    (:func:`~fastroute.wire.copy_tail_fields`).
     """
     mid = first
     if routes and len(items) % 2:
@@ -3410,12 +3411,16 @@ def py_mem_put(items: list, left: dict, inbox: dict, first: int, mids: list,
         for k in range(len(items) // 2 if routes else len(items)):
             if routes:
                 devs, msg = items[2 * k], items[2 * k + 1]
-                if (type(msg) is not tuple or not 2 <= len(msg) <= 3 or type(msg[0]) is not int
-                        or type(msg[1]) is not bytes
+                if is_routed(msg):
+                    at = route_parts(msg)[0]
+                elif (type(msg) is not tuple or not 2 <= len(msg) <= 3
+                        or type(msg[0]) is not int or type(msg[1]) is not bytes
                         or (len(msg) == 3 and msg[2] != DDELIVER_HEAD)):
-                    raise InvalidArgument("a route is (mid, tail bytes) or a copy's "
-                                          "(mid, tail bytes, DDELIVER head)")
-                if msg[0] != mid:
+                    raise InvalidArgument("a route is a routed tail, (mid, tail bytes) or a "
+                                          "copy's (mid, tail bytes, DDELIVER head)")
+                else:
+                    at = msg[0]
+                if at != mid:
                     raise InvalidArgument("a route's mid is not the one it is stored at")
             else:
                 item = items[k]
@@ -3454,8 +3459,10 @@ def py_mem_load(box: dict, after_mid: int, limit: int) -> list:
 
 def _stored_fields(msg: tuple) -> tuple:
     """``(sender, id, body, ts_ms)`` of what a memory-store inbox holds: a
-    put's item, or a route ``(mid, tail)`` or a copy's ``(mid, tail, head)``
-    (:meth:`MemoryStore.put_now`)."""
+    put's item, or a route, a routed tail, ``(mid, tail)`` or a copy's
+    ``(mid, tail, head)`` (:meth:`MemoryStore.put_now`)."""
+    if is_routed(msg):
+        return tail_fields(route_parts(msg)[1])
     if type(msg) is tuple and len(msg) == 5:
         return msg[:4]
     if type(msg) is tuple and len(msg) == 2:
@@ -3463,7 +3470,7 @@ def _stored_fields(msg: tuple) -> tuple:
     if type(msg) is tuple and len(msg) == 3:
         return copy_tail_fields(msg[1])
     raise WrongType("an inbox holds (sender, id, body, ts_ms, device_keys) items "
-                    "or (mid, tail[, head]) routes")
+                    "or routes: routed tails, (mid, tail[, head])")
 
 
 def py_mem_ack(box: dict, left: dict, mids) -> int:
@@ -3511,8 +3518,8 @@ class MemoryStore(_BaseStore):
     def __init__(self, loop, ttl_s: int) -> None:
         super().__init__(loop, ttl_s)
         # device_key -> its Inbox, mid -> (sender, cid, body, ts_ms, device_keys)
-        # or (mid, tail) in mid order (the put's item or put_now's route, shared
-        # by a message's inboxes), mid -> inboxes
+        # or a route (a routed tail or (mid, tail)) in mid order (the put's
+        # item or put_now's route, shared by a message's inboxes), mid -> inboxes
         # holding it for the messages more than one inbox holds, and how many
         # messages some inbox holds
         self._inbox: dict[int, PyInbox] = {}
@@ -3590,10 +3597,12 @@ class MemoryStore(_BaseStore):
 
         The relay's memory-store path: it reads :meth:`next_mid` first, and
         decides and routes each message as it builds ``routes``, flat
-        ``device_keys, (mid, tail)`` a message: the route it hands the engine
-        (``tail``: the DELIVER tail, which holds the sender, id, body and
-        stamp), with mids from ``first_mid`` on.  The inboxes hold that very
-        route, a tuple a message fewer than a put's item and the body once.
+        ``device_keys, route`` a message: the route it hands the engine, its
+        routed tail (:func:`~fastroute.wire.routed_tail`: its mid and DELIVER
+        tail, which holds the sender, id, body and stamp, as one object) or
+        ``(mid, tail)``, with mids from ``first_mid`` on.  The inboxes hold
+        that very route: no object of the store's own a message, the body
+        once.
         There is no validation (the gate made them) but of the mids: a batch
         that would not get the ones its routes carry (another put came
         between, or the store was closed) is refused whole, before anything

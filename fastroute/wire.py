@@ -1755,6 +1755,48 @@ def py_tail_fields(tail: bytes) -> tuple[str, bytes, bytes, int]:
     return _tail_checked(sender, cid, body, ts, cls)
 
 
+#: a routed tail's first byte: msgpack's never-used 0xc1, which no DELIVER
+#: tail starts with (a tail starts with its sender, a str)
+ROUTED = 0xC1
+#: a routed tail's bytes before its DELIVER tail: ROUTED and the mid (uint64)
+ROUTED_HEAD_LEN = 9
+
+
+def routed_tail(mid: int, tail: bytes) -> bytes:
+    """A stored message's route as one object: ``0xc1``, ``mid`` as a big-endian
+    uint64, then its DELIVER ``tail``.
+
+    The relay's own form of ``(mid, tail)``, never on the wire: the engine's
+    payload and what the memory store keeps, with no tuple and no int a
+    message (each would be allocated when the message is routed and freed,
+    out of the cache, when it is acknowledged).  :func:`route_parts` reads it.
+    """
+    if type(mid) is not int or not 0 <= mid < 1 << 63:
+        raise InvalidArgument("a routed tail's mid is an int in [0, 2**63)")
+    if type(tail) is not bytes or not tail:
+        raise WrongType("a DELIVER tail is non-empty bytes")
+    return b"\xc1" + mid.to_bytes(8, "big") + tail
+
+
+def is_routed(payload: Any) -> bool:
+    """Whether ``payload`` is a routed tail (:func:`routed_tail`)."""
+    return type(payload) is bytes and len(payload) > ROUTED_HEAD_LEN and payload[0] == ROUTED
+
+
+def route_parts(payload: Any) -> tuple[int, bytes]:
+    """``(mid, tail)`` of a routed payload: a routed tail (:func:`routed_tail`),
+    a ``(mid, tail[, head])`` tuple, or a signal's bare tail (mid 0)."""
+    if type(payload) is bytes:
+        if is_routed(payload):
+            return (int.from_bytes(payload[1:ROUTED_HEAD_LEN], "big"),
+                    payload[ROUTED_HEAD_LEN:])
+        return 0, payload
+    if type(payload) is not tuple or not 2 <= len(payload) <= 3:
+        raise WrongType("a routed payload is a routed tail, a (mid, tail[, head]) tuple "
+                        "or a signal's tail")
+    return payload[0], payload[1]
+
+
 def _tail_checked(sender: Any, cid: Any, body: Any, ts: Any,
                   cls: Any) -> tuple[str, bytes, bytes, int]:
     """A DELIVER tail's unpacked fields, checked: ``(from, id, body, ts_ms)``."""

@@ -327,6 +327,53 @@ def test_pack_delivers_takes_a_signals_bare_tail_as_mid_0():
     assert [msgpack.unpackb(ops[k])[1] for k in (0, 1, 2, 4)] == [5, 6, 7, 9]
 
 
+def test_pack_delivers_reads_a_routed_tails_mid_and_packs_its_tail():
+    # a stored message's route is one object, its routed tail: packed as its
+    # (mid, tail) pair is, among signals' bare tails and (mid, tail[, head])
+    head = b"\x96\xcd\x03\xee"
+    big = 2**40 + 3  # all eight bytes of the mid read
+    batch = [wire.routed_tail(7, _TAILS[1]), _TAILS[0], wire.routed_tail(big, _TAILS[2]),
+             (9, _TAILS[3], head), (11, _TAILS[1]), wire.routed_tail(12, _TAILS[3])]
+
+    def run(fn):
+        def call(seq, batch):
+            out = []
+            return fn(seq, batch, out), wire.flat_ops(out)
+        return call
+
+    mids, ops = _same(*map(_run_or_none(run), _both(delivery.py_pack_delivers)), 5, batch)
+    assert mids == [7, 0, big, 9, 11, 12]
+    _, want = run(delivery.py_pack_delivers)(5, [(7, _TAILS[1]), (0, _TAILS[0]),
+                                                 (big, _TAILS[2]), (9, _TAILS[3], head),
+                                                 (11, _TAILS[1]), (12, _TAILS[3])])
+    assert ops == want
+    assert msgpack.unpackb(ops[0]) == [18, 5, *msgpack.unpackb(b"\x95" + _TAILS[1])]
+    # one alone is one op, as bytes
+    one = _same(*map(_run_or_none(run), _both(delivery.py_pack_delivers)), 1,
+                [wire.routed_tail(3, _TAILS[0])])
+    assert one == ([3], [b"\x97\x12\xce\x00\x00\x00\x01" + _TAILS[0]])
+
+
+def test_routed_tail_round_trips_and_is_told_from_a_bare_tail():
+    for mid in (0, 1, 500, 2**32, 2**63 - 1):
+        r = wire.routed_tail(mid, _TAILS[0])
+        assert wire.is_routed(r) and wire.route_parts(r) == (mid, _TAILS[0])
+        assert len(r) == len(_TAILS[0]) + wire.ROUTED_HEAD_LEN
+    # a DELIVER tail starts with its sender, a str: never the routed marker
+    assert not any(wire.is_routed(t) for t in _TAILS)
+    assert wire.route_parts(_TAILS[0]) == (0, _TAILS[0])
+    assert wire.route_parts((4, _TAILS[1], b"h")) == (4, _TAILS[1])
+    assert not wire.is_routed(b"\xc1" + bytes(8))  # a head alone has no tail
+    for bad in (-1, 2**63, 1.0, True):
+        with pytest.raises(InvalidArgument):
+            wire.routed_tail(bad, _TAILS[0])
+    for bad in (b"", bytearray(_TAILS[0]), "tail"):
+        with pytest.raises(WrongType):
+            wire.routed_tail(1, bad)
+    with pytest.raises(WrongType):
+        wire.route_parts([1, _TAILS[0]])
+
+
 @pytest.mark.parametrize("batch", [[(1, "str")], [(1,)], [[1, b"x"]], [None], [bytearray(b"x")],
                                    [b"\x00" * 10, (1, "str")]])
 def test_pack_delivers_refuses_bad_payloads(batch):
@@ -367,6 +414,10 @@ _TAILS = [wire.py_deliver_tail(SENDER_PACKED, MID, b"b" * i, TS_PACKED, i & 1) f
     (4, [(3, _TAILS[0]), _TAILS[2]], 8),            # a signal's bare tail last: its ts_ms
     (4, [_TAILS[1], _TAILS[3]], 8),                 # signals only: mids 0
     (4, [_TAILS[1], b"no timestamp"], 8),           # the newest has no ts_ms
+    (4, [(3, _TAILS[0]), wire.routed_tail(4, _TAILS[2])], 8),  # a routed tail last: its ts_ms
+    # a routed tail too short to hold a ts_ms: its mid's bytes are not read as one
+    (4, [wire.routed_tail(0xCF << 48, b"\xa1x\x00")], 8),
+    (4, [wire.routed_tail(5, b"\x00" * 10)], 8),
 ])
 def test_pull_round_twins_agree(seq, batch, max_n):
     def run(fn):
@@ -379,8 +430,8 @@ def test_pull_round_twins_agree(seq, batch, max_n):
         return call
 
     got = _same(*map(_run_or_none(run), _both(delivery.py_pull_round)), seq, batch)
-    # a signal's bare tail is (0, tail)
-    batch = [(0, p) if type(p) is bytes else p for p in batch]
+    # a signal's bare tail is (0, tail), a routed tail its (mid, tail)
+    batch = [wire.route_parts(p) if type(p) is bytes else p for p in batch]
     if isinstance(got, Exception):
         assert isinstance(got, TypeError) and any(type(p[1]) is not bytes for p in batch)
         return
@@ -410,7 +461,7 @@ def test_pull_round_pops_the_compiled_engine_as_its_specification_does(max_n):
     if _core is None:
         pytest.skip("the compiled core is switched off")
     payloads = [(5, _TAILS[0]), _TAILS[1], (7, _TAILS[2], b"\x96\xcd\x03\xee"),
-                (8, b"no timestamp"), (9, _TAILS[3])]
+                (8, b"no timestamp"), (9, _TAILS[3]), wire.routed_tail(10, _TAILS[2])]
     results = []
     for fn in (delivery.py_pull_round, _core.pull_round):
         router = _core.Router(16)
@@ -431,7 +482,9 @@ def test_pull_round_pops_the_compiled_engine_as_its_specification_does(max_n):
     rounds, out, inflight, pending, _ = results[0]
     assert [r[0] for r in rounds] == [len(payloads[i:i + max_n])
                                       for i in range(0, len(payloads), max_n)] + [0]
-    assert inflight == [99, 5, 0, 7, 8, 9] and pending == (0, len(payloads))
+    assert inflight == [99, 5, 0, 7, 8, 9, 10] and pending == (0, len(payloads))
+    # the last round's newest message, a routed tail: its timestamp read
+    assert rounds[-2][2] == TS
     with pytest.raises(UnknownDevice):
         _core.pull_round(_core.Router(16), 42, [], collections.deque(), 1)
 
@@ -1141,14 +1194,18 @@ def test_accept_sends_twins(require_consent, tokens, taps, first_mid, as_run):
     if tokens == (1000.0, 1e9) and first_mid is not None:
         # a store that takes the batch at once: decided, SACKed and routed here
         want = [0, 5, 9] if require_consent else [0, 3, 5, 9]
-        assert meta[0::2] == [sends[i][2] for i in want]  # flat: to, (mid, tail)
-        assert [p[0] for p in meta[1::2]] == list(range(500, 500 + len(want)))
-        assert all(type(p[1]) is bytes and p[1].startswith(SENDER_PACKED) for p in meta[1::2])
+        assert meta[0::2] == [sends[i][2] for i in want]  # flat: to, route
+        # each route one object, its routed tail: (mid, tail) with no tuple
+        assert all(wire.is_routed(p) for p in meta[1::2])
+        parts = [wire.route_parts(p) for p in meta[1::2]]
+        assert [m for m, _ in parts] == list(range(500, 500 + len(want)))
+        assert all(t.startswith(SENDER_PACKED) for _, t in parts)
+        assert [wire.routed_tail(m, t) for m, t in parts] == meta[1::2]
         # the store gets each route itself, after its recipient's device keys,
         # and the route's tail holds what a load gives back
         assert store_items[0::2] == [state["known"][sends[i][2]] for i in want]
         assert all(r is p for r, p in zip(store_items[1::2], meta[1::2], strict=True))
-        assert [wire.py_tail_fields(p[1]) for p in meta[1::2]] == [
+        assert [wire.py_tail_fields(t) for _, t in parts] == [
             ("alice@example.org", ids[i], sends[i][3], TS) for i in want]
         assert entries[ids[0]] == ((0, 100.0), None)  # no second pass to decide it
         assert entries[ids[9]] == ((0, 100.0), None)
@@ -1613,24 +1670,26 @@ def test_sync_rows_twins(routed, cap):
 
 # -- MemoryStore's loops ------------------------------------------------------------------
 
-def _as_routes(items: list, first: int) -> list:
+def _as_routes(items: list, first: int, routed: bool = False) -> list:
     """A put's items as ``MemoryStore.put_now``'s routes (flat device keys,
-    ``(mid, tail)``), mids from ``first`` on; a malformed item stays one."""
+    ``(mid, tail)``, or with ``routed`` its routed tail, as the relay's gate
+    makes them), mids from ``first`` on; a malformed item stays one."""
     out: list = []
     for i, item in enumerate(items):
         if len(item) != 5:
             out += (None, item)
             continue
         sender, cid, body, ts, devs = item
-        out += (devs, (first + i, wire.py_deliver_tail(msgpack.packb(sender), cid, body,
-                                                       wire.ts_packed(int(ts)), 0)))
+        tail = wire.py_deliver_tail(msgpack.packb(sender), cid, body, wire.ts_packed(int(ts)), 0)
+        out += (devs, wire.routed_tail(first + i, tail) if routed else (first + i, tail))
     return out
 
 
 def _mem_run(put, ack, script, left=None, each=True, routes=False):
     """Run puts and acks on fresh dicts (``left``: the counts' own container;
     ``each`` false: the puts report how many they stored, not each mid;
-    ``routes``: the puts are given routes, as put_now gives them); return
+    ``routes``: the puts are given routes, as put_now gives them, "routed":
+    routed tails); return
     every result and the final dicts (the inboxes with what they hold, and
     which of them share a tuple)."""
     left = {} if left is None else left
@@ -1642,7 +1701,8 @@ def _mem_run(put, ack, script, left=None, each=True, routes=False):
             try:
                 try:
                     if routes:
-                        put(_as_routes(step[1], nxt), left, inbox, nxt, mids, each, True)
+                        put(_as_routes(step[1], nxt, routes == "routed"), left, inbox, nxt,
+                            mids, each, True)
                     else:
                         put(step[1], left, inbox, nxt, mids, each)
                 finally:
@@ -1723,6 +1783,23 @@ def test_mem_put_and_ack_twins():
             assert [r[0] for r in rows] == [m for m in box if m > after][:limit]
             if _core is not None:
                 assert _core.mem_load(box, after, limit) == rows
+    # as the relay's gate routes them, each a routed tail: the same answers,
+    # counts and sharing, and the same rows loaded back
+    tails = _mem_run(store.py_mem_put, store.py_mem_ack, script, each=False, routes="routed")
+    if _core is not None:
+        assert _mem_run(_core.mem_put, _core.mem_ack, script, _core.Inbox(), False,
+                        "routed") == tails
+        assert _mem_run(_core.mem_put, _core.mem_ack, script, None, True, "routed") == tails
+    assert tails[0] == routed[0] and tails[1] == routed[1] and tails[3] == routed[3]
+    assert all(wire.is_routed(v) for box in tails[2].values() for v in box.values())
+    for k, box in tails[2].items():
+        assert {m: store._stored_fields(v) for m, v in box.items()} == {
+            m: store._stored_fields(v) for m, v in routed[2][k].items()}
+        for after, limit in ((0, 1000), (150, 3), (10**6, 5)):
+            rows = store.py_mem_load(box, after, limit)
+            assert rows == store.py_mem_load(routed[2][k], after, limit)
+            if _core is not None:
+                assert _core.mem_load(box, after, limit) == rows
     log, left, inbox, shared = want
     assert log[-1] == (ValueError, [log[-1][1][0]])  # the good item before it was stored
     # loads: the same rows from both, for every device, cursor and limit
@@ -1797,8 +1874,9 @@ def test_mem_put_keeps_a_copys_route_and_loads_it_as_its_row():
             sender = senders_mod.copy_sender(sender, device)
         else:
             sender = rng.choice(["s@x.org", "t@x.org"])
-            route = (mid, wire.py_deliver_tail(msgpack.packb(sender), MID, body,
-                                               wire.ts_packed(ts), 0))
+            tail = wire.py_deliver_tail(msgpack.packb(sender), MID, body, wire.ts_packed(ts), 0)
+            # as the relay's gate routes a SEND (a routed tail) or as a test may
+            route = wire.routed_tail(mid, tail) if rng.random() < 0.5 else (mid, tail)
         routes += (devs, route)
         want[mid] = ((sender, MID, body, ts), devs, route)
     for put, load, box in ((store.py_mem_put, store.py_mem_load, None),
@@ -1834,6 +1912,10 @@ def test_mem_put_refuses_routes_that_are_not_the_mids_they_get():
         ([[1], (5, tail, wire.DDELIVER_HEAD, b"")], []),
         ([[1], [5, tail]], []),
         ([[1], (2**64, tail)], []),
+        # routed tails: a mid other than the one given, after a good one
+        ([[1], wire.routed_tail(5, tail), [2], wire.routed_tail(5, tail)], [5]),
+        ([[1], wire.routed_tail(6, tail)], []),
+        ([[1], b"\xc1" + bytes(8)], []),            # a routed head without a tail
     ]
     for routes, stored in cases:
         for put, box in ((store.py_mem_put, None), (_core and _core.mem_put, None),
@@ -3795,12 +3877,14 @@ def _flat(pairs: list) -> list:
     # signals: the tail is the payload, among stored messages' pairs
     _flat([("a@x", b"abc"), ("a@x", (2, b"d")), ("b@y", b""), ("a@x", b"ef")]),
     ["a@x", bytearray(b"x")],             # WrongType from both
+    # routed tails (the relay's 1:1 routes): their tails counted, not their heads
+    _flat([("a@x", wire.routed_tail(1, b"abc")), ("a@x", (2, b"d")),
+           ("b@y", wire.routed_tail(2**40, b"efgh")), ("a@x", b"\xc1" + bytes(8))]),
 ])
 def test_bytes_by_address_twins(batch):
     got = _same(delivery.py_bytes_by_address, _core and _core.bytes_by_address, batch)
     if not isinstance(got, Exception):
-        assert sum(got.values()) == sum(len(p if type(p) is bytes else p[1])
-                                        for p in batch[1::2])
+        assert sum(got.values()) == sum(len(wire.route_parts(p)[1]) for p in batch[1::2])
 
 
 class _Link:

@@ -20,8 +20,10 @@
 def pack_delivers(seq, list batch, list out):
     """Append one packed DELIVER op per ``(mid, tail)`` of ``batch`` to ``out``.
 
-    ``tail`` is the packed fields after seq (:func:`deliver_tail`); a bare
-    tail (bytes) is a signal's, mid 0 (see ``py_pack_delivers``); the i-th
+    ``tail`` is the packed fields after seq (:func:`deliver_tail`); a routed
+    tail (:func:`fastroute.wire.routed_tail`) is ``(mid, tail)`` as one
+    object; a bare tail (bytes) is a signal's, mid 0 (see
+    ``py_pack_delivers``); the i-th
     op gets seq ``seq + i`` as a msgpack uint32.  Returns the list of mids,
     in order.  OverflowError if a seq does not fit 32 bits (nothing appended).
     Two ops or more go in as one :class:`OpRun` (one allocation, not one an
@@ -32,7 +34,7 @@ def pack_delivers(seq, list batch, list out):
 
 cdef list c_pack_delivers(unsigned long long first, list batch, list out):
     # pack_delivers' work, called from C by pull_round without a Python call
-    cdef Py_ssize_t n, i, k, h, total = 0
+    cdef Py_ssize_t n, i, k, h, skip, total = 0
     cdef list mids
     cdef tuple items
     cdef object item, tail, head
@@ -48,9 +50,14 @@ cdef list c_pack_delivers(unsigned long long first, list batch, list out):
     for i in range(n):
         item = <object>PyTuple_GET_ITEM(items, i)
         if PyBytes_CheckExact(item):
-            # a signal's tail alone: no stored row, no tuple
-            total += WIRE_DELIVER_HEAD + PyBytes_GET_SIZE(item)
-            mids[i] = 0
+            if is_routed(item):
+                # a stored message's route, its mid before its tail
+                total += WIRE_DELIVER_HEAD + PyBytes_GET_SIZE(item) - WIRE_ROUTED_HEAD
+                mids[i] = routed_mid(item)
+            else:
+                # a signal's tail alone: no stored row, no tuple
+                total += WIRE_DELIVER_HEAD + PyBytes_GET_SIZE(item)
+                mids[i] = 0
             continue
         if not PyTuple_Check(item) or not 2 <= PyTuple_GET_SIZE(item) <= 3:
             raise WrongType(
@@ -81,7 +88,8 @@ cdef list c_pack_delivers(unsigned long long first, list batch, list out):
         # checked above, held by items: their types and sizes stand
         item = <object>PyTuple_GET_ITEM(items, i)
         tail = item if PyBytes_CheckExact(item) else <object>PyTuple_GET_ITEM(item, 1)
-        k = PyBytes_GET_SIZE(tail)
+        skip = WIRE_ROUTED_HEAD if is_routed(item) else 0
+        k = PyBytes_GET_SIZE(tail) - skip
         if not PyBytes_CheckExact(item) and PyTuple_GET_SIZE(item) == 3:
             head = <object>PyTuple_GET_ITEM(item, 2)
             h = PyBytes_GET_SIZE(head)
@@ -95,7 +103,7 @@ cdef list c_pack_delivers(unsigned long long first, list batch, list out):
             p[2] = 0xce
             put_be32(p + 3, <uint32_t>(first + <unsigned long long>i))
             p += WIRE_DELIVER_HEAD
-        fr_copy(p, PyBytes_AS_STRING(tail), <size_t>k)
+        fr_copy(p, PyBytes_AS_STRING(tail) + skip, <size_t>k)
         p += k
         if ends != NULL:
             ends[i] = <Py_ssize_t>(p - <unsigned char*>PyBytes_AS_STRING(data))
@@ -146,6 +154,9 @@ def pull_round(object router, object dev, list out, object inflight, Py_ssize_t 
         tail = <object>PyTuple_GET_ITEM(tail, 1)
     k = PyBytes_GET_SIZE(tail)
     t = <const unsigned char*>PyBytes_AS_STRING(tail)
+    if is_routed(tail):  # the DELIVER tail after its routed head
+        k -= WIRE_ROUTED_HEAD
+        t += WIRE_ROUTED_HEAD
     if k < 10 or t[k - 10] != 0xcf:
         return n, held, -1
     ts = (<unsigned long long>get_be32(t + k - 9) << 32) | get_be32(t + k - 5)
@@ -265,8 +276,8 @@ def sync_rows(object router, object dev, list rows, object routed, dict senders,
 
 def bytes_by_address(list batch):
     """``{address: total length of its tails}`` of a routed batch, flat:
-    ``address, (mid, tail), ...`` or ``address, tail, ...`` (a signal's), the
-    memory budget's accounting."""
+    ``address, route, ...``, a route a routed tail or ``(mid, tail)``, or
+    ``address, tail, ...`` (a signal's), the memory budget's accounting."""
     cdef dict out = {}
     cdef Py_ssize_t i, n = PyList_GET_SIZE(batch), run = 0
     cdef object to, payload, tail, last = None
@@ -292,7 +303,7 @@ def bytes_by_address(list batch):
                 _add_run(out, last, run)
             last = to
             run = 0
-        run += PyBytes_GET_SIZE(tail)
+        run += PyBytes_GET_SIZE(tail) - (WIRE_ROUTED_HEAD if is_routed(tail) else 0)
     if n:
         _add_run(out, last, run)
     return out

@@ -248,7 +248,8 @@ def accept_sends(SendGate gate not None, LinkGate lg not None, object sends, obj
     With ``first_mid`` (an int: the store takes the batch at once and gives
     its messages mids from there on, ``MemoryStore.put_now``), an accepted
     persistent message is decided here as an ephemeral one is (code 0, its
-    SACK-ok in ``lg.out``) and gets one tuple, its route ``(mid, tail)``:
+    SACK-ok in ``lg.out``) and gets one object, its route: its routed tail
+    (:func:`fastroute.wire.routed_tail`, ``(mid, tail)`` as one bytes object):
     ``to, route`` in ``meta`` (flat, what :meth:`Router.route_flat` takes
     once the batch is stored) and ``device_keys, route`` in ``store_items``
     (what ``put_now`` takes).
@@ -276,7 +277,7 @@ def accept_sends(SendGate gate not None, LinkGate lg not None, object sends, obj
     cdef object sack_op = gate.sack_op
     cdef tuple refusals = gate.refusals
     cdef dict blocks = gate.blocks
-    cdef object cid, to, body, cls, code, tail, accepted, tap, devs, route
+    cdef object cid, to, body, cls, code, tail, accepted, tap, devs
     # the last recipient's verdict (see below); None: none yet, or Python
     # code ran since (a refusal's count, a tap) that may have changed the tables
     cdef object last_to = None, last_devs = None
@@ -430,12 +431,15 @@ def accept_sends(SendGate gate not None, LinkGate lg not None, object sends, obj
                         cid = fr_bytes(cidp, 16)
                     out.append(sack_op(cid, int(code)))
                     continue
+                # a message stored now is routed as one object, its routed
+                # tail: no tuple and no int a message
                 if run is None:
-                    tail = c_deliver_tail(sender_packed, cid, body, ts_packed, cls)
+                    tail = c_deliver_tail(sender_packed, cid, body, ts_packed, cls,
+                                          next_mid if stored_now and cls != 1 else -1)
                     icls = 1 if cls == 1 else 0  # c_deliver_tail checked it is 0 or 1
                 else:
                     tail = c_deliver_tail_p(sender_packed, cidp, 16, bodyp, size, ts_packed,
-                                            icls)
+                                            icls, next_mid if stored_now and icls != 1 else -1)
                 # nothing since c_find touched the table: slot and at still hold
                 if icls == 1:  # CLS_EPHEMERAL
                     dedup.c_record_p(sender, cidp, h, 0, tnow, slot, at)
@@ -447,13 +451,12 @@ def accept_sends(SendGate gate not None, LinkGate lg not None, object sends, obj
                     sacks_add_p(&sacks, cidp, out)
                 elif stored_now:
                     dedup.c_record_p(sender, cidp, h, 0, tnow, slot, at)
-                    # one tuple, the route: the engine's payload and what
-                    # the memory store keeps (its tail holds the fields)
-                    route = (next_mid, tail)
+                    # the routed tail is the route: the engine's payload and
+                    # what the memory store keeps (it holds the fields)
                     store_items.append(devs)
-                    store_items.append(route)
+                    store_items.append(tail)
                     meta.append(to)
-                    meta.append(route)
+                    meta.append(tail)
                     next_mid += 1
                     sacks_add_p(&sacks, cidp, out)
                 else:

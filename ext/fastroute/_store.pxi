@@ -298,11 +298,11 @@ def mem_put(list items, left, dict inbox, long long first, list mids, bint each=
     instead, how many were stored (after an exception too): no int a
     message for a caller that knows its mids (``MemoryStore.put_now``).
 
-    With ``routes``, ``items`` is flat, ``device_keys, (mid, tail)`` a
-    message: the route the relay made for it (``tail``: its DELIVER tail),
-    which the inboxes then hold as it is; a per-device copy's is ``(mid,
-    tail, DDELIVER head)``.  A route whose mid is not the one it is stored
-    at is refused (InvalidArgument).
+    With ``routes``, ``items`` is flat, ``device_keys, route`` a message: the
+    route the relay made for it, a routed tail (``wire.routed_tail``) or
+    ``(mid, tail)`` (``tail``: its DELIVER tail), which the inboxes then hold
+    as it is; a per-device copy's is ``(mid, tail, DDELIVER head)``.  A route
+    whose mid is not the one it is stored at is refused (InvalidArgument).
     """
     cdef long long mid = first
     cdef object item, sender, cid, body, ts, devs, d, box, msg
@@ -333,15 +333,19 @@ def mem_put(list items, left, dict inbox, long long first, list mids, bint each=
                 # does: no tuple of the store's own a message
                 devs = <object>PyList_GET_ITEM(items, 2 * k)
                 msg = <object>PyList_GET_ITEM(items, 2 * k + 1)
-                if (not PyTuple_CheckExact(msg) or not 2 <= PyTuple_GET_SIZE(msg) <= 3
+                if is_routed(msg):
+                    # the relay's own route: one object, its mid in it
+                    if routed_mid(msg) != mid:
+                        raise InvalidArgument("a route's mid is not the one it is stored at")
+                elif (not PyTuple_CheckExact(msg) or not 2 <= PyTuple_GET_SIZE(msg) <= 3
                         or not PyLong_CheckExact(<object>PyTuple_GET_ITEM(msg, 0))
                         or not PyBytes_CheckExact(<object>PyTuple_GET_ITEM(msg, 1))
                         or (PyTuple_GET_SIZE(msg) == 3
                             and <object>PyTuple_GET_ITEM(msg, 2) is not DDELIVER_HEAD_BYTES
                             and <object>PyTuple_GET_ITEM(msg, 2) != DDELIVER_HEAD_BYTES)):
-                    raise InvalidArgument("a route is (mid, tail bytes) or a copy's "
-                                          "(mid, tail bytes, DDELIVER head)")
-                if (PyLong_AsLongLongAndOverflow(<object>PyTuple_GET_ITEM(msg, 0), &overflow)
+                    raise InvalidArgument("a route is a routed tail, (mid, tail bytes) or a "
+                                          "copy's (mid, tail bytes, DDELIVER head)")
+                elif (PyLong_AsLongLongAndOverflow(<object>PyTuple_GET_ITEM(msg, 0), &overflow)
                         != mid or overflow):
                     raise InvalidArgument("a route's mid is not the one it is stored at")
             else:
@@ -464,10 +468,13 @@ def mem_ack(box, left, mids):
 
 cdef tuple mem_row(object mid, object value, list senders):
     """A loaded row ``(mid, sender, id, body, ts_ms)`` from what an inbox
-    holds: a put's item, or a route ``(mid, tail)`` or ``(mid, tail, head)``
+    holds: a put's item, or a route: a routed tail, ``(mid, tail)`` or
+    ``(mid, tail, head)``
     (``mem_put``'s ``routes``;
     ``senders``: the last sender read from a tail, see ``c_tail_fields``)."""
     cdef tuple msg
+    if is_routed(value):
+        return c_tail_fields(value, mid, senders, WIRE_ROUTED_HEAD)
     if PyTuple_CheckExact(value) and PyTuple_GET_SIZE(value) == 5:
         msg = <tuple>value
         return (mid, msg[0], msg[1], msg[2], msg[3])
@@ -477,7 +484,7 @@ cdef tuple mem_row(object mid, object value, list senders):
         # a per-device copy's route, (mid, tail, DDELIVER head)
         return c_copy_tail_fields((<tuple>value)[1], mid)
     raise WrongType("an inbox holds (sender, id, body, ts_ms, device_keys) items "
-                    "or (mid, tail[, head]) routes")
+                    "or routes: routed tails, (mid, tail[, head])")
 
 
 def mem_load(box, after_mid, Py_ssize_t limit):

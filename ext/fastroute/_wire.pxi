@@ -87,6 +87,8 @@ cdef enum:
     WIRE_HEADER = 3              # pack_frames always reserves an array16 header
     WIRE_DELIVER_HEAD = 7        # 0x97 0x12 0xce + 4-byte seq
     WIRE_SACK_LEN = 21           # 0x93 0x11 0xc4 0x10 + 16-byte id + 0x00 (for a 16-byte id)
+    WIRE_ROUTED = 0xc1           # wire.ROUTED: a routed tail's first byte
+    WIRE_ROUTED_HEAD = 9         # 0xc1 + the mid as a big-endian uint64
 
 
 cdef inline void put_be16(unsigned char* p, uint32_t v) noexcept:
@@ -360,25 +362,35 @@ def pack_frames(list packed_ops, Py_ssize_t max_plaintext=WIRE_MAX_PLAINTEXT,
 
 
 cdef bytes c_deliver_tail(bytes sender_packed, object cid, object body, bytes ts_packed,
-                          int cls):
-    """:func:`deliver_tail` for C callers (``cid`` and ``body`` checked here)."""
+                          int cls, long long mid=-1):
+    """:func:`deliver_tail` for C callers (``cid`` and ``body`` checked here);
+    with a ``mid``, routed (see :func:`c_deliver_tail_p`)."""
     if not PyBytes_CheckExact(cid) or not PyBytes_CheckExact(body):
         raise WrongType("SEND id and body must be bytes")
     return c_deliver_tail_p(sender_packed, PyBytes_AS_STRING(cid), PyBytes_GET_SIZE(cid),
-                            PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body), ts_packed, cls)
+                            PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body), ts_packed, cls,
+                            mid)
 
 
 cdef bytes c_deliver_tail_p(bytes sender_packed, const char* cid, Py_ssize_t nc,
-                            const char* body, Py_ssize_t nb, bytes ts_packed, int cls):
+                            const char* body, Py_ssize_t nb, bytes ts_packed, int cls,
+                            long long mid=-1):
     """:func:`c_deliver_tail` of an id and a body given as bytes in place
-    (``nc`` and ``nb`` long: a frame's, read by :class:`_SendRun`)."""
+    (``nc`` and ``nb`` long: a frame's, read by :class:`_SendRun`); with a
+    ``mid`` (>= 0), the routed tail of that mid (:func:`fastroute.wire.routed_tail`)."""
     if cls != 0 and cls != 1:
         raise InvalidArgument("cls must be 0 or 1")
     cdef Py_ssize_t ns = PyBytes_GET_SIZE(sender_packed)
     cdef Py_ssize_t nt = PyBytes_GET_SIZE(ts_packed)
     cdef Py_ssize_t hb = bin_header_len(nb)
-    cdef bytes tail = PyBytes_FromStringAndSize(NULL, ns + 2 + nc + hb + nb + nt + 1)
+    cdef Py_ssize_t head = WIRE_ROUTED_HEAD if mid >= 0 else 0
+    cdef bytes tail = PyBytes_FromStringAndSize(NULL, head + ns + 2 + nc + hb + nb + nt + 1)
     cdef unsigned char* p = <unsigned char*>PyBytes_AS_STRING(tail)
+    if head:
+        p[0] = WIRE_ROUTED
+        put_be32(p + 1, <uint32_t>(<uint64_t>mid >> 32))
+        put_be32(p + 5, <uint32_t><uint64_t>mid)
+        p += head
     fr_copy(p, PyBytes_AS_STRING(sender_packed), <size_t>ns)
     p += ns
     p[0] = 0xc4
@@ -505,6 +517,18 @@ cdef inline uint32_t get_be16(const unsigned char* p) noexcept:
 
 cdef inline uint32_t get_be32(const unsigned char* p) noexcept:
     return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
+
+
+cdef inline bint is_routed(object o) noexcept:
+    """Whether ``o`` is a routed tail (:func:`fastroute.wire.routed_tail`)."""
+    return (PyBytes_CheckExact(o) and PyBytes_GET_SIZE(o) > WIRE_ROUTED_HEAD
+            and (<const unsigned char*>PyBytes_AS_STRING(o))[0] == WIRE_ROUTED)
+
+
+cdef inline long long routed_mid(object o) noexcept:
+    """The mid of a routed tail (``is_routed(o)`` holds)."""
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(o)
+    return <long long>((<uint64_t>get_be32(p + 1) << 32) | get_be32(p + 5))
 
 
 cdef inline Py_ssize_t take_len(Cursor* c, unsigned char marker8, Py_ssize_t fixbase,
@@ -814,19 +838,21 @@ cdef struct TailSpan:
     long long device               # a DDELIVER tail's sender device (tail_span, copy)
 
 
-cdef int tail_span(object tail, TailSpan* s, bint copy=False) except -1:
+cdef int tail_span(object tail, TailSpan* s, bint copy=False, Py_ssize_t skip=0) except -1:
     """Read ``tail`` (a DELIVER tail; with ``copy``, a DDELIVER tail, its
     sender's device id after its sender) into ``s`` as strictly as
     :func:`tail_fields` (:func:`copy_tail_fields`) reads it, all but its
     sender's UTF-8, which the caller checks (once for a run of one sender's
-    tails, say)."""
+    tails, say).  The tail starts ``skip`` bytes in (a routed tail's head)."""
     if not PyBytes_CheckExact(tail):
         raise WrongType("a DELIVER tail is bytes")
+    if not 0 <= skip <= PyBytes_GET_SIZE(tail):
+        raise InvalidArgument("a tail's start is within it")
     cdef Cursor c
     cdef Py_ssize_t k
     cdef unsigned long long ts, cls, device
-    c.p = <const unsigned char*>PyBytes_AS_STRING(tail)
-    c.end = c.p + PyBytes_GET_SIZE(tail)
+    c.end = <const unsigned char*>PyBytes_AS_STRING(tail) + PyBytes_GET_SIZE(tail)
+    c.p = <const unsigned char*>PyBytes_AS_STRING(tail) + skip
     k = take_len(&c, 0xd9, 0xa0, 31)
     if k < 0 or c.end - c.p < k:
         raise InvalidArgument("a DELIVER tail starts with its sender (a str)")
@@ -865,15 +891,17 @@ cdef int check_utf8(const unsigned char* p, Py_ssize_t n) except -1:
     return 0
 
 
-cdef tuple c_tail_fields(object tail, object mid=None, list senders=None):
+cdef tuple c_tail_fields(object tail, object mid=None, list senders=None,
+                         Py_ssize_t skip=0):
     """:func:`tail_fields` for C callers; with ``mid`` (not None) the row
     ``(mid, from, id, body, ts_ms)`` instead.  ``senders`` (a list of one, the
-    last sender read) lets a run of one sender's tails share its str."""
+    last sender read) lets a run of one sender's tails share its str.  The
+    tail starts ``skip`` bytes in (``WIRE_ROUTED_HEAD``: a routed tail's)."""
     cdef TailSpan s
     cdef Py_ssize_t have
     cdef object sender = None, last
     cdef const char* last_p
-    tail_span(tail, &s)
+    tail_span(tail, &s, False, skip)
     if senders is not None and PyList_GET_SIZE(senders) == 1:
         last = <object>PyList_GET_ITEM(senders, 0)
         if PyUnicode_CheckExact(last):

@@ -63,8 +63,9 @@ _BODY = itemgetter(3)
 
 def _tail(payload: Any) -> bytes:
     """The DELIVER tail of a routed payload: a signal's payload is its bare
-    tail, any other ``(mid, tail[, head])``."""
-    return payload if type(payload) is bytes else payload[1]
+    tail, a stored message's its routed tail (:func:`fastroute.wire.routed_tail`)
+    or ``(mid, tail[, head])``."""
+    return wire.route_parts(payload)[1]
 
 
 # -- per-message loops: specification -------------------------------------------
@@ -75,9 +76,10 @@ def py_pack_delivers(seq: int, batch: list, out: list) -> list:
 
     A ``(mid, tail, head)`` item is another op with DELIVER's shape (a
     feature's DDELIVER or EVENT): ``head`` is its array header and opcode,
-    written before the uint32 seq in place of DELIVER's.  A bare ``tail``
-    (bytes) is a signal's (an ephemeral message, never stored): mid 0, no
-    tuple a message on the live route.  A bad payload
+    written before the uint32 seq in place of DELIVER's.  A routed tail
+    (:func:`fastroute.wire.routed_tail`) is ``(mid, tail)`` as one object.  A
+    bare ``tail`` (bytes) is a signal's (an ephemeral message, never stored):
+    mid 0, no tuple a message on the live route.  A bad payload
     anywhere in ``batch`` appends nothing.  (The compiled twin appends two
     ops or more as one ``OpRun``: :func:`fastroute.wire.flat_ops` of both
     lists is the same.)
@@ -97,10 +99,8 @@ def py_pack_delivers(seq: int, batch: list, out: list) -> list:
     mids = []
     append = out.append
     for item in batch:
-        if type(item) is bytes:
-            item = (0, item)
-        mid, tail = item[0], item[1]
-        if len(item) == 3:
+        mid, tail = wire.route_parts(item)
+        if type(item) is tuple and len(item) == 3:
             append(b"".join((item[2], b"\xce", seq.to_bytes(4, "big"), tail)))
         else:
             append(b"".join((_DELIVER_HEAD, seq.to_bytes(4, "big"), tail)))
@@ -221,14 +221,14 @@ def _pairs(flat: list) -> list:
 
 def py_bytes_by_address(batch: list) -> dict:
     """``{address: total length of its tails}`` of a routed batch, flat:
-    ``address, (mid, tail), ...`` or ``address, tail, ...`` (a signal's), the
-    memory budget's accounting."""
+    ``address, route, ...``, a route a routed tail or ``(mid, tail)``, or
+    ``address, tail, ...`` (a signal's), the memory budget's accounting."""
     if len(batch) % 2:
         raise InvalidArgument("a routed batch holds address, payload pairs")
     out: dict = {}
     for to, payload in _pairs(batch):
         if type(payload) is bytes:
-            tail = payload
+            tail = wire.route_parts(payload)[1]
         elif type(payload) is not tuple or len(payload) != 2:
             raise WrongType("DELIVER payloads must be (mid, tail) tuples or tails")
         else:
@@ -736,8 +736,9 @@ class Delivery:
 
     def stored_now(self, items: list, last_mid: int) -> None:
         """A batch the store took at once (``put_now``, no future): route
-        ``items`` (flat ``address, (mid, tail), ...``), as :meth:`persisted`
-        does (it was never in flight)."""
+        ``items`` (flat ``address, route, ...``, each route a routed tail,
+        :func:`fastroute.wire.routed_tail`), as :meth:`persisted` does (it was
+        never in flight)."""
         self._puts_begun += 1
         self._route_stored(items, last_mid)
 
@@ -802,9 +803,9 @@ class Delivery:
         return placed
 
     def route(self, batch: list, ephemeral: bool) -> None:
-        """Route a flat ``address, (mid, tail), ...`` batch (``address, tail,
-        ...`` for signals) to the online devices of each address (no tuple a
-        pair: ``Router.route_flat``)."""
+        """Route a flat ``address, route, ...`` batch (a route a routed tail or
+        ``(mid, tail)``; ``address, tail, ...`` for signals) to the online
+        devices of each address (no tuple a pair: ``Router.route_flat``)."""
         router = self.router
         try:
             router.route_flat(batch)
@@ -993,7 +994,7 @@ class Delivery:
                     missed[feed] = None
             if feed is None:
                 continue
-            mid = (batch[2 * index + 1] if flat else batch[index][1])[0]
+            mid = wire.route_parts(batch[2 * index + 1] if flat else batch[index][1])[0]
             if feed.live:
                 # The first miss: everything of this device's before it went
                 # through the live route, everything from it on (in mid

@@ -269,7 +269,8 @@ def py_accept_sends(gate: PySendGate, lg: PyLinkGate, sends: list, now: float, n
     never stored; no tuple a message); the quota
     left is written back to ``lg`` when any was spent.  With ``first_mid``
     (a store that takes the batch at once, from that mid on) a persistent
-    message is decided and SACKed here, and its route ``(mid, tail)`` goes
+    message is decided and SACKed here, and its route (its routed tail,
+    :func:`fastroute.wire.routed_tail`: ``(mid, tail)`` as one object) goes
     to ``meta`` as ``to, route`` and to ``store_items`` as
     ``device_keys, route``.  Without it, one gets a PENDING entry, ``to,
     tail, id`` in ``meta`` and ``device_keys, tail`` in ``store_items``
@@ -335,7 +336,8 @@ def py_accept_sends(gate: PySendGate, lg: PyLinkGate, sends: list, now: float, n
             out.append(wire.py_sack_ok_op(cid))
             dedup.begin(sender, cid, 0, now)
         elif first_mid is not None:
-            route = (first_mid, tail)  # the engine's payload and the store's message
+            # one object, the engine's payload and the store's message
+            route = wire.routed_tail(first_mid, tail)
             store_items += (known[to], route)
             meta += (to, route)
             first_mid += 1
@@ -934,8 +936,8 @@ class Gate:
             log.error("store refused a batch of %d messages (code %d)", len(items) // 2,
                       ErrorCode.STORE_FAILED, exc_info=True)
             sender = link.address
-            for _mid, tail in items[1::2]:  # device keys, route (mid, tail) a message
-                self.dedup.forget(sender, wire.tail_fields(tail)[1])
+            for route in items[1::2]:  # device keys, route a message
+                self.dedup.forget(sender, wire.tail_fields(wire.route_parts(route)[1])[1])
             link.out.clear()
             self.count_error(ErrorCode.STORE_FAILED)
             link.close(ErrorCode.STORE_FAILED, "store failed")
