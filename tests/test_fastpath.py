@@ -306,23 +306,26 @@ def test_pack_delivers(seq, n):
                                        i & 1]
 
 
+def _packing(fn):
+    """A pack_delivers twin as ``(seq, batch) -> (mids, its ops, flat)``."""
+    def call(seq, batch):
+        out = []
+        return fn(seq, batch, out), wire.flat_ops(out)
+    return call
+
+
 def test_pack_delivers_takes_a_signals_bare_tail_as_mid_0():
     # a signal's payload on the live route is its tail alone: a DELIVER with
     # mid 0, packed among stored messages' (mid, tail) and DDELIVER-shaped ones
     head = b"\x96\xcd\x03\xee"
     batch = [_TAILS[0], (7, _TAILS[1]), _TAILS[2], (9, _TAILS[3], head), _TAILS[1]]
 
-    def run(fn):
-        def call(seq, batch):
-            out = []
-            return fn(seq, batch, out), wire.flat_ops(out)
-        return call
-
-    mids, ops = _same(*map(_run_or_none(run), _both(delivery.py_pack_delivers)), 5, batch)
+    mids, ops = _same(*map(_run_or_none(_packing), _both(delivery.py_pack_delivers)), 5,
+                      batch)
     assert mids == [0, 7, 0, 9, 0]
     # the very ops of (0, tail) pairs
-    _, want = run(delivery.py_pack_delivers)(5, [(0, _TAILS[0]), (7, _TAILS[1]), (0, _TAILS[2]),
-                                                 (9, _TAILS[3], head), (0, _TAILS[1])])
+    _, want = _packing(delivery.py_pack_delivers)(
+        5, [(0, _TAILS[0]), (7, _TAILS[1]), (0, _TAILS[2]), (9, _TAILS[3], head), (0, _TAILS[1])])
     assert ops == want
     assert [msgpack.unpackb(ops[k])[1] for k in (0, 1, 2, 4)] == [5, 6, 7, 9]
 
@@ -335,21 +338,16 @@ def test_pack_delivers_reads_a_routed_tails_mid_and_packs_its_tail():
     batch = [wire.routed_tail(7, _TAILS[1]), _TAILS[0], wire.routed_tail(big, _TAILS[2]),
              (9, _TAILS[3], head), (11, _TAILS[1]), wire.routed_tail(12, _TAILS[3])]
 
-    def run(fn):
-        def call(seq, batch):
-            out = []
-            return fn(seq, batch, out), wire.flat_ops(out)
-        return call
-
-    mids, ops = _same(*map(_run_or_none(run), _both(delivery.py_pack_delivers)), 5, batch)
+    mids, ops = _same(*map(_run_or_none(_packing), _both(delivery.py_pack_delivers)), 5,
+                      batch)
     assert mids == [7, 0, big, 9, 11, 12]
-    _, want = run(delivery.py_pack_delivers)(5, [(7, _TAILS[1]), (0, _TAILS[0]),
-                                                 (big, _TAILS[2]), (9, _TAILS[3], head),
-                                                 (11, _TAILS[1]), (12, _TAILS[3])])
+    _, want = _packing(delivery.py_pack_delivers)(
+        5, [(7, _TAILS[1]), (0, _TAILS[0]), (big, _TAILS[2]), (9, _TAILS[3], head),
+            (11, _TAILS[1]), (12, _TAILS[3])])
     assert ops == want
     assert msgpack.unpackb(ops[0]) == [18, 5, *msgpack.unpackb(b"\x95" + _TAILS[1])]
     # one alone is one op, as bytes
-    one = _same(*map(_run_or_none(run), _both(delivery.py_pack_delivers)), 1,
+    one = _same(*map(_run_or_none(_packing), _both(delivery.py_pack_delivers)), 1,
                 [wire.routed_tail(3, _TAILS[0])])
     assert one == ([3], [b"\x97\x12\xce\x00\x00\x00\x01" + _TAILS[0]])
 
