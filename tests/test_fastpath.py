@@ -350,6 +350,10 @@ def test_pack_delivers_reads_a_routed_tails_mid_and_packs_its_tail():
     one = _same(*map(_run_or_none(_packing), _both(delivery.py_pack_delivers)), 1,
                 [wire.routed_tail(3, _TAILS[0])])
     assert one == ([3], [b"\x97\x12\xce\x00\x00\x00\x01" + _TAILS[0]])
+    # a head the relay never makes (a mid of 2**63 or more): read alike, unsigned
+    odd = b"\xc1" + (2**64 - 2).to_bytes(8, "big") + _TAILS[1]
+    assert _same(*map(_run_or_none(_packing), _both(delivery.py_pack_delivers)), 1,
+                 [odd])[0] == [2**64 - 2]
 
 
 def test_routed_tail_round_trips_and_is_told_from_a_bare_tail():

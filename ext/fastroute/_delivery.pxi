@@ -53,7 +53,9 @@ cdef list c_pack_delivers(unsigned long long first, list batch, list out):
             if is_routed(item):
                 # a stored message's route, its mid before its tail
                 total += WIRE_DELIVER_HEAD + PyBytes_GET_SIZE(item) - WIRE_ROUTED_HEAD
-                mids[i] = routed_mid(item)
+                # unsigned, as the specification reads it (the relay's mids
+                # are below 2**63; a hand-made head may not be)
+                mids[i] = <unsigned long long>routed_mid(item)
             else:
                 # a signal's tail alone: no stored row, no tuple
                 total += WIRE_DELIVER_HEAD + PyBytes_GET_SIZE(item)
