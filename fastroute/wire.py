@@ -1783,6 +1783,14 @@ def is_routed(payload: Any) -> bool:
     return type(payload) is bytes and len(payload) > ROUTED_HEAD_LEN and payload[0] == ROUTED
 
 
+def route_mid(payload: Any) -> int:
+    """The mid of a routed payload (:func:`route_parts`' first), without
+    copying a routed tail's DELIVER tail out of it."""
+    if type(payload) is bytes:
+        return int.from_bytes(payload[1:ROUTED_HEAD_LEN], "big") if is_routed(payload) else 0
+    return route_parts(payload)[0]
+
+
 def route_parts(payload: Any) -> tuple[int, bytes]:
     """``(mid, tail)`` of a routed payload: a routed tail (:func:`routed_tail`),
     a ``(mid, tail[, head])`` tuple, or a signal's bare tail (mid 0)."""

@@ -360,11 +360,13 @@ def test_routed_tail_round_trips_and_is_told_from_a_bare_tail():
     for mid in (0, 1, 500, 2**32, 2**63 - 1):
         r = wire.routed_tail(mid, _TAILS[0])
         assert wire.is_routed(r) and wire.route_parts(r) == (mid, _TAILS[0])
+        assert wire.route_mid(r) == mid
         assert len(r) == len(_TAILS[0]) + wire.ROUTED_HEAD_LEN
     # a DELIVER tail starts with its sender, a str: never the routed marker
     assert not any(wire.is_routed(t) for t in _TAILS)
     assert wire.route_parts(_TAILS[0]) == (0, _TAILS[0])
     assert wire.route_parts((4, _TAILS[1], b"h")) == (4, _TAILS[1])
+    assert wire.route_mid(_TAILS[0]) == 0 and wire.route_mid((4, _TAILS[1], b"h")) == 4
     assert not wire.is_routed(b"\xc1" + bytes(8))  # a head alone has no tail
     for bad in (-1, 2**63, 1.0, True):
         with pytest.raises(InvalidArgument):
@@ -374,6 +376,11 @@ def test_routed_tail_round_trips_and_is_told_from_a_bare_tail():
             wire.routed_tail(1, bad)
     with pytest.raises(WrongType):
         wire.route_parts([1, _TAILS[0]])
+    with pytest.raises(WrongType):
+        wire.route_mid([1, _TAILS[0]])
+    # what the overflow path counts a refused route as: its DELIVER tail's length
+    for p in (wire.routed_tail(9, _TAILS[2]), (9, _TAILS[2]), (9, _TAILS[2], b"h"), _TAILS[2]):
+        assert delivery._tail_len(p) == len(delivery._tail(p)) == len(_TAILS[2])
 
 
 @pytest.mark.parametrize("batch", [[(1, "str")], [(1,)], [[1, b"x"]], [None], [bytearray(b"x")],

@@ -68,6 +68,13 @@ def _tail(payload: Any) -> bytes:
     return wire.route_parts(payload)[1]
 
 
+def _tail_len(payload: Any) -> int:
+    """``len(_tail(payload))``, without copying a routed tail's DELIVER tail."""
+    if wire.is_routed(payload):
+        return len(payload) - wire.ROUTED_HEAD_LEN
+    return len(_tail(payload))
+
+
 # -- per-message loops: specification -------------------------------------------
 
 def py_pack_delivers(seq: int, batch: list, out: list) -> list:
@@ -906,7 +913,7 @@ class Delivery:
                 if skipped is not None and not skipped.live:
                     skipped = None  # not live: its bytes were never counted
             if skipped is not None:  # it was skipped, not filled
-                size = len(_tail(batch[2 * index + 1]))
+                size = _tail_len(batch[2 * index + 1])
                 skipped.qbytes -= size
                 added -= size
         self.queued_bytes += added
@@ -994,7 +1001,7 @@ class Delivery:
                     missed[feed] = None
             if feed is None:
                 continue
-            mid = wire.route_parts(batch[2 * index + 1] if flat else batch[index][1])[0]
+            mid = wire.route_mid(batch[2 * index + 1] if flat else batch[index][1])
             if feed.live:
                 # The first miss: everything of this device's before it went
                 # through the live route, everything from it on (in mid
